@@ -1,0 +1,36 @@
+"""fnlit: functional, explicit-state training for PyTorch.
+
+Training is a pure function ``step(state, batch) -> (state, metrics)`` over an immutable
+:class:`TrainState`; transforms turn step functions into step functions; :func:`fit` threads the state
+through the data.
+"""
+
+from . import distributed as distributed
+from . import optim as optim
+from . import random as random
+from . import tree as tree
+from .functional import apply as apply
+from .functional import eval_step as eval_step
+from .functional import train_step as train_step
+from .functional import value_and_grad as value_and_grad
+from .state import TrainState as TrainState
+from .transforms import accumulate as accumulate
+from .transforms import amp as amp
+from .transforms import data_parallel as data_parallel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TrainState",
+    "apply",
+    "value_and_grad",
+    "train_step",
+    "eval_step",
+    "accumulate",
+    "amp",
+    "data_parallel",
+    "optim",
+    "random",
+    "tree",
+    "distributed",
+]

@@ -1,0 +1,189 @@
+"""The one place fnlit talks to torch.distributed: init, rank/world, local launch, data sharding.
+
+Example:
+    >>> import fnlit
+    >>> fnlit.distributed.rank(), fnlit.distributed.world_size(), fnlit.distributed.is_main()
+    (0, 1, True)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as _queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["init", "rank", "world_size", "local_rank", "is_main", "barrier", "launch", "shard_indices", "shutdown"]
+
+DEFAULT_TIMEOUT = 120.0
+"""Seconds any collective may wait before failing (a dead rank never makes the others hang forever)."""
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 when not distributed)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this is rank 0: the process that logs and writes checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Waits for every rank (no-op when not distributed)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Initialises the default process group from torchrun's environment variables.
+
+    Outside torchrun (no ``WORLD_SIZE`` in the environment) it does nothing and returns False, so the same
+    script runs on one process. The backend defaults to NCCL when CUDA is available, else gloo; with CUDA
+    the process's device is set to ``LOCAL_RANK``.
+
+    Returns:
+        Whether training is distributed.
+    """
+    if is_initialized():
+        return True
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return True
+
+
+def shutdown() -> None:
+    """Destroys the process group if there is one."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_indices(n: int, *, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The indices of an ``n``-example dataset that ``rank`` visits in ``epoch``.
+
+    A permutation drawn from ``(seed, epoch)`` (the same on every rank) is cut so that every rank gets
+    ``n // world_size`` examples (the remainder is dropped, so ranks never wait on each other).
+
+    Example:
+        >>> shard_indices(6, rank=1, world_size=2, shuffle=False, seed=0, epoch=0)
+        [1, 3, 5]
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_indices expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+    if shuffle:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    per_rank = n // world_size
+    return order[rank : per_rank * world_size : world_size]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable[..., Any], args: tuple, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any) -> None:
+    os.environ.update(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=n,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
+        result = fn(*args)
+        q.put((r, True, result))
+    except BaseException:  # report everything, including KeyboardInterrupt, to the parent
+        q.put((r, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout: float = 300.0,
+    collective_timeout: float = 60.0,
+) -> list[Any]:
+    """Runs ``fn(*args)`` in ``nprocs`` local processes joined in a process group; returns each rank's result.
+
+    For tests and examples on one machine (use torchrun for real jobs). ``fn`` and its arguments must be
+    picklable (a module-level function). Every wait is bounded: a rank that raises or dies makes
+    ``launch`` stop the others and raise, and the whole run is cut off after ``timeout`` seconds.
+
+    Raises:
+        RuntimeError: naming the failing rank and its traceback, or the timeout.
+    """
+    if nprocs < 1:
+        raise ValueError(f"launch expected nprocs >= 1, got {nprocs} instead.")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, args, r, nprocs, port, backend, collective_timeout, q), daemon=True)
+        for r in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < nprocs:
+            try:
+                r, ok, value = q.get(timeout=0.5)
+            except _queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                if dead:
+                    raise RuntimeError(
+                        f"fnlit.distributed.launch: rank {dead[0]} died with exit code {procs[dead[0]].exitcode}."
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"fnlit.distributed.launch: timed out after {timeout:.0f} s with ranks "
+                        f"{sorted(set(range(nprocs)) - set(results))} unfinished."
+                    ) from None
+                continue
+            if not ok:
+                raise RuntimeError(f"fnlit.distributed.launch: rank {r} failed:\n{value}")
+            results[r] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [results[r] for r in range(nprocs)]

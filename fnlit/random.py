@@ -1,0 +1,184 @@
+"""Explicit random keys, the one place fnlit touches PyTorch's global generators.
+
+A key is a 0-d ``int64`` tensor on the CPU. Keys are split and folded with a counter-based hash
+(splitmix64), so they are pure functions of the seed: ``split(key(0), 3)`` is the same on every machine.
+Modules that draw random numbers (dropout) use PyTorch's global generators, so :func:`seeded` seeds
+those from a key for the duration of one forward pass and puts the previous generator state back
+afterwards: the same key gives bitwise the same dropout mask, and code outside the step never sees
+its random stream disturbed.
+
+Keys stay on the CPU even when training on a GPU: turning a key into a seed then reads host memory
+and never waits for the device.
+
+Example:
+    >>> import fnlit
+    >>> k = fnlit.random.key(0)
+    >>> a, b = fnlit.random.split(k)
+    >>> bool(a != b)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["key", "split", "fold_in", "next_key", "seeded", "is_key"]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_SALT = 0x632BE59BD9B4E019  # keeps combine(k, d) away from mix(k) for every k, d
+
+
+def _to_signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _mix_int(x: int) -> int:
+    """splitmix64's finaliser on Python ints (the eager path: about 1 us, no tensor ops)."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
+    # Logical right shift on int64: torch's >> is arithmetic, so mask off the copied sign bits.
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """The same finaliser on int64 tensors, for keys that are traced or batched (wraps modulo 2**64)."""
+    x = x ^ _srl(x, 30)
+    x = x * _to_signed(0xBF58476D1CE4E5B9)
+    x = x ^ _srl(x, 27)
+    x = x * _to_signed(0x94D049BB133111EB)
+    return x ^ _srl(x, 31)
+
+
+def _combine_int(k: int, d: int) -> int:
+    return _mix_int(k ^ _mix_int(d * _GOLDEN + _SALT))
+
+
+def _combine(k: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return _mix(k ^ _mix(d * _to_signed(_GOLDEN) + _to_signed(_SALT)))
+
+
+def _eager(k: torch.Tensor) -> bool:
+    return k.dim() == 0 and not _is_traced(k)
+
+
+def _new(value: int) -> torch.Tensor:
+    return torch.scalar_tensor(_to_signed(value), dtype=torch.int64)  # 3 us; torch.tensor takes 9
+
+
+def key(seed: int) -> torch.Tensor:
+    """Makes a key from an integer seed.
+
+    Args:
+        seed: any Python integer.
+
+    Returns:
+        A 0-d int64 CPU tensor.
+
+    Raises:
+        TypeError: if ``seed`` is not an int.
+
+    Example:
+        >>> torch.equal(key(1), key(1)), torch.equal(key(1), key(2))
+        (True, False)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"fnlit.random.key expected an int seed, got {type(seed).__name__} {seed!r} instead.")
+    return _new(_mix_int(seed + _GOLDEN))
+
+
+def is_key(x: object) -> bool:
+    """Whether ``x`` looks like a fnlit key (an int64 tensor)."""
+    return isinstance(x, torch.Tensor) and x.dtype == torch.int64
+
+
+def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
+    """Splits a key into ``num`` new, independent keys (a tensor of shape ``(num, *k.shape)``).
+
+    Example:
+        >>> split(key(0), 4).shape
+        torch.Size([4])
+    """
+    if _eager(k):
+        base = int(k)
+        return torch.tensor([_to_signed(_combine_int(base, i)) for i in range(num)], dtype=torch.int64)
+    counters = torch.arange(num, dtype=torch.int64, device=k.device).reshape((num,) + (1,) * k.dim())
+    return _combine(k.unsqueeze(0), counters)
+
+
+def fold_in(k: torch.Tensor, data: int) -> torch.Tensor:
+    """Derives a new key from ``k`` and an integer (a micro-batch index, a rank, an ensemble member).
+
+    ``fold_in(k, i)`` equals ``split(k, n)[i]`` for every ``n > i``.
+
+    Example:
+        >>> torch.equal(fold_in(key(0), 1), split(key(0), 3)[1])
+        True
+    """
+    if _eager(k):
+        return _new(_combine_int(int(k), data))
+    return _combine(k, torch.as_tensor(data, dtype=torch.int64, device=k.device))
+
+
+def next_key(k: torch.Tensor) -> torch.Tensor:
+    """The key that follows ``k`` (what ``TrainState.apply_gradients`` moves the state's key to)."""
+    if _eager(k):
+        return _new(_mix_int(int(k) + _GOLDEN))
+    return _mix(k + _to_signed(_GOLDEN))
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.maybe_current_level() is not None
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+@contextmanager
+def seeded(k: torch.Tensor | None, device: torch.device | None = None) -> Iterator[None]:
+    """Seeds PyTorch's generators (CPU, and ``device``'s if it is CUDA) from ``k`` inside the block.
+
+    The previous generator states are restored on exit. With ``k=None``, or inside torch.compile or a
+    torch.func transform (where the caller seeds once outside), it does nothing.
+
+    Example:
+        >>> with seeded(key(0)):
+        ...     a = torch.rand(2)
+        >>> with seeded(key(0)):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b)
+        True
+    """
+    if k is None or _is_traced(k):
+        yield
+        return
+    if k.dim() != 0:
+        raise ValueError(
+            f"fnlit.random.seeded expected a single key (a 0-d tensor), got shape {tuple(k.shape)} instead; "
+            "index or split it first."
+        )
+    seed = int(k) & _MASK64  # a read of host memory: keys live on the CPU, so this never waits for a GPU
+    cpu = torch.default_generator
+    cpu_state = cpu.get_state()
+    cuda_gen = None
+    if device is not None and device.type == "cuda":
+        cuda_gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        cuda_state = cuda_gen.get_state()
+        cuda_gen.manual_seed(seed)
+    cpu.manual_seed(seed)
+    try:
+        yield
+    finally:
+        cpu.set_state(cpu_state)
+        if cuda_gen is not None:
+            cuda_gen.set_state(cuda_state)

@@ -1,0 +1,184 @@
+"""TrainState: everything that changes during training, in one frozen pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import random as _random
+from . import tree as _tree
+from ._types import Buffers, Grads, OptState, Params
+
+if TYPE_CHECKING:
+    from .optim import GradientTransformation
+    from .transforms.amp import LossScaleState
+
+__all__ = ["TrainState"]
+
+_DATA_FIELDS = ("step", "params", "buffers", "opt_state", "scaler", "rng")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class TrainState:
+    """The whole training state: params, buffers, optimizer state, loss scale, step and RNG key.
+
+    Frozen: a step returns a new TrainState and never changes the one it was given. It is a pytree
+    (for optree and ``torch.utils._pytree``), so ``torch.func.vmap``, ``torch.compile`` and
+    :mod:`fnlit.tree` traverse it; the optimizer ``tx`` is static data, not a leaf.
+
+    Attributes:
+        step: 0-d int64 CPU tensor, the number of applied updates.
+        params: name -> tensor, the trainable parameters in module order.
+        buffers: name -> tensor, buffers (BatchNorm statistics, ...) and frozen parameters.
+        opt_state: the optimizer's state (``tx.init(params)``).
+        scaler: dynamic loss-scale state for float16 :func:`fnlit.amp`, else None.
+        rng: the explicit random key (:mod:`fnlit.random`); advanced by every applied update.
+        tx: the optimizer (static).
+
+    Example:
+        >>> import torch, fnlit
+        >>> model = torch.nn.Linear(3, 1)
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        >>> grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+        >>> new = state.apply_gradients(grads)
+        >>> int(new.step), torch.allclose(new.params["bias"], state.params["bias"] - 0.1)
+        (1, True)
+    """
+
+    step: torch.Tensor
+    params: Params
+    buffers: Buffers
+    opt_state: OptState
+    scaler: LossScaleState | None
+    rng: torch.Tensor
+    tx: GradientTransformation
+
+    @classmethod
+    def create(
+        cls,
+        module: nn.Module,
+        tx: GradientTransformation,
+        *,
+        seed: int,
+        loss_scale: str | float | None = None,
+    ) -> TrainState:
+        """Builds the initial state from a module's current tensors (copied; the module is untouched).
+
+        Parameters with ``requires_grad=False`` are frozen: they go to ``buffers`` and get no update.
+
+        Args:
+            module: the model; its parameters and buffers are copied.
+            tx: a :class:`fnlit.optim.GradientTransformation`.
+            seed: seed of the state's random key (dropout masks, data order).
+            loss_scale: ``"dynamic"`` (or an initial scale, a float) creates the loss-scale state that
+                ``fnlit.amp(step, dtype=torch.float16)`` needs, with torch.amp.GradScaler's defaults.
+
+        Raises:
+            ValueError: if the module has no trainable parameters or ``loss_scale`` is not understood.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"TrainState.create expected an nn.Module, got {type(module).__name__} instead.")
+        params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError(
+                f"TrainState.create got a module without trainable parameters ({type(module).__name__}): "
+                "there is nothing to train. Check that the layers are registered as submodules "
+                "(nn.ModuleList, not a Python list) and that requires_grad is True."
+            )
+        buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+        buffers.update((n, b.detach().clone()) for n, b in module.named_buffers())
+        device = next(iter(params.values())).device
+        scaler = None
+        if loss_scale is not None:
+            from .transforms.amp import init_loss_scale
+
+            if loss_scale == "dynamic":
+                scaler = init_loss_scale(device=device)
+            elif isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+                scaler = init_loss_scale(float(loss_scale), device=device)
+            else:
+                raise ValueError(
+                    f"TrainState.create expected loss_scale='dynamic', a float initial scale or None, "
+                    f"got {loss_scale!r} instead."
+                )
+        return cls(
+            step=torch.zeros((), dtype=torch.int64),
+            params=params,
+            buffers=buffers,
+            opt_state=tx.init(params),
+            scaler=scaler,
+            rng=_random.key(seed),
+            tx=tx,
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with some fields replaced (the original is unchanged).
+
+        Raises:
+            TypeError: on a name that is not a field.
+        """
+        unknown = changes.keys() - _FIELD_SET
+        if unknown:
+            raise TypeError(
+                f"TrainState.replace got unknown field(s) {sorted(unknown)}; the fields are {list(_DATA_FIELDS) + ['tx']}."
+            )
+        new = object.__new__(TrainState)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
+    def apply_gradients(self, grads: Grads, **changes: Any) -> TrainState:
+        """Runs the optimizer on ``grads``, increments ``step`` and advances ``rng``.
+
+        ``changes`` (typically ``buffers=new_buffers``) are applied too. Inside :func:`fnlit.accumulate`,
+        :func:`fnlit.amp` or :func:`fnlit.data_parallel` this is where gradients are accumulated,
+        averaged across ranks and unscaled, in that order, whatever the order of the transforms.
+
+        Raises:
+            ValueError: if ``grads`` does not have the structure and shapes of ``params``.
+        """
+        from .transforms._frame import current
+
+        frame = current()
+        if frame is not None:
+            return frame.apply_gradients(self, grads, changes)
+        return self.apply_update(self.check_grads(grads), **changes)
+
+    def check_grads(self, grads: Grads) -> Grads:
+        """Returns ``grads`` if their structure matches ``params``, else raises a ValueError naming the path."""
+        if _tree.tree_structure(grads) != _tree.tree_structure(self.params):
+            where = _tree.first_mismatch(self.params, grads)
+            raise ValueError(
+                f"apply_gradients expected grads in the structure of state.params, but they differ: {where}. "
+                "Differentiate with respect to state.params (fnlit.value_and_grad(loss_fn)(state.params))."
+            )
+        return grads
+
+    def apply_update(self, grads: Grads, **changes: Any) -> TrainState:
+        """The optimizer update itself, with no transform in the way (used by the transforms)."""
+        from .optim import step as _opt_step
+
+        params, opt_state = _opt_step(self.tx, grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1, params=params, opt_state=opt_state, rng=_random.next_key(self.rng), **changes
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters."""
+        return next(iter(self.params.values())).device
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.params.values())
+        return (
+            f"TrainState(step={int(self.step) if self.step.dim() == 0 else tuple(self.step.shape)}, "
+            f"params={len(self.params)} tensors / {n} values, buffers={len(self.buffers)} tensors, "
+            f"scaler={'dynamic' if self.scaler is not None else None})"
+        )
+
+
+_FIELD_SET = frozenset(_DATA_FIELDS + ("tx",))
+_tree.register_dataclass(TrainState, _DATA_FIELDS, ("tx",))

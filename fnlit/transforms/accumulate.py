@@ -1,0 +1,105 @@
+"""``fnlit.accumulate``: gradient accumulation over k micro-batches, one update per batch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import random as _random
+from .. import tree as _tree
+from .._types import Batch, Metrics, StepFn
+from ._frame import frame
+
+if TYPE_CHECKING:
+    from ..state import TrainState
+
+__all__ = ["accumulate", "split_batch"]
+
+
+def split_batch(batch: Batch, k: int) -> list[Batch]:
+    """Splits every tensor leaf of ``batch`` along dim 0 into ``k`` equal views (other leaves are shared).
+
+    Raises:
+        ValueError: if a leading dimension is not divisible by ``k`` (the message names the leaf).
+
+    Example:
+        >>> [b.shape[0] for b in split_batch(torch.zeros(8, 3), 4)]
+        [2, 2, 2, 2]
+    """
+    paths, leaves, treedef = _tree.tree_flatten_with_path(batch)
+    chunks: list[Any] = []
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            n = leaf.shape[0]
+            if n % k:
+                raise ValueError(
+                    f"accumulate(step, k={k}) cannot split batch leaf {path} of {n} examples into {k} equal "
+                    f"micro-batches. Use a batch size divisible by {k} (e.g. {max(k, n - n % k)}), or drop_last=True "
+                    "in the DataLoader."
+                )
+            chunks.append(torch.tensor_split(leaf, k))
+        else:
+            chunks.append([leaf] * k)
+    return [_tree.tree_unflatten(treedef, [c[i] for c in chunks]) for i in range(k)]
+
+
+def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in all_metrics[0]:
+        values = [m[name] for m in all_metrics]
+        if isinstance(values[0], torch.Tensor):
+            out[name] = torch.stack([v.float() for v in values]).mean()
+        else:
+            out[name] = sum(values) / len(values)
+    return out
+
+
+def accumulate(step: StepFn, k: int) -> StepFn:
+    """Runs ``step`` on k micro-batches of each batch and applies the mean gradient once.
+
+    Each micro-batch is forwarded and backpropagated on its own (peak activation memory of one
+    micro-batch); ``apply_gradients`` of micro-batches 1..k-1 only adds into an accumulator, the k-th
+    applies the mean, so ``state.step`` advances by one and an optimizer's gradient clipping sees the
+    accumulated gradient. Buffers (BatchNorm) thread through the micro-batches in order, each
+    micro-batch gets its own random key (``fold_in(state.rng, i)``), metrics are averaged. Under
+    :func:`fnlit.data_parallel` the intermediate micro-batches do not communicate.
+
+    Args:
+        step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
+        k: number of micro-batches; every batch's leading dimension must be divisible by it.
+
+    Raises:
+        ValueError: if k is not a positive int, or (when called) a batch does not divide into k.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> step = fnlit.accumulate(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])), 4)
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        >>> state, metrics = step(state, (torch.randn(16, 4), torch.randn(16, 1)))
+        >>> int(state.step)
+        1
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"fnlit.accumulate expected a positive int k, got {k!r} instead.")
+
+    def accumulate_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        micro_batches = split_batch(batch, k)
+        with frame() as (f, outermost):
+            if f.accum_k != 1:
+                raise ValueError("fnlit.accumulate cannot be nested inside another accumulate; use one with k=k1*k2.")
+            f.accum_k = k
+            new, all_metrics = state, []
+            for i, micro in enumerate(micro_batches):
+                f.micro = i
+                new, metrics = step(new.replace(rng=_random.fold_in(state.rng, i)), micro)
+                all_metrics.append(metrics)
+            metrics = _mean_metrics(all_metrics)
+            new = new.replace(rng=_random.next_key(state.rng))
+            if outermost:
+                metrics = f.finish(metrics)
+        return new, metrics
+
+    accumulate_step.__wrapped__ = step  # type: ignore[attr-defined]
+    return accumulate_step

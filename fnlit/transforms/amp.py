@@ -1,0 +1,147 @@
+"""``fnlit.amp``: mixed precision, with dynamic loss scaling held in ``state.scaler`` for float16."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from .. import tree as _tree
+from .._types import Batch, Metrics, StepFn
+from ._frame import frame
+
+if TYPE_CHECKING:
+    from ..state import TrainState
+
+__all__ = ["amp", "LossScaleState", "init_loss_scale"]
+
+
+class LossScaleState(NamedTuple):
+    """Dynamic loss-scale state (torch.amp.GradScaler's, as tensors so it checkpoints and compiles).
+
+    Attributes:
+        scale: float32, the current loss scale.
+        growth_tracker: int32, finite steps since the last change of scale.
+        growth_factor: float32, scale multiplier after ``growth_interval`` finite steps.
+        backoff_factor: float32, scale multiplier after a step with non-finite gradients.
+        growth_interval: int32.
+    """
+
+    scale: torch.Tensor
+    growth_tracker: torch.Tensor
+    growth_factor: torch.Tensor
+    backoff_factor: torch.Tensor
+    growth_interval: torch.Tensor
+
+
+def init_loss_scale(
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+    *,
+    device: torch.device | str | None = None,
+) -> LossScaleState:
+    """Initial loss-scale state; the defaults are torch.amp.GradScaler's.
+
+    Raises:
+        ValueError: on a non-positive scale or interval, growth_factor <= 1 or backoff_factor outside (0, 1).
+
+    Example:
+        >>> float(init_loss_scale().scale)
+        65536.0
+    """
+    if not init_scale > 0:
+        raise ValueError(f"init_loss_scale expected init_scale > 0, got {init_scale} instead.")
+    if not growth_factor > 1.0:
+        raise ValueError(f"init_loss_scale expected growth_factor > 1, got {growth_factor} instead.")
+    if not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"init_loss_scale expected backoff_factor in (0, 1), got {backoff_factor} instead.")
+    if not (isinstance(growth_interval, int) and growth_interval > 0):
+        raise ValueError(f"init_loss_scale expected a positive int growth_interval, got {growth_interval!r} instead.")
+
+    def f(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.float32, device=device)
+
+    def i(v: int) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.int32, device=device)
+
+    return LossScaleState(f(init_scale), i(0), f(growth_factor), f(backoff_factor), i(growth_interval))
+
+
+def _next_scale(s: LossScaleState, found_inf: torch.Tensor) -> LossScaleState:
+    """GradScaler's update rule (``_amp_update_scale_``) as tensor selects: no host sync."""
+    found = found_inf > 0
+    tracker = s.growth_tracker + 1
+    grown = s.scale * s.growth_factor
+    grow = (~found) & (tracker >= s.growth_interval) & torch.isfinite(grown)
+    scale = torch.where(found, s.scale * s.backoff_factor, torch.where(grow, grown, s.scale))
+    reset = found | (tracker >= s.growth_interval)
+    return s._replace(scale=scale, growth_tracker=torch.where(reset, torch.zeros_like(tracker), tracker))
+
+
+def finish_scaled_update(
+    old: TrainState, new: TrainState, scaler: LossScaleState, found_inf: torch.Tensor
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Keeps ``old``'s params and opt_state where gradients overflowed, and advances the scale."""
+    finite = found_inf == 0
+
+    def select(n: Any, o: Any) -> Any:
+        return torch.where(finite, n, o) if isinstance(n, torch.Tensor) else n
+
+    state = new.replace(
+        params=_tree.tree_map(select, new.params, old.params),
+        opt_state=_tree.tree_map(select, new.opt_state, old.opt_state),
+        scaler=_next_scale(scaler, found_inf),
+    )
+    return state, {"grads_finite": finite.float(), "loss_scale": scaler.scale}
+
+
+_NEEDS_SCALER = (
+    "amp(step, dtype=torch.float16) needs dynamic loss scaling, but state.scaler is None. Without it "
+    "small gradients underflow to zero in float16. Create the state with "
+    "fnlit.TrainState.create(module, tx, seed=..., loss_scale='dynamic'), or use dtype=torch.bfloat16, "
+    "which needs no scaler."
+)
+
+
+def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
+    """Runs ``step``'s forward passes in autocast with ``dtype``; params and optimizer state stay float32.
+
+    With ``torch.float16`` the loss is scaled by ``state.scaler`` before backward, gradients are unscaled
+    in float32 before anything sees them (clipping included), and a step whose gradients are not
+    finite leaves params and opt_state unchanged and backs the scale off; after ``growth_interval``
+    finite steps the scale grows (torch.amp.GradScaler's rule). The metrics gain ``grads_finite`` (1.0
+    or 0.0) and ``loss_scale``. All of it is tensor arithmetic: no host sync. bfloat16 needs no scaler.
+
+    Args:
+        step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
+        dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
+
+    Raises:
+        ValueError: for another dtype, or float16 on a state without ``scaler``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 2)
+        >>> step = fnlit.amp(fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1])))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+        >>> state, metrics = step(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+        >>> state.params["weight"].dtype
+        torch.float32
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fnlit.amp expected dtype torch.bfloat16 or torch.float16, got {dtype} instead.")
+
+    def amp_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if dtype == torch.float16 and state.scaler is None:
+            raise ValueError(_NEEDS_SCALER)
+        with frame() as (f, outermost):
+            f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device)
+            state, metrics = step(state, batch)
+            if outermost:
+                metrics = f.finish(dict(metrics))
+        return state, metrics
+
+    amp_step.__wrapped__ = step  # type: ignore[attr-defined]
+    return amp_step

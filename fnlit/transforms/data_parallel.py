@@ -1,0 +1,114 @@
+"""``fnlit.data_parallel``: each rank steps on its shard; gradients averaged once per applied update."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .. import random as _random
+from .._types import Batch, Metrics, StepFn
+from ._frame import frame
+
+if TYPE_CHECKING:
+    from ..state import TrainState
+
+__all__ = ["data_parallel", "all_reduce_mean_"]
+
+_NOT_INITIALISED = (
+    "fnlit.data_parallel needs an initialised torch.distributed process group, and there is none. Launch "
+    "the script with `torchrun --nproc-per-node N script.py` and call fnlit.distributed.init() first, or "
+    "run a function in N local processes with fnlit.distributed.launch(fn, nprocs=N)."
+)
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Groups tensor indices by (dtype, device), then cuts each group into buckets of about bucket_bytes."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    out: list[list[int]] = []
+    for idx in groups.values():
+        bucket: list[int] = []
+        size = 0
+        for i in idx:
+            bucket.append(i)
+            size += tensors[i].numel() * tensors[i].element_size()
+            if bucket_bytes and size >= bucket_bytes:
+                out.append(bucket)
+                bucket, size = [], 0
+        if bucket:
+            out.append(bucket)
+    return out
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_bytes: int = 0) -> list[torch.Tensor]:
+    """Averages ``tensors`` across the ranks of ``group`` with one all-reduce per bucket.
+
+    Tensors are flattened into one contiguous buffer per bucket (``bucket_bytes=0``: one per dtype),
+    divided by the world size (as DDP does) and summed; the results are views into those buffers. The
+    inputs are not modified.
+    """
+    world = dist.get_world_size(group)
+    out: list[torch.Tensor] = list(tensors)
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        flat.div_(world)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for i in bucket:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view_as(tensors[i])
+            offset += n
+    return out
+
+
+def all_reduce_metrics(metrics: Metrics, group: Any = None) -> dict[str, Any]:
+    """Averages scalar tensor metrics across ranks with a single all-reduce."""
+    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not names:
+        return dict(metrics)
+    values = torch.stack([metrics[k].detach().reshape(()).float() for k in names])
+    (values,) = all_reduce_mean_([values], group)
+    return {**metrics, **dict(zip(names, values.unbind(0)))}
+
+
+def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) -> StepFn:
+    """Data-parallel training: each rank runs ``step`` on its own shard of the global batch.
+
+    Gradients are averaged across the ranks of ``group`` once per applied update, flattened into one
+    buffer per dtype (or per ``bucket_mb`` bucket) so there is one collective, not one per tensor; under
+    :func:`fnlit.accumulate` the intermediate micro-batches do not communicate at all. Metrics are
+    averaged across ranks. Every rank ends each step with bitwise-identical params. Each rank draws its
+    own dropout masks (its key is folded with its rank), and all ranks keep the same ``state.rng``.
+
+    Args:
+        step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
+        group: the process group (default: the whole world).
+        bucket_mb: split the gradient all-reduce into buckets of this many MiB (0: one per dtype).
+
+    Raises:
+        RuntimeError: when called without an initialised process group (it says how to launch).
+
+    Example:
+        >>> # in a script started by `torchrun --nproc-per-node 2 train.py`:
+        >>> # fnlit.distributed.init(); step = fnlit.data_parallel(fnlit.train_step(model, loss_fn))
+    """
+    bucket_bytes = int(bucket_mb * 2**20)
+
+    def data_parallel_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(_NOT_INITIALISED)
+        with frame() as (f, outermost):
+            f.dp_group = group if group is not None else dist.group.WORLD
+            f.dp_bucket_bytes = bucket_bytes
+            rank = dist.get_rank(group)
+            new, metrics = step(state.replace(rng=_random.fold_in(state.rng, rank)), batch)
+            new = new.replace(rng=_random.next_key(state.rng))
+            if outermost:
+                metrics = f.finish(dict(metrics))
+        return new, metrics
+
+    data_parallel_step.__wrapped__ = step  # type: ignore[attr-defined]
+    return data_parallel_step

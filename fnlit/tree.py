@@ -1,0 +1,177 @@
+"""The one wrapper around optree.
+
+Every pytree operation in fnlit goes through this module, so the conventions live in one place:
+
+* dict leaves come out in *sorted key* order (optree's rule). Two dicts with the same keys therefore
+  flatten to aligned leaf lists whatever their insertion order, which is what the optimizers rely on
+  when they hand leaf lists to multi-tensor kernels. Never zip leaves against ``module.parameters()``.
+* ``None`` is an empty subtree, not a leaf: ``tree_map`` leaves it in place and it carries no tensor.
+* Classes are registered once, globally, with both optree and ``torch.utils._pytree`` (``torch.func``
+  and ``torch.compile`` only see the latter), by :func:`register_dataclass`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import optree
+import torch
+import torch.utils._pytree as torch_pytree
+
+__all__ = [
+    "tree_map",
+    "tree_leaves",
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_structure",
+    "tree_paths",
+    "tree_flatten_with_path",
+    "keystr",
+    "register_dataclass",
+    "first_mismatch",
+]
+
+T = TypeVar("T")
+PyTree = Any
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Applies ``fn`` to each leaf of ``tree`` (and the matching leaves of ``rest``).
+
+    Example:
+        >>> import torch
+        >>> tree_map(lambda x: x * 2, {"w": torch.ones(2)})
+        {'w': tensor([2., 2.])}
+    """
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_leaves(tree: PyTree) -> list[Any]:
+    """The leaves of ``tree`` in fnlit's canonical order (dict keys sorted)."""
+    return optree.tree_leaves(tree)
+
+
+def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Leaves and structure of ``tree``; :func:`tree_unflatten` inverts it."""
+    return optree.tree_flatten(tree)
+
+
+def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
+    """Rebuilds a tree of structure ``treedef`` from ``leaves``."""
+    return optree.tree_unflatten(treedef, leaves)
+
+
+def tree_structure(tree: PyTree) -> optree.PyTreeSpec:
+    """The structure of ``tree`` without its leaves."""
+    return optree.tree_structure(tree)
+
+
+def keystr(path: Sequence[Any]) -> str:
+    """Formats a path from :func:`tree_flatten_with_path` as ``a.b['c'][0]``-style text."""
+    out = ""
+    for entry in path:
+        if isinstance(entry, str):
+            out += f"[{entry!r}]" if out else entry
+        elif isinstance(entry, int):
+            out += f"[{entry}]"
+        else:
+            out += f".{entry}"
+    return out or "<root>"
+
+
+def tree_flatten_with_path(tree: PyTree) -> tuple[list[str], list[Any], optree.PyTreeSpec]:
+    """Like :func:`tree_flatten`, plus a readable path (``params['0.weight']``) for each leaf."""
+    paths, leaves, treedef = optree.tree_flatten_with_path(tree)
+    return [keystr(p) for p in paths], leaves, treedef
+
+
+def tree_paths(tree: PyTree) -> list[str]:
+    """Readable paths of the leaves of ``tree``, in leaf order."""
+    return tree_flatten_with_path(tree)[0]
+
+
+def _describe(leaf: Any) -> str:
+    if isinstance(leaf, torch.Tensor):
+        return f"tensor of shape {tuple(leaf.shape)} and dtype {leaf.dtype}"
+    return f"{type(leaf).__name__} {leaf!r}"
+
+
+def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True) -> str | None:
+    """Describes the first place where two trees differ in structure or leaf shape, or None.
+
+    Used by every error that compares trees (gradients against params, a checkpoint against the state
+    it restores into), so they all name the same path in the same words.
+
+    Example:
+        >>> import torch
+        >>> first_mismatch({"w": torch.ones(2)}, {"w": torch.ones(3)})
+        "at w: expected tensor of shape (2,) and dtype torch.float32, got tensor of shape (3,) ..."
+    """
+    e_paths, e_leaves, e_def = tree_flatten_with_path(expected)
+    g_paths, g_leaves, g_def = tree_flatten_with_path(got)
+    if e_def != g_def:
+        missing = [p for p in e_paths if p not in set(g_paths)]
+        extra = [p for p in g_paths if p not in set(e_paths)]
+        if missing:
+            return f"missing {missing[0]!s} (expected keys {e_paths[:6]}{'...' if len(e_paths) > 6 else ''})"
+        if extra:
+            return f"unexpected {extra[0]!s} (expected keys {e_paths[:6]}{'...' if len(e_paths) > 6 else ''})"
+        return f"structure differs: expected {e_def}, got {g_def}"
+    if check_shapes:
+        for path, e, g in zip(e_paths, e_leaves, g_leaves):
+            if isinstance(e, torch.Tensor) != isinstance(g, torch.Tensor) or (
+                isinstance(e, torch.Tensor) and e.shape != g.shape
+            ):
+                return f"at {path}: expected {_describe(e)}, got {_describe(g)}"
+    return None
+
+
+def register_dataclass(cls: type[T], data_fields: Sequence[str], meta_fields: Sequence[str] = ()) -> type[T]:
+    """Registers a dataclass as a pytree node with optree *and* torch.utils._pytree.
+
+    ``data_fields`` are children (traversed); ``meta_fields`` are static context (compared by identity
+    or equality when trees are matched, never traversed).
+    """
+    data_fields, meta_fields = tuple(data_fields), tuple(meta_fields)
+
+    def flatten(obj: T) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
+        return tuple(getattr(obj, f) for f in data_fields), tuple(getattr(obj, f) for f in meta_fields), data_fields
+
+    def unflatten(meta: tuple[Any, ...], children: Iterable[Any]) -> T:
+        kwargs = dict(zip(data_fields, children))
+        kwargs.update(zip(meta_fields, meta))
+        obj = object.__new__(cls)
+        for k, v in kwargs.items():
+            object.__setattr__(obj, k, v)
+        return obj
+
+    optree.register_pytree_node(cls, flatten, unflatten, namespace=optree.registry.__GLOBAL_NAMESPACE)  # type: ignore[arg-type]
+
+    # torch's pytree treats None as a leaf (optree as an empty node), and torch.func.vmap rejects None
+    # leaves; so for torch, fields that are None are left out and their names kept in the context.
+    def t_flatten(obj: T) -> tuple[list[Any], Any]:
+        children, meta, _ = flatten(obj)
+        present = tuple(f for f, c in zip(data_fields, children) if c is not None)
+        return [c for c in children if c is not None], (meta, present)
+
+    def t_unflatten(children: Iterable[Any], context: Any) -> T:
+        meta, present = context
+        given = dict(zip(present, children))
+        return unflatten(meta, [given.get(f) for f in data_fields])
+
+    def t_flatten_with_keys(obj: T) -> tuple[list[tuple[Any, Any]], Any]:
+        children, context = t_flatten(obj)
+        return [(torch_pytree.GetAttrKey(f), c) for f, c in zip(context[1], children)], context
+
+    torch_pytree.register_pytree_node(
+        cls,
+        t_flatten,
+        t_unflatten,
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=t_flatten_with_keys,
+    )
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"register_dataclass expected a dataclass, got {cls!r} instead.")
+    return cls

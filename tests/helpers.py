@@ -1,0 +1,55 @@
+"""Small models, data and steps shared by the tests."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnlit
+
+
+def mlp(d_in: int = 8, hidden: int = 16, d_out: int = 4, dropout: float = 0.0, bn: bool = False) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(d_in, hidden)]
+    if bn:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, d_out)]
+    return nn.Sequential(*layers)
+
+
+def batch(n: int = 16, d_in: int = 8, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def hand_step(model: nn.Module):
+    """DESIGN.md's hand-written step: the way users write their own."""
+
+    def train_step(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            logits, buffers = fnlit.apply(model, params, state.buffers, x, rng=state.rng)
+            return F.cross_entropy(logits, y), buffers
+
+        (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads, buffers=buffers), {"loss": loss}
+
+    return train_step
+
+
+def clone_tree(tree):
+    return fnlit.tree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def assert_trees_equal(a, b):
+    la, lb = fnlit.tree.tree_leaves(a), fnlit.tree.tree_leaves(b)
+    assert fnlit.tree.tree_structure(a) == fnlit.tree.tree_structure(b)
+    for x, y in zip(la, lb):
+        assert torch.equal(x, y)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    paths, la, _ = fnlit.tree.tree_flatten_with_path(a)
+    lb = fnlit.tree.tree_leaves(b)
+    assert len(la) == len(lb)
+    for p, x, y in zip(paths, la, lb):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{p}: {m}")

@@ -1,0 +1,157 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batch, mlp
+from torch import nn
+
+import fnlit
+
+
+def test_apply_matches_module_and_mutates_nothing():
+    model = mlp(bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, _ = batch()
+    ref = copy.deepcopy(model).train()
+    expected = ref(x)  # the module's own forward updates *its* running stats in place
+    before = {k: v.clone() for k, v in state.buffers.items()}
+    out, new_buffers = fnlit.apply(model, state.params, state.buffers, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for k, v in ref.named_buffers():
+        assert torch.equal(new_buffers[k], v), k  # new stats equal the module's own update
+        assert torch.equal(state.buffers[k], before[k]), k  # ... and the inputs are untouched
+    assert int(new_buffers["1.num_batches_tracked"]) == 1
+
+
+def test_eval_mode_uses_running_stats_and_no_dropout():
+    model = mlp(bn=True, dropout=0.5)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, _ = batch()
+    out, new_buffers = fnlit.apply(model, state.params, state.buffers, x, train=False, rng=state.rng)
+    torch.testing.assert_close(out, copy.deepcopy(model).eval()(x), rtol=0, atol=0)
+    assert new_buffers["1.running_mean"] is state.buffers["1.running_mean"]
+    assert model.training  # the module's own mode is restored
+
+
+def test_dropout_is_a_pure_function_of_the_key():
+    model = mlp(dropout=0.5)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, _ = batch()
+    outside = torch.get_rng_state()
+    a, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+    b, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+    c, _ = fnlit.apply(model, state.params, state.buffers, x, rng=fnlit.random.next_key(state.rng))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), outside)  # the global generator is left as it was
+
+
+def test_consecutive_steps_draw_different_masks():
+    model = nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5))
+    seen = []
+
+    def step(state, x):
+        def loss_fn(params):
+            out, _ = fnlit.apply(model, params, state.buffers, x, rng=state.rng)
+            seen.append((out == 0).clone())
+            return out.sum()
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        state, _ = step(state, x)
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_tied_weights_share_one_parameter():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.out(self.emb(idx))
+
+    model = Tied()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    assert list(state.params) == ["emb.weight"]
+    idx = torch.tensor([1, 2, 3])
+    w = torch.randn(10, 4)
+    out, _ = fnlit.apply(model, {"emb.weight": w}, {}, idx)
+    torch.testing.assert_close(out, w[idx] @ w.T)
+
+
+def test_apply_rejects_wrong_names():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = dict(state.params)
+    params.pop("0.bias")
+    with pytest.raises(KeyError, match=r"missing \['0\.bias'\]"):
+        fnlit.apply(model, params, state.buffers, batch()[0])
+
+
+def test_value_and_grad_matches_autograd_and_never_touches_dot_grad():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = batch()
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+
+    def loss_fn(params):
+        return F.cross_entropy(fnlit.apply(model, params, state.buffers, x)[0], y)
+
+    loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+    assert loss.dim() == 0 and not loss.requires_grad
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in state.params.values())
+
+
+def test_value_and_grad_argnums_aux_and_unused_inputs():
+    def fn(a, b, c):
+        return (a["w"] * b).sum(), {"twice": 2 * b}
+
+    a, b = {"w": torch.tensor([1.0, 2.0]), "unused": torch.ones(3)}, torch.tensor([3.0, 4.0])
+    (value, aux), (ga, gb) = fnlit.value_and_grad(fn, argnums=(0, 1), has_aux=True)(a, b, None)
+    assert value.item() == 11.0 and torch.equal(aux["twice"], 2 * b)
+    assert torch.equal(ga["w"], b) and torch.equal(ga["unused"], torch.zeros(3)) and torch.equal(gb, a["w"])
+
+
+def test_non_scalar_loss_names_its_shape():
+    with pytest.raises(ValueError, match=r"shape \(16, 4\).*loss\.mean\(\)"):
+        fnlit.value_and_grad(lambda p: p["w"] * 2)({"w": torch.ones(16, 4)})
+
+
+def test_value_and_grad_under_vmap_gives_per_example_gradients():
+    w = torch.randn(3)
+    xs = torch.randn(5, 3)
+
+    def loss(w, x):
+        return (w * x).sum() ** 2
+
+    grads = torch.func.vmap(lambda x: fnlit.value_and_grad(loss)(w, x)[1])(xs)
+    for i in range(5):
+        torch.testing.assert_close(grads[i], 2 * (w * xs[i]).sum() * xs[i])
+
+
+def test_train_step_and_eval_step():
+    model = mlp(bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def loss_fn(m, b):
+        logits = m(b[0])
+        return F.cross_entropy(logits, b[1]), {"acc": (logits.argmax(-1) == b[1]).float().mean()}
+
+    step = fnlit.train_step(model, loss_fn)
+    new, metrics = step(state, batch())
+    assert sorted(metrics) == ["acc", "loss"] and all(isinstance(v, torch.Tensor) for v in metrics.values())
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+    ev = fnlit.eval_step(model, lambda m, b: {"acc": (m(b[0]).argmax(-1) == b[1]).float().mean()})
+    assert 0.0 <= float(ev(new, batch())["acc"]) <= 1.0

@@ -1,0 +1,111 @@
+import dataclasses
+
+import optree
+import pytest
+import torch
+import torch.utils._pytree as torch_pytree
+from helpers import assert_trees_equal, batch, clone_tree, hand_step, mlp
+from torch import nn
+
+import fnlit
+
+
+def make(model=None, tx=None):
+    model = model or mlp(dropout=0.2)
+    return model, fnlit.TrainState.create(model, tx or fnlit.optim.adamw(1e-2), seed=0)
+
+
+def test_fields_are_frozen():
+    _, state = make()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.step = torch.tensor(3)
+
+
+def test_create_copies_tensors_in_module_order_and_leaves_module_alone():
+    model, state = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert list(state.params) == [n for n, _ in model.named_parameters()]
+    assert state.step.dtype == torch.int64 and state.step.dim() == 0 and int(state.step) == 0
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p) and state.params[name].data_ptr() != p.data_ptr()
+    step = hand_step(model)
+    s = state
+    for _ in range(3):
+        s, _ = step(s, batch())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_frozen_parameters_go_to_buffers():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    assert "0.weight" not in state.params and "0.weight" in state.buffers
+    new, _ = hand_step(model)(state, batch())
+    assert torch.equal(new.buffers["0.weight"], state.buffers["0.weight"])
+
+
+def test_module_without_parameters_is_rejected():
+    with pytest.raises(ValueError, match="without trainable parameters"):
+        fnlit.TrainState.create(nn.ReLU(), fnlit.optim.sgd(0.1), seed=0)
+
+
+def test_replace_rejects_unknown_fields():
+    _, state = make()
+    with pytest.raises(TypeError, match="unknown field.*'parms'"):
+        state.replace(parms={})
+
+
+def test_grads_with_other_structure_name_the_key():
+    _, state = make()
+    grads = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    grads["0.wieght"] = grads.pop("0.weight")
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        state.apply_gradients(grads)
+
+
+def test_apply_gradients_counts_steps_and_advances_key():
+    _, state = make(tx=fnlit.optim.sgd(0.5))
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    new = state.apply_gradients(grads)
+    assert int(new.step) == 1 and not torch.equal(new.rng, state.rng)
+    for k in state.params:  # hand computation of one SGD step
+        torch.testing.assert_close(new.params[k], state.params[k] - 0.5, rtol=0, atol=0)
+
+
+def test_pytree_for_optree_and_torch():
+    _, state = make()
+    leaves = optree.tree_leaves(state)
+    t_leaves = torch_pytree.tree_leaves(state)
+    assert len(leaves) == len(t_leaves) == len(fnlit.tree.tree_leaves(state))
+    rebuilt = optree.tree_unflatten(optree.tree_structure(state), leaves)
+    assert isinstance(rebuilt, fnlit.TrainState) and rebuilt.tx is state.tx
+    t_rebuilt = torch_pytree.tree_unflatten(t_leaves, torch_pytree.tree_structure(state))
+    assert_trees_equal(t_rebuilt, state)
+
+
+def test_step_is_pure_and_deterministic():
+    model, state = make(model=mlp(dropout=0.3, bn=True))
+    data = batch()
+    state_copy, data_copy = clone_tree(state), clone_tree(data)
+    step = hand_step(model)
+    a, ma = step(state, data)
+    b, mb = step(state, data)
+    assert_trees_equal(state, state_copy)  # no input mutated
+    assert_trees_equal(data, data_copy)
+    assert_trees_equal(a, b)  # same inputs, bitwise same outputs
+    assert torch.equal(ma["loss"], mb["loss"])
+
+
+def test_vmap_over_stacked_states_runs_and_matches_members():
+    model = mlp()
+    tx = fnlit.optim.sgd(0.1, momentum=0.9)
+    states = [fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(3)]
+    stacked = fnlit.tree.tree_map(lambda *xs: torch.stack(xs), *states)
+    step = hand_step(model)
+    data = batch()
+    new, metrics = torch.func.vmap(step, in_dims=(0, None))(stacked, data)
+    assert metrics["loss"].shape == (3,)
+    for i, s in enumerate(states):
+        alone, _ = step(s, data)
+        torch.testing.assert_close(new.params["0.weight"][i], alone.params["0.weight"], rtol=1e-5, atol=1e-6)
