@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue as _queue
 import socket
 import time
@@ -122,7 +123,9 @@ def _worker(fn: Callable[..., Any], args: tuple, r: int, n: int, port: int, back
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=n,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
-        result = fn(*args)
+        # Plain pickle bytes: tensors put on a torch.multiprocessing queue travel as file descriptors
+        # that vanish when this process exits before the parent reads them.
+        result = pickle.dumps(fn(*args))
         q.put((r, True, result))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
         q.put((r, False, traceback.format_exc()))
@@ -179,7 +182,7 @@ def launch(
                 continue
             if not ok:
                 raise RuntimeError(f"fnlit.distributed.launch: rank {r} failed:\n{value}")
-            results[r] = value
+            results[r] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -1,0 +1,268 @@
+"""The optimizer interface: ``GradientTransformation``, ``chain``, ``apply_updates``, ``step``.
+
+An optimizer is a pair of pure functions, as in optax: ``init(params) -> state`` and
+``update(updates, state, params=None) -> (updates, new_state)``. fnlit adds an optional third one,
+``step(grads, state, params) -> (new_params, new_state)``, a fused "update and apply" that the named
+optimizers implement with torch's fused multi-tensor kernels. Every function here is pure: it returns
+new tensors and never writes into its inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ..tree import first_mismatch, tree_flatten, tree_map, tree_paths, tree_structure, tree_unflatten
+
+PyTree = Any
+Mask = PyTree | Callable[[PyTree], PyTree] | Callable[[str], bool]
+
+__all__ = [
+    "GradientTransformation",
+    "EmptyState",
+    "apply_updates",
+    "step",
+    "chain",
+    "decay_mask",
+    "functional_path",
+    "use_functional",
+]
+
+
+class GradientTransformation(NamedTuple):
+    """An optimizer, as a pair (or triple) of pure functions.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(updates, state, params=None) -> (updates, new_state)``; ``updates`` are added
+            to the params by :func:`apply_updates`.
+        step: optional fused ``step(grads, state, params) -> (new_params, new_state)``; equal to
+            ``update`` followed by ``apply_updates`` but faster. :func:`step` uses it when present.
+
+    Example:
+        >>> import torch
+        >>> tx = GradientTransformation(lambda p: EmptyState(), lambda u, s, p=None: (u, s))
+        >>> tx.update({"w": torch.ones(1)}, tx.init({}))[0]
+        {'w': tensor([1.])}
+    """
+
+    init: Callable[[PyTree], Any]
+    update: Callable[..., tuple[PyTree, Any]]
+    step: Callable[[PyTree, Any, PyTree], tuple[PyTree, Any]] | None = None
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps none."""
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """Returns ``params + updates`` leaf by leaf, in the params' dtype.
+
+    Example:
+        >>> import torch
+        >>> apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), -0.5)})
+        {'w': tensor([0.5000, 0.5000])}
+    """
+    return tree_map(lambda p, u: (p + u).to(p.dtype), params, updates)
+
+
+def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTree) -> tuple[PyTree, Any]:
+    """Applies one optimizer step: ``(new_params, new_opt_state)``.
+
+    Uses the fused ``tx.step`` when the transformation has one, else ``tx.update`` then
+    :func:`apply_updates`. This is what ``TrainState.apply_gradients`` calls.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import sgd
+        >>> tx = sgd(0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> new_params, _ = step(tx, {"w": torch.ones(2)}, tx.init(params), params)
+        >>> new_params
+        {'w': tensor([0.9000, 0.9000])}
+    """
+    if tx.step is not None:
+        return tx.step(grads, opt_state, params)
+    updates, new_state = tx.update(grads, opt_state, params)
+    return apply_updates(params, updates), new_state
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies transformations one after another; the state is the tuple of their states.
+
+    The chain has a fused ``step`` when its last member has one: the gradients flow through the
+    earlier members' ``update`` and then into the last member's ``step``, so
+    ``chain(clip_by_global_norm(1.0), adamw(1e-3))`` keeps adamw's fused kernel.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import adamw, clip_by_global_norm
+        >>> tx = chain(clip_by_global_norm(1.0), adamw(1e-3))
+        >>> params = {"w": torch.ones(3)}
+        >>> new_params, state = step(tx, {"w": torch.full((3,), 10.0)}, tx.init(params), params)
+        >>> len(state)
+        2
+    """
+
+    def init(params: PyTree) -> tuple[Any, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates: PyTree, state: tuple[Any, ...], params: PyTree = None) -> tuple[PyTree, tuple[Any, ...]]:
+        _check_chain_state(state, len(transforms))
+        return _thread(transforms, updates, state, params)
+
+    def fused_step(grads: PyTree, state: tuple[Any, ...], params: PyTree) -> tuple[PyTree, tuple[Any, ...]]:
+        _check_chain_state(state, len(transforms))
+        grads, head_state = _thread(transforms[:-1], grads, state[:-1], params)
+        new_params, last_state = transforms[-1].step(grads, state[-1], params)  # type: ignore[misc]
+        return new_params, (*head_state, last_state)
+
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"chain expected GradientTransformation arguments, got {type(t).__name__} at position {i} "
+                f"instead. Call the factories: chain(clip_by_global_norm(1.0), adamw(1e-3))."
+            )
+    has_step = bool(transforms) and transforms[-1].step is not None
+    return GradientTransformation(init, update, fused_step if has_step else None)
+
+
+def _thread(
+    transforms: Sequence[GradientTransformation], updates: PyTree, states: Sequence[Any], params: PyTree
+) -> tuple[PyTree, tuple[Any, ...]]:
+    new_states = []
+    for t, s in zip(transforms, states):
+        updates, s = t.update(updates, s, params)
+        new_states.append(s)
+    return updates, tuple(new_states)
+
+
+def _check_chain_state(state: Any, n: int) -> None:
+    if not isinstance(state, tuple) or len(state) != n:
+        raise ValueError(
+            f"chain expected a tuple of {n} member states (from chain(...).init), got "
+            f"{type(state).__name__} instead. Pass the state returned by this chain's init."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused vs functional: the one dispatch.
+# ----------------------------------------------------------------------------------------------
+_FORCE_FUNCTIONAL = [False]
+
+
+@contextlib.contextmanager
+def functional_path() -> Iterator[None]:
+    """Forces the plain per-leaf (functional) implementation of every optimizer inside the block.
+
+    The functional path is what runs under ``torch.compile`` and ``torch.func`` transforms; forcing
+    it in eager mode is useful to check that both paths agree.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import adamw
+        >>> tx, params = adamw(1e-3), {"w": torch.ones(2)}
+        >>> with functional_path():
+        ...     new_params, _ = step(tx, {"w": torch.ones(2)}, tx.init(params), params)
+    """
+    old = _FORCE_FUNCTIONAL[0]
+    _FORCE_FUNCTIONAL[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_FUNCTIONAL[0] = old
+
+
+def use_functional(*leaf_lists: Sequence[Any]) -> bool:
+    """True when the optimizers must avoid in-place multi-tensor kernels.
+
+    That is under ``torch.compile`` (inductor fuses the plain ops itself), inside ``torch.func``
+    transforms (``vmap``/``grad`` wrap tensors; fused kernels have no batching rules), or inside
+    :func:`functional_path`.
+
+    Example:
+        >>> import torch
+        >>> use_functional([torch.ones(2)])
+        False
+    """
+    if _FORCE_FUNCTIONAL[0] or torch.compiler.is_compiling():
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(wrapped(t) for leaves in leaf_lists for t in leaves if isinstance(t, torch.Tensor))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers for the transforms and aliases.
+# ----------------------------------------------------------------------------------------------
+def check_same_structure(name: str, expected: PyTree, got: PyTree, what: str = "grads") -> None:
+    """Raises ValueError naming the first differing key when ``got`` does not match ``expected``."""
+    if tree_structure(expected) != tree_structure(got):
+        _raise_mismatch(name, expected, got, what)
+
+
+def _raise_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "grads") -> None:
+    where = first_mismatch(expected, got, check_shapes=False) or "structure differs"
+    raise ValueError(
+        f"{name}.update expected {what} with the structure of the optimizer state (the params given to "
+        f"init), got a different structure instead: {where}. Pass {what} for exactly the parameters "
+        f"the optimizer was initialized with, or call init again with the new params."
+    )
+
+
+def flatten_checked(name: str, grads: PyTree, reference: PyTree) -> tuple[list[Any], Any, list[Any]]:
+    """Flattens ``grads`` and ``reference``; raises the structure error when they differ."""
+    g_leaves, g_def = tree_flatten(grads)
+    r_leaves, r_def = tree_flatten(reference)
+    if g_def != r_def:
+        _raise_mismatch(name, reference, grads)
+    return g_leaves, g_def, r_leaves
+
+
+def decay_mask(params: PyTree) -> PyTree:
+    """The usual weight-decay mask: False for biases and other 1-d tensors (norm weights), else True.
+
+    A leaf is excluded when it has fewer than 2 dimensions or its name ends in ``"bias"``.
+
+    Example:
+        >>> import torch
+        >>> decay_mask({"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2), "ln.weight": torch.ones(2)})
+        {'fc.weight': True, 'fc.bias': False, 'ln.weight': False}
+    """
+    leaves, treedef = tree_flatten(params)
+    names = tree_paths(params)
+    return tree_unflatten(treedef, [t.ndim >= 2 and not n.rstrip("]'\"").endswith("bias") for t, n in zip(leaves, names)])
+
+
+def resolve_mask(mask: Mask, params: PyTree, cache: dict[Any, list[bool]]) -> list[bool]:
+    """The mask as one bool per leaf of ``params`` (leaf order), cached per params structure.
+
+    ``mask`` is a pytree of bools matching ``params``, a callable ``params -> pytree of bools``, or a
+    callable on leaf names ``name -> bool`` (names as :func:`fnlit.tree.tree_paths` gives them; for a
+    flat params dict, the keys).
+    """
+    treedef = tree_structure(params)
+    if treedef in cache:
+        return cache[treedef]
+    names = tree_paths(params)
+    tree = mask
+    if callable(mask):
+        try:
+            tree = mask(params)
+        except (TypeError, AttributeError, KeyError):
+            tree = None  # not a function of the params tree: a function of names
+        if isinstance(tree, bool) or tree is None or tree_structure(tree) != treedef:
+            tree = [bool(mask(n)) for n in names]
+            cache[treedef] = tree
+            return tree
+    m_leaves, m_def = tree_flatten(tree)
+    if m_def != treedef:
+        raise ValueError(
+            f"masked expected a mask with the structure of the params, got a different structure instead: "
+            f"{first_mismatch(params, tree, check_shapes=False)}. Give one bool per parameter, a function "
+            f"params -> pytree of bools, or a function name -> bool."
+        )
+    cache[treedef] = [bool(m) for m in m_leaves]
+    return cache[treedef]

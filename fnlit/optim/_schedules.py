@@ -1,0 +1,176 @@
+"""Learning-rate schedules: functions of the step count, written in torch ops.
+
+A schedule takes the number of optimizer steps already taken (a Python int or a 0-d integer tensor)
+and returns a 0-d float32 tensor on the count's device. Nothing here reads a tensor back to the host,
+so a schedule can run inside a compiled or CUDA-graph-captured step and under ``torch.func.vmap``.
+Semantics follow optax's schedules (``join`` = ``optax.join_schedules``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+Schedule = Callable[[int | torch.Tensor], torch.Tensor]
+
+__all__ = ["Schedule", "constant", "linear_warmup", "cosine_decay", "warmup_cosine", "step_decay", "join"]
+
+
+def _count(count: int | torch.Tensor) -> torch.Tensor:
+    """The count as a float32 tensor; a negative Python int is an error (a tensor is not checked)."""
+    if isinstance(count, torch.Tensor):
+        return count.to(torch.float32)
+    if count < 0:
+        raise ValueError(f"schedule expected a step count >= 0, got {count} instead. Steps start at 0.")
+    return torch.tensor(float(count), dtype=torch.float32)
+
+
+def _check(name: str, arg: str, value: float, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.")
+
+
+def constant(value: float) -> Schedule:
+    """A schedule that always returns ``value``.
+
+    Example:
+        >>> constant(0.1)(5)
+        tensor(0.1000)
+    """
+
+    def schedule(count: int | torch.Tensor) -> torch.Tensor:
+        return torch.full_like(_count(count), value)
+
+    return schedule
+
+
+def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0) -> Schedule:
+    """Goes linearly from ``init_value`` at step 0 to ``peak_value`` at ``warmup_steps``, then stays.
+
+    Args:
+        peak_value: value reached at ``warmup_steps`` and kept afterwards.
+        warmup_steps: length of the ramp (0: ``peak_value`` from the start).
+        init_value: value at step 0.
+
+    Raises:
+        ValueError: if ``warmup_steps < 0``.
+
+    Example:
+        >>> linear_warmup(1.0, 4)(1)
+        tensor(0.2500)
+    """
+    _check("linear_warmup", "warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0")
+
+    def schedule(count: int | torch.Tensor) -> torch.Tensor:
+        t = _count(count)
+        if warmup_steps == 0:
+            return torch.full_like(t, peak_value)
+        frac = torch.clamp(t / warmup_steps, 0.0, 1.0)
+        return init_value + frac * (peak_value - init_value)
+
+    return schedule
+
+
+def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
+    """Half a cosine from ``init_value`` at step 0 down to ``alpha * init_value`` at ``decay_steps``.
+
+    ``value = init_value * ((1 - alpha) * 0.5 * (1 + cos(pi * min(t, decay_steps) / decay_steps)) + alpha)``
+    (optax's ``cosine_decay_schedule``, torch's ``CosineAnnealingLR`` with ``eta_min = alpha * init``).
+
+    Raises:
+        ValueError: if ``decay_steps <= 0`` or ``alpha`` is outside [0, 1].
+
+    Example:
+        >>> cosine_decay(1.0, 10)(5)
+        tensor(0.5000)
+    """
+    _check("cosine_decay", "decay_steps", decay_steps, decay_steps > 0, "> 0")
+    _check("cosine_decay", "alpha", alpha, 0.0 <= alpha <= 1.0, "in [0, 1]")
+
+    def schedule(count: int | torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_count(count), max=float(decay_steps))
+        cosine = 0.5 * (1.0 + torch.cos(t * (math.pi / decay_steps)))
+        return init_value * ((1.0 - alpha) * cosine + alpha)
+
+    return schedule
+
+
+def warmup_cosine(
+    peak_value: float, warmup_steps: int, decay_steps: int, init_value: float = 0.0, end_value: float = 0.0
+) -> Schedule:
+    """Linear warmup to ``peak_value``, then cosine decay to ``end_value`` at step ``decay_steps``.
+
+    As optax's ``warmup_cosine_decay_schedule``: ``decay_steps`` counts the warmup too, so the cosine
+    part lasts ``decay_steps - warmup_steps`` steps; the value stays ``end_value`` afterwards.
+
+    Raises:
+        ValueError: if ``warmup_steps < 0`` or ``decay_steps <= warmup_steps``.
+
+    Example:
+        >>> warmup_cosine(1.0, warmup_steps=10, decay_steps=110)(60)
+        tensor(0.5000)
+    """
+    _check("warmup_cosine", "warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0")
+    _check("warmup_cosine", "decay_steps", decay_steps, decay_steps > warmup_steps, f"> warmup_steps ({warmup_steps})")
+    span = decay_steps - warmup_steps
+
+    def cosine(count: int | torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(_count(count), max=float(span))
+        return end_value + (peak_value - end_value) * 0.5 * (1.0 + torch.cos(t * (math.pi / span)))
+
+    return join([linear_warmup(peak_value, warmup_steps, init_value), cosine], [warmup_steps])
+
+
+def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
+    """``init_value * gamma ** (t // step_size)``, torch's ``StepLR``.
+
+    Raises:
+        ValueError: if ``step_size <= 0`` or ``gamma < 0``.
+
+    Example:
+        >>> step_decay(1.0, step_size=10, gamma=0.5)(25)
+        tensor(0.2500)
+    """
+    _check("step_decay", "step_size", step_size, step_size > 0, "> 0")
+    _check("step_decay", "gamma", gamma, gamma >= 0, ">= 0")
+
+    def schedule(count: int | torch.Tensor) -> torch.Tensor:
+        t = _count(count)
+        return init_value * torch.pow(torch.full_like(t, gamma), torch.floor(t / step_size))
+
+    return schedule
+
+
+def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """Runs ``schedules[i]`` from ``boundaries[i - 1]`` on; each later schedule sees ``t - boundary``.
+
+    As optax's ``join_schedules``.
+
+    Raises:
+        ValueError: unless ``len(boundaries) == len(schedules) - 1`` and boundaries are
+            non-decreasing and >= 0.
+
+    Example:
+        >>> s = join([constant(1.0), constant(0.1)], [5])
+        >>> s(4), s(5)
+        (tensor(1.), tensor(0.1000))
+    """
+    schedules, boundaries = list(schedules), list(boundaries)
+    if not schedules or len(boundaries) != len(schedules) - 1:
+        raise ValueError(
+            f"join expected len(boundaries) == len(schedules) - 1, got {len(boundaries)} boundaries for "
+            f"{len(schedules)} schedules instead. Give one boundary between each pair of schedules."
+        )
+    if any(b < 0 for b in boundaries) or boundaries != sorted(boundaries):
+        raise ValueError(f"join expected non-decreasing boundaries >= 0, got {boundaries} instead.")
+
+    def schedule(count: int | torch.Tensor) -> torch.Tensor:
+        t = count if isinstance(count, torch.Tensor) else _count(count)
+        out = schedules[0](t)
+        for boundary, fn in zip(boundaries, schedules[1:]):
+            out = torch.where(t < boundary, out, fn(t - boundary))
+        return out
+
+    return schedule

@@ -1,0 +1,327 @@
+"""Building blocks, one small GradientTransformation each, with optax's names and semantics.
+
+They are written leaf by leaf in plain torch ops (no in-place writes, no host syncs), so they work
+eagerly, under ``torch.compile`` and under ``torch.func.vmap``. Hyperparameters that users sweep or
+schedule (learning rate, weight decay) are 0-d float32 tensors in the state, on the params' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from ..tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from ._base import EmptyState, GradientTransformation, Mask, PyTree, flatten_checked, resolve_mask, use_functional
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByLearningRateState",
+    "ScaleByScheduleState",
+    "TraceState",
+    "AddDecayedWeightsState",
+    "MaskedState",
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "scale_by_adam",
+    "trace",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "masked",
+]
+
+ScalarOrSchedule = float | Callable[[torch.Tensor], torch.Tensor]
+
+
+class ScaleByAdamState(NamedTuple):
+    count: torch.Tensor  # 0-d int64: updates taken so far
+    mu: PyTree
+    nu: PyTree
+
+
+class ScaleByLearningRateState(NamedTuple):
+    count: torch.Tensor
+    hyperparams: dict[str, torch.Tensor]
+
+
+class ScaleByScheduleState(NamedTuple):
+    count: torch.Tensor
+
+
+class TraceState(NamedTuple):
+    trace: PyTree
+
+
+class AddDecayedWeightsState(NamedTuple):
+    hyperparams: dict[str, torch.Tensor]
+
+
+class MaskedState(NamedTuple):
+    inner_state: Any
+
+
+# ------------------------------------------------------------------------------ argument checks
+def check_arg(name: str, arg: str, value: Any, ok: bool, expected: str, fix: str = "") -> None:
+    """Raises ValueError("<name> expected <arg> <expected>, got <value> instead. <fix>")."""
+    if not ok:
+        raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.{' ' + fix if fix else ''}")
+
+
+def check_nonneg(name: str, arg: str, value: Any) -> None:
+    """Checks a float hyperparameter is >= 0 (schedules and tensors are not checked: no host sync)."""
+    if isinstance(value, (int, float)):
+        check_arg(name, arg, value, value >= 0, ">= 0")
+
+
+def check_beta(name: str, arg: str, value: float) -> None:
+    check_arg(name, arg, value, 0.0 <= value < 1.0, "in [0, 1)", "Betas are decay rates, e.g. 0.9 and 0.999.")
+
+
+def device_of(params: PyTree) -> torch.device:
+    leaves = [t for t in tree_leaves(params) if isinstance(t, torch.Tensor)]
+    return leaves[0].device if leaves else torch.device("cpu")
+
+
+def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor on ``device``: how swept hyperparameters are stored."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone()
+
+
+def zero_count(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+# ------------------------------------------------------------------------------ transforms
+def scale(step_size: float) -> GradientTransformation:
+    """Multiplies the updates by a constant ``step_size``.
+
+    Example:
+        >>> import torch
+        >>> scale(-0.5).update({"w": torch.ones(2)}, EmptyState())[0]
+        {'w': tensor([-0.5000, -0.5000])}
+    """
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        return tree_map(lambda u: u * step_size, updates), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
+    """Multiplies the updates by ``-learning_rate`` (a float or a schedule of the update count).
+
+    A float rate is stored as a tensor in ``state.hyperparams["learning_rate"]`` and can be changed
+    there; for a schedule, that field holds the rate of the most recent update.
+
+    Raises:
+        ValueError: if ``learning_rate`` is a negative number.
+
+    Example:
+        >>> import torch
+        >>> tx = scale_by_learning_rate(0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> tx.update({"w": torch.ones(2)}, tx.init(params))[0]
+        {'w': tensor([-0.1000, -0.1000])}
+    """
+    check_nonneg("scale_by_learning_rate", "learning_rate", learning_rate)
+    sign = -1.0 if flip_sign else 1.0
+
+    def init(params: PyTree) -> ScaleByLearningRateState:
+        count = zero_count(device_of(params))
+        lr = learning_rate(count) if callable(learning_rate) else scalar(learning_rate, count.device)
+        return ScaleByLearningRateState(count, {"learning_rate": scalar(lr, count.device)})
+
+    def update(
+        updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None
+    ) -> tuple[PyTree, ScaleByLearningRateState]:
+        hyper = state.hyperparams
+        if callable(learning_rate):
+            hyper = {**hyper, "learning_rate": learning_rate(state.count).to(torch.float32)}
+        factor = sign * hyper["learning_rate"]
+        return tree_map(lambda u: u * factor, updates), ScaleByLearningRateState(state.count + 1, hyper)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> GradientTransformation:
+    """Multiplies the updates by ``step_size_fn(count)``, count = updates taken so far.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import constant
+        >>> tx = scale_by_schedule(constant(2.0))
+        >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))[0]
+        {'w': tensor([2.])}
+    """
+
+    def init(params: PyTree) -> ScaleByScheduleState:
+        return ScaleByScheduleState(zero_count(device_of(params)))
+
+    def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree = None) -> tuple[PyTree, Any]:
+        factor = step_size_fn(state.count)
+        return tree_map(lambda u: u * factor, updates), ScaleByScheduleState(state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Rescales updates by Adam's bias-corrected moment estimates: ``m_hat / (sqrt(v_hat) + eps)``.
+
+    Raises:
+        ValueError: if a beta is outside [0, 1) or ``eps < 0``.
+
+    Example:
+        >>> import torch
+        >>> tx = scale_by_adam()
+        >>> u, state = tx.update({"w": torch.full((2,), 3.0)}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"].round(decimals=4)
+        tensor([1., 1.])
+    """
+    check_beta("scale_by_adam", "b1", b1)
+    check_beta("scale_by_adam", "b2", b2)
+    check_nonneg("scale_by_adam", "eps", eps)
+
+    def init(params: PyTree) -> ScaleByAdamState:
+        zeros = lambda: tree_map(torch.zeros_like, params)  # noqa: E731
+        return ScaleByAdamState(zero_count(device_of(params)), zeros(), zeros())
+
+    def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None) -> tuple[PyTree, ScaleByAdamState]:
+        g, treedef, mu = flatten_checked("scale_by_adam", updates, state.mu)
+        count = state.count + 1
+        t = count.to(torch.float64)  # 1 - 0.999**t loses digits in float32
+        bc1, bc2 = (1 - b1**t).to(torch.float32), (1 - b2**t).to(torch.float32)
+        mu = [m.lerp(x, 1 - b1) for m, x in zip(mu, g)]
+        nu = [torch.addcmul(v * b2, x, x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
+        out = [(m / bc1) / (torch.sqrt(v / bc2) + eps) for m, v in zip(mu, nu)]
+        unflat = lambda xs: tree_unflatten(treedef, xs)  # noqa: E731
+        return unflat(out), ScaleByAdamState(count, unflat(mu), unflat(nu))
+
+    return GradientTransformation(init, update)
+
+
+def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
+    """Momentum: ``trace = g + decay * trace``; the update is ``trace`` (or ``g + decay * trace``).
+
+    Raises:
+        ValueError: if ``decay < 0``.
+
+    Example:
+        >>> import torch
+        >>> tx = trace(0.9)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> u, state = tx.update({"w": torch.ones(1)}, state)
+        >>> tx.update({"w": torch.ones(1)}, state)[0]
+        {'w': tensor([1.9000])}
+    """
+    check_nonneg("trace", "decay", decay)
+
+    def init(params: PyTree) -> TraceState:
+        return TraceState(tree_map(torch.zeros_like, params))
+
+    def update(updates: PyTree, state: TraceState, params: PyTree = None) -> tuple[PyTree, TraceState]:
+        g, treedef, old = flatten_checked("trace", updates, state.trace)
+        new = [x + decay * t for x, t in zip(g, old)]
+        out = [x + decay * t for x, t in zip(g, new)] if nesterov else new
+        return tree_unflatten(treedef, out), TraceState(tree_unflatten(treedef, new))
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
+    """Adds ``weight_decay * params`` to the updates (L2 regularization as a gradient term).
+
+    The decay is a tensor in ``state.hyperparams["weight_decay"]``. ``mask`` (see :func:`masked`)
+    selects the leaves that decay, e.g. :func:`fnlit.optim.decay_mask`.
+
+    Raises:
+        ValueError: if ``weight_decay < 0``, or at update time if ``params`` is not given.
+
+    Example:
+        >>> import torch
+        >>> tx = add_decayed_weights(0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> tx.update({"w": torch.zeros(2)}, tx.init(params), params)[0]
+        {'w': tensor([0.1000, 0.1000])}
+    """
+    check_nonneg("add_decayed_weights", "weight_decay", weight_decay)
+    if mask is not None:
+        return masked(add_decayed_weights(weight_decay), mask)
+
+    def init(params: PyTree) -> AddDecayedWeightsState:
+        return AddDecayedWeightsState({"weight_decay": scalar(weight_decay, device_of(params))})
+
+    def update(updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None) -> tuple[PyTree, Any]:
+        if params is None:
+            raise ValueError(
+                "add_decayed_weights.update expected params, got None instead. Pass them: "
+                "tx.update(grads, state, params) (fnlit.optim.step does)."
+            )
+        wd = state.hyperparams["weight_decay"]
+        return tree_map(lambda u, p: u + wd * p, updates, params), state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scales all updates by ``min(1, max_norm / (global_norm + 1e-6))``, as ``clip_grad_norm_``.
+
+    The global norm is the 2-norm of all leaves together. No value is read back to the host.
+
+    Raises:
+        ValueError: if ``max_norm <= 0``.
+
+    Example:
+        >>> import torch
+        >>> tx = clip_by_global_norm(1.0)
+        >>> tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init({}))[0]
+        {'w': tensor([0.6000, 0.8000])}
+    """
+    check_arg("clip_by_global_norm", "max_norm", max_norm, max_norm > 0, "> 0", "Use e.g. 1.0.")
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        leaves, treedef = tree_flatten(updates)
+        if not leaves:
+            return updates, state
+        if use_functional(leaves):
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            return tree_unflatten(treedef, [g * coef for g in leaves]), state
+        norm = torch.linalg.vector_norm(torch.stack(list(torch._foreach_norm(leaves))))
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return tree_unflatten(treedef, list(torch._foreach_mul(leaves, coef))), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Applies ``inner`` only to the leaves where ``mask`` is True; other updates pass through.
+
+    ``mask`` is a pytree of bools shaped like the params, a callable ``params -> pytree of bools``
+    (e.g. :func:`fnlit.optim.decay_mask`: no decay on biases and norm weights), or a callable on
+    parameter names ``name -> bool``.
+
+    Example:
+        >>> import torch
+        >>> tx = masked(add_decayed_weights(1.0), lambda name: not name.endswith("bias"))
+        >>> params = {"fc.weight": torch.ones(1), "fc.bias": torch.ones(1)}
+        >>> grads = {"fc.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}
+        >>> tx.update(grads, tx.init(params), params)[0]
+        {'fc.weight': tensor([1.]), 'fc.bias': tensor([0.])}
+    """
+    cache: dict[Any, list[bool]] = {}
+
+    def init(params: PyTree) -> MaskedState:
+        keep = resolve_mask(mask, params, cache)
+        return MaskedState(inner.init([p for p, k in zip(tree_leaves(params), keep) if k]))
+
+    def update(updates: PyTree, state: MaskedState, params: PyTree = None) -> tuple[PyTree, MaskedState]:
+        leaves, treedef = tree_flatten(updates)
+        keep = resolve_mask(mask, updates if params is None else params, cache)
+        chosen = None if params is None else [p for p, k in zip(tree_leaves(params), keep) if k]
+        new, inner_state = inner.update([u for u, k in zip(leaves, keep) if k], state.inner_state, chosen)
+        it = iter(new)
+        return tree_unflatten(treedef, [next(it) if k else u for u, k in zip(leaves, keep)]), MaskedState(inner_state)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,88 @@
+"""Functions run in several processes by tests/test_data_parallel.py (module level: spawn pickles them)."""
+
+import itertools
+import os
+
+import torch
+import torch.distributed as dist
+from helpers import batch, hand_step, mlp
+
+import fnlit
+
+GLOBAL_BATCH = 16
+
+
+def make_state(fp16: bool = False):
+    torch.manual_seed(0)
+    model = mlp()
+    tx = fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.adamw(1e-2))
+    return model, fnlit.TrainState.create(model, tx, seed=0, loss_scale="dynamic" if fp16 else None)
+
+
+def local(data, rank, world):
+    n = GLOBAL_BATCH // world
+    return tuple(t[rank * n : (rank + 1) * n] for t in data)
+
+
+class CountingAllReduce:
+    """Wraps dist.all_reduce to count calls and the number of values each one carries."""
+
+    def __init__(self):
+        self.sizes = []
+        self._orig = dist.all_reduce
+
+    def __call__(self, tensor, *args, **kwargs):
+        self.sizes.append(tensor.numel())
+        return self._orig(tensor, *args, **kwargs)
+
+
+def equivalence(steps: int, k: int):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, state = make_state()
+    counter = CountingAllReduce()
+    dist.all_reduce = counter
+    try:
+        inner = hand_step(model)
+        step = fnlit.accumulate(fnlit.data_parallel(inner), k) if k > 1 else fnlit.data_parallel(inner)
+        history, losses = [], []
+        for i in range(steps):
+            state, metrics = step(state, local(batch(GLOBAL_BATCH, seed=i), rank, world))
+            history.append({n: p.clone() for n, p in state.params.items()})
+            losses.append(float(metrics["loss"]))
+    finally:
+        dist.all_reduce = fnlit.distributed.dist.all_reduce = counter._orig
+    return {"history": history, "losses": losses, "sizes": counter.sizes, "step": int(state.step)}
+
+
+ORDERS = list(itertools.permutations(["accumulate", "amp", "data_parallel"]))
+
+
+def wrap(step, order):
+    for name in reversed(order):  # order[0] is the outermost transform
+        if name == "accumulate":
+            step = fnlit.accumulate(step, 2)
+        elif name == "amp":
+            step = fnlit.amp(step, dtype=torch.float16)
+        else:
+            step = fnlit.data_parallel(step)
+    return step
+
+
+def all_orders(steps: int):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for order in ORDERS:
+        model, state = make_state(fp16=True)
+        step = wrap(hand_step(model), order)
+        for i in range(steps):
+            state, _ = step(state, local(batch(GLOBAL_BATCH, seed=i), rank, world))
+        out["/".join(order)] = {n: p.clone() for n, p in state.params.items()}
+    return out
+
+
+def dies_early():
+    if dist.get_rank() == 1:
+        os._exit(3)
+    t = torch.ones(4)
+    dist.all_reduce(t)  # rank 1 never joins: this must fail, not hang
+    return t.sum().item()

@@ -1,0 +1,69 @@
+import time
+
+import pytest
+import torch
+from _dist_workers import GLOBAL_BATCH, ORDERS, all_orders, dies_early, equivalence, make_state, wrap
+from helpers import batch, hand_step
+
+import fnlit
+
+pytestmark = pytest.mark.distributed
+
+
+def _reference(steps, k=1, fp16=False):
+    """A single process stepping on the whole global batch."""
+    model, state = make_state(fp16=fp16)
+    step = hand_step(model)
+    if fp16:
+        step = fnlit.amp(step, dtype=torch.float16)
+    if k > 1:
+        step = fnlit.accumulate(step, k)
+    history, losses = [], []
+    for i in range(steps):
+        state, metrics = step(state, batch(GLOBAL_BATCH, seed=i))
+        history.append(dict(state.params))
+        losses.append(float(metrics["loss"]))
+    return history, losses
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_two_ranks_match_one_process_and_each_other(k):
+    steps = 4
+    r0, r1 = fnlit.distributed.launch(equivalence, 2, steps, k, timeout=120)
+    ref_history, ref_losses = _reference(steps, k=2 * k if k > 1 else 1)
+    for i in range(steps):
+        for name in ref_history[i]:
+            assert torch.equal(r0["history"][i][name], r1["history"][i][name])  # ranks bitwise identical
+            torch.testing.assert_close(r0["history"][i][name], ref_history[i][name], rtol=1e-5, atol=1e-6)
+    assert r0["losses"] == r1["losses"]  # metrics averaged across ranks
+    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    # One gradient all-reduce per applied update (all params flattened), none per micro-batch,
+    # plus one small all-reduce of the metrics per step.
+    n_params = sum(p.numel() for p in ref_history[0].values())
+    assert r0["sizes"] == [n_params, 1] * steps and r0["step"] == steps
+
+
+def test_all_six_orders_agree_and_match_one_process():
+    steps = 3
+    r0, r1 = fnlit.distributed.launch(all_orders, 2, steps, timeout=180)
+    assert len(r0) == len(ORDERS) == 6
+    ref_history, _ = _reference(steps, k=4, fp16=True)
+    first = r0["/".join(ORDERS[0])]
+    for name_order, params in r0.items():
+        for name, p in params.items():
+            assert torch.equal(p, r1[name_order][name])
+            torch.testing.assert_close(p, first[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(p, ref_history[-1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_dead_rank_fails_the_others_in_bounded_time():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 died with exit code 3|rank 0 failed"):
+        fnlit.distributed.launch(dies_early, 2, timeout=60, collective_timeout=10)
+    assert time.monotonic() - start < 60
+
+
+def test_wrap_builds_the_requested_nesting():
+    model, state = make_state()
+    step = wrap(hand_step(model), ("amp", "accumulate", "data_parallel"))
+    assert step.__name__ == "amp_step" and step.__wrapped__.__name__ == "accumulate_step"

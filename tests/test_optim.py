@@ -1,0 +1,300 @@
+"""fnlit.optim against torch.optim on the same gradient sequences.
+
+Tolerances: float32 params, 100 steps. The fused path and torch.optim's foreach path round
+differently (fused kernels vs op-by-op), so parity is checked with rtol=1e-6 relative to the norm of
+each parameter (``_close``); elementwise checks use rtol=1e-5, atol=1e-7.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fnlit.optim as fo
+from fnlit.tree import tree_map
+
+STEPS = 100
+
+
+def _params(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "fc1.weight": torch.randn(8, 5, generator=g),
+        "fc1.bias": torch.randn(8, generator=g),
+        "fc2.weight": torch.randn(3, 8, generator=g),
+        "fc2.bias": torch.randn(3, generator=g),
+    }
+
+
+def _grads(params: dict[str, torch.Tensor], steps: int = STEPS, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(v.shape, generator=g) for k, v in params.items()} for _ in range(steps)]
+
+
+def _run_torch(make_opt, params, grad_seq, lr_fn=None):
+    ps = {k: v.clone().requires_grad_() for k, v in params.items()}
+    opt = make_opt(ps)
+    for i, grads in enumerate(grad_seq):
+        if lr_fn is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_fn(i)
+        for k, p in ps.items():
+            p.grad = grads[k].clone()
+        opt.step()
+    return {k: p.detach() for k, p in ps.items()}
+
+
+def _run_fnlit(tx, params, grad_seq):
+    state = tx.init(params)
+    for grads in grad_seq:
+        params, state = fo.step(tx, grads, state, params)
+    return params, state
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        err = (a[k] - b[k]).norm() / b[k].norm()
+        assert err <= rtol, f"{k}: relative error {err:.2e} > {rtol}"
+
+
+SGD_CASES = [
+    dict(),
+    dict(momentum=0.9),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.9, weight_decay=0.1),
+    dict(weight_decay=0.1),
+    dict(momentum=0.9, dampening=0.5),
+]
+
+
+@pytest.mark.parametrize("kw", SGD_CASES)
+def test_sgd_matches_torch(kw):
+    params, seq = _params(), _grads(_params())
+    ref = _run_torch(lambda ps: torch.optim.SGD(ps.values(), lr=0.01, foreach=True, **kw), params, seq)
+    _close(_run_fnlit(fo.sgd(0.01, **kw), params, seq)[0], ref)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adam_matches_torch(wd):
+    params, seq = _params(), _grads(_params())
+    ref = _run_torch(lambda ps: torch.optim.Adam(ps.values(), lr=1e-2, weight_decay=wd, foreach=True), params, seq)
+    _close(_run_fnlit(fo.adam(1e-2, weight_decay=wd), params, seq)[0], ref)
+
+
+def test_adamw_matches_torch():
+    params, seq = _params(), _grads(_params())
+    ref = _run_torch(lambda ps: torch.optim.AdamW(ps.values(), lr=1e-2, weight_decay=0.1, foreach=True), params, seq)
+    new, state = _run_fnlit(fo.adamw(1e-2, weight_decay=0.1), params, seq)
+    _close(new, ref)
+    assert state.count.dtype == torch.int64 and int(state.count) == STEPS
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fo.adamw(1e-2, weight_decay=0.1),
+        lambda: fo.adam(1e-2, weight_decay=0.1),
+        lambda: fo.sgd(1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+        lambda: fo.sgd(1e-2),
+    ],
+)
+def test_functional_path_matches_fused(make):
+    params, seq = _params(), _grads(_params())
+    fused, s1 = _run_fnlit(make(), params, seq)
+    with fo.functional_path():
+        functional, s2 = _run_fnlit(make(), params, seq)
+    for a, b in zip(fused.values(), functional.values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6), s1, s2)
+
+
+def test_masked_weight_decay_matches_torch_param_groups():
+    params, seq = _params(), _grads(_params())
+
+    def make_opt(ps):
+        decay = [p for k, p in ps.items() if not k.endswith("bias")]
+        no_decay = [p for k, p in ps.items() if k.endswith("bias")]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=True)
+
+    ref = _run_torch(make_opt, params, seq)
+    for mask in (fo.decay_mask, lambda name: not name.endswith("bias"), {k: k.endswith("weight") for k in params}):
+        _close(_run_fnlit(fo.adamw(1e-2, weight_decay=0.1, mask=mask), params, seq)[0], ref)
+
+
+def test_schedule_lr_matches_torch_lambdalr():
+    params, seq = _params(), _grads(_params())
+    sched = fo.warmup_cosine(1e-2, warmup_steps=10, decay_steps=80, end_value=1e-4)
+    lr_at = lambda i: float(sched(i))  # noqa: E731
+    ref = _run_torch(lambda ps: torch.optim.AdamW(ps.values(), lr=1e-2, foreach=True), params, seq, lr_at)
+    new, state = _run_fnlit(fo.adamw(sched), params, seq)
+    _close(new, ref)
+    torch.testing.assert_close(fo.learning_rate(state), sched(STEPS - 1))
+
+
+def test_changing_lr_in_state_matches_torch():
+    params, seq = _params(), _grads(_params(), steps=20)
+    ref = _run_torch(lambda ps: torch.optim.SGD(ps.values(), lr=0.1, momentum=0.9), params, seq, lambda i: 0.1 if i < 10 else 0.01)
+    tx = fo.sgd(0.1, momentum=0.9)
+    state, p = tx.init(params), params
+    for i, grads in enumerate(seq):
+        if i == 10:
+            state = state._replace(hyperparams={**state.hyperparams, "learning_rate": torch.tensor(0.01)})
+        p, state = fo.step(tx, grads, state, p)
+    _close(p, ref)
+
+
+def test_clip_by_global_norm_matches_torch():
+    grads = _grads(_params(), steps=1)[0]
+    for max_norm in (0.5, 1e3):
+        ref = {k: g.clone().requires_grad_() for k, g in grads.items()}
+        for k, g in grads.items():
+            ref[k].grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(ref.values(), max_norm, foreach=True)
+        tx = fo.clip_by_global_norm(max_norm)
+        out, _ = tx.update(grads, tx.init(grads))
+        with fo.functional_path():
+            out2, _ = tx.update(grads, tx.init(grads))
+        for k in grads:
+            torch.testing.assert_close(out[k], ref[k].grad, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(out2[k], ref[k].grad, rtol=1e-6, atol=1e-7)
+
+
+def test_chain_clip_adamw_is_fused_and_matches_torch():
+    params, seq = _params(), [tree_map(lambda g: 10 * g, g) for g in _grads(_params(), steps=20)]
+
+    def make_opt(ps):
+        opt = torch.optim.AdamW(ps.values(), lr=1e-2, foreach=True)
+        step = opt.step
+        opt.step = lambda: (torch.nn.utils.clip_grad_norm_(ps.values(), 1.0), step())
+        return opt
+
+    tx = fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(1e-2))
+    assert tx.step is not None
+    _close(_run_fnlit(tx, params, seq)[0], _run_torch(make_opt, params, seq))
+
+
+def test_update_then_apply_equals_step():
+    params, seq = _params(), _grads(_params(), steps=5)
+    for tx in (fo.adamw(1e-2), fo.sgd(0.1, momentum=0.9), fo.chain(fo.trace(0.9), fo.scale_by_learning_rate(0.1))):
+        s1 = s2 = tx.init(params)
+        p1 = p2 = params
+        for grads in seq:
+            p1, s1 = fo.step(tx, grads, s1, p1)
+            updates, s2 = tx.update(grads, s2, p2)
+            p2 = fo.apply_updates(p2, updates)
+        for k in params:
+            torch.testing.assert_close(p1[k], p2[k], rtol=1e-6, atol=1e-7)
+
+
+def test_building_blocks_sgd_momentum_matches_torch():
+    params, seq = _params(), _grads(_params())
+    ref = _run_torch(lambda ps: torch.optim.SGD(ps.values(), lr=0.01, momentum=0.9), params, seq)
+    tx = fo.chain(fo.trace(0.9), fo.scale_by_learning_rate(0.01))
+    _close(_run_fnlit(tx, params, seq)[0], ref)
+
+
+def test_building_blocks_adam_matches_torch():
+    params, seq = _params(), _grads(_params())
+    ref = _run_torch(lambda ps: torch.optim.Adam(ps.values(), lr=1e-2, weight_decay=0.1), params, seq)
+    tx = fo.chain(fo.add_decayed_weights(0.1), fo.scale_by_adam(), fo.scale_by_learning_rate(1e-2))
+    _close(_run_fnlit(tx, params, seq)[0], ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fo.adamw(1e-2, mask=fo.decay_mask),
+        lambda: fo.adam(1e-2, weight_decay=0.1),
+        lambda: fo.sgd(0.1, momentum=0.9, weight_decay=0.1),
+        lambda: fo.sgd(0.1, momentum=0.9, dampening=0.1),
+        lambda: fo.chain(fo.clip_by_global_norm(0.1), fo.adamw(fo.cosine_decay(1e-2, 10))),
+        lambda: fo.chain(fo.masked(fo.add_decayed_weights(0.1), fo.decay_mask), fo.scale_by_adam(), fo.scale(-0.1)),
+    ],
+)
+@pytest.mark.parametrize("functional", [False, True])
+def test_step_and_update_are_pure(make, functional):
+    tx, params = make(), _params()
+    state = tx.init(params)
+    grads = _grads(params, steps=1)[0]
+    for _ in range(2):  # the second step runs on a state with nonzero moments
+        before = tree_map(torch.clone, (params, grads, state))
+        with fo.functional_path() if functional else _nullcontext():
+            new_params, new_state = fo.step(tx, grads, state, params)
+            tx.update(grads, state, params)
+        tree_map(lambda a, b: _assert_equal(a, b), before, (params, grads, state))
+        params, state = new_params, new_state
+
+
+class _nullcontext:
+    def __enter__(self) -> None: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def _assert_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(a, b), "an input was modified in place"
+
+
+def test_vmap_ensemble_with_per_member_lr():
+    lrs = [1e-2, 3e-2, 1e-1]
+    tx = fo.adamw(1e-2, weight_decay=0.1)
+    members = [_params(seed) for seed in range(3)]
+    grads = [_grads(p, steps=1, seed=10 + i)[0] for i, p in enumerate(members)]
+    states = [tx.init(p) for p in members]
+    states = [s._replace(hyperparams={**s.hyperparams, "learning_rate": torch.tensor(lr)}) for s, lr in zip(states, lrs)]
+    stack = lambda trees: tree_map(lambda *xs: torch.stack(xs), *trees)  # noqa: E731
+    batched = torch.func.vmap(lambda g, s, p: fo.step(tx, g, s, p))(stack(grads), stack(states), stack(members))
+    for i in range(3):
+        expected, _ = fo.step(tx, grads[i], states[i], members[i])
+        for k in expected:
+            torch.testing.assert_close(batched[0][k][i], expected[k], rtol=1e-6, atol=1e-7)
+    assert torch.equal(fo.learning_rate(batched[1]), torch.tensor(lrs))
+
+
+def test_learning_rate_found_in_nested_states():
+    params = _params()
+    assert fo.learning_rate(fo.chain(fo.clip_by_global_norm(1.0), fo.sgd(0.5)).init(params)) == 0.5
+    assert fo.learning_rate(fo.masked(fo.adam(0.25), fo.decay_mask).init(params)) == 0.25
+    assert fo.learning_rate(fo.clip_by_global_norm(1.0).init(params)) is None
+
+
+def test_hyperparams_are_tensors_on_device():
+    state = fo.adamw(1e-3, weight_decay=0.1).init(_params())
+    for v in state.hyperparams.values():
+        assert v.dtype == torch.float32 and v.ndim == 0
+    assert state.count.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: fo.sgd(-0.1), "expected learning_rate >= 0, got -0.1 instead"),
+        (lambda: fo.adam(1e-3, b1=1.0), "expected b1 in \\[0, 1\\), got 1.0 instead"),
+        (lambda: fo.adamw(1e-3, b2=-0.1), "expected b2 in \\[0, 1\\)"),
+        (lambda: fo.adamw(1e-3, eps=-1.0), "expected eps >= 0, got -1.0"),
+        (lambda: fo.adamw(1e-3, weight_decay=-0.1), "expected weight_decay >= 0"),
+        (lambda: fo.sgd(0.1, momentum=-0.9), "expected momentum >= 0"),
+        (lambda: fo.sgd(0.1, nesterov=True), "momentum > 0 and dampening == 0 with nesterov=True"),
+        (lambda: fo.clip_by_global_norm(0.0), "expected max_norm > 0, got 0.0 instead"),
+        (lambda: fo.chain(fo.adamw), "expected GradientTransformation arguments"),
+    ],
+)
+def test_bad_arguments_raise(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+@pytest.mark.parametrize("make", [lambda: fo.adamw(1e-3), lambda: fo.sgd(0.1), lambda: fo.trace(0.9)])
+def test_mismatched_grads_name_the_key(make):
+    tx, params = make(), _params()
+    grads = {k: v for k, v in _grads(params, steps=1)[0].items() if k != "fc2.bias"}
+    with pytest.raises(ValueError, match="expected grads with the structure.*missing fc2.bias"):
+        tx.update(grads, tx.init(params), params)
+
+
+def test_update_without_params_when_decay_needs_them():
+    tx = fo.adamw(1e-3)
+    params = _params()
+    with pytest.raises(ValueError, match="expected params .weight decay needs them., got None"):
+        tx.update(params, tx.init(params))

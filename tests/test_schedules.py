@@ -1,0 +1,95 @@
+"""Schedules against optax's formulas written out in Python math, and torch's StepLR."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fnlit.optim as fo
+
+
+def _check(schedule, expected_fn, steps) -> None:
+    for t in steps:
+        for count in (t, torch.tensor(t)):
+            got = schedule(count)
+            assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.ndim == 0
+            assert math.isclose(float(got), expected_fn(t), rel_tol=1e-6, abs_tol=1e-7), (t, float(got), expected_fn(t))
+
+
+def test_constant():
+    _check(fo.constant(0.3), lambda t: 0.3, [0, 1, 1000])
+
+
+def test_linear_warmup():
+    _check(fo.linear_warmup(1.0, 10, init_value=0.1), lambda t: 0.1 + 0.9 * min(t, 10) / 10, [0, 1, 5, 9, 10, 11, 50])
+    _check(fo.linear_warmup(2.0, 0), lambda t: 2.0, [0, 3])
+
+
+def test_cosine_decay():
+    def ref(t, init=2.0, n=20, alpha=0.1):
+        t = min(t, n)
+        return init * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * t / n)) + alpha)
+
+    _check(fo.cosine_decay(2.0, 20, alpha=0.1), ref, [0, 1, 10, 19, 20, 21, 100])
+
+
+def test_warmup_cosine_matches_optax_formula():
+    peak, warm, decay, init, end = 1e-3, 10, 100, 1e-5, 1e-6
+
+    def ref(t):  # optax.warmup_cosine_decay_schedule: decay_steps includes the warmup
+        if t < warm:
+            return init + (peak - init) * t / warm
+        s = min(t - warm, decay - warm)
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * s / (decay - warm)))
+
+    _check(fo.warmup_cosine(peak, warm, decay, init_value=init, end_value=end), ref, [0, 1, 9, 10, 11, 55, 99, 100, 150])
+
+
+def test_step_decay_matches_torch_steplr():
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.5)
+    lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.3)
+    expected = []
+    for _ in range(30):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        lr_sched.step()
+    _check(fo.step_decay(0.5, step_size=7, gamma=0.3), lambda t: expected[t], range(30))
+
+
+def test_join_shifts_later_schedules():
+    s = fo.join([fo.constant(1.0), fo.linear_warmup(2.0, 4), fo.constant(0.5)], [3, 10])
+    _check(s, lambda t: 1.0 if t < 3 else (2.0 * min(t - 3, 4) / 4 if t < 10 else 0.5), [0, 2, 3, 4, 7, 9, 10, 20])
+
+
+def test_schedules_follow_the_count_device_and_batch():
+    counts = torch.tensor([0, 5, 50])
+    out = fo.warmup_cosine(1.0, 10, 100)(counts)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    assert float(out[0]) == 0.0 and math.isclose(float(out[1]), 0.5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: fo.linear_warmup(1.0, -1), "linear_warmup expected warmup_steps >= 0, got -1 instead"),
+        (lambda: fo.cosine_decay(1.0, 0), "cosine_decay expected decay_steps > 0, got 0 instead"),
+        (lambda: fo.cosine_decay(1.0, 10, alpha=2.0), "expected alpha in \\[0, 1\\]"),
+        (lambda: fo.warmup_cosine(1.0, 10, 10), "expected decay_steps > warmup_steps \\(10\\), got 10"),
+        (lambda: fo.warmup_cosine(1.0, -1, 10), "expected warmup_steps >= 0"),
+        (lambda: fo.step_decay(1.0, 0, 0.5), "expected step_size > 0"),
+        (lambda: fo.join([fo.constant(1.0)], [3]), "expected len\\(boundaries\\) == len\\(schedules\\) - 1"),
+        (lambda: fo.join([fo.constant(1.0)] * 3, [5, 2]), "expected non-decreasing boundaries"),
+    ],
+)
+def test_bad_schedule_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("schedule", [fo.constant(1.0), fo.cosine_decay(1.0, 5), fo.join([fo.constant(1.0)] * 2, [2])])
+def test_negative_int_step_raises(schedule):
+    with pytest.raises(ValueError, match="expected a step count >= 0, got -1 instead. Steps start at 0"):
+        schedule(-1)

@@ -1,0 +1,177 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_trees_close, assert_trees_equal, batch, hand_step, mlp
+from torch import nn
+
+import fnlit
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulate_matches_the_full_batch_step(k):
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    step = hand_step(model)
+    full, acc = state, state
+    for i in range(3):
+        data = batch(16, seed=i)
+        full, m_full = step(full, data)
+        acc, m_acc = fnlit.accumulate(step, k)(acc, data)
+    assert int(acc.step) == 3
+    assert_trees_close(acc.params, full.params)
+    assert_trees_close(acc.opt_state, full.opt_state)
+    torch.testing.assert_close(m_acc["loss"], m_full["loss"])
+
+
+def test_accumulated_gradient_is_what_clipping_sees():
+    model = mlp()
+    tx = fnlit.optim.chain(fnlit.optim.clip_by_global_norm(0.05), fnlit.optim.sgd(0.5))
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    full, _ = hand_step(model)(state, batch())
+    acc, _ = fnlit.accumulate(hand_step(model), 4)(state, batch())
+    assert_trees_close(acc.params, full.params)
+
+
+def test_accumulate_threads_batchnorm_buffers_in_order():
+    model = mlp(bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)
+    x, y = batch(16)
+    new, _ = fnlit.accumulate(hand_step(model), 4)(state, (x, y))
+    ref = copy.deepcopy(model).train()
+    for chunk in x.chunk(4):  # the reference: the module itself sees the micro-batches in order
+        ref(chunk)
+    for name, b in ref.named_buffers():
+        torch.testing.assert_close(new.buffers[name], b, rtol=1e-6, atol=1e-7)
+
+
+def test_accumulate_gives_each_micro_batch_its_own_key():
+    model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5))
+    masks = []
+
+    def step(state, x):
+        def loss_fn(params):
+            out, _ = fnlit.apply(model, params, state.buffers, x, rng=state.rng)
+            masks.append(out == 0)
+            return out.sum()
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)
+    x = torch.randn(2, 8).repeat(2, 1)  # both micro-batches hold the same examples
+    new, _ = fnlit.accumulate(step, 2)(state, x)
+    assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(new.rng, fnlit.random.next_key(state.rng))
+
+
+def test_accumulate_errors():
+    with pytest.raises(ValueError, match="positive int k, got 0"):
+        fnlit.accumulate(lambda s, b: (s, {}), 0)
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ValueError, match=r"of 10 examples into 4 equal micro-batches.*divisible by 4"):
+        fnlit.accumulate(hand_step(model), 4)(state, batch(10))
+
+
+def _fp16_reference(model, data, steps, init_scale, growth_interval, lr):
+    """torch.amp.GradScaler + autocast(float16) + torch.optim.SGD: the plain PyTorch loop."""
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+    scales = []
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(ref(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return ref, scales
+
+
+def test_fp16_scale_trajectory_and_params_match_grad_scaler():
+    model = mlp()
+    data = [batch(16, seed=i) for i in range(4)]
+    init_scale, interval, lr, steps = 2.0**30, 3, 0.05, 50
+    ref, ref_scales = _fp16_reference(model, data, steps, init_scale, interval, lr)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(lr), seed=0)
+    state = state.replace(scaler=fnlit.transforms.init_loss_scale(init_scale, growth_interval=interval))
+    step = fnlit.amp(hand_step(model), dtype=torch.float16)
+    scales, finite = [], []
+    for i in range(steps):
+        state, metrics = step(state, data[i % len(data)])
+        scales.append(float(state.scaler.scale))
+        finite.append(float(metrics["grads_finite"]))
+    assert scales == ref_scales
+    assert 0.0 in finite and 1.0 in finite  # both skipped and applied steps happened
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_overflow_skips_the_step_bitwise():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0, loss_scale=2.0**30)
+    step = fnlit.amp(hand_step(model), dtype=torch.float16)
+    new, metrics = step(state, batch())
+    assert float(metrics["grads_finite"]) == 0.0
+    assert_trees_equal(new.params, state.params)
+    assert_trees_equal(new.opt_state, state.opt_state)
+    assert float(new.scaler.scale) == 2.0**29
+    for _ in range(30):  # the scale backs off until the gradients are finite, then steps proceed
+        new, metrics = step(new, batch())
+    assert float(metrics["grads_finite"]) == 1.0
+    assert not torch.equal(new.params["0.weight"], state.params["0.weight"])
+    assert new.params["0.weight"].dtype == torch.float32
+
+
+def test_fp16_without_scaler_and_bad_dtype_are_errors():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ValueError, match="loss_scale='dynamic'"):
+        fnlit.amp(hand_step(model), dtype=torch.float16)(state, batch())
+    with pytest.raises(ValueError, match="bfloat16 or torch.float16, got torch.float64"):
+        fnlit.amp(hand_step(model), dtype=torch.float64)
+
+
+def test_bf16_runs_forward_in_bf16_and_keeps_fp32_masters():
+    model = mlp()
+    seen = []
+
+    def step(state, b):
+        def loss_fn(params):
+            logits, _ = fnlit.apply(model, params, state.buffers, b[0])
+            seen.append(logits.dtype)
+            return F.cross_entropy(logits, b[1])
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    new, _ = fnlit.amp(step)(state, batch())
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in new.params.values())
+    assert new.scaler is None
+
+
+def test_amp_and_accumulate_commute():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0, loss_scale="dynamic")
+    step = hand_step(model)
+    a, b = state, state
+    for i in range(3):
+        a, ma = fnlit.amp(fnlit.accumulate(step, 2), dtype=torch.float16)(a, batch(seed=i))
+        b, mb = fnlit.accumulate(fnlit.amp(step, dtype=torch.float16), 2)(b, batch(seed=i))
+    assert_trees_equal(a, b)
+    assert sorted(ma) == sorted(mb) == ["grads_finite", "loss", "loss_scale"]
+
+
+def test_data_parallel_without_process_group_says_how_to_launch():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(RuntimeError, match="torchrun.*fnlit.distributed.launch"):
+        fnlit.data_parallel(hand_step(model))(state, batch())
