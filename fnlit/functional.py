@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.utils._pytree as torch_pytree
 from torch import nn
 
 from . import random as _random
@@ -186,7 +187,7 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
 
 
 def _detach(tree: Any) -> Any:
-    return _tree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+    return _tree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, tree)
 
 
 def value_and_grad(
@@ -253,14 +254,21 @@ def _device_type(tree: Any) -> str:
 
 
 def _functorch_path(fn, nums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
+    specs: list[Any] = []
+
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
         with autocast:
             loss, aux = _split_out(fn(*a, **k), has_aux)
         target = frame.scale_loss(loss) if frame is not None else loss
-        return target, ((loss, aux) if has_aux else (loss,))  # functorch's aux must hold tensors only
+        # functorch's aux must hold tensors only; and under torch.compile an empty dict in it comes back
+        # as an empty tuple. So aux leaves only cross the transform, and the structure goes around it.
+        leaves, spec = torch_pytree.tree_flatten((loss, aux) if has_aux else (loss,))
+        specs.append(spec)
+        return target, tuple(leaves)
 
     argnums = nums[0] if len(nums) == 1 else nums
     grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
+    out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
     if frame is not None and frame.scaler is not None:
         leaves, treedef = _tree.tree_flatten(grads)
         frame.unscale_(leaves)

@@ -97,9 +97,9 @@ def test_step_is_pure_and_deterministic():
     assert torch.equal(ma["loss"], mb["loss"])
 
 
-def test_vmap_over_stacked_states_runs_and_matches_members():
+@pytest.mark.parametrize("tx", [fnlit.optim.sgd(0.1, momentum=0.9), fnlit.optim.sgd(0.1), fnlit.optim.adamw(1e-2)])
+def test_vmap_over_stacked_states_runs_and_matches_members(tx):
     model = mlp()
-    tx = fnlit.optim.sgd(0.1, momentum=0.9)
     states = [fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(3)]
     stacked = fnlit.tree.tree_map(lambda *xs: torch.stack(xs), *states)
     step = hand_step(model)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import tree_flatten, tree_map, tree_unflatten
-from ._base import GradientTransformation, Mask, PyTree, _raise_mismatch, resolve_mask, use_functional
+from ._base import GradientTransformation, Mask, PyTree, _raise_mismatch, own, resolve_mask, use_functional
 from ._transforms import check_arg, check_beta, check_nonneg, device_of, scalar, zero_count
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -53,9 +53,16 @@ def _groups(leaves: Leaves) -> list[list[int]]:
     return list(groups.values())
 
 
-def _decay_factor(lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+def _decay_factor(lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor | float:
     # In float64 then rounded once, as torch.optim's Python-float `1 - lr * weight_decay` is.
+    if lr.device.type == "cpu" and not use_functional([lr]):
+        return 1.0 - float(lr) * float(wd)  # host memory: no device sync, and 5 tensor ops fewer
     return (1 - lr.double() * wd.double()).float()
+
+
+def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
+    """The fused kernels take a float or a tensor lr; on the CPU the float skips a tensor read per call."""
+    return float(lr) if device.type == "cpu" and lr.device.type == "cpu" else lr.to(device)
 
 
 def _optimizer(
@@ -179,13 +186,13 @@ def sgd(
         with torch.no_grad():
             if wd is not None:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
-            new_p = [q.clone() for q in p]
+            new_p = own(p)
             # Buffers start at zero: momentum * 0 + g == g, torch's first step, so no special case.
-            new_b = [b.clone() for b in bufs[0]] if momentum else []
+            new_b = own(bufs[0]) if momentum else []
             for idx in _groups(p):
                 torch._fused_sgd_(
                     [new_p[i] for i in idx], [g[i] for i in idx], [new_b[i] for i in idx] if momentum else [],
-                    weight_decay=0.0, momentum=momentum, lr=lr.to(p[idx[0]].device), dampening=0.0,
+                    weight_decay=0.0, momentum=momentum, lr=_kernel_lr(lr, p[idx[0]].device), dampening=0.0,
                     nesterov=nesterov, maximize=False, is_first_step=False,
                 )
         return new_p, [new_b] if momentum else []
@@ -227,8 +234,8 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
-            new_p = [q.clone() for q in p]
-            mu, nu = [m.clone() for m in bufs[0]], [v.clone() for v in bufs[1]]
+            new_p = own(p)
+            mu, nu = own(bufs[0]), own(bufs[1])
             if wd is not None and decoupled:
                 chosen = [q for q, k in zip(new_p, decay(p, params)) if k]
                 if chosen:  # torch.optim.AdamW's order: decay the params, then the Adam step
@@ -240,7 +247,7 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
                 pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
                 dev = p[idx[0]].device
                 kernel(pick(new_p), pick(g), pick(mu), pick(nu), [], [steps.to(dev)] * len(idx),
-                       lr=lr.to(dev), beta1=b1, beta2=b2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+                       lr=_kernel_lr(lr, dev), beta1=b1, beta2=b2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
         return new_p, [mu, nu]
 
     return _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional)

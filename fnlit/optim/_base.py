@@ -176,6 +176,39 @@ def functional_path() -> Iterator[None]:
         _FORCE_FUNCTIONAL[0] = old
 
 
+_DONATED = [False]
+
+
+@contextlib.contextmanager
+def donated_update(enabled: bool = True) -> Iterator[None]:
+    """Lets the eager (fused) optimizers write the new params and moments into the given ones.
+
+    Used by :func:`fnlit.donating`: the caller promises never to read the old params and optimizer
+    state again, so the fused kernels run on them directly instead of on clones. ``enabled=False``
+    turns that off inside the block (float16 amp keeps the old values for overflowed steps).
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import sgd
+        >>> tx, params = sgd(0.5), {"w": torch.ones(2)}
+        >>> with donated_update():
+        ...     new_params, _ = step(tx, {"w": torch.ones(2)}, tx.init(params), params)
+        >>> new_params["w"] is params["w"], params["w"]
+        (True, tensor([0.5000, 0.5000]))
+    """
+    old = _DONATED[0]
+    _DONATED[0] = enabled
+    try:
+        yield
+    finally:
+        _DONATED[0] = old
+
+
+def own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors a fused kernel may update in place: clones, or the tensors themselves when donated."""
+    return list(tensors) if _DONATED[0] else [t.clone() for t in tensors]
+
+
 def use_functional(*leaf_lists: Sequence[Any]) -> bool:
     """True when the optimizers must avoid in-place multi-tensor kernels.
 
@@ -189,6 +222,8 @@ def use_functional(*leaf_lists: Sequence[Any]) -> bool:
         False
     """
     if _FORCE_FUNCTIONAL[0] or torch.compiler.is_compiling():
+        return True
+    if torch._C._functorch.maybe_current_level() is not None:  # inside vmap/grad: O(1) check
         return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(wrapped(t) for leaves in leaf_lists for t in leaves if isinstance(t, torch.Tensor))
