@@ -132,7 +132,9 @@ def apply(
         >>> out.shape, int(buffers["1.num_batches_tracked"]), int(state.buffers["1.num_batches_tracked"])
         (torch.Size([8, 4]), 1, 0)
     """
-    slots = _slots(module)
+    # While compiling, build the slots afresh: filling the cache during a trace would make the next
+    # call fail dynamo's guard on the cache and recompile.
+    slots = _Slots(module) if torch.compiler.is_compiling() else _slots(module)
     _check_names(module, slots, params, buffers)
     if mutable is None:
         copy = slots.stat_names if train else ()
@@ -242,8 +244,10 @@ def value_and_grad(
             out_grads.append(_tree.tree_unflatten(treedef, grads[start : start + len(leaves)]))
             start += len(leaves)
         g = out_grads[0] if isinstance(argnums, int) else tuple(out_grads)
-        loss = loss.detach()
-        return ((loss, _detach(aux)) if has_aux else loss), g
+        value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
+        if frame is not None:
+            frame.note_scalars(value)
+        return value, g
 
     return wrapped
 

@@ -25,10 +25,15 @@ if TYPE_CHECKING:
     from .amp import LossScaleState
 
 _CURRENT: ContextVar[Frame | None] = ContextVar("fnlit_frame", default=None)
+# torch.compile cannot trace ContextVar.set(); while tracing, frames live on this plain stack instead
+# (dynamo replays list mutations). Tracing is single-threaded, so the ContextVar's isolation is not needed.
+_TRACED: list[Frame] = []
 
 
 def current() -> Frame | None:
     """The frame of the step being run, or None outside every transform."""
+    if torch.compiler.is_compiling():
+        return _TRACED[-1] if _TRACED else None
     return _CURRENT.get()
 
 
@@ -44,6 +49,8 @@ class Frame:
         self.acc: list[torch.Tensor] | None = None
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
+        self.known: list[torch.Tensor] = []  # scalars value_and_grad returned: reduced with the gradients
+        self.reduced: dict[int, torch.Tensor] = {}  # id(known scalar) -> its mean across ranks
         self.extra: dict[str, torch.Tensor] = {}
 
     # -- set by the transforms -------------------------------------------------------------
@@ -65,43 +72,58 @@ class Frame:
         inv_scale = self.scaler.scale.double().reciprocal().float()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
 
+    def note_scalars(self, tree: Any) -> None:
+        """Remembers the 0-d float tensors value_and_grad returns (loss, scalar aux) under data_parallel.
+
+        They travel in the gradient all-reduce, so metrics made of them need no collective of their own.
+        Not under accumulate: there the metrics are micro-batch averages, reduced once at the end.
+        """
+        if self.dp_group is None or self.accum_k > 1:
+            return
+        for t in _tree.tree_leaves(tree):
+            if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
+                self.known.append(t)
+
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k > 1:
+            # The gradients handed to us are fresh from value_and_grad and go nowhere else, so the
+            # first micro-batch's become the accumulator and the others are added into it in place.
+            if self.acc is None:
+                self.acc = leaves
+            else:
+                torch._foreach_add_(self.acc, leaves)
             if self.micro < self.accum_k - 1:
-                # Not the last micro-batch: only add into the accumulator; no update, no communication.
-                if self.acc is None:
-                    self.acc = leaves
-                elif self.micro == 1:
-                    self.acc = torch._foreach_add(self.acc, leaves)  # a fresh buffer, never the caller's grads
-                else:
-                    torch._foreach_add_(self.acc, leaves)
-                return state.replace(**changes)
-            leaves = torch._foreach_add(self.acc, leaves) if self.acc is not None else list(leaves)
+                return state.replace(**changes)  # no update, no communication
+            leaves, self.acc = self.acc, None
             torch._foreach_mul_(leaves, 1.0 / self.accum_k)
-            self.acc = None
         if self.dp_group is not None:
             from .data_parallel import all_reduce_mean_
 
-            extra = [self.found_inf.reshape(1)] if self.found_inf is not None else []
-            reduced = all_reduce_mean_(list(leaves) + extra, self.dp_group, self.dp_bucket_bytes)
-            if extra:
-                self.found_inf = reduced.pop().reshape(())
-            leaves = reduced
-        new = state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
+            n = len(leaves)
+            riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
+            reduced = all_reduce_mean_(list(leaves) + [t.reshape(1).float() for t in riders], self.dp_group, self.dp_bucket_bytes)
+            leaves, riders_out = reduced[:n], [t.reshape(()) for t in reduced[n:]]
+            if self.found_inf is not None:
+                self.found_inf = riders_out.pop(0)  # divided by the world size: still > 0 iff any rank overflowed
+            self.reduced = {id(t): r.to(t.dtype) for t, r in zip(self.known, riders_out)}
         if self.scaler is not None:
+            from ..optim._base import donated_update
             from .amp import finish_scaled_update
 
+            with donated_update(False):  # overflowed steps keep the old params: they must stay intact
+                new = state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
             new, self.extra = finish_scaled_update(state, new, self.scaler, self.found_inf)
-        return new
+            return new
+        return state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Called once by the outermost transform: average metrics across ranks, add the frame's own."""
         if self.dp_group is not None:
             from .data_parallel import all_reduce_metrics
 
-            metrics = all_reduce_metrics(metrics, self.dp_group)
+            metrics = all_reduce_metrics(metrics, self.dp_group, self.reduced)
         if self.extra:
             metrics = {**metrics, **self.extra}
         return metrics
@@ -110,11 +132,18 @@ class Frame:
 @contextmanager
 def frame() -> Iterator[tuple[Frame, bool]]:
     """Opens the step's frame if none is open; yields (frame, whether this call is the outermost)."""
-    existing = _CURRENT.get()
+    existing = current()
     if existing is not None:
         yield existing, False
         return
     f = Frame()
+    if torch.compiler.is_compiling():
+        _TRACED.append(f)
+        try:
+            yield f, True
+        finally:
+            _TRACED.pop()
+        return
     token = _CURRENT.set(f)
     try:
         yield f, True

@@ -27,12 +27,13 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
         >>> [b.shape[0] for b in split_batch(torch.zeros(8, 3), 4)]
         [2, 2, 2, 2]
     """
-    paths, leaves, treedef = _tree.tree_flatten_with_path(batch)
+    leaves, treedef = _tree.tree_flatten(batch)
     chunks: list[Any] = []
-    for path, leaf in zip(paths, leaves):
+    for j, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             n = leaf.shape[0]
             if n % k:
+                path = _tree.tree_paths(batch)[j]
                 raise ValueError(
                     f"accumulate(step, k={k}) cannot split batch leaf {path} of {n} examples into {k} equal "
                     f"micro-batches. Use a batch size divisible by {k} (e.g. {max(k, n - n % k)}), or drop_last=True "

@@ -64,14 +64,26 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
     return out
 
 
-def all_reduce_metrics(metrics: Metrics, group: Any = None) -> dict[str, Any]:
-    """Averages scalar tensor metrics across ranks with a single all-reduce."""
+def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Averages scalar tensor metrics across ranks with at most one all-reduce.
+
+    Metrics found in ``reduced`` (scalars that already travelled with the gradients, by identity) are
+    taken from there; the rest share a single collective.
+    """
+    reduced = reduced or {}
+    out = dict(metrics)
     names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    if not names:
-        return dict(metrics)
-    values = torch.stack([metrics[k].detach().reshape(()).float() for k in names])
-    (values,) = all_reduce_mean_([values], group)
-    return {**metrics, **dict(zip(names, values.unbind(0)))}
+    rest = []
+    for k in names:
+        if id(metrics[k]) in reduced:
+            out[k] = reduced[id(metrics[k])]
+        else:
+            rest.append(k)
+    if rest:
+        values = torch.stack([metrics[k].detach().reshape(()).float() for k in rest])
+        (values,) = all_reduce_mean_([values], group)
+        out.update(zip(rest, values.unbind(0)))
+    return out
 
 
 def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) -> StepFn:

@@ -1,0 +1,138 @@
+"""fnlit's transforms against the plain PyTorch code they replace, side by side in one run (CPU).
+
+1. Gradient accumulation: `fnlit.accumulate(step, 4)` vs a plain loop that backpropagates loss / 4 on
+   4 micro-batches into .grad and then steps torch.optim.AdamW(foreach=True). One process, 1 thread,
+   interleaved rounds, median step time; target ratio fnlit/plain <= 1.05.
+2. Data parallel: 2 processes on gloo (fnlit.distributed.launch), each with 1 thread and half of the
+   global batch: `fnlit.data_parallel(step)` vs `DistributedDataParallel` + AdamW(foreach=True), the
+   two interleaved in rounds inside the same processes; throughput ratio fnlit/DDP, target >= 0.95.
+
+    python benchmarks/transforms.py [--rounds 20] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fnlit
+
+
+def mlp(hidden: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def batches(n: int, size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 784, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def fnlit_runner(model: nn.Module, wrap):
+    box = [fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)]
+    step = wrap(fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1])))
+
+    def run(batch):
+        box[0], _ = step(box[0], batch)
+
+    return run
+
+
+def plain_accumulate_runner(model: nn.Module, k: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+    def run(batch):
+        x, y = batch
+        for xm, ym in zip(x.chunk(k), y.chunk(k)):
+            (F.cross_entropy(model(xm), ym) / k).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def ddp_runner(model: nn.Module):
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, foreach=True)
+
+    def run(batch):
+        x, y = batch
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+CLOCK = time.perf_counter
+
+
+def compare(runners: dict, data: list, rounds: int, steps: int, sync=None) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for r in range(rounds + 2):
+        for name, run in runners.items():
+            for i in range(steps):
+                if sync:
+                    sync()  # start every step together on all ranks
+                t0 = CLOCK()
+                run(data[i % len(data)])
+                if r >= 2:
+                    times[name].append(CLOCK() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def bench_accumulate(rounds: int, steps: int) -> None:
+    torch.set_num_threads(1)
+    for hidden, bs in [(128, 256), (1024, 256)]:
+        model = mlp(hidden)
+        med = compare(
+            {"plain": plain_accumulate_runner(copy.deepcopy(model), 4),
+             "fnlit": fnlit_runner(model, lambda s: fnlit.accumulate(s, 4))},
+            batches(4, bs), rounds, steps,
+        )
+        print(f"accumulate k=4, MLP 784-{hidden}-{hidden}-10, batch {bs}: plain {med['plain']:.3f} ms, "
+              f"fnlit {med['fnlit']:.3f} ms, ratio fnlit/plain {med['fnlit'] / med['plain']:.3f} (target <= 1.05)")
+
+
+def _dp_worker(hidden: int, global_batch: int, rounds: int, steps: int) -> dict[str, float]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = mlp(hidden)
+    local = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches(4, global_batch)]
+    return compare(
+        {"ddp": ddp_runner(copy.deepcopy(model)), "fnlit": fnlit_runner(model, fnlit.data_parallel)},
+        local, rounds, steps, sync=dist.barrier,
+    )
+
+
+def bench_data_parallel(rounds: int, steps: int) -> None:
+    for hidden, gb in [(128, 128), (1024, 512)]:
+        results = fnlit.distributed.launch(_dp_worker, 2, hidden, gb, rounds, steps, timeout=600)
+        ddp = max(r["ddp"] for r in results)  # a step ends when the slowest rank ends it
+        fn = max(r["fnlit"] for r in results)
+        print(f"data_parallel 2 procs gloo, MLP 784-{hidden}-{hidden}-10, global batch {gb}: DDP {gb / ddp * 1e3:.0f} "
+              f"ex/s, fnlit {gb / fn * 1e3:.0f} ex/s, throughput ratio fnlit/DDP {ddp / fn:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--only", choices=["accumulate", "data_parallel"], default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this thread's CPU time, immune to other processes (accumulate only: "
+                         "waiting for other ranks is not CPU time)")
+    a = ap.parse_args()
+    if a.clock == "cpu":
+        CLOCK = time.thread_time
+    print(f"torch {torch.__version__}, CPU, {time.strftime('%Y-%m-%d')}")
+    if a.only in (None, "accumulate"):
+        bench_accumulate(a.rounds, a.steps)
+    if a.only in (None, "data_parallel"):
+        bench_data_parallel(a.rounds, a.steps)

@@ -1,0 +1,314 @@
+"""``fnlit.compile``: capture a whole step once and replay it, as ``jax.jit`` does.
+
+A fnlit step is a pure function of explicit state, so forward, backward, the optimizer, loss scaling
+and accumulation -- every transform inside the step -- trace into one graph. How it is captured:
+
+* The state and batch are flattened to tensor leaves *outside* the compiled region (with
+  ``torch.utils._pytree``, the tree library dynamo reads), and the compiled function rebuilds them. Its
+  guards are therefore on tensor metadata only; hyperparameters are 0-d tensors in the optimizer state
+  and schedules are torch ops on the step count, so changing the learning rate never recompiles.
+* ``torch.compile(fullgraph=True)`` with inductor. On the CPU that is the whole story: one C++/OpenMP
+  program per step, fused optimizer loops included. On CUDA, with ``donate=True``, the state's tensors
+  are marked as static addresses and the step runs as a CUDA graph (``mode="reduce-overhead"``, i.e.
+  inductor's CUDA-graph trees): the graph updates the state in place and the batch is copied into the
+  graph's static input buffers. We use torch.compile's CUDA graphs rather than a hand-made
+  ``torch.cuda.graph`` capture because inductor also fuses the step's hundreds of small optimizer and
+  elementwise kernels, splits the CPU-side ops (the step counter and RNG key, which live on the host)
+  out of the graph, re-records when shapes change, and checks aliasing for us.
+* The RNG is seeded from ``state.rng`` outside the compiled region. Inductor draws its own random
+  numbers: dropout masks under compile are deterministic given ``state.rng`` but not equal to eager's.
+
+What cannot be captured raises :class:`CaptureError` naming the cause, the user's line and the fix:
+host syncs (``.item()``, ``float(t)``, ``if t > 0:``), data-dependent shapes (``x[mask]``), Python side
+effects (``print``). Collectives (:func:`fnlit.data_parallel`) are not captured: that combination raises
+NotImplementedError (see :func:`compile`).
+"""
+
+from __future__ import annotations
+
+import linecache
+import re
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.utils._pytree as torch_pytree
+
+from .. import random as _random
+from .._types import Batch, Metrics, StepFn
+from .donate import check_not_donated, poison
+
+if TYPE_CHECKING:
+    from ..state import TrainState
+
+__all__ = ["compile", "CompiledStep", "CaptureError"]
+
+Mode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager"]
+_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")
+_RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|exponential|poisson|seed")
+_HOST_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class CaptureError(RuntimeError):
+    """A step could not be captured whole; the message names the cause, the line and the fix."""
+
+
+_FIXES = {
+    "host sync": (
+        "it reads a tensor's value on the host (a host sync), which stalls every step and cannot be "
+        "replayed by a captured graph",
+        "Return the tensor in the metrics instead (`return state, {'name': tensor}`): the driver reads "
+        "metrics at log intervals. For a choice that depends on a tensor's value, use torch.where.",
+    ),
+    "dynamic shape": (
+        "a tensor's shape depends on tensor values (boolean-mask indexing, nonzero, unique), so the "
+        "graph cannot be fixed",
+        "Keep shapes fixed: multiply by the mask or use torch.where(mask, x, 0) instead of x[mask].",
+    ),
+    "side effect": (
+        "a Python side effect (print, logging, changing a global or a list) runs once at capture time, "
+        "not on every step",
+        "Return the value in the metrics and print or log it outside the step.",
+    ),
+    "other": ("torch.compile could not trace it", "Move this line out of the step, or run the step uncompiled."),
+}
+
+
+def _user_frame(frames: list[tuple[str, int]]) -> tuple[str, int]:
+    """The innermost frame outside torch (and, when there is one, outside fnlit)."""
+    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    fnlit_dir = __file__.rsplit("/", 2)[0]
+    outside_torch = [f for f in frames if not f[0].startswith(torch_dir) and "/contextlib.py" not in f[0]]
+    user = [f for f in outside_torch if not f[0].startswith(fnlit_dir)]
+    pick = user or outside_torch or frames
+    return pick[-1] if pick else ("<unknown>", 0)
+
+
+def _capture_error(kind: str, frames: list[tuple[str, int]], detail: str = "") -> CaptureError:
+    cause, fix = _FIXES[kind]
+    filename, lineno = _user_frame(frames)
+    code = linecache.getline(filename, lineno).strip() if lineno else ""
+    where = f"{filename}:{lineno}: {code}" if lineno else "(no source line recorded)"
+    extra = f"\n  (torch.compile said: {detail})" if detail else ""
+    return CaptureError(f"fnlit.compile could not capture the step at\n  {where}\nbecause {cause}.{extra}\nFix: {fix}")
+
+
+def _frames_of(stack_trace: str | None) -> list[tuple[str, int]]:
+    return [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', stack_trace or "")]
+
+
+def _check_graph(gm: torch.fx.GraphModule) -> bool:
+    """Raises CaptureError for host reads and data-dependent shapes; returns whether the graph draws random numbers."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    uses_rng = False
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            uses_rng = uses_rng or bool(_RANDOM.search(target))
+            value = node.meta.get("example_value")
+            kind = None
+            if node.op in ("call_method", "call_function") and target in _HOST_READS:
+                kind = "host sync"
+            elif value is not None and free_unbacked_symbols(value):
+                kind = "host sync" if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else "dynamic shape"
+            if kind is not None:
+                raise _capture_error(kind, _frames_of(node.meta.get("stack_trace")))
+    return uses_rng
+
+
+def _classify(err: Exception, code: str) -> str:
+    text = str(err)
+    if re.search(r"\.(item|tolist|numpy)\(|\b(float|int|bool)\(", code):
+        return "host sync"
+    if re.search(r"data-dependent|Data-dependent|item\(\)|tolist|__bool__|generic_jump|Tensor\.(item|tolist)", text):
+        return "host sync"
+    if re.search(r"dynamic shape|DynamicOutputShape|nonzero", text):
+        return "dynamic shape"
+    if re.search(r"print|logging|side effect|[Mm]utation", text):
+        return "side effect"
+    return "other"
+
+
+class CompiledStep:
+    """A step function captured with :func:`fnlit.compile`; call it like the step.
+
+    Attributes:
+        step: the original (eager) step function.
+        donate: whether calls consume their input state.
+        compiles: how many graphs have been compiled so far (one per distinct input structure, shape
+            or dtype; a recompile would show here).
+    """
+
+    def __init__(self, step: StepFn, *, donate: bool, mode: Mode, dynamic: bool) -> None:
+        self.step, self.donate, self.mode, self.dynamic = step, donate, mode, dynamic
+        self.compiles = 0
+        self._entries: list[tuple[Any, Any, Callable[..., Any], str]] = []  # (spec, state spec, fn, mode)
+        self._needs_seed: bool | None = None
+
+    # -- capture -----------------------------------------------------------------------------------
+    def _backend(self, options: dict[str, Any], eager: bool) -> Callable[..., Any]:
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+            uses_rng = _check_graph(gm)
+            self._needs_seed = bool(self._needs_seed) or uses_rng
+            self.compiles += 1
+            if eager:
+                return gm.forward
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches=options)
+
+        return backend
+
+    def _build(self, spec: Any, state: TrainState) -> tuple[Any, Any, Callable[..., Any], str]:
+        device = state.device
+        mode = self.mode
+        if mode == "auto":  # CUDA graphs need fixed addresses, which donation provides
+            mode = "reduce-overhead" if device.type == "cuda" and self.donate else "default"
+        if mode == "reduce-overhead" and not (device.type == "cuda" and self.donate):
+            raise ValueError(
+                f"fnlit.compile(mode='reduce-overhead') replays a CUDA graph, which needs a CUDA state and "
+                f"donate=True (the graph updates the state's buffers in place); got a state on {device} and "
+                f"donate={self.donate}. Pass donate=True on a CUDA state, or use mode='default'."
+            )
+        state_spec = spec.child(0)
+        n_state, step, donate = state_spec.num_leaves, self.step, self.donate
+
+        def captured(*leaves: Any) -> tuple[tuple[Any, ...], Any]:
+            state, batch = torch_pytree.tree_unflatten(leaves, spec)
+            new, metrics = step(state, batch)
+            new_leaves, new_spec = torch_pytree.tree_flatten(new)
+            if new_spec != state_spec:
+                raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
+            if donate:  # write the new state into the donated one: inductor does it in its kernels
+                for old, value in zip(leaves[:n_state], new_leaves):
+                    if old is not value:
+                        old.copy_(value)
+                new_leaves = list(leaves[:n_state])
+            return tuple(new_leaves), metrics
+
+        # A fresh code object per compiled step: dynamo caches (and counts recompiles) per code object.
+        code = captured.__code__.replace(co_name=f"fnlit_compiled_{getattr(step, '__name__', 'step')}")
+        fn = types.FunctionType(code, captured.__globals__, code.co_name, None, captured.__closure__)
+        options = {} if mode in ("default", "eager") else dict(torch._inductor.list_mode_options(mode))
+        compiled = torch.compile(fn, fullgraph=True, dynamic=self.dynamic, backend=self._backend(options, mode == "eager"))
+        entry = (spec, state_spec, compiled, mode)
+        self._entries.append(entry)
+        return entry
+
+    def _entry(self, spec: Any, state: TrainState) -> tuple[Any, Any, Callable[..., Any], str]:
+        for entry in self._entries:
+            if entry[0] == spec:
+                return entry
+        _check_supported(self.step)
+        return self._build(spec, state)
+
+    # -- call --------------------------------------------------------------------------------------
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        check_not_donated(state)
+        leaves, spec = torch_pytree.tree_flatten((state, batch))
+        entries = self._entries
+        entry = entries[0] if entries and entries[0][0] == spec else self._entry(spec, state)
+        _, state_spec, compiled, mode = entry
+        cudagraphs = mode == "reduce-overhead"
+        if cudagraphs:
+            for t in leaves[: state_spec.num_leaves]:
+                if t.is_cuda:
+                    torch._dynamo.mark_static_address(t)
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            if self._needs_seed is False:
+                new_leaves, metrics = compiled(*leaves)
+            else:
+                with _random.seeded(state.rng, state.device):
+                    new_leaves, metrics = compiled(*leaves)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None)
+            raise (inner if isinstance(inner, CaptureError) else e) from None
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            raise self._explain(e, state, batch) from None
+        if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
+            metrics = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        new = torch_pytree.tree_unflatten(list(new_leaves), state_spec)
+        if self.donate:
+            poison(state, "fnlit.compile(step, donate=True)")
+        return new, metrics
+
+    def _explain(self, err: Exception, state: TrainState, batch: Batch) -> Exception:
+        """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it."""
+        if "Observed exception" in str(err):
+            self.step(state, batch)  # the step itself raises: let the user see its own error
+        frames = [(f.filename, f.lineno or 0) for f in getattr(err, "real_stack", None) or []]
+        frames = frames or _frames_of(str(err))
+        filename, lineno = _user_frame(frames)
+        lines = str(err).strip().splitlines()
+        explanation = next((x.strip() for x in lines if x.strip().startswith("Explanation:")), lines[0] if lines else "")
+        kind = _classify(err, linecache.getline(filename, lineno))
+        return _capture_error(kind, frames, explanation.removeprefix("Explanation: "))
+
+    def __repr__(self) -> str:
+        return f"CompiledStep({getattr(self.step, '__name__', self.step)!r}, donate={self.donate}, mode={self.mode!r}, compiles={self.compiles})"
+
+
+_DATA_PARALLEL = (
+    "fnlit.compile cannot capture a step that contains fnlit.data_parallel: its gradient all-reduce runs "
+    "inside apply_gradients, and torch.compile does not capture collectives on gloo (CPU) process "
+    "groups. Run data_parallel(step) uncompiled (it already does one bucketed all-reduce per update)."
+)
+
+
+def _check_supported(step: Any) -> None:
+    """Raises NotImplementedError when a transform that cannot be captured wraps (or is wrapped in) the step."""
+    seen = 0
+    while step is not None and seen < 64:
+        if getattr(step, "__name__", "") == "data_parallel_step":
+            raise NotImplementedError(_DATA_PARALLEL)
+        step, seen = getattr(step, "__wrapped__", None), seen + 1
+
+
+def compile(
+    step: StepFn, *, donate: bool = False, mode: Mode = "auto", dynamic: bool = False
+) -> CompiledStep:
+    """Captures a whole step -- forward, backward, optimizer and every transform inside -- and replays it.
+
+    The first call traces and compiles (seconds to a minute); later calls with the same structure,
+    shapes and dtypes replay the compiled program. Results equal the eager step's up to float
+    rounding of fused kernels (within 1e-5), except dropout, whose masks come from inductor's own
+    generator (seeded from ``state.rng``, so still deterministic). Changing hyperparameters in
+    ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
+
+    Args:
+        step: a step function ``(state, batch) -> (state, metrics)``, with any of
+            :func:`fnlit.accumulate` and :func:`fnlit.amp` inside or around it.
+        donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
+            ``donate_argnums``): no second copy of params and optimizer state. The input state is
+            poisoned afterwards (any use raises). On CUDA it enables CUDA-graph replay.
+        mode: ``"auto"`` (CUDA graphs on a donated CUDA state, else inductor), ``"default"``,
+            ``"reduce-overhead"`` (CUDA graphs; needs ``donate=True``), ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``, or ``"eager"`` (capture and check only, no inductor:
+            quick to find what breaks capture).
+        dynamic: let shapes vary without recompiling (off: a new batch shape compiles a new graph).
+
+    Returns:
+        A :class:`CompiledStep`; ``.compiles`` counts the graphs compiled so far.
+
+    Raises:
+        ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state.
+        CaptureError: (when called) if the step cannot be captured; the message names the line.
+        NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> step = fnlit.compile(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+        >>> state, metrics = step(state, (torch.randn(8, 4), torch.randn(8, 1)))  # doctest: +SKIP
+    """
+    if mode not in _MODES:
+        raise ValueError(f"fnlit.compile expected mode in {_MODES}, got {mode!r} instead.")
+    if not callable(step):
+        raise TypeError(f"fnlit.compile expected a step function, got {type(step).__name__} instead.")
+    return CompiledStep(step, donate=donate, mode=mode, dynamic=dynamic)

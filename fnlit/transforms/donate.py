@@ -1,0 +1,102 @@
+"""Buffer donation (``jax.jit``'s ``donate_argnums``): a step may reuse the storage of its input state.
+
+A donated state is handed over to the step: the optimizer writes the new params and moments into the
+old tensors instead of fresh ones (no clone per step, one copy of the state in memory), and the old
+:class:`~fnlit.TrainState` object is *poisoned* afterwards: its fields are replaced by a sentinel
+whose every use raises a RuntimeError saying what happened. Use the state the step returned.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .._types import Batch, Metrics, StepFn
+
+if TYPE_CHECKING:
+    from ..state import TrainState
+
+__all__ = ["donating", "poison", "check_not_donated", "Donated"]
+
+_USED = (
+    "This TrainState was donated to a step ({how}), which reused its storage for the state it returned: "
+    "its {field!r} no longer holds valid values. Use the state the step returned "
+    "(`state, metrics = step(state, batch)`), or pass donate=False to keep the input state intact."
+)
+
+
+class Donated:
+    """Stands in for each field of a donated TrainState; any use of it raises a RuntimeError."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, field: str, how: str) -> None:
+        object.__setattr__(self, "_message", _USED.format(field=field, how=how))
+
+    def _raise(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise RuntimeError(object.__getattribute__(self, "_message"))
+
+    def __getattr__(self, name: str) -> NoReturn:
+        self._raise()
+
+    __getitem__ = __setitem__ = __iter__ = __len__ = __bool__ = __call__ = __contains__ = _raise
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __index__ = __int__ = _raise
+    __float__ = __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __array__ = __torch_function__ = _raise  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "<donated>"
+
+
+def poison(state: TrainState, how: str) -> None:
+    """Replaces every data field of ``state`` by a :class:`Donated` sentinel (in place)."""
+    from ..state import _DATA_FIELDS
+
+    state.__dict__.update({f: Donated(f, how) for f in _DATA_FIELDS})
+
+
+def check_not_donated(state: Any) -> None:
+    """Raises the donation error if ``state`` (a TrainState) was donated before."""
+    params = getattr(state, "__dict__", {}).get("params")
+    if isinstance(params, Donated):
+        params._raise()
+
+
+def donating(step: StepFn) -> StepFn:
+    """Eager buffer donation: ``step`` may update the input state's tensors in place.
+
+    The fused optimizer kernels then run directly on the incoming params and moments instead of on
+    clones of them (one copy of the optimizer state in memory, no copy per step). Results are bitwise
+    those of ``step``. Afterwards the input state is poisoned: any use of its fields raises a
+    RuntimeError that says it was donated. (float16 :func:`fnlit.amp` keeps the old params for steps
+    whose gradients overflow, so its updates are not done in place.) For a compiled step, use
+    ``fnlit.compile(step, donate=True)``.
+
+    Args:
+        step: any step function.
+
+    Returns:
+        A step function with the same results that consumes its input state.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> step = fnlit.donating(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+        >>> new, metrics = step(state, (torch.randn(8, 4), torch.randn(8, 1)))
+        >>> state.params["weight"]  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: This TrainState was donated to a step (fnlit.donating), ...
+    """
+    from ..optim._base import donated_update
+
+    def donating_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        check_not_donated(state)
+        with donated_update():
+            new, metrics = step(state, batch)
+        if new is not state:
+            poison(state, "fnlit.donating")
+        return new, metrics
+
+    donating_step.__wrapped__ = step  # type: ignore[attr-defined]
+    return donating_step
