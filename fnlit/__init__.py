@@ -5,14 +5,25 @@ Training is a pure function ``step(state, batch) -> (state, metrics)`` over an i
 through the data.
 """
 
+from . import callbacks as callbacks
+from . import checkpoint as checkpoint
+from . import data as data
 from . import distributed as distributed
 from . import optim as optim
 from . import random as random
 from . import tree as tree
+from .checkpoint import CheckpointError as CheckpointError
+from .checkpoint import Checkpointer as Checkpointer
+from .checkpoint import export as export
+from .checkpoint import load_module as load_module
+from .checkpoint import restore as restore
+from .checkpoint import save as save
 from .functional import apply as apply
 from .functional import eval_step as eval_step
 from .functional import train_step as train_step
 from .functional import value_and_grad as value_and_grad
+from .loop import evaluate as evaluate
+from .loop import fit as fit
 from .state import TrainState as TrainState
 from .transforms import accumulate as accumulate
 from .transforms import amp as amp
@@ -29,6 +40,17 @@ __all__ = [
     "accumulate",
     "amp",
     "data_parallel",
+    "fit",
+    "evaluate",
+    "callbacks",
+    "checkpoint",
+    "save",
+    "restore",
+    "export",
+    "load_module",
+    "Checkpointer",
+    "CheckpointError",
+    "data",
     "optim",
     "random",
     "tree",

@@ -1,0 +1,419 @@
+"""The checkpoint file format and the atomic file operations behind :mod:`fnlit.checkpoint`.
+
+A checkpoint is one file written by ``torch.save``: a dict with the format name, a JSON header and
+the tensors keyed by their tree path. It is read back with ``torch.load(weights_only=True)``, which
+builds tensors and plain containers only: a file whose pickle asks for anything else is refused, so
+loading a checkpoint never runs code from it. PyTorch's zip reader does not check its CRCs, so the
+header carries a CRC-32 of every tensor's bytes and of itself: a flipped bit is an error, not a
+silently different model.
+
+Files are written atomically: into a temporary file in the same folder, fsynced, renamed over the
+target, and the folder fsynced. A crash at any moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import secrets
+import shutil
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from . import distributed as _dist
+from . import tree as _tree
+from .tree import _describe
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "encode", "decode", "atomic_write", "link_or_copy",
+           "remove_stale_temps", "fill_like", "load_into", "json_checked", "write_state", "read_header", "newest_first"]
+
+S = TypeVar("S")
+M = TypeVar("M", bound=nn.Module)
+Position = dict[str, int]
+"""The driver's place in the data: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` done."""
+FORMAT = "fnlit.checkpoint"
+LAST = "last.ckpt"
+STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
+VERSION = 1
+_WRITE_CHUNK = 1 << 20  # writes smaller than this are gathered, so a header costs one syscall, not forty
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file could not be written or read: missing permissions, a full disk, a truncated or
+    corrupt file, a file that is not an fnlit checkpoint. The message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file's pickle asks to build objects other than tensors and plain containers (it could run
+    code); fnlit refuses to load it."""
+
+
+def _bytes(t: torch.Tensor) -> Any:
+    """The tensor's bytes as a buffer (no copy for contiguous CPU tensors)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes in row-major order (about 3 GB/s)."""
+    return zlib.crc32(_bytes(t)) if t.numel() else 0
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor whose storage holds only its own bytes: torch.save writes whole storages, so a
+    slice of a large buffer would otherwise save the whole buffer."""
+    t = t.detach().cpu()
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[str, Any]:
+    """The object ``torch.save`` writes: tensors by path plus the JSON header describing every leaf.
+
+    Raises:
+        TypeError: if a leaf is neither a tensor nor a JSON value (int, float, bool, str).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[dict[str, Any]] = []
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, torch.Tensor):
+            t = tensors[path] = _compact(leaf)
+            entries.append({"path": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "crc32": crc32(t)})
+        elif isinstance(leaf, (bool, int, float, str)):
+            entries.append({"path": path, "value": leaf})
+        else:
+            raise TypeError(
+                f"fnlit.save can store tensors and plain numbers or strings, got {type(leaf).__name__} at {path}. "
+                "Keep the state's leaves tensors (hold hyperparameters as 0-d tensors)."
+            )
+    head = json.dumps({"format": FORMAT, "version": VERSION, "torch": torch.__version__, **header, "leaves": entries})
+    return {"format": FORMAT, "header": head, "header_crc32": zlib.crc32(head.encode()), "tensors": tensors}
+
+
+def _load(path: Path, mmap: bool) -> Any:
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files; we raise instead
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"no checkpoint file at {path}", str(path)) from None
+    except IsADirectoryError:
+        raise IsADirectoryError(errno.EISDIR, f"expected a checkpoint file, got the folder {path}", str(path)) from None
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "unsupported" in ln.lower()), "")
+        if "global" in detail.lower():
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: the file tried to load non-tensor objects ({detail}). fnlit reads "
+                "checkpoints with torch.load(weights_only=True) and refuses to execute code from a checkpoint. "
+                "An fnlit checkpoint never needs this; the file was made by something else, or tampered with."
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a checkpoint file or it is corrupt ({detail or e}).") from None
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from e
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from e
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")  # noqa: TRY004 (reported as a corrupt file)
+    return dtype
+
+
+def decode(path: str | os.PathLike[str], *, verify: bool = True, mmap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads a checkpoint: its header and a dict ``path -> tensor or value`` in the header's leaf order.
+
+    Args:
+        path: the file.
+        verify: check every tensor's CRC-32 against the header (reads all tensor bytes).
+        mmap: map the file instead of reading it (cheap header reads of large files).
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        UnsafeCheckpointError: if its pickle asks for anything but tensors and plain containers.
+        CheckpointError: if it is truncated, corrupt or not an fnlit checkpoint.
+    """
+    path = Path(path)
+    payload = _load(path, mmap)
+    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+        raise CheckpointError(
+            f"{path} is not an fnlit checkpoint (no fnlit header). For a plain state_dict, use "
+            "module.load_state_dict(torch.load(path, weights_only=True))."
+        )
+    try:
+        head = payload["header"]
+        if zlib.crc32(head.encode()) != payload["header_crc32"]:
+            raise ValueError("the header's checksum does not match")
+        header = json.loads(head)
+        if header.get("version", 0) > VERSION:
+            raise ValueError(f"format version {header['version']} is newer than this fnlit reads ({VERSION}); upgrade fnlit")
+        tensors = payload["tensors"]
+        values: dict[str, Any] = {}
+        for entry in header["leaves"]:
+            p = entry["path"]
+            if "value" in entry:
+                values[p] = entry["value"]
+                continue
+            t = tensors[p]
+            if list(t.shape) != entry["shape"] or t.dtype != _dtype(entry["dtype"]):
+                raise ValueError(f"{p} has shape {tuple(t.shape)} and {t.dtype}, the header says {entry['shape']} and {entry['dtype']}")
+            if verify and crc32(t) != entry["crc32"]:
+                raise ValueError(f"the bytes of {p} do not match their checksum")
+            values[p] = t
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt ({type(e).__name__}: {e}).") from None
+    return header, values
+
+
+class _FdWriter:
+    """The file object torch.save writes to: gathers small writes, loops over partial ``os.write``s."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pending = fd, bytearray()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) < _WRITE_CHUNK:
+            self.pending += view
+            if len(self.pending) >= _WRITE_CHUNK:
+                self.flush()
+        else:
+            self.flush()
+            self._write_all(view)
+        return len(view)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._write_all(memoryview(self.pending))
+            self.pending = bytearray()
+
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            view = view[os.write(self.fd, view):]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes a rename in ``directory`` durable (some filesystems cannot fsync a folder: skipped there)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _failed(path: Path, e: BaseException) -> CheckpointError:
+    reason = f"{e.strerror} ({errno.errorcode.get(e.errno or 0, e.errno)})" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    return CheckpointError(f"could not write checkpoint {path}: {reason}. Any previous file at that path is unchanged.")
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
+    """Writes a file so that a crash at any moment leaves either the old file or the complete new one.
+
+    ``write(f)`` writes the content into ``f`` (a temporary file in the same folder); the file is then
+    fsynced, renamed over ``path``, and the folder fsynced. On any error the temporary file is removed.
+
+    Raises:
+        CheckpointError: naming ``path``, if the folder cannot be written, the disk is full, ...
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        raise _failed(path, e) from e
+    try:
+        try:
+            writer = _FdWriter(fd)
+            write(writer)
+            writer.flush()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise _failed(path, e) from e
+        raise
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise CheckpointError(f"wrote checkpoint {path}, but could not fsync its folder ({e}): a power loss may lose it.") from e
+    return path
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Atomically makes ``dst`` a hard link to ``src`` (a copy where links are not supported)."""
+    tmp = _temp_name(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as f_in, open(tmp, "xb") as f_out:
+                shutil.copyfileobj(f_in, f_out, 1 << 24)
+                f_out.flush()
+                os.fsync(f_out.fileno())
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise _failed(dst, e) from e
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:  # signal 0 checks that the process exists without touching it
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Removes temporary files left in ``directory`` by writers that died (their pid is gone)."""
+    removed = []
+    for p in directory.iterdir() if directory.is_dir() else ():
+        m = _TEMP.match(p.name)
+        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _mismatch(path: Path, where: str) -> ValueError:
+    return ValueError(
+        f"fnlit.restore: the checkpoint {path} does not fit the state you restore into (another model or "
+        f"optimizer?): {where} (expected: the state; got: the checkpoint). Restore into a state built the "
+        "same way as the one that was saved."
+    )
+
+
+def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
+    """``like`` with its leaves replaced by the checkpoint's, on like's devices and dtypes."""
+    paths, leaves, treedef = _tree.tree_flatten_with_path(like)
+    if paths != list(values):
+        missing = next((p for p in paths if p not in values), None)
+        if missing is not None:
+            leaf = leaves[paths.index(missing)]
+            raise _mismatch(path, f"at {missing}: expected {_describe(leaf)}, got nothing (the checkpoint has no {missing})")
+        extra = next((p for p in values if p not in paths), None)
+        if extra is not None:
+            raise _mismatch(path, f"at {extra}: expected nothing (the state has no {extra}), got {_describe(values[extra])}")
+        raise _mismatch(path, f"the same paths in another order: expected {paths[:6]}, got {list(values)[:6]}")
+    where = _tree.first_mismatch(like, _tree.tree_unflatten(treedef, [values[p] for p in paths]))
+    if where is not None:
+        raise _mismatch(path, where)
+    out = []
+    for p, leaf in zip(paths, leaves):
+        v = values[p]
+        out.append(v.to(device=leaf.device, dtype=leaf.dtype) if isinstance(leaf, torch.Tensor) else v)
+    return _tree.tree_unflatten(treedef, out)
+
+
+def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], source: str) -> M:
+    given = {**params, **buffers}
+    names: dict[int, str] = {}  # tensor identity -> the name TrainState.create used (tied weights share one)
+    for n, t in [*module.named_parameters(), *module.named_buffers()]:
+        names.setdefault(id(t), n)
+    own = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    missing = [n for n in own if n not in given]
+    extra = [n for n in given if n not in own]
+    if missing or extra:
+        raise ValueError(
+            f"{source} does not fit the {type(module).__name__}: missing {missing[:5]}, unexpected {extra[:5]}. "
+            "Pass a module built like the one that was trained."
+        )
+    for n, t in own.items():
+        if given[n].shape != t.shape:
+            raise ValueError(f"{source} does not fit the {type(module).__name__}: at {n}: the module has shape "
+                             f"{tuple(t.shape)}, the checkpoint {tuple(given[n].shape)}.")
+    sd = {k: given[names[id(v)]] if id(v) in names else v for k, v in module.state_dict(keep_vars=True).items()}
+    module.load_state_dict(sd, strict=True)
+    with torch.no_grad():  # non-persistent buffers are not in state_dict, but they are in the state
+        for n, b in module.named_buffers():
+            if n not in sd:
+                b.copy_(given[n])
+    return module.eval()
+
+
+def json_checked(what: str, value: Any) -> Any:
+    """Returns ``value`` if it can be stored in the JSON header, else raises a TypeError naming ``what``."""
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"fnlit.save stores {what} as JSON, but {value!r} is not JSON-serialisable ({e}). "
+            "Pass numbers, strings, bools, None, lists and dicts of them."
+        ) from None
+    return value
+
+
+def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any]) -> int:
+    """Writes the file (rank 0 only); returns its ``saved_at_ns``."""
+    for key, value in meta.items():
+        json_checked(f"the metadata {key}=", value)
+    header = {
+        "saved_at_ns": time.time_ns(),
+        "step": int(state.step) if isinstance(getattr(state, "step", None), torch.Tensor) and state.step.dim() == 0 else None,
+        "position": json_checked("position", position),
+        "metrics": json_checked("metrics", metrics),
+        "meta": meta,
+        "params": list(getattr(state, "params", {})),
+        "buffers": list(getattr(state, "buffers", {})),
+    }
+    paths, leaves, _ = _tree.tree_flatten_with_path(state)
+    if _dist.is_main():
+        payload = encode(paths, leaves, header)
+        atomic_write(path, lambda f: torch.save(payload, f))
+    return header["saved_at_ns"]
+
+
+def read_header(path: Path) -> dict[str, Any] | None:
+    """The header of a checkpoint file without reading its tensors; None if the file cannot be read."""
+    try:
+        return decode(path, verify=False, mmap=True)[0]
+    except (CheckpointError, OSError):
+        return None
+
+
+def newest_first(folder: Path) -> list[Path]:
+    """The checkpoint files of ``folder``, most recently written first (one name per file: ``last.ckpt``
+    and the step file it links to are the same inode)."""
+    if not folder.is_dir():
+        return []
+    seen: dict[tuple[int, int], tuple[int, Path]] = {}
+    for p in folder.iterdir():
+        if not (STEP_FILE.match(p.name) or p.name == LAST):
+            continue
+        header = read_header(p)
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        when = header["saved_at_ns"] if header else st.st_mtime_ns
+        key = (st.st_dev, st.st_ino)
+        if key not in seen or p.name != LAST:
+            seen[key] = (when, p)
+    return [p for _, p in sorted(seen.values(), key=lambda t: t[0], reverse=True)]

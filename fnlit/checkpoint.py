@@ -1,0 +1,458 @@
+"""Checkpoints: save and restore a whole TrainState exactly, atomically, without running code from files.
+
+* :func:`save` / :func:`restore`: every tensor of the state (params, buffers, optimizer and loss-scale
+  state, step, RNG key) by tree path, plus the driver's position and your metadata, in one file.
+  Restoring checks the file against the state you restore into and names the first path that differs.
+* :class:`Checkpointer`: what :func:`fnlit.fit` uses: saves every N steps/epochs, keeps the last k and
+  the best k by a metric, maintains ``last.ckpt``, saves on preemption, and resumes from ``"last"``.
+* :func:`export` / :func:`load_module`: trained weights into an ``nn.Module`` for inference.
+
+Files are written atomically (temporary file, fsync, rename, fsync of the folder) and read with
+``torch.load(weights_only=True)``; see :mod:`fnlit._checkpoint_io` for the format.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch import nn
+
+from . import distributed as _dist
+from . import tree as _tree
+from ._checkpoint_io import (
+    LAST,
+    STEP_FILE,
+    CheckpointError,
+    Position,
+    UnsafeCheckpointError,
+    decode,
+    fill_like,
+    json_checked,
+    link_or_copy,
+    load_into,
+    newest_first,
+    read_header,
+    remove_stale_temps,
+    write_state,
+)
+
+__all__ = ["save", "restore", "read_info", "export", "load_module", "Checkpointer", "CheckpointInfo",
+           "CheckpointError", "UnsafeCheckpointError"]
+
+S = TypeVar("S")
+M = TypeVar("M", bound=nn.Module)
+
+
+def save(path: str | os.PathLike[str], state: Any, *, position: Position | None = None,
+         metrics: dict[str, float] | None = None, **meta: Any) -> Path:
+    """Writes ``state`` (every tensor, by tree path), the driver ``position`` and ``meta`` to one file.
+
+    The write is atomic: a crash at any moment leaves the previous file at ``path`` (if any) intact.
+    Tensors are stored compactly (a slice of a larger buffer saves only its own bytes) and on the CPU.
+    Under ``torch.distributed`` only rank 0 writes; the call is a no-op on the other ranks.
+
+    Args:
+        path: the file to write (its folder must exist).
+        state: a :class:`fnlit.TrainState` (or any pytree of tensors).
+        position: the driver's place in the data, ``{"epoch", "batch", "seed"}``.
+        metrics: metric values to record with the checkpoint (the Checkpointer's best-k uses them).
+        **meta: JSON-able metadata, e.g. hyperparameters; :func:`read_info` returns it.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        CheckpointError: naming ``path``, if it cannot be written (missing or unwritable folder, full disk).
+        TypeError: if ``meta``, ``position`` or ``metrics`` are not JSON-serialisable, or a leaf is neither
+            a tensor nor a plain number.
+
+    Example:
+        >>> import tempfile, os, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.adamw(1e-3), seed=0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.ckpt")
+        >>> _ = save(path, state, lr=1e-3)
+        >>> restored = restore(path, like=state)
+        >>> torch.equal(restored.params["weight"], state.params["weight"]), read_info(path).meta
+        (True, {'lr': 0.001})
+    """
+    write_state(Path(path), state, position, metrics, meta)
+    return Path(path)
+
+
+def restore(path: str | os.PathLike[str], like: S) -> S:
+    """Reads the state saved at ``path`` into the structure of ``like``, on like's devices and dtypes.
+
+    ``like`` is a state built the same way as the saved one (typically the freshly created state); its
+    static parts (the optimizer) are kept, every tensor is replaced. The file is loaded with
+    ``torch.load(weights_only=True)`` and every tensor's checksum is verified.
+
+    Args:
+        path: a file written by :func:`save` (or a :class:`Checkpointer`).
+        like: the state to restore into.
+
+    Returns:
+        A new state of like's type.
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        CheckpointError: naming the file, if it is truncated, corrupt or not an fnlit checkpoint.
+        UnsafeCheckpointError: if its pickle asks for anything but tensors (it could run code).
+        ValueError: naming the first tree path and both shapes, if the checkpoint holds another model.
+
+    Example:
+        >>> import tempfile, os, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> path = save(os.path.join(tempfile.mkdtemp(), "a.ckpt"), state)
+        >>> other = fnlit.TrainState.create(torch.nn.Linear(3, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> restore(path, like=other)
+        Traceback (most recent call last):
+        ...
+        ValueError: fnlit.restore: the checkpoint ... at params['weight']: expected tensor of shape (1, 3) ...
+    """
+    _, values = decode(path)
+    return fill_like(like, values, Path(path))
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself (read without loading its tensors).
+
+    Attributes:
+        path: the file.
+        step: ``state.step`` when saved.
+        position: the driver's position ``{"epoch", "batch", "seed"}``, or None.
+        metrics: metrics recorded with it (validation metrics for best-k checkpoints), or None.
+        meta: the user metadata passed to :func:`save` / :class:`Checkpointer`.
+        saved_at_ns: wall-clock time of the save (``time.time_ns()``).
+        paths: the tree paths of the stored leaves.
+    """
+
+    path: Path
+    step: int | None
+    position: Position | None
+    metrics: dict[str, float] | None
+    meta: dict[str, Any]
+    saved_at_ns: int
+    paths: list[str] = field(repr=False)
+
+
+def read_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Reads a checkpoint's header (step, position, metrics, metadata) without reading its tensors.
+
+    Raises:
+        FileNotFoundError, CheckpointError, UnsafeCheckpointError: as :func:`restore`.
+
+    Example:
+        >>> import tempfile, os, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> path = save(os.path.join(tempfile.mkdtemp(), "a.ckpt"), state, position={"epoch": 1, "batch": 3, "seed": 0})
+        >>> read_info(path).position
+        {'epoch': 1, 'batch': 3, 'seed': 0}
+    """
+    header, values = decode(path, verify=False, mmap=True)
+    return CheckpointInfo(Path(path), header.get("step"), header.get("position"), header.get("metrics"),
+                          header.get("meta") or {}, header["saved_at_ns"], list(values))
+
+
+def export(state: Any, module: M) -> M:
+    """Copies the state's params and buffers into ``module`` (in place) and returns it in eval mode.
+
+    The module keeps its own devices and dtypes; afterwards ``module.state_dict()`` is a plain PyTorch
+    state dict of the trained weights. The inverse is ``TrainState.create(module, tx, seed=...)``.
+
+    Raises:
+        ValueError: if the module's parameter/buffer names or shapes differ from the state's.
+
+    Example:
+        >>> import torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> state = state.replace(params={k: v + 1 for k, v in state.params.items()})
+        >>> model = export(state, torch.nn.Linear(2, 1))
+        >>> torch.equal(model.weight, state.params["weight"]), model.training
+        (True, False)
+    """
+    return load_into(module, state.params, state.buffers, "the state")
+
+
+def load_module(path: str | os.PathLike[str], module: M) -> M:
+    """Loads the params and buffers of a checkpoint file into ``module`` for inference (eval mode).
+
+    The one-liner for Lightning's ``Model.load_from_checkpoint``: no optimizer, no TrainState needed.
+
+    Raises:
+        FileNotFoundError, CheckpointError, UnsafeCheckpointError: as :func:`restore`.
+        ValueError: if the module's names or shapes differ from the checkpoint's.
+
+    Example:
+        >>> import tempfile, os, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> path = save(os.path.join(tempfile.mkdtemp(), "a.ckpt"), state)
+        >>> model = load_module(path, torch.nn.Linear(2, 1))
+        >>> torch.equal(model.bias, state.params["bias"])
+        True
+    """
+    header, values = decode(path)
+    try:
+        params = {n: values[_tree.keystr(("params", n))] for n in header["params"]}
+        buffers = {n: values[_tree.keystr(("buffers", n))] for n in header["buffers"]}
+    except KeyError as e:
+        raise CheckpointError(f"{path} holds no TrainState params/buffers ({e} is missing); it was not saved from a TrainState.") from None
+    return load_into(module, params, buffers, f"the checkpoint {path}")
+
+
+@dataclass
+class _Record:
+    path: Path
+    saved_at_ns: int
+    metrics: dict[str, float] | None
+
+
+def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(
+            f"Checkpointer expected {name} to be an int >= {0 if allow_zero else 1} or None, got {value!r} instead."
+        )
+
+
+class Checkpointer:
+    """Saves checkpoints during :func:`fnlit.fit` and finds the one to resume from.
+
+    One file per checkpoint, ``<directory>/step=00000017.ckpt`` (written by :func:`save`, atomically),
+    plus ``last.ckpt``, a hard link to the newest. Old files are removed only after the new one is
+    safely on disk. Only rank 0 writes; every rank restores.
+
+    fit calls ``restore`` once (with its ``ckpt_path``), then ``on_step`` after every step,
+    ``on_validation`` after each validation, ``on_epoch_end`` and finally ``on_exit``. Each is cheap
+    unless it saves: no host sync.
+
+    Args:
+        directory: where the checkpoints go (created on the first save).
+        every_n_steps: save when ``state.step`` is a multiple of this.
+        every_n_epochs: save after every this many completed epochs.
+        keep_last: how many of the most recently written checkpoints to keep (None: all).
+        monitor: a validation metric, named as fit logs it (``"val/loss"``); with it, the ``keep_best``
+            best checkpoints are saved and kept.
+        mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
+        keep_best: how many best-by-``monitor`` checkpoints to keep.
+        save_last: save when fit finishes, and keep ``last.ckpt`` pointing at the newest checkpoint.
+        **meta: JSON-able metadata (hyperparameters) stored in every checkpoint.
+
+    Raises:
+        ValueError: on a non-positive interval or count, or a ``mode`` other than "min"/"max".
+        TypeError: if ``meta`` is not JSON-serialisable.
+
+    Example:
+        >>> import tempfile, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> ckpt = Checkpointer(tempfile.mkdtemp(), every_n_steps=2, keep_last=2, lr=0.1)
+        >>> for i in range(5):
+        ...     state = state.replace(step=state.step + 1)
+        ...     ckpt.on_step(state, {"epoch": 0, "batch": i + 1, "seed": 0})
+        >>> sorted(p.name for p in ckpt.directory.iterdir())
+        ['last.ckpt', 'step=00000002.ckpt', 'step=00000004.ckpt']
+        >>> state, position = ckpt.restore("last", like=state)
+        >>> int(state.step), position
+        (4, {'epoch': 0, 'batch': 4, 'seed': 0})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        keep_last: int | None = 1,
+        monitor: str | None = None,
+        mode: str = "min",
+        keep_best: int = 1,
+        save_last: bool = True,
+        **meta: Any,
+    ) -> None:
+        _positive("every_n_steps", every_n_steps)
+        _positive("every_n_epochs", every_n_epochs)
+        _positive("keep_last", keep_last)
+        _positive("keep_best", keep_best, allow_zero=True)
+        if mode not in ("min", "max"):
+            raise ValueError(f"Checkpointer expected mode='min' or mode='max', got {mode!r} instead.")
+        for key, value in meta.items():
+            json_checked(f"the metadata {key}=", value)
+        self.directory = Path(directory)
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.monitor, self.mode, self.save_last, self.meta = monitor, mode, save_last, meta
+        self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
+        self._saved_step: int | None = None
+
+    # ---- the calls fit makes ------------------------------------------------------------------------
+
+    def restore(self, ckpt_path: str | os.PathLike[str], like: S) -> tuple[S, Position | None]:
+        """Restores ``like`` from ``ckpt_path``: a file, a folder, or ``"last"`` (this Checkpointer's folder).
+
+        For a folder or ``"last"``, the most recently written checkpoint that reads back intact is used;
+        corrupt ones are skipped with a warning. If there is none at all, ``(like, None)`` comes back:
+        the run starts from the beginning (the same command starts and resumes a job).
+
+        Returns:
+            ``(state, position)``; ``position`` is the driver's ``{"epoch", "batch", "seed"}`` saved with
+            the state, or None if the file has none.
+
+        Raises:
+            FileNotFoundError, CheckpointError, UnsafeCheckpointError, ValueError: as :func:`restore`,
+                for a file path; CheckpointError if every checkpoint of the folder is corrupt.
+        """
+        if str(ckpt_path) != "last" and not Path(ckpt_path).is_dir():
+            state, position = self._restore_file(Path(ckpt_path), like)
+            return state, position
+        folder = self.directory if str(ckpt_path) == "last" else Path(ckpt_path)
+        candidates = newest_first(folder)
+        errors = []
+        for path in candidates:
+            try:
+                return self._restore_file(path, like)
+            except (CheckpointError, FileNotFoundError) as e:
+                errors.append(str(e))
+                warnings.warn(f"Skipping checkpoint {path}, which cannot be read: {e}", stacklevel=2)
+        if errors:
+            raise CheckpointError(f"no checkpoint in {folder} can be read; all {len(errors)} are corrupt: {errors}")
+        return like, None
+
+    def on_step(self, state: Any, position: Position) -> None:
+        """Saves if ``state.step`` is a multiple of ``every_n_steps``."""
+        if self.every_n_steps is not None:
+            step = int(state.step)  # a CPU tensor: no device sync
+            if step % self.every_n_steps == 0 and step != self._saved_step:
+                self._save_and_wait(state, position)
+
+    def on_validation(self, state: Any, position: Position, val_metrics: dict[str, float]) -> None:
+        """Saves if ``val_metrics[monitor]`` is among the ``keep_best`` best so far.
+
+        Raises:
+            ValueError: if ``monitor`` is not among ``val_metrics``.
+        """
+        if self.monitor is None or self.keep_best == 0:
+            return
+        if self.monitor not in val_metrics:
+            raise ValueError(
+                f"Checkpointer(monitor={self.monitor!r}) expected a validation metric named {self.monitor!r}, "
+                f"got {sorted(val_metrics)} instead. Set monitor to one of them."
+            )
+        value = float(val_metrics[self.monitor])
+        if not _dist.is_main() or math.isnan(value):
+            return  # no barrier: ranks may disagree on metrics they did not reduce
+        best = self._best(self._scan())
+        if len(best) < self.keep_best or self._better(value, self._value(best[-1])):
+            self.save(state, position, metrics={k: float(v) for k, v in val_metrics.items()})
+
+    def on_epoch_end(self, state: Any, position: Position) -> None:
+        """Saves after every ``every_n_epochs`` completed epochs."""
+        if self.every_n_epochs is not None:
+            done = position["epoch"] + (1 if position["batch"] > 0 else 0)  # either way of counting an ended epoch
+            if done % self.every_n_epochs == 0 and int(state.step) != self._saved_step:
+                self._save_and_wait(state, position)
+
+    def on_exit(self, state: Any, position: Position, reason: str) -> None:
+        """Saves on preemption (``"sigterm"``, ``"sigint"``), and at the end (``"finished"``) if ``save_last``.
+
+        Raises:
+            ValueError: on another ``reason``.
+        """
+        if reason not in ("sigterm", "sigint", "finished"):
+            raise ValueError(f"Checkpointer.on_exit expected reason 'sigterm', 'sigint' or 'finished', got {reason!r} instead.")
+        if (reason != "finished" or self.save_last) and int(state.step) != self._saved_step:
+            self._save_and_wait(state, position)
+
+    # ---- saving and the files -----------------------------------------------------------------------
+
+    def _save_and_wait(self, state: Any, position: Position) -> None:
+        # Every rank takes this path at the same steps (it depends on the step and epoch only), so the
+        # barrier matches; the other ranks go on once rank 0's file is durable.
+        self._saved_step = int(state.step)
+        self.save(state, position)
+        _dist.barrier()
+
+    def save(self, state: Any, position: Position | None = None, *, metrics: dict[str, float] | None = None) -> Path:
+        """Saves now (rank 0 only), updates ``last.ckpt`` and removes the checkpoints no longer kept.
+
+        Returns:
+            The checkpoint's path (also on the other ranks, where nothing is written).
+
+        Raises:
+            CheckpointError: if the file cannot be written; the older checkpoints are then all kept.
+        """
+        path = self.directory / f"step={int(state.step):08d}.ckpt"
+        if not _dist.is_main():
+            return path
+        records = self._scan()
+        old = next((r for r in records if r.path == path), None)
+        metrics = metrics if metrics is not None else (old.metrics if old else None)  # keep a best's metrics
+        saved_at = write_state(path, state, position, metrics, self.meta)
+        records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics)]
+        if self.save_last:
+            link_or_copy(path, self.directory / LAST)
+        keep = {r.path for r in (records if self.keep_last is None else records[-self.keep_last :])}
+        keep |= {r.path for r in self._best(records)}
+        for r in records:  # only now that the new file is durable
+            if r.path not in keep:
+                try:
+                    r.path.unlink(missing_ok=True)
+                except OSError as e:
+                    warnings.warn(f"Checkpointer could not remove the old checkpoint {r.path}: {e}", stacklevel=2)
+        self._records = [r for r in records if r.path in keep]
+        return path
+
+    @property
+    def last_path(self) -> Path | None:
+        """The most recently written checkpoint of this folder (None if there is none)."""
+        files = newest_first(self.directory)
+        return files[0] if files else None
+
+    @property
+    def best_path(self) -> Path | None:
+        """The best checkpoint by ``monitor`` (None without monitor or before the first validation)."""
+        best = self._best(self._scan())
+        return best[0].path if best else None
+
+    def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
+        header, values = decode(path)
+        state = fill_like(like, values, path)
+        self._saved_step = header.get("step")
+        return state, header.get("position")
+
+    def _scan(self) -> list[_Record]:
+        if self._records is None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"Checkpointer cannot create its folder {self.directory}: {e}") from e
+            remove_stale_temps(self.directory)
+            headers = [(p, read_header(p)) for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
+            self._records = sorted(
+                (_Record(p, h["saved_at_ns"], h.get("metrics")) for p, h in headers if h is not None),
+                key=lambda r: r.saved_at_ns,
+            )
+        return self._records
+
+    def _value(self, r: _Record) -> float:
+        return float(r.metrics[self.monitor]) if r.metrics and self.monitor in r.metrics else math.nan
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.mode == "min" else a > b
+
+    def _best(self, records: list[_Record]) -> list[_Record]:
+        if self.monitor is None or self.keep_best == 0:
+            return []
+        scored = [r for r in records if not math.isnan(self._value(r))]
+        sign = 1.0 if self.mode == "min" else -1.0
+        return sorted(scored, key=lambda r: (sign * self._value(r), -r.saved_at_ns))[: self.keep_best]
+
+    def __repr__(self) -> str:
+        return (f"Checkpointer({str(self.directory)!r}, every_n_steps={self.every_n_steps}, every_n_epochs="
+                f"{self.every_n_epochs}, keep_last={self.keep_last}, monitor={self.monitor!r}, mode={self.mode!r}, "
+                f"keep_best={self.keep_best}, save_last={self.save_last})")

@@ -1,0 +1,303 @@
+import errno
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _resume_worker import assert_same_tensors
+from helpers import assert_trees_equal, batch, hand_step, mlp
+from torch import nn
+
+import fnlit
+from fnlit import checkpoint as ckpt
+
+
+def trained(model=None, steps=2, loss_scale=None):
+    model = model or mlp(dropout=0.2, bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0, loss_scale=loss_scale)
+    step = hand_step(model)
+    for i in range(steps):
+        state, _ = step(state, batch(seed=i))
+    return model, state
+
+
+def nbytes(state):
+    return sum(t.numel() * t.element_size() for t in fnlit.tree.tree_leaves(state))
+
+
+def test_roundtrip_is_exact_and_keeps_position_and_meta(tmp_path):
+    _, state = trained(loss_scale="dynamic")
+    path = ckpt.save(tmp_path / "a.ckpt", state, position={"epoch": 1, "batch": 3, "seed": 7}, lr=0.01, layers=[8, 16])
+    fresh = fnlit.TrainState.create(mlp(dropout=0.2, bn=True), fnlit.optim.adamw(1e-2), seed=1, loss_scale="dynamic")
+    restored = ckpt.restore(path, like=fresh)
+    assert_same_tensors(restored, state)
+    assert restored.tx is fresh.tx and list(restored.params) == list(state.params)
+    info = ckpt.read_info(path)
+    assert (info.step, info.position, info.meta) == (2, {"epoch": 1, "batch": 3, "seed": 7}, {"lr": 0.01, "layers": [8, 16]})
+
+
+def test_restore_follows_like_dtype_and_device(tmp_path):
+    _, state = trained()
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    like64 = state.replace(params={k: v.double() for k, v in state.params.items()})
+    assert all(v.dtype == torch.float64 for v in ckpt.restore(path, like64).params.values())
+    on_meta = ckpt.restore(path, state.replace(params={k: v.to("meta") for k, v in state.params.items()}))
+    assert all(v.device.type == "meta" for v in on_meta.params.values())
+
+
+def test_size_is_within_10_percent_of_tensor_bytes_even_for_views(tmp_path):
+    _, state = trained(nn.Sequential(nn.Linear(8, 1024), nn.ReLU(), nn.Linear(1024, 1024)), steps=1)
+    path = ckpt.save(tmp_path / "big.ckpt", state)
+    assert nbytes(state) > 12e6 and os.path.getsize(path) <= 1.1 * nbytes(state)
+    flat = torch.zeros(10_000_000)  # params that are small views of one 40 MB buffer
+    viewed = state.replace(params={"a": flat[:10], "b": flat[100:110].view(2, 5)}, opt_state=None)
+    path = ckpt.save(tmp_path / "views.ckpt", viewed)
+    assert os.path.getsize(path) <= 1.1 * nbytes(viewed) + 4096  # a few KB of zip/header for tiny states
+    assert_trees_equal(ckpt.restore(path, viewed), viewed)
+
+
+def test_another_model_names_the_first_path_and_both_shapes(tmp_path):
+    _, state = trained()
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    other = fnlit.TrainState.create(mlp(hidden=32, dropout=0.2, bn=True), fnlit.optim.adamw(1e-2), seed=0)
+    with pytest.raises(ValueError, match=r"a\.ckpt.*at params\['0\.bias'\]: expected tensor of shape \(32,\).*got tensor of shape \(16,\)"):
+        ckpt.restore(path, like=other)
+    sgd = fnlit.TrainState.create(mlp(dropout=0.2, bn=True), fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    with pytest.raises(ValueError, match=r"does not fit the state.*at opt_state"):
+        ckpt.restore(path, like=sgd)
+
+
+def test_truncated_or_corrupt_files_raise_an_error_naming_the_file(tmp_path):
+    _, state = trained()
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    data = path.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"cut\.ckpt: the file is truncated or corrupt"):
+        ckpt.restore(tmp_path / "cut.ckpt", like=state)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"empty\.ckpt"):
+        ckpt.restore(tmp_path / "empty.ckpt", like=state)
+    flipped = bytearray(data)
+    flipped[data.index(state.params["0.weight"].numpy().tobytes()[:16]) + 5] ^= 0x40
+    (tmp_path / "flip.ckpt").write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match=r"flip\.ckpt.*params\['0\.weight'\] do not match their checksum"):
+        ckpt.restore(tmp_path / "flip.ckpt", like=state)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint file at .*missing\.ckpt"):
+        ckpt.restore(tmp_path / "missing.ckpt", like=state)
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"plain\.pt is not an fnlit checkpoint"):
+        ckpt.restore(tmp_path / "plain.pt", like=state)
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_file_that_runs_code_on_load_is_refused(tmp_path, writer):
+    _, state = trained()
+    path, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
+    if writer == "torch.save":
+        torch.save({"format": "fnlit.checkpoint", "tensors": {}, "x": Evil(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(Evil(marker), protocol=2))
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=r"refusing to load .*evil\.ckpt.*refuses to execute code"):
+        ckpt.restore(path, like=state)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="non-tensor objects"):
+        ckpt.load_module(path, mlp())
+    assert not marker.exists()
+
+
+def failing_writes(monkeypatch, after_bytes):
+    """os.write fails with ENOSPC once ``after_bytes`` were written: a disk that fills up."""
+    written, real = [0], os.write
+
+    def write(fd, data):
+        if written[0] + len(data) > after_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data)
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("after_bytes", [0, 100_000])
+def test_full_disk_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, after_bytes):
+    _, old = trained(steps=1)
+    _, new = trained(steps=3)
+    path = ckpt.save(tmp_path / "a.ckpt", old)
+    big = new.replace(buffers={**new.buffers, "pad": torch.zeros(100_000)})
+    failing_writes(monkeypatch, after_bytes)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint .*a\.ckpt: No space left on device \(ENOSPC\)"):
+        ckpt.save(path, big)
+    monkeypatch.undo()
+    assert_trees_equal(ckpt.restore(path, old), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]  # no temporary file left
+
+
+def test_unwritable_folder_raises_naming_the_path(tmp_path, monkeypatch):
+    _, state = trained()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint .*file/a\.ckpt: Not a directory"):
+        ckpt.save(tmp_path / "file" / "a.ckpt", state)
+    path = ckpt.save(tmp_path / "b.ckpt", state)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(ckpt.CheckpointError, match=r"b\.ckpt: Input/output error"):
+        ckpt.save(path, state)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.ckpt", "file"]
+
+
+def test_metadata_must_be_json():
+    _, state = trained()
+    with pytest.raises(TypeError, match=r"the metadata model= .*not JSON-serialisable"):
+        ckpt.save("unused.ckpt", state, model=nn.Linear(1, 1))
+
+
+def steps(state, n, ck, start=0):
+    for i in range(n):
+        state = state.replace(step=state.step + 1)
+        ck.on_step(state, {"epoch": 0, "batch": start + i + 1, "seed": 0})
+    return state
+
+
+def names(folder):
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+def test_checkpointer_keeps_the_last_k_and_resumes_from_last(tmp_path):
+    _, state = trained()
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=3, keep_last=2, lr=0.1)
+    state = steps(state, 10, ck)
+    assert names(tmp_path) == ["last.ckpt", "step=00000009.ckpt", "step=00000012.ckpt"]
+    restored, position = ckpt.Checkpointer(tmp_path).restore("last", like=state)
+    assert int(restored.step) == 12 and position == {"epoch": 0, "batch": 10, "seed": 0}
+    assert ckpt.read_info(tmp_path / "last.ckpt").meta == {"lr": 0.1}
+
+
+def test_checkpointer_keeps_the_best_k_by_the_monitored_metric(tmp_path):
+    _, state = trained()
+    ck = ckpt.Checkpointer(tmp_path, monitor="val_loss", mode="min", keep_best=2, keep_last=1)
+    for loss in [5.0, 3.0, 4.0, 6.0, 1.0, 7.0]:
+        state = state.replace(step=state.step + 1)
+        ck.on_validation(state, {"epoch": 0, "batch": 0, "seed": 0}, {"val_loss": loss, "acc": 0.5})
+    # steps 5 (1.0) and 4 (3.0) are the best; step 7 would be the last, but 7.0 is not among the best
+    assert names(tmp_path) == ["last.ckpt", "step=00000004.ckpt", "step=00000007.ckpt"]
+    assert ck.best_path.name == "step=00000007.ckpt"
+    again = ckpt.Checkpointer(tmp_path, monitor="val_loss", mode="max", keep_best=1)  # reads the folder's metrics
+    assert again.best_path.name == "step=00000004.ckpt"
+    with pytest.raises(ValueError, match=r"monitor='val_loss'.*got \['acc'\] instead"):
+        ck.on_validation(state, {"epoch": 0, "batch": 0, "seed": 0}, {"acc": 1.0})
+
+
+def test_restore_last_skips_a_corrupt_newest_checkpoint(tmp_path):
+    _, state = trained()
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=3, save_last=False)
+    steps(state, 3, ck)
+    newest = tmp_path / "step=00000005.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match=r"Skipping checkpoint .*step=00000005\.ckpt.*truncated or corrupt"):
+        restored, position = ck.restore("last", like=state)
+    assert int(restored.step) == 4 and position["batch"] == 2
+
+
+def test_restore_last_without_checkpoints_starts_fresh(tmp_path):
+    _, state = trained()
+    assert ckpt.Checkpointer(tmp_path / "new").restore("last", like=state) == (state, None)
+
+
+def test_checkpointer_saves_on_exit_and_epochs_without_duplicates(tmp_path):
+    _, state = trained()
+    ck = ckpt.Checkpointer(tmp_path, every_n_epochs=2, keep_last=None, save_last=False)
+    ck.on_epoch_end(state, {"epoch": 0, "batch": 4, "seed": 0})
+    assert names(tmp_path) == []
+    ck.on_epoch_end(state, {"epoch": 2, "batch": 0, "seed": 0})
+    ck.on_exit(state, {"epoch": 2, "batch": 0, "seed": 0}, "finished")
+    assert names(tmp_path) == ["step=00000002.ckpt"]
+    ck.on_exit(state.replace(step=state.step + 1), {"epoch": 2, "batch": 1, "seed": 0}, "sigterm")
+    assert names(tmp_path) == ["step=00000002.ckpt", "step=00000003.ckpt"]
+    ck.on_exit(state.replace(step=state.step + 2), {"epoch": 2, "batch": 2, "seed": 0}, "sigint")
+    assert names(tmp_path)[-1] == "step=00000004.ckpt"
+    with pytest.raises(ValueError, match="reason 'sigterm', 'sigint' or 'finished', got 'crash'"):
+        ck.on_exit(state, {"epoch": 0, "batch": 0, "seed": 0}, "crash")
+
+
+def test_a_failed_save_deletes_nothing(tmp_path, monkeypatch):
+    _, state = trained()
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=1)
+    state = steps(state, 1, ck)
+    failing_writes(monkeypatch, 1000)
+    with pytest.raises(ckpt.CheckpointError, match=r"step=00000004\.ckpt: No space left"):
+        steps(state, 1, ck)
+    monkeypatch.undo()
+    assert names(tmp_path) == ["last.ckpt", "step=00000003.ckpt"]
+    assert int(ck.restore("last", like=state)[0].step) == 3
+
+
+def test_only_rank_0_writes_and_every_rank_restores(tmp_path, monkeypatch):
+    _, state = trained()
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    monkeypatch.setattr(fnlit.distributed, "rank", lambda: 1)
+    ck = ckpt.Checkpointer(tmp_path / "ck", every_n_steps=1)
+    ck.on_step(state, {"epoch": 0, "batch": 2, "seed": 0})
+    ck.on_exit(state, {"epoch": 0, "batch": 2, "seed": 0}, "sigterm")
+    ckpt.save(tmp_path / "b.ckpt", state)
+    assert names(tmp_path) == ["a.ckpt"]
+    assert_same_tensors(ckpt.restore(path, state), state)
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / f".step=00000001.ckpt.tmp-{int(dead.stdout)}-abcd1234"
+    stale.write_bytes(b"partial")
+    _, state = trained()
+    ckpt.Checkpointer(tmp_path, every_n_steps=1).on_step(state, {"epoch": 0, "batch": 2, "seed": 0})
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"every_n_steps": 0}, r"every_n_steps to be an int >= 1 or None, got 0"),
+    ({"keep_last": 0}, r"keep_last to be an int >= 1 or None, got 0"),
+    ({"keep_best": -1}, r"keep_best to be an int >= 0 or None, got -1"),
+    ({"mode": "best"}, r"mode='min' or mode='max', got 'best'"),
+])
+def test_checkpointer_rejects_bad_options(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ckpt.Checkpointer(tmp_path, **kwargs)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.out = nn.Linear(4, 5, bias=False)
+        self.out.weight = self.emb.weight
+        self.bn = nn.BatchNorm1d(4)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def forward(self, x):
+        return self.out(self.bn(self.emb(x)) * self.scale)
+
+
+def test_export_and_load_module_give_the_trained_weights(tmp_path):
+    model = Tied()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    state = state.replace(params={k: v + 1 for k, v in state.params.items()},
+                          buffers={**state.buffers, "scale": torch.tensor(3.0), "bn.running_mean": torch.ones(4)})
+    x = torch.tensor([0, 1, 2])
+    expected, _ = fnlit.apply(model, state.params, state.buffers, x, train=False)
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    for loaded in (ckpt.export(state, Tied()), ckpt.load_module(path, Tied())):
+        assert not loaded.training and torch.equal(loaded(x), expected)
+        assert torch.equal(loaded.state_dict()["out.weight"], state.params["emb.weight"])
+    with pytest.raises(ValueError, match=r"does not fit the Linear: missing \['weight', 'bias'\], unexpected \['emb.weight'"):
+        ckpt.load_module(path, nn.Linear(4, 5))
+    with pytest.raises(ValueError, match=r"at 0\.weight: the module has shape \(32, 8\), the checkpoint \(16, 8\)"):
+        ckpt.export(trained(mlp())[1], mlp(hidden=32))
