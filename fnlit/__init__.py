@@ -11,13 +11,21 @@ from . import data as data
 from . import distributed as distributed
 from . import optim as optim
 from . import random as random
+from . import summary as summary
+from . import testing as testing
 from . import tree as tree
+from .data import ArrayLoader as ArrayLoader
 from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import Checkpointer as Checkpointer
 from .checkpoint import export as export
 from .checkpoint import load_module as load_module
 from .checkpoint import restore as restore
 from .checkpoint import save as save
+from .ensemble import ensemble as ensemble
+from .ensemble import ensemble_states as ensemble_states
+from .ensemble import per_example_grads as per_example_grads
+from .ensemble import stack_states as stack_states
+from .ensemble import unstack_state as unstack_state
 from .functional import apply as apply
 from .functional import eval_step as eval_step
 from .functional import train_step as train_step
@@ -51,6 +59,14 @@ __all__ = [
     "Checkpointer",
     "CheckpointError",
     "data",
+    "ArrayLoader",
+    "summary",
+    "ensemble",
+    "ensemble_states",
+    "stack_states",
+    "unstack_state",
+    "per_example_grads",
+    "testing",
     "optim",
     "random",
     "tree",

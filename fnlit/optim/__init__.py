@@ -18,6 +18,8 @@ from ._base import decay_mask as decay_mask
 from ._base import functional_path as functional_path
 from ._base import step as step
 from ._base import use_functional as use_functional
+from ._privacy import DPAggregateState as DPAggregateState
+from ._privacy import dp_sgd_aggregate as dp_sgd_aggregate
 from ._schedules import Schedule as Schedule
 from ._schedules import constant as constant
 from ._schedules import cosine_decay as cosine_decay
@@ -69,6 +71,8 @@ __all__ = [
     "TraceState",
     "AddDecayedWeightsState",
     "MaskedState",
+    "dp_sgd_aggregate",
+    "DPAggregateState",
     "Schedule",
     "constant",
     "linear_warmup",

@@ -1,0 +1,374 @@
+"""Callbacks: small objects that :func:`fnlit.fit` calls with ``(state, metrics)``.
+
+A callback is any object with some of these methods (all optional; subclassing :class:`Callback` is
+optional too). None of them gets a reference to the loop; to stop training, raise :class:`StopTraining`.
+
+* ``on_fit_start(state, plan)``: once; ``plan`` is a plain dict (``max_epochs``, ``max_steps``,
+  ``batches_per_epoch``, ``log_every_n_steps``).
+* ``on_step(state, metrics)``: after every training step; ``metrics`` are the step's tensors, still on
+  the device. Runs every step, so it must not read tensors back to the host (no ``.item()``).
+* ``on_log(state) -> dict | None``: at each log interval, before the interval's single host sync;
+  returns extra metrics to log (tensors are fine: they are read back in the same sync).
+* ``on_validation_start(state)``, then ``on_validation(state, metrics)`` after each validation run
+  (``metrics``: host floats, named ``"val/<name>"``).
+* ``on_epoch_end(state, metrics)`` and ``on_fit_end(state, metrics)``: ``metrics`` are the latest host
+  values (last logged training metrics, last validation, ``"epoch"``).
+
+Writing one's own takes a few lines:
+
+Example:
+    >>> import torch, fnlit
+    >>> class StopAtLoss:
+    ...     def on_validation(self, state, metrics):
+    ...         if metrics["val/loss"] < 0.1:
+    ...             raise StopTraining("val/loss < 0.1")
+    >>> cb = StopAtLoss()
+    >>> try:
+    ...     cb.on_validation(None, {"val/loss": 0.05})
+    ... except StopTraining as e:
+    ...     print(e)
+    val/loss < 0.1
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import optim as _optim
+from . import tree as _tree
+from ._types import Batch, Metrics, Params
+from .functional import apply as _apply
+from .state import TrainState
+
+__all__ = ["StopTraining", "Callback", "EarlyStopping", "LearningRateMonitor", "EMA", "SWA", "Timer", "update_bn"]
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end :func:`fnlit.fit` after the current step (once ``min_epochs`` are done)."""
+
+
+class Callback:
+    """Optional base class: every hook, doing nothing. Override the ones you need."""
+
+    def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None: ...
+    def on_step(self, state: TrainState, metrics: Metrics) -> None: ...
+    def on_log(self, state: TrainState) -> Mapping[str, torch.Tensor | float] | None: ...
+    def on_validation_start(self, state: TrainState) -> None: ...
+    def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
+    def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
+    def on_fit_end(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stops training when a validation metric has stopped improving (Lightning's ``EarlyStopping``).
+
+    After each validation run: an improvement is ``current < best - min_delta`` (mode ``"min"``) or
+    ``current > best + min_delta`` (``"max"``); otherwise a counter grows, and training stops when it
+    reaches ``patience``. A non-finite value stops at once (``check_finite``).
+
+    Args:
+        monitor: the metric, as logged (``"val/loss"``).
+        mode: ``"min"`` or ``"max"``.
+        patience: validation runs without improvement before stopping.
+        min_delta: the smallest change that counts as an improvement.
+        check_finite: stop when the metric becomes NaN or infinite.
+
+    Example:
+        >>> es = EarlyStopping("val/loss", patience=1)
+        >>> es.on_validation(None, {"val/loss": 1.0})
+        >>> try:
+        ...     es.on_validation(None, {"val/loss": 1.0})
+        ... except StopTraining as e:
+        ...     print(e)
+        EarlyStopping: val/loss did not improve in 1 validation run(s); best 1.
+    """
+
+    def __init__(
+        self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:  # fmt: skip
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping expected mode='min' or 'max', got mode={mode!r} instead.")
+        if patience < 1:
+            raise ValueError(f"EarlyStopping expected patience >= 1, got patience={patience} instead.")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta, self.check_finite = abs(min_delta), check_finite
+        self.best = math.inf if mode == "min" else -math.inf
+        self.wait = 0
+        self.stopped_step: int | None = None
+
+    def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"EarlyStopping(monitor={self.monitor!r}) found no such metric; the validation metrics are "
+                f"{sorted(metrics)}. Pass one of them as monitor."
+            )
+        current = metrics[self.monitor]
+        if self.check_finite and not math.isfinite(current):
+            raise StopTraining(f"EarlyStopping: {self.monitor} = {current} is not finite.")
+        better = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
+        if better:
+            self.best, self.wait = current, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_step = None if state is None else int(state.step)
+            raise StopTraining(
+                f"EarlyStopping: {self.monitor} did not improve in {self.wait} validation run(s); best {self.best:.4g}."
+            )
+
+
+class LearningRateMonitor(Callback):
+    """Logs the learning rate of the last step (``fnlit.optim.learning_rate(state.opt_state)``) at log intervals.
+
+    For a schedule this is ``schedule(state.step - 1)``: the rate the latest update used.
+
+    Args:
+        name: the logged name; default ``"lr-<Optimizer>"`` from the optimizer state's class
+            (``"lr-Adam"``, ``"lr-SGD"``), as Lightning names it.
+
+    Example:
+        >>> import torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.adam(1e-3), seed=0)
+        >>> {k: round(float(v), 6) for k, v in LearningRateMonitor().on_log(state).items()}
+        {'lr-Adam': 0.001}
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+
+    def _default_name(self, opt_state: Any) -> str:
+        todo = [opt_state]
+        while todo:
+            s = todo.pop(0)
+            if isinstance(getattr(s, "hyperparams", None), dict) and "learning_rate" in s.hyperparams:
+                return "lr-" + type(s).__name__.removesuffix("State")
+            if isinstance(s, (tuple, list)):
+                todo += list(s)
+        return "lr"
+
+    def on_log(self, state: TrainState) -> dict[str, torch.Tensor]:
+        lr = _optim.learning_rate(state.opt_state)
+        if lr is None:
+            raise ValueError(
+                "LearningRateMonitor found no learning rate in state.opt_state; it reads "
+                "fnlit.optim.learning_rate(opt_state). Remove the callback or use an fnlit.optim optimizer."
+            )
+        if self.name is None:
+            self.name = self._default_name(state.opt_state)
+        return {self.name: lr}
+
+
+def _float_params(params: Params) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in params.items() if v.is_floating_point()}
+
+
+class EMA(Callback):
+    """An exponential moving average of the parameters, updated after every step on the device.
+
+    ``ema = decay * ema + (1 - decay) * params``, starting from the params at the start of :func:`fnlit.fit`.
+    The average is not part of the TrainState (so not in its checkpoints): evaluate or export it with
+    :meth:`state`. Buffers (BatchNorm statistics) are the trained state's; see :func:`update_bn`.
+
+    Args:
+        decay: the weight of the past, in [0, 1).
+
+    Example:
+        >>> import torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(1, 1, bias=False), fnlit.optim.sgd(1.0), seed=0)
+        >>> ema = EMA(decay=0.5)
+        >>> ema.on_fit_start(state, {})
+        >>> w0 = state.params["weight"].clone()
+        >>> state = state.apply_gradients({"weight": torch.ones(1, 1)})
+        >>> ema.on_step(state, {})
+        >>> torch.allclose(ema.params["weight"], 0.5 * w0 + 0.5 * (w0 - 1))
+        True
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA expected 0 <= decay < 1, got decay={decay} instead.")
+        self.decay = decay
+        self.params: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
+        if self.params is None:
+            self.params = _float_params(state.params)
+            self._keys = list(self.params)
+
+    def on_step(self, state: TrainState, metrics: Metrics) -> None:
+        assert self.params is not None, "EMA.on_step before on_fit_start"
+        torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in self._keys], 1.0 - self.decay)
+
+    def state(self, state: TrainState) -> TrainState:
+        """``state`` with its params replaced by the average (for :func:`fnlit.evaluate` or export)."""
+        if self.params is None:
+            raise ValueError("EMA.state: no average yet; run fnlit.fit(..., callbacks=[ema]) first.")
+        return state.replace(params={**state.params, **self.params})
+
+
+class SWA(Callback):
+    """Stochastic weight averaging: the equal-weight mean of the params at the end of epochs >= start.
+
+    Like Lightning's ``StochasticWeightAveraging`` (``torch.optim.swa_utils.AveragedModel`` updated once per
+    epoch), with two differences made explicit: the average includes the last epoch, and the averaged
+    params are handed out (:attr:`params`, :meth:`state`) rather than copied into the model. Lightning
+    also switches the learning rate to ``swa_lrs``; in fnlit the rate is part of the optimizer: build it
+    with a schedule that changes at the SWA start (``fnlit.optim.join``). With BatchNorm, recompute the
+    statistics for the averaged params with :func:`update_bn`.
+
+    Args:
+        swa_epoch_start: the first averaged epoch (0-based int), or a fraction of ``max_epochs`` (float).
+
+    Example:
+        >>> import torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(1, 1, bias=False), fnlit.optim.sgd(1.0), seed=0)
+        >>> swa = SWA(swa_epoch_start=0)
+        >>> swa.on_fit_start(state, {"max_epochs": 2})
+        >>> swa.on_epoch_end(state, {"epoch": 0})
+        >>> later = state.apply_gradients({"weight": torch.ones(1, 1)})
+        >>> swa.on_epoch_end(later, {"epoch": 1})
+        >>> torch.allclose(swa.params["weight"], state.params["weight"] - 0.5), swa.n_averaged
+        (True, 2)
+    """
+
+    def __init__(self, swa_epoch_start: int | float = 0.8) -> None:
+        if swa_epoch_start < 0 or (isinstance(swa_epoch_start, float) and swa_epoch_start > 1):
+            raise ValueError(
+                f"SWA expected swa_epoch_start to be an epoch index >= 0 or a fraction in [0, 1], got {swa_epoch_start}."
+            )
+        self.swa_epoch_start = swa_epoch_start
+        self.start: int | None = swa_epoch_start if isinstance(swa_epoch_start, int) else None
+        self.params: dict[str, torch.Tensor] | None = None
+        self.n_averaged = 0
+
+    def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
+        if self.start is None:
+            max_epochs = plan.get("max_epochs")
+            if max_epochs is None or max_epochs < 0:
+                raise ValueError(
+                    f"SWA(swa_epoch_start={self.swa_epoch_start}) is a fraction of max_epochs, but fit has "
+                    f"max_epochs={max_epochs}. Pass an int epoch index instead, or set max_epochs."
+                )
+            self.start = int(self.swa_epoch_start * max_epochs)
+
+    def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self.start is None or metrics["epoch"] < self.start:
+            return
+        if self.params is None:
+            self.params = _float_params(state.params)
+        else:
+            keys = list(self.params)
+            torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in keys], 1.0 / (self.n_averaged + 1))
+        self.n_averaged += 1
+
+    def state(self, state: TrainState) -> TrainState:
+        """``state`` with its params replaced by the average (for :func:`fnlit.evaluate` or export)."""
+        if self.params is None:
+            raise ValueError(f"SWA.state: nothing averaged yet (averaging starts at epoch {self.start}).")
+        return state.replace(params={**state.params, **self.params})
+
+
+def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | None) -> float | None:
+    if duration is None or isinstance(duration, (int, float)):
+        return duration
+    if isinstance(duration, datetime.timedelta):
+        return duration.total_seconds()
+    if isinstance(duration, Mapping):
+        return datetime.timedelta(**duration).total_seconds()
+    parts = str(duration).split(":")
+    if len(parts) != 4:
+        raise ValueError(f"expected a duration 'DD:HH:MM:SS', got {duration!r} instead (e.g. '00:12:00:00').")
+    d, h, m, s = (int(p) for p in parts)
+    return datetime.timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
+
+
+class Timer(Callback):
+    """Measures time per stage (``"train"``, ``"validate"``) and stops training after ``duration``.
+
+    Args:
+        duration: seconds, a ``timedelta``, a dict (``{"hours": 2}``) or Lightning's ``"DD:HH:MM:SS"``;
+            None only measures.
+
+    Example:
+        >>> t = Timer("00:00:00:01")
+        >>> t.duration
+        1.0
+    """
+
+    def __init__(self, duration: str | float | datetime.timedelta | Mapping[str, int] | None = None) -> None:
+        self.duration = _seconds(duration)
+        self._start: dict[str, float] = {}
+        self._elapsed: dict[str, float] = {"train": 0.0, "validate": 0.0}
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        """Seconds spent in ``stage`` so far (validation time included in ``"train"``)."""
+        running = time.monotonic() - self._start[stage] if stage in self._start else 0.0
+        return self._elapsed.get(stage, 0.0) + running
+
+    def _stop(self, stage: str) -> None:
+        if stage in self._start:
+            self._elapsed[stage] += time.monotonic() - self._start.pop(stage)
+
+    def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
+        self._start["train"] = time.monotonic()
+
+    def on_step(self, state: TrainState, metrics: Metrics) -> None:
+        if self.duration is not None and time.monotonic() - self._start["train"] + self._elapsed["train"] >= self.duration:
+            raise StopTraining(f"Timer: {self.duration} s elapsed.")
+
+    def on_validation_start(self, state: TrainState) -> None:
+        self._start["validate"] = time.monotonic()
+
+    def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self._stop("validate")
+
+    def on_fit_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self._stop("train")
+
+
+def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> TrainState:
+    """Recomputes BatchNorm statistics for ``state.params`` (after :class:`SWA` or :class:`EMA`).
+
+    Like ``torch.optim.swa_utils.update_bn``: resets the running statistics, runs every batch forward in
+    training mode with a cumulative average (momentum None), and returns ``state`` with the new buffers.
+    A batch is the input itself, or a tuple/list whose first element is the input.
+
+    Example:
+        >>> import torch, fnlit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        >>> state = update_bn(model, state, [torch.randn(8, 2) for _ in range(3)])
+        >>> int(state.buffers["1.num_batches_tracked"])
+        3
+    """
+    norms = {n: m for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not norms:
+        return state
+    buffers = dict(state.buffers)
+    for n, m in norms.items():
+        p = f"{n}." if n else ""
+        if m.running_mean is not None:
+            buffers[p + "running_mean"] = torch.zeros_like(buffers[p + "running_mean"])
+            buffers[p + "running_var"] = torch.ones_like(buffers[p + "running_var"])
+            buffers[p + "num_batches_tracked"] = torch.zeros_like(buffers[p + "num_batches_tracked"])
+    momenta = {n: m.momentum for n, m in norms.items()}
+    try:
+        for m in norms.values():
+            m.momentum = None
+        with torch.no_grad():
+            for batch in data:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = _tree.tree_map(lambda t: t.to(state.device), x)
+                _, buffers = _apply(module, state.params, buffers, x, train=True)
+    finally:
+        for n, m in norms.items():
+            m.momentum = momenta[n]
+    return state.replace(buffers=buffers)

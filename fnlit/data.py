@@ -1,0 +1,184 @@
+"""A small in-memory loader whose order is a pure function of ``(seed, epoch)``.
+
+:class:`ArrayLoader` slices tensors that are already in memory (one ``index_select`` per tensor and
+batch), so it costs almost nothing per step, and it can start anywhere: ``batches(epoch, seed,
+start=b)`` yields batch ``b`` of epoch ``epoch`` first without producing the ones before it, which is
+what an exact mid-epoch resume needs. Under ``torch.distributed`` each rank gets its own shard
+(:func:`fnlit.distributed.shard_indices`).
+
+Example:
+    >>> import torch
+    >>> from fnlit.data import ArrayLoader
+    >>> loader = ArrayLoader(torch.arange(10), torch.arange(10) * 2, batch_size=4)
+    >>> len(loader)
+    3
+    >>> [x.tolist() for x, _ in loader.batches(epoch=0, seed=0, shuffle=False)]
+    [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from . import distributed as _dist
+from . import tree as _tree
+from ._types import Batch
+
+__all__ = ["ArrayLoader", "epoch_batches", "epoch_seed", "device_mover", "batch_size_of", "check_sharding"]
+
+
+class ArrayLoader:
+    """Batches of in-memory tensors, reshuffled per epoch from ``(seed, epoch)``, sharded across ranks.
+
+    Args:
+        *tensors: tensors with the same first dimension (the examples); a batch is the tuple of their
+            slices (a single tensor gives a single tensor, not a 1-tuple).
+        batch_size: examples per batch.
+        shuffle: draw a new order every epoch (a pure function of ``(seed, epoch)``).
+        drop_last: drop the last, smaller batch of each epoch.
+
+    Raises:
+        ValueError: if no tensor is given, their first dimensions differ, or ``batch_size < 1``.
+
+    Example:
+        >>> import torch
+        >>> loader = ArrayLoader(torch.arange(6), batch_size=2)
+        >>> a = [b.tolist() for b in loader.batches(epoch=1, seed=7)]
+        >>> b = [b.tolist() for b in loader.batches(epoch=1, seed=7, start=1)]
+        >>> a[1:] == b, sorted(sum(a, []))
+        (True, [0, 1, 2, 3, 4, 5])
+    """
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool = True, drop_last: bool = False) -> None:
+        if not tensors:
+            raise ValueError("ArrayLoader expected at least one tensor, got none. Pass ArrayLoader(x, y, batch_size=...).")
+        sizes = [t.shape[0] if t.dim() else None for t in tensors]
+        if None in sizes or len(set(sizes)) != 1:
+            raise ValueError(
+                f"ArrayLoader expected tensors with the same first dimension (the examples), got shapes "
+                f"{[tuple(t.shape) for t in tensors]} instead."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"ArrayLoader expected batch_size to be an int >= 1, got {batch_size!r} instead.")
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = 0
+        self.epoch = 0
+
+    @property
+    def num_examples(self) -> int:
+        """Examples this rank visits per epoch (the dataset size split across ranks)."""
+        return self.tensors[0].shape[0] // _dist.world_size()
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        n, b = self.num_examples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def indices(self, epoch: int, seed: int, shuffle: bool | None = None) -> torch.Tensor:
+        """The example indices this rank visits in ``epoch``, in order (an int64 tensor)."""
+        order = _dist.shard_indices(
+            self.tensors[0].shape[0],
+            rank=_dist.rank(),
+            world_size=_dist.world_size(),
+            shuffle=self.shuffle if shuffle is None else shuffle,
+            seed=seed,
+            epoch=epoch,
+        )
+        return torch.tensor(order, dtype=torch.int64, device=self.tensors[0].device)
+
+    def batches(
+        self, epoch: int, seed: int, start: int = 0, *, shuffle: bool | None = None
+    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
+        """Yields the batches of ``epoch`` from batch index ``start`` on; the earlier ones are never built.
+
+        Args:
+            epoch: the epoch (0-based); with ``shuffle``, each epoch has its own order.
+            seed: the order's seed (:func:`fnlit.fit` takes it from the state's key).
+            start: the index of the first batch to yield.
+            shuffle: overrides the loader's ``shuffle`` (``fit(overfit_batches=...)`` turns it off).
+        """
+        idx = self.indices(epoch, seed, shuffle)
+        b, n = self.batch_size, len(self)
+        single = len(self.tensors) == 1
+        for i in range(start, n):
+            sel = idx[i * b : (i + 1) * b]
+            out = tuple(t.index_select(0, sel) for t in self.tensors)
+            yield out[0] if single else out
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Sets the epoch (and seed) that plain iteration (``for batch in loader``) uses."""
+        self.epoch = epoch
+        if seed is not None:
+            self.seed = seed
+
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
+        return self.batches(self.epoch, self.seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayLoader({len(self.tensors)} tensors, {self.tensors[0].shape[0]} examples, "
+            f"batch_size={self.batch_size}, shuffle={self.shuffle}, drop_last={self.drop_last})"
+        )
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of a DataLoader's RandomSampler in ``epoch`` (the same mixing as :func:`shard_indices`)."""
+    return (seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop: int | None, sequential: bool) -> Iterator[Batch]:
+    """Batches ``start..stop`` of ``epoch``: ArrayLoader starts there; other iterables skip by iterating."""
+    order_epoch = 0 if sequential else epoch
+    if isinstance(data, ArrayLoader):
+        it = data.batches(epoch, seed, start, shuffle=False if sequential else None)
+        return it if stop is None else itertools.islice(it, max(0, stop - start))
+    if isinstance(data, DataLoader):
+        sampler = data.sampler
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(order_epoch)
+        elif isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
+    return itertools.islice(iter(data), start, stop)
+
+
+def check_sharding(data: Iterable[Any], name: str) -> None:
+    """Raises if a DataLoader would give every rank the same batches under torch.distributed."""
+    if _dist.world_size() > 1 and isinstance(data, DataLoader) and not isinstance(data.sampler, DistributedSampler):
+        raise ValueError(
+            f"fit got a DataLoader as {name} under torch.distributed (world size {_dist.world_size()}) without a "
+            "DistributedSampler, so every rank would see the same batches. Use fnlit.data.ArrayLoader (it shards "
+            "itself) or DataLoader(..., sampler=DistributedSampler(dataset))."
+        )
+
+
+def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
+    """A function moving batches to ``device`` (pinned, non-blocking), or None on the CPU (nothing to do)."""
+    if device.type == "cpu":
+        return None  # CPU training: batches stay where they are, at no cost
+    pin = device.type == "cuda"
+
+    def move(batch: Batch) -> Batch:
+        def one(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor) or t.device == device:
+                return t
+            if pin and t.device.type == "cpu" and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        return _tree.tree_map(one, batch)
+
+    return move
+
+
+def batch_size_of(batch: Batch) -> int:
+    """The leading dimension of the batch's first tensor (1 if it has none)."""
+    leaves = [t for t in _tree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    return int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else 1

@@ -1,0 +1,370 @@
+"""Ensembles, sweeps and per-example gradients: one step, vectorized with ``torch.func.vmap``.
+
+Because a step is a pure function of an explicit state, ``n`` independent models are one state whose
+leaves have a leading dimension ``n`` (:func:`stack_states`, :func:`ensemble_states`), and
+:func:`ensemble` turns a step for one model into a step for all of them. Members can differ in their
+initialisation, their random key and their optimizer hyperparameters (learning rate and weight decay
+are tensors in ``opt_state``), so a seed or hyperparameter sweep is one run.
+
+Randomness: inside ``vmap`` PyTorch's generators cannot be seeded per member. The ensemble step folds
+all members' keys into one seed *outside* vmap and runs the members with ``randomness="different"``:
+each member gets its own dropout mask and the step stays a pure function of the stacked state. The
+masks are not the ones the member would draw when trained alone, so only models without randomness
+equal their solo runs to rounding (tests compare those).
+
+Example:
+    >>> import torch, torch.nn.functional as F, fnlit
+    >>> from fnlit.ensemble import ensemble, ensemble_states, unstack_state
+    >>> model = torch.nn.Linear(4, 1)
+    >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    >>> states = ensemble_states(model, fnlit.optim.sgd(0.1), seeds=[0, 1, 2], learning_rate=[0.1, 0.01, 0.001])
+    >>> states, metrics = ensemble(step, 3)(states, (torch.randn(8, 4), torch.randn(8, 1)))
+    >>> metrics["loss"].shape, int(unstack_state(states, 2).step)
+    (torch.Size([3]), 1)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import random as _random
+from . import tree as _tree
+from ._types import Batch, Metrics, Params, StepFn
+from .functional import value_and_grad
+from .optim import GradientTransformation
+from .optim import step as _opt_step
+from .state import TrainState
+
+__all__ = ["EnsembleStep", "ensemble", "ensemble_states", "per_example_grads", "stack_states", "unstack_state"]
+
+_HYPER = ("learning_rate", "weight_decay")
+
+
+# ---------------------------------------------------------------------------------- stacking
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+    """Stacks ``n`` states of the same model and optimizer into one ensemble state (leaves ``(n, ...)``).
+
+    Args:
+        states: TrainStates with the same structure, shapes, dtypes and the same ``tx`` object.
+
+    Returns:
+        A TrainState whose every tensor has a leading dimension ``len(states)``.
+
+    Raises:
+        ValueError: on an empty list, different optimizers, or the first path where two states differ.
+
+    Example:
+        >>> import torch, fnlit
+        >>> tx = fnlit.optim.sgd(0.1)
+        >>> states = [fnlit.TrainState.create(torch.nn.Linear(2, 1), tx, seed=i) for i in range(3)]
+        >>> stack_states(states).params["weight"].shape
+        torch.Size([3, 1, 2])
+    """
+    states = list(states)
+    if not states:
+        raise ValueError("stack_states expected at least one TrainState, got an empty sequence.")
+    first = states[0]
+    for i, s in enumerate(states):
+        if not isinstance(s, TrainState):
+            raise TypeError(f"stack_states expected TrainStates, got {type(s).__name__} at position {i} instead.")
+        if s.tx is not first.tx:
+            raise ValueError(
+                f"stack_states expected every state to share one optimizer object, but states[{i}].tx is not "
+                "states[0].tx. Create all members with the same tx; per-member learning rates and weight decay "
+                "live in opt_state (fnlit.ensemble_states(..., learning_rate=[...]) sets them)."
+            )
+        where = _tree.first_mismatch(first, s)
+        if where is None:
+            where = next((f"at {p}: dtype {a.dtype} vs {b.dtype}" for p, a, b in _pairs(first, s) if a.dtype != b.dtype), None)
+        if where is not None:
+            raise ValueError(f"stack_states: states[{i}] differs from states[0] {where}. Members must be the same model.")
+    return _tree.tree_map(lambda *xs: torch.stack(xs), *states)
+
+
+def _pairs(a: Any, b: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    paths, la, _ = _tree.tree_flatten_with_path(a)
+    return list(zip(paths, la, _tree.tree_leaves(b)))
+
+
+def _size(stacked: TrainState) -> int:
+    if stacked.step.dim() != 1:
+        raise ValueError(
+            f"expected an ensemble state (state.step of shape (n,)), got state.step of shape {tuple(stacked.step.shape)} "
+            "instead. Build one with fnlit.stack_states([...]) or fnlit.ensemble_states(...)."
+        )
+    return stacked.step.shape[0]
+
+
+def unstack_state(stacked: TrainState, i: int) -> TrainState:
+    """Member ``i`` of an ensemble state, as an ordinary TrainState (its tensors are copies).
+
+    Raises:
+        IndexError: if ``i`` is not a member index.
+
+    Example:
+        >>> import torch, fnlit
+        >>> tx = fnlit.optim.sgd(0.1)
+        >>> states = [fnlit.TrainState.create(torch.nn.Linear(2, 1), tx, seed=i) for i in range(3)]
+        >>> member = unstack_state(stack_states(states), 1)
+        >>> torch.equal(member.params["weight"], states[1].params["weight"]), torch.equal(member.rng, states[1].rng)
+        (True, True)
+    """
+    n = _size(stacked)
+    if not -n <= i < n:
+        raise IndexError(f"unstack_state got member index {i}, but the ensemble has {n} members (0..{n - 1}).")
+    return _tree.tree_map(lambda t: t[i].clone(), stacked)
+
+
+# ------------------------------------------------------------------------------ building sweeps
+def _init_module(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
+    """A fresh model initialised from ``seed`` (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if not isinstance(model, nn.Module):
+            return model()
+        module = copy.deepcopy(model)
+        covered = set()
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+                covered.update(id(p) for p in sub.parameters(recurse=False))
+        missed = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missed:
+            raise ValueError(
+                f"ensemble_states cannot re-initialise parameter {missed[0]!r} from a seed: its module has no "
+                "reset_parameters(). Pass a function that builds the model instead, e.g. "
+                "ensemble_states(lambda: Net(), tx, seeds=[...])."
+            )
+        return module
+
+
+def _set_hyper(opt_state: Any, name: str, value: torch.Tensor) -> tuple[Any, int]:
+    """``opt_state`` with every ``hyperparams[name]`` replaced by ``value``; and how many were found."""
+    hyper = getattr(opt_state, "hyperparams", None)
+    if isinstance(opt_state, tuple) and hasattr(opt_state, "_fields"):
+        found = 0
+        fields = {}
+        for f in opt_state._fields:
+            child = getattr(opt_state, f)
+            if f == "hyperparams" and isinstance(hyper, dict) and name in hyper:
+                fields[f] = {**hyper, name: value.to(hyper[name].device, hyper[name].dtype)}
+                found += 1
+            elif isinstance(child, (tuple, list, dict)):
+                fields[f], k = _set_hyper(child, name, value)
+                found += k
+        return opt_state._replace(**fields), found
+    if isinstance(opt_state, (tuple, list)):
+        out = [_set_hyper(s, name, value) for s in opt_state]
+        return type(opt_state)(s for s, _ in out), sum(k for _, k in out)
+    return opt_state, 0
+
+
+def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str) -> bool:
+    """Whether changing ``hyperparams[name]`` changes the update (a schedule or ``weight_decay=0`` ignores it)."""
+    grads = _tree.tree_map(torch.ones_like, params)
+    outs = [_opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(v))[0], params)[0] for v in (0.0, 0.5)]
+    return any(not torch.equal(a, b) for a, b in zip(_tree.tree_leaves(outs[0]), _tree.tree_leaves(outs[1])))
+
+
+_NO_EFFECT = {
+    "learning_rate": "the optimizer's learning rate is a schedule, which overwrites hyperparams['learning_rate'] "
+    "every step. Sweep a constant rate, or build one optimizer per schedule and train them separately.",
+    "weight_decay": "the optimizer was built with weight decay off (the Python number 0). Build it with a "
+    "non-zero weight_decay, or weight_decay=torch.tensor(0.0), to make the decay adjustable.",
+}
+
+
+def ensemble_states(
+    model: nn.Module | Callable[[], nn.Module],
+    tx: GradientTransformation,
+    *,
+    seeds: Sequence[int],
+    learning_rate: Sequence[float] | None = None,
+    weight_decay: Sequence[float] | None = None,
+    loss_scale: str | float | None = None,
+) -> TrainState:
+    """Builds a stacked state for a sweep: one member per seed, each with its own init, key and hyperparameters.
+
+    Member ``i`` equals ``TrainState.create(model_i, tx_i, seed=seeds[i])`` where ``model_i`` is initialised
+    after ``torch.manual_seed(seeds[i])`` and ``tx_i`` is ``tx`` with ``learning_rate[i]`` and
+    ``weight_decay[i]``: so it trains exactly like that model alone.
+
+    Args:
+        model: a module (its layers' ``reset_parameters()`` re-initialise each member) or a function
+            that builds the module (called after seeding; works for any model).
+        tx: the optimizer, shared by all members.
+        seeds: one seed per member: the init and the member's random key.
+        learning_rate: per-member learning rates (``hyperparams["learning_rate"]``), or None to keep tx's.
+        weight_decay: per-member weight decay (``hyperparams["weight_decay"]``), or None to keep tx's.
+        loss_scale: as in :meth:`TrainState.create`.
+
+    Returns:
+        The stacked TrainState (leading dimension ``len(seeds)``), ready for :func:`ensemble`.
+
+    Raises:
+        ValueError: if a hyperparameter list has the wrong length, the optimizer has no such
+            hyperparameter or ignores it (a schedule, weight decay off), or a parameter cannot be
+            re-initialised from a seed.
+
+    Example:
+        >>> import torch, fnlit
+        >>> s = ensemble_states(torch.nn.Linear(2, 1), fnlit.optim.adamw(1e-3), seeds=[0, 1], learning_rate=[1e-3, 1e-2])
+        >>> s.opt_state.hyperparams["learning_rate"]
+        tensor([0.0010, 0.0100])
+    """
+    n = len(seeds)
+    if n == 0:
+        raise ValueError("ensemble_states expected at least one seed, got seeds=[].")
+    sweeps = {k: v for k, v in zip(_HYPER, (learning_rate, weight_decay)) if v is not None}
+    for name, values in sweeps.items():
+        if len(values) != n:
+            raise ValueError(f"ensemble_states expected {name} with one value per seed ({n}), got {len(values)} values instead.")
+    states = []
+    for i, seed in enumerate(seeds):
+        state = TrainState.create(_init_module(model, seed), tx, seed=seed, loss_scale=loss_scale)
+        opt_state = state.opt_state
+        for name, values in sweeps.items():
+            opt_state, found = _set_hyper(opt_state, name, torch.tensor(float(values[i])))
+            if not found:
+                raise ValueError(
+                    f"ensemble_states got {name}=[...], but the optimizer state has no hyperparams[{name!r}] to set. "
+                    "Use an optimizer that holds it as a tensor (fnlit.optim.sgd/adam/adamw, add_decayed_weights)."
+                )
+            # A sweep the optimizer ignores would silently train n identical runs. (With a schedule at
+            # lr 0, weight decay shows no effect either: then it cannot be probed, and is not rejected.)
+            if i == 0 and not _responds(tx, state.params, state.opt_state, name) and (
+                name == "learning_rate" or _responds(tx, state.params, state.opt_state, "learning_rate")
+            ):
+                raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {_NO_EFFECT[name]}")
+        states.append(state.replace(opt_state=opt_state))
+    return stack_states(states)
+
+
+# ------------------------------------------------------------------------------ the transform
+def _fold_keys(keys: torch.Tensor) -> torch.Tensor:
+    """One key from all members' keys (a pure function of them), to seed the generators outside vmap."""
+    acc = _random._mix_int(keys.numel())
+    for k in keys.reshape(-1).tolist():  # CPU keys: a read of host memory, no device sync
+        acc = _random._combine_int(acc, k)
+    return _random._new(acc)
+
+
+class EnsembleStep:
+    """``step`` vectorized over the members of a stacked state; made by :func:`ensemble`."""
+
+    def __init__(self, step: StepFn, n: int, in_dims: Any, randomness: str, compile: bool) -> None:
+        self.step, self.n, self.in_dims = step, n, in_dims
+        self.vmapped = torch.func.vmap(step, in_dims=(0, in_dims), randomness=randomness)
+        if compile:
+            self.vmapped = torch.compile(self.vmapped)
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if state.step.shape != (self.n,):
+            raise ValueError(
+                f"fnlit.ensemble(step, n={self.n}) expected a state stacked over {self.n} members (state.step of "
+                f"shape ({self.n},)), got state.step of shape {tuple(state.step.shape)} instead. Build it with "
+                "fnlit.stack_states([...]) or fnlit.ensemble_states(...)."
+            )
+        traced = _random._is_traced(state.rng)  # under an outer transform, the outermost one seeds
+        with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):
+            return self.vmapped(state, batch)
+
+    def __repr__(self) -> str:
+        return f"ensemble({getattr(self.step, '__name__', self.step)!s}, n={self.n}, in_dims={self.in_dims!r})"
+
+
+def ensemble(
+    step: StepFn, n: int, *, in_dims: Any = None, randomness: str = "different", compile: bool = False
+) -> EnsembleStep:
+    """Turns a step for one model into a step for ``n`` independent models, vectorized with ``torch.func.vmap``.
+
+    The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)``: each metric has
+    shape ``(n,)``. Member ``i`` follows exactly the updates it would follow alone (to float rounding),
+    with its own params, optimizer state, hyperparameters and key. Optimizers run their per-leaf
+    functional implementation under vmap (sgd, adam, adamw, clip_by_global_norm, schedules all do).
+    BatchNorm statistics are per member (the buffers are stacked too).
+
+    Args:
+        step: ``(state, batch) -> (state, metrics)`` for one model; pure, as every fnlit step.
+        n: the number of members (checked against the state).
+        in_dims: how the batch maps to members: None (default) gives every member the same batch;
+            0 gives member ``i`` the slice ``batch[i]`` of a batch stacked along dimension 0 (any
+            ``torch.func.vmap`` in_dims prefix of the batch is accepted).
+        randomness: vmap's randomness: ``"different"`` (each member its own dropout mask, seeded from
+            all members' keys), ``"same"``, or ``"error"`` (the step may not draw random numbers).
+        compile: wrap the vectorized step in ``torch.compile`` (the generators are still seeded outside,
+            so it stays deterministic). On the CPU this removes most of vmap's per-op overhead.
+
+    Returns:
+        An :class:`EnsembleStep`, a callable ``(stacked_state, batch) -> (stacked_state, metrics)``.
+
+    Raises:
+        ValueError: if ``n < 1`` or ``randomness`` is unknown; at call time if the state is not stacked
+            over ``n`` members.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> from fnlit.ensemble import ensemble, stack_states
+        >>> model = torch.nn.Linear(3, 1)
+        >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        >>> tx = fnlit.optim.adam(1e-2)
+        >>> states = stack_states([fnlit.TrainState.create(torch.nn.Linear(3, 1), tx, seed=i) for i in range(4)])
+        >>> xs, ys = torch.randn(4, 8, 3), torch.randn(4, 8, 1)  # one batch per member
+        >>> states, metrics = ensemble(step, 4, in_dims=0)(states, (xs, ys))
+        >>> states.step
+        tensor([1, 1, 1, 1])
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"fnlit.ensemble expected n, the number of members, as an int >= 1, got {n!r} instead.")
+    if randomness not in ("different", "same", "error"):
+        raise ValueError(f"fnlit.ensemble expected randomness 'different', 'same' or 'error', got {randomness!r} instead.")
+    return EnsembleStep(step, n, in_dims, randomness, compile)
+
+
+# ------------------------------------------------------------------------- per-example gradients
+def per_example_grads(
+    loss_fn: Callable[..., Any],
+    params: Params,
+    batch: Batch,
+    *,
+    has_aux: bool = False,
+    in_dims: Any = 0,
+    chunk_size: int | None = None,
+) -> tuple[Any, Any]:
+    """The loss and the gradient of every example of ``batch`` separately: ``vmap(value_and_grad(loss_fn))``.
+
+    ``loss_fn(params, example)`` sees one example, without the batch dimension (add it back with
+    ``x.unsqueeze(0)`` where a module expects one). The three lines it stands for::
+
+        fn = fnlit.value_and_grad(loss_fn, has_aux=has_aux)
+        losses, grads = torch.func.vmap(fn, in_dims=(None, 0))(params, batch)
+
+    Args:
+        loss_fn: ``(params, example) -> loss`` (or ``(loss, aux)`` with ``has_aux``), a scalar loss.
+        params: the parameters (``state.params``), shared by all examples.
+        batch: examples stacked along dimension 0 (or as ``in_dims`` says).
+        has_aux: ``loss_fn`` returns ``(loss, aux)``.
+        in_dims: the batch dimension of ``batch`` (a ``torch.func.vmap`` in_dims prefix).
+        chunk_size: vectorize over this many examples at a time (less memory).
+
+    Returns:
+        ``(losses, grads)`` (``((losses, aux), grads)`` with ``has_aux``): ``losses`` has shape ``(B,)``,
+        and each leaf of ``grads`` has shape ``(B, *param.shape)``. Feed the grads to
+        :func:`fnlit.optim.dp_sgd_aggregate` through ``state.apply_gradients``.
+
+    Example:
+        >>> import torch
+        >>> params = {"w": torch.tensor([1.0, 1.0])}
+        >>> xs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> losses, grads = per_example_grads(lambda p, x: (p["w"] * x).sum() ** 2, params, xs)
+        >>> losses.tolist(), grads["w"].tolist()
+        ([1.0, 4.0], [[2.0, 0.0], [0.0, 8.0]])
+    """
+    fn = value_and_grad(loss_fn, has_aux=has_aux)
+    return torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)

@@ -1,0 +1,462 @@
+"""The driver: :func:`fit` threads a TrainState through the data; :func:`evaluate` averages metrics.
+
+Everything the loop knows is in :func:`fit`'s arguments and local variables: no trainer object, no
+back-references. Option names and counting rules follow Lightning's ``Trainer`` (each rule is written
+where it is applied, in :func:`_plan`). The per-step work is the step itself, a list append, and the
+callbacks that ask to run every step; metrics stay on the device and are read back once per
+``log_every_n_steps`` (one host sync per interval).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from . import data as _data
+from . import distributed as _dist
+from ._types import Batch, Metrics, StepFn
+from .callbacks import StopTraining, Timer
+from .state import TrainState
+from .summary import Logger, MetricBuffer, ProgressBar, Writer, scalar_metric
+
+__all__ = ["fit", "evaluate"]
+
+EvalStepFn = Callable[[TrainState, Batch], Metrics]
+Position = dict[str, int]
+"""Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done."""
+
+
+def _num_batches(data: Iterable[Any]) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:  # no __len__ (a generator), or a DataLoader over an IterableDataset
+        return None
+
+
+def _limit(limit: int | float | None, n: int | None, name: str) -> int | None:
+    """Lightning's rule: an int is a number of batches, a float in [0, 1] a fraction of the epoch."""
+    if limit is None:
+        return n
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (isinstance(limit, float) and limit > 1):
+        raise ValueError(f"fit expected {name} to be an int >= 0 or a float in [0.0, 1.0], got {name}={limit!r} instead.")
+    if isinstance(limit, int):
+        return limit if n is None else min(n, limit)
+    if n is None:
+        if limit == 1.0:
+            return None
+        raise ValueError(
+            f"fit got {name}={limit}, a fraction of the epoch, but the data has no len(). Pass an int number of batches."
+        )
+    k = int(n * limit)
+    if k == 0 and limit > 0:
+        raise ValueError(f"fit got {name}={limit}, but {limit} * {n} batches < 1. Use at least {name}={1 / n:.4g}.")
+    return k
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    max_epochs: int  # -1: no limit
+    min_epochs: int
+    max_steps: float  # math.inf: no limit
+    batches: int | None  # per epoch, after limits; None: until the data runs out
+    sequential: bool  # overfit_batches: same batches every epoch
+    val_batches: int | None  # per validation run (None: all)
+    val_check_batch: int | None  # validate when the batch count is a multiple; None: at the epoch's end
+    val_every_n_epoch: int | None  # None: val_check_batch counts batches across epochs
+    validate: bool
+    sanity_steps: int
+    log_every: int
+    quiet: bool  # fast_dev_run: no logging, no checkpoints
+
+    def validates_in(self, epoch: int) -> bool:
+        return self.validate and (self.val_every_n_epoch is None or (epoch + 1) % self.val_every_n_epoch == 0)
+
+
+def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] | None) -> _Plan:
+    """Resolves the options with Lightning's rules (lightning/pytorch/trainer/setup.py, loops/fit_loop.py)."""
+    fdr = o["fast_dev_run"]
+    if isinstance(fdr, bool) or fdr is None:
+        fdr = int(bool(fdr))
+    if not isinstance(fdr, int) or fdr < 0:
+        raise ValueError(f"fit expected fast_dev_run to be a bool or an int >= 0, got fast_dev_run={fdr!r} instead.")
+    limit_train, limit_val, vci = o["limit_train_batches"], o["limit_val_batches"], o["val_check_interval"]
+    max_epochs, max_steps, every_n, sanity = o["max_epochs"], o["max_steps"], o["check_val_every_n_epoch"], o["num_sanity_val_steps"]
+    if fdr:  # fast_dev_run=N: N train and N val batches, one epoch, max_steps=N, no sanity check, logs, checkpoints
+        limit_train = limit_val = fdr
+        max_steps, max_epochs, sanity, vci, every_n = fdr, 1, 0, 1.0, 1
+    overfit = o["overfit_batches"]
+    if overfit:  # overfit_batches=N: the first N batches every epoch, unshuffled; validation on N batches too
+        limit_train = limit_val = overfit
+    n = _num_batches(train_data)
+    if n == 0:
+        raise ValueError("fit got empty training data (len(train_data) == 0). Check the dataset and batch_size.")
+    batches = _limit(limit_train, n, "limit_train_batches")
+    if max_steps is None or max_steps == -1:
+        max_steps = math.inf
+    if max_epochs is None:
+        # Lightning: max_epochs=1000 when neither is given; -1 (no limit) when only max_steps is.
+        if max_steps != math.inf or (n is None and o["max_time"] is not None):
+            max_epochs = -1
+        elif n is None:
+            raise ValueError(
+                "fit got endless training data (it has no len()) and neither max_epochs nor max_steps: it would "
+                "never stop. Pass max_steps=... (or max_epochs=..., or max_time=...)."
+            )
+        else:
+            max_epochs = 1000
+    validate = val_data is not None
+    if validate and o["eval_step"] is None:
+        raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
+    n_val = _limit(limit_val, _num_batches(val_data), "limit_val_batches") if validate else 0  # type: ignore[arg-type]
+    validate = validate and n_val != 0
+    if vci is None:
+        vci = 1.0
+    val_check: int | None = None
+    if validate and isinstance(vci, int) and not isinstance(vci, bool):
+        # An int is a number of training batches; within an epoch unless check_val_every_n_epoch=None.
+        if every_n is not None and batches is not None and vci > batches:
+            raise ValueError(
+                f"fit got val_check_interval={vci}, more than the {batches} training batches of an epoch, so "
+                "validation would never run. Use val_check_interval <= the epoch, a float fraction of it, or "
+                "check_val_every_n_epoch=None to count batches across epochs (limit_val_batches=0 disables validation)."
+            )
+        val_check = vci
+    elif validate:
+        # A float is a fraction of the epoch: validate every max(1, int(batches * fraction)) batches.
+        if not isinstance(vci, float) or not 0 < vci <= 1:
+            raise ValueError(f"fit expected val_check_interval to be an int or a float in (0, 1], got {vci!r} instead.")
+        if batches is None and vci != 1.0:
+            raise ValueError(
+                f"fit got val_check_interval={vci}, a fraction of the epoch, but the training data has no len(). "
+                "Pass an int number of batches, or 1.0."
+            )
+        val_check = None if batches is None else max(1, int(batches * vci))
+    if every_n is not None and (not isinstance(every_n, int) or every_n < 1):
+        raise ValueError(f"fit expected check_val_every_n_epoch to be an int >= 1 or None, got {every_n!r} instead.")
+    # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
+    sanity = 0 if not validate else (n_val if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
+    log_every = o["log_every_n_steps"]
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
+    return _Plan(
+        max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches,
+        sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
+        validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
+    )  # fmt: skip
+
+
+def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], limit_batches: int | float | None = None) -> dict[str, float]:
+    """Runs ``eval_step(state, batch) -> metrics`` over ``data``; returns each metric's mean over examples.
+
+    Each batch's metrics are weighted by its size (the leading dimension of its first tensor), so a smaller
+    last batch counts for what it holds. Sums stay on the device; there is one host sync, at the end
+    (under torch.distributed, sums are added across ranks first). The state is never changed.
+
+    Args:
+        eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
+        state: the state to evaluate (e.g. ``ema.state(state)``).
+        data: any iterable of batches.
+        limit_batches: an int number of batches, or a float fraction of ``len(data)``.
+
+    Raises:
+        ValueError: if a metric is not a scalar (naming it and its shape), or there are no batches.
+
+    Example:
+        >>> import torch, fnlit
+        >>> from fnlit.loop import evaluate
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        >>> step = lambda state, batch: {"x": batch.mean()}
+        >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
+        {'x': 0.25}
+    """
+    n = _limit(limit_batches, _num_batches(data), "limit_batches")
+    move = _data.device_mover(state.device)
+    names: list[str] = []
+    sums: list[torch.Tensor] = []
+    count = 0
+    with torch.no_grad():
+        for batch in itertools.islice(iter(data), n):
+            batch = move(batch) if move else batch
+            metrics = eval_step(state, batch)
+            if not isinstance(metrics, Mapping):
+                raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
+            size = _data.batch_size_of(batch)
+            if not names:
+                names = list(metrics)
+                sums = [scalar_metric(k, metrics[k], "the eval step") * size for k in names]
+            else:
+                sums = [s + scalar_metric(k, metrics[k], "the eval step") * size for s, k in zip(sums, names)]
+            count += size
+    if count == 0 or not names:
+        raise ValueError("evaluate got no batches (or no metrics); check the data and limit_batches.")
+    totals = torch.stack([s.to(sums[0].device) for s in sums] + [torch.tensor(float(count), device=sums[0].device)])
+    if _dist.world_size() > 1:
+        torch_dist.all_reduce(totals)
+    values = totals.tolist()  # the one host sync
+    return {k: v / values[-1] for k, v in zip(names, values)}
+
+
+class _Signals:
+    """SIGINT/SIGTERM set ``reason`` (the current step finishes); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "sigint" if signum == signal.SIGINT else "sigterm"
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self.previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+_REASONS = (None, "stopped", "sigint", "sigterm")
+
+
+def _agree(halt: bool, reason: str | None, device: torch.device) -> tuple[bool, str | None]:
+    """Under torch.distributed, whether any rank wants to stop (and why): all ranks then stop at the same step."""
+    code = torch.tensor(_REASONS.index(reason) if reason else int(halt), device=device)
+    torch_dist.all_reduce(code, op=torch_dist.ReduceOp.MAX)
+    c = int(code)
+    return c > 0, _REASONS[c] if c >= 2 else reason
+
+
+_HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_validation", "on_epoch_end", "on_fit_end")
+
+
+class _Hooks:
+    """Calls the callbacks' hooks by name; a StopTraining from one is remembered and never skips the others."""
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        from .callbacks import Callback
+
+        def has(cb: Any, name: str) -> bool:  # overridden, or not a Callback subclass at all
+            return hasattr(cb, name) and getattr(type(cb), name, None) is not getattr(Callback, name)
+
+        self.lists = {name: [getattr(cb, name) for cb in callbacks if has(cb, name)] for name in _HOOKS}
+        self.stop = False
+
+    def __call__(self, name: str, *args: Any) -> None:
+        for hook in self.lists[name]:
+            try:
+                hook(*args)
+            except StopTraining:
+                self.stop = True
+
+
+@contextlib.contextmanager
+def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None) -> Iterator[ProgressBar]:
+    bar = ProgressBar(progress)
+    try:
+        yield bar
+    finally:  # also on errors: no half-drawn bar, no writer thread left behind
+        bar.close()
+        if logger is not None:
+            logger.flush()
+        if owned is not None:
+            owned.close()  # the writers fit made for log_dir; the caller's own loggers stay open
+
+
+def fit(
+    step: StepFn,
+    state: TrainState,
+    train_data: Iterable[Batch],
+    *,
+    val_data: Iterable[Batch] | None = None,
+    eval_step: EvalStepFn | None = None,
+    max_epochs: int | None = None,
+    min_epochs: int | None = None,
+    max_steps: int | None = None,
+    max_time: str | float | Mapping[str, int] | Any | None = None,
+    limit_train_batches: int | float | None = None,
+    limit_val_batches: int | float | None = None,
+    fast_dev_run: bool | int = False,
+    overfit_batches: int | float = 0,
+    val_check_interval: int | float | None = None,
+    check_val_every_n_epoch: int | None = 1,
+    num_sanity_val_steps: int = 2,
+    log_every_n_steps: int = 50,
+    callbacks: Sequence[Any] = (),
+    log_dir: str | None = None,
+    loggers: Sequence[Writer] | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+    checkpoint: Any | None = None,
+    ckpt_path: str | None = None,
+    seed: int | None = None,
+    prefixes: tuple[str, str] = ("train/", "val/"),
+) -> TrainState:
+    """Trains: ``state, metrics = step(state, batch)`` over the data until a limit is reached; returns the state.
+
+    Counting follows Lightning: ``max_epochs`` defaults to 1000 when neither it nor ``max_steps`` is given
+    (-1 when only ``max_steps`` is); ``max_steps`` counts steps in ``state.step`` terms (each call of
+    ``step`` is one; resuming continues the count). Stop requests (:class:`~fnlit.callbacks.StopTraining`,
+    ``max_time``) wait until ``min_epochs`` epochs are done. Ctrl-C or SIGTERM finish the current step and
+    return the state (``checkpoint.on_exit`` can save it).
+
+    Args:
+        step: ``(state, batch) -> (state, metrics)``; metrics are scalar tensors, logged as ``"train/<name>"``.
+        state: the initial :class:`~fnlit.TrainState`.
+        train_data: any iterable of batches: an :class:`~fnlit.data.ArrayLoader` (reshuffled per epoch from
+            ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (a RandomSampler
+            is reseeded per epoch from ``seed``; a DistributedSampler gets ``set_epoch``), or anything else
+            (iterated as is). Batches are moved to ``state.device`` (pinned, non-blocking).
+        val_data, eval_step: validation data and ``(state, batch) -> metrics``, logged as ``"val/<name>"``.
+        max_epochs, min_epochs, max_steps, max_time: limits (``max_time``: seconds, timedelta, dict or
+            ``"DD:HH:MM:SS"``).
+        limit_train_batches, limit_val_batches: an int number of batches, or a float fraction, per epoch/run.
+        fast_dev_run: True/N: N train and N val batches, one epoch, no sanity check, logs or checkpoints.
+        overfit_batches: train (and validate) on the first N (or fraction) batches, unshuffled, every epoch
+            (a DataLoader's RandomSampler keeps one fixed order instead: its sampler cannot be swapped).
+        val_check_interval: float: validate every fraction of an epoch; int: every N training batches.
+        check_val_every_n_epoch: validate in epochs ``e`` with ``(e + 1) % n == 0``; None: ``val_check_interval``
+            counts batches across epochs.
+        num_sanity_val_steps: validation batches run before training, to fail fast (-1: all).
+        log_every_n_steps: log (and read metrics back from the device) every N steps, and at the end.
+        callbacks: objects with hooks (see :mod:`fnlit.callbacks`).
+        log_dir: write TensorBoard event files and ``metrics.csv`` there (default: no files, unlike
+            Lightning's implicit ``lightning_logs/``: where logs go is an explicit choice).
+        loggers: more writers (:mod:`fnlit.summary`); they are flushed, not closed, at the end. Only rank 0 writes.
+        hparams: hyperparameters to record with the loggers.
+        progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
+        checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint).
+        ckpt_path: resume from this checkpoint (``"last"`` allowed): ``checkpoint.restore(ckpt_path, like=state)``.
+        seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
+        prefixes: the prefixes of training and validation metric names.
+
+    Returns:
+        The last state.
+
+    Raises:
+        ValueError: empty or endless data without a limit, inconsistent options, non-scalar metrics,
+            colliding metric names (each message names the option and the fix).
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> from fnlit.data import ArrayLoader
+        >>> from fnlit.loop import fit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        >>> data = ArrayLoader(torch.randn(64, 4), torch.randn(64, 1), batch_size=16)
+        >>> state = fit(step, state, data, max_epochs=2, progress=False)
+        >>> int(state.step)
+        8
+    """
+    plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
+    _data.check_sharding(train_data, "train_data")
+    if ckpt_path is not None and checkpoint is None:
+        raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
+    if plan.batches == 0:
+        return state  # limit_train_batches=0: Lightning skips training
+    checkpoint = None if plan.quiet else checkpoint
+    position = None
+    if checkpoint is not None and ckpt_path is not None:
+        state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
+    if position is None:
+        position = {"epoch": 0, "batch": 0, "seed": int(state.rng) if seed is None else seed}
+    epoch, b, seed = position["epoch"], position["batch"], position["seed"]
+    hooks = _Hooks(list(callbacks) + ([Timer(max_time)] if max_time is not None else []))
+    owned = Logger(log_dir=log_dir) if log_dir is not None and not plan.quiet else None  # closed at the end
+    logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
+    if logger is not None and hparams:
+        logger.log_hparams(hparams)
+    log = MetricBuffer(prefixes, hooks.lists["on_log"])
+    move = _data.device_mover(state.device)
+    steps, n_batches = int(state.step), plan.batches
+    first_step = steps
+    max_steps, min_epochs, log_every = plan.max_steps, plan.min_epochs, plan.log_every
+    per_step_hooks = bool(hooks.lists["on_step"])
+    distributed, halt = _dist.world_size() > 1, False
+
+    def halting() -> bool:  # a signal came, or a callback asked to stop and min_epochs are done
+        return bool(signals.reason) or (hooks.stop and epoch >= min_epochs)
+
+    def log_now() -> None:
+        nonlocal halt
+        if distributed:  # ranks decide together, at the same steps; alone, the loop checks after every step
+            halt, signals.reason = _agree(halting(), signals.reason, state.device)
+        metrics = log.flush(state, epoch)
+        if metrics and logger is not None:
+            logger.log_metrics(metrics, steps)
+        bar.set_metrics(steps, metrics)
+
+    def validate() -> None:
+        hooks("on_validation_start", state)
+        metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
+        log.claim(metrics, "the eval step")
+        log.latest.update(metrics)
+        if logger is not None:
+            logger.log_metrics(metrics, steps)
+        hooks("on_validation", state, metrics)
+        if checkpoint is not None:
+            checkpoint.on_validation(state, {"epoch": epoch, "batch": b, "seed": seed}, metrics)
+
+    with _Signals() as signals, _outputs(progress, logger, owned) as bar:
+        try:
+            info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every}
+            hooks("on_fit_start", state, info)
+            if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
+                evaluate(eval_step, state, val_data, plan.sanity_steps)  # type: ignore[arg-type]
+            while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
+                val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
+                count_across = plan.val_every_n_epoch is None
+                bar.start_epoch(epoch, n_batches, b)
+                broke, epoch_start = True, steps
+                for batch in _data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential):
+                    state, metrics = step(state, move(batch) if move else batch)
+                    steps, b = steps + 1, b + 1
+                    log.pending.append(metrics)  # stays on the device until the next log_now()
+                    if per_step_hooks:
+                        hooks("on_step", state, metrics)
+                    if checkpoint is not None:
+                        checkpoint.on_step(state, {"epoch": epoch, "batch": b, "seed": seed})
+                    bar.update()
+                    if steps % log_every == 0:
+                        log_now()
+                    if val_every > 0 and (steps if count_across else b) % val_every == 0:
+                        validate()
+                    if not distributed:
+                        halt = halting()
+                    if steps >= max_steps or halt:
+                        break
+                else:
+                    broke = False
+                if not (b == n_batches if n_batches is not None else not broke and steps > epoch_start):
+                    if steps == first_step and not broke:
+                        raise ValueError("fit got empty training data: the first epoch yielded no batches.")
+                    break  # stopped mid-epoch, or a one-shot iterable ran out
+                if val_every < 0:
+                    validate()
+                epoch, b = epoch + 1, 0
+                hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
+                if checkpoint is not None:
+                    checkpoint.on_epoch_end(state, {"epoch": epoch, "batch": 0, "seed": seed})
+                halt = halt if distributed else halting()
+        except KeyboardInterrupt:  # a second Ctrl-C, or a first one outside the main thread
+            signals.reason = "sigint"
+        if log.pending:
+            log_now()
+        hooks("on_fit_end", state, dict(log.latest))
+        if checkpoint is not None:
+            checkpoint.on_exit(state, {"epoch": epoch, "batch": b, "seed": seed}, signals.reason or "finished")
+    return state

@@ -1,0 +1,96 @@
+"""Differentially private aggregation (DP-SGD): clip each example's gradient, sum, add noise.
+
+The optimizer receives *per-example* gradients (each leaf with a leading batch dimension, e.g. from
+:func:`fnlit.per_example_grads`), something only a functional design hands it without hooks into
+autograd. Semantics follow optax's ``differentially_private_aggregate``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import random as _random
+from ..tree import tree_flatten, tree_unflatten
+from ._base import GradientTransformation, PyTree
+from ._transforms import check_arg
+
+__all__ = ["DPAggregateState", "dp_sgd_aggregate"]
+
+
+class DPAggregateState(NamedTuple):
+    rng: torch.Tensor  # 0-d int64 CPU key (fnlit.random), advanced by every update
+
+
+def _noise_generator(k: torch.Tensor) -> torch.Generator:
+    """A CPU generator seeded from a key (a read of host memory: keys live on the CPU)."""
+    return torch.Generator().manual_seed(int(k) & ((1 << 64) - 1))
+
+
+def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int = 0) -> GradientTransformation:
+    """Aggregates per-example gradients as DP-SGD does (optax's ``differentially_private_aggregate``).
+
+    Each example's gradient (all its leaves together) is clipped to global L2 norm ``l2_norm_clip``,
+    the clipped gradients are summed, Gaussian noise of standard deviation
+    ``noise_multiplier * l2_norm_clip`` is added to every coordinate, and the result is divided by the
+    batch size. Chain it before an optimizer: ``chain(dp_sgd_aggregate(1.0, 1.1), sgd(0.1))``.
+
+    The noise comes from a CPU ``torch.Generator`` seeded from a key in the state (advanced every
+    update): deterministic given ``seed``, no device sync (the key lives on the CPU; on a GPU the
+    noise is drawn on the CPU and copied over). It runs eagerly only: not under vmap or torch.compile.
+
+    Args:
+        l2_norm_clip: the maximal L2 norm of one example's gradient (> 0).
+        noise_multiplier: the noise standard deviation in units of ``l2_norm_clip`` (>= 0; 0 disables noise).
+        seed: seed of the noise key.
+
+    Raises:
+        ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``; at update time if the leaves
+            have no common leading batch dimension.
+        RuntimeError: if run inside vmap or torch.compile.
+
+    Example:
+        >>> import torch, fnlit
+        >>> from fnlit.optim import chain, sgd, step
+        >>> tx = chain(dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=0.0), sgd(1.0))
+        >>> params = {"w": torch.zeros(2)}
+        >>> per_example = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # norms 5 (clipped to 1) and 0.5
+        >>> new_params, _ = step(tx, per_example, tx.init(params), params)
+        >>> new_params["w"]  # -(0.2 * [3, 4] + [0.3, 0.4]) / 2
+        tensor([-0.4500, -0.6000])
+    """
+    check_arg("dp_sgd_aggregate", "l2_norm_clip", l2_norm_clip, l2_norm_clip > 0, "> 0", "Use e.g. 1.0.")
+    check_arg("dp_sgd_aggregate", "noise_multiplier", noise_multiplier, noise_multiplier >= 0, ">= 0")
+    std = float(noise_multiplier) * float(l2_norm_clip)
+
+    def init(params: PyTree) -> DPAggregateState:
+        return DPAggregateState(_random.key(seed))
+
+    def update(updates: PyTree, state: DPAggregateState, params: PyTree = None) -> tuple[PyTree, DPAggregateState]:
+        leaves, treedef = tree_flatten(updates)
+        if not leaves:
+            return updates, state
+        if _random._is_traced(state.rng) or any(_random._is_traced(g) for g in leaves):
+            raise RuntimeError(
+                "dp_sgd_aggregate runs eagerly only (its noise comes from a CPU generator seeded from the key); "
+                "do not use it inside torch.func.vmap, fnlit.ensemble or torch.compile."
+            )
+        sizes = {g.shape[0] if g.dim() else None for g in leaves}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(
+                "dp_sgd_aggregate expected per-example gradients (every leaf with the same leading batch "
+                f"dimension), got leading sizes {sorted(map(str, sizes))} instead. Compute them with "
+                "fnlit.per_example_grads(loss_fn, state.params, batch)."
+            )
+        b = sizes.pop()
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1) for g in leaves], 1)
+        divisor = torch.clamp(torch.linalg.vector_norm(norms, dim=1) / l2_norm_clip, min=1.0)  # (B,)
+        summed = [(g / divisor.reshape((b,) + (1,) * (g.dim() - 1))).sum(0) for g in leaves]
+        if std > 0:
+            gen = _noise_generator(state.rng)
+            noise = [torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device) for s in summed]
+            summed = [s + std * z for s, z in zip(summed, noise)]
+        return tree_unflatten(treedef, [s / b for s in summed]), DPAggregateState(_random.next_key(state.rng))
+
+    return GradientTransformation(init, update)

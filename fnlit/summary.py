@@ -1,0 +1,340 @@
+"""Where metrics go: TensorBoard event files, CSV or JSONL files, and a progress bar.
+
+A writer is any object with ``log_metrics(metrics, step)``, ``log_hparams(hparams)``, ``flush()`` and
+``close()``; :class:`Logger` fans out to several. Only rank 0 writes: on other ranks a writer never
+creates a file. :func:`fnlit.fit` calls the writers once per ``log_every_n_steps`` with host floats.
+
+Named ``summary`` (as in ``tf.summary``) rather than ``logging``, which would shadow the standard library.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from fnlit.summary import CSVWriter
+    >>> d = tempfile.mkdtemp()
+    >>> w = CSVWriter(d)
+    >>> w.log_metrics({"train/loss": 0.5}, step=10)
+    >>> w.log_metrics({"val/acc": 0.9}, step=10)
+    >>> print(pathlib.Path(d, "metrics.csv").read_text().strip())
+    step,train/loss,val/acc
+    10,0.5,
+    10,,0.9
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+import torch
+from tqdm.std import tqdm
+
+from . import distributed as _dist
+from ._types import Metrics
+
+if TYPE_CHECKING:
+    from .state import TrainState
+
+__all__ = ["Writer", "TensorBoardWriter", "CSVWriter", "JSONLWriter", "Logger", "ProgressBar", "MetricBuffer", "scalar_metric"]
+
+
+class Writer(Protocol):
+    """What :class:`Logger` and :func:`fnlit.fit` call on a writer."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_hparams(self, hparams: Mapping[str, Any]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _hparam_value(v: Any) -> bool | int | float | str:
+    return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+
+class TensorBoardWriter:
+    """Scalars and hyperparameters in TensorBoard event files (through tensorboardX).
+
+    ``tensorboard --logdir <log_dir>`` shows the scalars; hyperparameters appear under HPARAMS.
+
+    Args:
+        log_dir: directory of the event files (created on rank 0).
+        flush_secs: how often tensorboardX flushes in the background.
+
+    Example:
+        >>> import tempfile, os
+        >>> w = TensorBoardWriter(tempfile.mkdtemp())
+        >>> w.log_metrics({"train/loss": 1.5}, step=1)
+        >>> w.close()
+        >>> any(f.startswith("events.out.tfevents") for f in os.listdir(w.log_dir))
+        True
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: int = 30) -> None:
+        self.log_dir = os.fspath(log_dir)
+        self._writer = None
+        if _dist.is_main():
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir, flush_secs=flush_secs)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._writer is not None:
+            for name, value in metrics.items():
+                self._writer.add_scalar(name, value, step)
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Sequence[str] = ()) -> None:
+        """Writes the hyperparameters (and the names of the metrics to show next to them) into this run."""
+        if self._writer is None:
+            return
+        from tensorboardX.summary import hparams as _hparams
+
+        # Written into this run's own event file (not a sub-run, as SummaryWriter.add_hparams does),
+        # so TensorBoard shows the hyperparameters next to the run's scalars.
+        exp, ssi, sei = _hparams({k: _hparam_value(v) for k, v in hparams.items()}, {m: 0.0 for m in metrics})
+        fw = self._writer._get_file_writer()
+        for s in (exp, ssi, sei):
+            fw.add_summary(s)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class CSVWriter:
+    """One row per ``log_metrics`` call: ``step`` and a column per metric name (blank where not logged).
+
+    When a new metric name appears, the file is rewritten with the wider header (as Lightning's
+    CSVLogger does); otherwise rows are appended. ``log_hparams`` writes ``hparams.json`` beside it.
+
+    Args:
+        path: a ``.csv`` file, or a directory (the file is then ``<dir>/metrics.csv``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = os.fspath(path)
+        self.path = path if path.endswith(".csv") else os.path.join(path, "metrics.csv")
+        self.enabled = _dist.is_main()
+        self.columns: list[str] = ["step"]
+        self.rows: list[dict[str, Any]] = []
+        if self.enabled:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        self.rows.append(row)
+        new = [k for k in metrics if k not in self.columns]
+        if new or len(self.rows) == 1:
+            self.columns += new
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, self.columns)
+                w.writeheader()
+                w.writerows(self.rows)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+
+    def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with open(os.path.join(os.path.dirname(self.path) or ".", "hparams.json"), "w") as f:
+                json.dump({k: _hparam_value(v) for k, v in hparams.items()}, f, indent=1)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JSONLWriter:
+    """One JSON object per line: ``{"step": ..., "<metric>": value, ...}``; hyperparameters as ``{"hparams": ...}``.
+
+    Args:
+        path: a ``.jsonl`` file, or a directory (the file is then ``<dir>/metrics.jsonl``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = os.fspath(path)
+        self.path = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
+        self._file: TextIO | None = None
+        if _dist.is_main():
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "a")
+
+    def _write(self, obj: Mapping[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(obj) + "\n")
+            self._file.flush()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._write({"step": step, **metrics})
+
+    def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._write({"hparams": {k: _hparam_value(v) for k, v in hparams.items()}})
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Logger:
+    """Sends each call to every writer.
+
+    Args:
+        writers: objects with the :class:`Writer` methods.
+        log_dir: shorthand: add a :class:`TensorBoardWriter` and a :class:`CSVWriter` in this directory.
+
+    Example:
+        >>> import tempfile
+        >>> log = Logger(log_dir=tempfile.mkdtemp())
+        >>> [type(w).__name__ for w in log.writers]
+        ['TensorBoardWriter', 'CSVWriter']
+        >>> log.log_metrics({"train/loss": 0.1}, step=5); log.close()
+    """
+
+    def __init__(self, writers: Sequence[Writer] = (), *, log_dir: str | os.PathLike[str] | None = None) -> None:
+        self.writers: list[Writer] = list(writers)
+        if log_dir is not None:
+            self.writers += [TensorBoardWriter(log_dir), CSVWriter(log_dir)]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for w in self.writers:
+            w.log_metrics(metrics, step)
+
+    def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            w.log_hparams(hparams)
+
+    def flush(self) -> None:
+        for w in self.writers:
+            w.flush()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+class ProgressBar:
+    """A tqdm bar: epoch, batch in the epoch, steps/s, and the step and loss at the last log interval.
+
+    On by default only where it can be seen: rank 0 with stdout a terminal. ``enabled=True`` forces it on
+    (rank 0 only), ``False`` off. tqdm redraws at most every ``mininterval`` seconds, and the loss shown is
+    updated at log intervals, so the bar adds no host sync and almost no work per step.
+
+    Args:
+        enabled: None (auto), True or False.
+        file: where to draw (default ``sys.stdout``).
+        mininterval: seconds between redraws.
+    """
+
+    def __init__(self, enabled: bool | None = None, *, file: TextIO | None = None, mininterval: float = 0.25) -> None:
+        self.file = file if file is not None else sys.stdout
+        if enabled is None:
+            isatty = getattr(self.file, "isatty", None)
+            enabled = bool(isatty and isatty())
+        self.enabled = bool(enabled) and _dist.is_main()
+        try:  # a terminal that reports 0 columns (some pseudo-terminals) would get an empty bar
+            sized = os.get_terminal_size(self.file.fileno()).columns > 0
+        except (OSError, AttributeError, ValueError):
+            sized = False
+        self.bar = tqdm(
+            total=None, file=self.file, disable=not self.enabled, unit="steps", mininterval=mininterval,
+            dynamic_ncols=sized, ncols=None if sized else 100, leave=True,
+        )  # fmt: skip
+        self.update = self.bar.update
+        """``update(n=1)``: bound to tqdm's own method (the loop calls it every step)."""
+
+    def start_epoch(self, epoch: int, total: int | None, initial: int = 0) -> None:
+        """Resets the bar for a new epoch of ``total`` batches, starting at batch ``initial``."""
+        if self.enabled:
+            self.bar.reset(total=total)
+            self.bar.n = self.bar.last_print_n = initial
+            self.bar.set_description(f"epoch {epoch}", refresh=False)
+
+    def set_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Shows the global step and the loss (or the first metric) of the last log interval."""
+        if self.enabled:
+            shown = {"step": step}
+            loss = next((k for k in metrics if k.rsplit("/", 1)[-1] == "loss"), next(iter(metrics), None))
+            if loss is not None:
+                shown[loss.rsplit("/", 1)[-1]] = f"{metrics[loss]:.4g}"
+            self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
+    """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar."""
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.dim() != 0:
+        raise ValueError(
+            f"{who} returned metric {name!r} of shape {tuple(t.shape)}; metrics must be scalars (0-d tensors). "
+            f"Reduce it, e.g. {name}.mean()."
+        )
+    return t.detach().float()
+
+
+class MetricBuffer:
+    """Train metrics pending since the last log (device tensors), and the names they are logged under."""
+
+    def __init__(self, prefixes: tuple[str, str], on_log: list[Callable[..., Any]]) -> None:
+        self.prefixes, self.on_log = prefixes, on_log
+        self.pending: list[Metrics] = []
+        self.owner: dict[str, str] = {"step": "fit", "epoch": "fit"}
+        self.latest: dict[str, float] = {}
+
+    def claim(self, names: Iterable[str], who: str) -> None:
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"{who} returned a metric named {name!r}; metric names must be strings.")
+            if self.owner.setdefault(name, who) != who:
+                raise ValueError(
+                    f"metric name collision: {name!r} comes from both {self.owner[name]} and {who}. Rename one of them "
+                    f"(fit logs training metrics as '{self.prefixes[0]}<name>' and validation as '{self.prefixes[1]}<name>')."
+                )
+
+    def flush(self, state: TrainState, epoch: int) -> dict[str, float]:
+        """Means over the interval, plus the callbacks' ``on_log`` values, read back in one host sync."""
+        names: list[str] = []
+        tensors: list[torch.Tensor] = []
+        if self.pending:
+            pending, self.pending = self.pending, []
+            for k in pending[0]:
+                try:
+                    vals = [m[k] for m in pending]
+                except KeyError:
+                    raise KeyError(f"the training step returned metric {k!r} at some steps but not others.") from None
+                first = scalar_metric(k, vals[0], "the training step")  # names the metric if it is not a scalar
+                if isinstance(vals[0], torch.Tensor) and all(v.shape == first.shape for v in vals):
+                    mean = torch.stack(vals).float().mean()  # one op for the interval, not one per step
+                else:
+                    mean = torch.stack([scalar_metric(k, v, "the training step") for v in vals]).mean()
+                names.append(self.prefixes[0] + k)
+                tensors.append(mean.detach())
+            self.claim(names, "the training step")
+        for hook in self.on_log:
+            extra = dict(hook(state) or {})
+            self.claim(extra, type(hook.__self__).__name__)
+            names += extra
+            tensors += [scalar_metric(k, v, type(hook.__self__).__name__) for k, v in extra.items()]
+        if not names:
+            return {}
+        device = tensors[0].device
+        values = torch.stack([t.to(device, non_blocking=True) for t in tensors]).tolist()  # the interval's host sync
+        out = dict(zip(names, values), epoch=epoch)
+        self.latest.update(out)
+        return out

@@ -1,0 +1,351 @@
+"""Assertions for users' own tests of a training step: a step is a function, so test it like one.
+
+* :func:`assert_trees_close` -- two pytrees (states, params, metrics) agree; names the first path that does not.
+* :func:`assert_pure` -- the step mutates none of its inputs, leaves the global RNG alone, and gives
+  bitwise the same outputs twice.
+* :func:`assert_overfits` -- the step can fit a single batch (it learns at all).
+* :func:`no_host_sync` / :func:`assert_no_host_sync` -- the step never reads a tensor's value on the host
+  (``.item()``, ``float(t)``, ``if loss > 0:``, ``.tolist()``, ``print(t)``, a device-to-host copy).
+
+Which host reads are flagged: every read of a tensor's value, with one exception -- fnlit's own reads
+of host memory that it does by design: random keys (0-d int64 CPU tensors turned into seeds) and, in
+the eager CPU fast path, learning rate and weight decay held on the CPU. Those happen in a few fnlit
+functions listed in ``_ALLOWED`` and are allowed only for CPU tensors; a read from anywhere else --
+the user's step included -- fails, even on the CPU where it costs nothing, because on an accelerator
+the same line would stall every step and break graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import ensemble as _ensemble
+from . import random as _random
+from . import tree as _tree
+from ._types import Batch, Metrics, StepFn
+from .optim import _alias, _privacy
+from .state import TrainState
+
+__all__ = ["HostSyncError", "assert_no_host_sync", "assert_overfits", "assert_pure", "assert_trees_close", "no_host_sync"]
+
+
+# ------------------------------------------------------------------------------ trees
+def _labelled(tree: Any, name: str, state: bool = False) -> tuple[list[str], list[Any], Any]:
+    paths, leaves, treedef = _tree.tree_flatten_with_path(tree)
+    out = []
+    for p in paths:
+        if p == "<root>":
+            out.append(name)
+        elif p.startswith("["):
+            out.append(name + p)
+        elif isinstance(tree, dict) and not state:  # keystr writes a root dict's key bare: "w['x']" -> tree['w']['x']
+            key, _, rest = p.partition("[")
+            out.append(f"{name}[{key!r}]" + ("[" + rest if rest else ""))
+        else:
+            out.append(f"{name}.{p}")
+    return out, leaves, treedef
+
+
+def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-6, name: str = "tree") -> None:
+    """Asserts two pytrees have the same structure and leaves equal within ``atol + rtol * |expected|``.
+
+    Tensor leaves must also agree in shape and dtype; other leaves must be ``==``.
+
+    Args:
+        actual: the tree under test.
+        expected: the reference tree.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+        name: what to call the trees in the message (``"state"`` gives paths like ``state.params['w']``).
+
+    Raises:
+        AssertionError: naming the first differing path, the largest difference there, and how many
+            leaves differ.
+
+    Example:
+        >>> import torch
+        >>> assert_trees_close({"w": torch.ones(2)}, {"w": torch.ones(2) + 1e-7})
+        >>> assert_trees_close({"w": torch.ones(2)}, {"w": torch.zeros(2)})
+        Traceback (most recent call last):
+        AssertionError: tree['w'] differs: max abs difference 1 (at index (0,)), rtol=1e-05, atol=1e-06; 1 of 1 leaves differ.
+    """
+    is_state = isinstance(actual, TrainState) and isinstance(expected, TrainState)
+    if is_state:
+        # Field by field: the optimizer object is static (not compared); its state is.
+        actual = {f: getattr(actual, f) for f in _STATE_FIELDS}
+        expected = {f: getattr(expected, f) for f in _STATE_FIELDS}
+    where = _tree.first_mismatch(expected, actual)
+    if where is not None:
+        raise AssertionError(f"{name}: structure differs from the expected tree: {where}.")
+    paths, a_leaves, _ = _labelled(actual, name, state=is_state)
+    bad: list[str] = []
+    for path, a, e in zip(paths, a_leaves, _tree.tree_leaves(expected)):
+        msg = _leaf_difference(a, e, rtol, atol)
+        if msg is not None:
+            bad.append(f"{path} differs: {msg}")
+    if bad:
+        raise AssertionError(f"{bad[0]}, rtol={rtol:g}, atol={atol:g}; {len(bad)} of {len(paths)} leaves differ.")
+
+
+_STATE_FIELDS = ("step", "params", "buffers", "opt_state", "scaler", "rng")
+
+
+def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
+    if not isinstance(e, torch.Tensor):
+        return None if a == e else f"got {a!r}, expected {e!r}"
+    if a.dtype != e.dtype:
+        return f"dtype {a.dtype}, expected {e.dtype}"
+    if a.numel() == 0:
+        return None
+    a64, e64 = a.detach().cpu().double(), e.detach().cpu().double()
+    if torch.allclose(a64, e64, rtol=rtol, atol=atol, equal_nan=True):
+        return None
+    diff = torch.where(torch.isnan(a64) & torch.isnan(e64), 0.0, (a64 - e64).abs()).nan_to_num(float("inf"))
+    idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return f"max abs difference {diff.max().item():.3g} (at index {idx})"
+
+
+def _bitwise_equal(a: Any, b: Any) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return bool(a == b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+    return torch.equal(a, b)
+
+
+def _first_unequal(paths: list[str], xs: list[Any], ys: list[Any]) -> str | None:
+    return next((p for p, x, y in zip(paths, xs, ys) if not _bitwise_equal(x, y)), None)
+
+
+# ------------------------------------------------------------------------------ purity
+def _snapshot(state: Any, batch: Any) -> tuple[list[str], list[Any]]:
+    paths, leaves, _ = _labelled(state, "state")
+    b_paths, b_leaves, _ = _labelled(batch, "batch")
+    copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in leaves + b_leaves]
+    return paths + b_paths, copies
+
+
+def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any, run: str) -> None:
+    now = _tree.tree_leaves(state) + _tree.tree_leaves(batch)
+    where = _first_unequal(paths, now, before)
+    if where is not None:
+        raise AssertionError(
+            f"the step mutated its input {where} ({run} call). A step must return new tensors, not write into the "
+            "ones it is given: replace in-place ops (add_, mul_, x[...] = ..., out=) by their out-of-place forms."
+        )
+
+
+def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """Asserts ``step`` is a pure function: no input mutated, no global RNG used, bitwise deterministic.
+
+    Runs ``step(state, batch)`` twice. After each call every tensor of ``state`` and ``batch`` must be
+    bitwise what it was; PyTorch's global CPU generator must be untouched (random numbers come from
+    ``state.rng`` through :func:`fnlit.apply`); and the two calls must return bitwise equal states and
+    metrics (dropout included).
+
+    Returns:
+        The outputs of the first call.
+
+    Raises:
+        AssertionError: naming the mutated input, or the first output that differs between the calls.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+        >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+        >>> new_state, metrics = assert_pure(step, state, (torch.randn(8, 4), torch.randn(8, 4)))
+    """
+    paths, before = _snapshot(state, batch)
+    rng_before = torch.get_rng_state()
+    first = step(state, batch)
+    _check_unchanged(paths, before, state, batch, "first")
+    if not torch.equal(torch.get_rng_state(), rng_before):
+        raise AssertionError(
+            "the step changed PyTorch's global random generator: it draws random numbers that do not come from "
+            "state.rng. Run the random parts through fnlit.apply(..., rng=state.rng) or "
+            "`with fnlit.random.seeded(key):`, so the same state gives the same step."
+        )
+    second = step(state, batch)
+    _check_unchanged(paths, before, state, batch, "second")
+    out_paths, a, _ = _labelled(first, "output")
+    if _tree.tree_structure(first) != _tree.tree_structure(second):
+        raise AssertionError("the step returned differently structured outputs for the same inputs.")
+    where = _first_unequal(out_paths, a, _tree.tree_leaves(second))
+    if where is not None:
+        raise AssertionError(
+            f"the step is not deterministic: {where} differs between two calls on the same state and batch. "
+            "Draw random numbers from state.rng (fnlit.apply(..., rng=state.rng)), and avoid nondeterministic "
+            "kernels (torch.use_deterministic_algorithms(True) finds them)."
+        )
+    return first
+
+
+def assert_overfits(
+    step: StepFn, state: TrainState, batch: Batch, *, steps: int = 100, below: float, metric: str = "loss"
+) -> TrainState:
+    """Asserts that ``steps`` steps on one batch bring ``metrics[metric]`` below ``below``.
+
+    A model that cannot fit a single batch has a bug (gradients not applied, a detached loss, a zero
+    learning rate, labels misaligned with inputs); this is the cheapest test that catches them.
+
+    Returns:
+        The final state.
+
+    Raises:
+        AssertionError: with the first and last value of the metric.
+        KeyError: if the step returns no metric called ``metric``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.adam(0.1), seed=0)
+        >>> x = torch.randn(4, 4)
+        >>> state = assert_overfits(step, state, (x, x.sum(1, keepdim=True)), steps=100, below=1e-2)
+    """
+    if steps < 1:
+        raise ValueError(f"assert_overfits expected steps >= 1, got {steps} instead.")
+    first = last = None
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        if metric not in metrics:
+            raise KeyError(f"assert_overfits: the step returned no metric {metric!r}; it returned {sorted(metrics)}. Pass metric=...")
+        last = metrics[metric]
+        first = last if first is None else first
+    start, end = float(first), float(last)  # type: ignore[arg-type]
+    if not end < below:
+        raise AssertionError(
+            f"the step did not fit a single batch: {metric} went from {start:.4g} to {end:.4g} in {steps} steps, "
+            f"expected below {below:g}. Check that the step applies its gradients (state.apply_gradients(grads)), "
+            "that the loss depends on the params, and the learning rate; or allow more steps."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------ host syncs
+class HostSyncError(AssertionError):
+    """A tensor's value was read on the host inside :func:`no_host_sync`."""
+
+
+# fnlit's own reads of host memory, by design (see the module docstring): allowed on CPU tensors only.
+_ALLOWED = frozenset(
+    f.__code__
+    for f in (
+        _random.seeded.__enter__,
+        _random.split,
+        _random.fold_in,
+        _random.next_key,
+        _alias._decay_factor,
+        _alias._kernel_lr,
+        _privacy._noise_generator,
+        _ensemble._fold_keys,
+    )
+)
+_SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
+_READS = frozenset(
+    ["item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__", "__complex__",
+     "__repr__", "__str__", "__format__"]
+)
+_SCALAR = torch.ops.aten._local_scalar_dense.default
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+
+
+def _caller() -> types.FrameType | None:
+    """The innermost frame outside torch and this module: where the read was written."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename.startswith(_SKIP):
+        f = f.f_back
+    return f
+
+
+def _flag(what: str, t: torch.Tensor | None) -> None:
+    f = _caller()
+    if t is not None and t.device.type == "cpu" and f is not None and f.f_code in _ALLOWED:
+        return
+    where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})" if f is not None else "an unknown place"
+    raise HostSyncError(
+        f"host sync inside the step: {what} at {where}. Reading a tensor's value on the host stalls the device "
+        "every step and breaks graph capture. Return the tensor in the metrics instead (the driver reads them at "
+        "log intervals), and replace Python branches on tensors by torch.where."
+    )
+
+
+class _FunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in _READS and args and isinstance(args[0], torch.Tensor):
+            _flag(f"Tensor.{name}()" if not name.startswith("__") else f"{name.strip('_')}(tensor)", args[0])
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchMode(TorchDispatchMode):
+    """Catches what reaches the dispatcher by other routes (C++ conversions, device-to-host copies)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _SCALAR:
+            _flag("a scalar read (aten._local_scalar_dense)", args[0])
+        elif func in _COPIES:
+            src, dst = (args[0], kwargs.get("device")) if func is _COPIES[0] else (args[1], args[0].device)
+            if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
+                _flag(f"a copy from {src.device} to the host", None)
+        return func(*args, **kwargs)
+
+
+class no_host_sync:
+    """Inside the block, reading a tensor's value on the host raises :class:`HostSyncError`.
+
+    Catches ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` (``if loss > 0:``), ``.tolist()``,
+    ``.numpy()``, printing or formatting a tensor, and copies from an accelerator to the host (``.cpu()``),
+    on any device -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
+    and CPU hyperparameters are allowed (see the module docstring). Ops run a little slower inside.
+
+    Example:
+        >>> import torch
+        >>> with no_host_sync():
+        ...     loss = torch.ones(3).sum() * 2  # fine: stays a tensor
+        >>> with no_host_sync():
+        ...     value = loss.item()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        fnlit.testing.HostSyncError: host sync inside the step: Tensor.item() at ...
+    """
+
+    def __init__(self) -> None:
+        self._modes = (_FunctionMode(), _DispatchMode())
+
+    def __enter__(self) -> no_host_sync:  # noqa: PYI034
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
+def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Batch) -> Any:
+    """Runs ``step(state, batch)`` under :class:`no_host_sync` and returns its outputs.
+
+    Raises:
+        HostSyncError: (an AssertionError) naming the read and the line that did it.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+        >>> state, metrics = assert_no_host_sync(step, state, (torch.randn(8, 4), torch.randn(8, 1)))
+    """
+    with no_host_sync():
+        return step(state, batch)

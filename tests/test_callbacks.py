@@ -1,0 +1,177 @@
+"""Callbacks inside fit: early stopping, LR monitor, EMA/SWA against hand computations, timer, update_bn."""
+
+import copy
+import datetime
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batch, hand_step, mlp
+
+import fnlit
+from fnlit.callbacks import (
+    EMA,
+    SWA,
+    EarlyStopping,
+    LearningRateMonitor,
+    StopTraining,
+    Timer,
+    update_bn,
+)
+from fnlit.data import ArrayLoader
+from fnlit.loop import evaluate, fit
+
+
+def counting_state():
+    return fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+
+
+def count_step(state, batch):
+    return state.replace(step=state.step + 1), {"loss": torch.tensor(0.0)}
+
+
+def scripted_eval(values):
+    """An eval step whose val/loss at the k-th validation run is values[k] (one val batch per run)."""
+    runs = iter(values)
+    return lambda state, batch: {"loss": torch.tensor(next(runs))}
+
+
+@pytest.mark.parametrize(
+    "mode, values, min_delta, epochs",
+    [
+        ("min", [5.0, 4.0, 4.5, 4.2, 1.0], 0.0, 4),  # best 4.0 at run 2, then 2 runs without improvement
+        ("min", [5.0, 4.6, 4.4, 4.3, 4.0, 1.0], 0.5, 5),  # 4.6 > 5.0 - 0.5; 4.4 improves; 4.3, 4.0 > 4.4 - 0.5
+        ("max", [1.0, 2.0, 3.0, 3.0, 2.5, 9.0], 0.0, 5),
+    ],
+)
+def test_early_stopping_counts_validation_runs(mode, values, min_delta, epochs):
+    es = EarlyStopping("val/loss", mode=mode, patience=2, min_delta=min_delta)
+    state = fit(count_step, counting_state(), list(range(3)), max_epochs=20, val_data=[0], eval_step=scripted_eval(values),
+                num_sanity_val_steps=0, callbacks=[es], progress=False)  # fmt: skip
+    assert int(state.step) == 3 * epochs and es.stopped_step == 3 * epochs
+
+
+def test_early_stopping_waits_for_min_epochs():
+    es = EarlyStopping("val/loss", patience=1)
+    state = fit(count_step, counting_state(), list(range(3)), max_epochs=20, min_epochs=5, val_data=[0],
+                eval_step=scripted_eval([1.0] * 20), num_sanity_val_steps=0, callbacks=[es], progress=False)  # fmt: skip
+    assert int(state.step) == 15
+
+
+def test_early_stopping_names_the_missing_metric():
+    with pytest.raises(KeyError, match=r"monitor='val/acc'.*\['val/loss'\]"):
+        fit(count_step, counting_state(), [0], max_epochs=2, val_data=[0], eval_step=scripted_eval([1.0] * 3),
+            num_sanity_val_steps=0, callbacks=[EarlyStopping("val/acc")], progress=False)  # fmt: skip
+
+
+def test_lr_monitor_logs_the_schedule_value_of_each_logged_step(tmp_path):
+    schedule = fnlit.optim.linear_warmup(1.0, 10)
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(schedule), seed=0)
+    x, y = batch(32)
+    fit(hand_step(model), state, ArrayLoader(x, y, batch_size=4), max_epochs=1, log_every_n_steps=3,
+        callbacks=[LearningRateMonitor()], log_dir=str(tmp_path), progress=False)  # fmt: skip
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    got = [(int(r.split(",")[0]), float(r.split(",")[header.index("lr-SGD")])) for r in rows[1:]]
+    # The rate the step-k update used is the warm-up's value at count k - 1: (k - 1) / 10.
+    assert got == [(3, pytest.approx(0.2)), (6, pytest.approx(0.5)), (8, pytest.approx(0.7))]
+
+
+class Recorder:
+    def __init__(self):
+        self.steps, self.epochs = [], []
+
+    def on_step(self, state, metrics):
+        self.steps.append({k: v.clone() for k, v in state.params.items()})
+
+    def on_epoch_end(self, state, metrics):
+        self.epochs.append({k: v.clone() for k, v in state.params.items()})
+
+
+def train(callbacks, epochs=4):
+    model = mlp(dropout=0.1)
+    state = fnlit.TrainState.create(model, fnlit.optim.adam(1e-2), seed=0)
+    x, y = batch(40)
+    rec = Recorder()
+    end = fit(hand_step(model), state, ArrayLoader(x, y, batch_size=8), max_epochs=epochs, callbacks=[rec, *callbacks],
+              progress=False)  # fmt: skip
+    return model, state, end, rec
+
+
+def test_ema_equals_the_hand_computed_average():
+    ema = EMA(decay=0.9)
+    model, start, end, rec = train([ema])
+    expected = {k: v.clone() for k, v in start.params.items()}
+    for params in rec.steps:
+        expected = {k: 0.9 * expected[k] + 0.1 * params[k] for k in expected}
+    for k in expected:
+        torch.testing.assert_close(ema.params[k], expected[k], rtol=1e-5, atol=1e-6)
+    averaged = ema.state(end)
+    assert averaged.params.keys() == end.params.keys() and torch.equal(averaged.step, end.step)
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": F.cross_entropy(m(b[0]), b[1])})
+    assert set(evaluate(ev, averaged, [batch(8)])) == {"loss"}
+
+
+@pytest.mark.parametrize("start, first", [(2, 2), (0.5, 2), (0.8, 3)])
+def test_swa_equals_the_mean_of_epoch_end_params(start, first):
+    swa = SWA(swa_epoch_start=start)
+    _, _, end, rec = train([swa], epochs=4)
+    averaged = rec.epochs[first:]
+    assert swa.n_averaged == len(averaged)
+    for k, v in swa.params.items():
+        torch.testing.assert_close(v, torch.stack([p[k] for p in averaged]).mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(swa.state(end).params[k], swa.params[k])
+
+
+def test_swa_fraction_needs_max_epochs():
+    with pytest.raises(ValueError, match="fraction of max_epochs"):
+        fit(count_step, counting_state(), [0], max_steps=3, callbacks=[SWA(0.5)], progress=False)
+
+
+def test_timer_and_max_time_stop_training():
+    import time
+
+    def slow(state, batch):
+        time.sleep(0.01)
+        return count_step(state, batch)
+
+    timer = Timer(duration=0.1)
+    state = fit(slow, counting_state(), list(range(1000)), max_epochs=1, callbacks=[timer], progress=False)
+    assert 5 <= int(state.step) < 1000 and timer.time_elapsed("train") >= 0.1
+    state = fit(slow, counting_state(), list(range(1000)), max_epochs=1, max_time={"seconds": 0.1}, progress=False)
+    assert 5 <= int(state.step) < 1000
+    assert Timer("00:01:00:05").duration == 3605 and Timer(datetime.timedelta(minutes=1)).duration == 60
+
+
+def test_timer_measures_validation():
+    timer = Timer()
+    fit(count_step, counting_state(), [0, 1], max_epochs=2, val_data=[0], eval_step=lambda s, b: {"a": torch.tensor(1.0)},
+        callbacks=[timer], progress=False)  # fmt: skip
+    assert 0 < timer.time_elapsed("validate") <= timer.time_elapsed("train")
+
+
+def test_a_custom_callback_is_a_few_lines():
+    class StopAfter:
+        def __init__(self, n):
+            self.n = n
+
+        def on_step(self, state, metrics):
+            self.n -= 1
+            if self.n == 0:
+                raise StopTraining
+
+    state = fit(count_step, counting_state(), list(range(10)), max_epochs=5, callbacks=[StopAfter(13)], progress=False)
+    assert int(state.step) == 13
+
+
+def test_update_bn_matches_torch_swa_utils():
+    model = mlp(bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    data = [batch(16, seed=i)[0] for i in range(4)]
+    new = update_bn(model, state, [(x, None) for x in data])
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(data, reference)
+    for name, buf in reference.named_buffers():
+        torch.testing.assert_close(new.buffers[name], buf)
+    assert int(state.buffers["1.num_batches_tracked"]) == 0 and model[1].momentum == 0.1  # nothing else changed

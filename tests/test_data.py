@@ -1,0 +1,136 @@
+"""ArrayLoader: deterministic per-epoch order from (seed, epoch), starts mid-epoch, shards across ranks."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import fnlit
+from fnlit.callbacks import StopTraining
+from fnlit.data import (
+    ArrayLoader,
+    batch_size_of,
+    check_sharding,
+    device_mover,
+    epoch_batches,
+)
+
+
+def flat(batches):
+    return [x.tolist() for x in batches]
+
+
+def test_batches_cover_the_data_once_per_epoch():
+    loader = ArrayLoader(torch.arange(10), batch_size=3)
+    assert len(loader) == 4
+    epoch0 = flat(loader.batches(0, seed=5))
+    assert [len(b) for b in epoch0] == [3, 3, 3, 1] and sorted(sum(epoch0, [])) == list(range(10))
+    assert len(ArrayLoader(torch.arange(10), batch_size=3, drop_last=True)) == 3
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch():
+    a, b = ArrayLoader(torch.arange(20), batch_size=4), ArrayLoader(torch.arange(20), batch_size=4)
+    assert flat(a.batches(3, seed=1)) == flat(b.batches(3, seed=1))
+    assert flat(a.batches(3, seed=1)) != flat(a.batches(4, seed=1))
+    assert flat(a.batches(3, seed=1)) != flat(a.batches(3, seed=2))
+    expected = torch.tensor(fnlit.distributed.shard_indices(20, rank=0, world_size=1, shuffle=True, seed=1, epoch=3))
+    assert torch.equal(torch.cat(list(a.batches(3, seed=1))), expected)
+
+
+def test_start_skips_earlier_batches_without_building_them():
+    x = torch.arange(12)
+    loader = ArrayLoader(x, x * 10, batch_size=2)
+    full = list(loader.batches(2, seed=0))
+    calls = []
+    orig = torch.Tensor.index_select
+    loader.tensors = tuple(_Spy(t, calls, orig) for t in loader.tensors)
+    tail = list(loader.batches(2, seed=0, start=4))
+    assert len(calls) == 2 * 2  # two batches, two tensors: nothing built for batches 0..3
+    assert [(a.tolist(), b.tolist()) for a, b in tail] == [(a.tolist(), b.tolist()) for a, b in full[4:]]
+
+
+class _Spy:
+    """Wraps a tensor and records index_select calls."""
+
+    def __init__(self, t, calls, orig):
+        self.t, self.calls, self.orig = t, calls, orig
+        self.shape, self.device = t.shape, t.device
+
+    def index_select(self, dim, idx):
+        self.calls.append(idx.tolist())
+        return self.orig(self.t, dim, idx)
+
+
+def test_shuffle_off_and_plain_iteration():
+    loader = ArrayLoader(torch.arange(5), batch_size=2, shuffle=False)
+    assert flat(loader) == [[0, 1], [2, 3], [4]]
+    loader = ArrayLoader(torch.arange(5), batch_size=2)
+    loader.set_epoch(1, seed=3)
+    assert flat(loader) == flat(loader.batches(1, 3))
+    assert flat(loader.batches(1, 3, shuffle=False)) == [[0, 1], [2, 3], [4]]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="same first dimension"):
+        ArrayLoader(torch.zeros(3), torch.zeros(4), batch_size=1)
+    with pytest.raises(ValueError, match="batch_size to be an int >= 1, got 0"):
+        ArrayLoader(torch.zeros(3), batch_size=0)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        ArrayLoader(batch_size=2)
+
+
+def test_epoch_batches_for_other_iterables():
+    assert list(epoch_batches([1, 2, 3, 4], 0, 0, start=1, stop=3, sequential=False)) == [2, 3]
+    dl = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, shuffle=True)
+    a = [b[0].tolist() for b in epoch_batches(dl, 1, 7, 0, None, False)]
+    assert a == [b[0].tolist() for b in epoch_batches(dl, 1, 7, 0, None, False)]
+    assert a != [b[0].tolist() for b in epoch_batches(dl, 2, 7, 0, None, False)]
+
+
+def test_device_mover_and_batch_size():
+    assert device_mover(torch.device("cpu")) is None  # CPU training: no work per batch
+    assert batch_size_of({"x": torch.zeros(5, 2), "y": torch.zeros(5)}) == 5 and batch_size_of(3) == 1
+
+
+@pytest.mark.cuda
+def test_batches_move_to_the_state_device():
+    move = device_mover(torch.device("cuda"))
+    x, y = move((torch.zeros(4, 2), torch.ones(4)))
+    assert x.is_cuda and y.is_cuda
+
+
+def _shards():
+    """Runs in each of 2 processes (fnlit.distributed.launch)."""
+    loader = ArrayLoader(torch.arange(11), batch_size=2)
+    seen = [x.tolist() for x in loader.batches(0, seed=3)]
+    try:
+        check_sharding(DataLoader(TensorDataset(torch.arange(4))), "train_data")
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    return len(loader), seen, error, _stop_on_one_rank()
+
+
+class _StopOnRank1:
+    def on_step(self, state, metrics):
+        if fnlit.distributed.rank() == 1 and int(state.step) == 3:
+            raise StopTraining
+
+
+def _stop_on_one_rank():
+    """A stop requested on rank 1 alone: both ranks stop together, at the next log interval (step 5)."""
+    from fnlit.loop import fit
+
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.float().mean()})  # noqa: E731
+    out = fit(step, state, ArrayLoader(torch.arange(40), batch_size=1), max_epochs=1, log_every_n_steps=5,
+              callbacks=[_StopOnRank1()], progress=False)  # fmt: skip
+    return int(out.step)
+
+
+@pytest.mark.distributed
+def test_each_rank_gets_its_own_shard():
+    (n0, a, e0, s0), (n1, b, _, s1) = fnlit.distributed.launch(_shards, 2, timeout=120)
+    assert n0 == n1 == 3 and s0 == s1 == 5
+    a, b = sum(a, []), sum(b, [])
+    assert len(a) == len(b) == 5 and not set(a) & set(b)
+    assert "DistributedSampler" in e0 and "ArrayLoader" in e0

@@ -1,0 +1,144 @@
+import pytest
+import torch
+from helpers import batch, hand_step, mlp
+from torch import nn
+
+import fnlit
+from fnlit.ensemble import ensemble, ensemble_states, stack_states, unstack_state
+from fnlit.testing import assert_no_host_sync, assert_pure, assert_trees_close
+
+SEEDS, LRS, WDS = [3, 1, 4, 1_000_003], [1e-2, 3e-3, 1e-3, 3e-2], [1e-2, 0.0, 1e-1, 5e-2]
+
+
+def solo(seed, tx, model_fn=mlp):
+    """The reference: one model built and trained the ordinary way."""
+    torch.manual_seed(seed)
+    return fnlit.TrainState.create(model_fn(), tx, seed=seed)
+
+
+def run(step, state, data, n):
+    for _ in range(n):
+        state, metrics = step(state, data)
+    return state, metrics
+
+
+def test_each_member_equals_its_solo_run_after_20_steps():
+    step, data = hand_step(mlp()), batch()
+    states = ensemble_states(mlp, fnlit.optim.adamw(1e-3), seeds=SEEDS, learning_rate=LRS, weight_decay=WDS)
+    states, metrics = run(ensemble(step, 4), states, data, 20)
+    assert metrics["loss"].shape == (4,)
+    for i, (seed, lr, wd) in enumerate(zip(SEEDS, LRS, WDS)):
+        alone, alone_metrics = run(step, solo(seed, fnlit.optim.adamw(lr, weight_decay=wd)), data, 20)
+        assert_trees_close(unstack_state(states, i), alone, rtol=1e-5, atol=1e-5, name=f"member{i}")
+        torch.testing.assert_close(metrics["loss"][i], alone_metrics["loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_per_member_batches_with_in_dims_0():
+    step = hand_step(mlp())
+    xs = torch.stack([batch(seed=i)[0] for i in range(3)])
+    ys = torch.stack([batch(seed=i)[1] for i in range(3)])
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.1, momentum=0.9), seeds=[0, 1, 2])
+    states, _ = run(ensemble(step, 3, in_dims=0), states, (xs, ys), 5)
+    for i in range(3):
+        alone, _ = run(step, solo(i, fnlit.optim.sgd(0.1, momentum=0.9)), (xs[i], ys[i]), 5)
+        assert_trees_close(unstack_state(states, i), alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: fnlit.optim.sgd(0.1),
+        lambda: fnlit.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda: fnlit.optim.adam(1e-2, weight_decay=1e-3),
+        lambda: fnlit.optim.adamw(1e-2, mask=fnlit.optim.decay_mask),
+        lambda: fnlit.optim.chain(fnlit.optim.clip_by_global_norm(0.5), fnlit.optim.adamw(1e-2)),
+        lambda: fnlit.optim.adamw(fnlit.optim.warmup_cosine(1e-2, 2, 10)),
+    ],
+    ids=["sgd", "sgd-nesterov-wd", "adam-l2", "adamw-masked", "clip+adamw", "adamw-schedule"],
+)
+def test_optimizers_under_vmap_match_eager(make_tx):
+    tx, step, data = make_tx(), hand_step(mlp()), batch()
+    states, _ = run(ensemble(step, 2), stack_states([solo(s, tx) for s in (0, 1)]), data, 5)
+    for i, seed in enumerate((0, 1)):
+        assert_trees_close(unstack_state(states, i), run(step, solo(seed, tx), data, 5)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_statistics_are_per_member():
+    model_fn = lambda: mlp(bn=True)
+    step, data, tx = hand_step(model_fn()), batch(), fnlit.optim.sgd(0.1)
+    states, _ = run(ensemble(step, 2), ensemble_states(model_fn, tx, seeds=[0, 1]), data, 3)
+    for i in range(2):
+        alone, _ = run(step, solo(i, tx, model_fn), data, 3)
+        assert_trees_close(unstack_state(states, i).buffers, alone.buffers, rtol=1e-5, atol=1e-6)
+    assert int(states.buffers["1.num_batches_tracked"][1]) == 3
+
+
+def test_dropout_differs_per_member_and_the_step_stays_pure():
+    model_fn = lambda: mlp(dropout=0.5)
+    step = ensemble(hand_step(model_fn()), 2)
+    same_init = stack_states([solo(0, fnlit.optim.sgd(0.1), model_fn)] * 2)
+    _, metrics = assert_pure(step, same_init, batch())  # deterministic, global generator untouched
+    assert not torch.equal(metrics["loss"][0], metrics["loss"][1])  # same params, different masks
+
+
+def test_ensemble_step_has_no_host_sync():
+    step = ensemble(hand_step(mlp(dropout=0.1)), 2)
+    assert_no_host_sync(step, ensemble_states(mlp, fnlit.optim.adamw(1e-3), seeds=[0, 1]), batch())
+
+
+def test_module_reset_parameters_matches_factory_init():
+    a = ensemble_states(mlp(), fnlit.optim.sgd(0.1), seeds=[5, 6])
+    b = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[5, 6])
+    assert_trees_close(a, b, rtol=0, atol=0)
+
+
+def test_stack_unstack_round_trip():
+    tx = fnlit.optim.adam(1e-3)
+    states = [solo(i, tx) for i in range(3)]
+    stacked = stack_states(states)
+    assert stacked.params["0.weight"].shape == (3, 16, 8)
+    for i in (0, 1, -1):
+        assert_trees_close(unstack_state(stacked, i), states[i], rtol=0, atol=0)
+
+
+def test_stack_states_errors_name_the_mismatch():
+    tx = fnlit.optim.sgd(0.1)
+    with pytest.raises(ValueError, match="empty"):
+        stack_states([])
+    with pytest.raises(ValueError, match=r"states\[1\]\.tx is not states\[0\]\.tx"):
+        stack_states([solo(0, tx), solo(1, fnlit.optim.sgd(0.1))])
+    with pytest.raises(ValueError, match=r"states\[1\] differs from states\[0\] at params\['0\.bias'\]: expected tensor of shape \(16,\)"):
+        stack_states([solo(0, tx), solo(1, tx, lambda: mlp(hidden=8))])
+
+
+def test_unstack_and_ensemble_check_the_member_count():
+    stacked = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    with pytest.raises(IndexError, match="member index 2, but the ensemble has 2"):
+        unstack_state(stacked, 2)
+    with pytest.raises(ValueError, match=r"n=3\) expected a state stacked over 3 members .*shape \(2,\)"):
+        ensemble(hand_step(mlp()), 3)(stacked, batch())
+    with pytest.raises(ValueError, match="expected an ensemble state"):
+        unstack_state(solo(0, fnlit.optim.sgd(0.1)), 0)
+    with pytest.raises(ValueError, match="n, the number of members"):
+        ensemble(hand_step(mlp()), 0)
+
+
+def test_ensemble_states_rejects_sweeps_that_would_do_nothing():
+    with pytest.raises(ValueError, match="weight decay off"):
+        ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1], weight_decay=[0.1, 0.2])
+    with pytest.raises(ValueError, match="is a schedule"):
+        ensemble_states(mlp, fnlit.optim.adamw(fnlit.optim.constant(0.1)), seeds=[0, 1], learning_rate=[0.1, 0.2])
+    with pytest.raises(ValueError, match="no hyperparams\\['weight_decay'\\]"):
+        ensemble_states(mlp, fnlit.optim.chain(fnlit.optim.scale(-0.1)), seeds=[0], weight_decay=[0.1])
+    with pytest.raises(ValueError, match="one value per seed \\(2\\), got 3"):
+        ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1], learning_rate=[0.1, 0.2, 0.3])
+
+
+def test_module_without_reset_parameters_asks_for_a_factory():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+    with pytest.raises(ValueError, match=r"'w'.*reset_parameters.*lambda: Net\(\)"):
+        ensemble_states(Scale(), fnlit.optim.sgd(0.1), seeds=[0, 1])

@@ -1,0 +1,349 @@
+"""fit/evaluate against a counting step: exact numbers of steps, validations and epochs as Lightning defines them."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from helpers import assert_trees_equal, clone_tree
+from torch.utils.data import DataLoader, TensorDataset
+
+import fnlit
+from fnlit.callbacks import StopTraining
+from fnlit.data import ArrayLoader
+from fnlit.loop import evaluate, fit
+
+
+def make_state(seed=0):
+    return fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=seed)
+
+
+class Counter:
+    """A step and an eval step that record every batch they see (batches are example indices)."""
+
+    def __init__(self):
+        self.train, self.val, self.epoch_ends = [], [], []
+
+    def step(self, state, batch):
+        x = torch.as_tensor(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        self.train.append(x.flatten().tolist())
+        return state.replace(step=state.step + 1), {"loss": x.float().mean()}
+
+    def eval_step(self, state, batch):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self.val.append(x.flatten().tolist())
+        return {"loss": x.float().mean()}
+
+    def on_epoch_end(self, state, metrics):
+        self.epoch_ends.append(metrics["epoch"])
+
+
+def run(n=10, val=4, **kw):
+    c = Counter()
+    kw.setdefault("progress", False)
+    val_data = ArrayLoader(torch.arange(val), batch_size=1, shuffle=False) if val else None
+    state = fit(c.step, make_state(), ArrayLoader(torch.arange(n), batch_size=1), val_data=val_data,
+                eval_step=c.eval_step if val else None, callbacks=[c] + kw.pop("callbacks", []), **kw)  # fmt: skip
+    return c, state
+
+
+def test_max_epochs_counts_epochs_and_steps():
+    c, state = run(max_epochs=3, num_sanity_val_steps=0)
+    assert len(c.train) == 30 and int(state.step) == 30 and c.epoch_ends == [0, 1, 2]
+    assert len(c.val) == 3 * 4  # one validation run per epoch (val_check_interval=1.0), all 4 val batches
+
+
+def test_max_steps_stops_mid_epoch():
+    c, state = run(max_steps=25, val=0)
+    assert int(state.step) == 25 and c.epoch_ends == [0, 1]
+
+
+def test_max_steps_counts_from_the_state_step():
+    c = Counter()
+    state = make_state().replace(step=torch.tensor(7))
+    out = fit(c.step, state, list(range(5)), max_steps=12, progress=False)
+    assert int(out.step) == 12 and len(c.train) == 5
+
+
+def test_default_max_epochs_is_1000_like_lightning():
+    c, state = run(n=1, val=0)
+    assert int(state.step) == 1000 and len(c.epoch_ends) == 1000
+
+
+def test_min_epochs_defers_a_stop_request():
+    class StopAtOnce:
+        def on_step(self, state, metrics):
+            raise StopTraining
+
+    c, state = run(max_epochs=10, min_epochs=3, val=0, callbacks=[StopAtOnce()])
+    assert c.epoch_ends == [0, 1, 2] and int(state.step) == 30
+    c, state = run(max_epochs=10, val=0, callbacks=[StopAtOnce()])
+    assert int(state.step) == 1 and c.epoch_ends == []
+
+
+def test_limit_train_batches_int_and_fraction():
+    assert len(run(max_epochs=2, val=0, limit_train_batches=4)[0].train) == 8
+    assert len(run(max_epochs=2, val=0, limit_train_batches=0.5)[0].train) == 10
+    assert len(run(max_epochs=2, val=0, limit_train_batches=0)[0].train) == 0
+    with pytest.raises(ValueError, match=r"limit_train_batches=0.05, but 0.05 \* 10 batches < 1"):
+        run(max_epochs=1, val=0, limit_train_batches=0.05)
+
+
+def test_limit_val_batches():
+    assert len(run(max_epochs=2, limit_val_batches=2, num_sanity_val_steps=0)[0].val) == 4
+    assert len(run(max_epochs=2, limit_val_batches=0.5, num_sanity_val_steps=0)[0].val) == 4
+    assert len(run(max_epochs=2, limit_val_batches=0)[0].val) == 0
+
+
+@pytest.mark.parametrize("n", [True, 3])
+def test_fast_dev_run(n, tmp_path):
+    c, state = run(max_epochs=5, fast_dev_run=n, log_dir=str(tmp_path / "logs"))
+    k = int(n)
+    assert len(c.train) == k and len(c.val) == k and c.epoch_ends == [0]  # no sanity check either
+    assert not (tmp_path / "logs").exists()  # no logging
+
+
+def test_overfit_batches_uses_the_same_first_batches_unshuffled():
+    c, _ = run(max_epochs=3, overfit_batches=2, num_sanity_val_steps=0)
+    assert c.train == [[0], [1]] * 3 and c.val == [[0], [1]] * 3  # validation on 2 batches too
+
+
+@pytest.mark.parametrize(
+    "interval, every_n, epochs, expected",
+    [(0.25, 1, 1, 5), (1.0, 1, 2, 2), (3, 1, 2, 6), (3, None, 2, 6), (4, None, 2, 5), (1, 1, 1, 10)],
+)
+def test_val_check_interval(interval, every_n, epochs, expected):
+    # float: every max(1, int(10 * f)) batches; int: every N batches of the epoch (not at its end unless
+    # it is a multiple); with check_val_every_n_epoch=None, N counts batches across epochs.
+    c, _ = run(max_epochs=epochs, val=1, val_check_interval=interval, check_val_every_n_epoch=every_n, num_sanity_val_steps=0)
+    assert len(c.val) == expected
+
+
+def test_check_val_every_n_epoch():
+    c, _ = run(max_epochs=5, val=1, check_val_every_n_epoch=2, num_sanity_val_steps=0)
+    assert len(c.val) == 2  # after epochs 1 and 3
+
+
+@pytest.mark.parametrize("sanity, expected", [(2, 2), (0, 0), (-1, 4), (10, 4)])
+def test_num_sanity_val_steps(sanity, expected):
+    c, _ = run(max_epochs=1, limit_val_batches=0, val=4)  # validation off: no sanity check
+    assert c.val == []
+    c, _ = run(max_epochs=1, val=4, num_sanity_val_steps=sanity, val_check_interval=1.0, check_val_every_n_epoch=2)
+    assert len(c.val) == expected  # check_val_every_n_epoch=2: epoch 0 does not validate, only the sanity check
+
+
+def test_log_every_n_steps_means_and_one_sync_per_interval(monkeypatch):
+    class Rows:
+        def __init__(self):
+            self.rows = []
+
+        def log_metrics(self, metrics, step):
+            self.rows.append((step, dict(metrics)))
+
+        def log_hparams(self, hparams):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    rows = Rows()
+    c = Counter()
+    data = [torch.tensor([float(i)]) for i in range(10)]
+    calls = {"tolist": 0, "item": 0, "__float__": 0}
+    for name in calls:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _r(self, *a))
+    fit(lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()}), make_state(), data, max_epochs=1,
+        log_every_n_steps=4, loggers=[rows], progress=False)  # fmt: skip
+    monkeypatch.undo()
+    assert [s for s, _ in rows.rows] == [4, 8, 10]  # and the partial interval at the end
+    assert [m["train/loss"] for _, m in rows.rows] == [1.5, 5.5, 8.5]
+    assert calls == {"tolist": 3, "item": 0, "__float__": 0}  # one host sync per interval, none per step
+    assert c.train == []
+
+
+def test_data_order_is_reshuffled_per_epoch_from_the_state_seed():
+    a, _ = run(max_epochs=2, val=0)
+    b, _ = run(max_epochs=2, val=0)
+    assert a.train == b.train and a.train[:10] != a.train[10:]
+    loader = ArrayLoader(torch.arange(10), batch_size=1)
+    seed = int(make_state().rng)
+    assert a.train[10:] == [x.tolist() for x in loader.batches(1, seed)]
+    c = Counter()
+    fit(c.step, make_state(), loader, max_epochs=1, seed=123, progress=False)
+    assert c.train == [x.tolist() for x in loader.batches(0, 123)]
+
+
+def test_dataloader_random_sampler_is_seeded_per_epoch():
+    dl = DataLoader(TensorDataset(torch.arange(12)), batch_size=3, shuffle=True)
+    a, b = Counter(), Counter()
+    fit(a.step, make_state(), dl, max_epochs=2, progress=False)
+    fit(b.step, make_state(), dl, max_epochs=2, progress=False)
+    assert a.train == b.train and a.train[:4] != a.train[4:]
+    assert sorted(sum(a.train[:4], [])) == list(range(12))
+
+
+def test_any_iterable_and_endless_data():
+    c = Counter()
+    fit(c.step, make_state(), [torch.tensor([i]) for i in range(3)], max_epochs=2, progress=False)
+    assert c.train == [[0], [1], [2]] * 2
+
+    def endless():
+        i = 0
+        while True:
+            yield torch.tensor([i])
+            i += 1
+
+    c = Counter()
+    state = fit(c.step, make_state(), endless(), max_steps=7, progress=False)
+    assert int(state.step) == 7 and c.train[-1] == [6]
+    with pytest.raises(ValueError, match="endless training data .* neither max_epochs nor max_steps"):
+        fit(c.step, make_state(), endless(), progress=False)
+
+
+def test_one_shot_iterator_ends_after_it_runs_out():
+    c = Counter()
+    state = fit(c.step, make_state(), iter([torch.tensor([i]) for i in range(4)]), max_epochs=3, progress=False)
+    assert int(state.step) == 4
+
+
+def test_empty_training_data():
+    with pytest.raises(ValueError, match="empty training data"):
+        fit(Counter().step, make_state(), [], max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="empty training data"):
+        fit(Counter().step, make_state(), iter([]), max_epochs=1, progress=False)
+
+
+def test_val_check_interval_larger_than_the_epoch():
+    with pytest.raises(ValueError, match=r"val_check_interval=20, more than the 10 training batches .* check_val_every_n_epoch=None"):
+        run(max_epochs=1, val_check_interval=20)
+
+
+def test_non_scalar_eval_metric():
+    with pytest.raises(ValueError, match=r"eval step returned metric 'x' of shape \(2,\)"):
+        fit(Counter().step, make_state(), [torch.zeros(1)], max_epochs=1, val_data=[torch.zeros(2)],
+            eval_step=lambda s, b: {"x": b}, progress=False)  # fmt: skip
+
+
+def test_non_scalar_train_metric():
+    with pytest.raises(ValueError, match=r"training step returned metric 'y' of shape \(3,\)"):
+        fit(lambda s, b: (s, {"y": torch.zeros(3)}), make_state(), [0, 1], max_epochs=1, progress=False)
+
+
+def test_metric_name_collisions():
+    with pytest.raises(ValueError, match="collision: 'loss' comes from both the training step and the eval step"):
+        run(max_epochs=1, prefixes=("", ""), log_every_n_steps=1, num_sanity_val_steps=0)
+
+    class Clash:
+        def on_log(self, state):
+            return {"train/loss": torch.tensor(0.0)}
+
+    with pytest.raises(ValueError, match="'train/loss' comes from both the training step and Clash"):
+        run(max_epochs=1, val=0, callbacks=[Clash()], log_every_n_steps=1)
+    with pytest.raises(ValueError, match="'epoch' comes from both fit and the training step"):
+        fit(lambda s, b: (s, {"epoch": torch.tensor(0.0)}), make_state(), [0], max_epochs=1, prefixes=("", "val/"), progress=False)
+
+
+class FakeCheckpoint:
+    def __init__(self, restored=None):
+        self.calls, self.restored = [], restored
+
+    def restore(self, path, like):
+        self.calls.append(("restore", path))
+        return self.restored
+
+    def on_step(self, state, position):
+        self.calls.append(("step", int(state.step), dict(position)))
+
+    def on_validation(self, state, position, metrics):
+        self.calls.append(("validation", int(state.step), dict(position), dict(metrics)))
+
+    def on_epoch_end(self, state, position):
+        self.calls.append(("epoch_end", int(state.step), dict(position)))
+
+    def on_exit(self, state, position, reason):
+        self.calls.append(("exit", int(state.step), dict(position), reason))
+
+
+def test_checkpoint_hook_calls_and_positions():
+    ck = FakeCheckpoint()
+    c = Counter()
+    seed = int(make_state().rng)
+    fit(c.step, make_state(), ArrayLoader(torch.arange(3), batch_size=1), max_epochs=2, checkpoint=ck,
+        val_data=[torch.tensor([1.0]), torch.tensor([3.0])], eval_step=c.eval_step, progress=False)  # fmt: skip
+    pos = lambda e, b: {"epoch": e, "batch": b, "seed": seed}  # noqa: E731
+    assert ck.calls == [
+        ("step", 1, pos(0, 1)), ("step", 2, pos(0, 2)), ("step", 3, pos(0, 3)),
+        ("validation", 3, pos(0, 3), {"val/loss": 2.0}), ("epoch_end", 3, pos(1, 0)),
+        ("step", 4, pos(1, 1)), ("step", 5, pos(1, 2)), ("step", 6, pos(1, 3)),
+        ("validation", 6, pos(1, 3), {"val/loss": 2.0}), ("epoch_end", 6, pos(2, 0)),
+        ("exit", 6, pos(2, 0), "finished"),
+    ]  # fmt: skip
+
+
+def test_resume_from_a_position_mid_epoch():
+    loader = ArrayLoader(torch.arange(6), batch_size=1)
+    restored = (make_state().replace(step=torch.tensor(9)), {"epoch": 1, "batch": 3, "seed": 42})
+    ck, c = FakeCheckpoint(restored), Counter()
+    state = fit(c.step, make_state(), loader, max_epochs=2, checkpoint=ck, ckpt_path="last", progress=False)
+    assert ck.calls[0] == ("restore", "last") and int(state.step) == 12
+    assert c.train == [x.tolist() for x in loader.batches(1, 42)][3:]
+    c = Counter()  # any other iterable: the first 3 batches are skipped by iterating
+    fit(c.step, make_state(), [torch.tensor([i]) for i in range(6)], max_epochs=2, checkpoint=FakeCheckpoint(restored),
+        ckpt_path="x", progress=False)  # fmt: skip
+    assert c.train == [[3], [4], [5]]
+
+
+@pytest.mark.parametrize("sig, reason", [(signal.SIGINT, "sigint"), (signal.SIGTERM, "sigterm")])
+def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
+    before = signal.getsignal(sig)
+
+    def step(state, batch):
+        if int(state.step) == 4:
+            os.kill(os.getpid(), sig)  # arrives during the step: the step still finishes
+        return state.replace(step=state.step + 1), {}
+
+    ck = FakeCheckpoint()
+    state = fit(step, make_state(), list(range(10)), max_epochs=3, checkpoint=ck, progress=False)
+    assert int(state.step) == 5
+    assert ck.calls[-1] == ("exit", 5, {"epoch": 0, "batch": 5, "seed": int(make_state().rng)}, reason)
+    assert signal.getsignal(sig) is before
+
+
+def test_evaluate_weights_by_batch_size_and_leaves_the_state_alone():
+    model = torch.nn.Linear(3, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.adam(0.1), seed=0)
+    snapshot = clone_tree(state)
+    step = fnlit.eval_step(model, lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1]), "n": b[0].new_tensor(1.0)})
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 3, generator=g), torch.randn(10, 1, generator=g)
+    out = evaluate(step, state, [(x[:7], y[:7]), (x[7:], y[7:])])
+    with torch.no_grad():
+        ref = ((model(x) - y) ** 2).mean().item()  # the model's own tensors equal the state's
+    assert math.isclose(out["mse"], ref, rel_tol=1e-5) and out["n"] == 1.0
+    assert_trees_equal(state, snapshot)
+    assert evaluate(step, state, [(x[:7], y[:7]), (x[7:], y[7:])], limit_batches=1)["mse"] == pytest.approx(
+        ((model(x[:7]) - y[:7]) ** 2).mean().item(), rel=1e-5
+    )
+
+
+def test_validation_does_not_change_training():
+    a, sa = run(max_epochs=2, val=0)
+    b, sb = run(max_epochs=2, val=4)
+    assert a.train == b.train and torch.equal(sa.rng, sb.rng)
+
+
+def test_resume_with_nothing_saved_starts_from_the_beginning():
+    state = make_state()
+    c = Counter()
+    out = fit(c.step, state, list(range(4)), max_epochs=1, checkpoint=FakeCheckpoint((state, None)), ckpt_path="last", progress=False)
+    assert int(out.step) == 4 and c.train == [[0], [1], [2], [3]]
+
+
+def test_ckpt_path_without_checkpoint():
+    with pytest.raises(ValueError, match="ckpt_path='last' but no checkpoint"):
+        fit(Counter().step, make_state(), [0], max_epochs=1, ckpt_path="last", progress=False)

@@ -1,0 +1,91 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batch, mlp
+
+import fnlit
+from fnlit.ensemble import per_example_grads
+from fnlit.optim import chain, dp_sgd_aggregate, sgd
+
+
+def loss_of(model):
+    def loss_fn(params, example):
+        x, y = example
+        logits, _ = fnlit.apply(model, params, {}, x.unsqueeze(0))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    return loss_fn
+
+
+def test_per_example_grads_equal_one_example_at_a_time():
+    model = mlp()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = batch(n=8)
+    losses, grads = per_example_grads(loss_of(model), params, (x, y))
+    assert losses.shape == (8,) and grads["0.weight"].shape == (8, 16, 8)
+    for i in range(8):  # the reference: plain autograd on the nn.Module, one example at a time
+        model.zero_grad()
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        loss.backward()
+        torch.testing.assert_close(losses[i], loss.detach(), rtol=1e-6, atol=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_per_example_grads_with_aux_and_chunks():
+    params = {"w": torch.tensor([1.0, 2.0])}
+    xs = torch.randn(6, 2)
+    (losses, aux), grads = per_example_grads(lambda p, x: ((p["w"] @ x) ** 2, x.sum()), params, xs, has_aux=True, chunk_size=4)
+    torch.testing.assert_close(losses, (xs @ params["w"]) ** 2)
+    torch.testing.assert_close(aux, xs.sum(1))
+    torch.testing.assert_close(grads["w"], 2 * (xs @ params["w"])[:, None] * xs)
+
+
+def test_dp_clipping_and_averaging_match_a_hand_computation():
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=0.0)
+    g = {"a": torch.tensor([[3.0], [0.1], [0.0]]), "b": torch.tensor([[4.0, 0.0], [0.0, 0.0], [0.0, 2.0]])}
+    out, state = tx.update(g, tx.init(g))
+    # example norms: 5 -> scaled by 1/5; 0.1 -> kept; 2 -> scaled by 1/2
+    torch.testing.assert_close(out["a"], torch.tensor([(0.6 + 0.1 + 0.0) / 3]))
+    torch.testing.assert_close(out["b"], torch.tensor([0.8 / 3, 1.0 / 3]))
+    assert not torch.equal(state.rng, tx.init(g).rng)  # the key advances
+
+
+def test_dp_noise_has_the_calibrated_std_and_is_deterministic():
+    tx = dp_sgd_aggregate(l2_norm_clip=2.0, noise_multiplier=1.5, seed=3)
+    zeros = {"w": torch.zeros(4, 20_000)}  # batch of 4 zero gradients: the output is the noise / 4
+    out, state = tx.update(zeros, tx.init(zeros))
+    std = (out["w"] * 4).std().item()
+    assert abs(std - 3.0) < 0.1, std
+    assert abs((out["w"] * 4).mean().item()) < 0.1
+    again, _ = tx.update(zeros, tx.init(zeros))
+    assert torch.equal(out["w"], again["w"])  # same key, same noise
+    nxt, _ = tx.update(zeros, state)
+    assert not torch.equal(out["w"], nxt["w"])  # the next key, new noise
+
+
+def test_dp_sgd_step_through_apply_gradients():
+    model = mlp()
+    tx = chain(dp_sgd_aggregate(l2_norm_clip=0.5, noise_multiplier=0.0), sgd(0.1))
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    data = batch(n=8)
+
+    def dp_step(state, batch):
+        losses, grads = per_example_grads(loss_of(model), state.params, batch)
+        return state.apply_gradients(grads), {"loss": losses.mean()}  # the optimizer sees per-example grads
+
+    new, _ = fnlit.testing.assert_no_host_sync(dp_step, state, data)
+    _, grads = per_example_grads(loss_of(model), state.params, data)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+    expected = {k: state.params[k] - 0.1 * (g / torch.clamp(norms / 0.5, min=1).view(-1, *[1] * (g.dim() - 1))).mean(0) for k, g in grads.items()}
+    fnlit.testing.assert_trees_close(new.params, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_dp_errors():
+    with pytest.raises(ValueError, match="l2_norm_clip > 0"):
+        dp_sgd_aggregate(0.0, 1.0)
+    tx = dp_sgd_aggregate(1.0, 1.0)
+    with pytest.raises(ValueError, match=r"per-example gradients.*fnlit\.per_example_grads"):
+        tx.update({"a": torch.ones(3), "b": torch.ones(4)}, tx.init({}))
+    with pytest.raises(RuntimeError, match="eagerly only"):
+        torch.func.vmap(lambda g: tx.update({"a": g}, tx.init({}))[0]["a"])(torch.ones(2, 3, 1))

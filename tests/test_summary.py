@@ -1,0 +1,149 @@
+"""Logs read back: TensorBoard event files (parsed here, record by record), CSV, JSONL; the progress bar in a pty."""
+
+import contextlib
+import csv
+import fcntl
+import json
+import os
+import pathlib
+import pty
+import struct
+import termios
+import threading
+import time
+
+import pytest
+import torch
+from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+
+import fnlit
+from fnlit.loop import fit
+from fnlit.summary import CSVWriter, JSONLWriter, Logger, TensorBoardWriter
+
+
+def read_events(log_dir):
+    """Every Event in the TFRecord files of ``log_dir`` (8-byte length, 4-byte crc, payload, 4-byte crc)."""
+    events = []
+    for name in sorted(os.listdir(log_dir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        data = pathlib.Path(log_dir, name).read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12 : i + 12 + length])
+            events.append(ev)
+            i += 12 + length + 4
+    return events
+
+
+def scalars(log_dir):
+    out = {}
+    for ev in read_events(log_dir):
+        for v in ev.summary.value:
+            if v.HasField("simple_value"):
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def counting_fit(log_dir, **kw):
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    data = [torch.tensor([float(i)]) for i in range(10)]
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean(), "double": 2 * b.mean()})  # noqa: E731
+    return fit(step, state, data, max_epochs=2, log_every_n_steps=4, val_data=[torch.tensor([1.0, 2.0])],
+               eval_step=lambda s, b: {"acc": b.mean()}, progress=False, log_dir=str(log_dir), **kw)  # fmt: skip
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars_and_hparams(tmp_path):
+    counting_fit(tmp_path, hparams={"lr": 0.1, "model": "linear"})
+    s = scalars(tmp_path)
+    # Means over each interval of 4 steps; the 4-step intervals run across the epoch boundary.
+    assert s["train/loss"] == [(4, 1.5), (8, 5.5), (12, 4.5), (16, 3.5), (20, 7.5)]
+    assert s["train/double"] == [(k, 2 * v) for k, v in s["train/loss"]]
+    assert s["val/acc"] == [(10, 1.5), (20, 1.5)]
+    assert [k for k, _ in s["epoch"]] == [4, 8, 12, 16, 20] and [v for _, v in s["epoch"]] == [0, 0, 1, 1, 1]
+    hp = [v for ev in read_events(tmp_path) for v in ev.summary.value if v.metadata.plugin_data.plugin_name == "hparams"]
+    infos = [plugin_hparams_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content) for v in hp]
+    start = next(i.session_start_info for i in infos if i.HasField("session_start_info"))
+    assert start.hparams["lr"].number_value == pytest.approx(0.1) and start.hparams["model"].string_value == "linear"
+
+
+def test_csv_holds_the_same_values(tmp_path):
+    counting_fit(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    train = [(int(r["step"]), float(r["train/loss"])) for r in rows if r["train/loss"]]
+    assert train == [(4, 1.5), (8, 5.5), (12, 4.5), (16, 3.5), (20, 7.5)]
+    assert [(int(r["step"]), float(r["val/acc"])) for r in rows if r["val/acc"]] == [(10, 1.5), (20, 1.5)]
+
+
+def test_jsonl_writer(tmp_path):
+    w = JSONLWriter(tmp_path)
+    w.log_hparams({"lr": 0.1, "dev": torch.device("cpu")})
+    w.log_metrics({"train/loss": 0.5}, step=3)
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"hparams": {"lr": 0.1, "dev": "cpu"}}, {"step": 3, "train/loss": 0.5}]
+
+
+def test_only_rank_0_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(fnlit.distributed, "rank", lambda: 1)
+    log = Logger([JSONLWriter(tmp_path / "j")], log_dir=tmp_path / "tb")
+    log.log_metrics({"a": 1.0}, step=1)
+    log.log_hparams({"lr": 1})
+    log.close()
+    assert not (tmp_path / "j").exists() and not (tmp_path / "tb").exists()
+
+
+def test_writers_skip_nothing_across_new_columns(tmp_path):
+    w = CSVWriter(tmp_path / "m.csv")
+    w.log_metrics({"a": 1.0}, 1)
+    w.log_metrics({"a": 2.0}, 2)
+    w.log_metrics({"b": 3.0}, 2)
+    assert list(csv.reader((tmp_path / "m.csv").read_text().splitlines())) == [["step", "a", "b"], ["1", "1.0", ""], ["2", "2.0", ""], ["2", "", "3.0"]]
+    tb = TensorBoardWriter(tmp_path / "tb")
+    tb.log_metrics({"a": 1.0}, 7)
+    tb.close()
+    assert scalars(tmp_path / "tb") == {"a": [(7, 1.0)]}
+
+
+def slow_fit():
+    def step(s, b):
+        time.sleep(0.004)  # 150 steps take 0.6 s: the bar (mininterval 0.25 s) redraws a few times
+        return s.replace(step=s.step + 1), {"loss": torch.tensor(0.125)}
+
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    fit(step, state, list(range(150)), max_epochs=1, log_every_n_steps=10)  # progress=None: decided by stdout
+
+
+def test_progress_bar_in_a_terminal():
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    chunks = []
+    reader = threading.Thread(target=lambda: _drain(master, chunks), daemon=True)
+    reader.start()
+    with open(slave, "w", closefd=True) as terminal, contextlib.redirect_stdout(terminal):
+        slow_fit()
+    reader.join(timeout=10)
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert "epoch 0" in out and "150/150" in out and "steps/s" in out and "loss=0.125" in out and "step=150" in out
+
+
+def _drain(fd, chunks):
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other end was closed
+            return
+        if not chunk:
+            return
+        chunks.append(chunk)
+
+
+def test_no_progress_bar_in_a_pipe():
+    r, w = os.pipe()
+    with open(w, "w", closefd=True) as pipe, contextlib.redirect_stdout(pipe):
+        slow_fit()
+    with open(r, "rb", closefd=True) as f:
+        assert f.read() == b""

@@ -1,0 +1,183 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batch, hand_step, mlp
+
+import fnlit
+from fnlit.testing import (
+    HostSyncError,
+    assert_no_host_sync,
+    assert_overfits,
+    assert_pure,
+    assert_trees_close,
+    no_host_sync,
+)
+
+
+def make(**kw):
+    model = mlp(**kw)
+    return model, fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+
+
+# ---------------------------------------------------------------- assert_trees_close
+def test_trees_close_passes_within_tolerance_and_names_the_first_bad_path():
+    a = {"w": torch.ones(3), "b": {"c": torch.zeros(2)}}
+    assert_trees_close(a, {"w": torch.ones(3) + 1e-7, "b": {"c": torch.zeros(2)}})
+    with pytest.raises(AssertionError, match=r"tree\['b'\]\['c'\] differs: max abs difference 0\.5 \(at index \(1,\)\).*1 of 2 leaves"):
+        assert_trees_close(a, {"w": torch.ones(3), "b": {"c": torch.tensor([0.0, 0.5])}})
+
+
+def test_trees_close_reports_structure_dtype_and_state_paths():
+    with pytest.raises(AssertionError, match="structure differs.*missing"):
+        assert_trees_close({"w": torch.ones(1)}, {"w": torch.ones(1), "v": torch.ones(1)})
+    with pytest.raises(AssertionError, match="dtype torch.float64, expected torch.float32"):
+        assert_trees_close({"w": torch.ones(1, dtype=torch.float64)}, {"w": torch.ones(1)})
+    _, state = make()
+    other = state.replace(params={**state.params, "3.bias": state.params["3.bias"] + 1})
+    with pytest.raises(AssertionError, match=r"state\.params\['3\.bias'\] differs"):
+        assert_trees_close(other, state, name="state")
+
+
+# ---------------------------------------------------------------- assert_pure
+def test_assert_pure_passes_a_correct_step_with_dropout_and_batchnorm():
+    model, state = make(dropout=0.3, bn=True)
+    assert_pure(hand_step(model), state, batch())
+
+
+def test_assert_pure_catches_a_step_that_mutates_its_state():
+    model, state = make()
+    inner = hand_step(model)
+
+    def bad(state, batch):
+        state.params["0.weight"].mul_(0.5)  # planted bug
+        return inner(state, batch)
+
+    with pytest.raises(AssertionError, match=r"mutated its input state\.params\['0\.weight'\] \(first call\)"):
+        assert_pure(bad, state, batch())
+
+
+def test_assert_pure_catches_a_step_that_mutates_its_batch():
+    model, state = make()
+    inner = hand_step(model)
+
+    def bad(state, batch):
+        x, y = batch
+        return inner(state, (x.clamp_(min=0), y))  # planted bug: in-place on the input
+
+    with pytest.raises(AssertionError, match=r"mutated its input batch\[0\]"):
+        assert_pure(bad, state, batch())
+
+
+def test_assert_pure_catches_randomness_outside_the_key():
+    model, state = make()
+    inner = hand_step(model)
+
+    def bad(state, batch):
+        x, y = batch
+        return inner(state, (x + 0.1 * torch.randn_like(x), y))  # planted bug: global generator
+
+    with pytest.raises(AssertionError, match="changed PyTorch's global random generator"):
+        assert_pure(bad, state, batch())
+
+
+def test_assert_pure_catches_hidden_state():
+    model, state = make()
+    inner, calls = hand_step(model), []
+
+    def bad(state, batch):
+        calls.append(1)
+        new, metrics = inner(state, batch)
+        return new, {**metrics, "calls": torch.tensor(len(calls))}  # planted bug: depends on a Python counter
+
+    with pytest.raises(AssertionError, match=r"not deterministic: output\[1\]\['calls'\] differs"):
+        assert_pure(bad, state, batch())
+
+
+# ---------------------------------------------------------------- assert_overfits
+def test_assert_overfits_passes_a_correct_step():
+    model, state = make()
+    state = assert_overfits(hand_step(model), state, batch(), steps=100, below=0.1)
+    assert int(state.step) == 100
+
+
+def test_assert_overfits_catches_a_step_that_cannot_learn():
+    model, state = make()
+
+    def bad(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            logits, buffers = fnlit.apply(model, params, state.buffers, x, rng=state.rng)
+            return F.cross_entropy(logits, y), buffers
+
+        (loss, buffers), _ = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.replace(buffers=buffers), {"loss": loss}  # planted bug: the gradients are never applied
+
+    with pytest.raises(AssertionError, match=r"did not fit a single batch: loss went from [\d.]+ to [\d.]+ in 20 steps, expected below 0\.05"):
+        assert_overfits(bad, state, batch(), steps=20, below=0.05)
+    with pytest.raises(KeyError, match=r"no metric 'acc'.*\['loss'\]"):
+        assert_overfits(bad, state, batch(), steps=1, below=0.05, metric="acc")
+
+
+# ---------------------------------------------------------------- host syncs
+def test_no_host_sync_passes_a_correct_step_with_dropout_and_adamw():
+    model, state = make(dropout=0.1, bn=True)
+    new, _ = assert_no_host_sync(hand_step(model), state, batch())
+    assert int(new.step) == 1  # outside the block, reading is fine
+
+
+def test_no_host_sync_passes_train_step_and_sgd():
+    model = mlp(dropout=0.1)
+    step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]) + F.cross_entropy(m(b[0]), b[1]))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9, weight_decay=1e-4), seed=0)
+    assert_no_host_sync(step, state, batch())
+
+
+def with_planted(read):
+    model, state = make()
+    inner = hand_step(model)
+
+    def bad(state, batch):
+        new, metrics = inner(state, batch)
+        read(metrics["loss"])
+        return new, metrics
+
+    return bad, state
+
+
+@pytest.mark.parametrize(
+    "read, name",
+    [
+        (lambda t: t.item(), r"Tensor\.item\(\)"),
+        (lambda t: float(t), r"float\(tensor\)"),
+        (lambda t: int(t), r"int\(tensor\)"),
+        (lambda t: 1 if t > 0 else 0, r"bool\(tensor\)"),
+        (lambda t: t.tolist(), r"Tensor\.tolist\(\)"),
+        (lambda t: t.numpy(), r"Tensor\.numpy\(\)"),
+        (lambda t: print(t), r"repr\(tensor\)"),
+        (lambda t: f"{t:.3f}", r"format\(tensor\)"),
+    ],
+    ids=["item", "float", "int", "if", "tolist", "numpy", "print", "format"],
+)
+def test_no_host_sync_catches_reads_and_names_the_line(read, name):
+    bad, state = with_planted(read)
+    with pytest.raises(HostSyncError, match=rf"host sync inside the step: {name} at .*test_testing\.py:\d+"):
+        assert_no_host_sync(bad, state, batch())
+
+
+def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
+    assert issubclass(HostSyncError, AssertionError)
+    with pytest.raises(HostSyncError, match="a copy from meta to the host"), no_host_sync():
+        torch.ones(2, device="meta").cpu()  # meta stands in for an accelerator
+    with no_host_sync():
+        torch.ones(2).to(torch.float64)  # a CPU copy is not a sync
+
+
+def test_no_host_sync_allows_fnlit_key_reads_only_in_fnlit():
+    k = fnlit.random.key(0)
+    with no_host_sync():
+        fnlit.random.split(k, 3)
+        with fnlit.random.seeded(k):
+            torch.rand(2)
+    with pytest.raises(HostSyncError, match=r"int\(tensor\)"), no_host_sync():
+        int(k)  # the same read, written in user code
