@@ -276,6 +276,11 @@ def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None)
             owned.close()  # the writers fit made for log_dir; the caller's own loggers stay open
 
 
+def _first(t: torch.Tensor) -> int:
+    """A CPU scalar as an int; for an ensemble's stacked state, member 0's (members step in lockstep)."""
+    return int(t.reshape(-1)[0])
+
+
 def fit(
     step: StepFn,
     state: TrainState,
@@ -373,7 +378,7 @@ def fit(
     if checkpoint is not None and ckpt_path is not None:
         state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
     if position is None:
-        position = {"epoch": 0, "batch": 0, "seed": int(state.rng) if seed is None else seed}
+        position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
     hooks = _Hooks(list(callbacks) + ([Timer(max_time)] if max_time is not None else []))
     owned = Logger(log_dir=log_dir) if log_dir is not None and not plan.quiet else None  # closed at the end
@@ -382,7 +387,7 @@ def fit(
         logger.log_hparams(hparams)
     log = MetricBuffer(prefixes, hooks.lists["on_log"])
     move = _data.device_mover(state.device)
-    steps, n_batches = int(state.step), plan.batches
+    steps, n_batches = _first(state.step), plan.batches
     first_step = steps
     max_steps, min_epochs, log_every = plan.max_steps, plan.min_epochs, plan.log_every
     per_step_hooks = bool(hooks.lists["on_step"])

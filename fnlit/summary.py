@@ -318,6 +318,13 @@ class MetricBuffer:
                     vals = [m[k] for m in pending]
                 except KeyError:
                     raise KeyError(f"the training step returned metric {k!r} at some steps but not others.") from None
+                members = state.step.shape[0] if state.step.dim() == 1 else None  # an ensemble's stacked state
+                if members and isinstance(vals[0], torch.Tensor) and all(v.shape == (members,) for v in vals):
+                    # An ensemble's step: one value per member, logged as "<name>/<member>".
+                    means = torch.stack(vals).float().mean(0).detach()
+                    names += [f"{self.prefixes[0]}{k}/{i}" for i in range(means.shape[0])]
+                    tensors += list(means.unbind(0))
+                    continue
                 first = scalar_metric(k, vals[0], "the training step")  # names the metric if it is not a scalar
                 if isinstance(vals[0], torch.Tensor) and all(v.shape == first.shape for v in vals):
                     mean = torch.stack(vals).float().mean()  # one op for the interval, not one per step

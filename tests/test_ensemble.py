@@ -142,3 +142,25 @@ def test_module_without_reset_parameters_asks_for_a_factory():
 
     with pytest.raises(ValueError, match=r"'w'.*reset_parameters.*lambda: Net\(\)"):
         ensemble_states(Scale(), fnlit.optim.sgd(0.1), seeds=[0, 1])
+
+
+def test_fit_drives_an_ensemble_and_logs_each_member(tmp_path):
+    import csv
+
+    import torch.nn.functional as F
+
+    import fnlit
+    from fnlit.data import ArrayLoader
+
+    model = torch.nn.Linear(4, 1)
+    step = fnlit.ensemble(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])), 3)
+    states = fnlit.ensemble_states(model, fnlit.optim.sgd(0.1), seeds=[0, 1, 2], learning_rate=[0.1, 0.01, 0.0])
+    data = ArrayLoader(torch.randn(32, 4), torch.randn(32, 1), batch_size=8)
+    out = fnlit.fit(step, states, data, max_epochs=2, log_every_n_steps=4, log_dir=str(tmp_path), progress=False)
+    assert out.step.tolist() == [8, 8, 8]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"train/loss/0", "train/loss/1", "train/loss/2"} <= set(rows[0])
+    # member 2 has lr 0: its params never move; the others do
+    assert torch.equal(out.params["weight"][2], states.params["weight"][2])
+    assert not torch.equal(out.params["weight"][0], states.params["weight"][0])
