@@ -1,8 +1,8 @@
 """Per-step cost of a fnlit step against the plain PyTorch loop it replaces, on CPU, one thread.
 
 Plain: nn.Module forward, loss.backward(), torch.optim.AdamW(foreach=True).step(), zero_grad.
-fnlit: fnlit.train_step(model, loss_fn) with fnlit.optim.adamw (same hyperparameters), and the
-hand-written step of DESIGN.md. Both run in one process, interleaved in rounds, on the same batches;
+fnlit: fnlit.train_step(model, loss_fn) with fnlit.optim.adamw (same hyperparameters), the
+hand-written step of DESIGN.md, and train_step under fnlit.donating (in-place update, opt-in). Both run in one process, interleaved in rounds, on the same batches;
 we report the median step time of each and the ratio fnlit / plain.
 
     python benchmarks/step_overhead.py [--rounds 30] [--steps 20]
@@ -42,7 +42,7 @@ def plain_runner(model: nn.Module):
     return run
 
 
-def fnlit_runner(model: nn.Module, hand_written: bool):
+def fnlit_runner(model: nn.Module, hand_written: bool, donate: bool = False):
     state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3, weight_decay=1e-2), seed=0)
     if hand_written:
 
@@ -58,6 +58,8 @@ def fnlit_runner(model: nn.Module, hand_written: bool):
 
     else:
         step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    if donate:
+        step = fnlit.donating(step)  # the optimizer updates the incoming state's storage in place
     box = [state]
 
     def run(batch):
@@ -86,7 +88,8 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     print(f"{args.clock} clock, torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
           f"{args.rounds} rounds x {args.steps} steps, interleaved")
-    print(f"{'workload':34s} {'plain ms':>9s} {'fnlit ms':>9s} {'ratio':>6s} {'hand ms':>8s} {'ratio':>6s}")
+    print(f"{'workload':34s} {'plain ms':>9s} {'fnlit ms':>9s} {'ratio':>6s} {'hand ms':>8s} {'ratio':>6s} "
+          f"{'donated ms':>10s} {'ratio':>6s}")
     for label, hidden, bs in SIZES:
         torch.manual_seed(0)
         template = mlp(hidden)
@@ -96,6 +99,7 @@ def main() -> None:
             "plain": plain_runner(copy.deepcopy(template)),  # trains its own copy
             "fnlit": fnlit_runner(template, hand_written=False),  # fnlit never changes the module
             "hand": fnlit_runner(template, hand_written=True),
+            "donated": fnlit_runner(template, hand_written=False, donate=True),
         }
         times: dict[str, list[float]] = {k: [] for k in runners}
         for r in range(args.rounds + 2):
@@ -105,7 +109,8 @@ def main() -> None:
                     times[name] += t
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         print(f"{label:34s} {med['plain']:9.3f} {med['fnlit']:9.3f} {med['fnlit'] / med['plain']:6.3f} "
-              f"{med['hand']:8.3f} {med['hand'] / med['plain']:6.3f}")
+              f"{med['hand']:8.3f} {med['hand'] / med['plain']:6.3f} "
+              f"{med['donated']:10.3f} {med['donated'] / med['plain']:6.3f}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ from .loop import evaluate as evaluate
 from .loop import fit as fit
 from .state import TrainState as TrainState
 from .transforms import accumulate as accumulate
+from .transforms.compile import CaptureError as CaptureError
+from .transforms.compile import CompiledStep as CompiledStep
+from .transforms.compile import compile as compile
+from .transforms.donate import donating as donating
 from .transforms import amp as amp
 from .transforms import data_parallel as data_parallel
 
@@ -48,6 +52,10 @@ __all__ = [
     "accumulate",
     "amp",
     "data_parallel",
+    "compile",
+    "CompiledStep",
+    "CaptureError",
+    "donating",
     "fit",
     "evaluate",
     "callbacks",

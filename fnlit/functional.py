@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -86,6 +87,12 @@ def _call_swapped(module: nn.Module, tensors: Mapping[str, torch.Tensor], args: 
             d[attr] = old
 
 
+def _has_dtensor(params: Params) -> bool:
+    """Whether any parameter is a DTensor (fnlit.shard), without importing DTensor when nothing uses it."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in params.values())
+
+
 def _traced() -> bool:
     """Inside torch.compile or a torch.func transform (vmap, grad): take the functorch-safe paths."""
     return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
@@ -140,6 +147,10 @@ def apply(
         copy = slots.stat_names if train else ()
     else:
         copy = buffers.keys() if mutable else ()
+    if _has_dtensor(params):
+        from .transforms.shard import gather_params
+
+        params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     new_buffers = dict(buffers)
     for name in copy:
         if name in new_buffers:
@@ -237,6 +248,10 @@ def value_and_grad(
                 loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
             target = frame.scale_loss(loss) if frame is not None else loss
             grads = list(torch.autograd.grad(target, inputs, allow_unused=True, materialize_grads=True))
+        if frame is not None and frame.shard_group is not None:
+            from .transforms.shard import match_placements
+
+            grads = match_placements(grads, inputs)
         if frame is not None:
             frame.unscale_(grads)
         out_grads, start = [], 0

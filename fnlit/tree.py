@@ -107,7 +107,7 @@ def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True) 
     Example:
         >>> import torch
         >>> first_mismatch({"w": torch.ones(2)}, {"w": torch.ones(3)})
-        "at w: expected tensor of shape (2,) and dtype torch.float32, got tensor of shape (3,) ..."
+        'at w: expected tensor of shape (2,) and dtype torch.float32, got tensor of shape (3,) ...'
     """
     e_paths, e_leaves, e_def = tree_flatten_with_path(expected)
     g_paths, g_leaves, g_def = tree_flatten_with_path(got)

@@ -36,7 +36,12 @@ class CountingAllReduce:
         return self._orig(tensor, *args, **kwargs)
 
 
-def equivalence(steps: int, k: int):
+def equivalence(steps: int, ks: tuple[int, ...]):
+    """One launch, several runs: k=1 (plain data_parallel) and accumulate(data_parallel(step), k)."""
+    return {k: _equivalence(steps, k) for k in ks}
+
+
+def _equivalence(steps: int, k: int):
     rank, world = dist.get_rank(), dist.get_world_size()
     model, state = make_state()
     counter = CountingAllReduce()

@@ -26,10 +26,15 @@ def _reference(steps, k=1, fp16=False):
     return history, losses
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs():
+    return fnlit.distributed.launch(equivalence, 2, 4, (1, 2), timeout=120)
+
+
 @pytest.mark.parametrize("k", [1, 2])
-def test_two_ranks_match_one_process_and_each_other(k):
+def test_two_ranks_match_one_process_and_each_other(two_rank_runs, k):
     steps = 4
-    r0, r1 = fnlit.distributed.launch(equivalence, 2, steps, k, timeout=120)
+    r0, r1 = two_rank_runs[0][k], two_rank_runs[1][k]
     ref_history, ref_losses = _reference(steps, k=2 * k if k > 1 else 1)
     for i in range(steps):
         for name in ref_history[i]:

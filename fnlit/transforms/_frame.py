@@ -3,7 +3,7 @@
 Every step goes through two functions: :func:`fnlit.value_and_grad` (forward + backward) and
 :meth:`TrainState.apply_gradients` (the update). The outermost transform opens a :class:`Frame` for
 the duration of one step; each transform records its setting in it (``amp``: dtype and loss scale;
-``accumulate``: k and the micro-batch index; ``data_parallel``: the process group), and the two
+``accumulate``: k and the micro-batch index; ``data_parallel`` and ``shard``: the process group), and the two
 functions read the frame. ``apply_gradients`` always runs the same pipeline -- accumulate, all-reduce
 (one collective for the gradients and the overflow flag), unscale check, optimizer, finite select,
 loss-scale update -- so the nesting order of the transforms cannot change the result.
@@ -49,6 +49,7 @@ class Frame:
         self.acc: list[torch.Tensor] | None = None
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
+        self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
         self.known: list[torch.Tensor] = []  # scalars value_and_grad returned: reduced with the gradients
         self.reduced: dict[int, torch.Tensor] = {}  # id(known scalar) -> its mean across ranks
         self.extra: dict[str, torch.Tensor] = {}
@@ -68,6 +69,10 @@ class Frame:
         """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
         if self.scaler is None or not grads:
             return
+        if self.shard_group is not None:
+            from .shard import local_views
+
+            grads = local_views(grads)  # each rank checks and unscales its own shard
         # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32.
         inv_scale = self.scaler.scale.double().reciprocal().float()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
@@ -98,6 +103,15 @@ class Frame:
                 return state.replace(**changes)  # no update, no communication
             leaves, self.acc = self.acc, None
             torch._foreach_mul_(leaves, 1.0 / self.accum_k)
+        if self.dp_group is not None and self.shard_group is not None:
+            from .shard import _WITH_DATA_PARALLEL
+
+            raise ValueError(_WITH_DATA_PARALLEL)
+        if self.shard_group is not None and self.found_inf is not None:
+            import torch.distributed as dist
+
+            # The shards' overflow flags: an overflow on any rank must skip the step on all of them.
+            dist.all_reduce(self.found_inf, group=self.shard_group)
         if self.dp_group is not None:
             from .data_parallel import all_reduce_mean_
 
@@ -120,10 +134,11 @@ class Frame:
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Called once by the outermost transform: average metrics across ranks, add the frame's own."""
-        if self.dp_group is not None:
+        group = self.dp_group if self.dp_group is not None else self.shard_group
+        if group is not None:
             from .data_parallel import all_reduce_metrics
 
-            metrics = all_reduce_metrics(metrics, self.dp_group, self.reduced)
+            metrics = all_reduce_metrics(metrics, group, self.reduced)
         if self.extra:
             metrics = {**metrics, **self.extra}
         return metrics

@@ -133,6 +133,24 @@ def _classify(err: Exception, code: str) -> str:
     return "other"
 
 
+_KEPT_GUARDS = frozenset({"GLOBAL_STATE", "SHAPE_ENV", "TORCH_FUNCTION_MODE_STACK", "DEFAULT_DEVICE", "TENSOR_MATCH"})
+
+
+def _keep_input_guards(entries: Any) -> list[bool]:
+    """Dynamo guards to keep: on the tensor leaves (metadata, aliasing) and global torch state only.
+
+    Without this filter dynamo guards on everything the trace read -- the tree specs, the optimizer's
+    closures, the module -- about 1500 guards evaluated on every call. CompiledStep already matches
+    each call's tree structure to its compiled function, and, as with jax.jit, Python values the step
+    reads (closures, globals, the module's structure) are fixed at the first call.
+    """
+    return [
+        (e.guard_type in _KEPT_GUARDS and not e.is_global) or e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
+        or e.name.startswith("L['leaves']")
+        for e in entries
+    ]
+
+
 class CompiledStep:
     """A step function captured with :func:`fnlit.compile`; call it like the step.
 
@@ -194,7 +212,8 @@ class CompiledStep:
         code = captured.__code__.replace(co_name=f"fnlit_compiled_{getattr(step, '__name__', 'step')}")
         fn = types.FunctionType(code, captured.__globals__, code.co_name, None, captured.__closure__)
         options = {} if mode in ("default", "eager") else dict(torch._inductor.list_mode_options(mode))
-        compiled = torch.compile(fn, fullgraph=True, dynamic=self.dynamic, backend=self._backend(options, mode == "eager"))
+        compiled = torch.compile(fn, fullgraph=True, dynamic=self.dynamic, backend=self._backend(options, mode == "eager"),
+                                 options={"guard_filter_fn": _keep_input_guards})
         entry = (spec, state_spec, compiled, mode)
         self._entries.append(entry)
         return entry
@@ -302,8 +321,9 @@ def compile(
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
+        >>> from fnlit.transforms.compile import compile
         >>> model = torch.nn.Linear(4, 1)
-        >>> step = fnlit.compile(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
+        >>> step = compile(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
         >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
         >>> state, metrics = step(state, (torch.randn(8, 4), torch.randn(8, 1)))  # doctest: +SKIP
     """

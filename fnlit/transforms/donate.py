@@ -79,8 +79,9 @@ def donating(step: StepFn) -> StepFn:
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
+        >>> from fnlit.transforms.donate import donating
         >>> model = torch.nn.Linear(4, 1)
-        >>> step = fnlit.donating(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
+        >>> step = donating(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
         >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
         >>> new, metrics = step(state, (torch.randn(8, 4), torch.randn(8, 1)))
         >>> state.params["weight"]  # doctest: +ELLIPSIS
