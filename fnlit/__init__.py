@@ -43,6 +43,32 @@ from .transforms import data_parallel as data_parallel
 
 __version__ = "0.1.0"
 
+# Sharded training pulls in DTensor and torch.distributed.checkpoint (about 1.5 s of imports), so its
+# names load on first use instead of with `import fnlit`.
+_LAZY = {
+    "shard": "fnlit.transforms.shard",
+    "shard_state": "fnlit.transforms.shard",
+    "unshard_state": "fnlit.transforms.shard",
+    "save_sharded": "fnlit.sharded_checkpoint",
+    "restore_sharded": "fnlit.sharded_checkpoint",
+    "read_sharded_meta": "fnlit.sharded_checkpoint",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fnlit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "TrainState",
     "apply",
@@ -52,6 +78,12 @@ __all__ = [
     "accumulate",
     "amp",
     "data_parallel",
+    "shard",
+    "shard_state",
+    "unshard_state",
+    "save_sharded",
+    "restore_sharded",
+    "read_sharded_meta",
     "compile",
     "CompiledStep",
     "CaptureError",

@@ -298,3 +298,15 @@ def test_update_without_params_when_decay_needs_them():
     params = _params()
     with pytest.raises(ValueError, match="expected params .weight decay needs them., got None"):
         tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("make", [lambda: fo.adamw(0.01, weight_decay=0.0), lambda: fo.sgd(0.1, momentum=0.9)])
+def test_non_contiguous_gradients_and_params_match_contiguous(make):
+    # torch's fused CPU kernels compute wrong updates for non-contiguous tensors; fnlit must not.
+    tx = make()
+    g = torch.randn(5, 7)[:, :6]
+    p = torch.randn(6, 5).T  # a transposed (non-contiguous) parameter
+    ref_params = {"w": p.contiguous()}
+    got, _ = fo.step(tx, {"w": g}, tx.init({"w": p}), {"w": p})
+    want, _ = fo.step(tx, {"w": g.contiguous()}, tx.init(ref_params), ref_params)
+    torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=0)

@@ -100,6 +100,8 @@ def _optimizer(
         wd = hyper["weight_decay"] if decays else None
         count = state.count + 1
         impl = functional if fused is None or use_functional(g, p, [count, lr]) else fused
+        if impl is fused:  # the fused CPU kernels get non-contiguous inputs wrong (see own()); free when contiguous
+            g = [x.contiguous() for x in g]
         new_p, new_bufs = impl(g, p, [b[0] for b in bufs], count, lr, wd, params) if p else ([], [[] for _ in bufs])
         if schedule is not None:
             hyper = {**hyper, "learning_rate": lr}

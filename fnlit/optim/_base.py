@@ -206,7 +206,12 @@ def donated_update(enabled: bool = True) -> Iterator[None]:
 
 def own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors a fused kernel may update in place: clones, or the tensors themselves when donated."""
-    return list(tensors) if _DONATED[0] else [t.clone() for t in tensors]
+    # Contiguous, always: on the CPU, torch 2.14's fused Adam/SGD kernels silently compute wrong updates
+    # for non-contiguous tensors (a [:, :6] slice came out 2*lr off). A donated non-contiguous tensor is
+    # therefore copied too (correct results over in-place).
+    if _DONATED[0]:
+        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
 
 
 def use_functional(*leaf_lists: Sequence[Any]) -> bool:

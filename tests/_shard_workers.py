@@ -1,0 +1,169 @@
+"""Functions run in several processes by tests/test_shard.py (module level: spawn pickles them).
+
+Each launch does several checks, because starting a process costs seconds on a small machine.
+"""
+
+import torch
+import torch.distributed as dist
+from helpers import batch, hand_step, mlp
+
+import fnlit
+from fnlit.sharded_checkpoint import restore_sharded, save_sharded
+from fnlit.transforms.shard import local_nbytes, shard, shard_state, unshard_state
+
+GLOBAL_BATCH = 16
+STEPS = 10
+SAVE_AT = 5
+D_IN, HIDDEN, D_OUT = 13, 37, 5  # uneven: 37 rows and 5 outputs do not split evenly over 2 or 4 ranks
+
+
+def make_state(fp16: bool = False):
+    torch.manual_seed(0)
+    model = mlp(D_IN, HIDDEN, D_OUT)
+    # A small clipping threshold so that clipping is active: it needs the global norm over all shards.
+    tx = fnlit.optim.chain(fnlit.optim.clip_by_global_norm(0.5), fnlit.optim.adamw(1e-2, weight_decay=0.1))
+    return model, fnlit.TrainState.create(model, tx, seed=0, loss_scale="dynamic" if fp16 else None)
+
+
+def global_batch(i: int):
+    return batch(GLOBAL_BATCH, D_IN, D_OUT, seed=i)
+
+
+def local(data, rank, world):
+    n = GLOBAL_BATCH // world
+    return tuple(t[rank * n : (rank + 1) * n] for t in data)
+
+
+def compose(step, kind: str):
+    """The transforms under test, inside fnlit.shard; the same without shard gives the reference."""
+    if kind == "accumulate":
+        return fnlit.accumulate(step, 2)
+    if kind == "amp_bf16":
+        return fnlit.amp(step, dtype=torch.bfloat16)
+    if kind == "accumulate_amp_fp16":
+        return fnlit.accumulate(fnlit.amp(step, dtype=torch.float16), 2)
+    return step
+
+
+def full(tree):
+    return fnlit.tree.tree_map(lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.clone(), tree)
+
+
+def run(kind: str, steps: int = STEPS, save_dir: str | None = None, data_parallel: bool = False):
+    """``steps`` sharded steps; returns the unsharded params, losses, step and key (and saves at SAVE_AT).
+
+    With ``data_parallel=True`` the same run under fnlit.data_parallel instead of shard: the reference
+    for amp, whose low-precision matmuls round sums over each rank's part of the batch.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, state = make_state(fp16="fp16" in kind)
+    step = (fnlit.data_parallel if data_parallel else shard)(compose(hand_step(model), kind))
+    losses = []
+    for i in range(steps):
+        if save_dir is not None and i == SAVE_AT:
+            save_sharded(save_dir, state, epoch=0, batch=i)
+        state, metrics = step(state, local(global_batch(i), rank, world))
+        losses.append(float(metrics["loss"]))
+    plain = unshard_state(state)
+    return {"params": plain.params, "losses": losses, "step": int(state.step), "rng": int(state.rng)}
+
+
+def memory():
+    """Bytes this rank holds: params and optimizer state after a step, and the gradients of one step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, state = make_state()
+    grads_seen = []
+
+    def step(state, data):
+        x, y = data
+
+        def loss_fn(params):
+            logits, buffers = fnlit.apply(model, params, state.buffers, x, rng=state.rng)
+            return torch.nn.functional.cross_entropy(logits, y), buffers
+
+        (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads_seen.append(grads)
+        return state.apply_gradients(grads, buffers=buffers), {"loss": loss}
+
+    state, _ = shard(step)(state, local(global_batch(0), rank, world))
+    return {
+        "params": local_nbytes(state.params),
+        "opt_state": local_nbytes(state.opt_state),
+        "grads": local_nbytes(grads_seen[0]),
+        "grad_types": sorted({type(g).__name__ for g in grads_seen[0].values()}),
+    }
+
+
+def resume(save_dir: str):
+    """Restores the checkpoint (written on another number of ranks) and trains to STEPS."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, fresh = make_state()
+    state = restore_sharded(save_dir, like=shard_state(fresh))
+    restored_step = int(state.step)
+    step = shard(hand_step(model))
+    for i in range(restored_step, STEPS):
+        state, _ = step(state, local(global_batch(i), rank, world))
+    plain = unshard_state(state)
+    return {"restored_step": restored_step, "params": plain.params, "step": int(state.step), "rng": int(state.rng)}
+
+
+class Scaled(torch.nn.Module):
+    """Layers that split evenly over 2 ranks, and a 0-d parameter (replicated; its gradient all-reduced)."""
+
+    def __init__(self):
+        super().__init__()
+        # (16, 13) and (5, 16) split evenly over 2 ranks, the second along dim 1
+        self.lin = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.ReLU(), torch.nn.Linear(16, D_OUT))
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def scalar_param(steps: int = 3, sharded: bool = True):
+    torch.manual_seed(0)
+    model = Scaled()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    step = shard(hand_step(model)) if sharded else hand_step(model)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    for i in range(steps):
+        state, _ = step(state, local(global_batch(i), rank, world))
+    return unshard_state(state).params if sharded else state.params
+
+
+def errors():
+    """Unsupported combinations raise clear errors on every rank."""
+    model, state = make_state()
+    out = {}
+    for name, step in [
+        ("shard(data_parallel)", shard(fnlit.data_parallel(hand_step(model)))),
+        ("data_parallel(shard)", fnlit.data_parallel(shard(hand_step(model)))),
+    ]:
+        try:
+            step(state, global_batch(0))
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def four_ranks(save_dir: str):
+    return {
+        "plain": run("plain", save_dir=save_dir),
+        "accumulate": run("accumulate"),
+        "amp_bf16": run("amp_bf16"),
+        "amp_bf16_dp": run("amp_bf16", data_parallel=True),
+        "memory": memory(),
+    }
+
+
+def two_ranks(save_dir: str):
+    return {
+        "plain": run("plain"),
+        "accumulate_amp_fp16": run("accumulate_amp_fp16"),
+        "accumulate_amp_fp16_dp": run("accumulate_amp_fp16", data_parallel=True),
+        "resume": resume(save_dir),
+        "memory": memory(),
+        "errors": errors(),
+        "scalar_param": scalar_param(),
+    }
