@@ -247,12 +247,21 @@ def value_and_grad(
             with autocast:
                 loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
             target = frame.scale_loss(loss) if frame is not None else loss
-            grads = list(torch.autograd.grad(target, inputs, allow_unused=True, materialize_grads=True))
-        if frame is not None and frame.shard_group is not None:
+            acc = frame.accumulator_for(inputs) if frame is not None else None
+            if acc is not None:
+                # Later micro-batches of accumulate: autograd adds into the accumulator in place, as
+                # .backward() does into .grad (no fresh gradient buffers, no separate add pass).
+                for leaf, buf in zip(inputs, acc):
+                    leaf.grad = buf
+                torch.autograd.backward(target, inputs=inputs)
+                grads = acc
+            else:
+                grads = list(torch.autograd.grad(target, inputs, allow_unused=True, materialize_grads=True))
+        if frame is not None and frame.shard_group is not None and acc is None:
             from .transforms.shard import match_placements
 
             grads = match_placements(grads, inputs)
-        if frame is not None:
+        if frame is not None and acc is None:
             frame.unscale_(grads)
         out_grads, start = [], 0
         for leaves, treedef in flat:

@@ -89,6 +89,21 @@ class Frame:
             if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
                 self.known.append(t)
 
+    def accumulator_for(self, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The gradient accumulator autograd may add into for these inputs, or None.
+
+        Only after the first micro-batch of accumulate, without loss scaling (each micro-batch's
+        gradients are unscaled on their own) or sharding, and when the accumulator matches the inputs
+        one to one (same shapes, dtypes, devices and strides).
+        """
+        acc = self.acc
+        if acc is None or self.scaler is not None or self.shard_group is not None or len(acc) != len(inputs):
+            return None
+        for a, x in zip(acc, inputs):
+            if type(a) is not torch.Tensor or a.shape != x.shape or a.dtype != x.dtype or a.stride() != x.stride() or a.device != x.device:
+                return None
+        return acc
+
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
@@ -97,7 +112,7 @@ class Frame:
             # first micro-batch's become the accumulator and the others are added into it in place.
             if self.acc is None:
                 self.acc = leaves
-            else:
+            elif leaves[0] is not self.acc[0]:  # else value_and_grad already accumulated in place
                 torch._foreach_add_(self.acc, leaves)
             if self.micro < self.accum_k - 1:
                 return state.replace(**changes)  # no update, no communication
