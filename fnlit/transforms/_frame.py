@@ -159,6 +159,21 @@ class Frame:
         return metrics
 
 
+def run_on_rank(step: Any, state: TrainState, batch: Any, rank: int, f: Frame, outermost: bool) -> tuple[TrainState, Any]:
+    """Runs one rank's part of a data-parallel or sharded step.
+
+    The rank draws its own randomness (its key is folded with its rank) while every rank keeps the
+    same next key, so states stay identical across ranks; the outermost transform finishes the frame.
+    """
+    from .. import random as _random
+
+    new, metrics = step(state.replace(rng=_random.fold_in(state.rng, rank)), batch)
+    new = new.replace(rng=_random.next_key(state.rng))
+    if outermost:
+        metrics = f.finish(dict(metrics))
+    return new, metrics
+
+
 @contextmanager
 def frame() -> Iterator[tuple[Frame, bool]]:
     """Opens the step's frame if none is open; yields (frame, whether this call is the outermost)."""

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .. import random as _random
 from .._types import Batch, Metrics, StepFn
-from ._frame import frame
+from ._frame import frame, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -115,12 +114,7 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
         with frame() as (f, outermost):
             f.dp_group = group if group is not None else dist.group.WORLD
             f.dp_bucket_bytes = bucket_bytes
-            rank = dist.get_rank(group)
-            new, metrics = step(state.replace(rng=_random.fold_in(state.rng, rank)), batch)
-            new = new.replace(rng=_random.next_key(state.rng))
-            if outermost:
-                metrics = f.finish(dict(metrics))
-        return new, metrics
+            return run_on_rank(step, state, batch, dist.get_rank(group), f, outermost)
 
     data_parallel_step.__wrapped__ = step  # type: ignore[attr-defined]
     return data_parallel_step

@@ -35,10 +35,9 @@ from torch.distributed.tensor import (
     distribute_tensor,
 )
 
-from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, Params, StepFn
-from ._frame import frame
+from ._frame import frame, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -356,12 +355,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
             if f.dp_group is not None:
                 raise ValueError(_WITH_DATA_PARALLEL)
             f.shard_group = m.get_group()
-            rank = m.get_local_rank()
-            new, metrics = step(state.replace(rng=_random.fold_in(state.rng, rank)), batch)
-            new = new.replace(rng=_random.next_key(state.rng))
-            if outermost:
-                metrics = f.finish(dict(metrics))
-        return new, metrics
+            return run_on_rank(step, state, batch, m.get_local_rank(), f, outermost)
 
     shard_step.__wrapped__ = step  # type: ignore[attr-defined]
     return shard_step
