@@ -51,12 +51,30 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file could not be written or read: missing permissions, a full disk, a truncated or
-    corrupt file, a file that is not an fnlit checkpoint. The message names the file."""
+    corrupt file, a file that is not an fnlit checkpoint. The message names the file.
+
+    Example:
+        >>> import pathlib, tempfile, fnlit
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = pathlib.Path(d, "bad.ckpt").write_bytes(b"not a checkpoint")
+        ...     fnlit.restore(pathlib.Path(d, "bad.ckpt"), like=None)
+        Traceback (most recent call last):
+        fnlit._checkpoint_io.CheckpointError: cannot read checkpoint .../bad.ckpt: it is not a checkpoint file ...
+    """
 
 
 class UnsafeCheckpointError(CheckpointError):
     """The file's pickle asks to build objects other than tensors and plain containers (it could run
-    code); fnlit refuses to load it."""
+    code); fnlit refuses to load it.
+
+    Example:
+        >>> import pathlib, tempfile, torch, fnlit
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     torch.save(torch.nn.Linear(1, 1), pathlib.Path(d, "model.pt"))  # a pickled module, not a state
+        ...     fnlit.restore(pathlib.Path(d, "model.pt"), like=None)
+        Traceback (most recent call last):
+        fnlit._checkpoint_io.UnsafeCheckpointError: refusing to load .../model.pt: ... non-tensor objects ...
+    """
 
 
 def _bytes(t: torch.Tensor) -> Any:

@@ -51,11 +51,32 @@ __all__ = ["StopTraining", "Callback", "EarlyStopping", "LearningRateMonitor", "
 
 
 class StopTraining(Exception):
-    """Raised by a callback to end :func:`fnlit.fit` after the current step (once ``min_epochs`` are done)."""
+    """Raised by a callback to end :func:`fnlit.fit` after the current step (once ``min_epochs`` are done).
+
+    Example:
+        >>> import types
+        >>> class StopAtStep:
+        ...     def on_step(self, state, metrics):
+        ...         if int(state.step) >= 100:  # the step counter lives on the CPU: no device sync
+        ...             raise StopTraining(f"reached step {int(state.step)}")
+        >>> StopAtStep().on_step(types.SimpleNamespace(step=torch.tensor(100)), {})
+        Traceback (most recent call last):
+        fnlit.callbacks.StopTraining: reached step 100
+    """
 
 
 class Callback:
-    """Optional base class: every hook, doing nothing. Override the ones you need."""
+    """Optional base class: every hook, doing nothing. Override the ones you need.
+
+    Example:
+        >>> class PrintLoss(Callback):
+        ...     def on_validation(self, state, metrics):
+        ...         print(f"val/loss = {metrics['val/loss']:.2f}")
+        >>> cb = PrintLoss()
+        >>> cb.on_step(None, {})  # the hooks not overridden do nothing
+        >>> cb.on_validation(None, {"val/loss": 0.25})
+        val/loss = 0.25
+    """
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None: ...
     def on_step(self, state: TrainState, metrics: Metrics) -> None: ...

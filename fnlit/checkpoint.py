@@ -9,6 +9,13 @@
 
 Files are written atomically (temporary file, fsync, rename, fsync of the folder) and read with
 ``torch.load(weights_only=True)``; see :mod:`fnlit._checkpoint_io` for the format.
+
+Example:
+    >>> import os, tempfile, torch, fnlit
+    >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.adam(1e-3), seed=0)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     back = fnlit.restore(fnlit.save(os.path.join(d, "a.ckpt"), state), like=state)
+    >>> fnlit.testing.assert_trees_close(back, state)  # every tensor, optimizer state and RNG key included
 """
 
 from __future__ import annotations
@@ -130,6 +137,14 @@ class CheckpointInfo:
         meta: the user metadata passed to :func:`save` / :class:`Checkpointer`.
         saved_at_ns: wall-clock time of the save (``time.time_ns()``).
         paths: the tree paths of the stored leaves.
+
+    Example:
+        >>> import os, tempfile, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     info = read_info(save(os.path.join(d, "a.ckpt"), state, metrics={"val/loss": 0.5}, run="demo"))
+        >>> info.step, info.metrics, info.meta, info.paths[:2]
+        (0, {'val/loss': 0.5}, {'run': 'demo'}, ['step', "params['bias']"])
     """
 
     path: Path

@@ -130,12 +130,25 @@ class ArrayLoader:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of a DataLoader's RandomSampler in ``epoch`` (the same mixing as :func:`shard_indices`)."""
+    """The seed of a DataLoader's RandomSampler in ``epoch`` (the same mixing as :func:`shard_indices`).
+
+    Example:
+        >>> epoch_seed(0, 3), epoch_seed(1, 0)
+        (3, 1000003)
+    """
     return (seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop: int | None, sequential: bool) -> Iterator[Batch]:
-    """Batches ``start..stop`` of ``epoch``: ArrayLoader starts there; other iterables skip by iterating."""
+    """Batches ``start..stop`` of ``epoch``: ArrayLoader starts there; other iterables skip by iterating.
+
+    Example:
+        >>> loader = ArrayLoader(torch.arange(6), batch_size=2, shuffle=False)
+        >>> [b.tolist() for b in epoch_batches(loader, epoch=0, seed=0, start=1, stop=None, sequential=False)]
+        [[2, 3], [4, 5]]
+        >>> [b.tolist() for b in epoch_batches(DataLoader(torch.arange(6), batch_size=2), 0, 0, 1, 2, False)]
+        [[2, 3]]
+    """
     order_epoch = 0 if sequential else epoch
     if isinstance(data, ArrayLoader):
         it = data.batches(epoch, seed, start, shuffle=False if sequential else None)
@@ -150,7 +163,11 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
 
 
 def check_sharding(data: Iterable[Any], name: str) -> None:
-    """Raises if a DataLoader would give every rank the same batches under torch.distributed."""
+    """Raises if a DataLoader would give every rank the same batches under torch.distributed.
+
+    Example:
+        >>> check_sharding(DataLoader(torch.arange(6)), "train_data")  # one process: nothing to shard, passes
+    """
     if _dist.world_size() > 1 and isinstance(data, DataLoader) and not isinstance(data.sampler, DistributedSampler):
         raise ValueError(
             f"fit got a DataLoader as {name} under torch.distributed (world size {_dist.world_size()}) without a "
@@ -160,7 +177,14 @@ def check_sharding(data: Iterable[Any], name: str) -> None:
 
 
 def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
-    """A function moving batches to ``device`` (pinned, non-blocking), or None on the CPU (nothing to do)."""
+    """A function moving batches to ``device`` (pinned, non-blocking), or None on the CPU (nothing to do).
+
+    Example:
+        >>> device_mover(torch.device("cpu")) is None
+        True
+        >>> device_mover(torch.device("meta"))((torch.ones(2), 3))  # non-tensor leaves are left alone
+        (tensor(..., device='meta', size=(2,)), 3)
+    """
     if device.type == "cpu":
         return None  # CPU training: batches stay where they are, at no cost
     pin = device.type == "cuda"
@@ -179,6 +203,11 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
 
 
 def batch_size_of(batch: Batch) -> int:
-    """The leading dimension of the batch's first tensor (1 if it has none)."""
+    """The leading dimension of the batch's first tensor (1 if it has none).
+
+    Example:
+        >>> batch_size_of((torch.zeros(8, 3), torch.zeros(8))), batch_size_of({"x": torch.zeros(())})
+        (8, 1)
+    """
     leaves = [t for t in _tree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
     return int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else 1

@@ -29,31 +29,62 @@ DEFAULT_TIMEOUT = 120.0
 
 
 def is_initialized() -> bool:
+    """Whether a default process group exists (False in a plain single-process run).
+
+    Example:
+        >>> is_initialized()
+        False
+    """
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    """This process's rank (0 when not distributed)."""
+    """This process's rank (0 when not distributed).
+
+    Example:
+        >>> rank()
+        0
+    """
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes (1 when not distributed)."""
+    """The number of processes (1 when not distributed).
+
+    Example:
+        >>> world_size()
+        1
+    """
     return dist.get_world_size() if is_initialized() else 1
 
 
 def local_rank() -> int:
-    """This process's index on its machine (torchrun's LOCAL_RANK; 0 when not distributed)."""
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 when not distributed).
+
+    Example:
+        >>> local_rank()  # 0 outside torchrun
+        0
+    """
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
-    """Whether this is rank 0: the process that logs and writes checkpoints."""
+    """Whether this is rank 0: the process that logs and writes checkpoints.
+
+    Example:
+        >>> if is_main():
+        ...     print("only rank 0 prints this")
+        only rank 0 prints this
+    """
     return rank() == 0
 
 
 def barrier() -> None:
-    """Waits for every rank (no-op when not distributed)."""
+    """Waits for every rank (no-op when not distributed).
+
+    Example:
+        >>> barrier()  # returns at once in a single process
+    """
     if is_initialized():
         dist.barrier()
 
@@ -67,6 +98,10 @@ def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> boo
 
     Returns:
         Whether training is distributed.
+
+    Example:
+        >>> init()  # outside torchrun: one process, nothing to set up
+        False
     """
     if is_initialized():
         return True
@@ -81,7 +116,13 @@ def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> boo
 
 
 def shutdown() -> None:
-    """Destroys the process group if there is one."""
+    """Destroys the process group if there is one.
+
+    Example:
+        >>> shutdown()  # a no-op without a process group
+        >>> is_initialized()
+        False
+    """
     if is_initialized():
         dist.destroy_process_group()
 
@@ -150,6 +191,14 @@ def launch(
 
     Raises:
         RuntimeError: naming the failing rank and its traceback, or the timeout.
+
+    Example:
+        >>> # workers.py (a module-level function, so the spawned processes can import it):
+        >>> #     def double_rank():
+        >>> #         return 2 * fnlit.distributed.rank()
+        >>> from workers import double_rank  # doctest: +SKIP
+        >>> launch(double_rank, 2)  # doctest: +SKIP
+        [0, 2]
     """
     if nprocs < 1:
         raise ValueError(f"launch expected nprocs >= 1, got {nprocs} instead.")

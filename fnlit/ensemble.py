@@ -256,7 +256,17 @@ def _fold_keys(keys: torch.Tensor) -> torch.Tensor:
 
 
 class EnsembleStep:
-    """``step`` vectorized over the members of a stacked state; made by :func:`ensemble`."""
+    """``step`` vectorized over the members of a stacked state; made by :func:`ensemble`.
+
+    Example:
+        >>> import torch, fnlit
+        >>> def step(state, batch):
+        ...     return state, {"out": (state.params["weight"] @ batch).sum()}
+        >>> states = ensemble_states(lambda: torch.nn.Linear(3, 1), fnlit.optim.sgd(0.1), seeds=range(4))
+        >>> estep = ensemble(step, 4)
+        >>> estep, estep(states, torch.ones(3))[1]["out"].shape  # one metric value per member
+        (ensemble(step, n=4, in_dims=None), torch.Size([4]))
+    """
 
     def __init__(self, step: StepFn, n: int, in_dims: Any, randomness: str, compile: bool) -> None:
         self.step, self.n, self.in_dims = step, n, in_dims

@@ -94,7 +94,12 @@ def key(seed: int) -> torch.Tensor:
 
 
 def is_key(x: object) -> bool:
-    """Whether ``x`` looks like a fnlit key (an int64 tensor)."""
+    """Whether ``x`` looks like a fnlit key (an int64 tensor).
+
+    Example:
+        >>> is_key(key(0)), is_key(split(key(0), 3)), is_key(torch.zeros(())), is_key(0)
+        (True, True, False, False)
+    """
     return isinstance(x, torch.Tensor) and x.dtype == torch.int64
 
 
@@ -127,7 +132,13 @@ def fold_in(k: torch.Tensor, data: int) -> torch.Tensor:
 
 
 def next_key(k: torch.Tensor) -> torch.Tensor:
-    """The key that follows ``k`` (what ``TrainState.apply_gradients`` moves the state's key to)."""
+    """The key that follows ``k`` (what ``TrainState.apply_gradients`` moves the state's key to).
+
+    Example:
+        >>> k = key(0)
+        >>> torch.equal(next_key(k), next_key(k)), torch.equal(next_key(k), k)  # deterministic, and new
+        (True, False)
+    """
     if _eager(k):
         return _new(_mix_int(int(k) + _GOLDEN))
     return _mix(k + _to_signed(_GOLDEN))

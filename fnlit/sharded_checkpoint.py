@@ -147,6 +147,14 @@ def read_sharded_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: if ``directory`` is not a sharded checkpoint written by :func:`save_sharded`.
+
+    Example:
+        >>> import tempfile, torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(3, 2), fnlit.optim.sgd(0.1), seed=0)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     info = read_sharded_meta(save_sharded(d + "/ckpt", state, run="demo"))
+        >>> info["world_size"], info["meta"], info["tensors"]["params['weight']"]
+        (1, {'run': 'demo'}, [[2, 3], 'float32'])
     """
     path = Path(directory) / META_FILE
     if not path.is_file():

@@ -78,6 +78,14 @@ class TrainState:
 
         Raises:
             ValueError: if the module has no trainable parameters or ``loss_scale`` is not understood.
+
+        Example:
+            >>> import torch, fnlit
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            >>> _ = model[0].bias.requires_grad_(False)  # frozen: kept in buffers, never updated
+            >>> state = TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+            >>> list(state.params), list(state.buffers)[:2], int(state.step)
+            (['0.weight', '1.weight', '1.bias'], ['0.bias', '1.running_mean'], 0)
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"TrainState.create expected an nn.Module, got {type(module).__name__} instead.")
@@ -119,6 +127,13 @@ class TrainState:
 
         Raises:
             TypeError: on a name that is not a field.
+
+        Example:
+            >>> import torch, fnlit
+            >>> state = TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+            >>> later = state.replace(step=torch.tensor(5))
+            >>> int(later.step), int(state.step)
+            (5, 0)
         """
         unknown = changes.keys() - _FIELD_SET
         if unknown:
@@ -139,6 +154,13 @@ class TrainState:
 
         Raises:
             ValueError: if ``grads`` does not have the structure and shapes of ``params``.
+
+        Example:
+            >>> import torch, fnlit
+            >>> state = TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.5), seed=0)
+            >>> new = state.apply_gradients({k: torch.ones_like(v) for k, v in state.params.items()})
+            >>> int(new.step), torch.equal(new.params["bias"], state.params["bias"] - 0.5)
+            (1, True)
         """
         from .transforms._frame import current
 
@@ -148,7 +170,15 @@ class TrainState:
         return self.apply_update(self.check_grads(grads), **changes)
 
     def check_grads(self, grads: Grads) -> Grads:
-        """Returns ``grads`` if their structure matches ``params``, else raises a ValueError naming the path."""
+        """Returns ``grads`` if their structure matches ``params``, else raises a ValueError naming the path.
+
+        Example:
+            >>> import torch, fnlit
+            >>> state = TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+            >>> state.check_grads({"bias": torch.ones(1)})
+            Traceback (most recent call last):
+            ValueError: apply_gradients expected grads in the structure of state.params, ... missing weight ...
+        """
         params = self.params
         if type(grads) is dict and type(params) is dict and grads.keys() == params.keys():
             return grads  # the common case, checked in a microsecond; shapes are the kernels' to check
@@ -161,7 +191,16 @@ class TrainState:
         return grads
 
     def apply_update(self, grads: Grads, **changes: Any) -> TrainState:
-        """The optimizer update itself, with no transform in the way (used by the transforms)."""
+        """The optimizer update itself, with no transform in the way (used by the transforms).
+
+        Example:
+            >>> import torch, fnlit
+            >>> state = TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+            >>> grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+            >>> a, b = state.apply_update(grads), state.apply_gradients(grads)  # the same outside any transform
+            >>> int(a.step), torch.equal(a.params["weight"], b.params["weight"])
+            (1, True)
+        """
         from .optim import step as _opt_step
 
         params, opt_state = _opt_step(self.tx, grads, self.opt_state, self.params)

@@ -9,11 +9,11 @@ Named ``summary`` (as in ``tf.summary``) rather than ``logging``, which would sh
 Example:
     >>> import tempfile, pathlib
     >>> from fnlit.summary import CSVWriter
-    >>> d = tempfile.mkdtemp()
-    >>> w = CSVWriter(d)
-    >>> w.log_metrics({"train/loss": 0.5}, step=10)
-    >>> w.log_metrics({"val/acc": 0.9}, step=10)
-    >>> print(pathlib.Path(d, "metrics.csv").read_text().strip())
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     w = CSVWriter(d)
+    ...     w.log_metrics({"train/loss": 0.5}, step=10)
+    ...     w.log_metrics({"val/acc": 0.9}, step=10)
+    ...     print(pathlib.Path(d, "metrics.csv").read_text().strip())
     step,train/loss,val/acc
     10,0.5,
     10,,0.9
@@ -41,7 +41,17 @@ __all__ = ["Writer", "TensorBoardWriter", "CSVWriter", "JSONLWriter", "Logger", 
 
 
 class Writer(Protocol):
-    """What :class:`Logger` and :func:`fnlit.fit` call on a writer."""
+    """What :class:`Logger` and :func:`fnlit.fit` call on a writer.
+
+    Example:
+        >>> class PrintWriter:  # any class with these four methods is a Writer; no subclassing needed
+        ...     def log_metrics(self, metrics, step): print(step, metrics)
+        ...     def log_hparams(self, hparams): print(hparams)
+        ...     def flush(self): pass
+        ...     def close(self): pass
+        >>> Logger([PrintWriter()]).log_metrics({"train/loss": 0.5}, step=3)
+        3 {'train/loss': 0.5}
+    """
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_hparams(self, hparams: Mapping[str, Any]) -> None: ...
@@ -64,10 +74,10 @@ class TensorBoardWriter:
 
     Example:
         >>> import tempfile, os
-        >>> w = TensorBoardWriter(tempfile.mkdtemp())
-        >>> w.log_metrics({"train/loss": 1.5}, step=1)
-        >>> w.close()
-        >>> any(f.startswith("events.out.tfevents") for f in os.listdir(w.log_dir))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     w = TensorBoardWriter(d)
+        ...     w.log_metrics({"train/loss": 1.5}, step=1); w.close()
+        ...     print(any(f.startswith("events.out.tfevents") for f in os.listdir(d)))
         True
     """
 
@@ -115,6 +125,16 @@ class CSVWriter:
 
     Args:
         path: a ``.csv`` file, or a directory (the file is then ``<dir>/metrics.csv``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     w = CSVWriter(pathlib.Path(d, "run.csv"))
+        ...     w.log_metrics({"loss": 0.5}, step=1); w.log_metrics({"loss": 0.25}, step=2); w.close()
+        ...     print(pathlib.Path(w.path).read_text().strip())
+        step,loss
+        1,0.5
+        2,0.25
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -159,6 +179,15 @@ class JSONLWriter:
 
     Args:
         path: a ``.jsonl`` file, or a directory (the file is then ``<dir>/metrics.jsonl``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     w = JSONLWriter(d)
+        ...     w.log_hparams({"lr": 0.1}); w.log_metrics({"train/loss": 0.5}, step=1); w.close()
+        ...     print(pathlib.Path(w.path).read_text().strip())
+        {"hparams": {"lr": 0.1}}
+        {"step": 1, "train/loss": 0.5}
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -199,10 +228,11 @@ class Logger:
 
     Example:
         >>> import tempfile
-        >>> log = Logger(log_dir=tempfile.mkdtemp())
-        >>> [type(w).__name__ for w in log.writers]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     log = Logger(log_dir=d)
+        ...     log.log_metrics({"train/loss": 0.1}, step=5); log.close()
+        ...     print([type(w).__name__ for w in log.writers])
         ['TensorBoardWriter', 'CSVWriter']
-        >>> log.log_metrics({"train/loss": 0.1}, step=5); log.close()
     """
 
     def __init__(self, writers: Sequence[Writer] = (), *, log_dir: str | os.PathLike[str] | None = None) -> None:
@@ -238,6 +268,14 @@ class ProgressBar:
         enabled: None (auto), True or False.
         file: where to draw (default ``sys.stdout``).
         mininterval: seconds between redraws.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> bar = ProgressBar(enabled=True, file=out)
+        >>> bar.start_epoch(0, total=10); bar.update(3); bar.set_metrics(3, {"train/loss": 0.25}); bar.close()
+        >>> print(out.getvalue().splitlines()[-1])  # the final redraw
+        epoch 0:  30%|...| 3/10 [...step=3, loss=0.25]
     """
 
     def __init__(self, enabled: bool | None = None, *, file: TextIO | None = None, mininterval: float = 0.25) -> None:
@@ -278,7 +316,15 @@ class ProgressBar:
 
 
 def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
-    """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar."""
+    """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar.
+
+    Example:
+        >>> scalar_metric("loss", 2, "my_step")
+        tensor(2.)
+        >>> scalar_metric("loss", torch.ones(3), "my_step")
+        Traceback (most recent call last):
+        ValueError: my_step returned metric 'loss' of shape (3,); metrics must be scalars ...
+    """
     t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if t.dim() != 0:
         raise ValueError(
@@ -289,7 +335,16 @@ def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
 
 
 class MetricBuffer:
-    """Train metrics pending since the last log (device tensors), and the names they are logged under."""
+    """Train metrics pending since the last log (device tensors), and the names they are logged under.
+
+    Example:
+        >>> import fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> buf = MetricBuffer(("train/", "val/"), on_log=[])
+        >>> buf.pending += [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(3.0)}]
+        >>> buf.flush(state, epoch=0)  # the interval's mean, read back in one host sync
+        {'train/loss': 2.0, 'epoch': 0}
+    """
 
     def __init__(self, prefixes: tuple[str, str], on_log: list[Callable[..., Any]]) -> None:
         self.prefixes, self.on_log = prefixes, on_log

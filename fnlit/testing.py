@@ -13,6 +13,15 @@ the eager CPU fast path, learning rate and weight decay held on the CPU. Those h
 functions listed in ``_ALLOWED`` and are allowed only for CPU tensors; a read from anywhere else --
 the user's step included -- fails, even on the CPU where it costs nothing, because on an accelerator
 the same line would stall every step and break graph capture.
+
+Example:
+    >>> import torch, torch.nn.functional as F, fnlit
+    >>> model = torch.nn.Linear(3, 1)
+    >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    >>> new, metrics = fnlit.testing.assert_pure(step, state, (torch.ones(4, 3), torch.zeros(4, 1)))
+    >>> int(new.step), sorted(metrics)
+    (1, ['loss'])
 """
 
 from __future__ import annotations
@@ -235,7 +244,17 @@ def assert_overfits(
 
 # ------------------------------------------------------------------------------ host syncs
 class HostSyncError(AssertionError):
-    """A tensor's value was read on the host inside :func:`no_host_sync`."""
+    """A tensor's value was read on the host inside :func:`no_host_sync`.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     with no_host_sync():
+        ...         torch.ones(2).sum().item()
+        ... except HostSyncError as e:
+        ...     print(type(e).__name__, isinstance(e, AssertionError))  # an assertion: tests fail, not error
+        HostSyncError True
+    """
 
 
 # fnlit's own reads of host memory, by design (see the module docstring): allowed on CPU tensors only.

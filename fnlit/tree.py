@@ -8,6 +8,13 @@ Every pytree operation in fnlit goes through this module, so the conventions liv
 * ``None`` is an empty subtree, not a leaf: ``tree_map`` leaves it in place and it carries no tensor.
 * Classes are registered once, globally, with both optree and ``torch.utils._pytree`` (``torch.func``
   and ``torch.compile`` only see the latter), by :func:`register_dataclass`.
+
+Example:
+    >>> from fnlit.tree import tree_leaves, tree_map
+    >>> tree_leaves({"b": 2, "a": 1, "c": None})  # sorted keys; None is not a leaf
+    [1, 2]
+    >>> tree_map(lambda x: x + 1, {"b": 2, "a": 1, "c": None})
+    {'b': 3, 'a': 2, 'c': None}
 """
 
 from __future__ import annotations
@@ -49,27 +56,54 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 
 def tree_leaves(tree: PyTree) -> list[Any]:
-    """The leaves of ``tree`` in fnlit's canonical order (dict keys sorted)."""
+    """The leaves of ``tree`` in fnlit's canonical order (dict keys sorted).
+
+    Example:
+        >>> tree_leaves({"b": 2, "a": (1, None)})  # None is an empty subtree, not a leaf
+        [1, 2]
+    """
     return optree.tree_leaves(tree)
 
 
 def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
-    """Leaves and structure of ``tree``; :func:`tree_unflatten` inverts it."""
+    """Leaves and structure of ``tree``; :func:`tree_unflatten` inverts it.
+
+    Example:
+        >>> leaves, treedef = tree_flatten({"b": 2, "a": (1, None)})
+        >>> leaves, treedef
+        ([1, 2], PyTreeSpec({'a': (*, None), 'b': *}))
+    """
     return optree.tree_flatten(tree)
 
 
 def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
-    """Rebuilds a tree of structure ``treedef`` from ``leaves``."""
+    """Rebuilds a tree of structure ``treedef`` from ``leaves``.
+
+    Example:
+        >>> leaves, treedef = tree_flatten({"b": 2, "a": (1, None)})
+        >>> tree_unflatten(treedef, [x * 10 for x in leaves])
+        {'b': 20, 'a': (10, None)}
+    """
     return optree.tree_unflatten(treedef, leaves)
 
 
 def tree_structure(tree: PyTree) -> optree.PyTreeSpec:
-    """The structure of ``tree`` without its leaves."""
+    """The structure of ``tree`` without its leaves.
+
+    Example:
+        >>> tree_structure({"w": 1, "b": 2}) == tree_structure({"b": 3.0, "w": 4.0})  # key order does not matter
+        True
+    """
     return optree.tree_structure(tree)
 
 
 def keystr(path: Sequence[Any]) -> str:
-    """Formats a path from :func:`tree_flatten_with_path` as ``a.b['c'][0]``-style text."""
+    """Formats a path from :func:`tree_flatten_with_path` as ``a.b['c'][0]``-style text.
+
+    Example:
+        >>> keystr(("params", "0.weight")), keystr(("mu", 0)), keystr(())
+        ("params['0.weight']", 'mu[0]', '<root>')
+    """
     out = ""
     for entry in path:
         if isinstance(entry, str):
@@ -82,13 +116,24 @@ def keystr(path: Sequence[Any]) -> str:
 
 
 def tree_flatten_with_path(tree: PyTree) -> tuple[list[str], list[Any], optree.PyTreeSpec]:
-    """Like :func:`tree_flatten`, plus a readable path (``params['0.weight']``) for each leaf."""
+    """Like :func:`tree_flatten`, plus a readable path (``params['0.weight']``) for each leaf.
+
+    Example:
+        >>> paths, leaves, _ = tree_flatten_with_path({"params": {"0.weight": 1}, "mu": [2, 3]})
+        >>> paths, leaves
+        (['mu[0]', 'mu[1]', "params['0.weight']"], [2, 3, 1])
+    """
     paths, leaves, treedef = optree.tree_flatten_with_path(tree)
     return [keystr(p) for p in paths], leaves, treedef
 
 
 def tree_paths(tree: PyTree) -> list[str]:
-    """Readable paths of the leaves of ``tree``, in leaf order."""
+    """Readable paths of the leaves of ``tree``, in leaf order.
+
+    Example:
+        >>> tree_paths({"params": {"0.weight": 1, "0.bias": 2}, "step": 3})
+        ["params['0.bias']", "params['0.weight']", 'step']
+    """
     return tree_flatten_with_path(tree)[0]
 
 
@@ -133,6 +178,15 @@ def register_dataclass(cls: type[T], data_fields: Sequence[str], meta_fields: Se
 
     ``data_fields`` are children (traversed); ``meta_fields`` are static context (compared by identity
     or equality when trees are matched, never traversed).
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Point:
+        ...     x: float
+        ...     name: str = "p"
+        >>> Point = register_dataclass(Point, data_fields=["x"], meta_fields=["name"])
+        >>> tree_map(lambda v: v * 2, Point(1.5, "q")), tree_leaves(Point(1.5))
+        (Point(x=3.0, name='q'), [1.5])
     """
     data_fields, meta_fields = tuple(data_fields), tuple(meta_fields)
 

@@ -2,6 +2,13 @@
 
 An optimizer is a :class:`GradientTransformation` of pure functions ``init``/``update`` (and a fused
 ``step``); :func:`step` applies one update: ``new_params, new_state = step(tx, grads, state, params)``.
+
+Example:
+    >>> import torch, fnlit
+    >>> tx, params = fnlit.optim.sgd(0.1), {"w": torch.ones(2)}
+    >>> params, opt_state = fnlit.optim.step(tx, {"w": torch.ones(2)}, tx.init(params), params)
+    >>> params["w"]
+    tensor([0.9000, 0.9000])
 """
 
 from ._alias import AdamState as AdamState

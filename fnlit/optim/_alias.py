@@ -30,12 +30,30 @@ Leaves = list[torch.Tensor]
 
 
 class SGDState(NamedTuple):
+    """The state of :func:`sgd`: step count, momentum buffers (``()`` without momentum), hyperparameters.
+
+    Example:
+        >>> import torch
+        >>> sgd(0.1, momentum=0.9).init({"w": torch.zeros(2)})
+        SGDState(count=tensor(0), momentum_buffer={'w': tensor([0., 0.])},
+                 hyperparams={'learning_rate': tensor(0.1000), 'weight_decay': tensor(0.)})
+    """
+
     count: torch.Tensor  # 0-d int64: steps taken so far
     momentum_buffer: PyTree  # () without momentum: torch.func.vmap rejects None leaves
     hyperparams: dict[str, torch.Tensor]  # "learning_rate", "weight_decay": 0-d float32
 
 
 class AdamState(NamedTuple):
+    """The state of :func:`adam` / :func:`adamw`: step count, first and second moments, hyperparameters.
+
+    Example:
+        >>> import torch
+        >>> state = adam(1e-3).init({"w": torch.zeros(2)})
+        >>> int(state.count), state.mu, state.nu
+        (0, {'w': tensor([0., 0.])}, {'w': tensor([0., 0.])})
+    """
+
     count: torch.Tensor
     mu: PyTree
     nu: PyTree

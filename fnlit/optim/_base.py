@@ -55,7 +55,14 @@ class GradientTransformation(NamedTuple):
 
 
 class EmptyState(NamedTuple):
-    """The state of a transformation that keeps none."""
+    """The state of a transformation that keeps none.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import scale
+        >>> scale(2.0).init({"w": torch.zeros(2)})
+        EmptyState()
+    """
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

@@ -20,6 +20,15 @@ __all__ = ["DPAggregateState", "dp_sgd_aggregate"]
 
 
 class DPAggregateState(NamedTuple):
+    """The state of :func:`dp_sgd_aggregate`: the random key of the noise, advanced by every update.
+
+    Example:
+        >>> import torch, fnlit
+        >>> state = dp_sgd_aggregate(1.0, 1.1, seed=0).init({"w": torch.zeros(2)})
+        >>> torch.equal(state.rng, fnlit.random.key(0))  # the seed's key; each update moves it on
+        True
+    """
+
     rng: torch.Tensor  # 0-d int64 CPU key (fnlit.random), advanced by every update
 
 

@@ -4,6 +4,16 @@ A schedule takes the number of optimizer steps already taken (a Python int or a 
 and returns a 0-d float32 tensor on the count's device. Nothing here reads a tensor back to the host,
 so a schedule can run inside a compiled or CUDA-graph-captured step and under ``torch.func.vmap``.
 Semantics follow optax's schedules (``join`` = ``optax.join_schedules``).
+
+Any callable ``count -> 0-d tensor`` is a :data:`Schedule`, so one's own is a plain function:
+
+Example:
+    >>> import torch, fnlit
+    >>> def halve_every_10(count) -> torch.Tensor:
+    ...     return 0.1 * 0.5 ** torch.div(torch.as_tensor(count), 10, rounding_mode="floor")
+    >>> halve_every_10(25), halve_every_10(torch.tensor(0))
+    (tensor(0.0250), tensor(0.1000))
+    >>> tx = fnlit.optim.sgd(halve_every_10)  # wherever a learning rate is taken
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 Schedule = Callable[[int | torch.Tensor], torch.Tensor]
+"""A learning rate as a function of the step count: ``schedule(count) -> 0-d float tensor`` (see the module example)."""
 
 __all__ = ["Schedule", "constant", "linear_warmup", "cosine_decay", "warmup_cosine", "step_decay", "join"]
 

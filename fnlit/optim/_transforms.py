@@ -36,29 +36,78 @@ ScalarOrSchedule = float | Callable[[torch.Tensor], torch.Tensor]
 
 
 class ScaleByAdamState(NamedTuple):
+    """The state of :func:`scale_by_adam`: update count and the first and second moments.
+
+    Example:
+        >>> import torch
+        >>> scale_by_adam().init({"w": torch.zeros(2)})
+        ScaleByAdamState(count=tensor(0), mu={'w': tensor([0., 0.])}, nu={'w': tensor([0., 0.])})
+    """
+
     count: torch.Tensor  # 0-d int64: updates taken so far
     mu: PyTree
     nu: PyTree
 
 
 class ScaleByLearningRateState(NamedTuple):
+    """The state of :func:`scale_by_learning_rate`: update count and the learning rate (a 0-d tensor).
+
+    Example:
+        >>> import torch
+        >>> scale_by_learning_rate(0.1).init({"w": torch.zeros(2)})
+        ScaleByLearningRateState(count=tensor(0), hyperparams={'learning_rate': tensor(0.1000)})
+    """
+
     count: torch.Tensor
     hyperparams: dict[str, torch.Tensor]
 
 
 class ScaleByScheduleState(NamedTuple):
+    """The state of :func:`scale_by_schedule`: the update count the schedule is evaluated at.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import constant
+        >>> scale_by_schedule(constant(0.1)).init({"w": torch.zeros(2)})
+        ScaleByScheduleState(count=tensor(0))
+    """
+
     count: torch.Tensor
 
 
 class TraceState(NamedTuple):
+    """The state of :func:`trace`: the momentum buffer, one tensor per parameter.
+
+    Example:
+        >>> import torch
+        >>> trace(0.9).init({"w": torch.zeros(2)})
+        TraceState(trace={'w': tensor([0., 0.])})
+    """
+
     trace: PyTree
 
 
 class AddDecayedWeightsState(NamedTuple):
+    """The state of :func:`add_decayed_weights`: the weight decay (a 0-d tensor).
+
+    Example:
+        >>> import torch
+        >>> add_decayed_weights(1e-4).init({"w": torch.zeros(2)})
+        AddDecayedWeightsState(hyperparams={'weight_decay': tensor(1.0000e-04)})
+    """
+
     hyperparams: dict[str, torch.Tensor]
 
 
 class MaskedState(NamedTuple):
+    """The state of :func:`masked`: the inner transformation's state over the selected leaves.
+
+    Example:
+        >>> import torch
+        >>> masked(trace(0.9), {"w": True, "b": False}).init({"w": torch.zeros(2), "b": torch.zeros(1)})
+        MaskedState(inner_state=TraceState(trace=[tensor([0., 0.])]))
+    """
+
     inner_state: Any
 
 

@@ -25,6 +25,12 @@ class LossScaleState(NamedTuple):
         growth_factor: float32, scale multiplier after ``growth_interval`` finite steps.
         backoff_factor: float32, scale multiplier after a step with non-finite gradients.
         growth_interval: int32.
+
+    Example:
+        >>> import torch, fnlit
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0, loss_scale="dynamic")
+        >>> state.scaler.scale, state.scaler.growth_interval
+        (tensor(65536.), tensor(2000, dtype=torch.int32))
     """
 
     scale: torch.Tensor

@@ -51,7 +51,17 @@ _HOST_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "_
 
 
 class CaptureError(RuntimeError):
-    """A step could not be captured whole; the message names the cause, the line and the fix."""
+    """A step could not be captured whole; the message names the cause, the line and the fix.
+
+    Example:
+        >>> import torch, fnlit
+        >>> def step(state, batch):
+        ...     return state, {"pos": batch.sum() > 0 and batch.sum()}  # `and` reads the tensor on the host
+        >>> state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        >>> compile(step)(state, torch.ones(2))  # doctest: +SKIP
+        Traceback (most recent call last):
+        fnlit.transforms.compile.CaptureError: fnlit.compile could not capture the step at ... host sync ...
+    """
 
 
 _FIXES = {
@@ -159,6 +169,16 @@ class CompiledStep:
         donate: whether calls consume their input state.
         compiles: how many graphs have been compiled so far (one per distinct input structure, shape
             or dtype; a recompile would show here).
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fnlit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> step = compile(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
+        >>> step.donate, step.compiles  # nothing is captured before the first call
+        (False, 0)
+        >>> state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        >>> _ = step(state, (torch.ones(8, 4), torch.zeros(8, 1))); step.compiles  # doctest: +SKIP
+        1
     """
 
     def __init__(self, step: StepFn, *, donate: bool, mode: Mode, dynamic: bool) -> None:
