@@ -37,4 +37,4 @@ class ScheduleFn(Protocol):
     def __call__(self, count: int | torch.Tensor, /) -> torch.Tensor: ...
 
 
-__all__ = ["PyTree", "Params", "Buffers", "Grads", "Updates", "OptState", "Batch", "Metrics", "StepFn", "ScheduleFn", "Any"]
+__all__ = ["PyTree", "Params", "Buffers", "Grads", "Updates", "OptState", "Batch", "Metrics", "StepFn", "ScheduleFn"]
