@@ -235,10 +235,9 @@ def use_functional(*leaf_lists: Sequence[Any]) -> bool:
     """
     if _FORCE_FUNCTIONAL[0] or torch.compiler.is_compiling():
         return True
-    if torch._C._functorch.maybe_current_level() is not None:  # inside vmap/grad: O(1) check
-        return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(wrapped(t) for leaves in leaf_lists for t in leaves if isinstance(t, torch.Tensor))
+    # Inside vmap/grad: O(1). Outside every functorch transform no tensor can be wrapped (they are
+    # unwrapped on the way out), so there is nothing to scan leaf by leaf.
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 # ----------------------------------------------------------------------------------------------
