@@ -32,18 +32,11 @@ from torch import nn
 import fnlit
 from fnlit.data import ArrayLoader
 
+from _data import digits  # the shared 70/15/15 split of scikit-learn's digits
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def digits(seed: int) -> dict[str, Batch]:
-    """scikit-learn's 8x8 digits, flattened to 64 features in [0, 1], split 70/15/15."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    a, b = int(0.7 * len(y)), int(0.85 * len(y))
-    return {name: (x[i], y[i]) for name, i in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:]))}
 
 
 class SkippedSteps(fnlit.callbacks.Callback):

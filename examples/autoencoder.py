@@ -27,6 +27,8 @@ from torch import nn
 import fnlit
 from fnlit.data import ArrayLoader
 
+from _data import digits  # the shared 70/15/15 split of scikit-learn's digits
+
 
 class AutoEncoder(nn.Module):
     """An MLP encoder to a ``latent``-dimensional code and a decoder back to the 64 pixels."""
@@ -40,14 +42,6 @@ class AutoEncoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def digits(seed: int) -> dict[str, torch.Tensor]:
-    """The digit images as 64 pixels in [0, 1], split 70/15/15 (the labels are not needed)."""
-    from sklearn.datasets import load_digits
-
-    x = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    a, b = int(0.7 * len(x)), int(0.85 * len(x))
-    return {"train": x[order[:a]], "val": x[order[a:b]], "test": x[order[b:]]}
 
 
 def pca_mse(train: torch.Tensor, test: torch.Tensor, k: int) -> float:
@@ -69,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--log-dir", default="runs/autoencoder", help="TensorBoard event files and metrics.csv ('' for none)")
     args = p.parse_args(argv)
 
-    data = digits(args.seed)
+    data = {k: x for k, (x, _) in digits(args.seed).items()}  # the pixels; labels are not needed
     torch.manual_seed(args.seed)
     model = AutoEncoder(args.latent)
 

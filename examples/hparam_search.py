@@ -34,6 +34,8 @@ from torch import nn
 import fnlit
 from fnlit.data import ArrayLoader
 
+from _data import digits  # the shared 70/15/15 split of scikit-learn's digits
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
 TrainStep = Callable[[fnlit.TrainState, Batch], tuple[fnlit.TrainState, Metrics]]
@@ -51,15 +53,6 @@ class Config:
     seed: int = 0
 
 
-def digits() -> dict[str, Batch]:
-    """scikit-learn's digits, 64 features in [0, 1], a fixed 70/15/15 split (the same for every trial)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    a, b = int(0.7 * len(y)), int(0.85 * len(y))
-    return {name: (x[i], y[i]) for name, i in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:]))}
 
 
 DATA: dict[str, Batch] = {}  # loaded once; read-only, so trials stay pure functions of their config
