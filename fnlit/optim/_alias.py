@@ -14,6 +14,7 @@ never recompiles a compiled step, and a vmapped ensemble can give each member it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -69,6 +70,10 @@ def _groups(leaves: Leaves) -> list[list[int]]:
     for i, t in enumerate(leaves):
         groups.setdefault((t.device, t.dtype), []).append(i)
     return list(groups.values())
+
+
+def _log(b: float) -> float:
+    return math.log(b) if b > 0 else -math.inf  # b = 0: exp(t * -inf) = 0 = 0**t for every t >= 1
 
 
 def _decay_factor(lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor | float:
@@ -246,8 +251,11 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
         mu = [m.lerp(x, 1 - b1) for m, x in zip(bufs[0], g)]
         nu = [torch.addcmul(v * b2, x, x, value=1 - b2) for v, x in zip(bufs[1], g)]
         t = count.double()  # bias corrections in float64, as the fused kernel and torch.optim do
-        step_size = (lr.double() / (1 - b1**t)).float()
-        bc2_sqrt = torch.sqrt(1 - b2**t).float()
+        # b**t written as exp(t * log b): inductor computes a reused value containing exp once per step,
+        # while it inlines pow into every vector iteration of every parameter's update loop (3x slower
+        # compiled AdamW on CPU). The two agree to ~1e-16 relative in float64.
+        step_size = (lr.double() / (1 - torch.exp(t * _log(b1)))).float()
+        bc2_sqrt = torch.sqrt(1 - torch.exp(t * _log(b2))).float()
         new_p = [q - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps)) for q, m, v in zip(p, mu, nu)]
         return new_p, [mu, nu]
 
