@@ -79,6 +79,41 @@ def test_compiled_donated_state_raises_when_reused(model):
     assert int(new.step) == 1
 
 
+def _reordered(state):
+    """The same state with its params and moments in reversed dict order (optree sorts keys, torch does not)."""
+    rev = lambda d: dict(reversed(list(d.items())))  # noqa: E731
+    opt = state.opt_state._replace(mu=rev(state.opt_state.mu), nu=rev(state.opt_state.nu))
+    return state.replace(params=rev(state.params), opt_state=opt)
+
+
+def test_compiled_binds_leaves_by_key_whatever_the_dict_order(model):
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    compiled = fnlit_compile(hand_step(model), mode="eager")
+    got, _ = compiled(state, batch(seed=0))
+    got, _ = compiled(_reordered(got), batch(seed=1))  # same optree structure, other insertion order
+    got, _ = compiled(got, batch(seed=2))
+    want, _ = _run(hand_step(model), state, 3)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)  # the traced optimizer rounds unlike the fused kernel
+    assert compiled.compiles == 1
+
+
+def test_compiled_batch_holding_one_tensor_twice(model):
+    # The leaves cannot be matched one to one by identity, so this structure keeps torch's flatten.
+    inner = hand_step(model)
+    step = lambda state, b: inner(state, (b[0] + b[1], b[2]))  # noqa: E731
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(step, mode="eager")
+    got = state
+    for i in range(3):
+        x, y = batch(seed=i)
+        got, _ = compiled(got, (x, x, y))
+    want = state
+    for i in range(3):
+        x, y = batch(seed=i)
+        want, _ = inner(want, (x + x, y))
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _item_step(model):
     def train_step(state, batch):
         x, y = batch

@@ -36,6 +36,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 
 from .. import random as _random
+from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
 from .donate import check_not_donated, poison
 
@@ -161,6 +162,46 @@ def _keep_input_guards(entries: Any) -> list[bool]:
     ]
 
 
+class _Entry:
+    """One compiled function and the input structure it was compiled for.
+
+    dynamo reads trees with ``torch.utils._pytree`` (its Python flatten takes ~30 us for a TrainState, a
+    sixth of a small compiled CPU step and more of a CUDA-graph replay); optree's C++ flatten takes ~9.
+    On the first call the two leaf orders are matched by identity, so later calls with the same optree
+    structure use optree and a permutation. optree orders dict leaves by key whatever the insertion order,
+    so the permutation binds every value by its key. Trees whose leaves cannot be matched one to one
+    (``None`` leaves, a leaf object appearing twice, classes registered with torch's pytree only) keep
+    the torch flatten.
+    """
+
+    def __init__(self, spec: Any, state_spec: Any, compiled: Callable[..., Any], mode: str) -> None:
+        self.spec, self.state_spec, self.compiled, self.mode = spec, state_spec, compiled, mode
+        self.o_spec: Any = None
+        self.perm: list[int] | None = None  # torch leaf i is optree leaf perm[i]
+        self.o_state_spec: Any = None
+        self.state_perm: list[int] | None = None  # optree state leaf k is torch state leaf state_perm[k]
+
+    def link(self, leaves: list[Any], o_leaves: list[Any], o_spec: Any) -> None:
+        self.o_spec = o_spec
+        where = {id(x): i for i, x in enumerate(o_leaves)}
+        if len(where) != len(o_leaves) or len(leaves) != len(o_leaves) or any(id(x) not in where for x in leaves):
+            return  # no one-to-one match: this structure keeps the torch flatten
+        perm = [where[id(x)] for x in leaves]
+        n = self.state_spec.num_leaves
+        o_state_spec = o_spec.children()[0]
+        if sorted(perm[:n]) != list(range(o_state_spec.num_leaves)):
+            return
+        state_perm = [0] * n
+        for i, j in enumerate(perm[:n]):
+            state_perm[j] = i
+        self.perm, self.o_state_spec, self.state_perm = perm, o_state_spec, state_perm
+
+    def unflatten_state(self, new_leaves: Any) -> TrainState:
+        if self.state_perm is None:
+            return torch_pytree.tree_unflatten(list(new_leaves), self.state_spec)
+        return _tree.tree_unflatten(self.o_state_spec, [new_leaves[i] for i in self.state_perm])
+
+
 class CompiledStep:
     """A step function captured with :func:`fnlit.compile`; call it like the step.
 
@@ -184,7 +225,7 @@ class CompiledStep:
     def __init__(self, step: StepFn, *, donate: bool, mode: Mode, dynamic: bool) -> None:
         self.step, self.donate, self.mode, self.dynamic = step, donate, mode, dynamic
         self.compiles = 0
-        self._entries: list[tuple[Any, Any, Callable[..., Any], str]] = []  # (spec, state spec, fn, mode)
+        self._entries: list[_Entry] = []  # one per input structure (shapes are dynamo's to guard)
         self._needs_seed: bool | None = None
 
     # -- capture -----------------------------------------------------------------------------------
@@ -201,7 +242,7 @@ class CompiledStep:
 
         return backend
 
-    def _build(self, spec: Any, state: TrainState) -> tuple[Any, Any, Callable[..., Any], str]:
+    def _build(self, spec: Any, state: TrainState) -> _Entry:
         device = state.device
         mode = self.mode
         if mode == "auto":  # CUDA graphs need fixed addresses, which donation provides
@@ -234,24 +275,30 @@ class CompiledStep:
         options = {} if mode in ("default", "eager") else dict(torch._inductor.list_mode_options(mode))
         compiled = torch.compile(fn, fullgraph=True, dynamic=self.dynamic, backend=self._backend(options, mode == "eager"),
                                  options={"guard_filter_fn": _keep_input_guards})
-        entry = (spec, state_spec, compiled, mode)
+        entry = _Entry(spec, state_spec, compiled, mode)
         self._entries.append(entry)
         return entry
 
-    def _entry(self, spec: Any, state: TrainState) -> tuple[Any, Any, Callable[..., Any], str]:
-        for entry in self._entries:
-            if entry[0] == spec:
-                return entry
-        _check_supported(self.step)
-        return self._build(spec, state)
+    def _leaves(self, state: TrainState, batch: Batch) -> tuple[list[Any], _Entry]:
+        """The leaves in the compiled function's order, and its entry (built on a first call)."""
+        o_leaves, o_spec = _tree.tree_flatten((state, batch))
+        for entry in self._entries:  # the fast path: optree's C++ flatten, then a fixed permutation
+            if entry.perm is not None and entry.o_spec == o_spec:
+                return [o_leaves[i] for i in entry.perm], entry
+        leaves, spec = torch_pytree.tree_flatten((state, batch))
+        entry = next((e for e in self._entries if e.spec == spec), None)
+        if entry is None:
+            _check_supported(self.step)
+            entry = self._build(spec, state)
+        if entry.o_spec is None:
+            entry.link(leaves, o_leaves, o_spec)
+        return leaves, entry
 
     # -- call --------------------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         check_not_donated(state)
-        leaves, spec = torch_pytree.tree_flatten((state, batch))
-        entries = self._entries
-        entry = entries[0] if entries and entries[0][0] == spec else self._entry(spec, state)
-        _, state_spec, compiled, mode = entry
+        leaves, entry = self._leaves(state, batch)
+        state_spec, compiled, mode = entry.state_spec, entry.compiled, entry.mode
         cudagraphs = mode == "reduce-overhead"
         if cudagraphs:
             for t in leaves[: state_spec.num_leaves]:
@@ -271,7 +318,7 @@ class CompiledStep:
             raise self._explain(e, state, batch) from None
         if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
             metrics = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
-        new = torch_pytree.tree_unflatten(list(new_leaves), state_spec)
+        new = entry.unflatten_state(new_leaves)
         if self.donate:
             poison(state, "fnlit.compile(step, donate=True)")
         return new, metrics
