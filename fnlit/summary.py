@@ -24,9 +24,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
+import struct
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
 
 import torch
 from tqdm.std import tqdm
@@ -64,13 +67,17 @@ def _hparam_value(v: Any) -> bool | int | float | str:
 
 
 class TensorBoardWriter:
-    """Scalars and hyperparameters in TensorBoard event files (through tensorboardX).
+    """Scalars and hyperparameters in a TensorBoard event file (tensorboardX's protocol buffers).
 
-    ``tensorboard --logdir <log_dir>`` shows the scalars; hyperparameters appear under HPARAMS.
+    ``tensorboard --logdir <log_dir>`` shows the scalars; hyperparameters appear under HPARAMS. Each
+    ``log_metrics`` call appends one event holding all its scalars and hands it to the operating system
+    at once, so a crash loses nothing that was logged; ``close`` also fsyncs. It writes in the calling
+    thread: tensorboardX's ``SummaryWriter`` sends every scalar through a multiprocessing queue to a
+    writer thread (~60 us of this process's CPU per scalar, and a thread contending with the training
+    step for the interpreter); a direct write of the whole interval costs a few microseconds.
 
     Args:
-        log_dir: directory of the event files (created on rank 0).
-        flush_secs: how often tensorboardX flushes in the background.
+        log_dir: directory of the event file (created on rank 0).
 
     Example:
         >>> import tempfile, os
@@ -81,40 +88,63 @@ class TensorBoardWriter:
         True
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: int = 30) -> None:
-        self.log_dir = os.fspath(log_dir)
-        self._writer = None
-        if _dist.is_main():
-            from tensorboardX import SummaryWriter
+    _opened = 0  # event files this process opened: part of each name, so two writers never share one
 
-            self._writer = SummaryWriter(self.log_dir, flush_secs=flush_secs)
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+        self.log_dir = os.fspath(log_dir)
+        self._file: BinaryIO | None = None
+        self.path: str | None = None
+        if _dist.is_main():
+            os.makedirs(self.log_dir, exist_ok=True)
+            TensorBoardWriter._opened += 1
+            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{TensorBoardWriter._opened}"
+            self.path = os.path.join(self.log_dir, name)
+            self._file = open(self.path, "wb")
+            self._write(file_version="brain.Event:2")
+
+    def _write(self, summary: Any = None, step: int | None = None, **fields: Any) -> None:
+        """Appends one Event as a TFRecord: length, its masked CRC-32C, the bytes, their masked CRC-32C."""
+        if self._file is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import masked_crc32c
+
+        event = Event(wall_time=time.time(), summary=summary, **fields)
+        if step is not None:
+            event.step = int(step)
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
+        self._file.flush()  # to the OS: a crash of this process loses nothing already logged
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if self._writer is not None:
-            for name, value in metrics.items():
-                self._writer.add_scalar(name, value, step)
+        if self._file is None or not metrics:
+            return
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self._write(Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]), step)
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Sequence[str] = ()) -> None:
         """Writes the hyperparameters (and the names of the metrics to show next to them) into this run."""
-        if self._writer is None:
+        if self._file is None:
             return
         from tensorboardX.summary import hparams as _hparams
 
         # Written into this run's own event file (not a sub-run, as SummaryWriter.add_hparams does),
         # so TensorBoard shows the hyperparameters next to the run's scalars.
-        exp, ssi, sei = _hparams({k: _hparam_value(v) for k, v in hparams.items()}, {m: 0.0 for m in metrics})
-        fw = self._writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
+        for summary in _hparams({k: _hparam_value(v) for k, v in hparams.items()}, {m: 0.0 for m in metrics}):
+            self._write(summary)
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
 
 
 class CSVWriter:

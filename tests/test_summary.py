@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 import fnlit
 from fnlit.loop import fit
@@ -31,8 +32,12 @@ def read_events(log_dir):
         i = 0
         while i < len(data):
             (length,) = struct.unpack("<Q", data[i : i + 8])
+            payload = data[i + 12 : i + 12 + length]
+            # TFRecord framing, checked with tensorboardX's masked CRC-32C (what TensorBoard verifies too).
+            assert struct.unpack("<I", data[i + 8 : i + 12])[0] == masked_crc32c(data[i : i + 8])
+            assert struct.unpack("<I", data[i + 12 + length : i + 16 + length])[0] == masked_crc32c(payload)
             ev = event_pb2.Event()
-            ev.ParseFromString(data[i + 12 : i + 12 + length])
+            ev.ParseFromString(payload)
             events.append(ev)
             i += 12 + length + 4
     return events
@@ -105,6 +110,17 @@ def test_writers_skip_nothing_across_new_columns(tmp_path):
     tb.log_metrics({"a": 1.0}, 7)
     tb.close()
     assert scalars(tmp_path / "tb") == {"a": [(7, 1.0)]}
+
+
+def test_tensorboard_events_reach_the_file_at_each_log_and_writers_never_share_a_file(tmp_path):
+    first, second = TensorBoardWriter(tmp_path), TensorBoardWriter(tmp_path)  # the same second, the same folder
+    first.log_metrics({"a": 1.0, "b": 2}, 3)
+    second.log_metrics({"a": 5.0}, 4)
+    # Not closed (as after a crash): what was logged is already in the files.
+    assert [ev.file_version for ev in read_events(tmp_path) if ev.file_version] == ["brain.Event:2"] * 2
+    assert {k: sorted(v) for k, v in scalars(tmp_path).items()} == {"a": [(3, 1.0), (4, 5.0)], "b": [(3, 2.0)]}
+    first.close(), second.close()
+    assert len([f for f in os.listdir(tmp_path) if "tfevents" in f]) == 2
 
 
 def slow_fit():
