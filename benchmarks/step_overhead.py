@@ -2,8 +2,9 @@
 
 Plain: nn.Module forward, loss.backward(), torch.optim.AdamW(foreach=True).step(), zero_grad.
 fnlit: fnlit.train_step(model, loss_fn) with fnlit.optim.adamw (same hyperparameters), the
-hand-written step of DESIGN.md, and train_step under fnlit.donating (in-place update, opt-in). Both run in one process, interleaved in rounds, on the same batches;
-we report the median step time of each and the ratio fnlit / plain.
+hand-written step of DESIGN.md, train_step under fnlit.donating (in-place update, opt-in), and train_step
+captured whole by fnlit.compile (inductor; without and with donation). All run in one process, interleaved
+in rounds, on the same batches; we report the median step time of each and its ratio to plain.
 
     python benchmarks/step_overhead.py [--rounds 30] [--steps 20]
 """
@@ -42,7 +43,7 @@ def plain_runner(model: nn.Module):
     return run
 
 
-def fnlit_runner(model: nn.Module, hand_written: bool, donate: bool = False):
+def fnlit_runner(model: nn.Module, hand_written: bool, donate: bool = False, compiled: bool = False):
     state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3, weight_decay=1e-2), seed=0)
     if hand_written:
 
@@ -58,7 +59,9 @@ def fnlit_runner(model: nn.Module, hand_written: bool, donate: bool = False):
 
     else:
         step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
-    if donate:
+    if compiled:
+        step = fnlit.compile(step, donate=donate)  # forward, backward and AdamW in one inductor program
+    elif donate:
         step = fnlit.donating(step)  # the optimizer updates the incoming state's storage in place
     box = [state]
 
@@ -88,8 +91,9 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     print(f"{args.clock} clock, torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
           f"{args.rounds} rounds x {args.steps} steps, interleaved")
-    print(f"{'workload':34s} {'plain ms':>9s} {'fnlit ms':>9s} {'ratio':>6s} {'hand ms':>8s} {'ratio':>6s} "
-          f"{'donated ms':>10s} {'ratio':>6s}")
+    names = {"plain": "plain", "fnlit": "fnlit", "hand": "hand", "donated": "donated", "compiled": "compiled",
+             "compiled_donated": "compiled+donated"}
+    print(f"{'workload':34s} {'plain ms':>9s}" + "".join(f" {n + ' ms':>{len(n) + 3}s} {'ratio':>6s}" for k, n in names.items() if k != "plain"))
     for label, hidden, bs in SIZES:
         torch.manual_seed(0)
         template = mlp(hidden)
@@ -100,6 +104,8 @@ def main() -> None:
             "fnlit": fnlit_runner(template, hand_written=False),  # fnlit never changes the module
             "hand": fnlit_runner(template, hand_written=True),
             "donated": fnlit_runner(template, hand_written=False, donate=True),
+            "compiled": fnlit_runner(template, hand_written=False, compiled=True),
+            "compiled_donated": fnlit_runner(template, hand_written=False, donate=True, compiled=True),
         }
         times: dict[str, list[float]] = {k: [] for k in runners}
         for r in range(args.rounds + 2):
@@ -108,9 +114,7 @@ def main() -> None:
                 if r >= 2:  # the first two rounds warm up allocators and caches
                     times[name] += t
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"{label:34s} {med['plain']:9.3f} {med['fnlit']:9.3f} {med['fnlit'] / med['plain']:6.3f} "
-              f"{med['hand']:8.3f} {med['hand'] / med['plain']:6.3f} "
-              f"{med['donated']:10.3f} {med['donated'] / med['plain']:6.3f}")
+        print(f"{label:34s} {med['plain']:9.3f}" + "".join(f" {med[k]:{len(n) + 3}.3f} {med[k] / med['plain']:6.3f}" for k, n in names.items() if k != "plain"))
 
 
 if __name__ == "__main__":
