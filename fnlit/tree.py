@@ -62,7 +62,36 @@ def tree_leaves(tree: PyTree) -> list[Any]:
         >>> tree_leaves({"b": 2, "a": (1, None)})  # None is an empty subtree, not a leaf
         [1, 2]
     """
+    if type(tree) is dict and not torch.compiler.is_compiling():  # dynamo traces optree, not the cache
+        fast = _flat_dict(tree)
+        if fast is not None:
+            return fast[0]
     return optree.tree_leaves(tree)
+
+
+# Flat dicts of tensors keyed by strings (params, grads, moments) are flattened several times a step.
+# optree takes ~2.5 us for six tensors; reusing the leaf order and structure of the last dict with the
+# same keys takes a fifth of that. Keyed by the keys in insertion order; bounded.
+_FLAT_DICTS: dict[tuple[str, ...], tuple[list[str], optree.PyTreeSpec]] = {}
+
+
+def _flat_dict(tree: dict[Any, Any]) -> tuple[list[Any], optree.PyTreeSpec] | None:
+    keys = tuple(tree)
+    hit = _FLAT_DICTS.get(keys)
+    if hit is None:
+        if not (all(type(k) is str for k in keys) and all(isinstance(v, torch.Tensor) for v in tree.values())):
+            return None
+        leaves, treedef = optree.tree_flatten(tree)
+        if len(_FLAT_DICTS) >= 1024:
+            _FLAT_DICTS.clear()
+        _FLAT_DICTS[keys] = (treedef.entries(), treedef)
+        return leaves, treedef
+    order, treedef = hit
+    leaves = [tree[k] for k in order]
+    for v in leaves:  # a tensor is always a leaf; anything else may be a subtree: take the general path
+        if not isinstance(v, torch.Tensor):
+            return None
+    return leaves, treedef
 
 
 def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
@@ -73,6 +102,10 @@ def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
         >>> leaves, treedef
         ([1, 2], PyTreeSpec({'a': (*, None), 'b': *}))
     """
+    if type(tree) is dict and not torch.compiler.is_compiling():  # dynamo traces optree, not the cache
+        fast = _flat_dict(tree)
+        if fast is not None:
+            return fast
     return optree.tree_flatten(tree)
 
 
