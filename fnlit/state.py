@@ -11,6 +11,8 @@ from torch import nn
 from . import random as _random
 from . import tree as _tree
 from ._types import Buffers, Grads, OptState, Params
+from .optim._base import step as _opt_step
+from .transforms._frame import current as _current_frame
 
 if TYPE_CHECKING:
     from .optim import GradientTransformation
@@ -135,8 +137,8 @@ class TrainState:
             >>> int(later.step), int(state.step)
             (5, 0)
         """
-        unknown = changes.keys() - _FIELD_SET
-        if unknown:
+        if not changes.keys() <= _FIELD_SET:
+            unknown = changes.keys() - _FIELD_SET
             raise TypeError(
                 f"TrainState.replace got unknown field(s) {sorted(unknown)}; the fields are {list(_DATA_FIELDS) + ['tx']}."
             )
@@ -162,9 +164,7 @@ class TrainState:
             >>> int(new.step), torch.equal(new.params["bias"], state.params["bias"] - 0.5)
             (1, True)
         """
-        from .transforms._frame import current
-
-        frame = current()
+        frame = _current_frame()
         if frame is not None:
             return frame.apply_gradients(self, grads, changes)
         return self.apply_update(self.check_grads(grads), **changes)
@@ -201,8 +201,6 @@ class TrainState:
             >>> int(a.step), torch.equal(a.params["weight"], b.params["weight"])
             (1, True)
         """
-        from .optim import step as _opt_step
-
         params, opt_state = _opt_step(self.tx, grads, self.opt_state, self.params)
         return self.replace(
             step=self.step + 1, params=params, opt_state=opt_state, rng=_random.next_key(self.rng), **changes
