@@ -50,20 +50,30 @@ class _Slots:
         )
 
 
-_SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slots] = weakref.WeakKeyDictionary()
+# id(module) -> (weak reference to it, its slots). A plain dict: WeakKeyDictionary.get builds a weakref
+# per lookup in Python, and apply looks up on every forward. The weak reference tells a module that
+# reuses a dead one's id apart (its entry is then rebuilt), and a finalizer drops dead entries.
+_SLOTS: dict[int, tuple[weakref.ref[nn.Module], _Slots]] = {}
 
 
 def _slots(module: nn.Module) -> _Slots:
-    s = _SLOTS.get(module)
-    if s is None:
-        s = _SLOTS[module] = _Slots(module)
+    entry = _SLOTS.get(id(module))
+    if entry is not None and entry[0]() is module:
+        return entry[1]
+    s = _Slots(module)
+    key = id(module)
+    _SLOTS[key] = (weakref.ref(module, lambda _, key=key: _SLOTS.pop(key, None)), s)
     return s
 
 
 def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
-    given = params.keys() | buffers.keys()
-    if given == slots.names:
+    names = slots.names
+    # Every name of the module exactly once across params and buffers, without building a set.
+    if len(params) + len(buffers) == len(names) and params.keys() <= names and (
+        not buffers or (buffers.keys() <= names and params.keys().isdisjoint(buffers))
+    ):
         return
+    given = params.keys() | buffers.keys()
     missing, extra = sorted(slots.names - given), sorted(given - slots.names)
     raise KeyError(
         f"fnlit.apply: params and buffers do not match the tensors of {type(module).__name__}: "
@@ -73,12 +83,12 @@ def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], bu
     )
 
 
-def _call_swapped(module: nn.Module, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-    slots = _slots(module)
+def _call_swapped(module: nn.Module, slots: _Slots, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    where = slots.where
     saved = []
     try:
         for name, t in tensors.items():
-            for d, attr in slots.where[name]:
+            for d, attr in where[name]:
                 saved.append((d, attr, d[attr]))
                 d[attr] = t
         return module(*args, **kwargs)
@@ -155,17 +165,18 @@ def apply(
     for name in copy:
         if name in new_buffers:
             new_buffers[name] = new_buffers[name].clone()
-    tensors = {**params, **new_buffers}
+    tensors = {**params, **new_buffers} if new_buffers else params
     flip = module.training != train
     if flip:
         module.train(train)
     try:
-        device = next(iter(params.values())).device if params else None
-        with _random.seeded(rng, device):
-            if _traced():
-                out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
-            else:
-                out = _call_swapped(module, tensors, args, kwargs)
+        if _traced():  # under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random)
+            out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+        elif rng is None:
+            out = _call_swapped(module, slots, tensors, args, kwargs)
+        else:
+            with _random.seeded(rng, next(iter(params.values())).device if params else None):
+                out = _call_swapped(module, slots, tensors, args, kwargs)
     finally:
         if flip:
             module.train(not train)
@@ -200,6 +211,16 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
 
 
 def _detach(tree: Any) -> Any:
+    """``tree`` with every tensor that requires grad detached (aux of value_and_grad: buffers, metrics)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach() if tree.requires_grad else tree
+    kind = type(tree)
+    if kind is dict:  # the usual aux containers, without a tree traversal per call
+        return {k: _detach(v) for k, v in tree.items()}
+    if kind is tuple or kind is list:
+        return kind(_detach(v) for v in tree)
+    if tree is None or kind in (int, float, bool, str):
+        return tree
     return _tree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, tree)
 
 
@@ -231,32 +252,44 @@ def value_and_grad(
         autocast = (
             torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)
             if frame is not None and frame.amp_dtype is not None
-            else nullcontext()
+            else None
         )
-        trees = [args[i] for i in nums]
-        flat = [_tree.tree_flatten(t) for t in trees]
         if _traced():
-            return _functorch_path(fn, nums, has_aux, frame, autocast, args, kwargs)
-        new_args = list(args)
-        inputs: list[torch.Tensor] = []
+            return _functorch_path(fn, nums, has_aux, frame, autocast or nullcontext(), args, kwargs)
+        flat = [_tree.tree_flatten(args[i]) for i in nums]
+        sources = [t for leaves, _ in flat for t in leaves]
+        # Under accumulate, every micro-batch differentiates with respect to the same tensors: their
+        # leaves are made once and autograd adds each micro-batch's gradients into their .grad, as
+        # .backward() does for nn.Parameters (no fresh leaves, gradient buffers or separate add pass).
+        shared = frame.leaves_for(sources) if frame is not None else None
+        inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
+        new_args, start = list(args), 0
         for i, (leaves, treedef) in zip(nums, flat):
-            leaves = [t.detach().requires_grad_() for t in leaves]
-            inputs += leaves
-            new_args[i] = _tree.tree_unflatten(treedef, leaves)
-        with torch.enable_grad():
-            with autocast:
+            new_args[i] = _tree.tree_unflatten(treedef, inputs[start : start + len(leaves)])
+            start += len(leaves)
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(True)  # what torch.enable_grad() does, without its Python wrapper
+        try:
+            if autocast is None:
                 loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
+            else:
+                with autocast:
+                    loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
             target = frame.scale_loss(loss) if frame is not None else loss
-            acc = frame.accumulator_for(inputs) if frame is not None else None
-            if acc is not None:
-                # Later micro-batches of accumulate: autograd adds into the accumulator in place, as
-                # .backward() does into .grad (no fresh gradient buffers, no separate add pass).
+            acc = shared
+            if shared is not None:
+                torch.autograd.backward(target, inputs=inputs)
+                grads = frame.shared_grads()
+            elif (acc := frame.accumulator_for(inputs) if frame is not None else None) is not None:
+                # A later micro-batch with leaves of its own: autograd adds into the accumulator in place.
                 for leaf, buf in zip(inputs, acc):
                     leaf.grad = buf
                 torch.autograd.backward(target, inputs=inputs)
                 grads = acc
             else:
                 grads = list(torch.autograd.grad(target, inputs, allow_unused=True, materialize_grads=True))
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
         if frame is not None and frame.shard_group is not None and acc is None:
             from .transforms.shard import match_placements
 

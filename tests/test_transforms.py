@@ -66,6 +66,39 @@ def test_accumulate_gives_each_micro_batch_its_own_key():
     assert torch.equal(new.rng, fnlit.random.next_key(state.rng))
 
 
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = mlp(), nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_accumulate_with_a_parameter_the_loss_ignores():
+    model = _WithUnused()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    full, acc = state, state
+    for i in range(2):
+        full, _ = hand_step(model)(full, batch(seed=i))
+        acc, _ = fnlit.accumulate(hand_step(model), 2)(acc, batch(seed=i))
+    assert_trees_close(acc.params, full.params)
+    assert torch.equal(acc.params["unused"], torch.ones(3))
+
+
+def test_accumulate_rejects_gradients_changed_inside_the_step():
+    model = mlp()
+
+    def doubling(state, batch):
+        x, y = batch
+        loss, grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, state.buffers, x)[0], y))(state.params)
+        return state.apply_gradients({k: 2 * g for k, g in grads.items()}), {"loss": loss}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ValueError, match=r"accumulate, apply_gradients expected the gradients value_and_grad returned, unchanged.*optimizer"):
+        fnlit.accumulate(doubling, 2)(state, batch())
+
+
 def test_accumulate_errors():
     with pytest.raises(ValueError, match="positive int k, got 0"):
         fnlit.accumulate(lambda s, b: (s, {}), 0)

@@ -30,6 +30,14 @@ _CURRENT: ContextVar[Frame | None] = ContextVar("fnlit_frame", default=None)
 _TRACED: list[Frame] = []
 
 
+_CHANGED_GRADS = (
+    "Under fnlit.accumulate, apply_gradients expected the gradients value_and_grad returned, unchanged (they "
+    "hold the sum over the micro-batches so far), got other tensors instead. Transform gradients in the "
+    "optimizer, which sees the accumulated gradient once per update: e.g. "
+    "fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.adamw(1e-3))."
+)
+
+
 def current() -> Frame | None:
     """The frame of the step being run, or None outside every transform."""
     if torch.compiler.is_compiling():
@@ -47,6 +55,10 @@ class Frame:
         self.accum_k = 1
         self.micro = 0
         self.acc: list[torch.Tensor] | None = None
+        self.leaves: list[torch.Tensor] | None = None  # accumulate: the leaves every micro-batch reuses
+        self.leaf_sources: list[torch.Tensor] = []  # the tensors those leaves alias
+        self.leaf_micro = -1  # the micro-batch that used them last
+        self.shared: list[torch.Tensor] | None = None  # their gradients, as value_and_grad returned them
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
@@ -89,6 +101,40 @@ class Frame:
             if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
                 self.known.append(t)
 
+    def leaves_for(self, sources: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Leaves for differentiating with respect to ``sources`` that all micro-batches share, or None.
+
+        Under accumulate (without loss scaling, whose micro-batches are unscaled one by one, or
+        sharding): micro-batch 0 makes them; a later one gets the same leaves, their ``.grad`` holding
+        the sum so far, if it differentiates with respect to the very same tensors, once.
+        """
+        if self.accum_k == 1 or self.scaler is not None or self.shard_group is not None:
+            return None
+        if self.micro == 0 and self.leaves is None:
+            if any(type(t) is not torch.Tensor for t in sources):
+                return None
+            self.leaves = [t.detach().requires_grad_() for t in sources]
+            self.leaf_sources, self.leaf_micro = sources, 0
+            return self.leaves
+        known = self.leaf_sources
+        if self.leaves is None or self.leaf_micro != self.micro - 1 or len(sources) != len(known):
+            return None
+        for a, b in zip(sources, known):
+            if a is not b:
+                return None
+        self.leaf_micro = self.micro
+        return self.leaves
+
+    def shared_grads(self) -> list[torch.Tensor]:
+        """The shared leaves' gradients so far (zeros for a leaf the loss does not depend on)."""
+        leaves = self.leaves
+        assert leaves is not None
+        for leaf in leaves:
+            if leaf.grad is None:
+                leaf.grad = torch.zeros_like(leaf)
+        self.shared = [leaf.grad for leaf in leaves]
+        return self.shared
+
     def accumulator_for(self, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The gradient accumulator autograd may add into for these inputs, or None.
 
@@ -108,9 +154,14 @@ class Frame:
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k > 1:
+            if self.shared is not None:  # the shared leaves' .grad: the sum over micro-batches so far
+                shared, self.shared = self.shared, None
+                if len(shared) != len(leaves) or any(a is not b for a, b in zip(shared, leaves)):
+                    raise ValueError(_CHANGED_GRADS)
+                self.acc = shared
             # The gradients handed to us are fresh from value_and_grad and go nowhere else, so the
             # first micro-batch's become the accumulator and the others are added into it in place.
-            if self.acc is None:
+            elif self.acc is None:
                 self.acc = leaves
             elif leaves[0] is not self.acc[0]:  # else value_and_grad already accumulated in place
                 torch._foreach_add_(self.acc, leaves)
