@@ -123,6 +123,22 @@ def test_tensorboard_events_reach_the_file_at_each_log_and_writers_never_share_a
     assert len([f for f in os.listdir(tmp_path) if "tfevents" in f]) == 2
 
 
+def test_batched_writers_hold_rows_at_most_flush_secs(tmp_path):
+    tb, log = TensorBoardWriter(tmp_path / "tb", flush_secs=3600), CSVWriter(tmp_path / "m.csv", flush_secs=3600)
+    for w in (tb, log):
+        w.log_metrics({"a": 1.0}, 1)
+        w.log_metrics({"a": 2.0, "b": 3.0}, 2)
+    assert scalars(tmp_path / "tb") == {} and not (tmp_path / "m.csv").exists()  # within flush_secs: held
+    tb.flush(), log.flush()  # as fit does when it ends (also on errors)
+    assert scalars(tmp_path / "tb") == {"a": [(1, 1.0), (2, 2.0)], "b": [(2, 3.0)]}
+    assert list(csv.reader((tmp_path / "m.csv").read_text().splitlines())) == [["step", "a", "b"], ["1", "1.0", ""], ["2", "2.0", "3.0"]]
+    log.log_metrics({"a": 4.0}, 3)
+    log.flush_secs = 0  # a row due now is written at once, with the ones before it
+    log.log_metrics({"c": 5.0}, 4)
+    assert (tmp_path / "m.csv").read_text().splitlines()[-2:] == ["3,4.0,,", "4,,,5.0"]
+    tb.close(), log.close()
+
+
 def slow_fit():
     def step(s, b):
         time.sleep(0.004)  # 150 steps take 0.6 s: the bar (mininterval 0.25 s) redraws a few times
