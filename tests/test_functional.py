@@ -94,6 +94,11 @@ def test_apply_rejects_wrong_names():
     params.pop("0.bias")
     with pytest.raises(KeyError, match=r"missing \['0\.bias'\]"):
         fnlit.apply(model, params, state.buffers, batch()[0])
+    with pytest.raises(KeyError, match=r"not in the module \['extra'\]"):
+        fnlit.apply(model, {**state.params, "extra": torch.ones(1)}, state.buffers, batch()[0])
+    # The same count of names, one given twice (as a param and as a buffer) and one missing:
+    with pytest.raises(KeyError, match=r"missing \['0\.bias'\]"):
+        fnlit.apply(model, params, {"0.weight": state.params["0.weight"]}, batch()[0])
 
 
 def test_value_and_grad_matches_autograd_and_never_touches_dot_grad():
