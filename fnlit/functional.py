@@ -276,18 +276,19 @@ def value_and_grad(
                 with autocast:
                     loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
             target = frame.scale_loss(loss) if frame is not None else loss
+            seed = frame.backward_seed(target) if frame is not None else None  # accumulate: 1/k
             acc = shared
             if shared is not None:
-                torch.autograd.backward(target, inputs=inputs)
+                torch.autograd.backward(target, seed, inputs=inputs)
                 grads = frame.shared_grads()
             elif (acc := frame.accumulator_for(inputs) if frame is not None else None) is not None:
                 # A later micro-batch with leaves of its own: autograd adds into the accumulator in place.
                 for leaf, buf in zip(inputs, acc):
                     leaf.grad = buf
-                torch.autograd.backward(target, inputs=inputs)
-                grads = acc
+                torch.autograd.backward(target, seed, inputs=inputs)
+                grads = frame.returned = acc
             else:
-                grads = list(torch.autograd.grad(target, inputs, allow_unused=True, materialize_grads=True))
+                grads = list(torch.autograd.grad(target, inputs, seed, allow_unused=True, materialize_grads=True))
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
         if frame is not None and frame.shard_group is not None and acc is None:
@@ -295,7 +296,7 @@ def value_and_grad(
 
             grads = match_placements(grads, inputs)
         if frame is not None and acc is None:
-            frame.unscale_(grads)
+            grads = frame.finish_grads(grads, seeded=seed is not None)
         out_grads, start = [], 0
         for leaves, treedef in flat:
             out_grads.append(_tree.tree_unflatten(treedef, grads[start : start + len(leaves)]))
@@ -330,10 +331,9 @@ def _functorch_path(fn, nums, has_aux, frame, autocast, args, kwargs):  # type: 
     argnums = nums[0] if len(nums) == 1 else nums
     grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
     out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
-    if frame is not None and frame.scaler is not None:
+    if frame is not None and (frame.scaler is not None or frame.accum_k > 1):
         leaves, treedef = _tree.tree_flatten(grads)
-        frame.unscale_(leaves)
-        grads = _tree.tree_unflatten(treedef, leaves)
+        grads = _tree.tree_unflatten(treedef, frame.finish_grads(leaves, seeded=False, traced=True))
     return (out if has_aux else out[0]), grads
 
 

@@ -59,6 +59,8 @@ class Frame:
         self.leaf_sources: list[torch.Tensor] = []  # the tensors those leaves alias
         self.leaf_micro = -1  # the micro-batch that used them last
         self.shared: list[torch.Tensor] | None = None  # their gradients, as value_and_grad returned them
+        self.returned: list[torch.Tensor] | None = None  # other gradients value_and_grad returned, already / k
+        self._seed: torch.Tensor | None = None
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
@@ -77,17 +79,34 @@ class Frame:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scaler.scale if self.scaler is not None else loss
 
-    def unscale_(self, grads: list[torch.Tensor]) -> None:
-        """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
-        if self.scaler is None or not grads:
-            return
-        if self.shard_group is not None:
-            from .shard import local_views
+    def finish_grads(self, grads: list[torch.Tensor], seeded: bool, traced: bool = False) -> list[torch.Tensor]:
+        """Makes value_and_grad's fresh gradients ready for apply_gradients; returns them.
 
-            grads = local_views(grads)  # each rank checks and unscales its own shard
-        # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32.
-        inv_scale = self.scaler.scale.double().reciprocal().float()
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
+        Float16 amp: unscaled in place (they are ours), any overflow recorded in found_inf. Under
+        accumulate: divided by k, unless backward already was (``seeded``); with a loss scale the
+        division rides in the unscaling. ``traced`` (torch.compile, torch.func): out of place.
+        """
+        k = self.accum_k
+        divide = k > 1 and not seeded
+        if self.scaler is not None and grads:
+            views = grads
+            if self.shard_group is not None:
+                from .shard import local_views
+
+                views = local_views(grads)  # each rank checks and unscales its own shard
+            # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32.
+            inv_scale = self.scaler.scale.double().reciprocal().float()
+            if divide:
+                inv_scale = inv_scale * (1.0 / k)
+            torch._amp_foreach_non_finite_check_and_unscale_(views, self.found_inf, inv_scale)
+        elif divide and grads:
+            if traced:
+                grads = [g * (1.0 / k) for g in grads]
+            else:
+                torch._foreach_mul_(grads, 1.0 / k)
+        if k > 1:
+            self.returned = grads
+        return grads
 
     def note_scalars(self, tree: Any) -> None:
         """Remembers the 0-d float tensors value_and_grad returns (loss, scalar aux) under data_parallel.
@@ -125,6 +144,19 @@ class Frame:
         self.leaf_micro = self.micro
         return self.leaves
 
+    def backward_seed(self, target: torch.Tensor) -> torch.Tensor | None:
+        """The gradient backpropagated from the loss: ``1/k`` under accumulate (None: the usual 1).
+
+        Each micro-batch's gradients then come out divided by k, as a plain loop's ``(loss / k).backward()``
+        gives them, so the accumulated sum is already the mean: no pass over the gradients at the end.
+        """
+        if self.accum_k == 1 or self.scaler is not None:  # with a loss scale, finish_grads divides by k
+            return None
+        seed = self._seed
+        if seed is None or seed.dtype != target.dtype or seed.device != target.device or seed.shape != target.shape:
+            seed = self._seed = torch.full_like(target, 1.0 / self.accum_k)
+        return seed
+
     def shared_grads(self) -> list[torch.Tensor]:
         """The shared leaves' gradients so far (zeros for a leaf the loss does not depend on)."""
         leaves = self.leaves
@@ -154,21 +186,23 @@ class Frame:
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k > 1:
-            if self.shared is not None:  # the shared leaves' .grad: the sum over micro-batches so far
-                shared, self.shared = self.shared, None
-                if len(shared) != len(leaves) or any(a is not b for a, b in zip(shared, leaves)):
+            # The accumulator holds the sum of the micro-batches' gradients divided by k (their mean at
+            # the last one). value_and_grad returns gradients already divided (backward_seed); others,
+            # computed some other way, are divided here.
+            returned = self.shared if self.shared is not None else self.returned
+            self.shared = self.returned = None
+            if returned is not None:
+                if len(returned) != len(leaves) or any(a is not b for a, b in zip(returned, leaves)):
                     raise ValueError(_CHANGED_GRADS)
-                self.acc = shared
-            # The gradients handed to us are fresh from value_and_grad and go nowhere else, so the
-            # first micro-batch's become the accumulator and the others are added into it in place.
-            elif self.acc is None:
-                self.acc = leaves
-            elif leaves[0] is not self.acc[0]:  # else value_and_grad already accumulated in place
+            else:
+                leaves = torch._foreach_mul(leaves, 1.0 / self.accum_k)
+            if self.acc is None:
+                self.acc = leaves  # fresh from value_and_grad (or the copies above): ours to add into
+            elif leaves[0] is not self.acc[0]:  # else autograd already accumulated into it in place
                 torch._foreach_add_(self.acc, leaves)
             if self.micro < self.accum_k - 1:
                 return state.replace(**changes)  # no update, no communication
             leaves, self.acc = self.acc, None
-            torch._foreach_mul_(leaves, 1.0 / self.accum_k)
         if self.dp_group is not None and self.shard_group is not None:
             from .shard import _WITH_DATA_PARALLEL
 
