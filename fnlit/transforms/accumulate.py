@@ -60,11 +60,17 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     """Runs ``step`` on k micro-batches of each batch and applies the mean gradient once.
 
     Each micro-batch is forwarded and backpropagated on its own (peak activation memory of one
-    micro-batch); ``apply_gradients`` of micro-batches 1..k-1 only adds into an accumulator, the k-th
-    applies the mean, so ``state.step`` advances by one and an optimizer's gradient clipping sees the
-    accumulated gradient. Buffers (BatchNorm) thread through the micro-batches in order, each
-    micro-batch gets its own random key (``fold_in(state.rng, i)``), metrics are averaged. Under
-    :func:`fnlit.data_parallel` the intermediate micro-batches do not communicate.
+    micro-batch); ``apply_gradients`` of micro-batches 1..k-1 only accumulates, the k-th applies the
+    mean, so ``state.step`` advances by one and an optimizer's gradient clipping sees the accumulated
+    gradient. Buffers (BatchNorm) thread through the micro-batches in order, each micro-batch gets its
+    own random key (``fold_in(state.rng, i)``), metrics are averaged. Under :func:`fnlit.data_parallel`
+    the intermediate micro-batches do not communicate.
+
+    As a plain loop's ``(loss / k).backward()`` does, autograd adds every micro-batch's gradient divided
+    by k into one buffer per parameter, so inside the step ``value_and_grad`` returns the running sum
+    (the mean gradient at the last micro-batch). Pass those gradients to ``apply_gradients`` unchanged
+    (a changed one raises); transform gradients in the optimizer (``fnlit.optim.chain``), which sees
+    the accumulated gradient once per update.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
