@@ -70,7 +70,7 @@ def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], bu
     names = slots.names
     # Every name of the module exactly once across params and buffers, without building a set.
     if len(params) + len(buffers) == len(names) and params.keys() <= names and (
-        not buffers or (buffers.keys() <= names and params.keys().isdisjoint(buffers))
+        not buffers or (buffers.keys() <= names and not any(k in params for k in buffers))
     ):
         return
     given = params.keys() | buffers.keys()

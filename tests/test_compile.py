@@ -97,6 +97,16 @@ def test_compiled_binds_leaves_by_key_whatever_the_dict_order(model):
     assert compiled.compiles == 1
 
 
+def test_compiled_step_of_a_model_with_batchnorm_buffers():
+    bn_model = mlp(bn=True)
+    state = fnlit.TrainState.create(bn_model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(hand_step(bn_model), mode="eager")  # dynamo's capture, no inductor
+    got, _ = _run(compiled, state, 2)
+    want, _ = _run(hand_step(bn_model), state, 2)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)  # running statistics included
+    assert not torch.equal(got.buffers["1.running_mean"], state.buffers["1.running_mean"])
+
+
 def test_compiled_batch_holding_one_tensor_twice(model):
     # The leaves cannot be matched one to one by identity, so this structure keeps torch's flatten.
     inner = hand_step(model)
