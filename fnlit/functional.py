@@ -258,10 +258,10 @@ def value_and_grad(
             return _functorch_path(fn, nums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = [t for leaves, _ in flat for t in leaves]
-        # Under accumulate, every micro-batch differentiates with respect to the same tensors: their
-        # leaves are made once and autograd adds each micro-batch's gradients into their .grad, as
-        # .backward() does for nn.Parameters (no fresh leaves, gradient buffers or separate add pass).
-        shared = frame.leaves_for(sources) if frame is not None else None
+        accumulating = frame is not None and frame.accum_k > 1
+        # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
+        # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
+        shared = frame.begin_call(sources) if accumulating else None
         inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
         new_args, start = list(args), 0
         for i, (leaves, treedef) in zip(nums, flat):
@@ -276,27 +276,21 @@ def value_and_grad(
                 with autocast:
                     loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
             target = frame.scale_loss(loss) if frame is not None else loss
-            seed = frame.backward_seed(target) if frame is not None else None  # accumulate: 1/k
-            acc = shared
             if shared is not None:
-                torch.autograd.backward(target, seed, inputs=inputs)
-                grads = frame.shared_grads()
-            elif (acc := frame.accumulator_for(inputs) if frame is not None else None) is not None:
-                # A later micro-batch with leaves of its own: autograd adds into the accumulator in place.
-                for leaf, buf in zip(inputs, acc):
-                    leaf.grad = buf
-                torch.autograd.backward(target, seed, inputs=inputs)
-                grads = frame.returned = acc
+                torch.autograd.backward(target, frame.backward_seed(target), inputs=inputs)
+                grads = frame.end_call()
             else:
-                grads = list(torch.autograd.grad(target, inputs, seed, allow_unused=True, materialize_grads=True))
+                grads = list(torch.autograd.grad(target, inputs, allow_unused=True, materialize_grads=True))
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
-        if frame is not None and frame.shard_group is not None and acc is None:
-            from .transforms.shard import match_placements
+        if shared is None and frame is not None:
+            if frame.shard_group is not None:
+                from .transforms.shard import match_placements
 
-            grads = match_placements(grads, inputs)
-        if frame is not None and acc is None:
-            grads = frame.finish_grads(grads, seeded=seed is not None)
+                grads = match_placements(grads, inputs)
+            frame.unscale_(grads)
+            if accumulating:
+                frame.record(sources, grads)
         out_grads, start = [], 0
         for leaves, treedef in flat:
             out_grads.append(_tree.tree_unflatten(treedef, grads[start : start + len(leaves)]))
@@ -331,9 +325,10 @@ def _functorch_path(fn, nums, has_aux, frame, autocast, args, kwargs):  # type: 
     argnums = nums[0] if len(nums) == 1 else nums
     grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
     out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
-    if frame is not None and (frame.scaler is not None or frame.accum_k > 1):
+    if frame is not None and frame.scaler is not None:
         leaves, treedef = _tree.tree_flatten(grads)
-        grads = _tree.tree_unflatten(treedef, frame.finish_grads(leaves, seeded=False, traced=True))
+        frame.unscale_(leaves)
+        grads = _tree.tree_unflatten(treedef, leaves)
     return (out if has_aux else out[0]), grads
 
 

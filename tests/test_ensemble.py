@@ -33,6 +33,17 @@ def test_each_member_equals_its_solo_run_after_20_steps():
         torch.testing.assert_close(metrics["loss"][i], alone_metrics["loss"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["ensemble(accumulate)", "accumulate(ensemble)"])
+def test_ensemble_and_accumulate_compose(order):
+    step, data = hand_step(mlp()), batch()
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.5, momentum=0.9), seeds=SEEDS[:2])
+    both = ensemble(fnlit.accumulate(step, 2), 2) if order == "ensemble(accumulate)" else fnlit.accumulate(ensemble(step, 2), 2)
+    states, _ = run(both, states, data, 3)
+    for i, seed in enumerate(SEEDS[:2]):  # reference: each member accumulated on its own, eagerly
+        alone, _ = run(fnlit.accumulate(step, 2), solo(seed, fnlit.optim.sgd(0.5, momentum=0.9)), data, 3)
+        assert_trees_close(unstack_state(states, i), alone, rtol=1e-5, atol=1e-6, name=f"member{i}")
+
+
 def test_per_member_batches_with_in_dims_0():
     step = hand_step(mlp())
     xs = torch.stack([batch(seed=i)[0] for i in range(3)])

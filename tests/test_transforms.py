@@ -86,17 +86,112 @@ def test_accumulate_with_a_parameter_the_loss_ignores():
     assert torch.equal(acc.params["unused"], torch.ones(3))
 
 
-def test_accumulate_rejects_gradients_changed_inside_the_step():
-    model = mlp()
+def _loss_of(model, state, x, y):
+    return lambda p: F.cross_entropy(fnlit.apply(model, p, state.buffers, x)[0], y)
 
-    def doubling(state, batch):
-        x, y = batch
-        loss, grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, state.buffers, x)[0], y))(state.params)
-        return state.apply_gradients({k: 2 * g for k, g in grads.items()}), {"loss": loss}
+
+def _doubling(model, state, b):
+    x, y = b
+    loss, grads = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+    return state.apply_gradients({k: 2 * g for k, g in grads.items()}), {"loss": loss}
+
+
+def _sam(model, state, b):  # the gradient at params + rho * g / |g| is applied
+    x, y = b
+    _, g1 = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+    norm = torch.sqrt(sum((g**2).sum() for g in g1.values()))
+    perturbed = {k: p + 0.05 * g1[k] / norm for k, p in state.params.items()}
+    loss, g2 = fnlit.value_and_grad(_loss_of(model, state, x, y))(perturbed)
+    return state.apply_gradients(g2), {"loss": loss}
+
+
+def _two_losses(model, state, b):
+    x, y = b
+    loss, g1 = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+    _, g2 = fnlit.value_and_grad(lambda p: 1e-2 * sum((v**2).sum() for v in p.values()))(state.params)
+    return state.apply_gradients({k: g1[k] + g2[k] for k in g1}), {"loss": loss}
+
+
+def _saliency_first(model, state, b):  # an input gradient for a metric, then the param gradients
+    x, y = b
+    _, gx = fnlit.value_and_grad(lambda xx: _loss_of(model, state, xx, y)(state.params))(x)
+    loss, g = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+    return state.apply_gradients(g), {"loss": loss, "saliency": gx.abs().sum()}
+
+
+def _saliency_after(model, state, b):
+    x, y = b
+    loss, g = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+    _, gx = fnlit.value_and_grad(lambda xx: _loss_of(model, state, xx, y)(state.params))(x)
+    _, g_reg = fnlit.value_and_grad(lambda p: sum((v**2).sum() for v in p.values()))(state.params)
+    reg_norm = torch.sqrt(sum((v**2).sum() for v in g_reg.values()))
+    return state.apply_gradients(g), {"loss": loss, "saliency": gx.abs().sum(), "reg_norm": reg_norm}
+
+
+def _params_and_inputs(model, state, b):
+    x, y = b
+    loss, (g, gx) = fnlit.value_and_grad(lambda p, xx: _loss_of(model, state, xx, y)(p), argnums=(0, 1))(state.params, x)
+    return state.apply_gradients(g), {"loss": loss, "saliency": gx.abs().sum()}
+
+
+@pytest.mark.parametrize("kind", [_doubling, _sam, _two_losses, _saliency_first, _saliency_after, _params_and_inputs])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_accumulate_applies_the_mean_of_what_each_micro_batch_applies(kind, k):
+    """Reference: each micro-batch stepped alone from the same state; with sgd(lr=1) the mean of their
+    params is params - (mean applied gradient), and their metrics average to the accumulated metrics."""
+    from fnlit.transforms.accumulate import split_batch
+
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(1.0), seed=0)
+    step = lambda s, b: kind(model, s, b)  # noqa: E731
+    data = batch(12)
+    alone = [step(state, m) for m in split_batch(data, k)]
+    want = {n: sum(s.params[n] for s, _ in alone) / k for n in state.params}
+    for _ in range(2):  # the second step runs with the in-place path already planned in the first
+        new, metrics = fnlit.accumulate(step, k)(state, data)
+        assert_trees_close(new.params, want, rtol=1e-5, atol=1e-6)
+        for name in alone[0][1]:
+            torch.testing.assert_close(metrics[name], sum(m[name] for _, m in alone) / k)
+
+
+def test_accumulate_rejects_a_step_that_changes_what_it_applies_between_micro_batches():
+    model = mlp()
+    seen = []
+
+    def fickle(state, b):  # applies its gradients unchanged in micro-batch 0 only
+        x, y = b
+        loss, grads = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+        seen.append(None)
+        if len(seen) > 1:
+            grads = {n: 2 * g for n, g in grads.items()}
+        return state.apply_gradients(grads), {"loss": loss}
 
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-    with pytest.raises(ValueError, match=r"accumulate, apply_gradients expected the gradients value_and_grad returned, unchanged.*optimizer"):
-        fnlit.accumulate(doubling, 2)(state, batch())
+    with pytest.raises(ValueError, match=r"value_and_grad call #1 unchanged.*micro-batch 1 applied other tensors.*optimizer"):
+        fnlit.accumulate(fickle, 2)(state, batch())
+
+
+def test_accumulate_of_a_bfloat16_loss_with_k_not_a_power_of_two():
+    from fnlit.transforms.accumulate import split_batch
+
+    model = mlp()
+
+    def step(state, b):
+        x, y = b
+        loss_fn = lambda p: (fnlit.apply(model, p, state.buffers, x)[0] - F.one_hot(y, 4)).abs().mean()  # noqa: E731
+        loss, g = fnlit.value_and_grad(loss_fn)(state.params)
+        dtypes.append(loss.dtype)
+        return state.apply_gradients(g), {"loss": loss}
+
+    dtypes = []
+    step = fnlit.amp(step, torch.bfloat16)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(1.0), seed=0)
+    data = batch(24)
+    alone = [step(state, m)[0].params for m in split_batch(data, 3)]
+    new, _ = fnlit.accumulate(step, 3)(state, data)
+    assert set(dtypes) == {torch.bfloat16}  # the loss backpropagated is a bfloat16 tensor
+    for n, p in state.params.items():  # the applied gradients: sgd(lr=1) moved params by exactly them
+        torch.testing.assert_close(p - new.params[n], p - sum(a[n] for a in alone) / 3, rtol=1e-2, atol=1e-5)
 
 
 def test_accumulate_errors():

@@ -31,10 +31,11 @@ _TRACED: list[Frame] = []
 
 
 _CHANGED_GRADS = (
-    "Under fnlit.accumulate, apply_gradients expected the gradients value_and_grad returned, unchanged (they "
-    "hold the sum over the micro-batches so far), got other tensors instead. Transform gradients in the "
-    "optimizer, which sees the accumulated gradient once per update: e.g. "
-    "fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.adamw(1e-3))."
+    "Under fnlit.accumulate, apply_gradients expected the gradients of the step's value_and_grad call "
+    "#{call} unchanged, as in micro-batch 0 (autograd adds that call's gradients into the accumulator "
+    "in place), but micro-batch {micro} applied other tensors. Apply the same call's gradients in every "
+    "micro-batch, unchanged; transform gradients in the optimizer, which sees the accumulated gradient "
+    "once per update: e.g. fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.adamw(1e-3))."
 )
 
 
@@ -54,12 +55,17 @@ class Frame:
         self.found_inf: torch.Tensor | None = None
         self.accum_k = 1
         self.micro = 0
+        # accumulate: the gradient summed over micro-batches so far, divided by k when k is a power of
+        # two (then exact in every float dtype: a backward seeded with 1/k adds the mean directly),
+        # else divided once at the end.
         self.acc: list[torch.Tensor] | None = None
-        self.leaves: list[torch.Tensor] | None = None  # accumulate: the leaves every micro-batch reuses
-        self.leaf_sources: list[torch.Tensor] = []  # the tensors those leaves alias
-        self.leaf_micro = -1  # the micro-batch that used them last
-        self.shared: list[torch.Tensor] | None = None  # their gradients, as value_and_grad returned them
-        self.returned: list[torch.Tensor] | None = None  # other gradients value_and_grad returned, already / k
+        self.divided = True
+        self.calls = 0  # value_and_grad calls in this micro-batch
+        self.seen: list[tuple[list[Any], list[torch.Tensor]]] = []  # micro-batch 0: (sources, grads) per call
+        self.fast_call = -1  # the call whose gradients are applied; later micro-batches add it in place
+        self.fast_sources: list[torch.Tensor] = []  # the tensors it differentiates with respect to
+        self.leaves: list[torch.Tensor] | None = None  # its leaves, whose .grad is the accumulator
+        self.fast_grads: list[torch.Tensor] | None = None  # what it returned in this micro-batch
         self._seed: torch.Tensor | None = None
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
@@ -79,34 +85,17 @@ class Frame:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scaler.scale if self.scaler is not None else loss
 
-    def finish_grads(self, grads: list[torch.Tensor], seeded: bool, traced: bool = False) -> list[torch.Tensor]:
-        """Makes value_and_grad's fresh gradients ready for apply_gradients; returns them.
+    def unscale_(self, grads: list[torch.Tensor]) -> None:
+        """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
+        if self.scaler is None or not grads:
+            return
+        if self.shard_group is not None:
+            from .shard import local_views
 
-        Float16 amp: unscaled in place (they are ours), any overflow recorded in found_inf. Under
-        accumulate: divided by k, unless backward already was (``seeded``); with a loss scale the
-        division rides in the unscaling. ``traced`` (torch.compile, torch.func): out of place.
-        """
-        k = self.accum_k
-        divide = k > 1 and not seeded
-        if self.scaler is not None and grads:
-            views = grads
-            if self.shard_group is not None:
-                from .shard import local_views
-
-                views = local_views(grads)  # each rank checks and unscales its own shard
-            # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32.
-            inv_scale = self.scaler.scale.double().reciprocal().float()
-            if divide:
-                inv_scale = inv_scale * (1.0 / k)
-            torch._amp_foreach_non_finite_check_and_unscale_(views, self.found_inf, inv_scale)
-        elif divide and grads:
-            if traced:
-                grads = [g * (1.0 / k) for g in grads]
-            else:
-                torch._foreach_mul_(grads, 1.0 / k)
-        if k > 1:
-            self.returned = grads
-        return grads
+            grads = local_views(grads)  # each rank checks and unscales its own shard
+        # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32.
+        inv_scale = self.scaler.scale.double().reciprocal().float()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
 
     def note_scalars(self, tree: Any) -> None:
         """Remembers the 0-d float tensors value_and_grad returns (loss, scalar aux) under data_parallel.
@@ -120,89 +109,112 @@ class Frame:
             if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
                 self.known.append(t)
 
-    def leaves_for(self, sources: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Leaves for differentiating with respect to ``sources`` that all micro-batches share, or None.
+    # -- accumulate: read by value_and_grad ----------------------------------------------------
+    def start_micro(self, i: int) -> None:
+        self.micro, self.calls, self.fast_grads = i, 0, None
+        if i == 0:
+            k = self.accum_k
+            self.divided = k & (k - 1) == 0
 
-        Under accumulate (without loss scaling, whose micro-batches are unscaled one by one, or
-        sharding): micro-batch 0 makes them; a later one gets the same leaves, their ``.grad`` holding
-        the sum so far, if it differentiates with respect to the very same tensors, once.
+    def begin_call(self, sources: list[Any]) -> list[torch.Tensor] | None:
+        """For each value_and_grad call under accumulate: the leaves to differentiate with, or None.
+
+        Micro-batch 0 runs every call plainly and shows which call's gradients the step applies. In
+        later micro-batches that call (the same call of the micro-batch, with respect to the very same
+        tensors) reuses one set of leaves whose ``.grad`` is the accumulator, so autograd adds into it
+        in place, as ``.backward()`` does for nn.Parameters. Every other call returns its own gradient.
         """
-        if self.accum_k == 1 or self.scaler is not None or self.shard_group is not None:
+        index = self.calls
+        self.calls += 1
+        if self.micro == 0 or index != self.fast_call or self.fast_grads is not None:
             return None
-        if self.micro == 0 and self.leaves is None:
-            if any(type(t) is not torch.Tensor for t in sources):
-                return None
-            self.leaves = [t.detach().requires_grad_() for t in sources]
-            self.leaf_sources, self.leaf_micro = sources, 0
-            return self.leaves
-        known = self.leaf_sources
-        if self.leaves is None or self.leaf_micro != self.micro - 1 or len(sources) != len(known):
+        known = self.fast_sources
+        if len(sources) != len(known):
             return None
         for a, b in zip(sources, known):
             if a is not b:
                 return None
-        self.leaf_micro = self.micro
+        if self.leaves is None:
+            assert self.acc is not None
+            self.leaves = [t.detach().requires_grad_() for t in sources]
+            for leaf, a in zip(self.leaves, self.acc):
+                leaf.grad = a
         return self.leaves
 
     def backward_seed(self, target: torch.Tensor) -> torch.Tensor | None:
-        """The gradient backpropagated from the loss: ``1/k`` under accumulate (None: the usual 1).
-
-        Each micro-batch's gradients then come out divided by k, as a plain loop's ``(loss / k).backward()``
-        gives them, so the accumulated sum is already the mean: no pass over the gradients at the end.
-        """
-        if self.accum_k == 1 or self.scaler is not None:  # with a loss scale, finish_grads divides by k
-            return None
+        """What the in-place call backpropagates from the loss: 1/k (a plain loop's ``(loss / k).backward()``)."""
+        if not self.divided:
+            return None  # 1/k is not exact: the sum is divided at the end instead
         seed = self._seed
         if seed is None or seed.dtype != target.dtype or seed.device != target.device or seed.shape != target.shape:
             seed = self._seed = torch.full_like(target, 1.0 / self.accum_k)
         return seed
 
-    def shared_grads(self) -> list[torch.Tensor]:
-        """The shared leaves' gradients so far (zeros for a leaf the loss does not depend on)."""
+    def end_call(self) -> list[torch.Tensor]:
+        """The in-place call's gradients: the accumulator (zeros where the loss does not reach)."""
         leaves = self.leaves
         assert leaves is not None
         for leaf in leaves:
             if leaf.grad is None:
                 leaf.grad = torch.zeros_like(leaf)
-        self.shared = [leaf.grad for leaf in leaves]
-        return self.shared
+        self.fast_grads = [leaf.grad for leaf in leaves]
+        return self.fast_grads
 
-    def accumulator_for(self, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The gradient accumulator autograd may add into for these inputs, or None.
+    def record(self, sources: list[Any], grads: list[torch.Tensor]) -> None:
+        """Micro-batch 0: remembers each call's sources and gradients, to find the applied one."""
+        if self.micro == 0 and self.accum_k > 1:
+            self.seen.append((sources, grads))
 
-        Only after the first micro-batch of accumulate, without loss scaling (each micro-batch's
-        gradients are unscaled on their own) or sharding, and when the accumulator matches the inputs
-        one to one (same shapes, dtypes, devices and strides).
-        """
-        acc = self.acc
-        if acc is None or self.scaler is not None or self.shard_group is not None or len(acc) != len(inputs):
-            return None
-        for a, x in zip(acc, inputs):
-            if type(a) is not torch.Tensor or a.shape != x.shape or a.dtype != x.dtype or a.stride() != x.stride() or a.device != x.device:
-                return None
-        return acc
+    def _plan(self, applied: list[torch.Tensor]) -> bool:
+        """Micro-batch 0's update: picks the call whose fresh gradients these are; True if one is."""
+        seen, self.seen = self.seen, []
+        for i, (sources, grads) in enumerate(seen):
+            if len(grads) == len(applied) and all(a is b for a, b in zip(grads, applied)):
+                if self.scaler is None and self.shard_group is None and all(
+                    type(s) is torch.Tensor and s.shape == g.shape and s.dtype == g.dtype and s.device == g.device
+                    for s, g in zip(sources, grads)
+                ):
+                    self.fast_call, self.fast_sources = i, sources
+                return True
+        return False
+
+    def _accumulate(self, leaves: list[torch.Tensor]) -> None:
+        """Adds gradients that autograd did not add in place into the accumulator."""
+        k, traced = self.accum_k, torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+        ours = not traced and self.micro == 0 and self._plan(leaves) and all(g.is_contiguous() for g in leaves)
+        if self.divided:
+            if traced:
+                leaves = [g * (1.0 / k) for g in leaves]
+            elif ours:  # value_and_grad's fresh gradients, going nowhere else: scaled in place
+                torch._foreach_mul_(leaves, 1.0 / k)
+            else:
+                leaves = torch._foreach_mul(leaves, 1.0 / k)
+        if self.acc is None:
+            self.acc = leaves if ours or self.divided or traced else [g.clone() for g in leaves]
+        elif traced:
+            self.acc = [a + g for a, g in zip(self.acc, leaves)]
+        else:
+            torch._foreach_add_(self.acc, leaves)
 
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k > 1:
-            # The accumulator holds the sum of the micro-batches' gradients divided by k (their mean at
-            # the last one). value_and_grad returns gradients already divided (backward_seed); others,
-            # computed some other way, are divided here.
-            returned = self.shared if self.shared is not None else self.returned
-            self.shared = self.returned = None
-            if returned is not None:
-                if len(returned) != len(leaves) or any(a is not b for a, b in zip(returned, leaves)):
-                    raise ValueError(_CHANGED_GRADS)
+            fast, self.fast_grads = self.fast_grads, None
+            if fast is not None:  # autograd already added them into the accumulator
+                if len(fast) != len(leaves) or any(a is not b for a, b in zip(fast, leaves)):
+                    raise ValueError(_CHANGED_GRADS.format(call=self.fast_call + 1, micro=self.micro))
+                self.acc = fast
             else:
-                leaves = torch._foreach_mul(leaves, 1.0 / self.accum_k)
-            if self.acc is None:
-                self.acc = leaves  # fresh from value_and_grad (or the copies above): ours to add into
-            elif leaves[0] is not self.acc[0]:  # else autograd already accumulated into it in place
-                torch._foreach_add_(self.acc, leaves)
+                self._accumulate(leaves)
             if self.micro < self.accum_k - 1:
                 return state.replace(**changes)  # no update, no communication
             leaves, self.acc = self.acc, None
+            if not self.divided:
+                if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+                    leaves = [g * (1.0 / self.accum_k) for g in leaves]
+                else:
+                    torch._foreach_mul_(leaves, 1.0 / self.accum_k)
         if self.dp_group is not None and self.shard_group is not None:
             from .shard import _WITH_DATA_PARALLEL
 

@@ -66,11 +66,15 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     own random key (``fold_in(state.rng, i)``), metrics are averaged. Under :func:`fnlit.data_parallel`
     the intermediate micro-batches do not communicate.
 
-    As a plain loop's ``(loss / k).backward()`` does, autograd adds every micro-batch's gradient divided
-    by k into one buffer per parameter, so inside the step ``value_and_grad`` returns the running sum
-    (the mean gradient at the last micro-batch). Pass those gradients to ``apply_gradients`` unchanged
-    (a changed one raises); transform gradients in the optimizer (``fnlit.optim.chain``), which sees
-    the accumulated gradient once per update.
+    Any step accumulates correctly: the update is the mean of what the step passes to ``apply_gradients``
+    in each micro-batch (its gradients transformed, summed over several losses, or taken at perturbed
+    params, as SAM does). The common step, which passes the gradients of one ``value_and_grad`` call on
+    unchanged, gets a plain loop's ``(loss / k).backward()``: autograd adds into one buffer per
+    parameter in place from micro-batch 1 on, so that call returns the accumulator (the gradients summed
+    so far, times 1/k when k is a power of two) instead of the micro-batch's own gradient, and micro-batch
+    0's gradients are scaled in place once applied. Every other ``value_and_grad`` call (e.g. an input
+    gradient for a metric) returns its true gradient. Such a step must keep passing that call's
+    gradients on unchanged in later micro-batches; one that changes them only there raises ``ValueError``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
@@ -99,7 +103,7 @@ def accumulate(step: StepFn, k: int) -> StepFn:
             f.accum_k = k
             new, all_metrics = state, []
             for i, micro in enumerate(micro_batches):
-                f.micro = i
+                f.start_micro(i)
                 new, metrics = step(new.replace(rng=_random.fold_in(state.rng, i)), micro)
                 all_metrics.append(metrics)
             metrics = _mean_metrics(all_metrics)
