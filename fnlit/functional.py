@@ -75,10 +75,12 @@ def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], bu
         return
     given = params.keys() | buffers.keys()
     missing, extra = sorted(slots.names - given), sorted(given - slots.names)
+    both = sorted(params.keys() & buffers.keys())
     raise KeyError(
         f"fnlit.apply: params and buffers do not match the tensors of {type(module).__name__}: "
         + (f"missing {missing[:5]}; " if missing else "")
         + (f"not in the module {extra[:5]}; " if extra else "")
+        + (f"given in both params and buffers {both[:5]}; " if both else "")
         + "pass state.params and state.buffers of a TrainState created from this module."
     )
 

@@ -99,6 +99,9 @@ def test_apply_rejects_wrong_names():
     # The same count of names, one given twice (as a param and as a buffer) and one missing:
     with pytest.raises(KeyError, match=r"missing \['0\.bias'\]"):
         fnlit.apply(model, params, {"0.weight": state.params["0.weight"]}, batch()[0])
+    # Every name present, one of them also given as a buffer: the message names it.
+    with pytest.raises(KeyError, match=r"given in both params and buffers \['0\.weight'\]"):
+        fnlit.apply(model, state.params, {"0.weight": state.params["0.weight"]}, batch()[0])
 
 
 def test_value_and_grad_matches_autograd_and_never_touches_dot_grad():
