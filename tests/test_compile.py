@@ -107,8 +107,39 @@ def test_compiled_step_of_a_model_with_batchnorm_buffers():
     assert not torch.equal(got.buffers["1.running_mean"], state.buffers["1.running_mean"])
 
 
+def test_compiled_batch_dict_order_is_the_steps_to_read():
+    # A step may read the batch's values in order: another order must not reuse the first order's graph.
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+    step = lambda state, b: (state, {"first": torch.cat(list(b.values()))[:2].sum()})  # noqa: E731
+    compiled = fnlit_compile(step, mode="eager")
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    for b in ({"a": ones, "b": zeros}, {"b": zeros, "a": ones}, {"a": ones, "b": zeros}):
+        assert torch.equal(compiled(state, b)[1]["first"], step(state, b)[1]["first"])
+    assert compiled.compiles == 2
+
+
+def test_compiled_python_number_in_the_batch_is_not_stale(model):
+    # A Python number is a constant of the captured graph: a new value must recompile, never reuse the old.
+    inner = hand_step(model)
+
+    def step(state, b):
+        x, y, scale = b
+        return inner(state, (x * scale, y))
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(step, mode="eager")
+    got, want = state, state
+    for i, scale in enumerate([1.0, 3.0, 3.0, 0.5, 2]):
+        x, y = batch(seed=i)
+        got, m_got = compiled(got, (x, y, scale))
+        want, m_want = step(want, (x, y, scale))
+        torch.testing.assert_close(m_got["loss"], m_want["loss"], rtol=1e-5, atol=1e-6)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+    assert compiled.compiles == 4, "1.0, 3.0, 0.5 and the int 2: one graph each; 3.0 again reuses its graph"
+
+
 def test_compiled_batch_holding_one_tensor_twice(model):
-    # The leaves cannot be matched one to one by identity, so this structure keeps torch's flatten.
+    # The batch is flattened with torch's pytree, which keeps both occurrences.
     inner = hand_step(model)
     step = lambda state, b: inner(state, (b[0] + b[1], b[2]))  # noqa: E731
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)

@@ -147,17 +147,22 @@ def _classify(err: Exception, code: str) -> str:
 _KEPT_GUARDS = frozenset({"GLOBAL_STATE", "SHAPE_ENV", "TORCH_FUNCTION_MODE_STACK", "DEFAULT_DEVICE", "TENSOR_MATCH"})
 
 
+_LEAF_GUARD = re.compile(r"^(L\['leaves'\]|leaves)\[")
+
+
 def _keep_input_guards(entries: Any) -> list[bool]:
-    """Dynamo guards to keep: on the tensor leaves (metadata, aliasing) and global torch state only.
+    """Dynamo guards to keep: on the inputs' leaves and global torch state only.
 
     Without this filter dynamo guards on everything the trace read -- the tree specs, the optimizer's
     closures, the module -- about 1500 guards evaluated on every call. CompiledStep already matches
     each call's tree structure to its compiled function, and, as with jax.jit, Python values the step
-    reads (closures, globals, the module's structure) are fixed at the first call.
+    reads (closures, globals, the module's structure) are fixed at the first call. Every guard on a
+    leaf stays: tensor metadata and aliasing, and the value and type of a Python number in the batch,
+    which the graph holds as a constant (a new value recompiles instead of reusing a stale one).
     """
     return [
         (e.guard_type in _KEPT_GUARDS and not e.is_global) or e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
-        or e.name.startswith("L['leaves']")
+        or bool(_LEAF_GUARD.match(e.name))
         for e in entries
     ]
 
@@ -167,32 +172,31 @@ class _Entry:
 
     dynamo reads trees with ``torch.utils._pytree`` (its Python flatten takes ~30 us for a TrainState, a
     sixth of a small compiled CPU step and more of a CUDA-graph replay); optree's C++ flatten takes ~9.
-    On the first call the two leaf orders are matched by identity, so later calls with the same optree
-    structure use optree and a permutation. optree orders dict leaves by key whatever the insertion order,
-    so the permutation binds every value by its key. Trees whose leaves cannot be matched one to one
-    (``None`` leaves, a leaf object appearing twice, classes registered with torch's pytree only) keep
-    the torch flatten.
+    On the first call the two leaf orders of the *state* are matched by identity, so later calls with
+    the same optree structure use optree and a permutation. optree orders dict leaves by key whatever
+    the insertion order, so the permutation binds every value by its key (fnlit builds the state; its
+    dicts' order means nothing). The *batch* is the user's: a step may read ``batch.values()`` in order,
+    so it is flattened with torch's pytree, whose structure records the order, and another order is
+    another entry. States whose leaves cannot be matched one to one (``None`` leaves, a leaf object
+    appearing twice, classes registered with torch's pytree only) keep the torch flatten.
     """
 
-    def __init__(self, spec: Any, state_spec: Any, compiled: Callable[..., Any], mode: str) -> None:
-        self.spec, self.state_spec, self.compiled, self.mode = spec, state_spec, compiled, mode
-        self.o_spec: Any = None
-        self.perm: list[int] | None = None  # torch leaf i is optree leaf perm[i]
+    def __init__(self, spec: Any, compiled: Callable[..., Any], mode: str) -> None:
+        self.spec, self.compiled, self.mode = spec, compiled, mode
+        self.state_spec, self.batch_spec = spec.child(0), spec.child(1)
+        self.linked = False
         self.o_state_spec: Any = None
+        self.perm: list[int] | None = None  # torch state leaf i is optree state leaf perm[i]
         self.state_perm: list[int] | None = None  # optree state leaf k is torch state leaf state_perm[k]
 
-    def link(self, leaves: list[Any], o_leaves: list[Any], o_spec: Any) -> None:
-        self.o_spec = o_spec
+    def link(self, state_leaves: list[Any], o_leaves: list[Any], o_state_spec: Any) -> None:
+        self.linked = True
         where = {id(x): i for i, x in enumerate(o_leaves)}
-        if len(where) != len(o_leaves) or len(leaves) != len(o_leaves) or any(id(x) not in where for x in leaves):
+        if len(where) != len(o_leaves) or len(state_leaves) != len(o_leaves) or any(id(x) not in where for x in state_leaves):
             return  # no one-to-one match: this structure keeps the torch flatten
-        perm = [where[id(x)] for x in leaves]
-        n = self.state_spec.num_leaves
-        o_state_spec = o_spec.children()[0]
-        if sorted(perm[:n]) != list(range(o_state_spec.num_leaves)):
-            return
-        state_perm = [0] * n
-        for i, j in enumerate(perm[:n]):
+        perm = [where[id(x)] for x in state_leaves]
+        state_perm = [0] * len(perm)
+        for i, j in enumerate(perm):
             state_perm[j] = i
         self.perm, self.o_state_spec, self.state_perm = perm, o_state_spec, state_perm
 
@@ -275,24 +279,26 @@ class CompiledStep:
         options = {} if mode in ("default", "eager") else dict(torch._inductor.list_mode_options(mode))
         compiled = torch.compile(fn, fullgraph=True, dynamic=self.dynamic, backend=self._backend(options, mode == "eager"),
                                  options={"guard_filter_fn": _keep_input_guards})
-        entry = _Entry(spec, state_spec, compiled, mode)
+        entry = _Entry(spec, compiled, mode)
         self._entries.append(entry)
         return entry
 
     def _leaves(self, state: TrainState, batch: Batch) -> tuple[list[Any], _Entry]:
         """The leaves in the compiled function's order, and its entry (built on a first call)."""
-        o_leaves, o_spec = _tree.tree_flatten((state, batch))
+        o_leaves, o_state_spec = _tree.tree_flatten(state)
+        batch_leaves, batch_spec = torch_pytree.tree_flatten(batch)
         for entry in self._entries:  # the fast path: optree's C++ flatten, then a fixed permutation
-            if entry.perm is not None and entry.o_spec == o_spec:
-                return [o_leaves[i] for i in entry.perm], entry
-        leaves, spec = torch_pytree.tree_flatten((state, batch))
+            if entry.perm is not None and entry.o_state_spec == o_state_spec and entry.batch_spec == batch_spec:
+                return [o_leaves[i] for i in entry.perm] + batch_leaves, entry
+        state_leaves, state_spec = torch_pytree.tree_flatten(state)
+        spec = torch_pytree.TreeSpec(tuple, None, [state_spec, batch_spec])
         entry = next((e for e in self._entries if e.spec == spec), None)
         if entry is None:
             _check_supported(self.step)
             entry = self._build(spec, state)
-        if entry.o_spec is None:
-            entry.link(leaves, o_leaves, o_spec)
-        return leaves, entry
+        if not entry.linked:
+            entry.link(state_leaves, o_leaves, o_state_spec)
+        return state_leaves + batch_leaves, entry
 
     # -- call --------------------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -365,6 +371,8 @@ def compile(
     rounding of fused kernels (within 1e-5), except dropout, whose masks come from inductor's own
     generator (seeded from ``state.rng``, so still deterministic). Changing hyperparameters in
     ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
+    A Python number in the batch is a constant of the graph: each new value compiles a graph (pass a
+    0-d tensor for a value that changes). A batch dict in another key order is another structure.
 
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
