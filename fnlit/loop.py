@@ -339,8 +339,11 @@ def fit(
         log_every_n_steps: log (and read metrics back from the device) every N steps, and at the end.
         callbacks: objects with hooks (see :mod:`fnlit.callbacks`).
         log_dir: write TensorBoard event files and ``metrics.csv`` there (default: no files, unlike
-            Lightning's implicit ``lightning_logs/``: where logs go is an explicit choice).
-        loggers: more writers (:mod:`fnlit.summary`); they are flushed, not closed, at the end. Only rank 0 writes.
+            Lightning's implicit ``lightning_logs/``: where logs go is an explicit choice). Training rows
+            are written in batches (when 2 s have passed since the last write), validation results as
+            soon as a validation ends, and everything when ``fit`` ends, also on an error.
+        loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation and at the
+            end, never closed. Only rank 0 writes.
         hparams: hyperparameters to record with the loggers.
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint).
@@ -410,8 +413,9 @@ def fit(
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
         log.claim(metrics, "the eval step")
         log.latest.update(metrics)
-        if logger is not None:
+        if logger is not None:  # validation is rare and its metrics are what people watch: write them now
             logger.log_metrics(metrics, steps)
+            logger.flush()
         hooks("on_validation", state, metrics)
         if checkpoint is not None:
             checkpoint.on_validation(state, {"epoch": epoch, "batch": b, "seed": seed}, metrics)

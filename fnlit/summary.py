@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
+import math
 import os
 import socket
 import struct
@@ -71,18 +73,21 @@ class TensorBoardWriter:
     """Scalars and hyperparameters in a TensorBoard event file (tensorboardX's protocol buffers).
 
     ``tensorboard --logdir <log_dir>`` shows the scalars; hyperparameters appear under HPARAMS. Each
-    ``log_metrics`` call becomes one event holding all its scalars. With ``flush_secs > 0`` events reach
-    the file in batches, at most ``flush_secs`` apart, and at ``flush``/``close`` (which :func:`fnlit.fit`
-    calls when it ends, also on an error), so a killed process loses at most the last ``flush_secs`` of
-    logs; ``close`` also fsyncs. ``fit``'s ``log_dir`` writers use 2 s: one event written between training
-    steps costs ~10x what it costs in a tight loop (cold caches), and a batch pays that once. It writes in
-    the calling thread: tensorboardX's ``SummaryWriter``
+    ``log_metrics`` call becomes one event holding all its scalars. With ``flush_secs > 0`` events are
+    written in batches: the first call writes at once, a later one writes what is pending when
+    ``flush_secs`` have passed since the last write, and ``flush``/``close`` write the rest
+    (:func:`fnlit.fit` flushes after each validation and when it ends, also on an error). Values logged
+    since the last write live only in memory: a killed process loses them. ``close`` also fsyncs; a
+    closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
+    training steps costs ~10x what it costs in a tight loop (cold caches), and a batch pays that once.
+    It writes in the calling thread: tensorboardX's ``SummaryWriter``
     sends every scalar through a multiprocessing queue to a writer thread (~60 us of this process's CPU
     per scalar, and a thread contending with the training step for the interpreter).
 
     Args:
         log_dir: directory of the event file (created on rank 0).
-        flush_secs: longest time logged values wait before they are written (0, the default: at every call).
+        flush_secs: how long after a write logged values are held before the next log call writes them
+            (0, the default: every call writes).
 
     Example:
         >>> import tempfile, os
@@ -93,19 +98,20 @@ class TensorBoardWriter:
         True
     """
 
-    _opened = 0  # event files this process opened: part of each name, so two writers never share one
+    _opened = itertools.count(1)  # numbers the event files this process opens, so two writers never share one
 
     def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: float = 0.0) -> None:
         self.log_dir = os.fspath(log_dir)
         self.flush_secs = flush_secs
         self._file: BinaryIO | None = None
         self._pending: list[tuple[float, int, dict[str, float]]] = []  # (wall time, step, metrics)
-        self._flushed = time.monotonic()
+        self._flushed = -math.inf  # the first values logged are written at once
+        self._closed = False
         self.path: str | None = None
         if _dist.is_main():
             os.makedirs(self.log_dir, exist_ok=True)
-            TensorBoardWriter._opened += 1
-            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{TensorBoardWriter._opened}"
+            number = next(TensorBoardWriter._opened)  # atomic: writers made in two threads get two numbers
+            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{number}"
             self.path = os.path.join(self.log_dir, name)
             self._file = open(self.path, "wb")
             self._write(time.time(), file_version="brain.Event:2")
@@ -125,6 +131,8 @@ class TensorBoardWriter:
         self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._closed:
+            raise ValueError(f"TensorBoardWriter({self.log_dir!r}) is closed: make a new writer to log more.")
         if self._file is None or not metrics:
             return
         self._pending.append((time.time(), int(step), dict(metrics)))
@@ -157,6 +165,7 @@ class TensorBoardWriter:
         self._flushed = time.monotonic()
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self.flush()
             os.fsync(self._file.fileno())
@@ -164,7 +173,7 @@ class TensorBoardWriter:
             self._file = None
 
     def __del__(self) -> None:  # a writer dropped without close() still writes what it holds
-        if getattr(self, "_file", None) is not None:
+        if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):  # at interpreter exit, or with its folder gone
                 self.close()
 
@@ -173,12 +182,15 @@ class CSVWriter:
     """One row per ``log_metrics`` call: ``step`` and a column per metric name (blank where not logged).
 
     When a new metric name appears, the file is rewritten with the wider header (as Lightning's
-    CSVLogger does); otherwise rows are appended. Rows reach the file at most ``flush_secs`` apart and at
-    ``flush``/``close`` (see :class:`TensorBoardWriter`). ``log_hparams`` writes ``hparams.json`` beside it.
+    CSVLogger does); otherwise rows are appended. Rows are written in batches as
+    :class:`TensorBoardWriter` writes events (the first at once, then when ``flush_secs`` have passed,
+    and at ``flush``/``close``); the file appears with the first row. A closed writer refuses more rows.
+    ``log_hparams`` writes ``hparams.json`` beside it.
 
     Args:
         path: a ``.csv`` file, or a directory (the file is then ``<dir>/metrics.csv``).
-        flush_secs: longest time logged rows wait before they are written (0, the default: at every call).
+        flush_secs: how long after a write logged rows are held before the next log call writes them
+            (0, the default: every call writes).
 
     Example:
         >>> import tempfile, pathlib
@@ -200,11 +212,14 @@ class CSVWriter:
         self.rows: list[dict[str, Any]] = []
         self._written = 0  # rows already in the file
         self._file: TextIO | None = None  # kept open for appending between rewrites
-        self._flushed = time.monotonic()
+        self._flushed = -math.inf  # the first row is written at once
+        self._closed = False
         if self.enabled:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._closed:
+            raise ValueError(f"CSVWriter({self.path!r}) is closed: make a new writer to log more.")
         if not self.enabled:
             return
         self.rows.append({"step": step, **metrics})
@@ -218,7 +233,7 @@ class CSVWriter:
 
     def flush(self) -> None:
         """Writes the pending rows (the whole file again if they bring new columns)."""
-        if not self.enabled:
+        if not self.enabled or self._closed or not self.rows:  # no rows yet: no file yet
             return
         pending = self.rows[self._written :]
         new = [k for row in pending for k in row if k not in self.columns]
@@ -237,14 +252,16 @@ class CSVWriter:
         self._flushed = time.monotonic()
 
     def close(self) -> None:
-        if self.enabled and (self._file is not None or self.rows):
-            self.flush()
+        if self._closed:  # a second close (or __del__ after close) must not rewrite the file
+            return
+        self.flush()
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
 
     def __del__(self) -> None:  # a writer dropped without close() still writes what it holds
-        if getattr(self, "_file", None) is not None or getattr(self, "rows", None):
+        if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):  # at interpreter exit, or with its folder gone
                 self.close()
 
@@ -315,7 +332,7 @@ class Logger:
         self, writers: Sequence[Writer] = (), *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 2.0
     ) -> None:
         self.writers: list[Writer] = list(writers)
-        if log_dir is not None:  # the files fit writes: batched, at most flush_secs apart (see TensorBoardWriter)
+        if log_dir is not None:  # the files fit writes, in batches (see TensorBoardWriter)
             self.writers += [TensorBoardWriter(log_dir, flush_secs=flush_secs), CSVWriter(log_dir, flush_secs=flush_secs)]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:

@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import fcntl
+import gc
 import json
 import os
 import pathlib
@@ -123,13 +124,16 @@ def test_tensorboard_events_reach_the_file_at_each_log_and_writers_never_share_a
     assert len([f for f in os.listdir(tmp_path) if "tfevents" in f]) == 2
 
 
-def test_batched_writers_hold_rows_at_most_flush_secs(tmp_path):
+def test_batched_writers_write_the_first_log_at_once_then_hold_rows_until_flush(tmp_path):
     tb, log = TensorBoardWriter(tmp_path / "tb", flush_secs=3600), CSVWriter(tmp_path / "m.csv", flush_secs=3600)
+    log.flush()
+    assert not (tmp_path / "m.csv").exists()  # no row yet: no file (not one with only a header)
     for w in (tb, log):
-        w.log_metrics({"a": 1.0}, 1)
-        w.log_metrics({"a": 2.0, "b": 3.0}, 2)
-    assert scalars(tmp_path / "tb") == {} and not (tmp_path / "m.csv").exists()  # within flush_secs: held
-    tb.flush(), log.flush()  # as fit does when it ends (also on errors)
+        w.log_metrics({"a": 1.0}, 1)  # the first log is written at once: a new run shows up immediately
+        w.log_metrics({"a": 2.0, "b": 3.0}, 2)  # within flush_secs of that write: held
+    assert scalars(tmp_path / "tb") == {"a": [(1, 1.0)]}
+    assert (tmp_path / "m.csv").read_text().splitlines() == ["step,a", "1,1.0"]
+    tb.flush(), log.flush()  # as fit does after a validation and when it ends (also on errors)
     assert scalars(tmp_path / "tb") == {"a": [(1, 1.0), (2, 2.0)], "b": [(2, 3.0)]}
     assert list(csv.reader((tmp_path / "m.csv").read_text().splitlines())) == [["step", "a", "b"], ["1", "1.0", ""], ["2", "2.0", "3.0"]]
     log.log_metrics({"a": 4.0}, 3)
@@ -137,6 +141,41 @@ def test_batched_writers_hold_rows_at_most_flush_secs(tmp_path):
     log.log_metrics({"c": 5.0}, 4)
     assert (tmp_path / "m.csv").read_text().splitlines()[-2:] == ["3,4.0,,", "4,,,5.0"]
     tb.close(), log.close()
+
+
+def test_closed_writers_refuse_values_and_never_rewrite_their_file(tmp_path):
+    tb, log = TensorBoardWriter(tmp_path, flush_secs=3600), CSVWriter(tmp_path, flush_secs=3600)
+    for w in (tb, log):
+        w.log_metrics({"a": 1.0}, 1)
+        w.close()
+        w.close()  # a second close is a no-op
+        with pytest.raises(ValueError, match="is closed: make a new writer"):
+            w.log_metrics({"a": 2.0}, 2)
+    newer = tmp_path / "metrics.csv"
+    newer.write_text("step,b\n7,1.0\n")  # a later run's file in the same folder
+    log.flush()
+    del log
+    gc.collect()  # __del__ of a closed writer
+    assert newer.read_text() == "step,b\n7,1.0\n"
+    assert scalars(tmp_path) == {"a": [(1, 1.0)]}
+
+
+def test_validation_metrics_are_written_when_the_validation_ends(tmp_path):
+    seen = []
+
+    class Peek:  # reads the CSV file fit is writing, right after each validation
+        def on_validation(self, state, metrics):
+            rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+            seen.append((rows[-1]["step"], rows[-1]["val/acc"], len(rows)))
+
+    def step(s, b):
+        return s.replace(step=s.step + 1), {"loss": torch.tensor(0.5)}
+
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    eval_step = lambda s, b: {"acc": torch.tensor(0.25)}  # noqa: E731
+    fit(step, state, list(range(10)), eval_step=eval_step, val_data=[0], max_epochs=2, log_every_n_steps=1,
+        num_sanity_val_steps=0, log_dir=tmp_path, callbacks=[Peek()], progress=False)
+    assert seen == [("10", "0.25", 11), ("20", "0.25", 22)]  # 10 train rows + 1 validation row per epoch
 
 
 def slow_fit():
