@@ -2,7 +2,9 @@
 
 1. Gradient accumulation: `fnlit.accumulate(step, 4)` vs a plain loop that backpropagates loss / 4 on
    4 micro-batches into .grad and then steps torch.optim.AdamW(foreach=True). One process, 1 thread,
-   interleaved rounds, median step time; target ratio fnlit/plain <= 1.05.
+   interleaved rounds, median step time; target ratio fnlit/plain <= 1.05. Also shown: the same step
+   donating its state (in place, as the plain loop updates) and under fnlit.compile (the first call,
+   which compiles for ~10-20 s, is in the warm-up rounds).
 2. Data parallel: 2 processes on gloo (fnlit.distributed.launch), each with 1 thread and half of the
    global batch: `fnlit.data_parallel(step)` vs `DistributedDataParallel` + AdamW(foreach=True), the
    two interleaved in rounds inside the same processes; throughput ratio fnlit/DDP, target >= 0.95.
@@ -97,12 +99,14 @@ def bench_accumulate(rounds: int, steps: int) -> None:
         med = compare(
             {"plain": plain_accumulate_runner(copy.deepcopy(model), 4),
              "fnlit": fnlit_runner(model, lambda s: fnlit.accumulate(s, 4)),
-             "donated": fnlit_runner(model, lambda s: fnlit.accumulate(s, 4), donate=True)},
+             "donated": fnlit_runner(model, lambda s: fnlit.accumulate(s, 4), donate=True),
+             "compiled": fnlit_runner(model, lambda s: fnlit.compile(fnlit.accumulate(s, 4), donate=True))},
             batches(4, bs), rounds, steps,
         )
         print(f"accumulate k=4, MLP 784-{hidden}-{hidden}-10, batch {bs}: plain {med['plain']:.3f} ms, "
               f"fnlit {med['fnlit']:.3f} ms, ratio fnlit/plain {med['fnlit'] / med['plain']:.3f} (target <= 1.05); "
-              f"donating(accumulate) {med['donated']:.3f} ms, ratio {med['donated'] / med['plain']:.3f}")
+              f"donating(accumulate) {med['donated']:.3f} ms, ratio {med['donated'] / med['plain']:.3f}; "
+              f"compile(accumulate, donate=True) {med['compiled']:.3f} ms, ratio {med['compiled'] / med['plain']:.3f}")
 
 
 def _dp_worker(hidden: int, global_batch: int, rounds: int, steps: int) -> dict[str, float]:

@@ -132,6 +132,28 @@ def test_value_and_grad_argnums_aux_and_unused_inputs():
     assert torch.equal(ga["w"], b) and torch.equal(ga["unused"], torch.zeros(3)) and torch.equal(gb, a["w"])
 
 
+def test_value_and_grad_of_a_loss_that_ignores_its_arguments_says_so():
+    params = {"w": torch.ones(2)}
+    with pytest.raises(RuntimeError, match=r"does not depend on the arguments it differentiates"):
+        fnlit.value_and_grad(lambda p: (params["w"] * 2).sum())(params)  # the closure's tensor, not p's
+
+
+def test_value_and_grad_seeds_and_accumulates_as_autograd_does():
+    # The engine path (plain tensors) and the public functions (what tensor subclasses take) agree
+    # bitwise with torch.autograd.grad, also for a seed other than one and into existing .grad.
+    from fnlit.functional import _backward
+
+    torch.manual_seed(0)
+    w, x = torch.randn(5, 3, requires_grad=True), torch.randn(4, 5)
+    u = torch.randn(2, requires_grad=True)  # unused: zeros
+    want = torch.autograd.grad((x @ w).tanh().sum(), [w])[0]
+    got = _backward((x @ w).tanh().sum(), None, [w, u], accumulate=False)
+    assert torch.equal(got[0], want) and torch.equal(got[1], torch.zeros(2))
+    w.grad = torch.ones(5, 3)
+    _backward((x @ w).tanh().sum(), torch.tensor(0.25), [w], accumulate=True)
+    assert torch.equal(w.grad, torch.ones(5, 3) + want * 0.25)
+
+
 def test_non_scalar_loss_names_its_shape():
     with pytest.raises(ValueError, match=r"shape \(16, 4\).*loss\.mean\(\)"):
         fnlit.value_and_grad(lambda p: p["w"] * 2)({"w": torch.ones(16, 4)})
