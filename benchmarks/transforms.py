@@ -76,6 +76,7 @@ def ddp_runner(model: nn.Module):
 
 
 CLOCK = time.perf_counter
+SIZES = [(128, 256), (1024, 256)]
 
 
 def compare(runners: dict, data: list, rounds: int, steps: int, sync=None) -> dict[str, float]:
@@ -94,7 +95,7 @@ def compare(runners: dict, data: list, rounds: int, steps: int, sync=None) -> di
 
 def bench_accumulate(rounds: int, steps: int) -> None:
     torch.set_num_threads(1)
-    for hidden, bs in [(128, 256), (1024, 256)]:
+    for hidden, bs in SIZES:
         model = mlp(hidden)
         med = compare(
             {"plain": plain_accumulate_runner(copy.deepcopy(model), 4),

@@ -154,6 +154,33 @@ def test_accumulate_applies_the_mean_of_what_each_micro_batch_applies(kind, k):
             torch.testing.assert_close(metrics[name], sum(m[name] for _, m in alone) / k)
 
 
+def test_accumulate_reruns_micro_batch_zero_when_the_step_changes_what_it_applies_between_steps():
+    """One accumulate step object, a step that applies its gradients unchanged, then doubled: micro-batch 0
+    guesses from the previous step, finds the guess wrong, reruns, and still equals the reference."""
+    from fnlit.transforms.accumulate import split_batch
+
+    model = mlp()
+    calls, mode = [], ["plain"]
+
+    def step(state, b):
+        calls.append(mode[0])
+        return (_doubling if mode[0] == "double" else lambda m, s, bb: hand_step(m)(s, bb))(model, state, b)
+
+    acc = fnlit.accumulate(step, 4)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(1.0), seed=0)
+    for i, m in enumerate(["plain", "plain", "double", "double", "plain", "double", "plain", "double"]):
+        mode[0] = m
+        data = batch(12 if m == "double" else 16, seed=i)
+        alone = [step(state, mb) for mb in split_batch(data, 4)]
+        want = {n: sum(s.params[n] for s, _ in alone) / 4 for n in state.params}
+        calls.clear()
+        state, metrics = acc(state, data)
+        assert_trees_close(state.params, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(metrics["loss"], sum(m_["loss"] for _, m_ in alone) / 4)
+        # A wrong guess (a doubled step after a plain one) reruns micro-batch 0; after two, no more guesses.
+        assert len(calls) == (5 if i in (2, 5) else 4)
+
+
 def test_accumulate_rejects_a_step_that_changes_what_it_applies_between_micro_batches():
     model = mlp()
     seen = []

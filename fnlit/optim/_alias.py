@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import tree_flatten, tree_map, tree_unflatten
-from ._base import GradientTransformation, Mask, PyTree, _raise_mismatch, own, resolve_mask, use_functional
+from ._base import GradientTransformation, Mask, PyTree, _raise_mismatch, own, own_scaled, resolve_mask, use_functional
 from ._transforms import check_arg, check_beta, check_nonneg, device_of, scalar, zero_count
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -262,13 +262,12 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
-            new_p = own(p)
             mu, nu = own(bufs[0]), own(bufs[1])
-            if wd is not None and decoupled:
-                chosen = [q for q, k in zip(new_p, decay(p, params)) if k]
-                if chosen:  # torch.optim.AdamW's order: decay the params, then the Adam step
-                    torch._foreach_mul_(chosen, _decay_factor(lr, wd))
-            elif wd is not None:
+            if wd is not None and decoupled:  # torch.optim.AdamW's order: decay the params, then the Adam step
+                new_p = own_scaled(p, decay(p, params), _decay_factor(lr, wd))
+            else:
+                new_p = own(p)
+            if wd is not None and not decoupled:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
             steps = count.to(torch.float32)  # the kernel only reads it
             for idx in _groups(p):

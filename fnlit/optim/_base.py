@@ -221,6 +221,23 @@ def own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
 
 
+def own_scaled(tensors: Sequence[torch.Tensor], chosen: Sequence[bool], factor: float | torch.Tensor) -> list[torch.Tensor]:
+    """:func:`own`, with the ``chosen`` tensors multiplied by ``factor`` (AdamW's decay).
+
+    Undonated, the product is written straight into the new tensors: one pass over the parameters
+    instead of a copy and then an in-place multiply (the same arithmetic, so the same bits).
+    """
+    picked = [t for t, c in zip(tensors, chosen) if c]
+    if _DONATED[0] or not all(t.is_contiguous() for t in picked):
+        out = own(tensors)
+        picked = [t for t, c in zip(out, chosen) if c]
+        if picked:
+            torch._foreach_mul_(picked, factor)
+        return out
+    scaled = iter(torch._foreach_mul(picked, factor) if picked else [])
+    return [next(scaled) if c else t.clone(memory_format=torch.contiguous_format) for t, c in zip(tensors, chosen)]
+
+
 def use_functional(*leaf_lists: Sequence[Any]) -> bool:
     """True when the optimizers must avoid in-place multi-tensor kernels.
 

@@ -39,6 +39,14 @@ _CHANGED_GRADS = (
 )
 
 
+class Mispredicted(BaseException):
+    """Micro-batch 0 guessed the wrong value_and_grad call to accumulate in place; accumulate reruns it.
+
+    A BaseException, like GeneratorExit: it only travels through the user's step back to
+    :func:`fnlit.accumulate`, and a step's ``except Exception`` must not swallow it.
+    """
+
+
 def current() -> Frame | None:
     """The frame of the step being run, or None outside every transform."""
     if torch.compiler.is_compiling():
@@ -62,7 +70,8 @@ class Frame:
         self.divided = True
         self.calls = 0  # value_and_grad calls in this micro-batch
         self.seen: list[tuple[list[Any], list[torch.Tensor]]] = []  # micro-batch 0: (sources, grads) per call
-        self.fast_call = -1  # the call whose gradients are applied; later micro-batches add it in place
+        self.hint = -1  # the call micro-batch 0 guesses is the applied one (set by accumulate), -1: none
+        self.fast_call = -1  # the call whose gradients are applied; it adds into the accumulator in place
         self.fast_sources: list[torch.Tensor] = []  # the tensors it differentiates with respect to
         self.leaves: list[torch.Tensor] | None = None  # its leaves, whose .grad is the accumulator
         self.fast_grads: list[torch.Tensor] | None = None  # what it returned in this micro-batch
@@ -119,14 +128,26 @@ class Frame:
     def begin_call(self, sources: list[Any]) -> list[torch.Tensor] | None:
         """For each value_and_grad call under accumulate: the leaves to differentiate with, or None.
 
-        Micro-batch 0 runs every call plainly and shows which call's gradients the step applies. In
-        later micro-batches that call (the same call of the micro-batch, with respect to the very same
-        tensors) reuses one set of leaves whose ``.grad`` is the accumulator, so autograd adds into it
-        in place, as ``.backward()`` does for nn.Parameters. Every other call returns its own gradient.
+        The call whose gradients the step applies (the same call of each micro-batch, with respect to
+        the very same tensors) reuses one set of leaves whose ``.grad`` is the accumulator, so autograd
+        adds into it in place, as ``.backward()`` does for nn.Parameters. Which call that is, micro-batch
+        0 learns from the previous step (``hint``; call 0 before the first); a wrong guess is found when
+        micro-batch 0 applies other tensors, and the accumulate transform runs that micro-batch again
+        without guessing (:class:`Mispredicted`). Every other call returns its own gradient.
         """
         index = self.calls
         self.calls += 1
-        if self.micro == 0 or index != self.fast_call or self.fast_grads is not None:
+        if self.fast_grads is not None:  # this micro-batch's in-place call has run
+            return None
+        if self.micro == 0:
+            if index != self.hint or self.scaler is not None or self.shard_group is not None:
+                return None
+            if any(type(t) is not torch.Tensor for t in sources):
+                return None
+            self.fast_call, self.fast_sources = index, sources
+            self.leaves = [t.detach().requires_grad_() for t in sources]
+            return self.leaves
+        if index != self.fast_call:
             return None
         known = self.fast_sources
         if len(sources) != len(known):
@@ -140,6 +161,12 @@ class Frame:
             for leaf, a in zip(self.leaves, self.acc):
                 leaf.grad = a
         return self.leaves
+
+    def forget_guess(self) -> None:
+        """After :class:`Mispredicted`: micro-batch 0 runs again, learning the applied call as it goes."""
+        self.hint, self.fast_call, self.fast_sources = -1, -1, []
+        self.acc = self.leaves = self.fast_grads = None
+        self.seen = []
 
     def backward_seed(self, target: torch.Tensor) -> torch.Tensor | None:
         """What the in-place call backpropagates from the loss: 1/k (a plain loop's ``(loss / k).backward()``)."""
@@ -203,6 +230,8 @@ class Frame:
             fast, self.fast_grads = self.fast_grads, None
             if fast is not None:  # autograd already added them into the accumulator
                 if len(fast) != len(leaves) or any(a is not b for a, b in zip(fast, leaves)):
+                    if self.micro == 0:
+                        raise Mispredicted
                     raise ValueError(_CHANGED_GRADS.format(call=self.fast_call + 1, micro=self.micro))
                 self.acc = fast
             else:

@@ -9,7 +9,7 @@ import torch
 from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
-from ._frame import frame
+from ._frame import Mispredicted, frame
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -27,6 +27,11 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
         >>> [b.shape[0] for b in split_batch(torch.zeros(8, 3), 4)]
         [2, 2, 2, 2]
     """
+    kind = type(batch)
+    if kind is tuple or kind is list:  # the usual (x, y): no tree round trip
+        if all(type(t) is torch.Tensor and t.dim() > 0 and t.shape[0] % k == 0 for t in batch):
+            parts = [t.tensor_split(k) for t in batch]
+            return [kind(p[i] for p in parts) for i in range(k)]
     leaves, treedef = _tree.tree_flatten(batch)
     chunks: list[Any] = []
     for j, leaf in enumerate(leaves):
@@ -50,7 +55,9 @@ def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
     for name in all_metrics[0]:
         values = [m[name] for m in all_metrics]
         if isinstance(values[0], torch.Tensor):
-            out[name] = torch.stack([v.float() for v in values]).mean()
+            if any(v.dtype != torch.float32 for v in values):
+                values = [v.float() for v in values]
+            out[name] = torch.stack(values).mean()
         else:
             out[name] = sum(values) / len(values)
     return out
@@ -70,11 +77,15 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     in each micro-batch (its gradients transformed, summed over several losses, or taken at perturbed
     params, as SAM does). The common step, which passes the gradients of one ``value_and_grad`` call on
     unchanged, gets a plain loop's ``(loss / k).backward()``: autograd adds into one buffer per
-    parameter in place from micro-batch 1 on, so that call returns the accumulator (the gradients summed
-    so far, times 1/k when k is a power of two) instead of the micro-batch's own gradient, and micro-batch
-    0's gradients are scaled in place once applied. Every other ``value_and_grad`` call (e.g. an input
-    gradient for a metric) returns its true gradient. Such a step must keep passing that call's
-    gradients on unchanged in later micro-batches; one that changes them only there raises ``ValueError``.
+    parameter in place, so that call returns the accumulator (the gradients summed so far, times 1/k
+    when k is a power of two) instead of the micro-batch's own gradient. Which call that is, micro-batch
+    0 guesses from the previous step (the first call, before the first step); when the step then applies
+    something else, micro-batch 0 runs again without guessing -- the step is pure, so the rerun gives the
+    same result; only its Python side effects run twice -- and after two wrong guesses accumulate stops
+    guessing. Every other ``value_and_grad``
+    call (e.g. an input gradient for a metric) returns its true gradient. A step must keep passing that
+    call's gradients on unchanged in later micro-batches of the same step; one that changes them only
+    there raises ``ValueError``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
@@ -95,17 +106,35 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"fnlit.accumulate expected a positive int k, got {k!r} instead.")
 
+    # Which value_and_grad call of the step is applied, learned from the last step: micro-batch 0 then
+    # backpropagates it straight into the accumulator too. Two wrong guesses turn guessing off.
+    guess = {"hint": 0, "misses": 0}
+
     def accumulate_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         micro_batches = split_batch(batch, k)
         with frame() as (f, outermost):
             if f.accum_k != 1:
                 raise ValueError("fnlit.accumulate cannot be nested inside another accumulate; use one with k=k1*k2.")
             f.accum_k = k
+            traced = torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+            f.hint = -1 if traced else guess["hint"]  # traced steps take functorch's path: no in-place calls
             new, all_metrics = state, []
             for i, micro in enumerate(micro_batches):
                 f.start_micro(i)
-                new, metrics = step(new.replace(rng=_random.fold_in(state.rng, i)), micro)
+                key = _random.fold_in(state.rng, i)
+                if i or f.hint < 0:
+                    new, metrics = step(new.replace(rng=key), micro)
+                else:
+                    try:
+                        new, metrics = step(state.replace(rng=key), micro)
+                    except Mispredicted:  # rerun micro-batch 0 (the step is pure), learning as it goes
+                        guess["misses"] += 1
+                        f.forget_guess()
+                        f.start_micro(0)
+                        new, metrics = step(state.replace(rng=key), micro)
                 all_metrics.append(metrics)
+            if not traced:
+                guess["hint"] = f.fast_call if guess["misses"] < 2 else -1
             metrics = _mean_metrics(all_metrics)
             new = new.replace(rng=_random.next_key(state.rng))
             if outermost:
