@@ -91,3 +91,19 @@ def dies_early():
     t = torch.ones(4)
     dist.all_reduce(t)  # rank 1 never joins: this must fail, not hang
     return t.sum().item()
+
+
+def reused_buffers():
+    """all_reduce_mean_(reuse=True) against hand means; a result still held is never overwritten."""
+    from fnlit.transforms.data_parallel import all_reduce_mean_
+
+    r = dist.get_rank()
+    first = all_reduce_mean_([torch.full((3,), r + 1.0), torch.full((2, 2), 10.0 * r)], reuse=True)
+    second = all_reduce_mean_([torch.full((3,), 2.0 * r), torch.full((2, 2), 4.0)], reuse=True)
+    ptr = second[0].data_ptr()
+    del second
+    third = all_reduce_mean_([torch.full((3,), 7.0), torch.full((2, 2), 1.0 * r)], reuse=True)
+    return {
+        "first": first, "third": third,  # first is read after the later calls: still its own values
+        "distinct": first[0].data_ptr() != ptr, "reused": third[0].data_ptr() == ptr,
+    }

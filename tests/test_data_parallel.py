@@ -2,7 +2,7 @@ import time
 
 import pytest
 import torch
-from _dist_workers import GLOBAL_BATCH, ORDERS, all_orders, dies_early, equivalence, make_state, wrap
+from _dist_workers import GLOBAL_BATCH, ORDERS, all_orders, dies_early, equivalence, make_state, reused_buffers, wrap
 from helpers import batch, hand_step
 
 import fnlit
@@ -60,6 +60,17 @@ def test_all_six_orders_agree_and_match_one_process():
             assert torch.equal(p, r1[name_order][name])
             torch.testing.assert_close(p, first[name], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(p, ref_history[-1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_buffers_are_reused_only_when_no_result_is_alive():
+    for out in fnlit.distributed.launch(reused_buffers, 2, timeout=120):
+        # Means over ranks 0 and 1, by hand: (1 + 2) / 2, (0 + 10) / 2 -- read after two later calls, which
+        # would have overwritten them had their buffer been reused -- then 7, (0 + 1) / 2.
+        torch.testing.assert_close(out["first"][0], torch.full((3,), 1.5))
+        torch.testing.assert_close(out["first"][1], torch.full((2, 2), 5.0))
+        torch.testing.assert_close(out["third"][0], torch.full((3,), 7.0))
+        torch.testing.assert_close(out["third"][1], torch.full((2, 2), 0.5))
+        assert out["distinct"] and out["reused"]
 
 
 def test_a_dead_rank_fails_the_others_in_bounded_time():

@@ -258,8 +258,11 @@ class Frame:
 
             n = len(leaves)
             riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
-            reduced = all_reduce_mean_(list(leaves) + [t.reshape(1).float() for t in riders], self.dp_group, self.dp_bucket_bytes)
-            leaves, riders_out = reduced[:n], [t.reshape(()) for t in reduced[n:]]
+            reduced = all_reduce_mean_(
+                list(leaves) + [t.reshape(1).float() for t in riders], self.dp_group, self.dp_bucket_bytes, reuse=True
+            )
+            # The riders leave the step (metrics, the overflow flag): copies, so the buffer can be reused.
+            leaves, riders_out = reduced[:n], [t.reshape(()).clone() for t in reduced[n:]]
             if self.found_inf is not None:
                 self.found_inf = riders_out.pop(0)  # divided by the world size: still > 0 iff any rank overflowed
             self.reduced = {id(t): r.to(t.dtype) for t, r in zip(self.known, riders_out)}

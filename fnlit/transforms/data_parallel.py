@@ -42,18 +42,43 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     return out
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_bytes: int = 0) -> list[torch.Tensor]:
+# CPU: one flat buffer per bucket layout, reused from step to step while nothing else holds it. A fresh
+# buffer each step page-faults as the all-reduce writes into it (glibc hands big blocks back to the OS),
+# which cost ~0.3 ms of a 3 ms small-MLP step on 2 gloo ranks (DDP keeps its buckets too).
+_BUFFERS: dict[tuple[int, torch.dtype, torch.device, int], torch.Tensor] = {}
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _flat_buffer(slot: int, like: torch.Tensor, numel: int, reuse: bool) -> torch.Tensor:
+    key = (slot, like.dtype, like.device, numel)
+    buf = _BUFFERS.get(key) if reuse and like.device.type == "cpu" and _use_count is not None else None
+    # 2 references: the buffer's own and the temporary storage object; any more is a live view of it.
+    if buf is not None and _use_count(buf.untyped_storage()._cdata) == 2:
+        return buf
+    buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+    if reuse and like.device.type == "cpu":
+        _BUFFERS[key] = buf
+    return buf
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_bytes: int = 0, reuse: bool = False) -> list[torch.Tensor]:
     """Averages ``tensors`` across the ranks of ``group`` with one all-reduce per bucket.
 
     Tensors are flattened into one contiguous buffer per bucket (``bucket_bytes=0``: one per dtype),
     divided by the world size (as DDP does) and summed; the results are views into those buffers. The
-    inputs are not modified.
+    inputs are not modified. ``reuse``: on the CPU, write into the buffers of an earlier call with the
+    same layout when no view of them is alive any more (never while a result is still referenced).
     """
     world = dist.get_world_size(group)
     out: list[torch.Tensor] = list(tensors)
-    for bucket in _buckets(tensors, bucket_bytes):
-        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
-        flat.div_(world)
+    for slot, bucket in enumerate(_buckets(tensors, bucket_bytes)):
+        parts = [tensors[i].reshape(-1) for i in bucket]
+        flat = _flat_buffer(slot, parts[0], sum(p.numel() for p in parts), reuse)
+        torch.cat(parts, out=flat)
+        if world & (world - 1) == 0:
+            flat.mul_(1.0 / world)  # exact for a power of two, and a third of div_'s time on a CPU
+        else:
+            flat.div_(world)
         dist.all_reduce(flat, group=group)
         offset = 0
         for i in bucket:
