@@ -82,10 +82,9 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     0 guesses from the previous step (the first call, before the first step); when the step then applies
     something else, micro-batch 0 runs again without guessing -- the step is pure, so the rerun gives the
     same result; only its Python side effects run twice -- and after two wrong guesses accumulate stops
-    guessing. Every other ``value_and_grad``
-    call (e.g. an input gradient for a metric) returns its true gradient. A step must keep passing that
-    call's gradients on unchanged in later micro-batches of the same step; one that changes them only
-    there raises ``ValueError``.
+    guessing. Every other ``value_and_grad`` call (e.g. an input gradient for a metric) returns its true
+    gradient. A step must keep passing that call's gradients on unchanged in later micro-batches of the
+    same step; one that changes them only there raises ``ValueError``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.

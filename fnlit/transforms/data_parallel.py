@@ -42,9 +42,10 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     return out
 
 
-# CPU: one flat buffer per bucket layout, reused from step to step while nothing else holds it. A fresh
-# buffer each step page-faults as the all-reduce writes into it (glibc hands big blocks back to the OS),
-# which cost ~0.3 ms of a 3 ms small-MLP step on 2 gloo ranks (DDP keeps its buckets too).
+# CPU: one flat buffer per bucket layout, reused from step to step while nothing else holds it (as DDP
+# keeps its buckets). A fresh buffer page-faults as the all-reduce writes into it (glibc hands big blocks
+# back to the OS): on 2 gloo ranks a 7.4 MB all-reduce took 6.8 ms into a fresh buffer, 4.9 ms into a
+# reused one.
 _BUFFERS: dict[tuple[int, torch.dtype, torch.device, int], torch.Tensor] = {}
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -76,7 +77,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
         flat = _flat_buffer(slot, parts[0], sum(p.numel() for p in parts), reuse)
         torch.cat(parts, out=flat)
         if world & (world - 1) == 0:
-            flat.mul_(1.0 / world)  # exact for a power of two, and a third of div_'s time on a CPU
+            flat.mul_(1.0 / world)  # exact for a power of two; on a CPU a fifth to a third of div_'s time
         else:
             flat.div_(world)
         dist.all_reduce(flat, group=group)
