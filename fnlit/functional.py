@@ -153,7 +153,8 @@ def apply(
     """
     # While compiling, build the slots afresh: filling the cache during a trace would make the next
     # call fail dynamo's guard on the cache and recompile.
-    slots = _Slots(module) if torch.compiler.is_compiling() else _slots(module)
+    compiling = torch.compiler.is_compiling()
+    slots = _Slots(module) if compiling else _slots(module)
     _check_names(module, slots, params, buffers)
     if mutable is None:
         copy = slots.stat_names if train else ()
@@ -172,13 +173,18 @@ def apply(
     if flip:
         module.train(train)
     try:
-        if _traced():  # under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random)
+        # Under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random).
+        if compiling or torch._C._functorch.maybe_current_level() is not None:
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         elif rng is None:
             out = _call_swapped(module, slots, tensors, args, kwargs)
-        else:
-            with _random.seeded(rng, next(iter(params.values())).device if params else None):
+        else:  # what `with fnlit.random.seeded(rng, device):` does, without the object
+            first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
+            saved = _random._seed(rng, first.device if first is not None and first.is_cuda else None)
+            try:
                 out = _call_swapped(module, slots, tensors, args, kwargs)
+            finally:
+                _random._restore(saved)
     finally:
         if flip:
             module.train(not train)
@@ -218,7 +224,9 @@ except ImportError:  # pragma: no cover - older torch: the public functions only
     _engine_run_backward = None
 
 
-def _backward(target: torch.Tensor, seed: torch.Tensor | None, inputs: list[torch.Tensor], accumulate: bool) -> list[torch.Tensor] | None:
+def _backward(
+    target: torch.Tensor, seed: torch.Tensor | None, inputs: list[torch.Tensor], accumulate: bool, plain: bool = False
+) -> list[torch.Tensor] | None:
     """Backpropagates ``seed`` (default ones) from ``target`` to ``inputs``.
 
     ``accumulate``: add into the inputs' ``.grad`` (``torch.autograd.backward``) and return None; else
@@ -226,7 +234,8 @@ def _backward(target: torch.Tensor, seed: torch.Tensor | None, inputs: list[torc
     with ``allow_unused=True, materialize_grads=True``). For plain tensors this calls autograd's engine
     as those two functions do after checking their arguments, which here hold by construction (one
     scalar target, its own seed, fresh leaves): the checks cost ~25 us per call on a CPU, 10-15 % of a
-    small model's micro-batch. Tensor subclasses (DTensor) take the public functions.
+    small model's micro-batch. Tensor subclasses (DTensor) take the public functions; ``plain`` says the
+    inputs are known to be plain tensors (accumulate's leaves, checked once per step).
     """
     if not target.requires_grad:
         raise RuntimeError(
@@ -234,7 +243,11 @@ def _backward(target: torch.Tensor, seed: torch.Tensor | None, inputs: list[torc
             "grad_fn). Compute it from those arguments (e.g. the params passed to the loss function, not "
             "state.params or the module's own parameters), and not under detach()."
         )
-    if _engine_run_backward is None or type(target) is not torch.Tensor or any(type(t) is not torch.Tensor for t in inputs):
+    if (
+        _engine_run_backward is None
+        or type(target) is not torch.Tensor
+        or not (plain or all(type(t) is torch.Tensor for t in inputs))
+    ):
         if accumulate:
             torch.autograd.backward(target, seed, inputs=inputs)
             return None
@@ -252,9 +265,11 @@ def _detach(tree: Any) -> Any:
         return tree.detach() if tree.requires_grad else tree
     kind = type(tree)
     if kind is dict:  # the usual aux containers, without a tree traversal per call
-        return {k: _detach(v) for k, v in tree.items()}
-    if kind is tuple or kind is list:
-        return kind(_detach(v) for v in tree)
+        return {k: _detach(v) for k, v in tree.items()} if tree else {}
+    if kind is tuple:
+        return tuple([_detach(v) for v in tree])  # a list comprehension: cheaper than a generator
+    if kind is list:
+        return [_detach(v) for v in tree]
     if tree is None or kind in (int, float, bool, str):
         return tree
     return _tree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, tree)
@@ -293,16 +308,20 @@ def value_and_grad(
         if _traced():
             return _functorch_path(fn, nums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
-        sources = [t for leaves, _ in flat for t in leaves]
+        sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
         accumulating = frame is not None and frame.accum_k > 1
         # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
         # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
         shared = frame.begin_call(sources) if accumulating else None
         inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
-        new_args, start = list(args), 0
-        for i, (leaves, treedef) in zip(nums, flat):
-            new_args[i] = _tree.tree_unflatten(treedef, inputs[start : start + len(leaves)])
-            start += len(leaves)
+        new_args = list(args)
+        if len(flat) == 1:  # the usual case, without slicing
+            new_args[nums[0]] = _tree.tree_unflatten(flat[0][1], inputs)
+        else:
+            start = 0
+            for i, (leaves, treedef) in zip(nums, flat):
+                new_args[i] = _tree.tree_unflatten(treedef, inputs[start : start + len(leaves)])
+                start += len(leaves)
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)  # what torch.enable_grad() does, without its Python wrapper
         try:
@@ -313,7 +332,7 @@ def value_and_grad(
                     loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
             target = frame.scale_loss(loss) if frame is not None else loss
             if shared is not None:
-                _backward(target, frame.backward_seed(target), inputs, accumulate=True)
+                _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
                 grads = frame.end_call()
             else:
                 grads = _backward(target, None, inputs, accumulate=False)
@@ -327,10 +346,13 @@ def value_and_grad(
             frame.unscale_(grads)
             if accumulating:
                 frame.record(sources, grads)
-        out_grads, start = [], 0
-        for leaves, treedef in flat:
-            out_grads.append(_tree.tree_unflatten(treedef, grads[start : start + len(leaves)]))
-            start += len(leaves)
+        if len(flat) == 1:
+            out_grads = [_tree.tree_unflatten(flat[0][1], grads)]
+        else:
+            out_grads, start = [], 0
+            for leaves, treedef in flat:
+                out_grads.append(_tree.tree_unflatten(treedef, grads[start : start + len(leaves)]))
+                start += len(leaves)
         g = out_grads[0] if isinstance(argnums, int) else tuple(out_grads)
         value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
         if frame is not None:
@@ -413,13 +435,15 @@ def train_step(module: nn.Module, loss_fn: Callable[[Callable[..., Any], Batch],
         (1, ['loss'])
     """
 
-    def step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
-        def loss_of(params: Params) -> tuple[torch.Tensor, tuple[Buffers, dict[str, Any]]]:
-            model = _BoundModel(module, params, state.buffers, state.rng, train=True)
-            loss, metrics = _loss_and_metrics(loss_fn(model, batch))
-            return loss, (model.buffers, metrics)
+    def loss_of(params: Params, state: Any, batch: Batch) -> tuple[torch.Tensor, tuple[Buffers, dict[str, Any]]]:
+        model = _BoundModel(module, params, state.buffers, state.rng, train=True)
+        loss, metrics = _loss_and_metrics(loss_fn(model, batch))
+        return loss, (model.buffers, metrics)
 
-        (loss, (buffers, metrics)), grads = value_and_grad(loss_of, has_aux=True)(state.params)
+    grad_fn = value_and_grad(loss_of, has_aux=True)  # built once, not per step: state and batch are arguments
+
+    def step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
+        (loss, (buffers, metrics)), grads = grad_fn(state.params, state, batch)
         return state.apply_gradients(grads, buffers=buffers), {"loss": loss, **metrics}
 
     return step

@@ -56,8 +56,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _srl(x, 31)
 
 
+def _counter_mix(d: int) -> int:
+    return _mix_int(d * _GOLDEN + _SALT)
+
+
+# _counter_mix of the small counters (micro-batch indices, ranks, split positions), computed once: it
+# is half of the work of every eager fold_in and split.
+_COUNTERS = tuple(_counter_mix(d) for d in range(256))
+
+
 def _combine_int(k: int, d: int) -> int:
-    return _mix_int(k ^ _mix_int(d * _GOLDEN + _SALT))
+    return _mix_int(k ^ (_COUNTERS[d] if 0 <= d < 256 else _counter_mix(d)))
 
 
 def _combine(k: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -131,6 +140,14 @@ def fold_in(k: torch.Tensor, data: int) -> torch.Tensor:
     return _combine(k, torch.as_tensor(data, dtype=torch.int64, device=k.device))
 
 
+def _fold_in_range(k: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``[fold_in(k, i) for i in range(n)]`` (accumulate's micro-batch keys), reading an eager key once."""
+    if _eager(k):
+        base = int(k)
+        return [_new(_combine_int(base, i)) for i in range(n)]
+    return [fold_in(k, i) for i in range(n)]
+
+
 def next_key(k: torch.Tensor) -> torch.Tensor:
     """The key that follows ``k`` (what ``TrainState.apply_gradients`` moves the state's key to).
 
@@ -174,26 +191,36 @@ class seeded:
         self.key, self.device, self.saved = k, device, None
 
     def __enter__(self) -> None:
-        k = self.key
-        if k is None or _is_traced(k):
-            return
-        if k.dim() != 0:
-            raise ValueError(
-                f"fnlit.random.seeded expected a single key (a 0-d tensor), got shape {tuple(k.shape)} instead; "
-                "index or split it first."
-            )
-        seed = int(k) & _MASK64  # a read of host memory: keys live on the CPU, so this never waits for a GPU
-        saved = [(torch.default_generator, torch.default_generator.get_state())]
-        if self.device is not None and self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            gen = torch.cuda.default_generators[index]
-            saved.append((gen, gen.get_state()))
-        for gen, _ in saved:
-            gen.manual_seed(seed)
-        self.saved = saved
+        self.saved = None if self.key is None else _seed(self.key, self.device)
 
     def __exit__(self, *exc: object) -> None:
-        if self.saved is not None:
-            for gen, state in self.saved:
-                gen.set_state(state)
-            self.saved = None
+        saved, self.saved = self.saved, None
+        _restore(saved)
+
+
+# seeded's two halves, also called directly by fnlit.apply on every forward pass (without the object).
+def _seed(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Generator, torch.Tensor]] | None:
+    """Seeds the generators from ``k``; returns their previous states, or None when traced."""
+    if _is_traced(k):
+        return None
+    if k.dim() != 0:
+        raise ValueError(
+            f"fnlit.random.seeded expected a single key (a 0-d tensor), got shape {tuple(k.shape)} instead; "
+            "index or split it first."
+        )
+    seed = int(k) & _MASK64  # a read of host memory: keys live on the CPU, so this never waits for a GPU
+    cpu = torch.default_generator
+    saved = [(cpu, cpu.get_state())]
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[index]
+        saved.append((gen, gen.get_state()))
+    for gen, _ in saved:
+        gen.manual_seed(seed)
+    return saved
+
+
+def _restore(saved: list[tuple[torch.Generator, torch.Tensor]] | None) -> None:
+    if saved is not None:
+        for gen, state in saved:
+            gen.set_state(state)

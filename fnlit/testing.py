@@ -261,9 +261,10 @@ class HostSyncError(AssertionError):
 _ALLOWED = frozenset(
     f.__code__
     for f in (
-        _random.seeded.__enter__,
+        _random._seed,
         _random.split,
         _random.fold_in,
+        _random._fold_in_range,
         _random.next_key,
         _alias._decay_factor,
         _alias._kernel_lr,

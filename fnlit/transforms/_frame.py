@@ -11,6 +11,7 @@ loss-scale update -- so the nesting order of the transforms cannot change the re
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -229,7 +230,7 @@ class Frame:
         if self.accum_k > 1:
             fast, self.fast_grads = self.fast_grads, None
             if fast is not None:  # autograd already added them into the accumulator
-                if len(fast) != len(leaves) or any(a is not b for a, b in zip(fast, leaves)):
+                if len(fast) != len(leaves) or not all(map(operator.is_, fast, leaves)):
                     if self.micro == 0:
                         raise Mispredicted
                     raise ValueError(_CHANGED_GRADS.format(call=self.fast_call + 1, micro=self.micro))

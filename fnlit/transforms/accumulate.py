@@ -118,9 +118,9 @@ def accumulate(step: StepFn, k: int) -> StepFn:
             traced = torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
             f.hint = -1 if traced else guess["hint"]  # traced steps take functorch's path: no in-place calls
             new, all_metrics = state, []
-            for i, micro in enumerate(micro_batches):
+            keys = _random._fold_in_range(state.rng, k)  # fold_in(state.rng, i) for each micro-batch
+            for i, (micro, key) in enumerate(zip(micro_batches, keys)):
                 f.start_micro(i)
-                key = _random.fold_in(state.rng, i)
                 if i or f.hint < 0:
                     new, metrics = step(new.replace(rng=key), micro)
                 else:
