@@ -141,9 +141,7 @@ class Frame:
         if self.fast_grads is not None:  # this micro-batch's in-place call has run
             return None
         if self.micro == 0:
-            if index != self.hint or self.scaler is not None or self.shard_group is not None:
-                return None
-            if any(type(t) is not torch.Tensor for t in sources):
+            if index != self.hint or not self._in_place_ok(sources):
                 return None
             self.fast_call, self.fast_sources = index, sources
             self.leaves = [t.detach().requires_grad_() for t in sources]
@@ -193,14 +191,18 @@ class Frame:
         if self.micro == 0 and self.accum_k > 1:
             self.seen.append((sources, grads))
 
+    def _in_place_ok(self, sources: list[Any]) -> bool:
+        """Whether a call on ``sources`` may add into the accumulator in place: plain tensors, and no loss
+        scaling (gradients are unscaled per micro-batch) or sharding (they arrive reduce-scattered)."""
+        return self.scaler is None and self.shard_group is None and all(type(t) is torch.Tensor for t in sources)
+
     def _plan(self, applied: list[torch.Tensor]) -> bool:
         """Micro-batch 0's update: picks the call whose fresh gradients these are; True if one is."""
         seen, self.seen = self.seen, []
         for i, (sources, grads) in enumerate(seen):
             if len(grads) == len(applied) and all(a is b for a, b in zip(grads, applied)):
-                if self.scaler is None and self.shard_group is None and all(
-                    type(s) is torch.Tensor and s.shape == g.shape and s.dtype == g.dtype and s.device == g.device
-                    for s, g in zip(sources, grads)
+                if self._in_place_ok(sources) and all(
+                    s.shape == g.shape and s.dtype == g.dtype and s.device == g.device for s, g in zip(sources, grads)
                 ):
                     self.fast_call, self.fast_sources = i, sources
                 return True
