@@ -267,6 +267,7 @@ _ALLOWED = frozenset(
         _random._fold_in_range,
         _random.next_key,
         _alias._decay_factor,
+        _alias._kernel_decay,
         _alias._kernel_lr,
         _privacy._noise_generator,
         _ensemble._fold_keys,

@@ -123,6 +123,27 @@ def test_masked_weight_decay_matches_torch_param_groups():
         _close(_run_fnlit(fo.adamw(1e-2, weight_decay=0.1, mask=mask), params, seq)[0], ref)
 
 
+def test_adamw_is_bitwise_torch_fused_adamw_on_cpu():
+    # lr and weight decay exactly representable in float32, so fnlit's float32 hyperparameters equal
+    # torch's Python floats: the eager path (decay inside the fused kernel) must then give the same bits.
+    params, seq = _params(), _grads(_params(), steps=30)
+
+    def make_opt(ps):
+        decay = [p for k, p in ps.items() if not k.endswith("bias")]
+        no_decay = [p for k, p in ps.items() if k.endswith("bias")]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=2**-7, weight_decay=0.125, fused=True)
+
+    ref = _run_torch(make_opt, params, seq)
+    new, _ = _run_fnlit(fo.adamw(2**-7, weight_decay=0.125, mask=fo.decay_mask), params, seq)
+    for k in ref:
+        assert torch.equal(new[k], ref[k]), k
+    unmasked = _run_torch(lambda ps: torch.optim.AdamW(ps.values(), lr=2**-7, weight_decay=0.125, fused=True), params, seq)
+    new, _ = _run_fnlit(fo.adamw(2**-7, weight_decay=0.125), params, seq)
+    for k in unmasked:
+        assert torch.equal(new[k], unmasked[k]), k
+
+
 def test_schedule_lr_matches_torch_lambdalr():
     params, seq = _params(), _grads(_params())
     sched = fo.warmup_cosine(1e-2, warmup_steps=10, decay_steps=80, end_value=1e-4)

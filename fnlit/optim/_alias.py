@@ -61,14 +61,14 @@ class AdamState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]
 
 
-def _groups(leaves: Leaves) -> list[list[int]]:
-    """Indices of leaves sharing a device and dtype (fused kernels take one of each)."""
-    first = leaves[0]
-    if all(t.device == first.device and t.dtype == first.dtype for t in leaves):
+def _groups(leaves: Leaves, flags: Sequence[bool] | None = None) -> list[list[int]]:
+    """Indices of leaves sharing a device and dtype (fused kernels take one of each), and ``flags[i]``."""
+    device, dtype = leaves[0].device, leaves[0].dtype
+    if all(t.device == device and t.dtype is dtype for t in leaves) and (flags is None or all(flags)):
         return [list(range(len(leaves)))]
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
     for i, t in enumerate(leaves):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+        groups.setdefault((t.device, t.dtype, flags is None or flags[i]), []).append(i)
     return list(groups.values())
 
 
@@ -86,6 +86,17 @@ def _decay_factor(lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor | float:
 def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
     """The fused kernels take a float or a tensor lr; on the CPU the float skips a tensor read per call."""
     return float(lr) if device.type == "cpu" and lr.device.type == "cpu" else lr.to(device)
+
+
+def _kernel_decay(lr: torch.Tensor, wd: torch.Tensor, device: torch.device) -> float | None:
+    """AdamW's decay as the fused kernel's float ``weight_decay``, where that reads host memory (CPU), else None.
+
+    The CPU kernel multiplies by ``1 - lr * weight_decay`` computed in float64 from the same floats
+    :func:`_decay_factor` uses: the same bits as a separate multiply, without its pass over the params.
+    """
+    if device.type == "cpu" and lr.device.type == "cpu" and wd.device.type == "cpu":
+        return float(wd)
+    return None
 
 
 def _optimizer(
@@ -263,18 +274,23 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
             mu, nu = own(bufs[0]), own(bufs[1])
-            if wd is not None and decoupled:  # torch.optim.AdamW's order: decay the params, then the Adam step
+            # AdamW on the CPU: the kernel decays the params itself (torch.optim.AdamW's order, decay then
+            # the Adam step, in the same pass); elsewhere they are decayed while being copied.
+            in_kernel = _kernel_decay(lr, wd, p[0].device) if wd is not None and decoupled else None
+            flags = decay(p, params) if in_kernel is not None else None
+            if wd is not None and decoupled and in_kernel is None:
                 new_p = own_scaled(p, decay(p, params), _decay_factor(lr, wd))
             else:
                 new_p = own(p)
             if wd is not None and not decoupled:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
             steps = count.to(torch.float32)  # the kernel only reads it
-            for idx in _groups(p):
+            for idx in _groups(p, flags):
                 pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
                 dev = p[idx[0]].device
                 kernel(pick(new_p), pick(g), pick(mu), pick(nu), [], [steps.to(dev)] * len(idx),
-                       lr=_kernel_lr(lr, dev), beta1=b1, beta2=b2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+                       lr=_kernel_lr(lr, dev), beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False,
+                       weight_decay=in_kernel if flags is not None and flags[idx[0]] else 0.0)
         return new_p, [mu, nu]
 
     return _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional)
