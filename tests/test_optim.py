@@ -7,6 +7,8 @@ each parameter (``_close``); elementwise checks use rtol=1e-5, atol=1e-7.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -331,3 +333,65 @@ def test_non_contiguous_gradients_and_params_match_contiguous(make):
     got, _ = fo.step(tx, {"w": g}, tx.init({"w": p}), {"w": p})
     want, _ = fo.step(tx, {"w": g.contiguous()}, tx.init(ref_params), ref_params)
     torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=0)
+
+
+# -- the recycler: a pure eager update reuses the memory of its own dead outputs (CPU, >= 1 MiB) ---------
+def _big(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(512, 640, generator=g), "b": torch.randn(640, generator=g)}  # w: 1.25 MiB
+
+
+def _repeats(refs) -> bool:
+    alive = [r() for r in refs if r() is not None]
+    return any(a is b for i, a in enumerate(alive) for b in alive[i + 1 :])
+
+
+def _recycling_run(tx, steps, keep):
+    params = _big()
+    seq = _grads(params, steps=steps)
+    state, kept, storages = tx.init(params), [], []
+    for grads in seq:
+        params, state = fo.step(tx, grads, state, params)
+        # Weak references to the storage objects, not addresses (malloc may hand a freed block back); a
+        # strong reference would keep the memory in use.
+        storages.append(weakref.ref(params["w"].untyped_storage()))
+        if keep:
+            kept.append((params, state, tree_map(torch.clone, (params, state))))
+    return params, state, kept, storages
+
+
+@pytest.mark.parametrize("make", [lambda: fo.adamw(1e-2, weight_decay=0.1), lambda: fo.sgd(1e-2, momentum=0.9)])
+def test_dropped_states_memory_is_reused_with_the_same_results(make, monkeypatch):
+    reused, state, _, storages = _recycling_run(make(), 8, keep=False)
+    assert _repeats(storages)  # an old state's memory came back
+    monkeypatch.setattr(fo._base.Recycler, "MIN_BYTES", 1 << 60)  # the reference: every output fresh
+    fresh, ref_state, _, fresh_storages = _recycling_run(make(), 8, keep=False)
+    assert not _repeats(fresh_storages)
+    for a, b in zip((reused, state), (fresh, ref_state)):
+        tree_map(lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0), a, b)
+
+
+def test_recycling_never_writes_a_state_that_is_still_referenced():
+    tx = fo.adamw(1e-2, weight_decay=0.1)
+    _, _, kept, storages = _recycling_run(tx, 6, keep=True)
+    assert not _repeats(storages)  # every state alive: nothing reused
+    for params, state, snapshot in kept:
+        tree_map(lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0), (params, state), snapshot)
+
+
+def test_a_view_numpy_array_or_storage_of_an_old_state_keeps_its_memory():
+    tx = fo.adamw(1e-2)
+    params = _big()
+    seq = _grads(params, steps=8)
+    state = tx.init(params)
+    params, state = fo.step(tx, seq[0], state, params)
+    row, expected_row = params["w"][3], params["w"][3].clone()  # a view: the rest of the state is dropped
+    params, state = fo.step(tx, seq[1], state, params)
+    arr, expected_arr = state.mu["w"].numpy(), state.mu["w"].clone()
+    params, state = fo.step(tx, seq[2], state, params)
+    storage, expected_storage = state.nu["w"].untyped_storage(), state.nu["w"].clone()
+    for grads in seq[3:]:
+        params, state = fo.step(tx, grads, state, params)
+    assert torch.equal(row, expected_row)
+    assert torch.equal(torch.from_numpy(arr), expected_arr)
+    assert torch.equal(torch.tensor([], dtype=torch.float32).set_(storage).view(512, 640), expected_storage)

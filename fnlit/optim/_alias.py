@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import tree_flatten, tree_map, tree_unflatten
-from ._base import GradientTransformation, Mask, PyTree, _raise_mismatch, own, own_scaled, resolve_mask, use_functional
+from ._base import (
+    GradientTransformation, Mask, PyTree, Recycler, _raise_mismatch, own, own_scaled, resolve_mask, use_functional,
+)
 from ._transforms import check_arg, check_beta, check_nonneg, device_of, scalar, zero_count
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -217,14 +219,16 @@ def sgd(
         d = [x + momentum * b for x, b in zip(g, buf)] if nesterov else buf
         return [q - lr * x for q, x in zip(p, d)], [buf]
 
+    recycler = Recycler()
+
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
             if wd is not None:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
-            new_p = own(p)
             # Buffers start at zero: momentum * 0 + g == g, torch's first step, so no special case.
-            new_b = own(bufs[0]) if momentum else []
+            out = recycler.copies([*p, *bufs[0]] if momentum else p)
+            new_p, new_b = out[: len(p)], out[len(p) :]
             for idx in _groups(p):
                 torch._fused_sgd_(
                     [new_p[i] for i in idx], [g[i] for i in idx], [new_b[i] for i in idx] if momentum else [],
@@ -248,6 +252,7 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     check_nonneg(name, "weight_decay", weight_decay)
     cache: dict[Any, list[bool]] = {}
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    recycler = Recycler()
 
     def decay(p: Leaves, params: PyTree) -> list[bool]:
         return [True] * len(p) if mask is None else resolve_mask(mask, params, cache)
@@ -273,15 +278,17 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
-            mu, nu = own(bufs[0]), own(bufs[1])
             # AdamW on the CPU: the kernel decays the params itself (torch.optim.AdamW's order, decay then
             # the Adam step, in the same pass); elsewhere they are decayed while being copied.
             in_kernel = _kernel_decay(lr, wd, p[0].device) if wd is not None and decoupled else None
             flags = decay(p, params) if in_kernel is not None else None
             if wd is not None and decoupled and in_kernel is None:
+                mu, nu = own(bufs[0]), own(bufs[1])
                 new_p = own_scaled(p, decay(p, params), _decay_factor(lr, wd))
             else:
-                new_p = own(p)
+                n = len(p)
+                out = recycler.copies([*p, *bufs[0], *bufs[1]])
+                new_p, mu, nu = out[:n], out[n : 2 * n], out[2 * n :]
             if wd is not None and not decoupled:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
             steps = count.to(torch.float32)  # the kernel only reads it

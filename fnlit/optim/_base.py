@@ -10,6 +10,8 @@ new tensors and never writes into its inputs.
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -219,6 +221,91 @@ def own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if _DONATED[0]:
         return [t if t.is_contiguous() else t.contiguous() for t in tensors]
     return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it nothing is recycled
+
+
+def _spare(kept: Sequence[list[torch.UntypedStorage]]) -> dict[int, list[torch.UntypedStorage]]:
+    """The storages in ``kept`` that nothing else holds, by size.
+
+    That is: no tensor or view (the C++ use count is 1, our Python storage object), no other Python
+    reference to that object (a caller's ``tensor.untyped_storage()`` returns the same one), and not in
+    shared memory (another process could map it).
+    """
+    spare: dict[int, list[torch.UntypedStorage]] = {}
+    for group in kept:
+        for s in group:
+            # Both counts: with torch 2.14 either alone would do (a live tensor also holds a Python reference
+            # to the storage object), but that is an implementation detail.
+            if _use_count(s._cdata) == 1 and sys.getrefcount(s) == _REFS and not s.is_shared():
+                spare.setdefault(s.nbytes(), []).append(s)
+    return spare
+
+
+def _refs_when_unshared(kept: Sequence[list[Any]]) -> int:
+    for group in kept:  # the same loop as _spare's: the interpreter's own references are the same
+        for s in group:
+            return sys.getrefcount(s)
+    raise AssertionError("unreachable")
+
+
+_REFS = _refs_when_unshared([[object()]])
+
+
+class Recycler:
+    """Memory for an optimizer's new params and moments, taken from its own earlier outputs once they are dead.
+
+    A pure update writes fresh tensors. On the CPU, glibc gives large freed blocks back to the OS, so a
+    fresh block page-faults (and the kernel zeroes it) as the copy first writes it: copying the 22 MB of
+    a 1.9M-parameter AdamW state took 3.7 ms into fresh memory and 1.6 ms into reused memory. The
+    recycler keeps the storages it handed out in its last two calls -- the outputs of the last call
+    (the state being updated now) and of the call before (usually dropped by the caller since) -- and
+    reuses one for a new tensor of the same size only when nothing but the recycler holds it: no tensor,
+    view, numpy array or autograd graph (``torch._C._storage_Use_Count``), and not in shared memory (another
+    process could map it). A caller that keeps old states keeps their memory; they are never written.
+
+    Only CPU tensors of at least ``MIN_BYTES`` (smaller blocks come back warm from malloc's free lists); one
+    recycler per optimizer instance, so its memory goes when the optimizer does. While training it holds
+    one dead state's large tensors between steps, as glibc would if it kept them.
+    """
+
+    MIN_BYTES = 1 << 20
+    __slots__ = ("_kept", "_lock")
+
+    def __init__(self) -> None:
+        self._kept: tuple[list[torch.UntypedStorage], list[torch.UntypedStorage]] = ([], [])  # call before last, last
+        self._lock = threading.Lock()
+
+    def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:func:`own` for ``tensors``: contiguous copies (or, donated, the tensors themselves)."""
+        if _DONATED[0] or _use_count is None:
+            return own(tensors)
+        # Plain CPU tensors only: the CUDA caching allocator already reuses memory, and a DTensor (fnlit.shard)
+        # is copied as a DTensor.
+        big = [
+            type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() * t.element_size() >= self.MIN_BYTES
+            for t in tensors
+        ]
+        if not any(big):
+            return own(tensors)
+        with self._lock:
+            spare = _spare(self._kept)
+            out, handed = [], []
+            for t, b in zip(tensors, big):
+                if not b:
+                    out.append(t.clone(memory_format=torch.contiguous_format))
+                    continue
+                free = spare.get(t.numel() * t.element_size())
+                new = (
+                    torch.empty(0, dtype=t.dtype).set_(free.pop(), 0, t.shape)
+                    if free
+                    else torch.empty(t.shape, dtype=t.dtype)
+                )
+                out.append(new.copy_(t))
+                handed.append(new.untyped_storage())
+            self._kept = (self._kept[1], handed)  # spares not taken are released
+        return out
 
 
 def own_scaled(tensors: Sequence[torch.Tensor], chosen: Sequence[bool], factor: float | torch.Tensor) -> list[torch.Tensor]:
