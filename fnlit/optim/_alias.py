@@ -5,6 +5,7 @@ Each has two implementations of the same math, picked per call by :func:`use_fun
 * eager (fused): clone params and moment buffers (the clones become the new state, so inputs are never
   written) and run torch's fused multi-tensor kernel in place on the clones. Allocating fresh tensors
   op by op was 1.2-5x slower than ``torch.optim.AdamW(foreach=True)``; clone + fused kernel is faster.
+  Large CPU clones reuse the memory of the optimizer's own dead outputs (:class:`._base.Recycler`).
 * functional: plain per-leaf torch ops, for ``torch.compile`` (inductor fuses them) and ``torch.func``
   transforms (``vmap`` over ensembles), where in-place fused kernels cannot run.
 
