@@ -66,8 +66,13 @@ class AdamState(NamedTuple):
 
 def _groups(leaves: Leaves, flags: Sequence[bool] | None = None) -> list[list[int]]:
     """Indices of leaves sharing a device and dtype (fused kernels take one of each), and ``flags[i]``."""
-    device, dtype = leaves[0].device, leaves[0].dtype
-    if all(t.device == device and t.dtype is dtype for t in leaves) and (flags is None or all(flags)):
+    first, dtype = leaves[0], leaves[0].dtype
+    if first.is_cpu:  # is_cpu is a flag read; .device builds an object per call
+        same = all(t.is_cpu and t.dtype is dtype for t in leaves)
+    else:
+        device = first.device
+        same = all(t.device == device and t.dtype is dtype for t in leaves)
+    if same and (flags is None or all(flags)):
         return [list(range(len(leaves)))]
     groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
     for i, t in enumerate(leaves):
@@ -88,16 +93,16 @@ def _decay_factor(lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor | float:
 
 def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
     """The fused kernels take a float or a tensor lr; on the CPU the float skips a tensor read per call."""
-    return float(lr) if device.type == "cpu" and lr.device.type == "cpu" else lr.to(device)
+    return float(lr) if device.type == "cpu" and lr.is_cpu else lr.to(device)
 
 
-def _kernel_decay(lr: torch.Tensor, wd: torch.Tensor, device: torch.device) -> float | None:
+def _kernel_decay(lr: torch.Tensor, wd: torch.Tensor, param: torch.Tensor) -> float | None:
     """AdamW's decay as the fused kernel's float ``weight_decay``, where that reads host memory (CPU), else None.
 
     The CPU kernel multiplies by ``1 - lr * weight_decay`` computed in float64 from the same floats
     :func:`_decay_factor` uses: the same bits as a separate multiply, without its pass over the params.
     """
-    if device.type == "cpu" and lr.device.type == "cpu" and wd.device.type == "cpu":
+    if param.is_cpu and lr.is_cpu and wd.is_cpu:
         return float(wd)
     return None
 
@@ -281,20 +286,20 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
         with torch.no_grad():
             # AdamW on the CPU: the kernel decays the params itself (torch.optim.AdamW's order, decay then
             # the Adam step, in the same pass); elsewhere they are decayed while being copied.
-            in_kernel = _kernel_decay(lr, wd, p[0].device) if wd is not None and decoupled else None
+            in_kernel = _kernel_decay(lr, wd, p[0]) if wd is not None and decoupled else None
             flags = decay(p, params) if in_kernel is not None else None
+            n = len(p)
             if wd is not None and decoupled and in_kernel is None:
                 mu, nu = own(bufs[0]), own(bufs[1])
                 new_p = own_scaled(p, decay(p, params), _decay_factor(lr, wd))
             else:
-                n = len(p)
                 out = recycler.copies([*p, *bufs[0], *bufs[1]])
                 new_p, mu, nu = out[:n], out[n : 2 * n], out[2 * n :]
             if wd is not None and not decoupled:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
             steps = count.to(torch.float32)  # the kernel only reads it
             for idx in _groups(p, flags):
-                pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+                pick = (lambda xs: xs) if len(idx) == n else (lambda xs: [xs[i] for i in idx])  # noqa: E731
                 dev = p[idx[0]].device
                 kernel(pick(new_p), pick(g), pick(mu), pick(nu), [], [steps.to(dev)] * len(idx),
                        lr=_kernel_lr(lr, dev), beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False,
