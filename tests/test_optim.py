@@ -146,6 +146,28 @@ def test_adamw_is_bitwise_torch_fused_adamw_on_cpu():
         assert torch.equal(new[k], unmasked[k]), k
 
 
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (lambda: fo.adam(2**-7, weight_decay=0.125), lambda ps: torch.optim.Adam(ps, lr=2**-7, weight_decay=0.125, fused=True)),
+        (lambda: fo.sgd(2**-7, momentum=0.875, weight_decay=0.125),
+         lambda ps: torch.optim.SGD(ps, lr=2**-7, momentum=0.875, weight_decay=0.125, fused=True)),
+        (lambda: fo.sgd(2**-7, momentum=0.875, nesterov=True, weight_decay=0.125),
+         lambda ps: torch.optim.SGD(ps, lr=2**-7, momentum=0.875, nesterov=True, weight_decay=0.125, fused=True)),
+        (lambda: fo.sgd(2**-7, weight_decay=0.125), lambda ps: torch.optim.SGD(ps, lr=2**-7, weight_decay=0.125, fused=True)),
+    ],
+)
+def test_l2_decay_is_bitwise_torch_fused_on_cpu_and_leaves_the_gradients_alone(ours, theirs):
+    params, seq = _params(), _grads(_params(), steps=30)
+    before = [tree_map(torch.clone, g) for g in seq]
+    ref = _run_torch(lambda ps: theirs(ps.values()), params, seq)
+    new, _ = _run_fnlit(ours(), params, seq)
+    for k in ref:
+        assert torch.equal(new[k], ref[k]), k
+    for g, g0 in zip(seq, before):  # the kernel adds wd * p to the gradient without writing it
+        assert all(torch.equal(g[k], g0[k]) for k in g)
+
+
 def test_schedule_lr_matches_torch_lambdalr():
     params, seq = _params(), _grads(_params())
     sched = fo.warmup_cosine(1e-2, warmup_steps=10, decay_steps=80, end_value=1e-4)

@@ -97,10 +97,11 @@ def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
 
 
 def _kernel_decay(lr: torch.Tensor, wd: torch.Tensor, param: torch.Tensor) -> float | None:
-    """AdamW's decay as the fused kernel's float ``weight_decay``, where that reads host memory (CPU), else None.
+    """The weight decay as the fused kernel's float ``weight_decay``, where that reads host memory (CPU), else None.
 
-    The CPU kernel multiplies by ``1 - lr * weight_decay`` computed in float64 from the same floats
+    AdamW's CPU kernel multiplies by ``1 - lr * weight_decay`` computed in float64 from the same floats
     :func:`_decay_factor` uses: the same bits as a separate multiply, without its pass over the params.
+    Adam's and SGD's add ``weight_decay * p`` to the gradient in float32, as the separate ``addcmul`` did.
     """
     if param.is_cpu and lr.is_cpu and wd.is_cpu:
         return float(wd)
@@ -230,7 +231,10 @@ def sgd(
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
-            if wd is not None:
+            # L2 decay: on the CPU the kernel adds wd * p to the gradient itself (the same bits as the separate
+            # addcmul; the gradients are not written), elsewhere a separate pass.
+            in_kernel = _kernel_decay(lr, wd, p[0]) if wd is not None else None
+            if wd is not None and in_kernel is None:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
             # Buffers start at zero: momentum * 0 + g == g, torch's first step, so no special case.
             out = recycler.copies([*p, *bufs[0]] if momentum else p)
@@ -238,8 +242,8 @@ def sgd(
             for idx in _groups(p):
                 torch._fused_sgd_(
                     [new_p[i] for i in idx], [g[i] for i in idx], [new_b[i] for i in idx] if momentum else [],
-                    weight_decay=0.0, momentum=momentum, lr=_kernel_lr(lr, p[idx[0]].device), dampening=0.0,
-                    nesterov=nesterov, maximize=False, is_first_step=False,
+                    weight_decay=in_kernel or 0.0, momentum=momentum, lr=_kernel_lr(lr, p[idx[0]].device),
+                    dampening=0.0, nesterov=nesterov, maximize=False, is_first_step=False,
                 )
         return new_p, [new_b] if momentum else []
 
@@ -284,10 +288,11 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         with torch.no_grad():
-            # AdamW on the CPU: the kernel decays the params itself (torch.optim.AdamW's order, decay then
-            # the Adam step, in the same pass); elsewhere they are decayed while being copied.
-            in_kernel = _kernel_decay(lr, wd, p[0]) if wd is not None and decoupled else None
-            flags = decay(p, params) if in_kernel is not None else None
+            # On the CPU the kernel applies the weight decay itself: AdamW's decays the params (torch.optim.AdamW's
+            # order, decay then the Adam step, in the same pass), Adam's L2 adds wd * p to the gradient (without
+            # writing the gradients). Elsewhere AdamW's params are decayed while being copied, and L2 is a pass.
+            in_kernel = _kernel_decay(lr, wd, p[0]) if wd is not None else None
+            flags = decay(p, params) if in_kernel is not None and decoupled else None
             n = len(p)
             if wd is not None and decoupled and in_kernel is None:
                 mu, nu = own(bufs[0]), own(bufs[1])
@@ -295,7 +300,7 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
             else:
                 out = recycler.copies([*p, *bufs[0], *bufs[1]])
                 new_p, mu, nu = out[:n], out[n : 2 * n], out[2 * n :]
-            if wd is not None and not decoupled:
+            if wd is not None and not decoupled and in_kernel is None:
                 g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
             steps = count.to(torch.float32)  # the kernel only reads it
             for idx in _groups(p, flags):
@@ -303,7 +308,7 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
                 dev = p[idx[0]].device
                 kernel(pick(new_p), pick(g), pick(mu), pick(nu), [], [steps.to(dev)] * len(idx),
                        lr=_kernel_lr(lr, dev), beta1=b1, beta2=b2, eps=eps, amsgrad=False, maximize=False,
-                       weight_decay=in_kernel if flags is not None and flags[idx[0]] else 0.0)
+                       weight_decay=0.0 if in_kernel is None or (flags is not None and not flags[idx[0]]) else in_kernel)
         return new_p, [mu, nu]
 
     return _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional)
