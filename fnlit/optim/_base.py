@@ -10,13 +10,13 @@ new tensors and never writes into its inputs.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
+from .. import _storage
 from ..tree import first_mismatch, tree_flatten, tree_map, tree_paths, tree_structure, tree_unflatten
 
 PyTree = Any
@@ -224,36 +224,6 @@ def own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone() if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format) for t in tensors]
 
 
-_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it nothing is recycled
-
-
-def _spare(kept: Sequence[list[torch.UntypedStorage]]) -> dict[int, list[torch.UntypedStorage]]:
-    """The storages in ``kept`` that nothing else holds, by size.
-
-    That is: no tensor or view (the C++ use count is 1, our Python storage object), no other Python
-    reference to that object (a caller's ``tensor.untyped_storage()`` returns the same one), and not in
-    shared memory (another process could map it).
-    """
-    spare: dict[int, list[torch.UntypedStorage]] = {}
-    for group in kept:
-        for s in group:
-            # Both counts: with torch 2.14 either alone would do (a live tensor also holds a Python reference
-            # to the storage object), but that is an implementation detail.
-            if _use_count(s._cdata) == 1 and sys.getrefcount(s) == _REFS and not s.is_shared():
-                spare.setdefault(s.nbytes(), []).append(s)
-    return spare
-
-
-def _refs_when_unshared(kept: Sequence[list[Any]]) -> int:
-    for group in kept:  # the same loop as _spare's: the interpreter's own references are the same
-        for s in group:
-            return sys.getrefcount(s)
-    raise AssertionError("unreachable")
-
-
-_REFS = _refs_when_unshared([[object()]])
-
-
 class Recycler:
     """Memory for an optimizer's new params and moments, taken from its own earlier outputs once they are dead.
 
@@ -262,9 +232,9 @@ class Recycler:
     a 1.9M-parameter AdamW state took 3.7 ms into fresh memory and 1.6 ms into reused memory. The
     recycler keeps the storages it handed out in its last two calls -- the outputs of the last call
     (the state being updated now) and of the call before (usually dropped by the caller since) -- and
-    reuses one for a new tensor of the same size only when nothing but the recycler holds it: no tensor,
-    view, numpy array or autograd graph (``torch._C._storage_Use_Count``), and not in shared memory (another
-    process could map it). A caller that keeps old states keeps their memory; they are never written.
+    reuses one for a new tensor of the same size only when nothing but the recycler holds it
+    (:func:`fnlit._storage.unheld`: no tensor, view, numpy array, autograd graph or storage object of it,
+    not in shared memory). A caller that keeps old states keeps their memory; they are never written.
 
     Only CPU tensors of at least ``MIN_BYTES`` (smaller blocks come back warm from malloc's free lists); one
     recycler per optimizer instance, so its memory goes when the optimizer does. While training it holds
@@ -280,7 +250,7 @@ class Recycler:
 
     def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """:func:`own` for ``tensors``: contiguous copies (or, donated, the tensors themselves)."""
-        if _DONATED[0] or _use_count is None:
+        if _DONATED[0] or not _storage.AVAILABLE:
             return own(tensors)
         # Plain CPU tensors only: the CUDA caching allocator already reuses memory, and a DTensor (fnlit.shard)
         # is copied as a DTensor.
@@ -288,7 +258,9 @@ class Recycler:
         if not any(big):
             return own(tensors)
         with self._lock:
-            spare = _spare(self._kept)
+            spare: dict[int, list[torch.UntypedStorage]] = {}  # by size
+            for s in _storage.unheld(self._kept):
+                spare.setdefault(s.nbytes(), []).append(s)
             out, handed = [], []
             for t, b in zip(tensors, big):
                 if not b:

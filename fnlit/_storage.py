@@ -1,0 +1,49 @@
+"""Whether the memory of a tensor storage may be written again: nothing but its keeper holds it.
+
+Used where fnlit reuses CPU memory instead of allocating afresh (a fresh large block page-faults as it
+is first written): the optimizers' recycled outputs and data_parallel's flat gradient buffers. Relies
+on the private ``torch._C._storage_Use_Count``; without it nothing is reused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import torch
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+AVAILABLE = _use_count is not None
+
+
+def unheld(groups: Iterable[Iterable[torch.UntypedStorage]]) -> list[torch.UntypedStorage]:
+    """The Python storage objects in ``groups`` whose memory nothing but their group holds.
+
+    Each object must be held by its group alone (a list): no other name for it when this is called.
+    Then nothing else holds the memory when no tensor or view uses it (the C++ use count is 1, the
+    storage object's own), no other Python reference to the object exists (a caller's
+    ``tensor.untyped_storage()`` returns this same object), and it is not in shared memory (another
+    process could map it). Both counts are read: with torch 2.14 a live tensor also holds a Python
+    reference to its storage object, so either alone would do, but that is an implementation detail.
+    """
+    if _use_count is None:
+        return []
+    free = []
+    for group in groups:
+        for s in group:  # the loop _calibrate mirrors: a reference count is only comparable within one shape
+            if _use_count(s._cdata) == 1 and sys.getrefcount(s) == _REFS and not s.is_shared():
+                free.append(s)
+    return free
+
+
+def _calibrate(groups: Iterable[Iterable[object]]) -> int:
+    for group in groups:
+        for s in group:
+            return sys.getrefcount(s)
+    raise AssertionError("unreachable")
+
+
+# What sys.getrefcount reports in unheld's loop for an object its group alone holds (the interpreter's
+# own references differ between Python versions). Not through a function argument: once torch.compile
+# has run, dynamo's frame evaluation holds one more reference to a called function's arguments.
+_REFS = _calibrate([[object()]])
