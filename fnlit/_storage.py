@@ -44,6 +44,7 @@ def _calibrate(groups: Iterable[Iterable[object]]) -> int:
 
 
 # What sys.getrefcount reports in unheld's loop for an object its group alone holds (the interpreter's
-# own references differ between Python versions). Not through a function argument: once torch.compile
-# has run, dynamo's frame evaluation holds one more reference to a called function's arguments.
+# own references differ between Python versions). Not through a function argument: after some failed
+# torch.compile captures (seen in this project's tests, torch 2.14), a call passes its arguments with one
+# more reference than before.
 _REFS = _calibrate([[object()]])
