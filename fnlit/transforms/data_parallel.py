@@ -47,17 +47,23 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
 # keeps its buckets). A fresh buffer page-faults as the all-reduce writes into it (glibc hands big blocks
 # back to the OS): on 2 gloo ranks a 7.4 MB all-reduce took 6.8 ms into a fresh buffer, 4.9 ms into a
 # reused one.
-_BUFFERS: dict[tuple[int, torch.dtype, int], list[torch.UntypedStorage]] = {}  # one storage per layout
+# The same tensor object is handed out each time. Handing out a new tensor on the kept storage instead (and
+# checking it with fnlit._storage.unheld) left the storage looking held after some all-reduces -- the
+# reuse test failed in 4 of 12 runs, likely gloo releasing its tensor reference late -- whereas a lingering
+# reference to the same tensor does not count here.
+_BUFFERS: dict[tuple[int, torch.dtype, torch.device, int], torch.Tensor] = {}
 
 
 def _flat_buffer(slot: int, like: torch.Tensor, numel: int, reuse: bool) -> torch.Tensor:
-    if not (reuse and like.is_cpu and _storage.AVAILABLE):
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
-    key = (slot, like.dtype, numel)
-    free = _storage.unheld([_BUFFERS[key]]) if key in _BUFFERS else []
-    if not free:  # the first call, or a result of an earlier one is still alive: a new buffer
-        free = _BUFFERS[key] = [torch.empty(numel, dtype=like.dtype).untyped_storage()]
-    return torch.empty(0, dtype=like.dtype).set_(free[0], 0, (numel,))
+    key = (slot, like.dtype, like.device, numel)
+    buf = _BUFFERS.get(key) if reuse and like.device.type == "cpu" and _storage.AVAILABLE else None
+    # 2 references: the buffer's own and the temporary storage object; any more is a live view of it.
+    if buf is not None and _storage._use_count(buf.untyped_storage()._cdata) == 2:
+        return buf
+    buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+    if reuse and like.device.type == "cpu":
+        _BUFFERS[key] = buf
+    return buf
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_bytes: int = 0, reuse: bool = False) -> list[torch.Tensor]:
