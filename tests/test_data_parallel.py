@@ -84,3 +84,19 @@ def test_wrap_builds_the_requested_nesting():
     model, state = make_state()
     step = wrap(hand_step(model), ("amp", "accumulate", "data_parallel"))
     assert step.__name__ == "amp_step" and step.__wrapped__.__name__ == "accumulate_step"
+
+
+def test_kept_gradient_buffers_are_bounded_and_the_latest_layout_stays(monkeypatch):
+    import importlib
+
+    dp = importlib.import_module("fnlit.transforms.data_parallel")  # the module, not the function it exports
+
+    monkeypatch.setattr(dp, "_BUFFERS", {})
+    like = torch.zeros(1)
+    first = dp._flat_buffer(0, like, 5, reuse=True)
+    for n in range(10, 10 + 2 * dp._MAX_BUFFERS):  # a sweep: one layout after another
+        dp._flat_buffer(0, like, n, reuse=True)
+        assert dp._flat_buffer(0, like, 5, reuse=True) is first  # in use every other call: never dropped
+    assert len(dp._BUFFERS) == dp._MAX_BUFFERS
+    oldest = (0, like.dtype, like.device, 10)
+    assert oldest not in dp._BUFFERS  # the least recently used layouts went first

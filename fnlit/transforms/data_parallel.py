@@ -51,18 +51,22 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
 # checking it with fnlit._storage.unheld) left the storage looking held after some all-reduces -- the
 # reuse test failed in 4 of 12 runs, likely gloo releasing its tensor reference late -- whereas a lingering
 # reference to the same tensor does not count here.
+# At most _MAX_BUFFERS layouts are kept, the least recently used dropped first: a process that trains many
+# models in turn (a sweep) does not keep a buffer for each.
 _BUFFERS: dict[tuple[int, torch.dtype, torch.device, int], torch.Tensor] = {}
+_MAX_BUFFERS = 8
 
 
 def _flat_buffer(slot: int, like: torch.Tensor, numel: int, reuse: bool) -> torch.Tensor:
     key = (slot, like.dtype, like.device, numel)
-    buf = _BUFFERS.get(key) if reuse and like.device.type == "cpu" and _storage.AVAILABLE else None
+    buf = _BUFFERS.pop(key, None) if reuse and like.device.type == "cpu" and _storage.AVAILABLE else None
     # 2 references: the buffer's own and the temporary storage object; any more is a live view of it.
-    if buf is not None and _storage._use_count(buf.untyped_storage()._cdata) == 2:
-        return buf
-    buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+    if buf is None or _storage._use_count(buf.untyped_storage()._cdata) != 2:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
     if reuse and like.device.type == "cpu":
-        _BUFFERS[key] = buf
+        _BUFFERS[key] = buf  # (re)inserted last: the dict's order is the order of use
+        if len(_BUFFERS) > _MAX_BUFFERS:
+            del _BUFFERS[next(iter(_BUFFERS))]
     return buf
 
 
