@@ -27,13 +27,16 @@ _USED = (
 class Donated:
     """Stands in for each field of a donated TrainState; any use of it raises a RuntimeError."""
 
-    __slots__ = ("_message",)
+    __slots__ = ("_field", "_how")
 
     def __init__(self, field: str, how: str) -> None:
-        object.__setattr__(self, "_message", _USED.format(field=field, how=how))
+        # The message is formatted when raised, not here: every donated step poisons a state.
+        object.__setattr__(self, "_field", field)
+        object.__setattr__(self, "_how", how)
 
     def _raise(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise RuntimeError(object.__getattribute__(self, "_message"))
+        get = object.__getattribute__
+        raise RuntimeError(_USED.format(field=get(self, "_field"), how=get(self, "_how")))
 
     def __getattr__(self, name: str) -> NoReturn:
         self._raise()
