@@ -315,13 +315,8 @@ def value_and_grad(
         shared = frame.begin_call(sources) if accumulating else None
         inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
         new_args = list(args)
-        if len(flat) == 1:  # the usual case, without slicing
-            new_args[nums[0]] = _tree.tree_unflatten(flat[0][1], inputs)
-        else:
-            start = 0
-            for i, (leaves, treedef) in zip(nums, flat):
-                new_args[i] = _tree.tree_unflatten(treedef, inputs[start : start + len(leaves)])
-                start += len(leaves)
+        for i, tree in zip(nums, _regroup(flat, inputs)):
+            new_args[i] = tree
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)  # what torch.enable_grad() does, without its Python wrapper
         try:
@@ -346,13 +341,7 @@ def value_and_grad(
             frame.unscale_(grads)
             if accumulating:
                 frame.record(sources, grads)
-        if len(flat) == 1:
-            out_grads = [_tree.tree_unflatten(flat[0][1], grads)]
-        else:
-            out_grads, start = [], 0
-            for leaves, treedef in flat:
-                out_grads.append(_tree.tree_unflatten(treedef, grads[start : start + len(leaves)]))
-                start += len(leaves)
+        out_grads = _regroup(flat, grads)
         g = out_grads[0] if isinstance(argnums, int) else tuple(out_grads)
         value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
         if frame is not None:
@@ -360,6 +349,17 @@ def value_and_grad(
         return value, g
 
     return wrapped
+
+
+def _regroup(flat: list[tuple[list[Any], Any]], leaves: list[Any]) -> list[Any]:
+    """``leaves`` (all arguments' leaves, in order) rebuilt into one tree per ``(leaves, treedef)`` of ``flat``."""
+    if len(flat) == 1:  # the usual case, without slicing
+        return [_tree.tree_unflatten(flat[0][1], leaves)]
+    out, start = [], 0
+    for own_leaves, treedef in flat:
+        out.append(_tree.tree_unflatten(treedef, leaves[start : start + len(own_leaves)]))
+        start += len(own_leaves)
+    return out
 
 
 def _device_type(tree: Any) -> str:
