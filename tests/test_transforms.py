@@ -128,13 +128,23 @@ def _saliency_after(model, state, b):
     return state.apply_gradients(g), {"loss": loss, "saliency": gx.abs().sum(), "reg_norm": reg_norm}
 
 
+def _clamped_in_place(model, state, b):  # hand clipping, elementwise, on value_and_grad's own tensors
+    x, y = b
+    loss, g = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+    for t in g.values():
+        t.clamp_(-0.01, 0.01)
+    return state.apply_gradients(g), {"loss": loss}
+
+
 def _params_and_inputs(model, state, b):
     x, y = b
     loss, (g, gx) = fnlit.value_and_grad(lambda p, xx: _loss_of(model, state, xx, y)(p), argnums=(0, 1))(state.params, x)
     return state.apply_gradients(g), {"loss": loss, "saliency": gx.abs().sum()}
 
 
-@pytest.mark.parametrize("kind", [_doubling, _sam, _two_losses, _saliency_first, _saliency_after, _params_and_inputs])
+@pytest.mark.parametrize(
+    "kind", [_doubling, _sam, _two_losses, _saliency_first, _saliency_after, _params_and_inputs, _clamped_in_place]
+)
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_accumulate_applies_the_mean_of_what_each_micro_batch_applies(kind, k):
     """Reference: each micro-batch stepped alone from the same state; with sgd(lr=1) the mean of their
@@ -195,6 +205,25 @@ def test_accumulate_rejects_a_step_that_changes_what_it_applies_between_micro_ba
 
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(ValueError, match=r"value_and_grad call #1 unchanged.*micro-batch 1 applied other tensors.*optimizer"):
+        fnlit.accumulate(fickle, 2)(state, batch())
+
+
+def test_accumulate_rejects_gradients_changed_in_place_in_a_later_micro_batch_only():
+    """Micro-batch 0 applies value_and_grad's tensors unchanged (so they become the accumulator); a later
+    micro-batch scales them in place, which would scale the earlier micro-batches' share too."""
+    model = mlp()
+    seen = []
+
+    def fickle(state, b):
+        x, y = b
+        loss, grads = fnlit.value_and_grad(_loss_of(model, state, x, y))(state.params)
+        seen.append(None)
+        if len(seen) > 1:
+            torch._foreach_mul_(list(grads.values()), 0.5)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ValueError, match=r"changed the gradients of its value_and_grad call #1 in place\s+in micro-batch 1.*out of place"):
         fnlit.accumulate(fickle, 2)(state, batch())
 
 

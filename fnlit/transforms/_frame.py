@@ -31,6 +31,15 @@ _CURRENT: ContextVar[Frame | None] = ContextVar("fnlit_frame", default=None)
 _TRACED: list[Frame] = []
 
 
+_EDITED_GRADS = (
+    "Under fnlit.accumulate, the step changed the gradients of its value_and_grad call #{call} in place "
+    "in micro-batch {micro} (before apply_gradients), but not in micro-batch 0. Those tensors are the "
+    "accumulator (autograd adds every micro-batch's gradient into them), so an in-place change there would "
+    "also change the earlier micro-batches' share. Change them out of place (g = g.clamp(-c, c)) or in the "
+    "optimizer, which sees the accumulated gradient once per update: e.g. "
+    "fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.adamw(1e-3))."
+)
+
 _CHANGED_GRADS = (
     "Under fnlit.accumulate, apply_gradients expected the gradients of the step's value_and_grad call "
     "#{call} unchanged, as in micro-batch 0 (autograd adds that call's gradients into the accumulator "
@@ -70,12 +79,14 @@ class Frame:
         self.acc: list[torch.Tensor] | None = None
         self.divided = True
         self.calls = 0  # value_and_grad calls in this micro-batch
-        self.seen: list[tuple[list[Any], list[torch.Tensor]]] = []  # micro-batch 0: (sources, grads) per call
+        # micro-batch 0: (sources, grads, the grads' version counters) per call
+        self.seen: list[tuple[list[Any], list[torch.Tensor], list[int]]] = []
         self.hint = -1  # the call micro-batch 0 guesses is the applied one (set by accumulate), -1: none
         self.fast_call = -1  # the call whose gradients are applied; it adds into the accumulator in place
         self.fast_sources: list[torch.Tensor] = []  # the tensors it differentiates with respect to
         self.leaves: list[torch.Tensor] | None = None  # its leaves, whose .grad is the accumulator
         self.fast_grads: list[torch.Tensor] | None = None  # what it returned in this micro-batch
+        self.fast_versions: list[int] = []  # their version counters then: an in-place change moves them
         self._seed: torch.Tensor | None = None
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
@@ -183,13 +194,14 @@ class Frame:
         for leaf in leaves:
             if leaf.grad is None:
                 leaf.grad = torch.zeros_like(leaf)
-        self.fast_grads = [leaf.grad for leaf in leaves]
-        return self.fast_grads
+        self.fast_grads = grads = [leaf.grad for leaf in leaves]
+        self.fast_versions = [g._version for g in grads]
+        return grads
 
     def record(self, sources: list[Any], grads: list[torch.Tensor]) -> None:
         """Micro-batch 0: remembers each call's sources and gradients, to find the applied one."""
         if self.micro == 0 and self.accum_k > 1:
-            self.seen.append((sources, grads))
+            self.seen.append((sources, grads, [g._version for g in grads]))
 
     def _in_place_ok(self, sources: list[Any]) -> bool:
         """Whether a call on ``sources`` may add into the accumulator in place: plain tensors, and no loss
@@ -199,9 +211,11 @@ class Frame:
     def _plan(self, applied: list[torch.Tensor]) -> bool:
         """Micro-batch 0's update: picks the call whose fresh gradients these are; True if one is."""
         seen, self.seen = self.seen, []
-        for i, (sources, grads) in enumerate(seen):
+        for i, (sources, grads, versions) in enumerate(seen):
             if len(grads) == len(applied) and all(a is b for a, b in zip(grads, applied)):
-                if self._in_place_ok(sources) and all(
+                # Changed in place by the step since (hand clipping)? Then they cannot be the accumulator.
+                edited = [g._version for g in grads] != versions
+                if not edited and self._in_place_ok(sources) and all(
                     s.shape == g.shape and s.dtype == g.dtype and s.device == g.device for s, g in zip(sources, grads)
                 ):
                     self.fast_call, self.fast_sources = i, sources
@@ -236,6 +250,10 @@ class Frame:
                     if self.micro == 0:
                         raise Mispredicted
                     raise ValueError(_CHANGED_GRADS.format(call=self.fast_call + 1, micro=self.micro))
+                if [g._version for g in fast] != self.fast_versions:  # changed in place since end_call
+                    if self.micro == 0:
+                        raise Mispredicted  # rerun micro-batch 0 on fresh gradients, which it may change
+                    raise ValueError(_EDITED_GRADS.format(call=self.fast_call + 1, micro=self.micro))
                 self.acc = fast
             else:
                 self._accumulate(leaves)

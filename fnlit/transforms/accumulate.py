@@ -83,8 +83,13 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     something else, micro-batch 0 runs again without guessing -- the step is pure, so the rerun gives the
     same result; only its Python side effects run twice -- and after two wrong guesses accumulate stops
     guessing. Every other ``value_and_grad`` call (e.g. an input gradient for a metric) returns its true
-    gradient. A step must keep passing that call's gradients on unchanged in later micro-batches of the
-    same step; one that changes them only there raises ``ValueError``.
+    gradient. (So a metric computed from those gradients in the step, a gradient norm say, reads the
+    running sum; take such metrics from the optimizer's view, or without accumulate.) A step that changes
+    the returned gradients in place before applying them (hand clipping with ``clamp_``) is seen doing so
+    (their version counters move): micro-batch 0 then runs again on fresh gradients, and that step is not
+    guessed for again. A step must keep treating that call's gradients the same way in later micro-batches
+    of the same step; one that applies other tensors, or changes them in place, only there raises
+    ``ValueError``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
