@@ -86,9 +86,9 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     gradient. (So a metric computed from those gradients in the step, a gradient norm say, reads the
     running sum; take such metrics from the optimizer's view, or without accumulate.) A step that changes
     the returned gradients in place before applying them (hand clipping with ``clamp_``) is seen doing so
-    (their version counters move): micro-batch 0 then runs again on fresh gradients, and that step is not
-    guessed for again. A step must keep treating that call's gradients the same way in later micro-batches
-    of the same step; one that applies other tensors, or changes them in place, only there raises
+    (their version counters move): micro-batch 0 then runs again on fresh gradients, which
+    become the accumulator instead, and the next step does not guess. A step must keep treating that
+    call's gradients the same way in later micro-batches of the same step; one that applies other tensors, or changes them in place, only there raises
     ``ValueError``.
 
     Args:
