@@ -78,18 +78,17 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     params, as SAM does). The common step, which passes the gradients of one ``value_and_grad`` call on
     unchanged, gets a plain loop's ``(loss / k).backward()``: autograd adds into one buffer per
     parameter in place, so that call returns the accumulator (the gradients summed so far, times 1/k
-    when k is a power of two) instead of the micro-batch's own gradient. Which call that is, micro-batch
-    0 guesses from the previous step (the first call, before the first step); when the step then applies
-    something else, micro-batch 0 runs again without guessing -- the step is pure, so the rerun gives the
-    same result; only its Python side effects run twice -- and after two wrong guesses accumulate stops
-    guessing. Every other ``value_and_grad`` call (e.g. an input gradient for a metric) returns its true
-    gradient. (So a metric computed from those gradients in the step, a gradient norm say, reads the
-    running sum; take such metrics from the optimizer's view, or without accumulate.) A step that changes
-    the returned gradients in place before applying them (hand clipping with ``clamp_``) is seen doing so
-    (their version counters move): micro-batch 0 then runs again on fresh gradients, which
-    become the accumulator instead, and the next step does not guess. A step must keep treating that
-    call's gradients the same way in later micro-batches of the same step; one that applies other tensors, or changes them in place, only there raises
-    ``ValueError``.
+    when k is a power of two) instead of the micro-batch's own gradient; a metric the step computes from
+    them (a gradient norm) reads that running sum. Which call that is, micro-batch 0 guesses from the
+    previous step (the first call, before the first step); when the step then applies something else,
+    micro-batch 0 runs again without guessing -- the step is pure, so the rerun gives the same result;
+    only its Python side effects run twice -- and after two wrong guesses accumulate stops guessing. A
+    step that changes those gradients in place before applying them (hand clipping with ``clamp_``) is
+    seen doing so (their version counters move): micro-batch 0 runs again and its fresh gradients become
+    the accumulator instead. Every other ``value_and_grad`` call (e.g. an input gradient for a metric)
+    returns its true gradient. A step must treat the applied call's gradients the same way in every
+    micro-batch of a step; one that applies other tensors, or changes them in place, in a later
+    micro-batch only raises ``ValueError``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
