@@ -107,3 +107,51 @@ def reused_buffers():
         "first": first, "third": third,  # first is read after the later calls: still its own values
         "distinct": first[0].data_ptr() != ptr, "reused": third[0].data_ptr() == ptr,
     }
+
+
+def orders_with_dropout_and_batchnorm(steps: int):
+    """The six orders on a model with dropout and BatchNorm: params and buffers per order."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for order in ORDERS:
+        torch.manual_seed(0)
+        model = mlp(dropout=0.3, bn=True)
+        state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0, loss_scale="dynamic")
+        step = wrap(hand_step(model), order)
+        for i in range(steps):
+            state, _ = step(state, local(batch(GLOBAL_BATCH, seed=i), rank, world))
+        out["/".join(order)] = ({n: p.clone() for n, p in state.params.items()}, dict(state.buffers))
+    return out
+
+
+def batchnorm_statistics_and_metrics():
+    """One accumulate(data_parallel(step), 2) step on a BatchNorm model, with its reference statistics (a
+    torch copy of the model run on this rank's two micro-batches, averaged across ranks by hand), and
+    vector and nested tensor metrics under data_parallel with their hand-averaged reference."""
+    import copy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = mlp(bn=True)
+    reference = copy.deepcopy(model).train()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = local(batch(GLOBAL_BATCH, seed=0), rank, world)
+    new, _ = fnlit.accumulate(fnlit.data_parallel(hand_step(model)), 2)((state), (x, y))
+    with torch.no_grad():
+        for xm in x.chunk(2):
+            reference(xm)
+    want = {n: b.detach().clone() for n, b in reference.named_buffers() if b.is_floating_point()}
+    for b in want.values():
+        dist.all_reduce(b)
+        b /= world
+
+    def with_metrics(state, b):
+        state, metrics = hand_step(model)(state, b)
+        scores = torch.arange(3.0) * (rank + 1)
+        return state, {**metrics, "per_class": scores, "parts": {"a": scores.sum(), "b": [scores[0]]}}
+
+    _, metrics = fnlit.data_parallel(with_metrics)(state, (x, y))
+    scores = torch.arange(3.0) * (rank + 1)
+    hand = torch.cat([scores, scores.sum().reshape(1)])
+    dist.all_reduce(hand)
+    return {"buffers": dict(new.buffers), "want": want, "metrics": metrics, "hand": hand / world}

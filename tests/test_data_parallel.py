@@ -2,7 +2,18 @@ import time
 
 import pytest
 import torch
-from _dist_workers import GLOBAL_BATCH, ORDERS, all_orders, dies_early, equivalence, make_state, reused_buffers, wrap
+from _dist_workers import (
+    GLOBAL_BATCH,
+    ORDERS,
+    all_orders,
+    batchnorm_statistics_and_metrics,
+    dies_early,
+    equivalence,
+    make_state,
+    orders_with_dropout_and_batchnorm,
+    reused_buffers,
+    wrap,
+)
 from helpers import batch, hand_step
 
 import fnlit
@@ -60,6 +71,31 @@ def test_all_six_orders_agree_and_match_one_process():
             assert torch.equal(p, r1[name_order][name])
             torch.testing.assert_close(p, first[name], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(p, ref_history[-1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_all_six_orders_agree_with_dropout_and_batchnorm_and_ranks_keep_one_state():
+    """Each rank's dropout key folds in its rank before the micro-batch index whatever the nesting, and the
+    BatchNorm statistics each rank computes on its shard are averaged, so the ranks' states stay identical."""
+    r0, r1 = fnlit.distributed.launch(orders_with_dropout_and_batchnorm, 2, 3, timeout=180)
+    first_params, first_buffers = r0["/".join(ORDERS[0])]
+    for name_order, (params, buffers) in r0.items():
+        for name, p in params.items():
+            assert torch.equal(p, r1[name_order][0][name]), (name_order, name)
+            torch.testing.assert_close(p, first_params[name], rtol=1e-5, atol=1e-6)
+        for name, b in buffers.items():
+            assert torch.equal(b, r1[name_order][1][name]), (name_order, name)
+            torch.testing.assert_close(b, first_buffers[name], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_statistics_are_the_ranks_mean_and_any_tensor_metric_is_averaged():
+    for r in fnlit.distributed.launch(batchnorm_statistics_and_metrics, 2, timeout=120):
+        assert r["want"] and set(r["want"]) <= set(r["buffers"])
+        for name, want in r["want"].items():
+            torch.testing.assert_close(r["buffers"][name], want, rtol=1e-5, atol=1e-6)
+        m, hand = r["metrics"], r["hand"]
+        torch.testing.assert_close(m["per_class"], hand[:3])
+        torch.testing.assert_close(m["parts"]["a"], hand[3])
+        torch.testing.assert_close(m["parts"]["b"][0], hand[0])
 
 
 def test_gradient_buffers_are_reused_only_when_no_result_is_alive():

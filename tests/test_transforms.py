@@ -250,6 +250,43 @@ def test_accumulate_of_a_bfloat16_loss_with_k_not_a_power_of_two():
         torch.testing.assert_close(p - new.params[n], p - sum(a[n] for a in alone) / 3, rtol=1e-2, atol=1e-5)
 
 
+def test_accumulate_averages_vector_and_nested_metrics_elementwise():
+    from fnlit.transforms.accumulate import split_batch
+
+    model = mlp()
+
+    def step(state, b):
+        state, metrics = hand_step(model)(state, b)
+        counts = torch.bincount(b[1], minlength=4).float()
+        return state, {**metrics, "per_class": counts, "parts": {"n": counts.sum(), "pair": (counts[0], 2.0)}, "tag": "x"}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    data = batch(16)
+    alone = [step(state, m)[1] for m in split_batch(data, 4)]
+    _, metrics = fnlit.accumulate(step, 4)(state, data)
+    torch.testing.assert_close(metrics["per_class"], sum(m["per_class"] for m in alone) / 4)
+    torch.testing.assert_close(metrics["parts"]["n"], sum(m["parts"]["n"] for m in alone) / 4)
+    torch.testing.assert_close(metrics["parts"]["pair"][0], sum(m["parts"]["pair"][0] for m in alone) / 4)
+    assert metrics["parts"]["pair"][1] == 2.0 and metrics["tag"] == "x"
+    assert metrics["per_class"].shape == (4,)
+
+    def ragged(state, b):  # a metric whose shape follows the data
+        state, metrics = hand_step(model)(state, b)
+        return state, {**metrics, "seen": torch.unique(b[1])}
+
+    with pytest.raises(ValueError, match=r"metric 'seen' has a different shape in each.*reduce them in the step"):
+        fnlit.accumulate(ragged, 4)(state, (data[0], torch.tensor([0] * 4 + [0, 1, 2, 3] + [1] * 8)))
+
+
+def test_accumulate_with_k_1_is_the_step_itself_dropout_included():
+    model = mlp(dropout=0.5)
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    a, ma = hand_step(model)(state, batch())
+    b, mb = fnlit.accumulate(hand_step(model), 1)(state, batch())
+    assert_trees_equal(a.params, b.params)
+    assert torch.equal(ma["loss"], mb["loss"]) and torch.equal(a.rng, b.rng)
+
+
 def test_accumulate_errors():
     with pytest.raises(ValueError, match="positive int k, got 0"):
         fnlit.accumulate(lambda s, b: (s, {}), 0)

@@ -73,6 +73,7 @@ class Frame:
         self.found_inf: torch.Tensor | None = None
         self.accum_k = 1
         self.micro = 0
+        self.accum_rng: torch.Tensor | None = None  # accumulate's incoming key (micro-batch i's is fold_in(it, i))
         # accumulate: the gradient summed over micro-batches so far, divided by k when k is a power of
         # two (then exact in every float dtype: a backward seeded with 1/k adds the mean directly),
         # else divided once at the end.
@@ -269,21 +270,36 @@ class Frame:
             from .shard import _WITH_DATA_PARALLEL
 
             raise ValueError(_WITH_DATA_PARALLEL)
-        if self.shard_group is not None and self.found_inf is not None:
+        # Buffers the step updated (BatchNorm statistics, each rank's from its own shard of the batch) are
+        # averaged across ranks, so every rank keeps the same state: for a running mean, that is the
+        # single process's value on the whole batch.
+        stats = _updated_float_buffers(state, changes) if self.dp_group is not None or self.shard_group is not None else []
+        if self.shard_group is not None and (self.found_inf is not None or stats):
             import torch.distributed as dist
 
-            # The shards' overflow flags: an overflow on any rank must skip the step on all of them.
-            dist.all_reduce(self.found_inf, group=self.shard_group)
+            from .data_parallel import all_reduce_mean_
+
+            if self.found_inf is not None:
+                # The shards' overflow flags: an overflow on any rank must skip the step on all of them.
+                dist.all_reduce(self.found_inf, group=self.shard_group)
+            if stats:
+                averaged = all_reduce_mean_([t for _, t in stats], self.shard_group)
+                changes = _with_buffers(changes, stats, averaged)
         if self.dp_group is not None:
             from .data_parallel import all_reduce_mean_
 
-            n = len(leaves)
+            n, m = len(leaves), len(stats)
             riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
             reduced = all_reduce_mean_(
-                list(leaves) + [t.reshape(1).float() for t in riders], self.dp_group, self.dp_bucket_bytes, reuse=True
+                list(leaves) + [t for _, t in stats] + [t.reshape(1).float() for t in riders],
+                self.dp_group,
+                self.dp_bucket_bytes,
+                reuse=True,
             )
+            if stats:
+                changes = _with_buffers(changes, stats, reduced[n : n + m])
             # The riders leave the step (metrics, the overflow flag): copies, so the buffer can be reused.
-            leaves, riders_out = reduced[:n], [t.reshape(()).clone() for t in reduced[n:]]
+            leaves, riders_out = reduced[:n], [t.reshape(()).clone() for t in reduced[n + m :]]
             if self.found_inf is not None:
                 self.found_inf = riders_out.pop(0)  # divided by the world size: still > 0 iff any rank overflowed
             self.reduced = {id(t): r.to(t.dtype) for t, r in zip(self.known, riders_out)}
@@ -309,15 +325,39 @@ class Frame:
         return metrics
 
 
+def _updated_float_buffers(state: TrainState, changes: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The floating-point buffers in ``changes`` that the step replaced (frozen params pass through as they are)."""
+    new = changes.get("buffers")
+    if not new or type(new) is not dict:
+        return []
+    old = state.buffers
+    return [
+        (name, t)
+        for name, t in new.items()
+        if type(t) is torch.Tensor and t.is_floating_point() and t is not old.get(name)
+    ]
+
+
+def _with_buffers(changes: dict[str, Any], stats: list[tuple[str, torch.Tensor]], averaged: list[torch.Tensor]) -> dict[str, Any]:
+    # Copies: the averages are views into the all-reduce's flat buffer, which the next step reuses.
+    return {**changes, "buffers": {**changes["buffers"], **{n: t.clone() for (n, _), t in zip(stats, averaged)}}}
+
+
 def run_on_rank(step: Any, state: TrainState, batch: Any, rank: int, f: Frame, outermost: bool) -> tuple[TrainState, Any]:
     """Runs one rank's part of a data-parallel or sharded step.
 
     The rank draws its own randomness (its key is folded with its rank) while every rank keeps the
     same next key, so states stay identical across ranks; the outermost transform finishes the frame.
+    The rank is folded in before the micro-batch index whichever transform is outside, so
+    ``accumulate(data_parallel(step), k)`` and ``data_parallel(accumulate(step, k))`` draw the same masks.
     """
     from .. import random as _random
 
-    new, metrics = step(state.replace(rng=_random.fold_in(state.rng, rank)), batch)
+    if f.accum_k > 1:  # inside accumulate's micro-batch f.micro: the key accumulate-inside-us would give
+        key = _random.fold_in(_random.fold_in(f.accum_rng, rank), f.micro)
+    else:
+        key = _random.fold_in(state.rng, rank)
+    new, metrics = step(state.replace(rng=key), batch)
     new = new.replace(rng=_random.next_key(state.rng))
     if outermost:
         metrics = f.finish(dict(metrics))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,16 +52,36 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
 
 
 def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in all_metrics[0]:
-        values = [m[name] for m in all_metrics]
-        if isinstance(values[0], torch.Tensor):
-            if any(v.dtype != torch.float32 for v in values):
-                values = [v.float() for v in values]
-            out[name] = torch.stack(values).mean()
-        else:
-            out[name] = sum(values) / len(values)
-    return out
+    """The micro-batches' metrics averaged: tensors elementwise (in float32), numbers as numbers,
+    dicts, lists and tuples entry by entry; any other value (a string) is the last micro-batch's."""
+    return {name: _mean([m[name] for m in all_metrics], name) for name in all_metrics[0]}
+
+
+def _mean(values: list[Any], path: str) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if any(v.shape != first.shape for v in values if isinstance(v, torch.Tensor)) or not all(
+            isinstance(v, torch.Tensor) for v in values
+        ):
+            shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+            raise ValueError(
+                f"fnlit.accumulate averages each metric over the micro-batches, but metric {path!r} has a "
+                f"different shape in each: {shapes}. Return metrics whose shape does not depend on the batch "
+                "size (reduce them in the step), or use a batch size and k that split it evenly."
+            )
+        if any(v.dtype != torch.float32 for v in values):
+            values = [v.float() for v in values]
+        return torch.stack(values).mean(0)
+    if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+        return sum(values) / len(values)
+    if isinstance(first, Mapping):
+        if any(not isinstance(v, Mapping) or v.keys() != first.keys() for v in values):
+            raise ValueError(f"fnlit.accumulate: metric {path!r} has different keys in different micro-batches.")
+        return type(first)({k: _mean([v[k] for v in values], f"{path}.{k}") for k in first})  # type: ignore[call-arg]
+    if isinstance(first, (list, tuple)) and all(type(v) is type(first) and len(v) == len(first) for v in values):
+        means = [_mean([v[i] for v in values], f"{path}[{i}]") for i in range(len(first))]
+        return type(first)(means) if type(first) in (list, tuple) else type(first)(*means)
+    return values[-1]
 
 
 def accumulate(step: StepFn, k: int) -> StepFn:
@@ -70,8 +91,9 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     micro-batch); ``apply_gradients`` of micro-batches 1..k-1 only accumulates, the k-th applies the
     mean, so ``state.step`` advances by one and an optimizer's gradient clipping sees the accumulated
     gradient. Buffers (BatchNorm) thread through the micro-batches in order, each micro-batch gets its
-    own random key (``fold_in(state.rng, i)``), metrics are averaged. Under :func:`fnlit.data_parallel`
-    the intermediate micro-batches do not communicate.
+    own random key (``fold_in(state.rng, i)``; with k=1 the step's own, so ``accumulate(step, 1)`` is
+    ``step``), metrics are averaged elementwise (nested dicts, lists and tuples entry by entry). Under
+    :func:`fnlit.data_parallel` the intermediate micro-batches do not communicate.
 
     Any step accumulates correctly: the update is the mean of what the step passes to ``apply_gradients``
     in each micro-batch (its gradients transformed, summed over several losses, or taken at perturbed
@@ -122,7 +144,10 @@ def accumulate(step: StepFn, k: int) -> StepFn:
             traced = torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
             f.hint = -1 if traced else guess["hint"]  # traced steps take functorch's path: no in-place calls
             new, all_metrics = state, []
-            keys = _random._fold_in_range(state.rng, k)  # fold_in(state.rng, i) for each micro-batch
+            # fold_in(state.rng, i) for each micro-batch (k=1: the step's own key, so accumulate(step, 1) is step).
+            # A data_parallel inside folds its rank in first, from accum_rng: the same keys in either order.
+            keys = [state.rng] if k == 1 else _random._fold_in_range(state.rng, k)
+            f.accum_rng = state.rng
             for i, (micro, key) in enumerate(zip(micro_batches, keys)):
                 f.start_micro(i)
                 if i or f.hint < 0:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from .. import _storage
+from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
 from ._frame import frame, run_on_rank
 
@@ -98,25 +100,39 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
 
 
 def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Averages scalar tensor metrics across ranks with at most one all-reduce.
+    """Averages tensor metrics across ranks (as float32, elementwise) with at most one all-reduce.
 
-    Metrics found in ``reduced`` (scalars that already travelled with the gradients, by identity) are
-    taken from there; the rest share a single collective.
+    Tensors anywhere in the metrics (nested dicts, lists, tuples) are averaged; other values (numbers,
+    strings) are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled
+    with the gradients, by identity) are taken from there; the rest share a single collective.
     """
     reduced = reduced or {}
-    out = dict(metrics)
-    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    flat = type(metrics) is dict and all(not isinstance(v, (Mapping, list, tuple)) for v in metrics.values())
+    if flat:  # the usual {name: scalar}: no tree round trip
+        names, leaves = list(metrics), list(metrics.values())
+    else:
+        leaves, treedef = _tree.tree_flatten(metrics)
+    out = list(leaves)
     rest = []
-    for k in names:
-        if id(metrics[k]) in reduced:
-            out[k] = reduced[id(metrics[k])]
-        else:
-            rest.append(k)
+    for i, v in enumerate(leaves):
+        if isinstance(v, torch.Tensor):
+            r = reduced.get(id(v))
+            if r is not None:
+                out[i] = r
+            else:
+                rest.append(i)
     if rest:
-        values = torch.stack([metrics[k].detach().reshape(()).float() for k in rest])
+        if all(leaves[i].dim() == 0 for i in rest):
+            values = torch.stack([leaves[i].detach().float() for i in rest])
+        else:
+            values = torch.cat([leaves[i].detach().reshape(-1).float() for i in rest])
         (values,) = all_reduce_mean_([values], group)
-        out.update(zip(rest, values.unbind(0)))
-    return out
+        offset = 0
+        for i in rest:
+            n = leaves[i].numel()
+            out[i] = values[offset : offset + n].view(leaves[i].shape)
+            offset += n
+    return dict(zip(names, out)) if flat else _tree.tree_unflatten(treedef, out)
 
 
 def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) -> StepFn:
@@ -125,8 +141,13 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     Gradients are averaged across the ranks of ``group`` once per applied update, flattened into one
     buffer per dtype (or per ``bucket_mb`` bucket) so there is one collective, not one per tensor; under
     :func:`fnlit.accumulate` the intermediate micro-batches do not communicate at all. Metrics are
-    averaged across ranks. Every rank ends each step with bitwise-identical params. Each rank draws its
-    own dropout masks (its key is folded with its rank), and all ranks keep the same ``state.rng``.
+    averaged across ranks (tensors anywhere in them, elementwise). Every rank ends each step with
+    bitwise-identical params and buffers: buffers the step updates (BatchNorm's running statistics,
+    computed by each rank on its own shard) are averaged across ranks in the same collective -- for a
+    running mean, the value one process would compute on the whole batch (DDP broadcasts rank 0's
+    instead). Each rank draws its own dropout masks (its key is folded with its rank, before the
+    micro-batch index under :func:`fnlit.accumulate` in either nesting), and all ranks keep the same
+    ``state.rng``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
