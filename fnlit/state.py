@@ -32,7 +32,7 @@ class TrainState:
     :mod:`fnlit.tree` traverse it; the optimizer ``tx`` is static data, not a leaf.
 
     Attributes:
-        step: 0-d int64 CPU tensor, the number of applied updates.
+        step: 0-d int64 CPU tensor, the number of steps taken (float16 steps skipped for overflow included).
         params: name -> tensor, the trainable parameters in module order.
         buffers: name -> tensor, buffers (BatchNorm statistics, ...) and frozen parameters.
         opt_state: the optimizer's state (``tx.init(params)``).

@@ -296,8 +296,9 @@ def test_accumulate_errors():
         fnlit.accumulate(hand_step(model), 4)(state, batch(10))
 
 
-def _fp16_reference(model, data, steps, init_scale, growth_interval, lr):
-    """torch.amp.GradScaler + autocast(float16) + torch.optim.SGD: the plain PyTorch loop."""
+def _fp16_reference(model, data, steps, init_scale, growth_interval, lr, k=1):
+    """torch.amp.GradScaler + autocast(float16) + torch.optim.SGD: the plain PyTorch loop (with k > 1,
+    PyTorch's accumulation recipe: ``scaler.scale(loss / k).backward()`` per micro-batch)."""
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(ref.parameters(), lr=lr)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
@@ -305,23 +306,27 @@ def _fp16_reference(model, data, steps, init_scale, growth_interval, lr):
     for i in range(steps):
         x, y = data[i % len(data)]
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(ref(x), y)
-        scaler.scale(loss).backward()
+        for xm, ym in zip(x.chunk(k), y.chunk(k)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(ref(xm), ym)
+            scaler.scale(loss / k if k > 1 else loss).backward()
         scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
     return ref, scales
 
 
-def test_fp16_scale_trajectory_and_params_match_grad_scaler():
+@pytest.mark.parametrize("k", [1, 4])
+def test_fp16_scale_trajectory_and_params_match_grad_scaler(k):
     model = mlp()
     data = [batch(16, seed=i) for i in range(4)]
     init_scale, interval, lr, steps = 2.0**30, 3, 0.05, 50
-    ref, ref_scales = _fp16_reference(model, data, steps, init_scale, interval, lr)
+    ref, ref_scales = _fp16_reference(model, data, steps, init_scale, interval, lr, k)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(lr), seed=0)
     state = state.replace(scaler=fnlit.transforms.init_loss_scale(init_scale, growth_interval=interval))
     step = fnlit.amp(hand_step(model), dtype=torch.float16)
+    if k > 1:
+        step = fnlit.accumulate(step, k)
     scales, finite = [], []
     for i in range(steps):
         state, metrics = step(state, data[i % len(data)])

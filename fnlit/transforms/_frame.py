@@ -105,7 +105,14 @@ class Frame:
 
     # -- read by value_and_grad --------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scaler.scale if self.scaler is not None else loss
+        """The loss backpropagated under float16 amp: ``loss * scale``, and under accumulate
+        ``(loss / k) * scale`` -- GradScaler's accumulation recipe, so the float16 backward overflows at
+        the same scales as it does there (unscale_ multiplies by k / scale to give the true gradient)."""
+        if self.scaler is None:
+            return loss
+        if self.accum_k > 1:
+            loss = loss / self.accum_k
+        return loss * self.scaler.scale
 
     def unscale_(self, grads: list[torch.Tensor]) -> None:
         """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
@@ -115,8 +122,12 @@ class Frame:
             from .shard import local_views
 
             grads = local_views(grads)  # each rank checks and unscales its own shard
-        # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32.
-        inv_scale = self.scaler.scale.double().reciprocal().float()
+        # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32 (times k under
+        # accumulate, whose backward ran on loss / k: exact for a power of two).
+        inv_scale = self.scaler.scale.double().reciprocal()
+        if self.accum_k > 1:
+            inv_scale = inv_scale * self.accum_k
+        inv_scale = inv_scale.float()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
 
     def note_scalars(self, tree: Any) -> None:

@@ -117,8 +117,13 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     With ``torch.float16`` the loss is scaled by ``state.scaler`` before backward, gradients are unscaled
     in float32 before anything sees them (clipping included), and a step whose gradients are not
     finite leaves params and opt_state unchanged and backs the scale off; after ``growth_interval``
-    finite steps the scale grows (torch.amp.GradScaler's rule). The metrics gain ``grads_finite`` (1.0
-    or 0.0) and ``loss_scale``. All of it is tensor arithmetic: no host sync. bfloat16 needs no scaler.
+    finite steps the scale grows (torch.amp.GradScaler's rule). Under :func:`fnlit.accumulate` each
+    micro-batch backpropagates ``(loss / k) * scale``, as PyTorch's accumulation recipe
+    ``scaler.scale(loss / k).backward()`` does, so the scale follows GradScaler's there too. Every
+    ``value_and_grad`` call of the step is checked, not only the one whose gradients are applied: an
+    overflow in a gradient taken for a metric also skips the step. The metrics gain ``grads_finite``
+    (1.0 or 0.0) and ``loss_scale``. All of it is tensor arithmetic: no host sync. bfloat16 needs no
+    scaler. ``state.step`` counts skipped steps too (as Lightning's ``global_step`` does).
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
