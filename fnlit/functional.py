@@ -86,17 +86,20 @@ def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], bu
 
 
 def _call_swapped(module: nn.Module, slots: _Slots, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    # The module holds the given tensors only for the call; threads sharing it take turns (the lock is
+    # fnlit.random's, reentrant: a seeded call already holds it, and a forward may call apply again).
     where = slots.where
     saved = []
-    try:
-        for name, t in tensors.items():
-            for d, attr in where[name]:
-                saved.append((d, attr, d[attr]))
-                d[attr] = t
-        return module(*args, **kwargs)
-    finally:
-        for d, attr, old in saved:
-            d[attr] = old
+    with _random._LOCK:
+        try:
+            for name, t in tensors.items():
+                for d, attr in where[name]:
+                    saved.append((d, attr, d[attr]))
+                    d[attr] = t
+            return module(*args, **kwargs)
+        finally:
+            for d, attr, old in saved:
+                d[attr] = old
 
 
 def _has_dtensor(params: Params) -> bool:

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 __all__ = ["key", "split", "fold_in", "next_key", "seeded", "is_key"]
@@ -173,7 +175,9 @@ class seeded:
     """Seeds PyTorch's generators (CPU, and ``device``'s if it is CUDA) from ``k`` inside the block.
 
     The previous generator states are restored on exit. With ``k=None``, or inside torch.compile or a
-    torch.func transform (where the caller seeds once outside), it does nothing. (A class, not a
+    torch.func transform (where the caller seeds once outside), it does nothing. The generators are
+    global to the process, so seeded blocks in different threads take turns (a lock): the same key
+    gives the same masks whatever the other threads do. (A class, not a
     ``@contextmanager`` generator: it runs on every forward pass, and this costs half as much.)
 
     Example:
@@ -209,18 +213,33 @@ def _seed(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Gene
             "index or split it first."
         )
     seed = int(k) & _MASK64  # a read of host memory: keys live on the CPU, so this never waits for a GPU
-    cpu = torch.default_generator
-    saved = [(cpu, cpu.get_state())]
-    if device is not None and device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        gen = torch.cuda.default_generators[index]
-        saved.append((gen, gen.get_state()))
-    for gen, _ in saved:
-        gen.manual_seed(seed)
+    _LOCK.acquire()  # released by _restore
+    try:
+        cpu = torch.default_generator
+        saved = [(cpu, cpu.get_state())]
+        if device is not None and device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            gen = torch.cuda.default_generators[index]
+            saved.append((gen, gen.get_state()))
+        for gen, _ in saved:
+            gen.manual_seed(seed)
+    except BaseException:
+        _LOCK.release()
+        raise
     return saved
 
 
 def _restore(saved: list[tuple[torch.Generator, torch.Tensor]] | None) -> None:
     if saved is not None:
-        for gen, state in saved:
-            gen.set_state(state)
+        try:
+            for gen, state in saved:
+                gen.set_state(state)
+        finally:
+            _LOCK.release()
+
+
+# PyTorch's generators are global to the process: while one thread's seeded block runs, another thread's
+# would reseed them under it (its dropout masks would then depend on timing). Seeded blocks therefore
+# take turns; reentrant, so a seeded forward may call fnlit.apply with a key again. fnlit.apply also
+# holds it while the module holds a caller's tensors, and TrainState.create while it copies a module's.
+_LOCK = threading.RLock()

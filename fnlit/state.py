@@ -91,15 +91,16 @@ class TrainState:
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"TrainState.create expected an nn.Module, got {type(module).__name__} instead.")
-        params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        with _random._LOCK:  # not while another thread's fnlit.apply has its tensors swapped into the module
+            params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+            buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+            buffers.update((n, b.detach().clone()) for n, b in module.named_buffers())
         if not params:
             raise ValueError(
                 f"TrainState.create got a module without trainable parameters ({type(module).__name__}): "
                 "there is nothing to train. Check that the layers are registered as submodules "
                 "(nn.ModuleList, not a Python list) and that requires_grad is True."
             )
-        buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-        buffers.update((n, b.detach().clone()) for n, b in module.named_buffers())
         device = next(iter(params.values())).device
         scaler = None
         if loss_scale is not None:

@@ -47,3 +47,40 @@ def test_state_key_comes_from_seed():
     a = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=1)
     b = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=1)
     assert torch.equal(a.rng, b.rng) and torch.equal(a.rng, R.key(1))
+
+
+def test_threads_sharing_a_module_get_their_own_masks_and_params():
+    """Two threads train the same dropout model (one nn.Module) from two seeds at once; each must end
+    exactly where the same run alone ends. The generators are global and fnlit.apply swaps the state's
+    tensors into the shared module for a call, so without the lock the threads reseed each other's
+    generator and read each other's params."""
+    import sys
+    import threading
+
+    from helpers import batch, hand_step, mlp
+
+    model = mlp(dropout=0.5)
+    step = fnlit.accumulate(hand_step(model), 2)
+    data = [batch(16, seed=i) for i in range(30)]
+
+    def run(seed):
+        state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=seed)
+        for b in data:
+            state, _ = step(state, b)
+        return state.params
+
+    alone = {seed: run(seed) for seed in (0, 1)}
+    threaded = {}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=lambda s=s: threaded.__setitem__(s, run(s))) for s in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    for seed in (0, 1):
+        for name, p in alone[seed].items():
+            assert torch.equal(threaded[seed][name], p), (seed, name)
