@@ -42,6 +42,7 @@ from . import tree as _tree
 from ._types import Batch, Metrics, StepFn
 from .optim import _alias, _privacy
 from .state import TrainState
+from .transforms.donate import check_not_donated
 
 __all__ = ["HostSyncError", "assert_no_host_sync", "assert_overfits", "assert_pure", "assert_trees_close", "no_host_sync"]
 
@@ -88,6 +89,8 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: 
     """
     is_state = isinstance(actual, TrainState) and isinstance(expected, TrainState)
     if is_state:
+        check_not_donated(actual)  # its fields are sentinels: say so, not "structure differs"
+        check_not_donated(expected)
         # Field by field: the optimizer object is static (not compared); its state is.
         actual = {f: getattr(actual, f) for f in _STATE_FIELDS}
         expected = {f: getattr(expected, f) for f in _STATE_FIELDS}

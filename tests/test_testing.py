@@ -36,6 +36,11 @@ def test_trees_close_reports_structure_dtype_and_state_paths():
     other = state.replace(params={**state.params, "3.bias": state.params["3.bias"] + 1})
     with pytest.raises(AssertionError, match=r"state\.params\['3\.bias'\] differs"):
         assert_trees_close(other, state, name="state")
+    donated, _ = fnlit.donating(lambda s, b: (s.apply_gradients({n: torch.ones_like(p) for n, p in s.params.items()}), {}))(
+        other, None
+    )
+    with pytest.raises(RuntimeError, match="was donated to a step"):  # not "structure differs"
+        assert_trees_close(other, donated)
 
 
 # ---------------------------------------------------------------- assert_pure
