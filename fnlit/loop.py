@@ -27,6 +27,7 @@ from ._types import Batch, Metrics, StepFn
 from .callbacks import StopTraining, Timer
 from .state import TrainState
 from .summary import Logger, MetricBuffer, ProgressBar, Writer, scalar_metric
+from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
 
@@ -276,6 +277,29 @@ def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None)
             owned.close()  # the writers fit made for log_dir; the caller's own loggers stay open
 
 
+def _lost_state(checkpoint: Any) -> str:
+    """What fit says when a donated step raised after updating the state in place (see fnlit.donating)."""
+    last = getattr(checkpoint, "last_path", None) if checkpoint is not None else None
+    where = (
+        f"The newest checkpoint, {last}, is the latest good state: resume from it (ckpt_path='last')."
+        if last is not None
+        else "No checkpoint was saved before it, so the training state is lost; pass checkpoint=... to keep one."
+    )
+    return (
+        "fnlit.fit: the donated step raised after updating the state in place, so the state holds neither the "
+        f"old values nor the new ones; it was not saved on exit (it would be a corrupt checkpoint). {where}"
+    )
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    if hasattr(e, "add_note"):  # Python >= 3.11: shown with the traceback
+        e.add_note(note)
+    else:
+        import sys
+
+        print(note, file=sys.stderr)
+
+
 def _first(t: torch.Tensor) -> int:
     """A CPU scalar as an int; for an ensemble's stacked state, member 0's (members step in lockstep)."""
     return int(t.reshape(-1)[0])
@@ -461,8 +485,13 @@ def fit(
                 if checkpoint is not None:
                     checkpoint.on_epoch_end(state, {"epoch": epoch, "batch": 0, "seed": seed})
                 halt = halt if distributed else halting()
-        except KeyboardInterrupt:  # a second Ctrl-C, or a first one outside the main thread
-            signals.reason = "sigint"
+        except BaseException as e:
+            if is_donated(state):  # a donated step failed after writing the state: nothing valid to save or return
+                _add_note(e, _lost_state(checkpoint))
+                raise
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            signals.reason = "sigint"  # a second Ctrl-C, or a first one outside the main thread: save and return
         if log.pending:
             log_now()
         hooks("on_fit_end", state, dict(log.latest))

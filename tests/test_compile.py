@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_trees_close, assert_trees_equal, batch, clone_tree, hand_step, mlp
 
 import fnlit
-from fnlit.transforms.compile import CaptureError, CompiledStep
+from fnlit.transforms.compile import CaptureError, CompiledStep, _Entry
 from fnlit.transforms.compile import compile as fnlit_compile
 from fnlit.transforms.donate import donating
 
@@ -77,6 +77,31 @@ def test_compiled_donated_state_raises_when_reused(model):
     with pytest.raises(RuntimeError, match="donated"):
         compiled(state, batch())
     assert int(new.step) == 1
+
+
+def test_compiled_donated_state_is_poisoned_when_interrupted_after_its_graph_ran(model, monkeypatch):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    weight = state.params["0.weight"]
+    before = weight.clone()
+    compiled = fnlit_compile(hand_step(model), donate=True, mode="eager")
+
+    def interrupted(self, new_leaves):
+        raise KeyboardInterrupt  # a Ctrl-C arriving right after the graph wrote the state
+
+    monkeypatch.setattr(_Entry, "unflatten_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compiled(state, batch())
+    assert not torch.equal(weight, before)  # written in place, and the new state is lost
+    with pytest.raises(RuntimeError, match=r"(?s)fnlit.compile\(step, donate=True\)\) that raised an exception after updating.*neither the old state nor the new one"):
+        state.params["0.weight"]
+
+
+def test_capture_error_leaves_a_donated_state_intact(model):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    before = clone_tree(state)
+    with pytest.raises(CaptureError, match="host sync"):
+        fnlit_compile(_item_step(model), donate=True, mode="eager")(state, batch())
+    assert_trees_equal(state, before)  # nothing ran: the state is intact and usable
 
 
 def _reordered(state):

@@ -3,13 +3,16 @@
 References are the same step run without donation (which never writes its input) and plain torch.
 """
 
+import sys
 import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_trees_equal, batch, clone_tree, hand_step, mlp
 
 import fnlit
+from fnlit.data import ArrayLoader
 from fnlit.optim._base import donated_update, functional_path, use_functional
 
 
@@ -58,3 +61,69 @@ def test_functional_path_in_one_thread_does_not_switch_other_threads():
             assert use_functional([torch.ones(2)])
     finally:
         release()
+
+
+# -- a step that raises ------------------------------------------------------------------------------------
+def _raising_after_update(model, exc=RuntimeError):
+    inner = hand_step(model)
+
+    def step(state, batch):
+        new, metrics = inner(state, batch)
+        raise exc("the metrics failed")  # after apply_gradients updated the donated tensors
+
+    return step
+
+
+def test_a_step_raising_after_the_update_poisons_the_donated_state(model):
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    weight = state.params["0.weight"]
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match="the metrics failed"):
+        fnlit.donating(_raising_after_update(model))(state, batch())
+    assert not torch.equal(weight, before)  # it was written in place: neither the old nor the new state
+    with pytest.raises(RuntimeError, match=r"(?s)raised an exception after updating the state's tensors in place.*neither the old state nor the new one"):
+        state.params["0.weight"]
+
+
+def test_a_step_raising_before_the_update_leaves_the_donated_state_usable(model):
+    def step(state, batch):
+        raise RuntimeError("the data is broken")
+
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    before = clone_tree(state)
+    with pytest.raises(RuntimeError, match="the data is broken"):
+        fnlit.donating(step)(state, batch())
+    assert_trees_equal(state, before)
+    got, _ = fnlit.donating(hand_step(model))(state, batch())  # still usable
+    want, _ = hand_step(model)(before, batch())
+    assert_trees_equal(got, want)
+
+
+def test_fit_interrupted_in_a_donated_step_saves_no_corrupt_state_and_reraises(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    inner = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    calls = [0]
+
+    def step(state, batch):
+        new, metrics = inner(state, batch)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt  # a second Ctrl-C, arriving after the update
+        return new, metrics
+
+    g = torch.Generator().manual_seed(1)
+    data = ArrayLoader(torch.randn(48, 8, generator=g), torch.randn(48, 1, generator=g), batch_size=8, shuffle=True)
+    fresh = lambda: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt) as info:
+        fnlit.fit(fnlit.donating(step), fresh(), data, max_epochs=1, progress=False,
+                  checkpoint=fnlit.Checkpointer(tmp_path, every_n_steps=2))
+    assert [p.name for p in tmp_path.glob("step=*")] == ["step=00000002.ckpt"]  # nothing written on exit
+    if sys.version_info >= (3, 11):
+        assert "step=00000002.ckpt, is the latest good state" in "".join(info.value.__notes__)
+    calls[0] = -100
+    resumed = fnlit.fit(fnlit.donating(step), fresh(), data, max_epochs=1, progress=False,
+                        checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last")
+    want = fnlit.fit(inner, fresh(), data, max_epochs=1, progress=False)  # uninterrupted, undonated
+    fields = lambda s: (s.step, s.params, s.opt_state, s.rng)  # noqa: E731
+    assert_trees_equal(fields(resumed), fields(want))

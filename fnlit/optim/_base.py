@@ -166,7 +166,24 @@ def _check_chain_state(state: Any, n: int) -> None:
 # index these were (threading.local: ~53 ns); they are read a few times a step. torch.compile cannot trace
 # ContextVar.set(), and traced optimizers are functional anyway, so the switches do nothing while compiling.
 _FUNCTIONAL: ContextVar[bool] = ContextVar("fnlit_functional", default=False)
-_DONATED: ContextVar[bool] = ContextVar("fnlit_donated", default=False)
+
+
+class Donation:
+    """The record of a donated update: the input tensors the optimizers were handed to update in place.
+
+    :func:`fnlit.donating` reads it: an exception after an in-place update leaves the input state half
+    updated (it is then poisoned), and a returned state or metric that shares memory with an updated
+    tensor would hold the new values where the step meant the old ones.
+    """
+
+    __slots__ = ("updated",)
+
+    def __init__(self) -> None:
+        self.updated: list[torch.Tensor] = []
+
+
+_DONATED: ContextVar[Donation | None] = ContextVar("fnlit_donated", default=None)
+_NOTHING_UPDATED = Donation()  # what donated_update yields while torch.compile traces (it stays empty)
 
 
 @contextlib.contextmanager
@@ -194,29 +211,32 @@ def functional_path() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def donated_update(enabled: bool = True) -> Iterator[None]:
+def donated_update(enabled: bool = True) -> Iterator[Donation]:
     """Lets the eager (fused) optimizers write the new params and moments into the given ones.
 
     Used by :func:`fnlit.donating`: the caller promises never to read the old params and optimizer
     state again, so the fused kernels run on them directly instead of on clones. ``enabled=False``
     turns that off inside the block (float16 amp keeps the old values for overflowed steps). It applies
-    to the current thread only: pure steps running in other threads meanwhile stay pure.
+    to the current thread only: pure steps running in other threads meanwhile stay pure. Yields the
+    :class:`Donation` record of the tensors updated in place (a nested block adds to the outer one's).
 
     Example:
         >>> import torch
         >>> from fnlit.optim import sgd
         >>> tx, params = sgd(0.5), {"w": torch.ones(2)}
-        >>> with donated_update():
+        >>> with donated_update() as record:
         ...     new_params, _ = step(tx, {"w": torch.ones(2)}, tx.init(params), params)
-        >>> new_params["w"] is params["w"], params["w"]
-        (True, tensor([0.5000, 0.5000]))
+        >>> new_params["w"] is params["w"], params["w"], record.updated[0] is params["w"]
+        (True, tensor([0.5000, 0.5000]), True)
     """
-    if torch.compiler.is_compiling():
-        yield
+    if torch.compiler.is_compiling():  # traced optimizers never update in place
+        yield _NOTHING_UPDATED
         return
-    token = _DONATED.set(enabled)
+    outer = _DONATED.get()
+    record = outer if enabled and outer is not None else Donation()
+    token = _DONATED.set(record if enabled else None)
     try:
-        yield
+        yield record
     finally:
         _DONATED.reset(token)
 
@@ -226,8 +246,11 @@ def own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     # Contiguous, always: on the CPU, torch 2.14's fused Adam/SGD kernels silently compute wrong updates
     # for non-contiguous tensors (a [:, :6] slice came out 2*lr off). A donated non-contiguous tensor is
     # therefore copied too (correct results over in-place).
-    if _DONATED.get():
-        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    record = _DONATED.get()
+    if record is not None:
+        out = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        record.updated += [t for t, o in zip(tensors, out) if o is t]
+        return out
     # clone() keeps a contiguous tensor contiguous; the memory_format argument costs ~1 us a tensor.
     return [t.clone() if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format) for t in tensors]
 
@@ -258,7 +281,7 @@ class Recycler:
 
     def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """:func:`own` for ``tensors``: contiguous copies (or, donated, the tensors themselves)."""
-        if _DONATED.get() or not _storage.AVAILABLE:
+        if _DONATED.get() is not None or not _storage.AVAILABLE:
             return own(tensors)
         # Plain CPU tensors only: the CUDA caching allocator already reuses memory, and a DTensor (fnlit.shard)
         # is copied as a DTensor.
@@ -293,7 +316,7 @@ def own_scaled(tensors: Sequence[torch.Tensor], chosen: Sequence[bool], factor: 
     instead of a copy and then an in-place multiply (the same arithmetic, so the same bits).
     """
     picked = [t for t, c in zip(tensors, chosen) if c]
-    if _DONATED.get() or not all(t.is_contiguous() for t in picked):
+    if _DONATED.get() is not None or not all(t.is_contiguous() for t in picked):
         out = own(tensors)
         picked = [t for t, c in zip(out, chosen) if c]
         if picked:

@@ -38,7 +38,7 @@ import torch.utils._pytree as torch_pytree
 from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
-from .donate import check_not_donated, poison
+from .donate import RAISED, check_not_donated, poison
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -231,6 +231,7 @@ class CompiledStep:
         self.compiles = 0
         self._entries: list[_Entry] = []  # one per input structure (shapes are dynamo's to guard)
         self._needs_seed: bool | None = None
+        self._ran = False  # whether this call's graph started running (set by the donating runner)
 
     # -- capture -----------------------------------------------------------------------------------
     def _backend(self, options: dict[str, Any], eager: bool) -> Callable[..., Any]:
@@ -239,10 +240,19 @@ class CompiledStep:
             self._needs_seed = bool(self._needs_seed) or uses_rng
             self.compiles += 1
             if eager:
-                return gm.forward
-            from torch._inductor.compile_fx import compile_fx
+                run = gm.forward
+            else:
+                from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs, config_patches=options)
+                run = compile_fx(gm, example_inputs, config_patches=options)
+            if not self.donate:
+                return run
+
+            def run_donated(*args: Any) -> Any:
+                self._ran = True  # from here on the graph may write the donated state
+                return run(*args)
+
+            return run_donated
 
         return backend
 
@@ -303,6 +313,17 @@ class CompiledStep:
     # -- call --------------------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         check_not_donated(state)
+        self._ran = False
+        try:
+            return self._call(state, batch)
+        except BaseException:
+            # The graph writes the donated state as it runs: once it has started, a failure (or a Ctrl-C)
+            # leaves that state partly written. An error while capturing or compiling leaves it intact.
+            if self.donate and self._ran:
+                poison(state, "fnlit.compile(step, donate=True)", RAISED)
+            raise
+
+    def _call(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         leaves, entry = self._leaves(state, batch)
         state_spec, compiled, mode = entry.state_spec, entry.compiled, entry.mode
         cudagraphs = mode == "reduce-overhead"
@@ -322,12 +343,11 @@ class CompiledStep:
             raise (inner if isinstance(inner, CaptureError) else e) from None
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise self._explain(e, state, batch) from None
-        if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
-            metrics = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
-        new = entry.unflatten_state(new_leaves)
         if self.donate:
             poison(state, "fnlit.compile(step, donate=True)")
-        return new, metrics
+        if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
+            metrics = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        return entry.unflatten_state(new_leaves), metrics
 
     def _explain(self, err: Exception, state: TrainState, batch: Batch) -> Exception:
         """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it."""
@@ -379,7 +399,10 @@ def compile(
             :func:`fnlit.accumulate` and :func:`fnlit.amp` inside or around it.
         donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
-            poisoned afterwards (any use raises). On CUDA it enables CUDA-graph replay.
+            poisoned afterwards (any use raises). On CUDA it enables CUDA-graph replay. If a call fails
+            (or is interrupted) once its graph has started running, the input state may be partly
+            written: it is poisoned too, and the exception propagates; an error while capturing leaves
+            it intact.
         mode: ``"auto"`` (CUDA graphs on a donated CUDA state, else inductor), ``"default"``,
             ``"reduce-overhead"`` (CUDA graphs; needs ``donate=True``), ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``, or ``"eager"`` (capture and check only, no inductor:

@@ -15,28 +15,35 @@ from .._types import Batch, Metrics, StepFn
 if TYPE_CHECKING:
     from ..state import TrainState
 
-__all__ = ["donating", "poison", "check_not_donated", "Donated"]
+__all__ = ["donating", "poison", "check_not_donated", "is_donated", "Donated", "USED", "RAISED"]
 
-_USED = (
+USED = (
     "This TrainState was donated to a step ({how}), which reused its storage for the state it returned: "
     "its {field!r} no longer holds valid values. Use the state the step returned "
     "(`state, metrics = step(state, batch)`), or pass donate=False to keep the input state intact."
+)
+RAISED = (
+    "This TrainState was donated to a step ({how}) that raised an exception after updating the state's tensors "
+    "in place: it holds neither the old state nor the new one (its {field!r} is not usable). Go on from the "
+    "last checkpoint, or from a copy of the state taken before the step "
+    "(`fnlit.tree.tree_map(torch.clone, state)`)."
 )
 
 
 class Donated:
     """Stands in for each field of a donated TrainState; any use of it raises a RuntimeError."""
 
-    __slots__ = ("_field", "_how")
+    __slots__ = ("_field", "_how", "_text")
 
-    def __init__(self, field: str, how: str) -> None:
+    def __init__(self, field: str, how: str, text: str = USED) -> None:
         # The message is formatted when raised, not here: every donated step poisons a state.
         object.__setattr__(self, "_field", field)
         object.__setattr__(self, "_how", how)
+        object.__setattr__(self, "_text", text)
 
     def _raise(self, *args: Any, **kwargs: Any) -> NoReturn:
         get = object.__getattribute__
-        raise RuntimeError(_USED.format(field=get(self, "_field"), how=get(self, "_how")))
+        raise RuntimeError(get(self, "_text").format(field=get(self, "_field"), how=get(self, "_how")))
 
     def __getattr__(self, name: str) -> NoReturn:
         self._raise()
@@ -50,11 +57,19 @@ class Donated:
         return "<donated>"
 
 
-def poison(state: TrainState, how: str) -> None:
-    """Replaces every data field of ``state`` by a :class:`Donated` sentinel (in place)."""
+def poison(state: TrainState, how: str, text: str = USED) -> None:
+    """Replaces every data field of ``state`` by a :class:`Donated` sentinel (in place).
+
+    ``text`` is the message its use raises (:data:`USED`, or :data:`RAISED` after a failed step).
+    """
     from ..state import _DATA_FIELDS
 
-    state.__dict__.update({f: Donated(f, how) for f in _DATA_FIELDS})
+    state.__dict__.update({f: Donated(f, how, text) for f in _DATA_FIELDS})
+
+
+def is_donated(state: Any) -> bool:
+    """Whether ``state`` (a TrainState) was poisoned by donation: using it would raise."""
+    return isinstance(getattr(state, "__dict__", {}).get("params"), Donated)
 
 
 def check_not_donated(state: Any) -> None:
@@ -73,6 +88,15 @@ def donating(step: StepFn) -> StepFn:
     RuntimeError that says it was donated. (float16 :func:`fnlit.amp` keeps the old params for steps
     whose gradients overflow, so its updates are not done in place.) For a compiled step, use
     ``fnlit.compile(step, donate=True)``.
+
+    The contract, as with ``jax.jit``'s ``donate_argnums``: the input state belongs to the update.
+
+    * The step must not read the input state after ``apply_gradients``: its params and moments then
+      hold the *new* values. Dicts and tensors taken from it before (``p = state.params``) are updated
+      in place too; read what you need (an update's size, say) from the returned state, or copy it first.
+    * If the step raises after the optimizer updated the state in place, the input state is poisoned
+      too (it holds neither the old nor the new state) and the exception propagates; if it raises
+      before, the input state is intact and usable.
 
     Args:
         step: any step function.
@@ -96,8 +120,13 @@ def donating(step: StepFn) -> StepFn:
 
     def donating_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         check_not_donated(state)
-        with donated_update():
-            new, metrics = step(state, batch)
+        with donated_update() as record:
+            try:
+                new, metrics = step(state, batch)
+            except BaseException:
+                if record.updated:  # the state was written: neither the old one nor the new one
+                    poison(state, "fnlit.donating", RAISED)
+                raise
         if new is not state:
             poison(state, "fnlit.donating")
         return new, metrics
