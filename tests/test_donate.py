@@ -127,3 +127,27 @@ def test_fit_interrupted_in_a_donated_step_saves_no_corrupt_state_and_reraises(t
     want = fnlit.fit(inner, fresh(), data, max_epochs=1, progress=False)  # uninterrupted, undonated
     fields = lambda s: (s.step, s.params, s.opt_state, s.rng)  # noqa: E731
     assert_trees_equal(fields(resumed), fields(want))
+
+
+# -- donating is the outermost transform --------------------------------------------------------------------
+@pytest.mark.parametrize("wrap", [lambda s: fnlit.accumulate(s, 2), lambda s: fnlit.amp(s, dtype=torch.bfloat16)],
+                         ids=["accumulate", "amp"])
+def test_donating_inside_another_transform_raises_and_leaves_the_state_intact(model, wrap):
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    before = clone_tree(state)
+    with pytest.raises(ValueError, match=r"outermost.*fnlit.donating\(fnlit.accumulate\(step, k\)\)"):
+        wrap(fnlit.donating(hand_step(model)))(state, batch())
+    assert_trees_equal(state, before)
+
+
+@pytest.mark.parametrize("wrap", [lambda s: fnlit.accumulate(s, 2), lambda s: fnlit.amp(s, dtype=torch.bfloat16)],
+                         ids=["accumulate", "amp"])
+def test_donating_outside_another_transform_is_bitwise_and_poisons(model, wrap):
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    want, m_want = wrap(hand_step(model))(state, batch())
+    donated = clone_tree(state)
+    got, m_got = fnlit.donating(wrap(hand_step(model)))(donated, batch())
+    assert_trees_equal(got, want)
+    assert torch.equal(m_got["loss"], m_want["loss"])
+    with pytest.raises(RuntimeError, match=r"donated to a step \(fnlit.donating\)"):
+        donated.params["0.weight"]

@@ -79,6 +79,15 @@ def check_not_donated(state: Any) -> None:
         params._raise()
 
 
+_INSIDE = (
+    "fnlit.donating must be the outermost transform, but it was called inside the step of another transform "
+    "(fnlit.accumulate, fnlit.amp, fnlit.data_parallel or fnlit.shard). Those pass the inner step a copy of "
+    "the state, so the caller's state would be updated in place and never marked as donated. Put donating "
+    "outermost: fnlit.donating(fnlit.accumulate(step, k)) instead of fnlit.accumulate(fnlit.donating(step), k); "
+    "for a compiled step, fnlit.compile(step, donate=True)."
+)
+
+
 def donating(step: StepFn) -> StepFn:
     """Eager buffer donation: ``step`` may update the input state's tensors in place.
 
@@ -94,6 +103,9 @@ def donating(step: StepFn) -> StepFn:
     * The step must not read the input state after ``apply_gradients``: its params and moments then
       hold the *new* values. Dicts and tensors taken from it before (``p = state.params``) are updated
       in place too; read what you need (an update's size, say) from the returned state, or copy it first.
+    * ``donating`` must be the outermost transform: ``donating(accumulate(step, k))``. Inside another
+      transform's step it raises a ValueError (those pass a copy of the state, which would leave the
+      caller's state updated but not poisoned).
     * If the step raises after the optimizer updated the state in place, the input state is poisoned
       too (it holds neither the old nor the new state) and the exception propagates; if it raises
       before, the input state is intact and usable.
@@ -103,6 +115,9 @@ def donating(step: StepFn) -> StepFn:
 
     Returns:
         A step function with the same results that consumes its input state.
+
+    Raises:
+        ValueError: when called inside another transform's step.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -117,9 +132,12 @@ def donating(step: StepFn) -> StepFn:
         RuntimeError: This TrainState was donated to a step (fnlit.donating), ...
     """
     from ..optim._base import donated_update
+    from ._frame import current
 
     def donating_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         check_not_donated(state)
+        if current() is not None:
+            raise ValueError(_INSIDE)
         with donated_update() as record:
             try:
                 new, metrics = step(state, batch)
