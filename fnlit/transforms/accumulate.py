@@ -60,18 +60,16 @@ def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
 def _mean(values: list[Any], path: str) -> Any:
     first = values[0]
     if isinstance(first, torch.Tensor):
-        if any(v.shape != first.shape for v in values if isinstance(v, torch.Tensor)) or not all(
-            isinstance(v, torch.Tensor) for v in values
-        ):
+        try:
+            stacked = torch.stack(values)  # fails on other shapes, or a value that is not a tensor
+        except (RuntimeError, TypeError) as e:
             shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
             raise ValueError(
                 f"fnlit.accumulate averages each metric over the micro-batches, but metric {path!r} has a "
                 f"different shape in each: {shapes}. Return metrics whose shape does not depend on the batch "
                 "size (reduce them in the step), or use a batch size and k that split it evenly."
-            )
-        if any(v.dtype != torch.float32 for v in values):
-            values = [v.float() for v in values]
-        return torch.stack(values).mean(0)
+            ) from e
+        return (stacked if stacked.dtype == torch.float32 else stacked.float()).mean(0)
     if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) for v in values):
         return sum(values) / len(values)
     if isinstance(first, Mapping):
