@@ -151,3 +151,79 @@ def test_donating_outside_another_transform_is_bitwise_and_poisons(model, wrap):
     assert torch.equal(m_got["loss"], m_want["loss"])
     with pytest.raises(RuntimeError, match=r"donated to a step \(fnlit.donating\)"):
         donated.params["0.weight"]
+
+
+# -- the returned state must not alias what was updated in place --------------------------------------------
+_KEEPS = {
+    "the tensor": lambda w: w,
+    "a detached alias": lambda w: w.detach(),
+    "a view": lambda w: w[1:],
+}
+
+
+def _keeping_prev_weight(model, keep):
+    """A Lookahead-style step: keeps the weights from before the update in a buffer."""
+
+    def step(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            logits, _ = fnlit.apply(model, params, state.buffers, x)
+            return F.cross_entropy(logits, y)
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        prev = keep(state.params["0.weight"])
+        return state.apply_gradients(grads, buffers={**state.buffers, "prev": prev}), {"loss": loss}
+
+    return step
+
+
+@pytest.mark.parametrize("kind", list(_KEEPS))
+def test_donated_step_keeping_an_updated_input_tensor_raises(model, kind):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    want, _ = _keeping_prev_weight(model, _KEEPS[kind])(state, batch())  # undonated: the old weights
+    assert torch.equal(want.buffers["prev"], _KEEPS[kind](model[0].weight.detach()))
+    with pytest.raises(ValueError, match=r"(?s)returned state's buffers\['prev'\] is a tensor that shares memory.*updated in place.*clone\(\)"):
+        fnlit.donating(_keeping_prev_weight(model, _KEEPS[kind]))(clone_tree(state), batch())
+
+
+def test_donated_step_rebuilding_its_params_dict_is_checked_too(model):
+    # The state's params are not the optimizer's own dict: each updated tensor may appear once, and only once.
+    def rebuilding(keep):
+        inner = _keeping_prev_weight(model, keep)
+
+        def step(state, batch):
+            new, metrics = inner(state, batch)
+            return new.replace(params=dict(new.params)), metrics
+
+        return step
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    want, _ = rebuilding(torch.clone)(state, batch())
+    got, _ = fnlit.donating(rebuilding(torch.clone))(clone_tree(state), batch())
+    assert_trees_equal(got, want)
+    with pytest.raises(ValueError, match=r"returned state's buffers\['prev'\] is a tensor that shares memory"):
+        fnlit.donating(rebuilding(lambda w: w))(clone_tree(state), batch())
+
+
+def test_donated_step_keeping_a_copy_is_bitwise_the_undonated_step(model):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    step = _keeping_prev_weight(model, lambda w: w.clone())
+    want, _ = step(state, batch())
+    got, _ = fnlit.donating(step)(clone_tree(state), batch())
+    assert_trees_equal(got, want)
+
+
+def test_donated_step_returning_a_view_of_an_updated_tensor_as_a_metric_raises(model):
+    inner = hand_step(model)
+
+    def step(state, batch):
+        w00 = state.params["0.weight"][0, 0]  # a view: under donation it would show the updated value
+        new, metrics = inner(state, batch)
+        return new, {**metrics, "w00": w00}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    with pytest.raises(ValueError, match=r"returned metrics\['w00'\] is a tensor that shares memory"):
+        fnlit.donating(step)(state, batch())
+    with pytest.raises(RuntimeError, match="raised an exception after updating"):
+        state.params["0.weight"]

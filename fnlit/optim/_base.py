@@ -95,9 +95,14 @@ def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTr
         {'w': tensor([0.9000, 0.9000])}
     """
     if tx.step is not None:
-        return tx.step(grads, opt_state, params)
-    updates, new_state = tx.update(grads, opt_state, params)
-    return apply_updates(params, updates), new_state
+        out = tx.step(grads, opt_state, params)
+    else:
+        updates, new_state = tx.update(grads, opt_state, params)
+        out = apply_updates(params, updates), new_state
+    record = _DONATED.get()
+    if record is not None:  # fnlit.donating checks what else the step returns against what was updated
+        record.outputs.append(out)
+    return out
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -173,13 +178,15 @@ class Donation:
 
     :func:`fnlit.donating` reads it: an exception after an in-place update leaves the input state half
     updated (it is then poisoned), and a returned state or metric that shares memory with an updated
-    tensor would hold the new values where the step meant the old ones.
+    tensor would hold the new values where the step meant the old ones. ``outputs`` are the
+    ``(new_params, new_opt_state)`` pairs :func:`step` returned: those hold the updated tensors once each.
     """
 
-    __slots__ = ("updated",)
+    __slots__ = ("updated", "outputs")
 
     def __init__(self) -> None:
         self.updated: list[torch.Tensor] = []
+        self.outputs: list[tuple[PyTree, Any]] = []
 
 
 _DONATED: ContextVar[Donation | None] = ContextVar("fnlit_donated", default=None)

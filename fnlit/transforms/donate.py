@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import torch
+
+from .. import _storage
+from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
 
 if TYPE_CHECKING:
+    from ..optim._base import Donation
     from ..state import TrainState
 
 __all__ = ["donating", "poison", "check_not_donated", "is_donated", "Donated", "USED", "RAISED"]
@@ -79,6 +84,15 @@ def check_not_donated(state: Any) -> None:
         params._raise()
 
 
+_ALIASED = (
+    "fnlit.donating: the returned {where} is a tensor that shares memory with a tensor of the input state "
+    "which the optimizer updated in place, so it holds the updated values (without donation it would hold the "
+    "ones from before the update). A donated step must not keep tensors of its input state, or views of "
+    "them, besides the updated state itself: e.g. `buffers={{..., 'prev_weight': state.params['weight']}}` "
+    "keeps the weights from before the update only without donation. Keep a copy instead "
+    "(`state.params['weight'].clone()`), or run the step without fnlit.donating."
+)
+
 _INSIDE = (
     "fnlit.donating must be the outermost transform, but it was called inside the step of another transform "
     "(fnlit.accumulate, fnlit.amp, fnlit.data_parallel or fnlit.shard). Those pass the inner step a copy of "
@@ -86,6 +100,87 @@ _INSIDE = (
     "outermost: fnlit.donating(fnlit.accumulate(step, k)) instead of fnlit.accumulate(fnlit.donating(step), k); "
     "for a compiled step, fnlit.compile(step, donate=True)."
 )
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (0 for an empty one, or a tensor without a plain storage)."""
+    if type(t) is not torch.Tensor:  # tensor subclasses (DTensor, ...): compared by identity only
+        return 0
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse or other layouts without one storage
+        return 0
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of ``tree``, in leaf order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [] if tree is None else [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _any_order(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` in any order: a flat dict's values without a flatten (metrics, buffers)."""
+    if type(tree) is dict:
+        values = list(tree.values())
+        if all(isinstance(v, torch.Tensor) for v in values):
+            return values
+    return [tree] if isinstance(tree, torch.Tensor) else [] if tree is None else _tree.tree_leaves(tree)
+
+
+def _first_alias(trees: list[Any], updated: list[torch.Tensor], placed: bool) -> tuple[int, int] | None:
+    """(tree, tensor) index of the first tensor in ``trees`` that aliases one of the ``updated`` tensors.
+
+    With ``placed``, the updated tensors already appear once outside ``trees`` (in the optimizer's
+    outputs), so any tensor sharing memory with one is an alias. Otherwise each may appear once, as
+    itself; a second occurrence, or any other tensor sharing its storage (a view, ``detach()``), is an alias.
+    """
+    storages = {_storage_key(t) for t in updated}
+    storages.discard(0)
+    ids = {id(t) for t in updated}
+    seen: set[int] = set()
+    for i, tree in enumerate(trees):
+        for j, x in enumerate(_tensors(tree)):
+            if id(x) not in ids and _storage_key(x) not in storages:
+                continue
+            if not placed and id(x) in ids and id(x) not in seen:
+                seen.add(id(x))
+                continue
+            return i, j
+    return None
+
+
+_NOT_CHECKED = frozenset({"params", "opt_state", "tx"})
+
+
+def _check_aliases(new: Any, metrics: Any, record: Donation) -> None:
+    """Raises ValueError if the returned state or metrics hold an alias of a tensor updated in place.
+
+    In the usual case (the state's params and opt_state are the optimizer's outputs, and the other
+    tensors -- step, rng, buffers, metrics -- use their storage alone) this costs ~1-2 us a step: an
+    identity test and a storage use count per other tensor. Otherwise every storage address is compared.
+    """
+    fields = getattr(new, "__dict__", {})
+    placed = any(fields.get("params") is p and fields.get("opt_state") is o for p, o in record.outputs)
+    if placed:
+        names = [f for f in fields if f not in _NOT_CHECKED]
+        trees = [fields[f] for f in names] + [metrics]
+        ids = {id(t) for t in record.updated}
+        others = [x for tree in trees for x in _any_order(tree) if isinstance(x, torch.Tensor)]
+        if all(id(x) not in ids and _storage.alone(x) for x in others):
+            return  # none of them is an updated tensor, and none shares memory with anything
+    else:
+        names, trees = [], [new, metrics]
+    found = _first_alias(trees, record.updated, placed)
+    if found is None:
+        return
+    i, j = found
+    if i == len(trees) - 1:
+        paths = _tree.tree_flatten_with_path({"metrics": metrics})
+    else:
+        paths = _tree.tree_flatten_with_path({names[i]: trees[i]} if names else new)
+    where = [p for p, x in zip(paths[0], paths[1]) if isinstance(x, torch.Tensor)][j]
+    raise ValueError(_ALIASED.format(where=("state's " if i < len(trees) - 1 else "") + where))
 
 
 def donating(step: StepFn) -> StepFn:
@@ -103,6 +198,9 @@ def donating(step: StepFn) -> StepFn:
     * The step must not read the input state after ``apply_gradients``: its params and moments then
       hold the *new* values. Dicts and tensors taken from it before (``p = state.params``) are updated
       in place too; read what you need (an update's size, say) from the returned state, or copy it first.
+    * The returned state and metrics must not keep a tensor of the input state (or a view of one) that
+      the optimizer updated, besides the updated state itself: e.g. ``buffers={..., "prev":
+      state.params["w"]}`` would hold the new weights. That raises a ValueError; keep a ``.clone()``.
     * ``donating`` must be the outermost transform: ``donating(accumulate(step, k))``. Inside another
       transform's step it raises a ValueError (those pass a copy of the state, which would leave the
       caller's state updated but not poisoned).
@@ -117,7 +215,8 @@ def donating(step: StepFn) -> StepFn:
         A step function with the same results that consumes its input state.
 
     Raises:
-        ValueError: when called inside another transform's step.
+        ValueError: when called inside another transform's step, or when the returned state or
+            metrics alias a tensor that was updated in place.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -141,6 +240,8 @@ def donating(step: StepFn) -> StepFn:
         with donated_update() as record:
             try:
                 new, metrics = step(state, batch)
+                if record.updated:
+                    _check_aliases(new, metrics, record)
             except BaseException:
                 if record.updated:  # the state was written: neither the old one nor the new one
                     poison(state, "fnlit.donating", RAISED)
