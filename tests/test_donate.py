@@ -14,6 +14,7 @@ from helpers import assert_trees_equal, batch, clone_tree, hand_step, mlp
 import fnlit
 from fnlit.data import ArrayLoader
 from fnlit.optim._base import donated_update, functional_path, use_functional
+from fnlit.transforms.donate import consume
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +228,43 @@ def test_donated_step_returning_a_view_of_an_updated_tensor_as_a_metric_raises(m
         fnlit.donating(step)(state, batch())
     with pytest.raises(RuntimeError, match="raised an exception after updating"):
         state.params["0.weight"]
+
+
+# -- reading the input state after apply_gradients ----------------------------------------------------------
+def _logging_update_size(model):
+    def step(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            logits, _ = fnlit.apply(model, params, state.buffers, x)
+            return F.cross_entropy(logits, y)
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        new = state.apply_gradients(grads)
+        return new, {"loss": loss, "update": (new.params["0.weight"] - state.params["0.weight"]).norm()}
+
+    return step
+
+
+def test_consume_poisons_a_state_whose_update_was_in_place(model):
+    # The hook TrainState.apply_update is to call right after the optimizer step (see the xfail below).
+    tx = fnlit.optim.sgd(0.1, momentum=0.9)
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    new_params, _ = fnlit.optim.step(tx, grads, state.opt_state, state.params)  # not donated: a pure update
+    consume(state, new_params)
+    assert torch.equal(state.params["0.weight"], model[0].weight)
+    with donated_update():
+        new_params, _ = fnlit.optim.step(tx, grads, state.opt_state, state.params)  # in place
+        consume(state, new_params)
+    with pytest.raises(RuntimeError, match="read after its apply_gradients updated it in place"):
+        state.params["0.weight"]
+
+
+@pytest.mark.xfail(strict=True, reason="needs fnlit/state.py: TrainState.apply_update calling donate.consume(self, params)")
+def test_a_donated_step_reading_its_input_state_after_apply_gradients_raises(model):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    _, metrics = _logging_update_size(model)(state, batch())
+    assert metrics["update"] > 0  # undonated, the true size of the update
+    with pytest.raises(RuntimeError, match="read after its apply_gradients updated it in place"):
+        fnlit.donating(_logging_update_size(model))(clone_tree(state), batch())  # instead of a silent 0

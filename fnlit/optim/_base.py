@@ -94,14 +94,16 @@ def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTr
         >>> new_params
         {'w': tensor([0.9000, 0.9000])}
     """
+    record = _DONATED.get()
+    written = len(record.updated) if record is not None else 0
     if tx.step is not None:
         out = tx.step(grads, opt_state, params)
     else:
         updates, new_state = tx.update(grads, opt_state, params)
         out = apply_updates(params, updates), new_state
-    record = _DONATED.get()
     if record is not None:  # fnlit.donating checks what else the step returns against what was updated
         record.outputs.append(out)
+        record.last_in_place = out[0] if len(record.updated) > written else None
     return out
 
 
@@ -180,13 +182,15 @@ class Donation:
     updated (it is then poisoned), and a returned state or metric that shares memory with an updated
     tensor would hold the new values where the step meant the old ones. ``outputs`` are the
     ``(new_params, new_opt_state)`` pairs :func:`step` returned: those hold the updated tensors once each.
+    ``last_in_place`` is the new params of the last :func:`step` that updated its inputs in place.
     """
 
-    __slots__ = ("updated", "outputs")
+    __slots__ = ("updated", "outputs", "last_in_place")
 
     def __init__(self) -> None:
         self.updated: list[torch.Tensor] = []
         self.outputs: list[tuple[PyTree, Any]] = []
+        self.last_in_place: PyTree = None
 
 
 _DONATED: ContextVar[Donation | None] = ContextVar("fnlit_donated", default=None)

@@ -15,12 +15,13 @@ import torch
 from .. import _storage
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
+from ..optim._base import _DONATED
 
 if TYPE_CHECKING:
     from ..optim._base import Donation
     from ..state import TrainState
 
-__all__ = ["donating", "poison", "check_not_donated", "is_donated", "Donated", "USED", "RAISED"]
+__all__ = ["donating", "poison", "consume", "check_not_donated", "is_donated", "Donated", "USED", "RAISED", "READ_AFTER"]
 
 USED = (
     "This TrainState was donated to a step ({how}), which reused its storage for the state it returned: "
@@ -32,6 +33,14 @@ RAISED = (
     "in place: it holds neither the old state nor the new one (its {field!r} is not usable). Go on from the "
     "last checkpoint, or from a copy of the state taken before the step "
     "(`fnlit.tree.tree_map(torch.clone, state)`)."
+)
+
+
+READ_AFTER = (
+    "This TrainState was donated to a step ({how}) and is read after its apply_gradients updated it in place: "
+    "its {field!r} now holds the new values, not the ones from before the update. Inside a donated step, read "
+    "the input state before apply_gradients (copy what you need: `old = state.params['w'].clone()`), or read "
+    "the state apply_gradients returned."
 )
 
 
@@ -70,6 +79,17 @@ def poison(state: TrainState, how: str, text: str = USED) -> None:
     from ..state import _DATA_FIELDS
 
     state.__dict__.update({f: Donated(f, how, text) for f in _DATA_FIELDS})
+
+
+def consume(state: TrainState, new_params: Any) -> None:
+    """Poisons ``state`` if the optimizer step that returned ``new_params`` updated its tensors in place.
+
+    For ``TrainState.apply_update`` to call right after the update (under :func:`donating`): a step that
+    reads its input state afterwards would otherwise silently get the new values.
+    """
+    record = _DONATED.get()
+    if record is not None and new_params is not None and record.last_in_place is new_params:
+        poison(state, "fnlit.donating", READ_AFTER)
 
 
 def is_donated(state: Any) -> bool:
