@@ -14,6 +14,7 @@ from helpers import assert_trees_close, assert_trees_equal, batch, clone_tree, h
 import fnlit
 from fnlit.transforms.compile import CaptureError, CompiledStep, _Entry
 from fnlit.transforms.compile import compile as fnlit_compile
+from fnlit.transforms.amp import init_loss_scale
 from fnlit.transforms.donate import donating
 
 STEPS = 50
@@ -102,6 +103,44 @@ def test_capture_error_leaves_a_donated_state_intact(model):
     with pytest.raises(CaptureError, match="host sync"):
         fnlit_compile(_item_step(model), donate=True, mode="eager")(state, batch())
     assert_trees_equal(state, before)  # nothing ran: the state is intact and usable
+
+
+def _keeping_prev(model):
+    """A Lookahead-style step: keeps the first layer's weights from before the update in a buffer."""
+
+    def step(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            logits, buffers = fnlit.apply(model, params, state.buffers, x)
+            return F.cross_entropy(logits, y), buffers
+
+        (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads, buffers={**buffers, "prev": state.params["0.weight"]}), {"loss": loss}
+
+    return step
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("default", marks=pytest.mark.slow)])
+def test_donated_compile_keeps_values_that_alias_the_donated_state(mode):
+    # The kept weights are an input leaf written over by the update, and float16 amp's loss_scale metric is
+    # the input's scale tensor, written over by the next steps: both must hold what the step saw, as in eager.
+    torch.manual_seed(0)
+    model = mlp()
+    model.register_buffer("prev", model[0].weight.detach().clone())
+    step = fnlit.amp(_keeping_prev(model), dtype=torch.float16)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    state = state.replace(scaler=init_loss_scale(2.0**4, growth_interval=1))  # the scale doubles every step
+    compiled = fnlit_compile(step, donate=True, mode=mode)  # inductor had its own bug here with clone()
+    got, want, scales_got, scales_want = clone_tree(state), state, [], []
+    for i in range(3):
+        got, m_got = compiled(got, batch(seed=i))
+        want, m_want = step(want, batch(seed=i))
+        scales_got.append(m_got["loss_scale"])
+        scales_want.append(m_want["loss_scale"])
+    assert [float(s) for s in scales_got] == [float(s) for s in scales_want] == [16.0, 32.0, 64.0]  # read later
+    torch.testing.assert_close(got.buffers["prev"], want.buffers["prev"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(want.buffers["prev"], want.params["0.weight"], rtol=1e-4, atol=1e-5)
 
 
 def _reordered(state):

@@ -167,6 +167,17 @@ def _keep_input_guards(entries: Any) -> list[bool]:
     ]
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` for the captured graph: ``t * 1`` (bitwise ``t``), not ``t.clone()``.
+
+    Inductor (torch 2.14) lowers a clone of a graph input that the graph also writes as a read of the
+    input *after* the write: ``state.params['w'].clone()`` copied into another donated leaf came out
+    as the updated weights. A multiply is realized before the write (checked against eager and
+    aot_eager for kept, swapped, detached and viewed leaves).
+    """
+    return t & True if t.dtype == torch.bool else t * 1
+
+
 class _Entry:
     """One compiled function and the input structure it was compiled for.
 
@@ -277,10 +288,17 @@ class CompiledStep:
             if new_spec != state_spec:
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
             if donate:  # write the new state into the donated one: inductor does it in its kernels
-                for old, value in zip(leaves[:n_state], new_leaves):
+                # Each value is copied before any is written: a value that is (or views) a donated leaf -- a
+                # state keeping last step's params, a metric that is an input tensor (amp's loss scale) --
+                # must keep what the step saw, not what is written over it. Inductor fuses the copy of a
+                # computed value away (the same kernels as without it).
+                donated = leaves[:n_state]
+                new_leaves = [v if v is old else _fresh(v) for old, v in zip(donated, new_leaves)]
+                metrics = torch_pytree.tree_map(lambda m: _fresh(m) if isinstance(m, torch.Tensor) else m, metrics)
+                for old, value in zip(donated, new_leaves):
                     if old is not value:
                         old.copy_(value)
-                new_leaves = list(leaves[:n_state])
+                new_leaves = list(donated)
             return tuple(new_leaves), metrics
 
         # A fresh code object per compiled step: dynamo caches (and counts recompiles) per code object.
