@@ -23,7 +23,8 @@ import torch
 
 from ..tree import tree_flatten, tree_map, tree_unflatten
 from ._base import (
-    GradientTransformation, Mask, PyTree, Recycler, _raise_mismatch, own, own_scaled, resolve_mask, use_functional,
+    GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, own, own_scaled, resolve_mask,
+    use_functional,
 )
 from ._transforms import check_arg, check_beta, check_nonneg, device_of, scalar, zero_count
 
@@ -260,7 +261,7 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     check_beta(name, "b2", b2)
     check_nonneg(name, "eps", eps)
     check_nonneg(name, "weight_decay", weight_decay)
-    cache: dict[Any, list[bool]] = {}
+    cache = MaskCache()
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     recycler = Recycler()
 
@@ -311,7 +312,15 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
                        weight_decay=0.0 if in_kernel is None or (flags is not None and not flags[idx[0]]) else in_kernel)
         return new_p, [mu, nu]
 
-    return _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional)
+    tx = _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional)
+    if mask is None:
+        return tx
+
+    def init(params: PyTree) -> AdamState:
+        resolve_mask(mask, params, cache)  # in eager mode, where a compiled step finds it (see MaskCache)
+        return tx.init(params)
+
+    return tx._replace(init=init)
 
 
 def adam(

@@ -398,16 +398,42 @@ def decay_mask(params: PyTree) -> PyTree:
     return tree_unflatten(treedef, [t.ndim >= 2 and not n.rstrip("]'\"").endswith("bias") for t, n in zip(leaves, names)])
 
 
-def resolve_mask(mask: Mask, params: PyTree, cache: dict[Any, list[bool]]) -> list[bool]:
+class MaskCache:
+    """:func:`resolve_mask`'s memo, one per optimizer: by params structure, and by parameter names.
+
+    Eager calls key by the optree structure. ``torch.compile`` can neither hash that structure nor
+    always run the mask (a function of names, first tried on the params tree, stops the trace where
+    eager mode gets an AttributeError), so the traced step looks the flags up by the frozenset of a
+    flat params dict's names, filled by eager calls (the optimizers' ``init`` resolves its mask).
+    """
+
+    __slots__ = ("by_structure", "by_names")
+
+    def __init__(self) -> None:
+        self.by_structure: dict[Any, list[bool]] = {}
+        self.by_names: dict[frozenset[str], list[bool]] = {}
+
+
+def resolve_mask(mask: Mask, params: PyTree, cache: MaskCache) -> list[bool]:
     """The mask as one bool per leaf of ``params`` (leaf order), cached per params structure.
 
     ``mask`` is a pytree of bools matching ``params``, a callable ``params -> pytree of bools``, or a
     callable on leaf names ``name -> bool`` (names as :func:`fnlit.tree.tree_paths` gives them; for a
     flat params dict, the keys).
     """
+    if torch.compiler.is_compiling():
+        flags = cache.by_names.get(frozenset(params)) if _flat_tensors(params) else None
+        return flags if flags is not None else _mask_flags(mask, params, tree_structure(params))
     treedef = tree_structure(params)
-    if treedef in cache:
-        return cache[treedef]
+    flags = cache.by_structure.get(treedef)
+    if flags is None:
+        flags = cache.by_structure[treedef] = _mask_flags(mask, params, treedef)
+        if _flat_tensors(params):
+            cache.by_names[frozenset(params)] = flags
+    return flags
+
+
+def _mask_flags(mask: Mask, params: PyTree, treedef: Any) -> list[bool]:
     names = tree_paths(params)
     tree = mask
     if callable(mask):
@@ -416,9 +442,7 @@ def resolve_mask(mask: Mask, params: PyTree, cache: dict[Any, list[bool]]) -> li
         except (TypeError, AttributeError, KeyError):
             tree = None  # not a function of the params tree: a function of names
         if isinstance(tree, bool) or tree is None or tree_structure(tree) != treedef:
-            tree = [bool(mask(n)) for n in names]
-            cache[treedef] = tree
-            return tree
+            return [bool(mask(n)) for n in names]
     m_leaves, m_def = tree_flatten(tree)
     if m_def != treedef:
         raise ValueError(
@@ -426,5 +450,8 @@ def resolve_mask(mask: Mask, params: PyTree, cache: dict[Any, list[bool]]) -> li
             f"{first_mismatch(params, tree, check_shapes=False)}. Give one bool per parameter, a function "
             f"params -> pytree of bools, or a function name -> bool."
         )
-    cache[treedef] = [bool(m) for m in m_leaves]
-    return cache[treedef]
+    return [bool(m) for m in m_leaves]
+
+
+def _flat_tensors(tree: PyTree) -> bool:
+    return type(tree) is dict and all(type(k) is str and isinstance(v, torch.Tensor) for k, v in tree.items())

@@ -13,7 +13,9 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
-from ._base import EmptyState, GradientTransformation, Mask, PyTree, flatten_checked, resolve_mask, use_functional
+from ._base import (
+    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, flatten_checked, resolve_mask, use_functional,
+)
 
 __all__ = [
     "ScaleByAdamState",
@@ -359,7 +361,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         >>> tx.update(grads, tx.init(params), params)[0]
         {'fc.weight': tensor([1.]), 'fc.bias': tensor([0.])}
     """
-    cache: dict[Any, list[bool]] = {}
+    cache = MaskCache()
 
     def init(params: PyTree) -> MaskedState:
         keep = resolve_mask(mask, params, cache)
