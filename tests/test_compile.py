@@ -218,6 +218,18 @@ def test_compiled_python_number_in_the_batch_is_not_stale(model):
     assert compiled.compiles == 4, "1.0, 3.0, 0.5 and the int 2: one graph each; 3.0 again reuses its graph"
 
 
+def test_recompile_limit_raises_a_capture_error_naming_the_fixes(model):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(hand_step(model), mode="eager")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in (8, 12):
+            state, _ = compiled(state, batch(n=n))
+        with pytest.raises(CaptureError, match=r"(?s)recompile limit.*for 2 different batch shapes.*recompile_limit = 2"
+                           r".*drop_last=True.*dynamic=True.*recompile_limit = N"):
+            compiled(state, batch(n=4))
+    assert compiled.compiles == 2
+
+
 def test_compiled_batch_holding_one_tensor_twice(model):
     # The batch is flattened with torch's pytree, which keeps both occurrences.
     inner = hand_step(model)

@@ -86,6 +86,18 @@ _FIXES = {
 }
 
 
+_RECOMPILES = (
+    "fnlit.compile hit torch.compile's recompile limit: the step was compiled for {limit} different batch "
+    "shapes or Python numbers in the batch (torch._dynamo.config.recompile_limit = {limit}), and this batch "
+    "needs one more. Each new batch shape (a smaller last batch, sequences of another length) and each new "
+    "value of a Python number in the batch compiles a graph of its own.\n"
+    "Fix: give batches fixed shapes (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True), or pad "
+    "to a few fixed lengths), pass numbers that change as 0-d tensors, compile with "
+    "fnlit.compile(step, dynamic=True) to let shapes vary in one graph, or raise the limit: "
+    "torch._dynamo.config.recompile_limit = N."
+)
+
+
 def _user_frame(frames: list[tuple[str, int]]) -> tuple[str, int]:
     """The innermost frame outside torch (and, when there is one, outside fnlit)."""
     torch_dir = torch.__file__.rsplit("/", 1)[0]
@@ -361,6 +373,8 @@ class CompiledStep:
             raise (inner if isinstance(inner, CaptureError) else e) from None
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise self._explain(e, state, batch) from None
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise CaptureError(_RECOMPILES.format(limit=torch._dynamo.config.recompile_limit)) from None
         if self.donate:
             poison(state, "fnlit.compile(step, donate=True)")
         if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
@@ -432,7 +446,9 @@ def compile(
 
     Raises:
         ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state.
-        CaptureError: (when called) if the step cannot be captured; the message names the line.
+        CaptureError: (when called) if the step cannot be captured; the message names the line. Also when
+            new batch shapes or Python numbers would compile more graphs than
+            ``torch._dynamo.config.recompile_limit`` (8) allows.
         NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
 
     Example:
