@@ -288,6 +288,18 @@ def test_capture_error_for_print_and_data_dependent_shape(model):
         fnlit_compile(masking, mode="eager")(state, batch())
 
 
+def test_a_step_returning_another_structure_gets_fnlit_s_own_value_error(model):
+    inner = hand_step(model)
+
+    def step(state, b):
+        new, metrics = inner(state, b)
+        return new.replace(buffers={**new.buffers, "extra": torch.zeros(1)}), metrics
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ValueError, match=r"(?s)another structure than it was given: unexpected buffers\['extra'\].*before TrainState.create"):
+        fnlit_compile(step, mode="eager")(state, batch())
+
+
 def test_compile_rejects_data_parallel_and_bad_modes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(NotImplementedError, match="data_parallel.*uncompiled"):

@@ -156,6 +156,22 @@ def _classify(err: Exception, code: str) -> str:
     return "other"
 
 
+def _check_structure(state: TrainState, new: Any) -> None:
+    """Raises the ValueError of the captured function when ``new`` is not structured as ``state``."""
+    if torch_pytree.tree_structure(new) == torch_pytree.tree_structure(state):
+        return
+    where = _tree.first_mismatch(state, new, check_shapes=False) if isinstance(new, type(state)) else None
+    if where is None:
+        where = (f"got a {type(new).__name__}" if not isinstance(new, type(state)) else
+                 "the same keys in another dict order (keep the input's order, e.g. {**state.buffers, 'k': v})")
+    raise ValueError(
+        f"fnlit.compile: the step returned a state of another structure than it was given: {where}. A captured "
+        f"step must return the fields, dict keys and leaves of its input state (the graph is specialized to "
+        f"them): create every buffer before training (register it on the module before TrainState.create) "
+        f"instead of adding it inside the step."
+    )
+
+
 _KEPT_GUARDS = frozenset({"GLOBAL_STATE", "SHAPE_ENV", "TORCH_FUNCTION_MODE_STACK", "DEFAULT_DEVICE", "TENSOR_MATCH"})
 
 
@@ -297,7 +313,7 @@ class CompiledStep:
             state, batch = torch_pytree.tree_unflatten(leaves, spec)
             new, metrics = step(state, batch)
             new_leaves, new_spec = torch_pytree.tree_flatten(new)
-            if new_spec != state_spec:
+            if new_spec != state_spec:  # traced, this reaches the user through _explain, which checks it eagerly
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
             if donate:  # write the new state into the donated one: inductor does it in its kernels
                 # Each value is copied before any is written: a value that is (or views) a donated leaf -- a
@@ -384,7 +400,8 @@ class CompiledStep:
     def _explain(self, err: Exception, state: TrainState, batch: Batch) -> Exception:
         """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it."""
         if "Observed exception" in str(err):
-            self.step(state, batch)  # the step itself raises: let the user see its own error
+            new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
+            _check_structure(state, new)  # or fnlit's own check in the captured function does
         frames = [(f.filename, f.lineno or 0) for f in getattr(err, "real_stack", None) or []]
         frames = frames or _frames_of(str(err))
         filename, lineno = _user_frame(frames)
