@@ -13,6 +13,7 @@ from . import tree as _tree
 from ._types import Buffers, Grads, OptState, Params
 from .optim._base import step as _opt_step
 from .transforms._frame import current as _current_frame
+from .transforms.donate import consume as _consume
 
 if TYPE_CHECKING:
     from .optim import GradientTransformation
@@ -203,9 +204,11 @@ class TrainState:
             (1, True)
         """
         params, opt_state = _opt_step(self.tx, grads, self.opt_state, self.params)
-        return self.replace(
+        new = self.replace(
             step=self.step + 1, params=params, opt_state=opt_state, rng=_random.next_key(self.rng), **changes
         )
+        _consume(self, params)  # under fnlit.donating an in-place update: reading self now would give the new values
+        return new
 
     @property
     def device(self) -> torch.device:

@@ -48,7 +48,7 @@ def build(variant: str, dp: bool = False):
     if variant == "fp16":  # a short growth interval, so the scale changes (and its tracker matters) in 40 steps
         from fnlit.transforms.amp import init_loss_scale
 
-        state = state.replace(scaler=init_loss_scale(2.0**16, growth_interval=3))
+        state = state.replace(scaler=init_loss_scale(2.0**16, growth_interval=4))
     step = fnlit.accumulate(fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1])), 2)
     if VARIANTS[variant] is not None:
         step = fnlit.amp(step, dtype=VARIANTS[variant])

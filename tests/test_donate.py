@@ -247,7 +247,7 @@ def _logging_update_size(model):
 
 
 def test_consume_poisons_a_state_whose_update_was_in_place(model):
-    # The hook TrainState.apply_update is to call right after the optimizer step (see the xfail below).
+    # The hook TrainState.apply_update calls right after the optimizer step.
     tx = fnlit.optim.sgd(0.1, momentum=0.9)
     state = fnlit.TrainState.create(model, tx, seed=0)
     grads = {k: torch.ones_like(v) for k, v in state.params.items()}
@@ -261,7 +261,6 @@ def test_consume_poisons_a_state_whose_update_was_in_place(model):
         state.params["0.weight"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs fnlit/state.py: TrainState.apply_update calling donate.consume(self, params)")
 def test_a_donated_step_reading_its_input_state_after_apply_gradients_raises(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
     _, metrics = _logging_update_size(model)(state, batch())

@@ -216,8 +216,9 @@ def donating(step: StepFn) -> StepFn:
     The contract, as with ``jax.jit``'s ``donate_argnums``: the input state belongs to the update.
 
     * The step must not read the input state after ``apply_gradients``: its params and moments then
-      hold the *new* values. Dicts and tensors taken from it before (``p = state.params``) are updated
-      in place too; read what you need (an update's size, say) from the returned state, or copy it first.
+      hold the *new* values, so the state is poisoned right after the update (reading it raises).
+      Dicts and tensors taken from it before (``p = state.params``) are updated in place too and are
+      not caught; copy what you need (an update's size, say) before ``apply_gradients``.
     * The returned state and metrics must not keep a tensor of the input state (or a view of one) that
       the optimizer updated, besides the updated state itself: e.g. ``buffers={..., "prev":
       state.params["w"]}`` would hold the new weights. That raises a ValueError; keep a ``.clone()``.
