@@ -36,6 +36,17 @@ def hand_step(model: nn.Module):
     return train_step
 
 
+def grads_of(model, state, batch):
+    """``(loss, buffers), grads``: a hand-written step's first half (cross-entropy, no dropout key)."""
+    x, y = batch
+
+    def loss_fn(params):
+        logits, buffers = fnlit.apply(model, params, state.buffers, x)
+        return F.cross_entropy(logits, y), buffers
+
+    return fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
 def clone_tree(tree):
     return fnlit.tree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
 

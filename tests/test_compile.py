@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_trees_close, assert_trees_equal, batch, clone_tree, hand_step, mlp
+from helpers import assert_trees_close, assert_trees_equal, batch, clone_tree, grads_of, hand_step, mlp
 
 import fnlit
 from fnlit.transforms.compile import CaptureError, CompiledStep, _Entry
@@ -125,13 +125,7 @@ def _keeping_prev(model):
     """A Lookahead-style step: keeps the first layer's weights from before the update in a buffer."""
 
     def step(state, batch):
-        x, y = batch
-
-        def loss_fn(params):
-            logits, buffers = fnlit.apply(model, params, state.buffers, x)
-            return F.cross_entropy(logits, y), buffers
-
-        (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, buffers), grads = grads_of(model, state, batch)
         return state.apply_gradients(grads, buffers={**buffers, "prev": state.params["0.weight"]}), {"loss": loss}
 
     return step
@@ -249,13 +243,7 @@ def test_compiled_batch_holding_one_tensor_twice(model):
 
 def _item_step(model):
     def train_step(state, batch):
-        x, y = batch
-
-        def loss_fn(params):
-            logits, buffers = fnlit.apply(model, params, state.buffers, x)
-            return F.cross_entropy(logits, y), buffers
-
-        (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, buffers), grads = grads_of(model, state, batch)
         return state.apply_gradients(grads, buffers=buffers), {"loss": loss.item()}  # ITEM_LINE
 
     return train_step

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_trees_equal, batch, clone_tree, hand_step, mlp
+from helpers import assert_trees_equal, batch, clone_tree, grads_of, hand_step, mlp
 
 import fnlit
 from fnlit.data import ArrayLoader
@@ -166,13 +166,7 @@ def _keeping_prev_weight(model, keep):
     """A Lookahead-style step: keeps the weights from before the update in a buffer."""
 
     def step(state, batch):
-        x, y = batch
-
-        def loss_fn(params):
-            logits, _ = fnlit.apply(model, params, state.buffers, x)
-            return F.cross_entropy(logits, y)
-
-        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        (loss, _), grads = grads_of(model, state, batch)
         prev = keep(state.params["0.weight"])
         return state.apply_gradients(grads, buffers={**state.buffers, "prev": prev}), {"loss": loss}
 
@@ -233,13 +227,7 @@ def test_donated_step_returning_a_view_of_an_updated_tensor_as_a_metric_raises(m
 # -- reading the input state after apply_gradients ----------------------------------------------------------
 def _logging_update_size(model):
     def step(state, batch):
-        x, y = batch
-
-        def loss_fn(params):
-            logits, _ = fnlit.apply(model, params, state.buffers, x)
-            return F.cross_entropy(logits, y)
-
-        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        (loss, _), grads = grads_of(model, state, batch)
         new = state.apply_gradients(grads)
         return new, {"loss": loss, "update": (new.params["0.weight"] - state.params["0.weight"]).norm()}
 
