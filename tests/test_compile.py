@@ -292,6 +292,9 @@ def test_compile_rejects_data_parallel_and_bad_modes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(NotImplementedError, match="data_parallel.*uncompiled"):
         fnlit_compile(fnlit.data_parallel(hand_step(model)))(state, batch())
+    with pytest.raises(ValueError, match=r"compile\(step, donate=True\) instead of fnlit.compile\(fnlit.donating"):
+        fnlit_compile(donating(hand_step(model)))(state, batch())
+    assert_trees_equal(state.params, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0).params)  # intact
     with pytest.raises(ValueError, match="expected mode in .* got 'fast'"):
         fnlit_compile(hand_step(model), mode="fast")
     with pytest.raises(ValueError, match="reduce-overhead.*donate=True"):

@@ -421,12 +421,22 @@ _DATA_PARALLEL = (
 )
 
 
+_DONATING = (
+    "fnlit.compile got a step wrapped in fnlit.donating, whose in-place update does not survive capture "
+    "(the compiled step would neither update in place nor mark the input state as donated). Use "
+    "fnlit.compile(step, donate=True) instead of fnlit.compile(fnlit.donating(step))."
+)
+
+
 def _check_supported(step: Any) -> None:
-    """Raises NotImplementedError when a transform that cannot be captured wraps (or is wrapped in) the step."""
+    """Raises when a transform that cannot be captured wraps (or is wrapped in) the step."""
     seen = 0
     while step is not None and seen < 64:
-        if getattr(step, "__name__", "") == "data_parallel_step":
+        name = getattr(step, "__name__", "")
+        if name == "data_parallel_step":
             raise NotImplementedError(_DATA_PARALLEL)
+        if name == "donating_step":
+            raise ValueError(_DONATING)
         step, seen = getattr(step, "__wrapped__", None), seen + 1
 
 
