@@ -157,8 +157,37 @@ def four_ranks(save_dir: str):
     }
 
 
+def batchnorm_buffers():
+    """shard(accumulate(step, 2)) on a BatchNorm model: the buffers after one step, with the reference (a
+    torch copy of the model run on this rank's two micro-batches, averaged across ranks by hand), and
+    after three steps."""
+    import copy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = mlp(D_IN, HIDDEN, D_OUT, bn=True)
+    reference = copy.deepcopy(model).train()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    step = shard(fnlit.accumulate(hand_step(model), 2))
+    out = []
+    for i in range(3):
+        x, y = local(global_batch(i), rank, world)
+        if i == 0:
+            with torch.no_grad():
+                for xm in x.chunk(2):
+                    reference(xm)
+        state, _ = step(state, (x, y))
+        out.append({k: v.clone() for k, v in state.buffers.items()})
+    want = {n: b.detach().clone() for n, b in reference.named_buffers() if b.is_floating_point()}
+    for b in want.values():
+        dist.all_reduce(b)
+        b /= world
+    return {"after_1": out[0], "after_3": out[-1], "want_1": want}
+
+
 def two_ranks(save_dir: str):
     return {
+        "batchnorm": batchnorm_buffers(),
         "plain": run("plain"),
         "accumulate_amp_fp16": run("accumulate_amp_fp16"),
         "accumulate_amp_fp16_dp": run("accumulate_amp_fp16", data_parallel=True),

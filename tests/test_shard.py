@@ -62,6 +62,14 @@ def test_sharded_run_matches_one_process_on_the_global_batch(runs, world):
         assert all(torch.equal(r["plain"]["params"][k], runs[world][0]["plain"]["params"][k]) for r in runs[world])
 
 
+def test_batchnorm_statistics_are_averaged_across_ranks(runs):
+    r0, r1 = (r["batchnorm"] for r in runs[2])
+    for name, want in r0["want_1"].items():
+        torch.testing.assert_close(r0["after_1"][name], want, rtol=1e-5, atol=1e-6)
+    for name, b in r0["after_3"].items():
+        assert torch.equal(b, r1["after_3"][name]), name  # every rank keeps the same state
+
+
 def test_shard_composes_with_accumulate(runs):
     ref, _ = _reference("accumulate")
     for r in runs[4]:
