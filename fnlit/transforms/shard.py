@@ -308,8 +308,10 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
     ``fnlit.fit(fnlit.shard(step), state, ...)`` works); :func:`fnlit.apply` gathers the parameters for
     the forward, the backward reduce-scatters the gradients (their mean over ranks), and the optimizer
     updates each rank's shard. The result equals a single process stepping on the global batch.
-    Metrics are averaged across ranks (one small all-reduce). Each rank draws its own dropout masks
-    (its key is folded with its rank); ``state.rng`` stays the same on all ranks.
+    Metrics are averaged across ranks (one small all-reduce), and so are the buffers a step updates
+    (BatchNorm's running statistics, which each rank computes on its own part of the batch), so every
+    rank keeps the same buffers. Each rank draws its own dropout masks (its key is folded with its
+    rank); ``state.rng`` stays the same on all ranks.
 
     Composes with :func:`fnlit.accumulate` (the gradients accumulate sharded; every micro-batch gathers
     the parameters and reduce-scatters its gradients, as FSDP does without ``no_sync``) and
