@@ -1,8 +1,8 @@
 """Whether the memory of a tensor storage may be written again: nothing but its keeper holds it.
 
 Used where fnlit reuses CPU memory instead of allocating afresh (a fresh large block page-faults as it
-is first written): the optimizers' recycled outputs (and, for its use count, data_parallel's flat
-gradient buffers). Relies on the private ``torch._C._storage_Use_Count``; without it nothing is reused.
+is first written): the optimizers' recycled outputs (:func:`unheld`) and data_parallel's flat gradient
+buffers (:func:`alone`); donation's alias check also asks :func:`alone`. Relies on the private ``torch._C._storage_Use_Count``; without it nothing is reused.
 """
 
 from __future__ import annotations

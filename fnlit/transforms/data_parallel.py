@@ -49,8 +49,8 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
 # keeps its buckets). A fresh buffer page-faults as the all-reduce writes into it (glibc hands big blocks
 # back to the OS): on 2 gloo ranks a 7.4 MB all-reduce took 6.8 ms into a fresh buffer, 4.9 ms into a
 # reused one.
-# The same tensor object is handed out each time. Handing out a new tensor on the kept storage instead (and
-# checking it with fnlit._storage.unheld) left the storage looking held after some all-reduces -- the
+# The same tensor object is handed out each time, reused when fnlit._storage.alone says nothing else uses its
+# storage. Handing out a new tensor on the kept storage instead (and checking it with fnlit._storage.unheld) left the storage looking held after some all-reduces -- the
 # reuse test failed in 4 of 12 runs, likely gloo releasing its tensor reference late -- whereas a lingering
 # reference to the same tensor does not count here.
 # At most _MAX_BUFFERS layouts are kept, the least recently used dropped first: a process that trains many
@@ -62,8 +62,7 @@ _MAX_BUFFERS = 8
 def _flat_buffer(slot: int, like: torch.Tensor, numel: int, reuse: bool) -> torch.Tensor:
     key = (slot, like.dtype, like.device, numel)
     buf = _BUFFERS.pop(key, None) if reuse and like.device.type == "cpu" and _storage.AVAILABLE else None
-    # 2 references: the buffer's own and the temporary storage object; any more is a live view of it.
-    if buf is None or _storage._use_count(buf.untyped_storage()._cdata) != 2:
+    if buf is None or not _storage.alone(buf):  # a live view of it (a result still held): not reusable
         buf = torch.empty(numel, dtype=like.dtype, device=like.device)
     if reuse and like.device.type == "cpu":
         _BUFFERS[key] = buf  # (re)inserted last: the dict's order is the order of use

@@ -99,9 +99,8 @@ def is_donated(state: Any) -> bool:
 
 def check_not_donated(state: Any) -> None:
     """Raises the donation error if ``state`` (a TrainState) was donated before."""
-    params = getattr(state, "__dict__", {}).get("params")
-    if isinstance(params, Donated):
-        params._raise()
+    if is_donated(state):
+        state.params._raise()
 
 
 _ALIASED = (
@@ -140,12 +139,12 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def _any_order(tree: Any) -> list[Any]:
-    """The leaves of ``tree`` in any order: a flat dict's values without a flatten (metrics, buffers)."""
+    """:func:`_tensors` in any order: a flat dict's values without a flatten (metrics, buffers)."""
     if type(tree) is dict:
         values = list(tree.values())
         if all(isinstance(v, torch.Tensor) for v in values):
             return values
-    return [tree] if isinstance(tree, torch.Tensor) else [] if tree is None else _tree.tree_leaves(tree)
+    return _tensors(tree)
 
 
 def _first_alias(trees: list[Any], updated: list[torch.Tensor], placed: bool) -> tuple[int, int] | None:
@@ -186,7 +185,7 @@ def _check_aliases(new: Any, metrics: Any, record: Donation) -> None:
         names = [f for f in fields if f not in _NOT_CHECKED]
         trees = [fields[f] for f in names] + [metrics]
         ids = {id(t) for t in record.updated}
-        others = [x for tree in trees for x in _any_order(tree) if isinstance(x, torch.Tensor)]
+        others = [x for tree in trees for x in _any_order(tree)]
         if all(id(x) not in ids and _storage.alone(x) for x in others):
             return  # none of them is an updated tensor, and none shares memory with anything
     else:
