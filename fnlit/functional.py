@@ -183,7 +183,7 @@ def apply(
             out = _call_swapped(module, slots, tensors, args, kwargs)
         else:  # what `with fnlit.random.seeded(rng, device):` does, without the object
             first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
-            saved = _random._seed(rng, first.device if first is not None and first.is_cuda else None)
+            saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
             try:
                 out = _call_swapped(module, slots, tensors, args, kwargs)
             finally:

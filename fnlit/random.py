@@ -207,6 +207,11 @@ def _seed(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Gene
     """Seeds the generators from ``k``; returns their previous states, or None when traced."""
     if _is_traced(k):
         return None
+    return _seed_eager(k, device)
+
+
+def _seed_eager(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """:func:`_seed` for a caller that has checked it runs outside torch.compile and torch.func (fnlit.apply)."""
     if k.dim() != 0:
         raise ValueError(
             f"fnlit.random.seeded expected a single key (a 0-d tensor), got shape {tuple(k.shape)} instead; "

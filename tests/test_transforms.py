@@ -287,6 +287,20 @@ def test_accumulate_with_k_1_is_the_step_itself_dropout_included():
     assert torch.equal(ma["loss"], mb["loss"]) and torch.equal(a.rng, b.rng)
 
 
+def test_split_batch_matches_chunk():
+    from fnlit.transforms.accumulate import split_batch
+
+    x, y = torch.randn(8, 3), torch.arange(8)
+    ref = list(zip(x.chunk(4), y.chunk(4)))
+    for kind in (tuple, list):
+        parts = split_batch(kind((x, y)), 4)
+        assert len(parts) == 4 and all(type(p) is kind for p in parts)
+        assert all(torch.equal(p[0], r[0]) and torch.equal(p[1], r[1]) for p, r in zip(parts, ref))
+    parts = split_batch({"x": x, "tag": "a"}, 4)  # non-tensor leaves are shared
+    assert [p["tag"] for p in parts] == ["a"] * 4 and all(torch.equal(p["x"], r[0]) for p, r in zip(parts, ref))
+    assert split_batch((), 3) == [(), (), ()]
+
+
 def test_accumulate_errors():
     with pytest.raises(ValueError, match="positive int k, got 0"):
         fnlit.accumulate(lambda s, b: (s, {}), 0)

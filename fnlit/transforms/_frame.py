@@ -203,11 +203,14 @@ class Frame:
         """The in-place call's gradients: the accumulator (zeros where the loss does not reach)."""
         leaves = self.leaves
         assert leaves is not None
+        grads, versions = [], []
         for leaf in leaves:
-            if leaf.grad is None:
-                leaf.grad = torch.zeros_like(leaf)
-        self.fast_grads = grads = [leaf.grad for leaf in leaves]
-        self.fast_versions = [g._version for g in grads]
+            g = leaf.grad
+            if g is None:
+                g = leaf.grad = torch.zeros_like(leaf)
+            grads.append(g)
+            versions.append(g._version)
+        self.fast_grads, self.fast_versions = grads, versions
         return grads
 
     def record(self, sources: list[Any], grads: list[torch.Tensor]) -> None:

@@ -30,9 +30,9 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     """
     kind = type(batch)
     if kind is tuple or kind is list:  # the usual (x, y): no tree round trip
-        if all(type(t) is torch.Tensor and t.dim() > 0 and t.shape[0] % k == 0 for t in batch):
-            parts = [t.tensor_split(k) for t in batch]
-            return [kind(p[i] for p in parts) for i in range(k)]
+        if batch and all(type(t) is torch.Tensor and t.dim() > 0 and t.shape[0] % k == 0 for t in batch):
+            parts = zip(*[t.tensor_split(k) for t in batch])
+            return list(parts) if kind is tuple else [list(p) for p in parts]
     leaves, treedef = _tree.tree_flatten(batch)
     chunks: list[Any] = []
     for j, leaf in enumerate(leaves):
