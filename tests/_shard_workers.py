@@ -17,11 +17,14 @@ SAVE_AT = 5
 D_IN, HIDDEN, D_OUT = 13, 37, 5  # uneven: 37 rows and 5 outputs do not split evenly over 2 or 4 ranks
 
 
-def make_state(fp16: bool = False):
+def make_state(fp16: bool = False, optimizer: str = "adamw"):
     torch.manual_seed(0)
     model = mlp(D_IN, HIDDEN, D_OUT)
-    # A small clipping threshold so that clipping is active: it needs the global norm over all shards.
-    tx = fnlit.optim.chain(fnlit.optim.clip_by_global_norm(0.5), fnlit.optim.adamw(1e-2, weight_decay=0.1))
+    if optimizer == "sgd":  # momentum, Nesterov and L2 decay: the fused SGD kernel's options
+        tx = fnlit.optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    else:
+        # A small clipping threshold so that clipping is active: it needs the global norm over all shards.
+        tx = fnlit.optim.chain(fnlit.optim.clip_by_global_norm(0.5), fnlit.optim.adamw(1e-2, weight_decay=0.1))
     return model, fnlit.TrainState.create(model, tx, seed=0, loss_scale="dynamic" if fp16 else None)
 
 
@@ -49,14 +52,14 @@ def full(tree):
     return fnlit.tree.tree_map(lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.clone(), tree)
 
 
-def run(kind: str, steps: int = STEPS, save_dir: str | None = None, data_parallel: bool = False):
+def run(kind: str, steps: int = STEPS, save_dir: str | None = None, data_parallel: bool = False, optimizer: str = "adamw"):
     """``steps`` sharded steps; returns the unsharded params, losses, step and key (and saves at SAVE_AT).
 
     With ``data_parallel=True`` the same run under fnlit.data_parallel instead of shard: the reference
     for amp, whose low-precision matmuls round sums over each rank's part of the batch.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, state = make_state(fp16="fp16" in kind)
+    model, state = make_state(fp16="fp16" in kind, optimizer=optimizer)
     step = (fnlit.data_parallel if data_parallel else shard)(compose(hand_step(model), kind))
     losses = []
     for i in range(steps):
@@ -189,6 +192,7 @@ def two_ranks(save_dir: str):
     return {
         "batchnorm": batchnorm_buffers(),
         "plain": run("plain"),
+        "sgd": run("plain", optimizer="sgd"),
         "accumulate_amp_fp16": run("accumulate_amp_fp16"),
         "accumulate_amp_fp16_dp": run("accumulate_amp_fp16", data_parallel=True),
         "resume": resume(save_dir),

@@ -231,6 +231,8 @@ def sgd(
 
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
+        if any(type(q) is not torch.Tensor for q in p):  # DTensor (fnlit.shard): torch has no sharding rule for _fused_sgd_
+            return functional(g, p, bufs, count, lr, wd, params)
         with torch.no_grad():
             # L2 decay: on the CPU the kernel adds wd * p to the gradient itself (the same bits as the separate
             # addcmul; the gradients are not written), elsewhere a separate pass.
