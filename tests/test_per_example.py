@@ -51,6 +51,21 @@ def test_dp_clipping_and_averaging_match_a_hand_computation():
     assert not torch.equal(state.rng, tx.init(g).rng)  # the key advances
 
 
+def test_dp_aggregate_keeps_each_leafs_dtype():
+    # A bfloat16 leaf next to a float32 one: the same hand computation as above, each result in its own dtype.
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=0.0)
+    g = {"a": torch.tensor([[3.0], [0.1], [0.0]]), "b": torch.tensor([[4.0, 0.0], [0.0, 0.0], [0.0, 2.0]]).bfloat16()}
+    out, _ = tx.update(g, tx.init(g))
+    assert out["a"].dtype == torch.float32 and out["b"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["a"], torch.tensor([(0.6 + 0.1 + 0.0) / 3]))
+    torch.testing.assert_close(out["b"], torch.tensor([0.8 / 3, 1.0 / 3]).bfloat16())
+    params = {"a": torch.zeros(1), "b": torch.zeros(2).bfloat16()}
+    full = chain(dp_sgd_aggregate(1.0, 0.0), sgd(1.0))  # the fused kernel takes one dtype per group
+    new, _ = fnlit.optim.step(full, g, full.init(params), params)
+    assert new["b"].dtype == torch.bfloat16
+    torch.testing.assert_close(new["b"], -torch.tensor([0.8 / 3, 1.0 / 3]).bfloat16())
+
+
 def test_dp_noise_has_the_calibrated_std_and_is_deterministic():
     tx = dp_sgd_aggregate(l2_norm_clip=2.0, noise_multiplier=1.5, seed=3)
     zeros = {"w": torch.zeros(4, 20_000)}  # batch of 4 zero gradients: the output is the noise / 4

@@ -93,13 +93,16 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
                 "fnlit.per_example_grads(loss_fn, state.params, batch)."
             )
         b = sizes.pop()
-        norms = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1) for g in leaves], 1)
+        # In float32 at least (a bfloat16 leaf's clipping and noise too); each result in its leaf's dtype.
+        work = [torch.promote_types(g.dtype, torch.float32) for g in leaves]
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=w) for g, w in zip(leaves, work)], 1)
         divisor = torch.clamp(torch.linalg.vector_norm(norms, dim=1) / l2_norm_clip, min=1.0)  # (B,)
-        summed = [(g / divisor.reshape((b,) + (1,) * (g.dim() - 1))).sum(0) for g in leaves]
+        summed = [(g.to(w) / divisor.to(w).reshape((b,) + (1,) * (g.dim() - 1))).sum(0) for g, w in zip(leaves, work)]
         if std > 0:
             gen = _noise_generator(state.rng)
             noise = [torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device) for s in summed]
             summed = [s + std * z for s, z in zip(summed, noise)]
-        return tree_unflatten(treedef, [s / b for s in summed]), DPAggregateState(_random.next_key(state.rng))
+        out = [(s / b).to(g.dtype) for s, g in zip(summed, leaves)]
+        return tree_unflatten(treedef, out), DPAggregateState(_random.next_key(state.rng))
 
     return GradientTransformation(init, update)
