@@ -67,7 +67,8 @@ def _labelled(tree: Any, name: str, state: bool = False) -> tuple[list[str], lis
 def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-6, name: str = "tree") -> None:
     """Asserts two pytrees have the same structure and leaves equal within ``atol + rtol * |expected|``.
 
-    Tensor leaves must also agree in shape and dtype; other leaves must be ``==``.
+    Tensor leaves must also agree in shape and dtype; integer and bool tensors (steps, keys, counters)
+    must be equal exactly, complex ones are compared as complex numbers; other leaves must be ``==``.
 
     Args:
         actual: the tree under test.
@@ -117,7 +118,14 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
         return f"dtype {a.dtype}, expected {e.dtype}"
     if a.numel() == 0:
         return None
-    a64, e64 = a.detach().cpu().double(), e.detach().cpu().double()
+    a, e = a.detach().cpu(), e.detach().cpu()
+    if not (e.is_floating_point() or e.is_complex()):  # steps, keys, counters, masks: exactly
+        if torch.equal(a, e):
+            return None
+        idx = tuple(int(i) for i in (a != e).nonzero()[0])
+        return f"got {a[idx].item()}, expected {e[idx].item()} (at index {idx}; integer and bool leaves compare exactly)"
+    wide = torch.complex128 if e.is_complex() else torch.float64
+    a64, e64 = a.to(wide), e.to(wide)
     if torch.allclose(a64, e64, rtol=rtol, atol=atol, equal_nan=True):
         return None
     diff = torch.where(torch.isnan(a64) & torch.isnan(e64), 0.0, (a64 - e64).abs()).nan_to_num(float("inf"))
@@ -264,7 +272,7 @@ class HostSyncError(AssertionError):
 _ALLOWED = frozenset(
     f.__code__
     for f in (
-        _random._seed,
+        _random._seed_eager,
         _random.split,
         _random.fold_in,
         _random._fold_in_range,

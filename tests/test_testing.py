@@ -43,6 +43,22 @@ def test_trees_close_reports_structure_dtype_and_state_paths():
         assert_trees_close(other, donated)
 
 
+def test_trees_close_compares_integer_leaves_exactly_and_complex_as_complex():
+    # Tolerances are for floats: a step counter or a key one apart differs, however large it is.
+    big = torch.tensor([2**60])
+    with pytest.raises(AssertionError, match=r"got 1152921504606846977, expected 1152921504606846976 .*compare exactly"):
+        assert_trees_close({"k": big + 1}, {"k": big}, rtol=0, atol=0)
+    _, state = make()
+    later = state.replace(step=torch.tensor(100_001))
+    with pytest.raises(AssertionError, match=r"state\.step differs: got 100001, expected 100000"):
+        assert_trees_close(later, state.replace(step=torch.tensor(100_000)), name="state")
+    with pytest.raises(AssertionError, match="got False, expected True"):
+        assert_trees_close({"m": torch.tensor([True, False])}, {"m": torch.tensor([True, True])})
+    with pytest.raises(AssertionError, match=r"max abs difference 2 "):  # |(1+1j) - (1-1j)|, not 0
+        assert_trees_close({"z": torch.tensor([1 + 1j])}, {"z": torch.tensor([1 - 1j])})
+    assert_trees_close({"z": torch.tensor([1 + 1j])}, {"z": torch.tensor([1 + 1j + 1e-7])})
+
+
 # ---------------------------------------------------------------- assert_pure
 def test_assert_pure_passes_a_correct_step_with_dropout_and_batchnorm():
     model, state = make(dropout=0.3, bn=True)
