@@ -291,6 +291,18 @@ _READS = frozenset(
 )
 _SCALAR = torch.ops.aten._local_scalar_dense.default
 _COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+_aten = torch.ops.aten
+# Ops whose result is a Python value computed from tensor values (a read, whatever the Python route).
+_VALUE_OPS = {_aten.equal.default: "torch.equal", _aten.allclose.default: "torch.allclose", _aten.is_nonzero.default: "bool(tensor)"}
+# Ops whose output shape depends on tensor values: the host waits for the device to learn the size.
+_SHAPE_OPS = {
+    _aten.nonzero.default: "nonzero (also torch.where(cond) with one argument)",
+    _aten.masked_select.default: "masked_select",
+    _aten._unique2.default: "torch.unique",
+    _aten.unique_dim.default: "torch.unique",
+    _aten.unique_consecutive.default: "torch.unique_consecutive",
+}
+_MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default)
 
 
 def _caller() -> types.FrameType | None:
@@ -328,6 +340,16 @@ class _DispatchMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _SCALAR:
             _flag("a scalar read (aten._local_scalar_dense)", args[0])
+        elif func in _VALUE_OPS:
+            _flag(_VALUE_OPS[func], None)
+        elif func in _SHAPE_OPS:
+            _flag(f"{_SHAPE_OPS[func]}, whose output shape depends on the values", None)
+        elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            _flag("repeat_interleave with tensor repeats and no output_size", None)
+        elif func in _MASK_INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        ):
+            _flag("indexing with a boolean mask (x[mask]); use torch.where(mask, x, other) or masked_fill", None)
         elif func in _COPIES:
             src, dst = (args[0], kwargs.get("device")) if func is _COPIES[0] else (args[1], args[0].device)
             if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
@@ -339,7 +361,9 @@ class no_host_sync:
     """Inside the block, reading a tensor's value on the host raises :class:`HostSyncError`.
 
     Catches ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` (``if loss > 0:``), ``.tolist()``,
-    ``.numpy()``, printing or formatting a tensor, and copies from an accelerator to the host (``.cpu()``),
+    ``.numpy()``, ``torch.equal``/``torch.allclose``, printing or formatting a tensor, copies from an
+    accelerator to the host (``.cpu()``), and ops whose output shape depends on tensor values (boolean-mask
+    indexing, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``),
     on any device -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring). Ops run a little slower inside.
 

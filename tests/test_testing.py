@@ -177,13 +177,33 @@ def with_planted(read):
         (lambda t: t.numpy(), r"Tensor\.numpy\(\)"),
         (lambda t: print(t), r"repr\(tensor\)"),
         (lambda t: f"{t:.3f}", r"format\(tensor\)"),
+        (lambda t: 1 if torch.equal(t, t * 2) else 0, r"torch\.equal"),
+        (lambda t: 1 if torch.allclose(t, t * 2) else 0, r"torch\.allclose"),
+        (lambda t: torch.arange(4.0)[torch.arange(4.0) > t], r"indexing with a boolean mask.*"),
+        (lambda t: (torch.arange(4.0) > t).nonzero(), r"nonzero .*output shape depends on the values"),
+        (lambda t: torch.arange(4.0).masked_select(torch.arange(4.0) > t),
+         r"masked_select, whose output shape depends on the values"),
+        (lambda t: torch.unique(t.reshape(1)), r"torch\.unique, whose output shape.*"),
+        (lambda t: torch.arange(2).repeat_interleave((t.reshape(1) > 0).long().expand(2)),
+         r"repeat_interleave with tensor repeats and no output_size"),
     ],
-    ids=["item", "float", "int", "if", "tolist", "numpy", "print", "format"],
+    ids=["item", "float", "int", "if", "tolist", "numpy", "print", "format", "equal", "allclose", "mask_index",
+         "nonzero", "masked_select", "unique", "repeat_interleave"],
 )
 def test_no_host_sync_catches_reads_and_names_the_line(read, name):
     bad, state = with_planted(read)
     with pytest.raises(HostSyncError, match=rf"host sync inside the step: {name} at .*test_testing\.py:\d+"):
         assert_no_host_sync(bad, state, batch())
+
+
+def test_no_host_sync_passes_the_sync_free_alternatives():
+    x = torch.arange(4.0)
+    with no_host_sync():
+        torch.where(x > 1, x, 0.0)
+        x.masked_fill(x > 1, 0.0)
+        torch.nonzero_static(x > 1, size=4)
+        torch.arange(2).repeat_interleave(torch.tensor([1, 2]), output_size=3)
+        x[torch.tensor([0, 2])]  # integer indices: the output shape is the index's
 
 
 def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
