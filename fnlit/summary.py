@@ -187,6 +187,19 @@ class CSVWriter:
     and at ``flush``/``close``); the file appears with the first row. A closed writer refuses more rows.
     ``log_hparams`` writes ``hparams.json`` beside it.
 
+    An existing file is continued, not replaced, as :class:`TensorBoardWriter` leaves the event files
+    already in its folder: a run resumed from a checkpoint (``fit(..., ckpt_path=...)`` with the same
+    ``log_dir``) keeps the rows the earlier run wrote. A row this writer logs replaces the file's rows
+    at later steps, and at its own step those holding any of its metrics: the earlier run may have
+    logged past the checkpoint this one restarts from, and this one logs those steps again. The earlier
+    rows come first, in their order, and their columns stay in the header while they hold values. A
+    fresh run logged into a folder that holds an earlier run's file follows the same rule, so the
+    earlier rows before its first step stay (as the earlier event files stay). To start over, delete
+    the file or log to another folder. A file that has no ``step`` column, or a row without a numeric
+    step, is not continued: the writer raises a ValueError rather than overwrite it. Rewrites go to a
+    temporary file renamed over this one, so a process killed while rewriting never loses the earlier
+    rows.
+
     Args:
         path: a ``.csv`` file, or a directory (the file is then ``<dir>/metrics.csv``).
         flush_secs: how long after a write logged rows are held before the next log call writes them
@@ -201,6 +214,20 @@ class CSVWriter:
         step,loss
         1,0.5
         2,0.25
+
+        A run resumed from step 10, after an earlier run logged steps 5 to 15 before it stopped:
+
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     w = CSVWriter(d)
+        ...     for step, loss in [(5, 0.5), (10, 0.4), (15, 0.3)]: w.log_metrics({"loss": loss}, step)
+        ...     w.close()
+        ...     w = CSVWriter(d)  # the resumed run: its first row replaces the earlier run's step 15
+        ...     w.log_metrics({"loss": 0.35, "acc": 0.9}, step=15); w.close()
+        ...     print(pathlib.Path(w.path).read_text().strip())
+        step,loss,acc
+        5,0.5,
+        10,0.4,
+        15,0.35,0.9
     """
 
     def __init__(self, path: str | os.PathLike[str], *, flush_secs: float = 0.0) -> None:
@@ -214,8 +241,56 @@ class CSVWriter:
         self._file: TextIO | None = None  # kept open for appending between rewrites
         self._flushed = -math.inf  # the first row is written at once
         self._closed = False
+        self._header: list[str] = []  # the earlier file's columns, in its order
+        self._earlier: list[tuple[float, dict[str, str]]] = []  # its rows still kept: (step, non-blank cells)
+        self._earlier_last = -math.inf  # the last step among them: a row after it replaces none
         if self.enabled:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._read_earlier()
+
+    def _read_earlier(self) -> None:
+        """Reads the rows an earlier run left in the file (see the class docstring)."""
+        try:
+            f = open(self.path, newline="")
+        except FileNotFoundError:
+            return
+        with f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:  # an empty file
+                return
+            if "step" not in reader.fieldnames:
+                raise ValueError(
+                    f"CSVWriter: {self.path} exists and has no 'step' column, so it was not written by a CSVWriter "
+                    f"and cannot be continued. Move it away, or log to another path."
+                )
+            for row in reader:
+                cells = {k: v for k, v in row.items() if v}  # blank cells: not logged
+                try:
+                    if None in cells:  # more values than columns
+                        raise ValueError
+                    self._earlier.append((float(cells["step"]), cells))
+                except (KeyError, ValueError):
+                    raise ValueError(
+                        f"CSVWriter: line {reader.line_num} of {self.path} is not a row a CSVWriter writes (a numeric "
+                        f"step and at most one value per column): {row}. Fix or delete that line, or log to another "
+                        f"path."
+                    ) from None
+            self._header = list(reader.fieldnames)
+        self._earlier_last = max((step for step, _ in self._earlier), default=-math.inf)
+
+    def _replace_earlier(self, rows: Sequence[Mapping[str, Any]]) -> bool:
+        """Drops the earlier rows that ``rows`` replace; True if any were dropped."""
+        kept = self._earlier
+        for row in rows:
+            step = float(row["step"])
+            if step <= self._earlier_last:  # else it replaces none: the cheap path once past the earlier run
+                names = row.keys() - {"step"}
+                kept = [(s, cells) for s, cells in kept if s < step or (s == step and names.isdisjoint(cells))]
+        if len(kept) == len(self._earlier):
+            return False
+        self._earlier = kept
+        self._earlier_last = max((step for step, _ in kept), default=-math.inf)
+        return True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self._closed:
@@ -232,19 +307,26 @@ class CSVWriter:
                 json.dump({k: _hparam_value(v) for k, v in hparams.items()}, f, indent=1)
 
     def flush(self) -> None:
-        """Writes the pending rows (the whole file again if they bring new columns)."""
+        """Writes the pending rows (the whole file again if they bring new columns or replace earlier rows)."""
         if not self.enabled or self._closed or not self.rows:  # no rows yet: no file yet
             return
         pending = self.rows[self._written :]
+        replaced = self._replace_earlier(pending) if self._earlier else False
         new = [k for row in pending for k in row if k not in self.columns]
-        if new or self._file is None:
-            self.columns += list(dict.fromkeys(new))
+        if new or replaced or self._file is None:
+            used = {k for _, cells in self._earlier for k in cells}  # the earlier columns still holding values
+            earlier = [k for k in self._header if k in used]
+            self.columns = list(dict.fromkeys(["step", *earlier, *(k for row in self.rows for k in row)]))
             if self._file is not None:
                 self._file.close()
-            self._file = open(self.path, "w", newline="")
+            tmp = self.path + ".tmp"  # written aside, then renamed over the file: never half a file
+            self._file = open(tmp, "w", newline="")
             w = csv.DictWriter(self._file, self.columns)
             w.writeheader()
+            w.writerows(cells for _, cells in self._earlier)
             w.writerows(self.rows)
+            self._file.flush()
+            os.replace(tmp, self.path)  # the open file is the renamed one: appends go on into it
         elif pending:
             csv.DictWriter(self._file, self.columns).writerows(pending)
         self._written = len(self.rows)
@@ -463,11 +545,16 @@ class MetricBuffer:
         tensors: list[torch.Tensor] = []
         if self.pending:
             pending, self.pending = self.pending, []
-            for k in pending[0]:
-                try:
-                    vals = [m[k] for m in pending]
-                except KeyError:
-                    raise KeyError(f"the training step returned metric {k!r} at some steps but not others.") from None
+            keys = pending[0].keys()
+            if any(m.keys() != keys for m in pending):  # one set comparison per step: cheap on the usual path
+                every = set(keys).intersection(*pending)
+                k = next(k for m in pending for k in m if k not in every)  # the first one some step lacks
+                raise KeyError(
+                    f"the training step returned metric {k!r} at some steps but not others: return the same metric "
+                    f"names at every step (the log shows each one's mean over the interval)."
+                )
+            for k in keys:
+                vals = [m[k] for m in pending]
                 members = state.step.shape[0] if state.step.dim() == 1 else None  # an ensemble's stacked state
                 if members and isinstance(vals[0], torch.Tensor) and all(v.shape == (members,) for v in vals):
                     # An ensemble's step: one value per member, logged as "<name>/<member>".

@@ -20,7 +20,7 @@ from tensorboardX.record_writer import masked_crc32c
 
 import fnlit
 from fnlit.loop import fit
-from fnlit.summary import CSVWriter, JSONLWriter, Logger, TensorBoardWriter
+from fnlit.summary import CSVWriter, JSONLWriter, Logger, MetricBuffer, TensorBoardWriter
 
 
 def read_events(log_dir):
@@ -57,7 +57,8 @@ def counting_fit(log_dir, **kw):
     state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
     data = [torch.tensor([float(i)]) for i in range(10)]
     step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean(), "double": 2 * b.mean()})  # noqa: E731
-    return fit(step, state, data, max_epochs=2, log_every_n_steps=4, val_data=[torch.tensor([1.0, 2.0])],
+    kw.setdefault("log_every_n_steps", 4)
+    return fit(step, state, data, max_epochs=2, val_data=[torch.tensor([1.0, 2.0])],
                eval_step=lambda s, b: {"acc": b.mean()}, progress=False, log_dir=str(log_dir), **kw)  # fmt: skip
 
 
@@ -218,3 +219,66 @@ def test_no_progress_bar_in_a_pipe():
         slow_fit()
     with open(r, "rb", closefd=True) as f:
         assert f.read() == b""
+
+
+def crash_at(step):
+    class Crash:  # a crash after the last checkpoint: no final log, no save on exit
+        def on_step(self, state, metrics):
+            if int(state.step) == step:
+                raise RuntimeError("crash")
+
+    return Crash()
+
+
+def test_a_resumed_run_continues_the_csv_as_an_uninterrupted_run_writes_it(tmp_path):
+    counting = dict(log_every_n_steps=5)
+    counting_fit(tmp_path / "whole", **counting)
+    # The same run, crashed at step 17 after logging step 15, then resumed from its checkpoint at step 10
+    # into the same log_dir: the resumed run logs step 15 again.
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=10)
+    with pytest.raises(RuntimeError, match="crash"):
+        counting_fit(tmp_path / "resumed", checkpoint=ckpts, callbacks=[crash_at(17)], **counting)
+    first = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in first[1:]] == ["5", "10", "10", "15"]  # logged past the checkpoint
+    counting_fit(tmp_path / "resumed", checkpoint=ckpts, ckpt_path="last", **counting)
+    whole = (tmp_path / "whole" / "metrics.csv").read_text()
+    assert [r.split(",")[0] for r in whole.splitlines()[1:]] == ["5", "10", "10", "15", "20", "20"]
+    assert (tmp_path / "resumed" / "metrics.csv").read_text() == whole  # nothing lost, nothing twice
+
+
+def test_csv_writer_keeps_the_earlier_rows_a_later_writer_does_not_log_again(tmp_path):
+    earlier = "step,loss,epoch,val/acc,gone\n1,0.5,0,,\n2,0.25,0,,\n2,,,0.75,\n3,0.125,0,,\n3,,,0.5,1.0\n4,1.0,1,,\n"
+    (tmp_path / "metrics.csv").write_text(earlier)
+    w = CSVWriter(tmp_path, flush_secs=3600)
+    w.log_metrics({"val/acc": 0.875}, 2)  # replaces the earlier val/acc at step 2 and every row after step 2
+    assert (tmp_path / "metrics.csv").read_text() == "step,loss,epoch,val/acc\n1,0.5,0,\n2,0.25,0,\n2,,,0.875\n"
+    w.log_metrics({"loss": 2.0, "epoch": 0, "new": 3.0}, 3)
+    w.close()
+    assert list(csv.reader((tmp_path / "metrics.csv").read_text().splitlines())) == [
+        ["step", "loss", "epoch", "val/acc", "new"], ["1", "0.5", "0", "", ""], ["2", "0.25", "0", "", ""],
+        ["2", "", "", "0.875", ""], ["3", "2.0", "0", "", "3.0"],
+    ]  # fmt: skip
+    assert os.listdir(tmp_path) == ["metrics.csv"]  # the rewrites' temporary file was renamed over it
+
+
+def test_csv_writer_refuses_to_overwrite_a_file_it_cannot_continue(tmp_path):
+    other = tmp_path / "metrics.csv"
+    other.write_text("epoch,score\n1,0.5\n")
+    with pytest.raises(ValueError, match="has no 'step' column.*Move it away"):
+        CSVWriter(tmp_path)
+    other.write_text("step,loss\n1,0.5\nlast,0.25\n")
+    with pytest.raises(ValueError, match="line 3 of .* is not a row a CSVWriter writes"):
+        CSVWriter(tmp_path)
+    assert other.read_text() == "step,loss\n1,0.5\nlast,0.25\n"
+
+
+@pytest.mark.parametrize("lacking", [0, 1, 2])
+def test_a_metric_not_returned_at_every_step_of_an_interval_is_an_error_whichever_step_lacks_it(lacking):
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+    buf = MetricBuffer(("train/", "val/"), on_log=[])
+    buf.pending += [{"loss": torch.tensor(1.0), "extra": torch.tensor(5.0)} for _ in range(3)]
+    del buf.pending[lacking]["extra"]
+    with pytest.raises(KeyError, match="returned metric 'extra' at some steps but not others"):
+        buf.flush(state, epoch=0)
+    buf.pending += [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(3.0)}]  # the same keys at every step: logged
+    assert buf.flush(state, epoch=0) == {"train/loss": 2.0, "epoch": 0}
