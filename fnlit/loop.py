@@ -461,20 +461,22 @@ def fit(
                     log.pending.append(metrics)  # stays on the device until the next log_now()
                     if per_step_hooks:
                         hooks("on_step", state, metrics)
-                    if checkpoint is not None:
-                        checkpoint.on_step(state, {"epoch": epoch, "batch": b, "seed": seed})
                     bar.update()
                     if steps % log_every == 0:
                         log_now()
                     if val_every > 0 and (steps if count_across else b) % val_every == 0:
                         validate()
+                    if checkpoint is not None:  # after the batch's validation: a resume from here does not skip it
+                        checkpoint.on_step(state, {"epoch": epoch, "batch": b, "seed": seed})
                     if not distributed:
                         halt = halting()
                     if steps >= max_steps or halt:
                         break
                 else:
                     broke = False
-                if not (b == n_batches if n_batches is not None else not broke and steps > epoch_start):
+                # Without a length, the epoch ended if the data ran out after a batch: one this call ran, or one
+                # before the position it resumed from (a checkpoint saved at the epoch's last batch).
+                if not (b == n_batches if n_batches is not None else not broke and (steps > epoch_start or b > 0)):
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
                     break  # stopped mid-epoch, or a one-shot iterable ran out

@@ -276,13 +276,60 @@ def test_checkpoint_hook_calls_and_positions():
     fit(c.step, make_state(), ArrayLoader(torch.arange(3), batch_size=1), max_epochs=2, checkpoint=ck,
         val_data=[torch.tensor([1.0]), torch.tensor([3.0])], eval_step=c.eval_step, progress=False)  # fmt: skip
     pos = lambda e, b: {"epoch": e, "batch": b, "seed": seed}  # noqa: E731
+    # A batch's validation comes before its step's checkpoint: a run killed while validating resumes
+    # from the checkpoint before, and validates again.
     assert ck.calls == [
-        ("step", 1, pos(0, 1)), ("step", 2, pos(0, 2)), ("step", 3, pos(0, 3)),
-        ("validation", 3, pos(0, 3), {"val/loss": 2.0}), ("epoch_end", 3, pos(1, 0)),
-        ("step", 4, pos(1, 1)), ("step", 5, pos(1, 2)), ("step", 6, pos(1, 3)),
-        ("validation", 6, pos(1, 3), {"val/loss": 2.0}), ("epoch_end", 6, pos(2, 0)),
+        ("step", 1, pos(0, 1)), ("step", 2, pos(0, 2)),
+        ("validation", 3, pos(0, 3), {"val/loss": 2.0}), ("step", 3, pos(0, 3)), ("epoch_end", 3, pos(1, 0)),
+        ("step", 4, pos(1, 1)), ("step", 5, pos(1, 2)),
+        ("validation", 6, pos(1, 3), {"val/loss": 2.0}), ("step", 6, pos(1, 3)), ("epoch_end", 6, pos(2, 0)),
         ("exit", 6, pos(2, 0), "finished"),
     ]  # fmt: skip
+
+
+class Unsized:
+    """Re-iterable data without a length (an IterableDataset's DataLoader): its epochs end when it runs out."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter([torch.tensor([i]) for i in range(self.n)])
+
+
+def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
+    # A checkpoint saved at the epoch's last batch: the resumed run finds that epoch's data spent and goes on.
+    restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
+    c = Counter()
+    state = fit(c.step, make_state(), Unsized(3), max_epochs=2, checkpoint=FakeCheckpoint(restored), ckpt_path="last",
+                callbacks=[c], progress=False)  # fmt: skip
+    assert int(state.step) == 6 and c.train == [[0], [1], [2]] and c.epoch_ends == [0, 1]
+
+
+def test_a_run_killed_while_validating_validates_that_step_again_on_resume(tmp_path):
+    from fnlit.checkpoint import Checkpointer
+
+    def run(crash_at=None):
+        c, seen = Counter(), []
+
+        def eval_step(state, batch):
+            if int(state.step) == crash_at:
+                raise RuntimeError("killed")  # a crash in validation: nothing is saved on the way out
+            seen.append(int(state.step))
+            return c.eval_step(state, batch)
+
+        kw = dict(max_epochs=1, val_data=[torch.tensor([1.0])], eval_step=eval_step, val_check_interval=5, num_sanity_val_steps=0,
+                  checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=5), progress=False)  # fmt: skip
+        return kw, seen
+
+    kw, uninterrupted = run()
+    fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), **{**kw, "checkpoint": None})
+    kw, first = run(crash_at=10)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), **kw)
+    kw, resumed = run()
+    fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), ckpt_path="last", **kw)
+    assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
 
 
 def test_resume_from_a_position_mid_epoch():
