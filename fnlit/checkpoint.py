@@ -304,6 +304,7 @@ class Checkpointer:
         self.monitor, self.mode, self.save_last, self.meta = monitor, mode, save_last, meta
         self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
         self._saved_step: int | None = None
+        self._validated: dict[Path, dict[str, float]] = {}  # the metrics of the bests this object saved
 
     # ---- the calls fit makes ------------------------------------------------------------------------
 
@@ -388,8 +389,8 @@ class Checkpointer:
     def _save_and_wait(self, state: Any, position: Position) -> None:
         # Every rank takes this path at the same steps (it depends on the step and epoch only), so the
         # barrier matches; the other ranks go on once rank 0's file is durable.
-        self._saved_step = int(state.step)
         self.save(state, position)
+        self._saved_step = int(state.step)  # only once written: on_exit saves again after an interrupted write
         _dist.barrier()
 
     def save(self, state: Any, position: Position | None = None, *, metrics: dict[str, float] | None = None) -> Path:
@@ -405,8 +406,12 @@ class Checkpointer:
         if not _dist.is_main():
             return path
         records = self._scan()
-        old = next((r for r in records if r.path == path), None)
-        metrics = metrics if metrics is not None else (old.metrics if old else None)  # keep a best's metrics
+        # A periodic save at a step whose validation this Checkpointer saved as a best keeps its metrics; a
+        # file left by another run (perhaps another trajectory to the same step) does not lend its own.
+        if metrics is None:
+            metrics = self._validated.get(path)
+        else:
+            self._validated[path] = metrics
         saved_at = write_state(path, state, position, metrics, self.meta)
         records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics)]
         if self.save_last:

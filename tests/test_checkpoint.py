@@ -229,6 +229,42 @@ def test_checkpointer_saves_on_exit_and_epochs_without_duplicates(tmp_path):
         ck.on_exit(state, {"epoch": 0, "batch": 0, "seed": 0}, "crash")
 
 
+def test_an_interrupted_periodic_save_is_made_again_on_exit(tmp_path, monkeypatch):
+    # A second Ctrl-C while the step-6 file is written: fit's exit hook must still save step 6.
+    _, state = trained()  # at step 2
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=3)
+    state = steps(state, 2, ck)  # step 3 saved; now at 4
+    real = ckpt.Checkpointer.save
+
+    def interrupted(self, state, position=None, **kw):
+        if int(state.step) == 6:
+            raise KeyboardInterrupt
+        return real(self, state, position, **kw)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        steps(state, 2, ck, start=2)  # steps 5 and 6
+    monkeypatch.setattr(ckpt.Checkpointer, "save", real)
+    ck.on_exit(state.replace(step=torch.tensor(6)), {"epoch": 0, "batch": 4, "seed": 0}, "sigint")
+    assert ckpt.read_info(tmp_path / "last.ckpt").step == 6
+
+
+def test_a_periodic_save_does_not_take_the_metrics_of_another_runs_file(tmp_path):
+    # An earlier run saved step 3 as a best with val_loss 0.1; this run reaches step 3 by another path.
+    _, state = trained()
+    at3 = state.replace(step=torch.tensor(3))
+    ckpt.Checkpointer(tmp_path, monitor="val_loss", keep_best=1).on_validation(at3, None, {"val_loss": 0.1})
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=3, monitor="val_loss", keep_best=1)
+    steps(state, 1, ck)
+    assert ckpt.read_info(tmp_path / "step=00000003.ckpt").metrics is None and ck.best_path is None
+    # Its own best at a step keeps its metrics through the periodic save of that step.
+    ck.on_validation(at3, None, {"val_loss": 5.0})
+    ck.on_step(at3.replace(step=torch.tensor(6)), None)
+    ck.on_validation(at3.replace(step=torch.tensor(6)), None, {"val_loss": 4.0})
+    ck.on_step(at3.replace(step=torch.tensor(6)), None)
+    assert ckpt.read_info(tmp_path / "step=00000006.ckpt").metrics == {"val_loss": 4.0}
+
+
 def test_a_failed_save_deletes_nothing(tmp_path, monkeypatch):
     _, state = trained()
     ck = ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=1)
