@@ -39,7 +39,7 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "encode", "decode", "atom
 
 S = TypeVar("S")
 M = TypeVar("M", bound=nn.Module)
-Position = dict[str, int]
+Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
 """The driver's place in the data: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` done."""
 FORMAT = "fnlit.checkpoint"
 LAST = "last.ckpt"

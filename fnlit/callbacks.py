@@ -86,6 +86,15 @@ class Callback:
     def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
     def on_fit_end(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
 
+    # A callback whose decisions depend on what it has seen (EarlyStopping's best and patience count) defines
+    # both: fit saves ``state_dict()`` (JSON values) in every checkpoint and hands it to ``load_state_dict``
+    # when it resumes, so a resumed run decides as the uninterrupted one. Callbacks are matched by class
+    # and by their order among callbacks of that class.
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
 
 class EarlyStopping(Callback):
     """Stops training when a validation metric has stopped improving (Lightning's ``EarlyStopping``).
@@ -124,6 +133,12 @@ class EarlyStopping(Callback):
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.wait = float(state["best"]), int(state["wait"])
 
     def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:
@@ -314,6 +329,9 @@ def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | No
 class Timer(Callback):
     """Measures time per stage (``"train"``, ``"validate"``) and stops training after ``duration``.
 
+    As Lightning's ``Timer``, the time counts across a resumed run: the elapsed times travel in the
+    checkpoints, so ``fit(max_time=...)`` bounds the training as a whole, not each resumed part.
+
     Args:
         duration: seconds, a ``timedelta``, a dict (``{"hours": 2}``) or Lightning's ``"DD:HH:MM:SS"``;
             None only measures.
@@ -333,6 +351,12 @@ class Timer(Callback):
         """Seconds spent in ``stage`` so far (validation time included in ``"train"``)."""
         running = time.monotonic() - self._start[stage] if stage in self._start else 0.0
         return self._elapsed.get(stage, 0.0) + running
+
+    def state_dict(self) -> dict[str, Any]:
+        return {stage: self.time_elapsed(stage) for stage in self._elapsed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._elapsed.update({stage: float(state[stage]) for stage in self._elapsed if stage in state})
 
     def _stop(self, stage: str) -> None:
         if stage in self._start:

@@ -32,7 +32,7 @@ from .transforms.donate import is_donated
 __all__ = ["fit", "evaluate"]
 
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
-Position = dict[str, int]
+Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
 """Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done."""
 
 
@@ -244,6 +244,17 @@ def _agree(halt: bool, reason: str | None, device: torch.device) -> tuple[bool, 
 _HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_validation", "on_epoch_end", "on_fit_end")
 
 
+def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
+    """The callbacks with a state to checkpoint, keyed by class name and their order among that class's."""
+    out, seen = [], {}
+    for cb in callbacks:
+        name = type(cb).__qualname__
+        n = seen[name] = seen.get(name, -1) + 1
+        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)) and cb.state_dict() is not None:
+            out.append((name if n == 0 else f"{name}#{n}", cb))
+    return out
+
+
 class _Hooks:
     """Calls the callbacks' hooks by name; a StopTraining from one is remembered and never skips the others."""
 
@@ -407,7 +418,20 @@ def fit(
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
-    hooks = _Hooks(list(callbacks) + ([Timer(max_time)] if max_time is not None else []))
+    all_callbacks = list(callbacks) + ([Timer(max_time)] if max_time is not None else [])
+    hooks = _Hooks(all_callbacks)
+    stateful = _stateful(all_callbacks)
+    for key, cb in stateful:  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
+        if key in position.get("callbacks", {}):
+            cb.load_state_dict(position["callbacks"][key])
+
+    def where(epoch: int, batch: int) -> Position:
+        """The position saved with a checkpoint: where the data stands, and the callbacks' states."""
+        pos: Position = {"epoch": epoch, "batch": batch, "seed": seed}
+        if stateful:
+            pos["callbacks"] = {key: cb.state_dict() for key, cb in stateful}
+        return pos
+
     owned = Logger(log_dir=log_dir) if log_dir is not None and not plan.quiet else None  # closed at the end
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and hparams:
@@ -442,7 +466,7 @@ def fit(
             logger.flush()
         hooks("on_validation", state, metrics)
         if checkpoint is not None:
-            checkpoint.on_validation(state, {"epoch": epoch, "batch": b, "seed": seed}, metrics)
+            checkpoint.on_validation(state, where(epoch, b), metrics)
 
     with _Signals() as signals, _outputs(progress, logger, owned) as bar:
         try:
@@ -467,7 +491,7 @@ def fit(
                     if val_every > 0 and (steps if count_across else b) % val_every == 0:
                         validate()
                     if checkpoint is not None:  # after the batch's validation: a resume from here does not skip it
-                        checkpoint.on_step(state, {"epoch": epoch, "batch": b, "seed": seed})
+                        checkpoint.on_step(state, where(epoch, b))
                     if not distributed:
                         halt = halting()
                     if steps >= max_steps or halt:
@@ -485,7 +509,7 @@ def fit(
                 epoch, b = epoch + 1, 0
                 hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
                 if checkpoint is not None:
-                    checkpoint.on_epoch_end(state, {"epoch": epoch, "batch": 0, "seed": seed})
+                    checkpoint.on_epoch_end(state, where(epoch, 0))
                 halt = halt if distributed else halting()
         except BaseException as e:
             if is_donated(state):  # a donated step failed after writing the state: nothing valid to save or return
@@ -498,5 +522,5 @@ def fit(
             log_now()
         hooks("on_fit_end", state, dict(log.latest))
         if checkpoint is not None:
-            checkpoint.on_exit(state, {"epoch": epoch, "batch": b, "seed": seed}, signals.reason or "finished")
+            checkpoint.on_exit(state, where(epoch, b), signals.reason or "finished")
     return state

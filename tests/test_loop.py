@@ -332,6 +332,42 @@ def test_a_run_killed_while_validating_validates_that_step_again_on_resume(tmp_p
     assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
 
 
+def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
+    from fnlit.callbacks import EarlyStopping, Timer
+    from fnlit.checkpoint import Checkpointer
+
+    losses = iter([3.0, 2.0, 2.5, 2.4, 2.6, 2.7, 2.8, 1.0, 0.5])  # best 2.0 after step 2; 3 runs without gain
+    table = {}
+
+    def eval_step(state, batch):  # the validation loss at each step, the same in every run
+        if int(state.step) not in table:
+            table[int(state.step)] = next(losses)
+        return {"loss": torch.tensor(table[int(state.step)])}
+
+    def run(callbacks, **kw):
+        c = Counter()
+        return fit(c.step, make_state(), ArrayLoader(torch.arange(9), batch_size=1), max_epochs=1, val_data=[0],
+                   eval_step=eval_step, val_check_interval=1, num_sanity_val_steps=0, callbacks=callbacks,
+                   checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=1), progress=False, **kw)  # fmt: skip
+
+    class StopAt3:
+        def on_step(self, state, metrics):
+            if int(state.step) == 3:
+                raise StopTraining("preempted")
+
+    whole = run([EarlyStopping("val/loss", patience=3)], ckpt_path=None)
+    assert int(whole.step) == 5  # 2.5, 2.4, 2.6: three runs without beating 2.0
+    for f in (tmp_path / "ck").iterdir():
+        f.unlink()
+    timer = Timer()
+    run([EarlyStopping("val/loss", patience=3), StopAt3(), timer])
+    elapsed = timer.time_elapsed()
+    resumed_timer = Timer()
+    resumed = run([EarlyStopping("val/loss", patience=3), resumed_timer], ckpt_path="last")
+    assert int(resumed.step) == 5  # without its state it would start afresh at step 4 and stop at 7
+    assert resumed_timer.time_elapsed() >= elapsed  # the time counts across the resume, as Lightning's Timer
+
+
 def test_resume_from_a_position_mid_epoch():
     loader = ArrayLoader(torch.arange(6), batch_size=1)
     restored = (make_state().replace(step=torch.tensor(9)), {"epoch": 1, "batch": 3, "seed": 42})
