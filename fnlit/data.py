@@ -154,21 +154,38 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
         it = data.batches(epoch, seed, start, shuffle=False if sequential else None)
         return it if stop is None else itertools.islice(it, max(0, stop - start))
     if isinstance(data, DataLoader):
-        sampler = data.sampler
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(order_epoch)
-        elif isinstance(sampler, RandomSampler):
-            sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
+        for sampler in _samplers(data):
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(order_epoch)
+            elif isinstance(sampler, RandomSampler):
+                sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
     return itertools.islice(iter(data), start, stop)
+
+
+def _samplers(data: DataLoader) -> list[Any]:
+    """The samplers that may decide a DataLoader's order: ``data.sampler`` and the one a batch sampler holds.
+
+    ``DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), ...))`` draws its order from
+    ``data.batch_sampler.sampler`` (``data.sampler`` is then an unused SequentialSampler); with
+    ``batch_size``, ``data.batch_sampler.sampler`` is ``data.sampler``, listed once.
+    """
+    inner = getattr(data.batch_sampler, "sampler", None)
+    return [data.sampler] + ([inner] if inner is not None and inner is not data.sampler else [])
 
 
 def check_sharding(data: Iterable[Any], name: str) -> None:
     """Raises if a DataLoader would give every rank the same batches under torch.distributed.
 
+    A DistributedSampler counts as ``sampler`` or inside a batch sampler (``BatchSampler(DistributedSampler(ds), ...)``).
+
     Example:
         >>> check_sharding(DataLoader(torch.arange(6)), "train_data")  # one process: nothing to shard, passes
     """
-    if _dist.world_size() > 1 and isinstance(data, DataLoader) and not isinstance(data.sampler, DistributedSampler):
+    if (
+        _dist.world_size() > 1
+        and isinstance(data, DataLoader)
+        and not any(isinstance(s, DistributedSampler) for s in _samplers(data))
+    ):
         raise ValueError(
             f"fit got a DataLoader as {name} under torch.distributed (world size {_dist.world_size()}) without a "
             "DistributedSampler, so every rank would see the same batches. Use fnlit.data.ArrayLoader (it shards "

@@ -122,18 +122,44 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
 
 
 # ------------------------------------------------------------------------------ building sweeps
+def _reset(sub: nn.Module) -> list[nn.Parameter]:
+    """Calls ``sub.reset_parameters()`` and returns the parameters it re-initialised (as they are after it).
+
+    A parameter counts when it was replaced by a new one, written in place (its version counter moved)
+    or changed value (``p.data`` writes, which the version counter does not see).
+    """
+    before = [(n, p, p._version, None if p.is_meta else p.detach().clone()) for n, p in sub.named_parameters()]
+    sub.reset_parameters()
+    after = dict(sub.named_parameters())
+    return [
+        after[n]
+        for n, p, version, value in before
+        if n in after
+        and (after[n] is not p or p._version != version or (value is not None and not torch.equal(p.detach(), value)))
+    ]
+
+
 def _init_module(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
-    """A fresh model initialised from ``seed`` (the global generator is left as it was)."""
+    """A fresh model initialised from ``seed`` (the global generator is left as it was).
+
+    A module instance is re-initialised by the ``reset_parameters()`` of its submodules, parents first.
+    A submodule is skipped when an earlier reset (a parent's ``reset_parameters()`` that resets its
+    children) already re-initialised every parameter it owns (or, owning none, every parameter below
+    it): resetting it again would draw its parameters twice, unlike building the model after the seed.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if not isinstance(model, nn.Module):
             return model()
         module = copy.deepcopy(model)
-        covered = set()
+        covered: dict[int, nn.Parameter] = {}  # id -> parameter (held, so that no id is reused)
         for sub in module.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-                covered.update(id(p) for p in sub.parameters(recurse=False))
+            if not hasattr(sub, "reset_parameters"):
+                continue
+            own = list(sub.parameters(recurse=False)) or list(sub.parameters())
+            if not (own and all(id(p) in covered for p in own)):
+                covered.update((id(p), p) for p in _reset(sub))
+            covered.update((id(p), p) for p in sub.parameters(recurse=False))
         missed = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
         if missed:
             raise ValueError(
@@ -196,8 +222,9 @@ def ensemble_states(
     ``weight_decay[i]``: so it trains exactly like that model alone.
 
     Args:
-        model: a module (its layers' ``reset_parameters()`` re-initialise each member) or a function
-            that builds the module (called after seeding; works for any model).
+        model: a module (its layers' ``reset_parameters()`` re-initialise each member; a module whose own
+            ``reset_parameters()`` resets its children resets them once, the children are not reset again)
+            or a function that builds the module (called after seeding; works for any model).
         tx: the optimizer, shared by all members.
         seeds: one seed per member: the init and the member's random key.
         learning_rate: per-member learning rates (``hyperparams["learning_rate"]``), or None to keep tx's.

@@ -357,8 +357,9 @@ def fit(
         step: ``(state, batch) -> (state, metrics)``; metrics are scalar tensors, logged as ``"train/<name>"``.
         state: the initial :class:`~fnlit.TrainState`.
         train_data: any iterable of batches: an :class:`~fnlit.data.ArrayLoader` (reshuffled per epoch from
-            ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (a RandomSampler
-            is reseeded per epoch from ``seed``; a DistributedSampler gets ``set_epoch``), or anything else
+            ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (a RandomSampler,
+            its own or its batch sampler's, is reseeded per epoch from ``seed``; a DistributedSampler gets
+            ``set_epoch``), or anything else
             (iterated as is). Batches are moved to ``state.device`` (pinned, non-blocking).
         val_data, eval_step: validation data and ``(state, batch) -> metrics``, logged as ``"val/<name>"``.
         max_epochs, min_epochs, max_steps, max_time: limits (``max_time``: seconds, timedelta, dict or

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
 import fnlit
 from fnlit.callbacks import StopTraining
@@ -86,6 +86,56 @@ def test_epoch_batches_for_other_iterables():
     assert a != [b[0].tolist() for b in epoch_batches(dl, 2, 7, 0, None, False)]
 
 
+class _Stop:
+    def __init__(self, at):
+        self.at = at
+
+    def on_step(self, state, metrics):
+        if int(state.step) == self.at:
+            raise StopTraining
+
+
+def _fit_batches(data, **kw):
+    """The batches (example indices) a fit of 3 epochs trains on."""
+    from fnlit.loop import fit
+
+    seen = []
+
+    def step(state, batch):
+        seen.append(batch[0].tolist())
+        return state.replace(step=state.step + 1), {"loss": batch[0].float().mean()}
+
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    fit(step, state, data, max_epochs=3, progress=False, **kw)
+    return seen
+
+
+def test_a_random_sampler_inside_a_batch_sampler_is_reseeded_and_resumes(tmp_path):
+    from fnlit.checkpoint import Checkpointer
+
+    ds = TensorDataset(torch.arange(12))
+    with_batch_sampler = lambda: DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, False))  # noqa: E731
+    reference = _fit_batches(DataLoader(ds, batch_size=4, shuffle=True))  # the order of the sampler path
+    assert reference[:3] != reference[3:6] and sorted(sum(reference[:3], [])) == list(range(12))
+    torch.manual_seed(1)
+    assert _fit_batches(with_batch_sampler()) == reference
+    torch.manual_seed(2)
+    first = _fit_batches(with_batch_sampler(), checkpoint=Checkpointer(tmp_path), callbacks=[_Stop(4)])
+    torch.manual_seed(3)  # a new process: the global generator is elsewhere
+    resumed = _fit_batches(with_batch_sampler(), checkpoint=Checkpointer(tmp_path), ckpt_path="last")
+    assert first == reference[:4] and resumed == reference[4:]
+
+
+def test_a_distributed_sampler_inside_a_batch_sampler_gets_the_epoch():
+    ds = TensorDataset(torch.arange(12))
+    sampler = DistributedSampler(ds, num_replicas=2, rank=1, seed=5)
+    dl = DataLoader(ds, batch_sampler=BatchSampler(sampler, 2, False))
+    got = [b[0].tolist() for b in epoch_batches(dl, 3, 0, 0, None, False)]
+    reference = DistributedSampler(ds, num_replicas=2, rank=1, seed=5)
+    reference.set_epoch(3)
+    assert sum(got, []) == list(reference) and sampler.epoch == 3
+
+
 def test_device_mover_and_batch_size():
     assert device_mover(torch.device("cpu")) is None  # CPU training: no work per batch
     assert batch_size_of({"x": torch.zeros(5, 2), "y": torch.zeros(5)}) == 5 and batch_size_of(3) == 1
@@ -107,6 +157,8 @@ def _shards():
         error = ""
     except ValueError as e:
         error = str(e)
+    ds = TensorDataset(torch.arange(4))
+    check_sharding(DataLoader(ds, batch_sampler=BatchSampler(DistributedSampler(ds), 2, False)), "train_data")  # passes
     return len(loader), seen, error, _stop_on_one_rank()
 
 

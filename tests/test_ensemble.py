@@ -103,6 +103,60 @@ def test_module_reset_parameters_matches_factory_init():
     assert_trees_close(a, b, rtol=0, atol=0)
 
 
+class _Pair(nn.Module):
+    """Resets its children itself (a common pattern): a module instance must not reset them twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def reset_parameters(self):
+        self.a.reset_parameters()
+        self.b.reset_parameters()
+
+
+class _Outer(nn.Module):
+    """A parameter of its own, and children it resets, one of them a _Pair (which owns no parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair, self.head = _Pair(), nn.Linear(2, 3)
+        self.scale = nn.Parameter(nn.init.normal_(torch.empty(3)))
+
+    def reset_parameters(self):
+        self.pair.reset_parameters()
+        self.head.reset_parameters()
+        nn.init.normal_(self.scale)
+
+
+@pytest.mark.parametrize("net", [_Pair, _Outer])
+def test_a_parent_resetting_its_children_inits_like_the_model_built_after_the_seed(net):
+    tx = fnlit.optim.sgd(0.1)
+    instance = ensemble_states(net(), tx, seeds=[3, 7])
+    assert_trees_close(instance, ensemble_states(net, tx, seeds=[3, 7]), rtol=0, atol=0)
+    for i, seed in enumerate([3, 7]):
+        assert_trees_close(unstack_state(instance, i), solo(seed, tx, net), rtol=0, atol=0)
+
+
+def test_a_parent_reset_writing_through_data_counts_for_its_children():
+    class Legacy(nn.Module):  # p.data writes: the parameters' version counters do not move
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def reset_parameters(self):
+            for m in (self.a, self.b):
+                m.weight.data.normal_(0, 0.02)
+                m.bias.data.zero_()
+
+    net = Legacy()
+    state = unstack_state(ensemble_states(net, fnlit.optim.sgd(0.1), seeds=[5]), 0)
+    torch.manual_seed(5)
+    net.reset_parameters()  # the reference: the module's own reset, once, after the seed
+    assert_trees_close(state.params, {k: v.detach() for k, v in net.named_parameters()}, rtol=0, atol=0)
+    assert not state.params["b.bias"].any()
+
+
 def test_stack_unstack_round_trip():
     tx = fnlit.optim.adam(1e-3)
     states = [solo(i, tx) for i in range(3)]
