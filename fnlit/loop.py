@@ -33,7 +33,8 @@ __all__ = ["fit", "evaluate"]
 
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
 Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
-"""Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done."""
+"""Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done;
+and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class and order."""
 
 
 def _num_batches(data: Iterable[Any]) -> int | None:
@@ -250,7 +251,8 @@ def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     for cb in callbacks:
         name = type(cb).__qualname__
         n = seen[name] = seen.get(name, -1) + 1
-        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)) and cb.state_dict() is not None:
+        saves = callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+        if saves and cb.state_dict() is not None:
             out.append((name if n == 0 else f"{name}#{n}", cb))
     return out
 
