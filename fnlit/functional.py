@@ -41,6 +41,9 @@ class _Slots:
                     canonical = seen.setdefault(id(t), name)  # tied weights: aliases share one name
                     self.where.setdefault(canonical, []).append((getattr(owner, kind), attr))
         self.names = frozenset(self.where)
+        # Every parent -> child link of the module tree: a submodule replaced since (a new head for
+        # fine-tuning) means the dicts above are not the module's any more (see current()).
+        self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
         self.stat_names = frozenset(
             f"{n}.{a}" if n else a
             for n, m in module.named_modules()
@@ -50,15 +53,23 @@ class _Slots:
         )
 
 
+    def current(self) -> bool:
+        """Whether the module tree is still the one these slots were built from (~0.05 us a submodule)."""
+        for modules, k, child in self.links:
+            if modules.get(k) is not child:
+                return False
+        return True
+
+
 # id(module) -> (weak reference to it, its slots). A plain dict: WeakKeyDictionary.get builds a weakref
 # per lookup in Python, and apply looks up on every forward. The weak reference tells a module that
 # reuses a dead one's id apart (its entry is then rebuilt), and a finalizer drops dead entries.
 _SLOTS: dict[int, tuple[weakref.ref[nn.Module], _Slots]] = {}
 
 
-def _slots(module: nn.Module) -> _Slots:
+def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
     entry = _SLOTS.get(id(module))
-    if entry is not None and entry[0]() is module:
+    if not rebuild and entry is not None and entry[0]() is module and entry[1].current():
         return entry[1]
     s = _Slots(module)
     key = id(module)
@@ -158,7 +169,13 @@ def apply(
     # call fail dynamo's guard on the cache and recompile.
     compiling = torch.compiler.is_compiling()
     slots = _Slots(module) if compiling else _slots(module)
-    _check_names(module, slots, params, buffers)
+    try:
+        _check_names(module, slots, params, buffers)
+    except KeyError:
+        if compiling:
+            raise
+        slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
+        _check_names(module, slots, params, buffers)
     if mutable is None:
         copy = slots.stat_names if train else ()
     else:

@@ -87,6 +87,25 @@ def test_tied_weights_share_one_parameter():
     torch.testing.assert_close(out, w[idx] @ w.T)
 
 
+def test_apply_follows_a_module_changed_after_a_call():
+    # fnlit.apply caches where each tensor lives; a new head (fine-tuning), a new tie or a new buffer
+    # after a first call must not leave it swapping tensors into dicts the module no longer uses.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(m, state.params, state.buffers, x)
+    for change in (lambda: m.__setitem__(2, nn.Linear(4, 4)), lambda: setattr(m[2], "weight", m[0].weight),
+                   lambda: m[0].register_buffer("scale", torch.ones(1))):  # fmt: skip
+        change()
+        state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+        params = {k: torch.randn_like(v) for k, v in state.params.items()}  # not the module's own values
+        out, _ = fnlit.apply(m, params, state.buffers, x)
+        torch.testing.assert_close(out, torch.func.functional_call(m, {**params, **state.buffers}, (x,)))
+        _, g = fnlit.value_and_grad(lambda p: fnlit.apply(m, p, state.buffers, x)[0].sum())(params)
+        assert g["2.bias"].abs().sum() > 0
+
+
 def test_apply_rejects_wrong_names():
     model = mlp()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
