@@ -64,6 +64,16 @@ def test_grads_with_other_structure_name_the_key():
         state.apply_gradients(grads)
 
 
+@pytest.mark.parametrize("tx", [fnlit.optim.sgd(0.1), fnlit.optim.adam(0.1)], ids=["sgd", "adam"])
+def test_grads_of_another_shape_name_the_key(tx):
+    # The fused kernels do not check shapes: a 1-element gradient was read past its end, a transposed one applied.
+    state = fnlit.TrainState.create(torch.nn.Linear(3, 2), tx, seed=0)
+    with pytest.raises(ValueError, match=r"at bias: expected tensor of shape \(2,\).*got tensor of shape \(\)"):
+        state.apply_gradients({"weight": torch.ones(2, 3), "bias": torch.ones(())})
+    with pytest.raises(ValueError, match=r"at weight: expected tensor of shape \(2, 3\).*got tensor of shape \(3, 2\)"):
+        state.apply_gradients({"weight": torch.ones(3, 2), "bias": torch.ones(2)})
+
+
 def test_apply_gradients_counts_steps_and_advances_key():
     _, state = make(tx=fnlit.optim.sgd(0.5))
     grads = {k: torch.ones_like(v) for k, v in state.params.items()}
