@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -44,11 +45,13 @@ class _Slots:
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
         self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
+        # Buffers a training forward updates in place: copied first, so the caller's never change.
+        # Normalisation statistics and spectral norm's power-iteration vectors; any other buffer a forward
+        # is seen updating is added on the way (apply's version check).
         self.stat_names = frozenset(
             f"{n}.{a}" if n else a
             for n, m in module.named_modules()
-            if isinstance(m, _NORM_TYPES)
-            for a in ("running_mean", "running_var", "num_batches_tracked")
+            for a in _updated_in_place(m)
             if getattr(m, a, None) is not None
         )
 
@@ -59,6 +62,16 @@ class _Slots:
             if modules.get(k) is not child:
                 return False
         return True
+
+
+def _updated_in_place(m: nn.Module) -> tuple[str, ...]:
+    if isinstance(m, _NORM_TYPES):
+        return ("running_mean", "running_var", "num_batches_tracked")
+    if type(m).__name__ == "_SpectralNorm":  # torch.nn.utils.parametrizations.spectral_norm
+        return ("_u", "_v")
+    return tuple(  # the older torch.nn.utils.spectral_norm: a forward pre-hook updating <name>_u, <name>_v
+        f"{h.name}_{x}" for h in m._forward_pre_hooks.values() if type(h).__name__ == "SpectralNorm" for x in "uv"
+    )
 
 
 # id(module) -> (weak reference to it, its slots). A plain dict: WeakKeyDictionary.get builds a weakref
@@ -137,7 +150,8 @@ def apply(
     """Calls ``module(*args, **kwargs)`` with the given params and buffers; mutates nothing it is given.
 
     Buffers a module updates in place (BatchNorm running statistics) are copied first, and the copies
-    come back in ``new_buffers``. Randomness (dropout) is a pure function of ``rng``: the same key gives
+    come back in ``new_buffers``. The module's own and its submodules' training flags are as they were
+    after the call. Randomness (dropout) is a pure function of ``rng``: the same key gives
     bitwise the same output.
 
     Args:
@@ -147,8 +161,11 @@ def apply(
         *args: positional inputs of the module.
         rng: a key from :mod:`fnlit.random` (``state.rng``); None leaves PyTorch's generators as they are.
         train: training mode (dropout on, BatchNorm uses and updates batch statistics) or eval mode.
-        mutable: which buffers may be updated in place: None (default) means normalisation statistics
-            in training mode, True every buffer, False none.
+        mutable: which buffers the forward may update, on copies that come back in ``new_buffers``:
+            None (default) means, in training mode, normalisation statistics, spectral norm's vectors and
+            any buffer a training forward of this module was seen updating before (fnlit warns the first
+            time: that call changed the buffers it was given); True every buffer; False none (the
+            updates are made on copies and dropped, and ``new_buffers`` are the ones given).
         **kwargs: keyword inputs of the module.
 
     Returns:
@@ -176,10 +193,8 @@ def apply(
             raise
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         _check_names(module, slots, params, buffers)
-    if mutable is None:
-        copy = slots.stat_names if train else ()
-    else:
-        copy = buffers.keys() if mutable else ()
+    # mutable=False in training mode: the statistics are updated on copies, which are dropped.
+    copy = buffers.keys() if mutable else slots.stat_names if train else ()
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 
@@ -189,12 +204,15 @@ def apply(
         if name in new_buffers:
             new_buffers[name] = new_buffers[name].clone()
     tensors = {**params, **new_buffers} if new_buffers else params
-    flip = module.training != train
-    if flip:
+    # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
+    traced = compiling or torch._C._functorch.maybe_current_level() is not None
+    watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and not traced else ()
+    modes = [(m, m.training) for m in module.modules()] if module.training != train else None
+    if modes is not None:
         module.train(train)
     try:
         # Under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random).
-        if compiling or torch._C._functorch.maybe_current_level() is not None:
+        if traced:
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         elif rng is None:
             out = _call_swapped(module, slots, tensors, args, kwargs)
@@ -206,9 +224,27 @@ def apply(
             finally:
                 _random._restore(saved)
     finally:
-        if flip:
-            module.train(not train)
+        if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
+            for m, was in modes:
+                m.training = was
+    changed = [n for n, t, version in watched if t._version != version]
+    if changed:
+        _learn_updated(module, slots, changed)
+    if mutable is False:
+        return out, dict(buffers)
     return out, new_buffers
+
+
+def _learn_updated(module: nn.Module, slots: _Slots, names: list[str]) -> None:
+    """A forward updated the caller's buffers ``names`` in place: copy them before every later forward."""
+    slots.stat_names = slots.stat_names | frozenset(names)
+    warnings.warn(
+        f"fnlit.apply: {type(module).__name__}'s forward updated the buffer(s) {names} in place, so the "
+        "buffers passed in (state.buffers) changed in this call. From now on they are copied before every "
+        "training forward of this module, as BatchNorm statistics are, and the updated copies come back as new "
+        "buffers; pass mutable=True to copy every buffer from the first call.",
+        stacklevel=3,
+    )
 
 
 _NOT_SCALAR = (

@@ -106,6 +106,60 @@ def test_apply_follows_a_module_changed_after_a_call():
         assert g["2.bias"].abs().sum() > 0
 
 
+def test_apply_mutable_false_changes_no_buffer_even_in_training_mode():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    before = {k: v.clone() for k, v in state.buffers.items()}
+    x = torch.randn(8, 4)
+    out, new = fnlit.apply(m, state.params, state.buffers, x, mutable=False)
+    reference = copy.deepcopy(m).train()(x)  # batch statistics, as in training
+    torch.testing.assert_close(out, reference)
+    assert all(new[k] is state.buffers[k] and torch.equal(state.buffers[k], before[k]) for k in before)
+
+
+def test_apply_copies_spectral_norm_vectors_and_learns_other_updated_buffers():
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    m = spectral_norm(nn.Linear(4, 6))
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    before = {k: v.clone() for k, v in state.buffers.items()}
+    x = torch.randn(3, 4)
+    ref = copy.deepcopy(m).train()
+    out, new = fnlit.apply(m, state.params, state.buffers, x)
+    torch.testing.assert_close(out, ref(x))  # one power iteration, as the module does it
+    assert all(torch.equal(state.buffers[k], before[k]) for k in before)  # the caller's vectors unchanged
+    torch.testing.assert_close(new["parametrizations.weight.0._u"], ref.parametrizations.weight[0]._u)
+
+    class Counting(nn.Module):  # updates a buffer of its own in place: unknown to fnlit until seen
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.lin(x)
+
+    c = Counting()
+    state = fnlit.TrainState.create(c, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.warns(UserWarning, match=r"updated the buffer\(s\) \['calls'\] in place"):
+        fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))
+    given = state.buffers["calls"].clone()
+    _, new = fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))  # copied now: pure from here on
+    assert torch.equal(state.buffers["calls"], given) and torch.equal(new["calls"], given + 1)
+
+
+def test_apply_leaves_each_submodule_in_its_own_mode():
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    m.train()
+    m[1].eval()  # a frozen BatchNorm, as when fine-tuning
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(m, state.params, state.buffers, torch.randn(8, 4), train=False)
+    assert [mod.training for mod in m] == [True, False, True] and m.training
+
+
 def test_apply_rejects_wrong_names():
     model = mlp()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
