@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import tree_flatten, tree_map, tree_unflatten
+from ..tree import first_mismatch, tree_flatten, tree_map, tree_unflatten
 from ._base import (
     GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, own, own_scaled, resolve_mask,
     use_functional,
@@ -139,6 +139,13 @@ def _optimizer(
             _raise_mismatch(name, ref, grads)
         if treedef != ref_def:
             _raise_mismatch(name, ref, params, what="params")
+        for x, q in zip(g, p):  # the fused kernels do not check: a smaller gradient would be read past its end
+            if x.shape != q.shape:
+                raise ValueError(
+                    f"{name}.update expected gradients of the params' shapes, but they differ "
+                    f"{first_mismatch(params, grads)}. Pass the gradients of state.params (an aggregating transform "
+                    "such as dp_sgd_aggregate goes before the optimizer in a chain)."
+                )
         hyper = state.hyperparams
         lr = schedule(state.count).to(torch.float32) if schedule is not None else hyper["learning_rate"]
         wd = hyper["weight_decay"] if decays else None
