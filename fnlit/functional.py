@@ -294,11 +294,7 @@ def _backward(
     inputs are known to be plain tensors (accumulate's leaves, checked once per step).
     """
     if not target.requires_grad:
-        raise RuntimeError(
-            "fnlit.value_and_grad: the loss does not depend on the arguments it differentiates (it has no "
-            "grad_fn). Compute it from those arguments (e.g. the params passed to the loss function, not "
-            "state.params or the module's own parameters), and not under detach()."
-        )
+        raise RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
     if (
         _engine_run_backward is None
         or type(target) is not torch.Tensor
@@ -312,7 +308,16 @@ def _backward(
     grads = _engine_run_backward((target,), seeds, False, False, tuple(inputs), True, accumulate_grad=accumulate)
     if accumulate:
         return None
+    if inputs and all(g is None for g in grads):
+        raise RuntimeError(_UNREACHED.format(how="its graph reaches none of them"))
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
+
+
+_UNREACHED = (
+    "fnlit.value_and_grad: the loss does not depend on the arguments it differentiates ({how}). Compute it "
+    "from those arguments (e.g. the params passed to the loss function through fnlit.apply, not state.params "
+    "or the module's own parameters), and not under detach()."
+)
 
 
 def _detach(tree: Any) -> Any:
@@ -362,9 +367,13 @@ def value_and_grad(
             else None
         )
         if _traced():
-            return _functorch_path(fn, nums, has_aux, frame, autocast or nullcontext(), args, kwargs)
+            return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in sources):
+            # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad):
+            # functorch's transform keeps this gradient a function of the arguments; detached leaves would not.
+            return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         accumulating = frame is not None and frame.accum_k > 1
         # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
         # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
@@ -423,7 +432,7 @@ def _device_type(tree: Any) -> str:
     return leaves[0].device.type if leaves else "cpu"
 
 
-def _functorch_path(fn, nums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
+def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
     specs: list[Any] = []
 
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
@@ -436,7 +445,7 @@ def _functorch_path(fn, nums, has_aux, frame, autocast, args, kwargs):  # type: 
         specs.append(spec)
         return target, tuple(leaves)
 
-    argnums = nums[0] if len(nums) == 1 else nums
+    # argnums as the caller gave it: an int gives one tree of gradients, a tuple (even of one) a tuple of them.
     grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
     out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
     if frame is not None and frame.scaler is not None:

@@ -160,6 +160,31 @@ def test_apply_leaves_each_submodule_in_its_own_mode():
     assert [mod.training for mod in m] == [True, False, True] and m.training
 
 
+def test_value_and_grad_nests_like_jax_for_a_gradient_penalty():
+    torch.manual_seed(0)
+    p, x = {"w": torch.randn(3)}, torch.randn(3)
+
+    def f(p):
+        return torch.sin(p["w"] * x).sum()
+
+    def penalised(grad):
+        return lambda p: f(p) + (grad(f)(p)["w"] ** 2).sum()
+
+    value, g = fnlit.value_and_grad(penalised(lambda fn: lambda p: fnlit.value_and_grad(fn)(p)[1]))(p)
+    ref_g, ref_value = torch.func.grad_and_value(penalised(torch.func.grad))(p)
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(g["w"], ref_g["w"])  # not f's gradient alone: the penalty is differentiated too
+
+
+def test_value_and_grad_argnums_tuple_gives_a_tuple_under_vmap_too():
+    p, xs = {"w": torch.randn(3)}, torch.randn(4, 3)
+    vg = fnlit.value_and_grad(lambda p, x: (p["w"] * x).sum(), argnums=(0,))
+    _, eager = vg(p, xs[0])
+    _, batched = torch.func.vmap(lambda x: vg(p, x))(xs)
+    assert type(eager) is tuple and type(batched) is tuple and len(batched) == 1
+    torch.testing.assert_close(batched[0]["w"], xs)
+
+
 def test_apply_rejects_wrong_names():
     model = mlp()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
@@ -209,6 +234,18 @@ def test_value_and_grad_of_a_loss_that_ignores_its_arguments_says_so():
     params = {"w": torch.ones(2)}
     with pytest.raises(RuntimeError, match=r"does not depend on the arguments it differentiates"):
         fnlit.value_and_grad(lambda p: (params["w"] * 2).sum())(params)  # the closure's tensor, not p's
+    # The module's own parameters (model(x) instead of fnlit.apply): a graph, but not to p. Zero gradients
+    # would train nothing, silently; alone and under accumulate.
+    model = nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, batch):
+        _, grads = fnlit.value_and_grad(lambda p: model(batch).sum())(state.params)
+        return state.apply_gradients(grads), {}
+
+    for wrapped in (step, fnlit.accumulate(step, 2)):
+        with pytest.raises(RuntimeError, match=r"does not depend on the arguments .*graph reaches none of them"):
+            wrapped(state, torch.ones(4, 2))
 
 
 def test_value_and_grad_seeds_and_accumulates_as_autograd_does():

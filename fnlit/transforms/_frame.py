@@ -203,6 +203,10 @@ class Frame:
         """The in-place call's gradients: the accumulator (zeros where the loss does not reach)."""
         leaves = self.leaves
         assert leaves is not None
+        if self.micro == 0 and leaves and all(leaf.grad is None for leaf in leaves):
+            from ..functional import _UNREACHED
+
+            raise RuntimeError(_UNREACHED.format(how="its graph reaches none of them"))
         grads, versions = [], []
         for leaf in leaves:
             g = leaf.grad
