@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = fnlit.fit(                                     # Trainer(...).fit(model, datamodule, ckpt_path="last")
         step, state, train, val_data=val, eval_step=eval_step, max_epochs=args.epochs,
         callbacks=[EarlyStopping("val/loss", patience=3)], checkpoint=ckpt, ckpt_path="last",
-        log_dir=args.log_dir, fast_dev_run=args.fast_dev_run, progress=False,
+        log_dir=args.log_dir or None, fast_dev_run=args.fast_dev_run, progress=False,
     )
     result = fnlit.evaluate(eval_step, state, test)        # trainer.test(model, datamodule)
     best = ckpt.best_path                                  # checkpoint_callback.best_model_path

@@ -9,7 +9,9 @@ order, in parallel, or again later with the same result. The search around it is
 * `--search ensemble`: the whole grid as **one** run: `fnlit.ensemble_states` stacks one member per
   config (learning rate and weight decay are tensors in the optimizer state, so each member has its
   own), and `fnlit.ensemble` trains them all in one vectorised step. The model has no dropout, so each
-  member follows its grid trial to float rounding (tests/test_examples.py checks that).
+  member follows its grid trial up to float rounding, which training amplifies: over the default epochs
+  the members' validation losses are within about 0.5 % of their trials' and their accuracies equal
+  (tests/test_examples.py checks a short run to 1e-4).
 
 The best config is chosen by validation accuracy; its test accuracy is reported.
 Data: scikit-learn's handwritten digits (no download), a small MLP.

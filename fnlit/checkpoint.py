@@ -436,6 +436,8 @@ class Checkpointer:
     @property
     def best_path(self) -> Path | None:
         """The best checkpoint by ``monitor`` (None without monitor or before the first validation)."""
+        if self._records is None and not self.directory.is_dir():
+            return None  # nothing saved yet (and no folder made just to look: fast_dev_run writes nothing)
         best = self._best(self._scan())
         return best[0].path if best else None
 

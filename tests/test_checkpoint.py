@@ -211,6 +211,8 @@ def test_restore_last_skips_a_corrupt_newest_checkpoint(tmp_path):
 def test_restore_last_without_checkpoints_starts_fresh(tmp_path):
     _, state = trained()
     assert ckpt.Checkpointer(tmp_path / "new").restore("last", like=state) == (state, None)
+    assert ckpt.Checkpointer(tmp_path / "unused", monitor="val/loss").best_path is None
+    assert not (tmp_path / "unused").exists()  # asking makes no folder (fit(fast_dev_run=True) writes nothing)
 
 
 def test_checkpointer_saves_on_exit_and_epochs_without_duplicates(tmp_path):
