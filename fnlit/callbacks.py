@@ -53,6 +53,9 @@ __all__ = ["StopTraining", "Callback", "EarlyStopping", "LearningRateMonitor", "
 class StopTraining(Exception):
     """Raised by a callback to end :func:`fnlit.fit` after the current step (once ``min_epochs`` are done).
 
+    Under several processes, raised in ``on_step`` it takes effect at the next log interval, validation or
+    epoch end, where the ranks decide together (see :func:`fnlit.fit`).
+
     Example:
         >>> import types
         >>> class StopAtStep:

@@ -353,7 +353,10 @@ def fit(
     (-1 when only ``max_steps`` is); ``max_steps`` counts steps in ``state.step`` terms (each call of
     ``step`` is one; resuming continues the count). Stop requests (:class:`~fnlit.callbacks.StopTraining`,
     ``max_time``) wait until ``min_epochs`` epochs are done. Ctrl-C or SIGTERM finish the current step and
-    return the state (``checkpoint.on_exit`` can save it).
+    return the state (``checkpoint.on_exit`` can save it). Under several processes the ranks decide together,
+    without a collective every step: a stop requested during a step (``on_step``, a signal, ``max_time``)
+    takes effect at the next log interval, validation or epoch end; one from a validation
+    (``EarlyStopping``) at once.
 
     Args:
         step: ``(state, batch) -> (state, metrics)``; metrics are scalar tensors, logged as ``"train/<name>"``.
@@ -421,6 +424,7 @@ def fit(
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
+    validated = bool(position.get("validated"))  # saved by an epoch-end validation: that one is done
     all_callbacks = list(callbacks) + ([Timer(max_time)] if max_time is not None else [])
     hooks = _Hooks(all_callbacks)
     stateful = _stateful(all_callbacks)
@@ -450,16 +454,21 @@ def fit(
     def halting() -> bool:  # a signal came, or a callback asked to stop and min_epochs are done
         return bool(signals.reason) or (hooks.stop and epoch >= min_epochs)
 
-    def log_now() -> None:
+    def agree() -> None:
+        """Ranks decide together whether to stop, at points all of them reach at the same step: log
+        intervals, validations and epoch ends (alone, the loop checks after every step)."""
         nonlocal halt
-        if distributed:  # ranks decide together, at the same steps; alone, the loop checks after every step
-            halt, signals.reason = _agree(halting(), signals.reason, state.device)
+        halt, signals.reason = _agree(halting(), signals.reason, state.device)
+
+    def log_now() -> None:
+        if distributed:
+            agree()
         metrics = log.flush(state, epoch)
         if metrics and logger is not None:
             logger.log_metrics(metrics, steps)
         bar.set_metrics(steps, metrics)
 
-    def validate() -> None:
+    def validate(epoch_end: bool = False) -> None:
         hooks("on_validation_start", state)
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
         log.claim(metrics, "the eval step")
@@ -469,7 +478,10 @@ def fit(
             logger.flush()
         hooks("on_validation", state, metrics)
         if checkpoint is not None:
-            checkpoint.on_validation(state, where(epoch, b), metrics)
+            # An epoch-end validation runs after its batch's checkpoint: a best saved here says it is done.
+            checkpoint.on_validation(state, {**where(epoch, b), "validated": True} if epoch_end else where(epoch, b), metrics)
+        if distributed:  # an EarlyStopping decision takes effect now, not at the next log interval
+            agree()
 
     with _Signals() as signals, _outputs(progress, logger, owned) as bar:
         try:
@@ -507,13 +519,17 @@ def fit(
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
                     break  # stopped mid-epoch, or a one-shot iterable ran out
-                if val_every < 0:
-                    validate()
+                if val_every < 0 and not (validated and steps == epoch_start):  # not again on a resume from its best
+                    validate(epoch_end=True)
+                validated = False
                 epoch, b = epoch + 1, 0
                 hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
                 if checkpoint is not None:
                     checkpoint.on_epoch_end(state, where(epoch, 0))
-                halt = halt if distributed else halting()
+                if distributed:
+                    agree()
+                else:
+                    halt = halting()
         except BaseException as e:
             if is_donated(state):  # a donated step failed after writing the state: nothing valid to save or return
                 _add_note(e, _lost_state(checkpoint))

@@ -155,3 +155,25 @@ def batchnorm_statistics_and_metrics():
     hand = torch.cat([scores, scores.sum().reshape(1)])
     dist.all_reduce(hand)
     return {"buffers": dict(new.buffers), "want": want, "metrics": metrics, "hand": hand / world}
+
+
+def early_stopping_fit(distributed: bool = True):
+    """fit under data_parallel with EarlyStopping on a validation loss that never improves: the step at
+    which the run stops, and the steps it validated at. With ``distributed=False``, one process on the
+    global batch (the reference)."""
+    from fnlit.callbacks import EarlyStopping
+    from fnlit.data import ArrayLoader
+
+    model, state = make_state()
+    data = batch(64, seed=0)
+    train = ArrayLoader(*data, batch_size=GLOBAL_BATCH)  # under torch.distributed each rank takes its shard
+    seen = []
+
+    def eval_step(state, b):
+        seen.append(int(state.step))
+        return {"loss": torch.tensor(1.0)}  # never improves: patience 1 stops at the second validation
+
+    step = fnlit.data_parallel(hand_step(model)) if distributed else hand_step(model)
+    out = fnlit.fit(step, state, train, val_data=[data], eval_step=eval_step, max_epochs=10, num_sanity_val_steps=0,
+                    callbacks=[EarlyStopping("val/loss", patience=1)], progress=False)  # fmt: skip
+    return {"step": int(out.step), "validated_at": seen}

@@ -8,6 +8,7 @@ from _dist_workers import (
     all_orders,
     batchnorm_statistics_and_metrics,
     dies_early,
+    early_stopping_fit,
     equivalence,
     make_state,
     orders_with_dropout_and_batchnorm,
@@ -136,3 +137,12 @@ def test_kept_gradient_buffers_are_bounded_and_the_latest_layout_stays(monkeypat
     assert len(dp._BUFFERS) == dp._MAX_BUFFERS
     oldest = (0, like.dtype, like.device, 10)
     assert oldest not in dp._BUFFERS  # the least recently used layouts went first
+
+
+def test_early_stopping_stops_both_ranks_where_one_process_stops():
+    # The stop is agreed right after the validation, not at the next log interval (every 50 steps).
+    ref = early_stopping_fit(distributed=False)
+    assert len(ref["validated_at"]) == 2 and ref["step"] == ref["validated_at"][-1]  # at its second validation
+    ranks = fnlit.distributed.launch(early_stopping_fit, 2, timeout=120)
+    assert ranks[0] == ranks[1]
+    assert len(ranks[0]["validated_at"]) == 2 and ranks[0]["step"] == ranks[0]["validated_at"][-1]

@@ -368,6 +368,33 @@ def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
     assert resumed_timer.time_elapsed() >= elapsed  # the time counts across the resume, as Lightning's Timer
 
 
+def test_a_resume_from_an_epoch_end_best_does_not_validate_that_epoch_again(tmp_path):
+    # Data without a length validates after its epoch's last checkpoint; the best saved by that validation
+    # is the newest file. Resumed from it, the validation is done: again, it would count twice (EarlyStopping).
+    from fnlit.checkpoint import Checkpointer
+
+    def run(crash_at=None, **kw):
+        seen = []
+
+        class Crash:
+            def on_step(self, state, metrics):
+                if int(state.step) == crash_at:
+                    raise RuntimeError("killed")
+
+        def eval_step(state, batch):
+            seen.append(int(state.step))
+            return {"loss": torch.tensor(10.0 - int(state.step))}  # improves: every validation is a best
+
+        ck = Checkpointer(tmp_path / "ck", every_n_steps=4, monitor="val/loss", keep_best=1)
+        fit(Counter().step, make_state(), Unsized(4), max_epochs=2, val_data=[0], eval_step=eval_step,
+            num_sanity_val_steps=0, checkpoint=ck, callbacks=[Crash()], progress=False, **kw)  # fmt: skip
+        return seen
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(crash_at=6)
+    assert run(ckpt_path="last") == [8]  # the uninterrupted run validates at 4 and 8
+
+
 def test_resume_from_a_position_mid_epoch():
     loader = ArrayLoader(torch.arange(6), batch_size=1)
     restored = (make_state().replace(step=torch.tensor(9)), {"epoch": 1, "batch": 3, "seed": 42})

@@ -452,6 +452,9 @@ def compile(
     ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
     A Python number in the batch is a constant of the graph: each new value compiles a graph (pass a
     0-d tensor for a value that changes). A batch dict in another key order is another structure.
+    As with ``jax.jit``, the Python the step reads is fixed at the first call: the module's structure
+    and its submodules' training flags (``model[2] = new_head`` or ``model[1].eval()`` afterwards is not
+    seen by the compiled step; compile the changed step anew), closures and globals.
 
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
