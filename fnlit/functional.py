@@ -206,7 +206,7 @@ def apply(
     tensors = {**params, **new_buffers} if new_buffers else params
     # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
-    watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and not traced else ()
+    watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and buffers and not traced else ()
     modes = [(m, m.training) for m in module.modules()] if module.training != train else None
     if modes is not None:
         module.train(train)
@@ -370,7 +370,7 @@ def value_and_grad(
             return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
-        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in sources):
+        if torch.is_grad_enabled() and _any_requires_grad(sources):
             # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad):
             # functorch's transform keeps this gradient a function of the arguments; detached leaves would not.
             return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
@@ -414,6 +414,13 @@ def value_and_grad(
         return value, g
 
     return wrapped
+
+
+def _any_requires_grad(tensors: list[Any]) -> bool:
+    for t in tensors:  # a loop: a third of any() over a generator, on every value_and_grad call
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _regroup(flat: list[tuple[list[Any], Any]], leaves: list[Any]) -> list[Any]:
