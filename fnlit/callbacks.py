@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -261,7 +262,9 @@ class SWA(Callback):
     params are handed out (:attr:`params`, :meth:`state`) rather than copied into the model. Lightning
     also switches the learning rate to ``swa_lrs``; in fnlit the rate is part of the optimizer: build it
     with a schedule that changes at the SWA start (``fnlit.optim.join``). With BatchNorm, recompute the
-    statistics for the averaged params with :func:`update_bn`.
+    statistics for the averaged params with :func:`update_bn`. The average is not in checkpoints (as
+    :class:`EMA`'s): a run resumed after averaging began averages only the epochs after the resume, and
+    fnlit warns when that happens; save ``swa.state(state)`` yourself if you need it across a resume.
 
     Args:
         swa_epoch_start: the first averaged epoch (0-based int), or a fraction of ``max_epochs`` (float).
@@ -297,6 +300,19 @@ class SWA(Callback):
                     f"max_epochs={max_epochs}. Pass an int epoch index instead, or set max_epochs."
                 )
             self.start = int(self.swa_epoch_start * max_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_averaged": self.n_averaged}  # a count only: enough to tell that an average was lost
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        lost = int(state.get("n_averaged", 0))
+        if lost and self.params is None:
+            warnings.warn(
+                f"SWA: the checkpoint was saved after averaging {lost} epoch(s), but the average is not "
+                "checkpointed; this resumed run averages only the epochs from here on. Save swa.state(state) "
+                "yourself to keep it across a resume.",
+                stacklevel=2,
+            )
 
     def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.start is None or metrics["epoch"] < self.start:

@@ -138,8 +138,10 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
         return bool(a == b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    if a.is_floating_point() or a.is_complex():
-        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+    if a.is_floating_point():  # equal values, NaN where NaN, and the same sign (-0.0 is not 0.0 bitwise)
+        return bool((((a == b) & (torch.signbit(a) == torch.signbit(b))) | (torch.isnan(a) & torch.isnan(b))).all())
+    if a.is_complex():
+        return _bitwise_equal(torch.view_as_real(a), torch.view_as_real(b))
     return torch.equal(a, b)
 
 
@@ -156,6 +158,14 @@ def _snapshot(state: Any, batch: Any) -> tuple[list[str], list[Any]]:
 
 
 def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any, run: str) -> None:
+    now_paths = _labelled(state, "state")[0] + _labelled(batch, "batch")[0]
+    if now_paths != paths:  # a key added to or removed from an input dict (or list)
+        changed = sorted(set(now_paths) ^ set(paths)) or now_paths
+        raise AssertionError(
+            f"the step changed the structure of its inputs ({run} call): {changed[0]} was "
+            f"{'added' if changed[0] in now_paths and changed[0] not in paths else 'removed'}. A step must build "
+            "new containers (dict(batch, key=value)), not add to or delete from the ones it is given."
+        )
     now = _tree.tree_leaves(state) + _tree.tree_leaves(batch)
     where = _first_unequal(paths, now, before)
     if where is not None:

@@ -124,6 +124,21 @@ def test_swa_equals_the_mean_of_epoch_end_params(start, first):
     assert torch.equal(swa.state(end).params[k], swa.params[k])
 
 
+def test_a_resume_that_loses_the_swa_average_warns(tmp_path):
+    from fnlit.checkpoint import Checkpointer
+
+    def run(epochs, **kw):
+        swa = SWA(swa_epoch_start=0)
+        fit(count_step, counting_state(), [0, 1], max_epochs=epochs, callbacks=[swa],
+            checkpoint=Checkpointer(tmp_path / "ck", every_n_epochs=1), progress=False, **kw)  # fmt: skip
+        return swa
+
+    assert run(2).n_averaged == 2
+    with pytest.warns(UserWarning, match=r"SWA: the checkpoint was saved after averaging 2 epoch\(s\)"):
+        resumed = run(4, ckpt_path="last")
+    assert resumed.n_averaged == 2  # epochs 2 and 3 only: the uninterrupted run averages 4
+
+
 def test_swa_fraction_needs_max_epochs():
     with pytest.raises(ValueError, match="fraction of max_epochs"):
         fit(count_step, counting_state(), [0], max_steps=3, callbacks=[SWA(0.5)], progress=False)

@@ -65,6 +65,27 @@ def test_assert_pure_passes_a_correct_step_with_dropout_and_batchnorm():
     assert_pure(hand_step(model), state, batch())
 
 
+def test_assert_pure_catches_a_negative_zero_and_a_key_added_to_the_batch():
+    model, state = make()
+    inner = hand_step(model)
+    zero = state.replace(params={**state.params, "0.bias": torch.zeros_like(state.params["0.bias"])})
+
+    def negates(state, batch):
+        state.params["0.bias"].neg_()  # 0.0 -> -0.0: equal as numbers, not bitwise
+        return inner(state, batch)
+
+    with pytest.raises(AssertionError, match=r"mutated its input state\.params\['0\.bias'\]"):
+        assert_pure(negates, zero, batch())
+
+    def adds_a_key(state, b):
+        b["zz"] = b["x"] * 2  # the caller's dict grows
+        return inner(state, (b["x"], b["y"]))
+
+    x, y = batch()
+    with pytest.raises(AssertionError, match=r"changed the structure of its inputs .*batch\['zz'\] was added"):
+        assert_pure(adds_a_key, state, {"x": x, "y": y})
+
+
 def test_assert_pure_catches_a_step_that_mutates_its_state():
     model, state = make()
     inner = hand_step(model)
