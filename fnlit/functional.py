@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 import weakref
@@ -21,6 +22,10 @@ from .transforms._frame import current as _current_frame
 __all__ = ["apply", "value_and_grad", "train_step", "eval_step"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
+# Spectral norm's power iteration updates its vectors in place on every training forward: the
+# parametrization (torch.nn.utils.parametrizations.spectral_norm) and the older forward pre-hook.
+_SPECTRAL_PARAMETRIZATION = torch.nn.utils.parametrizations._SpectralNorm
+_SPECTRAL_HOOK = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # the package attribute is the function
 
 
 class _Slots:
@@ -48,7 +53,7 @@ class _Slots:
         # Buffers a training forward updates in place: copied first, so the caller's never change.
         # Normalisation statistics and spectral norm's power-iteration vectors; any other buffer a forward
         # is seen updating is added on the way (apply's version check).
-        self.stat_names = frozenset(
+        self.copied = frozenset(
             f"{n}.{a}" if n else a
             for n, m in module.named_modules()
             for a in _updated_in_place(m)
@@ -65,13 +70,12 @@ class _Slots:
 
 
 def _updated_in_place(m: nn.Module) -> tuple[str, ...]:
+    """The buffers of ``m`` (its own) that a training forward updates in place."""
     if isinstance(m, _NORM_TYPES):
         return ("running_mean", "running_var", "num_batches_tracked")
-    if type(m).__name__ == "_SpectralNorm":  # torch.nn.utils.parametrizations.spectral_norm
+    if isinstance(m, _SPECTRAL_PARAMETRIZATION):
         return ("_u", "_v")
-    return tuple(  # the older torch.nn.utils.spectral_norm: a forward pre-hook updating <name>_u, <name>_v
-        f"{h.name}_{x}" for h in m._forward_pre_hooks.values() if type(h).__name__ == "SpectralNorm" for x in "uv"
-    )
+    return tuple(f"{h.name}_{x}" for h in m._forward_pre_hooks.values() if isinstance(h, _SPECTRAL_HOOK) for x in "uv")
 
 
 # id(module) -> (weak reference to it, its slots). A plain dict: WeakKeyDictionary.get builds a weakref
@@ -194,7 +198,7 @@ def apply(
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         _check_names(module, slots, params, buffers)
     # mutable=False in training mode: the statistics are updated on copies, which are dropped.
-    copy = buffers.keys() if mutable else slots.stat_names if train else ()
+    copy = buffers.keys() if mutable else slots.copied if train else ()
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 
@@ -237,7 +241,7 @@ def apply(
 
 def _learn_updated(module: nn.Module, slots: _Slots, names: list[str]) -> None:
     """A forward updated the caller's buffers ``names`` in place: copy them before every later forward."""
-    slots.stat_names = slots.stat_names | frozenset(names)
+    slots.copied = slots.copied | frozenset(names)
     warnings.warn(
         f"fnlit.apply: {type(module).__name__}'s forward updated the buffer(s) {names} in place, so the "
         "buffers passed in (state.buffers) changed in this call. From now on they are copied before every "

@@ -158,7 +158,9 @@ def _snapshot(state: Any, batch: Any) -> tuple[list[str], list[Any]]:
 
 
 def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any, run: str) -> None:
-    now_paths = _labelled(state, "state")[0] + _labelled(batch, "batch")[0]
+    s_paths, s_leaves, _ = _labelled(state, "state")
+    b_paths, b_leaves, _ = _labelled(batch, "batch")
+    now_paths, now = s_paths + b_paths, s_leaves + b_leaves
     if now_paths != paths:  # a key added to or removed from an input dict (or list)
         changed = sorted(set(now_paths) ^ set(paths)) or now_paths
         raise AssertionError(
@@ -166,7 +168,6 @@ def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any
             f"{'added' if changed[0] in now_paths and changed[0] not in paths else 'removed'}. A step must build "
             "new containers (dict(batch, key=value)), not add to or delete from the ones it is given."
         )
-    now = _tree.tree_leaves(state) + _tree.tree_leaves(batch)
     where = _first_unequal(paths, now, before)
     if where is not None:
         raise AssertionError(
