@@ -203,17 +203,19 @@ class Frame:
         """The in-place call's gradients: the accumulator (zeros where the loss does not reach)."""
         leaves = self.leaves
         assert leaves is not None
-        if self.micro == 0 and leaves and all(leaf.grad is None for leaf in leaves):
-            from ..functional import _UNREACHED
-
-            raise RuntimeError(_UNREACHED.format(how="its graph reaches none of them"))
-        grads, versions = [], []
+        grads, versions, reached = [], [], False
         for leaf in leaves:
             g = leaf.grad
             if g is None:
                 g = leaf.grad = torch.zeros_like(leaf)
+            else:
+                reached = True
             grads.append(g)
             versions.append(g._version)
+        if self.micro == 0 and leaves and not reached:  # later micro-batches' grads are the accumulator
+            from ..functional import _UNREACHED
+
+            raise RuntimeError(_UNREACHED.format(how="its graph reaches none of them"))
         self.fast_grads, self.fast_versions = grads, versions
         return grads
 
