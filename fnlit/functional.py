@@ -89,6 +89,8 @@ def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
     if not rebuild and entry is not None and entry[0]() is module and entry[1].current():
         return entry[1]
     s = _Slots(module)
+    if entry is not None and entry[0]() is module:  # rebuilt: keep what the forward was seen updating in place
+        s.copied = s.copied | (entry[1].copied & s.names)
     key = id(module)
     _SLOTS[key] = (weakref.ref(module, lambda _, key=key: _SLOTS.pop(key, None)), s)
     return s

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -148,6 +149,14 @@ def test_apply_copies_spectral_norm_vectors_and_learns_other_updated_buffers():
         fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))
     given = state.buffers["calls"].clone()
     _, new = fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))  # copied now: pure from here on
+    assert torch.equal(state.buffers["calls"], given) and torch.equal(new["calls"], given + 1)
+    # A new submodule rebuilds the slots (fine-tuning's new head): what was learned about 'calls' stays.
+    c.lin = nn.Linear(2, 2)
+    state = fnlit.TrainState.create(c, fnlit.optim.sgd(0.1), seed=0)
+    given = state.buffers["calls"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: copied from the first call on
+        _, new = fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))
     assert torch.equal(state.buffers["calls"], given) and torch.equal(new["calls"], given + 1)
 
 
