@@ -190,6 +190,10 @@ def decode(path: str | os.PathLike[str], *, verify: bool = True, mmap: bool = Fa
             if verify and crc32(t) != entry["crc32"]:
                 raise ValueError(f"the bytes of {p} do not match their checksum")
             values[p] = t
+        # The position's tensors: back in their place in the position, out of the state's values.
+        found = {p: values.pop(p) for p in [p for p in values if p.startswith(_POSITION)]}
+        if found or header.get("position"):
+            header["position"] = _push_tensors(header.get("position"), found)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt ({type(e).__name__}: {e}).") from None
     return header, values
@@ -388,10 +392,41 @@ def json_checked(what: str, value: Any) -> Any:
     return value
 
 
+# The position's tensors (callbacks' states: EMA's average) are stored with the state's, under paths starting
+# with this, which no tree path of a state does; the header's position names each in their place.
+_POSITION = "@position"
+_TENSOR_REF = "__fnlit_tensor__"
+
+
+def _pull_tensors(value: Any, path: str, found: dict[str, torch.Tensor]) -> Any:
+    """``value`` (the position) with each tensor replaced by a reference to ``path``; the tensors go to ``found``."""
+    if isinstance(value, torch.Tensor):
+        found[path] = value
+        return {_TENSOR_REF: path}
+    if isinstance(value, dict):
+        return {k: _pull_tensors(v, f"{path}.{k}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_pull_tensors(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def _push_tensors(value: Any, found: dict[str, Any]) -> Any:
+    """The inverse of :func:`_pull_tensors`. Raises KeyError for a reference to a tensor not in the file."""
+    if isinstance(value, dict):
+        if len(value) == 1 and _TENSOR_REF in value:
+            return found[value[_TENSOR_REF]]
+        return {k: _push_tensors(v, found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_push_tensors(v, found) for v in value]
+    return value
+
+
 def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any]) -> int:
     """Writes the file (rank 0 only); returns its ``saved_at_ns``."""
     for key, value in meta.items():
         json_checked(f"the metadata {key}=", value)
+    extra: dict[str, torch.Tensor] = {}
+    position = _pull_tensors(position, _POSITION, extra)
     header = {
         "saved_at_ns": time.time_ns(),
         "step": int(state.step) if isinstance(getattr(state, "step", None), torch.Tensor) and state.step.dim() == 0 else None,
@@ -403,7 +438,7 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
     }
     paths, leaves, _ = _tree.tree_flatten_with_path(state)
     if _dist.is_main():
-        payload = encode(paths, leaves, header)
+        payload = encode(paths + list(extra), leaves + list(extra.values()), header)
         atomic_write(path, lambda f: torch.save(payload, f))
     return header["saved_at_ns"]
 

@@ -90,10 +90,11 @@ class Callback:
     def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
     def on_fit_end(self, state: TrainState, metrics: Mapping[str, float]) -> None: ...
 
-    # A callback whose decisions depend on what it has seen (EarlyStopping's best and patience count) defines
-    # both: fit saves ``state_dict()`` (JSON values) in every checkpoint and hands it to ``load_state_dict``
-    # when it resumes, so a resumed run decides as the uninterrupted one. Callbacks are matched by class
-    # and by their order among callbacks of that class.
+    # A callback whose decisions depend on what it has seen (EarlyStopping's best and patience count, EMA's
+    # average) defines both: fit saves ``state_dict()`` (JSON values and tensors, in dicts and lists) in every
+    # checkpoint and hands it to ``load_state_dict`` when it resumes, so a resumed run goes on as the
+    # uninterrupted one. The tensors come back on the CPU. Callbacks are matched by class and by their order
+    # among callbacks of that class.
     def state_dict(self) -> dict[str, Any] | None:
         return None
 
@@ -210,12 +211,30 @@ def _float_params(params: Params) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in params.items() if v.is_floating_point()}
 
 
+def _copies(params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A copy of an average (saved or loaded), so the average's later in-place updates never touch it."""
+    return None if params is None else {k: v.detach().clone() for k, v in params.items()}
+
+
+def _placed(params: dict[str, torch.Tensor], state: TrainState, who: str) -> dict[str, torch.Tensor]:
+    """An average (loaded from a checkpoint, or kept from an earlier fit) on ``state``'s devices and dtypes."""
+    expected = {k: v for k, v in state.params.items() if v.is_floating_point()}
+    if params.keys() != expected.keys() or any(params[k].shape != v.shape for k, v in expected.items()):
+        diff = sorted(params.keys() ^ expected.keys()) or [k for k, v in expected.items() if params[k].shape != v.shape]
+        raise ValueError(
+            f"{who}: its average does not fit the state's params (at {diff[:5]}): it was taken over another "
+            f"model. Use a new {who} callback for another model."
+        )
+    return {k: params[k].to(device=v.device, dtype=v.dtype) for k, v in expected.items()}
+
+
 class EMA(Callback):
     """An exponential moving average of the parameters, updated after every step on the device.
 
     ``ema = decay * ema + (1 - decay) * params``, starting from the params at the start of :func:`fnlit.fit`.
-    The average is not part of the TrainState (so not in its checkpoints): evaluate or export it with
-    :meth:`state`. Buffers (BatchNorm statistics) are the trained state's; see :func:`update_bn`.
+    The average is not part of the TrainState: evaluate or export it with :meth:`state`. It is in fit's
+    checkpoints (the callback's ``state_dict``), so a resumed run continues the same average. Buffers
+    (BatchNorm statistics) are the trained state's; see :func:`update_bn`.
 
     Args:
         decay: the weight of the past, in [0, 1).
@@ -239,9 +258,14 @@ class EMA(Callback):
         self.params: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
-        if self.params is None:
-            self.params = _float_params(state.params)
-            self._keys = list(self.params)
+        self.params = _float_params(state.params) if self.params is None else _placed(self.params, state, "EMA")
+        self._keys = list(self.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": _copies(self.params)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.params = _copies(state.get("params"))  # placed on the state's devices by on_fit_start
 
     def on_step(self, state: TrainState, metrics: Metrics) -> None:
         assert self.params is not None, "EMA.on_step before on_fit_start"
@@ -262,9 +286,8 @@ class SWA(Callback):
     params are handed out (:attr:`params`, :meth:`state`) rather than copied into the model. Lightning
     also switches the learning rate to ``swa_lrs``; in fnlit the rate is part of the optimizer: build it
     with a schedule that changes at the SWA start (``fnlit.optim.join``). With BatchNorm, recompute the
-    statistics for the averaged params with :func:`update_bn`. The average is not in checkpoints (as
-    :class:`EMA`'s): a run resumed after averaging began averages only the epochs after the resume, and
-    fnlit warns when that happens; save ``swa.state(state)`` yourself if you need it across a resume.
+    statistics for the averaged params with :func:`update_bn`. The average and its count are in fit's
+    checkpoints (the callback's ``state_dict``), so a resumed run continues the same average.
 
     Args:
         swa_epoch_start: the first averaged epoch (0-based int), or a fraction of ``max_epochs`` (float).
@@ -300,17 +323,20 @@ class SWA(Callback):
                     f"max_epochs={max_epochs}. Pass an int epoch index instead, or set max_epochs."
                 )
             self.start = int(self.swa_epoch_start * max_epochs)
+        if self.params is not None:
+            self.params = _placed(self.params, state, "SWA")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_averaged": self.n_averaged}  # a count only: enough to tell that an average was lost
+        return {"n_averaged": self.n_averaged, "params": _copies(self.params)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        lost = int(state.get("n_averaged", 0))
-        if lost and self.params is None:
+        self.n_averaged = int(state.get("n_averaged", 0))
+        self.params = _copies(state.get("params"))  # placed on the state's devices by on_fit_start
+        if self.n_averaged and self.params is None:  # a checkpoint of fnlit 0.1.0 kept the count only
+            self.n_averaged = 0
             warnings.warn(
-                f"SWA: the checkpoint was saved after averaging {lost} epoch(s), but the average is not "
-                "checkpointed; this resumed run averages only the epochs from here on. Save swa.state(state) "
-                "yourself to keep it across a resume.",
+                "SWA: the checkpoint was saved after averaging began, but holds no average (an older fnlit "
+                "saved the count only); this resumed run averages only the epochs from here on.",
                 stacklevel=2,
             )
 

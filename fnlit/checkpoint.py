@@ -66,7 +66,8 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
     Args:
         path: the file to write (its folder must exist).
         state: a :class:`fnlit.TrainState` (or any pytree of tensors).
-        position: the driver's place in the data, ``{"epoch", "batch", "seed"}``.
+        position: the driver's place in the data, ``{"epoch", "batch", "seed"}``, and the callbacks'
+            states (``"callbacks"``): JSON values and tensors (stored with the state's, read back on the CPU).
         metrics: metric values to record with the checkpoint (the Checkpointer's best-k uses them).
         **meta: JSON-able metadata, e.g. hyperparameters; :func:`read_info` returns it.
 
@@ -75,7 +76,7 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
 
     Raises:
         CheckpointError: naming ``path``, if it cannot be written (missing or unwritable folder, full disk).
-        TypeError: if ``meta``, ``position`` or ``metrics`` are not JSON-serialisable, or a leaf is neither
+        TypeError: if ``meta``, ``position`` (apart from its tensors) or ``metrics`` are not JSON-serialisable, or a leaf is neither
             a tensor nor a plain number.
 
     Example:

@@ -124,19 +124,36 @@ def test_swa_equals_the_mean_of_epoch_end_params(start, first):
     assert torch.equal(swa.state(end).params[k], swa.params[k])
 
 
-def test_a_resume_that_loses_the_swa_average_warns(tmp_path):
+def test_ema_and_swa_resume_their_averages_bitwise(tmp_path):
     from fnlit.checkpoint import Checkpointer
 
-    def run(epochs, **kw):
-        swa = SWA(swa_epoch_start=0)
-        fit(count_step, counting_state(), [0, 1], max_epochs=epochs, callbacks=[swa],
-            checkpoint=Checkpointer(tmp_path / "ck", every_n_epochs=1), progress=False, **kw)  # fmt: skip
-        return swa
+    def run(epochs, folder, **kw):
+        torch.manual_seed(0)  # the same initial model in every run
+        model = mlp(dropout=0.1)
+        state = fnlit.TrainState.create(model, fnlit.optim.adam(1e-2), seed=0)
+        x, y = batch(40)
+        ema, swa = EMA(decay=0.9), SWA(swa_epoch_start=1)
+        fit(hand_step(model), state, ArrayLoader(x, y, batch_size=8), max_epochs=epochs, callbacks=[ema, swa],
+            checkpoint=Checkpointer(folder, every_n_epochs=1), progress=False, **kw)  # fmt: skip
+        return ema, swa
 
-    assert run(2).n_averaged == 2
-    with pytest.warns(UserWarning, match=r"SWA: the checkpoint was saved after averaging 2 epoch\(s\)"):
-        resumed = run(4, ckpt_path="last")
-    assert resumed.n_averaged == 2  # epochs 2 and 3 only: the uninterrupted run averages 4
+    ema, swa = run(4, tmp_path / "whole")  # the reference: never interrupted
+    run(2, tmp_path / "cut")  # stopped after epoch 2 (one epoch averaged by SWA), then resumed in new callbacks
+    ema2, swa2 = run(4, tmp_path / "cut", ckpt_path="last")
+    assert swa2.n_averaged == swa.n_averaged == 3
+    for a, b in [(ema.params, ema2.params), (swa.params, swa2.params)]:
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_average_of_another_model_is_refused_and_an_old_count_only_checkpoint_warns():
+    ema = EMA()
+    ema.load_state_dict({"params": {"weight": torch.zeros(3, 3)}})
+    with pytest.raises(ValueError, match=r"EMA: its average does not fit the state's params \(at \['bias'\]"):
+        ema.on_fit_start(counting_state(), {})
+    swa = SWA(swa_epoch_start=0)
+    with pytest.warns(UserWarning, match="SWA: the checkpoint was saved after averaging began, but holds no average"):
+        swa.load_state_dict({"n_averaged": 2})
+    assert swa.n_averaged == 0 and swa.params is None
 
 
 def test_swa_fraction_needs_max_epochs():

@@ -39,6 +39,19 @@ def test_roundtrip_is_exact_and_keeps_position_and_meta(tmp_path):
     assert (info.step, info.position, info.meta) == (2, {"epoch": 1, "batch": 3, "seed": 7}, {"lr": 0.01, "layers": [8, 16]})
 
 
+def test_tensors_in_the_position_round_trip_beside_the_state(tmp_path):
+    # Callbacks' states (EMA's average) travel in the position: tensors among JSON values, nested.
+    _, state = trained()
+    avg, counts = torch.randn(3, 4, dtype=torch.float64), torch.arange(5)
+    position = {"epoch": 1, "batch": 0, "seed": 7, "callbacks": {"EMA": {"params": {"w": avg}}, "X": [counts, 2, None]}}
+    path = ckpt.save(tmp_path / "a.ckpt", state, position=position)
+    assert_same_tensors(ckpt.restore(path, like=state), state)  # the position's tensors are not the state's
+    got = ckpt.read_info(path).position
+    assert got["epoch"] == 1 and got["callbacks"]["X"][1:] == [2, None]
+    assert torch.equal(got["callbacks"]["EMA"]["params"]["w"], avg) and got["callbacks"]["EMA"]["params"]["w"].dtype == avg.dtype
+    assert torch.equal(got["callbacks"]["X"][0], counts)
+
+
 def test_restore_follows_like_dtype_and_device(tmp_path):
     _, state = trained()
     path = ckpt.save(tmp_path / "a.ckpt", state)
