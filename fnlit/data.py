@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 from . import distributed as _dist
 from . import tree as _tree
@@ -160,6 +160,49 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
             elif isinstance(sampler, RandomSampler):
                 sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
     return itertools.islice(iter(data), start, stop)
+
+
+def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:
+    """``data`` in its unshuffled order (``fit(overfit_batches=...)``, as Lightning does): a DataLoader built
+    the same way with its RandomSampler replaced by a SequentialSampler and a DistributedSampler by one with
+    ``shuffle=False``; other data as it is (ArrayLoader is asked for its unshuffled order when iterated).
+
+    Example:
+        >>> loader = DataLoader(torch.arange(6), batch_size=2, shuffle=True)
+        >>> [b.tolist() for b in unshuffled(loader)]
+        [[0, 1], [2, 3], [4, 5]]
+    """
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return data
+
+    def plain(s: Any) -> Any:
+        if isinstance(s, RandomSampler) and not s.replacement and s._num_samples is None:  # a permutation of all
+            return SequentialSampler(s.data_source)
+        if isinstance(s, DistributedSampler) and s.shuffle:
+            return DistributedSampler(s.dataset, num_replicas=s.num_replicas, rank=s.rank, shuffle=False, seed=s.seed,
+                                      drop_last=s.drop_last)  # fmt: skip
+        return s
+
+    common: dict[str, Any] = dict(
+        num_workers=data.num_workers, collate_fn=data.collate_fn, pin_memory=data.pin_memory, timeout=data.timeout,
+        worker_init_fn=data.worker_init_fn, multiprocessing_context=data.multiprocessing_context,
+        generator=data.generator, persistent_workers=data.persistent_workers, pin_memory_device=data.pin_memory_device,
+    )  # fmt: skip
+    if data.num_workers > 0:
+        common["prefetch_factor"] = data.prefetch_factor
+    if data.batch_size is not None:  # batch_size=...: the sampler decides the order
+        sampler = plain(data.sampler)
+        if sampler is data.sampler:
+            return data
+        return DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler, drop_last=data.drop_last, **common)
+    bs = data.batch_sampler
+    if bs is None:  # batch_size=None: examples one by one
+        sampler = plain(data.sampler)
+        return data if sampler is data.sampler else DataLoader(data.dataset, batch_size=None, sampler=sampler, **common)
+    sampler = plain(bs.sampler) if type(bs) is BatchSampler else None
+    if sampler is None or sampler is bs.sampler:
+        return data  # a batch sampler of its own keeps its own order
+    return DataLoader(data.dataset, batch_sampler=BatchSampler(sampler, bs.batch_size, bs.drop_last), **common)
 
 
 def _samplers(data: DataLoader) -> list[Any]:

@@ -70,6 +70,7 @@ class _Plan:
     min_epochs: int
     max_steps: float  # math.inf: no limit
     batches: int | None  # per epoch, after limits; None: until the data runs out
+    sized: bool  # the data has a len(): an epoch ended when `batches` ran (else when the data ran out, or at the limit)
     sequential: bool  # overfit_batches: same batches every epoch
     val_batches: int | None  # per validation run (None: all)
     val_check_batch: int | None  # validate when the batch count is a multiple; None: at the epoch's end
@@ -141,7 +142,8 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
                 f"fit got val_check_interval={vci}, a fraction of the epoch, but the training data has no len(). "
                 "Pass an int number of batches, or 1.0."
             )
-        val_check = None if batches is None else max(1, int(batches * vci))
+        # 1.0 without a len(): at the epoch's end, which may come before limit_train_batches.
+        val_check = None if batches is None or (n is None and vci == 1.0) else max(1, int(batches * vci))
     if every_n is not None and (not isinstance(every_n, int) or every_n < 1):
         raise ValueError(f"fit expected check_val_every_n_epoch to be an int >= 1 or None, got {every_n!r} instead.")
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
@@ -150,7 +152,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
     return _Plan(
-        max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches,
+        max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches, sized=n is not None,
         sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
     )  # fmt: skip
@@ -413,6 +415,8 @@ def fit(
     """
     plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
     _data.check_sharding(train_data, "train_data")
+    if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch
+        train_data = _data.unshuffled(train_data)
     if ckpt_path is not None and checkpoint is None:
         raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
     if plan.batches == 0:
@@ -513,9 +517,10 @@ def fit(
                         break
                 else:
                     broke = False
-                # Without a length, the epoch ended if the data ran out after a batch: one this call ran, or one
-                # before the position it resumed from (a checkpoint saved at the epoch's last batch).
-                if not (b == n_batches if n_batches is not None else not broke and (steps > epoch_start or b > 0)):
+                # Without a length, the epoch ended if the data ran out (or reached limit_train_batches) after a
+                # batch: one this call ran, or one before the position it resumed from (a checkpoint saved at
+                # the epoch's last batch).
+                if not (b == n_batches if plan.sized else not broke and (steps > epoch_start or b > 0)):
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
                     break  # stopped mid-epoch, or a one-shot iterable ran out

@@ -109,6 +109,24 @@ def test_overfit_batches_uses_the_same_first_batches_unshuffled():
     assert c.train == [[0], [1]] * 3 and c.val == [[0], [1]] * 3  # validation on 2 batches too
 
 
+@pytest.mark.parametrize("kind", ["shuffle", "batch_sampler", "distributed"])
+def test_overfit_batches_unshuffles_a_dataloader(kind):
+    from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
+
+    ds = torch.arange(12)
+    reference = [b.tolist() for b in DataLoader(ds, batch_size=2)][:2]  # the first 2 batches, unshuffled
+    if kind == "shuffle":
+        data = DataLoader(ds, batch_size=2, shuffle=True)
+    elif kind == "batch_sampler":
+        data = DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 2, drop_last=False))
+    else:  # one process standing in for rank 0 of 2: its shard, unshuffled
+        data = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=3))
+        reference = [b.tolist() for b in DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, 2, 0, shuffle=False))][:2]
+    c = Counter()
+    fit(c.step, make_state(), data, max_epochs=2, overfit_batches=2, callbacks=[c], progress=False)
+    assert c.train == reference * 2
+
+
 @pytest.mark.parametrize(
     "interval, every_n, epochs, expected",
     [(0.25, 1, 1, 5), (1.0, 1, 2, 2), (3, 1, 2, 6), (3, None, 2, 6), (4, None, 2, 5), (1, 1, 1, 10)],
@@ -304,6 +322,17 @@ def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
     state = fit(c.step, make_state(), Unsized(3), max_epochs=2, checkpoint=FakeCheckpoint(restored), ckpt_path="last",
                 callbacks=[c], progress=False)  # fmt: skip
     assert int(state.step) == 6 and c.train == [[0], [1], [2]] and c.epoch_ends == [0, 1]
+
+
+def test_data_without_a_length_shorter_than_limit_train_batches_ends_its_epochs():
+    # Lightning's rule: the limit is an upper bound; an epoch ends when the data runs out, then the next starts.
+    c = Counter()
+    state = fit(c.step, make_state(), Unsized(3), max_epochs=3, limit_train_batches=5, val_data=[torch.tensor([1.0])],
+                eval_step=c.eval_step, num_sanity_val_steps=0, callbacks=[c], progress=False)  # fmt: skip
+    assert int(state.step) == 9 and c.train == [[0], [1], [2]] * 3 and c.epoch_ends == [0, 1, 2] and len(c.val) == 3
+    c = Counter()  # a limit below the data's length still cuts each epoch
+    fit(c.step, make_state(), Unsized(3), max_epochs=2, limit_train_batches=2, callbacks=[c], progress=False)
+    assert c.train == [[0], [1]] * 2 and c.epoch_ends == [0, 1]
 
 
 def test_a_run_killed_while_validating_validates_that_step_again_on_resume(tmp_path):
