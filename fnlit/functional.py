@@ -6,7 +6,7 @@ import importlib
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -59,6 +59,7 @@ class _Slots:
             for a in _updated_in_place(m)
             if getattr(m, a, None) is not None
         )
+        self.probed = False  # whether a training forward has run on copies of every buffer (see apply)
 
 
     def current(self) -> bool:
@@ -90,6 +91,7 @@ def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
         return entry[1]
     s = _Slots(module)
     if entry is not None and entry[0]() is module:  # rebuilt: keep what the forward was seen updating in place
+        # (a new submodule's buffers are probed again: `probed` starts False)
         s.copied = s.copied | (entry[1].copied & s.names)
     key = id(module)
     _SLOTS[key] = (weakref.ref(module, lambda _, key=key: _SLOTS.pop(key, None)), s)
@@ -115,7 +117,10 @@ def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], bu
     )
 
 
-def _call_swapped(module: nn.Module, slots: _Slots, tensors: Mapping[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], buffers: Iterable[str],
+                  args: tuple, kwargs: dict) -> Any:
+    """Runs the module on ``tensors``; a buffer the forward reassigned (``self.mean = ...``) comes back in
+    ``tensors`` in its place, as ``torch.func.functional_call`` does it."""
     # The module holds the given tensors only for the call; threads sharing it take turns (the lock is
     # fnlit.random's, reentrant: a seeded call already holds it, and a forward may call apply again).
     where = slots.where
@@ -126,7 +131,12 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: Mapping[str, torch.
                 for d, attr in where[name]:
                     saved.append((d, attr, d[attr]))
                     d[attr] = t
-            return module(*args, **kwargs)
+            out = module(*args, **kwargs)
+            for name in buffers:
+                d, attr = where[name][0]
+                if d[attr] is not tensors[name]:
+                    tensors[name] = d[attr]
+            return out
         finally:
             for d, attr, old in saved:
                 d[attr] = old
@@ -199,8 +209,12 @@ def apply(
             raise
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         _check_names(module, slots, params, buffers)
+    traced = compiling or torch._C._functorch.maybe_current_level() is not None
+    # A module's first training forward runs on copies of all its buffers: the ones it updates in place are
+    # learned without the caller's changing (later forwards copy those only: the slots' `copied`).
+    probe = train and bool(buffers) and not traced and not mutable and not slots.probed
     # mutable=False in training mode: the statistics are updated on copies, which are dropped.
-    copy = buffers.keys() if mutable else slots.copied if train else ()
+    copy = buffers.keys() if mutable or probe else slots.copied if train else ()
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 
@@ -209,30 +223,36 @@ def apply(
     for name in copy:
         if name in new_buffers:
             new_buffers[name] = new_buffers[name].clone()
-    tensors = {**params, **new_buffers} if new_buffers else params
+    tensors = {**params, **new_buffers} if new_buffers else params  # type: ignore[assignment]
     # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
-    traced = compiling or torch._C._functorch.maybe_current_level() is not None
     watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and buffers and not traced else ()
+    probes = list(new_buffers.items()) if probe else ()
     modes = [(m, m.training) for m in module.modules()] if module.training != train else None
     if modes is not None:
         module.train(train)
     try:
         # Under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random).
-        if traced:
+        if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         elif rng is None:
-            out = _call_swapped(module, slots, tensors, args, kwargs)
+            out = _call_swapped(module, slots, tensors, new_buffers, args, kwargs)
         else:  # what `with fnlit.random.seeded(rng, device):` does, without the object
             first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
             saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
             try:
-                out = _call_swapped(module, slots, tensors, args, kwargs)
+                out = _call_swapped(module, slots, tensors, new_buffers, args, kwargs)
             finally:
                 _random._restore(saved)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
                 m.training = was
+    for name, t in new_buffers.items():  # reassigned by the forward (self.mean = 0.9 * self.mean + ...): the update
+        if tensors[name] is not t:
+            new_buffers[name] = tensors[name].detach()
+    if probe:
+        slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
+        slots.probed = True
     changed = [n for n, t, version in watched if t._version != version]
     if changed:
         _learn_updated(module, slots, changed)
@@ -248,7 +268,8 @@ def _learn_updated(module: nn.Module, slots: _Slots, names: list[str]) -> None:
         f"fnlit.apply: {type(module).__name__}'s forward updated the buffer(s) {names} in place, so the "
         "buffers passed in (state.buffers) changed in this call. From now on they are copied before every "
         "training forward of this module, as BatchNorm statistics are, and the updated copies come back as new "
-        "buffers; pass mutable=True to copy every buffer from the first call.",
+        "buffers (its first training forward did not update them); pass mutable=True to copy every buffer "
+        "on every call.",
         stacklevel=3,
     )
 

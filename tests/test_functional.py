@@ -140,24 +140,62 @@ def test_apply_copies_spectral_norm_vectors_and_learns_other_updated_buffers():
             self.register_buffer("calls", torch.zeros(()))
 
         def forward(self, x):
-            self.calls.add_(1)
+            if x.sum() > 0:  # only on some calls (a counter updated every N steps)
+                self.calls.add_(1)
             return self.lin(x)
 
     c = Counting()
     state = fnlit.TrainState.create(c, fnlit.optim.sgd(0.1), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first training forward runs on copies: learned silently, nothing changed
+        _, new = fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))
+    assert float(state.buffers["calls"]) == 0 and float(new["calls"]) == 1
+    c2 = Counting()  # updates only from its second call on: that one changes the caller's buffer, and warns
+    state = fnlit.TrainState.create(c2, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(c2, state.params, state.buffers, -torch.ones(1, 2))
     with pytest.warns(UserWarning, match=r"updated the buffer\(s\) \['calls'\] in place"):
-        fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))
+        fnlit.apply(c2, state.params, state.buffers, torch.ones(1, 2))
     given = state.buffers["calls"].clone()
-    _, new = fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))  # copied now: pure from here on
+    _, new = fnlit.apply(c2, state.params, state.buffers, torch.ones(1, 2))  # copied now: pure from here on
     assert torch.equal(state.buffers["calls"], given) and torch.equal(new["calls"], given + 1)
     # A new submodule rebuilds the slots (fine-tuning's new head): what was learned about 'calls' stays.
-    c.lin = nn.Linear(2, 2)
-    state = fnlit.TrainState.create(c, fnlit.optim.sgd(0.1), seed=0)
+    c2.lin = nn.Linear(2, 2)
+    state = fnlit.TrainState.create(c2, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(c2, state.params, state.buffers, -torch.ones(1, 2))  # the rebuilt slots' first forward: no update
     given = state.buffers["calls"].clone()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning: copied from the first call on
-        _, new = fnlit.apply(c, state.params, state.buffers, torch.ones(1, 2))
+        warnings.simplefilter("error")  # no second warning: still copied
+        _, new = fnlit.apply(c2, state.params, state.buffers, torch.ones(1, 2))
     assert torch.equal(state.buffers["calls"], given) and torch.equal(new["calls"], given + 1)
+
+
+def test_a_buffer_the_forward_reassigns_comes_back_updated_as_in_plain_pytorch():
+    class RunningNorm(nn.Module):  # self.mean = ... (not in place): a common running normaliser
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(3))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if self.training:
+                self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+            return self.fc(x - self.mean)
+
+    torch.manual_seed(0)
+    m = RunningNorm()
+    ref = copy.deepcopy(m)
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    buffers = state.buffers
+    for i in range(3):
+        x = torch.randn(4, 3) + i
+        out, buffers = fnlit.apply(m, state.params, buffers, x)
+        torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+        torch.testing.assert_close(buffers["mean"], ref.mean, rtol=0, atol=0)
+    assert float(state.buffers["mean"].abs().sum()) == 0 and not buffers["mean"].requires_grad
+    # The same through torch.func (the functional_call path taken under vmap, grad and compile).
+    x = torch.randn(4, 3)
+    grads, new = torch.func.grad(lambda p: (lambda o: (o[0].sum(), o[1]))(fnlit.apply(m, p, state.buffers, x)), has_aux=True)(state.params)
+    torch.testing.assert_close(new["mean"], 0.1 * x.mean(0), rtol=0, atol=0)
 
 
 def test_apply_leaves_each_submodule_in_its_own_mode():
