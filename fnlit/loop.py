@@ -26,7 +26,7 @@ from . import distributed as _dist
 from ._types import Batch, Metrics, StepFn
 from .callbacks import StopTraining, Timer
 from .state import TrainState
-from .summary import Logger, MetricBuffer, ProgressBar, Writer, scalar_metric
+from .summary import Logger, MetricBuffer, ProgressBar, Writer, flat_metrics, scalar_metric
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -188,26 +188,42 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     names: list[str] = []
     sums: list[torch.Tensor] = []
     count = 0
+    members = state.step.shape[0] if isinstance(state.step, torch.Tensor) and state.step.dim() == 1 else None
+
+    def value(k: str, v: Any) -> torch.Tensor:  # an ensemble's metric has one value per member: "<name>/<member>"
+        if members and isinstance(v, torch.Tensor) and v.shape == (members,):
+            return v.detach().float()
+        return scalar_metric(k, v, "the eval step")
+
     with torch.no_grad():
         for batch in itertools.islice(iter(data), n):
             batch = move(batch) if move else batch
             metrics = eval_step(state, batch)
             if not isinstance(metrics, Mapping):
                 raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
+            if any(isinstance(v, Mapping) for v in metrics.values()):  # {"parts": {"ce": ..}} is logged as "parts/ce"
+                metrics = flat_metrics(metrics)
             size = _data.batch_size_of(batch)
             if not names:
-                names = list(metrics)
-                sums = [scalar_metric(k, metrics[k], "the eval step") * size for k in names]
+                names, names_set = list(metrics), set(metrics)
+                sums = [value(k, metrics[k]) * size for k in names]
             else:
-                sums = [s + scalar_metric(k, metrics[k], "the eval step") * size for s, k in zip(sums, names)]
+                if metrics.keys() != names_set:
+                    k = next(iter(metrics.keys() ^ names_set))
+                    raise KeyError(
+                        f"the eval step returned metric {k!r} for some batches but not others: return the same metric "
+                        "names for every batch (evaluate averages each over all of them)."
+                    )
+                sums = [s + value(k, metrics[k]) * size for s, k in zip(sums, names)]
             count += size
     if count == 0 or not names:
         raise ValueError("evaluate got no batches (or no metrics); check the data and limit_batches.")
-    totals = torch.stack([s.to(sums[0].device) for s in sums] + [torch.tensor(float(count), device=sums[0].device)])
+    totals = torch.cat([s.reshape(-1).to(sums[0].device) for s in sums] + [torch.tensor([float(count)], device=sums[0].device)])
     if _dist.world_size() > 1:
         torch_dist.all_reduce(totals)
     values = totals.tolist()  # the one host sync
-    return {k: v / values[-1] for k, v in zip(names, values)}
+    flat = [k if s.dim() == 0 else f"{k}/{i}" for k, s in zip(names, sums) for i in range(s.numel())]
+    return {k: v / values[-1] for k, v in zip(flat, values)}
 
 
 class _Signals:
@@ -361,7 +377,8 @@ def fit(
     (``EarlyStopping``) at once.
 
     Args:
-        step: ``(state, batch) -> (state, metrics)``; metrics are scalar tensors, logged as ``"train/<name>"``.
+        step: ``(state, batch) -> (state, metrics)``; metrics are scalar tensors, logged as ``"train/<name>"``
+            (nested dicts as ``"train/<outer>/<inner>"``; an ensemble's, one per member, as ``"train/<name>/<i>"``).
         state: the initial :class:`~fnlit.TrainState`.
         train_data: any iterable of batches: an :class:`~fnlit.data.ArrayLoader` (reshuffled per epoch from
             ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (a RandomSampler,

@@ -492,6 +492,22 @@ class ProgressBar:
         self.bar.close()
 
 
+def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
+    """Nested dicts of metrics flattened into ``"outer/inner"`` names, as fit logs them.
+
+    Example:
+        >>> flat_metrics({"loss": 1.0, "parts": {"ce": 0.75, "reg": 0.25}})
+        {'loss': 1.0, 'parts/ce': 0.75, 'parts/reg': 0.25}
+    """
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}/{inner}": x for inner, x in flat_metrics(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
 def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
     """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar.
 
@@ -545,6 +561,8 @@ class MetricBuffer:
         tensors: list[torch.Tensor] = []
         if self.pending:
             pending, self.pending = self.pending, []
+            if any(isinstance(v, Mapping) for m in pending for v in m.values()):  # {"parts": {"ce": ..}}: "parts/ce"
+                pending = [flat_metrics(m) for m in pending]
             keys = pending[0].keys()
             if any(m.keys() != keys for m in pending):  # one set comparison per step: cheap on the usual path
                 every = set(keys).intersection(*pending)

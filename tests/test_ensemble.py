@@ -229,3 +229,14 @@ def test_fit_drives_an_ensemble_and_logs_each_member(tmp_path):
     # member 2 has lr 0: its params never move; the others do
     assert torch.equal(out.params["weight"][2], states.params["weight"][2])
     assert not torch.equal(out.params["weight"][0], states.params["weight"][0])
+
+
+def test_evaluate_reports_each_members_metric_as_its_own_evaluation_does():
+    model = mlp()
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": nn.functional.cross_entropy(m(b[0]), b[1])})
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    data = [batch(seed=0), batch(seed=1)]
+    got = fnlit.evaluate(ensemble(ev, 2), states, data)
+    assert set(got) == {"loss/0", "loss/1"}
+    for i in range(2):  # the reference: each member evaluated alone
+        assert got[f"loss/{i}"] == pytest.approx(fnlit.evaluate(ev, unstack_state(states, i), data)["loss"], rel=1e-6)

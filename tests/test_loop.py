@@ -470,6 +470,28 @@ def test_evaluate_weights_by_batch_size_and_leaves_the_state_alone():
     )
 
 
+def test_nested_metrics_are_logged_and_evaluated_as_outer_slash_inner(tmp_path):
+    def step(state, batch):
+        x = batch.float()
+        return state.replace(step=state.step + 1), {"loss": x.mean(), "parts": {"a": 2 * x.mean(), "b": {"c": x.max()}}}
+
+    data = ArrayLoader(torch.arange(8), batch_size=2, shuffle=False)  # batches [0,1], [2,3], [4,5], [6,7]
+    ev = lambda state, b: {"parts": {"a": b.float().mean()}}  # noqa: E731
+    fit(step, make_state(), data, max_epochs=1, log_every_n_steps=4, val_data=data, eval_step=ev, num_sanity_val_steps=0,
+        log_dir=str(tmp_path), progress=False)  # fmt: skip
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    train = dict(zip(header, rows[1].split(",")))
+    assert float(train["train/parts/a"]) == 2 * 3.5 and float(train["train/parts/b/c"]) == (1 + 3 + 5 + 7) / 4
+    assert float(dict(zip(header, rows[-1].split(",")))["val/parts/a"]) == 3.5  # the mean over all 8 examples
+
+
+def test_evaluate_names_a_metric_missing_from_some_batches():
+    ev = lambda state, b: {"loss": b.float().mean()} if b[0] == 0 else {"other": b.float().mean()}  # noqa: E731
+    with pytest.raises(KeyError, match="metric 'loss' for some batches but not others|metric 'other' for some batches"):
+        evaluate(ev, make_state(), [torch.tensor([0]), torch.tensor([1])])
+
+
 def test_validation_does_not_change_training():
     a, sa = run(max_epochs=2, val=0)
     b, sb = run(max_epochs=2, val=4)
