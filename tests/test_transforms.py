@@ -415,3 +415,20 @@ def test_data_parallel_without_process_group_says_how_to_launch():
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(RuntimeError, match="torchrun.*fnlit.distributed.launch"):
         fnlit.data_parallel(hand_step(model))(state, batch())
+
+
+def test_accumulate_refuses_a_step_that_applies_two_updates():
+    g_model, d_model = nn.Linear(2, 2), nn.Linear(2, 1)
+    box = [fnlit.TrainState.create(d_model, fnlit.optim.sgd(0.1), seed=1)]
+
+    def gan_step(state, batch):  # updates a second state (a discriminator) on the side
+        d = box[0]
+        _, gd = fnlit.value_and_grad(lambda p: fnlit.apply(d_model, p, {}, batch)[0].mean())(d.params)
+        box[0] = d.apply_gradients(gd)
+        loss, gg = fnlit.value_and_grad(lambda p: fnlit.apply(g_model, p, {}, batch)[0].pow(2).mean())(state.params)
+        return state.apply_gradients(gg), {"loss": loss}
+
+    state = fnlit.TrainState.create(g_model, fnlit.optim.sgd(0.1), seed=0)
+    gan_step(state, torch.ones(4, 2))  # fine on its own
+    with pytest.raises(ValueError, match="apply_gradients twice in one micro-batch"):
+        fnlit.accumulate(gan_step, 2)(state, torch.ones(4, 2))

@@ -49,6 +49,14 @@ _CHANGED_GRADS = (
 )
 
 
+_TWO_UPDATES = (
+    "Under fnlit.accumulate, the step called apply_gradients twice in one micro-batch (two optimizers, as a "
+    "GAN's generator and discriminator). accumulate adds up one update's gradients over the micro-batches; "
+    "it cannot tell two apart. Accumulate inside the step instead (sum each model's gradients over your own "
+    "micro-batches, then apply each once), or run the step without accumulate."
+)
+
+
 class Mispredicted(BaseException):
     """Micro-batch 0 guessed the wrong value_and_grad call to accumulate in place; accumulate reruns it.
 
@@ -80,6 +88,7 @@ class Frame:
         self.acc: list[torch.Tensor] | None = None
         self.divided = True
         self.calls = 0  # value_and_grad calls in this micro-batch
+        self.applies = 0  # apply_gradients calls in this micro-batch (accumulate allows one)
         # micro-batch 0: (sources, grads, the grads' version counters) per call
         self.seen: list[tuple[list[Any], list[torch.Tensor], list[int]]] = []
         self.hint = -1  # the call micro-batch 0 guesses is the applied one (set by accumulate), -1: none
@@ -144,7 +153,7 @@ class Frame:
 
     # -- accumulate: read by value_and_grad ----------------------------------------------------
     def start_micro(self, i: int) -> None:
-        self.micro, self.calls, self.fast_grads = i, 0, None
+        self.micro, self.calls, self.applies, self.fast_grads = i, 0, 0, None
         if i == 0:
             k = self.accum_k
             self.divided = k & (k - 1) == 0
@@ -265,6 +274,9 @@ class Frame:
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k > 1:
+            self.applies += 1
+            if self.applies > 1:
+                raise ValueError(_TWO_UPDATES)
             fast, self.fast_grads = self.fast_grads, None
             if fast is not None:  # autograd already added them into the accumulator
                 if len(fast) != len(leaves) or not all(map(operator.is_, fast, leaves)):
