@@ -14,6 +14,8 @@ target, and the folder fsynced. A crash at any moment leaves either the old file
 from __future__ import annotations
 
 import errno
+import inspect
+import sys
 import json
 import os
 import pickle
@@ -35,7 +37,8 @@ from . import tree as _tree
 from .tree import _describe
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "encode", "decode", "atomic_write", "link_or_copy",
-           "remove_stale_temps", "fill_like", "load_into", "json_checked", "write_state", "read_header", "newest_first"]
+           "remove_stale_temps", "fill_like", "load_into", "json_checked", "write_state", "read_header", "newest_first",
+           "is_sharded", "full_tensors", "common_step"]
 
 S = TypeVar("S")
 M = TypeVar("M", bound=nn.Module)
@@ -77,9 +80,15 @@ class UnsafeCheckpointError(CheckpointError):
     """
 
 
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its lazy conjugate and negative bits applied (``x.conj()`` is a view with a flag: its
+    storage holds the unconjugated values, and it cannot be viewed as bytes)."""
+    return t.detach().resolve_conj().resolve_neg()
+
+
 def _bytes(t: torch.Tensor) -> Any:
     """The tensor's bytes as a buffer (no copy for contiguous CPU tensors)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return _resolved(t).contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def crc32(t: torch.Tensor) -> int:
@@ -90,7 +99,7 @@ def crc32(t: torch.Tensor) -> int:
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """A CPU tensor whose storage holds only its own bytes: torch.save writes whole storages, so a
     slice of a large buffer would otherwise save the whole buffer."""
-    t = t.detach().cpu()
+    t = _resolved(t).cpu()
     if t.untyped_storage().nbytes() > t.numel() * t.element_size():
         t = t.clone(memory_format=torch.contiguous_format)
     return t
@@ -332,6 +341,22 @@ def _mismatch(path: Path, where: str) -> ValueError:
     )
 
 
+def _dtensor_class() -> type | None:
+    """DTensor, if something has imported it (a sharded state has): importing it costs ~1 s, so fnlit does not."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _distribute(v: torch.Tensor, like: Any) -> torch.Tensor:
+    """``v`` sharded as the DTensor ``like``: each rank slices its shard out of its own copy, without
+    communication (torch >= 2.6); older torch scatters rank 0's copy, a collective, which is fine as every
+    rank restores the same file at the same point."""
+    from torch.distributed.tensor import distribute_tensor
+
+    local = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+    return distribute_tensor(v.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements, **local)
+
+
 def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
     """``like`` with its leaves replaced by the checkpoint's, on like's devices and dtypes."""
     paths, leaves, treedef = _tree.tree_flatten_with_path(like)
@@ -348,9 +373,14 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
     if where is not None:
         raise _mismatch(path, where)
     out = []
+    dtensor = _dtensor_class()
     for p, leaf in zip(paths, leaves):
         v = values[p]
-        out.append(v.to(device=leaf.device, dtype=leaf.dtype) if isinstance(leaf, torch.Tensor) else v)
+        if dtensor is not None and isinstance(leaf, dtensor):
+            v = _distribute(v, leaf)  # a sharded `like` (fnlit.shard_state): every rank keeps its own shard
+        elif isinstance(leaf, torch.Tensor):
+            v = v.to(device=leaf.device, dtype=leaf.dtype)
+        out.append(v)
     return _tree.tree_unflatten(treedef, out)
 
 
@@ -421,15 +451,44 @@ def _push_tensors(value: Any, found: dict[str, Any]) -> Any:
     return value
 
 
+def is_sharded(tree: Any) -> bool:
+    """Whether ``tree`` holds DTensors (a state made by :func:`fnlit.shard_state`)."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in _tree.tree_leaves(tree))
+
+
+def full_tensors(tree: Any) -> Any:
+    """``tree`` with every DTensor gathered into its full tensor: a collective when there are DTensors
+    (every rank must call it, on the same tree structure); otherwise ``tree`` itself."""
+    if not is_sharded(tree):
+        return tree
+    dtensor = _dtensor_class()
+    return _tree.tree_map(lambda t: t.full_tensor() if isinstance(t, dtensor) else t, tree)
+
+
+def common_step(state: Any) -> int | None:
+    """``state.step`` as an int; for an ensemble (stacked states: steps of shape ``(n,)``) the step its
+    members share. None without a step tensor, or when the members' steps differ."""
+    step = getattr(state, "step", None)
+    if not isinstance(step, torch.Tensor) or step.numel() == 0:
+        return None
+    if step.dim() == 0:
+        return int(step)  # a CPU tensor: no device sync
+    flat = step.detach().reshape(-1)
+    return int(flat[0]) if bool((flat == flat[0]).all()) else None
+
+
 def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any]) -> int:
-    """Writes the file (rank 0 only); returns its ``saved_at_ns``."""
+    """Writes the file (rank 0 only; a sharded state is gathered on every rank first); returns its ``saved_at_ns``."""
     for key, value in meta.items():
         json_checked(f"the metadata {key}=", value)
+    # Before anything that can differ between ranks: the gathers are collectives every rank takes part in.
+    state, position = full_tensors(state), full_tensors(position)
     extra: dict[str, torch.Tensor] = {}
     position = _pull_tensors(position, _POSITION, extra)
     header = {
         "saved_at_ns": time.time_ns(),
-        "step": int(state.step) if isinstance(getattr(state, "step", None), torch.Tensor) and state.step.dim() == 0 else None,
+        "step": common_step(state),
         "position": json_checked("position", position),
         "metrics": json_checked("metrics", metrics),
         "meta": meta,

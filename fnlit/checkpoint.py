@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from torch import nn
+import torch.distributed as torch_dist
+from torch import Tensor, nn
 
 from . import distributed as _dist
 from . import tree as _tree
@@ -37,8 +38,11 @@ from ._checkpoint_io import (
     CheckpointError,
     Position,
     UnsafeCheckpointError,
+    common_step,
     decode,
     fill_like,
+    full_tensors,
+    is_sharded,
     json_checked,
     link_or_copy,
     load_into,
@@ -61,7 +65,12 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
 
     The write is atomic: a crash at any moment leaves the previous file at ``path`` (if any) intact.
     Tensors are stored compactly (a slice of a larger buffer saves only its own bytes) and on the CPU.
-    Under ``torch.distributed`` only rank 0 writes; the call is a no-op on the other ranks.
+    Under ``torch.distributed`` only rank 0 writes; the call is a no-op on the other ranks, except for a
+    sharded state (:func:`fnlit.shard_state`): its shards are gathered into full tensors first, a
+    collective, so call ``save`` on every rank (the others return once they have sent their shards: call
+    ``fnlit.distributed.barrier()`` before reading the file there). The file holds the whole state, which
+    :func:`restore` reads into a plain ``like`` or one sharded on any number of ranks (each rank reads the
+    whole file: for a model too large for that, use :func:`fnlit.save_sharded`).
 
     Args:
         path: the file to write (its folder must exist).
@@ -96,8 +105,9 @@ def restore(path: str | os.PathLike[str], like: S) -> S:
     """Reads the state saved at ``path`` into the structure of ``like``, on like's devices and dtypes.
 
     ``like`` is a state built the same way as the saved one (typically the freshly created state); its
-    static parts (the optimizer) are kept, every tensor is replaced. The file is loaded with
-    ``torch.load(weights_only=True)`` and every tensor's checksum is verified.
+    static parts (the optimizer) are kept, every tensor is replaced; a DTensor of ``like`` (a state
+    sharded by :func:`fnlit.shard_state`) gets its own shard of the saved tensor. The file is loaded
+    with ``torch.load(weights_only=True)`` and every tensor's checksum is verified.
 
     Args:
         path: a file written by :func:`save` (or a :class:`Checkpointer`).
@@ -228,6 +238,28 @@ class _Record:
     metrics: dict[str, float] | None
 
 
+def _step(state: Any) -> int:
+    """The step a checkpoint is named by; an ensemble's members (stacked steps) must share it."""
+    step = common_step(state)
+    if step is None:
+        got = state.step.tolist() if isinstance(getattr(state, "step", None), Tensor) else getattr(state, "step", None)
+        raise ValueError(
+            f"Checkpointer names each checkpoint by state.step and expected one step, got {got!r} instead. An "
+            "ensemble's members must step together (fnlit.ensemble does); to keep states with different steps, "
+            "save them with fnlit.save(path, state)."
+        )
+    return step
+
+
+def _from_rank_0(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a collective)."""
+    if not _dist.is_initialized():
+        return flag
+    box = [flag]
+    torch_dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -242,7 +274,9 @@ class Checkpointer:
 
     One file per checkpoint, ``<directory>/step=00000017.ckpt`` (written by :func:`save`, atomically),
     plus ``last.ckpt``, a hard link to the newest. Old files are removed only after the new one is
-    safely on disk. Only rank 0 writes; every rank restores.
+    safely on disk. Only rank 0 writes; every rank restores. A sharded state (``fnlit.shard``) is
+    gathered into full tensors for each save, on every rank, and restored into each rank's shards. An
+    ensemble's stacked state is named by the step its members share.
 
     fit calls ``restore`` once (with its ``ckpt_path``), then ``on_step`` after every step,
     ``on_validation`` after each validation, ``on_epoch_end`` and finally ``on_exit``. Each is cheap
@@ -343,12 +377,14 @@ class Checkpointer:
     def on_step(self, state: Any, position: Position) -> None:
         """Saves if ``state.step`` is a multiple of ``every_n_steps``."""
         if self.every_n_steps is not None:
-            step = int(state.step)  # a CPU tensor: no device sync
+            step = _step(state)
             if step % self.every_n_steps == 0 and step != self._saved_step:
                 self._save_and_wait(state, position)
 
     def on_validation(self, state: Any, position: Position, val_metrics: dict[str, float]) -> None:
-        """Saves if ``val_metrics[monitor]`` is among the ``keep_best`` best so far.
+        """Saves if ``val_metrics[monitor]`` is among the ``keep_best`` best so far (strictly better than
+        the worst kept: on a tie, the earlier checkpoint is kept). Rank 0 decides; for a sharded state,
+        every rank follows (a collective: gathering the shards for the save needs them all).
 
         Raises:
             ValueError: if ``monitor`` is not among ``val_metrics``.
@@ -361,17 +397,25 @@ class Checkpointer:
                 f"got {sorted(val_metrics)} instead. Set monitor to one of them."
             )
         value = float(val_metrics[self.monitor])
-        if not _dist.is_main() or math.isnan(value):
+        sharded = is_sharded(state)
+        if not _dist.is_main() and not sharded:
             return  # no barrier: ranks may disagree on metrics they did not reduce
-        best = self._best(self._scan())
-        if len(best) < self.keep_best or self._better(value, self._value(best[-1])):
+        improves = _dist.is_main() and not math.isnan(value) and self._improves(value)
+        if sharded:  # saving gathers the shards, a collective: every rank follows rank 0's decision
+            improves = _from_rank_0(improves)
+        if improves:
             self.save(state, position, metrics={k: float(v) for k, v in val_metrics.items()})
+
+    def _improves(self, value: float) -> bool:
+        # Strictly better than the worst kept best: on a tie the earlier checkpoint stays (as Lightning's).
+        best = self._best(self._scan())
+        return len(best) < self.keep_best or self._better(value, self._value(best[-1]))
 
     def on_epoch_end(self, state: Any, position: Position) -> None:
         """Saves after every ``every_n_epochs`` completed epochs."""
         if self.every_n_epochs is not None:
             done = position["epoch"] + (1 if position["batch"] > 0 else 0)  # either way of counting an ended epoch
-            if done % self.every_n_epochs == 0 and int(state.step) != self._saved_step:
+            if done % self.every_n_epochs == 0 and _step(state) != self._saved_step:
                 self._save_and_wait(state, position)
 
     def on_exit(self, state: Any, position: Position, reason: str) -> None:
@@ -382,7 +426,7 @@ class Checkpointer:
         """
         if reason not in ("sigterm", "sigint", "finished"):
             raise ValueError(f"Checkpointer.on_exit expected reason 'sigterm', 'sigint' or 'finished', got {reason!r} instead.")
-        if (reason != "finished" or self.save_last) and int(state.step) != self._saved_step:
+        if (reason != "finished" or self.save_last) and _step(state) != self._saved_step:
             self._save_and_wait(state, position)
 
     # ---- saving and the files -----------------------------------------------------------------------
@@ -391,19 +435,24 @@ class Checkpointer:
         # Every rank takes this path at the same steps (it depends on the step and epoch only), so the
         # barrier matches; the other ranks go on once rank 0's file is durable.
         self.save(state, position)
-        self._saved_step = int(state.step)  # only once written: on_exit saves again after an interrupted write
+        self._saved_step = _step(state)  # only once written: on_exit saves again after an interrupted write
         _dist.barrier()
 
     def save(self, state: Any, position: Position | None = None, *, metrics: dict[str, float] | None = None) -> Path:
         """Saves now (rank 0 only), updates ``last.ckpt`` and removes the checkpoints no longer kept.
+
+        For a sharded state, a collective: every rank gathers the shards, then rank 0 writes.
 
         Returns:
             The checkpoint's path (also on the other ranks, where nothing is written).
 
         Raises:
             CheckpointError: if the file cannot be written; the older checkpoints are then all kept.
+            ValueError: for an ensemble whose members' steps differ (the file is named by the step).
         """
-        path = self.directory / f"step={int(state.step):08d}.ckpt"
+        path = self.directory / f"step={_step(state):08d}.ckpt"
+        # A sharded state is gathered on every rank (a collective) before rank 0 does anything that could fail.
+        state, position = full_tensors(state), full_tensors(position)
         if not _dist.is_main():
             return path
         records = self._scan()
@@ -473,7 +522,8 @@ class Checkpointer:
             return []
         scored = [r for r in records if not math.isnan(self._value(r))]
         sign = 1.0 if self.mode == "min" else -1.0
-        return sorted(scored, key=lambda r: (sign * self._value(r), -r.saved_at_ns))[: self.keep_best]
+        # Ties go to the earlier checkpoint: a later one that only equals it is no improvement (as Lightning's).
+        return sorted(scored, key=lambda r: (sign * self._value(r), r.saved_at_ns))[: self.keep_best]
 
     def __repr__(self) -> str:
         return (f"Checkpointer({str(self.directory)!r}, every_n_steps={self.every_n_steps}, every_n_epochs="

@@ -200,3 +200,82 @@ def two_ranks(save_dir: str):
         "errors": errors(),
         "scalar_param": scalar_param(),
     }
+
+
+def by_path(state):
+    """The full tensors of a (sharded) state, by tree path: picklable, unlike the state's optimizer."""
+    paths, leaves, _ = fnlit.tree.tree_flatten_with_path(full(unshard_state(state)))
+    return dict(zip(paths, leaves))
+
+
+def _sharded_checkpoints(directory: str):
+    """fit(shard(step)) with a Checkpointer (periodic, best-by-validation and final saves), then restores
+    into a sharded state; also fnlit.save of a sharded state."""
+    import os
+
+    import torch.nn.functional as F
+
+    from fnlit.checkpoint import Checkpointer, restore, save
+
+    model, state = make_state()
+    x, y = global_batch(0)
+    train = fnlit.ArrayLoader(x, y, batch_size=GLOBAL_BATCH // dist.get_world_size(), shuffle=False)
+
+    def eval_step(state, data):
+        logits, _ = fnlit.apply(model, state.params, state.buffers, data[0], train=False)
+        return {"loss": F.cross_entropy(logits, data[1])}
+
+    ck = Checkpointer(os.path.join(directory, "fit"), every_n_steps=2, keep_last=2, monitor="val/loss", keep_best=1)
+    state = fnlit.fit(shard(hand_step(model)), state, train, val_data=[local(global_batch(1), dist.get_rank(), dist.get_world_size())],
+                      eval_step=eval_step, max_steps=5, checkpoint=ck, progress=False, num_sanity_val_steps=0)
+    fresh = shard_state(make_state()[1])
+    restored, position = ck.restore("last", like=fresh)
+    path = save(os.path.join(directory, "direct.ckpt"), state)
+    dist.barrier()  # rank 0 writes; the others go on once they have sent their shards
+    direct = restore(path, like=fresh)
+    placed = [
+        (type(r).__name__, list(getattr(r, "placements", ())) == list(getattr(f, "placements", ())))
+        for r, f in zip(fnlit.tree.tree_leaves(direct), fnlit.tree.tree_leaves(fresh))
+    ]
+    return {
+        "expected": by_path(state),
+        "restored": by_path(restored),
+        "direct": by_path(direct),
+        "position": position,
+        "placed": placed,
+        "best": ck.best_path.name if ck.best_path else None,
+        "files": sorted(os.listdir(os.path.join(directory, "fit"))),
+    }
+
+
+def _damaged_sharded_checkpoint(directory: str):
+    """save_sharded on every rank, a bit flipped in rank 1's shard file, and a restore on every rank."""
+    import os
+    import shutil
+
+    from fnlit.checkpoint import CheckpointError
+    from fnlit.sharded_checkpoint import read_sharded_meta
+
+    _, state = make_state()
+    state = shard_state(state)
+    path = save_sharded(os.path.join(directory, "sharded"), state)
+    bad = os.path.join(directory, "damaged")
+    if dist.get_rank() == 0:
+        shutil.copytree(path, bad)
+        with open(os.path.join(bad, "__1_0.distcp"), "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0x10]))
+    dist.barrier()
+    try:
+        restore_sharded(bad, like=state)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    back = restore_sharded(path, like=state)
+    return {"error": error, "files": read_sharded_meta(path)["files"], "expected": by_path(state), "restored": by_path(back)}
+
+
+def sharded_checkpoints(directory: str):
+    return {"fit": _sharded_checkpoints(directory), "damaged": _damaged_sharded_checkpoint(directory)}

@@ -352,3 +352,58 @@ def test_export_and_load_module_give_the_trained_weights(tmp_path):
         ckpt.load_module(path, nn.Linear(4, 5))
     with pytest.raises(ValueError, match=r"at 0\.weight: the module has shape \(32, 8\), the checkpoint \(16, 8\)"):
         ckpt.export(trained(mlp())[1], mlp(hidden=32))
+
+
+def test_a_conjugated_complex_tensor_round_trips_with_its_values(tmp_path):
+    c = torch.randn(3, 3, dtype=torch.complex64)
+    tree = {"conj": c.conj(), "neg": torch._neg_view(torch.randn(4))}  # views with a lazy conjugate/negative bit
+    back = ckpt.restore(ckpt.save(tmp_path / "c.ckpt", tree), like=tree)
+    assert torch.equal(back["conj"], torch.complex(c.real, -c.imag)) and not back["conj"].is_conj()
+    assert torch.equal(back["neg"], tree["neg"].clone())
+
+
+def ensemble_state():
+    torch.manual_seed(0)
+    return fnlit.ensemble_states(lambda: mlp(bn=True), fnlit.optim.adamw(1e-2), seeds=[0, 1, 2], learning_rate=[1e-3, 1e-2, 3e-2])
+
+
+def test_checkpointer_saves_and_restores_an_ensemble_bitwise(tmp_path):
+    state = ensemble_state()
+    state = state.replace(step=torch.full((3,), 4), params={k: v + 1 for k, v in state.params.items()})
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=2)
+    ck.on_step(state, {"epoch": 0, "batch": 4, "seed": 0})
+    assert names(tmp_path) == ["last.ckpt", "step=00000004.ckpt"] and ckpt.read_info(tmp_path / "last.ckpt").step == 4
+    restored, position = ckpt.Checkpointer(tmp_path).restore("last", like=ensemble_state())
+    assert_same_tensors(restored, state)
+    assert restored.step.tolist() == [4, 4, 4] and position["batch"] == 4
+    apart = state.replace(step=torch.tensor([4, 5, 4]))
+    with pytest.raises(ValueError, match=r"expected one step, got \[4, 5, 4\] instead.*must step together"):
+        ck.on_step(apart, {"epoch": 0, "batch": 4, "seed": 0})
+
+
+def test_fit_with_a_checkpointer_trains_and_resumes_an_ensemble(tmp_path):
+    model = mlp(bn=True)
+    step = fnlit.ensemble(hand_step(model), 3)
+    x, y = batch(n=32, seed=0)
+    data = fnlit.ArrayLoader(x, y, batch_size=8)
+    whole = fnlit.fit(step, ensemble_state(), data, max_steps=6, progress=False)
+    first = fnlit.fit(step, ensemble_state(), data, max_steps=3, progress=False, checkpoint=ckpt.Checkpointer(tmp_path, every_n_steps=2))
+    assert ckpt.read_info(tmp_path / "last.ckpt").step == 3
+    resumed = fnlit.fit(step, ensemble_state(), data, max_steps=6, progress=False,
+                        checkpoint=ckpt.Checkpointer(tmp_path, every_n_steps=2), ckpt_path="last")
+    assert first.step.tolist() == [3, 3, 3] and resumed.step.tolist() == [6, 6, 6]
+    assert_trees_equal(resumed.params, whole.params)  # the same as the uninterrupted run
+
+
+def test_a_tie_of_the_monitored_metric_keeps_the_earlier_best(tmp_path):
+    # As Lightning's ModelCheckpoint: only a strictly better value replaces a best.
+    _, state = trained()  # at step 2
+    ck = ckpt.Checkpointer(tmp_path, monitor="val_loss", mode="min", keep_best=2, keep_last=1, save_last=False)
+    for loss in [1.0, 1.0]:  # steps 3 and 4
+        state = state.replace(step=state.step + 1)
+        ck.on_validation(state, {"epoch": 0, "batch": 0, "seed": 0}, {"val_loss": loss})
+    assert ck.best_path.name == "step=00000003.ckpt"
+    assert ckpt.Checkpointer(tmp_path, monitor="val_loss", keep_best=1).best_path.name == "step=00000003.ckpt"
+    state = state.replace(step=state.step + 1)
+    ck.on_validation(state, {"epoch": 0, "batch": 0, "seed": 0}, {"val_loss": 0.5})  # step 5: of the tie, 3 stays
+    assert names(tmp_path) == ["step=00000003.ckpt", "step=00000005.ckpt"]

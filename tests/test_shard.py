@@ -1,5 +1,11 @@
 """fnlit.shard: sharded training on 4 and 2 gloo processes against a single process on the global batch."""
 
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
 import pytest
 import torch
 from _shard_workers import (
@@ -9,9 +15,10 @@ from _shard_workers import (
     global_batch,
     make_state,
     scalar_param,
+    sharded_checkpoints,
     two_ranks,
 )
-from helpers import assert_trees_close, hand_step, mlp
+from helpers import assert_trees_close, assert_trees_equal, hand_step, mlp
 from torch.distributed.tensor import Replicate, Shard
 
 import fnlit
@@ -185,3 +192,135 @@ def test_placement_splits_the_most_even_dimension():
     assert placement_for((37, 13), 4) == Shard(0)
     assert placement_for((5, 37), 4) == Shard(1)
     assert placement_for((), 2) == Replicate()
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """One 2-rank launch: fit(shard(step)) with a Checkpointer, and a damaged sharded checkpoint."""
+    d = str(tmp_path_factory.mktemp("sharded_ckpt"))
+    return fnlit.distributed.launch(sharded_checkpoints, 2, d, timeout=240, collective_timeout=60)
+
+
+def test_checkpointer_saves_and_restores_a_sharded_run(checkpointed):
+    # The reference is the run's own state gathered by unshard_state, not anything the checkpoint wrote.
+    for r in checkpointed:
+        out = r["fit"]
+        assert_trees_equal(out["restored"], out["expected"])  # the final save, restored into a sharded state
+        assert_trees_equal(out["direct"], out["expected"])  # fnlit.save / fnlit.restore of a sharded state
+        assert all(kind != "DTensor" or same for kind, same in out["placed"]) and ("DTensor", True) in out["placed"]
+        # periodic saves (steps 2, 4), best-by-validation saves (a collective decision) and the final one
+        assert {"last.ckpt", "step=00000004.ckpt", "step=00000005.ckpt", out["best"]} <= set(out["files"])
+        assert int(out["expected"]["step"]) == 5 and out["position"]["batch"] in (0, 1)
+
+
+def test_sharded_checkpoints_record_each_ranks_file_and_catch_a_flipped_bit_on_every_rank(checkpointed):
+    files = checkpointed[0]["damaged"]["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)
+    for r in checkpointed:
+        out = r["damaged"]
+        assert out["error"] is not None and "__1_0.distcp does not match its CRC-32" in out["error"]
+        assert_trees_equal(out["restored"], out["expected"])
+
+
+def test_a_crafted_metadata_pickle_is_refused_and_does_not_run(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    _, state = make_state()
+    path = save_sharded(tmp_path / "ckpt", state)
+    (path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(fnlit.CheckpointError, match=r"\.metadata has \d+ bytes, but \d+ were written"):
+        restore_sharded(path, like=state)
+    # also when the attacker records the file's new checksum in fnlit.json: the unpickler refuses the global
+    info = read_sharded_meta(path)
+    data = (path / ".metadata").read_bytes()
+    info["files"][".metadata"] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (path / "fnlit.json").write_text(json.dumps(info))
+    with pytest.raises(fnlit.checkpoint.UnsafeCheckpointError, match=r"refusing to load .*\.metadata: it asks to build global (posix|os)\.system"):
+        restore_sharded(path, like=state)
+    assert not marker.exists()
+    good = save_sharded(tmp_path / "good", state)  # a normal checkpoint still restores, bitwise
+    assert_trees_equal(restore_sharded(good, like=state).params, state.params)
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    (lambda d: (d / "__0_0.distcp").unlink(), r"ckpt-missing: .*__0_0\.distcp is missing"),
+    (lambda d: os.truncate(d / "__0_0.distcp", 100), r"__0_0\.distcp has 100 bytes, but \d+ were written \(truncated"),
+    (lambda d: (d / ".metadata").unlink(), r"\.metadata is missing"),
+    (lambda d: os.truncate(d / "fnlit.json", 5), r"fnlit\.json is truncated or corrupt"),
+], ids=["missing shard", "truncated shard", "missing .metadata", "truncated fnlit.json"])
+def test_a_damaged_sharded_checkpoint_raises_a_checkpoint_error_naming_it(tmp_path, damage, match):
+    _, state = make_state()
+    save_sharded(tmp_path / "ckpt", state)
+    copy = tmp_path / "ckpt-missing"
+    shutil.copytree(tmp_path / "ckpt", copy)
+    damage(copy)
+    with pytest.raises(fnlit.CheckpointError, match=match) as e:  # an Exception, not DCP's BaseException
+        restore_sharded(copy, like=state)
+    assert str(copy) in str(e.value)
+
+
+def test_damaged_dcp_files_without_checksums_still_raise_a_checkpoint_error(tmp_path):
+    # a checkpoint whose fnlit.json lists no files (as earlier versions wrote): DCP's own errors, wrapped
+    _, state = make_state()
+    path = save_sharded(tmp_path / "ckpt", state)
+    info = read_sharded_meta(path)
+    del info["files"]
+    (path / "fnlit.json").write_text(json.dumps(info))
+    assert_trees_equal(restore_sharded(path, like=state).params, state.params)
+    (path / "__0_0.distcp").unlink()
+    with pytest.raises(fnlit.CheckpointError, match=r"cannot restore the sharded checkpoint .*ckpt: rank 0: "):
+        restore_sharded(path, like=state)
+    (path / ".metadata").unlink()
+    with pytest.raises(fnlit.CheckpointError, match=r"ckpt: it has no \.metadata"):
+        restore_sharded(path, like=state)
+
+
+def test_a_flipped_bit_in_a_sharded_checkpoint_is_an_error(tmp_path):
+    _, state = make_state()
+    path = save_sharded(tmp_path / "ckpt", state)
+    data = bytearray((path / "__0_0.distcp").read_bytes())
+    at = bytes(data).find(state.params["0.weight"].numpy().tobytes())  # the weight's bytes in the shard file
+    assert at >= 0
+    data[at + 4 * 5 + 3] ^= 0x40  # an exponent bit of element 5
+    (path / "__0_0.distcp").write_bytes(bytes(data))
+    with pytest.raises(fnlit.CheckpointError, match=r"__0_0\.distcp does not match its CRC-32"):
+        restore_sharded(path, like=state)
+
+
+def test_a_save_cut_off_between_its_two_renames_leaves_a_checkpoint_that_restores(tmp_path, monkeypatch):
+    import fnlit.sharded_checkpoint as sc
+
+    _, state = make_state()
+    save_sharded(tmp_path / "ckpt", state, v=1)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # the old checkpoint moved aside, the new one not yet in place
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(sc.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_sharded(tmp_path / "ckpt", state.replace(step=state.step + 1), v=2)
+    monkeypatch.setattr(sc.os, "replace", real)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.warns(UserWarning, match=r"ckpt is missing: a save_sharded was interrupted"):
+        assert int(restore_sharded(tmp_path / "ckpt", like=state).step) == 1  # the new, complete copy
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert read_sharded_meta(tmp_path / "ckpt")["meta"] == {"v": 2}
+    # The next save puts that copy back before anything is removed: a save failing midway leaves it.
+    monkeypatch.setattr(sc.dcp, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        save_sharded(tmp_path / "ckpt", state.replace(step=state.step + 2), v=3)
+    monkeypatch.undo()
+    assert read_sharded_meta(tmp_path / "ckpt")["meta"] == {"v": 2}
+    save_sharded(tmp_path / "ckpt", state.replace(step=state.step + 3), v=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert int(restore_sharded(tmp_path / "ckpt", like=state).step) == 3
