@@ -11,12 +11,12 @@ from torch import nn
 from . import random as _random
 from . import tree as _tree
 from ._types import Buffers, Grads, OptState, Params
+from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
 from .transforms._frame import current as _current_frame
 from .transforms.donate import consume as _consume
 
 if TYPE_CHECKING:
-    from .optim import GradientTransformation
     from .transforms.amp import LossScaleState
 
 __all__ = ["TrainState"]
@@ -80,6 +80,8 @@ class TrainState:
                 ``fnlit.amp(step, dtype=torch.float16)`` needs, with torch.amp.GradScaler's defaults.
 
         Raises:
+            TypeError: if ``module`` is not an nn.Module, or ``tx`` not an fnlit.optim GradientTransformation
+                (a torch.optim optimizer, say).
             ValueError: if the module has no trainable parameters or ``loss_scale`` is not understood.
 
         Example:
@@ -92,6 +94,8 @@ class TrainState:
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"TrainState.create expected an nn.Module, got {type(module).__name__} instead.")
+        if not (isinstance(tx, GradientTransformation) or (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)))):
+            raise TypeError(_NOT_A_TX.format(got=_describe_tx(tx)))
         with _random._LOCK:  # not while another thread's fnlit.apply has its tensors swapped into the module
             params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
             buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
@@ -183,7 +187,9 @@ class TrainState:
         """
         params = self.params
         if type(grads) is dict and type(params) is dict and grads.keys() == params.keys():
-            return grads  # the common case, checked in a microsecond; shapes are the kernels' to check
+            # The common case, checked in a microsecond. Shapes are the optimizer's to check (every fnlit.optim
+            # path does, naming the path): dp_sgd_aggregate takes per-example gradients, with a batch dimension.
+            return grads
         if _tree.tree_structure(grads) != _tree.tree_structure(params):
             where = _tree.first_mismatch(self.params, grads)
             raise ValueError(
@@ -225,4 +231,23 @@ class TrainState:
 
 
 _FIELD_SET = frozenset(_DATA_FIELDS + ("tx",))
+
+_NOT_A_TX = (
+    "TrainState.create expected tx to be an fnlit.optim GradientTransformation (e.g. fnlit.optim.adamw(1e-3)), "
+    "got {got} instead. fnlit's optimizers are pure functions of the state, not torch.optim optimizers: "
+    "torch.optim.AdamW(model.parameters(), lr=1e-3) becomes fnlit.optim.adamw(1e-3), and "
+    "torch.optim.SGD(..., lr=0.1, momentum=0.9) becomes fnlit.optim.sgd(0.1, momentum=0.9)."
+)
+
+
+def _describe_tx(tx: Any) -> str:
+    if isinstance(tx, type):
+        return f"the class {tx.__module__}.{tx.__qualname__}"
+    if isinstance(tx, torch.optim.Optimizer):
+        return f"a {type(tx).__module__}.{type(tx).__qualname__} optimizer"
+    if callable(tx):
+        return f"the function {getattr(tx, '__qualname__', tx)!s} (a factory? call it: fnlit.optim.adamw(1e-3))"
+    return f"{tx!r} ({type(tx).__name__})"
+
+
 _tree.register_dataclass(TrainState, _DATA_FIELDS, ("tx",))

@@ -7,6 +7,7 @@ each parameter (``_close``); elementwise checks use rtol=1e-5, atol=1e-7.
 
 from __future__ import annotations
 
+import re
 import weakref
 
 import pytest
@@ -328,6 +329,138 @@ def test_hyperparams_are_tensors_on_device():
 def test_bad_arguments_raise(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+RATE = "a float >= 0, a 0-d tensor or a schedule"
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: fo.sgd(torch.tensor(-1.0)), ValueError, r"sgd expected learning_rate >= 0, got tensor\(-1.\)"),
+        (lambda: fo.sgd(True), TypeError, rf"sgd expected learning_rate to be {RATE}.*got True \(bool\)"),
+        (lambda: fo.sgd(torch.tensor([0.1, 0.2])), TypeError, rf"sgd expected learning_rate to be {RATE}.*got tensor\(\[0.1"),
+        (lambda: fo.sgd(0.1, momentum="0.9"), TypeError, r"sgd expected momentum to be a float >= 0, got '0.9' \(str\)"),
+        (lambda: fo.sgd(0.1, momentum=None), TypeError, r"sgd expected momentum to be a float >= 0, got None"),
+        (lambda: fo.adam(0.1, eps="x"), TypeError, r"adam expected eps to be a float >= 0, got 'x'"),
+        (lambda: fo.adamw(0.1, weight_decay=None), TypeError, r"adamw expected weight_decay to be a float >= 0 or a 0-d tensor, got None"),
+        (lambda: fo.adamw(0.1, weight_decay="0.1"), TypeError, r"adamw expected weight_decay to be .*, got '0.1' \(str\)"),
+        (lambda: fo.adam(0.1, b1="0.9"), TypeError, r"adam expected b1 to be a float in \[0, 1\), got '0.9'"),
+        (lambda: fo.adam(0.1, b1=None), TypeError, r"adam expected b1 to be a float in \[0, 1\), got None"),
+        (lambda: fo.adam(0.1, b1=(0.9, 0.99)), TypeError, r"adam expected b1 .*got \(0.9, 0.99\) \(tuple\).*b1=0.9, b2=0.999"),
+        (lambda: fo.clip_by_global_norm(None), TypeError, r"clip_by_global_norm expected max_norm to be a float > 0.*got None"),
+        (lambda: fo.trace("x"), TypeError, r"trace expected decay to be a float >= 0, got 'x'"),
+        (lambda: fo.scale_by_learning_rate("x"), TypeError, rf"scale_by_learning_rate expected learning_rate to be {RATE}"),
+        (lambda: fo.adamw(0.1, mask=3), TypeError, r"adamw expected mask to be a pytree of bools.*got 3 \(int\)"),
+        (lambda: fo.masked(fo.sgd(0.1), mask="w"), TypeError, r"masked expected mask to be a pytree of bools.*got 'w'"),
+    ],
+)
+def test_bad_argument_types_and_tensor_values_raise_when_built(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("sgd", lambda lr: fo.sgd(lr, momentum=0.9)),
+        ("adam", fo.adam),
+        ("scale_by_learning_rate", lambda lr: fo.chain(fo.scale_by_adam(), fo.scale_by_learning_rate(lr))),
+    ],
+)
+def test_schedule_returning_a_python_float_raises_at_init(name, make):
+    tx = make(lambda count: 0.1)
+    with pytest.raises(TypeError, match=rf"{name} expected its learning_rate schedule to return a 0-d tensor, got 0.1 \(float\)"):
+        tx.init(_params())
+
+
+SHAPE_TXS = [
+    lambda: fo.chain(fo.scale_by_adam(), fo.scale(-1e-3)),
+    lambda: fo.chain(fo.trace(0.9), fo.scale_by_learning_rate(0.1)),
+    lambda: fo.chain(fo.clip_by_global_norm(1.0), fo.scale_by_learning_rate(0.1)),
+    lambda: fo.masked(fo.scale_by_learning_rate(0.1), fo.decay_mask),
+    lambda: fo.adamw(1e-3),
+]
+
+
+@pytest.mark.parametrize("make", SHAPE_TXS)
+@pytest.mark.parametrize("bad", [(4, 8, 5), (5, 8), (8,)])
+def test_wrong_shaped_grads_raise_naming_the_path_and_shapes(make, bad):
+    # A (4, 8, 5) gradient broadcast against an (8, 5) param and made it (4, 8, 5) where no fused kernel checked.
+    tx, params = make(), _params()
+    grads = {**_grads(params, steps=1)[0], "fc1.weight": torch.ones(bad)}
+    with pytest.raises(ValueError, match=rf"at fc1.weight: expected tensor of shape \(8, 5\).*got tensor of shape {re.escape(str(bad))}"):
+        fo.step(tx, grads, tx.init(params), params)
+
+
+def test_apply_updates_refuses_updates_that_would_broadcast():
+    with pytest.raises(ValueError, match=r"apply_updates expected updates of the params' shapes.*at w: .*\(2,\).*got .*\(3, 2\)"):
+        fo.apply_updates({"w": torch.ones(2)}, {"w": torch.ones(3, 2)})
+
+
+def test_functional_adamw_in_float64_matches_torch_in_float64():
+    # The decay factor 1 - lr * wd was rounded to float32: float64 params drifted ~1000x further from torch.optim.
+    params = {k: v.double() for k, v in _params().items()}
+    seq = [{k: v.double() for k, v in g.items()} for g in _grads(params)]
+    ref = _run_torch(lambda ps: torch.optim.AdamW(ps.values(), lr=2**-7, weight_decay=0.1, foreach=False), params, seq)
+    with fo.functional_path():
+        new, _ = _run_fnlit(fo.adamw(2**-7, weight_decay=0.1), params, seq)
+    _close(new, ref, rtol=1e-8)  # float32 rounding left 1e-6 (the eager path: 1.5e-9)
+
+
+def test_one_adamw_with_a_shape_mask_on_two_trees_of_the_same_names():
+    # decay_mask reads ndim: the flags cached for the 2-d tree were used for the 1-d one.
+    tx = fo.adamw(0.1, weight_decay=0.5, mask=fo.decay_mask)
+    square, flat = {"w": torch.ones(2, 2)}, {"w": torch.ones(4)}
+    zeros = lambda p: {"w": torch.zeros_like(p["w"])}  # noqa: E731  zero gradients: only the decay moves them
+    fo.step(tx, zeros(square), tx.init(square), square)
+    new_flat, _ = fo.step(tx, zeros(flat), tx.init(flat), flat)
+    new_square, _ = fo.step(tx, zeros(square), tx.init(square), square)
+    assert torch.equal(new_flat["w"], torch.ones(4))  # a 1-d tensor: no decay
+    assert torch.equal(new_square["w"], torch.full((2, 2), 1 - 0.1 * 0.5))
+    m = fo.masked(fo.add_decayed_weights(1.0), fo.decay_mask)
+    m.update(zeros(square), m.init(square), square)
+    assert torch.equal(m.update(zeros(flat), m.init(flat), flat)[0]["w"], torch.zeros(4))
+
+
+def test_masked_gives_the_inner_transform_the_parameter_names():
+    # The inner adamw saw names [0], [1], ...: its mask by name decayed the biases too.
+    params, seq = _params(), _grads(_params(), steps=10)
+
+    def make_opt(ps):
+        groups = [{"params": [p for k, p in ps.items() if not k.endswith("bias")]},
+                  {"params": [p for k, p in ps.items() if k.endswith("bias")], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.5, foreach=True)
+
+    ref = _run_torch(make_opt, params, seq)
+    inner = fo.adamw(1e-2, weight_decay=0.5, mask=lambda name: not name.endswith("bias"))
+    _close(_run_fnlit(fo.masked(inner, lambda name: True), params, seq)[0], ref)
+
+
+def test_set_to_zero_freezes_the_masked_part():
+    params, seq = _params(), _grads(_params(), steps=10)
+    frozen = lambda name: name.startswith("fc1.")  # noqa: E731
+    ref = _run_torch(lambda ps: torch.optim.AdamW([p for k, p in ps.items() if not frozen(k)], lr=1e-2), params, seq)
+    tx = fo.chain(fo.masked(fo.adamw(1e-2), lambda name: not frozen(name)), fo.masked(fo.set_to_zero(), frozen))
+    new, _ = _run_fnlit(tx, params, seq)
+    _close(new, ref)
+    assert all(torch.equal(new[k], params[k]) for k in params if frozen(k))
+
+
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.sgd(0.1, weight_decay=torch.tensor(0.0)), lambda ps: torch.optim.SGD(ps.values(), lr=0.1, weight_decay=0.5)),
+    (lambda: fo.adam(0.1, weight_decay=torch.tensor(0.0)), lambda ps: torch.optim.Adam(ps.values(), lr=0.1, weight_decay=0.5)),
+])
+def test_weight_decay_built_as_a_tensor_can_be_tuned_in_the_state(make, ref):
+    # The documented way to tune the decay from zero (a Python 0 leaves it out of the step).
+    params, seq = _params(), _grads(_params(), steps=10)
+    tx = make()
+    state = tx.init(params)
+    state = state._replace(hyperparams={**state.hyperparams, "weight_decay": torch.tensor(0.5)})
+    new = params
+    for grads in seq:
+        new, state = fo.step(tx, grads, state, new)
+    _close(new, _run_torch(ref, params, seq))
 
 
 @pytest.mark.parametrize("make", [lambda: fo.adamw(1e-3), lambda: fo.sgd(0.1), lambda: fo.trace(0.9)])

@@ -59,6 +59,16 @@ def test_step_decay_matches_torch_steplr():
     _check(fo.step_decay(0.5, step_size=7, gamma=0.3), lambda t: expected[t], range(30))
 
 
+@pytest.mark.parametrize("count", [2**24 - 1, 29_999_998, 29_999_999, 30_000_000, 123_456_789])
+def test_step_decay_and_join_count_exactly_above_2_24(count):
+    # float32 holds integers exactly only up to 2**24: 29_999_999 read as 30_000_000 decayed a step early.
+    steplr = 0.5 * 0.5 ** (count // 10_000_000)  # torch's StepLR: integer division of the step count
+    joined = fo.join([fo.constant(1.0), fo.constant(0.1)], [count])
+    for c in (count, torch.tensor(count)):
+        assert float(fo.step_decay(0.5, step_size=10_000_000, gamma=0.5)(c)) == steplr
+        assert float(joined(c - 1)) == 1.0 and math.isclose(float(joined(c)), 0.1, rel_tol=1e-7)
+
+
 def test_join_shifts_later_schedules():
     s = fo.join([fo.constant(1.0), fo.linear_warmup(2.0, 4), fo.constant(0.5)], [3, 10])
     _check(s, lambda t: 1.0 if t < 3 else (2.0 * min(t - 3, 4) / 4 if t < 10 else 0.5), [0, 2, 3, 4, 7, 9, 10, 20])

@@ -64,7 +64,28 @@ def test_grads_with_other_structure_name_the_key():
         state.apply_gradients(grads)
 
 
-@pytest.mark.parametrize("tx", [fnlit.optim.sgd(0.1), fnlit.optim.adam(0.1)], ids=["sgd", "adam"])
+def test_create_refuses_a_torch_optim_optimizer():
+    model = torch.nn.Linear(2, 1)
+    expected = r"TrainState.create expected tx to be an fnlit.optim GradientTransformation \(e.g. fnlit.optim.adamw\(1e-3\)\)"
+    with pytest.raises(TypeError, match=expected + r", got a torch.optim.adamw.AdamW optimizer instead.*fnlit.optim.adamw"):
+        fnlit.TrainState.create(model, torch.optim.AdamW(model.parameters()), seed=0)
+    with pytest.raises(TypeError, match=expected + r", got the class torch.optim.adamw.AdamW instead"):
+        fnlit.TrainState.create(model, torch.optim.AdamW, seed=0)
+    with pytest.raises(TypeError, match=expected + r", got the function adamw \(a factory\? call it"):
+        fnlit.TrainState.create(model, fnlit.optim.adamw, seed=0)
+
+
+SHAPE_TXS = {
+    "sgd": fnlit.optim.sgd(0.1),
+    "adam": fnlit.optim.adam(0.1),
+    # No fused step: the grads went through update and apply_updates, which broadcast them into the params.
+    "scale_by_adam": fnlit.optim.chain(fnlit.optim.scale_by_adam(), fnlit.optim.scale(-1e-3)),
+    "trace": fnlit.optim.chain(fnlit.optim.trace(0.9), fnlit.optim.scale_by_learning_rate(0.1)),
+    "clip": fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.scale_by_learning_rate(0.1)),
+}
+
+
+@pytest.mark.parametrize("tx", SHAPE_TXS.values(), ids=SHAPE_TXS.keys())
 def test_grads_of_another_shape_name_the_key(tx):
     # The fused kernels do not check shapes: a 1-element gradient was read past its end, a transposed one applied.
     state = fnlit.TrainState.create(torch.nn.Linear(3, 2), tx, seed=0)
@@ -72,6 +93,8 @@ def test_grads_of_another_shape_name_the_key(tx):
         state.apply_gradients({"weight": torch.ones(2, 3), "bias": torch.ones(())})
     with pytest.raises(ValueError, match=r"at weight: expected tensor of shape \(2, 3\).*got tensor of shape \(3, 2\)"):
         state.apply_gradients({"weight": torch.ones(3, 2), "bias": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"at weight: expected tensor of shape \(2, 3\).*got tensor of shape \(4, 2, 3\)"):
+        state.apply_gradients({"weight": torch.ones(4, 2, 3), "bias": torch.ones(2)})
 
 
 def test_apply_gradients_counts_steps_and_advances_key():

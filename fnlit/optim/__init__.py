@@ -47,6 +47,7 @@ from ._transforms import scale as scale
 from ._transforms import scale_by_adam as scale_by_adam
 from ._transforms import scale_by_learning_rate as scale_by_learning_rate
 from ._transforms import scale_by_schedule as scale_by_schedule
+from ._transforms import set_to_zero as set_to_zero
 from ._transforms import trace as trace
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "trace",
     "add_decayed_weights",
     "clip_by_global_norm",
+    "set_to_zero",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
     "ScaleByScheduleState",

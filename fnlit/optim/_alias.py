@@ -10,7 +10,10 @@ Each has two implementations of the same math, picked per call by :func:`use_fun
   transforms (``vmap`` over ensembles), where in-place fused kernels cannot run.
 
 Learning rate and weight decay live in ``state.hyperparams`` as 0-d float32 tensors, so changing them
-never recompiles a compiled step, and a vmapped ensemble can give each member its own values.
+never recompiles a compiled step, and a vmapped ensemble can give each member its own values. An
+optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over
+the params for it), so its ``hyperparams["weight_decay"]`` is then not read: build it with
+``weight_decay=torch.tensor(0.0)`` to tune the decay from zero.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import first_mismatch, tree_flatten, tree_map, tree_unflatten
+from ..tree import tree_flatten, tree_map, tree_unflatten
 from ._base import (
-    GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, own, own_scaled, resolve_mask,
-    use_functional,
+    GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, own, own_scaled, raise_shape_mismatch,
+    resolve_mask, use_functional,
 )
-from ._transforms import check_arg, check_beta, check_nonneg, device_of, scalar, zero_count
+from ._transforms import (
+    check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, scalar, zero_count,
+)
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
 
@@ -85,11 +90,17 @@ def _log(b: float) -> float:
     return math.log(b) if b > 0 else -math.inf  # b = 0: exp(t * -inf) = 0 = 0**t for every t >= 1
 
 
-def _decay_factor(lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor | float:
-    # In float64 then rounded once, as torch.optim's Python-float `1 - lr * weight_decay` is.
+def _decay_factor(lr: torch.Tensor, wd: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | float:
+    """AdamW's ``1 - lr * wd`` for params of ``dtype``.
+
+    In float64 then rounded once, as torch.optim's Python-float ``1 - lr * weight_decay`` is: to float32
+    for float32 params and narrower (their multiply computes in float32), kept in float64 for float64
+    params (rounded to float32, the factor moved them ~1e3x further from torch.optim.AdamW than the steps).
+    """
     if lr.device.type == "cpu" and not use_functional([lr]):
         return 1.0 - float(lr) * float(wd)  # host memory: no device sync, and 5 tensor ops fewer
-    return (1 - lr.double() * wd.double()).float()
+    factor = 1 - lr.double() * wd.double()
+    return factor if dtype is torch.float64 else factor.float()
 
 
 def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
@@ -124,7 +135,7 @@ def _optimizer(
 
     def init(params: PyTree) -> Any:
         count = zero_count(device_of(params))
-        lr = schedule(count) if schedule is not None else learning_rate
+        lr = check_schedule_value(name, schedule(count)) if schedule is not None else learning_rate
         hyper = {"learning_rate": scalar(lr, count.device), "weight_decay": scalar(weight_decay, count.device)}
         bufs = {f: tree_map(torch.zeros_like, params) for f in buffers}
         return state_cls(count=count, hyperparams=hyper, **bufs) if buffers else state_cls(count, (), hyper)
@@ -141,11 +152,7 @@ def _optimizer(
             _raise_mismatch(name, ref, params, what="params")
         for x, q in zip(g, p):  # the fused kernels do not check: a smaller gradient would be read past its end
             if x.shape != q.shape:
-                raise ValueError(
-                    f"{name}.update expected gradients of the params' shapes, but they differ "
-                    f"{first_mismatch(params, grads)}. Pass the gradients of state.params (an aggregating transform "
-                    "such as dp_sgd_aggregate goes before the optimizer in a chain)."
-                )
+                raise_shape_mismatch(f"{name}.update", params, grads)
         hyper = state.hyperparams
         lr = schedule(state.count).to(torch.float32) if schedule is not None else hyper["learning_rate"]
         wd = hyper["weight_decay"] if decays else None
@@ -173,14 +180,6 @@ def _optimizer(
     return GradientTransformation(init, update, step)
 
 
-def _check_lr(name: str, learning_rate: LearningRate) -> None:
-    check_arg(name, "learning_rate", learning_rate, callable(learning_rate) or isinstance(learning_rate, (int, float, torch.Tensor)),
-              "a float or a schedule (a function of the step count)")
-    if isinstance(learning_rate, (int, float)):
-        check_arg(name, "learning_rate", learning_rate, learning_rate >= 0, ">= 0",
-                  "The optimizer subtracts lr * direction; use a positive rate such as 1e-3.")
-
-
 # ------------------------------------------------------------------------------------------ SGD
 def sgd(
     learning_rate: LearningRate,
@@ -199,10 +198,15 @@ def sgd(
         learning_rate: a float, or a schedule ``count -> lr`` (see :mod:`fnlit.optim` schedules).
         momentum: momentum factor (0 disables it and the buffer).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
-        weight_decay: L2 penalty added to the gradient (a tensor in ``state.hyperparams``).
+        weight_decay: L2 penalty added to the gradient (a tensor in ``state.hyperparams``). The Python
+            number 0 (the default) turns decay off entirely, and ``state.hyperparams["weight_decay"]``
+            is then ignored; pass ``torch.tensor(0.0)`` to keep it adjustable.
         dampening: dampening for momentum.
 
     Raises:
+        TypeError: for an argument of the wrong type (a rate that is not a float, 0-d tensor or schedule;
+            a momentum, dampening or weight decay that is not a number); at ``init`` for a schedule that
+            does not return a 0-d tensor.
         ValueError: for a negative learning rate, momentum or weight decay, or Nesterov without momentum.
 
     Example:
@@ -215,10 +219,10 @@ def sgd(
         >>> params
         {'w': tensor([0.9000, 0.9000])}
     """
-    _check_lr("sgd", learning_rate)
-    check_nonneg("sgd", "momentum", momentum)
-    check_nonneg("sgd", "weight_decay", weight_decay)
-    check_nonneg("sgd", "dampening", dampening)
+    check_rate("sgd", learning_rate)
+    check_number("sgd", "momentum", momentum)
+    check_number("sgd", "weight_decay", weight_decay, tensor=True)
+    check_number("sgd", "dampening", dampening)
     if nesterov and (momentum <= 0 or dampening != 0):
         check_arg("sgd", "momentum > 0 and dampening == 0 with nesterov=True",
                   (momentum, dampening), False, "", "Pass e.g. sgd(lr, momentum=0.9, nesterov=True).")
@@ -265,12 +269,13 @@ def sgd(
 # ------------------------------------------------------------------------------------- Adam(W)
 def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: float,
           weight_decay: float | torch.Tensor, decoupled: bool, mask: Mask | None) -> GradientTransformation:
-    _check_lr(name, learning_rate)
+    check_rate(name, learning_rate)
     check_beta(name, "b1", b1)
     check_beta(name, "b2", b2)
-    check_nonneg(name, "eps", eps)
-    check_nonneg(name, "weight_decay", weight_decay)
-    cache = MaskCache()
+    check_number(name, "eps", eps)
+    check_number(name, "weight_decay", weight_decay, tensor=True)
+    check_mask(name, mask)
+    cache = MaskCache(name)
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     recycler = Recycler()
 
@@ -280,8 +285,9 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
     def functional(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
                    wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         if wd is not None and decoupled:
-            factor = _decay_factor(lr, wd)
-            p = [q * factor if k else q for q, k in zip(p, decay(p, params))]
+            narrow = _decay_factor(lr, wd)
+            wide = _decay_factor(lr, wd, torch.float64) if any(q.dtype is torch.float64 for q in p) else narrow
+            p = [q * (wide if q.dtype is torch.float64 else narrow) if k else q for q, k in zip(p, decay(p, params))]
         elif wd is not None:
             g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
         mu = [m.lerp(x, 1 - b1) for m, x in zip(bufs[0], g)]
@@ -306,7 +312,9 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
             n = len(p)
             if wd is not None and decoupled and in_kernel is None:
                 mu, nu = own(bufs[0]), own(bufs[1])
-                new_p = own_scaled(p, decay(p, params), _decay_factor(lr, wd))
+                # One factor for all (one multi-tensor multiply): float64 when every param is (rare mixes round it)
+                dtype = torch.float64 if all(q.dtype is torch.float64 for q in p) else torch.float32
+                new_p = own_scaled(p, decay(p, params), _decay_factor(lr, wd, dtype))
             else:
                 out = recycler.copies([*p, *bufs[0], *bufs[1]])
                 new_p, mu, nu = out[:n], out[n : 2 * n], out[2 * n :]
@@ -342,9 +350,13 @@ def adam(
         b1: decay rate of the first moment.
         b2: decay rate of the second moment.
         eps: added to the denominator.
-        weight_decay: L2 penalty coefficient (a tensor in ``state.hyperparams``).
+        weight_decay: L2 penalty coefficient (a tensor in ``state.hyperparams``). The Python number 0
+            (the default) turns decay off entirely, and ``state.hyperparams["weight_decay"]`` is then
+            ignored; pass ``torch.tensor(0.0)`` to keep it adjustable.
 
     Raises:
+        TypeError: for an argument of the wrong type (e.g. a string eps, or the betas as a tuple); at
+            ``init`` for a schedule that does not return a 0-d tensor.
         ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1).
 
     Example:
@@ -375,11 +387,14 @@ def adamw(
         b2: decay rate of the second moment.
         eps: added to the denominator.
         weight_decay: decoupled decay (a tensor in ``state.hyperparams``). The Python number 0 turns
-            decay off entirely; pass ``0.0`` as a tensor to keep it adjustable.
+            decay off entirely, and ``state.hyperparams["weight_decay"]`` is then ignored; pass
+            ``torch.tensor(0.0)`` to keep it adjustable.
         mask: which params decay: a pytree of bools, ``params -> pytree of bools`` (e.g.
             :func:`fnlit.optim.decay_mask`, no decay on biases and norm weights), or ``name -> bool``.
 
     Raises:
+        TypeError: for an argument of the wrong type (e.g. a string weight decay, a mask that is neither
+            a pytree of bools nor a callable); at ``init`` for a schedule that does not return a 0-d tensor.
         ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1).
 
     Example:

@@ -71,12 +71,22 @@ class EmptyState(NamedTuple):
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """Returns ``params + updates`` leaf by leaf, in the params' dtype.
 
+    Raises:
+        ValueError: if an update's shape differs from its parameter's (the sum would broadcast and
+            change the parameter's shape), naming the path and both shapes.
+
     Example:
         >>> import torch
         >>> apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), -0.5)})
         {'w': tensor([0.5000, 0.5000])}
     """
-    return tree_map(lambda p, u: (p + u).to(p.dtype), params, updates)
+
+    def add(p: torch.Tensor, u: Any) -> torch.Tensor:
+        if isinstance(u, torch.Tensor) and u.shape != p.shape:  # a flag compare per leaf; broadcasting is silent
+            raise_shape_mismatch("apply_updates", params, updates, "updates")
+        return (p + u).to(p.dtype)
+
+    return tree_map(add, params, updates)
 
 
 def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTree) -> tuple[PyTree, Any]:
@@ -374,12 +384,28 @@ def _raise_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "grads
     )
 
 
+def raise_shape_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "gradients") -> None:
+    """Raises the ValueError for ``got`` leaves whose shapes differ from ``expected``'s, naming the first."""
+    raise ValueError(
+        f"{name} expected {what} of the params' shapes, but they differ {first_mismatch(expected, got)}. "
+        "Pass the gradients of state.params (an aggregating transform such as dp_sgd_aggregate goes before "
+        "the optimizer in a chain)."
+    )
+
+
 def flatten_checked(name: str, grads: PyTree, reference: PyTree) -> tuple[list[Any], Any, list[Any]]:
-    """Flattens ``grads`` and ``reference``; raises the structure error when they differ."""
+    """Flattens ``grads`` and ``reference`` (a state tree shaped like the params).
+
+    Raises the structure error when they differ, and the shape error when a leaf's shape differs: the
+    per-leaf arithmetic would broadcast it silently (or fail with a message that names no parameter).
+    """
     g_leaves, g_def = tree_flatten(grads)
     r_leaves, r_def = tree_flatten(reference)
     if g_def != r_def:
         _raise_mismatch(name, reference, grads)
+    for g, r in zip(g_leaves, r_leaves):
+        if g.shape != r.shape:
+            raise_shape_mismatch(f"{name}.update", reference, grads)
     return g_leaves, g_def, r_leaves
 
 
@@ -401,39 +427,60 @@ def decay_mask(params: PyTree) -> PyTree:
 class MaskCache:
     """:func:`resolve_mask`'s memo, one per optimizer: by params structure, and by parameter names.
 
-    Eager calls key by the optree structure. ``torch.compile`` can neither hash that structure nor
-    always run the mask (a function of names, first tried on the params tree, stops the trace where
-    eager mode gets an AttributeError), so the traced step looks the flags up by the frozenset of a
-    flat params dict's names, filled by eager calls (the optimizers' ``init`` resolves its mask).
+    Eager calls key by the optree structure, plus every leaf's shape and dtype when the mask is a
+    function of the params tree: :func:`decay_mask` reads ``ndim``, so one optimizer used on two trees
+    with the same names but other shapes needs two entries. A pytree of bools and a function of names
+    depend on the structure only; once the mask is known to be one of those, the structure alone is
+    the key (a shape read per leaf per step saved). ``torch.compile`` can neither hash that structure
+    nor always run the mask (a function of names, first tried on the params tree, stops the trace where
+    eager mode gets an AttributeError), so the traced step looks the flags up by the frozenset of a flat
+    params dict's names, filled by eager calls (the optimizers' ``init`` resolves its mask), and uses
+    them when the shapes and dtypes they were resolved for still match.
+
+    ``name`` is the transformation named by the mask errors.
     """
 
-    __slots__ = ("by_structure", "by_names")
+    __slots__ = ("name", "by_key", "structural", "by_names")
 
-    def __init__(self) -> None:
-        self.by_structure: dict[Any, list[bool]] = {}
-        self.by_names: dict[frozenset[str], list[bool]] = {}
+    def __init__(self, name: str = "masked") -> None:
+        self.name = name
+        self.by_key: dict[Any, list[bool]] = {}
+        self.structural = False  # True once the flags are known to depend on the structure only
+        # names -> (name -> (shape, dtype) the flags were resolved for, or None when they depend on names only; flags)
+        self.by_names: dict[frozenset[str], tuple[dict[str, tuple[Any, Any]] | None, list[bool]]] = {}
 
 
 def resolve_mask(mask: Mask, params: PyTree, cache: MaskCache) -> list[bool]:
-    """The mask as one bool per leaf of ``params`` (leaf order), cached per params structure.
+    """The mask as one bool per leaf of ``params`` (leaf order), cached per params structure (and shapes).
 
     ``mask`` is a pytree of bools matching ``params``, a callable ``params -> pytree of bools``, or a
     callable on leaf names ``name -> bool`` (names as :func:`fnlit.tree.tree_paths` gives them; for a
     flat params dict, the keys).
     """
     if torch.compiler.is_compiling():
-        flags = cache.by_names.get(frozenset(params)) if _flat_tensors(params) else None
-        return flags if flags is not None else _mask_flags(mask, params, tree_structure(params))
-    treedef = tree_structure(params)
-    flags = cache.by_structure.get(treedef)
+        hit = cache.by_names.get(frozenset(params)) if _flat_tensors(params) else None
+        if hit is not None and (
+            hit[0] is None or all(params[n].shape == s and params[n].dtype == d for n, (s, d) in hit[0].items())
+        ):
+            return hit[1]
+        return _mask_flags(mask, params, tree_structure(params), cache.name)[0]
+    leaves, treedef = tree_flatten(params)
+    structural = cache.structural or not callable(mask)
+    key = treedef if structural else (treedef, *[t.shape for t in leaves], *[t.dtype for t in leaves])
+    flags = cache.by_key.get(key)
     if flags is None:
-        flags = cache.by_structure[treedef] = _mask_flags(mask, params, treedef)
+        flags, by_names = _mask_flags(mask, params, treedef, cache.name)
+        if by_names and not cache.structural:  # a function of names: from now on the structure is the key
+            cache.structural, cache.by_key, key = True, {}, treedef
+        cache.by_key[key] = flags
         if _flat_tensors(params):
-            cache.by_names[frozenset(params)] = flags
+            sig = None if cache.structural or structural else {n: (t.shape, t.dtype) for n, t in params.items()}
+            cache.by_names[frozenset(params)] = (sig, flags)
     return flags
 
 
-def _mask_flags(mask: Mask, params: PyTree, treedef: Any) -> list[bool]:
+def _mask_flags(mask: Mask, params: PyTree, treedef: Any, name: str) -> tuple[list[bool], bool]:
+    """The flags, and whether ``mask`` turned out to be a function of names."""
     names = tree_paths(params)
     tree = mask
     if callable(mask):
@@ -442,15 +489,15 @@ def _mask_flags(mask: Mask, params: PyTree, treedef: Any) -> list[bool]:
         except (TypeError, AttributeError, KeyError):
             tree = None  # not a function of the params tree: a function of names
         if isinstance(tree, bool) or tree is None or tree_structure(tree) != treedef:
-            return [bool(mask(n)) for n in names]
+            return [bool(mask(n)) for n in names], True
     m_leaves, m_def = tree_flatten(tree)
     if m_def != treedef:
         raise ValueError(
-            f"masked expected a mask with the structure of the params, got a different structure instead: "
+            f"{name} expected a mask with the structure of the params, got a different structure instead: "
             f"{first_mismatch(params, tree, check_shapes=False)}. Give one bool per parameter, a function "
             f"params -> pytree of bools, or a function name -> bool."
         )
-    return [bool(m) for m in m_leaves]
+    return [bool(m) for m in m_leaves], False
 
 
 def _flat_tensors(tree: PyTree) -> bool:

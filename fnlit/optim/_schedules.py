@@ -29,13 +29,22 @@ Schedule = Callable[[int | torch.Tensor], torch.Tensor]
 __all__ = ["Schedule", "constant", "linear_warmup", "cosine_decay", "warmup_cosine", "step_decay", "join"]
 
 
-def _count(count: int | torch.Tensor) -> torch.Tensor:
-    """The count as a float32 tensor; a negative Python int is an error (a tensor is not checked)."""
+def _exact_count(count: int | torch.Tensor) -> torch.Tensor:
+    """The count as a tensor, a Python int as int64; a negative Python int is an error (a tensor is not checked).
+
+    Comparisons and floor divisions of the count use it: float32 holds integers exactly only up to
+    2**24, so a step count of 29_999_999 read as float32 is 30_000_000 (a decay one step early).
+    """
     if isinstance(count, torch.Tensor):
-        return count.to(torch.float32)
+        return count
     if count < 0:
         raise ValueError(f"schedule expected a step count >= 0, got {count} instead. Steps start at 0.")
-    return torch.tensor(float(count), dtype=torch.float32)
+    return torch.tensor(count)
+
+
+def _count(count: int | torch.Tensor) -> torch.Tensor:
+    """The count as a float32 tensor, for the smooth schedules (relative error 6e-8 above 2**24)."""
+    return _exact_count(count).to(torch.float32)
 
 
 def _check(name: str, arg: str, value: float, ok: bool, expected: str) -> None:
@@ -148,8 +157,9 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
     _check("step_decay", "gamma", gamma, gamma >= 0, ">= 0")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
-        t = _count(count)
-        return init_value * torch.pow(torch.full_like(t, gamma), torch.floor(t / step_size))
+        # The number of decays from the exact count (in float32, t / step_size was off by one above 2**24)
+        k = torch.div(_exact_count(count), step_size, rounding_mode="floor").to(torch.float32)
+        return init_value * torch.pow(torch.full_like(k, gamma), k)
 
     return schedule
 
@@ -178,7 +188,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         raise ValueError(f"join expected non-decreasing boundaries >= 0, got {boundaries} instead.")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
-        t = count if isinstance(count, torch.Tensor) else _count(count)
+        t = _exact_count(count)  # a Python int as int64, as an int tensor is: both compare exactly above 2**24
         out = schedules[0](t)
         for boundary, fn in zip(boundaries, schedules[1:]):
             out = torch.where(t < boundary, out, fn(t - boundary))

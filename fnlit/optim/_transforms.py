@@ -7,12 +7,13 @@ schedule (learning rate, weight decay) are 0-d float32 tensors in the state, on 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from ..tree import tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
 from ._base import (
     EmptyState, GradientTransformation, Mask, MaskCache, PyTree, flatten_checked, resolve_mask, use_functional,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "add_decayed_weights",
     "clip_by_global_norm",
     "masked",
+    "set_to_zero",
 ]
 
 ScalarOrSchedule = float | Callable[[torch.Tensor], torch.Tensor]
@@ -102,12 +104,12 @@ class AddDecayedWeightsState(NamedTuple):
 
 
 class MaskedState(NamedTuple):
-    """The state of :func:`masked`: the inner transformation's state over the selected leaves.
+    """The state of :func:`masked`: the inner transformation's state over the selected leaves (keyed by name).
 
     Example:
         >>> import torch
         >>> masked(trace(0.9), {"w": True, "b": False}).init({"w": torch.zeros(2), "b": torch.zeros(1)})
-        MaskedState(inner_state=TraceState(trace=[tensor([0., 0.])]))
+        MaskedState(inner_state=TraceState(trace={'w': tensor([0., 0.])}))
     """
 
     inner_state: Any
@@ -120,14 +122,87 @@ def check_arg(name: str, arg: str, value: Any, ok: bool, expected: str, fix: str
         raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.{' ' + fix if fix else ''}")
 
 
-def check_nonneg(name: str, arg: str, value: Any) -> None:
-    """Checks a float hyperparameter is >= 0 (schedules and tensors are not checked: no host sync)."""
-    if isinstance(value, (int, float)):
-        check_arg(name, arg, value, value >= 0, ">= 0")
+def check_type(name: str, arg: str, value: Any, ok: bool, expected: str, fix: str = "") -> None:
+    """Raises TypeError("<name> expected <arg> to be <expected>, got <value> (<type>) instead. <fix>")."""
+    if not ok:
+        raise TypeError(
+            f"{name} expected {arg} to be {expected}, got {value!r} ({type(value).__name__}) instead."
+            f"{' ' + fix if fix else ''}"
+        )
 
 
-def check_beta(name: str, arg: str, value: float) -> None:
-    check_arg(name, arg, value, 0.0 <= value < 1.0, "in [0, 1)", "Betas are decay rates, e.g. 0.9 and 0.999.")
+def _is_real(value: Any) -> bool:
+    # numbers.Real covers Python and NumPy floats and ints; a bool is an int, but True as a rate is a bug
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(
+    name: str, arg: str, value: Any, *, tensor: bool = False, positive: bool = False, expected: str = "", fix: str = ""
+) -> None:
+    """Checks a hyperparameter is a real number (with ``tensor``, or a 0-d tensor) >= 0 (> 0 with ``positive``).
+
+    A tensor's value is read once, here, when the optimizer is built (never in a step: no host sync
+    there); not while traced (torch.compile, vmap), where there is no value to read.
+    """
+    bound = "> 0" if positive else ">= 0"
+    expected = expected or (f"a float {bound} or a 0-d tensor" if tensor else f"a float {bound}")
+    if tensor and isinstance(value, torch.Tensor):
+        real = value.dtype is not torch.bool and not value.dtype.is_complex
+        check_type(name, arg, value, value.ndim == 0 and real, expected, fix or "One value for all parameters.")
+        if use_functional() or value.is_meta:
+            return
+        number = float(value)
+    else:
+        check_type(name, arg, value, _is_real(value), expected, fix)
+        number = value
+    check_arg(name, arg, value, number > 0 if positive else number >= 0, bound, fix)  # NaN fails both
+
+
+def check_rate(name: str, value: Any) -> None:
+    """Checks a learning rate: a float or 0-d tensor >= 0, or a schedule (checked by :func:`check_schedule_value`)."""
+    if not callable(value):
+        check_number(name, "learning_rate", value, tensor=True,
+                     expected="a float >= 0, a 0-d tensor or a schedule (a function of the step count)",
+                     fix="The optimizer subtracts lr * direction; use a positive rate such as 1e-3.")
+
+
+def check_schedule_value(name: str, value: Any) -> torch.Tensor:
+    """Returns a schedule's value, checked once at ``init``: a 0-d tensor, which every step reads as one."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        if isinstance(value, torch.Tensor):
+            got = f"a tensor of shape {tuple(value.shape)}"
+        else:
+            got = f"{value!r} ({type(value).__name__})"
+        raise TypeError(
+            f"{name} expected its learning_rate schedule to return a 0-d tensor, got {got} instead. Write it "
+            "in torch ops of the count (a 0-d int64 tensor): lambda count: 0.1 * 0.5 ** (count // 1000), "
+            "or use fnlit.optim.constant(0.1) for a constant."
+        )
+    return value
+
+
+def check_beta(name: str, arg: str, value: Any) -> None:
+    fix = "Betas are decay rates, e.g. 0.9 and 0.999."
+    if isinstance(value, (tuple, list)):
+        fix = "Pass each beta as its own argument: b1=0.9, b2=0.999 (torch.optim's betas=(b1, b2))."
+    check_type(name, arg, value, _is_real(value), "a float in [0, 1)", fix)
+    check_arg(name, arg, value, 0.0 <= value < 1.0, "in [0, 1)", fix)
+
+
+def check_mask(name: str, mask: Any) -> None:
+    """Checks ``mask`` is None, a callable, or a pytree of bools (its structure is checked against the params later)."""
+    if mask is None or callable(mask):
+        return
+    ok = all(
+        isinstance(m, bool) or type(m).__name__ == "bool_" or (isinstance(m, torch.Tensor) and m.dtype is torch.bool)
+        for m in tree_leaves(mask)
+    )
+    check_type(
+        name, "mask", mask, ok,
+        "a pytree of bools shaped like the params, a function params -> pytree of bools (e.g. "
+        "fnlit.optim.decay_mask) or a function name -> bool",
+        "E.g. mask=lambda name: not name.endswith('bias').",
+    )
 
 
 def device_of(params: PyTree) -> torch.device:
@@ -167,7 +242,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     there; for a schedule, that field holds the rate of the most recent update.
 
     Raises:
-        ValueError: if ``learning_rate`` is a negative number.
+        TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule; at ``init`` if the
+            schedule does not return a 0-d tensor.
+        ValueError: if ``learning_rate`` is negative.
 
     Example:
         >>> import torch
@@ -176,12 +253,15 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         >>> tx.update({"w": torch.ones(2)}, tx.init(params))[0]
         {'w': tensor([-0.1000, -0.1000])}
     """
-    check_nonneg("scale_by_learning_rate", "learning_rate", learning_rate)
+    check_rate("scale_by_learning_rate", learning_rate)
     sign = -1.0 if flip_sign else 1.0
 
     def init(params: PyTree) -> ScaleByLearningRateState:
         count = zero_count(device_of(params))
-        lr = learning_rate(count) if callable(learning_rate) else scalar(learning_rate, count.device)
+        if callable(learning_rate):
+            lr = check_schedule_value("scale_by_learning_rate", learning_rate(count))
+        else:
+            lr = scalar(learning_rate, count.device)
         return ScaleByLearningRateState(count, {"learning_rate": scalar(lr, count.device)})
 
     def update(
@@ -221,6 +301,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     """Rescales updates by Adam's bias-corrected moment estimates: ``m_hat / (sqrt(v_hat) + eps)``.
 
     Raises:
+        TypeError: if a beta or ``eps`` is not a number.
         ValueError: if a beta is outside [0, 1) or ``eps < 0``.
 
     Example:
@@ -232,7 +313,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     """
     check_beta("scale_by_adam", "b1", b1)
     check_beta("scale_by_adam", "b2", b2)
-    check_nonneg("scale_by_adam", "eps", eps)
+    check_number("scale_by_adam", "eps", eps)
 
     def init(params: PyTree) -> ScaleByAdamState:
         zeros = lambda: tree_map(torch.zeros_like, params)  # noqa: E731
@@ -256,6 +337,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     """Momentum: ``trace = g + decay * trace``; the update is ``trace`` (or ``g + decay * trace``).
 
     Raises:
+        TypeError: if ``decay`` is not a number.
         ValueError: if ``decay < 0``.
 
     Example:
@@ -266,7 +348,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         >>> tx.update({"w": torch.ones(1)}, state)[0]
         {'w': tensor([1.9000])}
     """
-    check_nonneg("trace", "decay", decay)
+    check_number("trace", "decay", decay)
 
     def init(params: PyTree) -> TraceState:
         return TraceState(tree_map(torch.zeros_like, params))
@@ -287,6 +369,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
     selects the leaves that decay, e.g. :func:`fnlit.optim.decay_mask`.
 
     Raises:
+        TypeError: if ``weight_decay`` is not a number or 0-d tensor, or ``mask`` not a mask.
         ValueError: if ``weight_decay < 0``, or at update time if ``params`` is not given.
 
     Example:
@@ -296,7 +379,8 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         >>> tx.update({"w": torch.zeros(2)}, tx.init(params), params)[0]
         {'w': tensor([0.1000, 0.1000])}
     """
-    check_nonneg("add_decayed_weights", "weight_decay", weight_decay)
+    check_number("add_decayed_weights", "weight_decay", weight_decay, tensor=True)
+    check_mask("add_decayed_weights", mask)
     if mask is not None:
         return masked(add_decayed_weights(weight_decay), mask)
 
@@ -321,6 +405,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     The global norm is the 2-norm of all leaves together. No value is read back to the host.
 
     Raises:
+        TypeError: if ``max_norm`` is not a number.
         ValueError: if ``max_norm <= 0``.
 
     Example:
@@ -329,7 +414,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         >>> tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init({}))[0]
         {'w': tensor([0.6000, 0.8000])}
     """
-    check_arg("clip_by_global_norm", "max_norm", max_norm, max_norm > 0, "> 0", "Use e.g. 1.0.")
+    check_number("clip_by_global_norm", "max_norm", max_norm, tensor=True, positive=True, fix="Use e.g. 1.0.")
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
         leaves, treedef = tree_flatten(updates)
@@ -346,12 +431,48 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
+def set_to_zero() -> GradientTransformation:
+    """Replaces every update by zeros (optax's ``set_to_zero``): the params it sees do not move.
+
+    With :func:`masked` it freezes part of the params. Masked-out leaves of an optimizer pass through
+    unchanged (raw gradients, see :func:`masked`), so chain a masked ``set_to_zero`` over the frozen part
+    after it.
+
+    Example:
+        >>> import torch
+        >>> from fnlit.optim import adamw, chain, step
+        >>> frozen = lambda name: name.startswith("encoder.")
+        >>> tx = chain(masked(adamw(0.1), lambda name: not frozen(name)), masked(set_to_zero(), frozen))
+        >>> params = {"encoder.weight": torch.ones(2), "head.weight": torch.ones(2)}
+        >>> grads = {"encoder.weight": torch.ones(2), "head.weight": torch.ones(2)}
+        >>> new_params, _ = step(tx, grads, tx.init(params), params)
+        >>> new_params["encoder.weight"], new_params["head.weight"]
+        (tensor([1., 1.]), tensor([0.8990, 0.8990]))
+    """
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        return tree_map(torch.zeros_like, updates), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
 def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
-    """Applies ``inner`` only to the leaves where ``mask`` is True; other updates pass through.
+    """Applies ``inner`` only to the leaves where ``mask`` is True; other updates pass through unchanged.
 
     ``mask`` is a pytree of bools shaped like the params, a callable ``params -> pytree of bools``
     (e.g. :func:`fnlit.optim.decay_mask`: no decay on biases and norm weights), or a callable on
     parameter names ``name -> bool``.
+
+    As in optax, the masked-out updates are returned as they came: ``masked(sgd(0.1), mask)`` used as
+    the optimizer adds the raw gradients to the masked-out params. To freeze them, zero their updates:
+    ``chain(masked(adamw(1e-3), trainable), masked(set_to_zero(), frozen))`` (see :func:`set_to_zero`).
+
+    ``inner`` sees the selected leaves as a flat dict keyed by their names (:func:`fnlit.tree.tree_paths`;
+    for a flat params dict, its keys), so its own masks by name (``adamw(..., mask=...)``) see the
+    real names.
+
+    Raises:
+        TypeError: if ``mask`` is neither a pytree of bools nor a callable.
 
     Example:
         >>> import torch
@@ -361,18 +482,31 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         >>> tx.update(grads, tx.init(params), params)[0]
         {'fc.weight': tensor([1.]), 'fc.bias': tensor([0.])}
     """
-    cache = MaskCache()
+    check_type("masked", "inner", inner, isinstance(inner, GradientTransformation),
+               "a GradientTransformation", "Call the factory: masked(adamw(1e-3), mask).")
+    check_mask("masked", mask)
+    cache = MaskCache("masked")
+    names_of: dict[Any, list[str]] = {}  # structure -> leaf names: names depend on the structure only
+
+    def select(tree: PyTree, keep: list[bool]) -> tuple[list[Any], Any, list[str], dict[str, Any]]:
+        leaves, treedef = tree_flatten(tree)
+        if torch.compiler.is_compiling():  # the structure is not hashable while traced
+            names = tree_paths(tree)
+        else:
+            names = names_of.get(treedef)
+            if names is None:
+                names = names_of[treedef] = tree_paths(tree)
+        return leaves, treedef, names, {n: x for n, x, k in zip(names, leaves, keep) if k}
 
     def init(params: PyTree) -> MaskedState:
-        keep = resolve_mask(mask, params, cache)
-        return MaskedState(inner.init([p for p, k in zip(tree_leaves(params), keep) if k]))
+        return MaskedState(inner.init(select(params, resolve_mask(mask, params, cache))[3]))
 
     def update(updates: PyTree, state: MaskedState, params: PyTree = None) -> tuple[PyTree, MaskedState]:
-        leaves, treedef = tree_flatten(updates)
         keep = resolve_mask(mask, updates if params is None else params, cache)
-        chosen = None if params is None else [p for p, k in zip(tree_leaves(params), keep) if k]
-        new, inner_state = inner.update([u for u, k in zip(leaves, keep) if k], state.inner_state, chosen)
-        it = iter(new)
-        return tree_unflatten(treedef, [next(it) if k else u for u, k in zip(leaves, keep)]), MaskedState(inner_state)
+        leaves, treedef, names, chosen = select(updates, keep)
+        chosen_params = None if params is None else select(params, keep)[3]
+        new, inner_state = inner.update(chosen, state.inner_state, chosen_params)
+        out = [new[n] if k else u for n, u, k in zip(names, leaves, keep)]
+        return tree_unflatten(treedef, out), MaskedState(inner_state)
 
     return GradientTransformation(init, update)
