@@ -22,6 +22,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
@@ -37,12 +38,14 @@ class ArrayLoader:
 
     Args:
         *tensors: tensors with the same first dimension (the examples); a batch is the tuple of their
-            slices (a single tensor gives a single tensor, not a 1-tuple).
+            slices (a single tensor gives a single tensor, not a 1-tuple). Numpy arrays are taken as
+            tensors (``torch.as_tensor``, without a copy).
         batch_size: examples per batch.
         shuffle: draw a new order every epoch (a pure function of ``(seed, epoch)``).
         drop_last: drop the last, smaller batch of each epoch.
 
     Raises:
+        TypeError: if an argument is neither a tensor nor a numpy array (a dict, a Dataset, a list).
         ValueError: if no tensor is given, their first dimensions differ, or ``batch_size < 1``.
 
     Example:
@@ -57,6 +60,7 @@ class ArrayLoader:
     def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool = True, drop_last: bool = False) -> None:
         if not tensors:
             raise ValueError("ArrayLoader expected at least one tensor, got none. Pass ArrayLoader(x, y, batch_size=...).")
+        tensors = tuple(_as_tensor(t, i) for i, t in enumerate(tensors))
         sizes = [t.shape[0] if t.dim() else None for t in tensors]
         if None in sizes or len(set(sizes)) != 1:
             raise ValueError(
@@ -104,7 +108,15 @@ class ArrayLoader:
             seed: the order's seed (:func:`fnlit.fit` takes it from the state's key).
             start: the index of the first batch to yield.
             shuffle: overrides the loader's ``shuffle`` (``fit(overfit_batches=...)`` turns it off).
+
+        Raises:
+            ValueError: if ``start < 0`` (raised by the call, before any batch).
         """
+        if start < 0:  # range(-1, n) would yield an empty batch, then the whole epoch
+            raise ValueError(f"ArrayLoader.batches expected start >= 0 (a batch index), got {start!r} instead.")
+        return self._batches(epoch, seed, start, shuffle)
+
+    def _batches(self, epoch: int, seed: int, start: int, shuffle: bool | None) -> Iterator[Any]:
         idx = self.indices(epoch, seed, shuffle)
         b, n = self.batch_size, len(self)
         single = len(self.tensors) == 1
@@ -127,6 +139,18 @@ class ArrayLoader:
             f"ArrayLoader({len(self.tensors)} tensors, {self.tensors[0].shape[0]} examples, "
             f"batch_size={self.batch_size}, shuffle={self.shuffle}, drop_last={self.drop_last})"
         )
+
+
+def _as_tensor(t: Any, position: int) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t
+    if isinstance(t, np.ndarray):
+        return torch.as_tensor(t)
+    raise TypeError(
+        f"ArrayLoader expected tensors (or numpy arrays) as positional arguments, got {type(t).__name__} at position "
+        f"{position} instead. Pass the arrays themselves: ArrayLoader(x, y, batch_size=...), or "
+        "ArrayLoader(*d.values(), batch_size=...) for a dict d; for a Dataset use a torch DataLoader."
+    )
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -263,11 +287,18 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
 
 
 def batch_size_of(batch: Batch) -> int:
-    """The leading dimension of the batch's first tensor (1 if it has none).
+    """The leading dimension of the batch's first tensor that has one (1 if none has).
+
+    0-d tensors are skipped: a scalar beside the examples (``{"scale": torch.tensor(2.0), "x": x}``, whose
+    leaves come in sorted-key order) does not make the batch count as one example.
 
     Example:
         >>> batch_size_of((torch.zeros(8, 3), torch.zeros(8))), batch_size_of({"x": torch.zeros(())})
         (8, 1)
+        >>> batch_size_of({"scale": torch.tensor(2.0), "x": torch.zeros(8, 3)})
+        8
     """
-    leaves = [t for t in _tree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    return int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else 1
+    for t in _tree.tree_leaves(batch):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    return 1

@@ -161,8 +161,8 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
 def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], limit_batches: int | float | None = None) -> dict[str, float]:
     """Runs ``eval_step(state, batch) -> metrics`` over ``data``; returns each metric's mean over examples.
 
-    Each batch's metrics are weighted by its size (the leading dimension of its first tensor), so a smaller
-    last batch counts for what it holds. Sums stay on the device; there is one host sync, at the end
+    Each batch's metrics are weighted by its size (the leading dimension of its first tensor that has one),
+    so a smaller last batch counts for what it holds. Sums stay on the device; there is one host sync, at the end
     (under torch.distributed, sums are added across ranks first). The state is never changed.
 
     Args:

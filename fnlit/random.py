@@ -20,7 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import threading
+from typing import SupportsIndex
 
 import torch
 
@@ -29,6 +31,7 @@ __all__ = ["key", "split", "fold_in", "next_key", "seeded", "is_key"]
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _SALT = 0x632BE59BD9B4E019  # keeps combine(k, d) away from mix(k) for every k, d
+_INT64 = torch.int64  # every call checks a key's dtype: ``is`` against a global is the cheapest way
 
 
 def _to_signed(x: int) -> int:
@@ -75,8 +78,33 @@ def _combine(k: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return _mix(k ^ _mix(d * _to_signed(_GOLDEN) + _to_signed(_SALT)))
 
 
-def _eager(k: torch.Tensor) -> bool:
+def _eager(k: torch.Tensor, fn: str) -> bool:
+    """Whether ``k`` takes the Python-int path; raises unless it is a key (a dtype check: every call pays it)."""
+    if getattr(k, "dtype", None) is not _INT64:  # also refuses non-tensors
+        raise TypeError(_not_a_key(fn, k))
     return k.dim() == 0 and not _is_traced(k)
+
+
+def _not_a_key(fn: str, k: object) -> str:
+    got = f"a tensor of dtype {k.dtype}" if isinstance(k, torch.Tensor) else f"{type(k).__name__} {k!r}"
+    return (
+        f"fnlit.random.{fn} expected a key (an int64 tensor), got {got} instead. Make keys with "
+        "fnlit.random.key(seed) and new ones from them with split, fold_in or next_key."
+    )
+
+
+def _index(data: object) -> int:
+    """``data`` as a Python int: a numpy integer or a 0-d integer tensor folds in as the same int would."""
+    if not isinstance(data, bool) and not (isinstance(data, torch.Tensor) and data.dtype == torch.bool):
+        try:
+            return operator.index(data)
+        except TypeError:
+            pass
+    got = f"a tensor of dtype {data.dtype}" if isinstance(data, torch.Tensor) else f"{type(data).__name__} {data!r}"
+    raise TypeError(
+        f"fnlit.random.fold_in expected an integer as data (an int, a numpy integer or a 0-d integer tensor), "
+        f"got {got} instead."
+    )
 
 
 def _new(value: int) -> torch.Tensor:
@@ -117,34 +145,52 @@ def is_key(x: object) -> bool:
 def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
     """Splits a key into ``num`` new, independent keys (a tensor of shape ``(num, *k.shape)``).
 
+    Raises:
+        TypeError: if ``k`` is not a key (an int64 tensor).
+        ValueError: if ``num < 1``.
+
     Example:
         >>> split(key(0), 4).shape
         torch.Size([4])
     """
-    if _eager(k):
+    if num < 1:
+        raise ValueError(f"fnlit.random.split expected num >= 1, got {num!r} instead.")
+    if _eager(k, "split"):
         base = int(k)
         return torch.tensor([_to_signed(_combine_int(base, i)) for i in range(num)], dtype=torch.int64)
     counters = torch.arange(num, dtype=torch.int64, device=k.device).reshape((num,) + (1,) * k.dim())
     return _combine(k.unsqueeze(0), counters)
 
 
-def fold_in(k: torch.Tensor, data: int) -> torch.Tensor:
+def fold_in(k: torch.Tensor, data: SupportsIndex | torch.Tensor) -> torch.Tensor:
     """Derives a new key from ``k`` and an integer (a micro-batch index, a rank, an ensemble member).
 
-    ``fold_in(k, i)`` equals ``split(k, n)[i]`` for every ``n > i``.
+    ``fold_in(k, i)`` equals ``split(k, n)[i]`` for every ``n > i``. ``data`` may be any integer: a Python
+    int, a numpy integer or a 0-d integer tensor (``fold_in(state.rng, state.step)``) give the same key.
+
+    Raises:
+        TypeError: if ``k`` is not a key (an int64 tensor), or ``data`` is not an integer (a float, a bool).
 
     Example:
         >>> torch.equal(fold_in(key(0), 1), split(key(0), 3)[1])
         True
+        >>> torch.equal(fold_in(key(0), torch.tensor(300)), fold_in(key(0), 300))
+        True
     """
-    if _eager(k):
-        return _new(_combine_int(int(k), data))
+    if _eager(k, "fold_in"):
+        return _new(_combine_int(int(k), data if type(data) is int else _index(data)))
+    if isinstance(data, torch.Tensor):  # traced or batched data stays a tensor: checked by dtype only
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            _index(data)  # raises
+        return _combine(k, data.to(device=k.device, dtype=torch.int64))
+    if not isinstance(data, torch.SymInt):  # a SymInt (torch.compile's dynamic ints) is an int already
+        data = _to_signed(data if type(data) is int else _index(data))  # ints >= 2**63 wrap as on the int path
     return _combine(k, torch.as_tensor(data, dtype=torch.int64, device=k.device))
 
 
 def _fold_in_range(k: torch.Tensor, n: int) -> list[torch.Tensor]:
     """``[fold_in(k, i) for i in range(n)]`` (accumulate's micro-batch keys), reading an eager key once."""
-    if _eager(k):
+    if _eager(k, "fold_in"):
         base = int(k)
         return [_new(_combine_int(base, i)) for i in range(n)]
     return [fold_in(k, i) for i in range(n)]
@@ -158,7 +204,7 @@ def next_key(k: torch.Tensor) -> torch.Tensor:
         >>> torch.equal(next_key(k), next_key(k)), torch.equal(next_key(k), k)  # deterministic, and new
         (True, False)
     """
-    if _eager(k):
+    if _eager(k, "next_key"):
         return _new(_mix_int(int(k) + _GOLDEN))
     return _mix(k + _to_signed(_GOLDEN))
 
@@ -179,6 +225,10 @@ class seeded:
     global to the process, so seeded blocks in different threads take turns (a lock): the same key
     gives the same masks whatever the other threads do. (A class, not a
     ``@contextmanager`` generator: it runs on every forward pass, and this costs half as much.)
+
+    Raises:
+        TypeError: on entering, if ``k`` is not a key (an int64 tensor).
+        ValueError: on entering, if ``k`` is a batch of keys rather than one (outside torch.func).
 
     Example:
         >>> with seeded(key(0)):
@@ -205,6 +255,8 @@ class seeded:
 # seeded's two halves, also called directly by fnlit.apply on every forward pass (without the object).
 def _seed(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Generator, torch.Tensor]] | None:
     """Seeds the generators from ``k``; returns their previous states, or None when traced."""
+    if getattr(k, "dtype", None) is not _INT64:
+        raise TypeError(_not_a_key("seeded", k))
     if _is_traced(k):
         return None
     return _seed_eager(k, device)
@@ -212,6 +264,8 @@ def _seed(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Gene
 
 def _seed_eager(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Generator, torch.Tensor]]:
     """:func:`_seed` for a caller that has checked it runs outside torch.compile and torch.func (fnlit.apply)."""
+    if getattr(k, "dtype", None) is not _INT64:  # also refuses non-tensors
+        raise TypeError(_not_a_key("seeded", k))
     if k.dim() != 0:
         raise ValueError(
             f"fnlit.random.seeded expected a single key (a 0-d tensor), got shape {tuple(k.shape)} instead; "

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
+from operator import countOf
 from typing import Any, TypeVar
 
 import optree
@@ -73,6 +75,7 @@ def tree_leaves(tree: PyTree) -> list[Any]:
 # optree takes ~2.5 us for six tensors; reusing the leaf order and structure of the last dict with the
 # same keys takes a fifth of that. Keyed by the keys in insertion order; bounded.
 _FLAT_DICTS: dict[tuple[str, ...], tuple[list[str], optree.PyTreeSpec]] = {}
+_TENSOR = repeat(torch.Tensor)  # isinstance's second argument for map(), never exhausted
 
 
 def _flat_dict(tree: dict[Any, Any]) -> tuple[list[Any], optree.PyTreeSpec] | None:
@@ -86,11 +89,14 @@ def _flat_dict(tree: dict[Any, Any]) -> tuple[list[Any], optree.PyTreeSpec] | No
             _FLAT_DICTS.clear()
         _FLAT_DICTS[keys] = (treedef.entries(), treedef)
         return leaves, treedef
+    # The lookup matched *equal* keys, and a str subclass (a StrEnum member) equals its plain value: reusing
+    # the entry would hand back plain-str keys. Only exact str keys may (both checks run in C, in map).
+    if countOf(map(type, keys), str) != len(keys):
+        return None
     order, treedef = hit
-    leaves = [tree[k] for k in order]
-    for v in leaves:  # a tensor is always a leaf; anything else may be a subtree: take the general path
-        if not isinstance(v, torch.Tensor):
-            return None
+    leaves = list(map(tree.__getitem__, order))
+    if not all(map(isinstance, leaves, _TENSOR)):  # a tensor is always a leaf; anything else may be a subtree
+        return None
     return leaves, treedef
 
 

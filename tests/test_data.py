@@ -141,6 +141,69 @@ def test_device_mover_and_batch_size():
     assert batch_size_of({"x": torch.zeros(5, 2), "y": torch.zeros(5)}) == 5 and batch_size_of(3) == 1
 
 
+
+def test_evaluate_weights_a_batch_by_its_examples_not_by_a_scalar_beside_them():
+    """A dict batch's leaves come in sorted-key order, so a 0-d "scale" came first and every batch counted
+    as one example: the mean over 10 examples in batches of 4, 4, 2 came out 5.17 instead of 4.5."""
+    x = torch.arange(10.0)
+    batches = [{"x": x[i : i + 4], "scale": torch.tensor(1.0)} for i in range(0, 10, 4)]
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    got = fnlit.evaluate(lambda s, b: {"m": b["x"].mean()}, state, batches)
+    assert got["m"] == pytest.approx(sum(range(10)) / 10)
+    assert batch_size_of({"a": torch.tensor(3), "b": (torch.zeros(()), torch.zeros(7, 2))}) == 7
+
+
+def test_array_loader_takes_numpy_arrays_and_refuses_other_containers():
+    np = pytest.importorskip("numpy")
+    x, y = np.arange(10), np.arange(10) * 2
+    got = list(ArrayLoader(x, y, batch_size=4, shuffle=False))
+    expected = list(DataLoader(TensorDataset(torch.arange(10), torch.arange(10) * 2), batch_size=4))
+    assert len(got) == len(expected) == 3
+    for (gx, gy), (ex, ey) in zip(got, expected):
+        assert torch.equal(gx, ex) and torch.equal(gy, ey)
+    with pytest.raises(TypeError, match="expected tensors \\(or numpy arrays\\).*got dict at position 0"):
+        ArrayLoader({"x": torch.arange(10)}, batch_size=4)
+    with pytest.raises(TypeError, match="got list at position 1"):
+        ArrayLoader(torch.arange(3), [0, 1, 2], batch_size=4)
+
+
+def test_a_negative_start_is_refused():
+    """start=-1 yielded an empty batch, then the whole epoch."""
+    loader = ArrayLoader(torch.arange(10), batch_size=3, shuffle=False)
+    with pytest.raises(ValueError, match="start >= 0 \\(a batch index\\), got -1"):
+        loader.batches(0, seed=0, start=-1)
+    with pytest.raises(ValueError, match="start >= 0"):
+        list(epoch_batches(loader, epoch=0, seed=0, start=-1, stop=None, sequential=False))
+
+
+
+def test_a_batch_keyed_by_a_str_subclass_keeps_its_keys():
+    """fnlit.tree caches the structure of flat dicts by their keys; a dict keyed by str subclasses (a StrEnum)
+    that equal an earlier dict's plain-str keys got the cached structure, so unflattening it gave plain str keys."""
+    import enum
+
+    import optree
+
+    from fnlit import tree
+
+    class Name(str):
+        pass
+
+    subclasses = [Name]
+    if hasattr(enum, "StrEnum"):  # Python 3.11+
+        subclasses.append(enum.StrEnum("Field", {"X": "x", "Y": "y"}))
+    for cls in subclasses:
+        tree.tree_flatten({"x": torch.zeros(2), "y": torch.ones(2)})  # caches the plain-str dict's structure
+        x, y = torch.zeros(2), torch.ones(2)
+        for batch in ({cls("x"): x, cls("y"): y}, {"x": x, cls("y"): y}):  # all keys, or one, of the subclass
+            leaves, treedef = tree.tree_flatten(batch)
+            expected_leaves, expected_def = optree.tree_flatten(batch)
+            assert [id(t) for t in leaves] == [id(t) for t in expected_leaves]
+            back = tree.tree_unflatten(treedef, leaves)
+            assert [type(k) for k in back] == [type(k) for k in optree.tree_unflatten(expected_def, leaves)]
+            assert [type(k) for k in back] == [type(k) for k in batch], cls
+
+
 @pytest.mark.cuda
 def test_batches_move_to_the_state_device():
     move = device_mover(torch.device("cuda"))

@@ -42,6 +42,49 @@ def test_bad_seed_and_batched_key_errors():
             pass
 
 
+def test_fold_in_accepts_any_integer_as_the_same_int():
+    """fold_in(state.rng, state.step) overflowed from step 256 on (numpy and tensor integers were multiplied
+    as fixed-width ints); every integer type must give the key the Python int gives, on both paths."""
+    np = pytest.importorskip("numpy")
+    k, ks = R.key(0), torch.stack([R.key(0), R.key(5)])
+    for d in (0, 255, 256, 300, 12345, 2**40):
+        expected = R.fold_in(k, d)
+        for v in (np.int64(d), np.uint64(d), torch.tensor(d), torch.tensor(d).to(torch.int32) if d < 2**31 else d):
+            assert torch.equal(R.fold_in(k, v), expected), (type(v), d)
+            assert torch.equal(R.fold_in(ks, v)[0], expected), (type(v), d)
+    assert torch.equal(R.fold_in(k, torch.tensor(300)), R.split(k, 301)[300])
+    assert torch.equal(R.fold_in(ks, 2**64 - 1)[0], R.fold_in(k, 2**64 - 1))  # wraps alike on both paths
+
+
+def test_fold_in_refuses_data_that_is_not_an_integer():
+    k = R.key(0)
+    for bad in (1.5, True, torch.tensor(2.0), torch.tensor(True), "1"):
+        with pytest.raises(TypeError, match="fold_in expected an integer as data"):
+            R.fold_in(k, bad)
+        with pytest.raises(TypeError, match="fold_in expected an integer as data"):
+            R.fold_in(k.reshape(1), bad)
+
+
+def test_non_keys_are_refused_on_the_eager_and_batched_paths():
+    """A float, bool or int32 tensor was taken for a key: split(tensor(1.5)) equalled split(tensor(1)), an int32
+    key folded differently eagerly than batched, a batched float key failed inside bitwise_xor."""
+    for bad in (torch.tensor(1.5), torch.tensor(True), torch.tensor(12345, dtype=torch.int32), 7):
+        for name, fn in (("split", R.split), ("fold_in", lambda k: R.fold_in(k, 1)), ("next_key", R.next_key)):
+            with pytest.raises(TypeError, match=f"fnlit.random.{name} expected a key \\(an int64 tensor\\)"):
+                fn(bad)
+            if isinstance(bad, torch.Tensor):
+                with pytest.raises(TypeError, match=f"fnlit.random.{name} expected a key"):
+                    fn(bad.reshape(1))
+        with pytest.raises(TypeError, match="fnlit.random.seeded expected a key"):
+            with R.seeded(bad):
+                pass
+    with pytest.raises(ValueError, match="split expected num >= 1, got -1"):
+        R.split(R.key(0), -1)
+    with pytest.raises(ValueError, match="split expected num >= 1, got 0"):
+        R.split(R.key(0).reshape(1), 0)
+    assert torch.equal(R.split(R.key(0), 1), R.fold_in(R.key(0), 0).reshape(1))
+
+
 def test_state_key_comes_from_seed():
     model = torch.nn.Linear(2, 2)
     a = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=1)
