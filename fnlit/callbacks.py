@@ -172,8 +172,10 @@ class LearningRateMonitor(Callback):
     For a schedule this is ``schedule(state.step - 1)``: the rate the latest update used.
 
     Args:
-        name: the logged name; default ``"lr-<Optimizer>"`` from the optimizer state's class
-            (``"lr-Adam"``, ``"lr-SGD"``), as Lightning names it.
+        name: the logged name; default ``"lr-<Optimizer>"`` from the optimizer state's class: ``"lr-SGD"``,
+            and ``"lr-Adam"`` for both ``adam`` and ``adamw`` (one state class; Lightning would say
+            ``"lr-AdamW"`` for the latter: pass ``name="lr-AdamW"`` to match it). With several learning rates
+            (a chain of masked optimizers), the first one's.
 
     Example:
         >>> import torch, fnlit
