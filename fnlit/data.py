@@ -125,6 +125,28 @@ class ArrayLoader:
             out = tuple(t.index_select(0, sel) for t in self.tensors)
             yield out[0] if single else out
 
+    def eval_batches(self) -> list[torch.Tensor | tuple[torch.Tensor, ...]]:
+        """This rank's batches for evaluation: every example once across ranks, unshuffled.
+
+        Training shards drop the remainder (``n % world_size`` examples) so that every rank runs as many
+        steps; :func:`fnlit.evaluate` meets the other ranks only once, at the end, so here rank ``r`` takes
+        examples ``r, r + W, r + 2W, ...`` and the first ``n % W`` ranks get one more. With one process,
+        the unshuffled batches of plain iteration.
+
+        Example:
+            >>> [b.tolist() for b in ArrayLoader(torch.arange(5), batch_size=2).eval_batches()]
+            [[0, 1], [2, 3], [4]]
+        """
+        n, b = self.tensors[0].shape[0], self.batch_size
+        idx = torch.arange(_dist.rank(), n, _dist.world_size(), device=self.tensors[0].device)
+        stop = len(idx) - len(idx) % b if self.drop_last else len(idx)
+        single = len(self.tensors) == 1
+        out = []
+        for i in range(0, stop, b):
+            batch = tuple(t.index_select(0, idx[i : i + b]) for t in self.tensors)
+            out.append(batch[0] if single else batch)
+        return out
+
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Sets the epoch (and seed) that plain iteration (``for batch in loader``) uses."""
         self.epoch = epoch

@@ -148,6 +148,8 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         raise ValueError(f"fit expected check_val_every_n_epoch to be an int >= 1 or None, got {every_n!r} instead.")
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
     sanity = 0 if not validate else (n_val if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
+    if limit_val is None and n_val:
+        n_val = None  # every batch: evaluate counts them (an ArrayLoader's evaluation shards differ from its len())
     log_every = o["log_every_n_steps"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
@@ -183,6 +185,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
         {'x': 0.25}
     """
+    if isinstance(data, _data.ArrayLoader) and _dist.world_size() > 1:
+        data = data.eval_batches()  # every example once across ranks (training shards drop the remainder)
     n = _limit(limit_batches, _num_batches(data), "limit_batches")
     move = _data.device_mover(state.device)
     names: list[str] = []

@@ -177,3 +177,12 @@ def early_stopping_fit(distributed: bool = True):
     out = fnlit.fit(step, state, train, val_data=[data], eval_step=eval_step, max_epochs=10, num_sanity_val_steps=0,
                     callbacks=[EarlyStopping("val/loss", patience=1)], progress=False)  # fmt: skip
     return {"step": int(out.step), "validated_at": seen}
+
+
+def evaluate_every_example():
+    """evaluate over an ArrayLoader of 33 examples (one more than the ranks share evenly)."""
+    x = torch.arange(33, dtype=torch.float32)
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    ev = lambda s, b: {"x": b.mean(), "sq": (b**2).mean()}  # noqa: E731
+    loader = fnlit.ArrayLoader(x, batch_size=4, shuffle=True)
+    return fnlit.evaluate(ev, state, loader), len(loader.eval_batches())

@@ -9,6 +9,7 @@ from _dist_workers import (
     batchnorm_statistics_and_metrics,
     dies_early,
     early_stopping_fit,
+    evaluate_every_example,
     equivalence,
     make_state,
     orders_with_dropout_and_batchnorm,
@@ -146,3 +147,11 @@ def test_early_stopping_stops_both_ranks_where_one_process_stops():
     ranks = fnlit.distributed.launch(early_stopping_fit, 2, timeout=120)
     assert ranks[0] == ranks[1]
     assert len(ranks[0]["validated_at"]) == 2 and ranks[0]["step"] == ranks[0]["validated_at"][-1]
+
+
+def test_evaluate_over_two_ranks_sees_every_example_once():
+    # Training shards drop the remainder (33 -> 16 + 16); evaluation must not: the single process is the reference.
+    x = torch.arange(33, dtype=torch.float64)
+    (m0, n0), (m1, n1) = fnlit.distributed.launch(evaluate_every_example, 2, timeout=120)
+    assert m0 == m1 and (n0, n1) == (5, 4)  # 17 and 16 examples in batches of 4
+    assert m0["x"] == pytest.approx(float(x.mean()), rel=1e-6) and m0["sq"] == pytest.approx(float((x**2).mean()), rel=1e-6)
