@@ -432,3 +432,21 @@ def test_accumulate_refuses_a_step_that_applies_two_updates():
     gan_step(state, torch.ones(4, 2))  # fine on its own
     with pytest.raises(ValueError, match="apply_gradients twice in one micro-batch"):
         fnlit.accumulate(gan_step, 2)(state, torch.ones(4, 2))
+
+
+def test_accumulate_refuses_per_example_gradients():
+    # DP-SGD's per-example gradients must be clipped one by one before any sum: averaging them example by
+    # example across micro-batches (what accumulate does with what apply_gradients gets) is wrong.
+    model = nn.Linear(3, 2)
+    tx = fnlit.optim.chain(fnlit.optim.dp_sgd_aggregate(1.0, 0.0), fnlit.optim.sgd(0.1))
+    state = fnlit.TrainState.create(model, tx, seed=0)
+
+    def dp_step(state, batch):
+        x, y = batch
+        per_example = {k: torch.stack([g] * x.shape[0]) for k, g in state.params.items()}  # shape (B, *param)
+        return state.apply_gradients(per_example), {}
+
+    data = (torch.randn(4, 3), torch.randn(4, 2))
+    dp_step(state, data)  # fine on its own: the optimizer aggregates them
+    with pytest.raises(ValueError, match=r"fnlit.accumulate averages .* per-example gradients"):
+        fnlit.accumulate(dp_step, 2)(state, data)

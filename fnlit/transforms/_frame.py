@@ -57,6 +57,14 @@ _TWO_UPDATES = (
 )
 
 
+_PER_EXAMPLE = (
+    "{who} averages the gradients given to apply_gradients across {what}, but these do not have the params' "
+    "shapes (the first: {got} against {want}): per-example gradients, as DP-SGD passes them? Averaging "
+    "those example by example across {what} is wrong (each example must be clipped on its own, before any "
+    "sum), so this is refused. Use one larger batch instead{advice}."
+)
+
+
 class Mispredicted(BaseException):
     """Micro-batch 0 guessed the wrong value_and_grad call to accumulate in place; accumulate reruns it.
 
@@ -273,6 +281,8 @@ class Frame:
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
+        if (self.accum_k > 1 or self.dp_group is not None) and leaves:
+            _refuse_per_example(self, state, grads, leaves)
         if self.accum_k > 1:
             self.applies += 1
             if self.applies > 1:
@@ -355,6 +365,23 @@ class Frame:
         if self.extra:
             metrics = {**metrics, **self.extra}
         return metrics
+
+
+def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[Any]) -> None:
+    """Raises when the gradients are per example (DP-SGD's): accumulate and data_parallel would mix examples."""
+    params = state.params
+    if type(params) is dict and type(grads) is dict:  # the usual case: one lookup, no flatten
+        name = next(iter(grads))
+        grad, first = grads[name], params.get(name)
+    else:
+        grad, first = leaves[0], next(iter(_tree.tree_leaves(params)), None)
+    if first is None or not isinstance(grad, torch.Tensor) or grad.shape == first.shape:
+        return
+    if f.accum_k > 1:
+        who, what, advice = "fnlit.accumulate", "micro-batches", " of accumulating (as memory allows)"
+    else:
+        who, what, advice = "fnlit.data_parallel", "ranks", ", or one process"
+    raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
 
 
 def _updated_float_buffers(state: TrainState, changes: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
