@@ -261,7 +261,29 @@ def _agree(halt: bool, reason: str | None, device: torch.device) -> tuple[bool, 
     code = torch.tensor(_REASONS.index(reason) if reason else int(halt), device=device)
     torch_dist.all_reduce(code, op=torch_dist.ReduceOp.MAX)
     c = int(code)
+    if not 0 <= c < len(_REASONS):  # the vote met another collective (a gradient all-reduce) on some rank
+        raise RuntimeError(_OUT_OF_STEP)
     return c > 0, _REASONS[c] if c >= 2 else reason
+
+
+_OUT_OF_STEP = (
+    "fit: the ranks fell out of step (one rank's stop vote at an epoch end or log interval met another rank's "
+    "gradient all-reduce). Did the ranks get different numbers of batches? Give every rank as many batches per "
+    "epoch: fnlit.data.ArrayLoader and DistributedSampler(drop_last=True) do."
+)
+
+
+def _same_batches(n: int | None, device: torch.device) -> None:
+    """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up)."""
+    counts = torch.tensor([-1 if n is None else n, -(-1 if n is None else n)], dtype=torch.int64, device=device)
+    torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
+    most, least = int(counts[0]), -int(counts[1])
+    if most != least:
+        raise ValueError(
+            f"fit: the ranks have different numbers of training batches per epoch (from {least} to {most}; -1: "
+            f"no len()), this rank {n}. Each step's gradient all-reduce pairs the ranks' steps, so they must run as "
+            "many: fnlit.data.ArrayLoader shards evenly, as does DistributedSampler(drop_last=True)."
+        )
 
 
 _HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_validation", "on_epoch_end", "on_fit_end")
@@ -475,6 +497,8 @@ def fit(
     max_steps, min_epochs, log_every = plan.max_steps, plan.min_epochs, plan.log_every
     per_step_hooks = bool(hooks.lists["on_step"])
     distributed, halt = _dist.world_size() > 1, False
+    if distributed:
+        _same_batches(n_batches, state.device)
 
     def halting() -> bool:  # a signal came, or a callback asked to stop and min_epochs are done
         return bool(signals.reason) or (hooks.stop and epoch >= min_epochs)

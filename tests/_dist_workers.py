@@ -186,3 +186,16 @@ def evaluate_every_example():
     ev = lambda s, b: {"x": b.mean(), "sq": (b**2).mean()}  # noqa: E731
     loader = fnlit.ArrayLoader(x, batch_size=4, shuffle=True)
     return fnlit.evaluate(ev, state, loader), len(loader.eval_batches())
+
+
+def uneven_batches():
+    """fit where rank 0 has 5 batches an epoch and rank 1 has 4 (plain lists: nothing shards them)."""
+    model = torch.nn.Linear(4, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(5 - dist.get_rank())]
+    try:
+        fnlit.fit(step, state, data, max_epochs=2, progress=False)
+    except ValueError as e:
+        return str(e)
+    return "no error"

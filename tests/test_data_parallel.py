@@ -14,6 +14,7 @@ from _dist_workers import (
     make_state,
     orders_with_dropout_and_batchnorm,
     reused_buffers,
+    uneven_batches,
     wrap,
 )
 from helpers import batch, hand_step
@@ -155,3 +156,9 @@ def test_evaluate_over_two_ranks_sees_every_example_once():
     (m0, n0), (m1, n1) = fnlit.distributed.launch(evaluate_every_example, 2, timeout=120)
     assert m0 == m1 and (n0, n1) == (5, 4)  # 17 and 16 examples in batches of 4
     assert m0["x"] == pytest.approx(float(x.mean()), rel=1e-6) and m0["sq"] == pytest.approx(float((x**2).mean()), rel=1e-6)
+
+
+def test_ranks_with_different_numbers_of_batches_are_told_so_at_the_start():
+    # Each step's all-reduce pairs the ranks' steps: 5 against 4 batches would pair a stop vote with a gradient.
+    for message in fnlit.distributed.launch(uneven_batches, 2, timeout=120, collective_timeout=30):
+        assert "different numbers of training batches per epoch (from 4 to 5" in message
