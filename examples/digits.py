@@ -48,7 +48,10 @@ def mnist(data_dir: str, download: bool) -> dict[str, tuple[torch.Tensor, torch.
     from torchvision.datasets import MNIST
 
     def load(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = MNIST(data_dir, train=train, download=download)
+        try:
+            ds = MNIST(data_dir, train=train, download=download)
+        except RuntimeError as e:  # torchvision says "use download=True"; this script's flag is --download
+            raise SystemExit(f"digits.py: no MNIST in {data_dir} ({e}). Add --download to fetch it there.") from None
         return ds.data.unsqueeze(1).float() / 255.0, ds.targets
 
     (x, y), test = load(True), load(False)
