@@ -266,6 +266,8 @@ def check_sharding(data: Iterable[Any], name: str) -> None:
     """Raises if a DataLoader would give every rank the same batches under torch.distributed.
 
     A DistributedSampler counts as ``sampler`` or inside a batch sampler (``BatchSampler(DistributedSampler(ds), ...)``).
+    A DataLoader over an IterableDataset passes: such a dataset has no sampler and must shard itself by rank
+    (``fnlit.distributed.rank()``), as torch's documentation asks of it.
 
     Example:
         >>> check_sharding(DataLoader(torch.arange(6)), "train_data")  # one process: nothing to shard, passes
@@ -273,6 +275,7 @@ def check_sharding(data: Iterable[Any], name: str) -> None:
     if (
         _dist.world_size() > 1
         and isinstance(data, DataLoader)
+        and not isinstance(data.dataset, IterableDataset)
         and not any(isinstance(s, DistributedSampler) for s in _samplers(data))
     ):
         raise ValueError(

@@ -15,6 +15,7 @@ import itertools
 import math
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -471,6 +472,15 @@ def fit(
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
+    saved_world = position.get("world_size", 1)
+    if b and saved_world != _dist.world_size():
+        warnings.warn(
+            f"fit resumes in the middle of epoch {epoch} (batch {b} of each rank) on {_dist.world_size()} process(es), "
+            f"but the checkpoint was saved on {saved_world}: the ranks' shards differ, so some examples of this "
+            "epoch are seen twice or not at all (later epochs are whole). Resume on as many processes, or from a "
+            "checkpoint saved at an epoch's end.",
+            stacklevel=2,
+        )
     validated = bool(position.get("validated"))  # saved by an epoch-end validation: that one is done
     all_callbacks = list(callbacks) + ([Timer(max_time)] if max_time is not None else [])
     hooks = _Hooks(all_callbacks)
@@ -482,6 +492,8 @@ def fit(
     def where(epoch: int, batch: int) -> Position:
         """The position saved with a checkpoint: where the data stands, and the callbacks' states."""
         pos: Position = {"epoch": epoch, "batch": batch, "seed": seed}
+        if _dist.world_size() > 1:  # batch counts each rank's batches: a resume on other ranks is told (one process: 1)
+            pos["world_size"] = _dist.world_size()
         if stateful:
             pos["callbacks"] = {key: cb.state_dict() for key, cb in stateful}
         return pos

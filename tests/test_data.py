@@ -211,6 +211,11 @@ def test_batches_move_to_the_state_device():
     assert x.is_cuda and y.is_cuda
 
 
+class _RankShards(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(fnlit.distributed.rank(), 8, fnlit.distributed.world_size()))
+
+
 def _shards():
     """Runs in each of 2 processes (fnlit.distributed.launch)."""
     loader = ArrayLoader(torch.arange(11), batch_size=2)
@@ -222,6 +227,7 @@ def _shards():
         error = str(e)
     ds = TensorDataset(torch.arange(4))
     check_sharding(DataLoader(ds, batch_sampler=BatchSampler(DistributedSampler(ds), 2, False)), "train_data")  # passes
+    check_sharding(DataLoader(_RankShards(), batch_size=2), "train_data")  # an IterableDataset shards itself: passes
     return len(loader), seen, error, _stop_on_one_rank()
 
 

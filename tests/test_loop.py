@@ -315,6 +315,13 @@ class Unsized:
         return iter([torch.tensor([i]) for i in range(self.n)])
 
 
+def test_a_mid_epoch_resume_on_another_number_of_processes_warns():
+    restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42, "world_size": 2})
+    with pytest.warns(UserWarning, match=r"resumes in the middle of epoch 0 \(batch 3 of each rank\) on 1 process\(es\), but the checkpoint was saved on 2"):
+        fit(Counter().step, make_state(), ArrayLoader(torch.arange(10), batch_size=1), max_epochs=1,
+            checkpoint=FakeCheckpoint(restored), ckpt_path="last", progress=False)  # fmt: skip
+
+
 def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
     # A checkpoint saved at the epoch's last batch: the resumed run finds that epoch's data spent and goes on.
     restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
