@@ -111,7 +111,7 @@ class EarlyStopping(Callback):
     Args:
         monitor: the metric, as logged (``"val/loss"``).
         mode: ``"min"`` or ``"max"``.
-        patience: validation runs without improvement before stopping.
+        patience: validation runs without improvement before stopping (0 stops at the first, as 1 does).
         min_delta: the smallest change that counts as an improvement.
         check_finite: stop when the metric becomes NaN or infinite.
 
@@ -131,8 +131,8 @@ class EarlyStopping(Callback):
     ) -> None:  # fmt: skip
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping expected mode='min' or 'max', got mode={mode!r} instead.")
-        if patience < 1:
-            raise ValueError(f"EarlyStopping expected patience >= 1, got patience={patience} instead.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"EarlyStopping expected an int patience >= 0, got patience={patience!r} instead.")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.check_finite = abs(min_delta), check_finite
         self.best = math.inf if mode == "min" else -math.inf

@@ -290,7 +290,8 @@ class Checkpointer:
         monitor: a validation metric, named as fit logs it (``"val/loss"``); with it, the ``keep_best``
             best checkpoints are saved and kept.
         mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
-        keep_best: how many best-by-``monitor`` checkpoints to keep.
+        keep_best: how many best-by-``monitor`` checkpoints to keep; None keeps the checkpoint of every
+            validation (Lightning's ``save_top_k=-1``).
         save_last: save when fit finishes, and keep ``last.ckpt`` pointing at the newest checkpoint.
         **meta: JSON-able metadata (hyperparameters) stored in every checkpoint.
 
@@ -321,7 +322,7 @@ class Checkpointer:
         keep_last: int | None = 1,
         monitor: str | None = None,
         mode: str = "min",
-        keep_best: int = 1,
+        keep_best: int | None = 1,
         save_last: bool = True,
         **meta: Any,
     ) -> None:
@@ -409,7 +410,7 @@ class Checkpointer:
     def _improves(self, value: float) -> bool:
         # Strictly better than the worst kept best: on a tie the earlier checkpoint stays (as Lightning's).
         best = self._best(self._scan())
-        return len(best) < self.keep_best or self._better(value, self._value(best[-1]))
+        return self.keep_best is None or len(best) < self.keep_best or self._better(value, self._value(best[-1]))
 
     def on_epoch_end(self, state: Any, position: Position) -> None:
         """Saves after every ``every_n_epochs`` completed epochs."""

@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 from . import data as _data
 from . import distributed as _dist
 from ._types import Batch, Metrics, StepFn
-from .callbacks import StopTraining, Timer
+from .callbacks import EarlyStopping, StopTraining, Timer
 from .state import TrainState
 from .summary import Logger, MetricBuffer, ProgressBar, Writer, flat_metrics, scalar_metric
 from .transforms.donate import is_donated
@@ -302,6 +302,20 @@ def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     return out
 
 
+def _warn_unwatched(callbacks: Sequence[Any], checkpoint: Any) -> None:
+    """Monitors read validation metrics only: without validation they would never act, silently."""
+    watching = [f"EarlyStopping(monitor={cb.monitor!r})" for cb in callbacks if isinstance(cb, EarlyStopping)]
+    if getattr(checkpoint, "monitor", None) is not None:
+        watching.append(f"Checkpointer(monitor={checkpoint.monitor!r})")
+    if watching:
+        warnings.warn(
+            f"fit runs no validation (no val_data, or limit_val_batches=0), but {' and '.join(watching)} watch "
+            "validation metrics: they never act in this run. Pass val_data and eval_step (monitors see the "
+            "metrics of validation runs, not training's).",
+            stacklevel=3,
+        )
+
+
 class _Hooks:
     """Calls the callbacks' hooks by name; a StopTraining from one is remembered and never skips the others."""
 
@@ -320,6 +334,24 @@ class _Hooks:
                 hook(*args)
             except StopTraining:
                 self.stop = True
+
+    def on_log(self) -> list[Any]:
+        """The ``on_log`` hooks for the MetricBuffer (it calls them itself), a StopTraining remembered as above."""
+        return [_Remembering(hook, self) for hook in self.lists["on_log"]]
+
+
+class _Remembering:
+    """An ``on_log`` hook whose StopTraining stops fit at the next check instead of escaping the log."""
+
+    def __init__(self, hook: Any, hooks: _Hooks) -> None:
+        self.hook, self.hooks, self.__self__ = hook, hooks, getattr(hook, "__self__", hook)
+
+    def __call__(self, state: Any) -> Any:
+        try:
+            return self.hook(state)
+        except StopTraining:
+            self.hooks.stop = True
+            return None
 
 
 @contextlib.contextmanager
@@ -483,6 +515,8 @@ def fit(
         )
     validated = bool(position.get("validated"))  # saved by an epoch-end validation: that one is done
     all_callbacks = list(callbacks) + ([Timer(max_time)] if max_time is not None else [])
+    if not plan.validate:
+        _warn_unwatched(all_callbacks, checkpoint)
     hooks = _Hooks(all_callbacks)
     stateful = _stateful(all_callbacks)
     for key, cb in stateful:  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
@@ -502,11 +536,13 @@ def fit(
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and hparams:
         logger.log_hparams(hparams)
-    log = MetricBuffer(prefixes, hooks.lists["on_log"])
+    log = MetricBuffer(prefixes, hooks.on_log())
     move = _data.device_mover(state.device)
     steps, n_batches = _first(state.step), plan.batches
     first_step = steps
     max_steps, min_epochs, log_every = plan.max_steps, plan.min_epochs, plan.log_every
+    if plan.quiet:  # fast_dev_run=N: N steps from wherever the state is (max_steps is otherwise a global step)
+        max_steps += steps
     per_step_hooks = bool(hooks.lists["on_step"])
     distributed, halt = _dist.world_size() > 1, False
     if distributed:
@@ -548,6 +584,10 @@ def fit(
         try:
             info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every}
             hooks("on_fit_start", state, info)
+            if distributed:  # a StopTraining from on_fit_start: no step at all (Lightning's should_stop)
+                agree()
+            else:
+                halt = halting()
             if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
                 evaluate(eval_step, state, val_data, plan.sanity_steps)  # type: ignore[arg-type]
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:

@@ -51,6 +51,24 @@ def test_early_stopping_counts_validation_runs(mode, values, min_delta, epochs):
     assert int(state.step) == 3 * epochs and es.stopped_step == 3 * epochs
 
 
+def test_stop_training_in_on_fit_start_runs_no_step_and_patience_zero_stops_at_the_first_miss():
+    class StopAtOnce:
+        def on_fit_start(self, state, plan):
+            raise StopTraining("not today")
+
+    state = fit(count_step, counting_state(), [0, 1], max_epochs=3, callbacks=[StopAtOnce()], progress=False)
+    assert int(state.step) == 0  # Lightning's should_stop before training: no step
+    es = EarlyStopping("val/loss", patience=0)  # Lightning accepts 0: the first run without improvement stops
+    state = fit(count_step, counting_state(), [0], max_epochs=10, val_data=[0], eval_step=scripted_eval([3.0, 2.0, 2.5, 1.0]),
+                num_sanity_val_steps=0, callbacks=[es], progress=False)  # fmt: skip
+    assert int(state.step) == 3
+
+
+def test_a_monitor_without_validation_warns():
+    with pytest.warns(UserWarning, match=r"runs no validation .* EarlyStopping\(monitor='train/loss'\) .* never act"):
+        fit(count_step, counting_state(), [0], max_epochs=2, callbacks=[EarlyStopping("train/loss")], progress=False)
+
+
 def test_early_stopping_waits_for_min_epochs():
     es = EarlyStopping("val/loss", patience=1)
     state = fit(count_step, counting_state(), list(range(3)), max_epochs=20, min_epochs=5, val_data=[0],

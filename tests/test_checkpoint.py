@@ -407,3 +407,12 @@ def test_a_tie_of_the_monitored_metric_keeps_the_earlier_best(tmp_path):
     state = state.replace(step=state.step + 1)
     ck.on_validation(state, {"epoch": 0, "batch": 0, "seed": 0}, {"val_loss": 0.5})  # step 5: of the tie, 3 stays
     assert names(tmp_path) == ["step=00000003.ckpt", "step=00000005.ckpt"]
+
+
+def test_keep_best_none_keeps_every_validated_checkpoint(tmp_path):
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=None, save_last=False)
+    _, state = trained(steps=0)
+    for i, loss in enumerate([3.0, 1.0, 2.0, 5.0]):
+        ck.on_validation(state.replace(step=torch.tensor(i + 1)), {"epoch": 0, "batch": i + 1, "seed": 0}, {"val/loss": loss})
+    assert sorted(p.name for p in tmp_path.glob("step=*.ckpt")) == [f"step={i:08d}.ckpt" for i in (1, 2, 3, 4)]
+    assert ck.best_path.name == "step=00000002.ckpt"

@@ -104,6 +104,28 @@ def test_fast_dev_run(n, tmp_path):
     assert not (tmp_path / "logs").exists()  # no logging
 
 
+def test_fast_dev_run_runs_its_batches_from_a_restored_step():
+    c = Counter()
+    state = fit(c.step, make_state().replace(step=torch.tensor(100)), ArrayLoader(torch.arange(10), batch_size=1),
+                val_data=[torch.tensor([1.0])], eval_step=c.eval_step, fast_dev_run=2, callbacks=[c], progress=False)  # fmt: skip
+    assert int(state.step) == 102 and len(c.train) == 2 and len(c.val) == 1
+
+
+def test_stop_training_from_on_log_stops_fit_and_saves_on_exit(tmp_path):
+    from fnlit.checkpoint import Checkpointer
+
+    class StopAtFour:
+        def on_log(self, state):
+            if int(state.step) >= 4:
+                raise StopTraining("enough")
+            return {}
+
+    ck = Checkpointer(tmp_path / "ck")
+    state = fit(Counter().step, make_state(), ArrayLoader(torch.arange(10), batch_size=1), max_epochs=3,
+                log_every_n_steps=2, callbacks=[StopAtFour()], checkpoint=ck, progress=False)  # fmt: skip
+    assert int(state.step) == 4 and ck.last_path is not None and ck.last_path.name == "step=00000004.ckpt"
+
+
 def test_overfit_batches_uses_the_same_first_batches_unshuffled():
     c, _ = run(max_epochs=3, overfit_batches=2, num_sanity_val_steps=0)
     assert c.train == [[0], [1]] * 3 and c.val == [[0], [1]] * 3  # validation on 2 batches too
