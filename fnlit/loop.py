@@ -103,7 +103,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     n = _num_batches(train_data)
     if n == 0:
         raise ValueError("fit got empty training data (len(train_data) == 0). Check the dataset and batch_size.")
-    batches = _limit(limit_train, n, "limit_train_batches")
+    batches = _limit(limit_train, n, "overfit_batches" if overfit else "limit_train_batches")
     if max_steps is None or max_steps == -1:
         max_steps = math.inf
     if max_epochs is None:
@@ -120,7 +120,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     validate = val_data is not None
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
-    n_val = _limit(limit_val, _num_batches(val_data), "limit_val_batches") if validate else 0  # type: ignore[arg-type]
+    n_val = _limit(limit_val, _num_batches(val_data), "overfit_batches" if overfit else "limit_val_batches") if validate else 0  # type: ignore[arg-type]
     validate = validate and n_val != 0
     if vci is None:
         vci = 1.0

@@ -537,3 +537,8 @@ def test_resume_with_nothing_saved_starts_from_the_beginning():
 def test_ckpt_path_without_checkpoint():
     with pytest.raises(ValueError, match="ckpt_path='last' but no checkpoint"):
         fit(Counter().step, make_state(), [0], max_epochs=1, ckpt_path="last", progress=False)
+
+
+def test_a_too_small_overfit_fraction_names_overfit_batches():
+    with pytest.raises(ValueError, match=r"fit got overfit_batches=0.2, but 0.2 \* 4 batches < 1"):
+        run(n=10, val=4, max_epochs=1, overfit_batches=0.2)
