@@ -106,7 +106,8 @@ class EarlyStopping(Callback):
 
     After each validation run: an improvement is ``current < best - min_delta`` (mode ``"min"``) or
     ``current > best + min_delta`` (``"max"``); otherwise a counter grows, and training stops when it
-    reaches ``patience``. A non-finite value stops at once (``check_finite``).
+    reaches ``patience``. A non-finite value stops at once (``check_finite``), as does one better than
+    ``stopping_threshold`` or worse than ``divergence_threshold`` (Lightning's checks, in its order).
 
     Args:
         monitor: the metric, as logged (``"val/loss"``).
@@ -114,6 +115,8 @@ class EarlyStopping(Callback):
         patience: validation runs without improvement before stopping (0 stops at the first, as 1 does).
         min_delta: the smallest change that counts as an improvement.
         check_finite: stop when the metric becomes NaN or infinite.
+        stopping_threshold: stop once the metric is better than this (good enough).
+        divergence_threshold: stop once the metric is worse than this (no hope left).
 
     Example:
         >>> es = EarlyStopping("val/loss", patience=1)
@@ -127,7 +130,7 @@ class EarlyStopping(Callback):
 
     def __init__(
         self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
-        check_finite: bool = True,
+        check_finite: bool = True, stopping_threshold: float | None = None, divergence_threshold: float | None = None,
     ) -> None:  # fmt: skip
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping expected mode='min' or 'max', got mode={mode!r} instead.")
@@ -135,6 +138,7 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping expected an int patience >= 0, got patience={patience!r} instead.")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.check_finite = abs(min_delta), check_finite
+        self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_step: int | None = None
@@ -154,6 +158,13 @@ class EarlyStopping(Callback):
         current = metrics[self.monitor]
         if self.check_finite and not math.isfinite(current):
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current} is not finite.")
+        sign = 1.0 if self.mode == "min" else -1.0  # compare sign * value: smaller is better
+        if self.stopping_threshold is not None and sign * current < sign * self.stopping_threshold:
+            self.stopped_step = None if state is None else int(state.step)
+            raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} reached stopping_threshold={self.stopping_threshold}.")
+        if self.divergence_threshold is not None and sign * current > sign * self.divergence_threshold:
+            self.stopped_step = None if state is None else int(state.step)
+            raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} passed divergence_threshold={self.divergence_threshold}.")
         better = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
         if better:
             self.best, self.wait = current, 0

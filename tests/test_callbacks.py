@@ -69,6 +69,22 @@ def test_a_monitor_without_validation_warns():
         fit(count_step, counting_state(), [0], max_epochs=2, callbacks=[EarlyStopping("train/loss")], progress=False)
 
 
+@pytest.mark.parametrize(
+    "mode, kwargs, values, epochs",
+    [
+        ("min", {"stopping_threshold": 0.5}, [2.0, 1.0, 0.4, 0.1], 3),  # 0.4 < 0.5: good enough
+        ("max", {"stopping_threshold": 0.9}, [0.5, 0.95, 0.99], 2),
+        ("min", {"divergence_threshold": 10.0}, [2.0, 11.0, 1.0], 2),  # 11 > 10: diverged
+        ("max", {"divergence_threshold": 0.1}, [0.5, 0.05, 0.9], 2),
+    ],
+)
+def test_early_stopping_thresholds_as_lightning_defines_them(mode, kwargs, values, epochs):
+    es = EarlyStopping("val/loss", mode=mode, patience=10, **kwargs)
+    state = fit(count_step, counting_state(), [0], max_epochs=10, val_data=[0], eval_step=scripted_eval(values),
+                num_sanity_val_steps=0, callbacks=[es], progress=False)  # fmt: skip
+    assert int(state.step) == epochs and es.stopped_step == epochs
+
+
 def test_early_stopping_waits_for_min_epochs():
     es = EarlyStopping("val/loss", patience=1)
     state = fit(count_step, counting_state(), list(range(3)), max_epochs=20, min_epochs=5, val_data=[0],
