@@ -37,6 +37,7 @@ class _Slots:
 
     def __init__(self, module: nn.Module) -> None:
         self.where: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        buffers: set[str] = set()
         seen: dict[int, str] = {}
         for kind in ("_parameters", "_buffers"):
             for owner_name, owner in module.named_modules(remove_duplicate=False):
@@ -46,7 +47,10 @@ class _Slots:
                     name = f"{owner_name}.{attr}" if owner_name else attr
                     canonical = seen.setdefault(id(t), name)  # tied weights: aliases share one name
                     self.where.setdefault(canonical, []).append((getattr(owner, kind), attr))
+                    if kind == "_buffers" and canonical == name:
+                        buffers.add(name)
         self.names = frozenset(self.where)
+        self.buffers = frozenset(buffers)  # registered buffers (state.buffers also holds frozen parameters)
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
         self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
@@ -59,7 +63,7 @@ class _Slots:
             for a in _updated_in_place(m)
             if getattr(m, a, None) is not None
         )
-        self.probed = False  # whether a training forward has run on copies of every buffer (see apply)
+        self.probed = False  # whether a training forward has run on copies of the buffers (see apply)
 
 
     def current(self) -> bool:
@@ -210,11 +214,12 @@ def apply(
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         _check_names(module, slots, params, buffers)
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
-    # A module's first training forward runs on copies of all its buffers: the ones it updates in place are
-    # learned without the caller's changing (later forwards copy those only: the slots' `copied`).
+    # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
+    # which may be most of a fine-tuned model): the ones it updates in place are learned without the
+    # caller's changing (later forwards copy those only: the slots' `copied`).
     probe = train and bool(buffers) and not traced and not mutable and not slots.probed
     # mutable=False in training mode: the statistics are updated on copies, which are dropped.
-    copy = buffers.keys() if mutable or probe else slots.copied if train else ()
+    copy = buffers.keys() if mutable else (slots.buffers if probe else slots.copied) if train else ()
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 
@@ -226,7 +231,7 @@ def apply(
     tensors = {**params, **new_buffers} if new_buffers else params  # type: ignore[assignment]
     # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
     watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and buffers and not traced else ()
-    probes = list(new_buffers.items()) if probe else ()
+    probes = [(n, new_buffers[n]) for n in slots.buffers if n in new_buffers] if probe else ()
     modes = [(m, m.training) for m in module.modules()] if module.training != train else None
     if modes is not None:
         module.train(train)
@@ -253,6 +258,9 @@ def apply(
     if probe:
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
         slots.probed = True
+        for n, copied in probes:  # unchanged: the caller's own tensor comes back (data_parallel averages only new ones)
+            if new_buffers[n] is copied and not copied._version and n not in slots.copied:
+                new_buffers[n] = buffers[n]
     changed = [n for n, t, version in watched if t._version != version]
     if changed:
         _learn_updated(module, slots, changed)

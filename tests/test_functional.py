@@ -342,3 +342,16 @@ def test_train_step_and_eval_step():
     assert int(new.buffers["1.num_batches_tracked"]) == 1
     ev = fnlit.eval_step(model, lambda m, b: {"acc": (m(b[0]).argmax(-1) == b[1]).float().mean()})
     assert 0.0 <= float(ev(new, batch())["acc"]) <= 1.0
+
+
+def test_the_first_training_forward_copies_neither_frozen_params_nor_unchanged_buffers():
+    # Frozen params live in state.buffers (a fine-tuned model's backbone can be most of it): never copied.
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    m[0].requires_grad_(False)
+    m.register_buffer("scale", torch.ones(()))  # read, never written
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    assert {"0.weight", "0.bias", "scale"} <= state.buffers.keys()
+    _, new = fnlit.apply(m, state.params, state.buffers, torch.randn(8, 4))
+    assert all(new[k] is state.buffers[k] for k in ("0.weight", "0.bias", "scale"))
+    assert new["1.running_mean"] is not state.buffers["1.running_mean"]  # the statistics: updated, on copies
+    assert not torch.equal(new["1.running_mean"], state.buffers["1.running_mean"])
