@@ -125,27 +125,33 @@ class ArrayLoader:
             out = tuple(t.index_select(0, sel) for t in self.tensors)
             yield out[0] if single else out
 
-    def eval_batches(self) -> list[torch.Tensor | tuple[torch.Tensor, ...]]:
-        """This rank's batches for evaluation: every example once across ranks, unshuffled.
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], bool]]:
+        """This rank's batches for evaluation, each with whether it counts: every example once across ranks.
 
         Training shards drop the remainder (``n % world_size`` examples) so that every rank runs as many
-        steps; :func:`fnlit.evaluate` meets the other ranks only once, at the end, so here rank ``r`` takes
-        examples ``r, r + W, r + 2W, ...`` and the first ``n % W`` ranks get one more. With one process,
-        the unshuffled batches of plain iteration.
+        steps; here rank ``r`` takes examples ``r, r + W, r + 2W, ...`` (the first ``n % W`` ranks one
+        more), unshuffled. Every rank still runs :meth:`eval_len` batches, as a sharded model's forward is
+        a collective: a rank with fewer repeats a batch that does not count. Batches are built one at a time.
 
         Example:
-            >>> [b.tolist() for b in ArrayLoader(torch.arange(5), batch_size=2).eval_batches()]
-            [[0, 1], [2, 3], [4]]
+            >>> [(b.tolist(), counts) for b, counts in ArrayLoader(torch.arange(5), batch_size=2).eval_batches()]
+            [([0, 1], True), ([2, 3], True), ([4], True)]
         """
         n, b = self.tensors[0].shape[0], self.batch_size
         idx = torch.arange(_dist.rank(), n, _dist.world_size(), device=self.tensors[0].device)
-        stop = len(idx) - len(idx) % b if self.drop_last else len(idx)
+        own = len(idx) // b if self.drop_last else -(-len(idx) // b)
         single = len(self.tensors) == 1
-        out = []
-        for i in range(0, stop, b):
-            batch = tuple(t.index_select(0, idx[i : i + b]) for t in self.tensors)
-            out.append(batch[0] if single else batch)
-        return out
+        for i in range(self.eval_len()):
+            # A filler: this rank's first batch (or the dataset's, if it has no example), not counted.
+            sel = idx[i * b : (i + 1) * b] if i < own else (idx[:b] if len(idx) else torch.arange(min(b, n), device=idx.device))
+            batch = tuple(t.index_select(0, sel) for t in self.tensors)
+            yield (batch[0] if single else batch), i < own
+
+    def eval_len(self) -> int:
+        """Batches every rank runs in :meth:`eval_batches` (those of the ranks with the most examples)."""
+        n, b, w = self.tensors[0].shape[0], self.batch_size, _dist.world_size()
+        most = -(-n // w)
+        return most // b if self.drop_last else -(-most // b)
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Sets the epoch (and seed) that plain iteration (``for batch in loader``) uses."""

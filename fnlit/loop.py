@@ -187,8 +187,13 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         {'x': 0.25}
     """
     if isinstance(data, _data.ArrayLoader) and _dist.world_size() > 1:
-        data = data.eval_batches()  # every example once across ranks (training shards drop the remainder)
-    n = _limit(limit_batches, _num_batches(data), "limit_batches")
+        # Every example once across ranks (training shards drop the remainder); a rank with fewer examples runs
+        # filler batches that do not count, so every rank runs as many forwards (a sharded one is a collective).
+        n = _limit(limit_batches, data.eval_len(), "limit_batches")
+        batches: Iterable[tuple[Any, bool]] = data.eval_batches()
+    else:
+        n = _limit(limit_batches, _num_batches(data), "limit_batches")
+        batches = ((b, True) for b in data)
     move = _data.device_mover(state.device)
     names: list[str] = []
     sums: list[torch.Tensor] = []
@@ -201,17 +206,17 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         return scalar_metric(k, v, "the eval step")
 
     with torch.no_grad():
-        for batch in itertools.islice(iter(data), n):
+        for batch, counts in itertools.islice(iter(batches), n):
             batch = move(batch) if move else batch
             metrics = eval_step(state, batch)
             if not isinstance(metrics, Mapping):
                 raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
             if any(isinstance(v, Mapping) for v in metrics.values()):  # {"parts": {"ce": ..}} is logged as "parts/ce"
                 metrics = flat_metrics(metrics)
-            size = _data.batch_size_of(batch)
+            size = _data.batch_size_of(batch) if counts else 0
             if not names:
                 names, names_set = list(metrics), set(metrics)
-                sums = [value(k, metrics[k]) * size for k in names]
+                sums = [value(k, metrics[k]) * size if counts else torch.zeros_like(value(k, metrics[k])) for k in names]
             else:
                 if metrics.keys() != names_set:
                     k = next(iter(metrics.keys() ^ names_set))
@@ -219,14 +224,17 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                         f"the eval step returned metric {k!r} for some batches but not others: return the same metric "
                         "names for every batch (evaluate averages each over all of them)."
                     )
-                sums = [s + value(k, metrics[k]) * size for s, k in zip(sums, names)]
+                if counts:
+                    sums = [s + value(k, metrics[k]) * size for s, k in zip(sums, names)]
             count += size
-    if count == 0 or not names:
+    if not names:
         raise ValueError("evaluate got no batches (or no metrics); check the data and limit_batches.")
     totals = torch.cat([s.reshape(-1).to(sums[0].device) for s in sums] + [torch.tensor([float(count)], device=sums[0].device)])
     if _dist.world_size() > 1:
         torch_dist.all_reduce(totals)
     values = totals.tolist()  # the one host sync
+    if values[-1] == 0:
+        raise ValueError("evaluate got no examples (batches of size 0); check the data and limit_batches.")
     flat = [k if s.dim() == 0 else f"{k}/{i}" for k, s in zip(names, sums) for i in range(s.numel())]
     return {k: v / values[-1] for k, v in zip(flat, values)}
 

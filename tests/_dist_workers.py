@@ -185,7 +185,13 @@ def evaluate_every_example():
     state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
     ev = lambda s, b: {"x": b.mean(), "sq": (b**2).mean()}  # noqa: E731
     loader = fnlit.ArrayLoader(x, batch_size=4, shuffle=True)
-    return fnlit.evaluate(ev, state, loader), len(loader.eval_batches())
+    counted = sum(counts for _, counts in loader.eval_batches())
+    # A sharded model (each forward all-gathers its params): ranks must run as many batches, fillers included.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    sharded = fnlit.shard_state(fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0))
+    mse = fnlit.eval_step(model, lambda m, b: {"mse": (m(b.unsqueeze(1)) ** 2).mean()})
+    return fnlit.evaluate(ev, state, loader), loader.eval_len(), counted, fnlit.evaluate(mse, sharded, loader)["mse"]
 
 
 def uneven_batches():

@@ -153,9 +153,14 @@ def test_early_stopping_stops_both_ranks_where_one_process_stops():
 def test_evaluate_over_two_ranks_sees_every_example_once():
     # Training shards drop the remainder (33 -> 16 + 16); evaluation must not: the single process is the reference.
     x = torch.arange(33, dtype=torch.float64)
-    (m0, n0), (m1, n1) = fnlit.distributed.launch(evaluate_every_example, 2, timeout=120)
-    assert m0 == m1 and (n0, n1) == (5, 4)  # 17 and 16 examples in batches of 4
+    (m0, n0, c0, s0), (m1, n1, c1, s1) = fnlit.distributed.launch(evaluate_every_example, 2, timeout=120)
+    assert m0 == m1 and (n0, n1) == (5, 5) and (c0, c1) == (5, 4)  # 17 and 16 examples in batches of 4: one filler
     assert m0["x"] == pytest.approx(float(x.mean()), rel=1e-6) and m0["sq"] == pytest.approx(float((x**2).mean()), rel=1e-6)
+    torch.manual_seed(0)  # the same init as the workers' model
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        reference = float((model(x.float().unsqueeze(1)) ** 2).mean())
+    assert s0 == s1 == pytest.approx(reference, rel=1e-5)
 
 
 def test_ranks_with_different_numbers_of_batches_are_told_so_at_the_start():
