@@ -340,16 +340,16 @@ RATE = "a float >= 0, a 0-d tensor or a schedule"
         (lambda: fo.sgd(torch.tensor(-1.0)), ValueError, r"sgd expected learning_rate >= 0, got tensor\(-1.\)"),
         (lambda: fo.sgd(True), TypeError, rf"sgd expected learning_rate to be {RATE}.*got True \(bool\)"),
         (lambda: fo.sgd(torch.tensor([0.1, 0.2])), TypeError, rf"sgd expected learning_rate to be {RATE}.*got tensor\(\[0.1"),
-        (lambda: fo.sgd(0.1, momentum="0.9"), TypeError, r"sgd expected momentum to be a float >= 0, got '0.9' \(str\)"),
-        (lambda: fo.sgd(0.1, momentum=None), TypeError, r"sgd expected momentum to be a float >= 0, got None"),
-        (lambda: fo.adam(0.1, eps="x"), TypeError, r"adam expected eps to be a float >= 0, got 'x'"),
+        (lambda: fo.sgd(0.1, momentum="0.9"), TypeError, r"sgd expected momentum to be a float >= 0 or a 0-d tensor, got '0.9' \(str\)"),
+        (lambda: fo.sgd(0.1, momentum=None), TypeError, r"sgd expected momentum to be a float >= 0 or a 0-d tensor, got None"),
+        (lambda: fo.adam(0.1, eps="x"), TypeError, r"adam expected eps to be a float >= 0 or a 0-d tensor, got 'x'"),
         (lambda: fo.adamw(0.1, weight_decay=None), TypeError, r"adamw expected weight_decay to be a float >= 0 or a 0-d tensor, got None"),
         (lambda: fo.adamw(0.1, weight_decay="0.1"), TypeError, r"adamw expected weight_decay to be .*, got '0.1' \(str\)"),
-        (lambda: fo.adam(0.1, b1="0.9"), TypeError, r"adam expected b1 to be a float in \[0, 1\), got '0.9'"),
-        (lambda: fo.adam(0.1, b1=None), TypeError, r"adam expected b1 to be a float in \[0, 1\), got None"),
+        (lambda: fo.adam(0.1, b1="0.9"), TypeError, r"adam expected b1 to be a float in \[0, 1\) or a 0-d tensor, got '0.9'"),
+        (lambda: fo.adam(0.1, b1=None), TypeError, r"adam expected b1 to be a float in \[0, 1\) or a 0-d tensor, got None"),
         (lambda: fo.adam(0.1, b1=(0.9, 0.99)), TypeError, r"adam expected b1 .*got \(0.9, 0.99\) \(tuple\).*b1=0.9, b2=0.999"),
         (lambda: fo.clip_by_global_norm(None), TypeError, r"clip_by_global_norm expected max_norm to be a float > 0.*got None"),
-        (lambda: fo.trace("x"), TypeError, r"trace expected decay to be a float >= 0, got 'x'"),
+        (lambda: fo.trace("x"), TypeError, r"trace expected decay to be a float >= 0 or a 0-d tensor, got 'x'"),
         (lambda: fo.scale_by_learning_rate("x"), TypeError, rf"scale_by_learning_rate expected learning_rate to be {RATE}"),
         (lambda: fo.adamw(0.1, mask=3), TypeError, r"adamw expected mask to be a pytree of bools.*got 3 \(int\)"),
         (lambda: fo.masked(fo.sgd(0.1), mask="w"), TypeError, r"masked expected mask to be a pytree of bools.*got 'w'"),
@@ -550,3 +550,20 @@ def test_a_view_numpy_array_or_storage_of_an_old_state_keeps_its_memory():
     assert torch.equal(row, expected_row)
     assert torch.equal(torch.from_numpy(arr), expected_arr)
     assert torch.equal(torch.tensor([], dtype=torch.float32).set_(storage).view(512, 640), expected_storage)
+
+
+def test_hyperparameters_given_as_0d_tensors_and_masks_of_numpy_bools_work_as_python_values():
+    import numpy as np
+
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    grads = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    pairs = [
+        (fo.sgd(0.1, momentum=0.9), fo.sgd(0.1, momentum=torch.tensor(0.9))),
+        (fo.adam(1e-2, b1=0.8, eps=1e-6), fo.adam(1e-2, b1=torch.tensor(0.8), eps=torch.tensor(1e-6))),
+        (fo.adamw(1e-2, weight_decay=0.1, mask={"w": True, "b": False}),
+         fo.adamw(1e-2, weight_decay=0.1, mask={"w": np.bool_(True), "b": np.bool_(False)})),
+    ]
+    for plain, given in pairs:
+        a = fo.step(plain, grads, plain.init(params), params)
+        b = fo.step(given, grads, given.init(params), params)
+        tree_map(lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0), a[0], b[0])

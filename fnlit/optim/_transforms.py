@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..tree import tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
@@ -137,9 +138,9 @@ def _is_real(value: Any) -> bool:
 
 
 def check_number(
-    name: str, arg: str, value: Any, *, tensor: bool = False, positive: bool = False, expected: str = "", fix: str = ""
+    name: str, arg: str, value: Any, *, tensor: bool = True, positive: bool = False, expected: str = "", fix: str = ""
 ) -> None:
-    """Checks a hyperparameter is a real number (with ``tensor``, or a 0-d tensor) >= 0 (> 0 with ``positive``).
+    """Checks a hyperparameter is a real number (with ``tensor``, the default, or a 0-d tensor) >= 0 (> 0 with ``positive``).
 
     A tensor's value is read once, here, when the optimizer is built (never in a step: no host sync
     there); not while traced (torch.compile, vmap), where there is no value to read.
@@ -185,8 +186,16 @@ def check_beta(name: str, arg: str, value: Any) -> None:
     fix = "Betas are decay rates, e.g. 0.9 and 0.999."
     if isinstance(value, (tuple, list)):
         fix = "Pass each beta as its own argument: b1=0.9, b2=0.999 (torch.optim's betas=(b1, b2))."
-    check_type(name, arg, value, _is_real(value), "a float in [0, 1)", fix)
-    check_arg(name, arg, value, 0.0 <= value < 1.0, "in [0, 1)", fix)
+    if isinstance(value, torch.Tensor):  # a 0-d tensor, read once here (not while traced: no value to read)
+        real = value.dtype is not torch.bool and not value.dtype.is_complex
+        check_type(name, arg, value, value.ndim == 0 and real, "a float in [0, 1) or a 0-d tensor", fix)
+        if use_functional() or value.is_meta:
+            return
+        number = float(value)
+    else:
+        check_type(name, arg, value, _is_real(value), "a float in [0, 1) or a 0-d tensor", fix)
+        number = value
+    check_arg(name, arg, value, 0.0 <= number < 1.0, "in [0, 1)", fix)
 
 
 def check_mask(name: str, mask: Any) -> None:
@@ -194,7 +203,7 @@ def check_mask(name: str, mask: Any) -> None:
     if mask is None or callable(mask):
         return
     ok = all(
-        isinstance(m, bool) or type(m).__name__ == "bool_" or (isinstance(m, torch.Tensor) and m.dtype is torch.bool)
+        isinstance(m, (bool, np.bool_)) or (type(m) is int and m in (0, 1)) or (isinstance(m, torch.Tensor) and m.dtype is torch.bool)
         for m in tree_leaves(mask)
     )
     check_type(
