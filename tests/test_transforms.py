@@ -450,3 +450,11 @@ def test_accumulate_refuses_per_example_gradients():
     dp_step(state, data)  # fine on its own: the optimizer aggregates them
     with pytest.raises(ValueError, match=r"fnlit.accumulate averages .* per-example gradients"):
         fnlit.accumulate(dp_step, 2)(state, data)
+    nested = state.replace(params={"lin": dict(state.params)}, opt_state=tx.init({"lin": dict(state.params)}))
+
+    def nested_step(state, batch):
+        per_example = fnlit.tree.tree_map(lambda g: torch.stack([g] * batch[0].shape[0]), state.params)
+        return state.apply_gradients(per_example), {}
+
+    with pytest.raises(ValueError, match=r"fnlit.accumulate averages .* per-example gradients"):
+        fnlit.accumulate(nested_step, 2)(nested, data)

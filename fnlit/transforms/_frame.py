@@ -370,10 +370,11 @@ class Frame:
 def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[Any]) -> None:
     """Raises when the gradients are per example (DP-SGD's): accumulate and data_parallel would mix examples."""
     params = state.params
+    grad = first = None
     if type(params) is dict and type(grads) is dict:  # the usual case: one lookup, no flatten
         name = next(iter(grads))
         grad, first = grads[name], params.get(name)
-    else:
+    if not isinstance(grad, torch.Tensor) or not isinstance(first, torch.Tensor):  # nested params: leaf order
         grad, first = leaves[0], next(iter(_tree.tree_leaves(params)), None)
     if first is None or not isinstance(grad, torch.Tensor) or grad.shape == first.shape:
         return
