@@ -238,7 +238,14 @@ def _placed(params: dict[str, torch.Tensor], state: TrainState, who: str) -> dic
             f"{who}: its average does not fit the state's params (at {diff[:5]}): it was taken over another "
             f"model. Use a new {who} callback for another model."
         )
-    return {k: params[k].to(device=v.device, dtype=v.dtype) for k, v in expected.items()}
+    from ._checkpoint_io import _distribute, _dtensor_class
+
+    dtensor = _dtensor_class()  # a sharded state (fnlit.shard): a checkpoint's average comes back whole, re-shard it
+    return {
+        k: _distribute(params[k], v) if dtensor is not None and isinstance(v, dtensor) and not isinstance(params[k], dtensor)
+        else params[k].to(device=v.device, dtype=v.dtype)
+        for k, v in expected.items()
+    }
 
 
 class EMA(Callback):
@@ -269,10 +276,12 @@ class EMA(Callback):
             raise ValueError(f"EMA expected 0 <= decay < 1, got decay={decay} instead.")
         self.decay = decay
         self.params: dict[str, torch.Tensor] | None = None
+        self._fresh = False
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
         self.params = _float_params(state.params) if self.params is None else _placed(self.params, state, "EMA")
         self._keys = list(self.params)
+        self._fresh = True  # placed again at the first step: fnlit.shard(step) shards a plain state there
 
     def state_dict(self) -> dict[str, Any]:
         return {"params": _copies(self.params)}
@@ -282,6 +291,8 @@ class EMA(Callback):
 
     def on_step(self, state: TrainState, metrics: Metrics) -> None:
         assert self.params is not None, "EMA.on_step before on_fit_start"
+        if self._fresh:
+            self.params, self._fresh = _placed(self.params, state, "EMA"), False
         torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in self._keys], 1.0 - self.decay)
 
     def state(self, state: TrainState) -> TrainState:
@@ -359,6 +370,7 @@ class SWA(Callback):
         if self.params is None:
             self.params = _float_params(state.params)
         else:
+            self.params = _placed(self.params, state, "SWA")  # fnlit.shard(step) shards a plain state after fit starts
             keys = list(self.params)
             torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in keys], 1.0 / (self.n_averaged + 1))
         self.n_averaged += 1

@@ -277,5 +277,27 @@ def _damaged_sharded_checkpoint(directory: str):
     return {"error": error, "files": read_sharded_meta(path)["files"], "expected": by_path(state), "restored": by_path(back)}
 
 
+def _ema_resumed(directory: str):
+    """EMA over a sharded run: uninterrupted, and stopped after 2 steps then resumed from its checkpoint."""
+    import os
+
+    from fnlit.callbacks import EMA
+    from fnlit.checkpoint import Checkpointer
+
+    x, y = global_batch(0)
+    averages = []
+    for name, stops in (("whole", (4,)), ("cut", (2, 4))):
+        for i, stop in enumerate(stops):
+            model, state = make_state()
+            train = fnlit.ArrayLoader(x, y, batch_size=GLOBAL_BATCH // dist.get_world_size(), shuffle=False)
+            ema = EMA(0.9)
+            ck = Checkpointer(os.path.join(directory, "ema_" + name), every_n_steps=1)
+            fnlit.fit(shard(hand_step(model)), state, train, max_steps=stop, callbacks=[ema], checkpoint=ck,
+                      ckpt_path="last" if i else None, progress=False)  # fmt: skip
+        averages.append({k: full(v) for k, v in ema.params.items()})
+    return averages
+
+
 def sharded_checkpoints(directory: str):
-    return {"fit": _sharded_checkpoints(directory), "damaged": _damaged_sharded_checkpoint(directory)}
+    return {"fit": _sharded_checkpoints(directory), "damaged": _damaged_sharded_checkpoint(directory),
+            "ema": _ema_resumed(directory)}  # fmt: skip

@@ -213,6 +213,12 @@ def test_checkpointer_saves_and_restores_a_sharded_run(checkpointed):
         assert int(out["expected"]["step"]) == 5 and out["position"]["batch"] in (0, 1)
 
 
+def test_an_ema_over_a_sharded_run_resumes_bitwise(checkpointed):
+    for r in checkpointed:
+        whole, resumed = r["ema"]
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_sharded_checkpoints_record_each_ranks_file_and_catch_a_flipped_bit_on_every_rank(checkpointed):
     files = checkpointed[0]["damaged"]["files"]
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)
