@@ -51,7 +51,8 @@ def mnist(data_dir: str, download: bool) -> dict[str, tuple[torch.Tensor, torch.
         try:
             ds = MNIST(data_dir, train=train, download=download)
         except RuntimeError as e:  # torchvision says "use download=True"; this script's flag is --download
-            raise SystemExit(f"digits.py: no MNIST in {data_dir} ({e}). Add --download to fetch it there.") from None
+            hint = "Check the network, or put MNIST there." if download else "Add --download to fetch it there."
+            raise SystemExit(f"digits.py: no MNIST in {data_dir} ({e}). {hint}") from None
         return ds.data.unsqueeze(1).float() / 255.0, ds.targets
 
     (x, y), test = load(True), load(False)
