@@ -217,7 +217,7 @@ def apply(
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
-    probe = train and bool(buffers) and not traced and not mutable and not slots.probed
+    probe = train and bool(buffers) and not traced and not mutable and not slots.probed and not torch.is_inference_mode_enabled()
     # mutable=False in training mode: the statistics are updated on copies, which are dropped.
     copy = buffers.keys() if mutable else (slots.buffers if probe else slots.copied) if train else ()
     if _has_dtensor(params):
@@ -255,12 +255,9 @@ def apply(
     for name, t in new_buffers.items():  # reassigned by the forward (self.mean = 0.9 * self.mean + ...): the update
         if tensors[name] is not t:
             new_buffers[name] = tensors[name].detach()
-    if probe:
+    if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
         slots.probed = True
-        for n, copied in probes:  # unchanged: the caller's own tensor comes back (data_parallel averages only new ones)
-            if new_buffers[n] is copied and not copied._version and n not in slots.copied:
-                new_buffers[n] = buffers[n]
     changed = [n for n, t, version in watched if t._version != version]
     if changed:
         _learn_updated(module, slots, changed)

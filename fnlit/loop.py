@@ -120,7 +120,9 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     validate = val_data is not None
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
-    n_val = _limit(limit_val, _num_batches(val_data), "overfit_batches" if overfit else "limit_val_batches") if validate else 0  # type: ignore[arg-type]
+    # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.
+    n_val_data = val_data.eval_len() if isinstance(val_data, _data.ArrayLoader) and _dist.world_size() > 1 else _num_batches(val_data)  # type: ignore[arg-type]
+    n_val = _limit(limit_val, n_val_data, "overfit_batches" if overfit else "limit_val_batches") if validate else 0  # type: ignore[arg-type]
     validate = validate and n_val != 0
     if vci is None:
         vci = 1.0

@@ -205,3 +205,21 @@ def uneven_batches():
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def fit_validation_every_example():
+    """fit's validation over an ArrayLoader of 33 examples, for several limit_val_batches."""
+    seen = {}
+
+    class Keep:
+        def on_validation(self, state, metrics):
+            seen[limit] = metrics["val/x"]
+
+    val = fnlit.ArrayLoader(torch.arange(33, dtype=torch.float32), batch_size=4)
+    train = fnlit.ArrayLoader(torch.zeros(4, 1), batch_size=2)
+    for limit in (None, 1.0, 100):
+        state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+        fnlit.fit(lambda s, b: (s.replace(step=s.step + 1), {}), state, train, max_epochs=1, val_data=val,
+                  eval_step=lambda s, b: {"x": b.mean()}, limit_val_batches=limit, num_sanity_val_steps=0,
+                  callbacks=[Keep()], progress=False)  # fmt: skip
+    return seen

@@ -10,6 +10,7 @@ from _dist_workers import (
     dies_early,
     early_stopping_fit,
     evaluate_every_example,
+    fit_validation_every_example,
     equivalence,
     make_state,
     orders_with_dropout_and_batchnorm,
@@ -167,3 +168,8 @@ def test_ranks_with_different_numbers_of_batches_are_told_so_at_the_start():
     # Each step's all-reduce pairs the ranks' steps: 5 against 4 batches would pair a stop vote with a gradient.
     for message in fnlit.distributed.launch(uneven_batches, 2, timeout=120, collective_timeout=30):
         assert "different numbers of training batches per epoch (from 4 to 5" in message
+
+
+def test_fit_validates_on_every_example_whatever_limit_val_batches_says():
+    for seen in fnlit.distributed.launch(fit_validation_every_example, 2, timeout=120):
+        assert seen == {None: 16.0, 1.0: 16.0, 100: 16.0}  # the mean of 0..32, as one process gets

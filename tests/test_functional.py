@@ -344,7 +344,7 @@ def test_train_step_and_eval_step():
     assert 0.0 <= float(ev(new, batch())["acc"]) <= 1.0
 
 
-def test_the_first_training_forward_copies_neither_frozen_params_nor_unchanged_buffers():
+def test_the_first_training_forward_does_not_copy_frozen_params():
     # Frozen params live in state.buffers (a fine-tuned model's backbone can be most of it): never copied.
     m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     m[0].requires_grad_(False)
@@ -352,6 +352,36 @@ def test_the_first_training_forward_copies_neither_frozen_params_nor_unchanged_b
     state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
     assert {"0.weight", "0.bias", "scale"} <= state.buffers.keys()
     _, new = fnlit.apply(m, state.params, state.buffers, torch.randn(8, 4))
-    assert all(new[k] is state.buffers[k] for k in ("0.weight", "0.bias", "scale"))
+    assert all(new[k] is state.buffers[k] for k in ("0.weight", "0.bias"))
+    assert torch.equal(new["scale"], state.buffers["scale"])  # a registered buffer: probed on a copy, unchanged
     assert new["1.running_mean"] is not state.buffers["1.running_mean"]  # the statistics: updated, on copies
     assert not torch.equal(new["1.running_mean"], state.buffers["1.running_mean"])
+
+
+def test_first_forward_keeps_a_buffer_written_through_data_and_runs_under_inference_mode():
+    class Codebook(nn.Module):  # a VQ-VAE style EMA written through .data (no version counter moves)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("avg", torch.zeros(2))
+
+        def forward(self, x):
+            if self.training:
+                self.avg.data.mul_(0.5).add_(0.5 * x.mean(0))
+            return self.lin(x)
+
+    m = Codebook()
+    ref = copy.deepcopy(m)
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.ones(4, 2)
+    _, new = fnlit.apply(m, state.params, state.buffers, x)
+    ref(x)
+    torch.testing.assert_close(new["avg"], ref.avg, rtol=0, atol=0)  # the first step's update is kept
+    bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ref_bn = copy.deepcopy(bn).train()
+    state = fnlit.TrainState.create(bn, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.randn(8, 3)
+    with torch.inference_mode():  # a statistics calibration pass
+        _, new = fnlit.apply(bn, state.params, state.buffers, x)
+        ref_bn(x)
+    torch.testing.assert_close(new["1.running_mean"], ref_bn[1].running_mean, rtol=0, atol=0)
