@@ -225,7 +225,7 @@ def _float_params(params: Params) -> dict[str, torch.Tensor]:
 
 
 def _copies(params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """A copy of an average (saved or loaded), so the average's later in-place updates never touch it."""
+    """A copy of a loaded average, so the average's in-place updates never touch what was loaded."""
     return None if params is None else {k: v.detach().clone() for k, v in params.items()}
 
 
@@ -284,7 +284,8 @@ class EMA(Callback):
         self._fresh = True  # placed again at the first step: fnlit.shard(step) shards a plain state there
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": _copies(self.params)}
+        # The average itself, not a copy (as nn.Module.state_dict): fit asks at every step, a save reads it at once.
+        return {"params": self.params}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.params = _copies(state.get("params"))  # placed on the state's devices by on_fit_start
@@ -351,7 +352,7 @@ class SWA(Callback):
             self.params = _placed(self.params, state, "SWA")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_averaged": self.n_averaged, "params": _copies(self.params)}
+        return {"n_averaged": self.n_averaged, "params": self.params}  # the average itself, as EMA's
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.n_averaged = int(state.get("n_averaged", 0))

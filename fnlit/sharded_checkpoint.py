@@ -322,6 +322,9 @@ _DCP_META_CLASSES = {
     ("torch", "Size"),
     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    # Python 3.13 moved the classes to pathlib._local (and pickles them under that name)
+    ("pathlib._local", "Path"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),
+    ("pathlib._local", "PurePosixPath"), ("pathlib._local", "PureWindowsPath"),
 }
 
 

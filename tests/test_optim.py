@@ -562,6 +562,8 @@ def test_hyperparameters_given_as_0d_tensors_and_masks_of_numpy_bools_work_as_py
         (fo.adam(1e-2, b1=0.8, eps=1e-6), fo.adam(1e-2, b1=torch.tensor(0.8), eps=torch.tensor(1e-6))),
         (fo.adamw(1e-2, weight_decay=0.1, mask={"w": True, "b": False}),
          fo.adamw(1e-2, weight_decay=0.1, mask={"w": np.bool_(True), "b": np.bool_(False)})),
+        (fo.adamw(1e-2, weight_decay=0.1, mask={"w": True, "b": False}),
+         fo.adamw(1e-2, weight_decay=0.1, mask={"w": np.int64(1), "b": torch.tensor(0)})),
     ]
     for plain, given in pairs:
         a = fo.step(plain, grads, plain.init(params), params)
