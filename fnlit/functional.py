@@ -64,7 +64,8 @@ class _Slots:
             if getattr(m, a, None) is not None
         )
         self.probed = False  # whether a training forward has run on copies of the buffers (see apply)
-
+        # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
+        self.renormed = [n for n, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
 
     def current(self) -> bool:
         """Whether the module tree is still the one these slots were built from (~0.05 us a submodule)."""
@@ -72,6 +73,17 @@ class _Slots:
             if modules.get(k) is not child:
                 return False
         return True
+
+
+def _warn_renormed(renormed: list[str]) -> None:
+    warnings.warn(
+        f"fnlit.apply: {renormed[:3]} {'is an' if len(renormed) == 1 else 'are'} Embedding with max_norm: "
+        "PyTorch renorms the looked-up rows of its weight in place in every forward, so the params passed "
+        "in (state.params) change in place. Training equals PyTorch's, but an older state does not stay "
+        "as it was (assert_pure fails, a kept state moves). For a pure step, drop max_norm and renorm in "
+        "the loss or a constraint of your own.",
+        stacklevel=4,
+    )
 
 
 def _updated_in_place(m: nn.Module) -> tuple[str, ...]:
@@ -94,6 +106,8 @@ def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
     if not rebuild and entry is not None and entry[0]() is module and entry[1].current():
         return entry[1]
     s = _Slots(module)
+    if s.renormed and (entry is None or entry[0]() is not module):  # once per module
+        _warn_renormed(s.renormed)
     if entry is not None and entry[0]() is module:  # rebuilt: keep what the forward was seen updating in place
         # (a new submodule's buffers are probed again: `probed` starts False)
         s.copied = s.copied | (entry[1].copied & s.names)

@@ -385,3 +385,14 @@ def test_first_forward_keeps_a_buffer_written_through_data_and_runs_under_infere
         _, new = fnlit.apply(bn, state.params, state.buffers, x)
         ref_bn(x)
     torch.testing.assert_close(new["1.running_mean"], ref_bn[1].running_mean, rtol=0, atol=0)
+
+
+def test_an_embedding_with_max_norm_warns_that_it_renorms_the_params_in_place():
+    m = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Linear(3, 1))
+    with torch.no_grad():
+        m[0].weight.mul_(10)
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    before = state.params["0.weight"].clone()
+    with pytest.warns(UserWarning, match=r"\['0'\] is an Embedding with max_norm: PyTorch renorms"):
+        fnlit.apply(m, state.params, state.buffers, torch.tensor([1, 2]))
+    assert not torch.equal(state.params["0.weight"], before)  # what the warning says: the input moved

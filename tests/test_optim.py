@@ -569,3 +569,41 @@ def test_hyperparameters_given_as_0d_tensors_and_masks_of_numpy_bools_work_as_py
         a = fo.step(plain, grads, plain.init(params), params)
         b = fo.step(given, grads, given.init(params), params)
         tree_map(lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0), a[0], b[0])
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_complex_params_follow_torch_optim(functional):
+    # torch.optim treats a complex parameter as its real and imaginary parts (view_as_real): so does fnlit
+    # (the fused CPU kernels have no complex version; the functional path squared g itself, not its parts).
+    torch.manual_seed(0)
+    p0 = {"w": torch.randn(3, 2, dtype=torch.complex64), "b": torch.randn(2)}
+    grads = [{"w": torch.randn(3, 2, dtype=torch.complex64), "b": torch.randn(2)} for _ in range(5)]
+    cases = [
+        (fo.sgd(0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        (fo.adam(0.1), lambda ps: torch.optim.Adam(ps, lr=0.1)),
+        (fo.adamw(0.1, weight_decay=0.1), lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1)),
+    ]
+    for tx, make_ref in cases:
+        params, state = dict(p0), tx.init(p0)
+        ref_params = {k: v.clone().requires_grad_() for k, v in p0.items()}
+        ref = make_ref(list(ref_params.values()))
+        for g in grads:
+            if functional:
+                with fo._base.functional_path():
+                    params, state = fo.step(tx, g, state, params)
+            else:
+                params, state = fo.step(tx, g, state, params)
+            for k, t in ref_params.items():
+                t.grad = g[k].clone()
+            ref.step()
+        for k in p0:
+            torch.testing.assert_close(params[k], ref_params[k].detach(), rtol=1e-6, atol=1e-6)
+            assert params[k].dtype == p0[k].dtype
+
+
+def test_scale_by_adam_on_a_complex_gradient_uses_its_squared_modulus():
+    # optax's rule: nu accumulates |g|^2, so the first bias-corrected update is g / (|g| + eps), a unit phase.
+    g = {"w": torch.tensor([3 + 4j, -1j], dtype=torch.complex64)}
+    tx = fo.scale_by_adam(eps=0.0)
+    updates, _ = tx.update(g, tx.init(g))
+    torch.testing.assert_close(updates["w"], g["w"] / g["w"].abs(), rtol=1e-6, atol=1e-6)

@@ -120,6 +120,15 @@ def _kernel_decay(lr: torch.Tensor, wd: torch.Tensor, param: torch.Tensor) -> fl
     return None
 
 
+def _as_real(flags: list[bool], xs: Leaves) -> Leaves:
+    return [torch.view_as_real(x) if c else x for x, c in zip(xs, flags)]
+
+
+def _as_complex(flags: list[bool], new_p: Leaves, new_bufs: list[Leaves]) -> tuple[Leaves, list[Leaves]]:
+    back = lambda xs: [torch.view_as_complex(x.contiguous()) if c else x for x, c in zip(xs, flags)]  # noqa: E731
+    return back(new_p), [back(b) for b in new_bufs]
+
+
 def _optimizer(
     name: str,
     state_cls: type,
@@ -160,7 +169,13 @@ def _optimizer(
         impl = functional if fused is None or use_functional(g, p, [count, lr]) else fused
         if impl is fused:  # the fused CPU kernels get non-contiguous inputs wrong (see own()); free when contiguous
             g = [x.contiguous() for x in g]
-        new_p, new_bufs = impl(g, p, [b[0] for b in bufs], count, lr, wd, params) if p else ([], [[] for _ in bufs])
+        complex_ = [x.dtype.is_complex for x in p]
+        if True in complex_:  # torch.optim's rule: a complex parameter is its real and imaginary parts (view_as_real)
+            new_p, new_bufs = _as_complex(complex_, *impl(
+                _as_real(complex_, g), _as_real(complex_, p), [_as_real(complex_, b[0]) for b in bufs], count, lr, wd, params
+            ))
+        else:
+            new_p, new_bufs = impl(g, p, [b[0] for b in bufs], count, lr, wd, params) if p else ([], [[] for _ in bufs])
         if schedule is not None:
             hyper = {**hyper, "learning_rate": lr}
         fields = {f: tree_unflatten(treedef, b) for f, b in zip(buffers, new_bufs)}

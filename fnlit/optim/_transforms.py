@@ -336,7 +336,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         t = count.to(torch.float64)  # 1 - 0.999**t loses digits in float32
         bc1, bc2 = (1 - b1**t).to(torch.float32), (1 - b2**t).to(torch.float32)
         mu = [m.lerp(x, 1 - b1) for m, x in zip(mu, g)]
-        nu = [torch.addcmul(v * b2, x, x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
+        # optax's rule for a complex gradient: |g|^2 = g * conj(g) (g * g would be its square, a complex number)
+        nu = [torch.addcmul(v * b2, x, x.conj() if x.is_complex() else x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
         out = [(m / bc1) / (torch.sqrt(v / bc2) + eps) for m, v in zip(mu, nu)]
         unflat = lambda xs: tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out), ScaleByAdamState(count, unflat(mu), unflat(nu))
