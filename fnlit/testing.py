@@ -42,7 +42,7 @@ from . import tree as _tree
 from ._types import Batch, Metrics, StepFn
 from .optim import _alias, _privacy
 from .state import TrainState
-from .transforms.donate import check_not_donated
+from .transforms.donate import check_not_donated, is_donated
 
 __all__ = ["HostSyncError", "assert_no_host_sync", "assert_overfits", "assert_pure", "assert_trees_close", "no_host_sync"]
 
@@ -128,7 +128,8 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
     a64, e64 = a.to(wide), e.to(wide)
     if torch.allclose(a64, e64, rtol=rtol, atol=atol, equal_nan=True):
         return None
-    diff = torch.where(torch.isnan(a64) & torch.isnan(e64), 0.0, (a64 - e64).abs()).nan_to_num(float("inf"))
+    diff = (torch.where(torch.isnan(a64) & torch.isnan(e64), 0.0, (a64 - e64).abs())
+            .nan_to_num(nan=float("inf"), posinf=float("inf")))  # inf - inf and inf vs -inf: inf, not 1.8e308
     idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
     return f"max abs difference {diff.max().item():.3g} (at index {idx})"
 
@@ -200,6 +201,11 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
     paths, before = _snapshot(state, batch)
     rng_before = torch.get_rng_state()
     first = step(state, batch)
+    if is_donated(state):
+        raise AssertionError(
+            "assert_pure got a donating step (fnlit.donating): it updates its input state in place by design, "
+            "so it cannot be pure. Check the step without donating (assert_pure(step, ...) on the inner step)."
+        )
     _check_unchanged(paths, before, state, batch, "first")
     if not torch.equal(torch.get_rng_state(), rng_before):
         raise AssertionError(

@@ -607,3 +607,8 @@ def test_scale_by_adam_on_a_complex_gradient_uses_its_squared_modulus():
     tx = fo.scale_by_adam(eps=0.0)
     updates, _ = tx.update(g, tx.init(g))
     torch.testing.assert_close(updates["w"], g["w"] / g["w"].abs(), rtol=1e-6, atol=1e-6)
+
+
+def test_decay_mask_given_a_module_says_what_to_pass():
+    with pytest.raises(TypeError, match="decay_mask expected the params .* got a module"):
+        fo.decay_mask(torch.nn.Linear(2, 2))

@@ -243,3 +243,13 @@ def test_no_host_sync_allows_fnlit_key_reads_only_in_fnlit():
             torch.rand(2)
     with pytest.raises(HostSyncError, match=r"int\(tensor\)"), no_host_sync():
         int(k)  # the same read, written in user code
+
+
+def test_assert_pure_names_a_donating_step_and_trees_close_reports_inf_vs_minus_inf():
+    model = torch.nn.Linear(2, 1)
+    step = fnlit.train_step(model, lambda m, b: m(b).pow(2).mean())
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(AssertionError, match="assert_pure got a donating step"):
+        assert_pure(fnlit.donating(step), state, torch.ones(3, 2))
+    with pytest.raises(AssertionError, match="max abs difference inf"):
+        assert_trees_close({"a": torch.tensor([float("inf")])}, {"a": torch.tensor([float("-inf")])})

@@ -419,6 +419,9 @@ def decay_mask(params: PyTree) -> PyTree:
         >>> decay_mask({"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2), "ln.weight": torch.ones(2)})
         {'fc.weight': True, 'fc.bias': False, 'ln.weight': False}
     """
+    if isinstance(params, torch.nn.Module):
+        raise TypeError("decay_mask expected the params (a pytree of tensors, e.g. state.params), got a module; "
+                        "pass it as the mask itself (adamw(..., mask=decay_mask)) or call decay_mask(state.params).")
     leaves, treedef = tree_flatten(params)
     names = tree_paths(params)
     return tree_unflatten(treedef, [t.ndim >= 2 and not n.rstrip("]'\"").endswith("bias") for t, n in zip(leaves, names)])
