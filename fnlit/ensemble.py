@@ -382,6 +382,11 @@ def per_example_grads(
         fn = fnlit.value_and_grad(loss_fn, has_aux=has_aux)
         losses, grads = torch.func.vmap(fn, in_dims=(None, 0))(params, batch)
 
+    Each example is forwarded alone, so a module that needs a batch cannot run in training mode here:
+    BatchNorm (use ``train=False`` in the loss's :func:`fnlit.apply`, or GroupNorm/LayerNorm, as DP-SGD
+    models do) and dropout (vmap refuses random ops per example; apply with ``train=False``). Under
+    ``accumulate`` or ``data_parallel`` the gradients must be aggregated first (see their errors).
+
     Args:
         loss_fn: ``(params, example) -> loss`` (or ``(loss, aux)`` with ``has_aux``), a scalar loss.
         params: the parameters (``state.params``), shared by all examples.
