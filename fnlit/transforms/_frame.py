@@ -281,7 +281,7 @@ class Frame:
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
-        if (self.accum_k > 1 or self.dp_group is not None) and leaves:
+        if self.accum_k == 1 and self.dp_group is not None and leaves:
             _refuse_per_example(self, state, grads, leaves)
         if self.accum_k > 1:
             self.applies += 1
@@ -298,7 +298,9 @@ class Frame:
                         raise Mispredicted  # rerun micro-batch 0 on fresh gradients, which it may change
                     raise ValueError(_EDITED_GRADS.format(call=self.fast_call + 1, micro=self.micro))
                 self.acc = fast
-            else:
+            else:  # (the in-place path above only takes gradients of the params' shapes)
+                if leaves:
+                    _refuse_per_example(self, state, grads, leaves)
                 self._accumulate(leaves)
             if self.micro < self.accum_k - 1:
                 return state.replace(**changes)  # no update, no communication
