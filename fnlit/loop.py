@@ -369,12 +369,14 @@ def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None)
     bar = ProgressBar(progress)
     try:
         yield bar
-    finally:  # also on errors: no half-drawn bar, no writer thread left behind
+    finally:  # also on errors: no half-drawn bar, every file written and closed (even if one writer fails)
         bar.close()
-        if logger is not None:
-            logger.flush()
-        if owned is not None:
-            owned.close()  # the writers fit made for log_dir; the caller's own loggers stay open
+        try:
+            if logger is not None:
+                logger.flush()
+        finally:
+            if owned is not None:
+                owned.close()  # the writers fit made for log_dir; the caller's own loggers stay open
 
 
 def _lost_state(checkpoint: Any) -> str:
@@ -542,7 +544,8 @@ def fit(
             pos["callbacks"] = {key: cb.state_dict() for key, cb in stateful}
         return pos
 
-    owned = Logger(log_dir=log_dir) if log_dir is not None and not plan.quiet else None  # closed at the end
+    # closed at the end; TensorBoard drops what an earlier run logged after this run's starting step (a resume)
+    owned = Logger(log_dir=log_dir, purge_step=_first(state.step) + 1) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and hparams:
         logger.log_hparams(hparams)
@@ -567,10 +570,10 @@ def fit(
         nonlocal halt
         halt, signals.reason = _agree(halting(), signals.reason, state.device)
 
-    def log_now() -> None:
+    def log_now(label: int | None = None) -> None:
         if distributed:
             agree()
-        metrics = log.flush(state, epoch)
+        metrics = log.flush(state, epoch if label is None else label)
         if metrics and logger is not None:
             logger.log_metrics(metrics, steps)
         bar.set_metrics(steps, metrics)
@@ -649,8 +652,8 @@ def fit(
             if not isinstance(e, KeyboardInterrupt):
                 raise
             signals.reason = "sigint"  # a second Ctrl-C, or a first one outside the main thread: save and return
-        if log.pending:
-            log_now()
+        if log.pending:  # the last steps: of the epoch that just ended when the loop stopped at its end
+            log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
         hooks("on_fit_end", state, dict(log.latest))
         if checkpoint is not None:
             checkpoint.on_exit(state, where(epoch, b), signals.reason or "finished")

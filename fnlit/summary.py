@@ -88,6 +88,9 @@ class TensorBoardWriter:
         log_dir: directory of the event file (created on rank 0).
         flush_secs: how long after a write logged values are held before the next log call writes them
             (0, the default: every call writes).
+        purge_step: a run (re)starting at this step: TensorBoard drops the events of earlier files in the
+            folder from this step on (a resumed run replaces what the interrupted one logged after its
+            checkpoint, as the CSV does).
 
     Example:
         >>> import tempfile, os
@@ -100,7 +103,7 @@ class TensorBoardWriter:
 
     _opened = itertools.count(1)  # numbers the event files this process opens, so two writers never share one
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: float = 0.0) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: float = 0.0, purge_step: int | None = None) -> None:
         self.log_dir = os.fspath(log_dir)
         self.flush_secs = flush_secs
         self._file: BinaryIO | None = None
@@ -115,6 +118,10 @@ class TensorBoardWriter:
             self.path = os.path.join(self.log_dir, name)
             self._file = open(self.path, "wb")
             self._write(time.time(), file_version="brain.Event:2")
+            if purge_step is not None:  # TensorBoard drops the folder's earlier events from this step on
+                from tensorboardX.proto.event_pb2 import SessionLog
+
+                self._write(time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))
             self._file.flush()
 
     def _write(self, wall_time: float, summary: Any = None, step: int | None = None, **fields: Any) -> None:
@@ -400,6 +407,7 @@ class Logger:
         writers: objects with the :class:`Writer` methods.
         log_dir: shorthand: add a :class:`TensorBoardWriter` and a :class:`CSVWriter` in this directory.
         flush_secs: how long those two may hold logged values before writing them (see TensorBoardWriter).
+        purge_step: the step the run starts from plus one (see TensorBoardWriter); fit passes it.
 
     Example:
         >>> import tempfile
@@ -411,11 +419,13 @@ class Logger:
     """
 
     def __init__(
-        self, writers: Sequence[Writer] = (), *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 2.0
+        self, writers: Sequence[Writer] = (), *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 2.0,
+        purge_step: int | None = None,
     ) -> None:
         self.writers: list[Writer] = list(writers)
         if log_dir is not None:  # the files fit writes, in batches (see TensorBoardWriter)
-            self.writers += [TensorBoardWriter(log_dir, flush_secs=flush_secs), CSVWriter(log_dir, flush_secs=flush_secs)]
+            tb = TensorBoardWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)
+            self.writers += [tb, CSVWriter(log_dir, flush_secs=flush_secs)]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for w in self.writers:
@@ -426,12 +436,23 @@ class Logger:
             w.log_hparams(hparams)
 
     def flush(self) -> None:
-        for w in self.writers:
-            w.flush()
+        """Flushes every writer, also when one raises (the first error is raised after the others ran)."""
+        _each(self.writers, "flush")
 
     def close(self) -> None:
-        for w in self.writers:
-            w.close()
+        """Closes every writer, also when one raises (the first error is raised after the others ran)."""
+        _each(self.writers, "close")
+
+
+def _each(writers: Sequence[Writer], method: str) -> None:
+    error: BaseException | None = None
+    for w in writers:
+        try:
+            getattr(w, method)()
+        except Exception as e:  # one full disk must not cost the other writers their data
+            error = error or e
+    if error is not None:
+        raise error
 
 
 class ProgressBar:
@@ -465,11 +486,12 @@ class ProgressBar:
             sized = os.get_terminal_size(self.file.fileno()).columns > 0
         except (OSError, AttributeError, ValueError):
             sized = False
+        # A disabled bar is no tqdm at all: even disabled, tqdm starts its monitor thread, which outlives fit.
         self.bar = tqdm(
-            total=None, file=self.file, disable=not self.enabled, unit="steps", mininterval=mininterval,
+            total=None, file=self.file, unit="steps", mininterval=mininterval,
             dynamic_ncols=sized, ncols=None if sized else 100, leave=True,
-        )  # fmt: skip
-        self.update = self.bar.update
+        ) if self.enabled else None  # fmt: skip
+        self.update = self.bar.update if self.bar is not None else _nothing
         """``update(n=1)``: bound to tqdm's own method (the loop calls it every step)."""
 
     def start_epoch(self, epoch: int, total: int | None, initial: int = 0) -> None:
@@ -489,7 +511,12 @@ class ProgressBar:
             self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _nothing(n: int = 1) -> None:
+    """A disabled bar's ``update``."""
 
 
 def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
@@ -574,14 +601,14 @@ class MetricBuffer:
             for k in keys:
                 vals = [m[k] for m in pending]
                 members = state.step.shape[0] if state.step.dim() == 1 else None  # an ensemble's stacked state
-                if members and isinstance(vals[0], torch.Tensor) and all(v.shape == (members,) for v in vals):
+                if members and all(isinstance(v, torch.Tensor) and v.shape == (members,) for v in vals):
                     # An ensemble's step: one value per member, logged as "<name>/<member>".
                     means = torch.stack(vals).float().mean(0).detach()
                     names += [f"{self.prefixes[0]}{k}/{i}" for i in range(means.shape[0])]
                     tensors += list(means.unbind(0))
                     continue
                 first = scalar_metric(k, vals[0], "the training step")  # names the metric if it is not a scalar
-                if isinstance(vals[0], torch.Tensor) and all(v.shape == first.shape for v in vals):
+                if all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in vals):
                     mean = torch.stack(vals).float().mean()  # one op for the interval, not one per step
                 else:
                     mean = torch.stack([scalar_metric(k, v, "the training step") for v in vals]).mean()

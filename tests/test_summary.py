@@ -244,6 +244,50 @@ def test_a_resumed_run_continues_the_csv_as_an_uninterrupted_run_writes_it(tmp_p
     whole = (tmp_path / "whole" / "metrics.csv").read_text()
     assert [r.split(",")[0] for r in whole.splitlines()[1:]] == ["5", "10", "10", "15", "20", "20"]
     assert (tmp_path / "resumed" / "metrics.csv").read_text() == whole  # nothing lost, nothing twice
+    # TensorBoard: the resumed run's file starts with a SessionLog START at step 11 (TensorBoard's rule,
+    # as tensorboardX's purge_step writes it), so the interrupted run's step 15 is dropped, not shown twice.
+    files = sorted(f for f in os.listdir(tmp_path / "resumed") if f.startswith("events.out.tfevents"))
+    resumed_events = read_events_file(tmp_path / "resumed" / files[-1])
+    starts = [ev.step for ev in resumed_events if ev.HasField("session_log")]
+    assert starts == [11] and resumed_events[1].session_log.status == event_pb2.SessionLog.START
+
+
+def read_events_file(path):
+    d = tmp = pathlib.Path(path).parent / ("only_" + pathlib.Path(path).name)
+    d.mkdir()
+    (tmp / pathlib.Path(path).name).write_bytes(pathlib.Path(path).read_bytes())
+    return read_events(d)
+
+
+def test_the_last_log_names_the_last_epoch_and_fit_leaves_no_thread_behind(tmp_path):
+    before = {t.name for t in threading.enumerate()}
+    counting_fit(tmp_path, log_every_n_steps=3)  # 2 epochs of 10 steps: the last log is at step 20, epoch 1
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert rows[-1]["step"] == "20" and rows[-1]["epoch"] == "1"
+    assert {t.name for t in threading.enumerate()} <= before  # no tqdm monitor thread left (progress=False)
+
+
+@pytest.mark.parametrize("values", [[torch.tensor(1.0), 2.0], [1.0, torch.tensor(2.0)]])
+def test_a_metric_given_as_tensor_and_number_at_different_steps_is_averaged(values):
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    buf = MetricBuffer(("train/", "val/"), on_log=[])
+    buf.pending += [{"m": v} for v in values]
+    assert buf.flush(state, epoch=0)["train/m"] == 1.5
+
+
+def test_a_failing_writer_does_not_cost_the_log_dir_its_rows(tmp_path):
+    class Full:
+        def log_metrics(self, metrics, step): ...
+        def log_hparams(self, hparams): ...
+        def close(self): ...
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as info:  # the traceback kept: fit's frames stay alive
+        counting_fit(tmp_path, log_every_n_steps=2, loggers=[Full()], max_steps=10)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))  # written and closed despite the error
+    assert [r["step"] for r in rows if r.get("train/loss")] == ["2", "4", "6", "8", "10"]
+    del info
 
 
 def test_csv_writer_keeps_the_earlier_rows_a_later_writer_does_not_log_again(tmp_path):
