@@ -75,6 +75,18 @@ class _Slots:
         return True
 
 
+# The first forward's copies of buffers whose version counter did not move: data_parallel treats them as
+# unchanged (as the caller's own tensors would be), so a constant buffer is not averaged across ranks
+# (inexact for 3 ranks) at step 1. By id, weakly (a WeakSet would compare tensors with ==): a copy leaves with its tensor.
+_PROBE_COPIES: dict[int, weakref.ref[torch.Tensor]] = {}
+
+
+def untouched_probe_copy(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a first forward's copy of a buffer that nothing has written (by its version)."""
+    ref = _PROBE_COPIES.get(id(t))
+    return ref is not None and ref() is t and t._version == 0
+
+
 def _warn_renormed(renormed: list[str]) -> None:
     warnings.warn(
         f"fnlit.apply: {renormed[:3]} {'is an' if len(renormed) == 1 else 'are'} Embedding with max_norm: "
@@ -272,6 +284,10 @@ def apply(
     if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
         slots.probed = True
+        for n, copied in probes:  # no version moved: data_parallel need not average them (see _PROBE_COPIES)
+            if not copied._version and new_buffers[n] is copied and n not in slots.copied:  # (BN's kernel moves none)
+                key = id(copied)
+                _PROBE_COPIES[key] = weakref.ref(copied, lambda _, key=key: _PROBE_COPIES.pop(key, None))
     changed = [n for n, t, version in watched if t._version != version]
     if changed:
         _learn_updated(module, slots, changed)

@@ -128,8 +128,10 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
     a64, e64 = a.to(wide), e.to(wide)
     if torch.allclose(a64, e64, rtol=rtol, atol=atol, equal_nan=True):
         return None
-    diff = (torch.where(torch.isnan(a64) & torch.isnan(e64), 0.0, (a64 - e64).abs())
-            .nan_to_num(nan=float("inf"), posinf=float("inf")))  # inf - inf and inf vs -inf: inf, not 1.8e308
+    # Equal values (equal infinities included) and NaN against NaN differ by 0; inf against -inf or a number,
+    # and NaN against a number, by inf (not nan_to_num's 1.8e308).
+    same = (a64 == e64) | (torch.isnan(a64) & torch.isnan(e64))
+    diff = torch.where(same, 0.0, (a64 - e64).abs()).nan_to_num(nan=float("inf"), posinf=float("inf"))
     idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
     return f"max abs difference {diff.max().item():.3g} (at index {idx})"
 

@@ -396,3 +396,14 @@ def test_an_embedding_with_max_norm_warns_that_it_renorms_the_params_in_place():
     with pytest.warns(UserWarning, match=r"\['0'\] is an Embedding with max_norm: PyTorch renorms"):
         fnlit.apply(m, state.params, state.buffers, torch.tensor([1, 2]))
     assert not torch.equal(state.params["0.weight"], before)  # what the warning says: the input moved
+
+
+def test_data_parallel_does_not_average_a_buffer_the_first_forward_left_alone():
+    from fnlit.transforms._frame import _updated_float_buffers
+
+    m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    m.register_buffer("table", torch.randn(5))  # read-only: averaging it over 3 ranks would move its bits
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    _, new = fnlit.apply(m, state.params, state.buffers, torch.randn(4, 3))
+    updated = {n for n, _ in _updated_float_buffers(state, {"buffers": new})}
+    assert updated == {"1.running_mean", "1.running_var"}  # the statistics only

@@ -253,3 +253,5 @@ def test_assert_pure_names_a_donating_step_and_trees_close_reports_inf_vs_minus_
         assert_pure(fnlit.donating(step), state, torch.ones(3, 2))
     with pytest.raises(AssertionError, match="max abs difference inf"):
         assert_trees_close({"a": torch.tensor([float("inf")])}, {"a": torch.tensor([float("-inf")])})
+    with pytest.raises(AssertionError, match=r"max abs difference 1 \(at index \(1,\)\)"):  # equal infinities agree
+        assert_trees_close({"a": torch.tensor([float("inf"), 1.0])}, {"a": torch.tensor([float("inf"), 2.0])})

@@ -458,3 +458,16 @@ def test_accumulate_refuses_per_example_gradients():
 
     with pytest.raises(ValueError, match=r"fnlit.accumulate averages .* per-example gradients"):
         fnlit.accumulate(nested_step, 2)(nested, data)
+    # Per-example copies of the params made once and differentiated in every micro-batch (the expand trick)
+    # take the in-place path, which checks too.
+    model = nn.Linear(3, 1, bias=False)
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    copies = {"weight": state.params["weight"].detach().unsqueeze(0).repeat(2, 1, 1)}  # (B=2, 1, 3)
+
+    def expand_step(state, batch):
+        x = batch[0]
+        loss, g = fnlit.value_and_grad(lambda p: torch.einsum("bi,boi->bo", x, p["weight"]).pow(2).sum())(copies)
+        return state.apply_gradients(g), {"loss": loss}
+
+    with pytest.raises(ValueError, match=r"fnlit.accumulate averages .* per-example gradients"):
+        fnlit.accumulate(expand_step, 2)(state, data)

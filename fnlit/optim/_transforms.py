@@ -205,7 +205,8 @@ def check_mask(name: str, mask: Any) -> None:
     ok = all(
         isinstance(m, (bool, np.bool_))
         or (isinstance(m, numbers.Integral) and m in (0, 1))  # 0/1 (numpy) ints, as bool() reads them
-        or (isinstance(m, torch.Tensor) and m.ndim == 0 and (m.dtype is torch.bool or (not m.dtype.is_floating_point and int(m) in (0, 1))))
+        or (isinstance(m, torch.Tensor) and m.ndim == 0 and (m.dtype is torch.bool or (
+            not m.dtype.is_floating_point and not m.dtype.is_complex and int(m) in (0, 1))))
         for m in tree_leaves(mask)
     )
     check_type(

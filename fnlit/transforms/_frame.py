@@ -297,6 +297,8 @@ class Frame:
                     if self.micro == 0:
                         raise Mispredicted  # rerun micro-batch 0 on fresh gradients, which it may change
                     raise ValueError(_EDITED_GRADS.format(call=self.fast_call + 1, micro=self.micro))
+                if self.micro == 0 and leaves:  # once a step: per-example sources (an expand trick) come this way too
+                    _refuse_per_example(self, state, grads, leaves)
                 self.acc = fast
             else:  # (the in-place path above only takes gradients of the params' shapes)
                 if leaves:
@@ -392,11 +394,14 @@ def _updated_float_buffers(state: TrainState, changes: dict[str, Any]) -> list[t
     new = changes.get("buffers")
     if not new or type(new) is not dict:
         return []
+    from ..functional import untouched_probe_copy
+
     old = state.buffers
     return [
         (name, t)
         for name, t in new.items()
         if type(t) is torch.Tensor and t.is_floating_point() and t is not old.get(name)
+        and not untouched_probe_copy(t)  # a first forward's copy that nothing wrote
     ]
 
 
