@@ -90,7 +90,7 @@ class TensorBoardWriter:
             (0, the default: every call writes).
         purge_step: a run (re)starting at this step: TensorBoard drops the events of earlier files in the
             folder from this step on (a resumed run replaces what the interrupted one logged after its
-            checkpoint, as the CSV does).
+            checkpoint; CSVWriter's ``purge_step`` does the same to the CSV).
 
     Example:
         >>> import tempfile, os
@@ -201,8 +201,10 @@ class CSVWriter:
     logged past the checkpoint this one restarts from, and this one logs those steps again. The earlier
     rows come first, in their order, and their columns stay in the header while they hold values. A
     fresh run logged into a folder that holds an earlier run's file follows the same rule, so the
-    earlier rows before its first step stay (as the earlier event files stay). To start over, delete
-    the file or log to another folder. A file that has no ``step`` column, or a row without a numeric
+    earlier rows before its first step stay. With ``purge_step`` (fit passes the step it starts from plus
+    one, and gives TensorBoardWriter the same), the earlier rows from that step on are dropped at once, as
+    TensorBoard drops those events: a fresh run (step 0) replaces an earlier run's rows, a resumed run
+    those after its checkpoint. To keep an earlier run, log to another folder. A file that has no ``step`` column, or a row without a numeric
     step, is not continued: the writer raises a ValueError rather than overwrite it. Rewrites go to a
     temporary file renamed over this one, so a process killed while rewriting never loses the earlier
     rows.
@@ -211,6 +213,7 @@ class CSVWriter:
         path: a ``.csv`` file, or a directory (the file is then ``<dir>/metrics.csv``).
         flush_secs: how long after a write logged rows are held before the next log call writes them
             (0, the default: every call writes).
+        purge_step: drop the earlier rows from this step on (see above).
 
     Example:
         >>> import tempfile, pathlib
@@ -237,7 +240,7 @@ class CSVWriter:
         15,0.35,0.9
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, flush_secs: float = 0.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, flush_secs: float = 0.0, purge_step: int | None = None) -> None:
         path = os.fspath(path)
         self.path = path if path.endswith(".csv") else os.path.join(path, "metrics.csv")
         self.flush_secs = flush_secs
@@ -254,6 +257,9 @@ class CSVWriter:
         if self.enabled:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._read_earlier()
+            if purge_step is not None and self._earlier:  # the first write rewrites the file without them
+                self._earlier = [(s, cells) for s, cells in self._earlier if s < purge_step]
+                self._earlier_last = max((s for s, _ in self._earlier), default=-math.inf)
 
     def _read_earlier(self) -> None:
         """Reads the rows an earlier run left in the file (see the class docstring)."""
@@ -425,7 +431,7 @@ class Logger:
         self.writers: list[Writer] = list(writers)
         if log_dir is not None:  # the files fit writes, in batches (see TensorBoardWriter)
             tb = TensorBoardWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)
-            self.writers += [tb, CSVWriter(log_dir, flush_secs=flush_secs)]
+            self.writers += [tb, CSVWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for w in self.writers:

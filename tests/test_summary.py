@@ -326,3 +326,14 @@ def test_a_metric_not_returned_at_every_step_of_an_interval_is_an_error_whicheve
         buf.flush(state, epoch=0)
     buf.pending += [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(3.0)}]  # the same keys at every step: logged
     assert buf.flush(state, epoch=0) == {"train/loss": 2.0, "epoch": 0}
+
+
+def test_a_fresh_run_into_an_old_folder_replaces_its_rows_in_the_csv_as_in_tensorboard(tmp_path):
+    counting_fit(tmp_path, log_every_n_steps=5)  # logs steps 5, 10, 15, 20
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    fit(step, state, [torch.tensor([1.0])] * 10, max_epochs=1, log_every_n_steps=10, progress=False, log_dir=str(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert [r["step"] for r in rows] == ["10"]  # the older run's rows from step 1 on (5 too) are gone, as in TensorBoard
+    newest = sorted(f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents"))[-1]
+    assert [ev.step for ev in read_events_file(tmp_path / newest) if ev.HasField("session_log")] == [1]
