@@ -617,7 +617,9 @@ class MetricBuffer:
                 if all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in vals):
                     mean = torch.stack(vals).float().mean()  # one op for the interval, not one per step
                 else:
-                    mean = torch.stack([scalar_metric(k, v, "the training step") for v in vals]).mean()
+                    # numbers among device tensors: all on the first tensor's device (stack needs one device)
+                    device = next((v.device for v in vals if isinstance(v, torch.Tensor)), None)
+                    mean = torch.stack([scalar_metric(k, v, "the training step").to(device) for v in vals]).mean()
                 names.append(self.prefixes[0] + k)
                 tensors.append(mean.detach())
             self.claim(names, "the training step")
