@@ -266,20 +266,20 @@ def apply(
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         elif rng is None:
-            out = _call_swapped(module, slots, tensors, new_buffers, args, kwargs)
+            out = _call_swapped(module, slots, tensors, slots.buffers & new_buffers.keys(), args, kwargs)
         else:  # what `with fnlit.random.seeded(rng, device):` does, without the object
             first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
             saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
             try:
-                out = _call_swapped(module, slots, tensors, new_buffers, args, kwargs)
+                out = _call_swapped(module, slots, tensors, slots.buffers & new_buffers.keys(), args, kwargs)
             finally:
                 _random._restore(saved)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
                 m.training = was
-    for name, t in new_buffers.items():  # reassigned by the forward (self.mean = 0.9 * self.mean + ...): the update
-        if tensors[name] is not t:
+    for name in slots.buffers & new_buffers.keys() if new_buffers else ():  # reassigned (self.mean = ...): the update
+        if tensors[name] is not new_buffers[name]:  # (frozen params cannot be: nn.Module refuses a plain tensor)
             new_buffers[name] = tensors[name].detach()
     if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
