@@ -257,9 +257,18 @@ class CSVWriter:
         if self.enabled:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._read_earlier()
-            if purge_step is not None and self._earlier:  # the first write rewrites the file without them
-                self._earlier = [(s, cells) for s, cells in self._earlier if s < purge_step]
-                self._earlier_last = max((s for s, _ in self._earlier), default=-math.inf)
+            if purge_step is not None and self._earlier:
+                kept = [(s, cells) for s, cells in self._earlier if s < purge_step]
+                if len(kept) < len(self._earlier):  # rewritten now, as TensorBoard drops them now (a run may log nothing)
+                    self._earlier = kept
+                    self._earlier_last = max((s for s, _ in kept), default=-math.inf)
+                    used = {k for _, cells in kept for k in cells}
+                    tmp = self.path + ".tmp"
+                    with open(tmp, "w", newline="") as f:
+                        w = csv.DictWriter(f, [k for k in self._header if k == "step" or k in used])
+                        w.writeheader()
+                        w.writerows(cells for _, cells in kept)
+                    os.replace(tmp, self.path)
 
     def _read_earlier(self) -> None:
         """Reads the rows an earlier run left in the file (see the class docstring)."""

@@ -337,3 +337,12 @@ def test_a_fresh_run_into_an_old_folder_replaces_its_rows_in_the_csv_as_in_tenso
     assert [r["step"] for r in rows] == ["10"]  # the older run's rows from step 1 on (5 too) are gone, as in TensorBoard
     newest = sorted(f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents"))[-1]
     assert [ev.step for ev in read_events_file(tmp_path / newest) if ev.HasField("session_log")] == [1]
+
+
+def test_a_purging_csv_writer_drops_the_later_rows_even_if_it_logs_nothing(tmp_path):
+    w = CSVWriter(tmp_path)
+    for step in (5, 10, 15):
+        w.log_metrics({"loss": float(step)}, step)
+    w.close()
+    CSVWriter(tmp_path, purge_step=11).close()  # a resumed run that crashed before its first log
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "5,5.0", "10,10.0"]
