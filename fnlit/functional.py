@@ -244,8 +244,13 @@ def apply(
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
     probe = train and bool(buffers) and not traced and not mutable and not slots.probed and not torch.is_inference_mode_enabled()
-    # mutable=False in training mode: the statistics are updated on copies, which are dropped.
-    copy = buffers.keys() if mutable else (slots.buffers if probe else slots.copied) if train else ()
+    # mutable=False in training mode: the statistics are updated on copies, which are dropped. Traced (compile,
+    # vmap), what eager calls learned is out of reach (compiling builds fresh slots): every registered buffer
+    # but a boolean mask is copied, so an in-place update never reaches the caller's (the copies are cheap there).
+    if traced and train and not mutable:
+        copy = [n for n in slots.buffers if n in buffers and buffers[n].dtype != torch.bool]
+    else:
+        copy = buffers.keys() if mutable else (slots.buffers if probe else slots.copied) if train else ()
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 

@@ -240,3 +240,26 @@ def test_evaluate_reports_each_members_metric_as_its_own_evaluation_does():
     assert set(got) == {"loss/0", "loss/1"}
     for i in range(2):  # the reference: each member evaluated alone
         assert got[f"loss/{i}"] == pytest.approx(fnlit.evaluate(ev, unstack_state(states, i), data)["loss"], rel=1e-6)
+
+
+class _Ema(nn.Module):  # a buffer updated in place by the forward, unknown to fnlit beforehand
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("ema", torch.zeros(2))
+
+    def forward(self, x):
+        out = self.lin(x)
+        if self.training:
+            self.ema.mul_(0.9).add_(0.1 * out.detach().mean(0))
+        return out
+
+
+def test_a_vmapped_step_leaves_a_buffer_the_forward_updates_in_place_alone():
+    model = _Ema()
+    step = fnlit.train_step(model, lambda m, b: m(b).pow(2).mean())
+    torch.manual_seed(0)
+    tx = fnlit.optim.sgd(0.1)
+    states = stack_states([fnlit.TrainState.create(_Ema(), tx, seed=i) for i in range(2)])
+    new, _ = assert_pure(ensemble(step, 2), states, torch.randn(4, 3))  # the inputs' buffers unchanged
+    assert not torch.equal(new.buffers["ema"], states.buffers["ema"])  # the update is in the new state
