@@ -212,17 +212,40 @@ def launch(
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout
+
+    def silent_death() -> tuple[int, int] | None:
+        """A rank that exited without a result or an error of its own (killed, os._exit): the first one."""
+        time.sleep(0.2)  # a dying rank's peers notice first; give its own exit a moment to register
+        while True:  # messages already sent: a rank that reported is not silent
+            try:
+                r2, ok2, value2 = q.get_nowait()
+            except _queue.Empty:
+                break
+            if ok2:
+                results[r2] = pickle.loads(value2)
+            else:
+                failures.setdefault(r2, value2)
+        return next(((i, p.exitcode) for i, p in enumerate(procs)
+                     if p.exitcode is not None and i not in results and i not in failures), None)
+
     try:
         while len(results) < nprocs:
             try:
                 r, ok, value = q.get(timeout=0.5)
             except _queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
-                if dead:
-                    raise RuntimeError(
-                        f"fnlit.distributed.launch: rank {dead[0]} died with exit code {procs[dead[0]].exitcode}."
-                    ) from None
+                if any(p.exitcode is not None and i not in results for i, p in enumerate(procs)):
+                    dead = silent_death()  # (also a clean exit 0 that never returned: a worker calling os._exit)
+                    if dead is not None:
+                        raise RuntimeError(
+                            f"fnlit.distributed.launch: rank {dead[0]} died with exit code {dead[1]}, without "
+                            "returning a result or raising."
+                        ) from None
+                    if failures:
+                        r, value = next(iter(failures.items()))
+                        raise RuntimeError(f"fnlit.distributed.launch: rank {r} failed:\n{value}") from None
+                    continue
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"fnlit.distributed.launch: timed out after {timeout:.0f} s with ranks "
@@ -230,6 +253,13 @@ def launch(
                     ) from None
                 continue
             if not ok:
+                failures.setdefault(r, value)
+                dead = silent_death()  # its error may only be the knock-on of another rank's death
+                if dead is not None:
+                    raise RuntimeError(
+                        f"fnlit.distributed.launch: rank {dead[0]} died with exit code {dead[1]}, without returning "
+                        f"a result or raising; rank {r} failed after it:\n{value}"
+                    )
                 raise RuntimeError(f"fnlit.distributed.launch: rank {r} failed:\n{value}")
             results[r] = pickle.loads(value)
     finally:

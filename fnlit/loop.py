@@ -656,5 +656,7 @@ def fit(
             log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
         hooks("on_fit_end", state, dict(log.latest))
         if checkpoint is not None:
+            if distributed:  # a signal after the last vote reached some ranks only: on_exit's save is a collective
+                _, signals.reason = _agree(False, signals.reason, state.device)
             checkpoint.on_exit(state, where(epoch, b), signals.reason or "finished")
     return state

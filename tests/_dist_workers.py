@@ -223,3 +223,30 @@ def fit_validation_every_example():
                   eval_step=lambda s, b: {"x": b.mean()}, limit_val_batches=limit, num_sanity_val_steps=0,
                   callbacks=[Keep()], progress=False)  # fmt: skip
     return seen
+
+
+def exits_quietly():
+    """Rank 1 leaves without a result or an error (os._exit(0)); rank 0 returns."""
+    if dist.get_rank() == 1:
+        os._exit(0)
+    return "rank 0 done"
+
+
+def signal_after_the_last_vote(directory: str):
+    """fit with a Checkpointer(save_last=False); rank 1 gets SIGTERM in on_fit_end, after the last vote."""
+    import signal
+
+    from fnlit.checkpoint import Checkpointer
+
+    class TermOn1:
+        def on_fit_end(self, state, metrics):
+            if dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model, state = torch.nn.Linear(4, 1), None
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+    data = fnlit.ArrayLoader(torch.randn(64, 4), torch.randn(64, 1), batch_size=8)
+    ck = Checkpointer(directory, save_last=False)
+    out = fnlit.fit(step, state, data, max_steps=4, callbacks=[TermOn1()], checkpoint=ck, progress=False)
+    return int(out.step), sorted(os.listdir(directory))
