@@ -263,6 +263,9 @@ def apply(
     # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
     watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and buffers and not traced else ()
     probes = [(n, new_buffers[n]) for n in slots.buffers if n in new_buffers] if probe else ()
+    # Registered buffers the forward could reassign (self.mean = ...; frozen params cannot be: nn.Module
+    # refuses a plain tensor for a parameter), looked for after the call.
+    reassignable = slots.buffers & new_buffers.keys() if new_buffers else frozenset()
     modes = [(m, m.training) for m in module.modules()] if module.training != train else None
     if modes is not None:
         module.train(train)
@@ -271,20 +274,20 @@ def apply(
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         elif rng is None:
-            out = _call_swapped(module, slots, tensors, slots.buffers & new_buffers.keys(), args, kwargs)
+            out = _call_swapped(module, slots, tensors, reassignable, args, kwargs)
         else:  # what `with fnlit.random.seeded(rng, device):` does, without the object
             first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
             saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
             try:
-                out = _call_swapped(module, slots, tensors, slots.buffers & new_buffers.keys(), args, kwargs)
+                out = _call_swapped(module, slots, tensors, reassignable, args, kwargs)
             finally:
                 _random._restore(saved)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
                 m.training = was
-    for name in slots.buffers & new_buffers.keys() if new_buffers else ():  # reassigned (self.mean = ...): the update
-        if tensors[name] is not new_buffers[name]:  # (frozen params cannot be: nn.Module refuses a plain tensor)
+    for name in reassignable:  # reassigned by the forward: the update
+        if tensors[name] is not new_buffers[name]:
             new_buffers[name] = tensors[name].detach()
     if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0

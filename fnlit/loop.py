@@ -27,7 +27,7 @@ from . import distributed as _dist
 from ._types import Batch, Metrics, StepFn
 from .callbacks import EarlyStopping, StopTraining, Timer
 from .state import TrainState
-from .summary import Logger, MetricBuffer, ProgressBar, Writer, flat_metrics, scalar_metric
+from .summary import Logger, MetricBuffer, ProgressBar, Writer, ensemble_members, flat_metrics, scalar_metric
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -151,8 +151,6 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         raise ValueError(f"fit expected check_val_every_n_epoch to be an int >= 1 or None, got {every_n!r} instead.")
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
     sanity = 0 if not validate else (n_val if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
-    if limit_val is None and n_val:
-        n_val = None  # every batch: evaluate counts them (an ArrayLoader's evaluation shards differ from its len())
     log_every = o["log_every_n_steps"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
@@ -200,7 +198,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     names: list[str] = []
     sums: list[torch.Tensor] = []
     count = 0
-    members = state.step.shape[0] if isinstance(state.step, torch.Tensor) and state.step.dim() == 1 else None
+    members = ensemble_members(state)
 
     def value(k: str, v: Any) -> torch.Tensor:  # an ensemble's metric has one value per member: "<name>/<member>"
         if members and isinstance(v, torch.Tensor) and v.shape == (members,):
@@ -335,30 +333,28 @@ class _Hooks:
         def has(cb: Any, name: str) -> bool:  # overridden, or not a Callback subclass at all
             return hasattr(cb, name) and getattr(type(cb), name, None) is not getattr(Callback, name)
 
-        self.lists = {name: [getattr(cb, name) for cb in callbacks if has(cb, name)] for name in _HOOKS}
+        self.lists = {name: [_Remembering(getattr(cb, name), self) for cb in callbacks if has(cb, name)] for name in _HOOKS}
         self.stop = False
 
     def __call__(self, name: str, *args: Any) -> None:
         for hook in self.lists[name]:
-            try:
-                hook(*args)
-            except StopTraining:
-                self.stop = True
+            hook(*args)
 
     def on_log(self) -> list[Any]:
-        """The ``on_log`` hooks for the MetricBuffer (it calls them itself), a StopTraining remembered as above."""
-        return [_Remembering(hook, self) for hook in self.lists["on_log"]]
+        """The ``on_log`` hooks for the MetricBuffer (it calls them itself and logs what they return)."""
+        return self.lists["on_log"]
 
 
 class _Remembering:
-    """An ``on_log`` hook whose StopTraining stops fit at the next check instead of escaping the log."""
+    """A callback's hook whose StopTraining is remembered (fit stops at its next check), never raised."""
 
     def __init__(self, hook: Any, hooks: _Hooks) -> None:
+        # __self__: the callback, which MetricBuffer names an on_log value's source by
         self.hook, self.hooks, self.__self__ = hook, hooks, getattr(hook, "__self__", hook)
 
-    def __call__(self, state: Any) -> Any:
+    def __call__(self, *args: Any) -> Any:
         try:
-            return self.hook(state)
+            return self.hook(*args)
         except StopTraining:
             self.hooks.stop = True
             return None

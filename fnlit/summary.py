@@ -262,13 +262,7 @@ class CSVWriter:
                 if len(kept) < len(self._earlier):  # rewritten now, as TensorBoard drops them now (a run may log nothing)
                     self._earlier = kept
                     self._earlier_last = max((s for s, _ in kept), default=-math.inf)
-                    used = {k for _, cells in kept for k in cells}
-                    tmp = self.path + ".tmp"
-                    with open(tmp, "w", newline="") as f:
-                        w = csv.DictWriter(f, [k for k in self._header if k == "step" or k in used])
-                        w.writeheader()
-                        w.writerows(cells for _, cells in kept)
-                    os.replace(tmp, self.path)
+                    self._rewrite()
 
     def _read_earlier(self) -> None:
         """Reads the rows an earlier run left in the file (see the class docstring)."""
@@ -336,24 +330,28 @@ class CSVWriter:
         replaced = self._replace_earlier(pending) if self._earlier else False
         new = [k for row in pending for k in row if k not in self.columns]
         if new or replaced or self._file is None:
-            used = {k for _, cells in self._earlier for k in cells}  # the earlier columns still holding values
-            earlier = [k for k in self._header if k in used]
-            self.columns = list(dict.fromkeys(["step", *earlier, *(k for row in self.rows for k in row)]))
-            if self._file is not None:
-                self._file.close()
-            tmp = self.path + ".tmp"  # written aside, then renamed over the file: never half a file
-            self._file = open(tmp, "w", newline="")
-            w = csv.DictWriter(self._file, self.columns)
-            w.writeheader()
-            w.writerows(cells for _, cells in self._earlier)
-            w.writerows(self.rows)
-            self._file.flush()
-            os.replace(tmp, self.path)  # the open file is the renamed one: appends go on into it
+            self._rewrite()
         elif pending:
             csv.DictWriter(self._file, self.columns).writerows(pending)
         self._written = len(self.rows)
         self._file.flush()
         self._flushed = time.monotonic()
+
+    def _rewrite(self) -> None:
+        """Writes the whole file again: the earlier rows kept, then this writer's (columns as they need)."""
+        used = {k for _, cells in self._earlier for k in cells}  # the earlier columns still holding values
+        earlier = [k for k in self._header if k in used]
+        self.columns = list(dict.fromkeys(["step", *earlier, *(k for row in self.rows for k in row)]))
+        if self._file is not None:
+            self._file.close()
+        tmp = self.path + ".tmp"  # written aside, then renamed over the file: never half a file
+        self._file = open(tmp, "w", newline="")
+        w = csv.DictWriter(self._file, self.columns)
+        w.writeheader()
+        w.writerows(cells for _, cells in self._earlier)
+        w.writerows(self.rows)
+        self._file.flush()
+        os.replace(tmp, self.path)  # the open file is the renamed one: appends go on into it
 
     def close(self) -> None:
         if self._closed:  # a second close (or __del__ after close) must not rewrite the file
@@ -550,6 +548,12 @@ def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
+def ensemble_members(state: Any) -> int | None:
+    """The number of members of an ensemble's stacked state (its step has one entry each), else None."""
+    step = getattr(state, "step", None)
+    return step.shape[0] if isinstance(step, torch.Tensor) and step.dim() == 1 else None
+
+
 def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
     """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar.
 
@@ -613,9 +617,9 @@ class MetricBuffer:
                     f"the training step returned metric {k!r} at some steps but not others: return the same metric "
                     f"names at every step (the log shows each one's mean over the interval)."
                 )
+            members = ensemble_members(state)
             for k in keys:
                 vals = [m[k] for m in pending]
-                members = state.step.shape[0] if state.step.dim() == 1 else None  # an ensemble's stacked state
                 if members and all(isinstance(v, torch.Tensor) and v.shape == (members,) for v in vals):
                     # An ensemble's step: one value per member, logged as "<name>/<member>".
                     means = torch.stack(vals).float().mean(0).detach()
