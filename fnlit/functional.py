@@ -8,6 +8,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -79,6 +80,12 @@ class _Slots:
 # unchanged (as the caller's own tensors would be), so a constant buffer is not averaged across ranks
 # (inexact for 3 ranks) at step 1. By id, weakly (a WeakSet would compare tensors with ==): a copy leaves with its tensor.
 _PROBE_COPIES: dict[int, weakref.ref[torch.Tensor]] = {}
+
+
+# The buffers of the last eager training forward that updated some of them (BatchNorm statistics), and
+# those names: TrainState.apply_gradients warns when it is given no buffers= for a state holding exactly
+# that dict, i.e. when a step drops the updated statistics (they would never change).
+_UPDATED_FROM: ContextVar[tuple[Mapping[str, Any], list[str]] | None] = ContextVar("fnlit_updated_from", default=None)
 
 
 def untouched_probe_copy(t: torch.Tensor) -> bool:
@@ -301,7 +308,32 @@ def apply(
         _learn_updated(module, slots, changed)
     if mutable is False:
         return out, dict(buffers)
+    if copy and train and not traced:  # statistics the forward updated: apply_gradients must get them
+        updated = [n for n in copy if n in slots.copied and new_buffers[n] is not buffers[n]]
+        if updated:
+            _UPDATED_FROM.set((buffers, updated))
     return out, new_buffers
+
+
+_DROPPED_BUFFERS = (
+    "apply_gradients got no buffers=, but this step's forward (fnlit.apply on state.buffers, in training "
+    "mode) updated the buffers {names}: the new state keeps the old ones, so they never change (BatchNorm's "
+    "running statistics stay at their initial values, and evaluation uses those). Pass what fnlit.apply "
+    "returned: `out, new_buffers = fnlit.apply(...)` and `state.apply_gradients(grads, buffers=new_buffers)` "
+    "(return them from the loss function as aux: fnlit.value_and_grad(loss_fn, has_aux=True)). To keep the "
+    "old buffers on purpose, pass buffers=state.buffers, or call fnlit.apply with mutable=False."
+)
+
+
+def check_buffers_kept(buffers: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """Warns when a forward updated ``buffers`` (a state's) and the update is about to be dropped."""
+    seen = _UPDATED_FROM.get()
+    if seen is None:
+        return
+    _UPDATED_FROM.set(None)
+    if "buffers" not in changes and seen[0] is buffers:
+        names = sorted(seen[1])
+        warnings.warn(_DROPPED_BUFFERS.format(names=names[:4] + (["..."] if len(names) > 4 else [])), stacklevel=3)
 
 
 def _learn_updated(module: nn.Module, slots: _Slots, names: list[str]) -> None:

@@ -10,6 +10,8 @@ from torch import nn
 
 from . import random as _random
 from . import tree as _tree
+from .functional import _UPDATED_FROM
+from .functional import check_buffers_kept as _check_buffers_kept
 from ._types import Buffers, Grads, OptState, Params
 from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
@@ -170,6 +172,8 @@ class TrainState:
             >>> int(new.step), torch.equal(new.params["bias"], state.params["bias"] - 0.5)
             (1, True)
         """
+        if _UPDATED_FROM.get() is not None:  # a forward updated buffers (BatchNorm): are they kept?
+            _check_buffers_kept(self.buffers, changes)
         frame = _current_frame()
         if frame is not None:
             return frame.apply_gradients(self, grads, changes)

@@ -142,3 +142,73 @@ def test_vmap_over_stacked_states_runs_and_matches_members(tx):
     for i, s in enumerate(states):
         alone, _ = step(s, data)
         torch.testing.assert_close(new.params["0.weight"][i], alone.params["0.weight"], rtol=1e-5, atol=1e-6)
+
+
+# -- a step that drops the statistics its forward updated (BatchNorm) is warned about --------------------
+def _bn_step(keep: str):
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+
+    def step(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            out, new_buffers = fnlit.apply(model, params, state.buffers, x, rng=state.rng, mutable=False if keep == "immutable" else None)
+            return torch.nn.functional.mse_loss(out, y), new_buffers
+
+        (loss, new_buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        changes = {"buffers": new_buffers} if keep == "new" else {"buffers": state.buffers} if keep == "old" else {}
+        return state.apply_gradients(grads, **changes), {"loss": loss}
+
+    return model, step
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: fnlit.accumulate(s, 2)])
+def test_dropping_the_updated_batchnorm_statistics_warns(wrap):
+    model, step = _bn_step(keep="none")
+    reference = nn.BatchNorm1d(8)  # plain PyTorch: the statistics move after a training forward
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    reference(model[0](x))
+    with pytest.warns(UserWarning, match=r"apply_gradients got no buffers=.*\['1.num_batches_tracked', '1.running_mean'"):
+        new, _ = wrap(step)(state, (x, y))
+    # what the warning is about: the state kept the initial statistics, PyTorch's moved
+    assert torch.equal(new.buffers["1.running_mean"], torch.zeros(8))
+    assert not torch.equal(reference.running_mean, torch.zeros(8))
+
+
+@pytest.mark.parametrize("keep", ["new", "old", "immutable"])
+def test_statistics_kept_or_dropped_on_purpose_do_not_warn(keep):
+    model, step = _bn_step(keep=keep)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    new, _ = fnlit.accumulate(step, 2)(state, (x, y))  # the suite turns warnings into errors
+    if keep == "new":  # the mean of the two micro-batches' updates, as PyTorch's BatchNorm does them in turn
+        reference = nn.BatchNorm1d(8)
+        h = model[0](x)
+        reference(h[:8]), reference(h[8:])
+        torch.testing.assert_close(new.buffers["1.running_mean"], reference.running_mean)
+
+
+def test_a_model_whose_buffers_no_forward_updates_does_not_warn():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+            self.register_buffer("shift", torch.ones(4))  # constant: read, never written
+
+        def forward(self, x):
+            return self.lin(x + self.shift)
+
+    model = Shifted()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def plain_step(state, batch):
+        def loss_fn(params):
+            out, _ = fnlit.apply(model, params, state.buffers, batch[0], rng=state.rng)
+            return torch.nn.functional.mse_loss(out, batch[1])
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    for _ in range(2):  # the first forward probes copies of the buffers; nothing moved them
+        state, _ = plain_step(state, (torch.randn(8, 4), torch.randn(8, 1)))  # the suite makes a warning an error
