@@ -263,3 +263,33 @@ def test_a_vmapped_step_leaves_a_buffer_the_forward_updates_in_place_alone():
     states = stack_states([fnlit.TrainState.create(_Ema(), tx, seed=i) for i in range(2)])
     new, _ = assert_pure(ensemble(step, 2), states, torch.randn(4, 3))  # the inputs' buffers unchanged
     assert not torch.equal(new.buffers["ema"], states.buffers["ema"])  # the update is in the new state
+
+
+def test_float16_amp_members_follow_their_own_loss_scale_as_alone():
+    # Member 0 starts at an overflowing scale (backs off, skips), member 1 at a small one (grows): each
+    # follows the scale, skips and params it has trained alone (the unscale has a batching rule now, and
+    # the overflow flag is per member).
+    data = [batch(24, seed=i) for i in range(4)]
+    model = mlp()
+    step = fnlit.amp(hand_step(model), torch.float16)
+    tx = fnlit.optim.sgd(0.05)
+    members = [
+        fnlit.TrainState.create(model, tx, seed=0).replace(scaler=fnlit.transforms.init_loss_scale(s, growth_interval=2))
+        for s in (2.0**30, 2.0**4)
+    ]
+    alone = []
+    for state in members:
+        trail = []
+        for i in range(6):
+            state, m = step(state, data[i % 4])
+            trail.append((state.scaler.scale.item(), m["grads_finite"].item()))
+        alone.append((state, trail))
+    stacked, trails = stack_states(members), []
+    run = ensemble(step, 2)
+    for i in range(6):
+        stacked, m = run(stacked, data[i % 4])
+        trails.append((stacked.scaler.scale.tolist(), m["grads_finite"].tolist()))
+    for j, (state, trail) in enumerate(alone):
+        assert [(s[j], f[j]) for s, f in trails] == trail
+        assert_trees_close(unstack_state(stacked, j).params, state.params, rtol=1e-4, atol=1e-5)
+    assert alone[0][1][0] == (2.0**29, 0.0) and alone[1][1][1] == (2.0**5, 1.0)  # the two paths differ

@@ -471,3 +471,70 @@ def test_accumulate_refuses_per_example_gradients():
 
     with pytest.raises(ValueError, match=r"fnlit.accumulate averages .* per-example gradients"):
         fnlit.accumulate(expand_step, 2)(state, data)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**10])
+def test_float16_gradient_penalty_matches_torchs_gradscaler_recipe(scale):
+    # value_and_grad inside value_and_grad under fp16 amp: the inner gradients are unscaled out of place, so
+    # the outer backward sees the unscaling (the in-place kernel was invisible to autograd: the penalty's
+    # gradient came out `scale` times too large). Reference: torch's AMP recipe for a gradient penalty.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = batch(24)
+    got = {}
+
+    def step(state, _):
+        def inner(p):
+            return F.cross_entropy(fnlit.apply(model, p, state.buffers, x)[0], y)
+
+        def outer(p):
+            loss, g = fnlit.value_and_grad(inner)(p)
+            return loss + 0.1 * sum((v**2).sum() for v in g.values())
+
+        _, grads = fnlit.value_and_grad(outer)(state.params)
+        got.update(grads)
+        return state.apply_gradients(grads), {}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0).replace(scaler=fnlit.transforms.init_loss_scale(scale))
+    fnlit.amp(step, torch.float16)(state, None)
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    with torch.autocast("cpu", torch.float16):
+        loss = F.cross_entropy(ref(x), y)
+    inner = [g * (1.0 / scale) for g in torch.autograd.grad(loss * scale, params, create_graph=True)]
+    with torch.autocast("cpu", torch.float16):
+        total = loss + 0.1 * sum((v**2).sum() for v in inner)
+    want = [g / scale for g in torch.autograd.grad(total * scale, params)]
+    for (name, _), w in zip(ref.named_parameters(), want):
+        torch.testing.assert_close(got[name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_float16_accumulate_returns_each_micro_batchs_own_gradient_and_never_changes_it():
+    # Under float16 amp the gradients are unscaled micro-batch by micro-batch: the step gets its micro-batch's
+    # own gradient (as a GradScaler loop computing it per micro-batch), and apply_gradients no longer scales
+    # micro-batch 0's tensors by 1/k and adds the later ones into them (a metric read after it changed).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = batch(24)
+
+    def norm(gs):
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in gs]))
+
+    def step(state, b):
+        loss, g = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, state.buffers, b[0])[0], b[1]))(state.params)
+        before = norm(g.values())
+        new = state.apply_gradients(g)
+        return new, {"before": before, "after": norm(g.values())}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0, loss_scale=1024.0)
+    run = fnlit.accumulate(fnlit.amp(step, torch.float16), 2)
+    for _ in range(2):  # the first step learns which call is applied
+        _, m = run(state, (x, y))
+    ref, norms = copy.deepcopy(model), []
+    for xm, ym in zip(x.chunk(2), y.chunk(2)):
+        with torch.autocast("cpu", torch.float16):
+            loss = F.cross_entropy(ref(xm), ym)
+        grads = torch.autograd.grad(loss * 1024.0, list(ref.parameters()))
+        norms.append(norm([g / 1024.0 for g in grads]))
+    torch.testing.assert_close(m["before"], torch.stack(norms).mean(), rtol=1e-4, atol=0)
+    assert torch.equal(m["after"], m["before"])

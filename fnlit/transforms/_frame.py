@@ -135,17 +135,26 @@ class Frame:
         """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
         if self.scaler is None or not grads:
             return
-        if self.shard_group is not None:
-            from .shard import local_views
-
-            grads = local_views(grads)  # each rank checks and unscales its own shard
         # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32 (times k under
         # accumulate, whose backward ran on loss / k: exact for a power of two).
         inv_scale = self.scaler.scale.double().reciprocal()
         if self.accum_k > 1:
             inv_scale = inv_scale * self.accum_k
         inv_scale = inv_scale.float()
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
+        if self.shard_group is not None:
+            from .shard import local_views
+
+            torch._amp_foreach_non_finite_check_and_unscale_(local_views(grads), self.found_inf, inv_scale)  # each rank its shard
+        elif torch._C._functorch.maybe_current_level() is not None or any(g.requires_grad for g in grads):
+            # Gradients that are differentiated further (a gradient penalty) or batched (fnlit.ensemble's vmap):
+            # the in-place kernel is invisible to autograd (the penalty's gradient came out `scale` times too
+            # large) and has no batching rule. The same arithmetic out of place; under vmap each member gets
+            # its own overflow flag.
+            bad = torch.stack([~torch.isfinite(g.detach()).all() for g in grads]).any().float()
+            self.found_inf = torch.maximum(self.found_inf, bad)
+            grads[:] = [g * inv_scale for g in grads]
+        else:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
 
     def note_scalars(self, tree: Any) -> None:
         """Remembers the 0-d float tensors value_and_grad returns (loss, scalar aux) under data_parallel.
@@ -263,7 +272,13 @@ class Frame:
     def _accumulate(self, leaves: list[torch.Tensor]) -> None:
         """Adds gradients that autograd did not add in place into the accumulator."""
         k, traced = self.accum_k, torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
-        ours = not traced and self.micro == 0 and self._plan(leaves) and all(g.is_contiguous() for g in leaves)
+        # value_and_grad's fresh gradients, scaled and summed into in place: only where they are the accumulator
+        # the step sees anyway (the in-place path's); unscaled (float16 amp) or reduce-scattered (shard) per
+        # micro-batch, they are the step's own.
+        ours = (
+            not traced and self.micro == 0 and self._plan(leaves) and self.scaler is None and self.shard_group is None
+            and all(g.is_contiguous() for g in leaves)
+        )
         if self.divided:
             if traced:
                 leaves = [g * (1.0 / k) for g in leaves]

@@ -99,7 +99,9 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     unchanged, gets a plain loop's ``(loss / k).backward()``: autograd adds into one buffer per
     parameter in place, so that call returns the accumulator (the gradients summed so far, times 1/k
     when k is a power of two) instead of the micro-batch's own gradient; a metric the step computes from
-    them (a gradient norm) reads that running sum. Which call that is, micro-batch 0 guesses from the
+    them (a gradient norm) reads that running sum (under float16 :func:`fnlit.amp` or :func:`fnlit.shard`,
+    whose gradients are unscaled or reduce-scattered micro-batch by micro-batch, every call returns its
+    micro-batch's own gradient, and the step's tensors are never changed). Which call that is, micro-batch 0 guesses from the
     previous step (the first call, before the first step); when the step then applies something else,
     micro-batch 0 runs again without guessing -- the step is pure, so the rerun gives the same result;
     only its Python side effects run twice -- and after two wrong guesses accumulate stops guessing. A
