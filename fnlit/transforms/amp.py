@@ -123,7 +123,9 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     ``value_and_grad`` call of the step is checked, not only the one whose gradients are applied: an
     overflow in a gradient taken for a metric also skips the step. The metrics gain ``grads_finite``
     (1.0 or 0.0) and ``loss_scale``. All of it is tensor arithmetic: no host sync. bfloat16 needs no
-    scaler. ``state.step`` counts skipped steps too (as Lightning's ``global_step`` does).
+    scaler. ``state.step`` counts skipped steps too (as Lightning's ``global_step`` does); a learning-rate
+    schedule does not: it reads the optimizer's own count, which a skipped step leaves unchanged (as
+    optax does; a torch loop calling ``scheduler.step()`` every iteration advances it on skipped steps).
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
