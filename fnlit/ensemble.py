@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -38,6 +39,7 @@ from . import tree as _tree
 from ._types import Batch, Metrics, Params, StepFn
 from .functional import value_and_grad
 from .optim import GradientTransformation
+from .transforms._frame import current as _current_frame
 from .optim import step as _opt_step
 from .state import TrainState
 
@@ -192,10 +194,14 @@ def _set_hyper(opt_state: Any, name: str, value: torch.Tensor) -> tuple[Any, int
 
 
 def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str) -> bool:
-    """Whether changing ``hyperparams[name]`` changes the update (a schedule or ``weight_decay=0`` ignores it)."""
+    """Whether the update reads ``hyperparams[name]`` (a schedule or ``weight_decay=0`` ignores it).
+
+    Probed with NaN: an update that reads the value comes out NaN somewhere, whatever the other values (a
+    learning rate of 0, Adam's first step, where an L2 term changes no update, a partial decay mask).
+    """
     grads = _tree.tree_map(torch.ones_like, params)
-    outs = [_opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(v))[0], params)[0] for v in (0.0, 0.5)]
-    return any(not torch.equal(a, b) for a, b in zip(_tree.tree_leaves(outs[0]), _tree.tree_leaves(outs[1])))
+    out = _opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(float("nan")))[0], params)[0]
+    return any(t.is_floating_point() and bool(t.isnan().any()) for t in _tree.tree_leaves(out))
 
 
 _NO_EFFECT = {
@@ -257,17 +263,17 @@ def ensemble_states(
         state = TrainState.create(_init_module(model, seed), tx, seed=seed, loss_scale=loss_scale)
         opt_state = state.opt_state
         for name, values in sweeps.items():
-            opt_state, found = _set_hyper(opt_state, name, torch.tensor(float(values[i])))
+            value = float(values[i])
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"ensemble_states expected {name} values that are finite and >= 0, got {values[i]!r} for member {i}.")
+            opt_state, found = _set_hyper(opt_state, name, torch.tensor(value))
             if not found:
                 raise ValueError(
                     f"ensemble_states got {name}=[...], but the optimizer state has no hyperparams[{name!r}] to set. "
                     "Use an optimizer that holds it as a tensor (fnlit.optim.sgd/adam/adamw, add_decayed_weights)."
                 )
-            # A sweep the optimizer ignores would silently train n identical runs. (With a schedule at
-            # lr 0, weight decay shows no effect either: then it cannot be probed, and is not rejected.)
-            if i == 0 and not _responds(tx, state.params, state.opt_state, name) and (
-                name == "learning_rate" or _responds(tx, state.params, state.opt_state, "learning_rate")
-            ):
+            # A sweep the optimizer ignores would silently train n identical runs.
+            if i == 0 and not _responds(tx, state.params, state.opt_state, name):
                 raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {_NO_EFFECT[name]}")
         states.append(state.replace(opt_state=opt_state))
     return stack_states(states)
@@ -307,6 +313,13 @@ class EnsembleStep:
                 f"fnlit.ensemble(step, n={self.n}) expected a state stacked over {self.n} members (state.step of "
                 f"shape ({self.n},)), got state.step of shape {tuple(state.step.shape)} instead. Build it with "
                 "fnlit.stack_states([...]) or fnlit.ensemble_states(...)."
+            )
+        frame = _current_frame()
+        if frame is not None and frame.scaler is not None:
+            raise ValueError(
+                "fnlit.amp(fnlit.ensemble(step, n), torch.float16) scales every member's loss by one frame's loss "
+                "scale, which the members do not share: put amp inside, fnlit.ensemble(fnlit.amp(step, "
+                "torch.float16), n), and each member follows its own scale (state.scaler is stacked too)."
             )
         traced = _random._is_traced(state.rng)  # under an outer transform, the outermost one seeds
         with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):

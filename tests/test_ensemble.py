@@ -197,6 +197,37 @@ def test_ensemble_states_rejects_sweeps_that_would_do_nothing():
         ensemble_states(mlp, fnlit.optim.chain(fnlit.optim.scale(-0.1)), seeds=[0], weight_decay=[0.1])
     with pytest.raises(ValueError, match="one value per seed \\(2\\), got 3"):
         ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1], learning_rate=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="finite and >= 0, got -0.1 for member 1"):
+        ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1], learning_rate=[0.1, -0.1])
+
+
+def test_float16_amp_outside_an_ensemble_says_to_put_it_inside():
+    stacked = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1], loss_scale="dynamic")
+    with pytest.raises(ValueError, match=r"put amp inside, fnlit.ensemble\(fnlit.amp\(step"):
+        fnlit.amp(ensemble(hand_step(mlp()), 2), torch.float16)(stacked, batch())
+
+
+@pytest.mark.parametrize("wd", [1e-2, torch.tensor(0.0)])
+def test_adam_l2_weight_decay_sweep_is_accepted_and_each_member_follows_torch_adam(wd):
+    # Adam's first step is ~lr * sign(g): an L2 term changes no update there, which the sweep check read as
+    # "decay off". Reference: torch.optim.Adam(weight_decay=w), one model per member.
+    decays = [0.0, 0.5]
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)) for _ in range(3)]
+    model = nn.Linear(4, 2)
+    stacked = ensemble_states(lambda: nn.Linear(4, 2), fnlit.optim.adam(1e-2, weight_decay=wd), seeds=[0, 1], weight_decay=decays)
+    run = ensemble(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])), 2)
+    for b in data:
+        stacked, _ = run(stacked, b)
+    for i, w in enumerate(decays):
+        torch.manual_seed(i)
+        ref = nn.Linear(4, 2)
+        opt = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=w)
+        for x, y in data:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            opt.step()
+        assert_trees_close(unstack_state(stacked, i).params, dict(ref.named_parameters()), rtol=1e-5, atol=1e-6)
 
 
 def test_module_without_reset_parameters_asks_for_a_factory():
