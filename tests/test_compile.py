@@ -288,6 +288,65 @@ def test_a_step_returning_another_structure_gets_fnlit_s_own_value_error(model):
         fnlit_compile(step, mode="eager")(state, batch())
 
 
+def test_a_transform_around_a_compiled_step_is_refused(model):
+    # accumulate(compile(step)) applied every micro-batch's update, amp(compile(step)) ran in float32: the
+    # transform's frame cannot reach inside the graph. Refused before anything is compiled.
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for outer in (lambda s: fnlit.accumulate(s, 2), lambda s: fnlit.amp(s, torch.bfloat16)):
+        with pytest.raises(ValueError, match=r"compile must be the outermost transform.*fnlit.compile\(fnlit.accumulate"):
+            outer(fnlit_compile(hand_step(model), mode="eager"))(state, batch())
+
+
+def test_capture_error_of_a_logging_call_names_the_steps_line_not_the_standard_librarys(model):
+    import logging
+
+    inner = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+    def step(state, batch):
+        new, metrics = inner(state, batch)
+        logging.getLogger("fnlit.test").warning("loss %s", metrics["loss"])  # LOG_LINE
+        return new, metrics
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    source, first = inspect.getsourcelines(step)
+    line = first + next(i for i, s in enumerate(source) if "# LOG_LINE" in s)
+    with pytest.raises(CaptureError, match=rf"(?s)test_compile.py:{line}: logging.getLogger.*side effect"):
+        fnlit_compile(step, mode="eager")(state, batch())
+
+
+def test_donated_compile_refuses_a_state_tensor_that_changes_dtype_or_shape():
+    # copy_ into the donated tensor cast a float EMA into an int64 buffer (0 every step) or broadcast it.
+    model = mlp()
+    model.register_buffer("ema", torch.tensor(0))  # int64 by mistake
+    inner = hand_step(model)
+
+    def step(state, b):
+        new, metrics = inner(state, b)
+        ema = state.buffers["ema"] * 0.9 + metrics["loss"] * 0.1  # int64 * float: a float32 tensor
+        return new.replace(buffers={**new.buffers, "ema": ema}), metrics
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    eager, _ = step(state, batch())
+    assert eager.buffers["ema"].dtype == torch.float32 and eager.buffers["ema"] != 0
+    with pytest.raises(ValueError, match=r"donate=True\): the step returned state buffers\['ema'\] as a torch.float32.*int64"):
+        fnlit_compile(step, donate=True, mode="eager")(state, batch())
+    assert state.buffers["ema"].dtype == torch.int64  # intact: the error came while capturing
+
+
+@pytest.mark.parametrize("make_tx", [lambda: fnlit.optim.sgd(0.1, momentum=0.9), lambda: fnlit.optim.adamw(1e-2)])
+def test_dynamic_shapes_compile_optimizers_with_python_float_hyperparameters(model, make_tx):
+    # dynamic=True lifted the optimizers' Python floats (momentum, betas) to inputs read with .item(), which
+    # fnlit reported as the step's host sync. Reference: the eager step, over batches of three sizes.
+    state = fnlit.TrainState.create(model, make_tx(), seed=0)
+    compiled, eager = fnlit_compile(hand_step(model), mode="eager", dynamic=True), hand_step(model)
+    got = want = state
+    for i, n in enumerate([16, 8, 12]):
+        got, _ = compiled(got, batch(n=n, seed=i))
+        want, _ = eager(want, batch(n=n, seed=i))
+    assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+    assert compiled.compiles <= 2  # one static graph, then one dynamic
+
+
 def test_compile_rejects_data_parallel_and_bad_modes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(NotImplementedError, match="data_parallel.*uncompiled"):

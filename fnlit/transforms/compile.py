@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import linecache
 import re
+import sysconfig
 import types
+from contextlib import nullcontext
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,6 +40,7 @@ import torch.utils._pytree as torch_pytree
 from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
+from ._frame import current as _current_frame
 from .donate import RAISED, check_not_donated, poison
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ __all__ = ["compile", "CompiledStep", "CaptureError"]
 Mode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager"]
 _MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")
 _RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|exponential|poisson|seed")
+_SPECIALIZE_FLOAT = hasattr(torch._dynamo.config, "specialize_float")
 _HOST_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 
 
@@ -98,11 +102,21 @@ _RECOMPILES = (
 )
 
 
+_PATHS = sysconfig.get_paths()
+_STDLIB = tuple({_PATHS["stdlib"], _PATHS["platstdlib"]})
+_INSTALLED = tuple({_PATHS["purelib"], _PATHS["platlib"]})
+
+
+def _in_stdlib(filename: str) -> bool:
+    """Whether ``filename`` is the standard library's (a logging call's frames), not an installed package's."""
+    return filename.startswith(_STDLIB) and not filename.startswith(_INSTALLED)
+
+
 def _user_frame(frames: list[tuple[str, int]]) -> tuple[str, int]:
-    """The innermost frame outside torch (and, when there is one, outside fnlit)."""
+    """The innermost frame outside torch and the standard library (and, when there is one, outside fnlit)."""
     torch_dir = torch.__file__.rsplit("/", 1)[0]
     fnlit_dir = __file__.rsplit("/", 2)[0]
-    outside_torch = [f for f in frames if not f[0].startswith(torch_dir) and "/contextlib.py" not in f[0]]
+    outside_torch = [f for f in frames if not f[0].startswith(torch_dir) and not _in_stdlib(f[0])]
     user = [f for f in outside_torch if not f[0].startswith(fnlit_dir)]
     pick = user or outside_torch or frames
     return pick[-1] if pick else ("<unknown>", 0)
@@ -154,6 +168,22 @@ def _classify(err: Exception, code: str) -> str:
     if re.search(r"print|logging|side effect|[Mm]utation", text):
         return "side effect"
     return "other"
+
+
+def _check_donatable(state: Any, new: Any) -> None:
+    """Raises when a donated state's tensor would be overwritten by one of another shape or dtype (copy_ would
+    broadcast or cast it silently)."""
+    paths, olds, _ = _tree.tree_flatten_with_path(state)
+    for path, old, value in zip(paths, olds, _tree.tree_leaves(new)):
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and (
+            value.shape != old.shape or value.dtype != old.dtype
+        ):
+            raise ValueError(
+                f"fnlit.compile(step, donate=True): the step returned state {path} as a {value.dtype} tensor of shape "
+                f"{tuple(value.shape)}, but the donated one is {old.dtype} of shape {tuple(old.shape)}. A donated state "
+                f"is updated in place, so each tensor keeps its shape and dtype: keep them in the step (e.g. "
+                f"new.to(old.dtype), or create the buffer with its final dtype and shape), or compile without donate=True."
+            )
 
 
 def _check_structure(state: TrainState, new: Any) -> None:
@@ -316,6 +346,9 @@ class CompiledStep:
             if new_spec != state_spec:  # traced, this reaches the user through _explain, which checks it eagerly
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
             if donate:  # write the new state into the donated one: inductor does it in its kernels
+                for old, value in zip(leaves[:n_state], new_leaves):  # (the message is _explain's, eager)
+                    if isinstance(value, torch.Tensor) and (value.shape != old.shape or value.dtype != old.dtype):
+                        raise ValueError("fnlit.compile: a donated state tensor changed shape or dtype")
                 # Each value is copied before any is written: a value that is (or views) a donated leaf -- a
                 # state keeping last step's params, a metric that is an input tensor (amp's loss scale) --
                 # must keep what the step saw, not what is written over it. Inductor fuses the copy of a
@@ -358,6 +391,8 @@ class CompiledStep:
 
     # -- call --------------------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if _current_frame() is not None:
+            raise ValueError(_OUTSIDE)
         check_not_donated(state)
         self._ran = False
         try:
@@ -378,12 +413,16 @@ class CompiledStep:
                 if t.is_cuda:
                     torch._dynamo.mark_static_address(t)
             torch.compiler.cudagraph_mark_step_begin()
+        # dynamic=True: dynamo would lift the step's Python floats (an optimizer's betas, momentum) to graph
+        # inputs read back with .item(); kept constants, as without dynamic, they compile and never change.
+        floats = torch._dynamo.config.patch(specialize_float=True) if self.dynamic and _SPECIALIZE_FLOAT else nullcontext()
         try:
-            if self._needs_seed is False:
-                new_leaves, metrics = compiled(*leaves)
-            else:
-                with _random.seeded(state.rng, state.device):
+            with floats:
+                if self._needs_seed is False:
                     new_leaves, metrics = compiled(*leaves)
+                else:
+                    with _random.seeded(state.rng, state.device):
+                        new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             raise (inner if isinstance(inner, CaptureError) else e) from None
@@ -401,7 +440,9 @@ class CompiledStep:
         """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it."""
         if "Observed exception" in str(err):
             new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
-            _check_structure(state, new)  # or fnlit's own check in the captured function does
+            _check_structure(state, new)  # or fnlit's own checks in the captured function do
+            if self.donate:
+                _check_donatable(state, new)
         frames = [(f.filename, f.lineno or 0) for f in getattr(err, "real_stack", None) or []]
         frames = frames or _frames_of(str(err))
         filename, lineno = _user_frame(frames)
@@ -418,6 +459,13 @@ _DATA_PARALLEL = (
     "fnlit.compile cannot capture a step that contains fnlit.data_parallel: its gradient all-reduce runs "
     "inside apply_gradients, and torch.compile does not capture collectives on gloo (CPU) process "
     "groups. Run data_parallel(step) uncompiled (it already does one bucketed all-reduce per update)."
+)
+
+
+_OUTSIDE = (
+    "fnlit.compile must be the outermost transform: a transform around a compiled step (fnlit.accumulate, "
+    "fnlit.amp, fnlit.data_parallel, ...) cannot reach inside its graph, which would apply every micro-batch's "
+    "update or run in float32. Put the transforms inside: fnlit.compile(fnlit.accumulate(fnlit.amp(step), k))."
 )
 
 
@@ -449,7 +497,9 @@ def compile(
     shapes and dtypes replay the compiled program. Results equal the eager step's up to float
     rounding of fused kernels (within 1e-5 in float32; under ``amp`` with bfloat16, inductor rounds
     its fused bf16 kernels its own way: ~1e-4 after a few steps), except dropout, whose masks come from inductor's own
-    generator (seeded from ``state.rng``, so still deterministic). Changing hyperparameters in
+    generator (seeded from ``state.rng``, so still deterministic). The step's random draws are one stream per
+    call: the keys it passes to :func:`fnlit.apply` are not read, so two forwards given the same key draw
+    different masks (eager, the same: a consistency loss or a recomputed forward must run uncompiled). Changing hyperparameters in
     ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
     A Python number in the batch is a constant of the graph: each new value compiles a graph (pass a
     0-d tensor for a value that changes). A batch dict in another key order is another structure.
@@ -459,7 +509,8 @@ def compile(
 
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
-            :func:`fnlit.accumulate` and :func:`fnlit.amp` inside or around it.
+            :func:`fnlit.accumulate` and :func:`fnlit.amp` inside it (compile is the outermost transform:
+            one around it raises ValueError).
         donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
             poisoned afterwards (any use raises). On CUDA it enables CUDA-graph replay. If a call fails
