@@ -302,7 +302,7 @@ class EnsembleStep:
     """
 
     def __init__(self, step: StepFn, n: int, in_dims: Any, randomness: str, compile: bool) -> None:
-        self.step, self.n, self.in_dims = step, n, in_dims
+        self.step, self.n, self.in_dims, self.randomness, self.compiled = step, n, in_dims, randomness, compile
         self.vmapped = torch.func.vmap(step, in_dims=(0, in_dims), randomness=randomness)
         if compile:
             self.vmapped = torch.compile(self.vmapped)
@@ -314,6 +314,13 @@ class EnsembleStep:
                 f"shape ({self.n},)), got state.step of shape {tuple(state.step.shape)} instead. Build it with "
                 "fnlit.stack_states([...]) or fnlit.ensemble_states(...)."
             )
+        if self.in_dims == 0:  # every batch leaf is stacked over the members
+            for leaf in _tree.tree_leaves(batch):
+                if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != self.n):
+                    raise ValueError(
+                        f"fnlit.ensemble(step, n={self.n}, in_dims=0) expected every tensor of the batch stacked over "
+                        f"the {self.n} members (leading dimension {self.n}), got one of shape {tuple(leaf.shape)}."
+                    )
         frame = _current_frame()
         if frame is not None and frame.scaler is not None:
             raise ValueError(

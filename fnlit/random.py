@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import operator
 import threading
 from typing import SupportsIndex
@@ -115,7 +116,7 @@ def key(seed: int) -> torch.Tensor:
     """Makes a key from an integer seed.
 
     Args:
-        seed: any Python integer.
+        seed: any Python integer (or numpy integer).
 
     Returns:
         A 0-d int64 CPU tensor.
@@ -127,9 +128,9 @@ def key(seed: int) -> torch.Tensor:
         >>> torch.equal(key(1), key(1)), torch.equal(key(1), key(2))
         (True, False)
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"fnlit.random.key expected an int seed, got {type(seed).__name__} {seed!r} instead.")
-    return _new(_mix_int(seed + _GOLDEN))
+    return _new(_mix_int(int(seed) + _GOLDEN))  # a numpy integer (seeds=np.arange(n)) as the int it holds
 
 
 def is_key(x: object) -> bool:

@@ -636,11 +636,17 @@ class MetricBuffer:
                 names.append(self.prefixes[0] + k)
                 tensors.append(mean.detach())
             self.claim(names, "the training step")
+        members = ensemble_members(state) if self.on_log else 0
         for hook in self.on_log:
+            who = type(hook.__self__).__name__
             extra = dict(hook(state) or {})
-            self.claim(extra, type(hook.__self__).__name__)
+            for k, v in list(extra.items()):
+                if members and isinstance(v, torch.Tensor) and v.shape == (members,):  # an ensemble's: "<name>/<member>"
+                    del extra[k]
+                    extra.update({f"{k}/{i}": x for i, x in enumerate(v.detach().unbind(0))})
+            self.claim(extra, who)
             names += extra
-            tensors += [scalar_metric(k, v, type(hook.__self__).__name__) for k, v in extra.items()]
+            tensors += [scalar_metric(k, v, who) for k, v in extra.items()]
         if not names:
             return {}
         device = tensors[0].device

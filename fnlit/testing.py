@@ -26,12 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -138,6 +140,13 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
 
 def _bitwise_equal(a: Any, b: Any) -> bool:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):  # a numpy metric: compared as a tensor
+            try:
+                return _bitwise_equal(torch.as_tensor(a), torch.as_tensor(b))
+            except (TypeError, RuntimeError):
+                return bool(np.array_equal(a, b))
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            return True  # a NaN metric is the same NaN twice
         return bool(a == b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -179,13 +188,31 @@ def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any
         )
 
 
+class _GlobalGenerators:
+    """Saves PyTorch's global generators (CPU, and CUDA once initialised) and moves them to another state."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        torch.default_generator.set_state(torch.Generator().manual_seed(0x5EED_0F_F00D).get_state())
+        if self.cuda is not None:
+            for i in range(len(self.cuda)):
+                torch.cuda.default_generators[i].manual_seed(0x5EED_0F_F00D + i)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
 def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """Asserts ``step`` is a pure function: no input mutated, no global RNG used, bitwise deterministic.
 
     Runs ``step(state, batch)`` twice. After each call every tensor of ``state`` and ``batch`` must be
     bitwise what it was; PyTorch's global CPU generator must be untouched (random numbers come from
     ``state.rng`` through :func:`fnlit.apply`); and the two calls must return bitwise equal states and
-    metrics (dropout included).
+    metrics (dropout included), the second one run with the global generators in another state (so a
+    step that reads them, even without advancing them, is caught).
 
     Returns:
         The outputs of the first call.
@@ -215,7 +242,13 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
             "state.rng. Run the random parts through fnlit.apply(..., rng=state.rng) or "
             "`with fnlit.random.seeded(key):`, so the same state gives the same step."
         )
-    second = step(state, batch)
+    # The second call runs with PyTorch's global generators in another state (restored afterwards): a step that
+    # reads them without advancing them (under torch.random.fork_rng) then comes out different.
+    saved = _GlobalGenerators()
+    try:
+        second = step(state, batch)
+    finally:
+        saved.restore()
     _check_unchanged(paths, before, state, batch, "second")
     out_paths, a, _ = _labelled(first, "output")
     if _tree.tree_structure(first) != _tree.tree_structure(second):
@@ -223,11 +256,22 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
     where = _first_unequal(out_paths, a, _tree.tree_leaves(second))
     if where is not None:
         raise AssertionError(
-            f"the step is not deterministic: {where} differs between two calls on the same state and batch. "
-            "Draw random numbers from state.rng (fnlit.apply(..., rng=state.rng)), and avoid nondeterministic "
-            "kernels (torch.use_deterministic_algorithms(True) finds them)."
+            f"the step is not deterministic: {where} differs between two calls on the same state and batch (the "
+            "second ran with PyTorch's global generator in another state). Draw random numbers from state.rng "
+            "(fnlit.apply(..., rng=state.rng)), not from the global generator (even under torch.random.fork_rng), "
+            "and avoid nondeterministic kernels (torch.use_deterministic_algorithms(True) finds them)."
         )
     return first
+
+
+def _values(metric: Any) -> list[float]:
+    if isinstance(metric, torch.Tensor):
+        return metric.detach().double().reshape(-1).tolist()
+    return [float(metric)]
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{values[0]:.4g}" if len(values) == 1 else "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def assert_overfits(
@@ -262,10 +306,10 @@ def assert_overfits(
             raise KeyError(f"assert_overfits: the step returned no metric {metric!r}; it returned {sorted(metrics)}. Pass metric=...")
         last = metrics[metric]
         first = last if first is None else first
-    start, end = float(first), float(last)  # type: ignore[arg-type]
-    if not end < below:
+    start, end = _values(first), _values(last)  # an ensemble's metric has one value per member: all must fit
+    if not all(e < below for e in end):
         raise AssertionError(
-            f"the step did not fit a single batch: {metric} went from {start:.4g} to {end:.4g} in {steps} steps, "
+            f"the step did not fit a single batch: {metric} went from {_fmt(start)} to {_fmt(end)} in {steps} steps, "
             f"expected below {below:g}. Check that the step applies its gradients (state.apply_gradients(grads)), "
             "that the loss depends on the params, and the learning rate; or allow more steps."
         )
@@ -320,6 +364,7 @@ _SHAPE_OPS = {
     _aten._unique2.default: "torch.unique",
     _aten.unique_dim.default: "torch.unique",
     _aten.unique_consecutive.default: "torch.unique_consecutive",
+    _aten.bincount.default: "torch.bincount (its length is the largest value + 1)",
 }
 _MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default)
 
@@ -412,6 +457,9 @@ class no_host_sync:
 def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Batch) -> Any:
     """Runs ``step(state, batch)`` under :class:`no_host_sync` and returns its outputs.
 
+    A compiled step (:func:`fnlit.compile`, ``ensemble(..., compile=True)``) is run uncompiled here: its
+    capture reports host syncs itself (:class:`fnlit.compile`'s ``CaptureError`` names the line).
+
     Raises:
         HostSyncError: (an AssertionError) naming the read and the line that did it.
 
@@ -422,5 +470,18 @@ def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Ba
         >>> state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
         >>> state, metrics = assert_no_host_sync(step, state, (torch.randn(8, 4), torch.randn(8, 1)))
     """
+    step = _uncompiled(step)
     with no_host_sync():
         return step(state, batch)
+
+
+def _uncompiled(step: Any) -> Any:
+    """A compiled step's uncompiled step: torch.compile refuses to trace under the checking dispatch mode, and
+    fnlit.compile reports a host sync itself (CaptureError, naming the line)."""
+    from .transforms.compile import CompiledStep
+
+    if isinstance(step, CompiledStep):
+        return step.step
+    if isinstance(step, _ensemble.EnsembleStep) and step.compiled:
+        return _ensemble.EnsembleStep(step.step, step.n, step.in_dims, step.randomness, compile=False)
+    return step

@@ -252,11 +252,14 @@ def test_fit_drives_an_ensemble_and_logs_each_member(tmp_path):
     step = fnlit.ensemble(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])), 3)
     states = fnlit.ensemble_states(model, fnlit.optim.sgd(0.1), seeds=[0, 1, 2], learning_rate=[0.1, 0.01, 0.0])
     data = ArrayLoader(torch.randn(32, 4), torch.randn(32, 1), batch_size=8)
-    out = fnlit.fit(step, states, data, max_epochs=2, log_every_n_steps=4, log_dir=str(tmp_path), progress=False)
+    out = fnlit.fit(step, states, data, max_epochs=2, log_every_n_steps=4, log_dir=str(tmp_path), progress=False,
+                    callbacks=[fnlit.callbacks.LearningRateMonitor()])
     assert out.step.tolist() == [8, 8, 8]
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"train/loss/0", "train/loss/1", "train/loss/2"} <= set(rows[0])
+    # the learning-rate monitor logs each member's rate (a (3,) value crashed the first log)
+    assert [float(rows[0][f"lr-SGD/{i}"]) for i in range(3)] == pytest.approx([0.1, 0.01, 0.0])
     # member 2 has lr 0: its params never move; the others do
     assert torch.equal(out.params["weight"][2], states.params["weight"][2])
     assert not torch.equal(out.params["weight"][0], states.params["weight"][0])
@@ -324,3 +327,10 @@ def test_float16_amp_members_follow_their_own_loss_scale_as_alone():
         assert [(s[j], f[j]) for s, f in trails] == trail
         assert_trees_close(unstack_state(stacked, j).params, state.params, rtol=1e-4, atol=1e-5)
     assert alone[0][1][0] == (2.0**29, 0.0) and alone[1][1][1] == (2.0**5, 1.0)  # the two paths differ
+
+
+def test_a_batch_not_stacked_over_the_members_names_n():
+    stacked = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1, 2])
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"n=3, in_dims=0\) expected every tensor of the batch stacked over the 3 members.*\(2, 16, 8\)"):
+        ensemble(hand_step(mlp()), 3, in_dims=0)(stacked, (torch.stack([x, x]), torch.stack([y, y, y])))

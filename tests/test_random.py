@@ -10,6 +10,15 @@ def test_keys_are_pure_functions_of_the_seed():
     assert R.key(7).dtype == torch.int64 and R.key(7).dim() == 0
 
 
+def test_a_numpy_integer_seed_is_the_int_it_holds():
+    import numpy as np
+
+    seeds = np.arange(3)  # ensemble_states(seeds=np.arange(n)), TrainState.create(seed=np.int64(...))
+    assert all(torch.equal(R.key(s), R.key(int(s))) for s in seeds)
+    with pytest.raises(TypeError, match="expected an int seed, got bool"):
+        R.key(np.bool_(True))
+
+
 def test_split_fold_in_next_are_distinct_and_consistent():
     k = R.key(0)
     keys = R.split(k, 8)

@@ -255,3 +255,66 @@ def test_assert_pure_names_a_donating_step_and_trees_close_reports_inf_vs_minus_
         assert_trees_close({"a": torch.tensor([float("inf")])}, {"a": torch.tensor([float("-inf")])})
     with pytest.raises(AssertionError, match=r"max abs difference 1 \(at index \(1,\)\)"):  # equal infinities agree
         assert_trees_close({"a": torch.tensor([float("inf"), 1.0])}, {"a": torch.tensor([float("inf"), 2.0])})
+
+
+# -- found by a review: false alarms and misses ------------------------------------------------------------
+def test_no_host_sync_checks_a_compiled_step_uncompiled():
+    # torch.compile refused to trace under the checking mode: a correct compiled step raised a RuntimeError.
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.testing.assert_no_host_sync(fnlit.compile(hand_step(model), mode="eager"), state, batch())
+
+    def reading(state, b):
+        new, metrics = hand_step(model)(state, b)
+        return new, {"loss": metrics["loss"].item()}
+
+    with pytest.raises(fnlit.testing.HostSyncError, match=r"Tensor.item\(\)"):
+        fnlit.testing.assert_no_host_sync(fnlit.compile(reading, mode="eager"), state, batch())
+
+
+def test_assert_pure_catches_a_step_that_reads_the_global_generator_without_advancing_it():
+    model = torch.nn.Linear(8, 4)
+    inner = hand_step(model)
+
+    def step(state, b):
+        with torch.random.fork_rng():  # leaves the generator as it was, but its draws depend on it
+            noise = torch.randn(b[0].shape)
+        return inner(state, (b[0] + noise, b[1]))
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(AssertionError, match="not deterministic.*global generator"):
+        fnlit.testing.assert_pure(step, state, batch())
+    before = torch.get_rng_state()
+    fnlit.testing.assert_pure(inner, state, batch())
+    assert torch.equal(torch.get_rng_state(), before)  # restored
+
+
+def test_assert_pure_accepts_nan_and_numpy_metrics_of_a_correct_step():
+    import numpy as np
+
+    model = torch.nn.Linear(8, 4)
+    inner = hand_step(model)
+
+    def step(state, b):
+        new, metrics = inner(state, b)
+        return new, {**metrics, "nan": float("nan"), "hist": np.arange(3.0)}
+
+    fnlit.testing.assert_pure(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), batch())
+
+
+def test_no_host_sync_flags_bincount():
+    with pytest.raises(fnlit.testing.HostSyncError, match="bincount"):
+        with fnlit.testing.no_host_sync():
+            torch.bincount(torch.tensor([0, 2, 2]))
+
+
+def test_assert_overfits_checks_every_member_of_an_ensemble():
+    from fnlit.ensemble import ensemble, ensemble_states
+
+    step = ensemble(hand_step(mlp()), 2)
+    x, y = batch()
+    fitting = ensemble_states(mlp, fnlit.optim.adam(0.05), seeds=[0, 1])
+    fnlit.testing.assert_overfits(step, fitting, (x, y), steps=60, below=0.05)
+    stuck = ensemble_states(mlp, fnlit.optim.adam(0.05), seeds=[0, 1], learning_rate=[0.05, 0.0])
+    with pytest.raises(AssertionError, match=r"loss went from \[.*, .*\] to \[.*, .*\] in 60 steps"):
+        fnlit.testing.assert_overfits(step, stuck, (x, y), steps=60, below=0.05)
