@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             return F.cross_entropy(logits, y)
 
         loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        # (a model with BatchNorm: return apply's new buffers as aux and pass buffers=new_buffers; see the README)
         return state.apply_gradients(grads), {"loss": loss}  # self.log("train/loss", loss)
 
     def eval_step(state, batch):                           # validation_step and test_step

@@ -291,6 +291,7 @@ def assert_overfits(
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
+        >>> _ = torch.manual_seed(0)  # the model's init and the batch
         >>> model = torch.nn.Linear(4, 1)
         >>> step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
         >>> state = fnlit.TrainState.create(model, fnlit.optim.adam(0.1), seed=0)
