@@ -347,6 +347,23 @@ def test_dynamic_shapes_compile_optimizers_with_python_float_hyperparameters(mod
     assert compiled.compiles <= 2  # one static graph, then one dynamic
 
 
+def test_capture_error_carries_the_message_of_an_error_raised_only_when_traced():
+    # dp_sgd_aggregate refuses to be traced (its noise is drawn eagerly); the CaptureError dropped its words.
+    model = torch.nn.Linear(4, 3)
+
+    def step(state, b):
+        def loss(p, ex):
+            return F.cross_entropy(fnlit.apply(model, p, {}, ex[0].unsqueeze(0))[0], ex[1].unsqueeze(0))
+
+        _, grads = fnlit.per_example_grads(loss, state.params, b)
+        return state.apply_gradients(grads), {}
+
+    tx = fnlit.optim.chain(fnlit.optim.dp_sgd_aggregate(1.0, 1.0), fnlit.optim.sgd(0.1))
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    with pytest.raises(CaptureError, match=r"(?s)when traced: RuntimeError\('dp_sgd_aggregate runs eagerly only"):
+        fnlit_compile(step, mode="eager")(state, (torch.randn(8, 4), torch.randint(0, 3, (8,))))
+
+
 def test_compile_rejects_data_parallel_and_bad_modes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(NotImplementedError, match="data_parallel.*uncompiled"):

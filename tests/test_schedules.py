@@ -35,6 +35,20 @@ def test_cosine_decay():
     _check(fo.cosine_decay(2.0, 20, alpha=0.1), ref, [0, 1, 10, 19, 20, 21, 100])
 
 
+def test_cosine_tail_keeps_float32_precision():
+    # 1 + cos(pi t / n) cancelled in float32 near t = n: the last steps' rate was 20 % off. Reference: the
+    # closed form in float64 (CosineAnnealingLR's), relative to float32's precision, on every one of the last steps.
+    n = 10000
+    steps = list(range(n - 300, n + 1)) + [0, 1, n // 2]
+    got = [fo.cosine_decay(1e-3, n)(t).item() for t in steps]
+    want = [1e-3 * 0.5 * (1 + math.cos(math.pi * t / n)) for t in steps]
+    assert max(abs(g - w) / w for g, w in zip(got[:-4] + got[-3:], want[:-4] + want[-3:])) < 1e-6
+    assert got[steps.index(n)] == 0.0
+    warm = fo.warmup_cosine(1.0, 100, n + 100)
+    tail = [warm(t + 100).item() / (0.5 * (1 + math.cos(math.pi * t / n))) - 1 for t in range(n - 50, n)]
+    assert max(abs(r) for r in tail) < 1e-6
+
+
 def test_warmup_cosine_matches_optax_formula():
     peak, warm, decay, init, end = 1e-3, 10, 100, 1e-5, 1e-6
 

@@ -449,7 +449,11 @@ class CompiledStep:
         lines = str(err).strip().splitlines()
         explanation = next((x.strip() for x in lines if x.strip().startswith("Explanation:")), lines[0] if lines else "")
         kind = _classify(err, linecache.getline(filename, lineno))
-        return _capture_error(kind, frames, explanation.removeprefix("Explanation: "))
+        detail = explanation.removeprefix("Explanation: ")
+        raised = re.search(r"raised exception (\w+\(.*\))\s*$", str(err), re.MULTILINE)
+        if raised is not None:  # an error raised only when traced (dp_sgd_aggregate's): its own words
+            detail = f"{detail} The step raised, when traced: {raised.group(1)}"
+        return _capture_error(kind, frames, detail)
 
     def __repr__(self) -> str:
         return f"CompiledStep({getattr(self.step, '__name__', self.step)!r}, donate={self.donate}, mode={self.mode!r}, compiles={self.compiles})"
