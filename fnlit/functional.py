@@ -472,9 +472,12 @@ def value_and_grad(
             return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
-        if torch.is_grad_enabled() and _any_requires_grad(sources):
-            # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad):
-            # functorch's transform keeps this gradient a function of the arguments; detached leaves would not.
+        if torch.is_grad_enabled() and (_NESTED.get() or _any_requires_grad(sources)):
+            # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad, with
+            # respect to the params or to an input): functorch's transform keeps this gradient a function of
+            # everything the loss reads; detached leaves and a first-order backward would not.
+            if frame is not None and frame.shard_group is not None:
+                raise NotImplementedError(_NESTED_SHARD)
             return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
         accumulating = frame is not None and frame.accum_k > 1
         # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
@@ -486,6 +489,7 @@ def value_and_grad(
             new_args[i] = tree
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)  # what torch.enable_grad() does, without its Python wrapper
+        nesting = _NESTED.set(True)  # a value_and_grad inside fn is differentiated again (see above)
         try:
             if autocast is None:
                 loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
@@ -499,6 +503,7 @@ def value_and_grad(
             else:
                 grads = _backward(target, None, inputs, accumulate=False)
         finally:
+            _NESTED.reset(nesting)
             torch._C._set_grad_enabled(grad_was_enabled)
         if shared is None and frame is not None:
             if frame.shard_group is not None:
@@ -516,6 +521,16 @@ def value_and_grad(
         return value, g
 
     return wrapped
+
+
+# True while an eager value_and_grad runs its function: a value_and_grad called inside it is differentiated again.
+_NESTED: ContextVar[bool] = ContextVar("fnlit_nested_value_and_grad", default=False)
+
+_NESTED_SHARD = (
+    "fnlit.shard cannot be combined with a value_and_grad inside another (a gradient penalty): differentiating "
+    "the inner gradient again would need a second-order backward through the parameter all-gather, which "
+    "fnlit.shard does not have. Run such a step under fnlit.data_parallel (whole parameters on every rank)."
+)
 
 
 def _any_requires_grad(tensors: list[Any]) -> bool:

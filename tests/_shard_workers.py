@@ -5,6 +5,7 @@ Each launch does several checks, because starting a process costs seconds on a s
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from helpers import batch, hand_step, mlp
 
 import fnlit
@@ -138,14 +139,24 @@ def errors():
     """Unsupported combinations raise clear errors on every rank."""
     model, state = make_state()
     out = {}
+    def penalised(state, batch):  # a gradient penalty: value_and_grad inside value_and_grad
+        def loss_fn(params):
+            inner = lambda p: F.cross_entropy(fnlit.apply(model, p, state.buffers, batch[0])[0], batch[1])  # noqa: E731
+            loss, g = fnlit.value_and_grad(inner)(params)
+            return loss + sum((v**2).sum() for v in g.values())
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
     for name, step in [
         ("shard(data_parallel)", shard(fnlit.data_parallel(hand_step(model)))),
         ("data_parallel(shard)", fnlit.data_parallel(shard(hand_step(model)))),
+        ("shard(gradient penalty)", shard(penalised)),
     ]:
         try:
             step(state, global_batch(0))
             out[name] = "no error"
-        except ValueError as e:
+        except (ValueError, NotImplementedError) as e:
             out[name] = str(e)
     return out
 

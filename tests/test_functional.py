@@ -223,6 +223,30 @@ def test_value_and_grad_nests_like_jax_for_a_gradient_penalty():
     torch.testing.assert_close(g["w"], ref_g["w"])  # not f's gradient alone: the penalty is differentiated too
 
 
+def test_a_gradient_with_respect_to_an_input_inside_value_and_grad_is_differentiated_too():
+    # WGAN-GP's penalty (and a physics-informed loss): the inner gradient is taken with respect to an input that
+    # does not require grad, and reads the outer params. It was taken first-order on detached leaves, cut off
+    # from the params ("the loss does not depend on the arguments"). Reference: plain autograd, create_graph.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(6, 8)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)
+
+    def penalty(p):
+        _, gx = fnlit.value_and_grad(lambda xx: fnlit.apply(model, p, state.buffers, xx)[0].sum())(x)
+        return ((gx.norm(dim=1) - 1) ** 2).mean()
+
+    value, grads = fnlit.value_and_grad(penalty)(state.params)
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(model(xr).sum(), xr, create_graph=True)
+    want = ((gx.norm(dim=1) - 1) ** 2).mean()
+    want.backward()
+    torch.testing.assert_close(value, want.detach())
+    for name, param in model.named_parameters():
+        want_g = torch.zeros_like(param) if param.grad is None else param.grad  # the last bias: no effect on gx
+        torch.testing.assert_close(grads[name], want_g, rtol=1e-5, atol=1e-7)
+
+
 def test_value_and_grad_argnums_tuple_gives_a_tuple_under_vmap_too():
     p, xs = {"w": torch.randn(3)}, torch.randn(4, 3)
     vg = fnlit.value_and_grad(lambda p, x: (p["w"] * x).sum(), argnums=(0,))
