@@ -345,7 +345,10 @@ def ensemble(
     shape ``(n,)``. Member ``i`` follows exactly the updates it would follow alone (to float rounding),
     with its own params, optimizer state, hyperparameters and key. Optimizers run their per-leaf
     functional implementation under vmap (sgd, adam, adamw, clip_by_global_norm, schedules all do).
-    BatchNorm statistics are per member (the buffers are stacked too).
+    BatchNorm statistics are per member (the buffers are stacked too). Float16 :func:`fnlit.amp` goes
+    inside (``ensemble(amp(step, torch.float16), n)``: each member has its own loss scale). A BatchNorm
+    model under bfloat16 amp fails inside vmap on the CPU ("expected scalar type BFloat16 but found
+    Float"): a limitation of PyTorch's vmap with CPU autocast, seen without fnlit too.
 
     Args:
         step: ``(state, batch) -> (state, metrics)`` for one model; pure, as every fnlit step.

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,8 +48,10 @@ def _count(count: int | torch.Tensor) -> torch.Tensor:
     return _exact_count(count).to(torch.float32)
 
 
-def _check(name: str, arg: str, value: float, ok: bool, expected: str) -> None:
-    if not ok:
+def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # before comparing: "10" < 0 is Python's TypeError
+        raise TypeError(f"{name} expected {arg} as a number, got {type(value).__name__} {value!r} instead.")
+    if not ok(value):
         raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.")
 
 
@@ -81,7 +84,7 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
         >>> linear_warmup(1.0, 4)(1)
         tensor(0.2500)
     """
-    _check("linear_warmup", "warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0")
+    _check("linear_warmup", "warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         t = _count(count)
@@ -113,8 +116,8 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
         >>> cosine_decay(1.0, 10)(5)
         tensor(0.5000)
     """
-    _check("cosine_decay", "decay_steps", decay_steps, decay_steps > 0, "> 0")
-    _check("cosine_decay", "alpha", alpha, 0.0 <= alpha <= 1.0, "in [0, 1]")
+    _check("cosine_decay", "decay_steps", decay_steps, lambda v: v > 0, "> 0")
+    _check("cosine_decay", "alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         t = torch.clamp(_count(count), max=float(decay_steps))
@@ -138,8 +141,8 @@ def warmup_cosine(
         >>> warmup_cosine(1.0, warmup_steps=10, decay_steps=110)(60)
         tensor(0.5000)
     """
-    _check("warmup_cosine", "warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0")
-    _check("warmup_cosine", "decay_steps", decay_steps, decay_steps > warmup_steps, f"> warmup_steps ({warmup_steps})")
+    _check("warmup_cosine", "warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
+    _check("warmup_cosine", "decay_steps", decay_steps, lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})")
     span = decay_steps - warmup_steps
 
     def cosine(count: int | torch.Tensor) -> torch.Tensor:
@@ -159,8 +162,8 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
         >>> step_decay(1.0, step_size=10, gamma=0.5)(25)
         tensor(0.2500)
     """
-    _check("step_decay", "step_size", step_size, step_size > 0, "> 0")
-    _check("step_decay", "gamma", gamma, gamma >= 0, ">= 0")
+    _check("step_decay", "step_size", step_size, lambda v: v > 0, "> 0")
+    _check("step_decay", "gamma", gamma, lambda v: v >= 0, ">= 0")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         # The number of decays from the exact count (in float32, t / step_size was off by one above 2**24)
