@@ -229,6 +229,12 @@ def _copies(params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor
     return None if params is None else {k: v.detach().clone() for k, v in params.items()}
 
 
+def _with_average(state: TrainState, average: Mapping[str, torch.Tensor]) -> TrainState:
+    """``state`` with the average's copies as params: the callback keeps updating its own tensors in place,
+    and a step that donates the returned state (training on from it) writes into its params."""
+    return state.replace(params={**state.params, **{k: v.detach().clone() for k, v in average.items()}})
+
+
 def _placed(params: dict[str, torch.Tensor], state: TrainState, who: str) -> dict[str, torch.Tensor]:
     """An average (loaded from a checkpoint, or kept from an earlier fit) on ``state``'s devices and dtypes."""
     expected = {k: v for k, v in state.params.items() if v.is_floating_point()}
@@ -297,10 +303,11 @@ class EMA(Callback):
         torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in self._keys], 1.0 - self.decay)
 
     def state(self, state: TrainState) -> TrainState:
-        """``state`` with its params replaced by the average (for :func:`fnlit.evaluate` or export)."""
+        """``state`` with its params replaced by a copy of the average (for :func:`fnlit.evaluate`, export or
+        training on)."""
         if self.params is None:
             raise ValueError("EMA.state: no average yet; run fnlit.fit(..., callbacks=[ema]) first.")
-        return state.replace(params={**state.params, **self.params})
+        return _with_average(state, self.params)
 
 
 class SWA(Callback):
@@ -377,10 +384,11 @@ class SWA(Callback):
         self.n_averaged += 1
 
     def state(self, state: TrainState) -> TrainState:
-        """``state`` with its params replaced by the average (for :func:`fnlit.evaluate` or export)."""
+        """``state`` with its params replaced by a copy of the average (for :func:`fnlit.evaluate`, export or
+        training on)."""
         if self.params is None:
             raise ValueError(f"SWA.state: nothing averaged yet (averaging starts at epoch {self.start}).")
-        return state.replace(params={**state.params, **self.params})
+        return _with_average(state, self.params)
 
 
 def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | None) -> float | None:

@@ -522,6 +522,8 @@ def fit(
             stacklevel=2,
         )
     validated = bool(position.get("validated"))  # saved by an epoch-end validation: that one is done
+    # saved by a Ctrl-C during a validation after a batch: the resumed run does that validation first
+    unfinished = bool(position.get("validation_unfinished"))
     all_callbacks = list(callbacks) + ([Timer(max_time)] if max_time is not None else [])
     if not plan.validate:
         _warn_unwatched(all_callbacks, checkpoint)
@@ -574,7 +576,11 @@ def fit(
             logger.log_metrics(metrics, steps)
         bar.set_metrics(steps, metrics)
 
+    validating = False  # an in-loop validation has started and not finished (a second Ctrl-C can cut it off)
+
     def validate(epoch_end: bool = False) -> None:
+        nonlocal validating
+        validating = not epoch_end  # (an epoch-end one is redone anyway: its position is the epoch's end)
         hooks("on_validation_start", state)
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
         log.claim(metrics, "the eval step")
@@ -588,6 +594,7 @@ def fit(
             checkpoint.on_validation(state, {**where(epoch, b), "validated": True} if epoch_end else where(epoch, b), metrics)
         if distributed:  # an EarlyStopping decision takes effect now, not at the next log interval
             agree()
+        validating = False
 
     with _Signals() as signals, _outputs(progress, logger, owned) as bar:
         try:
@@ -599,6 +606,8 @@ def fit(
                 halt = halting()
             if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
                 evaluate(eval_step, state, val_data, plan.sanity_steps)  # type: ignore[arg-type]
+            if unfinished and plan.validate and not halt:  # the validation a Ctrl-C cut off, as the first run had it
+                validate()
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
                 val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
                 count_across = plan.val_every_n_epoch is None
@@ -654,5 +663,8 @@ def fit(
         if checkpoint is not None:
             if distributed:  # a signal after the last vote reached some ranks only: on_exit's save is a collective
                 _, signals.reason = _agree(False, signals.reason, state.device)
-            checkpoint.on_exit(state, where(epoch, b), signals.reason or "finished")
+            exit_position = where(epoch, b)
+            if validating:  # cut off after its batch: the resumed run does it first
+                exit_position["validation_unfinished"] = True
+            checkpoint.on_exit(state, exit_position, signals.reason or "finished")
     return state

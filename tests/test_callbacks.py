@@ -241,3 +241,34 @@ def test_update_bn_matches_torch_swa_utils():
     for name, buf in reference.named_buffers():
         torch.testing.assert_close(new.buffers[name], buf)
     assert int(state.buffers["1.num_batches_tracked"]) == 0 and model[1].momentum == 0.1  # nothing else changed
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_training_on_from_the_ema_state_leaves_the_average_and_the_input_alone(donate):
+    # EMA.state() handed out the callback's own tensors: a donated step trained on from it wrote into the
+    # average (which became the raw params), and undonated, the EMA's updates changed fit's input state.
+    # Reference: the EMA computed by hand over the same steps.
+    import torch.nn.functional as F
+
+    from fnlit.callbacks import EMA
+    from fnlit.data import ArrayLoader
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(1)
+    data = ArrayLoader(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g), batch_size=8, shuffle=False)
+    step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    ema = EMA(0.5)
+    state = fnlit.fit(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), data, max_epochs=1,
+                      callbacks=[ema], progress=False)
+    start = ema.state(state)
+    given = {k: v.clone() for k, v in start.params.items()}
+    hand, s = {k: v.clone() for k, v in ema.params.items()}, start
+    for b in data.batches(0, 0, 0, shuffle=False):
+        s, _ = step(s, b)
+        hand = {k: 0.5 * hand[k] + 0.5 * s.params[k] for k in hand}
+    fnlit.fit(fnlit.donating(step) if donate else step, start, data, max_epochs=1, callbacks=[ema], progress=False)
+    for k in hand:
+        torch.testing.assert_close(ema.params[k], hand[k], rtol=0, atol=1e-7)
+    if not donate:  # (a donated input is poisoned, by design)
+        assert all(torch.equal(start.params[k], given[k]) for k in given)

@@ -364,6 +364,20 @@ def test_capture_error_carries_the_message_of_an_error_raised_only_when_traced()
         fnlit_compile(step, mode="eager")(state, (torch.randn(8, 4), torch.randint(0, 3, (8,))))
 
 
+def test_a_compiled_ensemble_seeds_from_its_members_keys_and_matches_the_eager_ensemble():
+    # compile(ensemble(step, n)) tried to seed from the stacked (n,) keys and failed on its first call.
+    from fnlit.ensemble import ensemble, ensemble_states
+
+    step = ensemble(hand_step(mlp()), 3)
+    states = ensemble_states(mlp, fnlit.optim.adamw(1e-2), seeds=[0, 1, 2])
+    compiled = fnlit_compile(step, mode="eager")
+    got = want = states
+    for i in range(2):
+        got, _ = compiled(got, batch(seed=i))
+        want, _ = step(want, batch(seed=i))
+    assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+
+
 def test_compile_rejects_data_parallel_and_bad_modes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(NotImplementedError, match="data_parallel.*uncompiled"):

@@ -390,6 +390,35 @@ def test_a_run_killed_while_validating_validates_that_step_again_on_resume(tmp_p
     assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
 
 
+def test_a_ctrl_c_during_a_validation_saves_a_position_that_does_that_validation_on_resume(tmp_path):
+    # A second Ctrl-C (KeyboardInterrupt) during the validation after step 10: fit saves and returns; the exit
+    # position said step 10 and its validation were done, so the resumed run skipped it. Reference: the
+    # uninterrupted run's validations.
+    from fnlit.checkpoint import Checkpointer
+
+    def run(interrupt_at=None):
+        c, seen = Counter(), []
+
+        def eval_step(state, batch):
+            if int(state.step) == interrupt_at:
+                raise KeyboardInterrupt
+            seen.append(int(state.step))
+            return c.eval_step(state, batch)
+
+        kw = dict(max_epochs=1, val_data=[torch.tensor([1.0])], eval_step=eval_step, val_check_interval=5, num_sanity_val_steps=0,
+                  checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=100), progress=False)  # fmt: skip
+        return kw, seen
+
+    kw, uninterrupted = run()
+    fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), **{**kw, "checkpoint": None})
+    kw, first = run(interrupt_at=10)
+    stopped = fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), **kw)  # saves, returns
+    kw, resumed = run()
+    fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), ckpt_path="last", **kw)
+    assert int(stopped.step) == 10
+    assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
+
+
 def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
     from fnlit.callbacks import EarlyStopping, Timer
     from fnlit.checkpoint import Checkpointer

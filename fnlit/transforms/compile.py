@@ -170,6 +170,16 @@ def _classify(err: Exception, code: str) -> str:
     return "other"
 
 
+def _one_key(rng: torch.Tensor) -> torch.Tensor:
+    """The key the compiled step seeds from: the state's, or one from an ensemble's stacked keys (as fnlit.ensemble
+    seeds its vmapped step eagerly)."""
+    if rng.dim() == 0:
+        return rng
+    from ..ensemble import _fold_keys
+
+    return _fold_keys(rng)
+
+
 def _check_donatable(state: Any, new: Any) -> None:
     """Raises when a donated state's tensor would be overwritten by one of another shape or dtype (copy_ would
     broadcast or cast it silently)."""
@@ -421,7 +431,7 @@ class CompiledStep:
                 if self._needs_seed is False:
                     new_leaves, metrics = compiled(*leaves)
                 else:
-                    with _random.seeded(state.rng, state.device):
+                    with _random.seeded(_one_key(state.rng), state.device):
                         new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
