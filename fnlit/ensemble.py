@@ -324,9 +324,10 @@ class EnsembleStep:
         frame = _current_frame()
         if frame is not None and frame.scaler is not None:
             raise ValueError(
-                "fnlit.amp(fnlit.ensemble(step, n), torch.float16) scales every member's loss by one frame's loss "
-                "scale, which the members do not share: put amp inside, fnlit.ensemble(fnlit.amp(step, "
-                "torch.float16), n), and each member follows its own scale (state.scaler is stacked too)."
+                "float16 fnlit.amp with fnlit.ensemble needs each member's own loss scale, but a transform around the "
+                "ensemble (amp, or an accumulate whose frame the members' amp shares) holds one for all: put amp and "
+                "any accumulate inside, fnlit.ensemble(fnlit.accumulate(fnlit.amp(step, torch.float16), k), n), and "
+                "each member follows its own scale (state.scaler is stacked too)."
             )
         traced = _random._is_traced(state.rng)  # under an outer transform, the outermost one seeds
         with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):

@@ -140,10 +140,10 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
 
 def _bitwise_equal(a: Any, b: Any) -> bool:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):  # a numpy metric: compared as a tensor
+        if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):  # numpy: as tensors
             try:
-                return _bitwise_equal(torch.as_tensor(a), torch.as_tensor(b))
-            except (TypeError, RuntimeError):
+                return _bitwise_equal(torch.as_tensor(np.ascontiguousarray(a)), torch.as_tensor(np.ascontiguousarray(b)))
+            except (TypeError, RuntimeError, ValueError):  # object arrays, strings
                 return bool(np.array_equal(a, b))
         if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
             return True  # a NaN metric is the same NaN twice

@@ -203,8 +203,18 @@ def test_ensemble_states_rejects_sweeps_that_would_do_nothing():
 
 def test_float16_amp_outside_an_ensemble_says_to_put_it_inside():
     stacked = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1], loss_scale="dynamic")
-    with pytest.raises(ValueError, match=r"put amp inside, fnlit.ensemble\(fnlit.amp\(step"):
-        fnlit.amp(ensemble(hand_step(mlp()), 2), torch.float16)(stacked, batch())
+    for outer in (
+        lambda: fnlit.amp(ensemble(hand_step(mlp()), 2), torch.float16),
+        lambda: fnlit.accumulate(ensemble(fnlit.amp(hand_step(mlp()), torch.float16), 2), 2),  # amp joins accumulate's frame
+    ):
+        with pytest.raises(ValueError, match=r"put amp and any accumulate inside, fnlit.ensemble\(fnlit.accumulate\(fnlit.amp"):
+            outer()(stacked, batch())
+    # the order it says works, and equals each member trained alone with that step
+    inner = fnlit.accumulate(fnlit.amp(hand_step(mlp()), torch.float16), 2)
+    got, _ = ensemble(inner, 2)(stacked, batch())
+    for i in range(2):
+        alone, _ = inner(unstack_state(stacked, i), batch())
+        assert_trees_close(unstack_state(got, i).params, alone.params, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("wd", [1e-2, torch.tensor(0.0)])

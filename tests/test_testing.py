@@ -297,7 +297,8 @@ def test_assert_pure_accepts_nan_and_numpy_metrics_of_a_correct_step():
 
     def step(state, b):
         new, metrics = inner(state, b)
-        return new, {**metrics, "nan": float("nan"), "hist": np.arange(3.0)}
+        return new, {**metrics, "nan": float("nan"), "hist": np.arange(3.0), "np_nan": np.float32("nan"),
+                     "top": np.arange(3.0)[::-1]}  # a numpy scalar NaN (a float32 array's mean), a reversed view
 
     fnlit.testing.assert_pure(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), batch())
 

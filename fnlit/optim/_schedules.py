@@ -49,8 +49,11 @@ def _count(count: int | torch.Tensor) -> torch.Tensor:
 
 
 def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # before comparing: "10" < 0 is Python's TypeError
-        raise TypeError(f"{name} expected {arg} as a number, got {type(value).__name__} {value!r} instead.")
+    real = isinstance(value, numbers.Real) or (
+        isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    )
+    if isinstance(value, bool) or not real:  # before comparing: "10" < 0 is Python's TypeError
+        raise TypeError(f"{name} expected {arg} as a number (or a 0-d tensor), got {type(value).__name__} {value!r} instead.")
     if not ok(value):
         raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.")
 

@@ -27,6 +27,7 @@ NotImplementedError (see :func:`compile`).
 from __future__ import annotations
 
 import linecache
+import os
 import re
 import sysconfig
 import types
@@ -108,8 +109,12 @@ _INSTALLED = tuple({_PATHS["purelib"], _PATHS["platlib"]})
 
 
 def _in_stdlib(filename: str) -> bool:
-    """Whether ``filename`` is the standard library's (a logging call's frames), not an installed package's."""
-    return filename.startswith(_STDLIB) and not filename.startswith(_INSTALLED)
+    """Whether ``filename`` is the standard library's (a logging call's frames), not an installed package's (a
+    virtualenv's, or the base interpreter's site-packages seen from a venv with system site packages)."""
+    return (
+        filename.startswith(_STDLIB) and not filename.startswith(_INSTALLED)
+        and f"{os.sep}site-packages{os.sep}" not in filename and f"{os.sep}dist-packages{os.sep}" not in filename
+    )
 
 
 def _user_frame(frames: list[tuple[str, int]]) -> tuple[str, int]:
