@@ -293,9 +293,11 @@ def apply(
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
                 m.training = was
+    reassigned = []
     for name in reassignable:  # reassigned by the forward: the update
         if tensors[name] is not new_buffers[name]:
             new_buffers[name] = tensors[name].detach()
+            reassigned.append(name)
     if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
         slots.probed = True
@@ -309,9 +311,17 @@ def apply(
     if mutable is False:
         return out, dict(buffers)
     if copy and train and not traced:  # statistics the forward updated: apply_gradients must get them
-        updated = [n for n in copy if n in slots.copied and new_buffers[n] is not buffers[n]]
+        # Written in place (a fresh copy's version moved) or reassigned; not a frozen (eval-mode) BatchNorm's,
+        # whose copies nothing wrote. BatchNorm's kernel moves no version for its running statistics, only
+        # num_batches_tracked's (bumped by the same update): that one stands for all three.
+        updated = [n for n in copy if n in slots.copied and (new_buffers[n]._version or n in reassigned)]
         if updated:
-            _UPDATED_FROM.set((buffers, updated))
+            names = set(updated)
+            for n in updated:
+                if n.endswith("num_batches_tracked"):
+                    stem = n[: -len("num_batches_tracked")]
+                    names.update(k for k in (stem + "running_mean", stem + "running_var") if k in new_buffers)
+            _UPDATED_FROM.set((buffers, sorted(names)))
     return out, new_buffers
 
 
@@ -320,8 +330,9 @@ _DROPPED_BUFFERS = (
     "mode) updated the buffers {names}: the new state keeps the old ones, so they never change (BatchNorm's "
     "running statistics stay at their initial values, and evaluation uses those). Pass what fnlit.apply "
     "returned: `out, new_buffers = fnlit.apply(...)` and `state.apply_gradients(grads, buffers=new_buffers)` "
-    "(return them from the loss function as aux: fnlit.value_and_grad(loss_fn, has_aux=True)). To keep the "
-    "old buffers on purpose, pass buffers=state.buffers, or call fnlit.apply with mutable=False."
+    "(return them from the loss function as aux: fnlit.value_and_grad(loss_fn, has_aux=True)), rather than "
+    "setting them afterwards with .replace(buffers=...). To keep the old buffers on purpose, pass "
+    "buffers=state.buffers, or call fnlit.apply with mutable=False."
 )
 
 
@@ -332,7 +343,7 @@ def check_buffers_kept(buffers: Mapping[str, Any], changes: Mapping[str, Any]) -
         return
     _UPDATED_FROM.set(None)
     if "buffers" not in changes and seen[0] is buffers:
-        names = sorted(seen[1])
+        names = seen[1]
         warnings.warn(_DROPPED_BUFFERS.format(names=names[:4] + (["..."] if len(names) > 4 else [])), stacklevel=3)
 
 
@@ -474,11 +485,11 @@ def value_and_grad(
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
         if torch.is_grad_enabled() and (_NESTED.get() or _any_requires_grad(sources)):
             # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad, with
-            # respect to the params or to an input): functorch's transform keeps this gradient a function of
-            # everything the loss reads; detached leaves and a first-order backward would not.
+            # respect to the params or to an input): a backward with create_graph keeps this gradient a function
+            # of everything the loss reads; detached leaves and a first-order backward would not.
             if frame is not None and frame.shard_group is not None:
                 raise NotImplementedError(_NESTED_SHARD)
-            return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
+            return _nested_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs, flat, sources)
         accumulating = frame is not None and frame.accum_k > 1
         # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
         # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
@@ -554,6 +565,31 @@ def _regroup(flat: list[tuple[list[Any], Any]], leaves: list[Any]) -> list[Any]:
 def _device_type(tree: Any) -> str:
     leaves = _tree.tree_leaves(tree)
     return leaves[0].device.type if leaves else "cpu"
+
+
+def _nested_path(fn, argnums, has_aux, frame, autocast, args, kwargs, flat, sources):  # type: ignore[no-untyped-def]
+    """value_and_grad whose result is differentiated again (eager): plain autograd with ``create_graph``.
+
+    Sources that already require grad (the outer call's leaves) are differentiated as they are, the others on
+    fresh leaves; the gradients and the value stay connected to everything the loss read, as with
+    ``torch.autograd.grad(..., create_graph=True)`` (which, unlike a torch.func transform, also runs forwards
+    that update buffers in place or read a tensor on the host).
+    """
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in sources]
+    new_args = list(args)
+    for i, tree in zip(nums, _regroup(flat, inputs)):
+        new_args[i] = tree
+    with autocast:
+        loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
+    target = frame.scale_loss(loss) if frame is not None else loss
+    if not target.requires_grad:
+        raise RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
+    grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
+    if frame is not None:
+        frame.unscale_(grads)  # out of place: they require grad
+    out_grads = _regroup(flat, grads)
+    return ((loss, aux) if has_aux else loss), (out_grads[0] if isinstance(argnums, int) else tuple(out_grads))
 
 
 def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]

@@ -589,12 +589,12 @@ def fit(
             logger.log_metrics(metrics, steps)
             logger.flush()
         hooks("on_validation", state, metrics)
+        validating = False  # the callbacks have counted it (EarlyStopping): a resume must not do it again
         if checkpoint is not None:
             # An epoch-end validation runs after its batch's checkpoint: a best saved here says it is done.
             checkpoint.on_validation(state, {**where(epoch, b), "validated": True} if epoch_end else where(epoch, b), metrics)
         if distributed:  # an EarlyStopping decision takes effect now, not at the next log interval
             agree()
-        validating = False
 
     with _Signals() as signals, _outputs(progress, logger, owned) as bar:
         try:
@@ -608,6 +608,8 @@ def fit(
                 evaluate(eval_step, state, val_data, plan.sanity_steps)  # type: ignore[arg-type]
             if unfinished and plan.validate and not halt:  # the validation a Ctrl-C cut off, as the first run had it
                 validate()
+                if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now
+                    halt = halting()
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
                 val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
                 count_across = plan.val_every_n_epoch is None

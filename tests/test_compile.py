@@ -378,6 +378,20 @@ def test_a_compiled_ensemble_seeds_from_its_members_keys_and_matches_the_eager_e
     assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
 
 
+def test_an_eager_training_forward_before_compiling_does_not_break_the_capture():
+    # An eager training-mode fnlit.apply (a shape check) left the dropped-statistics marker set, and the
+    # compiled step's apply_gradients then read and reset it inside the trace: a CaptureError.
+    torch.manual_seed(0)
+    model = mlp(bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(model, state.params, state.buffers, batch()[0])
+    step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    got, _ = fnlit_compile(step, mode="eager")(state, batch())
+    want, _ = step(state, batch())
+    assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+    assert_trees_close(got.buffers, want.buffers, rtol=1e-5, atol=1e-6)
+
+
 def test_compile_rejects_data_parallel_and_bad_modes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(NotImplementedError, match="data_parallel.*uncompiled"):

@@ -419,6 +419,48 @@ def test_a_ctrl_c_during_a_validation_saves_a_position_that_does_that_validation
     assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
 
 
+@pytest.mark.parametrize("cut", ["in the eval step", "in the best save, after the callbacks counted it"])
+def test_a_ctrl_c_in_the_validation_that_stops_training_resumes_to_the_same_stop(tmp_path, cut, monkeypatch):
+    # EarlyStopping(patience=1) stops after the validation at step 10 (the loss grows). Cut off by a second
+    # Ctrl-C before the callbacks saw it, the resume redoes it and stops there too (it trained one more
+    # step); cut off after they counted it (in the best checkpoint's save), the resume must not count it twice
+    # (with patience 2 it stopped a validation early).
+    from fnlit.callbacks import EarlyStopping
+    from fnlit.checkpoint import Checkpointer
+
+    def run(interrupt=False, resume=False, ckpt=True):
+        seen = []
+
+        def eval_step(state, batch):
+            if interrupt and cut == "in the eval step" and int(state.step) == 10:
+                raise KeyboardInterrupt
+            seen.append(int(state.step))
+            return {"loss": state.step.float()}  # grows: no improvement after the first validation
+
+        checkpointer = Checkpointer(tmp_path / "ck", every_n_steps=100, monitor="val/loss", keep_best=1) if ckpt else None
+        if interrupt and cut != "in the eval step":
+            saves = checkpointer.on_validation
+
+            def cut_off(state, position, metrics):
+                if int(state.step) == 10:
+                    raise KeyboardInterrupt
+                saves(state, position, metrics)
+
+            monkeypatch.setattr(checkpointer, "on_validation", cut_off)
+        state = fit(Counter().step, make_state(), ArrayLoader(torch.arange(30), batch_size=1), max_epochs=1,
+                    val_data=[torch.tensor([1.0])], eval_step=eval_step, val_check_interval=5, num_sanity_val_steps=0,
+                    callbacks=[EarlyStopping("val/loss", patience=1)], checkpoint=checkpointer,
+                    ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+        return int(state.step), seen
+
+    assert run(ckpt=False) == (10, [5, 10])
+    run(interrupt=True)
+    if cut == "in the eval step":
+        assert run(resume=True) == (10, [10])
+    else:  # not validated again (counted once); the stop decision itself is not saved: it stops at the next one
+        assert run(resume=True) == (15, [15])
+
+
 def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
     from fnlit.callbacks import EarlyStopping, Timer
     from fnlit.checkpoint import Checkpointer

@@ -212,3 +212,13 @@ def test_a_model_whose_buffers_no_forward_updates_does_not_warn():
 
     for _ in range(2):  # the first forward probes copies of the buffers; nothing moved them
         state, _ = plain_step(state, (torch.randn(8, 4), torch.randn(8, 1)))  # the suite makes a warning an error
+
+
+def test_a_frozen_batchnorm_whose_statistics_nothing_updates_does_not_warn():
+    # BatchNorm in eval mode (frozen): the forward updates nothing, so a step without buffers= drops nothing.
+    model, step = _bn_step(keep="none")
+    model[1].eval()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for _ in range(2):  # the suite makes a warning an error
+        state, _ = step(state, (torch.randn(16, 4), torch.randn(16, 1)))
+    assert torch.equal(state.buffers["1.running_mean"], torch.zeros(8))  # as PyTorch's frozen BatchNorm: unchanged

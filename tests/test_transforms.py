@@ -538,3 +538,24 @@ def test_float16_accumulate_returns_each_micro_batchs_own_gradient_and_never_cha
         norms.append(norm([g / 1024.0 for g in grads]))
     torch.testing.assert_close(m["before"], torch.stack(norms).mean(), rtol=1e-4, atol=0)
     assert torch.equal(m["after"], m["before"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_out_of_place_unscale_is_bitwise_torchs_kernel(dtype):
+    # The out-of-place unscale (gradients that require grad, or batched ones) against the in-place kernel
+    # torch.amp.GradScaler uses, on the same gradients: values, dtype (a 0-d half gradient stayed half in
+    # place but became float32 out of place) and the overflow flag.
+    from fnlit.transforms._frame import Frame
+
+    scale = torch.tensor(2.0**13)
+    for values in ([3.0, -0.5], [float("inf"), 1.0], [7.0]):
+        grads = [torch.tensor(values[0], dtype=dtype), torch.tensor(values, dtype=dtype)]
+        f = Frame()
+        f.set_amp(torch.float16, fnlit.transforms.init_loss_scale(2.0**13), torch.device("cpu"))
+        out = [g.clone().requires_grad_() for g in grads]
+        f.unscale_(out)
+        want, found = [g.clone() for g in grads], torch.zeros(())
+        torch._amp_foreach_non_finite_check_and_unscale_(want, found, scale.double().reciprocal().float())
+        for o, w in zip(out, want):
+            assert o.dtype == w.dtype and torch.equal(o.detach(), w)
+        assert torch.equal(f.found_inf, found)

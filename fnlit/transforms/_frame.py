@@ -152,7 +152,7 @@ class Frame:
             # its own overflow flag.
             bad = torch.stack([~torch.isfinite(g.detach()).all() for g in grads]).any().float()
             self.found_inf = torch.maximum(self.found_inf, bad)
-            grads[:] = [g * inv_scale for g in grads]
+            grads[:] = [(g * inv_scale).to(g.dtype) for g in grads]  # a 0-d half gradient stays half, as in place
         else:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
 
