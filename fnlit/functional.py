@@ -310,7 +310,8 @@ def apply(
         _learn_updated(module, slots, changed)
     if mutable is False:
         return out, dict(buffers)
-    if copy and train and not traced:  # statistics the forward updated: apply_gradients must get them
+    if copy and train and not traced and not torch.is_inference_mode_enabled():  # (inference tensors have no versions)
+        # statistics the forward updated: apply_gradients must get them.
         # Written in place (a fresh copy's version moved) or reassigned; not a frozen (eval-mode) BatchNorm's,
         # whose copies nothing wrote. BatchNorm's kernel moves no version for its running statistics, only
         # num_batches_tracked's (bumped by the same update): that one stands for all three.
