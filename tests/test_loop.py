@@ -390,41 +390,20 @@ def test_a_run_killed_while_validating_validates_that_step_again_on_resume(tmp_p
     assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
 
 
-def test_a_ctrl_c_during_a_validation_saves_a_position_that_does_that_validation_on_resume(tmp_path):
-    # A second Ctrl-C (KeyboardInterrupt) during the validation after step 10: fit saves and returns; the exit
+@pytest.mark.parametrize(
+    "cut, stops, resumed",
+    [
+        ("in the eval step", False, (15, [10, 15])),  # redone first, then training goes on
+        ("in the eval step", True, (10, [10])),  # redone first, and its EarlyStopping decision stops there
+        # after the callbacks counted it (in the best checkpoint's save): not counted twice (with patience 2 it
+        # stopped a validation early); the stop decision itself is not saved: it stops at the next validation
+        ("in the best save", True, (15, [15])),
+    ],
+)
+def test_a_ctrl_c_during_a_validation_resumes_as_the_uninterrupted_run_validates(tmp_path, monkeypatch, cut, stops, resumed):
+    # A second Ctrl-C (KeyboardInterrupt) during the validation after step 10: fit saves and returns. The exit
     # position said step 10 and its validation were done, so the resumed run skipped it. Reference: the
-    # uninterrupted run's validations.
-    from fnlit.checkpoint import Checkpointer
-
-    def run(interrupt_at=None):
-        c, seen = Counter(), []
-
-        def eval_step(state, batch):
-            if int(state.step) == interrupt_at:
-                raise KeyboardInterrupt
-            seen.append(int(state.step))
-            return c.eval_step(state, batch)
-
-        kw = dict(max_epochs=1, val_data=[torch.tensor([1.0])], eval_step=eval_step, val_check_interval=5, num_sanity_val_steps=0,
-                  checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=100), progress=False)  # fmt: skip
-        return kw, seen
-
-    kw, uninterrupted = run()
-    fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), **{**kw, "checkpoint": None})
-    kw, first = run(interrupt_at=10)
-    stopped = fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), **kw)  # saves, returns
-    kw, resumed = run()
-    fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), ckpt_path="last", **kw)
-    assert int(stopped.step) == 10
-    assert uninterrupted == [5, 10, 15] and first == [5] and resumed == [10, 15]
-
-
-@pytest.mark.parametrize("cut", ["in the eval step", "in the best save, after the callbacks counted it"])
-def test_a_ctrl_c_in_the_validation_that_stops_training_resumes_to_the_same_stop(tmp_path, cut, monkeypatch):
-    # EarlyStopping(patience=1) stops after the validation at step 10 (the loss grows). Cut off by a second
-    # Ctrl-C before the callbacks saw it, the resume redoes it and stops there too (it trained one more
-    # step); cut off after they counted it (in the best checkpoint's save), the resume must not count it twice
-    # (with patience 2 it stopped a validation early).
+    # uninterrupted run's validations; EarlyStopping(patience=1) on a growing loss stops after step 10's.
     from fnlit.callbacks import EarlyStopping
     from fnlit.checkpoint import Checkpointer
 
@@ -438,7 +417,7 @@ def test_a_ctrl_c_in_the_validation_that_stops_training_resumes_to_the_same_stop
             return {"loss": state.step.float()}  # grows: no improvement after the first validation
 
         checkpointer = Checkpointer(tmp_path / "ck", every_n_steps=100, monitor="val/loss", keep_best=1) if ckpt else None
-        if interrupt and cut != "in the eval step":
+        if interrupt and cut == "in the best save":
             saves = checkpointer.on_validation
 
             def cut_off(state, position, metrics):
@@ -447,18 +426,15 @@ def test_a_ctrl_c_in_the_validation_that_stops_training_resumes_to_the_same_stop
                 saves(state, position, metrics)
 
             monkeypatch.setattr(checkpointer, "on_validation", cut_off)
-        state = fit(Counter().step, make_state(), ArrayLoader(torch.arange(30), batch_size=1), max_epochs=1,
+        state = fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), max_epochs=1,
                     val_data=[torch.tensor([1.0])], eval_step=eval_step, val_check_interval=5, num_sanity_val_steps=0,
-                    callbacks=[EarlyStopping("val/loss", patience=1)], checkpoint=checkpointer,
+                    callbacks=[EarlyStopping("val/loss", patience=1)] if stops else [], checkpoint=checkpointer,
                     ckpt_path="last" if resume else None, progress=False)  # fmt: skip
         return int(state.step), seen
 
-    assert run(ckpt=False) == (10, [5, 10])
-    run(interrupt=True)
-    if cut == "in the eval step":
-        assert run(resume=True) == (10, [10])
-    else:  # not validated again (counted once); the stop decision itself is not saved: it stops at the next one
-        assert run(resume=True) == (15, [15])
+    assert run(ckpt=False) == ((10, [5, 10]) if stops else (15, [5, 10, 15]))
+    assert run(interrupt=True) == (10, [5] if cut == "in the eval step" else [5, 10])  # saved, returned
+    assert run(resume=True) == resumed
 
 
 def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
