@@ -144,10 +144,17 @@ class EarlyStopping(Callback):
         self.stopped_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait}
+        return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best, self.wait = float(state["best"]), int(state["wait"])
+        self.stopped_step = state.get("stopped_step")
+        self._resumed_stopped = self.stopped_step is not None  # a run resumed after it decided to stop
+
+    def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
+        if getattr(self, "_resumed_stopped", False):  # the interrupted run had stopped there: so does its resume
+            self._resumed_stopped = False
+            raise StopTraining(f"EarlyStopping: the resumed run had stopped at step {self.stopped_step}.")
 
     def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:

@@ -323,6 +323,8 @@ def apply(
                     stem = n[: -len("num_batches_tracked")]
                     names.update(k for k in (stem + "running_mean", stem + "running_var") if k in new_buffers)
             _UPDATED_FROM.set((buffers, sorted(names)))
+        elif (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:  # an earlier forward's, superseded
+            _UPDATED_FROM.set(None)
     return out, new_buffers
 
 
@@ -577,7 +579,10 @@ def _nested_path(fn, argnums, has_aux, frame, autocast, args, kwargs, flat, sour
     that update buffers in place or read a tensor on the host).
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in sources]
+    # An alias of a source that requires grad: a graph node of its own, so the gradient is this argument's path
+    # only (a tensor the function also captures, or the same tensor at two positions, stays a constant, as in
+    # torch.func), while staying connected to the outer graph.
+    inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in sources]
     new_args = list(args)
     for i, tree in zip(nums, _regroup(flat, inputs)):
         new_args[i] = tree

@@ -576,11 +576,14 @@ def fit(
             logger.log_metrics(metrics, steps)
         bar.set_metrics(steps, metrics)
 
-    validating = False  # an in-loop validation has started and not finished (a second Ctrl-C can cut it off)
+    # A validation a second Ctrl-C can cut off: whether it is an epoch end's, and the callbacks' states from
+    # before it while their on_validation has not finished (then a resume does it again, from those states);
+    # None when no validation runs.
+    validating: tuple[bool, dict[str, Any] | None] | None = None
 
     def validate(epoch_end: bool = False) -> None:
         nonlocal validating
-        validating = not epoch_end  # (an epoch-end one is redone anyway: its position is the epoch's end)
+        validating = (epoch_end, {key: cb.state_dict() for key, cb in stateful})
         hooks("on_validation_start", state)
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
         log.claim(metrics, "the eval step")
@@ -589,12 +592,13 @@ def fit(
             logger.log_metrics(metrics, steps)
             logger.flush()
         hooks("on_validation", state, metrics)
-        validating = False  # the callbacks have counted it (EarlyStopping): a resume must not do it again
+        validating = (epoch_end, None)  # the callbacks have counted it (EarlyStopping): a resume must not redo it
         if checkpoint is not None:
             # An epoch-end validation runs after its batch's checkpoint: a best saved here says it is done.
             checkpoint.on_validation(state, {**where(epoch, b), "validated": True} if epoch_end else where(epoch, b), metrics)
         if distributed:  # an EarlyStopping decision takes effect now, not at the next log interval
             agree()
+        validating = None
 
     with _Signals() as signals, _outputs(progress, logger, owned) as bar:
         try:
@@ -666,7 +670,14 @@ def fit(
             if distributed:  # a signal after the last vote reached some ranks only: on_exit's save is a collective
                 _, signals.reason = _agree(False, signals.reason, state.device)
             exit_position = where(epoch, b)
-            if validating:  # cut off after its batch: the resumed run does it first
-                exit_position["validation_unfinished"] = True
+            if validating is not None:  # cut off by a second Ctrl-C
+                epoch_end, before = validating
+                if before is not None:  # before its callbacks were done: done again on resume, from their states then
+                    if stateful:
+                        exit_position["callbacks"] = before
+                    if not epoch_end:  # (an epoch end's is done again anyway: the position is the epoch's end)
+                        exit_position["validation_unfinished"] = True
+                elif epoch_end:  # the callbacks counted it: the resume must not do it again
+                    exit_position["validated"] = True
             checkpoint.on_exit(state, exit_position, signals.reason or "finished")
     return state

@@ -287,6 +287,27 @@ def test_a_gradient_taken_inside_the_forward_trains_as_plain_autograd_does():
     torch.testing.assert_close(new.buffers["net.1.running_mean"], ref.net[1].running_mean)
 
 
+def test_a_nested_gradient_treats_what_its_function_captures_as_a_constant_as_torch_func_does():
+    # The nested call differentiated its argument as the outer leaf itself, so a function that also captures
+    # that tensor (or gets it at two positions) counted those paths too (2x the gradient). Reference: torch.func.
+    torch.manual_seed(0)
+    w = torch.randn(4)
+
+    def outer(grad_of):
+        return lambda w: (grad_of(lambda q: (q * w).sum(), w) ** 2).sum()
+
+    got = fnlit.value_and_grad(outer(lambda f, w: fnlit.value_and_grad(f)(w)[1]))(w)[1]
+    want = torch.func.grad(outer(lambda f, w: torch.func.grad(f)(w)))(w)
+    torch.testing.assert_close(got, want)
+
+    def twice(grad_of):
+        return lambda w: sum((g**2).sum() for g in grad_of(lambda a, b: (a * b * b).sum(), w))
+
+    got = fnlit.value_and_grad(twice(lambda f, w: fnlit.value_and_grad(f, argnums=(0, 1))(w, w)[1]))(w)[1]
+    want = torch.func.grad(twice(lambda f, w: torch.func.grad(f, argnums=(0, 1))(w, w)))(w)
+    torch.testing.assert_close(got, want)
+
+
 def test_value_and_grad_argnums_tuple_gives_a_tuple_under_vmap_too():
     p, xs = {"w": torch.randn(3)}, torch.randn(4, 3)
     vg = fnlit.value_and_grad(lambda p, x: (p["w"] * x).sum(), argnums=(0,))

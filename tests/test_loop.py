@@ -396,8 +396,9 @@ def test_a_run_killed_while_validating_validates_that_step_again_on_resume(tmp_p
         ("in the eval step", False, (15, [10, 15])),  # redone first, then training goes on
         ("in the eval step", True, (10, [10])),  # redone first, and its EarlyStopping decision stops there
         # after the callbacks counted it (in the best checkpoint's save): not counted twice (with patience 2 it
-        # stopped a validation early); the stop decision itself is not saved: it stops at the next validation
-        ("in the best save", True, (15, [15])),
+        # stopped a validation early), and EarlyStopping's decision is kept: the resume stops at once
+        ("in the best save", True, (10, [])),
+        ("in a callback", True, (10, [10])),  # EarlyStopping counted it, the next callback was cut: done again, once
     ],
 )
 def test_a_ctrl_c_during_a_validation_resumes_as_the_uninterrupted_run_validates(tmp_path, monkeypatch, cut, stops, resumed):
@@ -426,9 +427,14 @@ def test_a_ctrl_c_during_a_validation_resumes_as_the_uninterrupted_run_validates
                 saves(state, position, metrics)
 
             monkeypatch.setattr(checkpointer, "on_validation", cut_off)
+        class Cut(fnlit.callbacks.Callback):
+            def on_validation(self, state, metrics):
+                if interrupt and cut == "in a callback" and int(state.step) == 10:
+                    raise KeyboardInterrupt
+
         state = fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), max_epochs=1,
                     val_data=[torch.tensor([1.0])], eval_step=eval_step, val_check_interval=5, num_sanity_val_steps=0,
-                    callbacks=[EarlyStopping("val/loss", patience=1)] if stops else [], checkpoint=checkpointer,
+                    callbacks=[EarlyStopping("val/loss", patience=1)] * stops + [Cut()], checkpoint=checkpointer,
                     ckpt_path="last" if resume else None, progress=False)  # fmt: skip
         return int(state.step), seen
 

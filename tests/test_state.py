@@ -215,10 +215,12 @@ def test_a_model_whose_buffers_no_forward_updates_does_not_warn():
 
 
 def test_a_frozen_batchnorm_whose_statistics_nothing_updates_does_not_warn():
-    # BatchNorm in eval mode (frozen): the forward updates nothing, so a step without buffers= drops nothing.
+    # BatchNorm in eval mode (frozen): the forward updates nothing, so a step without buffers= drops nothing;
+    # also after a training-mode forward (a shape check) on the same buffers, whose note the frozen one replaces.
     model, step = _bn_step(keep="none")
-    model[1].eval()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(model, state.params, state.buffers, torch.randn(16, 4))
+    model[1].eval()
     for _ in range(2):  # the suite makes a warning an error
         state, _ = step(state, (torch.randn(16, 4), torch.randn(16, 1)))
     assert torch.equal(state.buffers["1.running_mean"], torch.zeros(8))  # as PyTorch's frozen BatchNorm: unchanged
