@@ -107,7 +107,10 @@ class EarlyStopping(Callback):
     After each validation run: an improvement is ``current < best - min_delta`` (mode ``"min"``) or
     ``current > best + min_delta`` (``"max"``); otherwise a counter grows, and training stops when it
     reaches ``patience``. A non-finite value stops at once (``check_finite``), as does one better than
-    ``stopping_threshold`` or worse than ``divergence_threshold`` (Lightning's checks, in its order).
+    ``stopping_threshold`` or worse than ``divergence_threshold`` (Lightning's checks, in its order). Its
+    state (best, counter, and a decision to stop) is in fit's checkpoints: a run resumed after it decided to
+    stop stops again at once, with a warning, while the reason holds with the resumed callback's settings (a
+    larger patience trains on), as a run that ended at ``max_epochs`` does nothing when resumed.
 
     Args:
         monitor: the metric, as logged (``"val/loss"``).
@@ -142,19 +145,36 @@ class EarlyStopping(Callback):
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_step: int | None = None
+        self._stopped_by: str | None = None  # why it stopped: "patience", "threshold", "divergence", "not finite"
+        self._resumed: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step}
+        return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step, "stopped_by": self._stopped_by}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best, self.wait = float(state["best"]), int(state["wait"])
-        self.stopped_step = state.get("stopped_step")
-        self._resumed_stopped = self.stopped_step is not None  # a run resumed after it decided to stop
+        self.stopped_step, self._stopped_by = state.get("stopped_step"), state.get("stopped_by")
+        self._resumed = self._stopped_by  # a run resumed after it had decided to stop (see on_fit_start)
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
-        if getattr(self, "_resumed_stopped", False):  # the interrupted run had stopped there: so does its resume
-            self._resumed_stopped = False
-            raise StopTraining(f"EarlyStopping: the resumed run had stopped at step {self.stopped_step}.")
+        # A resume of a run that had decided to stop stops again, if the reason still holds with this callback's
+        # settings (a larger patience, or a threshold taken out, trains on), as a run that ended at max_epochs
+        # does nothing when resumed with the same max_epochs.
+        why, self._resumed = self._resumed, None
+        holds = {
+            "patience": self.wait >= self.patience,
+            "threshold": self.stopping_threshold is not None,
+            "divergence": self.divergence_threshold is not None,
+            "not finite": self.check_finite,
+        }.get(why or "", False)
+        if holds:
+            warnings.warn(
+                f"EarlyStopping: the run being resumed had stopped at step {self.stopped_step} ({why}), so this one "
+                "stops at once. To train on, loosen the callback (e.g. a larger patience) or leave it out.",
+                stacklevel=2,
+            )
+            raise StopTraining(f"EarlyStopping: the resumed run had stopped at step {self.stopped_step} ({why}).")
+        self.stopped_step = self._stopped_by = None
 
     def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:
@@ -164,13 +184,14 @@ class EarlyStopping(Callback):
             )
         current = metrics[self.monitor]
         if self.check_finite and not math.isfinite(current):
+            self._stop(state, "not finite")
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current} is not finite.")
         sign = 1.0 if self.mode == "min" else -1.0  # compare sign * value: smaller is better
         if self.stopping_threshold is not None and sign * current < sign * self.stopping_threshold:
-            self.stopped_step = None if state is None else int(state.step)
+            self._stop(state, "threshold")
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} reached stopping_threshold={self.stopping_threshold}.")
         if self.divergence_threshold is not None and sign * current > sign * self.divergence_threshold:
-            self.stopped_step = None if state is None else int(state.step)
+            self._stop(state, "divergence")
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} passed divergence_threshold={self.divergence_threshold}.")
         better = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
         if better:
@@ -178,10 +199,14 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            self.stopped_step = None if state is None else int(state.step)
+            self._stop(state, "patience")
             raise StopTraining(
                 f"EarlyStopping: {self.monitor} did not improve in {self.wait} validation run(s); best {self.best:.4g}."
             )
+
+
+    def _stop(self, state: TrainState | None, why: str) -> None:
+        self.stopped_step, self._stopped_by = (None if state is None else int(state.step)), why
 
 
 class LearningRateMonitor(Callback):

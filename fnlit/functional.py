@@ -323,9 +323,18 @@ def apply(
                     stem = n[: -len("num_batches_tracked")]
                     names.update(k for k in (stem + "running_mean", stem + "running_var") if k in new_buffers)
             _UPDATED_FROM.set((buffers, sorted(names)))
-        elif (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:  # an earlier forward's, superseded
-            _UPDATED_FROM.set(None)
+        elif (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:
+            # An earlier forward's note on these buffers: what belongs to modules frozen since (eval mode) is void;
+            # a module that merely did not run in this forward still had its update dropped.
+            still = [n for n in seen[1] if _owner(module, n).training]
+            _UPDATED_FROM.set((buffers, still) if still else None)
     return out, new_buffers
+
+
+def _owner(module: nn.Module, name: str) -> nn.Module:
+    """The submodule that holds the buffer ``name``."""
+    prefix = name.rpartition(".")[0]
+    return module.get_submodule(prefix) if prefix else module
 
 
 _DROPPED_BUFFERS = (

@@ -38,6 +38,17 @@ Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
 and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class and order."""
 
 
+def _containers_copied(tree: Any) -> Any:
+    """``tree`` with its dicts, lists and tuples copied, not its tensors: a callback's state as it is now, even if
+    its hooks then change those containers in place (tensors are replaced, not written, by fnlit's callbacks'
+    validation hooks; an EMA's average is model-sized)."""
+    if isinstance(tree, dict):
+        return {k: _containers_copied(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_containers_copied(v) for v in tree) if type(tree) in (list, tuple) else tree
+    return tree
+
+
 def _num_batches(data: Iterable[Any]) -> int | None:
     try:
         return len(data)  # type: ignore[arg-type]
@@ -583,7 +594,7 @@ def fit(
 
     def validate(epoch_end: bool = False) -> None:
         nonlocal validating
-        validating = (epoch_end, {key: cb.state_dict() for key, cb in stateful})
+        validating = (epoch_end, {key: _containers_copied(cb.state_dict()) for key, cb in stateful})
         hooks("on_validation_start", state)
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
         log.claim(metrics, "the eval step")

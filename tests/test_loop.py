@@ -440,7 +440,76 @@ def test_a_ctrl_c_during_a_validation_resumes_as_the_uninterrupted_run_validates
 
     assert run(ckpt=False) == ((10, [5, 10]) if stops else (15, [5, 10, 15]))
     assert run(interrupt=True) == (10, [5] if cut == "in the eval step" else [5, 10])  # saved, returned
-    assert run(resume=True) == resumed
+    if cut == "in the best save":
+        with pytest.warns(UserWarning, match=r"had stopped at step 10 \(patience\), so this one stops at once"):
+            assert run(resume=True) == resumed
+    else:
+        assert run(resume=True) == resumed
+
+
+class _History(fnlit.callbacks.Callback):
+    """A callback whose state is a list its on_validation appends to (a live container, as state_dict allows)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = list(state["steps"])
+
+    def on_validation(self, state, metrics):
+        self.steps.append(int(state.step))
+
+
+def test_a_ctrl_c_after_a_callback_changed_its_state_in_place_resumes_from_the_state_before(tmp_path):
+    # The states saved for a cut-off validation are those from before it; a callback that appends to the list
+    # its state_dict returned changed that snapshot too, and the resume recorded step 10 twice.
+    from fnlit.checkpoint import Checkpointer
+
+    def run(interrupt=False, resume=False):
+        history = _History()
+
+        class Cut(fnlit.callbacks.Callback):
+            def on_validation(self, state, metrics):
+                if interrupt and int(state.step) == 10:
+                    raise KeyboardInterrupt
+
+        fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), max_epochs=1,
+            val_data=[torch.tensor([1.0])], eval_step=lambda s, b: {"loss": s.step.float()}, val_check_interval=5,
+            num_sanity_val_steps=0, callbacks=[history, Cut()], checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=100),
+            ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+        return history.steps
+
+    uninterrupted = run()
+    run(interrupt=True)
+    assert uninterrupted == [5, 10, 15] and run(resume=True) == uninterrupted
+
+
+@pytest.mark.parametrize("patience, why", [(1, "patience"), (10, None), (10, "not finite")])
+def test_resuming_an_early_stopped_run_stops_again_only_if_the_reason_still_holds(tmp_path, patience, why):
+    # As a run that ended at max_epochs: resumed with the same EarlyStopping it does nothing (and says so);
+    # with a larger patience it trains on, to where an uninterrupted run with that patience goes.
+    from fnlit.callbacks import EarlyStopping
+    from fnlit.checkpoint import Checkpointer
+
+    def loss(s, b):  # grows; NaN from step 10 on in the "not finite" case
+        return {"loss": s.step.float() if why != "not finite" or int(s.step) < 10 else torch.tensor(float("nan"))}
+
+    def run(es, resume):
+        return fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), max_epochs=1,
+                   val_data=[torch.tensor([1.0])], eval_step=loss, val_check_interval=5,
+                   num_sanity_val_steps=0, callbacks=[es], checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=100),
+                   ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+
+    first = EarlyStopping("val/loss", patience=1 if why != "not finite" else 10)
+    assert int(run(first, resume=False).step) == 10
+    if why is not None:
+        with pytest.warns(UserWarning, match=rf"had stopped at step 10 \({why}\)"):
+            assert int(run(EarlyStopping("val/loss", patience=patience), resume=True).step) == 10
+    else:
+        assert int(run(EarlyStopping("val/loss", patience=patience), resume=True).step) == 15
 
 
 def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):

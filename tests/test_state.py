@@ -224,3 +224,31 @@ def test_a_frozen_batchnorm_whose_statistics_nothing_updates_does_not_warn():
     for _ in range(2):  # the suite makes a warning an error
         state, _ = step(state, (torch.randn(16, 4), torch.randn(16, 1)))
     assert torch.equal(state.buffers["1.running_mean"], torch.zeros(8))  # as PyTorch's frozen BatchNorm: unchanged
+
+
+def test_a_later_forward_that_skips_the_batchnorm_keeps_the_dropped_statistics_warning():
+    # Two forwards on state.buffers, the second on a path without the BatchNorm: the first one's dropped update
+    # is still dropped (only a module frozen since, in eval mode, voids the note).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(4, 8), nn.BatchNorm1d(8)
+
+        def forward(self, x, raw=False):
+            return self.lin(x) if raw else self.bn(self.lin(x))
+
+    model = Net()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.randn(16, 4)
+
+    def step(state, batch):
+        def loss_fn(p):
+            a, _ = fnlit.apply(model, p, state.buffers, batch)
+            b, _ = fnlit.apply(model, p, state.buffers, batch, raw=True)
+            return (a.sum() + b.sum()) ** 2
+
+        _, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {}
+
+    with pytest.warns(UserWarning, match=r"apply_gradients got no buffers=.*bn.running_mean"):
+        step(state, x)
