@@ -146,14 +146,17 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_step: int | None = None
         self._stopped_by: str | None = None  # why it stopped: "patience", "threshold", "divergence", "not finite"
+        self._stopped_value: float | None = None  # the value that crossed a threshold
         self._resumed: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step, "stopped_by": self._stopped_by}
+        return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step, "stopped_by": self._stopped_by,
+                "stopped_value": self._stopped_value}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best, self.wait = float(state["best"]), int(state["wait"])
         self.stopped_step, self._stopped_by = state.get("stopped_step"), state.get("stopped_by")
+        self._stopped_value = state.get("stopped_value")
         self._resumed = self._stopped_by  # a run resumed after it had decided to stop (see on_fit_start)
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
@@ -161,10 +164,11 @@ class EarlyStopping(Callback):
         # settings (a larger patience, or a threshold taken out, trains on), as a run that ended at max_epochs
         # does nothing when resumed with the same max_epochs.
         why, self._resumed = self._resumed, None
+        sign, value = (1.0 if self.mode == "min" else -1.0), self._stopped_value
         holds = {
             "patience": self.wait >= self.patience,
-            "threshold": self.stopping_threshold is not None,
-            "divergence": self.divergence_threshold is not None,
+            "threshold": self.stopping_threshold is not None and value is not None and sign * value < sign * self.stopping_threshold,
+            "divergence": self.divergence_threshold is not None and value is not None and sign * value > sign * self.divergence_threshold,
             "not finite": self.check_finite,
         }.get(why or "", False)
         if holds:
@@ -174,7 +178,7 @@ class EarlyStopping(Callback):
                 stacklevel=2,
             )
             raise StopTraining(f"EarlyStopping: the resumed run had stopped at step {self.stopped_step} ({why}).")
-        self.stopped_step = self._stopped_by = None
+        self.stopped_step = self._stopped_by = self._stopped_value = None
 
     def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:
@@ -188,10 +192,10 @@ class EarlyStopping(Callback):
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current} is not finite.")
         sign = 1.0 if self.mode == "min" else -1.0  # compare sign * value: smaller is better
         if self.stopping_threshold is not None and sign * current < sign * self.stopping_threshold:
-            self._stop(state, "threshold")
+            self._stop(state, "threshold", current)
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} reached stopping_threshold={self.stopping_threshold}.")
         if self.divergence_threshold is not None and sign * current > sign * self.divergence_threshold:
-            self._stop(state, "divergence")
+            self._stop(state, "divergence", current)
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} passed divergence_threshold={self.divergence_threshold}.")
         better = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
         if better:
@@ -205,8 +209,8 @@ class EarlyStopping(Callback):
             )
 
 
-    def _stop(self, state: TrainState | None, why: str) -> None:
-        self.stopped_step, self._stopped_by = (None if state is None else int(state.step)), why
+    def _stop(self, state: TrainState | None, why: str, value: float | None = None) -> None:
+        self.stopped_step, self._stopped_by, self._stopped_value = (None if state is None else int(state.step)), why, value
 
 
 class LearningRateMonitor(Callback):

@@ -326,7 +326,8 @@ def apply(
         elif (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:
             # An earlier forward's note on these buffers: what belongs to modules frozen since (eval mode) is void;
             # a module that merely did not run in this forward still had its update dropped.
-            still = [n for n in seen[1] if _owner(module, n).training]
+            # (train=True on a module in eval mode ran every submodule in training mode: none was frozen)
+            still = list(seen[1]) if modes is not None else [n for n in seen[1] if _owner(module, n).training]
             _UPDATED_FROM.set((buffers, still) if still else None)
     return out, new_buffers
 

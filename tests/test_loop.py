@@ -487,7 +487,7 @@ def test_a_ctrl_c_after_a_callback_changed_its_state_in_place_resumes_from_the_s
     assert uninterrupted == [5, 10, 15] and run(resume=True) == uninterrupted
 
 
-@pytest.mark.parametrize("patience, why", [(1, "patience"), (10, None), (10, "not finite")])
+@pytest.mark.parametrize("patience, why", [(1, "patience"), (10, None), (10, "not finite"), (10, "threshold"), (10, "looser threshold")])
 def test_resuming_an_early_stopped_run_stops_again_only_if_the_reason_still_holds(tmp_path, patience, why):
     # As a run that ended at max_epochs: resumed with the same EarlyStopping it does nothing (and says so);
     # with a larger patience it trains on, to where an uninterrupted run with that patience goes.
@@ -503,13 +503,20 @@ def test_resuming_an_early_stopped_run_stops_again_only_if_the_reason_still_hold
                    num_sanity_val_steps=0, callbacks=[es], checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=100),
                    ckpt_path="last" if resume else None, progress=False)  # fmt: skip
 
-    first = EarlyStopping("val/loss", patience=1 if why != "not finite" else 10)
+    def stopper(patience, threshold=None):  # a threshold stop: mode "max", the growing loss passes it
+        if threshold is None:
+            return EarlyStopping("val/loss", patience=patience)
+        return EarlyStopping("val/loss", mode="max", patience=patience, stopping_threshold=threshold)
+
+    thresholded = why in ("threshold", "looser threshold")
+    first = stopper(1 if why in ("patience", None) else 10, 9.0 if thresholded else None)
     assert int(run(first, resume=False).step) == 10
-    if why is not None:
+    resumed = stopper(patience, {"threshold": 9.0, "looser threshold": 100.0}.get(why))
+    if why in ("patience", "not finite", "threshold"):
         with pytest.warns(UserWarning, match=rf"had stopped at step 10 \({why}\)"):
-            assert int(run(EarlyStopping("val/loss", patience=patience), resume=True).step) == 10
-    else:
-        assert int(run(EarlyStopping("val/loss", patience=patience), resume=True).step) == 15
+            assert int(run(resumed, resume=True).step) == 10
+    else:  # a larger patience, a threshold the stopping value does not pass: trains on
+        assert int(run(resumed, resume=True).step) == 15
 
 
 def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):

@@ -226,7 +226,8 @@ def test_a_frozen_batchnorm_whose_statistics_nothing_updates_does_not_warn():
     assert torch.equal(state.buffers["1.running_mean"], torch.zeros(8))  # as PyTorch's frozen BatchNorm: unchanged
 
 
-def test_a_later_forward_that_skips_the_batchnorm_keeps_the_dropped_statistics_warning():
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_a_later_forward_that_skips_the_batchnorm_keeps_the_dropped_statistics_warning(eval_mode):
     # Two forwards on state.buffers, the second on a path without the BatchNorm: the first one's dropped update
     # is still dropped (only a module frozen since, in eval mode, voids the note).
     class Net(nn.Module):
@@ -238,6 +239,8 @@ def test_a_later_forward_that_skips_the_batchnorm_keeps_the_dropped_statistics_w
             return self.lin(x) if raw else self.bn(self.lin(x))
 
     model = Net()
+    if eval_mode:  # the model in eval mode: apply(train=True) runs it in training mode all the same
+        model.eval()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     x = torch.randn(16, 4)
 
