@@ -164,11 +164,11 @@ class EarlyStopping(Callback):
         # settings (a larger patience, or a threshold taken out, trains on), as a run that ended at max_epochs
         # does nothing when resumed with the same max_epochs.
         why, self._resumed = self._resumed, None
-        sign, value = (1.0 if self.mode == "min" else -1.0), self._stopped_value
+        value = self._stopped_value
         holds = {
             "patience": self.wait >= self.patience,
-            "threshold": self.stopping_threshold is not None and value is not None and sign * value < sign * self.stopping_threshold,
-            "divergence": self.divergence_threshold is not None and value is not None and sign * value > sign * self.divergence_threshold,
+            "threshold": value is not None and self._reached(value),
+            "divergence": value is not None and self._diverged(value),
             "not finite": self.check_finite,
         }.get(why or "", False)
         if holds:
@@ -190,11 +190,10 @@ class EarlyStopping(Callback):
         if self.check_finite and not math.isfinite(current):
             self._stop(state, "not finite")
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current} is not finite.")
-        sign = 1.0 if self.mode == "min" else -1.0  # compare sign * value: smaller is better
-        if self.stopping_threshold is not None and sign * current < sign * self.stopping_threshold:
+        if self._reached(current):
             self._stop(state, "threshold", current)
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} reached stopping_threshold={self.stopping_threshold}.")
-        if self.divergence_threshold is not None and sign * current > sign * self.divergence_threshold:
+        if self._diverged(current):
             self._stop(state, "divergence", current)
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} passed divergence_threshold={self.divergence_threshold}.")
         better = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
@@ -208,6 +207,15 @@ class EarlyStopping(Callback):
                 f"EarlyStopping: {self.monitor} did not improve in {self.wait} validation run(s); best {self.best:.4g}."
             )
 
+    def _reached(self, value: float) -> bool:
+        """Better than ``stopping_threshold`` (smaller in mode "min")."""
+        sign = 1.0 if self.mode == "min" else -1.0
+        return self.stopping_threshold is not None and sign * value < sign * self.stopping_threshold
+
+    def _diverged(self, value: float) -> bool:
+        """Worse than ``divergence_threshold``."""
+        sign = 1.0 if self.mode == "min" else -1.0
+        return self.divergence_threshold is not None and sign * value > sign * self.divergence_threshold
 
     def _stop(self, state: TrainState | None, why: str, value: float | None = None) -> None:
         self.stopped_step, self._stopped_by, self._stopped_value = (None if state is None else int(state.step)), why, value

@@ -554,6 +554,11 @@ def ensemble_members(state: Any) -> int | None:
     return step.shape[0] if isinstance(step, torch.Tensor) and step.dim() == 1 else None
 
 
+def _per_member(name: str, values: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """An ensemble's metric (one value per member) as ``"<name>/<member>"`` entries."""
+    return [(f"{name}/{i}", t) for i, t in enumerate(values.detach().unbind(0))]
+
+
 def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
     """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar.
 
@@ -621,10 +626,9 @@ class MetricBuffer:
             for k in keys:
                 vals = [m[k] for m in pending]
                 if members and all(isinstance(v, torch.Tensor) and v.shape == (members,) for v in vals):
-                    # An ensemble's step: one value per member, logged as "<name>/<member>".
-                    means = torch.stack(vals).float().mean(0).detach()
-                    names += [f"{self.prefixes[0]}{k}/{i}" for i in range(means.shape[0])]
-                    tensors += list(means.unbind(0))
+                    for name, t in _per_member(self.prefixes[0] + k, torch.stack(vals).float().mean(0)):
+                        names.append(name)
+                        tensors.append(t)
                     continue
                 first = scalar_metric(k, vals[0], "the training step")  # names the metric if it is not a scalar
                 if all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in vals):
@@ -641,9 +645,9 @@ class MetricBuffer:
             who = type(hook.__self__).__name__
             extra = dict(hook(state) or {})
             for k, v in list(extra.items()):
-                if members and isinstance(v, torch.Tensor) and v.shape == (members,):  # an ensemble's: "<name>/<member>"
+                if members and isinstance(v, torch.Tensor) and v.shape == (members,):
                     del extra[k]
-                    extra.update({f"{k}/{i}": x for i, x in enumerate(v.detach().unbind(0))})
+                    extra.update(_per_member(k, v))
             self.claim(extra, who)
             names += extra
             tensors += [scalar_metric(k, v, who) for k, v in extra.items()]

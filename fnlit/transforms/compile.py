@@ -185,14 +185,17 @@ def _one_key(rng: torch.Tensor) -> torch.Tensor:
     return _fold_keys(rng)
 
 
+def _reshaped(old: torch.Tensor, value: Any) -> bool:
+    """Whether a donated tensor would be overwritten by a tensor of another shape or dtype."""
+    return isinstance(value, torch.Tensor) and (value.shape != old.shape or value.dtype != old.dtype)
+
+
 def _check_donatable(state: Any, new: Any) -> None:
     """Raises when a donated state's tensor would be overwritten by one of another shape or dtype (copy_ would
     broadcast or cast it silently)."""
     paths, olds, _ = _tree.tree_flatten_with_path(state)
     for path, old, value in zip(paths, olds, _tree.tree_leaves(new)):
-        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and (
-            value.shape != old.shape or value.dtype != old.dtype
-        ):
+        if isinstance(old, torch.Tensor) and _reshaped(old, value):
             raise ValueError(
                 f"fnlit.compile(step, donate=True): the step returned state {path} as a {value.dtype} tensor of shape "
                 f"{tuple(value.shape)}, but the donated one is {old.dtype} of shape {tuple(old.shape)}. A donated state "
@@ -362,7 +365,7 @@ class CompiledStep:
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
             if donate:  # write the new state into the donated one: inductor does it in its kernels
                 for old, value in zip(leaves[:n_state], new_leaves):  # (the message is _explain's, eager)
-                    if isinstance(value, torch.Tensor) and (value.shape != old.shape or value.dtype != old.dtype):
+                    if _reshaped(old, value):
                         raise ValueError("fnlit.compile: a donated state tensor changed shape or dtype")
                 # Each value is copied before any is written: a value that is (or views) a donated leaf -- a
                 # state keeping last step's params, a metric that is an input tensor (amp's loss scale) --
