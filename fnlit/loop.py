@@ -481,7 +481,9 @@ def fit(
             are written in batches (when 2 s have passed since the last write), validation results as
             soon as a validation ends, and everything when ``fit`` ends, also on an error.
         loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation and at the
-            end, never closed. Only rank 0 writes.
+            end, never closed. Only rank 0 writes. Before logging, fit calls ``purge(step + 1)`` on those
+            that have it (all fnlit's writers), with the step it starts from: a resumed run's files keep
+            the interrupted run's logs up to the checkpoint and hold the steps after it once.
         hparams: hyperparameters to record with the loggers.
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint).
@@ -553,9 +555,11 @@ def fit(
             pos["callbacks"] = {key: cb.state_dict() for key, cb in stateful}
         return pos
 
-    # closed at the end; TensorBoard drops what an earlier run logged after this run's starting step (a resume)
+    # closed at the end; every writer drops what an earlier run logged after this run's starting step (a resume)
     owned = Logger(log_dir=log_dir, purge_step=_first(state.step) + 1) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
+    if logger is not None and loggers:
+        Logger(loggers).purge(_first(state.step) + 1)
     if logger is not None and hparams:
         logger.log_hparams(hparams)
     log = MetricBuffer(prefixes, hooks.on_log())

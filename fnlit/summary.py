@@ -49,6 +49,10 @@ __all__ = ["Writer", "TensorBoardWriter", "CSVWriter", "JSONLWriter", "Logger", 
 class Writer(Protocol):
     """What :class:`Logger` and :func:`fnlit.fit` call on a writer.
 
+    A writer may also have ``purge(step)``: fit calls it before logging, with the step the run starts
+    from plus one, so a run resumed from a checkpoint drops what the interrupted run logged past it
+    (the writers here all have it).
+
     Example:
         >>> class PrintWriter:  # any class with these four methods is a Writer; no subclassing needed
         ...     def log_metrics(self, metrics, step): print(step, metrics)
@@ -114,15 +118,32 @@ class TensorBoardWriter:
         if _dist.is_main():
             os.makedirs(self.log_dir, exist_ok=True)
             number = next(TensorBoardWriter._opened)  # atomic: writers made in two threads get two numbers
-            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{number}"
+            # the number zero-padded: TensorBoard reads a folder's files in name order, so a resumed run's
+            # file (and its purge marker) comes after the interrupted run's, also within one second
+            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{number:06d}"
             self.path = os.path.join(self.log_dir, name)
             self._file = open(self.path, "wb")
             self._write(time.time(), file_version="brain.Event:2")
-            if purge_step is not None:  # TensorBoard drops the folder's earlier events from this step on
-                from tensorboardX.proto.event_pb2 import SessionLog
-
-                self._write(time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))
             self._file.flush()
+        self._last_step = -math.inf  # the last step this writer logged
+        if purge_step is not None:
+            self.purge(purge_step)
+
+    def purge(self, step: int) -> None:
+        """Drops what earlier runs logged into this folder from ``step`` on (a resumed run's first step).
+
+        Writes TensorBoard's marker for it (a ``SessionLog.START`` event at ``step``, as tensorboardX's
+        ``purge_step`` does): TensorBoard then hides the earlier events at that step and later. Skipped
+        when this writer has itself logged at ``step`` or later, which the marker would hide too.
+        :func:`fnlit.fit` calls it with the step it starts from plus one.
+        """
+        if self._file is None or self._last_step >= step:
+            return
+        from tensorboardX.proto.event_pb2 import SessionLog
+
+        self.flush()
+        self._write(time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START))
+        self._file.flush()
 
     def _write(self, wall_time: float, summary: Any = None, step: int | None = None, **fields: Any) -> None:
         """Appends one Event as a TFRecord: length, its masked CRC-32C, the bytes, their masked CRC-32C."""
@@ -143,6 +164,7 @@ class TensorBoardWriter:
         if self._file is None or not metrics:
             return
         self._pending.append((time.time(), int(step), dict(metrics)))
+        self._last_step = max(self._last_step, int(step))
         if time.monotonic() - self._flushed >= self.flush_secs:
             self.flush()
 
@@ -257,12 +279,20 @@ class CSVWriter:
         if self.enabled:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._read_earlier()
-            if purge_step is not None and self._earlier:
-                kept = [(s, cells) for s, cells in self._earlier if s < purge_step]
-                if len(kept) < len(self._earlier):  # rewritten now, as TensorBoard drops them now (a run may log nothing)
-                    self._earlier = kept
-                    self._earlier_last = max((s for s, _ in kept), default=-math.inf)
-                    self._rewrite()
+        if purge_step is not None:
+            self.purge(purge_step)
+
+    def purge(self, step: int) -> None:
+        """Drops the earlier run's rows (those in the file before this writer opened it) from ``step`` on,
+        at once (a run may log nothing). :func:`fnlit.fit` calls it with the step it starts from plus one."""
+        if not self.enabled or self._closed or not self._earlier:
+            return
+        kept = [(s, cells) for s, cells in self._earlier if s < step]
+        if len(kept) < len(self._earlier):
+            self._earlier = kept
+            self._earlier_last = max((s for s, _ in kept), default=-math.inf)
+            self._rewrite()  # this writer's rows too, pending ones included
+            self._written = len(self.rows)
 
     def _read_earlier(self) -> None:
         """Reads the rows an earlier run left in the file (see the class docstring)."""
@@ -371,8 +401,17 @@ class CSVWriter:
 class JSONLWriter:
     """One JSON object per line: ``{"step": ..., "<metric>": value, ...}``; hyperparameters as ``{"hparams": ...}``.
 
+    Each line is written and flushed as it is logged. An existing file is continued (a line a killed
+    process left unfinished is ended first). A value that is not finite is written as the string
+    ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (as protobuf's JSON mapping does), so strict JSON readers
+    (``jq``, JavaScript) read every line; Python's ``float()`` turns them back into numbers. As for
+    :func:`fnlit.fit`'s ``log_dir`` files, fit drops what the file holds from the step it starts at on
+    (:meth:`purge`): a resumed run keeps the earlier lines up to its checkpoint, a fresh run replaces
+    them, so give each new run its own file.
+
     Args:
         path: a ``.jsonl`` file, or a directory (the file is then ``<dir>/metrics.jsonl``).
+        purge_step: drop the lines an earlier run logged at this step or later (see :meth:`purge`).
 
     Example:
         >>> import tempfile, pathlib
@@ -384,17 +423,49 @@ class JSONLWriter:
         {"step": 1, "train/loss": 0.5}
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, purge_step: int | None = None) -> None:
         path = os.fspath(path)
         self.path = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
         self._file: TextIO | None = None
+        self._earlier = 0  # bytes an earlier run left in the file
         if _dist.is_main():
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self._file = open(self.path, "a")
+            with open(self.path, "ab+") as f:
+                self._earlier = f.seek(0, os.SEEK_END)
+                if self._earlier and f.seek(-1, os.SEEK_END) is not None and f.read(1) != b"\n":
+                    f.write(b"\n")  # a line cut off by a killed process: ended, not joined to ours
+                    self._earlier += 1
+            self._file = open(self.path, "a", encoding="utf-8")
+        if purge_step is not None:
+            self.purge(purge_step)
+
+    def purge(self, step: int) -> None:
+        """Drops the lines an earlier run left in the file (before this writer opened it) whose ``step`` is
+        ``step`` or later, as TensorBoard and :class:`CSVWriter` drop them; other lines (hyperparameters, lines
+        without a numeric step) stay. :func:`fnlit.fit` calls it with the step it starts from plus one, so a
+        resumed run does not leave the steps it logs again twice in the file. The file is rewritten aside
+        and renamed over itself: a process killed meanwhile loses nothing."""
+        if self._file is None or not self._earlier:
+            return
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            earlier, ours = f.read(self._earlier), f.read()
+        lines = earlier.splitlines(keepends=True)
+        kept = [line for line in lines if not _logged_from(line, step)]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(kept)
+            f.write(ours)
+        self._file.close()
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._earlier = sum(map(len, kept))
 
     def _write(self, obj: Mapping[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(obj) + "\n")
+            self._file.write(json.dumps(_finite_json(obj), allow_nan=False) + "\n")
             self._file.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -411,6 +482,25 @@ class JSONLWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _logged_from(line: bytes, step: int) -> bool:
+    """Whether a JSONL line is a metrics line logged at ``step`` or later."""
+    try:
+        obj = json.loads(line)
+    except ValueError:  # not ours to judge (UnicodeDecodeError included): kept
+        return False
+    value = obj.get("step") if isinstance(obj, dict) else None
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= step
+
+
+def _finite_json(obj: Any) -> Any:
+    """``obj`` with non-finite floats as the strings protobuf's JSON mapping uses."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, Mapping):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    return obj
 
 
 class Logger:
@@ -447,6 +537,13 @@ class Logger:
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         for w in self.writers:
             w.log_hparams(hparams)
+
+    def purge(self, step: int) -> None:
+        """Calls ``purge(step)`` on every writer that has one (see :meth:`TensorBoardWriter.purge`)."""
+        for w in self.writers:
+            purge = getattr(w, "purge", None)
+            if purge is not None:
+                purge(step)
 
     def flush(self) -> None:
         """Flushes every writer, also when one raises (the first error is raised after the others ran)."""

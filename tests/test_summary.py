@@ -346,3 +346,81 @@ def test_a_purging_csv_writer_drops_the_later_rows_even_if_it_logs_nothing(tmp_p
     w.close()
     CSVWriter(tmp_path, purge_step=11).close()  # a resumed run that crashed before its first log
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "5,5.0", "10,10.0"]
+
+
+def test_a_resumed_run_leaves_the_callers_own_writers_as_an_uninterrupted_run_writes_them(tmp_path):
+    # Writers passed in loggers=, not made by fit: fit tells them where the run starts (purge), so the
+    # interrupted run's step 15, logged past the checkpoint at step 10, is not in the files twice.
+    def run(folder, **kw):
+        folder.mkdir(exist_ok=True)
+        writers = [JSONLWriter(folder), TensorBoardWriter(folder)]
+        try:
+            counting_fit(tmp_path / "unused", loggers=writers, log_every_n_steps=5, **kw)
+        finally:
+            for w in writers:
+                w.close()
+
+    run(tmp_path / "whole")
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=10)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "resumed", checkpoint=ckpts, callbacks=[crash_at(17)])
+    assert [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()] == [5, 10, 10, 15]
+    run(tmp_path / "resumed", checkpoint=ckpts, ckpt_path="last")
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == whole  # nothing lost, nothing twice
+    files = sorted(f for f in os.listdir(tmp_path / "resumed") if f.startswith("events.out.tfevents"))
+    assert [ev.step for ev in read_events_file(tmp_path / "resumed" / files[-1]) if ev.HasField("session_log")] == [11]
+
+
+def test_jsonl_purge_keeps_other_lines_and_this_writers_own(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"hparams": {"lr": 0.1}}\n{"step": 5, "a": 1}\nnot json\n{"step": 20, "a": 2}\n{"step": 3, "a": 3}')
+    w = JSONLWriter(path)  # the last line, cut off by a killed process, is ended before this writer's lines
+    w.log_metrics({"a": 4.0}, step=30)
+    w.purge(10)  # the earlier run's step 20 goes; this writer's step 30 stays
+    w.log_metrics({"a": 5.0}, step=31)
+    w.close()
+    assert path.read_text().splitlines() == [
+        '{"hparams": {"lr": 0.1}}', '{"step": 5, "a": 1}', "not json", '{"step": 3, "a": 3}',
+        '{"step": 30, "a": 4.0}', '{"step": 31, "a": 5.0}',
+    ]
+
+
+def test_jsonl_writes_non_finite_values_as_strict_json(tmp_path):
+    w = JSONLWriter(tmp_path)
+    w.log_metrics({"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 1.5}, step=1)
+    w.close()
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)  # a strict reader
+    assert line == {"step": 1, "a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5}
+    assert [float(line[k]) for k in "bc"] == [float("inf"), -float("inf")] and float(line["a"]) != float(line["a"])
+
+
+def test_a_csv_purge_after_pending_rows_writes_each_row_once(tmp_path):
+    w = CSVWriter(tmp_path)
+    w.log_metrics({"loss": 1.0}, 5)
+    w.log_metrics({"loss": 2.0}, 15)
+    w.close()
+    w = CSVWriter(tmp_path, flush_secs=3600)
+    w.log_metrics({"loss": 3.0}, 20)  # written at once (the first), then held
+    w.log_metrics({"loss": 4.0}, 21)  # held
+    w.purge(11)  # drops the earlier step 15: the file is rewritten, the held row with it
+    w.close()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "5,1.0", "20,3.0", "21,4.0"]
+
+
+def test_tensorboard_reads_one_processes_event_files_in_the_order_they_were_made(tmp_path, monkeypatch):
+    # TensorBoard loads a folder's files in name order; a resume's purge marker must come after the
+    # interrupted run's events, also for the 10th file a process opens within one second.
+    import itertools
+
+    monkeypatch.setattr(TensorBoardWriter, "_opened", itertools.count(8))
+    made = []
+    for _ in range(4):
+        w = TensorBoardWriter(tmp_path)
+        made.append(os.path.basename(w.path))
+        w.close()
+    assert sorted(made) == made
