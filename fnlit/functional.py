@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +16,7 @@ from torch import nn
 
 from . import random as _random
 from . import tree as _tree
+from ._checkpoint_io import _dtensor_class
 from ._types import Batch, Buffers, Metrics, Params, StepFn
 from .transforms._frame import current as _current_frame
 
@@ -181,8 +181,8 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
 
 def _has_dtensor(params: Params) -> bool:
     """Whether any parameter is a DTensor (fnlit.shard), without importing DTensor when nothing uses it."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in params.values())
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params.values())
 
 
 def _traced() -> bool:
