@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import optim as _optim
+from .optim._alias import _learning_rate_holder
 from . import tree as _tree
 from ._types import Batch, Metrics, Params
 from .functional import apply as _apply
@@ -242,26 +242,16 @@ class LearningRateMonitor(Callback):
     def __init__(self, name: str | None = None) -> None:
         self.name = name
 
-    def _default_name(self, opt_state: Any) -> str:
-        todo = [opt_state]
-        while todo:
-            s = todo.pop(0)
-            if isinstance(getattr(s, "hyperparams", None), dict) and "learning_rate" in s.hyperparams:
-                return "lr-" + type(s).__name__.removesuffix("State")
-            if isinstance(s, (tuple, list)):
-                todo += list(s)
-        return "lr"
-
     def on_log(self, state: TrainState) -> dict[str, torch.Tensor]:
-        lr = _optim.learning_rate(state.opt_state)
-        if lr is None:
+        # the rate and the default name from one state: the one fnlit.optim.learning_rate reads
+        holder = _learning_rate_holder(state.opt_state)
+        if holder is None:
             raise ValueError(
                 "LearningRateMonitor found no learning rate in state.opt_state; it reads "
                 "fnlit.optim.learning_rate(opt_state). Remove the callback or use an fnlit.optim optimizer."
             )
-        if self.name is None:
-            self.name = self._default_name(state.opt_state)
-        return {self.name: lr}
+        name = self.name or "lr-" + type(holder).__name__.removesuffix("State")  # each time: a reused monitor
+        return {name: holder.hyperparams["learning_rate"]}
 
 
 def _float_params(params: Params) -> dict[str, torch.Tensor]:

@@ -112,6 +112,27 @@ def test_lr_monitor_logs_the_schedule_value_of_each_logged_step(tmp_path):
     assert got == [(3, pytest.approx(0.2)), (6, pytest.approx(0.5)), (8, pytest.approx(0.7))]
 
 
+def test_lr_monitor_names_the_optimizer_whose_rate_it_logs():
+    # The rate is the first one fnlit.optim.learning_rate finds (depth first, into masked chains); the
+    # name must come from that optimizer, here SGD (0.1), not the Adam (1e-3) a flat search meets first.
+    model = torch.nn.Linear(2, 1)
+    weight, bias = (lambda p: {k: k == "weight" for k in p}), (lambda p: {k: k == "bias" for k in p})
+    opt = fnlit.optim
+    for tx in [
+        opt.chain(opt.masked(opt.sgd(0.1), weight), opt.adam(1e-3)),
+        opt.chain(opt.masked(opt.chain(opt.clip_by_global_norm(1.0), opt.sgd(0.1)), weight), opt.masked(opt.adam(1e-3), bias)),
+    ]:
+        logged = LearningRateMonitor().on_log(fnlit.TrainState.create(model, tx, seed=0))
+        assert list(logged) == ["lr-SGD"] and float(logged["lr-SGD"]) == pytest.approx(0.1)
+
+
+def test_a_reused_lr_monitor_names_each_fits_optimizer():
+    monitor, model = LearningRateMonitor(), torch.nn.Linear(2, 1)
+    names = [list(monitor.on_log(fnlit.TrainState.create(model, tx, seed=0))) for tx in [fnlit.optim.sgd(0.1), fnlit.optim.adam(1e-3)]]
+    assert names == [["lr-SGD"], ["lr-Adam"]]
+    assert list(LearningRateMonitor("lr").on_log(fnlit.TrainState.create(model, fnlit.optim.adam(1e-3), seed=0))) == ["lr"]
+
+
 class Recorder:
     def __init__(self):
         self.steps, self.epochs = [], []

@@ -438,13 +438,19 @@ def learning_rate(opt_state: Any) -> torch.Tensor | None:
         >>> learning_rate(tx.init({"w": torch.ones(1)}))
         tensor(0.0003)
     """
+    holder = _learning_rate_holder(opt_state)
+    return None if holder is None else holder.hyperparams["learning_rate"]
+
+
+def _learning_rate_holder(opt_state: Any) -> Any:
+    """The first state in ``opt_state`` (depth first) with a ``hyperparams["learning_rate"]``, or None."""
     hyper = getattr(opt_state, "hyperparams", None)
     if isinstance(hyper, dict) and "learning_rate" in hyper:
-        return hyper["learning_rate"]
+        return opt_state
     if isinstance(opt_state, dict):
         opt_state = list(opt_state.values())
     if isinstance(opt_state, (tuple, list)):
         for s in opt_state:
-            if not isinstance(s, torch.Tensor) and (lr := learning_rate(s)) is not None:
-                return lr
+            if not isinstance(s, torch.Tensor) and (holder := _learning_rate_holder(s)) is not None:
+                return holder
     return None
