@@ -443,7 +443,9 @@ class Timer(Callback):
     """Measures time per stage (``"train"``, ``"validate"``) and stops training after ``duration``.
 
     As Lightning's ``Timer``, the time counts across a resumed run: the elapsed times travel in the
-    checkpoints, so ``fit(max_time=...)`` bounds the training as a whole, not each resumed part.
+    checkpoints, so ``fit(max_time=...)`` bounds the training as a whole, not each resumed part; a run
+    resumed with its time already spent stops before its first step. Each ``fit`` without a loaded state
+    starts from zero (a Timer reused for a second run does not count the first one's time).
 
     Args:
         duration: seconds, a ``timedelta``, a dict (``{"hours": 2}``) or Lightning's ``"DD:HH:MM:SS"``;
@@ -459,6 +461,7 @@ class Timer(Callback):
         self.duration = _seconds(duration)
         self._start: dict[str, float] = {}
         self._elapsed: dict[str, float] = {"train": 0.0, "validate": 0.0}
+        self._loaded = False  # a checkpoint's elapsed times, for the next fit to go on from
 
     def time_elapsed(self, stage: str = "train") -> float:
         """Seconds spent in ``stage`` so far (validation time included in ``"train"``)."""
@@ -470,16 +473,21 @@ class Timer(Callback):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._elapsed.update({stage: float(state[stage]) for stage in self._elapsed if stage in state})
+        self._loaded = True
 
     def _stop(self, stage: str) -> None:
         if stage in self._start:
             self._elapsed[stage] += time.monotonic() - self._start.pop(stage)
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
-        self._start["train"] = time.monotonic()
+        if not self._loaded:  # a fresh run (or this Timer's next one): its own time only
+            self._elapsed = dict.fromkeys(self._elapsed, 0.0)
+        self._loaded = False
+        self._start = {"train": time.monotonic()}
+        self.on_step(state, {})  # resumed with the time already spent: no step (Lightning checks here too)
 
     def on_step(self, state: TrainState, metrics: Metrics) -> None:
-        if self.duration is not None and time.monotonic() - self._start["train"] + self._elapsed["train"] >= self.duration:
+        if self.duration is not None and self.time_elapsed("train") >= self.duration:
             raise StopTraining(f"Timer: {self.duration} s elapsed.")
 
     def on_validation_start(self, state: TrainState) -> None:

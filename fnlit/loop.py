@@ -118,8 +118,10 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if max_steps is None or max_steps == -1:
         max_steps = math.inf
     if max_epochs is None:
-        # Lightning: max_epochs=1000 when neither is given; -1 (no limit) when only max_steps is.
-        if max_steps != math.inf or (n is None and o["max_time"] is not None):
+        # Lightning: max_epochs=1000 when neither is given; -1 (no limit) when max_steps is, or a time limit
+        # (max_time, or a Timer callback: Lightning's rule; here one that has a duration, not one that measures)
+        timed = o["max_time"] is not None or any(isinstance(cb, Timer) and cb.duration is not None for cb in o["callbacks"])
+        if max_steps != math.inf or timed:
             max_epochs = -1
         elif n is None:
             raise ValueError(
@@ -446,7 +448,8 @@ def fit(
     """Trains: ``state, metrics = step(state, batch)`` over the data until a limit is reached; returns the state.
 
     Counting follows Lightning: ``max_epochs`` defaults to 1000 when neither it nor ``max_steps`` is given
-    (-1 when only ``max_steps`` is); ``max_steps`` counts steps in ``state.step`` terms (each call of
+    (-1, no limit, when ``max_steps`` or a time limit is: ``max_time`` or a :class:`~fnlit.callbacks.Timer`
+    with a duration); ``max_steps`` counts steps in ``state.step`` terms (each call of
     ``step`` is one; resuming continues the count). Stop requests (:class:`~fnlit.callbacks.StopTraining`,
     ``max_time``) wait until ``min_epochs`` epochs are done. Ctrl-C or SIGTERM finish the current step and
     return the state (``checkpoint.on_exit`` can save it). Under several processes the ranks decide together,
@@ -469,7 +472,7 @@ def fit(
         limit_train_batches, limit_val_batches: an int number of batches, or a float fraction, per epoch/run.
         fast_dev_run: True/N: N train and N val batches, one epoch, no sanity check, logs or checkpoints.
         overfit_batches: train (and validate) on the first N (or fraction) batches, unshuffled, every epoch
-            (a DataLoader's RandomSampler keeps one fixed order instead: its sampler cannot be swapped).
+            (a DataLoader's shuffling sampler is replaced by a sequential one, as Lightning does).
         val_check_interval: float: validate every fraction of an epoch; int: every N training batches.
         check_val_every_n_epoch: validate in epochs ``e`` with ``(e + 1) % n == 0``; None: ``val_check_interval``
             counts batches across epochs.

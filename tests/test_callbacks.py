@@ -2,6 +2,7 @@
 
 import copy
 import datetime
+import types
 
 import pytest
 import torch
@@ -229,6 +230,43 @@ def test_timer_and_max_time_stop_training():
     state = fit(slow, counting_state(), list(range(1000)), max_epochs=1, max_time={"seconds": 0.1}, progress=False)
     assert 5 <= int(state.step) < 1000
     assert Timer("00:01:00:05").duration == 3605 and Timer(datetime.timedelta(minutes=1)).duration == 60
+
+
+class FakeClock:
+    """``fnlit.callbacks``' clock, moved on by the steps: one second a step."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        monkeypatch.setattr(fnlit.callbacks, "time", types.SimpleNamespace(monotonic=lambda: self.now))
+
+    def step(self, state, batch):
+        self.now += 1.0
+        return count_step(state, batch)
+
+
+def test_a_time_limit_lifts_the_1000_epoch_default(monkeypatch):
+    # Lightning's rule: with a Timer (max_time) and no max_epochs, training runs until the time is up.
+    clock = FakeClock(monkeypatch)
+    assert int(fit(clock.step, counting_state(), [0], max_time=1003, progress=False).step) == 1003
+    assert int(fit(clock.step, counting_state(), [0], callbacks=[Timer(1002)], progress=False).step) == 1002
+    assert int(fit(clock.step, counting_state(), [0], callbacks=[Timer()], progress=False).step) == 1000  # measures only
+
+
+def test_a_resumed_run_whose_time_is_spent_takes_no_step(tmp_path, monkeypatch):
+    clock = FakeClock(monkeypatch)
+    ckpt = fnlit.checkpoint.Checkpointer(tmp_path)
+    state = fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, checkpoint=ckpt, progress=False)
+    assert int(state.step) == 5  # stopped by the time limit, saved on exit
+    for _ in range(2):  # the same command again (a job scheduler's retry): as the run that stopped
+        state = fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, checkpoint=ckpt,
+                    ckpt_path="last", progress=False)  # fmt: skip
+        assert int(state.step) == 5
+
+
+def test_a_reused_timer_times_each_fit_from_zero(monkeypatch):
+    clock, timer = FakeClock(monkeypatch), Timer(3)
+    steps = [int(fit(clock.step, counting_state(), [0] * 10, max_epochs=1, callbacks=[timer], progress=False).step) for _ in range(2)]
+    assert steps == [3, 3] and timer.time_elapsed() == 3
 
 
 def test_timer_measures_validation():
