@@ -683,19 +683,26 @@ def fit(
             signals.reason = "sigint"  # a second Ctrl-C, or a first one outside the main thread: save and return
         if log.pending:  # the last steps: of the epoch that just ended when the loop stopped at its end
             log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
-        hooks("on_fit_end", state, dict(log.latest))
-        if checkpoint is not None:
-            if distributed:  # a signal after the last vote reached some ranks only: on_exit's save is a collective
-                _, signals.reason = _agree(False, signals.reason, state.device)
-            exit_position = where(epoch, b)
-            if validating is not None:  # cut off by a second Ctrl-C
-                epoch_end, before = validating
-                if before is not None:  # before its callbacks were done: done again on resume, from their states then
-                    if stateful:
-                        exit_position["callbacks"] = before
-                    if not epoch_end:  # (an epoch end's is done again anyway: the position is the epoch's end)
-                        exit_position["validation_unfinished"] = True
-                elif epoch_end:  # the callbacks counted it: the resume must not do it again
-                    exit_position["validated"] = True
-            checkpoint.on_exit(state, exit_position, signals.reason or "finished")
+        try:
+            hooks("on_fit_end", state, dict(log.latest))
+        finally:  # a callback failing at the end must not cost the run its last checkpoint (a preemption's save)
+            if checkpoint is not None:
+                _exit_save(checkpoint, state, where(epoch, b), validating, stateful, distributed, signals)
     return state
+
+
+def _exit_save(checkpoint: Any, state: TrainState, exit_position: Position, validating: tuple[bool, Any] | None,
+               stateful: Any, distributed: bool, signals: Any) -> None:
+    """``checkpoint.on_exit``: the last save, with the position a cut-off validation leaves."""
+    if distributed:  # a signal after the last vote reached some ranks only: on_exit's save is a collective
+        _, signals.reason = _agree(False, signals.reason, state.device)
+    if validating is not None:  # cut off by a second Ctrl-C
+        epoch_end, before = validating
+        if before is not None:  # before its callbacks were done: done again on resume, from their states then
+            if stateful:
+                exit_position["callbacks"] = before
+            if not epoch_end:  # (an epoch end's is done again anyway: the position is the epoch's end)
+                exit_position["validation_unfinished"] = True
+        elif epoch_end:  # the callbacks counted it: the resume must not do it again
+            exit_position["validated"] = True
+    checkpoint.on_exit(state, exit_position, signals.reason or "finished")

@@ -269,6 +269,17 @@ def test_a_reused_timer_times_each_fit_from_zero(monkeypatch):
     assert steps == [3, 3] and timer.time_elapsed() == 3
 
 
+def test_a_failing_on_fit_end_keeps_the_final_checkpoint(tmp_path):
+    class FailingUpload:
+        def on_fit_end(self, state, metrics):
+            raise OSError("upload failed")
+
+    ckpt = fnlit.checkpoint.Checkpointer(tmp_path)
+    with pytest.raises(OSError, match="upload failed"):
+        fit(count_step, counting_state(), [0] * 7, max_epochs=1, callbacks=[FailingUpload()], checkpoint=ckpt, progress=False)
+    assert int(ckpt.restore("last", like=counting_state())[0].step) == 7  # the run's 7 steps, saved on exit
+
+
 def test_timer_measures_validation():
     timer = Timer()
     fit(count_step, counting_state(), [0, 1], max_epochs=2, val_data=[0], eval_step=lambda s, b: {"a": torch.tensor(1.0)},
