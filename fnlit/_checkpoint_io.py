@@ -148,7 +148,8 @@ def _load(path: Path, mmap: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: it is not a checkpoint file or it is corrupt ({detail or e}).") from None
     except PermissionError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from e
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as e:
+        # (a flipped bit in the pickle reaches torch's unpickler as any of these)
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from e
 
 
@@ -359,6 +360,9 @@ def _distribute(v: torch.Tensor, like: Any) -> torch.Tensor:
 
 def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
     """``like`` with its leaves replaced by the checkpoint's, on like's devices and dtypes."""
+    from .transforms.donate import check_not_donated
+
+    check_not_donated(like)  # the donation error, not a mismatch with the checkpoint
     paths, leaves, treedef = _tree.tree_flatten_with_path(like)
     if paths != list(values):
         missing = next((p for p in paths if p not in values), None)

@@ -278,7 +278,8 @@ class Checkpointer:
     gathered into full tensors for each save, on every rank, and restored into each rank's shards. An
     ensemble's stacked state is named by the step its members share.
 
-    fit calls ``restore`` once (with its ``ckpt_path``), then ``on_step`` after every step,
+    fit calls ``restore`` once (with its ``ckpt_path``; ``start`` instead for a run that restores
+    nothing), then ``on_step`` after every step,
     ``on_validation`` after each validation, ``on_epoch_end`` and finally ``on_exit``. Each is cheap
     unless it saves: no host sync.
 
@@ -344,6 +345,12 @@ class Checkpointer:
 
     # ---- the calls fit makes ------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """A run that restores nothing begins: what an earlier run with this object saved does not count as
+        this run's (one Checkpointer reused across runs saves each run's states, its last included)."""
+        self._saved_step = None
+        self._records = None  # read from the folder again on the first save
+
     def restore(self, ckpt_path: str | os.PathLike[str], like: S) -> tuple[S, Position | None]:
         """Restores ``like`` from ``ckpt_path``: a file, a folder, or ``"last"`` (this Checkpointer's folder).
 
@@ -373,6 +380,7 @@ class Checkpointer:
                 warnings.warn(f"Skipping checkpoint {path}, which cannot be read: {e}", stacklevel=2)
         if errors:
             raise CheckpointError(f"no checkpoint in {folder} can be read; all {len(errors)} are corrupt: {errors}")
+        self.start()  # nothing to resume: a run from the beginning
         return like, None
 
     def on_step(self, state: Any, position: Position) -> None:

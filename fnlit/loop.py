@@ -489,7 +489,8 @@ def fit(
             the interrupted run's logs up to the checkpoint and hold the steps after it once.
         hparams: hyperparameters to record with the loggers.
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
-        checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint).
+        checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint),
+            and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``.
         ckpt_path: resume from this checkpoint (``"last"`` allowed): ``checkpoint.restore(ckpt_path, like=state)``.
         seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
         prefixes: the prefixes of training and validation metric names.
@@ -525,6 +526,8 @@ def fit(
     position = None
     if checkpoint is not None and ckpt_path is not None:
         state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
+    elif checkpoint is not None and hasattr(checkpoint, "start"):  # a fresh run (the object may have saved another)
+        checkpoint.start()
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]

@@ -19,6 +19,7 @@ reads it with an unpickler that builds only the few classes of DCP's metadata an
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -189,6 +190,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
 
     Raises:
         TypeError: for a non-tensor leaf in the state, or metadata that is not JSON-serialisable.
+        FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);
             any previous checkpoint of that name is unchanged.
 
@@ -201,6 +203,13 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         ({'epoch': 1}, 0)
     """
     target = Path(directory)
+    if target.is_file() or (target.is_dir() and not (target / META_FILE).exists() and any(target.iterdir())):
+        # (checked on every rank alike: one rank raising alone would leave the others in a collective)
+        raise FileExistsError(
+            errno.EEXIST, f"save_sharded replaces only an earlier sharded checkpoint (a folder with {META_FILE}), "
+            f"and {target} is {'a file' if target.is_file() else 'a folder holding other files'}: nothing was "
+            "written. Save to a new path, or move that one away", str(target),
+        )
     tmp, old = _stashes(target)
     paths, leaves, shapes = _describe(state)
     world = dist.get_world_size() if _distributed() else 1

@@ -190,6 +190,22 @@ def test_save_sharded_replaces_atomically_and_leaves_no_temporaries(tmp_path):
         save_sharded(tmp_path / "other", state, when=object())
 
 
+def test_save_sharded_never_replaces_a_folder_that_is_not_a_sharded_checkpoint(tmp_path):
+    _, state = make_state()
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="a folder holding other files: nothing was written"):
+        save_sharded(run, state)
+    (tmp_path / "file").write_text("keep me too")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_sharded(tmp_path / "file", state)
+    assert (run / "notes.txt").read_text() == "keep me" and (run / "logs").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]  # no temporaries either
+    (tmp_path / "empty").mkdir()
+    assert int(restore_sharded(save_sharded(tmp_path / "empty", state), like=state).step) == 0  # an empty folder is fine
+
+
 def test_placement_splits_the_most_even_dimension():
     assert placement_for((37, 13), 4) == Shard(0)
     assert placement_for((5, 37), 4) == Shard(1)
