@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import itertools
+from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -207,9 +209,11 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
         return it if stop is None else itertools.islice(it, max(0, stop - start))
     if isinstance(data, DataLoader):
         for sampler in _samplers(data):
-            if isinstance(sampler, DistributedSampler):
+            if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler, or one's own (as Lightning does)
                 sampler.set_epoch(order_epoch)
-            elif isinstance(sampler, RandomSampler):
+            elif isinstance(getattr(sampler, "generator", 0), (torch.Generator, type(None))):
+                # RandomSampler, SubsetRandomSampler, WeightedRandomSampler: drawn from this epoch's seed, not the
+                # global generator, so a run resumed mid-epoch skips the batches of the same order
                 sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
     return itertools.islice(iter(data), start, stop)
 
@@ -306,6 +310,8 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
 
     def move(batch: Batch) -> Batch:
         def one(t: Any) -> Any:
+            if isinstance(t, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding is one)
+                return _with_data(t, {k: move(v) for k, v in t.data.items()})
             if not isinstance(t, torch.Tensor) or t.device == device:
                 return t
             if pin and t.device.type == "cpu" and not t.is_pinned():
@@ -330,6 +336,15 @@ def batch_size_of(batch: Batch) -> int:
         8
     """
     for t in _tree.tree_leaves(batch):
+        if isinstance(t, UserDict):  # (Hugging Face's BatchEncoding): its values, as a dict's
+            t = next((v for v in _tree.tree_leaves(dict(t.data)) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return int(t.shape[0])
     return 1
+
+
+def _with_data(mapping: UserDict, data: dict[Any, Any]) -> UserDict:
+    """A copy of a UserDict (its other attributes too) holding ``data``; the original is left alone."""
+    new = copy.copy(mapping)
+    new.data = data
+    return new

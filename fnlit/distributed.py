@@ -206,7 +206,8 @@ def launch(
     q = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, args, r, nprocs, port, backend, collective_timeout, q), daemon=True)
+        # not daemonic: a rank may start processes of its own (DataLoader workers); the finally below ends them
+        ctx.Process(target=_worker, args=(fn, args, r, nprocs, port, backend, collective_timeout, q), daemon=False)
         for r in range(nprocs)
     ]
     for p in procs:

@@ -462,10 +462,12 @@ def fit(
             (nested dicts as ``"train/<outer>/<inner>"``; an ensemble's, one per member, as ``"train/<name>/<i>"``).
         state: the initial :class:`~fnlit.TrainState`.
         train_data: any iterable of batches: an :class:`~fnlit.data.ArrayLoader` (reshuffled per epoch from
-            ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (a RandomSampler,
-            its own or its batch sampler's, is reseeded per epoch from ``seed``; a DistributedSampler gets
-            ``set_epoch``), or anything else
-            (iterated as is). Batches are moved to ``state.device`` (pinned, non-blocking).
+            ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (its sampler, or
+            its batch sampler's: one with ``set_epoch``, as DistributedSampler, gets ``set_epoch(epoch)``; one
+            with a ``generator`` (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) is reseeded per
+            epoch from ``seed``), or anything else (iterated as is). A sampler drawing from the global
+            generator otherwise does not repeat its order on a resume mid-epoch. Batches are moved to
+            ``state.device`` (pinned, non-blocking).
         val_data, eval_step: validation data and ``(state, batch) -> metrics``, logged as ``"val/<name>"``.
         max_epochs, min_epochs, max_steps, max_time: limits (``max_time``: seconds, timedelta, dict or
             ``"DD:HH:MM:SS"``).
@@ -538,6 +540,13 @@ def fit(
             f"but the checkpoint was saved on {saved_world}: the ranks' shards differ, so some examples of this "
             "epoch are seen twice or not at all (later epochs are whole). Resume on as many processes, or from a "
             "checkpoint saved at an epoch's end.",
+            stacklevel=2,
+        )
+    if plan.batches is not None and b > plan.batches:
+        warnings.warn(
+            f"fit resumes at batch {b} of epoch {epoch}, past the {plan.batches} batches of this run's epochs (a "
+            "larger batch size, a smaller limit_train_batches, or more processes): that epoch counts as ended "
+            "there, and the next one starts.",
             stacklevel=2,
         )
     validated = bool(position.get("validated"))  # saved by an epoch-end validation: that one is done
@@ -635,6 +644,7 @@ def fit(
                 validate()
                 if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now
                     halt = halting()
+            short_warned = False
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
                 val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
                 count_across = plan.val_every_n_epoch is None
@@ -659,10 +669,20 @@ def fit(
                         break
                 else:
                     broke = False
-                # Without a length, the epoch ended if the data ran out (or reached limit_train_batches) after a
-                # batch: one this call ran, or one before the position it resumed from (a checkpoint saved at
-                # the epoch's last batch).
-                if not (b == n_batches if plan.sized else not broke and (steps > epoch_start or b > 0)):
+                # The epoch ended when its batches ran (limit_train_batches included, with or without a length;
+                # a resume from past a now shorter epoch's end too), or, without a length, when the data ran out
+                # after a batch: one this call ran, or one before the position it resumed from (a checkpoint
+                # saved at the epoch's last batch). Data running out before its len() ends the epoch early.
+                ran_out = not broke and (steps > epoch_start or (b > 0 and not plan.sized))
+                if plan.sized and ran_out and b < n_batches and not short_warned:
+                    short_warned = True  # once a run
+                    warnings.warn(
+                        f"fit: train_data yielded {b} batches in epoch {epoch}, fewer than its len() or "
+                        f"limit_train_batches ({n_batches}) promised: the epoch ended there. Make len() match the "
+                        "batches it yields (a per-rank IterableDataset reports its own rank's count).",
+                        stacklevel=2,
+                    )
+                if not ((n_batches is not None and b >= n_batches) or ran_out):
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
                     break  # stopped mid-epoch, or a one-shot iterable ran out

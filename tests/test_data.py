@@ -228,7 +228,9 @@ def _shards():
     ds = TensorDataset(torch.arange(4))
     check_sharding(DataLoader(ds, batch_sampler=BatchSampler(DistributedSampler(ds), 2, False)), "train_data")  # passes
     check_sharding(DataLoader(_RankShards(), batch_size=2), "train_data")  # an IterableDataset shards itself: passes
-    return len(loader), seen, error, _stop_on_one_rank()
+    # a launched rank may start processes of its own (it is not daemonic): DataLoader workers
+    workers = [b[0].tolist() for b in DataLoader(TensorDataset(torch.arange(4)), batch_size=2, num_workers=1)]
+    return len(loader), seen, error, _stop_on_one_rank(), workers
 
 
 class _StopOnRank1:
@@ -250,8 +252,72 @@ def _stop_on_one_rank():
 
 @pytest.mark.distributed
 def test_each_rank_gets_its_own_shard():
-    (n0, a, e0, s0), (n1, b, _, s1) = fnlit.distributed.launch(_shards, 2, timeout=120)
+    (n0, a, e0, s0, w0), (n1, b, _, s1, w1) = fnlit.distributed.launch(_shards, 2, timeout=120)
     assert n0 == n1 == 3 and s0 == s1 == 5
+    assert w0 == w1 == [[0, 1], [2, 3]]  # as in this process
     a, b = sum(a, []), sum(b, [])
     assert len(a) == len(b) == 5 and not set(a) & set(b)
     assert "DistributedSampler" in e0 and "ArrayLoader" in e0
+
+
+@pytest.mark.parametrize("sampler", ["subset", "weighted"])
+def test_subset_and_weighted_random_samplers_are_reseeded_and_resume_mid_epoch(tmp_path, sampler):
+    from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
+
+    from fnlit.checkpoint import Checkpointer
+
+    ds = TensorDataset(torch.arange(12))
+
+    def loader():
+        s = SubsetRandomSampler(range(8)) if sampler == "subset" else WeightedRandomSampler(torch.arange(1.0, 13.0), 8)
+        return DataLoader(ds, batch_size=2, sampler=s)
+
+    torch.manual_seed(0)
+    reference = _fit_batches(loader())
+    torch.manual_seed(1)  # another process: the global generator elsewhere, the same order
+    assert _fit_batches(loader()) == reference and reference[:4] != reference[4:8]
+    first = _fit_batches(loader(), checkpoint=Checkpointer(tmp_path), callbacks=[_Stop(6)])
+    torch.manual_seed(3)
+    resumed = _fit_batches(loader(), checkpoint=Checkpointer(tmp_path), ckpt_path="last")
+    assert first == reference[:6] and resumed == reference[6:]  # mid-epoch 1: the rest of the same order
+
+
+def test_any_sampler_with_set_epoch_gets_the_epoch_as_lightning_calls_it():
+    class EpochShuffled(torch.utils.data.Sampler):
+        def __init__(self, n):
+            self.n, self.epoch = n, 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(100 + self.epoch)).tolist())
+
+        def __len__(self):
+            return self.n
+
+    ds = TensorDataset(torch.arange(6))
+    got = _fit_batches(DataLoader(ds, batch_size=3, sampler=EpochShuffled(6)))
+    reference = [torch.randperm(6, generator=torch.Generator().manual_seed(100 + e)).tolist() for e in range(3)]
+    assert got == [r[i : i + 3] for r in reference for i in (0, 3)]
+
+
+def test_user_dict_batches_are_weighted_and_moved_as_dicts():
+    # Hugging Face's BatchEncoding subclasses collections.UserDict, which optree keeps whole as a leaf.
+    from collections import UserDict
+
+    from fnlit.loop import evaluate
+
+    class Encoding(UserDict):
+        def __init__(self, data, note):
+            super().__init__(data)
+            self.note = note
+
+    x = torch.arange(5.0)
+    batches = [Encoding({"x": x[:4]}, "a"), Encoding({"x": x[4:]}, "b")]
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    assert [batch_size_of(b) for b in batches] == [4, 1]
+    assert evaluate(lambda s, b: {"m": b["x"].mean()}, state, batches)["m"] == pytest.approx(x.mean().item())  # over examples
+    moved = device_mover(torch.device("meta"))((batches[0], 1))
+    assert type(moved[0]) is Encoding and moved[0].note == "a" and moved[0]["x"].device.type == "meta" and moved[1] == 1
+    assert batches[0]["x"].device.type == "cpu"  # the original is left alone

@@ -671,3 +671,40 @@ def test_ckpt_path_without_checkpoint():
 def test_a_too_small_overfit_fraction_names_overfit_batches():
     with pytest.raises(ValueError, match=r"fit got overfit_batches=0.2, but 0.2 \* 4 batches < 1"):
         run(n=10, val=4, max_epochs=1, overfit_batches=0.2)
+
+
+def test_an_epoch_of_unsized_data_cut_by_limit_train_batches_ends_also_when_max_steps_does():
+    # max_steps lands on the epoch's last batch: that epoch's validation and end run, as with a length.
+    def counted(data, **kw):
+        c = Counter()
+        fit(c.step, make_state(), data, val_data=[torch.tensor([1.0])], eval_step=c.eval_step, num_sanity_val_steps=0,
+            callbacks=[c], progress=False, **kw)  # fmt: skip
+        return len(c.train), len(c.val), c.epoch_ends
+
+    sized = [torch.tensor([i]) for i in range(8)]
+    assert counted(Unsized(8), max_steps=8, limit_train_batches=4) == counted(sized, max_steps=8, limit_train_batches=4) == (8, 2, [0, 1])
+    assert counted(Unsized(8), fast_dev_run=True) == counted(sized, fast_dev_run=True) == (1, 1, [0])
+
+
+def test_data_yielding_fewer_batches_than_its_len_ends_each_epoch_with_a_warning():
+    class Short:  # len() says 5, each epoch yields 3 (a per-rank IterableDataset reporting the global size)
+        def __len__(self):
+            return 5
+
+        def __iter__(self):
+            return iter([torch.tensor([i]) for i in range(3)])
+
+    c = Counter()
+    with pytest.warns(UserWarning, match=r"yielded 3 batches in epoch 0, fewer than its len\(\) or limit_train_batches \(5\)"):
+        state = fit(c.step, make_state(), Short(), max_epochs=3, callbacks=[c], progress=False)
+    assert int(state.step) == 9 and c.train == [[0], [1], [2]] * 3 and c.epoch_ends == [0, 1, 2]  # a plain loop's 3 x 3
+
+
+def test_a_resume_past_the_end_of_a_now_shorter_epoch_starts_the_next_one():
+    # Saved at batch 7 of 10; resumed with limit_train_batches=5: that epoch is over, 2 more epochs follow.
+    restored = (make_state().replace(step=torch.tensor(7)), {"epoch": 0, "batch": 7, "seed": 42})
+    c = Counter()
+    with pytest.warns(UserWarning, match="resumes at batch 7 of epoch 0, past the 5 batches"):
+        state = fit(c.step, make_state(), ArrayLoader(torch.arange(10), batch_size=1), max_epochs=3, limit_train_batches=5,
+                    checkpoint=FakeCheckpoint(restored), ckpt_path="last", callbacks=[c], progress=False)  # fmt: skip
+    assert int(state.step) == 17 and len(c.train) == 10 and c.epoch_ends == [0, 1, 2]
