@@ -482,8 +482,10 @@ def common_step(state: Any) -> int | None:
     return int(flat[0]) if bool((flat == flat[0]).all()) else None
 
 
-def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any]) -> int:
-    """Writes the file (rank 0 only; a sharded state is gathered on every rank first); returns its ``saved_at_ns``."""
+def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any],
+                run: str | None = None) -> int:
+    """Writes the file (rank 0 only; a sharded state is gathered on every rank first); returns its ``saved_at_ns``.
+    ``run`` names the training run (a Checkpointer's) the file belongs to."""
     for key, value in meta.items():
         json_checked(f"the metadata {key}=", value)
     # Before anything that can differ between ranks: the gathers are collectives every rank takes part in.
@@ -499,6 +501,8 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
         "params": list(getattr(state, "params", {})),
         "buffers": list(getattr(state, "buffers", {})),
     }
+    if run is not None:
+        header["run"] = run
     paths, leaves, _ = _tree.tree_flatten_with_path(state)
     if _dist.is_main():
         payload = encode(paths + list(extra), leaves + list(extra.values()), header)

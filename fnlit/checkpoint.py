@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,7 @@ class _Record:
     path: Path
     saved_at_ns: int
     metrics: dict[str, float] | None
+    run: str | None = None  # the run that wrote it (None: a file of an fnlit before runs were recorded)
 
 
 def _step(state: Any) -> int:
@@ -277,6 +279,10 @@ class Checkpointer:
     safely on disk. Only rank 0 writes; every rank restores. A sharded state (``fnlit.shard``) is
     gathered into full tensors for each save, on every rank, and restored into each rank's shards. An
     ensemble's stacked state is named by the step its members share.
+
+    Each file records the run that wrote it: a fresh run into a folder that holds another run's checkpoints
+    ranks (``best_path``) and removes (``keep_last``/``keep_best``) only its own, with a warning; a resumed
+    run goes on with the files of the run it restored.
 
     fit calls ``restore`` once (with its ``ckpt_path``; ``start`` instead for a run that restores
     nothing), then ``on_step`` after every step,
@@ -342,14 +348,29 @@ class Checkpointer:
         self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
         self._saved_step: int | None = None
         self._validated: dict[Path, dict[str, float]] = {}  # the metrics of the bests this object saved
+        self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
 
     # ---- the calls fit makes ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """A run that restores nothing begins: what an earlier run with this object saved does not count as
-        this run's (one Checkpointer reused across runs saves each run's states, its last included)."""
+        """A run that restores nothing begins. Checkpoints already in the folder (an earlier run's, or what this
+        object saved for another run) are not this run's: they are not ranked for ``best_path`` nor removed
+        by ``keep_last``/``keep_best`` (a warning says so, as Lightning warns of a folder that is not empty),
+        and this run saves its own states, its last included. A resumed run (``restore``) goes on with the
+        files of the run it restores."""
         self._saved_step = None
         self._records = None  # read from the folder again on the first save
+        self._run = secrets.token_hex(8)
+        if _dist.is_main() and self.directory.is_dir():
+            earlier = [p.name for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
+            if earlier:
+                warnings.warn(
+                    f"Checkpointer folder {self.directory} already holds {len(earlier)} checkpoint(s) of another run "
+                    f"(e.g. {sorted(earlier)[-1]}): this fresh run keeps them but does not rank them for best_path or "
+                    "remove them; its own files replace any at the same steps, and 'last' is the newest of all. Use a "
+                    "new folder per run to keep runs apart, or pass ckpt_path='last' to resume.",
+                    stacklevel=3,
+                )
 
     def restore(self, ckpt_path: str | os.PathLike[str], like: S) -> tuple[S, Position | None]:
         """Restores ``like`` from ``ckpt_path``: a file, a folder, or ``"last"`` (this Checkpointer's folder).
@@ -417,7 +438,7 @@ class Checkpointer:
 
     def _improves(self, value: float) -> bool:
         # Strictly better than the worst kept best: on a tie the earlier checkpoint stays (as Lightning's).
-        best = self._best(self._scan())
+        best = self._best(self._ours(self._scan()))
         return self.keep_best is None or len(best) < self.keep_best or self._better(value, self._value(best[-1]))
 
     def on_epoch_end(self, state: Any, position: Position) -> None:
@@ -471,12 +492,14 @@ class Checkpointer:
             metrics = self._validated.get(path)
         else:
             self._validated[path] = metrics
-        saved_at = write_state(path, state, position, metrics, self.meta)
-        records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics)]
+        saved_at = write_state(path, state, position, metrics, self.meta, self._run)
+        records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
         if self.save_last:
             link_or_copy(path, self.directory / LAST)
-        keep = {r.path for r in (records if self.keep_last is None else records[-self.keep_last :])}
-        keep |= {r.path for r in self._best(records)}
+        ours = self._ours(records)
+        keep = {r.path for r in records} - {r.path for r in ours}  # another run's files are not this run's to remove
+        keep |= {r.path for r in (ours if self.keep_last is None else ours[-self.keep_last :])}
+        keep |= {r.path for r in self._best(ours)}
         for r in records:  # only now that the new file is durable
             if r.path not in keep:
                 try:
@@ -497,14 +520,20 @@ class Checkpointer:
         """The best checkpoint by ``monitor`` (None without monitor or before the first validation)."""
         if self._records is None and not self.directory.is_dir():
             return None  # nothing saved yet (and no folder made just to look: fast_dev_run writes nothing)
-        best = self._best(self._scan())
+        best = self._best(self._ours(self._scan()))
         return best[0].path if best else None
 
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
         header, values = decode(path)
         state = fill_like(like, values, path)
         self._saved_step = header.get("step")
+        self._run = header.get("run")  # the resumed run goes on with its own files
+        self._records = None
         return state, header.get("position")
+
+    def _ours(self, records: list[_Record]) -> list[_Record]:
+        """The records of this run (all of them when this object follows no run)."""
+        return records if self._run is None else [r for r in records if r.run == self._run]
 
     def _scan(self) -> list[_Record]:
         if self._records is None:
@@ -515,7 +544,7 @@ class Checkpointer:
             remove_stale_temps(self.directory)
             headers = [(p, read_header(p)) for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
             self._records = sorted(
-                (_Record(p, h["saved_at_ns"], h.get("metrics")) for p, h in headers if h is not None),
+                (_Record(p, h["saved_at_ns"], h.get("metrics"), h.get("run")) for p, h in headers if h is not None),
                 key=lambda r: r.saved_at_ns,
             )
         return self._records

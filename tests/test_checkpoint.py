@@ -3,6 +3,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -440,9 +441,34 @@ def test_one_checkpointer_reused_for_a_second_run_saves_that_run(tmp_path):
     x, y = batch(32)
     for lr in (0.1, 0.01):
         state = fnlit.TrainState.create(model, fnlit.optim.sgd(lr), seed=0)
-        out = fnlit.fit(hand_step(model), state, fnlit.data.ArrayLoader(x, y, batch_size=8), max_epochs=2,
-                        checkpoint=ck, progress=False)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Checkpointer folder .* already holds")  # the second run's
+            out = fnlit.fit(hand_step(model), state, fnlit.data.ArrayLoader(x, y, batch_size=8), max_epochs=2,
+                            checkpoint=ck, progress=False)  # fmt: skip
         assert_trees_equal(ckpt.restore(ck.last_path, like=state).params, out.params)
+
+
+def test_a_fresh_run_into_a_used_folder_ranks_only_its_own_checkpoints(tmp_path):
+    # Lightning's best_model_path is the current run's; an earlier run's better checkpoint is kept, not taken.
+    def run(lr, steps, **kw):
+        model = mlp()
+        state = fnlit.TrainState.create(model, fnlit.optim.sgd(lr), seed=0)
+        x, y = batch(32)
+        ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_last=1)
+        eval_step = fnlit.eval_step(model, lambda f, b: torch.nn.functional.cross_entropy(f(b[0]), b[1]))
+        data = fnlit.data.ArrayLoader(x, y, batch_size=8)
+        out = fnlit.fit(hand_step(model), state, data, max_steps=steps, val_data=data, eval_step=eval_step,
+                        val_check_interval=2, num_sanity_val_steps=0, checkpoint=ck, progress=False, **kw)  # fmt: skip
+        return ck, out
+
+    first, _ = run(0.1, 40)
+    earlier = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.warns(UserWarning, match=r"already holds \d+ checkpoint\(s\) of another run"):
+        second, out = run(0.0, 4)  # lr 0: a worse validation loss than the first run's best
+    assert ckpt.read_info(second.best_path).step <= 4 and ckpt.read_info(first.best_path).step > 4
+    assert set(earlier) - {"last.ckpt"} <= {p.name for p in tmp_path.iterdir()}  # none of its files removed
+    resumed, _ = run(0.0, 6, ckpt_path="last")  # the second run, resumed: its own files are ranked again
+    assert ckpt.read_info(resumed.best_path).step <= 6
 
 
 def test_restoring_into_a_donated_state_says_it_was_donated(tmp_path):

@@ -478,8 +478,9 @@ def test_a_ctrl_c_after_a_callback_changed_its_state_in_place_resumes_from_the_s
 
         fit(Counter().step, make_state(), ArrayLoader(torch.arange(15), batch_size=1), max_epochs=1,
             val_data=[torch.tensor([1.0])], eval_step=lambda s, b: {"loss": s.step.float()}, val_check_interval=5,
-            num_sanity_val_steps=0, callbacks=[history, Cut()], checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=100),
-            ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+            num_sanity_val_steps=0, callbacks=[history, Cut()], progress=False,
+            checkpoint=Checkpointer(tmp_path / ("ck" if interrupt or resume else "whole"), every_n_steps=100),
+            ckpt_path="last" if resume else None)  # fmt: skip
         return history.steps
 
     uninterrupted = run()
