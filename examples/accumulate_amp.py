@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = ArrayLoader(*data["train"], batch_size=args.batch_size, shuffle=True, drop_last=True)
     total = args.epochs * len(train)
     adamw = fnlit.optim.adamw(
-        fnlit.optim.warmup_cosine(args.lr, warmup_steps=max(1, total // 10), decay_steps=total),
+        fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, total // 10), total - 1), decay_steps=total),
         weight_decay=1e-2, mask=fnlit.optim.decay_mask,
     )  # fmt: skip
     tx = fnlit.optim.chain(fnlit.optim.clip_by_global_norm(args.clip), adamw) if args.clip > 0 else adamw

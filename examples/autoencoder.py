@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train = ArrayLoader(data["train"], batch_size=args.batch_size, shuffle=True)
     total = args.epochs * len(train)
-    tx = fnlit.optim.adamw(fnlit.optim.warmup_cosine(args.lr, warmup_steps=len(train), decay_steps=total), weight_decay=1e-4)
+    tx = fnlit.optim.adamw(fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(len(train), total - 1), decay_steps=total), weight_decay=1e-4)
     state = fnlit.TrainState.create(model, tx, seed=args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Each rank sees 1/world of the examples per epoch, in batches of batch_size / world.
     train = ArrayLoader(*data["train"], batch_size=args.batch_size // world, shuffle=True, drop_last=True)
     total = args.max_steps or args.epochs * len(train)
-    schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=max(1, total // 20), decay_steps=total)
+    schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, total // 20), total - 1), decay_steps=total)
     state = fnlit.TrainState.create(model, fnlit.optim.adamw(schedule, mask=fnlit.optim.decay_mask), seed=args.seed)
     step = fnlit.data_parallel(train_step) if distributed else train_step
 

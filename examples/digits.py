@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     steps_per_epoch = len(splits["train"][0]) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
-    schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=max(1, total // 20), decay_steps=total)
+    schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, total // 20), total - 1), decay_steps=total)
     tx = fnlit.optim.adamw(schedule, weight_decay=args.weight_decay, mask=fnlit.optim.decay_mask)
     state = fnlit.TrainState.create(model, tx, seed=args.seed, loss_scale="dynamic" if args.amp == "fp16" else None)
 

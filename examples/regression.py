@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     total = args.epochs * len(train)
     # Adam with a cosine decay to 0: the last steps are small, so SGD noise averages out and the fit
     # lands on the least-squares solution instead of jittering around it.
-    tx = fnlit.optim.adam(fnlit.optim.warmup_cosine(args.lr, warmup_steps=len(train), decay_steps=total))
+    tx = fnlit.optim.adam(fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(len(train), total - 1), decay_steps=total))
     state = fnlit.TrainState.create(model, tx, seed=args.seed)
     train_step, eval_step = make_steps(model)
 

@@ -192,3 +192,14 @@ def test_readme_twenty_lines_and_unit_test_run(tmp_path, monkeypatch):
     (unit_test,) = python_blocks(readme, "## Unit-testing a training step")
     exec(compile(unit_test, "README.md: Unit-testing", "exec"), namespace)  # noqa: S102
     namespace["test_train_step"]()
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("digits", ["--max-steps", "1", "--no-progress"]), ("regression", ["--epochs", "1"]),
+    ("autoencoder", ["--epochs", "1"]), ("data_parallel", ["--max-steps", "1"]),
+    ("accumulate_amp", ["--epochs", "1"]), ("text_classifier", ["--max-steps", "1", "--train-size", "64", "--dim", "8"]),
+])  # fmt: skip
+def test_examples_run_their_shortest_setting(tmp_path, name, argv):
+    # One epoch or one step: the warmup must fit inside the schedule (it was as long as the whole run).
+    extra = ["--ckpt-dir", str(tmp_path)] if name == "autoencoder" else []
+    assert load(name).main([*argv, *extra, "--log-dir", ""]) is not None
