@@ -150,7 +150,7 @@ def test_donating_outside_another_transform_is_bitwise_and_poisons(model, wrap):
     got, m_got = fnlit.donating(wrap(hand_step(model)))(donated, batch())
     assert_trees_equal(got, want)
     assert torch.equal(m_got["loss"], m_want["loss"])
-    with pytest.raises(RuntimeError, match=r"donated to a step \(fnlit.donating\)"):
+    with pytest.raises(RuntimeError, match=r"(?s)donated to a step \(fnlit.donating\).*or call the step without fnlit.donating"):
         donated.params["0.weight"]
 
 

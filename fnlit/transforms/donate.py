@@ -26,8 +26,9 @@ __all__ = ["donating", "poison", "consume", "check_not_donated", "is_donated", "
 USED = (
     "This TrainState was donated to a step ({how}), which reused its storage for the state it returned: "
     "its {field!r} no longer holds valid values. Use the state the step returned "
-    "(`state, metrics = step(state, batch)`), or pass donate=False to keep the input state intact."
+    "(`state, metrics = step(state, batch)`), or {keep} to keep the input state intact."
 )
+_KEEP = {"fnlit.compile(step, donate=True)": "pass donate=False to fnlit.compile"}  # else: fnlit.donating's
 RAISED = (
     "This TrainState was donated to a step ({how}) that raised an exception after updating the state's tensors "
     "in place: it holds neither the old state nor the new one (its {field!r} is not usable). Go on from the "
@@ -57,7 +58,9 @@ class Donated:
 
     def _raise(self, *args: Any, **kwargs: Any) -> NoReturn:
         get = object.__getattribute__
-        raise RuntimeError(get(self, "_text").format(field=get(self, "_field"), how=get(self, "_how")))
+        how = get(self, "_how")
+        keep = _KEEP.get(how, "call the step without fnlit.donating")
+        raise RuntimeError(get(self, "_text").format(field=get(self, "_field"), how=how, keep=keep))
 
     def __getattr__(self, name: str) -> NoReturn:
         self._raise()
