@@ -522,14 +522,15 @@ def fit(
         train_data = _data.unshuffled(train_data)
     if ckpt_path is not None and checkpoint is None:
         raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
+    position = None
+    if checkpoint is not None and ckpt_path is not None:  # (fast_dev_run and limit_train_batches=0 too, as Lightning)
+        state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
+    elif checkpoint is not None and hasattr(checkpoint, "start") and not plan.quiet and plan.batches != 0:
+        checkpoint.start()  # a fresh run (the object may have saved another)
     if plan.batches == 0:
         return state  # limit_train_batches=0: Lightning skips training
-    checkpoint = None if plan.quiet else checkpoint
-    position = None
-    if checkpoint is not None and ckpt_path is not None:
-        state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
-    elif checkpoint is not None and hasattr(checkpoint, "start"):  # a fresh run (the object may have saved another)
-        checkpoint.start()
+    if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing
+        checkpoint, position = None, None
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]

@@ -709,3 +709,14 @@ def test_a_resume_past_the_end_of_a_now_shorter_epoch_starts_the_next_one():
         state = fit(c.step, make_state(), ArrayLoader(torch.arange(10), batch_size=1), max_epochs=3, limit_train_batches=5,
                     checkpoint=FakeCheckpoint(restored), ckpt_path="last", callbacks=[c], progress=False)  # fmt: skip
     assert int(state.step) == 17 and len(c.train) == 10 and c.epoch_ends == [0, 1, 2]
+
+
+def test_fast_dev_run_and_limit_train_batches_0_restore_ckpt_path_as_lightning_does():
+    restored = (make_state().replace(step=torch.tensor(7)), {"epoch": 0, "batch": 7, "seed": 42})
+    data = ArrayLoader(torch.arange(10), batch_size=1)
+    ck = FakeCheckpoint(restored)
+    assert int(fit(Counter().step, make_state(), data, fast_dev_run=2, checkpoint=ck, ckpt_path="last", progress=False).step) == 9
+    assert ck.calls == [("restore", "last")]  # restored, and nothing saved
+    ck = FakeCheckpoint(restored)
+    assert int(fit(Counter().step, make_state(), data, limit_train_batches=0, checkpoint=ck, ckpt_path="last", progress=False).step) == 7
+    assert ck.calls == [("restore", "last")]
