@@ -65,6 +65,8 @@ class _Slots:
             if getattr(m, a, None) is not None
         )
         self.probed = False  # whether a training forward has run on copies of the buffers (see apply)
+        self.eval_copied: frozenset[str] = frozenset()  # the same for eval-mode forwards (a quantization observer)
+        self.eval_probed = False
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
         self.renormed = [n for n, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
 
@@ -218,7 +220,10 @@ def apply(
             None (default) means, in training mode, normalisation statistics, spectral norm's vectors and
             any buffer a training forward of this module was seen updating before (fnlit warns the first
             time: that call changed the buffers it was given); True every buffer; False none (the
-            updates are made on copies and dropped, and ``new_buffers`` are the ones given).
+            updates are made on copies and dropped, and ``new_buffers`` are the ones given). In eval mode,
+            None copies the buffers the module's first eval forward (run on copies of them all) updated in
+            place (none for BatchNorm; a quantization observer's), so evaluating never changes
+            ``state.buffers`` either; the updated copies come back in ``new_buffers``.
         **kwargs: keyword inputs of the module.
 
     Returns:
@@ -250,14 +255,22 @@ def apply(
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
-    probe = train and bool(buffers) and not traced and not mutable and not slots.probed and not torch.is_inference_mode_enabled()
-    # mutable=False in training mode: the statistics are updated on copies, which are dropped. Traced (compile,
-    # vmap), what eager calls learned is out of reach (compiling builds fresh slots): every registered buffer
-    # but a boolean mask is copied, so an in-place update never reaches the caller's (the copies are cheap there).
-    if traced and train and not mutable:
+    # An eval-mode forward is probed the same way, once, for buffers it updates in place (quantization
+    # observers do in every mode; BatchNorm does not): those are copied before later eval forwards.
+    probing = bool(buffers) and not traced and not mutable and not torch.is_inference_mode_enabled()
+    probe = probing and train and not slots.probed
+    eval_probe = probing and not train and not slots.eval_probed
+    # mutable=False: the updates are made on copies, which are dropped. Traced (compile, vmap), what eager
+    # calls learned is out of reach (compiling builds fresh slots): every registered buffer but a boolean
+    # mask is copied, so an in-place update never reaches the caller's (the copies are cheap there).
+    if traced and not mutable:
         copy = [n for n in slots.buffers if n in buffers and buffers[n].dtype != torch.bool]
+    elif mutable:
+        copy = buffers.keys()
+    elif train:
+        copy = slots.buffers if probe else slots.copied
     else:
-        copy = buffers.keys() if mutable else (slots.buffers if probe else slots.copied) if train else ()
+        copy = slots.buffers if eval_probe else slots.eval_copied
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 
@@ -268,8 +281,8 @@ def apply(
             new_buffers[name] = new_buffers[name].clone()
     tensors = {**params, **new_buffers} if new_buffers else params  # type: ignore[assignment]
     # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
-    watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if train and buffers and not traced else ()
-    probes = [(n, new_buffers[n]) for n in slots.buffers if n in new_buffers] if probe else ()
+    watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if buffers and not traced else ()
+    probes = [(n, new_buffers[n]) for n in slots.buffers if n in new_buffers] if probe or eval_probe else ()
     # Registered buffers the forward could reassign (self.mean = ...; frozen params cannot be: nn.Module
     # refuses a plain tensor for a parameter), looked for after the call.
     reassignable = slots.buffers & new_buffers.keys() if new_buffers else frozenset()
@@ -298,6 +311,12 @@ def apply(
         if tensors[name] is not new_buffers[name]:
             new_buffers[name] = tensors[name].detach()
             reassigned.append(name)
+    if eval_probe:  # what an eval forward updates comes back in new_buffers, as a training forward's; the rest
+        slots.eval_copied = frozenset(n for n, copied in probes if copied._version)  # are the caller's own again
+        slots.eval_probed = True
+        for n, copied in probes:
+            if not copied._version and new_buffers[n] is copied:
+                new_buffers[n] = buffers[n]
     if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
         slots.probed = True
@@ -307,7 +326,7 @@ def apply(
                 _PROBE_COPIES[key] = weakref.ref(copied, lambda _, key=key: _PROBE_COPIES.pop(key, None))
     changed = [n for n, t, version in watched if t._version != version]
     if changed:
-        _learn_updated(module, slots, changed)
+        _learn_updated(module, slots, changed, train)
     if mutable is False:
         return out, dict(buffers)
     if copy and train and not traced and not torch.is_inference_mode_enabled():  # (inference tensors have no versions)
@@ -360,14 +379,18 @@ def check_buffers_kept(buffers: Mapping[str, Any], changes: Mapping[str, Any]) -
         warnings.warn(_DROPPED_BUFFERS.format(names=names[:4] + (["..."] if len(names) > 4 else [])), stacklevel=3)
 
 
-def _learn_updated(module: nn.Module, slots: _Slots, names: list[str]) -> None:
+def _learn_updated(module: nn.Module, slots: _Slots, names: list[str], train: bool) -> None:
     """A forward updated the caller's buffers ``names`` in place: copy them before every later forward."""
-    slots.copied = slots.copied | frozenset(names)
+    if train:
+        slots.copied = slots.copied | frozenset(names)
+    else:
+        slots.eval_copied = slots.eval_copied | frozenset(names)
+    mode = "training" if train else "eval-mode"
     warnings.warn(
         f"fnlit.apply: {type(module).__name__}'s forward updated the buffer(s) {names} in place, so the "
-        "buffers passed in (state.buffers) changed in this call. From now on they are copied before every "
-        "training forward of this module, as BatchNorm statistics are, and the updated copies come back as new "
-        "buffers (its first training forward did not update them); pass mutable=True to copy every buffer "
+        f"buffers passed in (state.buffers) changed in this call. From now on they are copied before every "
+        f"{mode} forward of this module, as BatchNorm statistics are, and the updated copies come back as new "
+        f"buffers (its first {mode} forward did not update them); pass mutable=True to copy every buffer "
         "on every call.",
         stacklevel=3,
     )

@@ -35,6 +35,34 @@ def test_eval_mode_uses_running_stats_and_no_dropout():
     assert model.training  # the module's own mode is restored
 
 
+class _Observer(torch.nn.Module):
+    """Counts the examples it sees in a buffer, in place, in every mode (as quantization observers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen.add_(x.shape[0])
+        return self.lin(x)
+
+
+def test_an_eval_forward_never_changes_the_buffers_it_is_given():
+    model = _Observer()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.randn(3, 4)
+    reference = copy.deepcopy(model).eval()
+    reference(x)  # what the module's own eval forward computes: seen = 3
+    for _ in range(2):  # the first eval call probes on copies, the second copies what it learned
+        out, new = fnlit.apply(model, state.params, state.buffers, x, train=False)
+        assert float(state.buffers["seen"]) == 0 and torch.equal(new["seen"], reference.seen)
+        _, dropped = fnlit.apply(model, state.params, state.buffers, x, train=False, mutable=False)
+        assert float(state.buffers["seen"]) == 0 and dropped["seen"] is state.buffers["seen"]
+    fnlit.evaluate(fnlit.eval_step(model, lambda f, b: f(b).sum()), state, [x, x])
+    assert float(state.buffers["seen"]) == 0
+
+
 def test_dropout_is_a_pure_function_of_the_key():
     model = mlp(dropout=0.5)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
