@@ -498,7 +498,9 @@ def value_and_grad(
     is scaled before backward; the returned gradients are already unscaled.
 
     Raises:
-        ValueError: if the loss is not a scalar (the message gives its shape).
+        ValueError: if the loss is not a scalar (the message gives its shape); for repeated argnums, or
+            one that names no positional argument.
+        TypeError: if argnums is not an int or a tuple of ints.
 
     Example:
         >>> import torch
@@ -507,8 +509,19 @@ def value_and_grad(
         (5.0, [2.0, 4.0])
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not nums or any(not isinstance(i, int) or isinstance(i, bool) for i in nums):
+        raise TypeError(f"fnlit.value_and_grad expected argnums to be an int or a non-empty tuple of ints, got {argnums!r} instead.")
+    if len(set(nums)) != len(nums):
+        raise ValueError(f"fnlit.value_and_grad expected argnums elements to be unique (as torch.func.grad), got {argnums!r}.")
+
+    lo, hi = min(nums), max(nums)
 
     def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if hi >= len(args) or (lo < 0 and (lo < -len(args) or len({i % len(args) for i in nums}) != len(nums))):
+            raise ValueError(
+                f"fnlit.value_and_grad(argnums={argnums!r}) got {len(args)} positional argument(s): each argnum must "
+                "name a different one (negative ones count from the end)."
+            )
         frame = _current_frame()
         autocast = (
             torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)

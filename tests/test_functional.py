@@ -520,3 +520,17 @@ def test_data_parallel_does_not_average_a_buffer_the_first_forward_left_alone():
     _, new = fnlit.apply(m, state.params, state.buffers, torch.randn(4, 3))
     updated = {n for n, _ in _updated_float_buffers(state, {"buffers": new})}
     assert updated == {"1.running_mean", "1.running_var"}  # the statistics only
+
+
+def test_argnums_must_name_different_positional_arguments():
+    f = lambda a, b: (a * b).sum()  # noqa: E731
+    a, b = torch.ones(2), torch.full((2,), 3.0)
+    with pytest.raises(ValueError, match="argnums elements to be unique"):
+        fnlit.value_and_grad(f, argnums=(0, 0))
+    with pytest.raises(TypeError, match="an int or a non-empty tuple of ints"):
+        fnlit.value_and_grad(f, argnums=(0.0,))
+    for bad in [(0, -2), 2, (-3,)]:  # -2 is 0 again; 2 and -3 name no argument
+        with pytest.raises(ValueError, match=r"got 2 positional argument\(s\): each argnum must name a different one"):
+            fnlit.value_and_grad(f, argnums=bad)(a, b)
+    _, (ga, gb) = fnlit.value_and_grad(f, argnums=(0, -1))(a, b)  # autograd's reference: d/da = b, d/db = a
+    assert torch.equal(ga, b) and torch.equal(gb, a)
