@@ -495,7 +495,10 @@ def value_and_grad(
     ``((loss, aux), grads)``. ``.grad`` attributes are never used. In eager mode it runs one
     ``torch.autograd.grad`` (no functorch overhead); inside torch.compile or torch.func transforms it
     uses ``torch.func.grad_and_value``. Under :func:`fnlit.amp` the forward runs in autocast and the loss
-    is scaled before backward; the returned gradients are already unscaled.
+    is scaled before backward; the returned gradients are already unscaled. A tensor the loss does not
+    reach gets a zero gradient (as in JAX), not None: an optimizer's momentum and weight decay still move
+    it (``torch.optim`` skips a parameter without ``.grad``); freeze it, or zero its updates with
+    ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``.
 
     Raises:
         ValueError: if the loss is not a scalar (the message gives its shape); for repeated argnums, or
