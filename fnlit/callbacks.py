@@ -146,7 +146,7 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_step: int | None = None
         self._stopped_by: str | None = None  # why it stopped: "patience", "threshold", "divergence", "not finite"
-        self._stopped_value: float | None = None  # the value that crossed a threshold
+        self._stopped_value: float | None = None  # the value that crossed a threshold; for patience, the count
         self._resumed: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,8 +165,8 @@ class EarlyStopping(Callback):
         # does nothing when resumed with the same max_epochs.
         why, self._resumed = self._resumed, None
         value = self._stopped_value
-        holds = {
-            "patience": self.wait >= self.patience,
+        holds = {  # the count when it decided: under min_epochs a later improvement resets wait, not the decision
+            "patience": (self.wait if value is None else value) >= self.patience,
             "threshold": value is not None and self._reached(value),
             "divergence": value is not None and self._diverged(value),
             "not finite": self.check_finite,
@@ -174,7 +174,8 @@ class EarlyStopping(Callback):
         if holds:
             warnings.warn(
                 f"EarlyStopping: the run being resumed had stopped at step {self.stopped_step} ({why}), so this one "
-                "stops at once. To train on, loosen the callback (e.g. a larger patience) or leave it out.",
+                "stops at once (once min_epochs are done). To train on, loosen the callback (e.g. a larger "
+                "patience) or leave it out.",
                 stacklevel=2,
             )
             raise StopTraining(f"EarlyStopping: the resumed run had stopped at step {self.stopped_step} ({why}).")
@@ -202,7 +203,7 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            self._stop(state, "patience")
+            self._stop(state, "patience", self.wait)
             raise StopTraining(
                 f"EarlyStopping: {self.monitor} did not improve in {self.wait} validation run(s); best {self.best:.4g}."
             )

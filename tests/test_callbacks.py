@@ -280,6 +280,32 @@ def test_a_failing_on_fit_end_keeps_the_final_checkpoint(tmp_path):
     assert int(ckpt.restore("last", like=counting_state())[0].step) == 7  # the run's 7 steps, saved on exit
 
 
+def test_early_stopping_deferred_by_min_epochs_stops_a_resumed_run_where_the_uninterrupted_one_stops(tmp_path):
+    # patience=1: the worse epoch 1 decides to stop; min_epochs=4 defers it, and epoch 2's improvement resets the
+    # count. The uninterrupted run stops after epoch 4; one crashed in epoch 3 and resumed must too.
+    values = [1.0, 2.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+
+    class Crash:
+        def __init__(self, at):
+            self.at = at
+
+        def on_step(self, state, metrics):
+            if int(state.step) == self.at:
+                raise RuntimeError("crash")
+
+    def run(crash=None, resume=False, folder="ck"):
+        return fit(count_step, counting_state(), [0], val_data=[0], eval_step=lambda s, b: {"loss": torch.tensor(values[int(s.step) - 1])},
+                   max_epochs=8, min_epochs=4, num_sanity_val_steps=0, progress=False,
+                   callbacks=[EarlyStopping("val/loss", patience=1), Crash(crash)],
+                   checkpoint=fnlit.checkpoint.Checkpointer(tmp_path / folder, every_n_epochs=1), ckpt_path="last" if resume else None)  # fmt: skip
+
+    assert int(run(folder="whole").step) == 4
+    with pytest.raises(RuntimeError, match="crash"):
+        run(crash=4)
+    with pytest.warns(UserWarning, match="had stopped at step 2 .patience."):
+        assert int(run(resume=True).step) == 4
+
+
 def test_timer_measures_validation():
     timer = Timer()
     fit(count_step, counting_state(), [0, 1], max_epochs=2, val_data=[0], eval_step=lambda s, b: {"a": torch.tensor(1.0)},
