@@ -292,7 +292,9 @@ def _placed(params: dict[str, torch.Tensor], state: TrainState, who: str) -> dic
 class EMA(Callback):
     """An exponential moving average of the parameters, updated after every step on the device.
 
-    ``ema = decay * ema + (1 - decay) * params``, starting from the params at the start of :func:`fnlit.fit`.
+    ``ema = decay * ema + (1 - decay) * params``, starting from the params at the start of its first
+    :func:`fnlit.fit`; a later fit with the same EMA object continues that average (training continued in
+    a second ``fit`` call), so give a new run (another model, a sweep's next trial) a new EMA.
     The average is not part of the TrainState: evaluate or export it with :meth:`state`. It is in fit's
     checkpoints (the callback's ``state_dict``), so a resumed run continues the same average. Buffers
     (BatchNorm statistics) are the trained state's; see :func:`update_bn`.
