@@ -123,10 +123,10 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         timed = o["max_time"] is not None or any(isinstance(cb, Timer) and cb.duration is not None for cb in o["callbacks"])
         if max_steps != math.inf or timed:
             max_epochs = -1
-        elif n is None:
+        elif n is None and batches is None:  # (an int limit_train_batches bounds its epochs: 1000 of them)
             raise ValueError(
                 "fit got endless training data (it has no len()) and neither max_epochs nor max_steps: it would "
-                "never stop. Pass max_steps=... (or max_epochs=..., or max_time=...)."
+                "never stop. Pass max_steps=... (or max_epochs=..., max_time=..., or limit_train_batches=N)."
             )
         else:
             max_epochs = 1000

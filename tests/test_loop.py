@@ -720,3 +720,10 @@ def test_fast_dev_run_and_limit_train_batches_0_restore_ckpt_path_as_lightning_d
     ck = FakeCheckpoint(restored)
     assert int(fit(Counter().step, make_state(), data, limit_train_batches=0, checkpoint=ck, ckpt_path="last", progress=False).step) == 7
     assert ck.calls == [("restore", "last")]
+
+
+def test_unsized_data_with_an_int_limit_train_batches_defaults_to_1000_epochs():
+    # Lightning: max_epochs=1000 when neither limit is given; each epoch here is bounded by the limit.
+    c = Counter()
+    state = fit(c.step, make_state(), Unsized(3), limit_train_batches=1, progress=False)
+    assert int(state.step) == 1000 and c.train == [[0]] * 1000
