@@ -632,16 +632,23 @@ def _nothing(n: int = 1) -> None:
 def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
     """Nested dicts of metrics flattened into ``"outer/inner"`` names, as fit logs them.
 
+    Raises:
+        ValueError: if two metrics get one name (``{"a/b": 1, "a": {"b": 2}}``).
+
     Example:
         >>> flat_metrics({"loss": 1.0, "parts": {"ce": 0.75, "reg": 0.25}})
         {'loss': 1.0, 'parts/ce': 0.75, 'parts/reg': 0.25}
     """
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if isinstance(v, Mapping):
-            out.update({f"{k}/{inner}": x for inner, x in flat_metrics(v).items()})
-        else:
-            out[k] = v
+        items = [(f"{k}/{inner}", x) for inner, x in flat_metrics(v).items()] if isinstance(v, Mapping) else [(k, v)]
+        for name, x in items:
+            if name in out:
+                raise ValueError(
+                    f"Two metrics are both named {name!r} once nested dicts are flattened into 'outer/inner' names: "
+                    "rename one of them."
+                )
+            out[name] = x
     return out
 
 

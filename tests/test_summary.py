@@ -424,3 +424,11 @@ def test_tensorboard_reads_one_processes_event_files_in_the_order_they_were_made
         made.append(os.path.basename(w.path))
         w.close()
     assert sorted(made) == made
+
+
+def test_flattened_metric_names_that_collide_are_an_error():
+    from fnlit.summary import flat_metrics
+
+    with pytest.raises(ValueError, match="Two metrics are both named 'a/b'"):
+        flat_metrics({"a/b": torch.tensor(1.0), "a": {"b": torch.tensor(2.0)}})
+    assert flat_metrics({"a": {"b": 1.0}, "a/c": 2.0}) == {"a/b": 1.0, "a/c": 2.0}
