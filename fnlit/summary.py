@@ -196,10 +196,12 @@ class TensorBoardWriter:
     def close(self) -> None:
         self._closed = True
         if self._file is not None:
-            self.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            try:
+                self.flush()
+                os.fsync(self._file.fileno())
+            finally:  # closed also when the disk refused the last events
+                self._file.close()
+                self._file = None
 
     def __del__(self) -> None:  # a writer dropped without close() still writes what it holds
         if not getattr(self, "_closed", True):
