@@ -224,7 +224,8 @@ def apply(
             None copies the buffers the module's first eval forward (run on copies of them all) updated in
             place (none for BatchNorm; a quantization observer's), so evaluating never changes
             ``state.buffers`` either; the updated copies come back in ``new_buffers``.
-        **kwargs: keyword inputs of the module.
+        **kwargs: keyword inputs of the module. ``rng``, ``train`` and ``mutable`` are apply's own: a forward
+            argument of one of those names is passed positionally (or through a small wrapper module).
 
     Returns:
         ``(output, new_buffers)``.
