@@ -6,7 +6,6 @@ import importlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -533,7 +532,7 @@ def value_and_grad(
             else None
         )
         if _traced():
-            return _functorch_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs)
+            return _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
         if torch.is_grad_enabled() and (_NESTED.get() or _any_requires_grad(sources)):
@@ -542,7 +541,7 @@ def value_and_grad(
             # of everything the loss reads; detached leaves and a first-order backward would not.
             if frame is not None and frame.shard_group is not None:
                 raise NotImplementedError(_NESTED_SHARD)
-            return _nested_path(fn, argnums, has_aux, frame, autocast or nullcontext(), args, kwargs, flat, sources)
+            return _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat, sources)
         accumulating = frame is not None and frame.accum_k > 1
         # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
         # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
@@ -555,12 +554,7 @@ def value_and_grad(
         torch._C._set_grad_enabled(True)  # what torch.enable_grad() does, without its Python wrapper
         nesting = _NESTED.set(True)  # a value_and_grad inside fn is differentiated again (see above)
         try:
-            if autocast is None:
-                loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
-            else:
-                with autocast:
-                    loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
-            target = frame.scale_loss(loss) if frame is not None else loss
+            loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
             if shared is not None:
                 _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
                 grads = frame.end_call()
@@ -577,8 +571,7 @@ def value_and_grad(
             frame.unscale_(grads)
             if accumulating:
                 frame.record(sources, grads)
-        out_grads = _regroup(flat, grads)
-        g = out_grads[0] if isinstance(argnums, int) else tuple(out_grads)
+        g = _as_argnums(argnums, _regroup(flat, grads))
         value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
         if frame is not None:
             frame.note_scalars(value)
@@ -595,6 +588,22 @@ _NESTED_SHARD = (
     "the inner gradient again would need a second-order backward through the parameter all-gather, which "
     "fnlit.shard does not have. Run such a step under fnlit.data_parallel (whole parameters on every rank)."
 )
+
+
+def _run_loss(fn, args, kwargs, has_aux, frame, autocast):  # type: ignore[no-untyped-def]
+    """``fn``'s loss and aux, under ``autocast`` (None: none), and the loss the backward starts from (scaled
+    under float16 amp): the forward every path of value_and_grad runs."""
+    if autocast is None:
+        loss, aux = _split_out(fn(*args, **kwargs), has_aux)
+    else:
+        with autocast:
+            loss, aux = _split_out(fn(*args, **kwargs), has_aux)
+    return loss, aux, (frame.scale_loss(loss) if frame is not None else loss)
+
+
+def _as_argnums(argnums: int | tuple[int, ...], grads: list[Any]) -> Any:
+    """One gradient tree per argnum: the tree for an int argnums, a tuple of them for a tuple (even of one)."""
+    return grads[0] if isinstance(argnums, int) else tuple(grads)
 
 
 def _any_requires_grad(tensors: list[Any]) -> bool:
@@ -620,7 +629,7 @@ def _device_type(tree: Any) -> str:
     return leaves[0].device.type if leaves else "cpu"
 
 
-def _nested_path(fn, argnums, has_aux, frame, autocast, args, kwargs, flat, sources):  # type: ignore[no-untyped-def]
+def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat, sources):  # type: ignore[no-untyped-def]
     """value_and_grad whose result is differentiated again (eager): plain autograd with ``create_graph``.
 
     Sources that already require grad (the outer call's leaves) are differentiated as they are, the others on
@@ -628,7 +637,6 @@ def _nested_path(fn, argnums, has_aux, frame, autocast, args, kwargs, flat, sour
     ``torch.autograd.grad(..., create_graph=True)`` (which, unlike a torch.func transform, also runs forwards
     that update buffers in place or read a tensor on the host).
     """
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     # An alias of a source that requires grad: a graph node of its own, so the gradient is this argument's path
     # only (a tensor the function also captures, or the same tensor at two positions, stays a constant, as in
     # torch.func), while staying connected to the outer graph.
@@ -636,25 +644,20 @@ def _nested_path(fn, argnums, has_aux, frame, autocast, args, kwargs, flat, sour
     new_args = list(args)
     for i, tree in zip(nums, _regroup(flat, inputs)):
         new_args[i] = tree
-    with autocast:
-        loss, aux = _split_out(fn(*new_args, **kwargs), has_aux)
-    target = frame.scale_loss(loss) if frame is not None else loss
+    loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
     if not target.requires_grad:
         raise RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
     grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
     if frame is not None:
         frame.unscale_(grads)  # out of place: they require grad
-    out_grads = _regroup(flat, grads)
-    return ((loss, aux) if has_aux else loss), (out_grads[0] if isinstance(argnums, int) else tuple(out_grads))
+    return ((loss, aux) if has_aux else loss), _as_argnums(argnums, _regroup(flat, grads))
 
 
 def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
     specs: list[Any] = []
 
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
-        with autocast:
-            loss, aux = _split_out(fn(*a, **k), has_aux)
-        target = frame.scale_loss(loss) if frame is not None else loss
+        loss, aux, target = _run_loss(fn, a, k, has_aux, frame, autocast)
         # functorch's aux must hold tensors only; and under torch.compile an empty dict in it comes back
         # as an empty tuple. So aux leaves only cross the transform, and the structure goes around it.
         leaves, spec = torch_pytree.tree_flatten((loss, aux) if has_aux else (loss,))
