@@ -172,7 +172,8 @@ class TrainState:
             >>> int(new.step), torch.equal(new.params["bias"], state.params["bias"] - 0.5)
             (1, True)
         """
-        if _UPDATED_FROM.get() is not None and not torch.compiler.is_compiling():  # a forward updated buffers: kept?
+        # (compiling first: torch < 2.14 cannot trace a ContextVar's get)
+        if not torch.compiler.is_compiling() and _UPDATED_FROM.get() is not None:  # a forward updated buffers: kept?
             _check_buffers_kept(self.buffers, changes)
         frame = _current_frame()
         if frame is not None:

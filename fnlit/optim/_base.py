@@ -104,7 +104,8 @@ def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTr
         >>> new_params
         {'w': tensor([0.9000, 0.9000])}
     """
-    record = _DONATED.get()
+    # (traced steps never donate; and torch < 2.14 cannot trace a ContextVar's get)
+    record = None if torch.compiler.is_compiling() else _DONATED.get()
     written = len(record.updated) if record is not None else 0
     if tx.step is not None:
         out = tx.step(grads, opt_state, params)

@@ -90,6 +90,8 @@ def consume(state: TrainState, new_params: Any) -> None:
     For ``TrainState.apply_update`` to call right after the update (under :func:`donating`): a step that
     reads its input state afterwards would otherwise silently get the new values.
     """
+    if torch.compiler.is_compiling():  # traced steps never donate (and torch < 2.14 cannot trace a ContextVar's get)
+        return
     record = _DONATED.get()
     if record is not None and new_params is not None and record.last_in_place is new_params:
         poison(state, "fnlit.donating", READ_AFTER)
