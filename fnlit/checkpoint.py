@@ -57,6 +57,7 @@ __all__ = ["save", "restore", "read_info", "export", "load_module", "Checkpointe
            "CheckpointError", "UnsafeCheckpointError"]
 
 S = TypeVar("S")
+T = TypeVar("T")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -253,13 +254,13 @@ def _step(state: Any) -> int:
     return step
 
 
-def _from_rank_0(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank (a collective)."""
+def _from_rank_0(value: T) -> T:
+    """Rank 0's ``value`` (a picklable object) on every rank (a collective)."""
     if not _dist.is_initialized():
-        return flag
-    box = [flag]
+        return value
+    box = [value]
     torch_dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return box[0]  # type: ignore[no-any-return]
 
 
 def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -349,18 +350,26 @@ class Checkpointer:
         self._saved_step: int | None = None
         self._validated: dict[Path, dict[str, float]] = {}  # the metrics of the bests this object saved
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
+        self._ended_at: int | None = None  # the step of the state this run ended with (on_exit) or resumed from
 
     # ---- the calls fit makes ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """A run that restores nothing begins. Checkpoints already in the folder (an earlier run's, or what this
-        object saved for another run) are not this run's: they are not ranked for ``best_path`` nor removed
-        by ``keep_last``/``keep_best`` (a warning says so, as Lightning warns of a folder that is not empty),
-        and this run saves its own states, its last included. A resumed run (``restore``) goes on with the
-        files of the run it restores."""
-        self._saved_step = None
+    def start(self, state: Any = None) -> None:
+        """A run that restores nothing begins (from ``state``); a collective under several processes.
+
+        Training continued from the state this object's last run ended with (a second ``fit`` call on the
+        state the first returned) is the same run: nothing changes. Otherwise checkpoints already in the
+        folder (an earlier run's, or what this object saved for another run) are not this run's: they are
+        not ranked for ``best_path`` nor removed by ``keep_last``/``keep_best`` (a warning says so, as
+        Lightning warns of a folder that is not empty), and this run saves its own states, its last
+        included. A resumed run (``restore``) goes on with the files of the run it restores.
+        """
+        if state is not None and self._run is not None and _step(state) == self._ended_at:
+            return
+        self._saved_step, self._ended_at = None, None
         self._records = None  # read from the folder again on the first save
-        self._run = secrets.token_hex(8)
+        self._validated = {}  # another run's bests lend no metrics to this run's files
+        self._run = _from_rank_0(secrets.token_hex(8))  # one id on every rank: each ranks the files alike
         if _dist.is_main() and self.directory.is_dir():
             earlier = [p.name for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
             if earlier:
@@ -432,7 +441,7 @@ class Checkpointer:
             return  # no barrier: ranks may disagree on metrics they did not reduce
         improves = _dist.is_main() and not math.isnan(value) and self._improves(value)
         if sharded:  # saving gathers the shards, a collective: every rank follows rank 0's decision
-            improves = _from_rank_0(improves)
+            improves = bool(_from_rank_0(improves))
         if improves:
             self.save(state, position, metrics={k: float(v) for k, v in val_metrics.items()})
 
@@ -456,6 +465,7 @@ class Checkpointer:
         """
         if reason not in ("sigterm", "sigint", "finished"):
             raise ValueError(f"Checkpointer.on_exit expected reason 'sigterm', 'sigint' or 'finished', got {reason!r} instead.")
+        self._ended_at = _step(state)  # a later fit from this state continues this run (see start)
         if (reason != "finished" or self.save_last) and _step(state) != self._saved_step:
             self._save_and_wait(state, position)
 
@@ -528,7 +538,7 @@ class Checkpointer:
         state = fill_like(like, values, path)
         self._saved_step = header.get("step")
         self._run = header.get("run")  # the resumed run goes on with its own files
-        self._records = None
+        self._records, self._ended_at = None, header.get("step")
         return state, header.get("position")
 
     def _ours(self, records: list[_Record]) -> list[_Record]:

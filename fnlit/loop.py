@@ -526,7 +526,7 @@ def fit(
     if checkpoint is not None and ckpt_path is not None:  # (fast_dev_run and limit_train_batches=0 too, as Lightning)
         state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
     elif checkpoint is not None and hasattr(checkpoint, "start") and not plan.quiet and plan.batches != 0:
-        checkpoint.start()  # a fresh run (the object may have saved another)
+        checkpoint.start(state)  # a fresh run (the object may have saved another), or one continued from its end
     if plan.batches == 0:
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing

@@ -157,10 +157,11 @@ def batchnorm_statistics_and_metrics():
     return {"buffers": dict(new.buffers), "want": want, "metrics": metrics, "hand": hand / world}
 
 
-def early_stopping_fit(distributed: bool = True):
+def early_stopping_fit(distributed: bool = True, directory: str | None = None):
     """fit under data_parallel with EarlyStopping on a validation loss that never improves: the step at
-    which the run stops, and the steps it validated at. With ``distributed=False``, one process on the
-    global batch (the reference)."""
+    which the run stops, the steps it validated at, and (with ``directory``, a Checkpointer's folder) the
+    step of its best_path on this rank. With ``distributed=False``, one process on the global batch (the
+    reference)."""
     from fnlit.callbacks import EarlyStopping
     from fnlit.data import ArrayLoader
 
@@ -174,9 +175,11 @@ def early_stopping_fit(distributed: bool = True):
         return {"loss": torch.tensor(1.0)}  # never improves: patience 1 stops at the second validation
 
     step = fnlit.data_parallel(hand_step(model)) if distributed else hand_step(model)
+    ck = fnlit.checkpoint.Checkpointer(directory, monitor="val/loss") if directory else None
     out = fnlit.fit(step, state, train, val_data=[data], eval_step=eval_step, max_epochs=10, num_sanity_val_steps=0,
-                    callbacks=[EarlyStopping("val/loss", patience=1)], progress=False)  # fmt: skip
-    return {"step": int(out.step), "validated_at": seen}
+                    callbacks=[EarlyStopping("val/loss", patience=1)], checkpoint=ck, progress=False)  # fmt: skip
+    best = fnlit.checkpoint.read_info(ck.best_path).step if ck is not None and ck.best_path is not None else None
+    return {"step": int(out.step), "validated_at": seen, "best": best}
 
 
 def evaluate_every_example():

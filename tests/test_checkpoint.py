@@ -478,3 +478,35 @@ def test_restoring_into_a_donated_state_says_it_was_donated(tmp_path):
     fnlit.donating(hand_step(model))(state, batch())
     with pytest.raises(RuntimeError, match="This TrainState was donated"):
         ckpt.restore(path, like=state)
+
+
+def test_a_reused_checkpointer_lends_no_metrics_of_one_run_to_the_next(tmp_path):
+    # Run 1 validates at steps 4 and 8; run 2 (the next trial of a sweep, same object) only at step 8. Run 2's
+    # periodic save at step 4 must not carry run 1's step-4 validation: its best is its own step 8.
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=4, monitor="val/loss")
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": torch.tensor(0.0)})  # noqa: E731
+
+    def run(values, **kw):
+        state = fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+        fnlit.fit(step, state, [torch.zeros(1)] * 4, max_epochs=2, val_data=[torch.zeros(1)], num_sanity_val_steps=0,
+                  eval_step=lambda s, b: {"loss": torch.tensor(values[int(s.step)])}, checkpoint=ck, progress=False, **kw)  # fmt: skip
+
+    run({4: 0.1, 8: 0.2})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Checkpointer folder .* already holds")
+        run({8: 9.0}, check_val_every_n_epoch=2)
+    info = ckpt.read_info(ck.best_path)
+    assert (info.step, info.metrics) == (8, {"val/loss": 9.0})
+
+
+def test_training_continued_from_the_returned_state_is_the_same_run(tmp_path):
+    # A second fit call on the state the first returned (more epochs): no warning, the first fit's best counts.
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/loss")
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": torch.tensor(0.0)})  # noqa: E731
+    values = {2: 0.5, 4: 0.9}
+    state = fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"loss": torch.tensor(values[int(s.step)])},
+              num_sanity_val_steps=0, checkpoint=ck, progress=False)  # fmt: skip
+    state = fnlit.fit(step, state, [torch.zeros(1)] * 2, max_epochs=1, **kw)
+    state = fnlit.fit(step, state, [torch.zeros(1)] * 2, max_epochs=1, **kw)  # one more epoch (warnings are errors here)
+    assert int(state.step) == 4 and ckpt.read_info(ck.best_path).step == 2

@@ -144,13 +144,15 @@ def test_kept_gradient_buffers_are_bounded_and_the_latest_layout_stays(monkeypat
     assert oldest not in dp._BUFFERS  # the least recently used layouts went first
 
 
-def test_early_stopping_stops_both_ranks_where_one_process_stops():
-    # The stop is agreed right after the validation, not at the next log interval (every 50 steps).
-    ref = early_stopping_fit(distributed=False)
+def test_early_stopping_stops_both_ranks_where_one_process_stops(tmp_path):
+    # The stop is agreed right after the validation, not at the next log interval (every 50 steps). Every rank's
+    # Checkpointer names the best checkpoint rank 0 wrote (one run id on both ranks).
+    ref = early_stopping_fit(False, str(tmp_path / "one"))
     assert len(ref["validated_at"]) == 2 and ref["step"] == ref["validated_at"][-1]  # at its second validation
-    ranks = fnlit.distributed.launch(early_stopping_fit, 2, timeout=120)
+    ranks = fnlit.distributed.launch(early_stopping_fit, 2, True, str(tmp_path / "two"), timeout=120)
     assert ranks[0] == ranks[1]
     assert len(ranks[0]["validated_at"]) == 2 and ranks[0]["step"] == ranks[0]["validated_at"][-1]
+    assert ref["best"] == ref["validated_at"][0] and ranks[0]["best"] == ranks[0]["validated_at"][0]  # the first of equals
 
 
 def test_evaluate_over_two_ranks_sees_every_example_once():
