@@ -148,7 +148,7 @@ def _load(path: Path, mmap: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: it is not a checkpoint file or it is corrupt ({detail or e}).") from None
     except PermissionError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from e
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, AssertionError) as e:
         # (a flipped bit in the pickle reaches torch's unpickler as any of these)
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from e
 
@@ -204,7 +204,8 @@ def decode(path: str | os.PathLike[str], *, verify: bool = True, mmap: bool = Fa
         found = {p: values.pop(p) for p in [p for p in values if p.startswith(_POSITION)]}
         if found or header.get("position"):
             header["position"] = _push_tensors(header.get("position"), found)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError, AssertionError) as e:
+        # (RuntimeError: a flipped bit in a tensor's stride, seen by the checksum's byte view)
         raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt ({type(e).__name__}: {e}).") from None
     return header, values
 

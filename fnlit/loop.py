@@ -671,23 +671,27 @@ def fit(
                 else:
                     broke = False
                 # The epoch ended when its batches ran (limit_train_batches included, with or without a length;
-                # a resume from past a now shorter epoch's end too), or, without a length, when the data ran out
-                # after a batch: one this call ran, or one before the position it resumed from (a checkpoint
-                # saved at the epoch's last batch). Data running out before its len() ends the epoch early.
-                ran_out = not broke and (steps > epoch_start or (b > 0 and not plan.sized))
-                if plan.sized and ran_out and b < n_batches and not short_warned:
+                # a resume from past a now shorter epoch's end too), or when the data ran out after a batch: one
+                # this call ran, or one before the position it resumed from (a checkpoint saved at the epoch's
+                # last batch). Data running out before its len() ends the epoch early, with its validation.
+                ran_out = not broke and (steps > epoch_start or b > 0)
+                short = plan.sized and ran_out and b < n_batches
+                if short and not short_warned:
                     short_warned = True  # once a run
                     warnings.warn(
                         f"fit: train_data yielded {b} batches in epoch {epoch}, fewer than its len() or "
-                        f"limit_train_batches ({n_batches}) promised: the epoch ended there. Make len() match the "
-                        "batches it yields (a per-rank IterableDataset reports its own rank's count).",
+                        f"limit_train_batches ({n_batches}) promised: the epoch ended there (and validated, if it "
+                        "validates at its end). Make len() match the batches it yields (a per-rank "
+                        "IterableDataset reports its own rank's count).",
                         stacklevel=2,
                     )
                 if not ((n_batches is not None and b >= n_batches) or ran_out):
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
                     break  # stopped mid-epoch, or a one-shot iterable ran out
-                if val_every < 0 and not (validated and steps == epoch_start):  # not again on a resume from its best
+                # (an epoch that ended short misses the validation scheduled at its last batch: done here instead)
+                at_end = val_every < 0 or (short and val_every > 0 and not count_across and n_batches % val_every == 0 and b % val_every)
+                if at_end and not (validated and steps == epoch_start):  # not again on a resume from its best
                     validate(epoch_end=True)
                 validated = False
                 epoch, b = epoch + 1, 0

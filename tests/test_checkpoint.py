@@ -510,3 +510,22 @@ def test_training_continued_from_the_returned_state_is_the_same_run(tmp_path):
     state = fnlit.fit(step, state, [torch.zeros(1)] * 2, max_epochs=1, **kw)
     state = fnlit.fit(step, state, [torch.zeros(1)] * 2, max_epochs=1, **kw)  # one more epoch (warnings are errors here)
     assert int(state.step) == 4 and ckpt.read_info(ck.best_path).step == 2
+
+
+@pytest.mark.parametrize("where, error", [
+    ("torch.load", AssertionError("saved_id must be a tuple, got int")),  # torch's persistent_load on a flipped bit
+    ("crc32", RuntimeError("self.stride(-1) must be 1 to view Float as Byte")),  # a flipped bit in a stride
+])  # fmt: skip
+def test_what_torch_raises_on_other_flipped_bits_is_a_corrupt_file_too(tmp_path, monkeypatch, where, error):
+    # Found by flipping every bit of a checkpoint in turn: these two escaped as raw errors, so "last" crashed.
+    from fnlit import _checkpoint_io
+
+    _, state = trained()
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch if where == "torch.load" else _checkpoint_io, "load" if where == "torch.load" else "crc32", fail)
+    with pytest.raises(ckpt.CheckpointError, match=r"a\.ckpt.*(truncated or corrupt|is corrupt)"):
+        ckpt.restore(path, like=state)

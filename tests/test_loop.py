@@ -697,8 +697,17 @@ def test_data_yielding_fewer_batches_than_its_len_ends_each_epoch_with_a_warning
 
     c = Counter()
     with pytest.warns(UserWarning, match=r"yielded 3 batches in epoch 0, fewer than its len\(\) or limit_train_batches \(5\)"):
-        state = fit(c.step, make_state(), Short(), max_epochs=3, callbacks=[c], progress=False)
+        state = fit(c.step, make_state(), Short(), max_epochs=3, callbacks=[c], val_data=[torch.tensor([1.0])],
+                    eval_step=c.eval_step, num_sanity_val_steps=0, progress=False)  # fmt: skip
     assert int(state.step) == 9 and c.train == [[0], [1], [2]] * 3 and c.epoch_ends == [0, 1, 2]  # a plain loop's 3 x 3
+    assert len(c.val) == 3  # the validation at each epoch's end
+    # Resumed from a checkpoint saved at a short epoch's last batch: the next epoch follows (nothing is "empty").
+    restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
+    c = Counter()
+    with pytest.warns(UserWarning, match="yielded 3 batches in epoch 0"):
+        state = fit(c.step, make_state(), Short(), max_epochs=2, checkpoint=FakeCheckpoint(restored), ckpt_path="last",
+                    callbacks=[c], progress=False)  # fmt: skip
+    assert int(state.step) == 6 and c.train == [[0], [1], [2]] and c.epoch_ends == [0, 1]
 
 
 def test_a_resume_past_the_end_of_a_now_shorter_epoch_starts_the_next_one():
