@@ -486,9 +486,9 @@ def fit(
             are written in batches (when 2 s have passed since the last write), validation results as
             soon as a validation ends, and everything when ``fit`` ends, also on an error.
         loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation and at the
-            end, never closed. Only rank 0 writes. Before logging, fit calls ``purge(step + 1)`` on those
-            that have it (all fnlit's writers), with the step it starts from: a resumed run's files keep
-            the interrupted run's logs up to the checkpoint and hold the steps after it once.
+            end, never closed. Only rank 0 writes. A run resumed from a checkpoint first calls
+            ``purge(step + 1)`` on those that have it (all fnlit's writers), with the checkpoint's step: their
+            files keep the interrupted run's logs up to the checkpoint and hold the steps after it once.
         hparams: hyperparameters to record with the loggers.
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint),
@@ -527,6 +527,7 @@ def fit(
         state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
     elif checkpoint is not None and hasattr(checkpoint, "start") and not plan.quiet and plan.batches != 0:
         checkpoint.start(state)  # a fresh run (the object may have saved another), or one continued from its end
+    resumed = position is not None
     if plan.batches == 0:
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing
@@ -574,7 +575,7 @@ def fit(
     # closed at the end; every writer drops what an earlier run logged after this run's starting step (a resume)
     owned = Logger(log_dir=log_dir, purge_step=_first(state.step) + 1) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
-    if logger is not None and loggers:
+    if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
         Logger(loggers).purge(_first(state.step) + 1)
     if logger is not None and hparams:
         logger.log_hparams(hparams)

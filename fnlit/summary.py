@@ -49,8 +49,8 @@ __all__ = ["Writer", "TensorBoardWriter", "CSVWriter", "JSONLWriter", "Logger", 
 class Writer(Protocol):
     """What :class:`Logger` and :func:`fnlit.fit` call on a writer.
 
-    A writer may also have ``purge(step)``: fit calls it before logging, with the step the run starts
-    from plus one, so a run resumed from a checkpoint drops what the interrupted run logged past it
+    A writer may also have ``purge(step)``: when fit resumes from a checkpoint, it calls it before
+    logging, with the checkpoint's step plus one, so the writer drops what was logged past the checkpoint
     (the writers here all have it).
 
     Example:
@@ -125,19 +125,18 @@ class TensorBoardWriter:
             self._file = open(self.path, "wb")
             self._write(time.time(), file_version="brain.Event:2")
             self._file.flush()
-        self._last_step = -math.inf  # the last step this writer logged
         if purge_step is not None:
             self.purge(purge_step)
 
     def purge(self, step: int) -> None:
-        """Drops what earlier runs logged into this folder from ``step`` on (a resumed run's first step).
+        """Drops what was logged into this folder at ``step`` or later, by earlier runs or by this writer:
+        a run resumed from a checkpoint logs those steps again.
 
         Writes TensorBoard's marker for it (a ``SessionLog.START`` event at ``step``, as tensorboardX's
-        ``purge_step`` does): TensorBoard then hides the earlier events at that step and later. Skipped
-        when this writer has itself logged at ``step`` or later, which the marker would hide too.
-        :func:`fnlit.fit` calls it with the step it starts from plus one.
+        ``purge_step`` does): TensorBoard then hides the events it read before it at that step and later.
+        :func:`fnlit.fit` calls it when it resumes, with the checkpoint's step plus one.
         """
-        if self._file is None or self._last_step >= step:
+        if self._file is None:
             return
         from tensorboardX.proto.event_pb2 import SessionLog
 
@@ -164,7 +163,6 @@ class TensorBoardWriter:
         if self._file is None or not metrics:
             return
         self._pending.append((time.time(), int(step), dict(metrics)))
-        self._last_step = max(self._last_step, int(step))
         if time.monotonic() - self._flushed >= self.flush_secs:
             self.flush()
 
@@ -285,13 +283,14 @@ class CSVWriter:
             self.purge(purge_step)
 
     def purge(self, step: int) -> None:
-        """Drops the earlier run's rows (those in the file before this writer opened it) from ``step`` on,
-        at once (a run may log nothing). :func:`fnlit.fit` calls it with the step it starts from plus one."""
-        if not self.enabled or self._closed or not self._earlier:
+        """Drops the rows logged at ``step`` or later, by an earlier run or by this writer, at once (a run may
+        log nothing). :func:`fnlit.fit` calls it when it resumes, with the checkpoint's step plus one."""
+        if not self.enabled or self._closed:
             return
         kept = [(s, cells) for s, cells in self._earlier if s < step]
-        if len(kept) < len(self._earlier):
-            self._earlier = kept
+        rows = [r for r in self.rows if float(r["step"]) < step]
+        if len(kept) < len(self._earlier) or len(rows) < len(self.rows):
+            self._earlier, self.rows = kept, rows
             self._earlier_last = max((s for s, _ in kept), default=-math.inf)
             self._rewrite()  # this writer's rows too, pending ones included
             self._written = len(self.rows)
@@ -406,10 +405,9 @@ class JSONLWriter:
     Each line is written and flushed as it is logged. An existing file is continued (a line a killed
     process left unfinished is ended first). A value that is not finite is written as the string
     ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (as protobuf's JSON mapping does), so strict JSON readers
-    (``jq``, JavaScript) read every line; Python's ``float()`` turns them back into numbers. As for
-    :func:`fnlit.fit`'s ``log_dir`` files, fit drops what the file holds from the step it starts at on
-    (:meth:`purge`): a resumed run keeps the earlier lines up to its checkpoint, a fresh run replaces
-    them, so give each new run its own file.
+    (``jq``, JavaScript) read every line; Python's ``float()`` turns them back into numbers. Several runs
+    may append to one file; a run that :func:`fnlit.fit` resumes from a checkpoint first drops the lines
+    logged after the checkpoint (:meth:`purge`), so it logs those steps once.
 
     Args:
         path: a ``.jsonl`` file, or a directory (the file is then ``<dir>/metrics.jsonl``).
@@ -429,41 +427,35 @@ class JSONLWriter:
         path = os.fspath(path)
         self.path = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
         self._file: TextIO | None = None
-        self._earlier = 0  # bytes an earlier run left in the file
         if _dist.is_main():
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with open(self.path, "ab+") as f:
-                self._earlier = f.seek(0, os.SEEK_END)
-                if self._earlier and f.seek(-1, os.SEEK_END) is not None and f.read(1) != b"\n":
+                if f.seek(0, os.SEEK_END) and f.seek(-1, os.SEEK_END) is not None and f.read(1) != b"\n":
                     f.write(b"\n")  # a line cut off by a killed process: ended, not joined to ours
-                    self._earlier += 1
             self._file = open(self.path, "a", encoding="utf-8")
         if purge_step is not None:
             self.purge(purge_step)
 
     def purge(self, step: int) -> None:
-        """Drops the lines an earlier run left in the file (before this writer opened it) whose ``step`` is
-        ``step`` or later, as TensorBoard and :class:`CSVWriter` drop them; other lines (hyperparameters, lines
-        without a numeric step) stay. :func:`fnlit.fit` calls it with the step it starts from plus one, so a
-        resumed run does not leave the steps it logs again twice in the file. The file is rewritten aside
-        and renamed over itself: a process killed meanwhile loses nothing."""
-        if self._file is None or not self._earlier:
+        """Drops the lines whose ``step`` is ``step`` or later (an earlier run's, or this writer's), as
+        TensorBoard and :class:`CSVWriter` drop them; other lines (hyperparameters, lines without a numeric
+        step) stay. :func:`fnlit.fit` calls it when it resumes, with the checkpoint's step plus one, so the
+        steps the resumed run logs again are not in the file twice. The file is rewritten aside and renamed
+        over itself: a process killed meanwhile loses nothing."""
+        if self._file is None:
             return
         self._file.flush()
         with open(self.path, "rb") as f:
-            earlier, ours = f.read(self._earlier), f.read()
-        lines = earlier.splitlines(keepends=True)
+            lines = f.read().splitlines(keepends=True)
         kept = [line for line in lines if not _logged_from(line, step)]
         if len(kept) == len(lines):
             return
         tmp = self.path + ".tmp"
         with open(tmp, "wb") as f:
             f.writelines(kept)
-            f.write(ours)
         self._file.close()
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._earlier = sum(map(len, kept))
 
     def _write(self, obj: Mapping[str, Any]) -> None:
         if self._file is not None:

@@ -372,18 +372,43 @@ def test_a_resumed_run_leaves_the_callers_own_writers_as_an_uninterrupted_run_wr
     assert [ev.step for ev in read_events_file(tmp_path / "resumed" / files[-1]) if ev.HasField("session_log")] == [11]
 
 
-def test_jsonl_purge_keeps_other_lines_and_this_writers_own(tmp_path):
+def test_jsonl_purge_drops_every_later_step_and_keeps_other_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"hparams": {"lr": 0.1}}\n{"step": 5, "a": 1}\nnot json\n{"step": 20, "a": 2}\n{"step": 3, "a": 3}')
     w = JSONLWriter(path)  # the last line, cut off by a killed process, is ended before this writer's lines
     w.log_metrics({"a": 4.0}, step=30)
-    w.purge(10)  # the earlier run's step 20 goes; this writer's step 30 stays
-    w.log_metrics({"a": 5.0}, step=31)
+    w.purge(10)  # the earlier run's step 20 and this writer's step 30 go
+    w.log_metrics({"a": 5.0}, step=11)
     w.close()
     assert path.read_text().splitlines() == [
-        '{"hparams": {"lr": 0.1}}', '{"step": 5, "a": 1}', "not json", '{"step": 3, "a": 3}',
-        '{"step": 30, "a": 4.0}', '{"step": 31, "a": 5.0}',
+        '{"hparams": {"lr": 0.1}}', '{"step": 5, "a": 1}', "not json", '{"step": 3, "a": 3}', '{"step": 11, "a": 5.0}',
     ]
+
+
+def test_a_sweep_appending_fresh_runs_to_one_jsonl_file_keeps_every_run(tmp_path):
+    # Not a resume: fit leaves what is in the user's file alone (each run its hparams line and its steps).
+    for lr in (0.1, 0.01):
+        w = JSONLWriter(tmp_path / "sweep.jsonl")
+        counting_fit(tmp_path / "unused", loggers=[w], hparams={"lr": lr}, log_every_n_steps=10)
+        w.close()
+    lines = [json.loads(x) for x in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert [x.get("hparams", {}).get("lr") or x["step"] for x in lines if "hparams" in x or "train/loss" in x] == [0.1, 10, 20, 0.01, 10, 20]
+
+
+def test_a_retry_in_the_same_process_with_the_same_writers_logs_each_step_once(tmp_path):
+    writers = [JSONLWriter(tmp_path / "retry"), CSVWriter(tmp_path / "retry")]
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=10)
+    with pytest.raises(RuntimeError, match="crash"):
+        counting_fit(tmp_path / "unused", loggers=writers, checkpoint=ckpts, callbacks=[crash_at(17)], log_every_n_steps=5)
+    counting_fit(tmp_path / "unused2", loggers=writers, checkpoint=ckpts, ckpt_path="last", log_every_n_steps=5)
+    for w in writers:
+        w.close()
+    whole = JSONLWriter(tmp_path / "whole")  # the uninterrupted run: the reference
+    counting_fit(tmp_path / "unused3", loggers=[whole], log_every_n_steps=5)
+    whole.close()
+    assert (tmp_path / "retry" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    steps = [r.split(",")[0] for r in (tmp_path / "retry" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["5", "10", "10", "15", "20", "20"]
 
 
 def test_jsonl_writes_non_finite_values_as_strict_json(tmp_path):
@@ -405,11 +430,13 @@ def test_a_csv_purge_after_pending_rows_writes_each_row_once(tmp_path):
     w.log_metrics({"loss": 2.0}, 15)
     w.close()
     w = CSVWriter(tmp_path, flush_secs=3600)
-    w.log_metrics({"loss": 3.0}, 20)  # written at once (the first), then held
-    w.log_metrics({"loss": 4.0}, 21)  # held
-    w.purge(11)  # drops the earlier step 15: the file is rewritten, the held row with it
+    w.log_metrics({"loss": 3.0}, 10)  # written at once (the first; it replaces the earlier step 15), then held
+    w.log_metrics({"loss": 4.0}, 11)  # held
+    w.log_metrics({"loss": 4.5}, 12)  # held
+    w.purge(12)  # drops the held step 12: the file is rewritten, the held step 11 with it
+    w.log_metrics({"loss": 5.0}, 12)
     w.close()
-    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "5,1.0", "20,3.0", "21,4.0"]
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "5,1.0", "10,3.0", "11,4.0", "12,5.0"]
 
 
 def test_tensorboard_reads_one_processes_event_files_in_the_order_they_were_made(tmp_path, monkeypatch):
