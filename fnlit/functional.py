@@ -256,9 +256,11 @@ def apply(
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
     # An eval-mode forward is probed the same way, once, for buffers it updates in place (quantization
-    # observers do in every mode; BatchNorm does not): those are copied before later eval forwards.
-    probing = bool(buffers) and not traced and not mutable and not torch.is_inference_mode_enabled()
-    probe = probing and train and not slots.probed
+    # observers do in every mode; BatchNorm does not): those are copied before later eval forwards. Under
+    # inference_mode its copies are made outside it, so they keep version counters (see below).
+    inference = not traced and torch.is_inference_mode_enabled()  # (not traceable)
+    probing = bool(buffers) and not traced and not mutable
+    probe = probing and train and not slots.probed and not inference
     eval_probe = probing and not train and not slots.eval_probed
     # mutable=False: the updates are made on copies, which are dropped. Traced (compile, vmap), what eager
     # calls learned is out of reach (compiling builds fresh slots): every registered buffer but a boolean
@@ -276,9 +278,13 @@ def apply(
 
         params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     new_buffers = dict(buffers)
-    for name in copy:
-        if name in new_buffers:
-            new_buffers[name] = new_buffers[name].clone()
+    if inference and not traced and copy:  # normal tensors: a version counter, and usable outside inference mode
+        with torch.inference_mode(False):
+            new_buffers.update({name: new_buffers[name].clone() for name in copy if name in new_buffers})
+    else:
+        for name in copy:
+            if name in new_buffers:
+                new_buffers[name] = new_buffers[name].clone()
     tensors = {**params, **new_buffers} if new_buffers else params  # type: ignore[assignment]
     # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
     watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if buffers and not traced else ()
@@ -311,12 +317,9 @@ def apply(
         if tensors[name] is not new_buffers[name]:
             new_buffers[name] = tensors[name].detach()
             reassigned.append(name)
-    if eval_probe:  # what an eval forward updates comes back in new_buffers, as a training forward's; the rest
-        slots.eval_copied = frozenset(n for n, copied in probes if copied._version)  # are the caller's own again
+    if eval_probe:  # what an eval forward updates comes back in new_buffers, as a training forward's: the copies
+        slots.eval_copied = frozenset(n for n, copied in probes if copied._version)  # (a .data write moves no version)
         slots.eval_probed = True
-        for n, copied in probes:
-            if not copied._version and new_buffers[n] is copied:
-                new_buffers[n] = buffers[n]
     if probe:  # the copies come back, changed or not: a write through .data moves no version counter
         slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
         slots.probed = True
@@ -329,12 +332,14 @@ def apply(
         _learn_updated(module, slots, changed, train)
     if mutable is False:
         return out, dict(buffers)
-    if copy and train and not traced and not torch.is_inference_mode_enabled():  # (inference tensors have no versions)
-        # statistics the forward updated: apply_gradients must get them.
+    if copy and not traced and not inference and (train or torch.is_grad_enabled()):  # (inference tensors: no versions)
+        # statistics the forward updated: apply_gradients must get them (an eval-mode forward's too, inside a
+        # training step: where gradients are on, not in a validation).
         # Written in place (a fresh copy's version moved) or reassigned; not a frozen (eval-mode) BatchNorm's,
         # whose copies nothing wrote. BatchNorm's kernel moves no version for its running statistics, only
         # num_batches_tracked's (bumped by the same update): that one stands for all three.
-        updated = [n for n in copy if n in slots.copied and (new_buffers[n]._version or n in reassigned)]
+        learned = slots.copied if train else slots.eval_copied
+        updated = [n for n in copy if n in learned and (new_buffers[n]._version or n in reassigned)]
         if updated:
             names = set(updated)
             for n in updated:
@@ -342,7 +347,7 @@ def apply(
                     stem = n[: -len("num_batches_tracked")]
                     names.update(k for k in (stem + "running_mean", stem + "running_var") if k in new_buffers)
             _UPDATED_FROM.set((buffers, sorted(names)))
-        elif (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:
+        elif train and (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:
             # An earlier forward's note on these buffers: what belongs to modules frozen since (eval mode) is void;
             # a module that merely did not run in this forward still had its update dropped.
             # (train=True on a module in eval mode ran every submodule in training mode: none was frozen)
@@ -358,8 +363,8 @@ def _owner(module: nn.Module, name: str) -> nn.Module:
 
 
 _DROPPED_BUFFERS = (
-    "apply_gradients got no buffers=, but this step's forward (fnlit.apply on state.buffers, in training "
-    "mode) updated the buffers {names}: the new state keeps the old ones, so they never change (BatchNorm's "
+    "apply_gradients got no buffers=, but this step's forward (fnlit.apply on state.buffers) updated the "
+    "buffers {names}: the new state keeps the old ones, so they never change (BatchNorm's "
     "running statistics stay at their initial values, and evaluation uses those). Pass what fnlit.apply "
     "returned: `out, new_buffers = fnlit.apply(...)` and `state.apply_gradients(grads, buffers=new_buffers)` "
     "(return them from the loss function as aux: fnlit.value_and_grad(loss_fn, has_aux=True)), rather than "

@@ -29,9 +29,10 @@ def test_eval_mode_uses_running_stats_and_no_dropout():
     model = mlp(bn=True, dropout=0.5)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     x, _ = batch()
-    out, new_buffers = fnlit.apply(model, state.params, state.buffers, x, train=False, rng=state.rng)
+    for _ in range(2):  # the first eval forward runs on copies (to see what it updates), later ones on the buffers
+        out, new_buffers = fnlit.apply(model, state.params, state.buffers, x, train=False, rng=state.rng)
     torch.testing.assert_close(out, copy.deepcopy(model).eval()(x), rtol=0, atol=0)
-    assert new_buffers["1.running_mean"] is state.buffers["1.running_mean"]
+    assert new_buffers["1.running_mean"] is state.buffers["1.running_mean"]  # BatchNorm: not copied in eval mode
     assert model.training  # the module's own mode is restored
 
 
@@ -61,6 +62,50 @@ def test_an_eval_forward_never_changes_the_buffers_it_is_given():
         assert float(state.buffers["seen"]) == 0 and dropped["seen"] is state.buffers["seen"]
     fnlit.evaluate(fnlit.eval_step(model, lambda f, b: f(b).sum()), state, [x, x])
     assert float(state.buffers["seen"]) == 0
+
+
+def test_an_eval_forward_under_inference_mode_never_changes_the_buffers_either():
+    model, x = _Observer(), torch.randn(3, 4)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for _ in range(2):
+        with torch.inference_mode():
+            _, new = fnlit.apply(model, state.params, state.buffers, x, train=False)
+        assert float(state.buffers["seen"]) == 0 and float(new["seen"]) == 3 and not new["seen"].is_inference()
+
+
+def test_an_eval_forward_writing_through_data_returns_its_update_on_the_first_call():
+    class DataWriter(_Observer):
+        def forward(self, x):
+            self.seen.data += x.shape[0]  # moves no version counter
+            return self.lin(x)
+
+    model, x = DataWriter(), torch.randn(3, 4)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    _, new = fnlit.apply(model, state.params, state.buffers, x, train=False)
+    assert float(state.buffers["seen"]) == 0 and float(new["seen"]) == 3  # the module's own forward: 3
+
+
+def test_an_eval_mode_forward_in_a_training_step_must_hand_its_updated_buffers_on():
+    # An eval-mode forward that updates a buffer (an observer) inside a training step: dropping new_buffers warns,
+    # passing them on counts as the module's own eval forwards do (3 examples a step).
+    model, x = _Observer(), torch.randn(3, 4)
+
+    def step(state, keep):
+        def loss_fn(params):
+            out, buffers = fnlit.apply(model, params, state.buffers, x, train=False)
+            return out.sum(), buffers
+
+        (_, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads, buffers=buffers) if keep else state.apply_gradients(grads)
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for _ in range(3):
+        state = step(state, keep=True)
+    assert float(state.buffers["seen"]) == 9
+    with pytest.warns(UserWarning, match=r"apply_gradients got no buffers=.*\['seen'\]"):
+        step(state, keep=False)
+    fnlit.evaluate(fnlit.eval_step(model, lambda f, b: f(b).sum()), state, [x])  # a validation sets no note:
+    state.apply_gradients({k: torch.zeros_like(v) for k, v in state.params.items()})  # no warning here
 
 
 def test_dropout_is_a_pure_function_of_the_key():
