@@ -27,7 +27,7 @@ from . import distributed as _dist
 from ._types import Batch, Metrics, StepFn
 from .callbacks import EarlyStopping, StopTraining, Timer
 from .state import TrainState
-from .summary import Logger, MetricBuffer, ProgressBar, Writer, ensemble_members, flat_metrics, scalar_metric
+from .summary import Logger, MetricBuffer, ProgressBar, Writer, ensemble_members, flat_metrics, scalar_metric, unique_names
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -249,6 +249,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     if values[-1] == 0:
         raise ValueError("evaluate got no examples (batches of size 0); check the data and limit_batches.")
     flat = [k if s.dim() == 0 else f"{k}/{i}" for k, s in zip(names, sums) for i in range(s.numel())]
+    unique_names(flat, "the eval step")
     return {k: v / values[-1] for k, v in zip(flat, values)}
 
 

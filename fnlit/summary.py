@@ -652,6 +652,16 @@ def ensemble_members(state: Any) -> int | None:
     return step.shape[0] if isinstance(step, torch.Tensor) and step.dim() == 1 else None
 
 
+def unique_names(names: Sequence[str], who: str) -> None:
+    """Raises if two metrics of ``who`` got one name (an ensemble's ``loss/0`` beside a metric named so)."""
+    if len(set(names)) != len(names):
+        name = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(
+            f"{who} gives two metrics the name {name!r} (an ensemble's per-member metrics are named "
+            "'<name>/<member>'): rename one of them."
+        )
+
+
 def _per_member(name: str, values: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """An ensemble's metric (one value per member) as ``"<name>/<member>"`` entries."""
     return [(f"{name}/{i}", t) for i, t in enumerate(values.detach().unbind(0))]
@@ -737,6 +747,7 @@ class MetricBuffer:
                     mean = torch.stack([scalar_metric(k, v, "the training step").to(device) for v in vals]).mean()
                 names.append(self.prefixes[0] + k)
                 tensors.append(mean.detach())
+            unique_names(names, "the training step")
             self.claim(names, "the training step")
         members = ensemble_members(state) if self.on_log else 0
         for hook in self.on_log:
@@ -745,7 +756,9 @@ class MetricBuffer:
             for k, v in list(extra.items()):
                 if members and isinstance(v, torch.Tensor) and v.shape == (members,):
                     del extra[k]
-                    extra.update(_per_member(k, v))
+                    per_member = dict(_per_member(k, v))
+                    unique_names([*extra, *per_member], who)
+                    extra.update(per_member)
             self.claim(extra, who)
             names += extra
             tensors += [scalar_metric(k, v, who) for k, v in extra.items()]

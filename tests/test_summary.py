@@ -459,3 +459,16 @@ def test_flattened_metric_names_that_collide_are_an_error():
     with pytest.raises(ValueError, match="Two metrics are both named 'a/b'"):
         flat_metrics({"a/b": torch.tensor(1.0), "a": {"b": torch.tensor(2.0)}})
     assert flat_metrics({"a": {"b": 1.0}, "a/c": 2.0}) == {"a/b": 1.0, "a/c": 2.0}
+
+
+def test_an_ensemble_metric_beside_one_named_as_its_member_is_an_error():
+    model, tx = torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1)
+    state = fnlit.stack_states([fnlit.TrainState.create(model, tx, seed=i) for i in range(2)])
+    buf = MetricBuffer(("train/", "val/"), on_log=[])
+    buf.pending.append({"loss": torch.tensor([1.0, 2.0]), "loss/0": torch.tensor(5.0)})
+    with pytest.raises(ValueError, match="the training step gives two metrics the name 'train/loss/0'"):
+        buf.flush(state, 0)
+    from fnlit.loop import evaluate
+
+    with pytest.raises(ValueError, match="the eval step gives two metrics the name 'acc/1'"):
+        evaluate(lambda s, b: {"acc": torch.tensor([0.5, 0.7]), "acc/1": torch.tensor(0.1)}, state, [torch.zeros(2)])
