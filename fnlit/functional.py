@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -516,9 +517,15 @@ def value_and_grad(
         >>> loss.item(), g["w"].tolist()
         (5.0, [2.0, 4.0])
     """
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not nums or any(not isinstance(i, int) or isinstance(i, bool) for i in nums):
+    # Normalised once: an integer (numpy's too) stays one, any sequence becomes a tuple of ints (torch.func, on
+    # the traced path, takes only those two).
+    single = isinstance(argnums, numbers.Integral) and not isinstance(argnums, bool)
+    if not single and not (isinstance(argnums, (tuple, list)) and argnums and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in argnums
+    )):
         raise TypeError(f"fnlit.value_and_grad expected argnums to be an int or a non-empty tuple of ints, got {argnums!r} instead.")
+    argnums = int(argnums) if single else tuple(int(i) for i in argnums)  # type: ignore[union-attr]
+    nums = (argnums,) if isinstance(argnums, int) else argnums
     if len(set(nums)) != len(nums):
         raise ValueError(f"fnlit.value_and_grad expected argnums elements to be unique (as torch.func.grad), got {argnums!r}.")
 

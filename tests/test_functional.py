@@ -579,3 +579,12 @@ def test_argnums_must_name_different_positional_arguments():
             fnlit.value_and_grad(f, argnums=bad)(a, b)
     _, (ga, gb) = fnlit.value_and_grad(f, argnums=(0, -1))(a, b)  # autograd's reference: d/da = b, d/db = a
     assert torch.equal(ga, b) and torch.equal(gb, a)
+    import numpy as np
+
+    for spelled in [[0, 1], (np.int64(0), 1)]:  # a list, numpy ints: as a tuple, eagerly and under vmap
+        _, (ga, gb) = fnlit.value_and_grad(f, argnums=spelled)(a, b)
+        assert torch.equal(ga, b) and torch.equal(gb, a)
+        _, (va, vb) = torch.func.vmap(fnlit.value_and_grad(f, argnums=spelled))(a[None], b[None])
+        assert torch.equal(va[0], b) and torch.equal(vb[0], a)
+    _, g = fnlit.value_and_grad(f, argnums=np.int64(1))(a, b)
+    assert torch.equal(g, a)
