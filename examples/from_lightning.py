@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         callbacks=[EarlyStopping("val/loss", patience=3)], checkpoint=ckpt, ckpt_path="last",
         log_dir=args.log_dir or None, fast_dev_run=args.fast_dev_run, progress=False,
     )
-    result = fnlit.evaluate(eval_step, state, test)        # trainer.test(model, datamodule)
+    result = fnlit.evaluate(eval_step, state, test)        # trainer.test(lit, ...): the final state
     best = ckpt.best_path                                  # checkpoint_callback.best_model_path
     if best is not None:                                   # LitClassifier.load_from_checkpoint(best)
         trained = fnlit.load_module(best, make_model())
