@@ -87,14 +87,16 @@ def memory():
 
         (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads_seen.append(grads)
-        return state.apply_gradients(grads, buffers=buffers), {"loss": loss}
+        grad_norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))  # a DTensor under shard: already global
+        return state.apply_gradients(grads, buffers=buffers), {"loss": loss, "grad_norm": grad_norm}
 
-    state, _ = shard(step)(state, local(global_batch(0), rank, world))
+    state, metrics = shard(step)(state, local(global_batch(0), rank, world))
     return {
         "params": local_nbytes(state.params),
         "opt_state": local_nbytes(state.opt_state),
         "grads": local_nbytes(grads_seen[0]),
         "grad_types": sorted({type(g).__name__ for g in grads_seen[0].values()}),
+        "grad_norm": float(metrics["grad_norm"]),
     }
 
 

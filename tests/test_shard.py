@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _shard_workers import (
     STEPS,
     compose,
@@ -114,9 +115,14 @@ def test_per_rank_bytes_are_one_nth_of_the_unsharded_state(runs, world):
     _, plain = make_state()
     total = {"params": local_nbytes(plain.params), "opt_state": local_nbytes(plain.opt_state)}
     total["grads"] = total["params"]
+    model, _ = make_state()
+    grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, plain.buffers, global_batch(0)[0], rng=plain.rng)[0],
+                                                           global_batch(0)[1]))(plain.params)[1]  # fmt: skip
+    norm = float(torch.sqrt(sum((g**2).sum() for g in grads.values())))  # one process on the global batch
     for r in runs[world]:
         mem = r["memory"]
         assert mem["grad_types"] == ["DTensor"]  # gradients arrive reduce-scattered
+        assert mem["grad_norm"] == pytest.approx(norm, rel=1e-5)  # a metric of the sharded grads, logged whole
         for part, unsharded in total.items():
             assert mem[part] <= unsharded * (1 / world) * 1.10, (part, mem[part], unsharded)
         assert sum(mem[p] for p in ("params", "opt_state", "grads")) <= sum(total.values()) / world * 1.10

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from .. import _storage
 from .. import tree as _tree
+from .._checkpoint_io import _dtensor_class
 from .._types import Batch, Metrics, StepFn
 from ._frame import frame, run_on_rank
 
@@ -113,11 +114,14 @@ def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, t
         leaves, treedef = _tree.tree_flatten(metrics)
     out = list(leaves)
     rest = []
+    dtensor = _dtensor_class()
     for i, v in enumerate(leaves):
         if isinstance(v, torch.Tensor):
             r = reduced.get(id(v))
             if r is not None:
                 out[i] = r
+            elif dtensor is not None and isinstance(v, dtensor):  # (fnlit.shard: a norm of the sharded grads or
+                out[i] = v.full_tensor()  # params) already global, the same on every rank: not averaged again
             else:
                 rest.append(i)
     if rest:
