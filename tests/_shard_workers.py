@@ -91,7 +91,19 @@ def memory():
         return state.apply_gradients(grads, buffers=buffers), {"loss": loss, "grad_norm": grad_norm}
 
     state, metrics = shard(step)(state, local(global_batch(0), rank, world))
+
+    def dp_step(state, data):  # DP-SGD's per-example gradients: refused under shard, with the reason
+        loss_fn = lambda p, ex: F.cross_entropy(fnlit.apply(model, p, {}, ex[0][None], train=False)[0], ex[1][None])  # noqa: E731
+        losses, grads = fnlit.per_example_grads(loss_fn, state.params, data)
+        return state.apply_gradients(grads), {"loss": losses.mean()}
+
+    try:
+        shard(dp_step)(make_state()[1], local(global_batch(0), rank, world))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
     return {
+        "per_example_refused": refused,
         "params": local_nbytes(state.params),
         "opt_state": local_nbytes(state.opt_state),
         "grads": local_nbytes(grads_seen[0]),

@@ -104,3 +104,18 @@ def test_dp_errors():
         tx.update({"a": torch.ones(3), "b": torch.ones(4)}, tx.init({}))
     with pytest.raises(RuntimeError, match="eagerly only"):
         torch.func.vmap(lambda g: tx.update({"a": g}, tx.init({}))[0]["a"])(torch.ones(2, 3, 1))
+
+
+def test_per_example_grads_under_float16_amp_is_refused_and_bfloat16_runs():
+    model = mlp()
+    tx = chain(dp_sgd_aggregate(l2_norm_clip=0.5, noise_multiplier=0.0), sgd(0.1))
+
+    def dp_step(state, batch):
+        losses, grads = per_example_grads(loss_of(model), state.params, batch)
+        return state.apply_gradients(grads), {"loss": losses.mean()}
+
+    state = fnlit.TrainState.create(model, tx, seed=0, loss_scale="dynamic")
+    with pytest.raises(ValueError, match=r"cannot run under fnlit.amp\(dtype=torch.float16\).*bfloat16"):
+        fnlit.amp(dp_step, dtype=torch.float16)(state, batch(n=8))
+    new, _ = fnlit.amp(dp_step, dtype=torch.bfloat16)(fnlit.TrainState.create(model, tx, seed=0), batch(n=8))
+    assert int(new.step) == 1

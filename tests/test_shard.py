@@ -123,6 +123,7 @@ def test_per_rank_bytes_are_one_nth_of_the_unsharded_state(runs, world):
         mem = r["memory"]
         assert mem["grad_types"] == ["DTensor"]  # gradients arrive reduce-scattered
         assert mem["grad_norm"] == pytest.approx(norm, rel=1e-5)  # a metric of the sharded grads, logged whole
+        assert "per_example_grads cannot run under fnlit.shard" in mem["per_example_refused"]
         for part, unsharded in total.items():
             assert mem[part] <= unsharded * (1 / world) * 1.10, (part, mem[part], unsharded)
         assert sum(mem[p] for p in ("params", "opt_state", "grads")) <= sum(total.values()) / world * 1.10
