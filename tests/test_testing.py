@@ -319,3 +319,22 @@ def test_assert_overfits_checks_every_member_of_an_ensemble():
     stuck = ensemble_states(mlp, fnlit.optim.adam(0.05), seeds=[0, 1], learning_rate=[0.05, 0.0])
     with pytest.raises(AssertionError, match=r"loss went from \[.*, .*\] to \[.*, .*\] in 60 steps"):
         fnlit.testing.assert_overfits(step, stuck, (x, y), steps=60, below=0.05)
+
+
+def test_no_host_sync_passes_one_hot_with_its_classes_and_flags_it_without():
+    # ATen's one_hot checks its bounds with a scalar read on the CPU only (not on CUDA): no accelerator stall.
+    y = torch.tensor([0, 2, 1])
+    with no_host_sync():
+        smoothed = F.one_hot(y, num_classes=3).float() * 0.9 + 0.1 / 3
+        F.one_hot(y, 3)
+    assert torch.equal(smoothed.argmax(1), y)
+    with pytest.raises(HostSyncError, match="scalar read"), no_host_sync():
+        F.one_hot(y)  # num_classes inferred: the maximum is read, on any device
+
+
+def test_trees_close_compares_numpy_leaves_as_arrays():
+    import numpy as np
+
+    assert_trees_close({"a": np.array([1.0, 2.0])}, {"a": np.array([1.0, 2.0 + 1e-9])})
+    with pytest.raises(AssertionError, match="differs"):
+        assert_trees_close({"a": np.array([1.0, 2.0])}, {"a": np.array([1.0, 2.5])})
