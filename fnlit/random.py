@@ -8,7 +8,9 @@ afterwards: the same key gives bitwise the same dropout mask, and code outside t
 its random stream disturbed.
 
 Keys stay on the CPU even when training on a GPU: turning a key into a seed then reads host memory
-and never waits for the device.
+and never waits for the device. PyTorch's CPU generator (an mt19937) keeps 32 bits of a seed: on the CPU,
+two keys whose low 32 bits agree draw the same masks (about once per 2**32 pairs of keys; CUDA's Philox
+generator takes all 64 bits). Noise that must never repeat within a run (DP-SGD's) is drawn from all 64.
 
 Example:
     >>> import fnlit

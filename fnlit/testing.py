@@ -347,7 +347,7 @@ _ALLOWED = frozenset(
         _alias._decay_factor,
         _alias._kernel_decay,
         _alias._kernel_lr,
-        _privacy._noise_generator,
+        _privacy._noise,
         _ensemble._fold_keys,
     )
 )

@@ -119,3 +119,17 @@ def test_per_example_grads_under_float16_amp_is_refused_and_bfloat16_runs():
         fnlit.amp(dp_step, dtype=torch.float16)(state, batch(n=8))
     new, _ = fnlit.amp(dp_step, dtype=torch.bfloat16)(fnlit.TrainState.create(model, tx, seed=0), batch(n=8))
     assert int(new.step) == 1
+
+
+def test_dp_noise_uses_every_bit_of_its_key():
+    # Two keys with the same low 32 bits: torch's CPU generator would seed them alike (its mt19937 keeps 32 bits),
+    # so two steps of one run would cancel each other's noise once their keys met that way.
+    from fnlit.optim._privacy import DPAggregateState
+
+    lo, hi = 5, 5 + (1 << 32)
+    seeded = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in (lo, hi)]
+    assert torch.equal(*seeded)  # the reference: what 32-bit seeding gives
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0)
+    zeros = {"w": torch.zeros(2, 1000)}
+    a, b = (tx.update(zeros, DPAggregateState(torch.tensor(k)))[0]["w"] for k in (lo, hi))
+    assert not torch.equal(a, b) and abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import random as _random
@@ -32,9 +33,19 @@ class DPAggregateState(NamedTuple):
     rng: torch.Tensor  # 0-d int64 CPU key (fnlit.random), advanced by every update
 
 
-def _noise_generator(k: torch.Tensor) -> torch.Generator:
-    """A CPU generator seeded from a key (a read of host memory: keys live on the CPU)."""
-    return torch.Generator().manual_seed(int(k) & ((1 << 64) - 1))
+def _noise(k: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Standard normal noise shaped as ``like`` (each on its device), drawn from all 64 bits of the key.
+
+    numpy's PCG64, seeded through a SeedSequence with the whole key (a read of host memory: keys live on
+    the CPU). torch's CPU generator keeps 32 bits of a seed, so two steps of one run would draw the same
+    noise about once per 2**32 pairs of keys: likely over 100k steps, and noise that repeats cancels.
+    """
+    rng = np.random.default_rng(int(k) & ((1 << 64) - 1))
+    return [
+        torch.from_numpy(rng.standard_normal(tuple(s.shape), dtype=np.float64 if s.dtype == torch.float64 else np.float32))
+        .to(s.device)
+        for s in like
+    ]
 
 
 def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int = 0) -> GradientTransformation:
@@ -45,9 +56,11 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
     ``noise_multiplier * l2_norm_clip`` is added to every coordinate, and the result is divided by the
     batch size. Chain it before an optimizer: ``chain(dp_sgd_aggregate(1.0, 1.1), sgd(0.1))``.
 
-    The noise comes from a CPU ``torch.Generator`` seeded from a key in the state (advanced every
-    update): deterministic given ``seed``, no device sync (the key lives on the CPU; on a GPU the
-    noise is drawn on the CPU and copied over). It runs eagerly only: not under vmap or torch.compile.
+    The noise is drawn on the CPU (numpy's PCG64 seeded with all 64 bits of a key in the state, advanced
+    every update; on a GPU it is copied over): deterministic given ``seed``, no device sync (the key lives
+    on the CPU), no repeat within a run in practice (torch's CPU generator would keep 32 bits of the key).
+    It is not a cryptographically secure generator: for formal guarantees against an adversary who can
+    search seeds, draw the noise from a secure source. It runs eagerly only: not under vmap or torch.compile.
 
     Args:
         l2_norm_clip: the maximal L2 norm of one example's gradient (> 0).
@@ -99,8 +112,7 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         divisor = torch.clamp(torch.linalg.vector_norm(norms, dim=1) / l2_norm_clip, min=1.0)  # (B,)
         summed = [(g.to(w) / divisor.to(w).reshape((b,) + (1,) * (g.dim() - 1))).sum(0) for g, w in zip(leaves, work)]
         if std > 0:
-            gen = _noise_generator(state.rng)
-            noise = [torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device) for s in summed]
+            noise = _noise(state.rng, summed)
             summed = [s + std * z for s, z in zip(summed, noise)]
         out = [(s / b).to(g.dtype) for s, g in zip(summed, leaves)]
         return tree_unflatten(treedef, out), DPAggregateState(_random.next_key(state.rng))
