@@ -365,6 +365,7 @@ class Checkpointer:
         included. A resumed run (``restore``) goes on with the files of the run it restores.
         """
         if state is not None and self._run is not None and _step(state) == self._ended_at:
+            self._ended_at = None  # consumed: if this fit crashes (no on_exit), its retry is a run of its own
             return
         self._saved_step, self._ended_at = None, None
         self._records = None  # read from the folder again on the first save

@@ -6,7 +6,7 @@ import importlib
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -222,8 +222,9 @@ def apply(
             time: that call changed the buffers it was given); True every buffer; False none (the
             updates are made on copies and dropped, and ``new_buffers`` are the ones given). In eval mode,
             None copies the buffers the module's first eval forward (run on copies of them all) updated in
-            place (none for BatchNorm; a quantization observer's), so evaluating never changes
-            ``state.buffers`` either; the updated copies come back in ``new_buffers``.
+            place (none for BatchNorm; a quantization observer's), so evaluating does not change
+            ``state.buffers`` either; the updated copies come back in ``new_buffers``. (A write through
+            ``.data`` moves no version counter and is not seen, in either mode.)
         **kwargs: keyword inputs of the module. ``rng``, ``train`` and ``mutable`` are apply's own: a forward
             argument of one of those names is passed positionally (or through a small wrapper module).
 
@@ -318,14 +319,15 @@ def apply(
         if tensors[name] is not new_buffers[name]:
             new_buffers[name] = tensors[name].detach()
             reassigned.append(name)
-    if eval_probe:  # what an eval forward updates comes back in new_buffers, as a training forward's: the copies
-        slots.eval_copied = frozenset(n for n, copied in probes if copied._version)  # (a .data write moves no version)
-        slots.eval_probed = True
-    if probe:  # the copies come back, changed or not: a write through .data moves no version counter
-        slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)  # fresh copies are at 0
-        slots.probed = True
+    if probe or eval_probe:  # the copies come back, changed or not: a write through .data moves no version counter
+        if probe:  # (fresh copies are at version 0)
+            slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)
+            slots.probed, learned = True, slots.copied
+        else:  # what an eval forward updates comes back in new_buffers, as a training forward's
+            slots.eval_copied = frozenset(n for n, copied in probes if copied._version)
+            slots.eval_probed, learned = True, slots.eval_copied
         for n, copied in probes:  # no version moved: data_parallel need not average them (see _PROBE_COPIES)
-            if not copied._version and new_buffers[n] is copied and n not in slots.copied:  # (BN's kernel moves none)
+            if not copied._version and new_buffers[n] is copied and n not in learned:  # (BN's kernel moves none)
                 key = id(copied)
                 _PROBE_COPIES[key] = weakref.ref(copied, lambda _, key=key: _PROBE_COPIES.pop(key, None))
     changed = [n for n, t, version in watched if t._version != version]
@@ -520,7 +522,7 @@ def value_and_grad(
     # Normalised once: an integer (numpy's too) stays one, any sequence becomes a tuple of ints (torch.func, on
     # the traced path, takes only those two).
     single = isinstance(argnums, numbers.Integral) and not isinstance(argnums, bool)
-    if not single and not (isinstance(argnums, (tuple, list)) and argnums and all(
+    if not single and not (isinstance(argnums, Sequence) and not isinstance(argnums, str) and argnums and all(
         isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in argnums
     )):
         raise TypeError(f"fnlit.value_and_grad expected argnums to be an int or a non-empty tuple of ints, got {argnums!r} instead.")

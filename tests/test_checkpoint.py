@@ -529,3 +529,32 @@ def test_what_torch_raises_on_other_flipped_bits_is_a_corrupt_file_too(tmp_path,
     monkeypatch.setattr(torch if where == "torch.load" else _checkpoint_io, "load" if where == "torch.load" else "crc32", fail)
     with pytest.raises(ckpt.CheckpointError, match=r"a\.ckpt.*(truncated or corrupt|is corrupt)"):
         ckpt.restore(path, like=state)
+
+
+def test_a_retry_after_a_crashed_continuation_saves_its_own_states(tmp_path):
+    # fit to step 10; a second fit from there crashes at step 17 after saving step 15; the retry (same state,
+    # same Checkpointer, another learning rate) must write its own step 15, not keep the crashed attempt's.
+    model, ck = mlp(), ckpt.Checkpointer(tmp_path, every_n_steps=5, keep_last=None)
+    x, y = batch(40)
+    data = fnlit.data.ArrayLoader(x, y, batch_size=4)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    state = fnlit.fit(hand_step(model), state, data, max_steps=10, checkpoint=ck, progress=False)
+
+    class At15:
+        def __init__(self, crash):
+            self.crash, self.params = crash, None
+
+        def on_step(self, s, metrics):
+            if int(s.step) == 15:
+                self.params = {k: v.clone() for k, v in s.params.items()}
+            if self.crash and int(s.step) == 17:
+                raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fnlit.fit(hand_step(model), state, data, max_steps=20, checkpoint=ck, callbacks=[At15(True)], progress=False)
+    retry = state.replace(opt_state=fnlit.optim.sgd(0.05).init(state.params))
+    seen = At15(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Checkpointer folder .* already holds")  # a run of its own
+        fnlit.fit(hand_step(model), retry, data, max_steps=20, checkpoint=ck, callbacks=[seen], progress=False)
+    assert_trees_equal(ckpt.restore(tmp_path / "step=00000015.ckpt", like=retry).params, seen.params)

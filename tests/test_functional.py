@@ -581,10 +581,22 @@ def test_argnums_must_name_different_positional_arguments():
     assert torch.equal(ga, b) and torch.equal(gb, a)
     import numpy as np
 
-    for spelled in [[0, 1], (np.int64(0), 1)]:  # a list, numpy ints: as a tuple, eagerly and under vmap
+    for spelled in [[0, 1], (np.int64(0), 1), range(2)]:  # any sequence of ints: as a tuple, eagerly and under vmap
         _, (ga, gb) = fnlit.value_and_grad(f, argnums=spelled)(a, b)
         assert torch.equal(ga, b) and torch.equal(gb, a)
         _, (va, vb) = torch.func.vmap(fnlit.value_and_grad(f, argnums=spelled))(a[None], b[None])
         assert torch.equal(va[0], b) and torch.equal(vb[0], a)
     _, g = fnlit.value_and_grad(f, argnums=np.int64(1))(a, b)
     assert torch.equal(g, a)
+
+
+def test_a_frozen_batchnorms_first_eval_forward_hands_back_nothing_to_average_across_ranks():
+    # The first eval-mode forward runs on copies; a copy nothing wrote is not an update (data_parallel would
+    # average it across ranks, which is inexact for 3: frozen statistics must stay bitwise as they are).
+    from fnlit.transforms._frame import _updated_float_buffers
+
+    model = mlp(bn=True)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    _, new = fnlit.apply(model, state.params, state.buffers, batch()[0], train=False)
+    assert new["1.running_mean"] is not state.buffers["1.running_mean"]  # a probe copy
+    assert _updated_float_buffers(state, {"buffers": new}) == []

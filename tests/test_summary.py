@@ -472,3 +472,24 @@ def test_an_ensemble_metric_beside_one_named_as_its_member_is_an_error():
 
     with pytest.raises(ValueError, match="the eval step gives two metrics the name 'acc/1'"):
         evaluate(lambda s, b: {"acc": torch.tensor([0.5, 0.7]), "acc/1": torch.tensor(0.1)}, state, [torch.zeros(2)])
+
+
+def test_a_relaunched_job_that_died_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    # The same command starts and resumes a job (ckpt_path="last"): killed at step 7, before the first checkpoint
+    # (every 10 steps), its relaunch starts over and must not leave steps 1-7 in the file twice.
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=10)
+
+    def job(**kw):
+        w = JSONLWriter(tmp_path / "job")
+        try:
+            counting_fit(tmp_path / "unused", loggers=[w], checkpoint=ckpts, ckpt_path="last", log_every_n_steps=5, **kw)
+        finally:
+            w.close()
+
+    with pytest.raises(RuntimeError, match="crash"):
+        job(callbacks=[crash_at(7)])
+    job()
+    whole = JSONLWriter(tmp_path / "whole")
+    counting_fit(tmp_path / "unused2", loggers=[whole], log_every_n_steps=5)
+    whole.close()
+    assert (tmp_path / "job" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
