@@ -88,7 +88,8 @@ def memory():
         (loss, buffers), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads_seen.append(grads)
         grad_norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))  # a DTensor under shard: already global
-        return state.apply_gradients(grads, buffers=buffers), {"loss": loss, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "norm_per_loss": grad_norm / loss}  # the last: per rank
+        return state.apply_gradients(grads, buffers=buffers), metrics
 
     state, metrics = shard(step)(state, local(global_batch(0), rank, world))
 
@@ -109,6 +110,7 @@ def memory():
         "grads": local_nbytes(grads_seen[0]),
         "grad_types": sorted({type(g).__name__ for g in grads_seen[0].values()}),
         "grad_norm": float(metrics["grad_norm"]),
+        "norm_per_loss": float(metrics["norm_per_loss"]),
     }
 
 

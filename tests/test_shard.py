@@ -14,6 +14,7 @@ from _shard_workers import (
     compose,
     four_ranks,
     global_batch,
+    local,
     make_state,
     scalar_param,
     sharded_checkpoints,
@@ -119,10 +120,15 @@ def test_per_rank_bytes_are_one_nth_of_the_unsharded_state(runs, world):
     grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, plain.buffers, global_batch(0)[0], rng=plain.rng)[0],
                                                            global_batch(0)[1]))(plain.params)[1]  # fmt: skip
     norm = float(torch.sqrt(sum((g**2).sum() for g in grads.values())))  # one process on the global batch
+    # A metric that differs per rank (the global norm over each rank's own loss) is averaged, as data_parallel's
+    losses = [F.cross_entropy(fnlit.apply(model, plain.params, plain.buffers, x, rng=plain.rng)[0], y)
+              for x, y in (local(global_batch(0), r, world) for r in range(world))]  # fmt: skip
+    per_loss = sum(norm / float(loss) for loss in losses) / world
     for r in runs[world]:
         mem = r["memory"]
         assert mem["grad_types"] == ["DTensor"]  # gradients arrive reduce-scattered
         assert mem["grad_norm"] == pytest.approx(norm, rel=1e-5)  # a metric of the sharded grads, logged whole
+        assert mem["norm_per_loss"] == pytest.approx(per_loss, rel=1e-5)
         assert "per_example_grads cannot run under fnlit.shard" in mem["per_example_refused"]
         for part, unsharded in total.items():
             assert mem[part] <= unsharded * (1 / world) * 1.10, (part, mem[part], unsharded)

@@ -120,9 +120,9 @@ def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, t
             r = reduced.get(id(v))
             if r is not None:
                 out[i] = r
-            elif dtensor is not None and isinstance(v, dtensor):  # (fnlit.shard: a norm of the sharded grads or
-                out[i] = v.full_tensor()  # params) already global, the same on every rank: not averaged again
             else:
+                if dtensor is not None and isinstance(v, dtensor):  # (fnlit.shard: a value of the sharded grads or
+                    leaves[i] = v.full_tensor()  # params, global or not) averaged as a plain one: a global one stays
                 rest.append(i)
     if rest:
         if all(leaves[i].dim() == 0 for i in rest):
