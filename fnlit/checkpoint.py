@@ -358,14 +358,19 @@ class Checkpointer:
         """A run that restores nothing begins (from ``state``); a collective under several processes.
 
         Training continued from the state this object's last run ended with (a second ``fit`` call on the
-        state the first returned) is the same run: nothing changes. Otherwise checkpoints already in the
+        state the first returned; again after that call crashed) is the same run: what was saved after that
+        state (by a crashed attempt) is saved again. Otherwise checkpoints already in the
         folder (an earlier run's, or what this object saved for another run) are not this run's: they are
         not ranked for ``best_path`` nor removed by ``keep_last``/``keep_best`` (a warning says so, as
         Lightning warns of a folder that is not empty), and this run saves its own states, its last
         included. A resumed run (``restore``) goes on with the files of the run it restores.
         """
         if state is not None and self._run is not None and _step(state) == self._ended_at:
-            self._ended_at = None  # consumed: if this fit crashes (no on_exit), its retry is a run of its own
+            # a crashed continuation's saves after this step are redone: none is skipped as saved, none lends
+            # its validation metrics (its files are replaced as this attempt saves at the same steps)
+            after = {p for p in self._validated if (m := STEP_FILE.match(p.name)) and int(m.group(1)) > self._ended_at}
+            self._validated = {p: v for p, v in self._validated.items() if p not in after}
+            self._saved_step, self._records = None, None
             return
         self._saved_step, self._ended_at = None, None
         self._records = None  # read from the folder again on the first save

@@ -437,7 +437,7 @@ def per_example_grads(
     if frame is not None and frame.shard_group is not None:
         raise ValueError(
             "fnlit.per_example_grads cannot run under fnlit.shard: its vmap sees the sharded parameters' local "
-            "pieces, not the gathered ones. Run a DP-SGD step in one process (or under nothing but fnlit.compile)."
+            "pieces, not the gathered ones. Run a DP-SGD step in one process, eagerly."
         )
     if frame is not None and frame.scaler is not None:
         raise ValueError(

@@ -487,11 +487,11 @@ def fit(
             are written in batches (when 2 s have passed since the last write), validation results as
             soon as a validation ends, and everything when ``fit`` ends, also on an error.
         loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation and at the
-            end, never closed. Only rank 0 writes. With ``ckpt_path`` (a job that resumes), fit first calls
-            ``purge(step + 1)`` on those that have it (all fnlit's writers), with the step it resumes from
-            (0 when nothing was saved yet): their files keep the interrupted run's logs up to the checkpoint
-            and hold the steps after it once. Such a file is that run's own (as ``log_dir``'s are); runs
-            without ``ckpt_path`` may append to one file.
+            end, never closed. Only rank 0 writes. A run resumed from a checkpoint first calls
+            ``purge(step + 1)`` on those that have it (all fnlit's writers), with the checkpoint's step: their
+            files keep the interrupted run's logs up to the checkpoint and hold the steps after it once. Such
+            a file is that job's own (as ``log_dir``'s are); fresh runs may append to one file (a job killed
+            before its first checkpoint leaves its lines there, and its relaunch logs those steps again).
         hparams: hyperparameters to record with the loggers.
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint),
@@ -530,7 +530,7 @@ def fit(
         state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
     elif checkpoint is not None and hasattr(checkpoint, "start") and not plan.quiet and plan.batches != 0:
         checkpoint.start(state)  # a fresh run (the object may have saved another), or one continued from its end
-    resumed = ckpt_path is not None  # (also when nothing was saved yet: a relaunch of a job killed before that)
+    resumed = position is not None  # restored from a checkpoint (not a start: another job may share the file)
     if plan.batches == 0:
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing

@@ -49,9 +49,9 @@ __all__ = ["Writer", "TensorBoardWriter", "CSVWriter", "JSONLWriter", "Logger", 
 class Writer(Protocol):
     """What :class:`Logger` and :func:`fnlit.fit` call on a writer.
 
-    A writer may also have ``purge(step)``: a fit given a ``ckpt_path`` calls it before logging, with the
-    step it resumes from plus one, so the writer drops what was logged past the checkpoint (the writers
-    here all have it).
+    A writer may also have ``purge(step)``: a fit that resumes from a checkpoint calls it before logging,
+    with the checkpoint's step plus one, so the writer drops what was logged past the checkpoint (the
+    writers here all have it).
 
     Example:
         >>> class PrintWriter:  # any class with these four methods is a Writer; no subclassing needed
@@ -406,9 +406,8 @@ class JSONLWriter:
     process left unfinished is ended first). A value that is not finite is written as the string
     ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (as protobuf's JSON mapping does), so strict JSON readers
     (``jq``, JavaScript) read every line; Python's ``float()`` turns them back into numbers. Several runs
-    may append to one file; a :func:`fnlit.fit` given a ``ckpt_path`` (a job that resumes) first drops the
-    lines logged after its checkpoint (:meth:`purge`), whichever run logged them, so give such a job a file
-    of its own.
+    may append to one file; a :func:`fnlit.fit` that resumes from a checkpoint first drops the lines logged
+    after the checkpoint (:meth:`purge`), whichever run logged them, so give a resumable job a file of its own.
 
     Args:
         path: a ``.jsonl`` file, or a directory (the file is then ``<dir>/metrics.jsonl``).

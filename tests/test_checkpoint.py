@@ -558,3 +558,26 @@ def test_a_retry_after_a_crashed_continuation_saves_its_own_states(tmp_path):
         warnings.filterwarnings("ignore", "Checkpointer folder .* already holds")  # a run of its own
         fnlit.fit(hand_step(model), retry, data, max_steps=20, checkpoint=ck, callbacks=[seen], progress=False)
     assert_trees_equal(ckpt.restore(tmp_path / "step=00000015.ckpt", like=retry).params, seen.params)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_continuation_retried_after_a_crash_keeps_the_runs_best_and_pruning(tmp_path, crash):
+    # fit to step 10 (best at step 5), continue to 20 (crashing at 12 first, then retried): as without the crash.
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/dist", keep_best=1, keep_last=1)
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"dist": (s.step.float() - 5).abs()}, checkpoint=ck,
+              progress=False)  # fmt: skip
+    data = [torch.tensor([float(i)]) for i in range(5)]
+    state = fnlit.fit(step, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0), data, max_epochs=2, **kw)
+
+    class Crash:
+        def on_step(self, s, metrics):
+            if int(s.step) == 12:
+                raise RuntimeError("crash")
+
+    if crash:
+        with pytest.raises(RuntimeError, match="crash"):
+            fnlit.fit(step, state, data, max_epochs=4, callbacks=[Crash()], **kw)
+    fnlit.fit(step, state, data, max_epochs=4, **kw)  # (no "another run" warning: warnings are errors here)
+    assert ck.best_path.name == "step=00000005.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=00000005.ckpt", "step=00000030.ckpt"]

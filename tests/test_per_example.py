@@ -133,3 +133,13 @@ def test_dp_noise_uses_every_bit_of_its_key():
     zeros = {"w": torch.zeros(2, 1000)}
     a, b = (tx.update(zeros, DPAggregateState(torch.tensor(k)))[0]["w"] for k in (lo, hi))
     assert not torch.equal(a, b) and abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.2
+
+
+def test_dp_noise_of_a_complex_leaf_is_complex_with_the_calibrated_std():
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=2.0)
+    zeros = {"w": torch.zeros(2, 20_000, dtype=torch.complex64)}
+    out, _ = tx.update(zeros, tx.init(zeros))
+    noise = out["w"] * 2  # batch of 2 zero gradients
+    assert noise.dtype == torch.complex64
+    for part in (noise.real, noise.imag):  # torch.randn's complex normal: each part of variance 1/2
+        assert abs(part.std().item() - 2.0 * 0.5**0.5) < 0.05

@@ -474,22 +474,12 @@ def test_an_ensemble_metric_beside_one_named_as_its_member_is_an_error():
         evaluate(lambda s, b: {"acc": torch.tensor([0.5, 0.7]), "acc/1": torch.tensor(0.1)}, state, [torch.zeros(2)])
 
 
-def test_a_relaunched_job_that_died_before_its_first_checkpoint_logs_each_step_once(tmp_path):
-    # The same command starts and resumes a job (ckpt_path="last"): killed at step 7, before the first checkpoint
-    # (every 10 steps), its relaunch starts over and must not leave steps 1-7 in the file twice.
-    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=10)
-
-    def job(**kw):
-        w = JSONLWriter(tmp_path / "job")
-        try:
-            counting_fit(tmp_path / "unused", loggers=[w], checkpoint=ckpts, ckpt_path="last", log_every_n_steps=5, **kw)
-        finally:
-            w.close()
-
-    with pytest.raises(RuntimeError, match="crash"):
-        job(callbacks=[crash_at(7)])
-    job()
-    whole = JSONLWriter(tmp_path / "whole")
-    counting_fit(tmp_path / "unused2", loggers=[whole], log_every_n_steps=5)
-    whole.close()
-    assert (tmp_path / "job" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+def test_two_jobs_sharing_one_jsonl_file_keep_each_others_lines_when_they_start(tmp_path):
+    # The start-or-resume idiom (ckpt_path="last") with nothing saved yet is a start: nothing is purged.
+    for name in ("a", "b"):
+        w = JSONLWriter(tmp_path / "shared.jsonl")
+        ckpts = fnlit.checkpoint.Checkpointer(tmp_path / name, every_n_steps=100)
+        counting_fit(tmp_path / "unused", loggers=[w], checkpoint=ckpts, ckpt_path="last", log_every_n_steps=10)
+        w.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "shared.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s % 10 == 0] == [10, 10, 20, 20] * 2  # each job's train and val lines

@@ -336,5 +336,8 @@ def test_trees_close_compares_numpy_leaves_as_arrays():
     import numpy as np
 
     assert_trees_close({"a": np.array([1.0, 2.0])}, {"a": np.array([1.0, 2.0 + 1e-9])})
+    assert_trees_close({"a": np.array([2.0, 1.0])[::-1], "s": np.array(["x", "y"])}, {"a": np.array([1.0, 2.0]), "s": np.array(["x", "y"])})
+    with pytest.raises(AssertionError, match="differs"):
+        assert_trees_close({"s": np.array(["x", "y"])}, {"s": np.array(["x", "z"])})
     with pytest.raises(AssertionError, match="differs"):
         assert_trees_close({"a": np.array([1.0, 2.0])}, {"a": np.array([1.0, 2.5])})

@@ -41,11 +41,14 @@ def _noise(k: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     noise about once per 2**32 pairs of keys: likely over 100k steps, and noise that repeats cancels.
     """
     rng = np.random.default_rng(int(k) & ((1 << 64) - 1))
-    return [
-        torch.from_numpy(rng.standard_normal(tuple(s.shape), dtype=np.float64 if s.dtype == torch.float64 else np.float32))
-        .to(s.device)
-        for s in like
-    ]
+    out = []
+    for s in like:
+        real = s.dtype.to_real() if s.is_complex() else s.dtype
+        z = torch.from_numpy(rng.standard_normal(tuple(s.shape) + ((2,) if s.is_complex() else ()),
+                                                 dtype=np.float64 if real == torch.float64 else np.float32))
+        # complex: real and imaginary parts of variance 1/2 each, as torch.randn draws them
+        out.append((torch.view_as_complex(z * 0.5**0.5) if s.is_complex() else z).to(s.device))
+    return out
 
 
 def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int = 0) -> GradientTransformation:
