@@ -24,6 +24,7 @@ import math
 import os
 import secrets
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -347,8 +348,12 @@ class Checkpointer:
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last, self.meta = monitor, mode, save_last, meta
         self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
-        self._saved_step: int | None = None
-        self._validated: dict[Path, dict[str, float]] = {}  # the metrics of the bests this object saved
+        # The state object last saved (or restored): not saved again. By identity, not by step: another attempt
+        # at the same step (a retry after a crash) is another state, and is saved.
+        self._saved: weakref.ref[Any] | None = None
+        # The state last validated, and its metrics: a save of that state (the step's periodic one) records them
+        # in its file, so the file is ranked by them (another attempt at the step validates its own state).
+        self._validated_of: tuple[weakref.ref[Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
         self._ended_at: int | None = None  # the step of the state this run ended with (on_exit) or resumed from
 
@@ -366,15 +371,11 @@ class Checkpointer:
         included. A resumed run (``restore``) goes on with the files of the run it restores.
         """
         if state is not None and self._run is not None and _step(state) == self._ended_at:
-            # a crashed continuation's saves after this step are redone: none is skipped as saved, none lends
-            # its validation metrics (its files are replaced as this attempt saves at the same steps)
-            after = {p for p in self._validated if (m := STEP_FILE.match(p.name)) and int(m.group(1)) > self._ended_at}
-            self._validated = {p: v for p, v in self._validated.items() if p not in after}
-            self._saved_step, self._records = None, None
+            # (a crashed continuation's files after this step are replaced as this attempt saves its own states)
+            self._records = None
             return
-        self._saved_step, self._ended_at = None, None
+        self._saved, self._validated_of, self._ended_at = None, None, None
         self._records = None  # read from the folder again on the first save
-        self._validated = {}  # another run's bests lend no metrics to this run's files
         self._run = _from_rank_0(secrets.token_hex(8))  # one id on every rank: each ranks the files alike
         if _dist.is_main() and self.directory.is_dir():
             earlier = [p.name for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
@@ -423,7 +424,7 @@ class Checkpointer:
         """Saves if ``state.step`` is a multiple of ``every_n_steps``."""
         if self.every_n_steps is not None:
             step = _step(state)
-            if step % self.every_n_steps == 0 and step != self._saved_step:
+            if step % self.every_n_steps == 0 and not self._is_saved(state):
                 self._save_and_wait(state, position)
 
     def on_validation(self, state: Any, position: Position, val_metrics: dict[str, float]) -> None:
@@ -445,11 +446,13 @@ class Checkpointer:
         sharded = is_sharded(state)
         if not _dist.is_main() and not sharded:
             return  # no barrier: ranks may disagree on metrics they did not reduce
+        metrics = {k: float(v) for k, v in val_metrics.items()}
+        self._validated_of = (weakref.ref(state), metrics)
         improves = _dist.is_main() and not math.isnan(value) and self._improves(value)
         if sharded:  # saving gathers the shards, a collective: every rank follows rank 0's decision
             improves = bool(_from_rank_0(improves))
         if improves:
-            self.save(state, position, metrics={k: float(v) for k, v in val_metrics.items()})
+            self.save(state, position, metrics=metrics)
 
     def _improves(self, value: float) -> bool:
         # Strictly better than the worst kept best: on a tie the earlier checkpoint stays (as Lightning's).
@@ -460,7 +463,7 @@ class Checkpointer:
         """Saves after every ``every_n_epochs`` completed epochs."""
         if self.every_n_epochs is not None:
             done = position["epoch"] + (1 if position["batch"] > 0 else 0)  # either way of counting an ended epoch
-            if done % self.every_n_epochs == 0 and _step(state) != self._saved_step:
+            if done % self.every_n_epochs == 0 and not self._is_saved(state):
                 self._save_and_wait(state, position)
 
     def on_exit(self, state: Any, position: Position, reason: str) -> None:
@@ -472,7 +475,7 @@ class Checkpointer:
         if reason not in ("sigterm", "sigint", "finished"):
             raise ValueError(f"Checkpointer.on_exit expected reason 'sigterm', 'sigint' or 'finished', got {reason!r} instead.")
         self._ended_at = _step(state)  # a later fit from this state continues this run (see start)
-        if (reason != "finished" or self.save_last) and _step(state) != self._saved_step:
+        if (reason != "finished" or self.save_last) and not self._is_saved(state):
             self._save_and_wait(state, position)
 
     # ---- saving and the files -----------------------------------------------------------------------
@@ -481,7 +484,7 @@ class Checkpointer:
         # Every rank takes this path at the same steps (it depends on the step and epoch only), so the
         # barrier matches; the other ranks go on once rank 0's file is durable.
         self.save(state, position)
-        self._saved_step = _step(state)  # only once written: on_exit saves again after an interrupted write
+        self._saved = weakref.ref(state)  # only once written: on_exit saves again after an interrupted write
         _dist.barrier()
 
     def save(self, state: Any, position: Position | None = None, *, metrics: dict[str, float] | None = None) -> Path:
@@ -497,17 +500,19 @@ class Checkpointer:
             ValueError: for an ensemble whose members' steps differ (the file is named by the step).
         """
         path = self.directory / f"step={_step(state):08d}.ckpt"
+        given = state
         # A sharded state is gathered on every rank (a collective) before rank 0 does anything that could fail.
         state, position = full_tensors(state), full_tensors(position)
         if not _dist.is_main():
             return path
         records = self._scan()
-        # A periodic save at a step whose validation this Checkpointer saved as a best keeps its metrics; a
-        # file left by another run (perhaps another trajectory to the same step) does not lend its own.
+        # A save of the state this Checkpointer just validated (the step's periodic save, after its validation)
+        # records its metrics; another state at the same step (another run's, a retry's) does not get them.
         if metrics is None:
-            metrics = self._validated.get(path)
+            if self._validated_of is not None and self._validated_of[0]() is given:
+                metrics = self._validated_of[1]
         else:
-            self._validated[path] = metrics
+            self._validated_of = (weakref.ref(given), metrics)
         saved_at = write_state(path, state, position, metrics, self.meta, self._run)
         records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
         if self.save_last:
@@ -542,10 +547,13 @@ class Checkpointer:
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
         header, values = decode(path)
         state = fill_like(like, values, path)
-        self._saved_step = header.get("step")
+        self._saved = weakref.ref(state)  # not saved again unchanged (a resume that takes no step)
         self._run = header.get("run")  # the resumed run goes on with its own files
         self._records, self._ended_at = None, header.get("step")
         return state, header.get("position")
+
+    def _is_saved(self, state: Any) -> bool:
+        return self._saved is not None and self._saved() is state
 
     def _ours(self, records: list[_Record]) -> list[_Record]:
         """The records of this run (all of them when this object follows no run)."""

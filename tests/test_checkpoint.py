@@ -289,12 +289,17 @@ def test_a_periodic_save_does_not_take_the_metrics_of_another_runs_file(tmp_path
     ck = ckpt.Checkpointer(tmp_path, every_n_steps=3, monitor="val_loss", keep_best=1)
     steps(state, 1, ck)
     assert ckpt.read_info(tmp_path / "step=00000003.ckpt").metrics is None and ck.best_path is None
-    # Its own best at a step keeps its metrics through the periodic save of that step.
+    # Its own best at a step keeps its metrics through the periodic save of that step (as fit calls them: the
+    # validation, then on_step, with one state), and a save of that state asked for afterwards keeps them too.
     ck.on_validation(at3, None, {"val_loss": 5.0})
-    ck.on_step(at3.replace(step=torch.tensor(6)), None)
-    ck.on_validation(at3.replace(step=torch.tensor(6)), None, {"val_loss": 4.0})
-    ck.on_step(at3.replace(step=torch.tensor(6)), None)
+    at6 = at3.replace(step=torch.tensor(6))
+    ck.on_validation(at6, None, {"val_loss": 4.0})
+    ck.on_step(at6, None)
     assert ckpt.read_info(tmp_path / "step=00000006.ckpt").metrics == {"val_loss": 4.0}
+    ck.save(at6)
+    assert ckpt.read_info(tmp_path / "step=00000006.ckpt").metrics == {"val_loss": 4.0}
+    ck.save(at3.replace(step=torch.tensor(6)))  # another state at that step: not the validated one
+    assert ckpt.read_info(tmp_path / "step=00000006.ckpt").metrics is None
 
 
 def test_a_failed_save_deletes_nothing(tmp_path, monkeypatch):
@@ -581,3 +586,40 @@ def test_a_continuation_retried_after_a_crash_keeps_the_runs_best_and_pruning(tm
     fnlit.fit(step, state, data, max_epochs=4, **kw)  # (no "another run" warning: warnings are errors here)
     assert ck.best_path.name == "step=00000005.ckpt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=00000005.ckpt", "step=00000030.ckpt"]
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_retried_continuation_reaching_a_best_again_keeps_it(tmp_path, crash):
+    # The best (step 12) is validated again by the retry with the same value: a tie, so no best save; the
+    # step's periodic save of the validated state records its metrics, and the best stays step 12.
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=6, monitor="val/dist", keep_best=1, keep_last=1)
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"dist": (s.step.float() - 12).abs()}, checkpoint=ck,
+              progress=False, val_check_interval=6, num_sanity_val_steps=0)  # fmt: skip
+    data = [torch.tensor([float(i)]) for i in range(50)]
+    state = fnlit.fit(step, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0), data, max_steps=6, **kw)
+
+    class Crash:
+        def on_step(self, s, metrics):
+            if int(s.step) == 13:
+                raise RuntimeError("crash")
+
+    if crash:
+        with pytest.raises(RuntimeError, match="crash"):
+            fnlit.fit(step, state, data, max_steps=18, callbacks=[Crash()], **kw)
+    fnlit.fit(step, state, data, max_steps=18, **kw)
+    assert ck.best_path.name == "step=00000012.ckpt" and ckpt.read_info(ck.best_path).metrics == {"val/dist": 0.0}
+
+
+def test_a_continuation_that_takes_no_step_rewrites_nothing(tmp_path):
+    # Resumed at its max_steps (a notebook cell run again): the restored state is not saved again without its metrics.
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"dist": (s.step.float() - 12).abs()},
+              progress=False, val_check_interval=6, num_sanity_val_steps=0, max_steps=12)  # fmt: skip
+    data = [torch.tensor([float(i)]) for i in range(50)]
+    fresh = lambda: fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
+    fnlit.fit(step, fresh(), data, checkpoint=ckpt.Checkpointer(tmp_path, monitor="val/dist"), **kw)
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/dist")
+    state = fnlit.fit(step, fresh(), data, checkpoint=ck, ckpt_path="last", **kw)
+    state = fnlit.fit(step, state, data, checkpoint=ck, **kw)
+    assert int(state.step) == 12 and ckpt.read_info(ck.best_path).metrics == {"val/dist": 0.0}

@@ -483,3 +483,20 @@ def test_two_jobs_sharing_one_jsonl_file_keep_each_others_lines_when_they_start(
         w.close()
     steps = [json.loads(x)["step"] for x in (tmp_path / "shared.jsonl").read_text().splitlines()]
     assert [s for s in steps if s % 10 == 0] == [10, 10, 20, 20] * 2  # each job's train and val lines
+
+
+def test_a_resume_from_a_checkpoint_without_a_position_purges_the_users_writers_too(tmp_path):
+    # A state saved by a callback (fnlit.save: no driver position) and resumed from: the steps after it once.
+    class SaveAt5:
+        def on_step(self, state, metrics):
+            if int(state.step) == 5:
+                fnlit.checkpoint.save(tmp_path / "at5.ckpt", state)
+
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt")
+    w = JSONLWriter(tmp_path / "job")
+    with pytest.raises(RuntimeError, match="crash"):
+        counting_fit(tmp_path / "u1", loggers=[w], checkpoint=ckpts, callbacks=[SaveAt5(), crash_at(8)], log_every_n_steps=1)
+    counting_fit(tmp_path / "u2", loggers=[w], checkpoint=ckpts, ckpt_path=str(tmp_path / "at5.ckpt"), log_every_n_steps=1)
+    w.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert steps == sorted(set(steps))  # each step once
