@@ -116,9 +116,13 @@ _STATE_FIELDS = ("step", "params", "buffers", "opt_state", "scaler", "rng")
 
 def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
     if isinstance(e, np.ndarray) and isinstance(a, np.ndarray):
-        if e.dtype.kind not in "biufc" or a.dtype.kind not in "biufc":  # strings, objects: exactly
-            return None if a.shape == e.shape and np.array_equal(a, e) else f"got {a!r}, expected {e!r}"
-        a, e = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(e))  # same tolerances
+        if a.shape != e.shape:
+            return f"shape {a.shape}, expected {e.shape}"
+        if e.dtype.kind not in "biufc" or a.dtype.kind not in "biufc":  # strings, objects: element by element
+            diffs = (_leaf_difference(x, y, rtol, atol) for x, y in zip(a.ravel().tolist(), e.ravel().tolist()))
+            return next((d for d in diffs if d is not None), None)
+        # as tensors, with the same tolerances: copies in native byte order (any stride, read-only too)
+        a, e = (torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("="))) for x in (a, e))
     if not isinstance(e, torch.Tensor):
         return None if a == e else f"got {a!r}, expected {e!r}"
     if a.dtype != e.dtype:

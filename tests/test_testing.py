@@ -339,5 +339,10 @@ def test_trees_close_compares_numpy_leaves_as_arrays():
     assert_trees_close({"a": np.array([2.0, 1.0])[::-1], "s": np.array(["x", "y"])}, {"a": np.array([1.0, 2.0]), "s": np.array(["x", "y"])})
     with pytest.raises(AssertionError, match="differs"):
         assert_trees_close({"s": np.array(["x", "y"])}, {"s": np.array(["x", "z"])})
+    readonly = np.arange(3.0).astype(">f4")
+    readonly.flags.writeable = False
+    assert_trees_close({"a": readonly}, {"a": np.arange(3.0, dtype=np.float32)})  # big-endian, read-only
+    with pytest.raises(AssertionError, match=r"shape \(3,\), expected \(1,\)"):
+        assert_trees_close({"a": np.ones(3)}, {"a": np.ones(1)})  # no broadcasting
     with pytest.raises(AssertionError, match="differs"):
         assert_trees_close({"a": np.array([1.0, 2.0])}, {"a": np.array([1.0, 2.5])})

@@ -46,8 +46,9 @@ def _noise(k: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
         real = s.dtype.to_real() if s.is_complex() else s.dtype
         z = torch.from_numpy(rng.standard_normal(tuple(s.shape) + ((2,) if s.is_complex() else ()),
                                                  dtype=np.float64 if real == torch.float64 else np.float32))
-        # complex: real and imaginary parts of variance 1/2 each, as torch.randn draws them
-        out.append((torch.view_as_complex(z * 0.5**0.5) if s.is_complex() else z).to(s.device))
+        # complex: real and imaginary parts of variance 1 each, as the clipping's norm counts both parts (the
+        # Gaussian mechanism needs the full std on every real coordinate; torch.randn's complex draws 1/2 each)
+        out.append((torch.view_as_complex(z) if s.is_complex() else z).to(s.device))
     return out
 
 
