@@ -565,25 +565,32 @@ def test_a_retry_after_a_crashed_continuation_saves_its_own_states(tmp_path):
     assert_trees_equal(ckpt.restore(tmp_path / "step=00000015.ckpt", like=retry).params, seen.params)
 
 
-@pytest.mark.parametrize("crash", [False, True])
-def test_a_continuation_retried_after_a_crash_keeps_the_runs_best_and_pruning(tmp_path, crash):
-    # fit to step 10 (best at step 5), continue to 20 (crashing at 12 first, then retried): as without the crash.
-    ck = ckpt.Checkpointer(tmp_path, monitor="val/dist", keep_best=1, keep_last=1)
+def _continued(tmp_path, crash, best, crash_at, first, then, **kw):
+    """A run (best validation at step ``best``) continued by a second fit, which first crashes at ``crash_at``
+    and is retried when ``crash``; the Checkpointer is returned."""
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/dist", keep_best=1, keep_last=1, every_n_steps=kw.pop("every", None))
     step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
-    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"dist": (s.step.float() - 5).abs()}, checkpoint=ck,
+    kw.update(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"dist": (s.step.float() - best).abs()}, checkpoint=ck,
               progress=False)  # fmt: skip
-    data = [torch.tensor([float(i)]) for i in range(5)]
-    state = fnlit.fit(step, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0), data, max_epochs=2, **kw)
+    data = [torch.tensor([float(i)]) for i in range(kw.pop("batches"))]
+    state = fnlit.fit(step, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0), data, **first, **kw)
 
     class Crash:
         def on_step(self, s, metrics):
-            if int(s.step) == 12:
+            if int(s.step) == crash_at:
                 raise RuntimeError("crash")
 
     if crash:
         with pytest.raises(RuntimeError, match="crash"):
-            fnlit.fit(step, state, data, max_epochs=4, callbacks=[Crash()], **kw)
-    fnlit.fit(step, state, data, max_epochs=4, **kw)  # (no "another run" warning: warnings are errors here)
+            fnlit.fit(step, state, data, callbacks=[Crash()], **then, **kw)
+    fnlit.fit(step, state, data, **then, **kw)  # (no "another run" warning: warnings are errors here)
+    return ck
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_continuation_retried_after_a_crash_keeps_the_runs_best_and_pruning(tmp_path, crash):
+    # fit to step 10 (best at step 5), continue to 30 (crashing at 12 first, then retried): as without the crash.
+    ck = _continued(tmp_path, crash, 5, 12, dict(max_epochs=2), dict(max_epochs=4), batches=5)
     assert ck.best_path.name == "step=00000005.ckpt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=00000005.ckpt", "step=00000030.ckpt"]
 
@@ -592,22 +599,8 @@ def test_a_continuation_retried_after_a_crash_keeps_the_runs_best_and_pruning(tm
 def test_a_retried_continuation_reaching_a_best_again_keeps_it(tmp_path, crash):
     # The best (step 12) is validated again by the retry with the same value: a tie, so no best save; the
     # step's periodic save of the validated state records its metrics, and the best stays step 12.
-    ck = ckpt.Checkpointer(tmp_path, every_n_steps=6, monitor="val/dist", keep_best=1, keep_last=1)
-    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
-    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"dist": (s.step.float() - 12).abs()}, checkpoint=ck,
-              progress=False, val_check_interval=6, num_sanity_val_steps=0)  # fmt: skip
-    data = [torch.tensor([float(i)]) for i in range(50)]
-    state = fnlit.fit(step, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0), data, max_steps=6, **kw)
-
-    class Crash:
-        def on_step(self, s, metrics):
-            if int(s.step) == 13:
-                raise RuntimeError("crash")
-
-    if crash:
-        with pytest.raises(RuntimeError, match="crash"):
-            fnlit.fit(step, state, data, max_steps=18, callbacks=[Crash()], **kw)
-    fnlit.fit(step, state, data, max_steps=18, **kw)
+    ck = _continued(tmp_path, crash, 12, 13, dict(max_steps=6), dict(max_steps=18), batches=50, every=6,
+                    val_check_interval=6, num_sanity_val_steps=0)  # fmt: skip
     assert ck.best_path.name == "step=00000012.ckpt" and ckpt.read_info(ck.best_path).metrics == {"val/dist": 0.0}
 
 
