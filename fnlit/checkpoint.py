@@ -25,6 +25,7 @@ import os
 import secrets
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -255,6 +256,14 @@ def _step(state: Any) -> int:
     return step
 
 
+def _ref(state: Any) -> Callable[[], Any]:
+    """A weak reference to ``state`` (a strong one for a type that takes none: a namedtuple state)."""
+    try:
+        return weakref.ref(state)
+    except TypeError:
+        return lambda: state
+
+
 def _from_rank_0(value: T) -> T:
     """Rank 0's ``value`` (a picklable object) on every rank (a collective)."""
     if not _dist.is_initialized():
@@ -350,11 +359,12 @@ class Checkpointer:
         self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
         # The state object last saved (or restored): not saved again. By identity, not by step: another attempt
         # at the same step (a retry after a crash) is another state, and is saved.
-        self._saved: weakref.ref[Any] | None = None
+        self._saved: Callable[[], Any] | None = None
         # The state last validated, and its metrics: a save of that state (the step's periodic one) records them
         # in its file, so the file is ranked by them (another attempt at the step validates its own state).
-        self._validated_of: tuple[weakref.ref[Any], dict[str, float]] | None = None
+        self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
+        self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
         self._ended_at: int | None = None  # the step of the state this run ended with (on_exit) or resumed from
 
     # ---- the calls fit makes ------------------------------------------------------------------------
@@ -403,6 +413,7 @@ class Checkpointer:
             FileNotFoundError, CheckpointError, UnsafeCheckpointError, ValueError: as :func:`restore`,
                 for a file path; CheckpointError if every checkpoint of the folder is corrupt.
         """
+        self.restored_from = None
         if str(ckpt_path) != "last" and not Path(ckpt_path).is_dir():
             state, position = self._restore_file(Path(ckpt_path), like)
             return state, position
@@ -447,7 +458,7 @@ class Checkpointer:
         if not _dist.is_main() and not sharded:
             return  # no barrier: ranks may disagree on metrics they did not reduce
         metrics = {k: float(v) for k, v in val_metrics.items()}
-        self._validated_of = (weakref.ref(state), metrics)
+        self._validated_of = (_ref(state), metrics)
         improves = _dist.is_main() and not math.isnan(value) and self._improves(value)
         if sharded:  # saving gathers the shards, a collective: every rank follows rank 0's decision
             improves = bool(_from_rank_0(improves))
@@ -484,7 +495,7 @@ class Checkpointer:
         # Every rank takes this path at the same steps (it depends on the step and epoch only), so the
         # barrier matches; the other ranks go on once rank 0's file is durable.
         self.save(state, position)
-        self._saved = weakref.ref(state)  # only once written: on_exit saves again after an interrupted write
+        self._saved = _ref(state)  # only once written: on_exit saves again after an interrupted write
         _dist.barrier()
 
     def save(self, state: Any, position: Position | None = None, *, metrics: dict[str, float] | None = None) -> Path:
@@ -512,7 +523,7 @@ class Checkpointer:
             if self._validated_of is not None and self._validated_of[0]() is given:
                 metrics = self._validated_of[1]
         else:
-            self._validated_of = (weakref.ref(given), metrics)
+            self._validated_of = (_ref(given), metrics)
         saved_at = write_state(path, state, position, metrics, self.meta, self._run)
         records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
         if self.save_last:
@@ -547,7 +558,8 @@ class Checkpointer:
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
         header, values = decode(path)
         state = fill_like(like, values, path)
-        self._saved = weakref.ref(state)  # not saved again unchanged (a resume that takes no step)
+        self._saved = _ref(state)  # not saved again unchanged (a resume that takes no step)
+        self.restored_from = path  # (fit: a resume, whether or not the file holds a driver position)
         self._run = header.get("run")  # the resumed run goes on with its own files
         self._records, self._ended_at = None, header.get("step")
         return state, header.get("position")

@@ -525,12 +525,14 @@ def fit(
         train_data = _data.unshuffled(train_data)
     if ckpt_path is not None and checkpoint is None:
         raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
-    position, given = None, state
+    position = None
     if checkpoint is not None and ckpt_path is not None:  # (fast_dev_run and limit_train_batches=0 too, as Lightning)
         state, position = checkpoint.restore(ckpt_path, like=state)  # position None: nothing saved yet, start
     elif checkpoint is not None and hasattr(checkpoint, "start") and not plan.quiet and plan.batches != 0:
         checkpoint.start(state)  # a fresh run (the object may have saved another), or one continued from its end
-    resumed = state is not given  # restored from a checkpoint (not a start: another job may share the file)
+    # restored from a checkpoint (not a start: another job may share the user's files); a file without a driver
+    # position too (Checkpointer says which file it read)
+    resumed = position is not None or getattr(checkpoint, "restored_from", None) is not None
     if plan.batches == 0:
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing

@@ -616,3 +616,15 @@ def test_a_continuation_that_takes_no_step_rewrites_nothing(tmp_path):
     state = fnlit.fit(step, fresh(), data, checkpoint=ck, ckpt_path="last", **kw)
     state = fnlit.fit(step, state, data, checkpoint=ck, **kw)
     assert int(state.step) == 12 and ckpt.read_info(ck.best_path).metrics == {"val/dist": 0.0}
+
+
+def test_a_checkpointer_driven_by_hand_takes_a_state_that_has_no_weak_references(tmp_path):
+    import collections
+
+    State = collections.namedtuple("State", "step w")
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=3)
+    s3 = State(torch.tensor(3), torch.ones(2))
+    ck.on_step(s3, {"epoch": 0, "batch": 3, "seed": 0})
+    ck.on_exit(s3, {"epoch": 0, "batch": 3, "seed": 0}, "finished")  # the same state: not written again
+    restored, position = ck.restore("last", like=State(torch.tensor(0), torch.zeros(2)))
+    assert int(restored.step) == 3 and torch.equal(restored.w, s3.w) and position["batch"] == 3

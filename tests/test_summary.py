@@ -476,9 +476,14 @@ def test_an_ensemble_metric_beside_one_named_as_its_member_is_an_error():
 
 def test_two_jobs_sharing_one_jsonl_file_keep_each_others_lines_when_they_start(tmp_path):
     # The start-or-resume idiom (ckpt_path="last") with nothing saved yet is a start: nothing is purged.
+    class Copying(fnlit.checkpoint.Checkpointer):  # a restore that hands back a copy even when it found nothing
+        def restore(self, ckpt_path, like):
+            state, position = super().restore(ckpt_path, like)
+            return state.replace(), position
+
     for name in ("a", "b"):
         w = JSONLWriter(tmp_path / "shared.jsonl")
-        ckpts = fnlit.checkpoint.Checkpointer(tmp_path / name, every_n_steps=100)
+        ckpts = (Copying if name == "b" else fnlit.checkpoint.Checkpointer)(tmp_path / name, every_n_steps=100)
         counting_fit(tmp_path / "unused", loggers=[w], checkpoint=ckpts, ckpt_path="last", log_every_n_steps=10)
         w.close()
     steps = [json.loads(x)["step"] for x in (tmp_path / "shared.jsonl").read_text().splitlines()]
