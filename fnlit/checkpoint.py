@@ -365,7 +365,10 @@ class Checkpointer:
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
         self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
-        self._ended_at: int | None = None  # the step of the state this run ended with (on_exit) or resumed from
+        # The step of the state this object's last fit ended with (on_exit), and that fit's run: a fit from that
+        # state continues the run, whatever restore() read in between (a best checkpoint, to evaluate it).
+        self._ended_at: int | None = None
+        self._ended_run: str | None = None
 
     # ---- the calls fit makes ------------------------------------------------------------------------
 
@@ -380,11 +383,12 @@ class Checkpointer:
         Lightning warns of a folder that is not empty), and this run saves its own states, its last
         included. A resumed run (``restore``) goes on with the files of the run it restores.
         """
-        if state is not None and self._run is not None and _step(state) == self._ended_at:
+        self.restored_from = None
+        if state is not None and self._ended_run is not None and _step(state) == self._ended_at:
             # (a crashed continuation's files after this step are replaced as this attempt saves its own states)
-            self._records = None
+            self._run, self._records = self._ended_run, None
             return
-        self._saved, self._validated_of, self._ended_at = None, None, None
+        self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
         self._records = None  # read from the folder again on the first save
         self._run = _from_rank_0(secrets.token_hex(8))  # one id on every rank: each ranks the files alike
         if _dist.is_main() and self.directory.is_dir():
@@ -485,7 +489,7 @@ class Checkpointer:
         """
         if reason not in ("sigterm", "sigint", "finished"):
             raise ValueError(f"Checkpointer.on_exit expected reason 'sigterm', 'sigint' or 'finished', got {reason!r} instead.")
-        self._ended_at = _step(state)  # a later fit from this state continues this run (see start)
+        self._ended_at, self._ended_run = _step(state), self._run  # a later fit from this state continues this run
         if (reason != "finished" or self.save_last) and not self._is_saved(state):
             self._save_and_wait(state, position)
 
@@ -560,8 +564,10 @@ class Checkpointer:
         state = fill_like(like, values, path)
         self._saved = _ref(state)  # not saved again unchanged (a resume that takes no step)
         self.restored_from = path  # (fit: a resume, whether or not the file holds a driver position)
-        self._run = header.get("run")  # the resumed run goes on with its own files
-        self._records, self._ended_at = None, header.get("step")
+        # The resumed run goes on with its own files. A file without a run (fnlit.save's) starts a run of its own,
+        # named after the file alike on every rank: the folder's other files are not its to rank or remove.
+        self._run = header.get("run") or f"from-{header.get('saved_at_ns')}"
+        self._records = None
         return state, header.get("position")
 
     def _is_saved(self, state: Any) -> bool:

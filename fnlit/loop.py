@@ -34,6 +34,7 @@ __all__ = ["fit", "evaluate"]
 
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
 Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
+_END = object()  # what next() gives for data that has run out
 """Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done;
 and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class and order."""
 
@@ -88,7 +89,7 @@ class _Plan:
     val_check_batch: int | None  # validate when the batch count is a multiple; None: at the epoch's end
     val_every_n_epoch: int | None  # None: val_check_batch counts batches across epochs
     validate: bool
-    sanity_steps: int
+    sanity_steps: int  # -1: every batch of validation data without a len()
     log_every: int
     quiet: bool  # fast_dev_run: no logging, no checkpoints
 
@@ -163,7 +164,8 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if every_n is not None and (not isinstance(every_n, int) or every_n < 1):
         raise ValueError(f"fit expected check_val_every_n_epoch to be an int >= 1 or None, got {every_n!r} instead.")
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
-    sanity = 0 if not validate else (n_val if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
+    # (-1 stays -1 for data without a len(): all of its batches)
+    sanity = 0 if not validate else ((-1 if n_val is None else n_val) if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
     log_every = o["log_every_n_steps"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
@@ -532,7 +534,7 @@ def fit(
         checkpoint.start(state)  # a fresh run (the object may have saved another), or one continued from its end
     # restored from a checkpoint (not a start: another job may share the user's files); a file without a driver
     # position too (Checkpointer says which file it read)
-    resumed = position is not None or getattr(checkpoint, "restored_from", None) is not None
+    resumed = ckpt_path is not None and (position is not None or getattr(checkpoint, "restored_from", None) is not None)
     if plan.batches == 0:
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing
@@ -563,6 +565,7 @@ def fit(
     if not plan.validate:
         _warn_unwatched(all_callbacks, checkpoint)
     hooks = _Hooks(all_callbacks)
+    hooks.stop = bool(position.get("stop_requested"))  # a stop that min_epochs deferred, before the checkpoint
     stateful = _stateful(all_callbacks)
     for key, cb in stateful:  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
         if key in position.get("callbacks", {}):
@@ -575,6 +578,8 @@ def fit(
             pos["world_size"] = _dist.world_size()
         if stateful:
             pos["callbacks"] = {key: cb.state_dict() for key, cb in stateful}
+        if hooks.stop and epoch < plan.min_epochs:  # requested (by any callback), deferred by min_epochs: kept
+            pos["stop_requested"] = True
         return pos
 
     # closed at the end; every writer drops what an earlier run logged after this run's starting step (a resume)
@@ -646,7 +651,7 @@ def fit(
             else:
                 halt = halting()
             if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
-                evaluate(eval_step, state, val_data, plan.sanity_steps)  # type: ignore[arg-type]
+                evaluate(eval_step, state, val_data, None if plan.sanity_steps < 0 else plan.sanity_steps)  # type: ignore[arg-type]
             if unfinished and plan.validate and not halt:  # the validation a Ctrl-C cut off, as the first run had it
                 validate()
                 if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now
@@ -657,7 +662,8 @@ def fit(
                 count_across = plan.val_every_n_epoch is None
                 bar.start_epoch(epoch, n_batches, b)
                 broke, epoch_start = True, steps
-                for batch in _data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential):
+                batch_iter = iter(_data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential))
+                for batch in batch_iter:
                     state, metrics = step(state, move(batch) if move else batch)
                     steps, b = steps + 1, b + 1
                     log.pending.append(metrics)  # stays on the device until the next log_now()
@@ -673,6 +679,11 @@ def fit(
                     if not distributed:
                         halt = halting()
                     if steps >= max_steps or halt:
+                        # Data without a length stopped at what may be its last batch: look one ahead, as Lightning's
+                        # fetcher does, so that epoch ends (its validation, on_epoch_end). (One process: ranks could
+                        # see different answers, and an epoch end is a collective.)
+                        if n_batches is None and not distributed and next(batch_iter, _END) is _END:
+                            broke = False
                         break
                 else:
                     broke = False
@@ -695,8 +706,12 @@ def fit(
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
                     break  # stopped mid-epoch, or a one-shot iterable ran out
-                # (an epoch that ended short misses the validation scheduled at its last batch: done here instead)
-                at_end = val_every < 0 or (short and val_every > 0 and not count_across and n_batches % val_every == 0 and b % val_every)
+                # An epoch that ended short, or that a resume entered past its (now shorter) end, misses the validation
+                # scheduled at its last batch: done here instead.
+                past = n_batches is not None and b > n_batches and steps == epoch_start
+                at_end = val_every < 0 or (
+                    (short or past) and val_every > 0 and not count_across and n_batches % val_every == 0 and b % val_every
+                )
                 if at_end and not (validated and steps == epoch_start):  # not again on a resume from its best
                     validate(epoch_end=True)
                 validated = False

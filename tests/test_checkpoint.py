@@ -628,3 +628,27 @@ def test_a_checkpointer_driven_by_hand_takes_a_state_that_has_no_weak_references
     ck.on_exit(s3, {"epoch": 0, "batch": 3, "seed": 0}, "finished")  # the same state: not written again
     restored, position = ck.restore("last", like=State(torch.tensor(0), torch.zeros(2)))
     assert int(restored.step) == 3 and torch.equal(restored.w, s3.w) and position["batch"] == 3
+
+
+def test_restoring_the_best_checkpoint_to_evaluate_it_does_not_split_the_run(tmp_path):
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    values = {1: 0.5, 2: 0.9, 3: 0.8, 4: 0.7}  # the best at step 1, before the first fit's end
+    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"loss": torch.tensor(values[int(s.step)])},
+              num_sanity_val_steps=0, val_check_interval=1, progress=False)  # fmt: skip
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/loss")
+    state = fnlit.fit(step, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0), [torch.zeros(1)] * 2,
+                      max_epochs=1, checkpoint=ck, **kw)  # fmt: skip
+    ck.restore(ck.best_path, like=state)  # evaluate the best so far
+    fnlit.fit(step, state, [torch.zeros(1)] * 2, max_epochs=1, checkpoint=ck, **kw)  # (warnings are errors here)
+    assert ckpt.read_info(ck.best_path).step == 1
+
+
+def test_a_resume_from_a_file_without_a_run_removes_no_other_runs_files(tmp_path):
+    _, state = trained()
+    other = ckpt.Checkpointer(tmp_path, every_n_steps=1)
+    steps(state.replace(step=torch.tensor(9)), 1, other)  # another run's step=00000010.ckpt
+    plain = ckpt.save(tmp_path / "plain.ckpt", state)  # fnlit.save: no run
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=1)
+    restored, _ = ck.restore(plain, like=state)
+    steps(restored, 2, ck)
+    assert (tmp_path / "step=00000010.ckpt").exists()

@@ -736,3 +736,62 @@ def test_unsized_data_with_an_int_limit_train_batches_defaults_to_1000_epochs():
     c = Counter()
     state = fit(c.step, make_state(), Unsized(3), limit_train_batches=1, progress=False)
     assert int(state.step) == 1000 and c.train == [[0]] * 1000
+
+
+def test_num_sanity_val_steps_minus_one_runs_all_of_unsized_validation_data():
+    c, seen = Counter(), []
+    eval_step = lambda s, b: (seen.append(int(s.step)), {"loss": b.float().mean()})[1]  # noqa: E731
+    fit(c.step, make_state(), [torch.tensor([0])] * 3, max_epochs=1, val_data=Unsized(2), eval_step=eval_step,
+        num_sanity_val_steps=-1, progress=False)  # fmt: skip
+    assert seen == [0, 0, 3, 3]  # both batches before training (Lightning's -1: all), then the epoch's validation
+
+
+def test_unsized_data_stopped_by_max_steps_at_its_last_batch_ends_its_epoch():
+    # As the same batches in a list: the epoch's validation and on_epoch_end run (Lightning's fetcher looks ahead).
+    def counted(data):
+        c = Counter()
+        fit(c.step, make_state(), data, max_steps=3, val_data=[torch.tensor([1.0])], eval_step=c.eval_step,
+            num_sanity_val_steps=0, callbacks=[c], progress=False)  # fmt: skip
+        return len(c.train), len(c.val), c.epoch_ends
+
+    assert counted(Unsized(3)) == counted([torch.tensor([i]) for i in range(3)]) == (3, 1, [0])
+    assert counted(Unsized(5)) == (3, 0, [])  # stopped mid-epoch: no epoch end
+
+
+def test_a_resume_past_a_shorter_epochs_end_runs_that_epochs_validation():
+    # Saved at batch 5 of a 6-batch epoch (not validated yet); resumed with 3-batch epochs: epoch 0 is over, and
+    # its end-of-epoch validation runs before epoch 1 (which validates at its own end).
+    restored = (make_state().replace(step=torch.tensor(5)), {"epoch": 0, "batch": 5, "seed": 42})
+    c, val_steps = Counter(), []
+    eval_step = lambda s, b: (val_steps.append(int(s.step)), {"loss": b.float().mean()})[1]  # noqa: E731
+    with pytest.warns(UserWarning, match="resumes at batch 5 of epoch 0, past the 3 batches"):
+        fit(c.step, make_state(), ArrayLoader(torch.arange(3), batch_size=1), max_epochs=2, val_data=[torch.tensor([1.0])],
+            eval_step=eval_step, num_sanity_val_steps=0, checkpoint=FakeCheckpoint(restored), ckpt_path="last",
+            callbacks=[c], progress=False)  # fmt: skip
+    assert val_steps == [5, 8] and c.epoch_ends == [0, 1]
+
+
+def test_a_stop_deferred_by_min_epochs_survives_a_resume(tmp_path):
+    # A callback asks once (at step 2) to stop; min_epochs=3 defers it: the uninterrupted run stops after epoch 3
+    # (step 9). Crashed at step 5 and resumed, the run must stop there too, not train max_epochs.
+    from fnlit.checkpoint import Checkpointer
+
+    class AskOnce:
+        def on_step(self, state, metrics):
+            if int(state.step) == 2:
+                raise StopTraining
+
+    class Crash:
+        def on_step(self, state, metrics):
+            if int(state.step) == 5:
+                raise RuntimeError("crash")
+
+    def run(folder, callbacks, resume=False):
+        return fit(Counter().step, make_state(), ArrayLoader(torch.arange(3), batch_size=1), max_epochs=6, min_epochs=3,
+                   callbacks=callbacks, checkpoint=Checkpointer(tmp_path / folder, every_n_steps=1),
+                   ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+
+    assert int(run("whole", [AskOnce()]).step) == 9
+    with pytest.raises(RuntimeError, match="crash"):
+        run("cut", [AskOnce(), Crash()])
+    assert int(run("cut", [AskOnce()], resume=True).step) == 9

@@ -12,6 +12,7 @@ import struct
 import termios
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -505,3 +506,16 @@ def test_a_resume_from_a_checkpoint_without_a_position_purges_the_users_writers_
     w.close()
     steps = [json.loads(x)["step"] for x in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert steps == sorted(set(steps))  # each step once
+
+
+def test_a_fit_after_a_resumed_one_without_ckpt_path_purges_nothing(tmp_path):
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt")
+    w = JSONLWriter(tmp_path / "log")
+    counting_fit(tmp_path / "u1", loggers=[w], checkpoint=ckpts)
+    counting_fit(tmp_path / "u2", loggers=[w], checkpoint=ckpts, ckpt_path="last")  # nothing left to train
+    before = (tmp_path / "log" / "metrics.jsonl").read_text()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Checkpointer folder .* already holds")
+        counting_fit(tmp_path / "u3", loggers=[w], checkpoint=ckpts)  # a fresh run: appends
+    w.close()
+    assert len(before) > 0 and (tmp_path / "log" / "metrics.jsonl").read_text() == before * 2  # the same run again
