@@ -682,7 +682,9 @@ def fit(
                         # Data without a length stopped at what may be its last batch: look one ahead, as Lightning's
                         # fetcher does, so that epoch ends (its validation, on_epoch_end). (One process: ranks could
                         # see different answers, and an epoch end is a collective.)
-                        if n_batches is None and not distributed and next(batch_iter, _END) is _END:
+                        # Not for a one-shot iterator: the batch looked at would be lost to a later fit of it.
+                        reiterable = not isinstance(train_data, Iterator)
+                        if n_batches is None and not distributed and reiterable and next(batch_iter, _END) is _END:
                             broke = False
                         break
                 else:

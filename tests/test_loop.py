@@ -795,3 +795,11 @@ def test_a_stop_deferred_by_min_epochs_survives_a_resume(tmp_path):
     with pytest.raises(RuntimeError, match="crash"):
         run("cut", [AskOnce(), Crash()])
     assert int(run("cut", [AskOnce()], resume=True).step) == 9
+
+
+def test_a_one_shot_iterator_continued_by_a_second_fit_loses_no_batch():
+    data = iter([torch.tensor([i]) for i in range(10)])
+    c = Counter()
+    state = fit(c.step, make_state(), data, max_steps=3, progress=False)
+    fit(c.step, state, data, max_steps=6, progress=False)
+    assert c.train == [[0], [1], [2], [3], [4], [5]]
