@@ -471,7 +471,7 @@ class Checkpointer:
 
     def _improves(self, value: float) -> bool:
         # Strictly better than the worst kept best: on a tie the earlier checkpoint stays (as Lightning's).
-        best = self._best(self._ours(self._scan()))
+        best = self._best(self._scan())
         return self.keep_best is None or len(best) < self.keep_best or self._better(value, self._value(best[-1]))
 
     def on_epoch_end(self, state: Any, position: Position) -> None:
@@ -535,7 +535,7 @@ class Checkpointer:
         ours = self._ours(records)
         keep = {r.path for r in records} - {r.path for r in ours}  # another run's files are not this run's to remove
         keep |= {r.path for r in (ours if self.keep_last is None else ours[-self.keep_last :])}
-        keep |= {r.path for r in self._best(ours)}
+        keep |= {r.path for r in self._best(records)}
         for r in records:  # only now that the new file is durable
             if r.path not in keep:
                 try:
@@ -556,7 +556,7 @@ class Checkpointer:
         """The best checkpoint by ``monitor`` (None without monitor or before the first validation)."""
         if self._records is None and not self.directory.is_dir():
             return None  # nothing saved yet (and no folder made just to look: fast_dev_run writes nothing)
-        best = self._best(self._ours(self._scan()))
+        best = self._best(self._scan())
         return best[0].path if best else None
 
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
@@ -598,9 +598,10 @@ class Checkpointer:
         return a < b if self.mode == "min" else a > b
 
     def _best(self, records: list[_Record]) -> list[_Record]:
+        """This run's ``keep_best`` best records (another run's files are never its best)."""
         if self.monitor is None or self.keep_best == 0:
             return []
-        scored = [r for r in records if not math.isnan(self._value(r))]
+        scored = [r for r in self._ours(records) if not math.isnan(self._value(r))]
         sign = 1.0 if self.mode == "min" else -1.0
         # Ties go to the earlier checkpoint: a later one that only equals it is no improvement (as Lightning's).
         return sorted(scored, key=lambda r: (sign * self._value(r), r.saved_at_ns))[: self.keep_best]

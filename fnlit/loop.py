@@ -657,6 +657,11 @@ def fit(
                 if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now
                     halt = halting()
             short_warned = False
+            # Data without a length stopped (max_steps, a stop) at what may be its last batch: look one ahead, as
+            # Lightning's fetcher does, so that epoch ends (its validation, on_epoch_end). In one process only
+            # (ranks could see different answers, and an epoch end is a collective), and not for a one-shot
+            # iterator (the batch looked at would be lost to a later fit of it).
+            look_ahead = n_batches is None and not distributed and not isinstance(train_data, Iterator)
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
                 val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
                 count_across = plan.val_every_n_epoch is None
@@ -679,12 +684,7 @@ def fit(
                     if not distributed:
                         halt = halting()
                     if steps >= max_steps or halt:
-                        # Data without a length stopped at what may be its last batch: look one ahead, as Lightning's
-                        # fetcher does, so that epoch ends (its validation, on_epoch_end). (One process: ranks could
-                        # see different answers, and an epoch end is a collective.)
-                        # Not for a one-shot iterator: the batch looked at would be lost to a later fit of it.
-                        reiterable = not isinstance(train_data, Iterator)
-                        if n_batches is None and not distributed and reiterable and next(batch_iter, _END) is _END:
+                        if look_ahead and next(batch_iter, _END) is _END:  # that was the epoch's last batch
                             broke = False
                         break
                 else:
