@@ -449,3 +449,17 @@ def test_cuda_compiled_amp_bf16_schedule_no_recompile():
     for i in range(STEPS):
         state, metrics = compiled(state, tuple(t.cuda() for t in batch(seed=i)))
     assert compiled.compiles == 1 and torch.isfinite(metrics["loss"])
+
+
+def test_importing_fnlit_does_not_load_dynamo():
+    # torch loads dynamo (~1 s on a small CPU) only when something compiles; `import fnlit` must not do it
+    # for every process (each rank of fnlit.distributed.launch imports it). Reference: `import torch` alone.
+    import subprocess
+    import sys
+
+    probe = "import sys, {} ; print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))"
+    loaded = [
+        subprocess.run([sys.executable, "-c", probe.format(name)], capture_output=True, text=True, check=True).stdout
+        for name in ("torch", "fnlit")
+    ]
+    assert loaded[1] == loaded[0], f"import fnlit loaded {loaded[1].strip()}, import torch {loaded[0].strip()}"

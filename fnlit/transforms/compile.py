@@ -52,7 +52,6 @@ __all__ = ["compile", "CompiledStep", "CaptureError"]
 Mode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager"]
 _MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")
 _RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|exponential|poisson|seed")
-_SPECIALIZE_FLOAT = hasattr(torch._dynamo.config, "specialize_float")
 _HOST_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 
 
@@ -433,7 +432,11 @@ class CompiledStep:
             torch.compiler.cudagraph_mark_step_begin()
         # dynamic=True: dynamo would lift the step's Python floats (an optimizer's betas, momentum) to graph
         # inputs read back with .item(); kept constants, as without dynamic, they compile and never change.
-        floats = torch._dynamo.config.patch(specialize_float=True) if self.dynamic and _SPECIALIZE_FLOAT else nullcontext()
+        floats = (
+            torch._dynamo.config.patch(specialize_float=True)
+            if self.dynamic and hasattr(torch._dynamo.config, "specialize_float")  # (not at import: dynamo takes ~1 s to load)
+            else nullcontext()
+        )
         try:
             with floats:
                 if self._needs_seed is False:
