@@ -559,3 +559,32 @@ def test_out_of_place_unscale_is_bitwise_torchs_kernel(dtype):
         for o, w in zip(out, want):
             assert o.dtype == w.dtype and torch.equal(o.detach(), w)
         assert torch.equal(f.found_inf, found)
+
+
+def test_accumulate_splits_user_dict_batches():
+    # Hugging Face's BatchEncoding subclasses collections.UserDict, which optree keeps whole as a leaf: each
+    # micro-batch got the whole batch (k times the compute, no memory saved). Reference: a plain dict batch
+    # of the same tensors, and the hand count of examples per micro-batch (16 / 4).
+    from collections import UserDict
+
+    class Encoding(UserDict):
+        def __init__(self, data, note):
+            super().__init__(data)
+            self.note = note
+
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    seen = []
+
+    def step(state, b):
+        seen.append((type(b).__name__, getattr(b, "note", None), b["x"].shape[0]))
+        return hand_step(model)(state, (b["x"], b["y"]))
+
+    x, y = batch(16)
+    got, m_got = fnlit.accumulate(step, 4)(state, Encoding({"x": x, "y": y}, "n"))
+    assert seen == [("Encoding", "n", 4)] * 4
+    want, m_want = fnlit.accumulate(step, 4)(state, {"x": x, "y": y})
+    assert_trees_equal(got.params, want.params)
+    assert torch.equal(m_got["loss"], m_want["loss"])
+    with pytest.raises(ValueError, match=r"leaf x of 16 examples into 3 equal"):
+        fnlit.accumulate(step, 3)(state, Encoding({"x": x, "y": y}, "n"))

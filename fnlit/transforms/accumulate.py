@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import UserDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import torch
 from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
+from ..data import _with_data
 from ._frame import Mispredicted, frame
 
 if TYPE_CHECKING:
@@ -20,6 +22,8 @@ __all__ = ["accumulate", "split_batch"]
 
 def split_batch(batch: Batch, k: int) -> list[Batch]:
     """Splits every tensor leaf of ``batch`` along dim 0 into ``k`` equal views (other leaves are shared).
+
+    A ``collections.UserDict`` (Hugging Face's ``BatchEncoding``) is split as a dict; each part is a copy of it.
 
     Raises:
         ValueError: if a leading dimension is not divisible by ``k`` (the message names the leaf).
@@ -36,7 +40,9 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     leaves, treedef = _tree.tree_flatten(batch)
     chunks: list[Any] = []
     for j, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+        if isinstance(leaf, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding): split its values
+            chunks.append([_with_data(leaf, part) for part in split_batch(dict(leaf.data), k)])
+        elif isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             n = leaf.shape[0]
             if n % k:
                 path = _tree.tree_paths(batch)[j]
