@@ -433,17 +433,5 @@ def per_example_grads(
         >>> losses.tolist(), grads["w"].tolist()
         ([1.0, 4.0], [[2.0, 0.0], [0.0, 8.0]])
     """
-    frame = _current_frame()
-    if frame is not None and frame.shard_group is not None:
-        raise ValueError(
-            "fnlit.per_example_grads cannot run under fnlit.shard: its vmap sees the sharded parameters' local "
-            "pieces, not the gathered ones. Run a DP-SGD step in one process, eagerly."
-        )
-    if frame is not None and frame.scaler is not None:
-        raise ValueError(
-            "fnlit.per_example_grads cannot run under fnlit.amp(dtype=torch.float16): the loss scaler's overflow check "
-            "would have to see every example's gradients, inside the vmap. Use fnlit.amp(step, dtype=torch.bfloat16), "
-            "which needs no loss scaling."
-        )
     fn = value_and_grad(loss_fn, has_aux=has_aux)
     return torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)

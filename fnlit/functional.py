@@ -540,6 +540,8 @@ def value_and_grad(
                 "name a different one (negative ones count from the end)."
             )
         frame = _current_frame()
+        if frame is not None and (frame.scaler is not None or frame.shard_group is not None):
+            frame.refuse_per_example(args)
         autocast = (
             torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)
             if frame is not None and frame.amp_dtype is not None

@@ -120,6 +120,15 @@ def test_per_example_grads_under_float16_amp_is_refused_and_bfloat16_runs():
     new, _ = fnlit.amp(dp_step, dtype=torch.bfloat16)(fnlit.TrainState.create(model, tx, seed=0), batch(n=8))
     assert int(new.step) == 1
 
+    def hand_dp_step(state, batch):  # what per_example_grads stands for, written out: refused alike (it failed
+        # inside functorch with "your tensor may have escaped from inside a function being vmapped")
+        fn = fnlit.value_and_grad(loss_of(model))
+        losses, grads = torch.func.vmap(fn, in_dims=(None, 0))(state.params, batch)
+        return state.apply_gradients(grads), {"loss": losses.mean()}
+
+    with pytest.raises(ValueError, match=r"Per-example gradients .*cannot run under fnlit.amp\(dtype=torch.float16\)"):
+        fnlit.amp(hand_dp_step, dtype=torch.float16)(state, batch(n=8))
+
 
 def test_dp_noise_uses_every_bit_of_its_key():
     # Two keys with the same low 32 bits: torch's CPU generator would seed them alike (its mt19937 keeps 32 bits),

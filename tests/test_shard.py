@@ -129,7 +129,8 @@ def test_per_rank_bytes_are_one_nth_of_the_unsharded_state(runs, world):
         assert mem["grad_types"] == ["DTensor"]  # gradients arrive reduce-scattered
         assert mem["grad_norm"] == pytest.approx(norm, rel=1e-5)  # a metric of the sharded grads, logged whole
         assert mem["norm_per_loss"] == pytest.approx(per_loss, rel=1e-5)
-        assert "per_example_grads cannot run under fnlit.shard" in mem["per_example_refused"]
+        assert "Per-example gradients (fnlit.value_and_grad under torch.func.vmap" in mem["per_example_refused"]
+        assert "cannot run under fnlit.shard" in mem["per_example_refused"]
         for part, unsharded in total.items():
             assert mem[part] <= unsharded * (1 / world) * 1.10, (part, mem[part], unsharded)
         assert sum(mem[p] for p in ("params", "opt_state", "grads")) <= sum(total.values()) / world * 1.10

@@ -65,12 +65,30 @@ _PER_EXAMPLE = (
 )
 
 
+_PER_EXAMPLE_FP16 = (
+    "Per-example gradients (fnlit.value_and_grad under torch.func.vmap, as fnlit.per_example_grads computes them) "
+    "cannot run under fnlit.amp(dtype=torch.float16): the loss scaler's overflow check would have to see every "
+    "example's gradients, inside the vmap. Use fnlit.amp(step, dtype=torch.bfloat16), which needs no loss scaling."
+)
+
+_PER_EXAMPLE_SHARD = (
+    "Per-example gradients (fnlit.value_and_grad under torch.func.vmap, as fnlit.per_example_grads computes them) "
+    "cannot run under fnlit.shard: the vmap sees the sharded parameters' local pieces, not the gathered ones. Run "
+    "a DP-SGD step in one process, eagerly."
+)
+
+
 class Mispredicted(BaseException):
     """Micro-batch 0 guessed the wrong value_and_grad call to accumulate in place; accumulate reruns it.
 
     A BaseException, like GeneratorExit: it only travels through the user's step back to
     :func:`fnlit.accumulate`, and a step's ``except Exception`` must not swallow it.
     """
+
+
+def _level() -> int | None:
+    """The current torch.func transform level (None outside every transform, and while torch.compile traces)."""
+    return None if torch.compiler.is_compiling() else torch._C._functorch.maybe_current_level()
 
 
 def current() -> Frame | None:
@@ -110,6 +128,9 @@ class Frame:
         self.dp_bucket_bytes = 0
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
         self.known: list[torch.Tensor] = []  # scalars value_and_grad returned: reduced with the gradients
+        # The torch.func level float16 amp or shard joined the frame at (fnlit.ensemble vmaps whole steps): a
+        # value_and_grad deeper than this is under a vmap of the step's own (per-example gradients).
+        self.level: int | None = None
         self.reduced: dict[int, torch.Tensor] = {}  # id(known scalar) -> its mean across ranks
         self.extra: dict[str, torch.Tensor] = {}
 
@@ -117,10 +138,22 @@ class Frame:
     def set_amp(self, dtype: torch.dtype, scaler: LossScaleState | None, device: torch.device) -> None:
         self.amp_dtype = dtype
         if scaler is not None and self.scaler is None:
-            self.scaler = scaler
+            self.scaler, self.level = scaler, _level()
             self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
 
     # -- read by value_and_grad --------------------------------------------------------------
+    def refuse_per_example(self, args: tuple[Any, ...]) -> None:
+        """Under float16 amp or shard: raises if value_and_grad runs under a vmap over the step's batch."""
+        level = _level()
+        if level is None or (self.level is not None and level <= self.level):
+            return
+        batched = torch._C._functorch.is_batchedtensor
+        if not any(isinstance(t, torch.Tensor) and batched(t) for t in _tree.tree_leaves(args)):
+            return  # a torch.func.grad of the step's own, not a vmap
+        if self.shard_group is not None:
+            raise ValueError(_PER_EXAMPLE_SHARD)
+        raise ValueError(_PER_EXAMPLE_FP16)
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss backpropagated under float16 amp: ``loss * scale``, and under accumulate
         ``(loss / k) * scale`` -- GradScaler's accumulation recipe, so the float16 backward overflows at

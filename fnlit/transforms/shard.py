@@ -37,7 +37,7 @@ from torch.distributed.tensor import (
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, Params, StepFn
-from ._frame import frame, run_on_rank
+from ._frame import _level, frame, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -356,7 +356,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
         with frame() as (f, outermost):
             if f.dp_group is not None:
                 raise ValueError(_WITH_DATA_PARALLEL)
-            f.shard_group = m.get_group()
+            f.shard_group, f.level = m.get_group(), _level()
             return run_on_rank(step, state, batch, m.get_local_rank(), f, outermost)
 
     shard_step.__wrapped__ = step  # type: ignore[attr-defined]
