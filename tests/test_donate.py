@@ -154,6 +154,24 @@ def test_donating_outside_another_transform_is_bitwise_and_poisons(model, wrap):
         donated.params["0.weight"]
 
 
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_donating_a_chain_whose_optimizer_is_not_last_is_bitwise_the_pure_step(model, opt):
+    # The optimizer's update() is its step's new params minus the old: run in place, both were the same tensors
+    # and the update came out zero (with masked(set_to_zero()) after it, a "frozen" layer trained). References:
+    # the undonated step, and by hand for SGD (a frozen layer does not move; the rest moves by -lr * g * 0.5).
+    frozen = lambda name: name.startswith("0.")  # noqa: E731
+    first = fnlit.optim.sgd(0.1) if opt == "sgd" else fnlit.optim.adamw(0.1)
+    tx = fnlit.optim.chain(first, fnlit.optim.scale(0.5), fnlit.optim.masked(fnlit.optim.set_to_zero(), frozen))
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    want, _ = hand_step(model)(state, batch())
+    got, _ = fnlit.donating(hand_step(model))(clone_tree(state), batch())
+    assert_trees_equal(got, want)
+    assert torch.equal(got.params["0.weight"], state.params["0.weight"])
+    if opt == "sgd":
+        (_, _), grads = grads_of(model, state, batch())
+        torch.testing.assert_close(got.params["3.weight"], state.params["3.weight"] - 0.05 * grads["3.weight"])
+
+
 # -- the returned state must not alias what was updated in place --------------------------------------------
 _KEEPS = {
     "the tensor": lambda w: w,

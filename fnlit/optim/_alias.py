@@ -26,8 +26,8 @@ import torch
 
 from ..tree import tree_flatten, tree_map, tree_unflatten
 from ._base import (
-    GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, own, own_scaled, raise_shape_mismatch,
-    resolve_mask, use_functional,
+    GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, donated_update, own, own_scaled,
+    raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
     check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, scalar, zero_count,
@@ -189,7 +189,9 @@ def _optimizer(
                     f"Pass them: tx.update(grads, state, params), or use fnlit.optim.step."
                 )
             params = tree_map(torch.zeros_like, grads)  # from 0, new params are exactly the updates
-        new_params, new_state = step(grads, state, params)
+        # Never in place (fnlit.donating): the update is the new params minus these, which must stay as they were.
+        with donated_update(False):
+            new_params, new_state = step(grads, state, params)
         return tree_map(torch.sub, new_params, params), new_state
 
     return GradientTransformation(init, update, step)
