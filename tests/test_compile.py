@@ -463,3 +463,30 @@ def test_importing_fnlit_does_not_load_dynamo():
         for name in ("torch", "fnlit")
     ]
     assert loaded[1] == loaded[0], f"import fnlit loaded {loaded[1].strip()}, import torch {loaded[0].strip()}"
+
+
+def test_a_graph_compiled_later_that_draws_random_numbers_is_seeded_from_the_key():
+    # A Python flag in the batch compiles a second graph; the first drew no random numbers, and the second ran
+    # unseeded on its first call (another result than its later calls, the global generator advanced).
+    # Reference: the eager step, which seeds from state.rng.
+    model = torch.nn.Linear(8, 4)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = batch(8, d_in=8)
+
+    def step(state, data):
+        x, y, noise = data
+        if noise:  # input noise on some steps
+            x = x + 0.1 * torch.randn_like(x)
+        loss, grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y))(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    compiled = fnlit_compile(step, mode="eager")
+    compiled(state, (x, y, False))
+    with fnlit.random.seeded(state.rng):
+        _, want = step(state, (x, y, True))
+    generator = torch.random.get_rng_state()
+    for _ in range(2):
+        _, got = compiled(state, (x, y, True))
+        assert torch.equal(got["loss"], want["loss"])
+    assert torch.equal(torch.random.get_rng_state(), generator)
+    assert compiled.compiles == 2

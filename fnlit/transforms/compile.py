@@ -316,14 +316,13 @@ class CompiledStep:
         self.step, self.donate, self.mode, self.dynamic = step, donate, mode, dynamic
         self.compiles = 0
         self._entries: list[_Entry] = []  # one per input structure (shapes are dynamo's to guard)
-        self._needs_seed: bool | None = None
+        self._key: tuple[torch.Tensor, torch.device] | None = None  # the running call's (state.rng, state.device)
         self._ran = False  # whether this call's graph started running (set by the donating runner)
 
     # -- capture -----------------------------------------------------------------------------------
     def _backend(self, options: dict[str, Any], eager: bool) -> Callable[..., Any]:
         def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
             uses_rng = _check_graph(gm)
-            self._needs_seed = bool(self._needs_seed) or uses_rng
             self.compiles += 1
             if eager:
                 run = gm.forward
@@ -331,6 +330,14 @@ class CompiledStep:
                 from torch._inductor.compile_fx import compile_fx
 
                 run = compile_fx(gm, example_inputs, config_patches=options)
+            if uses_rng:  # seeded from the call's key as it runs (a graph compiled in this call too)
+                graph = run
+
+                def run(*args: Any) -> Any:
+                    key, device = self._key
+                    with _random.seeded(_one_key(key), device):
+                        return graph(*args)
+
             if not self.donate:
                 return run
 
@@ -438,12 +445,9 @@ class CompiledStep:
             else nullcontext()
         )
         try:
+            self._key = (state.rng, state.device)  # for the graphs that draw random numbers (see _backend)
             with floats:
-                if self._needs_seed is False:
-                    new_leaves, metrics = compiled(*leaves)
-                else:
-                    with _random.seeded(_one_key(state.rng), state.device):
-                        new_leaves, metrics = compiled(*leaves)
+                new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             raise (inner if isinstance(inner, CaptureError) else e) from None
@@ -451,6 +455,8 @@ class CompiledStep:
             raise self._explain(e, state, batch) from None
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             raise CaptureError(_RECOMPILES.format(limit=torch._dynamo.config.recompile_limit)) from None
+        finally:
+            self._key = None
         if self.donate:
             poison(state, "fnlit.compile(step, donate=True)")
         if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
