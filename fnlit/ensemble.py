@@ -32,11 +32,13 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.utils._pytree as torch_pytree
 from torch import nn
 
 from . import random as _random
 from . import tree as _tree
 from ._types import Batch, Metrics, Params, StepFn
+from .data import batch_size_of
 from .functional import value_and_grad
 from .optim import GradientTransformation
 from .transforms._frame import current as _current_frame
@@ -332,6 +334,26 @@ class EnsembleStep:
         traced = _random._is_traced(state.rng)  # under an outer transform, the outermost one seeds
         with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):
             return self.vmapped(state, batch)
+
+    def examples(self, batch: Batch) -> int:
+        """How many examples ``batch`` holds for each member (what :func:`fnlit.evaluate` weights it by): along
+        the first dimension of a tensor after its member dimension (``in_dims``) is taken out.
+
+        Example:
+            >>> estep = ensemble(lambda state, batch: (state, {}), 4, in_dims=0)
+            >>> estep.examples((torch.zeros(4, 16, 3), torch.zeros(4, 16)))
+            16
+        """
+        leaves, spec = torch_pytree.tree_flatten(batch)
+        dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec)
+        for leaf, dim in zip(leaves, dims or [None] * len(leaves)):
+            if isinstance(leaf, torch.Tensor):
+                shape = list(leaf.shape)
+                if dim is not None and shape:
+                    del shape[dim]
+                if shape:
+                    return int(shape[0])
+        return batch_size_of(batch)
 
     def __repr__(self) -> str:
         return f"ensemble({getattr(self.step, '__name__', self.step)!s}, n={self.n}, in_dims={self.in_dims!r})"

@@ -26,6 +26,7 @@ from . import data as _data
 from . import distributed as _dist
 from ._types import Batch, Metrics, StepFn
 from .callbacks import EarlyStopping, StopTraining, Timer
+from .ensemble import EnsembleStep
 from .state import TrainState
 from .summary import Logger, MetricBuffer, ProgressBar, Writer, ensemble_members, flat_metrics, scalar_metric, unique_names
 from .transforms.donate import is_donated
@@ -214,6 +215,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     sums: list[torch.Tensor] = []
     count = 0
     members = ensemble_members(state)
+    # per-member batches (fnlit.ensemble(..., in_dims=0)) count examples past their member dimension
+    examples = eval_step.examples if isinstance(eval_step, EnsembleStep) else _data.batch_size_of
 
     def value(k: str, v: Any) -> torch.Tensor:  # an ensemble's metric has one value per member: "<name>/<member>"
         if members and isinstance(v, torch.Tensor) and v.shape == (members,):
@@ -228,7 +231,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                 raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
             if any(isinstance(v, Mapping) for v in metrics.values()):  # {"parts": {"ce": ..}} is logged as "parts/ce"
                 metrics = flat_metrics(metrics)
-            size = _data.batch_size_of(batch) if counts else 0
+            size = examples(batch) if counts else 0
             if not names:
                 names, names_set = list(metrics), set(metrics)
                 sums = [value(k, metrics[k]) * size if counts else torch.zeros_like(value(k, metrics[k])) for k in names]

@@ -286,6 +286,26 @@ def test_evaluate_reports_each_members_metric_as_its_own_evaluation_does():
         assert got[f"loss/{i}"] == pytest.approx(fnlit.evaluate(ev, unstack_state(states, i), data)["loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("in_dims", [0, (0, 0), (0, None)])
+def test_evaluate_weights_per_member_batches_by_their_examples(in_dims):
+    # Batches stacked over the members (in_dims=0: leaves (n, B, ...)) were weighted by n, so a last batch of 2
+    # examples counted as much as one of 16. Reference: the mean over all 18 examples of each member, by hand.
+    model = mlp()
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": nn.functional.cross_entropy(m(b[0]), b[1])})
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 18, 8, generator=g), torch.randint(0, 4, (2, 18), generator=g)
+    if in_dims == (0, None):  # labels shared by the members
+        y = y[:1].expand(2, 18)
+        data = [(x[:, :16], y[0, :16]), (x[:, 16:], y[0, 16:])]
+    else:
+        data = [(x[:, :16], y[:, :16]), (x[:, 16:], y[:, 16:])]
+    got = fnlit.evaluate(ensemble(ev, 2, in_dims=in_dims), states, data)
+    for i in range(2):
+        logits, _ = fnlit.apply(model, unstack_state(states, i).params, {}, x[i], train=False)
+        assert got[f"loss/{i}"] == pytest.approx(nn.functional.cross_entropy(logits, y[i]).item(), rel=1e-5)
+
+
 class _Ema(nn.Module):  # a buffer updated in place by the forward, unknown to fnlit beforehand
     def __init__(self):
         super().__init__()
