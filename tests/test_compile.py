@@ -490,3 +490,25 @@ def test_a_graph_compiled_later_that_draws_random_numbers_is_seeded_from_the_key
         assert torch.equal(got["loss"], want["loss"])
     assert torch.equal(torch.random.get_rng_state(), generator)
     assert compiled.compiles == 2
+
+
+_LOSSES: list = []
+
+
+def test_a_step_changing_a_list_outside_it_is_refused_not_replayed(model):
+    # Dynamo replays such a change after each call from what it saw while capturing: eagerly the list below ends
+    # with 6 entries (3 losses, 3 markers); compiled it kept 2, the latest loss and the last marker.
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, batch):
+        new, metrics = hand_step(model)(state, batch)
+        _LOSSES.append(metrics["loss"])
+        return new, metrics
+
+    _LOSSES.clear()
+    for _ in range(3):
+        step(state, batch())
+        _LOSSES.append("marker")
+    assert len(_LOSSES) == 6  # the eager reference
+    with pytest.raises(CaptureError, match=r"(?s)changes Python objects that live outside it \(.*_LOSSES\).*return the value in the metrics"):
+        fnlit_compile(step, mode="eager")(state, batch())

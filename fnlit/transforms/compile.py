@@ -102,6 +102,31 @@ _RECOMPILES = (
 )
 
 
+_SIDE_EFFECTS = (
+    "fnlit.compile could not capture the step: it changes Python objects that live outside it ({sources}): a "
+    "list it appends to, a dict or attribute it sets. A captured graph cannot do that on every call; dynamo "
+    "would replay the change from what the capture saw (a list appended to would keep only the latest entry, "
+    "dropping what else was appended to it since).\n"
+    "Fix: return the value in the metrics (the training loop collects them), or keep that code out of the step."
+)
+
+
+def _replayed_side_effects() -> list[str]:
+    """The objects outside the step that the graph being compiled changes (dynamo replays those changes after
+    each call), as dynamo names them; [] when that cannot be read (private API). Not fnlit's own: the module's
+    tensors swapped in and out by ``torch.func.functional_call`` and the frame stack, both left as found."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        refs = InstructionTranslator.current_tx().output.get_replayed_side_effect_source_refs()
+    except Exception:  # noqa: BLE001 - dynamo internals of another version: skip the check
+        return []
+    refs = [r for r in refs if not r.endswith(("._parameters", "._buffers", "_frame']._TRACED"))]
+    # dynamo's names for readers: G['__import_a_dot_b'].x is a.b.x, G['x'] and L['x'] are x
+    refs = [re.sub(r"G\['__import_(\w+?)'\]", lambda m: m.group(1).replace("_dot_", "."), r) for r in refs]
+    return [re.sub(r"[GL]\['([^']+)'\]", r"\1", r) for r in refs]
+
+
 _PATHS = sysconfig.get_paths()
 _STDLIB = tuple({_PATHS["stdlib"], _PATHS["platstdlib"]})
 _INSTALLED = tuple({_PATHS["purelib"], _PATHS["platlib"]})
@@ -323,6 +348,9 @@ class CompiledStep:
     def _backend(self, options: dict[str, Any], eager: bool) -> Callable[..., Any]:
         def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
             uses_rng = _check_graph(gm)
+            changed = _replayed_side_effects()
+            if changed:
+                raise CaptureError(_SIDE_EFFECTS.format(sources=", ".join(changed[:4])))
             self.compiles += 1
             if eager:
                 run = gm.forward
