@@ -295,6 +295,12 @@ def test_a_transform_around_a_compiled_step_is_refused(model):
     for outer in (lambda s: fnlit.accumulate(s, 2), lambda s: fnlit.amp(s, torch.bfloat16)):
         with pytest.raises(ValueError, match=r"compile must be the outermost transform.*fnlit.compile\(fnlit.accumulate"):
             outer(fnlit_compile(hand_step(model), mode="eager"))(state, batch())
+    # fnlit.ensemble's vmap: it failed with "torch.compile could not trace it (no source line recorded)"
+    from fnlit.ensemble import ensemble, ensemble_states
+
+    states = ensemble_states(lambda: model, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"runs under torch.func.*fnlit.compile\(fnlit.ensemble\(step, n\)\)"):
+        ensemble(fnlit_compile(hand_step(model), mode="eager"), 2)(states, batch())
 
 
 def test_capture_error_of_a_logging_call_names_the_steps_line_not_the_standard_librarys(model):

@@ -445,6 +445,8 @@ class CompiledStep:
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if _current_frame() is not None:
             raise ValueError(_OUTSIDE)
+        if torch._C._functorch.maybe_current_level() is not None:  # fnlit.ensemble's (or another) vmap around it
+            raise ValueError(_OUTSIDE_VMAP)
         check_not_donated(state)
         self._ran = False
         try:
@@ -525,6 +527,13 @@ _OUTSIDE = (
     "fnlit.compile must be the outermost transform: a transform around a compiled step (fnlit.accumulate, "
     "fnlit.amp, fnlit.data_parallel, ...) cannot reach inside its graph, which would apply every micro-batch's "
     "update or run in float32. Put the transforms inside: fnlit.compile(fnlit.accumulate(fnlit.amp(step), k))."
+)
+
+
+_OUTSIDE_VMAP = (
+    "fnlit.compile must be the outermost transform, but this compiled step runs under torch.func (fnlit.ensemble's "
+    "vmap, or another vmap or grad), which cannot trace into its graph. Compile the ensemble instead: "
+    "fnlit.compile(fnlit.ensemble(step, n)), or fnlit.ensemble(step, n, compile=True)."
 )
 
 
