@@ -316,6 +316,13 @@ class EnsembleStep:
                 f"shape ({self.n},)), got state.step of shape {tuple(state.step.shape)} instead. Build it with "
                 "fnlit.stack_states([...]) or fnlit.ensemble_states(...)."
             )
+        frame = _current_frame()
+        if frame is not None and frame.accum_k > 1 and 0 in self._member_dims(batch):
+            raise ValueError(
+                f"fnlit.accumulate around fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) splits the batch along "
+                "dimension 0, which holds the members here, not the examples. Put accumulate inside: "
+                f"fnlit.ensemble(fnlit.accumulate(step, k), n, in_dims={self.in_dims!r}) (each member splits its own batch)."
+            )
         if self.in_dims == 0:  # every batch leaf is stacked over the members
             for leaf in _tree.tree_leaves(batch):
                 if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != self.n):
@@ -323,7 +330,6 @@ class EnsembleStep:
                         f"fnlit.ensemble(step, n={self.n}, in_dims=0) expected every tensor of the batch stacked over "
                         f"the {self.n} members (leading dimension {self.n}), got one of shape {tuple(leaf.shape)}."
                     )
-        frame = _current_frame()
         if frame is not None and frame.scaler is not None:
             raise ValueError(
                 "float16 fnlit.amp with fnlit.ensemble needs each member's own loss scale, but a transform around the "
@@ -335,6 +341,12 @@ class EnsembleStep:
         with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):
             return self.vmapped(state, batch)
 
+    def _member_dims(self, batch: Batch) -> list[int | None]:
+        """For each tensor leaf of ``batch`` (torch's pytree order), the dimension holding the members (None: shared)."""
+        leaves, spec = torch_pytree.tree_flatten(batch)
+        dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec) or [None] * len(leaves)
+        return [d for leaf, d in zip(leaves, dims) if isinstance(leaf, torch.Tensor)]
+
     def examples(self, batch: Batch) -> int:
         """How many examples ``batch`` holds for each member (what :func:`fnlit.evaluate` weights it by): along
         the first dimension of a tensor after its member dimension (``in_dims``) is taken out.
@@ -344,15 +356,13 @@ class EnsembleStep:
             >>> estep.examples((torch.zeros(4, 16, 3), torch.zeros(4, 16)))
             16
         """
-        leaves, spec = torch_pytree.tree_flatten(batch)
-        dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec)
-        for leaf, dim in zip(leaves, dims or [None] * len(leaves)):
-            if isinstance(leaf, torch.Tensor):
-                shape = list(leaf.shape)
-                if dim is not None and shape:
-                    del shape[dim]
-                if shape:
-                    return int(shape[0])
+        tensors = [t for t in torch_pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+        for leaf, dim in zip(tensors, self._member_dims(batch)):
+            shape = list(leaf.shape)
+            if dim is not None and shape:
+                del shape[dim]
+            if shape:
+                return int(shape[0])
         return batch_size_of(batch)
 
     def __repr__(self) -> str:

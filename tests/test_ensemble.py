@@ -306,6 +306,21 @@ def test_evaluate_weights_per_member_batches_by_their_examples(in_dims):
         assert got[f"loss/{i}"] == pytest.approx(nn.functional.cross_entropy(logits, y[i]).item(), rel=1e-5)
 
 
+def test_accumulate_around_an_ensemble_of_per_member_batches_says_to_put_it_inside():
+    # accumulate split dimension 0, the members: the error blamed the user's (4, 16, 8) batch as (2, 16, 8).
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1, 2, 3])
+    xs = torch.stack([batch(seed=i)[0] for i in range(4)])
+    ys = torch.stack([batch(seed=i)[1] for i in range(4)])
+    with pytest.raises(ValueError, match=r"splits the batch along dimension 0, which holds the members.*Put accumulate inside"):
+        fnlit.accumulate(ensemble(hand_step(mlp()), 4, in_dims=0), 2)(states, (xs, ys))
+    # the order it gives works: each member as its own accumulate run on its own batch (the reference)
+    step = fnlit.accumulate(hand_step(mlp()), 2)
+    got, _ = ensemble(step, 4, in_dims=0)(states, (xs, ys))
+    for i in range(4):
+        alone, _ = step(unstack_state(states, i), (xs[i], ys[i]))
+        assert_trees_close(unstack_state(got, i).params, alone.params)
+
+
 class _Ema(nn.Module):  # a buffer updated in place by the forward, unknown to fnlit beforehand
     def __init__(self):
         super().__init__()
