@@ -612,3 +612,28 @@ def test_scale_by_adam_on_a_complex_gradient_uses_its_squared_modulus():
 def test_decay_mask_given_a_module_says_what_to_pass():
     with pytest.raises(TypeError, match="decay_mask expected the params .* got a module"):
         fo.decay_mask(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: fo.sgd(0.1), lambda: fo.adamw(0.1), lambda: fo.chain(fo.add_decayed_weights(0.1), fo.scale_by_learning_rate(0.1))],
+    ids=["sgd", "adamw", "chain"],
+)
+def test_editing_a_states_hyperparams_never_changes_an_earlier_state(make):
+    # The docstrings say the rate "can be changed there": successive states shared one dict, so an edit of the
+    # new state's also changed the old one's. Reference: the old state's values as they were before the edit.
+    tx = make()
+    params = {"w": torch.ones(3)}
+    s0 = tx.init(params)
+    p1, s1 = fo.step(tx, {"w": torch.ones(3)}, s0, params)
+    before = [dict(d) for d in _hyper_dicts(s0)]
+    for d in _hyper_dicts(s1):
+        for k in d:
+            d[k] = torch.tensor(0.5)
+    assert [dict(d) for d in _hyper_dicts(s0)] == before
+    assert all(v.item() == 0.5 for d in _hyper_dicts(s1) for v in d.values())
+
+
+def _hyper_dicts(state):
+    states = state if isinstance(state, tuple) and not hasattr(state, "_fields") else (state,)
+    return [s.hyperparams for s in states if hasattr(s, "hyperparams")]

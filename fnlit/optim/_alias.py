@@ -176,8 +176,9 @@ def _optimizer(
             ))
         else:
             new_p, new_bufs = impl(g, p, [b[0] for b in bufs], count, lr, wd, params) if p else ([], [[] for _ in bufs])
-        if schedule is not None:
-            hyper = {**hyper, "learning_rate": lr}
+        # A new dict each update (a schedule's rate written in): an edit of a state's hyperparams changes that
+        # state and its successors, never an earlier state (as optax's inject_hyperparams)
+        hyper = {**hyper, "learning_rate": lr} if schedule is not None else dict(hyper)
         fields = {f: tree_unflatten(treedef, b) for f, b in zip(buffers, new_bufs)}
         return tree_unflatten(treedef, new_p), state._replace(count=count, hyperparams=hyper, **fields)
 

@@ -251,7 +251,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     """Multiplies the updates by ``-learning_rate`` (a float or a schedule of the update count).
 
     A float rate is stored as a tensor in ``state.hyperparams["learning_rate"]`` and can be changed
-    there; for a schedule, that field holds the rate of the most recent update.
+    there (each update copies the dict: an edit changes that state and the ones after it, never an earlier
+    one); for a schedule, that field holds the rate of the most recent update.
 
     Raises:
         TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule; at ``init`` if the
@@ -279,9 +280,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     def update(
         updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None
     ) -> tuple[PyTree, ScaleByLearningRateState]:
-        hyper = state.hyperparams
+        hyper = dict(state.hyperparams)  # a new dict each update: editing it never changes an earlier state
         if callable(learning_rate):
-            hyper = {**hyper, "learning_rate": learning_rate(state.count).to(torch.float32)}
+            hyper["learning_rate"] = learning_rate(state.count).to(torch.float32)
         factor = sign * hyper["learning_rate"]
         return tree_map(lambda u: u * factor, updates), ScaleByLearningRateState(state.count + 1, hyper)
 
@@ -407,7 +408,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
                 "tx.update(grads, state, params) (fnlit.optim.step does)."
             )
         wd = state.hyperparams["weight_decay"]
-        return tree_map(lambda u, p: u + wd * p, updates, params), state
+        return tree_map(lambda u, p: u + wd * p, updates, params), AddDecayedWeightsState(dict(state.hyperparams))
 
     return GradientTransformation(init, update)
 
