@@ -172,6 +172,21 @@ def test_donating_a_chain_whose_optimizer_is_not_last_is_bitwise_the_pure_step(m
         torch.testing.assert_close(got.params["3.weight"], state.params["3.weight"] - 0.05 * grads["3.weight"])
 
 
+def test_a_donated_step_whose_gradients_the_optimizer_refuses_leaves_the_state_usable(model):
+    # float64 gradients for float32 params: the fused kernel refused them after the params had been recorded as
+    # updated in place, so the intact state was poisoned. Reference: a copy of the state taken before.
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    before = clone_tree(state)
+
+    def step(state, b):
+        (loss, _), grads = grads_of(model, state, b)
+        return state.apply_gradients({k: g.double() for k, g in grads.items()}), {"loss": loss}
+
+    with pytest.raises(ValueError, match="gradients of the params' dtypes"):
+        fnlit.donating(step)(state, batch())
+    assert_trees_equal(state, before)  # readable: not poisoned, and unchanged
+
+
 # -- the returned state must not alias what was updated in place --------------------------------------------
 _KEEPS = {
     "the tensor": lambda w: w,

@@ -637,3 +637,17 @@ def test_editing_a_states_hyperparams_never_changes_an_earlier_state(make):
 def _hyper_dicts(state):
     states = state if isinstance(state, tuple) and not hasattr(state, "_fields") else (state,)
     return [s.hyperparams for s in states if hasattr(s, "hyperparams")]
+
+
+@pytest.mark.parametrize("make", [lambda: fo.sgd(0.1, momentum=0.9), lambda: fo.adamw(0.1)], ids=["sgd", "adamw"])
+def test_gradients_of_another_dtype_than_the_params_are_refused_naming_the_leaf(make):
+    # The fused kernels refused them naming no parameter (and under fnlit.donating left the intact state poisoned);
+    # the per-leaf path turned the float32 params into float64 ones.
+    from fnlit.optim._base import functional_path
+
+    tx = make()
+    params = {"a": {"w": torch.ones(2)}, "b": torch.ones(3)}
+    grads = {"a": {"w": torch.ones(2, dtype=torch.float64)}, "b": torch.ones(3)}
+    for path in (lambda: __import__("contextlib").nullcontext(), functional_path):
+        with path(), pytest.raises(ValueError, match=r"gradients of the params' dtypes, but a\['w'\] has a torch.float64 gradient"):
+            fo.step(tx, grads, tx.init(params), params)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import tree_flatten, tree_map, tree_unflatten
+from ..tree import tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
     GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, donated_update, own, own_scaled,
     raise_shape_mismatch, resolve_mask, use_functional,
@@ -159,9 +159,14 @@ def _optimizer(
             _raise_mismatch(name, ref, grads)
         if treedef != ref_def:
             _raise_mismatch(name, ref, params, what="params")
-        for x, q in zip(g, p):  # the fused kernels do not check: a smaller gradient would be read past its end
+        for i, (x, q) in enumerate(zip(g, p)):  # the fused kernels do not check: a smaller gradient would be read past its end
             if x.shape != q.shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
+            if x.dtype != q.dtype:  # (the fused kernels refuse it naming no parameter; the per-leaf math would promote the params)
+                raise ValueError(
+                    f"{name}.update expected gradients of the params' dtypes, but {tree_paths(params)[i]} has a {x.dtype} "
+                    f"gradient for a {q.dtype} parameter. Differentiate state.params themselves, or cast: g.to(p.dtype)."
+                )
         hyper = state.hyperparams
         lr = schedule(state.count).to(torch.float32) if schedule is not None else hyper["learning_rate"]
         wd = hyper["weight_decay"] if decays else None
