@@ -41,6 +41,7 @@ from ._types import Batch, Metrics, Params, StepFn
 from .data import batch_size_of
 from .functional import value_and_grad
 from .optim import GradientTransformation
+from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD
 from .transforms._frame import current as _current_frame
 from .optim import step as _opt_step
 from .state import TrainState
@@ -465,5 +466,8 @@ def per_example_grads(
         >>> losses.tolist(), grads["w"].tolist()
         ([1.0, 4.0], [[2.0, 0.0], [0.0, 8.0]])
     """
+    frame = _current_frame()  # (value_and_grad refuses these too, eagerly; this check also runs while compiling)
+    if frame is not None and (frame.shard_group is not None or frame.scaler is not None):
+        raise ValueError(_PER_EXAMPLE_SHARD if frame.shard_group is not None else _PER_EXAMPLE_FP16)
     fn = value_and_grad(loss_fn, has_aux=has_aux)
     return torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batch, mlp
+from helpers import assert_trees_close, batch, mlp
 
 import fnlit
 from fnlit.ensemble import per_example_grads
@@ -128,6 +128,44 @@ def test_per_example_grads_under_float16_amp_is_refused_and_bfloat16_runs():
 
     with pytest.raises(ValueError, match=r"Per-example gradients .*cannot run under fnlit.amp\(dtype=torch.float16\)"):
         fnlit.amp(hand_dp_step, dtype=torch.float16)(state, batch(n=8))
+
+    def closure_dp_step(state, batch):  # the examples reach value_and_grad through a closure, not as arguments
+        def one(x, y):
+            return fnlit.value_and_grad(lambda p: loss_of(model)(p, (x, y)))(state.params)
+
+        losses, grads = torch.func.vmap(one)(*batch)
+        return state.apply_gradients(grads), {"loss": losses.mean()}
+
+    with pytest.raises(ValueError, match=r"Per-example gradients .*cannot run under fnlit.amp\(dtype=torch.float16\)"):
+        fnlit.amp(closure_dp_step, dtype=torch.float16)(state, batch(n=8))
+    # compiled, where value_and_grad cannot see the vmap's level: per_example_grads refuses it itself
+    with pytest.raises(ValueError, match=r"Per-example gradients .*cannot run under fnlit.amp\(dtype=torch.float16\)"):
+        fnlit.compile(fnlit.amp(dp_step, dtype=torch.float16), mode="eager")(state, batch(n=8))
+
+
+def test_an_input_gradient_penalty_in_a_float16_ensemble_of_per_member_batches_is_not_refused():
+    # An R1-style penalty differentiates the loss with respect to the batch input, which fnlit.ensemble's vmap
+    # batches (in_dims=0): that is not a per-example vmap of the step's own. Reference: member 0 trained alone.
+    from fnlit.ensemble import ensemble, ensemble_states, unstack_state
+
+    model = mlp()
+
+    def r1_step(state, b):
+        x, y = b
+
+        def loss_fn(params):
+            data_loss = lambda xx: F.cross_entropy(fnlit.apply(model, params, {}, xx)[0], y)  # noqa: E731
+            loss, gx = fnlit.value_and_grad(data_loss)(x)
+            return loss + 0.1 * (gx**2).sum()
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    x, y = batch(n=8)
+    states = ensemble_states(mlp, sgd(0.1), seeds=[0, 1], loss_scale="dynamic")
+    got, _ = ensemble(fnlit.amp(r1_step, torch.float16), 2, in_dims=0)(states, (torch.stack([x, x]), torch.stack([y, y])))
+    alone, _ = fnlit.amp(r1_step, torch.float16)(unstack_state(states, 0), (x, y))
+    assert_trees_close(unstack_state(got, 0).params, alone.params, rtol=1e-3, atol=1e-4)
 
 
 def test_dp_noise_uses_every_bit_of_its_key():

@@ -147,12 +147,14 @@ class Frame:
         level = _level()
         if level is None or (self.level is not None and level <= self.level):
             return
-        batched = torch._C._functorch.is_batchedtensor
-        if not any(isinstance(t, torch.Tensor) and batched(t) for t in _tree.tree_leaves(args)):
-            return  # a torch.func.grad of the step's own, not a vmap
-        if self.shard_group is not None:
-            raise ValueError(_PER_EXAMPLE_SHARD)
-        raise ValueError(_PER_EXAMPLE_FP16)
+        if any(isinstance(t, torch.Tensor) and self._batched_deeper(t) for t in _tree.tree_leaves(args)):
+            raise ValueError(_PER_EXAMPLE_SHARD if self.shard_group is not None else _PER_EXAMPLE_FP16)
+        # else a torch.func.grad of the step's own (a gradient penalty), or an input batched by fnlit.ensemble's vmap
+
+    def _batched_deeper(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is batched by a vmap inside the level amp or shard joined at (fnlit.ensemble's is not)."""
+        functorch = torch._C._functorch
+        return functorch.is_batchedtensor(t) and functorch.maybe_get_level(t) > (-1 if self.level is None else self.level)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss backpropagated under float16 amp: ``loss * scale``, and under accumulate
@@ -184,6 +186,8 @@ class Frame:
             # large) and has no batching rule. The same arithmetic out of place; under vmap each member gets
             # its own overflow flag.
             bad = torch.stack([~torch.isfinite(g.detach()).all() for g in grads]).any().float()
+            if not torch.compiler.is_compiling() and self._batched_deeper(bad):  # per-example gradients (a vmap of the step's own, data in a closure)
+                raise ValueError(_PER_EXAMPLE_FP16)
             self.found_inf = torch.maximum(self.found_inf, bad)
             grads[:] = [(g * inv_scale).to(g.dtype) for g in grads]  # a 0-d half gradient stays half, as in place
         else:

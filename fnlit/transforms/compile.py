@@ -103,28 +103,41 @@ _RECOMPILES = (
 
 
 _SIDE_EFFECTS = (
-    "fnlit.compile could not capture the step: it changes Python objects that live outside it ({sources}): a "
-    "list it appends to, a dict or attribute it sets. A captured graph cannot do that on every call; dynamo "
-    "would replay the change from what the capture saw (a list appended to would keep only the latest entry, "
-    "dropping what else was appended to it since).\n"
+    "fnlit.compile could not capture the step: it changes a list that lives outside it ({sources}), appending "
+    "to it or removing from it. A captured graph cannot do that on every call; dynamo would replay the change "
+    "from what the capture saw (a list appended to would keep only the latest entry, dropping what else was "
+    "appended to it since).\n"
     "Fix: return the value in the metrics (the training loop collects them), or keep that code out of the step."
 )
 
 
 def _replayed_side_effects() -> list[str]:
-    """The objects outside the step that the graph being compiled changes (dynamo replays those changes after
-    each call), as dynamo names them; [] when that cannot be read (private API). Not fnlit's own: the module's
-    tensors swapped in and out by ``torch.func.functional_call`` and the frame stack, both left as found."""
+    """The lists that live outside the step and that the graph being compiled changes (append, extend, pop...),
+    as dynamo names them; [] when that cannot be read (private API). Dynamo replays such a change after each
+    call as "the contents it saw while capturing, changed", which fnlit's dropped guards on globals let go
+    stale. Attribute stores (spectral norm's weight, a cache, the training flags fnlit.apply sets and
+    restores) and dict entries are replayed with each call's values and stay allowed; fnlit's own frame
+    stack (pushed and popped within the step) is not the step's.
+    """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables.base import ValueMutationExisting
+        from torch._dynamo.variables.lists import ListVariable
 
-        refs = InstructionTranslator.current_tx().output.get_replayed_side_effect_source_refs()
+        changed = [
+            v for v in InstructionTranslator.current_tx().output.side_effects._get_modified_vars()
+            if type(v) is ListVariable and isinstance(getattr(v, "mutation_type", None), ValueMutationExisting)
+        ]
+        names = []
+        for v in changed:
+            name = v.source.name if v.source is not None else "<a list>"
+            names.append(name() if callable(name) else name)
     except Exception:  # noqa: BLE001 - dynamo internals of another version: skip the check
         return []
-    refs = [r for r in refs if not r.endswith(("._parameters", "._buffers", "_frame']._TRACED"))]
+    names = [n for n in names if not n.endswith("_frame']._TRACED")]
     # dynamo's names for readers: G['__import_a_dot_b'].x is a.b.x, G['x'] and L['x'] are x
-    refs = [re.sub(r"G\['__import_(\w+?)'\]", lambda m: m.group(1).replace("_dot_", "."), r) for r in refs]
-    return [re.sub(r"[GL]\['([^']+)'\]", r"\1", r) for r in refs]
+    names = [re.sub(r"G\['__import_(\w+?)'\]", lambda m: m.group(1).replace("_dot_", "."), n) for n in names]
+    return [re.sub(r"[GL]\['([^']+)'\]", r"\1", n) for n in names]
 
 
 _PATHS = sysconfig.get_paths()
