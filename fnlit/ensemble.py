@@ -346,7 +346,7 @@ class EnsembleStep:
         """For each tensor leaf of ``batch`` (torch's pytree order), the dimension holding the members (None: shared)."""
         leaves, spec = torch_pytree.tree_flatten(batch)
         dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec) or [None] * len(leaves)
-        return [d for leaf, d in zip(leaves, dims) if isinstance(leaf, torch.Tensor)]
+        return [d % t.dim() if d is not None and t.dim() else d for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor)]
 
     def examples(self, batch: Batch) -> int:
         """How many examples ``batch`` holds for each member (what :func:`fnlit.evaluate` weights it by): along
@@ -357,14 +357,17 @@ class EnsembleStep:
             >>> estep.examples((torch.zeros(4, 16, 3), torch.zeros(4, 16)))
             16
         """
+        if self.in_dims is None:  # one batch for all members: counted as any batch is
+            return batch_size_of(batch)
         tensors = [t for t in torch_pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-        for leaf, dim in zip(tensors, self._member_dims(batch)):
+        dims = self._member_dims(batch)
+        for leaf, dim in zip(tensors, dims):
             shape = list(leaf.shape)
             if dim is not None and shape:
                 del shape[dim]
             if shape:
                 return int(shape[0])
-        return batch_size_of(batch)
+        return 1 if any(d is not None for d in dims) else batch_size_of(batch)  # (n,) leaves: one example a member
 
     def __repr__(self) -> str:
         return f"ensemble({getattr(self.step, '__name__', self.step)!s}, n={self.n}, in_dims={self.in_dims!r})"

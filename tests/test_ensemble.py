@@ -306,6 +306,16 @@ def test_evaluate_weights_per_member_batches_by_their_examples(in_dims):
         assert got[f"loss/{i}"] == pytest.approx(nn.functional.cross_entropy(logits, y[i]).item(), rel=1e-5)
 
 
+def test_ensemble_counts_the_examples_of_a_batch_past_its_member_dimension():
+    from fnlit.data import batch_size_of
+
+    step = hand_step(mlp())
+    assert ensemble(step, 2, in_dims=(-3, -2)).examples((torch.zeros(2, 16, 8), torch.zeros(2, 16))) == 16
+    assert ensemble(step, 2, in_dims=0).examples((torch.zeros(2),)) == 1  # one value a member: one example each
+    shared = {"y": torch.zeros(16), "meta": torch.zeros(7)}
+    assert ensemble(step, 2).examples(shared) == batch_size_of(shared)  # one batch for all: counted as any batch
+
+
 def test_accumulate_around_an_ensemble_of_per_member_batches_says_to_put_it_inside():
     # accumulate split dimension 0, the members: the error blamed the user's (4, 16, 8) batch as (2, 16, 8).
     states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1, 2, 3])

@@ -588,3 +588,5 @@ def test_accumulate_splits_user_dict_batches():
     assert torch.equal(m_got["loss"], m_want["loss"])
     with pytest.raises(ValueError, match=r"leaf x of 16 examples into 3 equal"):
         fnlit.accumulate(step, 3)(state, Encoding({"x": x, "y": y}, "n"))
+    with pytest.raises(ValueError, match=r"leaf enc\['x'\] of 16 examples into 3 equal"):  # the path from the top, as a dict's
+        fnlit.accumulate(step, 3)(state, {"enc": Encoding({"x": x, "y": y}, "n")})

@@ -26,7 +26,7 @@ import torch
 
 from ..tree import tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, donated_update, own, own_scaled,
+    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, donated_update, own, own_scaled,
     raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
@@ -195,9 +195,11 @@ def _optimizer(
                     f"Pass them: tx.update(grads, state, params), or use fnlit.optim.step."
                 )
             params = tree_map(torch.zeros_like, grads)  # from 0, new params are exactly the updates
-        # Never in place (fnlit.donating): the update is the new params minus these, which must stay as they were.
-        with donated_update(False):
+        if _DONATED.get() is None:
             new_params, new_state = step(grads, state, params)
+        else:  # never in place (fnlit.donating): the update is the new params minus these, which must stay as they were
+            with donated_update(False):
+                new_params, new_state = step(grads, state, params)
         return tree_map(torch.sub, new_params, params), new_state
 
     return GradientTransformation(init, update, step)

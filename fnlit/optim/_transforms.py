@@ -251,8 +251,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     """Multiplies the updates by ``-learning_rate`` (a float or a schedule of the update count).
 
     A float rate is stored as a tensor in ``state.hyperparams["learning_rate"]`` and can be changed
-    there (each update copies the dict: an edit changes that state and the ones after it, never an earlier
-    one); for a schedule, that field holds the rate of the most recent update.
+    there by assigning a new tensor (each update copies the dict, so that changes the state and the ones
+    after it, never an earlier one; an in-place edit of the tensor itself would reach every state holding
+    it); for a schedule, that field holds the rate of the most recent update.
 
     Raises:
         TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule; at ``init`` if the

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
 __all__ = ["accumulate", "split_batch"]
 
 
+class _Indivisible(ValueError):
+    """A batch leaf (at ``path``) whose ``n`` examples do not split into ``k`` micro-batches."""
+
+    def __init__(self, k: int, path: str, n: int) -> None:
+        self.k, self.path, self.n = k, path, n
+        super().__init__(
+            f"accumulate(step, k={k}) cannot split batch leaf {path} of {n} examples into {k} equal "
+            f"micro-batches. Use a batch size divisible by {k} (e.g. {max(k, n - n % k)}), or drop_last=True "
+            "in the DataLoader."
+        )
+
+
 def split_batch(batch: Batch, k: int) -> list[Batch]:
     """Splits every tensor leaf of ``batch`` along dim 0 into ``k`` equal views (other leaves are shared).
 
@@ -41,16 +53,16 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     chunks: list[Any] = []
     for j, leaf in enumerate(leaves):
         if isinstance(leaf, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding): split its values
-            chunks.append([_with_data(leaf, part) for part in split_batch(dict(leaf.data), k)])
+            try:
+                chunks.append([_with_data(leaf, part) for part in split_batch(dict(leaf.data), k)])
+            except _Indivisible as e:  # named from the batch's top: the path to the UserDict, then inside it
+                outer = _tree.tree_paths(batch)[j]
+                head, bracket, rest = e.path.partition("[")
+                raise _Indivisible(k, f"{outer}[{head!r}]{bracket}{rest}" if outer != "<root>" else e.path, e.n) from None
         elif isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             n = leaf.shape[0]
             if n % k:
-                path = _tree.tree_paths(batch)[j]
-                raise ValueError(
-                    f"accumulate(step, k={k}) cannot split batch leaf {path} of {n} examples into {k} equal "
-                    f"micro-batches. Use a batch size divisible by {k} (e.g. {max(k, n - n % k)}), or drop_last=True "
-                    "in the DataLoader."
-                )
+                raise _Indivisible(k, _tree.tree_paths(batch)[j], n)
             chunks.append(torch.tensor_split(leaf, k))
         else:
             chunks.append([leaf] * k)
