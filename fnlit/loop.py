@@ -28,7 +28,9 @@ from ._types import Batch, Metrics, StepFn
 from .callbacks import EarlyStopping, StopTraining, Timer
 from .ensemble import EnsembleStep
 from .state import TrainState
-from .summary import Logger, MetricBuffer, ProgressBar, Writer, ensemble_members, flat_metrics, scalar_metric, unique_names
+from .summary import (
+    Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, scalar_metric, unique_names,
+)
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -234,6 +236,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
             size = examples(batch) if counts else 0
             if not names:
                 names, names_set = list(metrics), set(metrics)
+                for k in names:
+                    check_metric_name(k, "the eval step")
                 sums = [value(k, metrics[k]) * size if counts else torch.zeros_like(value(k, metrics[k])) for k in names]
             else:
                 if metrics.keys() != names_set:

@@ -298,7 +298,7 @@ class CSVWriter:
     def _read_earlier(self) -> None:
         """Reads the rows an earlier run left in the file (see the class docstring)."""
         try:
-            f = open(self.path, newline="")
+            f = open(self.path, newline="", encoding="utf-8")
         except FileNotFoundError:
             return
         with f:
@@ -376,7 +376,7 @@ class CSVWriter:
         if self._file is not None:
             self._file.close()
         tmp = self.path + ".tmp"  # written aside, then renamed over the file: never half a file
-        self._file = open(tmp, "w", newline="")
+        self._file = open(tmp, "w", newline="", encoding="utf-8")
         w = csv.DictWriter(self._file, self.columns)
         w.writeheader()
         w.writerows(cells for _, cells in self._earlier)
@@ -646,6 +646,12 @@ def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
+def check_metric_name(name: Any, who: str) -> None:
+    """Raises a TypeError unless ``name`` (a metric's) is a string."""
+    if not isinstance(name, str):
+        raise TypeError(f"{who} returned a metric named {name!r}; metric names must be strings.")
+
+
 def ensemble_members(state: Any) -> int | None:
     """The number of members of an ensemble's stacked state (its step has one entry each), else None."""
     step = getattr(state, "step", None)
@@ -706,8 +712,7 @@ class MetricBuffer:
 
     def claim(self, names: Iterable[str], who: str) -> None:
         for name in names:
-            if not isinstance(name, str):
-                raise TypeError(f"{who} returned a metric named {name!r}; metric names must be strings.")
+            check_metric_name(name, who)
             if self.owner.setdefault(name, who) != who:
                 raise ValueError(
                     f"metric name collision: {name!r} comes from both {self.owner[name]} and {who}. Rename one of them "
@@ -732,6 +737,7 @@ class MetricBuffer:
                 )
             members = ensemble_members(state)
             for k in keys:
+                check_metric_name(k, "the training step")  # (before it is prefixed)
                 vals = [m[k] for m in pending]
                 if members and all(isinstance(v, torch.Tensor) and v.shape == (members,) for v in vals):
                     for name, t in _per_member(self.prefixes[0] + k, torch.stack(vals).float().mean(0)):

@@ -227,7 +227,20 @@ def register_dataclass(cls: type[T], data_fields: Sequence[str], meta_fields: Se
         >>> tree_map(lambda v: v * 2, Point(1.5, "q")), tree_leaves(Point(1.5))
         (Point(x=3.0, name='q'), [1.5])
     """
+    if not dataclasses.is_dataclass(cls):  # checked before registering anything
+        raise TypeError(f"register_dataclass expected a dataclass, got {cls!r} instead.")
     data_fields, meta_fields = tuple(data_fields), tuple(meta_fields)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if sorted(data_fields + meta_fields) != sorted(fields):  # a field in neither would come back as its default
+        missing = [f for f in fields if f not in data_fields + meta_fields]
+        extra = [f for f in data_fields + meta_fields if f not in fields]
+        twice = sorted({f for f in data_fields + meta_fields if (data_fields + meta_fields).count(f) > 1})
+        raise ValueError(
+            f"register_dataclass({cls.__qualname__}) expected every field in data_fields or meta_fields, once: "
+            + "; ".join(x for x in (f"missing {missing}" if missing else "", f"not fields {extra}" if extra else "",
+                                    f"listed twice {twice}" if twice else "") if x)
+            + f" (the fields: {fields})."
+        )
 
     def flatten(obj: T) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
         return tuple(getattr(obj, f) for f in data_fields), tuple(getattr(obj, f) for f in meta_fields), data_fields
@@ -265,6 +278,4 @@ def register_dataclass(cls: type[T], data_fields: Sequence[str], meta_fields: Se
         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
         flatten_with_keys_fn=t_flatten_with_keys,
     )
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"register_dataclass expected a dataclass, got {cls!r} instead.")
     return cls

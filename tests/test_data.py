@@ -321,3 +321,15 @@ def test_user_dict_batches_are_weighted_and_moved_as_dicts():
     moved = device_mover(torch.device("meta"))((batches[0], 1))
     assert type(moved[0]) is Encoding and moved[0].note == "a" and moved[0]["x"].device.type == "meta" and moved[1] == 1
     assert batches[0]["x"].device.type == "cpu"  # the original is left alone
+
+
+def test_plain_iteration_over_a_shuffled_array_loader_draws_a_new_order_each_time():
+    # A hand-written loop (`for epoch ...: for batch in loader`) saw the same order every epoch, where
+    # DataLoader(shuffle=True) reshuffles each iteration. Reference: the documented order, randperm seeded with
+    # seed * 1_000_003 + epoch.
+    loader = ArrayLoader(torch.arange(10), batch_size=10)
+    orders = [next(iter(loader)).tolist() for _ in range(3)]
+    want = [torch.randperm(10, generator=torch.Generator().manual_seed(e)).tolist() for e in range(3)]
+    assert orders == want
+    loader.set_epoch(1)  # chosen: the next iteration is that epoch, the one after moves on
+    assert [next(iter(loader)).tolist() for _ in range(2)] == want[1:3]

@@ -803,3 +803,14 @@ def test_a_one_shot_iterator_continued_by_a_second_fit_loses_no_batch():
     state = fit(c.step, make_state(), data, max_steps=3, progress=False)
     fit(c.step, state, data, max_steps=6, progress=False)
     assert c.train == [[0], [1], [2], [3], [4], [5]]
+
+
+def test_a_metric_name_that_is_not_a_string_gets_a_clear_error():
+    # It failed concatenating the "train/" prefix: "can only concatenate str (not "int") to str".
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {0: torch.as_tensor(batch).float().mean()}
+
+    with pytest.raises(TypeError, match=r"the training step returned a metric named 0; metric names must be strings"):
+        fit(step, make_state(), list(range(3)), max_steps=3, progress=False, log_every_n_steps=1)
+    with pytest.raises(TypeError, match=r"the eval step returned a metric named \('loss', 'x'\); metric names must be strings"):
+        evaluate(lambda s, b: {("loss", "x"): torch.tensor(1.0)}, make_state(), [torch.zeros(2)])

@@ -255,3 +255,32 @@ def test_a_later_forward_that_skips_the_batchnorm_keeps_the_dropped_statistics_w
 
     with pytest.warns(UserWarning, match=r"apply_gradients got no buffers=.*bn.running_mean"):
         step(state, x)
+
+
+def test_register_dataclass_refuses_a_field_in_neither_list_and_registers_nothing_on_error():
+    # A field listed nowhere came back as its class default after any tree_map; a non-dataclass was refused only
+    # after it had been registered (optree then traversed it).
+    import dataclasses
+
+    import optree
+
+    from fnlit.tree import register_dataclass, tree_map
+
+    @dataclasses.dataclass
+    class Cfg:
+        w: torch.Tensor
+        lr: float = 0.1
+
+    with pytest.raises(ValueError, match=r"every field in data_fields or meta_fields.*missing \['lr'\]"):
+        register_dataclass(Cfg, data_fields=["w"])
+    register_dataclass(Cfg, data_fields=["w"], meta_fields=["lr"])
+    assert tree_map(lambda t: t * 2, Cfg(torch.ones(1), lr=0.5)).lr == 0.5
+
+    class NotDC:
+        def __init__(self, t):
+            self.t = t
+
+    obj = NotDC(torch.ones(1))
+    with pytest.raises(TypeError, match="expected a dataclass"):
+        register_dataclass(NotDC, data_fields=["t"])
+    assert optree.tree_leaves(obj) == [obj]  # still a leaf: nothing was registered

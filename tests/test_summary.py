@@ -519,3 +519,19 @@ def test_a_fit_after_a_resumed_one_without_ckpt_path_purges_nothing(tmp_path):
         counting_fit(tmp_path / "u3", loggers=[w], checkpoint=ckpts)  # a fresh run: appends
     w.close()
     assert len(before) > 0 and (tmp_path / "log" / "metrics.jsonl").read_text() == before * 2  # the same run again
+
+
+def test_csv_writer_writes_utf8_whatever_the_locale(tmp_path):
+    # open() without an encoding used the locale's: a non-ASCII metric name crashed on an ASCII (POSIX) locale.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import fnlit.summary as s, sys; w = s.CSVWriter(sys.argv[1]); "
+        "w.log_metrics({'val/\\u51c6\\u786e\\u7387': 0.5}, step=1); w.close()"  # (escaped: argv is ASCII here)
+    )
+    path = tmp_path / "metrics.csv"
+    env = {**os.environ, "LC_ALL": "POSIX", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, capture_output=True, timeout=120)
+    assert path.read_text(encoding="utf-8").splitlines() == ["step,val/\u51c6\u786e\u7387", "1,0.5"]
