@@ -501,6 +501,32 @@ def test_a_graph_compiled_later_that_draws_random_numbers_is_seeded_from_the_key
 _LOSSES: list = []
 
 
+_COUNT = 0
+
+
+@pytest.mark.parametrize("kind", ["deque", "global counter", "dict log"])
+def test_a_step_changing_other_containers_or_a_global_number_outside_it_is_refused(model, kind):
+    # Each was replayed from its capture: a deque kept one entry, the counter stayed at 1, the dict one key.
+    import collections
+
+    window, log = collections.deque(maxlen=10), {}
+
+    def step(state, batch):
+        global _COUNT
+        new, metrics = hand_step(model)(state, batch)
+        if kind == "deque":
+            window.append(metrics["loss"])
+        elif kind == "global counter":
+            _COUNT += 1
+        else:
+            log[len(log)] = metrics["loss"]
+        return new, metrics
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(CaptureError, match=r"changes Python objects that live outside it"):
+        fnlit_compile(step, mode="eager")(state, batch())
+
+
 def test_a_step_changing_a_list_outside_it_is_refused_not_replayed(model):
     # Dynamo replays such a change after each call from what it saw while capturing: eagerly the list below ends
     # with 6 entries (3 losses, 3 markers); compiled it kept 2, the latest loss and the last marker.
@@ -516,7 +542,7 @@ def test_a_step_changing_a_list_outside_it_is_refused_not_replayed(model):
         step(state, batch())
         _LOSSES.append("marker")
     assert len(_LOSSES) == 6  # the eager reference
-    with pytest.raises(CaptureError, match=r"(?s)changes a list that lives outside it \(.*_LOSSES\).*return the value in the metrics"):
+    with pytest.raises(CaptureError, match=r"(?s)changes Python objects that live outside it \(.*_LOSSES\).*return the value in the metrics"):
         fnlit_compile(step, mode="eager")(state, batch())
 
 
@@ -528,6 +554,7 @@ class _Cached(torch.nn.Module):  # keeps its last hidden activation on an attrib
 
     def forward(self, x):
         self.last = torch.relu(self.lin(x))
+        self.rows = x.shape[0]  # a Python number set from the input, not counted up
         return self.out(self.last)
 
 

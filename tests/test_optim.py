@@ -651,3 +651,9 @@ def test_gradients_of_another_dtype_than_the_params_are_refused_naming_the_leaf(
     for path in (lambda: __import__("contextlib").nullcontext(), functional_path):
         with path(), pytest.raises(ValueError, match=r"gradients of the params' dtypes, but a\['w'\] has a torch.float64 gradient"):
             fo.step(tx, grads, tx.init(params), params)
+        # narrower gradients (bfloat16, compressed) are cast up: the same update as the float32 values of them
+        narrow = {"a": {"w": torch.full((2,), 0.3).bfloat16()}, "b": torch.ones(3)}
+        with path():
+            got, _ = fo.step(tx, narrow, tx.init(params), params)
+            want, _ = fo.step(tx, tree_map(lambda g: g.float(), narrow), tx.init(params), params)
+        assert got["a"]["w"].dtype == torch.float32 and torch.equal(got["a"]["w"], want["a"]["w"])

@@ -590,3 +590,7 @@ def test_accumulate_splits_user_dict_batches():
         fnlit.accumulate(step, 3)(state, Encoding({"x": x, "y": y}, "n"))
     with pytest.raises(ValueError, match=r"leaf enc\['x'\] of 16 examples into 3 equal"):  # the path from the top, as a dict's
         fnlit.accumulate(step, 3)(state, {"enc": Encoding({"x": x, "y": y}, "n")})
+    from fnlit.transforms.accumulate import split_batch
+
+    with pytest.raises(ValueError, match=r"leaf enc\[0\] of 16 examples"):  # a key that is not a string
+        split_batch({"enc": Encoding({0: x}, "n")}, 3)

@@ -162,11 +162,14 @@ def _optimizer(
         for i, (x, q) in enumerate(zip(g, p)):  # the fused kernels do not check: a smaller gradient would be read past its end
             if x.shape != q.shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
-            if x.dtype != q.dtype:  # (the fused kernels refuse it naming no parameter; the per-leaf math would promote the params)
-                raise ValueError(
-                    f"{name}.update expected gradients of the params' dtypes, but {tree_paths(params)[i]} has a {x.dtype} "
-                    f"gradient for a {q.dtype} parameter. Differentiate state.params themselves, or cast: g.to(p.dtype)."
-                )
+            if x.dtype != q.dtype:
+                if torch.promote_types(x.dtype, q.dtype) != q.dtype:  # (the per-leaf math would promote the params)
+                    raise ValueError(
+                        f"{name}.update expected gradients of the params' dtypes, but {tree_paths(params)[i]} has a "
+                        f"{x.dtype} gradient for a {q.dtype} parameter. Differentiate state.params themselves, or cast: "
+                        "g.to(p.dtype)."
+                    )
+                g[i] = x.to(q.dtype)  # a narrower gradient (bfloat16 for float32 params): the fused kernels take one dtype
         hyper = state.hyperparams
         lr = schedule(state.count).to(torch.float32) if schedule is not None else hyper["learning_rate"]
         wd = hyper["weight_decay"] if decays else None

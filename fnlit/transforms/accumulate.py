@@ -57,8 +57,9 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
                 chunks.append([_with_data(leaf, part) for part in split_batch(dict(leaf.data), k)])
             except _Indivisible as e:  # named from the batch's top: the path to the UserDict, then inside it
                 outer = _tree.tree_paths(batch)[j]
-                head, bracket, rest = e.path.partition("[")
-                raise _Indivisible(k, f"{outer}[{head!r}]{bracket}{rest}" if outer != "<root>" else e.path, e.n) from None
+                head, bracket, rest = e.path.partition("[")  # the UserDict's own key first: "x" or "[0]"
+                inner = f"[{head!r}]{bracket}{rest}" if head else e.path
+                raise _Indivisible(k, f"{outer}{inner}" if outer != "<root>" else e.path, e.n) from None
         elif isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             n = leaf.shape[0]
             if n % k:
