@@ -146,7 +146,7 @@ def _replayed_side_effects() -> list[str]:
             stores = side_effects.store_attr_mutations.get(var, {})
             if isinstance(kind, AttributeMutationExisting) and stores:
                 if type(var).__name__ not in _GLOBALS or all(map(_replays_fresh, stores.values())):
-                    continue  # an object's attributes (a global's number, a counter, is not: it would stay at 1)
+                    continue  # an object's attributes; not a global's number (a counter would stay at its first value)
             if type(var) is ConstDictVariable and isinstance(original, dict) and _dict_replays_fresh(var, original):
                 continue
             stale.append(name)
@@ -166,6 +166,7 @@ def _replays_fresh(value: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether two Python values are the same value (of one type), without raising."""
     try:
         return a is b or (type(a) is type(b) and bool(a == b))
     except Exception:  # noqa: BLE001
@@ -173,11 +174,13 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _dict_replays_fresh(var: Any, original: dict[Any, Any]) -> bool:
-    """A dict the step changed: the same keys as before the step, and every changed value a tensor."""
+    """A dict the step changed: the same keys as before the step, each value a tensor or the one it had."""
     items = {k.vt.as_python_constant(): v for k, v in var.items.items()}
     if items.keys() != original.keys():
         return False
-    return all(_replays_fresh(v) or (v.is_python_constant() and _same(original[k], v.as_python_constant())) for k, v in items.items())
+    return all(
+        _replays_fresh(v) or (v.is_python_constant() and _same(original[k], v.as_python_constant())) for k, v in items.items()
+    )
 
 
 _PATHS = sysconfig.get_paths()
