@@ -43,8 +43,8 @@ class ArrayLoader:
             slices (a single tensor gives a single tensor, not a 1-tuple). Numpy arrays are taken as
             tensors (``torch.as_tensor``, without a copy).
         batch_size: examples per batch.
-        shuffle: draw a new order every epoch (a pure function of ``(seed, epoch)``; plain iteration moves
-            to the next epoch each time, :meth:`set_epoch` picks one).
+        shuffle: draw a new order every epoch (a pure function of ``(seed, epoch)``; plain iteration uses the
+            epoch given to :meth:`set_epoch`, so a hand-written loop calls it each epoch).
         drop_last: drop the last, smaller batch of each epoch.
 
     Raises:
@@ -78,7 +78,6 @@ class ArrayLoader:
         self.drop_last = drop_last
         self.seed = 0
         self.epoch = 0
-        self._iterated = False  # whether plain iteration has used self.epoch (the next one moves on)
 
     @property
     def num_examples(self) -> int:
@@ -158,18 +157,16 @@ class ArrayLoader:
         return most // b if self.drop_last else -(-most // b)
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
-        """Sets the epoch (and seed) that the next plain iteration (``for batch in loader``) uses."""
+        """Sets the epoch (and seed) that plain iteration (``for batch in loader``) uses."""
         self.epoch = epoch
         if seed is not None:
             self.seed = seed
-        self._iterated = False
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
-        """One epoch's batches. Each plain iteration is the next epoch (a new order with ``shuffle``, as a
-        ``DataLoader(shuffle=True)`` reshuffles every iteration), unless :meth:`set_epoch` chose one since."""
-        if self._iterated:
-            self.epoch += 1
-        self._iterated = True
+        """The batches of the epoch last set with :meth:`set_epoch` (0 until then): every plain iteration
+        gives the same order until the epoch changes, as with ``DistributedSampler``. A hand-written loop
+        calls ``loader.set_epoch(epoch)`` at the start of each epoch (:func:`fnlit.fit` asks for each
+        epoch's batches itself, and evaluation sees one fixed order)."""
         return self.batches(self.epoch, self.seed)
 
     def __repr__(self) -> str:

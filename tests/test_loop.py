@@ -814,3 +814,12 @@ def test_a_metric_name_that_is_not_a_string_gets_a_clear_error():
         fit(step, make_state(), list(range(3)), max_steps=3, progress=False, log_every_n_steps=1)
     with pytest.raises(TypeError, match=r"the eval step returned a metric named \('loss', 'x'\); metric names must be strings"):
         evaluate(lambda s, b: {("loss", "x"): torch.tensor(1.0)}, make_state(), [torch.zeros(2)])
+
+
+def test_evaluating_a_shuffled_array_loader_twice_sees_the_same_batches():
+    # Validation must not move the loader to another order (each validation would score other examples, and a
+    # resumed run's would differ from the uninterrupted run's). Reference: the first batch of epoch 0's order.
+    loader = ArrayLoader(torch.arange(10.0), batch_size=2)  # shuffle=True by default
+    first = torch.arange(10.0)[torch.randperm(10, generator=torch.Generator().manual_seed(0))[:2]].mean().item()
+    for _ in range(3):
+        assert evaluate(lambda s, b: {"m": b.mean()}, make_state(), loader, limit_batches=1)["m"] == pytest.approx(first)
