@@ -657,3 +657,8 @@ def test_gradients_of_another_dtype_than_the_params_are_refused_naming_the_leaf(
             got, _ = fo.step(tx, narrow, tx.init(params), params)
             want, _ = fo.step(tx, tree_map(lambda g: g.float(), narrow), tx.init(params), params)
         assert got["a"]["w"].dtype == torch.float32 and torch.equal(got["a"]["w"], want["a"]["w"])
+    # not cast: a real gradient for a complex parameter (the imaginary part would be taken as 0), an integer one
+    complex_params = {"a": {"w": torch.ones(2, dtype=torch.complex64)}, "b": torch.ones(3)}
+    for bad in (torch.ones(2), torch.ones(2, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"gradients of the params' dtypes"):
+            fo.step(tx, {"a": {"w": bad}, "b": torch.ones(3)}, tx.init(complex_params), complex_params)

@@ -163,7 +163,9 @@ def _optimizer(
             if x.shape != q.shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
             if x.dtype != q.dtype:
-                if torch.promote_types(x.dtype, q.dtype) != q.dtype:  # (the per-leaf math would promote the params)
+                if torch.promote_types(x.dtype, q.dtype) != q.dtype or x.dtype.is_complex != q.dtype.is_complex or not (
+                    x.is_floating_point() or x.is_complex()
+                ):  # (the per-leaf math would promote the params; a real gradient for a complex one drops a part)
                     raise ValueError(
                         f"{name}.update expected gradients of the params' dtypes, but {tree_paths(params)[i]} has a "
                         f"{x.dtype} gradient for a {q.dtype} parameter. Differentiate state.params themselves, or cast: "

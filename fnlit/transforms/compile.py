@@ -103,84 +103,50 @@ _RECOMPILES = (
 
 
 _SIDE_EFFECTS = (
-    "fnlit.compile could not capture the step: it changes Python objects that live outside it ({sources}): a "
-    "list or deque it appends to, a global number it counts up, a dict it adds keys to. A captured graph cannot "
-    "do that on every call; dynamo would replay the change from what the capture saw (a list would keep only "
-    "the latest entry, dropping what else was appended since; a counter would stay at 1).\n"
+    "fnlit.compile could not capture the step: it changes a list that lives outside it ({sources}), appending "
+    "to it or removing from it (a deque or list subclass too). A captured graph cannot do that on every call; "
+    "dynamo would replay the change from what the capture saw (the list would keep only the latest entry, "
+    "dropping what else was appended to it since).\n"
     "Fix: return the value in the metrics (the training loop collects them), or keep that code out of the step."
 )
 
 
 def _replayed_side_effects() -> list[str]:
-    """The objects outside the step whose changes by the graph being compiled would be replayed stale, as dynamo
-    names them; [] when that cannot be read (private API of torch.compile).
+    """The lists outside the step that the graph being compiled changes (any change: append, extend, pop,
+    clear, item assignment; deques and list subclasses too), as dynamo names them; [] when that cannot be read
+    (private API of torch.compile).
 
-    Dynamo replays a change to an object that lives outside the step after each call, from what it saw while
-    capturing; fnlit drops its guards on globals (for speed), so what the capture saw can go stale: a list
-    appended to keeps only the latest entry, a counter stops at 1. Allowed, because they replay each call's
-    values: attributes of objects (a cache and its length, spectral norm's hook, the training flags fnlit.apply
-    sets and restores; a counter attribute, ``self.n += 1``, is replayed from its capture too, which this cannot
-    tell from a cache's length), dict entries set to tensors or back to what they were under the keys the dict
-    had. fnlit's own changes (the module's tensors swapped by torch.func.functional_call, its frame stack) are
+    Dynamo replays a change to a list that lives outside the step after each call as "the contents it saw
+    while capturing, changed", and fnlit drops its guards on globals (for speed), so those contents go stale:
+    a list appended to keeps only the latest entry, dropping what other code appended since. Other changes
+    are left to dynamo: attributes set on objects and dict entries are replayed with each call's values (a
+    cache, spectral norm's hook, the training flags fnlit.apply sets and restores, torch's own module-level
+    state); a counter kept there (``self.n += 1``, a global) is replayed from its capture and stays at its
+    first value, which cannot be told apart from those here (see :func:`compile`). fnlit's own frame stack is
     left out.
     """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         from torch._dynamo.variables.base import AttributeMutationExisting, ValueMutationExisting
-        from torch._dynamo.variables.dicts import ConstDictVariable
 
         side_effects = InstructionTranslator.current_tx().output.side_effects
-        originals = {id(o): o for o in side_effects.keepalive}
-        stale = []
-        for key, var in side_effects.id_to_variable.items():
-            if not side_effects.is_modified(var):
-                continue
-            kind = getattr(var, "mutation_type", None)
-            if not isinstance(kind, (AttributeMutationExisting, ValueMutationExisting)):
-                continue  # an object created inside the step
-            name = var.source.name if var.source is not None else "<an object>"
-            name = name() if callable(name) else name
-            if name.endswith(("._parameters", "._buffers", "_frame']._TRACED")):
-                continue
-            original = originals.get(key)
-            stores = side_effects.store_attr_mutations.get(var, {})
-            if isinstance(kind, AttributeMutationExisting) and stores:
-                if type(var).__name__ not in _GLOBALS or all(map(_replays_fresh, stores.values())):
-                    continue  # an object's attributes; not a global's number (a counter would stay at its first value)
-            if type(var) is ConstDictVariable and isinstance(original, dict) and _dict_replays_fresh(var, original):
-                continue
-            stale.append(name)
+        names = []
+        for var in side_effects._get_modified_vars():
+            if type(var).__name__ not in _LISTS or not isinstance(
+                getattr(var, "mutation_type", None), (AttributeMutationExisting, ValueMutationExisting)
+            ):
+                continue  # not a list, or one created inside the step
+            name = var.source.name if var.source is not None else "<a list>"
+            names.append(name() if callable(name) else name)
     except Exception:  # noqa: BLE001 - dynamo internals of another version: skip the check
         return []
+    names = [n for n in names if not n.endswith("_frame']._TRACED")]
     # dynamo's names for readers: G['__import_a_dot_b'].x is a.b.x, G['x'] and L['x'] are x
-    stale = [re.sub(r"G\['__import_(\w+?)'\]", lambda m: m.group(1).replace("_dot_", "."), n) for n in stale]
-    return [re.sub(r"[GL]\['([^']+)'\]", r"\1", n) for n in stale]
+    names = [re.sub(r"G\['__import_(\w+?)'\]", lambda m: m.group(1).replace("_dot_", "."), n) for n in names]
+    return [re.sub(r"[GL]\['([^']+)'\]", r"\1", n) for n in names]
 
 
-_GLOBALS = ("NewGlobalVariable", "PythonModuleVariable")  # dynamo's trackers of a module's globals
-
-
-def _replays_fresh(value: Any) -> bool:
-    """Whether a value the step stores outside itself is the graph's own output (a tensor: fresh every call)."""
-    return type(value).__name__ == "TensorVariable"
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two Python values are the same value (of one type), without raising."""
-    try:
-        return a is b or (type(a) is type(b) and bool(a == b))
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _dict_replays_fresh(var: Any, original: dict[Any, Any]) -> bool:
-    """A dict the step changed: the same keys as before the step, each value a tensor or the one it had."""
-    items = {k.vt.as_python_constant(): v for k, v in var.items.items()}
-    if items.keys() != original.keys():
-        return False
-    return all(
-        _replays_fresh(v) or (v.is_python_constant() and _same(original[k], v.as_python_constant())) for k, v in items.items()
-    )
+_LISTS = ("ListVariable", "DequeVariable", "UserDefinedListVariable")  # dynamo's trackers of lists and deques
 
 
 _PATHS = sysconfig.get_paths()
@@ -629,11 +595,11 @@ def compile(
     0-d tensor for a value that changes). A batch dict in another key order is another structure.
     As with ``jax.jit``, the Python the step reads is fixed at the first call: the module's structure
     and its submodules' training flags (``model[2] = new_head`` or ``model[1].eval()`` afterwards is not
-    seen by the compiled step; compile the changed step anew), closures and globals. A step that changes
-    Python objects outside itself (appends to a list or deque, counts up a global, adds dict keys) raises
-    :class:`CaptureError`: such a change would be replayed from the capture. Attributes it sets on objects are
-    replayed with each call's values, so a counter kept as an attribute (``self.n += 1``) stays at its first
-    value: return such values as metrics instead.
+    seen by the compiled step; compile the changed step anew), closures and globals. A step that changes a
+    list outside itself (appends to a list or deque) raises :class:`CaptureError`: the change would be
+    replayed from the capture. Attributes it sets on objects and dict entries are replayed with each call's
+    values, so a counter kept there (``self.n += 1``, a global, ``d["n"] += 1``) stays at its first value:
+    return such values as metrics instead.
 
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
