@@ -4,6 +4,7 @@ Compiling costs ~10-30 s per graph on a small CPU, so the compiled steps are bui
 and shared; capture-error tests use mode="eager" (dynamo's capture and our checks, no inductor).
 """
 
+import collections
 import contextlib
 import inspect
 
@@ -506,12 +507,14 @@ class _History(list):  # a list subclass
     pass
 
 
-@pytest.mark.parametrize("kind", ["deque", "list subclass"])
+class _Window(collections.deque):  # a deque subclass (it failed with a NameError from dynamo's replay)
+    pass
+
+
+@pytest.mark.parametrize("kind", ["deque", "list subclass", "deque subclass"])
 def test_a_step_changing_a_deque_or_list_subclass_outside_it_is_refused(model, kind):
     # Each was replayed from its capture: it kept one entry, dropping what other code appended.
-    import collections
-
-    kept = collections.deque(maxlen=10) if kind == "deque" else _History()
+    kept = {"deque": collections.deque(maxlen=10), "list subclass": _History(), "deque subclass": _Window()}[kind]
 
     def step(state, batch):
         new, metrics = hand_step(model)(state, batch)

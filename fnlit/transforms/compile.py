@@ -103,11 +103,12 @@ _RECOMPILES = (
 
 
 _SIDE_EFFECTS = (
-    "fnlit.compile could not capture the step: it changes a list that lives outside it ({sources}), appending "
-    "to it or removing from it (a deque or list subclass too). A captured graph cannot do that on every call; "
+    "fnlit.compile could not capture the step: it changes a list that lives outside it ({sources}) (a deque or "
+    "list subclass too). A captured graph cannot do that on every call; "
     "dynamo would replay the change from what the capture saw (the list would keep only the latest entry, "
     "dropping what else was appended to it since).\n"
-    "Fix: return the value in the metrics (the training loop collects them), or keep that code out of the step."
+    "Fix: return the value in the metrics (the training loop collects them), or keep that code out of the step "
+    "(a module's auxiliary losses: return them from its forward)."
 )
 
 
@@ -121,9 +122,9 @@ def _replayed_side_effects() -> list[str]:
     a list appended to keeps only the latest entry, dropping what other code appended since. Other changes
     are left to dynamo: attributes set on objects and dict entries are replayed with each call's values (a
     cache, spectral norm's hook, the training flags fnlit.apply sets and restores, torch's own module-level
-    state); a counter kept there (``self.n += 1``, a global) is replayed from its capture and stays at its
-    first value, which cannot be told apart from those here (see :func:`compile`). fnlit's own frame stack is
-    left out.
+    state); a counter kept there (``self.n += 1``, a global) or a dict given a new key each call is replayed
+    from its capture, which cannot be told apart from those here (see :func:`compile`). fnlit's own frame stack
+    is left out.
     """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -146,7 +147,8 @@ def _replayed_side_effects() -> list[str]:
     return [re.sub(r"[GL]\['([^']+)'\]", r"\1", n) for n in names]
 
 
-_LISTS = ("ListVariable", "DequeVariable", "UserDefinedListVariable")  # dynamo's trackers of lists and deques
+# dynamo's trackers of lists and deques (and of their subclasses)
+_LISTS = ("ListVariable", "DequeVariable", "UserDefinedListVariable", "UserDefinedDequeVariable")
 
 
 _PATHS = sysconfig.get_paths()
@@ -598,8 +600,9 @@ def compile(
     seen by the compiled step; compile the changed step anew), closures and globals. A step that changes a
     list outside itself (appends to a list or deque) raises :class:`CaptureError`: the change would be
     replayed from the capture. Attributes it sets on objects and dict entries are replayed with each call's
-    values, so a counter kept there (``self.n += 1``, a global, ``d["n"] += 1``) stays at its first value:
-    return such values as metrics instead.
+    values but from the capture's keys and arithmetic, so a counter kept there (``self.n += 1``, a global,
+    ``d["n"] += 1``) stays at its first value and a dict given a new key each call (``d[len(d)] = loss``) keeps
+    only the first: return such values as metrics instead.
 
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
