@@ -522,7 +522,9 @@ def test_a_step_changing_a_deque_or_list_subclass_outside_it_is_refused(model, k
         return new, metrics
 
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-    with pytest.raises(CaptureError, match=r"changes a list that lives outside it"):
+    # (torch 2.13's dynamo cannot trace a deque subclass's append at all: refused as untraceable there)
+    refused = r"changes a list that lives outside it" + (r"|could not trace it" if kind == "deque subclass" else "")
+    with pytest.raises(CaptureError, match=refused):
         fnlit_compile(step, mode="eager")(state, batch())
 
 
