@@ -201,6 +201,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop: int | None, sequential: bool) -> Iterator[Batch]:
     """Batches ``start..stop`` of ``epoch``: ArrayLoader starts there; other iterables skip by iterating.
 
+    Other data is told the epoch first where it can be: a DataLoader's samplers (``set_epoch`` or, for the
+    random ones, a generator seeded from ``(seed, epoch)``), or the data's own ``set_epoch(epoch)`` (a wrapper
+    around an ArrayLoader that forwards it reshuffles each epoch, as the loader itself does).
+
     Example:
         >>> loader = ArrayLoader(torch.arange(6), batch_size=2, shuffle=False)
         >>> [b.tolist() for b in epoch_batches(loader, epoch=0, seed=0, start=1, stop=None, sequential=False)]
@@ -212,7 +216,9 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
     if isinstance(data, ArrayLoader):
         it = data.batches(epoch, seed, start, shuffle=False if sequential else None)
         return it if stop is None else itertools.islice(it, max(0, stop - start))
-    if isinstance(data, DataLoader):
+    if not isinstance(data, DataLoader) and callable(getattr(data, "set_epoch", None)):
+        data.set_epoch(order_epoch)  # a wrapper that forwards it (around an ArrayLoader), or a dataset's own
+    elif isinstance(data, DataLoader):
         for sampler in _samplers(data):
             if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler, or one's own (as Lightning does)
                 sampler.set_epoch(order_epoch)

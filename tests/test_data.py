@@ -333,3 +333,30 @@ def test_plain_iteration_over_a_shuffled_array_loader_follows_set_epoch():
     for epoch in range(3):
         loader.set_epoch(epoch)
         assert next(iter(loader)).tolist() == want[epoch]
+
+
+def test_fit_tells_a_wrapper_around_an_array_loader_the_epoch_through_its_set_epoch():
+    # A class wrapping an ArrayLoader (to augment or move batches) was iterated plainly: the same order every epoch.
+    # Reference: the documented order of each epoch, randperm seeded with 0 * 1_000_003 + epoch.
+    class Wrapped:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            return (b * 1 for b in self.loader)
+
+        def set_epoch(self, epoch):
+            self.loader.set_epoch(epoch)
+
+    seen = []
+
+    def step(state, batch):
+        seen.append(batch.tolist())
+        return state.replace(step=state.step + 1), {"loss": batch.float().mean()}
+
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    fnlit.fit(step, state, Wrapped(ArrayLoader(torch.arange(6), batch_size=6)), max_epochs=2, progress=False)
+    assert seen == [torch.randperm(6, generator=torch.Generator().manual_seed(e)).tolist() for e in range(2)]
