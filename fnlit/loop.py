@@ -475,7 +475,9 @@ def fit(
             ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (its sampler, or
             its batch sampler's: one with ``set_epoch``, as DistributedSampler, gets ``set_epoch(epoch)``; one
             with a ``generator`` (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) is reseeded per
-            epoch from ``seed``), or anything else (iterated as is). A sampler drawing from the global
+            epoch from ``seed``), or anything else (iterated as is, after ``set_epoch(epoch)`` where it has one:
+            a wrapper around an ArrayLoader that forwards it reshuffles per epoch, from the loader's own seed;
+            give validation a loader of its own then). A sampler drawing from the global
             generator otherwise does not repeat its order on a resume mid-epoch. Batches are moved to
             ``state.device`` (pinned, non-blocking).
         val_data, eval_step: validation data and ``(state, batch) -> metrics``, logged as ``"val/<name>"``.
