@@ -427,6 +427,7 @@ class JSONLWriter:
         path = os.fspath(path)
         self.path = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
         self._file: TextIO | None = None
+        self._closed = False
         if _dist.is_main():
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with open(self.path, "ab+") as f:
@@ -458,6 +459,8 @@ class JSONLWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _write(self, obj: Mapping[str, Any]) -> None:
+        if self._closed:  # (as the other writers: a line logged after close must not vanish without a word)
+            raise ValueError(f"JSONLWriter({self.path!r}) is closed: make a new writer to log more.")
         if self._file is not None:
             self._file.write(json.dumps(_finite_json(obj), allow_nan=False) + "\n")
             self._file.flush()
@@ -473,6 +476,7 @@ class JSONLWriter:
             self._file.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -147,12 +147,14 @@ def test_batched_writers_write_the_first_log_at_once_then_hold_rows_until_flush(
 
 def test_closed_writers_refuse_values_and_never_rewrite_their_file(tmp_path):
     tb, log = TensorBoardWriter(tmp_path, flush_secs=3600), CSVWriter(tmp_path, flush_secs=3600)
-    for w in (tb, log):
+    jsonl = JSONLWriter(tmp_path)  # it dropped lines logged after close without a word
+    for w in (tb, log, jsonl):
         w.log_metrics({"a": 1.0}, 1)
         w.close()
         w.close()  # a second close is a no-op
         with pytest.raises(ValueError, match="is closed: make a new writer"):
             w.log_metrics({"a": 2.0}, 2)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1, "a": 1.0}']
     newer = tmp_path / "metrics.csv"
     newer.write_text("step,b\n7,1.0\n")  # a later run's file in the same folder
     log.flush()
