@@ -540,7 +540,7 @@ def value_and_grad(
                 "name a different one (negative ones count from the end)."
             )
         frame = _current_frame()
-        if frame is not None and (frame.scaler is not None or frame.shard_group is not None):
+        if frame is not None and frame.shard_group is not None:
             frame.refuse_per_example(args)
         autocast = (
             torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)

@@ -128,8 +128,8 @@ class Frame:
         self.dp_bucket_bytes = 0
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
         self.known: list[torch.Tensor] = []  # scalars value_and_grad returned: reduced with the gradients
-        # The torch.func level float16 amp or shard joined the frame at (fnlit.ensemble vmaps whole steps): a
-        # value_and_grad deeper than this is under a vmap of the step's own (per-example gradients).
+        # The torch.func level float16 amp or shard joined the frame at (fnlit.ensemble vmaps whole steps): gradients
+        # batched deeper than this come from a vmap of the step's own (per-example gradients).
         self.level: int | None = None
         self.reduced: dict[int, torch.Tensor] = {}  # id(known scalar) -> its mean across ranks
         self.extra: dict[str, torch.Tensor] = {}
@@ -143,12 +143,13 @@ class Frame:
 
     # -- read by value_and_grad --------------------------------------------------------------
     def refuse_per_example(self, args: tuple[Any, ...]) -> None:
-        """Under float16 amp or shard: raises if value_and_grad runs under a vmap over the step's batch."""
+        """Under shard: raises if value_and_grad runs under a vmap over the step's batch (its arguments batched).
+        (Under float16 amp :meth:`unscale_` refuses it, whichever way the examples arrive.)"""
         level = _level()
         if level is None or (self.level is not None and level <= self.level):
             return
         if any(isinstance(t, torch.Tensor) and self._batched_deeper(t) for t in _tree.tree_leaves(args)):
-            raise ValueError(_PER_EXAMPLE_SHARD if self.shard_group is not None else _PER_EXAMPLE_FP16)
+            raise ValueError(_PER_EXAMPLE_SHARD)
         # else a torch.func.grad of the step's own (a gradient penalty), or an input batched by fnlit.ensemble's vmap
 
     def _batched_deeper(self, t: torch.Tensor) -> bool:
