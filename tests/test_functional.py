@@ -121,6 +121,63 @@ def test_dropout_is_a_pure_function_of_the_key():
     assert torch.equal(torch.get_rng_state(), outside)  # the global generator is left as it was
 
 
+def _noisy(module, args, out):  # a forward hook that draws random numbers
+    return out + torch.randn_like(out)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    ["none", "forward_hook", "pre_hook", "global_hook", "global_pre_hook", "instance_forward", "subclass"],
+)
+def test_random_free_layers_skip_seeding_but_anything_random_is_seeded(hook, monkeypatch):
+    # A tree of torch.nn's random-free layers draws nothing, so apply skips seeding it; a hook, a forward set on an
+    # instance (after the first call too) or a subclass may draw, and then the key decides every draw: the same key
+    # gives the same output whatever the global generator holds (unseeded, the two calls below would differ).
+    linear = type("Noisy", (nn.Linear,), {"forward": lambda self, x: nn.Linear.forward(self, x) + torch.rand(())})
+    model = nn.Sequential((linear if hook == "subclass" else nn.Linear)(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.randn(3, 4)
+    fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)  # slots built before the change below
+    seeds = []
+    real = fnlit.random._seed_eager
+    monkeypatch.setattr(fnlit.random, "_seed_eager", lambda k, d: seeds.append(k) or real(k, d))
+    handle = None
+    if hook == "forward_hook":
+        handle = model[1].register_forward_hook(_noisy)
+    elif hook == "pre_hook":
+        handle = model[2].register_forward_pre_hook(lambda m, args: (args[0] + torch.randn_like(args[0]),))
+    elif hook == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(_noisy)
+    elif hook == "global_pre_hook":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: (args[0] + torch.rand(()),))
+    elif hook == "instance_forward":
+        model[2].forward = lambda x: nn.Linear.forward(model[2], x) + torch.randn(())
+    try:
+        torch.manual_seed(1)
+        a, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+        torch.manual_seed(2)
+        b, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert torch.equal(a, b)
+    assert len(seeds) == (0 if hook == "none" else 2)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), lambda: mlp(dropout=0.5)])
+def test_apply_keeps_no_module_alive(make):
+    import gc
+    import weakref
+
+    model = make()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(model, state.params, state.buffers, torch.randn(3, model[0].in_features), rng=state.rng)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # fnlit's per-module cache holds it weakly
+
+
 def test_consecutive_steps_draw_different_masks():
     model = nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5))
     seen = []
