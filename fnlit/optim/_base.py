@@ -10,6 +10,7 @@ new tensors and never writes into its inputs.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -205,6 +206,7 @@ class Donation:
 
 
 _DONATED: ContextVar[Donation | None] = ContextVar("fnlit_donated", default=None)
+_NBYTES = operator.attrgetter("nbytes")
 _NOTHING_UPDATED = Donation()  # what donated_update yields while torch.compile traces (it stays empty)
 
 
@@ -304,6 +306,8 @@ class Recycler:
     def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """:func:`own` for ``tensors``: contiguous copies (or, donated, the tensors themselves)."""
         if _DONATED.get() is not None or not _storage.AVAILABLE:
+            return own(tensors)
+        if max(map(_NBYTES, tensors), default=0) < self.MIN_BYTES:  # (in C: the usual answer for a small model)
             return own(tensors)
         # Plain CPU tensors only: the CUDA caching allocator already reuses memory, and a DTensor (fnlit.shard)
         # is copied as a DTensor.
