@@ -218,6 +218,21 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
                 d[attr] = old
 
 
+def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],
+             args: tuple, kwargs: dict, rng: torch.Tensor | None) -> Any:
+    """:func:`_call_swapped`, seeded from ``rng`` unless the forward draws no random numbers (eager mode)."""
+    if rng is None or slots.draws_nothing():  # nothing to seed
+        return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
+    # What `with fnlit.random.seeded(rng, device):` does, without the object. Only a CUDA device matters (the
+    # first tensor's is_cuda is the cheap test: the params come first in `tensors`).
+    first = next(iter(tensors.values()), None)
+    saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
+    try:
+        return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
+    finally:
+        _random._restore(saved)
+
+
 def _has_dtensor(params: Params) -> bool:
     """Whether any parameter is a DTensor (fnlit.shard), without importing DTensor when nothing uses it."""
     dtensor = _dtensor_class()
@@ -291,6 +306,13 @@ def apply(
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         _check_names(module, slots, params, buffers)
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
+    if not buffers and not traced and module.training == train:
+        # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
+        if _has_dtensor(params):
+            from .transforms.shard import gather_params
+
+            params = gather_params(params)
+        return _forward(module, slots, params, (), args, kwargs, rng), {}
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
@@ -338,15 +360,8 @@ def apply(
         # Under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random).
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
-        elif rng is None or slots.draws_nothing():  # nothing to seed
-            out = _call_swapped(module, slots, tensors, reassignable, args, kwargs)
-        else:  # what `with fnlit.random.seeded(rng, device):` does, without the object
-            first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
-            saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
-            try:
-                out = _call_swapped(module, slots, tensors, reassignable, args, kwargs)
-            finally:
-                _random._restore(saved)
+        else:
+            out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
