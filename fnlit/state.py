@@ -227,10 +227,12 @@ class TrainState:
         return next(iter(self.params.values())).device
 
     def __repr__(self) -> str:
-        n = sum(p.numel() for p in self.params.values())
+        params, buffers = _tree.tree_leaves(self.params), _tree.tree_leaves(self.buffers)  # (nested trees too)
+        n = sum(p.numel() for p in params if isinstance(p, torch.Tensor))
+        step = self.step  # a 0-d tensor; (members,) under fnlit.ensemble; whatever replace(step=...) was given
         return (
-            f"TrainState(step={int(self.step) if self.step.dim() == 0 else tuple(self.step.shape)}, "
-            f"params={len(self.params)} tensors / {n} values, buffers={len(self.buffers)} tensors, "
+            f"TrainState(step={tuple(step.shape) if isinstance(step, torch.Tensor) and step.dim() else int(step)}, "
+            f"params={len(params)} tensors / {n} values, buffers={len(buffers)} tensors, "
             f"scaler={'dynamic' if self.scaler is not None else None})"
         )
 

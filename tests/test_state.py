@@ -284,3 +284,13 @@ def test_register_dataclass_refuses_a_field_in_neither_list_and_registers_nothin
     with pytest.raises(TypeError, match="expected a dataclass"):
         register_dataclass(NotDC, data_fields=["t"])
     assert optree.tree_leaves(obj) == [obj]  # still a leaf: nothing was registered
+
+
+def test_repr_never_raises_and_counts_nested_trees():
+    model = nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    assert repr(state).startswith("TrainState(step=0, params=2 tensors / 3 values, buffers=0 tensors")
+    assert "step=5," in repr(state.replace(step=5))  # an int step (it broke repr)
+    assert "step=(3,)," in repr(state.replace(step=torch.zeros(3, dtype=torch.int64)))  # an ensemble's steps
+    nested = state.replace(params={"layer": dict(state.params)}, buffers={"a": {"b": torch.zeros(4)}})
+    assert "params=2 tensors / 3 values, buffers=1 tensors" in repr(nested)
