@@ -28,27 +28,6 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 _SPECTRAL_PARAMETRIZATION = torch.nn.utils.parametrizations._SpectralNorm
 _SPECTRAL_HOOK = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # the package attribute is the function
 
-# torch.nn's layers whose forward draws no random numbers in any mode (no dropout: nn.Dropout*, RReLU, attention and
-# recurrent layers with a dropout argument are not here), each with the forward torch defines. A module tree made
-# of these alone, with no instance-level forward and no forward hooks, runs without seeding: seeding saves,
-# reseeds and restores the generators' ~5 KB of state around every forward (~3 us, several times that inside a
-# real step) for nothing. Subclasses are not in it: their forward is their own.
-_NO_RANDOM = {
-    cls: cls.forward
-    for cls in (
-        nn.Sequential, nn.Linear, nn.Bilinear, nn.Identity, nn.Flatten, nn.Unflatten,
-        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-        nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
-        nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Embedding, nn.EmbeddingBag,
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    )
-}
-_GLOBAL_HOOKS = importlib.import_module("torch.nn.modules.module")
-
 
 class _Slots:
     """Where each named tensor of a module lives: (owning dict, attribute) for every alias.
@@ -76,11 +55,6 @@ class _Slots:
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
         self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
-        # A tree of torch.nn's random-free layers (see _NO_RANDOM) needs no seeding while nothing is hooked onto
-        # it or replaces a forward: draws_nothing() checks those on every call.
-        modules = list(module.modules())
-        plain = all(type(m) in _NO_RANDOM and _NO_RANDOM[type(m)] is type(m).forward for m in modules)
-        self.plain_dicts = [m.__dict__ for m in modules] if plain else None  # not the modules: the root dies freely
         # Buffers a training forward updates in place: copied first, so the caller's never change.
         # Normalisation statistics and spectral norm's power-iteration vectors; any other buffer a forward
         # is seen updating is added on the way (apply's version check).
@@ -95,17 +69,6 @@ class _Slots:
         self.eval_probed = False
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
         self.renormed = [n for n, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
-
-    def draws_nothing(self) -> bool:
-        """Whether the module's forward draws no random numbers: torch.nn's random-free layers alone, as built,
-        with no forward hook (its own or a global one) and no forward set on an instance."""
-        dicts = self.plain_dicts
-        if dicts is None or _GLOBAL_HOOKS._global_forward_hooks or _GLOBAL_HOOKS._global_forward_pre_hooks:
-            return False
-        for d in dicts:  # each module's attributes
-            if d["_forward_hooks"] or d["_forward_pre_hooks"] or "forward" in d:
-                return False
-        return True
 
     def current(self) -> bool:
         """Whether the module tree is still the one these slots were built from (~0.05 us a submodule)."""
@@ -219,13 +182,12 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
 
 
 def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],
-             args: tuple, kwargs: dict, rng: torch.Tensor | None) -> Any:
-    """:func:`_call_swapped`, seeded from ``rng`` unless the forward draws no random numbers (eager mode)."""
-    if rng is None or slots.draws_nothing():  # nothing to seed
+             args: tuple, kwargs: dict, rng: torch.Tensor | None, params: Params) -> Any:
+    """:func:`_call_swapped`, seeded from ``rng`` (eager mode; None: unseeded)."""
+    if rng is None:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
-    # What `with fnlit.random.seeded(rng, device):` does, without the object. Only a CUDA device matters (the
-    # first tensor's is_cuda is the cheap test: the params come first in `tensors`).
-    first = next(iter(tensors.values()), None)
+    # What `with fnlit.random.seeded(rng, device):` does, without the object.
+    first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
     saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
     try:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
@@ -312,7 +274,7 @@ def apply(
             from .transforms.shard import gather_params
 
             params = gather_params(params)
-        return _forward(module, slots, params, (), args, kwargs, rng), {}
+        return _forward(module, slots, params, (), args, kwargs, rng, params), {}
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
@@ -361,7 +323,7 @@ def apply(
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         else:
-            out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
+            out = _forward(module, slots, tensors, reassignable, args, kwargs, rng, params)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:

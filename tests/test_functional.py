@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import warnings
 
@@ -121,47 +122,53 @@ def test_dropout_is_a_pure_function_of_the_key():
     assert torch.equal(torch.get_rng_state(), outside)  # the global generator is left as it was
 
 
-def _noisy(module, args, out):  # a forward hook that draws random numbers
-    return out + torch.randn_like(out)
+class _NoisyMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out + torch.randn_like(out) if func is F.linear else out
 
 
 @pytest.mark.parametrize(
-    "hook",
-    ["none", "forward_hook", "pre_hook", "global_hook", "global_pre_hook", "instance_forward", "subclass"],
+    "how",
+    ["forward_hook", "pre_hook", "global_hook", "global_pre_hook", "instance_forward", "subclass", "appended_dropout",
+     "function_mode"],
 )
-def test_random_free_layers_skip_seeding_but_anything_random_is_seeded(hook, monkeypatch):
-    # A tree of torch.nn's random-free layers draws nothing, so apply skips seeding it; a hook, a forward set on an
-    # instance (after the first call too) or a subclass may draw, and then the key decides every draw: the same key
-    # gives the same output whatever the global generator holds (unseeded, the two calls below would differ).
+def test_randomness_entering_a_plain_model_any_way_is_a_function_of_the_key(how):
+    # A model of torch.nn's random-free layers can still draw: through a hook, a forward set on an instance (after the
+    # first call too), a subclass, a Dropout appended after the first call, a torch function mode. Every draw then
+    # comes from the key: the same key gives the same output whatever the global generator holds.
     linear = type("Noisy", (nn.Linear,), {"forward": lambda self, x: nn.Linear.forward(self, x) + torch.rand(())})
-    model = nn.Sequential((linear if hook == "subclass" else nn.Linear)(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = nn.Sequential((linear if how == "subclass" else nn.Linear)(4, 4), nn.ReLU(), nn.Linear(4, 2))
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     x = torch.randn(3, 4)
-    fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)  # slots built before the change below
-    seeds = []
-    real = fnlit.random._seed_eager
-    monkeypatch.setattr(fnlit.random, "_seed_eager", lambda k, d: seeds.append(k) or real(k, d))
-    handle = None
-    if hook == "forward_hook":
-        handle = model[1].register_forward_hook(_noisy)
-    elif hook == "pre_hook":
+    fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)  # the first call, before the change below
+    handle, mode = None, contextlib.nullcontext()
+    if how == "forward_hook":
+        handle = model[1].register_forward_hook(lambda m, args, out: out + torch.randn_like(out))
+    elif how == "pre_hook":
         handle = model[2].register_forward_pre_hook(lambda m, args: (args[0] + torch.randn_like(args[0]),))
-    elif hook == "global_hook":
-        handle = torch.nn.modules.module.register_module_forward_hook(_noisy)
-    elif hook == "global_pre_hook":
+    elif how == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: out + torch.rand(()))
+    elif how == "global_pre_hook":
         handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: (args[0] + torch.rand(()),))
-    elif hook == "instance_forward":
+    elif how == "instance_forward":
         model[2].forward = lambda x: nn.Linear.forward(model[2], x) + torch.randn(())
+    elif how == "appended_dropout":
+        model.append(nn.Dropout(0.5))
+    elif how == "function_mode":
+        mode = _NoisyMode()
     try:
-        torch.manual_seed(1)
-        a, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
-        torch.manual_seed(2)
-        b, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+        with mode:
+            torch.manual_seed(1)
+            a, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+            torch.manual_seed(2)
+            b, _ = fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
+            c, _ = fnlit.apply(model, state.params, state.buffers, x, rng=fnlit.random.next_key(state.rng))
     finally:
         if handle is not None:
             handle.remove()
     assert torch.equal(a, b)
-    assert len(seeds) == (0 if hook == "none" else 2)
+    assert not torch.equal(a, c)  # (it does draw: another key, another output)
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), lambda: mlp(dropout=0.5)])
