@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -335,10 +336,11 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
 
 
 def batch_size_of(batch: Batch) -> int:
-    """The leading dimension of the batch's first tensor that has one (1 if none has).
+    """The leading dimension of the batch's first tensor that has one (1 if none has), as Lightning infers it.
 
-    0-d tensors are skipped: a scalar beside the examples (``{"scale": torch.tensor(2.0), "x": x}``, whose
-    leaves come in sorted-key order) does not make the batch count as one example.
+    Dicts are read in their own key order (Lightning's order; ``{"x": x, "y": y, "class_weight": w}`` counts ``x``'s
+    examples, not the weights'), and 0-d tensors are skipped: a scalar beside the examples does not make the batch
+    count as one example. Tensors whose leading dimensions disagree get a warning, as in Lightning (the first is used).
 
     Example:
         >>> batch_size_of((torch.zeros(8, 3), torch.zeros(8))), batch_size_of({"x": torch.zeros(())})
@@ -346,12 +348,37 @@ def batch_size_of(batch: Batch) -> int:
         >>> batch_size_of({"scale": torch.tensor(2.0), "x": torch.zeros(8, 3)})
         8
     """
-    for t in _tree.tree_leaves(batch):
-        if isinstance(t, UserDict):  # (Hugging Face's BatchEncoding): its values, as a dict's
-            t = next((v for v in _tree.tree_leaves(dict(t.data)) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    return 1
+    sizes = _leading_sizes(batch)
+    size = next(sizes, None)
+    if size is None:
+        return 1
+    other = next((n for n in sizes if n != size), None)
+    if other is not None:
+        warnings.warn(
+            f"batch_size_of: the batch's tensors have different leading dimensions ({size} and {other}); counting "
+            f"{size} examples, from its first tensor (dicts in their key order), as Lightning does. If that is not "
+            "the number of examples, put the examples' tensor first.",
+            stacklevel=2,
+        )
+    return size
+
+
+def _leading_sizes(tree: Any) -> Iterator[int]:
+    """The leading dimensions of the tensors in ``tree`` (not 0-d ones), dicts in their own key order."""
+    if isinstance(tree, torch.Tensor):
+        if tree.dim() > 0:
+            yield int(tree.shape[0])
+    elif isinstance(tree, (dict, UserDict)):  # (Hugging Face's BatchEncoding is a UserDict)
+        for v in tree.values():
+            yield from _leading_sizes(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leading_sizes(v)
+    elif tree is not None:
+        leaves = _tree.tree_leaves(tree)  # another pytree node (a registered dataclass): its leaves
+        if not (len(leaves) == 1 and leaves[0] is tree):
+            for v in leaves:
+                yield from _leading_sizes(v)
 
 
 def _with_data(mapping: UserDict, data: dict[Any, Any]) -> UserDict:

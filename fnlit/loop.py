@@ -135,6 +135,11 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         else:
             max_epochs = 1000
     validate = val_data is not None
+    if isinstance(val_data, Iterator):  # a generator: the sanity check and the first validation would use it up
+        raise TypeError(
+            f"fit got val_data as a one-shot iterator ({type(val_data).__name__}), but every validation iterates its "
+            "data from the start. Pass a list of batches, a DataLoader, or an object whose __iter__ starts over."
+        )
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
     # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.

@@ -1,5 +1,7 @@
 """ArrayLoader: deterministic per-epoch order from (seed, epoch), starts mid-epoch, shards across ranks."""
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, TensorDataset
@@ -151,6 +153,20 @@ def test_evaluate_weights_a_batch_by_its_examples_not_by_a_scalar_beside_them():
     got = fnlit.evaluate(lambda s, b: {"m": b["x"].mean()}, state, batches)
     assert got["m"] == pytest.approx(sum(range(10)) / 10)
     assert batch_size_of({"a": torch.tensor(3), "b": (torch.zeros(()), torch.zeros(7, 2))}) == 7
+
+
+def test_evaluate_counts_a_dict_batch_by_its_first_tensor_in_key_order_as_lightning():
+    """A per-class weight vector whose key sorts first ("class_weight" < "x") weighted every batch by the
+    number of classes: batches of 5, 5 and 3 examples counted 4 each. Lightning reads a dict in its own order."""
+    x = torch.arange(13.0)
+    batches = [{"x": x[i : i + 5], "y": x[i : i + 5], "class_weight": torch.ones(4)} for i in range(0, 13, 5)]
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    with pytest.warns(UserWarning, match=r"different leading dimensions \([35] and 4\); counting [35] examples"):
+        got = fnlit.evaluate(lambda s, b: {"m": b["x"].mean()}, state, batches)
+    assert got["m"] == pytest.approx(x.mean().item())  # every example once (a hand mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when the sizes agree
+        assert batch_size_of({"b": torch.zeros(3, 2), "a": [torch.zeros(3)], "s": torch.tensor(1.0)}) == 3
 
 
 def test_array_loader_takes_numpy_arrays_and_refuses_other_containers():

@@ -805,6 +805,15 @@ def test_a_one_shot_iterator_continued_by_a_second_fit_loses_no_batch():
     assert c.train == [[0], [1], [2], [3], [4], [5]]
 
 
+def test_a_one_shot_iterator_as_val_data_is_refused():
+    # The sanity check took its first batches, the first validation averaged the rest, the second found none.
+    c = Counter()
+    val = (torch.tensor([i]) for i in range(4))
+    with pytest.raises(TypeError, match=r"val_data as a one-shot iterator \(generator\).*list of batches, a DataLoader"):
+        fit(c.step, make_state(), list(range(6)), val_data=val, eval_step=c.eval_step, max_epochs=2, progress=False)
+    assert c.train == [] and c.val == []  # refused before anything ran
+
+
 def test_a_metric_name_that_is_not_a_string_gets_a_clear_error():
     # It failed concatenating the "train/" prefix: "can only concatenate str (not "int") to str".
     def step(state, batch):
