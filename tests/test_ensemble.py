@@ -313,7 +313,8 @@ def test_ensemble_counts_the_examples_of_a_batch_past_its_member_dimension():
     assert ensemble(step, 2, in_dims=(-3, -2)).examples((torch.zeros(2, 16, 8), torch.zeros(2, 16))) == 16
     assert ensemble(step, 2, in_dims=0).examples((torch.zeros(2),)) == 1  # one value a member: one example each
     shared = {"y": torch.zeros(16), "meta": torch.zeros(7)}
-    assert ensemble(step, 2).examples(shared) == batch_size_of(shared)  # one batch for all: counted as any batch
+    with pytest.warns(UserWarning, match="different leading dimensions"):  # (16 and 7: both warn)
+        assert ensemble(step, 2).examples(shared) == batch_size_of(shared) == 16  # one batch for all: as any batch
 
 
 def test_accumulate_around_an_ensemble_of_per_member_batches_says_to_put_it_inside():
