@@ -225,7 +225,8 @@ class EarlyStopping(Callback):
 class LearningRateMonitor(Callback):
     """Logs the learning rate of the last step (``fnlit.optim.learning_rate(state.opt_state)``) at log intervals.
 
-    For a schedule this is ``schedule(state.step - 1)``: the rate the latest update used.
+    For a schedule this is ``schedule(count - 1)`` of the optimizer's own update count: the rate the latest
+    applied update used (under float16 :func:`fnlit.amp` a skipped step advances ``state.step`` but not that count).
 
     Args:
         name: the logged name; default ``"lr-<Optimizer>"`` from the optimizer state's class: ``"lr-SGD"``,

@@ -437,6 +437,44 @@ def test_masked_gives_the_inner_transform_the_parameter_names():
     _close(_run_fnlit(fo.masked(inner, lambda name: True), params, seq)[0], ref)
 
 
+def test_a_mask_that_is_a_prefix_of_the_params_covers_each_subtree_as_in_optax():
+    # A mask function returning a pytree of another structure was taken for a function of names: bool() of the dict
+    # it built from a name string was True, so the frozen encoder trained too.
+    params = {"enc": {"w": torch.ones(3)}, "head": {"w": torch.ones(3), "b": torch.ones(3)}}
+    grads = {"enc": {"w": torch.ones(3)}, "head": {"w": torch.ones(3), "b": torch.ones(3)}}
+    frozen_enc = fo.chain(fo.masked(fo.sgd(0.5), {"enc": False, "head": True}), fo.masked(fo.set_to_zero(), {"enc": True, "head": False}))
+    for tx in (frozen_enc, fo.chain(fo.masked(fo.sgd(0.5), lambda p: {k: k == "head" for k in p}),
+                                    fo.masked(fo.set_to_zero(), lambda p: {k: k == "enc" for k in p}))):
+        new, _ = fo.step(tx, grads, tx.init(params), params)
+        assert new["enc"]["w"].tolist() == [1.0] * 3 and new["head"]["w"].tolist() == new["head"]["b"].tolist() == [0.5] * 3
+    flat = {"w": torch.ones(2, 2), "bias": torch.ones(2)}  # a function whose tree misses a key: an error, not "all"
+    tx = fo.adamw(0.1, weight_decay=0.5, mask=lambda p: {k: True for k in p if not k.endswith("bias")})
+    with pytest.raises(ValueError, match=r"adamw expected a mask with the structure of the params \(or a prefix of it\).*missing bias"):
+        tx.init(flat)
+
+
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.sgd(0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)),
+    (lambda: fo.adamw(0.1, weight_decay=0.5), lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.25)),
+])
+def test_a_hyperparameter_set_to_a_number_works_as_a_tensor(make, ref):
+    # optax's idiom, hyperparams["learning_rate"] = 0.01, crashed the named optimizers: 'float' has no attribute 'is_cpu'.
+    params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    grads = {"w": torch.tensor([0.5, 0.25, -1.0])}
+    tx = make()
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = 0.01
+    state.hyperparams["weight_decay"] = 0.25
+    new, _ = fo.step(tx, grads, state, params)
+    p = torch.nn.Parameter(params["w"].clone())
+    p.grad = grads["w"].clone()
+    ref([p]).step()
+    torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
+    state.hyperparams["learning_rate"] = "0.01"
+    with pytest.raises(TypeError, match=r"hyperparams\['learning_rate'\] to be a 0-d tensor \(or a number\), got str"):
+        fo.step(tx, grads, state, params)
+
+
 def test_set_to_zero_freezes_the_masked_part():
     params, seq = _params(), _grads(_params(), steps=10)
     frozen = lambda name: name.startswith("fc1.")  # noqa: E731

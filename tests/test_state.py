@@ -75,6 +75,21 @@ def test_create_refuses_a_torch_optim_optimizer():
         fnlit.TrainState.create(model, fnlit.optim.adamw, seed=0)
 
 
+def test_an_optax_style_pair_of_init_and_update_trains():
+    # create accepted any object with init and update; the first apply_gradients then failed reading its `step`.
+    import collections
+
+    pair = collections.namedtuple("Pair", ["init", "update"])(
+        lambda params: (), lambda grads, state, params=None: ({k: -0.1 * g for k, g in grads.items()}, state)
+    )
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, pair, seed=0)
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    new = state.apply_gradients(grads)
+    for k, p in model.named_parameters():  # a hand SGD step of 0.1
+        assert torch.equal(new.params[k], p.detach() - 0.1)
+
+
 SHAPE_TXS = {
     "sgd": fnlit.optim.sgd(0.1),
     "adam": fnlit.optim.adam(0.1),

@@ -100,6 +100,19 @@ def _without_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _hyper(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor | None:
+    """A hyperparameter as the kernels take it: a number assigned to ``state.hyperparams`` (optax's idiom) becomes
+    a 0-d float32 tensor; anything else that is not a tensor is refused."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return scalar(value, device)
+    raise TypeError(
+        f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got "
+        f"{type(value).__name__} {value!r} instead. Assign e.g. torch.tensor(1e-3)."
+    )
+
+
 def _log(b: float) -> float:
     return math.log(b) if b > 0 else -math.inf  # b = 0: exp(t * -inf) = 0 = 0**t for every t >= 1
 
@@ -189,6 +202,8 @@ def _optimizer(
         hyper = state.hyperparams
         lr = schedule(state.count).to(torch.float32) if schedule is not None else hyper["learning_rate"]
         wd = hyper["weight_decay"] if decays else None
+        if not isinstance(lr, torch.Tensor) or not isinstance(wd, (torch.Tensor, type(None))):  # set to a number
+            lr, wd = (_hyper(name, k, v, state.count.device) for k, v in (("learning_rate", lr), ("weight_decay", wd)))
         count = state.count + 1
         impl = functional if fused is None or use_functional(g, p, [count, lr]) else fused
         if impl is fused:  # the fused CPU kernels get non-contiguous inputs wrong (see own()); free when contiguous

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from .. import _storage
-from ..tree import first_mismatch, tree_flatten, tree_map, tree_paths, tree_structure, tree_unflatten
+from ..tree import first_mismatch, tree_flatten, tree_leaves, tree_map, tree_paths, tree_structure, tree_unflatten
 
 PyTree = Any
 Mask = PyTree | Callable[[PyTree], PyTree] | Callable[[str], bool]
@@ -108,8 +109,9 @@ def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTr
     # (traced steps never donate; and torch < 2.14 cannot trace a ContextVar's get)
     record = None if torch.compiler.is_compiling() else _DONATED.get()
     written = len(record.updated) if record is not None else 0
-    if tx.step is not None:
-        out = tx.step(grads, opt_state, params)
+    fused = getattr(tx, "step", None)  # (an optax-style pair of init and update has none)
+    if fused is not None:
+        out = fused(grads, opt_state, params)
     else:
         updates, new_state = tx.update(grads, opt_state, params)
         out = apply_updates(params, updates), new_state
@@ -488,7 +490,12 @@ def resolve_mask(mask: Mask, params: PyTree, cache: MaskCache) -> list[bool]:
 
 
 def _mask_flags(mask: Mask, params: PyTree, treedef: Any, name: str) -> tuple[list[bool], bool]:
-    """The flags, and whether ``mask`` turned out to be a function of names."""
+    """The flags, and whether ``mask`` turned out to be a function of names.
+
+    A pytree mask (given, or returned by a function of the params) has the params' structure or is a prefix of
+    it, as in optax: ``{"encoder": False, "head": True}`` covers every leaf under each key. A function that fails
+    on the params tree, or returns a single value for it, is a function of names.
+    """
     names = tree_paths(params)
     tree = mask
     if callable(mask):
@@ -496,16 +503,24 @@ def _mask_flags(mask: Mask, params: PyTree, treedef: Any, name: str) -> tuple[li
             tree = mask(params)
         except (TypeError, AttributeError, KeyError):
             tree = None  # not a function of the params tree: a function of names
-        if isinstance(tree, bool) or tree is None or tree_structure(tree) != treedef:
+        if tree is None or isinstance(tree, bool) or (tree_structure(tree) != treedef and _is_leaf(tree)):
             return [bool(mask(n)) for n in names], True
-    m_leaves, m_def = tree_flatten(tree)
-    if m_def != treedef:
+    if tree_structure(tree) == treedef:  # (the traceable case: torch.compile cannot trace broadcast_prefix)
+        return [bool(m) for m in tree_flatten(tree)[0]], False
+    try:
+        flags = optree.broadcast_prefix(tree, params)  # a prefix: one per params leaf, in leaf order
+    except ValueError:
         raise ValueError(
-            f"{name} expected a mask with the structure of the params, got a different structure instead: "
-            f"{first_mismatch(params, tree, check_shapes=False)}. Give one bool per parameter, a function "
-            f"params -> pytree of bools, or a function name -> bool."
-        )
-    return [bool(m) for m in m_leaves], False
+            f"{name} expected a mask with the structure of the params (or a prefix of it), got a different structure "
+            f"instead: {first_mismatch(params, tree, check_shapes=False) or 'structure differs'}. Give one bool per "
+            "parameter (or per subtree), a function params -> such a pytree, or a function name -> bool."
+        ) from None
+    return [bool(m) for m in flags], False
+
+
+def _is_leaf(tree: PyTree) -> bool:
+    leaves = tree_leaves(tree)
+    return len(leaves) == 1 and leaves[0] is tree
 
 
 def _flat_tensors(tree: PyTree) -> bool:
