@@ -24,6 +24,7 @@ import torch.distributed as torch_dist
 
 from . import data as _data
 from . import distributed as _dist
+from . import tree as _tree
 from ._types import Batch, Metrics, StepFn
 from .callbacks import EarlyStopping, StopTraining, Timer
 from .ensemble import EnsembleStep
@@ -496,7 +497,9 @@ def fit(
         check_val_every_n_epoch: validate in epochs ``e`` with ``(e + 1) % n == 0``; None: ``val_check_interval``
             counts batches across epochs.
         num_sanity_val_steps: validation batches run before training, to fail fast (-1: all).
-        log_every_n_steps: log (and read metrics back from the device) every N steps, and at the end.
+        log_every_n_steps: log (and read metrics back from the device) every N steps, and at the end: the training
+            metrics' means over the interval. A run interrupted (Ctrl-C, SIGTERM) with a checkpoint saves its unfinished
+            interval's metrics with it instead of logging them: the resumed run logs the interval whole.
         callbacks: objects with hooks (see :mod:`fnlit.callbacks`).
         log_dir: write TensorBoard event files and ``metrics.csv`` there (default: no files, unlike
             Lightning's implicit ``lightning_logs/``: where logs go is an explicit choice). Training rows
@@ -585,9 +588,13 @@ def fit(
         if key in position.get("callbacks", {}):
             cb.load_state_dict(position["callbacks"][key])
 
-    def where(epoch: int, batch: int) -> Position:
-        """The position saved with a checkpoint: where the data stands, and the callbacks' states."""
+    def where(epoch: int, batch: int, pending: list[Metrics] | None = None) -> Position:
+        """The position saved with a checkpoint: where the data stands, the callbacks' states, and the training
+        metrics of the log interval so far (``pending``, default the buffer's): a resume logs the same means."""
         pos: Position = {"epoch": epoch, "batch": batch, "seed": seed}
+        pending = log.pending if pending is None else pending
+        if any(pending):  # (a step returning no metrics leaves nothing to log)
+            pos["log_pending"] = list(pending)
         if _dist.world_size() > 1:  # batch counts each rank's batches: a resume on other ranks is told (one process: 1)
             pos["world_size"] = _dist.world_size()
         if stateful:
@@ -596,14 +603,20 @@ def fit(
             pos["stop_requested"] = True
         return pos
 
+    # The log interval the checkpoint was saved in: its steps' training metrics so far (the resumed run logs their
+    # mean with the rest of the interval's, as the uninterrupted run did), on the state's device.
+    pending = [_tree.tree_map(lambda t: t.to(state.device) if isinstance(t, torch.Tensor) else t, m)
+               for m in position.get("log_pending", ())]
     # closed at the end; every writer drops what an earlier run logged after this run's starting step (a resume)
-    owned = Logger(log_dir=log_dir, purge_step=_first(state.step) + 1) if log_dir is not None and not plan.quiet else None
+    purge_from = _first(state.step) + 1
+    owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
-        Logger(loggers).purge(_first(state.step) + 1)
+        Logger(loggers).purge(purge_from)
     if logger is not None and hparams:
         logger.log_hparams(hparams)
     log = MetricBuffer(prefixes, hooks.on_log())
+    log.pending = pending
     move = _data.device_mover(state.device)
     steps, n_batches = _first(state.step), plan.batches
     first_step = steps
@@ -746,13 +759,17 @@ def fit(
             if not isinstance(e, KeyboardInterrupt):
                 raise
             signals.reason = "sigint"  # a second Ctrl-C, or a first one outside the main thread: save and return
-        if log.pending:  # the last steps: of the epoch that just ended when the loop stopped at its end
+        # The last steps' metrics, of the epoch that just ended when the loop stopped at its end. A run interrupted
+        # (Ctrl-C, SIGTERM) with a checkpoint saves them in its position instead of logging a partial interval: the
+        # resumed run logs them with the rest of their interval, as the uninterrupted run did.
+        exit_pending = list(log.pending)
+        if log.pending and not (checkpoint is not None and signals.reason in ("sigint", "sigterm")):
             log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
         try:
             hooks("on_fit_end", state, dict(log.latest))
         finally:  # a callback failing at the end must not cost the run its last checkpoint (a preemption's save)
             if checkpoint is not None:
-                _exit_save(checkpoint, state, where(epoch, b), validating, stateful, distributed, signals)
+                _exit_save(checkpoint, state, where(epoch, b, exit_pending), validating, stateful, distributed, signals)
     return state
 
 

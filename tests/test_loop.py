@@ -1,5 +1,6 @@
 """fit/evaluate against a counting step: exact numbers of steps, validations and epochs as Lightning defines them."""
 
+import json
 import math
 import os
 import signal
@@ -296,17 +297,22 @@ class FakeCheckpoint:
         self.calls.append(("restore", path))
         return self.restored
 
+    # Positions as recorded: where the data stands ("log_pending", the log interval's metrics, is tested on its own)
     def on_step(self, state, position):
-        self.calls.append(("step", int(state.step), dict(position)))
+        self.calls.append(("step", int(state.step), _where(position)))
 
     def on_validation(self, state, position, metrics):
-        self.calls.append(("validation", int(state.step), dict(position), dict(metrics)))
+        self.calls.append(("validation", int(state.step), _where(position), dict(metrics)))
 
     def on_epoch_end(self, state, position):
-        self.calls.append(("epoch_end", int(state.step), dict(position)))
+        self.calls.append(("epoch_end", int(state.step), _where(position)))
 
     def on_exit(self, state, position, reason):
-        self.calls.append(("exit", int(state.step), dict(position), reason))
+        self.calls.append(("exit", int(state.step), _where(position), reason))
+
+
+def _where(position):
+    return {k: v for k, v in position.items() if k != "log_pending"}
 
 
 def test_checkpoint_hook_calls_and_positions():
@@ -610,6 +616,38 @@ def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
     assert int(state.step) == 5
     assert ck.calls[-1] == ("exit", 5, {"epoch": 0, "batch": 5, "seed": int(make_state().rng)}, reason)
     assert signal.getsignal(sig) is before
+
+
+def test_a_run_interrupted_mid_log_interval_resumes_with_the_same_log(tmp_path):
+    # The interval's first steps were not in the checkpoint, and the interrupted run wrote a row for its partial
+    # interval: resumed, the log had an extra row at the interruption and the next row averaged the resumed steps only.
+    losses = {}
+
+    def step(state, batch):
+        loss = torch.as_tensor(batch, dtype=torch.float32).mean() * (1 + state.step)
+        losses[int(state.step) + 1] = float(loss)
+        return state.replace(step=state.step + 1), {"loss": loss}
+
+    def run(folder, interrupt_at=None, resume=False):
+        class Interrupt:
+            def on_step(self, state, metrics):
+                if int(state.step) == interrupt_at:
+                    raise KeyboardInterrupt  # (a Ctrl-C: fit saves and returns)
+
+        writer = fnlit.summary.JSONLWriter(str(tmp_path / f"{folder}.jsonl"))
+        ck = fnlit.Checkpointer(str(tmp_path / folder))
+        fit(step, make_state(), list(range(1, 9)), max_epochs=1, log_every_n_steps=3, checkpoint=ck, loggers=[writer],
+            callbacks=[Interrupt()], ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+        writer.close()
+        rows = map(json.loads, (tmp_path / f"{folder}.jsonl").read_text().splitlines())
+        return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+    reference = run("a")
+    hand = [(3, sum(losses[i] for i in (1, 2, 3)) / 3), (6, sum(losses[i] for i in (4, 5, 6)) / 3), (8, (losses[7] + losses[8]) / 2)]
+    assert [s for s, _ in reference] == [s for s, _ in hand] and all(v == pytest.approx(h) for (_, v), (_, h) in zip(reference, hand))
+    for cut in (1, 2, 4, 5, 7):
+        run(f"cut{cut}", interrupt_at=cut)
+        assert run(f"cut{cut}", resume=True) == reference, cut
 
 
 def test_evaluate_weights_by_batch_size_and_leaves_the_state_alone():
