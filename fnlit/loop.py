@@ -467,7 +467,9 @@ def fit(
     (-1, no limit, when ``max_steps`` or a time limit is: ``max_time`` or a :class:`~fnlit.callbacks.Timer`
     with a duration); ``max_steps`` counts steps in ``state.step`` terms (each call of
     ``step`` is one; resuming continues the count). Stop requests (:class:`~fnlit.callbacks.StopTraining`,
-    ``max_time``) wait until ``min_epochs`` epochs are done. Ctrl-C or SIGTERM finish the current step and
+    ``max_time``) wait until ``min_epochs`` epochs are done; one that takes effect after a step of an epoch that
+    validates runs a validation first (unless that step just had one), as Lightning's ``should_stop`` does.
+    Ctrl-C or SIGTERM finish the current step and
     return the state (``checkpoint.on_exit`` can save it). Under several processes the ranks decide together,
     without a collective every step: a stop requested during a step (``on_step``, a signal, ``max_time``)
     takes effect at the next log interval, validation or epoch end; one from a validation
@@ -704,12 +706,18 @@ def fit(
                     bar.update()
                     if steps % log_every == 0:
                         log_now()
-                    if val_every > 0 and (steps if count_across else b) % val_every == 0:
+                    validated_here = val_every > 0 and (steps if count_across else b) % val_every == 0
+                    if validated_here:
                         validate()
                     if checkpoint is not None:  # after the batch's validation: a resume from here does not skip it
                         checkpoint.on_step(state, where(epoch, b))
                     if not distributed:
                         halt = halting()
+                    if halt and not signals.reason and val_every and not validated_here and not (val_every < 0 and b == n_batches):
+                        # A callback stopped training (StopTraining, max_time) in an epoch that validates: validate the
+                        # steps since the last validation first, as Lightning does when should_stop is set (its epoch
+                        # loop validates then); the epoch's end does it itself at its last batch.
+                        validate()
                     if steps >= max_steps or halt:
                         if look_ahead and next(batch_iter, _END) is _END:  # that was the epoch's last batch
                             broke = False

@@ -618,6 +618,31 @@ def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
     assert signal.getsignal(sig) is before
 
 
+@pytest.mark.parametrize("stop_at, every_n, vci, expected", [
+    (7, 1, 3, [3, 7]),  # mid-epoch: the steps since the last validation are validated before stopping, as Lightning does
+    (10, 1, 3, [3, 8, 10]),  # at an epoch's last batch too, when its end does not validate (every 3 batches of 5)
+    (10, 1, 1.0, [5, 10]),  # an epoch that validates at its end: that validation, once
+    (7, 2, 3, [7]),  # check_val_every_n_epoch=2: epoch 1 validates ...
+    (3, 2, 3, []),  # ... epoch 0 does not, nor does a stop in it
+])
+def test_a_callback_stop_validates_first_in_an_epoch_that_validates(stop_at, every_n, vci, expected):
+    # Lightning's epoch loop validates when should_stop is set (a callback's stop, its Timer) and stopping is allowed.
+    seen = []
+
+    class Stop:
+        def on_step(self, state, metrics):
+            if int(state.step) == stop_at:
+                raise StopTraining("enough")
+
+        def on_validation(self, state, metrics):
+            seen.append(int(state.step))
+
+    c, state = run(n=5, val=2, max_epochs=4, callbacks=[Stop()], num_sanity_val_steps=0, val_check_interval=vci,
+                   check_val_every_n_epoch=every_n)  # fmt: skip
+    assert int(state.step) == stop_at and seen == expected
+    assert len(c.val) == 2 * len(seen)  # every validation saw both validation batches
+
+
 def test_a_run_interrupted_mid_log_interval_resumes_with_the_same_log(tmp_path):
     # The interval's first steps were not in the checkpoint, and the interrupted run wrote a row for its partial
     # interval: resumed, the log had an extra row at the interruption and the next row averaged the resumed steps only.
