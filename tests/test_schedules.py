@@ -119,6 +119,8 @@ def test_bad_schedule_arguments_raise(make, match):
         (lambda: fo.linear_warmup(1.0, "10"), "linear_warmup expected warmup_steps as a number .*, got str '10'"),
         (lambda: fo.cosine_decay(1.0, None), "cosine_decay expected decay_steps as a number .*, got NoneType"),
         (lambda: fo.step_decay(1.0, 10, gamma=True), "step_decay expected gamma as a number .*, got bool"),
+        # (it was accepted, and the first update failed with "'float' object is not callable")
+        (lambda: fo.scale_by_schedule(0.1), r"scale_by_schedule expected a schedule .*got float 0.1.*fnlit.optim.scale\(0.1\)"),
     ],
 )
 def test_schedule_arguments_of_the_wrong_type_raise_a_type_error_naming_them(make, match):

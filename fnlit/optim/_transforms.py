@@ -299,7 +299,16 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> G
         >>> tx = scale_by_schedule(constant(2.0))
         >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))[0]
         {'w': tensor([2.])}
+
+    Raises:
+        TypeError: if ``step_size_fn`` is not callable (a constant factor is :func:`scale`).
     """
+    if not callable(step_size_fn):
+        raise TypeError(
+            f"scale_by_schedule expected a schedule (a function of the update count), got {type(step_size_fn).__name__} "
+            f"{step_size_fn!r} instead. For a constant factor use fnlit.optim.scale({step_size_fn!r}), or "
+            "fnlit.optim.constant(...) as the schedule."
+        )
 
     def init(params: PyTree) -> ScaleByScheduleState:
         return ScaleByScheduleState(zero_count(device_of(params)))
