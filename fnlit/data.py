@@ -352,12 +352,11 @@ def batch_size_of(batch: Batch) -> int:
     size = next(sizes, None)
     if size is None:
         return 1
-    other = next((n for n in sizes if n != size), None)
-    if other is not None:
+    if any(n != size for n in sizes):  # (the message names the size only, as Lightning's: shown once per size)
         warnings.warn(
-            f"batch_size_of: the batch's tensors have different leading dimensions ({size} and {other}); counting "
-            f"{size} examples, from its first tensor (dicts in their key order), as Lightning does. If that is not "
-            "the number of examples, put the examples' tensor first.",
+            f"batch_size_of: the batch's tensors have different leading dimensions; counting {size} examples, from "
+            "its first tensor (dicts in their key order), as Lightning does. If that is not the number of examples, "
+            "put the examples' tensor first.",
             stacklevel=2,
         )
     return size

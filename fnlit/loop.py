@@ -136,11 +136,6 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         else:
             max_epochs = 1000
     validate = val_data is not None
-    if isinstance(val_data, Iterator):  # a generator: the sanity check and the first validation would use it up
-        raise TypeError(
-            f"fit got val_data as a one-shot iterator ({type(val_data).__name__}), but every validation iterates its "
-            "data from the start. Pass a list of batches, a DataLoader, or an object whose __iter__ starts over."
-        )
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
     # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.
@@ -175,6 +170,8 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
     # (-1 stays -1 for data without a len(): all of its batches)
     sanity = 0 if not validate else ((-1 if n_val is None else n_val) if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
+    if sanity and isinstance(val_data, Iterator):  # a generator: the sanity check would use up its first batches
+        raise TypeError(_ONE_SHOT_VAL.format(kind=type(val_data).__name__) + " (or num_sanity_val_steps=0 for one validation).")
     log_every = o["log_every_n_steps"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
@@ -183,6 +180,12 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
     )  # fmt: skip
+
+
+_ONE_SHOT_VAL = (
+    "fit got val_data as a one-shot iterator ({kind}), but every validation (and the sanity check) iterates its "
+    "data from the start. Pass a list of batches, a DataLoader, or an object whose __iter__ starts over"
+)
 
 
 def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], limit_batches: int | float | None = None) -> dict[str, float]:
@@ -596,7 +599,7 @@ def fit(
         pos: Position = {"epoch": epoch, "batch": batch, "seed": seed}
         pending = log.pending if pending is None else pending
         if any(pending):  # (a step returning no metrics leaves nothing to log)
-            pos["log_pending"] = list(pending)
+            pos["log_pending"] = [_storable(m) for m in pending]
         if _dist.world_size() > 1:  # batch counts each rank's batches: a resume on other ranks is told (one process: 1)
             pos["world_size"] = _dist.world_size()
         if stateful:
@@ -652,8 +655,13 @@ def fit(
     # None when no validation runs.
     validating: tuple[bool, dict[str, Any] | None] | None = None
 
+    passes = 0  # validations run: a one-shot iterator has data for one
+
     def validate(epoch_end: bool = False) -> None:
-        nonlocal validating
+        nonlocal validating, passes
+        passes += 1
+        if passes > 1 and isinstance(val_data, Iterator):  # (the first pass used it up: this one would see nothing)
+            raise TypeError(_ONE_SHOT_VAL.format(kind=type(val_data).__name__) + ".")
         validating = (epoch_end, {key: _containers_copied(cb.state_dict()) for key, cb in stateful})
         hooks("on_validation_start", state)
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
@@ -713,14 +721,15 @@ def fit(
                         checkpoint.on_step(state, where(epoch, b))
                     if not distributed:
                         halt = halting()
-                    if halt and not signals.reason and val_every and not validated_here and not (val_every < 0 and b == n_batches):
-                        # A callback stopped training (StopTraining, max_time) in an epoch that validates: validate the
-                        # steps since the last validation first, as Lightning does when should_stop is set (its epoch
-                        # loop validates then); the epoch's end does it itself at its last batch.
-                        validate()
                     if steps >= max_steps or halt:
                         if look_ahead and next(batch_iter, _END) is _END:  # that was the epoch's last batch
                             broke = False
+                        last = not broke or b == n_batches
+                        if halt and not signals.reason and val_every and not validated_here and not (val_every < 0 and last):
+                            # A callback stopped training (StopTraining, max_time) in an epoch that validates: validate
+                            # the steps since the last validation first, as Lightning does when should_stop is set (its
+                            # epoch loop validates then); an epoch's end that validates does it itself.
+                            validate()
                         break
                 else:
                     broke = False
@@ -770,8 +779,11 @@ def fit(
         # The last steps' metrics, of the epoch that just ended when the loop stopped at its end. A run interrupted
         # (Ctrl-C, SIGTERM) with a checkpoint saves them in its position instead of logging a partial interval: the
         # resumed run logs them with the rest of their interval, as the uninterrupted run did.
-        exit_pending = list(log.pending)
-        if log.pending and not (checkpoint is not None and signals.reason in ("sigint", "sigterm")):
+        if distributed and checkpoint is not None:  # a signal after the last vote reached some ranks only: all decide alike
+            _, signals.reason = _agree(False, signals.reason, state.device)
+        carried = checkpoint is not None and signals.reason in ("sigint", "sigterm")
+        exit_pending = list(log.pending) if carried else []
+        if log.pending and not carried:
             log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
         try:
             hooks("on_fit_end", state, dict(log.latest))
@@ -779,6 +791,14 @@ def fit(
             if checkpoint is not None:
                 _exit_save(checkpoint, state, where(epoch, b, exit_pending), validating, stateful, distributed, signals)
     return state
+
+
+def _storable(metrics: Metrics) -> Metrics:
+    """A step's metrics as a checkpoint's position holds them: flat names (a path per name: ``"a.b"`` and
+    ``{"a": {"b"}}`` stay apart) and tensors (a number becomes the tensor logging makes of it; JSON needs neither)."""
+    if all(type(v) is torch.Tensor for v in metrics.values()):  # the usual step's metrics: as they are
+        return metrics
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in flat_metrics(metrics).items()}
 
 
 def _exit_save(checkpoint: Any, state: TrainState, exit_position: Position, validating: tuple[bool, Any] | None,

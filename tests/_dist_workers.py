@@ -253,3 +253,25 @@ def signal_after_the_last_vote(directory: str):
     ck = Checkpointer(directory, save_last=False)
     out = fnlit.fit(step, state, data, max_steps=4, callbacks=[TermOn1()], checkpoint=ck, progress=False)
     return int(out.step), sorted(os.listdir(directory))
+
+
+def signal_in_the_last_step(directory: str):
+    """fit with a Checkpointer and a log interval longer than the run; rank 1 alone gets SIGTERM in its last step's
+    on_step (after the last vote): the ranks must agree before deciding to log the interval or save it for a resume."""
+    import signal
+
+    from fnlit.checkpoint import Checkpointer, read_info
+
+    class TermOn1:
+        def on_step(self, state, metrics):
+            if dist.get_rank() == 1 and int(state.step) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model = torch.nn.Linear(4, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+    data = fnlit.ArrayLoader(torch.randn(64, 4), torch.randn(64, 1), batch_size=8)
+    ck = Checkpointer(directory, save_last=False)
+    out = fnlit.fit(step, state, data, max_steps=3, log_every_n_steps=50, callbacks=[TermOn1()], checkpoint=ck, progress=False)
+    files = sorted(os.listdir(directory))
+    return int(out.step), files, len(read_info(os.path.join(directory, files[-1])).position.get("log_pending", []))

@@ -161,7 +161,7 @@ def test_evaluate_counts_a_dict_batch_by_its_first_tensor_in_key_order_as_lightn
     x = torch.arange(13.0)
     batches = [{"x": x[i : i + 5], "y": x[i : i + 5], "class_weight": torch.ones(4)} for i in range(0, 13, 5)]
     state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
-    with pytest.warns(UserWarning, match=r"different leading dimensions \([35] and 4\); counting [35] examples"):
+    with pytest.warns(UserWarning, match=r"different leading dimensions; counting [35] examples"):
         got = fnlit.evaluate(lambda s, b: {"m": b["x"].mean()}, state, batches)
     assert got["m"] == pytest.approx(x.mean().item())  # every example once (a hand mean)
     with warnings.catch_warnings():

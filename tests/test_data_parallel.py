@@ -17,6 +17,7 @@ from _dist_workers import (
     orders_with_dropout_and_batchnorm,
     reused_buffers,
     signal_after_the_last_vote,
+    signal_in_the_last_step,
     uneven_batches,
     wrap,
 )
@@ -184,6 +185,13 @@ def test_a_rank_that_exits_without_a_result_is_named_at_once():
     with pytest.raises(RuntimeError, match="rank 1 died with exit code 0, without returning a result or raising"):
         fnlit.distributed.launch(exits_quietly, 2, timeout=100)
     assert time.monotonic() - start < 30  # not the whole timeout
+
+
+def test_ranks_agree_whether_to_log_or_save_the_unfinished_log_interval_when_one_rank_is_signalled(tmp_path):
+    # Rank 0 logged the interval (a collective) while rank 1, signalled, skipped it to save it: the ranks' collectives
+    # crossed and rank 0 hung. Both now save the three steps' metrics with the exit checkpoint.
+    r0, r1 = fnlit.distributed.launch(signal_in_the_last_step, 2, str(tmp_path), timeout=120, collective_timeout=30)
+    assert r0 == r1 == (3, ["step=00000003.ckpt"], 3)
 
 
 def test_ranks_agree_on_the_exit_save_when_a_signal_comes_after_the_last_vote(tmp_path):

@@ -643,6 +643,27 @@ def test_a_callback_stop_validates_first_in_an_epoch_that_validates(stop_at, eve
     assert len(c.val) == 2 * len(seen)  # every validation saw both validation batches
 
 
+def test_a_callback_stop_at_the_last_batch_of_data_without_a_len_validates_once():
+    # The stop validated, then looking one batch ahead found the epoch's end, whose validation ran again.
+    class Unsized:
+        def __iter__(self):
+            return iter([torch.tensor([i]) for i in range(4)])
+
+    c, seen = Counter(), []
+
+    class Stop:
+        def on_step(self, state, metrics):
+            if int(state.step) == 4:
+                raise StopTraining("enough")
+
+        def on_validation(self, state, metrics):
+            seen.append(int(state.step))
+
+    fit(c.step, make_state(), Unsized(), val_data=[torch.tensor([1.0])], eval_step=c.eval_step, max_epochs=3,
+        callbacks=[c, Stop()], num_sanity_val_steps=0, progress=False)  # fmt: skip
+    assert seen == [4]  # the epoch's end, once (Lightning validates once there)
+
+
 def test_a_run_interrupted_mid_log_interval_resumes_with_the_same_log(tmp_path):
     # The interval's first steps were not in the checkpoint, and the interrupted run wrote a row for its partial
     # interval: resumed, the log had an extra row at the interruption and the next row averaged the resumed steps only.
@@ -673,6 +694,37 @@ def test_a_run_interrupted_mid_log_interval_resumes_with_the_same_log(tmp_path):
     for cut in (1, 2, 4, 5, 7):
         run(f"cut{cut}", interrupt_at=cut)
         assert run(f"cut{cut}", resume=True) == reference, cut
+
+
+def test_metrics_that_are_numpy_numbers_or_dotted_names_resume_with_the_same_log(tmp_path):
+    # The interval's metrics in the checkpoint: a numpy number made every save fail (not JSON), and "a.b" beside
+    # {"a": {"b"}} shared one tensor path, so the resumed log took one's values for the other.
+    np = pytest.importorskip("numpy")
+
+    def step(state, batch):
+        x = float(batch) * (1 + int(state.step))
+        metrics = {"acc": np.float32(x / 10), "a.b": torch.tensor(x), "a": {"b": torch.tensor(-x)}}
+        return state.replace(step=state.step + 1), metrics
+
+    def run(folder, interrupt_at=None, resume=False):
+        class Interrupt:
+            def on_step(self, state, metrics):
+                if int(state.step) == interrupt_at:
+                    raise KeyboardInterrupt
+
+        writer = fnlit.summary.JSONLWriter(str(tmp_path / f"{folder}.jsonl"))
+        fit(step, make_state(), list(range(1, 7)), max_epochs=1, log_every_n_steps=3, loggers=[writer], callbacks=[Interrupt()],
+            checkpoint=fnlit.Checkpointer(str(tmp_path / folder), every_n_steps=1), ckpt_path="last" if resume else None,
+            progress=False)  # fmt: skip
+        writer.close()
+        rows = map(json.loads, (tmp_path / f"{folder}.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if k.startswith("train/")} | {"step": r["step"]} for r in rows if "train/a.b" in r]
+
+    reference = run("a")
+    assert [r["step"] for r in reference] == [3, 6] and reference[0]["train/a.b"] == pytest.approx((1 + 4 + 9) / 3)
+    assert reference[0]["train/a/b"] == -reference[0]["train/a.b"]
+    run("b", interrupt_at=2)
+    assert run("b", resume=True) == reference
 
 
 def test_evaluate_weights_by_batch_size_and_leaves_the_state_alone():
@@ -868,13 +920,21 @@ def test_a_one_shot_iterator_continued_by_a_second_fit_loses_no_batch():
     assert c.train == [[0], [1], [2], [3], [4], [5]]
 
 
-def test_a_one_shot_iterator_as_val_data_is_refused():
+def test_a_one_shot_iterator_as_val_data_is_refused_before_a_second_pass():
     # The sanity check took its first batches, the first validation averaged the rest, the second found none.
     c = Counter()
     val = (torch.tensor([i]) for i in range(4))
-    with pytest.raises(TypeError, match=r"val_data as a one-shot iterator \(generator\).*list of batches, a DataLoader"):
+    with pytest.raises(TypeError, match=r"val_data as a one-shot iterator \(generator\).*list of batches.*num_sanity_val_steps=0"):
         fit(c.step, make_state(), list(range(6)), val_data=val, eval_step=c.eval_step, max_epochs=2, progress=False)
     assert c.train == [] and c.val == []  # refused before anything ran
+    # One pass works (no sanity check, one validation): every batch once; a second validation is refused, not empty.
+    state = fit(c.step, make_state(), list(range(3)), val_data=(torch.tensor([i]) for i in range(4)), eval_step=c.eval_step,
+                max_epochs=1, num_sanity_val_steps=0, progress=False)  # fmt: skip
+    assert int(state.step) == 3 and c.val == [[0], [1], [2], [3]]
+    with pytest.raises(TypeError, match=r"one-shot iterator"):
+        fit(c.step, make_state(), list(range(3)), val_data=iter([torch.tensor([0])]), eval_step=c.eval_step, max_epochs=2,
+            num_sanity_val_steps=0, progress=False)  # fmt: skip
+    assert len(c.val) == 5  # the first validation ran, on the whole iterator
 
 
 def test_a_metric_name_that_is_not_a_string_gets_a_clear_error():

@@ -465,7 +465,8 @@ def test_a_hyperparameter_set_to_a_number_works_as_a_tensor(make, ref):
     state = tx.init(params)
     state.hyperparams["learning_rate"] = 0.01
     state.hyperparams["weight_decay"] = 0.25
-    new, _ = fo.step(tx, grads, state, params)
+    new, after = fo.step(tx, grads, state, params)
+    assert type(after.hyperparams["learning_rate"]) is torch.Tensor  # held as a tensor from now on
     p = torch.nn.Parameter(params["w"].clone())
     p.grad = grads["w"].clone()
     ref([p]).step()

@@ -10,7 +10,9 @@ Each has two implementations of the same math, picked per call by :func:`use_fun
   transforms (``vmap`` over ensembles), where in-place fused kernels cannot run.
 
 Learning rate and weight decay live in ``state.hyperparams`` as 0-d float32 tensors, so changing them
-never recompiles a compiled step, and a vmapped ensemble can give each member its own values. An
+never recompiles a compiled step, and a vmapped ensemble can give each member its own values. A number
+assigned there (optax's ``hyperparams["learning_rate"] = 1e-3``) works too, and the next state holds it as a
+tensor; under :func:`fnlit.compile` each new number is a constant of its own graph (a recompile): assign tensors. An
 optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over
 the params for it), so its ``hyperparams["weight_decay"]`` is then not read: build it with
 ``weight_decay=torch.tensor(0.0)`` to tune the decay from zero.
@@ -218,6 +220,10 @@ def _optimizer(
         # A new dict each update (a schedule's rate written in): an edit of a state's hyperparams changes that
         # state and its successors, never an earlier state (as optax's inject_hyperparams)
         hyper = {**hyper, "learning_rate": lr} if schedule is not None else dict(hyper)
+        if wd is not None and not isinstance(hyper["weight_decay"], torch.Tensor):  # a number assigned: the tensor made of it
+            hyper["weight_decay"] = wd
+        if schedule is None and not isinstance(hyper["learning_rate"], torch.Tensor):
+            hyper["learning_rate"] = lr
         fields = {f: tree_unflatten(treedef, b) for f, b in zip(buffers, new_bufs)}
         return tree_unflatten(treedef, new_p), state._replace(count=count, hyperparams=hyper, **fields)
 

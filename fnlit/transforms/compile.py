@@ -92,11 +92,13 @@ _FIXES = {
 
 _RECOMPILES = (
     "fnlit.compile hit torch.compile's recompile limit: the step was compiled for {limit} different batch "
-    "shapes or Python numbers in the batch (torch._dynamo.config.recompile_limit = {limit}), and this batch "
-    "needs one more. Each new batch shape (a smaller last batch, sequences of another length) and each new "
-    "value of a Python number in the batch compiles a graph of its own.\n"
+    "shapes or Python numbers in the batch or the state (torch._dynamo.config.recompile_limit = {limit}), and this "
+    "call needs one more. Each new batch shape (a smaller last batch, sequences of another length) and each new "
+    "value of a Python number in the batch or the state (a learning rate assigned to state.opt_state's "
+    "hyperparams as a float) compiles a graph of its own.\n"
     "Fix: give batches fixed shapes (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True), or pad "
-    "to a few fixed lengths), pass numbers that change as 0-d tensors, compile with "
+    "to a few fixed lengths), pass numbers that change as 0-d tensors (assign hyperparameters as tensors: "
+    "hyperparams['learning_rate'] = torch.tensor(1e-3)), compile with "
     "fnlit.compile(step, dynamic=True) to let shapes vary in one graph, or raise the limit: "
     "torch._dynamo.config.recompile_limit = N."
 )
