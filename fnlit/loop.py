@@ -170,8 +170,15 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
     # (-1 stays -1 for data without a len(): all of its batches)
     sanity = 0 if not validate else ((-1 if n_val is None else n_val) if sanity == -1 else sanity if n_val is None else min(sanity, n_val))
-    if sanity and isinstance(val_data, Iterator):  # a generator: the sanity check would use up its first batches
-        raise TypeError(_ONE_SHOT_VAL.format(kind=type(val_data).__name__) + " (or num_sanity_val_steps=0 for one validation).")
+    # A generator has data for one pass: refused unless exactly one validation can run (no sanity check, one epoch that
+    # validates at its end, or once, mid-epoch), before any training that a later failure would lose.
+    if validate and isinstance(val_data, Iterator) and (
+        sanity or max_epochs != 1 or (val_check is not None and batches is not None and 2 * val_check <= batches)
+    ):
+        raise TypeError(
+            _ONE_SHOT_VAL.format(kind=type(val_data).__name__)
+            + " (one validation works: num_sanity_val_steps=0, max_epochs=1, validating once)."
+        )
     log_every = o["log_every_n_steps"]
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
@@ -597,9 +604,9 @@ def fit(
         """The position saved with a checkpoint: where the data stands, the callbacks' states, and the training
         metrics of the log interval so far (``pending``, default the buffer's): a resume logs the same means."""
         pos: Position = {"epoch": epoch, "batch": batch, "seed": seed}
-        pending = log.pending if pending is None else pending
-        if any(pending):  # (a step returning no metrics leaves nothing to log)
-            pos["log_pending"] = [_storable(m) for m in pending]
+        stored = _stored(log.pending if pending is None else pending)
+        if stored and stored[0]:  # (a step returning no metrics leaves nothing to log: no step does then)
+            pos["log_pending"] = stored
         if _dist.world_size() > 1:  # batch counts each rank's batches: a resume on other ranks is told (one process: 1)
             pos["world_size"] = _dist.world_size()
         if stateful:
@@ -607,6 +614,18 @@ def fit(
         if hooks.stop and epoch < plan.min_epochs:  # requested (by any callback), deferred by min_epochs: kept
             pos["stop_requested"] = True
         return pos
+
+    cache: list[Any] = [None, []]  # the pending list last stored, and its entries as stored so far
+
+    def _stored(pending: list[Metrics]) -> list[Metrics]:
+        """``pending``'s entries as a position holds them (:func:`_storable`): each step's once, not every step's at
+        every step (a flush starts a new list)."""
+        if cache[0] is not pending or len(cache[1]) > len(pending):
+            cache[0], cache[1] = pending, []
+        done = cache[1]
+        if len(done) < len(pending):
+            done = cache[1] = done + [_storable(m) for m in pending[len(done):]]  # a new list: a saved position keeps its own
+        return done
 
     # The log interval the checkpoint was saved in: its steps' training metrics so far (the resumed run logs their
     # mean with the rest of the interval's, as the uninterrupted run did), on the state's device.
@@ -630,6 +649,7 @@ def fit(
         max_steps += steps
     per_step_hooks = bool(hooks.lists["on_step"])
     distributed, halt = _dist.world_size() > 1, False
+    voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
         _same_batches(n_batches, state.device)
 
@@ -639,8 +659,9 @@ def fit(
     def agree() -> None:
         """Ranks decide together whether to stop, at points all of them reach at the same step: log
         intervals, validations and epoch ends (alone, the loop checks after every step)."""
-        nonlocal halt
+        nonlocal halt, voted_signal
         halt, signals.reason = _agree(halting(), signals.reason, state.device)
+        voted_signal = signals.reason  # (a signal may reach one rank after the vote: decide on what was agreed)
 
     def log_now(label: int | None = None) -> None:
         if distributed:
@@ -725,7 +746,9 @@ def fit(
                         if look_ahead and next(batch_iter, _END) is _END:  # that was the epoch's last batch
                             broke = False
                         last = not broke or b == n_batches
-                        if halt and not signals.reason and val_every and not validated_here and not (val_every < 0 and last):
+                        signalled = voted_signal if distributed else signals.reason
+                        used_up = passes and isinstance(val_data, Iterator)  # a one-shot val_data: its one pass is done
+                        if halt and not signalled and val_every and not validated_here and not (val_every < 0 and last) and not used_up:
                             # A callback stopped training (StopTraining, max_time) in an epoch that validates: validate
                             # the steps since the last validation first, as Lightning does when should_stop is set (its
                             # epoch loop validates then); an epoch's end that validates does it itself.
@@ -779,9 +802,11 @@ def fit(
         # The last steps' metrics, of the epoch that just ended when the loop stopped at its end. A run interrupted
         # (Ctrl-C, SIGTERM) with a checkpoint saves them in its position instead of logging a partial interval: the
         # resumed run logs them with the rest of their interval, as the uninterrupted run did.
+        reason = signals.reason
         if distributed and checkpoint is not None:  # a signal after the last vote reached some ranks only: all decide alike
-            _, signals.reason = _agree(False, signals.reason, state.device)
-        carried = checkpoint is not None and signals.reason in ("sigint", "sigterm")
+            _, reason = _agree(False, reason, state.device)
+            signals.reason = signals.reason or reason
+        carried = checkpoint is not None and reason in ("sigint", "sigterm")
         exit_pending = list(log.pending) if carried else []
         if log.pending and not carried:
             log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)

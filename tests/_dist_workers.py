@@ -275,3 +275,34 @@ def signal_in_the_last_step(directory: str):
     out = fnlit.fit(step, state, data, max_steps=3, log_every_n_steps=50, callbacks=[TermOn1()], checkpoint=ck, progress=False)
     files = sorted(os.listdir(directory))
     return int(out.step), files, len(read_info(os.path.join(directory, files[-1])).position.get("log_pending", []))
+
+
+def stop_then_a_late_signal(directory: str | None):
+    """StopTraining on every rank at step 2 (agreed at that log interval); rank 1 alone gets SIGTERM right after the
+    vote (in on_log). Whether to validate before stopping must follow the vote, or one rank validates (a collective)
+    while the other leaves."""
+    import signal
+
+    from fnlit.callbacks import StopTraining
+    from fnlit.checkpoint import Checkpointer
+
+    class StopAt2:
+        def on_step(self, state, metrics):
+            if int(state.step) == 2:
+                raise StopTraining("stop")
+
+        def on_log(self, state):
+            if dist.get_rank() == 1 and int(state.step) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return {}
+
+    model = torch.nn.Linear(4, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+    data = fnlit.ArrayLoader(torch.randn(64, 4), torch.randn(64, 1), batch_size=8)
+    val = fnlit.ArrayLoader(torch.randn(32, 4), torch.randn(32, 1), batch_size=8)
+    ck = Checkpointer(directory, save_last=False) if directory else None
+    out = fnlit.fit(step, state, data, val_data=val, eval_step=ev, max_epochs=1, log_every_n_steps=2, num_sanity_val_steps=0,
+                    callbacks=[StopAt2()], checkpoint=ck, progress=False)  # fmt: skip
+    return int(out.step)

@@ -18,6 +18,7 @@ from _dist_workers import (
     reused_buffers,
     signal_after_the_last_vote,
     signal_in_the_last_step,
+    stop_then_a_late_signal,
     uneven_batches,
     wrap,
 )
@@ -192,6 +193,14 @@ def test_ranks_agree_whether_to_log_or_save_the_unfinished_log_interval_when_one
     # crossed and rank 0 hung. Both now save the three steps' metrics with the exit checkpoint.
     r0, r1 = fnlit.distributed.launch(signal_in_the_last_step, 2, str(tmp_path), timeout=120, collective_timeout=30)
     assert r0 == r1 == (3, ["step=00000003.ckpt"], 3)
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_a_stop_and_a_signal_reaching_one_rank_after_the_vote_end_both_ranks_alike(tmp_path, with_checkpoint):
+    # The stop's validation was decided on each rank's own signal flag: rank 0 validated (a collective) while the
+    # signalled rank 1 left, so rank 0 failed (or gloo aborted on mismatched collectives, losing the exit checkpoint).
+    folder = str(tmp_path) if with_checkpoint else None
+    assert fnlit.distributed.launch(stop_then_a_late_signal, 2, folder, timeout=120, collective_timeout=30) == [2, 2]
 
 
 def test_ranks_agree_on_the_exit_save_when_a_signal_comes_after_the_last_vote(tmp_path):

@@ -727,6 +727,18 @@ def test_metrics_that_are_numpy_numbers_or_dotted_names_resume_with_the_same_log
     assert run("b", resume=True) == reference
 
 
+def test_each_steps_metrics_are_stored_for_a_checkpoint_position_once(monkeypatch):
+    # Every step's position converted the whole interval's metrics again: quadratic in log_every_n_steps.
+    import fnlit.loop as loop
+
+    calls = []
+    real = loop._storable
+    monkeypatch.setattr(loop, "_storable", lambda m: calls.append(1) or real(m))
+    c = Counter()
+    fit(c.step, make_state(), list(range(20)), max_epochs=1, log_every_n_steps=10, checkpoint=FakeCheckpoint(), progress=False)
+    assert len(calls) == 18  # once per step; an interval's last step is logged before its checkpoint (none pending)
+
+
 def test_evaluate_weights_by_batch_size_and_leaves_the_state_alone():
     model = torch.nn.Linear(3, 1)
     state = fnlit.TrainState.create(model, fnlit.optim.adam(0.1), seed=0)
@@ -920,21 +932,18 @@ def test_a_one_shot_iterator_continued_by_a_second_fit_loses_no_batch():
     assert c.train == [[0], [1], [2], [3], [4], [5]]
 
 
-def test_a_one_shot_iterator_as_val_data_is_refused_before_a_second_pass():
+def test_a_one_shot_iterator_as_val_data_is_refused_unless_one_validation_runs():
     # The sanity check took its first batches, the first validation averaged the rest, the second found none.
     c = Counter()
-    val = (torch.tensor([i]) for i in range(4))
-    with pytest.raises(TypeError, match=r"val_data as a one-shot iterator \(generator\).*list of batches.*num_sanity_val_steps=0"):
-        fit(c.step, make_state(), list(range(6)), val_data=val, eval_step=c.eval_step, max_epochs=2, progress=False)
-    assert c.train == [] and c.val == []  # refused before anything ran
-    # One pass works (no sanity check, one validation): every batch once; a second validation is refused, not empty.
+    for kw in (dict(max_epochs=2), dict(max_epochs=2, num_sanity_val_steps=0), dict(max_epochs=1, val_check_interval=2)):
+        val = (torch.tensor([i]) for i in range(4))
+        with pytest.raises(TypeError, match=r"val_data as a one-shot iterator \(generator\).*list of batches.*validating once"):
+            fit(c.step, make_state(), list(range(6)), val_data=val, eval_step=c.eval_step, progress=False, **kw)
+    assert c.train == [] and c.val == []  # refused before any training (a failure at the second validation lost it)
+    # One pass works (no sanity check, one epoch validating at its end): every batch once.
     state = fit(c.step, make_state(), list(range(3)), val_data=(torch.tensor([i]) for i in range(4)), eval_step=c.eval_step,
                 max_epochs=1, num_sanity_val_steps=0, progress=False)  # fmt: skip
     assert int(state.step) == 3 and c.val == [[0], [1], [2], [3]]
-    with pytest.raises(TypeError, match=r"one-shot iterator"):
-        fit(c.step, make_state(), list(range(3)), val_data=iter([torch.tensor([0])]), eval_step=c.eval_step, max_epochs=2,
-            num_sanity_val_steps=0, progress=False)  # fmt: skip
-    assert len(c.val) == 5  # the first validation ran, on the whole iterator
 
 
 def test_a_metric_name_that_is_not_a_string_gets_a_clear_error():
