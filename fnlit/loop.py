@@ -704,12 +704,14 @@ def fit(
         try:
             info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every}
             hooks("on_fit_start", state, info)
-            if distributed:  # a StopTraining from on_fit_start: no step at all (Lightning's should_stop)
+            if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
+                evaluate(eval_step, state, val_data, None if plan.sanity_steps < 0 else plan.sanity_steps)  # type: ignore[arg-type]
+            # A StopTraining from on_fit_start, or a signal before training (during the sanity check too): no step at
+            # all (Lightning's should_stop)
+            if distributed:
                 agree()
             else:
                 halt = halting()
-            if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
-                evaluate(eval_step, state, val_data, None if plan.sanity_steps < 0 else plan.sanity_steps)  # type: ignore[arg-type]
             if unfinished and plan.validate and not halt:  # the validation a Ctrl-C cut off, as the first run had it
                 validate()
                 if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now

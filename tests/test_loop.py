@@ -602,6 +602,19 @@ def test_resume_from_a_position_mid_epoch():
     assert c.train == [[3], [4], [5]]
 
 
+def test_a_signal_during_the_sanity_check_stops_before_any_step():
+    # The stop vote came before the sanity check: a Ctrl-C during a long one still ran a training step.
+    c = Counter()
+
+    def eval_step(state, batch):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives during the sanity check's batch
+        return c.eval_step(state, batch)
+
+    state = fit(c.step, make_state(), list(range(5)), val_data=[torch.tensor([1.0])], eval_step=eval_step, max_epochs=1,
+                progress=False)  # fmt: skip
+    assert int(state.step) == 0 and c.train == [] and len(c.val) == 1  # the sanity check's batch only
+
+
 @pytest.mark.parametrize("sig, reason", [(signal.SIGINT, "sigint"), (signal.SIGTERM, "sigterm")])
 def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
     before = signal.getsignal(sig)
