@@ -268,12 +268,12 @@ def apply(
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         _check_names(module, slots, params, buffers)
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
+    if _has_dtensor(params):
+        from .transforms.shard import gather_params
+
+        params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     if not buffers and not traced and module.training == train:
         # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
-        if _has_dtensor(params):
-            from .transforms.shard import gather_params
-
-            params = gather_params(params)
         return _forward(module, slots, params, (), args, kwargs, rng, params), {}
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
@@ -296,10 +296,6 @@ def apply(
         copy = slots.buffers if probe else slots.copied
     else:
         copy = slots.buffers if eval_probe else slots.eval_copied
-    if _has_dtensor(params):
-        from .transforms.shard import gather_params
-
-        params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     new_buffers = dict(buffers)
     if inference and not traced and copy:  # normal tensors: a version counter, and usable outside inference mode
         with torch.inference_mode(False):

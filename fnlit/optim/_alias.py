@@ -102,11 +102,9 @@ def _without_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _hyper(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor | None:
-    """A hyperparameter as the kernels take it: a number assigned to ``state.hyperparams`` (optax's idiom) becomes
-    a 0-d float32 tensor; anything else that is not a tensor is refused."""
-    if value is None or isinstance(value, torch.Tensor):
-        return value
+def _hyper(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor:
+    """A hyperparameter that is not a tensor as the kernels take it: a number assigned to ``state.hyperparams``
+    (optax's idiom) becomes a 0-d float32 tensor; anything else is refused."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return scalar(value, device)
     raise TypeError(
@@ -201,11 +199,16 @@ def _optimizer(
                         "g.to(p.dtype)."
                     )
                 g[i] = x.to(q.dtype)  # a narrower gradient (bfloat16 for float32 params): the fused kernels take one dtype
-        hyper = state.hyperparams
-        lr = schedule(state.count).to(torch.float32) if schedule is not None else hyper["learning_rate"]
-        wd = hyper["weight_decay"] if decays else None
-        if not isinstance(lr, torch.Tensor) or not isinstance(wd, (torch.Tensor, type(None))):  # set to a number
-            lr, wd = (_hyper(name, k, v, state.count.device) for k, v in (("learning_rate", lr), ("weight_decay", wd)))
+        # A new dict each update (a schedule's rate written in): an edit of a state's hyperparams changes that
+        # state and its successors, never an earlier state (as optax's inject_hyperparams). A number assigned there
+        # (optax's idiom) is held as the tensor made of it from now on.
+        hyper = dict(state.hyperparams)
+        if schedule is not None:
+            hyper["learning_rate"] = schedule(state.count).to(torch.float32)
+        for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):
+            if not isinstance(hyper[key], torch.Tensor):
+                hyper[key] = _hyper(name, key, hyper[key], state.count.device)
+        lr, wd = hyper["learning_rate"], hyper["weight_decay"] if decays else None
         count = state.count + 1
         impl = functional if fused is None or use_functional(g, p, [count, lr]) else fused
         if impl is fused:  # the fused CPU kernels get non-contiguous inputs wrong (see own()); free when contiguous
@@ -217,13 +220,6 @@ def _optimizer(
             ))
         else:
             new_p, new_bufs = impl(g, p, [b[0] for b in bufs], count, lr, wd, params) if p else ([], [[] for _ in bufs])
-        # A new dict each update (a schedule's rate written in): an edit of a state's hyperparams changes that
-        # state and its successors, never an earlier state (as optax's inject_hyperparams)
-        hyper = {**hyper, "learning_rate": lr} if schedule is not None else dict(hyper)
-        if wd is not None and not isinstance(hyper["weight_decay"], torch.Tensor):  # a number assigned: the tensor made of it
-            hyper["weight_decay"] = wd
-        if schedule is None and not isinstance(hyper["learning_rate"], torch.Tensor):
-            hyper["learning_rate"] = lr
         fields = {f: tree_unflatten(treedef, b) for f, b in zip(buffers, new_bufs)}
         return tree_unflatten(treedef, new_p), state._replace(count=count, hyperparams=hyper, **fields)
 
