@@ -366,7 +366,7 @@ def test_capture_error_carries_the_message_of_an_error_raised_only_when_traced()
         _, grads = fnlit.per_example_grads(loss, state.params, b)
         return state.apply_gradients(grads), {}
 
-    tx = fnlit.optim.chain(fnlit.optim.dp_sgd_aggregate(1.0, 1.0), fnlit.optim.sgd(0.1))
+    tx = fnlit.optim.chain(fnlit.optim.dp_sgd_aggregate(1.0, 1.0, seed=0), fnlit.optim.sgd(0.1))
     state = fnlit.TrainState.create(model, tx, seed=0)
     with pytest.raises(CaptureError, match=r"(?s)when traced: RuntimeError\('dp_sgd_aggregate runs eagerly only"):
         fnlit_compile(step, mode="eager")(state, (torch.randn(8, 4), torch.randint(0, 3, (8,))))

@@ -99,7 +99,11 @@ def test_dp_sgd_step_through_apply_gradients():
 def test_dp_errors():
     with pytest.raises(ValueError, match="l2_norm_clip > 0"):
         dp_sgd_aggregate(0.0, 1.0)
-    tx = dp_sgd_aggregate(1.0, 1.0)
+    with pytest.raises(TypeError, match=r"needs its seed.*secrets\.randbits"):
+        dp_sgd_aggregate(1.0, 1.0)  # a default seed would be a noise sequence anyone can subtract
+    with pytest.raises(TypeError, match="expected an int seed"):
+        dp_sgd_aggregate(1.0, 1.0, seed="0")
+    tx = dp_sgd_aggregate(1.0, 1.0, seed=0)
     with pytest.raises(ValueError, match=r"per-example gradients.*fnlit\.per_example_grads"):
         tx.update({"a": torch.ones(3), "b": torch.ones(4)}, tx.init({}))
     with pytest.raises(RuntimeError, match="eagerly only"):
@@ -176,14 +180,14 @@ def test_dp_noise_uses_every_bit_of_its_key():
     lo, hi = 5, 5 + (1 << 32)
     seeded = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in (lo, hi)]
     assert torch.equal(*seeded)  # the reference: what 32-bit seeding gives
-    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0)
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
     zeros = {"w": torch.zeros(2, 1000)}
     a, b = (tx.update(zeros, DPAggregateState(torch.tensor(k)))[0]["w"] for k in (lo, hi))
     assert not torch.equal(a, b) and abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.2
 
 
 def test_dp_noise_of_a_complex_leaf_is_complex_with_the_calibrated_std():
-    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=2.0)
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=2.0, seed=0)
     zeros = {"w": torch.zeros(2, 20_000, dtype=torch.complex64)}
     out, _ = tx.update(zeros, tx.init(zeros))
     noise = out["w"] * 2  # batch of 2 zero gradients

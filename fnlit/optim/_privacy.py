@@ -52,13 +52,13 @@ def _noise(k: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int = 0) -> GradientTransformation:
+def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int | None = None) -> GradientTransformation:
     """Aggregates per-example gradients as DP-SGD does (optax's ``differentially_private_aggregate``).
 
     Each example's gradient (all its leaves together) is clipped to global L2 norm ``l2_norm_clip``,
     the clipped gradients are summed, Gaussian noise of standard deviation
     ``noise_multiplier * l2_norm_clip`` is added to every coordinate, and the result is divided by the
-    batch size. Chain it before an optimizer: ``chain(dp_sgd_aggregate(1.0, 1.1), sgd(0.1))``.
+    batch size. Chain it before an optimizer: ``chain(dp_sgd_aggregate(1.0, 1.1, seed=seed), sgd(0.1))``.
 
     The noise is drawn on the CPU (numpy's PCG64 seeded with all 64 bits of a key in the state, advanced
     every update; on a GPU it is copied over): deterministic given ``seed``, no device sync (the key lives
@@ -69,11 +69,14 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
     Args:
         l2_norm_clip: the maximal L2 norm of one example's gradient (> 0).
         noise_multiplier: the noise standard deviation in units of ``l2_norm_clip`` (>= 0; 0 disables noise).
-        seed: seed of the noise key.
+        seed: seed of the noise key; required when ``noise_multiplier > 0`` (as optax requires it). There
+            is no default: a default seed is a noise sequence anyone can regenerate and subtract, which
+            leaves no privacy. Draw one per run and keep it secret, e.g. ``secrets.randbits(63)``.
 
     Raises:
         ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``; at update time if the leaves
             have no common leading batch dimension.
+        TypeError: for noise without a ``seed``, or a seed that is not an int.
         RuntimeError: if run inside vmap or torch.compile.
 
     Example:
@@ -89,9 +92,16 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
     check_arg("dp_sgd_aggregate", "l2_norm_clip", l2_norm_clip, l2_norm_clip > 0, "> 0", "Use e.g. 1.0.")
     check_arg("dp_sgd_aggregate", "noise_multiplier", noise_multiplier, noise_multiplier >= 0, ">= 0")
     std = float(noise_multiplier) * float(l2_norm_clip)
+    if seed is None and std > 0:
+        raise TypeError(
+            f"dp_sgd_aggregate adds noise (noise_multiplier={noise_multiplier!r}) and needs its seed: pass "
+            "seed=... . There is no default, because a default seed is a noise sequence anyone can regenerate and "
+            "subtract (no privacy). Draw one per run and keep it secret, e.g. seed=secrets.randbits(63)."
+        )
+    first_key = _random.key(0 if seed is None else seed)  # (no noise: the key is never read)
 
     def init(params: PyTree) -> DPAggregateState:
-        return DPAggregateState(_random.key(seed))
+        return DPAggregateState(first_key.clone())
 
     def update(updates: PyTree, state: DPAggregateState, params: PyTree = None) -> tuple[PyTree, DPAggregateState]:
         leaves, treedef = tree_flatten(updates)
