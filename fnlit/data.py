@@ -142,7 +142,8 @@ class ArrayLoader:
             [([0, 1], True), ([2, 3], True), ([4], True)]
         """
         n, b = self.tensors[0].shape[0], self.batch_size
-        idx = torch.arange(_dist.rank(), n, _dist.world_size(), device=self.tensors[0].device)
+        # (a rank past the last example has none: arange(rank, n) would raise for rank > n)
+        idx = torch.arange(min(_dist.rank(), n), n, _dist.world_size(), device=self.tensors[0].device)
         own = len(idx) // b if self.drop_last else -(-len(idx) // b)
         single = len(self.tensors) == 1
         for i in range(self.eval_len()):
@@ -274,14 +275,19 @@ def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:
 
 
 def _samplers(data: DataLoader) -> list[Any]:
-    """The samplers that may decide a DataLoader's order: ``data.sampler`` and the one a batch sampler holds.
+    """The samplers that may decide a DataLoader's order: ``data.sampler``, the one a batch sampler holds, and a
+    batch sampler other than torch's ``BatchSampler`` itself.
 
     ``DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), ...))`` draws its order from
     ``data.batch_sampler.sampler`` (``data.sampler`` is then an unused SequentialSampler); with
     ``batch_size``, ``data.batch_sampler.sampler`` is ``data.sampler``, listed once.
     """
-    inner = getattr(data.batch_sampler, "sampler", None)
-    return [data.sampler] + ([inner] if inner is not None and inner is not data.sampler else [])
+    bs = data.batch_sampler
+    inner = getattr(bs, "sampler", None)
+    out = [data.sampler] + ([inner] if inner is not None and inner is not data.sampler else [])
+    # A batch sampler of one's own decides the order itself (a bucketing DistributedSampler subclass that yields
+    # lists of indices, passed as batch_sampler=): it counts too, and is told the epoch.
+    return out + ([bs] if bs is not None and type(bs) is not BatchSampler else [])
 
 
 def check_sharding(data: Iterable[Any], name: str) -> None:

@@ -139,7 +139,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
     # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.
-    n_val_data = val_data.eval_len() if isinstance(val_data, _data.ArrayLoader) and _dist.world_size() > 1 else _num_batches(val_data)  # type: ignore[arg-type]
+    n_val_data = val_data.eval_len() if isinstance(val_data, _data.ArrayLoader) else _num_batches(val_data)  # type: ignore[arg-type]
     n_val = _limit(limit_val, n_val_data, "overfit_batches" if overfit else "limit_val_batches") if validate else 0  # type: ignore[arg-type]
     validate = validate and n_val != 0
     if vci is None:
@@ -205,7 +205,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     Args:
         eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
         state: the state to evaluate (e.g. ``ema.state(state)``).
-        data: any iterable of batches.
+        data: any iterable of batches. An :class:`fnlit.data.ArrayLoader` is read in its unshuffled order (as
+            Lightning's validation loaders are sequential), on any number of ranks.
         limit_batches: an int number of batches, or a float fraction of ``len(data)``.
 
     Raises:
@@ -220,9 +221,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
         {'x': 0.25}
     """
-    if isinstance(data, _data.ArrayLoader) and _dist.world_size() > 1:
-        # Every example once across ranks (training shards drop the remainder); a rank with fewer examples runs
-        # filler batches that do not count, so every rank runs as many forwards (a sharded one is a collective).
+    if isinstance(data, _data.ArrayLoader):
+        # Unshuffled, every example once across ranks (training shards drop the remainder); a rank with fewer
+        # examples runs filler batches that do not count, so every rank runs as many forwards (a sharded one is
+        # a collective). One process reads the same order, so limit_batches picks the same examples either way.
         n = _limit(limit_batches, data.eval_len(), "limit_batches")
         batches: Iterable[tuple[Any, bool]] = data.eval_batches()
     else:

@@ -376,3 +376,58 @@ def test_fit_tells_a_wrapper_around_an_array_loader_the_epoch_through_its_set_ep
     state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
     fnlit.fit(step, state, Wrapped(ArrayLoader(torch.arange(6), batch_size=6)), max_epochs=2, progress=False)
     assert seen == [torch.randperm(6, generator=torch.Generator().manual_seed(e)).tolist() for e in range(2)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 2, 5])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_eval_batches_on_more_ranks_than_examples_count_each_example_once(monkeypatch, world, n, drop_last):
+    # A 1-example validation set on 3 ranks: ranks past the last example run uncounted fillers (as many
+    # batches as the others) instead of raising in arange(rank, n). Reference: DistributedSampler's
+    # promise, every example once across the ranks, and every rank the same number of forwards.
+    loader = ArrayLoader(torch.arange(float(n)), batch_size=2, drop_last=drop_last)
+    counted, lengths = [], set()
+    monkeypatch.setattr(fnlit.distributed, "world_size", lambda: world)
+    for r in range(world):
+        monkeypatch.setattr(fnlit.distributed, "rank", lambda r=r: r)
+        out = list(loader.eval_batches())
+        lengths.add(len(out))
+        counted += [int(v) for b, counts in out if counts for v in b.tolist()]
+    assert len(lengths) == 1 and lengths.pop() == loader.eval_len()
+    # rank r evaluates examples r, r + W, ... in batches of 2 (drop_last: its partial last batch left out)
+    mine = [list(range(r, n, world)) for r in range(world)]
+    expected = sorted(sum((m[: len(m) - len(m) % 2] if drop_last else m for m in mine), []))
+    assert sorted(counted) == expected
+
+
+class _BucketSampler(DistributedSampler):
+    """A DistributedSampler subclass used as ``batch_sampler=`` (as bucketing samplers are): yields index lists."""
+
+    def __init__(self, ds, batch_size):
+        super().__init__(ds, num_replicas=2, rank=1, shuffle=True, seed=0)
+        self.batch_size, self.epochs = batch_size, []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+        super().set_epoch(epoch)
+
+    def __iter__(self):
+        idx = list(super().__iter__())
+        return iter([idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)])
+
+
+def test_a_distributed_batch_sampler_counts_as_sharding_and_is_told_the_epoch(monkeypatch):
+    ds = TensorDataset(torch.arange(8.0))
+    bs = _BucketSampler(ds, 2)
+    data = DataLoader(ds, batch_sampler=bs)
+    monkeypatch.setattr(fnlit.distributed, "world_size", lambda: 2)
+    check_sharding(data, "train_data")  # passes: the batch sampler shards
+    with pytest.raises(ValueError, match="without a DistributedSampler"):  # the refusal itself still stands
+        check_sharding(DataLoader(ds, batch_size=2), "train_data")
+    monkeypatch.undo()
+    from fnlit.data import epoch_batches
+
+    first = [b[0].tolist() for b in epoch_batches(data, 3, 0, 0, None, False)]
+    assert bs.epochs == [3]
+    bs.set_epoch(3)  # the reference: DistributedSampler's own order for epoch 3, rank 1 of 2
+    assert first == [[float(i) for i in idx] for idx in bs]
