@@ -174,7 +174,9 @@ def _first_unequal(paths: list[str], xs: list[Any], ys: list[Any]) -> str | None
 def _snapshot(state: Any, batch: Any) -> tuple[list[str], list[Any]]:
     paths, leaves, _ = _labelled(state, "state")
     b_paths, b_leaves, _ = _labelled(batch, "batch")
-    copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in leaves + b_leaves]
+    # numpy arrays too (a batch straight from a numpy pipeline): `batch -= batch.mean()` writes into them
+    copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t.copy() if isinstance(t, np.ndarray) else t
+              for t in leaves + b_leaves]
     return paths + b_paths, copies
 
 

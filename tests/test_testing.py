@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,21 @@ def test_assert_pure_catches_a_step_that_mutates_its_batch():
 
     with pytest.raises(AssertionError, match=r"mutated its input batch\[0\]"):
         assert_pure(bad, state, batch())
+
+
+def test_assert_pure_catches_a_step_that_mutates_a_numpy_batch():
+    # `batch -= batch.mean()` on a numpy batch passed unnoticed (it is idempotent after the first call), and
+    # `batch *= 2` was blamed on randomness; a tensor batch was caught. Reference: the batch by hand, after.
+    _, state = make()
+
+    def centre(state, batch):
+        batch -= batch.mean()
+        return state, {"m": torch.as_tensor(batch).abs().sum()}
+
+    x = np.arange(3, dtype=np.float32)
+    with pytest.raises(AssertionError, match=r"mutated its input batch \(first call\)"):
+        assert_pure(centre, state, x)
+    assert x.tolist() == [-1.0, 0.0, 1.0]  # it did write into the caller's array
 
 
 def test_assert_pure_catches_randomness_outside_the_key():
