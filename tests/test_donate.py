@@ -257,6 +257,26 @@ def test_donated_step_returning_a_view_of_an_updated_tensor_as_a_metric_raises(m
         state.params["0.weight"]
 
 
+def test_a_metric_taken_from_the_returned_state_is_refused_with_how_to_copy_it_and_the_copy_matches(model):
+    # A learnable temperature logged from the new state: the next donated step would change it in place. The
+    # message says so (it claimed the undonated step would log the old value, wrong for this step), and the
+    # copy it recommends logs what the undonated step logs (the reference).
+    inner = hand_step(model)
+
+    def step(state, batch, copy=False):
+        new, metrics = inner(state, batch)
+        b = new.params["0.bias"]
+        return new, {**metrics, "b": b.clone() if copy else b}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2), seed=0)
+    with pytest.raises(ValueError, match=r"(?s)metrics\['b'\].*taken from the returned state.*next donated step would "
+                       r"change it in place.*new\.params\['weight'\]\.clone\(\)"):
+        fnlit.donating(step)(clone_tree(state), batch())
+    want = step(state, batch())[1]["b"]
+    got = fnlit.donating(lambda s, b: step(s, b, copy=True))(clone_tree(state), batch())[1]["b"]
+    assert torch.equal(got, want)
+
+
 # -- reading the input state after apply_gradients ----------------------------------------------------------
 def _logging_update_size(model):
     def step(state, batch):

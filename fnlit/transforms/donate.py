@@ -109,12 +109,15 @@ def check_not_donated(state: Any) -> None:
 
 
 _ALIASED = (
-    "fnlit.donating: the returned {where} is a tensor that shares memory with a tensor of the input state "
-    "which the optimizer updated in place, so it holds the updated values (without donation it would hold the "
-    "ones from before the update). A donated step must not keep tensors of its input state, or views of "
-    "them, besides the updated state itself: e.g. `buffers={{..., 'prev_weight': state.params['weight']}}` "
-    "keeps the weights from before the update only without donation. Keep a copy instead "
-    "(`state.params['weight'].clone()`), or run the step without fnlit.donating."
+    "fnlit.donating: the returned {where} is a tensor that shares memory with a tensor the optimizer updated in "
+    "place (a param or moment of the input state, which the returned state goes on using). Taken before the "
+    "update, it now holds the updated values (without donation it would hold the ones from before the update); "
+    "taken from the returned state (a metric logging a learnable temperature), the next donated step would change "
+    "it in place. A donated step must not return tensors of its input state, or views of them, besides the "
+    "updated state itself: e.g. `buffers={{..., 'prev_weight': state.params['weight']}}` keeps the weights from "
+    "before the update only without donation. Return a copy instead: `.clone()` before apply_gradients for the "
+    "old value, `new.params['weight'].clone()` for the new one; or run the step without fnlit.donating "
+    "(fnlit.compile(step, donate=True) copies what it returns)."
 )
 
 _INSIDE = (
