@@ -41,7 +41,7 @@ from ._types import Batch, Metrics, Params, StepFn
 from .data import batch_size_of
 from .functional import value_and_grad
 from .optim import GradientTransformation
-from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD
+from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE
 from .transforms._frame import current as _current_frame
 from .optim import step as _opt_step
 from .state import TrainState
@@ -305,6 +305,11 @@ class EnsembleStep:
     """
 
     def __init__(self, step: StepFn, n: int, in_dims: Any, randomness: str, compile: bool) -> None:
+        inner: Any = step
+        while inner is not None:  # fnlit.ensemble(fnlit.data_parallel(...)): refused here, before any vmap or compile
+            if getattr(inner, "collective", None):
+                raise ValueError(WITH_ENSEMBLE.format(who=inner.collective))
+            inner = getattr(inner, "__wrapped__", None)
         self.step, self.n, self.in_dims, self.randomness, self.compiled = step, n, in_dims, randomness, compile
         self.vmapped = torch.func.vmap(step, in_dims=(0, in_dims), randomness=randomness)
         if compile:
@@ -318,6 +323,8 @@ class EnsembleStep:
                 "fnlit.stack_states([...]) or fnlit.ensemble_states(...)."
             )
         frame = _current_frame()
+        if frame is not None and (frame.dp_group is not None or frame.shard_group is not None):
+            raise ValueError(WITH_ENSEMBLE.format(who="fnlit.data_parallel" if frame.dp_group is not None else "fnlit.shard"))
         if frame is not None and frame.accum_k > 1 and 0 in self._member_dims(batch):
             raise ValueError(
                 f"fnlit.accumulate around fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) splits the batch along "
@@ -402,8 +409,9 @@ def ensemble(
         An :class:`EnsembleStep`, a callable ``(stacked_state, batch) -> (stacked_state, metrics)``.
 
     Raises:
-        ValueError: if ``n < 1`` or ``randomness`` is unknown; at call time if the state is not stacked
-            over ``n`` members.
+        ValueError: if ``n < 1`` or ``randomness`` is unknown, or with :func:`fnlit.data_parallel` or
+            :func:`fnlit.shard` in either nesting (their collectives have no vmap rule); at call time if the
+            state is not stacked over ``n`` members.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit

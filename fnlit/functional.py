@@ -552,11 +552,15 @@ def value_and_grad(
         frame = _current_frame()
         if frame is not None and frame.shard_group is not None:
             frame.refuse_per_example(args)
-        autocast = (
-            torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)
-            if frame is not None and frame.amp_dtype is not None
-            else None
-        )
+        if frame is None or frame.amp_dtype is None:
+            return differentiate(frame, None, args, kwargs)
+        # fnlit.amp runs the whole step under autocast; the forward here runs under it too, the backward not
+        # (as torch recommends, and as a Lightning loop calls backward after the autocast training_step).
+        device = _device_type(args[nums[0]])
+        with torch.autocast(device, enabled=False):
+            return differentiate(frame, torch.autocast(device, dtype=frame.amp_dtype), args, kwargs)
+
+    def differentiate(frame: Any, autocast: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
         if _traced():
             return _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
@@ -581,6 +585,8 @@ def value_and_grad(
         nesting = _NESTED.set(True)  # a value_and_grad inside fn is differentiated again (see above)
         try:
             loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
+            if frame is not None and frame.shard_group is not None and type(loss) is not torch.Tensor:
+                _refuse_sharded_loss(loss)
             if shared is not None:
                 _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
                 grads = frame.end_call()
@@ -614,6 +620,23 @@ _NESTED_SHARD = (
     "the inner gradient again would need a second-order backward through the parameter all-gather, which "
     "fnlit.shard does not have. Run such a step under fnlit.data_parallel (whole parameters on every rank)."
 )
+
+
+_SHARDED_LOSS = (
+    "Under fnlit.shard the loss came back as a DTensor: the loss function reads the sharded params directly "
+    "(outside fnlit.apply), as an L2 penalty `sum((p ** 2).sum() for p in params.values())` does, and each rank "
+    "holds only its shard of them. Read the whole tensors there with `p.full_tensor()` (differentiable: an "
+    "all-gather), or move the penalty into the optimizer (e.g. fnlit.optim.chain(fnlit.optim.add_decayed_weights(wd), "
+    "...) adds wd * p to the gradient, as the L2 penalty (wd / 2) * sum(p ** 2) does)."
+)
+
+
+def _refuse_sharded_loss(loss: Any) -> None:
+    from ._checkpoint_io import _dtensor_class
+
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(loss, dtensor):
+        raise ValueError(_SHARDED_LOSS)
 
 
 def _run_loss(fn, args, kwargs, has_aux, frame, autocast):  # type: ignore[no-untyped-def]

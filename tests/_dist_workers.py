@@ -306,3 +306,25 @@ def stop_then_a_late_signal(directory: str | None):
     out = fnlit.fit(step, state, data, val_data=val, eval_step=ev, max_epochs=1, log_every_n_steps=2, num_sanity_val_steps=0,
                     callbacks=[StopAt2()], checkpoint=ck, progress=False)  # fmt: skip
     return int(out.step)
+
+
+def ensemble_with_collectives():
+    """fnlit.ensemble with data_parallel or shard in either nesting: the refusals (their collectives have no vmap rule)."""
+    torch.manual_seed(0)
+    model = mlp()
+    tx = fnlit.optim.sgd(0.1)
+    states = fnlit.stack_states([fnlit.TrainState.create(model, tx, seed=i) for i in range(2)])
+    step, out = hand_step(model), {}
+    cases = {
+        "dp(ens)": lambda: fnlit.data_parallel(fnlit.ensemble(step, 2))(states, batch()),
+        "shard(ens)": lambda: fnlit.shard(fnlit.ensemble(step, 2))(states, batch()),
+        "vmap(dp)": lambda: torch.func.vmap(fnlit.data_parallel(step), in_dims=(0, None), randomness="different")(states, batch()),
+        "vmap(shard)": lambda: torch.func.vmap(fnlit.shard(step), in_dims=(0, None), randomness="different")(states, batch()),
+    }
+    for name, run in cases.items():
+        try:
+            run()
+            out[name] = "ran"
+        except ValueError as e:
+            out[name] = str(e)
+    return out

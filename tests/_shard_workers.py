@@ -177,6 +177,35 @@ def errors():
     return out
 
 
+def l2_step(model, full: bool):
+    """A step whose loss reads the params directly (an L2 penalty), through p.full_tensor() or not."""
+
+    def step(state, batch):
+        def loss_fn(params):
+            out, _ = fnlit.apply(model, params, state.buffers, batch[0])
+            whole = [p.full_tensor() if full and hasattr(p, "full_tensor") else p for p in params.values()]
+            return F.cross_entropy(out, batch[1]) + 0.01 * sum((p**2).sum() for p in whole)
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return step
+
+
+def l2_penalty():
+    """shard of an L2-penalised step: the clear error, and with full_tensor() the params after 2 steps."""
+    model, state = make_state()
+    try:
+        shard(l2_step(model, full=False))(state, local(global_batch(0), dist.get_rank(), dist.get_world_size()))
+        error = "no error"
+    except Exception as e:  # (any: the test names what was raised instead)
+        error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    step = shard(l2_step(model, full=True))
+    for i in range(2):
+        state, _ = step(state, local(global_batch(i), dist.get_rank(), dist.get_world_size()))
+    return {"error": error, "params": by_path(state)}
+
+
 def four_ranks(save_dir: str):
     return {
         "plain": run("plain", save_dir=save_dir),
@@ -226,6 +255,7 @@ def two_ranks(save_dir: str):
         "memory": memory(),
         "errors": errors(),
         "scalar_param": scalar_param(),
+        "l2": l2_penalty(),
     }
 
 

@@ -9,6 +9,7 @@ from _dist_workers import (
     batchnorm_statistics_and_metrics,
     dies_early,
     early_stopping_fit,
+    ensemble_with_collectives,
     evaluate_every_example,
     exits_quietly,
     fit_validation_every_example,
@@ -22,7 +23,7 @@ from _dist_workers import (
     uneven_batches,
     wrap,
 )
-from helpers import batch, hand_step
+from helpers import batch, hand_step, mlp
 
 import fnlit
 
@@ -207,3 +208,18 @@ def test_ranks_agree_on_the_exit_save_when_a_signal_comes_after_the_last_vote(tm
     # on_exit's save is a collective: rank 1 alone saving (sigterm) while rank 0 returned ("finished") broke it.
     r0, r1 = fnlit.distributed.launch(signal_after_the_last_vote, 2, str(tmp_path), timeout=120, collective_timeout=30)
     assert r0 == r1 and r0[0] == 4 and r0[1] == ["step=00000004.ckpt"]
+
+
+def test_ensemble_refuses_data_parallel_and_shard_inside_it_when_built():
+    step = hand_step(mlp())
+    for wrap, who in ((fnlit.data_parallel, "fnlit.data_parallel"), (fnlit.shard, "fnlit.shard")):
+        with pytest.raises(ValueError, match=rf"fnlit\.ensemble cannot be combined with {who}.*no torch\.func\.vmap rule"):
+            fnlit.ensemble(fnlit.accumulate(wrap(step), 2), 2)  # found through the transforms' __wrapped__ chain
+
+
+@pytest.mark.distributed
+def test_ensemble_with_data_parallel_or_shard_around_it_is_refused_clearly():
+    # It failed inside torch ("Batching rule not implemented for aten::cat.out"; under shard an error about DP-SGD).
+    for out in fnlit.distributed.launch(ensemble_with_collectives, 2, timeout=120):
+        for name, who in (("dp(ens)", "data_parallel"), ("shard(ens)", "shard"), ("vmap(dp)", "data_parallel"), ("vmap(shard)", "shard")):
+            assert out[name].startswith(f"fnlit.ensemble cannot be combined with fnlit.{who}, in either nesting"), (name, out[name])

@@ -14,6 +14,7 @@ from _shard_workers import (
     compose,
     four_ranks,
     global_batch,
+    l2_step,
     local,
     make_state,
     scalar_param,
@@ -362,3 +363,19 @@ def test_a_save_cut_off_between_its_two_renames_leaves_a_checkpoint_that_restore
     save_sharded(tmp_path / "ckpt", state.replace(step=state.step + 3), v=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert int(restore_sharded(tmp_path / "ckpt", like=state).step) == 3
+
+
+def test_a_loss_reading_the_sharded_params_gets_a_clear_error_and_full_tensor_matches_one_process(runs):
+    # An L2 penalty on params read in the loss failed inside DTensor ("aten.mse_loss_backward.default got mixed
+    # torch.Tensor and DTensor"). Reference for the fix the message gives: one process on the global batch.
+    model, state = make_state()
+    step = l2_step(model, full=False)
+    for i in range(2):
+        state, _ = step(state, global_batch(i))
+    paths, leaves, _ = fnlit.tree.tree_flatten_with_path(state)
+    ref = {p: t for p, t in zip(paths, leaves) if isinstance(t, torch.Tensor) and "params" in p}
+    for r in runs[2]:
+        assert r["l2"]["error"].startswith("Under fnlit.shard the loss came back as a DTensor")
+        assert "p.full_tensor()" in r["l2"]["error"]
+        for p, t in ref.items():
+            torch.testing.assert_close(r["l2"]["params"][p], t, **TOL)

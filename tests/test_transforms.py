@@ -594,3 +594,57 @@ def test_accumulate_splits_user_dict_batches():
 
     with pytest.raises(ValueError, match=r"leaf enc\[0\] of 16 examples"):  # a key that is not a string
         split_batch({"enc": Encoding({0: x}, "n")}, 3)
+
+
+def test_amp_autocasts_every_forward_of_the_step_but_not_its_backward_or_update():
+    # Distillation: the teacher's forward runs outside value_and_grad. Reference: a plain PyTorch loop with the
+    # step's forwards under torch.autocast (Lightning's precision="bf16-mixed"), backward and SGD outside it.
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(6, 3), nn.Linear(6, 3)
+    x = torch.randn(8, 6)
+    ref = copy.deepcopy(student)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        target = teacher(x)
+        loss = F.mse_loss(ref(x).float(), target.float())
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+
+    seen = {}
+    t_params = dict(teacher.named_parameters())
+
+    def step(state, x):
+        target, _ = fnlit.apply(teacher, t_params, {}, x)
+        seen["teacher"] = target.dtype
+
+        def loss_fn(p):
+            return F.mse_loss(fnlit.apply(student, p, {}, x)[0].float(), target.float())
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        seen["grad"] = grads["weight"].dtype
+        return state.apply_gradients(grads), {"loss": loss}
+
+    def record(updates, state, params=None):  # an update that multiplies: float32 unless autocast reaches it
+        seen["update"] = torch.mm(updates["weight"], updates["weight"].T).dtype
+        return updates, state
+
+    tx = fnlit.optim.chain(fnlit.optim.GradientTransformation(lambda p: (), record), fnlit.optim.sgd(0.1))
+    state = fnlit.TrainState.create(student, tx, seed=0)
+    new, _ = fnlit.amp(step, torch.bfloat16)(state, x)
+    assert seen == {"teacher": torch.bfloat16, "grad": torch.float32, "update": torch.float32}
+    assert_trees_equal(new.params, dict(ref.named_parameters()))
+
+
+def test_float16_amp_refuses_float16_params_as_grad_scaler_does():
+    model = nn.Linear(4, 1).half()
+    with pytest.raises(ValueError, match="unscale FP16 gradients"):  # the reference: GradScaler's own refusal
+        ref = copy.deepcopy(model)
+        scaler = torch.amp.GradScaler("cpu")
+        opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        scaler.scale(ref(torch.randn(2, 4).half()).float().sum()).backward()
+        scaler.unscale_(opt)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale="dynamic")
+    step = fnlit.amp(fnlit.train_step(model, lambda m, b: m(b).float().sum()), torch.float16)
+    with pytest.raises(ValueError, match=r"float16 gradients, i\.e\. float16 params.*Keep the params in float32"):
+        step(state, torch.randn(2, 4).half())

@@ -78,6 +78,22 @@ _PER_EXAMPLE_SHARD = (
 )
 
 
+_FP16_PARAMS = (
+    "fnlit.amp(dtype=torch.float16) got float16 gradients, i.e. float16 params (a model converted with .half()): "
+    "loss scaling needs float32 master params, whose gradients it unscales in float32 (torch.amp.GradScaler "
+    "refuses float16 ones too: 'Attempting to unscale FP16 gradients'). Keep the params in float32 -- amp runs "
+    "the forward in float16 -- or train float16 params without amp (no loss scaling), or use bfloat16."
+)
+
+
+WITH_ENSEMBLE = (
+    "fnlit.ensemble cannot be combined with {who}, in either nesting: its collectives (the gradient "
+    "all-reduce, the parameter all-gather) have no torch.func.vmap rule. Split the members across the ranks "
+    "instead -- each rank trains its own members with fnlit.ensemble alone, e.g. "
+    "seeds[fnlit.distributed.rank()::fnlit.distributed.world_size()] -- or train each member with {who} on its own."
+)
+
+
 class Mispredicted(BaseException):
     """Micro-batch 0 guessed the wrong value_and_grad call to accumulate in place; accumulate reruns it.
 
@@ -171,6 +187,9 @@ class Frame:
         """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
         if self.scaler is None or not grads:
             return
+        for g in grads:
+            if g.dtype is torch.float16:  # torch.amp.GradScaler refuses these too ("Attempting to unscale FP16 gradients")
+                raise ValueError(_FP16_PARAMS)
         # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32 (times k under
         # accumulate, whose backward ran on loss / k: exact for a power of two).
         inv_scale = self.scaler.scale.double().reciprocal()
@@ -333,6 +352,12 @@ class Frame:
 
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
+        if self.amp_dtype is None:
+            return self._apply_gradients(state, grads, changes)
+        with torch.autocast(state.device.type, enabled=False):  # fnlit.amp autocasts the step, never its update
+            return self._apply_gradients(state, grads, changes)
+
+    def _apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k == 1 and self.dp_group is not None and leaves:
             _refuse_per_example(self, state, grads, leaves)

@@ -114,6 +114,9 @@ _NEEDS_SCALER = (
 def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     """Runs ``step``'s forward passes in autocast with ``dtype``; params and optimizer state stay float32.
 
+    The whole step runs under ``torch.autocast(device, dtype)``, as Lightning's ``precision="bf16-mixed"`` runs
+    ``training_step``: the forward inside :func:`fnlit.value_and_grad` and every other one (a teacher's in
+    distillation, a metric's); the backward passes and ``apply_gradients`` (the optimizer) run outside it.
     With ``torch.float16`` the loss is scaled by ``state.scaler`` before backward, gradients are unscaled
     in float32 before anything sees them (clipping included), and a step whose gradients are not
     finite leaves params and opt_state unchanged and backs the scale off; after ``growth_interval``
@@ -151,7 +154,8 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
             raise ValueError(_NEEDS_SCALER)
         with frame() as (f, outermost):
             f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device)
-            state, metrics = step(state, batch)
+            with torch.autocast(state.device.type, dtype=dtype):
+                state, metrics = step(state, batch)
             if outermost:
                 metrics = f.finish(dict(metrics))
         return state, metrics

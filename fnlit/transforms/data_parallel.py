@@ -12,7 +12,7 @@ from .. import _storage
 from .. import tree as _tree
 from .._checkpoint_io import _dtensor_class
 from .._types import Batch, Metrics, StepFn
-from ._frame import frame, run_on_rank
+from ._frame import WITH_ENSEMBLE, _level, frame, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -169,10 +169,13 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     def data_parallel_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(_NOT_INITIALISED)
+        if _level() is not None:  # under vmap: fnlit.ensemble(data_parallel(step))
+            raise ValueError(WITH_ENSEMBLE.format(who="fnlit.data_parallel"))
         with frame() as (f, outermost):
             f.dp_group = group if group is not None else dist.group.WORLD
             f.dp_bucket_bytes = bucket_bytes
             return run_on_rank(step, state, batch, dist.get_rank(group), f, outermost)
 
     data_parallel_step.__wrapped__ = step  # type: ignore[attr-defined]
+    data_parallel_step.collective = "fnlit.data_parallel"  # type: ignore[attr-defined]  (fnlit.ensemble refuses it)
     return data_parallel_step

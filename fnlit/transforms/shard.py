@@ -37,7 +37,7 @@ from torch.distributed.tensor import (
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, Params, StepFn
-from ._frame import _level, frame, run_on_rank
+from ._frame import WITH_ENSEMBLE, _level, frame, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -317,7 +317,8 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
     the parameters and reduce-scatters its gradients, as FSDP does without ``no_sync``) and
     :func:`fnlit.amp` (autocast runs over the gathered parameters; with float16, an overflow on any rank
     skips the step on every rank). It does not combine with :func:`fnlit.data_parallel` (use one mesh
-    over all ranks), nor with :func:`fnlit.compile`.
+    over all ranks), :func:`fnlit.ensemble` or :func:`fnlit.compile`. A loss that reads the params outside
+    :func:`fnlit.apply` (an L2 penalty) sees each rank's shards: read them as ``p.full_tensor()`` there.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
@@ -325,7 +326,8 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
 
     Raises:
         RuntimeError: when called without an initialised process group (it says how to launch).
-        ValueError: when the state is sharded on another mesh, or inside fnlit.data_parallel.
+        ValueError: when the state is sharded on another mesh, inside fnlit.data_parallel or fnlit.ensemble, or
+            when the loss reads the sharded params directly (it says how to read them whole).
 
     Example:
         >>> # in a script started by `torchrun --nproc-per-node 4 train.py`:
@@ -343,6 +345,8 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
                 "are not traced). Use fnlit.shard(step) in eager mode, or fnlit.data_parallel with compile."
             )
         _require_group("shard")
+        if _level() is not None:  # under vmap: fnlit.ensemble(shard(step))
+            raise ValueError(WITH_ENSEMBLE.format(who="fnlit.shard"))
         if not meshes:
             meshes.append(_mesh_of(state) or default_mesh())
         m = meshes[0]
@@ -360,6 +364,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
             return run_on_rank(step, state, batch, m.get_local_rank(), f, outermost)
 
     shard_step.__wrapped__ = step  # type: ignore[attr-defined]
+    shard_step.collective = "fnlit.shard"  # type: ignore[attr-defined]  (fnlit.ensemble refuses it)
     return shard_step
 
 
