@@ -309,12 +309,13 @@ class Checkpointer:
             best checkpoints are saved and kept.
         mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
         keep_best: how many best-by-``monitor`` checkpoints to keep; None keeps the checkpoint of every
-            validation (Lightning's ``save_top_k=-1``).
+            validation (Lightning's ``save_top_k=-1``), 0 none (``save_top_k=0``).
         save_last: save when fit finishes, and keep ``last.ckpt`` pointing at the newest checkpoint.
         **meta: JSON-able metadata (hyperparameters) stored in every checkpoint.
 
     Raises:
-        ValueError: on a non-positive interval or count, or a ``mode`` other than "min"/"max".
+        ValueError: on a non-positive interval or ``keep_last`` (``keep_best`` may be 0), a negative
+            ``keep_best``, or a ``mode`` other than "min"/"max".
         TypeError: if ``meta`` is not JSON-serialisable.
 
     Example:

@@ -358,8 +358,8 @@ def _warn_unwatched(callbacks: Sequence[Any], checkpoint: Any) -> None:
         watching.append(f"Checkpointer(monitor={checkpoint.monitor!r})")
     if watching:
         warnings.warn(
-            f"fit runs no validation (no val_data, or limit_val_batches=0), but {' and '.join(watching)} watch "
-            "validation metrics: they never act in this run. Pass val_data and eval_step (monitors see the "
+            f"fit runs no validation (no val_data, or limit_val_batches=0), but {' and '.join(watching)} "
+            f"{'watches' if len(watching) == 1 else 'watch'} validation metrics: they never act in this run. Pass val_data and eval_step (monitors see the "
             "metrics of validation runs, not training's).",
             stacklevel=3,
         )
