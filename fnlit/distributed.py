@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 __all__ = ["init", "rank", "world_size", "local_rank", "is_main", "barrier", "launch", "shard_indices", "shutdown"]
 
 DEFAULT_TIMEOUT = 1800.0
-"""Seconds any collective of :func:`init`'s process group may wait before failing: torch's default (30 min), as
-Lightning's. A dead rank still fails the others instead of hanging them forever, and the ranks waiting while rank
+"""Seconds any collective of :func:`init`'s process group may wait before failing: 30 min, Lightning's default on
+every backend (torch's for gloo; its NCCL default is 10 min). A dead rank still fails the others instead of hanging them forever, and the ranks waiting while rank
 0 writes a large checkpoint (or one to network storage) are not cut off after a couple of minutes.
 :func:`launch` (tests, local experiments) keeps a short ``collective_timeout`` of its own."""
 
@@ -102,7 +102,7 @@ def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> boo
     Args:
         backend: the torch.distributed backend (default: NCCL with CUDA, else gloo).
         timeout: seconds a collective may wait for the other ranks before failing (default
-            :data:`DEFAULT_TIMEOUT`, torch's 30 minutes: rank 0 writing a checkpoint keeps the others waiting).
+            :data:`DEFAULT_TIMEOUT`, Lightning's 30 minutes: rank 0 writing a checkpoint keeps the others waiting).
 
     Returns:
         Whether training is distributed.

@@ -177,7 +177,9 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
                     tensors[name] = d[attr]
             return out
         finally:
-            for d, attr, old in saved:
+            # In reverse: a submodule used twice (nn.Sequential(l, act, l)) lists its slot twice, and the second
+            # entry saved the tensor the first swap put there; the first entry's original goes back last.
+            for d, attr, old in reversed(saved):
                 d[attr] = old
 
 
@@ -470,14 +472,37 @@ def _backward(
         if accumulate:
             torch.autograd.backward(target, seed, inputs=inputs)
             return None
-        return list(torch.autograd.grad(target, inputs, seed, allow_unused=True, materialize_grads=True))
+        grads = list(torch.autograd.grad(target, inputs, seed, allow_unused=True, materialize_grads=True))
+        return _owned(grads) if all(type(g) is torch.Tensor for g in grads) else grads
     seeds = (torch.ones_like(target) if seed is None else seed,)
     grads = _engine_run_backward((target,), seeds, False, False, tuple(inputs), True, accumulate_grad=accumulate)
     if accumulate:
         return None
     if inputs and all(g is None for g in grads):
         raise RuntimeError(_UNREACHED.format(how="its graph reaches none of them"))
-    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
+    return _owned([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)])
+
+
+def _owned(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` as ``.grad`` would hold them: dense, each in memory of its own (copies where not).
+
+    Autograd may hand two inputs one tensor (both terms of ``w = base + delta``) or a stride-0 expand (a param
+    reached only through ``.sum()``); AccumulateGrad copies such gradients into ``.grad``. In-place work on
+    them -- a step's ``g.clamp_()``, accumulate's scaling and summing, amp's unscaling -- would otherwise change
+    a shared one twice, or fail on the expanded one. Checking costs ~1.5 us for six tensors.
+    """
+    storages = {g.untyped_storage().data_ptr() for g in grads}
+    if len(storages) == len(grads) and all(g.is_contiguous() for g in grads):
+        return grads
+    out, seen = [], set()
+    for g in grads:
+        ptr = g.untyped_storage().data_ptr()
+        if not g.is_contiguous() or ptr in seen:
+            g = g.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(ptr)
+        out.append(g)
+    return out
 
 
 _UNREACHED = (
@@ -565,6 +590,8 @@ def value_and_grad(
             return _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
+        if not all(isinstance(t, torch.Tensor) for t in sources):
+            _refuse_non_tensors(nums, args)
         if torch.is_grad_enabled() and (_NESTED.get() or _any_requires_grad(sources)):
             # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad, with
             # respect to the params or to an input): a backward with create_graph keeps this gradient a function
@@ -620,6 +647,17 @@ _NESTED_SHARD = (
     "the inner gradient again would need a second-order backward through the parameter all-gather, which "
     "fnlit.shard does not have. Run such a step under fnlit.data_parallel (whole parameters on every rank)."
 )
+
+
+def _refuse_non_tensors(nums: Sequence[int], args: tuple[Any, ...]) -> None:
+    for i in nums:
+        for path, leaf in zip(_tree.tree_paths(args[i]), _tree.tree_leaves(args[i])):
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(
+                    f"fnlit.value_and_grad differentiates every leaf of argument {i}, but its leaf {path} is "
+                    f"{type(leaf).__name__} {leaf!r}, not a tensor (as torch.func.grad, it takes tensors only). Pass "
+                    "constants through another argument (or a closure), or make it a float tensor."
+                )
 
 
 _SHARDED_LOSS = (

@@ -556,6 +556,8 @@ def fit(
     _data.check_sharding(train_data, "train_data")
     if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch
         train_data = _data.unshuffled(train_data)
+        if val_data is not None:  # validation too (Lightning swaps in a SequentialSampler for both)
+            val_data = _data.unshuffled(val_data)
     if ckpt_path is not None and checkpoint is None:
         raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
     position = None

@@ -664,3 +664,25 @@ def test_a_frozen_batchnorms_first_eval_forward_hands_back_nothing_to_average_ac
     _, new = fnlit.apply(model, state.params, state.buffers, batch()[0], train=False)
     assert new["1.running_mean"] is not state.buffers["1.running_mean"]  # a probe copy
     assert _updated_float_buffers(state, {"buffers": new}) == []
+
+
+def test_apply_leaves_a_submodule_used_twice_holding_its_own_parameters():
+    # nn.Sequential(l, act, l): the slot was swapped twice and restored in forward order, so the module kept the
+    # state's tensor (after value_and_grad, the autograd leaf). Reference: the module's own forward (the state
+    # holds copies of its values).
+    l = nn.Linear(2, 2)
+    model = nn.Sequential(l, nn.Tanh(), l)
+    own_weight, own_bias = l.weight, l.bias
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.randn(3, 2)
+    out, _ = fnlit.apply(model, state.params, state.buffers, x)
+    assert l.weight is own_weight and l.bias is own_bias
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    fnlit.value_and_grad(lambda p: fnlit.apply(model, p, {}, x)[0].sum())(state.params)
+    assert l.weight is own_weight and isinstance(l.weight, nn.Parameter)
+
+
+def test_value_and_grad_names_a_leaf_that_is_not_a_tensor():
+    # It failed with "AttributeError: 'int' object has no attribute 'requires_grad'".
+    with pytest.raises(TypeError, match=r"differentiates every leaf of argument 0, but its leaf n is int 3"):
+        fnlit.value_and_grad(lambda p: p["w"].sum() * p["n"])({"w": torch.ones(2), "n": 3})

@@ -1006,4 +1006,13 @@ def test_init_waits_torchs_default_timeout_so_a_long_checkpoint_save_does_not_ki
     monkeypatch.setattr(fnlit.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
     assert fnlit.distributed.init("gloo") is True
-    assert seen == {"backend": "gloo", "timeout": default_pg_timeout}  # 30 min, as torch and Lightning wait
+    assert seen == {"backend": "gloo", "timeout": default_pg_timeout}  # 30 min, as Lightning waits (torch too, on gloo)
+
+
+def test_overfit_batches_validates_on_the_first_batches_of_a_shuffled_val_dataloader():
+    # Lightning swaps a SequentialSampler into the val loader too under overfit_batches.
+    c = Counter()
+    dl = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, shuffle=True)
+    fit(c.step, make_state(), dl, val_data=dl, eval_step=c.eval_step, max_epochs=2, overfit_batches=2,
+        num_sanity_val_steps=0, callbacks=[c], progress=False)  # fmt: skip
+    assert c.train == [[0, 1], [2, 3]] * 2 and c.val == [[0, 1], [2, 3]] * 2

@@ -646,5 +646,141 @@ def test_float16_amp_refuses_float16_params_as_grad_scaler_does():
         scaler.unscale_(opt)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale="dynamic")
     step = fnlit.amp(fnlit.train_step(model, lambda m, b: m(b).float().sum()), torch.float16)
-    with pytest.raises(ValueError, match=r"float16 gradients, i\.e\. float16 params.*Keep the params in float32"):
+    with pytest.raises(ValueError, match=r"got float16 params \(bias; a model.*Keep the params in float32"):
         step(state, torch.randn(2, 4).half())
+
+
+def test_float16_amp_takes_a_float16_input_gradient_for_a_metric():
+    # Only float16 *params* are refused (GradScaler's rule): a saliency metric on a float16 batch is a gradient
+    # taken for a metric. Reference: the params after a plain GradScaler step, and the input gradient unscaled.
+    torch.manual_seed(0)
+    head = nn.Linear(5, 3)
+    xh, y = torch.randn(8, 5).half(), torch.randint(0, 3, (8,))
+
+    def step(state, b):
+        def loss_fn(p, xin):
+            return F.cross_entropy(fnlit.apply(head, p, {}, xin)[0].float(), b[1])
+
+        loss, (g, gx) = fnlit.value_and_grad(loss_fn, argnums=(0, 1))(state.params, b[0])
+        return state.apply_gradients(g), {"loss": loss, "saliency": gx.float().abs().mean()}
+
+    state = fnlit.TrainState.create(head, fnlit.optim.sgd(0.1), seed=0, loss_scale="dynamic")
+    new, metrics = fnlit.amp(step, torch.float16)(state, (xh, y))
+    ref = copy.deepcopy(head)
+    scaler, opt = torch.amp.GradScaler("cpu"), torch.optim.SGD(ref.parameters(), lr=0.1)
+    x_ref = xh.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(ref(x_ref).float(), y)
+    gx = torch.autograd.grad(scaler.scale(loss), x_ref, retain_graph=True)[0]
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    assert_trees_equal(new.params, dict(ref.named_parameters()))
+    assert torch.equal(metrics["saliency"], (gx * (1 / 65536.0)).float().abs().mean())
+
+
+def _spike_step(model):
+    vg = fnlit.value_and_grad(lambda p, x, y: F.mse_loss(fnlit.apply(model, p, {}, x)[0], y))
+
+    def step(state, batch):  # skips a loss spike with a host-side branch
+        loss, grads = vg(state.params, *batch)
+        if loss > 50:
+            return state, {"loss": loss}
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return step
+
+
+@pytest.mark.parametrize("where", [0, 1, 3])
+def test_accumulate_refuses_a_micro_batch_that_skips_apply_gradients(where):
+    # The skipped micro-batch's gradients were in the accumulator anyway (micro-batch 1: a wrong update), or, as
+    # the last one, the whole update was lost (state.step stayed 0).
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    y[2 * where] = 100.0  # a spike in micro-batch `where` of 4
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ValueError, match=rf"called apply_gradients in micro-batch \d but not in micro-batch {where} .*torch\.where"):
+        fnlit.accumulate(_spike_step(model), 4)(state, (x, y))
+
+
+def test_accumulate_allows_a_batch_whose_micro_batches_all_skip():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    new, _ = fnlit.accumulate(_spike_step(model), 4)(state, (torch.randn(8, 3), torch.full((8, 1), 100.0)))
+    assert int(new.step) == 0
+    assert_trees_equal(new.params, state.params)
+
+
+class _Delta(nn.Module):
+    """weight = base + delta: autograd hands both params one gradient tensor; `bias` is reached through .sum()
+    only, so its gradient is a stride-0 expand."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.delta = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.zeros(2, 3))
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x @ (self.base + self.delta).T + self.bias.sum()
+
+
+def _delta_reference(batches, k, scaler=None):
+    torch.manual_seed(0)
+    ref = _Delta()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x, y in batches:
+        opt.zero_grad()
+        for xi, yi in zip(x.tensor_split(k), y.tensor_split(k)):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                loss = ((ref(xi).float() - yi) ** 2).mean() / k
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return dict(ref.named_parameters())
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gradients_sharing_memory_are_accumulated_once(k):
+    # The step clamps in place (a no-op here), which turns accumulate onto value_and_grad's own gradients: the
+    # shared tensor was scaled and added into twice (0.28 off at k=4). Reference: a plain loop into .grad.
+    torch.manual_seed(0)
+    model = _Delta()
+    vg = fnlit.value_and_grad(lambda p, x, y: ((fnlit.apply(model, p, {}, x)[0] - y) ** 2).mean())
+
+    def step(state, batch):
+        loss, grads = vg(state.params, *batch)
+        for g in grads.values():
+            g.clamp_(-100, 100)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(3)]
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    acc = fnlit.accumulate(step, k)
+    for b in batches:
+        state, _ = acc(state, b)
+    assert_trees_close(state.params, _delta_reference(batches, k), rtol=1e-6, atol=1e-6)
+
+
+def test_float16_amp_unscales_gradients_sharing_memory_once():
+    # The in-place kernel unscaled the shared tensor twice (the update 256x too small) and refused the expanded
+    # one ("more than one element of the written-to tensor refers to a single memory location").
+    torch.manual_seed(0)
+    model = _Delta()
+    vg = fnlit.value_and_grad(lambda p, x, y: ((fnlit.apply(model, p, {}, x)[0].float() - y) ** 2).mean())
+
+    def step(state, batch):
+        loss, grads = vg(state.params, *batch)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen))]
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale=256.0)  # (65536 overflows here)
+    new, metrics = fnlit.amp(step, torch.float16)(state, batches[0])
+    assert float(metrics["grads_finite"]) == 1.0
+    ref = _delta_reference(batches, 1, torch.amp.GradScaler("cpu", init_scale=256.0))
+    assert_trees_close(new.params, ref, rtol=1e-3, atol=1e-3)

@@ -57,6 +57,16 @@ _TWO_UPDATES = (
 )
 
 
+_SKIPPED = (
+    "Under fnlit.accumulate, the step called apply_gradients in micro-batch {applied} but not in micro-batch "
+    "{skipped} (a conditional skip, say of a loss spike?). accumulate applies one update per batch, the mean of "
+    "the micro-batches' gradients: a micro-batch that skips would still count (its gradients are already in the "
+    "accumulator), and a last one that skips would drop the whole update. Skip with tensors instead, in every "
+    "micro-batch: apply zero gradients where the loss is bad (torch.where(ok, g, 0) for each g; no host sync), "
+    "or decide outside accumulate, for the whole batch."
+)
+
+
 _PER_EXAMPLE = (
     "{who} averages the gradients given to apply_gradients across {what}, but these do not have the params' "
     "shapes (the first: {got} against {want}): per-example gradients, as DP-SGD passes them? Averaging "
@@ -75,14 +85,6 @@ _PER_EXAMPLE_SHARD = (
     "Per-example gradients (fnlit.value_and_grad under torch.func.vmap, as fnlit.per_example_grads computes them) "
     "cannot run under fnlit.shard: the vmap sees the sharded parameters' local pieces, not the gathered ones. Run "
     "a DP-SGD step in one process, eagerly."
-)
-
-
-_FP16_PARAMS = (
-    "fnlit.amp(dtype=torch.float16) got float16 gradients, i.e. float16 params (a model converted with .half()): "
-    "loss scaling needs float32 master params, whose gradients it unscales in float32 (torch.amp.GradScaler "
-    "refuses float16 ones too: 'Attempting to unscale FP16 gradients'). Keep the params in float32 -- amp runs "
-    "the forward in float16 -- or train float16 params without amp (no loss scaling), or use bfloat16."
 )
 
 
@@ -131,6 +133,8 @@ class Frame:
         self.divided = True
         self.calls = 0  # value_and_grad calls in this micro-batch
         self.applies = 0  # apply_gradients calls in this micro-batch (accumulate allows one)
+        self.skipped = -1  # the first micro-batch that did not call apply_gradients (-1: none so far)
+        self.applied_any = False  # whether an earlier micro-batch of this step did
         # micro-batch 0: (sources, grads, the grads' version counters) per call
         self.seen: list[tuple[list[Any], list[torch.Tensor], list[int]]] = []
         self.hint = -1  # the call micro-batch 0 guesses is the applied one (set by accumulate), -1: none
@@ -187,9 +191,6 @@ class Frame:
         """Unscales fresh gradients in place (they are ours) and records any overflow in found_inf."""
         if self.scaler is None or not grads:
             return
-        for g in grads:
-            if g.dtype is torch.float16:  # torch.amp.GradScaler refuses these too ("Attempting to unscale FP16 gradients")
-                raise ValueError(_FP16_PARAMS)
         # GradScaler's exact arithmetic: inv_scale computed in float64, applied in float32 (times k under
         # accumulate, whose backward ran on loss / k: exact for a power of two).
         inv_scale = self.scaler.scale.double().reciprocal()
@@ -227,10 +228,20 @@ class Frame:
 
     # -- accumulate: read by value_and_grad ----------------------------------------------------
     def start_micro(self, i: int) -> None:
-        self.micro, self.calls, self.applies, self.fast_grads = i, 0, 0, None
         if i == 0:
             k = self.accum_k
             self.divided = k & (k - 1) == 0
+            self.skipped, self.applied_any = -1, False
+        elif self.applies:  # (the previous micro-batch's count)
+            self.applied_any = True
+        elif self.skipped < 0:
+            self.skipped = self.micro
+        self.micro, self.calls, self.applies, self.fast_grads = i, 0, 0, None
+
+    def check_applied(self) -> None:
+        """After the last micro-batch: every micro-batch applied gradients, or none did."""
+        if not self.applies and self.applied_any:  # (one that applied after a skip has raised already: 0 applied)
+            raise ValueError(_SKIPPED.format(skipped=self.skipped if self.skipped >= 0 else self.micro, applied=0))
 
     def begin_call(self, sources: list[Any]) -> list[torch.Tensor] | None:
         """For each value_and_grad call under accumulate: the leaves to differentiate with, or None.
@@ -365,6 +376,8 @@ class Frame:
             self.applies += 1
             if self.applies > 1:
                 raise ValueError(_TWO_UPDATES)
+            if self.skipped >= 0:
+                raise ValueError(_SKIPPED.format(skipped=self.skipped, applied=self.micro))
             fast, self.fast_grads = self.fast_grads, None
             if fast is not None:  # autograd already added them into the accumulator
                 if len(fast) != len(leaves) or not all(map(operator.is_, fast, leaves)):

@@ -129,7 +129,8 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     the accumulator instead. Every other ``value_and_grad`` call (e.g. an input gradient for a metric)
     returns its true gradient. A step must treat the applied call's gradients the same way in every
     micro-batch of a step; one that applies other tensors, or changes them in place, in a later
-    micro-batch only raises ``ValueError``.
+    micro-batch only raises ``ValueError``, and so does one that calls ``apply_gradients`` in some
+    micro-batches but not in others (a conditional skip: apply zero gradients instead).
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
@@ -180,6 +181,7 @@ def accumulate(step: StepFn, k: int) -> StepFn:
                         f.start_micro(0)
                         new, metrics = step(state.replace(rng=key), micro)
                 all_metrics.append(metrics)
+            f.check_applied()
             if not traced:
                 guess["hint"] = f.fast_call if guess["misses"] < 2 else -1
             metrics = _mean_metrics(all_metrics)

@@ -111,6 +111,14 @@ _NEEDS_SCALER = (
 )
 
 
+_FP16_PARAMS = (
+    "fnlit.amp(dtype=torch.float16) got float16 params ({path}; a model converted with .half()): loss scaling "
+    "needs float32 master params, whose gradients it unscales in float32 (torch.amp.GradScaler refuses float16 "
+    "ones too: 'Attempting to unscale FP16 gradients'). Keep the params in float32 -- amp runs the forward in "
+    "float16 -- or train float16 params without amp (no loss scaling), or use bfloat16."
+)
+
+
 def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     """Runs ``step``'s forward passes in autocast with ``dtype``; params and optimizer state stay float32.
 
@@ -135,7 +143,7 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
         dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
 
     Raises:
-        ValueError: for another dtype, or float16 on a state without ``scaler``.
+        ValueError: for another dtype, or float16 on a state without ``scaler`` or with float16 params.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -150,8 +158,12 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
         raise ValueError(f"fnlit.amp expected dtype torch.bfloat16 or torch.float16, got {dtype} instead.")
 
     def amp_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        if dtype == torch.float16 and state.scaler is None:
-            raise ValueError(_NEEDS_SCALER)
+        if dtype == torch.float16:
+            if state.scaler is None:
+                raise ValueError(_NEEDS_SCALER)
+            for i, p in enumerate(_tree.tree_leaves(state.params)):
+                if p.dtype is torch.float16:  # torch.amp.GradScaler refuses them too ("Attempting to unscale FP16 gradients")
+                    raise ValueError(_FP16_PARAMS.format(path=_tree.tree_paths(state.params)[i]))
         with frame() as (f, outermost):
             f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device)
             with torch.autocast(state.device.type, dtype=dtype):
