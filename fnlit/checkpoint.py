@@ -282,6 +282,13 @@ def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
         )
 
 
+
+def _where(position: Position | None) -> tuple[Any, ...] | None:
+    """Where in the data a position stands: its epoch, batch, and whether that batch's epoch-end validation ran."""
+    if not position:
+        return None
+    return (position.get("epoch"), position.get("batch"), bool(position.get("validated")))
+
 class Checkpointer:
     """Saves checkpoints during :func:`fnlit.fit` and finds the one to resume from.
 
@@ -361,6 +368,7 @@ class Checkpointer:
         # The state object last saved (or restored): not saved again. By identity, not by step: another attempt
         # at the same step (a retry after a crash) is another state, and is saved.
         self._saved: Callable[[], Any] | None = None
+        self._saved_where: tuple[Any, ...] | None = None  # where in the data that save stands (see _where)
         # The state last validated, and its metrics: a save of that state (the step's periodic one) records them
         # in its file, so the file is ranked by them (another attempt at the step validates its own state).
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
@@ -448,11 +456,21 @@ class Checkpointer:
         the worst kept: on a tie, the earlier checkpoint is kept). Rank 0 decides; for a sharded state,
         every rank follows (a collective: gathering the shards for the save needs them all).
 
+        An epoch-end validation of the step just saved (its batch's checkpoint comes first) saves that step
+        again, validated: a resume from it would otherwise validate, and log, that step a second time.
+
         Raises:
             ValueError: if ``monitor`` is not among ``val_metrics``.
         """
+        saved = self._save_if_best(state, position, val_metrics)
+        if position and position.get("validated") and self._is_saved(state) and self._saved_where != _where(position):
+            if not saved:  # (rank 0 writes; a sharded state's save is a collective, and every rank decides alike)
+                self.save(state, position)
+            self._saved_where = _where(position)
+
+    def _save_if_best(self, state: Any, position: Position, val_metrics: dict[str, float]) -> bool:
         if self.monitor is None or self.keep_best == 0:
-            return
+            return False
         if self.monitor not in val_metrics:
             raise ValueError(
                 f"Checkpointer(monitor={self.monitor!r}) expected a validation metric named {self.monitor!r}, "
@@ -461,7 +479,7 @@ class Checkpointer:
         value = float(val_metrics[self.monitor])
         sharded = is_sharded(state)
         if not _dist.is_main() and not sharded:
-            return  # no barrier: ranks may disagree on metrics they did not reduce
+            return False  # no barrier: ranks may disagree on metrics they did not reduce
         metrics = {k: float(v) for k, v in val_metrics.items()}
         self._validated_of = (_ref(state), metrics)
         improves = _dist.is_main() and not math.isnan(value) and self._improves(value)
@@ -469,6 +487,7 @@ class Checkpointer:
             improves = bool(_from_rank_0(improves))
         if improves:
             self.save(state, position, metrics=metrics)
+        return improves
 
     def _improves(self, value: float) -> bool:
         # Strictly better than the worst kept best: on a tie the earlier checkpoint stays (as Lightning's).
@@ -500,7 +519,7 @@ class Checkpointer:
         # Every rank takes this path at the same steps (it depends on the step and epoch only), so the
         # barrier matches; the other ranks go on once rank 0's file is durable.
         self.save(state, position)
-        self._saved = _ref(state)  # only once written: on_exit saves again after an interrupted write
+        self._saved, self._saved_where = _ref(state), _where(position)  # only once written: on_exit saves again after an interrupted write
         _dist.barrier()
 
     def save(self, state: Any, position: Position | None = None, *, metrics: dict[str, float] | None = None) -> Path:
@@ -563,7 +582,7 @@ class Checkpointer:
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
         header, values = decode(path)
         state = fill_like(like, values, path)
-        self._saved = _ref(state)  # not saved again unchanged (a resume that takes no step)
+        self._saved, self._saved_where = _ref(state), _where(header.get("position"))  # not saved again unchanged (a resume that takes no step)
         self.restored_from = path  # (fit: a resume, whether or not the file holds a driver position)
         # The resumed run goes on with its own files. A file without a run (fnlit.save's) starts a run of its own,
         # named after the file alike on every rank: the folder's other files are not its to rank or remove.

@@ -258,6 +258,12 @@ def apply(
         >>> out.shape, int(buffers["1.num_batches_tracked"]), int(state.buffers["1.num_batches_tracked"])
         (torch.Size([8, 4]), 1, 0)
     """
+    frame = _current_frame()
+    if frame is not None and frame.amp_dtype is not None:  # fnlit.amp: a forward outside value_and_grad (a teacher's)
+        device = _device_type(params)
+        if not torch.is_autocast_enabled(device):
+            with torch.autocast(device, dtype=frame.amp_dtype):
+                return apply(module, params, buffers, *args, rng=rng, train=train, mutable=mutable, **kwargs)
     # While compiling, build the slots afresh: filling the cache during a trace would make the next
     # call fail dynamo's guard on the cache and recompile.
     compiling = torch.compiler.is_compiling()
@@ -489,20 +495,38 @@ def _owned(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     Autograd may hand two inputs one tensor (both terms of ``w = base + delta``) or a stride-0 expand (a param
     reached only through ``.sum()``); AccumulateGrad copies such gradients into ``.grad``. In-place work on
     them -- a step's ``g.clamp_()``, accumulate's scaling and summing, amp's unscaling -- would otherwise change
-    a shared one twice, or fail on the expanded one. Checking costs ~1.5 us for six tensors.
+    a shared one twice, or fail on the expanded one. Only overlapping ones are copied (disjoint slices of one
+    storage and channels_last layouts are kept); checking costs ~0.2 us a tensor.
     """
-    storages = {g.untyped_storage().data_ptr() for g in grads}
-    if len(storages) == len(grads) and all(g.is_contiguous() for g in grads):
+    strided = [g for g in grads if g.layout is torch.strided]  # (a sparse gradient is its own: nn.Embedding(sparse=True))
+    storages = {g.untyped_storage().data_ptr() for g in strided}
+    if len(storages) == len(strided) and not any(_self_overlapping(g) for g in strided):
         return grads
-    out, seen = [], set()
+    out, ranges = [], {}  # storage -> the byte ranges of the gradients kept on it
     for g in grads:
-        ptr = g.untyped_storage().data_ptr()
-        if not g.is_contiguous() or ptr in seen:
-            g = g.clone(memory_format=torch.contiguous_format)
-        else:
-            seen.add(ptr)
+        if g.layout is torch.strided:
+            ptr, span = g.untyped_storage().data_ptr(), _byte_range(g)
+            if _self_overlapping(g) or any(a < span[1] and span[0] < b for a, b in ranges.get(ptr, ())):
+                g = g.clone()  # (preserve_format: a channels_last gradient stays channels_last)
+            else:
+                ranges.setdefault(ptr, []).append(span)
         out.append(g)
     return out
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """Whether elements of ``t`` share memory (an expand: stride 0 along a dimension of size > 1)."""
+    return 0 in t.stride() and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage that ``t`` spans (disjoint slices of one storage, as torch.cat's backward hands
+    out, do not overlap)."""
+    if t.numel() == 0:
+        return (0, 0)
+    start = t.storage_offset() * t.element_size()
+    last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
+    return (start, start + (last + 1) * t.element_size())
 
 
 _UNREACHED = (
@@ -577,15 +601,11 @@ def value_and_grad(
         frame = _current_frame()
         if frame is not None and frame.shard_group is not None:
             frame.refuse_per_example(args)
-        if frame is None or frame.amp_dtype is None:
-            return differentiate(frame, None, args, kwargs)
-        # fnlit.amp runs the whole step under autocast; the forward here runs under it too, the backward not
-        # (as torch recommends, and as a Lightning loop calls backward after the autocast training_step).
-        device = _device_type(args[nums[0]])
-        with torch.autocast(device, enabled=False):
-            return differentiate(frame, torch.autocast(device, dtype=frame.amp_dtype), args, kwargs)
-
-    def differentiate(frame: Any, autocast: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        autocast = (
+            torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)
+            if frame is not None and frame.amp_dtype is not None
+            else None
+        )
         if _traced():
             return _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
@@ -753,6 +773,10 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
 
     # argnums as the caller gave it: an int gives one tree of gradients, a tuple (even of one) a tuple of them.
     grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
+    # Copies, as the eager path's _owned makes where needed (the storage test does not reach through vmap's or
+    # compile's tensors): a step that edits its gradients in place changes a shared one once. Compiled, the
+    # copies fuse into their consumers.
+    grads = _tree.tree_map(lambda g: g.clone() if isinstance(g, torch.Tensor) else g, grads)
     out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
     if frame is not None and frame.scaler is not None:
         leaves, treedef = _tree.tree_flatten(grads)

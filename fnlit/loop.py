@@ -716,6 +716,10 @@ def fit(
                 agree()
             else:
                 halt = halting()
+            if log.pending and steps % log_every == 0:
+                # A whole interval pending at its last step: a second Ctrl-C cut its read-back off. Logged first,
+                # as the uninterrupted run did (then the validation of that step, if it was cut off too).
+                log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
             if unfinished and plan.validate and not halt:  # the validation a Ctrl-C cut off, as the first run had it
                 validate()
                 if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now

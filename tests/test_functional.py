@@ -686,3 +686,27 @@ def test_value_and_grad_names_a_leaf_that_is_not_a_tensor():
     # It failed with "AttributeError: 'int' object has no attribute 'requires_grad'".
     with pytest.raises(TypeError, match=r"differentiates every leaf of argument 0, but its leaf n is int 3"):
         fnlit.value_and_grad(lambda p: p["w"].sum() * p["n"])({"w": torch.ones(2), "n": 3})
+
+
+def test_value_and_grad_keeps_gradients_that_do_not_overlap_as_grad_holds_them():
+    # Reference: .grad after a plain backward. A sparse embedding gradient stays sparse (copying it failed),
+    # a channels_last conv weight's gradient stays channels_last, disjoint slices of one storage stay views.
+    emb = nn.Embedding(10, 3, sparse=True)
+    idx = torch.tensor([1, 2, 2])
+    emb(idx).sum().backward()
+    _, g = fnlit.value_and_grad(lambda p: fnlit.apply(emb, p, {}, idx)[0].sum())({"weight": emb.weight.detach()})
+    assert g["weight"].layout == emb.weight.grad.layout == torch.sparse_coo
+    torch.testing.assert_close(g["weight"].to_dense(), emb.weight.grad.to_dense())
+
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    conv(x).sum().backward()
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    _, g = fnlit.value_and_grad(lambda p: fnlit.apply(conv, p, {}, x)[0].sum())(params)
+    assert g["weight"].is_contiguous(memory_format=torch.channels_last) == conv.weight.grad.is_contiguous(
+        memory_format=torch.channels_last) == True  # noqa: E712
+
+    a, b = torch.randn(2, 3), torch.randn(4, 3)
+    _, g = fnlit.value_and_grad(lambda p: (torch.cat([p["a"], p["b"]]) * torch.arange(6.0)[:, None]).sum())({"a": a, "b": b})
+    assert g["a"].untyped_storage().data_ptr() == g["b"].untyped_storage().data_ptr()  # kept as torch.cat's backward made them
+    torch.testing.assert_close(torch.cat([g["a"], g["b"]]), torch.arange(6.0)[:, None].expand(6, 3))

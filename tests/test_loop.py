@@ -1,5 +1,6 @@
 """fit/evaluate against a counting step: exact numbers of steps, validations and epochs as Lightning defines them."""
 
+import contextlib
 import json
 import math
 import os
@@ -1016,3 +1017,106 @@ def test_overfit_batches_validates_on_the_first_batches_of_a_shuffled_val_datalo
     fit(c.step, make_state(), dl, val_data=dl, eval_step=c.eval_step, max_epochs=2, overfit_batches=2,
         num_sanity_val_steps=0, callbacks=[c], progress=False)  # fmt: skip
     assert c.train == [[0, 1], [2, 3]] * 2 and c.val == [[0, 1], [2, 3]] * 2
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def purge(self, step):
+        self.rows = [r for r in self.rows if r[0] < step]
+
+
+class _DoubleCtrlC:
+    """The user presses Ctrl-C twice; the second lands while fit reads the interval's metrics back."""
+
+    def on_log(self, state):
+        if int(state.step) == 10:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return {}
+
+
+def test_a_second_ctrl_c_during_the_metrics_read_back_keeps_the_interval_for_the_resumed_run(tmp_path):
+    # The buffer was emptied before the read-back, so the step-10 row was lost. Reference: the uninterrupted run.
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 2)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
+        step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+        return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8)
+
+    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False)
+    ref = _Rows()
+    fit(*build(), loggers=[ref], **kw)
+    rows = _Rows()
+    fit(*build(), loggers=[rows], callbacks=[_DoubleCtrlC()], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    fit(*build(), loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
+    assert [s for s, _ in rows.rows] == [s for s, _ in ref.rows] and rows.rows == ref.rows
+
+
+class _Unsized:
+    """8 batches a pass, without a len(): fit learns an epoch's end by looking one batch ahead."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        for i in range(0, len(self.x), 8):
+            yield self.x[i : i + 8], self.y[i : i + 8]
+
+
+class _SigtermAt:
+    def __init__(self, at):
+        self.at = at
+
+    def on_step(self, state, metrics):
+        if int(state.step) == self.at:
+            signal.raise_signal(signal.SIGTERM)
+
+
+class _CrashAt(_SigtermAt):
+    def on_step(self, state, metrics):
+        if int(state.step) == self.at:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("stop", [_SigtermAt(8), _CrashAt(9)], ids=["sigterm-at-the-epochs-end", "crash-after-it"])
+def test_an_unsized_epochs_end_validation_is_not_run_again_by_a_resume(tmp_path, stop):
+    # The step-8 checkpoint came before the epoch-end validation: the exit save was skipped (same state), or a crash
+    # left that checkpoint the last one, so the resumed run validated step 8 again (its val row twice in the log).
+    # Reference: the uninterrupted run's rows.
+    from fnlit.summary import JSONLWriter
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    x, y = torch.randn(96, 8), torch.randint(0, 2, (96,))
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": torch.nn.functional.cross_entropy(m(b[0]), b[1])})
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    runs = {"interrupted": [stop, None], "uninterrupted": [None]}
+    rows = {}
+    for name, parts in runs.items():
+        d = tmp_path / name
+        for cb in parts:
+            w = JSONLWriter(d)
+            with contextlib.suppress(RuntimeError) if cb else contextlib.nullcontext():
+                fit(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), _Unsized(x[:64], y[:64]),
+                    val_data=[(x[64:], y[64:])], eval_step=ev, max_epochs=2, num_sanity_val_steps=0, log_every_n_steps=4,
+                    progress=False, loggers=[w], checkpoint=fnlit.Checkpointer(d / "ck", every_n_steps=4),
+                    ckpt_path=None if cb else "last", callbacks=[cb] if cb else [])  # fmt: skip
+            w.close()
+        rows[name] = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows["interrupted"] == rows["uninterrupted"]

@@ -596,9 +596,10 @@ def test_accumulate_splits_user_dict_batches():
         split_batch({"enc": Encoding({0: x}, "n")}, 3)
 
 
-def test_amp_autocasts_every_forward_of_the_step_but_not_its_backward_or_update():
+def test_amp_autocasts_every_forward_of_the_step_but_not_its_gradient_arithmetic_or_update():
     # Distillation: the teacher's forward runs outside value_and_grad. Reference: a plain PyTorch loop with the
-    # step's forwards under torch.autocast (Lightning's precision="bf16-mixed"), backward and SGD outside it.
+    # step's forwards under torch.autocast, backward and SGD outside it. What the step computes from the
+    # gradients stays float32 (a float16 `g @ g` overflowed and zeroed a hand-clipped update).
     torch.manual_seed(0)
     teacher, student = nn.Linear(6, 3), nn.Linear(6, 3)
     x = torch.randn(8, 6)
@@ -623,6 +624,8 @@ def test_amp_autocasts_every_forward_of_the_step_but_not_its_backward_or_update(
 
         loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
         seen["grad"] = grads["weight"].dtype
+        flat = grads["weight"].flatten()
+        seen["between"] = (flat @ flat).dtype
         return state.apply_gradients(grads), {"loss": loss}
 
     def record(updates, state, params=None):  # an update that multiplies: float32 unless autocast reaches it
@@ -632,7 +635,7 @@ def test_amp_autocasts_every_forward_of_the_step_but_not_its_backward_or_update(
     tx = fnlit.optim.chain(fnlit.optim.GradientTransformation(lambda p: (), record), fnlit.optim.sgd(0.1))
     state = fnlit.TrainState.create(student, tx, seed=0)
     new, _ = fnlit.amp(step, torch.bfloat16)(state, x)
-    assert seen == {"teacher": torch.bfloat16, "grad": torch.float32, "update": torch.float32}
+    assert seen == {"teacher": torch.bfloat16, "grad": torch.float32, "between": torch.float32, "update": torch.float32}
     assert_trees_equal(new.params, dict(ref.named_parameters()))
 
 
@@ -784,3 +787,30 @@ def test_float16_amp_unscales_gradients_sharing_memory_once():
     assert float(metrics["grads_finite"]) == 1.0
     ref = _delta_reference(batches, 1, torch.amp.GradScaler("cpu", init_scale=256.0))
     assert_trees_close(new.params, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_an_ensemble_member_edits_gradients_sharing_memory_once():
+    # The traced path (vmap) returned autograd's shared gradient for `base` and `delta`: `g.mul_(0.5)` halved it
+    # twice. Reference: a plain loop that halves .grad, for each member.
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)
+    torch.manual_seed(0)
+    model = _Delta()
+    vg = fnlit.value_and_grad(lambda p, x, y: ((fnlit.apply(model, p, {}, x)[0] - y) ** 2).mean())
+
+    def step(state, batch):
+        loss, grads = vg(state.params, *batch)
+        for g in grads.values():
+            g.mul_(0.5)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    tx = fnlit.optim.sgd(0.1)
+    states = fnlit.stack_states([fnlit.TrainState.create(model, tx, seed=i) for i in range(2)])
+    new, _ = fnlit.ensemble(step, 2)(states, (x, y))
+    ref = copy.deepcopy(model)
+    ((ref(x) - y) ** 2).mean().backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * 0.5 * p.grad
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(new.params[name][0], p.detach(), rtol=1e-6, atol=1e-7)

@@ -363,12 +363,6 @@ class Frame:
 
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
-        if self.amp_dtype is None:
-            return self._apply_gradients(state, grads, changes)
-        with torch.autocast(state.device.type, enabled=False):  # fnlit.amp autocasts the step, never its update
-            return self._apply_gradients(state, grads, changes)
-
-    def _apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k == 1 and self.dp_group is not None and leaves:
             _refuse_per_example(self, state, grads, leaves)

@@ -130,7 +130,10 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     returns its true gradient. A step must treat the applied call's gradients the same way in every
     micro-batch of a step; one that applies other tensors, or changes them in place, in a later
     micro-batch only raises ``ValueError``, and so does one that calls ``apply_gradients`` in some
-    micro-batches but not in others (a conditional skip: apply zero gradients instead).
+    micro-batches but not in others (a conditional skip: apply zero gradients instead). The whole step runs
+    once per micro-batch: what it does after ``apply_gradients`` (an EMA of the params written into the
+    buffers) runs k times per update, on unchanged params in micro-batches 0..k-2. Guard it with the step
+    counter, which only the update moves: ``torch.where(new.step != state.step, updated, old)``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.

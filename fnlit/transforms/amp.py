@@ -122,9 +122,13 @@ _FP16_PARAMS = (
 def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     """Runs ``step``'s forward passes in autocast with ``dtype``; params and optimizer state stay float32.
 
-    The whole step runs under ``torch.autocast(device, dtype)``, as Lightning's ``precision="bf16-mixed"`` runs
-    ``training_step``: the forward inside :func:`fnlit.value_and_grad` and every other one (a teacher's in
-    distillation, a metric's); the backward passes and ``apply_gradients`` (the optimizer) run outside it.
+    The step's forwards run under ``torch.autocast(device, dtype)``: the function :func:`fnlit.value_and_grad`
+    differentiates, and every :func:`fnlit.apply` call of the step (a teacher's forward in distillation, a
+    metric's). The rest of the step stays in full precision: the backward passes, what the step computes from the
+    gradients before ``apply_gradients`` (a hand-written norm or projection: a float16 ``g @ g`` would overflow),
+    and the optimizer. A module called directly, not through :func:`fnlit.apply`, outside ``value_and_grad`` runs
+    as it is; an explicit ``torch.autocast(enabled=False)`` does not take a forward out of amp (run it in a step
+    of its own instead).
     With ``torch.float16`` the loss is scaled by ``state.scaler`` before backward, gradients are unscaled
     in float32 before anything sees them (clipping included), and a step whose gradients are not
     finite leaves params and opt_state unchanged and backs the scale off; after ``growth_interval``
@@ -166,8 +170,7 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
                     raise ValueError(_FP16_PARAMS.format(path=_tree.tree_paths(state.params)[i]))
         with frame() as (f, outermost):
             f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device)
-            with torch.autocast(state.device.type, dtype=dtype):
-                state, metrics = step(state, batch)
+            state, metrics = step(state, batch)
             if outermost:
                 metrics = f.finish(dict(metrics))
         return state, metrics

@@ -145,10 +145,12 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     buffer per dtype (or per ``bucket_mb`` bucket) so there is one collective, not one per tensor; under
     :func:`fnlit.accumulate` the intermediate micro-batches do not communicate at all. Metrics are
     averaged across ranks (tensors anywhere in them, elementwise). Every rank ends each step with
-    bitwise-identical params and buffers: buffers the step updates (BatchNorm's running statistics,
-    computed by each rank on its own shard) are averaged across ranks in the same collective -- for a
-    running mean, the value one process would compute on the whole batch (DDP broadcasts rank 0's
-    instead). Each rank draws its own dropout masks (its key is folded with its rank, before the
+    bitwise-identical params, and floating-point buffers the step passes to ``apply_gradients(buffers=...)``
+    (BatchNorm's running statistics, computed by each rank on its own shard) are averaged across ranks in
+    the same collective -- for a running mean, the value one process would compute on the whole batch (DDP
+    broadcasts rank 0's instead). Buffers the step changes otherwise -- an integer counter of its own data,
+    or anything set with ``replace`` after ``apply_gradients`` -- are each rank's own: compute them from
+    averaged values (the metrics, the params) or reduce them yourself, or the ranks drift apart. Each rank draws its own dropout masks (its key is folded with its rank, before the
     micro-batch index under :func:`fnlit.accumulate` in either nesting), and all ranks keep the same
     ``state.rng``.
 
