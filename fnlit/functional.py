@@ -259,10 +259,11 @@ def apply(
         (torch.Size([8, 4]), 1, 0)
     """
     frame = _current_frame()
-    if frame is not None and frame.amp_dtype is not None:  # fnlit.amp: a forward outside value_and_grad (a teacher's)
-        device = _device_type(params)
-        if not torch.is_autocast_enabled(device):
-            with torch.autocast(device, dtype=frame.amp_dtype):
+    if frame is not None and frame.amp_dtype is not None and not frame.forwarding:
+        # fnlit.amp: a forward outside value_and_grad's (a teacher's). Inside it, autocast is as that forward sets
+        # it: a torch.autocast(enabled=False) region of the loss (a float32 head) stays float32.
+        if not torch.is_autocast_enabled(frame.amp_device):
+            with torch.autocast(frame.amp_device, dtype=frame.amp_dtype):
                 return apply(module, params, buffers, *args, rng=rng, train=train, mutable=mutable, **kwargs)
     # While compiling, build the slots afresh: filling the cache during a trace would make the next
     # call fail dynamo's guard on the cache and recompile.
@@ -601,11 +602,15 @@ def value_and_grad(
         frame = _current_frame()
         if frame is not None and frame.shard_group is not None:
             frame.refuse_per_example(args)
-        autocast = (
-            torch.autocast(_device_type(args[nums[0]]), dtype=frame.amp_dtype)
-            if frame is not None and frame.amp_dtype is not None
-            else None
-        )
+        if frame is None or frame.amp_dtype is None:
+            return differentiate(frame, None, args, kwargs)
+        # fnlit.amp: the forward runs under autocast, the backward not -- also when this call runs inside another
+        # forward (a gradient penalty's inner value_and_grad), as PyTorch's GradScaler recipe has it.
+        device = _device_type(args[nums[0]])
+        with torch.autocast(device, enabled=False):
+            return differentiate(frame, torch.autocast(device, dtype=frame.amp_dtype), args, kwargs)
+
+    def differentiate(frame: Any, autocast: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
         if _traced():
             return _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
@@ -703,8 +708,12 @@ def _run_loss(fn, args, kwargs, has_aux, frame, autocast):  # type: ignore[no-un
     if autocast is None:
         loss, aux = _split_out(fn(*args, **kwargs), has_aux)
     else:
-        with autocast:
-            loss, aux = _split_out(fn(*args, **kwargs), has_aux)
+        was, frame.forwarding = frame.forwarding, True  # fnlit.apply leaves autocast as this forward sets it
+        try:
+            with autocast:
+                loss, aux = _split_out(fn(*args, **kwargs), has_aux)
+        finally:
+            frame.forwarding = was
     return loss, aux, (frame.scale_loss(loss) if frame is not None else loss)
 
 

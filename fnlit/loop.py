@@ -636,7 +636,9 @@ def fit(
     pending = [_tree.tree_map(lambda t: t.to(state.device) if isinstance(t, torch.Tensor) else t, m)
                for m in position.get("log_pending", ())]
     # closed at the end; every writer drops what an earlier run logged after this run's starting step (a resume)
-    purge_from = _first(state.step) + 1
+    # (from the step itself when the checkpoint holds that step's whole interval: a second Ctrl-C cut its logging
+    # off, maybe after some writer had its row; the resumed run logs it again)
+    purge_from = _first(state.step) + (0 if pending and _first(state.step) % plan.log_every == 0 else 1)
     owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
@@ -670,9 +672,15 @@ def fit(
     def log_now(label: int | None = None) -> None:
         if distributed:
             agree()
-        metrics = log.flush(state, epoch if label is None else label)
-        if metrics and logger is not None:
-            logger.log_metrics(metrics, steps)
+        taken = log.pending
+        try:
+            metrics = log.flush(state, epoch if label is None else label)
+            if metrics and logger is not None:
+                logger.log_metrics(metrics, steps)
+        except KeyboardInterrupt:  # a second Ctrl-C: the exit checkpoint keeps the interval, the resume logs it whole
+            if log.pending is not taken:  # (flush had taken them)
+                log.pending = taken + log.pending
+            raise
         bar.set_metrics(steps, metrics)
 
     # A validation a second Ctrl-C can cut off: whether it is an epoch end's, and the callbacks' states from

@@ -726,20 +726,13 @@ class MetricBuffer:
     def flush(self, state: TrainState, epoch: int) -> dict[str, float]:
         """Means over the interval, plus the callbacks' ``on_log`` values, read back in one host sync.
 
-        Interrupted (a second Ctrl-C during the read-back), the interval's metrics stay pending: the exit
-        checkpoint keeps them, and the resumed run logs the interval whole.
+        The interval's metrics leave the buffer (:func:`fnlit.fit` puts them back when a second Ctrl-C cuts the
+        read-back or the loggers' write off, so that the exit checkpoint keeps them).
         """
-        pending, self.pending = self.pending, []
-        try:
-            return self._flush(pending, state, epoch)
-        except KeyboardInterrupt:  # (an error in the metrics themselves drops them: they would fail again)
-            self.pending = pending + self.pending
-            raise
-
-    def _flush(self, pending: list[Metrics], state: TrainState, epoch: int) -> dict[str, float]:
         names: list[str] = []
         tensors: list[torch.Tensor] = []
-        if pending:
+        if self.pending:
+            pending, self.pending = self.pending, []
             if any(isinstance(v, Mapping) for m in pending for v in m.values()):  # {"parts": {"ce": ..}}: "parts/ce"
                 pending = [flat_metrics(m) for m in pending]
             keys = pending[0].keys()

@@ -1120,3 +1120,32 @@ def test_an_unsized_epochs_end_validation_is_not_run_again_by_a_resume(tmp_path,
             w.close()
         rows[name] = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows["interrupted"] == rows["uninterrupted"]
+
+
+class _CtrlCInWrite(_Rows):
+    """A logger during whose write (at step 10, before it has the row) the user presses Ctrl-C twice."""
+
+    def log_metrics(self, metrics, step):
+        if step == 10 and not getattr(self, "fired", False):
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        super().log_metrics(metrics, step)
+
+
+def test_a_second_ctrl_c_during_the_loggers_write_keeps_the_interval_for_the_resumed_run(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 2)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
+        step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+        return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8)
+
+    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False)
+    ref = _Rows()
+    fit(*build(), loggers=[ref], **kw)
+    first, cut = _Rows(), _CtrlCInWrite()  # the first writer has step 10's row, the second not
+    fit(*build(), loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    fit(*build(), loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
+    assert first.rows == cut.rows == ref.rows  # step 10's row once in each (the resume purges from it, then logs it)

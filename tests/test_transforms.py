@@ -814,3 +814,53 @@ def test_an_ensemble_member_edits_gradients_sharing_memory_once():
             p -= 0.1 * 0.5 * p.grad
     for name, p in ref.named_parameters():
         torch.testing.assert_close(new.params[name][0], p.detach(), rtol=1e-6, atol=1e-7)
+
+
+class _AutocastProbe(torch.autograd.Function):
+    """Identity whose backward records whether autocast was on."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _AutocastProbe.seen.append(torch.is_autocast_enabled("cpu"))
+        return g
+
+
+def test_amp_keeps_a_float32_region_of_the_loss_and_runs_no_backward_under_autocast():
+    # A head kept in float32 with torch.autocast(enabled=False) inside the loss (PyTorch's recipe) was put back
+    # under autocast by fnlit.apply; a gradient penalty's inner backward ran under the outer forward's autocast.
+    # Reference: the same loss in a plain loop, and PyTorch's rule that backward passes run outside autocast.
+    torch.manual_seed(0)
+    body, head = nn.Linear(6, 5), nn.Linear(5, 3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    dtypes = []
+
+    def part(p, name):
+        return {k[len(name) + 1 :]: v for k, v in p.items() if k.startswith(name + ".")}
+
+    def loss_fn(p, penalty):
+        h, _ = fnlit.apply(body, part(p, "body"), {}, x)
+        h = _AutocastProbe.apply(h)
+        with torch.autocast("cpu", enabled=False):
+            out, _ = fnlit.apply(head, part(p, "head"), {}, h.float())
+        dtypes.append(out.dtype)
+        loss = F.cross_entropy(out, y)
+        if penalty:
+            _, g = fnlit.value_and_grad(lambda q: loss_fn(q, False))(p)
+            loss = loss + 0.1 * sum((v**2).sum() for v in fnlit.tree.tree_leaves(g))
+        return loss
+
+    def step(state, batch):
+        loss, grads = fnlit.value_and_grad(lambda p: loss_fn(p, True))(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = fnlit.TrainState.create(nn.ModuleDict({"body": body, "head": head}), fnlit.optim.sgd(0.1), seed=0)
+    _AutocastProbe.seen.clear()
+    fnlit.amp(step, torch.bfloat16)(state, None)
+    assert dtypes == [torch.float32, torch.float32]
+    assert _AutocastProbe.seen and not any(_AutocastProbe.seen)

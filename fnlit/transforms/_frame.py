@@ -121,6 +121,8 @@ class Frame:
 
     def __init__(self) -> None:
         self.amp_dtype: torch.dtype | None = None
+        self.amp_device = "cpu"  # the state's device type: where fnlit.apply autocasts a forward outside value_and_grad
+        self.forwarding = False  # value_and_grad's function runs (its autocast, or the user's own regions inside it)
         self.scaler: LossScaleState | None = None
         self.found_inf: torch.Tensor | None = None
         self.accum_k = 1
@@ -156,7 +158,7 @@ class Frame:
 
     # -- set by the transforms -------------------------------------------------------------
     def set_amp(self, dtype: torch.dtype, scaler: LossScaleState | None, device: torch.device) -> None:
-        self.amp_dtype = dtype
+        self.amp_dtype, self.amp_device = dtype, device.type
         if scaler is not None and self.scaler is None:
             self.scaler, self.level = scaler, _level()
             self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
