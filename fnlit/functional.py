@@ -604,9 +604,11 @@ def value_and_grad(
             frame.refuse_per_example(args)
         if frame is None or frame.amp_dtype is None:
             return differentiate(frame, None, args, kwargs)
+        device = frame.amp_device
+        if frame.forwarding and not torch.is_autocast_enabled(device):  # inside a region the user took out of autocast
+            return differentiate(frame, None, args, kwargs)
         # fnlit.amp: the forward runs under autocast, the backward not -- also when this call runs inside another
         # forward (a gradient penalty's inner value_and_grad), as PyTorch's GradScaler recipe has it.
-        device = _device_type(args[nums[0]])
         with torch.autocast(device, enabled=False):
             return differentiate(frame, torch.autocast(device, dtype=frame.amp_dtype), args, kwargs)
 

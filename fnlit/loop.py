@@ -636,9 +636,10 @@ def fit(
     pending = [_tree.tree_map(lambda t: t.to(state.device) if isinstance(t, torch.Tensor) else t, m)
                for m in position.get("log_pending", ())]
     # closed at the end; every writer drops what an earlier run logged after this run's starting step (a resume)
-    # (from the step itself when the checkpoint holds that step's whole interval: a second Ctrl-C cut its logging
-    # off, maybe after some writer had its row; the resumed run logs it again)
-    purge_from = _first(state.step) + (0 if pending and _first(state.step) % plan.log_every == 0 else 1)
+    # (from the step itself when a second Ctrl-C cut that step's logging off, maybe after some writer had its row:
+    # the resumed run logs it again)
+    log_cut = bool(position.get("log_cut")) and bool(pending)
+    purge_from = _first(state.step) + (0 if log_cut else 1)
     owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
@@ -672,6 +673,7 @@ def fit(
     def log_now(label: int | None = None) -> None:
         if distributed:
             agree()
+        nonlocal cut
         taken = log.pending
         try:
             metrics = log.flush(state, epoch if label is None else label)
@@ -680,6 +682,7 @@ def fit(
         except KeyboardInterrupt:  # a second Ctrl-C: the exit checkpoint keeps the interval, the resume logs it whole
             if log.pending is not taken:  # (flush had taken them)
                 log.pending = taken + log.pending
+            cut = bool(log.pending)
             raise
         bar.set_metrics(steps, metrics)
 
@@ -687,6 +690,7 @@ def fit(
     # before it while their on_validation has not finished (then a resume does it again, from those states);
     # None when no validation runs.
     validating: tuple[bool, dict[str, Any] | None] | None = None
+    cut = False  # a second Ctrl-C cut a log row off (its interval stays pending): the exit position says so
 
     passes = 0  # validations run: a one-shot iterator has data for one
 
@@ -724,9 +728,9 @@ def fit(
                 agree()
             else:
                 halt = halting()
-            if log.pending and steps % log_every == 0:
-                # A whole interval pending at its last step: a second Ctrl-C cut its read-back off. Logged first,
-                # as the uninterrupted run did (then the validation of that step, if it was cut off too).
+            if log_cut and log.pending:
+                # A second Ctrl-C cut this step's logging off: its row first, as the uninterrupted run logged it (then
+                # the validation due at this step, which never ran: unfinished, below).
                 log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
             if unfinished and plan.validate and not halt:  # the validation a Ctrl-C cut off, as the first run had it
                 validate()
@@ -751,9 +755,14 @@ def fit(
                     if per_step_hooks:
                         hooks("on_step", state, metrics)
                     bar.update()
-                    if steps % log_every == 0:
-                        log_now()
                     validated_here = val_every > 0 and (steps if count_across else b) % val_every == 0
+                    if steps % log_every == 0:
+                        try:
+                            log_now()
+                        except KeyboardInterrupt:
+                            if validated_here:  # due at this step, never run: the resume runs it after the row
+                                validating = (False, {key: _containers_copied(cb.state_dict()) for key, cb in stateful})
+                            raise
                     if validated_here:
                         validate()
                     if checkpoint is not None:  # after the batch's validation: a resume from here does not skip it
@@ -832,7 +841,8 @@ def fit(
             hooks("on_fit_end", state, dict(log.latest))
         finally:  # a callback failing at the end must not cost the run its last checkpoint (a preemption's save)
             if checkpoint is not None:
-                _exit_save(checkpoint, state, where(epoch, b, exit_pending), validating, stateful, distributed, signals)
+                _exit_save(checkpoint, state, {**where(epoch, b, exit_pending), **({"log_cut": True} if cut else {})},
+                           validating, stateful, distributed, signals)
     return state
 
 

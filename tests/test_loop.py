@@ -1133,19 +1133,45 @@ class _CtrlCInWrite(_Rows):
         super().log_metrics(metrics, step)
 
 
-def test_a_second_ctrl_c_during_the_loggers_write_keeps_the_interval_for_the_resumed_run(tmp_path):
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 2)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
-        step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
-        return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8)
+def _ctrl_c_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": torch.nn.functional.cross_entropy(m(b[0]), b[1])})
+    return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8), ev
 
-    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False)
+
+@pytest.mark.parametrize("validating", [False, True])
+def test_a_second_ctrl_c_during_the_loggers_write_keeps_the_interval_for_the_resumed_run(tmp_path, validating):
+    # validating: a validation is due at step 10 too; it never ran, and the resumed run runs it after the row.
+    step, state, data, ev = _ctrl_c_setup()
+    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False, num_sanity_val_steps=0)
+    if validating:
+        kw.update(val_data=ArrayLoader(*data.tensors, batch_size=32), eval_step=ev, val_check_interval=5)
     ref = _Rows()
-    fit(*build(), loggers=[ref], **kw)
+    fit(step, state, data, loggers=[ref], **kw)
     first, cut = _Rows(), _CtrlCInWrite()  # the first writer has step 10's row, the second not
-    fit(*build(), loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
-    fit(*build(), loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
+    fit(step, state, data, loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    fit(step, state, data, loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
     assert first.rows == cut.rows == ref.rows  # step 10's row once in each (the resume purges from it, then logs it)
+
+
+def test_a_resume_with_another_log_interval_keeps_the_rows_of_its_last_step(tmp_path):
+    # A SIGTERM at step 12 (a partial interval, validation done) resumed with log_every_n_steps=4: the resume took
+    # the interval for a cut-off whole one, purged step 12's val row and logged a train row there. Reference: the
+    # first run's rows up to step 12.
+    class Term:
+        def on_step(self, state, metrics):
+            if int(state.step) == 12:
+                signal.raise_signal(signal.SIGTERM)
+
+    step, state, data, ev = _ctrl_c_setup()
+    kw = dict(max_epochs=2, progress=False, val_check_interval=4, val_data=data, eval_step=ev, num_sanity_val_steps=0)
+    rows = _Rows()
+    fit(step, state, data, loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), callbacks=[Term()], log_every_n_steps=5, **kw)
+    before = list(rows.rows)
+    assert before[-1][0] == 12 and "val/loss" in before[-1][1]
+    fit(step, state, data, loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", log_every_n_steps=4, **kw)
+    assert rows.rows[: len(before)] == before and rows.rows[len(before)][0] > 12

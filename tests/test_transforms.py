@@ -864,3 +864,30 @@ def test_amp_keeps_a_float32_region_of_the_loss_and_runs_no_backward_under_autoc
     fnlit.amp(step, torch.bfloat16)(state, None)
     assert dtypes == [torch.float32, torch.float32]
     assert _AutocastProbe.seen and not any(_AutocastProbe.seen)
+
+
+def test_amp_leaves_a_value_and_grad_inside_a_float32_region_in_float32():
+    # Inside the loss, a region taken out of autocast calls value_and_grad (an input-gradient penalty): its forward
+    # ran under autocast again. Reference: torch.autocast(enabled=False) keeps everything in it float32.
+    torch.manual_seed(0)
+    head = nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+    seen = []
+
+    def step(state, batch):
+        def loss_fn(p):
+            out, _ = fnlit.apply(head, p, {}, x)
+            with torch.autocast("cpu", enabled=False):
+                def inner(xin):
+                    y, _ = fnlit.apply(head, p, {}, xin)
+                    seen.append(y.dtype)
+                    return y.sum()
+
+                _, gx = fnlit.value_and_grad(inner)(x)
+            return out.float().sum() + gx.pow(2).sum()
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    fnlit.amp(step, torch.bfloat16)(fnlit.TrainState.create(head, fnlit.optim.sgd(0.1), seed=0), None)
+    assert seen == [torch.float32]

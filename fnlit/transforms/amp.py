@@ -127,8 +127,9 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     metric's). The rest of the step stays in full precision: the backward passes, what the step computes from the
     gradients before ``apply_gradients`` (a hand-written norm or projection: a float16 ``g @ g`` would overflow),
     and the optimizer. A module called directly, not through :func:`fnlit.apply`, outside ``value_and_grad`` runs
-    as it is; an explicit ``torch.autocast(enabled=False)`` does not take a forward out of amp (run it in a step
-    of its own instead).
+    as it is. Inside ``value_and_grad``'s function autocast is as the user sets it (a head kept in float32 with
+    ``torch.autocast(enabled=False)``); outside it, such a region does not take an :func:`fnlit.apply` forward
+    out of amp (run that forward in a step of its own instead).
     With ``torch.float16`` the loss is scaled by ``state.scaler`` before backward, gradients are unscaled
     in float32 before anything sees them (clipping included), and a step whose gradients are not
     finite leaves params and opt_state unchanged and backs the scale off; after ``growth_interval``
