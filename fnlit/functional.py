@@ -617,9 +617,12 @@ def value_and_grad(
             return _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs)
         flat = [_tree.tree_flatten(args[i]) for i in nums]
         sources = flat[0][0] if len(flat) == 1 else [t for leaves, _ in flat for t in leaves]
-        if not all(isinstance(t, torch.Tensor) for t in sources):
+        try:  # (a leaf that is not a tensor fails here: named then, at no cost on the usual path)
+            again = torch.is_grad_enabled() and (_NESTED.get() or _any_requires_grad(sources))
+        except AttributeError:
             _refuse_non_tensors(nums, args)
-        if torch.is_grad_enabled() and (_NESTED.get() or _any_requires_grad(sources)):
+            raise
+        if again:
             # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad, with
             # respect to the params or to an input): a backward with create_graph keeps this gradient a function
             # of everything the loss reads; detached leaves and a first-order backward would not.
@@ -630,7 +633,11 @@ def value_and_grad(
         # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
         # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
         shared = frame.begin_call(sources) if accumulating else None
-        inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
+        try:
+            inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
+        except AttributeError:
+            _refuse_non_tensors(nums, args)
+            raise
         new_args = list(args)
         for i, tree in zip(nums, _regroup(flat, inputs)):
             new_args[i] = tree
