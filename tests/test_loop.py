@@ -175,24 +175,30 @@ def test_num_sanity_val_steps(sanity, expected):
     assert len(c.val) == expected  # check_val_every_n_epoch=2: epoch 0 does not validate, only the sanity check
 
 
+class _Rows:
+    """A writer keeping its rows in a list (purged as the built-in writers are on a resume)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def purge(self, step):
+        self.rows = [r for r in self.rows if r[0] < step]
+
+
 def test_log_every_n_steps_means_and_one_sync_per_interval(monkeypatch):
-    class Rows:
-        def __init__(self):
-            self.rows = []
-
-        def log_metrics(self, metrics, step):
-            self.rows.append((step, dict(metrics)))
-
-        def log_hparams(self, hparams):
-            pass
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    rows = Rows()
+    rows = _Rows()
     c = Counter()
     data = [torch.tensor([float(i)]) for i in range(10)]
     calls = {"tolist": 0, "item": 0, "__float__": 0}
@@ -1019,26 +1025,6 @@ def test_overfit_batches_validates_on_the_first_batches_of_a_shuffled_val_datalo
     assert c.train == [[0, 1], [2, 3]] * 2 and c.val == [[0, 1], [2, 3]] * 2
 
 
-class _Rows:
-    def __init__(self):
-        self.rows = []
-
-    def log_metrics(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-    def purge(self, step):
-        self.rows = [r for r in self.rows if r[0] < step]
-
-
 class _DoubleCtrlC:
     """The user presses Ctrl-C twice; the second lands while fit reads the interval's metrics back."""
 
@@ -1049,15 +1035,20 @@ class _DoubleCtrlC:
         return {}
 
 
+def _ctrl_c_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": torch.nn.functional.cross_entropy(m(b[0]), b[1])})
+    return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8), ev
+
+
 def test_a_second_ctrl_c_during_the_metrics_read_back_keeps_the_interval_for_the_resumed_run(tmp_path):
     # The buffer was emptied before the read-back, so the step-10 row was lost. Reference: the uninterrupted run.
     def build():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 2)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
-        step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
-        return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8)
+        return _ctrl_c_setup()[:3]
 
     kw = dict(max_epochs=2, log_every_n_steps=5, progress=False)
     ref = _Rows()
@@ -1131,16 +1122,6 @@ class _CtrlCInWrite(_Rows):
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
         super().log_metrics(metrics, step)
-
-
-def _ctrl_c_setup():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 2)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 2, (96,), generator=g)
-    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
-    ev = fnlit.eval_step(model, lambda m, b: {"loss": torch.nn.functional.cross_entropy(m(b[0]), b[1])})
-    return step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), ArrayLoader(x, y, batch_size=8), ev
 
 
 @pytest.mark.parametrize("validating", [False, True])

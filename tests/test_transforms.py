@@ -746,10 +746,8 @@ def _delta_reference(batches, k, scaler=None):
     return dict(ref.named_parameters())
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_gradients_sharing_memory_are_accumulated_once(k):
-    # The step clamps in place (a no-op here), which turns accumulate onto value_and_grad's own gradients: the
-    # shared tensor was scaled and added into twice (0.28 off at k=4). Reference: a plain loop into .grad.
+def _editing_step(edit):
+    """A _Delta model and a step that edits each gradient in place (``edit``) before applying them."""
     torch.manual_seed(0)
     model = _Delta()
     vg = fnlit.value_and_grad(lambda p, x, y: ((fnlit.apply(model, p, {}, x)[0] - y) ** 2).mean())
@@ -757,8 +755,17 @@ def test_gradients_sharing_memory_are_accumulated_once(k):
     def step(state, batch):
         loss, grads = vg(state.params, *batch)
         for g in grads.values():
-            g.clamp_(-100, 100)
+            edit(g)
         return state.apply_gradients(grads), {"loss": loss}
+
+    return model, step
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gradients_sharing_memory_are_accumulated_once(k):
+    # The step clamps in place (a no-op here), which turns accumulate onto value_and_grad's own gradients: the
+    # shared tensor was scaled and added into twice (0.28 off at k=4). Reference: a plain loop into .grad.
+    model, step = _editing_step(lambda g: g.clamp_(-100, 100))
 
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(3)]
@@ -794,15 +801,7 @@ def test_an_ensemble_member_edits_gradients_sharing_memory_once():
     # twice. Reference: a plain loop that halves .grad, for each member.
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)
-    torch.manual_seed(0)
-    model = _Delta()
-    vg = fnlit.value_and_grad(lambda p, x, y: ((fnlit.apply(model, p, {}, x)[0] - y) ** 2).mean())
-
-    def step(state, batch):
-        loss, grads = vg(state.params, *batch)
-        for g in grads.values():
-            g.mul_(0.5)
-        return state.apply_gradients(grads), {"loss": loss}
+    model, step = _editing_step(lambda g: g.mul_(0.5))
 
     tx = fnlit.optim.sgd(0.1)
     states = fnlit.stack_states([fnlit.TrainState.create(model, tx, seed=i) for i in range(2)])
