@@ -765,7 +765,11 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     # An alias of a source that requires grad: a graph node of its own, so the gradient is this argument's path
     # only (a tensor the function also captures, or the same tensor at two positions, stays a constant, as in
     # torch.func), while staying connected to the outer graph.
-    inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in sources]
+    try:
+        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in sources]
+    except AttributeError:  # a leaf that is not a tensor
+        _refuse_non_tensors(nums, args)
+        raise
     new_args = list(args)
     for i, tree in zip(nums, _regroup(flat, inputs)):
         new_args[i] = tree

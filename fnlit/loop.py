@@ -680,8 +680,8 @@ def fit(
             if metrics and logger is not None:
                 logger.log_metrics(metrics, steps)
         except KeyboardInterrupt:  # a second Ctrl-C: the exit checkpoint keeps the interval, the resume logs it whole
-            if log.pending is not taken:  # (flush had taken them)
-                log.pending = taken + log.pending
+            if checkpoint is not None and log.pending is not taken:  # (flush had taken them; no checkpoint: no resume,
+                log.pending = taken + log.pending  # and the last row would go again to the writers that had it)
             cut = bool(log.pending)
             raise
         bar.set_metrics(steps, metrics)
@@ -836,7 +836,12 @@ def fit(
         carried = checkpoint is not None and reason in ("sigint", "sigterm")
         exit_pending = list(log.pending) if carried else []
         if log.pending and not carried:
-            log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
+            try:
+                log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
+            except KeyboardInterrupt:  # a second Ctrl-C during the last row: saved as anywhere else, not lost
+                if checkpoint is None:
+                    raise
+                signals.reason, exit_pending = "sigint", list(log.pending)
         try:
             hooks("on_fit_end", state, dict(log.latest))
         finally:  # a callback failing at the end must not cost the run its last checkpoint (a preemption's save)

@@ -686,6 +686,8 @@ def test_value_and_grad_names_a_leaf_that_is_not_a_tensor():
     # It failed with "AttributeError: 'int' object has no attribute 'requires_grad'".
     with pytest.raises(TypeError, match=r"differentiates every leaf of argument 0, but its leaf n is int 3"):
         fnlit.value_and_grad(lambda p: p["w"].sum() * p["n"])({"w": torch.ones(2), "n": 3})
+    with pytest.raises(TypeError, match=r"its leaf c is float 3\.0"):  # nested in another value_and_grad too
+        fnlit.value_and_grad(lambda w: fnlit.value_and_grad(lambda q: q["w"].sum())({"w": w, "c": 3.0})[0])(torch.ones(2))
 
 
 def test_value_and_grad_keeps_gradients_that_do_not_overlap_as_grad_holds_them():

@@ -1114,10 +1114,14 @@ def test_an_unsized_epochs_end_validation_is_not_run_again_by_a_resume(tmp_path,
 
 
 class _CtrlCInWrite(_Rows):
-    """A logger during whose write (at step 10, before it has the row) the user presses Ctrl-C twice."""
+    """A logger during whose write (at step ``at``, before it has the row) the user presses Ctrl-C twice."""
+
+    def __init__(self, at=10):
+        super().__init__()
+        self.at = at
 
     def log_metrics(self, metrics, step):
-        if step == 10 and not getattr(self, "fired", False):
+        if step == self.at and not getattr(self, "fired", False):
             self.fired = True
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
@@ -1156,3 +1160,25 @@ def test_a_resume_with_another_log_interval_keeps_the_rows_of_its_last_step(tmp_
     assert before[-1][0] == 12 and "val/loss" in before[-1][1]
     fit(step, state, data, loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", log_every_n_steps=4, **kw)
     assert rows.rows[: len(before)] == before and rows.rows[len(before)][0] > 12
+
+
+def test_a_second_ctrl_c_during_the_last_rows_write_saves_and_the_resume_logs_it(tmp_path):
+    # The final partial row (step 24) is written after the loop: an interrupt there escaped fit, and with the
+    # default Checkpointer nothing at all was saved. Reference: the uninterrupted run's rows and params.
+    step, state, data, _ = _ctrl_c_setup()
+    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False)
+    ref = _Rows()
+    want = fit(step, state, data, loggers=[ref], **kw)
+    first, cut = _Rows(), _CtrlCInWrite(at=24)
+    fit(step, state, data, loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    assert (tmp_path / "last.ckpt").exists()
+    got = fit(step, state, data, loggers=[first, cut], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
+    assert first.rows == cut.rows == ref.rows
+    assert_trees_equal(got.params, want.params)
+
+
+def test_without_a_checkpoint_a_cut_row_is_not_written_again_to_the_writers_that_had_it():
+    step, state, data, _ = _ctrl_c_setup()
+    first, cut = _Rows(), _CtrlCInWrite()
+    fit(step, state, data, loggers=[first, cut], max_epochs=2, log_every_n_steps=5, progress=False)
+    assert [s for s, _ in first.rows] == [5, 10]  # the run stops at the interrupt; step 10 once
