@@ -26,9 +26,10 @@ __all__ = ["init", "rank", "world_size", "local_rank", "is_main", "barrier", "la
 
 DEFAULT_TIMEOUT = 1800.0
 """Seconds any collective of :func:`init`'s process group may wait before failing: 30 min, Lightning's default on
-every backend (torch's for gloo; its NCCL default is 10 min). A dead rank still fails the others instead of hanging them forever, and the ranks waiting while rank
-0 writes a large checkpoint (or one to network storage) are not cut off after a couple of minutes.
-:func:`launch` (tests, local experiments) keeps a short ``collective_timeout`` of its own."""
+every backend (torch's for gloo; its NCCL default is 10 min). A dead rank still fails the others instead of hanging
+them forever, and the ranks waiting while rank 0 writes a large checkpoint (or one to network storage) are not cut
+off after a couple of minutes. :func:`launch` (tests, local experiments) keeps a short ``collective_timeout`` of
+its own."""
 
 
 def is_initialized() -> bool:

@@ -359,8 +359,8 @@ def _warn_unwatched(callbacks: Sequence[Any], checkpoint: Any) -> None:
     if watching:
         warnings.warn(
             f"fit runs no validation (no val_data, or limit_val_batches=0), but {' and '.join(watching)} "
-            f"{'watches' if len(watching) == 1 else 'watch'} validation metrics: they never act in this run. Pass val_data and eval_step (monitors see the "
-            "metrics of validation runs, not training's).",
+            f"{'watches' if len(watching) == 1 else 'watch'} validation metrics: they never act in this run. Pass "
+            "val_data and eval_step (monitors see the metrics of validation runs, not training's).",
             stacklevel=3,
         )
 
@@ -671,9 +671,9 @@ def fit(
         voted_signal = signals.reason  # (a signal may reach one rank after the vote: decide on what was agreed)
 
     def log_now(label: int | None = None) -> None:
+        nonlocal cut
         if distributed:
             agree()
-        nonlocal cut
         taken = log.pending
         try:
             metrics = log.flush(state, epoch if label is None else label)

@@ -150,9 +150,9 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     the same collective -- for a running mean, the value one process would compute on the whole batch (DDP
     broadcasts rank 0's instead). Buffers the step changes otherwise -- an integer counter of its own data,
     or anything set with ``replace`` after ``apply_gradients`` -- are each rank's own: compute them from
-    averaged values (the metrics, the params) or reduce them yourself, or the ranks drift apart. Each rank draws its own dropout masks (its key is folded with its rank, before the
-    micro-batch index under :func:`fnlit.accumulate` in either nesting), and all ranks keep the same
-    ``state.rng``.
+    averaged values (the metrics, the params) or reduce them yourself, or the ranks drift apart. Each rank
+    draws its own dropout masks (its key is folded with its rank, before the micro-batch index under
+    :func:`fnlit.accumulate` in either nesting), and all ranks keep the same ``state.rng``.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
