@@ -110,6 +110,11 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         raise ValueError(f"fit expected fast_dev_run to be a bool or an int >= 0, got fast_dev_run={fdr!r} instead.")
     limit_train, limit_val, vci = o["limit_train_batches"], o["limit_val_batches"], o["val_check_interval"]
     max_epochs, max_steps, every_n, sanity = o["max_epochs"], o["max_steps"], o["check_val_every_n_epoch"], o["num_sanity_val_steps"]
+    # Lightning's checks: -1 is "no limit" (all, for the sanity check); anything below it is refused
+    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps), ("num_sanity_val_steps", sanity)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+            raise ValueError(f"fit expected {name} to be an int >= -1 (-1: {'all' if name[0] == 'n' else 'no limit'}), "
+                             f"got {name}={value!r} instead.")
     if fdr:  # fast_dev_run=N: N train and N val batches, one epoch, max_steps=N, no sanity check, logs, checkpoints
         limit_train = limit_val = fdr
         max_steps, max_epochs, sanity, vci, every_n = fdr, 1, 0, 1.0, 1
@@ -147,6 +152,8 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     val_check: int | None = None
     if validate and isinstance(vci, int) and not isinstance(vci, bool):
         # An int is a number of training batches; within an epoch unless check_val_every_n_epoch=None.
+        if vci < 1:
+            raise ValueError(f"fit expected val_check_interval to be an int >= 1 or a float in (0, 1], got {vci!r} instead.")
         if every_n is not None and batches is not None and vci > batches:
             raise ValueError(
                 f"fit got val_check_interval={vci}, more than the {batches} training batches of an epoch, so "

@@ -1182,3 +1182,20 @@ def test_without_a_checkpoint_a_cut_row_is_not_written_again_to_the_writers_that
     first, cut = _Rows(), _CtrlCInWrite()
     fit(step, state, data, loggers=[first, cut], max_epochs=2, log_every_n_steps=5, progress=False)
     assert [s for s, _ in first.rows] == [5, 10]  # the run stops at the interrupt; step 10 once
+
+
+@pytest.mark.parametrize("option, value", [("max_epochs", -2), ("max_steps", -2), ("num_sanity_val_steps", -2),
+                                           ("num_sanity_val_steps", 1.5), ("max_steps", 10.0), ("max_epochs", True)])
+def test_fit_refuses_counts_below_minus_one_or_not_ints_as_lightning_does(option, value):
+    # max_epochs=-2 trained forever, max_steps=-2 trained nothing, num_sanity_val_steps=-2 ran the whole validation
+    # set and 1.5 was blamed on limit_batches. Lightning: "must be a non-negative integer or -1".
+    with pytest.raises(ValueError, match=rf"fit expected {option} to be an int >= -1"):
+        fit(Counter().step, make_state(), ArrayLoader(torch.arange(4), batch_size=1), val_data=[torch.zeros(1)],
+            eval_step=Counter().eval_step, progress=False, **{"max_epochs": 1, option: value})  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_fit_refuses_an_int_val_check_interval_below_one(value):
+    # It became "at the epoch's end" silently; the docstring says every N training batches (Lightning: a division by 0).
+    with pytest.raises(ValueError, match=r"fit expected val_check_interval to be an int >= 1 or a float in \(0, 1\]"):
+        run(max_epochs=1, val_check_interval=value)
