@@ -593,3 +593,53 @@ def test_steps_whose_changes_outside_are_replayed_correctly_still_compile(varian
         want, _ = step(want, batch(seed=i))
         got, _ = compiled(got, batch(seed=i))
     assert_trees_close(got.params, want.params)
+
+
+def test_a_compiled_step_shared_by_two_threads_seeds_each_call_from_its_own_key():
+    # The running call's key lived on the shared object: one thread's dropout was seeded from the other's key (or
+    # from None: a TypeError). Reference: the same calls run one thread after the other. (A race: without the fix
+    # this failed in one run of four here; with it, the calls cannot see each other's key.)
+    import sys
+    import threading
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+
+    def step(state, batch):
+        x, y = batch
+
+        def loss_fn(p):
+            out, b = fnlit.apply(model, p, state.buffers, x, rng=state.rng)
+            return F.cross_entropy(out, y), b
+
+        (loss, b), g = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(g, buffers=b), {"loss": loss}
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    tx = fnlit.optim.sgd(0.1)
+    starts = [fnlit.TrainState.create(model, tx, seed=s) for s in (1, 2)]
+    compiled = fnlit_compile(step, mode="eager")
+
+    def run(s, out):
+        try:
+            for _ in range(1000):
+                s, m = compiled(s, (x, y))
+                out.append(m["loss"])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            out.append(e)
+
+    refs = [[], []]
+    for s, r in zip(starts, refs):
+        run(s, r)
+    got = [[], []]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often
+    try:
+        threads = [threading.Thread(target=run, args=(s, g)) for s, g in zip(starts, got)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    for r, g in zip(refs, got):
+        assert len(g) == len(r) and all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(g, r))

@@ -701,3 +701,29 @@ def test_gradients_of_another_dtype_than_the_params_are_refused_naming_the_leaf(
     for bad in (torch.ones(2), torch.ones(2, dtype=torch.int64)):
         with pytest.raises(ValueError, match=r"gradients of the params' dtypes"):
             fo.step(tx, {"a": {"w": bad}, "b": torch.ones(3)}, tx.init(complex_params), complex_params)
+
+
+@pytest.mark.parametrize("make", [lambda: fo.sgd(0.01, momentum=0.9, dampening=0.1),
+                                  lambda: fo.sgd(0.01, momentum=0.9)], ids=["per-leaf", "fused"])
+@pytest.mark.parametrize("leaf", [torch.zeros, lambda n: torch.nn.Parameter(torch.zeros(n))], ids=["tensor", "parameter"])
+def test_an_eager_update_records_no_autograd_history(make, leaf):
+    # The per-leaf path (dampening, or a Parameter leaf) chained a grad_fn through every step (memory growing with
+    # the run). Reference: torch.optim.SGD's step, which records none.
+    tx = make()
+    w = leaf(5).requires_grad_()
+    params = {"w": w}
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = fo.step(tx, {"w": torch.ones(5)}, state, params)
+    assert params["w"].grad_fn is None and state.momentum_buffer["w"].grad_fn is None
+
+
+@pytest.mark.parametrize("make", [lambda: fo.sgd(0.1, momentum=0.5, dampening=0.1), lambda: fo.adamw(0.1)])
+def test_a_hyperparameter_that_is_not_0_d_is_refused(make):
+    # torch.tensor([0.1]) turned a 0-d param into shape (1,) on the per-leaf path, and was read as a float on the fused one.
+    tx = make()
+    params = {"w": torch.ones(())}
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = torch.tensor([0.1])
+    with pytest.raises(TypeError, match=r"hyperparams\['learning_rate'\] to be a 0-d tensor .* shape \(1,\)"):
+        fo.step(tx, {"w": torch.ones(())}, state, params)

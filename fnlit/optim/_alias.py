@@ -168,6 +168,7 @@ def _optimizer(
     """Wraps leaf-level implementations into init/update/step with the state bookkeeping."""
     schedule = learning_rate if callable(learning_rate) else None
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    eager_functional = _without_grad(functional)
 
     def init(params: PyTree) -> Any:
         count = zero_count(device_of(params))
@@ -208,9 +209,17 @@ def _optimizer(
         for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):
             if not isinstance(hyper[key], torch.Tensor):
                 hyper[key] = _hyper(name, key, hyper[key], state.count.device)
+            elif hyper[key].dim() != 0:  # (a shape read: broadcast into the params, it would change their shapes)
+                raise TypeError(
+                    f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got a tensor "
+                    f"of shape {tuple(hyper[key].shape)} instead. Assign e.g. torch.tensor(1e-3)."
+                )
         lr, wd = hyper["learning_rate"], hyper["weight_decay"] if decays else None
         count = state.count + 1
-        impl = functional if fused is None or use_functional(g, p, [count, lr]) else fused
+        traced = use_functional(g, p, [count, lr])
+        # Eagerly, no autograd history through the update (torch.optim's steps record none; the fused kernels none
+        # either); traced (vmap, grad, compile), the per-leaf math as it is.
+        impl = (functional if traced else eager_functional) if fused is None or traced else fused
         if impl is fused:  # the fused CPU kernels get non-contiguous inputs wrong (see own()); free when contiguous
             g = [x.contiguous() for x in g]
         complex_ = [x.dtype.is_complex for x in p]
@@ -301,6 +310,7 @@ def sgd(
 
     recycler = Recycler()
 
+    @_without_grad
     def fused(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
               wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         if any(type(q) is not torch.Tensor for q in p):  # DTensor (fnlit.shard): torch has no sharding rule for _fused_sgd_

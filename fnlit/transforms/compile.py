@@ -30,6 +30,7 @@ import linecache
 import os
 import re
 import sysconfig
+import threading
 import types
 from contextlib import nullcontext
 from collections.abc import Callable
@@ -367,8 +368,9 @@ class CompiledStep:
         self.step, self.donate, self.mode, self.dynamic = step, donate, mode, dynamic
         self.compiles = 0
         self._entries: list[_Entry] = []  # one per input structure (shapes are dynamo's to guard)
-        self._key: tuple[torch.Tensor, torch.device] | None = None  # the running call's (state.rng, state.device)
-        self._ran = False  # whether this call's graph started running (set by the donating runner)
+        # Per thread (threads may share a compiled step): the running call's (state.rng, state.device), and whether
+        # its graph started running (set by the donating runner).
+        self._calls = threading.local()
 
     # -- capture -----------------------------------------------------------------------------------
     def _backend(self, options: dict[str, Any], eager: bool) -> Callable[..., Any]:
@@ -388,7 +390,7 @@ class CompiledStep:
                 graph = run
 
                 def run(*args: Any) -> Any:
-                    key, device = self._key
+                    key, device = self._calls.key
                     with _random.seeded(_one_key(key), device):
                         return graph(*args)
 
@@ -396,7 +398,7 @@ class CompiledStep:
                 return run
 
             def run_donated(*args: Any) -> Any:
-                self._ran = True  # from here on the graph may write the donated state
+                self._calls.ran = True  # from here on the graph may write the donated state
                 return run(*args)
 
             return run_donated
@@ -474,13 +476,13 @@ class CompiledStep:
         if torch._C._functorch.maybe_current_level() is not None:  # fnlit.ensemble's (or another) vmap around it
             raise ValueError(_OUTSIDE_VMAP)
         check_not_donated(state)
-        self._ran = False
+        self._calls.ran = False
         try:
             return self._call(state, batch)
         except BaseException:
             # The graph writes the donated state as it runs: once it has started, a failure (or a Ctrl-C)
             # leaves that state partly written. An error while capturing or compiling leaves it intact.
-            if self.donate and self._ran:
+            if self.donate and self._calls.ran:
                 poison(state, "fnlit.compile(step, donate=True)", RAISED)
             raise
 
@@ -501,7 +503,7 @@ class CompiledStep:
             else nullcontext()
         )
         try:
-            self._key = (state.rng, state.device)  # for the graphs that draw random numbers (see _backend)
+            self._calls.key = (state.rng, state.device)  # for the graphs that draw random numbers (see _backend)
             with floats:
                 new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -512,7 +514,7 @@ class CompiledStep:
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             raise CaptureError(_RECOMPILES.format(limit=torch._dynamo.config.recompile_limit)) from None
         finally:
-            self._key = None
+            self._calls.key = None
         if self.donate:
             poison(state, "fnlit.compile(step, donate=True)")
         if cudagraphs:  # metrics live in the graph's memory pool, which the next replay overwrites
