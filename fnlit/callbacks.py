@@ -360,7 +360,13 @@ class SWA(Callback):
     checkpoints (the callback's ``state_dict``), so a resumed run continues the same average.
 
     Args:
-        swa_epoch_start: the first averaged epoch (0-based int), or a fraction of ``max_epochs`` (float).
+        swa_epoch_start: the first averaged epoch (0-based int), or a fraction of ``max_epochs`` (float) counted
+            as Lightning counts it: ``int(fraction * max_epochs)`` is a 1-based epoch, so the first averaged one is
+            epoch ``max(int(fraction * max_epochs) - 1, 0)`` (0.8 of 4 epochs averages epochs 2 and 3; 1.0 the last).
+
+    Raises:
+        ValueError: at fit start, if the first averaged epoch is past the last one (nothing would be averaged), or
+            for a fraction without ``max_epochs``.
 
     Example:
         >>> import torch, fnlit
@@ -392,7 +398,13 @@ class SWA(Callback):
                     f"SWA(swa_epoch_start={self.swa_epoch_start}) is a fraction of max_epochs, but fit has "
                     f"max_epochs={max_epochs}. Pass an int epoch index instead, or set max_epochs."
                 )
-            self.start = int(self.swa_epoch_start * max_epochs)
+            self.start = max(int(self.swa_epoch_start * max_epochs) - 1, 0)  # Lightning's 1-based epoch, 0-based
+        max_epochs = plan.get("max_epochs")
+        if max_epochs is not None and 0 <= max_epochs <= self.start:
+            raise ValueError(
+                f"SWA(swa_epoch_start={self.swa_epoch_start}) starts averaging at epoch {self.start} (0-based), but fit "
+                f"has max_epochs={max_epochs}: nothing would be averaged. Start at an earlier epoch."
+            )
         if self.params is not None:
             self.params = _placed(self.params, state, "SWA")
 
@@ -511,6 +523,10 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
     training mode with a cumulative average (momentum None), and returns ``state`` with the new buffers.
     A batch is the input itself, or a tuple/list whose first element is the input.
 
+    Raises:
+        ValueError: for an ensemble's stacked state (run each member: ``fnlit.unstack_state(state, i)``, then
+            ``fnlit.stack_states`` of the results).
+
     Example:
         >>> import torch, fnlit
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -522,6 +538,12 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
     norms = {n: m for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not norms:
         return state
+    if state.step.dim() != 0:  # (it failed deep in the forward: "t() expects a tensor with <= 2 dimensions")
+        raise ValueError(
+            f"update_bn got an ensemble's stacked state ({state.step.shape[0]} members): recompute each member's "
+            f"statistics on its own: fnlit.stack_states([update_bn(module, fnlit.unstack_state(state, i), data) for i in "
+            f"range({state.step.shape[0]})])."
+        )
     buffers = dict(state.buffers)
     for n, m in norms.items():
         p = f"{n}." if n else ""

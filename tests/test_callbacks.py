@@ -169,8 +169,10 @@ def test_ema_equals_the_hand_computed_average():
     assert set(evaluate(ev, averaged, [batch(8)])) == {"loss"}
 
 
-@pytest.mark.parametrize("start, first", [(2, 2), (0.5, 2), (0.8, 3)])
+@pytest.mark.parametrize("start, first", [(2, 2), (0.5, 1), (0.8, 2), (1.0, 3)])
 def test_swa_equals_the_mean_of_epoch_end_params(start, first):
+    # A fraction counts epochs as Lightning's StochasticWeightAveraging does: int(f * max_epochs) is 1-based, so
+    # 0.8 of 4 epochs averages 2 epochs' ends (Lightning: 2 snapshots), 1.0 the last (it averaged nothing).
     swa = SWA(swa_epoch_start=start)
     _, _, end, rec = train([swa], epochs=4)
     averaged = rec.epochs[first:]
@@ -178,6 +180,11 @@ def test_swa_equals_the_mean_of_epoch_end_params(start, first):
     for k, v in swa.params.items():
         torch.testing.assert_close(v, torch.stack([p[k] for p in averaged]).mean(0), rtol=1e-5, atol=1e-6)
     assert torch.equal(swa.state(end).params[k], swa.params[k])
+
+
+def test_swa_refuses_a_start_past_the_last_epoch():
+    with pytest.raises(ValueError, match=r"starts averaging at epoch 4 \(0-based\), but fit has max_epochs=4: nothing would"):
+        train([SWA(swa_epoch_start=4)], epochs=4)
 
 
 def test_ema_and_swa_resume_their_averages_bitwise(tmp_path):
@@ -368,3 +375,22 @@ def test_training_on_from_the_ema_state_leaves_the_average_and_the_input_alone(d
         torch.testing.assert_close(ema.params[k], hand[k], rtol=0, atol=1e-7)
     if not donate:  # (a donated input is poisoned, by design)
         assert all(torch.equal(start.params[k], given[k]) for k in given)
+
+
+def test_update_bn_refuses_an_ensembles_stacked_state_and_says_how_to_run_each_member():
+    # It failed deep in the forward ("t() expects a tensor with <= 2 dimensions, but self is 3D").
+    from fnlit.callbacks import update_bn
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    stacked = fnlit.ensemble_states(model, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    data = [torch.randn(8, 3), torch.randn(8, 3)]
+    with pytest.raises(ValueError, match=r"ensemble's stacked state \(2 members\).*unstack_state\(state, i\)"):
+        update_bn(model, stacked, data)
+    members = fnlit.stack_states([update_bn(model, fnlit.unstack_state(stacked, i), data) for i in range(2)])
+    # reference: torch's update_bn on member 1's module
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, v in ref.named_parameters():
+            v.copy_(fnlit.unstack_state(stacked, 1).params[k])
+    torch.optim.swa_utils.update_bn(data, ref)
+    torch.testing.assert_close(members.buffers["1.running_mean"][1], ref[1].running_mean)
