@@ -184,12 +184,13 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
 
 
 def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],
-             args: tuple, kwargs: dict, rng: torch.Tensor | None, params: Params) -> Any:
+             args: tuple, kwargs: dict, rng: torch.Tensor | None) -> Any:
     """:func:`_call_swapped`, seeded from ``rng`` (eager mode; None: unseeded)."""
     if rng is None:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
-    # What `with fnlit.random.seeded(rng, device):` does, without the object.
-    first = next(iter(params.values()), None)  # only a CUDA device matters: is_cuda is the cheap test
+    # What `with fnlit.random.seeded(rng, device):` does, without the object. Only a CUDA device matters (the
+    # first tensor's is_cuda is the cheap test: the params come first in `tensors`).
+    first = next(iter(tensors.values()), None)
     saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
     try:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
@@ -283,7 +284,7 @@ def apply(
         params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     if not buffers and not traced and module.training == train:
         # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
-        return _forward(module, slots, params, (), args, kwargs, rng, params), {}
+        return _forward(module, slots, params, (), args, kwargs, rng), {}
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
@@ -328,7 +329,7 @@ def apply(
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         else:
-            out = _forward(module, slots, tensors, reassignable, args, kwargs, rng, params)
+            out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:

@@ -103,13 +103,20 @@ def _without_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _hyper(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor:
-    """A hyperparameter that is not a tensor as the kernels take it: a number assigned to ``state.hyperparams``
-    (optax's idiom) becomes a 0-d float32 tensor; anything else is refused."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """A hyperparameter as the kernels take it: a 0-d tensor as it is, a number assigned to ``state.hyperparams``
+    (optax's idiom) as a 0-d float32 tensor; anything else (a tensor of another shape would be broadcast into the
+    params, changing their shapes) is refused."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:  # (a shape read: no sync, traceable)
+            return value
+        got = f"a tensor of shape {tuple(value.shape)}"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return scalar(value, device)
+    else:
+        got = f"{type(value).__name__} {value!r}"
     raise TypeError(
-        f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got "
-        f"{type(value).__name__} {value!r} instead. Assign e.g. torch.tensor(1e-3)."
+        f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got {got} instead. "
+        "Assign e.g. torch.tensor(1e-3)."
     )
 
 
@@ -207,13 +214,7 @@ def _optimizer(
         if schedule is not None:
             hyper["learning_rate"] = schedule(state.count).to(torch.float32)
         for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):
-            if not isinstance(hyper[key], torch.Tensor):
-                hyper[key] = _hyper(name, key, hyper[key], state.count.device)
-            elif hyper[key].dim() != 0:  # (a shape read: broadcast into the params, it would change their shapes)
-                raise TypeError(
-                    f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got a tensor "
-                    f"of shape {tuple(hyper[key].shape)} instead. Assign e.g. torch.tensor(1e-3)."
-                )
+            hyper[key] = _hyper(name, key, hyper[key], state.count.device)
         lr, wd = hyper["learning_rate"], hyper["weight_decay"] if decays else None
         count = state.count + 1
         traced = use_functional(g, p, [count, lr])
