@@ -5,6 +5,7 @@ References are the same step run without donation (which never writes its input)
 
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -308,3 +309,21 @@ def test_a_donated_step_reading_its_input_state_after_apply_gradients_raises(mod
     assert metrics["update"] > 0  # undonated, the true size of the update
     with pytest.raises(RuntimeError, match="read after its apply_gradients updated it in place"):
         fnlit.donating(_logging_update_size(model))(clone_tree(state), batch())  # instead of a silent 0
+
+
+@pytest.mark.parametrize("op", [
+    lambda s: torch.add(s.step, 1),
+    lambda s: F.relu(s.rng),
+    lambda s: torch.cat([torch.zeros(1), s.step]),
+    lambda s: torch.zeros(1) * s.step,
+])
+def test_a_torch_op_on_a_donated_field_raises_the_donation_error_without_a_deprecation_warning(model, op):
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    donated = clone_tree(state)
+    fnlit.donating(hand_step(model))(donated, batch())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match=r"donated to a step \(fnlit.donating\)"):
+            op(donated)
+    # torch warns of (and will refuse) a __torch_function__ that is not a classmethod
+    assert not [str(w.message) for w in caught if "__torch_function__" in str(w.message)]

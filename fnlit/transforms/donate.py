@@ -67,8 +67,17 @@ class Donated:
 
     __getitem__ = __setitem__ = __iter__ = __len__ = __bool__ = __call__ = __contains__ = _raise
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __index__ = __int__ = _raise
-    __float__ = __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __array__ = __torch_function__ = _raise  # type: ignore[assignment]
+    __float__ = __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __array__ = _raise  # type: ignore[assignment]
     __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> NoReturn:
+        # A classmethod, as torch requires (a plain method is deprecated, and warns): the sentinel to name is
+        # found among the op's arguments.
+        for leaf in _tree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, Donated):
+                leaf._raise()
+        raise RuntimeError(f"{func.__name__} was called on a field of a donated TrainState")  # torch passes one
 
     def __repr__(self) -> str:
         return "<donated>"
