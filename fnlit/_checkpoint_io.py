@@ -359,6 +359,21 @@ def _distribute(v: torch.Tensor, like: Any) -> torch.Tensor:
     return distribute_tensor(v.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements, **local)
 
 
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_like(leaf: Any, v: Any) -> Any:
+    """A hyperparameter saved as a number where ``leaf`` is a 0-d float tensor, or the other way round, in
+    ``leaf``'s form: a number assigned to ``hyperparams`` (optax's idiom) is a tensor after the next update, so a
+    checkpoint written in between holds the number."""
+    if _real(v) and isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point():
+        return torch.tensor(v, dtype=leaf.dtype, device=leaf.device)
+    if _real(leaf) and isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
+        return type(leaf)(v.item())
+    return v
+
+
 def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
     """``like`` with its leaves replaced by the checkpoint's, on like's devices and dtypes."""
     from .transforms.donate import check_not_donated
@@ -374,13 +389,13 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
         if extra is not None:
             raise _mismatch(path, f"at {extra}: expected nothing (the state has no {extra}), got {_describe(values[extra])}")
         raise _mismatch(path, f"the same paths in another order: expected {paths[:6]}, got {list(values)[:6]}")
-    where = _tree.first_mismatch(like, _tree.tree_unflatten(treedef, [values[p] for p in paths]))
+    given = [_as_like(leaf, values[p]) for p, leaf in zip(paths, leaves)]
+    where = _tree.first_mismatch(like, _tree.tree_unflatten(treedef, given))
     if where is not None:
         raise _mismatch(path, where)
     out = []
     dtensor = _dtensor_class()
-    for p, leaf in zip(paths, leaves):
-        v = values[p]
+    for leaf, v in zip(leaves, given):
         if dtensor is not None and isinstance(leaf, dtensor):
             v = _distribute(v, leaf)  # a sharded `like` (fnlit.shard_state): every rank keeps its own shard
         elif isinstance(leaf, torch.Tensor):

@@ -70,11 +70,15 @@ def _barrier() -> None:
 
 def _describe(tree: Any) -> tuple[list[str], list[Any], dict[str, list[Any]]]:
     paths, leaves, _ = _tree.tree_flatten_with_path(tree)
-    for p, t in zip(paths, leaves):
-        if not isinstance(t, torch.Tensor):
+    device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    for i, (p, t) in enumerate(zip(paths, leaves)):
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            # a hyperparameter assigned as a number (optax's idiom): the 0-d float32 tensor the next update makes
+            leaves[i] = torch.tensor(t, dtype=torch.float32, device=device)
+        elif not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"save_sharded expected a state whose leaves are all tensors, got {type(t).__name__} at {p}. "
-                "Keep non-tensor values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3))."
+                f"save_sharded expected a state whose leaves are tensors (or numbers), got {type(t).__name__} at "
+                f"{p}. Keep other values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3))."
             )
     shapes = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in zip(paths, leaves)}
     return paths, leaves, shapes
@@ -189,7 +193,9 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         The checkpoint's path.
 
     Raises:
-        TypeError: for a non-tensor leaf in the state, or metadata that is not JSON-serialisable.
+        TypeError: for a leaf in the state that is neither a tensor nor a number (a hyperparameter assigned as a
+            number is written as the 0-d float32 tensor the next update would make of it), or metadata that is
+            not JSON-serialisable.
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);
             any previous checkpoint of that name is unchanged.

@@ -14,6 +14,7 @@ from torch import nn
 
 import fnlit
 from fnlit import checkpoint as ckpt
+from fnlit.sharded_checkpoint import restore_sharded, save_sharded
 
 
 def trained(model=None, steps=2, loss_scale=None):
@@ -652,3 +653,30 @@ def test_a_resume_from_a_file_without_a_run_removes_no_other_runs_files(tmp_path
     restored, _ = ck.restore(plain, like=state)
     steps(restored, 2, ck)
     assert (tmp_path / "step=00000010.ckpt").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_checkpoint_saved_after_a_rate_was_assigned_as_a_number_restores_and_continues_the_run(tmp_path, sharded):
+    # optax's idiom (hyperparams["learning_rate"] = 1e-4, as a plateau callback does) leaves a float in the state
+    # until the next update: the file restored into a fresh state was refused as another model, and
+    # save_sharded refused to write it.
+    torch.manual_seed(0)
+    model = mlp()
+
+    def fresh():
+        return fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+
+    step = hand_step(model)
+    state = fresh()
+    for _ in range(2):
+        state, _ = step(state, batch())
+    state.opt_state.hyperparams["learning_rate"] = 1e-4
+    if sharded:
+        restored = restore_sharded(save_sharded(tmp_path / "ckpt", state), like=fresh())
+    else:
+        restored = ckpt.restore(ckpt.save(tmp_path / "a.ckpt", state), like=fresh())
+    assert torch.equal(restored.opt_state.hyperparams["learning_rate"], torch.tensor(1e-4))
+    for _ in range(3):  # the reference: the run that was never saved
+        state, _ = step(state, batch())
+        restored, _ = step(restored, batch())
+    assert_trees_equal(restored.params, state.params)

@@ -408,6 +408,21 @@ def test_functional_adamw_in_float64_matches_torch_in_float64():
     _close(new, ref, rtol=1e-8)  # float32 rounding left 1e-6 (the eager path: 1.5e-9)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: fo.adam(2**-2),
+    lambda: fo.chain(fo.scale_by_adam(), fo.scale(-(2**-2))),
+], ids=["adam", "scale_by_adam"])
+def test_functional_adam_in_float64_matches_torch_in_float64(make):
+    # The bias corrections were rounded to float32 on the functional path (compile, vmap): float64 params ended
+    # ~5e-8 from torch.optim.Adam, 1e8x further than the eager path.
+    params = {k: v.double() for k, v in _params().items()}
+    seq = [{k: v.double() for k, v in g.items()} for g in _grads(params)]
+    ref = _run_torch(lambda ps: torch.optim.Adam(ps.values(), lr=2**-2, foreach=False), params, seq)
+    with fo.functional_path():
+        new, _ = _run_fnlit(make(), params, seq)
+    _close(new, ref, rtol=1e-12)
+
+
 def test_one_adamw_with_a_shape_mask_on_two_trees_of_the_same_names():
     # decay_mask reads ndim: the flags cached for the 2-d tree were used for the 1-d one.
     tx = fo.adamw(0.1, weight_decay=0.5, mask=fo.decay_mask)
@@ -473,6 +488,26 @@ def test_a_hyperparameter_set_to_a_number_works_as_a_tensor(make, ref):
     torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
     state.hyperparams["learning_rate"] = "0.01"
     with pytest.raises(TypeError, match=r"hyperparams\['learning_rate'\] to be a 0-d tensor \(or a number\), got str"):
+        fo.step(tx, grads, state, params)
+
+
+def test_a_number_assigned_to_the_transforms_hyperparams_is_held_as_a_tensor_and_matches_torch():
+    # scale_by_learning_rate kept the float forever and add_decayed_weights copied it: every later checkpoint held
+    # a number where a fresh state holds a tensor.
+    params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    grads = {"w": torch.tensor([0.5, 0.25, -1.0])}
+    tx = fo.chain(fo.add_decayed_weights(0.5), fo.scale_by_learning_rate(0.1))
+    state = tx.init(params)
+    state[0].hyperparams["weight_decay"] = 0.25
+    state[1].hyperparams["learning_rate"] = 0.01
+    new, after = fo.step(tx, grads, state, params)
+    assert [type(s.hyperparams[k]) for s, k in zip(after, ("weight_decay", "learning_rate"))] == [torch.Tensor] * 2
+    p = torch.nn.Parameter(params["w"].clone())
+    p.grad = grads["w"].clone()
+    torch.optim.SGD([p], lr=0.01, weight_decay=0.25).step()
+    torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
+    state[1].hyperparams["learning_rate"] = "0.01"
+    with pytest.raises(TypeError, match=r"scale_by_learning_rate.update expected state.hyperparams\['learning_rate'\]"):
         fo.step(tx, grads, state, params)
 
 

@@ -32,7 +32,8 @@ from ._base import (
     raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
-    check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, scalar, zero_count,
+    check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, hyper_value, scalar,
+    zero_count,
 )
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -100,24 +101,6 @@ def _without_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
             torch._C._set_grad_enabled(mode)
 
     return run
-
-
-def _hyper(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor:
-    """A hyperparameter as the kernels take it: a 0-d tensor as it is, a number assigned to ``state.hyperparams``
-    (optax's idiom) as a 0-d float32 tensor; anything else (a tensor of another shape would be broadcast into the
-    params, changing their shapes) is refused."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:  # (a shape read: no sync, traceable)
-            return value
-        got = f"a tensor of shape {tuple(value.shape)}"
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return scalar(value, device)
-    else:
-        got = f"{type(value).__name__} {value!r}"
-    raise TypeError(
-        f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got {got} instead. "
-        "Assign e.g. torch.tensor(1e-3)."
-    )
 
 
 def _log(b: float) -> float:
@@ -214,7 +197,7 @@ def _optimizer(
         if schedule is not None:
             hyper["learning_rate"] = schedule(state.count).to(torch.float32)
         for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):
-            hyper[key] = _hyper(name, key, hyper[key], state.count.device)
+            hyper[key] = hyper_value(name, key, hyper[key], state.count.device)
         lr, wd = hyper["learning_rate"], hyper["weight_decay"] if decays else None
         count = state.count + 1
         traced = use_functional(g, p, [count, lr])
@@ -368,9 +351,14 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
         # b**t written as exp(t * log b): inductor computes a reused value containing exp once per step,
         # while it inlines pow into every vector iteration of every parameter's update loop (3x slower
         # compiled AdamW on CPU). The two agree to ~1e-16 relative in float64.
-        step_size = (lr.double() / (1 - torch.exp(t * _log(b1)))).float()
-        bc2_sqrt = torch.sqrt(1 - torch.exp(t * _log(b2))).float()
-        new_p = [q - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps)) for q, m, v in zip(p, mu, nu)]
+        bias64 = (lr.double() / (1 - torch.exp(t * _log(b1))), torch.sqrt(1 - torch.exp(t * _log(b2))))
+        # rounded to float32 for float32 params and narrower (their multiply computes in float32); float64 params
+        # take the float64 values, as torch.optim's Python floats (rounded, they were ~1e8x further from it)
+        bias32 = (bias64[0].float(), bias64[1].float())
+        new_p = []
+        for q, m, v in zip(p, mu, nu):
+            step_size, bc2_sqrt = bias64 if q.dtype is torch.float64 else bias32
+            new_p.append(q - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps)))
         return new_p, [mu, nu]
 
     @_without_grad

@@ -227,6 +227,24 @@ def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone()
 
 
+def hyper_value(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor:
+    """A hyperparameter as the kernels take it: a 0-d tensor as it is, a number assigned to ``state.hyperparams``
+    (optax's idiom) as a 0-d float32 tensor; anything else (a tensor of another shape would be broadcast into the
+    params, changing their shapes) is refused."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:  # (a shape read: no sync, traceable)
+            return value
+        got = f"a tensor of shape {tuple(value.shape)}"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return scalar(value, device)
+    else:
+        got = f"{type(value).__name__} {value!r}"
+    raise TypeError(
+        f"{name}.update expected state.hyperparams[{key!r}] to be a 0-d tensor (or a number), got {got} instead. "
+        "Assign e.g. torch.tensor(1e-3)."
+    )
+
+
 def zero_count(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
@@ -251,7 +269,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     """Multiplies the updates by ``-learning_rate`` (a float or a schedule of the update count).
 
     A float rate is stored as a tensor in ``state.hyperparams["learning_rate"]`` and can be changed
-    there by assigning a new tensor (each update copies the dict, so that changes the state and the ones
+    there by assigning a new tensor or number (each update copies the dict, so that changes the state and the ones
     after it, never an earlier one; an in-place edit of the tensor itself would reach every state holding
     it); for a schedule, that field holds the rate of the most recent update.
 
@@ -284,6 +302,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         hyper = dict(state.hyperparams)  # a new dict each update: editing it never changes an earlier state
         if callable(learning_rate):
             hyper["learning_rate"] = learning_rate(state.count).to(torch.float32)
+        else:  # a number assigned there (optax's idiom) is held as the tensor made of it from now on
+            lr = hyper_value("scale_by_learning_rate", "learning_rate", hyper["learning_rate"], state.count.device)
+            hyper["learning_rate"] = lr
         factor = sign * hyper["learning_rate"]
         return tree_map(lambda u: u * factor, updates), ScaleByLearningRateState(state.count + 1, hyper)
 
@@ -346,11 +367,15 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         g, treedef, mu = flatten_checked("scale_by_adam", updates, state.mu)
         count = state.count + 1
         t = count.to(torch.float64)  # 1 - 0.999**t loses digits in float32
-        bc1, bc2 = (1 - b1**t).to(torch.float32), (1 - b2**t).to(torch.float32)
+        bias64 = (1 - b1**t, 1 - b2**t)  # float64 for float64 updates, float32 for the rest (see _alias's adam)
+        bias32 = (bias64[0].to(torch.float32), bias64[1].to(torch.float32))
         mu = [m.lerp(x, 1 - b1) for m, x in zip(mu, g)]
         # optax's rule for a complex gradient: |g|^2 = g * conj(g) (g * g would be its square, a complex number)
         nu = [torch.addcmul(v * b2, x, x.conj() if x.is_complex() else x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
-        out = [(m / bc1) / (torch.sqrt(v / bc2) + eps) for m, v in zip(mu, nu)]
+        out = []
+        for m, v in zip(mu, nu):
+            bc1, bc2 = bias64 if m.dtype in (torch.float64, torch.complex128) else bias32
+            out.append((m / bc1) / (torch.sqrt(v / bc2) + eps))
         unflat = lambda xs: tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out), ScaleByAdamState(count, unflat(mu), unflat(nu))
 
@@ -417,8 +442,9 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
                 "add_decayed_weights.update expected params, got None instead. Pass them: "
                 "tx.update(grads, state, params) (fnlit.optim.step does)."
             )
-        wd = state.hyperparams["weight_decay"]
-        return tree_map(lambda u, p: u + wd * p, updates, params), AddDecayedWeightsState(dict(state.hyperparams))
+        hyper = dict(state.hyperparams)  # a number assigned there (optax's idiom) is held as a tensor from now on
+        wd = hyper["weight_decay"] = hyper_value("add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params))
+        return tree_map(lambda u, p: u + wd * p, updates, params), AddDecayedWeightsState(hyper)
 
     return GradientTransformation(init, update)
 
