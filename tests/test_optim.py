@@ -762,3 +762,18 @@ def test_a_hyperparameter_that_is_not_0_d_is_refused(make):
     state.hyperparams["learning_rate"] = torch.tensor([0.1])
     with pytest.raises(TypeError, match=r"hyperparams\['learning_rate'\] to be a 0-d tensor .* shape \(1,\)"):
         fo.step(tx, {"w": torch.ones(())}, state, params)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("make", [lambda: fo.adamw(0.1), lambda: fo.sgd(0.1, momentum=0.9)], ids=["adamw", "sgd"])
+def test_params_replaced_since_init_by_another_dtype_or_shape_are_refused(make, functional):
+    # The fused kernels read the moments as the params' shape: a smaller param updated silently from the first
+    # elements (a bigger one would read past the buffer's end); another dtype failed inside torch, naming nothing.
+    tx = make()
+    state = tx.init({"w": torch.ones(3)})
+    for params in ({"w": torch.ones(2)}, {"w": torch.ones(3, dtype=torch.bfloat16)}):
+        grads = {"w": torch.ones_like(params["w"])}
+        with fo.functional_path() if functional else _nullcontext(), pytest.raises(
+            ValueError, match=r"of the params' shapes and dtypes, but w is a .* parameter of shape .*changed since .*init"
+        ):
+            fo.step(tx, grads, state, params)

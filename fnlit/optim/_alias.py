@@ -190,6 +190,15 @@ def _optimizer(
                         "g.to(p.dtype)."
                     )
                 g[i] = x.to(q.dtype)  # a narrower gradient (bfloat16 for float32 params): the fused kernels take one dtype
+        for f, (leaves, _) in zip(buffers, bufs):  # params replaced since init: a kernel would read past a buffer's end
+            for i, (b, q) in enumerate(zip(leaves, p)):
+                if b.shape != q.shape or b.dtype != q.dtype:
+                    raise ValueError(
+                        f"{name}.update expected state.{f} of the params' shapes and dtypes, but {tree_paths(params)[i]} "
+                        f"is a {q.dtype} parameter of shape {tuple(q.shape)} while state.{f} holds a {b.dtype} tensor "
+                        f"of shape {tuple(b.shape)}: the params changed since {name}.init. Initialise the optimizer "
+                        "state for these params (tx.init(params)), or cast the params back."
+                    )
         # A new dict each update (a schedule's rate written in): an edit of a state's hyperparams changes that
         # state and its successors, never an earlier state (as optax's inject_hyperparams). A number assigned there
         # (optax's idiom) is held as the tensor made of it from now on.
