@@ -128,16 +128,19 @@ def resume(save_dir: str):
 
 
 class Scaled(torch.nn.Module):
-    """Layers that split evenly over 2 ranks, and a 0-d parameter (replicated; its gradient all-reduced)."""
+    """Layers that split evenly over 2 ranks, a 0-d parameter (replicated; its gradient all-reduced), and a layer
+    of no inputs (a (D_OUT, 0) weight: shard crashed gathering it; its bias trains)."""
 
     def __init__(self):
         super().__init__()
         # (16, 13) and (5, 16) split evenly over 2 ranks, the second along dim 1
         self.lin = torch.nn.Sequential(torch.nn.Linear(D_IN, 16), torch.nn.ReLU(), torch.nn.Linear(16, D_OUT))
         self.scale = torch.nn.Parameter(torch.tensor(1.5))
+        self.empty = torch.nn.Parameter(torch.zeros(D_OUT, 0))  # nn.Linear(0, D_OUT)'s, without its init warning
+        self.offset = torch.nn.Parameter(torch.zeros(D_OUT))
 
     def forward(self, x):
-        return self.lin(x) * self.scale
+        return self.lin(x) * self.scale + torch.nn.functional.linear(x[:, :0], self.empty, self.offset)
 
 
 def scalar_param(steps: int = 3, sharded: bool = True):

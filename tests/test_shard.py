@@ -55,7 +55,8 @@ def runs(tmp_path_factory):
 
 
 def _max_dev(params, ref_params):
-    return max((params[k] - ref_params[k]).abs().max().item() for k in ref_params)
+    assert {k: v.shape for k, v in params.items()} == {k: v.shape for k, v in ref_params.items()}
+    return max((params[k] - ref_params[k]).abs().max().item() for k in ref_params if ref_params[k].numel())
 
 
 def test_sharded_sgd_with_momentum_matches_one_process(runs):
@@ -159,7 +160,7 @@ def test_checkpoint_from_4_ranks_consolidates_in_one_process(runs):
     assert_trees_close(resumed, uninterrupted, **TOL)
 
 
-def test_even_shards_and_a_replicated_0d_parameter_match_one_process(runs):
+def test_even_shards_a_replicated_0d_parameter_and_an_empty_weight_match_one_process(runs):
     ref = scalar_param(sharded=False)
     for r in runs[2]:
         assert _max_dev(r["scalar_param"], ref) <= 1e-5
@@ -225,6 +226,7 @@ def test_placement_splits_the_most_even_dimension():
     assert placement_for((37, 13), 4) == Shard(0)
     assert placement_for((5, 37), 4) == Shard(1)
     assert placement_for((), 2) == Replicate()
+    assert placement_for((3, 0), 2) == Replicate()  # no elements: nothing to split
 
 
 @pytest.fixture(scope="module")

@@ -78,13 +78,15 @@ def placement_for(shape: Sequence[int], world: int) -> Placement:
     Shards follow ``torch.chunk`` (the last ranks may hold fewer rows, or none). The dimension whose
     largest chunk is the smallest fraction of the tensor is chosen, the first such one on ties, so a
     ``(10, 2048)`` output layer on 4 ranks is split along its 2048 columns rather than its 10 rows.
-    0-d tensors are replicated.
+    0-d tensors and tensors with no elements are replicated.
 
     Example:
         >>> placement_for((2048, 784), 2), placement_for((10, 2048), 4), placement_for((), 4)
         (Shard(dim=0), Shard(dim=1), Replicate())
     """
     best, best_fraction = None, math.inf
+    if math.prod(shape) == 0:  # no elements (a (3, 0) weight): nothing to split
+        return Replicate()
     for d, n in enumerate(shape):
         if n > 0:
             fraction = math.ceil(n / world) / n
