@@ -191,6 +191,8 @@ def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor],
     # What `with fnlit.random.seeded(rng, device):` does, without the object. Only a CUDA device matters (the
     # first tensor's is_cuda is the cheap test: the params come first in `tensors`).
     first = next(iter(tensors.values()), None)
+    if first is None:  # a module without params or buffers (a Dropout, an augmentation): its inputs' device
+        first = next((a for a in _tree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)), None)
     saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
     try:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)

@@ -71,7 +71,9 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: 
     """Asserts two pytrees have the same structure and leaves equal within ``atol + rtol * |expected|``.
 
     Tensor leaves must also agree in shape and dtype; integer and bool tensors (steps, keys, counters)
-    must be equal exactly, complex ones are compared as complex numbers; other leaves must be ``==``.
+    must be equal exactly, complex ones are compared as complex numbers. Python and numpy floats (such as
+    :func:`fnlit.evaluate`'s metrics) are compared within the same tolerances, NaN equal to NaN; other leaves
+    (ints, strings) must be ``==``.
 
     Args:
         actual: the tree under test.
@@ -114,6 +116,10 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: 
 _STATE_FIELDS = ("step", "params", "buffers", "opt_state", "scaler", "rng")
 
 
+def _inexact(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
     if isinstance(e, np.ndarray) and isinstance(a, np.ndarray):
         if a.shape != e.shape:
@@ -123,6 +129,13 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
             return next((d for d in diffs if d is not None), None)
         # as tensors, with the same tolerances: copies in native byte order (any stride, read-only too)
         a, e = (torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("="))) for x in (a, e))
+    if _inexact(a) and _inexact(e) and (isinstance(a, (float, np.floating)) or isinstance(e, (float, np.floating))):
+        # a Python or numpy float (fnlit.evaluate's metrics): within the tolerances, NaN equal to NaN, as tensors
+        if a == e or math.isnan(a) and math.isnan(e):
+            return None
+        if math.isfinite(a) and math.isfinite(e) and abs(a - e) <= atol + rtol * abs(e):
+            return None
+        return f"got {a!r}, expected {e!r} (difference {abs(a - e):.3g})"
     if not isinstance(e, torch.Tensor):
         return None if a == e else f"got {a!r}, expected {e!r}"
     if a.dtype != e.dtype:
@@ -350,6 +363,7 @@ _ALLOWED = frozenset(
         _random._seed_eager,
         _random.split,
         _random.fold_in,
+        _random._index,  # fold_in(key, state.step): the step counter lives on the CPU
         _random._fold_in_range,
         _random.next_key,
         _alias._decay_factor,
@@ -368,7 +382,16 @@ _SCALAR = torch.ops.aten._local_scalar_dense.default
 _COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
 _aten = torch.ops.aten
 # Ops whose result is a Python value computed from tensor values (a read, whatever the Python route).
-_VALUE_OPS = {_aten.equal.default: "torch.equal", _aten.allclose.default: "torch.allclose", _aten.is_nonzero.default: "bool(tensor)"}
+_VALUE_OPS = {
+    _aten.equal.default: "torch.equal",
+    _aten.allclose.default: "torch.allclose",
+    _aten.is_nonzero.default: "bool(tensor)",
+    _aten._linalg_check_errors.default: (
+        "torch.linalg's error check (inv, solve, cholesky, ...: the *_ex variants return the error code as a tensor)"
+    ),
+}
+# Tensor constructors read the value of every tensor inside a (nested) list or tuple given as data.
+_CONSTRUCTORS = {"tensor": 0, "as_tensor": 0, "asarray": 0, "new_tensor": 1}  # name -> index of the data argument
 # Ops whose output shape depends on tensor values: the host waits for the device to learn the size.
 _SHAPE_OPS = {
     _aten.nonzero.default: "nonzero (also torch.where(cond) with one argument)",
@@ -406,12 +429,28 @@ def _flag(what: str, t: torch.Tensor | None) -> None:
 _CPU_ONE_HOT: ContextVar[bool] = ContextVar("fnlit_cpu_one_hot", default=False)
 
 
+def _tensor_in(data: Any) -> torch.Tensor | None:
+    """The first tensor inside ``data`` when it is a (nested) list or tuple, else None."""
+    if isinstance(data, (list, tuple)):
+        for x in data:
+            found = x if isinstance(x, torch.Tensor) else _tensor_in(x)
+            if found is not None:
+                return found
+    return None
+
+
 class _FunctionMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = getattr(func, "__name__", "")
         kwargs = kwargs or {}
         if name in _READS and args and isinstance(args[0], torch.Tensor):
             _flag(f"Tensor.{name}()" if not name.startswith("__") else f"{name.strip('_')}(tensor)", args[0])
+        if name in _CONSTRUCTORS:
+            i = _CONSTRUCTORS[name]
+            inner = _tensor_in(args[i] if len(args) > i else kwargs.get("data", kwargs.get("obj")))
+            if inner is not None:
+                what = "Tensor.new_tensor" if name == "new_tensor" else f"torch.{name}"
+                _flag(f"{what} of a list holding tensors (use torch.stack)", inner)
         if name == "one_hot" and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
             classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
             if classes > 0:  # (num_classes=-1 reads the maximum: a sync on any device, flagged)

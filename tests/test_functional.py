@@ -712,3 +712,13 @@ def test_value_and_grad_keeps_gradients_that_do_not_overlap_as_grad_holds_them()
     _, g = fnlit.value_and_grad(lambda p: (torch.cat([p["a"], p["b"]]) * torch.arange(6.0)[:, None]).sum())({"a": a, "b": b})
     assert g["a"].untyped_storage().data_ptr() == g["b"].untyped_storage().data_ptr()  # kept as torch.cat's backward made them
     torch.testing.assert_close(torch.cat([g["a"], g["b"]]), torch.arange(6.0)[:, None].expand(6, 3))
+
+
+@pytest.mark.cuda
+def test_a_module_without_params_seeds_the_cuda_generator_of_its_inputs():
+    # nn.Dropout has no params or buffers: only the CPU generator was seeded, so its CUDA dropout drew from the
+    # global CUDA generator (two calls with one key differed).
+    x, k = torch.ones(1000, device="cuda"), fnlit.random.key(0)
+    first = fnlit.apply(torch.nn.Dropout(0.5), {}, {}, x, rng=k)[0]
+    torch.cuda.manual_seed(123)  # moves the global CUDA generator
+    assert torch.equal(fnlit.apply(torch.nn.Dropout(0.5), {}, {}, x, rng=k)[0], first)

@@ -223,9 +223,18 @@ def with_planted(read):
         (lambda t: torch.unique(t.reshape(1)), r"torch\.unique, whose output shape.*"),
         (lambda t: torch.arange(2).repeat_interleave((t.reshape(1) > 0).long().expand(2)),
          r"repeat_interleave with tensor repeats and no output_size"),
+        # torch.tensor of tensors reads each value (torch.stack does not); torch.linalg's error check reads the
+        # info tensor (torch's docs: "synchronizes that device with the CPU"; the *_ex variants do not)
+        (lambda t: torch.tensor([t, t]), r"torch\.tensor of a list holding tensors \(use torch\.stack\)"),
+        (lambda t: torch.as_tensor([[t], [t]]), r"torch\.as_tensor of a list holding tensors \(use torch\.stack\)"),
+        (lambda t: t.new_tensor((t, 1.0)), r"Tensor\.new_tensor of a list holding tensors \(use torch\.stack\)"),
+        (lambda t: torch.linalg.inv(torch.eye(2) * t), r"torch\.linalg's error check .*_ex variants return the error code as a tensor\)"),
+        (lambda t: torch.linalg.solve(torch.eye(2) * t, torch.ones(2)), r"torch\.linalg's error check .*as a tensor\)"),
+        (lambda t: torch.linalg.cholesky(torch.eye(2) * t), r"torch\.linalg's error check .*as a tensor\)"),
     ],
     ids=["item", "float", "int", "if", "tolist", "numpy", "print", "format", "equal", "allclose", "mask_index",
-         "nonzero", "masked_select", "unique", "repeat_interleave"],
+         "nonzero", "masked_select", "unique", "repeat_interleave", "tensor_of_tensors", "as_tensor_of_tensors",
+         "new_tensor_of_tensors", "linalg_inv", "linalg_solve", "linalg_cholesky"],
 )
 def test_no_host_sync_catches_reads_and_names_the_line(read, name):
     bad, state = with_planted(read)
@@ -241,6 +250,24 @@ def test_no_host_sync_passes_the_sync_free_alternatives():
         torch.nonzero_static(x > 1, size=4)
         torch.arange(2).repeat_interleave(torch.tensor([1, 2]), output_size=3)
         x[torch.tensor([0, 2])]  # integer indices: the output shape is the index's
+        torch.stack([x[0], x[1]])
+        torch.tensor([1.0, 2.0]), torch.as_tensor(x), torch.tensor(np.ones(2))  # numbers, or no list: no read
+        torch.linalg.inv_ex(torch.eye(2) + x[0])
+
+
+def test_no_host_sync_passes_a_step_folding_its_step_counter_into_its_key():
+    # fold_in(state.rng, state.step), the idiom fold_in's docstring shows, was flagged inside fnlit.random
+    model, state = make()
+
+    def step(state, batch):
+        key = fnlit.random.fold_in(state.rng, state.step)
+        loss_fn = lambda p: F.cross_entropy(fnlit.apply(model, p, state.buffers, batch[0], rng=key)[0], batch[1])  # noqa: E731
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    assert_no_host_sync(step, state, batch())
+    with pytest.raises(HostSyncError, match=r"index\(tensor\)"), no_host_sync():
+        [0, 1][state.step]  # the same read, written in user code
 
 
 def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
@@ -346,6 +373,22 @@ def test_no_host_sync_passes_one_hot_with_its_classes_and_flags_it_without():
     assert torch.equal(smoothed.argmax(1), y)
     with pytest.raises(HostSyncError, match="scalar read"), no_host_sync():
         F.one_hot(y)  # num_classes inferred: the maximum is read, on any device
+
+
+def test_trees_close_compares_python_floats_within_the_tolerances_as_torch_does():
+    # fnlit.evaluate returns Python floats: two evaluations 1e-7 apart failed, and NaN never equalled NaN
+    close = [(0.4649700164794922, 0.46496992111206054), (float("nan"), float("nan")), (np.float32(1.0), 1.0000001),
+             (float("inf"), float("inf")), (3, 3)]
+    far = [(1.0, 1.1), (float("nan"), 1.0), (float("inf"), float("-inf")), (float("inf"), 1e308), (3, 4)]
+    as64 = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+    # the reference: torch.isclose on the same values as float64 tensors, with the same tolerances
+    ref = [bool(torch.isclose(as64(a), as64(e), rtol=1e-5, atol=1e-6, equal_nan=True)) for a, e in close + far]
+    assert ref == [True] * len(close) + [False] * len(far)
+    for a, e in close:
+        assert_trees_close({"m": a}, {"m": e})
+    for a, e in far:
+        with pytest.raises(AssertionError, match=r"tree\['m'\] differs: got"):
+            assert_trees_close({"m": a}, {"m": e})
 
 
 def test_trees_close_compares_numpy_leaves_as_arrays():
