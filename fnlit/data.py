@@ -204,8 +204,9 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
     """Batches ``start..stop`` of ``epoch``: ArrayLoader starts there; other iterables skip by iterating.
 
     Other data is told the epoch first where it can be: a DataLoader's samplers (``set_epoch`` or, for the
-    random ones, a generator seeded from ``(seed, epoch)``), or the data's own ``set_epoch(epoch)`` (a wrapper
-    around an ArrayLoader that forwards it reshuffles each epoch, as the loader itself does).
+    random ones, a generator seeded from ``(seed, epoch)``) and, with workers, its ``generator`` (which seeds
+    the workers: a dataset's random transforms), or the data's own ``set_epoch(epoch)`` (a wrapper around an
+    ArrayLoader that forwards it reshuffles each epoch, as the loader itself does).
 
     Example:
         >>> loader = ArrayLoader(torch.arange(6), batch_size=2, shuffle=False)
@@ -228,7 +229,14 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
                 # RandomSampler, SubsetRandomSampler, WeightedRandomSampler: drawn from this epoch's seed, not the
                 # global generator, so a run resumed mid-epoch skips the batches of the same order
                 sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
+        if data.num_workers > 0:
+            # The workers' seeds (a dataset's random transforms) come from this epoch's seed, not the global
+            # generator: a run resumed mid-epoch replays the same transforms while skipping
+            data.generator = torch.Generator().manual_seed(epoch_seed(seed, epoch) ^ _WORKER_SEED_MIX)
     return itertools.islice(iter(data), start, stop)
+
+
+_WORKER_SEED_MIX = 0x2545_F491_4F6C_DD1D  # apart from the samplers' seeds of the same (seed, epoch)
 
 
 def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:

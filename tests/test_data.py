@@ -431,3 +431,29 @@ def test_a_distributed_batch_sampler_counts_as_sharding_and_is_told_the_epoch(mo
     assert bs.epochs == [3]
     bs.set_epoch(3)  # the reference: DistributedSampler's own order for epoch 3, rank 1 of 2
     assert first == [[float(i) for i in idx] for idx in bs]
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Example i plus a random draw: a random transform in the dataset, drawn from the worker's generator."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return (torch.tensor(float(i)) + torch.rand(()),)
+
+
+def test_a_datasets_random_transforms_in_workers_resume_mid_epoch_as_the_uninterrupted_run(tmp_path):
+    # The workers' seeds came from the global generator: a run resumed in epoch 1 transformed its examples
+    # differently from the uninterrupted run (the docs promise a bitwise resume for a seeded DataLoader).
+    from fnlit.checkpoint import Checkpointer
+
+    loader = lambda: DataLoader(_Augmented(), batch_size=4, shuffle=True, num_workers=1)  # noqa: E731
+    torch.manual_seed(0)
+    reference = _fit_batches(loader())
+    assert reference[:3] != reference[3:6]  # each epoch its own transforms
+    torch.manual_seed(1)
+    first = _fit_batches(loader(), checkpoint=Checkpointer(tmp_path), callbacks=[_Stop(4)])
+    torch.manual_seed(2)  # a new process: the global generator elsewhere
+    resumed = _fit_batches(loader(), checkpoint=Checkpointer(tmp_path), ckpt_path="last")
+    assert first == reference[:4] and resumed == reference[4:]
