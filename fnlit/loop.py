@@ -808,6 +808,14 @@ def fit(
                 if not ((n_batches is not None and b >= n_batches) or ran_out):
                     if steps == first_step and not broke:
                         raise ValueError("fit got empty training data: the first epoch yielded no batches.")
+                    if not broke:  # not a stop: the data yielded nothing this epoch
+                        one_shot = " (a one-shot iterator is used up by its first pass)" if isinstance(train_data, Iterator) else ""
+                        warnings.warn(
+                            f"fit: train_data yielded no batches in epoch {epoch}{one_shot}: training stops at step "
+                            f"{steps}, before max_epochs/max_steps. To train more epochs, pass data that can be iterated "
+                            "again (a list, a DataLoader, an ArrayLoader).",
+                            stacklevel=2,
+                        )
                     break  # stopped mid-epoch, or a one-shot iterable ran out
                 # An epoch that ended short, or that a resume entered past its (now shorter) end, misses the validation
                 # scheduled at its last batch: done here instead.

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -253,10 +254,16 @@ def test_any_iterable_and_endless_data():
         fit(c.step, make_state(), endless(), progress=False)
 
 
-def test_one_shot_iterator_ends_after_it_runs_out():
+def test_one_shot_iterator_ends_after_it_runs_out_and_says_so():
     c = Counter()
-    state = fit(c.step, make_state(), iter([torch.tensor([i]) for i in range(4)]), max_epochs=3, progress=False)
+    with pytest.warns(UserWarning, match=r"yielded no batches in epoch 1 \(a one-shot iterator is used up by its first "
+                      r"pass\): training stops at step 4, before max_epochs/max_steps"):
+        state = fit(c.step, make_state(), iter([torch.tensor([i]) for i in range(4)]), max_epochs=3, progress=False)
     assert int(state.step) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a limit reached with the iterator: nothing to say
+        fit(c.step, make_state(), iter([torch.tensor([i]) for i in range(4)]), max_epochs=1, progress=False)
+        fit(c.step, make_state(), iter([torch.tensor([i]) for i in range(4)]), max_steps=4, progress=False)
 
 
 def test_empty_training_data():
