@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .optim._alias import _learning_rate_holder
+from . import data as _data
 from . import tree as _tree
 from ._types import Batch, Metrics, Params
 from .functional import apply as _apply
@@ -324,7 +325,6 @@ class EMA(Callback):
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
         self.params = _float_params(state.params) if self.params is None else _placed(self.params, state, "EMA")
-        self._keys = list(self.params)
         self._fresh = True  # placed again at the first step: fnlit.shard(step) shards a plain state there
 
     def state_dict(self) -> dict[str, Any]:
@@ -338,7 +338,8 @@ class EMA(Callback):
         assert self.params is not None, "EMA.on_step before on_fit_start"
         if self._fresh:
             self.params, self._fresh = _placed(self.params, state, "EMA"), False
-        torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in self._keys], 1.0 - self.decay)
+        # paired by name: a step may return its params in another order (a dict rebuilt as {**updated, **frozen})
+        torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in self.params], 1.0 - self.decay)
 
     def state(self, state: TrainState) -> TrainState:
         """``state`` with its params replaced by a copy of the average (for :func:`fnlit.evaluate`, export or
@@ -552,13 +553,14 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
             buffers[p + "running_var"] = torch.ones_like(buffers[p + "running_var"])
             buffers[p + "num_batches_tracked"] = torch.zeros_like(buffers[p + "num_batches_tracked"])
     momenta = {n: m.momentum for n, m in norms.items()}
+    move = _data.device_mover(state.device)
     try:
         for m in norms.values():
             m.momentum = None
         with torch.no_grad():
             for batch in data:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                x = _tree.tree_map(lambda t: t.to(state.device), x)
+                x = move(x) if move is not None else x  # as fit moves batches: other leaves left alone
                 _, buffers = _apply(module, state.params, buffers, x, train=True)
     finally:
         for n, m in norms.items():

@@ -316,7 +316,8 @@ class Checkpointer:
             best checkpoints are saved and kept.
         mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
         keep_best: how many best-by-``monitor`` checkpoints to keep; None keeps the checkpoint of every
-            validation (Lightning's ``save_top_k=-1``), 0 none (``save_top_k=0``).
+            validation (Lightning's ``save_top_k=-1``) whose value is not NaN (a NaN value is never saved as
+            a best), 0 none (``save_top_k=0``).
         save_last: save when fit finishes, and keep ``last.ckpt`` pointing at the newest checkpoint.
         **meta: JSON-able metadata (hyperparameters) stored in every checkpoint.
 

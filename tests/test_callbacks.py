@@ -169,6 +169,25 @@ def test_ema_equals_the_hand_computed_average():
     assert set(evaluate(ev, averaged, [batch(8)])) == {"loss"}
 
 
+def test_ema_pairs_params_by_name_when_the_step_returns_them_in_another_order():
+    # The average was lerped by position: a step rebuilding its params dict in another order ({**updated,
+    # **frozen}) mixed one layer's average into another's (or crashed on different shapes).
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
+    start = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, batch):
+        new = state.apply_gradients({k: torch.ones_like(v) for k, v in state.params.items()})
+        return new.replace(params=dict(reversed(list(new.params.items())))), {"loss": torch.zeros(())}
+
+    ema, rec = EMA(decay=0.5), Recorder()
+    fit(step, start, [0, 1, 2], max_epochs=1, callbacks=[rec, ema], progress=False)
+    expected = {k: v.clone() for k, v in start.params.items()}
+    for params in rec.steps:  # the definition, by name
+        expected = {k: 0.5 * expected[k] + 0.5 * params[k] for k in expected}
+    for k in expected:
+        torch.testing.assert_close(ema.params[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("start, first", [(2, 2), (0.5, 1), (0.8, 2), (1.0, 3)])
 def test_swa_equals_the_mean_of_epoch_end_params(start, first):
     # A fraction counts epochs as Lightning's StochasticWeightAveraging does: int(f * max_epochs) is 1-based, so
@@ -344,6 +363,26 @@ def test_update_bn_matches_torch_swa_utils():
     for name, buf in reference.named_buffers():
         torch.testing.assert_close(new.buffers[name], buf)
     assert int(state.buffers["1.num_batches_tracked"]) == 0 and model[1].momentum == 0.1  # nothing else changed
+
+
+def test_update_bn_leaves_non_tensor_leaves_of_the_inputs_alone_as_torch_does():
+    # Every leaf was moved with .to(device): a float beside the tensor ('float' has no attribute 'to').
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(8)
+
+        def forward(self, d):
+            return self.bn(d["x"] * d["scale"])
+
+    model = Scaled()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    data = [{"x": batch(16, seed=i)[0], "scale": 2.0} for i in range(3)]
+    new = update_bn(model, state, data)
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(data, reference)
+    for name, buf in reference.named_buffers():
+        torch.testing.assert_close(new.buffers[name], buf)
 
 
 @pytest.mark.parametrize("donate", [False, True])
