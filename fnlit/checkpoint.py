@@ -284,10 +284,11 @@ def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
 
 
 def _where(position: Position | None) -> tuple[Any, ...] | None:
-    """Where in the data a position stands: its epoch, batch, and whether that batch's epoch-end validation ran."""
+    """Where in the data a position stands: its epoch, batch, whether that batch's epoch-end validation ran, and
+    whether metrics wait to be logged (a step saved before its run's last log row holds them; after it, none)."""
     if not position:
         return None
-    return (position.get("epoch"), position.get("batch"), bool(position.get("validated")))
+    return (position.get("epoch"), position.get("batch"), bool(position.get("validated")), bool(position.get("log_pending")))
 
 class Checkpointer:
     """Saves checkpoints during :func:`fnlit.fit` and finds the one to resume from.
@@ -397,6 +398,7 @@ class Checkpointer:
         if state is not None and self._ended_run is not None and _step(state) == self._ended_at:
             # (a crashed continuation's files after this step are replaced as this attempt saves its own states)
             self._run, self._records = self._ended_run, None
+            self._saved_where = None  # its file stands where that run ended; this call's position starts afresh
             return
         self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
         self._records = None  # read from the folder again on the first save
@@ -511,7 +513,10 @@ class Checkpointer:
         if reason not in ("sigterm", "sigint", "finished"):
             raise ValueError(f"Checkpointer.on_exit expected reason 'sigterm', 'sigint' or 'finished', got {reason!r} instead.")
         self._ended_at, self._ended_run = _step(state), self._run  # a later fit from this state continues this run
-        if (reason != "finished" or self.save_last) and not self._is_saved(state):
+        # The last step's own checkpoint stands before the epoch end and the last log row that followed it: a
+        # resume from it would run that epoch end again and log those metrics twice. Saved again where it ended.
+        saved = self._is_saved(state) and self._saved_where in (None, _where(position))  # (None: as it was saved)
+        if (reason != "finished" or self.save_last) and not saved:
             self._save_and_wait(state, position)
 
     # ---- saving and the files -----------------------------------------------------------------------

@@ -1206,3 +1206,36 @@ def test_fit_refuses_an_int_val_check_interval_below_one(value):
     # It became "at the epoch's end" silently; the docstring says every N training batches (Lightning: a division by 0).
     with pytest.raises(ValueError, match=r"fit expected val_check_interval to be an int >= 1 or a float in \(0, 1\]"):
         run(max_epochs=1, val_check_interval=value)
+
+
+@pytest.mark.parametrize("every", [3, 5])
+def test_a_finished_run_continued_logs_and_ends_epochs_alike_whether_its_last_step_was_checkpointed(tmp_path, every):
+    # The last step's own checkpoint (step 6, every_n_steps=3) stood before the run's last log row and epoch end,
+    # and the finish did not save again: a continued run logged steps 5-6 a second time (step 8's row the mean of
+    # 5..8) and ran epoch 0's end again. every_n_steps=5 (no checkpoint at the last step) is the reference.
+    from fnlit.checkpoint import Checkpointer
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": batch.mean()}
+
+    data = [torch.tensor([float(i)]) for i in range(20)]
+    kw = dict(max_epochs=1, log_every_n_steps=4, progress=False, log_dir=str(tmp_path / "logs"))
+    fit(step, make_state(), data, max_steps=6, **kw, checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=every))
+    fit(step, make_state(), data, max_steps=12, **kw, checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=every),
+        ckpt_path="last")  # fmt: skip
+    rows = (tmp_path / "logs" / "metrics.csv").read_text().split()
+    # by hand: 4: mean(0..3); 6: the first run's last row, mean(4, 5); then a fresh interval: 8: mean(6, 7); 12: mean(8..11)
+    assert rows == ["step,train/loss,epoch", "4,1.5,0", "6,4.5,0", "8,6.5,0", "12,9.5,0"]
+
+    ends = []
+
+    class Ends:
+        def on_epoch_end(self, state, metrics):
+            ends.append((int(state.step), metrics["epoch"]))
+
+    short = [torch.tensor([float(i)]) for i in range(6)]
+    kw = dict(progress=False, callbacks=[Ends()])
+    fit(step, make_state(), short, max_epochs=1, **kw, checkpoint=Checkpointer(tmp_path / "ck2", every_n_steps=every))
+    fit(step, make_state(), short, max_epochs=2, **kw, checkpoint=Checkpointer(tmp_path / "ck2", every_n_steps=every),
+        ckpt_path="last")  # fmt: skip
+    assert ends == [(6, 0), (12, 1)]  # as the uninterrupted run: each epoch ends once
