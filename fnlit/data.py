@@ -230,13 +230,18 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
                 # global generator, so a run resumed mid-epoch skips the batches of the same order
                 sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
         if data.num_workers > 0:
-            # The workers' seeds (a dataset's random transforms) come from this epoch's seed, not the global
-            # generator: a run resumed mid-epoch replays the same transforms while skipping
-            data.generator = torch.Generator().manual_seed(epoch_seed(seed, epoch) ^ _WORKER_SEED_MIX)
+            # The workers' seeds (a dataset's random transforms) come from this epoch's seed and the rank, not the
+            # global generator: a run resumed mid-epoch replays the same transforms while skipping, and each rank
+            # transforms its examples with its own stream (as Lightning's worker seeds mix in the rank)
+            worker_seed = (epoch_seed(seed, epoch) ^ _WORKER_SEED_MIX) + _WORKER_RANK_STRIDE * _dist.rank()
+            data.generator = torch.Generator().manual_seed(worker_seed & 0x7FFF_FFFF_FFFF_FFFF)
     return itertools.islice(iter(data), start, stop)
 
 
 _WORKER_SEED_MIX = 0x2545_F491_4F6C_DD1D  # apart from the samplers' seeds of the same (seed, epoch)
+# Each rank's workers (base seed + worker id) far from the next rank's, in the low 32 bits: the CPU generator
+# (mt19937) keeps only those of a seed. An odd multiplier: distinct for every rank below 2**32.
+_WORKER_RANK_STRIDE = 0x9E37_79B9
 
 
 def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:

@@ -72,12 +72,12 @@ def _describe(tree: Any) -> tuple[list[str], list[Any], dict[str, list[Any]]]:
     paths, leaves, _ = _tree.tree_flatten_with_path(tree)
     device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), torch.device("cpu"))
     for i, (p, t) in enumerate(zip(paths, leaves)):
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
+        if isinstance(t, float):
             # a hyperparameter assigned as a number (optax's idiom): the 0-d float32 tensor the next update makes
             leaves[i] = torch.tensor(t, dtype=torch.float32, device=device)
         elif not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"save_sharded expected a state whose leaves are tensors (or numbers), got {type(t).__name__} at "
+                f"save_sharded expected a state whose leaves are tensors (or floats), got {type(t).__name__} at "
                 f"{p}. Keep other values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3))."
             )
     shapes = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in zip(paths, leaves)}
@@ -193,8 +193,8 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         The checkpoint's path.
 
     Raises:
-        TypeError: for a leaf in the state that is neither a tensor nor a number (a hyperparameter assigned as a
-            number is written as the 0-d float32 tensor the next update would make of it), or metadata that is
+        TypeError: for a leaf in the state that is neither a tensor nor a float (a hyperparameter assigned as a
+            float is written as the 0-d float32 tensor the next update would make of it), or metadata that is
             not JSON-serialisable.
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);

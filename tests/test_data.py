@@ -457,3 +457,18 @@ def test_a_datasets_random_transforms_in_workers_resume_mid_epoch_as_the_uninter
     torch.manual_seed(2)  # a new process: the global generator elsewhere
     resumed = _fit_batches(loader(), checkpoint=Checkpointer(tmp_path), ckpt_path="last")
     assert first == reference[:4] and resumed == reference[4:]
+
+
+def test_each_ranks_dataloader_workers_draw_their_own_random_transforms(monkeypatch):
+    # The workers' seeds came from (seed, epoch) alone: worker k of every rank drew the same stream, so
+    # different examples got the same crops at the same positions (Lightning mixes the rank into them).
+    import fnlit.data as data_module
+
+    def transforms(rank):
+        monkeypatch.setattr(data_module._dist, "rank", lambda: rank)
+        loader = DataLoader(_Augmented(), batch_size=4, num_workers=1)  # in order: the draws alone differ
+        return [b[0] - torch.arange(i * 4, i * 4 + 4) for i, b in enumerate(epoch_batches(loader, 1, 0, 0, None, False))]
+
+    rank0, rank1 = transforms(0), transforms(1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, transforms(0)))  # a rank's own stream: reproducible
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
