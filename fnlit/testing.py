@@ -390,8 +390,15 @@ _VALUE_OPS = {
         "torch.linalg's error check (inv, solve, cholesky, ...: the *_ex variants return the error code as a tensor)"
     ),
 }
+# torch.linalg functions whose docs say "When inputs are on a CUDA device, this function synchronizes that device
+# with the CPU" and that do not reach _linalg_check_errors on the CPU (an eigen or singular value decomposition).
+_LINALG_SYNCS = {
+    getattr(torch.linalg, n): f"torch.linalg.{n} (torch documents that it synchronizes a CUDA device with the CPU)"
+    for n in ("cond", "eig", "eigh", "eigvals", "eigvalsh", "matrix_rank", "pinv", "svd", "svdvals")
+    if hasattr(torch.linalg, n)
+}
 # Tensor constructors read the value of every tensor inside a (nested) list or tuple given as data.
-_CONSTRUCTORS = {"tensor": 0, "as_tensor": 0, "asarray": 0, "new_tensor": 1}  # name -> index of the data argument
+_CONSTRUCTORS = {"tensor": 0, "as_tensor": 0, "asarray": 0, "new_tensor": 1, "new": 1}  # name -> the data argument
 # Ops whose output shape depends on tensor values: the host waits for the device to learn the size.
 _SHAPE_OPS = {
     _aten.nonzero.default: "nonzero (also torch.where(cond) with one argument)",
@@ -445,11 +452,13 @@ class _FunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if name in _READS and args and isinstance(args[0], torch.Tensor):
             _flag(f"Tensor.{name}()" if not name.startswith("__") else f"{name.strip('_')}(tensor)", args[0])
+        if func in _LINALG_SYNCS:
+            _flag(_LINALG_SYNCS[func], None)
         if name in _CONSTRUCTORS:
             i = _CONSTRUCTORS[name]
             inner = _tensor_in(args[i] if len(args) > i else kwargs.get("data", kwargs.get("obj")))
             if inner is not None:
-                what = "Tensor.new_tensor" if name == "new_tensor" else f"torch.{name}"
+                what = f"Tensor.{name}" if name in ("new_tensor", "new") else f"torch.{name}"
                 _flag(f"{what} of a list holding tensors (use torch.stack)", inner)
         if name == "one_hot" and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
             classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)

@@ -777,3 +777,23 @@ def test_params_replaced_since_init_by_another_dtype_or_shape_are_refused(make, 
             ValueError, match=r"of the params' shapes and dtypes, but w is a .* parameter of shape .*changed since .*init"
         ):
             fo.step(tx, grads, state, params)
+
+
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.adam(0.1), lambda ps: torch.optim.Adam(ps, lr=0.1)),
+    (lambda: fo.sgd(0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+], ids=["adam", "sgd"])
+def test_update_without_params_takes_narrower_gradients_and_names_a_wrong_gradient(make, ref):
+    # Without params, zeros shaped as the gradients stood in for them: bfloat16 gradients for float32 moments were
+    # blamed as "bfloat16 params changed since init" (or failed inside torch), and a larger gradient as params.
+    tx = make()
+    state = tx.init({"w": torch.zeros(3)})
+    g = torch.tensor([0.5, -1.0, 2.0], dtype=torch.bfloat16)
+    update, _ = tx.update({"w": g}, state)
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = g.float()
+    ref([p]).step()
+    assert update["w"].dtype == torch.float32
+    torch.testing.assert_close(update["w"], p.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"expected gradients of the params' shapes, but they differ at w"):
+        tx.update({"w": torch.ones(4)}, state)

@@ -232,7 +232,9 @@ def _optimizer(
                     f"{name}.update expected params (weight decay needs them), got None instead. "
                     f"Pass them: tx.update(grads, state, params), or use fnlit.optim.step."
                 )
-            params = tree_map(torch.zeros_like, grads)  # from 0, new params are exactly the updates
+            # From 0, new params are exactly the updates; shaped as the moments (the params they were made for),
+            # so that a gradient of another shape or dtype is checked as a gradient
+            params = tree_map(torch.zeros_like, getattr(state, buffers[0]) if buffers else grads)
         if _DONATED.get() is None:
             new_params, new_state = step(grads, state, params)
         else:  # never in place (fnlit.donating): the update is the new params minus these, which must stay as they were
