@@ -115,6 +115,16 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
             raise ValueError(f"fit expected {name} to be an int >= -1 (-1: {'all' if name[0] == 'n' else 'no limit'}), "
                              f"got {name}={value!r} instead.")
+    min_epochs, seed, prefixes = o["min_epochs"], o["seed"], o["prefixes"]
+    if min_epochs is not None and (isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0):
+        raise ValueError(f"fit expected min_epochs to be an int >= 0 or None, got min_epochs={min_epochs!r} instead.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"fit expected seed to be an int or None (the data-order seed), got seed={seed!r} instead.")
+    if not (isinstance(prefixes, (tuple, list)) and len(prefixes) == 2 and all(isinstance(x, str) for x in prefixes)):
+        raise TypeError(
+            f"fit expected prefixes to be two strings (training, validation), e.g. ('train/', 'val/'), got "
+            f"prefixes={prefixes!r} instead."
+        )
     if fdr:  # fast_dev_run=N: N train and N val batches, one epoch, max_steps=N, no sanity check, logs, checkpoints
         limit_train = limit_val = fdr
         max_steps, max_epochs, sanity, vci, every_n = fdr, 1, 0, 1.0, 1
@@ -172,7 +182,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
             )
         # 1.0 without a len(): at the epoch's end, which may come before limit_train_batches.
         val_check = None if batches is None or (n is None and vci == 1.0) else max(1, int(batches * vci))
-    if every_n is not None and (not isinstance(every_n, int) or every_n < 1):
+    if every_n is not None and (isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1):
         raise ValueError(f"fit expected check_val_every_n_epoch to be an int >= 1 or None, got {every_n!r} instead.")
     # num_sanity_val_steps: validation batches run before training (-1: all), results discarded.
     # (-1 stays -1 for data without a len(): all of its batches)
@@ -546,6 +556,7 @@ def fit(
     Raises:
         ValueError: empty or endless data without a limit, inconsistent options, non-scalar metrics,
             colliding metric names (each message names the option and the fix).
+        TypeError: a ``seed`` that is not an int, ``prefixes`` that are not two strings.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit

@@ -1201,6 +1201,27 @@ def test_fit_refuses_counts_below_minus_one_or_not_ints_as_lightning_does(option
             eval_step=Counter().eval_step, progress=False, **{"max_epochs": 1, option: value})  # fmt: skip
 
 
+@pytest.mark.parametrize("option, value, error, match", [
+    ("min_epochs", "2", ValueError, r"fit expected min_epochs to be an int >= 0 or None, got min_epochs='2'"),
+    ("min_epochs", 1.5, ValueError, r"min_epochs to be an int >= 0"),
+    ("min_epochs", -3, ValueError, r"min_epochs to be an int >= 0"),
+    ("seed", "x", TypeError, r"fit expected seed to be an int or None \(the data-order seed\), got seed='x'"),
+    ("seed", 1.5, TypeError, r"seed to be an int or None"),
+    ("prefixes", ("train/",), TypeError, r"fit expected prefixes to be two strings \(training, validation\)"),
+    ("prefixes", "tv", TypeError, r"prefixes to be two strings"),
+    ("prefixes", ("train/", None), TypeError, r"prefixes to be two strings"),
+    ("check_val_every_n_epoch", True, ValueError, r"check_val_every_n_epoch to be an int >= 1 or None"),
+])
+def test_fit_refuses_bad_options_at_the_start(option, value, error, match):
+    # min_epochs="2" failed when the first stop was requested (hours in), 1.5 counted as 2; prefixes=("train/",)
+    # failed at the first validation and "tv" logged 'tloss'; seed="x" failed inside the data code.
+    c = Counter()
+    with pytest.raises(error, match=match):
+        fit(c.step, make_state(), ArrayLoader(torch.arange(4), batch_size=1, shuffle=True), val_data=[torch.zeros(1)],
+            eval_step=c.eval_step, progress=False, **{"max_epochs": 1, option: value})  # fmt: skip
+    assert c.train == []  # refused before the first step
+
+
 @pytest.mark.parametrize("value", [0, -3])
 def test_fit_refuses_an_int_val_check_interval_below_one(value):
     # It became "at the epoch's end" silently; the docstring says every N training batches (Lightning: a division by 0).
