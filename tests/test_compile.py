@@ -278,6 +278,30 @@ def test_capture_error_for_print_and_data_dependent_shape(model):
         fnlit_compile(masking, mode="eager")(state, batch())
 
 
+def test_a_print_in_a_forward_called_from_a_line_naming_nonzero_is_a_side_effect():
+    # The cause was read from all of torch's message, quoted source lines included: a mask named `nonzero` on
+    # the loss's line made a print in the forward "a tensor's shape depends on tensor values".
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            print("activations", h.abs().mean())
+            return h
+
+    def loss_fn(m, b):
+        x, y = b
+        nonzero = (y != 0).float()
+        return (F.cross_entropy(m(x), y, reduction="none") * nonzero).sum() / nonzero.sum()
+
+    net = Net()
+    state = fnlit.TrainState.create(net, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(CaptureError, match=r"(?s)print\(\"activations\".*side effect.*Fix: Return the value in the metrics"):
+        fnlit_compile(fnlit.train_step(net, loss_fn), mode="eager")(state, batch())
+
+
 def test_a_step_returning_another_structure_gets_fnlit_s_own_value_error(model):
     inner = hand_step(model)
 
@@ -632,3 +656,29 @@ def test_a_compiled_step_shared_by_two_threads_seeds_each_call_from_its_own_key(
         sys.setswitchinterval(interval)
     for r, g in zip(refs, got):
         assert len(g) == len(r) and all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(g, r))
+
+
+def test_a_donated_state_whose_tensors_share_storage_is_refused_and_a_copy_matches_eager():
+    # An EMA buffer started from the params without .clone(): the graph wrote both new values into the one
+    # storage, silently (params 0.0065 off after 3 steps, and linked for good). jax.jit refuses such a donation.
+    model = mlp()
+    base = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, b):
+        x, y = b
+        loss, g = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y))(state.params)
+        new = state.apply_gradients(g)
+        ema = {"ema." + k: 0.5 * state.buffers["ema." + k] + 0.5 * v for k, v in new.params.items()}
+        return new.replace(buffers=ema), {"loss": loss}
+
+    aliased = base.replace(buffers={"ema." + k: v for k, v in base.params.items()})
+    compiled = fnlit_compile(step, donate=True, mode="eager")
+    with pytest.raises(ValueError, match=r"donate=True\) got a state whose params\['0\.bias'\] and buffers\['ema\.0\.bias'\] share storage"):
+        compiled(aliased, batch())
+    assert torch.equal(aliased.params["0.weight"], base.params["0.weight"])  # refused before anything ran
+    got = base.replace(buffers={"ema." + k: v.clone() for k, v in base.params.items()})
+    got, want = clone_tree(got), got
+    for i in range(3):  # the reference: the same step, eager and undonated
+        got, _ = compiled(got, batch(seed=i))
+        want, _ = step(want, batch(seed=i))
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)

@@ -214,14 +214,16 @@ def _check_graph(gm: torch.fx.GraphModule) -> bool:
 
 
 def _classify(err: Exception, code: str) -> str:
-    text = str(err)
+    # torch's own words only: the user's source lines it quotes after "from user code:" (a mask named `nonzero`
+    # on the loss's line) would otherwise decide the cause
+    text = str(err).split("from user code:", 1)[0]
     if re.search(r"\.(item|tolist|numpy)\(|\b(float|int|bool)\(", code):
         return "host sync"
     if re.search(r"data-dependent|Data-dependent|item\(\)|tolist|__bool__|generic_jump|Tensor\.(item|tolist)", text):
         return "host sync"
     if re.search(r"dynamic shape|DynamicOutputShape|nonzero", text):
         return "dynamic shape"
-    if re.search(r"print|logging|side effect|[Mm]utation", text):
+    if re.search(r"print|[Ll]ogging|side effect|[Mm]utation", text) or re.search(r"\bprint\(|\blogging\.", code):
         return "side effect"
     return "other"
 
@@ -476,9 +478,14 @@ class CompiledStep:
         if torch._C._functorch.maybe_current_level() is not None:  # fnlit.ensemble's (or another) vmap around it
             raise ValueError(_OUTSIDE_VMAP)
         check_not_donated(state)
+        if self.donate and getattr(self._calls, "returned", None) is not state:  # (our own output: checked)
+            _check_unaliased(state)
         self._calls.ran = False
         try:
-            return self._call(state, batch)
+            new, metrics = self._call(state, batch)
+            if self.donate:
+                self._calls.returned = new
+            return new, metrics
         except BaseException:
             # The graph writes the donated state as it runs: once it has started, a failure (or a Ctrl-C)
             # leaves that state partly written. An error while capturing or compiling leaves it intact.
@@ -542,6 +549,24 @@ class CompiledStep:
 
     def __repr__(self) -> str:
         return f"CompiledStep({getattr(self.step, '__name__', self.step)!r}, donate={self.donate}, mode={self.mode!r}, compiles={self.compiles})"
+
+
+def _check_unaliased(state: TrainState) -> None:
+    """Refuses a state whose tensors share storage: a donated step writes each new value into its input's
+    storage, so two fields sharing one would both end up with the last value written."""
+    paths, leaves, _ = _tree.tree_flatten_with_path(state)
+    owner: dict[int, str] = {}
+    for path, t in zip(paths, leaves):
+        if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in owner:
+                raise ValueError(
+                    f"fnlit.compile(step, donate=True) got a state whose {owner[ptr]} and {path} share storage "
+                    "(one tensor, or views of one): the step writes each new value into its input's storage, so "
+                    f"both would end up holding the same values. Give each its own copy (e.g. .clone() one of "
+                    "them), or compile without donate=True."
+                )
+            owner[ptr] = path
 
 
 _DATA_PARALLEL = (
@@ -614,10 +639,11 @@ def compile(
             one around it raises ValueError).
         donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
-            poisoned afterwards (any use raises). On CUDA it enables CUDA-graph replay. If a call fails
-            (or is interrupted) once its graph has started running, the input state may be partly
-            written: it is poisoned too, and the exception propagates; an error while capturing leaves
-            it intact.
+            poisoned afterwards (any use raises). Its tensors must not share storage (an EMA buffer started
+            from the params without ``.clone()``): that is refused. On CUDA it enables CUDA-graph replay.
+            If a call fails (or is interrupted) once its graph has started running, the input state may be
+            partly written: it is poisoned too, and the exception propagates; an error while capturing
+            leaves it intact.
         mode: ``"auto"`` (CUDA graphs on a donated CUDA state, else inductor), ``"default"``,
             ``"reduce-overhead"`` (CUDA graphs; needs ``donate=True``), ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``, or ``"eager"`` (capture and check only, no inductor:
@@ -628,7 +654,8 @@ def compile(
         A :class:`CompiledStep`; ``.compiles`` counts the graphs compiled so far.
 
     Raises:
-        ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state.
+        ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state; (when
+            called with ``donate=True``) for a state whose tensors share storage.
         CaptureError: (when called) if the step cannot be captured; the message names the line. Also when
             new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
