@@ -515,9 +515,11 @@ class Checkpointer:
         self._ended_at, self._ended_run = _step(state), self._run  # a later fit from this state continues this run
         # The last step's own checkpoint stands before the epoch end and the last log row that followed it: a
         # resume from it would run that epoch end again and log those metrics twice. Saved again where it ended.
-        saved = self._is_saved(state) and self._saved_where in (None, _where(position))  # (None: as it was saved)
-        if (reason != "finished" or self.save_last) and not saved:
+        saved = self._is_saved(state)
+        if not saved and (reason != "finished" or self.save_last):
             self._save_and_wait(state, position)
+        elif saved and self._saved_where not in (None, _where(position)):  # (None: a continuation, as it was saved)
+            self._save_and_wait(state, position)  # that step's file again (save_last=False too: no new file)
 
     # ---- saving and the files -----------------------------------------------------------------------
 
@@ -589,6 +591,8 @@ class Checkpointer:
         header, values = decode(path)
         state = fill_like(like, values, path)
         self._saved, self._saved_where = _ref(state), _where(header.get("position"))  # not saved again unchanged (a resume that takes no step)
+        if header.get("metrics") is not None:  # saved again where the run ends: with the validation it records
+            self._validated_of = (self._saved, header["metrics"])
         self.restored_from = path  # (fit: a resume, whether or not the file holds a driver position)
         # The resumed run goes on with its own files. A file without a run (fnlit.save's) starts a run of its own,
         # named after the file alike on every rank: the folder's other files are not its to rank or remove.

@@ -75,12 +75,15 @@ def local_rank() -> int:
 def is_main() -> bool:
     """Whether this is rank 0: the process that logs and writes checkpoints.
 
+    Before the process group is initialised, torchrun's ``RANK`` decides (as Lightning's ``rank_zero_only``
+    reads it): a logger built at the top of a script, before :func:`init`, stays silent on the other ranks.
+
     Example:
         >>> if is_main():
         ...     print("only rank 0 prints this")
         only rank 0 prints this
     """
-    return rank() == 0
+    return rank() == 0 and (is_initialized() or os.environ.get("RANK", "0").strip() in ("", "0"))
 
 
 def barrier() -> None:

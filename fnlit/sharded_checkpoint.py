@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
-from ._checkpoint_io import CheckpointError, UnsafeCheckpointError
+from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like
 
 __all__ = ["save_sharded", "restore_sharded", "read_sharded_meta"]
 
@@ -68,20 +68,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _describe(tree: Any) -> tuple[list[str], list[Any], dict[str, list[Any]]]:
+def _describe(tree: Any) -> tuple[list[str], dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
+    """The tree's paths, its tensors and its numbers by path, and each tensor's [shape, dtype]."""
     paths, leaves, _ = _tree.tree_flatten_with_path(tree)
-    device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    for i, (p, t) in enumerate(zip(paths, leaves)):
-        if isinstance(t, float):
-            # a hyperparameter assigned as a number (optax's idiom): the 0-d float32 tensor the next update makes
-            leaves[i] = torch.tensor(t, dtype=torch.float32, device=device)
-        elif not isinstance(t, torch.Tensor):
+    tensors: dict[str, Any] = {}
+    numbers: dict[str, Any] = {}
+    for p, t in zip(paths, leaves):
+        if isinstance(t, torch.Tensor):
+            tensors[p] = t
+        elif isinstance(t, (int, float)):  # a hyperparameter assigned as a number (optax's idiom), a counter
+            numbers[p] = t
+        else:
             raise TypeError(
-                f"save_sharded expected a state whose leaves are tensors (or floats), got {type(t).__name__} at "
+                f"save_sharded expected a state whose leaves are tensors (or numbers), got {type(t).__name__} at "
                 f"{p}. Keep other values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3))."
             )
-    shapes = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in zip(paths, leaves)}
-    return paths, leaves, shapes
+    shapes = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in tensors.items()}
+    return paths, tensors, numbers, shapes
 
 
 def _fsync_dir(path: Path) -> None:
@@ -193,9 +196,9 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         The checkpoint's path.
 
     Raises:
-        TypeError: for a leaf in the state that is neither a tensor nor a float (a hyperparameter assigned as a
-            float is written as the 0-d float32 tensor the next update would make of it), or metadata that is
-            not JSON-serialisable.
+        TypeError: for a leaf in the state that is neither a tensor nor a number (numbers, such as a
+            hyperparameter assigned as one, are written to ``fnlit.json`` exactly), or metadata that is not
+            JSON-serialisable.
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);
             any previous checkpoint of that name is unchanged.
@@ -217,9 +220,10 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             "written. Save to a new path, or move that one away", str(target),
         )
     tmp, old = _stashes(target)
-    paths, leaves, shapes = _describe(state)
+    _, tensors, numbers, shapes = _describe(state)
     world = dist.get_world_size() if _distributed() else 1
-    info = {"format": FORMAT, "world_size": world, "tensors": shapes, "meta": meta}
+    # numbers (a hyperparameter assigned as one) go in fnlit.json as they are: exactly, in their own type
+    info = {"format": FORMAT, "world_size": world, "tensors": shapes, "numbers": numbers, "meta": meta}
     try:
         json.dumps(info)
     except TypeError as e:
@@ -234,7 +238,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
     with _quiet_single_process():
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         try:
-            dcp.save(dict(zip(paths, leaves)), storage_writer=writer, no_dist=not _distributed())
+            dcp.save(tensors, storage_writer=writer, no_dist=not _distributed())
         except CheckpointException as e:  # a BaseException: `except Exception` would not see it
             raise CheckpointError(
                 f"could not write the sharded checkpoint {target}: {_failure(e)}. Any previous checkpoint there "
@@ -396,9 +400,18 @@ class _Reader(dcp.FileSystemReader):
         return self.metadata
 
 
-def _check_like(directory: Path, saved: dict[str, list[Any]], shapes: dict[str, list[Any]]) -> None:
+def _check_like(
+    directory: Path, saved: dict[str, list[Any]], shapes: dict[str, list[Any]], numbers: dict[str, Any]
+) -> None:
+    """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's leaves taken from saved numbers."""
+    for p, leaf in numbers.items():
+        if not (isinstance(leaf, (int, float)) or (isinstance(leaf, torch.Tensor) and leaf.dim() == 0)):
+            raise ValueError(
+                f"restore_sharded: at {p} the checkpoint {directory} holds a number, but `like` has a tensor of shape "
+                f"{tuple(leaf.shape)}. Restore into a state built the same way (same module, optimizer and loss_scale)."
+            )
     missing = [p for p in shapes if p not in saved]
-    extra = [p for p in saved if p not in shapes]
+    extra = [p for p in saved if p not in shapes and p not in numbers]
     if missing or extra:
         raise ValueError(
             f"restore_sharded: the checkpoint {directory} does not have the structure of `like`: "
@@ -438,21 +451,28 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
     given = directory
     directory = _resolve(Path(directory))
     info = _read_meta(directory, given)
-    paths, leaves, shapes = _describe(like)
-    _check_like(directory, info["tensors"], shapes)
-    if not _distributed() and any(isinstance(t, DTensor) for t in leaves):
+    paths, tensors, numbers, _ = _describe(like)
+    saved_numbers = info.get("numbers", {})
+    # What DCP loads: like's tensors (copies: DCP loads in place, never into `like`), and for a number in `like`
+    # saved as a 0-d tensor, a tensor of the saved dtype; a number saved where `like` has a tensor is not loaded.
+    load: dict[str, Any] = {p: t.detach().clone() for p, t in tensors.items() if p not in saved_numbers}
+    for p in numbers:
+        if p not in saved_numbers and info["tensors"].get(p, [None])[0] == []:
+            load[p] = torch.empty((), dtype=getattr(torch, info["tensors"][p][1]))
+    loaded = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in load.items()}
+    _check_like(directory, info["tensors"], loaded, numbers={p: v for p, v in {**tensors, **numbers}.items() if p not in load})
+    if not _distributed() and any(isinstance(t, DTensor) for t in tensors.values()):
         raise ValueError(
             "restore_sharded got a `like` of DTensors but no process group: to consolidate a checkpoint "
             "in one process, pass a plain state (TrainState.create(module, tx, seed=...))."
         )
     _verify(directory, info["files"])
     reader = _Reader(directory, _read_dcp_metadata(directory))
-    fresh = [t.detach().clone() for t in leaves]  # DCP loads in place: into copies, never into `like`
-    state_dict = dict(zip(paths, fresh))
     with _quiet_single_process():
         try:
-            dcp.load(state_dict, storage_reader=reader, no_dist=not _distributed())
+            dcp.load(load, storage_reader=reader, no_dist=not _distributed())
         except CheckpointException as e:  # a BaseException: `except Exception` would not see it
             raise CheckpointError(f"cannot restore the sharded checkpoint {directory}: {_failure(e)}.") from None
-    treedef = _tree.tree_structure(like)
-    return _tree.tree_unflatten(treedef, [state_dict[p] for p in paths])
+    like_leaves = {**tensors, **numbers}
+    values = [_as_like(like_leaves[p], saved_numbers[p] if p in saved_numbers else load[p]) for p in paths]
+    return _tree.tree_unflatten(_tree.tree_structure(like), values)

@@ -390,12 +390,17 @@ _VALUE_OPS = {
         "torch.linalg's error check (inv, solve, cholesky, ...: the *_ex variants return the error code as a tensor)"
     ),
 }
-# torch.linalg functions whose docs say "When inputs are on a CUDA device, this function synchronizes that device
-# with the CPU" and that do not reach _linalg_check_errors on the CPU (an eigen or singular value decomposition).
+# Decompositions torch documents as "When inputs are on a CUDA device, this function synchronizes that device with
+# the CPU" that do not reach _linalg_check_errors on the CPU, by the aten op every route reaches (torch.svd,
+# matrix_norm(A, 2), cond and matrix_rank run _linalg_svd; pinverse runs linalg_pinv).
 _LINALG_SYNCS = {
-    getattr(torch.linalg, n): f"torch.linalg.{n} (torch documents that it synchronizes a CUDA device with the CPU)"
-    for n in ("cond", "eig", "eigh", "eigvals", "eigvalsh", "matrix_rank", "pinv", "svd", "svdvals")
-    if hasattr(torch.linalg, n)
+    name: f"{what} (torch documents that it synchronizes a CUDA device with the CPU)"
+    for name, what in (
+        ("_linalg_svd", "a singular value decomposition (torch.linalg.svd, svdvals, matrix_norm(A, 2), cond, matrix_rank)"),
+        ("_linalg_eigh", "torch.linalg.eigh/eigvalsh"),
+        ("linalg_eig", "torch.linalg.eig/eigvals"),
+        ("linalg_pinv", "torch.linalg.pinv"),
+    )
 }
 # Tensor constructors read the value of every tensor inside a (nested) list or tuple given as data.
 _CONSTRUCTORS = {"tensor": 0, "as_tensor": 0, "asarray": 0, "new_tensor": 1, "new": 1}  # name -> the data argument
@@ -452,8 +457,6 @@ class _FunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if name in _READS and args and isinstance(args[0], torch.Tensor):
             _flag(f"Tensor.{name}()" if not name.startswith("__") else f"{name.strip('_')}(tensor)", args[0])
-        if func in _LINALG_SYNCS:
-            _flag(_LINALG_SYNCS[func], None)
         if name in _CONSTRUCTORS:
             i = _CONSTRUCTORS[name]
             inner = _tensor_in(args[i] if len(args) > i else kwargs.get("data", kwargs.get("obj")))
@@ -481,6 +484,8 @@ class _DispatchMode(TorchDispatchMode):
                 _flag("a scalar read (aten._local_scalar_dense)", args[0])
         elif func in _VALUE_OPS:
             _flag(_VALUE_OPS[func], None)
+        elif func.__name__.split(".")[0] in _LINALG_SYNCS:
+            _flag(_LINALG_SYNCS[func.__name__.split(".")[0]], None)
         elif func in _SHAPE_OPS:
             _flag(f"{_SHAPE_OPS[func]}, whose output shape depends on the values", None)
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:

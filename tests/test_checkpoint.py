@@ -619,6 +619,24 @@ def test_a_continuation_that_takes_no_step_rewrites_nothing(tmp_path):
     assert int(state.step) == 12 and ckpt.read_info(ck.best_path).metrics == {"val/dist": 0.0}
 
 
+def test_a_resume_that_takes_no_step_keeps_the_best_checkpoints_metrics_when_it_saves_where_it_ends(tmp_path, monkeypatch):
+    # The first run died before its exit save (its step-6 file, the best, holds pending log metrics); the resume
+    # took no step, logged them and saved step 6 again where it ended: without its metrics (best_path None).
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    kw = dict(val_data=[torch.zeros(1)], eval_step=lambda s, b: {"loss": b.mean()}, progress=False, max_steps=6,
+              val_check_interval=6, num_sanity_val_steps=0, log_every_n_steps=4)  # fmt: skip
+    data = [torch.tensor([float(i)]) for i in range(20)]
+    fresh = lambda: fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.Checkpointer, "on_exit", lambda *a, **k: None)  # killed before the exit save
+        fnlit.fit(step, fresh(), data, checkpoint=ckpt.Checkpointer(tmp_path, monitor="val/loss", every_n_steps=3), **kw)
+    assert ckpt.read_info(tmp_path / "step=00000006.ckpt").metrics == {"val/loss": 0.0}
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", every_n_steps=3)
+    fnlit.fit(step, fresh(), data, checkpoint=ck, ckpt_path="last", **kw)
+    assert ck.best_path == tmp_path / "step=00000006.ckpt"
+    assert ckpt.read_info(ck.best_path).metrics == {"val/loss": 0.0}
+
+
 def test_a_checkpointer_driven_by_hand_takes_a_state_that_has_no_weak_references(tmp_path):
     import collections
 
@@ -680,3 +698,18 @@ def test_a_checkpoint_saved_after_a_rate_was_assigned_as_a_number_restores_and_c
         state, _ = step(state, batch())
         restored, _ = step(restored, batch())
     assert_trees_equal(restored.params, state.params)
+
+
+def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_path):
+    # Numbers were refused, then written as float32 tensors (an int counter 2**24 + 1 came back 16777216.0):
+    # they are written to fnlit.json as they are, and restored in the form `like` holds.
+    tree = {"w": torch.ones(2), "count": 2**24 + 1, "lr": 1e-4}
+    restored = restore_sharded(save_sharded(tmp_path / "a", tree), like={"w": torch.zeros(2), "count": 0, "lr": 0.5})
+    assert restored["count"] == 2**24 + 1 and type(restored["count"]) is int and restored["lr"] == 1e-4
+    state = fnlit.TrainState.create(nn.Linear(2, 1), fnlit.optim.adamw(1e-3, weight_decay=0.1), seed=0)
+    state.opt_state.hyperparams["weight_decay"] = 0  # an int, as update() accepts it
+    like = fnlit.TrainState.create(nn.Linear(2, 1), fnlit.optim.adamw(1e-3, weight_decay=0.1), seed=0)
+    restored = restore_sharded(save_sharded(tmp_path / "b", state), like=like)
+    assert torch.equal(restored.opt_state.hyperparams["weight_decay"], torch.tensor(0.0))  # like's form
+    with pytest.raises(ValueError, match=r"at count the checkpoint .* holds a number, but `like` has a tensor of shape \(3,\)"):
+        restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.zeros(3), "lr": 0.5})

@@ -1229,8 +1229,9 @@ def test_fit_refuses_an_int_val_check_interval_below_one(value):
         run(max_epochs=1, val_check_interval=value)
 
 
+@pytest.mark.parametrize("save_last", [True, False])
 @pytest.mark.parametrize("every", [3, 5])
-def test_a_finished_run_continued_logs_and_ends_epochs_alike_whether_its_last_step_was_checkpointed(tmp_path, every):
+def test_a_continued_finished_run_logs_each_step_once_and_ends_an_epoch_again_only_from_an_earlier_file(tmp_path, every, save_last):
     # The last step's own checkpoint (step 6, every_n_steps=3) stood before the run's last log row and epoch end,
     # and the finish did not save again: a continued run logged steps 5-6 a second time (step 8's row the mean of
     # 5..8) and ran epoch 0's end again. every_n_steps=5 (no checkpoint at the last step) is the reference.
@@ -1241,12 +1242,15 @@ def test_a_finished_run_continued_logs_and_ends_epochs_alike_whether_its_last_st
 
     data = [torch.tensor([float(i)]) for i in range(20)]
     kw = dict(max_epochs=1, log_every_n_steps=4, progress=False, log_dir=str(tmp_path / "logs"))
-    fit(step, make_state(), data, max_steps=6, **kw, checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=every))
-    fit(step, make_state(), data, max_steps=12, **kw, checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=every),
-        ckpt_path="last")  # fmt: skip
+    ck = lambda name: Checkpointer(tmp_path / name, every_n_steps=every, save_last=save_last)  # noqa: E731
+    fit(step, make_state(), data, max_steps=6, **kw, checkpoint=ck("ck"))
+    fit(step, make_state(), data, max_steps=12, **kw, checkpoint=ck("ck"), ckpt_path="last")
     rows = (tmp_path / "logs" / "metrics.csv").read_text().split()
-    # by hand: 4: mean(0..3); 6: the first run's last row, mean(4, 5); then a fresh interval: 8: mean(6, 7); 12: mean(8..11)
-    assert rows == ["step,train/loss,epoch", "4,1.5,0", "6,4.5,0", "8,6.5,0", "12,9.5,0"]
+    ended_saved = save_last or every == 3  # else the last file is step 5's: the continuation replays step 6
+    if ended_saved:  # by hand: 4: mean(0..3); 6: the first run's last row, mean(4, 5); then a fresh interval
+        assert rows == ["step,train/loss,epoch", "4,1.5,0", "6,4.5,0", "8,6.5,0", "12,9.5,0"]
+    else:  # as one uninterrupted run: 4: mean(0..3); 8: mean(4..7); 12: mean(8..11) (row 6 purged)
+        assert rows == ["step,train/loss,epoch", "4,1.5,0", "8,5.5,0", "12,9.5,0"]
 
     ends = []
 
@@ -1256,7 +1260,7 @@ def test_a_finished_run_continued_logs_and_ends_epochs_alike_whether_its_last_st
 
     short = [torch.tensor([float(i)]) for i in range(6)]
     kw = dict(progress=False, callbacks=[Ends()])
-    fit(step, make_state(), short, max_epochs=1, **kw, checkpoint=Checkpointer(tmp_path / "ck2", every_n_steps=every))
-    fit(step, make_state(), short, max_epochs=2, **kw, checkpoint=Checkpointer(tmp_path / "ck2", every_n_steps=every),
-        ckpt_path="last")  # fmt: skip
-    assert ends == [(6, 0), (12, 1)]  # as the uninterrupted run: each epoch ends once
+    fit(step, make_state(), short, max_epochs=1, **kw, checkpoint=ck("ck2"))
+    fit(step, make_state(), short, max_epochs=2, **kw, checkpoint=ck("ck2"), ckpt_path="last")
+    # each epoch ends once; a continuation from step 5's file replays step 6 and its epoch end (as after a crash)
+    assert ends == ([(6, 0), (12, 1)] if ended_saved else [(6, 0), (6, 0), (12, 1)])

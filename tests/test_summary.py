@@ -103,6 +103,21 @@ def test_only_rank_0_writes(tmp_path, monkeypatch):
     assert not (tmp_path / "j").exists() and not (tmp_path / "tb").exists()
 
 
+def test_writers_built_under_torchrun_before_init_write_on_rank_0_only(tmp_path, monkeypatch):
+    # A logger built at the top of a script, before fnlit.distributed.init(), wrote on every rank (two ranks
+    # through one metrics.csv.tmp). Lightning's rank_zero_only reads RANK before the process group exists.
+    monkeypatch.setenv("RANK", "1")
+    log = Logger([JSONLWriter(tmp_path / "j"), CSVWriter(tmp_path / "c")], log_dir=tmp_path / "tb")
+    log.log_metrics({"a": 1.0}, step=1)
+    log.close()
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("RANK", "0")
+    w = JSONLWriter(tmp_path / "j")
+    w.log_metrics({"a": 1.0}, step=1)
+    w.close()
+    assert (tmp_path / "j").exists()
+
+
 def test_writers_skip_nothing_across_new_columns(tmp_path):
     w = CSVWriter(tmp_path / "m.csv")
     w.log_metrics({"a": 1.0}, 1)

@@ -231,14 +231,17 @@ def with_planted(read):
         (lambda t: torch.linalg.inv(torch.eye(2) * t), r"torch\.linalg's error check .*_ex variants return the error code as a tensor\)"),
         (lambda t: torch.linalg.solve(torch.eye(2) * t, torch.ones(2)), r"torch\.linalg's error check .*as a tensor\)"),
         (lambda t: torch.linalg.cholesky(torch.eye(2) * t), r"torch\.linalg's error check .*as a tensor\)"),
-        (lambda t: torch.linalg.eigh(torch.eye(2) * t), r"torch\.linalg\.eigh \(torch documents that it synchronizes a CUDA device with the CPU\)"),
-        (lambda t: torch.linalg.svdvals(torch.eye(2) * t), r"torch\.linalg\.svdvals \(torch documents .* with the CPU\)"),
+        (lambda t: torch.linalg.eigh(torch.eye(2) * t), r"torch\.linalg\.eigh/eigvalsh \(torch documents that it synchronizes a CUDA device with the CPU\)"),
+        (lambda t: torch.linalg.svdvals(torch.eye(2) * t), r"a singular value decomposition .* \(torch documents .* with the CPU\)"),
+        (lambda t: torch.svd(torch.eye(2) * t), r"a singular value decomposition \(torch\.linalg\.svd.*\) \(torch documents .* with the CPU\)"),
+        (lambda t: torch.linalg.matrix_norm(torch.eye(2) * t, 2), r"a singular value decomposition .*with the CPU\)"),
+        (lambda t: torch.pinverse(torch.eye(2) * t), r"torch\.linalg\.pinv \(torch documents .* with the CPU\)"),
         (lambda t: t.new([t, t]), r"Tensor\.new of a list holding tensors \(use torch\.stack\)"),
     ],
     ids=["item", "float", "int", "if", "tolist", "numpy", "print", "format", "equal", "allclose", "mask_index",
          "nonzero", "masked_select", "unique", "repeat_interleave", "tensor_of_tensors", "as_tensor_of_tensors",
          "new_tensor_of_tensors", "linalg_inv", "linalg_solve", "linalg_cholesky", "linalg_eigh", "linalg_svdvals",
-         "new_of_tensors"],
+         "svd", "matrix_norm_2", "pinverse", "new_of_tensors"],
 )
 def test_no_host_sync_catches_reads_and_names_the_line(read, name):
     bad, state = with_planted(read)

@@ -32,6 +32,7 @@ import re
 import sysconfig
 import threading
 import types
+import weakref
 from contextlib import nullcontext
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -478,13 +479,14 @@ class CompiledStep:
         if torch._C._functorch.maybe_current_level() is not None:  # fnlit.ensemble's (or another) vmap around it
             raise ValueError(_OUTSIDE_VMAP)
         check_not_donated(state)
-        if self.donate and getattr(self._calls, "returned", None) is not state:  # (our own output: checked)
+        returned = getattr(self._calls, "returned", None)  # a weak reference: never keeps a state alive
+        if self.donate and (returned is None or returned() is not state):  # (our own output: checked already)
             _check_unaliased(state)
         self._calls.ran = False
         try:
             new, metrics = self._call(state, batch)
             if self.donate:
-                self._calls.returned = new
+                self._calls.returned = _weak(new)
             return new, metrics
         except BaseException:
             # The graph writes the donated state as it runs: once it has started, a failure (or a Ctrl-C)
@@ -551,22 +553,35 @@ class CompiledStep:
         return f"CompiledStep({getattr(self.step, '__name__', self.step)!r}, donate={self.donate}, mode={self.mode!r}, compiles={self.compiles})"
 
 
+def _weak(state: Any) -> Callable[[], Any] | None:
+    """A weak reference to ``state``, or None for a type that takes none (then every call checks it)."""
+    try:
+        return weakref.ref(state)
+    except TypeError:
+        return None
+
+
 def _check_unaliased(state: TrainState) -> None:
-    """Refuses a state whose tensors share storage: a donated step writes each new value into its input's
-    storage, so two fields sharing one would both end up with the last value written."""
+    """Refuses a state whose tensors overlap in memory: a donated step writes each new value into its input's
+    bytes, so two fields sharing some would both end up with the last value written. Disjoint views of one
+    storage are fine; tensor subclasses (DTensor) and sparse tensors are not checked."""
+    from ..functional import _byte_range
+
     paths, leaves, _ = _tree.tree_flatten_with_path(state)
-    owner: dict[int, str] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = {}  # storage -> the byte ranges seen on it, with their paths
     for path, t in zip(paths, leaves):
-        if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in owner:
-                raise ValueError(
-                    f"fnlit.compile(step, donate=True) got a state whose {owner[ptr]} and {path} share storage "
-                    "(one tensor, or views of one): the step writes each new value into its input's storage, so "
-                    f"both would end up holding the same values. Give each its own copy (e.g. .clone() one of "
-                    "them), or compile without donate=True."
-                )
-            owner[ptr] = path
+        if type(t) is not torch.Tensor or t.layout is not torch.strided or not t.numel() or t.device.type == "meta":
+            continue
+        ptr, (lo, hi) = t.untyped_storage().data_ptr(), _byte_range(t)
+        other = next((q for a, b, q in spans.get(ptr, ()) if a < hi and lo < b), None)
+        if other is not None:
+            raise ValueError(
+                f"fnlit.compile(step, donate=True) got a state whose {other} and {path} share storage "
+                "(one tensor, or overlapping views of one): the step writes each new value into its input's "
+                "storage, so both would end up holding the same values. Give each its own copy (e.g. .clone() "
+                "one of them), or compile without donate=True."
+            )
+        spans.setdefault(ptr, []).append((lo, hi, path))
 
 
 _DATA_PARALLEL = (
