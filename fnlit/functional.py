@@ -66,6 +66,9 @@ class _Slots:
         )
         self.probed = False  # whether a training forward has run on copies of the buffers (see apply)
         self.eval_copied: frozenset[str] = frozenset()  # the same for eval-mode forwards (a quantization observer)
+        # Buffers the probe saw changed by value with no version moved: written by a kernel that moves none
+        # (F.batch_norm's running statistics in a norm layer of one's own); updated at every such forward.
+        self.silent: frozenset[str] = frozenset()
         self.eval_probed = False
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
         self.renormed = [n for n, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
@@ -342,11 +345,19 @@ def apply(
             new_buffers[name] = tensors[name].detach()
             reassigned.append(name)
     if probe or eval_probe:  # the copies come back, changed or not: a write through .data moves no version counter
-        if probe:  # (fresh copies are at version 0)
-            slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version)
+        # (fresh copies are at version 0). F.batch_norm writes its running statistics moving no version: a copy
+        # that differs from the buffer it was made of was written too (compared once, at this first forward).
+        silent = frozenset(
+            n for n, copied in probes
+            if not copied._version and new_buffers[n] is copied and n not in slots.copied and n in buffers
+            and not torch.equal(copied, buffers[n])
+        )
+        slots.silent = slots.silent | silent
+        if probe:
+            slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version) | silent
             slots.probed, learned = True, slots.copied
         else:  # what an eval forward updates comes back in new_buffers, as a training forward's
-            slots.eval_copied = frozenset(n for n, copied in probes if copied._version)
+            slots.eval_copied = frozenset(n for n, copied in probes if copied._version) | silent
             slots.eval_probed, learned = True, slots.eval_copied
         for n, copied in probes:  # no version moved: data_parallel need not average them (see _PROBE_COPIES)
             if not copied._version and new_buffers[n] is copied and n not in learned:  # (BN's kernel moves none)
@@ -364,7 +375,7 @@ def apply(
         # whose copies nothing wrote. BatchNorm's kernel moves no version for its running statistics, only
         # num_batches_tracked's (bumped by the same update): that one stands for all three.
         learned = slots.copied if train else slots.eval_copied
-        updated = [n for n in copy if n in learned and (new_buffers[n]._version or n in reassigned)]
+        updated = [n for n in copy if n in learned and (new_buffers[n]._version or n in reassigned or n in slots.silent)]
         if updated:
             names = set(updated)
             for n in updated:
@@ -473,7 +484,7 @@ def _backward(
     inputs are known to be plain tensors (accumulate's leaves, checked once per step).
     """
     if not target.requires_grad:
-        raise RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
+        raise _no_grad_fn()
     if (
         _engine_run_backward is None
         or type(target) is not torch.Tensor
@@ -531,6 +542,16 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     start = t.storage_offset() * t.element_size()
     last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
     return (start, start + (last + 1) * t.element_size())
+
+
+def _no_grad_fn() -> RuntimeError:
+    if torch.is_inference_mode_enabled():  # (the loss function is not to blame)
+        return RuntimeError(
+            "fnlit.value_and_grad ran under torch.inference_mode(), where autograd records nothing (enable_grad "
+            "does not undo it). Call it outside inference mode: under torch.no_grad() it works, or wrap the call "
+            "in torch.inference_mode(False) (with inputs made outside inference mode)."
+        )
+    return RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
 
 
 _UNREACHED = (
@@ -778,7 +799,7 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
         new_args[i] = tree
     loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
     if not target.requires_grad:
-        raise RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
+        raise _no_grad_fn()
     grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
     if frame is not None:
         frame.unscale_(grads)  # out of place: they require grad

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["TrainState"]
 
 _DATA_FIELDS = ("step", "params", "buffers", "opt_state", "scaler", "rng")
+_UPDATE_FIELDS = frozenset(("step", "params", "opt_state", "rng"))  # what apply_gradients computes
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -163,7 +164,8 @@ class TrainState:
         averaged across ranks and unscaled, in that order, whatever the order of the transforms.
 
         Raises:
-            ValueError: if ``grads`` does not have the structure and shapes of ``params``.
+            ValueError: if ``grads`` does not have the structure and shapes of ``params``, or ``changes``
+                names a field the update itself sets (``step``, ``params``, ``opt_state``, ``rng``).
 
         Example:
             >>> import torch, fnlit
@@ -172,6 +174,12 @@ class TrainState:
             >>> int(new.step), torch.equal(new.params["bias"], state.params["bias"] - 0.5)
             (1, True)
         """
+        if changes and not changes.keys().isdisjoint(_UPDATE_FIELDS):
+            raise ValueError(
+                f"apply_gradients sets {sorted(changes.keys() & _UPDATE_FIELDS)} itself (the update); got them in its "
+                "changes too. Pass buffers= (or scaler=) here, and replace the others on the state it returns: "
+                "state.apply_gradients(grads).replace(rng=...)."
+            )
         # (compiling first: torch < 2.14 cannot trace a ContextVar's get)
         if not torch.compiler.is_compiling() and _UPDATED_FROM.get() is not None:  # a forward updated buffers: kept?
             _check_buffers_kept(self.buffers, changes)

@@ -722,3 +722,42 @@ def test_a_module_without_params_seeds_the_cuda_generator_of_its_inputs():
     first = fnlit.apply(torch.nn.Dropout(0.5), {}, {}, x, rng=k)[0]
     torch.cuda.manual_seed(123)  # moves the global CUDA generator
     assert torch.equal(fnlit.apply(torch.nn.Dropout(0.5), {}, {}, x, rng=k)[0], first)
+
+
+class _FunctionalBatchNorm(torch.nn.Module):
+    """A norm layer of one's own on F.batch_norm, whose kernel updates the running statistics moving no version."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=self.training)
+
+
+def test_statistics_a_kernel_updates_without_a_version_are_copied_and_returned_as_torch_updates_them():
+    # Unseen by the version check, such buffers were written into the caller's state from the second forward on
+    # (the previous state changed in place) and were not averaged by data_parallel (ranks drifted apart).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), _FunctionalBatchNorm(3))
+    reference = copy.deepcopy(model)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for i in range(3):
+        x = torch.randn(8, 3)
+        before = {k: v.clone() for k, v in state.buffers.items()}
+        out, buffers = fnlit.apply(model, state.params, state.buffers, x)
+        assert all(torch.equal(before[k], state.buffers[k]) for k in before)  # the caller's buffers untouched
+        reference(x)  # the reference: the module called as it is
+        for k, v in reference.named_buffers():
+            assert torch.equal(buffers[k], v), k
+        state = state.replace(buffers=buffers)
+
+
+def test_value_and_grad_under_inference_mode_says_so_instead_of_blaming_the_loss():
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"ran under torch.inference_mode\(\), where autograd records nothing"):
+        fnlit.value_and_grad(lambda a: (a**2).sum())(torch.ones(2))
+    with torch.no_grad():  # the reference: no_grad is undone inside, as torch.func.grad does
+        loss, g = fnlit.value_and_grad(lambda a: (a**2).sum())(torch.ones(2))
+    assert torch.equal(g, torch.func.grad(lambda a: (a**2).sum())(torch.ones(2)))

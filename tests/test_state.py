@@ -309,3 +309,15 @@ def test_repr_never_raises_and_counts_nested_trees():
     assert "step=(3,)," in repr(state.replace(step=torch.zeros(3, dtype=torch.int64)))  # an ensemble's steps
     nested = state.replace(params={"layer": dict(state.params)}, buffers={"a": {"b": torch.zeros(4)}})
     assert "params=2 tensors / 3 values, buffers=1 tensors" in repr(nested)
+
+
+@pytest.mark.parametrize("field", ["rng", "step", "params", "opt_state"])
+def test_apply_gradients_refuses_changes_to_the_fields_the_update_sets(field):
+    # A Python TypeError ("got multiple values for keyword argument"), and under accumulate only at the last
+    # micro-batch (the earlier ones took it through state.replace).
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    with pytest.raises(ValueError, match=rf"apply_gradients sets \['{field}'\] itself .*\.replace\(rng=\.\.\.\)"):
+        state.apply_gradients(grads, **{field: getattr(state, field)})
+    new = state.apply_gradients(grads, buffers={})  # buffers= stays the way to pass what the forward updated
+    assert int(new.step) == 1
