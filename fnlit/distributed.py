@@ -199,7 +199,9 @@ def launch(
 
     For tests and examples on one machine (use torchrun for real jobs). ``fn`` and its arguments must be
     picklable (a module-level function). Every wait is bounded: a rank that raises or dies makes
-    ``launch`` stop the others and raise, and the whole run is cut off after ``timeout`` seconds.
+    ``launch`` stop the others and raise, and the whole run is cut off after ``timeout`` seconds. Ranks
+    still running then are stopped as torchrun stops them: SIGTERM, and SIGKILL 5 s later (so ``launch``
+    returns at most ~10 s after the timeout, with no process of its own left).
 
     Raises:
         RuntimeError: naming the failing rank and its traceback, or the timeout.
@@ -276,9 +278,25 @@ def launch(
                 raise RuntimeError(f"fnlit.distributed.launch: rank {r} failed:\n{value}")
             results[r] = pickle.loads(value)
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        _stop(procs, finished=len(results) == nprocs)
     return [results[r] for r in range(nprocs)]
+
+
+def _stop(procs: list[Any], finished: bool, grace: float = 5.0) -> None:
+    """Ends the ranks as torchrun's agent does: those that finished get ``grace`` seconds to exit on their own;
+    the rest SIGTERM all at once, ``grace`` seconds together, then SIGKILL (fit's SIGTERM handler only asks the
+    loop to stop, and a rank blocked in a collective never runs it)."""
+    if finished:
+        end = time.monotonic() + grace
+        for p in procs:
+            p.join(timeout=max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=grace)

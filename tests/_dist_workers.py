@@ -328,3 +328,16 @@ def ensemble_with_collectives():
         except ValueError as e:
             out[name] = str(e)
     return out
+
+
+def hangs_ignoring_sigterm():
+    """Rank 1 hangs and ignores SIGTERM (as fit's handler does: it only asks the loop to stop); rank 0 waits on it."""
+    import signal
+    import time
+
+    if dist.get_rank() == 1:
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        time.sleep(120)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t.item()

@@ -12,6 +12,7 @@ from _dist_workers import (
     ensemble_with_collectives,
     evaluate_every_example,
     exits_quietly,
+    hangs_ignoring_sigterm,
     fit_validation_every_example,
     equivalence,
     make_state,
@@ -223,3 +224,16 @@ def test_ensemble_with_data_parallel_or_shard_around_it_is_refused_clearly():
     for out in fnlit.distributed.launch(ensemble_with_collectives, 2, timeout=120):
         for name, who in (("dp(ens)", "data_parallel"), ("shard(ens)", "shard"), ("vmap(dp)", "data_parallel"), ("vmap(shard)", "shard")):
             assert out[name].startswith(f"fnlit.ensemble cannot be combined with fnlit.{who}, in either nesting"), (name, out[name])
+
+
+def test_launch_stops_a_hung_rank_that_ignores_sigterm_soon_after_its_timeout():
+    # It waited 5 s per rank, then sent SIGTERM only: a rank whose handler ignores it (fit's only asks the loop to
+    # stop) was left running after launch returned, and the script hung at exit until it finished.
+    import multiprocessing
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"timed out after 3 s with ranks \[0, 1\] unfinished"):
+        fnlit.distributed.launch(hangs_ignoring_sigterm, 2, timeout=3, collective_timeout=60)
+    assert time.monotonic() - start < 3 + 12  # SIGTERM, then SIGKILL 5 s later
+    assert not multiprocessing.active_children()
