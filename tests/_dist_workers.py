@@ -28,11 +28,15 @@ class CountingAllReduce:
     """Wraps dist.all_reduce to count calls and the number of values each one carries."""
 
     def __init__(self):
-        self.sizes = []
+        self.sizes = []  # the floating-point ones: gradients, metrics
+        self.integer = []  # (index among all calls, numel): data_parallel's check that the ranks' states agree
         self._orig = dist.all_reduce
 
     def __call__(self, tensor, *args, **kwargs):
-        self.sizes.append(tensor.numel())
+        if tensor.is_floating_point():
+            self.sizes.append(tensor.numel())
+        else:
+            self.integer.append((len(self.sizes) + len(self.integer), tensor.numel()))
         return self._orig(tensor, *args, **kwargs)
 
 
@@ -56,7 +60,7 @@ def _equivalence(steps: int, k: int):
             losses.append(float(metrics["loss"]))
     finally:
         dist.all_reduce = fnlit.distributed.dist.all_reduce = counter._orig
-    return {"history": history, "losses": losses, "sizes": counter.sizes, "step": int(state.step)}
+    return {"history": history, "losses": losses, "sizes": counter.sizes, "integer": counter.integer, "step": int(state.step)}
 
 
 ORDERS = list(itertools.permutations(["accumulate", "amp", "data_parallel"]))
@@ -246,6 +250,7 @@ def signal_after_the_last_vote(directory: str):
             if dist.get_rank() == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    torch.manual_seed(0)  # every rank the same initial params (data_parallel checks)
     model, state = torch.nn.Linear(4, 1), None
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
@@ -267,6 +272,7 @@ def signal_in_the_last_step(directory: str):
             if dist.get_rank() == 1 and int(state.step) == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    torch.manual_seed(0)  # every rank the same initial params (data_parallel checks)
     model = torch.nn.Linear(4, 1)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
@@ -296,6 +302,7 @@ def stop_then_a_late_signal(directory: str | None):
                 os.kill(os.getpid(), signal.SIGTERM)
             return {}
 
+    torch.manual_seed(0)  # every rank the same initial params (data_parallel checks)
     model = torch.nn.Linear(4, 1)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
@@ -341,3 +348,17 @@ def hangs_ignoring_sigterm():
     t = torch.ones(1)
     dist.all_reduce(t)
     return t.item()
+
+
+def starts_apart(kind: str):
+    """data_parallel from states that differ across ranks: its first step must refuse on every rank."""
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank if kind == "values" else 0)  # a per-rank seed set before the module is built
+    model = torch.nn.Linear(4 + (rank if kind == "shapes" else 0), 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+    try:
+        step(state, (torch.randn(8, 4 + (rank if kind == "shapes" else 0)), torch.randn(8, 1)))
+    except ValueError as e:
+        return str(e)
+    return "no error"

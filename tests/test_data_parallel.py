@@ -13,6 +13,7 @@ from _dist_workers import (
     evaluate_every_example,
     exits_quietly,
     hangs_ignoring_sigterm,
+    starts_apart,
     fit_validation_every_example,
     equivalence,
     make_state,
@@ -68,6 +69,9 @@ def test_two_ranks_match_one_process_and_each_other(two_rank_runs, k):
     n_params = sum(p.numel() for p in ref_history[0].values())
     expected = [n_params + 1] * steps if k == 1 else [n_params, 1] * steps
     assert r0["sizes"] == expected and r0["step"] == steps
+    # Besides: once, before the first step's, the check that the ranks start from the same state (as DDP's at
+    # construction): two small integer collectives, none after
+    assert [i for i, _ in r0["integer"]] == [0, 1]
 
 
 def test_all_six_orders_agree_and_match_one_process():
@@ -237,3 +241,12 @@ def test_launch_stops_a_hung_rank_that_ignores_sigterm_soon_after_its_timeout():
         fnlit.distributed.launch(hangs_ignoring_sigterm, 2, timeout=3, collective_timeout=60)
     assert time.monotonic() - start < 3 + 12  # SIGTERM, then SIGKILL 5 s later
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("kind, what", [("values", "their values differ at params['bias']"),
+                                        ("shapes", "their sizes differ at params['weight']")])
+def test_ranks_starting_from_different_states_are_refused_on_every_rank(kind, what):
+    # Nothing checked: ranks seeded apart trained apart silently (0.4 after 3 steps; DDP broadcasts rank 0's at
+    # construction), and mismatched shapes aborted gloo naming no parameter.
+    for message in fnlit.distributed.launch(starts_apart, 2, kind, timeout=120):
+        assert "the ranks start from different states: " + what in message and "torch.manual_seed(s)" in message
