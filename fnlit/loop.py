@@ -768,6 +768,11 @@ def fit(
                 batch_iter = iter(_data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential))
                 for batch in batch_iter:
                     state, metrics = step(state, move(batch) if move else batch)
+                    if type(metrics) is not dict and not isinstance(metrics, Mapping):  # at once, not at the first log
+                        raise TypeError(
+                            "fit expected the step to return (state, metrics) with metrics a dict of scalar tensors, "
+                            f"got {type(metrics).__name__} as metrics. Return e.g. (new_state, {{'loss': loss}})."
+                        )
                     steps, b = steps + 1, b + 1
                     log.pending.append(metrics)  # stays on the device until the next log_now()
                     if per_step_hooks:

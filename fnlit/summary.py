@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
 
+import numpy as np
 import torch
 from tqdm.std import tqdm
 
@@ -70,7 +71,28 @@ class Writer(Protocol):
 
 
 def _hparam_value(v: Any) -> bool | int | float | str:
-    return v if isinstance(v, (bool, int, float, str)) else str(v)
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (np.number, np.bool_)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
+        return v.item()  # a numpy scalar or a 0-d tensor stays a number (filterable in TensorBoard's HPARAMS)
+    return str(v)
+
+
+def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """``hparams`` as loggers take them: nested mappings flattened to ``outer/inner`` keys (as Lightning's
+    loggers do), numpy scalars and 0-d tensors as numbers, anything else as its ``str``.
+
+    Example:
+        >>> flat_hparams({"lr": np.float32(0.5), "optim": {"name": "adam", "b1": 0.9}})
+        {'lr': 0.5, 'optim/name': 'adam', 'optim/b1': 0.9}
+    """
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in hparams.items():
+        if isinstance(v, Mapping):
+            out.update(flat_hparams(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = _hparam_value(v)
+    return out
 
 
 class TensorBoardWriter:
@@ -175,7 +197,7 @@ class TensorBoardWriter:
         # Written into this run's own event file (not a sub-run, as SummaryWriter.add_hparams does),
         # so TensorBoard shows the hyperparameters next to the run's scalars.
         self.flush()
-        for summary in _hparams({k: _hparam_value(v) for k, v in hparams.items()}, {m: 0.0 for m in metrics}):
+        for summary in _hparams(flat_hparams(hparams), {m: 0.0 for m in metrics}):
             self._write(time.time(), summary)
         self._file.flush()
 
@@ -351,7 +373,7 @@ class CSVWriter:
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         if self.enabled:
             with open(os.path.join(os.path.dirname(self.path) or ".", "hparams.json"), "w") as f:
-                json.dump({k: _hparam_value(v) for k, v in hparams.items()}, f, indent=1)
+                json.dump(flat_hparams(hparams), f, indent=1)
 
     def flush(self) -> None:
         """Writes the pending rows (the whole file again if they bring new columns or replace earlier rows)."""
@@ -469,7 +491,7 @@ class JSONLWriter:
         self._write({"step": step, **metrics})
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
-        self._write({"hparams": {k: _hparam_value(v) for k, v in hparams.items()}})
+        self._write({"hparams": flat_hparams(hparams)})
 
     def flush(self) -> None:
         if self._file is not None:
@@ -604,10 +626,12 @@ class ProgressBar:
 
     def start_epoch(self, epoch: int, total: int | None, initial: int = 0) -> None:
         """Resets the bar for a new epoch of ``total`` batches, starting at batch ``initial``."""
-        if self.enabled:
+        if self.enabled:  # (reset draws at once: the new epoch's name first, its batch drawn right after)
+            self.bar.set_description(f"epoch {epoch}", refresh=False)
             self.bar.reset(total=total)
             self.bar.n = self.bar.last_print_n = initial
-            self.bar.set_description(f"epoch {epoch}", refresh=False)
+            if initial:
+                self.bar.refresh()
 
     def set_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Shows the global step and the loss (or the first metric) of the last log interval."""
@@ -687,7 +711,16 @@ def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
         Traceback (most recent call last):
         ValueError: my_step returned metric 'loss' of shape (3,); metrics must be scalars ...
     """
-    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if isinstance(value, torch.Tensor):
+        t = value
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"{who} returned metric {name!r} as {type(value).__name__} {value!r}; metrics must be numbers or "
+                "scalar tensors (log text elsewhere)."
+            ) from None
     if t.dim() != 0:
         raise ValueError(
             f"{who} returned metric {name!r} of shape {tuple(t.shape)}; metrics must be scalars (0-d tensors). "

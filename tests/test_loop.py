@@ -1264,3 +1264,27 @@ def test_a_continued_finished_run_logs_each_step_once_and_ends_an_epoch_again_on
     fit(step, make_state(), short, max_epochs=2, **kw, checkpoint=ck("ck2"), ckpt_path="last")
     # each epoch ends once; a continuation from step 5's file replays step 6 and its epoch end (as after a crash)
     assert ends == ([(6, 0), (12, 1)] if ended_saved else [(6, 0), (6, 0), (12, 1)])
+
+
+@pytest.mark.parametrize("metrics, match", [
+    (torch.tensor(1.0), r"fit expected the step to return \(state, metrics\) with metrics a dict .*got Tensor as metrics"),
+    (None, r"got NoneType as metrics"),
+])
+def test_a_step_returning_no_metrics_dict_is_refused_at_its_first_step(metrics, match):
+    # (state, loss) failed at the first log row or the end of training with "values expected sparse tensor
+    # layout" (Tensor.values), the trained state lost with it.
+    seen = []
+
+    def step(state, batch):
+        seen.append(int(state.step))
+        return state.replace(step=state.step + 1), metrics
+
+    with pytest.raises(TypeError, match=match):
+        fit(step, make_state(), [torch.zeros(1)] * 5, max_epochs=1, log_every_n_steps=50, progress=False)
+    assert seen == [0]
+
+
+def test_a_text_metric_is_refused_naming_it():
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean(), "note": "warmup"})  # noqa: E731
+    with pytest.raises(TypeError, match=r"returned metric 'note' as str 'warmup'; metrics must be numbers or scalar tensors"):
+        fit(step, make_state(), [torch.zeros(1)] * 2, max_epochs=1, progress=False)

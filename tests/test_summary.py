@@ -552,3 +552,35 @@ def test_csv_writer_writes_utf8_whatever_the_locale(tmp_path):
     env = {**os.environ, "LC_ALL": "POSIX", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, capture_output=True, timeout=120)
     assert path.read_text(encoding="utf-8").splitlines() == ["step,val/\u51c6\u786e\u7387", "1,0.5"]
+
+
+def test_hparams_keep_numpy_and_tensor_numbers_and_flatten_nested_dicts_as_lightning(tmp_path):
+    # They became strings ("32", "tensor(0.1000)", "{'name': 'adam', ...}"): not filterable in TensorBoard's HPARAMS.
+    import numpy as np
+
+    w = CSVWriter(tmp_path / "m.csv")
+    w.log_hparams({"bs": np.int64(32), "lr": torch.tensor(0.5), "optim": {"name": "adam", "b1": 0.9}, "tags": [1, 2]})
+    w.close()
+    written = json.loads((tmp_path / "hparams.json").read_text())
+    assert written == {"bs": 32, "lr": 0.5, "optim/name": "adam", "optim/b1": 0.9, "tags": "[1, 2]"}
+
+
+def test_the_progress_bar_never_draws_a_new_epoch_under_the_old_ones_name():
+    # tqdm.reset drew "epoch 0: 0/4" when epoch 1 started, a frame that stayed up for the whole first step.
+    import io
+    import re
+
+    from fnlit.summary import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(enabled=True, file=out, mininterval=0)
+    bar.start_epoch(0, 4)
+    for _ in range(4):
+        bar.update()
+    bar.start_epoch(1, 4)
+    bar.start_epoch(2, 4, initial=3)  # a resume mid-epoch: drawn at its batch
+    bar.close()
+    frames = [f.strip() for f in re.split(r"[\r\n]", out.getvalue()) if f.strip()]
+    done = max(i for i, f in enumerate(frames) if f.startswith("epoch 0") and "4/4" in f)
+    assert not [f for f in frames[done + 1 :] if f.startswith("epoch 0")]
+    assert [f for f in frames if f.startswith("epoch 2")][-1].split("|")[-1].lstrip().startswith("3/4")
