@@ -118,7 +118,8 @@ def key(seed: int) -> torch.Tensor:
     """Makes a key from an integer seed.
 
     Args:
-        seed: any Python integer (or numpy integer).
+        seed: any Python integer (or numpy integer), taken modulo 2**64: seeds that differ by a multiple
+            of 2**64 make the same key (negative seeds are fine).
 
     Returns:
         A 0-d int64 CPU tensor.

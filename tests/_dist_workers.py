@@ -362,3 +362,17 @@ def starts_apart(kind: str):
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def float64_metric():
+    """A float64 metric averaged across ranks: 0.1 on rank 0, 1.1 on rank 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, batch):
+        loss, grads = fnlit.value_and_grad(lambda p: fnlit.apply(model, p, {}, batch)[0].pow(2).mean())(state.params)
+        return state.apply_gradients(grads), {"loss": loss, "x": torch.tensor(0.1 + dist.get_rank(), dtype=torch.float64)}
+
+    _, metrics = fnlit.data_parallel(step)(state, torch.ones(2, 4))
+    return metrics["x"].dtype, metrics["x"].item()

@@ -14,6 +14,7 @@ from _dist_workers import (
     exits_quietly,
     hangs_ignoring_sigterm,
     starts_apart,
+    float64_metric,
     fit_validation_every_example,
     equivalence,
     make_state,
@@ -250,3 +251,9 @@ def test_ranks_starting_from_different_states_are_refused_on_every_rank(kind, wh
     # construction), and mismatched shapes aborted gloo naming no parameter.
     for message in fnlit.distributed.launch(starts_apart, 2, kind, timeout=120):
         assert "the ranks start from different states: " + what in message and "torch.manual_seed(s)" in message
+
+
+def test_a_float64_metric_is_averaged_in_float64():
+    # Averaged in float32: (0.1 + 1.1) / 2 came back as 0.6000000238418579.
+    for dtype, value in fnlit.distributed.launch(float64_metric, 2, timeout=120):
+        assert dtype == torch.float64 and value == (0.1 + 1.1) / 2

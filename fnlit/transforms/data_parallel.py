@@ -101,7 +101,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
 
 
 def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Averages tensor metrics across ranks (as float32, elementwise) with at most one all-reduce.
+    """Averages tensor metrics across ranks (as float32, or float64 if one is; elementwise) with at most one all-reduce.
 
     Tensors anywhere in the metrics (nested dicts, lists, tuples) are averaged; other values (numbers,
     strings) are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled
@@ -126,10 +126,12 @@ def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, t
                     leaves[i] = v.full_tensor()  # params, global or not) averaged as a plain one: a global one stays
                 rest.append(i)
     if rest:
+        # float32, or float64 when a metric is (a float64 loss would come back with float32's digits)
+        wide = torch.float64 if any(leaves[i].dtype is torch.float64 for i in rest) else torch.float32
         if all(leaves[i].dim() == 0 for i in rest):
-            values = torch.stack([leaves[i].detach().float() for i in rest])
+            values = torch.stack([leaves[i].detach().to(wide) for i in rest])
         else:
-            values = torch.cat([leaves[i].detach().reshape(-1).float() for i in rest])
+            values = torch.cat([leaves[i].detach().reshape(-1).to(wide) for i in rest])
         (values,) = all_reduce_mean_([values], group)
         offset = 0
         for i in rest:
