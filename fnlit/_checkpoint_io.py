@@ -136,7 +136,12 @@ def _load(path: Path, mmap: bool) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, f"no checkpoint file at {path}", str(path)) from None
     except IsADirectoryError:
-        raise IsADirectoryError(errno.EISDIR, f"expected a checkpoint file, got the folder {path}", str(path)) from None
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"expected a checkpoint file, got the folder {path} (a fnlit.save_sharded checkpoint is read with "
+            "fnlit.restore_sharded; a Checkpointer folder with Checkpointer.restore)",
+            str(path),
+        ) from None
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "unsupported" in ln.lower()), "")
         if "global" in detail.lower():
@@ -201,7 +206,7 @@ def decode(path: str | os.PathLike[str], *, verify: bool = True, mmap: bool = Fa
                 raise ValueError(f"the bytes of {p} do not match their checksum")
             values[p] = t
         # The position's tensors: back in their place in the position, out of the state's values.
-        found = {p: values.pop(p) for p in [p for p in values if p.startswith(_POSITION)]}
+        found = {p: values.pop(p) for p in [p for p in values if _is_position_path(p)]}
         if found or header.get("position"):
             header["position"] = _push_tensors(header.get("position"), found)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError, AssertionError) as e:
@@ -442,22 +447,31 @@ def json_checked(what: str, value: Any) -> Any:
     return value
 
 
-# The position's tensors (callbacks' states: EMA's average) are stored with the state's, under paths starting
-# with this, which no tree path of a state does; the header's position names each in their place.
+# The position's tensors (callbacks' states: EMA's average) are stored with the state's, under numbered paths
+# starting with this and a "/" (a state's tree path never has one there); the header's position names each in
+# its place.
 _POSITION = "@position"
 _TENSOR_REF = "__fnlit_tensor__"
 
 
-def _pull_tensors(value: Any, path: str, found: dict[str, torch.Tensor]) -> Any:
-    """``value`` (the position) with each tensor replaced by a reference to ``path``; the tensors go to ``found``."""
+def _pull_tensors(value: Any, found: dict[str, torch.Tensor]) -> Any:
+    """``value`` (the position) with each tensor replaced by a numbered reference (``@position/3``: names built
+    from its keys could collide, ``{"a.b": x}`` beside ``{"a": {"b": y}}``); the tensors go to ``found``."""
     if isinstance(value, torch.Tensor):
-        found[path] = value
-        return {_TENSOR_REF: path}
+        ref = f"{_POSITION}/{len(found)}"
+        found[ref] = value
+        return {_TENSOR_REF: ref}
     if isinstance(value, dict):
-        return {k: _pull_tensors(v, f"{path}.{k}", found) for k, v in value.items()}
+        return {k: _pull_tensors(v, found) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_pull_tensors(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+        return [_pull_tensors(v, found) for v in value]
     return value
+
+
+def _is_position_path(p: str) -> bool:
+    """Whether a stored path is one of the position's tensors (``@position/3``; before: ``@position.cb.x[0]``),
+    not a state's (whose keys may start with the same letters: ``@position_ids``)."""
+    return p.startswith(_POSITION) and p[len(_POSITION) : len(_POSITION) + 1] in ("/", ".", "[")
 
 
 def _push_tensors(value: Any, found: dict[str, Any]) -> Any:
@@ -507,7 +521,7 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
     # Before anything that can differ between ranks: the gathers are collectives every rank takes part in.
     state, position = full_tensors(state), full_tensors(position)
     extra: dict[str, torch.Tensor] = {}
-    position = _pull_tensors(position, _POSITION, extra)
+    position = _pull_tensors(position, extra)
     header = {
         "saved_at_ns": time.time_ns(),
         "step": common_step(state),

@@ -427,13 +427,20 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError, CheckpointError, UnsafeCheckpointError, ValueError: as :func:`restore`,
-                for a file path; CheckpointError if every checkpoint of the folder is corrupt.
+                for a file path; CheckpointError if every checkpoint of the folder is corrupt, or the folder is
+                a :func:`fnlit.save_sharded` checkpoint (read with :func:`fnlit.restore_sharded`).
         """
         self.restored_from = None
         if str(ckpt_path) != "last" and not Path(ckpt_path).is_dir():
             state, position = self._restore_file(Path(ckpt_path), like)
             return state, position
         folder = self.directory if str(ckpt_path) == "last" else Path(ckpt_path)
+        if (folder / "fnlit.json").is_file():  # (sharded_checkpoint.META_FILE) not ours: training from step 0 loses it
+            raise CheckpointError(
+                f"{folder} is a sharded checkpoint (fnlit.save_sharded), which a Checkpointer does not read: restore "
+                f"it with state = fnlit.restore_sharded({str(folder)!r}, like=state) and pass that state to fit "
+                "(without ckpt_path)."
+            )
         candidates = newest_first(folder)
         errors = []
         for path in candidates:
@@ -444,6 +451,13 @@ class Checkpointer:
                 warnings.warn(f"Skipping checkpoint {path}, which cannot be read: {e}", stacklevel=2)
         if errors:
             raise CheckpointError(f"no checkpoint in {folder} can be read; all {len(errors)} are corrupt: {errors}")
+        foreign = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if foreign:  # (Lightning's epoch=0-step=5.ckpt): not silently a fresh run
+            warnings.warn(
+                f"{folder} holds no fnlit checkpoint (step=<N>.ckpt) but other .ckpt files ({foreign[:3]}): nothing "
+                "to resume, the run starts from the beginning. A single file is restored by passing its path.",
+                stacklevel=2,
+            )
         self.start()  # nothing to resume: a run from the beginning
         return like, None
 

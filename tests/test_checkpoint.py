@@ -713,3 +713,36 @@ def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_
     assert torch.equal(restored.opt_state.hyperparams["weight_decay"], torch.tensor(0.0))  # like's form
     with pytest.raises(ValueError, match=r"at count the checkpoint .* holds a number, but `like` has a tensor of shape \(3,\)"):
         restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.zeros(3), "lr": 0.5})
+
+
+def test_ckpt_path_naming_a_sharded_checkpoint_or_a_folder_of_foreign_files_is_not_silently_a_fresh_run(tmp_path):
+    # fit(ckpt_path=<a save_sharded folder>) found no step=N.ckpt there and trained from step 0, saying nothing.
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    data = [torch.zeros(1)] * 3
+    fresh = lambda: fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
+    trained = fnlit.fit(step, fresh(), data, max_steps=2, progress=False)
+    folder = save_sharded(tmp_path / "sharded", trained)
+    with pytest.raises(ckpt.CheckpointError, match=r"is a sharded checkpoint \(fnlit.save_sharded\).*fnlit.restore_sharded"):
+        fnlit.fit(step, fresh(), data, max_steps=3, progress=False, checkpoint=ckpt.Checkpointer(tmp_path / "ck"),
+                  ckpt_path=folder)  # fmt: skip
+    with pytest.raises(IsADirectoryError, match=r"got the folder .*fnlit.restore_sharded"):
+        ckpt.restore(folder, like=fresh())
+    lightning = tmp_path / "lightning"
+    lightning.mkdir()
+    (lightning / "epoch=0-step=5.ckpt").write_bytes(b"not ours")
+    with pytest.warns(UserWarning, match=r"holds no fnlit checkpoint \(step=<N>.ckpt\) but other .ckpt files"):
+        state = fnlit.fit(step, fresh(), data, max_steps=1, progress=False,
+                          checkpoint=ckpt.Checkpointer(tmp_path / "ck2"), ckpt_path=lightning)  # fmt: skip
+    assert int(state.step) == 1
+
+
+def test_position_tensors_under_colliding_key_names_and_a_state_key_starting_with_at_position_round_trip(tmp_path):
+    # The position's tensors were stored under paths built from their keys: {"a.b": x} beside {"a": {"b": y}}
+    # shared one (x came back as y); and a state key starting with "@position" was taken for one of them.
+    state = {"@position_ids": torch.arange(4), "w": torch.ones(2)}
+    position = {"epoch": 0, "batch": 1, "seed": 0, "callbacks": {"X": {"a.b": torch.zeros(2), "a": {"b": torch.ones(2)}}}}
+    path = ckpt.save(tmp_path / "p.ckpt", state, position=position)
+    restored, back = ckpt.Checkpointer(tmp_path / "unused").restore(path, like={"@position_ids": torch.zeros(4, dtype=torch.int64), "w": torch.zeros(2)})
+    assert torch.equal(restored["@position_ids"], torch.arange(4)) and torch.equal(restored["w"], torch.ones(2))
+    x = back["callbacks"]["X"]
+    assert torch.equal(x["a.b"], torch.zeros(2)) and torch.equal(x["a"]["b"], torch.ones(2))
