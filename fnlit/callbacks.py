@@ -220,7 +220,9 @@ class EarlyStopping(Callback):
         return self.divergence_threshold is not None and sign * value > sign * self.divergence_threshold
 
     def _stop(self, state: TrainState | None, why: str, value: float | None = None) -> None:
-        self.stopped_step, self._stopped_by, self._stopped_value = (None if state is None else int(state.step)), why, value
+        # (an ensemble's stacked step: member 0's, as fit counts; the members step in lockstep)
+        step = None if state is None else int(state.step.reshape(-1)[0])
+        self.stopped_step, self._stopped_by, self._stopped_value = step, why, value
 
 
 class LearningRateMonitor(Callback):

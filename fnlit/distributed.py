@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["init", "rank", "world_size", "local_rank", "is_main", "barrier", "launch", "shard_indices", "shutdown"]
+__all__ = ["init", "rank", "world_size", "local_rank", "is_main", "barrier", "launch", "shard_indices", "shutdown",
+           "check_same_state"]
 
 DEFAULT_TIMEOUT = 1800.0
 """Seconds any collective of :func:`init`'s process group may wait before failing: 30 min, Lightning's default on
@@ -84,6 +85,23 @@ def is_main() -> bool:
         only rank 0 prints this
     """
     return rank() == 0 and (is_initialized() or os.environ.get("RANK", "0").strip() in ("", "0"))
+
+
+def check_same_state(state: Any, group: Any = None) -> None:
+    """Raises on every rank when the ranks' states differ (sizes, dtypes, shapes or values of params, buffers,
+    optimizer state, step and loss scale). :func:`fnlit.data_parallel` needs every rank to start alike, as DDP
+    does (it broadcasts rank 0's at construction); :func:`fnlit.fit` checks it itself. A loop of one's own
+    calls this once before its first step (two small collectives; not inside a step).
+
+    Raises:
+        ValueError: naming the first tensor that differs, and how to start every rank alike.
+
+    Example:
+        >>> # in every rank, after building the state: fnlit.distributed.check_same_state(state)
+    """
+    from .transforms.data_parallel import check_same_state as check
+
+    check(state, group)
 
 
 def barrier() -> None:

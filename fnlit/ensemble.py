@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -110,7 +111,7 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
     """Member ``i`` of an ensemble state, as an ordinary TrainState (its tensors are copies).
 
     Raises:
-        IndexError: if ``i`` is not a member index.
+        IndexError: if ``i`` is not a member index; TypeError if it is not an int.
 
     Example:
         >>> import torch, fnlit
@@ -121,6 +122,9 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
         (True, True)
     """
     n = _size(stacked)
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # (t[True] adds a dimension, selects nothing)
+        raise TypeError(f"unstack_state expected an int member index, got {type(i).__name__} {i!r} instead.")
+    i = int(i)
     if not -n <= i < n:
         raise IndexError(f"unstack_state got member index {i}, but the ensemble has {n} members (0..{n - 1}).")
     return _tree.tree_map(lambda t: t[i].clone(), stacked)
@@ -228,7 +232,10 @@ def ensemble_states(
 
     Member ``i`` equals ``TrainState.create(model_i, tx_i, seed=seeds[i])`` where ``model_i`` is initialised
     after ``torch.manual_seed(seeds[i])`` and ``tx_i`` is ``tx`` with ``learning_rate[i]`` and
-    ``weight_decay[i]``: so it trains exactly like that model alone.
+    ``weight_decay[i]``: so it trains exactly like that model alone. For that, pass a function that builds
+    the model: a module instance is re-initialised by its layers' ``reset_parameters()``, which replays
+    PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
+    constructor whose draws differ from one reset of each layer gives other initial weights).
 
     Args:
         model: a module (its layers' ``reset_parameters()`` re-initialise each member; a module whose own

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as torch_pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import random as _random
 from . import tree as _tree
@@ -66,8 +67,8 @@ class _Slots:
         )
         self.probed = False  # whether a training forward has run on copies of the buffers (see apply)
         self.eval_copied: frozenset[str] = frozenset()  # the same for eval-mode forwards (a quantization observer)
-        # Buffers the probe saw changed by value with no version moved: written by a kernel that moves none
-        # (F.batch_norm's running statistics in a norm layer of one's own); updated at every such forward.
+        # Buffers the probe saw written by an op with no version moved (F.batch_norm's running statistics in a
+        # norm layer of one's own); updated at every such forward.
         self.silent: frozenset[str] = frozenset()
         self.eval_probed = False
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
@@ -334,7 +335,12 @@ def apply(
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         else:
-            out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
+            if probes:  # the first forward: which copies do ops write (by their schemas, not by comparing values)
+                with _WriteRecorder({id(c) for _, c in probes}) as recorder:
+                    out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
+                written = recorder.written
+            else:
+                out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
@@ -345,12 +351,12 @@ def apply(
             new_buffers[name] = tensors[name].detach()
             reassigned.append(name)
     if probe or eval_probe:  # the copies come back, changed or not: a write through .data moves no version counter
-        # (fresh copies are at version 0). F.batch_norm writes its running statistics moving no version: a copy
-        # that differs from the buffer it was made of was written too (compared once, at this first forward).
+        # (fresh copies are at version 0). F.batch_norm writes its running statistics moving no version: an op
+        # whose schema writes a copy (Tensor(a!)) counts too. Read from the ops, never from the values: the same
+        # on every rank whatever its data, and NaN-safe.
         silent = frozenset(
             n for n, copied in probes
-            if not copied._version and new_buffers[n] is copied and n not in slots.copied and n in buffers
-            and not torch.equal(copied, buffers[n])
+            if not copied._version and id(copied) in written and new_buffers[n] is copied and n not in slots.copied
         )
         slots.silent = slots.silent | silent
         if probe:
@@ -542,6 +548,35 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     start = t.storage_offset() * t.element_size()
     last = sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
     return (start, start + (last + 1) * t.element_size())
+
+
+# Batch-norm kernels that update running_mean and running_var (arguments 3 and 4) when training (argument 5),
+# though their schemas do not mark them written: no version counter moves (F.batch_norm's path on CPU and CUDA).
+_BATCH_NORMS = frozenset(("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"))
+
+
+class _WriteRecorder(TorchDispatchMode):
+    """Records which of the watched tensors (by id) ops write in place: by their schemas' ``Tensor(a!)``, and
+    the running statistics of the batch-norm kernels whose schemas do not say so."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched, self.written = watched, set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        written = [
+            args[i] if i < len(args) else kwargs.get(a.name)
+            for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ]
+        if func._schema.name.removeprefix("aten::") in _BATCH_NORMS and len(args) > 5 and args[5] is True:
+            written += [args[3], args[4]]
+        for value in written:
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor) and id(t) in self.watched:
+                    self.written.add(id(t))
+        return func(*args, **kwargs)
 
 
 def _no_grad_fn() -> RuntimeError:

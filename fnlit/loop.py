@@ -340,6 +340,16 @@ _OUT_OF_STEP = (
 )
 
 
+def _data_parallel_of(step: Any) -> Any:
+    """The fnlit.data_parallel step inside ``step``'s transforms (following ``__wrapped__``), or None."""
+    inner = step
+    while inner is not None:
+        if getattr(inner, "collective", None) == "fnlit.data_parallel":
+            return inner
+        inner = getattr(inner, "__wrapped__", None)
+    return None
+
+
 def _same_batches(n: int | None, device: torch.device) -> None:
     """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up)."""
     counts = torch.tensor([-1 if n is None else n, -(-1 if n is None else n)], dtype=torch.int64, device=device)
@@ -677,6 +687,9 @@ def fit(
     voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
         _same_batches(n_batches, state.device)
+        dp = _data_parallel_of(step)
+        if dp is not None:  # every rank must start from the same state (DDP broadcasts rank 0's; fnlit checks)
+            _dist.check_same_state(state, getattr(dp, "group", None))
 
     def halting() -> bool:  # a signal came, or a callback asked to stop and min_epochs are done
         return bool(signals.reason) or (hooks.stop and epoch >= min_epochs)

@@ -401,17 +401,14 @@ class _Reader(dcp.FileSystemReader):
 
 
 def _check_like(
-    directory: Path, saved: dict[str, list[Any]], shapes: dict[str, list[Any]], numbers: dict[str, Any]
+    directory: Path, saved: dict[str, list[Any]], shapes: dict[str, list[Any]], numbers: dict[str, Any],
+    saved_numbers: dict[str, Any],
 ) -> None:
-    """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's leaves taken from saved numbers."""
-    for p, leaf in numbers.items():
-        if not (isinstance(leaf, (int, float)) or (isinstance(leaf, torch.Tensor) and leaf.dim() == 0)):
-            raise ValueError(
-                f"restore_sharded: at {p} the checkpoint {directory} holds a number, but `like` has a tensor of shape "
-                f"{tuple(leaf.shape)}. Restore into a state built the same way (same module, optimizer and loss_scale)."
-            )
-    missing = [p for p in shapes if p not in saved]
+    """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's other leaves, each to take
+    the number saved at its path (as a number, or a 0-d float tensor)."""
+    missing = [p for p in shapes if p not in saved] + [p for p in numbers if p not in saved_numbers]
     extra = [p for p in saved if p not in shapes and p not in numbers]
+    extra += [p for p in saved_numbers if p not in numbers]
     if missing or extra:
         raise ValueError(
             f"restore_sharded: the checkpoint {directory} does not have the structure of `like`: "
@@ -419,6 +416,14 @@ def _check_like(
             + (f"it has {extra[:3]}, which `like` lacks; " if extra else "")
             + "restore into a state built the same way (same module, optimizer and loss_scale)."
         )
+    for p, leaf in numbers.items():
+        number = isinstance(leaf, (int, float)) and not isinstance(leaf, bool)
+        if not (number or (isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point())):
+            got = f"a {leaf.dtype} tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
+            raise ValueError(
+                f"restore_sharded: at {p} the checkpoint {directory} holds the number {saved_numbers[p]!r}, but `like` "
+                f"has {got}. Restore into a state built the same way (same module, optimizer and loss_scale)."
+            )
     for p, want in shapes.items():
         if saved[p] != want:
             raise ValueError(
@@ -460,7 +465,8 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
         if p not in saved_numbers and info["tensors"].get(p, [None])[0] == []:
             load[p] = torch.empty((), dtype=getattr(torch, info["tensors"][p][1]))
     loaded = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in load.items()}
-    _check_like(directory, info["tensors"], loaded, numbers={p: v for p, v in {**tensors, **numbers}.items() if p not in load})
+    others = {p: v for p, v in {**tensors, **numbers}.items() if p not in load}
+    _check_like(directory, info["tensors"], loaded, others, saved_numbers)
     if not _distributed() and any(isinstance(t, DTensor) for t in tensors.values()):
         raise ValueError(
             "restore_sharded got a `like` of DTensors but no process group: to consolidate a checkpoint "

@@ -585,6 +585,12 @@ def _each(writers: Sequence[Writer], method: str) -> None:
         raise error
 
 
+def _is_loss(name: str) -> bool:
+    """``train/loss``, or an ensemble member's ``train/loss/0``."""
+    parts = name.split("/")
+    return parts[-1] == "loss" or (len(parts) > 2 and parts[-2] == "loss" and parts[-1].isdigit())
+
+
 class ProgressBar:
     """A tqdm bar: epoch, batch in the epoch, steps/s, and the step and loss at the last log interval.
 
@@ -637,9 +643,9 @@ class ProgressBar:
         """Shows the global step and the loss (or the first metric) of the last log interval."""
         if self.enabled:
             shown = {"step": step}
-            loss = next((k for k in metrics if k.rsplit("/", 1)[-1] == "loss"), next(iter(metrics), None))
-            if loss is not None:
-                shown[loss.rsplit("/", 1)[-1]] = f"{metrics[loss]:.4g}"
+            loss = next((k for k in metrics if _is_loss(k)), next(iter(metrics), None))
+            if loss is not None:  # named without its prefix: "loss", an ensemble member's "loss/0"
+                shown[loss.split("/", 1)[-1]] = f"{metrics[loss]:.4g}"
             self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:

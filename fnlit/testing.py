@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -40,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ensemble as _ensemble
+from . import functional as _functional
 from . import random as _random
 from . import tree as _tree
 from ._types import Batch, Metrics, StepFn
@@ -416,10 +418,15 @@ _SHAPE_OPS = {
 _MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default)
 
 
+# fnlit's own dispatch mode (apply's first forward watching which buffers ops write) passes every op through:
+# the read is its caller's.
+_PASS_THROUGH = frozenset((inspect.unwrap(_functional._WriteRecorder.__torch_dispatch__).__code__,))  # (torch wraps it)
+
+
 def _caller() -> types.FrameType | None:
     """The innermost frame outside torch and this module: where the read was written."""
     f = sys._getframe(2)
-    while f is not None and f.f_code.co_filename.startswith(_SKIP):
+    while f is not None and (f.f_code.co_filename.startswith(_SKIP) or f.f_code in _PASS_THROUGH):
         f = f.f_back
     return f
 
@@ -457,6 +464,8 @@ class _FunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if name in _READS and args and isinstance(args[0], torch.Tensor):
             _flag(f"Tensor.{name}()" if not name.startswith("__") else f"{name.strip('_')}(tensor)", args[0])
+        if func is torch.linalg.cond:  # documented as syncing for every p; with 'fro' its ops reach no op above
+            _flag("torch.linalg.cond (torch documents that it synchronizes a CUDA device with the CPU)", None)
         if name in _CONSTRUCTORS:
             i = _CONSTRUCTORS[name]
             inner = _tensor_in(args[i] if len(args) > i else kwargs.get("data", kwargs.get("obj")))

@@ -351,28 +351,36 @@ def hangs_ignoring_sigterm():
 
 
 def starts_apart(kind: str):
-    """data_parallel from states that differ across ranks: its first step must refuse on every rank."""
+    """Ranks whose states differ: fit refuses them before its first step, and so does check_same_state."""
     rank = dist.get_rank()
     torch.manual_seed(100 + rank if kind == "values" else 0)  # a per-rank seed set before the module is built
     model = torch.nn.Linear(4 + (rank if kind == "shapes" else 0), 1)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
-    try:
-        step(state, (torch.randn(8, 4 + (rank if kind == "shapes" else 0)), torch.randn(8, 1)))
-    except ValueError as e:
-        return str(e)
-    return "no error"
+    step = fnlit.accumulate(fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))), 2)
+    data = [(torch.randn(8, 4 + (rank if kind == "shapes" else 0)), torch.randn(8, 1))] * 2
+    messages = []
+    for run in (lambda: fnlit.fit(step, state, data, max_epochs=1, progress=False),
+                lambda: fnlit.distributed.check_same_state(state)):
+        try:
+            run()
+            messages.append("no error")
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
 
 
 def float64_metric():
-    """A float64 metric averaged across ranks: 0.1 on rank 0, 1.1 on rank 1."""
+    """Float64 metrics averaged across ranks: 0.1 on rank 0, 1.1 on rank 1; and a float64 model's loss (which
+    rides with the gradients' all-reduce)."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
+    model = torch.nn.Linear(4, 1).double()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
 
     def step(state, batch):
         loss, grads = fnlit.value_and_grad(lambda p: fnlit.apply(model, p, {}, batch)[0].pow(2).mean())(state.params)
         return state.apply_gradients(grads), {"loss": loss, "x": torch.tensor(0.1 + dist.get_rank(), dtype=torch.float64)}
 
-    _, metrics = fnlit.data_parallel(step)(state, torch.ones(2, 4))
-    return metrics["x"].dtype, metrics["x"].item()
+    x = torch.full((2, 4), 0.1 + dist.get_rank(), dtype=torch.float64)
+    _, metrics = fnlit.data_parallel(step)(state, x)
+    own_loss = fnlit.apply(model, state.params, {}, x)[0].pow(2).mean()  # this rank's, for the reference
+    return metrics["x"].dtype, metrics["x"].item(), metrics["loss"].dtype, metrics["loss"].item(), own_loss.item()

@@ -433,3 +433,17 @@ def test_update_bn_refuses_an_ensembles_stacked_state_and_says_how_to_run_each_m
             v.copy_(fnlit.unstack_state(stacked, 1).params[k])
     torch.optim.swa_utils.update_bn(data, ref)
     torch.testing.assert_close(members.buffers["1.running_mean"][1], ref[1].running_mean)
+
+
+def test_early_stopping_on_one_members_metric_stops_an_ensemble():
+    # It read int(state.step) of the stacked state (shape (n,)) when it stopped: the run crashed, its end unsaved.
+    mk = lambda: torch.nn.Linear(4, 1)  # noqa: E731
+    step = fnlit.train_step(mk(), lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    ev = fnlit.eval_step(mk(), lambda m, b: {"loss": F.mse_loss(m(b[0]), b[1])})
+    states = fnlit.ensemble_states(mk, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    g = torch.Generator().manual_seed(0)
+    data = ArrayLoader(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g), batch_size=8)
+    stop = EarlyStopping("val/loss/1", stopping_threshold=10.0)  # met at the first validation
+    end = fit(fnlit.ensemble(step, 2), states, data, val_data=data, eval_step=fnlit.ensemble(ev, 2), max_epochs=5,
+              callbacks=[stop], progress=False)  # fmt: skip
+    assert stop.stopped_step == 4 and end.step.tolist() == [4, 4]  # one epoch of 4 batches, then stopped

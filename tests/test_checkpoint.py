@@ -711,8 +711,14 @@ def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_
     like = fnlit.TrainState.create(nn.Linear(2, 1), fnlit.optim.adamw(1e-3, weight_decay=0.1), seed=0)
     restored = restore_sharded(save_sharded(tmp_path / "b", state), like=like)
     assert torch.equal(restored.opt_state.hyperparams["weight_decay"], torch.tensor(0.0))  # like's form
-    with pytest.raises(ValueError, match=r"at count the checkpoint .* holds a number, but `like` has a tensor of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"at count the checkpoint .* holds the number 16777217, but `like` has a torch.float32 tensor of shape \(3,\)"):
         restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.zeros(3), "lr": 0.5})
+    with pytest.raises(ValueError, match=r"holds the number 16777217, but `like` has a torch.int64 tensor of shape \(\)"):
+        restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.tensor(0), "lr": 0.5})
+    with pytest.raises(ValueError, match=r"it has \['count'\], which `like` lacks"):  # (was dropped silently)
+        restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "lr": 0.5})
+    with pytest.raises(ValueError, match=r"it lacks \['x'\]"):  # (was a bare KeyError)
+        restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": 0, "lr": 0.5, "x": 1.0})
 
 
 def test_ckpt_path_naming_a_sharded_checkpoint_or_a_folder_of_foreign_files_is_not_silently_a_fresh_run(tmp_path):

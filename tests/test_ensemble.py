@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from helpers import batch, hand_step, mlp
@@ -390,3 +391,13 @@ def test_a_batch_not_stacked_over_the_members_names_n():
     x, y = batch()
     with pytest.raises(ValueError, match=r"n=3, in_dims=0\) expected every tensor of the batch stacked over the 3 members.*\(2, 16, 8\)"):
         ensemble(hand_step(mlp()), 3, in_dims=0)(stacked, (torch.stack([x, x]), torch.stack([y, y, y])))
+
+
+def test_unstack_state_refuses_an_index_that_is_not_an_int():
+    # unstack_state(st, True) passed the bounds check (True == 1) and t[True] added a dimension: a malformed state.
+    states = fnlit.ensemble_states(lambda: torch.nn.Linear(5, 1), fnlit.optim.sgd(0.1), seeds=[0, 1])
+    for bad in (True, 1.0):
+        with pytest.raises(TypeError, match=r"unstack_state expected an int member index, got (bool True|float 1.0)"):
+            fnlit.unstack_state(states, bad)
+    member = fnlit.unstack_state(states, np.int64(1))  # a numpy integer is an index
+    assert member.params["weight"].shape == (1, 5) and torch.equal(member.params["weight"], states.params["weight"][1])

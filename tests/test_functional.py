@@ -761,3 +761,25 @@ def test_value_and_grad_under_inference_mode_says_so_instead_of_blaming_the_loss
     with torch.no_grad():  # the reference: no_grad is undone inside, as torch.func.grad does
         loss, g = fnlit.value_and_grad(lambda a: (a**2).sum())(torch.ones(2))
     assert torch.equal(g, torch.func.grad(lambda a: (a**2).sum())(torch.ones(2)))
+
+
+def test_a_constant_buffer_holding_nan_is_not_taken_for_one_the_forward_updates():
+    # A first version compared the first forward's copies by value: NaN != NaN marked the buffer as updated (copied
+    # every forward, and a step passing no buffers= warned every step).
+    class Filled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+            self.register_buffer("fill", torch.tensor([float("nan"), 1.0, 2.0]))
+
+        def forward(self, x):
+            return self.lin(x + torch.nan_to_num(self.fill))
+
+    model = Filled()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss_fn = lambda p: fnlit.apply(model, p, state.buffers, torch.ones(4, 3))[0].pow(2).mean()  # noqa: E731
+            _, grads = fnlit.value_and_grad(loss_fn)(state.params)
+            state = state.apply_gradients(grads)  # no buffers=: nothing was updated

@@ -584,3 +584,20 @@ def test_the_progress_bar_never_draws_a_new_epoch_under_the_old_ones_name():
     done = max(i for i, f in enumerate(frames) if f.startswith("epoch 0") and "4/4" in f)
     assert not [f for f in frames[done + 1 :] if f.startswith("epoch 0")]
     assert [f for f in frames if f.startswith("epoch 2")][-1].split("|")[-1].lstrip().startswith("3/4")
+
+
+def test_the_progress_bar_labels_an_ensemble_members_loss_as_such():
+    # "train/loss/0" was shown as "0=2.017": no name ended in /loss, so the first metric's last part was used.
+    import io
+
+    from fnlit.summary import ProgressBar
+
+    for metrics, shown in (({"train/loss": 0.5, "train/acc": 1.0}, "loss=0.5"),
+                           ({"train/acc/0": 1.0, "train/loss/0": 2.017, "train/loss/1": 3.0}, "loss/0=2.017")):
+        out = io.StringIO()
+        bar = ProgressBar(enabled=True, file=out, mininterval=0)
+        bar.start_epoch(0, 4)
+        bar.set_metrics(12, metrics)
+        bar.update()
+        bar.close()
+        assert out.getvalue().strip().splitlines()[-1].endswith(f"step=12, {shown}]")

@@ -890,3 +890,39 @@ def test_amp_leaves_a_value_and_grad_inside_a_float32_region_in_float32():
 
     fnlit.amp(step, torch.bfloat16)(fnlit.TrainState.create(head, fnlit.optim.sgd(0.1), seed=0), None)
     assert seen == [torch.float32]
+
+
+def test_accumulate_refuses_a_batch_with_nothing_to_split_and_splits_numpy_arrays():
+    # An unregistered dataclass (or a list of texts) went whole into each of the k micro-batches: k times the
+    # work and the memory, BatchNorm and dropout seeing the whole batch k times.
+    import dataclasses
+
+    import numpy as np
+
+    from fnlit.transforms.accumulate import split_batch
+
+    @dataclasses.dataclass
+    class Pair:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    with pytest.raises(ValueError, match=r"k=4\) found nothing to split in a batch of type Pair.*register_dataclass"):
+        split_batch(Pair(torch.randn(8, 2), torch.randn(8, 1)), 4)
+    with pytest.raises(ValueError, match=r"found nothing to split in a batch of type list: its leaves are \['str'\]"):
+        split_batch(["a text", "another"], 2)
+    x = np.arange(8.0)
+    assert [p[0].tolist() for p in split_batch((x,), 4)] == [a.tolist() for a in np.split(x, 4)]  # the reference
+    assert split_batch((), 3) == [(), (), ()] and split_batch({"temperature": 0.5}, 2) == [{"temperature": 0.5}] * 2
+
+
+def test_accumulate_averages_float64_metrics_in_float64():
+    # In float32: (0.1 + 1.1) / 2 came back as 0.6000000238418579 (as data_parallel did).
+    model = torch.nn.Linear(4, 1).double()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, batch):
+        loss, g = fnlit.value_and_grad(lambda p: fnlit.apply(model, p, {}, batch)[0].pow(2).mean())(state.params)
+        return state.apply_gradients(g), {"loss": loss, "m": batch[0, 0]}
+
+    _, metrics = fnlit.accumulate(step, 2)(state, torch.tensor([[0.1] * 4, [1.1] * 4], dtype=torch.float64))
+    assert metrics["m"].dtype == torch.float64 and metrics["m"].item() == (0.1 + 1.1) / 2

@@ -424,7 +424,7 @@ class Frame:
             n, m = len(leaves), len(stats)
             riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
             reduced = all_reduce_mean_(
-                list(leaves) + [t for _, t in stats] + [t.reshape(1).float() for t in riders],
+                list(leaves) + [t for _, t in stats] + [_rider(t) for t in riders],
                 self.dp_group,
                 self.dp_bucket_bytes,
                 reuse=True,
@@ -474,6 +474,12 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
     else:
         who, what, advice = "fnlit.data_parallel", "ranks", ", or one process"
     raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
+
+
+def _rider(t: torch.Tensor) -> torch.Tensor:
+    """A scalar riding with the gradients' all-reduce: float32, or float64 as it is (it shares the float64
+    gradients' bucket; a float64 loss would come back with float32's digits)."""
+    return t.reshape(1) if t.dtype is torch.float64 else t.reshape(1).float()
 
 
 def _updated_float_buffers(state: TrainState, changes: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

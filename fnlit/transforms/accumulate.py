@@ -6,6 +6,7 @@ from collections import UserDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .. import random as _random
@@ -32,13 +33,19 @@ class _Indivisible(ValueError):
         )
 
 
+def _scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (int, float, bool)) or (isinstance(x, torch.Tensor) and x.dim() == 0)
+
+
 def split_batch(batch: Batch, k: int) -> list[Batch]:
-    """Splits every tensor leaf of ``batch`` along dim 0 into ``k`` equal views (other leaves are shared).
+    """Splits every tensor (and numpy array) leaf of ``batch`` along dim 0 into ``k`` equal views (other leaves
+    are shared).
 
     A ``collections.UserDict`` (Hugging Face's ``BatchEncoding``) is split as a dict; each part is a copy of it.
 
     Raises:
-        ValueError: if a leading dimension is not divisible by ``k`` (the message names the leaf).
+        ValueError: if a leading dimension is not divisible by ``k`` (the message names the leaf), or a batch
+            with leaves other than scalars has nothing to split (an unregistered dataclass, only strings).
 
     Example:
         >>> [b.shape[0] for b in split_batch(torch.zeros(8, 3), 4)]
@@ -51,6 +58,7 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
             return list(parts) if kind is tuple else [list(p) for p in parts]
     leaves, treedef = _tree.tree_flatten(batch)
     chunks: list[Any] = []
+    split = False
     for j, leaf in enumerate(leaves):
         if isinstance(leaf, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding): split its values
             try:
@@ -60,18 +68,29 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
                 head, bracket, rest = e.path.partition("[")  # the UserDict's own key first: "x" or "[0]"
                 inner = f"[{head!r}]{bracket}{rest}" if head else e.path
                 raise _Indivisible(k, f"{outer}{inner}" if outer != "<root>" else e.path, e.n) from None
-        elif isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            split = True
+        elif isinstance(leaf, (torch.Tensor, np.ndarray)) and leaf.ndim > 0:
             n = leaf.shape[0]
             if n % k:
                 raise _Indivisible(k, _tree.tree_paths(batch)[j], n)
-            chunks.append(torch.tensor_split(leaf, k))
+            chunks.append(torch.tensor_split(leaf, k) if isinstance(leaf, torch.Tensor) else np.split(leaf, k))
+            split = True
         else:
             chunks.append([leaf] * k)
+    if k > 1 and not split and not all(_scalar(x) for x in leaves):
+        # every micro-batch would be the whole batch (an unregistered dataclass, a list of texts): k times the
+        # work, and the memory of all. (No batch, or only scalars -- a temperature -- is shared, as meant.)
+        raise ValueError(
+            f"accumulate(step, k={k}) found nothing to split in a batch of type {type(batch).__name__}: its leaves "
+            f"are {sorted({type(x).__name__ for x in leaves}) or 'none'}. It splits tensors (and numpy arrays) along "
+            "their first dimension, found in tuples, lists, dicts and registered pytrees: register a dataclass "
+            "batch with fnlit.tree.register_dataclass."
+        )
     return [_tree.tree_unflatten(treedef, [c[i] for c in chunks]) for i in range(k)]
 
 
 def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
-    """The micro-batches' metrics averaged: tensors elementwise (in float32), numbers as numbers,
+    """The micro-batches' metrics averaged: tensors elementwise (in float32, float64 ones in float64), numbers as numbers,
     dicts, lists and tuples entry by entry; any other value (a string) is the last micro-batch's."""
     return {name: _mean([m[name] for m in all_metrics], name) for name in all_metrics[0]}
 
@@ -88,7 +107,8 @@ def _mean(values: list[Any], path: str) -> Any:
                 f"different shape in each: {shapes}. Return metrics whose shape does not depend on the batch "
                 "size (reduce them in the step), or use a batch size and k that split it evenly."
             ) from e
-        return (stacked if stacked.dtype == torch.float32 else stacked.float()).mean(0)
+        # float32, or float64 as it is (a float64 loss would come back with float32's digits)
+        return (stacked if stacked.dtype in (torch.float32, torch.float64) else stacked.float()).mean(0)
     if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) for v in values):
         return sum(values) / len(values)
     if isinstance(first, Mapping):

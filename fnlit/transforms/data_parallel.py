@@ -155,34 +155,44 @@ def _fingerprints(state: TrainState) -> tuple[list[str], list[int]]:
     tree = {"params": state.params, "buffers": state.buffers, "opt_state": state.opt_state, "step": state.step,
             "scaler": state.scaler}  # fmt: skip  (not rng: it is the same by construction, or each rank's own)
     paths, leaves, _ = _tree.tree_flatten_with_path(tree)
+    device = state.device
     out: list[int] = []
     sums: list[torch.Tensor] = []
     for t in leaves:
         if type(t) is not torch.Tensor:  # a number, a DTensor: structure only
             out += [0, 0, 0]
-            sums.append(torch.zeros((), dtype=torch.int64))
+            sums.append(torch.zeros((), dtype=torch.int64, device=device))
             continue
         shape = 0
         for d in t.shape:
             shape = (shape * 1_000_003 + d) % (1 << 61)
         out += [t.numel(), zlib.crc32(str(t.dtype).encode()), shape]  # (not hash(): salted per process)
         data = t.detach().contiguous().reshape(-1).view(torch.uint8) if t.numel() else t.new_zeros(0, dtype=torch.uint8)
-        sums.append(data.sum(dtype=torch.int64).cpu())
-    values = [x for i in range(len(leaves)) for x in (*out[3 * i : 3 * i + 3], int(sums[i]))]
+        sums.append(data.sum(dtype=torch.int64).to(device))
+    total = torch.stack(sums).cpu().tolist() if sums else []  # one read, outside any step
+    values = [x for i in range(len(leaves)) for x in (*out[3 * i : 3 * i + 3], total[i])]
     return paths, values
 
 
-def _check_same_state(state: TrainState, group: Any) -> None:
-    """Raises on every rank when the ranks' states differ (two small collectives; once per state from outside)."""
+def check_same_state(state: TrainState, group: Any = None) -> None:
+    """Raises on every rank when the ranks' states differ: sizes, dtypes, shapes, or values (a sum of each
+    tensor's bytes, exact). Two small collectives on the state's device and a read of their result: call it
+    before training, never inside a step (:func:`fnlit.fit` calls it when it starts a data-parallel run).
+
+    Raises:
+        ValueError: naming the first tensor that differs, and how to start every rank alike.
+    """
     paths, values = _fingerprints(state)
-    count = torch.tensor([len(values), -len(values)], dtype=torch.int64)
+    count = torch.tensor([len(values), -len(values)], dtype=torch.int64, device=state.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    if int(count[0]) != -int(count[1]):
+    count = count.tolist()
+    if count[0] != -count[1]:
         raise ValueError(_DIFFERENT_STATES.format(what="their structures (numbers of tensors)", path="the state"))
-    both = torch.tensor(values + [-v for v in values], dtype=torch.int64)
+    both = torch.tensor(values + [-v for v in values], dtype=torch.int64, device=state.device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    both = both.tolist()
     n = len(values)
-    differ = [i for i in range(n) if int(both[i]) != -int(both[n + i])]
+    differ = [i for i in range(n) if both[i] != -both[n + i]]
     if differ:  # sizes, dtypes and shapes first: they explain differing values
         i = min(differ, key=lambda j: (j % 4 == 3, j))
         what = ("their sizes", "their dtypes", "their shapes", "their values")[i % 4]
@@ -195,9 +205,10 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     Gradients are averaged across the ranks of ``group`` once per applied update, flattened into one
     buffer per dtype (or per ``bucket_mb`` bucket) so there is one collective, not one per tensor; under
     :func:`fnlit.accumulate` the intermediate micro-batches do not communicate at all. Metrics are
-    averaged across ranks (tensors anywhere in them, elementwise). The ranks must start from the same state
-    (checked, as DDP checks at construction, whenever a state did not come from this step: two small
-    collectives); every rank then ends each step with bitwise-identical params, and floating-point buffers the step passes to ``apply_gradients(buffers=...)``
+    averaged across ranks (tensors anywhere in them, elementwise). The ranks must start from the same state:
+    :func:`fnlit.fit` checks it when it starts (as DDP checks at construction); a loop of one's own calls
+    :func:`fnlit.distributed.check_same_state` once before its first step. Every rank then ends each step with
+    bitwise-identical params, and floating-point buffers the step passes to ``apply_gradients(buffers=...)``
     (BatchNorm's running statistics, computed by each rank on its own shard) are averaged across ranks in
     the same collective -- for a running mean, the value one process would compute on the whole batch (DDP
     broadcasts rank 0's instead). Buffers the step changes otherwise -- an integer counter of its own data,
@@ -213,32 +224,24 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
 
     Raises:
         RuntimeError: when called without an initialised process group (it says how to launch).
-        ValueError: (on every rank) when the ranks start from states that differ, naming the first tensor.
 
     Example:
         >>> # in a script started by `torchrun --nproc-per-node 2 train.py`:
         >>> # fnlit.distributed.init(); step = fnlit.data_parallel(fnlit.train_step(model, loss_fn))
     """
     bucket_bytes = int(bucket_mb * 2**20)
-    # The params dicts known to be the same on every rank (by id: a dict takes no weak reference): the one checked,
-    # and the one this step returned from it. Micro-batches under accumulate share their state's dict.
-    known: list[int] = []
 
     def data_parallel_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(_NOT_INITIALISED)
         if _level() is not None:  # under vmap: fnlit.ensemble(data_parallel(step))
             raise ValueError(WITH_ENSEMBLE.format(who="fnlit.data_parallel"))
-        if id(state.params) not in known:  # a state from outside (the first step, a restored one): as DDP checks
-            _check_same_state(state, group)
-            known[:] = [id(state.params)]
         with frame() as (f, outermost):
             f.dp_group = group if group is not None else dist.group.WORLD
             f.dp_bucket_bytes = bucket_bytes
-            new, metrics = run_on_rank(step, state, batch, dist.get_rank(group), f, outermost)
-        known[:] = [id(state.params), id(new.params)]
-        return new, metrics
+            return run_on_rank(step, state, batch, dist.get_rank(group), f, outermost)
 
     data_parallel_step.__wrapped__ = step  # type: ignore[attr-defined]
     data_parallel_step.collective = "fnlit.data_parallel"  # type: ignore[attr-defined]  (fnlit.ensemble refuses it)
+    data_parallel_step.group = group  # type: ignore[attr-defined]  (fit checks the ranks' states in it)
     return data_parallel_step
