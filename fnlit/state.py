@@ -174,10 +174,10 @@ class TrainState:
             >>> int(new.step), torch.equal(new.params["bias"], state.params["bias"] - 0.5)
             (1, True)
         """
-        if changes and not changes.keys().isdisjoint(_UPDATE_FIELDS):
+        if changes and any(k in _UPDATE_FIELDS for k in changes):  # (dynamo traces this form)
             raise ValueError(
-                f"apply_gradients sets {sorted(changes.keys() & _UPDATE_FIELDS)} itself (the update); got them in its "
-                "changes too. Pass buffers= (or scaler=) here, and replace the others on the state it returns: "
+                f"apply_gradients sets {sorted(k for k in changes if k in _UPDATE_FIELDS)} itself (the update); got them "
+                "in its changes too. Pass buffers= (or scaler=) here, and replace the others on the state it returns: "
                 "state.apply_gradients(grads).replace(rng=...)."
             )
         # (compiling first: torch < 2.14 cannot trace a ContextVar's get)
