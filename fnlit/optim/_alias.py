@@ -177,25 +177,27 @@ def _optimizer(
             _raise_mismatch(name, ref, grads)
         if treedef != ref_def:
             _raise_mismatch(name, ref, params, what="params")
-        for i, (x, q) in enumerate(zip(g, p)):  # the fused kernels do not check: a smaller gradient would be read past its end
-            if x.shape != q.shape:
+        # The fused kernels do not check: a smaller gradient (or moment: params replaced since init) would be read
+        # past its end. One pass over the leaves, the moments beside their param.
+        for i, (x, q, *moments) in enumerate(zip(g, p, *[b[0] for b in bufs])):
+            shape, dtype = q.shape, q.dtype
+            if x.shape != shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
-            if x.dtype != q.dtype:
-                if torch.promote_types(x.dtype, q.dtype) != q.dtype or x.dtype.is_complex != q.dtype.is_complex or not (
+            if x.dtype != dtype:
+                if torch.promote_types(x.dtype, dtype) != dtype or x.dtype.is_complex != dtype.is_complex or not (
                     x.is_floating_point() or x.is_complex()
                 ):  # (the per-leaf math would promote the params; a real gradient for a complex one drops a part)
                     raise ValueError(
                         f"{name}.update expected gradients of the params' dtypes, but {tree_paths(params)[i]} has a "
-                        f"{x.dtype} gradient for a {q.dtype} parameter. Differentiate state.params themselves, or cast: "
+                        f"{x.dtype} gradient for a {dtype} parameter. Differentiate state.params themselves, or cast: "
                         "g.to(p.dtype)."
                     )
-                g[i] = x.to(q.dtype)  # a narrower gradient (bfloat16 for float32 params): the fused kernels take one dtype
-        for f, (leaves, _) in zip(buffers, bufs):  # params replaced since init: a kernel would read past a buffer's end
-            for i, (b, q) in enumerate(zip(leaves, p)):
-                if b.shape != q.shape or b.dtype != q.dtype:
+                g[i] = x.to(dtype)  # a narrower gradient (bfloat16 for float32 params): the fused kernels take one dtype
+            for f, b in zip(buffers, moments):
+                if b.shape != shape or b.dtype is not dtype:
                     raise ValueError(
                         f"{name}.update expected state.{f} of the params' shapes and dtypes, but {tree_paths(params)[i]} "
-                        f"is a {q.dtype} parameter of shape {tuple(q.shape)} while state.{f} holds a {b.dtype} tensor "
+                        f"is a {dtype} parameter of shape {tuple(shape)} while state.{f} holds a {b.dtype} tensor "
                         f"of shape {tuple(b.shape)}: the params changed since {name}.init. Initialise the optimizer "
                         "state for these params (tx.init(params)), or cast the params back."
                     )
