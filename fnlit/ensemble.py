@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
+import operator
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -122,9 +122,13 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
         (True, True)
     """
     n = _size(stacked)
-    if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # (t[True] adds a dimension, selects nothing)
-        raise TypeError(f"unstack_state expected an int member index, got {type(i).__name__} {i!r} instead.")
-    i = int(i)
+    bool_tensor = isinstance(i, torch.Tensor) and i.dtype is torch.bool
+    try:  # an int, a numpy integer, a 0-d integer tensor (losses.argmin()); not a bool (t[True] adds a dimension)
+        if isinstance(i, bool) or bool_tensor:
+            raise TypeError
+        i = operator.index(i)
+    except TypeError:
+        raise TypeError(f"unstack_state expected an int member index, got {type(i).__name__} {i!r} instead.") from None
     if not -n <= i < n:
         raise IndexError(f"unstack_state got member index {i}, but the ensemble has {n} members (0..{n - 1}).")
     return _tree.tree_map(lambda t: t[i].clone(), stacked)

@@ -247,7 +247,8 @@ def apply(
             None copies the buffers the module's first eval forward (run on copies of them all) updated in
             place (none for BatchNorm; a quantization observer's), so evaluating does not change
             ``state.buffers`` either; the updated copies come back in ``new_buffers``. (A write through
-            ``.data`` moves no version counter and is not seen, in either mode.)
+            ``.data`` moves no version counter: the first forward in each mode sees it, watching which memory
+            ops write; a buffer first written that way by a later forward is not seen.)
         **kwargs: keyword inputs of the module. ``rng``, ``train`` and ``mutable`` are apply's own: a forward
             argument of one of those names is passed positionally (or through a small wrapper module).
 
@@ -336,7 +337,7 @@ def apply(
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         else:
             if probes:  # the first forward: which copies do ops write (by their schemas, not by comparing values)
-                with _WriteRecorder({id(c) for _, c in probes}) as recorder:
+                with _WriteRecorder({_storage_of(c) for _, c in probes} - {0}) as recorder:
                     out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
                 written = recorder.written
             else:
@@ -356,7 +357,7 @@ def apply(
         # on every rank whatever its data, and NaN-safe.
         silent = frozenset(
             n for n, copied in probes
-            if not copied._version and id(copied) in written and new_buffers[n] is copied and n not in slots.copied
+            if not copied._version and _storage_of(copied) in written and new_buffers[n] is copied and n not in slots.copied
         )
         slots.silent = slots.silent | silent
         if probe:
@@ -555,9 +556,18 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 _BATCH_NORMS = frozenset(("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"))
 
 
+def _storage_of(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (0 without a plain one): a write through ``.data`` or a view reaches it."""
+    try:
+        return t.untyped_storage().data_ptr() if type(t) is torch.Tensor else 0
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 class _WriteRecorder(TorchDispatchMode):
-    """Records which of the watched tensors (by id) ops write in place: by their schemas' ``Tensor(a!)``, and
-    the running statistics of the batch-norm kernels whose schemas do not say so."""
+    """Records which of the watched storages (the probe's fresh copies) ops write in place: by their schemas'
+    ``Tensor(a!)``, and the running statistics of the batch-norm kernels whose schemas do not say so. By storage,
+    so that a write through ``.data`` (another tensor object on the same memory) counts."""
 
     def __init__(self, watched: set[int]) -> None:
         super().__init__()
@@ -574,8 +584,8 @@ class _WriteRecorder(TorchDispatchMode):
             written += [args[3], args[4]]
         for value in written:
             for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, torch.Tensor) and id(t) in self.watched:
-                    self.written.add(id(t))
+                if isinstance(t, torch.Tensor) and (ptr := _storage_of(t)) in self.watched:
+                    self.written.add(ptr)
         return func(*args, **kwargs)
 
 

@@ -48,6 +48,7 @@ def equivalence(steps: int, ks: tuple[int, ...]):
 def _equivalence(steps: int, k: int):
     rank, world = dist.get_rank(), dist.get_world_size()
     model, state = make_state()
+    fnlit.distributed.check_same_state(state)  # a loop of one's own: once, before the first step
     counter = CountingAllReduce()
     dist.all_reduce = counter
     try:
@@ -82,6 +83,7 @@ def all_orders(steps: int):
     out = {}
     for order in ORDERS:
         model, state = make_state(fp16=True)
+        fnlit.distributed.check_same_state(state)
         step = wrap(hand_step(model), order)
         for i in range(steps):
             state, _ = step(state, local(batch(GLOBAL_BATCH, seed=i), rank, world))
@@ -384,3 +386,21 @@ def float64_metric():
     _, metrics = fnlit.data_parallel(step)(state, x)
     own_loss = fnlit.apply(model, state.params, {}, x)[0].pow(2).mean()  # this rank's, for the reference
     return metrics["x"].dtype, metrics["x"].item(), metrics["loss"].dtype, metrics["loss"].item(), own_loss.item()
+
+
+def unchecked_warns():
+    """A loop of one's own: the data-parallel step warns at its first call unless check_same_state ran."""
+    import warnings
+
+    model, state = make_state()
+    out = []
+    for check in (False, True):
+        step = fnlit.data_parallel(hand_step(model))
+        if check:
+            fnlit.distributed.check_same_state(state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(2):
+                step(state, local(batch(GLOBAL_BATCH, seed=i), dist.get_rank(), dist.get_world_size()))
+        out.append([str(w.message) for w in caught if "check_same_state" in str(w.message)])
+    return out

@@ -15,6 +15,7 @@ from _dist_workers import (
     hangs_ignoring_sigterm,
     starts_apart,
     float64_metric,
+    unchecked_warns,
     fit_validation_every_example,
     equivalence,
     make_state,
@@ -259,3 +260,11 @@ def test_float64_metrics_and_a_float64_loss_are_averaged_in_float64():
     for dtype, value, loss_dtype, loss, _ in results:
         assert dtype == torch.float64 and value == (0.1 + 1.1) / 2
         assert loss_dtype == torch.float64 and loss == pytest.approx(mean_loss, rel=1e-15, abs=0)
+
+
+def test_a_data_parallel_step_whose_first_state_was_not_checked_warns_once():
+    # fit checks a step built with fnlit's transforms; behind a function of one's own (fit(lambda s, b: dp(s, b)))
+    # or in one's own loop nothing did, and ranks seeded apart trained apart silently.
+    for unchecked, checked in fnlit.distributed.launch(unchecked_warns, 2, timeout=120):
+        assert len(unchecked) == 1 and "Call fnlit.distributed.check_same_state(state)" in unchecked[0]
+        assert checked == []

@@ -399,5 +399,8 @@ def test_unstack_state_refuses_an_index_that_is_not_an_int():
     for bad in (True, 1.0):
         with pytest.raises(TypeError, match=r"unstack_state expected an int member index, got (bool True|float 1.0)"):
             fnlit.unstack_state(states, bad)
+    with pytest.raises(TypeError, match=r"got Tensor tensor\(True\)"):
+        fnlit.unstack_state(states, torch.tensor(True))
     member = fnlit.unstack_state(states, np.int64(1))  # a numpy integer is an index
+    assert torch.equal(fnlit.unstack_state(states, torch.tensor(1)).params["weight"], member.params["weight"])  # argmin()
     assert member.params["weight"].shape == (1, 5) and torch.equal(member.params["weight"], states.params["weight"][1])

@@ -783,3 +783,30 @@ def test_a_constant_buffer_holding_nan_is_not_taken_for_one_the_forward_updates(
             loss_fn = lambda p: fnlit.apply(model, p, state.buffers, torch.ones(4, 3))[0].pow(2).mean()  # noqa: E731
             _, grads = fnlit.value_and_grad(loss_fn)(state.params)
             state = state.apply_gradients(grads)  # no buffers=: nothing was updated
+
+
+def test_a_buffer_written_through_data_is_copied_and_the_callers_state_stays_as_it_was():
+    # A codebook EMA written with self.ema.data.mul_(...): another tensor object on the buffer's memory, and no
+    # version moves. The first forward's watch went by object: from the second forward the caller's buffer changed.
+    class Ema(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.register_buffer("ema", torch.ones(3))
+
+        def forward(self, x):
+            self.ema.data.mul_(0.5).add_(x.mean(0).detach() * 0.5)
+            return self.lin(x) * self.ema
+
+    model = Ema()
+    reference = copy.deepcopy(model)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3, generator=g)
+        before = state.buffers["ema"].clone()
+        _, buffers = fnlit.apply(model, state.params, state.buffers, x)
+        assert torch.equal(state.buffers["ema"], before)  # the caller's untouched
+        reference(x)  # the reference: the module called as it is
+        assert torch.equal(buffers["ema"], reference.ema)
+        state = state.replace(buffers=buffers)

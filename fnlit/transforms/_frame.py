@@ -423,8 +423,9 @@ class Frame:
 
             n, m = len(leaves), len(stats)
             riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
+            wide = any(t.dtype is torch.float64 for t in leaves)  # a float64 bucket the float64 riders can share
             reduced = all_reduce_mean_(
-                list(leaves) + [t for _, t in stats] + [_rider(t) for t in riders],
+                list(leaves) + [t for _, t in stats] + [_rider(t, wide) for t in riders],
                 self.dp_group,
                 self.dp_bucket_bytes,
                 reuse=True,
@@ -476,10 +477,11 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
     raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
 
 
-def _rider(t: torch.Tensor) -> torch.Tensor:
-    """A scalar riding with the gradients' all-reduce: float32, or float64 as it is (it shares the float64
-    gradients' bucket; a float64 loss would come back with float32's digits)."""
-    return t.reshape(1) if t.dtype is torch.float64 else t.reshape(1).float()
+def _rider(t: torch.Tensor, wide: bool) -> torch.Tensor:
+    """A scalar riding with the gradients' all-reduce: float32; float64 as it is where float64 gradients make a
+    bucket it shares (a float64 model's loss keeps its digits; a float32 model's float64 metric rides in float32
+    rather than costing a collective of its own)."""
+    return t.reshape(1) if wide and t.dtype is torch.float64 else t.reshape(1).float()
 
 
 def _updated_float_buffers(state: TrainState, changes: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -149,6 +151,14 @@ _DIFFERENT_STATES = (
 )
 
 
+_UNCHECKED = (
+    "fnlit.data_parallel: nothing checked that the ranks start from the same state (fit checks it for a step "
+    "built with fnlit's transforms; it cannot see inside a function of one's own). Call "
+    "fnlit.distributed.check_same_state(state) on every rank before the first step: ranks that start apart train "
+    "apart, silently."
+)
+
+
 def _fingerprints(state: TrainState) -> tuple[list[str], list[int]]:
     """Per leaf of the state's params, buffers, optimizer state, step and scaler: numel, dtype, shape and a sum of
     its bytes -- integers, the same on every rank for the same tensors (no float rounding)."""
@@ -183,6 +193,7 @@ def check_same_state(state: TrainState, group: Any = None) -> None:
         ValueError: naming the first tensor that differs, and how to start every rank alike.
     """
     paths, values = _fingerprints(state)
+    first = next(iter(_tree.tree_leaves(state.params)), None)
     count = torch.tensor([len(values), -len(values)], dtype=torch.int64, device=state.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     count = count.tolist()
@@ -197,6 +208,19 @@ def check_same_state(state: TrainState, group: Any = None) -> None:
         i = min(differ, key=lambda j: (j % 4 == 3, j))
         what = ("their sizes", "their dtypes", "their shapes", "their values")[i % 4]
         raise ValueError(_DIFFERENT_STATES.format(what=what, path=paths[i // 4]))
+    if isinstance(first, torch.Tensor):  # a data-parallel step's first call finds it checked (see data_parallel)
+        _CHECKED[id(first)] = weakref.ref(first, lambda _, key=id(first): _CHECKED.pop(key, None))
+
+
+# The first param of each state check_same_state passed, by id, weakly: a data-parallel step whose first state
+# was not checked (a loop of one's own, a step fit cannot see inside) warns once, with no collective.
+_CHECKED: dict[int, weakref.ref[torch.Tensor]] = {}
+
+
+def _was_checked(state: TrainState) -> bool:
+    first = next(iter(_tree.tree_leaves(state.params)), None)
+    ref = _CHECKED.get(id(first))
+    return ref is not None and ref() is first
 
 
 def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) -> StepFn:
@@ -207,7 +231,8 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     :func:`fnlit.accumulate` the intermediate micro-batches do not communicate at all. Metrics are
     averaged across ranks (tensors anywhere in them, elementwise). The ranks must start from the same state:
     :func:`fnlit.fit` checks it when it starts (as DDP checks at construction); a loop of one's own calls
-    :func:`fnlit.distributed.check_same_state` once before its first step. Every rank then ends each step with
+    :func:`fnlit.distributed.check_same_state` once before its first step (the step warns at its first call
+    when its state was not checked). Every rank then ends each step with
     bitwise-identical params, and floating-point buffers the step passes to ``apply_gradients(buffers=...)``
     (BatchNorm's running statistics, computed by each rank on its own shard) are averaged across ranks in
     the same collective -- for a running mean, the value one process would compute on the whole batch (DDP
@@ -230,12 +255,17 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
         >>> # fnlit.distributed.init(); step = fnlit.data_parallel(fnlit.train_step(model, loss_fn))
     """
     bucket_bytes = int(bucket_mb * 2**20)
+    first_call = [True]
 
     def data_parallel_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(_NOT_INITIALISED)
         if _level() is not None:  # under vmap: fnlit.ensemble(data_parallel(step))
             raise ValueError(WITH_ENSEMBLE.format(who="fnlit.data_parallel"))
+        if first_call[0]:  # (every rank alike: no collective, no read)
+            first_call[0] = False
+            if not _was_checked(state):
+                warnings.warn(_UNCHECKED, stacklevel=2)
         with frame() as (f, outermost):
             f.dp_group = group if group is not None else dist.group.WORLD
             f.dp_bucket_bytes = bucket_bytes
