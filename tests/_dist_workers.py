@@ -404,3 +404,15 @@ def unchecked_warns():
                 step(state, local(batch(GLOBAL_BATCH, seed=i), dist.get_rank(), dist.get_world_size()))
         out.append([str(w.message) for w in caught if "check_same_state" in str(w.message)])
     return out
+
+
+def fit_one_rank_warns_nothing():
+    """fit of a data-parallel step in a process group of one: nothing to check, nothing to warn of."""
+    import warnings
+
+    model, state = make_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fnlit.fit(fnlit.data_parallel(hand_step(model)), state, [batch(8, seed=i) for i in range(2)], max_epochs=1,
+                  progress=False)  # fmt: skip
+    return [str(w.message) for w in caught if "check_same_state" in str(w.message)]

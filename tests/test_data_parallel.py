@@ -16,6 +16,7 @@ from _dist_workers import (
     starts_apart,
     float64_metric,
     unchecked_warns,
+    fit_one_rank_warns_nothing,
     fit_validation_every_example,
     equivalence,
     make_state,
@@ -268,3 +269,9 @@ def test_a_data_parallel_step_whose_first_state_was_not_checked_warns_once():
     for unchecked, checked in fnlit.distributed.launch(unchecked_warns, 2, timeout=120):
         assert len(unchecked) == 1 and "Call fnlit.distributed.check_same_state(state)" in unchecked[0]
         assert checked == []
+
+
+def test_fit_of_a_data_parallel_step_on_one_rank_warns_nothing():
+    # fit checks the ranks' states only with several; the step warned "nothing checked" on one (torchrun with
+    # --nproc-per-node 1, a single-GPU debug run).
+    assert fnlit.distributed.launch(fit_one_rank_warns_nothing, 1, timeout=120) == [[]]

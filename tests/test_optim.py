@@ -797,3 +797,13 @@ def test_update_without_params_takes_narrower_gradients_and_names_a_wrong_gradie
     torch.testing.assert_close(update["w"], p.detach(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"expected gradients of the params' shapes, but they differ at w"):
         tx.update({"w": torch.ones(4)}, state)
+
+
+def test_a_moment_tree_of_another_structure_is_named_before_anything_else():
+    # state.nu's structure was never compared; with the merged leaf loop a short one also cut the gradients' checks
+    # short (a kernel's "Expected exp_avg_sqs.size() == n_tensors").
+    tx = fo.adam(0.1)
+    params = {"a": torch.zeros(3), "b": torch.zeros(4)}
+    state = tx.init(params)._replace(nu={"a": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"adam.update expected state.nu with the structure of the optimizer state.*b"):
+        fo.step(tx, {"a": torch.ones(3), "b": torch.ones(2)}, state, params)

@@ -177,6 +177,9 @@ def _optimizer(
             _raise_mismatch(name, ref, grads)
         if treedef != ref_def:
             _raise_mismatch(name, ref, params, what="params")
+        for f, (_, b_def) in zip(buffers[1:], bufs[1:]):  # (one loop below walks them all beside the params)
+            if b_def != ref_def:
+                _raise_mismatch(name, params, getattr(state, f), what=f"state.{f}")
         # The fused kernels do not check: a smaller gradient (or moment: params replaced since init) would be read
         # past its end. One pass over the leaves, the moments beside their param.
         for i, (x, q, *moments) in enumerate(zip(g, p, *[b[0] for b in bufs])):

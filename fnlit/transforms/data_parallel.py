@@ -219,6 +219,8 @@ _CHECKED: dict[int, weakref.ref[torch.Tensor]] = {}
 
 def _was_checked(state: TrainState) -> bool:
     first = next(iter(_tree.tree_leaves(state.params)), None)
+    if not isinstance(first, torch.Tensor):
+        return True  # no params: nothing to train apart
     ref = _CHECKED.get(id(first))
     return ref is not None and ref() is first
 
@@ -262,9 +264,9 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
             raise RuntimeError(_NOT_INITIALISED)
         if _level() is not None:  # under vmap: fnlit.ensemble(data_parallel(step))
             raise ValueError(WITH_ENSEMBLE.format(who="fnlit.data_parallel"))
-        if first_call[0]:  # (every rank alike: no collective, no read)
+        if first_call[0]:  # (every rank alike: no collective, no read; one rank cannot differ from itself)
             first_call[0] = False
-            if not _was_checked(state):
+            if dist.get_world_size(group) > 1 and not _was_checked(state):
                 warnings.warn(_UNCHECKED, stacklevel=2)
         with frame() as (f, outermost):
             f.dp_group = group if group is not None else dist.group.WORLD
