@@ -109,12 +109,19 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
     """The object ``torch.save`` writes: tensors by path plus the JSON header describing every leaf.
 
     Raises:
-        TypeError: if a leaf is neither a tensor nor a JSON value (int, float, bool, str).
+        TypeError: if a leaf is neither a tensor nor a JSON value (int, float, bool, str), or is a sparse,
+            meta or nested tensor.
     """
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
     for path, leaf in zip(paths, leaves):
         if isinstance(leaf, torch.Tensor):
+            if leaf.layout is not torch.strided or leaf.is_meta or leaf.is_nested:
+                kind = "meta" if leaf.is_meta else "nested" if leaf.is_nested else str(leaf.layout).removeprefix("torch.")
+                raise TypeError(
+                    f"fnlit.save stores dense tensors with data, got a {kind} tensor at {path}. Convert it "
+                    "(t.to_dense(), or materialise it on a real device) or keep it out of the state."
+                )
             t = tensors[path] = _compact(leaf)
             entries.append({"path": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "crc32": crc32(t)})
         elif isinstance(leaf, (bool, int, float, str)):

@@ -752,3 +752,15 @@ def test_position_tensors_under_colliding_key_names_and_a_state_key_starting_wit
     assert torch.equal(restored["@position_ids"], torch.arange(4)) and torch.equal(restored["w"], torch.ones(2))
     x = back["callbacks"]["X"]
     assert torch.equal(x["a.b"], torch.zeros(2)) and torch.equal(x["a"]["b"], torch.ones(2))
+
+
+@pytest.mark.parametrize("leaf, kind", [
+    (lambda: torch.ones(3).to_sparse(), "sparse_coo"),
+    (lambda: torch.ones(3, device="meta"), "meta"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged), "nested"),
+])
+def test_save_refuses_a_tensor_without_dense_data_naming_its_path(tmp_path, leaf, kind):
+    # torch's own errors ("Cannot access storage of SparseTensorImpl", "Cannot copy out of meta tensor") named nothing.
+    with pytest.raises(TypeError, match=rf"fnlit.save stores dense tensors with data, got a {kind} tensor at a\b"):
+        ckpt.save(tmp_path / "x.ckpt", {"a": leaf(), "w": torch.ones(2)})
+    assert not list(tmp_path.iterdir())  # nothing written
