@@ -33,6 +33,11 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; stale files are told by their pid alone
+    fcntl = None  # type: ignore[assignment]
 from . import tree as _tree
 from .tree import _describe
 
@@ -287,13 +292,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
         raise _failed(path, e) from e
     try:
         try:
+            _hold(fd)  # held until the rename: another process's cleanup sees a live write (remove_stale_temps)
             writer = _FdWriter(fd)
             write(writer)
             writer.flush()
             os.fsync(fd)
+            os.replace(tmp, path)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception):
@@ -311,13 +317,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
     tmp = _temp_name(dst)
     try:
         try:
-            os.link(src, tmp)
+            os.link(src, tmp)  # (an unlocked link lives microseconds, and its pid is alive: never stale)
         except OSError:
             with open(src, "rb") as f_in, open(tmp, "xb") as f_out:
+                _hold(f_out.fileno())
                 shutil.copyfileobj(f_in, f_out, 1 << 24)
                 f_out.flush()
                 os.fsync(f_out.fileno())
-        os.replace(tmp, dst)
+                os.replace(tmp, dst)
+        else:
+            os.replace(tmp, dst)
         fsync_dir(dst.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -336,14 +345,49 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _hold(fd: int) -> None:
+    """Locks the temporary file ``fd`` writes (flock: released when it is closed, or its process dies)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: the pid rule alone (see remove_stale_temps)
+            pass
+
+
+_STALE_AFTER = 600.0  # seconds: an unlocked temporary file untouched that long is a leak whatever its pid says
+
+
 def remove_stale_temps(directory: Path) -> list[Path]:
-    """Removes temporary files left in ``directory`` by writers that died (their pid is gone)."""
+    """Removes temporary files left in ``directory`` by writers that died.
+
+    A file a writer holds (its flock, see :func:`atomic_write`) is never removed, whatever process or host
+    wrote it. An unlocked one is removed when its pid is gone, or when it is older than 10 minutes (its pid
+    reused: a container restarted with the same pid, a writer on another machine).
+    """
     removed = []
     for p in directory.iterdir() if directory.is_dir() else ():
         m = _TEMP.match(p.name)
-        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+        if not m:
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:  # gone meanwhile (renamed into place)
+            continue
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live write
+                except OSError:
+                    pass  # no locks on this filesystem
+            pid = int(m["pid"])
+            dead = pid != os.getpid() and not _alive(pid)
+            if dead or time.time() - os.fstat(fd).st_mtime > _STALE_AFTER:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        finally:
+            os.close(fd)
     return removed
 
 

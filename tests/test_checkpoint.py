@@ -764,3 +764,30 @@ def test_save_refuses_a_tensor_without_dense_data_naming_its_path(tmp_path, leaf
     with pytest.raises(TypeError, match=rf"fnlit.save stores dense tensors with data, got a {kind} tensor at a\b"):
         ckpt.save(tmp_path / "x.ckpt", {"a": leaf(), "w": torch.ones(2)})
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_stale_temporaries_are_told_by_their_lock_and_age_not_only_their_pid(tmp_path):
+    # By pid alone: a temp of a live write in another pid namespace (or host) looked dead and was removed (even by
+    # best_path), and a temp whose pid was reused (a container restarted with the same pid) leaked forever.
+    import fcntl
+    import time as _time
+
+    from fnlit._checkpoint_io import remove_stale_temps
+
+    live = tmp_path / ".step=00000009.ckpt.tmp-999999-0badf00d"  # pid 999999: gone here
+    live.write_bytes(b"partial")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as atomic_write holds its temporary file while writing
+        assert remove_stale_temps(tmp_path) == [] and live.exists()
+        ckpt.Checkpointer(tmp_path, monitor="val/loss").best_path  # reading a folder never removes a live write
+        assert live.exists()
+    finally:
+        os.close(fd)
+    assert remove_stale_temps(tmp_path) == [live]  # released, its writer gone: stale
+    leaked = tmp_path / f".step=00000002.ckpt.tmp-{os.getpid()}-deadbeef"  # our own pid, reused
+    leaked.write_bytes(b"x" * 10)
+    assert remove_stale_temps(tmp_path) == []  # fresh: maybe a write of ours about to be locked
+    old = _time.time() - 11 * 60
+    os.utime(leaked, (old, old))
+    assert remove_stale_temps(tmp_path) == [leaked]
