@@ -297,9 +297,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
             write(writer)
             writer.flush()
             os.fsync(fd)
-            os.replace(tmp, path)
+            if fcntl is not None:  # (where there is no flock, Windows, an open file cannot be renamed: closed first)
+                os.replace(tmp, path)
         finally:
             os.close(fd)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception):
@@ -317,7 +320,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
     tmp = _temp_name(dst)
     try:
         try:
-            os.link(src, tmp)  # (an unlocked link lives microseconds, and its pid is alive: never stale)
+            os.link(src, tmp)  # (unlocked for the microseconds until the rename)
         except OSError:
             with open(src, "rb") as f_in, open(tmp, "xb") as f_out:
                 _hold(f_out.fileno())
@@ -375,8 +378,8 @@ def remove_stale_temps(directory: Path) -> list[Path]:
             continue
         try:
             if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:  # (shared: it conflicts with the writer's exclusive lock, and works on a read-only fd on NFS)
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live write
                 except OSError:

@@ -791,3 +791,22 @@ def test_stale_temporaries_are_told_by_their_lock_and_age_not_only_their_pid(tmp
     old = _time.time() - 11 * 60
     os.utime(leaked, (old, old))
     assert remove_stale_temps(tmp_path) == [leaked]
+
+
+def test_a_save_in_progress_survives_another_processs_cleanup_even_when_its_pid_looks_dead(tmp_path, monkeypatch):
+    # The writer holds its temporary file locked until the rename: a scan from another process (another pid
+    # namespace, where the writer's pid looks dead) must leave it, and the save must succeed.
+    import fnlit._checkpoint_io as io
+
+    monkeypatch.setattr(io, "_temp_name", lambda path: path.with_name(f".{path.name}.tmp-999999-0badf00d"))
+    scan = "from pathlib import Path; from fnlit._checkpoint_io import remove_stale_temps; print(len(remove_stale_temps(Path(%r))))"
+    scanned = []
+
+    def write(f):
+        f.write(b"first half ")
+        done = subprocess.run([sys.executable, "-c", scan % str(tmp_path)], capture_output=True, text=True, timeout=120)
+        scanned.append(done.stdout.strip() or done.stderr[-300:])
+        f.write(b"second half")
+
+    path = io.atomic_write(tmp_path / "x.ckpt", write)
+    assert scanned == ["0"] and path.read_bytes() == b"first half second half"
