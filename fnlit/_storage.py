@@ -50,6 +50,17 @@ def _calibrate(groups: Iterable[Iterable[object]]) -> int:
 _REFS = _calibrate([[object()]])
 
 
+def address(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage: 0 for an empty one, or a tensor without a plain storage (a subclass such
+    as DTensor, a sparse tensor). A view, ``detach()`` or ``.data`` of it has the same address."""
+    if type(t) is not torch.Tensor:
+        return 0
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 def alone(t: torch.Tensor) -> bool:
     """Whether nothing but ``t`` uses its storage: no view, ``detach()`` or ``.data`` of it, no other tensor.
 

@@ -300,20 +300,23 @@ def launch(
     return [results[r] for r in range(nprocs)]
 
 
+def _join_all(procs: list[Any], seconds: float) -> None:
+    """Waits for every process to exit, ``seconds`` in all (not each)."""
+    end = time.monotonic() + seconds
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+
+
 def _stop(procs: list[Any], finished: bool, grace: float = 5.0) -> None:
     """Ends the ranks as torchrun's agent does: those that finished get ``grace`` seconds to exit on their own;
     the rest SIGTERM all at once, ``grace`` seconds together, then SIGKILL (fit's SIGTERM handler only asks the
     loop to stop, and a rank blocked in a collective never runs it)."""
     if finished:
-        end = time.monotonic() + grace
-        for p in procs:
-            p.join(timeout=max(0.0, end - time.monotonic()))
+        _join_all(procs, grace)
     for p in procs:
         if p.is_alive():
             p.terminate()
-    end = time.monotonic() + grace
-    for p in procs:
-        p.join(timeout=max(0.0, end - time.monotonic()))
+    _join_all(procs, grace)
     for p in procs:
         if p.is_alive():
             p.kill()

@@ -42,7 +42,7 @@ from ._types import Batch, Metrics, Params, StepFn
 from .data import batch_size_of
 from .functional import value_and_grad
 from .optim import GradientTransformation
-from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE
+from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE, collective_of
 from .transforms._frame import current as _current_frame
 from .optim import step as _opt_step
 from .state import TrainState
@@ -316,11 +316,9 @@ class EnsembleStep:
     """
 
     def __init__(self, step: StepFn, n: int, in_dims: Any, randomness: str, compile: bool) -> None:
-        inner: Any = step
-        while inner is not None:  # fnlit.ensemble(fnlit.data_parallel(...)): refused here, before any vmap or compile
-            if getattr(inner, "collective", None):
-                raise ValueError(WITH_ENSEMBLE.format(who=inner.collective))
-            inner = getattr(inner, "__wrapped__", None)
+        inner = collective_of(step)  # fnlit.ensemble(fnlit.data_parallel(...)): refused here, before any vmap or compile
+        if inner is not None:
+            raise ValueError(WITH_ENSEMBLE.format(who=inner.collective))
         self.step, self.n, self.in_dims, self.randomness, self.compiled = step, n, in_dims, randomness, compile
         self.vmapped = torch.func.vmap(step, in_dims=(0, in_dims), randomness=randomness)
         if compile:

@@ -15,6 +15,7 @@ import torch.utils._pytree as torch_pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import _storage
 from . import random as _random
 from . import tree as _tree
 from ._checkpoint_io import _dtensor_class
@@ -337,7 +338,7 @@ def apply(
             out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
         else:
             if probes:  # the first forward: which copies do ops write (by their schemas, not by comparing values)
-                with _WriteRecorder({_storage_of(c) for _, c in probes} - {0}) as recorder:
+                with _WriteRecorder({_storage.address(c) for _, c in probes} - {0}) as recorder:
                     out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
                 written = recorder.written
             else:
@@ -357,7 +358,7 @@ def apply(
         # on every rank whatever its data, and NaN-safe.
         silent = frozenset(
             n for n, copied in probes
-            if not copied._version and _storage_of(copied) in written and new_buffers[n] is copied and n not in slots.copied
+            if not copied._version and _storage.address(copied) in written and new_buffers[n] is copied and n not in slots.copied
         )
         slots.silent = slots.silent | silent
         if probe:
@@ -556,14 +557,6 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 _BATCH_NORMS = frozenset(("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"))
 
 
-def _storage_of(t: torch.Tensor) -> int:
-    """The address of ``t``'s storage (0 without a plain one): a write through ``.data`` or a view reaches it."""
-    try:
-        return t.untyped_storage().data_ptr() if type(t) is torch.Tensor else 0
-    except (RuntimeError, NotImplementedError):
-        return 0
-
-
 class _WriteRecorder(TorchDispatchMode):
     """Records which of the watched storages (the probe's fresh copies) ops write in place: by their schemas'
     ``Tensor(a!)``, and the running statistics of the batch-norm kernels whose schemas do not say so. By storage,
@@ -584,7 +577,7 @@ class _WriteRecorder(TorchDispatchMode):
             written += [args[3], args[4]]
         for value in written:
             for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, torch.Tensor) and (ptr := _storage_of(t)) in self.watched:
+                if isinstance(t, torch.Tensor) and (ptr := _storage.address(t)) in self.watched:
                     self.written.add(ptr)
         return func(*args, **kwargs)
 

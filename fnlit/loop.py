@@ -32,6 +32,7 @@ from .state import TrainState
 from .summary import (
     Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, scalar_metric, unique_names,
 )
+from .transforms._frame import collective_of
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -338,16 +339,6 @@ _OUT_OF_STEP = (
     "gradient all-reduce). Did the ranks get different numbers of batches? Give every rank as many batches per "
     "epoch: fnlit.data.ArrayLoader and DistributedSampler(drop_last=True) do."
 )
-
-
-def _data_parallel_of(step: Any) -> Any:
-    """The fnlit.data_parallel step inside ``step``'s transforms (following ``__wrapped__``), or None."""
-    inner = step
-    while inner is not None:
-        if getattr(inner, "collective", None) == "fnlit.data_parallel":
-            return inner
-        inner = getattr(inner, "__wrapped__", None)
-    return None
 
 
 def _same_batches(n: int | None, device: torch.device) -> None:
@@ -687,8 +678,8 @@ def fit(
     voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
         _same_batches(n_batches, state.device)
-        dp = _data_parallel_of(step)
-        if dp is not None:  # every rank must start from the same state (DDP broadcasts rank 0's; fnlit checks)
+        dp = collective_of(step)
+        if dp is not None and dp.collective == "fnlit.data_parallel":  # every rank must start from the same state
             _dist.check_same_state(state, getattr(dp, "group", None))
 
     def halting() -> bool:  # a signal came, or a callback asked to stop and min_epochs are done

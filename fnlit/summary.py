@@ -78,21 +78,16 @@ def _hparam_value(v: Any) -> bool | int | float | str:
     return str(v)
 
 
-def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """``hparams`` as loggers take them: nested mappings flattened to ``outer/inner`` keys (as Lightning's
-    loggers do), numpy scalars and 0-d tensors as numbers, anything else as its ``str``.
+def flat_hparams(hparams: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """``hparams`` as loggers take them: nested mappings flattened to ``outer/inner`` keys (as fit names nested
+    metrics, and Lightning's loggers hyperparameters), numpy scalars and 0-d tensors as numbers, anything else as
+    its ``str``.
 
     Example:
         >>> flat_hparams({"lr": np.float32(0.5), "optim": {"name": "adam", "b1": 0.9}})
         {'lr': 0.5, 'optim/name': 'adam', 'optim/b1': 0.9}
     """
-    out: dict[str, bool | int | float | str] = {}
-    for k, v in hparams.items():
-        if isinstance(v, Mapping):
-            out.update(flat_hparams(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = _hparam_value(v)
-    return out
+    return {k: _hparam_value(v) for k, v in flat_metrics(hparams).items()}
 
 
 class TensorBoardWriter:

@@ -477,6 +477,17 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
     raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
 
 
+def collective_of(step: Any) -> Any:
+    """The step among ``step`` and the steps it wraps (``__wrapped__``: fnlit's transforms set it) that runs
+    collectives (``fnlit.data_parallel``, ``fnlit.shard``: its ``collective`` names it), or None."""
+    inner = step
+    while inner is not None:
+        if getattr(inner, "collective", None):
+            return inner
+        inner = getattr(inner, "__wrapped__", None)
+    return None
+
+
 def _rider(t: torch.Tensor, wide: bool) -> torch.Tensor:
     """A scalar riding with the gradients' all-reduce: float32; float64 as it is where float64 gradients make a
     bucket it shares (a float64 model's loss keeps its digits; a float32 model's float64 metric rides in float32

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.utils._pytree as torch_pytree
 
+from .. import _storage
 from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
@@ -570,9 +571,10 @@ def _check_unaliased(state: TrainState) -> None:
     paths, leaves, _ = _tree.tree_flatten_with_path(state)
     spans: dict[int, list[tuple[int, int, str]]] = {}  # storage -> the byte ranges seen on it, with their paths
     for path, t in zip(paths, leaves):
-        if type(t) is not torch.Tensor or t.layout is not torch.strided or not t.numel() or t.device.type == "meta":
+        ptr = _storage.address(t) if isinstance(t, torch.Tensor) and t.numel() else 0
+        if not ptr:  # no plain storage (a DTensor, a sparse or empty tensor): nothing to overlap
             continue
-        ptr, (lo, hi) = t.untyped_storage().data_ptr(), _byte_range(t)
+        lo, hi = _byte_range(t)
         other = next((q for a, b, q in spans.get(ptr, ()) if a < hi and lo < b), None)
         if other is not None:
             raise ValueError(

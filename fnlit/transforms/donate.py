@@ -138,16 +138,6 @@ _INSIDE = (
 )
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    """The address of ``t``'s storage (0 for an empty one, or a tensor without a plain storage)."""
-    if type(t) is not torch.Tensor:  # tensor subclasses (DTensor, ...): compared by identity only
-        return 0
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # sparse or other layouts without one storage
-        return 0
-
-
 def _tensors(tree: Any) -> list[torch.Tensor]:
     """The tensors of ``tree``, in leaf order."""
     if isinstance(tree, torch.Tensor):
@@ -171,13 +161,13 @@ def _first_alias(trees: list[Any], updated: list[torch.Tensor], placed: bool) ->
     outputs), so any tensor sharing memory with one is an alias. Otherwise each may appear once, as
     itself; a second occurrence, or any other tensor sharing its storage (a view, ``detach()``), is an alias.
     """
-    storages = {_storage_key(t) for t in updated}
+    storages = {_storage.address(t) for t in updated}
     storages.discard(0)
     ids = {id(t) for t in updated}
     seen: set[int] = set()
     for i, tree in enumerate(trees):
         for j, x in enumerate(_tensors(tree)):
-            if id(x) not in ids and _storage_key(x) not in storages:
+            if id(x) not in ids and _storage.address(x) not in storages:
                 continue
             if not placed and id(x) in ids and id(x) not in seen:
                 seen.add(id(x))
