@@ -42,6 +42,8 @@ def batches(n: int, size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.
 
 def fnlit_runner(model: nn.Module, wrap, donate: bool = False):
     box = [fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)]
+    if fnlit.distributed.world_size() > 1:
+        fnlit.distributed.check_same_state(box[0])  # once, before the first step, as fit does
     step = wrap(fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1])))
     if donate:
         step = fnlit.donating(step)  # opt-in: the update writes into the incoming state (no copies)
