@@ -8,6 +8,7 @@ buffers (:func:`alone`); donation's alias check also asks :func:`alone`. Relies 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -82,3 +83,24 @@ def _alone_count() -> int:
 
 
 _ALONE = _alone_count()
+
+
+class Marks:
+    """Tensors marked by identity, weakly: a mark leaves with its tensor.
+
+    By ``id``, not a ``WeakSet`` (which compares tensors with ``==``); a plain dict, not a
+    ``WeakKeyDictionary`` (whose lookups build a weak reference in Python, on a per-step path).
+    """
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        key, refs = id(t), self._refs
+        refs[key] = weakref.ref(t, lambda _, key=key: refs.pop(key, None))
+
+    def __contains__(self, t: object) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t

@@ -85,8 +85,8 @@ class _Slots:
 
 # The first forward's copies of buffers whose version counter did not move: data_parallel treats them as
 # unchanged (as the caller's own tensors would be), so a constant buffer is not averaged across ranks
-# (inexact for 3 ranks) at step 1. By id, weakly (a WeakSet would compare tensors with ==): a copy leaves with its tensor.
-_PROBE_COPIES: dict[int, weakref.ref[torch.Tensor]] = {}
+# (inexact for 3 ranks) at step 1.
+_PROBE_COPIES = _storage.Marks()
 
 
 # The buffers of the last eager training forward that updated some of them (BatchNorm statistics), and
@@ -97,8 +97,7 @@ _UPDATED_FROM: ContextVar[tuple[Mapping[str, Any], list[str]] | None] = ContextV
 
 def untouched_probe_copy(t: torch.Tensor) -> bool:
     """Whether ``t`` is a first forward's copy of a buffer that nothing has written (by its version)."""
-    ref = _PROBE_COPIES.get(id(t))
-    return ref is not None and ref() is t and t._version == 0
+    return t in _PROBE_COPIES and t._version == 0
 
 
 def _warn_renormed(renormed: list[str]) -> None:
@@ -369,8 +368,7 @@ def apply(
             slots.eval_probed, learned = True, slots.eval_copied
         for n, copied in probes:  # no version moved: data_parallel need not average them (see _PROBE_COPIES)
             if not copied._version and new_buffers[n] is copied and n not in learned:  # (BN's kernel moves none)
-                key = id(copied)
-                _PROBE_COPIES[key] = weakref.ref(copied, lambda _, key=key: _PROBE_COPIES.pop(key, None))
+                _PROBE_COPIES.add(copied)
     changed = [n for n, t, version in watched if t._version != version]
     if changed:
         _learn_updated(module, slots, changed, train)

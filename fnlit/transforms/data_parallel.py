@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -209,20 +208,19 @@ def check_same_state(state: TrainState, group: Any = None) -> None:
         what = ("their sizes", "their dtypes", "their shapes", "their values")[i % 4]
         raise ValueError(_DIFFERENT_STATES.format(what=what, path=paths[i // 4]))
     if isinstance(first, torch.Tensor):  # a data-parallel step's first call finds it checked (see data_parallel)
-        _CHECKED[id(first)] = weakref.ref(first, lambda _, key=id(first): _CHECKED.pop(key, None))
+        _CHECKED.add(first)
 
 
 # The first param of each state check_same_state passed, by id, weakly: a data-parallel step whose first state
 # was not checked (a loop of one's own, a step fit cannot see inside) warns once, with no collective.
-_CHECKED: dict[int, weakref.ref[torch.Tensor]] = {}
+_CHECKED = _storage.Marks()
 
 
 def _was_checked(state: TrainState) -> bool:
     first = next(iter(_tree.tree_leaves(state.params)), None)
     if not isinstance(first, torch.Tensor):
         return True  # no params: nothing to train apart
-    ref = _CHECKED.get(id(first))
-    return ref is not None and ref() is first
+    return first in _CHECKED
 
 
 def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) -> StepFn:
