@@ -87,7 +87,7 @@ def flat_hparams(hparams: Mapping[str, Any]) -> dict[str, bool | int | float | s
         >>> flat_hparams({"lr": np.float32(0.5), "optim": {"name": "adam", "b1": 0.9}})
         {'lr': 0.5, 'optim/name': 'adam', 'optim/b1': 0.9}
     """
-    return {k: _hparam_value(v) for k, v in flat_metrics(hparams).items()}
+    return {k: _hparam_value(v) for k, v in flat_metrics(hparams, "hyperparameters").items()}
 
 
 class TensorBoardWriter:
@@ -652,11 +652,11 @@ def _nothing(n: int = 1) -> None:
     """A disabled bar's ``update``."""
 
 
-def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
+def flat_metrics(metrics: Mapping[Any, Any], what: str = "metrics") -> dict[str, Any]:
     """Nested dicts of metrics flattened into ``"outer/inner"`` names, as fit logs them.
 
     Raises:
-        ValueError: if two metrics get one name (``{"a/b": 1, "a": {"b": 2}}``).
+        ValueError: if two metrics get one name (``{"a/b": 1, "a": {"b": 2}}``); ``what`` names them in the message.
 
     Example:
         >>> flat_metrics({"loss": 1.0, "parts": {"ce": 0.75, "reg": 0.25}})
@@ -664,11 +664,11 @@ def flat_metrics(metrics: Mapping[Any, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        items = [(f"{k}/{inner}", x) for inner, x in flat_metrics(v).items()] if isinstance(v, Mapping) else [(k, v)]
+        items = [(f"{k}/{inner}", x) for inner, x in flat_metrics(v, what).items()] if isinstance(v, Mapping) else [(k, v)]
         for name, x in items:
             if name in out:
                 raise ValueError(
-                    f"Two metrics are both named {name!r} once nested dicts are flattened into 'outer/inner' names: "
+                    f"Two {what} are both named {name!r} once nested dicts are flattened into 'outer/inner' names: "
                     "rename one of them."
                 )
             out[name] = x

@@ -479,6 +479,13 @@ def test_flattened_metric_names_that_collide_are_an_error():
     assert flat_metrics({"a": {"b": 1.0}, "a/c": 2.0}) == {"a/b": 1.0, "a/c": 2.0}
 
 
+def test_flattened_hyperparameter_names_that_collide_are_named_as_hyperparameters():
+    from fnlit.summary import flat_hparams
+
+    with pytest.raises(ValueError, match="Two hyperparameters are both named 'optim/lr'"):
+        flat_hparams({"optim/lr": 0.1, "optim": {"lr": 0.2}})
+
+
 def test_an_ensemble_metric_beside_one_named_as_its_member_is_an_error():
     model, tx = torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1)
     state = fnlit.stack_states([fnlit.TrainState.create(model, tx, seed=i) for i in range(2)])
