@@ -38,6 +38,7 @@ from torch import nn
 
 from . import random as _random
 from . import tree as _tree
+from ._checkpoint_io import _real
 from ._types import Batch, Metrics, Params, StepFn
 from .data import batch_size_of
 from .functional import value_and_grad
@@ -85,12 +86,27 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                 "states[0].tx. Create all members with the same tx; per-member learning rates and weight decay "
                 "live in opt_state (fnlit.ensemble_states(..., learning_rate=[...]) sets them)."
             )
+    states = [_numbers_as_tensors(s) for s in states]
+    first = states[0]
+    for i, s in enumerate(states):
         where = _tree.first_mismatch(first, s)
         if where is None:
             where = next((f"at {p}: dtype {a.dtype} vs {b.dtype}" for p, a, b in _pairs(first, s) if a.dtype != b.dtype), None)
         if where is not None:
             raise ValueError(f"stack_states: states[{i}] differs from states[0] {where}. Members must be the same model.")
     return _tree.tree_map(lambda *xs: torch.stack(xs), *states)
+
+
+def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
+    """``state`` with its Python numbers (a hyperparameter assigned as one: optax's idiom) as the float32 tensors the
+    optimizer reads them as: 0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
+    leaves, spec = _tree.tree_flatten(state)
+    if not any(_real(x) for x in leaves):
+        return state
+    shape = () if n is None else (n,)
+    return _tree.tree_unflatten(
+        spec, [torch.full(shape, float(x), dtype=torch.float32, device=state.device) if _real(x) else x for x in leaves]
+    )
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -131,7 +147,7 @@ def unstack_state(stacked: TrainState, i: int) -> TrainState:
         raise TypeError(f"unstack_state expected an int member index, got {type(i).__name__} {i!r} instead.") from None
     if not -n <= i < n:
         raise IndexError(f"unstack_state got member index {i}, but the ensemble has {n} members (0..{n - 1}).")
-    return _tree.tree_map(lambda t: t[i].clone(), stacked)
+    return _tree.tree_map(lambda t: t[i].clone() if isinstance(t, torch.Tensor) else t, stacked)  # a number: every member's
 
 
 # ------------------------------------------------------------------------------ building sweeps
@@ -340,13 +356,16 @@ class EnsembleStep:
                 "dimension 0, which holds the members here, not the examples. Put accumulate inside: "
                 f"fnlit.ensemble(fnlit.accumulate(step, k), n, in_dims={self.in_dims!r}) (each member splits its own batch)."
             )
-        if self.in_dims == 0:  # every batch leaf is stacked over the members
-            for leaf in _tree.tree_leaves(batch):
-                if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != self.n):
+        if self.in_dims is not None:  # the batch's leaves stacked over the members, along their in_dims
+            tensors = [t for t in torch_pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+            for leaf, dim in zip(tensors, self._member_dims(batch)):
+                if dim is not None and (leaf.dim() == 0 or leaf.shape[dim] != self.n):
                     raise ValueError(
-                        f"fnlit.ensemble(step, n={self.n}, in_dims=0) expected every tensor of the batch stacked over "
-                        f"the {self.n} members (leading dimension {self.n}), got one of shape {tuple(leaf.shape)}."
+                        f"fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) expected the batch's tensors stacked "
+                        f"over the {self.n} members (size {self.n} along their member dimension), got one of shape "
+                        f"{tuple(leaf.shape)}" + (f" (member dimension {dim})." if leaf.dim() else ".")
                     )
+        state = _numbers_as_tensors(state, self.n)  # vmap maps tensors only
         if frame is not None and frame.scaler is not None:
             raise ValueError(
                 "float16 fnlit.amp with fnlit.ensemble needs each member's own loss scale, but a transform around the "

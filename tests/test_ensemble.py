@@ -389,8 +389,38 @@ def test_float16_amp_members_follow_their_own_loss_scale_as_alone():
 def test_a_batch_not_stacked_over_the_members_names_n():
     stacked = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1, 2])
     x, y = batch()
-    with pytest.raises(ValueError, match=r"n=3, in_dims=0\) expected every tensor of the batch stacked over the 3 members.*\(2, 16, 8\)"):
+    with pytest.raises(ValueError, match=r"n=3, in_dims=0\) expected the batch's tensors stacked over the 3 members.*\(2, 16, 8\)"):
         ensemble(hand_step(mlp()), 3, in_dims=0)(stacked, (torch.stack([x, x]), torch.stack([y, y, y])))
+    # Any in_dims prefix: the inputs stacked along dimension 1, one of them over 2 members (vmap named no members).
+    with pytest.raises(ValueError, match=r"in_dims=\(1, None\)\) expected .* 3 members .*\(16, 2, 8\) \(member dimension 1\)"):
+        ensemble(hand_step(mlp()), 3, in_dims=(1, None))(stacked, (torch.stack([x, x], 1), y))
+
+
+def test_numbers_assigned_as_hyperparameters_stack_and_step_as_their_tensors():
+    # optax's idiom, hyperparams["learning_rate"] = 0.05, on members before stacking and on a stacked state:
+    # stack_states raised AttributeError ('float' has no dtype), the ensemble step vmap's in_dim error.
+    tx = fnlit.optim.sgd(0.1, momentum=0.9)
+
+    def with_lr(state, lr):
+        return state.replace(opt_state=state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr}))
+
+    members = [with_lr(fnlit.TrainState.create(mlp(), tx, seed=i), lr) for i, lr in enumerate((0.05, 0.07))]
+    step, data = hand_step(mlp()), batch()
+    stacked = stack_states(members)
+    assert stacked.opt_state.hyperparams["learning_rate"].tolist() == pytest.approx([0.05, 0.07])
+    stacked, _ = ensemble(step, 2)(stacked, data)
+    for i, member in enumerate(members):  # the reference: each member alone, where the number works already
+        alone, _ = step(member, data)
+        assert_trees_close(unstack_state(stacked, i).params, alone.params, rtol=1e-5, atol=1e-6)
+    # One number for every member of a stacked state: each steps with it, and the next state holds (n,) tensors.
+    plain = [fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(2)]
+    same = with_lr(stack_states(plain), 0.01)
+    assert unstack_state(same, 1).opt_state.hyperparams["learning_rate"] == 0.01
+    after, _ = ensemble(step, 2)(same, data)
+    assert after.opt_state.hyperparams["learning_rate"].tolist() == pytest.approx([0.01, 0.01])
+    for i, member in enumerate(plain):
+        alone, _ = step(with_lr(member, 0.01), data)
+        assert_trees_close(unstack_state(after, i).params, alone.params, rtol=1e-5, atol=1e-6)
 
 
 def test_unstack_state_refuses_an_index_that_is_not_an_int():
