@@ -90,6 +90,16 @@ def flat_hparams(hparams: Mapping[str, Any]) -> dict[str, bool | int | float | s
     return {k: _hparam_value(v) for k, v in flat_metrics(hparams, "hyperparameters").items()}
 
 
+def _event_file_stamps(log_dir: str) -> list[int]:
+    """The time stamps in the names of the TensorBoard event files in ``log_dir``."""
+    stamps = []
+    for name in os.listdir(log_dir):
+        parts = name.split(".")
+        if name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    return stamps
+
+
 class TensorBoardWriter:
     """Scalars and hyperparameters in a TensorBoard event file (tensorboardX's protocol buffers).
 
@@ -135,9 +145,11 @@ class TensorBoardWriter:
         if _dist.is_main():
             os.makedirs(self.log_dir, exist_ok=True)
             number = next(TensorBoardWriter._opened)  # atomic: writers made in two threads get two numbers
-            # the number zero-padded: TensorBoard reads a folder's files in name order, so a resumed run's
-            # file (and its purge marker) comes after the interrupted run's, also within one second
-            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{number:06d}"
+            # TensorBoard reads a folder's files in name order: a resumed run's file (and its purge marker) must
+            # come after the interrupted run's, also within one second, from another process (pid 10000 sorts
+            # before 9999) or host: its time stamp is past every one in the folder.
+            stamp = max([int(time.time())] + [t + 1 for t in _event_file_stamps(self.log_dir)])
+            name = f"events.out.tfevents.{stamp}.{socket.gethostname()}.{os.getpid()}.{number:06d}"
             self.path = os.path.join(self.log_dir, name)
             self._file = open(self.path, "wb")
             self._write(time.time(), file_version="brain.Event:2")

@@ -471,6 +471,23 @@ def test_tensorboard_reads_one_processes_event_files_in_the_order_they_were_made
     assert sorted(made) == made
 
 
+def test_tensorboard_reads_event_files_of_processes_in_the_order_they_were_made(tmp_path, monkeypatch):
+    # A job resumed by a new process within the same second (a quick restart): its file was named by the
+    # pid after the time stamp, and pid 10000 sorts before 9999, so TensorBoard read the purge marker first
+    # and the interrupted run's later steps after it, showing them twice. Also a restart on another host.
+    import socket
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    made = []
+    for pid, host in ((9999, "b"), (10000, "b"), (20000, "a")):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        w = TensorBoardWriter(tmp_path)
+        made.append(os.path.basename(w.path))
+        w.close()
+    assert sorted(os.listdir(tmp_path)) == made
+
+
 def test_flattened_metric_names_that_collide_are_an_error():
     from fnlit.summary import flat_metrics
 
