@@ -284,11 +284,12 @@ def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
 
 
 def _where(position: Position | None) -> tuple[Any, ...] | None:
-    """Where in the data a position stands: its epoch, batch, whether that batch's epoch-end validation ran, and
-    whether metrics wait to be logged (a step saved before its run's last log row holds them; after it, none)."""
+    """Where in the data a position stands: its epoch, batch, whether that batch's epoch-end validation ran, whether
+    metrics wait to be logged, and whether a finished run's last row logged them (a step saved before that row)."""
     if not position:
         return None
-    return (position.get("epoch"), position.get("batch"), bool(position.get("validated")), bool(position.get("log_pending")))
+    return (position.get("epoch"), position.get("batch"), bool(position.get("validated")), bool(position.get("log_pending")),
+            position.get("log_tail") is not None)
 
 class Checkpointer:
     """Saves checkpoints during :func:`fnlit.fit` and finds the one to resume from.

@@ -531,7 +531,9 @@ def fit(
         num_sanity_val_steps: validation batches run before training, to fail fast (-1: all).
         log_every_n_steps: log (and read metrics back from the device) every N steps, and at the end: the training
             metrics' means over the interval. A run interrupted (Ctrl-C, SIGTERM) with a checkpoint saves its unfinished
-            interval's metrics with it instead of logging them: the resumed run logs the interval whole.
+            interval's metrics with it instead of logging them: the resumed run logs the interval whole. A run that
+            finishes between rows logs its last, partial interval and keeps it in its last checkpoint: continued to
+            larger limits (``ckpt_path``), it drops that row and logs the interval whole, as one longer run does.
         callbacks: objects with hooks (see :mod:`fnlit.callbacks`).
         log_dir: write TensorBoard event files and ``metrics.csv`` there (default: no files, unlike
             Lightning's implicit ``lightning_logs/``: where logs go is an explicit choice). Training rows
@@ -658,11 +660,20 @@ def fit(
     # (from the step itself when a second Ctrl-C cut that step's logging off, maybe after some writer had its row:
     # the resumed run logs it again)
     log_cut = bool(position.get("log_cut")) and bool(pending)
-    purge_from = _first(state.step) + (0 if log_cut else 1)
+    # A run that finished with a partial log interval logged it as its last row, and saved it as pending with the
+    # rows it had logged at that step before it (a validation's): a continuation drops that step's rows, logs those
+    # again, and the interval's mean whole at its end, as one run to the larger limits did.
+    tail = position.get("log_tail") if pending else None
+    purge_from = _first(state.step) + (0 if log_cut or tail is not None else 1)
     owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
         Logger(loggers).purge(purge_from)
+    # the validation rows logged at the last step so far: (step, rows); kept in a finished run's exit position
+    logged_at: tuple[int, list[dict[str, float]]] = (_first(state.step), [{k: float(v) for k, v in row.items()} for row in tail or ()])
+    if logger is not None:
+        for row in logged_at[1]:
+            logger.log_metrics(row, logged_at[0])
     if logger is not None and hparams:
         logger.log_hparams(hparams)
     log = MetricBuffer(prefixes, hooks.on_log())
@@ -717,7 +728,7 @@ def fit(
     passes = 0  # validations run: a one-shot iterator has data for one
 
     def validate(epoch_end: bool = False) -> None:
-        nonlocal validating, passes
+        nonlocal validating, passes, logged_at
         passes += 1
         if passes > 1 and isinstance(val_data, Iterator):  # (the first pass used it up: this one would see nothing)
             raise TypeError(_ONE_SHOT_VAL.format(kind=type(val_data).__name__) + ".")
@@ -729,6 +740,7 @@ def fit(
         if logger is not None:  # validation is rare and its metrics are what people watch: write them now
             logger.log_metrics(metrics, steps)
             logger.flush()
+        logged_at = (steps, [*(logged_at[1] if logged_at[0] == steps else ()), metrics])
         hooks("on_validation", state, metrics)
         validating = (epoch_end, None)  # the callbacks have counted it (EarlyStopping): a resume must not redo it
         if checkpoint is not None:
@@ -870,18 +882,23 @@ def fit(
             signals.reason = signals.reason or reason
         carried = checkpoint is not None and reason in ("sigint", "sigterm")
         exit_pending = list(log.pending) if carried else []
+        ended: Position = {}  # a last, partial interval logged: the exit position keeps it for a continuation
         if log.pending and not carried:
+            if checkpoint is not None:
+                exit_pending = list(log.pending)
+                ended = {"log_tail": [{k: torch.tensor(v, dtype=torch.float64) for k, v in row.items()}  # (exact; NaN too)
+                                      for row in (logged_at[1] if logged_at[0] == steps else ())]}
             try:
                 log_now(epoch - 1 if b == 0 and epoch > 0 else epoch)
             except KeyboardInterrupt:  # a second Ctrl-C during the last row: saved as anywhere else, not lost
                 if checkpoint is None:
                     raise
-                signals.reason, exit_pending = "sigint", list(log.pending)
+                signals.reason, exit_pending, ended = "sigint", list(log.pending), {}
         try:
             hooks("on_fit_end", state, dict(log.latest))
         finally:  # a callback failing at the end must not cost the run its last checkpoint (a preemption's save)
             if checkpoint is not None:
-                _exit_save(checkpoint, state, {**where(epoch, b, exit_pending), **({"log_cut": True} if cut else {})},
+                _exit_save(checkpoint, state, {**where(epoch, b, exit_pending), **({"log_cut": True} if cut else ended)},
                            validating, stateful, distributed, signals)
     return state
 

@@ -270,6 +270,45 @@ def test_a_resumed_run_continues_the_csv_as_an_uninterrupted_run_writes_it(tmp_p
     assert starts == [11] and resumed_events[1].session_log.status == event_pb2.SessionLog.START
 
 
+def tensorboard_view(log_dir):
+    """The scalars TensorBoard shows: its files in name order, a SessionLog START at step s dropping what was read
+    before it at step s or later."""
+    shown = []
+    for ev in read_events(log_dir):
+        if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
+            shown = [x for x in shown if x[1] < ev.step]
+        shown += [(v.tag, ev.step, v.simple_value) for v in ev.summary.value if v.HasField("simple_value")]
+    return sorted(shown)
+
+
+@pytest.mark.parametrize("stop", [dict(max_epochs=1), dict(max_steps=7)])
+def test_continuing_a_finished_run_to_larger_limits_logs_what_one_run_to_them_logs(tmp_path, stop):
+    # A run that ended between log rows logged its last, partial interval (steps 10, or 7, alone), saved no metrics
+    # for a continuation: continued to max_epochs=2 it logged that step's row twice (the partial mean, then the
+    # validation beside it) and the next interval's mean without the steps before the stop (steps 11-12 at 12).
+    def run(log_dir, checkpoint=None, **limits):
+        state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+        data = [torch.tensor([float(i)]) for i in range(10)]
+        step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+        return fit(step, state, data, val_data=[torch.tensor([1.0, 2.0])], eval_step=lambda s, b: {"acc": b.mean()},
+                   val_check_interval=7 if "max_steps" in limits else None, log_every_n_steps=3, progress=False,
+                   log_dir=str(log_dir), checkpoint=checkpoint, ckpt_path="last" if checkpoint else None, **limits)  # fmt: skip
+
+    whole = {"max_steps": 20} if "max_steps" in stop else {"max_epochs": 2}
+    run(tmp_path / "whole", **whole)
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt")
+    run(tmp_path / "continued", ckpts, **stop)
+    first = list(csv.DictReader((tmp_path / "continued" / "metrics.csv").read_text().splitlines()))
+    assert [r["step"] for r in first][-2:] == [str(*stop.values()) if "max_steps" in stop else "10"] * 2  # validation, last interval
+    run(tmp_path / "continued", ckpts, **whole)
+    assert (tmp_path / "continued" / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv").read_text()
+    assert tensorboard_view(tmp_path / "continued") == tensorboard_view(tmp_path / "whole")
+    rows = list(csv.DictReader((tmp_path / "whole" / "metrics.csv").read_text().splitlines()))
+    at = 12 if "max_epochs" in stop else 9  # the interval across the stop: its mean by hand (step i sees batch i-1)
+    span = [float((i - 1) % 10) for i in range(at - 2, at + 1)]
+    assert float(next(r for r in rows if r["step"] == str(at))["train/loss"]) == pytest.approx(sum(span) / 3)
+
+
 def read_events_file(path):
     d = tmp = pathlib.Path(path).parent / ("only_" + pathlib.Path(path).name)
     d.mkdir()
