@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train = ArrayLoader(*data["train"], batch_size=args.batch_size, shuffle=True, drop_last=True)
     total = args.epochs * len(train)
+    if total < 1:  # (the schedule needs steps to warm up and decay over)
+        p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use a smaller "
+                "--batch-size or more --epochs.")
     adamw = fnlit.optim.adamw(
         fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, total // 10), total - 1), decay_steps=total),
         weight_decay=1e-2, mask=fnlit.optim.decay_mask,

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train = ArrayLoader(data["train"], batch_size=args.batch_size, shuffle=True)
     total = args.epochs * len(train)
+    if total < 1:  # (the schedule needs steps to warm up and decay over)
+        p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use a smaller "
+                "--batch-size or more --epochs.")
     tx = fnlit.optim.adamw(fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(len(train), total - 1), decay_steps=total), weight_decay=1e-4)
     state = fnlit.TrainState.create(model, tx, seed=args.seed)
 

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Each rank sees 1/world of the examples per epoch, in batches of batch_size / world.
     train = ArrayLoader(*data["train"], batch_size=args.batch_size // world, shuffle=True, drop_last=True)
     total = args.max_steps or args.epochs * len(train)
+    if total < 1:  # (the schedule needs steps to warm up and decay over)
+        p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use a smaller "
+                "--batch-size or more --epochs.")
     schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, total // 20), total - 1), decay_steps=total)
     state = fnlit.TrainState.create(model, fnlit.optim.adamw(schedule, mask=fnlit.optim.decay_mask), seed=args.seed)
     step = fnlit.data_parallel(train_step) if distributed else train_step

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     steps_per_epoch = len(splits["train"][0]) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
+    if total < 1:  # (the schedule needs steps to warm up and decay over)
+        p.error(f"no training step to take: {steps_per_epoch} batches an epoch, --epochs {args.epochs}. Use a smaller "
+                "--batch-size or more --epochs.")
     schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, total // 20), total - 1), decay_steps=total)
     tx = fnlit.optim.adamw(schedule, weight_decay=args.weight_decay, mask=fnlit.optim.decay_mask)
     state = fnlit.TrainState.create(model, tx, seed=args.seed, loss_scale="dynamic" if args.amp == "fp16" else None)

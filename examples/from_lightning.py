@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)                                   # L.seed_everything(0): the initial weights...
     model = make_model()
     total = args.epochs * len(train)
+    if total < 1:  # (the schedule needs steps to warm up and decay over)
+        p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use a smaller "
+                "--batch-size or more --epochs.")
     tx = fnlit.optim.chain(                                # configure_optimizers + gradient_clip_val=1.0
         fnlit.optim.clip_by_global_norm(1.0),
         fnlit.optim.adamw(fnlit.optim.cosine_decay(3e-3, total), weight_decay=1e-2),

@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     loader = ArrayLoader(train[0], train[1], batch_size=args.batch_size, shuffle=True, drop_last=True)
     total = args.max_steps or args.epochs * len(loader)
+    if total < 1:  # (the schedule needs steps to warm up and decay over)
+        p.error(f"no training step to take: {len(loader)} batches an epoch, --epochs {args.epochs}. Use a smaller "
+                "--batch-size or more --epochs.")
     schedule = fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(max(1, int(args.warmup * total)), total - 1), decay_steps=total)
     # decay_mask: no weight decay on biases and LayerNorm weights (every tensor with fewer than 2 dims),
     # the parameter groups of the Lightning/Hugging Face recipe.

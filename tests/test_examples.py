@@ -114,6 +114,19 @@ def test_text_classifier_without_transformers_exits_with_a_message(monkeypatch, 
     assert "pip install transformers" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("name, args", [
+    ("digits", ["--epochs", "0"]), ("digits", ["--batch-size", "5000"]), ("accumulate_amp", ["--batch-size", "2000"]),
+    ("data_parallel", ["--batch-size", "2048"]), ("text_classifier", ["--train-size", "50"]),
+    ("autoencoder", ["--epochs", "0"]), ("regression", ["--epochs", "0"]), ("from_lightning", ["--epochs", "0"]),
+])  # fmt: skip
+def test_settings_that_leave_no_training_step_say_so(name, args, capsys, tmp_path):
+    # They failed building the LR schedule from 0 steps: "warmup_cosine expected warmup_steps >= 0, got -1".
+    with pytest.raises(SystemExit):
+        load(name).main(args + ["--log-dir", ""] + (["--ckpt-dir", str(tmp_path)] if name == "from_lightning" else []))
+    assert "no training step to take" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- autoencoder
 def test_autoencoder_reconstructs_and_loads_from_checkpoint(tmp_path, capsys):
     result = load("autoencoder").main(["--epochs", "15", "--ckpt-dir", str(tmp_path), "--log-dir", ""])
