@@ -90,7 +90,7 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
     Raises:
         CheckpointError: naming ``path``, if it cannot be written (missing or unwritable folder, full disk).
         TypeError: if ``meta``, ``position`` (apart from its tensors) or ``metrics`` are not JSON-serialisable, or a leaf is neither
-            a tensor nor a plain number.
+            a tensor nor a JSON value (int, float, bool, str).
 
     Example:
         >>> import tempfile, os, torch, fnlit

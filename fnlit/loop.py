@@ -62,23 +62,23 @@ def _num_batches(data: Iterable[Any]) -> int | None:
         return None
 
 
-def _limit(limit: int | float | None, n: int | None, name: str) -> int | None:
+def _limit(limit: int | float | None, n: int | None, name: str, who: str = "fit") -> int | None:
     """Lightning's rule: an int is a number of batches, a float in [0, 1] a fraction of the epoch."""
     if limit is None:
         return n
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (isinstance(limit, float) and limit > 1):
-        raise ValueError(f"fit expected {name} to be an int >= 0 or a float in [0.0, 1.0], got {name}={limit!r} instead.")
+        raise ValueError(f"{who} expected {name} to be an int >= 0 or a float in [0.0, 1.0], got {name}={limit!r} instead.")
     if isinstance(limit, int):
         return limit if n is None else min(n, limit)
     if n is None:
         if limit == 1.0:
             return None
         raise ValueError(
-            f"fit got {name}={limit}, a fraction of the epoch, but the data has no len(). Pass an int number of batches."
+            f"{who} got {name}={limit}, a fraction of the epoch, but the data has no len(). Pass an int number of batches."
         )
     k = int(n * limit)
     if k == 0 and limit > 0:
-        raise ValueError(f"fit got {name}={limit}, but {limit} * {n} batches < 1. Use at least {name}={1 / n:.4g}.")
+        raise ValueError(f"{who} got {name}={limit}, but {limit} * {n} batches < 1. Use at least {name}={1 / n:.4g}.")
     return k
 
 
@@ -243,10 +243,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         # Unshuffled, every example once across ranks (training shards drop the remainder); a rank with fewer
         # examples runs filler batches that do not count, so every rank runs as many forwards (a sharded one is
         # a collective). One process reads the same order, so limit_batches picks the same examples either way.
-        n = _limit(limit_batches, data.eval_len(), "limit_batches")
+        n = _limit(limit_batches, data.eval_len(), "limit_batches", "evaluate")
         batches: Iterable[tuple[Any, bool]] = data.eval_batches()
     else:
-        n = _limit(limit_batches, _num_batches(data), "limit_batches")
+        n = _limit(limit_batches, _num_batches(data), "limit_batches", "evaluate")
         batches = ((b, True) for b in data)
     move = _data.device_mover(state.device)
     names: list[str] = []

@@ -806,6 +806,14 @@ def test_evaluate_names_a_metric_missing_from_some_batches():
         evaluate(ev, make_state(), [torch.tensor([0]), torch.tensor([1])])
 
 
+def test_evaluate_names_itself_for_a_bad_limit_batches():
+    ev = lambda state, b: {"loss": b.float().mean()}  # noqa: E731
+    with pytest.raises(ValueError, match=r"^evaluate expected limit_batches to be an int >= 0 .*got limit_batches=1.5"):
+        evaluate(ev, make_state(), [torch.tensor([0]), torch.tensor([1])], limit_batches=1.5)
+    with pytest.raises(ValueError, match=r"^evaluate got limit_batches=0.5, a fraction of the epoch, but the data has no len"):
+        evaluate(ev, make_state(), iter([torch.tensor([0])]), limit_batches=0.5)
+
+
 def test_validation_does_not_change_training():
     a, sa = run(max_epochs=2, val=0)
     b, sb = run(max_epochs=2, val=4)
