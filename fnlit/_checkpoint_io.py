@@ -425,11 +425,14 @@ def _real(x: Any) -> bool:
 def _as_like(leaf: Any, v: Any) -> Any:
     """A hyperparameter saved as a number where ``leaf`` is a 0-d float tensor, or the other way round, in
     ``leaf``'s form: a number assigned to ``hyperparams`` (optax's idiom) is a tensor after the next update, so a
-    checkpoint written in between holds the number."""
-    if _real(v) and isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point():
-        return torch.tensor(v, dtype=leaf.dtype, device=leaf.device)
-    if _real(leaf) and isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
-        return type(leaf)(v.item())
+    checkpoint written in between holds the number. In an ensemble's stacked state the tensor is ``(n,)``: the number
+    is every member's value (a tensor whose members differ stays a tensor, and the mismatch is reported)."""
+    if _real(v) and isinstance(leaf, torch.Tensor) and leaf.dim() <= 1 and leaf.is_floating_point():
+        return torch.full_like(leaf, v)
+    if _real(leaf) and isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() and v.is_floating_point():
+        values = v.reshape(-1).tolist()
+        if all(x == values[0] for x in values):
+            return type(leaf)(values[0])
     return v
 
 

@@ -505,6 +505,8 @@ class Checkpointer:
             improves = bool(_from_rank_0(improves))
         if improves:
             self.save(state, position, metrics=metrics)
+            if sharded or _dist.world_size() == 1:  # (every rank knows: on_exit saves this step's file again where
+                self._saved, self._saved_where = _ref(state), _where(position)  # the run ends, as after on_step's)
         return improves
 
     def _improves(self, value: float) -> bool:

@@ -98,15 +98,18 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
 
 
 def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
-    """``state`` with its Python numbers (a hyperparameter assigned as one: optax's idiom) as the float32 tensors the
-    optimizer reads them as: 0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
-    leaves, spec = _tree.tree_flatten(state)
-    if not any(_real(x) for x in leaves):
-        return state
+    """``state`` with the Python numbers of its hyperparameters (assigned as numbers: optax's idiom) as the float32
+    tensors the optimizer reads them as: 0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
     shape = () if n is None else (n,)
-    return _tree.tree_unflatten(
-        spec, [torch.full(shape, float(x), dtype=torch.float32, device=state.device) if _real(x) else x for x in leaves]
-    )
+
+    def as_tensors(hyper: dict[str, Any]) -> dict[str, Any] | None:
+        if not any(_real(v) for v in hyper.values()):
+            return None
+        return {k: torch.full(shape, float(v), dtype=torch.float32, device=state.device) if _real(v) else v
+                for k, v in hyper.items()}
+
+    opt_state, found = _map_hyper(state.opt_state, as_tensors)
+    return state.replace(opt_state=opt_state) if found else state
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -199,25 +202,41 @@ def _init_module(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Mo
         return module
 
 
-def _set_hyper(opt_state: Any, name: str, value: torch.Tensor) -> tuple[Any, int]:
-    """``opt_state`` with every ``hyperparams[name]`` replaced by ``value``; and how many were found."""
-    hyper = getattr(opt_state, "hyperparams", None)
+def _map_hyper(opt_state: Any, fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[Any, int]:
+    """``opt_state`` with each ``hyperparams`` dict replaced by ``fn(it)`` (None: kept); and how many were replaced.
+
+    Walks the optimizer's state tuples only, not the trees of moments beside them (a few attribute reads: cheap on
+    every step, and traceable by torch.compile, which cannot trace optree's flatten)."""
     if isinstance(opt_state, tuple) and hasattr(opt_state, "_fields"):
         found = 0
         fields = {}
         for f in opt_state._fields:
             child = getattr(opt_state, f)
-            if f == "hyperparams" and isinstance(hyper, dict) and name in hyper:
-                fields[f] = {**hyper, name: value.to(hyper[name].device, hyper[name].dtype)}
-                found += 1
-            elif isinstance(child, (tuple, list, dict)):
-                fields[f], k = _set_hyper(child, name, value)
+            if f == "hyperparams" and isinstance(child, dict):
+                new = fn(child)
+                if new is not None:
+                    fields[f], found = new, found + 1
+            elif isinstance(child, (tuple, list)):
+                fields[f], k = _map_hyper(child, fn)
                 found += k
-        return opt_state._replace(**fields), found
+        return (opt_state._replace(**fields) if found else opt_state), found
     if isinstance(opt_state, (tuple, list)):
-        out = [_set_hyper(s, name, value) for s in opt_state]
-        return type(opt_state)(s for s, _ in out), sum(k for _, k in out)
+        out = [_map_hyper(s, fn) for s in opt_state]
+        found = sum(k for _, k in out)
+        return (type(opt_state)(s for s, _ in out) if found else opt_state), found
     return opt_state, 0
+
+
+def _set_hyper(opt_state: Any, name: str, value: torch.Tensor) -> tuple[Any, int]:
+    """``opt_state`` with every ``hyperparams[name]`` replaced by ``value``; and how many were found."""
+
+    def put(hyper: dict[str, Any]) -> dict[str, Any] | None:
+        if name not in hyper:
+            return None
+        old = hyper[name]
+        return {**hyper, name: value.to(old.device, old.dtype) if isinstance(old, torch.Tensor) else value}
+
+    return _map_hyper(opt_state, put)
 
 
 def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str) -> bool:

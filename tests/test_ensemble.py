@@ -423,6 +423,28 @@ def test_numbers_assigned_as_hyperparameters_stack_and_step_as_their_tensors():
         assert_trees_close(unstack_state(after, i).params, alone.params, rtol=1e-5, atol=1e-6)
 
 
+def test_a_stacked_hyperparameter_saved_as_a_number_or_a_tensor_restores_into_either_form(tmp_path):
+    # A script that assigns one number to a stacked state's rate restores the (n,) tensor its run saved (as a single
+    # state's 0-d tensor and number restore into each other); restoring failed both ways ("expected float 0.01").
+    tx = fnlit.optim.sgd(0.1)
+    stacked = stack_states([fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(2)])
+    hyper = stacked.opt_state.hyperparams
+    as_number = stacked.replace(opt_state=stacked.opt_state._replace(hyperparams={**hyper, "learning_rate": 0.01}))
+    as_tensor = stacked.replace(opt_state=stacked.opt_state._replace(
+        hyperparams={**hyper, "learning_rate": torch.tensor([0.01, 0.01])}))
+    for saved, like in ((as_tensor, as_number), (as_number, as_tensor)):
+        fnlit.save(tmp_path / "s.ckpt", saved)
+        got = fnlit.restore(tmp_path / "s.ckpt", like).opt_state.hyperparams["learning_rate"]
+        assert type(got) is type(like.opt_state.hyperparams["learning_rate"])
+        assert (got.tolist() if isinstance(got, torch.Tensor) else got) == pytest.approx(
+            [0.01, 0.01] if isinstance(got, torch.Tensor) else 0.01)
+    # members that differ are not one number: named, not flattened into one
+    fnlit.save(tmp_path / "d.ckpt", as_tensor.replace(opt_state=as_tensor.opt_state._replace(
+        hyperparams={**hyper, "learning_rate": torch.tensor([0.01, 0.02])})))
+    with pytest.raises(ValueError, match=r"learning_rate.*expected float"):
+        fnlit.restore(tmp_path / "d.ckpt", as_number)
+
+
 def test_unstack_state_refuses_an_index_that_is_not_an_int():
     # unstack_state(st, True) passed the bounds check (True == 1) and t[True] added a dimension: a malformed state.
     states = fnlit.ensemble_states(lambda: torch.nn.Linear(5, 1), fnlit.optim.sgd(0.1), seeds=[0, 1])

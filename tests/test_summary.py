@@ -281,8 +281,9 @@ def tensorboard_view(log_dir):
     return sorted(shown)
 
 
+@pytest.mark.parametrize("saving", [{}, dict(monitor="val/acc", save_last=False)])  # (the last file: a best's)
 @pytest.mark.parametrize("stop", [dict(max_epochs=1), dict(max_steps=7)])
-def test_continuing_a_finished_run_to_larger_limits_logs_what_one_run_to_them_logs(tmp_path, stop):
+def test_continuing_a_finished_run_to_larger_limits_logs_what_one_run_to_them_logs(tmp_path, stop, saving):
     # A run that ended between log rows logged its last, partial interval (steps 10, or 7, alone), saved no metrics
     # for a continuation: continued to max_epochs=2 it logged that step's row twice (the partial mean, then the
     # validation beside it) and the next interval's mean without the steps before the stop (steps 11-12 at 12).
@@ -296,7 +297,7 @@ def test_continuing_a_finished_run_to_larger_limits_logs_what_one_run_to_them_lo
 
     whole = {"max_steps": 20} if "max_steps" in stop else {"max_epochs": 2}
     run(tmp_path / "whole", **whole)
-    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt")
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", **saving)
     run(tmp_path / "continued", ckpts, **stop)
     first = list(csv.DictReader((tmp_path / "continued" / "metrics.csv").read_text().splitlines()))
     assert [r["step"] for r in first][-2:] == [str(*stop.values()) if "max_steps" in stop else "10"] * 2  # validation, last interval
