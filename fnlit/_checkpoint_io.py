@@ -17,6 +17,7 @@ import errno
 import inspect
 import sys
 import json
+import numbers
 import os
 import pickle
 import re
@@ -131,6 +132,8 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
             entries.append({"path": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "crc32": crc32(t)})
         elif isinstance(leaf, (bool, int, float, str)):
             entries.append({"path": path, "value": leaf})
+        elif _real(leaf):  # a NumPy number (np.float32(5e-4) assigned as a hyperparameter): as the Python number
+            entries.append({"path": path, "value": leaf.item()})
         else:
             raise TypeError(
                 f"fnlit.save can store tensors and plain numbers or strings, got {type(leaf).__name__} at {path}. "
@@ -419,7 +422,9 @@ def _distribute(v: torch.Tensor, like: Any) -> torch.Tensor:
 
 
 def _real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number held as a leaf of a state: a Python or NumPy int or float (not a bool: np.bool_ is no
+    numbers.Real), e.g. a hyperparameter assigned as a number (optax's idiom)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _as_like(leaf: Any, v: Any) -> Any:

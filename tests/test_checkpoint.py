@@ -700,6 +700,22 @@ def test_a_checkpoint_saved_after_a_rate_was_assigned_as_a_number_restores_and_c
     assert_trees_equal(restored.params, state.params)
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_numpy_number_assigned_as_a_rate_saves_and_restores_as_a_python_number(tmp_path, sharded):
+    # hyperparams["learning_rate"] = np.float32(...) is taken by the optimizer; fnlit.save and save_sharded refused
+    # the state (a NumPy number is not a JSON value) where they take the Python number.
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+    state.opt_state.hyperparams["learning_rate"] = np.float32(0.25)
+    like = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+    if sharded:
+        restored = restore_sharded(save_sharded(tmp_path / "ckpt", state), like=like)
+    else:
+        restored = ckpt.restore(ckpt.save(tmp_path / "a.ckpt", state), like=like)
+    assert torch.equal(restored.opt_state.hyperparams["learning_rate"], torch.tensor(0.25))
+
+
 def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_path):
     # Numbers were refused, then written as float32 tensors (an int counter 2**24 + 1 came back 16777216.0):
     # they are written to fnlit.json as they are, and restored in the form `like` holds.

@@ -445,6 +445,16 @@ def test_a_stacked_hyperparameter_saved_as_a_number_or_a_tensor_restores_into_ei
         fnlit.restore(tmp_path / "d.ckpt", as_number)
 
 
+def test_a_numpy_number_assigned_as_a_hyperparameter_stacks_as_the_python_number():
+    # stack_states turned Python numbers into tensors but left np.float32 as it was: torch.stack of a NumPy number.
+    tx = fnlit.optim.sgd(0.1)
+    members = [fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(2)]
+    members[1].opt_state.hyperparams["learning_rate"] = np.float32(0.25)
+    members[0].opt_state.hyperparams["learning_rate"] = np.float64(0.5)
+    stacked = stack_states(members)
+    assert stacked.opt_state.hyperparams["learning_rate"].tolist() == [0.5, 0.25]
+
+
 def test_unstack_state_refuses_an_index_that_is_not_an_int():
     # unstack_state(st, True) passed the bounds check (True == 1) and t[True] added a dimension: a malformed state.
     states = fnlit.ensemble_states(lambda: torch.nn.Linear(5, 1), fnlit.optim.sgd(0.1), seeds=[0, 1])

@@ -491,6 +491,30 @@ def test_a_hyperparameter_set_to_a_number_works_as_a_tensor(make, ref):
         fo.step(tx, grads, state, params)
 
 
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.sgd(0.1, momentum=0.9, weight_decay=0.5), lambda ps: torch.optim.SGD(ps, lr=0.125, momentum=0.9, weight_decay=2)),
+    (lambda: fo.adamw(0.1, weight_decay=0.5), lambda ps: torch.optim.AdamW(ps, lr=0.125, weight_decay=2)),
+    (lambda: fo.chain(fo.add_decayed_weights(0.5), fo.scale_by_learning_rate(0.1)),
+     lambda ps: torch.optim.SGD(ps, lr=0.125, weight_decay=2)),
+])
+def test_a_numpy_number_assigned_as_a_hyperparameter_works_as_a_python_number(make, ref):
+    # Construction takes numpy numbers, but hyperparams["learning_rate"] = np.float32(...) mid-run raised TypeError.
+    np = pytest.importorskip("numpy")
+    params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    grads = {"w": torch.tensor([0.5, 0.25, -1.0])}
+    tx = make()
+    state = tx.init(params)
+    for s in state if type(state) is tuple else [state]:  # a chain's state is a plain tuple of states
+        for key, value in (("learning_rate", np.float32(0.125)), ("weight_decay", np.int64(2))):
+            if key in s.hyperparams:
+                s.hyperparams[key] = value
+    new = fo.step(tx, grads, state, params)[0]
+    p = torch.nn.Parameter(params["w"].clone())
+    p.grad = grads["w"].clone()
+    ref([p]).step()
+    torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_a_number_assigned_to_the_transforms_hyperparams_is_held_as_a_tensor_and_matches_torch():
     # scale_by_learning_rate kept the float forever and add_decayed_weights copied it: every later checkpoint held
     # a number where a fresh state holds a tensor.

@@ -32,7 +32,7 @@ from ._base import (
     raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
-    check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, hyper_value, scalar,
+    _is_real, check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, hyper_value, scalar,
     zero_count,
 )
 
@@ -157,7 +157,7 @@ def _optimizer(
 ) -> GradientTransformation:
     """Wraps leaf-level implementations into init/update/step with the state bookkeeping."""
     schedule = learning_rate if callable(learning_rate) else None
-    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    decays = not (_is_real(weight_decay) and weight_decay == 0)
     eager_functional = _without_grad(functional)
 
     def init(params: PyTree) -> Any:

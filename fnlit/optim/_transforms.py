@@ -133,7 +133,7 @@ def check_type(name: str, arg: str, value: Any, ok: bool, expected: str, fix: st
 
 
 def _is_real(value: Any) -> bool:
-    # numbers.Real covers Python and NumPy floats and ints; a bool is an int, but True as a rate is a bug
+    # numbers.Real covers Python and NumPy floats and ints (not np.bool_); a bool is an int, but True as a rate is a bug
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -235,8 +235,8 @@ def hyper_value(name: str, key: str, value: Any, device: torch.device) -> torch.
         if value.dim() == 0:  # (a shape read: no sync, traceable)
             return value
         got = f"a tensor of shape {tuple(value.shape)}"
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return scalar(value, device)
+    elif _is_real(value):  # a Python or NumPy number (np.float32(5e-4)), as the constructors take
+        return scalar(float(value), device)
     else:
         got = f"{type(value).__name__} {value!r}"
     raise TypeError(
