@@ -331,6 +331,20 @@ def test_bad_arguments_raise(make, match):
         make()
 
 
+def test_a_numpy_bool_nesterov_runs_the_eager_kernel_and_other_flags_are_refused():
+    # sgd(..., nesterov=np.bool_(True)) or nesterov=1 crashed the fused kernel (_fused_sgd_ takes a Python bool only),
+    # while the functional path ran; nesterov="yes" got torch's message about the kernel's arguments.
+    np = pytest.importorskip("numpy")
+    params, seq = _params(), _grads(_params(), steps=5)
+    want = _run_torch(lambda ps: torch.optim.SGD(ps.values(), lr=0.1, momentum=0.9, nesterov=True), params, seq)
+    _close(_run_fnlit(fo.sgd(0.1, momentum=0.9, nesterov=np.bool_(True)), params, seq)[0], want)
+    for bad in (1, "yes", None, torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"sgd expected nesterov to be a bool, got .* instead. Pass nesterov=True"):
+            fo.sgd(0.1, momentum=0.9, nesterov=bad)
+        with pytest.raises(TypeError, match=r"trace expected nesterov to be a bool"):
+            fo.trace(0.9, nesterov=bad)
+
+
 RATE = "a float >= 0, a 0-d tensor or a schedule"
 
 

@@ -32,8 +32,8 @@ from ._base import (
     raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
-    _is_real, check_arg, check_beta, check_mask, check_number, check_rate, check_schedule_value, device_of, hyper_value, scalar,
-    zero_count,
+    _is_real, check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
+    hyper_value, scalar, zero_count,
 )
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -275,8 +275,8 @@ def sgd(
 
     Raises:
         TypeError: for an argument of the wrong type (a rate that is not a float, 0-d tensor or schedule;
-            a momentum, dampening or weight decay that is not a number); at ``init`` for a schedule that
-            does not return a 0-d tensor.
+            a momentum, dampening or weight decay that is not a number, a ``nesterov`` that is not a bool); at
+            ``init`` for a schedule that does not return a 0-d tensor.
         ValueError: for a negative learning rate, momentum or weight decay, or Nesterov without momentum.
 
     Example:
@@ -293,6 +293,7 @@ def sgd(
     check_number("sgd", "momentum", momentum)
     check_number("sgd", "weight_decay", weight_decay, tensor=True)
     check_number("sgd", "dampening", dampening)
+    nesterov = check_flag("sgd", "nesterov", nesterov)  # np.bool_(True) or 1 crashed the fused kernel
     if nesterov and (momentum <= 0 or dampening != 0):
         check_arg("sgd", "momentum > 0 and dampening == 0 with nesterov=True",
                   (momentum, dampening), False, "", "Pass e.g. sgd(lr, momentum=0.9, nesterov=True).")

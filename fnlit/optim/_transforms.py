@@ -159,6 +159,12 @@ def check_number(
     check_arg(name, arg, value, number > 0 if positive else number >= 0, bound, fix)  # NaN fails both
 
 
+def check_flag(name: str, arg: str, value: Any) -> bool:
+    """Checks a switch is a bool (Python's or NumPy's) and returns it as Python's: the fused kernels take no other."""
+    check_type(name, arg, value, isinstance(value, (bool, np.bool_)), "a bool", f"Pass {arg}=True or {arg}=False.")
+    return bool(value)
+
+
 def check_rate(name: str, value: Any) -> None:
     """Checks a learning rate: a float or 0-d tensor >= 0, or a schedule (checked by :func:`check_schedule_value`)."""
     if not callable(value):
@@ -386,7 +392,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     """Momentum: ``trace = g + decay * trace``; the update is ``trace`` (or ``g + decay * trace``).
 
     Raises:
-        TypeError: if ``decay`` is not a number.
+        TypeError: if ``decay`` is not a number, or ``nesterov`` not a bool.
         ValueError: if ``decay < 0``.
 
     Example:
@@ -398,6 +404,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         {'w': tensor([1.9000])}
     """
     check_number("trace", "decay", decay)
+    nesterov = check_flag("trace", "nesterov", nesterov)
 
     def init(params: PyTree) -> TraceState:
         return TraceState(tree_map(torch.zeros_like, params))
