@@ -7,6 +7,7 @@ each parameter (``_close``); elementwise checks use rtol=1e-5, atol=1e-7.
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 
@@ -343,6 +344,30 @@ def test_a_numpy_bool_nesterov_runs_the_eager_kernel_and_other_flags_are_refused
             fo.sgd(0.1, momentum=0.9, nesterov=bad)
         with pytest.raises(TypeError, match=r"trace expected nesterov to be a bool"):
             fo.trace(0.9, nesterov=bad)
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda: fo.sgd(0.1, momentum=0.9, weight_decay=0.1), "learning_rate"),
+    (lambda: fo.adamw(0.1), "learning_rate"),
+    (lambda: fo.adamw(0.1), "weight_decay"),
+    (lambda: fo.adam(0.1, weight_decay=0.1), "weight_decay"),
+    (lambda: fo.scale_by_learning_rate(0.1), "learning_rate"),
+    (lambda: fo.add_decayed_weights(0.1), "weight_decay"),
+])
+def test_a_negative_or_nan_number_assigned_as_a_hyperparameter_is_refused(make, key):
+    # hyperparams["learning_rate"] = -0.1 mid-run was taken (the params moved up the gradient) where sgd(-0.1) is
+    # refused; a NaN made every param NaN. 0 is a rate (and a weight decay) as at construction.
+    params, grads = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 0.25])}
+    tx = make()
+    state = tx.init(params)
+    for bad in (-0.1, math.nan, -1):
+        state.hyperparams[key] = bad
+        with pytest.raises(ValueError, match=rf"\.update expected state\.hyperparams\['{key}'\] >= 0, got {bad} instead"):
+            fo.step(tx, grads, state, params)
+    state.hyperparams[key] = 0
+    new = fo.step(tx, grads, state, params)[0]
+    if key == "learning_rate":
+        assert torch.equal(new["w"], params["w"])  # no step at rate 0
 
 
 RATE = "a float >= 0, a 0-d tensor or a schedule"

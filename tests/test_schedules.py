@@ -116,6 +116,31 @@ def test_bad_schedule_arguments_raise(make, match):
 @pytest.mark.parametrize(
     "make, match",
     [
+        (lambda: fo.sgd(fo.constant(-0.1)), r"constant expected value finite and >= 0, got -0.1 instead. The optimizer"),
+        (lambda: fo.adamw(fo.warmup_cosine(-1e-3, 0, 100)), r"warmup_cosine expected peak_value finite and >= 0, got -0.001"),
+        (lambda: fo.warmup_cosine(1.0, 0, 100, end_value=-0.1), r"warmup_cosine expected end_value finite and >= 0"),
+        (lambda: fo.warmup_cosine(1.0, 5, 100, init_value=math.inf), r"warmup_cosine expected init_value finite .*got inf"),
+        (lambda: fo.cosine_decay(-0.5, 10), r"cosine_decay expected init_value finite and >= 0, got -0.5"),
+        (lambda: fo.step_decay(-1.0, 10, 0.5), r"step_decay expected init_value finite and >= 0, got -1.0"),
+        (lambda: fo.step_decay(1.0, 10, math.inf), r"step_decay expected gamma finite and >= 0, got inf"),
+        (lambda: fo.linear_warmup(math.nan, 3), r"linear_warmup expected peak_value finite and >= 0, got nan"),
+        (lambda: fo.linear_warmup(1.0, 3, init_value=-1.0), r"linear_warmup expected init_value finite and >= 0"),
+        (lambda: fo.constant(torch.tensor(-0.1)), r"constant expected value finite and >= 0, got tensor\(-0.1000\)"),
+    ],
+)
+def test_a_schedule_of_negative_or_non_finite_rates_is_refused(make, match):
+    # They were accepted: sgd(constant(-0.1)) moved the params up the gradient, silently (sgd(-0.1) is refused).
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_schedule_of_zero_rates_is_accepted():
+    assert float(fo.constant(0.0)(3)) == 0.0 and float(fo.step_decay(1.0, 2, 0.0)(2)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
         (lambda: fo.linear_warmup(1.0, "10"), "linear_warmup expected warmup_steps as a number .*, got str '10'"),
         (lambda: fo.cosine_decay(1.0, None), "cosine_decay expected decay_steps as a number .*, got NoneType"),
         (lambda: fo.step_decay(1.0, 10, gamma=True), "step_decay expected gamma as a number .*, got bool"),

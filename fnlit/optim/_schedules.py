@@ -48,14 +48,22 @@ def _count(count: int | torch.Tensor) -> torch.Tensor:
     return _exact_count(count).to(torch.float32)
 
 
-def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
+def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expected: str, fix: str = "") -> None:
+    """Checks an argument when the schedule is built (a 0-d tensor's value is read here, never in a step)."""
     real = isinstance(value, numbers.Real) or (
         isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
     )
     if isinstance(value, bool) or not real:  # before comparing: "10" < 0 is Python's TypeError
         raise TypeError(f"{name} expected {arg} as a number (or a 0-d tensor), got {type(value).__name__} {value!r} instead.")
     if not ok(value):
-        raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.")
+        raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.{' ' + fix if fix else ''}")
+
+
+def _check_rate(name: str, arg: str, value: float) -> None:
+    """Checks a value the schedule returns: a learning rate, finite and >= 0 (a negative one would move the params up
+    the gradient; NaN fails the comparison)."""
+    _check(name, arg, value, lambda v: 0 <= v < math.inf, "finite and >= 0",
+           "The optimizer subtracts lr * direction; use a positive rate such as 1e-3.")
 
 
 def constant(value: float) -> Schedule:
@@ -64,7 +72,11 @@ def constant(value: float) -> Schedule:
     Example:
         >>> constant(0.1)(5)
         tensor(0.1000)
+
+    Raises:
+        ValueError: if ``value`` is negative or not finite.
     """
+    _check_rate("constant", "value", value)
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         return torch.full_like(_count(count), value)
@@ -81,12 +93,14 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
         init_value: value at step 0.
 
     Raises:
-        ValueError: if ``warmup_steps < 0``.
+        ValueError: if ``warmup_steps < 0``, or ``peak_value`` or ``init_value`` is negative or not finite.
 
     Example:
         >>> linear_warmup(1.0, 4)(1)
         tensor(0.2500)
     """
+    _check_rate("linear_warmup", "peak_value", peak_value)
+    _check_rate("linear_warmup", "init_value", init_value)
     _check("linear_warmup", "warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
@@ -113,12 +127,13 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     ``decay_steps``, after which torch's rises again and this one stays at its end value).
 
     Raises:
-        ValueError: if ``decay_steps <= 0`` or ``alpha`` is outside [0, 1].
+        ValueError: if ``decay_steps <= 0``, ``alpha`` is outside [0, 1], or ``init_value`` is negative or not finite.
 
     Example:
         >>> cosine_decay(1.0, 10)(5)
         tensor(0.5000)
     """
+    _check_rate("cosine_decay", "init_value", init_value)
     _check("cosine_decay", "decay_steps", decay_steps, lambda v: v > 0, "> 0")
     _check("cosine_decay", "alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
@@ -138,12 +153,15 @@ def warmup_cosine(
     part lasts ``decay_steps - warmup_steps`` steps; the value stays ``end_value`` afterwards.
 
     Raises:
-        ValueError: if ``warmup_steps < 0`` or ``decay_steps <= warmup_steps``.
+        ValueError: if ``warmup_steps < 0`` or ``decay_steps <= warmup_steps``, or ``peak_value``, ``init_value`` or
+            ``end_value`` is negative or not finite.
 
     Example:
         >>> warmup_cosine(1.0, warmup_steps=10, decay_steps=110)(60)
         tensor(0.5000)
     """
+    for arg, value in (("peak_value", peak_value), ("init_value", init_value), ("end_value", end_value)):
+        _check_rate("warmup_cosine", arg, value)
     _check("warmup_cosine", "warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
     _check("warmup_cosine", "decay_steps", decay_steps, lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})")
     span = decay_steps - warmup_steps
@@ -159,14 +177,15 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
     """``init_value * gamma ** (t // step_size)``, torch's ``StepLR``.
 
     Raises:
-        ValueError: if ``step_size <= 0`` or ``gamma < 0``.
+        ValueError: if ``step_size <= 0``, ``gamma`` is negative or not finite, or ``init_value`` is.
 
     Example:
         >>> step_decay(1.0, step_size=10, gamma=0.5)(25)
         tensor(0.2500)
     """
+    _check_rate("step_decay", "init_value", init_value)
     _check("step_decay", "step_size", step_size, lambda v: v > 0, "> 0")
-    _check("step_decay", "gamma", gamma, lambda v: v >= 0, ">= 0")
+    _check("step_decay", "gamma", gamma, lambda v: 0 <= v < math.inf, "finite and >= 0")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         # The number of decays from the exact count (in float32, t / step_size was off by one above 2**24)

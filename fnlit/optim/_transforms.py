@@ -235,13 +235,16 @@ def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def hyper_value(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor:
     """A hyperparameter as the kernels take it: a 0-d tensor as it is, a number assigned to ``state.hyperparams``
-    (optax's idiom) as a 0-d float32 tensor; anything else (a tensor of another shape would be broadcast into the
-    params, changing their shapes) is refused."""
+    (optax's idiom) as a 0-d float32 tensor; a negative or NaN number, or anything else (a tensor of another shape
+    would be broadcast into the params, changing their shapes) is refused. A tensor's value is not read (no sync)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:  # (a shape read: no sync, traceable)
             return value
         got = f"a tensor of shape {tuple(value.shape)}"
     elif _is_real(value):  # a Python or NumPy number (np.float32(5e-4)), as the constructors take
+        # checked as the constructors check it (a Python number: no tensor is read, no sync); NaN fails the comparison
+        check_arg(f"{name}.update", f"state.hyperparams[{key!r}]", value, value >= 0, ">= 0",
+                  "A negative learning rate or weight decay moves the params up the gradient.")
         return scalar(float(value), device)
     else:
         got = f"{type(value).__name__} {value!r}"
