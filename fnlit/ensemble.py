@@ -46,6 +46,7 @@ from .optim import GradientTransformation
 from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE, collective_of
 from .transforms._frame import current as _current_frame
 from .optim import step as _opt_step
+from .optim._transforms import hyper_dtype
 from .state import TrainState
 
 __all__ = ["EnsembleStep", "ensemble", "ensemble_states", "per_example_grads", "stack_states", "unstack_state"]
@@ -110,6 +111,16 @@ def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
 
     opt_state, found = _map_hyper(state.opt_state, as_tensors)
     return state.replace(opt_state=opt_state) if found else state
+    """``state`` with its Python numbers (a hyperparameter assigned as one: optax's idiom) as the tensors the
+    optimizer reads them as (float32, float64 for float64 params: :func:`fnlit.optim._transforms.hyper_dtype`): 0-d,
+    or ``(n,)`` in a stacked state (the one value of every member)."""
+    leaves, spec = _tree.tree_flatten(state)
+    if not any(_real(x) for x in leaves):
+        return state
+    shape, dtype = () if n is None else (n,), hyper_dtype(state.params)
+    return _tree.tree_unflatten(
+        spec, [torch.full(shape, float(x), dtype=dtype, device=state.device) if _real(x) else x for x in leaves]
+    )
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -315,7 +326,8 @@ def ensemble_states(
             value = float(values[i])
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"ensemble_states expected {name} values that are finite and >= 0, got {values[i]!r} for member {i}.")
-            opt_state, found = _set_hyper(opt_state, name, torch.tensor(value))
+            # float64, rounded once to the dtype the optimizer holds it in (float64 for a float64 model)
+            opt_state, found = _set_hyper(opt_state, name, torch.tensor(value, dtype=torch.float64))
             if not found:
                 raise ValueError(
                     f"ensemble_states got {name}=[...], but the optimizer state has no hyperparams[{name!r}] to set. "

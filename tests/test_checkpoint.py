@@ -716,6 +716,18 @@ def test_a_numpy_number_assigned_as_a_rate_saves_and_restores_as_a_python_number
     assert torch.equal(restored.opt_state.hyperparams["learning_rate"], torch.tensor(0.25))
 
 
+def test_a_float64_state_restores_its_float64_rates_exactly(tmp_path):
+    # The rates of a float64 model were float32 tensors; a rate assigned as a number restored as float32 too.
+    model = nn.Linear(3, 2).double()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1 / 3), seed=0)
+    restored = ckpt.restore(ckpt.save(tmp_path / "a.ckpt", state), like=state)
+    assert torch.equal(restored.opt_state.hyperparams["learning_rate"], torch.tensor(1 / 3, dtype=torch.float64))
+    state.opt_state.hyperparams["learning_rate"] = 0.1
+    like = fnlit.TrainState.create(model, fnlit.optim.adamw(1 / 3), seed=0)
+    restored = ckpt.restore(ckpt.save(tmp_path / "b.ckpt", state), like=like)
+    assert torch.equal(restored.opt_state.hyperparams["learning_rate"], torch.tensor(0.1, dtype=torch.float64))
+
+
 def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_path):
     # Numbers were refused, then written as float32 tensors (an int counter 2**24 + 1 came back 16777216.0):
     # they are written to fnlit.json as they are, and restored in the form `like` holds.

@@ -455,6 +455,21 @@ def test_a_numpy_number_assigned_as_a_hyperparameter_stacks_as_the_python_number
     assert stacked.opt_state.hyperparams["learning_rate"].tolist() == [0.5, 0.25]
 
 
+def test_a_float64_ensemble_holds_its_swept_hyperparameters_in_float64():
+    # ensemble_states wrote torch.tensor(value) (float32) into the float64 rates of a float64 model, and a number
+    # assigned to a stacked float64 state became float32 tensors: the members stepped with float32-rounded rates.
+    tx = fnlit.optim.adamw(1e-3)
+    states = ensemble_states(lambda: nn.Linear(3, 1).double(), tx, seeds=[0, 1], learning_rate=[0.1, 1 / 3],
+                             weight_decay=[0.1, 0.2])
+    hyper = states.opt_state.hyperparams
+    assert torch.equal(hyper["learning_rate"], torch.tensor([0.1, 1 / 3], dtype=torch.float64))
+    assert torch.equal(hyper["weight_decay"], torch.tensor([0.1, 0.2], dtype=torch.float64))
+    member = unstack_state(states, 1)
+    member.opt_state.hyperparams["learning_rate"] = 0.1
+    stacked = stack_states([unstack_state(states, 0), member])
+    assert torch.equal(stacked.opt_state.hyperparams["learning_rate"], torch.tensor([0.1, 0.1], dtype=torch.float64))
+
+
 def test_unstack_state_refuses_an_index_that_is_not_an_int():
     # unstack_state(st, True) passed the bounds check (True == 1) and t[True] added a dimension: a malformed state.
     states = fnlit.ensemble_states(lambda: torch.nn.Linear(5, 1), fnlit.optim.sgd(0.1), seeds=[0, 1])

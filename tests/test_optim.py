@@ -7,6 +7,7 @@ each parameter (``_close``); elementwise checks use rtol=1e-5, atol=1e-7.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import weakref
@@ -304,6 +305,49 @@ def test_learning_rate_found_in_nested_states():
     assert fo.learning_rate(fo.chain(fo.clip_by_global_norm(1.0), fo.sgd(0.5)).init(params)) == 0.5
     assert fo.learning_rate(fo.masked(fo.adam(0.25), fo.decay_mask).init(params)) == 0.25
     assert fo.learning_rate(fo.clip_by_global_norm(1.0).init(params)) is None
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.sgd(0.05, momentum=0.9, weight_decay=0.01), lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01)),
+    (lambda: fo.adam(1e-3, weight_decay=0.01), lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.01)),
+    (lambda: fo.adamw(1e-3, weight_decay=0.1), lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1)),
+])
+def test_float64_params_step_with_float64_hyperparameters_as_torch_optim(make, ref, functional):
+    # The rates were float32 tensors: float64 training was float32-accurate (Adam's params 5e-8 relative to its
+    # update from torch.optim's, whose Python-float rates are float64). A float32 param beside them is unchanged.
+    g = torch.Generator().manual_seed(0)
+    p0 = {"w": torch.randn(40, generator=g, dtype=torch.float64), "b": torch.randn(6, generator=g)}
+    seq = [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in p0.items()} for _ in range(25)]
+    tx = make()
+    state = tx.init(p0)
+    assert {k: v.dtype for k, v in state.hyperparams.items()} == {"learning_rate": torch.float64, "weight_decay": torch.float64}
+    params = p0
+    for i, grads in enumerate(seq):
+        if i == 10:  # a number assigned mid-run is held as float64 too
+            state.hyperparams["learning_rate"] = fo.learning_rate(state).item()
+        with fo.functional_path() if functional else contextlib.nullcontext():
+            params, state = fo.step(tx, grads, state, params)
+    assert state.hyperparams["learning_rate"].dtype == torch.float64
+    want = _run_torch(lambda ps: ref(ps.values()), p0, seq)
+    moved = (want["w"] - p0["w"]).abs().max()
+    assert (params["w"] - want["w"]).abs().max() / moved <= (2e-14 if functional else 1e-15)
+    _close({"b": params["b"]}, {"b": want["b"]})
+
+
+def test_a_float64_tensor_hyperparameter_stays_float64_for_float32_params():
+    # A rate given as a float64 tensor was rounded to float32; float32 params step with it as torch.optim's float.
+    lr = torch.tensor(1 / 3, dtype=torch.float64)
+    tx = fo.adamw(lr, weight_decay=torch.tensor(0.1, dtype=torch.float64))
+    params, seq = _params(), _grads(_params(), steps=5)
+    state = tx.init(params)
+    assert torch.equal(state.hyperparams["learning_rate"], lr) and state.hyperparams["weight_decay"].dtype == torch.float64
+    state.hyperparams["learning_rate"] = 1 / 3
+    for functional in (False, True):
+        with fo.functional_path() if functional else contextlib.nullcontext():
+            new, after = fo.step(tx, seq[0], state, params)
+        assert torch.equal(after.hyperparams["learning_rate"], lr)
+        _close(new, _run_torch(lambda ps: torch.optim.AdamW(ps.values(), lr=1 / 3, weight_decay=0.1), params, seq[:1]))
 
 
 def test_hyperparams_are_tensors_on_device():

@@ -9,8 +9,10 @@ Each has two implementations of the same math, picked per call by :func:`use_fun
 * functional: plain per-leaf torch ops, for ``torch.compile`` (inductor fuses them) and ``torch.func``
   transforms (``vmap`` over ensembles), where in-place fused kernels cannot run.
 
-Learning rate and weight decay live in ``state.hyperparams`` as 0-d float32 tensors, so changing them
-never recompiles a compiled step, and a vmapped ensemble can give each member its own values. A number
+Learning rate and weight decay live in ``state.hyperparams`` as 0-d tensors, so changing them never
+recompiles a compiled step, and a vmapped ensemble can give each member its own values. They are float32, or
+float64 where a param is float64 (float64 training then matches torch.optim's Python-float rates to float64
+precision) or the value was given as a float64 tensor; the CUDA fused kernels read a tensor rate as float32. A number
 assigned there (optax's ``hyperparams["learning_rate"] = 1e-3``) works too, and the next state holds it as a
 tensor; under :func:`fnlit.compile` each new number is a constant of its own graph (a recompile): assign tensors. An
 optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over
@@ -33,7 +35,7 @@ from ._base import (
 )
 from ._transforms import (
     _is_real, check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
-    hyper_value, scalar, zero_count,
+    hyper_dtype, hyper_value, scalar, zero_count,
 )
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -54,7 +56,7 @@ class SGDState(NamedTuple):
 
     count: torch.Tensor  # 0-d int64: steps taken so far
     momentum_buffer: PyTree  # () without momentum: torch.func.vmap rejects None leaves
-    hyperparams: dict[str, torch.Tensor]  # "learning_rate", "weight_decay": 0-d float32
+    hyperparams: dict[str, torch.Tensor]  # "learning_rate", "weight_decay": 0-d float32 (float64: see hyper_dtype)
 
 
 class AdamState(NamedTuple):
@@ -121,8 +123,9 @@ def _decay_factor(lr: torch.Tensor, wd: torch.Tensor, dtype: torch.dtype = torch
 
 
 def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
-    """The fused kernels take a float or a tensor lr; on the CPU the float skips a tensor read per call."""
-    return float(lr) if device.type == "cpu" and lr.is_cpu else lr.to(device)
+    """The fused kernels take a float or a tensor lr; on the CPU the float skips a tensor read per call (and keeps a
+    float64 rate whole). Elsewhere a float32 tensor: the CUDA kernels read a tensor rate as float."""
+    return float(lr) if device.type == "cpu" and lr.is_cpu else lr.to(device=device, dtype=torch.float32)
 
 
 def _kernel_decay(lr: torch.Tensor, wd: torch.Tensor, param: torch.Tensor) -> float | None:
@@ -160,10 +163,13 @@ def _optimizer(
     decays = not (_is_real(weight_decay) and weight_decay == 0)
     eager_functional = _without_grad(functional)
 
+    given = {"learning_rate": learning_rate, "weight_decay": weight_decay}  # a float64 tensor stays float64
+
     def init(params: PyTree) -> Any:
         count = zero_count(device_of(params))
         lr = check_schedule_value(name, schedule(count)) if schedule is not None else learning_rate
-        hyper = {"learning_rate": scalar(lr, count.device), "weight_decay": scalar(weight_decay, count.device)}
+        hyper = {k: scalar(v, count.device, hyper_dtype(params, given[k])) for k, v in
+                 (("learning_rate", lr), ("weight_decay", weight_decay))}
         bufs = {f: tree_map(torch.zeros_like, params) for f in buffers}
         return state_cls(count=count, hyperparams=hyper, **bufs) if buffers else state_cls(count, (), hyper)
 
@@ -209,9 +215,9 @@ def _optimizer(
         # (optax's idiom) is held as the tensor made of it from now on.
         hyper = dict(state.hyperparams)
         if schedule is not None:
-            hyper["learning_rate"] = schedule(state.count).to(torch.float32)
+            hyper["learning_rate"] = schedule(state.count).to(hyper_dtype(p))
         for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):
-            hyper[key] = hyper_value(name, key, hyper[key], state.count.device)
+            hyper[key] = hyper_value(name, key, hyper[key], state.count.device, p, given[key])
         lr, wd = hyper["learning_rate"], hyper["weight_decay"] if decays else None
         count = state.count + 1
         traced = use_functional(g, p, [count, lr])

@@ -2,7 +2,8 @@
 
 They are written leaf by leaf in plain torch ops (no in-place writes, no host syncs), so they work
 eagerly, under ``torch.compile`` and under ``torch.func.vmap``. Hyperparameters that users sweep or
-schedule (learning rate, weight decay) are 0-d float32 tensors in the state, on the params' device.
+schedule (learning rate, weight decay) are 0-d tensors in the state, on the params' device: float32, or float64
+where a param is float64 or the value was given as a float64 tensor (see :func:`hyper_dtype`).
 """
 
 from __future__ import annotations
@@ -228,15 +229,32 @@ def device_of(params: PyTree) -> torch.device:
     return leaves[0].device if leaves else torch.device("cpu")
 
 
-def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A 0-d float32 tensor on ``device``: how swept hyperparameters are stored."""
-    return torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone()
+def hyper_dtype(params: Any, given: Any = None) -> torch.dtype:
+    """The dtype a hyperparameter is held in: float64 where a param is float64 (or complex128, whose parts are) or
+    the value ``given`` to the constructor is a float64 tensor, float32 otherwise.
+
+    float64 training thus steps with the float64 rates torch.optim's Python floats are (a float32 rate moved the
+    params ~5e-8 relative from torch.optim's); float32 and narrower params beside float64 ones compute with the
+    rate rounded, as they did. One rule at ``init`` and for a number assigned mid-run, so a state keeps its dtypes.
+    """
+    if isinstance(given, torch.Tensor) and given.dtype is torch.float64:
+        return torch.float64
+    wide = any(
+        isinstance(t, torch.Tensor) and (t.dtype is torch.float64 or t.dtype is torch.complex128) for t in tree_leaves(params)
+    )
+    return torch.float64 if wide else torch.float32
 
 
-def hyper_value(name: str, key: str, value: Any, device: torch.device) -> torch.Tensor:
+def scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 0-d tensor of ``dtype`` (see :func:`hyper_dtype`) on ``device``: how swept hyperparameters are stored."""
+    return torch.as_tensor(value, dtype=dtype, device=device).detach().clone()
+
+
+def hyper_value(name: str, key: str, value: Any, device: torch.device, params: Any = (), given: Any = None) -> torch.Tensor:
     """A hyperparameter as the kernels take it: a 0-d tensor as it is, a number assigned to ``state.hyperparams``
-    (optax's idiom) as a 0-d float32 tensor; a negative or NaN number, or anything else (a tensor of another shape
-    would be broadcast into the params, changing their shapes) is refused. A tensor's value is not read (no sync)."""
+    (optax's idiom) as a 0-d tensor of ``hyper_dtype(params, given)`` (the dtype ``init`` gave it); a negative or
+    NaN number, or anything else (a tensor of another shape would be broadcast into the params, changing their
+    shapes) is refused. A tensor's value is not read (no sync)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:  # (a shape read: no sync, traceable)
             return value
@@ -245,7 +263,7 @@ def hyper_value(name: str, key: str, value: Any, device: torch.device) -> torch.
         # checked as the constructors check it (a Python number: no tensor is read, no sync); NaN fails the comparison
         check_arg(f"{name}.update", f"state.hyperparams[{key!r}]", value, value >= 0, ">= 0",
                   "A negative learning rate or weight decay moves the params up the gradient.")
-        return scalar(float(value), device)
+        return scalar(float(value), device, hyper_dtype(params, given))
     else:
         got = f"{type(value).__name__} {value!r}"
     raise TypeError(
@@ -302,17 +320,18 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         if callable(learning_rate):
             lr = check_schedule_value("scale_by_learning_rate", learning_rate(count))
         else:
-            lr = scalar(learning_rate, count.device)
-        return ScaleByLearningRateState(count, {"learning_rate": scalar(lr, count.device)})
+            lr = learning_rate
+        return ScaleByLearningRateState(count, {"learning_rate": scalar(lr, count.device, hyper_dtype(params, learning_rate))})
 
     def update(
         updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None
     ) -> tuple[PyTree, ScaleByLearningRateState]:
         hyper = dict(state.hyperparams)  # a new dict each update: editing it never changes an earlier state
         if callable(learning_rate):
-            hyper["learning_rate"] = learning_rate(state.count).to(torch.float32)
+            hyper["learning_rate"] = learning_rate(state.count).to(hyper_dtype(updates))
         else:  # a number assigned there (optax's idiom) is held as the tensor made of it from now on
-            lr = hyper_value("scale_by_learning_rate", "learning_rate", hyper["learning_rate"], state.count.device)
+            lr = hyper_value("scale_by_learning_rate", "learning_rate", hyper["learning_rate"], state.count.device,
+                             updates, learning_rate)
             hyper["learning_rate"] = lr
         factor = sign * hyper["learning_rate"]
         return tree_map(lambda u: u * factor, updates), ScaleByLearningRateState(state.count + 1, hyper)
@@ -444,7 +463,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         return masked(add_decayed_weights(weight_decay), mask)
 
     def init(params: PyTree) -> AddDecayedWeightsState:
-        return AddDecayedWeightsState({"weight_decay": scalar(weight_decay, device_of(params))})
+        return AddDecayedWeightsState({"weight_decay": scalar(weight_decay, device_of(params), hyper_dtype(params, weight_decay))})
 
     def update(updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None) -> tuple[PyTree, Any]:
         if params is None:
@@ -453,7 +472,9 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
                 "tx.update(grads, state, params) (fnlit.optim.step does)."
             )
         hyper = dict(state.hyperparams)  # a number assigned there (optax's idiom) is held as a tensor from now on
-        wd = hyper["weight_decay"] = hyper_value("add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params))
+        wd = hyper["weight_decay"] = hyper_value(
+            "add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params), params, weight_decay
+        )
         return tree_map(lambda u, p: u + wd * p, updates, params), AddDecayedWeightsState(hyper)
 
     return GradientTransformation(init, update)
