@@ -414,6 +414,15 @@ def test_a_negative_or_nan_number_assigned_as_a_hyperparameter_is_refused(make, 
         assert torch.equal(new["w"], params["w"])  # no step at rate 0
 
 
+def test_scale_takes_a_number_or_a_0d_tensor_only():
+    # scale("x") was built and failed in the update; scale(torch.tensor([1., 2.])) broadcast into the updates.
+    for bad, got in (("x", r"'x' \(str\)"), (torch.tensor([1.0, 2.0]), r"tensor\(\[1., 2.\]\) \(Tensor\)"), (True, r"True \(bool\)")):
+        with pytest.raises(TypeError, match=rf"scale expected step_size to be a number or a 0-d tensor, got {got} instead"):
+            fo.scale(bad)
+    u = {"w": torch.tensor([1.0, -2.0])}
+    assert torch.equal(fo.scale(torch.tensor(-0.5)).update(u, fo.EmptyState())[0]["w"], torch.tensor([-0.5, 1.0]))
+
+
 RATE = "a float >= 0, a 0-d tensor or a schedule"
 
 

@@ -110,6 +110,16 @@ def test_dp_errors():
         torch.func.vmap(lambda g: tx.update({"a": g}, tx.init({}))[0]["a"])(torch.ones(2, 3, 1))
 
 
+def test_dp_refuses_an_infinite_clip_or_noise():
+    # dp_sgd_aggregate(1.0, inf, seed=0) and (inf, 1.0) were built, and every update was inf or NaN.
+    with pytest.raises(ValueError, match=r"dp_sgd_aggregate expected noise_multiplier >= 0 and finite, got inf instead"):
+        dp_sgd_aggregate(1.0, float("inf"), seed=0)
+    with pytest.raises(ValueError, match=r"dp_sgd_aggregate expected l2_norm_clip > 0 and finite, got inf instead"):
+        dp_sgd_aggregate(float("inf"), 1.0, seed=0)
+    with pytest.raises(ValueError, match=r"expected noise_multiplier >= 0 and finite, got nan"):
+        dp_sgd_aggregate(1.0, float("nan"), seed=0)
+
+
 def test_per_example_grads_under_float16_amp_is_refused_and_bfloat16_runs():
     model = mlp()
     tx = chain(dp_sgd_aggregate(l2_norm_clip=0.5, noise_multiplier=0.0), sgd(0.1))

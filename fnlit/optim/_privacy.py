@@ -7,6 +7,7 @@ autograd. Semantics follow optax's ``differentially_private_aggregate``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -74,7 +75,7 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
             leaves no privacy. Draw one per run and keep it secret, e.g. ``secrets.randbits(63)``.
 
     Raises:
-        ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``; at update time if the leaves
+        ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``, or either not finite; at update time if the leaves
             have no common leading batch dimension.
         TypeError: for noise without a ``seed``, or a seed that is not an int.
         RuntimeError: if run inside vmap or torch.compile.
@@ -89,8 +90,9 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         >>> new_params["w"]  # -(0.2 * [3, 4] + [0.3, 0.4]) / 2
         tensor([-0.4500, -0.6000])
     """
-    check_arg("dp_sgd_aggregate", "l2_norm_clip", l2_norm_clip, l2_norm_clip > 0, "> 0", "Use e.g. 1.0.")
-    check_arg("dp_sgd_aggregate", "noise_multiplier", noise_multiplier, noise_multiplier >= 0, ">= 0")
+    # (finite: an infinite clip or noise made every update inf or NaN)
+    check_arg("dp_sgd_aggregate", "l2_norm_clip", l2_norm_clip, 0 < l2_norm_clip < math.inf, "> 0 and finite", "Use e.g. 1.0.")
+    check_arg("dp_sgd_aggregate", "noise_multiplier", noise_multiplier, 0 <= noise_multiplier < math.inf, ">= 0 and finite")
     std = float(noise_multiplier) * float(l2_norm_clip)
     if seed is None and std > 0:
         raise TypeError(

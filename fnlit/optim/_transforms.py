@@ -278,13 +278,23 @@ def zero_count(device: torch.device) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ transforms
 def scale(step_size: float) -> GradientTransformation:
-    """Multiplies the updates by a constant ``step_size``.
+    """Multiplies the updates by a constant ``step_size`` (a number, e.g. ``-lr``, or a 0-d tensor).
+
+    Raises:
+        TypeError: if ``step_size`` is neither a real number nor a 0-d real tensor (a tensor of another shape would
+            be broadcast into the updates, changing their shapes).
 
     Example:
         >>> import torch
         >>> scale(-0.5).update({"w": torch.ones(2)}, EmptyState())[0]
         {'w': tensor([-0.5000, -0.5000])}
     """
+
+    ok = _is_real(step_size) or (
+        isinstance(step_size, torch.Tensor) and step_size.ndim == 0 and step_size.dtype is not torch.bool
+        and not step_size.dtype.is_complex
+    )
+    check_type("scale", "step_size", step_size, ok, "a number or a 0-d tensor", "E.g. scale(-1e-3).")
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
         return tree_map(lambda u: u * step_size, updates), state
