@@ -99,28 +99,19 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
 
 
 def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
-    """``state`` with the Python numbers of its hyperparameters (assigned as numbers: optax's idiom) as the float32
-    tensors the optimizer reads them as: 0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
-    shape = () if n is None else (n,)
+    """``state`` with the Python numbers of its hyperparameters (assigned as numbers: optax's idiom) as the tensors
+    the optimizer reads them as (float32, float64 for float64 params: :func:`fnlit.optim._transforms.hyper_dtype`):
+    0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
 
     def as_tensors(hyper: dict[str, Any]) -> dict[str, Any] | None:
         if not any(_real(v) for v in hyper.values()):
             return None
-        return {k: torch.full(shape, float(v), dtype=torch.float32, device=state.device) if _real(v) else v
+        shape, dtype = () if n is None else (n,), hyper_dtype(state.params)
+        return {k: torch.full(shape, float(v), dtype=dtype, device=state.device) if _real(v) else v
                 for k, v in hyper.items()}
 
     opt_state, found = _map_hyper(state.opt_state, as_tensors)
     return state.replace(opt_state=opt_state) if found else state
-    """``state`` with its Python numbers (a hyperparameter assigned as one: optax's idiom) as the tensors the
-    optimizer reads them as (float32, float64 for float64 params: :func:`fnlit.optim._transforms.hyper_dtype`): 0-d,
-    or ``(n,)`` in a stacked state (the one value of every member)."""
-    leaves, spec = _tree.tree_flatten(state)
-    if not any(_real(x) for x in leaves):
-        return state
-    shape, dtype = () if n is None else (n,), hyper_dtype(state.params)
-    return _tree.tree_unflatten(
-        spec, [torch.full(shape, float(x), dtype=dtype, device=state.device) if _real(x) else x for x in leaves]
-    )
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -35,7 +35,7 @@ from ._base import (
 )
 from ._transforms import (
     _is_real, check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
-    hyper_dtype, hyper_value, scalar, zero_count,
+    held_dtype, hyper_dtype, hyper_value, scalar, zero_count,
 )
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -215,7 +215,7 @@ def _optimizer(
         # (optax's idiom) is held as the tensor made of it from now on.
         hyper = dict(state.hyperparams)
         if schedule is not None:
-            hyper["learning_rate"] = schedule(state.count).to(hyper_dtype(p))
+            hyper["learning_rate"] = schedule(state.count).to(held_dtype(hyper["learning_rate"], p))
         for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):
             hyper[key] = hyper_value(name, key, hyper[key], state.count.device, p, given[key])
         lr, wd = hyper["learning_rate"], hyper["weight_decay"] if decays else None

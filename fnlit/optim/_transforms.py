@@ -245,6 +245,12 @@ def hyper_dtype(params: Any, given: Any = None) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
+def held_dtype(held: Any, params: Any) -> torch.dtype:
+    """The dtype of a scheduled hyperparameter: that of the tensor the state holds (init's :func:`hyper_dtype`, read
+    without a pass over the params on every update), or ``hyper_dtype(params)`` for a number assigned there."""
+    return held.dtype if isinstance(held, torch.Tensor) else hyper_dtype(params)
+
+
 def scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A 0-d tensor of ``dtype`` (see :func:`hyper_dtype`) on ``device``: how swept hyperparameters are stored."""
     return torch.as_tensor(value, dtype=dtype, device=device).detach().clone()
@@ -338,7 +344,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     ) -> tuple[PyTree, ScaleByLearningRateState]:
         hyper = dict(state.hyperparams)  # a new dict each update: editing it never changes an earlier state
         if callable(learning_rate):
-            hyper["learning_rate"] = learning_rate(state.count).to(hyper_dtype(updates))
+            hyper["learning_rate"] = learning_rate(state.count).to(held_dtype(hyper["learning_rate"], updates))
         else:  # a number assigned there (optax's idiom) is held as the tensor made of it from now on
             lr = hyper_value("scale_by_learning_rate", "learning_rate", hyper["learning_rate"], state.count.device,
                              updates, learning_rate)
