@@ -106,6 +106,12 @@ def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
     def as_tensors(hyper: dict[str, Any]) -> dict[str, Any] | None:
         if not any(_real(v) for v in hyper.values()):
             return None
+        for k, v in hyper.items():  # refused as the optimizer refuses one in a single state (NaN fails too)
+            if _real(v) and not v >= 0:
+                raise ValueError(
+                    f"fnlit.ensemble expected state.hyperparams[{k!r}] >= 0, got {v!r} instead. A negative learning "
+                    "rate or weight decay moves the params up the gradient."
+                )
         shape, dtype = () if n is None else (n,), hyper_dtype(state.params)
         return {k: torch.full(shape, float(v), dtype=dtype, device=state.device) if _real(v) else v
                 for k, v in hyper.items()}

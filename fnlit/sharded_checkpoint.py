@@ -466,6 +466,15 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
     for p in numbers:
         if p not in saved_numbers and info["tensors"].get(p, [None])[0] == []:
             load[p] = torch.empty((), dtype=getattr(torch, info["tensors"][p][1]))
+    # A 0-d float (a rate) saved in another float dtype: a float64 model's rates were float32 before they were held
+    # in float64. Loaded as saved, cast to like's below (as fnlit.restore does).
+    recast = {}
+    for p, t in tensors.items():
+        kept = info["tensors"].get(p, [None, None])
+        if p in load and type(t) is torch.Tensor and t.dim() == 0 and t.is_floating_point() and kept[0] == [] and (
+            kept[1] != str(t.dtype).removeprefix("torch.") and getattr(torch, kept[1], None) in (torch.float32, torch.float64)
+        ):
+            load[p], recast[p] = torch.empty((), dtype=getattr(torch, kept[1]), device=t.device), t.dtype
     loaded = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in load.items()}
     others = {p: v for p, v in {**tensors, **numbers}.items() if p not in load}
     _check_like(directory, info["tensors"], loaded, others, saved_numbers)
@@ -483,4 +492,5 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
             raise CheckpointError(f"cannot restore the sharded checkpoint {directory}: {_failure(e)}.") from None
     like_leaves = {**tensors, **numbers}
     values = [_as_like(like_leaves[p], saved_numbers[p] if p in saved_numbers else load[p]) for p in paths]
+    values = [v.to(recast[p]) if p in recast else v for p, v in zip(paths, values)]
     return _tree.tree_unflatten(_tree.tree_structure(like), values)

@@ -749,6 +749,24 @@ def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_
         restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": 0, "lr": 0.5, "x": 1.0})
 
 
+def test_a_sharded_checkpoint_of_a_float64_model_with_float32_rates_restores_into_float64_rates(tmp_path):
+    # Before float64 models held float64 rates, their checkpoints held float32 ones; restore_sharded refused them
+    # ("holds ... dtype float32, but `like` has ... float64"), where fnlit.restore casts.
+    model = nn.Linear(3, 2).double()
+    like = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3, weight_decay=0.1), seed=0)
+    assert like.opt_state.hyperparams["learning_rate"].dtype is torch.float64
+    old = like.replace(opt_state=like.opt_state._replace(hyperparams={
+        "learning_rate": torch.tensor(1e-3), "weight_decay": torch.tensor(0.1)}))  # what an older fnlit saved
+    restored = restore_sharded(save_sharded(tmp_path / "old", old), like=like)
+    for k, v in {"learning_rate": 1e-3, "weight_decay": 0.1}.items():
+        assert torch.equal(restored.opt_state.hyperparams[k], torch.tensor(v, dtype=torch.float32).double())
+    assert torch.equal(restored.params["weight"], like.params["weight"])
+    # a param's dtype is no rate: still refused
+    with pytest.raises(ValueError, match=r"at params\['(weight|bias)'\] the checkpoint .* dtype float32, but `like` has .* float64"):
+        restore_sharded(save_sharded(tmp_path / "f32", fnlit.TrainState.create(nn.Linear(3, 2), fnlit.optim.adamw(1e-3), seed=0)),
+                        like=fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0))
+
+
 def test_ckpt_path_naming_a_sharded_checkpoint_or_a_folder_of_foreign_files_is_not_silently_a_fresh_run(tmp_path):
     # fit(ckpt_path=<a save_sharded folder>) found no step=N.ckpt there and trained from step 0, saying nothing.
     step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731

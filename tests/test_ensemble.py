@@ -423,6 +423,24 @@ def test_numbers_assigned_as_hyperparameters_stack_and_step_as_their_tensors():
         assert_trees_close(unstack_state(after, i).params, alone.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), np.float32(-0.1)])
+def test_a_negative_or_nan_number_assigned_to_an_ensembles_rate_is_refused_as_for_one_state(bad):
+    # A single state's update refuses it; the ensemble turned it into a tensor first and trained up the gradient.
+    tx = fnlit.optim.sgd(0.1)
+    single = fnlit.TrainState.create(mlp(), tx, seed=0)
+    single.opt_state.hyperparams["learning_rate"] = bad
+    with pytest.raises(ValueError, match=r"learning_rate.*>= 0"):
+        hand_step(mlp())(single, batch())
+    stacked = ensemble_states(mlp, tx, seeds=[0, 1])
+    stacked.opt_state.hyperparams["learning_rate"] = bad
+    with pytest.raises(ValueError, match=r"hyperparams\['learning_rate'\] >= 0"):
+        ensemble(hand_step(mlp()), 2)(stacked, batch())
+    members = [fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(2)]
+    members[1].opt_state.hyperparams["learning_rate"] = bad
+    with pytest.raises(ValueError, match=r"hyperparams\['learning_rate'\] >= 0"):
+        stack_states(members)
+
+
 def test_a_stacked_hyperparameter_saved_as_a_number_or_a_tensor_restores_into_either_form(tmp_path):
     # A script that assigns one number to a stacked state's rate restores the (n,) tensor its run saved (as a single
     # state's 0-d tensor and number restore into each other); restoring failed both ways ("expected float 0.01").

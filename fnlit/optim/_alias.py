@@ -12,9 +12,11 @@ Each has two implementations of the same math, picked per call by :func:`use_fun
 Learning rate and weight decay live in ``state.hyperparams`` as 0-d tensors, so changing them never
 recompiles a compiled step, and a vmapped ensemble can give each member its own values. They are float32, or
 float64 where a param is float64 (float64 training then matches torch.optim's Python-float rates to float64
-precision) or the value was given as a float64 tensor; the CUDA fused kernels read a tensor rate as float32. A number
-assigned there (optax's ``hyperparams["learning_rate"] = 1e-3``) works too, and the next state holds it as a
-tensor; under :func:`fnlit.compile` each new number is a constant of its own graph (a recompile): assign tensors. An
+precision, except a schedule's rate, computed in float32) or the value was given as a float64 tensor; the CUDA
+fused kernels read a tensor rate as float32. A number assigned there (optax's ``hyperparams["learning_rate"] = 1e-3``)
+works too, and the next state holds it as a tensor; under :func:`fnlit.compile` each new number is a constant of its
+own graph (a recompile): assign tensors, of the dtype held there (``torch.tensor(1e-3, dtype=torch.float64)`` for a
+float64 model: a float32 one is a new graph, and stays float32). An
 optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over
 the params for it), so its ``hyperparams["weight_decay"]`` is then not read: build it with
 ``weight_decay=torch.tensor(0.0)`` to tune the decay from zero.

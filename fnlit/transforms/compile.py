@@ -101,7 +101,7 @@ _RECOMPILES = (
     "hyperparams as a float) compiles a graph of its own.\n"
     "Fix: give batches fixed shapes (ArrayLoader(..., drop_last=True) or DataLoader(..., drop_last=True), or pad "
     "to a few fixed lengths), pass numbers that change as 0-d tensors (assign hyperparameters as tensors: "
-    "hyperparams['learning_rate'] = torch.tensor(1e-3)), compile with "
+    "hyperparams['learning_rate'] = torch.tensor(1e-3), of the dtype held there: float64 for a float64 model), compile with "
     "fnlit.compile(step, dynamic=True) to let shapes vary in one graph, or raise the limit: "
     "torch._dynamo.config.recompile_limit = N."
 )
