@@ -26,7 +26,7 @@ from . import data as _data
 from . import distributed as _dist
 from . import tree as _tree
 from ._types import Batch, Metrics, StepFn
-from .callbacks import EarlyStopping, StopTraining, Timer
+from .callbacks import Callback, EarlyStopping, StopTraining, Timer
 from .ensemble import EnsembleStep
 from .state import TrainState
 from .summary import (
@@ -358,14 +358,26 @@ _HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_valida
 
 
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
-    """The callbacks with a state to checkpoint, keyed by class name and their order among that class's."""
+    """The callbacks that may have a state to checkpoint (``state_dict`` and ``load_state_dict``, other than
+    :class:`~fnlit.callbacks.Callback`'s no-ops), keyed by class name and their order among that class's.
+    Whether one has a state is asked at each save (:func:`_states`): a state made during training is kept too."""
     out, seen = [], {}
     for cb in callbacks:
         name = type(cb).__qualname__
         n = seen[name] = seen.get(name, -1) + 1
         saves = callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
-        if saves and cb.state_dict() is not None:
+        if saves and getattr(cb.state_dict, "__func__", None) is not Callback.state_dict:
             out.append((name if n == 0 else f"{name}#{n}", cb))
+    return out
+
+
+def _states(stateful: list[tuple[str, Any]], copied: bool = False) -> dict[str, Any]:
+    """The callbacks' states now, by key; those whose ``state_dict()`` is None (none yet) are left out."""
+    out = {}
+    for key, cb in stateful:
+        s = cb.state_dict()
+        if s is not None:
+            out[key] = _containers_copied(s) if copied else s
     return out
 
 
@@ -634,8 +646,9 @@ def fit(
             pos["log_pending"] = stored
         if _dist.world_size() > 1:  # batch counts each rank's batches: a resume on other ranks is told (one process: 1)
             pos["world_size"] = _dist.world_size()
-        if stateful:
-            pos["callbacks"] = {key: cb.state_dict() for key, cb in stateful}
+        states = _states(stateful) if stateful else None
+        if states:
+            pos["callbacks"] = states
         if hooks.stop and epoch < plan.min_epochs:  # requested (by any callback), deferred by min_epochs: kept
             pos["stop_requested"] = True
         return pos
@@ -732,7 +745,7 @@ def fit(
         passes += 1
         if passes > 1 and isinstance(val_data, Iterator):  # (the first pass used it up: this one would see nothing)
             raise TypeError(_ONE_SHOT_VAL.format(kind=type(val_data).__name__) + ".")
-        validating = (epoch_end, {key: _containers_copied(cb.state_dict()) for key, cb in stateful})
+        validating = (epoch_end, _states(stateful, copied=True))
         hooks("on_validation_start", state)
         metrics = {prefixes[1] + k: v for k, v in evaluate(eval_step, state, val_data, plan.val_batches).items()}  # type: ignore[arg-type]
         log.claim(metrics, "the eval step")
@@ -800,7 +813,7 @@ def fit(
                             log_now()
                         except KeyboardInterrupt:
                             if validated_here:  # due at this step, never run: the resume runs it after the row
-                                validating = (False, {key: _containers_copied(cb.state_dict()) for key, cb in stateful})
+                                validating = (False, _states(stateful, copied=True))
                             raise
                     if validated_here:
                         validate()

@@ -577,6 +577,50 @@ def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
     assert resumed_timer.time_elapsed() >= elapsed  # the time counts across the resume, as Lightning's Timer
 
 
+class _LazyCount(fnlit.callbacks.Callback):
+    """Counts steps; its state is made at the first step (state_dict() is None before, as at fit's start)."""
+
+    def __init__(self):
+        self.seen = None
+
+    def on_step(self, state, metrics):
+        self.seen = (self.seen or 0) + 1
+
+    def state_dict(self):
+        return None if self.seen is None else {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+class _PlainLazyCount:  # not a Callback subclass: any object defining both methods
+    state_dict, load_state_dict, on_step = _LazyCount.state_dict, _LazyCount.load_state_dict, _LazyCount.on_step
+
+    def __init__(self):
+        self.seen = None
+
+
+def test_a_callback_whose_state_is_made_during_training_is_saved_and_resumed(tmp_path):
+    # Lightning asks each callback for its state at every save; fit asked once, before training, and a state
+    # made later was never saved (the resumed count started from zero).
+    from fnlit.checkpoint import Checkpointer
+
+    def run(max_steps, resume):
+        cbs = [_LazyCount(), _LazyCount(), _PlainLazyCount(), _NoState()]
+        fit(Counter().step, make_state(), ArrayLoader(torch.arange(10), batch_size=1), max_steps=max_steps,
+            callbacks=cbs, progress=False, checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=2),
+            ckpt_path="last" if resume else None)  # fmt: skip
+        return [cb.seen for cb in cbs[:3]]
+
+    assert run(6, resume=False) == [6, 6, 6]
+    assert run(8, resume=True) == [8, 8, 8]  # the uninterrupted run's count: each of the 8 steps once
+
+
+class _NoState(fnlit.callbacks.Callback):  # the base's state_dict: nothing saved, nothing loaded
+    def load_state_dict(self, state):
+        raise AssertionError("load_state_dict of a callback that saved nothing")
+
+
 def test_a_resume_from_an_epoch_end_best_does_not_validate_that_epoch_again(tmp_path):
     # Data without a length validates after its epoch's last checkpoint; the best saved by that validation
     # is the newest file. Resumed from it, the validation is done: again, it would count twice (EarlyStopping).
