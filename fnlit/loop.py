@@ -399,12 +399,11 @@ class _Hooks:
     """Calls the callbacks' hooks by name; a StopTraining from one is remembered and never skips the others."""
 
     def __init__(self, callbacks: Sequence[Any]) -> None:
-        from .callbacks import Callback
+        def has(cb: Any, name: str) -> bool:  # any hook but Callback's no-op (overridden, or set on the instance)
+            hook = getattr(cb, name, None)
+            return hook is not None and getattr(hook, "__func__", None) is not getattr(Callback, name)
 
-        def has(cb: Any, name: str) -> bool:  # overridden, or not a Callback subclass at all
-            return hasattr(cb, name) and getattr(type(cb), name, None) is not getattr(Callback, name)
-
-        self.lists = {name: [_Remembering(getattr(cb, name), self) for cb in callbacks if has(cb, name)] for name in _HOOKS}
+        self.lists = {name: [_Remembering(getattr(cb, name), self, cb) for cb in callbacks if has(cb, name)] for name in _HOOKS}
         self.stop = False
 
     def __call__(self, name: str, *args: Any) -> None:
@@ -419,9 +418,9 @@ class _Hooks:
 class _Remembering:
     """A callback's hook whose StopTraining is remembered (fit stops at its next check), never raised."""
 
-    def __init__(self, hook: Any, hooks: _Hooks) -> None:
-        # __self__: the callback, which MetricBuffer names an on_log value's source by
-        self.hook, self.hooks, self.__self__ = hook, hooks, getattr(hook, "__self__", hook)
+    def __init__(self, hook: Any, hooks: _Hooks, callback: Any) -> None:
+        # __self__: the callback (also for a hook set on the instance), which MetricBuffer names an on_log value's source by
+        self.hook, self.hooks, self.__self__ = hook, hooks, callback
 
     def __call__(self, *args: Any) -> Any:
         try:

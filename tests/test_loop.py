@@ -57,6 +57,19 @@ def test_max_epochs_counts_epochs_and_steps():
     assert len(c.val) == 3 * 4  # one validation run per epoch (val_check_interval=1.0), all 4 val batches
 
 
+def test_hooks_assigned_on_a_callback_instance_are_called():
+    # The hooks were looked up on the class only: one assigned on a Callback() instance was silently never called.
+    import types
+
+    epochs, steps, plain = [], [], []
+    cb = fnlit.callbacks.Callback()
+    cb.on_epoch_end = lambda state, metrics: epochs.append(metrics["epoch"])
+    cb.on_step = lambda state, metrics: steps.append(int(state.step))
+    other = types.SimpleNamespace(on_epoch_end=lambda state, metrics: plain.append(metrics["epoch"]))
+    run(n=4, val=0, max_epochs=3, callbacks=[cb, other])
+    assert epochs == plain == [0, 1, 2] and steps == list(range(1, 13))  # 3 epochs of 4 batches
+
+
 def test_max_steps_stops_mid_epoch():
     c, state = run(max_steps=25, val=0)
     assert int(state.step) == 25 and c.epoch_ends == [0, 1]
