@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import random
 import sys
 import types
 from collections.abc import Callable
@@ -215,36 +216,60 @@ def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any
 
 
 class _GlobalGenerators:
-    """Saves PyTorch's global generators (CPU, and CUDA once initialised) and moves them to another state."""
+    """Saves the global generators (PyTorch's CPU one, CUDA's once initialised, Python's ``random`` and NumPy's
+    legacy ``np.random``) and moves them to another state."""
 
     def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
+        self.cpu, self.python, self.numpy = torch.get_rng_state(), random.getstate(), np.random.get_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         torch.default_generator.set_state(torch.Generator().manual_seed(0x5EED_0F_F00D).get_state())
+        random.seed(0x5EED_0F_F00D)
+        np.random.seed(0x5EED_F00D)
         if self.cuda is not None:
             for i in range(len(self.cuda)):
                 torch.cuda.default_generators[i].manual_seed(0x5EED_0F_F00D + i)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _global_rng_states() -> tuple[torch.Tensor, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _drawn_from(before: tuple[torch.Tensor, Any, Any]) -> list[str]:
+    """The global generators whose state changed since ``before`` (:func:`_global_rng_states`)."""
+    cpu, python, numpy = _global_rng_states()
+    drawn = []
+    if not torch.equal(cpu, before[0]):
+        drawn.append("PyTorch's global random generator")
+    if python != before[1]:
+        drawn.append("Python's global random generator (the random module)")
+    if not all(np.array_equal(a, b) for a, b in zip(numpy, before[2])):
+        drawn.append("NumPy's global random generator (np.random)")
+    return drawn
 
 
 def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """Asserts ``step`` is a pure function: no input mutated, no global RNG used, bitwise deterministic.
 
     Runs ``step(state, batch)`` twice. After each call every tensor of ``state`` and ``batch`` must be
-    bitwise what it was; PyTorch's global CPU generator must be untouched (random numbers come from
-    ``state.rng`` through :func:`fnlit.apply`); and the two calls must return bitwise equal states and
-    metrics (dropout included), the second one run with the global generators in another state (so a
-    step that reads them, even without advancing them, is caught).
+    bitwise what it was; the global generators -- PyTorch's CPU one, Python's ``random``, NumPy's
+    ``np.random`` -- must be untouched (random numbers come from ``state.rng`` through :func:`fnlit.apply`);
+    and the two calls must return bitwise equal states and metrics (dropout included), the second one run
+    with the global generators in another state (so a step that reads them, even without advancing them,
+    is caught).
 
     Returns:
         The outputs of the first call.
 
     Raises:
-        AssertionError: naming the mutated input, or the first output that differs between the calls.
+        AssertionError: naming the mutated input, the global generator drawn from, or the first output that
+            differs between the calls.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -254,7 +279,7 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
         >>> new_state, metrics = assert_pure(step, state, (torch.randn(8, 4), torch.randn(8, 4)))
     """
     paths, before = _snapshot(state, batch)
-    rng_before = torch.get_rng_state()
+    rng_before = _global_rng_states()
     first = step(state, batch)
     if is_donated(state):
         raise AssertionError(
@@ -262,14 +287,16 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
             "so it cannot be pure. Check the step without donating (assert_pure(step, ...) on the inner step)."
         )
     _check_unchanged(paths, before, state, batch, "first")
-    if not torch.equal(torch.get_rng_state(), rng_before):
+    drawn = _drawn_from(rng_before)
+    if drawn:
         raise AssertionError(
-            "the step changed PyTorch's global random generator: it draws random numbers that do not come from "
-            "state.rng. Run the random parts through fnlit.apply(..., rng=state.rng) or "
-            "`with fnlit.random.seeded(key):`, so the same state gives the same step."
+            f"the step changed {' and '.join(drawn)}: it draws random numbers that do not come from state.rng. "
+            "Draw them with torch's random functions (not random or np.random) under fnlit.apply(..., "
+            "rng=state.rng) or `with fnlit.random.seeded(key):`, so the same state gives the same step."
         )
-    # The second call runs with PyTorch's global generators in another state (restored afterwards): a step that
-    # reads them without advancing them (under torch.random.fork_rng) then comes out different.
+    # The second call runs with the global generators in another state (restored afterwards): a step that
+    # reads them without advancing them (under torch.random.fork_rng, or setstate after a draw) then comes out
+    # different.
     saved = _GlobalGenerators()
     try:
         second = step(state, batch)
@@ -283,9 +310,10 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
     if where is not None:
         raise AssertionError(
             f"the step is not deterministic: {where} differs between two calls on the same state and batch (the "
-            "second ran with PyTorch's global generator in another state). Draw random numbers from state.rng "
-            "(fnlit.apply(..., rng=state.rng)), not from the global generator (even under torch.random.fork_rng), "
-            "and avoid nondeterministic kernels (torch.use_deterministic_algorithms(True) finds them)."
+            "second ran with the global generators -- PyTorch's, Python's random, NumPy's -- in another state). "
+            "Draw random numbers from state.rng (fnlit.apply(..., rng=state.rng)), not from a global generator "
+            "(even under torch.random.fork_rng), and avoid nondeterministic kernels "
+            "(torch.use_deterministic_algorithms(True) finds them)."
         )
     return first
 

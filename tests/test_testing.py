@@ -138,6 +138,50 @@ def test_assert_pure_catches_randomness_outside_the_key():
         assert_pure(bad, state, batch())
 
 
+def test_assert_pure_catches_draws_from_pythons_and_numpys_global_generators():
+    # Only PyTorch's generator was checked: a step flipping its batch on random.random() < 0.5 passed half the
+    # time, and a NumPy draw was reported as nondeterminism "with PyTorch's global generator in another state".
+    import random
+
+    model, state = make()
+    inner = hand_step(model)
+
+    def flips(state, b):
+        return inner(state, (b[0].flip(0) if random.random() < 0.5 else b[0], b[1]))
+
+    def noisy(state, b):
+        return inner(state, (b[0] + torch.from_numpy(np.random.randn(*b[0].shape).astype("float32")), b[1]))
+
+    for seed in range(6):  # whatever the global generators' states, every time
+        random.seed(seed)
+        np.random.seed(seed)
+        with pytest.raises(AssertionError, match=r"changed Python's global random generator \(the random module\)"):
+            assert_pure(flips, state, batch())
+        with pytest.raises(AssertionError, match=r"changed NumPy's global random generator") as e:
+            assert_pure(noisy, state, batch())
+        assert "PyTorch" not in str(e.value).split(":")[0]
+    python, numpy = random.getstate(), np.random.get_state()
+    assert_pure(inner, state, batch())  # a pure step passes, and leaves the generators as they were
+    assert random.getstate() == python and all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy))
+
+
+def test_assert_pure_catches_a_step_that_reads_pythons_generator_without_advancing_it():
+    import random
+
+    model, state = make()
+    inner = hand_step(model)
+
+    def step(state, b):
+        saved = random.getstate()
+        flip = random.random() < 0.5
+        random.setstate(saved)  # the generator is left as it was, but the step depends on it
+        return inner(state, (b[0].flip(0) if flip else b[0], b[1]))
+
+    random.seed(0)  # random.random() is 0.84 here (no flip); under assert_pure's reseed for the second call, 0.43
+    with pytest.raises(AssertionError, match="not deterministic"):
+        assert_pure(step, state, batch())
+
+
 def test_assert_pure_catches_hidden_state():
     model, state = make()
     inner, calls = hand_step(model), []
