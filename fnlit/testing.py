@@ -12,7 +12,10 @@ of host memory that it does by design: random keys (0-d int64 CPU tensors turned
 the eager CPU fast path, learning rate and weight decay held on the CPU. Those happen in a few fnlit
 functions listed in ``_ALLOWED`` and are allowed only for CPU tensors; a read from anywhere else --
 the user's step included -- fails, even on the CPU where it costs nothing, because on an accelerator
-the same line would stall every step and break graph capture.
+the same line would stall every step and break graph capture. The integer that
+:func:`fnlit.random.fold_in` folds in is the user's: its read is allowed for the step counter only
+(``fold_in(state.rng, state.step)``, ``state.step`` of the state given to :func:`assert_no_host_sync`
+or ``no_host_sync(state=...)``), and flagged for any other tensor (a batch's, on the device in training).
 
 Example:
     >>> import torch, torch.nn.functional as F, fnlit
@@ -393,7 +396,7 @@ _ALLOWED = frozenset(
         _random._seed_eager,
         _random.split,
         _random.fold_in,
-        _random._index,  # fold_in(key, state.step): the step counter lives on the CPU
+        _random._index,  # fold_in(key, state.step): the step counter lives on the CPU (that tensor only: _COUNTERS)
         _random._fold_in_range,
         _random.next_key,
         _alias._decay_factor,
@@ -404,6 +407,10 @@ _ALLOWED = frozenset(
     )
 )
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
+# fold_in's read of its data (_random._index) is the user's tensor: allowed for the step counters of the states
+# given to assert_no_host_sync / no_host_sync(state=...) only (a batch's tensor is on the device in training).
+_INDEX = _random._index.__code__
+_COUNTERS: ContextVar[tuple[torch.Tensor, ...]] = ContextVar("fnlit_step_counters", default=())
 _READS = frozenset(
     ["item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__", "__complex__",
      "__repr__", "__str__", "__format__"]
@@ -459,10 +466,24 @@ def _caller() -> types.FrameType | None:
     return f
 
 
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def _flag(what: str, t: torch.Tensor | None) -> None:
     f = _caller()
     if t is not None and t.device.type == "cpu" and f is not None and f.f_code in _ALLOWED:
-        return
+        if f.f_code is not _INDEX or any(t is c for c in _COUNTERS.get()) or not _integer(t):
+            return  # (fold_in refuses a float or bool tensor, with its TypeError: no value is read)
+        while f.f_back is not None and f.f_code.co_filename == _random.__file__:  # the line calling fold_in
+            f = f.f_back
+        where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})"
+        raise HostSyncError(
+            f"host sync inside the step: fnlit.random.fold_in(key, data) read data, a tensor other than the step "
+            f"counter (state.step of the state under test), at {where}. On the host it turns into an int: a batch's "
+            "tensor is on the device in training, and this stalls it every step. Fold in a Python int (kept out of "
+            "the tensors moved to the device), or state.step."
+        )
     where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})" if f is not None else "an unknown place"
     raise HostSyncError(
         f"host sync inside the step: {what} at {where}. Reading a tensor's value on the host stalls the device "
@@ -546,7 +567,12 @@ class no_host_sync:
     accelerator to the host (``.cpu()``), and ops whose output shape depends on tensor values (boolean-mask
     indexing, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``),
     on any device -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
-    and CPU hyperparameters are allowed (see the module docstring). Ops run a little slower inside.
+    and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
+    of ``state.step`` (the step counter, on the CPU) for the ``state`` given; a tensor from elsewhere (a
+    batch's) folded in is flagged. Ops run a little slower inside.
+
+    Args:
+        state: the state the block's step is given (optional): ``fold_in(state.rng, state.step)`` is allowed.
 
     Example:
         >>> import torch
@@ -558,10 +584,14 @@ class no_host_sync:
         fnlit.testing.HostSyncError: host sync inside the step: Tensor.item() at ...
     """
 
-    def __init__(self) -> None:
+    def __init__(self, state: Any = None) -> None:
         self._modes = (_FunctionMode(), _DispatchMode())
+        counter = getattr(state, "step", None)
+        self._counters = (counter,) if isinstance(counter, torch.Tensor) else ()
+        self._tokens: list[Any] = []
 
     def __enter__(self) -> no_host_sync:  # noqa: PYI034
+        self._tokens.append(_COUNTERS.set(_COUNTERS.get() + self._counters))
         for m in self._modes:
             m.__enter__()
         return self
@@ -569,10 +599,11 @@ class no_host_sync:
     def __exit__(self, *exc: object) -> None:
         for m in reversed(self._modes):
             m.__exit__(*exc)
+        _COUNTERS.reset(self._tokens.pop())
 
 
 def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Batch) -> Any:
-    """Runs ``step(state, batch)`` under :class:`no_host_sync` and returns its outputs.
+    """Runs ``step(state, batch)`` under ``no_host_sync(state)`` and returns its outputs.
 
     A compiled step (:func:`fnlit.compile`, ``ensemble(..., compile=True)``) is run uncompiled here: its
     capture reports host syncs itself (:class:`fnlit.compile`'s ``CaptureError`` names the line).
@@ -588,7 +619,7 @@ def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Ba
         >>> state, metrics = assert_no_host_sync(step, state, (torch.randn(8, 4), torch.randn(8, 1)))
     """
     step = _uncompiled(step)
-    with no_host_sync():
+    with no_host_sync(state):
         return step(state, batch)
 
 

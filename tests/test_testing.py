@@ -322,6 +322,29 @@ def test_no_host_sync_passes_a_step_folding_its_step_counter_into_its_key():
         [0, 1][state.step]  # the same read, written in user code
 
 
+def test_no_host_sync_flags_fold_in_of_a_batch_tensor_as_the_same_read_written_directly():
+    # fold_in's read of its data was allowed for any CPU tensor: a batch's, on the GPU in training, passed on the CPU
+    # while int(batch["shard_id"]) in the step itself was flagged.
+    model, state = make()
+    shard = {"shard_id": torch.tensor(3)}
+
+    def direct(state, batch):
+        return state, {"k": fnlit.random.fold_in(state.rng, int(batch["shard_id"])).float()}
+
+    def folded(state, batch):
+        return state, {"k": fnlit.random.fold_in(state.rng, batch["shard_id"]).float()}
+
+    with pytest.raises(HostSyncError, match=r"int\(tensor\)"):
+        assert_no_host_sync(direct, state, shard)
+    with pytest.raises(HostSyncError, match=r"fold_in\(key, data\) read data, a tensor other than the step counter.*"
+                                            r"test_testing.py:\d+ \(in folded\)"):
+        assert_no_host_sync(folded, state, shard)
+    with pytest.raises(HostSyncError, match="other than the step counter"), no_host_sync(state=state):
+        fnlit.random.fold_in(state.rng, make()[1].step)  # another state's counter: not the one under test
+    with no_host_sync(state=state):
+        fnlit.random.fold_in(state.rng, state.step)  # the step counter: a CPU tensor by design
+
+
 def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
     assert issubclass(HostSyncError, AssertionError)
     with pytest.raises(HostSyncError, match="a copy from meta to the host"), no_host_sync():
