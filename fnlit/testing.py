@@ -15,7 +15,8 @@ the user's step included -- fails, even on the CPU where it costs nothing, becau
 the same line would stall every step and break graph capture. The integer that
 :func:`fnlit.random.fold_in` folds in is the user's: its read is allowed for the step counter only
 (``fold_in(state.rng, state.step)``, ``state.step`` of the state given to :func:`assert_no_host_sync`
-or ``no_host_sync(state=...)``), and flagged for any other tensor (a batch's, on the device in training).
+or ``no_host_sync(state=...)``), and flagged for any other tensor (a batch's, on the device in training); a bare
+``no_host_sync()``, given no state, allows any CPU integer there (it cannot tell the counter from a batch's).
 
 Example:
     >>> import torch, torch.nn.functional as F, fnlit
@@ -473,7 +474,8 @@ def _integer(t: torch.Tensor) -> bool:
 def _flag(what: str, t: torch.Tensor | None) -> None:
     f = _caller()
     if t is not None and t.device.type == "cpu" and f is not None and f.f_code in _ALLOWED:
-        if f.f_code is not _INDEX or any(t is c for c in _COUNTERS.get()) or not _integer(t):
+        counters = _COUNTERS.get()  # none: no state given, the counter cannot be told from a batch's tensor
+        if f.f_code is not _INDEX or not counters or any(t is c for c in counters) or not _integer(t):
             return  # (fold_in refuses a float or bool tensor, with its TypeError: no value is read)
         while f.f_back is not None and f.f_code.co_filename == _random.__file__:  # the line calling fold_in
             f = f.f_back
@@ -569,7 +571,8 @@ class no_host_sync:
     on any device -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
     of ``state.step`` (the step counter, on the CPU) for the ``state`` given; a tensor from elsewhere (a
-    batch's) folded in is flagged. Ops run a little slower inside.
+    batch's) folded in is flagged (without a ``state``, any CPU integer is allowed there). Ops run a little slower
+    inside.
 
     Args:
         state: the state the block's step is given (optional): ``fold_in(state.rng, state.step)`` is allowed.

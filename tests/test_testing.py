@@ -343,6 +343,8 @@ def test_no_host_sync_flags_fold_in_of_a_batch_tensor_as_the_same_read_written_d
         fnlit.random.fold_in(state.rng, make()[1].step)  # another state's counter: not the one under test
     with no_host_sync(state=state):
         fnlit.random.fold_in(state.rng, state.step)  # the step counter: a CPU tensor by design
+    with no_host_sync():  # no state given: the documented idiom is not told from a batch's tensor, and allowed
+        fnlit.random.fold_in(state.rng, state.step)
 
 
 def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
