@@ -341,17 +341,28 @@ _OUT_OF_STEP = (
 )
 
 
-def _same_batches(n: int | None, device: torch.device) -> None:
-    """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up)."""
-    counts = torch.tensor([-1 if n is None else n, -(-1 if n is None else n)], dtype=torch.int64, device=device)
+def _same_batches(n: int | None, seed: int, device: torch.device) -> int:
+    """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up).
+
+    Returns rank 0's data-order seed, in the same all-reduce: the ranks cut one order into their shards (as
+    DistributedSampler asks of its ``seed``), and a resume reads rank 0's. A rank may hold an rng of its own
+    (``check_same_state`` leaves it out), so the seeds the ranks took from their states may differ.
+    """
+    none = -1 if n is None else n
+    # The other ranks send int64's least, so the max is rank 0's seed; one outside int64 goes wrapped (the order
+    # only depends on it modulo 2**63: epoch_seed's mask).
+    sent = ((seed + 2**63) % 2**64) - 2**63 if _dist.rank() == 0 else -(2**63)
+    counts = torch.tensor([none, -none, sent], dtype=torch.int64, device=device)
     torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
-    most, least = int(counts[0]), -int(counts[1])
+    most, least, first = counts.tolist()  # (once, at the start of fit)
+    least = -least
     if most != least:
         raise ValueError(
             f"fit: the ranks have different numbers of training batches per epoch (from {least} to {most}; -1: "
             f"no len()), this rank {n}. Each step's gradient all-reduce pairs the ranks' steps, so they must run as "
             "many: fnlit.data.ArrayLoader shards evenly, as does DistributedSampler(drop_last=True)."
         )
+    return seed if _dist.rank() == 0 else first
 
 
 _HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_validation", "on_epoch_end", "on_fit_end")
@@ -562,6 +573,8 @@ def fit(
             and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``.
         ckpt_path: resume from this checkpoint (``"last"`` allowed): ``checkpoint.restore(ckpt_path, like=state)``.
         seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
+            Under torch.distributed every rank takes rank 0's (one order, cut into the ranks' shards), also
+            when the ranks' rngs differ.
         prefixes: the prefixes of training and validation metric names.
 
     Returns:
@@ -700,7 +713,7 @@ def fit(
     distributed, halt = _dist.world_size() > 1, False
     voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
-        _same_batches(n_batches, state.device)
+        seed = _same_batches(n_batches, seed, state.device)  # every rank draws rank 0's data order
         dp = collective_of(step)
         if dp is not None and dp.collective == "fnlit.data_parallel":  # every rank must start from the same state
             _dist.check_same_state(state, getattr(dp, "group", None))

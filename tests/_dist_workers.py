@@ -416,3 +416,21 @@ def fit_one_rank_warns_nothing():
         fnlit.fit(fnlit.data_parallel(hand_step(model)), state, [batch(8, seed=i) for i in range(2)], max_epochs=1,
                   progress=False)  # fmt: skip
     return [str(w.message) for w in caught if "check_same_state" in str(w.message)]
+
+
+def data_order_with_own_rngs():
+    """The examples fit's ArrayLoader gives each rank per epoch (12 examples, batches of 2, 2 epochs): ranks whose
+    states share rank 0's rng, then ranks that each hold their own (folded with the rank, as for per-rank dropout)."""
+    out = []
+    for own in (False, True):
+        state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+        state = state.replace(rng=fnlit.random.fold_in(state.rng, dist.get_rank() if own else 0))
+        seen = []
+
+        def step(s, b):
+            seen.extend(b.tolist())
+            return s.replace(step=s.step + 1), {}
+
+        fnlit.fit(step, state, fnlit.ArrayLoader(torch.arange(12), batch_size=2), max_epochs=2, progress=False)
+        out.append([seen[:6], seen[6:]])
+    return out

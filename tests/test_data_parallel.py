@@ -27,6 +27,7 @@ from _dist_workers import (
     stop_then_a_late_signal,
     uneven_batches,
     wrap,
+    data_order_with_own_rngs,
 )
 from helpers import batch, hand_step, mlp
 
@@ -181,6 +182,17 @@ def test_ranks_with_different_numbers_of_batches_are_told_so_at_the_start():
     # Each step's all-reduce pairs the ranks' steps: 5 against 4 batches would pair a stop vote with a gradient.
     for message in fnlit.distributed.launch(uneven_batches, 2, timeout=120, collective_timeout=30):
         assert "different numbers of training batches per epoch (from 4 to 5" in message
+
+
+def test_ranks_with_their_own_rngs_still_see_every_example_once_per_epoch():
+    # The data-order seed came from each rank's own rng: the ranks cut different permutations, so their shards
+    # overlapped (examples twice or never in an epoch). DistributedSampler's rule: one seed on every rank (rank 0's).
+    (shared0, own0), (shared1, own1) = fnlit.distributed.launch(data_order_with_own_rngs, 2, timeout=120)
+    for epoch in range(2):
+        for r0, r1 in ((shared0, shared1), (own0, own1)):
+            assert sorted(r0[epoch] + r1[epoch]) == list(range(12))  # every example exactly once
+    assert shared0[0] != shared0[1]  # reshuffled per epoch
+    assert (own0, own1) == (shared0, shared1)  # rank 0's order, whatever the other ranks' rngs hold
 
 
 def test_fit_validates_on_every_example_whatever_limit_val_batches_says():
