@@ -217,7 +217,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     """Runs ``eval_step(state, batch) -> metrics`` over ``data``; returns each metric's mean over examples.
 
     Each batch's metrics are weighted by its size (the leading dimension of its first tensor that has one),
-    so a smaller last batch counts for what it holds. Sums stay on the device; there is one host sync, at the end
+    so a smaller last batch counts for what it holds, and an empty one (size 0) not at all. Sums stay on the device; there is one host sync, at the end
     (under torch.distributed, sums are added across ranks first). The state is never changed.
 
     Args:
@@ -228,7 +228,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         limit_batches: an int number of batches, or a float fraction of ``len(data)``.
 
     Raises:
-        ValueError: if a metric is not a scalar (naming it and its shape), or there are no batches.
+        ValueError: if a metric is not a scalar (naming it and its shape), or there are no batches (or only
+            empty ones).
 
     Example:
         >>> import torch, fnlit
@@ -269,12 +270,13 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                 raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
             if any(isinstance(v, Mapping) for v in metrics.values()):  # {"parts": {"ce": ..}} is logged as "parts/ce"
                 metrics = flat_metrics(metrics)
+            # an empty batch (size 0) holds no examples: it does not count (its means are NaN, and NaN * 0 is NaN)
             size = examples(batch) if counts else 0
             if not names:
                 names, names_set = list(metrics), set(metrics)
                 for k in names:
                     check_metric_name(k, "the eval step")
-                sums = [value(k, metrics[k]) * size if counts else torch.zeros_like(value(k, metrics[k])) for k in names]
+                sums = [value(k, metrics[k]) * size if size else torch.zeros_like(value(k, metrics[k])) for k in names]
             else:
                 if metrics.keys() != names_set:
                     k = next(iter(metrics.keys() ^ names_set))
@@ -282,7 +284,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                         f"the eval step returned metric {k!r} for some batches but not others: return the same metric "
                         "names for every batch (evaluate averages each over all of them)."
                     )
-                if counts:
+                if size:
                     sums = [s + value(k, metrics[k]) * size for s, k in zip(sums, names)]
             count += size
     if not names:

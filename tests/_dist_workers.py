@@ -434,3 +434,10 @@ def data_order_with_own_rngs():
         fnlit.fit(step, state, fnlit.ArrayLoader(torch.arange(12), batch_size=2), max_epochs=2, progress=False)
         out.append([seen[:6], seen[6:]])
     return out
+
+
+def evaluate_with_empty_batches():
+    """evaluate where rank 0 has an empty batch among its examples and rank 1 has only empty batches."""
+    data = [torch.zeros(0), torch.ones(3), torch.zeros(0), torch.full((1,), 5.0)] if dist.get_rank() == 0 else [torch.zeros(0)] * 2
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    return fnlit.evaluate(lambda s, b: {"x": b.mean()}, state, data)

@@ -28,6 +28,7 @@ from _dist_workers import (
     uneven_batches,
     wrap,
     data_order_with_own_rngs,
+    evaluate_with_empty_batches,
 )
 from helpers import batch, hand_step, mlp
 
@@ -176,6 +177,12 @@ def test_evaluate_over_two_ranks_sees_every_example_once():
     with torch.no_grad():
         reference = float((model(x.float().unsqueeze(1)) ** 2).mean())
     assert s0 == s1 == pytest.approx(reference, rel=1e-5)
+
+
+def test_evaluate_over_two_ranks_skips_empty_batches():
+    # A rank whose batches are all empty adds zeros (not NaN) to the sums: the mean is over rank 0's 4 examples.
+    reference = float(torch.tensor([1.0, 1.0, 1.0, 5.0]).mean())
+    assert fnlit.distributed.launch(evaluate_with_empty_batches, 2, timeout=120) == [{"x": reference}] * 2
 
 
 def test_ranks_with_different_numbers_of_batches_are_told_so_at_the_start():

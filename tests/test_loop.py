@@ -857,6 +857,17 @@ def test_nested_metrics_are_logged_and_evaluated_as_outer_slash_inner(tmp_path):
     assert float(dict(zip(header, rows[-1].split(",")))["val/parts/a"]) == 3.5  # the mean over all 8 examples
 
 
+def test_evaluate_skips_empty_batches():
+    # An empty batch's mean is NaN and NaN * 0 is NaN: one made every metric NaN (also as the first batch).
+    ev = lambda state, b: {"x": b.float().mean()}  # noqa: E731
+    data = [torch.ones(3), torch.zeros(0), torch.full((1,), 5.0)]
+    reference = float(torch.cat(data).mean())  # the mean over the examples: (3 + 5) / 4
+    assert evaluate(ev, make_state(), data)["x"] == pytest.approx(reference)
+    assert evaluate(ev, make_state(), [torch.zeros(0)] + data)["x"] == pytest.approx(reference)
+    with pytest.raises(ValueError, match=r"evaluate got no examples \(batches of size 0\)"):
+        evaluate(ev, make_state(), [torch.zeros(0), torch.zeros(0)])
+
+
 def test_evaluate_names_a_metric_missing_from_some_batches():
     ev = lambda state, b: {"loss": b.float().mean()} if b[0] == 0 else {"other": b.float().mean()}  # noqa: E731
     with pytest.raises(KeyError, match="metric 'loss' for some batches but not others|metric 'other' for some batches"):
