@@ -19,10 +19,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections import UserDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -329,6 +330,10 @@ def check_sharding(data: Iterable[Any], name: str) -> None:
 def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
     """A function moving batches to ``device`` (pinned, non-blocking), or None on the CPU (nothing to do).
 
+    It reaches tensors in pytrees, in any Mapping (a dict subclass is copied, another Mapping rebuilt as its type
+    from a dict) and in dataclasses' fields (frozen ones too), as Lightning's ``move_data_to_device``; the batch
+    itself is left alone.
+
     Example:
         >>> device_mover(torch.device("cpu")) is None
         True
@@ -341,8 +346,13 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
 
     def move(batch: Batch) -> Batch:
         def one(t: Any) -> Any:
-            if isinstance(t, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding is one)
+            # pytree leaves to optree that hold tensors, as Lightning's move_data_to_device reads them:
+            if isinstance(t, UserDict):  # (Hugging Face's BatchEncoding is one)
                 return _with_data(t, {k: move(v) for k, v in t.data.items()})
+            if isinstance(t, Mapping):  # a dict subclass, another Mapping
+                return _with_items(t, {k: move(v) for k, v in t.items()})
+            if dataclasses.is_dataclass(t) and not isinstance(t, type):  # a plain (maybe frozen) dataclass
+                return _with_fields(t, move)
             if not isinstance(t, torch.Tensor) or t.device == device:
                 return t
             if pin and t.device.type == "cpu" and not t.is_pinned():
@@ -357,8 +367,8 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
 def batch_size_of(batch: Batch) -> int:
     """The leading dimension of the batch's first tensor that has one (1 if none has), as Lightning infers it.
 
-    Dicts are read in their own key order (Lightning's order; ``{"x": x, "y": y, "class_weight": w}`` counts ``x``'s
-    examples, not the weights'), and 0-d tensors are skipped: a scalar beside the examples does not make the batch
+    Dicts (any Mapping) are read in their own key order (Lightning's order; ``{"x": x, "y": y, "class_weight": w}``
+    counts ``x``'s examples, not the weights'), dataclasses field by field, and 0-d tensors are skipped: a scalar beside the examples does not make the batch
     count as one example. Tensors whose leading dimensions disagree get a warning, as in Lightning (the first is used).
 
     Example:
@@ -386,17 +396,46 @@ def _leading_sizes(tree: Any) -> Iterator[int]:
     if isinstance(tree, torch.Tensor):
         if tree.dim() > 0:
             yield int(tree.shape[0])
-    elif isinstance(tree, (dict, UserDict)):  # (Hugging Face's BatchEncoding is a UserDict)
+    elif isinstance(tree, Mapping):  # any: a dict subclass, a UserDict (Hugging Face's BatchEncoding is one)
         for v in tree.values():
             yield from _leading_sizes(v)
     elif isinstance(tree, (list, tuple)):
         for v in tree:
             yield from _leading_sizes(v)
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # its fields in order, as Lightning reads it
+        for f in dataclasses.fields(tree):
+            yield from _leading_sizes(getattr(tree, f.name, None))
     elif tree is not None:
         leaves = _tree.tree_leaves(tree)  # another pytree node (a registered dataclass): its leaves
         if not (len(leaves) == 1 and leaves[0] is tree):
             for v in leaves:
                 yield from _leading_sizes(v)
+
+
+def _with_items(mapping: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
+    """A copy of a Mapping holding ``items``: a dict subclass as a copy (its other attributes too), another Mapping
+    rebuilt as its type from a dict (as Lightning does); the original is left alone."""
+    if isinstance(mapping, dict):
+        new = copy.copy(mapping)
+        dict.update(new, items)  # (the same keys: the order stays)
+        return new
+    try:
+        return type(mapping)(items)
+    except Exception as e:
+        raise TypeError(
+            f"device_mover could not rebuild a {type(mapping).__name__} batch from a dict of its moved values "
+            f"({type(e).__name__}: {e}). Make it a dict subclass or a dataclass, or move it in the step."
+        ) from e
+
+
+def _with_fields(obj: Any, move: Callable[[Any], Any]) -> Any:
+    """A copy of a dataclass instance with ``move`` applied to its fields (frozen ones too, without calling
+    ``__init__``/``__post_init__`` again); the original is left alone."""
+    new = copy.copy(obj)
+    for f in dataclasses.fields(obj):
+        if hasattr(obj, f.name):  # (an init=False field without a default may be unset)
+            object.__setattr__(new, f.name, move(getattr(obj, f.name)))
+    return new
 
 
 def _with_data(mapping: UserDict, data: dict[Any, Any]) -> UserDict:

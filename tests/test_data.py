@@ -1,5 +1,6 @@
 """ArrayLoader: deterministic per-epoch order from (seed, epoch), starts mid-epoch, shards across ranks."""
 
+import collections.abc
 import warnings
 
 import pytest
@@ -167,6 +168,68 @@ def test_evaluate_counts_a_dict_batch_by_its_first_tensor_in_key_order_as_lightn
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when the sizes agree
         assert batch_size_of({"b": torch.zeros(3, 2), "a": [torch.zeros(3)], "s": torch.tensor(1.0)}) == 3
+
+
+def test_dataclass_and_dict_subclass_batches_are_counted_and_moved_as_lightning_does():
+    """A plain @dataclass batch counted one example (evaluate weighted a 4-batch as a 1-batch: 2.75, not 2.0), and
+    device_mover left its fields, and a dict subclass's values, where they were (Lightning moves and counts both)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        x: torch.Tensor
+        n: int = 3
+
+    class MyDict(dict):
+        pass
+
+    x = torch.arange(5.0)
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    as_tuples = [(x[:4],), (x[4:],)]  # the reference: the same examples as tuple batches, and the hand mean
+    reference = fnlit.evaluate(lambda s, b: {"m": b[0].mean()}, state, as_tuples)["m"]
+    assert reference == pytest.approx(x.mean().item())
+    for make in (Batch, Frozen, lambda t: MyDict(x=t)):
+        batches = [make(x[:4]), make(x[4:])]
+        get = (lambda b: b["x"]) if isinstance(batches[0], dict) else (lambda b: b.x)
+        assert fnlit.evaluate(lambda s, b: {"m": get(b).mean()}, state, batches)["m"] == pytest.approx(reference)
+        assert batch_size_of(batches[0]) == 4
+
+    move = device_mover(torch.device("meta"))  # observes moves on the CPU
+    moved = move(Batch(x))
+    assert type(moved) is Batch and moved.x.device.type == "meta"
+    frozen = Frozen(x)
+    moved = move({"b": frozen})["b"]
+    assert type(moved) is Frozen and moved.x.device.type == "meta" and moved.n == 3
+    assert frozen.x.device.type == "cpu"  # the original is left alone
+    d = MyDict(x=x, y=[x])
+    d.note = "kept"
+    moved = move(d)
+    assert type(moved) is MyDict and moved["x"].device.type == "meta" and moved["y"][0].device.type == "meta"
+    assert moved.note == "kept" and list(moved) == ["x", "y"] and d["x"].device.type == "cpu"
+    import types
+
+    moved = move(types.MappingProxyType({"x": x}))  # another Mapping: rebuilt as its type from a dict
+    assert type(moved) is types.MappingProxyType and moved["x"].device.type == "meta"
+
+    class Pair(collections.abc.Mapping):  # a Mapping that cannot be built from a dict
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+        def __getitem__(self, k):
+            return {"a": self.a, "b": self.b}[k]
+
+        def __iter__(self):
+            return iter("ab")
+
+        def __len__(self):
+            return 2
+
+    with pytest.raises(TypeError, match="device_mover could not rebuild a Pair batch from a dict of its moved values"):
+        move(Pair(x, x))
 
 
 def test_array_loader_takes_numpy_arrays_and_refuses_other_containers():
