@@ -305,25 +305,36 @@ def _samplers(data: DataLoader) -> list[Any]:
 
 
 def check_sharding(data: Iterable[Any], name: str) -> None:
-    """Raises if a DataLoader would give every rank the same batches under torch.distributed.
+    """Raises if a DataLoader may give every rank the same batches under torch.distributed.
 
-    A DistributedSampler counts as ``sampler`` or inside a batch sampler (``BatchSampler(DistributedSampler(ds), ...)``).
+    A DistributedSampler counts as ``sampler`` or inside a batch sampler (``BatchSampler(DistributedSampler(ds), ...)``),
+    and so does a sampler of one's own that says it shards as DistributedSampler does: ``num_replicas`` and ``rank``
+    attributes equal to the world size and this rank.
     A DataLoader over an IterableDataset passes: such a dataset has no sampler and must shard itself by rank
-    (``fnlit.distributed.rank()``), as torch's documentation asks of it.
+    (``fnlit.distributed.rank()``), as torch's documentation asks of it. Any other iterable passes as well (a
+    DataLoader wrapped in a plain iterable is the user's to shard).
 
     Example:
         >>> check_sharding(DataLoader(torch.arange(6)), "train_data")  # one process: nothing to shard, passes
     """
-    if (
-        _dist.world_size() > 1
-        and isinstance(data, DataLoader)
-        and not isinstance(data.dataset, IterableDataset)
-        and not any(isinstance(s, DistributedSampler) for s in _samplers(data))
-    ):
+    world = _dist.world_size()
+    if world <= 1 or not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return
+    rank = _dist.rank()
+
+    def shards(s: Any) -> bool:
+        if isinstance(s, DistributedSampler):
+            return True
+        return (getattr(s, "num_replicas", None), getattr(s, "rank", None)) == (world, rank)
+
+    if not any(shards(s) for s in _samplers(data)):
         raise ValueError(
-            f"fit got a DataLoader as {name} under torch.distributed (world size {_dist.world_size()}) without a "
-            "DistributedSampler, so every rank would see the same batches. Use fnlit.data.ArrayLoader (it shards "
-            "itself) or DataLoader(..., sampler=DistributedSampler(dataset))."
+            f"fit got a DataLoader as {name} under torch.distributed (world size {world}) without a "
+            "DistributedSampler, so every rank may see the same batches. Use fnlit.data.ArrayLoader (it shards "
+            "itself) or DataLoader(..., sampler=DistributedSampler(dataset)). A sampler of your own that shards by "
+            f"rank passes if it has num_replicas and rank attributes ({world} and this rank, {rank}), as "
+            "DistributedSampler does; or wrap the DataLoader in a plain iterable (an object whose __iter__ returns "
+            "iter(loader)) to skip this check."
         )
 
 

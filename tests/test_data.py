@@ -339,6 +339,80 @@ def test_each_rank_gets_its_own_shard():
     assert "DistributedSampler" in e0 and "ArrayLoader" in e0
 
 
+class _RankSampler(torch.utils.data.Sampler):
+    """Shards by rank itself (not a DistributedSampler subclass); ``reports`` sets num_replicas and rank as
+    DistributedSampler does."""
+
+    def __init__(self, n, reports):
+        self.n = n
+        if reports:
+            self.num_replicas, self.rank = fnlit.distributed.world_size(), fnlit.distributed.rank()
+
+    def __iter__(self):
+        return iter(range(fnlit.distributed.rank(), self.n, fnlit.distributed.world_size()))
+
+    def __len__(self):
+        return self.n // fnlit.distributed.world_size()
+
+
+class _Plain:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _own_sampler_fit():
+    """fit over 8 examples in batches of 2 with samplers of one's own: what each accepted run saw, the refusals."""
+    out = {}
+    for kind in ("reports", "batch_sampler", "plain", "silent", "wrong_rank"):
+        seen = []
+
+        def step(s, b):
+            seen.extend(b.tolist())
+            return s.replace(step=s.step + 1), {}
+
+        sampler = _RankSampler(8, kind != "silent")
+        if kind == "wrong_rank":
+            sampler.rank = 1 - sampler.rank  # says it is the other rank's shard: not this rank's
+        data = DataLoader(torch.arange(8), batch_size=2, sampler=sampler)
+        if kind == "batch_sampler":
+            data = DataLoader(torch.arange(8), batch_sampler=BatchSampler(sampler, 2, False))
+        state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+        try:
+            fnlit.fit(step, state, _Plain(data) if kind == "plain" else data, max_epochs=1, progress=False)
+            out[kind] = seen
+        except ValueError as e:
+            out[kind] = str(e)
+    return out
+
+
+@pytest.mark.distributed
+def test_a_sampler_of_ones_own_that_reports_its_shard_is_accepted():
+    # Only DistributedSampler subclasses passed, with a claim that every rank *would* see the same batches and no
+    # way out. The reference: the sampler's own shards (rank r: r, r + 2, ...), every example once.
+    r0, r1 = fnlit.distributed.launch(_own_sampler_fit, 2, timeout=120)
+    for kind in ("reports", "batch_sampler", "plain"):
+        assert (r0[kind], r1[kind]) == ([0, 2, 4, 6], [1, 3, 5, 7]), kind
+    for out in (r0["silent"], r1["silent"], r0["wrong_rank"], r1["wrong_rank"]):  # refused: no shard reported
+        assert "every rank may see the same batches" in out
+
+
+def test_the_sharding_refusal_names_the_ways_out(monkeypatch):
+    monkeypatch.setattr(fnlit.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fnlit.distributed, "rank", lambda: 1)
+    with pytest.raises(ValueError, match=(
+        r"without a DistributedSampler, so every rank may see the same batches\. Use fnlit\.data\.ArrayLoader .*"
+        r"DistributedSampler\(dataset\)\)\. A sampler of your own that shards by rank passes if it has num_replicas "
+        r"and rank attributes \(2 and this rank, 1\).*wrap the DataLoader in a plain iterable"
+    )):  # fmt: skip
+        check_sharding(DataLoader(torch.arange(8), batch_size=2), "train_data")
+    sampler = torch.utils.data.SequentialSampler(range(8))
+    sampler.num_replicas, sampler.rank = 2, 1
+    check_sharding(DataLoader(torch.arange(8), batch_size=2, sampler=sampler), "train_data")  # passes
+
+
 @pytest.mark.parametrize("sampler", ["subset", "weighted"])
 def test_subset_and_weighted_random_samplers_are_reseeded_and_resume_mid_epoch(tmp_path, sampler):
     from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
