@@ -413,8 +413,8 @@ class _Hooks:
 
     def __init__(self, callbacks: Sequence[Any]) -> None:
         def has(cb: Any, name: str) -> bool:  # any hook but Callback's no-op (overridden, or set on the instance)
-            hook = getattr(cb, name, None)
-            return hook is not None and getattr(hook, "__func__", None) is not getattr(Callback, name)
+            hook = getattr(cb, name, None)  # (not a flag of the same name: self.on_step = True)
+            return callable(hook) and getattr(hook, "__func__", None) is not getattr(Callback, name)
 
         self.lists = {name: [_Remembering(getattr(cb, name), self, cb) for cb in callbacks if has(cb, name)] for name in _HOOKS}
         self.stop = False

@@ -13,10 +13,10 @@ the eager CPU fast path, learning rate and weight decay held on the CPU. Those h
 functions listed in ``_ALLOWED`` and are allowed only for CPU tensors; a read from anywhere else --
 the user's step included -- fails, even on the CPU where it costs nothing, because on an accelerator
 the same line would stall every step and break graph capture. The integer that
-:func:`fnlit.random.fold_in` folds in is the user's: its read is allowed for the step counter only
-(``fold_in(state.rng, state.step)``, ``state.step`` of the state given to :func:`assert_no_host_sync`
-or ``no_host_sync(state=...)``), and flagged for any other tensor (a batch's, on the device in training); a bare
-``no_host_sync()``, given no state, allows any CPU integer there (it cannot tell the counter from a batch's).
+:func:`fnlit.random.fold_in` folds in is the user's: its read is allowed for CPU counters
+(``fold_in(state.rng, state.step)``, ``state.step + 1``: ``state.step`` is a CPU tensor by design) and flagged for
+the batch's tensors and their views (on the device in training), which :func:`assert_no_host_sync` and
+``no_host_sync(batch=...)`` know.
 
 Example:
     >>> import torch, torch.nn.functional as F, fnlit
@@ -42,9 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as torch_pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import _storage
 from . import ensemble as _ensemble
 from . import functional as _functional
 from . import random as _random
@@ -397,7 +399,7 @@ _ALLOWED = frozenset(
         _random._seed_eager,
         _random.split,
         _random.fold_in,
-        _random._index,  # fold_in(key, state.step): the step counter lives on the CPU (that tensor only: _COUNTERS)
+        _random._index,  # fold_in(key, state.step): the step counter lives on the CPU (not a batch's: _BATCH)
         _random._fold_in_range,
         _random.next_key,
         _alias._decay_factor,
@@ -408,10 +410,11 @@ _ALLOWED = frozenset(
     )
 )
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
-# fold_in's read of its data (_random._index) is the user's tensor: allowed for the step counters of the states
-# given to assert_no_host_sync / no_host_sync(state=...) only (a batch's tensor is on the device in training).
+# fold_in's read of its data (_random._index) is the user's tensor: flagged when it is (a view of) a tensor of the
+# batch given to assert_no_host_sync / no_host_sync(batch=...), by storage address (a batch's tensor is on the device
+# in training); allowed for other CPU tensors (state.step and what is computed from it).
 _INDEX = _random._index.__code__
-_COUNTERS: ContextVar[tuple[torch.Tensor, ...]] = ContextVar("fnlit_step_counters", default=())
+_BATCH: ContextVar[frozenset[int]] = ContextVar("fnlit_batch_storages", default=frozenset())
 _READS = frozenset(
     ["item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__", "__complex__",
      "__repr__", "__str__", "__format__"]
@@ -474,17 +477,15 @@ def _integer(t: torch.Tensor) -> bool:
 def _flag(what: str, t: torch.Tensor | None) -> None:
     f = _caller()
     if t is not None and t.device.type == "cpu" and f is not None and f.f_code in _ALLOWED:
-        counters = _COUNTERS.get()  # none: no state given, the counter cannot be told from a batch's tensor
-        if f.f_code is not _INDEX or not counters or any(t is c for c in counters) or not _integer(t):
+        if f.f_code is not _INDEX or _storage.address(t) not in _BATCH.get() or not _integer(t):
             return  # (fold_in refuses a float or bool tensor, with its TypeError: no value is read)
         while f.f_back is not None and f.f_code.co_filename == _random.__file__:  # the line calling fold_in
             f = f.f_back
         where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})"
         raise HostSyncError(
-            f"host sync inside the step: fnlit.random.fold_in(key, data) read data, a tensor other than the step "
-            f"counter (state.step of the state under test), at {where}. On the host it turns into an int: a batch's "
-            "tensor is on the device in training, and this stalls it every step. Fold in a Python int (kept out of "
-            "the tensors moved to the device), or state.step."
+            f"host sync inside the step: fnlit.random.fold_in(key, data) read data, a tensor of the batch, at {where}. "
+            "On the host it turns into an int: the batch is on the device in training, and this stalls it every "
+            "step. Fold in a Python int (kept out of the tensors moved to the device), or state.step (a CPU tensor)."
         )
     where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})" if f is not None else "an unknown place"
     raise HostSyncError(
@@ -570,12 +571,12 @@ class no_host_sync:
     indexing, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``),
     on any device -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
-    of ``state.step`` (the step counter, on the CPU) for the ``state`` given; a tensor from elsewhere (a
-    batch's) folded in is flagged (without a ``state``, any CPU integer is allowed there). Ops run a little slower
-    inside.
+    of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``
+    (or a view of one) folded in is flagged. Ops run a little slower inside.
 
     Args:
-        state: the state the block's step is given (optional): ``fold_in(state.rng, state.step)`` is allowed.
+        batch: the batch the block's step is given (optional): its tensors folded in are flagged, as on the
+            device in training (:func:`assert_no_host_sync` passes it).
 
     Example:
         >>> import torch
@@ -587,14 +588,14 @@ class no_host_sync:
         fnlit.testing.HostSyncError: host sync inside the step: Tensor.item() at ...
     """
 
-    def __init__(self, state: Any = None) -> None:
+    def __init__(self, batch: Any = None) -> None:
         self._modes = (_FunctionMode(), _DispatchMode())
-        counter = getattr(state, "step", None)
-        self._counters = (counter,) if isinstance(counter, torch.Tensor) else ()
+        leaves = torch_pytree.tree_leaves(batch)
+        self._batch = frozenset(_storage.address(t) for t in leaves if isinstance(t, torch.Tensor)) - {0}
         self._tokens: list[Any] = []
 
     def __enter__(self) -> no_host_sync:  # noqa: PYI034
-        self._tokens.append(_COUNTERS.set(_COUNTERS.get() + self._counters))
+        self._tokens.append(_BATCH.set(_BATCH.get() | self._batch))
         for m in self._modes:
             m.__enter__()
         return self
@@ -602,11 +603,11 @@ class no_host_sync:
     def __exit__(self, *exc: object) -> None:
         for m in reversed(self._modes):
             m.__exit__(*exc)
-        _COUNTERS.reset(self._tokens.pop())
+        _BATCH.reset(self._tokens.pop())
 
 
 def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Batch) -> Any:
-    """Runs ``step(state, batch)`` under ``no_host_sync(state)`` and returns its outputs.
+    """Runs ``step(state, batch)`` under ``no_host_sync(batch)`` and returns its outputs.
 
     A compiled step (:func:`fnlit.compile`, ``ensemble(..., compile=True)``) is run uncompiled here: its
     capture reports host syncs itself (:class:`fnlit.compile`'s ``CaptureError`` names the line).
@@ -622,7 +623,7 @@ def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Ba
         >>> state, metrics = assert_no_host_sync(step, state, (torch.randn(8, 4), torch.randn(8, 1)))
     """
     step = _uncompiled(step)
-    with no_host_sync(state):
+    with no_host_sync(batch):
         return step(state, batch)
 
 

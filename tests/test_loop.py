@@ -69,6 +69,17 @@ def test_hooks_assigned_on_a_callback_instance_are_called():
     run(n=4, val=0, max_epochs=3, callbacks=[cb, other])
     assert epochs == plain == [0, 1, 2] and steps == list(range(1, 13))  # 3 epochs of 4 batches
 
+    class Flagged(fnlit.callbacks.Callback):  # an attribute named like a hook that is no function: not a hook
+        def __init__(self):
+            self.on_step = True
+
+        def on_epoch_end(self, state, metrics):
+            epochs.append(metrics["epoch"])
+
+    epochs.clear()
+    run(n=4, val=0, max_epochs=2, callbacks=[Flagged()])
+    assert epochs == [0, 1]
+
 
 def test_max_steps_stops_mid_epoch():
     c, state = run(max_steps=25, val=0)

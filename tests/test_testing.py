@@ -336,15 +336,21 @@ def test_no_host_sync_flags_fold_in_of_a_batch_tensor_as_the_same_read_written_d
 
     with pytest.raises(HostSyncError, match=r"int\(tensor\)"):
         assert_no_host_sync(direct, state, shard)
-    with pytest.raises(HostSyncError, match=r"fold_in\(key, data\) read data, a tensor other than the step counter.*"
+    with pytest.raises(HostSyncError, match=r"fold_in\(key, data\) read data, a tensor of the batch.*"
                                             r"test_testing.py:\d+ \(in folded\)"):
         assert_no_host_sync(folded, state, shard)
-    with pytest.raises(HostSyncError, match="other than the step counter"), no_host_sync(state=state):
-        fnlit.random.fold_in(state.rng, make()[1].step)  # another state's counter: not the one under test
-    with no_host_sync(state=state):
-        fnlit.random.fold_in(state.rng, state.step)  # the step counter: a CPU tensor by design
-    with no_host_sync():  # no state given: the documented idiom is not told from a batch's tensor, and allowed
+    with pytest.raises(HostSyncError, match="a tensor of the batch"), no_host_sync(batch=shard):
+        fnlit.random.fold_in(state.rng, shard["shard_id"][()])  # a view of it too
+    # CPU counters are no batch's: the step counter, one computed from it, the next state's (two steps in a block)
+    with no_host_sync(batch=shard):
         fnlit.random.fold_in(state.rng, state.step)
+        fnlit.random.fold_in(state.rng, state.step + 1)
+        fnlit.random.fold_in(state.rng, make()[1].step)
+
+    def counted(state, batch):
+        return state, {"k": fnlit.random.fold_in(state.rng, state.step // 2 + 1).float()}
+
+    assert_no_host_sync(counted, state, shard)
 
 
 def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
