@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _storage
-from . import ensemble as _ensemble
+from .ensemble import EnsembleStep, _fold_keys  # (not `from . import ensemble`: fnlit.ensemble is also the function)
 from . import functional as _functional
 from . import random as _random
 from . import tree as _tree
@@ -406,7 +406,7 @@ _ALLOWED = frozenset(
         _alias._kernel_decay,
         _alias._kernel_lr,
         _privacy._noise,
-        _ensemble._fold_keys,
+        _fold_keys,
     )
 )
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
@@ -634,6 +634,6 @@ def _uncompiled(step: Any) -> Any:
 
     if isinstance(step, CompiledStep):
         return step.step
-    if isinstance(step, _ensemble.EnsembleStep) and step.compiled:
-        return _ensemble.EnsembleStep(step.step, step.n, step.in_dims, step.randomness, compile=False)
+    if isinstance(step, EnsembleStep) and step.compiled:
+        return EnsembleStep(step.step, step.n, step.in_dims, step.randomness, compile=False)
     return step
