@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -679,6 +680,48 @@ def test_float16_amp_takes_a_float16_input_gradient_for_a_metric():
     scaler.step(opt)
     assert_trees_equal(new.params, dict(ref.named_parameters()))
     assert torch.equal(metrics["saliency"], (gx * (1 / 65536.0)).float().abs().mean())
+
+
+def test_float16_amp_judges_each_of_two_updates_in_a_step_on_its_own_gradients_as_grad_scaler():
+    # A GAN's alternating step: two apply_gradients, one per model. An overflow in the first update's gradients also
+    # skipped the second (found_inf was never reset), one in the second's left the first applied. Reference:
+    # torch.amp.GradScaler with an optimizer per model, scaler.step for each, scaler.update() once an iteration.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(2, 1), "b": nn.Linear(2, 1)})
+    x = torch.full((4, 2), 0.01)
+    blowups = [(1.0, 1.0), (math.inf, 1.0), (1.0, math.inf), (1.0, 1.0), (math.inf, math.inf), (1.0, 1.0)]
+
+    def loss(p, part, factor):
+        return fnlit.apply(model[part], p, {}, x)[0].float().mean() * factor
+
+    def step(state, factors):
+        for part, factor in zip("ab", factors):
+            sub = {k[2:]: v for k, v in state.params.items() if k.startswith(part + ".")}
+            _, g = fnlit.value_and_grad(loss)(sub, part, factor)
+            state = state.apply_gradients({k: g[k[2:]] if k.startswith(part + ".") else torch.zeros_like(v)
+                                           for k, v in state.params.items()})
+        return state, {}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale=1024.0)
+    ref = copy.deepcopy(model)
+    opts = {part: torch.optim.SGD(ref[part].parameters(), lr=0.1) for part in "ab"}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    state = state.replace(scaler=state.scaler._replace(growth_interval=torch.tensor(2, dtype=torch.int32)))
+    amp_step = fnlit.amp(step, torch.float16)
+    finite = []
+    for factors in blowups:
+        state, metrics = amp_step(state, factors)
+        for part, factor in zip("ab", factors):
+            with torch.autocast("cpu", dtype=torch.float16):
+                ref_loss = ref[part](x).float().mean() * factor
+            scaler.scale(ref_loss).backward()
+            scaler.step(opts[part])
+            opts[part].zero_grad()
+        scaler.update()
+        assert_trees_equal(state.params, {k: v.detach() for k, v in ref.named_parameters()})
+        assert float(state.scaler.scale) == scaler.get_scale()
+        finite.append(float(metrics["grads_finite"]))
+    assert finite == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]  # 0.0 when any update of the step was skipped
 
 
 def _spike_step(model):

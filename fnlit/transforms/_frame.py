@@ -124,7 +124,8 @@ class Frame:
         self.amp_device = "cpu"  # the state's device type: where fnlit.apply autocasts a forward outside value_and_grad
         self.forwarding = False  # value_and_grad's function runs (its autocast, or the user's own regions inside it)
         self.scaler: LossScaleState | None = None
-        self.found_inf: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None  # overflow in the gradients taken since the last update
+        self.step_found: torch.Tensor | None = None  # ... in any update of this step so far (the scale's rule)
         self.accum_k = 1
         self.micro = 0
         self.accum_rng: torch.Tensor | None = None  # accumulate's incoming key (micro-batch i's is fold_in(it, i))
@@ -443,7 +444,12 @@ class Frame:
 
             with donated_update(False):  # overflowed steps keep the old params: they must stay intact
                 new = state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
-            new, self.extra = finish_scaled_update(state, new, self.scaler, self.found_inf)
+            # Each update is kept or skipped on its own gradients (a GAN's two updates: GradScaler's scaler.step per
+            # optimizer); the scale moves once, on an overflow in any of them, from the step's incoming scale.
+            found = self.found_inf
+            step_found = found if self.step_found is None else torch.maximum(self.step_found, found)
+            new, self.extra = finish_scaled_update(state, new, self.scaler, found, step_found)
+            self.step_found, self.found_inf = step_found, torch.zeros_like(found)
             return new
         return state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
 

@@ -87,9 +87,10 @@ def _next_scale(s: LossScaleState, found_inf: torch.Tensor) -> LossScaleState:
 
 
 def finish_scaled_update(
-    old: TrainState, new: TrainState, scaler: LossScaleState, found_inf: torch.Tensor
+    old: TrainState, new: TrainState, scaler: LossScaleState, found_inf: torch.Tensor, step_found: torch.Tensor
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Keeps ``old``'s params and opt_state where gradients overflowed, and advances the scale."""
+    """Keeps ``old``'s params and opt_state where this update's gradients overflowed (``found_inf``), and advances
+    the step's incoming scale on an overflow in any update of the step so far (``step_found``)."""
     finite = found_inf == 0
 
     def select(n: Any, o: Any) -> Any:
@@ -98,9 +99,9 @@ def finish_scaled_update(
     state = new.replace(
         params=_tree.tree_map(select, new.params, old.params),
         opt_state=_tree.tree_map(select, new.opt_state, old.opt_state),
-        scaler=_next_scale(scaler, found_inf),
+        scaler=_next_scale(scaler, step_found),
     )
-    return state, {"grads_finite": finite.float(), "loss_scale": scaler.scale}
+    return state, {"grads_finite": (step_found == 0).float(), "loss_scale": scaler.scale}
 
 
 _NEEDS_SCALER = (
@@ -137,8 +138,11 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     micro-batch backpropagates ``(loss / k) * scale``, as PyTorch's accumulation recipe
     ``scaler.scale(loss / k).backward()`` does, so the scale follows GradScaler's there too. Every
     ``value_and_grad`` call of the step is checked, not only the one whose gradients are applied: an
-    overflow in a gradient taken for a metric also skips the step. The metrics gain ``grads_finite``
-    (1.0 or 0.0) and ``loss_scale``. All of it is tensor arithmetic: no host sync. bfloat16 needs no
+    overflow in a gradient taken for a metric also skips the update that follows it. A step with two updates
+    (a GAN's alternating step, two ``apply_gradients``) keeps or skips each on the gradients taken since the one
+    before, as GradScaler's ``scaler.step`` per optimizer does, and backs the scale off once if any overflowed
+    (``scaler.update()`` once an iteration). The metrics gain ``grads_finite`` (1.0, or 0.0 when an update was
+    skipped) and ``loss_scale``. All of it is tensor arithmetic: no host sync. bfloat16 needs no
     scaler. ``state.step`` counts skipped steps too (as Lightning's ``global_step`` does); a learning-rate
     schedule does not: it reads the optimizer's own count, which a skipped step leaves unchanged (as
     optax does; a torch loop calling ``scheduler.step()`` every iteration advances it on skipped steps).
