@@ -441,3 +441,31 @@ def evaluate_with_empty_batches():
     data = [torch.zeros(0), torch.ones(3), torch.zeros(0), torch.full((1,), 5.0)] if dist.get_rank() == 0 else [torch.zeros(0)] * 2
     state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
     return fnlit.evaluate(lambda s, b: {"x": b.mean()}, state, data)
+
+
+def number_or_tensor_metric(steps: int = 4):
+    """A metric that is a number on one rank and a tensor on the other (sum([]) over an empty selection), for
+    ``steps`` steps; and each rank's own gradients, for the by-hand reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.distributed.check_same_state(state)
+    rank = dist.get_rank()
+
+    def loss_fn(p, x, y):
+        return torch.nn.functional.mse_loss(fnlit.apply(model, p, {}, x)[0], y)
+
+    def step(state, batch):
+        x, y = batch
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params, x, y)
+        big = [v for v in y.reshape(-1) if v.abs() > 1.0]  # (a Python list of tensors, only to build the metric)
+        return state.apply_gradients(grads), {"loss": loss, "outlier": sum(big)}
+
+    dp = fnlit.data_parallel(step)
+    x, y = torch.ones(1, 1), torch.full((1, 1), 0.5 if rank == 0 else 100.0)
+    weights, outliers = [], []
+    for _ in range(steps):
+        state, metrics = dp(state, (x, y))
+        weights.append(state.params["weight"].item())
+        outliers.append(float(metrics["outlier"]))
+    return weights, outliers

@@ -724,6 +724,43 @@ def test_float16_amp_judges_each_of_two_updates_in_a_step_on_its_own_gradients_a
     assert finite == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]  # 0.0 when any update of the step was skipped
 
 
+def test_accumulate_averages_a_metric_that_is_a_number_in_some_micro_batches_and_a_tensor_in_others():
+    # sum([]) over an empty selection is the int 0: the mean was the last micro-batch's value, or (tensor first) a
+    # misleading shape error. Reference: the mean of the micro-batches' values, by hand.
+    model = nn.Linear(2, 1)
+
+    def step(state, batch):
+        x, y = batch
+        loss, grads = fnlit.value_and_grad(lambda p: F.mse_loss(fnlit.apply(model, p, {}, x)[0], y))(state.params)
+        return state.apply_gradients(grads), {"outlier": sum([v for v in y.reshape(-1) if v.abs() > 1.0])}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.ones(4, 2)
+    for y, mean in ((torch.tensor([[0.5], [0.5], [6.0], [7.0]]), (0 + 13.0) / 2), (torch.tensor([[6.0], [7.0], [0.5], [0.5]]), 6.5)):
+        _, metrics = fnlit.accumulate(step, 2)(state, (x, y))
+        assert torch.is_tensor(metrics["outlier"]) and float(metrics["outlier"]) == mean
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_accumulate_refuses_batch_tensors_of_different_first_sizes(as_dict):
+    # A (2,) class weight beside (8, ...) examples was split into [1.] and [9.]: a different loss, silently.
+    model = nn.Linear(4, 2)
+
+    def step(state, b):
+        x, y, w = (b["x"], b["y"], b["pos_weight"]) if as_dict else b
+        f = lambda p: F.binary_cross_entropy_with_logits(fnlit.apply(model, p, {}, x)[0], y, pos_weight=w)  # noqa: E731
+        loss, grads = fnlit.value_and_grad(f)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    x, y, w = torch.randn(8, 4), torch.randint(0, 2, (8, 2)).float(), torch.tensor([1.0, 9.0])
+    batch = {"x": x, "y": y, "pos_weight": w} if as_dict else (x, y, w)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    sizes = r"pos_weight has 2 rows and x has 8" if as_dict else r"\[0\] has 8 rows and \[2\] has 2"  # (keys sorted)
+    with pytest.raises(ValueError, match=r"k=2\) splits every tensor of the batch along its first dimension.*" + sizes
+                                         + r": .*through a closure"):
+        fnlit.accumulate(step, 2)(state, batch)
+
+
 def _spike_step(model):
     vg = fnlit.value_and_grad(lambda p, x, y: F.mse_loss(fnlit.apply(model, p, {}, x)[0], y))
 

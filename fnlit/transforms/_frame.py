@@ -149,6 +149,7 @@ class Frame:
         self._seed: torch.Tensor | None = None
         self.dp_group: Any = None
         self.dp_bucket_bytes = 0
+        self.device: torch.device | None = None  # a data-parallel or sharded step's state's (its metrics' collective)
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
         self.known: list[torch.Tensor] = []  # scalars value_and_grad returned: reduced with the gradients
         # The torch.func level float16 amp or shard joined the frame at (fnlit.ensemble vmaps whole steps): gradients
@@ -459,7 +460,7 @@ class Frame:
         if group is not None:
             from .data_parallel import all_reduce_metrics
 
-            metrics = all_reduce_metrics(metrics, group, self.reduced)
+            metrics = all_reduce_metrics(metrics, group, self.reduced, self.device)
         if self.extra:
             metrics = {**metrics, **self.extra}
         return metrics
@@ -532,6 +533,7 @@ def run_on_rank(step: Any, state: TrainState, batch: Any, rank: int, f: Frame, o
     """
     from .. import random as _random
 
+    f.device = state.device
     if f.accum_k > 1:  # inside accumulate's micro-batch f.micro: the key accumulate-inside-us would give
         key = _random.fold_in(_random.fold_in(f.accum_rng, rank), f.micro)
     else:

@@ -11,6 +11,7 @@ import torch
 
 from .. import random as _random
 from .. import tree as _tree
+from .._checkpoint_io import _real
 from .._types import Batch, Metrics, StepFn
 from ..data import _with_data
 from ._frame import Mispredicted, frame
@@ -33,6 +34,14 @@ class _Indivisible(ValueError):
         )
 
 
+def _unequal(k: int, first: tuple[str, int], path: str, n: int) -> ValueError:
+    return ValueError(
+        f"accumulate(step, k={k}) splits every tensor of the batch along its first dimension, the examples, but "
+        f"{first[0]} has {first[1]} rows and {path} has {n}: the micro-batches would pair rows of different examples "
+        "(a class weight split in k parts). Pass a tensor that is not per example through a closure, or as a number."
+    )
+
+
 def _scalar(x: Any) -> bool:
     return x is None or isinstance(x, (int, float, bool)) or (isinstance(x, torch.Tensor) and x.dim() == 0)
 
@@ -53,12 +62,15 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     """
     kind = type(batch)
     if kind is tuple or kind is list:  # the usual (x, y): no tree round trip
-        if batch and all(type(t) is torch.Tensor and t.dim() > 0 and t.shape[0] % k == 0 for t in batch):
+        if batch and all(type(t) is torch.Tensor and t.dim() > 0 and t.shape[0] % k == 0 for t in batch) and all(
+            t.shape[0] == batch[0].shape[0] for t in batch
+        ):
             parts = zip(*[t.tensor_split(k) for t in batch])
             return list(parts) if kind is tuple else [list(p) for p in parts]
     leaves, treedef = _tree.tree_flatten(batch)
     chunks: list[Any] = []
     split = False
+    rows: tuple[str, int] | None = None  # the first split leaf's path and size: every one must have as many
     for j, leaf in enumerate(leaves):
         if isinstance(leaf, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding): split its values
             try:
@@ -73,6 +85,10 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
             n = leaf.shape[0]
             if n % k:
                 raise _Indivisible(k, _tree.tree_paths(batch)[j], n)
+            if rows is None:
+                rows = (_tree.tree_paths(batch)[j], n)
+            elif n != rows[1]:
+                raise _unequal(k, rows, _tree.tree_paths(batch)[j], n)
             chunks.append(torch.tensor_split(leaf, k) if isinstance(leaf, torch.Tensor) else np.split(leaf, k))
             split = True
         else:
@@ -96,6 +112,12 @@ def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
 
 
 def _mean(values: list[Any], path: str) -> Any:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors and len(tensors) < len(values) and all(isinstance(v, torch.Tensor) or _real(v) for v in values):
+        # a number in some micro-batches, a tensor in others (sum([]) over an empty selection is 0): as tensors
+        like = tensors[0]
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        values = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype, device=like.device) for v in values]
     first = values[0]
     if isinstance(first, torch.Tensor):
         try:
@@ -128,8 +150,9 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     micro-batch); ``apply_gradients`` of micro-batches 1..k-1 only accumulates, the k-th applies the
     mean, so ``state.step`` advances by one and an optimizer's gradient clipping sees the accumulated
     gradient. Buffers (BatchNorm) thread through the micro-batches in order, each micro-batch gets its
-    own random key (``fold_in(state.rng, i)``; with k=1 the step's own, so ``accumulate(step, 1)`` is
-    ``step``), metrics are averaged elementwise (nested dicts, lists and tuples entry by entry). Under
+    own random key (``fold_in(state.rng, i)``; with k=1 the step's own, so ``accumulate(step, 1)`` steps as
+    ``step``), metrics are averaged elementwise (nested dicts, lists and tuples entry by entry; a number beside a
+    tensor as a tensor; even with k=1 an integer or float16 metric comes back as a float32 mean). Under
     :func:`fnlit.data_parallel` the intermediate micro-batches do not communicate.
 
     Any step accumulates correctly: the update is the mean of what the step passes to ``apply_gradients``

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .. import _storage
 from .. import tree as _tree
-from .._checkpoint_io import _dtensor_class
+from .._checkpoint_io import _dtensor_class, _real
 from .._types import Batch, Metrics, StepFn
 from ._frame import WITH_ENSEMBLE, _level, frame, run_on_rank
 
@@ -101,12 +101,16 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
     return out
 
 
-def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
+def all_reduce_metrics(
+    metrics: Metrics, group: Any = None, reduced: dict[int, torch.Tensor] | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
     """Averages tensor metrics across ranks (as float32, or float64 if one is; elementwise) with at most one all-reduce.
 
-    Tensors anywhere in the metrics (nested dicts, lists, tuples) are averaged; other values (numbers,
-    strings) are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled
-    with the gradients, by identity) are taken from there; the rest share a single collective.
+    Tensors and numbers anywhere in the metrics (nested dicts, lists, tuples) are averaged, a number as a float32
+    tensor on ``device`` (a metric that is a number on one rank and a tensor on another, ``sum([])``, must not change
+    how many values a rank sends: the collectives would pair with the next step's); other values (strings, bools)
+    are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled with the gradients,
+    by identity) are taken from there; the rest share a single collective.
     """
     reduced = reduced or {}
     flat = type(metrics) is dict and all(not isinstance(v, (Mapping, list, tuple)) for v in metrics.values())
@@ -118,6 +122,8 @@ def all_reduce_metrics(metrics: Metrics, group: Any = None, reduced: dict[int, t
     rest = []
     dtensor = _dtensor_class()
     for i, v in enumerate(leaves):
+        if _real(v):
+            leaves[i] = v = torch.tensor(float(v), dtype=torch.float32, device=device)
         if isinstance(v, torch.Tensor):
             r = reduced.get(id(v))
             if r is not None:
@@ -235,8 +241,9 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     when its state was not checked). Every rank then ends each step with
     bitwise-identical params, and floating-point buffers the step passes to ``apply_gradients(buffers=...)``
     (BatchNorm's running statistics, computed by each rank on its own shard) are averaged across ranks in
-    the same collective -- for a running mean, the value one process would compute on the whole batch (DDP
-    broadcasts rank 0's instead). Buffers the step changes otherwise -- an integer counter of its own data,
+    the same collective -- for a running mean, the value one process would compute on the whole batch when the
+    ranks' batches are of one size (the mean of the ranks' values otherwise, as the gradients are; DDP broadcasts
+    rank 0's instead). Buffers the step changes otherwise -- an integer counter of its own data,
     or anything set with ``replace`` after ``apply_gradients`` -- are each rank's own: compute them from
     averaged values (the metrics, the params) or reduce them yourself, or the ranks drift apart. Each rank
     draws its own dropout masks (its key is folded with its rank, before the micro-batch index under
