@@ -343,6 +343,32 @@ _OUT_OF_STEP = (
 )
 
 
+def _check_last_batch(step: StepFn, data: Any, batches: int | None) -> None:
+    """Raises before training when an epoch's last, short batch cannot be split into the micro-batches of the
+    ``accumulate`` in ``step``: the run would fail there, at the end of its first epoch (Lightning's
+    accumulate_grad_batches takes a short batch; fnlit's micro-batches are equal parts of one batch)."""
+    k, inner = 1, step
+    while inner is not None:  # accumulate(accumulate(step, 2), 2) splits into 4
+        k *= getattr(inner, "accumulate_k", 1)
+        inner = getattr(inner, "__wrapped__", None)
+    if k == 1:
+        return
+    if isinstance(data, _data.ArrayLoader):
+        n, size, drop = data.num_examples, data.batch_size, data.drop_last
+    elif isinstance(data, torch.utils.data.DataLoader) and data.batch_size is not None and hasattr(data.sampler, "__len__"):
+        n, size, drop = len(data.sampler), data.batch_size, data.drop_last  # (a DistributedSampler's: this rank's)
+    else:
+        return
+    last = n % size
+    if drop or not last or last % k == 0 or (batches is not None and batches < -(-n // size)):
+        return  # (a limit_train_batches that stops before the last batch never reaches it)
+    raise ValueError(
+        f"fit: the last batch of each epoch holds {last} examples ({n} in batches of {size}), which accumulate(step, "
+        f"k={k}) cannot split into {k} equal micro-batches: the run would fail at the end of its first epoch. Pass "
+        f"drop_last=True to the loader, or a batch size that leaves a multiple of {k}."
+    )
+
+
 def _same_batches(n: int | None, seed: int, device: torch.device) -> int:
     """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up).
 
@@ -601,6 +627,7 @@ def fit(
     """
     plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
     _data.check_sharding(train_data, "train_data")
+    _check_last_batch(step, train_data, plan.batches)
     if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch
         train_data = _data.unshuffled(train_data)
         if val_data is not None:  # validation too (Lightning swaps in a SequentialSampler for both)
