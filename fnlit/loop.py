@@ -33,6 +33,7 @@ from .summary import (
     Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, scalar_metric, unique_names,
 )
 from .transforms._frame import collective_of
+from .transforms.compile import CompiledStep
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -343,14 +344,18 @@ _OUT_OF_STEP = (
 )
 
 
-def _check_last_batch(step: StepFn, data: Any, batches: int | None) -> None:
+def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: float, batch: int) -> None:
     """Raises before training when an epoch's last, short batch cannot be split into the micro-batches of the
-    ``accumulate`` in ``step``: the run would fail there, at the end of its first epoch (Lightning's
-    accumulate_grad_batches takes a short batch; fnlit's micro-batches are equal parts of one batch)."""
+    ``accumulate`` in ``step`` and the run reaches it (``steps_left`` steps from batch ``batch`` of an epoch): the run
+    would fail there (Lightning's accumulate_grad_batches takes a short batch; fnlit's micro-batches are equal parts
+    of one batch)."""
     k, inner = 1, step
     while inner is not None:  # accumulate(accumulate(step, 2), 2) splits into 4
         k *= getattr(inner, "accumulate_k", 1)
-        inner = getattr(inner, "__wrapped__", None)
+        wrapped = getattr(inner, "__wrapped__", None)
+        if wrapped is None and isinstance(inner, (CompiledStep, EnsembleStep)):  # their step splits the same batch
+            wrapped = inner.step if isinstance(inner, CompiledStep) or inner.in_dims is None else None
+        inner = wrapped
     if k == 1:
         return
     if isinstance(data, _data.ArrayLoader):
@@ -359,13 +364,13 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None) -> None:
         n, size, drop = len(data.sampler), data.batch_size, data.drop_last  # (a DistributedSampler's: this rank's)
     else:
         return
-    last = n % size
-    if drop or not last or last % k == 0 or (batches is not None and batches < -(-n // size)):
-        return  # (a limit_train_batches that stops before the last batch never reaches it)
+    last, count = n % size, -(-n // size)
+    if drop or not last or last % k == 0 or (batches is not None and batches < count) or steps_left <= count - 1 - batch:
+        return  # (limit_train_batches or max_steps stop before the last batch: it is never reached)
     raise ValueError(
         f"fit: the last batch of each epoch holds {last} examples ({n} in batches of {size}), which accumulate(step, "
-        f"k={k}) cannot split into {k} equal micro-batches: the run would fail at the end of its first epoch. Pass "
-        f"drop_last=True to the loader, or a batch size that leaves a multiple of {k}."
+        f"k={k}) cannot split into {k} equal micro-batches: the run would fail there. Pass drop_last=True to the "
+        f"loader, or a batch size that leaves a multiple of {k}."
     )
 
 
@@ -627,7 +632,6 @@ def fit(
     """
     plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
     _data.check_sharding(train_data, "train_data")
-    _check_last_batch(step, train_data, plan.batches)
     if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch
         train_data = _data.unshuffled(train_data)
         if val_data is not None:  # validation too (Lightning swaps in a SequentialSampler for both)
@@ -649,6 +653,7 @@ def fit(
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
+    _check_last_batch(step, train_data, plan.batches, plan.max_steps - (0 if plan.quiet else _first(state.step)), b)
     saved_world = position.get("world_size", 1)
     if b and saved_world != _dist.world_size():
         warnings.warn(

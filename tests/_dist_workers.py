@@ -443,11 +443,11 @@ def evaluate_with_empty_batches():
     return fnlit.evaluate(lambda s, b: {"x": b.mean()}, state, data)
 
 
-def number_or_tensor_metric(steps: int = 4):
-    """A metric that is a number on one rank and a tensor on the other (sum([]) over an empty selection), for
-    ``steps`` steps; and each rank's own gradients, for the by-hand reference."""
+def number_or_tensor_metric(steps: int = 4, dtype: torch.dtype = torch.float32):
+    """A metric that is a number on one rank and a tensor (of ``dtype``) on the other (sum([]) over an empty
+    selection), for ``steps`` steps; the weights and the metric's values."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(1, 1, bias=False)
+    model = torch.nn.Linear(1, 1, bias=False).to(dtype)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     fnlit.distributed.check_same_state(state)
     rank = dist.get_rank()
@@ -462,7 +462,7 @@ def number_or_tensor_metric(steps: int = 4):
         return state.apply_gradients(grads), {"loss": loss, "outlier": sum(big)}
 
     dp = fnlit.data_parallel(step)
-    x, y = torch.ones(1, 1), torch.full((1, 1), 0.5 if rank == 0 else 100.0)
+    x, y = torch.ones(1, 1, dtype=dtype), torch.full((1, 1), 0.5 if rank == 0 else 100.0, dtype=dtype)
     weights, outliers = [], []
     for _ in range(steps):
         state, metrics = dp(state, (x, y))

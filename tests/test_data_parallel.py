@@ -297,15 +297,16 @@ def test_fit_of_a_data_parallel_step_on_one_rank_warns_nothing():
     assert fnlit.distributed.launch(fit_one_rank_warns_nothing, 1, timeout=120) == [[]]
 
 
-def test_a_metric_that_is_a_number_on_one_rank_and_a_tensor_on_another_is_averaged():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_metric_that_is_a_number_on_one_rank_and_a_tensor_on_another_is_averaged(dtype):
     # sum([]) is the int 0 on a rank whose selection is empty: numbers were left out of the metrics' all-reduce, so
     # the ranks ran different numbers of collectives and one rank's metrics were averaged into the other's gradients
     # at the next step (params apart, then a crash). Reference: one weight, SGD on the mean of the ranks' gradients,
     # by hand: d/dw (w - y)^2 = 2 (w - y), with y = 0.5 on rank 0 and 100 on rank 1.
-    results = fnlit.distributed.launch(number_or_tensor_metric, 2, 4, timeout=120)
+    results = fnlit.distributed.launch(number_or_tensor_metric, 2, 4, dtype, timeout=120)
     assert results[0] == results[1]
     torch.manual_seed(0)
-    w = torch.nn.Linear(1, 1, bias=False).weight.item()
+    w = torch.nn.Linear(1, 1, bias=False).to(dtype).weight.item()
     expected = []
     for _ in range(4):
         w -= 0.1 * (2 * (w - 0.5) + 2 * (w - 100.0)) / 2

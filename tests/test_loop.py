@@ -1399,3 +1399,9 @@ def test_fit_refuses_before_training_a_last_batch_that_accumulate_cannot_split(l
     assert int(fit(step, state, data, max_epochs=1, limit_train_batches=2, progress=False).step) == 2
     two = fnlit.accumulate(fnlit.train_step(model, lambda m, b: m(b[0]).pow(2).mean()), 2)
     assert int(fit(two, state, data, max_epochs=1, progress=False).step) == 3
+    assert int(fit(step, state, data, max_steps=2, progress=False).step) == 2  # stops before the last batch
+    # behind compile or an ensemble (their .step splits the same batch): refused too, not at the epoch's end
+    with pytest.raises(ValueError, match=r"last batch of each epoch holds 2 examples"):
+        fit(fnlit.compile(step, mode="eager"), state, data, max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"last batch of each epoch holds 2 examples"):
+        fit(fnlit.ensemble(step, 2), fnlit.stack_states([state, state]), data, max_epochs=1, progress=False)

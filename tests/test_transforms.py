@@ -759,6 +759,11 @@ def test_accumulate_refuses_batch_tensors_of_different_first_sizes(as_dict):
     with pytest.raises(ValueError, match=r"k=2\) splits every tensor of the batch along its first dimension.*" + sizes
                                          + r": .*through a closure"):
         fnlit.accumulate(step, 2)(state, batch)
+    # inside a Hugging Face BatchEncoding (a UserDict) beside a class weight too
+    from collections import UserDict
+
+    with pytest.raises(ValueError, match=r"has 8 rows and \[1\] has 2"):
+        fnlit.accumulate(step, 2)(state, (UserDict({"input_ids": torch.zeros(8, 5)}), w))
 
 
 def _spike_step(model):

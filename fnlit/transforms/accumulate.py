@@ -38,7 +38,9 @@ def _unequal(k: int, first: tuple[str, int], path: str, n: int) -> ValueError:
     return ValueError(
         f"accumulate(step, k={k}) splits every tensor of the batch along its first dimension, the examples, but "
         f"{first[0]} has {first[1]} rows and {path} has {n}: the micro-batches would pair rows of different examples "
-        "(a class weight split in k parts). Pass a tensor that is not per example through a closure, or as a number."
+        "(a class weight split in k parts, a graph's edges). Pass a tensor that is not per example through a closure "
+        "or as a number, and keep per-example ones with the examples on their first dimension (per-token labels as "
+        "(B, T), not flattened to (B*T,))."
     )
 
 
@@ -73,6 +75,11 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     rows: tuple[str, int] | None = None  # the first split leaf's path and size: every one must have as many
     for j, leaf in enumerate(leaves):
         if isinstance(leaf, UserDict):  # a pytree leaf to optree (Hugging Face's BatchEncoding): split its values
+            inner = [t.shape[0] for t in _tree.tree_leaves(dict(leaf.data)) if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim]
+            if inner and rows is None:
+                rows = (_tree.tree_paths(batch)[j], inner[0])
+            elif inner and inner[0] != rows[1]:  # (split_batch checks its values agree among themselves)
+                raise _unequal(k, rows, _tree.tree_paths(batch)[j], inner[0])
             try:
                 chunks.append([_with_data(leaf, part) for part in split_batch(dict(leaf.data), k)])
             except _Indivisible as e:  # named from the batch's top: the path to the UserDict, then inside it

@@ -104,13 +104,14 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
 def all_reduce_metrics(
     metrics: Metrics, group: Any = None, reduced: dict[int, torch.Tensor] | None = None, device: torch.device | None = None
 ) -> dict[str, Any]:
-    """Averages tensor metrics across ranks (as float32, or float64 if one is; elementwise) with at most one all-reduce.
+    """Averages tensor metrics across ranks (elementwise) with at most one all-reduce, in float64: each comes back in
+    its own floating dtype (an integer tensor as float32, a number as float64).
 
-    Tensors and numbers anywhere in the metrics (nested dicts, lists, tuples) are averaged, a number as a float32
-    tensor on ``device`` (a metric that is a number on one rank and a tensor on another, ``sum([])``, must not change
-    how many values a rank sends: the collectives would pair with the next step's); other values (strings, bools)
-    are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled with the gradients,
-    by identity) are taken from there; the rest share a single collective.
+    Tensors and numbers anywhere in the metrics (nested dicts, lists, tuples) are averaged, a number as a tensor on
+    ``device``: a metric that is a number on one rank and a tensor on another (``sum([])``) must not change how
+    many values, or of what dtype, a rank sends (the collectives would pair with the next step's). Other values
+    (strings, bools) are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled
+    with the gradients, by identity) are taken from there; the rest share a single collective.
     """
     reduced = reduced or {}
     flat = type(metrics) is dict and all(not isinstance(v, (Mapping, list, tuple)) for v in metrics.values())
@@ -123,7 +124,7 @@ def all_reduce_metrics(
     dtensor = _dtensor_class()
     for i, v in enumerate(leaves):
         if _real(v):
-            leaves[i] = v = torch.tensor(float(v), dtype=torch.float32, device=device)
+            leaves[i] = v = torch.tensor(float(v), dtype=torch.float64, device=device)
         if isinstance(v, torch.Tensor):
             r = reduced.get(id(v))
             if r is not None:
@@ -133,8 +134,9 @@ def all_reduce_metrics(
                     leaves[i] = v.full_tensor()  # params, global or not) averaged as a plain one: a global one stays
                 rest.append(i)
     if rest:
-        # float32, or float64 when a metric is (a float64 loss would come back with float32's digits)
-        wide = torch.float64 if any(leaves[i].dtype is torch.float64 for i in rest) else torch.float32
+        # float64 on every rank, whatever each rank's metrics are (one rank's float64 tensor beside another's number
+        # made float64 and float32 collectives of different sizes); a float64 loss keeps its digits
+        wide = torch.float64
         if all(leaves[i].dim() == 0 for i in rest):
             values = torch.stack([leaves[i].detach().to(wide) for i in rest])
         else:
@@ -142,8 +144,9 @@ def all_reduce_metrics(
         (values,) = all_reduce_mean_([values], group)
         offset = 0
         for i in rest:
-            n = leaves[i].numel()
-            out[i] = values[offset : offset + n].view(leaves[i].shape)
+            t = leaves[i]
+            n = t.numel()
+            out[i] = values[offset : offset + n].view(t.shape).to(t.dtype if t.is_floating_point() else torch.float32)
             offset += n
     return dict(zip(names, out)) if flat else _tree.tree_unflatten(treedef, out)
 
