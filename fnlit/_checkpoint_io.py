@@ -437,7 +437,8 @@ def _as_like(leaf: Any, v: Any) -> Any:
     if _real(leaf) and isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() and v.is_floating_point():
         values = v.reshape(-1).tolist()
         if all(x == values[0] for x in values):
-            return type(leaf)(values[0])
+            cast = type(leaf)(values[0])  # the number like's type holds: 0.5 saved where like has an int stays 0.5
+            return cast if float(cast) == values[0] else values[0]
     return v
 
 
@@ -566,6 +567,8 @@ def common_step(state: Any) -> int | None:
     """``state.step`` as an int; for an ensemble (stacked states: steps of shape ``(n,)``) the step its
     members share. None without a step tensor, or when the members' steps differ."""
     step = getattr(state, "step", None)
+    if isinstance(step, int) and not isinstance(step, bool):  # a state of one's own counting in Python
+        return step
     if not isinstance(step, torch.Tensor) or step.numel() == 0:
         return None
     if step.dim() == 0:
@@ -590,8 +593,8 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
         "position": json_checked("position", position),
         "metrics": json_checked("metrics", metrics),
         "meta": meta,
-        "params": list(getattr(state, "params", {})),
-        "buffers": list(getattr(state, "buffers", {})),
+        "params": list(state.params) if hasattr(state, "params") else None,  # None: not a TrainState (load_module)
+        "buffers": list(state.buffers) if hasattr(state, "buffers") else None,
     }
     if run is not None:
         header["run"] = run

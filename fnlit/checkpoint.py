@@ -227,6 +227,12 @@ def load_module(path: str | os.PathLike[str], module: M) -> M:
         True
     """
     header, values = decode(path)
+    if header.get("params") is None or (not header["params"] and not any(p.startswith("params") for p in values)):
+        # (None: a state without params, saved by this fnlit; []: by an older one, unless the state had no params)
+        raise CheckpointError(
+            f"{path} holds no TrainState params/buffers (its paths: {list(values)[:5]}); it was not saved from a "
+            "TrainState. Restore it with fnlit.restore(path, like=...), or load a state dict into the module yourself."
+        )
     try:
         params = {n: values[_tree.keystr(("params", n))] for n in header["params"]}
         buffers = {n: values[_tree.keystr(("buffers", n))] for n in header["buffers"]}
@@ -247,7 +253,13 @@ def _step(state: Any) -> int:
     """The step a checkpoint is named by; an ensemble's members (stacked steps) must share it."""
     step = common_step(state)
     if step is None:
-        got = state.step.tolist() if isinstance(getattr(state, "step", None), Tensor) else getattr(state, "step", None)
+        if not isinstance(getattr(state, "step", None), Tensor):
+            raise TypeError(
+                f"Checkpointer names each checkpoint by state.step, but this {type(state).__name__} has "
+                + (f"step={state.step!r}" if hasattr(state, "step") else "no step")
+                + ": save a TrainState (or a state with an int or 0-d tensor step), or use fnlit.save(path, state)."
+            )
+        got = state.step.tolist()
         raise ValueError(
             f"Checkpointer names each checkpoint by state.step and expected one step, got {got!r} instead. An "
             "ensemble's members must step together (fnlit.ensemble does); to keep states with different steps, "
@@ -359,6 +371,12 @@ class Checkpointer:
         _positive("every_n_epochs", every_n_epochs)
         _positive("keep_last", keep_last)
         _positive("keep_best", keep_best, allow_zero=True)
+        if monitor is None and keep_best not in (0, 1):  # (1, the default: nothing to rank, nothing asked)
+            raise ValueError(
+                f"Checkpointer got keep_best={keep_best!r} but no monitor: there is no metric to rank checkpoints by "
+                "(Lightning refuses save_top_k without monitor too). Pass monitor='val/loss' (a validation metric), "
+                "or keep_last=N to keep the last N checkpoints."
+            )
         if mode not in ("min", "max"):
             raise ValueError(f"Checkpointer expected mode='min' or mode='max', got {mode!r} instead.")
         for key, value in meta.items():
@@ -518,7 +536,8 @@ class Checkpointer:
         """Saves after every ``every_n_epochs`` completed epochs."""
         if self.every_n_epochs is not None:
             done = position["epoch"] + (1 if position["batch"] > 0 else 0)  # either way of counting an ended epoch
-            if done % self.every_n_epochs == 0 and not self._is_saved(state):
+            # (saved already as a best at the epoch's last validation: again, standing after the epoch's end)
+            if done % self.every_n_epochs == 0 and (not self._is_saved(state) or self._saved_where != _where(position)):
                 self._save_and_wait(state, position)
 
     def on_exit(self, state: Any, position: Position, reason: str) -> None:

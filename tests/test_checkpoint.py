@@ -10,6 +10,7 @@ import pytest
 import torch
 from _resume_worker import assert_same_tensors
 from helpers import assert_trees_equal, batch, hand_step, mlp
+import torch.nn.functional as F
 from torch import nn
 
 import fnlit
@@ -856,3 +857,76 @@ def test_a_save_in_progress_survives_another_processs_cleanup_even_when_its_pid_
 
     path = io.atomic_write(tmp_path / "x.ckpt", write)
     assert scanned == ["0"] and path.read_bytes() == b"first half second half"
+
+
+def test_a_float_saved_where_like_holds_an_int_is_restored_whole(tmp_path):
+    # A rate assigned as an int (hyperparams["learning_rate"] = 1) and later changed to 0.5: restoring into a like
+    # that still held the int gave int(0.5) == 0, silently.
+    path = fnlit.save(tmp_path / "a.ckpt", {"lr": torch.tensor(0.5), "n": torch.tensor([0.25, 0.25]), "k": torch.tensor(3.0)})
+    assert fnlit.restore(path, like={"lr": 1, "n": 2, "k": 7}) == {"lr": 0.5, "n": 0.25, "k": 3}
+
+
+def test_load_module_on_a_file_not_saved_from_a_train_state_says_so(tmp_path):
+    # It said the module was missing ['weight', 'bias'], which the file holds.
+    m = nn.Linear(2, 1)
+    for i, tree in enumerate((dict(m.state_dict()), {"params": dict(m.named_parameters()), "buffers": {}})):
+        path = fnlit.save(tmp_path / f"{i}.ckpt", {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in tree.items()})
+        with pytest.raises(ckpt.CheckpointError, match=r"holds no TrainState params/buffers .*fnlit.restore"):
+            fnlit.load_module(path, nn.Linear(2, 1))
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)  # the reference: a TrainState's file loads
+    assert torch.equal(fnlit.load_module(fnlit.save(tmp_path / "s.ckpt", state), nn.Linear(2, 1)).weight, m.weight)
+
+
+def test_checkpointer_refuses_keep_best_without_a_monitor_as_lightning(tmp_path):
+    # Accepted, it kept no best at all (only the last); Lightning: "No quantity for top_k to track".
+    for keep in (3, None):
+        with pytest.raises(ValueError, match=r"keep_best=.* but no monitor.*keep_last=N"):
+            ckpt.Checkpointer(tmp_path, keep_best=keep)
+    ckpt.Checkpointer(tmp_path)  # the default (keep_best=1) and keep_best=0 need no monitor
+    ckpt.Checkpointer(tmp_path, keep_best=0)
+
+
+def test_checkpointer_saves_a_state_counting_steps_in_python_and_names_a_missing_step(tmp_path):
+    # An int step was blamed on ensembles ("expected one step, got 5"); a state without one too ("got None").
+    from typing import NamedTuple
+
+    class S(NamedTuple):
+        step: int
+        params: dict
+
+    path = ckpt.Checkpointer(tmp_path).save(S(5, {"w": torch.ones(2)}))
+    assert path.name == "step=00000005.ckpt"
+    with pytest.raises(TypeError, match=r"by state.step, but this dict has no step"):
+        ckpt.Checkpointer(tmp_path / "b").save({"w": torch.ones(2)})
+
+
+def test_a_best_saved_at_an_epochs_end_is_saved_again_after_it_for_every_n_epochs(tmp_path):
+    # Checkpointer(monitor=..., every_n_epochs=1), Lightning's usual setup: the epoch's last validation saved its best
+    # and the epoch-end save was skipped as "already saved", so the file stood before the epoch's end, and a resume
+    # after a crash in the next epoch ran that epoch's end again. Reference: each epoch end once, as one run.
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    model = nn.Linear(4, 1)
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    ev = lambda state, b: {"loss": F.mse_loss(fnlit.apply(model, state.params, state.buffers, b[0])[0], b[1])}  # noqa: E731
+    seen, crashed = [], []
+
+    class Ends(fnlit.callbacks.Callback):
+        def on_epoch_end(self, state, info):
+            seen.append(info["epoch"])
+
+        def on_step(self, state, metrics):
+            if int(state.step) == 6 and not crashed:  # in epoch 1, after epoch 0's best at its end
+                crashed.append(True)
+                raise RuntimeError("crash")
+
+    def run(**kw):
+        return fnlit.fit(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.01), seed=0),
+                         fnlit.data.ArrayLoader(x, y, batch_size=8), val_data=[(x, y)], eval_step=ev, max_epochs=3,
+                         checkpoint=ckpt.Checkpointer(tmp_path, monitor="val/loss", every_n_epochs=1), callbacks=[Ends()],
+                         progress=False, **kw)  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run()
+    run(ckpt_path="last")
+    assert seen == [0, 1, 2]

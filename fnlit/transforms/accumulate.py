@@ -124,7 +124,7 @@ def _mean(values: list[Any], path: str) -> Any:
         # a number in some micro-batches, a tensor in others (sum([]) over an empty selection is 0): as tensors
         like = tensors[0]
         dtype = like.dtype if like.is_floating_point() else torch.float32
-        values = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype, device=like.device) for v in values]
+        values = [v if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=dtype, device=like.device) for v in values]
     first = values[0]
     if isinstance(first, torch.Tensor):
         try:

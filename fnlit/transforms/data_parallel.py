@@ -124,7 +124,7 @@ def all_reduce_metrics(
     dtensor = _dtensor_class()
     for i, v in enumerate(leaves):
         if _real(v):
-            leaves[i] = v = torch.tensor(float(v), dtype=torch.float64, device=device)
+            leaves[i] = v = torch.full((), float(v), dtype=torch.float64, device=device)  # (a fill: no host copy, no sync)
         if isinstance(v, torch.Tensor):
             r = reduced.get(id(v))
             if r is not None:
