@@ -17,6 +17,7 @@ import errno
 import inspect
 import sys
 import json
+import math
 import numbers
 import os
 import pickle
@@ -436,9 +437,12 @@ def _as_like(leaf: Any, v: Any) -> Any:
         return torch.full_like(leaf, v)
     if _real(leaf) and isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() and v.is_floating_point():
         values = v.reshape(-1).tolist()
-        if all(x == values[0] for x in values):
-            cast = type(leaf)(values[0])  # the number like's type holds: 0.5 saved where like has an int stays 0.5
-            return cast if float(cast) == values[0] else values[0]
+        if all(x == values[0] or (math.isnan(x) and math.isnan(values[0])) for x in values):
+            try:  # the number like's type holds: 0.5 (or inf, NaN) saved where like has an int stays as saved
+                cast = type(leaf)(values[0])
+            except (OverflowError, ValueError):
+                return values[0]
+            return cast if float(cast) == values[0] or math.isnan(values[0]) else values[0]
     return v
 
 

@@ -1,4 +1,5 @@
 import errno
+import math
 import os
 import pickle
 import subprocess
@@ -864,6 +865,9 @@ def test_a_float_saved_where_like_holds_an_int_is_restored_whole(tmp_path):
     # that still held the int gave int(0.5) == 0, silently.
     path = fnlit.save(tmp_path / "a.ckpt", {"lr": torch.tensor(0.5), "n": torch.tensor([0.25, 0.25]), "k": torch.tensor(3.0)})
     assert fnlit.restore(path, like={"lr": 1, "n": 2, "k": 7}) == {"lr": 0.5, "n": 0.25, "k": 3}
+    path = fnlit.save(tmp_path / "b.ckpt", {"best": torch.tensor(math.inf), "nan": torch.tensor([math.nan, math.nan])})
+    got = fnlit.restore(path, like={"best": 0, "nan": 1.0})  # an int cannot hold inf (OverflowError before)
+    assert got["best"] == math.inf and math.isnan(got["nan"])
 
 
 def test_load_module_on_a_file_not_saved_from_a_train_state_says_so(tmp_path):
@@ -879,11 +883,10 @@ def test_load_module_on_a_file_not_saved_from_a_train_state_says_so(tmp_path):
 
 def test_checkpointer_refuses_keep_best_without_a_monitor_as_lightning(tmp_path):
     # Accepted, it kept no best at all (only the last); Lightning: "No quantity for top_k to track".
-    for keep in (3, None):
-        with pytest.raises(ValueError, match=r"keep_best=.* but no monitor.*keep_last=N"):
-            ckpt.Checkpointer(tmp_path, keep_best=keep)
-    ckpt.Checkpointer(tmp_path)  # the default (keep_best=1) and keep_best=0 need no monitor
-    ckpt.Checkpointer(tmp_path, keep_best=0)
+    with pytest.raises(ValueError, match=r"keep_best=3 but no monitor.*keep_last=N"):
+        ckpt.Checkpointer(tmp_path, keep_best=3)
+    for keep in (1, 0, None):  # the default, none, and Lightning's save_top_k=-1 need no monitor
+        ckpt.Checkpointer(tmp_path, keep_best=keep)
 
 
 def test_checkpointer_saves_a_state_counting_steps_in_python_and_names_a_missing_step(tmp_path):
