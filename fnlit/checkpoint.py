@@ -386,7 +386,6 @@ class Checkpointer:
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last, self.meta = monitor, mode, save_last, meta
         self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
-        self._best_of: tuple[Callable[[], Any], Any] | None = None  # the state last saved as a best, and where
         # The state object last saved (or restored): not saved again. By identity, not by step: another attempt
         # at the same step (a retry after a crash) is another state, and is saved.
         self._saved: Callable[[], Any] | None = None
@@ -420,7 +419,7 @@ class Checkpointer:
             self._run, self._records = self._ended_run, None
             self._saved_where = None  # its file stands where that run ended; this call's position starts afresh
             return
-        self._saved, self._validated_of, self._ended_at, self._ended_run, self._best_of = None, None, None, None, None
+        self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
         self._records = None  # read from the folder again on the first save
         self._run = _from_rank_0(secrets.token_hex(8))  # one id on every rank: each ranks the files alike
         if _dist.is_main() and self.directory.is_dir():
@@ -525,7 +524,7 @@ class Checkpointer:
         if improves:
             self.save(state, position, metrics=metrics)
             if sharded or _dist.world_size() == 1:  # (every rank knows: on_exit saves this step's file again where
-                self._best_of = (_ref(state), _where(position))  # the run ends; the periodic saves go on as they were)
+                self._saved, self._saved_where = _ref(state), _where(position)  # the run ends, as after on_step's)
         return improves
 
     def _improves(self, value: float) -> bool:
@@ -537,7 +536,8 @@ class Checkpointer:
         """Saves after every ``every_n_epochs`` completed epochs."""
         if self.every_n_epochs is not None:
             done = position["epoch"] + (1 if position["batch"] > 0 else 0)  # either way of counting an ended epoch
-            if done % self.every_n_epochs == 0 and not self._is_saved(state):
+            # (saved already as a best at the epoch's last validation: again, standing after the epoch's end)
+            if done % self.every_n_epochs == 0 and (not self._is_saved(state) or self._saved_where != _where(position)):
                 self._save_and_wait(state, position)
 
     def on_exit(self, state: Any, position: Position, reason: str) -> None:
@@ -552,8 +552,6 @@ class Checkpointer:
         # The last step's own checkpoint stands before the epoch end and the last log row that followed it: a
         # resume from it would run that epoch end again and log those metrics twice. Saved again where it ended.
         saved = self._is_saved(state)
-        if not saved and self._best_of is not None and self._best_of[0]() is state:  # its file stands at the best's
-            saved, self._saved_where = True, self._best_of[1]  # validation: saved again if the run moved on since
         if not saved and (reason != "finished" or self.save_last):
             self._save_and_wait(state, position)
         elif saved and self._saved_where not in (None, _where(position)):  # (None: a continuation, as it was saved)

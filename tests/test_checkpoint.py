@@ -903,7 +903,8 @@ def test_checkpointer_saves_a_state_counting_steps_in_python_and_names_a_missing
         ckpt.Checkpointer(tmp_path / "b").save({"w": torch.ones(2)})
 
 
-def test_a_best_saved_at_an_epochs_end_is_saved_again_after_it_for_every_n_epochs(tmp_path):
+@pytest.mark.parametrize("saving", [dict(monitor="val/loss"), dict(every_n_steps=4), dict(monitor="val/loss", every_n_steps=4)])
+def test_a_best_saved_at_an_epochs_end_is_saved_again_after_it_for_every_n_epochs(tmp_path, saving):
     # Checkpointer(monitor=..., every_n_epochs=1), Lightning's usual setup: the epoch's last validation saved its best
     # and the epoch-end save was skipped as "already saved", so the file stood before the epoch's end, and a resume
     # after a crash in the next epoch ran that epoch's end again. Reference: each epoch end once, as one run.
@@ -926,7 +927,7 @@ def test_a_best_saved_at_an_epochs_end_is_saved_again_after_it_for_every_n_epoch
     def run(**kw):
         return fnlit.fit(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.01), seed=0),
                          fnlit.data.ArrayLoader(x, y, batch_size=8), val_data=[(x, y)], eval_step=ev, max_epochs=3,
-                         checkpoint=ckpt.Checkpointer(tmp_path, monitor="val/loss", every_n_epochs=1), callbacks=[Ends()],
+                         checkpoint=ckpt.Checkpointer(tmp_path, every_n_epochs=1, **saving), callbacks=[Ends()],
                          progress=False, **kw)  # fmt: skip
 
     with pytest.raises(RuntimeError, match="crash"):
