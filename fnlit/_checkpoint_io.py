@@ -18,7 +18,6 @@ import inspect
 import sys
 import json
 import math
-import numbers
 import os
 import pickle
 import re
@@ -41,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no flock; stale files are told by their pid alone
     fcntl = None  # type: ignore[assignment]
 from . import tree as _tree
-from .tree import _describe
+from .tree import _describe, is_real
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "encode", "decode", "atomic_write", "link_or_copy",
            "remove_stale_temps", "fill_like", "load_into", "json_checked", "write_state", "read_header", "newest_first",
@@ -133,7 +132,7 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
             entries.append({"path": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "crc32": crc32(t)})
         elif isinstance(leaf, (bool, int, float, str)):
             entries.append({"path": path, "value": leaf})
-        elif _real(leaf):  # a NumPy number (np.float32(5e-4) assigned as a hyperparameter): as the Python number
+        elif is_real(leaf):  # a NumPy number (np.float32(5e-4) assigned as a hyperparameter): as the Python number
             entries.append({"path": path, "value": leaf.item()})
         else:
             raise TypeError(
@@ -422,20 +421,14 @@ def _distribute(v: torch.Tensor, like: Any) -> torch.Tensor:
     return distribute_tensor(v.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements, **local)
 
 
-def _real(x: Any) -> bool:
-    """A real number held as a leaf of a state: a Python or NumPy int or float (not a bool: np.bool_ is no
-    numbers.Real), e.g. a hyperparameter assigned as a number (optax's idiom)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _as_like(leaf: Any, v: Any) -> Any:
     """A hyperparameter saved as a number where ``leaf`` is a 0-d float tensor, or the other way round, in
     ``leaf``'s form: a number assigned to ``hyperparams`` (optax's idiom) is a tensor after the next update, so a
     checkpoint written in between holds the number. In an ensemble's stacked state the tensor is ``(n,)``: the number
     is every member's value (a tensor whose members differ stays a tensor, and the mismatch is reported)."""
-    if _real(v) and isinstance(leaf, torch.Tensor) and leaf.dim() <= 1 and leaf.is_floating_point():
+    if is_real(v) and isinstance(leaf, torch.Tensor) and leaf.dim() <= 1 and leaf.is_floating_point():
         return torch.full_like(leaf, v)
-    if _real(leaf) and isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() and v.is_floating_point():
+    if is_real(leaf) and isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() and v.is_floating_point():
         values = v.reshape(-1).tolist()
         if all(x == values[0] or (math.isnan(x) and math.isnan(values[0])) for x in values):
             try:  # the number like's type holds: 0.5 (or inf, NaN) saved where like has an int stays as saved

@@ -38,7 +38,7 @@ from torch import nn
 
 from . import random as _random
 from . import tree as _tree
-from ._checkpoint_io import _real
+from .tree import is_real
 from ._types import Batch, Metrics, Params, StepFn
 from .data import batch_size_of
 from .functional import value_and_grad
@@ -46,7 +46,7 @@ from .optim import GradientTransformation
 from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE, collective_of
 from .transforms._frame import current as _current_frame
 from .optim import step as _opt_step
-from .optim._transforms import hyper_dtype
+from .optim._transforms import hyper_value
 from .state import TrainState
 
 __all__ = ["EnsembleStep", "ensemble", "ensemble_states", "per_example_grads", "stack_states", "unstack_state"]
@@ -100,21 +100,15 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
 
 def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
     """``state`` with the Python numbers of its hyperparameters (assigned as numbers: optax's idiom) as the tensors
-    the optimizer reads them as (float32, float64 for float64 params: :func:`fnlit.optim._transforms.hyper_dtype`):
+    the optimizer reads them as (:func:`fnlit.optim._transforms.hyper_value`: float32, float64 for float64 params):
     0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
 
     def as_tensors(hyper: dict[str, Any]) -> dict[str, Any] | None:
-        if not any(_real(v) for v in hyper.values()):
+        if not any(is_real(v) for v in hyper.values()):
             return None
-        for k, v in hyper.items():  # refused as the optimizer refuses one in a single state (NaN fails too)
-            if _real(v) and not v >= 0:
-                raise ValueError(
-                    f"fnlit.ensemble expected state.hyperparams[{k!r}] >= 0, got {v!r} instead. A negative learning "
-                    "rate or weight decay moves the params up the gradient."
-                )
-        shape, dtype = () if n is None else (n,), hyper_dtype(state.params)
-        return {k: torch.full(shape, float(v), dtype=dtype, device=state.device) if _real(v) else v
-                for k, v in hyper.items()}
+        # the optimizer's own reading of a number (checked as it checks one in a single state), one per member
+        held = {k: hyper_value("fnlit.ensemble", k, v, state.device, state.params) for k, v in hyper.items() if is_real(v)}
+        return {**hyper, **{k: v if n is None else v.expand(n).clone() for k, v in held.items()}}
 
     opt_state, found = _map_hyper(state.opt_state, as_tensors)
     return state.replace(opt_state=opt_state) if found else state
@@ -364,6 +358,7 @@ class EnsembleStep:
         if inner is not None:
             raise ValueError(WITH_ENSEMBLE.format(who=inner.collective))
         self.step, self.n, self.in_dims, self.randomness, self.compiled = step, n, in_dims, randomness, compile
+        self.__wrapped__ = step  # (walked as through any transform: _frame.wrapped_steps)
         self.vmapped = torch.func.vmap(step, in_dims=(0, in_dims), randomness=randomness)
         if compile:
             self.vmapped = torch.compile(self.vmapped)

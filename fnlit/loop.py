@@ -32,8 +32,7 @@ from .state import TrainState
 from .summary import (
     Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, scalar_metric, unique_names,
 )
-from .transforms._frame import collective_of
-from .transforms.compile import CompiledStep
+from .transforms._frame import collective_of, wrapped_steps
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -349,13 +348,7 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: 
     ``accumulate`` in ``step`` and the run reaches it (``steps_left`` steps from batch ``batch`` of an epoch): the run
     would fail there (Lightning's accumulate_grad_batches takes a short batch; fnlit's micro-batches are equal parts
     of one batch)."""
-    k, inner = 1, step
-    while inner is not None:  # accumulate(accumulate(step, 2), 2) splits into 4
-        k *= getattr(inner, "accumulate_k", 1)
-        wrapped = getattr(inner, "__wrapped__", None)
-        if wrapped is None and isinstance(inner, (CompiledStep, EnsembleStep)):  # their step splits the same batch
-            wrapped = inner.step if isinstance(inner, CompiledStep) or inner.in_dims is None else None
-        inner = wrapped
+    k = math.prod(getattr(s, "accumulate_k", 1) for s in wrapped_steps(step))  # accumulate(accumulate(s, 2), 2): 4
     if k == 1:
         return
     if isinstance(data, _data.ArrayLoader):
@@ -401,6 +394,13 @@ def _same_batches(n: int | None, seed: int, device: torch.device) -> int:
 _HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_validation", "on_epoch_end", "on_fit_end")
 
 
+def _defines(cb: Any, name: str) -> bool:
+    """Whether callback ``cb`` has method ``name`` other than :class:`~fnlit.callbacks.Callback`'s no-op: overridden,
+    set on the instance, or on an object of any class (not a flag of the same name: ``self.on_step = True``)."""
+    method = getattr(cb, name, None)
+    return callable(method) and getattr(method, "__func__", None) is not getattr(Callback, name)
+
+
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     """The callbacks that may have a state to checkpoint (``state_dict`` and ``load_state_dict``, other than
     :class:`~fnlit.callbacks.Callback`'s no-ops), keyed by class name and their order among that class's.
@@ -409,8 +409,7 @@ def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     for cb in callbacks:
         name = type(cb).__qualname__
         n = seen[name] = seen.get(name, -1) + 1
-        saves = callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
-        if saves and getattr(cb.state_dict, "__func__", None) is not Callback.state_dict:
+        if _defines(cb, "state_dict") and callable(getattr(cb, "load_state_dict", None)):
             out.append((name if n == 0 else f"{name}#{n}", cb))
     return out
 
@@ -443,11 +442,7 @@ class _Hooks:
     """Calls the callbacks' hooks by name; a StopTraining from one is remembered and never skips the others."""
 
     def __init__(self, callbacks: Sequence[Any]) -> None:
-        def has(cb: Any, name: str) -> bool:  # any hook but Callback's no-op (overridden, or set on the instance)
-            hook = getattr(cb, name, None)  # (not a flag of the same name: self.on_step = True)
-            return callable(hook) and getattr(hook, "__func__", None) is not getattr(Callback, name)
-
-        self.lists = {name: [_Remembering(getattr(cb, name), self, cb) for cb in callbacks if has(cb, name)] for name in _HOOKS}
+        self.lists = {name: [_Remembering(getattr(cb, name), self, cb) for cb in callbacks if _defines(cb, name)] for name in _HOOKS}
         self.stop = False
 
     def __call__(self, name: str, *args: Any) -> None:

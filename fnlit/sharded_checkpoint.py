@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
-from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _real
+from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like
+from .tree import is_real
 
 __all__ = ["save_sharded", "restore_sharded", "read_sharded_meta"]
 
@@ -78,7 +79,7 @@ def _describe(tree: Any) -> tuple[list[str], dict[str, Any], dict[str, Any], dic
             tensors[p] = t
         elif isinstance(t, (int, float)):  # a hyperparameter assigned as a number (optax's idiom), a counter
             numbers[p] = t
-        elif _real(t):  # a NumPy number (np.float32(5e-4) assigned as a hyperparameter): as the Python number
+        elif is_real(t):  # a NumPy number (np.float32(5e-4) assigned as a hyperparameter): as the Python number
             numbers[p] = t.item()
         else:
             raise TypeError(
@@ -419,7 +420,7 @@ def _check_like(
             + "restore into a state built the same way (same module, optimizer and loss_scale)."
         )
     for p, leaf in numbers.items():
-        number = _real(leaf)
+        number = is_real(leaf)
         if not (number or (isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point())):
             got = f"a {leaf.dtype} tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
             raise ValueError(

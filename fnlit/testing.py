@@ -221,12 +221,17 @@ def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any
         )
 
 
+def _global_rng_states() -> tuple[torch.Tensor, Any, Any]:
+    """The states of the CPU-side global generators: PyTorch's, Python's ``random``, NumPy's ``np.random``."""
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
 class _GlobalGenerators:
     """Saves the global generators (PyTorch's CPU one, CUDA's once initialised, Python's ``random`` and NumPy's
     legacy ``np.random``) and moves them to another state."""
 
     def __init__(self) -> None:
-        self.cpu, self.python, self.numpy = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        self.cpu, self.python, self.numpy = _global_rng_states()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         torch.default_generator.set_state(torch.Generator().manual_seed(0x5EED_0F_F00D).get_state())
         random.seed(0x5EED_0F_F00D)
@@ -241,10 +246,6 @@ class _GlobalGenerators:
         np.random.set_state(self.numpy)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-
-
-def _global_rng_states() -> tuple[torch.Tensor, Any, Any]:
-    return torch.get_rng_state(), random.getstate(), np.random.get_state()
 
 
 def _drawn_from(before: tuple[torch.Tensor, Any, Any]) -> list[str]:

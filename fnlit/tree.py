@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import countOf
@@ -174,6 +175,12 @@ def tree_paths(tree: PyTree) -> list[str]:
         ["params['0.bias']", "params['0.weight']", 'step']
     """
     return tree_flatten_with_path(tree)[0]
+
+
+def is_real(x: Any) -> bool:
+    """Whether ``x`` is a real number: a Python or NumPy int or float, not a bool (nor ``np.bool_``, which is no
+    ``numbers.Real``); e.g. a hyperparameter assigned as a number (optax's idiom)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _describe(leaf: Any) -> str:

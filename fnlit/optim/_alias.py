@@ -30,13 +30,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import tree_flatten, tree_map, tree_paths, tree_unflatten
+from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
     _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, donated_update, own, own_scaled,
     raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
-    _is_real, check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
+    check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
     held_dtype, hyper_dtype, hyper_value, scalar, zero_count,
 )
 
@@ -162,7 +162,7 @@ def _optimizer(
 ) -> GradientTransformation:
     """Wraps leaf-level implementations into init/update/step with the state bookkeeping."""
     schedule = learning_rate if callable(learning_rate) else None
-    decays = not (_is_real(weight_decay) and weight_decay == 0)
+    decays = not (is_real(weight_decay) and weight_decay == 0)
     eager_functional = _without_grad(functional)
 
     given = {"learning_rate": learning_rate, "weight_decay": weight_decay}  # a float64 tensor stays float64

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..tree import tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
+from ..tree import is_real, tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
 from ._base import (
     EmptyState, GradientTransformation, Mask, MaskCache, PyTree, flatten_checked, resolve_mask, use_functional,
 )
@@ -133,11 +133,6 @@ def check_type(name: str, arg: str, value: Any, ok: bool, expected: str, fix: st
         )
 
 
-def _is_real(value: Any) -> bool:
-    # numbers.Real covers Python and NumPy floats and ints (not np.bool_); a bool is an int, but True as a rate is a bug
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_number(
     name: str, arg: str, value: Any, *, tensor: bool = True, positive: bool = False, expected: str = "", fix: str = ""
 ) -> None:
@@ -155,7 +150,7 @@ def check_number(
             return
         number = float(value)
     else:
-        check_type(name, arg, value, _is_real(value), expected, fix)
+        check_type(name, arg, value, is_real(value), expected, fix)
         number = value
     check_arg(name, arg, value, number > 0 if positive else number >= 0, bound, fix)  # NaN fails both
 
@@ -200,7 +195,7 @@ def check_beta(name: str, arg: str, value: Any) -> None:
             return
         number = float(value)
     else:
-        check_type(name, arg, value, _is_real(value), "a float in [0, 1) or a 0-d tensor", fix)
+        check_type(name, arg, value, is_real(value), "a float in [0, 1) or a 0-d tensor", fix)
         number = value
     check_arg(name, arg, value, 0.0 <= number < 1.0, "in [0, 1)", fix)
 
@@ -265,7 +260,7 @@ def hyper_value(name: str, key: str, value: Any, device: torch.device, params: A
         if value.dim() == 0:  # (a shape read: no sync, traceable)
             return value
         got = f"a tensor of shape {tuple(value.shape)}"
-    elif _is_real(value):  # a Python or NumPy number (np.float32(5e-4)), as the constructors take
+    elif is_real(value):  # a Python or NumPy number (np.float32(5e-4)), as the constructors take
         # checked as the constructors check it (a Python number: no tensor is read, no sync); NaN fails the comparison
         check_arg(f"{name}.update", f"state.hyperparams[{key!r}]", value, value >= 0, ">= 0",
                   "A negative learning rate or weight decay moves the params up the gradient.")
@@ -296,7 +291,7 @@ def scale(step_size: float) -> GradientTransformation:
         {'w': tensor([-0.5000, -0.5000])}
     """
 
-    ok = _is_real(step_size) or (
+    ok = is_real(step_size) or (
         isinstance(step_size, torch.Tensor) and step_size.ndim == 0 and step_size.dtype is not torch.bool
         and not step_size.dtype.is_complex
     )

@@ -484,15 +484,20 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
     raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
 
 
+def wrapped_steps(step: Any) -> Iterator[Any]:
+    """``step`` and the steps it wraps, outermost first (``__wrapped__``: fnlit's transforms, ``fnlit.compile`` and
+    ``fnlit.ensemble`` set it; a cycle ends the walk)."""
+    for _ in range(64):
+        if step is None:
+            return
+        yield step
+        step = getattr(step, "__wrapped__", None)
+
+
 def collective_of(step: Any) -> Any:
-    """The step among ``step`` and the steps it wraps (``__wrapped__``: fnlit's transforms set it) that runs
-    collectives (``fnlit.data_parallel``, ``fnlit.shard``: its ``collective`` names it), or None."""
-    inner = step
-    while inner is not None:
-        if getattr(inner, "collective", None):
-            return inner
-        inner = getattr(inner, "__wrapped__", None)
-    return None
+    """The step among ``step`` and the steps it wraps that runs collectives (``fnlit.data_parallel``,
+    ``fnlit.shard``: its ``collective`` names it), or None."""
+    return next((s for s in wrapped_steps(step) if getattr(s, "collective", None)), None)
 
 
 def _rider(t: torch.Tensor, wide: bool) -> torch.Tensor:

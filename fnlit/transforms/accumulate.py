@@ -11,7 +11,7 @@ import torch
 
 from .. import random as _random
 from .. import tree as _tree
-from .._checkpoint_io import _real
+from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
 from ..data import _with_data
 from ._frame import Mispredicted, frame
@@ -120,7 +120,7 @@ def _mean_metrics(all_metrics: list[Metrics]) -> dict[str, Any]:
 
 def _mean(values: list[Any], path: str) -> Any:
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if tensors and len(tensors) < len(values) and all(isinstance(v, torch.Tensor) or _real(v) for v in values):
+    if tensors and len(tensors) < len(values) and all(isinstance(v, torch.Tensor) or is_real(v) for v in values):
         # a number in some micro-batches, a tensor in others (sum([]) over an empty selection is 0): as tensors
         like = tensors[0]
         dtype = like.dtype if like.is_floating_point() else torch.float32

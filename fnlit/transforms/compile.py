@@ -45,6 +45,7 @@ from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
 from ._frame import current as _current_frame
+from ._frame import wrapped_steps
 from .donate import RAISED, check_not_donated, poison
 
 if TYPE_CHECKING:
@@ -370,6 +371,7 @@ class CompiledStep:
 
     def __init__(self, step: StepFn, *, donate: bool, mode: Mode, dynamic: bool) -> None:
         self.step, self.donate, self.mode, self.dynamic = step, donate, mode, dynamic
+        self.__wrapped__ = step  # (the steps inside are walked as through any transform: _frame.wrapped_steps)
         self.compiles = 0
         self._entries: list[_Entry] = []  # one per input structure (shapes are dynamo's to guard)
         # Per thread (threads may share a compiled step): the running call's (state.rng, state.device), and whether
@@ -616,14 +618,12 @@ _DONATING = (
 
 def _check_supported(step: Any) -> None:
     """Raises when a transform that cannot be captured wraps (or is wrapped in) the step."""
-    seen = 0
-    while step is not None and seen < 64:
-        name = getattr(step, "__name__", "")
+    for inner in wrapped_steps(step):
+        name = getattr(inner, "__name__", "")
         if name == "data_parallel_step":
             raise NotImplementedError(_DATA_PARALLEL)
         if name == "donating_step":
             raise ValueError(_DONATING)
-        step, seen = getattr(step, "__wrapped__", None), seen + 1
 
 
 def compile(

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from .. import _storage
 from .. import tree as _tree
-from .._checkpoint_io import _dtensor_class, _real
+from .._checkpoint_io import _dtensor_class
+from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
 from ._frame import WITH_ENSEMBLE, _level, frame, run_on_rank
 
@@ -123,7 +124,7 @@ def all_reduce_metrics(
     rest = []
     dtensor = _dtensor_class()
     for i, v in enumerate(leaves):
-        if _real(v):
+        if is_real(v):
             leaves[i] = v = torch.full((), float(v), dtype=torch.float64, device=device)  # (a fill: no host copy, no sync)
         if isinstance(v, torch.Tensor):
             r = reduced.get(id(v))
@@ -136,11 +137,10 @@ def all_reduce_metrics(
     if rest:
         # float64 on every rank, whatever each rank's metrics are (one rank's float64 tensor beside another's number
         # made float64 and float32 collectives of different sizes); a float64 loss keeps its digits
-        wide = torch.float64
         if all(leaves[i].dim() == 0 for i in rest):
-            values = torch.stack([leaves[i].detach().to(wide) for i in rest])
+            values = torch.stack([leaves[i].detach().to(torch.float64) for i in rest])
         else:
-            values = torch.cat([leaves[i].detach().reshape(-1).to(wide) for i in rest])
+            values = torch.cat([leaves[i].detach().reshape(-1).to(torch.float64) for i in rest])
         (values,) = all_reduce_mean_([values], group)
         offset = 0
         for i in rest:
