@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -363,18 +364,24 @@ class SWA(Callback):
     checkpoints (the callback's ``state_dict``), so a resumed run continues the same average.
 
     Args:
-        swa_epoch_start: the first averaged epoch (0-based int), or a fraction of ``max_epochs`` (float) counted
-            as Lightning counts it: ``int(fraction * max_epochs)`` is a 1-based epoch, so the first averaged one is
-            epoch ``max(int(fraction * max_epochs) - 1, 0)`` (0.8 of 4 epochs averages epochs 2 and 3; 1.0 the last).
+        swa_epoch_start: the first averaged epoch, counted as Lightning counts it: an int >= 1 is a 1-based epoch
+            (``1`` averages from the first epoch, 0-based 0; ``2`` from the second, 0-based 1), a float a fraction of
+            ``max_epochs`` whose ``int(fraction * max_epochs)`` is that 1-based epoch, so the first averaged one is
+            0-based epoch ``max(int(fraction * max_epochs) - 1, 0)`` (0.8 of 4 epochs averages 0-based epochs 2 and 3,
+            as ``3`` does; 1.0 the last). :attr:`start` is the 0-based first averaged epoch (set at fit start for a
+            fraction).
 
     Raises:
-        ValueError: at fit start, if the first averaged epoch is past the last one (nothing would be averaged), or
-            for a fraction without ``max_epochs``.
+        ValueError: for an int below 1 (it is 1-based) or a float outside [0, 1]; at fit start, if the first
+            averaged epoch is past the last one (nothing would be averaged), or for a fraction without
+            ``max_epochs``.
 
     Example:
         >>> import torch, fnlit
         >>> state = fnlit.TrainState.create(torch.nn.Linear(1, 1, bias=False), fnlit.optim.sgd(1.0), seed=0)
-        >>> swa = SWA(swa_epoch_start=0)
+        >>> swa = SWA(swa_epoch_start=1)  # from the first epoch (1-based, as Lightning's)
+        >>> swa.start  # 0-based
+        0
         >>> swa.on_fit_start(state, {"max_epochs": 2})
         >>> swa.on_epoch_end(state, {"epoch": 0})
         >>> later = state.apply_gradients({"weight": torch.ones(1, 1)})
@@ -384,12 +391,14 @@ class SWA(Callback):
     """
 
     def __init__(self, swa_epoch_start: int | float = 0.8) -> None:
-        if swa_epoch_start < 0 or (isinstance(swa_epoch_start, float) and swa_epoch_start > 1):
+        is_int = isinstance(swa_epoch_start, numbers.Integral) and not isinstance(swa_epoch_start, bool)
+        if not (is_int and swa_epoch_start >= 1) and not (isinstance(swa_epoch_start, float) and 0 <= swa_epoch_start <= 1):
             raise ValueError(
-                f"SWA expected swa_epoch_start to be an epoch index >= 0 or a fraction in [0, 1], got {swa_epoch_start}."
+                "SWA expected swa_epoch_start to be a 1-based epoch (an int >= 1, as Lightning's: 1 averages from the "
+                f"first epoch) or a fraction of max_epochs in [0, 1], got swa_epoch_start={swa_epoch_start!r} instead."
             )
         self.swa_epoch_start = swa_epoch_start
-        self.start: int | None = swa_epoch_start if isinstance(swa_epoch_start, int) else None
+        self.start: int | None = int(swa_epoch_start) - 1 if is_int else None  # 0-based (Lightning: swa_epoch_start - 1)
         self.params: dict[str, torch.Tensor] | None = None
         self.n_averaged = 0
 
@@ -405,8 +414,9 @@ class SWA(Callback):
         max_epochs = plan.get("max_epochs")
         if max_epochs is not None and 0 <= max_epochs <= self.start:
             raise ValueError(
-                f"SWA(swa_epoch_start={self.swa_epoch_start}) starts averaging at epoch {self.start} (0-based), but fit "
-                f"has max_epochs={max_epochs}: nothing would be averaged. Start at an earlier epoch."
+                f"SWA(swa_epoch_start={self.swa_epoch_start}) starts averaging at 0-based epoch {self.start} (epoch "
+                f"{self.start + 1} counted from 1), but fit has max_epochs={max_epochs}: nothing would be averaged. "
+                "Start at an earlier epoch."
             )
         if self.params is not None:
             self.params = _placed(self.params, state, "SWA")
@@ -440,7 +450,8 @@ class SWA(Callback):
         """``state`` with its params replaced by a copy of the average (for :func:`fnlit.evaluate`, export or
         training on)."""
         if self.params is None:
-            raise ValueError(f"SWA.state: nothing averaged yet (averaging starts at epoch {self.start}).")
+            when = "no fit has run yet" if self.start is None else f"averaging starts at the end of 0-based epoch {self.start}"
+            raise ValueError(f"SWA.state: nothing averaged yet ({when}).")
         return _with_average(state, self.params)
 
 

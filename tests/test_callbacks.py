@@ -188,11 +188,16 @@ def test_ema_pairs_params_by_name_when_the_step_returns_them_in_another_order():
         torch.testing.assert_close(ema.params[k], expected[k], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("start, first", [(2, 2), (0.5, 1), (0.8, 2), (1.0, 3)])
+@pytest.mark.parametrize(
+    "start, first", [(1, 0), (2, 1), (3, 2), (4, 3), (0.5, 1), (0.8, 2), (1.0, 3)]  # first: the 0-based first epoch
+)
 def test_swa_equals_the_mean_of_epoch_end_params(start, first):
-    # A fraction counts epochs as Lightning's StochasticWeightAveraging does: int(f * max_epochs) is 1-based, so
-    # 0.8 of 4 epochs averages 2 epochs' ends (Lightning: 2 snapshots), 1.0 the last (it averaged nothing).
+    # Epochs count as Lightning's StochasticWeightAveraging counts them (swa_start = swa_epoch_start - 1): an int is
+    # a 1-based epoch (2 first averages the second epoch, as 0.5 of 4 epochs does: it was 0-based, one epoch
+    # later), and a fraction's int(f * max_epochs) is one too, so 0.8 of 4 epochs averages 2 epochs' ends
+    # (Lightning: 2 snapshots), 1.0 the last (it averaged nothing).
     swa = SWA(swa_epoch_start=start)
+    assert swa.start == (first if isinstance(start, int) else None)  # 0-based
     _, _, end, rec = train([swa], epochs=4)
     averaged = rec.epochs[first:]
     assert swa.n_averaged == len(averaged)
@@ -202,8 +207,15 @@ def test_swa_equals_the_mean_of_epoch_end_params(start, first):
 
 
 def test_swa_refuses_a_start_past_the_last_epoch():
-    with pytest.raises(ValueError, match=r"starts averaging at epoch 4 \(0-based\), but fit has max_epochs=4: nothing would"):
-        train([SWA(swa_epoch_start=4)], epochs=4)
+    with pytest.raises(ValueError, match=r"starts averaging at 0-based epoch 4 \(epoch 5 counted from 1\), but fit has "
+                       r"max_epochs=4: nothing would"):  # fmt: skip
+        train([SWA(swa_epoch_start=5)], epochs=4)
+
+
+@pytest.mark.parametrize("start", [0, -1, True, 1.5, -0.1, "2"])
+def test_swa_refuses_an_int_start_below_1_as_lightning(start):
+    with pytest.raises(ValueError, match=r"SWA expected swa_epoch_start to be a 1-based epoch \(an int >= 1, as Lightning"):
+        SWA(swa_epoch_start=start)
 
 
 def test_ema_and_swa_resume_their_averages_bitwise(tmp_path):
@@ -214,7 +226,7 @@ def test_ema_and_swa_resume_their_averages_bitwise(tmp_path):
         model = mlp(dropout=0.1)
         state = fnlit.TrainState.create(model, fnlit.optim.adam(1e-2), seed=0)
         x, y = batch(40)
-        ema, swa = EMA(decay=0.9), SWA(swa_epoch_start=1)
+        ema, swa = EMA(decay=0.9), SWA(swa_epoch_start=2)  # from the second epoch (1-based)
         fit(hand_step(model), state, ArrayLoader(x, y, batch_size=8), max_epochs=epochs, callbacks=[ema, swa],
             checkpoint=Checkpointer(folder, every_n_epochs=1), progress=False, **kw)  # fmt: skip
         return ema, swa
@@ -232,7 +244,7 @@ def test_an_average_of_another_model_is_refused_and_an_old_count_only_checkpoint
     ema.load_state_dict({"params": {"weight": torch.zeros(3, 3)}})
     with pytest.raises(ValueError, match=r"EMA: its average does not fit the state's params \(at \['bias'\]"):
         ema.on_fit_start(counting_state(), {})
-    swa = SWA(swa_epoch_start=0)
+    swa = SWA(swa_epoch_start=1)
     with pytest.warns(UserWarning, match="SWA: the checkpoint was saved after averaging began, but holds no average"):
         swa.load_state_dict({"n_averaged": 2})
     assert swa.n_averaged == 0 and swa.params is None
