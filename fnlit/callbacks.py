@@ -4,7 +4,8 @@ A callback is any object with some of these methods (all optional; subclassing :
 optional too). None of them gets a reference to the loop; to stop training, raise :class:`StopTraining`.
 
 * ``on_fit_start(state, plan)``: once; ``plan`` is a plain dict (``max_epochs``, ``max_steps``,
-  ``batches_per_epoch``, ``log_every_n_steps``).
+  ``batches_per_epoch``, ``log_every_n_steps``, and ``fast_dev_run``: True in a ``fit(fast_dev_run=...)`` smoke
+  run, whose ``max_epochs`` is 1 whatever fit was given).
 * ``on_step(state, metrics)``: after every training step; ``metrics`` are the step's tensors, still on
   the device. Runs every step, so it must not read tensors back to the host (no ``.item()``).
 * ``on_log(state) -> dict | None``: at each log interval, before the interval's single host sync;
@@ -112,7 +113,8 @@ class EarlyStopping(Callback):
     ``stopping_threshold`` or worse than ``divergence_threshold`` (Lightning's checks, in its order). Its
     state (best, counter, and a decision to stop) is in fit's checkpoints: a run resumed after it decided to
     stop stops again at once, with a warning, while the reason holds with the resumed callback's settings (a
-    larger patience trains on), as a run that ended at ``max_epochs`` does nothing when resumed.
+    larger patience trains on), as a run that ended at ``max_epochs`` does nothing when resumed. In a
+    ``fit(fast_dev_run=...)`` it does nothing (no counting, no stop, its state untouched), as Lightning's.
 
     Args:
         monitor: the metric, as logged (``"val/loss"``).
@@ -150,6 +152,7 @@ class EarlyStopping(Callback):
         self._stopped_by: str | None = None  # why it stopped: "patience", "threshold", "divergence", "not finite"
         self._stopped_value: float | None = None  # the value that crossed a threshold; for patience, the count
         self._resumed: str | None = None
+        self._off = False  # in a fast_dev_run fit (read at each fit start: the callback may serve several fits)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step, "stopped_by": self._stopped_by,
@@ -162,6 +165,9 @@ class EarlyStopping(Callback):
         self._resumed = self._stopped_by  # a run resumed after it had decided to stop (see on_fit_start)
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
+        self._off = bool(plan.get("fast_dev_run"))
+        if self._off:  # a smoke run: no decision, and nothing a later run would see (Lightning skips its checks too)
+            return
         # A resume of a run that had decided to stop stops again, if the reason still holds with this callback's
         # settings (a larger patience, or a threshold taken out, trains on), as a run that ended at max_epochs
         # does nothing when resumed with the same max_epochs.
@@ -184,6 +190,8 @@ class EarlyStopping(Callback):
         self.stopped_step = self._stopped_by = self._stopped_value = None
 
     def on_validation(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self._off:
+            return
         if self.monitor not in metrics:
             raise KeyError(
                 f"EarlyStopping(monitor={self.monitor!r}) found no such metric; the validation metrics are "
@@ -373,8 +381,8 @@ class SWA(Callback):
 
     Raises:
         ValueError: for an int below 1 (it is 1-based) or a float outside [0, 1]; at fit start, if the first
-            averaged epoch is past the last one (nothing would be averaged), or for a fraction without
-            ``max_epochs``.
+            averaged epoch is past the last one (nothing would be averaged; not in a ``fast_dev_run``, whose one
+            epoch may end before it), or for a fraction without ``max_epochs``.
 
     Example:
         >>> import torch, fnlit
@@ -412,7 +420,8 @@ class SWA(Callback):
                 )
             self.start = max(int(self.swa_epoch_start * max_epochs) - 1, 0)  # Lightning's 1-based epoch, 0-based
         max_epochs = plan.get("max_epochs")
-        if max_epochs is not None and 0 <= max_epochs <= self.start:
+        # fast_dev_run's one epoch (a smoke run of a config that trains) averages nothing: no error, as Lightning
+        if max_epochs is not None and 0 <= max_epochs <= self.start and not plan.get("fast_dev_run"):
             raise ValueError(
                 f"SWA(swa_epoch_start={self.swa_epoch_start}) starts averaging at 0-based epoch {self.start} (epoch "
                 f"{self.start + 1} counted from 1), but fit has max_epochs={max_epochs}: nothing would be averaged. "

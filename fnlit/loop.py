@@ -806,7 +806,8 @@ def fit(
 
     with _Signals() as signals, _outputs(progress, logger, owned) as bar:
         try:
-            info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every}
+            info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every,
+                    "fast_dev_run": plan.quiet}  # (max_epochs is then 1, whatever fit was given)
             hooks("on_fit_start", state, info)
             if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
                 evaluate(eval_step, state, val_data, None if plan.sanity_steps < 0 else plan.sanity_steps)  # type: ignore[arg-type]

@@ -145,13 +145,13 @@ class Recorder:
         self.epochs.append({k: v.clone() for k, v in state.params.items()})
 
 
-def train(callbacks, epochs=4):
+def train(callbacks, epochs=4, **kw):
     model = mlp(dropout=0.1)
     state = fnlit.TrainState.create(model, fnlit.optim.adam(1e-2), seed=0)
     x, y = batch(40)
     rec = Recorder()
     end = fit(hand_step(model), state, ArrayLoader(x, y, batch_size=8), max_epochs=epochs, callbacks=[rec, *callbacks],
-              progress=False)  # fmt: skip
+              progress=False, **kw)  # fmt: skip
     return model, state, end, rec
 
 
@@ -253,6 +253,45 @@ def test_an_average_of_another_model_is_refused_and_an_old_count_only_checkpoint
 def test_swa_fraction_needs_max_epochs():
     with pytest.raises(ValueError, match="fraction of max_epochs"):
         fit(count_step, counting_state(), [0], max_steps=3, callbacks=[SWA(0.5)], progress=False)
+
+
+def test_fast_dev_run_smoke_tests_an_swa_that_starts_after_its_one_epoch():
+    # fast_dev_run forces max_epochs=1; SWA(75) of max_epochs=100 trains fine, so its smoke run must run (Lightning
+    # has no such check). It averages nothing there.
+    swa = SWA(swa_epoch_start=75)
+    _, start, end, rec = train([swa], epochs=100, fast_dev_run=True)
+    assert int(end.step) == 1 and len(rec.epochs) == 1 and swa.n_averaged == 0 and swa.params is None
+    # A fraction counts fast_dev_run's one epoch, as Lightning's (max_epochs is 1 there): int(0.5 * 1) = 0, so
+    # max(0 - 1, 0) = epoch 0 is averaged: its end params.
+    swa = SWA(swa_epoch_start=0.5)
+    _, _, end, rec = train([swa], epochs=100, fast_dev_run=True)
+    assert int(end.step) == 1 and swa.n_averaged == 1
+    for k, v in swa.params.items():
+        torch.testing.assert_close(v, rec.epochs[0][k], rtol=0, atol=0)
+
+
+def test_early_stopping_does_nothing_under_fast_dev_run_as_lightning():
+    # Lightning's _run_early_stopping_check returns at once under fast_dev_run: no count, no stop, no state change.
+    def smoke(es, values):
+        return fit(count_step, counting_state(), [0, 1, 2], max_epochs=20, val_data=[0], eval_step=scripted_eval(values),
+                   callbacks=[es], fast_dev_run=True, progress=False)  # fmt: skip
+
+    es = EarlyStopping("val/loss", patience=2)
+    before = copy.deepcopy(vars(es))
+    assert int(smoke(es, [float("nan")]).step) == 1  # a NaN would stop (check_finite) and record why
+    assert {k: v for k, v in vars(es).items() if k != "_off"} == {k: v for k, v in before.items() if k != "_off"}
+    # The same callback in a real fit afterwards counts as test_early_stopping_counts_validation_runs's hand count:
+    # best 4.0 at run 2, then 2 runs without improvement: 4 epochs of 3 steps.
+    state = fit(count_step, counting_state(), [0, 1, 2], max_epochs=20, val_data=[0], num_sanity_val_steps=0,
+                eval_step=scripted_eval([5.0, 4.0, 4.5, 4.2, 1.0]), callbacks=[es], progress=False)  # fmt: skip
+    assert int(state.step) == 12 and es.stopped_step == 12 and es._stopped_by == "patience"
+    # A state that had decided to stop (loaded) does not stop the smoke run (it would stop at once, with a warning),
+    # and is still there for the run it belongs to.
+    es = EarlyStopping("val/loss", patience=1)
+    es.load_state_dict({"best": 1.0, "wait": 1, "stopped_step": 7, "stopped_by": "patience", "stopped_value": 1})
+    before = copy.deepcopy(vars(es))
+    assert int(smoke(es, [2.0]).step) == 1
+    assert {k: v for k, v in vars(es).items() if k != "_off"} == {k: v for k, v in before.items() if k != "_off"}
 
 
 def test_timer_and_max_time_stop_training():

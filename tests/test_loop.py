@@ -125,10 +125,20 @@ def test_limit_val_batches():
 
 @pytest.mark.parametrize("n", [True, 3])
 def test_fast_dev_run(n, tmp_path):
-    c, state = run(max_epochs=5, fast_dev_run=n, log_dir=str(tmp_path / "logs"))
+    plans = []
+
+    class Plans:
+        def on_fit_start(self, state, p):
+            plans.append(dict(p))
+
+    plan = Plans()
+    c, state = run(max_epochs=5, fast_dev_run=n, log_dir=str(tmp_path / "logs"), callbacks=[plan])
     k = int(n)
     assert len(c.train) == k and len(c.val) == k and c.epoch_ends == [0]  # no sanity check either
     assert not (tmp_path / "logs").exists()  # no logging
+    run(max_epochs=5, callbacks=[plan])
+    # callbacks are told (Lightning's trainer.fast_dev_run), with the one epoch fast_dev_run forces
+    assert [(p["fast_dev_run"], p["max_epochs"]) for p in plans] == [(True, 1), (False, 5)]
 
 
 def test_fast_dev_run_runs_its_batches_from_a_restored_step():
