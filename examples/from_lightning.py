@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = make_model()
     total = args.epochs * len(train)
     if total < 1:  # (the schedule needs steps to warm up and decay over)
-        p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use a smaller "
-                "--batch-size or more --epochs.")
+        p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use --epochs >= 1.")
     tx = fnlit.optim.chain(                                # configure_optimizers + gradient_clip_val=1.0
         fnlit.optim.clip_by_global_norm(1.0),
         fnlit.optim.adamw(fnlit.optim.cosine_decay(3e-3, total), weight_decay=1e-2),

@@ -124,7 +124,12 @@ def test_settings_that_leave_no_training_step_say_so(name, args, capsys, tmp_pat
     # They failed building the LR schedule from 0 steps: "warmup_cosine expected warmup_steps >= 0, got -1".
     with pytest.raises(SystemExit):
         load(name).main(args + ["--log-dir", ""] + (["--ckpt-dir", str(tmp_path)] if name == "from_lightning" else []))
-    assert "no training step to take" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no training step to take" in err
+    # the advice names options the example has (from_lightning's told to use a --batch-size it does not take)
+    advice = err.split("no training step to take", 1)[1]
+    options = set(re.findall(r'add_argument\("(--[a-z-]+)"', (EXAMPLES / f"{name}.py").read_text()))
+    assert set(re.findall(r"--[a-z-]+", advice)) <= options, (advice, options)
 
 
 # ----------------------------------------------------------------------------------------- autoencoder
