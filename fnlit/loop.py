@@ -34,6 +34,7 @@ from .summary import (
 )
 from .transforms._frame import collective_of, wrapped_steps
 from .transforms.donate import is_donated
+from .transforms.shard import is_sharded
 
 __all__ = ["fit", "evaluate"]
 
@@ -220,6 +221,11 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     so a smaller last batch counts for what it holds, and an empty one (size 0) not at all. Sums stay on the device; there is one host sync, at the end
     (under torch.distributed, sums are added across ranks first). The state is never changed.
 
+    Under torch.distributed the ranks may hold different numbers of batches; the result is the mean over all
+    of them. As a sharded model's forward is a collective, every rank runs as many: a rank with fewer repeats
+    its first batch, not counted (the ranks exchange their counts first, one more host sync; where some rank's
+    data has no len() and the state is sharded, they agree before each batch whether one still has one).
+
     Args:
         eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
         state: the state to evaluate (e.g. ``ema.state(state)``).
@@ -228,8 +234,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         limit_batches: an int number of batches, or a float fraction of ``len(data)``.
 
     Raises:
-        ValueError: if a metric is not a scalar (naming it and its shape), or there are no batches (or only
-            empty ones).
+        ValueError: if a metric is not a scalar (naming it and its shape), there are no batches (or only
+            empty ones), or under torch.distributed a rank has no batch while others have some.
 
     Example:
         >>> import torch, fnlit
@@ -247,8 +253,11 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         n = _limit(limit_batches, data.eval_len(), "limit_batches", "evaluate")
         batches: Iterable[tuple[Any, bool]] = data.eval_batches()
     else:
-        n = _limit(limit_batches, _num_batches(data), "limit_batches", "evaluate")
+        known = _num_batches(data)
+        n = _limit(limit_batches, known, "limit_batches", "evaluate")
         batches = ((b, True) for b in data)
+        if _dist.world_size() > 1:
+            batches, n = _even_batches(data, n, known is not None, state)
     move = _data.device_mover(state.device)
     names: list[str] = []
     sums: list[torch.Tensor] = []
@@ -298,6 +307,61 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     flat = [k if s.dim() == 0 else f"{k}/{i}" for k, s in zip(names, sums) for i in range(s.numel())]
     unique_names(flat, "the eval step")
     return {k: v / values[-1] for k, v in zip(flat, values)}
+
+
+def _even_batches(
+    data: Iterable[Batch], n: int | None, sized: bool, state: TrainState
+) -> tuple[Iterable[tuple[Any, bool]], int | None]:
+    """Under torch.distributed: this rank's batches (each with whether it counts) and how many every rank runs.
+
+    A sharded model's forward is a collective, so every rank must run as many forwards: as in
+    :meth:`fnlit.data.ArrayLoader.eval_batches`, a rank with fewer batches repeats its first one, not counted.
+    The ranks exchange their counts first (one all-reduce); where some rank's data has no len() and the state
+    is sharded, they agree before each batch whether any rank still has one (a host sync per batch).
+    """
+    counts = torch.tensor([0 if sized else 1, n or 0, -(n or 0)], dtype=torch.int64, device=state.device)
+    torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
+    unsized, most, least = counts.tolist()
+    least = -least
+    if not unsized:
+        if least == 0 < most:
+            raise ValueError(_NO_EVAL_BATCH.format(counts=f"from {least} to {most} batches, this rank {n}"))
+
+        def filled() -> Iterator[tuple[Any, bool]]:
+            first: Any = _END
+            for i, b in enumerate(itertools.islice(iter(data), n)):
+                first = b if i == 0 else first
+                yield b, True
+            for _ in range(most - (n or 0)):  # (n < most: this rank ran out first)
+                yield first, False
+
+        return filled(), most
+    if not is_sharded(state):  # each rank runs its own batches: the forwards are not collectives
+        return ((b, True) for b in data), n
+
+    def voted() -> Iterator[tuple[Any, bool]]:
+        it, first, own = iter(data), _END, True
+        for i in itertools.count():  # (a rank whose count is known votes on until every rank has run out)
+            b = next(it, _END) if own and (n is None or i < n) else _END
+            own = b is not _END
+            first = b if first is _END else first
+            flags = torch.tensor([int(own), int(first is _END)], dtype=torch.int64, device=state.device)
+            torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+            some, lacking = flags.tolist()  # (once per batch: data without a len() gives no count to share)
+            if not some:
+                return
+            if lacking:
+                raise ValueError(_NO_EVAL_BATCH.format(counts="some without a len(), and one rank with none"))
+            yield (b, True) if own else (first, False)
+
+    return voted(), None
+
+
+_NO_EVAL_BATCH = (
+    "evaluate: the ranks have different numbers of evaluation batches ({counts}), and a rank without any has "
+    "none to run the others' filler forwards with. Give every rank at least one batch: fnlit.data.ArrayLoader "
+    "shards evenly (every example once), as does DistributedSampler."
+)
 
 
 class _Signals:
@@ -367,8 +431,10 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: 
     )
 
 
-def _same_batches(n: int | None, seed: int, device: torch.device) -> int:
-    """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up).
+def _same_batches(n: int | None, seed: int, device: torch.device, validates: bool) -> int:
+    """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up),
+    and validate or not alike (``evaluate`` runs the ranks' different numbers of validation batches together,
+    but a rank without any would skip the validations).
 
     Returns rank 0's data-order seed, in the same all-reduce: the ranks cut one order into their shards (as
     DistributedSampler asks of its ``seed``), and a resume reads rank 0's. A rank may hold an rng of its own
@@ -378,15 +444,21 @@ def _same_batches(n: int | None, seed: int, device: torch.device) -> int:
     # The other ranks send int64's least, so the max is rank 0's seed; one outside int64 goes wrapped (the order
     # only depends on it modulo 2**63: epoch_seed's mask).
     sent = ((seed + 2**63) % 2**64) - 2**63 if _dist.rank() == 0 else -(2**63)
-    counts = torch.tensor([none, -none, sent], dtype=torch.int64, device=device)
+    counts = torch.tensor([none, -none, sent, int(validates), -int(validates)], dtype=torch.int64, device=device)
     torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
-    most, least, first = counts.tolist()  # (once, at the start of fit)
+    most, least, first, any_validate, not_all = counts.tolist()  # (once, at the start of fit)
     least = -least
     if most != least:
         raise ValueError(
             f"fit: the ranks have different numbers of training batches per epoch (from {least} to {most}; -1: "
             f"no len()), this rank {n}. Each step's gradient all-reduce pairs the ranks' steps, so they must run as "
             "many: fnlit.data.ArrayLoader shards evenly, as does DistributedSampler(drop_last=True)."
+        )
+    if any_validate and not_all == 0:  # (not_all: 0 where some rank does not validate, else -1)
+        raise ValueError(
+            f"fit: some ranks have validation batches and others none (this rank {'some' if validates else 'none'}), "
+            "so only some would validate. Give every rank at least one: fnlit.data.ArrayLoader shards evenly "
+            "(every example once), as does DistributedSampler."
         )
     return seed if _dist.rank() == 0 else first
 
@@ -742,7 +814,7 @@ def fit(
     distributed, halt = _dist.world_size() > 1, False
     voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
-        seed = _same_batches(n_batches, seed, state.device)  # every rank draws rank 0's data order
+        seed = _same_batches(n_batches, seed, state.device, plan.validate)  # every rank draws rank 0's data order
         dp = collective_of(step)
         if dp is not None and dp.collective == "fnlit.data_parallel":  # every rank must start from the same state
             _dist.check_same_state(state, getattr(dp, "group", None))

@@ -361,3 +361,47 @@ def _ema_resumed(directory: str):
 def sharded_checkpoints(directory: str):
     return {"fit": _sharded_checkpoints(directory), "damaged": _damaged_sharded_checkpoint(directory),
             "ema": _ema_resumed(directory)}  # fmt: skip
+
+
+VAL_SIZES = ([4, 4, 4], [3, 1])  # each rank's validation batch sizes: 3 batches against 2, plain lists
+
+
+def val_batches(rank: int):
+    return [batch(n, D_IN, D_OUT, seed=100 + 10 * rank + i) for i, n in enumerate(VAL_SIZES[rank])]
+
+
+def uneven_validation():
+    """Validation where the ranks hold different numbers of batches, on a sharded state (each forward all-gathers
+    the params: a collective). Returns the metrics (or the error) of each case."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = mlp(D_IN, HIDDEN, D_OUT)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)  # lr 0: fit's validations see these params
+    ce = fnlit.eval_step(model, lambda m, b: {"ce": F.cross_entropy(m(b[0]), b[1])})
+    mine, sharded, out = val_batches(rank), shard_state(state), {}
+
+    class Record(fnlit.callbacks.Callback):
+        def on_validation(self, state, metrics):
+            out.setdefault("fit", []).append(metrics["val/ce"])
+
+    train = fnlit.ArrayLoader(*batch(8, D_IN, D_OUT, seed=0), batch_size=2, shuffle=False)
+    fit = dict(eval_step=ce, max_steps=2, val_check_interval=1, num_sanity_val_steps=-1, progress=False)
+    fnlit.fit(shard(hand_step(model)), state, train, val_data=mine, callbacks=[Record()], **fit)
+    out["evaluate"] = fnlit.evaluate(ce, sharded, mine)["ce"]
+    out["limit 2"] = fnlit.evaluate(ce, sharded, mine, limit_batches=2)["ce"]
+    out["limit 0.5"] = fnlit.evaluate(ce, sharded, mine, limit_batches=0.5)["ce"]  # int(1.5) and int(1.0): one each
+    out["no len()"] = fnlit.evaluate(ce, sharded, iter(mine))["ce"]
+    out["no len() on rank 1"] = fnlit.evaluate(ce, sharded, mine if rank == 0 else iter(mine))["ce"]
+    out["no len(), limit 2"] = fnlit.evaluate(ce, sharded, iter(mine), limit_batches=2)["ce"]
+    none = mine if rank == 0 else []
+    for name, run in [
+        ("evaluate, rank 1 none", lambda: fnlit.evaluate(ce, sharded, none)),
+        ("evaluate, rank 1 none, no len()", lambda: fnlit.evaluate(ce, sharded, iter(none))),
+        ("fit, rank 1 none", lambda: fnlit.fit(shard(hand_step(model)), state, train, val_data=none, **fit)),
+    ]:
+        try:
+            run()
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
+    return out

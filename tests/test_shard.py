@@ -20,6 +20,8 @@ from _shard_workers import (
     scalar_param,
     sharded_checkpoints,
     two_ranks,
+    uneven_validation,
+    val_batches,
 )
 from helpers import assert_trees_close, assert_trees_equal, hand_step, mlp
 from torch.distributed.tensor import Replicate, Shard
@@ -381,3 +383,28 @@ def test_a_loss_reading_the_sharded_params_gets_a_clear_error_and_full_tensor_ma
         assert "p.full_tensor()" in r["l2"]["error"]
         for p, t in ref.items():
             torch.testing.assert_close(r["l2"]["params"][p], t, **TOL)
+
+
+def test_validation_with_different_numbers_of_batches_per_rank_averages_them_all_under_shard():
+    # Each sharded forward all-gathers the params: rank 0's third batch waited for rank 1, which had gone on to
+    # the metric all-reduce (a hang until the collective timeout). Reference: one process over both ranks' batches.
+    torch.manual_seed(0)  # the workers' init
+    model = mlp(13, 37, 5)
+
+    def mean_ce(k):  # over the first k batches of each rank, every example once
+        x, y = (torch.cat(t) for t in zip(*(b for r in (0, 1) for b in val_batches(r)[:k])))
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+
+    every, two, one = mean_ce(3), mean_ce(2), mean_ce(1)
+    results = fnlit.distributed.launch(uneven_validation, 2, timeout=180, collective_timeout=30)
+    for r in results:
+        assert r["fit"] == pytest.approx([every] * 2, rel=1e-5)  # after each of 2 steps (the sanity check's unreported)
+        for name in ("evaluate", "no len()", "no len() on rank 1"):
+            assert r[name] == pytest.approx(every, rel=1e-5), name
+        assert r["limit 2"] == pytest.approx(two, rel=1e-5) and r["no len(), limit 2"] == pytest.approx(two, rel=1e-5)
+        assert r["limit 0.5"] == pytest.approx(one, rel=1e-5)
+        none = r["evaluate, rank 1 none"]
+        assert "(from 0 to 3 batches, this rank" in none and "DistributedSampler" in none
+        assert "one rank with none" in r["evaluate, rank 1 none, no len()"]
+        assert "some ranks have validation batches and others none" in r["fit, rank 1 none"]
