@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
 from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like
+from .transforms.donate import check_not_donated
 from .tree import is_real
 
 __all__ = ["save_sharded", "restore_sharded", "read_sharded_meta"]
@@ -69,8 +70,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _describe(tree: Any) -> tuple[list[str], dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
-    """The tree's paths, its tensors and its numbers by path, and each tensor's [shape, dtype]."""
+_FIX_LEAF = {
+    "save_sharded": "Keep other values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3)).",
+    "restore_sharded": "Pass like= a state made as the saved one was: a checkpoint holds only tensors and numbers.",
+}
+
+
+def _describe(tree: Any, who: str) -> tuple[list[str], dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
+    """The tree's paths, its tensors and its numbers by path, and each tensor's [shape, dtype]; ``who`` (the
+    caller, save_sharded or restore_sharded) names itself in the error for a leaf that is neither."""
     paths, leaves, _ = _tree.tree_flatten_with_path(tree)
     tensors: dict[str, Any] = {}
     numbers: dict[str, Any] = {}
@@ -83,8 +91,8 @@ def _describe(tree: Any) -> tuple[list[str], dict[str, Any], dict[str, Any], dic
             numbers[p] = t.item()
         else:
             raise TypeError(
-                f"save_sharded expected a state whose leaves are tensors (or numbers), got {type(t).__name__} at "
-                f"{p}. Keep other values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3))."
+                f"{who} expected {'a state' if who == 'save_sharded' else 'like to be a state'} whose leaves are "
+                f"tensors (or numbers), got {type(t).__name__} at {p}. " + _FIX_LEAF[who]
             )
     shapes = {p: [list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in tensors.items()}
     return paths, tensors, numbers, shapes
@@ -205,6 +213,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);
             any previous checkpoint of that name is unchanged.
+        RuntimeError: if ``state`` was donated to a step (:func:`fnlit.donating`): save the state it returned.
 
     Example:
         >>> import tempfile, torch, fnlit
@@ -214,6 +223,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         >>> read_sharded_meta(d)["meta"], int(restore_sharded(d, like=state).step)
         ({'epoch': 1}, 0)
     """
+    check_not_donated(state)  # the donation error, not a leaf of the wrong type (its fields are sentinels)
     target = Path(directory)
     if target.is_file() or (target.is_dir() and not (target / META_FILE).exists() and any(target.iterdir())):
         # (checked on every rank alike: one rank raising alone would leave the others in a collective)
@@ -223,7 +233,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             "written. Save to a new path, or move that one away", str(target),
         )
     tmp, old = _stashes(target)
-    _, tensors, numbers, shapes = _describe(state)
+    _, tensors, numbers, shapes = _describe(state, "save_sharded")
     world = dist.get_world_size() if _distributed() else 1
     # numbers (a hyperparameter assigned as one) go in fnlit.json as they are: exactly, in their own type
     info = {"format": FORMAT, "world_size": world, "tensors": shapes, "numbers": numbers, "meta": meta}
@@ -452,14 +462,17 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
         ValueError: naming the first tree path whose shape or dtype differs from ``like``, or that is missing.
         CheckpointError: naming the directory and the file, if a file is missing, truncated or corrupt.
         UnsafeCheckpointError: if its ``.metadata`` pickle asks for anything but DCP's metadata classes.
+        TypeError: for a leaf of ``like`` that is neither a tensor nor a number.
+        RuntimeError: if ``like`` was donated to a step (:func:`fnlit.donating`).
 
     Example:
         >>> # on any number of ranks: state = fnlit.restore_sharded("ckpt", like=fnlit.shard_state(fresh))
     """
+    check_not_donated(like)  # the donation error, not a leaf of the wrong type (its fields are sentinels)
     given = directory
     directory = _resolve(Path(directory))
     info = _read_meta(directory, given)
-    paths, tensors, numbers, _ = _describe(like)
+    paths, tensors, numbers, _ = _describe(like, "restore_sharded")
     saved_numbers = info.get("numbers", {})
     # What DCP loads: like's tensors (copies: DCP loads in place, never into `like`), and for a number in `like`
     # saved as a 0-d tensor, a tensor of the saved dtype; a number saved where `like` has a tensor is not loaded.

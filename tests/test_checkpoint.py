@@ -934,3 +934,24 @@ def test_a_best_saved_at_an_epochs_end_is_saved_again_after_it_for_every_n_epoch
         run()
     run(ckpt_path="last")
     assert seen == [0, 1, 2]
+
+
+def test_save_and_restore_sharded_of_a_donated_state_give_the_donation_error(tmp_path):
+    # Both said "save_sharded expected a state whose leaves are tensors (or numbers), got Donated at step".
+    model = nn.Linear(3, 2)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    d = save_sharded(tmp_path / "ckpt", state)
+    fnlit.donating(fnlit.train_step(model, lambda m, b: m(b).sum()))(state, torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match=r"was donated to a step \(fnlit.donating\)"):
+        save_sharded(tmp_path / "again", state)
+    with pytest.raises(RuntimeError, match=r"was donated to a step \(fnlit.donating\)"):
+        restore_sharded(d, like=state)
+    assert not (tmp_path / "again").exists()
+
+
+def test_restore_sharded_names_itself_for_a_like_leaf_that_is_neither_tensor_nor_number(tmp_path):
+    d = save_sharded(tmp_path / "ckpt", {"w": torch.zeros(2)})
+    with pytest.raises(TypeError, match=r"^restore_sharded expected like to be a state whose leaves .* got str at"):
+        restore_sharded(d, like={"w": torch.zeros(2), "name": "x"})
+    with pytest.raises(TypeError, match=r"^save_sharded expected a state whose leaves .* got str at .*metadata"):
+        save_sharded(tmp_path / "other", {"w": torch.zeros(2), "name": "x"})
