@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import itertools
 import warnings
 from collections import UserDict
@@ -341,9 +342,12 @@ def check_sharding(data: Iterable[Any], name: str) -> None:
 def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
     """A function moving batches to ``device`` (pinned, non-blocking), or None on the CPU (nothing to do).
 
-    It reaches tensors in pytrees, in any Mapping (a dict subclass is copied, another Mapping rebuilt as its type
-    from a dict) and in dataclasses' fields (frozen ones too), as Lightning's ``move_data_to_device``; the batch
-    itself is left alone.
+    As Lightning's ``move_data_to_device``: an object with a ``to`` method of its own (a PackedSequence, which keeps
+    its ``batch_sizes`` on the CPU; a graph of PyG or DGL) is moved by it, ``obj.to(device)`` (with
+    ``non_blocking=True`` where its signature takes it), not walked; tensors are reached in pytrees, in any Mapping
+    (a dict subclass is copied, another Mapping rebuilt as its type from a dict), in list and tuple subclasses
+    (copied, their attributes too) and in dataclasses' fields (frozen ones too). The batch itself is left alone
+    (unless an object's own ``to`` changes it in place).
 
     Example:
         >>> device_mover(torch.device("cpu")) is None
@@ -354,25 +358,53 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
     if device.type == "cpu":
         return None  # CPU training: batches stay where they are, at no cost
     pin = device.type == "cuda"
+    takes_non_blocking: dict[type, bool] = {}  # by type: the signature is read once, not every batch
+
+    def own_to(t: Any) -> Any:
+        kind = type(t)
+        if kind not in takes_non_blocking:
+            takes_non_blocking[kind] = _takes_non_blocking(kind.to)
+        out = t.to(device, non_blocking=True) if takes_non_blocking[kind] else t.to(device)
+        return t if out is None else out  # (a to() that moves in place and forgets to return self, as Lightning)
 
     def move(batch: Batch) -> Batch:
         def one(t: Any) -> Any:
+            if isinstance(t, torch.Tensor):
+                if t.device == device:
+                    return t
+                if pin and t.device.type == "cpu" and not t.is_pinned():
+                    t = t.pin_memory()
+                return t.to(device, non_blocking=True)
+            if _has_own_to(t):
+                return own_to(t)
             # pytree leaves to optree that hold tensors, as Lightning's move_data_to_device reads them:
-            if isinstance(t, UserDict):  # (Hugging Face's BatchEncoding is one)
+            if isinstance(t, UserDict):  # (Hugging Face's BatchEncoding is one, with a to() of its own: above)
                 return _with_data(t, {k: move(v) for k, v in t.data.items()})
             if isinstance(t, Mapping):  # a dict subclass, another Mapping
                 return _with_items(t, {k: move(v) for k, v in t.items()})
+            if isinstance(t, (list, tuple)):  # a subclass (optree walks list, tuple and namedtuples itself)
+                return _with_elements(t, [move(v) for v in t])
             if dataclasses.is_dataclass(t) and not isinstance(t, type):  # a plain (maybe frozen) dataclass
                 return _with_fields(t, move)
-            if not isinstance(t, torch.Tensor) or t.device == device:
-                return t
-            if pin and t.device.type == "cpu" and not t.is_pinned():
-                t = t.pin_memory()
-            return t.to(device, non_blocking=True)
+            return t
 
-        return _tree.tree_map(one, batch)
+        return _tree.tree_map(one, batch, is_leaf=_has_own_to)
 
     return move
+
+
+def _has_own_to(t: Any) -> bool:
+    """Whether ``t`` is moved by its own ``to`` method (Lightning's test: a callable ``to`` on its type); tensors too."""
+    return callable(getattr(type(t), "to", None))
+
+
+def _takes_non_blocking(to: Callable[..., Any]) -> bool:
+    """Whether a ``to`` method accepts ``non_blocking=`` (a parameter of that name, or ``**kwargs``)."""
+    try:
+        params = inspect.signature(to).parameters.values()
+    except (TypeError, ValueError):  # (a builtin without a signature)
+        return False
+    return any(p.name == "non_blocking" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def batch_size_of(batch: Batch) -> int:
@@ -446,6 +478,19 @@ def _with_fields(obj: Any, move: Callable[[Any], Any]) -> Any:
     for f in dataclasses.fields(obj):
         if hasattr(obj, f.name):  # (an init=False field without a default may be unset)
             object.__setattr__(new, f.name, move(getattr(obj, f.name)))
+    return new
+
+
+def _with_elements(seq: list[Any] | tuple[Any, ...], items: list[Any]) -> list[Any] | tuple[Any, ...]:
+    """A copy of a list or tuple subclass holding ``items`` (its other attributes too), built without calling its
+    ``__init__``/``__new__`` again; the original is left alone."""
+    if isinstance(seq, list):
+        new: Any = list.__new__(type(seq))
+        list.extend(new, items)
+    else:
+        new = tuple.__new__(type(seq), items)
+    if hasattr(seq, "__dict__"):
+        new.__dict__.update(seq.__dict__)
     return new
 
 

@@ -47,15 +47,16 @@ T = TypeVar("T")
 PyTree = Any
 
 
-def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """Applies ``fn`` to each leaf of ``tree`` (and the matching leaves of ``rest``).
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+    """Applies ``fn`` to each leaf of ``tree`` (and the matching leaves of ``rest``); a node for which ``is_leaf``
+    says True is a leaf too (passed to ``fn`` whole, not walked).
 
     Example:
         >>> import torch
         >>> tree_map(lambda x: x * 2, {"w": torch.ones(2)})
         {'w': tensor([2., 2.])}
     """
-    return optree.tree_map(fn, tree, *rest)
+    return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf)
 
 
 def tree_leaves(tree: PyTree) -> list[Any]:

@@ -232,6 +232,58 @@ def test_dataclass_and_dict_subclass_batches_are_counted_and_moved_as_lightning_
         move(Pair(x, x))
 
 
+def test_objects_with_their_own_to_and_sequence_subclasses_are_moved_as_lightning_does():
+    """device_mover walked a PackedSequence field by field (a namedtuple to optree) and moved its batch_sizes off
+    the CPU ("batch_sizes should always be on CPU"), and left a graph with its own .to() and a list or tuple
+    subclass unmoved. Lightning's move_data_to_device calls the object's own .to() (non_blocking where it takes
+    it) and rebuilds Sequence subclasses; the reference here is the object's own .to()."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    meta = torch.device("meta")
+    move = device_mover(meta)
+    packed = pack_sequence([torch.ones(3), torch.ones(2)], enforce_sorted=False)
+    expected = packed.to(meta)
+    got = move({"seq": packed, "x": torch.ones(2)})["seq"]
+    assert type(got) is type(expected)
+    for name in ("data", "batch_sizes", "sorted_indices", "unsorted_indices"):
+        assert getattr(got, name).device == getattr(expected, name).device, name  # batch_sizes stays on the CPU
+
+    class Graph:  # a PyG/DGL-like graph: its .to() knows which tensors move (here, not the CPU-side counts)
+        def __init__(self, x, counts, calls):
+            self.x, self.counts, self.calls = x, counts, calls
+
+        def to(self, device):  # no non_blocking: called without it
+            self.calls.append(device)
+            return Graph(self.x.to(device), self.counts, self.calls)
+
+    class Blocking(Graph):
+        def to(self, device, non_blocking=False):
+            self.calls.append((device, non_blocking))
+            return Blocking(self.x.to(device), self.counts, self.calls)
+
+    calls = []
+    g = move([Graph(torch.ones(2), torch.ones(2), calls)])[0]
+    assert type(g) is Graph and g.x.device == meta and g.counts.device.type == "cpu" and calls == [meta]
+    calls.clear()
+    g = move((Blocking(torch.ones(2), torch.ones(2), calls),))[0]
+    assert type(g) is Blocking and g.x.device == meta and g.counts.device.type == "cpu" and calls == [(meta, True)]
+
+    class Items(list):
+        pass
+
+    class Pair(tuple):
+        pass
+
+    x = torch.ones(2)
+    items = Items([x, {"y": x}])
+    items.note = "kept"
+    moved = move(items)
+    assert type(moved) is Items and moved.note == "kept" and moved[0].device == meta and moved[1]["y"].device == meta
+    assert items[0].device.type == "cpu"  # the original is left alone
+    moved = move({"p": Pair((x, 3))})["p"]
+    assert type(moved) is Pair and moved[0].device == meta and moved[1] == 3
+
+
 def test_array_loader_takes_numpy_arrays_and_refuses_other_containers():
     np = pytest.importorskip("numpy")
     x, y = np.arange(10), np.arange(10) * 2
