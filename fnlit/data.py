@@ -246,10 +246,16 @@ _WORKER_SEED_MIX = 0x2545_F491_4F6C_DD1D  # apart from the samplers' seeds of th
 _WORKER_RANK_STRIDE = 0x9E37_79B9
 
 
-def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:
+def unshuffled(data: Iterable[Batch], name: str = "train_data") -> Iterable[Batch]:
     """``data`` in its unshuffled order (``fit(overfit_batches=...)``, as Lightning does): a DataLoader built
     the same way with its RandomSampler replaced by a SequentialSampler and a DistributedSampler by one with
-    ``shuffle=False``; other data as it is (ArrayLoader is asked for its unshuffled order when iterated).
+    ``shuffle=False``; a DataLoader that does not shuffle, and other data, as it is (ArrayLoader is asked for its
+    unshuffled order when iterated).
+
+    Raises:
+        ValueError: if ``data`` (named ``name`` in the message) is a shuffling instance of a DataLoader subclass:
+            a plain DataLoader rebuilt from it would drop the subclass's ``__iter__`` and attributes (Lightning
+            re-creates it from the arguments it captured at its construction, which fnlit does not have).
 
     Example:
         >>> loader = DataLoader(torch.arange(6), batch_size=2, shuffle=True)
@@ -267,6 +273,16 @@ def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:
                                       drop_last=s.drop_last)  # fmt: skip
         return s
 
+    def rebuilt(**how: Any) -> DataLoader:
+        if type(data) is not DataLoader:
+            raise ValueError(
+                f"fit(overfit_batches=...) got a shuffling {type(data).__name__} (a DataLoader subclass) as {name}: "
+                "fnlit cannot rebuild it with its examples in order without losing what the subclass adds (its "
+                f"__iter__, its attributes). Build the {type(data).__name__} with shuffle=False (or a sampler in "
+                "order) for overfit_batches, or pass a plain DataLoader."
+            )
+        return DataLoader(data.dataset, **how, **common)
+
     common: dict[str, Any] = dict(
         num_workers=data.num_workers, collate_fn=data.collate_fn, pin_memory=data.pin_memory, timeout=data.timeout,
         worker_init_fn=data.worker_init_fn, multiprocessing_context=data.multiprocessing_context,
@@ -274,19 +290,21 @@ def unshuffled(data: Iterable[Batch]) -> Iterable[Batch]:
     )  # fmt: skip
     if data.num_workers > 0:
         common["prefetch_factor"] = data.prefetch_factor
+    if hasattr(data, "in_order"):  # (torch >= 2.6) in_order=False: workers' batches as they come
+        common["in_order"] = data.in_order
     if data.batch_size is not None:  # batch_size=...: the sampler decides the order
         sampler = plain(data.sampler)
         if sampler is data.sampler:
             return data
-        return DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler, drop_last=data.drop_last, **common)
+        return rebuilt(batch_size=data.batch_size, sampler=sampler, drop_last=data.drop_last)
     bs = data.batch_sampler
     if bs is None:  # batch_size=None: examples one by one
         sampler = plain(data.sampler)
-        return data if sampler is data.sampler else DataLoader(data.dataset, batch_size=None, sampler=sampler, **common)
+        return data if sampler is data.sampler else rebuilt(batch_size=None, sampler=sampler)
     sampler = plain(bs.sampler) if type(bs) is BatchSampler else None
     if sampler is None or sampler is bs.sampler:
         return data  # a batch sampler of its own keeps its own order
-    return DataLoader(data.dataset, batch_sampler=BatchSampler(sampler, bs.batch_size, bs.drop_last), **common)
+    return rebuilt(batch_sampler=BatchSampler(sampler, bs.batch_size, bs.drop_last))
 
 
 def _samplers(data: DataLoader) -> list[Any]:

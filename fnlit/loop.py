@@ -646,7 +646,8 @@ def fit(
         limit_train_batches, limit_val_batches: an int number of batches, or a float fraction, per epoch/run.
         fast_dev_run: True/N: N train and N val batches, one epoch, no sanity check, logs or checkpoints.
         overfit_batches: train (and validate) on the first N (or fraction) batches, unshuffled, every epoch
-            (a DataLoader's shuffling sampler is replaced by a sequential one, as Lightning does).
+            (a DataLoader's shuffling sampler is replaced by a sequential one, as Lightning does; a shuffling
+            DataLoader subclass is refused, as it cannot be rebuilt: build it with ``shuffle=False``).
         val_check_interval: float: validate every fraction of an epoch; int: every N training batches.
         check_val_every_n_epoch: validate in epochs ``e`` with ``(e + 1) % n == 0``; None: ``val_check_interval``
             counts batches across epochs.
@@ -700,9 +701,9 @@ def fit(
     plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
     _data.check_sharding(train_data, "train_data")
     if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch
-        train_data = _data.unshuffled(train_data)
+        train_data = _data.unshuffled(train_data, "train_data")
         if val_data is not None:  # validation too (Lightning swaps in a SequentialSampler for both)
-            val_data = _data.unshuffled(val_data)
+            val_data = _data.unshuffled(val_data, "val_data")
     if ckpt_path is not None and checkpoint is None:
         raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
     position = None

@@ -186,6 +186,31 @@ def test_overfit_batches_unshuffles_a_dataloader(kind):
     assert c.train == reference * 2
 
 
+class _Scaled(DataLoader):
+    """A DataLoader subclass that post-processes its batches in __iter__."""
+
+    def __iter__(self):
+        return (b * 100 for b in super().__iter__())
+
+
+def test_overfit_batches_keeps_a_dataloader_subclass_and_refuses_to_rebuild_a_shuffling_one():
+    """overfit_batches rebuilt a DataLoader subclass as a plain DataLoader: its __iter__ was dropped and the step
+    trained on other data. Unshuffled, it is used as it is; shuffled, it cannot be rebuilt faithfully: refused."""
+    ds = torch.arange(12)
+    reference = [(b * 100).tolist() for b in DataLoader(ds, batch_size=2)][:2]  # the subclass's first 2 batches, by hand
+    c = Counter()
+    fit(c.step, make_state(), _Scaled(ds, batch_size=2), max_epochs=2, overfit_batches=2, callbacks=[c], progress=False)
+    assert c.train == reference * 2
+    with pytest.raises(ValueError, match=r"shuffling _Scaled \(a DataLoader subclass\) as train_data.*shuffle=False"):
+        fit(c.step, make_state(), _Scaled(ds, batch_size=2, shuffle=True), max_epochs=1, overfit_batches=2, progress=False)
+    with pytest.raises(ValueError, match=r"as val_data.*or pass a plain DataLoader"):
+        fit(c.step, make_state(), DataLoader(ds, batch_size=2), val_data=_Scaled(ds, batch_size=2, shuffle=True),
+            eval_step=c.eval_step, max_epochs=1, overfit_batches=2, progress=False)  # fmt: skip
+    if "in_order" in DataLoader.__init__.__code__.co_varnames:  # (torch >= 2.6) kept when a plain one is rebuilt
+        plain = DataLoader(ds, batch_size=2, shuffle=True, in_order=False)
+        assert fnlit.data.unshuffled(plain).in_order is False
+
+
 @pytest.mark.parametrize(
     "interval, every_n, epochs, expected",
     [(0.25, 1, 1, 5), (1.0, 1, 2, 2), (3, 1, 2, 6), (3, None, 2, 6), (4, None, 2, 5), (1, 1, 1, 10)],
