@@ -326,9 +326,11 @@ def _samplers(data: DataLoader) -> list[Any]:
 def check_sharding(data: Iterable[Any], name: str) -> None:
     """Raises if a DataLoader may give every rank the same batches under torch.distributed.
 
-    A DistributedSampler counts as ``sampler`` or inside a batch sampler (``BatchSampler(DistributedSampler(ds), ...)``),
-    and so does a sampler of one's own that says it shards as DistributedSampler does: ``num_replicas`` and ``rank``
-    attributes equal to the world size and this rank.
+    A sampler shards if its ``num_replicas`` and ``rank`` are the world size and this process's rank: a
+    DistributedSampler (as ``sampler`` or inside a batch sampler, ``BatchSampler(DistributedSampler(ds), ...)``)
+    built as ``DistributedSampler(ds)`` (which reads them from the process group), not with other values
+    (``num_replicas=1``, or ``rank=LOCAL_RANK`` on several nodes: ranks then share a shard), and a sampler of one's
+    own that has those attributes, as DistributedSampler does.
     A DataLoader over an IterableDataset passes: such a dataset has no sampler and must shard itself by rank
     (``fnlit.distributed.rank()``), as torch's documentation asks of it. Any other iterable passes as well (a
     DataLoader wrapped in a plain iterable is the user's to shard).
@@ -340,21 +342,26 @@ def check_sharding(data: Iterable[Any], name: str) -> None:
     if world <= 1 or not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
         return
     rank = _dist.rank()
-
-    def shards(s: Any) -> bool:
+    samplers = _samplers(data)
+    if any((getattr(s, "num_replicas", None), getattr(s, "rank", None)) == (world, rank) for s in samplers):
+        return
+    for s in samplers:
         if isinstance(s, DistributedSampler):
-            return True
-        return (getattr(s, "num_replicas", None), getattr(s, "rank", None)) == (world, rank)
-
-    if not any(shards(s) for s in _samplers(data)):
-        raise ValueError(
-            f"fit got a DataLoader as {name} under torch.distributed (world size {world}) without a "
-            "DistributedSampler, so every rank may see the same batches. Use fnlit.data.ArrayLoader (it shards "
-            "itself) or DataLoader(..., sampler=DistributedSampler(dataset)). A sampler of your own that shards by "
-            f"rank passes if it has num_replicas and rank attributes ({world} and this rank, {rank}), as "
-            "DistributedSampler does; or wrap the DataLoader in a plain iterable (an object whose __iter__ returns "
-            "iter(loader)) to skip this check."
-        )
+            raise ValueError(
+                f"fit got a DataLoader as {name} whose {type(s).__name__} was built with num_replicas={s.num_replicas}, "
+                f"rank={s.rank}, but this process is rank {rank} of {world}: ranks would see the same examples, or "
+                "miss some. Build it as DistributedSampler(dataset) (it reads both from the process group), or pass "
+                f"num_replicas=fnlit.distributed.world_size() and rank=fnlit.distributed.rank() (the global rank, "
+                "not LOCAL_RANK)."
+            )
+    raise ValueError(
+        f"fit got a DataLoader as {name} under torch.distributed (world size {world}) without a "
+        "DistributedSampler, so every rank may see the same batches. Use fnlit.data.ArrayLoader (it shards "
+        "itself) or DataLoader(..., sampler=DistributedSampler(dataset)). A sampler of your own that shards by "
+        f"rank passes if it has num_replicas and rank attributes ({world} and this rank, {rank}), as "
+        "DistributedSampler does; or wrap the DataLoader in a plain iterable (an object whose __iter__ returns "
+        "iter(loader)) to skip this check."
+    )
 
 
 def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:

@@ -465,6 +465,26 @@ def test_the_sharding_refusal_names_the_ways_out(monkeypatch):
     check_sharding(DataLoader(torch.arange(8), batch_size=2, sampler=sampler), "train_data")  # passes
 
 
+def test_a_distributed_sampler_built_for_another_rank_or_world_is_refused(monkeypatch):
+    """DistributedSampler(ds, num_replicas=1, rank=0) (or rank=LOCAL_RANK on several nodes) passed the check on
+    rank 1 of 2, though it gives that rank another rank's shard, while a sampler of one's own with the same values
+    was refused. The reference: DistributedSampler's own shards, which repeat across ranks with those values."""
+    monkeypatch.setattr(fnlit.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fnlit.distributed, "rank", lambda: 1)
+    ds = torch.arange(8)
+    assert list(DistributedSampler(ds, num_replicas=2, rank=0, shuffle=False)) == [0, 2, 4, 6]  # rank 0's, not 1's
+    for replicas, rank in ((1, 0), (2, 0), (4, 1)):
+        sampler = DistributedSampler(ds, num_replicas=replicas, rank=rank)
+        for data in (DataLoader(ds, batch_size=2, sampler=sampler),
+                     DataLoader(ds, batch_sampler=BatchSampler(sampler, 2, drop_last=False))):  # fmt: skip
+            with pytest.raises(ValueError, match=(
+                rf"DistributedSampler was built with num_replicas={replicas}, rank={rank}, but this process is rank 1 "
+                r"of 2.*DistributedSampler\(dataset\).*not LOCAL_RANK"
+            )):  # fmt: skip
+                check_sharding(data, "train_data")
+    check_sharding(DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=2, rank=1)), "train_data")
+
+
 @pytest.mark.parametrize("sampler", ["subset", "weighted"])
 def test_subset_and_weighted_random_samplers_are_reseeded_and_resume_mid_epoch(tmp_path, sampler):
     from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
@@ -610,6 +630,7 @@ def test_a_distributed_batch_sampler_counts_as_sharding_and_is_told_the_epoch(mo
     bs = _BucketSampler(ds, 2)
     data = DataLoader(ds, batch_sampler=bs)
     monkeypatch.setattr(fnlit.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fnlit.distributed, "rank", lambda: 1)  # (the sampler's rank)
     check_sharding(data, "train_data")  # passes: the batch sampler shards
     with pytest.raises(ValueError, match="without a DistributedSampler"):  # the refusal itself still stands
         check_sharding(DataLoader(ds, batch_size=2), "train_data")
