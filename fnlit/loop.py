@@ -42,7 +42,9 @@ EvalStepFn = Callable[[TrainState, Batch], Metrics]
 Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
 _END = object()  # what next() gives for data that has run out
 """Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done;
-and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class and order."""
+``"batches_per_epoch"``: ``len(train_data)``, where it has one (the size of those batches); ``"world_size"``
+under torch.distributed; and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class
+and order."""
 
 
 def _containers_copied(tree: Any) -> Any:
@@ -90,6 +92,7 @@ class _Plan:
     max_steps: float  # math.inf: no limit
     batches: int | None  # per epoch, after limits; None: until the data runs out
     sized: bool  # the data has a len(): an epoch ended when `batches` ran (else when the data ran out, or at the limit)
+    length: int | None  # len(train_data): this rank's batches per epoch before limits (None: no len())
     sequential: bool  # overfit_batches: same batches every epoch
     val_batches: int | None  # per validation run (None: all)
     val_check_batch: int | None  # validate when the batch count is a multiple; None: at the epoch's end
@@ -203,7 +206,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
     return _Plan(
         max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches, sized=n is not None,
-        sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
+        length=n, sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
     )  # fmt: skip
 
@@ -723,12 +726,22 @@ def fit(
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
     _check_last_batch(step, train_data, plan.batches, plan.max_steps - (0 if plan.quiet else _first(state.step)), b)
     saved_world = position.get("world_size", 1)
-    if b and saved_world != _dist.world_size():
+    # batch counts batches of the saved run's size: another batch size (or dataset) starts elsewhere in the epoch
+    # (a checkpoint from before this was saved has no count: not told)
+    saved_length = position.get("batches_per_epoch", plan.length)
+    other_length = None not in (saved_length, plan.length) and saved_length != plan.length
+    if b and (saved_world != _dist.world_size() or other_length):
+        changed, same = (
+            (f"on {_dist.world_size()} process(es), but the checkpoint was saved on {saved_world}: the ranks' shards "
+             "differ", "on as many processes")
+            if saved_world != _dist.world_size() else
+            (f"with {plan.length} batches per epoch, but the checkpoint was saved with {saved_length} (another batch "
+             "size or dataset): its batch count falls elsewhere in the epoch", "with the same batch size and data")
+        )  # fmt: skip
         warnings.warn(
-            f"fit resumes in the middle of epoch {epoch} (batch {b} of each rank) on {_dist.world_size()} process(es), "
-            f"but the checkpoint was saved on {saved_world}: the ranks' shards differ, so some examples of this "
-            "epoch are seen twice or not at all (later epochs are whole). Resume on as many processes, or from a "
-            "checkpoint saved at an epoch's end.",
+            f"fit resumes in the middle of epoch {epoch} (batch {b} of each rank) {changed}, so some examples of this "
+            f"epoch are seen twice or not at all (later epochs are whole). Resume {same}, or from a checkpoint saved "
+            "at an epoch's end.",
             stacklevel=2,
         )
     if plan.batches is not None and b > plan.batches:
@@ -760,6 +773,8 @@ def fit(
             pos["log_pending"] = stored
         if _dist.world_size() > 1:  # batch counts each rank's batches: a resume on other ranks is told (one process: 1)
             pos["world_size"] = _dist.world_size()
+        if plan.length is not None:  # and batches of this size: a resume with another batch size is told
+            pos["batches_per_epoch"] = plan.length
         states = _states(stateful) if stateful else None
         if states:
             pos["callbacks"] = states

@@ -395,7 +395,7 @@ def test_checkpoint_hook_calls_and_positions():
     seed = int(make_state().rng)
     fit(c.step, make_state(), ArrayLoader(torch.arange(3), batch_size=1), max_epochs=2, checkpoint=ck,
         val_data=[torch.tensor([1.0]), torch.tensor([3.0])], eval_step=c.eval_step, progress=False)  # fmt: skip
-    pos = lambda e, b: {"epoch": e, "batch": b, "seed": seed}  # noqa: E731
+    pos = lambda e, b: {"epoch": e, "batch": b, "seed": seed, "batches_per_epoch": 3}  # noqa: E731
     # A batch's validation comes before its step's checkpoint: a run killed while validating resumes
     # from the checkpoint before, and validates again.
     assert ck.calls == [
@@ -422,6 +422,40 @@ def test_a_mid_epoch_resume_on_another_number_of_processes_warns():
     with pytest.warns(UserWarning, match=r"resumes in the middle of epoch 0 \(batch 3 of each rank\) on 1 process\(es\), but the checkpoint was saved on 2"):
         fit(Counter().step, make_state(), ArrayLoader(torch.arange(10), batch_size=1), max_epochs=1,
             checkpoint=FakeCheckpoint(restored), ckpt_path="last", progress=False)  # fmt: skip
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_warns(tmp_path):
+    """The position counts batches: stopped after 3 batches of 4 and resumed with batch_size=8, the run skipped 24
+    of the epoch's 40 examples without a word (it saw 28). The reference: an uninterrupted epoch sees all 40."""
+    from fnlit.checkpoint import Checkpointer
+
+    class Stop:
+        def on_step(self, state, metrics):
+            if int(state.step) == 3:
+                raise StopTraining
+
+    x = torch.arange(40)
+    first, resumed = Counter(), Counter()
+    fit(first.step, make_state(), ArrayLoader(x, batch_size=4), max_epochs=1, checkpoint=Checkpointer(tmp_path),
+        callbacks=[Stop()], progress=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=(
+        r"resumes in the middle of epoch 0 \(batch 3 of each rank\) with 5 batches per epoch, but the checkpoint was "
+        r"saved with 10 \(another batch size or dataset\).*seen twice or not at all.*same batch size"
+    )):  # fmt: skip
+        fit(resumed.step, make_state(), ArrayLoader(x, batch_size=8), max_epochs=1, checkpoint=Checkpointer(tmp_path),
+            ckpt_path="last", progress=False)  # fmt: skip
+    assert len(sum(first.train + resumed.train, [])) < len(x)  # what the warning is about
+    # the same batch size: no warning (warnings are errors here), and the epoch whole
+    again = Counter()
+    fit(again.step, make_state(), ArrayLoader(x, batch_size=4), max_epochs=1, checkpoint=Checkpointer(tmp_path / "b"),
+        callbacks=[Stop()], progress=False)  # fmt: skip
+    fit(again.step, make_state(), ArrayLoader(x, batch_size=4), max_epochs=1, checkpoint=Checkpointer(tmp_path / "b"),
+        ckpt_path="last", progress=False)  # fmt: skip
+    assert sorted(sum(again.train, [])) == list(range(40))
+    # a checkpoint saved before the count was recorded resumes as it did, untold
+    restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
+    fit(Counter().step, make_state(), ArrayLoader(x, batch_size=8), max_epochs=1,
+        checkpoint=FakeCheckpoint(restored), ckpt_path="last", progress=False)  # fmt: skip
 
 
 def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
@@ -745,7 +779,8 @@ def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
     ck = FakeCheckpoint()
     state = fit(step, make_state(), list(range(10)), max_epochs=3, checkpoint=ck, progress=False)
     assert int(state.step) == 5
-    assert ck.calls[-1] == ("exit", 5, {"epoch": 0, "batch": 5, "seed": int(make_state().rng)}, reason)
+    position = {"epoch": 0, "batch": 5, "seed": int(make_state().rng), "batches_per_epoch": 10}
+    assert ck.calls[-1] == ("exit", 5, position, reason)
     assert signal.getsignal(sig) is before
 
 
