@@ -372,7 +372,8 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
     ``non_blocking=True`` where its signature takes it), not walked; tensors are reached in pytrees, in any Mapping
     (a dict subclass is copied, another Mapping rebuilt as its type from a dict), in list and tuple subclasses
     (copied, their attributes too) and in dataclasses' fields (frozen ones too). The batch itself is left alone
-    (unless an object's own ``to`` changes it in place).
+    (unless an object's own ``to`` changes it in place; a Mapping is rebuilt even when it has a ``to``, as Hugging
+    Face's BatchEncoding, which would move itself in place).
 
     Example:
         >>> device_mover(torch.device("cpu")) is None
@@ -400,13 +401,15 @@ def device_mover(device: torch.device) -> Callable[[Batch], Batch] | None:
                 if pin and t.device.type == "cpu" and not t.is_pinned():
                     t = t.pin_memory()
                 return t.to(device, non_blocking=True)
-            if _has_own_to(t):
-                return own_to(t)
-            # pytree leaves to optree that hold tensors, as Lightning's move_data_to_device reads them:
-            if isinstance(t, UserDict):  # (Hugging Face's BatchEncoding is one, with a to() of its own: above)
+            # pytree leaves to optree that hold tensors, as Lightning's move_data_to_device reads them. A Mapping is
+            # rebuilt even with a to() of its own (Hugging Face's BatchEncoding moves itself in place: the user's
+            # batch would change, and its tensors would not be pinned).
+            if isinstance(t, UserDict):
                 return _with_data(t, {k: move(v) for k, v in t.data.items()})
             if isinstance(t, Mapping):  # a dict subclass, another Mapping
                 return _with_items(t, {k: move(v) for k, v in t.items()})
+            if _has_own_to(t):
+                return own_to(t)
             if isinstance(t, (list, tuple)):  # a subclass (optree walks list, tuple and namedtuples itself)
                 return _with_elements(t, [move(v) for v in t])
             if dataclasses.is_dataclass(t) and not isinstance(t, type):  # a plain (maybe frozen) dataclass

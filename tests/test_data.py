@@ -585,6 +585,10 @@ def test_user_dict_batches_are_weighted_and_moved_as_dicts():
             super().__init__(data)
             self.note = note
 
+        def to(self, device, *, non_blocking=False):  # as BatchEncoding's: moves itself in place
+            self.data = {k: v.to(device, non_blocking=non_blocking) for k, v in self.data.items()}
+            return self
+
     x = torch.arange(5.0)
     batches = [Encoding({"x": x[:4]}, "a"), Encoding({"x": x[4:]}, "b")]
     state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
