@@ -230,7 +230,11 @@ def apply(
     Buffers a module updates in place (BatchNorm running statistics) are copied first, and the copies
     come back in ``new_buffers``. The module's own and its submodules' training flags are as they were
     after the call. Randomness (dropout) is a pure function of ``rng``: the same key gives
-    bitwise the same output.
+    bitwise the same output. Activation checkpointing inside the module
+    (``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``) works under
+    :func:`value_and_grad`: its backward, which runs ``block`` again, sees these params and buffers too
+    (a BatchNorm in ``block`` updates the copies in ``new_buffers`` a second time then, as PyTorch updates
+    the module's own).
 
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
@@ -291,7 +295,10 @@ def apply(
         params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     if not buffers and not traced and module.training == train:
         # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
-        return _forward(module, slots, params, (), args, kwargs, rng), {}
+        out = _forward(module, slots, params, (), args, kwargs, rng)
+        if (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
+            swaps.append((module, slots, params, params, None))
+        return out, {}
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
@@ -342,6 +349,8 @@ def apply(
                 written = recorder.written
             else:
                 out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
+            if not traced and (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
+                swaps.append((module, slots, params, tensors, train if modes is not None else None))
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
@@ -468,6 +477,80 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
             f"got {type(out).__name__} instead."
         )
     return _check_loss(out[0]), out[1]
+
+
+# While an eager value_and_grad runs its loss: the swaps fnlit.apply makes there, as (module, slots, params,
+# tensors, the training mode apply set or None), redone around the backward (see _swap_in).
+_SWAPS: ContextVar[list[tuple[Any, ...]] | None] = ContextVar("fnlit_apply_swaps", default=None)
+
+_TANGLED = (
+    "fnlit.value_and_grad: a forward of {name} ran during the backward (activation checkpointing, "
+    "torch.utils.checkpoint, runs a block's forward again there), but this loss applied {name} to two "
+    "different sets of params (a teacher and a student sharing one module object), so which of them the "
+    "recomputed block is to read is unknown. Compute the one that needs no gradient under torch.no_grad() "
+    "(a teacher), give the other its own module (copy.deepcopy(model)), or checkpoint around the call "
+    "instead: checkpoint(lambda p, x: fnlit.apply(model, p, buffers, x)[0], params, x, use_reentrant=False)."
+)
+
+
+def _swap_in(swaps: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any], Any]:
+    """Puts the tensors (and training modes) fnlit.apply gave modules during a loss's forward back into them
+    for its backward; returns what :func:`_swap_out` restores.
+
+    ``torch.utils.checkpoint`` runs a checkpointed block's forward again during the backward, reading the
+    module's attributes: without this the module's own tensors, not the state's (wrong gradients), and a
+    BatchNorm there would update the module's own statistics. A module applied to different params in one
+    loss (two calls that differ in more than their registered buffers, which calls thread through) is left
+    as it is, and a forward of it during the backward raises (:data:`_TANGLED`). The dict writes cost what
+    apply's own swap does; there is nothing to learn cheaply beforehand about whether a recompute will come.
+    """
+    tangled: list[nn.Module] = []
+    if len(swaps) > 1:  # a module applied twice: its last call's tensors (the buffers it returned)
+        latest: dict[int, tuple[Any, ...]] = {}
+        for rec in swaps:
+            prev = latest.get(id(rec[0]))
+            if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
+                tangled.append(rec[0])
+            latest[id(rec[0])] = rec
+        swaps = [rec for rec in latest.values() if rec[0] not in tangled]
+    saved, modes = [], []
+    with _random._LOCK:  # (not held through the backward: a recompute may call apply on a device thread)
+        for module, slots, _, tensors, train in swaps:
+            where = slots.where
+            for name, t in tensors.items():
+                for d, attr in where[name]:
+                    saved.append((d, attr, d[attr]))
+                    d[attr] = t
+            if train is not None and module.training != train:
+                modes += [(m, m.training) for m in module.modules()]
+                module.train(train)
+    hook = None
+    if tangled:
+        names = {id(m): type(root).__name__ for root in tangled for m in root.modules()}
+
+        def refuse(module: nn.Module, args: Any) -> None:
+            if id(module) in names:
+                raise RuntimeError(_TANGLED.format(name=names[id(module)]))
+
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(refuse)
+    return saved, modes, hook
+
+
+def _same_params(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two applies of one module gave it the same tensors, registered buffers aside."""
+    buffers, ta = a[1].buffers, a[3]
+    return all(ta.get(k) is t for k, t in b[3].items() if k not in buffers)
+
+
+def _swap_out(undo: tuple[list[Any], list[Any], Any]) -> None:
+    saved, modes, hook = undo
+    if hook is not None:
+        hook.remove()
+    with _random._LOCK:
+        for d, attr, old in reversed(saved):  # in reverse, as _call_swapped
+            d[attr] = old
+        for m, was in modes:
+            m.training = was
 
 
 try:  # what torch.autograd.backward/grad call once their arguments are checked
@@ -704,16 +787,26 @@ def value_and_grad(
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(True)  # what torch.enable_grad() does, without its Python wrapper
         nesting = _NESTED.set(True)  # a value_and_grad inside fn is differentiated again (see above)
+        swaps: list[tuple[Any, ...]] = []
+        recording = _SWAPS.set(swaps)
+        undo = None
         try:
-            loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
+            try:
+                loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
+            finally:
+                _SWAPS.reset(recording)
             if frame is not None and frame.shard_group is not None and type(loss) is not torch.Tensor:
                 _refuse_sharded_loss(loss)
+            if swaps:  # a checkpointed block's forward, run again by the backward, reads what apply gave it
+                undo = _swap_in(swaps)
             if shared is not None:
                 _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
                 grads = frame.end_call()
             else:
                 grads = _backward(target, None, inputs, accumulate=False)
         finally:
+            if undo is not None:
+                _swap_out(undo)
             _NESTED.reset(nesting)
             torch._C._set_grad_enabled(grad_was_enabled)
         if shared is None and frame is not None:
@@ -833,10 +926,23 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     new_args = list(args)
     for i, tree in zip(nums, _regroup(flat, inputs)):
         new_args[i] = tree
-    loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
+    outer = _SWAPS.get()  # an outer value_and_grad's backward runs this forward's blocks again too
+    swaps: list[tuple[Any, ...]] = []
+    recording = _SWAPS.set(swaps)
+    try:
+        loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
+    finally:
+        _SWAPS.reset(recording)
+        if outer is not None:
+            outer += swaps
     if not target.requires_grad:
         raise _no_grad_fn()
-    grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
+    undo = _swap_in(swaps) if swaps else None
+    try:
+        grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
+    finally:
+        if undo is not None:
+            _swap_out(undo)
     if frame is not None:
         frame.unscale_(grads)  # out of place: they require grad
     return ((loss, aux) if has_aux else loss), _as_argnums(argnums, _regroup(flat, grads))

@@ -810,3 +810,109 @@ def test_a_buffer_written_through_data_is_copied_and_the_callers_state_stays_as_
         reference(x)  # the reference: the module called as it is
         assert torch.equal(buffers["ema"], reference.ema)
         state = state.replace(buffers=buffers)
+
+
+class _Checkpointed(nn.Module):
+    """A block under activation checkpointing (torch.utils.checkpoint runs its forward again in the backward)."""
+
+    def __init__(self, bn=False):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16) if bn else nn.Identity(), nn.Tanh())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+def _sgd_reference(model, batches, loss_fn, lr=0.1):
+    """Plain PyTorch: the module's own forward (checkpointed as well), backward, torch.optim.SGD."""
+    ref = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for b in batches:
+        opt.zero_grad()
+        loss_fn(ref, b).backward()
+        opt.step()
+    return ref
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("module_mode", ["train", "eval"])
+def test_a_checkpointed_block_trains_on_the_states_tensors_as_plain_pytorch(bn, module_mode):
+    # The backward runs the block's forward again: it read the module's own weights (put back when apply returned),
+    # so the gradients were those of the initial weights once the state had moved; a BatchNorm there updated the
+    # module's own statistics. Reference: plain PyTorch with the same checkpointing (which updates a checkpointed
+    # BatchNorm's statistics twice a step: forward and recompute; so do the buffers fnlit hands back).
+    model = _Checkpointed(bn).train(module_mode == "train")  # apply(train=True) trains an eval-mode module too
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [batch(seed=i) for i in range(3)]
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.train_step(model, loss_fn)
+    for b in batches:
+        state, _ = step(state, b)
+    ref = _sgd_reference(model, batches, loss_fn)
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(state.params[k], v.detach(), rtol=1e-5, atol=1e-6)
+    for k, v in ref.named_buffers():
+        torch.testing.assert_close(state.buffers[k], v, rtol=1e-5, atol=1e-6)
+    if bn:
+        assert int(state.buffers["block.1.num_batches_tracked"]) == 6 == int(ref.block[1].num_batches_tracked)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, own[k]), k  # the module's own tensors: unchanged
+    assert model.training == (module_mode == "train") and all(m.training == model.training for m in model.modules())
+
+
+def test_a_checkpointed_block_under_accumulate_and_a_gradient_penalty_matches_plain_autograd():
+    model = _Checkpointed()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = {k: v * 2 for k, v in state.params.items()}  # away from the module's own
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(params)
+    x, y = batch()
+
+    def penalised(p):  # a gradient penalty: the inner gradient's backward recomputes the block too
+        _, gx = fnlit.value_and_grad(lambda xx: fnlit.apply(model, p, {}, xx)[0].sum())(x)
+        return F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y) + (gx**2).mean()
+
+    _, grads = fnlit.value_and_grad(penalised)(params)
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(ref(xr).sum(), xr, create_graph=True)
+    (F.cross_entropy(ref(x), y) + (gx**2).mean()).backward()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
+    ref.zero_grad()
+
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    step = fnlit.accumulate(fnlit.train_step(model, loss_fn), 2)  # the in-place accumulating backward
+    new, _ = step(state.replace(params=params), (x, y))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for half in (slice(0, 8), slice(8, 16)):
+        (loss_fn(ref, (x[half], y[half])) / 2).backward()
+    opt.step()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(new.params[k], v.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_module_applied_to_two_param_sets_refuses_a_checkpointed_backward():
+    # Which of the two the recomputed block reads is unknown: an error, not one of them silently.
+    model = _Checkpointed()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    teacher = {k: v * 2 for k, v in state.params.items()}
+    x, _ = batch()
+
+    def distill(p, under):
+        with under():
+            target = fnlit.apply(model, teacher, {}, x)[0]
+        return F.mse_loss(fnlit.apply(model, p, {}, x)[0], target)
+
+    with pytest.raises(RuntimeError, match="applied _Checkpointed to two different sets of params"):
+        fnlit.value_and_grad(distill)(state.params, contextlib.nullcontext)
+    _, grads = fnlit.value_and_grad(distill)(state.params, torch.no_grad)  # a teacher without gradient: fine
+    ref, tref = copy.deepcopy(model), copy.deepcopy(model)
+    tref.load_state_dict(teacher)
+    with torch.no_grad():
+        target = tref(x)
+    F.mse_loss(ref(x), target).backward()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
+
