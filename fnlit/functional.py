@@ -42,6 +42,9 @@ class _Slots:
         self.where: dict[str, list[tuple[dict[str, Any], str]]] = {}
         buffers: set[str] = set()
         seen: dict[int, str] = {}
+        # Tied weights and shared submodules: each further name of a tensor -> its first one (state_dict lists
+        # them all; named_parameters, and so TrainState, the first).
+        self.aliases: dict[str, str] = {}
         for kind in ("_parameters", "_buffers"):
             for owner_name, owner in module.named_modules(remove_duplicate=False):
                 for attr, t in getattr(owner, kind).items():
@@ -50,6 +53,8 @@ class _Slots:
                     name = f"{owner_name}.{attr}" if owner_name else attr
                     canonical = seen.setdefault(id(t), name)  # tied weights: aliases share one name
                     self.where.setdefault(canonical, []).append((getattr(owner, kind), attr))
+                    if canonical != name:
+                        self.aliases[name] = canonical
                     if kind == "_buffers" and canonical == name:
                         buffers.add(name)
         self.names = frozenset(self.where)
@@ -141,13 +146,20 @@ def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
     return s
 
 
-def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], buffers: Mapping[str, Any]) -> None:
+def _check_names(
+    module: nn.Module, slots: _Slots, params: Mapping[str, Any], buffers: Mapping[str, Any]
+) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """``params`` and ``buffers``, checked to name every tensor of the module once; a tied tensor given under
+    another of its names (state_dict lists them all) comes back under its first one."""
     names = slots.names
     # Every name of the module exactly once across params and buffers, without building a set.
     if len(params) + len(buffers) == len(names) and params.keys() <= names and (
         not buffers or (buffers.keys() <= names and not any(k in params for k in buffers))
     ):
-        return
+        return params, buffers
+    if slots.aliases and not slots.aliases.keys().isdisjoint(params.keys() | buffers.keys()):
+        params, buffers = _untie(module, slots, params, buffers)
+        return _check_names(module, slots, params, buffers)
     given = params.keys() | buffers.keys()
     missing, extra = sorted(slots.names - given), sorted(given - slots.names)
     both = sorted(params.keys() & buffers.keys())
@@ -157,6 +169,51 @@ def _check_names(module: nn.Module, slots: _Slots, params: Mapping[str, Any], bu
         + (f"not in the module {extra[:5]}; " if extra else "")
         + (f"given in both params and buffers {both[:5]}; " if both else "")
         + "pass state.params and state.buffers of a TrainState created from this module."
+    )
+
+
+_TIED = (
+    "fnlit.apply: {names} name one tensor of {module} (tied weights, or a submodule used twice), but were given "
+    "different tensors. Pass it once, under {first} (as state.params has it), or give all its names the same tensor."
+)
+
+
+def _untie(
+    module: nn.Module, slots: _Slots, params: Mapping[str, Any], buffers: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``params`` and ``buffers`` with each tied tensor under its first name only (``torch.func.functional_call``'s
+    ``tie_weights``): given under several names, they must be one tensor (or views of the same memory, as two
+    entries of a ``state_dict()`` are)."""
+    aliases, original_params = slots.aliases, params
+    tied: dict[str, list[tuple[str, Any]]] = {}  # first name -> the (alias, tensor) given
+    for d in (params, buffers):
+        for k, t in d.items():
+            if k in aliases:
+                tied.setdefault(aliases[k], []).append((k, t))
+    params = {k: t for k, t in params.items() if k not in aliases}
+    buffers = {k: t for k, t in buffers.items() if k not in aliases}
+    for first, given in tied.items():
+        if first in params or first in buffers:
+            t = params[first] if first in params else buffers[first]
+        else:  # given under an alias only: the tensor goes under its first name, with the params if given there
+            t = given[0][1]
+            (params if given[0][0] in original_params else buffers)[first] = t
+        if not all(_same_tensor(other, t) for _, other in given):
+            names = sorted([first, *(k for k, _ in given)])
+            raise ValueError(_TIED.format(names=names, module=type(module).__name__, first=first))
+    return params, buffers
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    """One tensor, or two views of the same memory alike in everything (two ``detach()`` of one parameter)."""
+    if a is b:
+        return True
+    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or _traced():  # (no storage to read there)
+        return False
+    return (
+        a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        and a.storage_offset() == b.storage_offset()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     )
 
 
@@ -238,7 +295,8 @@ def apply(
 
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
-        params: name -> tensor, e.g. ``state.params``.
+        params: name -> tensor, e.g. ``state.params``. A tied tensor (weights tied, or a submodule used twice)
+            may come under any of its names, or several (as in ``state_dict()``) if they hold the same tensor.
         buffers: name -> tensor, e.g. ``state.buffers``.
         *args: positional inputs of the module.
         rng: a key from :mod:`fnlit.random` (``state.rng``); None leaves PyTorch's generators as they are.
@@ -261,6 +319,7 @@ def apply(
 
     Raises:
         KeyError: if params and buffers do not name exactly the module's tensors.
+        ValueError: if two names of one tied tensor are given different tensors.
 
     Example:
         >>> import torch, fnlit
@@ -282,12 +341,12 @@ def apply(
     compiling = torch.compiler.is_compiling()
     slots = _Slots(module) if compiling else _slots(module)
     try:
-        _check_names(module, slots, params, buffers)
-    except KeyError:
+        params, buffers = _check_names(module, slots, params, buffers)
+    except (KeyError, ValueError):
         if compiling:
             raise
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
-        _check_names(module, slots, params, buffers)
+        params, buffers = _check_names(module, slots, params, buffers)
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
     if _has_dtensor(params):
         from .transforms.shard import gather_params

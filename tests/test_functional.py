@@ -916,3 +916,36 @@ def test_one_module_applied_to_two_param_sets_refuses_a_checkpointed_backward():
     for k, v in ref.named_parameters():
         torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
 
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight  # tied: state_dict lists emb.weight and out.weight
+
+    def forward(self, i):
+        return self.out(self.emb(i))
+
+
+def test_a_tied_weight_can_be_given_under_any_of_its_names_as_functional_call_takes_it():
+    # apply refused out.weight as "not in the module". Reference: torch.func.functional_call (tie_weights=True).
+    model, i = _Tied(), torch.tensor([1, 2, 3])
+    w = model.emb.weight.detach() * 2
+    for given in ({"emb.weight": w, "out.weight": w}, {"out.weight": w}, {"emb.weight": w}):
+        out, _ = fnlit.apply(model, given, {}, i)
+        torch.testing.assert_close(out, torch.func.functional_call(model, given, (i,)), rtol=0, atol=0)
+    out, _ = fnlit.apply(model, dict(model.state_dict()), {}, i)  # two detached views of one weight
+    torch.testing.assert_close(out, model(i), rtol=0, atol=0)  # (functional_call refuses these by identity)
+    shared = nn.Linear(4, 4)
+    seq = nn.Sequential(shared, nn.Tanh(), shared)  # a submodule used twice: 0.weight and 2.weight
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fnlit.apply(seq, dict(seq.state_dict()), {}, x)[0], seq(x), rtol=0, atol=0)
+
+
+def test_tied_names_given_different_tensors_are_refused_as_one_tensor():
+    model, i = _Tied(), torch.tensor([1, 2, 3])
+    given = {"emb.weight": model.emb.weight.detach(), "out.weight": model.emb.weight.detach() * 2}
+    with pytest.raises(ValueError, match="which are tied"):
+        torch.func.functional_call(model, given, (i,))
+    with pytest.raises(ValueError, match=r"\['emb.weight', 'out.weight'\] name one tensor of _Tied .* Pass it once"):
+        fnlit.apply(model, given, {}, i)
