@@ -923,3 +923,65 @@ def test_a_moment_tree_of_another_structure_is_named_before_anything_else():
     state = tx.init(params)._replace(nu={"a": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"adam.update expected state.nu with the structure of the optimizer state.*b"):
         fo.step(tx, {"a": torch.ones(3), "b": torch.ones(2)}, state, params)
+
+
+# ---------------------------------------------------------------------------- sparse gradients
+def _embedding_steps(sparse: bool, make_opt, steps: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A plain torch loop over an nn.Embedding(sparse=...) model, on lookups that repeat indices."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=sparse), torch.nn.Linear(4, 1))
+    opt = make_opt(model.parameters())
+    for x, y in _embedding_batches(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _embedding_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.tensor([1, 2, 2, 7, 1, 1]), torch.randn(6, 1, generator=g)) for _ in range(steps)]
+
+
+def _fnlit_embedding_steps(tx, steps: int = 3, seed: int = 0):
+    import torch.nn.functional as F
+
+    import fnlit
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1))
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    state = fnlit.TrainState.create(model, tx, seed=0)
+    for batch in _embedding_batches(steps):
+        state, _ = step(state, batch)
+    return state.params
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("kw", SGD_CASES)
+def test_sgd_takes_sparse_gradients_as_torch_sgd(kw, functional):
+    # It failed with "unsupported memory format option Contiguous" (dampening: no sparse where). Reference:
+    # torch.optim.SGD on the sparse module; with weight decay it fails there (add(sparse, dense)), so the dense one.
+    ref = _embedding_steps("weight_decay" not in kw, lambda ps: torch.optim.SGD(ps, lr=0.1, **kw))
+    with fo.functional_path() if functional else contextlib.nullcontext():
+        got = _fnlit_embedding_steps(fo.sgd(0.1, **kw))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6)
+
+
+def test_sgd_update_without_params_takes_a_sparse_gradient():
+    g = torch.sparse_coo_tensor(torch.tensor([[1, 2, 2]]), torch.ones(3, 2), (4, 2), check_invariants=True)  # row 2: 2
+    tx = fo.sgd(0.5)
+    updates, _ = tx.update({"w": g}, tx.init({"w": torch.zeros(4, 2)}))
+    torch.testing.assert_close(updates["w"], torch.tensor([[0.0, 0.0], [-0.5, -0.5], [-1.0, -1.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("make, name", [(fo.adam, "adam"), (fo.adamw, "adamw")])
+def test_adam_refuses_sparse_gradients_as_torch_adam(make, name):
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):  # the reference
+        _embedding_steps(True, lambda ps: torch.optim.Adam(ps, lr=0.1), steps=1)
+    with pytest.raises(ValueError, match=rf"^{name} does not support sparse gradients .* for 0\.weight\. .*sparse=False"):
+        _fnlit_embedding_steps(make(0.1), steps=1)

@@ -32,8 +32,8 @@ import torch
 
 from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, donated_update, own, own_scaled,
-    raise_shape_mismatch, resolve_mask, use_functional,
+    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, own,
+    own_scaled, raise_shape_mismatch, resolve_mask, use_functional,
 )
 from ._transforms import (
     check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
@@ -159,8 +159,12 @@ def _optimizer(
     weight_decay: float | torch.Tensor,
     fused: Callable[..., tuple[Leaves, list[Leaves]]] | None,
     functional: Callable[..., tuple[Leaves, list[Leaves]]],
+    sparse: str | None = None,
 ) -> GradientTransformation:
-    """Wraps leaf-level implementations into init/update/step with the state bookkeeping."""
+    """Wraps leaf-level implementations into init/update/step with the state bookkeeping.
+
+    A sparse gradient is made dense (:func:`._base.dense_grad`), or refused with the reason ``sparse`` names.
+    """
     schedule = learning_rate if callable(learning_rate) else None
     decays = not (is_real(weight_decay) and weight_decay == 0)
     eager_functional = _without_grad(functional)
@@ -191,6 +195,8 @@ def _optimizer(
         # The fused kernels do not check: a smaller gradient (or moment: params replaced since init) would be read
         # past its end. One pass over the leaves, the moments beside their param.
         for i, (x, q, *moments) in enumerate(zip(g, p, *[b[0] for b in bufs])):
+            if x.layout is not torch.strided:  # nn.Embedding(sparse=True): summed into a dense gradient, or refused
+                g[i] = x = dense_grad(name, x, grads, i, sparse)
             shape, dtype = q.shape, q.dtype
             if x.shape != shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
@@ -247,7 +253,9 @@ def _optimizer(
                 )
             # From 0, new params are exactly the updates; shaped as the moments (the params they were made for),
             # so that a gradient of another shape or dtype is checked as a gradient
-            params = tree_map(torch.zeros_like, getattr(state, buffers[0]) if buffers else grads)
+            # (strided: zeros like a sparse gradient would be sparse params)
+            like = getattr(state, buffers[0]) if buffers else grads
+            params = tree_map(lambda t: torch.zeros_like(t, layout=torch.strided), like)
         if _DONATED.get() is None:
             new_params, new_state = step(grads, state, params)
         else:  # never in place (fnlit.donating): the update is the new params minus these, which must stay as they were
@@ -271,6 +279,10 @@ def sgd(
     ``g += weight_decay * p``; with momentum ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g``
     on the first step); the direction is ``buf`` (or ``g + momentum * buf`` with Nesterov);
     ``p -= lr * direction``.
+
+    A sparse gradient (``nn.Embedding(..., sparse=True)``) is taken as torch.optim.SGD takes it: summed into the
+    dense gradient (its repeated indices added up) and stepped with the same numbers. The momentum buffer is
+    dense. With weight decay, where torch.optim.SGD fails on one, the step is that of the dense gradient.
 
     Args:
         learning_rate: a float, or a schedule ``count -> lr`` (see :mod:`fnlit.optim` schedules).
@@ -414,7 +426,9 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
                    weight_decay=0.0 if in_kernel is None or (flags is not None and not flags[idx[0]]) else in_kernel)
         return new_p, [mu, nu]
 
-    tx = _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional)
+    # torch.optim.Adam(W) refuses sparse gradients ("please consider SparseAdam"): its moments would be the dense ones
+    tx = _optimizer(name, AdamState, ("mu", "nu"), learning_rate, weight_decay, fused, functional,
+                    sparse=" (as torch.optim.Adam and AdamW do not)")
     if mask is None:
         return tx
 
@@ -442,7 +456,8 @@ def adam(
     Raises:
         TypeError: for an argument of the wrong type (e.g. a string eps, or the betas as a tuple); at
             ``init`` for a schedule that does not return a 0-d tensor.
-        ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1).
+        ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1); at update time for a
+            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too.
 
     Example:
         >>> import torch
@@ -480,7 +495,8 @@ def adamw(
     Raises:
         TypeError: for an argument of the wrong type (e.g. a string weight decay, a mask that is neither
             a pytree of bools nor a callable); at ``init`` for a schedule that does not return a 0-d tensor.
-        ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1).
+        ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1); at update time for a
+            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.AdamW refuses too.
 
     Example:
         >>> import torch

@@ -400,6 +400,26 @@ def raise_shape_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "
     )
 
 
+_SPARSE_REFUSED = (
+    "{name} does not support sparse gradients{torch}, got a {layout} gradient for {path}. Build the module with "
+    "dense gradients (e.g. nn.Embedding(..., sparse=False): the same numbers, in the memory of the table), or "
+    "use fnlit.optim.sgd, which takes sparse gradients as torch.optim.SGD does."
+)
+
+
+def dense_grad(name: str, grad: torch.Tensor, tree: PyTree, i: int, refuse: str | None = None) -> torch.Tensor:
+    """A sparse gradient (``nn.Embedding(sparse=True)``'s, ``grad.layout`` not strided) as a dense tensor.
+
+    Its repeated indices (one per lookup: autograd hands it uncoalesced) are summed, as ``.grad.to_dense()``
+    holds them, so elementwise math on it (momentum, decay, a norm) is that of the dense gradient: torch.optim.SGD's
+    numbers. ``refuse`` (e.g. ``" (as torch.optim.Adam does not)"``) raises the ValueError naming leaf ``i`` of
+    ``tree`` instead, for the transforms torch.optim refuses sparse gradients in. Called only for a sparse leaf.
+    """
+    if refuse is not None:
+        raise ValueError(_SPARSE_REFUSED.format(name=name, torch=refuse, layout=grad.layout, path=tree_paths(tree)[i]))
+    return grad.to_dense()
+
+
 def flatten_checked(name: str, grads: PyTree, reference: PyTree) -> tuple[list[Any], Any, list[Any]]:
     """Flattens ``grads`` and ``reference`` (a state tree shaped like the params).
 
