@@ -401,36 +401,45 @@ def raise_shape_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "
 
 
 _SPARSE_REFUSED = (
-    "{name} does not support sparse gradients{torch}, got a {layout} gradient for {path}. Build the module with "
-    "dense gradients (e.g. nn.Embedding(..., sparse=False): the same numbers, in the memory of the table), or "
-    "use fnlit.optim.sgd, which takes sparse gradients as torch.optim.SGD does."
+    "{name} does not support sparse gradients{why}, got a {layout} gradient for {path}. Build the module with "
+    "dense gradients (e.g. nn.Embedding(..., sparse=False)){fix}."
 )
+SGD_TAKES_SPARSE = ", or use fnlit.optim.sgd, which takes sparse gradients as torch.optim.SGD does"
 
 
-def dense_grad(name: str, grad: torch.Tensor, tree: PyTree, i: int, refuse: str | None = None) -> torch.Tensor:
+def dense_grad(
+    name: str, grad: torch.Tensor, tree: PyTree, i: int, refuse: str | None = None, fix: str = SGD_TAKES_SPARSE
+) -> torch.Tensor:
     """A sparse gradient (``nn.Embedding(sparse=True)``'s, ``grad.layout`` not strided) as a dense tensor.
 
     Its repeated indices (one per lookup: autograd hands it uncoalesced) are summed, as ``.grad.to_dense()``
-    holds them, so elementwise math on it (momentum, decay, a norm) is that of the dense gradient: torch.optim.SGD's
-    numbers. ``refuse`` (e.g. ``" (as torch.optim.Adam does not)"``) raises the ValueError naming leaf ``i`` of
-    ``tree`` instead, for the transforms torch.optim refuses sparse gradients in. Called only for a sparse leaf.
+    holds them, so elementwise math on it (momentum, decay) is that of the dense gradient: torch.optim.SGD's
+    numbers. ``refuse`` (why, e.g. ``" (as torch.optim.Adam does not)"``) raises the ValueError naming leaf ``i``
+    of ``tree`` instead, ending in ``fix``, for the transforms that cannot treat one right. Called only for a
+    sparse leaf.
     """
     if refuse is not None:
-        raise ValueError(_SPARSE_REFUSED.format(name=name, torch=refuse, layout=grad.layout, path=tree_paths(tree)[i]))
+        path = tree_paths(tree)[i]
+        raise ValueError(_SPARSE_REFUSED.format(name=name, why=refuse, layout=grad.layout, path=path, fix=fix))
     return grad.to_dense()
 
 
-def flatten_checked(name: str, grads: PyTree, reference: PyTree) -> tuple[list[Any], Any, list[Any]]:
+def flatten_checked(
+    name: str, grads: PyTree, reference: PyTree, sparse: str | None = None
+) -> tuple[list[Any], Any, list[Any]]:
     """Flattens ``grads`` and ``reference`` (a state tree shaped like the params).
 
     Raises the structure error when they differ, and the shape error when a leaf's shape differs: the
     per-leaf arithmetic would broadcast it silently (or fail with a message that names no parameter).
+    A sparse gradient comes back dense, or is refused for the reason ``sparse`` gives (:func:`dense_grad`).
     """
     g_leaves, g_def = tree_flatten(grads)
     r_leaves, r_def = tree_flatten(reference)
     if g_def != r_def:
         _raise_mismatch(name, reference, grads)
-    for g, r in zip(g_leaves, r_leaves):
+    for i, (g, r) in enumerate(zip(g_leaves, r_leaves)):
+        if g.layout is not torch.strided:
+            g_leaves[i] = dense_grad(name, g, grads, i, sparse)
         if g.shape != r.shape:
             raise_shape_mismatch(f"{name}.update", reference, grads)
     return g_leaves, g_def, r_leaves

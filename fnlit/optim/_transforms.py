@@ -385,7 +385,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     Raises:
         TypeError: if a beta or ``eps`` is not a number.
-        ValueError: if a beta is outside [0, 1) or ``eps < 0``.
+        ValueError: if a beta is outside [0, 1) or ``eps < 0``; at update time for a sparse gradient
+            (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too.
 
     Example:
         >>> import torch
@@ -403,7 +404,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         return ScaleByAdamState(zero_count(device_of(params)), zeros(), zeros())
 
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None) -> tuple[PyTree, ScaleByAdamState]:
-        g, treedef, mu = flatten_checked("scale_by_adam", updates, state.mu)
+        # (torch.optim.Adam refuses sparse gradients: its moments would be the dense gradient's)
+        g, treedef, mu = flatten_checked("scale_by_adam", updates, state.mu, sparse=" (as torch.optim.Adam does not)")
         count = state.count + 1
         t = count.to(torch.float64)  # 1 - 0.999**t loses digits in float32
         bias64 = (1 - b1**t, 1 - b2**t)  # float64 for float64 updates, float32 for the rest (see _alias's adam)
@@ -423,6 +425,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
 def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     """Momentum: ``trace = g + decay * trace``; the update is ``trace`` (or ``g + decay * trace``).
+
+    A sparse gradient (``nn.Embedding(..., sparse=True)``) is summed into the dense one (torch.optim.SGD's momentum).
 
     Raises:
         TypeError: if ``decay`` is not a number, or ``nesterov`` not a bool.
@@ -453,6 +457,8 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
 
 def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
     """Adds ``weight_decay * params`` to the updates (L2 regularization as a gradient term).
+
+    A sparse gradient (``nn.Embedding(..., sparse=True)``) is summed into the dense one first.
 
     The decay is a tensor in ``state.hyperparams["weight_decay"]``. ``mask`` (see :func:`masked`)
     selects the leaves that decay, e.g. :func:`fnlit.optim.decay_mask`.
@@ -486,7 +492,9 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         wd = hyper["weight_decay"] = hyper_value(
             "add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params), params, weight_decay
         )
-        return tree_map(lambda u, p: u + wd * p, updates, params), AddDecayedWeightsState(hyper)
+        # (a sparse gradient summed into a dense one first: sparse + dense is no torch op)
+        return tree_map(lambda u, p: (u if u.layout is torch.strided else u.to_dense()) + wd * p, updates,
+                        params), AddDecayedWeightsState(hyper)
 
     return GradientTransformation(init, update)
 
@@ -494,7 +502,9 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scales all updates by ``min(1, max_norm / (global_norm + 1e-6))``, as ``clip_grad_norm_``.
 
-    The global norm is the 2-norm of all leaves together. No value is read back to the host.
+    The global norm is the 2-norm of all leaves together. No value is read back to the host. A sparse gradient
+    (``nn.Embedding(..., sparse=True)``) counts as its dense self (its repeated indices summed), as in
+    ``clip_grad_norm_``, and stays sparse.
 
     Raises:
         TypeError: if ``max_norm`` is not a number.
