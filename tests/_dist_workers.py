@@ -469,3 +469,17 @@ def number_or_tensor_metric(steps: int = 4, dtype: torch.dtype = torch.float32):
         weights.append(state.params["weight"].item())
         outliers.append(float(metrics["outlier"]))
     return weights, outliers
+
+
+def sparse_embedding(k: int = 1):
+    """data_parallel (under accumulate with k > 1) of a step whose embedding gradient is sparse: it raises."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.distributed.check_same_state(state)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])))
+    if k > 1:
+        step = fnlit.accumulate(step, k)
+    step(state, (torch.tensor([1, 2, 2, 7]), torch.ones(4, 1)))

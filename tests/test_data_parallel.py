@@ -15,6 +15,7 @@ from _dist_workers import (
     hangs_ignoring_sigterm,
     starts_apart,
     float64_metric,
+    sparse_embedding,
     unchecked_warns,
     fit_one_rank_warns_nothing,
     fit_validation_every_example,
@@ -314,3 +315,11 @@ def test_a_metric_that_is_a_number_on_one_rank_and_a_tensor_on_another_is_averag
     weights, outliers = results[0]
     assert weights == pytest.approx(expected, rel=1e-5)
     assert outliers == [50.0] * 4  # (0 + 100) / 2
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_sparse_gradient_is_refused_naming_the_parameter(k):
+    # It failed inside the flattened all-reduce: "reshape is not implemented for sparse tensors" (nn.Embedding(sparse=True)).
+    with pytest.raises(RuntimeError, match=r"ValueError: fnlit\.data_parallel does not support sparse gradients .*for "
+                                           r"0\.weight\. .*sparse=False"):
+        fnlit.distributed.launch(sparse_embedding, 2, k, timeout=120)
