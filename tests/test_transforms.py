@@ -1011,3 +1011,37 @@ def test_accumulate_averages_float64_metrics_in_float64():
 
     _, metrics = fnlit.accumulate(step, 2)(state, torch.tensor([[0.1] * 4, [1.1] * 4], dtype=torch.float64))
     assert metrics["m"].dtype == torch.float64 and metrics["m"].item() == (0.1 + 1.1) / 2
+
+
+def _sparse_embedding_batches():
+    g = torch.Generator().manual_seed(5)
+    return [(torch.tensor([1, 2, 2, 7, 1, 1]), torch.randn(6, 1, generator=g)) for _ in range(3)]  # repeated rows
+
+
+@pytest.mark.parametrize("k, fp16", [(1, False), (2, False), (3, False), (1, True), (2, True)])
+def test_accumulate_and_float16_amp_take_a_sparse_gradient(k, fp16):
+    # float16 amp failed unscaling it ("Could not run 'aten::_amp_foreach_non_finite_check_and_unscale_' with
+    # arguments from the 'SparseCPU' backend"). Reference: the plain loop (GradScaler's, for float16) over
+    # nn.Embedding(sparse=True) with (loss / k).backward() per micro-batch and torch.optim.SGD.
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    for x, y in _sparse_embedding_batches():
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = F.mse_loss(ref(xs).float(), ys) / k
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]).float(), b[1]))
+    step = fnlit.accumulate(fnlit.amp(step, dtype=torch.float16) if fp16 else step, k)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0,
+                                    loss_scale="dynamic" if fp16 else None)
+    for b in _sparse_embedding_batches():
+        state, _ = step(state, b)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-6, atol=1e-6)
+    if fp16:
+        assert float(state.scaler.scale) == scaler.get_scale()

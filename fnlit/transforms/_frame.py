@@ -215,8 +215,10 @@ class Frame:
                 raise ValueError(_PER_EXAMPLE_FP16)
             self.found_inf = torch.maximum(self.found_inf, bad)
             grads[:] = [(g * inv_scale).to(g.dtype) for g in grads]  # a 0-d half gradient stays half, as in place
-        else:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, inv_scale)
+        else:  # a sparse gradient (nn.Embedding(sparse=True)): its values, as GradScaler unscales them
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [g if g.layout is torch.strided else g._values() for g in grads], self.found_inf, inv_scale
+            )
 
     def note_scalars(self, tree: Any) -> None:
         """Remembers the 0-d float tensors value_and_grad returns (loss, scalar aux) under data_parallel.
