@@ -511,12 +511,17 @@ def _with_fields(obj: Any, move: Callable[[Any], Any]) -> Any:
 
 def _with_elements(seq: list[Any] | tuple[Any, ...], items: list[Any]) -> list[Any] | tuple[Any, ...]:
     """A copy of a list or tuple subclass holding ``items`` (its other attributes too), built without calling its
-    ``__init__``/``__new__`` again; the original is left alone."""
+    ``__init__``/``__new__`` again; the original is left alone, and returned when nothing in it moved (a torch.Size)."""
+    if all(a is b for a, b in zip(seq, items)):
+        return seq
     if isinstance(seq, list):
         new: Any = list.__new__(type(seq))
         list.extend(new, items)
     else:
-        new = tuple.__new__(type(seq), items)
+        try:
+            new = tuple.__new__(type(seq), items)
+        except TypeError:  # a tuple type with its own __new__ that refuses this (torch.Size): built as Lightning does
+            return type(seq)(items)
     if hasattr(seq, "__dict__"):
         new.__dict__.update(seq.__dict__)
     return new

@@ -329,6 +329,9 @@ def test_objects_with_their_own_to_and_sequence_subclasses_are_moved_as_lightnin
     assert items[0].device.type == "cpu"  # the original is left alone
     moved = move({"p": Pair((x, 3))})["p"]
     assert type(moved) is Pair and moved[0].device == meta and moved[1] == 3
+    # a batch carrying a shape (torch.Size refuses tuple.__new__) is left as it is, as before
+    moved = move({"s": torch.Size([2, 3]), "x": x})
+    assert moved["s"] == torch.Size([2, 3]) and type(moved["s"]) is torch.Size and moved["x"].device == meta
 
 
 def test_array_loader_takes_numpy_arrays_and_refuses_other_containers():
