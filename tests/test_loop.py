@@ -458,6 +458,22 @@ def test_a_mid_epoch_resume_with_another_batch_size_warns(tmp_path):
         checkpoint=FakeCheckpoint(restored), ckpt_path="last", progress=False)  # fmt: skip
 
 
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_a_resume_from_an_epochs_end_with_another_batch_size_starts_the_next_epoch_untold(batch_size):
+    """Saved at the last of 10 batches of epoch 0 (an epoch-end best's position): the epoch was whole, so with
+    another batch size nothing is skipped or repeated. Reference by hand: epochs 1 and 2, 40 examples each, and the
+    end of epoch 0 (its hooks had not run at that save) before them; no warning (warnings are errors here)."""
+    x = torch.arange(40)
+    restored = (make_state().replace(step=torch.tensor(10)),
+                {"epoch": 0, "batch": 10, "seed": 42, "batches_per_epoch": 10})  # fmt: skip
+    c = Counter()
+    fit(c.step, make_state(), ArrayLoader(x, batch_size=batch_size), max_epochs=3, checkpoint=FakeCheckpoint(restored),
+        ckpt_path="last", callbacks=[c], progress=False)  # fmt: skip
+    seen = sum(c.train, [])
+    assert len(seen) == 80 and sorted(seen) == sorted(list(range(40)) * 2)
+    assert c.epoch_ends == [0, 1, 2]
+
+
 def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
     # A checkpoint saved at the epoch's last batch: the resumed run finds that epoch's data spent and goes on.
     restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
