@@ -524,6 +524,38 @@ def test_a_graph_compiled_later_that_draws_random_numbers_is_seeded_from_the_key
     assert compiled.compiles == 2
 
 
+@pytest.mark.parametrize("noise", ["rrelu", "cauchy", "gamma"])
+def test_every_random_op_of_a_compiled_step_is_seeded_from_the_key(noise):
+    # Only ops named like rand/dropout/normal/... were seeded: RReLU, Tensor.cauchy_ and torch._standard_gamma
+    # (Gamma.rsample) drew from the global generator: another loss on each call with the same key, and the
+    # caller's generator advanced. Reference: the eager step seeded from state.rng (as the test above).
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.RReLU()) if noise == "rrelu" else torch.nn.Linear(8, 8)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, data):
+        x, y = data
+        if noise == "cauchy":
+            x = x + 0.01 * torch.empty_like(x).cauchy_()
+        elif noise == "gamma":
+            x = x * torch.distributions.Gamma(torch.full_like(x, 2.0), 2.0).rsample()
+
+        def loss_fn(p):
+            return F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y)
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    data = batch(8, d_in=8, classes=8)
+    with fnlit.random.seeded(state.rng):
+        _, want = step(state, data)
+    compiled = fnlit_compile(step, mode="eager")
+    generator = torch.random.get_rng_state()
+    for _ in range(2):
+        _, got = compiled(state, data)
+        assert torch.equal(got["loss"], want["loss"])
+    assert torch.equal(torch.random.get_rng_state(), generator)
+
+
 _LOSSES: list = []
 
 

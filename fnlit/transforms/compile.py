@@ -26,6 +26,7 @@ NotImplementedError (see :func:`compile`).
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import re
@@ -55,7 +56,9 @@ __all__ = ["compile", "CompiledStep", "CaptureError"]
 
 Mode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager"]
 _MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")
-_RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|exponential|poisson|seed")
+# The names of torch's Python functions that draw random numbers (F.dropout2d, F.gumbel_softmax,
+# F.fractional_max_pool2d): a graph keeps them whole, and aten's registry cannot tell (see _draws_random).
+_RANDOM = re.compile(r"rand|dropout|bernoulli|normal(?!ize)|uniform|multinomial|exponential|poisson|gumbel|fractional|seed")
 _HOST_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 
 
@@ -194,8 +197,44 @@ def _frames_of(stack_trace: str | None) -> list[tuple[str, int]]:
     return [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', stack_trace or "")]
 
 
+@functools.lru_cache(maxsize=None)
+def _seeded_aten(name: str) -> bool | None:
+    """Whether the aten op ``name`` (any overload) draws from a generator (tagged ``nondeterministic_seeded``);
+    None when aten has no op of that name."""
+    packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    return any(torch.Tag.nondeterministic_seeded in getattr(packet, o).tags for o in packet.overloads())
+
+
+def _draws_random(node: torch.fx.Node) -> bool:
+    """Whether ``node`` of a captured graph may draw random numbers.
+
+    Decided by aten's own registry: an op tagged ``torch.Tag.nondeterministic_seeded`` (RReLU, cauchy_,
+    _standard_gamma, binomial, dropout, ...); dynamo's graphs name torch functions and tensor methods
+    (``torch.binomial``, ``x.cauchy_()``), which are read as the aten op of the same name. A name aten does
+    not know, or a Python function torch keeps whole in the graph (F.dropout2d, F.gumbel_softmax), draws random
+    numbers when its name matches ``_RANDOM`` too; a module the graph calls whole (not traced into) is taken to.
+    """
+    target = node.target
+    if node.op == "call_module":  # a module the graph calls whole: its own graph is walked, any other may draw
+        return not isinstance(node.graph.owning_module.get_submodule(target), torch.fx.GraphModule)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in target.tags
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target._qualified_op_name.rsplit("::", 1)[-1]
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    seeded = _seeded_aten(name)
+    if isinstance(target, types.FunctionType):  # may draw where aten's op does not (F.fractional_max_pool2d's samples)
+        return bool(seeded) or bool(_RANDOM.search(name))
+    return bool(_RANDOM.search(name)) if seeded is None else seeded
+
+
 def _check_graph(gm: torch.fx.GraphModule) -> bool:
-    """Raises CaptureError for host reads and data-dependent shapes; returns whether the graph draws random numbers."""
+    """Raises CaptureError for host reads and data-dependent shapes; returns whether the graph draws random
+    numbers (:func:`_draws_random`: then each call is seeded from the state's key)."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     uses_rng = False
@@ -204,7 +243,7 @@ def _check_graph(gm: torch.fx.GraphModule) -> bool:
             continue
         for node in module.graph.nodes:
             target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            uses_rng = uses_rng or bool(_RANDOM.search(target))
+            uses_rng = uses_rng or _draws_random(node)
             value = node.meta.get("example_value")
             kind = None
             if node.op in ("call_method", "call_function") and target in _HOST_READS:
@@ -634,8 +673,9 @@ def compile(
     The first call traces and compiles (seconds to a minute); later calls with the same structure,
     shapes and dtypes replay the compiled program. Results equal the eager step's up to float
     rounding of fused kernels (within 1e-5 in float32; under ``amp`` with bfloat16, inductor rounds
-    its fused bf16 kernels its own way: ~1e-4 after a few steps), except dropout, whose masks come from inductor's own
-    generator (seeded from ``state.rng``, so still deterministic). The step's random draws are one stream per
+    its fused bf16 kernels its own way: ~1e-4 after a few steps), except random draws (dropout's masks, RReLU's
+    slopes), which come from inductor's own generator (seeded from ``state.rng`` on every call of a graph with an op
+    aten tags ``nondeterministic_seeded``, so still deterministic). The step's random draws are one stream per
     call: the keys it passes to :func:`fnlit.apply` are not read, so two forwards given the same key draw
     different masks (eager, the same: a consistency loss or a recomputed forward must run uncompiled). Changing hyperparameters in
     ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
