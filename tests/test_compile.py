@@ -379,6 +379,37 @@ def test_dynamic_shapes_compile_optimizers_with_python_float_hyperparameters(mod
     assert compiled.compiles <= 2  # one static graph, then one dynamic
 
 
+def test_an_error_of_a_transform_inside_the_step_is_raised_as_eager_raises_it(model):
+    # accumulate's refusal of an indivisible batch came out as a CaptureError about the line
+    # `super().__init__(` of its exception class, "Move this line out of the step". Reference: the eager step's
+    # error (accumulate's documented refusal). The state, not donated to the eager re-run, stays intact.
+    step = fnlit.accumulate(hand_step(model), 2)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    before = clone_tree(state)
+    with pytest.raises(ValueError, match=r"cannot split batch leaf \[0\] of 3 examples into 2 equal micro-batches"):
+        step(state, batch(3))
+    with pytest.raises(ValueError, match=r"cannot split batch leaf \[0\] of 3 examples into 2 equal micro-batches"):
+        fnlit_compile(step, donate=True, mode="eager")(state, batch(3))
+    assert_trees_equal(state, before)
+
+
+def test_an_exception_class_of_the_users_own_is_raised_as_eager_raises_it(model):
+    # torch.compile cannot trace an exception class's own __init__: the step's error came out as a CaptureError
+    # about that line. Reference: the error the step raises uncompiled.
+    class BadBatch(ValueError):
+        def __init__(self, n):
+            super().__init__(f"a batch of {n} examples is too small")
+
+    def step(state, b):
+        if b[0].shape[0] < 4:
+            raise BadBatch(b[0].shape[0])
+        return hand_step(model)(state, b)
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(BadBatch, match="a batch of 2 examples is too small"):
+        fnlit_compile(step, mode="eager")(state, batch(2))
+
+
 def test_capture_error_carries_the_message_of_an_error_raised_only_when_traced():
     # dp_sgd_aggregate refuses to be traced (its noise is drawn eagerly); the CaptureError dropped its words.
     model = torch.nn.Linear(4, 3)

@@ -23,11 +23,21 @@ __all__ = ["accumulate", "split_batch"]
 
 
 class _Indivisible(ValueError):
-    """A batch leaf (at ``path``) whose ``n`` examples do not split into ``k`` micro-batches."""
+    """``_Indivisible(k, path, n)``: a batch leaf (at ``path``) whose ``n`` examples do not split into ``k``
+    micro-batches. (The message is made by ``__str__``: torch.compile cannot trace an exception's own
+    ``__init__``, and would report that instead of this error.)"""
 
-    def __init__(self, k: int, path: str, n: int) -> None:
-        self.k, self.path, self.n = k, path, n
-        super().__init__(
+    @property
+    def path(self) -> str:
+        return self.args[1]
+
+    @property
+    def n(self) -> int:
+        return self.args[2]
+
+    def __str__(self) -> str:
+        k, path, n = self.args
+        return (
             f"accumulate(step, k={k}) cannot split batch leaf {path} of {n} examples into {k} equal "
             f"micro-batches. Use a batch size divisible by {k} (e.g. {max(k, n - n % k)}), or drop_last=True "
             "in the DataLoader."

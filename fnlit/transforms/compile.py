@@ -573,12 +573,19 @@ class CompiledStep:
         return entry.unflatten_state(new_leaves), metrics
 
     def _explain(self, err: Exception, state: TrainState, batch: Batch) -> Exception:
-        """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it."""
-        if "Observed exception" in str(err):
+        """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it.
+
+        To tell them apart the step runs once eagerly (seeded from the state's key, as the compiled call is; the
+        step is pure and the state is not donated to it, so neither changes): an error it raises is the step's
+        own -- one torch.compile saw raised, or one it could not trace the raising of (an exception class with
+        its own ``__init__``, fnlit's or the user's) -- and reaches the user as it is. Only when the step runs
+        eagerly is ``err`` the capture's, explained here.
+        """
+        with _random.seeded(_one_key(state.rng), state.device):  # (leaves the caller's generators as they were)
             new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
-            _check_structure(state, new)  # or fnlit's own checks in the captured function do
-            if self.donate:
-                _check_donatable(state, new)
+        _check_structure(state, new)  # or fnlit's own checks in the captured function do
+        if self.donate:
+            _check_donatable(state, new)
         frames = [(f.filename, f.lineno or 0) for f in getattr(err, "real_stack", None) or []]
         frames = frames or _frames_of(str(err))
         filename, lineno = _user_frame(frames)
@@ -713,7 +720,9 @@ def compile(
     Raises:
         ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state; (when
             called with ``donate=True``) for a state whose tensors share storage.
-        CaptureError: (when called) if the step cannot be captured; the message names the line. Also when
+        CaptureError: (when called) if the step cannot be captured; the message names the line. (Then the step
+            runs once eagerly: an error it raises itself -- accumulate's indivisible batch -- is raised as
+            uncompiled, not as a CaptureError.) Also when
             new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
         NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
