@@ -225,9 +225,12 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     (under torch.distributed, sums are added across ranks first). The state is never changed.
 
     Under torch.distributed the ranks may hold different numbers of batches; the result is the mean over all
-    of them. As a sharded model's forward is a collective, every rank runs as many: a rank with fewer repeats
-    its first batch, not counted (the ranks exchange their counts first, one more host sync; where some rank's
-    data has no len() and the state is sharded, they agree before each batch whether one still has one).
+    of them. Unless the data is an ArrayLoader (its shards are even), the ranks exchange their counts first (one
+    more host sync; data without a len() reads its first batch ahead, to tell whether it has one), so a rank
+    without a batch while others have some is a clear error on every rank. As a sharded model's forward is a
+    collective, every rank of a sharded state runs as many: a rank with fewer repeats its first batch, not
+    counted (where some rank's data has no len(), they agree before each batch whether one still has one). An
+    unsharded state's ranks run their own batches only.
 
     Args:
         eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
@@ -255,12 +258,12 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         # a collective). One process reads the same order, so limit_batches picks the same examples either way.
         n = _limit(limit_batches, data.eval_len(), "limit_batches", "evaluate")
         batches: Iterable[tuple[Any, bool]] = data.eval_batches()
-    else:
+    elif _dist.world_size() > 1:
         known = _num_batches(data)
-        n = _limit(limit_batches, known, "limit_batches", "evaluate")
+        batches, n = _even_batches(data, _limit(limit_batches, known, "limit_batches", "evaluate"), known, state)
+    else:
+        n = _limit(limit_batches, _num_batches(data), "limit_batches", "evaluate")
         batches = ((b, True) for b in data)
-        if _dist.world_size() > 1:
-            batches, n = _even_batches(data, n, known is not None, state)
     move = _data.device_mover(state.device)
     names: list[str] = []
     sums: list[torch.Tensor] = []
@@ -313,57 +316,61 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
 
 
 def _even_batches(
-    data: Iterable[Batch], n: int | None, sized: bool, state: TrainState
+    data: Iterable[Batch], n: int | None, known: int | None, state: TrainState
 ) -> tuple[Iterable[tuple[Any, bool]], int | None]:
-    """Under torch.distributed: this rank's batches (each with whether it counts) and how many every rank runs.
+    """Under torch.distributed: this rank's batches (each with whether it counts) and how many to run of them.
 
-    A sharded model's forward is a collective, so every rank must run as many forwards: as in
-    :meth:`fnlit.data.ArrayLoader.eval_batches`, a rank with fewer batches repeats its first one, not counted.
-    The ranks exchange their counts first (one all-reduce); where some rank's data has no len() and the state
-    is sharded, they agree before each batch whether any rank still has one (a host sync per batch).
+    ``n``: this rank's count after limit_batches (None: all of them), ``known``: its len() (None: none). The ranks
+    exchange, in one all-reduce, whether each has a batch (data without a len() reads its first one ahead) and
+    their counts: a rank with none while others have some is an error on every rank (it would have skipped the
+    metric all-reduce the others wait in).
+    A sharded model's forward is a collective, so there every rank runs as many forwards: as in
+    :meth:`fnlit.data.ArrayLoader.eval_batches`, a rank with fewer batches repeats its first one, not counted;
+    where some rank's data has no len(), they agree before each batch whether any rank still has one (a host
+    sync per batch). An unsharded state's forwards are not collectives: each rank runs its own batches only.
     """
-    counts = torch.tensor([0 if sized else 1, n or 0, -(n or 0)], dtype=torch.int64, device=state.device)
-    torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
-    unsized, most, least = counts.tolist()
-    least = -least
+    it, first = iter(data), _END
+    if n != 0:
+        first = next(it, _END)  # (data without a len() tells whether it holds a batch only when read)
+    has = first is not _END
+    own: Iterator[Any] = itertools.chain([first], it) if has else iter(())
+    sent = [int(known is None), int(not has), int(has), n or 0, -(n or 0)]
+    flags = torch.tensor(sent, dtype=torch.int64, device=state.device)
+    torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+    unsized, some_none, some_have, most, least = flags.tolist()  # (once per evaluate)
+    if some_none and some_have:
+        counts = "some without a len(), and one rank with none" if unsized else f"from {-least} to {most} batches"
+        this = n if known is not None else "some" if has else "none"
+        raise ValueError(_NO_EVAL_BATCH.format(counts=f"{counts}, this rank {this}"))
+    if not is_sharded(state):  # each rank runs its own batches: the forwards are not collectives
+        return ((b, True) for b in own), n
     if not unsized:
-        if least == 0 < most:
-            raise ValueError(_NO_EVAL_BATCH.format(counts=f"from {least} to {most} batches, this rank {n}"))
 
         def filled() -> Iterator[tuple[Any, bool]]:
-            first: Any = _END
-            for i, b in enumerate(itertools.islice(iter(data), n)):
-                first = b if i == 0 else first
-                yield b, True
+            yield from ((b, True) for b in itertools.islice(own, n))
             for _ in range(most - (n or 0)):  # (n < most: this rank ran out first)
                 yield first, False
 
         return filled(), most
-    if not is_sharded(state):  # each rank runs its own batches: the forwards are not collectives
-        return ((b, True) for b in data), n
 
     def voted() -> Iterator[tuple[Any, bool]]:
-        it, first, own = iter(data), _END, True
+        mine = True
         for i in itertools.count():  # (a rank whose count is known votes on until every rank has run out)
-            b = next(it, _END) if own and (n is None or i < n) else _END
-            own = b is not _END
-            first = b if first is _END else first
-            flags = torch.tensor([int(own), int(first is _END)], dtype=torch.int64, device=state.device)
-            torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-            some, lacking = flags.tolist()  # (once per batch: data without a len() gives no count to share)
-            if not some:
+            b = next(own, _END) if mine and (n is None or i < n) else _END
+            mine = b is not _END
+            vote = torch.tensor([int(mine)], dtype=torch.int64, device=state.device)
+            torch_dist.all_reduce(vote, op=torch_dist.ReduceOp.MAX)
+            if not vote.item():  # (once per batch: data without a len() gives no count to share)
                 return
-            if lacking:
-                raise ValueError(_NO_EVAL_BATCH.format(counts="some without a len(), and one rank with none"))
-            yield (b, True) if own else (first, False)
+            yield (b, True) if mine else (first, False)
 
     return voted(), None
 
 
 _NO_EVAL_BATCH = (
     "evaluate: the ranks have different numbers of evaluation batches ({counts}), and a rank without any has "
-    "none to run the others' filler forwards with. Give every rank at least one batch: fnlit.data.ArrayLoader "
-    "shards evenly (every example once), as does DistributedSampler."
+    "no metrics to add to the others' (nor a batch for a sharded model's filler forwards). Give every rank at "
+    "least one batch: fnlit.data.ArrayLoader shards evenly (every example once), as does DistributedSampler."
 )
 
 

@@ -483,3 +483,67 @@ def sparse_embedding(k: int = 1):
     if k > 1:
         step = fnlit.accumulate(step, k)
     step(state, (torch.tensor([1, 2, 2, 7]), torch.ones(4, 1)))
+
+
+VAL_SIZES = ([4, 4, 4], [3, 1])  # each rank's validation batch sizes: 3 batches against 2, plain lists
+
+
+def val_batches(rank: int):
+    return [batch(n, seed=100 + 10 * rank + i) for i, n in enumerate(VAL_SIZES[rank])]
+
+
+class Reiterable:
+    """Batches without a len() (as a DataLoader over an IterableDataset), read from the start each time."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def uneven_validation_unsharded():
+    """Validation where the ranks hold different numbers of batches, on a plain (data_parallel) state: its forwards
+    are not collectives. Returns, for each case, the metric and this rank's number of forwards, or the error."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)  # lr 0: fit's validation sees these params
+    forwards, out = [0], {}
+
+    def metrics(m, b):
+        forwards[0] += 1
+        return {"ce": torch.nn.functional.cross_entropy(m(b[0]), b[1])}
+
+    ce = fnlit.eval_step(model, metrics)
+    step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])))
+
+    class Record(fnlit.callbacks.Callback):
+        def on_validation(self, state, metrics):
+            out.setdefault("fit metrics", []).append(metrics["val/ce"])
+
+    train = fnlit.ArrayLoader(*batch(8), batch_size=2, shuffle=False)
+    fit = dict(eval_step=ce, max_steps=1, val_check_interval=1, num_sanity_val_steps=0, progress=False)
+    mine = val_batches(rank)
+    none = mine if rank == 0 else []
+
+    def fitted(val_data, **options):
+        fnlit.fit(step, state, train, val_data=val_data, **fit, **options)
+
+    for name, run in [
+        ("evaluate", lambda: fnlit.evaluate(ce, state, mine)["ce"]),
+        ("no len()", lambda: fnlit.evaluate(ce, state, Reiterable(mine))["ce"]),
+        ("no len() on rank 1", lambda: fnlit.evaluate(ce, state, mine if rank == 0 else Reiterable(mine))["ce"]),
+        ("limit 2", lambda: fnlit.evaluate(ce, state, mine, limit_batches=2)["ce"]),
+        ("fit", lambda: fitted(Reiterable(mine), callbacks=[Record()])),
+        ("evaluate, rank 1 none", lambda: fnlit.evaluate(ce, state, none)),
+        ("evaluate, rank 1 none, no len()", lambda: fnlit.evaluate(ce, state, Reiterable(none))),
+        ("evaluate, rank 1 none, iterator", lambda: fnlit.evaluate(ce, state, iter(none))),
+        ("fit, rank 1 none, no len()", lambda: fitted(Reiterable(none))),
+    ]:
+        forwards[0] = 0
+        try:
+            out[name] = (run(), forwards[0])
+        except ValueError as e:
+            out[name] = str(e)
+    return out

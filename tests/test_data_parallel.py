@@ -31,6 +31,8 @@ from _dist_workers import (
     data_order_with_own_rngs,
     number_or_tensor_metric,
     evaluate_with_empty_batches,
+    uneven_validation_unsharded,
+    val_batches,
 )
 from helpers import batch, hand_step, mlp
 
@@ -323,3 +325,29 @@ def test_a_sparse_gradient_is_refused_naming_the_parameter(k):
     with pytest.raises(RuntimeError, match=r"ValueError: fnlit\.data_parallel does not support sparse gradients .*for "
                                            r"0\.weight\. .*sparse=False"):
         fnlit.distributed.launch(sparse_embedding, 2, k, timeout=120)
+
+
+def test_validation_with_different_numbers_of_batches_per_rank_on_a_plain_state():
+    # A rank without a batch in data without a len() raised alone while the others waited in the metric all-reduce
+    # (a raw gloo error); short ranks ran filler forwards that only a sharded model (a collective) needs.
+    # Reference: one process over both ranks' batches.
+    torch.manual_seed(0)  # the workers' init
+    model = mlp()
+
+    def mean_ce(k):  # over the first k batches of each rank, every example once
+        x, y = (torch.cat(t) for t in zip(*(b for r in (0, 1) for b in val_batches(r)[:k])))
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+
+    every, two = mean_ce(3), mean_ce(2)
+    results = fnlit.distributed.launch(uneven_validation_unsharded, 2, timeout=120, collective_timeout=15)
+    for rank, r in enumerate(results):
+        own = (3, 2)[rank]  # this rank's batches: each runs its own forwards only
+        for name in ("evaluate", "no len()", "no len() on rank 1"):
+            assert r[name][0] == pytest.approx(every, rel=1e-5) and r[name][1] == own, name
+        assert r["limit 2"][0] == pytest.approx(two, rel=1e-5) and r["limit 2"][1] == 2
+        assert r["fit metrics"] == pytest.approx([every], rel=1e-5)
+        assert "(from 0 to 3 batches, this rank" in r["evaluate, rank 1 none"]
+        for name in ("evaluate, rank 1 none, no len()", "evaluate, rank 1 none, iterator", "fit, rank 1 none, no len()"):
+            assert f"one rank with none, this rank {('some', 'none')[rank]})" in r[name], name
+            assert "DistributedSampler" in r[name], name
