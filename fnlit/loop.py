@@ -85,6 +85,37 @@ def _limit(limit: int | float | None, n: int | None, name: str, who: str = "fit"
     return k
 
 
+def _deferred_limit(
+    limit: int | float | None, n: int | None, name: str, who: str
+) -> tuple[int | None, ValueError | None, int]:
+    """Under torch.distributed: :func:`_limit`, or its error and a code for the other ranks (0: none), so that every
+    rank raises at the ranks' next exchange (:func:`_limit_failed`) rather than wait there for the one that raised.
+
+    The code is ``3 * rank + why + 1`` (why: 0 not a valid limit, 1 a fraction of data without a len(), 2 a
+    fraction that leaves less than one batch): the ranks' MAX names one of the failed ranks, and its reason.
+    """
+    try:
+        return _limit(limit, n, name, who), None, 0
+    except ValueError as e:
+        bad = isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or limit > 1
+        return n, e, 3 * _dist.rank() + (0 if bad else 1 if n is None else 2) + 1
+
+
+def _limit_failed(code: int, error: ValueError | None, limit: Any, name: str, who: str) -> None:
+    """Raises this rank's error from :func:`_deferred_limit`, or where another rank's failed (``code``: the ranks'
+    MAX), says which rank and why."""
+    if error is not None:
+        raise error
+    if code:
+        rank, why = divmod(code - 1, 3)
+        reason = (
+            "it is not an int >= 0 or a float in [0.0, 1.0]",
+            "it is a fraction of the epoch, but that rank's data has no len(); pass an int number of batches",
+            "it is a fraction of that rank's batches that leaves less than one; pass a larger one, or an int",
+        )[why]
+        raise ValueError(f"{who} got {name}={limit!r}, which rank {rank} cannot apply: {reason} (that rank says more).")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     max_epochs: int  # -1: no limit
@@ -101,6 +132,9 @@ class _Plan:
     sanity_steps: int  # -1: every batch of validation data without a len()
     log_every: int
     quiet: bool  # fast_dev_run: no logging, no checkpoints
+    # under torch.distributed: the validation limit's failure code and error on this rank (_deferred_limit: raised at
+    # the ranks' first exchange, _same_batches), the limit and its name
+    val_limit: tuple[int, ValueError | None, Any, str] = (0, None, None, "limit_val_batches")
 
     def validates_in(self, epoch: int) -> bool:
         return self.validate and (self.val_every_n_epoch is None or (epoch + 1) % self.val_every_n_epoch == 0)
@@ -160,7 +194,13 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
     # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.
     n_val_data = val_data.eval_len() if isinstance(val_data, _data.ArrayLoader) else _num_batches(val_data)  # type: ignore[arg-type]
-    n_val = _limit(limit_val, n_val_data, "overfit_batches" if overfit else "limit_val_batches") if validate else 0  # type: ignore[arg-type]
+    val_name, val_error, val_failed = "overfit_batches" if overfit else "limit_val_batches", None, 0
+    if not validate:
+        n_val = 0
+    elif _dist.world_size() > 1:  # a limit that fails on one rank fails on all, at the ranks' first exchange
+        n_val, val_error, val_failed = _deferred_limit(limit_val, n_val_data, val_name, "fit")
+    else:
+        n_val = _limit(limit_val, n_val_data, val_name)
     validate = validate and n_val != 0
     if vci is None:
         vci = 1.0
@@ -208,6 +248,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches, sized=n is not None,
         length=n, sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
+        val_limit=(val_failed, val_error, limit_val, val_name),
     )  # fmt: skip
 
 
@@ -226,11 +267,11 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
 
     Under torch.distributed the ranks may hold different numbers of batches; the result is the mean over all
     of them. Unless the data is an ArrayLoader (its shards are even), the ranks exchange their counts first (one
-    more host sync; data without a len() reads its first batch ahead, to tell whether it has one), so a rank
-    without a batch while others have some is a clear error on every rank. As a sharded model's forward is a
-    collective, every rank of a sharded state runs as many: a rank with fewer repeats its first batch, not
-    counted (where some rank's data has no len(), they agree before each batch whether one still has one). An
-    unsharded state's ranks run their own batches only.
+    more host sync; data without a len() reads its first batch ahead, to tell whether it has one), so a
+    limit_batches that fails on one rank, or a rank without a batch while others have some, is a clear error on
+    every rank. As a sharded model's forward is a collective, every rank of a sharded state runs as many: a rank
+    with fewer repeats its first batch, not counted (where some rank's data has no len(), they agree before each
+    batch whether one still has one). An unsharded state's ranks run their own batches only.
 
     Args:
         eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
@@ -241,7 +282,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
 
     Raises:
         ValueError: if a metric is not a scalar (naming it and its shape), there are no batches (or only
-            empty ones), or under torch.distributed a rank has no batch while others have some.
+            empty ones), or under torch.distributed a rank has no batch while others have some, or
+            limit_batches fails on some rank (every rank raises).
 
     Example:
         >>> import torch, fnlit
@@ -258,9 +300,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         # a collective). One process reads the same order, so limit_batches picks the same examples either way.
         n = _limit(limit_batches, data.eval_len(), "limit_batches", "evaluate")
         batches: Iterable[tuple[Any, bool]] = data.eval_batches()
-    elif _dist.world_size() > 1:
-        known = _num_batches(data)
-        batches, n = _even_batches(data, _limit(limit_batches, known, "limit_batches", "evaluate"), known, state)
+    elif _dist.world_size() > 1:  # (limit_batches too: a rank it fails on raises with the others, not alone)
+        batches, n = _even_batches(data, limit_batches, state)
     else:
         n = _limit(limit_batches, _num_batches(data), "limit_batches", "evaluate")
         batches = ((b, True) for b in data)
@@ -316,28 +357,31 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
 
 
 def _even_batches(
-    data: Iterable[Batch], n: int | None, known: int | None, state: TrainState
+    data: Iterable[Batch], limit: int | float | None, state: TrainState
 ) -> tuple[Iterable[tuple[Any, bool]], int | None]:
     """Under torch.distributed: this rank's batches (each with whether it counts) and how many to run of them.
 
-    ``n``: this rank's count after limit_batches (None: all of them), ``known``: its len() (None: none). The ranks
-    exchange, in one all-reduce, whether each has a batch (data without a len() reads its first one ahead) and
-    their counts: a rank with none while others have some is an error on every rank (it would have skipped the
-    metric all-reduce the others wait in).
+    The ranks exchange, in one all-reduce, whether ``limit`` (limit_batches) failed on one, whether each has a
+    batch (data without a len() reads its first one ahead) and their counts: a failed limit, or a rank with none
+    while others have some, is an error on every rank (the rank alone would have skipped the collectives the
+    others wait in).
     A sharded model's forward is a collective, so there every rank runs as many forwards: as in
     :meth:`fnlit.data.ArrayLoader.eval_batches`, a rank with fewer batches repeats its first one, not counted;
     where some rank's data has no len(), they agree before each batch whether any rank still has one (a host
     sync per batch). An unsharded state's forwards are not collectives: each rank runs its own batches only.
     """
+    known = _num_batches(data)
+    n, error, failed = _deferred_limit(limit, known, "limit_batches", "evaluate")
     it, first = iter(data), _END
-    if n != 0:
+    if not failed and n != 0:
         first = next(it, _END)  # (data without a len() tells whether it holds a batch only when read)
     has = first is not _END
     own: Iterator[Any] = itertools.chain([first], it) if has else iter(())
-    sent = [int(known is None), int(not has), int(has), n or 0, -(n or 0)]
+    sent = [failed, int(known is None), int(not has), int(has), n or 0, -(n or 0)]
     flags = torch.tensor(sent, dtype=torch.int64, device=state.device)
     torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-    unsized, some_none, some_have, most, least = flags.tolist()  # (once per evaluate)
+    code, unsized, some_none, some_have, most, least = flags.tolist()  # (once per evaluate)
+    _limit_failed(code, error, limit, "limit_batches", "evaluate")
     if some_none and some_have:
         counts = "some without a len(), and one rank with none" if unsized else f"from {-least} to {most} batches"
         this = n if known is not None else "some" if has else "none"
@@ -441,10 +485,13 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: 
     )
 
 
-def _same_batches(n: int | None, seed: int, device: torch.device, validates: bool) -> int:
+def _same_batches(
+    n: int | None, seed: int, device: torch.device, validates: bool, val_limit: tuple[int, ValueError | None, Any, str]
+) -> int:
     """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up),
     and validate or not alike (``evaluate`` runs the ranks' different numbers of validation batches together,
-    but a rank without any would skip the validations).
+    but a rank without any would skip the validations). A validation limit that failed on some rank
+    (``val_limit``: :func:`_deferred_limit`'s code and error, the limit and its name) is raised on every rank.
 
     Returns rank 0's data-order seed, in the same all-reduce: the ranks cut one order into their shards (as
     DistributedSampler asks of its ``seed``), and a resume reads rank 0's. A rank may hold an rng of its own
@@ -454,10 +501,12 @@ def _same_batches(n: int | None, seed: int, device: torch.device, validates: boo
     # The other ranks send int64's least, so the max is rank 0's seed; one outside int64 goes wrapped (the order
     # only depends on it modulo 2**63: epoch_seed's mask).
     sent = ((seed + 2**63) % 2**64) - 2**63 if _dist.rank() == 0 else -(2**63)
-    counts = torch.tensor([none, -none, sent, int(validates), -int(validates)], dtype=torch.int64, device=device)
+    failed, error, limit, name = val_limit
+    counts = torch.tensor([none, -none, sent, int(validates), -int(validates), failed], dtype=torch.int64, device=device)
     torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
-    most, least, first, any_validate, not_all = counts.tolist()  # (once, at the start of fit)
+    most, least, first, any_validate, not_all, code = counts.tolist()  # (once, at the start of fit)
     least = -least
+    _limit_failed(code, error, limit, name, "fit")
     if most != least:
         raise ValueError(
             f"fit: the ranks have different numbers of training batches per epoch (from {least} to {most}; -1: "
@@ -725,6 +774,8 @@ def fit(
     # position too (Checkpointer says which file it read)
     resumed = ckpt_path is not None and (position is not None or getattr(checkpoint, "restored_from", None) is not None)
     if plan.batches == 0:
+        if plan.val_limit[1] is not None:  # (as one process raises it: no rank waits in an exchange here)
+            raise plan.val_limit[1]
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing
         checkpoint, position = None, None
@@ -839,7 +890,8 @@ def fit(
     distributed, halt = _dist.world_size() > 1, False
     voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
-        seed = _same_batches(n_batches, seed, state.device, plan.validate)  # every rank draws rank 0's data order
+        # every rank draws rank 0's data order (and raises a validation limit that failed on any)
+        seed = _same_batches(n_batches, seed, state.device, plan.validate, plan.val_limit)
         dp = collective_of(step)
         if dp is not None and dp.collective == "fnlit.data_parallel":  # every rank must start from the same state
             _dist.check_same_state(state, getattr(dp, "group", None))

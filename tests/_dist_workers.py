@@ -540,6 +540,10 @@ def uneven_validation_unsharded():
         ("evaluate, rank 1 none, no len()", lambda: fnlit.evaluate(ce, state, Reiterable(none))),
         ("evaluate, rank 1 none, iterator", lambda: fnlit.evaluate(ce, state, iter(none))),
         ("fit, rank 1 none, no len()", lambda: fitted(Reiterable(none))),
+        ("limit 0.5", lambda: fnlit.evaluate(ce, state, mine, limit_batches=0.5)["ce"]),  # int(1.5), int(1.0): one each
+        ("limit 0.5, 3 and 1 batches", lambda: fnlit.evaluate(ce, state, mine[: 3 - 2 * rank], limit_batches=0.5)),
+        ("limit 0.5, no len() on rank 1", lambda: fnlit.evaluate(ce, state, Reiterable(mine) if rank else mine, limit_batches=0.5)),
+        ("fit, limit_val_batches 0.5, 3 and 1 batches", lambda: fitted(mine[: 3 - 2 * rank], limit_val_batches=0.5)),
     ]:
         forwards[0] = 0
         try:

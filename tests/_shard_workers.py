@@ -398,6 +398,10 @@ def uneven_validation():
         ("evaluate, rank 1 none", lambda: fnlit.evaluate(ce, sharded, none)),
         ("evaluate, rank 1 none, no len()", lambda: fnlit.evaluate(ce, sharded, iter(none))),
         ("fit, rank 1 none", lambda: fnlit.fit(shard(hand_step(model)), state, train, val_data=none, **fit)),
+        ("limit 0.5, 3 and 1 batches", lambda: fnlit.evaluate(ce, sharded, mine[: 3 - 2 * rank], limit_batches=0.5)),
+        ("limit 0.5, no len() on rank 1", lambda: fnlit.evaluate(ce, sharded, iter(mine) if rank else mine, limit_batches=0.5)),
+        ("fit, limit_val_batches 0.5, 3 and 1 batches",
+         lambda: fnlit.fit(shard(hand_step(model)), state, train, val_data=mine[: 3 - 2 * rank], limit_val_batches=0.5, **fit)),
     ]:
         try:
             run()

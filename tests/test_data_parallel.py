@@ -34,7 +34,7 @@ from _dist_workers import (
     uneven_validation_unsharded,
     val_batches,
 )
-from helpers import batch, hand_step, mlp
+from helpers import assert_limit_errors, batch, hand_step, mlp
 
 import fnlit
 
@@ -351,3 +351,5 @@ def test_validation_with_different_numbers_of_batches_per_rank_on_a_plain_state(
         for name in ("evaluate, rank 1 none, no len()", "evaluate, rank 1 none, iterator", "fit, rank 1 none, no len()"):
             assert f"one rank with none, this rank {('some', 'none')[rank]})" in r[name], name
             assert "DistributedSampler" in r[name], name
+        assert r["limit 0.5"][0] == pytest.approx(mean_ce(1), rel=1e-5) and r["limit 0.5"][1] == 1
+        assert_limit_errors(r, rank)

@@ -23,7 +23,7 @@ from _shard_workers import (
     uneven_validation,
     val_batches,
 )
-from helpers import assert_trees_close, assert_trees_equal, hand_step, mlp
+from helpers import assert_limit_errors, assert_trees_close, assert_trees_equal, hand_step, mlp
 from torch.distributed.tensor import Replicate, Shard
 
 import fnlit
@@ -397,8 +397,8 @@ def test_validation_with_different_numbers_of_batches_per_rank_averages_them_all
             return float(F.cross_entropy(model(x), y))
 
     every, two, one = mean_ce(3), mean_ce(2), mean_ce(1)
-    results = fnlit.distributed.launch(uneven_validation, 2, timeout=180, collective_timeout=30)
-    for r in results:
+    results = fnlit.distributed.launch(uneven_validation, 2, timeout=180, collective_timeout=15)
+    for rank, r in enumerate(results):
         assert r["fit"] == pytest.approx([every] * 2, rel=1e-5)  # after each of 2 steps (the sanity check's unreported)
         for name in ("evaluate", "no len()", "no len() on rank 1"):
             assert r[name] == pytest.approx(every, rel=1e-5), name
@@ -408,3 +408,4 @@ def test_validation_with_different_numbers_of_batches_per_rank_averages_them_all
         assert "(from 0 to 3 batches, this rank" in none and "DistributedSampler" in none
         assert "one rank with none" in r["evaluate, rank 1 none, no len()"]
         assert "some ranks have validation batches and others none" in r["fit, rank 1 none"]
+        assert_limit_errors(r, rank)
