@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -229,11 +230,13 @@ def _map_hyper(opt_state: Any, fn: Callable[[dict[str, Any]], dict[str, Any] | N
     return opt_state, 0
 
 
-def _set_hyper(opt_state: Any, name: str, value: torch.Tensor) -> tuple[Any, int]:
-    """``opt_state`` with every ``hyperparams[name]`` replaced by ``value``; and how many were found."""
+def _set_hyper(opt_state: Any, name: str, value: torch.Tensor, which: Any = None) -> tuple[Any, int]:
+    """``opt_state`` with every ``hyperparams[name]`` replaced by ``value`` (only the holders numbered in ``which``,
+    counted in the order :func:`_map_hyper` walks them, when given); and how many were replaced."""
+    seen = itertools.count()
 
     def put(hyper: dict[str, Any]) -> dict[str, Any] | None:
-        if name not in hyper:
+        if name not in hyper or (which is not None and next(seen) not in which):
             return None
         old = hyper[name]
         return {**hyper, name: value.to(old.device, old.dtype) if isinstance(old, torch.Tensor) else value}
@@ -241,15 +244,52 @@ def _set_hyper(opt_state: Any, name: str, value: torch.Tensor) -> tuple[Any, int
     return _map_hyper(opt_state, put)
 
 
-def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str) -> bool:
-    """Whether the update reads ``hyperparams[name]`` (a schedule or ``weight_decay=0`` ignores it).
+def _held(opt_state: Any, name: str) -> list[Any]:
+    """Every ``hyperparams[name]`` in ``opt_state``, in the order :func:`_map_hyper` walks them."""
+    values: list[Any] = []
+    _map_hyper(opt_state, lambda hyper: values.append(hyper[name]) if name in hyper else None)
+    return values
+
+
+def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str, which: Any = None) -> bool:
+    """Whether the update reads ``hyperparams[name]`` (those numbered in ``which``; a schedule or ``weight_decay=0``
+    ignores it).
 
     Probed with NaN: an update that reads the value comes out NaN somewhere, whatever the other values (a
     learning rate of 0, Adam's first step, where an L2 term changes no update, a partial decay mask).
     """
     grads = _tree.tree_map(torch.ones_like, params)
-    out = _opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(float("nan")))[0], params)[0]
+    out = _opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(float("nan")), which)[0], params)[0]
     return any(t.is_floating_point() and bool(t.isnan().any()) for t in _tree.tree_leaves(out))
+
+
+def _swept(tx: GradientTransformation, state: TrainState, name: str) -> tuple[int, ...]:
+    """The holders of ``hyperparams[name]`` that a sweep sets (numbered as :func:`_set_hyper` counts them): those the
+    update reads. Raises where there are none, or where tx holds several different values (per-group rates)."""
+    values = _held(state.opt_state, name)
+    if not values:
+        raise ValueError(
+            f"ensemble_states got {name}=[...], but the optimizer state has no hyperparams[{name!r}] to set. "
+            "Use an optimizer that holds it as a tensor (fnlit.optim.sgd/adam/adamw, add_decayed_weights)."
+        )
+    read = tuple(j for j in range(len(values)) if _responds(tx, state.params, state.opt_state, name, {j}))
+    if not read:  # a sweep the optimizer ignores would silently train n identical runs
+        raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {_NO_EFFECT[name]}")
+    # A rate the update does not read from the state is a schedule's (it overwrites it every step): a rate of its own.
+    scheduled = len(values) - len(read) if name == "learning_rate" else 0
+    distinct = sorted({float(values[j]) for j in read})
+    if len(distinct) + scheduled > 1:
+        what = _SEPARATE[name]
+        held = [f"{v:g}" for v in distinct] + ["a schedule"] * scheduled
+        raise ValueError(
+            f"ensemble_states got {name}=[...], but tx holds {len(held)} separate {what}s ({', '.join(held)}), in "
+            f"different parts of the optimizer (per-group optimizers, e.g. masked), and ensemble_states sweeps a single "
+            f"{what}: one value per member cannot keep them apart. Sweep such a setup member by member: create each "
+            f"with fnlit.TrainState.create(model, tx, seed=s), assign each of its {what}s in its opt_state "
+            f"(...hyperparams[{name!r}] = value), and stack them with "
+            "fnlit.stack_states([...])."
+        )
+    return read
 
 
 _NO_EFFECT = {
@@ -258,6 +298,7 @@ _NO_EFFECT = {
     "weight_decay": "the optimizer was built with weight decay off (the Python number 0). Build it with a "
     "non-zero weight_decay, or weight_decay=torch.tensor(0.0), to make the decay adjustable.",
 }
+_SEPARATE = {"learning_rate": "learning rate", "weight_decay": "weight decay"}
 
 
 def ensemble_states(
@@ -278,6 +319,12 @@ def ensemble_states(
     PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
     constructor whose draws differ from one reset of each layer gives other initial weights).
 
+    ``tx`` may hold a hyperparameter in several places (a chain of masked optimizers, one per parameter group;
+    ``adamw`` with a masked ``add_decayed_weights``): a sweep sets each place the update reads to the member's
+    value, so they must hold one value (the same rate repeated); different ones (a backbone's rate and a head's)
+    raise a ValueError rather than being overwritten by the sweep. A place the update does not read is left as it
+    is (weight decay off: the Python number 0); a learning rate from a schedule cannot be swept.
+
     Args:
         model: a module (its layers' ``reset_parameters()`` re-initialise each member; a module whose own
             ``reset_parameters()`` resets its children resets them once, the children are not reset again)
@@ -293,8 +340,8 @@ def ensemble_states(
 
     Raises:
         ValueError: if a hyperparameter list has the wrong length, the optimizer has no such
-            hyperparameter or ignores it (a schedule, weight decay off), or a parameter cannot be
-            re-initialised from a seed.
+            hyperparameter, ignores it (a schedule, weight decay off) or holds several different values of
+            it (per-group rates, or a schedule beside a rate), or a parameter cannot be re-initialised from a seed.
 
     Example:
         >>> import torch, fnlit
@@ -309,7 +356,7 @@ def ensemble_states(
     for name, values in sweeps.items():
         if len(values) != n:
             raise ValueError(f"ensemble_states expected {name} with one value per seed ({n}), got {len(values)} values instead.")
-    states = []
+    states, which = [], {}
     for i, seed in enumerate(seeds):
         state = TrainState.create(_init_module(model, seed), tx, seed=seed, loss_scale=loss_scale)
         opt_state = state.opt_state
@@ -317,16 +364,10 @@ def ensemble_states(
             value = float(values[i])
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"ensemble_states expected {name} values that are finite and >= 0, got {values[i]!r} for member {i}.")
+            if i == 0:
+                which[name] = _swept(tx, state, name)
             # float64, rounded once to the dtype the optimizer holds it in (float64 for a float64 model)
-            opt_state, found = _set_hyper(opt_state, name, torch.tensor(value, dtype=torch.float64))
-            if not found:
-                raise ValueError(
-                    f"ensemble_states got {name}=[...], but the optimizer state has no hyperparams[{name!r}] to set. "
-                    "Use an optimizer that holds it as a tensor (fnlit.optim.sgd/adam/adamw, add_decayed_weights)."
-                )
-            # A sweep the optimizer ignores would silently train n identical runs.
-            if i == 0 and not _responds(tx, state.params, state.opt_state, name):
-                raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {_NO_EFFECT[name]}")
+            opt_state = _set_hyper(opt_state, name, torch.tensor(value, dtype=torch.float64), which[name])[0]
         states.append(state.replace(opt_state=opt_state))
     return stack_states(states)
 

@@ -499,3 +499,60 @@ def test_unstack_state_refuses_an_index_that_is_not_an_int():
     member = fnlit.unstack_state(states, np.int64(1))  # a numpy integer is an index
     assert torch.equal(fnlit.unstack_state(states, torch.tensor(1)).params["weight"], member.params["weight"])  # argmin()
     assert member.params["weight"].shape == (1, 5) and torch.equal(member.params["weight"], states.params["weight"][1])
+
+
+def _groups(lr_w, lr_b):  # a backbone/head setup: one SGD per parameter group
+    opt = fnlit.optim
+    return opt.chain(opt.masked(opt.sgd(lr_w, momentum=0.9), lambda p: {k: k == "weight" for k in p}),
+                     opt.masked(opt.sgd(lr_b, momentum=0.9), lambda p: {k: k == "bias" for k in p}))
+
+
+def _torch_groups(seed, lr_w, lr_b, data):
+    torch.manual_seed(seed)
+    ref = nn.Linear(4, 2)
+    opt = torch.optim.SGD([{"params": [ref.weight], "lr": lr_w}, {"params": [ref.bias], "lr": lr_b}], lr=lr_w, momentum=0.9)
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    return dict(ref.named_parameters())
+
+
+def test_a_sweep_over_an_optimizer_with_several_different_rates_is_refused():
+    # Every holder was set to the swept value: the head's rate of 0.1 (or a masked decay) silently became the sweep's.
+    opt, linear = fnlit.optim, lambda: nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"tx holds 2 separate learning rates \(0.001, 0.1\).*stack_states"):
+        ensemble_states(linear, _groups(1e-3, 1e-1), seeds=[0, 1], learning_rate=[1e-3, 1e-2])
+    decay = opt.chain(opt.add_decayed_weights(1e-2, mask=lambda p: {k: k == "weight" for k in p}),
+                      opt.adamw(1e-3, weight_decay=0.1))
+    with pytest.raises(ValueError, match=r"tx holds 2 separate weight decays \(0.01, 0.1\)"):
+        ensemble_states(linear, decay, seeds=[0, 1], weight_decay=[1e-3, 1e-2])
+    scheduled = opt.chain(opt.masked(opt.sgd(opt.constant(0.1)), lambda p: {k: k == "weight" for k in p}),
+                          opt.masked(opt.sgd(0.1), lambda p: {k: k == "bias" for k in p}))
+    with pytest.raises(ValueError, match=r"tx holds 2 separate learning rates \(0.1, a schedule\)"):
+        ensemble_states(linear, scheduled, seeds=[0, 1], learning_rate=[1e-3, 1e-2])
+
+
+def test_per_group_rates_sweep_as_one_when_equal_and_member_by_member_when_not():
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)) for _ in range(3)]
+    step = fnlit.train_step(nn.Linear(4, 2), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    lrs = [1e-2, 5e-2]
+    # one rate repeated in both groups: each member trains like torch's SGD with lrs[i] in both groups
+    stacked = ensemble_states(lambda: nn.Linear(4, 2), _groups(0.1, 0.1), seeds=[0, 1], learning_rate=lrs)
+    # different rates: the error's way, members with their own rates, stacked
+    tx = _groups(0.1, 0.1)
+    members = []
+    for i, lr in enumerate(lrs):
+        torch.manual_seed(i)
+        member = fnlit.TrainState.create(nn.Linear(4, 2), tx, seed=i)
+        member.opt_state[0].inner_state.hyperparams["learning_rate"] = lr
+        member.opt_state[1].inner_state.hyperparams["learning_rate"] = 10 * lr
+        members.append(member)
+    apart = stack_states(members)
+    for b in data:
+        stacked, _ = ensemble(step, 2)(stacked, b)
+        apart, _ = ensemble(step, 2)(apart, b)
+    for i, lr in enumerate(lrs):
+        assert_trees_close(unstack_state(stacked, i).params, _torch_groups(i, lr, lr, data), rtol=1e-5, atol=1e-6)
+        assert_trees_close(unstack_state(apart, i).params, _torch_groups(i, lr, 10 * lr, data), rtol=1e-5, atol=1e-6)
