@@ -174,16 +174,46 @@ def _reset(sub: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+def _cuda_devices(model: nn.Module | Callable[[], nn.Module]) -> list[int]:
+    """The CUDA devices whose generators building ``model`` may draw from: those holding a module's tensors (its
+    ``reset_parameters()`` draw there); for a function, every device once CUDA is initialised (their states live in
+    host memory: cheap to save and seed), none before (saving them would initialise CUDA)."""
+    if isinstance(model, nn.Module):
+        return sorted({t.device.index for t in itertools.chain(model.parameters(), model.buffers()) if t.is_cuda})
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
 def _init_module(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
-    """A fresh model initialised from ``seed`` (the global generator is left as it was).
+    """A fresh model initialised from ``seed`` as after ``torch.manual_seed(seed)``; the global generators are left
+    as they were.
+
+    Seeded (and restored): the CPU generator and the CUDA generators the model may draw from (:func:`_cuda_devices`),
+    not the other devices' (``torch.manual_seed`` reseeds every device's generator, which a fork of the CPU
+    generator does not restore). A function that initialises CUDA itself is called again once CUDA is up: its
+    first draws there came from the generators' initial state, which they are put back to.
+    """
+    fresh = not isinstance(model, nn.Module) and not torch.cuda.is_initialized()
+    module = _seeded_build(model, seed)
+    if fresh and torch.cuda.is_initialized():
+        for gen in torch.cuda.default_generators:  # as lazy init left them: its seed, no draw taken
+            gen.manual_seed(gen.initial_seed())
+        module = _seeded_build(model, seed)
+    return module
+
+
+def _seeded_build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
+    """:func:`_init_module`'s build, under the generators it seeds.
 
     A module instance is re-initialised by the ``reset_parameters()`` of its submodules, parents first.
     A submodule is skipped when an earlier reset (a parent's ``reset_parameters()`` that resets its
     children) already re-initialised every parameter it owns (or, owning none, every parameter below
     it): resetting it again would draw its parameters twice, unlike building the model after the seed.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    devices = _cuda_devices(model)
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.default_generator.manual_seed(int(seed))
+        for index in devices:  # as torch.cuda.manual_seed_all does, on these devices only
+            torch.cuda.default_generators[index].manual_seed(int(seed))
         if not isinstance(model, nn.Module):
             return model()
         module = copy.deepcopy(model)
@@ -317,7 +347,10 @@ def ensemble_states(
     ``weight_decay[i]``: so it trains exactly like that model alone. For that, pass a function that builds
     the model: a module instance is re-initialised by its layers' ``reset_parameters()``, which replays
     PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
-    constructor whose draws differ from one reset of each layer gives other initial weights).
+    constructor whose draws differ from one reset of each layer gives other initial weights). The seed is set on
+    the CPU generator and on the CUDA generators the build may draw from (a module's devices; every device for a
+    function, once CUDA is initialised: a function that initialises CUDA itself is called twice), and all of them
+    are left as they were; other accelerators' generators (MPS, XPU) are not seeded.
 
     ``tx`` may hold a hyperparameter in several places (a chain of masked optimizers, one per parameter group;
     ``adamw`` with a masked ``add_decayed_weights``): a sweep sets each place the update reads to the member's

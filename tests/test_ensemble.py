@@ -556,3 +556,52 @@ def test_per_group_rates_sweep_as_one_when_equal_and_member_by_member_when_not()
     for i, lr in enumerate(lrs):
         assert_trees_close(unstack_state(stacked, i).params, _torch_groups(i, lr, lr, data), rtol=1e-5, atol=1e-6)
         assert_trees_close(unstack_state(apart, i).params, _torch_groups(i, lr, 10 * lr, data), rtol=1e-5, atol=1e-6)
+
+
+def test_building_the_members_seeds_the_cpu_generator_only_and_leaves_every_generator_as_it_was(monkeypatch):
+    # torch.manual_seed inside fork_rng(devices=[]) also reseeded every GPU's generator (queued when CUDA is not
+    # initialised), which the fork does not restore: a CUDA run's later draws changed with the last member's seed.
+    calls = []
+    with monkeypatch.context() as m:
+        for mod, fn in ((torch.cuda, "manual_seed_all"), (torch.mps, "manual_seed"), (torch.xpu, "manual_seed_all"),
+                        (torch.mtia, "manual_seed_all")):
+            m.setattr(mod, fn, lambda seed, _fn=fn: calls.append((_fn, seed)))
+            m.setattr(mod, "_is_in_bad_fork", lambda: False)
+        models = (mlp, mlp())
+        before = torch.get_rng_state()
+        built = [ensemble_states(model, fnlit.optim.sgd(0.1), seeds=[7, 8]) for model in models]
+        assert calls == [] and torch.equal(torch.get_rng_state(), before)
+    for stacked in built:  # each member as built after seeding the CPU generator by hand
+        for i, seed in enumerate([7, 8]):
+            assert_trees_close(unstack_state(stacked, i).params, solo(seed, fnlit.optim.sgd(0.1)).params, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("initialised", [True, False])
+def test_a_model_built_on_a_gpu_draws_from_its_generator_seeded_which_is_left_as_it_was(monkeypatch, initialised):
+    # No GPU here: a CPU generator stands in for cuda:0's, and the model draws from it as one built on cuda:0 does.
+    fake = torch.Generator().manual_seed(123)
+    torch.randn(5, generator=fake)  # a state past its initial one: what "as it was" means
+    up = [initialised]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: up[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "default_generators", (fake,))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: fake.get_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=0: fake.set_state(state))
+    if not initialised:  # lazy init leaves the generator at its seed, no draw taken
+        fake.manual_seed(fake.initial_seed())
+    before = fake.get_state()
+
+    def build():
+        up[0] = True  # the first CUDA op initialises CUDA
+        model = nn.Linear(3, 2)
+        with torch.no_grad():
+            model.bias.copy_(torch.randn(2, generator=torch.cuda.default_generators[0]))
+        return model
+
+    stacked = ensemble_states(build, fnlit.optim.sgd(0.1), seeds=[3, 4])
+    assert torch.equal(fake.get_state(), before)
+    for i, seed in enumerate([3, 4]):  # the reference: both generators seeded by hand
+        torch.manual_seed(seed)
+        weight = nn.Linear(3, 2).weight
+        bias = torch.randn(2, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(stacked.params["weight"][i], weight) and torch.equal(stacked.params["bias"][i], bias)
