@@ -661,6 +661,19 @@ def test_mismatched_grads_name_the_key(make):
         tx.update(grads, tx.init(params), params)
 
 
+def test_masked_refuses_updates_of_another_structure_than_the_params():
+    # The flags are the params' (a, b, c) and were zipped with the updates' leaves (a, c): c took b's flag and was
+    # zeroed, a silently wrong update. optax maps the mask over the updates, so the mismatch raises there too.
+    params = {"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)}
+    grads = {"a": torch.ones(2), "c": torch.ones(2)}
+    for tx in (fo.masked(fo.set_to_zero(), lambda n: n == "b"), fo.masked(fo.sgd(0.5), {"a": False, "b": True, "c": False})):
+        with pytest.raises(ValueError, match=r"masked.update expected grads with the structure.*missing b"):
+            tx.update(grads, tx.init(params), params)
+    tx = fo.masked(fo.set_to_zero(), lambda n: n == "b")  # without params the mask is the updates' own: as before
+    out, _ = tx.update(grads, tx.init(grads))
+    assert out["a"].tolist() == out["c"].tolist() == [1.0, 1.0]
+
+
 def test_update_without_params_when_decay_needs_them():
     tx = fo.adamw(1e-3)
     params = _params()

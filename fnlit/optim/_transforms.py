@@ -17,7 +17,8 @@ import torch
 
 from ..tree import is_real, tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, flatten_checked, resolve_mask, use_functional,
+    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, _raise_mismatch, flatten_checked, resolve_mask,
+    use_functional,
 )
 
 __all__ = [
@@ -575,6 +576,8 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
 
     Raises:
         TypeError: if ``mask`` is neither a pytree of bools nor a callable.
+        ValueError: at update time, if ``params`` are given and the updates have another structure (the mask
+            selects among the params' leaves).
 
     Example:
         >>> import torch
@@ -590,8 +593,10 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     cache = MaskCache("masked")
     names_of: dict[Any, list[str]] = {}  # structure -> leaf names: names depend on the structure only
 
-    def select(tree: PyTree, keep: list[bool]) -> tuple[list[Any], Any, list[str], dict[str, Any]]:
-        leaves, treedef = tree_flatten(tree)
+    def select(
+        tree: PyTree, keep: list[bool], flat: tuple[list[Any], Any] | None = None
+    ) -> tuple[list[Any], Any, list[str], dict[str, Any]]:
+        leaves, treedef = tree_flatten(tree) if flat is None else flat
         if torch.compiler.is_compiling():  # the structure is not hashable while traced
             names = tree_paths(tree)
         else:
@@ -604,9 +609,13 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         return MaskedState(inner.init(select(params, resolve_mask(mask, params, cache))[3]))
 
     def update(updates: PyTree, state: MaskedState, params: PyTree = None) -> tuple[PyTree, MaskedState]:
+        flat = tree_flatten(updates)
+        flat_params = None if params is None else tree_flatten(params)
+        if flat_params is not None and flat_params[1] != flat[1]:  # the flags are the params' leaves', in their order
+            _raise_mismatch("masked", params, updates)
         keep = resolve_mask(mask, updates if params is None else params, cache)
-        leaves, treedef, names, chosen = select(updates, keep)
-        chosen_params = None if params is None else select(params, keep)[3]
+        leaves, treedef, names, chosen = select(updates, keep, flat)
+        chosen_params = None if params is None else select(params, keep, flat_params)[3]
         new, inner_state = inner.update(chosen, state.inner_state, chosen_params)
         out = [new[n] if k else u for n, u, k in zip(names, leaves, keep)]
         return tree_unflatten(treedef, out), MaskedState(inner_state)
