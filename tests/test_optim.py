@@ -674,6 +674,38 @@ def test_masked_refuses_updates_of_another_structure_than_the_params():
     assert out["a"].tolist() == out["c"].tolist() == [1.0, 1.0]
 
 
+_WRONG_STATES = {  # name: (new tx, the old tx whose state it is given); what that did before in the comments
+    "sgd": (lambda: fo.sgd(0.5), lambda: fo.adam(1e-3)),  # silent: stepped with adam's lr, 1e-3
+    "sgd momentum": (lambda: fo.sgd(0.5, momentum=0.9), lambda: fo.adam(1e-3)),  # AttributeError momentum_buffer
+    "adam": (lambda: fo.adam(1e-3), lambda: fo.sgd(0.5)),  # AttributeError mu
+    "masked": (lambda: fo.masked(fo.sgd(0.1), lambda n: True), lambda: fo.adam(1e-3)),  # ... inner_state
+    "scale_by_adam": (lambda: fo.scale_by_adam(), lambda: fo.trace(0.9)),
+    "add_decayed_weights": (lambda: fo.add_decayed_weights(0.1), lambda: fo.scale_by_adam()),
+    "scale_by_learning_rate": (lambda: fo.scale_by_learning_rate(0.1), lambda: fo.scale_by_schedule(fo.constant(0.1))),
+    "scale_by_schedule": (lambda: fo.scale_by_schedule(fo.constant(0.1)), lambda: fo.scale(0.1)),
+    "dp_sgd_aggregate": (lambda: fo.dp_sgd_aggregate(1.0, 0.0), lambda: fo.scale(0.1)),
+}
+
+
+@pytest.mark.parametrize("name, new, old", [(k, *v) for k, v in _WRONG_STATES.items()], ids=list(_WRONG_STATES))
+def test_a_state_of_another_optimizer_is_refused(name, new, old):
+    tx, params, name = new(), {"w": torch.ones(2)}, name.split()[0]
+    kind = type(tx.init(params)).__name__
+    with pytest.raises(ValueError, match=rf"{name}.update expected the state {name}.init makes \({kind}\), got "
+                                         rf"{type(old().init(params)).__name__} instead.*tx.init\(params\)"):
+        fo.step(tx, {"w": torch.ones(2)}, old().init(params), params)
+
+
+def test_a_state_of_another_chain_or_of_sgd_without_momentum_is_refused():
+    params, grads = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    tx = fo.chain(fo.trace(0.9), fo.adam(1e-3))  # its trace read chain(clip, adam)'s EmptyState: AttributeError
+    with pytest.raises(ValueError, match=r"trace.update expected the state trace.init makes \(TraceState\), got EmptyState"):
+        fo.step(tx, grads, fo.chain(fo.clip_by_global_norm(1.0), fo.adam(1e-3)).init(params), params)
+    with pytest.raises(ValueError, match=r"sgd.update expected the state sgd.init makes \(SGDState\), got one without "
+                                         r"state.momentum_buffer \(made by sgd without momentum\)"):
+        fo.step(fo.sgd(0.5, momentum=0.9), grads, fo.sgd(0.5).init(params), params)
+
+
 def test_update_without_params_when_decay_needs_them():
     tx = fo.adamw(1e-3)
     params = _params()

@@ -90,6 +90,20 @@ def test_an_optax_style_pair_of_init_and_update_trains():
         assert torch.equal(new.params[k], p.detach() - 0.1)
 
 
+def test_a_new_tx_with_the_old_optimizer_state_is_refused_and_its_own_state_trains():
+    # sgd(0.5) on an AdamState read its learning_rate, 1e-3, and moved the weights 500x less, keeping the stale moments.
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.adam(1e-3), seed=0)
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    with pytest.raises(ValueError, match=r"sgd.update expected the state sgd.init makes \(SGDState\), got AdamState "
+                                         r"instead.*state.replace\(tx=tx, opt_state=tx.init\(state.params\)\)"):
+        state.replace(tx=fnlit.optim.sgd(0.5)).apply_gradients(grads)
+    tx = fnlit.optim.sgd(0.5)
+    new = state.replace(tx=tx, opt_state=tx.init(state.params)).apply_gradients(grads)
+    for k, p in model.named_parameters():  # a hand SGD step of 0.5
+        assert torch.equal(new.params[k], p.detach() - 0.5)
+
+
 SHAPE_TXS = {
     "sgd": fnlit.optim.sgd(0.1),
     "adam": fnlit.optim.adam(0.1),

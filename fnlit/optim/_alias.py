@@ -33,7 +33,7 @@ import torch
 from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
     _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, own,
-    own_scaled, raise_shape_mismatch, resolve_mask, use_functional,
+    own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
 )
 from ._transforms import (
     check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
@@ -180,12 +180,16 @@ def _optimizer(
         return state_cls(count=count, hyperparams=hyper, **bufs) if buffers else state_cls(count, (), hyper)
 
     def step(grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:
+        if not isinstance(state, state_cls):  # (another optimizer's: sgd read an AdamState's learning rate)
+            raise_wrong_state(name, state_cls, state)
         p, treedef = tree_flatten(params)
         g, g_def = tree_flatten(grads)
         ref = getattr(state, buffers[0]) if buffers else params
         bufs = [tree_flatten(getattr(state, f)) for f in buffers]
         ref_def = bufs[0][1] if bufs else treedef
         if g_def != ref_def:
+            if type(ref) is tuple and not ref and g:  # () where the buffers were: made without them (sgd, momentum 0)
+                raise_wrong_state(name, state_cls, state, f"one without state.{buffers[0]} (made by {name} without momentum)")
             _raise_mismatch(name, ref, grads)
         if treedef != ref_def:
             _raise_mismatch(name, ref, params, what="params")
@@ -297,7 +301,8 @@ def sgd(
         TypeError: for an argument of the wrong type (a rate that is not a float, 0-d tensor or schedule;
             a momentum, dampening or weight decay that is not a number, a ``nesterov`` that is not a bool); at
             ``init`` for a schedule that does not return a 0-d tensor.
-        ValueError: for a negative learning rate, momentum or weight decay, or Nesterov without momentum.
+        ValueError: for a negative learning rate, momentum or weight decay, or Nesterov without momentum; at update
+            time for a state its ``init`` did not make (another optimizer's, or with momentum one made without).
 
     Example:
         >>> import torch
@@ -457,7 +462,8 @@ def adam(
         TypeError: for an argument of the wrong type (e.g. a string eps, or the betas as a tuple); at
             ``init`` for a schedule that does not return a 0-d tensor.
         ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1); at update time for a
-            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too.
+            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too, or a state
+            its ``init`` did not make (another optimizer's).
 
     Example:
         >>> import torch
@@ -496,7 +502,8 @@ def adamw(
         TypeError: for an argument of the wrong type (e.g. a string weight decay, a mask that is neither
             a pytree of bools nor a callable); at ``init`` for a schedule that does not return a 0-d tensor.
         ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1); at update time for a
-            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.AdamW refuses too.
+            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.AdamW refuses too, or a state
+            its ``init`` did not make (another optimizer's).
 
     Example:
         >>> import torch

@@ -391,6 +391,22 @@ def _raise_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "grads
     )
 
 
+def raise_wrong_state(name: str, expected: type, state: Any, got: str | None = None) -> None:
+    """Raises the ValueError for a state ``name``'s init does not make (one of another optimizer, usually).
+
+    The transformations check ``isinstance(state, expected)`` on each update (no tensor is read): a state of
+    another kind failed with an AttributeError on a field it lacks, or, where the fields it read were there
+    (sgd on an AdamState), stepped with the other optimizer's learning rate. ``got`` describes the state (default:
+    its type's name).
+    """
+    got = type(state).__name__ if got is None else got
+    raise ValueError(
+        f"{name}.update expected the state {name}.init makes ({expected.__name__}), got {got} instead: the state "
+        "of another optimizer? Build the state with tx.init(params) after changing tx (or TrainState.create; for a "
+        "TrainState, state.replace(tx=tx, opt_state=tx.init(state.params)))."
+    )
+
+
 def raise_shape_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "gradients") -> None:
     """Raises the ValueError for ``got`` leaves whose shapes differ from ``expected``'s, naming the first."""
     raise ValueError(

@@ -15,7 +15,7 @@ import torch
 
 from .. import random as _random
 from ..tree import tree_flatten, tree_unflatten
-from ._base import GradientTransformation, PyTree, dense_grad
+from ._base import GradientTransformation, PyTree, dense_grad, raise_wrong_state
 from ._transforms import check_arg
 
 __all__ = ["DPAggregateState", "dp_sgd_aggregate"]
@@ -106,6 +106,8 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         return DPAggregateState(first_key.clone())
 
     def update(updates: PyTree, state: DPAggregateState, params: PyTree = None) -> tuple[PyTree, DPAggregateState]:
+        if not isinstance(state, DPAggregateState):
+            raise_wrong_state("dp_sgd_aggregate", DPAggregateState, state)
         leaves, treedef = tree_flatten(updates)
         if not leaves:
             return updates, state

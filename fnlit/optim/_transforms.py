@@ -17,8 +17,8 @@ import torch
 
 from ..tree import is_real, tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, _raise_mismatch, flatten_checked, resolve_mask,
-    use_functional,
+    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, _raise_mismatch, flatten_checked, raise_wrong_state,
+    resolve_mask, use_functional,
 )
 
 __all__ = [
@@ -338,6 +338,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     def update(
         updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None
     ) -> tuple[PyTree, ScaleByLearningRateState]:
+        if not isinstance(state, ScaleByLearningRateState):
+            raise_wrong_state("scale_by_learning_rate", ScaleByLearningRateState, state)
         hyper = dict(state.hyperparams)  # a new dict each update: editing it never changes an earlier state
         if callable(learning_rate):
             hyper["learning_rate"] = learning_rate(state.count).to(held_dtype(hyper["learning_rate"], updates))
@@ -375,6 +377,8 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> G
         return ScaleByScheduleState(zero_count(device_of(params)))
 
     def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree = None) -> tuple[PyTree, Any]:
+        if not isinstance(state, ScaleByScheduleState):
+            raise_wrong_state("scale_by_schedule", ScaleByScheduleState, state)
         factor = step_size_fn(state.count)
         return tree_map(lambda u: u * factor, updates), ScaleByScheduleState(state.count + 1)
 
@@ -405,6 +409,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         return ScaleByAdamState(zero_count(device_of(params)), zeros(), zeros())
 
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None) -> tuple[PyTree, ScaleByAdamState]:
+        if not isinstance(state, ScaleByAdamState):
+            raise_wrong_state("scale_by_adam", ScaleByAdamState, state)
         # (torch.optim.Adam refuses sparse gradients: its moments would be the dense gradient's)
         g, treedef, mu = flatten_checked("scale_by_adam", updates, state.mu, sparse=" (as torch.optim.Adam does not)")
         count = state.count + 1
@@ -448,6 +454,8 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         return TraceState(tree_map(torch.zeros_like, params))
 
     def update(updates: PyTree, state: TraceState, params: PyTree = None) -> tuple[PyTree, TraceState]:
+        if not isinstance(state, TraceState):
+            raise_wrong_state("trace", TraceState, state)
         g, treedef, old = flatten_checked("trace", updates, state.trace)
         new = [x + decay * t for x, t in zip(g, old)]
         out = [x + decay * t for x, t in zip(g, new)] if nesterov else new
@@ -489,6 +497,8 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
                 "add_decayed_weights.update expected params, got None instead. Pass them: "
                 "tx.update(grads, state, params) (fnlit.optim.step does)."
             )
+        if not isinstance(state, AddDecayedWeightsState):
+            raise_wrong_state("add_decayed_weights", AddDecayedWeightsState, state)
         hyper = dict(state.hyperparams)  # a number assigned there (optax's idiom) is held as a tensor from now on
         wd = hyper["weight_decay"] = hyper_value(
             "add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params), params, weight_decay
@@ -577,7 +587,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     Raises:
         TypeError: if ``mask`` is neither a pytree of bools nor a callable.
         ValueError: at update time, if ``params`` are given and the updates have another structure (the mask
-            selects among the params' leaves).
+            selects among the params' leaves), or for a state its ``init`` did not make (another optimizer's).
 
     Example:
         >>> import torch
@@ -609,6 +619,8 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         return MaskedState(inner.init(select(params, resolve_mask(mask, params, cache))[3]))
 
     def update(updates: PyTree, state: MaskedState, params: PyTree = None) -> tuple[PyTree, MaskedState]:
+        if not isinstance(state, MaskedState):
+            raise_wrong_state("masked", MaskedState, state)
         flat = tree_flatten(updates)
         flat_params = None if params is None else tree_flatten(params)
         if flat_params is not None and flat_params[1] != flat[1]:  # the flags are the params' leaves', in their order
