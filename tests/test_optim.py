@@ -844,6 +844,27 @@ def test_scale_by_adam_on_a_complex_gradient_uses_its_squared_modulus():
     torch.testing.assert_close(updates["w"], g["w"] / g["w"].abs(), rtol=1e-6, atol=1e-6)
 
 
+def test_scale_by_adam_takes_gradients_narrower_than_its_moments_as_optax_does():
+    # bfloat16 gradients for float32 params crashed in lerp ("expected dtype float for end but got BFloat16").
+    # Reference: optax's formulas by hand in float32 on the bfloat16 values (exact in float32).
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    gen = torch.Generator().manual_seed(0)
+    seq = [torch.randn(5, generator=gen).bfloat16() for _ in range(4)]
+    tx = fo.scale_by_adam(b1, b2, eps)
+    params = {"w": torch.ones(5)}
+    state = tx.init(params)
+    mu = nu = torch.zeros(5)
+    for t, g in enumerate(seq, 1):
+        updates, state = tx.update({"w": g}, state, params)
+        x = g.float()
+        mu, nu = (1 - b1) * x + b1 * mu, (1 - b2) * x * x + b2 * nu
+        want = (mu / (1 - b1**t)) / (torch.sqrt(nu / (1 - b2**t)) + eps)
+        torch.testing.assert_close(state.mu["w"], mu, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(state.nu["w"], nu, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(updates["w"], want, rtol=1e-5, atol=1e-7)
+        assert state.mu["w"].dtype == state.nu["w"].dtype == updates["w"].dtype == torch.float32
+
+
 def test_decay_mask_given_a_module_says_what_to_pass():
     with pytest.raises(TypeError, match="decay_mask expected the params .* got a module"):
         fo.decay_mask(torch.nn.Linear(2, 2))

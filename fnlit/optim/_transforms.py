@@ -388,6 +388,9 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> G
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Rescales updates by Adam's bias-corrected moment estimates: ``m_hat / (sqrt(v_hat) + eps)``.
 
+    The moments keep the params' dtypes: a gradient of another real dtype is cast to theirs first (for a narrower one,
+    bfloat16 for float32 params, these are the numbers of optax's promotion).
+
     Raises:
         TypeError: if a beta or ``eps`` is not a number.
         ValueError: if a beta is outside [0, 1) or ``eps < 0``; at update time for a sparse gradient
@@ -417,6 +420,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         t = count.to(torch.float64)  # 1 - 0.999**t loses digits in float32
         bias64 = (1 - b1**t, 1 - b2**t)  # float64 for float64 updates, float32 for the rest (see _alias's adam)
         bias32 = (bias64[0].to(torch.float32), bias64[1].to(torch.float32))
+        # A gradient of another dtype (bfloat16 for float32 params) in the moments' dtype: lerp takes one (optax
+        # promotes). Not a complex one for a real moment: that cast would drop its imaginary part.
+        g = [x if x.dtype is m.dtype or (x.is_complex() and not m.is_complex()) else x.to(m.dtype) for x, m in zip(g, mu)]
         mu = [m.lerp(x, 1 - b1) for m, x in zip(mu, g)]
         # optax's rule for a complex gradient: |g|^2 = g * conj(g) (g * g would be its square, a complex number)
         nu = [torch.addcmul(v * b2, x, x.conj() if x.is_complex() else x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
