@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import numbers
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -226,6 +228,7 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
     where = slots.where
     saved = []
     with _random._LOCK:
+        _IN_APPLY.depth += 1  # (a forward pre-hook of value_and_grad's backward leaves this forward alone)
         try:
             for name, t in tensors.items():
                 for d, attr in where[name]:
@@ -242,6 +245,7 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
             # entry saved the tensor the first swap put there; the first entry's original goes back last.
             for d, attr, old in reversed(saved):
                 d[attr] = old
+            _IN_APPLY.depth -= 1
 
 
 def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],
@@ -291,7 +295,9 @@ def apply(
     (``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``) works under
     :func:`value_and_grad`: its backward, which runs ``block`` again, sees these params and buffers too
     (a BatchNorm in ``block`` updates the copies in ``new_buffers`` a second time then, as PyTorch updates
-    the module's own).
+    the module's own). The module holds them from the first module forward that backward runs (a block
+    reading a tensor of the module before calling any submodule reads the module's own) to the backward's
+    end; threads sharing the module may run such backwards, but not two at once (an error says so).
 
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
@@ -539,8 +545,17 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
 
 
 # While an eager value_and_grad runs its loss: the swaps fnlit.apply makes there, as (module, slots, params,
-# tensors, the training mode apply set or None), redone around the backward (see _swap_in).
+# tensors, the training mode apply set or None), redone if the backward runs a forward again (see _Backward).
 _SWAPS: ContextVar[list[tuple[Any, ...]] | None] = ContextVar("fnlit_apply_swaps", default=None)
+
+
+class _InApply(threading.local):
+    """How many of this thread's fnlit.apply forwards are running (their modules hold the tensors they were given)."""
+
+    depth = 0
+
+
+_IN_APPLY = _InApply()
 
 _TANGLED = (
     "fnlit.value_and_grad: a forward of {name} ran during the backward (activation checkpointing, "
@@ -551,65 +566,128 @@ _TANGLED = (
     "instead: checkpoint(lambda p, x: fnlit.apply(model, p, buffers, x)[0], params, x, use_reentrant=False)."
 )
 
+_OVERLAP = (
+    "fnlit.value_and_grad: a forward of {name} ran during a backward (activation checkpointing runs a block's "
+    "forward again there) while another thread's backward through the same module object was running too, "
+    "{how}. The module can hold only one of their tensors: give each thread its own module "
+    "(copy.deepcopy(model)), or let the threads' steps take turns (a lock around the step)."
+)
 
-def _swap_in(swaps: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any], Any]:
-    """Puts the tensors (and training modes) fnlit.apply gave modules during a loss's forward back into them
-    for its backward; returns what :func:`_swap_out` restores.
+# The backwards in flight (any thread) whose loss applied modules, and the forward pre-hook installed while there
+# are any; the slots (id of the owning dict, attribute) a backward's recompute has swapped its tensors into. All
+# under fnlit.random's lock.
+_ACTIVE: list[_Backward] = []
+_HOOK: list[Any] = []
+_HELD: dict[tuple[int, str], _Backward] = {}
+
+
+class _Backward:
+    """One eager value_and_grad backward whose loss ran modules through fnlit.apply.
 
     ``torch.utils.checkpoint`` runs a checkpointed block's forward again during the backward, reading the
-    module's attributes: without this the module's own tensors, not the state's (wrong gradients), and a
-    BatchNorm there would update the module's own statistics. A module applied to different params in one
-    loss (two calls that differ in more than their registered buffers, which calls thread through) is left
-    as it is, and a forward of it during the backward raises (:data:`_TANGLED`). The dict writes cost what
-    apply's own swap does; there is nothing to learn cheaply beforehand about whether a recompute will come.
+    module's attributes: by then apply had put the module's own tensors back (wrong gradients), and a BatchNorm
+    there would update the module's own statistics. While such backwards run, a process-wide forward pre-hook
+    watches for a forward of a module they applied that runs inside a backward (autograd's graph task) and not
+    inside an apply: the first one puts that backward's tensors and training modes into the modules, and the
+    backward's end puts the module's own back. A backward that recomputes nothing never touches the module
+    (the cost is the hook's installation and removal, ~5 us a backward). A module applied to different params
+    in one loss (two calls that differ in more than their registered buffers, which calls thread through) is
+    left as it is, and its forward during the backward raises (:data:`_TANGLED`); so does a recompute while
+    another thread's backward holds the module (:data:`_OVERLAP`).
     """
-    tangled: list[nn.Module] = []
-    if len(swaps) > 1:  # a module applied twice: its last call's tensors (the buffers it returned)
-        latest: dict[int, tuple[Any, ...]] = {}
-        for rec in swaps:
-            prev = latest.get(id(rec[0]))
-            if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
-                tangled.append(rec[0])
-            latest[id(rec[0])] = rec
-        swaps = [rec for rec in latest.values() if rec[0] not in tangled]
-    saved, modes = [], []
-    with _random._LOCK:  # (not held through the backward: a recompute may call apply on a device thread)
-        for module, slots, _, tensors, train in swaps:
-            where = slots.where
-            for name, t in tensors.items():
-                for d, attr in where[name]:
-                    saved.append((d, attr, d[attr]))
-                    d[attr] = t
-            if train is not None and module.training != train:
-                modes += [(m, m.training) for m in module.modules()]
-                module.train(train)
-    hook = None
-    if tangled:
-        names = {id(m): type(root).__name__ for root in tangled for m in root.modules()}
 
-        def refuse(module: nn.Module, args: Any) -> None:
-            if id(module) in names:
-                raise RuntimeError(_TANGLED.format(name=names[id(module)]))
+    def __init__(self, records: list[tuple[Any, ...]]) -> None:
+        self.records = records
+        self.thread = threading.get_ident()
+        self.owners: dict[int, nn.Module] | None = None  # id of every module the records reach -> its root
+        self.tangled: set[int] = set()
+        self.saved: list[tuple[dict[str, Any], str, Any]] | None = None  # swapped in: the module's own, in order
+        self.modes: list[tuple[nn.Module, bool]] = []
 
-        hook = torch.nn.modules.module.register_module_forward_pre_hook(refuse)
-    return saved, modes, hook
+    def __enter__(self) -> _Backward:
+        # (a value_and_grad inside a forward that apply runs: its backward's recomputes count)
+        self.depth, _IN_APPLY.depth = _IN_APPLY.depth, 0
+        with _random._LOCK:
+            _ACTIVE.append(self)
+            if not _HOOK:
+                _HOOK.append(torch.nn.modules.module.register_module_forward_pre_hook(_recompute_hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _IN_APPLY.depth = self.depth
+        with _random._LOCK:
+            _ACTIVE.remove(self)
+            if not _ACTIVE:
+                _HOOK.pop().remove()
+            if self.saved is not None:
+                for d, attr, old in reversed(self.saved):  # in reverse, as _call_swapped
+                    d[attr] = old
+                    _HELD.pop((id(d), attr), None)
+                for m, was in self.modes:
+                    m.training = was
+
+    def reaches(self, module: nn.Module) -> bool:
+        """Whether the loss applied ``module`` or a module holding it (built at the first forward seen)."""
+        if self.owners is None:
+            records, latest = self.records, {}
+            for rec in records:  # a module applied twice: its last call's tensors (the buffers it returned)
+                prev = latest.get(id(rec[0]))
+                if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
+                    self.tangled.update(id(m) for m in rec[0].modules())
+                latest[id(rec[0])] = rec
+            self.records = [rec for rec in records if latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
+            self.owners = {id(m): rec[0] for rec in records for m in rec[0].modules()}
+        return id(module) in self.owners
+
+    def swap_in(self, module: nn.Module) -> None:
+        """Gives the modules this backward's tensors and training modes (once); raises for a tangled module."""
+        if id(module) in self.tangled:
+            raise RuntimeError(_TANGLED.format(name=type(self.owners[id(module)]).__name__))  # type: ignore[index]
+        if self.saved is not None:
+            return
+        writes = [
+            (d, attr, t)
+            for _, slots, _, tensors, _ in self.records
+            for name, t in tensors.items()
+            for d, attr in slots.where[name]
+        ]
+        if any(_HELD.get((id(d), attr), self) is not self for d, attr, _ in writes):
+            raise RuntimeError(_OVERLAP.format(name=type(module).__name__, how="recomputing a block of it"))
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        for d, attr, t in writes:
+            saved.append((d, attr, d[attr]))
+            d[attr] = t
+            _HELD[(id(d), attr)] = self
+        self.saved = saved
+        for root, _, _, _, train in self.records:
+            if train is not None and root.training != train:
+                self.modes += [(m, m.training) for m in root.modules()]
+                root.train(train)
+
+
+_NO_RECORDS = contextlib.nullcontext()  # (reusable: it holds nothing)
+
+
+def _recompute_hook(module: nn.Module, args: Any) -> None:
+    """The forward pre-hook installed while a :class:`_Backward` runs (see there)."""
+    if _IN_APPLY.depth or torch._C._current_graph_task_id() == -1:
+        return  # a forward inside an apply (it holds that call's tensors), or outside any backward
+    with _random._LOCK:
+        found = [b for b in _ACTIVE if b.reaches(module)]
+        if not found:
+            return
+        if len(found) > 1:  # autograd runs a CPU graph on the thread that started it
+            found = [b for b in found if b.thread == threading.get_ident()]
+            if len(found) != 1:
+                how = "and which of them this forward belongs to is unknown"
+                raise RuntimeError(_OVERLAP.format(name=type(module).__name__, how=how))
+        found[0].swap_in(module)
 
 
 def _same_params(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """Whether two applies of one module gave it the same tensors, registered buffers aside."""
     buffers, ta = a[1].buffers, a[3]
     return all(ta.get(k) is t for k, t in b[3].items() if k not in buffers)
-
-
-def _swap_out(undo: tuple[list[Any], list[Any], Any]) -> None:
-    saved, modes, hook = undo
-    if hook is not None:
-        hook.remove()
-    with _random._LOCK:
-        for d, attr, old in reversed(saved):  # in reverse, as _call_swapped
-            d[attr] = old
-        for m, was in modes:
-            m.training = was
 
 
 try:  # what torch.autograd.backward/grad call once their arguments are checked
@@ -848,7 +926,6 @@ def value_and_grad(
         nesting = _NESTED.set(True)  # a value_and_grad inside fn is differentiated again (see above)
         swaps: list[tuple[Any, ...]] = []
         recording = _SWAPS.set(swaps)
-        undo = None
         try:
             try:
                 loss, aux, target = _run_loss(fn, new_args, kwargs, has_aux, frame, autocast)
@@ -856,16 +933,14 @@ def value_and_grad(
                 _SWAPS.reset(recording)
             if frame is not None and frame.shard_group is not None and type(loss) is not torch.Tensor:
                 _refuse_sharded_loss(loss)
-            if swaps:  # a checkpointed block's forward, run again by the backward, reads what apply gave it
-                undo = _swap_in(swaps)
-            if shared is not None:
-                _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
-                grads = frame.end_call()
-            else:
-                grads = _backward(target, None, inputs, accumulate=False)
+            # a checkpointed block's forward, run again by the backward, reads what apply gave it
+            with _Backward(swaps) if swaps else _NO_RECORDS:
+                if shared is not None:
+                    _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
+                    grads = frame.end_call()
+                else:
+                    grads = _backward(target, None, inputs, accumulate=False)
         finally:
-            if undo is not None:
-                _swap_out(undo)
             _NESTED.reset(nesting)
             torch._C._set_grad_enabled(grad_was_enabled)
         if shared is None and frame is not None:
@@ -996,12 +1071,8 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
             outer += swaps
     if not target.requires_grad:
         raise _no_grad_fn()
-    undo = _swap_in(swaps) if swaps else None
-    try:
+    with _Backward(swaps) if swaps else _NO_RECORDS:
         grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
-    finally:
-        if undo is not None:
-            _swap_out(undo)
     if frame is not None:
         frame.unscale_(grads)  # out of place: they require grad
     return ((loss, aux) if has_aux else loss), _as_argnums(argnums, _regroup(flat, grads))

@@ -949,3 +949,130 @@ def test_tied_names_given_different_tensors_are_refused_as_one_tensor():
         torch.func.functional_call(model, given, (i,))
     with pytest.raises(ValueError, match=r"\['emb.weight', 'out.weight'\] name one tensor of _Tied .* Pass it once"):
         fnlit.apply(model, given, {}, i)
+
+
+def test_threads_sharing_a_module_leave_its_own_tensors_in_place_and_train_as_plain_pytorch():
+    # Every backward put the loss's tensors back into the module and restored what it had seen, so two threads'
+    # interleaved steps left the module holding one step's detached tensors. A backward that recomputes nothing
+    # now never touches the module. Reference: plain PyTorch, each thread's steps on a copy of the module.
+    import sys
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    own = dict(model.state_dict(keep_vars=True))
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    step = fnlit.train_step(model, loss_fn)
+    batches = {s: [batch(seed=10 * s + i) for i in range(4)] for s in (0, 1)}
+    results, errors = {}, []
+
+    def run(s):
+        try:
+            state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=s)
+            state = state.replace(params={k: v * (2 + s) for k, v in state.params.items()})
+            for i in range(150):
+                state, _ = step(state, batches[s][i % 4])
+            results[s] = state.params
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often
+    try:
+        threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and len(results) == 2
+    now = dict(model.state_dict(keep_vars=True))
+    assert all(now[k] is v for k, v in own.items()), [k for k in own if now[k] is not own[k]]
+    for s in (0, 1):
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(2 + s)
+        ref = _sgd_reference(ref, [batches[s][i % 4] for i in range(150)], loss_fn)
+        for k, v in ref.named_parameters():
+            torch.testing.assert_close(results[s][k], v.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_teacher_and_student_sharing_a_module_with_the_student_checkpointed_around_apply():
+    # What the two-param-sets error recommends: the recompute's forward runs inside apply (its own tensors), so it
+    # is not refused (it was); another thread's apply of the module during that backward is not refused either.
+    import threading
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    teacher = {k: v * 2 for k, v in state.params.items()}
+    x, _ = batch()
+    in_backward, done, other = threading.Event(), threading.Event(), {}
+
+    def evaluate():
+        assert in_backward.wait(10)
+        try:
+            with torch.no_grad():
+                other["out"] = fnlit.apply(model, teacher, {}, x, train=False)[0]
+        finally:
+            done.set()
+
+    def distill(p, t):
+        student = lambda q, xx: fnlit.apply(model, q, {}, xx)[0]  # noqa: E731
+        out = torch.utils.checkpoint.checkpoint(student, p, x, use_reentrant=False)
+        out.register_hook(lambda g: (in_backward.set(), done.wait(10), g)[-1])
+        return F.mse_loss(out, fnlit.apply(model, t, {}, x)[0])
+
+    thread = threading.Thread(target=evaluate)
+    thread.start()
+    _, (gs, gt) = fnlit.value_and_grad(distill, argnums=(0, 1))(state.params, teacher)
+    thread.join(10)
+    ref, tref = copy.deepcopy(model), copy.deepcopy(model)
+    tref.load_state_dict(teacher)
+    F.mse_loss(ref(x), tref(x)).backward()
+    for k in state.params:
+        torch.testing.assert_close(gs[k], ref.get_parameter(k).grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gt[k], tref.get_parameter(k).grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(other["out"], tref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_two_threads_recomputing_one_modules_blocks_at_once_are_refused():
+    # The module holds one backward's tensors from its first recompute to its end: a second thread's recompute
+    # meanwhile raises instead of reading the first's; the first's gradients and the module's own are untouched.
+    import threading
+
+    model = _Checkpointed()
+    own = dict(model.state_dict(keep_vars=True))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = {k: v * 2 for k, v in state.params.items()}
+    x, y = batch()
+    recomputed, second_done, got = threading.Event(), threading.Event(), {}
+
+    def held(p):  # its block's gradient is ready after the recompute: the backward waits there
+        q = {k: v * 1 for k, v in p.items()}
+        q["block.0.weight"].register_hook(lambda g: (recomputed.set(), second_done.wait(10), g)[-1])
+        return F.cross_entropy(fnlit.apply(model, q, {}, x)[0], y)
+
+    def first():
+        try:
+            got["first"] = fnlit.value_and_grad(held)(params)[1]
+        except Exception as e:  # pragma: no cover - reported below
+            got["first"] = e
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert recomputed.wait(10)
+        with pytest.raises(RuntimeError, match="another thread's backward through the same module object"):
+            fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y))(state.params)
+    finally:
+        second_done.set()
+        thread.join(10)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(params)
+    F.cross_entropy(ref(x), y).backward()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(got["first"][k], v.grad, rtol=1e-5, atol=1e-6)
+    now = dict(model.state_dict(keep_vars=True))
+    assert all(now[k] is v for k, v in own.items())
