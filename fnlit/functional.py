@@ -685,9 +685,19 @@ def _recompute_hook(module: nn.Module, args: Any) -> None:
 
 
 def _same_params(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Whether two applies of one module gave it the same tensors, registered buffers aside."""
+    """Whether two applies of one module gave it the same tensors, registered buffers aside: one tensor, or whole
+    views of one (a gradient penalty's inner value_and_grad differentiates views of the outer one's params)."""
     buffers, ta = a[1].buffers, a[3]
-    return all(ta.get(k) is t for k, t in b[3].items() if k not in buffers)
+    return all(_same_source(ta.get(k), t) for k, t in b[3].items() if k not in buffers)
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    base_a, base_b = getattr(a, "_base", None), getattr(b, "_base", None)
+    if base_a is not b and base_b is not a and (base_a is None or base_a is not base_b):
+        return False
+    return a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
 
 
 try:  # what torch.autograd.backward/grad call once their arguments are checked

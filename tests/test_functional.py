@@ -1076,3 +1076,24 @@ def test_two_threads_recomputing_one_modules_blocks_at_once_are_refused():
         torch.testing.assert_close(got["first"][k], v.grad, rtol=1e-5, atol=1e-6)
     now = dict(model.state_dict(keep_vars=True))
     assert all(now[k] is v for k, v in own.items())
+
+
+def test_a_gradient_penalty_on_the_params_with_the_model_applied_outside_it_too_and_a_checkpointed_block():
+    # The inner value_and_grad differentiates views of the outer call's params: taken for another param set, the
+    # recompute was refused ("applied _Checkpointed to two different sets of params"). Reference: plain autograd.
+    model = _Checkpointed()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = {k: v * 2 for k, v in state.params.items()}
+    x, y = batch()
+
+    def penalised(p):
+        _, g = fnlit.value_and_grad(lambda q: F.cross_entropy(fnlit.apply(model, q, {}, x)[0], y))(p)
+        return F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y) + sum((v**2).sum() for v in g.values())
+
+    _, grads = fnlit.value_and_grad(penalised)(params)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(params)
+    g = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()), create_graph=True)
+    (F.cross_entropy(ref(x), y) + sum((v**2).sum() for v in g)).backward()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
