@@ -360,10 +360,15 @@ def apply(
         params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
     if not buffers and not traced and module.training == train:
         # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
-        out = _forward(module, slots, params, (), args, kwargs, rng)
-        if (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
-            swaps.append((module, slots, params, params, None))
-        return out, {}
+        if (swaps := _SWAPS.get()) is None or not torch.is_grad_enabled():
+            return _forward(module, slots, params, (), args, kwargs, rng), {}
+        record = (module, slots, params, params, None)
+        swaps.append(record)  # recorded as the call begins (see _SWAPS)
+        try:
+            return _forward(module, slots, params, (), args, kwargs, rng), {}
+        except BaseException:
+            swaps.remove(record)
+            raise
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
     # caller's changing (later forwards copy those only: the slots' `copied`).
@@ -403,6 +408,10 @@ def apply(
     modes = [(m, m.training) for m in module.modules()] if module.training != train else None
     if modes is not None:
         module.train(train)
+    record = None
+    if not traced and (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
+        record = (module, slots, params, tensors, train if modes is not None else None)
+        swaps.append(record)  # recorded as the call begins (see _SWAPS)
     try:
         # Under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random).
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
@@ -414,8 +423,10 @@ def apply(
                 written = recorder.written
             else:
                 out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
-            if not traced and (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
-                swaps.append((module, slots, params, tensors, train if modes is not None else None))
+    except BaseException:
+        if record is not None:
+            swaps.remove(record)
+        raise
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
             for m, was in modes:
@@ -545,7 +556,9 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
 
 
 # While an eager value_and_grad runs its loss: the swaps fnlit.apply makes there, as (module, slots, params,
-# tensors, the training mode apply set or None), redone if the backward runs a forward again (see _Backward).
+# tensors, the training mode apply set or None), redone if the backward runs a forward again (see _Backward). In
+# the order the calls begin: an apply inside another's forward (a hypernetwork's, on a submodule) comes after it
+# and is redone after it, so the submodule gets the inner call's tensors, as it had in the forward.
 _SWAPS: ContextVar[list[tuple[Any, ...]] | None] = ContextVar("fnlit_apply_swaps", default=None)
 
 

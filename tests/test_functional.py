@@ -1097,3 +1097,42 @@ def test_a_gradient_penalty_on_the_params_with_the_model_applied_outside_it_too_
     (F.cross_entropy(ref(x), y) + sum((v**2).sum() for v in g)).backward()
     for k, v in ref.named_parameters():
         torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
+
+
+class _Target(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        return torch.utils.checkpoint.checkpoint(lambda z: torch.tanh(self.lin(z)), h, use_reentrant=False)
+
+
+class _Hyper(nn.Module):
+    """A hypernetwork: its forward applies a submodule (checkpointed inside) to weights it generates."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen, self.target, self.head = nn.Linear(8, 72), _Target(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        g = self.gen(x.mean(0))
+        h = fnlit.apply(self.target, {"lin.weight": g[:64].view(8, 8), "lin.bias": g[64:]}, {}, x)[0]
+        return self.head(h)
+
+
+def test_a_hypernetwork_applying_a_checkpointed_submodule_to_generated_weights_matches_plain_autograd():
+    # The outer call's tensors were redone after the inner call's, so the recompute read the submodule's params
+    # from the state, not the generated ones: wrong gradients for the generator. Reference: the same computation
+    # written out in plain PyTorch, without checkpointing.
+    model = _Hyper()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = {k: v * 2 for k, v in state.params.items()}
+    x, y = batch()
+    _, grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y))(params)
+    ref = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    g = F.linear(x.mean(0), ref["gen.weight"], ref["gen.bias"])
+    h = torch.tanh(F.linear(x, g[:64].view(8, 8), g[64:]))
+    F.cross_entropy(F.linear(h, ref["head.weight"], ref["head.bias"]), y).backward()
+    for k, v in ref.items():
+        torch.testing.assert_close(grads[k], v.grad if v.grad is not None else torch.zeros_like(v), rtol=1e-5, atol=1e-6)
