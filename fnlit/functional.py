@@ -180,12 +180,20 @@ _TIED = (
 )
 
 
+_TIED_GRAD = (
+    "fnlit.apply: {names} name one tensor of {module} (tied weights, or a submodule used twice), given as separate "
+    "tensors that require grad (fnlit.value_and_grad differentiates each entry of a params dict on a leaf of its "
+    "own): every use's gradient would reach {first} only, the other names' would be zero. Pass it once, under "
+    "{first} (as state.params has it): its gradient then sums every use, as PyTorch's .grad does."
+)
+
+
 def _untie(
     module: nn.Module, slots: _Slots, params: Mapping[str, Any], buffers: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``params`` and ``buffers`` with each tied tensor under its first name only (``torch.func.functional_call``'s
     ``tie_weights``): given under several names, they must be one tensor (or views of the same memory, as two
-    entries of a ``state_dict()`` are)."""
+    entries of a ``state_dict()`` are), and not separate tensors that require grad (the gradient would reach one)."""
     aliases, original_params = slots.aliases, params
     tied: dict[str, list[tuple[str, Any]]] = {}  # first name -> the (alias, tensor) given
     for d in (params, buffers):
@@ -203,6 +211,9 @@ def _untie(
         if not all(_same_tensor(other, t) for _, other in given):
             names = sorted([first, *(k for k, _ in given)])
             raise ValueError(_TIED.format(names=names, module=type(module).__name__, first=first))
+        if torch.is_grad_enabled() and any(o is not t and (o.requires_grad or t.requires_grad) for _, o in given):
+            names = sorted([first, *(k for k, _ in given)])
+            raise ValueError(_TIED_GRAD.format(names=names, module=type(module).__name__, first=first))
     return params, buffers
 
 
@@ -302,7 +313,8 @@ def apply(
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
         params: name -> tensor, e.g. ``state.params``. A tied tensor (weights tied, or a submodule used twice)
-            may come under any of its names, or several (as in ``state_dict()``) if they hold the same tensor.
+            may come under any of its names, or several (as in ``state_dict()``) if they hold the same tensor;
+            to differentiate it, pass it under one name (``state.params`` does): its gradient sums every use.
         buffers: name -> tensor, e.g. ``state.buffers``.
         *args: positional inputs of the module.
         rng: a key from :mod:`fnlit.random` (``state.rng``); None leaves PyTorch's generators as they are.
@@ -325,7 +337,8 @@ def apply(
 
     Raises:
         KeyError: if params and buffers do not name exactly the module's tensors.
-        ValueError: if two names of one tied tensor are given different tensors.
+        ValueError: if two names of one tied tensor are given different tensors, or separate ones that require
+            grad (as ``fnlit.value_and_grad`` of a dict holding both names makes them).
 
     Example:
         >>> import torch, fnlit

@@ -951,6 +951,22 @@ def test_tied_names_given_different_tensors_are_refused_as_one_tensor():
         fnlit.apply(model, given, {}, i)
 
 
+def test_value_and_grad_over_both_names_of_a_tied_weight_is_refused_and_one_name_gets_the_whole_gradient():
+    # Each name became a leaf of its own, and apply used the first: out.weight's gradient was zeros, silently.
+    # torch.func.grad refuses the dict too. Reference: PyTorch's .grad of the tied parameter.
+    model, i, t = _Tied(), torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    w = model.emb.weight.detach().clone()
+    loss = lambda p: F.cross_entropy(fnlit.apply(model, p, {}, i)[0], t)  # noqa: E731
+    with pytest.raises(ValueError, match="which are tied"):
+        reference = lambda p: F.cross_entropy(torch.func.functional_call(model, p, (i,)), t)  # noqa: E731
+        torch.func.grad(reference)({"emb.weight": w, "out.weight": w})
+    with pytest.raises(ValueError, match=r"'out.weight'\] name one tensor of _Tied .* separate tensors that require grad"):
+        fnlit.value_and_grad(loss)({"emb.weight": w, "out.weight": w})
+    _, grads = fnlit.value_and_grad(loss)({"emb.weight": w})
+    F.cross_entropy(model(i), t).backward()
+    torch.testing.assert_close(grads["emb.weight"], model.emb.weight.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_threads_sharing_a_module_leave_its_own_tensors_in_place_and_train_as_plain_pytorch():
     # Every backward put the loss's tensors back into the module and restored what it had seen, so two threads'
     # interleaved steps left the module holding one step's detached tensors. A backward that recomputes nothing
