@@ -380,7 +380,7 @@ def apply(
         try:
             return _forward(module, slots, params, (), args, kwargs, rng), {}
         except BaseException:
-            swaps.remove(record)
+            _drop(swaps, record)
             raise
     # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
     # which may be most of a fine-tuned model): the ones it updates in place are learned without the
@@ -438,7 +438,7 @@ def apply(
                 out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
     except BaseException:
         if record is not None:
-            swaps.remove(record)
+            _drop(swaps, record)
         raise
     finally:
         if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
@@ -573,6 +573,14 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
 # the order the calls begin: an apply inside another's forward (a hypernetwork's, on a submodule) comes after it
 # and is redone after it, so the submodule gets the inner call's tensors, as it had in the forward.
 _SWAPS: ContextVar[list[tuple[Any, ...]] | None] = ContextVar("fnlit_apply_swaps", default=None)
+
+
+def _drop(swaps: list[tuple[Any, ...]], record: tuple[Any, ...]) -> None:
+    """Removes a failed call's record (by identity: list.remove would compare the tensors of others)."""
+    for i in range(len(swaps) - 1, -1, -1):
+        if swaps[i] is record:
+            del swaps[i]
+            return
 
 
 class _InApply(threading.local):

@@ -1152,3 +1152,24 @@ def test_a_hypernetwork_applying_a_checkpointed_submodule_to_generated_weights_m
     F.cross_entropy(F.linear(h, ref["head.weight"], ref["head.bias"]), y).backward()
     for k, v in ref.items():
         torch.testing.assert_close(grads[k], v.grad if v.grad is not None else torch.zeros_like(v), rtol=1e-5, atol=1e-6)
+
+
+def test_an_apply_that_fails_inside_the_loss_leaves_no_record_for_the_recompute():
+    # A call is recorded as it begins; a failed one (caught by the loss) is dropped, its error unchanged, so the
+    # recompute is not refused as a second param set. Reference: plain autograd.
+    model = _Checkpointed()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = batch()
+    other = {k: v * 2 for k, v in state.params.items()}
+
+    def loss(p):
+        out = fnlit.apply(model, p, {}, x)[0]
+        with pytest.raises(RuntimeError, match="mat1 and mat2"):
+            fnlit.apply(model, other, {}, x[:, :5])
+        return F.cross_entropy(out, y)
+
+    _, grads = fnlit.value_and_grad(loss)(state.params)
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
