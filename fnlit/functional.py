@@ -775,28 +775,38 @@ def _backward(
 
 
 def _owned(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``grads`` as ``.grad`` would hold them: dense, each in memory of its own (copies where not).
+    """``grads`` as ``.grad`` would hold them: each in memory of its own (copies where not).
 
     Autograd may hand two inputs one tensor (both terms of ``w = base + delta``) or a stride-0 expand (a param
     reached only through ``.sum()``); AccumulateGrad copies such gradients into ``.grad``. In-place work on
     them -- a step's ``g.clamp_()``, accumulate's scaling and summing, amp's unscaling -- would otherwise change
     a shared one twice, or fail on the expanded one. Only overlapping ones are copied (disjoint slices of one
-    storage and channels_last layouts are kept); checking costs ~0.2 us a tensor.
+    storage and channels_last layouts are kept); checking costs ~0.2 us a tensor. A sparse gradient
+    (``nn.Embedding(sparse=True)``'s) is checked by its values, which can be views of the same upstream gradient
+    (two embeddings summed) or an expand (a bag of words summed over a batch of one): it stays sparse, with its
+    values copied.
     """
-    strided = [g for g in grads if g.layout is torch.strided]  # (a sparse gradient is its own: nn.Embedding(sparse=True))
-    storages = {g.untyped_storage().data_ptr() for g in strided}
-    if len(storages) == len(strided) and not any(_self_overlapping(g) for g in strided):
+    memory = [g if g.layout is torch.strided else g._values() if g.layout is torch.sparse_coo else None for g in grads]
+    held = [m for m in memory if m is not None]
+    storages = {m.untyped_storage().data_ptr() for m in held}
+    if len(storages) == len(held) and not any(_self_overlapping(m) for m in held):
         return grads
     out, ranges = [], {}  # storage -> the byte ranges of the gradients kept on it
-    for g in grads:
-        if g.layout is torch.strided:
-            ptr, span = g.untyped_storage().data_ptr(), _byte_range(g)
-            if _self_overlapping(g) or any(a < span[1] and span[0] < b for a, b in ranges.get(ptr, ())):
-                g = g.clone()  # (preserve_format: a channels_last gradient stays channels_last)
+    for g, m in zip(grads, memory):
+        if m is not None:
+            ptr, span = m.untyped_storage().data_ptr(), _byte_range(m)
+            if _self_overlapping(m) or any(a < span[1] and span[0] < b for a, b in ranges.get(ptr, ())):
+                # (a dense one preserve_format: a channels_last gradient stays channels_last)
+                g = g.clone() if m is g else _with_values(g, m.clone(memory_format=torch.contiguous_format))
             else:
                 ranges.setdefault(ptr, []).append(span)
         out.append(g)
     return out
+
+
+def _with_values(g: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sparse COO ``g`` with ``values`` in place of its own (its indices and coalesced flag kept; no checks)."""
+    return torch.sparse_coo_tensor(g._indices(), values, g.shape, is_coalesced=g.is_coalesced(), check_invariants=False)
 
 
 def _self_overlapping(t: torch.Tensor) -> bool:

@@ -1045,3 +1045,82 @@ def test_accumulate_and_float16_amp_take_a_sparse_gradient(k, fp16):
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-6, atol=1e-6)
     if fp16:
         assert float(state.scaler.scale) == scaler.get_scale()
+
+
+class _TwoEmbeddings(nn.Module):
+    """Two sparse embeddings summed: autograd hands both the same upstream gradient, which both sparse
+    gradients' values view."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Embedding(20, 8, sparse=True), nn.Embedding(20, 8, sparse=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.a(x) + self.b(x))
+
+
+class _BagOfWords(nn.Module):
+    """A sparse embedding summed over the words: for one example its gradient's values are an expand."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.emb, self.fc, self.dim = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3), dim
+
+    def forward(self, x):
+        return self.fc(self.emb(x).sum(self.dim))
+
+
+def _fp16_reference_steps(model, batches, k, lr=1.0):
+    """A plain loop at loss scale 1: float16 autocast, (loss / k).backward() per micro-batch, torch.optim.SGD (no
+    GradScaler, which unscales values shared by two sparse gradients twice too)."""
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for x, y in batches:
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(k), y.chunk(k)) if k > 1 else [(x, y)]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(ref(xs).float().reshape(-1, 3), ys.reshape(-1)) / k
+            loss.backward()
+        opt.step()
+    return dict(ref.named_parameters())
+
+
+def _fp16_fnlit_steps(model, batches, k, lr=1.0, scale=2.0**16):
+    """fnlit's float16 amp at loss scale ``scale`` (no overflow), under accumulate(k)."""
+    step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]).float().reshape(-1, 3), b[1].reshape(-1)))
+    step = fnlit.accumulate(fnlit.amp(step, dtype=torch.float16), k)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(lr), seed=0, loss_scale=scale)
+    for b in batches:
+        state, metrics = step(state, b)
+        assert bool(metrics["grads_finite"])
+    return state
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_float16_amp_unscales_sparse_gradients_sharing_their_values_once(k):
+    # fnlit.amp unscaled the values in place once per gradient: the two embeddings' updates came out 65536x too
+    # small (5.96e-7 instead of 0.036). Reference: the plain loop at scale 1.
+    torch.manual_seed(0)
+    model = _TwoEmbeddings()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 3, (6, 5), generator=g)) for _ in range(2)]
+    want = _fp16_reference_steps(model, batches, k)
+    state = _fp16_fnlit_steps(model, batches, k)
+    assert (want["a.weight"] - model.a.weight).abs().max() > 1e-2  # the embeddings did move
+    for name, p in want.items():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim, x", [(1, torch.tensor([[3, 7, 7, 1, 40, 2]])), (0, torch.tensor([3, 7, 7, 1, 40, 2]))])
+def test_float16_amp_takes_a_sparse_gradient_whose_values_are_an_expand(dim, x):
+    # A bag of words of one example: the sparse gradient's values are the upstream gradient expanded over the
+    # words, and the in-place unscale failed ("more than one element of the written-to tensor refers to a single
+    # memory location"). Reference: the plain loop at scale 1.
+    torch.manual_seed(0)
+    model = _BagOfWords(dim)
+    batches = [(x, torch.tensor([1]) if x.dim() == 2 else torch.tensor(1))]
+    want = _fp16_reference_steps(model, batches, 1)
+    state = _fp16_fnlit_steps(model, batches, 1, scale=2.0**10)  # (65536 overflows the head's float16 gradient)
+    for name, p in want.items():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
