@@ -562,6 +562,39 @@ def test_out_of_place_unscale_is_bitwise_torchs_kernel(dtype):
         assert torch.equal(f.found_inf, found)
 
 
+def test_out_of_place_unscale_takes_a_sparse_gradient():
+    # A gradient that is differentiated again (a gradient penalty) is unscaled out of place; a sparse one failed
+    # its overflow check ("Could not run 'aten::ne.Scalar' with arguments from the 'SparseCPU' backend").
+    # References: the dense embedding's gradient at scale 1 and the penalty's gradient through it (autograd), and
+    # torch's in-place kernel on the sparse values (GradScaler's) for the overflow flag.
+    from fnlit.transforms._frame import Frame
+
+    scale = 2.0**13
+    w0, x = torch.randn(10, 3), torch.tensor([1, 2, 2, 7])
+    w = w0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(scale * F.embedding(x, w, sparse=True).pow(2).sum(), w, create_graph=True)
+    f = Frame()
+    f.set_amp(torch.float16, fnlit.transforms.init_loss_scale(scale), torch.device("cpu"))
+    out = [g]
+    f.unscale_(out)
+    w_ref = w0.clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.embedding(x, w_ref).pow(2).sum(), w_ref, create_graph=True)
+    assert out[0].layout is torch.sparse_coo and torch.equal(f.found_inf, torch.zeros(()))
+    torch.testing.assert_close(out[0].to_dense(), want, rtol=0, atol=0)
+    (penalty,) = torch.autograd.grad(out[0].to_dense().pow(2).sum(), w)
+    (penalty_ref,) = torch.autograd.grad(want.pow(2).sum(), w_ref)
+    torch.testing.assert_close(penalty.to_dense(), penalty_ref, rtol=1e-6, atol=1e-6)
+
+    bad = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.tensor([[float("inf"), 1.0]]), (5, 2),
+                                  check_invariants=True).requires_grad_()
+    f = Frame()
+    f.set_amp(torch.float16, fnlit.transforms.init_loss_scale(scale), torch.device("cpu"))
+    f.unscale_([bad])
+    found = torch.zeros(())
+    torch._amp_foreach_non_finite_check_and_unscale_([bad.detach()._values().clone()], found, torch.tensor(1 / scale))
+    assert torch.equal(f.found_inf, found) and float(found) == 1.0
+
+
 def test_accumulate_splits_user_dict_batches():
     # Hugging Face's BatchEncoding subclasses collections.UserDict, which optree keeps whole as a leaf: each
     # micro-batch got the whole batch (k times the compute, no memory saved). Reference: a plain dict batch

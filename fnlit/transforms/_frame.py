@@ -210,7 +210,11 @@ class Frame:
             # the in-place kernel is invisible to autograd (the penalty's gradient came out `scale` times too
             # large) and has no batching rule. The same arithmetic out of place; under vmap each member gets
             # its own overflow flag.
-            bad = torch.stack([~torch.isfinite(g.detach()).all() for g in grads]).any().float()
+            # A sparse gradient (nn.Embedding(sparse=True)) is checked by its values, as GradScaler checks it, and
+            # multiplied whole: it stays sparse, and differentiable (its _values() are not).
+            bad = torch.stack(
+                [~torch.isfinite(g.detach() if g.layout is torch.strided else g.detach()._values()).all() for g in grads]
+            ).any().float()
             if not torch.compiler.is_compiling() and self._batched_deeper(bad):  # per-example gradients (a vmap of the step's own, data in a closure)
                 raise ValueError(_PER_EXAMPLE_FP16)
             self.found_inf = torch.maximum(self.found_inf, bad)
