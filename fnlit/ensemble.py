@@ -539,7 +539,8 @@ def ensemble(
     Raises:
         ValueError: if ``n < 1`` or ``randomness`` is unknown, or with :func:`fnlit.data_parallel` or
             :func:`fnlit.shard` in either nesting (their collectives have no vmap rule); at call time if the
-            state is not stacked over ``n`` members.
+            state is not stacked over ``n`` members, or for a sparse gradient (``nn.Embedding(sparse=True)``:
+            vmap has no batching rule for it), naming the parameter.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit

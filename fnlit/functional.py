@@ -81,6 +81,13 @@ class _Slots:
         self.eval_probed = False
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
         self.renormed = [n for n, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        # Embeddings whose weight gets a sparse gradient, which torch.compile and torch.func.vmap cannot take (see
+        # _note_sparse): their names, for the error
+        self.sparse = [
+            self.aliases.get(f"{n}.weight" if n else "weight", f"{n}.weight" if n else "weight")
+            for n, m in module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        ]
 
     def current(self) -> bool:
         """Whether the module tree is still the one these slots were built from (~0.05 us a submodule)."""
@@ -116,6 +123,27 @@ def _warn_renormed(renormed: list[str]) -> None:
         "the loss or a constraint of your own.",
         stacklevel=4,
     )
+
+
+# Set while a step runs where a sparse gradient may be what fails (torch.func's path of value_and_grad, and
+# fnlit.compile's eager run after torch.compile refused a sparse tensor): the names of the sparse embeddings'
+# weights differentiated, for an error that names them.
+_SPARSE_SEEN: ContextVar[list[str] | None] = ContextVar("fnlit_sparse_seen", default=None)
+
+
+def _note_sparse(names: list[str], params: Mapping[str, Any]) -> None:
+    """Records which of a module's sparse embeddings' weights (``names``) are differentiated, when asked."""
+    seen = _SPARSE_SEEN.get()
+    if seen is not None and torch.is_grad_enabled():
+        seen += [n for n in names if n in params and params[n].requires_grad]
+
+
+def sparse_refused(who: str, why: str, names: list[str], fix: str) -> str:
+    """The message refusing the sparse gradients of ``names``, worded as the optimizers' and data_parallel's."""
+    from .optim._base import _SPARSE_REFUSED
+
+    path = ", ".join(dict.fromkeys(names))
+    return _SPARSE_REFUSED.format(name=who, why=why, layout=torch.sparse_coo, path=path, fix=fix)
 
 
 def _updated_in_place(m: nn.Module) -> tuple[str, ...]:
@@ -367,6 +395,8 @@ def apply(
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         params, buffers = _check_names(module, slots, params, buffers)
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
+    if slots.sparse and not compiling:
+        _note_sparse(slots.sparse, params)
     if _has_dtensor(params):
         from .transforms.shard import gather_params
 
@@ -1144,7 +1174,22 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
         return target, tuple(leaves)
 
     # argnums as the caller gave it: an int gives one tree of gradients, a tuple (even of one) a tuple of them.
-    grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
+    if torch.compiler.is_compiling():  # (a sparse gradient fails the capture: fnlit.compile names it, running eagerly)
+        grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
+    else:
+        seen: list[str] = []
+        token = _SPARSE_SEEN.set(seen)
+        try:
+            grads, out = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
+        except RuntimeError as e:  # a sparse gradient under vmap: "Could not run 'aten::view' ... 'SparseCPU' backend"
+            if seen and "Sparse" in str(e):
+                raise ValueError(sparse_refused(
+                    "torch.func.vmap (fnlit.ensemble, fnlit.per_example_grads)", " (vmap has no batching rule for them)",
+                    seen, ": fnlit.optim steps the same on the dense gradient",
+                )) from None
+            raise
+        finally:
+            _SPARSE_SEEN.reset(token)
     # Copies, as the eager path's _owned makes where needed (the storage test does not reach through vmap's or
     # compile's tensors): a step that edits its gradients in place changes a shared one once. Compiled, the
     # copies fuse into their consumers.

@@ -410,6 +410,19 @@ def test_an_exception_class_of_the_users_own_is_raised_as_eager_raises_it(model)
         fnlit_compile(step, mode="eager")(state, batch(2))
 
 
+def test_a_sparse_gradient_is_refused_naming_the_parameter():
+    # The CaptureError named fnlit's own line (value_and_grad's torch.func.grad_and_value), "Move this line out of
+    # the step". Refused now as fnlit.data_parallel refuses it, naming the parameter and sparse=False; the state
+    # stays as it was.
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1))
+    step = fnlit.amp(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]).float(), b[1])), torch.float16)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0, loss_scale="dynamic")
+    before = clone_tree(state)
+    with pytest.raises(CaptureError, match=r"fnlit\.compile does not support sparse gradients .*for 0\.weight\. .*sparse=False"):
+        fnlit_compile(fnlit.accumulate(step, 2), mode="eager")(state, (torch.tensor([1, 2, 2, 7]), torch.randn(4, 1)))
+    assert_trees_equal(state, before)
+
+
 def test_capture_error_carries_the_message_of_an_error_raised_only_when_traced():
     # dp_sgd_aggregate refuses to be traced (its noise is drawn eagerly); the CaptureError dropped its words.
     model = torch.nn.Linear(4, 3)

@@ -605,3 +605,30 @@ def test_a_model_built_on_a_gpu_draws_from_its_generator_seeded_which_is_left_as
         weight = nn.Linear(3, 2).weight
         bias = torch.randn(2, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(stacked.params["weight"][i], weight) and torch.equal(stacked.params["bias"][i], bias)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (torch's, before it fails)
+def test_a_sparse_gradient_is_refused_naming_the_parameter():
+    # vmap of a step differentiating nn.Embedding(sparse=True) failed inside torch's backward: "Could not run
+    # 'aten::view' with arguments from the 'SparseCPU' backend". Refused now as fnlit.data_parallel refuses it,
+    # naming the parameter and sparse=False; a forward alone (no gradient) still runs.
+    def make():
+        return nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+
+    model = make()
+    data = (torch.tensor([1, 2, 2, 7]), torch.randn(4, 1))
+    states = ensemble_states(make, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    refused = r"torch\.func\.vmap \(fnlit\.ensemble, .*does not support sparse gradients .*for 0\.weight\. .*sparse=False"
+    with pytest.raises(ValueError, match=refused):
+        ensemble(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])), 2)(states, data)
+    with pytest.raises(ValueError, match=refused):
+        fnlit.per_example_grads(lambda p, b: fnlit.apply(model, p, {}, b[0][None])[0].sum(), fnlit.unstack_state(states, 0).params,
+                                data)
+
+    def forward(state, b):
+        return state, {"out": fnlit.apply(model, state.params, state.buffers, b[0])[0].sum()}
+
+    want = [model_out.sum() for model_out in (
+        torch.func.functional_call(model, fnlit.unstack_state(states, i).params, (data[0],)) for i in (0, 1))]
+    _, metrics = ensemble(forward, 2)(states, data)
+    torch.testing.assert_close(metrics["out"], torch.stack(want).detach())

@@ -581,8 +581,21 @@ class CompiledStep:
         its own ``__init__``, fnlit's or the user's) -- and reaches the user as it is. Only when the step runs
         eagerly is ``err`` the capture's, explained here.
         """
-        with _random.seeded(_one_key(state.rng), state.device):  # (leaves the caller's generators as they were)
-            new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
+        from ..functional import _SPARSE_SEEN, sparse_refused
+
+        # torch.compile refused a sparse tensor: the eager run notes which sparse embeddings' weights it differentiates
+        sparse: list[str] = []
+        token = _SPARSE_SEEN.set(sparse if re.search(r"sparse tensor", str(err), re.IGNORECASE) else None)
+        try:
+            with _random.seeded(_one_key(state.rng), state.device):  # (leaves the caller's generators as they were)
+                new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
+        finally:
+            _SPARSE_SEEN.reset(token)
+        if sparse:
+            return CaptureError(sparse_refused(
+                "fnlit.compile", " (torch.compile cannot trace sparse tensors)", sparse,
+                ", or run the step uncompiled: fnlit.optim steps the same on the dense gradient",
+            ))
         _check_structure(state, new)  # or fnlit's own checks in the captured function do
         if self.donate:
             _check_donatable(state, new)
@@ -720,7 +733,8 @@ def compile(
     Raises:
         ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state; (when
             called with ``donate=True``) for a state whose tensors share storage.
-        CaptureError: (when called) if the step cannot be captured; the message names the line. (Then the step
+        CaptureError: (when called) if the step cannot be captured; the message names the line (for a sparse
+            gradient, ``nn.Embedding(sparse=True)``'s, which torch.compile cannot trace: the parameter). (Then the step
             runs once eagerly: an error it raises itself -- accumulate's indivisible batch -- is raised as
             uncompiled, not as a CaptureError.) Also when
             new batch shapes or Python numbers would compile more graphs than
