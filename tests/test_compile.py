@@ -393,6 +393,26 @@ def test_an_error_of_a_transform_inside_the_step_is_raised_as_eager_raises_it(mo
     assert_trees_equal(state, before)
 
 
+def test_a_side_effect_that_fails_the_capture_is_not_carried_out_by_the_eager_run(model, tmp_path):
+    # The eager run that tells a step's own errors from the capture's wrote the file the CaptureError is about:
+    # the call raised and still wrote once. Reference: a step that never ran writes nothing (no file); the
+    # cause is named as the side effect it is.
+    log = tmp_path / "log.txt"
+    inner = hand_step(model)
+
+    def step(state, b):
+        with open(log, "a") as f:
+            f.write("x\n")
+        return inner(state, b)
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    before = clone_tree(state)
+    with pytest.raises(CaptureError, match=r"(?s)open\(log, .a.\).*because a Python side effect"):
+        fnlit_compile(step, donate=True, mode="eager")(state, batch())
+    assert not log.exists()
+    assert_trees_equal(state, before)
+
+
 def test_an_exception_class_of_the_users_own_is_raised_as_eager_raises_it(model):
     # torch.compile cannot trace an exception class's own __init__: the step's error came out as a CaptureError
     # about that line. Reference: the error the step raises uncompiled.

@@ -579,32 +579,34 @@ class CompiledStep:
         step is pure and the state is not donated to it, so neither changes): an error it raises is the step's
         own -- one torch.compile saw raised, or one it could not trace the raising of (an exception class with
         its own ``__init__``, fnlit's or the user's) -- and reaches the user as it is. Only when the step runs
-        eagerly is ``err`` the capture's, explained here.
+        eagerly is ``err`` the capture's, explained here. A capture that failed on a Python side effect (a file
+        written, a print) is explained without that run, which would carry the side effect out.
         """
-        from ..functional import _SPARSE_SEEN, sparse_refused
-
-        # torch.compile refused a sparse tensor: the eager run notes which sparse embeddings' weights it differentiates
-        sparse: list[str] = []
-        token = _SPARSE_SEEN.set(sparse if re.search(r"sparse tensor", str(err), re.IGNORECASE) else None)
-        try:
-            with _random.seeded(_one_key(state.rng), state.device):  # (leaves the caller's generators as they were)
-                new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
-        finally:
-            _SPARSE_SEEN.reset(token)
-        if sparse:
-            return CaptureError(sparse_refused(
-                "fnlit.compile", " (torch.compile cannot trace sparse tensors)", sparse,
-                ", or run the step uncompiled: fnlit.optim steps the same on the dense gradient",
-            ))
-        _check_structure(state, new)  # or fnlit's own checks in the captured function do
-        if self.donate:
-            _check_donatable(state, new)
         frames = [(f.filename, f.lineno or 0) for f in getattr(err, "real_stack", None) or []]
         frames = frames or _frames_of(str(err))
         filename, lineno = _user_frame(frames)
+        kind = _classify(err, linecache.getline(filename, lineno))
+        if kind != "side effect":
+            from ..functional import _SPARSE_SEEN, sparse_refused
+
+            # torch.compile refused a sparse tensor: the eager run notes which sparse embeddings' weights it differentiates
+            sparse: list[str] = []
+            token = _SPARSE_SEEN.set(sparse if re.search(r"sparse tensor", str(err), re.IGNORECASE) else None)
+            try:
+                with _random.seeded(_one_key(state.rng), state.device):  # (leaves the caller's generators as they were)
+                    new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
+            finally:
+                _SPARSE_SEEN.reset(token)
+            if sparse:
+                return CaptureError(sparse_refused(
+                    "fnlit.compile", " (torch.compile cannot trace sparse tensors)", sparse,
+                    ", or run the step uncompiled: fnlit.optim steps the same on the dense gradient",
+                ))
+            _check_structure(state, new)  # or fnlit's own checks in the captured function do
+            if self.donate:
+                _check_donatable(state, new)
         lines = str(err).strip().splitlines()
         explanation = next((x.strip() for x in lines if x.strip().startswith("Explanation:")), lines[0] if lines else "")
-        kind = _classify(err, linecache.getline(filename, lineno))
         detail = explanation.removeprefix("Explanation: ")
         raised = re.search(r"raised exception (\w+\(.*\))\s*$", str(err), re.MULTILINE)
         if raised is not None:  # an error raised only when traced (dp_sgd_aggregate's): its own words
@@ -735,7 +737,8 @@ def compile(
             called with ``donate=True``) for a state whose tensors share storage.
         CaptureError: (when called) if the step cannot be captured; the message names the line (for a sparse
             gradient, ``nn.Embedding(sparse=True)``'s, which torch.compile cannot trace: the parameter). (Then the step
-            runs once eagerly: an error it raises itself -- accumulate's indivisible batch -- is raised as
+            runs once eagerly, unless the cause is a Python side effect (a file written, a print), which that
+            run would carry out: an error it raises itself -- accumulate's indivisible batch -- is raised as
             uncompiled, not as a CaptureError.) Also when
             new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
