@@ -1137,7 +1137,7 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     # only (a tensor the function also captures, or the same tensor at two positions, stays a constant, as in
     # torch.func), while staying connected to the outer graph.
     try:
-        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in sources]
+        inputs = [torch.ops.aten.alias(t) if t.requires_grad else t.detach().requires_grad_() for t in sources]
     except AttributeError:  # a leaf that is not a tensor
         _refuse_non_tensors(nums, args)
         raise

@@ -1173,3 +1173,32 @@ def test_an_apply_that_fails_inside_the_loss_leaves_no_record_for_the_recompute(
     F.cross_entropy(ref(x), y).backward()
     for k, v in ref.named_parameters():
         torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_penalty_through_a_sparse_embedding_matches_autograd():
+    # The inner value_and_grad's view_as of a sparse embedding's weight failed in the backward ("reshape is not
+    # implemented for sparse tensors"), in float32 too. Reference: autograd.grad(create_graph=True) on the module.
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    x, y = torch.tensor([1, 2, 2, 7, 1, 1]), torch.randn(6, 1)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def outer(p):
+        loss, g = fnlit.value_and_grad(lambda q: F.mse_loss(fnlit.apply(model, q, {}, x)[0], y))(p)
+        return loss + 0.1 * (g["1.weight"] ** 2).sum()
+
+    value, grads = fnlit.value_and_grad(outer)(params)
+    ref = copy.deepcopy(model)
+    loss = F.mse_loss(ref(x), y)
+    (g,) = torch.autograd.grad(loss, ref[1].weight, create_graph=True)
+    total = loss + 0.1 * (g**2).sum()
+    total.backward()
+    torch.testing.assert_close(value, total.detach())
+    for name, p in ref.named_parameters():
+        want = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        got = grads[name].to_dense() if grads[name].is_sparse else grads[name]
+        torch.testing.assert_close(got, want, msg=name)
