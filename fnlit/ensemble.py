@@ -281,32 +281,42 @@ def _held(opt_state: Any, name: str) -> list[Any]:
     return values
 
 
-def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str, which: Any = None) -> bool:
+def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str, which: Any = None) -> tuple[bool, bool]:
     """Whether the update reads ``hyperparams[name]`` (those numbered in ``which``; a schedule or ``weight_decay=0``
-    ignores it).
+    ignores it, as does a group without parameters); and whether it overwrites it (a schedule's rate, written into
+    the state every step).
 
     Probed with NaN: an update that reads the value comes out NaN somewhere, whatever the other values (a
-    learning rate of 0, Adam's first step, where an L2 term changes no update, a partial decay mask).
+    learning rate of 0, Adam's first step, where an L2 term changes no update, a partial decay mask); a schedule
+    replaces the NaN in the state it returns.
     """
     grads = _tree.tree_map(torch.ones_like, params)
-    out = _opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(float("nan")), which)[0], params)[0]
-    return any(t.is_floating_point() and bool(t.isnan().any()) for t in _tree.tree_leaves(out))
+    out, new_state = _opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(float("nan")), which)[0], params)
+    held = [v for j, v in enumerate(_held(new_state, name)) if which is None or j in which]
+    overwritten = any(not (isinstance(v, torch.Tensor) and bool(v.isnan().any())) for v in held)
+    return any(t.is_floating_point() and bool(t.isnan().any()) for t in _tree.tree_leaves(out)), overwritten
 
 
 def _swept(tx: GradientTransformation, state: TrainState, name: str) -> tuple[int, ...]:
     """The holders of ``hyperparams[name]`` that a sweep sets (numbered as :func:`_set_hyper` counts them): those the
-    update reads. Raises where there are none, or where tx holds several different values (per-group rates)."""
+    update reads. Raises where there are none, or where tx holds several different values (per-group rates, or a
+    schedule beside a rate). A holder the update neither reads nor overwrites (a group without parameters, or one
+    frozen by set_to_zero) is left out."""
     values = _held(state.opt_state, name)
     if not values:
         raise ValueError(
             f"ensemble_states got {name}=[...], but the optimizer state has no hyperparams[{name!r}] to set. "
             "Use an optimizer that holds it as a tensor (fnlit.optim.sgd/adam/adamw, add_decayed_weights)."
         )
-    read = tuple(j for j in range(len(values)) if _responds(tx, state.params, state.opt_state, name, {j}))
+    probes = [_responds(tx, state.params, state.opt_state, name, {j}) for j in range(len(values))]
+    read = tuple(j for j, (reads, _) in enumerate(probes) if reads)
+    # A rate the update does not read from the state but overwrites is a schedule's: a rate of its own.
+    scheduled = sum(1 for reads, overwrites in probes if overwrites and not reads) if name == "learning_rate" else 0
     if not read:  # a sweep the optimizer ignores would silently train n identical runs
-        raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {_NO_EFFECT[name]}")
-    # A rate the update does not read from the state is a schedule's (it overwrites it every step): a rate of its own.
-    scheduled = len(values) - len(read) if name == "learning_rate" else 0
+        why = _NO_EFFECT[name] if scheduled or name != "learning_rate" else (
+            "no parameter's update reads the optimizer's learning rate (its groups hold no parameters, or are frozen)."
+        )
+        raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {why}")
     distinct = sorted({float(values[j]) for j in read})
     if len(distinct) + scheduled > 1:
         what = _SEPARATE[name]
@@ -356,7 +366,8 @@ def ensemble_states(
     ``adamw`` with a masked ``add_decayed_weights``): a sweep sets each place the update reads to the member's
     value, so they must hold one value (the same rate repeated); different ones (a backbone's rate and a head's)
     raise a ValueError rather than being overwritten by the sweep. A place the update does not read is left as it
-    is (weight decay off: the Python number 0); a learning rate from a schedule cannot be swept.
+    is (weight decay off: the Python number 0; a group without parameters, or frozen by ``set_to_zero``); a
+    learning rate from a schedule cannot be swept.
 
     Args:
         model: a module (its layers' ``reset_parameters()`` re-initialise each member; a module whose own

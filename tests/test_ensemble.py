@@ -558,6 +558,44 @@ def test_per_group_rates_sweep_as_one_when_equal_and_member_by_member_when_not()
         assert_trees_close(unstack_state(apart, i).params, _torch_groups(i, lr, 10 * lr, data), rtol=1e-5, atol=1e-6)
 
 
+def _bias_free():
+    return nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+
+
+def _torch_adamw(seed, lr, data, frozen=()):
+    torch.manual_seed(seed)
+    ref = _bias_free()
+    opt = torch.optim.AdamW([p for k, p in ref.named_parameters() if k not in frozen], lr=lr, weight_decay=0.01)
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    return dict(ref.named_parameters())
+
+
+def test_a_group_whose_rate_no_update_reads_is_left_out_of_a_sweep():
+    # An empty group (no-decay params of a bias-free model) or a frozen one: its rate was called "a schedule" and the
+    # sweep refused ("2 separate learning rates (0.001, a schedule)").
+    opt = fnlit.optim
+    nodecay = lambda p: {k: not v for k, v in opt.decay_mask(p).items()}
+    empty = opt.chain(opt.masked(opt.adamw(1e-3, weight_decay=0.01), opt.decay_mask),
+                      opt.masked(opt.adamw(1e-3, weight_decay=0.0), nodecay))
+    first = lambda p: {k: k == "0.weight" for k in p}
+    rest = lambda p: {k: not v for k, v in first(p).items()}
+    frozen = opt.chain(opt.masked(opt.adamw(1e-3, weight_decay=0.01), rest),
+                       opt.masked(opt.adamw(0.5, weight_decay=0.01), first), opt.masked(opt.set_to_zero(), first))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)) for _ in range(3)]
+    step = fnlit.train_step(_bias_free(), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    lrs = [1e-2, 5e-2]
+    for tx, off in ((empty, ()), (frozen, ("0.weight",))):
+        stacked = ensemble_states(_bias_free, tx, seeds=[0, 1], learning_rate=lrs)
+        for b in data:
+            stacked, _ = ensemble(step, 2)(stacked, b)
+        for i, lr in enumerate(lrs):
+            assert_trees_close(unstack_state(stacked, i).params, _torch_adamw(i, lr, data, off), rtol=1e-5, atol=1e-6)
+
+
 def test_building_the_members_seeds_the_cpu_generator_only_and_leaves_every_generator_as_it_was(monkeypatch):
     # torch.manual_seed inside fork_rng(devices=[]) also reseeded every GPU's generator (queued when CUDA is not
     # initialised), which the fork does not restore: a CUDA run's later draws changed with the last member's seed.
