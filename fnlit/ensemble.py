@@ -297,6 +297,24 @@ def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: 
     return any(t.is_floating_point() and bool(t.isnan().any()) for t in _tree.tree_leaves(out)), overwritten
 
 
+def _distinct(values: list[Any]) -> list[str]:
+    """The different values among ``values`` (0-d tensors or numbers), each once, as the shortest text that reads
+    back as it in its dtype: equal up to the precision of the narrower dtype of two (a rate of 1e-3 held in float32
+    for one group and float64 for another is one rate), so no two texts are the same number."""
+    def dtype(v: Any) -> torch.dtype:
+        return v.dtype if isinstance(v, torch.Tensor) and v.is_floating_point() else torch.float64
+
+    def text(x: float, d: torch.dtype) -> str:
+        return next(t for t in (f"{x:.{k}g}" for k in range(1, 18)) if torch.tensor(float(t), dtype=d).item() == x)
+
+    out: list[tuple[float, torch.dtype]] = []
+    for x, d in sorted(((float(v), dtype(v)) for v in values), key=lambda e: e[0]):
+        last = out[-1] if out else None
+        if last is None or x - last[0] > max(torch.finfo(d).eps, torch.finfo(last[1]).eps) * max(abs(x), abs(last[0])):
+            out.append((x, d))
+    return [text(x, d) for x, d in out]
+
+
 def _swept(tx: GradientTransformation, state: TrainState, name: str) -> tuple[int, ...]:
     """The holders of ``hyperparams[name]`` that a sweep sets (numbered as :func:`_set_hyper` counts them): those the
     update reads. Raises where there are none, or where tx holds several different values (per-group rates, or a
@@ -317,10 +335,10 @@ def _swept(tx: GradientTransformation, state: TrainState, name: str) -> tuple[in
             "no parameter's update reads the optimizer's learning rate (its groups hold no parameters, or are frozen)."
         )
         raise ValueError(f"ensemble_states got {name}=[...], but changing it has no effect: {why}")
-    distinct = sorted({float(values[j]) for j in read})
+    distinct = _distinct([values[j] for j in read])
     if len(distinct) + scheduled > 1:
         what = _SEPARATE[name]
-        held = [f"{v:g}" for v in distinct] + ["a schedule"] * scheduled
+        held = distinct + ["a schedule"] * scheduled
         raise ValueError(
             f"ensemble_states got {name}=[...], but tx holds {len(held)} separate {what}s ({', '.join(held)}), in "
             f"different parts of the optimizer (per-group optimizers, e.g. masked), and ensemble_states sweeps a single "
@@ -364,10 +382,10 @@ def ensemble_states(
 
     ``tx`` may hold a hyperparameter in several places (a chain of masked optimizers, one per parameter group;
     ``adamw`` with a masked ``add_decayed_weights``): a sweep sets each place the update reads to the member's
-    value, so they must hold one value (the same rate repeated); different ones (a backbone's rate and a head's)
-    raise a ValueError rather than being overwritten by the sweep. A place the update does not read is left as it
-    is (weight decay off: the Python number 0; a group without parameters, or frozen by ``set_to_zero``); a
-    learning rate from a schedule cannot be swept.
+    value, so they must hold one value (the same rate repeated, compared in the narrower dtype of two); different
+    ones (a backbone's rate and a head's) raise a ValueError rather than being overwritten by the sweep. A place the
+    update does not read is left as it is (weight decay off: the Python number 0; a group without parameters, or
+    frozen by ``set_to_zero``); a learning rate from a schedule cannot be swept.
 
     Args:
         model: a module (its layers' ``reset_parameters()`` re-initialise each member; a module whose own

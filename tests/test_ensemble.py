@@ -596,6 +596,45 @@ def test_a_group_whose_rate_no_update_reads_is_left_out_of_a_sweep():
             assert_trees_close(unstack_state(stacked, i).params, _torch_adamw(i, lr, data, off), rtol=1e-5, atol=1e-6)
 
 
+class _Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.b(self.a(x).double())
+
+
+def test_one_rate_held_in_float32_and_float64_is_one_rate_and_different_ones_are_printed_apart():
+    # hyper_dtype holds 1e-3 as float32 for the float32 group, float64 for the other: refused as "(0.001, 0.001)".
+    opt = fnlit.optim
+    in_a = lambda p: {k: k.startswith("a.") for k in p}
+    in_b = lambda p: {k: not k.startswith("a.") for k in p}
+    groups = lambda lr_a, lr_b: opt.chain(opt.masked(opt.adamw(lr_a), in_a), opt.masked(opt.adamw(lr_b), in_b))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g, dtype=torch.float64)) for _ in range(3)]
+    step = fnlit.train_step(_Mixed(), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    lrs = [1e-2, 5e-2]
+    stacked = ensemble_states(_Mixed, groups(1e-3, 1e-3), seeds=[0, 1], learning_rate=lrs)
+    for b in data:
+        stacked, _ = ensemble(step, 2)(stacked, b)
+    for i, lr in enumerate(lrs):
+        torch.manual_seed(i)
+        ref = _Mixed()
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr)
+        for x, y in data:
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+        assert_trees_close(unstack_state(stacked, i).params, dict(ref.named_parameters()), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"2 separate learning rates \(0.001, 0.002\)"):
+        ensemble_states(_Mixed, groups(1e-3, 2e-3), seeds=[0, 1], learning_rate=lrs)
+    # two float64 rates a few ulps of float32 apart are told apart, and shown so (":g" printed "0.001, 0.001")
+    wide = opt.chain(opt.masked(opt.adamw(1e-3), in_a), opt.masked(opt.adamw(1.000001e-3), in_b))
+    with pytest.raises(ValueError, match=r"2 separate learning rates \(0.001, 0.001000001\)"):
+        ensemble_states(lambda: _Mixed().double(), wide, seeds=[0, 1], learning_rate=lrs)
+
+
 def test_building_the_members_seeds_the_cpu_generator_only_and_leaves_every_generator_as_it_was(monkeypatch):
     # torch.manual_seed inside fork_rng(devices=[]) also reseeded every GPU's generator (queued when CUDA is not
     # initialised), which the fork does not restore: a CUDA run's later draws changed with the last member's seed.
