@@ -865,6 +865,26 @@ def test_scale_by_adam_takes_gradients_narrower_than_its_moments_as_optax_does()
         assert state.mu["w"].dtype == state.nu["w"].dtype == updates["w"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("param,grad", [
+    (torch.float32, torch.float64), (torch.complex64, torch.float32), (torch.float32, torch.complex64),
+    (torch.bfloat16, torch.float16),
+])
+def test_scale_by_adam_refuses_a_gradient_wider_than_its_param_or_of_another_kind_as_adam_does(param, grad):
+    # A float64 gradient for float32 params was silently rounded down (adam and sgd refuse it); a real one for
+    # complex params stepped only the real part.
+    params = {"w": torch.ones(3, dtype=param)}
+    g = {"w": torch.ones(3, dtype=grad)}
+    for tx in (fo.scale_by_adam(), fo.adam(1e-3)):
+        with pytest.raises(ValueError, match=rf"update expected gradients of the params' dtypes, but w has a "
+                                             rf"{grad} gradient for a {param} parameter\. .*g\.to\(p\.dtype\)"):
+            fo.step(tx, g, tx.init(params), params)
+    # narrower gradients of the same kind are still cast up
+    for narrow in (torch.bfloat16, torch.float16):
+        u, state = fo.scale_by_adam().update({"w": torch.full((3,), 0.5, dtype=narrow)}, fo.scale_by_adam().init({"w": torch.ones(3)}))
+        assert u["w"].dtype == state.mu["w"].dtype == torch.float32
+        torch.testing.assert_close(u["w"], torch.full((3,), 1.0))  # first Adam step: sign(g), eps aside
+
+
 def test_decay_mask_given_a_module_says_what_to_pass():
     with pytest.raises(TypeError, match="decay_mask expected the params .* got a module"):
         fo.decay_mask(torch.nn.Linear(2, 2))

@@ -388,13 +388,15 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> G
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Rescales updates by Adam's bias-corrected moment estimates: ``m_hat / (sqrt(v_hat) + eps)``.
 
-    The moments keep the params' dtypes: a gradient of another real dtype is cast to theirs first (for a narrower one,
-    bfloat16 for float32 params, these are the numbers of optax's promotion).
+    The moments keep the params' dtypes: a narrower gradient (bfloat16 for float32 params) is cast to theirs first
+    (the numbers of optax's promotion); a wider one, or a real one for complex params (or the reverse), is refused,
+    as ``adam`` refuses it.
 
     Raises:
         TypeError: if a beta or ``eps`` is not a number.
         ValueError: if a beta is outside [0, 1) or ``eps < 0``; at update time for a sparse gradient
-            (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too.
+            (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too, or a gradient wider than its
+            parameter (float64 for float32) or of another kind (real for complex).
 
     Example:
         >>> import torch
@@ -420,9 +422,20 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         t = count.to(torch.float64)  # 1 - 0.999**t loses digits in float32
         bias64 = (1 - b1**t, 1 - b2**t)  # float64 for float64 updates, float32 for the rest (see _alias's adam)
         bias32 = (bias64[0].to(torch.float32), bias64[1].to(torch.float32))
-        # A gradient of another dtype (bfloat16 for float32 params) in the moments' dtype: lerp takes one (optax
-        # promotes). Not a complex one for a real moment: that cast would drop its imaginary part.
-        g = [x if x.dtype is m.dtype or (x.is_complex() and not m.is_complex()) else x.to(m.dtype) for x, m in zip(g, mu)]
+        # A narrower gradient (bfloat16 for float32 params) in the moments' dtype: lerp takes one (optax promotes).
+        # adam's rule: a wider one would be rounded down, a real one for a complex moment (or the reverse) is not
+        # that parameter's gradient.
+        for i, (x, m) in enumerate(zip(g, mu)):
+            if x.dtype is not m.dtype:
+                if torch.promote_types(x.dtype, m.dtype) != m.dtype or x.dtype.is_complex != m.dtype.is_complex or not (
+                    x.is_floating_point() or x.is_complex()
+                ):
+                    raise ValueError(
+                        f"scale_by_adam.update expected gradients of the params' dtypes, but {tree_paths(updates)[i]} "
+                        f"has a {x.dtype} gradient for a {m.dtype} parameter. Differentiate state.params themselves, "
+                        "or cast: g.to(p.dtype)."
+                    )
+                g[i] = x.to(m.dtype)
         mu = [m.lerp(x, 1 - b1) for m, x in zip(mu, g)]
         # optax's rule for a complex gradient: |g|^2 = g * conj(g) (g * g would be its square, a complex number)
         nu = [torch.addcmul(v * b2, x, x.conj() if x.is_complex() else x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
