@@ -91,14 +91,15 @@ def _deferred_limit(
     """Under torch.distributed: :func:`_limit`, or its error and a code for the other ranks (0: none), so that every
     rank raises at the ranks' next exchange (:func:`_limit_failed`) rather than wait there for the one that raised.
 
-    The code is ``3 * rank + why + 1`` (why: 0 not a valid limit, 1 a fraction of data without a len(), 2 a
-    fraction that leaves less than one batch): the ranks' MAX names one of the failed ranks, and its reason.
+    The code is ``4 * rank + why + 1`` (why: 0 not a valid limit, 1 a fraction of data without a len(), 2 a
+    fraction that leaves less than one batch; 3, fit's own, empty training data): the ranks' MAX names one of the
+    failed ranks, and its reason.
     """
     try:
         return _limit(limit, n, name, who), None, 0
     except ValueError as e:
         bad = isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or limit > 1
-        return n, e, 3 * _dist.rank() + (0 if bad else 1 if n is None else 2) + 1
+        return n, e, 4 * _dist.rank() + (0 if bad else 1 if n is None else 2) + 1
 
 
 def _limit_failed(code: int, error: ValueError | None, limit: Any, name: str, who: str) -> None:
@@ -107,7 +108,12 @@ def _limit_failed(code: int, error: ValueError | None, limit: Any, name: str, wh
     if error is not None:
         raise error
     if code:
-        rank, why = divmod(code - 1, 3)
+        rank, why = divmod(code - 1, 4)
+        if why == 3:
+            raise ValueError(
+                f"{who}: rank {rank} got empty training data (len(train_data) == 0), so it cannot run the steps the "
+                "others' gradient all-reduces wait for. Give every rank batches: fnlit.data.ArrayLoader shards evenly."
+            )
         reason = (
             "it is not an int >= 0 or a float in [0.0, 1.0]",
             "it is a fraction of the epoch, but that rank's data has no len(); pass an int number of batches",
@@ -133,8 +139,10 @@ class _Plan:
     log_every: int
     quiet: bool  # fast_dev_run: no logging, no checkpoints
     # under torch.distributed: the validation limit's failure code and error on this rank (_deferred_limit: raised at
-    # the ranks' first exchange, _same_batches), the limit and its name
+    # the ranks' first exchange, _same_batches), the limit and its name; the same for the training limit (or empty
+    # training data)
     val_limit: tuple[int, ValueError | None, Any, str] = (0, None, None, "limit_val_batches")
+    train_limit: tuple[int, ValueError | None, Any, str] = (0, None, None, "limit_train_batches")
 
     def validates_in(self, epoch: int) -> bool:
         return self.validate and (self.val_every_n_epoch is None or (epoch + 1) % self.val_every_n_epoch == 0)
@@ -171,9 +179,17 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if overfit:  # overfit_batches=N: the first N batches every epoch, unshuffled; validation on N batches too
         limit_train = limit_val = overfit
     n = _num_batches(train_data)
-    if n == 0:
-        raise ValueError("fit got empty training data (len(train_data) == 0). Check the dataset and batch_size.")
-    batches = _limit(limit_train, n, "overfit_batches" if overfit else "limit_train_batches")
+    train_name, train_error, train_failed = "overfit_batches" if overfit else "limit_train_batches", None, 0
+    empty = ValueError("fit got empty training data (len(train_data) == 0). Check the dataset and batch_size.")
+    if _dist.world_size() > 1:  # raised on every rank at the ranks' first exchange, as the validation limit
+        if n == 0:
+            batches, train_error, train_failed = 0, empty, 4 * _dist.rank() + 3 + 1
+        else:
+            batches, train_error, train_failed = _deferred_limit(limit_train, n, train_name, "fit")
+    elif n == 0:
+        raise empty
+    else:
+        batches = _limit(limit_train, n, train_name)
     if max_steps is None or max_steps == -1:
         max_steps = math.inf
     if max_epochs is None:
@@ -182,7 +198,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         timed = o["max_time"] is not None or any(isinstance(cb, Timer) and cb.duration is not None for cb in o["callbacks"])
         if max_steps != math.inf or timed:
             max_epochs = -1
-        elif n is None and batches is None:  # (an int limit_train_batches bounds its epochs: 1000 of them)
+        elif n is None and batches is None and not train_failed:  # (an int limit_train_batches bounds its epochs)
             raise ValueError(
                 "fit got endless training data (it has no len()) and neither max_epochs nor max_steps: it would "
                 "never stop. Pass max_steps=... (or max_epochs=..., max_time=..., or limit_train_batches=N)."
@@ -209,7 +225,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         # An int is a number of training batches; within an epoch unless check_val_every_n_epoch=None.
         if vci < 1:
             raise ValueError(f"fit expected val_check_interval to be an int >= 1 or a float in (0, 1], got {vci!r} instead.")
-        if every_n is not None and batches is not None and vci > batches:
+        if every_n is not None and batches is not None and vci > batches and not train_failed:
             raise ValueError(
                 f"fit got val_check_interval={vci}, more than the {batches} training batches of an epoch, so "
                 "validation would never run. Use val_check_interval <= the epoch, a float fraction of it, or "
@@ -220,7 +236,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         # A float is a fraction of the epoch: validate every max(1, int(batches * fraction)) batches.
         if not isinstance(vci, float) or not 0 < vci <= 1:
             raise ValueError(f"fit expected val_check_interval to be an int or a float in (0, 1], got {vci!r} instead.")
-        if batches is None and vci != 1.0:
+        if batches is None and vci != 1.0 and not train_failed:
             raise ValueError(
                 f"fit got val_check_interval={vci}, a fraction of the epoch, but the training data has no len(). "
                 "Pass an int number of batches, or 1.0."
@@ -248,7 +264,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches, sized=n is not None,
         length=n, sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
-        val_limit=(val_failed, val_error, limit_val, val_name),
+        val_limit=(val_failed, val_error, limit_val, val_name), train_limit=(train_failed, train_error, limit_train, train_name),
     )  # fmt: skip
 
 
@@ -486,12 +502,14 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: 
 
 
 def _same_batches(
-    n: int | None, seed: int, device: torch.device, validates: bool, val_limit: tuple[int, ValueError | None, Any, str]
+    n: int | None, seed: int, device: torch.device, validates: bool, val_limit: tuple[int, ValueError | None, Any, str],
+    train_limit: tuple[int, ValueError | None, Any, str] = (0, None, None, "limit_train_batches"),
 ) -> int:
     """Under torch.distributed: every rank must run as many batches per epoch (each step's collectives pair up),
     and validate or not alike (``evaluate`` runs the ranks' different numbers of validation batches together,
     but a rank without any would skip the validations). A validation limit that failed on some rank
-    (``val_limit``: :func:`_deferred_limit`'s code and error, the limit and its name) is raised on every rank.
+    (``val_limit``: :func:`_deferred_limit`'s code and error, the limit and its name) is raised on every rank, as is
+    a training limit that failed, or empty training data (``train_limit``), first.
 
     Returns rank 0's data-order seed, in the same all-reduce: the ranks cut one order into their shards (as
     DistributedSampler asks of its ``seed``), and a resume reads rank 0's. A rank may hold an rng of its own
@@ -502,10 +520,12 @@ def _same_batches(
     # only depends on it modulo 2**63: epoch_seed's mask).
     sent = ((seed + 2**63) % 2**64) - 2**63 if _dist.rank() == 0 else -(2**63)
     failed, error, limit, name = val_limit
-    counts = torch.tensor([none, -none, sent, int(validates), -int(validates), failed], dtype=torch.int64, device=device)
+    counts = torch.tensor([none, -none, sent, int(validates), -int(validates), failed, train_limit[0]], dtype=torch.int64,
+                          device=device)
     torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
-    most, least, first, any_validate, not_all, code = counts.tolist()  # (once, at the start of fit)
+    most, least, first, any_validate, not_all, code, train_code = counts.tolist()  # (once, at the start of fit)
     least = -least
+    _limit_failed(train_code, *train_limit[1:], "fit")
     _limit_failed(code, error, limit, name, "fit")
     if most != least:
         raise ValueError(
@@ -774,7 +794,9 @@ def fit(
     # position too (Checkpointer says which file it read)
     resumed = ckpt_path is not None and (position is not None or getattr(checkpoint, "restored_from", None) is not None)
     if plan.batches == 0:
-        if plan.val_limit[1] is not None:  # (as one process raises it: no rank waits in an exchange here)
+        if _dist.world_size() > 1:  # every rank raises a limit (or empty data) that failed on any, or none does
+            _same_batches(0, 0, state.device, False, plan.val_limit, plan.train_limit)  # (none validates)
+        elif plan.val_limit[1] is not None:
             raise plan.val_limit[1]
         return state  # limit_train_batches=0: Lightning skips training
     if plan.quiet:  # fast_dev_run: its N batches of the restored state from an epoch's start; it saves nothing
@@ -891,7 +913,7 @@ def fit(
     voted_signal: str | None = None  # the signal the ranks last agreed on (one process: the live one is used)
     if distributed:
         # every rank draws rank 0's data order (and raises a validation limit that failed on any)
-        seed = _same_batches(n_batches, seed, state.device, plan.validate, plan.val_limit)
+        seed = _same_batches(n_batches, seed, state.device, plan.validate, plan.val_limit, plan.train_limit)
         dp = collective_of(step)
         if dp is not None and dp.collective == "fnlit.data_parallel":  # every rank must start from the same state
             _dist.check_same_state(state, getattr(dp, "group", None))

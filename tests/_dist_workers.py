@@ -530,6 +530,9 @@ def uneven_validation_unsharded():
     def fitted(val_data, **options):
         fnlit.fit(step, state, train, val_data=val_data, **fit, **options)
 
+    def trained(train_data, **options):  # (the validation batches are (x, y) batches too)
+        fnlit.fit(step, state, train_data, max_steps=1, progress=False, **options)
+
     for name, run in [
         ("evaluate", lambda: fnlit.evaluate(ce, state, mine)["ce"]),
         ("no len()", lambda: fnlit.evaluate(ce, state, Reiterable(mine))["ce"]),
@@ -544,6 +547,12 @@ def uneven_validation_unsharded():
         ("limit 0.5, 3 and 1 batches", lambda: fnlit.evaluate(ce, state, mine[: 3 - 2 * rank], limit_batches=0.5)),
         ("limit 0.5, no len() on rank 1", lambda: fnlit.evaluate(ce, state, Reiterable(mine) if rank else mine, limit_batches=0.5)),
         ("fit, limit_val_batches 0.5, 3 and 1 batches", lambda: fitted(mine[: 3 - 2 * rank], limit_val_batches=0.5)),
+        ("fit, limit_train_batches 0, limit_val_batches 0.5, 3 and 1 batches",
+         lambda: trained(train, val_data=mine[: 3 - 2 * rank], eval_step=ce, limit_train_batches=0, limit_val_batches=0.5)),
+        ("fit, limit_train_batches 0.5, 3 and 1 batches", lambda: trained(mine[: 3 - 2 * rank], limit_train_batches=0.5)),
+        ("fit, limit_train_batches 0.5, no len() on rank 1",
+         lambda: trained(Reiterable(mine) if rank else mine, limit_train_batches=0.5)),
+        ("fit, empty training data on rank 1", lambda: trained(mine if rank == 0 else [])),
     ]:
         forwards[0] = 0
         try:

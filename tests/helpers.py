@@ -66,17 +66,29 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{p}: {m}")
 
 
-def assert_limit_errors(results: dict, rank: int) -> None:
+def assert_limit_errors(results: dict, rank: int, train: bool = False) -> None:
     """The validation workers' cases of a float limit that fails on rank 1 only (0.5 of its 1 batch, or of data
-    without a len()): that rank says why, as one process would; rank 0 says which rank and why (it waited in a
-    collective that rank 1 never reached)."""
+    without a len()), of limit_val_batches or limit_train_batches, or of empty training data on rank 1: that rank
+    says why, as one process would; rank 0 says which rank and why (it waited in a collective that rank 1 never
+    reached, or, with limit_train_batches=0, returned). The training cases where ``train``."""
     for name, who, option, why in [
         ("limit 0.5, 3 and 1 batches", "evaluate", "limit_batches", "a fraction of that rank's batches that leaves less"),
         ("limit 0.5, no len() on rank 1", "evaluate", "limit_batches", "a fraction of the epoch, but that rank's data has no len()"),
         ("fit, limit_val_batches 0.5, 3 and 1 batches", "fit", "limit_val_batches", "a fraction of that rank's batches"),
-    ]:
+    ] + [
+        ("fit, limit_train_batches 0, limit_val_batches 0.5, 3 and 1 batches", "fit", "limit_val_batches",
+         "a fraction of that rank's batches"),
+        ("fit, limit_train_batches 0.5, 3 and 1 batches", "fit", "limit_train_batches", "a fraction of that rank's batches"),
+        ("fit, limit_train_batches 0.5, no len() on rank 1", "fit", "limit_train_batches",
+         "a fraction of the epoch, but that rank's data has no len()"),
+    ] * train:
         if rank == 0:
-            assert results[name].startswith(f"{who} got {option}=0.5, which rank 1 cannot apply: it is {why}"), name
+            assert results[name].startswith(f"{who} got {option}=0.5, which rank 1 cannot apply: it is {why}"), results[name]
         else:
             assert results[name].startswith(f"{who} got {option}=0.5, ") and "cannot apply" not in results[name], name
             assert ("0.5 * 1 batches < 1" if "3 and 1" in name else "the data has no len()") in results[name], name
+    if not train:
+        return
+    # empty training data on rank 1 (fit's own check): rank 0 names that rank
+    empty = results["fit, empty training data on rank 1"]
+    assert empty.startswith("fit: rank 1 got empty training data" if rank == 0 else "fit got empty training data"), empty

@@ -352,4 +352,4 @@ def test_validation_with_different_numbers_of_batches_per_rank_on_a_plain_state(
             assert f"one rank with none, this rank {('some', 'none')[rank]})" in r[name], name
             assert "DistributedSampler" in r[name], name
         assert r["limit 0.5"][0] == pytest.approx(mean_ce(1), rel=1e-5) and r["limit 0.5"][1] == 1
-        assert_limit_errors(r, rank)
+        assert_limit_errors(r, rank, train=True)
