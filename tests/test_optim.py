@@ -1001,6 +1001,26 @@ def test_update_without_params_takes_narrower_gradients_and_names_a_wrong_gradie
         tx.update({"w": torch.ones(4)}, state)
 
 
+@pytest.mark.parametrize("bad, where", [
+    ({"weight": torch.ones(1, 3), "bias": torch.ones(2)}, r"shapes, but they differ at weight"),
+    ({"weight": torch.ones(2, 3), "bias": torch.ones(())}, r"shapes, but they differ at bias"),
+    ({"weight": torch.ones(2, 3), "bias": None}, r"structure of the optimizer state.*bias"),
+], ids=["row", "scalar", "none"])
+def test_add_decayed_weights_refuses_gradients_not_shaped_as_the_params(bad, where):
+    # u + wd * p broadcast a (1, 3) gradient up to its (2, 3) weight (a 0-d one up to the bias), so the sgd after it
+    # saw the right shapes and the step went through; a None gradient failed with optree's "Expected None, got
+    # tensor(...)". torch refuses such a gradient outright (checked below), as sgd alone does.
+    w = torch.nn.Parameter(torch.zeros(2, 3))
+    if bad["weight"].shape != w.shape:
+        with pytest.raises(RuntimeError, match="attempting to assign a gradient of size"):
+            w.grad = bad["weight"]
+    params = {"weight": torch.ones(2, 3), "bias": torch.ones(2)}
+    for tx in (fo.chain(fo.add_decayed_weights(1e-4), fo.sgd(0.1)), fo.add_decayed_weights(1e-4)):
+        state = tx.init(params)
+        with pytest.raises(ValueError, match=r"add_decayed_weights\.update expected (gradients|grads).*" + where):
+            fo.step(tx, bad, state, params)
+
+
 def test_a_moment_tree_of_another_structure_is_named_before_anything_else():
     # state.nu's structure was never compared; with the merged leaf loop a short one also cut the gradients' checks
     # short (a kernel's "Expected exp_avg_sqs.size() == n_tensors").

@@ -493,7 +493,8 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
 
     Raises:
         TypeError: if ``weight_decay`` is not a number or 0-d tensor, or ``mask`` not a mask.
-        ValueError: if ``weight_decay < 0``, or at update time if ``params`` is not given.
+        ValueError: if ``weight_decay < 0``; at update time if ``params`` is not given, or if the updates differ
+            from them in structure (a ``None`` gradient) or in a leaf's shape, naming the path.
 
     Example:
         >>> import torch
@@ -522,9 +523,10 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         wd = hyper["weight_decay"] = hyper_value(
             "add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params), params, weight_decay
         )
-        # (a sparse gradient summed into a dense one first: sparse + dense is no torch op)
-        return tree_map(lambda u, p: (u if u.layout is torch.strided else u.to_dense()) + wd * p, updates,
-                        params), AddDecayedWeightsState(hyper)
+        # Structure and shapes checked first: u + wd * p would broadcast a (1, 3) gradient up to a (2, 3) param, and
+        # the next transform would see the right shape. A sparse gradient comes back dense (sparse + dense is no op).
+        g, treedef, p = flatten_checked("add_decayed_weights", updates, params)
+        return tree_unflatten(treedef, [u + wd * x for u, x in zip(g, p)]), AddDecayedWeightsState(hyper)
 
     return GradientTransformation(init, update)
 
