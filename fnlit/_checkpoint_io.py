@@ -111,12 +111,37 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def plain_subclass(t: torch.Tensor) -> bool:
+    """Whether ``t`` is of a tensor subclass whose data is its own storage (``x.as_subclass(Tagged)``): one with no
+    ``__torch_dispatch__`` of its own. A wrapper subclass (DTensor, FakeTensor, a quantized or float8 tensor)
+    defines one: its storage, if any, is not its values."""
+    return type(t) is not torch.Tensor and type(t).__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+
+
+def _stored(path: str, leaf: torch.Tensor) -> torch.Tensor:
+    """``leaf`` as the plain tensor the file holds: torch.load(weights_only=True) rebuilds torch.Tensor and
+    nn.Parameter only, so a subclass pickled as itself made a file that fnlit then refused as tampered with."""
+    if type(leaf) is torch.Tensor or type(leaf) is nn.Parameter:  # (detach() makes a Parameter a plain tensor)
+        return leaf
+    if plain_subclass(leaf):
+        return leaf.as_subclass(torch.Tensor)  # (as_subclass runs no __torch_function__: the same data, plain)
+    raise TypeError(
+        f"fnlit.save stores plain tensors, got a {type(leaf).__name__} at {path}: a tensor subclass with its own "
+        "__torch_dispatch__, whose storage is not its values. Convert it to a plain tensor (e.g. its full or "
+        "dequantized values) or keep it out of the state."
+    )
+
+
 def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[str, Any]:
     """The object ``torch.save`` writes: tensors by path plus the JSON header describing every leaf.
 
+    A tensor subclass with no ``__torch_dispatch__`` of its own (``x.as_subclass(Tagged)``) is stored as the plain
+    tensor of its data (:func:`fill_like` gives ``like``'s subclass back); nothing is written before every leaf
+    is checked.
+
     Raises:
         TypeError: if a leaf is neither a tensor nor a JSON value (int, float, bool, str), or is a sparse,
-            meta or nested tensor.
+            meta or nested tensor, or of a tensor subclass with its own ``__torch_dispatch__`` (naming the path).
     """
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
@@ -128,7 +153,7 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
                     f"fnlit.save stores dense tensors with data, got a {kind} tensor at {path}. Convert it "
                     "(t.to_dense(), or materialise it on a real device) or keep it out of the state."
                 )
-            t = tensors[path] = _compact(leaf)
+            t = tensors[path] = _compact(_stored(path, leaf))
             entries.append({"path": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "crc32": crc32(t)})
         elif isinstance(leaf, (bool, int, float, str)):
             entries.append({"path": path, "value": leaf})
@@ -465,6 +490,8 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
             v = _distribute(v, leaf)  # a sharded `like` (fnlit.shard_state): every rank keeps its own shard
         elif isinstance(leaf, torch.Tensor):
             v = v.to(device=leaf.device, dtype=leaf.dtype)
+            if plain_subclass(leaf) and not isinstance(leaf, nn.Parameter):  # stored plain (encode): like's type back
+                v = v.as_subclass(type(leaf))
         out.append(v)
     return _tree.tree_unflatten(treedef, out)
 

@@ -90,7 +90,9 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
     Raises:
         CheckpointError: naming ``path``, if it cannot be written (missing or unwritable folder, full disk).
         TypeError: if ``meta``, ``position`` (apart from its tensors) or ``metrics`` are not JSON-serialisable, or a leaf is neither
-            a tensor nor a JSON value (int, float, bool, str).
+            a tensor nor a JSON value (int, float, bool, str), or is a sparse, meta or nested tensor or of a tensor
+            subclass with its own ``__torch_dispatch__``; before anything is written. (A subclass without one,
+            ``x.as_subclass(Tagged)``, is stored as its plain data; :func:`restore` gives ``like``'s subclass back.)
 
     Example:
         >>> import tempfile, os, torch, fnlit

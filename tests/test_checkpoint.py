@@ -387,6 +387,43 @@ def test_a_conjugated_complex_tensor_round_trips_with_its_values(tmp_path):
     assert torch.equal(back["neg"], tree["neg"].clone())
 
 
+class _Tagged(torch.Tensor):  # a plain subclass: its storage holds its values
+    pass
+
+
+class _Dispatching(torch.Tensor):  # its own __torch_dispatch__ (as DTensor, FakeTensor, float8 tensors)
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError("save must refuse it before any op on it")
+
+
+def test_a_tensor_subclass_round_trips_as_its_data_and_a_dispatching_one_is_refused_before_writing(tmp_path):
+    # A subclass was pickled as itself: the save succeeded, then restore/load_module/read_info refused the file as
+    # "tampered with" (torch.load(weights_only=True) rebuilds torch.Tensor and nn.Parameter only).
+    def model():
+        m = nn.Linear(3, 2)
+        m.register_buffer("mask", torch.tensor([1.0, 2.0]).as_subclass(_Tagged))
+        return m
+
+    state = fnlit.TrainState.create(model(), fnlit.optim.sgd(0.1), seed=0)
+    assert type(state.buffers["mask"]) is _Tagged
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    raw = torch.load(path, weights_only=True)  # torch's own safe loader reads it
+    assert [type(t) for t in raw["tensors"].values()] == [torch.Tensor] * len(raw["tensors"])
+    back = ckpt.restore(path, like=state)
+    assert type(back.buffers["mask"]) is _Tagged and torch.equal(back.buffers["mask"].as_subclass(torch.Tensor),
+                                                                 torch.tensor([1.0, 2.0]))
+    assert ckpt.read_info(path).step == 0
+    fresh = nn.Linear(3, 2)
+    fresh.register_buffer("mask", torch.zeros(2))
+    assert torch.equal(ckpt.load_module(path, fresh).mask, torch.tensor([1.0, 2.0]))
+
+    bad = state.replace(buffers={"mask": torch.Tensor._make_subclass(_Dispatching, torch.ones(2))})
+    with pytest.raises(TypeError, match=r"got a _Dispatching at buffers.*mask.*own __torch_dispatch__"):
+        ckpt.save(tmp_path / "b.ckpt", bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]  # no file, no temporary left
+
+
 def ensemble_state():
     torch.manual_seed(0)
     return fnlit.ensemble_states(lambda: mlp(bn=True), fnlit.optim.adamw(1e-2), seeds=[0, 1, 2], learning_rate=[1e-3, 1e-2, 3e-2])
