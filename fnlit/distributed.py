@@ -181,9 +181,9 @@ def _shard_order(n: int, *, rank: int, world_size: int, shuffle: bool, seed: int
         raise ValueError(f"shard_indices expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
     if shuffle:
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF)
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g, device="cpu")  # (not torch.set_default_device's)
     else:
-        order = torch.arange(n)
+        order = torch.arange(n, device="cpu")
     per_rank = n // world_size
     # (contiguous: a copy of this rank's, not a view keeping every rank's indices alive)
     return order[rank : per_rank * world_size : world_size].contiguous()

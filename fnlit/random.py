@@ -111,7 +111,7 @@ def _index(data: object) -> int:
 
 
 def _new(value: int) -> torch.Tensor:
-    return torch.scalar_tensor(_to_signed(value), dtype=torch.int64)  # 3 us; torch.tensor takes 9
+    return torch.scalar_tensor(_to_signed(value), dtype=torch.int64, device="cpu")  # 3 us; torch.tensor takes 9
 
 
 def key(seed: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
         raise ValueError(f"fnlit.random.split expected num >= 1, got {num!r} instead.")
     if _eager(k, "split"):
         base = int(k)
-        return torch.tensor([_to_signed(_combine_int(base, i)) for i in range(num)], dtype=torch.int64)
+        return torch.tensor([_to_signed(_combine_int(base, i)) for i in range(num)], dtype=torch.int64, device="cpu")
     counters = torch.arange(num, dtype=torch.int64, device=k.device).reshape((num,) + (1,) * k.dim())
     return _combine(k.unsqueeze(0), counters)
 

@@ -124,7 +124,7 @@ class TrainState:
                     f"got {loss_scale!r} instead."
                 )
         return cls(
-            step=torch.zeros((), dtype=torch.int64),
+            step=torch.zeros((), dtype=torch.int64, device="cpu"),  # not the default device (torch.set_default_device)
             params=params,
             buffers=buffers,
             opt_state=tx.init(params),

@@ -136,3 +136,25 @@ def test_threads_sharing_a_module_get_their_own_masks_and_params():
     for seed in (0, 1):
         for name, p in alone[seed].items():
             assert torch.equal(threaded[seed][name], p), (seed, name)
+
+
+@pytest.fixture
+def meta_default_device():
+    """torch.set_default_device("meta"): the stand-in for the LLM-script idiom set_default_device("cuda")."""
+    before = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(before)
+
+
+def test_keys_are_cpu_tensors_under_another_default_device(meta_default_device):
+    # Keys were made on the default device: under set_default_device("cuda") int(key) synced the GPU every step
+    # (the no-host-sync check exempts CPU keys only); under "meta" a key had no value at all.
+    k = R.key(3)
+    keys = [k, R.split(k, 3), R.fold_in(k, 2), R.next_key(k), R.split(k, 2)[1]]
+    for x in keys:
+        assert x.device == torch.device("cpu") and x.dtype == torch.int64
+    with torch.device("cpu"):  # the same keys made with the CPU as the default device
+        assert torch.equal(R.split(R.key(3), 3), keys[1]) and torch.equal(R.fold_in(R.key(3), 2), keys[2])

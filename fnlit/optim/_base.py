@@ -327,9 +327,9 @@ class Recycler:
                     continue
                 free = spare.get(t.nbytes)
                 new = (
-                    torch.empty(0, dtype=t.dtype).set_(free.pop(), 0, t.shape)
+                    torch.empty(0, dtype=t.dtype, device="cpu").set_(free.pop(), 0, t.shape)
                     if free
-                    else torch.empty(t.shape, dtype=t.dtype)
+                    else torch.empty(t.shape, dtype=t.dtype, device="cpu")  # (not torch.set_default_device's)
                 )
                 out.append(new.copy_(t))
                 handed.append(new.untyped_storage())
