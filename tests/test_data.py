@@ -739,16 +739,12 @@ def test_each_ranks_dataloader_workers_draw_their_own_random_transforms(monkeypa
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_shard_indices_are_drawn_on_the_cpu_under_another_default_device(shuffle):
+def test_shard_indices_are_drawn_on_the_cpu_under_another_default_device(shuffle, request):
     # Under torch.set_default_device("cuda") ("meta" stands in) randperm with the CPU generator failed and arange
     # made the order on the default device. Reference: torch's own permutation of the same seed on the CPU.
     seed, epoch = 3, 1
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF)
     order = (torch.randperm(10, generator=g) if shuffle else torch.arange(10)).tolist()
-    before = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        got = fnlit.distributed.shard_indices(10, rank=1, world_size=2, shuffle=shuffle, seed=seed, epoch=epoch)
-    finally:
-        torch.set_default_device(before)
+    request.getfixturevalue("meta_default_device")  # (after the reference, drawn on the CPU)
+    got = fnlit.distributed.shard_indices(10, rank=1, world_size=2, shuffle=shuffle, seed=seed, epoch=epoch)
     assert got == order[1::2]

@@ -138,17 +138,6 @@ def test_threads_sharing_a_module_get_their_own_masks_and_params():
             assert torch.equal(threaded[seed][name], p), (seed, name)
 
 
-@pytest.fixture
-def meta_default_device():
-    """torch.set_default_device("meta"): the stand-in for the LLM-script idiom set_default_device("cuda")."""
-    before = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(before)
-
-
 def test_keys_are_cpu_tensors_under_another_default_device(meta_default_device):
     # Keys were made on the default device: under set_default_device("cuda") int(key) synced the GPU every step
     # (the no-host-sync check exempts CPU keys only); under "meta" a key had no value at all.

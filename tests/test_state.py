@@ -337,21 +337,17 @@ def test_apply_gradients_refuses_changes_to_the_fields_the_update_sets(field):
     assert int(new.step) == 1
 
 
-def test_step_and_rng_stay_on_the_cpu_under_another_default_device():
+def test_step_and_rng_stay_on_the_cpu_under_another_default_device(request):
     # torch.set_default_device("cuda") (an LLM-script idiom; "meta" stands in) made the step counter and the key on
     # that device, where the docs promise CPU tensors (int(state.rng) would sync the GPU every step). A CPU model's
     # update of a large parameter (>= 1 MiB: the recycled copies) moved it to the default device.
     model = nn.Linear(512, 512)  # built on the CPU first
-    before = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-        assert state.step.device.type == "cpu" and state.rng.device.type == "cpu"
-        grads = {k: torch.ones_like(v, device="cpu") for k, v in state.params.items()}
-        new = state.apply_gradients(grads)
-        new = new.apply_gradients(grads)
-    finally:
-        torch.set_default_device(before)
+    request.getfixturevalue("meta_default_device")
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    assert state.step.device.type == "cpu" and state.rng.device.type == "cpu"
+    grads = {k: torch.ones_like(v, device="cpu") for k, v in state.params.items()}
+    new = state.apply_gradients(grads)
+    new = new.apply_gradients(grads)
     assert new.step.device.type == "cpu" and int(new.step) == 2 and new.rng.device.type == "cpu"
     for k, p in model.named_parameters():  # by hand: two SGD steps of gradient 1
         assert new.params[k].device.type == "cpu"
