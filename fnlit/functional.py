@@ -334,9 +334,14 @@ def apply(
     (``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``) works under
     :func:`value_and_grad`: its backward, which runs ``block`` again, sees these params and buffers too
     (a BatchNorm in ``block`` updates the copies in ``new_buffers`` a second time then, as PyTorch updates
-    the module's own). The module holds them from the first module forward that backward runs (a block
-    reading a tensor of the module before calling any submodule reads the module's own) to the backward's
-    end; threads sharing the module may run such backwards, but not two at once (an error says so).
+    the module's own). The module holds them for the whole backward, so a block reading a parameter itself
+    (``F.linear(x, self.w)``, ``x + self.pos_emb``) reads them too; only when another thread's backward
+    through the same module object is running at the same time does the module get them later, at the first
+    module forward the recompute runs (a block reading a parameter before calling any submodule then reads
+    the module's own), and two threads' recomputes through one module at once raise an error. A forward
+    of the module (an ``apply`` of it) in another thread while a backward runs its block again changes what
+    that recompute reads: threads sharing a module and checkpointing must not do that (give each its own
+    module, ``copy.deepcopy(model)``).
 
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
@@ -650,14 +655,16 @@ class _Backward:
 
     ``torch.utils.checkpoint`` runs a checkpointed block's forward again during the backward, reading the
     module's attributes: by then apply had put the module's own tensors back (wrong gradients), and a BatchNorm
-    there would update the module's own statistics. While such backwards run, a process-wide forward pre-hook
-    watches for a forward of a module they applied that runs inside a backward (autograd's graph task) and not
-    inside an apply: the first one puts that backward's tensors and training modes into the modules, and the
-    backward's end puts the module's own back. A backward that recomputes nothing never touches the module
-    (the cost is the hook's installation and removal, ~5 us a backward). A module applied to different params
-    in one loss (two calls that differ in more than their registered buffers, which calls thread through) is
-    left as it is, and its forward during the backward raises (:data:`_TANGLED`); so does a recompute while
-    another thread's backward holds the module (:data:`_OVERLAP`).
+    there would update the module's own statistics. When no other backward in flight reaches the modules, the
+    backward's start puts its tensors and training modes into them (a block reading a parameter directly reads
+    them too) and its end puts the module's own back. When another one (another thread's) does, a process-wide
+    forward pre-hook watches for a forward of a module they applied that runs inside a backward (autograd's
+    graph task) and not inside an apply: the first one puts that backward's tensors in, so a backward that
+    recomputes nothing never touches the module the other holds. A module applied to different params in one
+    loss (two calls that differ in more than their registered buffers, which calls thread through) is left as
+    it is, and its forward during the backward raises (:data:`_TANGLED`, through the hook); so does a
+    recompute while another thread's backward holds the module (:data:`_OVERLAP`). Either way this costs
+    ~10 us a backward on a CPU.
     """
 
     def __init__(self, records: list[tuple[Any, ...]]) -> None:
@@ -672,8 +679,15 @@ class _Backward:
         # (a value_and_grad inside a forward that apply runs: its backward's recomputes count)
         self.depth, _IN_APPLY.depth = _IN_APPLY.depth, 0
         with _random._LOCK:
+            # Uncontended (no other backward in flight reaches these modules; another thread's apply forward
+            # holds this lock throughout): the tensors go in now, so a block reading a parameter before any
+            # submodule call (F.linear(x, self.w)) reads them too, and no hook is needed unless a module is tangled.
+            self._dedup()
+            self.lazy = bool(self.tangled) or any(self._meets(b) for b in _ACTIVE)
             _ACTIVE.append(self)
-            if not _HOOK:
+            if not self.lazy:
+                self.swap_in(None)
+            elif not _HOOK:
                 _HOOK.append(torch.nn.modules.module.register_module_forward_pre_hook(_recompute_hook))
         return self
 
@@ -681,7 +695,7 @@ class _Backward:
         _IN_APPLY.depth = self.depth
         with _random._LOCK:
             _ACTIVE.remove(self)
-            if not _ACTIVE:
+            if _HOOK and not any(b.lazy for b in _ACTIVE):
                 _HOOK.pop().remove()
             if self.saved is not None:
                 for d, attr, old in reversed(self.saved):  # in reverse, as _call_swapped
@@ -690,22 +704,32 @@ class _Backward:
                 for m, was in self.modes:
                     m.training = was
 
-    def reaches(self, module: nn.Module) -> bool:
-        """Whether the loss applied ``module`` or a module holding it (built at the first forward seen)."""
+    def _dedup(self) -> None:
+        """Keeps each module's last record (the buffers it returned); notes modules applied to two param sets."""
+        records, latest = self.records, {}
+        for rec in records:
+            prev = latest.get(id(rec[0]))
+            if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
+                self.tangled.update(id(m) for m in rec[0].modules())
+            latest[id(rec[0])] = rec
+        self.applied = records  # (all of them: a tangled module's forward raises)
+        self.records = [rec for rec in records if latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
+
+    def _meets(self, other: _Backward) -> bool:
+        """Whether the two backwards' losses applied a module in common."""
+        self.reaches(None)
+        other.reaches(None)
+        return any(k in self.owners for k in other.owners)  # type: ignore[operator, union-attr]
+
+    def reaches(self, module: nn.Module | None) -> bool:
+        """Whether the loss applied ``module`` or a module holding it (``owners`` built when first needed)."""
         if self.owners is None:
-            records, latest = self.records, {}
-            for rec in records:  # a module applied twice: its last call's tensors (the buffers it returned)
-                prev = latest.get(id(rec[0]))
-                if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
-                    self.tangled.update(id(m) for m in rec[0].modules())
-                latest[id(rec[0])] = rec
-            self.records = [rec for rec in records if latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
-            self.owners = {id(m): rec[0] for rec in records for m in rec[0].modules()}
+            self.owners = {id(m): rec[0] for rec in self.applied for m in rec[0].modules()}
         return id(module) in self.owners
 
-    def swap_in(self, module: nn.Module) -> None:
+    def swap_in(self, module: nn.Module | None) -> None:
         """Gives the modules this backward's tensors and training modes (once); raises for a tangled module."""
-        if id(module) in self.tangled:
+        if module is not None and id(module) in self.tangled:
             raise RuntimeError(_TANGLED.format(name=type(self.owners[id(module)]).__name__))  # type: ignore[index]
         if self.saved is not None:
             return

@@ -862,6 +862,43 @@ def test_a_checkpointed_block_trains_on_the_states_tensors_as_plain_pytorch(bn, 
     assert model.training == (module_mode == "train") and all(m.training == model.training for m in model.modules())
 
 
+class _DirectReads(nn.Module):
+    """Checkpointed blocks that read parameters themselves before any submodule call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.pos_emb = nn.Parameter(torch.randn(16) * 0.1)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def block(self, x):
+        h = torch.tanh(F.linear(x, self.w)) + self.pos_emb
+        return torch.tanh(F.linear(h, self.fc.weight, self.fc.bias))
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_a_checkpointed_block_reading_parameters_directly_trains_as_plain_pytorch():
+    # The module got the state's tensors at its first submodule forward in the backward: a recompute that runs none
+    # (F.linear(x, self.w), x + self.pos_emb) read the module's own. Reference: plain PyTorch, torch.optim.SGD.
+    torch.manual_seed(0)
+    model = _DirectReads()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [batch(seed=i) for i in range(5)]
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.5), seed=0)
+    step = fnlit.train_step(model, loss_fn)
+    for b in batches:
+        state, _ = step(state, b)
+    ref = _sgd_reference(model, batches, loss_fn, lr=0.5)
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(state.params[k], v.detach(), rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, own[k]), k
+
+
 def test_a_checkpointed_block_under_accumulate_and_a_gradient_penalty_matches_plain_autograd():
     model = _Checkpointed()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
