@@ -334,7 +334,8 @@ def apply(
     (``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``) works under
     :func:`value_and_grad`: its backward, which runs ``block`` again, sees these params and buffers too
     (a BatchNorm in ``block`` updates the copies in ``new_buffers`` a second time then, as PyTorch updates
-    the module's own). The module holds them for the whole backward, so a block reading a parameter itself
+    the module's own). The module holds them for the whole backward (another thread reading the module
+    object meanwhile, ``state_dict()`` or ``TrainState.create``, reads them), so a block reading a parameter itself
     (``F.linear(x, self.w)``, ``x + self.pos_emb``) reads them too; only when another thread's backward
     through the same module object is running at the same time does the module get them later, at the first
     module forward the recompute runs (a block reading a parameter before calling any submodule then reads

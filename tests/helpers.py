@@ -92,3 +92,21 @@ def assert_limit_errors(results: dict, rank: int, train: bool = False) -> None:
     # empty training data on rank 1 (fit's own check): rank 0 names that rank
     empty = results["fit, empty training data on rank 1"]
     assert empty.startswith("fit: rank 1 got empty training data" if rank == 0 else "fit got empty training data"), empty
+
+
+def run_threads(target, args_list, timeout: float = 120) -> None:
+    """Runs ``target(*args)`` for each args in a thread of its own, the interpreter switching threads as often as
+    it can (interleavings a normal run rarely shows), and waits for them (bounded)."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=target, args=args) for args in args_list]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+    finally:
+        sys.setswitchinterval(interval)

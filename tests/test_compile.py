@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_trees_close, assert_trees_equal, batch, clone_tree, grads_of, hand_step, mlp
+from helpers import assert_trees_close, assert_trees_equal, batch, clone_tree, grads_of, hand_step, mlp, run_threads
 
 import fnlit
 from fnlit.transforms.compile import CaptureError, CompiledStep, _Entry
@@ -719,8 +719,6 @@ def test_a_compiled_step_shared_by_two_threads_seeds_each_call_from_its_own_key(
     # The running call's key lived on the shared object: one thread's dropout was seeded from the other's key (or
     # from None: a TypeError). Reference: the same calls run one thread after the other. (A race: without the fix
     # this failed in one run of four here; with it, the calls cannot see each other's key.)
-    import sys
-    import threading
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
@@ -740,16 +738,7 @@ def test_a_compiled_step_shared_by_two_threads_seeds_each_call_from_its_own_key(
     for s, r in zip(starts, refs):
         run(s, r)
     got = [[], []]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often
-    try:
-        threads = [threading.Thread(target=run, args=(s, g)) for s, g in zip(starts, got)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        sys.setswitchinterval(interval)
+    run_threads(run, list(zip(starts, got)))
     for r, g in zip(refs, got):
         assert len(g) == len(r) and all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(g, r))
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batch, mlp
+from helpers import batch, mlp, run_threads
 from torch import nn
 
 import fnlit
@@ -1006,11 +1006,9 @@ def test_value_and_grad_over_both_names_of_a_tied_weight_is_refused_and_one_name
 
 def test_threads_sharing_a_module_leave_its_own_tensors_in_place_and_train_as_plain_pytorch():
     # Every backward put the loss's tensors back into the module and restored what it had seen, so two threads'
-    # interleaved steps left the module holding one step's detached tensors. A backward that recomputes nothing
-    # now never touches the module. Reference: plain PyTorch, each thread's steps on a copy of the module.
-    import sys
-    import threading
-
+    # interleaved steps left the module holding one step's detached tensors. Now the module's own are back once no
+    # backward runs (while one does, the module holds its tensors: the states are made before the threads start).
+    # Reference: plain PyTorch, each thread's steps on a copy of the module.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     own = dict(model.state_dict(keep_vars=True))
@@ -1018,27 +1016,18 @@ def test_threads_sharing_a_module_leave_its_own_tensors_in_place_and_train_as_pl
     step = fnlit.train_step(model, loss_fn)
     batches = {s: [batch(seed=10 * s + i) for i in range(4)] for s in (0, 1)}
     results, errors = {}, []
+    starts = {s: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=s) for s in (0, 1)}
 
     def run(s):
         try:
-            state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=s)
-            state = state.replace(params={k: v * (2 + s) for k, v in state.params.items()})
+            state = starts[s].replace(params={k: v * (2 + s) for k, v in starts[s].params.items()})
             for i in range(150):
                 state, _ = step(state, batches[s][i % 4])
             results[s] = state.params
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often
-    try:
-        threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        sys.setswitchinterval(interval)
+    run_threads(run, [(0,), (1,)])
     assert not errors and len(results) == 2
     now = dict(model.state_dict(keep_vars=True))
     assert all(now[k] is v for k, v in own.items()), [k for k in own if now[k] is not own[k]]
