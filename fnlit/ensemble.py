@@ -260,13 +260,13 @@ def _map_hyper(opt_state: Any, fn: Callable[[dict[str, Any]], dict[str, Any] | N
     return opt_state, 0
 
 
-def _set_hyper(opt_state: Any, name: str, value: torch.Tensor, which: Any = None) -> tuple[Any, int]:
-    """``opt_state`` with every ``hyperparams[name]`` replaced by ``value`` (only the holders numbered in ``which``,
-    counted in the order :func:`_map_hyper` walks them, when given); and how many were replaced."""
+def _set_hyper(opt_state: Any, name: str, value: torch.Tensor, which: Any) -> tuple[Any, int]:
+    """``opt_state`` with the ``hyperparams[name]`` numbered in ``which`` (counted in the order :func:`_map_hyper`
+    walks them) replaced by ``value``; and how many were replaced."""
     seen = itertools.count()
 
     def put(hyper: dict[str, Any]) -> dict[str, Any] | None:
-        if name not in hyper or (which is not None and next(seen) not in which):
+        if name not in hyper or next(seen) not in which:
             return None
         old = hyper[name]
         return {**hyper, name: value.to(old.device, old.dtype) if isinstance(old, torch.Tensor) else value}
@@ -281,7 +281,7 @@ def _held(opt_state: Any, name: str) -> list[Any]:
     return values
 
 
-def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str, which: Any = None) -> tuple[bool, bool]:
+def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: str, which: Any) -> tuple[bool, bool]:
     """Whether the update reads ``hyperparams[name]`` (those numbered in ``which``; a schedule or ``weight_decay=0``
     ignores it, as does a group without parameters); and whether it overwrites it (a schedule's rate, written into
     the state every step).
@@ -292,7 +292,7 @@ def _responds(tx: GradientTransformation, params: Params, opt_state: Any, name: 
     """
     grads = _tree.tree_map(torch.ones_like, params)
     out, new_state = _opt_step(tx, grads, _set_hyper(opt_state, name, torch.tensor(float("nan")), which)[0], params)
-    held = [v for j, v in enumerate(_held(new_state, name)) if which is None or j in which]
+    held = [v for j, v in enumerate(_held(new_state, name)) if j in which]
     overwritten = any(not (isinstance(v, torch.Tensor) and bool(v.isnan().any())) for v in held)
     return any(t.is_floating_point() and bool(t.isnan().any()) for t in _tree.tree_leaves(out)), overwritten
 

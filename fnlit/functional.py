@@ -249,12 +249,12 @@ def _same_tensor(a: Any, b: Any) -> bool:
     """One tensor, or two views of the same memory alike in everything (two ``detach()`` of one parameter)."""
     if a is b:
         return True
-    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or _traced():  # (no storage to read there)
+    if _traced():  # (no storage to read there)
         return False
     return (
-        a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        _storage.address(a) == _storage.address(b) != 0
+        and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
         and a.storage_offset() == b.storage_offset()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     )
 
 

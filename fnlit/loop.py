@@ -128,7 +128,6 @@ class _Plan:
     min_epochs: int
     max_steps: float  # math.inf: no limit
     batches: int | None  # per epoch, after limits; None: until the data runs out
-    sized: bool  # the data has a len(): an epoch ended when `batches` ran (else when the data ran out, or at the limit)
     length: int | None  # len(train_data): this rank's batches per epoch before limits (None: no len())
     sequential: bool  # overfit_batches: same batches every epoch
     val_batches: int | None  # per validation run (None: all)
@@ -261,7 +260,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit expected log_every_n_steps to be an int >= 1, got {log_every!r} instead.")
     return _Plan(
-        max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches, sized=n is not None,
+        max_epochs=max_epochs, min_epochs=o["min_epochs"] or 0, max_steps=max_steps, batches=batches,
         length=n, sequential=bool(overfit), val_batches=n_val, val_check_batch=val_check, val_every_n_epoch=every_n,
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
         val_limit=(val_failed, val_error, limit_val, val_name), train_limit=(train_failed, train_error, limit_train, train_name),
@@ -1053,7 +1052,7 @@ def fit(
                 # this call ran, or one before the position it resumed from (a checkpoint saved at the epoch's
                 # last batch). Data running out before its len() ends the epoch early, with its validation.
                 ran_out = not broke and (steps > epoch_start or b > 0)
-                short = plan.sized and ran_out and b < n_batches
+                short = plan.length is not None and ran_out and b < n_batches
                 if short and not short_warned:
                     short_warned = True  # once a run
                     warnings.warn(

@@ -835,6 +835,17 @@ def _sgd_reference(model, batches, loss_fn, lr=0.1):
     return ref
 
 
+def _trained_both_ways(model, n, lr=0.1):
+    """fnlit.train_step with sgd(lr) over n batches from a state of the module, and _sgd_reference's module."""
+    batches = [batch(seed=i) for i in range(n)]
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(lr), seed=0)
+    step = fnlit.train_step(model, loss_fn)
+    for b in batches:
+        state, _ = step(state, b)
+    return state, _sgd_reference(model, batches, loss_fn, lr=lr)
+
+
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("module_mode", ["train", "eval"])
 def test_a_checkpointed_block_trains_on_the_states_tensors_as_plain_pytorch(bn, module_mode):
@@ -844,13 +855,7 @@ def test_a_checkpointed_block_trains_on_the_states_tensors_as_plain_pytorch(bn, 
     # BatchNorm's statistics twice a step: forward and recompute; so do the buffers fnlit hands back).
     model = _Checkpointed(bn).train(module_mode == "train")  # apply(train=True) trains an eval-mode module too
     own = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = [batch(seed=i) for i in range(3)]
-    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-    step = fnlit.train_step(model, loss_fn)
-    for b in batches:
-        state, _ = step(state, b)
-    ref = _sgd_reference(model, batches, loss_fn)
+    state, ref = _trained_both_ways(model, 3)
     for k, v in ref.named_parameters():
         torch.testing.assert_close(state.params[k], v.detach(), rtol=1e-5, atol=1e-6)
     for k, v in ref.named_buffers():
@@ -886,13 +891,7 @@ def test_a_checkpointed_block_reading_parameters_directly_trains_as_plain_pytorc
     torch.manual_seed(0)
     model = _DirectReads()
     own = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = [batch(seed=i) for i in range(5)]
-    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.5), seed=0)
-    step = fnlit.train_step(model, loss_fn)
-    for b in batches:
-        state, _ = step(state, b)
-    ref = _sgd_reference(model, batches, loss_fn, lr=0.5)
+    state, ref = _trained_both_ways(model, 5, lr=0.5)
     for k, v in ref.named_parameters():
         torch.testing.assert_close(state.params[k], v.detach(), rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():

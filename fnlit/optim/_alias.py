@@ -32,7 +32,7 @@ import torch
 
 from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, own,
+    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, grad_in_dtype, own,
     own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
 )
 from ._transforms import (
@@ -204,16 +204,8 @@ def _optimizer(
             shape, dtype = q.shape, q.dtype
             if x.shape != shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
-            if x.dtype != dtype:
-                if torch.promote_types(x.dtype, dtype) != dtype or x.dtype.is_complex != dtype.is_complex or not (
-                    x.is_floating_point() or x.is_complex()
-                ):  # (the per-leaf math would promote the params; a real gradient for a complex one drops a part)
-                    raise ValueError(
-                        f"{name}.update expected gradients of the params' dtypes, but {tree_paths(params)[i]} has a "
-                        f"{x.dtype} gradient for a {dtype} parameter. Differentiate state.params themselves, or cast: "
-                        "g.to(p.dtype)."
-                    )
-                g[i] = x.to(dtype)  # a narrower gradient (bfloat16 for float32 params): the fused kernels take one dtype
+            if x.dtype != dtype:  # (the fused kernels take one dtype)
+                g[i] = grad_in_dtype(name, x, dtype, params, i)
             for f, b in zip(buffers, moments):
                 if b.shape != shape or b.dtype is not dtype:
                     raise ValueError(

@@ -416,6 +416,22 @@ def raise_shape_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "
     )
 
 
+def grad_in_dtype(name: str, x: torch.Tensor, dtype: torch.dtype, tree: PyTree, i: int) -> torch.Tensor:
+    """Gradient ``x`` (leaf ``i`` of ``tree``) in its parameter's ``dtype``: a narrower one (bfloat16 for float32
+    params) is cast up; a wider one (the per-leaf math would promote the params), or a real one for a complex
+    parameter or the reverse (not that parameter's gradient), raises the ValueError naming it."""
+    if x.dtype == dtype:
+        return x
+    if torch.promote_types(x.dtype, dtype) != dtype or x.dtype.is_complex != dtype.is_complex or not (
+        x.is_floating_point() or x.is_complex()
+    ):
+        raise ValueError(
+            f"{name}.update expected gradients of the params' dtypes, but {tree_paths(tree)[i]} has a {x.dtype} "
+            f"gradient for a {dtype} parameter. Differentiate state.params themselves, or cast: g.to(p.dtype)."
+        )
+    return x.to(dtype)
+
+
 _SPARSE_REFUSED = (
     "{name} does not support sparse gradients{why}, got a {layout} gradient for {path}. Build the module with "
     "dense gradients (e.g. nn.Embedding(..., sparse=False)){fix}."

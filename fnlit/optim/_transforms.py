@@ -17,7 +17,7 @@ import torch
 
 from ..tree import is_real, tree_flatten, tree_leaves, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, _raise_mismatch, flatten_checked, raise_wrong_state,
+    EmptyState, GradientTransformation, Mask, MaskCache, PyTree, _raise_mismatch, flatten_checked, grad_in_dtype, raise_wrong_state,
     resolve_mask, use_functional,
 )
 
@@ -427,15 +427,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         # that parameter's gradient.
         for i, (x, m) in enumerate(zip(g, mu)):
             if x.dtype is not m.dtype:
-                if torch.promote_types(x.dtype, m.dtype) != m.dtype or x.dtype.is_complex != m.dtype.is_complex or not (
-                    x.is_floating_point() or x.is_complex()
-                ):
-                    raise ValueError(
-                        f"scale_by_adam.update expected gradients of the params' dtypes, but {tree_paths(updates)[i]} "
-                        f"has a {x.dtype} gradient for a {m.dtype} parameter. Differentiate state.params themselves, "
-                        "or cast: g.to(p.dtype)."
-                    )
-                g[i] = x.to(m.dtype)
+                g[i] = grad_in_dtype("scale_by_adam", x, m.dtype, updates, i)
         mu = [m.lerp(x, 1 - b1) for m, x in zip(mu, g)]
         # optax's rule for a complex gradient: |g|^2 = g * conj(g) (g * g would be its square, a complex number)
         nu = [torch.addcmul(v * b2, x, x.conj() if x.is_complex() else x, value=1 - b2) for v, x in zip(tree_leaves(state.nu), g)]
