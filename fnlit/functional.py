@@ -140,10 +140,9 @@ def _note_sparse(names: list[str], params: Mapping[str, Any]) -> None:
 
 def sparse_refused(who: str, why: str, names: list[str], fix: str) -> str:
     """The message refusing the sparse gradients of ``names``, worded as the optimizers' and data_parallel's."""
-    from .optim._base import _SPARSE_REFUSED
+    from .optim._base import sparse_message
 
-    path = ", ".join(dict.fromkeys(names))
-    return _SPARSE_REFUSED.format(name=who, why=why, layout=torch.sparse_coo, path=path, fix=fix)
+    return sparse_message(who, why, ", ".join(dict.fromkeys(names)), fix)
 
 
 def _updated_in_place(m: nn.Module) -> tuple[str, ...]:

@@ -451,9 +451,20 @@ def dense_grad(
     sparse leaf.
     """
     if refuse is not None:
-        path = tree_paths(tree)[i]
-        raise ValueError(_SPARSE_REFUSED.format(name=name, why=refuse, layout=grad.layout, path=path, fix=fix))
+        raise ValueError(sparse_message(name, refuse, tree_paths(tree)[i], fix, grad.layout))
     return grad.to_dense()
+
+
+def sparse_message(name: str, why: str, path: str, fix: str, layout: torch.layout = torch.sparse_coo) -> str:
+    """The message refusing a sparse gradient at ``path`` (one wording for optimizers, transforms, compile)."""
+    return _SPARSE_REFUSED.format(name=name, why=why, layout=layout, path=path, fix=fix)
+
+
+def refuse_sparse(name: str, leaves: list[torch.Tensor], tree: PyTree, why: str, fix: str = SGD_TAKES_SPARSE) -> None:
+    """Raises :func:`sparse_message`'s ValueError for the first sparse leaf of ``tree`` (``leaves``), if any."""
+    for i, g in enumerate(leaves):
+        if g.layout is not torch.strided:
+            raise ValueError(sparse_message(name, why, tree_paths(tree)[i], fix, g.layout))
 
 
 def flatten_checked(

@@ -15,7 +15,7 @@ import torch
 
 from .. import random as _random
 from ..tree import tree_flatten, tree_unflatten
-from ._base import GradientTransformation, PyTree, dense_grad, raise_wrong_state
+from ._base import GradientTransformation, PyTree, raise_wrong_state, refuse_sparse
 from ._transforms import check_arg
 
 __all__ = ["DPAggregateState", "dp_sgd_aggregate"]
@@ -116,10 +116,9 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
                 "dp_sgd_aggregate runs eagerly only (its noise comes from a CPU generator seeded from the key); "
                 "do not use it inside torch.func.vmap, fnlit.ensemble or torch.compile."
             )
-        for i, g in enumerate(leaves):  # (per-example gradients come from vmap, dense: this is a batch's gradient)
-            if g.layout is not torch.strided:
-                dense_grad("dp_sgd_aggregate", g, updates, i, " (they are a whole batch's gradient, not per example)",
-                           " and compute per-example ones with fnlit.per_example_grads(loss_fn, state.params, batch)")
+        # (per-example gradients come from vmap, dense: a sparse one is a batch's gradient)
+        refuse_sparse("dp_sgd_aggregate", leaves, updates, " (they are a whole batch's gradient, not per example)",
+                      " and compute per-example ones with fnlit.per_example_grads(loss_fn, state.params, batch)")
         sizes = {g.shape[0] if g.dim() else None for g in leaves}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(

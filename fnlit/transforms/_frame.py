@@ -427,13 +427,12 @@ class Frame:
                 averaged = all_reduce_mean_([t for _, t in stats], self.shard_group)
                 changes = _with_buffers(changes, stats, averaged)
         if self.dp_group is not None:
-            from ..optim._base import dense_grad
+            from ..optim._base import refuse_sparse
             from .data_parallel import all_reduce_mean_
 
-            for i, g in enumerate(leaves):
-                if g.layout is not torch.strided:  # nn.Embedding(sparse=True): no flattening into the buckets
-                    dense_grad("fnlit.data_parallel", g, grads, i, " (it all-reduces them flattened into dense buffers)",
-                               ": the all-reduce sends the same values")
+            # nn.Embedding(sparse=True): no flattening into the buckets
+            refuse_sparse("fnlit.data_parallel", leaves, grads, " (it all-reduces them flattened into dense buffers)",
+                          ": the all-reduce sends the same values")
             n, m = len(leaves), len(stats)
             riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
             wide = any(t.dtype is torch.float64 for t in leaves)  # a float64 bucket the float64 riders can share
