@@ -65,24 +65,38 @@ def _num_batches(data: Iterable[Any]) -> int | None:
         return None
 
 
+class _LimitError(ValueError):
+    """:func:`_limit`'s error, with why (0 not a valid limit, 1 a fraction of data without a len(), 2 a fraction that
+    leaves less than one batch; 3, fit's own, empty training data): the reason another rank is told."""
+
+    def __init__(self, message: str, why: int) -> None:
+        super().__init__(message)
+        self.why = why
+
+
 def _limit(limit: int | float | None, n: int | None, name: str, who: str = "fit") -> int | None:
     """Lightning's rule: an int is a number of batches, a float in [0, 1] a fraction of the epoch."""
     if limit is None:
         return n
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (isinstance(limit, float) and limit > 1):
-        raise ValueError(f"{who} expected {name} to be an int >= 0 or a float in [0.0, 1.0], got {name}={limit!r} instead.")
+        raise _LimitError(f"{who} expected {name} to be an int >= 0 or a float in [0.0, 1.0], got {name}={limit!r} instead.", 0)
     if isinstance(limit, int):
         return limit if n is None else min(n, limit)
     if n is None:
         if limit == 1.0:
             return None
-        raise ValueError(
-            f"{who} got {name}={limit}, a fraction of the epoch, but the data has no len(). Pass an int number of batches."
+        raise _LimitError(
+            f"{who} got {name}={limit}, a fraction of the epoch, but the data has no len(). Pass an int number of batches.", 1
         )
     k = int(n * limit)
     if k == 0 and limit > 0:
-        raise ValueError(f"{who} got {name}={limit}, but {limit} * {n} batches < 1. Use at least {name}={1 / n:.4g}.")
+        raise _LimitError(f"{who} got {name}={limit}, but {limit} * {n} batches < 1. Use at least {name}={1 / n:.4g}.", 2)
     return k
+
+
+def _fail_code(why: int) -> int:
+    """The code the ranks' MAX carries for a failure of this rank's (``why``: :class:`_LimitError`'s); 0 is none."""
+    return 4 * _dist.rank() + why + 1
 
 
 def _deferred_limit(
@@ -91,15 +105,12 @@ def _deferred_limit(
     """Under torch.distributed: :func:`_limit`, or its error and a code for the other ranks (0: none), so that every
     rank raises at the ranks' next exchange (:func:`_limit_failed`) rather than wait there for the one that raised.
 
-    The code is ``4 * rank + why + 1`` (why: 0 not a valid limit, 1 a fraction of data without a len(), 2 a
-    fraction that leaves less than one batch; 3, fit's own, empty training data): the ranks' MAX names one of the
-    failed ranks, and its reason.
+    The code is :func:`_fail_code`'s: the ranks' MAX names one of the failed ranks, and its reason.
     """
     try:
         return _limit(limit, n, name, who), None, 0
-    except ValueError as e:
-        bad = isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or limit > 1
-        return n, e, 4 * _dist.rank() + (0 if bad else 1 if n is None else 2) + 1
+    except _LimitError as e:
+        return n, e, _fail_code(e.why)
 
 
 def _limit_failed(code: int, error: ValueError | None, limit: Any, name: str, who: str) -> None:
@@ -182,7 +193,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     empty = ValueError("fit got empty training data (len(train_data) == 0). Check the dataset and batch_size.")
     if _dist.world_size() > 1:  # raised on every rank at the ranks' first exchange, as the validation limit
         if n == 0:
-            batches, train_error, train_failed = 0, empty, 4 * _dist.rank() + 3 + 1
+            batches, train_error, train_failed = 0, empty, _fail_code(3)
         else:
             batches, train_error, train_failed = _deferred_limit(limit_train, n, train_name, "fit")
     elif n == 0:
