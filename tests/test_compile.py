@@ -718,7 +718,9 @@ def test_steps_whose_changes_outside_are_replayed_correctly_still_compile(varian
 def test_a_compiled_step_shared_by_two_threads_seeds_each_call_from_its_own_key():
     # The running call's key lived on the shared object: one thread's dropout was seeded from the other's key (or
     # from None: a TypeError). Reference: the same calls run one thread after the other. (A race: without the fix
-    # this failed in one run of four here; with it, the calls cannot see each other's key.)
+    # this failed in one run of four here; with it, the calls cannot see each other's key.) torch 2.14's process-wide
+    # fullgraph frame count made one thread's call fail with "found no compiled frames" (4 runs of 10 here) until
+    # fnlit.compile ran one compiled call at a time.
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))

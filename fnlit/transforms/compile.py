@@ -555,7 +555,7 @@ class CompiledStep:
         )
         try:
             self._calls.key = (state.rng, state.device)  # for the graphs that draw random numbers (see _backend)
-            with floats:
+            with floats, _ONE_AT_A_TIME:
                 new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
@@ -655,6 +655,11 @@ _DATA_PARALLEL = (
     "groups. Run data_parallel(step) uncompiled (it already does one bucketed all-reduce per update)."
 )
 
+# torch.compile(fullgraph=True) checks after each call that a compiled frame ran, by a count that is one for the
+# whole process (torch 2.14): two threads' calls reset each other's count, and a call that ran is reported as
+# "found no compiled frames" (its result lost; with donation, its state written). One compiled call at a time;
+# a re-entrant lock, so a step that calls another compiled function from its own thread cannot deadlock.
+_ONE_AT_A_TIME = threading.RLock()
 
 _OUTSIDE = (
     "fnlit.compile must be the outermost transform: a transform around a compiled step (fnlit.accumulate, "
