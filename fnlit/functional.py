@@ -60,6 +60,8 @@ class _Slots:
                     if kind == "_buffers" and canonical == name:
                         buffers.add(name)
         self.names = frozenset(self.where)
+        # every slot, as (id of the owning dict, attribute): what a backward holding the module holds (_Backward)
+        self.keys = frozenset((id(d), attr) for slots in self.where.values() for d, attr in slots)
         self.buffers = frozenset(buffers)  # registered buffers (state.buffers also holds frozen parameters)
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
@@ -643,11 +645,9 @@ _OVERLAP = (
 )
 
 # The backwards in flight (any thread) whose loss applied modules, and the forward pre-hook installed while there
-# are any; the slots (id of the owning dict, attribute) a backward's recompute has swapped its tensors into. All
-# under fnlit.random's lock.
+# are any. Both under fnlit.random's lock.
 _ACTIVE: list[_Backward] = []
 _HOOK: list[Any] = []
-_HELD: dict[tuple[int, str], _Backward] = {}
 
 
 class _Backward:
@@ -664,7 +664,7 @@ class _Backward:
     loss (two calls that differ in more than their registered buffers, which calls thread through) is left as
     it is, and its forward during the backward raises (:data:`_TANGLED`, through the hook); so does a
     recompute while another thread's backward holds the module (:data:`_OVERLAP`). Either way this costs
-    ~10 us a backward on a CPU.
+    ~3 us a backward on a CPU.
     """
 
     def __init__(self, records: list[tuple[Any, ...]]) -> None:
@@ -673,6 +673,7 @@ class _Backward:
         self.owners: dict[int, nn.Module] | None = None  # id of every module the records reach -> its root
         self.tangled: set[int] = set()
         self.saved: list[tuple[dict[str, Any], str, Any]] | None = None  # swapped in: the module's own, in order
+        self.held: frozenset[tuple[int, str]] = frozenset()  # swapped in: the slots (see _Slots.keys)
         self.modes: list[tuple[nn.Module, bool]] = []
 
     def __enter__(self) -> _Backward:
@@ -683,7 +684,7 @@ class _Backward:
             # holds this lock throughout): the tensors go in now, so a block reading a parameter before any
             # submodule call (F.linear(x, self.w)) reads them too, and no hook is needed unless a module is tangled.
             self._dedup()
-            self.lazy = bool(self.tangled) or any(self._meets(b) for b in _ACTIVE)
+            self.lazy = bool(self.tangled) or bool(_ACTIVE) and any(self._meets(b) for b in _ACTIVE)
             _ACTIVE.append(self)
             if not self.lazy:
                 self.swap_in(None)
@@ -700,19 +701,20 @@ class _Backward:
             if self.saved is not None:
                 for d, attr, old in reversed(self.saved):  # in reverse, as _call_swapped
                     d[attr] = old
-                    _HELD.pop((id(d), attr), None)
                 for m, was in self.modes:
                     m.training = was
 
     def _dedup(self) -> None:
         """Keeps each module's last record (the buffers it returned); notes modules applied to two param sets."""
-        records, latest = self.records, {}
+        records = self.applied = self.records  # (all of them: a tangled module's forward raises)
+        if len(records) == 1:
+            return
+        latest = {}
         for rec in records:
             prev = latest.get(id(rec[0]))
             if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
                 self.tangled.update(id(m) for m in rec[0].modules())
             latest[id(rec[0])] = rec
-        self.applied = records  # (all of them: a tangled module's forward raises)
         self.records = [rec for rec in records if latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
 
     def _meets(self, other: _Backward) -> bool:
@@ -733,20 +735,18 @@ class _Backward:
             raise RuntimeError(_TANGLED.format(name=type(self.owners[id(module)]).__name__))  # type: ignore[index]
         if self.saved is not None:
             return
-        writes = [
-            (d, attr, t)
-            for _, slots, _, tensors, _ in self.records
-            for name, t in tensors.items()
-            for d, attr in slots.where[name]
-        ]
-        if any(_HELD.get((id(d), attr), self) is not self for d, attr, _ in writes):
+        records = self.records
+        held = records[0][1].keys if len(records) == 1 else frozenset().union(*(rec[1].keys for rec in records))
+        if any(b.saved is not None and not held.isdisjoint(b.held) for b in _ACTIVE if b is not self):
             raise RuntimeError(_OVERLAP.format(name=type(module).__name__, how="recomputing a block of it"))
         saved: list[tuple[dict[str, Any], str, Any]] = []
-        for d, attr, t in writes:
-            saved.append((d, attr, d[attr]))
-            d[attr] = t
-            _HELD[(id(d), attr)] = self
-        self.saved = saved
+        for _, slots, _, tensors, _ in records:
+            where = slots.where
+            for name, t in tensors.items():
+                for d, attr in where[name]:
+                    saved.append((d, attr, d[attr]))
+                    d[attr] = t
+        self.saved, self.held = saved, held
         for root, _, _, _, train in self.records:
             if train is not None and root.training != train:
                 self.modes += [(m, m.training) for m in root.modules()]
