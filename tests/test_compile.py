@@ -547,13 +547,17 @@ def test_cuda_compiled_amp_bf16_schedule_no_recompile():
     assert compiled.compiles == 1 and torch.isfinite(metrics["loss"])
 
 
-def test_importing_fnlit_does_not_load_dynamo():
+def test_importing_fnlit_loads_neither_dynamo_nor_dtensor():
     # torch loads dynamo (~1 s on a small CPU) only when something compiles; `import fnlit` must not do it
     # for every process (each rank of fnlit.distributed.launch imports it). Reference: `import torch` alone.
+    # Nor DTensor (~0.7 s, and apply then scans every call's params for DTensors): fit's evaluation imported it.
     import subprocess
     import sys
 
-    probe = "import sys, {} ; print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))"
+    probe = (
+        "import sys, {} ; "
+        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', 'torch.distributed.tensor'))))"
+    )
     loaded = [
         subprocess.run([sys.executable, "-c", probe.format(name)], capture_output=True, text=True, check=True).stdout
         for name in ("torch", "fnlit")
