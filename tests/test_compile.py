@@ -554,15 +554,17 @@ def test_importing_fnlit_loads_neither_dynamo_nor_dtensor():
     import subprocess
     import sys
 
+    # One process: what `import torch` loaded, then what `import fnlit` added to it.
     probe = (
-        "import sys, {} ; "
-        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', 'torch.distributed.tensor'))))"
+        "import sys\n"
+        "def heavy(): return sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', "
+        "'torch.distributed.tensor')))\n"
+        "import torch\nprint(heavy())\nimport fnlit\nprint(heavy())\n"
     )
-    loaded = [
-        subprocess.run([sys.executable, "-c", probe.format(name)], capture_output=True, text=True, check=True).stdout
-        for name in ("torch", "fnlit")
-    ]
-    assert loaded[1] == loaded[0], f"import fnlit loaded {loaded[1].strip()}, import torch {loaded[0].strip()}"
+    torch_alone, with_fnlit = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert with_fnlit == torch_alone, f"import fnlit loaded {with_fnlit}, import torch {torch_alone}"
 
 
 def test_a_graph_compiled_later_that_draws_random_numbers_is_seeded_from_the_key():
