@@ -560,3 +560,8 @@ def uneven_validation_unsharded():
         except ValueError as e:
             out[name] = str(e)
     return out
+
+
+def environment_and_cwd(names: tuple[str, ...]):
+    """What a rank sees of the environment variables ``names`` (None: unset) and its working directory."""
+    return {name: os.environ.get(name) for name in names}, os.getcwd()

@@ -1,3 +1,5 @@
+import functools
+import os
 import time
 
 import pytest
@@ -29,6 +31,7 @@ from _dist_workers import (
     uneven_batches,
     wrap,
     data_order_with_own_rngs,
+    environment_and_cwd,
     number_or_tensor_metric,
     evaluate_with_empty_batches,
     uneven_validation_unsharded,
@@ -57,9 +60,12 @@ def _reference(steps, k=1, fp16=False):
     return history, losses
 
 
-@pytest.fixture(scope="module")
-def two_rank_runs():
-    return fnlit.distributed.launch(equivalence, 2, 4, (1, 2), timeout=120)
+@pytest.fixture(scope="module", params=["spawn", "forkserver"])
+def two_rank_runs(request):
+    launch = fnlit.distributed.launch
+    if request.param == "spawn":  # launch's default (tests/conftest.py makes the suite's default forkserver)
+        return getattr(launch, "__wrapped__", launch)(equivalence, 2, 4, (1, 2), timeout=120)
+    return launch(equivalence, 2, 4, (1, 2), timeout=120, start_method="forkserver")
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -130,11 +136,35 @@ def test_gradient_buffers_are_reused_only_when_no_result_is_alive():
         assert out["distinct"] and out["reused"]
 
 
-def test_a_dead_rank_fails_the_others_in_bounded_time():
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_dead_rank_fails_the_others_in_bounded_time(start_method):
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="rank 1 died with exit code 3"):  # the cause, not rank 0's knock-on error
-        fnlit.distributed.launch(dies_early, 2, timeout=60, collective_timeout=10)
+        fnlit.distributed.launch(dies_early, 2, timeout=60, collective_timeout=10, start_method=start_method)
     assert time.monotonic() - start < 60
+
+
+def test_forkserver_ranks_see_the_callers_environment_and_directory_now_as_spawned_ones_do(monkeypatch, tmp_path):
+    # A forkserver's children inherit the server's environment and directory, from when it started; the ranks of
+    # a spawn launch see the caller's at the launch. Reference: the caller's own os.environ and os.getcwd().
+    launch = functools.partial(fnlit.distributed.launch, start_method="forkserver", timeout=120)
+    launch(environment_and_cwd, 2, ())  # the server is running from here on
+    monkeypatch.setenv("FNLIT_SET_AFTER_THE_SERVER_STARTED", "yes")
+    monkeypatch.delenv("HOME", raising=False)  # (set when the server started, in any usual session)
+    monkeypatch.chdir(tmp_path)
+    names = ("FNLIT_SET_AFTER_THE_SERVER_STARTED", "HOME")
+    expected = ({name: os.environ.get(name) for name in names}, os.getcwd())
+    assert expected == ({"FNLIT_SET_AFTER_THE_SERVER_STARTED": "yes", "HOME": None}, str(tmp_path))
+    assert launch(environment_and_cwd, 2, names) == [expected, expected]
+
+
+@pytest.mark.parametrize("method, match", [
+    ("fork", r"expected start_method 'spawn' or 'forkserver', got 'fork' instead \('fork' is unsafe once torch"),
+    ("threads", r"expected start_method 'spawn' or 'forkserver', got 'threads' instead\.$"),
+])
+def test_launch_refuses_other_start_methods(method, match):
+    with pytest.raises(ValueError, match=match):
+        fnlit.distributed.launch(environment_and_cwd, 2, (), start_method=method)
 
 
 def test_wrap_builds_the_requested_nesting():
