@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import numbers
+import operator
 import threading
 import warnings
 import weakref
@@ -62,6 +63,10 @@ class _Slots:
         self.names = frozenset(self.where)
         # every slot, as (id of the owning dict, attribute): what a backward holding the module holds (_Backward)
         self.keys = frozenset((id(d), attr) for slots in self.where.values() for d, attr in slots)
+        # Every slot in one order, as three parallel tuples (and reversed): a swap is then a C-level map over them
+        # (see _swap_in), not a Python loop; ~0.05 us a tensor instead of ~0.3.
+        flat = [(d, attr, name) for name, slots in self.where.items() for d, attr in slots]
+        self.dicts, self.attrs, self.order = (tuple(c) for c in zip(*flat)) if flat else ((), (), ())
         self.buffers = frozenset(buffers)  # registered buffers (state.buffers also holds frozen parameters)
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
@@ -259,6 +264,24 @@ def _same_tensor(a: Any, b: Any) -> bool:
     )
 
 
+def _swap_in(slots: _Slots, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
+    """Puts ``tensors`` (one for every name of ``slots``, as :func:`_check_names` makes them) into the module's
+    slots; returns what they held, for :func:`_swap_back`."""
+    saved = list(map(operator.getitem, slots.dicts, slots.attrs))
+    try:  # (any() drives the map in C: setitem returns None, so it runs to the end)
+        any(map(operator.setitem, slots.dicts, slots.attrs, map(tensors.__getitem__, slots.order)))
+    except BaseException:
+        _swap_back(slots, saved)
+        raise
+    return saved
+
+
+def _swap_back(slots: _Slots, saved: list[Any]) -> None:
+    """Undoes :func:`_swap_in`. (A slot listed twice, a submodule used twice as in nn.Sequential(l, act, l), saved
+    the module's own tensor both times: _swap_in reads every slot before writing any.)"""
+    any(map(operator.setitem, slots.dicts, slots.attrs, saved))
+
+
 def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], buffers: Iterable[str],
                   args: tuple, kwargs: dict) -> Any:
     """Runs the module on ``tensors``; a buffer the forward reassigned (``self.mean = ...``) comes back in
@@ -266,25 +289,20 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
     # The module holds the given tensors only for the call; threads sharing it take turns (the lock is
     # fnlit.random's, reentrant: a seeded call already holds it, and a forward may call apply again).
     where = slots.where
-    saved = []
     with _random._LOCK:
         _IN_APPLY.depth += 1  # (a forward pre-hook of value_and_grad's backward leaves this forward alone)
         try:
-            for name, t in tensors.items():
-                for d, attr in where[name]:
-                    saved.append((d, attr, d[attr]))
-                    d[attr] = t
-            out = module(*args, **kwargs)
-            for name in buffers:
-                d, attr = where[name][0]
-                if d[attr] is not tensors[name]:
-                    tensors[name] = d[attr]
-            return out
+            saved = _swap_in(slots, tensors)
+            try:
+                out = module(*args, **kwargs)
+                for name in buffers:
+                    d, attr = where[name][0]
+                    if d[attr] is not tensors[name]:
+                        tensors[name] = d[attr]
+                return out
+            finally:
+                _swap_back(slots, saved)
         finally:
-            # In reverse: a submodule used twice (nn.Sequential(l, act, l)) lists its slot twice, and the second
-            # entry saved the tensor the first swap put there; the first entry's original goes back last.
-            for d, attr, old in reversed(saved):
-                d[attr] = old
             _IN_APPLY.depth -= 1
 
 
@@ -672,7 +690,7 @@ class _Backward:
         self.thread = threading.get_ident()
         self.owners: dict[int, nn.Module] | None = None  # id of every module the records reach -> its root
         self.tangled: set[int] = set()
-        self.saved: list[tuple[dict[str, Any], str, Any]] | None = None  # swapped in: the module's own, in order
+        self.saved: list[tuple[_Slots, list[Any]]] | None = None  # swapped in: the module's own, in order
         self.held: frozenset[tuple[int, str]] = frozenset()  # swapped in: the slots (see _Slots.keys)
         self.modes: list[tuple[nn.Module, bool]] = []
 
@@ -699,8 +717,8 @@ class _Backward:
             if _HOOK and not any(b.lazy for b in _ACTIVE):
                 _HOOK.pop().remove()
             if self.saved is not None:
-                for d, attr, old in reversed(self.saved):  # in reverse, as _call_swapped
-                    d[attr] = old
+                for slots, old in reversed(self.saved):  # in reverse: a later record's saved the earlier's tensors
+                    _swap_back(slots, old)
                 for m, was in self.modes:
                     m.training = was
 
@@ -739,14 +757,8 @@ class _Backward:
         held = records[0][1].keys if len(records) == 1 else frozenset().union(*(rec[1].keys for rec in records))
         if any(b.saved is not None and not held.isdisjoint(b.held) for b in _ACTIVE if b is not self):
             raise RuntimeError(_OVERLAP.format(name=type(module).__name__, how="recomputing a block of it"))
-        saved: list[tuple[dict[str, Any], str, Any]] = []
-        for _, slots, _, tensors, _ in records:
-            where = slots.where
-            for name, t in tensors.items():
-                for d, attr in where[name]:
-                    saved.append((d, attr, d[attr]))
-                    d[attr] = t
-        self.saved, self.held = saved, held
+        self.saved = [(slots, _swap_in(slots, tensors)) for _, slots, _, tensors, _ in records]
+        self.held = held
         for root, _, _, _, train in self.records:
             if train is not None and root.training != train:
                 self.modes += [(m, m.training) for m in root.modules()]

@@ -1166,11 +1166,15 @@ def test_a_hypernetwork_applying_a_checkpointed_submodule_to_generated_weights_m
     # The outer call's tensors were redone after the inner call's, so the recompute read the submodule's params
     # from the state, not the generated ones: wrong gradients for the generator. Reference: the same computation
     # written out in plain PyTorch, without checkpointing.
+    # Afterwards the module holds its own parameters again (the outer call's swap saved the module's, the inner
+    # one's the outer's tensors: undone in the other order, the submodule kept the state's).
     model = _Hyper()
+    own = dict(model.named_parameters())
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     params = {k: v * 2 for k, v in state.params.items()}
     x, y = batch()
     _, grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y))(params)
+    assert all(t is own[k] for k, t in model.named_parameters()) and len(own) == len(list(model.parameters()))
     ref = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     g = F.linear(x.mean(0), ref["gen.weight"], ref["gen.bias"])
     h = torch.tanh(F.linear(x, g[:64].view(8, 8), g[64:]))
