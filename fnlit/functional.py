@@ -63,8 +63,8 @@ class _Slots:
         self.names = frozenset(self.where)
         # every slot, as (id of the owning dict, attribute): what a backward holding the module holds (_Backward)
         self.keys = frozenset((id(d), attr) for slots in self.where.values() for d, attr in slots)
-        # Every slot in one order, as three parallel tuples (and reversed): a swap is then a C-level map over them
-        # (see _swap_in), not a Python loop; ~0.05 us a tensor instead of ~0.3.
+        # Every slot in one order, as three parallel tuples: a swap is then a C-level map over them (see _swap_in),
+        # not a Python loop (0.10 us a tensor in and out instead of 0.15).
         flat = [(d, attr, name) for name, slots in self.where.items() for d, attr in slots]
         self.dicts, self.attrs, self.order = (tuple(c) for c in zip(*flat)) if flat else ((), (), ())
         self.buffers = frozenset(buffers)  # registered buffers (state.buffers also holds frozen parameters)
