@@ -254,9 +254,11 @@ def launch(
     started multiprocessing's forkserver earlier, without them), and every later launch forks its ranks from
     it (a trivial two-rank launch: ~0.1 s instead of ~3 s on a 2-core machine). Use it for many launches from
     one process, as a test suite makes. The ranks still see the caller's current environment variables and
-    working directory, as spawned ones do; but what torch reads once at import (``OMP_NUM_THREADS``,
-    ``MKL_NUM_THREADS``, ...) comes from the environment of the server's start, and modules it imported are
-    not reloaded when their files change.
+    working directory, as spawned ones do; but what is read once at start-up comes from the server's start:
+    what torch reads at import (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ...), the interpreter's own settings
+    (``PYTHONHASHSEED``: every rank has the server's string hash seed, where spawned ones differ), and the
+    stdout/stderr the ranks print to (the caller's when the server started: a later redirection, or pytest's
+    ``capfd``, does not see them). Modules it imported are not reloaded when their files change.
 
     Args:
         fn: the module-level function each rank runs.

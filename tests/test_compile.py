@@ -751,6 +751,39 @@ def test_a_compiled_step_shared_by_two_threads_seeds_each_call_from_its_own_key(
         assert len(g) == len(r) and all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(g, r))
 
 
+def test_a_compiled_step_called_inside_a_seeded_block_while_another_thread_calls_it_does_not_deadlock():
+    # One compiled call at a time took a lock of its own, then (a graph drawing random numbers) fnlit.random's; a
+    # call inside `with fnlit.random.seeded(k):` holds fnlit.random's first: two threads waited on each other for
+    # good. Reference: the same calls one thread after the other finish (and the threads' results equal them).
+    import threading
+    import time
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(hand_step(model), mode="eager")  # its dropout draws from state.rng
+    want = compiled(state, (x, y))[1]["loss"]
+
+    def plain(out):
+        for _ in range(300):
+            out.append(compiled(state, (x, y))[1]["loss"])
+
+    def inside_seeded(out):
+        for _ in range(300):
+            with fnlit.random.seeded(fnlit.random.key(1)):
+                out.append(compiled(state, (x, y))[1]["loss"])
+
+    got = [[], []]
+    threads = [threading.Thread(target=f, args=(o,), daemon=True) for f, o in zip((plain, inside_seeded), got)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "the two threads' compiled calls deadlocked"
+    assert [len(g) for g in got] == [300, 300] and all(torch.equal(v, want) for g in got for v in g)
+
+
 def test_a_donated_state_whose_tensors_share_storage_is_refused_and_a_copy_matches_eager():
     # An EMA buffer started from the params without .clone(): the graph wrote both new values into the one
     # storage, silently (params 0.0065 off after 3 steps, and linked for good). jax.jit refuses such a donation.

@@ -657,9 +657,11 @@ _DATA_PARALLEL = (
 
 # torch.compile(fullgraph=True) checks after each call that a compiled frame ran, by a count that is one for the
 # whole process (torch 2.14): two threads' calls reset each other's count, and a call that ran is reported as
-# "found no compiled frames" (its result lost; with donation, its state written). One compiled call at a time;
-# a re-entrant lock, so a step that calls another compiled function from its own thread cannot deadlock.
-_ONE_AT_A_TIME = threading.RLock()
+# "found no compiled frames" (its result lost; with donation, its state written). One compiled call at a time,
+# under fnlit.random's lock: a graph that draws random numbers takes that one inside (seeded), and a call inside
+# `with fnlit.random.seeded(k):` holds it already, so a lock of our own taken around the call would be taken in
+# the other order there (two threads waited on each other for good). Re-entrant, as a seeded block is.
+_ONE_AT_A_TIME = _random._LOCK
 
 _OUTSIDE = (
     "fnlit.compile must be the outermost transform: a transform around a compiled step (fnlit.accumulate, "
