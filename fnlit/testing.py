@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import os
 import random
 import sys
@@ -458,6 +459,21 @@ _SHAPE_OPS = {
 _MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default)
 
 
+def _is_mask(i: Any) -> bool:
+    return isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+
+
+def _masked_fill_put(args: tuple, kwargs: dict) -> bool:
+    """Whether index_put_(self, indices, value, accumulate) is one ATen runs as self.masked_fill_(mask, value.item())
+    (canDispatchToMaskedFill): accumulate=False, a one-element value, and one bool/uint8 index on self's device, the
+    others None."""
+    self, indices, value = args[:3]
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    given = [i for i in indices if i is not None]
+    return (not accumulate and value.numel() == 1 and len(given) == 1 and _is_mask(given[0])
+            and given[0].device == self.device)
+
+
 # fnlit's own dispatch mode (apply's first forward watching which buffers ops write) passes every op through:
 # the read is its caller's.
 _PASS_THROUGH = frozenset((inspect.unwrap(_functional._WriteRecorder.__torch_dispatch__).__code__,))  # (torch wraps it)
@@ -496,6 +512,11 @@ def _flag(what: str, t: torch.Tensor | None) -> None:
     )
 
 
+# Inside x[mask] = v with v a Python number: THPVariable_setitem makes v a CPU 0-d tensor for a CUDA x, and
+# index_put_ (accumulate=False, the mask x's only tensor index, on x's device) lowers that to x.masked_fill_(mask,
+# v.item()) on the host scalar (ATen's canDispatchToMaskedFill): no nonzero, no sync (PyTorch issue #57515).
+_NUMBER_SETITEM: ContextVar[bool] = ContextVar("fnlit_number_setitem", default=False)
+
 # Inside F.one_hot(cpu_tensor, num_classes=K): its bounds check reads a scalar on the CPU only (ATen skips it on
 # CUDA, relying on the scatter's device assert), so it stalls no accelerator and is not flagged.
 _CPU_ONE_HOT: ContextVar[bool] = ContextVar("fnlit_cpu_one_hot", default=False)
@@ -525,6 +546,12 @@ class _FunctionMode(TorchFunctionMode):
             if inner is not None:
                 what = f"Tensor.{name}" if name in ("new_tensor", "new") else f"torch.{name}"
                 _flag(f"{what} of a list holding tensors (use torch.stack)", inner)
+        if name == "__setitem__" and len(args) == 3 and isinstance(args[2], numbers.Number):  # x[...] = 0.0
+            token = _NUMBER_SETITEM.set(True)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                _NUMBER_SETITEM.reset(token)
         if name == "one_hot" and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
             classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
             if classes > 0:  # (num_classes=-1 reads the maximum: a sync on any device, flagged)
@@ -552,10 +579,14 @@ class _DispatchMode(TorchDispatchMode):
             _flag(f"{_SHAPE_OPS[func]}, whose output shape depends on the values", None)
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             _flag("repeat_interleave with tensor repeats and no output_size", None)
-        elif func in _MASK_INDEXING and any(
-            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
-        ):
-            _flag("indexing with a boolean mask (x[mask]); use torch.where(mask, x, other) or masked_fill", None)
+        elif func in _MASK_INDEXING and any(_is_mask(i) for i in args[1]):
+            if func is _MASK_INDEXING[0]:
+                _flag("indexing with a boolean mask (x[mask]); use torch.where(mask, x, other), or "
+                      "x.masked_fill(mask, v) with v a Python number", None)
+            elif not (_NUMBER_SETITEM.get() and _masked_fill_put(args, kwargs)):
+                _flag("assigning through a boolean mask (x[mask] = value) with a tensor value or with other tensor "
+                      "indices; use torch.where(mask, value, x), or x[mask] = v with v a Python number and the mask "
+                      "the only tensor index", None)
         elif func in _COPIES:
             src, dst = (args[0], kwargs.get("device")) if func is _COPIES[0] else (args[1], args[0].device)
             if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
@@ -568,9 +599,11 @@ class no_host_sync:
 
     Catches ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` (``if loss > 0:``), ``.tolist()``,
     ``.numpy()``, ``torch.equal``/``torch.allclose``, printing or formatting a tensor, copies from an
-    accelerator to the host (``.cpu()``), and ops whose output shape depends on tensor values (boolean-mask
-    indexing, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``),
-    on any device -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
+    accelerator to the host (``.cpu()``), ops whose output shape depends on tensor values (boolean-mask
+    indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
+    ``output_size``), and assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with
+    a Python number and the mask the only tensor index is a ``masked_fill`` and passes), on any device -- so
+    a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
     of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``
     (or a view of one) folded in is flagged. Ops run a little slower inside.

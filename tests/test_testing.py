@@ -505,3 +505,26 @@ def test_no_host_sync_passes_the_first_step_of_a_model_with_a_constant_buffer():
     model = Centered()
     state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
     assert_no_host_sync(fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1])), state, batch())
+
+
+def test_no_host_sync_passes_a_python_number_assigned_through_one_mask_and_flags_a_tensor():
+    # CUDA: x[mask] = number makes the number a CPU scalar and index_put_ runs it as masked_fill_ on that host value
+    # (canDispatchToMaskedFill; PyTorch issue #57515): no nonzero, no sync. A device tensor value, a second mask or
+    # another tensor index takes index_put_'s nonzero path, a sync.
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    rows, cols = torch.tensor([False, True, False, False]), x[0] > 0
+    logits, scores, cut = x.clone(), x.clone(), x.clone()
+    with no_host_sync():
+        logits[~(x > 0)] = -float("inf")  # logits[~mask] = -inf
+        scores[:, cols] = 0  # a slice before the mask: still its only tensor index
+        cut[x > 1] = True
+    assert torch.equal(logits, torch.where(x > 0, x, float("-inf")))
+    assert torch.equal(scores, torch.where(cols, 0.0, x))
+    assert torch.equal(cut, torch.where(x > 1, 1.0, x))
+    for assign in (lambda y: y.__setitem__(y > 0, torch.zeros(())), lambda y: y.__setitem__((rows, cols), 0.0),
+                   lambda y: y.__setitem__((torch.tensor([2]), cols), 0.0)):
+        with pytest.raises(HostSyncError, match=r"assigning through a boolean mask \(x\[mask\] = value\)"):
+            with no_host_sync():
+                assign(x.clone())
+    with pytest.raises(HostSyncError, match=r"indexing with a boolean mask \(x\[mask\]\)"), no_host_sync():
+        x[x > 0]  # the read: its shape is the mask's count
