@@ -457,6 +457,10 @@ _SHAPE_OPS = {
     _aten.bincount.default: "torch.bincount (its length is the largest value + 1)",
 }
 _MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default)
+# masked_fill with a 0-d tensor value: CUDA's masked_fill_ runs masked_fill__cuda(self, mask, value.item()), a sync
+# when the value is on the device (a CPU value for a CUDA self is a host read: no sync; PyTorch PR #190512, open,
+# would remove it).
+_MASKED_FILL_TENSOR = (_aten.masked_fill.Tensor, _aten.masked_fill_.Tensor)
 
 
 def _is_mask(i: Any) -> bool:
@@ -587,6 +591,10 @@ class _DispatchMode(TorchDispatchMode):
                 _flag("assigning through a boolean mask (x[mask] = value) with a tensor value or with other tensor "
                       "indices; use torch.where(mask, value, x), or x[mask] = v with v a Python number and the mask "
                       "the only tensor index", None)
+        elif func in _MASKED_FILL_TENSOR and (args[2].device == args[0].device or args[2].device.type != "cpu"):
+            _flag("masked_fill with a tensor value (x.masked_fill(mask, x.max())): masked_fill_ reads it with "
+                  ".item(), a sync unless it is a CPU value for an accelerator's tensor; use "
+                  "torch.where(mask, value, x), or masked_fill with a Python number", None)
         elif func in _COPIES:
             src, dst = (args[0], kwargs.get("device")) if func is _COPIES[0] else (args[1], args[0].device)
             if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
@@ -601,9 +609,11 @@ class no_host_sync:
     ``.numpy()``, ``torch.equal``/``torch.allclose``, printing or formatting a tensor, copies from an
     accelerator to the host (``.cpu()``), ops whose output shape depends on tensor values (boolean-mask
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
-    ``output_size``), and assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with
-    a Python number and the mask the only tensor index is a ``masked_fill`` and passes), on any device -- so
-    a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
+    ``output_size``), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
+    Python number and the mask the only tensor index is a ``masked_fill`` and passes), and ``masked_fill``
+    with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: CUDA reads the value
+    with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), on any device -- so a test on
+    the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
     of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``
     (or a view of one) folded in is flagged. Ops run a little slower inside.

@@ -528,3 +528,17 @@ def test_no_host_sync_passes_a_python_number_assigned_through_one_mask_and_flags
                 assign(x.clone())
     with pytest.raises(HostSyncError, match=r"indexing with a boolean mask \(x\[mask\]\)"), no_host_sync():
         x[x > 0]  # the read: its shape is the mask's count
+
+
+def test_no_host_sync_flags_masked_fill_with_a_tensor_value_and_passes_a_number():
+    # CUDA's masked_fill_ with a 0-d value tensor runs masked_fill__cuda(self, mask, value.item()): a sync when the
+    # value is on the device (PyTorch PR #190512, open); torch.where reads nothing.
+    x = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    for fill in (lambda: x.masked_fill(x > 0, x.max()), lambda: x.clone().masked_fill_(x > 0, x.min())):
+        with pytest.raises(HostSyncError, match=r"masked_fill with a tensor value .*torch\.where\(mask, value, x\)"):
+            with no_host_sync():
+                fill()
+    with no_host_sync():
+        out = torch.where(x > 0, x.max(), x)
+        x.masked_fill(x > 0, -1.5)
+    assert torch.equal(out, torch.tensor([x.max().item() if v > 0 else v for v in x.tolist()]))
