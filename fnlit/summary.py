@@ -169,7 +169,10 @@ class TensorBoardWriter:
             return
         from tensorboardX.proto.event_pb2 import SessionLog
 
-        self.flush()
+        if self._pending:  # (what was logged before it comes first)
+            self.flush()
+        # The marker is no logged value: it leaves the batching as it was (a new writer's first values are
+        # still written at once).
         self._write(time.time(), step=int(step), session_log=SessionLog(status=SessionLog.START))
         self._file.flush()
 

@@ -665,3 +665,15 @@ def test_the_progress_bar_labels_an_ensemble_members_loss_as_such():
         bar.update()
         bar.close()
         assert out.getvalue().strip().splitlines()[-1].endswith(f"step=12, {shown}]")
+
+
+def test_a_purging_tensorboard_writer_writes_its_first_values_at_once(tmp_path):
+    # The purge marker fit's writers start with counted as the first write: the first values were held for flush_secs.
+    w = TensorBoardWriter(tmp_path, flush_secs=3600, purge_step=1)
+    w.log_metrics({"train/loss": 1.0}, step=1)  # as without purge_step: a new run shows up immediately
+    assert scalars(tmp_path) == {"train/loss": [(1, 1.0)]}
+    w.log_metrics({"train/loss": 2.0}, step=2)  # within flush_secs of that write: held
+    assert scalars(tmp_path) == {"train/loss": [(1, 1.0)]}
+    w.close()
+    assert scalars(tmp_path) == {"train/loss": [(1, 1.0), (2, 2.0)]}
+
