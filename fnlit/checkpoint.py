@@ -323,6 +323,12 @@ class Checkpointer:
     ``on_validation`` after each validation, ``on_epoch_end`` and finally ``on_exit``. Each is cheap
     unless it saves: no host sync.
 
+    ``before_save``, when not None, is called (on rank 0) right before each file is written. fit sets it,
+    for as long as it runs, to flush its log writers: the rows logged up to a checkpoint's step are in
+    their files before the checkpoint is, so a process killed after the save (SIGKILL, the OOM killer)
+    loses none of the rows its resumed run will not log again. If it raises, the file is still written,
+    and the error raised after it.
+
     Args:
         directory: where the checkpoints go (created on the first save).
         every_n_steps: save when ``state.step`` is a multiple of this.
@@ -397,6 +403,7 @@ class Checkpointer:
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
         self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
+        self.before_save: Callable[[], None] | None = None  # see the class docstring; fit sets it while it runs
         # The step of the state this object's last fit ended with (on_exit), and that fit's run: a fit from that
         # state continues the run, whatever restore() read in between (a best checkpoint, to evaluate it).
         self._ended_at: int | None = None
@@ -586,6 +593,12 @@ class Checkpointer:
         state, position = full_tensors(state), full_tensors(position)
         if not _dist.is_main():
             return path
+        error: Exception | None = None
+        if self.before_save is not None:
+            try:
+                self.before_save()
+            except Exception as e:  # a log writer's failure (a full disk) must not cost the run its checkpoint
+                error = e
         records = self._scan()
         # A save of the state this Checkpointer just validated (the step's periodic save, after its validation)
         # records its metrics; another state at the same step (another run's, a retry's) does not get them.
@@ -609,6 +622,8 @@ class Checkpointer:
                 except OSError as e:
                     warnings.warn(f"Checkpointer could not remove the old checkpoint {r.path}: {e}", stacklevel=2)
         self._records = [r for r in records if r.path in keep]
+        if error is not None:
+            raise error
         return path
 
     @property

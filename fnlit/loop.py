@@ -651,6 +651,23 @@ def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None)
                 owned.close()  # the writers fit made for log_dir; the caller's own loggers stay open
 
 
+@contextlib.contextmanager
+def _rows_first(checkpoint: Any, logger: Logger | None) -> Iterator[None]:
+    """While fit runs, a Checkpointer flushes fit's writers right before it writes a file (``before_save``): the
+    rows logged up to the saved step are on disk before the checkpoint is. A resumed run logs from the step after
+    its checkpoint only, so rows a batching writer still held when the process was killed would be lost for good;
+    a flush per save, not per step, keeps the writers' batching (a save costs far more than a flush)."""
+    if checkpoint is None or logger is None or not hasattr(checkpoint, "before_save"):
+        yield
+        return
+    before = checkpoint.before_save
+    checkpoint.before_save = logger.flush
+    try:
+        yield
+    finally:  # the caller's Checkpointer, as it was (a later fit may log elsewhere, or not at all)
+        checkpoint.before_save = before
+
+
 def _lost_state(checkpoint: Any) -> str:
     """What fit says when a donated step raised after updating the state in place (see fnlit.donating)."""
     last = getattr(checkpoint, "last_path", None) if checkpoint is not None else None
@@ -756,17 +773,21 @@ def fit(
         log_dir: write TensorBoard event files and ``metrics.csv`` there (default: no files, unlike
             Lightning's implicit ``lightning_logs/``: where logs go is an explicit choice). Training rows
             are written in batches (when 2 s have passed since the last write), validation results as
-            soon as a validation ends, and everything when ``fit`` ends, also on an error.
-        loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation and at the
-            end, never closed. Only rank 0 writes. A run resumed from a checkpoint first calls
-            ``purge(step + 1)`` on those that have it (all fnlit's writers), with the checkpoint's step: their
-            files keep the interrupted run's logs up to the checkpoint and hold the steps after it once. Such
-            a file is that job's own (as ``log_dir``'s are); fresh runs may append to one file (a job killed
-            before its first checkpoint leaves its lines there, and its relaunch logs those steps again).
+            soon as a validation ends, everything held right before a Checkpointer writes a file (so a
+            process killed after a save, even by SIGKILL, has the rows up to that checkpoint in the files),
+            and everything when ``fit`` ends, also on an error.
+        loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation, before each
+            checkpoint a Checkpointer writes, and at the end, never closed. Only rank 0 writes. A run resumed
+            from a checkpoint first calls ``purge(step + 1)`` on those that have it (all fnlit's writers), with
+            the checkpoint's step: their files keep the interrupted run's logs up to the checkpoint and hold
+            the steps after it once. Such a file is that job's own (as ``log_dir``'s are); fresh runs may
+            append to one file (a job killed before its first checkpoint leaves its lines there, and its
+            relaunch logs those steps again).
         hparams: hyperparameters to record with the loggers.
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint),
-            and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``.
+            and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``, and
+            ``before_save``, which fit sets to flush the writers while it runs (restored when it returns).
         ckpt_path: resume from this checkpoint (``"last"`` allowed): ``checkpoint.restore(ckpt_path, like=state)``.
         seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
             Under torch.distributed every rank takes rank 0's (one order, cut into the ranks' shards), also
@@ -991,7 +1012,7 @@ def fit(
             agree()
         validating = None
 
-    with _Signals() as signals, _outputs(progress, logger, owned) as bar:
+    with _Signals() as signals, _outputs(progress, logger, owned) as bar, _rows_first(checkpoint, logger):
         try:
             info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every,
                     "fast_dev_run": plan.quiet}  # (max_epochs is then 1, whatever fit was given)

@@ -107,9 +107,10 @@ class TensorBoardWriter:
     ``log_metrics`` call becomes one event holding all its scalars. With ``flush_secs > 0`` events are
     written in batches: the first call writes at once, a later one writes what is pending when
     ``flush_secs`` have passed since the last write, and ``flush``/``close`` write the rest
-    (:func:`fnlit.fit` flushes after each validation and when it ends, also on an error). Values logged
-    since the last write live only in memory: a killed process loses them. ``close`` also fsyncs; a
-    closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
+    (:func:`fnlit.fit` flushes after each validation, right before each checkpoint its Checkpointer writes,
+    and when it ends, also on an error). Values logged since the last write live only in memory: a killed
+    process loses them (under fit with a Checkpointer, only values logged after its last checkpoint, which a
+    run resumed from it logs again). ``close`` also fsyncs; a closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
     training steps costs ~10x what it costs in a tight loop (cold caches), and a batch pays that once.
     It writes in the calling thread: tensorboardX's ``SummaryWriter``
     sends every scalar through a multiprocessing queue to a writer thread (~60 us of this process's CPU
@@ -245,7 +246,8 @@ class CSVWriter:
     When a new metric name appears, the file is rewritten with the wider header (as Lightning's
     CSVLogger does); otherwise rows are appended. Rows are written in batches as
     :class:`TensorBoardWriter` writes events (the first at once, then when ``flush_secs`` have passed,
-    and at ``flush``/``close``); the file appears with the first row. A closed writer refuses more rows.
+    and at ``flush``/``close``, which fit calls right before each checkpoint its Checkpointer writes); the file appears
+    with the first row. A closed writer refuses more rows.
     ``log_hparams`` writes ``hparams.json`` beside it.
 
     An existing file is continued, not replaced, as :class:`TensorBoardWriter` leaves the event files

@@ -677,3 +677,66 @@ def test_a_purging_tensorboard_writer_writes_its_first_values_at_once(tmp_path):
     w.close()
     assert scalars(tmp_path) == {"train/loss": [(1, 1.0), (2, 2.0)]}
 
+
+_KILLED_AFTER_A_CHECKPOINT = """
+import os, signal, sys, time
+import torch
+import fnlit
+torch.set_num_threads(1)
+
+def step(s, b):
+    time.sleep(0.05)
+    return s.replace(step=s.step + 1), {"loss": b.mean()}
+
+class KillAt:  # SIGKILLs the process at step 23, after the step-20 checkpoint, while the writers hold rows
+    def on_step(self, state, metrics):
+        if int(state.step) == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+data = [torch.tensor([float(i)]) for i in range(40)]
+fit_kw = dict(max_steps=40, log_every_n_steps=1, log_dir=sys.argv[1], progress=False)
+checkpoint = fnlit.checkpoint.Checkpointer(sys.argv[2], every_n_steps=10)
+if sys.argv[3] == "resume":
+    fnlit.fit(step, state, data, checkpoint=checkpoint, ckpt_path="last", **fit_kw)
+else:
+    fnlit.fit(step, state, data, checkpoint=checkpoint, callbacks=[KillAt()], **fit_kw)
+"""
+
+
+def test_a_run_sigkilled_after_a_checkpoint_and_resumed_logs_every_step_once(tmp_path):
+    # fit's log_dir writers hold the rows of the last 2 s; a save did not write them, so a process killed after it
+    # lost them for good (its resumed run logs from the step after the checkpoint): steps 2-20 were missing.
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_KILLED_AFTER_A_CHECKPOINT)
+    args = [sys.executable, "-W", "error", str(script), str(tmp_path / "log"), str(tmp_path / "ckpt")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(fnlit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([*args, "23"], capture_output=True, text=True, timeout=120, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert fnlit.checkpoint.read_info(tmp_path / "ckpt" / "last.ckpt").step == 20
+    resumed = subprocess.run([*args, "resume"], capture_output=True, text=True, timeout=120, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    # The uninterrupted run's rows, by hand: one per step 1..40, step s's loss the batch it saw (s - 1).
+    expected = [(s, float(s - 1)) for s in range(1, 41)]
+    rows = list(csv.DictReader((tmp_path / "log" / "metrics.csv").read_text().splitlines()))
+    assert [(int(r["step"]), float(r["train/loss"])) for r in rows] == expected
+    assert [(step, value) for tag, step, value in tensorboard_view(tmp_path / "log") if tag == "train/loss"] == expected
+
+
+def test_a_writer_failing_at_a_save_does_not_cost_the_checkpoint_and_fit_leaves_the_checkpointer_as_it_was(tmp_path):
+    class Full:
+        def log_metrics(self, metrics, step): ...
+        def log_hparams(self, hparams): ...
+        def close(self): ...
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=3)
+    with pytest.raises(OSError, match="No space left"):
+        counting_fit(tmp_path / "log", loggers=[Full()], checkpoint=ckpts, log_every_n_steps=100)
+    assert fnlit.checkpoint.read_info(tmp_path / "ckpt" / "last.ckpt").step == 3  # written, then the error raised
+    assert ckpts.before_save is None
