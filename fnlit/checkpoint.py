@@ -324,7 +324,7 @@ class Checkpointer:
     unless it saves: no host sync.
 
     ``before_save``, when not None, is called (on rank 0) right before each file is written. fit sets it,
-    for as long as it runs, to flush its log writers: the rows logged up to a checkpoint's step are in
+    for as long as it runs, to flush its log writers (then to call a ``before_save`` set before, if any): the rows logged up to a checkpoint's step are in
     their files before the checkpoint is, so a process killed after the save (SIGKILL, the OOM killer)
     loses none of the rows its resumed run will not log again. If it raises, the file is still written,
     and the error raised after it.

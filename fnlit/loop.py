@@ -661,7 +661,14 @@ def _rows_first(checkpoint: Any, logger: Logger | None) -> Iterator[None]:
         yield
         return
     before = checkpoint.before_save
-    checkpoint.before_save = logger.flush
+
+    def flush_then_theirs() -> None:  # a hook of the caller's own still runs, after the flush (even if it failed)
+        try:
+            logger.flush()
+        finally:
+            before()
+
+    checkpoint.before_save = logger.flush if before is None else flush_then_theirs
     try:
         yield
     finally:  # the caller's Checkpointer, as it was (a later fit may log elsewhere, or not at all)
@@ -787,7 +794,8 @@ def fit(
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint),
             and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``, and
-            ``before_save``, which fit sets to flush the writers while it runs (restored when it returns).
+            ``before_save``, which fit sets to flush the writers while it runs, then to call the caller's own
+            ``before_save`` if one was set (restored when it returns).
         ckpt_path: resume from this checkpoint (``"last"`` allowed): ``checkpoint.restore(ckpt_path, like=state)``.
         seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
             Under torch.distributed every rank takes rank 0's (one order, cut into the ranks' shards), also

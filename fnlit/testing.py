@@ -610,7 +610,8 @@ class no_host_sync:
     accelerator to the host (``.cpu()``), ops whose output shape depends on tensor values (boolean-mask
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
     ``output_size``), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
-    Python number and the mask the only tensor index is a ``masked_fill`` and passes), and ``masked_fill``
+    Python number and the mask the only tensor index is a ``masked_fill`` and passes; so would a one-element
+    CPU ``t`` for a CUDA ``x``, which a test on the CPU cannot tell apart, and flags), and ``masked_fill``
     with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: CUDA reads the value
     with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), on any device -- so a test on
     the CPU catches what would stall a GPU. fnlit's own reads of CPU keys

@@ -740,3 +740,17 @@ def test_a_writer_failing_at_a_save_does_not_cost_the_checkpoint_and_fit_leaves_
         counting_fit(tmp_path / "log", loggers=[Full()], checkpoint=ckpts, log_every_n_steps=100)
     assert fnlit.checkpoint.read_info(tmp_path / "ckpt" / "last.ckpt").step == 3  # written, then the error raised
     assert ckpts.before_save is None
+
+
+def test_fit_keeps_a_before_save_of_the_users_own_and_runs_it_after_the_flush(tmp_path):
+    # fit set before_save to its writers' flush for the whole run: a hook the user had set was not called at any of
+    # the run's saves (review). Reference: the Checkpointer's contract (called before each file is written), and
+    # the saves a hand count gives: every 3 steps of 20, then the exit save of step 20.
+    ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=3)
+    calls = []
+    ckpts.before_save = lambda: calls.append((tmp_path / "log" / "metrics.csv").exists())
+    hook = ckpts.before_save
+    counting_fit(tmp_path / "log", checkpoint=ckpts, log_every_n_steps=1)
+    assert len(calls) == 7 and all(calls)  # steps 3, 6, ..., 18 and the exit save; the rows were on disk first
+    assert ckpts.before_save is hook
+
