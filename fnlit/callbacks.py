@@ -484,7 +484,9 @@ class Timer(Callback):
     As Lightning's ``Timer``, the time counts across a resumed run: the elapsed times travel in the
     checkpoints, so ``fit(max_time=...)`` bounds the training as a whole, not each resumed part; a run
     resumed with its time already spent stops before its first step. Each ``fit`` without a loaded state
-    starts from zero (a Timer reused for a second run does not count the first one's time).
+    starts from zero (a Timer reused for a second run does not count the first one's time). As in Lightning,
+    the training clock starts after fit's sanity check (``num_sanity_val_steps``): that check counts in neither
+    stage.
 
     Args:
         duration: seconds, a ``timedelta``, a dict (``{"hours": 2}``) or Lightning's ``"DD:HH:MM:SS"``;
@@ -524,6 +526,12 @@ class Timer(Callback):
         self._loaded = False
         self._start = {"train": time.monotonic()}
         self.on_step(state, {})  # resumed with the time already spent: no step (Lightning checks here too)
+
+    def _on_train_start(self) -> None:
+        """Called by :func:`fnlit.fit` after the sanity check, when training starts: the train clock starts here,
+        as Lightning's ``on_train_start`` (the sanity check is no training time, neither for ``duration`` nor on a
+        resume, which runs its own)."""
+        self._start["train"] = time.monotonic()
 
     def on_step(self, state: TrainState, metrics: Metrics) -> None:
         if self.duration is not None and self.time_elapsed("train") >= self.duration:

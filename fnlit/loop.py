@@ -1027,6 +1027,9 @@ def fit(
             hooks("on_fit_start", state, info)
             if plan.sanity_steps:  # fail fast on a broken eval step; the results are discarded
                 evaluate(eval_step, state, val_data, None if plan.sanity_steps < 0 else plan.sanity_steps)  # type: ignore[arg-type]
+            for cb in all_callbacks:  # training starts now: a Timer's clock leaves the sanity check out (Lightning's)
+                if isinstance(cb, Timer):
+                    cb._on_train_start()
             # A StopTraining from on_fit_start, or a signal before training (during the sanity check too): no step at
             # all (Lightning's should_stop)
             if distributed:

@@ -383,6 +383,26 @@ def test_early_stopping_deferred_by_min_epochs_stops_a_resumed_run_where_the_uni
         assert int(run(resume=True).step) == 4
 
 
+def test_the_sanity_check_is_no_training_time():
+    # Lightning's Timer starts the training clock in on_train_start, after the sanity check: a slow sanity check
+    # does not use up max_time. Here it takes 1 s (2 batches of 0.5 s) against max_time=0.8; the 10 steps take
+    # far less, so all 10 run (by hand: 1 epoch of 10 batches).
+    import time
+
+    def slow_eval(state, batch):
+        time.sleep(0.5)
+        return {"loss": torch.tensor(0.0)}
+
+    state = fit(count_step, counting_state(), list(range(10)), max_epochs=1, max_time=0.8, val_data=[0, 1],
+                eval_step=slow_eval, num_sanity_val_steps=2, check_val_every_n_epoch=2, progress=False)  # fmt: skip
+    assert int(state.step) == 10
+    # A measuring Timer's training time leaves the 1 s sanity check out (10 counting steps: well under 0.5 s).
+    timer = Timer()
+    fit(count_step, counting_state(), list(range(10)), max_epochs=1, val_data=[0, 1], eval_step=slow_eval,
+        num_sanity_val_steps=2, check_val_every_n_epoch=2, callbacks=[timer], progress=False)  # fmt: skip
+    assert 0 < timer.time_elapsed("train") < 0.5
+
+
 def test_timer_measures_validation():
     timer = Timer()
     fit(count_step, counting_state(), [0, 1], max_epochs=2, val_data=[0], eval_step=lambda s, b: {"a": torch.tensor(1.0)},
