@@ -337,15 +337,16 @@ class Checkpointer:
         monitor: a validation metric, named as fit logs it (``"val/loss"``); with it, the ``keep_best``
             best checkpoints are saved and kept.
         mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
-        keep_best: how many best-by-``monitor`` checkpoints to keep; None keeps the checkpoint of every
-            validation (Lightning's ``save_top_k=-1``) whose value is not NaN (a NaN value is never saved as
-            a best), 0 none (``save_top_k=0``).
+        keep_best: how many best-by-``monitor`` checkpoints to keep; None (with ``monitor`` only) keeps the
+            checkpoint of every validation (Lightning's ``save_top_k=-1``) whose value is not NaN (a NaN value
+            is never saved as a best), 0 none (``save_top_k=0``). Lightning's ``save_top_k=-1`` without
+            ``monitor`` (every epoch's checkpoint, all kept) is ``every_n_epochs=1, keep_last=None``.
         save_last: save when fit finishes, and keep ``last.ckpt`` pointing at the newest checkpoint.
         **meta: JSON-able metadata (hyperparameters) stored in every checkpoint.
 
     Raises:
         ValueError: on a non-positive interval or ``keep_last`` (``keep_best`` may be 0), a negative
-            ``keep_best`` (or one above 1 without ``monitor``), or a ``mode`` other than "min"/"max".
+            ``keep_best`` (or, without ``monitor``, one above 1 or None), or a ``mode`` other than "min"/"max".
         TypeError: if ``meta`` is not JSON-serialisable.
 
     Example:
@@ -379,7 +380,14 @@ class Checkpointer:
         _positive("every_n_epochs", every_n_epochs)
         _positive("keep_last", keep_last)
         _positive("keep_best", keep_best, allow_zero=True)
-        if monitor is None and keep_best not in (None, 0, 1):  # (1, the default; None, Lightning's save_top_k=-1)
+        if monitor is None and keep_best is None:  # accepted, it saved nothing per validation: only keep_last applied
+            raise ValueError(
+                "Checkpointer got keep_best=None (Lightning's save_top_k=-1) but no monitor: it keeps every "
+                "validation's checkpoint by a monitored metric, and without one it would save none. Pass "
+                "monitor='val/loss' (a validation metric), or, as Lightning's ModelCheckpoint(save_top_k=-1) without "
+                "monitor (a checkpoint of every epoch, all kept): every_n_epochs=1, keep_last=None."
+            )
+        if monitor is None and keep_best not in (0, 1):  # (1, the default)
             raise ValueError(
                 f"Checkpointer got keep_best={keep_best!r} but no monitor: there is no metric to rank checkpoints by "
                 "(Lightning refuses save_top_k > 1 without monitor too). Pass monitor='val/loss' (a validation "

@@ -922,8 +922,26 @@ def test_checkpointer_refuses_keep_best_without_a_monitor_as_lightning(tmp_path)
     # Accepted, it kept no best at all (only the last); Lightning: "No quantity for top_k to track".
     with pytest.raises(ValueError, match=r"keep_best=3 but no monitor.*keep_last=N"):
         ckpt.Checkpointer(tmp_path, keep_best=3)
-    for keep in (1, 0, None):  # the default, none, and Lightning's save_top_k=-1 need no monitor
+    for keep in (1, 0):  # the default and none need no monitor
         ckpt.Checkpointer(tmp_path, keep_best=keep)
+
+
+def test_keep_best_none_without_a_monitor_is_refused_and_its_lightning_equivalent_keeps_every_epoch(tmp_path):
+    # keep_best=None was documented as Lightning's save_top_k=-1, but without a monitor it saved nothing per
+    # validation (3 epochs: only last.ckpt and the final step=6). Lightning's ModelCheckpoint(save_top_k=-1) without
+    # monitor saves at every epoch's end and keeps them all: epoch=0-step=2, epoch=1-step=4, epoch=2-step=6.
+    with pytest.raises(ValueError, match=r"keep_best=None .*but no monitor.*every_n_epochs=1, keep_last=None"):
+        ckpt.Checkpointer(tmp_path, keep_best=None)
+    ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=None)  # with a monitor: every validation's
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": torch.tensor(0.0)}
+
+    state = fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    fnlit.fit(step, state, [0, 1], max_epochs=3, val_data=[0], eval_step=lambda s, b: {"loss": torch.tensor(1.0)},
+              num_sanity_val_steps=0, progress=False,
+              checkpoint=ckpt.Checkpointer(tmp_path, every_n_epochs=1, keep_last=None, save_last=False))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=00000002.ckpt", "step=00000004.ckpt", "step=00000006.ckpt"]
 
 
 def test_checkpointer_saves_a_state_counting_steps_in_python_and_names_a_missing_step(tmp_path):
