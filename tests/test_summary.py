@@ -333,14 +333,17 @@ def test_a_metric_given_as_tensor_and_number_at_different_steps_is_averaged(valu
     assert buf.flush(state, epoch=0)["train/m"] == 1.5
 
 
-def test_a_failing_writer_does_not_cost_the_log_dir_its_rows(tmp_path):
-    class Full:
-        def log_metrics(self, metrics, step): ...
-        def log_hparams(self, hparams): ...
-        def close(self): ...
-        def flush(self):
-            raise OSError(28, "No space left on device")
+class Full:
+    """A writer whose disk is full: every flush fails."""
 
+    def log_metrics(self, metrics, step): ...
+    def log_hparams(self, hparams): ...
+    def close(self): ...
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_writer_does_not_cost_the_log_dir_its_rows(tmp_path):
     with pytest.raises(OSError, match="No space left") as info:  # the traceback kept: fit's frames stay alive
         counting_fit(tmp_path, log_every_n_steps=2, loggers=[Full()], max_steps=10)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))  # written and closed despite the error
@@ -728,13 +731,6 @@ def test_a_run_sigkilled_after_a_checkpoint_and_resumed_logs_every_step_once(tmp
 
 
 def test_a_writer_failing_at_a_save_does_not_cost_the_checkpoint_and_fit_leaves_the_checkpointer_as_it_was(tmp_path):
-    class Full:
-        def log_metrics(self, metrics, step): ...
-        def log_hparams(self, hparams): ...
-        def close(self): ...
-        def flush(self):
-            raise OSError(28, "No space left on device")
-
     ckpts = fnlit.checkpoint.Checkpointer(tmp_path / "ckpt", every_n_steps=3)
     with pytest.raises(OSError, match="No space left"):
         counting_fit(tmp_path / "log", loggers=[Full()], checkpoint=ckpts, log_every_n_steps=100)
