@@ -1146,3 +1146,29 @@ def test_scale_by_adam_and_dp_sgd_aggregate_refuse_a_sparse_gradient():
     with pytest.raises(ValueError, match=r"^dp_sgd_aggregate does not support sparse gradients .*for 0\.weight\. .*"
                                          r"sparse=False.*per_example_grads"):
         _fnlit_embedding_steps(fo.chain(fo.dp_sgd_aggregate(1.0, 0.0), fo.sgd(0.1)), steps=1)
+
+
+def test_trace_casts_a_narrower_gradient_up_and_refuses_a_wider_one_as_sgd_does():
+    # A float64 gradient turned the float32 momentum buffer float64 for good (twice the memory, another dtype in
+    # checkpoints), where sgd's momentum refuses it. Reference: torch.optim.SGD's buffer update in float32 for the
+    # narrower gradient, and sgd's refusal for the wider one.
+    p = {"w": torch.zeros(3)}
+    tx = fo.trace(0.9)
+    state = tx.init(p)
+    with pytest.raises(ValueError, match=r"trace\.update expected gradients of the params' dtypes, but w has a torch\.float64"):
+        tx.update({"w": torch.ones(3, dtype=torch.float64)}, state)
+    with pytest.raises(ValueError, match=r"sgd\.update expected gradients of the params' dtypes"):
+        fo.sgd(0.1, momentum=0.9).update({"w": torch.ones(3, dtype=torch.float64)}, fo.sgd(0.1, momentum=0.9).init(p), p)
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16)
+    u, state = tx.update({"w": g}, state)
+    u, state = tx.update({"w": g}, state)
+    want = g.float() + 0.9 * g.float()  # buf = g; buf = 0.9 * buf + g (SGD's momentum, dampening 0)
+    assert state.trace["w"].dtype == torch.float32 and torch.equal(u["w"], want)
+
+
+def test_dp_sgd_aggregate_of_an_empty_batch_says_so():
+    # A batch of 0 examples failed in a reshape ("cannot reshape tensor of 0 elements"). Reference: the mean over
+    # no examples is undefined (optax's divides by 0).
+    tx = fo.dp_sgd_aggregate(1.0, 0.0)
+    with pytest.raises(ValueError, match="at least one example, got a batch of 0"):
+        tx.update({"w": torch.zeros(0, 3)}, tx.init(None))

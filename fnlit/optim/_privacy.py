@@ -76,7 +76,8 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
 
     Raises:
         ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``, or either not finite; at update time if the leaves
-            have no common leading batch dimension, or one is sparse (``nn.Embedding(..., sparse=True)``'s gradient).
+            have no common leading batch dimension, an empty one (0 examples), or one is sparse
+            (``nn.Embedding(..., sparse=True)``'s gradient).
         TypeError: for noise without a ``seed``, or a seed that is not an int.
         RuntimeError: if run inside vmap or torch.compile.
 
@@ -127,6 +128,11 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
                 "fnlit.per_example_grads(loss_fn, state.params, batch)."
             )
         b = sizes.pop()
+        if b == 0:
+            raise ValueError(
+                "dp_sgd_aggregate expected per-example gradients of at least one example, got a batch of 0 "
+                "(its mean is undefined)."
+            )
         # In float32 at least (a bfloat16 leaf's clipping and noise too); each result in its leaf's dtype.
         work = [torch.promote_types(g.dtype, torch.float32) for g in leaves]
         norms = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=w) for g, w in zip(leaves, work)], 1)

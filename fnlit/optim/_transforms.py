@@ -448,7 +448,8 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
 
     Raises:
         TypeError: if ``decay`` is not a number, or ``nesterov`` not a bool.
-        ValueError: if ``decay < 0``.
+        ValueError: if ``decay < 0``; at update time for a gradient wider than its buffer (float64 for a float32
+            parameter; a narrower one, bfloat16, is cast up), as :func:`fnlit.optim.sgd` refuses it.
 
     Example:
         >>> import torch
@@ -468,6 +469,9 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         if not isinstance(state, TraceState):
             raise_wrong_state("trace", TraceState, state)
         g, treedef, old = flatten_checked("trace", updates, state.trace)
+        for i, (x, t) in enumerate(zip(g, old)):  # sgd's rule: a narrower gradient cast up, a wider one refused
+            if x.dtype is not t.dtype:  # (x + decay * t would turn the buffer float64 for good)
+                g[i] = grad_in_dtype("trace", x, t.dtype, updates, i)
         new = [x + decay * t for x, t in zip(g, old)]
         out = [x + decay * t for x, t in zip(g, new)] if nesterov else new
         return tree_unflatten(treedef, out), TraceState(tree_unflatten(treedef, new))
