@@ -71,6 +71,8 @@ class _Slots:
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
         self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
+        self.owned = [d for m in module.modules() for d in (m._parameters, m._buffers)]
+        self.counts = list(map(len, self.owned))
         # Buffers a training forward updates in place: copied first, so the caller's never change.
         # Normalisation statistics and spectral norm's power-iteration vectors; any other buffer a forward
         # is seen updating is added on the way (apply's version check).
@@ -97,11 +99,12 @@ class _Slots:
         ]
 
     def current(self) -> bool:
-        """Whether the module tree is still the one these slots were built from (~0.05 us a submodule)."""
+        """Whether the module tree is still the one these slots were built from, with as many tensors in each
+        submodule (a buffer a forward registers lazily, a parametrization added since); ~0.1 us a submodule."""
         for modules, k, child in self.links:
             if modules.get(k) is not child:
                 return False
-        return True
+        return list(map(len, self.owned)) == self.counts
 
 
 # The first forward's copies of buffers whose version counter did not move: data_parallel treats them as
@@ -448,10 +451,10 @@ def apply(
     probe = probing and train and not slots.probed and not inference
     eval_probe = probing and not train and not slots.eval_probed
     # mutable=False: the updates are made on copies, which are dropped. Traced (compile, vmap), what eager
-    # calls learned is out of reach (compiling builds fresh slots): every registered buffer but a boolean
-    # mask is copied, so an in-place update never reaches the caller's (the copies are cheap there).
+    # calls learned is out of reach (compiling builds fresh slots): every registered buffer is copied (a boolean
+    # one too: `self.seen |= ...` reached the caller's), so an in-place update never reaches the caller's.
     if traced and not mutable:
-        copy = [n for n in slots.buffers if n in buffers and buffers[n].dtype != torch.bool]
+        copy = [n for n in slots.buffers if n in buffers]
     elif mutable:
         copy = buffers.keys()
     elif train:

@@ -1231,3 +1231,59 @@ def test_a_gradient_penalty_through_a_sparse_embedding_matches_autograd():
         want = p.grad.to_dense() if p.grad.is_sparse else p.grad
         got = grads[name].to_dense() if grads[name].is_sparse else grads[name]
         torch.testing.assert_close(got, want, msg=name)
+
+
+def test_a_tensor_registered_after_the_first_apply_is_refused_as_on_a_fresh_module():
+    # The slots of the first call were reused (their submodule links had not changed): a buffer the forward
+    # registered lazily was then the module's own, updated in place and never in the state; a parameter added to a
+    # submodule since was accepted untold. Reference: torch.func.functional_call(strict=True), and apply itself
+    # on a module it has not run before: both name the missing tensor.
+    class EMA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if hasattr(self, "ema"):
+                self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+            else:
+                self.register_buffer("ema", x.mean(0).detach().clone())
+            return self.l(x) - self.ema
+
+    m = EMA()
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    x = torch.randn(4, 3)
+    fnlit.apply(m, state.params, state.buffers, x)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        torch.func.functional_call(m, {**state.params, **state.buffers}, (x,), strict=True)
+    with pytest.raises(KeyError, match=r"missing \['ema'\]"):
+        fnlit.apply(m, state.params, state.buffers, x)
+    seq = nn.Sequential(nn.Linear(3, 3))
+    s2 = fnlit.TrainState.create(seq, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(seq, s2.params, s2.buffers, x)
+    seq[0].register_parameter("extra", nn.Parameter(torch.ones(1)))
+    with pytest.raises(KeyError, match=r"missing \['0\.extra'\]"):
+        fnlit.apply(seq, s2.params, s2.buffers, x)
+
+
+def test_a_compiled_step_leaves_a_boolean_buffer_updated_in_place_as_the_eager_one_does():
+    # Traced forwards copied every registered buffer but boolean ones, so `self.seen |= ...` under fnlit.compile
+    # wrote into the caller's state. Reference: the eager step, which leaves the given state as it was.
+    class Seen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+            self.register_buffer("seen", torch.zeros(3, dtype=torch.bool))
+
+        def forward(self, x):
+            self.seen |= (x > 0).any(0)
+            return self.l(x)
+
+    m = Seen()
+    step = fnlit.train_step(m, lambda model, x: model(x).sum())
+    x = torch.tensor([[1.0, -1.0, -1.0]])
+    for run in (step, fnlit.compile(step, mode="eager")):
+        s0 = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+        s1, _ = run(s0, x)
+        assert s0.buffers["seen"].tolist() == [False, False, False]
+        assert s1.buffers["seen"].tolist() == [True, False, False]

@@ -1157,3 +1157,13 @@ def test_float16_amp_takes_a_sparse_gradient_whose_values_are_an_expand(dim, x):
     state = _fp16_fnlit_steps(model, batches, 1, scale=2.0**10)  # (65536 overflows the head's float16 gradient)
     for name, p in want.items():
         torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), 1e40, 0.0, float("nan")])
+def test_a_loss_scale_no_float32_step_can_use_is_refused(scale):
+    # inf, and a finite float past float32's range (which becomes inf in the scaler's float32 tensor), were accepted:
+    # every fp16 step then overflowed and was skipped, and backing off inf stays inf, so nothing ever trained.
+    # Reference: float32's range (torch.finfo), and the 0 / NaN refusals that were there.
+    assert scale != scale or not 0 < scale <= torch.finfo(torch.float32).max
+    with pytest.raises(ValueError, match="expected a finite float32 init_scale > 0"):
+        fnlit.TrainState.create(nn.Linear(3, 1), fnlit.optim.sgd(0.1), seed=0, loss_scale=scale)

@@ -51,14 +51,15 @@ def init_loss_scale(
     """Initial loss-scale state; the defaults are torch.amp.GradScaler's.
 
     Raises:
-        ValueError: on a non-positive scale or interval, growth_factor <= 1 or backoff_factor outside (0, 1).
+        ValueError: on a non-positive or infinite scale (or one past float32's range), a non-positive interval,
+            growth_factor <= 1 or backoff_factor outside (0, 1).
 
     Example:
         >>> float(init_loss_scale().scale)
         65536.0
     """
-    if not init_scale > 0:
-        raise ValueError(f"init_loss_scale expected init_scale > 0, got {init_scale} instead.")
+    if not 0 < init_scale <= torch.finfo(torch.float32).max:  # (inf, or a float32 overflow: every step skipped)
+        raise ValueError(f"init_loss_scale expected a finite float32 init_scale > 0, got {init_scale} instead.")
     if not growth_factor > 1.0:
         raise ValueError(f"init_loss_scale expected growth_factor > 1, got {growth_factor} instead.")
     if not 0.0 < backoff_factor < 1.0:
