@@ -71,8 +71,11 @@ class _Slots:
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
         self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
-        self.owned = [d for m in module.modules() for d in (m._parameters, m._buffers)]
+        # How many tensors (and submodules) each module holds, and its None slots (register_buffer("ema", None),
+        # filled by a forward): a tensor or a submodule added since means these slots miss it (see current()).
+        self.owned = [d for m in module.modules() for d in (m._parameters, m._buffers, m._modules)]
         self.counts = list(map(len, self.owned))
+        self.nones = [(d, k) for d in self.owned for k, v in d.items() if v is None]
         # Buffers a training forward updates in place: copied first, so the caller's never change.
         # Normalisation statistics and spectral norm's power-iteration vectors; any other buffer a forward
         # is seen updating is added on the way (apply's version check).
@@ -99,12 +102,13 @@ class _Slots:
         ]
 
     def current(self) -> bool:
-        """Whether the module tree is still the one these slots were built from, with as many tensors in each
-        submodule (a buffer a forward registers lazily, a parametrization added since); ~0.1 us a submodule."""
+        """Whether the module tree is still the one these slots were built from, with as many tensors and
+        submodules in each module and its None slots still None (a buffer a forward registers or fills lazily, a
+        submodule or parametrization added since); ~0.1 us a submodule."""
         for modules, k, child in self.links:
             if modules.get(k) is not child:
                 return False
-        return list(map(len, self.owned)) == self.counts
+        return list(map(len, self.owned)) == self.counts and all(d.get(k) is None for d, k in self.nones)
 
 
 # The first forward's copies of buffers whose version counter did not move: data_parallel treats them as
@@ -207,7 +211,9 @@ def _check_names(
         + (f"missing {missing[:5]}; " if missing else "")
         + (f"not in the module {extra[:5]}; " if extra else "")
         + (f"given in both params and buffers {both[:5]}; " if both else "")
-        + "pass state.params and state.buffers of a TrainState created from this module."
+        + "pass state.params and state.buffers of a TrainState created from this module"
+        + (" (one it registered after the state was made, in a forward, is missing: create the state after a first "
+           "forward)." if missing else ".")
     )
 
 

@@ -1262,8 +1262,32 @@ def test_a_tensor_registered_after_the_first_apply_is_refused_as_on_a_fresh_modu
     s2 = fnlit.TrainState.create(seq, fnlit.optim.sgd(0.1), seed=0)
     fnlit.apply(seq, s2.params, s2.buffers, x)
     seq[0].register_parameter("extra", nn.Parameter(torch.ones(1)))
-    with pytest.raises(KeyError, match=r"missing \['0\.extra'\]"):
+    with pytest.raises(KeyError, match=r"missing \['0\.extra'\].*create the state after a first forward"):
         fnlit.apply(seq, s2.params, s2.buffers, x)
+    # A submodule attached since, and a buffer registered as None and filled by the forward (review).
+    seq = nn.Sequential(nn.Linear(3, 3))
+    s3 = fnlit.TrainState.create(seq, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(seq, s3.params, s3.buffers, x)
+    seq.append(nn.Linear(3, 3))
+    with pytest.raises(KeyError, match=r"missing \['1\.bias', '1\.weight'\]"):
+        fnlit.apply(seq, s3.params, s3.buffers, x)
+
+    class NoneFilled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+            self.register_buffer("ema", None)
+
+        def forward(self, x):
+            if self.ema is None:
+                self.ema = x.mean(0).detach().clone()
+            return self.l(x) - self.ema
+
+    m = NoneFilled()
+    s4 = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.apply(m, s4.params, s4.buffers, x)
+    with pytest.raises(KeyError, match=r"missing \['ema'\]"):
+        fnlit.apply(m, s4.params, s4.buffers, x)
 
 
 def test_a_compiled_step_leaves_a_boolean_buffer_updated_in_place_as_the_eager_one_does():
