@@ -507,15 +507,22 @@ def _groups(lr_w, lr_b):  # a backbone/head setup: one SGD per parameter group
                      opt.masked(opt.sgd(lr_b, momentum=0.9), lambda p: {k: k == "bias" for k in p}))
 
 
-def _torch_groups(seed, lr_w, lr_b, data):
+def _torch_trained(seed, build, optimizer, data):
+    """The reference: ``build()`` made after ``torch.manual_seed(seed)``, trained on ``data`` (MSE) with
+    ``optimizer(module)``, a torch.optim optimizer; its parameters."""
     torch.manual_seed(seed)
-    ref = nn.Linear(4, 2)
-    opt = torch.optim.SGD([{"params": [ref.weight], "lr": lr_w}, {"params": [ref.bias], "lr": lr_b}], lr=lr_w, momentum=0.9)
+    ref = build()
+    opt = optimizer(ref)
     for x, y in data:
         opt.zero_grad()
         torch.nn.functional.mse_loss(ref(x), y).backward()
         opt.step()
     return dict(ref.named_parameters())
+
+
+def _torch_groups(seed, lr_w, lr_b, data):
+    return _torch_trained(seed, lambda: nn.Linear(4, 2), lambda ref: torch.optim.SGD(
+        [{"params": [ref.weight], "lr": lr_w}, {"params": [ref.bias], "lr": lr_b}], lr=lr_w, momentum=0.9), data)
 
 
 def test_a_sweep_over_an_optimizer_with_several_different_rates_is_refused():
@@ -563,14 +570,8 @@ def _bias_free():
 
 
 def _torch_adamw(seed, lr, data, frozen=()):
-    torch.manual_seed(seed)
-    ref = _bias_free()
-    opt = torch.optim.AdamW([p for k, p in ref.named_parameters() if k not in frozen], lr=lr, weight_decay=0.01)
-    for x, y in data:
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(ref(x), y).backward()
-        opt.step()
-    return dict(ref.named_parameters())
+    return _torch_trained(seed, _bias_free, lambda ref: torch.optim.AdamW(
+        [p for k, p in ref.named_parameters() if k not in frozen], lr=lr, weight_decay=0.01), data)
 
 
 def test_a_group_whose_rate_no_update_reads_is_left_out_of_a_sweep():
