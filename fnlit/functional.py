@@ -764,7 +764,7 @@ class _Backward:
             return
         records = self.records
         held = records[0][1].keys if len(records) == 1 else frozenset().union(*(rec[1].keys for rec in records))
-        if any(b.saved is not None and not held.isdisjoint(b.held) for b in _ACTIVE if b is not self):
+        if any(not held.isdisjoint(b.held) for b in _ACTIVE if b is not self):  # (held: set with saved)
             raise RuntimeError(_OVERLAP.format(name=type(module).__name__, how="recomputing a block of it"))
         self.saved = [(slots, _swap_in(slots, tensors)) for _, slots, _, tensors, _ in records]
         self.held = held

@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 from . import data as _data
 from . import distributed as _dist
 from . import tree as _tree
-from ._checkpoint_io import _dtensor_class
+from ._checkpoint_io import is_sharded  # (without importing DTensor: ~0.7 s)
 from ._types import Batch, Metrics, StepFn
 from .callbacks import Callback, EarlyStopping, StopTraining, Timer
 from .ensemble import EnsembleStep
@@ -45,12 +45,6 @@ _END = object()  # what next() gives for data that has run out
 ``"batches_per_epoch"``: ``len(train_data)``, where it has one (the size of those batches); ``"world_size"``
 under torch.distributed; and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class
 and order."""
-
-
-def _is_sharded(state: TrainState) -> bool:
-    """fnlit.shard's is_sharded, without importing DTensor (~0.7 s) when nothing has: then nothing is sharded."""
-    dtensor = _dtensor_class()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in _tree.tree_leaves(state.params))
 
 
 def _containers_copied(tree: Any) -> Any:
@@ -418,7 +412,7 @@ def _even_batches(
         counts = "some without a len(), and one rank with none" if unsized else f"from {-least} to {most} batches"
         this = n if known is not None else "some" if has else "none"
         raise ValueError(_NO_EVAL_BATCH.format(counts=f"{counts}, this rank {this}"))
-    if not _is_sharded(state):  # each rank runs its own batches: the forwards are not collectives
+    if not is_sharded(state.params):  # each rank runs its own batches: the forwards are not collectives
         return ((b, True) for b in own), n
     if not unsized:
 

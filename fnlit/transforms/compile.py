@@ -555,7 +555,14 @@ class CompiledStep:
         )
         try:
             self._calls.key = (state.rng, state.device)  # for the graphs that draw random numbers (see _backend)
-            with floats, _ONE_AT_A_TIME:
+            # torch.compile(fullgraph=True) checks after each call that a compiled frame ran, by a count that is one for
+            # the whole process (torch 2.14): two threads' calls reset each other's count, and a call that ran is
+            # reported as "found no compiled frames" (its result lost; with donation, its state written). One compiled
+            # call at a time, under fnlit.random's lock: a graph that draws random numbers takes that one inside
+            # (seeded), and a call inside `with fnlit.random.seeded(k):` holds it already, so a lock of our own taken
+            # around the call would be taken in the other order there (two threads waited on each other for good).
+            # Re-entrant, as a seeded block is.
+            with floats, _random._LOCK:
                 new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
@@ -654,14 +661,6 @@ _DATA_PARALLEL = (
     "inside apply_gradients, and torch.compile does not capture collectives on gloo (CPU) process "
     "groups. Run data_parallel(step) uncompiled (it already does one bucketed all-reduce per update)."
 )
-
-# torch.compile(fullgraph=True) checks after each call that a compiled frame ran, by a count that is one for the
-# whole process (torch 2.14): two threads' calls reset each other's count, and a call that ran is reported as
-# "found no compiled frames" (its result lost; with donation, its state written). One compiled call at a time,
-# under fnlit.random's lock: a graph that draws random numbers takes that one inside (seeded), and a call inside
-# `with fnlit.random.seeded(k):` holds it already, so a lock of our own taken around the call would be taken in
-# the other order there (two threads waited on each other for good). Re-entrant, as a seeded block is.
-_ONE_AT_A_TIME = _random._LOCK
 
 _OUTSIDE = (
     "fnlit.compile must be the outermost transform: a transform around a compiled step (fnlit.accumulate, "
