@@ -550,8 +550,10 @@ class Timer(Callback):
 def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> TrainState:
     """Recomputes BatchNorm statistics for ``state.params`` (after :class:`SWA` or :class:`EMA`).
 
-    Like ``torch.optim.swa_utils.update_bn``: resets the running statistics, runs every batch forward in
-    training mode with a cumulative average (momentum None), and returns ``state`` with the new buffers.
+    Like ``torch.optim.swa_utils.update_bn``: resets the running statistics, runs every batch forward with
+    every module in training mode (a BatchNorm frozen with ``.eval()`` too) and a cumulative average (momentum
+    None), and returns ``state`` with the new buffers. The module is left as it was: its tensors, momenta and
+    every module's training flag (torch's sets each flag to the root's).
     A batch is the input itself, or a tuple/list whose first element is the input.
 
     Raises:
@@ -583,8 +585,12 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
             buffers[p + "running_var"] = torch.ones_like(buffers[p + "running_var"])
             buffers[p + "num_batches_tracked"] = torch.zeros_like(buffers[p + "num_batches_tracked"])
     momenta = {n: m.momentum for n, m in norms.items()}
+    # Every module in training mode, as torch's model.train(): apply leaves submodules' flags alone when the root
+    # already trains, and a BatchNorm frozen with .eval() would keep its reset statistics.
+    modes = [(m, m.training) for m in module.modules()]
     move = _data.device_mover(state.device)
     try:
+        module.train(True)
         for m in norms.values():
             m.momentum = None
         with torch.no_grad():
@@ -595,4 +601,6 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
     finally:
         for n, m in norms.items():
             m.momentum = momenta[n]
+        for m, was in modes:  # each module's flag as it was (torch's sets every one to the root's)
+            m.training = was
     return state.replace(buffers=buffers)

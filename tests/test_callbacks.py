@@ -436,6 +436,41 @@ def test_update_bn_matches_torch_swa_utils():
     assert int(state.buffers["1.num_batches_tracked"]) == 0 and model[1].momentum == 0.1  # nothing else changed
 
 
+@pytest.mark.parametrize("root_training", [True, False])
+def test_update_bn_recomputes_a_frozen_batchnorm_as_torch_does_and_restores_every_training_flag(root_training):
+    # A BatchNorm frozen with .eval() under a training root was reset and never recomputed (running stats 0/1,
+    # num_batches_tracked 0): apply leaves submodules' flags alone when the root already trains. Reference: torch's
+    # update_bn (model.train(): every BatchNorm recomputed) on a deep copy.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, momentum=0.3), torch.nn.Linear(4, 4),
+                                torch.nn.BatchNorm1d(4))
+    model.train(root_training)
+    model[1].running_mean.fill_(5.0)
+    model[1].running_var.fill_(9.0)
+    model[1].eval()  # frozen, whatever the root's mode
+    flags = [m.training for m in model.modules()]
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    data = [torch.randn(16, 4) * 3 + 2 for _ in range(4)]
+    reference = copy.deepcopy(model)
+    new = update_bn(model, state, data)
+    torch.optim.swa_utils.update_bn(data, reference)
+    for name, buf in reference.named_buffers():
+        torch.testing.assert_close(new.buffers[name], buf)
+    assert int(new.buffers["1.num_batches_tracked"]) == 4
+    assert [m.training for m in model.modules()] == flags  # each flag as it was (torch's sets all to the root's)
+    assert [model[1].momentum, model[3].momentum] == [0.3, 0.1]
+    assert torch.equal(model[1].running_mean, torch.full((4,), 5.0))  # the module's own tensors untouched
+
+    def failing():  # flags and momenta come back on an error too
+        yield data[0]
+        raise RuntimeError("loader broke")
+
+    with pytest.raises(RuntimeError, match="loader broke"):
+        update_bn(model, state, failing())
+    assert [m.training for m in model.modules()] == flags
+    assert [model[1].momentum, model[3].momentum] == [0.3, 0.1]
+
+
 def test_update_bn_leaves_non_tensor_leaves_of_the_inputs_alone_as_torch_does():
     # Every leaf was moved with .to(device): a float beside the tensor ('float' has no attribute 'to').
     class Scaled(torch.nn.Module):
