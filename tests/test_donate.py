@@ -3,6 +3,9 @@
 References are the same step run without donation (which never writes its input) and plain torch.
 """
 
+import copy
+import io
+import pickle
 import sys
 import threading
 import warnings
@@ -327,3 +330,21 @@ def test_a_torch_op_on_a_donated_field_raises_the_donation_error_without_a_depre
             op(donated)
     # torch warns of (and will refuse) a __torch_function__ that is not a classmethod
     assert not [str(w.message) for w in caught if "__torch_function__" in str(w.message)]
+
+
+@pytest.mark.parametrize("save", [
+    lambda s: torch.save(s.params, io.BytesIO()),
+    lambda s: torch.save({"model": s.params, "opt": s.opt_state}, io.BytesIO()),
+    lambda s: pickle.dumps(s.opt_state),
+    lambda s: copy.copy(s.buffers),
+])
+def test_saving_or_pickling_a_donated_field_raises_instead_of_writing_a_file_without_weights(model, save):
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+    donated = clone_tree(state)
+    new, _ = fnlit.donating(hand_step(model))(donated, batch())
+    with pytest.raises(RuntimeError, match=r"donated to a step \(fnlit.donating\)"):
+        save(donated)
+    buffer = io.BytesIO()
+    torch.save(new.params, buffer)  # the returned state saves as usual
+    buffer.seek(0)
+    assert_trees_equal(torch.load(buffer), new.params)

@@ -68,6 +68,8 @@ class Donated:
     __getitem__ = __setitem__ = __iter__ = __len__ = __bool__ = __call__ = __contains__ = _raise
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __index__ = __int__ = _raise
     __float__ = __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __array__ = _raise  # type: ignore[assignment]
+    # pickle (torch.save of a donated state's params, a multiprocessing queue) and copy.copy: no file without weights
+    __reduce_ex__ = __reduce__ = _raise  # type: ignore[assignment]
     __hash__ = None  # type: ignore[assignment]
 
     @classmethod
