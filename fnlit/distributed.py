@@ -91,7 +91,9 @@ def check_same_state(state: Any, group: Any = None) -> None:
     """Raises on every rank when the ranks' states differ (sizes, dtypes, shapes or values of params, buffers,
     optimizer state, step and loss scale). :func:`fnlit.data_parallel` needs every rank to start alike, as DDP
     does (it broadcasts rank 0's at construction); :func:`fnlit.fit` checks it itself. A loop of one's own
-    calls this once before its first step (two small collectives; not inside a step).
+    calls this once before its first step (two small collectives; not inside a step). Values are compared
+    by two integer checksums of each tensor's bits, one weighted by position: the same values in another order
+    differ too.
 
     Raises:
         ValueError: naming the first tensor that differs, and how to start every rank alike.

@@ -371,6 +371,33 @@ def starts_apart(kind: str):
     return messages
 
 
+def starts_permuted():
+    """Ranks whose states hold the same values in another order on rank 1 (a square weight loaded transposed, a
+    vector flipped): the same sizes, shapes and sum of bytes, yet fit and check_same_state refuse them; identical
+    states pass."""
+    out = {}
+    for kind in ("transposed", "flipped", "same"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 3)
+        with torch.no_grad():
+            if dist.get_rank() == 1 and kind == "transposed":
+                model.weight.copy_(model.weight.t().clone())
+            elif dist.get_rank() == 1 and kind == "flipped":
+                model.bias.copy_(model.bias.flip(0))
+        state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])))
+        data = [(torch.randn(4, 3), torch.randn(4, 3))]
+        out[kind] = []
+        for run in (lambda: fnlit.fit(step, state, data, max_epochs=1, progress=False),
+                    lambda: fnlit.distributed.check_same_state(state)):
+            try:
+                run()
+                out[kind].append("no error")
+            except ValueError as e:
+                out[kind].append(str(e))
+    return out
+
+
 def float64_metric():
     """Float64 metrics averaged across ranks: 0.1 on rank 0, 1.1 on rank 1; and a float64 model's loss (which
     rides with the gradients' all-reduce)."""

@@ -16,6 +16,7 @@ from _dist_workers import (
     exits_quietly,
     hangs_ignoring_sigterm,
     starts_apart,
+    starts_permuted,
     float64_metric,
     sparse_embedding,
     unchecked_warns,
@@ -305,6 +306,20 @@ def test_ranks_starting_from_different_states_are_refused_on_every_rank(kind, wh
     for messages in fnlit.distributed.launch(starts_apart, 2, kind, timeout=120):  # fit's, check_same_state's
         for message in messages:
             assert "the ranks start from different states: " + what in message and "torch.manual_seed(s)" in message
+
+
+def test_ranks_holding_the_same_values_in_another_order_are_refused_on_every_rank():
+    # A plain sum of each tensor's bytes passed a square weight loaded transposed on one rank, or a vector in another
+    # order, and the ranks trained apart silently.
+    torch.manual_seed(0)
+    w = torch.nn.Linear(3, 3).weight.detach()
+    assert not torch.equal(w, w.t()) and w.view(torch.uint8).sum() == w.t().contiguous().view(torch.uint8).sum()
+    for result in fnlit.distributed.launch(starts_permuted, 2, timeout=120):  # fit's, check_same_state's
+        for kind, path in (("transposed", "params['weight']"), ("flipped", "params['bias']")):
+            assert len(result[kind]) == 2
+            for message in result[kind]:
+                assert "the ranks start from different states: their values differ at " + path in message
+        assert result["same"] == ["no error", "no error"]
 
 
 def test_float64_metrics_and_a_float64_loss_are_averaged_in_float64():
