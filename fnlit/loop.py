@@ -67,7 +67,7 @@ def _num_batches(data: Iterable[Any]) -> int | None:
 
 class _LimitError(ValueError):
     """:func:`_limit`'s error, with why (0 not a valid limit, 1 a fraction of data without a len(), 2 a fraction that
-    leaves less than one batch; 3, fit's own, empty training data): the reason another rank is told."""
+    leaves less than one batch; 3, fit's own, empty training or validation data): the reason another rank is told."""
 
     def __init__(self, message: str, why: int) -> None:
         super().__init__(message)
@@ -113,13 +113,19 @@ def _deferred_limit(
         return n, e, _fail_code(e.why)
 
 
-def _limit_failed(code: int, error: ValueError | None, limit: Any, name: str, who: str) -> None:
+def _limit_failed(code: int, error: ValueError | None, limit: Any, name: str, who: str, val: bool = False) -> None:
     """Raises this rank's error from :func:`_deferred_limit`, or where another rank's failed (``code``: the ranks'
-    MAX), says which rank and why."""
+    MAX), says which rank and why (``val``: the validation limit's, whose reason 3 is val_data without batches)."""
     if error is not None:
         raise error
     if code:
         rank, why = divmod(code - 1, 4)
+        if why == 3 and val:
+            raise ValueError(
+                f"{who}: rank {rank} got val_data with no batches (its shard of the validation data holds none), so "
+                "it cannot validate with the others. Give every rank at least one batch (that rank says more), or "
+                "pass limit_val_batches=0 to train without validation."
+            )
         if why == 3:
             raise ValueError(
                 f"{who}: rank {rank} got empty training data (len(train_data) == 0), so it cannot run the steps the "
@@ -221,8 +227,13 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.
     n_val_data = val_data.eval_len() if isinstance(val_data, _data.ArrayLoader) else _num_batches(val_data)  # type: ignore[arg-type]
     val_name, val_error, val_failed = "overfit_batches" if overfit else "limit_val_batches", None, 0
+    off = not isinstance(limit_val, bool) and isinstance(limit_val, (int, float)) and limit_val == 0
     if not validate:
         n_val = 0
+    elif n_val_data == 0 and not off:  # (Lightning warns and skips validation; limit_val_batches=0 says so)
+        n_val, val_error, val_failed = 0, ValueError(_NO_VAL_BATCHES + _per_rank()), _fail_code(3)
+        if _dist.world_size() == 1:
+            raise val_error
     elif _dist.world_size() > 1:  # a limit that fails on one rank fails on all, at the ranks' first exchange
         n_val, val_error, val_failed = _deferred_limit(limit_val, n_val_data, val_name, "fit")
     else:
@@ -276,6 +287,24 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         validate=validate, sanity_steps=sanity or 0, log_every=log_every, quiet=bool(fdr),
         val_limit=(val_failed, val_error, limit_val, val_name), train_limit=(train_failed, train_error, limit_train, train_name),
     )  # fmt: skip
+
+
+_NO_VAL_BATCHES = (
+    "fit got val_data with no batches, so it would never validate. Check the dataset and batch_size: a loader with "
+    "drop_last=True yields no batch from fewer examples than batch_size. Pass limit_val_batches=0 (or no val_data) "
+    "to train without validation."
+)
+
+
+def _per_rank() -> str:
+    """Under torch.distributed, what the error of val_data without batches adds: each rank counts its own shard."""
+    w = _dist.world_size()
+    if w == 1:
+        return ""
+    return (
+        f" Under torch.distributed each rank counts the batches of its own shard, about 1/{w} of the examples (an "
+        "ArrayLoader's, a DistributedSampler's): drop_last=True can leave a rank none where one process has some."
+    )
 
 
 _ONE_SHOT_VAL = (
@@ -370,7 +399,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                     sums = [s + value(k, metrics[k]) * size for s, k in zip(sums, names)]
             count += size
     if not names:
-        raise ValueError("evaluate got no batches (or no metrics); check the data and limit_batches.")
+        raise ValueError(
+            "evaluate got no batches (or no metrics); check the data (a loader with drop_last=True yields no batch "
+            "from fewer examples than batch_size) and limit_batches."
+        )
     totals = torch.cat([s.reshape(-1).to(sums[0].device) for s in sums] + [torch.tensor([float(count)], device=sums[0].device)])
     if _dist.world_size() > 1:
         torch_dist.all_reduce(totals)
@@ -536,7 +568,7 @@ def _same_batches(
     most, least, first, any_validate, not_all, code, train_code = counts.tolist()  # (once, at the start of fit)
     least = -least
     _limit_failed(train_code, *train_limit[1:], "fit")
-    _limit_failed(code, error, limit, name, "fit")
+    _limit_failed(code, error, limit, name, "fit", val=True)
     if most != least:
         raise ValueError(
             f"fit: the ranks have different numbers of training batches per epoch (from {least} to {most}; -1: "
@@ -754,9 +786,14 @@ def fit(
             generator otherwise does not repeat its order on a resume mid-epoch. Batches are moved to
             ``state.device`` (pinned, non-blocking).
         val_data, eval_step: validation data and ``(state, batch) -> metrics``, logged as ``"val/<name>"``.
+            val_data with no batches (``len() == 0``: ``[]``, or a loader with ``drop_last=True`` and fewer examples
+            than its batch size; under torch.distributed, on any rank's shard) is refused when fit starts (Lightning
+            warns and skips validation); data without a ``len()`` raises at its first validation (the sanity
+            check, by default). ``limit_val_batches=0`` turns validation off.
         max_epochs, min_epochs, max_steps, max_time: limits (``max_time``: seconds, timedelta, dict or
             ``"DD:HH:MM:SS"``).
-        limit_train_batches, limit_val_batches: an int number of batches, or a float fraction, per epoch/run.
+        limit_train_batches, limit_val_batches: an int number of batches, or a float fraction, per epoch/run
+            (0: no training, no validation).
         fast_dev_run: True/N: N train and N val batches, one epoch, no sanity check, logs or checkpoints.
         overfit_batches: train (and validate) on the first N (or fraction) batches, unshuffled, every epoch
             (a DataLoader's shuffling sampler is replaced by a sequential one, as Lightning does; a shuffling
@@ -800,8 +837,8 @@ def fit(
         The last state.
 
     Raises:
-        ValueError: empty or endless data without a limit, inconsistent options, non-scalar metrics,
-            colliding metric names (each message names the option and the fix).
+        ValueError: empty or endless data without a limit, val_data without batches, inconsistent options,
+            non-scalar metrics, colliding metric names (each message names the option and the fix).
         TypeError: a ``seed`` that is not an int, ``prefixes`` that are not two strings.
 
     Example:

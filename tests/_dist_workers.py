@@ -553,6 +553,7 @@ def uneven_validation_unsharded():
     fit = dict(eval_step=ce, max_steps=1, val_check_interval=1, num_sanity_val_steps=0, progress=False)
     mine = val_batches(rank)
     none = mine if rank == 0 else []
+    four = torch.utils.data.TensorDataset(*batch(4))  # in batches of 3, drop_last: 1 in one process, 0 of 2 per rank
 
     def fitted(val_data, **options):
         fnlit.fit(step, state, train, val_data=val_data, **fit, **options)
@@ -580,6 +581,10 @@ def uneven_validation_unsharded():
         ("fit, limit_train_batches 0.5, no len() on rank 1",
          lambda: trained(Reiterable(mine) if rank else mine, limit_train_batches=0.5)),
         ("fit, empty training data on rank 1", lambda: trained(mine if rank == 0 else [])),
+        ("fit, val_data empty on rank 1", lambda: fitted(none)),
+        ("fit, val_data empty on rank 1, limit_val_batches 0", lambda: fitted(none, limit_val_batches=0)),
+        ("fit, a DistributedSampler's shards without batches", lambda: fitted(torch.utils.data.DataLoader(
+            four, batch_size=3, drop_last=True, sampler=torch.utils.data.DistributedSampler(four, shuffle=False)))),
     ]:
         forwards[0] = 0
         try:

@@ -398,3 +398,11 @@ def test_validation_with_different_numbers_of_batches_per_rank_on_a_plain_state(
             assert "DistributedSampler" in r[name], name
         assert r["limit 0.5"][0] == pytest.approx(mean_ce(1), rel=1e-5) and r["limit 0.5"][1] == 1
         assert_limit_errors(r, rank, train=True)
+        # val_data without batches on rank 1 was skipped there, and refused only as "others have some"; on every
+        # rank's shard (4 examples in batches of 3 with drop_last: one in one process, none of 2 a rank), validation
+        # was turned off silently
+        assert r["fit, val_data empty on rank 1"].startswith(("fit: rank 1", "fit")[rank] + " got val_data with no batches")
+        assert r["fit, val_data empty on rank 1, limit_val_batches 0"] == (None, 0)  # turned off, as documented
+        assert len(torch.utils.data.DataLoader(torch.zeros(4), batch_size=3, drop_last=True)) == 1
+        shards = r["fit, a DistributedSampler's shards without batches"]
+        assert shards.startswith("fit got val_data with no batches") and "about 1/2 of the examples" in shards, shards

@@ -332,6 +332,46 @@ def test_empty_training_data():
         fit(Counter().step, make_state(), iter([]), max_epochs=1, progress=False)
 
 
+@pytest.mark.parametrize("val_data", [
+    [],
+    ArrayLoader(torch.arange(3), batch_size=4, drop_last=True),
+    DataLoader(torch.arange(3), batch_size=4, drop_last=True),
+], ids=["list", "ArrayLoader", "DataLoader"])
+def test_val_data_with_no_batches_is_refused_unless_limit_val_batches_turns_validation_off(val_data, tmp_path):
+    # Validation was turned off silently (a Checkpointer(monitor="val/loss") was told "no val_data, or
+    # limit_val_batches=0"), or a fraction limit divided by zero, while evaluate() on the same data raised.
+    assert len(list(val_data)) == 0  # the reference: iterating it yields nothing (3 examples: no whole batch of 4)
+    c = Counter()
+    train = ArrayLoader(torch.arange(4), batch_size=2)
+    for options in ({}, {"num_sanity_val_steps": 0}, {"limit_val_batches": 0.5}, {"limit_val_batches": 2},
+                    {"fast_dev_run": True}, {"checkpoint": fnlit.Checkpointer(tmp_path, monitor="val/loss")}):
+        with pytest.raises(ValueError, match=r"fit got val_data with no batches, so it would never validate\. .*"
+                                             r"drop_last=True .* Pass limit_val_batches=0"):
+            fit(c.step, make_state(), train, val_data=val_data, eval_step=c.eval_step, max_epochs=1, progress=False,
+                **options)  # fmt: skip
+    assert c.train == [] and c.val == []  # refused before any step
+    for limit in (0, 0.0):  # Lightning's documented way to turn validation off: no validation, no error
+        state = fit(c.step, make_state(), train, val_data=val_data, eval_step=c.eval_step, max_epochs=1, progress=False,
+                    limit_val_batches=limit)  # fmt: skip
+        assert int(state.step) == 2 and c.val == []
+
+
+def test_val_data_without_a_len_and_no_batches_raises_at_its_first_validation():
+    class NoLen:  # (as a DataLoader over an IterableDataset): fit cannot count it before reading it
+        def __iter__(self):
+            return iter(())
+
+    for sanity, steps in ((2, 0), (0, 2)):  # the sanity check reads it before any step; without one, epoch 0's end
+        c = Counter()
+        with pytest.raises(ValueError, match=r"evaluate got no batches .* drop_last=True"):
+            fit(c.step, make_state(), ArrayLoader(torch.arange(4), batch_size=2), val_data=NoLen(), eval_step=c.eval_step,
+                max_epochs=1, num_sanity_val_steps=sanity, progress=False)  # fmt: skip
+        assert len(c.train) == steps
+    state = fit(c.step, make_state(), ArrayLoader(torch.arange(4), batch_size=2), val_data=NoLen(), eval_step=c.eval_step,
+                max_epochs=1, limit_val_batches=0, progress=False)  # fmt: skip
+    assert int(state.step) == 2
+
+
 def test_val_check_interval_larger_than_the_epoch():
     with pytest.raises(ValueError, match=r"val_check_interval=20, more than the 10 training batches .* check_val_every_n_epoch=None"):
         run(max_epochs=1, val_check_interval=20)
