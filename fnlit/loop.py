@@ -89,7 +89,7 @@ def _limit(limit: int | float | None, n: int | None, name: str, who: str = "fit"
             f"{who} got {name}={limit}, a fraction of the epoch, but the data has no len(). Pass an int number of batches.", 1
         )
     k = int(n * limit)
-    if k == 0 and limit > 0:
+    if k == 0 and limit > 0 and n:  # (no batches at all: the caller's own error says so)
         raise _LimitError(f"{who} got {name}={limit}, but {limit} * {n} batches < 1. Use at least {name}={1 / n:.4g}.", 2)
     return k
 

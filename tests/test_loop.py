@@ -1531,3 +1531,12 @@ def test_fit_refuses_before_training_a_last_batch_that_accumulate_cannot_split(l
         fit(fnlit.compile(step, mode="eager"), state, data, max_epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"last batch of each epoch holds 2 examples"):
         fit(fnlit.ensemble(step, 2), fnlit.stack_states([state, state]), data, max_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("limit", [0.5, 1.0])
+def test_a_fraction_limit_on_data_with_no_batches_gets_the_no_batches_error_not_a_division_by_zero(limit):
+    c = Counter()
+    with pytest.raises(ValueError, match=r"evaluate got no batches"):
+        fnlit.evaluate(c.eval_step, make_state(), [], limit_batches=limit)  # (was ZeroDivisionError)
+    with pytest.raises(ValueError, match=r"fit got empty training data"):
+        fit(c.step, make_state(), [], limit_train_batches=limit, max_epochs=1, progress=False)
