@@ -1089,24 +1089,28 @@ def fit(
                 batch_iter = iter(_data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential))
                 for batch in batch_iter:
                     state, metrics = step(state, move(batch) if move else batch)
-                    if type(metrics) is not dict and not isinstance(metrics, Mapping):  # at once, not at the first log
-                        raise TypeError(
-                            "fit expected the step to return (state, metrics) with metrics a dict of scalar tensors, "
-                            f"got {type(metrics).__name__} as metrics. Return e.g. (new_state, {{'loss': loss}})."
-                        )
-                    steps, b = steps + 1, b + 1
+                    steps, b = steps + 1, b + 1  # (no call in between: a Ctrl-C from here on finds this batch done)
                     log.pending.append(metrics)  # stays on the device until the next log_now()
-                    if per_step_hooks:
-                        hooks("on_step", state, metrics)
-                    bar.update()
                     validated_here = val_every > 0 and (steps if count_across else b) % val_every == 0
-                    if steps % log_every == 0:
-                        try:
+                    try:
+                        if type(metrics) is not dict and not isinstance(metrics, Mapping):  # at once, not at the first log
+                            raise TypeError(
+                                "fit expected the step to return (state, metrics) with metrics a dict of scalar tensors, "
+                                f"got {type(metrics).__name__} as metrics. Return e.g. (new_state, {{'loss': loss}})."
+                            )
+                        if per_step_hooks:
+                            hooks("on_step", state, metrics)
+                        bar.update()
+                        if steps % log_every == 0:
                             log_now()
-                        except KeyboardInterrupt:
-                            if validated_here:  # due at this step, never run: the resume runs it after the row
-                                validating = (False, _states(stateful, copied=True))
-                            raise
+                    except KeyboardInterrupt:
+                        # A second Ctrl-C after the step, before its row and validation: the exit position says the
+                        # row was cut off (the resume logs it first) and the validation due here unfinished (run next).
+                        if steps % log_every == 0:
+                            cut = bool(log.pending)  # (empty: the row was written)
+                        if validated_here:
+                            validating = (False, _states(stateful, copied=True))
+                        raise
                     if validated_here:
                         validate()
                     if checkpoint is not None:  # after the batch's validation: a resume from here does not skip it

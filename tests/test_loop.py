@@ -1364,6 +1364,36 @@ def test_a_second_ctrl_c_during_the_loggers_write_keeps_the_interval_for_the_res
     assert first.rows == cut.rows == ref.rows  # step 10's row once in each (the resume purges from it, then logs it)
 
 
+class _CtrlCInOnStep:
+    """A callback during whose ``on_step`` (at step ``at``) the user presses Ctrl-C twice."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step(self, state, metrics):
+        if int(state.step) == self.at:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("at", [5, 8, 20], ids=["row-due", "validation-due", "both-due"])
+def test_a_second_ctrl_c_in_a_step_hook_leaves_that_steps_row_and_validation_to_the_resume(tmp_path, at):
+    # Rows every 5 steps, validations every 4 batches (12 an epoch). The exit position said step `at` was done, its
+    # row and validation too: the resumed run folded the row into the next interval's and skipped the validation.
+    # Reference: the uninterrupted run's rows and params.
+    step, state, data, ev = _ctrl_c_setup()
+    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False, num_sanity_val_steps=0, val_check_interval=4,
+              val_data=ArrayLoader(*data.tensors, batch_size=32), eval_step=ev)  # fmt: skip
+    ref = _Rows()
+    want = fit(step, state, data, loggers=[ref], **kw)
+    rows = _Rows()
+    cut = fit(step, state, data, loggers=[rows], callbacks=[_CtrlCInOnStep(at)], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    assert int(cut.step) == at
+    got = fit(step, state, data, loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
+    assert rows.rows == ref.rows
+    assert_trees_equal(got.params, want.params)
+
+
 def test_a_resume_with_another_log_interval_keeps_the_rows_of_its_last_step(tmp_path):
     # A SIGTERM at step 12 (a partial interval, validation done) resumed with log_every_n_steps=4: the resume took
     # the interval for a cut-off whole one, purged step 12's val row and logged a train row there. Reference: the
