@@ -451,8 +451,11 @@ class SWA(Callback):
             self.params = _float_params(state.params)
         else:
             self.params = _placed(self.params, state, "SWA")  # fnlit.shard(step) shards a plain state after fit starts
-            keys = list(self.params)
-            torch._foreach_lerp_(list(self.params.values()), [state.params[k] for k in keys], 1.0 / (self.n_averaged + 1))
+            # A new average, not written into the last one: fit's copy of the states from before an epoch's end (a
+            # second Ctrl-C in a later callback's hook: the resume ends the epoch again) holds the last one.
+            keys, average = list(self.params), [v.clone() for v in self.params.values()]
+            torch._foreach_lerp_(average, [state.params[k] for k in keys], 1.0 / (self.n_averaged + 1))
+            self.params = dict(zip(keys, average))
         self.n_averaged += 1
 
     def state(self, state: TrainState) -> TrainState:

@@ -50,7 +50,7 @@ and order."""
 def _containers_copied(tree: Any) -> Any:
     """``tree`` with its dicts, lists and tuples copied, not its tensors: a callback's state as it is now, even if
     its hooks then change those containers in place (tensors are replaced, not written, by fnlit's callbacks'
-    validation hooks; an EMA's average is model-sized)."""
+    validation and epoch-end hooks; an EMA's average is model-sized)."""
     if isinstance(tree, dict):
         return {k: _containers_copied(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -1025,6 +1025,9 @@ def fit(
     # None when no validation runs.
     validating: tuple[bool, dict[str, Any] | None] | None = None
     cut = False  # a second Ctrl-C cut a log row off (its interval stays pending): the exit position says so
+    # A second Ctrl-C cut an epoch's end off (its on_epoch_end hooks): the exit position is then its last batch's,
+    # with the callbacks' states from before that end and whether its validation is done; the resume ends it again.
+    epoch_cut: Position = {}
 
     passes = 0  # validations run: a one-shot iterator has data for one
 
@@ -1166,9 +1169,17 @@ def fit(
                 )
                 if at_end and not (validated and steps == epoch_start):  # not again on a resume from its best
                     validate(epoch_end=True)
-                validated = False
-                epoch, b = epoch + 1, 0
-                hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
+                ended_at, before = (epoch, b), None
+                try:
+                    before = _states(stateful, copied=True)
+                    validated, epoch, b = False, epoch + 1, 0
+                    hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
+                except KeyboardInterrupt:  # (a callback after the one it cut off has not seen this epoch end)
+                    epoch, b = ended_at
+                    epoch_cut = {} if before is None else {"callbacks": before}
+                    if at_end:  # its validation is done (or was, before a resume from its best)
+                        epoch_cut["validated"] = True
+                    raise
                 if checkpoint is not None:
                     checkpoint.on_epoch_end(state, where(epoch, 0))
                 if distributed:
@@ -1207,8 +1218,8 @@ def fit(
             hooks("on_fit_end", state, dict(log.latest))
         finally:  # a callback failing at the end must not cost the run its last checkpoint (a preemption's save)
             if checkpoint is not None:
-                _exit_save(checkpoint, state, {**where(epoch, b, exit_pending), **({"log_cut": True} if cut else ended)},
-                           validating, stateful, distributed, signals)
+                exit_position = {**where(epoch, b, exit_pending), **({"log_cut": True} if cut else ended), **epoch_cut}
+                _exit_save(checkpoint, state, exit_position, validating, stateful, distributed, signals)
     return state
 
 

@@ -1394,6 +1394,46 @@ def test_a_second_ctrl_c_in_a_step_hook_leaves_that_steps_row_and_validation_to_
     assert_trees_equal(got.params, want.params)
 
 
+class _CtrlCInEpochEnd:
+    """A callback during whose ``on_epoch_end`` (of 0-based epoch ``at``) the user presses Ctrl-C twice."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] == self.at:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["sized", "unsized"])
+@pytest.mark.parametrize("cut_first", [True, False], ids=["cut-before-swa", "cut-after-swa"])
+def test_a_second_ctrl_c_in_an_epoch_end_hook_ends_that_epoch_again_on_resume(tmp_path, cut_first, sized):
+    # The exit position stood after epoch 1's end: SWA, after the cut callback, never averaged that epoch (2 epochs
+    # averaged of 3). SWA before it had averaged it: the resume, from the states before that end, must not twice.
+    # Data without a len() validates at the epoch's end, before its hooks: the resume must not validate again.
+    # Reference: the uninterrupted run's SWA average and count, rows (epoch 1's validation once) and params.
+    from fnlit.callbacks import SWA
+
+    step, state, data, ev = _ctrl_c_setup()
+    val = ArrayLoader(*data.tensors, batch_size=32)
+    data = data if sized else _Unsized(*data.tensors)  # 12 batches an epoch
+    kw = dict(max_epochs=3, log_every_n_steps=5, progress=False, num_sanity_val_steps=0, val_data=val, eval_step=ev)
+    ref, swa = _Rows(), SWA(1)
+    want = fit(step, state, data, loggers=[ref], callbacks=[swa], **kw)
+    rows, first = _Rows(), SWA(1)
+    callbacks = [_CtrlCInEpochEnd(1), first] if cut_first else [first, _CtrlCInEpochEnd(1)]
+    cut = fit(step, state, data, loggers=[rows], callbacks=callbacks, checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    assert int(cut.step) == 24 and first.n_averaged == (1 if cut_first else 2)
+    resumed = SWA(1)
+    got = fit(step, state, data, loggers=[rows], callbacks=[resumed], checkpoint=fnlit.Checkpointer(tmp_path),
+              ckpt_path="last", **kw)  # fmt: skip
+    assert resumed.n_averaged == swa.n_averaged == 3
+    assert_trees_equal(resumed.params, swa.params)
+    assert rows.rows == ref.rows
+    assert_trees_equal(got.params, want.params)
+
+
 def test_a_resume_with_another_log_interval_keeps_the_rows_of_its_last_step(tmp_path):
     # A SIGTERM at step 12 (a partial interval, validation done) resumed with log_every_n_steps=4: the resume took
     # the interval for a cut-off whole one, purged step 12's val row and logged a train row there. Reference: the
