@@ -188,6 +188,12 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
             f"fit expected prefixes to be two strings (training, validation), e.g. ('train/', 'val/'), got "
             f"prefixes={prefixes!r} instead."
         )
+    if every_n is None and isinstance(vci, float):  # (as given: left unset, it becomes 1.0 below, allowed)
+        raise ValueError(
+            "fit expected val_check_interval to be an int number of training batches when check_val_every_n_epoch=None "
+            f"(it then counts batches across epochs, not a fraction of each), got val_check_interval={vci!r} instead. "
+            "Pass an int, or check_val_every_n_epoch=1 to validate at fractions of every epoch (Lightning refuses it too)."
+        )
     if fdr:  # fast_dev_run=N: N train and N val batches, one epoch, max_steps=N, no sanity check, logs, checkpoints
         limit_train = limit_val = fdr
         max_steps, max_epochs, sanity, vci, every_n = fdr, 1, 0, 1.0, 1
@@ -800,7 +806,7 @@ def fit(
             DataLoader subclass is refused, as it cannot be rebuilt: build it with ``shuffle=False``).
         val_check_interval: float: validate every fraction of an epoch; int: every N training batches.
         check_val_every_n_epoch: validate in epochs ``e`` with ``(e + 1) % n == 0``; None: ``val_check_interval``
-            counts batches across epochs.
+            counts batches across epochs (an int, or unset: every epoch's worth; a float is refused, as Lightning does).
         num_sanity_val_steps: validation batches run before training, to fail fast (-1: all).
         log_every_n_steps: log (and read metrics back from the device) every N steps, and at the end: the training
             metrics' means over the interval. A run interrupted (Ctrl-C, SIGTERM) with a checkpoint saves its unfinished

@@ -222,6 +222,18 @@ def test_val_check_interval(interval, every_n, epochs, expected):
     assert len(c.val) == expected
 
 
+@pytest.mark.parametrize("interval", [0.5, 1.0])
+def test_a_float_val_check_interval_without_check_val_every_n_epoch_is_refused_as_lightning_does(interval):
+    # 0.5 validated every int(0.5 * 10) = 5 global steps, silently, not at fractions of epochs. Lightning:
+    # "`val_check_interval` should be an integer when `check_val_every_n_epoch=None`". Left unset, it stays allowed
+    # (every 10 steps: 2 validations in 2 epochs, by hand).
+    match = rf"val_check_interval to be an int .* when check_val_every_n_epoch=None .* got val_check_interval={interval}"
+    with pytest.raises(ValueError, match=match):
+        run(max_epochs=2, val=1, val_check_interval=interval, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    c, _ = run(max_epochs=2, val=1, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    assert len(c.val) == 2
+
+
 def test_check_val_every_n_epoch():
     c, _ = run(max_epochs=5, val=1, check_val_every_n_epoch=2, num_sanity_val_steps=0)
     assert len(c.val) == 2  # after epochs 1 and 3
