@@ -627,6 +627,38 @@ def test_a_number_assigned_to_the_transforms_hyperparams_is_held_as_a_tensor_and
         fo.step(tx, grads, state, params)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: fo.sgd(0.1, momentum=0.9), lambda: fo.adamw(0.1),
+    lambda: fo.scale_by_learning_rate(0.1), lambda: fo.add_decayed_weights(0.1),
+])
+@pytest.mark.parametrize("key", ["lr", "b1"])
+def test_a_hyperparameter_the_update_does_not_read_is_refused(make, key):
+    # hyperparams["lr"] = 0.0 (torch.optim's name) or ["b1"] = 0.5 (optax's inject_hyperparams) changed nothing and
+    # was carried into every later state. optax's inject_hyperparams passes each key to the constructor, which
+    # raises on an unknown one; torch.optim has no "b1" to set. The reference: the step it should not have changed,
+    # torch.optim.SGD's with the lr held.
+    params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    grads = {"w": torch.tensor([0.5, 0.25, -1.0])}
+    tx = make()
+    state = tx.init(params)
+    state.hyperparams[key] = 0.0 if key == "lr" else 0.5
+    with pytest.raises(ValueError, match=rf"update got state.hyperparams\['{key}'\], which it does not read.*tunable "
+                       r"hyperparameters? (is|are) '(learning_rate|weight_decay)'.*fixed when the optimizer is built"):
+        fo.step(tx, grads, state, params) if type(state) is not fo.ScaleByLearningRateState else tx.update(grads, state)
+    # under vmap (an ensemble's members) as eagerly
+    batched = tree_map(lambda t: torch.as_tensor(t).expand(2, *torch.as_tensor(t).shape), state)
+    twice = {"w": grads["w"].expand(2, 3)}
+    with pytest.raises(ValueError, match=rf"hyperparams\['{key}'\], which it does not read"):
+        torch.func.vmap(lambda s, g, p: tx.update(g, s, p))(batched, twice, {"w": params["w"].expand(2, 3)})
+    del state.hyperparams[key]  # without it, the step is torch's
+    if type(state) is fo.SGDState:
+        new = fo.step(tx, grads, state, params)[0]
+        p = torch.nn.Parameter(params["w"].clone())
+        p.grad = grads["w"].clone()
+        torch.optim.SGD([p], lr=0.1, momentum=0.9).step()
+        torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_set_to_zero_freezes_the_masked_part():
     params, seq = _params(), _grads(_params(), steps=10)
     frozen = lambda name: name.startswith("fc1.")  # noqa: E731

@@ -16,7 +16,9 @@ precision, except a schedule's rate, computed in float32) or the value was given
 fused kernels read a tensor rate as float32. A number assigned there (optax's ``hyperparams["learning_rate"] = 1e-3``)
 works too, and the next state holds it as a tensor; under :func:`fnlit.compile` each new number is a constant of its
 own graph (a recompile): assign tensors, of the dtype held there (``torch.tensor(1e-3, dtype=torch.float64)`` for a
-float64 model: a float32 one is a new graph, and stays float32). An
+float64 model: a float32 one is a new graph, and stays float32). These two keys are the only ones read: an
+update refuses another (torch.optim's ``"lr"``, optax's ``"b1"``) with a ValueError, as optax's
+``inject_hyperparams`` does, since the betas, momentum and eps are fixed when the optimizer is built. An
 optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over
 the params for it), so its ``hyperparams["weight_decay"]`` is then not read: build it with
 ``weight_decay=torch.tensor(0.0)`` to tune the decay from zero.
@@ -36,7 +38,7 @@ from ._base import (
     own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
 )
 from ._transforms import (
-    check_arg, check_beta, check_flag, check_mask, check_number, check_rate, check_schedule_value, device_of,
+    check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate, check_schedule_value, device_of,
     held_dtype, hyper_dtype, hyper_value, scalar, zero_count,
 )
 
@@ -44,6 +46,7 @@ __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
 
 LearningRate = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 Leaves = list[torch.Tensor]
+_HYPER_KEYS = frozenset({"learning_rate", "weight_decay"})  # the keys of every state's hyperparams, the only ones read
 
 
 class SGDState(NamedTuple):
@@ -218,6 +221,7 @@ def _optimizer(
         # state and its successors, never an earlier state (as optax's inject_hyperparams). A number assigned there
         # (optax's idiom) is held as the tensor made of it from now on.
         hyper = dict(state.hyperparams)
+        check_hyper_keys(name, hyper, _HYPER_KEYS)  # a stray key ("lr", optax's "b1") would change nothing, silently
         if schedule is not None:
             hyper["learning_rate"] = schedule(state.count).to(held_dtype(hyper["learning_rate"], p))
         for key in ("learning_rate", "weight_decay") if decays else ("learning_rate",):

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 ScalarOrSchedule = float | Callable[[torch.Tensor], torch.Tensor]
+_LEARNING_RATE, _WEIGHT_DECAY = frozenset({"learning_rate"}), frozenset({"weight_decay"})  # each state's hyperparams keys
 
 
 class ScaleByAdamState(NamedTuple):
@@ -274,6 +275,29 @@ def hyper_value(name: str, key: str, value: Any, device: torch.device, params: A
     )
 
 
+def check_hyper_keys(name: str, hyper: dict[str, Any], keys: frozenset[str]) -> None:
+    """Refuses a ``state.hyperparams`` whose keys are not ``keys``, the ones ``name``'s update reads.
+
+    A key it does not read (torch.optim's ``"lr"``, or optax's ``"b1"``: its inject_hyperparams passes every key
+    back to the constructor) was carried on to every later state and changed nothing. One comparison of the keys
+    (no tensor read, no sync; a constant when traced).
+    """
+    if hyper.keys() == keys:
+        return
+    tunable = " and ".join(repr(k) for k in sorted(keys))
+    unknown, missing = sorted(set(hyper) - keys), sorted(keys - set(hyper))
+    got = (
+        f"state.hyperparams[{unknown[0]!r}], which it does not read" if len(unknown) == 1
+        else f"state.hyperparams keys {unknown}, which it does not read" if unknown
+        else f"state.hyperparams without {' and '.join(repr(k) for k in missing)}"
+    )
+    hint = " (torch.optim's 'lr' is 'learning_rate' here)" if "lr" in unknown else ""
+    raise ValueError(
+        f"{name}.update got {got}{hint}: its tunable hyperparameter{'s are' if len(keys) > 1 else ' is'} {tunable}. The others (betas, momentum, "
+        "eps, ...) are fixed when the optimizer is built: build a new one with the values wanted."
+    )
+
+
 def zero_count(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
@@ -341,6 +365,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         if not isinstance(state, ScaleByLearningRateState):
             raise_wrong_state("scale_by_learning_rate", ScaleByLearningRateState, state)
         hyper = dict(state.hyperparams)  # a new dict each update: editing it never changes an earlier state
+        check_hyper_keys("scale_by_learning_rate", hyper, _LEARNING_RATE)
         if callable(learning_rate):
             hyper["learning_rate"] = learning_rate(state.count).to(held_dtype(hyper["learning_rate"], updates))
         else:  # a number assigned there (optax's idiom) is held as the tensor made of it from now on
@@ -516,6 +541,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         if not isinstance(state, AddDecayedWeightsState):
             raise_wrong_state("add_decayed_weights", AddDecayedWeightsState, state)
         hyper = dict(state.hyperparams)  # a number assigned there (optax's idiom) is held as a tensor from now on
+        check_hyper_keys("add_decayed_weights", hyper, _WEIGHT_DECAY)
         wd = hyper["weight_decay"] = hyper_value(
             "add_decayed_weights", "weight_decay", hyper["weight_decay"], device_of(params), params, weight_decay
         )
