@@ -659,6 +659,51 @@ def test_a_hyperparameter_the_update_does_not_read_is_refused(make, key):
         torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_a_rate_or_decay_beyond_the_held_dtype_is_refused_as_torch_refuses_it():
+    # sgd(1e39) held its float32 rate as inf: a step gave params -inf (nan with momentum). torch.optim.SGD(lr=1e39)
+    # raises at its step; a float64 model holds the rate in float64, where it is a number, and steps as torch's.
+    params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    grads = {"w": torch.tensor([0.5, 0.25, -1.0])}
+    p = torch.nn.Parameter(params["w"].clone())
+    p.grad = grads["w"].clone()
+    with pytest.raises(RuntimeError, match="cannot be converted to type float without overflow"):
+        torch.optim.SGD([p], lr=1e39).step()
+    for make, what in [
+        (lambda: fo.sgd(1e39, momentum=0.9), "sgd.init got learning_rate"),
+        (lambda: fo.adamw(1e-3, weight_decay=1e39), "adamw.init got weight_decay"),
+        (lambda: fo.scale_by_learning_rate(-(-10**39)), "scale_by_learning_rate.init got learning_rate"),
+        (lambda: fo.add_decayed_weights(3.5e38), "add_decayed_weights.init got weight_decay"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{what} \S+, which does not fit in float32, the dtype it is held in"):
+            make().init(params)
+    tx = fo.sgd(0.1, weight_decay=0.5)
+    state = tx.init(params)
+    state.hyperparams["weight_decay"] = 1e39  # a number assigned mid-run (optax's idiom)
+    with pytest.raises(ValueError, match=r"sgd.update got state.hyperparams\['weight_decay'\] = 1e\+39, which does not fit"):
+        fo.step(tx, grads, state, params)
+    for bad in (math.inf, torch.tensor(math.inf)):  # inf in every dtype: refused when built
+        with pytest.raises(ValueError, match=r"sgd expected learning_rate finite, got (inf|tensor\(inf\))"):
+            fo.sgd(bad)
+    with pytest.raises(ValueError, match=r"adam expected eps finite, got inf"):
+        fo.adam(1e-3, eps=math.inf)
+    with pytest.raises(ValueError, match=r"constant expected value finite and >= 0, got 1e\+39.*float32"):
+        fo.constant(1e39)  # a schedule computes in float32
+    # float64 params hold it in float64, where torch.optim.SGD steps with it too
+    wide = {"w": params["w"].double()}
+    tiny = {"w": grads["w"].double() * 1e-39}
+    new = fo.step(fo.sgd(1e39), tiny, fo.sgd(1e39).init(wide), wide)[0]
+    p = torch.nn.Parameter(wide["w"].clone())
+    p.grad = tiny["w"].clone()
+    torch.optim.SGD([p], lr=1e39).step()
+    torch.testing.assert_close(new["w"], p.detach(), rtol=1e-12, atol=0)
+    # inf stays clip_by_global_norm's "no clipping", as clip_grad_norm_'s
+    clipped = fo.clip_by_global_norm(math.inf).update({"w": torch.tensor([3e3, 4e3])}, fo.EmptyState())[0]
+    q = torch.nn.Parameter(torch.zeros(2))
+    q.grad = torch.tensor([3e3, 4e3])
+    torch.nn.utils.clip_grad_norm_([q], math.inf)
+    torch.testing.assert_close(clipped["w"], q.grad)
+
+
 def test_set_to_zero_freezes_the_masked_part():
     params, seq = _params(), _grads(_params(), steps=10)
     frozen = lambda name: name.startswith("fc1.")  # noqa: E731

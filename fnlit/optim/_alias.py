@@ -177,7 +177,7 @@ def _optimizer(
     def init(params: PyTree) -> Any:
         count = zero_count(device_of(params))
         lr = check_schedule_value(name, schedule(count)) if schedule is not None else learning_rate
-        hyper = {k: scalar(v, count.device, hyper_dtype(params, given[k])) for k, v in
+        hyper = {k: scalar(v, count.device, hyper_dtype(params, given[k]), f"{name}.init got {k}") for k, v in
                  (("learning_rate", lr), ("weight_decay", weight_decay))}
         bufs = {f: tree_map(torch.zeros_like, params) for f in buffers}
         return state_cls(count=count, hyperparams=hyper, **bufs) if buffers else state_cls(count, (), hyper)
@@ -297,8 +297,10 @@ def sgd(
         TypeError: for an argument of the wrong type (a rate that is not a float, 0-d tensor or schedule;
             a momentum, dampening or weight decay that is not a number, a ``nesterov`` that is not a bool); at
             ``init`` for a schedule that does not return a 0-d tensor.
-        ValueError: for a negative learning rate, momentum or weight decay, or Nesterov without momentum; at update
-            time for a state its ``init`` did not make (another optimizer's, or with momentum one made without).
+        ValueError: for a negative or infinite learning rate, momentum or weight decay, or Nesterov without momentum;
+            at ``init`` for a learning rate or weight decay beyond the range of float32 (float64 for a float64 model),
+            which it is held in; at update time for a state its ``init`` did not make (another optimizer's, or with
+            momentum one made without), or a ``state.hyperparams`` key other than those two.
 
     Example:
         >>> import torch
@@ -457,8 +459,10 @@ def adam(
     Raises:
         TypeError: for an argument of the wrong type (e.g. a string eps, or the betas as a tuple); at
             ``init`` for a schedule that does not return a 0-d tensor.
-        ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1); at update time for a
-            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too, or a state
+        ValueError: for a negative or infinite learning rate/eps/weight decay or betas outside [0, 1); at ``init``
+            for a learning rate or weight decay beyond float32's range (float64's for a float64 model); at update time
+            for a ``state.hyperparams`` key other than those two, a sparse gradient
+            (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too, or a state
             its ``init`` did not make (another optimizer's).
 
     Example:
@@ -497,8 +501,10 @@ def adamw(
     Raises:
         TypeError: for an argument of the wrong type (e.g. a string weight decay, a mask that is neither
             a pytree of bools nor a callable); at ``init`` for a schedule that does not return a 0-d tensor.
-        ValueError: for a negative learning rate/eps/weight decay or betas outside [0, 1); at update time for a
-            sparse gradient (``nn.Embedding(..., sparse=True)``), which torch.optim.AdamW refuses too, or a state
+        ValueError: for a negative or infinite learning rate/eps/weight decay or betas outside [0, 1); at ``init``
+            for a learning rate or weight decay beyond float32's range (float64's for a float64 model); at update time
+            for a ``state.hyperparams`` key other than those two, a sparse gradient
+            (``nn.Embedding(..., sparse=True)``), which torch.optim.AdamW refuses too, or a state
             its ``init`` did not make (another optimizer's).
 
     Example:

@@ -59,11 +59,16 @@ def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expec
         raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.{' ' + fix if fix else ''}")
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _check_rate(name: str, arg: str, value: float) -> None:
-    """Checks a value the schedule returns: a learning rate, finite and >= 0 (a negative one would move the params up
-    the gradient; NaN fails the comparison)."""
-    _check(name, arg, value, lambda v: 0 <= v < math.inf, "finite and >= 0",
-           "The optimizer subtracts lr * direction; use a positive rate such as 1e-3.")
+    """Checks a value the schedule returns: a learning rate, finite in float32 (the schedules compute in it: 1e39 was
+    inf, and the params inf or nan) and >= 0 (a negative one would move the params up the gradient; NaN fails the
+    comparison)."""
+    _check(name, arg, value, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
+           "The optimizer subtracts lr * direction; use a positive rate such as 1e-3 (at most 3.4e38: schedules "
+           "compute in float32).")
 
 
 def constant(value: float) -> Schedule:
@@ -74,7 +79,7 @@ def constant(value: float) -> Schedule:
         tensor(0.1000)
 
     Raises:
-        ValueError: if ``value`` is negative or not finite.
+        ValueError: if ``value`` is negative or not finite (in float32).
     """
     _check_rate("constant", "value", value)
 
@@ -93,7 +98,7 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
         init_value: value at step 0.
 
     Raises:
-        ValueError: if ``warmup_steps < 0``, or ``peak_value`` or ``init_value`` is negative or not finite.
+        ValueError: if ``warmup_steps < 0``, or ``peak_value`` or ``init_value`` is negative or not finite (in float32).
 
     Example:
         >>> linear_warmup(1.0, 4)(1)
@@ -127,7 +132,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     ``decay_steps``, after which torch's rises again and this one stays at its end value).
 
     Raises:
-        ValueError: if ``decay_steps <= 0``, ``alpha`` is outside [0, 1], or ``init_value`` is negative or not finite.
+        ValueError: if ``decay_steps <= 0``, ``alpha`` is outside [0, 1], or ``init_value`` is negative or not finite (in float32).
 
     Example:
         >>> cosine_decay(1.0, 10)(5)
@@ -154,7 +159,7 @@ def warmup_cosine(
 
     Raises:
         ValueError: if ``warmup_steps < 0`` or ``decay_steps <= warmup_steps``, or ``peak_value``, ``init_value`` or
-            ``end_value`` is negative or not finite.
+            ``end_value`` is negative or not finite (in float32).
 
     Example:
         >>> warmup_cosine(1.0, warmup_steps=10, decay_steps=110)(60)
@@ -177,7 +182,7 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
     """``init_value * gamma ** (t // step_size)``, torch's ``StepLR``.
 
     Raises:
-        ValueError: if ``step_size <= 0``, ``gamma`` is negative or not finite, or ``init_value`` is.
+        ValueError: if ``step_size <= 0``, ``gamma`` is negative or not finite (in float32), or ``init_value`` is.
 
     Example:
         >>> step_decay(1.0, step_size=10, gamma=0.5)(25)
@@ -185,7 +190,8 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
     """
     _check_rate("step_decay", "init_value", init_value)
     _check("step_decay", "step_size", step_size, lambda v: v > 0, "> 0")
-    _check("step_decay", "gamma", gamma, lambda v: 0 <= v < math.inf, "finite and >= 0")
+    _check("step_decay", "gamma", gamma, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
+           "Schedules compute in float32: at most 3.4e38.")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         # The number of decays from the exact count (in float32, t / step_size was off by one above 2**24)

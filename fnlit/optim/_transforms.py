@@ -8,6 +8,7 @@ where a param is float64 or the value was given as a float64 tensor (see :func:`
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -136,11 +137,14 @@ def check_type(name: str, arg: str, value: Any, ok: bool, expected: str, fix: st
 
 
 def check_number(
-    name: str, arg: str, value: Any, *, tensor: bool = True, positive: bool = False, expected: str = "", fix: str = ""
+    name: str, arg: str, value: Any, *, tensor: bool = True, positive: bool = False, finite: bool = True,
+    expected: str = "", fix: str = "",
 ) -> None:
-    """Checks a hyperparameter is a real number (with ``tensor``, the default, or a 0-d tensor) >= 0 (> 0 with ``positive``).
+    """Checks a hyperparameter is a real number (with ``tensor``, the default, or a 0-d tensor) >= 0 (> 0 with
+    ``positive``), and finite unless ``finite=False`` (clip_by_global_norm's inf: no clipping).
 
-    A tensor's value is read once, here, when the optimizer is built (never in a step: no host sync
+    One finite here may still overflow the float32 it is held in: :func:`scalar` checks that where the dtype is known
+    (``init``). A tensor's value is read once, here, when the optimizer is built (never in a step: no host sync
     there); not while traced (torch.compile, vmap), where there is no value to read.
     """
     bound = "> 0" if positive else ">= 0"
@@ -155,6 +159,8 @@ def check_number(
         check_type(name, arg, value, is_real(value), expected, fix)
         number = value
     check_arg(name, arg, value, number > 0 if positive else number >= 0, bound, fix)  # NaN fails both
+    if finite:  # an infinite rate or decay stepped the params to inf or nan
+        check_arg(name, arg, value, number != math.inf, "finite", fix)
 
 
 def check_flag(name: str, arg: str, value: Any) -> bool:
@@ -248,15 +254,31 @@ def held_dtype(held: Any, params: Any) -> torch.dtype:
     return held.dtype if isinstance(held, torch.Tensor) else hyper_dtype(params)
 
 
-def scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 0-d tensor of ``dtype`` (see :func:`hyper_dtype`) on ``device``: how swept hyperparameters are stored."""
+def scalar(
+    value: float | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32, what: str = "a hyperparameter",
+) -> torch.Tensor:
+    """A 0-d tensor of ``dtype`` (see :func:`hyper_dtype`) on ``device``: how swept hyperparameters are stored.
+
+    A number beyond ``dtype``'s range is refused (``what`` names it): held, ``sgd(1e39)``'s float32 rate was inf,
+    and the params inf or nan after a step (torch.optim raises: "value cannot be converted to type float without
+    overflow"). A float64-held one (a float64 model's) has float64's range. A tensor is taken as it is, unread.
+    """
+    if not isinstance(value, torch.Tensor):
+        if not abs(value) <= torch.finfo(dtype).max:  # (an int: compared exactly)
+            raise ValueError(
+                f"{what} {value!r}, which does not fit in {str(dtype).removeprefix('torch.')}, the dtype it is held "
+                f"in (at most {torch.finfo(dtype).max:.4g}): it would be inf, and the params inf or nan after a step. "
+                "Use a finite value in range (hyperparameters are float32; float64 for a float64 model or a float64 "
+                "tensor value)."
+            )
+        value = float(value)  # (a NumPy number: np.float32(5e-4) as the float it is)
     return torch.as_tensor(value, dtype=dtype, device=device).detach().clone()
 
 
 def hyper_value(name: str, key: str, value: Any, device: torch.device, params: Any = (), given: Any = None) -> torch.Tensor:
     """A hyperparameter as the kernels take it: a 0-d tensor as it is, a number assigned to ``state.hyperparams``
     (optax's idiom) as a 0-d tensor of ``hyper_dtype(params, given)`` (the dtype ``init`` gave it); a negative or
-    NaN number, or anything else (a tensor of another shape would be broadcast into the params, changing their
+    NaN number, one beyond that dtype's range (:func:`scalar`), or anything else (a tensor of another shape would be broadcast into the params, changing their
     shapes) is refused. A tensor's value is not read (no sync)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:  # (a shape read: no sync, traceable)
@@ -266,7 +288,7 @@ def hyper_value(name: str, key: str, value: Any, device: torch.device, params: A
         # checked as the constructors check it (a Python number: no tensor is read, no sync); NaN fails the comparison
         check_arg(f"{name}.update", f"state.hyperparams[{key!r}]", value, value >= 0, ">= 0",
                   "A negative learning rate or weight decay moves the params up the gradient.")
-        return scalar(float(value), device, hyper_dtype(params, given))
+        return scalar(value, device, hyper_dtype(params, given), f"{name}.update got state.hyperparams[{key!r}] =")
     else:
         got = f"{type(value).__name__} {value!r}"
     raise TypeError(
@@ -339,7 +361,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     Raises:
         TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule; at ``init`` if the
             schedule does not return a 0-d tensor.
-        ValueError: if ``learning_rate`` is negative.
+        ValueError: if ``learning_rate`` is negative or infinite; at ``init`` if it is beyond float32's range
+            (float64's for float64 params), which it is held in; at update time for a ``state.hyperparams`` key other
+            than ``"learning_rate"``.
 
     Example:
         >>> import torch
@@ -357,7 +381,10 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
             lr = check_schedule_value("scale_by_learning_rate", learning_rate(count))
         else:
             lr = learning_rate
-        return ScaleByLearningRateState(count, {"learning_rate": scalar(lr, count.device, hyper_dtype(params, learning_rate))})
+        dtype = hyper_dtype(params, learning_rate)
+        return ScaleByLearningRateState(
+            count, {"learning_rate": scalar(lr, count.device, dtype, "scale_by_learning_rate.init got learning_rate")}
+        )
 
     def update(
         updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None
@@ -419,7 +446,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     Raises:
         TypeError: if a beta or ``eps`` is not a number.
-        ValueError: if a beta is outside [0, 1) or ``eps < 0``; at update time for a sparse gradient
+        ValueError: if a beta is outside [0, 1) or ``eps`` is negative or infinite; at update time for a sparse gradient
             (``nn.Embedding(..., sparse=True)``), which torch.optim.Adam refuses too, or a gradient wider than its
             parameter (float64 for float32) or of another kind (real for complex).
 
@@ -473,7 +500,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
 
     Raises:
         TypeError: if ``decay`` is not a number, or ``nesterov`` not a bool.
-        ValueError: if ``decay < 0``; at update time for a gradient wider than its buffer (float64 for a float32
+        ValueError: if ``decay`` is negative or infinite; at update time for a gradient wider than its buffer (float64 for a float32
             parameter; a narrower one, bfloat16, is cast up), as :func:`fnlit.optim.sgd` refuses it.
 
     Example:
@@ -514,8 +541,10 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
 
     Raises:
         TypeError: if ``weight_decay`` is not a number or 0-d tensor, or ``mask`` not a mask.
-        ValueError: if ``weight_decay < 0``; at update time if ``params`` is not given, or if the updates differ
-            from them in structure (a ``None`` gradient) or in a leaf's shape, naming the path.
+        ValueError: if ``weight_decay`` is negative or infinite (at ``init``: beyond float32's range, float64's for
+            float64 params); at update time for a ``state.hyperparams`` key other than ``"weight_decay"``, if
+            ``params`` is not given, or if the updates differ from them in structure (a ``None`` gradient) or in a
+            leaf's shape, naming the path.
 
     Example:
         >>> import torch
@@ -530,7 +559,10 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         return masked(add_decayed_weights(weight_decay), mask)
 
     def init(params: PyTree) -> AddDecayedWeightsState:
-        return AddDecayedWeightsState({"weight_decay": scalar(weight_decay, device_of(params), hyper_dtype(params, weight_decay))})
+        dtype = hyper_dtype(params, weight_decay)
+        return AddDecayedWeightsState(
+            {"weight_decay": scalar(weight_decay, device_of(params), dtype, "add_decayed_weights.init got weight_decay")}
+        )
 
     def update(updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None) -> tuple[PyTree, Any]:
         if params is None:
@@ -570,7 +602,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         >>> tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init({}))[0]
         {'w': tensor([0.6000, 0.8000])}
     """
-    check_number("clip_by_global_norm", "max_norm", max_norm, tensor=True, positive=True, fix="Use e.g. 1.0.")
+    check_number("clip_by_global_norm", "max_norm", max_norm, tensor=True, positive=True, finite=False, fix="Use e.g. 1.0.")
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
         leaves, treedef = tree_flatten(updates)
