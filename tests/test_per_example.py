@@ -120,6 +120,21 @@ def test_dp_refuses_an_infinite_clip_or_noise():
         dp_sgd_aggregate(1.0, float("nan"), seed=0)
 
 
+def test_dp_refuses_a_clip_or_noise_that_is_not_a_number():
+    # dp_sgd_aggregate("1", 0.0) failed with Python's "'<' not supported between 'int' and 'str'", and
+    # noise_multiplier=True was taken as 1 (the other transforms refuse a bool where a number goes).
+    with pytest.raises(TypeError, match=r"dp_sgd_aggregate expected l2_norm_clip to be a float or a 0-d tensor, got '1' \(str\)"):
+        dp_sgd_aggregate("1", 0.0)
+    with pytest.raises(TypeError, match=r"expected noise_multiplier to be a float or a 0-d tensor, got True \(bool\)"):
+        dp_sgd_aggregate(1.0, True, seed=0)
+    with pytest.raises(TypeError, match=r"expected l2_norm_clip to be a float or a 0-d tensor, got tensor\(\[1\., 1\.\]\)"):
+        dp_sgd_aggregate(torch.ones(2), 0.0)
+    # an int clip, as a float: (0.2 * [3, 4] + [0.3, 0.4]) / 2 by hand (norms 5, clipped to 1, and 0.5)
+    tx = dp_sgd_aggregate(1, 0)
+    out = tx.update({"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}, tx.init({}))[0]["w"]
+    torch.testing.assert_close(out, torch.tensor([0.45, 0.6]))
+
+
 def test_per_example_grads_under_float16_amp_is_refused_and_bfloat16_runs():
     model = mlp()
     tx = chain(dp_sgd_aggregate(l2_norm_clip=0.5, noise_multiplier=0.0), sgd(0.1))

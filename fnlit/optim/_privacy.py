@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from .. import random as _random
-from ..tree import tree_flatten, tree_unflatten
+from ..tree import is_real, tree_flatten, tree_unflatten
 from ._base import GradientTransformation, PyTree, raise_wrong_state, refuse_sparse
-from ._transforms import check_arg
+from ._transforms import check_arg, check_type
 
 __all__ = ["DPAggregateState", "dp_sgd_aggregate"]
 
@@ -78,7 +78,8 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``, or either not finite; at update time if the leaves
             have no common leading batch dimension, an empty one (0 examples), or one is sparse
             (``nn.Embedding(..., sparse=True)``'s gradient).
-        TypeError: for noise without a ``seed``, or a seed that is not an int.
+        TypeError: for an ``l2_norm_clip`` or ``noise_multiplier`` that is not a number or 0-d tensor (a string, a
+            bool), for noise without a ``seed``, or a seed that is not an int.
         RuntimeError: if run inside vmap or torch.compile.
 
     Example:
@@ -91,7 +92,14 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         >>> new_params["w"]  # -(0.2 * [3, 4] + [0.3, 0.4]) / 2
         tensor([-0.4500, -0.6000])
     """
-    # (finite: an infinite clip or noise made every update inf or NaN)
+    # A number first ("1" < 0 was Python's TypeError; True passed as 1), as the other transforms take it: a Python or
+    # NumPy int or float, or a 0-d real tensor (read here, once). Then finite: an infinite clip or noise made every
+    # update inf or NaN.
+    for arg, value in (("l2_norm_clip", l2_norm_clip), ("noise_multiplier", noise_multiplier)):
+        real = is_real(value) or (isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype is not torch.bool
+                                  and not value.dtype.is_complex)
+        check_type("dp_sgd_aggregate", arg, value, real, "a float or a 0-d tensor",
+                   "E.g. dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.1, seed=...).")
     check_arg("dp_sgd_aggregate", "l2_norm_clip", l2_norm_clip, 0 < l2_norm_clip < math.inf, "> 0 and finite", "Use e.g. 1.0.")
     check_arg("dp_sgd_aggregate", "noise_multiplier", noise_multiplier, 0 <= noise_multiplier < math.inf, ">= 0 and finite")
     std = float(noise_multiplier) * float(l2_norm_clip)
