@@ -87,6 +87,37 @@ def test_compiled_optimizer_with_a_weight_decay_mask_matches_eager(model, make_t
     assert compiled.compiles == 1
 
 
+def _apply(state, grads):
+    return state.apply_gradients(grads), {}
+
+
+def _torch_steps(params, grad_seq, make_opt):
+    ps = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    opt = make_opt(ps)
+    for g in grad_seq:
+        for k, p in ps.items():
+            p.grad = g[k].clone()
+        opt.step()
+    return {k: p.detach() for k, p in ps.items()}
+
+
+def test_compiled_step_takes_gradients_keyed_in_another_order_as_eager_does():
+    # Eagerly the grads' key order does not matter (optree compares the keys); compiled, a grads dict in another order
+    # than state.params failed with a CaptureError quoting dynamo's failure to print the two structures
+    # ("length mismatch: [2, 3]", or "unhashable type: 'list'").
+    torch.manual_seed(0)
+    state = fnlit.TrainState.create(torch.nn.Linear(3, 2), fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    grad_seq = [{k: torch.randn_like(v) for k, v in reversed(list(state.params.items()))} for _ in range(2)]
+    assert list(grad_seq[0]) != list(state.params)
+    compiled = fnlit_compile(_apply, mode="eager")
+    got = state
+    for g in grad_seq:
+        got, _ = compiled(got, g)
+    want = _torch_steps(state.params, grad_seq, lambda ps: torch.optim.SGD(ps.values(), lr=0.1, momentum=0.9))
+    assert list(got.params) == list(state.params)
+    assert_trees_close(got.params, want, rtol=1e-6, atol=1e-7)
+
+
 def test_compiled_donated_state_raises_when_reused(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     compiled = fnlit_compile(hand_step(model), donate=True, mode="eager")

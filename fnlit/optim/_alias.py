@@ -34,8 +34,8 @@ import torch
 
 from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
-    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, grad_in_dtype, own,
-    own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
+    _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, grad_in_dtype,
+    keys_in_order, own, own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
 )
 from ._transforms import (
     check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate, check_schedule_value, device_of,
@@ -185,9 +185,11 @@ def _optimizer(
     def step(grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:
         if not isinstance(state, state_cls):  # (another optimizer's: sgd read an AdamState's learning rate)
             raise_wrong_state(name, state_cls, state)
+        ref = getattr(state, buffers[0]) if buffers else params
+        if torch.compiler.is_compiling():  # gradients keyed in another order than the state, taken as eagerly
+            grads = keys_in_order(grads, ref)
         p, treedef = tree_flatten(params)
         g, g_def = tree_flatten(grads)
-        ref = getattr(state, buffers[0]) if buffers else params
         bufs = [tree_flatten(getattr(state, f)) for f in buffers]
         ref_def = bufs[0][1] if bufs else treedef
         if g_def != ref_def:

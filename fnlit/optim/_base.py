@@ -107,7 +107,10 @@ def step(tx: GradientTransformation, grads: PyTree, opt_state: Any, params: PyTr
         {'w': tensor([0.9000, 0.9000])}
     """
     # (traced steps never donate; and torch < 2.14 cannot trace a ContextVar's get)
-    record = None if torch.compiler.is_compiling() else _DONATED.get()
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        grads = keys_in_order(grads, params)
+    record = None if compiling else _DONATED.get()
     written = len(record.updated) if record is not None else 0
     fused = getattr(tx, "step", None)  # (an optax-style pair of init and update has none)
     if fused is not None:
@@ -376,6 +379,19 @@ def use_functional(*leaf_lists: Sequence[Any]) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Shared helpers for the transforms and aliases.
 # ----------------------------------------------------------------------------------------------
+def keys_in_order(tree: PyTree, like: PyTree) -> PyTree:
+    """``tree`` with each dict's keys in the order of ``like``'s dict at that place, where both hold the same keys.
+
+    For a traced step only: optree's structures of two dicts with the same keys are equal whatever their order (eager
+    fnlit takes gradients keyed in another order than the params), while torch.compile's stand-in for optree counts
+    the order, so a compiled step refused them (with a "length mismatch" from printing the structures). Python
+    only, on the dicts: nothing is added to the graph.
+    """
+    if type(tree) is dict and type(like) is dict and tree.keys() == like.keys():
+        return {k: keys_in_order(tree[k], like[k]) for k in like}
+    return tree
+
+
 def check_same_structure(name: str, expected: PyTree, got: PyTree, what: str = "grads") -> None:
     """Raises ValueError naming the first differing key when ``got`` does not match ``expected``."""
     if tree_structure(expected) != tree_structure(got):
