@@ -118,6 +118,29 @@ def test_compiled_step_takes_gradients_keyed_in_another_order_as_eager_does():
     assert_trees_close(got.params, want, rtol=1e-6, atol=1e-7)
 
 
+def test_compiled_adamw_with_a_mask_its_init_never_resolved():
+    # state.replace(tx=adamw(..., mask=decay_mask)) keeping the old opt_state: the mask was first resolved in the
+    # traced step, where decay_mask failed with dynamo's "length mismatch" (flattening its dict of bools). It is
+    # resolved there now; a function of names, which only an eager call can tell from a function of the params tree,
+    # is refused with what to do.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(0.1, weight_decay=0.5), seed=0)  # (its state's decay)
+    grad_seq = [{k: torch.randn_like(v) for k, v in state.params.items()} for _ in range(2)]
+    got = state.replace(tx=fnlit.optim.adamw(0.1, weight_decay=0.5, mask=fnlit.optim.decay_mask))
+    compiled = fnlit_compile(_apply, mode="eager")
+    for g in grad_seq:
+        got, _ = compiled(got, g)
+    want = _torch_steps(state.params, grad_seq, lambda ps: torch.optim.AdamW([
+        {"params": [ps["0.weight"]], "weight_decay": 0.5},
+        {"params": [ps["0.bias"], ps["1.weight"], ps["1.bias"]], "weight_decay": 0.0},  # biases and the norm's weight
+    ], lr=0.1))
+    assert_trees_close(got.params, want, rtol=1e-5, atol=1e-6)
+    by_name = state.replace(tx=fnlit.optim.adamw(0.1, weight_decay=0.5, mask=lambda name: not name.endswith("bias")))
+    with pytest.raises(CaptureError, match=r"adamw could not resolve its mask.*Call tx.init\(params\) once"):
+        fnlit_compile(_apply, mode="eager")(by_name, grad_seq[0])
+
+
 def test_compiled_donated_state_raises_when_reused(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     compiled = fnlit_compile(hand_step(model), donate=True, mode="eager")

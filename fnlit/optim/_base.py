@@ -517,9 +517,15 @@ def decay_mask(params: PyTree) -> PyTree:
     if isinstance(params, torch.nn.Module):
         raise TypeError("decay_mask expected the params (a pytree of tensors, e.g. state.params), got a module; "
                         "pass it as the mask itself (adamw(..., mask=decay_mask)) or call decay_mask(state.params).")
+    if _flat_tensors(params):  # (state.params) its keys are the names; a dict built so torch.compile traces it
+        return {n: _decays(t, n) for n, t in params.items()}
     leaves, treedef = tree_flatten(params)
-    names = tree_paths(params)
-    return tree_unflatten(treedef, [t.ndim >= 2 and not n.rstrip("]'\"").endswith("bias") for t, n in zip(leaves, names)])
+    return tree_unflatten(treedef, [_decays(t, n) for t, n in zip(leaves, tree_paths(params))])
+
+
+def _decays(t: torch.Tensor, name: str) -> bool:
+    """:func:`decay_mask`'s flag for one leaf."""
+    return t.ndim >= 2 and not name.rstrip("]'\"").endswith("bias")
 
 
 class MaskCache:
@@ -533,7 +539,9 @@ class MaskCache:
     nor always run the mask (a function of names, first tried on the params tree, stops the trace where
     eager mode gets an AttributeError), so the traced step looks the flags up by the frozenset of a flat
     params dict's names, filled by eager calls (the optimizers' ``init`` resolves its mask), and uses
-    them when the shapes and dtypes they were resolved for still match.
+    them when the shapes and dtypes they were resolved for still match. Where none was filled (an optimizer
+    whose ``init`` never ran, put in a state holding another's), the traced step resolves :func:`decay_mask`
+    itself and refuses another function of a flat params dict, saying to call ``tx.init(params)`` first.
 
     ``name`` is the transformation named by the mask errors.
     """
@@ -556,11 +564,25 @@ def resolve_mask(mask: Mask, params: PyTree, cache: MaskCache) -> list[bool]:
     flat params dict, the keys).
     """
     if torch.compiler.is_compiling():
-        hit = cache.by_names.get(frozenset(params)) if _flat_tensors(params) else None
+        flat = _flat_tensors(params)
+        hit = cache.by_names.get(frozenset(params)) if flat else None
         if hit is not None and (
             hit[0] is None or all(params[n].shape == s and params[n].dtype == d for n, (s, d) in hit[0].items())
         ):
             return hit[1]
+        if flat and mask is decay_mask:  # (traced: dynamo cannot flatten the dict of bools it returns)
+            return [_decays(params[n], n) for n in tree_paths(params)]  # (a flat dict's paths: its keys, in leaf order)
+        if flat and callable(mask):
+            # Eagerly, a function is first tried on the params tree and taken as a function of names where that fails;
+            # traced, the failure stops the capture instead (dynamo's "length mismatch" or "does not know how to trace
+            # method endswith of class dict"), so these flags must come from an eager call.
+            raise ValueError(
+                f"{cache.name} could not resolve its mask (a function) while compiled: it has not been applied to "
+                "params of these names, shapes and dtypes outside torch.compile, where fnlit tells a function of "
+                "names from a function of the params tree. Call tx.init(params) once (the optimizer's init resolves "
+                "the mask), or run one step uncompiled, before the compiled step; e.g. after "
+                "state.replace(tx=adamw(..., mask=...)) keeping the old opt_state."
+            )
         return _mask_flags(mask, params, tree_structure(params), cache.name)[0]
     leaves, treedef = tree_flatten(params)
     structural = cache.structural or not callable(mask)
