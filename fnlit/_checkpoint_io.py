@@ -498,10 +498,7 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
 
 def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], source: str) -> M:
     given = {**params, **buffers}
-    names: dict[int, str] = {}  # tensor identity -> the name TrainState.create used (tied weights share one)
-    for n, t in [*module.named_parameters(), *module.named_buffers()]:
-        names.setdefault(id(t), n)
-    own = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    own = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}  # tied weights: once, first name
     missing = [n for n in own if n not in given]
     extra = [n for n in given if n not in own]
     if missing or extra:
@@ -513,12 +510,12 @@ def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, tor
         if given[n].shape != t.shape:
             raise ValueError(f"{source} does not fit the {type(module).__name__}: at {n}: the module has shape "
                              f"{tuple(t.shape)}, the checkpoint {tuple(given[n].shape)}.")
-    sd = {k: given[names[id(v)]] if id(v) in names else v for k, v in module.state_dict(keep_vars=True).items()}
-    module.load_state_dict(sd, strict=True)
-    with torch.no_grad():  # non-persistent buffers are not in state_dict, but they are in the state
-        for n, b in module.named_buffers():
-            if n not in sd:
-                b.copy_(given[n])
+    # Copied by name into the module's own tensors, not through load_state_dict: a module whose state_dict hooks
+    # rewrite an entry (a weight saved transposed, transposed back on load) would get its own untrained value
+    # back for it, and non-persistent buffers are not in the state dict at all.
+    with torch.no_grad():
+        for n, t in own.items():
+            t.copy_(given[n])
     return module.eval()
 
 

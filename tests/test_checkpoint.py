@@ -379,6 +379,42 @@ def test_export_and_load_module_give_the_trained_weights(tmp_path):
         ckpt.export(trained(mlp())[1], mlp(hidden=32))
 
 
+class _SavedTransposed(nn.Module):  # a checkpoint-format shim: state_dict holds the weight transposed
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self._register_state_dict_hook(_SavedTransposed._save)
+        self._register_load_state_dict_pre_hook(_SavedTransposed._load)
+
+    @staticmethod
+    def _save(module, sd, prefix, local_metadata):
+        sd[prefix + "lin.weight"] = sd[prefix + "lin.weight"].t()
+
+    @staticmethod
+    def _load(sd, prefix, *args):
+        sd[prefix + "lin.weight"] = sd[prefix + "lin.weight"].t()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_export_and_load_module_keep_a_weight_that_state_dict_hooks_rewrite(tmp_path):
+    # The entry the save hook replaced was not one of the module's tensors, so export loaded the fresh module's
+    # own (untrained) weight back into it.
+    state = fnlit.TrainState.create(_SavedTransposed(), fnlit.optim.sgd(0.1), seed=0)
+    state = state.replace(params={k: v + 1 for k, v in state.params.items()})
+    trained_module = _SavedTransposed()
+    with torch.no_grad():
+        trained_module.lin.weight.copy_(state.params["lin.weight"])
+        trained_module.lin.bias.copy_(state.params["lin.bias"])
+    reference = _SavedTransposed()
+    reference.load_state_dict(trained_module.state_dict())  # PyTorch's own round trip
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    for loaded in (ckpt.export(state, _SavedTransposed()), ckpt.load_module(path, _SavedTransposed())):
+        assert torch.equal(loaded.lin.weight, reference.lin.weight) and torch.equal(loaded.lin.bias, reference.lin.bias)
+        assert torch.equal(loaded.lin.weight, trained_module.lin.weight)
+
+
 def test_a_conjugated_complex_tensor_round_trips_with_its_values(tmp_path):
     c = torch.randn(3, 3, dtype=torch.complex64)
     tree = {"conj": c.conj(), "neg": torch._neg_view(torch.randn(4))}  # views with a lazy conjugate/negative bit
