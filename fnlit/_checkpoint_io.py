@@ -470,6 +470,14 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
 
     check_not_donated(like)  # the donation error, not a mismatch with the checkpoint
     paths, leaves, treedef = _tree.tree_flatten_with_path(like)
+    meta = next((p for p, leaf in zip(paths, leaves) if isinstance(leaf, torch.Tensor) and leaf.is_meta), None)
+    if meta is not None:  # restored "on like's devices", the checkpoint's values would be dropped
+        raise ValueError(
+            f"fnlit.restore: the state you restore {path} into has a tensor on the meta device at {meta}, which "
+            "cannot hold the checkpoint's values. Restore into a state on a real device: build the module, "
+            "module.to_empty(device=...) (no initialisation needed, every value is replaced), and create the "
+            "state from it."
+        )
     if paths != list(values):
         missing = next((p for p in paths if p not in values), None)
         if missing is not None:

@@ -126,7 +126,8 @@ def restore(path: str | os.PathLike[str], like: S) -> S:
         FileNotFoundError: if there is no file at ``path``.
         CheckpointError: naming the file, if it is truncated, corrupt or not an fnlit checkpoint.
         UnsafeCheckpointError: if its pickle asks for anything but tensors (it could run code).
-        ValueError: naming the first tree path and both shapes, if the checkpoint holds another model.
+        ValueError: naming the first tree path and both shapes, if the checkpoint holds another model; naming
+            the path, if ``like`` has a tensor on the meta device (it could not hold the saved values).
 
     Example:
         >>> import tempfile, os, torch, fnlit

@@ -85,7 +85,8 @@ class TrainState:
         Raises:
             TypeError: if ``module`` is not an nn.Module, or ``tx`` not an fnlit.optim GradientTransformation
                 (a torch.optim optimizer, say).
-            ValueError: if the module has no trainable parameters or ``loss_scale`` is not understood.
+            ValueError: if the module has no trainable parameters, has tensors on the meta device (not yet
+                materialised), or ``loss_scale`` is not understood.
 
         Example:
             >>> import torch, fnlit
@@ -103,6 +104,14 @@ class TrainState:
             params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
             buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
             buffers.update((n, b.detach().clone()) for n, b in module.named_buffers())
+        meta = next((n for n, t in {**params, **buffers}.items() if t.is_meta), None)
+        if meta is not None:
+            raise ValueError(
+                f"TrainState.create got a module whose tensors are on the meta device (at {meta!r}; built under "
+                "torch.device('meta')?): they hold no values to train. Materialise it first: "
+                "module.to_empty(device=...) and initialise it (module.reset_parameters(), or "
+                "load_state_dict(..., assign=True))."
+            )
         if not params:
             raise ValueError(
                 f"TrainState.create got a module without trainable parameters ({type(module).__name__}): "

@@ -61,8 +61,9 @@ def test_restore_follows_like_dtype_and_device(tmp_path):
     path = ckpt.save(tmp_path / "a.ckpt", state)
     like64 = state.replace(params={k: v.double() for k, v in state.params.items()})
     assert all(v.dtype == torch.float64 for v in ckpt.restore(path, like64).params.values())
-    on_meta = ckpt.restore(path, state.replace(params={k: v.to("meta") for k, v in state.params.items()}))
-    assert all(v.device.type == "meta" for v in on_meta.params.values())
+    if torch.cuda.is_available():  # (a meta `like` is refused: it could not hold the values)
+        on_gpu = ckpt.restore(path, state.replace(params={k: v.cuda() for k, v in state.params.items()}))
+        assert all(v.device.type == "cuda" for v in on_gpu.params.values())
 
 
 def test_size_is_within_10_percent_of_tensor_bytes_even_for_views(tmp_path):
@@ -413,6 +414,25 @@ def test_export_and_load_module_keep_a_weight_that_state_dict_hooks_rewrite(tmp_
     for loaded in (ckpt.export(state, _SavedTransposed()), ckpt.load_module(path, _SavedTransposed())):
         assert torch.equal(loaded.lin.weight, reference.lin.weight) and torch.equal(loaded.lin.bias, reference.lin.bias)
         assert torch.equal(loaded.lin.weight, trained_module.lin.weight)
+
+
+def test_restore_into_a_state_on_the_meta_device_is_refused_and_a_materialised_one_gets_the_values(tmp_path):
+    # The restored state was on the meta device: every saved value silently dropped.
+    _, state = trained()
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    like = fnlit.TrainState.create(mlp(dropout=0.2, bn=True), fnlit.optim.adamw(1e-2), seed=1)
+    meta = like.replace(params={**like.params, "0.weight": like.params["0.weight"].to("meta")})
+    with pytest.raises(ValueError, match=r"meta device at params\['0\.weight'\].*module\.to_empty\(device=\.\.\.\)"):
+        ckpt.restore(path, like=meta)
+    with pytest.raises(ValueError, match=r"meta device at w, which cannot hold the checkpoint's values"):
+        ckpt.restore(ckpt.save(tmp_path / "t.ckpt", {"w": torch.ones(2)}), like={"w": torch.empty(2, device="meta")})
+
+    with torch.device("meta"):
+        model = mlp(dropout=0.2, bn=True)
+    like = fnlit.TrainState.create(model.to_empty(device="cpu"), fnlit.optim.adamw(1e-2), seed=1)  # uninitialised
+    restored = ckpt.restore(path, like=like)
+    for name, saved in {**state.params, **state.buffers}.items():
+        assert torch.equal({**restored.params, **restored.buffers}[name], saved)
 
 
 def test_a_conjugated_complex_tensor_round_trips_with_its_values(tmp_path):

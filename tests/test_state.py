@@ -50,6 +50,29 @@ def test_module_without_parameters_is_rejected():
         fnlit.TrainState.create(nn.ReLU(), fnlit.optim.sgd(0.1), seed=0)
 
 
+def test_a_module_on_the_meta_device_is_refused_and_a_materialised_one_trains_as_torch_does():
+    # It was accepted; the step then failed deep inside an optimizer kernel (or ran on shapes only).
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"meta device \(at 'weight'.*module\.to_empty\(device=\.\.\.\) and initialise"):
+        fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    model = nn.Linear(3, 2)
+    model.register_buffer("scale", torch.ones(2, device="meta"))  # a buffer is named too
+    with pytest.raises(ValueError, match=r"meta device \(at 'scale'"):
+        fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    model = nn.Linear(3, 2, device="meta").to_empty(device="cpu")
+    model.reset_parameters()
+    reference = nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    torch.nn.functional.mse_loss(reference(x), y).backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    state, _ = fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))(state, (x, y))
+    torch.testing.assert_close(state.params["weight"], reference.weight.detach())
+
+
 def test_replace_rejects_unknown_fields():
     _, state = make()
     with pytest.raises(TypeError, match="unknown field.*'parms'"):
