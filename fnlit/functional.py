@@ -32,6 +32,17 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 # parametrization (torch.nn.utils.parametrizations.spectral_norm) and the older forward pre-hook.
 _SPECTRAL_PARAMETRIZATION = torch.nn.utils.parametrizations._SpectralNorm
 _SPECTRAL_HOOK = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # the package attribute is the function
+_WEIGHT_NORM_HOOK = importlib.import_module("torch.nn.utils.weight_norm").WeightNorm
+_MISSING = object()
+
+
+def _derived(m: nn.Module) -> tuple[str, ...]:
+    """The plain attributes of ``m`` (its own) that a forward sets from the tensors swapped in: the weight that
+    the older weight_norm / spectral_norm forward pre-hooks compute, and an RNN's list of its weights."""
+    names = tuple(h.name for h in m._forward_pre_hooks.values() if isinstance(h, (_WEIGHT_NORM_HOOK, _SPECTRAL_HOOK)))
+    if isinstance(m, nn.RNNBase):
+        names += ("_flat_weights", "_flat_weight_refs")
+    return names
 
 
 class _Slots:
@@ -68,6 +79,9 @@ class _Slots:
         flat = [(d, attr, name) for name, slots in self.where.items() for d, attr in slots]
         self.dicts, self.attrs, self.order = (tuple(c) for c in zip(*flat)) if flat else ((), (), ())
         self.buffers = frozenset(buffers)  # registered buffers (state.buffers also holds frozen parameters)
+        # Attributes a forward sets from the tensors swapped in (see _derived): put back as they were after it,
+        # so the module holds none of the given tensors (nor their graph) afterwards.
+        self.derived = tuple((m.__dict__, a) for m in module.modules() for a in _derived(m))
         # Every parent -> child link of the module tree: a submodule replaced since (a new head for
         # fine-tuning) means the dicts above are not the module's any more (see current()).
         self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
@@ -277,6 +291,8 @@ def _swap_in(slots: _Slots, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
     """Puts ``tensors`` (one for every name of ``slots``, as :func:`_check_names` makes them) into the module's
     slots; returns what they held, for :func:`_swap_back`."""
     saved = list(map(operator.getitem, slots.dicts, slots.attrs))
+    if slots.derived:  # last, after one value per slot (_swap_back's map stops at the slots)
+        saved.append(tuple(d.get(a, _MISSING) for d, a in slots.derived))
     try:  # (any() drives the map in C: setitem returns None, so it runs to the end)
         any(map(operator.setitem, slots.dicts, slots.attrs, map(tensors.__getitem__, slots.order)))
     except BaseException:
@@ -289,6 +305,12 @@ def _swap_back(slots: _Slots, saved: list[Any]) -> None:
     """Undoes :func:`_swap_in`. (A slot listed twice, a submodule used twice as in nn.Sequential(l, act, l), saved
     the module's own tensor both times: _swap_in reads every slot before writing any.)"""
     any(map(operator.setitem, slots.dicts, slots.attrs, saved))
+    if slots.derived:
+        for (d, a), v in zip(slots.derived, saved[-1]):
+            if v is _MISSING:
+                d.pop(a, None)
+            else:
+                d[a] = v
 
 
 def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], buffers: Iterable[str],

@@ -1311,3 +1311,49 @@ def test_a_compiled_step_leaves_a_boolean_buffer_updated_in_place_as_the_eager_o
         s1, _ = run(s0, x)
         assert s0.buffers["seen"].tolist() == [False, False, False]
         assert s1.buffers["seen"].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def test_apply_leaves_the_weight_an_older_norm_hook_computes_as_the_module_had_it(norm):
+    # Their forward pre-hook sets module.weight (a plain attribute) from the params swapped in: it stayed after the
+    # call, holding the state's tensors and graph (copy.deepcopy(model) then failed).
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated for the parametrization
+            getattr(torch.nn.utils, norm)(m[0])
+        return m
+
+    model, reference = build(), build()
+    own = model[0].weight
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    _, grads = fnlit.value_and_grad(lambda p: F.mse_loss(fnlit.apply(model, p, state.buffers, x)[0], y))(state.params)
+    F.mse_loss(reference(x), y).backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad)
+    state, _ = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))(state, (x, y))
+    assert model[0].weight is own
+    if norm == "spectral_norm":  # (weight_norm's own weight carries a graph from the start: PyTorch's deepcopy refuses it)
+        copy.deepcopy(model)
+
+
+def test_apply_leaves_an_rnn_holding_its_own_weights():
+    # An RNN's forward refreshes its _flat_weights list from the tensors swapped in: the module kept holding the
+    # state's tensors (and their gradients) after the call.
+    torch.manual_seed(0)
+    model = nn.LSTM(3, 4, batch_first=True)
+    reference = copy.deepcopy(model)
+    own = list(model._flat_weights)
+    x, y = torch.randn(4, 5, 3), torch.randn(4, 5, 4)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.accumulate(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0])[0], b[1])), 2)
+    state, _ = step(state, (x, y))
+    assert len(model._flat_weights) == len(own) and all(a is b for a, b in zip(model._flat_weights, own))
+    assert all(w.grad is None for w in model._flat_weights)
+    for half in (slice(0, 2), slice(2, 4)):  # the reference: the same two micro-batches, then one SGD step
+        (F.mse_loss(reference(x[half])[0], y[half]) / 2).backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach())
