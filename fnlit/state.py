@@ -27,6 +27,56 @@ _DATA_FIELDS = ("step", "params", "buffers", "opt_state", "scaler", "rng")
 _UPDATE_FIELDS = frozenset(("step", "params", "opt_state", "rng"))  # what apply_gradients computes
 
 
+_SHARED_MEMORY = (
+    "TrainState.create got parameters {a!r} and {b!r} of {module} whose memory overlaps (one a view of the other, "
+    "or both views of one tensor): torch.optim updates that memory through both, while the state holds a copy of "
+    "each and would train them as separate tensors. Make them separate (nn.Parameter(w.detach().clone())), tie "
+    "them as one Parameter (layer_b.weight = layer_a.weight), or register one and compute the other from it in "
+    "forward (w[:2])."
+)
+
+
+def _overlapping(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """The names of the first two parameters whose memory overlaps, one of them trainable (two frozen ones are
+    never written); None if there are none. Disjoint views of one buffer (a flat parameter store) pass."""
+    spans: dict[tuple[torch.device, int], list[tuple[int, int, str, torch.Tensor]]] = {}
+    for n, t in named:
+        if t.numel() == 0 or t.is_meta:
+            continue
+        try:
+            base = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # no plain storage (a DTensor's is its shard)
+            continue
+        size = t.element_size()
+        lo = t.storage_offset() * size
+        hi = lo + (sum((k - 1) * st for k, st in zip(t.shape, t.stride())) + 1) * size
+        spans.setdefault((t.device, base), []).append((lo, hi, n, t))
+    for group in spans.values():
+        group.sort(key=lambda g: g[0])
+        for i, (_, hi, a, ta) in enumerate(group):
+            for lo2, _, b, tb in group[i + 1 :]:
+                if lo2 >= hi:
+                    break  # (sorted by start: no later one reaches back into a)
+                if (ta.requires_grad or tb.requires_grad) and _elements_overlap(ta, tb):
+                    return a, b
+    return None
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one storage whose spans overlap share an element (strided views may interleave:
+    ``w[:, ::2]`` and ``w[:, 1::2]`` do not)."""
+    if a.is_contiguous() and b.is_contiguous() or a.element_size() != b.element_size():
+        return True  # (spans of contiguous tensors are their elements; other dtypes: as their spans say)
+
+    def offsets(t: torch.Tensor) -> torch.Tensor:
+        index = torch.full((), t.storage_offset(), dtype=torch.int64)
+        for k, st in zip(t.shape, t.stride()):
+            index = index.unsqueeze(-1) + torch.arange(k, dtype=torch.int64) * st
+        return index.reshape(-1)
+
+    return bool(torch.isin(offsets(b), offsets(a)).any())
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class TrainState:
     """The whole training state: params, buffers, optimizer state, loss scale, step and RNG key.
@@ -86,7 +136,9 @@ class TrainState:
             TypeError: if ``module`` is not an nn.Module, or ``tx`` not an fnlit.optim GradientTransformation
                 (a torch.optim optimizer, say).
             ValueError: if the module has no trainable parameters, has tensors on the meta device (not yet
-                materialised), or ``loss_scale`` is not understood.
+                materialised), two parameters whose memory overlaps (``nn.Parameter(w.data[:2])`` beside ``w``:
+                torch.optim updates it through both, a state holds separate copies), or ``loss_scale`` is not
+                understood.
 
         Example:
             >>> import torch, fnlit
@@ -101,6 +153,9 @@ class TrainState:
         if not (isinstance(tx, GradientTransformation) or (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)))):
             raise TypeError(_NOT_A_TX.format(got=_describe_tx(tx)))
         with _random._LOCK:  # not while another thread's fnlit.apply has its tensors swapped into the module
+            shared = _overlapping(list(module.named_parameters()))
+            if shared is not None:
+                raise ValueError(_SHARED_MEMORY.format(a=shared[0], b=shared[1], module=type(module).__name__))
             params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
             buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
             buffers.update((n, b.detach().clone()) for n, b in module.named_buffers())

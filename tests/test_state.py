@@ -73,6 +73,49 @@ def test_a_module_on_the_meta_device_is_refused_and_a_materialised_one_trains_as
     torch.testing.assert_close(state.params["weight"], reference.weight.detach())
 
 
+class _Views(nn.Module):  # parameters that are views of one flat tensor
+    def __init__(self, overlap):
+        super().__init__()
+        torch.manual_seed(0)
+        flat = torch.randn(4 * 3 + 4) * 0.3
+        self.w = nn.Parameter(flat[:12].view(4, 3))
+        self.b = nn.Parameter(flat[8:12] if overlap else flat[12:])  # overlap: the last row of w
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w, self.b)
+
+
+def test_parameters_whose_memory_overlaps_are_refused_and_disjoint_views_train_as_torch_does():
+    # torch.optim updates the shared memory through both parameters; the state cloned them into separate tensors
+    # and trained them differently, silently.
+    with pytest.raises(ValueError, match=r"parameters 'w' and 'b' of _Views whose memory overlaps.*detach\(\)\.clone\(\)"):
+        fnlit.TrainState.create(_Views(overlap=True), fnlit.optim.sgd(0.1), seed=0)
+    w = nn.Parameter(torch.randn(4, 6))
+    frozen = nn.Module()
+    frozen.a, frozen.b = nn.Parameter(w.data[:, ::2]), nn.Parameter(w.data[:, 1::2])  # interleaved: disjoint
+    u = torch.randn(4, 6)
+    frozen.c = nn.Parameter(u[1:2], requires_grad=False)
+    frozen.d = nn.Parameter(u[1:3], requires_grad=False)  # overlaps c, but neither is ever written
+    frozen.lin = nn.Linear(2, 2)
+    assert list(fnlit.TrainState.create(frozen, fnlit.optim.sgd(0.1), seed=0).params) == ["a", "b", "lin.weight", "lin.bias"]
+    frozen.e = nn.Parameter(w.data[:, 3])  # shares w[0, 3] with b
+    with pytest.raises(ValueError, match=r"parameters 'b' and 'e' of Module"):
+        fnlit.TrainState.create(frozen, fnlit.optim.sgd(0.1), seed=0)
+
+    model, reference = _Views(overlap=False), _Views(overlap=False)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for i in range(3):
+        x, y = torch.randn(8, 3), torch.randn(8, 4)
+        state, _ = step(state, (x, y))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        opt.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach())
+
+
 def test_replace_rejects_unknown_fields():
     _, state = make()
     with pytest.raises(TypeError, match="unknown field.*'parms'"):
