@@ -381,7 +381,8 @@ def apply(
     come back in ``new_buffers``. The module's own and its submodules' training flags are as they were
     after the call. Randomness (dropout) is a pure function of ``rng``: the same key gives
     bitwise the same output. Activation checkpointing inside the module
-    (``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``) works under
+    (``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)``; ``use_reentrant=True`` cannot give
+    gradients with respect to the params, and value_and_grad refuses it) works under
     :func:`value_and_grad`: its backward, which runs ``block`` again, sees these params and buffers too
     (a BatchNorm in ``block`` updates the copies in ``new_buffers`` a second time then, as PyTorch updates
     the module's own). The module holds them for the whole backward (another thread reading the module
@@ -997,12 +998,15 @@ def value_and_grad(
     is scaled before backward; the returned gradients are already unscaled. A tensor the loss does not
     reach gets a zero gradient (as in JAX), not None: an optimizer's momentum and weight decay still move
     it (``torch.optim`` skips a parameter without ``.grad``); freeze it, or zero its updates with
-    ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``.
+    ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``. Activation checkpointing inside ``fn``
+    (``torch.utils.checkpoint``) needs ``use_reentrant=False``: the reentrant kind cannot give gradients with
+    respect to chosen tensors.
 
     Raises:
         ValueError: if the loss is not a scalar (the message gives its shape); for repeated argnums, or
             one that names no positional argument.
         TypeError: if argnums is not an int or a tuple of ints.
+        RuntimeError: if ``fn`` runs ``torch.utils.checkpoint`` with ``use_reentrant=True`` (eager mode).
 
     Example:
         >>> import torch
@@ -1085,12 +1089,17 @@ def value_and_grad(
             if frame is not None and frame.shard_group is not None and type(loss) is not torch.Tensor:
                 _refuse_sharded_loss(loss)
             # a checkpointed block's forward, run again by the backward, reads what apply gave it
-            with _Backward(swaps) if swaps else _NO_RECORDS:
-                if shared is not None:
-                    _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
-                    grads = frame.end_call()
-                else:
-                    grads = _backward(target, None, inputs, accumulate=False)
+            try:
+                with _Backward(swaps) if swaps else _NO_RECORDS:
+                    if shared is not None:
+                        _backward(target, frame.backward_seed(target), inputs, accumulate=True, plain=True)
+                        grads = frame.end_call()
+                    else:
+                        grads = _backward(target, None, inputs, accumulate=False)
+            except RuntimeError as e:
+                if _REENTRANT_TORCH in str(e):  # torch's advice (call .backward() without inputs) does not apply
+                    raise RuntimeError(_REENTRANT) from e
+                raise
         finally:
             _NESTED.reset(nesting)
             torch._C._set_grad_enabled(grad_was_enabled)
@@ -1110,6 +1119,14 @@ def value_and_grad(
 
     return wrapped
 
+
+_REENTRANT_TORCH = "When use_reentrant=True, torch.utils.checkpoint is incompatible"
+_REENTRANT = (
+    "fnlit.value_and_grad: the loss runs torch.utils.checkpoint with use_reentrant=True, whose backward cannot "
+    "compute gradients with respect to given tensors (the params value_and_grad differentiates). Pass "
+    "use_reentrant=False (PyTorch's recommended mode): checkpoint(block, x, use_reentrant=False) works inside "
+    "fnlit.apply and train_step."
+)
 
 # True while an eager value_and_grad runs its function: a value_and_grad called inside it is differentiated again.
 _NESTED: ContextVar[bool] = ContextVar("fnlit_nested_value_and_grad", default=False)

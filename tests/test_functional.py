@@ -1357,3 +1357,25 @@ def test_apply_leaves_an_rnn_holding_its_own_weights():
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     for name, p in reference.named_parameters():
         torch.testing.assert_close(state.params[name], p.detach())
+
+
+def test_reentrant_checkpointing_is_refused_with_the_fix():
+    # PyTorch's own error advised calling .backward() without `inputs`, which a value_and_grad cannot do.
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.block, self.head = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, self.pre(x), use_reentrant=True))
+
+    model = Checkpointed()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    with pytest.raises(RuntimeError, match=r"checkpoint with use_reentrant=True.*Pass use_reentrant=False"):
+        fnlit.value_and_grad(lambda p: F.mse_loss(fnlit.apply(model, p, state.buffers, x)[0], y))(state.params)
+    step = fnlit.accumulate(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])), 2)
+    with pytest.raises(RuntimeError, match=r"checkpoint with use_reentrant=True.*Pass use_reentrant=False"):
+        step(state, (x, y))
