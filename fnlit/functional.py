@@ -1299,6 +1299,24 @@ class _BoundModel:
         out, self.buffers = apply(self.module, self.params, self.buffers, *args, rng=rng, train=self.train, **kwargs)
         return out
 
+    # Only reached for what the bound model does not have (its own attributes are found first): no cost to a call.
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # (copy, pickle and friends probe for protocol methods)
+            raise AttributeError(name)
+        raise AttributeError(_BOUND_ONLY_CALLED.format(what=f"model.{name}", module=type(self.__dict__.get("module")).__name__))
+
+    def __getitem__(self, key: Any) -> Any:
+        raise TypeError(_BOUND_ONLY_CALLED.format(what=f"model[{key!r}]", module=type(self.module).__name__))
+
+
+_BOUND_ONLY_CALLED = (
+    "The model that train_step/eval_step pass to the loss function is the {module} bound to the state's params, "
+    "buffers and key: it can only be called, model(*inputs), which runs the whole module; {what} is not "
+    "supported. To run a submodule or read an attribute, write the step by hand: inside a loss given to "
+    "fnlit.value_and_grad, fnlit.apply(module, params, buffers, x, rng=rng) runs the module on the state's "
+    "tensors, and the module object itself holds the attributes (its sizes, config)."
+)
+
 
 def _loss_and_metrics(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     if isinstance(out, tuple):

@@ -1379,3 +1379,16 @@ def test_reentrant_checkpointing_is_refused_with_the_fix():
     step = fnlit.accumulate(fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1])), 2)
     with pytest.raises(RuntimeError, match=r"checkpoint with use_reentrant=True.*Pass use_reentrant=False"):
         step(state, (x, y))
+
+
+def test_indexing_or_reading_the_bound_model_says_what_it_supports():
+    # It said "'_BoundModel' object is not subscriptable" (or has no attribute), naming a class the user never saw.
+    model = nn.Sequential(nn.Linear(3, 2))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    b = (torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(TypeError, match=r"bound to the state's params.*can only be called.*model\[0\] is not supported.*fnlit\.apply"):
+        fnlit.train_step(model, lambda m, b: F.mse_loss(m[0](b[0]), b[1]))(state, b)
+    with pytest.raises(AttributeError, match=r"model\.head is not supported.*fnlit\.apply"):
+        fnlit.eval_step(model, lambda m, b: {"mse": F.mse_loss(m.head(b[0]), b[1])})(state, b)
+    state, metrics = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))(state, b)  # calling it works
+    assert int(state.step) == 1
