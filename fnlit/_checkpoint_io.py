@@ -527,16 +527,45 @@ def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, tor
     return module.eval()
 
 
-def json_checked(what: str, value: Any) -> Any:
-    """Returns ``value`` if it can be stored in the JSON header, else raises a TypeError naming ``what``."""
+def json_checked(what: str, value: Any, who: str = "fnlit.save") -> Any:
+    """Returns ``value`` if it can be stored in the JSON header, else raises a TypeError naming ``what``.
+
+    A dict key that is not a string is refused too: ``json.dumps`` would write ``{0: "cat"}`` as ``{"0": "cat"}``
+    and ``{3: a, "3": b}`` as one entry, so what came back would not be what was saved.
+    """
     try:
         json.dumps(value, allow_nan=True)
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f"fnlit.save stores {what} as JSON, but {value!r} is not JSON-serialisable ({e}). "
+            f"{who} stores {what} as JSON, but {value!r} is not JSON-serialisable ({e}). "
             "Pass numbers, strings, bools, None, lists and dicts of them."
         ) from None
+    where = _non_string_key(value, "")
+    if where is not None:
+        path, key = where
+        raise TypeError(
+            f"{who} stores {what} as JSON, whose dict keys are strings, but {what}{path} has the key {key!r} "
+            f"({type(key).__name__}): it would come back as {str(key) if not isinstance(key, bool) else str(key).lower()!r}"
+            " (and two keys such as 3 and '3' as one). Use string keys (e.g. str(k)), and convert back when loading."
+        )
     return value
+
+
+def _non_string_key(value: Any, path: str) -> tuple[str, Any] | None:
+    """The path and key of the first dict key in ``value`` that is not a string, or None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return path, k
+            found = _non_string_key(v, f"{path}[{k!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _non_string_key(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 # The position's tensors (callbacks' states: EMA's average) are stored with the state's, under numbered paths

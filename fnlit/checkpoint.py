@@ -89,7 +89,8 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
 
     Raises:
         CheckpointError: naming ``path``, if it cannot be written (missing or unwritable folder, full disk).
-        TypeError: if ``meta``, ``position`` (apart from its tensors) or ``metrics`` are not JSON-serialisable, or a leaf is neither
+        TypeError: if ``meta``, ``position`` (apart from its tensors) or ``metrics`` are not JSON-serialisable (a dict
+            key that is not a string included: JSON would turn it into one), or a leaf is neither
             a tensor nor a JSON value (int, float, bool, str), or is a sparse, meta or nested tensor or of a tensor
             subclass with its own ``__torch_dispatch__``; before anything is written. (A subclass without one,
             ``x.as_subclass(Tagged)``, is stored as its plain data; :func:`restore` gives ``like``'s subclass back.)
@@ -348,7 +349,7 @@ class Checkpointer:
     Raises:
         ValueError: on a non-positive interval or ``keep_last`` (``keep_best`` may be 0), a negative
             ``keep_best`` (or, without ``monitor``, one above 1 or None), or a ``mode`` other than "min"/"max".
-        TypeError: if ``meta`` is not JSON-serialisable.
+        TypeError: if ``meta`` is not JSON-serialisable (a dict key that is not a string included).
 
     Example:
         >>> import tempfile, torch, fnlit

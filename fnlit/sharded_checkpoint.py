@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
+from ._checkpoint_io import json_checked
 from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like
 from .transforms.donate import check_not_donated
 from .tree import is_real
@@ -209,7 +210,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
     Raises:
         TypeError: for a leaf in the state that is neither a tensor nor a number (numbers, such as a
             hyperparameter assigned as one, are written to ``fnlit.json`` exactly), or metadata that is not
-            JSON-serialisable.
+            JSON-serialisable (a dict key that is not a string included).
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);
             any previous checkpoint of that name is unchanged.
@@ -241,6 +242,7 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         json.dumps(info)
     except TypeError as e:
         raise TypeError(f"save_sharded expected JSON-serialisable metadata, got {sorted(meta)}: {e}.") from None
+    json_checked("the metadata", meta, "save_sharded")  # (string keys only: JSON would turn {0: "cat"} into {"0": ...})
     rank0 = not _distributed() or dist.get_rank() == 0
     if rank0:
         target.parent.mkdir(parents=True, exist_ok=True)

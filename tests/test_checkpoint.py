@@ -195,6 +195,32 @@ def test_metadata_must_be_json():
         ckpt.save("unused.ckpt", state, model=nn.Linear(1, 1))
 
 
+def test_a_dict_key_that_is_not_a_string_is_refused_in_metadata_and_position(tmp_path):
+    # json.dumps writes {0: "cat"} as {"0": "cat"} and {3: a, "3": b} as one entry: it came back changed, silently
+    # (torch.save keeps int keys: the reference for what "stored" means).
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({0: "cat", 3: 0.5, "3": 0.7}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer) == {0: "cat", 3: 0.5, "3": 0.7}
+    _, state = trained()
+    with pytest.raises(TypeError, match=r"the metadata classes= has the key 0 \(int\): it would come back as '0'"):
+        ckpt.save(tmp_path / "a.ckpt", state, classes={0: "cat", 1: "dog"})
+    position = {"epoch": 0, "batch": 1, "seed": 0, "callbacks": {"C": {"hist": {3: 0.5, "3": 0.7}}}}
+    with pytest.raises(TypeError, match=r"position\['callbacks'\]\['C'\]\['hist'\] has the key 3 \(int\)"):
+        ckpt.save(tmp_path / "b.ckpt", state, position=position)
+    with pytest.raises(TypeError, match=r"has the key 0 \(int\)"):
+        ckpt.Checkpointer(tmp_path, classes={0: "cat"})
+    from fnlit.sharded_checkpoint import save_sharded
+
+    with pytest.raises(TypeError, match=r"save_sharded stores the metadata as JSON.* has the key 0 \(int\)"):
+        save_sharded(tmp_path / "s", state, classes={0: "cat"})
+    assert not list(tmp_path.iterdir())  # nothing written
+    path = ckpt.save(tmp_path / "c.ckpt", state, classes={"0": "cat"})  # string keys: stored as given
+    assert ckpt.read_info(path).meta["classes"] == {"0": "cat"}
+
+
 def steps(state, n, ck, start=0):
     for i in range(n):
         state = state.replace(step=state.step + 1)
