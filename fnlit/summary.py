@@ -378,7 +378,7 @@ class CSVWriter:
             raise ValueError(f"CSVWriter({self.path!r}) is closed: make a new writer to log more.")
         if not self.enabled:
             return
-        self.rows.append({"step": step, **metrics})
+        self.rows.append({"step": step, **_numbers(metrics)})
         if time.monotonic() - self._flushed >= self.flush_secs:
             self.flush()
 
@@ -500,7 +500,7 @@ class JSONLWriter:
             self._file.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._write({"step": step, **metrics})
+        self._write({"step": step, **_numbers(metrics)})
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._write({"hparams": flat_hparams(hparams)})
@@ -524,6 +524,16 @@ def _logged_from(line: bytes, step: int) -> bool:
         return False
     value = obj.get("step") if isinstance(obj, dict) else None
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= step
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with one-element tensors and numpy scalars as Python numbers (``.item()``, as Lightning's
+    CSVLogger): their repr is no number (``tensor(0.1235)``), nor JSON. fit passes Python floats already."""
+    out = dict(metrics)
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1 or isinstance(v, np.generic):
+            out[k] = v.item()
+    return out
 
 
 def _finite_json(obj: Any) -> Any:

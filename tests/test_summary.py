@@ -94,6 +94,27 @@ def test_jsonl_writer(tmp_path):
     assert lines == [{"hparams": {"lr": 0.1, "dev": "cpu"}}, {"step": 3, "train/loss": 0.5}]
 
 
+def test_csv_and_jsonl_writers_log_a_tensor_or_numpy_number_as_its_value(tmp_path):
+    # The CSV wrote the tensor's repr ("tensor(0.1235)": 4 digits, no number) and JSONL raised; Lightning's CSVLogger
+    # writes .item(). fit passes Python floats: this is a writer called directly.
+    import numpy as np
+
+    values = {"x": torch.tensor(0.123456789), "n": torch.tensor(2**53 + 1), "h": torch.tensor(0.5, dtype=torch.bfloat16),
+              "f": np.float32(0.25), "i": np.int64(7)}
+    expected = {k: v.item() for k, v in values.items()}  # the reference: the values as Python numbers
+    c, j = CSVWriter(tmp_path / "c"), JSONLWriter(tmp_path / "j")
+    c.log_metrics(values, step=1)
+    j.log_metrics(values, step=1)
+    c.close()
+    j.close()
+    with open(tmp_path / "c" / "metrics.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert {k: (int(row[k]) if k in ("n", "i") else float(row[k])) for k in values} == expected
+    assert row["n"] == str(2**53 + 1)  # exact, not through a float
+    (line,) = [json.loads(x) for x in (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()]
+    assert line == {"step": 1, **expected}
+
+
 def test_only_rank_0_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(fnlit.distributed, "rank", lambda: 1)
     log = Logger([JSONLWriter(tmp_path / "j")], log_dir=tmp_path / "tb")
