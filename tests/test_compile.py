@@ -467,6 +467,27 @@ def test_a_side_effect_that_fails_the_capture_is_not_carried_out_by_the_eager_ru
     assert_trees_equal(state, before)
 
 
+def test_a_print_reading_out_float_and_a_torch_save_are_side_effects_and_are_not_carried_out(model, tmp_path, capsys):
+    # A line with `.float(` was labelled a host sync although torch named `print`, and torch.save was "could not
+    # trace it": either way the step then ran once eagerly, printing or writing although the call raised.
+    # Reference: a step that never ran prints nothing and writes no file.
+    inner, path = hand_step(model), tmp_path / "out.pt"
+
+    def printing(state, b):
+        print("shape", b[0].float().shape)
+        return inner(state, b)
+
+    def saving(state, b):
+        torch.save(b[0], path)
+        return inner(state, b)
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for step, line in ((printing, r"print\(\"shape\""), (saving, r"torch.save\(b\[0\], path\)")):
+        with pytest.raises(CaptureError, match=rf"(?s){line}.*because a Python side effect"):
+            fnlit_compile(step, mode="eager")(state, batch())
+    assert capsys.readouterr().out == "" and not path.exists()
+
+
 def test_an_exception_class_of_the_users_own_is_raised_as_eager_raises_it(model):
     # torch.compile cannot trace an exception class's own __init__: the step's error came out as a CaptureError
     # about that line. Reference: the error the step raises uncompiled.

@@ -89,9 +89,9 @@ _FIXES = {
         "Keep shapes fixed: multiply by the mask or use torch.where(mask, x, 0) instead of x[mask].",
     ),
     "side effect": (
-        "a Python side effect (print, logging, changing a global or a list) runs once at capture time, "
-        "not on every step",
-        "Return the value in the metrics and print or log it outside the step.",
+        "a Python side effect (print, logging, a file written, changing a global or a list) runs once at capture "
+        "time, not on every step",
+        "Return the value in the metrics and print, log or save it outside the step.",
     ),
     "other": ("torch.compile could not trace it", "Move this line out of the step, or run the step uncompiled."),
 }
@@ -255,19 +255,49 @@ def _check_graph(gm: torch.fx.GraphModule) -> bool:
     return uses_rng
 
 
-def _classify(err: Exception, code: str) -> str:
-    # torch's own words only: the user's source lines it quotes after "from user code:" (a mask named `nonzero`
-    # on the loss's line) would otherwise decide the cause
+# torch's words for a call it would not trace that acts on the world: print, open, a file's write, a warning, a
+# logger, a function it keeps out of graphs (torch.save: "should not be traced"), a C function or builtin
+_SIDE_EFFECT_TEXT = re.compile(
+    r"builtin operator `(print|open|input)`|warnings?\.warn\b|[Ll]ogging|method `(write|writelines|flush|close)` of "
+    r"class|should not be traced|Python builtin|C/C\+\+ Python extension|side effect|[Mm]utation"
+)
+# a host read on the user's line: a method (.item(), .tolist(), .numpy()) or the builtin float/int/bool, not a
+# method of that name (out.float(), x.int())
+_HOST_READ_CODE = re.compile(r"\.(item|tolist|numpy)\(|(?<![\w.])(float|int|bool)\(")
+
+
+def _torch_words(err: Exception) -> str:
+    """torch's own explanation of ``err``: its hints (generic: "a logging function (e.g. `print`)" follows every
+    builtin it cannot trace) and the user's source lines it quotes after "from user code:" left out (a mask named
+    `nonzero` on the loss's line would otherwise decide the cause)."""
     text = str(err).split("from user code:", 1)[0]
-    if re.search(r"\.(item|tolist|numpy)\(|\b(float|int|bool)\(", code):
+    return "\n".join(x for x in text.splitlines() if not x.strip().startswith("Hint:"))
+
+
+def _classify(err: Exception, code: str, frames: list[tuple[str, int]]) -> str:
+    text = _torch_words(err)
+    # side effects first, whatever the line reads besides (print("shape", out.float().shape))
+    if _SIDE_EFFECT_TEXT.search(text) or any(
+        _in_stdlib(f) and (f"{os.sep}logging{os.sep}" in f or f.endswith(f"{os.sep}warnings.py")) for f, _ in frames
+    ):
+        return "side effect"
+    if _HOST_READ_CODE.search(code):
         return "host sync"
     if re.search(r"data-dependent|Data-dependent|item\(\)|tolist|__bool__|generic_jump|Tensor\.(item|tolist)", text):
         return "host sync"
     if re.search(r"dynamic shape|DynamicOutputShape|nonzero", text):
         return "dynamic shape"
-    if re.search(r"print|[Ll]ogging|side effect|[Mm]utation", text) or re.search(r"\bprint\(|\blogging\.", code):
+    if re.search(r"\bprint\(|\blogging\.", code):
         return "side effect"
     return "other"
+
+
+def _raised_in_step(err: Exception, frames: list[Any]) -> bool:
+    """Whether torch reports an exception raised by the step (or by fnlit inside it), one it could not trace the
+    raising of (an exception class's own ``__init__``), or a sparse tensor: the cases the eager run tells apart."""
+    text = _torch_words(err)
+    innermost = getattr(frames[-1], "name", "") if frames else ""
+    return bool(re.search(r"[Ee]xception|super\(\)\.__init__|sparse [Tt]ensor", text)) or innermost == "__init__"
 
 
 def _one_key(rng: torch.Tensor) -> torch.Tensor:
@@ -582,18 +612,19 @@ class CompiledStep:
     def _explain(self, err: Exception, state: TrainState, batch: Batch) -> Exception:
         """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it.
 
-        To tell them apart the step runs once eagerly (seeded from the state's key, as the compiled call is; the
-        step is pure and the state is not donated to it, so neither changes): an error it raises is the step's
-        own -- one torch.compile saw raised, or one it could not trace the raising of (an exception class with
-        its own ``__init__``, fnlit's or the user's) -- and reaches the user as it is. Only when the step runs
-        eagerly is ``err`` the capture's, explained here. A capture that failed on a Python side effect (a file
-        written, a print) is explained without that run, which would carry the side effect out.
+        Where torch reports an exception (one it saw the step raise, or one it could not trace the raising of: an
+        exception class with its own ``__init__``, fnlit's or the user's) or a sparse tensor, the step runs once
+        eagerly to tell them apart (seeded from the state's key, as the compiled call is; the step is pure and the
+        state is not donated to it, so neither changes): an error it raises is the step's own and reaches the user
+        as it is. Only when the step runs eagerly is ``err`` the capture's, explained here. Any other failure --
+        a Python side effect (a print, a log, a file written, torch.save), a host sync, a call torch cannot trace --
+        is explained without that run, which would carry the side effect out.
         """
-        frames = [(f.filename, f.lineno or 0) for f in getattr(err, "real_stack", None) or []]
-        frames = frames or _frames_of(str(err))
+        stack = list(getattr(err, "real_stack", None) or [])
+        frames = [(f.filename, f.lineno or 0) for f in stack] or _frames_of(str(err))
         filename, lineno = _user_frame(frames)
-        kind = _classify(err, linecache.getline(filename, lineno))
-        if kind != "side effect":
+        kind = _classify(err, linecache.getline(filename, lineno), frames)
+        if kind != "side effect" and _raised_in_step(err, stack):
             from ..functional import _SPARSE_SEEN, sparse_refused
 
             # torch.compile refused a sparse tensor: the eager run notes which sparse embeddings' weights it differentiates
@@ -742,10 +773,10 @@ def compile(
         ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state; (when
             called with ``donate=True``) for a state whose tensors share storage.
         CaptureError: (when called) if the step cannot be captured; the message names the line (for a sparse
-            gradient, ``nn.Embedding(sparse=True)``'s, which torch.compile cannot trace: the parameter). (Then the step
-            runs once eagerly, unless the cause is a Python side effect (a file written, a print), which that
-            run would carry out: an error it raises itself -- accumulate's indivisible batch -- is raised as
-            uncompiled, not as a CaptureError.) Also when
+            gradient, ``nn.Embedding(sparse=True)``'s, which torch.compile cannot trace: the parameter). (Where torch
+            reports an exception, the step runs once eagerly -- never for a Python side effect (a print, a log, a
+            file written, torch.save), which that run would carry out: an error it raises itself -- accumulate's
+            indivisible batch -- is raised as uncompiled, not as a CaptureError.) Also when
             new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
         NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
