@@ -383,6 +383,19 @@ def test_a_transform_around_a_compiled_step_is_refused(model):
         ensemble(fnlit_compile(hand_step(model), mode="eager"), 2)(states, batch())
 
 
+def test_donating_around_a_compiled_step_is_refused_and_leaves_the_state_usable(model):
+    # donating(compile(step)) ran, updated nothing in place (the graph never does) and poisoned the input state.
+    # Reference: the eager step, run on the state the refused call was given.
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    before = clone_tree(state)
+    compiled = fnlit_compile(hand_step(model), mode="eager")
+    for outer in (donating(compiled), donating(lambda s, b: compiled(s, b))):
+        with pytest.raises(ValueError, match=r"called inside fnlit.donating.*fnlit.compile\(step, donate=True\)"):
+            outer(state, batch())
+    assert_trees_equal(state, before)
+    hand_step(model)(state, batch())  # usable: not poisoned
+
+
 def test_capture_error_of_a_logging_call_names_the_steps_line_not_the_standard_librarys(model):
     import logging
 

@@ -47,6 +47,7 @@ from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
 from ._frame import current as _current_frame
 from ._frame import wrapped_steps
+from ..optim._base import _DONATED
 from .donate import RAISED, check_not_donated, poison
 
 if TYPE_CHECKING:
@@ -550,6 +551,8 @@ class CompiledStep:
             raise ValueError(_OUTSIDE)
         if torch._C._functorch.maybe_current_level() is not None:  # fnlit.ensemble's (or another) vmap around it
             raise ValueError(_OUTSIDE_VMAP)
+        if _DONATED.get() is not None:  # fnlit.donating around it (directly, or through a function calling it)
+            raise ValueError(_INSIDE_DONATING)
         check_not_donated(state)
         returned = getattr(self._calls, "returned", None)  # a weak reference: never keeps a state alive
         if self.donate and (returned is None or returned() is not state):  # (our own output: checked already)
@@ -707,6 +710,13 @@ _OUTSIDE_VMAP = (
 )
 
 
+_INSIDE_DONATING = (
+    "fnlit.compile must be the outermost transform, but this compiled step was called inside fnlit.donating: the "
+    "compiled graph never updates its input in place, so donating(compile(step)) would donate nothing and still mark "
+    "the input state as used up. Let the compiled step donate: fnlit.compile(step, donate=True)."
+)
+
+
 _DONATING = (
     "fnlit.compile got a step wrapped in fnlit.donating, whose in-place update does not survive capture "
     "(the compiled step would neither update in place nor mark the input state as donated). Use "
@@ -752,7 +762,7 @@ def compile(
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
             :func:`fnlit.accumulate` and :func:`fnlit.amp` inside it (compile is the outermost transform:
-            one around it raises ValueError).
+            one around it raises ValueError, :func:`fnlit.donating` too: pass ``donate=True`` instead).
         donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
             poisoned afterwards (any use raises). Its tensors must not share storage (an EMA buffer started

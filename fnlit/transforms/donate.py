@@ -232,7 +232,8 @@ def donating(step: StepFn) -> StepFn:
       state.params["w"]}`` would hold the new weights. That raises a ValueError; keep a ``.clone()``.
     * ``donating`` must be the outermost transform: ``donating(accumulate(step, k))``. Inside another
       transform's step it raises a ValueError (those pass a copy of the state, which would leave the
-      caller's state updated but not poisoned).
+      caller's state updated but not poisoned). Around a compiled step it raises too: the graph never
+      updates in place (``fnlit.compile(step, donate=True)`` is the compiled way to donate).
     * If the step raises after the optimizer updated the state in place, the input state is poisoned
       too (it holds neither the old nor the new state) and the exception propagates; if it raises
       before, the input state is intact and usable.
@@ -244,8 +245,8 @@ def donating(step: StepFn) -> StepFn:
         A step function with the same results that consumes its input state.
 
     Raises:
-        ValueError: when called inside another transform's step, or when the returned state or
-            metrics alias a tensor that was updated in place.
+        ValueError: when called inside another transform's step or around a compiled one, or when the
+            returned state or metrics alias a tensor that was updated in place.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
