@@ -396,6 +396,18 @@ def test_donating_around_a_compiled_step_is_refused_and_leaves_the_state_usable(
     hand_step(model)(state, batch())  # usable: not poisoned
 
 
+@pytest.mark.parametrize("keys", [("loss",), ("loss", "acc")])
+def test_an_eval_step_is_refused_saying_compile_takes_a_training_step(model, keys):
+    # Its metrics dict was unpacked as (state, metrics): "not enough values to unpack" for one key, "returned a
+    # state of another structure: got a str" for two. Reference: fnlit.eval_step's documented return, a dict.
+    ev = fnlit.eval_step(model, lambda m, b: {k: F.cross_entropy(m(b[0]), b[1]) for k in keys})
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    assert isinstance(ev(state, batch()), dict)
+    with pytest.raises(TypeError, match=r"takes a training step `\(state, batch\) -> \(state, metrics\)`.*returned a "
+                       r"dict with keys.*torch.compile\(eval_step\)"):
+        fnlit_compile(ev, mode="eager")(state, batch())
+
+
 def test_capture_error_of_a_logging_call_names_the_steps_line_not_the_standard_librarys(model):
     import logging
 

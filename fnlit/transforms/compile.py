@@ -330,6 +330,29 @@ def _check_donatable(state: Any, new: Any) -> None:
             )
 
 
+_NOT_A_TRAIN_STEP = (
+    "fnlit.compile takes a training step `(state, batch) -> (state, metrics)`, but the step returned {got}. An "
+    "evaluation step (fnlit.eval_step, returning a dict of metrics) has no state to capture: compile it with "
+    "torch.compile(eval_step) (fnlit.evaluate takes the compiled function as it is), or return (state, metrics)."
+)
+
+
+def _is_step_result(result: Any, state: Any) -> bool:
+    """Whether ``result`` has the form of a training step's: a pair whose first item is a state of ``state``'s type."""
+    return isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], type(state))
+
+
+def _describe(result: Any, state: Any) -> str:
+    """What a step returned, for :data:`_NOT_A_TRAIN_STEP`."""
+    if isinstance(result, dict):
+        return f"a dict with keys {list(result)}"
+    if isinstance(result, (tuple, list)):
+        if len(result) != 2:
+            return f"a {type(result).__name__} of {len(result)} items"
+        return f"a pair whose first item is a {type(result[0]).__name__}, not a {type(state).__name__}"
+    return f"a {type(result).__name__}"
+
+
 def _check_structure(state: TrainState, new: Any) -> None:
     """Raises the ValueError of the captured function when ``new`` is not structured as ``state``."""
     if torch_pytree.tree_structure(new) == torch_pytree.tree_structure(state):
@@ -497,7 +520,10 @@ class CompiledStep:
 
         def captured(*leaves: Any) -> tuple[tuple[Any, ...], Any]:
             state, batch = torch_pytree.tree_unflatten(leaves, spec)
-            new, metrics = step(state, batch)
+            result = step(state, batch)
+            if not _is_step_result(result, state):  # (the message is _explain's, eager)
+                raise TypeError("fnlit.compile: the step did not return (state, metrics).")
+            new, metrics = result
             new_leaves, new_spec = torch_pytree.tree_flatten(new)
             if new_spec != state_spec:  # traced, this reaches the user through _explain, which checks it eagerly
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
@@ -635,7 +661,7 @@ class CompiledStep:
             token = _SPARSE_SEEN.set(sparse if re.search(r"sparse tensor", str(err), re.IGNORECASE) else None)
             try:
                 with _random.seeded(_one_key(state.rng), state.device):  # (leaves the caller's generators as they were)
-                    new, _ = self.step(state, batch)  # the step itself raises: let the user see its own error
+                    result = self.step(state, batch)  # the step itself raises: let the user see its own error
             finally:
                 _SPARSE_SEEN.reset(token)
             if sparse:
@@ -643,6 +669,9 @@ class CompiledStep:
                     "fnlit.compile", " (torch.compile cannot trace sparse tensors)", sparse,
                     ", or run the step uncompiled: fnlit.optim steps the same on the dense gradient",
                 ))
+            if not _is_step_result(result, state):
+                return TypeError(_NOT_A_TRAIN_STEP.format(got=_describe(result, state)))
+            new = result[0]
             _check_structure(state, new)  # or fnlit's own checks in the captured function do
             if self.donate:
                 _check_donatable(state, new)
@@ -790,6 +819,8 @@ def compile(
             new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
         NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
+        TypeError: (when called) for a step that does not return ``(state, metrics)``: an evaluation step
+            (:func:`fnlit.eval_step`) is compiled with ``torch.compile(eval_step)`` instead.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
