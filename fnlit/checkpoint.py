@@ -301,11 +301,12 @@ def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
 
 def _where(position: Position | None) -> tuple[Any, ...] | None:
     """Where in the data a position stands: its epoch, batch, whether that batch's epoch-end validation ran, whether
-    metrics wait to be logged, and whether a finished run's last row logged them (a step saved before that row)."""
+    metrics wait to be logged, whether a finished run's last row logged them (a step saved before that row), and
+    whether its epoch's end waits to be run (a second Ctrl-C cut it off)."""
     if not position:
         return None
     return (position.get("epoch"), position.get("batch"), bool(position.get("validated")), bool(position.get("log_pending")),
-            position.get("log_tail") is not None)
+            position.get("log_tail") is not None, bool(position.get("epoch_end_pending")))
 
 class Checkpointer:
     """Saves checkpoints during :func:`fnlit.fit` and finds the one to resume from.

@@ -922,7 +922,8 @@ def fit(
     if not plan.validate:
         _warn_unwatched(all_callbacks, checkpoint)
     hooks = _Hooks(all_callbacks)
-    hooks.stop = bool(position.get("stop_requested"))  # a stop that min_epochs deferred, before the checkpoint
+    # a stop that min_epochs deferred, before the checkpoint (or requested before an epoch end a Ctrl-C cut off)
+    hooks.stop = bool(position.get("stop_requested"))
     stateful = _stateful(all_callbacks)
     for key, cb in stateful:  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
         if key in position.get("callbacks", {}):
@@ -1032,8 +1033,12 @@ def fit(
     validating: tuple[bool, dict[str, Any] | None] | None = None
     cut = False  # a second Ctrl-C cut a log row off (its interval stays pending): the exit position says so
     # A second Ctrl-C cut an epoch's end off (its on_epoch_end hooks): the exit position is then its last batch's,
-    # with the callbacks' states from before that end and whether its validation is done; the resume ends it again.
+    # with the callbacks' states from before that end, whether its validation is done and a stop was requested, and
+    # that end pending: the resume ends it first, before its loop (which a last step or a stop would not enter).
     epoch_cut: Position = {}
+    if position.get("epoch_end_pending"):  # saved so: this run ends that epoch first (kept if it stops before)
+        epoch_cut = {"epoch_end_pending": True, **({"validated": True} if validated else {}),
+                     **({"stop_requested": True} if hooks.stop else {})}
 
     passes = 0  # validations run: a one-shot iterator has data for one
 
@@ -1060,6 +1065,34 @@ def fit(
             agree()
         validating = None
 
+    def end_epoch(validation_done: bool) -> None:
+        """The epoch's end after its validation: the ``on_epoch_end`` hooks, the checkpointer's, then whether to stop.
+        A second Ctrl-C during the hooks leaves the exit position at the epoch's last batch, its end pending."""
+        nonlocal validated, epoch, b, epoch_cut, halt
+        ended_at, before, stop_before = (epoch, b), None, hooks.stop
+        try:
+            before = _states(stateful, copied=True)
+            validated, epoch, b = False, epoch + 1, 0
+            hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
+        except KeyboardInterrupt:  # (a callback after the one it cut off has not seen this epoch end)
+            epoch, b = ended_at
+            # The resume ends this epoch first, from the callbacks' states before it, even where no step is left or
+            # a stop was decided at it (a stop requested before these hooks is requested again: it takes effect
+            # after them, as here).
+            epoch_cut = {"epoch_end_pending": True, **({} if before is None else {"callbacks": before})}
+            if validation_done:  # its validation is done (or was, before a resume from its best)
+                epoch_cut["validated"] = True
+            if stop_before:
+                epoch_cut["stop_requested"] = True
+            raise
+        epoch_cut = {}  # (a pending one, ended now)
+        if checkpoint is not None:
+            checkpoint.on_epoch_end(state, where(epoch, 0))
+        if distributed:
+            agree()
+        else:
+            halt = halting()
+
     with _Signals() as signals, _outputs(progress, logger, owned) as bar, _rows_first(checkpoint, logger):
         try:
             info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every,
@@ -1084,6 +1117,8 @@ def fit(
                 validate()
                 if not distributed:  # (validate agrees across ranks itself) its EarlyStopping decision counts now
                     halt = halting()
+            if epoch_cut and not (voted_signal if distributed else signals.reason):  # an epoch end a Ctrl-C cut off
+                end_epoch(validated)
             short_warned = False
             # Data without a length stopped (max_steps, a stop) at what may be its last batch: look one ahead, as
             # Lightning's fetcher does, so that epoch ends (its validation, on_epoch_end). In one process only
@@ -1175,23 +1210,7 @@ def fit(
                 )
                 if at_end and not (validated and steps == epoch_start):  # not again on a resume from its best
                     validate(epoch_end=True)
-                ended_at, before = (epoch, b), None
-                try:
-                    before = _states(stateful, copied=True)
-                    validated, epoch, b = False, epoch + 1, 0
-                    hooks("on_epoch_end", state, {**log.latest, "epoch": epoch - 1})
-                except KeyboardInterrupt:  # (a callback after the one it cut off has not seen this epoch end)
-                    epoch, b = ended_at
-                    epoch_cut = {} if before is None else {"callbacks": before}
-                    if at_end:  # its validation is done (or was, before a resume from its best)
-                        epoch_cut["validated"] = True
-                    raise
-                if checkpoint is not None:
-                    checkpoint.on_epoch_end(state, where(epoch, 0))
-                if distributed:
-                    agree()
-                else:
-                    halt = halting()
+                end_epoch(at_end)
         except BaseException as e:
             if is_donated(state):  # a donated step failed after writing the state: nothing valid to save or return
                 _add_note(e, _lost_state(checkpoint))

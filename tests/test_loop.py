@@ -1446,6 +1446,58 @@ def test_a_second_ctrl_c_in_an_epoch_end_hook_ends_that_epoch_again_on_resume(tm
     assert_trees_equal(got.params, want.params)
 
 
+class _StopAtValidation:
+    """Asks to stop in the validation after step ``at`` (no state: the request is the loop's to remember)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_validation(self, state, metrics):
+        if int(state.step) == self.at:
+            raise StopTraining("enough")
+
+
+@pytest.mark.parametrize("ends", ["max_steps", "early_stopping", "stop_request"])
+@pytest.mark.parametrize("cut_first", [True, False], ids=["cut-before-swa", "cut-after-swa"])
+def test_a_second_ctrl_c_in_the_last_epoch_end_ends_it_on_resume(tmp_path, cut_first, ends):
+    # The cut epoch end (epoch 1, step 24) was also the run's last: max_steps reached there, or a stop decided in
+    # its validation. The resume never entered the loop, so that epoch end never ran (SWA averaged 1 epoch of 2),
+    # or it ran and trained on (a stop requested by a callback keeping no state was forgotten). Reference: the
+    # uninterrupted run (SWA's count and average, rows, params), which ends at step 24.
+    from fnlit.callbacks import SWA, EarlyStopping
+
+    step, state, data, ev = _ctrl_c_setup()  # 12 batches an epoch
+    val = ArrayLoader(*data.tensors, batch_size=32)
+    kw = dict(max_epochs=4, log_every_n_steps=5, progress=False, num_sanity_val_steps=0, val_data=val, eval_step=ev)
+    if ends == "max_steps":
+        kw["max_steps"] = 24
+
+    def stopper():  # EarlyStopping: epoch 1's val/loss is lower, not higher (mode "max"), than epoch 0's
+        return {"max_steps": [], "early_stopping": [EarlyStopping("val/loss", mode="max", patience=1)],
+                "stop_request": [_StopAtValidation(24)]}[ends]
+
+    ref, swa = _Rows(), SWA(1)
+    want = fit(step, state, data, loggers=[ref], callbacks=[swa, *stopper()], **kw)
+    assert int(want.step) == 24 and swa.n_averaged == 2
+    rows, first = _Rows(), SWA(1)
+    callbacks = [_CtrlCInEpochEnd(1), first] if cut_first else [first, _CtrlCInEpochEnd(1)]
+    # (a best saved at that epoch's validation stands where the exit position does: saved again, its end pending)
+    best = fnlit.Checkpointer(tmp_path, monitor="val/loss")
+    cut = fit(step, state, data, loggers=[rows], callbacks=[*callbacks, *stopper()], checkpoint=best, **kw)
+    assert int(cut.step) == 24 and first.n_averaged == (1 if cut_first else 2)
+    resumed = SWA(1)
+    # (EarlyStopping's saved state says it had decided to stop: it says so again, and the run stops after that end)
+    told = pytest.warns(UserWarning, match="had stopped") if ends == "early_stopping" else contextlib.nullcontext()
+    with told:
+        got = fit(step, state, data, loggers=[rows], callbacks=[resumed, *stopper()],
+                  checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)  # fmt: skip
+    assert int(got.step) == 24
+    assert resumed.n_averaged == 2
+    assert_trees_equal(resumed.params, swa.params)
+    assert rows.rows == ref.rows
+    assert_trees_equal(got.params, want.params)
+
+
 def test_a_resume_with_another_log_interval_keeps_the_rows_of_its_last_step(tmp_path):
     # A SIGTERM at step 12 (a partial interval, validation done) resumed with log_every_n_steps=4: the resume took
     # the interval for a cut-off whole one, purged step 12's val row and logged a train row there. Reference: the
