@@ -530,6 +530,30 @@ def test_an_exception_class_of_the_users_own_is_raised_as_eager_raises_it(model)
         fnlit_compile(step, mode="eager")(state, batch(2))
 
 
+def test_a_failed_assert_of_the_step_is_raised_as_eager_raises_it(model):
+    # torch reports a failing `assert` as "Data-dependent assertion failed": a CaptureError called it a host sync
+    # ("reads a tensor's value on the host"). Reference: the AssertionError the step raises uncompiled, on a first
+    # call and after a batch size that compiled a dynamic graph.
+    # (compiled from text: pytest rewrites this module's asserts into an if and a raise, which torch reports as an
+    # exception, not as an assert)
+    space = {"inner": hand_step(model)}
+    exec(compile(
+        "def step(state, b):\n    assert b[0].shape[0] % 2 == 0, 'expected an even batch'\n    return inner(state, b)\n",
+        "<a step with an assert>", "exec",
+    ), space)  # fmt: skip
+    step = space["step"]
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(AssertionError, match="expected an even batch"):
+        step(state, batch(5))
+    with pytest.raises(AssertionError, match="expected an even batch"):
+        fnlit_compile(step, mode="eager")(state, batch(5))
+    compiled = fnlit_compile(step, mode="eager")
+    for n in (4, 6):
+        compiled(state, batch(n))
+    with pytest.raises(AssertionError, match="expected an even batch"):
+        compiled(state, batch(5))
+
+
 def test_a_sparse_gradient_is_refused_naming_the_parameter():
     # The CaptureError named fnlit's own line (value_and_grad's torch.func.grad_and_value), "Move this line out of
     # the step". Refused now as fnlit.data_parallel refuses it, naming the parameter and sparse=False; the state

@@ -294,11 +294,14 @@ def _classify(err: Exception, code: str, frames: list[tuple[str, int]]) -> str:
 
 
 def _raised_in_step(err: Exception, frames: list[Any]) -> bool:
-    """Whether torch reports an exception raised by the step (or by fnlit inside it), one it could not trace the
-    raising of (an exception class's own ``__init__``), or a sparse tensor: the cases the eager run tells apart."""
+    """Whether torch reports an exception raised by the step (or by fnlit inside it: "Observed exception"), an
+    ``assert`` of the step that failed ("Data-dependent assertion failed", "Assertion failed on symbolic shapes",
+    "assert with non-string message", whatever the assert reads), one it could not trace the raising of (an
+    exception class's own ``__init__``), or a sparse tensor: the cases the eager run tells apart."""
     text = _torch_words(err)
     innermost = getattr(frames[-1], "name", "") if frames else ""
-    return bool(re.search(r"[Ee]xception|super\(\)\.__init__|sparse [Tt]ensor", text)) or innermost == "__init__"
+    raised = re.search(r"[Ee]xception|[Aa]ssert|super\(\)\.__init__|sparse [Tt]ensor", text)
+    return bool(raised) or innermost == "__init__"
 
 
 def _one_key(rng: torch.Tensor) -> torch.Tensor:
@@ -641,13 +644,13 @@ class CompiledStep:
     def _explain(self, err: Exception, state: TrainState, batch: Batch) -> Exception:
         """A CaptureError for ``err``; an error of the step itself is re-raised as eager mode raises it.
 
-        Where torch reports an exception (one it saw the step raise, or one it could not trace the raising of: an
-        exception class with its own ``__init__``, fnlit's or the user's) or a sparse tensor, the step runs once
-        eagerly to tell them apart (seeded from the state's key, as the compiled call is; the step is pure and the
-        state is not donated to it, so neither changes): an error it raises is the step's own and reaches the user
-        as it is. Only when the step runs eagerly is ``err`` the capture's, explained here. Any other failure --
-        a Python side effect (a print, a log, a file written, torch.save), a host sync, a call torch cannot trace --
-        is explained without that run, which would carry the side effect out.
+        Where torch reports an exception (one it saw the step raise, an ``assert`` of the step that failed, or one it
+        could not trace the raising of: an exception class with its own ``__init__``, fnlit's or the user's) or a
+        sparse tensor, the step runs once eagerly to tell them apart (seeded from the state's key, as the compiled
+        call is; the step is pure and the state is not donated to it, so neither changes): an error it raises is the
+        step's own and reaches the user as it is. Only when the step runs eagerly is ``err`` the capture's, explained
+        here. Any other failure -- a Python side effect (a print, a log, a file written, torch.save), a host sync, a
+        call torch cannot trace -- is explained without that run, which would carry the side effect out.
         """
         stack = list(getattr(err, "real_stack", None) or [])
         frames = [(f.filename, f.lineno or 0) for f in stack] or _frames_of(str(err))
@@ -813,9 +816,10 @@ def compile(
             called with ``donate=True``) for a state whose tensors share storage.
         CaptureError: (when called) if the step cannot be captured; the message names the line (for a sparse
             gradient, ``nn.Embedding(sparse=True)``'s, which torch.compile cannot trace: the parameter). (Where torch
-            reports an exception, the step runs once eagerly -- never for a Python side effect (a print, a log, a
-            file written, torch.save), which that run would carry out: an error it raises itself -- accumulate's
-            indivisible batch -- is raised as uncompiled, not as a CaptureError.) Also when
+            reports an exception or a failed ``assert``, the step runs once eagerly -- never for a Python side
+            effect (a print, a log, a file written, torch.save), which that run would carry out: an error it raises
+            itself -- accumulate's indivisible batch, an ``assert`` -- is raised as uncompiled, not as a
+            CaptureError.) Also when
             new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
         NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
