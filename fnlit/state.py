@@ -54,11 +54,12 @@ def _overlapping(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | Non
     for group in spans.values():
         group.sort(key=lambda g: g[0])
         for i, (_, hi, a, ta) in enumerate(group):
-            for lo2, _, b, tb in group[i + 1 :]:
-                if lo2 >= hi:
-                    break  # (sorted by start: no later one reaches back into a)
+            j = i + 1  # (by index: a slice of the rest per parameter made many views of one buffer quadratic)
+            while j < len(group) and group[j][0] < hi:  # sorted by start: no later one reaches back into a
+                b, tb = group[j][2], group[j][3]
                 if (ta.requires_grad or tb.requires_grad) and _elements_overlap(ta, tb):
                     return a, b
+                j += 1
     return None
 
 

@@ -116,6 +116,20 @@ def test_parameters_whose_memory_overlaps_are_refused_and_disjoint_views_train_a
         torch.testing.assert_close(state.params[name], p.detach())
 
 
+def test_thousands_of_disjoint_views_of_one_buffer_are_accepted_and_an_overlap_among_them_is_found():
+    # The check compared each view with a copy of the rest of its storage's list: quadratic in the views of one
+    # buffer (50k: seconds). Reference: the views' offsets by hand (disjoint pairs; one more overlapping the last).
+    n = 3000
+    flat = torch.randn(2 * n + 1)
+    model = nn.Module()
+    model.p = nn.ParameterList([nn.Parameter(flat[2 * i : 2 * i + 2]) for i in range(n)])
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    assert len(state.params) == n
+    model.q = nn.Parameter(flat[2 * n - 1 :])  # its first element is p[2999]'s last
+    with pytest.raises(ValueError, match=r"parameters 'p\.2999' and 'q' of Module whose memory overlaps"):
+        fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+
 def test_replace_rejects_unknown_fields():
     _, state = make()
     with pytest.raises(TypeError, match="unknown field.*'parms'"):
