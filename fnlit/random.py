@@ -170,7 +170,9 @@ def fold_in(k: torch.Tensor, data: SupportsIndex | torch.Tensor) -> torch.Tensor
     """Derives a new key from ``k`` and an integer (a micro-batch index, a rank, an ensemble member).
 
     ``fold_in(k, i)`` equals ``split(k, n)[i]`` for every ``n > i``. ``data`` may be any integer: a Python
-    int, a numpy integer or a 0-d integer tensor (``fold_in(state.rng, state.step)``) give the same key.
+    int, a numpy integer or a 0-d integer tensor (``fold_in(state.rng, state.step)``) give the same key. Under
+    torch.compile an int outside int64's range is wrapped outside the graph (a graph break, which
+    ``fullgraph=True`` refuses).
 
     Raises:
         TypeError: if ``k`` is not a key (an int64 tensor), or ``data`` is not an integer (a float, a bool).
@@ -188,8 +190,23 @@ def fold_in(k: torch.Tensor, data: SupportsIndex | torch.Tensor) -> torch.Tensor
             _index(data)  # raises
         return _combine(k, data.to(device=k.device, dtype=torch.int64))
     if not isinstance(data, torch.SymInt):  # a SymInt (torch.compile's dynamic ints) is an int already
-        data = _to_signed(data if type(data) is int else _index(data))  # ints >= 2**63 wrap as on the int path
-    return _combine(k, torch.as_tensor(data, dtype=torch.int64, device=k.device))
+        data = data if type(data) is int else _index(data)
+    # Only an int outside int64 is wrapped (as on the int path): under torch.compile a dynamic int passes as an
+    # int, and wrapping it in Python would bake 2**64 into the graph (inductor refuses it). torch.scalar_tensor
+    # keeps all 64 bits of a dynamic int, where torch.as_tensor keeps 32.
+    if not -(1 << 63) <= data < (1 << 63):
+        if torch.compiler.is_compiling():  # maybe dynamic: wrapped outside the graph, where it is an int again
+            return _fold_in_beyond_int64(k, data)
+        data = _to_signed(data)
+    return _combine(k, torch.scalar_tensor(data, dtype=torch.int64, device=k.device))
+
+
+@torch.compiler.disable(
+    reason="fnlit.random.fold_in got an int outside int64's range, which it wraps modulo 2**64 outside the graph. "
+    "Under fullgraph=True (fnlit.compile), pass data within [-2**63, 2**63)"
+)
+def _fold_in_beyond_int64(k: torch.Tensor, data: int) -> torch.Tensor:
+    return fold_in(k, data)
 
 
 def _fold_in_range(k: torch.Tensor, n: int) -> list[torch.Tensor]:

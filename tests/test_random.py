@@ -147,3 +147,40 @@ def test_keys_are_cpu_tensors_under_another_default_device(meta_default_device):
         assert x.device == torch.device("cpu") and x.dtype == torch.int64
     with torch.device("cpu"):  # the same keys made with the CPU as the default device
         assert torch.equal(R.split(R.key(3), 3), keys[1]) and torch.equal(R.fold_in(R.key(3), 2), keys[2])
+
+
+# splitmix64 by hand (Steele, Lea & Flood's finaliser; fnlit's golden and salt constants), the reference for keys
+# made where fnlit's Python-int path cannot run (under torch.compile).
+_M64, _GOLDEN, _SALT = (1 << 64) - 1, 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019
+
+
+def _ref_mix(x):
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _ref_key_tensor(x):
+    x &= _M64
+    return torch.tensor(x - (1 << 64) if x >= 1 << 63 else x, dtype=torch.int64)
+
+
+def _ref_fold_in(k, d):
+    return _ref_key_tensor(_ref_mix(int(k) ^ _ref_mix(d * _GOLDEN + _SALT)))
+
+
+@pytest.mark.slow
+def test_fold_in_under_torch_compile_keeps_all_64_bits_of_a_dynamic_int():
+    """From the second int on torch.compile makes it dynamic, and fold_in kept its low 32 bits (fold_in(k, 2**32 + 5)
+    was fold_in(k, 5)); an int outside int64 failed in inductor, and now wraps (outside the graph) as eagerly."""
+    torch._dynamo.reset()
+    k = R.key(0)
+    compiled = torch.compile(lambda k, i: R.fold_in(k, i))
+    for i in (1, 2, 2**40 + 3, -(2**40), 2**32 + 5, 2**63 - 1, -(2**63), 2**64 + 7):
+        expected = _ref_fold_in(k, i)
+        assert torch.equal(R.fold_in(k, i), expected), i
+        assert torch.equal(compiled(k, i), expected), i
+    full = torch.compile(lambda k, i: R.fold_in(k, i), fullgraph=True, backend="eager", dynamic=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="fold_in got an int outside int64's range"):
+        full(k, 2**64 + 7)
