@@ -119,7 +119,8 @@ def key(seed: int) -> torch.Tensor:
 
     Args:
         seed: any Python integer (or numpy integer), taken modulo 2**64: seeds that differ by a multiple
-            of 2**64 make the same key (negative seeds are fine).
+            of 2**64 make the same key (negative seeds are fine). Under torch.compile a seed outside int64's
+            range is wrapped outside the graph (a graph break, which ``fullgraph=True`` refuses).
 
     Returns:
         A 0-d int64 CPU tensor.
@@ -133,7 +134,19 @@ def key(seed: int) -> torch.Tensor:
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"fnlit.random.key expected an int seed, got {type(seed).__name__} {seed!r} instead.")
+    if torch.compiler.is_compiling():  # a dynamic seed: int64 tensor math (Python's would bake 2**64 into the graph)
+        if not -(1 << 63) <= seed < (1 << 63):
+            return _key_beyond_int64(seed)
+        return _mix(torch.scalar_tensor(seed, dtype=torch.int64, device="cpu") + _to_signed(_GOLDEN))
     return _new(_mix_int(int(seed) + _GOLDEN))  # a numpy integer (seeds=np.arange(n)) as the int it holds
+
+
+@torch.compiler.disable(
+    reason="fnlit.random.key got a seed outside int64's range, which it wraps modulo 2**64 outside the graph. "
+    "Under fullgraph=True (fnlit.compile), pass a seed within [-2**63, 2**63)"
+)
+def _key_beyond_int64(seed: int) -> torch.Tensor:
+    return key(seed)
 
 
 def is_key(x: object) -> bool:

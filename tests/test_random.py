@@ -184,3 +184,22 @@ def test_fold_in_under_torch_compile_keeps_all_64_bits_of_a_dynamic_int():
     full = torch.compile(lambda k, i: R.fold_in(k, i), fullgraph=True, backend="eager", dynamic=True)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="fold_in got an int outside int64's range"):
         full(k, 2**64 + 7)
+
+
+def _ref_key(seed):
+    return _ref_key_tensor(_ref_mix(seed + _GOLDEN))
+
+
+@pytest.mark.slow
+def test_key_under_torch_compile_takes_a_dynamic_seed():
+    """key(seed) failed inside inductor once torch.compile took the seed as dynamic (its second value): the Python
+    int math baked 2**64 into the graph ("too big to convert to int64_t")."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda seed: R.key(seed))
+    for seed in (0, 1, 2**40, -5, 2**63 - 1, -(2**63), 2**64 + 3):
+        expected = _ref_key(seed)
+        assert torch.equal(R.key(seed), expected), seed
+        assert torch.equal(compiled(seed), expected), seed
+    full = torch.compile(lambda seed: R.key(seed), fullgraph=True, backend="eager", dynamic=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="key got a seed outside int64's range"):
+        full(2**64 + 3)
