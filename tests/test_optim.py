@@ -485,6 +485,29 @@ def test_wrong_shaped_grads_raise_naming_the_path_and_shapes(make, bad):
         fo.step(tx, grads, tx.init(params), params)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: fo.sgd(0.1),
+    lambda: fo.sgd(0.1, momentum=0.9),
+    lambda: fo.adamw(1e-3),
+    lambda: fo.chain(fo.scale_by_adam(), fo.scale(-1e-3)),
+    lambda: fo.chain(fo.trace(0.9), fo.scale_by_learning_rate(0.1)),
+], ids=["sgd", "sgd_momentum", "adamw", "scale_by_adam", "trace"])
+@pytest.mark.parametrize("bad", [1.0, 2], ids=["float", "int"])
+def test_a_gradient_that_is_not_a_tensor_raises_the_documented_value_error(make, bad):
+    # apply_gradients documents a ValueError for grads not shaped as the params; a float leaf raised
+    # AttributeError: 'float' object has no attribute 'layout'.
+    import fnlit
+
+    tx = make()
+    state = fnlit.TrainState.create(torch.nn.Linear(3, 2), tx, seed=0)
+    grads = {"weight": torch.ones(2, 3), "bias": bad}
+    match = rf"at bias: expected tensor of shape \(2,\) and dtype torch.float32, got {type(bad).__name__} {bad}"
+    with pytest.raises(ValueError, match=match):
+        state.apply_gradients(grads)
+    with pytest.raises(ValueError, match=match):
+        fo.step(tx, grads, state.opt_state, state.params)
+
+
 def test_apply_updates_refuses_updates_that_would_broadcast():
     with pytest.raises(ValueError, match=r"apply_updates expected updates of the params' shapes.*at w: .*\(2,\).*got .*\(3, 2\)"):
         fo.apply_updates({"w": torch.ones(2)}, {"w": torch.ones(3, 2)})

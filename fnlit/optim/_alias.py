@@ -204,8 +204,10 @@ def _optimizer(
         # The fused kernels do not check: a smaller gradient (or moment: params replaced since init) would be read
         # past its end. One pass over the leaves, the moments beside their param.
         for i, (x, q, *moments) in enumerate(zip(g, p, *[b[0] for b in bufs])):
-            if x.layout is not torch.strided:  # nn.Embedding(sparse=True): summed into a dense gradient, or refused
-                g[i] = x = dense_grad(name, x, grads, i, sparse)
+            if getattr(x, "layout", None) is not torch.strided:  # nn.Embedding(sparse=True)'s, or not a tensor
+                if not isinstance(x, torch.Tensor):  # (a float where a gradient should be)
+                    raise_shape_mismatch(f"{name}.update", params, grads)
+                g[i] = x = dense_grad(name, x, grads, i, sparse)  # summed into a dense gradient, or refused
             shape, dtype = q.shape, q.dtype
             if x.shape != shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)

@@ -488,8 +488,8 @@ def flatten_checked(
 ) -> tuple[list[Any], Any, list[Any]]:
     """Flattens ``grads`` and ``reference`` (a state tree shaped like the params).
 
-    Raises the structure error when they differ, and the shape error when a leaf's shape differs: the
-    per-leaf arithmetic would broadcast it silently (or fail with a message that names no parameter).
+    Raises the structure error when they differ, and the shape error when a leaf's shape differs (or it is not a
+    tensor): the per-leaf arithmetic would broadcast it silently (or fail with a message that names no parameter).
     A sparse gradient comes back dense, or is refused for the reason ``sparse`` gives (:func:`dense_grad`).
     """
     g_leaves, g_def = tree_flatten(grads)
@@ -497,7 +497,9 @@ def flatten_checked(
     if g_def != r_def:
         _raise_mismatch(name, reference, grads)
     for i, (g, r) in enumerate(zip(g_leaves, r_leaves)):
-        if g.layout is not torch.strided:
+        if getattr(g, "layout", None) is not torch.strided:  # sparse, or not a tensor (a float)
+            if not isinstance(g, torch.Tensor):
+                raise_shape_mismatch(f"{name}.update", reference, grads)
             g_leaves[i] = dense_grad(name, g, grads, i, sparse)
         if g.shape != r.shape:
             raise_shape_mismatch(f"{name}.update", reference, grads)
