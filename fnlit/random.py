@@ -119,8 +119,7 @@ def key(seed: int) -> torch.Tensor:
 
     Args:
         seed: any Python integer (or numpy integer), taken modulo 2**64: seeds that differ by a multiple
-            of 2**64 make the same key (negative seeds are fine). Under torch.compile a seed outside int64's
-            range is wrapped outside the graph (a graph break, which ``fullgraph=True`` refuses).
+            of 2**64 make the same key (negative seeds are fine).
 
     Returns:
         A 0-d int64 CPU tensor.
@@ -134,19 +133,11 @@ def key(seed: int) -> torch.Tensor:
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"fnlit.random.key expected an int seed, got {type(seed).__name__} {seed!r} instead.")
-    if torch.compiler.is_compiling():  # a dynamic seed: int64 tensor math (Python's would bake 2**64 into the graph)
-        if not -(1 << 63) <= seed < (1 << 63):
-            return _key_beyond_int64(seed)
+    if torch.compiler.is_compiling() and -(1 << 63) <= seed < (1 << 63):
+        # a dynamic seed: int64 tensor math (Python's would bake 2**64 into the graph); one outside int64 is a
+        # constant of the graph, wrapped below in Python
         return _mix(torch.scalar_tensor(seed, dtype=torch.int64, device="cpu") + _to_signed(_GOLDEN))
     return _new(_mix_int(int(seed) + _GOLDEN))  # a numpy integer (seeds=np.arange(n)) as the int it holds
-
-
-@torch.compiler.disable(
-    reason="fnlit.random.key got a seed outside int64's range, which it wraps modulo 2**64 outside the graph. "
-    "Under fullgraph=True (fnlit.compile), pass a seed within [-2**63, 2**63)"
-)
-def _key_beyond_int64(seed: int) -> torch.Tensor:
-    return key(seed)
 
 
 def is_key(x: object) -> bool:
@@ -183,9 +174,7 @@ def fold_in(k: torch.Tensor, data: SupportsIndex | torch.Tensor) -> torch.Tensor
     """Derives a new key from ``k`` and an integer (a micro-batch index, a rank, an ensemble member).
 
     ``fold_in(k, i)`` equals ``split(k, n)[i]`` for every ``n > i``. ``data`` may be any integer: a Python
-    int, a numpy integer or a 0-d integer tensor (``fold_in(state.rng, state.step)``) give the same key. Under
-    torch.compile an int outside int64's range is wrapped outside the graph (a graph break, which
-    ``fullgraph=True`` refuses).
+    int, a numpy integer or a 0-d integer tensor (``fold_in(state.rng, state.step)``) give the same key.
 
     Raises:
         TypeError: if ``k`` is not a key (an int64 tensor), or ``data`` is not an integer (a float, a bool).
@@ -207,19 +196,9 @@ def fold_in(k: torch.Tensor, data: SupportsIndex | torch.Tensor) -> torch.Tensor
     # Only an int outside int64 is wrapped (as on the int path): under torch.compile a dynamic int passes as an
     # int, and wrapping it in Python would bake 2**64 into the graph (inductor refuses it). torch.scalar_tensor
     # keeps all 64 bits of a dynamic int, where torch.as_tensor keeps 32.
-    if not -(1 << 63) <= data < (1 << 63):
-        if torch.compiler.is_compiling():  # maybe dynamic: wrapped outside the graph, where it is an int again
-            return _fold_in_beyond_int64(k, data)
+    if not -(1 << 63) <= data < (1 << 63):  # (under torch.compile such an int is a constant of the graph)
         data = _to_signed(data)
     return _combine(k, torch.scalar_tensor(data, dtype=torch.int64, device=k.device))
-
-
-@torch.compiler.disable(
-    reason="fnlit.random.fold_in got an int outside int64's range, which it wraps modulo 2**64 outside the graph. "
-    "Under fullgraph=True (fnlit.compile), pass data within [-2**63, 2**63)"
-)
-def _fold_in_beyond_int64(k: torch.Tensor, data: int) -> torch.Tensor:
-    return fold_in(k, data)
 
 
 def _fold_in_range(k: torch.Tensor, n: int) -> list[torch.Tensor]:
