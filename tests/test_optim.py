@@ -508,6 +508,23 @@ def test_a_gradient_that_is_not_a_tensor_raises_the_documented_value_error(make,
         fo.step(tx, grads, state.opt_state, state.params)
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: fo.scale(-0.1), r"apply_updates expected updates of the params' shapes.*at bias: expected tensor of "
+                             r"shape \(2,\).*got float -0\.[12]"),
+    (lambda: fo.chain(fo.clip_by_global_norm(1.0), fo.sgd(0.1)),
+     r"clip_by_global_norm expected gradients that are tensors, got (float|int) .* at bias"),
+], ids=["scale", "clip"])
+@pytest.mark.parametrize("bad", [1.0, 2], ids=["float", "int"])
+def test_a_gradient_that_is_not_a_tensor_is_refused_by_scale_and_clip_too(make, match, bad):
+    # scale's float update was added to every element of the param (broadcast, silently); clip raised torch's
+    # unnamed TypeError. The reference: apply_gradients' documented ValueError for grads not shaped as the params.
+    import fnlit
+
+    state = fnlit.TrainState.create(torch.nn.Linear(3, 2), make(), seed=0)
+    with pytest.raises(ValueError, match=match):
+        state.apply_gradients({"weight": torch.ones(2, 3), "bias": bad})
+
+
 def test_apply_updates_refuses_updates_that_would_broadcast():
     with pytest.raises(ValueError, match=r"apply_updates expected updates of the params' shapes.*at w: .*\(2,\).*got .*\(3, 2\)"):
         fo.apply_updates({"w": torch.ones(2)}, {"w": torch.ones(3, 2)})

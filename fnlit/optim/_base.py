@@ -75,7 +75,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
 
     Raises:
         ValueError: if an update's shape differs from its parameter's (the sum would broadcast and
-            change the parameter's shape), naming the path and both shapes.
+            change the parameter's shape), or an update is not a tensor, naming the path and both shapes.
 
     Example:
         >>> import torch
@@ -84,7 +84,8 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """
 
     def add(p: torch.Tensor, u: Any) -> torch.Tensor:
-        if isinstance(u, torch.Tensor) and u.shape != p.shape:  # a flag compare per leaf; broadcasting is silent
+        # a flag compare per leaf; broadcasting is silent (a float update too: added to every element)
+        if not isinstance(u, torch.Tensor) or u.shape != p.shape:
             raise_shape_mismatch("apply_updates", params, updates, "updates")
         return (p + u).to(p.dtype)
 

@@ -608,6 +608,12 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         leaves, treedef = tree_flatten(updates)
         if not leaves:
             return updates, state
+        if not all(isinstance(g, torch.Tensor) for g in leaves):  # (a float gradient: torch's TypeError, unnamed)
+            i = next(i for i, g in enumerate(leaves) if not isinstance(g, torch.Tensor))
+            raise ValueError(
+                f"clip_by_global_norm expected gradients that are tensors, got {type(leaves[i]).__name__} "
+                f"{leaves[i]!r} at {tree_paths(updates)[i]}. Pass the gradients of state.params."
+            )
         if use_functional(leaves):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
