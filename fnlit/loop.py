@@ -31,7 +31,8 @@ from .callbacks import Callback, EarlyStopping, StopTraining, Timer
 from .ensemble import EnsembleStep
 from .state import TrainState
 from .summary import (
-    Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, scalar_metric, unique_names,
+    Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
+    scalar_metric, unique_names,
 )
 from .transforms._frame import collective_of, wrapped_steps
 from .transforms.donate import is_donated
@@ -376,7 +377,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
 
     def value(k: str, v: Any) -> torch.Tensor:  # an ensemble's metric has one value per member: "<name>/<member>"
         if members and isinstance(v, torch.Tensor) and v.shape == (members,):
-            return v.detach().float()
+            return metric_float(v)
         return scalar_metric(k, v, "the eval step")
 
     with torch.no_grad():
@@ -409,7 +410,11 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
             "evaluate got no batches (or no metrics); check the data (a loader with drop_last=True yields no batch "
             "from fewer examples than batch_size) and limit_batches."
         )
-    totals = torch.cat([s.reshape(-1).to(sums[0].device) for s in sums] + [torch.tensor([float(count)], device=sums[0].device)])
+    # one tensor, one dtype for the one all-reduce: float64 where a metric is float64 or an integer (float32 ones
+    # alone stay float32), float32 on a device without float64 (MPS)
+    device = sums[0].device
+    dtype = reduction_dtype(*sums, device=device)
+    totals = torch.cat([s.reshape(-1).to(device, dtype) for s in sums] + [torch.tensor([float(count)], dtype=dtype, device=device)])
     if _dist.world_size() > 1:
         torch_dist.all_reduce(totals)
     values = totals.tolist()  # the one host sync

@@ -729,12 +729,32 @@ def _per_member(name: str, values: torch.Tensor) -> list[tuple[str, torch.Tensor
     return [(f"{name}/{i}", t) for i, t in enumerate(values.detach().unbind(0))]
 
 
+def reduction_dtype(*tensors: torch.Tensor, device: torch.device | None = None) -> torch.dtype:
+    """The dtype metrics are averaged (and summed across ranks) in: float64 where one of them is float64 or an integer
+    (exact to 2**53; a Python float is a float64, see :func:`scalar_metric`), float32 for float32, float16 and bfloat16
+    ones (as before: no wider sums for them). A device without float64 (MPS: theirs, or ``device``, where they are
+    going) reduces in float32.
+
+    Example:
+        >>> reduction_dtype(torch.tensor(1.0)), reduction_dtype(torch.tensor(1, dtype=torch.int64))
+        (torch.float32, torch.float64)
+    """
+    wide = any(t.dtype == torch.float64 or not (t.is_floating_point() or t.is_complex()) for t in tensors)
+    devices = [t.device for t in tensors] + ([torch.device(device)] if device is not None else [])
+    return torch.float64 if wide and all(d.type != "mps" for d in devices) else torch.float32
+
+
+def metric_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, in :func:`reduction_dtype` (a float32 tensor comes back as it is)."""
+    return t.detach().to(reduction_dtype(t))
+
+
 def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
     """``value`` as a detached float 0-d tensor; a ValueError naming ``name``, its shape and ``who`` if not scalar.
 
     Example:
-        >>> scalar_metric("loss", 2, "my_step")
-        tensor(2.)
+        >>> scalar_metric("loss", 2, "my_step")  # an integer (or float64) metric is reduced in float64
+        tensor(2., dtype=torch.float64)
         >>> scalar_metric("loss", torch.ones(3), "my_step")
         Traceback (most recent call last):
         ValueError: my_step returned metric 'loss' of shape (3,); metrics must be scalars ...
@@ -743,7 +763,8 @@ def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
         t = value
     else:
         try:
-            t = torch.as_tensor(value)
+            # a Python float is a float64 (torch.as_tensor would round it to the default dtype, float32)
+            t = torch.as_tensor(value, dtype=torch.float64) if isinstance(value, float) else torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(
                 f"{who} returned metric {name!r} as {type(value).__name__} {value!r}; metrics must be numbers or "
@@ -754,7 +775,7 @@ def scalar_metric(name: str, value: Any, who: str) -> torch.Tensor:
             f"{who} returned metric {name!r} of shape {tuple(t.shape)}; metrics must be scalars (0-d tensors). "
             f"Reduce it, e.g. {name}.mean()."
         )
-    return t.detach().float()
+    return metric_float(t)
 
 
 class MetricBuffer:
@@ -809,17 +830,20 @@ class MetricBuffer:
                 check_metric_name(k, "the training step")  # (before it is prefixed)
                 vals = [m[k] for m in pending]
                 if members and all(isinstance(v, torch.Tensor) and v.shape == (members,) for v in vals):
-                    for name, t in _per_member(self.prefixes[0] + k, torch.stack(vals).float().mean(0)):
+                    for name, t in _per_member(self.prefixes[0] + k, metric_float(torch.stack(vals)).mean(0)):
                         names.append(name)
                         tensors.append(t)
                     continue
                 first = scalar_metric(k, vals[0], "the training step")  # names the metric if it is not a scalar
                 if all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in vals):
-                    mean = torch.stack(vals).float().mean()  # one op for the interval, not one per step
+                    mean = metric_float(torch.stack(vals)).mean()  # one op for the interval, not one per step
                 else:
-                    # numbers among device tensors: all on the first tensor's device (stack needs one device)
-                    device = next((v.device for v in vals if isinstance(v, torch.Tensor)), None)
-                    mean = torch.stack([scalar_metric(k, v, "the training step").to(device) for v in vals]).mean()
+                    # numbers among device tensors: all on the first tensor's device (stack needs one device), in
+                    # one dtype (float64 if one is, where the device has it)
+                    device = next((v.device for v in vals if isinstance(v, torch.Tensor)), first.device)
+                    scalars = [scalar_metric(k, v, "the training step") for v in vals]
+                    dtype = reduction_dtype(*scalars, device=device)
+                    mean = torch.stack([t.to(device, dtype) for t in scalars]).mean()
                 names.append(self.prefixes[0] + k)
                 tensors.append(mean.detach())
             unique_names(names, "the training step")
@@ -840,7 +864,8 @@ class MetricBuffer:
         if not names:
             return {}
         device = tensors[0].device
-        values = torch.stack([t.to(device, non_blocking=True) for t in tensors]).tolist()  # the interval's host sync
+        dtype = reduction_dtype(*tensors, device=device)  # (float64 if one is: one stack, one dtype)
+        values = torch.stack([t.to(device, dtype, non_blocking=True) for t in tensors]).tolist()  # the interval's host sync
         out = dict(zip(names, values), epoch=epoch)
         self.latest.update(out)
         return out

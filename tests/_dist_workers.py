@@ -463,6 +463,15 @@ def data_order_with_own_rngs():
     return out
 
 
+def evaluate_wide_metrics():
+    """evaluate with float64, int64 and float32 metrics: rank 0 has 1 + 1e-9 (and 16777217 tokens), rank 1 has
+    1 + 3e-9 (and 16777219), one example each; float32 0.1 and 0.2."""
+    rank = dist.get_rank()
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    ev = lambda s, b: {"m": b.mean(), "tokens": torch.tensor(16777217 + 2 * rank), "f32": torch.tensor(0.1 + 0.1 * rank)}  # noqa: E731
+    return fnlit.evaluate(ev, state, [torch.tensor([1 + 1e-9 + 2e-9 * rank], dtype=torch.float64)])
+
+
 def evaluate_with_empty_batches():
     """evaluate where rank 0 has an empty batch among its examples and rank 1 has only empty batches."""
     data = [torch.zeros(0), torch.ones(3), torch.zeros(0), torch.full((1,), 5.0)] if dist.get_rank() == 0 else [torch.zeros(0)] * 2

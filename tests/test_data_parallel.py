@@ -13,6 +13,7 @@ from _dist_workers import (
     early_stopping_fit,
     ensemble_with_collectives,
     evaluate_every_example,
+    evaluate_wide_metrics,
     exits_quietly,
     hangs_ignoring_sigterm,
     starts_apart,
@@ -212,6 +213,15 @@ def test_evaluate_over_two_ranks_sees_every_example_once():
     with torch.no_grad():
         reference = float((model(x.float().unsqueeze(1)) ** 2).mean())
     assert s0 == s1 == pytest.approx(reference, rel=1e-5)
+
+
+def test_evaluate_over_two_ranks_sums_float64_and_integer_metrics_in_float64():
+    # The sums were cast to float32 before the all-reduce: the float64 mean came back 1.0, 16777218 as 16777216.
+    for out in fnlit.distributed.launch(evaluate_wide_metrics, 2, timeout=120):
+        assert out["m"] == ((1 + 1e-9) + (1 + 1e-9 + 2e-9)) / 2 != 1.0  # by hand, in Python's doubles
+        assert out["tokens"] == 16777218.0
+        # the float32 metric's sum, in float64 here (the exchange carries one dtype): the float32 values, added exactly
+        assert out["f32"] == (float(torch.tensor(0.1)) + float(torch.tensor(0.2))) / 2
 
 
 def test_evaluate_over_two_ranks_skips_empty_batches():

@@ -1006,6 +1006,59 @@ def test_nested_metrics_are_logged_and_evaluated_as_outer_slash_inner(tmp_path):
     assert float(dict(zip(header, rows[-1].split(",")))["val/parts/a"]) == 3.5  # the mean over all 8 examples
 
 
+def test_evaluate_and_fit_log_float64_and_integer_metrics_without_rounding_them_to_float32():
+    # Every metric was rounded to float32: (1 + 1e-9 + 1 + 3e-9) / 2 came back 1.0, a float64 0.1 as
+    # 0.10000000149011612 and 16777217 tokens as 16777216.0.
+    vals = [1 + 1e-9, 1 + 3e-9]
+    mean = (vals[0] + vals[1]) / 2  # by hand, in Python's doubles: 1.000000002
+    assert mean != 1.0
+    data = [torch.tensor([v], dtype=torch.float64) for v in vals]
+    assert evaluate(lambda s, b: {"m": b.mean()}, make_state(), data) == {"m": mean}
+    assert evaluate(lambda s, b: {"m": float(b.mean())}, make_state(), data) == {"m": mean}  # a Python float is a float64
+    one = [torch.zeros(1)]
+    assert evaluate(lambda s, b: {"loss": torch.tensor(0.1, dtype=torch.float64)}, make_state(), one) == {"loss": 0.1}
+    assert evaluate(lambda s, b: {"tokens": torch.tensor(16777217)}, make_state(), one) == {"tokens": 16777217.0}
+    # mixed dtypes in one evaluate: each keeps its own (the float32 one is the float32 value, exactly)
+    ev = lambda s, b: {"m": b.mean(), "n": torch.tensor(16777217), "f": b.float().mean()}  # noqa: E731
+    assert evaluate(ev, make_state(), data) == {"m": mean, "n": 16777217.0, "f": float(torch.tensor(1.0))}
+
+    rows = _Rows()
+    def step(state, batch):
+        i = int(batch.item() != vals[0])
+        wide = {"m": batch.mean(), "tokens": torch.tensor(16777217 + 2 * i), "rate": 0.1, "mixed": batch.mean() if i else 0.1}
+        return state.replace(step=state.step + 1), wide
+
+    fit(step, make_state(), data, max_epochs=1, log_every_n_steps=2, loggers=[rows], progress=False)
+    assert rows.rows == [(2, {"train/m": mean, "train/tokens": 16777218.0, "train/rate": 0.1,
+                              "train/mixed": (0.1 + vals[1]) / 2, "epoch": 0})]  # fmt: skip
+
+
+def test_float32_metrics_are_reduced_in_float32_as_before():
+    # The old reductions, by hand in float32: evaluate's sums of value * batch size over the float32 count, and
+    # fit's stacked mean. float16 and bfloat16 metrics went through float32 too.
+    vals = [0.1, 0.7, 1 / 3]
+    sizes = [3, 1, 2]
+    data = [torch.full((n,), v) for v, n in zip(vals, sizes)]
+    acc = torch.zeros((), dtype=torch.float32)
+    for v, n in zip(vals, sizes):
+        acc = acc + torch.tensor(v, dtype=torch.float32) * n
+    ref = acc.tolist() / torch.tensor(float(sum(sizes)), dtype=torch.float32).tolist()
+    ev = lambda s, b: {"f32": b.mean(), "f16": b.mean().half(), "bf16": b.mean().bfloat16()}  # noqa: E731
+    out = evaluate(ev, make_state(), data)
+    assert out["f32"] == ref
+    for name, dtype in [("f16", torch.float16), ("bf16", torch.bfloat16)]:
+        acc = torch.zeros((), dtype=torch.float32)
+        for v, n in zip(vals, sizes):
+            acc = acc + torch.tensor(v).to(dtype).to(torch.float32) * n
+        assert out[name] == acc.tolist() / float(sum(sizes))
+
+    rows = _Rows()
+    fit(lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()}), make_state(), data, max_epochs=1,
+        log_every_n_steps=3, loggers=[rows], progress=False)  # fmt: skip
+    mean32 = torch.stack([torch.tensor(v, dtype=torch.float32) for v in vals]).mean()  # float32 throughout
+    assert rows.rows == [(3, {"train/loss": mean32.tolist(), "epoch": 0})]
+
+
 def test_evaluate_skips_empty_batches():
     # An empty batch's mean is NaN and NaN * 0 is NaN: one made every metric NaN (also as the first batch).
     ev = lambda state, b: {"x": b.float().mean()}  # noqa: E731
