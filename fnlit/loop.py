@@ -334,6 +334,9 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     every rank. As a sharded model's forward is a collective, every rank of a sharded state runs as many: a rank
     with fewer repeats its first batch, not counted (where some rank's data has no len(), they agree before each
     batch whether one still has one). An unsharded state's ranks run their own batches only.
+    Every example a rank's data holds counts: a DistributedSampler (drop_last=False, its default) pads the
+    shards by repeating examples, and those repeats are counted (5 examples on 2 ranks: 6 counted, as with
+    Lightning's validation); use an :class:`fnlit.data.ArrayLoader` for exact metrics.
 
     Args:
         eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
@@ -454,7 +457,7 @@ def _even_batches(
     if some_none and some_have:
         counts = "some without a len(), and one rank with none" if unsized else f"from {-least} to {most} batches"
         this = n if known is not None else "some" if has else "none"
-        raise ValueError(_NO_EVAL_BATCH.format(counts=f"{counts}, this rank {this}"))
+        raise ValueError(_NO_EVAL_BATCH.format(counts=f"{counts}, this rank {this}", even=_EVEN_SHARDS))
     if not is_sharded(state.params):  # each rank runs its own batches: the forwards are not collectives
         return ((b, True) for b in own), n
     if not unsized:
@@ -483,7 +486,12 @@ def _even_batches(
 _NO_EVAL_BATCH = (
     "evaluate: the ranks have different numbers of evaluation batches ({counts}), and a rank without any has "
     "no metrics to add to the others' (nor a batch for a sharded model's filler forwards). Give every rank at "
-    "least one batch: fnlit.data.ArrayLoader shards evenly (every example once), as does DistributedSampler."
+    "least one batch: {even}"
+)
+# (a DistributedSampler pads its shards with repeated examples, or drops some with drop_last=True)
+_EVEN_SHARDS = (
+    "fnlit.data.ArrayLoader gives every rank a share and counts every example once; DistributedSampler evens the "
+    "shards by repeating examples (or dropping them, drop_last=True), and evaluate counts the repeats."
 )
 
 
@@ -589,8 +597,7 @@ def _same_batches(
     if any_validate and not_all == 0:  # (not_all: 0 where some rank does not validate, else -1)
         raise ValueError(
             f"fit: some ranks have validation batches and others none (this rank {'some' if validates else 'none'}), "
-            "so only some would validate. Give every rank at least one: fnlit.data.ArrayLoader shards evenly "
-            "(every example once), as does DistributedSampler."
+            f"so only some would validate. Give every rank at least one: {_EVEN_SHARDS}"
         )
     return seed if _dist.rank() == 0 else first
 
@@ -826,7 +833,9 @@ def fit(
             process killed after a save, even by SIGKILL, has the rows up to that checkpoint in the files),
             and everything when ``fit`` ends, also on an error.
         loggers: more writers (:mod:`fnlit.summary`); they are flushed after each validation, before each
-            checkpoint a Checkpointer writes, and at the end, never closed. Only rank 0 writes. A run resumed
+            checkpoint a Checkpointer writes, and at the end, never closed. They are called on every rank:
+            fnlit's own writers write on rank 0 only, a Writer of your own checks the rank itself (e.g.
+            ``fnlit.distributed.is_main()``). A run resumed
             from a checkpoint first calls ``purge(step + 1)`` on those that have it (all fnlit's writers), with
             the checkpoint's step: their files keep the interrupted run's logs up to the checkpoint and hold
             the steps after it once. Such a file is that job's own (as ``log_dir``'s are); fresh runs may

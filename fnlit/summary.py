@@ -1,8 +1,8 @@
 """Where metrics go: TensorBoard event files, CSV or JSONL files, and a progress bar.
 
 A writer is any object with ``log_metrics(metrics, step)``, ``log_hparams(hparams)``, ``flush()`` and
-``close()``; :class:`Logger` fans out to several. Only rank 0 writes: on other ranks a writer never
-creates a file. :func:`fnlit.fit` calls the writers once per ``log_every_n_steps`` with host floats.
+``close()``; :class:`Logger` fans out to several. fnlit's writers write on rank 0 only: on other ranks they never
+create a file (a writer of your own is called on every rank, and checks ``fnlit.distributed.is_main()`` itself). :func:`fnlit.fit` calls the writers once per ``log_every_n_steps`` with host floats.
 
 Named ``summary`` (as in ``tf.summary``) rather than ``logging``, which would shadow the standard library.
 

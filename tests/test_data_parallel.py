@@ -406,6 +406,8 @@ def test_validation_with_different_numbers_of_batches_per_rank_on_a_plain_state(
         for name in ("evaluate, rank 1 none, no len()", "evaluate, rank 1 none, iterator", "fit, rank 1 none, no len()"):
             assert f"one rank with none, this rank {('some', 'none')[rank]})" in r[name], name
             assert "DistributedSampler" in r[name], name
+            # (it pads its shards with repeated examples, which evaluate counts: it did not say so)
+            assert "counts every example once; DistributedSampler evens the shards by repeating examples" in r[name], name
         assert r["limit 0.5"][0] == pytest.approx(mean_ce(1), rel=1e-5) and r["limit 0.5"][1] == 1
         assert_limit_errors(r, rank, train=True)
         # val_data without batches on rank 1 was skipped there, and refused only as "others have some"; on every
