@@ -414,9 +414,14 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
             "from fewer examples than batch_size) and limit_batches."
         )
     # one tensor, one dtype for the one all-reduce: float64 where a metric is float64 or an integer (float32 ones
-    # alone stay float32), float32 on a device without float64 (MPS)
+    # alone stay float32), float32 on a device without float64 (MPS). Across ranks always float64 (but on MPS): the
+    # dtype must not depend on a rank's own metrics (a fallback 0.0 on one rank beside a float32 tensor on another
+    # made collectives of different sizes), as all_reduce_metrics does for the step's metrics.
     device = sums[0].device
-    dtype = reduction_dtype(*sums, device=device)
+    if _dist.world_size() > 1:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+    else:
+        dtype = reduction_dtype(*sums, device=device)
     totals = torch.cat([s.reshape(-1).to(device, dtype) for s in sums] + [torch.tensor([float(count)], dtype=dtype, device=device)])
     if _dist.world_size() > 1:
         torch_dist.all_reduce(totals)

@@ -472,6 +472,21 @@ def evaluate_wide_metrics():
     return fnlit.evaluate(ev, state, [torch.tensor([1 + 1e-9 + 2e-9 * rank], dtype=torch.float64)])
 
 
+def evaluate_rank_dependent_metric_dtypes():
+    """evaluate where a metric is a float32 tensor on rank 0 and the Python number 0.0 (a float64) on rank 1 (a
+    recall's fallback when a batch has no positives), two examples each."""
+    rank = dist.get_rank()
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    y = torch.tensor([1, 0]) if rank == 0 else torch.tensor([0, 0])
+
+    def ev(s, batch):
+        x, y = batch
+        positives = int((y == 1).sum())
+        return {"recall": ((x > 0) & (y == 1)).sum() / positives if positives else 0.0}
+
+    return fnlit.evaluate(ev, state, [(torch.tensor([1.0, -1.0]), y)])
+
+
 def evaluate_with_empty_batches():
     """evaluate where rank 0 has an empty batch among its examples and rank 1 has only empty batches."""
     data = [torch.zeros(0), torch.ones(3), torch.zeros(0), torch.full((1,), 5.0)] if dist.get_rank() == 0 else [torch.zeros(0)] * 2

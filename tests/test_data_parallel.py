@@ -13,6 +13,7 @@ from _dist_workers import (
     early_stopping_fit,
     ensemble_with_collectives,
     evaluate_every_example,
+    evaluate_rank_dependent_metric_dtypes,
     evaluate_wide_metrics,
     exits_quietly,
     hangs_ignoring_sigterm,
@@ -222,6 +223,12 @@ def test_evaluate_over_two_ranks_sums_float64_and_integer_metrics_in_float64():
         assert out["tokens"] == 16777218.0
         # the float32 metric's sum, in float64 here (the exchange carries one dtype): the float32 values, added exactly
         assert out["f32"] == (float(torch.tensor(0.1)) + float(torch.tensor(0.2))) / 2
+
+
+def test_evaluate_over_two_ranks_with_metric_dtypes_that_differ_between_ranks():
+    # Each rank picked the exchange's dtype from its own metrics: float32 on rank 0, float64 (the number 0.0) on
+    # rank 1, so the all-reduce's sizes differed and gloo aborted rank 0. By hand: recall 1 x 2 + 0 x 2 over 4.
+    assert fnlit.distributed.launch(evaluate_rank_dependent_metric_dtypes, 2, timeout=120) == [{"recall": 0.5}] * 2
 
 
 def test_evaluate_over_two_ranks_skips_empty_batches():
