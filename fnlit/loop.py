@@ -607,6 +607,13 @@ def _same_batches(
     return seed if _dist.rank() == 0 else first
 
 
+def _epoch_end_cut(callbacks: dict[str, Any] | None, validated: bool, stop: bool) -> dict[str, Any]:
+    """The exit position's marks for an epoch end a second Ctrl-C cut off: pending (the resume runs it first), with
+    the callbacks' states from before it, whether its validation is done and whether a stop was requested."""
+    return {"epoch_end_pending": True, **({} if callbacks is None else {"callbacks": callbacks}),
+            **({"validated": True} if validated else {}), **({"stop_requested": True} if stop else {})}
+
+
 _HOOKS = ("on_fit_start", "on_step", "on_log", "on_validation_start", "on_validation", "on_epoch_end", "on_fit_end")
 
 
@@ -1056,8 +1063,7 @@ def fit(
     # that end pending: the resume ends it first, before its loop (which a last step or a stop would not enter).
     epoch_cut: Position = {}
     if position.get("epoch_end_pending"):  # saved so: this run ends that epoch first (kept if it stops before)
-        epoch_cut = {"epoch_end_pending": True, **({"validated": True} if validated else {}),
-                     **({"stop_requested": True} if hooks.stop else {})}
+        epoch_cut = _epoch_end_cut(None, validated, hooks.stop)
 
     passes = 0  # validations run: a one-shot iterator has data for one
 
@@ -1098,11 +1104,8 @@ def fit(
             # The resume ends this epoch first, from the callbacks' states before it, even where no step is left or
             # a stop was decided at it (a stop requested before these hooks is requested again: it takes effect
             # after them, as here).
-            epoch_cut = {"epoch_end_pending": True, **({} if before is None else {"callbacks": before})}
-            if validation_done:  # its validation is done (or was, before a resume from its best)
-                epoch_cut["validated"] = True
-            if stop_before:
-                epoch_cut["stop_requested"] = True
+            # (its validation is done, or was before a resume from its best, where validation_done)
+            epoch_cut = _epoch_end_cut(before, validation_done, stop_before)
             raise
         epoch_cut = {}  # (a pending one, ended now)
         if checkpoint is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import random as _random
 from . import tree as _tree
-from .functional import _UPDATED_FROM
+from .functional import _UPDATED_FROM, _byte_range
 from .functional import check_buffers_kept as _check_buffers_kept
 from ._types import Buffers, Grads, OptState, Params
 from .optim._base import GradientTransformation
@@ -47,10 +47,7 @@ def _overlapping(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | Non
             base = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):  # no plain storage (a DTensor's is its shard)
             continue
-        size = t.element_size()
-        lo = t.storage_offset() * size
-        hi = lo + (sum((k - 1) * st for k, st in zip(t.shape, t.stride())) + 1) * size
-        spans.setdefault((t.device, base), []).append((lo, hi, n, t))
+        spans.setdefault((t.device, base), []).append((*_byte_range(t), n, t))
     for group in spans.values():
         group.sort(key=lambda g: g[0])
         for i, (_, hi, a, ta) in enumerate(group):
