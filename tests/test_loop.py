@@ -1312,13 +1312,29 @@ def test_overfit_batches_validates_on_the_first_batches_of_a_shuffled_val_datalo
 
 
 class _DoubleCtrlC:
-    """The user presses Ctrl-C twice; the second lands while fit reads the interval's metrics back."""
+    """A callback during whose ``hook`` the user presses Ctrl-C twice: ``on_log`` (the second lands while fit reads
+    the interval's metrics back) or ``on_step`` at step ``at``, ``on_epoch_end`` of 0-based epoch ``at``."""
+
+    def __init__(self, at, hook):
+        self.at, self.hook = at, hook
+
+    def _press(self, now):
+        if now == self.at:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
 
     def on_log(self, state):
-        if int(state.step) == 10:
-            signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
+        if self.hook == "on_log":
+            self._press(int(state.step))
         return {}
+
+    def on_step(self, state, metrics):
+        if self.hook == "on_step":
+            self._press(int(state.step))
+
+    def on_epoch_end(self, state, metrics):
+        if self.hook == "on_epoch_end":
+            self._press(metrics["epoch"])
 
 
 def _ctrl_c_setup():
@@ -1340,7 +1356,7 @@ def test_a_second_ctrl_c_during_the_metrics_read_back_keeps_the_interval_for_the
     ref = _Rows()
     fit(*build(), loggers=[ref], **kw)
     rows = _Rows()
-    fit(*build(), loggers=[rows], callbacks=[_DoubleCtrlC()], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    fit(*build(), loggers=[rows], callbacks=[_DoubleCtrlC(10, "on_log")], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
     fit(*build(), loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
     assert [s for s, _ in rows.rows] == [s for s, _ in ref.rows] and rows.rows == ref.rows
 
@@ -1429,18 +1445,6 @@ def test_a_second_ctrl_c_during_the_loggers_write_keeps_the_interval_for_the_res
     assert first.rows == cut.rows == ref.rows  # step 10's row once in each (the resume purges from it, then logs it)
 
 
-class _CtrlCInOnStep:
-    """A callback during whose ``on_step`` (at step ``at``) the user presses Ctrl-C twice."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step(self, state, metrics):
-        if int(state.step) == self.at:
-            signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
-
-
 @pytest.mark.parametrize("at", [5, 8, 20], ids=["row-due", "validation-due", "both-due"])
 def test_a_second_ctrl_c_in_a_step_hook_leaves_that_steps_row_and_validation_to_the_resume(tmp_path, at):
     # Rows every 5 steps, validations every 4 batches (12 an epoch). The exit position said step `at` was done, its
@@ -1452,23 +1456,11 @@ def test_a_second_ctrl_c_in_a_step_hook_leaves_that_steps_row_and_validation_to_
     ref = _Rows()
     want = fit(step, state, data, loggers=[ref], **kw)
     rows = _Rows()
-    cut = fit(step, state, data, loggers=[rows], callbacks=[_CtrlCInOnStep(at)], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    cut = fit(step, state, data, loggers=[rows], callbacks=[_DoubleCtrlC(at, "on_step")], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
     assert int(cut.step) == at
     got = fit(step, state, data, loggers=[rows], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
     assert rows.rows == ref.rows
     assert_trees_equal(got.params, want.params)
-
-
-class _CtrlCInEpochEnd:
-    """A callback during whose ``on_epoch_end`` (of 0-based epoch ``at``) the user presses Ctrl-C twice."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_epoch_end(self, state, metrics):
-        if metrics["epoch"] == self.at:
-            signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
 
 
 @pytest.mark.parametrize("sized", [True, False], ids=["sized", "unsized"])
@@ -1487,7 +1479,7 @@ def test_a_second_ctrl_c_in_an_epoch_end_hook_ends_that_epoch_again_on_resume(tm
     ref, swa = _Rows(), SWA(1)
     want = fit(step, state, data, loggers=[ref], callbacks=[swa], **kw)
     rows, first = _Rows(), SWA(1)
-    callbacks = [_CtrlCInEpochEnd(1), first] if cut_first else [first, _CtrlCInEpochEnd(1)]
+    callbacks = [_DoubleCtrlC(1, "on_epoch_end"), first] if cut_first else [first, _DoubleCtrlC(1, "on_epoch_end")]
     cut = fit(step, state, data, loggers=[rows], callbacks=callbacks, checkpoint=fnlit.Checkpointer(tmp_path), **kw)
     assert int(cut.step) == 24 and first.n_averaged == (1 if cut_first else 2)
     resumed = SWA(1)
@@ -1533,7 +1525,7 @@ def test_a_second_ctrl_c_in_the_last_epoch_end_ends_it_on_resume(tmp_path, cut_f
     want = fit(step, state, data, loggers=[ref], callbacks=[swa, *stopper()], **kw)
     assert int(want.step) == 24 and swa.n_averaged == 2
     rows, first = _Rows(), SWA(1)
-    callbacks = [_CtrlCInEpochEnd(1), first] if cut_first else [first, _CtrlCInEpochEnd(1)]
+    callbacks = [_DoubleCtrlC(1, "on_epoch_end"), first] if cut_first else [first, _DoubleCtrlC(1, "on_epoch_end")]
     # (a best saved at that epoch's validation stands where the exit position does: saved again, its end pending)
     best = fnlit.Checkpointer(tmp_path, monitor="val/loss")
     cut = fit(step, state, data, loggers=[rows], callbacks=[*callbacks, *stopper()], checkpoint=best, **kw)
