@@ -383,6 +383,19 @@ def test_a_transform_around_a_compiled_step_is_refused(model):
         ensemble(fnlit_compile(hand_step(model), mode="eager"), 2)(states, batch())
 
 
+def test_compiling_a_compiled_step_again_is_refused_before_capture(model):
+    # compile(compile(step)) and compile(accumulate(compile(step), k)) failed inside the capture with optree's
+    # "SourcelessBuilder.create does not know how to wrap DictMetaData", blamed on a line of optree.
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    before = clone_tree(state)
+    inner = fnlit_compile(hand_step(model), mode="eager")
+    for outer in (fnlit_compile(inner, mode="eager"), fnlit_compile(fnlit.accumulate(inner, 2), mode="eager")):
+        with pytest.raises(ValueError, match=r"already compiled.*Compile once, outermost.*\.step"):
+            outer(state, batch())
+        assert outer.compiles == 0
+    assert_trees_equal(state, before)
+
+
 def test_donating_around_a_compiled_step_is_refused_and_leaves_the_state_usable(model):
     # donating(compile(step)) ran, updated nothing in place (the graph never does) and poisoned the input state.
     # Reference: the eager step, run on the state the refused call was given.

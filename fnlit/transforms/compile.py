@@ -756,9 +756,18 @@ _DONATING = (
 )
 
 
+_TWICE = (
+    "fnlit.compile got a step that is already compiled (a CompiledStep inside it): torch.compile cannot trace into "
+    "another compiled step's graph. Compile once, outermost, around the uncompiled step (a CompiledStep keeps it "
+    "as .step): fnlit.compile(fnlit.accumulate(step, k)), not fnlit.compile(fnlit.accumulate(fnlit.compile(step), k))."
+)
+
+
 def _check_supported(step: Any) -> None:
     """Raises when a transform that cannot be captured wraps (or is wrapped in) the step."""
     for inner in wrapped_steps(step):
+        if isinstance(inner, CompiledStep):
+            raise ValueError(_TWICE)
         name = getattr(inner, "__name__", "")
         if name == "data_parallel_step":
             raise NotImplementedError(_DATA_PARALLEL)
@@ -794,7 +803,8 @@ def compile(
     Args:
         step: a step function ``(state, batch) -> (state, metrics)``, with any of
             :func:`fnlit.accumulate` and :func:`fnlit.amp` inside it (compile is the outermost transform:
-            one around it raises ValueError, :func:`fnlit.donating` too: pass ``donate=True`` instead).
+            one around it raises ValueError, :func:`fnlit.donating` too: pass ``donate=True`` instead;
+            so does a step that holds a compiled step: compile once).
         donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
             poisoned afterwards (any use raises). Its tensors must not share storage (an EMA buffer started
@@ -813,7 +823,8 @@ def compile(
 
     Raises:
         ValueError: for an unknown ``mode``, or ``"reduce-overhead"`` without a donated CUDA state; (when
-            called with ``donate=True``) for a state whose tensors share storage.
+            called with ``donate=True``) for a state whose tensors share storage; (when called) for a step
+            holding a compiled step.
         CaptureError: (when called) if the step cannot be captured; the message names the line (for a sparse
             gradient, ``nn.Embedding(sparse=True)``'s, which torch.compile cannot trace: the parameter). (Where torch
             reports an exception or a failed ``assert``, the step runs once eagerly -- never for a Python side
