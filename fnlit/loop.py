@@ -920,7 +920,8 @@ def fit(
     other_length = None not in (saved_length, plan.length) and saved_length != plan.length
     if other_length and b >= saved_length and plan.batches is not None:
         b, other_length = plan.batches, False  # the saved epoch had all its batches: it ends here too, nothing skipped
-    if b and (saved_world != _dist.world_size() or other_length):
+    ended = not other_length and saved_length is not None and b >= saved_length  # (saved at the epoch's last batch)
+    if b and not ended and (saved_world != _dist.world_size() or other_length):
         changed, same = (
             (f"on {_dist.world_size()} process(es), but the checkpoint was saved on {saved_world}: the ranks' shards "
              "differ", "on as many processes")

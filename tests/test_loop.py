@@ -526,6 +526,23 @@ def test_a_resume_from_an_epochs_end_with_another_batch_size_starts_the_next_epo
     assert c.epoch_ends == [0, 1, 2]
 
 
+@pytest.mark.parametrize("saved_length", [5, 10])
+def test_a_resume_from_an_epochs_end_on_another_number_of_processes_starts_the_next_epoch_untold(saved_length):
+    """Saved on 2 ranks at the last batch of epoch 0 (5 batches a rank; or 10, another batch size), resumed on 1
+    process: fit resumed correctly but warned that examples of the epoch were seen twice or not at all and to
+    resume "from a checkpoint saved at an epoch's end" -- which this is. Reference by hand: epochs 1 and 2 whole
+    (10 examples each) after epoch 0's end; no warning (warnings are errors here)."""
+    x = torch.arange(10)
+    restored = (make_state().replace(step=torch.tensor(saved_length)),
+                {"epoch": 0, "batch": saved_length, "seed": 42, "world_size": 2, "batches_per_epoch": saved_length})
+    c = Counter()
+    fit(c.step, make_state(), ArrayLoader(x, batch_size=1), max_epochs=3, checkpoint=FakeCheckpoint(restored),
+        ckpt_path="last", callbacks=[c], progress=False)  # fmt: skip
+    seen = sum(c.train, [])
+    assert sorted(seen) == sorted(list(range(10)) * 2)
+    assert c.epoch_ends == [0, 1, 2]
+
+
 def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
     # A checkpoint saved at the epoch's last batch: the resumed run finds that epoch's data spent and goes on.
     restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
