@@ -323,8 +323,10 @@ _ONE_SHOT_VAL = (
 def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], limit_batches: int | float | None = None) -> dict[str, float]:
     """Runs ``eval_step(state, batch) -> metrics`` over ``data``; returns each metric's mean over examples.
 
-    Each batch's metrics are weighted by its size (the leading dimension of its first tensor that has one),
-    so a smaller last batch counts for what it holds, and an empty one (size 0) not at all. Sums stay on the device; there is one host sync, at the end
+    Each batch's metrics are weighted by its size (the leading dimension of its first tensor that has one; for an
+    ensemble's per-member batches, the examples each member gets, :meth:`fnlit.ensemble.EnsembleStep.examples`, also
+    through a wrapper such as ``torch.compile``), so a smaller last batch counts for what it holds, and an empty one
+    (size 0) not at all. Sums stay on the device; there is one host sync, at the end
     (under torch.distributed, sums are added across ranks first). The state is never changed.
 
     Under torch.distributed the ranks may hold different numbers of batches; the result is the mean over all
@@ -375,8 +377,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     sums: list[torch.Tensor] = []
     count = 0
     members = ensemble_members(state)
-    # per-member batches (fnlit.ensemble(..., in_dims=0)) count examples past their member dimension
-    examples = eval_step.examples if isinstance(eval_step, EnsembleStep) else _data.batch_size_of
+    # per-member batches (fnlit.ensemble(..., in_dims=0)) count examples past their member dimension, also through a
+    # wrapper around the ensemble (torch.compile(fnlit.ensemble(...)), a functools.wraps function: its __wrapped__)
+    ensembled = next((s for s in wrapped_steps(eval_step) if isinstance(s, EnsembleStep)), None)
+    examples = ensembled.examples if ensembled is not None else _data.batch_size_of
 
     def value(k: str, v: Any) -> torch.Tensor:  # an ensemble's metric has one value per member: "<name>/<member>"
         if members and isinstance(v, torch.Tensor) and v.shape == (members,):

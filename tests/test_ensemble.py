@@ -307,6 +307,32 @@ def test_evaluate_weights_per_member_batches_by_their_examples(in_dims):
         assert got[f"loss/{i}"] == pytest.approx(nn.functional.cross_entropy(logits, y[i]).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("wrap", ["torch.compile", "functools.wraps"])
+def test_evaluate_weights_per_member_batches_by_their_examples_through_a_wrapped_ensemble(wrap):
+    # torch.compile(fnlit.ensemble(ev, 2, in_dims=0)) (what fnlit.compile's refusal of an eval step recommends) is
+    # not an EnsembleStep, so each batch was weighted by n: the last batch of 2 examples as one of 16.
+    # Reference: each member's mean over all 18 examples, by hand with plain cross_entropy.
+    import functools
+
+    model = nn.Linear(8, 4)
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": nn.functional.cross_entropy(m(b[0]), b[1])})
+    states = ensemble_states(lambda: nn.Linear(8, 4), fnlit.optim.sgd(0.1), seeds=[0, 1])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 18, 8, generator=g), torch.randint(0, 4, (2, 18), generator=g)
+    data = [(x[:, :16], y[:, :16]), (x[:, 16:], y[:, 16:])]
+    inner = ensemble(ev, 2, in_dims=0)
+    if wrap == "torch.compile":
+        torch._dynamo.reset()
+        wrapped = torch.compile(inner, backend="eager")
+    else:
+        wrapped = functools.wraps(inner)(lambda state, batch: inner(state, batch))
+    got = fnlit.evaluate(wrapped, states, data)
+    for i in range(2):
+        params = unstack_state(states, i).params
+        want = nn.functional.cross_entropy(nn.functional.linear(x[i], params["weight"], params["bias"]), y[i]).item()
+        assert got[f"loss/{i}"] == pytest.approx(want, rel=1e-5)
+
+
 def test_ensemble_counts_the_examples_of_a_batch_past_its_member_dimension():
     from fnlit.data import batch_size_of
 
