@@ -443,6 +443,28 @@ def _fold_keys(keys: torch.Tensor) -> torch.Tensor:
     return _random._new(acc)
 
 
+_CUMULATIVE_BATCHNORM = (
+    "fnlit.ensemble: {norm} keeps a cumulative average of its running statistics (momentum=None), which divides by "
+    "float(num_batches_tracked) in every training forward: a read of a tensor's value that torch.func.vmap cannot "
+    "batch (vmap's .item() error above). Give the BatchNorm a numeric momentum (torch's default is 0.1) to train it "
+    "in an ensemble."
+)
+
+
+def _cumulative_batchnorm(e: RuntimeError) -> nn.Module | None:
+    """The BatchNorm with ``momentum=None`` whose forward raised ``e``, when ``e`` is vmap's error for a read of a
+    tensor's value (``.item()``, ``float(t)``); else None."""
+    if not str(e).startswith("vmap: It looks like you're either (1) calling .item()"):
+        return None
+    tb, found = e.__traceback__, None
+    while tb is not None:  # the innermost BatchNorm forward on the way to the raise
+        module = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name == "forward" else None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            found = module
+        tb = tb.tb_next
+    return found if found is not None and found.momentum is None else None
+
+
 class EnsembleStep:
     """``step`` vectorized over the members of a stacked state; made by :func:`ensemble`.
 
@@ -501,7 +523,13 @@ class EnsembleStep:
             )
         traced = _random._is_traced(state.rng)  # under an outer transform, the outermost one seeds
         with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):
-            return self.vmapped(state, batch)
+            try:
+                return self.vmapped(state, batch)
+            except RuntimeError as e:
+                norm = _cumulative_batchnorm(e)
+                if norm is None:
+                    raise
+                raise ValueError(_CUMULATIVE_BATCHNORM.format(norm=norm)) from e
 
     def _member_dims(self, batch: Batch) -> list[int | None]:
         """For each tensor leaf of ``batch`` (torch's pytree order), the dimension holding the members (None: shared)."""
@@ -549,7 +577,9 @@ def ensemble(
     BatchNorm statistics are per member (the buffers are stacked too). Float16 :func:`fnlit.amp` goes
     inside (``ensemble(amp(step, torch.float16), n)``: each member has its own loss scale). A BatchNorm
     model under bfloat16 amp fails inside vmap on the CPU ("expected scalar type BFloat16 but found
-    Float"): a limitation of PyTorch's vmap with CPU autocast, seen without fnlit too.
+    Float"): a limitation of PyTorch's vmap with CPU autocast, seen without fnlit too. Nor can a BatchNorm
+    with ``momentum=None`` (a cumulative average) train in an ensemble: its forward reads
+    ``float(num_batches_tracked)``, which vmap cannot batch; a ValueError says so (give it a numeric momentum).
 
     Args:
         step: ``(state, batch) -> (state, metrics)`` for one model; pure, as every fnlit step.
@@ -569,7 +599,8 @@ def ensemble(
         ValueError: if ``n < 1`` or ``randomness`` is unknown, or with :func:`fnlit.data_parallel` or
             :func:`fnlit.shard` in either nesting (their collectives have no vmap rule); at call time if the
             state is not stacked over ``n`` members, or for a sparse gradient (``nn.Embedding(sparse=True)``:
-            vmap has no batching rule for it), naming the parameter.
+            vmap has no batching rule for it), naming the parameter, or for a training BatchNorm with
+            ``momentum=None``.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit

@@ -711,6 +711,34 @@ def test_a_model_built_on_a_gpu_draws_from_its_generator_seeded_which_is_left_as
         assert torch.equal(stacked.params["weight"][i], weight) and torch.equal(stacked.params["bias"][i], bias)
 
 
+def test_a_cumulative_batchnorm_in_an_ensemble_is_refused_naming_it_and_the_fix():
+    # BatchNorm(momentum=None) divides by float(num_batches_tracked) in a training forward: under vmap this was
+    # torch's raw ".item()" RuntimeError. It is a ValueError naming the module and a numeric momentum now, while
+    # another read of a value in the step keeps vmap's own error, and evaluation (running statistics) still works.
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 1))
+
+    model = make()
+    data = (torch.randn(8, 4), torch.randn(8, 1))
+    states = ensemble_states(make, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    step = fnlit.train_step(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(8.*momentum=None.*vmap.*numeric momentum") as info:
+        ensemble(step, 2)(states, data)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    def reads_a_value(state, b):
+        return state, {"x": torch.tensor(float(state.params["0.weight"].sum()))}
+
+    with pytest.raises(RuntimeError, match=r"vmap: .*\.item\(\)"):
+        ensemble(reads_a_value, 2)(states, data)
+    ev = fnlit.eval_step(model, lambda m, b: {"out": m(b[0]).sum()})
+    got = ensemble(ev, 2)(states, data)["out"]
+    for i in range(2):  # the reference: torch's own module, in eval mode, with member i's tensors
+        member = unstack_state(states, i)
+        want = torch.func.functional_call(model.eval(), {**member.params, **member.buffers}, (data[0],)).sum()
+        torch.testing.assert_close(got[i], want.detach())
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # (torch's, before it fails)
 def test_a_sparse_gradient_is_refused_naming_the_parameter():
     # vmap of a step differentiating nn.Embedding(sparse=True) failed inside torch's backward: "Could not run
