@@ -350,7 +350,9 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     Raises:
         ValueError: if a metric is not a scalar (naming it and its shape), there are no batches (or only
             empty ones), or under torch.distributed a rank has no batch while others have some, or
-            limit_batches fails on some rank (every rank raises).
+            limit_batches fails on some rank (every rank raises). What eval_step raises passes through; where the
+            state is an ensemble's stacked state and eval_step no ensemble step, with a note to wrap it in
+            :func:`fnlit.ensemble`.
 
     Example:
         >>> import torch, fnlit
@@ -390,7 +392,12 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     with torch.no_grad():
         for batch, counts in itertools.islice(iter(batches), n):
             batch = move(batch) if move else batch
-            metrics = eval_step(state, batch)
+            try:
+                metrics = eval_step(state, batch)
+            except Exception as e:  # (a plain eval step given stacked params fails deep inside: say why)
+                if members and ensembled is None:
+                    _add_note(e, _NOT_ENSEMBLED.format(n=members))
+                raise
             if not isinstance(metrics, Mapping):
                 raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
             if any(isinstance(v, Mapping) for v in metrics.values()):  # {"parts": {"ce": ..}} is logged as "parts/ce"
@@ -435,6 +442,13 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     flat = [k if s.dim() == 0 else f"{k}/{i}" for k, s in zip(names, sums) for i in range(s.numel())]
     unique_names(flat, "the eval step")
     return {k: v / values[-1] for k, v in zip(flat, values)}
+
+
+_NOT_ENSEMBLED = (
+    "fnlit.evaluate: the state is an ensemble's stacked state ({n} members: its tensors have a leading dimension {n}), "
+    "but the eval step is not an ensemble step. Wrap it: fnlit.ensemble(eval_step, {n}) (with in_dims=0 for batches "
+    "stacked over the members)."
+)
 
 
 def _even_batches(

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -331,6 +333,36 @@ def test_evaluate_weights_per_member_batches_by_their_examples_through_a_wrapped
         params = unstack_state(states, i).params
         want = nn.functional.cross_entropy(nn.functional.linear(x[i], params["weight"], params["bias"]), y[i]).item()
         assert got[f"loss/{i}"] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_plain_eval_step_given_a_stacked_state_fails_with_a_note_to_wrap_it_in_an_ensemble(tmp_path):
+    # evaluate(eval_step, stacked, data) (and fit's validation of an ensemble) failed deep inside the forward
+    # ("t() expects a tensor with <= 2 dimensions") with nothing about the ensemble. The same error now carries a
+    # note saying to wrap the eval step; a step that maps the members by hand is legitimate and still runs.
+    model = nn.Linear(4, 2)
+    ev = fnlit.eval_step(model, lambda m, b: {"loss": nn.functional.cross_entropy(m(b[0]), b[1])})
+    states = ensemble_states(lambda: nn.Linear(4, 2), fnlit.optim.sgd(0.1), seeds=[0, 1])
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g))]
+    note = r"ensemble's stacked state \(2 members.*fnlit\.ensemble\(eval_step, 2\)"
+    with pytest.raises(RuntimeError, match=r"t\(\) expects a tensor with <= 2 dimensions") as info:
+        fnlit.evaluate(ev, states, data)
+    assert any(re.search(note, n) for n in getattr(info.value, "__notes__", []))
+    train = fnlit.train_step(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    with pytest.raises(RuntimeError, match=r"t\(\) expects") as info:
+        fnlit.fit(ensemble(train, 2), states, data, val_data=data, eval_step=ev, max_epochs=1, log_dir=str(tmp_path),
+                  progress=False)
+    assert any(re.search(note, n) for n in getattr(info.value, "__notes__", []))
+
+    def by_hand(state, b):  # the members mapped by the step itself
+        logits = torch.einsum("bi,noi->nbo", b[0], state.params["weight"]) + state.params["bias"][:, None]
+        return {"loss": torch.stack([nn.functional.cross_entropy(z, b[1]) for z in logits])}
+
+    got = fnlit.evaluate(by_hand, states, data)
+    for i in range(2):
+        params = unstack_state(states, i).params
+        want = nn.functional.cross_entropy(nn.functional.linear(data[0][0], params["weight"], params["bias"]), data[0][1])
+        assert got[f"loss/{i}"] == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_ensemble_counts_the_examples_of_a_batch_past_its_member_dimension():
