@@ -102,13 +102,17 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
 def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
     """``state`` with the Python numbers of its hyperparameters (assigned as numbers: optax's idiom) as the tensors
     the optimizer reads them as (:func:`fnlit.optim._transforms.hyper_value`: float32, float64 for float64 params):
-    0-d, or ``(n,)`` in a stacked state (the one value of every member)."""
+    0-d, or ``(n,)`` in a stacked state (the one value of every member). A 0-d tensor in a stacked state (assigned
+    as ``torch.tensor(0.05)``) is one value of every member too: ``(n,)``, its dtype kept as the optimizer keeps it."""
+
+    def one_for_all(v: Any) -> bool:
+        return is_real(v) or (n is not None and isinstance(v, torch.Tensor) and v.dim() == 0)
 
     def as_tensors(hyper: dict[str, Any]) -> dict[str, Any] | None:
-        if not any(is_real(v) for v in hyper.values()):
+        if not any(one_for_all(v) for v in hyper.values()):
             return None
         # the optimizer's own reading of a number (checked as it checks one in a single state), one per member
-        held = {k: hyper_value("fnlit.ensemble", k, v, state.device, state.params) for k, v in hyper.items() if is_real(v)}
+        held = {k: hyper_value("fnlit.ensemble", k, v, state.device, state.params) for k, v in hyper.items() if one_for_all(v)}
         return {**hyper, **{k: v if n is None else v.expand(n).clone() for k, v in held.items()}}
 
     opt_state, found = _map_hyper(state.opt_state, as_tensors)

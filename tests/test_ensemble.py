@@ -481,6 +481,25 @@ def test_numbers_assigned_as_hyperparameters_stack_and_step_as_their_tensors():
         assert_trees_close(unstack_state(after, i).params, alone.params, rtol=1e-5, atol=1e-6)
 
 
+def test_a_0d_tensor_assigned_as_a_stacked_states_rate_steps_every_member_with_it():
+    # hyperparams["learning_rate"] = torch.tensor(0.05) on a stacked state failed with vmap's in_dim error for a
+    # 0-d tensor, while the number 0.05 worked. Reference: each member alone, stepped with that rate (where a
+    # 0-d tensor is the form the optimizer holds it in), for 3 steps.
+    tx = fnlit.optim.sgd(0.1, momentum=0.9)
+
+    def with_lr(state, lr):
+        return state.replace(opt_state=state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr}))
+
+    plain = [fnlit.TrainState.create(mlp(), tx, seed=i) for i in range(2)]
+    stacked = with_lr(stack_states(plain), torch.tensor(0.05))
+    step, data = hand_step(mlp()), batch()
+    stacked, _ = run(ensemble(step, 2), stacked, data, 3)
+    assert stacked.opt_state.hyperparams["learning_rate"].tolist() == pytest.approx([0.05, 0.05])
+    for i, member in enumerate(plain):
+        alone, _ = run(step, with_lr(member, torch.tensor(0.05)), data, 3)
+        assert_trees_close(unstack_state(stacked, i).params, alone.params, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), np.float32(-0.1)])
 def test_a_negative_or_nan_number_assigned_to_an_ensembles_rate_is_refused_as_for_one_state(bad):
     # A single state's update refuses it; the ensemble turned it into a tensor first and trained up the gradient.
