@@ -539,7 +539,22 @@ class EnsembleStep:
         """For each tensor leaf of ``batch`` (torch's pytree order), the dimension holding the members (None: shared)."""
         leaves, spec = torch_pytree.tree_flatten(batch)
         dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec) or [None] * len(leaves)
-        return [d % t.dim() if d is not None and t.dim() else d for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor)]
+        found: list[int | None] = []
+        for i, (t, d) in enumerate(zip(leaves, dims)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if d is not None and t.dim():
+                if not -t.dim() <= d < t.dim():  # (d % t.dim() would take another dimension for the members)
+                    where = torch_pytree.keystr(torch_pytree.tree_flatten_with_path(batch)[0][i][0])
+                    raise ValueError(
+                        f"fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) maps the members along dimension "
+                        f"{d} of batch{where}, a tensor of shape {tuple(t.shape)}, which has no dimension {d}. Give "
+                        "that leaf its own member dimension (in_dims as the batch's structure, e.g. (1, 0) for a pair), "
+                        "or None where every member shares it."
+                    )
+                d %= t.dim()
+            found.append(d)
+        return found
 
     def examples(self, batch: Batch) -> int:
         """How many examples ``batch`` holds for each member (what :func:`fnlit.evaluate` weights it by): along
@@ -604,7 +619,7 @@ def ensemble(
             :func:`fnlit.shard` in either nesting (their collectives have no vmap rule); at call time if the
             state is not stacked over ``n`` members, or for a sparse gradient (``nn.Embedding(sparse=True)``:
             vmap has no batching rule for it), naming the parameter, or for a training BatchNorm with
-            ``momentum=None``.
+            ``momentum=None``, or where ``in_dims`` names a dimension a batch tensor does not have (naming it).
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit

@@ -376,6 +376,21 @@ def test_ensemble_counts_the_examples_of_a_batch_past_its_member_dimension():
         assert ensemble(step, 2).examples(shared) == batch_size_of(shared) == 16  # one batch for all: as any batch
 
 
+def test_an_in_dims_beyond_a_batch_tensors_dimensions_is_refused_naming_the_leaf():
+    # in_dims=1 for a 1-D leaf was taken modulo its dimensions (dimension 0): the stacking check passed and
+    # evaluate counted examples along the wrong dimension, before vmap's error without the leaf's name.
+    step = hand_step(mlp())
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    data = {"x": torch.randn(16, 2, 8), "y": torch.randint(0, 4, (2,))}
+    refused = r"in_dims=1\) maps the members along dimension 1 of batch\['y'\], a tensor of shape \(2,\), which has no dimension 1"
+    with pytest.raises(ValueError, match=refused):
+        ensemble(step, 2, in_dims=1)(states, data)
+    with pytest.raises(ValueError, match=refused):
+        ensemble(step, 2, in_dims=1).examples(data)
+    with pytest.raises(ValueError, match=r"dimension -2 of batch\[1\], a tensor of shape \(2,\)"):
+        ensemble(step, 2, in_dims=(0, -2)).examples((torch.zeros(2, 16, 8), torch.zeros(2)))
+
+
 def test_accumulate_around_an_ensemble_of_per_member_batches_says_to_put_it_inside():
     # accumulate split dimension 0, the members: the error blamed the user's (4, 16, 8) batch as (2, 16, 8).
     states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1, 2, 3])
