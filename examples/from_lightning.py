@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # (a model with BatchNorm: return apply's new buffers as aux and pass buffers=new_buffers; see the README)
         return state.apply_gradients(grads), {"loss": loss}  # self.log("train/loss", loss)
 
-    def eval_step(state, batch):                           # validation_step and test_step
+    def eval_metrics(model, batch):                        # validation_step and test_step
         x, y = batch
-        logits, _ = fnlit.apply(model, state.params, state.buffers, x, train=False)
+        logits = model(x)                                  # the model bound to the state's params, in eval mode
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
 
     step = fnlit.amp(fnlit.accumulate(train_step, 2), dtype=torch.bfloat16)  # precision, accumulate_grad_batches
+    eval_step = fnlit.amp(fnlit.eval_step(model, eval_metrics), dtype=torch.bfloat16)  # precision, for validation too
     ckpt = fnlit.Checkpointer(args.ckpt_dir, monitor="val/loss", mode="min")  # ModelCheckpoint
     state = fnlit.fit(                                     # Trainer(...).fit(model, datamodule, ckpt_path="last")
         step, state, train, val_data=val, eval_step=eval_step, max_epochs=args.epochs,

@@ -1039,6 +1039,8 @@ def value_and_grad(
             frame.refuse_per_example(args)
         if frame is None or frame.amp_dtype is None:
             return differentiate(frame, None, args, kwargs)
+        if frame.amp_refusal is not None:  # float16 without a loss scaler (or with float16 params): before any forward
+            raise ValueError(frame.amp_refusal)
         device = frame.amp_device
         if frame.forwarding and not torch.is_autocast_enabled(device):  # inside a region the user took out of autocast
             return differentiate(frame, None, args, kwargs)
@@ -1367,7 +1369,8 @@ def eval_step(module: nn.Module, metrics_fn: Callable[[Callable[..., Any], Batch
     """Builds ``eval_step(state, batch) -> metrics`` (eval mode, no gradients) for :func:`fnlit.evaluate`.
 
     ``metrics_fn(model, batch)`` returns a dict of scalar tensors (or a single loss tensor, reported as
-    ``"loss"``).
+    ``"loss"``). Under :func:`fnlit.amp` (``fnlit.amp(eval_step, dtype)``) the whole of ``metrics_fn`` runs under
+    autocast, as Lightning runs ``validation_step`` at a mixed precision.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -1381,7 +1384,16 @@ def eval_step(module: nn.Module, metrics_fn: Callable[[Callable[..., Any], Batch
     def step(state: Any, batch: Batch) -> Metrics:
         with torch.no_grad():
             model = _BoundModel(module, state.params, state.buffers, None, train=False)
-            out = metrics_fn(model, batch)
+            frame = _current_frame()
+            if frame is None or frame.amp_dtype is None or torch.is_autocast_enabled(frame.amp_device):
+                out = metrics_fn(model, batch)
+            else:  # fnlit.amp(eval_step): the whole metrics function under autocast, as value_and_grad's loss function
+                was, frame.forwarding = frame.forwarding, True  # (its own autocast(enabled=False) regions stay float32)
+                try:
+                    with torch.autocast(frame.amp_device, dtype=frame.amp_dtype):
+                        out = metrics_fn(model, batch)
+                finally:
+                    frame.forwarding = was
         return dict(out) if isinstance(out, Mapping) else {"loss": out}
 
     return step

@@ -378,6 +378,76 @@ def test_fp16_without_scaler_and_bad_dtype_are_errors():
         fnlit.amp(hand_step(model), dtype=torch.float64)
 
 
+def _metrics(model, b):  # Lightning's validation_step for a classifier
+    logits = model(b[0])
+    return {"loss": F.cross_entropy(logits, b[1]), "acc": (logits.argmax(-1) == b[1]).float().mean()}
+
+
+def _torch_autocast_metrics(model, b, dtype):
+    """The reference: a plain eval loop under torch.autocast, as Lightning runs validation_step at a mixed precision."""
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        return _metrics(model, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_amp_of_an_eval_step_runs_it_under_autocast_and_returns_its_metrics(dtype):
+    # It failed unpacking the metrics dict as (state, metrics) ("not enough values to unpack"; with float16 "needs
+    # dynamic loss scaling"), so fnlit validated in float32 where Lightning autocasts validation_step.
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.adam(1e-2), seed=0)  # no loss scaler: evaluation needs none
+    ev = fnlit.amp(fnlit.eval_step(model, _metrics), dtype)
+    b = batch(64)
+    got, want = ev(state, b), _torch_autocast_metrics(copy.deepcopy(model), b, dtype)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
+    assert not torch.equal(fnlit.eval_step(model, _metrics)(state, b)["loss"], want["loss"])  # float32 differs
+    b2 = batch(32, seed=1)
+    second = _torch_autocast_metrics(copy.deepcopy(model), b2, dtype)
+    means = fnlit.evaluate(ev, state, [b, b2])
+    for k in want:
+        assert means[k] == pytest.approx(float(want[k] * 64 + second[k] * 32) / 96, rel=1e-6, abs=1e-6)
+
+
+def test_fit_validates_with_an_amp_eval_step():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)  # lr 0: the params stay the module's
+    seen = []
+
+    class Record(fnlit.callbacks.Callback):
+        def on_validation(self, state, metrics):
+            seen.append(dict(metrics))
+
+    b = batch(64)
+    fnlit.fit(fnlit.amp(hand_step(model)), state, [b], val_data=[b], eval_step=fnlit.amp(fnlit.eval_step(model, _metrics)),
+              max_epochs=1, callbacks=[Record()], progress=False)  # fmt: skip
+    want = _torch_autocast_metrics(copy.deepcopy(model), b, torch.bfloat16)
+    assert seen == [{"val/loss": pytest.approx(float(want["loss"]), abs=1e-6), "val/acc": pytest.approx(float(want["acc"]))}]
+
+
+@pytest.mark.parametrize("result", [lambda s: (s,), lambda s: (s, {}, {}), lambda s: torch.tensor(0.0), lambda s: ({}, s)])
+def test_amp_refuses_a_step_returning_neither_state_and_metrics_nor_metrics(result):
+    state = fnlit.TrainState.create(mlp(), fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(TypeError, match=r"fnlit.amp takes a training step .* or an evaluation step .*but the step returned a"):
+        fnlit.amp(lambda s, b: result(s))(state, batch())
+
+
+def test_fp16_amp_refuses_a_training_step_before_its_forward_without_a_scaler():
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, b):  # a teacher's forward first: the refusal comes at value_and_grad, before its own forward
+        fnlit.apply(model, state.params, state.buffers, b[0])
+        return hand_step(model)(state, b)
+
+    with pytest.raises(ValueError, match="loss_scale='dynamic'"):
+        fnlit.amp(step, dtype=torch.float16)(state, batch())
+    grads = {k: torch.zeros_like(p) for k, p in state.params.items()}
+    with pytest.raises(ValueError, match="loss_scale='dynamic'"):  # gradients taken another way: at apply_gradients
+        fnlit.amp(lambda s, b: (s.apply_gradients(grads), {}), dtype=torch.float16)(state, batch())
+
+
 def test_bf16_runs_forward_in_bf16_and_keeps_fp32_masters():
     model = mlp()
     seen = []

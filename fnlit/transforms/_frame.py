@@ -122,6 +122,9 @@ class Frame:
     def __init__(self) -> None:
         self.amp_dtype: torch.dtype | None = None
         self.amp_device = "cpu"  # the state's device type: where fnlit.apply autocasts a forward outside value_and_grad
+        # Why float16 amp cannot take gradients here (no loss scaler, float16 params), raised by the step's first
+        # value_and_grad or apply_gradients: an evaluation step takes none and needs no scaler.
+        self.amp_refusal: str | None = None
         self.forwarding = False  # value_and_grad's function runs (its autocast, or the user's own regions inside it)
         self.scaler: LossScaleState | None = None
         self.found_inf: torch.Tensor | None = None  # overflow in the gradients taken since the last update
@@ -159,8 +162,8 @@ class Frame:
         self.extra: dict[str, torch.Tensor] = {}
 
     # -- set by the transforms -------------------------------------------------------------
-    def set_amp(self, dtype: torch.dtype, scaler: LossScaleState | None, device: torch.device) -> None:
-        self.amp_dtype, self.amp_device = dtype, device.type
+    def set_amp(self, dtype: torch.dtype, scaler: LossScaleState | None, device: torch.device, refusal: str | None = None) -> None:
+        self.amp_dtype, self.amp_device, self.amp_refusal = dtype, device.type, refusal
         if scaler is not None and self.scaler is None:
             self.scaler, self.level = scaler, _level()
             self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
@@ -373,6 +376,8 @@ class Frame:
 
     # -- the update pipeline -----------------------------------------------------------------
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
+        if self.amp_refusal is not None:
+            raise ValueError(self.amp_refusal)
         leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
         if self.accum_k == 1 and self.dp_group is not None and leaves:
             _refuse_per_example(self, state, grads, leaves)
@@ -492,6 +497,23 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
     else:
         who, what, advice = "fnlit.data_parallel", "ranks", ", or one process"
     raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
+
+
+def is_step_result(result: Any, state: Any) -> bool:
+    """Whether ``result`` has the form of a training step's: a pair whose first item is a state of ``state``'s type
+    (an evaluation step, as :func:`fnlit.eval_step` builds, returns a dict of metrics)."""
+    return isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], type(state))
+
+
+def describe_result(result: Any, state: Any) -> str:
+    """What a step returned that is not a training step's result, for an error message."""
+    if isinstance(result, dict):
+        return f"a dict with keys {list(result)}"
+    if isinstance(result, (tuple, list)):
+        if len(result) != 2:
+            return f"a {type(result).__name__} of {len(result)} items"
+        return f"a pair whose first item is a {type(result[0]).__name__}, not a {type(state).__name__}"
+    return f"a {type(result).__name__}"
 
 
 def wrapped_steps(step: Any) -> Iterator[Any]:

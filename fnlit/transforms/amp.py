@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
-from ._frame import frame
+from ._frame import describe_result, frame, is_step_result
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -121,6 +122,12 @@ _FP16_PARAMS = (
 )
 
 
+_NOT_A_STEP = (
+    "fnlit.amp takes a training step `(state, batch) -> (state, metrics)` or an evaluation step "
+    "`(state, batch) -> metrics dict` (fnlit.eval_step), but the step returned {got}. Return one of the two."
+)
+
+
 def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     """Runs ``step``'s forward passes in autocast with ``dtype``; params and optimizer state stay float32.
 
@@ -148,12 +155,23 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
     schedule does not: it reads the optimizer's own count, which a skipped step leaves unchanged (as
     optax does; a torch loop calling ``scheduler.step()`` every iteration advances it on skipped steps).
 
+    An evaluation step ``(state, batch) -> metrics`` is wrapped the same way, as Lightning runs ``validation_step``
+    and ``test_step`` under the precision's autocast: ``amp(fnlit.eval_step(model, metrics_fn), dtype)`` runs the
+    whole metrics function under autocast (its losses in the dtype autocast gives them: cross_entropy float32); a
+    hand-written one, its :func:`fnlit.apply` forwards. Its metrics come back as the step returns them, and as
+    :func:`fnlit.evaluate` and :func:`fnlit.fit`'s ``eval_step`` take them. It takes no gradients, so float16 needs
+    no ``state.scaler`` there. Which kind of step it is, amp tells from what it returns, as :func:`fnlit.compile`
+    does: a pair ``(state of the input's type, metrics)`` or a mapping of metrics.
+
     Args:
-        step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
+        step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``, or an evaluation
+            step returning a dict of metrics.
         dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
 
     Raises:
-        ValueError: for another dtype, or float16 on a state without ``scaler`` or with float16 params.
+        ValueError: for another dtype, or float16 on a state without ``scaler`` or with float16 params once the
+            step takes gradients (``value_and_grad`` or ``apply_gradients``).
+        TypeError: when the step returns neither ``(state, metrics)`` nor a mapping of metrics.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -163,20 +181,31 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
         >>> state, metrics = step(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))
         >>> state.params["weight"].dtype
         torch.float32
+        >>> ev = fnlit.amp(fnlit.eval_step(model, lambda m, b: {"loss": F.cross_entropy(m(b[0]), b[1])}))
+        >>> ev(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))["loss"].dtype
+        torch.float32
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fnlit.amp expected dtype torch.bfloat16 or torch.float16, got {dtype} instead.")
 
-    def amp_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        if dtype == torch.float16:
+    def amp_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics] | Metrics:
+        refusal = None
+        if dtype == torch.float16:  # raised when the step takes gradients: an evaluation step needs no scaler
             if state.scaler is None:
-                raise ValueError(_NEEDS_SCALER)
-            for i, p in enumerate(_tree.tree_leaves(state.params)):
-                if p.dtype is torch.float16:  # torch.amp.GradScaler refuses them too ("Attempting to unscale FP16 gradients")
-                    raise ValueError(_FP16_PARAMS.format(path=_tree.tree_paths(state.params)[i]))
+                refusal = _NEEDS_SCALER
+            else:
+                for i, p in enumerate(_tree.tree_leaves(state.params)):
+                    if p.dtype is torch.float16:  # torch.amp.GradScaler refuses them too ("Attempting to unscale FP16 gradients")
+                        refusal = _FP16_PARAMS.format(path=_tree.tree_paths(state.params)[i])
+                        break
         with frame() as (f, outermost):
-            f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device)
-            state, metrics = step(state, batch)
+            f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device, refusal)
+            result = step(state, batch)
+            if isinstance(result, Mapping):  # an evaluation step's metrics (fnlit.eval_step), as they are
+                return result
+            if not is_step_result(result, state):
+                raise TypeError(_NOT_A_STEP.format(got=describe_result(result, state)))
+            state, metrics = result
             if outermost:
                 metrics = f.finish(dict(metrics))
         return state, metrics

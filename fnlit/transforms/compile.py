@@ -46,6 +46,8 @@ from .. import random as _random
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
 from ._frame import current as _current_frame
+from ._frame import describe_result as _describe
+from ._frame import is_step_result as _is_step_result
 from ._frame import wrapped_steps
 from ..optim._base import _DONATED
 from .donate import RAISED, check_not_donated, poison
@@ -338,22 +340,6 @@ _NOT_A_TRAIN_STEP = (
     "evaluation step (fnlit.eval_step, returning a dict of metrics) has no state to capture: compile it with "
     "torch.compile(eval_step) (fnlit.evaluate takes the compiled function as it is), or return (state, metrics)."
 )
-
-
-def _is_step_result(result: Any, state: Any) -> bool:
-    """Whether ``result`` has the form of a training step's: a pair whose first item is a state of ``state``'s type."""
-    return isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], type(state))
-
-
-def _describe(result: Any, state: Any) -> str:
-    """What a step returned, for :data:`_NOT_A_TRAIN_STEP`."""
-    if isinstance(result, dict):
-        return f"a dict with keys {list(result)}"
-    if isinstance(result, (tuple, list)):
-        if len(result) != 2:
-            return f"a {type(result).__name__} of {len(result)} items"
-        return f"a pair whose first item is a {type(result[0]).__name__}, not a {type(state).__name__}"
-    return f"a {type(result).__name__}"
 
 
 def _check_structure(state: TrainState, new: Any) -> None:
