@@ -422,7 +422,16 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def _mismatch(path: Path, where: str) -> ValueError:
+def _mismatch(path: Path, where: str, at: str = "", like: Any = None) -> ValueError:
+    from .state import TrainState
+
+    if at.startswith("scaler[") and isinstance(like, TrainState):  # a loss scaler in one only (float16 <-> bfloat16)
+        return ValueError(
+            f"fnlit.restore: the checkpoint {path} does not fit the state you restore into (a loss scaler in one "
+            f"and not the other): {where} (expected: the state; got: the checkpoint). Create the state with "
+            "TrainState.create(..., loss_scale=...) as the saved one was: loss_scale='dynamic' for "
+            "fnlit.amp(dtype=torch.float16), none for bfloat16 or float32."
+        )
     return ValueError(
         f"fnlit.restore: the checkpoint {path} does not fit the state you restore into (another model or "
         f"optimizer?): {where} (expected: the state; got: the checkpoint). Restore into a state built the "
@@ -482,10 +491,12 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
         missing = next((p for p in paths if p not in values), None)
         if missing is not None:
             leaf = leaves[paths.index(missing)]
-            raise _mismatch(path, f"at {missing}: expected {_describe(leaf)}, got nothing (the checkpoint has no {missing})")
+            raise _mismatch(path, f"at {missing}: expected {_describe(leaf)}, got nothing (the checkpoint has no {missing})",
+                            missing, like)
         extra = next((p for p in values if p not in paths), None)
         if extra is not None:
-            raise _mismatch(path, f"at {extra}: expected nothing (the state has no {extra}), got {_describe(values[extra])}")
+            raise _mismatch(path, f"at {extra}: expected nothing (the state has no {extra}), got {_describe(values[extra])}",
+                            extra, like)
         raise _mismatch(path, f"the same paths in another order: expected {paths[:6]}, got {list(values)[:6]}")
     given = [_as_like(leaf, values[p]) for p, leaf in zip(paths, leaves)]
     where = _tree.first_mismatch(like, _tree.tree_unflatten(treedef, given))

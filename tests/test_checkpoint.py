@@ -88,6 +88,17 @@ def test_another_model_names_the_first_path_and_both_shapes(tmp_path):
         ckpt.restore(path, like=sgd)
 
 
+def test_a_loss_scaler_in_one_state_only_names_loss_scale(tmp_path):
+    # Resuming float16 training as bfloat16 (or the reverse) was blamed on "another model or optimizer".
+    _, fp16 = trained(loss_scale="dynamic")
+    _, bf16 = trained()
+    for saved, like in ((fp16, bf16), (bf16, fp16)):
+        path = ckpt.save(tmp_path / "a.ckpt", saved)
+        with pytest.raises(ValueError, match=r"a loss scaler in one and not the other\): at scaler\[0\]: .*"
+                                             r"TrainState\.create\(\.\.\., loss_scale=\.\.\.\)"):  # fmt: skip
+            ckpt.restore(path, like=like)
+
+
 def test_truncated_or_corrupt_files_raise_an_error_naming_the_file(tmp_path):
     _, state = trained()
     path = ckpt.save(tmp_path / "a.ckpt", state)
