@@ -447,6 +447,15 @@ def test_fp16_amp_refuses_a_training_step_before_its_forward_without_a_scaler():
     with pytest.raises(ValueError, match="loss_scale='dynamic'"):  # gradients taken another way: at apply_gradients
         fnlit.amp(lambda s, b: (s.apply_gradients(grads), {}), dtype=torch.float16)(state, batch())
 
+    def sgd_by_hand(s, b):  # neither value_and_grad nor apply_gradients: torch.autograd and replace
+        params = {k: p.detach().requires_grad_() for k, p in s.params.items()}
+        out, _ = fnlit.apply(model, params, s.buffers, b[0])
+        g = torch.autograd.grad(F.cross_entropy(out.float(), b[1]), list(params.values()))
+        return s.replace(params={k: p - 0.1 * d for (k, p), d in zip(params.items(), g)}, step=s.step + 1), {}
+
+    with pytest.raises(ValueError, match="loss_scale='dynamic'"):  # never float16 run unscaled, even so
+        fnlit.amp(sgd_by_hand, dtype=torch.float16)(state, batch())
+
 
 def test_bf16_runs_forward_in_bf16_and_keeps_fp32_masters():
     model = mlp()

@@ -170,7 +170,8 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
 
     Raises:
         ValueError: for another dtype, or float16 on a state without ``scaler`` or with float16 params once the
-            step takes gradients (``value_and_grad`` or ``apply_gradients``).
+            step takes gradients (``value_and_grad`` or ``apply_gradients``; a training step taking them another
+            way, when it returns).
         TypeError: when the step returns neither ``(state, metrics)`` nor a mapping of metrics.
 
     Example:
@@ -205,6 +206,8 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
                 return result
             if not is_step_result(result, state):
                 raise TypeError(_NOT_A_STEP.format(got=describe_result(result, state)))
+            if refusal is not None:  # a training step that took its gradients some other way: never fp16 unscaled
+                raise ValueError(refusal)
             state, metrics = result
             if outermost:
                 metrics = f.finish(dict(metrics))
