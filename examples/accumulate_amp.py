@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def eval_step(state: fnlit.TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch
         logits, _ = fnlit.apply(model, state.params, state.buffers, x, train=False)
+        logits = logits.float()  # (bfloat16/float16 under fnlit.amp: the loss in float32, as autocast gives it)
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
 
     train = ArrayLoader(*data["train"], batch_size=args.batch_size, shuffle=True, drop_last=True)
@@ -101,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     step = train_step
     if args.accumulate > 1:
         step = fnlit.accumulate(step, args.accumulate)
-    if args.amp != "off":
-        step = fnlit.amp(step, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    if args.amp != "off":  # validation and test under the same autocast, as Lightning runs them
+        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+        step, eval_step = fnlit.amp(step, dtype=dtype), fnlit.amp(eval_step, dtype=dtype)
 
     skipped = SkippedSteps()
     start = time.perf_counter()

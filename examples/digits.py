@@ -91,6 +91,7 @@ def make_steps(model: nn.Module) -> tuple[Callable[..., tuple[fnlit.TrainState, 
         x, y = batch
         with torch.no_grad():
             logits, _ = fnlit.apply(model, state.params, state.buffers, x, train=False)
+        logits = logits.float()  # (bfloat16/float16 under fnlit.amp: the loss in float32, as autocast gives it)
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
 
     return train_step, eval_step
@@ -140,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     step = train_step
     if args.accumulate > 1:
         step = fnlit.accumulate(step, args.accumulate)
-    if args.amp != "off":
-        step = fnlit.amp(step, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    if args.amp != "off":  # validation and test under the same autocast, as Lightning runs them
+        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+        step, eval_step = fnlit.amp(step, dtype=dtype), fnlit.amp(eval_step, dtype=dtype)
 
     train = ArrayLoader(*splits["train"], batch_size=args.batch_size, shuffle=True, drop_last=True)
     val = ArrayLoader(*splits["val"], batch_size=256, shuffle=False)
