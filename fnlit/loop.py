@@ -519,11 +519,14 @@ _EVEN_SHARDS = (
 
 
 class _Signals:
-    """SIGINT/SIGTERM set ``reason`` (the current step finishes); a second Ctrl-C interrupts at once."""
+    """SIGINT/SIGTERM set ``reason`` (the current step finishes); a second Ctrl-C interrupts at once -- except while
+    ``hold`` is set (the per-step hooks run: a callback cut off there, the ones after it would miss that step for
+    good, an EMA one update), where it is ``held`` until they return; a third interrupts at once even there."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.previous: dict[int, Any] = {}
+        self.hold = self.held = False
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
@@ -533,6 +536,9 @@ class _Signals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.reason is not None:
+            if self.hold and not self.held:
+                self.held = True
+                return
             raise KeyboardInterrupt
         self.reason = "sigint" if signum == signal.SIGINT else "sigterm"
 
@@ -815,7 +821,8 @@ def fit(
     ``max_time``) wait until ``min_epochs`` epochs are done; one that takes effect after a step of an epoch that
     validates runs a validation first (unless that step just had one), as Lightning's ``should_stop`` does.
     Ctrl-C or SIGTERM finish the current step and
-    return the state (``checkpoint.on_exit`` can save it). Under several processes the ranks decide together,
+    return the state (``checkpoint.on_exit`` can save it); a second Ctrl-C interrupts at once (one during the
+    callbacks' ``on_step`` once they have all seen that step; a third even there). Under several processes the ranks decide together,
     without a collective every step: a stop requested during a step (``on_step``, a signal, ``max_time``)
     takes effect at the next log interval, validation or epoch end; one from a validation
     (``EarlyStopping``) at once.
@@ -1184,7 +1191,14 @@ def fit(
                                 f"got {type(metrics).__name__} as metrics. Return e.g. (new_state, {{'loss': loss}})."
                             )
                         if per_step_hooks:
-                            hooks("on_step", state, metrics)
+                            signals.hold = True
+                            try:
+                                hooks("on_step", state, metrics)
+                            finally:
+                                signals.hold = False
+                            if signals.held:  # a second Ctrl-C while they ran: every callback has seen the step
+                                signals.held = False
+                                raise KeyboardInterrupt
                         bar.update()
                         if steps % log_every == 0:
                             log_now()

@@ -1480,6 +1480,41 @@ def test_a_second_ctrl_c_in_a_step_hook_leaves_that_steps_row_and_validation_to_
     assert_trees_equal(got.params, want.params)
 
 
+def test_a_second_ctrl_c_in_a_step_hook_waits_for_the_later_callbacks_and_a_third_does_not(tmp_path):
+    # The second Ctrl-C raised inside the first callback's on_step: the EMA after it never saw step 6, the exit
+    # checkpoint kept its state without that update and the resume went on from step 7 (one update short for good).
+    # Reference: the uninterrupted run's EMA.
+    from fnlit.callbacks import EMA
+
+    step, state, data, _ = _ctrl_c_setup()
+    kw = dict(max_epochs=2, log_every_n_steps=5, progress=False)
+    ref = EMA(0.5)
+    fit(step, state, data, callbacks=[ref], **kw)
+    first = EMA(0.5)
+    cut = fit(step, state, data, callbacks=[_DoubleCtrlC(6, "on_step"), first], checkpoint=fnlit.Checkpointer(tmp_path), **kw)
+    assert int(cut.step) == 6  # still interrupted there, once the hooks had returned
+    resumed = EMA(0.5)
+    fit(step, state, data, callbacks=[resumed], checkpoint=fnlit.Checkpointer(tmp_path), ckpt_path="last", **kw)
+    assert_trees_equal(resumed.params, ref.params)
+
+    class Thrice(_DoubleCtrlC):  # a hook that hangs: the third Ctrl-C interrupts inside it
+        def on_step(self, state, metrics):
+            super().on_step(state, metrics)
+            if int(state.step) == self.at:
+                signal.raise_signal(signal.SIGINT)
+                raise AssertionError("not interrupted")
+
+    class Seen:
+        steps: list = []
+
+        def on_step(self, state, metrics):
+            self.steps.append(int(state.step))
+
+    later = Seen()
+    cut = fit(step, state, data, callbacks=[Thrice(3, "on_step"), later], checkpoint=fnlit.Checkpointer(tmp_path / "b"), **kw)
+    assert int(cut.step) == 3 and later.steps == [1, 2]
+
+
 @pytest.mark.parametrize("sized", [True, False], ids=["sized", "unsized"])
 @pytest.mark.parametrize("cut_first", [True, False], ids=["cut-before-swa", "cut-after-swa"])
 def test_a_second_ctrl_c_in_an_epoch_end_hook_ends_that_epoch_again_on_resume(tmp_path, cut_first, sized):
