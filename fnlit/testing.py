@@ -15,7 +15,8 @@ the user's step included -- fails, even on the CPU where it costs nothing, becau
 the same line would stall every step and break graph capture. The integer that
 :func:`fnlit.random.fold_in` folds in is the user's: its read is allowed for CPU counters
 (``fold_in(state.rng, state.step)``, ``state.step + 1``: ``state.step`` is a CPU tensor by design) and flagged for
-the batch's tensors and their views (on the device in training), which :func:`assert_no_host_sync` and
+the batch's tensors, their views and every tensor computed from them in the block (``batch["i"][0].long()``,
+``batch["i"].sum()``: all on the device in training), which :func:`assert_no_host_sync` and
 ``no_host_sync(batch=...)`` know.
 
 Example:
@@ -46,6 +47,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _storage
 from .ensemble import EnsembleStep, _fold_keys  # (not `from . import ensemble`: fnlit.ensemble is also the function)
@@ -413,10 +415,15 @@ _ALLOWED = frozenset(
 )
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
 # fold_in's read of its data (_random._index) is the user's tensor: flagged when it is (a view of) a tensor of the
-# batch given to assert_no_host_sync / no_host_sync(batch=...), by storage address (a batch's tensor is on the device
-# in training); allowed for other CPU tensors (state.step and what is computed from it).
+# batch given to assert_no_host_sync / no_host_sync(batch=...), by storage address, or a tensor an op in the block
+# computed from one (_DERIVED): those are on the device in training. Allowed for other CPU tensors (state.step and
+# what is computed from it).
 _INDEX = _random._index.__code__
 _BATCH: ContextVar[frozenset[int]] = ContextVar("fnlit_batch_storages", default=frozenset())
+# The tensors ops computed from the batch's tensors or from such tensors (_DispatchMode marks every output of an op
+# with one among its inputs), while a batch is registered. Weak and keyed by the tensor object, not by storage
+# address: a freed batch-derived tensor's address is reused by the next allocation (a state-derived counter).
+_DERIVED: ContextVar[WeakTensorKeyDictionary | None] = ContextVar("fnlit_batch_derived", default=None)
 _READS = frozenset(
     ["item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__", "__complex__",
      "__repr__", "__str__", "__format__"]
@@ -495,18 +502,44 @@ def _integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def _of_batch(t: torch.Tensor) -> bool:
+    """Whether ``t`` is (a view of) a tensor of the block's batch, or was computed from one in the block."""
+    derived = _DERIVED.get()
+    return derived is not None and (t in derived or _storage.address(t) in _BATCH.get())
+
+
+def _reads_batch(args: Any, derived: WeakTensorKeyDictionary, batch: frozenset[int]) -> bool:
+    """Whether a tensor among ``args`` (nested in lists and tuples: torch.cat's) is the batch's or computed from it."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a in derived or _storage.address(a) in batch:
+                return True
+        elif isinstance(a, (list, tuple)) and _reads_batch(a, derived, batch):
+            return True
+    return False
+
+
+def _mark(out: Any, derived: WeakTensorKeyDictionary) -> None:
+    if isinstance(out, torch.Tensor):
+        derived[out] = True
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            _mark(o, derived)
+
+
 def _flag(what: str, t: torch.Tensor | None) -> None:
     f = _caller()
     if t is not None and t.device.type == "cpu" and f is not None and f.f_code in _ALLOWED:
-        if f.f_code is not _INDEX or _storage.address(t) not in _BATCH.get() or not _integer(t):
+        if f.f_code is not _INDEX or not _integer(t) or not _of_batch(t):
             return  # (fold_in refuses a float or bool tensor, with its TypeError: no value is read)
         while f.f_back is not None and f.f_code.co_filename == _random.__file__:  # the line calling fold_in
             f = f.f_back
         where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})"
         raise HostSyncError(
-            f"host sync inside the step: fnlit.random.fold_in(key, data) read data, a tensor of the batch, at {where}. "
-            "On the host it turns into an int: the batch is on the device in training, and this stalls it every "
-            "step. Fold in a Python int (kept out of the tensors moved to the device), or state.step (a CPU tensor)."
+            f"host sync inside the step: fnlit.random.fold_in(key, data) read data, a tensor of the batch or computed "
+            f"from one, at {where}. On the host it turns into an int: the batch, and what is computed from it, is on "
+            "the device in training, and this stalls it every step. Fold in a Python int (kept out of the tensors "
+            "moved to the device), or state.step (a CPU tensor)."
         )
     where = f"{f.f_code.co_filename}:{f.f_lineno} (in {f.f_code.co_name})" if f is not None else "an unknown place"
     raise HostSyncError(
@@ -599,7 +632,13 @@ class _DispatchMode(TorchDispatchMode):
             src, dst = (args[0], kwargs.get("device")) if func is _COPIES[0] else (args[1], args[0].device)
             if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
                 _flag(f"a copy from {src.device} to the host", None)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        derived = _DERIVED.get()
+        if derived is not None:  # a batch is registered: what is computed from it is on the device in training too
+            batch = _BATCH.get()
+            if _reads_batch(args, derived, batch) or _reads_batch(kwargs.values(), derived, batch):
+                _mark(out, derived)
+        return out
 
 
 class no_host_sync:
@@ -616,12 +655,14 @@ class no_host_sync:
     with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), on any device -- so a test on
     the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
-    of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``
-    (or a view of one) folded in is flagged. Ops run a little slower inside.
+    of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``,
+    a view of one, or a tensor computed from them inside the block (``batch["i"][0].long()``, ``batch["i"].sum()``,
+    ``batch["i"][0] + 1``) folded in is flagged. Ops run a little slower inside (a little more with a ``batch``:
+    each op's outputs computed from it are recorded).
 
     Args:
-        batch: the batch the block's step is given (optional): its tensors folded in are flagged, as on the
-            device in training (:func:`assert_no_host_sync` passes it).
+        batch: the batch the block's step is given (optional): its tensors, and what is computed from them,
+            folded in are flagged, as on the device in training (:func:`assert_no_host_sync` passes it).
 
     Example:
         >>> import torch
@@ -640,7 +681,12 @@ class no_host_sync:
         self._tokens: list[Any] = []
 
     def __enter__(self) -> no_host_sync:  # noqa: PYI034
-        self._tokens.append(_BATCH.set(_BATCH.get() | self._batch))
+        batch = _BATCH.get() | self._batch
+        # an outer block's record goes on (its batch is still registered); a fresh one lives as long as the block
+        derived = _DERIVED.get()
+        if derived is None and batch:
+            derived = WeakTensorKeyDictionary()
+        self._tokens.append((_BATCH.set(batch), _DERIVED.set(derived)))
         for m in self._modes:
             m.__enter__()
         return self
@@ -648,7 +694,9 @@ class no_host_sync:
     def __exit__(self, *exc: object) -> None:
         for m in reversed(self._modes):
             m.__exit__(*exc)
-        _BATCH.reset(self._tokens.pop())
+        batch, derived = self._tokens.pop()
+        _DERIVED.reset(derived)
+        _BATCH.reset(batch)
 
 
 def assert_no_host_sync(step: StepFn | Callable[..., Any], state: Any, batch: Batch) -> Any:

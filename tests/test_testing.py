@@ -353,6 +353,65 @@ def test_no_host_sync_flags_fold_in_of_a_batch_tensor_as_the_same_read_written_d
     assert_no_host_sync(counted, state, shard)
 
 
+@pytest.mark.parametrize("derive", [
+    lambda b: b["shard_id"][0].long(),  # a copy (aten._to_copy), no view
+    lambda b: b["shard_id"].sum(),
+    lambda b: b["shard_id"][0] + 1,
+    lambda b: b["shard_id"][0].clone(),
+], ids=["long", "sum", "plus_one", "clone"])
+def test_no_host_sync_flags_fold_in_of_a_tensor_computed_from_the_batch(derive):
+    # Only the batch's own storages were matched: an int computed from a batch tensor (on the device in training
+    # too, so its read is a sync there) passed, while int(derive(batch)) in the step was flagged.
+    _, state = make()
+    shard = {"shard_id": torch.tensor([3], dtype=torch.int32)}
+
+    def folded(state, batch):
+        return state, {"k": fnlit.random.fold_in(state.rng, derive(batch)).float()}
+
+    with pytest.raises(HostSyncError, match=r"fold_in\(key, data\) read data, a tensor of the batch or computed from "
+                                            r"one.*test_testing.py:\d+ \(in folded\)"):
+        assert_no_host_sync(folded, state, shard)
+    with pytest.raises(HostSyncError, match=r"int\(tensor\)"), no_host_sync(batch=shard):
+        int(derive(shard))  # the same read written directly, for comparison
+
+
+def test_no_host_sync_follows_the_batch_through_autograd_in_place_ops_and_outer_blocks():
+    _, state = make()
+    shard = {"x": torch.tensor([1.0, 2.0]), "i": torch.tensor([3, 4])}
+    w = torch.randn(2, requires_grad=True)
+    counter = state.step.clone()
+    with no_host_sync(batch=shard):
+        with pytest.raises(HostSyncError, match="computed from one"):
+            fnlit.random.fold_in(state.rng, (w * shard["x"]).argmax())  # through an autograd-tracked product
+        with pytest.raises(HostSyncError, match="computed from one"):
+            fnlit.random.fold_in(state.rng, counter.add_(shard["i"][0]))  # a CPU counter, written from the batch
+        with no_host_sync(), pytest.raises(HostSyncError, match="computed from one"):  # the outer batch stays known
+            fnlit.random.fold_in(state.rng, shard["i"][1] * 2)
+        fnlit.random.fold_in(state.rng, state.step + 1)  # the state's counters stay allowed
+        fnlit.random.fold_in(state.rng, state.step)
+
+
+def test_no_host_sync_does_not_take_a_state_counter_for_a_freed_batch_tensor_at_the_same_address():
+    # What is computed from the batch is known by the tensor, not by its storage's address: the allocator hands a
+    # freed batch-derived tensor's memory to the next tensor, here the state's counters.
+    _, state = make()
+    shard = {"i": torch.tensor([3, 4])}
+
+    def step(state, batch):
+        freed = set()
+        for _ in range(500):
+            scratch = batch["i"][0] * 2 + 1
+            freed.add(scratch.data_ptr())
+            del scratch
+        counters = [state.step + k for k in range(100)]
+        for c in counters:
+            fnlit.random.fold_in(state.rng, c)
+        return state, {"reused": sum(c.data_ptr() in freed for c in counters)}
+
+    _, metrics = assert_no_host_sync(step, state, shard)
+    assert metrics["reused"] > 0  # (the allocator did reuse the addresses: the case is exercised)
+
+
 def test_no_host_sync_is_an_assertion_and_catches_device_to_host_copies():
     assert issubclass(HostSyncError, AssertionError)
     with pytest.raises(HostSyncError, match="a copy from meta to the host"), no_host_sync():
