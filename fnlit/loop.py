@@ -945,7 +945,10 @@ def fit(
     other_length = None not in (saved_length, plan.length) and saved_length != plan.length
     if other_length and b >= saved_length and plan.batches is not None:
         b, other_length = plan.batches, False  # the saved epoch had all its batches: it ends here too, nothing skipped
-    ended = not other_length and saved_length is not None and b >= saved_length  # (saved at the epoch's last batch)
+    # saved at the epoch's last batch, or at or past the last this run gives it (limit_train_batches): nothing to skip
+    ended = (not other_length and saved_length is not None and b >= saved_length) or (
+        plan.batches is not None and b >= plan.batches
+    )
     if b and not ended and (saved_world != _dist.world_size() or other_length):
         changed, same = (
             (f"on {_dist.world_size()} process(es), but the checkpoint was saved on {saved_world}: the ranks' shards "

@@ -543,6 +543,17 @@ def test_a_resume_from_an_epochs_end_on_another_number_of_processes_starts_the_n
     assert c.epoch_ends == [0, 1, 2]
 
 
+def test_a_resume_from_an_epochs_end_set_by_limit_train_batches_on_another_number_of_processes_is_untold():
+    # Saved on 2 ranks at batch 3 of 5 with limit_train_batches=3: that epoch's end. Reference by hand: epoch 1's
+    # first 3 batches after epoch 0's end, nothing of epoch 0 again; no warning (warnings are errors here).
+    restored = (make_state().replace(step=torch.tensor(3)),
+                {"epoch": 0, "batch": 3, "seed": 42, "world_size": 2, "batches_per_epoch": 5})
+    c = Counter()
+    fit(c.step, make_state(), ArrayLoader(torch.arange(10), batch_size=2, shuffle=False), max_epochs=2,
+        checkpoint=FakeCheckpoint(restored), ckpt_path="last", callbacks=[c], progress=False, limit_train_batches=3)
+    assert c.epoch_ends == [0, 1] and c.train == [[0, 1], [2, 3], [4, 5]]
+
+
 def test_resume_at_the_last_batch_of_an_epoch_of_data_without_a_length():
     # A checkpoint saved at the epoch's last batch: the resumed run finds that epoch's data spent and goes on.
     restored = (make_state().replace(step=torch.tensor(3)), {"epoch": 0, "batch": 3, "seed": 42})
