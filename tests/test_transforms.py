@@ -426,6 +426,33 @@ def test_fit_validates_with_an_amp_eval_step():
     assert seen == [{"val/loss": pytest.approx(float(want["loss"]), abs=1e-6), "val/acc": pytest.approx(float(want["acc"]))}]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_amp_eval_step_called_inside_a_training_step_leaves_its_precision_alone(dtype):
+    # Under accumulate (whose frame the eval step's amp shares) the eval step's dtype stayed set: the training
+    # forward ran in bfloat16, or float16 amp's "needs dynamic loss scaling" refused a float32 step. Reference: the
+    # same training step without the eval metric (torch.autocast regions end with their block).
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(1e-3), seed=0)
+    ev = fnlit.amp(fnlit.eval_step(model, lambda m, b: {"loss": F.cross_entropy(m(b[0]), b[1])}), dtype)
+    dtypes = []
+
+    def train(state, b, with_eval=True):
+        before = ev(state, b) if with_eval else {}
+
+        def loss_fn(p):
+            out, _ = fnlit.apply(model, p, state.buffers, b[0])
+            dtypes.append(out.dtype)
+            return F.cross_entropy(out, b[1])
+
+        loss, g = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(g), {"loss": loss, **{f"before/{k}": v for k, v in before.items()}}
+
+    got, _ = fnlit.accumulate(train, 2)(state, batch())
+    want, _ = fnlit.accumulate(lambda s, b: train(s, b, with_eval=False), 2)(state, batch())
+    assert dtypes == [torch.float32] * 4
+    assert_trees_equal(got.params, want.params)
+
+
 @pytest.mark.parametrize("result", [lambda s: (s,), lambda s: (s, {}, {}), lambda s: torch.tensor(0.0), lambda s: ({}, s)])
 def test_amp_refuses_a_step_returning_neither_state_and_metrics_nor_metrics(result):
     state = fnlit.TrainState.create(mlp(), fnlit.optim.sgd(0.1), seed=0)

@@ -162,11 +162,19 @@ class Frame:
         self.extra: dict[str, torch.Tensor] = {}
 
     # -- set by the transforms -------------------------------------------------------------
-    def set_amp(self, dtype: torch.dtype, scaler: LossScaleState | None, device: torch.device, refusal: str | None = None) -> None:
+    def set_amp(self, dtype: torch.dtype, scaler: LossScaleState | None, device: torch.device, refusal: str | None = None) -> tuple:
+        """Sets amp's dtype, loss scale and float16 refusal; returns the settings before, for :meth:`reset_amp`."""
+        before = (self.amp_dtype, self.amp_device, self.amp_refusal, self.scaler, self.level, self.found_inf)
         self.amp_dtype, self.amp_device, self.amp_refusal = dtype, device.type, refusal
         if scaler is not None and self.scaler is None:
             self.scaler, self.level = scaler, _level()
             self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        return before
+
+    def reset_amp(self, before: tuple) -> None:
+        """Puts back the settings :meth:`set_amp` returned (an amp'd eval step called inside a training step: its
+        dtype and loss scale end with it, as a torch.autocast region's)."""
+        self.amp_dtype, self.amp_device, self.amp_refusal, self.scaler, self.level, self.found_inf = before
 
     # -- read by value_and_grad --------------------------------------------------------------
     def refuse_per_example(self, args: tuple[Any, ...]) -> None:

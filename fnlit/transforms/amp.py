@@ -200,9 +200,10 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
                         refusal = _FP16_PARAMS.format(path=_tree.tree_paths(state.params)[i])
                         break
         with frame() as (f, outermost):
-            f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device, refusal)
+            before = f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device, refusal)
             result = step(state, batch)
             if isinstance(result, Mapping):  # an evaluation step's metrics (fnlit.eval_step), as they are
+                f.reset_amp(before)  # (called inside a training step's frame: the training goes on as it was)
                 return result
             if not is_step_result(result, state):
                 raise TypeError(_NOT_A_STEP.format(got=describe_result(result, state)))
