@@ -998,7 +998,8 @@ def value_and_grad(
     is scaled before backward; the returned gradients are already unscaled. A tensor the loss does not
     reach gets a zero gradient (as in JAX), not None: an optimizer's momentum and weight decay still move
     it (``torch.optim`` skips a parameter without ``.grad``); freeze it, or zero its updates with
-    ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``. Activation checkpointing inside ``fn``
+    ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``. A loss that reaches none of the differentiated
+    tensors is an error (see Raises), not all-zero gradients. Activation checkpointing inside ``fn``
     (``torch.utils.checkpoint``) needs ``use_reentrant=False``: the reentrant kind cannot give gradients with
     respect to chosen tensors.
 
@@ -1006,7 +1007,9 @@ def value_and_grad(
         ValueError: if the loss is not a scalar (the message gives its shape); for repeated argnums, or
             one that names no positional argument.
         TypeError: if argnums is not an int or a tuple of ints.
-        RuntimeError: if ``fn`` runs ``torch.utils.checkpoint`` with ``use_reentrant=True`` (eager mode).
+        RuntimeError: if the loss depends on none of the differentiated arguments (it reads the module's own
+            parameters, ``state.params`` or only constants; on every path, under torch.func transforms and
+            torch.compile too); if ``fn`` runs ``torch.utils.checkpoint`` with ``use_reentrant=True`` (eager mode).
 
     Example:
         >>> import torch
@@ -1253,6 +1256,11 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
 
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
         loss, aux, target = _run_loss(fn, a, k, has_aux, frame, autocast)
+        # Inside the transform a loss requires grad only if it reads the arguments it differentiates (the module's
+        # own parameters or a constant do not count): torch.func would give all-zero gradients, where the eager
+        # path's backward refuses such a loss (a DP-SGD step would train on noise alone, a compiled one not move).
+        if not target.requires_grad:
+            raise RuntimeError(_UNREACHED.format(how="it reads none of them"))
         # functorch's aux must hold tensors only; and under torch.compile an empty dict in it comes back
         # as an empty tuple. So aux leaves only cross the transform, and the structure goes around it.
         leaves, spec = torch_pytree.tree_flatten((loss, aux) if has_aux else (loss,))

@@ -220,3 +220,55 @@ def test_dp_noise_of_a_complex_leaf_is_complex_with_the_calibrated_std():
     # The clipping norm counts the real and imaginary parts as coordinates: each gets the full std (sigma * C).
     for part in (noise.real, noise.imag):
         assert abs(part.std().item() - 2.0) < 0.05
+
+
+def _forgot_apply_step(model, per_example):
+    """A step whose loss runs the module itself (``model(x)``) instead of fnlit.apply on the params it is given."""
+
+    def step(state, batch):
+        x, y = batch
+        if per_example:
+            loss_fn = lambda p, ex: F.cross_entropy(model(ex[0].unsqueeze(0)), ex[1].unsqueeze(0))  # noqa: E731
+            losses, grads = per_example_grads(loss_fn, state.params, batch)
+            grads = {k: g.mean(0) for k, g in grads.items()}
+            return state.apply_gradients(grads), {"loss": losses.mean()}
+        loss, grads = fnlit.value_and_grad(lambda p: F.cross_entropy(model(x), y))(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return step
+
+
+@pytest.mark.parametrize("route", ["per_example_grads", "per_example_grads compiled", "compiled", "ensemble"])
+def test_a_loss_that_never_reads_its_params_is_refused_on_the_torch_func_path_as_eagerly(route):
+    # torch.func gave all-zero gradients for it (DP-SGD trained on its noise alone, a compiled step never moved the
+    # params), where the eager value_and_grad refuses it. The reference: what the eager path says.
+    model = mlp()
+    state = fnlit.TrainState.create(model, sgd(0.1), seed=0)
+    data = batch(n=4)
+    eager = r"does not depend on the arguments it differentiates"
+    with pytest.raises(RuntimeError, match=eager):  # the eager path, uncompiled
+        _forgot_apply_step(model, per_example=False)(state, data)
+    step = _forgot_apply_step(model, per_example=route.startswith("per_example"))
+    if route.endswith("compiled"):
+        step = fnlit.compile(step)
+    elif route == "ensemble":
+        step, state = fnlit.ensemble(step, 2), fnlit.ensemble_states(model, sgd(0.1), seeds=[0, 1])
+    elif route == "per_example_grads":
+        with pytest.raises(RuntimeError, match=eager):  # a constant loss, alone
+            per_example_grads(lambda p, ex: ex[0].sum(), state.params, data)
+    with pytest.raises(RuntimeError, match=eager):
+        step(state, data)
+
+
+def test_per_example_grads_of_a_loss_reaching_some_params_or_one_argnum_give_zeros_for_the_others():
+    # Not refused: a tensor the loss does not reach gets a zero gradient, as eagerly. Reference: torch.func.
+    params = {"w": torch.tensor([1.0, 2.0]), "unused": torch.ones(3)}
+    xs = torch.randn(5, 2)
+    losses, grads = per_example_grads(lambda p, x: (p["w"] @ x) ** 2, params, xs)
+    want = torch.func.vmap(torch.func.grad(lambda w, x: (w @ x) ** 2), in_dims=(None, 0))(params["w"], xs)
+    torch.testing.assert_close(grads["w"], want)
+    assert torch.equal(grads["unused"], torch.zeros(5, 3))
+    vg = fnlit.value_and_grad(lambda a, b: (b**2).sum(), argnums=(0, 1))  # reads only its second argument
+    _, (ga, gb) = torch.func.vmap(vg, in_dims=(None, 0))(params, xs)
+    assert torch.equal(ga["w"], torch.zeros(5, 2)) and torch.equal(gb, 2 * xs)
+
