@@ -272,3 +272,29 @@ def test_per_example_grads_of_a_loss_reaching_some_params_or_one_argnum_give_zer
     _, (ga, gb) = torch.func.vmap(vg, in_dims=(None, 0))(params, xs)
     assert torch.equal(ga["w"], torch.zeros(5, 2)) and torch.equal(gb, 2 * xs)
 
+
+def test_dp_refuses_a_batch_gradient_whose_leaves_share_a_leading_size():
+    # nn.Linear(3, 4)'s batch gradient (weight (4, 3), bias (4,)) passed the common-leading-size check, its 4 output
+    # rows taken for 4 examples; sgd failed afterwards with advice that did not fit.
+    model = torch.nn.Linear(3, 4)
+    state = fnlit.TrainState.create(model, chain(dp_sgd_aggregate(1.0, 0.0), sgd(0.1)), seed=0)
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+    loss_fn = lambda p, ex: F.cross_entropy(fnlit.apply(model, p, {}, ex[0].unsqueeze(0))[0], ex[1].unsqueeze(0))  # noqa: E731
+    _, batch_grads = fnlit.value_and_grad(lambda p: F.cross_entropy(fnlit.apply(model, p, {}, x)[0], y))(state.params)
+    with pytest.raises(ValueError, match=r"look like one batch's gradients.*fnlit\.per_example_grads"):
+        state.apply_gradients(batch_grads)
+    tx = dp_sgd_aggregate(1.0, 0.0)
+    with pytest.raises(ValueError, match=r"but w has shape \(4, 2\) for a param of shape \(3,\)"):
+        tx.update({"w": torch.ones(4, 2)}, tx.init({}), {"w": torch.zeros(3)})
+    # Per-example gradients still pass; the reference: each example's gradient by plain autograd, clipped to norm 1,
+    # summed and divided by the batch size, by hand.
+    _, grads = per_example_grads(loss_fn, state.params, (x, y))
+    new = state.apply_gradients(grads)
+    total = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for i in range(6):
+        gs = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters()))
+        norm = torch.sqrt(sum((g**2).sum() for g in gs))
+        for (k, _), g in zip(model.named_parameters(), gs):
+            total[k] += g / max(1.0, norm.item())
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(new.params[k], p.detach() - 0.1 * total[k] / 6, rtol=1e-6, atol=1e-7)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import random as _random
-from ..tree import is_real, tree_flatten, tree_unflatten
+from ..tree import is_real, tree_flatten, tree_paths, tree_structure, tree_unflatten
 from ._base import GradientTransformation, PyTree, raise_wrong_state, refuse_sparse
 from ._transforms import check_arg, check_type
 
@@ -77,7 +77,8 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
     Raises:
         ValueError: for ``l2_norm_clip <= 0`` or ``noise_multiplier < 0``, or either not finite; at update time if the leaves
             have no common leading batch dimension, an empty one (0 examples), or one is sparse
-            (``nn.Embedding(..., sparse=True)``'s gradient).
+            (``nn.Embedding(..., sparse=True)``'s gradient); when given the params, if a leaf is not
+            ``(B, *param.shape)`` (a batch's gradient, of the params' shapes, is refused so).
         TypeError: for an ``l2_norm_clip`` or ``noise_multiplier`` that is not a number or 0-d tensor (a string, a
             bool), for noise without a ``seed``, or a seed that is not an int.
         RuntimeError: if run inside vmap or torch.compile.
@@ -128,6 +129,8 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         # (per-example gradients come from vmap, dense: a sparse one is a batch's gradient)
         refuse_sparse("dp_sgd_aggregate", leaves, updates, " (they are a whole batch's gradient, not per example)",
                       " and compute per-example ones with fnlit.per_example_grads(loss_fn, state.params, batch)")
+        if params is not None:
+            _check_per_example(updates, leaves, params)
         sizes = {g.shape[0] if g.dim() else None for g in leaves}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(
@@ -153,3 +156,28 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         return tree_unflatten(treedef, out), DPAggregateState(_random.next_key(state.rng))
 
     return GradientTransformation(init, update)
+
+
+def _check_per_example(updates: PyTree, leaves: list[torch.Tensor], params: PyTree) -> None:
+    """Refuses gradients whose leaves are not ``(B, *param.shape)``: a batch's gradient (the params' shapes) whose
+    leaves happen to share a leading size (``nn.Linear``'s weight and bias: its output rows) would pass the
+    batch-size check, its rows taken for examples."""
+    param_leaves, structure = tree_flatten(params)
+    if structure != tree_structure(updates):  # another structure: the optimizer after this one names it
+        return
+    for i, (g, p) in enumerate(zip(leaves, param_leaves)):
+        if not isinstance(p, torch.Tensor) or g.shape[1:] == p.shape:
+            continue
+        path = tree_paths(updates)[i]
+        if g.shape == p.shape:
+            raise ValueError(
+                f"dp_sgd_aggregate expected per-example gradients (each leaf the shape of its param with a leading "
+                f"dimension of examples), but {path} has the shape of its param, {tuple(p.shape)}: these look like "
+                "one batch's gradients (from fnlit.value_and_grad). Compute per-example ones with "
+                "fnlit.per_example_grads(loss_fn, state.params, batch): leaf shapes (B, *param.shape)."
+            )
+        raise ValueError(
+            f"dp_sgd_aggregate expected per-example gradients (each leaf the shape of its param with a leading "
+            f"dimension of examples), but {path} has shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}. "
+            "Compute them with fnlit.per_example_grads(loss_fn, state.params, batch): leaf shapes (B, *param.shape)."
+        )
