@@ -1006,7 +1006,8 @@ def value_and_grad(
     Raises:
         ValueError: if the loss is not a scalar (the message gives its shape); for repeated argnums, or
             one that names no positional argument.
-        TypeError: if argnums is not an int or a tuple of ints.
+        TypeError: if argnums is not an int or a tuple of ints; for a differentiated leaf that is not a
+            floating-point or complex tensor (naming it: an int, BatchNorm's int64 ``num_batches_tracked``).
         RuntimeError: if the loss depends on none of the differentiated arguments (it reads the module's own
             parameters, ``state.params`` or only constants; on every path, under torch.func transforms and
             torch.compile too); if ``fn`` runs ``torch.utils.checkpoint`` with ``use_reentrant=True`` (eager mode).
@@ -1070,12 +1071,12 @@ def value_and_grad(
                 raise NotImplementedError(_NESTED_SHARD)
             return _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat, sources)
         accumulating = frame is not None and frame.accum_k > 1
-        # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
-        # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
-        shared = frame.begin_call(sources) if accumulating else None
-        try:
+        try:  # (an integer tensor fails here, in requires_grad_: named then)
+            # Under accumulate, the call whose gradients the step applies adds them into the accumulator in
+            # place from micro-batch 1 on (Frame.begin_call): no fresh leaves, gradient buffers or add pass.
+            shared = frame.begin_call(sources) if accumulating else None
             inputs = shared if shared is not None else [t.detach().requires_grad_() for t in sources]
-        except AttributeError:
+        except (AttributeError, RuntimeError):
             _refuse_non_tensors(nums, args)
             raise
         new_args = list(args)
@@ -1144,6 +1145,8 @@ _NESTED_SHARD = (
 
 
 def _refuse_non_tensors(nums: Sequence[int], args: tuple[Any, ...]) -> None:
+    """Raises a TypeError naming the first leaf of the differentiated arguments that cannot be differentiated: one
+    that is not a tensor, or an integer or bool tensor (BatchNorm's ``num_batches_tracked`` among buffers)."""
     for i in nums:
         for path, leaf in zip(_tree.tree_paths(args[i]), _tree.tree_leaves(args[i])):
             if not isinstance(leaf, torch.Tensor):
@@ -1152,6 +1155,23 @@ def _refuse_non_tensors(nums: Sequence[int], args: tuple[Any, ...]) -> None:
                     f"{type(leaf).__name__} {leaf!r}, not a tensor (as torch.func.grad, it takes tensors only). Pass "
                     "constants through another argument (or a closure), or make it a float tensor."
                 )
+            if not (leaf.is_floating_point() or leaf.is_complex()):
+                raise TypeError(
+                    f"fnlit.value_and_grad differentiates every leaf of argument {i}, but its leaf {path} is a "
+                    f"{leaf.dtype} tensor: only floating-point and complex tensors can be differentiated. Pass "
+                    "state.params and keep the buffers (BatchNorm's num_batches_tracked is an int64 one) out of the "
+                    "differentiated argument: give them through another argument (or a closure)."
+                )
+
+
+def _refuse_on_transform(nums: Sequence[int], args: tuple[Any, ...]) -> None:
+    """The torch.func path's :func:`_refuse_non_tensors`, on the leaves torch.func.grad takes (torch's pytrees), before
+    it fails with a message that names no leaf."""
+    for i in nums:
+        for leaf in torch_pytree.tree_leaves(args[i]):
+            if not (isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())):
+                _refuse_non_tensors(nums, args)
+                return
 
 
 _SHARDED_LOSS = (
@@ -1227,7 +1247,7 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     # torch.func), while staying connected to the outer graph.
     try:
         inputs = [torch.ops.aten.alias(t) if t.requires_grad else t.detach().requires_grad_() for t in sources]
-    except AttributeError:  # a leaf that is not a tensor
+    except (AttributeError, RuntimeError):  # a leaf that is not a tensor, or an integer tensor
         _refuse_non_tensors(nums, args)
         raise
     new_args = list(args)
@@ -1252,6 +1272,7 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
 
 
 def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
+    _refuse_on_transform((argnums,) if isinstance(argnums, int) else argnums, args)
     specs: list[Any] = []
 
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:

@@ -690,6 +690,36 @@ def test_value_and_grad_names_a_leaf_that_is_not_a_tensor():
         fnlit.value_and_grad(lambda w: fnlit.value_and_grad(lambda q: q["w"].sum())({"w": w, "c": 3.0})[0])(torch.ones(2))
 
 
+def test_value_and_grad_names_an_integer_tensor_among_the_differentiated_leaves():
+    # {**state.params, **state.buffers} holds BatchNorm's int64 num_batches_tracked: torch's bare "only Tensors of
+    # floating point dtype can require gradients" named no leaf, eagerly, under accumulate and per_example_grads.
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    both = {**state.params, **state.buffers}
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+
+    def loss_fn(p, x, y):
+        params, buffers = {k: p[k] for k in state.params}, {k: p[k] for k in state.buffers}
+        return F.cross_entropy(fnlit.apply(model, params, buffers, x, train=False)[0], y)
+
+    def step(state, batch):
+        loss, _ = fnlit.value_and_grad(loss_fn)(both, *batch)
+        return state, {"loss": loss}
+
+    said = r"its leaf 1\.num_batches_tracked is a torch\.int64 tensor: only floating-point and complex .*state\.params"
+    for run in (
+        lambda: fnlit.value_and_grad(loss_fn)(both, x, y),
+        lambda: fnlit.accumulate(step, 2)(state, (x, y)),
+        lambda: fnlit.per_example_grads(lambda p, ex: loss_fn(p, ex[0][None], ex[1][None]), both, (x, y)),
+    ):
+        with pytest.raises(TypeError, match=said):
+            run()
+    with pytest.raises(TypeError, match=r"its leaf m is a torch\.bool tensor"):  # nested in another value_and_grad too
+        fnlit.value_and_grad(lambda w: fnlit.value_and_grad(lambda q: q["w"].sum())({"w": w, "m": w > 0})[0])(torch.ones(2))
+    with pytest.raises(TypeError, match=r"its leaf n is int 3"):  # under vmap: torch.func's "must be Tensor, got int"
+        torch.func.vmap(fnlit.value_and_grad(lambda p, x: p["w"] @ x), in_dims=(None, 0))({"w": torch.ones(3), "n": 3}, x)
+
+
 def test_value_and_grad_keeps_gradients_that_do_not_overlap_as_grad_holds_them():
     # Reference: .grad after a plain backward. A sparse embedding gradient stays sparse (copying it failed),
     # a channels_last conv weight's gradient stays channels_last, disjoint slices of one storage stay views.
