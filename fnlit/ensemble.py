@@ -688,5 +688,12 @@ def per_example_grads(
     frame = _current_frame()  # (value_and_grad refuses these too, eagerly; this check also runs while compiling)
     if frame is not None and (frame.shard_group is not None or frame.scaler is not None):
         raise ValueError(_PER_EXAMPLE_SHARD if frame.shard_group is not None else _PER_EXAMPLE_FP16)
-    fn = value_and_grad(loss_fn, has_aux=has_aux)
-    return torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)
+    if not any(leaf is None for leaf in torch_pytree.tree_leaves(params)):
+        fn = value_and_grad(loss_fn, has_aux=has_aux)
+        return torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)
+    # A None among the params: vmap returns tensors only, where value_and_grad keeps it, None in the gradients too
+    # (an empty subtree of fnlit's trees). The params cross vmap as the list of their tensors, rebuilt around it.
+    leaves, treedef = _tree.tree_flatten(params)
+    fn = value_and_grad(lambda ps, example: loss_fn(_tree.tree_unflatten(treedef, ps), example), has_aux=has_aux)
+    out, grads = torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(leaves, batch)
+    return out, _tree.tree_unflatten(treedef, grads)

@@ -1164,14 +1164,18 @@ def _refuse_non_tensors(nums: Sequence[int], args: tuple[Any, ...]) -> None:
                 )
 
 
-def _refuse_on_transform(nums: Sequence[int], args: tuple[Any, ...]) -> None:
+def _refuse_on_transform(nums: Sequence[int], args: tuple[Any, ...]) -> bool:
     """The torch.func path's :func:`_refuse_non_tensors`, on the leaves torch.func.grad takes (torch's pytrees), before
-    it fails with a message that names no leaf."""
+    it fails with a message that names no leaf. Returns whether one of them is None (no leaf of fnlit's trees)."""
+    holes = False
     for i in nums:
         for leaf in torch_pytree.tree_leaves(args[i]):
-            if not (isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())):
+            if leaf is None:
+                holes = True
+            elif not (isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())):
                 _refuse_non_tensors(nums, args)
-                return
+                return holes
+    return holes
 
 
 _SHARDED_LOSS = (
@@ -1272,10 +1276,19 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
 
 
 def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
-    _refuse_on_transform((argnums,) if isinstance(argnums, int) else argnums, args)
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    flat: dict[int, Any] = {}
+    if _refuse_on_transform(nums, args):
+        # A None leaf: torch.func takes tensors only, where the eager path keeps it, None in the gradients too (an
+        # empty subtree of fnlit's trees). The differentiated arguments cross the transform as lists of their
+        # tensors, rebuilt around it.
+        flat = {i % len(args): _tree.tree_flatten(args[i]) for i in nums}  # (wrapped() checked the argnums)
+        args = tuple(flat[i][0] if i in flat else a for i, a in enumerate(args))
     specs: list[Any] = []
 
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        if flat:
+            a = tuple(_tree.tree_unflatten(flat[i][1], x) if i in flat else x for i, x in enumerate(a))
         loss, aux, target = _run_loss(fn, a, k, has_aux, frame, autocast)
         # Inside the transform a loss requires grad only if it reads the arguments it differentiates (the module's
         # own parameters or a constant do not count): torch.func would give all-zero gradients, where the eager
@@ -1309,6 +1322,10 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
     # compile's tensors): a step that edits its gradients in place changes a shared one once. Compiled, the
     # copies fuse into their consumers.
     grads = _tree.tree_map(lambda g: g.clone() if isinstance(g, torch.Tensor) else g, grads)
+    if flat:  # each argument's gradients, from the list of its tensors, in its structure (None where it holds None)
+        each = (grads,) if isinstance(argnums, int) else grads
+        trees = [_tree.tree_unflatten(flat[i % len(args)][1], g) for i, g in zip(nums, each)]
+        grads = trees[0] if isinstance(argnums, int) else tuple(trees)
     out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
     if frame is not None and frame.scaler is not None:
         leaves, treedef = _tree.tree_flatten(grads)

@@ -298,3 +298,37 @@ def test_dp_refuses_a_batch_gradient_whose_leaves_share_a_leading_size():
             total[k] += g / max(1.0, norm.item())
     for k, p in model.named_parameters():
         torch.testing.assert_close(new.params[k], p.detach() - 0.1 * total[k] / 6, rtol=1e-6, atol=1e-7)
+
+
+def test_a_none_among_the_differentiated_params_stays_none_under_vmap_as_eagerly():
+    # value_and_grad keeps a None leaf eagerly (None in the gradients too); under per_example_grads and in an
+    # ensemble step torch.func failed ("Thing passed to transform API must be Tensor, got NoneType").
+    params = {"w": torch.tensor([1.0, 2.0]), "n": None}
+    xs = torch.randn(5, 2)
+    f = lambda p, x: (p["w"] @ x) ** 2  # noqa: E731
+    assert fnlit.value_and_grad(f)(params, xs[0])[1]["n"] is None  # the eager path's result
+    (losses, aux), grads = per_example_grads(lambda p, x: (f(p, x), x.sum()), params, xs, has_aux=True, chunk_size=2)
+    want = torch.func.vmap(torch.func.grad_and_value(lambda w, x: (w @ x) ** 2), in_dims=(None, 0))(params["w"], xs)
+    assert grads.keys() == {"w", "n"} and grads["n"] is None
+    torch.testing.assert_close(grads["w"], want[0])
+    torch.testing.assert_close(losses, want[1])
+    torch.testing.assert_close(aux, xs.sum(1))
+
+    model = torch.nn.Linear(2, 1)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+
+    def step(state, batch):
+        def loss_fn(p):
+            return F.mse_loss(fnlit.apply(model, {k: p[k] for k in state.params}, {}, batch[0])[0], batch[1])
+
+        loss, g = fnlit.value_and_grad(loss_fn)({**state.params, "none": None})
+        assert g["none"] is None
+        return state.apply_gradients({k: g[k] for k in state.params}), {"loss": loss}
+
+    states = fnlit.ensemble_states(model, sgd(0.1), seeds=[0, 1])
+    new, _ = fnlit.ensemble(step, 2)(states, (x, y))
+    for i in range(2):  # the reference: plain autograd on each member's params, one SGD step
+        w, b = (states.params[k][i].clone().requires_grad_() for k in ("weight", "bias"))
+        gw, gb = torch.autograd.grad(F.mse_loss(F.linear(x, w, b), y), (w, b))
+        torch.testing.assert_close(new.params["weight"][i], w.detach() - 0.1 * gw)
+        torch.testing.assert_close(new.params["bias"][i], b.detach() - 0.1 * gb)
