@@ -462,12 +462,19 @@ class CompiledStep:
 
     # -- capture -----------------------------------------------------------------------------------
     def _backend(self, options: dict[str, Any], eager: bool) -> Callable[..., Any]:
+        # dynamo keeps every backend it is given for the whole process (torch._dynamo.eval_frame.cached_backends,
+        # never emptied, torch 2.14): the backend holds this step only weakly, or each compiled step -- and the
+        # model its step closes over -- would stay alive until the process ends (a sweep grew by a model a run).
+        calls, donate, owner = self._calls, self.donate, weakref.ref(self)
+
         def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
             uses_rng = _check_graph(gm)
             changed = _replayed_side_effects()
             if changed:
                 raise CaptureError(_SIDE_EFFECTS.format(sources=", ".join(changed[:4])))
-            self.compiles += 1
+            compiled_step = owner()
+            if compiled_step is not None:  # (it compiles inside its own call: alive here)
+                compiled_step.compiles += 1
             if eager:
                 run = gm.forward
             else:
@@ -478,15 +485,15 @@ class CompiledStep:
                 graph = run
 
                 def run(*args: Any) -> Any:
-                    key, device = self._calls.key
+                    key, device = calls.key
                     with _random.seeded(_one_key(key), device):
                         return graph(*args)
 
-            if not self.donate:
+            if not donate:
                 return run
 
             def run_donated(*args: Any) -> Any:
-                self._calls.ran = True  # from here on the graph may write the donated state
+                calls.ran = True  # from here on the graph may write the donated state
                 return run(*args)
 
             return run_donated
