@@ -1309,6 +1309,9 @@ def fit(
     return state
 
 
+_SMALL = 4096  # bytes a kept view may pin for free: data_parallel's metrics view their few-float reduction buffer
+
+
 def _kept(metrics: Metrics) -> Metrics:
     """A step's metrics as the log interval keeps them: nothing that holds more than the values themselves.
 
@@ -1323,7 +1326,7 @@ def _kept(metrics: Metrics) -> Metrics:
         return metrics
     try:
         for v in metrics.values():
-            if type(v) is not torch.Tensor or v.requires_grad or v.untyped_storage().nbytes() > v.nbytes:
+            if type(v) is not torch.Tensor or v.requires_grad or v.untyped_storage().nbytes() > max(v.nbytes, _SMALL):
                 break
         else:
             return metrics
@@ -1338,7 +1341,7 @@ def _kept_value(value: Any) -> Any:
     if not isinstance(value, torch.Tensor):  # a number
         return value
     try:
-        shares = value.untyped_storage().nbytes() > value.nbytes  # a view, or a detached one, of a larger tensor
+        shares = value.untyped_storage().nbytes() > max(value.nbytes, _SMALL)  # a view (or a detached one) of a larger tensor
     except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage of its own
         shares = value._base is not None
     value = value.detach()  # (detach, not data: a tensor subclass stays one)
