@@ -529,6 +529,13 @@ def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, tor
         if given[n].shape != t.shape:
             raise ValueError(f"{source} does not fit the {type(module).__name__}: at {n}: the module has shape "
                              f"{tuple(t.shape)}, the checkpoint {tuple(given[n].shape)}.")
+    meta = next((n for n, t in own.items() if t.is_meta), None)
+    if meta is not None:  # copy_ into a meta tensor does nothing: the module would fail at its first forward
+        raise ValueError(
+            f"{source} cannot be loaded into the {type(module).__name__}: its tensor {meta} is on the meta device, "
+            "which holds no values (the copy would do nothing). Call module.to_empty(device=...) first (no "
+            "initialisation needed, every value is replaced), or pass a module built on a real device."
+        )
     # Copied by name into the module's own tensors, not through load_state_dict: a module whose state_dict hooks
     # rewrite an entry (a weight saved transposed, transposed back on load) would get its own untrained value
     # back for it, and non-persistent buffers are not in the state dict at all.

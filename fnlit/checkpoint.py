@@ -200,7 +200,8 @@ def export(state: Any, module: M) -> M:
     state dict of the trained weights. The inverse is ``TrainState.create(module, tx, seed=...)``.
 
     Raises:
-        ValueError: if the module's parameter/buffer names or shapes differ from the state's.
+        ValueError: if the module's parameter/buffer names or shapes differ from the state's, or it has a tensor
+            on the meta device (it could not hold the values: ``module.to_empty(device=...)`` it first).
 
     Example:
         >>> import torch, fnlit
@@ -220,7 +221,8 @@ def load_module(path: str | os.PathLike[str], module: M) -> M:
 
     Raises:
         FileNotFoundError, CheckpointError, UnsafeCheckpointError: as :func:`restore`.
-        ValueError: if the module's names or shapes differ from the checkpoint's.
+        ValueError: if the module's names or shapes differ from the checkpoint's, or it has a tensor on the meta
+            device (it could not hold the values: ``module.to_empty(device=...)`` it first).
 
     Example:
         >>> import tempfile, os, torch, fnlit

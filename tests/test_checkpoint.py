@@ -472,6 +472,24 @@ def test_restore_into_a_state_on_the_meta_device_is_refused_and_a_materialised_o
         assert torch.equal({**restored.params, **restored.buffers}[name], saved)
 
 
+def test_export_and_load_module_into_a_module_on_the_meta_device_are_refused(tmp_path):
+    # Copying into a meta tensor does nothing: export and load_module returned the module unchanged, and it failed
+    # at its first forward (torch's load_state_dict warns that it is a no-op).
+    state = fnlit.TrainState.create(nn.Linear(3, 2), fnlit.optim.sgd(0.1), seed=0)
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    for load in (lambda m: ckpt.export(state, m), lambda m: ckpt.load_module(path, m)):
+        with torch.device("meta"):
+            model = nn.Linear(3, 2)
+        with pytest.raises(ValueError, match=r"into the Linear: its tensor weight is on the meta device.*"
+                                             r"module\.to_empty\(device=\.\.\.\) first"):
+            load(model)
+        reference = nn.Linear(3, 2)  # PyTorch's own load of the same values
+        reference.load_state_dict({"weight": state.params["weight"], "bias": state.params["bias"]})
+        loaded = load(model.to_empty(device="cpu"))
+        x = torch.randn(4, 3)
+        assert torch.equal(loaded(x), reference(x))
+
+
 def test_a_conjugated_complex_tensor_round_trips_with_its_values(tmp_path):
     c = torch.randn(3, 3, dtype=torch.complex64)
     tree = {"conj": c.conj(), "neg": torch._neg_view(torch.randn(4))}  # views with a lazy conjugate/negative bit
