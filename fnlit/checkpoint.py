@@ -198,6 +198,8 @@ def export(state: Any, module: M) -> M:
 
     The module keeps its own devices and dtypes; afterwards ``module.state_dict()`` is a plain PyTorch
     state dict of the trained weights. The inverse is ``TrainState.create(module, tx, seed=...)``.
+    A sharded state (:func:`fnlit.shard_state`) has its params and buffers gathered into full tensors first,
+    as :func:`save` does: a collective, so call ``export`` on every rank (each rank's module gets the whole model).
 
     Raises:
         ValueError: if the module's parameter/buffer names or shapes differ from the state's, or it has a tensor
@@ -211,7 +213,8 @@ def export(state: Any, module: M) -> M:
         >>> torch.equal(model.weight, state.params["weight"]), model.training
         (True, False)
     """
-    return load_into(module, state.params, state.buffers, "the state")
+    # (a sharded state: the gathers are collectives every rank takes part in, before any check that could raise)
+    return load_into(module, full_tensors(state.params), full_tensors(state.buffers), "the state")
 
 
 def load_module(path: str | os.PathLike[str], module: M) -> M:

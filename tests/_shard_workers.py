@@ -409,3 +409,17 @@ def uneven_validation():
         except ValueError as e:
             out[name] = str(e)
     return out
+
+
+def export_sharded():
+    """fnlit.export of a sharded state on every rank: returns the exported module's state dict (and what
+    load_state_dict of the unsharded params gives, torch's own route)."""
+    model, state = make_state()
+    step = shard(hand_step(model))
+    sharded = shard_state(state)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for i in range(2):
+        sharded, _ = step(sharded, local(global_batch(i), rank, world))
+    exported = fnlit.export(sharded, mlp(D_IN, HIDDEN, D_OUT))
+    return {"exported": {k: v.clone() for k, v in exported.state_dict().items()},
+            "unsharded": dict(unshard_state(sharded).params)}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from _shard_workers import (
     STEPS,
     compose,
+    export_sharded,
     four_ranks,
     global_batch,
     l2_step,
@@ -410,3 +411,13 @@ def test_validation_with_different_numbers_of_batches_per_rank_averages_them_all
         # rank 1's val_data has no batches: it says so, rank 0 names it (the mixed case: no rank validates alone)
         assert r["fit, rank 1 none"].startswith(("fit: rank 1", "fit")[rank] + " got val_data with no batches")
         assert_limit_errors(r, rank)
+
+
+def test_export_of_a_sharded_state_gathers_it_on_every_rank():
+    # export copied the DTensors into the module's plain tensors: "aten.copy_.default: got mixed torch.Tensor and
+    # DTensor", while save of the same state gathered them. Reference: one process stepping on the global batch.
+    reference, _ = _reference(steps=2)
+    results = fnlit.distributed.launch(export_sharded, 2, timeout=180, collective_timeout=30)
+    for r in results:
+        assert_trees_equal(r["exported"], r["unsharded"])
+        assert_trees_close(r["exported"], dict(reference.params), **TOL)
