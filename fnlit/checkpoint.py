@@ -116,6 +116,12 @@ def restore(path: str | os.PathLike[str], like: S) -> S:
     sharded by :func:`fnlit.shard_state`) gets its own shard of the saved tensor. The file is loaded
     with ``torch.load(weights_only=True)`` and every tensor's checksum is verified.
 
+    The optimizer state's tensors are replaced too, its ``hyperparams`` among them: the learning rate and weight
+    decay are the saved ones, not those ``like``'s optimizer was built with (as ``torch.optim``'s
+    ``load_state_dict`` brings back each group's ``lr``), except a learning rate schedule's, written in at every
+    update. To go on with other values, replace them in the restored ``opt_state``: see
+    :meth:`fnlit.TrainState.replace`.
+
     Args:
         path: a file written by :func:`save` (or a :class:`Checkpointer`).
         like: the state to restore into.

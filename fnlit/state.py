@@ -198,6 +198,13 @@ class TrainState:
     def replace(self, **changes: Any) -> TrainState:
         """A copy with some fields replaced (the original is unchanged).
 
+        A new ``tx`` with the old ``opt_state`` (a second training phase) keeps the learning rate and weight decay
+        the old optimizer put in ``opt_state.hyperparams``: they are read from there, not from the new optimizer's
+        arguments (as ``torch.optim``'s ``load_state_dict`` brings back each group's ``lr``), except a learning
+        rate schedule's, written in at every update. Its betas, momentum and eps are the new optimizer's. To use
+        the new numbers, replace them in ``opt_state`` too (shown below; under :func:`fnlit.optim.chain`,
+        ``opt_state`` is a tuple holding one state per transformation).
+
         Raises:
             TypeError: on a name that is not a field.
 
@@ -207,6 +214,12 @@ class TrainState:
             >>> later = state.replace(step=torch.tensor(5))
             >>> int(later.step), int(state.step)
             (5, 0)
+            >>> state = TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.adamw(1e-3, weight_decay=0.01), seed=0)
+            >>> new_tx = fnlit.optim.adamw(1e-5, weight_decay=0.1)
+            >>> state.replace(tx=new_tx).opt_state.hyperparams["learning_rate"]  # still the old rate
+            tensor(0.0010)
+            >>> hyper = {**state.opt_state.hyperparams, "learning_rate": 1e-5, "weight_decay": 0.1}
+            >>> tuned = state.replace(tx=new_tx, opt_state=state.opt_state._replace(hyperparams=hyper))
         """
         if not changes.keys() <= _FIELD_SET:
             unknown = changes.keys() - _FIELD_SET

@@ -194,6 +194,50 @@ SHAPE_TXS = {
 }
 
 
+def test_a_new_tx_keeps_the_saved_learning_rate_and_the_documented_replacement_takes_the_new_one(tmp_path):
+    # A phase-2 fine-tune (a new tx, the opt_state kept) or a restore into a `like` built with another lr: the rate
+    # and decay come from opt_state.hyperparams, as torch.optim's load_state_dict restores each group's lr. The
+    # docstrings say so and show the replacement; reference: torch.optim.AdamW with param_groups set by hand.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = [{k: torch.randn(v.shape) for k, v in init.items()} for _ in range(6)]
+
+    def torch_run(lr, weight_decay):  # 3 steps at lr 1e-2, decay 0.01, then 3 with the given ones
+        reference = nn.Linear(3, 2)
+        reference.load_state_dict(init)
+        opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01)
+        for i, g in enumerate(grads):
+            if i == 3:
+                for group in opt.param_groups:
+                    group.update(lr=lr, weight_decay=weight_decay)
+            for name, p in reference.named_parameters():
+                p.grad = g[name].clone()
+            opt.step()
+        return dict(reference.named_parameters())
+
+    def steps(state, gs):
+        for g in gs:
+            state = state.apply_gradients(g)
+        return state
+
+    state = steps(fnlit.TrainState.create(model, fnlit.optim.adamw(1e-2, weight_decay=0.01), seed=0), grads[:3])
+    path = fnlit.save(tmp_path / "phase1.ckpt", state)
+    new_tx = fnlit.optim.adamw(1e-3, weight_decay=0.1)
+    restored = fnlit.restore(path, like=fnlit.TrainState.create(nn.Linear(3, 2), new_tx, seed=0))
+    kept = {"replace": steps(state.replace(tx=new_tx), grads[3:]), "restore": steps(restored, grads[3:])}
+    new = {}
+    for name, s in [("replace", state.replace(tx=new_tx)), ("restore", restored)]:
+        hyper = {**s.opt_state.hyperparams, "learning_rate": 1e-3, "weight_decay": 0.1}  # as the docstrings show
+        new[name] = steps(s.replace(opt_state=s.opt_state._replace(hyperparams=hyper)), grads[3:])
+    old_rates, new_rates = torch_run(1e-2, 0.01), torch_run(1e-3, 0.1)
+    for name in ("replace", "restore"):
+        for k in init:
+            torch.testing.assert_close(kept[name].params[k], old_rates[k].detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(new[name].params[k], new_rates[k].detach(), rtol=1e-5, atol=1e-6)
+
+
+
 @pytest.mark.parametrize("tx", SHAPE_TXS.values(), ids=SHAPE_TXS.keys())
 def test_grads_of_another_shape_name_the_key(tx):
     # The fused kernels do not check shapes: a 1-element gradient was read past its end, a transposed one applied.
