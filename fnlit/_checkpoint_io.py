@@ -422,9 +422,42 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def _mismatch(path: Path, where: str, at: str = "", like: Any = None) -> ValueError:
+def opt_state_kind(opt_state: Any) -> str:
+    """The optimizer state's type, as the header records it: ``AdamState``; ``(ClipState, AdamState)`` for a chain."""
+    if isinstance(opt_state, (tuple, list)) and not hasattr(opt_state, "_fields"):
+        return "(" + ", ".join(opt_state_kind(s) for s in opt_state) + ")"
+    return type(opt_state).__name__
+
+
+_PARAM_OR_BUFFER = re.compile(r"(params|buffers)(\[.*\])")
+
+
+def _mismatch(path: Path, where: str, at: str = "", like: Any = None, values: dict[str, Any] | None = None,
+              header: dict[str, Any] | None = None) -> ValueError:
     from .state import TrainState
 
+    frozen = _PARAM_OR_BUFFER.fullmatch(at) if isinstance(like, TrainState) and values is not None else None
+    if frozen is not None and ("buffers" if frozen[1] == "params" else "params") + frozen[2] in values:
+        ours, theirs = ("trainable", "frozen") if frozen[1] == "params" else ("frozen", "trainable")
+        return ValueError(
+            f"fnlit.restore: the checkpoint {path} does not fit the state you restore into: {frozen[2][2:-2]} is "
+            f"{ours} in the state (in its {frozen[1]}) and {theirs} in the checkpoint (TrainState.create makes a "
+            "parameter with requires_grad=False a buffer). Set the module's requires_grad as it was when the state "
+            "was saved and create the state again; or, to start a new training from the saved weights, load them "
+            "with fnlit.load_module(path, module), set requires_grad as you want, and TrainState.create(module, tx, ...)."
+        )
+    if at.startswith("opt_state") and isinstance(like, TrainState):
+        mine, saved = opt_state_kind(like.opt_state), (header or {}).get("opt_state")
+        if saved is not None and saved != mine:
+            return ValueError(
+                f"fnlit.restore: the checkpoint {path} does not fit the state you restore into (another optimizer): "
+                f"{saved} in the checkpoint, {mine} in the state ({where}). Restore into a state created "
+                "with the optimizer that was saved; to go on with another optimizer, restore into such a state, then "
+                "state.replace(tx=new_tx, opt_state=new_tx.init(state.params)); or load the weights alone with "
+                "fnlit.load_module(path, module)."
+            )
+        if saved is None:  # a file of an fnlit that did not record it
+            where = f"{where}; the state's optimizer state is {mine}"
     if at.startswith("scaler[") and isinstance(like, TrainState):  # a loss scaler in one only (float16 <-> bfloat16)
         return ValueError(
             f"fnlit.restore: the checkpoint {path} does not fit the state you restore into (a loss scaler in one "
@@ -473,8 +506,9 @@ def _as_like(leaf: Any, v: Any) -> Any:
     return v
 
 
-def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
-    """``like`` with its leaves replaced by the checkpoint's, on like's devices and dtypes."""
+def fill_like(like: S, values: dict[str, Any], path: Path, header: dict[str, Any] | None = None) -> S:
+    """``like`` with its leaves replaced by the checkpoint's, on like's devices and dtypes (``header``, the
+    checkpoint's, names the saved optimizer state's type in a mismatch)."""
     from .transforms.donate import check_not_donated
 
     check_not_donated(like)  # the donation error, not a mismatch with the checkpoint
@@ -492,16 +526,17 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
         if missing is not None:
             leaf = leaves[paths.index(missing)]
             raise _mismatch(path, f"at {missing}: expected {_describe(leaf)}, got nothing (the checkpoint has no {missing})",
-                            missing, like)
+                            missing, like, values, header)
         extra = next((p for p in values if p not in paths), None)
         if extra is not None:
             raise _mismatch(path, f"at {extra}: expected nothing (the state has no {extra}), got {_describe(values[extra])}",
-                            extra, like)
+                            extra, like, values, header)
         raise _mismatch(path, f"the same paths in another order: expected {paths[:6]}, got {list(values)[:6]}")
     given = [_as_like(leaf, values[p]) for p, leaf in zip(paths, leaves)]
     where = _tree.first_mismatch(like, _tree.tree_unflatten(treedef, given))
     if where is not None:
-        raise _mismatch(path, where)
+        at = next((p for p in paths if where.startswith(f"at {p}:")), "")
+        raise _mismatch(path, where, at, like, values, header)
     out = []
     dtensor = _dtensor_class()
     for leaf, v in zip(leaves, given):
@@ -515,7 +550,10 @@ def fill_like(like: S, values: dict[str, Any], path: Path) -> S:
     return _tree.tree_unflatten(treedef, out)
 
 
-def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], source: str) -> M:
+def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], source: str,
+              noun: str = "the checkpoint") -> M:
+    """Copies ``params`` and ``buffers`` into ``module``'s own tensors; ``source`` names where they come from in an
+    error ("the checkpoint PATH"), ``noun`` in short ("the checkpoint", "the state")."""
     given = {**params, **buffers}
     own = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}  # tied weights: once, first name
     missing = [n for n in own if n not in given]
@@ -528,7 +566,7 @@ def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, tor
     for n, t in own.items():
         if given[n].shape != t.shape:
             raise ValueError(f"{source} does not fit the {type(module).__name__}: at {n}: the module has shape "
-                             f"{tuple(t.shape)}, the checkpoint {tuple(given[n].shape)}.")
+                             f"{tuple(t.shape)}, {noun} {tuple(given[n].shape)}.")
     meta = next((n for n, t in own.items() if t.is_meta), None)
     if meta is not None:  # copy_ into a meta tensor does nothing: the module would fail at its first forward
         raise ValueError(
@@ -671,6 +709,7 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
         "meta": meta,
         "params": list(state.params) if hasattr(state, "params") else None,  # None: not a TrainState (load_module)
         "buffers": list(state.buffers) if hasattr(state, "buffers") else None,
+        "opt_state": opt_state_kind(state.opt_state) if hasattr(state, "opt_state") else None,  # (named in a mismatch)
     }
     if run is not None:
         header["run"] = run

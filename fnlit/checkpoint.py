@@ -133,8 +133,9 @@ def restore(path: str | os.PathLike[str], like: S) -> S:
         FileNotFoundError: if there is no file at ``path``.
         CheckpointError: naming the file, if it is truncated, corrupt or not an fnlit checkpoint.
         UnsafeCheckpointError: if its pickle asks for anything but tensors (it could run code).
-        ValueError: naming the first tree path and both shapes, if the checkpoint holds another model; naming
-            the path, if ``like`` has a tensor on the meta device (it could not hold the saved values).
+        ValueError: naming the first tree path and both shapes, if the checkpoint holds another model (both
+            optimizer state types, for another optimizer; the tensor, for one frozen in one and trainable in the
+            other); naming the path, if ``like`` has a tensor on the meta device (it could not hold the saved values).
 
     Example:
         >>> import tempfile, os, torch, fnlit
@@ -146,8 +147,8 @@ def restore(path: str | os.PathLike[str], like: S) -> S:
         ...
         ValueError: fnlit.restore: the checkpoint ... at params['weight']: expected tensor of shape (1, 3) ...
     """
-    _, values = decode(path)
-    return fill_like(like, values, Path(path))
+    header, values = decode(path)
+    return fill_like(like, values, Path(path), header)
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ def export(state: Any, module: M) -> M:
         (True, False)
     """
     # (a sharded state: the gathers are collectives every rank takes part in, before any check that could raise)
-    return load_into(module, full_tensors(state.params), full_tensors(state.buffers), "the state")
+    return load_into(module, full_tensors(state.params), full_tensors(state.buffers), "the state", "the state")
 
 
 def load_module(path: str | os.PathLike[str], module: M) -> M:
@@ -664,7 +665,7 @@ class Checkpointer:
 
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
         header, values = decode(path)
-        state = fill_like(like, values, path)
+        state = fill_like(like, values, path, header)
         self._saved, self._saved_where = _ref(state), _where(header.get("position"))  # not saved again unchanged (a resume that takes no step)
         if header.get("metrics") is not None:  # saved again where the run ends: with the validation it records
             self._validated_of = (self._saved, header["metrics"])

@@ -413,7 +413,7 @@ def test_export_and_load_module_give_the_trained_weights(tmp_path):
         assert torch.equal(loaded.state_dict()["out.weight"], state.params["emb.weight"])
     with pytest.raises(ValueError, match=r"does not fit the Linear: missing \['weight', 'bias'\], unexpected \['emb.weight'"):
         ckpt.load_module(path, nn.Linear(4, 5))
-    with pytest.raises(ValueError, match=r"at 0\.weight: the module has shape \(32, 8\), the checkpoint \(16, 8\)"):
+    with pytest.raises(ValueError, match=r"at 0\.weight: the module has shape \(32, 8\), the state \(16, 8\)"):
         ckpt.export(trained(mlp())[1], mlp(hidden=32))
 
 
@@ -488,6 +488,45 @@ def test_export_and_load_module_into_a_module_on_the_meta_device_are_refused(tmp
         loaded = load(model.to_empty(device="cpu"))
         x = torch.randn(4, 3)
         assert torch.equal(loaded(x), reference(x))
+
+
+def test_a_mismatch_of_frozen_and_trainable_or_of_optimizers_says_which(tmp_path):
+    # A tensor frozen in one and trainable in the other was "the checkpoint has no params['0.bias'] (another model
+    # or optimizer?)"; an Adam checkpoint into an SGD state named opt_state[2]['learning_rate'].
+    def create(tx=None, frozen=False):
+        model = nn.Sequential(nn.Linear(2, 2))
+        model[0].bias.requires_grad_(not frozen)
+        return model, fnlit.TrainState.create(model, tx or fnlit.optim.adamw(1e-3), seed=0)
+
+    model, adam = create()
+    path = ckpt.save(tmp_path / "adam.ckpt", adam)
+    frozen = create(frozen=True)[1]
+    frozen_path = ckpt.save(tmp_path / "frozen.ckpt", frozen)
+    with pytest.raises(ValueError, match=r"0\.bias is frozen in the state \(in its buffers\) and trainable in the "
+                                         r"checkpoint.*requires_grad.*fnlit\.load_module\(path, module\)"):
+        ckpt.restore(path, like=create(frozen=True)[1])
+    with pytest.raises(ValueError, match=r"0\.bias is trainable in the state \(in its params\) and frozen in the "
+                                         r"checkpoint.*TrainState\.create"):
+        ckpt.restore(frozen_path, like=adam)
+    # the route the message gives, against PyTorch's own load_state_dict of the saved tensors
+    reference = nn.Sequential(nn.Linear(2, 2))
+    reference.load_state_dict({"0.weight": frozen.params["0.weight"], "0.bias": frozen.buffers["0.bias"]})
+    loaded = ckpt.load_module(frozen_path, create()[0])
+    assert torch.equal(loaded[0].weight, reference[0].weight) and torch.equal(loaded[0].bias, reference[0].bias)
+    for tx, kind in [(fnlit.optim.sgd(0.1), "SGDState"), (fnlit.optim.sgd(0.1, momentum=0.9), "SGDState"),
+                     (fnlit.optim.chain(fnlit.optim.clip_by_global_norm(1.0), fnlit.optim.adamw(1e-3)),
+                      r"\(EmptyState, AdamState\)")]:
+        with pytest.raises(ValueError, match=rf"does not fit the state you restore into \(another optimizer\): "
+                                             rf"AdamState in the checkpoint, {kind} in the state \(at opt_state"):
+            ckpt.restore(path, like=create(tx)[1])
+    sgd = create(fnlit.optim.sgd(0.1))[1]  # the route the message gives
+    restored = ckpt.restore(path, like=adam)
+    moved = restored.replace(tx=sgd.tx, opt_state=sgd.tx.init(restored.params))
+    grads = {k: torch.ones_like(v) for k, v in moved.params.items()}
+    assert torch.equal(moved.apply_gradients(grads).params["0.weight"], adam.params["0.weight"] - 0.1)
+    # export names its source: a state, not "the checkpoint"
+    with pytest.raises(ValueError, match=r"at 0\.weight: the module has shape \(3, 2\), the state \(2, 2\)\.$"):
+        ckpt.export(adam, nn.Sequential(nn.Linear(2, 3)))
 
 
 def test_a_conjugated_complex_tensor_round_trips_with_its_values(tmp_path):
