@@ -1289,3 +1289,32 @@ def test_dp_sgd_aggregate_of_an_empty_batch_says_so():
     tx = fo.dp_sgd_aggregate(1.0, 0.0)
     with pytest.raises(ValueError, match="at least one example, got a batch of 0"):
         tx.update({"w": torch.zeros(0, 3)}, tx.init(None))
+
+
+@pytest.mark.parametrize("make, ref", [
+    (lambda: fo.sgd(0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, foreach=False)),
+    (lambda: fo.sgd(0.05, momentum=0.9, weight_decay=0.01),
+     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False)),
+    (lambda: fo.adam(1e-2, weight_decay=0.01), lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.01, foreach=False)),
+    (lambda: fo.adamw(1e-2, weight_decay=0.1), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)),
+])
+def test_a_0d_parameter_keeps_its_dtype_on_the_functional_path_as_torch_optim(make, ref):
+    # q - lr * x with q and lr both 0-d took lr's dtype: a bfloat16 scalar parameter became float32 (and a float32 one
+    # beside a float64 model float64) on the path compile, vmap, shard and sgd's dampening take; sgd with momentum then
+    # refused the next step ("the params changed since sgd.init"). torch.optim keeps each param's dtype.
+    g = torch.Generator().manual_seed(0)
+    p0 = {"s": torch.randn((), generator=g).bfloat16(), "f": torch.randn((), generator=g),
+          "d": torch.randn(4, generator=g, dtype=torch.float64)}
+    seq = [{k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in p0.items()} for _ in range(5)]
+    tx = make()
+    params, state = p0, tx.init(p0)
+    for grads in seq:
+        with fo.functional_path():
+            params, state = fo.step(tx, grads, state, params)
+    assert {k: v.dtype for k, v in params.items()} == {k: v.dtype for k, v in p0.items()}
+    want = _run_torch(lambda ps: ref(ps.values()), p0, seq)
+    assert {k: v.dtype for k, v in want.items()} == {k: v.dtype for k, v in p0.items()}
+    torch.testing.assert_close(params["f"], want["f"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(params["d"], want["d"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(params["s"], want["s"], rtol=1.6e-2, atol=1e-5)  # bfloat16: within its rounding

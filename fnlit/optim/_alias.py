@@ -127,6 +127,18 @@ def _decay_factor(lr: torch.Tensor, wd: torch.Tensor, dtype: torch.dtype = torch
     return factor if dtype is torch.float64 else factor.float()
 
 
+def _rate(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A 0-d hyperparameter as the functional path multiplies ``q``'s leaves by it: float64 for float64 params, rounded
+    to float32 for the rest (:func:`._transforms.hyper_dtype`'s rule).
+
+    With ``q`` of more than 0 dims the multiply takes ``q``'s dtype whatever ``h``'s is; a 0-d ``q`` (a scalar
+    parameter) is promoted by a 0-d ``h`` like any tensor (a float32 rate made a bfloat16 parameter float32, a float64
+    one a float32 parameter float64), so each result there is also cast back to its leaf's dtype: computed in float32
+    (bfloat16's op math) and rounded once, as torch.optim's ``add_(..., alpha=...)`` is.
+    """
+    return h.float() if h.dtype is torch.float64 and q.dtype is not torch.float64 else h
+
+
 def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:
     """The fused kernels take a float or a tensor lr; on the CPU the float skips a tensor read per call (and keeps a
     float64 rate whole). Elsewhere a float32 tensor: the CUDA kernels read a tensor rate as float."""
@@ -328,13 +340,13 @@ def sgd(
     def functional(g: Leaves, p: Leaves, bufs: list[Leaves], count: torch.Tensor, lr: torch.Tensor,
                    wd: torch.Tensor | None, params: PyTree) -> tuple[Leaves, list[Leaves]]:
         if wd is not None:
-            g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
+            g = [torch.addcmul(x, q, _rate(wd, q)).to(x.dtype) for x, q in zip(g, p)]
         if momentum == 0:
-            return [q - lr * x for q, x in zip(p, g)], []
+            return [(q - _rate(lr, q) * x).to(q.dtype) for q, x in zip(p, g)], []
         first = count == 1  # torch starts the buffer at g itself, not (1 - dampening) * g
         buf = [torch.where(first, x, b * momentum + (1 - dampening) * x) for b, x in zip(bufs[0], g)]
         d = [x + momentum * b for x, b in zip(g, buf)] if nesterov else buf
-        return [q - lr * x for q, x in zip(p, d)], [buf]
+        return [(q - _rate(lr, q) * x).to(q.dtype) for q, x in zip(p, d)], [buf]
 
     recycler = Recycler()
 
@@ -386,9 +398,10 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
         if wd is not None and decoupled:
             narrow = _decay_factor(lr, wd)
             wide = _decay_factor(lr, wd, torch.float64) if any(q.dtype is torch.float64 for q in p) else narrow
-            p = [q * (wide if q.dtype is torch.float64 else narrow) if k else q for q, k in zip(p, decay(p, params))]
+            p = [(q * (wide if q.dtype is torch.float64 else narrow)).to(q.dtype) if k else q
+                 for q, k in zip(p, decay(p, params))]
         elif wd is not None:
-            g = [torch.addcmul(x, q, wd) for x, q in zip(g, p)]
+            g = [torch.addcmul(x, q, _rate(wd, q)).to(x.dtype) for x, q in zip(g, p)]
         mu = [m.lerp(x, 1 - b1) for m, x in zip(bufs[0], g)]
         nu = [torch.addcmul(v * b2, x, x, value=1 - b2) for v, x in zip(bufs[1], g)]
         t = count.double()  # bias corrections in float64, as the fused kernel and torch.optim do
@@ -402,7 +415,7 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
         new_p = []
         for q, m, v in zip(p, mu, nu):
             step_size, bc2_sqrt = bias64 if q.dtype is torch.float64 else bias32
-            new_p.append(q - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps)))
+            new_p.append((q - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps))).to(q.dtype))  # (a 0-d q: see _rate)
         return new_p, [mu, nu]
 
     @_without_grad
