@@ -1318,3 +1318,25 @@ def test_a_0d_parameter_keeps_its_dtype_on_the_functional_path_as_torch_optim(ma
     torch.testing.assert_close(params["f"], want["f"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(params["d"], want["d"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(params["s"], want["s"], rtol=1.6e-2, atol=1e-5)  # bfloat16: within its rounding
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_clip_by_global_norm_keeps_a_0d_gradients_dtype_as_clip_grad_norm(functional):
+    # A 0-d float32 gradient times the 0-d float64 coefficient (another gradient is float64) became float64, and the
+    # optimizer after it refused it. clip_grad_norm_ multiplies in place: each gradient keeps its dtype.
+    grads = {"s": torch.tensor(3.0), "h": torch.tensor(-2.0).bfloat16(), "d": torch.tensor([4.0, 5.0], dtype=torch.float64),
+             "w": torch.tensor([1.0, 2.0])}
+    ref = {k: g.clone().requires_grad_() for k, g in grads.items()}
+    for k, g in grads.items():
+        ref[k].grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref.values(), 0.5)
+    tx = fo.clip_by_global_norm(0.5)
+    with fo.functional_path() if functional else contextlib.nullcontext():
+        out, _ = tx.update(grads, tx.init(grads))
+    for k in grads:
+        assert out[k].dtype == grads[k].dtype, k
+        torch.testing.assert_close(out[k], ref[k].grad, rtol=1e-6, atol=1e-7)
+    params = {k: torch.zeros_like(g) for k, g in grads.items()}
+    new, _ = fo.step(fo.chain(fo.clip_by_global_norm(0.5), fo.sgd(1.0, momentum=0.9)), grads,
+                     fo.chain(fo.clip_by_global_norm(0.5), fo.sgd(1.0, momentum=0.9)).init(params), params)
+    assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in params.items()}

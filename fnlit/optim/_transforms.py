@@ -590,7 +590,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     The global norm is the 2-norm of all leaves together. No value is read back to the host. A sparse gradient
     (``nn.Embedding(..., sparse=True)``) counts as its dense self (its repeated indices summed), as in
-    ``clip_grad_norm_``, and stays sparse.
+    ``clip_grad_norm_``, and stays sparse. Each gradient keeps its dtype (a 0-d float32 one beside float64 ones too).
 
     Raises:
         TypeError: if ``max_norm`` is not a number.
@@ -617,10 +617,13 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         if use_functional(leaves):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in leaves]))
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            return tree_unflatten(treedef, [g * coef for g in leaves]), state
+            return tree_unflatten(treedef, [(g * coef).to(g.dtype) for g in leaves]), state
         norm = torch.linalg.vector_norm(torch.stack(list(torch._foreach_norm(leaves))))
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return tree_unflatten(treedef, list(torch._foreach_mul(leaves, coef))), state
+        # A 0-d gradient times the 0-d coef takes the wider dtype (float64 where another gradient is): each keeps its
+        # own, as clip_grad_norm_'s in-place multiply keeps it (the same bits: computed in the wider dtype, rounded)
+        scaled = torch._foreach_mul(leaves, coef)
+        return tree_unflatten(treedef, [u if u.dtype is g.dtype else u.to(g.dtype) for u, g in zip(scaled, leaves)]), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
