@@ -423,3 +423,27 @@ def export_sharded():
     exported = fnlit.export(sharded, mlp(D_IN, HIDDEN, D_OUT))
     return {"exported": {k: v.clone() for k, v in exported.state_dict().items()},
             "unsharded": dict(unshard_state(sharded).params)}
+
+
+class _SparseEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 6, sparse=True)
+        self.lin = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(self.emb(x).mean(1))
+
+
+def sparse_embedding():
+    """shard over a module with a sparse gradient: the error each rank raises (type, message)."""
+    torch.manual_seed(0)
+    model = _SparseEmbedding()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.5), seed=0)
+    step = shard(fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1])))
+    g = torch.Generator().manual_seed(dist.get_rank())
+    try:
+        step(state, (torch.randint(0, 10, (4, 3), generator=g), torch.randint(0, 3, (4,), generator=g)))
+    except Exception as e:  # noqa: BLE001 (returned to the test, which checks it)
+        return type(e).__name__, str(e)
+    return None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -421,3 +422,14 @@ def test_export_of_a_sharded_state_gathers_it_on_every_rank():
     for r in results:
         assert_trees_equal(r["exported"], r["unsharded"])
         assert_trees_close(r["exported"], dict(reference.params), **TOL)
+
+
+def test_a_sparse_gradient_is_refused_naming_its_parameter_as_data_parallel_refuses_it():
+    # nn.Embedding(sparse=True) under shard crashed in the gather's backward: "reshape is not implemented for sparse
+    # tensors". It is refused, as fnlit.data_parallel refuses it, naming the parameter and the way out.
+    from _shard_workers import sparse_embedding
+
+    for kind, message in fnlit.distributed.launch(sparse_embedding, 2, timeout=120, collective_timeout=30):
+        assert kind == "ValueError", message
+        assert re.search(r"fnlit\.shard does not support sparse gradients .*sparse_coo gradient for emb\.weight.*"
+                         r"nn\.Embedding\(\.\.\., sparse=False\)", message), message

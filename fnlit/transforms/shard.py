@@ -194,7 +194,8 @@ class _Layout:
     all-gather / copy-out, for all parameters in one collective.
     """
 
-    def __init__(self, tensors: Sequence[DTensor]) -> None:
+    def __init__(self, tensors: Sequence[DTensor], names: Sequence[str] = ()) -> None:
+        self.names = list(names)  # (for the error refusing a sparse gradient)
         self.world = tensors[0].device_mesh.size()
         self.dims = [t.placements[0].dim for t in tensors]  # type: ignore[attr-defined]
         self.shapes = [t.shape for t in tensors]
@@ -235,6 +236,13 @@ class _GatherAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         layout: _Layout = ctx.layout
+        for i, g in enumerate(grads):  # nn.Embedding(sparse=True)'s: refused, as fnlit.data_parallel refuses it
+            if g.layout is not torch.strided:
+                from ..optim._base import sparse_message
+
+                path = layout.names[i] if i < len(layout.names) else f"sharded parameter {i}"
+                raise ValueError(sparse_message("fnlit.shard", " (it reduce-scatters them as dense shards)", path,
+                                                ": the reduce-scatter sends the same values", g.layout))
         send = grads[0].new_empty(layout.world, layout.total)
         for i, (g, d) in enumerate(zip(grads, layout.dims)):
             shape, c = layout.padded[i], layout.padded[i][d]
@@ -275,7 +283,7 @@ def gather_params(params: Params) -> Params:
             out[name] = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("avg")])
     for (mesh, _), names in groups.items():
         tensors = [params[n] for n in names]
-        full = _GatherAll.apply(_Layout(tensors), mesh.get_group(), *[t.to_local() for t in tensors])
+        full = _GatherAll.apply(_Layout(tensors, names), mesh.get_group(), *[t.to_local() for t in tensors])
         out.update(zip(names, full))
     return out
 
@@ -321,6 +329,8 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
     skips the step on every rank). It does not combine with :func:`fnlit.data_parallel` (use one mesh
     over all ranks), :func:`fnlit.ensemble` or :func:`fnlit.compile`. A loss that reads the params outside
     :func:`fnlit.apply` (an L2 penalty) sees each rank's shards: read them as ``p.full_tensor()`` there.
+    A sparse gradient (``nn.Embedding(..., sparse=True)``) is refused, as :func:`fnlit.data_parallel` refuses it:
+    the reduce-scatter sends dense shards, so build the module with dense gradients.
 
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
@@ -329,7 +339,8 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
     Raises:
         RuntimeError: when called without an initialised process group (it says how to launch).
         ValueError: when the state is sharded on another mesh, inside fnlit.data_parallel or fnlit.ensemble, or
-            when the loss reads the sharded params directly (it says how to read them whole).
+            when the loss reads the sharded params directly (it says how to read them whole), or for a sparse
+            gradient (naming its parameter).
 
     Example:
         >>> # in a script started by `torchrun --nproc-per-node 4 train.py`:
