@@ -447,3 +447,18 @@ def sparse_embedding():
     except Exception as e:  # noqa: BLE001 (returned to the test, which checks it)
         return type(e).__name__, str(e)
     return None
+
+
+def frozen_per_rank_seed(steps: int = 3):
+    """Each rank seeded by its rank, with a frozen first layer: the params and buffers after ``steps`` sharded steps
+    on the global batch's shards (rank 0's state is the one trained)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)
+    model = mlp(D_IN, HIDDEN, D_OUT)
+    model[0].requires_grad_(False)  # frozen: in state.buffers
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = shard(hand_step(model))
+    for i in range(steps):
+        state, _ = step(state, local(global_batch(i), rank, world))
+    plain = unshard_state(state)
+    return {"params": plain.params, "buffers": plain.buffers}

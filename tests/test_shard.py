@@ -433,3 +433,27 @@ def test_a_sparse_gradient_is_refused_naming_its_parameter_as_data_parallel_refu
         assert kind == "ValueError", message
         assert re.search(r"fnlit\.shard does not support sparse gradients .*sparse_coo gradient for emb\.weight.*"
                          r"nn\.Embedding\(\.\.\., sparse=False\)", message), message
+
+
+def test_frozen_params_and_buffers_are_rank_0s_on_every_rank_as_ddp_broadcasts_them():
+    # Ranks seeded apart (torch.manual_seed(rank)) with a frozen layer: shard distributed rank 0's params but each
+    # rank kept its own frozen weight (a plain leaf of the state), so every rank trained through a different one and
+    # the run matched no single process. They are rank 0's now, as DDP broadcasts its parameters and buffers.
+    from _shard_workers import D_IN, D_OUT, HIDDEN, frozen_per_rank_seed
+
+    results = fnlit.distributed.launch(frozen_per_rank_seed, 2, timeout=120, collective_timeout=30)
+    torch.manual_seed(0)  # rank 0's model, trained by torch on the global batch
+    model = mlp(D_IN, HIDDEN, D_OUT)
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for i in range(3):
+        x, y = global_batch(i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    want = {n: p.detach() for n, p in model.named_parameters()}
+    for r in results:
+        got = {**r["params"], **r["buffers"]}
+        assert got.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5, msg=n)

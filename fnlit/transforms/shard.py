@@ -2,8 +2,8 @@
 
 :func:`shard_state` turns every parameter, and every optimizer-state tensor shaped like one (Adam's
 ``mu``/``nu``, SGD's momentum), into a ``torch.distributed.tensor.DTensor`` sharded across the ranks of a
-1-d ``DeviceMesh``: each rank holds about 1/N of them. Scalars (step, RNG key, optimizer count and
-hyperparameters, loss scale) and buffers stay plain tensors, the same on every rank.
+1-d ``DeviceMesh``: each rank holds about 1/N of them. Scalars (step, optimizer count and hyperparameters,
+loss scale) and buffers (frozen params too) stay plain tensors, rank 0's on every rank; the RNG key as it is.
 
 Inside :func:`shard`, a training step works as FSDP2 does, with DTensor's own collectives:
 
@@ -110,12 +110,14 @@ def shard_state(state: TrainState, mesh: DeviceMesh | None = None) -> TrainState
 
     Parameters become DTensors split by :func:`placement_for` (rank 0's values are distributed). The
     optimizer-state tensors that ``tx.init`` creates in the parameters' shape (Adam's moments, SGD's
-    momentum) get the placement of their parameter; every other leaf (step, RNG key, optimizer count
-    and hyperparameters, loss scale, buffers) stays a plain tensor, replicated on every rank. A state
-    already sharded is returned as it is.
+    momentum) get the placement of their parameter; every other leaf (step, optimizer count and
+    hyperparameters, loss scale, buffers and frozen params) stays a plain tensor, and takes rank 0's
+    values, as DDP broadcasts its parameters and buffers, so every rank holds the same ones (ranks
+    seeded apart trained through different frozen weights). ``state.rng`` is left as it is (each rank
+    may hold its own). A state already sharded is returned as it is.
 
     Args:
-        state: a plain :class:`fnlit.TrainState`, the same on every rank.
+        state: a plain :class:`fnlit.TrainState` (rank 0's is taken).
         mesh: a 1-d ``DeviceMesh`` (default: all ranks of the default process group).
 
     Raises:
@@ -150,7 +152,34 @@ def shard_state(state: TrainState, mesh: DeviceMesh | None = None) -> TrainState
         distribute_tensor(o.detach(), mesh, list(t.placements)) if isinstance(t, DTensor) else o
         for t, o in zip(t_leaves, o_leaves)
     ]
-    return state.replace(params=params, opt_state=_tree.tree_unflatten(o_def, opt))
+    plain = {"buffers": state.buffers, "opt_state": _tree.tree_unflatten(o_def, opt), "step": state.step,
+             "scaler": state.scaler}  # fmt: skip  (not rng: each rank may hold its own, as check_same_state allows)
+    leaves, treedef = _tree.tree_flatten(plain)
+    plain = _tree.tree_unflatten(treedef, _broadcast_plain(leaves, mesh))
+    return state.replace(params=params, **plain)
+
+
+def _broadcast_plain(leaves: list[Any], mesh: DeviceMesh) -> list[Any]:
+    """Rank 0's values of the plain tensors among ``leaves`` (new tensors; DTensors and numbers as they are), as DDP
+    broadcasts its buffers: their bytes in one broadcast per device, on the mesh's device type."""
+    group = mesh.get_group()
+    src = dist.get_global_rank(group, 0)
+    out = list(leaves)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(leaves):
+        if type(t) is torch.Tensor and t.layout is torch.strided:
+            by_device.setdefault(t.device, []).append(i)
+    for device, idx in sorted(by_device.items(), key=lambda kv: str(kv[0])):  # the same order on every rank
+        parts = [leaves[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in idx]
+        buf = torch.cat(parts).to(mesh.device_type)
+        dist.broadcast(buf, src=src, group=group)
+        buf = buf.to(device)
+        offset = 0
+        for i, part in zip(idx, parts):
+            t = leaves[i]
+            out[i] = buf[offset : offset + part.numel()].clone().view(t.dtype).view(t.shape)
+            offset += part.numel()
+    return out
 
 
 def unshard_state(state: TrainState) -> TrainState:
