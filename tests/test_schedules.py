@@ -98,12 +98,12 @@ def test_schedules_follow_the_count_device_and_batch():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: fo.linear_warmup(1.0, -1), "linear_warmup expected warmup_steps >= 0, got -1 instead"),
-        (lambda: fo.cosine_decay(1.0, 0), "cosine_decay expected decay_steps > 0, got 0 instead"),
+        (lambda: fo.linear_warmup(1.0, -1), "linear_warmup expected warmup_steps finite and >= 0, got -1 instead"),
+        (lambda: fo.cosine_decay(1.0, 0), "cosine_decay expected decay_steps finite and > 0, got 0 instead"),
         (lambda: fo.cosine_decay(1.0, 10, alpha=2.0), "expected alpha in \\[0, 1\\]"),
-        (lambda: fo.warmup_cosine(1.0, 10, 10), "expected decay_steps > warmup_steps \\(10\\), got 10"),
-        (lambda: fo.warmup_cosine(1.0, -1, 10), "expected warmup_steps >= 0"),
-        (lambda: fo.step_decay(1.0, 0, 0.5), "expected step_size > 0"),
+        (lambda: fo.warmup_cosine(1.0, 10, 10), "expected decay_steps finite and > warmup_steps \\(10\\), got 10"),
+        (lambda: fo.warmup_cosine(1.0, -1, 10), "expected warmup_steps finite and >= 0"),
+        (lambda: fo.step_decay(1.0, 0, 0.5), "expected step_size finite and > 0"),
         (lambda: fo.join([fo.constant(1.0)], [3]), "expected len\\(boundaries\\) == len\\(schedules\\) - 1"),
         (lambda: fo.join([fo.constant(1.0)] * 3, [5, 2]), "expected non-decreasing boundaries"),
     ],
@@ -111,6 +111,67 @@ def test_schedules_follow_the_count_device_and_batch():
 def test_bad_schedule_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+INF, NAN = math.inf, math.nan
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: fo.cosine_decay(1.0, INF), r"cosine_decay expected decay_steps finite and > 0, got inf instead. It counts"),
+        (lambda: fo.cosine_decay(1.0, torch.tensor(INF)), r"cosine_decay expected decay_steps finite and > 0, got tensor\(inf\)"),
+        (lambda: fo.cosine_decay(1.0, NAN), r"cosine_decay expected decay_steps finite and > 0, got nan"),
+        (lambda: fo.cosine_decay(1.0, 1e300), r"decay_steps finite and > 0, got 1e\+300 .*at most 2\*\*63 - 1"),
+        (lambda: fo.warmup_cosine(1.0, 2, INF), r"warmup_cosine expected decay_steps finite and > warmup_steps \(2\), got inf"),
+        (lambda: fo.warmup_cosine(1.0, NAN, 10), r"warmup_cosine expected warmup_steps finite and >= 0, got nan"),
+        (lambda: fo.warmup_cosine(1.0, INF, INF), r"warmup_cosine expected warmup_steps finite and >= 0, got inf"),
+        (lambda: fo.linear_warmup(1.0, INF), r"linear_warmup expected warmup_steps finite and >= 0, got inf"),
+        (lambda: fo.step_decay(1.0, INF, 0.5), r"step_decay expected step_size finite and > 0, got inf"),
+        (lambda: fo.join([fo.constant(1.0), fo.constant(0.1)], [NAN]), r"join expected boundaries\[0\] finite and >= 0, got nan"),
+        (lambda: fo.join([fo.constant(1.0)] * 3, [2, INF]), r"join expected boundaries\[1\] finite and >= 0, got inf"),
+        (lambda: fo.join([fo.constant(1.0)] * 2, [-1]), r"join expected boundaries\[0\] finite and >= 0, got -1"),
+    ],
+)
+def test_non_finite_step_counts_are_refused(make, match):
+    # They were accepted (v > 0 holds for inf): cosine_decay(1.0, inf)(0) was nan (inf * 0), and sgd with it trained the
+    # params to nan; warmup_cosine(1.0, 2, inf) was nan after the warmup; linear_warmup(1.0, inf) never left init_value;
+    # join(..., [nan]) ran the second schedule from step 0.
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_boundary_of_the_wrong_type_raises_a_type_error_naming_it():
+    with pytest.raises(TypeError, match=r"join expected boundaries\[1\] as a number \(or a 0-d tensor\), got str '5'"):
+        fo.join([fo.constant(1.0)] * 3, [2, "5"])  # (was Python's "'<' not supported between 'str' and 'int'")
+
+
+@pytest.mark.parametrize("length", [1e-40, 1e-46, 0.5])
+def test_step_lengths_below_one_step_stay_finite(length):
+    # pi / (2 * 1e-40) is inf in float32 and 1e-46 is 0 there: the cosine was nan at every step, the warmup and the
+    # step decay (t / 0) at step 0. Reference: the optax / StepLR formulas in Python's float64.
+    def cosine(t, n):
+        return 0.5 * (1 + math.cos(math.pi * min(t, n) / n))
+
+    steps = [0, 1, 2, 7]
+    _check(fo.cosine_decay(2.0, length), lambda t: 2.0 * cosine(t, length), steps)
+    _check(fo.warmup_cosine(1.0, 0, length, end_value=0.1), lambda t: 0.1 + 0.9 * cosine(t, length), steps)
+    _check(fo.linear_warmup(1.0, length, init_value=0.2), lambda t: 0.2 + 0.8 * min(t / length, 1.0), steps)
+    _check(fo.step_decay(1.0, length, 0.5), lambda t: 0.5 ** (t // length), steps)
+
+
+def test_cosine_decay_matches_torch_cosine_annealing():
+    # CosineAnnealingLR up to T_max (after it torch's rises again); a float decay_steps is the int one.
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.5)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30, eta_min=0.05)
+    expected = []
+    for _ in range(31):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        lr_sched.step()
+    for decay_steps in (30, 30.0):
+        _check(fo.cosine_decay(0.5, decay_steps, alpha=0.1), lambda t: expected[t], range(31))
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,8 @@ def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expec
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # its smallest normal number, 1.2e-38
+_MAX_STEPS = 2**63 - 1  # the largest step count (int64)
 
 
 def _check_rate(name: str, arg: str, value: float) -> None:
@@ -69,6 +71,21 @@ def _check_rate(name: str, arg: str, value: float) -> None:
     _check(name, arg, value, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
            "The optimizer subtracts lr * direction; use a positive rate such as 1e-3 (at most 3.4e38: schedules "
            "compute in float32).")
+
+
+def _check_steps(name: str, arg: str, value: float, low: float = 0, strict: bool = False, low_name: str = "") -> None:
+    """Checks a step count the schedule is built with (a length or a boundary): finite, ``>= low`` (``> low`` with
+    ``strict``) and at most 2**63 - 1. ``v >= 0`` alone let inf through (cosine_decay's inf * 0 was nan)."""
+    bound = f"{'>' if strict else '>='} {f'{low_name} ({low})' if low_name else low}"
+    _check(name, arg, value, lambda v: math.isfinite(v) and (v > low if strict else v >= low) and v <= _MAX_STEPS,
+           f"finite and {bound}", "It counts optimizer steps: at most 2**63 - 1, the largest step count.")
+
+
+def _divisor(steps: float) -> float:
+    """A length > 0 that a float32 count is divided by (taken when the schedule is built), kept >= float32's smallest
+    normal number: 1e-46 was 0 in float32 (0 / 0 was nan at step 0); every count >= 1 is past such a length
+    either way."""
+    return max(steps, _FLOAT32_TINY)
 
 
 def constant(value: float) -> Schedule:
@@ -98,7 +115,8 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
         init_value: value at step 0.
 
     Raises:
-        ValueError: if ``warmup_steps < 0``, or ``peak_value`` or ``init_value`` is negative or not finite (in float32).
+        ValueError: if ``warmup_steps`` is negative or not finite, or ``peak_value`` or ``init_value`` is negative or
+            not finite (in float32).
 
     Example:
         >>> linear_warmup(1.0, 4)(1)
@@ -106,22 +124,26 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
     """
     _check_rate("linear_warmup", "peak_value", peak_value)
     _check_rate("linear_warmup", "init_value", init_value)
-    _check("linear_warmup", "warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
+    _check_steps("linear_warmup", "warmup_steps", warmup_steps)
+    ramp = _divisor(warmup_steps)
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         t = _count(count)
         if warmup_steps == 0:
             return torch.full_like(t, peak_value)
-        frac = torch.clamp(t / warmup_steps, 0.0, 1.0)
+        frac = torch.clamp(t / ramp, 0.0, 1.0)
         return init_value + frac * (peak_value - init_value)
 
     return schedule
 
 
-def _half_cosine(t: torch.Tensor, span: int) -> torch.Tensor:
-    """``0.5 * (1 + cos(pi * t / span))`` written as ``sin((span - t) * pi / (2 * span)) ** 2``: the same value
-    without float32's cancellation near ``t = span`` (1 + cos there lost 20 % of the last steps' rate)."""
-    return torch.sin((span - t) * (math.pi / (2 * span))) ** 2
+def _half_cosine(count: int | torch.Tensor, span: float) -> torch.Tensor:
+    """``0.5 * (1 + cos(pi * t / span))`` for ``t = min(count, span)``, as ``sin((span - t) / span * pi / 2) ** 2``: the
+    same value without float32's cancellation near ``t = span`` (1 + cos there lost 20 % of the last steps' rate).
+    ``span`` is a :func:`_divisor`: dividing by it, not by ``pi / (2 * span)``, keeps every factor finite
+    (decay_steps=1e-40 made that inf, and the rate nan)."""
+    t = torch.clamp(_count(count), max=float(span))
+    return torch.sin((span - t) / span * (math.pi / 2)) ** 2
 
 
 def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
@@ -132,19 +154,20 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     ``decay_steps``, after which torch's rises again and this one stays at its end value).
 
     Raises:
-        ValueError: if ``decay_steps <= 0``, ``alpha`` is outside [0, 1], or ``init_value`` is negative or not finite (in float32).
+        ValueError: if ``decay_steps`` is not finite and > 0, ``alpha`` is outside [0, 1], or ``init_value`` is negative
+            or not finite (in float32).
 
     Example:
         >>> cosine_decay(1.0, 10)(5)
         tensor(0.5000)
     """
     _check_rate("cosine_decay", "init_value", init_value)
-    _check("cosine_decay", "decay_steps", decay_steps, lambda v: v > 0, "> 0")
+    _check_steps("cosine_decay", "decay_steps", decay_steps, strict=True)
+    span = _divisor(decay_steps)
     _check("cosine_decay", "alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
-        t = torch.clamp(_count(count), max=float(decay_steps))
-        return init_value * ((1.0 - alpha) * _half_cosine(t, decay_steps) + alpha)
+        return init_value * ((1.0 - alpha) * _half_cosine(count, span) + alpha)
 
     return schedule
 
@@ -158,8 +181,8 @@ def warmup_cosine(
     part lasts ``decay_steps - warmup_steps`` steps; the value stays ``end_value`` afterwards.
 
     Raises:
-        ValueError: if ``warmup_steps < 0`` or ``decay_steps <= warmup_steps``, or ``peak_value``, ``init_value`` or
-            ``end_value`` is negative or not finite (in float32).
+        ValueError: if ``warmup_steps`` is negative, ``decay_steps <= warmup_steps``, either is not finite, or
+            ``peak_value``, ``init_value`` or ``end_value`` is negative or not finite (in float32).
 
     Example:
         >>> warmup_cosine(1.0, warmup_steps=10, decay_steps=110)(60)
@@ -167,13 +190,12 @@ def warmup_cosine(
     """
     for arg, value in (("peak_value", peak_value), ("init_value", init_value), ("end_value", end_value)):
         _check_rate("warmup_cosine", arg, value)
-    _check("warmup_cosine", "warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
-    _check("warmup_cosine", "decay_steps", decay_steps, lambda v: v > warmup_steps, f"> warmup_steps ({warmup_steps})")
-    span = decay_steps - warmup_steps
+    _check_steps("warmup_cosine", "warmup_steps", warmup_steps)
+    _check_steps("warmup_cosine", "decay_steps", decay_steps, low=warmup_steps, strict=True, low_name="warmup_steps")
+    span = _divisor(decay_steps - warmup_steps)
 
     def cosine(count: int | torch.Tensor) -> torch.Tensor:
-        t = torch.clamp(_count(count), max=float(span))
-        return end_value + (peak_value - end_value) * _half_cosine(t, span)
+        return end_value + (peak_value - end_value) * _half_cosine(count, span)
 
     return join([linear_warmup(peak_value, warmup_steps, init_value), cosine], [warmup_steps])
 
@@ -182,20 +204,22 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
     """``init_value * gamma ** (t // step_size)``, torch's ``StepLR``.
 
     Raises:
-        ValueError: if ``step_size <= 0``, ``gamma`` is negative or not finite (in float32), or ``init_value`` is.
+        ValueError: if ``step_size`` is not finite and > 0, ``gamma`` is negative or not finite (in float32), or
+            ``init_value`` is.
 
     Example:
         >>> step_decay(1.0, step_size=10, gamma=0.5)(25)
         tensor(0.2500)
     """
     _check_rate("step_decay", "init_value", init_value)
-    _check("step_decay", "step_size", step_size, lambda v: v > 0, "> 0")
+    _check_steps("step_decay", "step_size", step_size, strict=True)
+    size = _divisor(step_size)  # (an int one stays an int: the floor division is then exact)
     _check("step_decay", "gamma", gamma, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
            "Schedules compute in float32: at most 3.4e38.")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         # The number of decays from the exact count (in float32, t / step_size was off by one above 2**24)
-        k = torch.div(_exact_count(count), step_size, rounding_mode="floor").to(torch.float32)
+        k = torch.div(_exact_count(count), size, rounding_mode="floor").to(torch.float32)
         return init_value * torch.pow(torch.full_like(k, gamma), k)
 
     return schedule
@@ -208,7 +232,8 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
 
     Raises:
         ValueError: unless ``len(boundaries) == len(schedules) - 1`` and boundaries are
-            non-decreasing and >= 0.
+            finite, non-decreasing and >= 0.
+        TypeError: for a boundary that is not a number (or a 0-d tensor).
 
     Example:
         >>> s = join([constant(1.0), constant(0.1)], [5])
@@ -221,7 +246,9 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
             f"join expected len(boundaries) == len(schedules) - 1, got {len(boundaries)} boundaries for "
             f"{len(schedules)} schedules instead. Give one boundary between each pair of schedules."
         )
-    if any(b < 0 for b in boundaries) or boundaries != sorted(boundaries):
+    for i, boundary in enumerate(boundaries):  # ("3" < 0 was Python's TypeError; nan ran schedules[1] from step 0)
+        _check_steps("join", f"boundaries[{i}]", boundary)
+    if boundaries != sorted(boundaries):
         raise ValueError(f"join expected non-decreasing boundaries >= 0, got {boundaries} instead.")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
