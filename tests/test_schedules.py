@@ -1,4 +1,4 @@
-"""Schedules against optax's formulas written out in Python math, and torch's StepLR."""
+"""Schedules against optax's formulas written out in Python math, and torch's StepLR and CosineAnnealingLR."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+import fnlit
 import fnlit.optim as fo
+from fnlit.testing import assert_no_host_sync
 
 
 def _check(schedule, expected_fn, steps) -> None:
@@ -221,3 +223,72 @@ def test_schedule_arguments_of_the_wrong_type_raise_a_type_error_naming_them(mak
 def test_negative_int_step_raises(schedule):
     with pytest.raises(ValueError, match="expected a step count >= 0, got -1 instead. Steps start at 0"):
         schedule(-1)
+
+
+T = torch.tensor
+TENSOR_ARGUMENTS = {  # each schedule with one argument a 0-d tensor, and with it a number
+    "constant(value)": (lambda: fo.constant(T(0.1)), lambda: fo.constant(0.1)),
+    "linear_warmup(peak_value)": (lambda: fo.linear_warmup(T(0.1), 4), lambda: fo.linear_warmup(0.1, 4)),
+    "linear_warmup(init_value)": (lambda: fo.linear_warmup(0.1, 4, T(0.01)), lambda: fo.linear_warmup(0.1, 4, 0.01)),
+    "linear_warmup(warmup_steps)": (lambda: fo.linear_warmup(0.1, T(4)), lambda: fo.linear_warmup(0.1, 4)),
+    "linear_warmup(warmup_steps=0)": (lambda: fo.linear_warmup(0.1, T(0)), lambda: fo.linear_warmup(0.1, 0)),
+    "cosine_decay(init_value)": (lambda: fo.cosine_decay(T(0.1), 6), lambda: fo.cosine_decay(0.1, 6)),
+    "cosine_decay(decay_steps)": (lambda: fo.cosine_decay(0.1, T(6)), lambda: fo.cosine_decay(0.1, 6)),
+    "cosine_decay(alpha)": (lambda: fo.cosine_decay(0.1, 6, T(0.2)), lambda: fo.cosine_decay(0.1, 6, 0.2)),
+    "warmup_cosine(float64 rates)": (
+        lambda: fo.warmup_cosine(T(0.1, dtype=torch.float64), 2, 8, T(0.01, dtype=torch.float64), T(1e-3)),
+        lambda: fo.warmup_cosine(0.1, 2, 8, 0.01, 1e-3),
+    ),
+    "warmup_cosine(steps)": (lambda: fo.warmup_cosine(0.1, T(2), T(8)), lambda: fo.warmup_cosine(0.1, 2, 8)),
+    "step_decay(init_value)": (lambda: fo.step_decay(T(0.1), 3, 0.5), lambda: fo.step_decay(0.1, 3, 0.5)),
+    "step_decay(step_size)": (lambda: fo.step_decay(0.1, T(3), 0.5), lambda: fo.step_decay(0.1, 3, 0.5)),
+    "step_decay(gamma)": (lambda: fo.step_decay(0.1, 3, T(0.5)), lambda: fo.step_decay(0.1, 3, 0.5)),
+    "join(boundaries)": (
+        lambda: fo.join([fo.constant(0.1), fo.constant(0.05)], [T(3)]),
+        lambda: fo.join([fo.constant(0.1), fo.constant(0.05)], [3]),
+    ),
+}
+
+
+def _linear_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    return model, step, (torch.randn(8, 4), torch.randn(8, 1))
+
+
+@pytest.mark.parametrize("name", TENSOR_ARGUMENTS)
+def test_a_tensor_argument_is_never_read_back_in_a_step(name):
+    # A 0-d tensor argument (which the checks accept) was read back to the host at every step: warmup_steps == 0,
+    # float(decay_steps), full_like(t, value) -- so fnlit.compile's capture failed and no CUDA graph could hold the step,
+    # though the module promises a schedule reads nothing back.
+    with_tensor, with_number = TENSOR_ARGUMENTS[name]
+    model, step, batch = _linear_step()
+    states = [fnlit.TrainState.create(model, fo.sgd(make()), seed=0) for make in (with_tensor, with_number)]
+    for _ in range(10):
+        states[0], _ = assert_no_host_sync(step, states[0], batch)
+        states[1], _ = step(states[1], batch)
+    assert all(torch.equal(a, b) for a, b in zip(states[0].params.values(), states[1].params.values()))
+    for t in (0, 1, 2, 3, 5, 6, 7, 9, 50):
+        got, want = with_tensor()(t), with_number()(t)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (t, got, want)
+
+
+def test_a_schedule_of_tensor_arguments_compiles_and_matches_eager():
+    # fnlit.compile failed on each (a CaptureError at the apply_gradients line; constant(T(0.1)): dynamo's
+    # InternalTorchDynamoError). The reference: the same schedule of numbers, run eagerly.
+    def make(n):
+        return fo.join(
+            [fo.constant(n(0.1)), fo.cosine_decay(n(0.1), n(4), n(0.1)), fo.step_decay(n(0.05), n(2), n(0.5))], [n(2), n(6)]
+        )
+
+    model, step, batch = _linear_step()
+    compiled = fnlit.compile(step, mode="eager")
+    got = fnlit.TrainState.create(model, fo.sgd(make(torch.tensor)), seed=0)
+    want = fnlit.TrainState.create(model, fo.sgd(make(lambda v: v)), seed=0)
+    for _ in range(10):
+        got, _ = compiled(got, batch)
+        want, _ = step(want, batch)
+    for a, b in zip(got.params.values(), want.params.values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert compiled.compiles == 1

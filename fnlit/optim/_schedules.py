@@ -2,7 +2,9 @@
 
 A schedule takes the number of optimizer steps already taken (a Python int or a 0-d integer tensor)
 and returns a 0-d float32 tensor on the count's device. Nothing here reads a tensor back to the host,
-so a schedule can run inside a compiled or CUDA-graph-captured step and under ``torch.func.vmap``.
+so a schedule can run inside a compiled or CUDA-graph-captured step and under ``torch.func.vmap``. An argument
+given as a 0-d tensor is read once, when the schedule is built, and the schedule computes with that number: changing
+the tensor afterwards changes nothing (build a new schedule).
 Semantics follow optax's schedules (``join`` = ``optax.join_schedules``).
 
 Any callable ``count -> 0-d tensor`` is a :data:`Schedule`, so one's own is a plain function:
@@ -48,8 +50,10 @@ def _count(count: int | torch.Tensor) -> torch.Tensor:
     return _exact_count(count).to(torch.float32)
 
 
-def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expected: str, fix: str = "") -> None:
-    """Checks an argument when the schedule is built (a 0-d tensor's value is read here, never in a step)."""
+def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expected: str, fix: str = "") -> float:
+    """Checks an argument when the schedule is built and returns it as a Python number: a 0-d tensor's value is read
+    here, never in a step (kept a tensor, ``warmup_steps == 0`` and ``float(decay_steps)`` read it back every step,
+    and ``full_like(t, value)`` too: fnlit.compile's capture failed, and CUDA graphs could not hold the step)."""
     real = isinstance(value, numbers.Real) or (
         isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
     )
@@ -57,6 +61,7 @@ def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expec
         raise TypeError(f"{name} expected {arg} as a number (or a 0-d tensor), got {type(value).__name__} {value!r} instead.")
     if not ok(value):
         raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.{' ' + fix if fix else ''}")
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -64,21 +69,24 @@ _FLOAT32_TINY = torch.finfo(torch.float32).tiny  # its smallest normal number, 1
 _MAX_STEPS = 2**63 - 1  # the largest step count (int64)
 
 
-def _check_rate(name: str, arg: str, value: float) -> None:
+def _check_rate(name: str, arg: str, value: float) -> float:
     """Checks a value the schedule returns: a learning rate, finite in float32 (the schedules compute in it: 1e39 was
     inf, and the params inf or nan) and >= 0 (a negative one would move the params up the gradient; NaN fails the
     comparison)."""
-    _check(name, arg, value, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
-           "The optimizer subtracts lr * direction; use a positive rate such as 1e-3 (at most 3.4e38: schedules "
-           "compute in float32).")
+    return _check(name, arg, value, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
+                  "The optimizer subtracts lr * direction; use a positive rate such as 1e-3 (at most 3.4e38: schedules "
+                  "compute in float32).")
 
 
-def _check_steps(name: str, arg: str, value: float, low: float = 0, strict: bool = False, low_name: str = "") -> None:
+def _check_steps(name: str, arg: str, value: float, low: float = 0, strict: bool = False, low_name: str = "") -> float:
     """Checks a step count the schedule is built with (a length or a boundary): finite, ``>= low`` (``> low`` with
     ``strict``) and at most 2**63 - 1. ``v >= 0`` alone let inf through (cosine_decay's inf * 0 was nan)."""
     bound = f"{'>' if strict else '>='} {f'{low_name} ({low})' if low_name else low}"
-    _check(name, arg, value, lambda v: math.isfinite(v) and (v > low if strict else v >= low) and v <= _MAX_STEPS,
-           f"finite and {bound}", "It counts optimizer steps: at most 2**63 - 1, the largest step count.")
+    def ok(v: float) -> bool:
+        return math.isfinite(v) and (v > low if strict else v >= low) and v <= _MAX_STEPS
+
+    return _check(name, arg, value, ok, f"finite and {bound}",
+                  "It counts optimizer steps: at most 2**63 - 1, the largest step count.")
 
 
 def _divisor(steps: float) -> float:
@@ -98,7 +106,7 @@ def constant(value: float) -> Schedule:
     Raises:
         ValueError: if ``value`` is negative or not finite (in float32).
     """
-    _check_rate("constant", "value", value)
+    value = _check_rate("constant", "value", value)
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         return torch.full_like(_count(count), value)
@@ -122,9 +130,9 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
         >>> linear_warmup(1.0, 4)(1)
         tensor(0.2500)
     """
-    _check_rate("linear_warmup", "peak_value", peak_value)
-    _check_rate("linear_warmup", "init_value", init_value)
-    _check_steps("linear_warmup", "warmup_steps", warmup_steps)
+    peak_value = _check_rate("linear_warmup", "peak_value", peak_value)
+    init_value = _check_rate("linear_warmup", "init_value", init_value)
+    warmup_steps = _check_steps("linear_warmup", "warmup_steps", warmup_steps)
     ramp = _divisor(warmup_steps)
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
@@ -161,10 +169,9 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
         >>> cosine_decay(1.0, 10)(5)
         tensor(0.5000)
     """
-    _check_rate("cosine_decay", "init_value", init_value)
-    _check_steps("cosine_decay", "decay_steps", decay_steps, strict=True)
-    span = _divisor(decay_steps)
-    _check("cosine_decay", "alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    init_value = _check_rate("cosine_decay", "init_value", init_value)
+    span = _divisor(_check_steps("cosine_decay", "decay_steps", decay_steps, strict=True))
+    alpha = _check("cosine_decay", "alpha", alpha, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         return init_value * ((1.0 - alpha) * _half_cosine(count, span) + alpha)
@@ -188,10 +195,13 @@ def warmup_cosine(
         >>> warmup_cosine(1.0, warmup_steps=10, decay_steps=110)(60)
         tensor(0.5000)
     """
-    for arg, value in (("peak_value", peak_value), ("init_value", init_value), ("end_value", end_value)):
+    peak_value, init_value, end_value = (
         _check_rate("warmup_cosine", arg, value)
-    _check_steps("warmup_cosine", "warmup_steps", warmup_steps)
-    _check_steps("warmup_cosine", "decay_steps", decay_steps, low=warmup_steps, strict=True, low_name="warmup_steps")
+        for arg, value in (("peak_value", peak_value), ("init_value", init_value), ("end_value", end_value))
+    )
+    warmup_steps = _check_steps("warmup_cosine", "warmup_steps", warmup_steps)
+    decay_steps = _check_steps("warmup_cosine", "decay_steps", decay_steps, low=warmup_steps, strict=True,
+                               low_name="warmup_steps")
     span = _divisor(decay_steps - warmup_steps)
 
     def cosine(count: int | torch.Tensor) -> torch.Tensor:
@@ -211,11 +221,10 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
         >>> step_decay(1.0, step_size=10, gamma=0.5)(25)
         tensor(0.2500)
     """
-    _check_rate("step_decay", "init_value", init_value)
-    _check_steps("step_decay", "step_size", step_size, strict=True)
-    size = _divisor(step_size)  # (an int one stays an int: the floor division is then exact)
-    _check("step_decay", "gamma", gamma, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
-           "Schedules compute in float32: at most 3.4e38.")
+    init_value = _check_rate("step_decay", "init_value", init_value)
+    size = _divisor(_check_steps("step_decay", "step_size", step_size, strict=True))  # an int stays one: exact floor
+    gamma = _check("step_decay", "gamma", gamma, lambda v: 0 <= v <= _FLOAT32_MAX, "finite and >= 0",
+                   "Schedules compute in float32: at most 3.4e38.")
 
     def schedule(count: int | torch.Tensor) -> torch.Tensor:
         # The number of decays from the exact count (in float32, t / step_size was off by one above 2**24)
@@ -246,8 +255,8 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
             f"join expected len(boundaries) == len(schedules) - 1, got {len(boundaries)} boundaries for "
             f"{len(schedules)} schedules instead. Give one boundary between each pair of schedules."
         )
-    for i, boundary in enumerate(boundaries):  # ("3" < 0 was Python's TypeError; nan ran schedules[1] from step 0)
-        _check_steps("join", f"boundaries[{i}]", boundary)
+    # ("3" < 0 was Python's TypeError; nan ran schedules[1] from step 0)
+    boundaries = [_check_steps("join", f"boundaries[{i}]", boundary) for i, boundary in enumerate(boundaries)]
     if boundaries != sorted(boundaries):
         raise ValueError(f"join expected non-decreasing boundaries >= 0, got {boundaries} instead.")
 
