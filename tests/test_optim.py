@@ -647,6 +647,27 @@ def test_a_numpy_number_assigned_as_a_hyperparameter_works_as_a_python_number(ma
     torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("make", [
+    lambda lr: fo.sgd(lr), lambda lr: fo.chain(fo.scale_by_learning_rate(lr)),
+], ids=["sgd", "scale_by_learning_rate"])
+def test_under_a_schedule_an_assigned_rate_is_overwritten_as_the_docs_say(make):
+    # Documented (as under optax's inject_hyperparams): the schedule wins, so an assignment is never used; a float
+    # rate takes it. Reference: torch.optim.SGD stepped with the rate that should apply.
+    params = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    grads = {"w": torch.tensor([0.5, 0.25, -1.0])}
+    for rate, used in ((fo.step_decay(0.5, step_size=1, gamma=0.5), 0.25), (0.5, 0.01)):
+        tx = make(rate)
+        state = tx.init(params)
+        params_1, state = fo.step(tx, grads, state, params)  # step 0: the rate 0.5 either way
+        holder = state[0] if type(state) is tuple else state  # a chain's state is a plain tuple
+        holder.hyperparams["learning_rate"] = 0.01
+        new = fo.step(tx, grads, state, params_1)[0]
+        p = torch.nn.Parameter(params_1["w"].clone())
+        p.grad = grads["w"].clone()
+        torch.optim.SGD([p], lr=used).step()
+        torch.testing.assert_close(new["w"], p.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_a_number_assigned_to_the_transforms_hyperparams_is_held_as_a_tensor_and_matches_torch():
     # scale_by_learning_rate kept the float forever and add_decayed_weights copied it: every later checkpoint held
     # a number where a fresh state holds a tensor.

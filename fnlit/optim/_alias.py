@@ -16,12 +16,15 @@ precision, except a schedule's rate, computed in float32) or the value was given
 fused kernels read a tensor rate as float32. A number assigned there (optax's ``hyperparams["learning_rate"] = 1e-3``)
 works too, and the next state holds it as a tensor; under :func:`fnlit.compile` each new number is a constant of its
 own graph (a recompile): assign tensors, of the dtype held there (``torch.tensor(1e-3, dtype=torch.float64)`` for a
-float64 model: a float32 one is a new graph, and stays float32). These two keys are the only ones read: an
-update refuses another (torch.optim's ``"lr"``, optax's ``"b1"``) with a ValueError, as optax's
-``inject_hyperparams`` does, since the betas, momentum and eps are fixed when the optimizer is built. An
-optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over
-the params for it), so its ``hyperparams["weight_decay"]`` is then not read: build it with
-``weight_decay=torch.tensor(0.0)`` to tune the decay from zero.
+float64 model: a float32 one is a new graph, and stays float32). Under a learning-rate schedule, the schedule wins:
+each update writes its value to ``hyperparams["learning_rate"]``, so a rate assigned there is overwritten at the next
+update, unused (as under optax's ``inject_hyperparams``). For a drop on a plateau, build the optimizer with a number
+rate (not a schedule, :func:`constant` included) and assign the new rate, or :func:`join` schedules at known steps.
+These two keys are the only ones read: an update refuses another (torch.optim's ``"lr"``, optax's ``"b1"``) with a
+ValueError, as optax's ``inject_hyperparams`` does, since the betas, momentum and eps are fixed when the optimizer is
+built. An optimizer built with the Python number ``weight_decay=0`` leaves the decay out of its step (no pass over the
+params for it), so its ``hyperparams["weight_decay"]`` is then not read: build it with ``weight_decay=torch.tensor(0.0)``
+to tune the decay from zero.
 """
 
 from __future__ import annotations
@@ -301,7 +304,10 @@ def sgd(
     dense. With weight decay, where torch.optim.SGD fails on one, the step is that of the dense gradient.
 
     Args:
-        learning_rate: a float, or a schedule ``count -> lr`` (see :mod:`fnlit.optim` schedules).
+        learning_rate: a float, or a schedule ``count -> lr`` (see :mod:`fnlit.optim` schedules). A float can be
+            changed later by assigning ``state.hyperparams["learning_rate"]``; with a schedule, the schedule wins: an
+            assignment is overwritten at the next update (for a plateau-style drop use a float rate and assign it, or
+            :func:`join`).
         momentum: momentum factor (0 disables it and the buffer).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
         weight_decay: L2 penalty added to the gradient (a tensor in ``state.hyperparams``). The Python
@@ -465,7 +471,9 @@ def adam(
     """Adam with ``torch.optim.Adam`` semantics (``weight_decay`` is L2: added to the gradient).
 
     Args:
-        learning_rate: a float, or a schedule ``count -> lr``.
+        learning_rate: a float, or a schedule ``count -> lr``. With a schedule, the schedule wins: a rate assigned
+            to ``state.hyperparams["learning_rate"]`` is overwritten at the next update (for a plateau-style drop use
+            a float rate and assign it, or :func:`join`).
         b1: decay rate of the first moment.
         b2: decay rate of the second moment.
         eps: added to the denominator.
@@ -505,7 +513,9 @@ def adamw(
     """AdamW with ``torch.optim.AdamW`` semantics: decoupled decay ``p *= 1 - lr * wd``, then Adam.
 
     Args:
-        learning_rate: a float, or a schedule ``count -> lr``.
+        learning_rate: a float, or a schedule ``count -> lr``. With a schedule, the schedule wins: a rate assigned
+            to ``state.hyperparams["learning_rate"]`` is overwritten at the next update (for a plateau-style drop use
+            a float rate and assign it, or :func:`join`).
         b1: decay rate of the first moment.
         b2: decay rate of the second moment.
         eps: added to the denominator.

@@ -356,7 +356,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     A float rate is stored as a tensor in ``state.hyperparams["learning_rate"]`` and can be changed
     there by assigning a new tensor or number (each update copies the dict, so that changes the state and the ones
     after it, never an earlier one; an in-place edit of the tensor itself would reach every state holding
-    it); for a schedule, that field holds the rate of the most recent update.
+    it); for a schedule, that field holds the rate of the most recent update, and the schedule wins: a rate
+    assigned there is overwritten at the next update, unused (for a plateau-style drop use a float rate and assign
+    it, or :func:`join` schedules).
 
     Raises:
         TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule; at ``init`` if the
