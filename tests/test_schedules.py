@@ -257,6 +257,24 @@ def _linear_step():
     return model, step, (torch.randn(8, 4), torch.randn(8, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_a_narrow_integer_tensor_step_count_is_taken_as_its_number(dtype):
+    # Compared as a tensor with 2**63 - 1, an int32 count wrapped: cosine_decay(0.1, tensor(5, int32)) was refused
+    # as "not > 0". Reference: torch's CosineAnnealingLR with T_max=5 (and StepLR for step_size).
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    want = []
+    for _ in range(6):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    got = fnlit.optim.cosine_decay(0.1, torch.tensor(5, dtype=dtype))
+    assert [float(got(i)) for i in range(6)] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    steps = fnlit.optim.step_decay(1.0, torch.tensor(2, dtype=dtype), 0.5)
+    assert [float(steps(i)) for i in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
 @pytest.mark.parametrize("name", TENSOR_ARGUMENTS)
 def test_a_tensor_argument_is_never_read_back_in_a_step(name):
     # A 0-d tensor argument (which the checks accept) was read back to the host at every step: warmup_steps == 0,

@@ -59,9 +59,10 @@ def _check(name: str, arg: str, value: float, ok: Callable[[float], bool], expec
     )
     if isinstance(value, bool) or not real:  # before comparing: "10" < 0 is Python's TypeError
         raise TypeError(f"{name} expected {arg} as a number (or a 0-d tensor), got {type(value).__name__} {value!r} instead.")
-    if not ok(value):
+    number = value.item() if isinstance(value, torch.Tensor) else value  # (an int32 tensor compared with 2**63 - 1 wraps)
+    if not ok(number):
         raise ValueError(f"{name} expected {arg} {expected}, got {value!r} instead.{' ' + fix if fix else ''}")
-    return value.item() if isinstance(value, torch.Tensor) else value
+    return number
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -146,12 +147,12 @@ def linear_warmup(peak_value: float, warmup_steps: int, init_value: float = 0.0)
 
 
 def _half_cosine(count: int | torch.Tensor, span: float) -> torch.Tensor:
-    """``0.5 * (1 + cos(pi * t / span))`` for ``t = min(count, span)``, as ``sin((span - t) / span * pi / 2) ** 2``: the
-    same value without float32's cancellation near ``t = span`` (1 + cos there lost 20 % of the last steps' rate).
-    ``span`` is a :func:`_divisor`: dividing by it, not by ``pi / (2 * span)``, keeps every factor finite
-    (decay_steps=1e-40 made that inf, and the rate nan)."""
+    """``0.5 * (1 + cos(pi * t / span))`` for ``t = min(count, span)``, as ``sin((span - t) * pi / (2 * span)) ** 2``:
+    the same value without float32's cancellation near ``t = span`` (1 + cos there lost 20 % of the last steps'
+    rate). ``span`` is a :func:`_divisor`, so ``pi / (2 * span)`` stays finite in float32 (decay_steps=1e-40 made it
+    inf, and the rate nan)."""
     t = torch.clamp(_count(count), max=float(span))
-    return torch.sin((span - t) / span * (math.pi / 2)) ** 2
+    return torch.sin((span - t) * (math.pi / (2 * span))) ** 2
 
 
 def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
