@@ -1361,3 +1361,65 @@ def test_clip_by_global_norm_keeps_a_0d_gradients_dtype_as_clip_grad_norm(functi
     new, _ = fo.step(fo.chain(fo.clip_by_global_norm(0.5), fo.sgd(1.0, momentum=0.9)), grads,
                      fo.chain(fo.clip_by_global_norm(0.5), fo.sgd(1.0, momentum=0.9)).init(params), params)
     assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in params.items()}
+
+
+_SCALAR_PARAMS = {  # a 0-d parameter beside a model of another dtype: a 0-d rate took the wider of the two
+    "bfloat16": lambda g: {"s": torch.randn((), generator=g).bfloat16(), "w": torch.randn(3, generator=g)},
+    "float32_by_float64": lambda g: {"s": torch.randn((), generator=g), "w": torch.randn(3, generator=g).double()},
+}
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["eager", "functional"])
+@pytest.mark.parametrize("model", list(_SCALAR_PARAMS))
+@pytest.mark.parametrize("make, want", [
+    (lambda: fo.scale(torch.tensor(-0.1)), lambda u, p: -0.1 * u),
+    (lambda: fo.scale(torch.tensor(-0.1, dtype=torch.float64)), lambda u, p: -0.1 * u),
+    (lambda: fo.scale_by_learning_rate(0.1), lambda u, p: -0.1 * u),
+    (lambda: fo.scale_by_schedule(fo.constant(0.1)), lambda u, p: 0.1 * u),
+    (lambda: fo.add_decayed_weights(0.01), lambda u, p: u + 0.01 * p),
+], ids=["scale", "scale_float64", "scale_by_learning_rate", "scale_by_schedule", "add_decayed_weights"])
+def test_a_0d_update_keeps_its_dtype_in_the_building_blocks(make, want, model, functional):
+    # u * lr with u and the rate both 0-d took the wider dtype: a bfloat16 scalar's update came back float32, a
+    # float32 one's beside a float64 model float64. Against the product in float64, rounded to the update's dtype.
+    g = torch.Generator().manual_seed(0)
+    params = _SCALAR_PARAMS[model](g)
+    grads = {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in params.items()}
+    tx = make()
+    with fo.functional_path() if functional else contextlib.nullcontext():
+        updates, _ = tx.update(grads, tx.init(params), params)
+    for k, u in updates.items():  # (assert_close checks the dtype too)
+        torch.testing.assert_close(u, want(grads[k].double(), params[k].double()).to(grads[k].dtype))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["eager", "functional"])
+@pytest.mark.parametrize("model", list(_SCALAR_PARAMS))
+def test_a_0d_parameter_keeps_its_dtype_through_scale_by_adam_as_torch_optim_adam(model, functional):
+    # (m / bc1) with m and the float32 bias correction both 0-d was float32 for a bfloat16 m; the learning rate
+    # then promoted the update again (float64 for a float32 scalar beside a float64 model).
+    g = torch.Generator().manual_seed(0)
+    p0 = _SCALAR_PARAMS[model](g)
+    seq = [{k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in p0.items()} for _ in range(5)]
+    tx = fo.chain(fo.scale_by_adam(), fo.scale_by_learning_rate(1e-2))
+    params, state = p0, tx.init(p0)
+    for grads in seq:
+        with fo.functional_path() if functional else contextlib.nullcontext():
+            updates, state = tx.update(grads, state, params)
+        assert {k: u.dtype for k, u in updates.items()} == {k: v.dtype for k, v in p0.items()}
+        params = fo.apply_updates(params, updates)
+    want = _run_torch(lambda ps: torch.optim.Adam(ps.values(), lr=1e-2, foreach=False), p0, seq)
+    assert {k: v.dtype for k, v in want.items()} == {k: v.dtype for k, v in p0.items()}
+    rtol = {torch.bfloat16: 1.6e-2, torch.float32: 1e-6, torch.float64: 1e-12}
+    for k, v in want.items():
+        torch.testing.assert_close(params[k], v, rtol=rtol[v.dtype], atol=1e-5 if v.dtype is torch.bfloat16 else 1e-9)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["eager", "functional"])
+def test_a_0d_complex128_update_is_scaled_by_the_float64_rate(functional):
+    # A complex128 model's rate is held in float64 (a float32 one is 1.5e-9 off 0.1); the 0-d leaf's product was
+    # computed with it rounded to float32, the vector's with it whole. Against the float64 product, each part.
+    u = {"s": torch.tensor(0.3 - 0.7j, dtype=torch.complex128), "w": torch.tensor([0.3 - 0.7j], dtype=torch.complex128)}
+    tx = fo.scale_by_learning_rate(0.1)
+    with fo.functional_path() if functional else contextlib.nullcontext():
+        out, _ = tx.update(u, tx.init(u))
+    for k, x in u.items():
+        torch.testing.assert_close(out[k], torch.complex(-0.1 * x.real, -0.1 * x.imag), rtol=1e-16, atol=0)

@@ -41,8 +41,8 @@ from ._base import (
     keys_in_order, own, own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
 )
 from ._transforms import (
-    check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate, check_schedule_value, device_of,
-    held_dtype, hyper_dtype, hyper_value, scalar, zero_count,
+    _rate, check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate,
+    check_schedule_value, device_of, held_dtype, hyper_dtype, hyper_value, scalar, zero_count,
 )
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
@@ -128,18 +128,6 @@ def _decay_factor(lr: torch.Tensor, wd: torch.Tensor, dtype: torch.dtype = torch
         return 1.0 - float(lr) * float(wd)  # host memory: no device sync, and 5 tensor ops fewer
     factor = 1 - lr.double() * wd.double()
     return factor if dtype is torch.float64 else factor.float()
-
-
-def _rate(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """A 0-d hyperparameter as the functional path multiplies ``q``'s leaves by it: float64 for float64 params, rounded
-    to float32 for the rest (:func:`._transforms.hyper_dtype`'s rule).
-
-    With ``q`` of more than 0 dims the multiply takes ``q``'s dtype whatever ``h``'s is; a 0-d ``q`` (a scalar
-    parameter) is promoted by a 0-d ``h`` like any tensor (a float32 rate made a bfloat16 parameter float32, a float64
-    one a float32 parameter float64), so each result there is also cast back to its leaf's dtype: computed in float32
-    (bfloat16's op math) and rounded once, as torch.optim's ``add_(..., alpha=...)`` is.
-    """
-    return h.float() if h.dtype is torch.float64 and q.dtype is not torch.float64 else h
 
 
 def _kernel_lr(lr: torch.Tensor, device: torch.device) -> torch.Tensor | float:

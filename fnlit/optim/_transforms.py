@@ -324,6 +324,25 @@ def zero_count(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+def _rate(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A 0-d hyperparameter as ``q``'s leaves are multiplied by it: float64 for float64 (or complex128) leaves, rounded
+    to float32 for the rest (:func:`hyper_dtype`'s rule).
+
+    With ``q`` of more than 0 dims the multiply takes ``q``'s dtype whatever ``h``'s is; a 0-d ``q`` (a scalar
+    parameter) is promoted by a 0-d ``h`` like any tensor (a float32 rate made a bfloat16 parameter float32, a float64
+    one a float32 parameter float64), so each result there is also cast back to its leaf's dtype: computed in float32
+    (bfloat16's op math) and rounded once, as torch.optim's ``add_(..., alpha=...)`` is.
+    """
+    wide = q.dtype is torch.float64 or q.dtype is torch.complex128
+    return h.float() if h.dtype is torch.float64 and not wide else h
+
+
+def _scaled(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``u * h`` for a 0-d ``u`` and a 0-d tensor ``h``, in ``u``'s dtype, as a ``u`` of more dims gets it (see
+    :func:`_rate`); callers test ``u.ndim`` first, so other leaves pay no call."""
+    return (u * _rate(h, u)).to(u.dtype)
+
+
 # ------------------------------------------------------------------------------ transforms
 def scale(step_size: float) -> GradientTransformation:
     """Multiplies the updates by a constant ``step_size`` (a number, e.g. ``-lr``, or a 0-d tensor).
@@ -345,6 +364,8 @@ def scale(step_size: float) -> GradientTransformation:
     check_type("scale", "step_size", step_size, ok, "a number or a 0-d tensor", "E.g. scale(-1e-3).")
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        if isinstance(step_size, torch.Tensor):  # each update keeps its dtype (a 0-d one too: see _rate)
+            return tree_map(lambda u: u * step_size if u.ndim else _scaled(u, step_size), updates), state
         return tree_map(lambda u: u * step_size, updates), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
@@ -402,7 +423,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
                              updates, learning_rate)
             hyper["learning_rate"] = lr
         factor = sign * hyper["learning_rate"]
-        return tree_map(lambda u: u * factor, updates), ScaleByLearningRateState(state.count + 1, hyper)
+        scaled = tree_map(lambda u: u * factor if u.ndim else _scaled(u, factor), updates)  # each in its dtype (_rate)
+        return scaled, ScaleByLearningRateState(state.count + 1, hyper)
 
     return GradientTransformation(init, update)
 
@@ -434,7 +456,11 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> G
         if not isinstance(state, ScaleByScheduleState):
             raise_wrong_state("scale_by_schedule", ScaleByScheduleState, state)
         factor = step_size_fn(state.count)
-        return tree_map(lambda u: u * factor, updates), ScaleByScheduleState(state.count + 1)
+        if isinstance(factor, torch.Tensor):  # each update keeps its dtype (a 0-d one too: see _rate)
+            scaled = tree_map(lambda u: u * factor if u.ndim else _scaled(u, factor), updates)
+        else:
+            scaled = tree_map(lambda u: u * factor, updates)
+        return scaled, ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -488,7 +514,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         out = []
         for m, v in zip(mu, nu):
             bc1, bc2 = bias64 if m.dtype in (torch.float64, torch.complex128) else bias32
-            out.append((m / bc1) / (torch.sqrt(v / bc2) + eps))
+            u = (m / bc1) / (torch.sqrt(v / bc2) + eps)
+            out.append(u if m.ndim else u.to(m.dtype))  # a 0-d bfloat16 m / bc1 was float32 (see _rate): rounded once
         unflat = lambda xs: tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out), ScaleByAdamState(count, unflat(mu), unflat(nu))
 
@@ -582,7 +609,10 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
         # Structure and shapes checked first: u + wd * p would broadcast a (1, 3) gradient up to a (2, 3) param, and
         # the next transform would see the right shape. A sparse gradient comes back dense (sparse + dense is no op).
         g, treedef, p = flatten_checked("add_decayed_weights", updates, params)
-        return tree_unflatten(treedef, [u + wd * x for u, x in zip(g, p)]), AddDecayedWeightsState(hyper)
+        # (a 0-d leaf in the dtype a leaf of more dims gets: the decay did not promote it, see _rate)
+        out = [u + wd * x if x.ndim else (u + _rate(wd, x) * x).to(torch.promote_types(u.dtype, x.dtype))
+               for u, x in zip(g, p)]
+        return tree_unflatten(treedef, out), AddDecayedWeightsState(hyper)
 
     return GradientTransformation(init, update)
 
