@@ -46,7 +46,6 @@ from torch import nn
 
 from .optim._alias import _learning_rate_holder
 from . import data as _data
-from . import tree as _tree
 from ._types import Batch, Metrics, Params
 from .functional import apply as _apply
 from .state import TrainState
