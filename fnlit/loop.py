@@ -228,6 +228,15 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
             )
         else:
             max_epochs = 1000
+    # A one-shot iterator gives its first batches once: a second epoch would train on the next ones (islice of the
+    # same iterator), not the same first N. Refused unless one epoch runs (max_epochs=1, or max_steps within it).
+    if overfit and isinstance(train_data, Iterator) and max_epochs != 0 and max_epochs != 1 and not (
+        batches is not None and max_steps <= batches
+    ):
+        raise TypeError(
+            _ONE_SHOT_TRAIN.format(kind=type(train_data).__name__)
+            + " (one epoch works: max_epochs=1, or max_steps <= overfit_batches)."
+        )
     validate = val_data is not None
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
@@ -313,6 +322,12 @@ def _per_rank() -> str:
         "ArrayLoader's, a DistributedSampler's): drop_last=True can leave a rank none where one process has some."
     )
 
+
+_ONE_SHOT_TRAIN = (
+    "fit got train_data as a one-shot iterator ({kind}) with overfit_batches, but every epoch trains on the same "
+    "first batches, and a one-shot iterator gives them once (a second epoch would take the next ones). Pass a list "
+    "of batches, a DataLoader, or an ArrayLoader"
+)
 
 _ONE_SHOT_VAL = (
     "fit got val_data as a one-shot iterator ({kind}), but every validation (and the sanity check) iterates its "
@@ -852,7 +867,8 @@ def fit(
         fast_dev_run: True/N: N train and N val batches, one epoch, no sanity check, logs or checkpoints.
         overfit_batches: train (and validate) on the first N (or fraction) batches, unshuffled, every epoch
             (a DataLoader's shuffling sampler is replaced by a sequential one, as Lightning does; a shuffling
-            DataLoader subclass is refused, as it cannot be rebuilt: build it with ``shuffle=False``).
+            DataLoader subclass is refused, as it cannot be rebuilt: build it with ``shuffle=False``; so is a
+            one-shot iterator, such as a generator, unless one epoch runs: it gives its first batches once).
         val_check_interval: float: validate every fraction of an epoch; int: every N training batches.
         check_val_every_n_epoch: validate in epochs ``e`` with ``(e + 1) % n == 0``; None: ``val_check_interval``
             counts batches across epochs (an int, or unset: every epoch's worth; a float is refused, as Lightning does).

@@ -1824,3 +1824,23 @@ def test_a_fraction_limit_on_data_with_no_batches_gets_the_no_batches_error_not_
         fnlit.evaluate(c.eval_step, make_state(), [], limit_batches=limit)  # (was ZeroDivisionError)
     with pytest.raises(ValueError, match=r"fit got empty training data"):
         fit(c.step, make_state(), [], limit_train_batches=limit, max_epochs=1, progress=False)
+
+
+def test_overfit_batches_refuses_a_one_shot_iterator_over_several_epochs():
+    """overfit_batches=N promises the first N batches every epoch (Lightning: the same N); a generator's second
+    epoch took the next N (islice of the same iterator). Refused unless one epoch runs."""
+    c = Counter()
+    for kw in (dict(max_epochs=2), dict(max_epochs=-1, max_steps=3), dict(max_steps=3), dict(max_time=60)):
+        with pytest.raises(TypeError, match=r"train_data as a one-shot iterator \(generator\) with overfit_batches.*"
+                                            r"list of batches, a DataLoader, or an ArrayLoader.*max_epochs=1"):  # fmt: skip
+            fit(c.step, make_state(), (torch.tensor([i]) for i in range(8)), overfit_batches=2, progress=False, **kw)
+    assert c.train == []  # refused before any training
+    # One epoch works: the first 2 batches, once (max_epochs=1, or max_steps within the epoch).
+    for kw in (dict(max_epochs=1), dict(max_steps=2), dict(max_epochs=5, max_steps=1)):
+        c = Counter()
+        fit(c.step, make_state(), (torch.tensor([i]) for i in range(8)), overfit_batches=2, progress=False, **kw)
+        assert c.train == [[0], [1]][: kw.get("max_steps", 2)]
+    # A list (iterated from the start each time) gives the same first batches every epoch.
+    c = Counter()
+    fit(c.step, make_state(), [torch.tensor([i]) for i in range(8)], overfit_batches=2, max_epochs=3, progress=False)
+    assert c.train == [[0], [1]] * 3
