@@ -202,6 +202,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def direct_array_loader(data: Any) -> bool:
+    """Whether ``fit`` and ``evaluate`` read ``data``'s batches from its tensors themselves: an ArrayLoader whose
+    ``__iter__`` is ArrayLoader's (a subclass adding methods or attributes too). One that overrides ``__iter__``
+    (an augmentation, say) is iterated as it is, as any other iterable: its batches are the ones plain iteration
+    gives (as a training shard under several processes, not every example once in evaluation).
+
+    Example:
+        >>> class Doubled(ArrayLoader):
+        ...     def __iter__(self):
+        ...         return (b * 2 for b in super().__iter__())
+        >>> x = torch.arange(4)
+        >>> direct_array_loader(ArrayLoader(x, batch_size=2)), direct_array_loader(Doubled(x, batch_size=2))
+        (True, False)
+    """
+    return isinstance(data, ArrayLoader) and type(data).__iter__ is ArrayLoader.__iter__
+
+
 def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop: int | None, sequential: bool) -> Iterator[Batch]:
     """Batches ``start..stop`` of ``epoch``: ArrayLoader starts there; other iterables skip by iterating.
 
@@ -218,10 +235,12 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
         [[2, 3]]
     """
     order_epoch = 0 if sequential else epoch
-    if isinstance(data, ArrayLoader):
+    if direct_array_loader(data):
         it = data.batches(epoch, seed, start, shuffle=False if sequential else None)
         return it if stop is None else itertools.islice(it, max(0, stop - start))
-    if not isinstance(data, DataLoader) and callable(getattr(data, "set_epoch", None)):
+    if isinstance(data, ArrayLoader):  # a subclass with its own __iter__: the order of fit's seed, as above
+        data.set_epoch(order_epoch, seed)
+    elif not isinstance(data, DataLoader) and callable(getattr(data, "set_epoch", None)):
         data.set_epoch(order_epoch)  # a wrapper that forwards it (around an ArrayLoader), or a dataset's own
     elif isinstance(data, DataLoader):
         for sampler in _samplers(data):
@@ -255,13 +274,20 @@ def unshuffled(data: Iterable[Batch], name: str = "train_data") -> Iterable[Batc
     Raises:
         ValueError: if ``data`` (named ``name`` in the message) is a shuffling instance of a DataLoader subclass:
             a plain DataLoader rebuilt from it would drop the subclass's ``__iter__`` and attributes (Lightning
-            re-creates it from the arguments it captured at its construction, which fnlit does not have).
+            re-creates it from the arguments it captured at its construction, which fnlit does not have); or a
+            shuffling ArrayLoader subclass that overrides ``__iter__`` (iterated as it is, it would shuffle).
 
     Example:
         >>> loader = DataLoader(torch.arange(6), batch_size=2, shuffle=True)
         >>> [b.tolist() for b in unshuffled(loader)]
         [[0, 1], [2, 3], [4, 5]]
     """
+    if isinstance(data, ArrayLoader) and data.shuffle and not direct_array_loader(data):
+        raise ValueError(
+            f"fit(overfit_batches=...) got a shuffling {type(data).__name__} (an ArrayLoader subclass with its own "
+            f"__iter__) as {name}: iterated as it is, it would shuffle. Build the {type(data).__name__} with "
+            "shuffle=False for overfit_batches."
+        )
     if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
         return data
 

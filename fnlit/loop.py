@@ -241,7 +241,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if validate and o["eval_step"] is None:
         raise ValueError("fit got val_data but no eval_step. Pass eval_step=fnlit.eval_step(model, metrics_fn).")
     # An ArrayLoader's evaluation shards (every example once across ranks) differ from its training shards.
-    n_val_data = val_data.eval_len() if isinstance(val_data, _data.ArrayLoader) else _num_batches(val_data)  # type: ignore[arg-type]
+    n_val_data = val_data.eval_len() if _data.direct_array_loader(val_data) else _num_batches(val_data)  # type: ignore[arg-type]
     val_name, val_error, val_failed = "overfit_batches" if overfit else "limit_val_batches", None, 0
     off = not isinstance(limit_val, bool) and isinstance(limit_val, (int, float)) and limit_val == 0
     if not validate:
@@ -359,7 +359,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         eval_step: ``(state, batch) -> dict of scalar tensors`` (e.g. :func:`fnlit.eval_step`).
         state: the state to evaluate (e.g. ``ema.state(state)``).
         data: any iterable of batches. An :class:`fnlit.data.ArrayLoader` is read in its unshuffled order (as
-            Lightning's validation loaders are sequential), on any number of ranks.
+            Lightning's validation loaders are sequential), on any number of ranks; a subclass that overrides
+            ``__iter__`` (an augmentation) is iterated as it is, as any other iterable.
         limit_batches: an int number of batches, or a float fraction of ``len(data)``.
 
     Raises:
@@ -378,7 +379,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
         {'x': 0.25}
     """
-    if isinstance(data, _data.ArrayLoader):
+    if _data.direct_array_loader(data):
         # Unshuffled, every example once across ranks (training shards drop the remainder); a rank with fewer
         # examples runs filler batches that do not count, so every rank runs as many forwards (a sharded one is
         # a collective). One process reads the same order, so limit_batches picks the same examples either way.
@@ -590,7 +591,7 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: 
     k = math.prod(getattr(s, "accumulate_k", 1) for s in wrapped_steps(step))  # accumulate(accumulate(s, 2), 2): 4
     if k == 1:
         return
-    if isinstance(data, _data.ArrayLoader):
+    if _data.direct_array_loader(data):
         n, size, drop = data.num_examples, data.batch_size, data.drop_last
     elif isinstance(data, torch.utils.data.DataLoader) and data.batch_size is not None and hasattr(data.sampler, "__len__"):
         n, size, drop = len(data.sampler), data.batch_size, data.drop_last  # (a DistributedSampler's: this rank's)
@@ -847,9 +848,10 @@ def fit(
             (nested dicts as ``"train/<outer>/<inner>"``; an ensemble's, one per member, as ``"train/<name>/<i>"``).
         state: the initial :class:`~fnlit.TrainState`.
         train_data: any iterable of batches: an :class:`~fnlit.data.ArrayLoader` (reshuffled per epoch from
-            ``seed``, sharded across ranks, resumed mid-epoch without replay), a DataLoader (its sampler, or
-            its batch sampler's: one with ``set_epoch``, as DistributedSampler, gets ``set_epoch(epoch)``; one
-            with a ``generator`` (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) is reseeded per
+            ``seed``, sharded across ranks, resumed mid-epoch without replay; a subclass that overrides
+            ``__iter__``, an augmentation, is iterated as it is after ``set_epoch(epoch, seed)``), a DataLoader
+            (its sampler, or its batch sampler's: one with ``set_epoch``, as DistributedSampler, gets
+            ``set_epoch(epoch)``; one with a ``generator`` (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) is reseeded per
             epoch from ``seed``), or anything else (iterated as is, after ``set_epoch(epoch)`` where it has one:
             a wrapper around an ArrayLoader that forwards it reshuffles per epoch, from the loader's own seed;
             give validation a loader of its own then). A sampler drawing from the global

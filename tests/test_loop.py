@@ -1844,3 +1844,64 @@ def test_overfit_batches_refuses_a_one_shot_iterator_over_several_epochs():
     c = Counter()
     fit(c.step, make_state(), [torch.tensor([i]) for i in range(8)], overfit_batches=2, max_epochs=3, progress=False)
     assert c.train == [[0], [1]] * 3
+
+
+class _Augmented(ArrayLoader):
+    """An ArrayLoader subclass that augments its batches in __iter__ (x -> 10 x + 1)."""
+
+    def __iter__(self):
+        return (x * 10 + 1 for x in super().__iter__())
+
+
+class _Named(ArrayLoader):
+    """An ArrayLoader subclass that only adds a method: its __iter__ is ArrayLoader's."""
+
+    def name(self):
+        return "named"
+
+
+def test_an_array_loader_subclass_overriding_iter_is_iterated_as_it_is():
+    """fit and evaluate read an ArrayLoader's tensors themselves (data.batches, data.eval_batches): a subclass's
+    __iter__ (an augmentation) was bypassed, and the step trained on un-augmented batches. The reference is plain
+    iteration over the same object."""
+    c = Counter()
+    fit(c.step, make_state(), _Augmented(torch.arange(10), batch_size=3), max_epochs=2, seed=5, progress=False)
+    reference = _Augmented(torch.arange(10), batch_size=3)
+    expected = []
+    for epoch in range(2):
+        reference.set_epoch(epoch, 5)  # (fit's seed: its order, then the subclass's augmentation)
+        expected += [b.tolist() for b in reference]
+    assert c.train == expected and all(x % 10 == 1 for b in c.train for x in b)
+    # evaluate: the mean over examples of plain iteration
+    loader = _Augmented(torch.arange(10.0), batch_size=4)
+    plain = list(loader)
+    mean = sum(b.sum().item() for b in plain) / sum(len(b) for b in plain)
+    got = evaluate(lambda state, b: {"x": b.mean()}, make_state(), loader)
+    assert got["x"] == pytest.approx(mean) and mean == pytest.approx(46.0)
+    # fit's validation, a resume mid-epoch (skipping by iterating), overfit_batches (unshuffled: refused if it shuffles)
+    c = Counter()
+    fit(c.step, make_state(), list(range(2)), val_data=_Augmented(torch.arange(5), batch_size=2), eval_step=c.eval_step,
+        max_epochs=1, num_sanity_val_steps=0, progress=False)  # fmt: skip
+    assert c.val == [b.tolist() for b in _Augmented(torch.arange(5), batch_size=2)]  # (its own order, augmented)
+    c = Counter()
+    fit(c.step, make_state(), _Augmented(torch.arange(10), batch_size=3, shuffle=False), max_epochs=2, overfit_batches=2,
+        progress=False)  # fmt: skip
+    assert c.train == [[1, 11, 21], [31, 41, 51]] * 2
+    with pytest.raises(ValueError, match=r"shuffling _Augmented \(an ArrayLoader subclass with its own __iter__\).*shuffle=False"):
+        fit(c.step, make_state(), _Augmented(torch.arange(10), batch_size=3), max_epochs=2, overfit_batches=2, progress=False)
+
+
+def test_an_array_loader_subclass_keeping_iter_keeps_the_direct_path_and_one_overriding_it_resumes(tmp_path):
+    # evaluate reads it unshuffled (eval_batches), not in its shuffled training order: the first batch is [0, 1, 2]
+    got = evaluate(lambda state, b: {"x": b.float().mean()}, make_state(), _Named(torch.arange(10), batch_size=3), 1)
+    assert got["x"] == 1.0
+    # a resume mid-epoch of an augmenting subclass sees the batches of a straight run (skipping by iterating)
+    from fnlit.checkpoint import Checkpointer
+
+    straight, part, rest = Counter(), Counter(), Counter()
+    fit(straight.step, make_state(), _Augmented(torch.arange(10), batch_size=3), max_epochs=2, progress=False)
+    fit(part.step, make_state(), _Augmented(torch.arange(10), batch_size=3), max_steps=6,
+        checkpoint=Checkpointer(tmp_path, every_n_steps=1), progress=False)  # fmt: skip
+    fit(rest.step, make_state(), _Augmented(torch.arange(10), batch_size=3), max_epochs=2,
+        checkpoint=Checkpointer(tmp_path, every_n_steps=1), ckpt_path="last", progress=False)  # fmt: skip
+    assert part.train + rest.train == straight.train and len(straight.train) == 8
