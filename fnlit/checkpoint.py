@@ -345,7 +345,8 @@ class Checkpointer:
     and the error raised after it.
 
     Args:
-        directory: where the checkpoints go (created on the first save).
+        directory: where the checkpoints go (created on the first save); ``~`` is expanded and a relative
+            folder is made absolute here (``.directory``), so a later ``os.chdir`` does not move them.
         every_n_steps: save when ``state.step`` is a multiple of this.
         every_n_epochs: save after every this many completed epochs.
         keep_last: how many of the most recently written checkpoints to keep (None: all).
@@ -412,7 +413,8 @@ class Checkpointer:
             raise ValueError(f"Checkpointer expected mode='min' or mode='max', got {mode!r} instead.")
         for key, value in meta.items():
             json_checked(f"the metadata {key}=", value)
-        self.directory = Path(directory)
+        # "~" expanded, a relative folder made absolute now: a later os.chdir does not move the checkpoints (as Lightning)
+        self.directory = Path(os.path.abspath(Path(directory).expanduser()))
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last, self.meta = monitor, mode, save_last, meta

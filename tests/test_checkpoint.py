@@ -1160,3 +1160,22 @@ def test_restore_sharded_names_itself_for_a_like_leaf_that_is_neither_tensor_nor
         restore_sharded(d, like={"w": torch.zeros(2), "name": "x"})
     with pytest.raises(TypeError, match=r"^save_sharded expected a state whose leaves .* got str at .*metadata"):
         save_sharded(tmp_path / "other", {"w": torch.zeros(2), "name": "x"})
+
+
+def test_checkpointer_expands_home_and_keeps_a_relative_folder_where_it_was_made(tmp_path, monkeypatch):
+    # Checkpointer("~/ckpts") wrote into a folder literally named "./~/ckpts"; a relative folder followed every later
+    # os.chdir. Lightning's ModelCheckpoint takes os.path.realpath(os.path.expanduser(dirpath)) at construction.
+    home, work, elsewhere = tmp_path / "home", tmp_path / "work", tmp_path / "elsewhere"
+    for d in (home, work, elsewhere):
+        d.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    state = fnlit.TrainState.create(nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+    ck = ckpt.Checkpointer("~/ckpts")
+    ck.save(state)
+    assert (home / "ckpts" / "step=00000000.ckpt").is_file() and not (work / "~").exists()
+    rel = ckpt.Checkpointer("runs/a")
+    monkeypatch.chdir(elsewhere)
+    rel.save(state)
+    assert (work / "runs" / "a" / "step=00000000.ckpt").is_file() and not (elsewhere / "runs").exists()
+    assert rel.directory == work / "runs" / "a"
