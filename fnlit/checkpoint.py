@@ -4,7 +4,8 @@
   state, step, RNG key) by tree path, plus the driver's position and your metadata, in one file.
   Restoring checks the file against the state you restore into and names the first path that differs.
 * :class:`Checkpointer`: what :func:`fnlit.fit` uses: saves every N steps/epochs, keeps the last k and
-  the best k by a metric, maintains ``last.ckpt``, saves on preemption, and resumes from ``"last"``.
+  the best k by a metric, maintains ``last.ckpt``, saves on preemption, and resumes from ``"last"`` (or
+  ``"best"``).
 * :func:`export` / :func:`load_module`: trained weights into an ``nn.Module`` for inference.
 
 Files are written atomically (temporary file, fsync, rename, fsync of the folder) and read with
@@ -468,11 +469,13 @@ class Checkpointer:
                 )
 
     def restore(self, ckpt_path: str | os.PathLike[str], like: S) -> tuple[S, Position | None]:
-        """Restores ``like`` from ``ckpt_path``: a file, a folder, or ``"last"`` (this Checkpointer's folder).
+        """Restores ``like`` from ``ckpt_path``: a file, a folder, ``"last"`` (this Checkpointer's folder) or
+        ``"best"`` (:attr:`best_path`, as the folder holds it now).
 
         For a folder or ``"last"``, the most recently written checkpoint that reads back intact is used;
         corrupt ones are skipped with a warning. If there is none at all, ``(like, None)`` comes back:
-        the run starts from the beginning (the same command starts and resumes a job).
+        the run starts from the beginning (the same command starts and resumes a job). ``"best"`` is
+        the file :attr:`best_path` names: the run goes on from it, with that run's files.
 
         Returns:
             ``(state, position)``; ``position`` is the driver's ``{"epoch", "batch", "seed"}`` saved with
@@ -481,9 +484,13 @@ class Checkpointer:
         Raises:
             FileNotFoundError, CheckpointError, UnsafeCheckpointError, ValueError: as :func:`restore`,
                 for a file path; CheckpointError if every checkpoint of the folder is corrupt, or the folder is
-                a :func:`fnlit.save_sharded` checkpoint (read with :func:`fnlit.restore_sharded`).
+                a :func:`fnlit.save_sharded` checkpoint (read with :func:`fnlit.restore_sharded`);
+                CheckpointError for ``"best"`` without ``monitor`` (or with ``keep_best=0``), or before any
+                best checkpoint was saved.
         """
         self.restored_from = None
+        if str(ckpt_path) == "best":
+            ckpt_path = self._best_file()
         if str(ckpt_path) != "last" and not Path(ckpt_path).is_dir():
             state, position = self._restore_file(Path(ckpt_path), like)
             return state, position
@@ -664,6 +671,24 @@ class Checkpointer:
             return None  # nothing saved yet (and no folder made just to look: fast_dev_run writes nothing)
         best = self._best(self._scan())
         return best[0].path if best else None
+
+    def _best_file(self) -> Path:
+        """The file ``ckpt_path="best"`` restores: :attr:`best_path`, read from the folder as it is now."""
+        if self.monitor is None or self.keep_best == 0:
+            raise CheckpointError(
+                "ckpt_path='best' restores the best checkpoint by a monitored metric, but this Checkpointer has "
+                + ("no monitor" if self.monitor is None else "keep_best=0, which keeps none")
+                + ": pass ckpt_path='last', or a checkpoint file's path."
+            )
+        self._records = None  # the folder's files now (another process may have written them)
+        best = self.best_path
+        if best is None:
+            raise CheckpointError(
+                f"ckpt_path='best': {self.directory} holds no checkpoint with a {self.monitor!r} value"
+                + (" of this run" if self._run is not None else "")
+                + " yet (best_path is None): pass ckpt_path='last', or a checkpoint file's path."
+            )
+        return best
 
     def _restore_file(self, path: Path, like: S) -> tuple[S, Position | None]:
         header, values = decode(path)

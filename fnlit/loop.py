@@ -905,7 +905,8 @@ def fit(
             and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``, and
             ``before_save``, which fit sets to flush the writers while it runs, then to call the caller's own
             ``before_save`` if one was set (restored when it returns).
-        ckpt_path: resume from this checkpoint (``"last"`` allowed): ``checkpoint.restore(ckpt_path, like=state)``.
+        ckpt_path: resume from this checkpoint (``"last"`` allowed, and with a :class:`fnlit.Checkpointer` that has a
+            ``monitor``, ``"best"``: its ``best_path``): ``checkpoint.restore(ckpt_path, like=state)``.
         seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
             Under torch.distributed every rank takes rank 0's (one order, cut into the ranks' shards), also
             when the ranks' rngs differ.

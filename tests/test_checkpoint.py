@@ -1179,3 +1179,33 @@ def test_checkpointer_expands_home_and_keeps_a_relative_folder_where_it_was_made
     rel.save(state)
     assert (work / "runs" / "a" / "step=00000000.ckpt").is_file() and not (elsewhere / "runs").exists()
     assert rel.directory == work / "runs" / "a"
+
+
+def test_ckpt_path_best_resumes_from_the_best_checkpoint_and_says_when_there_is_none(tmp_path):
+    # fit(ckpt_path="best") raised FileNotFoundError("no checkpoint file at best"); Lightning resolves "best" to the
+    # best model path. Validation values 5, 1, 4 after epochs 1-3 (4 steps each): the best is epoch 2's, step 8.
+    model = nn.Linear(4, 1)
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    data = fnlit.data.ArrayLoader(torch.randn(16, 4), torch.randn(16, 1), batch_size=4)
+    fresh = lambda: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
+
+    def scripted(values):
+        it = iter(values)
+        return lambda state, b: {"loss": torch.tensor(float(next(it)))}
+
+    kw = dict(val_data=[(torch.randn(2, 4), torch.randn(2, 1))], num_sanity_val_steps=0, progress=False)
+    after_two = fnlit.fit(step, fresh(), data, max_epochs=2, eval_step=scripted([5, 1]), **kw)  # the best's weights
+    fnlit.fit(step, fresh(), data, max_epochs=3, eval_step=scripted([5, 1, 4]), checkpoint=ckpt.Checkpointer(tmp_path, monitor="val/loss"), **kw)
+    ck = ckpt.Checkpointer(tmp_path, monitor="val/loss")  # a new process: "best" read from the folder
+    restored, position = ck.restore("best", like=fresh())
+    assert ck.restored_from == tmp_path / "step=00000008.ckpt" and int(restored.step) == 8
+    assert_trees_equal(restored.params, after_two.params)
+    end = fnlit.fit(step, fresh(), data, max_epochs=3, eval_step=scripted([7]), checkpoint=ck, ckpt_path="best", **kw)
+    assert int(end.step) == 12  # the third epoch again, from the best
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_path='best' .* this Checkpointer has no monitor"):
+        ckpt.Checkpointer(tmp_path).restore("best", like=fresh())
+    with pytest.raises(ckpt.CheckpointError, match=r"keep_best=0"):
+        ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=0).restore("best", like=fresh())
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_path='best': .*empty holds no checkpoint with a 'val/loss' value yet"):
+        fnlit.fit(step, fresh(), data, max_epochs=1, eval_step=scripted([1]),
+                  checkpoint=ckpt.Checkpointer(tmp_path / "empty", monitor="val/loss"), ckpt_path="best", **kw)  # fmt: skip
