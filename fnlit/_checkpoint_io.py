@@ -728,6 +728,19 @@ def read_header(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def is_foreign(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint that fnlit did not write: a torch file without fnlit's header
+    (Lightning's, a plain state_dict) or one whose pickle holds more than tensors. False for no file, an fnlit
+    file, and a file that cannot be read at all (truncated or corrupt)."""
+    try:
+        payload = _load(path, True)
+    except UnsafeCheckpointError:
+        return True
+    except (CheckpointError, OSError):
+        return False
+    return not (isinstance(payload, dict) and payload.get("format") == FORMAT)
+
+
 def newest_first(folder: Path) -> list[Path]:
     """The checkpoint files of ``folder``, most recently written first (one name per file: ``last.ckpt``
     and the step file it links to are the same inode)."""

@@ -46,6 +46,7 @@ from ._checkpoint_io import (
     decode,
     fill_like,
     full_tensors,
+    is_foreign,
     is_sharded,
     json_checked,
     link_or_copy,
@@ -325,7 +326,8 @@ class Checkpointer:
     """Saves checkpoints during :func:`fnlit.fit` and finds the one to resume from.
 
     One file per checkpoint, ``<directory>/step=00000017.ckpt`` (written by :func:`save`, atomically),
-    plus ``last.ckpt``, a hard link to the newest. Old files are removed only after the new one is
+    plus ``last.ckpt``, a hard link to the newest (a ``last.ckpt`` that fnlit did not write, Lightning's, is
+    never replaced: a CheckpointError says so). Old files are removed only after the new one is
     safely on disk. Only rank 0 writes; every rank restores. A sharded state (``fnlit.shard``) is
     gathered into full tensors for each save, on every rank, and restored into each rank's shards. An
     ensemble's stacked state is named by the step its members share.
@@ -447,6 +449,10 @@ class Checkpointer:
         not ranked for ``best_path`` nor removed by ``keep_last``/``keep_best`` (a warning says so, as
         Lightning warns of a folder that is not empty), and this run saves its own states, its last
         included. A resumed run (``restore``) goes on with the files of the run it restores.
+
+        Raises:
+            CheckpointError: with ``save_last``, if the folder's ``last.ckpt`` is not an fnlit checkpoint (another
+                tool's, such as Lightning's): fnlit does not replace it. Move it away or use another folder.
         """
         self.restored_from = None
         if state is not None and self._ended_run is not None and _step(state) == self._ended_at:
@@ -456,15 +462,25 @@ class Checkpointer:
             return
         self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
         self._records = None  # read from the folder again on the first save
-        self._run = _from_rank_0(secrets.token_hex(8))  # one id on every rank: each ranks the files alike
-        if _dist.is_main() and self.directory.is_dir():
-            earlier = [p.name for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
-            if earlier:
+        # One id on every rank (each ranks the files alike), and rank 0's finding of a last.ckpt fnlit did not write:
+        # every rank raises, before any training, rather than rank 0 at the first save.
+        main = _dist.is_main()
+        self._run, foreign_last = _from_rank_0((secrets.token_hex(8), main and self.save_last and self._foreign_last()))
+        if foreign_last:
+            raise self._foreign_last_error()
+        if main and self.directory.is_dir():
+            names = sorted(p.name for p in self.directory.glob("*.ckpt"))
+            earlier = [n for n in names if STEP_FILE.match(n)]
+            foreign = [n for n in names if not STEP_FILE.match(n) and n != LAST]  # (Lightning's epoch=0-step=5.ckpt)
+            if earlier or foreign:
                 warnings.warn(
-                    f"Checkpointer folder {self.directory} already holds {len(earlier)} checkpoint(s) of another run "
-                    f"(e.g. {sorted(earlier)[-1]}): this fresh run keeps them but does not rank them for best_path or "
-                    "remove them; its own files replace any at the same steps, and 'last' is the newest of all. Use a "
-                    "new folder per run to keep runs apart, or pass ckpt_path='last' to resume.",
+                    f"Checkpointer folder {self.directory} already holds "
+                    + (f"{len(earlier)} checkpoint(s) of another run (e.g. {earlier[-1]})" if earlier else "")
+                    + (" and " if earlier and foreign else "")
+                    + (f"{len(foreign)} .ckpt file(s) fnlit did not write (e.g. {foreign[0]})" if foreign else "")
+                    + ": this fresh run keeps them but does not rank them for best_path or remove them; its own files "
+                    "replace any at the same steps, and 'last' is the newest of all. Use a new folder per run to keep "
+                    "runs apart, or pass ckpt_path='last' to resume.",
                     stacklevel=3,
                 )
 
@@ -510,7 +526,10 @@ class Checkpointer:
                 errors.append(str(e))
                 warnings.warn(f"Skipping checkpoint {path}, which cannot be read: {e}", stacklevel=2)
         if errors:
-            raise CheckpointError(f"no checkpoint in {folder} can be read; all {len(errors)} are corrupt: {errors}")
+            foreign = sum(is_foreign(p) for p in candidates)  # (another tool's last.ckpt): not called corrupt
+            what = ", ".join(f"{n} {w}" for n, w in [(len(errors) - foreign, "corrupt"),
+                                                     (foreign, "not an fnlit checkpoint")] if n)
+            raise CheckpointError(f"no checkpoint in {folder} can be read ({what}): {errors}")
         foreign = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if foreign:  # (Lightning's epoch=0-step=5.ckpt): not silently a fresh run
             warnings.warn(
@@ -616,7 +635,9 @@ class Checkpointer:
             The checkpoint's path (also on the other ranks, where nothing is written).
 
         Raises:
-            CheckpointError: if the file cannot be written; the older checkpoints are then all kept.
+            CheckpointError: if the file cannot be written; the older checkpoints are then all kept. With
+                ``save_last``, also if the folder's ``last.ckpt`` is not an fnlit checkpoint (another tool's): it
+                is not replaced, and nothing is written.
             ValueError: for an ensemble whose members' steps differ (the file is named by the step).
         """
         path = self.directory / f"step={_step(state):08d}.ckpt"
@@ -625,6 +646,8 @@ class Checkpointer:
         state, position = full_tensors(state), full_tensors(position)
         if not _dist.is_main():
             return path
+        if self.save_last and self._foreign_last():  # (before anything is written)
+            raise self._foreign_last_error()
         error: Exception | None = None
         if self.before_save is not None:
             try:
@@ -671,6 +694,25 @@ class Checkpointer:
             return None  # nothing saved yet (and no folder made just to look: fast_dev_run writes nothing)
         best = self._best(self._scan())
         return best[0].path if best else None
+
+    def _foreign_last(self) -> bool:
+        """Whether the folder's ``last.ckpt`` is a checkpoint fnlit did not write (Lightning's, another tool's)."""
+        last = self.directory / LAST
+        try:
+            if last.stat().st_nlink > 1 and not last.is_symlink() and any(
+                STEP_FILE.match(p.name) and os.path.samefile(p, last) for p in self.directory.iterdir()
+            ):
+                return False  # a link to one of the folder's checkpoints, as save makes it (no file read)
+        except OSError:
+            return False  # no last.ckpt (or no folder)
+        return is_foreign(last)
+
+    def _foreign_last_error(self) -> CheckpointError:
+        return CheckpointError(
+            f"Checkpointer will not replace {self.directory / LAST}: it is not an fnlit checkpoint (another tool's, "
+            "such as Lightning's), and fnlit keeps last.ckpt as a link to its own newest checkpoint. Move that file "
+            "away, or give the Checkpointer another directory (or save_last=False)."
+        )
 
     def _best_file(self) -> Path:
         """The file ``ckpt_path="best"`` restores: :attr:`best_path`, read from the folder as it is now."""

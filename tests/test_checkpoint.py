@@ -1209,3 +1209,32 @@ def test_ckpt_path_best_resumes_from_the_best_checkpoint_and_says_when_there_is_
     with pytest.raises(ckpt.CheckpointError, match=r"ckpt_path='best': .*empty holds no checkpoint with a 'val/loss' value yet"):
         fnlit.fit(step, fresh(), data, max_epochs=1, eval_step=scripted([1]),
                   checkpoint=ckpt.Checkpointer(tmp_path / "empty", monitor="val/loss"), ckpt_path="best", **kw)  # fmt: skip
+
+
+def test_a_last_ckpt_fnlit_did_not_write_is_never_replaced_and_other_ckpt_files_are_warned_of(tmp_path):
+    # A fresh run replaced a Lightning last.ckpt silently, warned of nothing (it counted only step=N.ckpt files), and
+    # restore called the foreign file "corrupt". Lightning never overwrites a last.ckpt it did not write (it writes
+    # last-v1.ckpt) and warns of a folder that is not empty.
+    lightning = {"epoch": 0, "global_step": 4, "state_dict": {"w": torch.ones(2)}, "pytorch-lightning_version": "2.4.0"}
+    torch.save(lightning, tmp_path / "last.ckpt")
+    torch.save(lightning, tmp_path / "epoch=0-step=4.ckpt")
+    step = lambda s, b: (s.replace(step=s.step + 1), {"loss": b.mean()})  # noqa: E731
+    state = fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    run = lambda ck, **kw: fnlit.fit(step, state, [torch.zeros(1)] * 2, max_epochs=1, checkpoint=ck, progress=False, **kw)  # noqa: E731
+    with pytest.raises(ckpt.CheckpointError, match=r"will not replace .*last\.ckpt: it is not an fnlit checkpoint.*Move that file away, or give the Checkpointer another directory"):
+        run(ckpt.Checkpointer(tmp_path, every_n_epochs=1))
+    with pytest.raises(ckpt.CheckpointError, match=r"will not replace .*last\.ckpt"):
+        ckpt.Checkpointer(tmp_path).save(state)
+    with pytest.raises(ckpt.CheckpointError, match=r"can be read \(1 not an fnlit checkpoint\)"), pytest.warns(UserWarning, match="Skipping"):
+        run(ckpt.Checkpointer(tmp_path), ckpt_path="last")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # nothing written
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4  # still Lightning's
+    (tmp_path / "last.ckpt").unlink()  # moved away: the run saves, and warns of the foreign file it keeps
+    with pytest.warns(UserWarning, match=r"already holds 1 \.ckpt file\(s\) fnlit did not write \(e\.g\. epoch=0-step=4\.ckpt\)"):
+        run(ckpt.Checkpointer(tmp_path, every_n_epochs=1))
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "step=00000002.ckpt") and (tmp_path / "epoch=0-step=4.ckpt").is_file()
+    run(ckpt.Checkpointer(tmp_path, every_n_epochs=1), ckpt_path="last")  # its own last.ckpt is replaced as before
+    (tmp_path / "other").mkdir()
+    torch.save(lightning, tmp_path / "other" / "last.ckpt")
+    run(ckpt.Checkpointer(tmp_path / "other", every_n_epochs=1, save_last=False))  # last.ckpt untouched: no error
+    assert torch.load(tmp_path / "other" / "last.ckpt", weights_only=True)["global_step"] == 4
