@@ -334,7 +334,8 @@ class Checkpointer:
 
     Each file records the run that wrote it: a fresh run into a folder that holds another run's checkpoints
     ranks (``best_path``) and removes (``keep_last``/``keep_best``) only its own, with a warning; a resumed
-    run goes on with the files of the run it restored.
+    run goes on with the files of the run it restored, except those that run saved after the restored file
+    (resumed from an earlier file: the history it abandons), which are kept but neither ranked nor removed.
 
     fit calls ``restore`` once (with its ``ckpt_path``; ``start`` instead for a run that restores
     nothing), then ``on_step`` after every step,
@@ -430,6 +431,10 @@ class Checkpointer:
         # in its file, so the file is ranked by them (another attempt at the step validates its own state).
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
+        # After a restore: the saved_at_ns of the restored file, until the next scan turns it into the files of its run
+        # saved after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this run's.
+        self._branch_at: int | None = None
+        self._abandoned: set[tuple[Path, int]] = set()
         self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
         self.before_save: Callable[[], None] | None = None  # see the class docstring; fit sets it while it runs
         # The step of the state this object's last fit ended with (on_exit), and that fit's run: a fit from that
@@ -461,7 +466,7 @@ class Checkpointer:
             self._saved_where = None  # its file stands where that run ended; this call's position starts afresh
             return
         self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
-        self._records = None  # read from the folder again on the first save
+        self._records, self._branch_at, self._abandoned = None, None, set()  # read from the folder on the first save
         # One id on every rank (each ranks the files alike), and rank 0's finding of a last.ckpt fnlit did not write:
         # every rank raises, before any training, rather than rank 0 at the first save.
         main = _dist.is_main()
@@ -742,15 +747,20 @@ class Checkpointer:
         # The resumed run goes on with its own files. A file without a run (fnlit.save's) starts a run of its own,
         # named after the file alike on every rank: the folder's other files are not its to rank or remove.
         self._run = header.get("run") or f"from-{header.get('saved_at_ns')}"
-        self._records = None
+        # Its run's files saved after it (it went on to later steps) are another history: not this one's best
+        # (Lightning restores best_k_models from the file). The next scan finds them.
+        self._records, self._branch_at, self._abandoned = None, header.get("saved_at_ns"), set()
         return state, header.get("position")
 
     def _is_saved(self, state: Any) -> bool:
         return self._saved is not None and self._saved() is state
 
     def _ours(self, records: list[_Record]) -> list[_Record]:
-        """The records of this run (all of them when this object follows no run)."""
-        return records if self._run is None else [r for r in records if r.run == self._run]
+        """The records of this run (all of them when this object follows no run), less those of the history a
+        restore abandoned."""
+        if self._run is None:
+            return records
+        return [r for r in records if r.run == self._run and (r.path, r.saved_at_ns) not in self._abandoned]
 
     def _scan(self) -> list[_Record]:
         if self._records is None:
@@ -764,6 +774,10 @@ class Checkpointer:
                 (_Record(p, h["saved_at_ns"], h.get("metrics"), h.get("run")) for p, h in headers if h is not None),
                 key=lambda r: r.saved_at_ns,
             )
+            if self._branch_at is not None:  # (the first scan after a restore, before this run saved anything)
+                self._abandoned = {(r.path, r.saved_at_ns) for r in self._records
+                                   if r.run == self._run and r.saved_at_ns > self._branch_at}
+                self._branch_at = None
         return self._records
 
     def _value(self, r: _Record) -> float:
