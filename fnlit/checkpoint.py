@@ -507,14 +507,14 @@ class Checkpointer:
                 for a file path; CheckpointError if every checkpoint of the folder is corrupt, or the folder is
                 a :func:`fnlit.save_sharded` checkpoint (read with :func:`fnlit.restore_sharded`);
                 CheckpointError for ``"best"`` without ``monitor`` (or with ``keep_best=0``), or before any
-                best checkpoint was saved.
+                best checkpoint was saved; CheckpointError with ``save_last``, as :meth:`start`, if the folder's
+                ``last.ckpt`` is not an fnlit checkpoint (another tool's): before any training, not at the first save.
         """
         self.restored_from = None
         if str(ckpt_path) == "best":
             ckpt_path = self._best_file()
         if str(ckpt_path) != "last" and not Path(ckpt_path).is_dir():
-            state, position = self._restore_file(Path(ckpt_path), like)
-            return state, position
+            return self._refuse_foreign_last(self._restore_file(Path(ckpt_path), like))
         folder = self.directory if str(ckpt_path) == "last" else Path(ckpt_path)
         if (folder / "fnlit.json").is_file():  # (sharded_checkpoint.META_FILE) not ours: training from step 0 loses it
             raise CheckpointError(
@@ -526,10 +526,12 @@ class Checkpointer:
         errors = []
         for path in candidates:
             try:
-                return self._restore_file(path, like)
+                restored = self._restore_file(path, like)
             except (CheckpointError, FileNotFoundError) as e:
                 errors.append(str(e))
                 warnings.warn(f"Skipping checkpoint {path}, which cannot be read: {e}", stacklevel=2)
+            else:
+                return self._refuse_foreign_last(restored)
         if errors:
             foreign = sum(is_foreign(p) for p in candidates)  # (another tool's last.ckpt): not called corrupt
             what = ", ".join(f"{n} {w}" for n, w in [(len(errors) - foreign, "corrupt"),
@@ -711,6 +713,13 @@ class Checkpointer:
         except OSError:
             return False  # no last.ckpt (or no folder)
         return is_foreign(last)
+
+    def _refuse_foreign_last(self, restored: T) -> T:
+        """``restored``, unless the folder's ``last.ckpt`` is another tool's (rank 0 decides; a collective): a resume
+        raises as a fresh run (``start``) does, before any training, not at its first save."""
+        if _from_rank_0(_dist.is_main() and self.save_last and self._foreign_last()):
+            raise self._foreign_last_error()
+        return restored
 
     def _foreign_last_error(self) -> CheckpointError:
         return CheckpointError(

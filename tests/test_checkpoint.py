@@ -1267,3 +1267,34 @@ def test_a_resume_from_an_earlier_file_does_not_rank_the_abandoned_later_checkpo
         "step=00000012.ckpt": (12, 3.0),  # its last (a tie with step 8 is no improvement)
         "step=00000016.ckpt": (16, 0.5),  # the abandoned history's: kept, not removed
     }
+
+
+def test_a_resume_into_a_folder_with_a_foreign_last_ckpt_raises_before_any_training(tmp_path):
+    # start() refused another tool's last.ckpt before training, but a resume (restore, not start) ran until its first
+    # save, then raised: the whole stretch trained before it was lost. Both resumes now raise before any step.
+    lightning = {"epoch": 0, "global_step": 4, "state_dict": {"w": torch.ones(2)}, "pytorch-lightning_version": "2.4.0"}
+    steps = [0]
+
+    def step(s, b):
+        steps[0] += 1
+        return s.replace(step=s.step + 1), {"loss": b.mean()}
+
+    state = fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    run = lambda ck, n, **kw: fnlit.fit(step, state, [torch.zeros(1)] * n, max_epochs=2, checkpoint=ck, progress=False, **kw)  # noqa: E731
+    run(ckpt.Checkpointer(tmp_path / "src", every_n_epochs=1, keep_last=None), 2)  # fnlit's step=2 and step=4, last.ckpt -> step 4
+    assert steps[0] == 4
+    steps[0] = 0
+    (tmp_path / "dst").mkdir()
+    torch.save(lightning, tmp_path / "dst" / "last.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match=r"will not replace .*dst/last\.ckpt: it is not an fnlit checkpoint"):
+        run(ckpt.Checkpointer(tmp_path / "dst", every_n_epochs=1), 50, ckpt_path=tmp_path / "src" / "step=00000002.ckpt")
+    assert steps[0] == 0 and sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["last.ckpt"]
+    (tmp_path / "src" / "last.ckpt").unlink()  # fnlit's link replaced by Lightning's (newer: 'last' skips it)
+    torch.save(lightning, tmp_path / "src" / "last.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match=r"will not replace .*src/last\.ckpt"), pytest.warns(UserWarning, match="Skipping"):
+        run(ckpt.Checkpointer(tmp_path / "src", every_n_epochs=1), 50, ckpt_path="last")
+    assert steps[0] == 0 and sorted(p.name for p in (tmp_path / "src").iterdir()) == ["last.ckpt", "step=00000002.ckpt", "step=00000004.ckpt"]
+    assert torch.load(tmp_path / "src" / "last.ckpt", weights_only=True)["global_step"] == 4  # still Lightning's
+    with pytest.warns(UserWarning, match="Skipping"):  # save_last=False: Lightning's last.ckpt is not in the way
+        out = run(ckpt.Checkpointer(tmp_path / "src", every_n_epochs=1, save_last=False), 2, ckpt_path="last")
+    assert int(out.step) == 4  # (step 4's file stands after epoch 2 of max_epochs=2: nothing left to train)
