@@ -692,9 +692,10 @@ def common_step(state: Any) -> int | None:
 
 
 def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any],
-                run: str | None = None) -> int:
+                run: str | None = None, abandoned: list[tuple[int, int]] | None = None) -> int:
     """Writes the file (rank 0 only; a sharded state is gathered on every rank first); returns its ``saved_at_ns``.
-    ``run`` names the training run (a Checkpointer's) the file belongs to."""
+    ``run`` names the training run (a Checkpointer's) the file belongs to; ``abandoned``, the ``(after, until)``
+    windows of ``saved_at_ns`` in which that run's files belong to a history its resumes from earlier files left."""
     for key, value in meta.items():
         json_checked(f"the metadata {key}=", value)
     # Before anything that can differ between ranks: the gathers are collectives every rank takes part in.
@@ -713,6 +714,8 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
     }
     if run is not None:
         header["run"] = run
+    if abandoned:
+        header["abandoned"] = [[int(a), int(b)] for a, b in abandoned]
     paths, leaves, _ = _tree.tree_flatten_with_path(state)
     if _dist.is_main():
         payload = encode(paths + list(extra), leaves + list(extra.values()), header)

@@ -335,7 +335,8 @@ class Checkpointer:
     Each file records the run that wrote it: a fresh run into a folder that holds another run's checkpoints
     ranks (``best_path``) and removes (``keep_last``/``keep_best``) only its own, with a warning; a resumed
     run goes on with the files of the run it restored, except those that run saved after the restored file
-    (resumed from an earlier file: the history it abandons), which are kept but neither ranked nor removed.
+    (resumed from an earlier file: the history it abandons), which are kept but neither ranked nor removed, on
+    every later resume of that branch too (its files record the histories it abandoned).
 
     fit calls ``restore`` once (with its ``ckpt_path``; ``start`` instead for a run that restores
     nothing), then ``on_step`` after every step,
@@ -431,10 +432,12 @@ class Checkpointer:
         # in its file, so the file is ranked by them (another attempt at the step validates its own state).
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
-        # After a restore: the saved_at_ns of the restored file, until the next scan turns it into the files of its run
-        # saved after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this run's.
+        # After a restore: the saved_at_ns of the restored file, until the next scan finds the files of its run saved
+        # after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this run's. The
+        # windows (after, until] of saved_at_ns that hold such files, inherited from the restored file's header plus
+        # this restore's; written into every file the run saves, so a later resume of the branch excludes them too.
         self._branch_at: int | None = None
-        self._abandoned: set[tuple[Path, int]] = set()
+        self._abandoned: list[tuple[int, int]] = []
         self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
         self.before_save: Callable[[], None] | None = None  # see the class docstring; fit sets it while it runs
         # The step of the state this object's last fit ended with (on_exit), and that fit's run: a fit from that
@@ -466,7 +469,7 @@ class Checkpointer:
             self._saved_where = None  # its file stands where that run ended; this call's position starts afresh
             return
         self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
-        self._records, self._branch_at, self._abandoned = None, None, set()  # read from the folder on the first save
+        self._records, self._branch_at, self._abandoned = None, None, []  # read from the folder on the first save
         # One id on every rank (each ranks the files alike), and rank 0's finding of a last.ckpt fnlit did not write:
         # every rank raises, before any training, rather than rank 0 at the first save.
         main = _dist.is_main()
@@ -669,7 +672,7 @@ class Checkpointer:
                 metrics = self._validated_of[1]
         else:
             self._validated_of = (_ref(given), metrics)
-        saved_at = write_state(path, state, position, metrics, self.meta, self._run)
+        saved_at = write_state(path, state, position, metrics, self.meta, self._run, self._abandoned)
         records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
         if self.save_last:
             link_or_copy(path, self.directory / LAST)
@@ -757,8 +760,11 @@ class Checkpointer:
         # named after the file alike on every rank: the folder's other files are not its to rank or remove.
         self._run = header.get("run") or f"from-{header.get('saved_at_ns')}"
         # Its run's files saved after it (it went on to later steps) are another history: not this one's best
-        # (Lightning restores best_k_models from the file). The next scan finds them.
-        self._records, self._branch_at, self._abandoned = None, header.get("saved_at_ns"), set()
+        # (Lightning restores best_k_models from the file). The next scan finds them; the histories abandoned before
+        # the file was written are in its header (none in a file of an fnlit before this was recorded).
+        windows = header.get("abandoned") or []
+        self._records, self._branch_at = None, header.get("saved_at_ns")
+        self._abandoned = [(int(a), int(b)) for a, b in windows]
         return state, header.get("position")
 
     def _is_saved(self, state: Any) -> bool:
@@ -769,7 +775,10 @@ class Checkpointer:
         restore abandoned."""
         if self._run is None:
             return records
-        return [r for r in records if r.run == self._run and (r.path, r.saved_at_ns) not in self._abandoned]
+        return [r for r in records if r.run == self._run and not self._is_abandoned(r)]
+
+    def _is_abandoned(self, r: _Record) -> bool:
+        return any(after < r.saved_at_ns <= until for after, until in self._abandoned)
 
     def _scan(self) -> list[_Record]:
         if self._records is None:
@@ -784,8 +793,9 @@ class Checkpointer:
                 key=lambda r: r.saved_at_ns,
             )
             if self._branch_at is not None:  # (the first scan after a restore, before this run saved anything)
-                self._abandoned = {(r.path, r.saved_at_ns) for r in self._records
-                                   if r.run == self._run and r.saved_at_ns > self._branch_at}
+                later = [r.saved_at_ns for r in self._records if r.run == self._run and r.saved_at_ns > self._branch_at]
+                if later:  # (none for a resume from the run's newest file)
+                    self._abandoned.append((self._branch_at, max(later)))
                 self._branch_at = None
         return self._records
 

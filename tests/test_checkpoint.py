@@ -1298,3 +1298,42 @@ def test_a_resume_into_a_folder_with_a_foreign_last_ckpt_raises_before_any_train
     with pytest.warns(UserWarning, match="Skipping"):  # save_last=False: Lightning's last.ckpt is not in the way
         out = run(ckpt.Checkpointer(tmp_path / "src", every_n_epochs=1, save_last=False), 2, ckpt_path="last")
     assert int(out.step) == 4  # (step 4's file stands after epoch 2 of max_epochs=2: nothing left to train)
+
+
+def test_a_branch_resumed_again_from_last_still_does_not_rank_the_abandoned_history(tmp_path):
+    # The abandoned history (after a resume from an earlier file) was set aside for that one resume only: resuming the
+    # branch again from "last" (the restart after a preemption) ranked the abandoned step 16 as its best again and
+    # removed the branch's real second best. Lightning restores best_k_models from the last.ckpt it resumes.
+    # By hand (keep_best=2, keep_last=1, validation after each 4-step epoch): run A, steps 4/8/12/16 at 1, 5, 5, 0.5
+    # keeps 4 and 16. Branch from step 4: step 8 at 3 -> bests 4, 8. Resumed from 'last' (its step 8): step 12 at 3
+    # (a tie with step 8 is no improvement) -> bests 4 and 8, last 12; step 16 kept but not this run's.
+    model = nn.Linear(4, 1)
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    data = fnlit.data.ArrayLoader(torch.randn(16, 4), torch.randn(16, 1), batch_size=4)
+    fresh = lambda: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
+
+    def run(values, epochs, **kw):
+        it = iter(values)
+        ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=2, keep_last=1)
+        fnlit.fit(step, fresh(), data, val_data=[(torch.randn(2, 4), torch.randn(2, 1))], num_sanity_val_steps=0,
+                  eval_step=lambda s, b: {"loss": torch.tensor(float(next(it)))}, max_epochs=epochs, checkpoint=ck,
+                  progress=False, **kw)  # fmt: skip
+        return ck
+
+    def files():
+        return {p.name: (ckpt.read_info(p).step, ckpt.read_info(p).metrics["val/loss"]) for p in tmp_path.glob("step=*.ckpt")}
+
+    assert run([1, 5, 5, 0.5], 4).best_path.name == "step=00000016.ckpt"
+    assert files() == {"step=00000004.ckpt": (4, 1.0), "step=00000016.ckpt": (16, 0.5)}
+    branch = run([3], 2, ckpt_path=tmp_path / "step=00000004.ckpt")
+    assert branch.best_path.name == "step=00000004.ckpt"
+    assert files() == {"step=00000004.ckpt": (4, 1.0), "step=00000008.ckpt": (8, 3.0), "step=00000016.ckpt": (16, 0.5)}
+    again = run([3], 3, ckpt_path="last")
+    assert again.restored_from.samefile(tmp_path / "step=00000008.ckpt")
+    assert again.best_path.name == "step=00000004.ckpt"
+    assert files() == {
+        "step=00000004.ckpt": (4, 1.0), "step=00000008.ckpt": (8, 3.0),  # the branch's two bests
+        "step=00000012.ckpt": (12, 3.0),  # its last
+        "step=00000016.ckpt": (16, 0.5),  # the abandoned history's: kept, not ranked
+    }
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "step=00000012.ckpt")
