@@ -99,6 +99,28 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     return _tree.tree_map(lambda *xs: torch.stack(xs), *states)
 
 
+_AT_TENSOR = object()  # marks, among the leaves kept around vmap, where a tensor crossed it
+
+
+class _NumbersAside:
+    """``fn`` for ``torch.func.vmap``, which returns tensors only: its output's tensor leaves cross vmap, the other
+    leaves (a Python number among the metrics or the aux, as a loss function may return) and the structure go around
+    it, unbatched, as the step alone returns them. ``rebuild`` puts vmap's output back in that structure."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.kept = fn, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        leaves, spec = torch_pytree.tree_flatten(self.fn(*args, **kwargs))
+        self.kept = (spec, [_AT_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves])
+        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+    def rebuild(self, out: tuple[torch.Tensor, ...]) -> Any:
+        spec, others = self.kept
+        tensors = iter(out)
+        return torch_pytree.tree_unflatten([next(tensors) if x is _AT_TENSOR else x for x in others], spec)
+
+
 def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
     """``state`` with the Python numbers of its hyperparameters (assigned as numbers: optax's idiom) as the tensors
     the optimizer reads them as (:func:`fnlit.optim._transforms.hyper_value`: float32, float64 for float64 params):
@@ -488,7 +510,8 @@ class EnsembleStep:
             raise ValueError(WITH_ENSEMBLE.format(who=inner.collective))
         self.step, self.n, self.in_dims, self.randomness, self.compiled = step, n, in_dims, randomness, compile
         self.__wrapped__ = step  # (walked as through any transform: _frame.wrapped_steps)
-        self.vmapped = torch.func.vmap(step, in_dims=(0, in_dims), randomness=randomness)
+        self.aside = _NumbersAside(step)
+        self.vmapped = torch.func.vmap(self.aside, in_dims=(0, in_dims), randomness=randomness)
         if compile:
             self.vmapped = torch.compile(self.vmapped)
 
@@ -528,7 +551,7 @@ class EnsembleStep:
         traced = _random._is_traced(state.rng)  # under an outer transform, the outermost one seeds
         with nullcontext() if traced else _random.seeded(_fold_keys(state.rng), state.device):
             try:
-                return self.vmapped(state, batch)
+                return self.aside.rebuild(self.vmapped(state, batch))
             except RuntimeError as e:
                 norm = _cumulative_batchnorm(e)
                 if norm is None:
@@ -586,8 +609,8 @@ def ensemble(
 ) -> EnsembleStep:
     """Turns a step for one model into a step for ``n`` independent models, vectorized with ``torch.func.vmap``.
 
-    The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)``: each metric has
-    shape ``(n,)``. Member ``i`` follows exactly the updates it would follow alone (to float rounding),
+    The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)``: each tensor metric
+    has shape ``(n,)`` (a Python number among the metrics stays that number, the same for every member). Member ``i`` follows exactly the updates it would follow alone (to float rounding),
     with its own params, optimizer state, hyperparameters and key; under :func:`fnlit.amp` only to the amp
     dtype's precision, since vmap changes which ops autocast lowers (``F.linear`` with a bias comes out in
     float32 under vmap, in the amp dtype alone): measured, float16 SGD with momentum drifts ~1e-4 from the solo
@@ -689,11 +712,11 @@ def per_example_grads(
     if frame is not None and (frame.shard_group is not None or frame.scaler is not None):
         raise ValueError(_PER_EXAMPLE_SHARD if frame.shard_group is not None else _PER_EXAMPLE_FP16)
     if not any(leaf is None for leaf in torch_pytree.tree_leaves(params)):
-        fn = value_and_grad(loss_fn, has_aux=has_aux)
-        return torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)
+        fn = _NumbersAside(value_and_grad(loss_fn, has_aux=has_aux))  # (a number in aux stays that number)
+        return fn.rebuild(torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch))
     # A None among the params: vmap returns tensors only, where value_and_grad keeps it, None in the gradients too
     # (an empty subtree of fnlit's trees). The params cross vmap as the list of their tensors, rebuilt around it.
     leaves, treedef = _tree.tree_flatten(params)
-    fn = value_and_grad(lambda ps, example: loss_fn(_tree.tree_unflatten(treedef, ps), example), has_aux=has_aux)
-    out, grads = torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(leaves, batch)
+    fn = _NumbersAside(value_and_grad(lambda ps, ex: loss_fn(_tree.tree_unflatten(treedef, ps), ex), has_aux=has_aux))
+    out, grads = fn.rebuild(torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(leaves, batch))
     return out, _tree.tree_unflatten(treedef, grads)

@@ -1275,6 +1275,9 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     return ((loss, aux) if has_aux else loss), _as_argnums(argnums, _regroup(flat, grads))
 
 
+_AT_TENSOR = object()  # marks, among aux's leaves kept around the transform, where a tensor crossed it
+
+
 def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
     nums = (argnums,) if isinstance(argnums, int) else argnums
     flat: dict[int, Any] = {}
@@ -1296,10 +1299,11 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
         if not target.requires_grad:
             raise RuntimeError(_UNREACHED.format(how="it reads none of them"))
         # functorch's aux must hold tensors only; and under torch.compile an empty dict in it comes back
-        # as an empty tuple. So aux leaves only cross the transform, and the structure goes around it.
+        # as an empty tuple. So only the tensor leaves of aux cross the transform; the structure and the
+        # other leaves (a Python number among the metrics, a string) go around it, as the eager path keeps them.
         leaves, spec = torch_pytree.tree_flatten((loss, aux) if has_aux else (loss,))
-        specs.append(spec)
-        return target, tuple(leaves)
+        specs.append((spec, [_AT_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]))
+        return target, tuple(x for x in leaves if isinstance(x, torch.Tensor))
 
     # argnums as the caller gave it: an int gives one tree of gradients, a tuple (even of one) a tuple of them.
     if torch.compiler.is_compiling():  # (a sparse gradient fails the capture: fnlit.compile names it, running eagerly)
@@ -1326,7 +1330,9 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
         each = (grads,) if isinstance(argnums, int) else grads
         trees = [_tree.tree_unflatten(flat[i % len(args)][1], g) for i, g in zip(nums, each)]
         grads = trees[0] if isinstance(argnums, int) else tuple(trees)
-    out = torch_pytree.tree_unflatten(list(out[1]), specs[-1])  # out is (scaled loss, aux leaves)
+    spec, others = specs[-1]  # out is (scaled loss, aux's tensor leaves); others holds the rest around them
+    tensors = iter(out[1])
+    out = torch_pytree.tree_unflatten([next(tensors) if x is _AT_TENSOR else x for x in others], spec)
     if frame is not None and frame.scaler is not None:
         leaves, treedef = _tree.tree_flatten(grads)
         frame.unscale_(leaves)

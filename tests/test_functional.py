@@ -1422,3 +1422,44 @@ def test_indexing_or_reading_the_bound_model_says_what_it_supports():
         fnlit.eval_step(model, lambda m, b: {"mse": F.mse_loss(m.head(b[0]), b[1])})(state, b)
     state, metrics = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))(state, b)  # calling it works
     assert int(state.step) == 1
+
+
+def test_python_numbers_in_aux_cross_the_torch_func_transforms():
+    # A loss function may return plain numbers among its metrics; torch.func's aux and vmap's outputs take tensors
+    # only, so they go around the transforms: compiled, ensembled and per example they stay those numbers.
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    b = (torch.randn(8, 8), torch.randint(0, 3, (8,)))
+
+    def loss_fn(m, b):
+        loss = F.cross_entropy(m(b[0]), b[1])
+        return loss, {"temperature": 0.5, "n": b[0].shape[0], "double": loss * 2}
+
+    step = fnlit.train_step(model, loss_fn)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    ref = F.cross_entropy(model(b[0]), b[1]).detach()  # plain torch
+    _, eager = step(state, b)
+    _, compiled = fnlit.compile(step, mode="eager")(state, b)
+    for metrics in (eager, compiled):
+        assert metrics["temperature"] == 0.5 and type(metrics["temperature"]) is float
+        assert metrics["n"] == 8 and type(metrics["n"]) is int
+        torch.testing.assert_close(metrics["loss"], ref)
+        torch.testing.assert_close(metrics["double"], ref * 2)
+
+    states = fnlit.stack_states([state, state])
+    _, ens = fnlit.ensemble(step, 2)(states, b)
+    assert ens["temperature"] == 0.5 and type(ens["temperature"]) is float and ens["n"] == 8
+    torch.testing.assert_close(ens["loss"], torch.stack([ref, ref]))
+    torch.testing.assert_close(ens["double"], torch.stack([ref, ref]) * 2)
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def example_loss(p, ex):
+        loss = F.cross_entropy(torch.func.functional_call(model, p, (ex[0][None],)), ex[1][None])
+        return loss, {"t": 0.25, "l": loss}
+
+    (losses, aux), _ = fnlit.per_example_grads(example_loss, params, b, has_aux=True)
+    each = F.cross_entropy(model(b[0]), b[1], reduction="none").detach()
+    assert aux["t"] == 0.25 and type(aux["t"]) is float
+    torch.testing.assert_close(losses, each)
+    torch.testing.assert_close(aux["l"], each)
