@@ -393,7 +393,8 @@ def apply(
     the module's own), and two threads' recomputes through one module at once raise an error. A forward
     of the module (an ``apply`` of it) in another thread while a backward runs its block again changes what
     that recompute reads: threads sharing a module and checkpointing must not do that (give each its own
-    module, ``copy.deepcopy(model)``).
+    module, ``copy.deepcopy(model)``). Eagerly only: under :func:`fnlit.compile` the gradient is taken by
+    ``torch.func``, which has no support for the checkpoint's saved tensor hooks (a CaptureError says so).
 
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
@@ -1001,7 +1002,8 @@ def value_and_grad(
     ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``. A loss that reaches none of the differentiated
     tensors is an error (see Raises), not all-zero gradients. Activation checkpointing inside ``fn``
     (``torch.utils.checkpoint``) needs ``use_reentrant=False``: the reentrant kind cannot give gradients with
-    respect to chosen tensors.
+    respect to chosen tensors; and runs uncompiled only (:func:`fnlit.compile` refuses it: ``torch.func``, which
+    takes the gradient there, has no support for its saved tensor hooks).
 
     Raises:
         ValueError: if the loss is not a scalar (the message gives its shape); for repeated argnums, or

@@ -1028,3 +1028,35 @@ def test_a_compiled_step_keeps_no_model_alive_once_dropped(donate):
 def test_an_inductor_compiled_step_keeps_no_model_alive_once_dropped():
     assert _models_left_after_compiling(_plain_torch_compile("default")) == 0
     assert _models_left_after_compiling(_fnlit_compile("default", False)) == 0
+
+
+class _CheckpointedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))  # the named line
+
+
+@pytest.mark.parametrize("mode", ["eager", "default"])
+def test_activation_checkpointing_under_compile_is_a_capture_error(mode):
+    # torch.func (the compiled gradient) refuses the saved tensor hooks of non-reentrant checkpointing: a
+    # CaptureError naming the checkpoint line and the way out, not torch's raw RuntimeError
+    torch.manual_seed(0)
+    model = _CheckpointedNet()
+    step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    b = (torch.randn(4, 8), torch.randint(0, 5, (4,)))
+    step(state, b)  # eagerly it trains
+    with pytest.raises(CaptureError, match=r"(?s)# the named line.*activation checkpointing.*saved tensor hooks.*uncompiled"):
+        fnlit_compile(step, mode=mode)(state, b)
+    # and the failed call leaves saved tensor hooks on (torch.func's capture turned them off): eager steps with
+    # checkpointing still train, as plain torch's checkpointed backward does
+    new, metrics = step(state, b)
+    ref = F.cross_entropy(model(b[0]), b[1])
+    torch.testing.assert_close(metrics["loss"], ref.detach())
+    ref.backward()
+    torch.testing.assert_close(new.params["head.bias"], state.params["head.bias"] - 0.1 * model.head.bias.grad)
+

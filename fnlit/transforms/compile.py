@@ -100,6 +100,50 @@ _FIXES = {
 }
 
 
+# torch.func's refusal of saved tensor hooks, which non-reentrant activation checkpointing installs
+_SAVED_TENSOR_HOOKS = "don't yet support saved tensor hooks"
+
+
+def _checkpoint_error(frames: list[tuple[str, int]]) -> CaptureError:
+    """The CaptureError for activation checkpointing inside value_and_grad, at the checkpoint's line if known."""
+    filename, lineno = _user_frame(frames)
+    code = linecache.getline(filename, lineno).strip() if lineno else ""
+    where = f" at\n  {filename}:{lineno}: {code}" if lineno else ""
+    return CaptureError(
+        f"fnlit.compile could not capture the step{where}\nbecause activation checkpointing "
+        "(torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) inside fnlit.value_and_grad cannot be "
+        "captured by fnlit.compile: compiled, the gradient is taken by torch.func, which has no support for the "
+        "saved tensor hooks the checkpoint installs.\nFix: run the step uncompiled (activation checkpointing works "
+        "there), or compile it without the checkpoint."
+    )
+
+
+def _reenable_saved_tensor_hooks() -> None:
+    """Saved tensor hooks back on where the failed call left them off: the captured torch.func.grad turns them
+    off while it runs and, raised through (the checkpoint's own refusal among others), does not turn them on
+    again, so every later backward with activation checkpointing, eager ones too, would fail. Only torch.func's
+    own switch-off (its message) is undone; one the caller made stays."""
+    autograd = torch._C._autograd
+    if not autograd._saved_tensors_hooks_is_enabled():
+        message = autograd._saved_tensors_hooks_get_disabled_error_message() or ""
+        if _SAVED_TENSOR_HOOKS in message:
+            autograd._saved_tensors_hooks_enable()
+
+
+def _checkpoint_frames(err: BaseException) -> list[tuple[str, int]]:
+    """The user's frames of the checkpoint call whose graph (mode="eager" runs dynamo's graph as Python) raised
+    ``err``: the recorded stack of the graph's activation-checkpoint node; [] where none is found."""
+    tb = err.__traceback__
+    while tb is not None:
+        graph = tb.tb_frame.f_locals.get("self")
+        if isinstance(graph, torch.fx.GraphModule):
+            for node in graph.graph.nodes:
+                if "checkpoint" in str(node.target) and node.meta.get("stack_trace"):
+                    return _frames_of(node.meta["stack_trace"])
+        tb = tb.tb_next
+    return []
+
+
 _RECOMPILES = (
     "fnlit.compile hit torch.compile's recompile limit: the step was compiled for {limit} different batch "
     "shapes or Python numbers in the batch or the state (torch._dynamo.config.recompile_limit = {limit}), and this "
@@ -618,14 +662,24 @@ class CompiledStep:
             # around the call would be taken in the other order there (two threads waited on each other for good).
             # Re-entrant, as a seeded block is.
             with floats, _random._LOCK:
-                new_leaves, metrics = compiled(*leaves)
+                try:
+                    new_leaves, metrics = compiled(*leaves)
+                except BaseException:
+                    _reenable_saved_tensor_hooks()
+                    raise
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
+            if _SAVED_TENSOR_HOOKS in str(e):  # inductor traces the forward and meets the checkpoint then
+                raise _checkpoint_error(_frames_of(str(e))) from None
             raise (inner if isinstance(inner, CaptureError) else e) from None
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise self._explain(e, state, batch) from None
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             raise CaptureError(_RECOMPILES.format(limit=torch._dynamo.config.recompile_limit)) from None
+        except RuntimeError as e:
+            if _SAVED_TENSOR_HOOKS not in str(e):
+                raise
+            raise _checkpoint_error(_checkpoint_frames(e)) from None  # mode="eager": raised as the graph runs
         finally:
             self._calls.key = None
         if self.donate:
@@ -823,8 +877,9 @@ def compile(
             reports an exception or a failed ``assert``, the step runs once eagerly -- never for a Python side
             effect (a print, a log, a file written, torch.save), which that run would carry out: an error it raises
             itself -- accumulate's indivisible batch, an ``assert`` -- is raised as uncompiled, not as a
-            CaptureError.) Also when
-            new batch shapes or Python numbers would compile more graphs than
+            CaptureError.) Also for activation checkpointing (``torch.utils.checkpoint``) inside
+            :func:`fnlit.value_and_grad`: compiled, torch.func takes the gradient, and it has no support for the
+            checkpoint's saved tensor hooks (run such a step uncompiled). Also when new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
         NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
         TypeError: (when called) for a step that does not return ``(state, metrics)``: an evaluation step
