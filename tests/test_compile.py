@@ -1060,3 +1060,21 @@ def test_activation_checkpointing_under_compile_is_a_capture_error(mode):
     ref.backward()
     torch.testing.assert_close(new.params["head.bias"], state.params["head.bias"] - 0.1 * model.head.bias.grad)
 
+
+def test_dynamic_batch_size_equal_to_a_parameter_dimension_compiles_once():
+    # a first batch of 8 into nn.Linear(8, 16): duck sizing tied the batch dimension to in_features, and the next
+    # batch size compiled a second graph; each batch size's update still equals plain torch's
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 16)
+    step = fnlit.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    compiled = fnlit_compile(step, dynamic=True, mode="eager")
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    for n in (8, 8, 5, 8, 3, 12):
+        b = (torch.randn(n, 8), torch.randint(0, 16, (n,)))
+        new, _ = compiled(state, b)
+        params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+        loss = F.cross_entropy(torch.func.functional_call(model, params, (b[0],)), b[1])
+        for (k, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            torch.testing.assert_close(new.params[k], p.detach() - 0.1 * g)
+        state = new
+    assert compiled.compiles == 1

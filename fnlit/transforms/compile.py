@@ -26,6 +26,7 @@ NotImplementedError (see :func:`compile`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import linecache
 import os
@@ -116,6 +117,18 @@ def _checkpoint_error(frames: list[tuple[str, int]]) -> CaptureError:
         "saved tensor hooks the checkpoint installs.\nFix: run the step uncompiled (activation checkpointing works "
         "there), or compile it without the checkpoint."
     )
+
+
+def _dynamic_config() -> Any:
+    """The config patches a ``dynamic=True`` call compiles under (see CompiledStep._call)."""
+    from torch.fx.experimental import _config as shapes_config
+
+    stack = contextlib.ExitStack()
+    if hasattr(torch._dynamo.config, "specialize_float"):  # (not at import: dynamo takes ~1 s to load)
+        stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
+    if hasattr(shapes_config, "use_duck_shape"):
+        stack.enter_context(shapes_config.patch(use_duck_shape=False))
+    return stack
 
 
 def _reenable_saved_tensor_hooks() -> None:
@@ -646,12 +659,10 @@ class CompiledStep:
                     torch._dynamo.mark_static_address(t)
             torch.compiler.cudagraph_mark_step_begin()
         # dynamic=True: dynamo would lift the step's Python floats (an optimizer's betas, momentum) to graph
-        # inputs read back with .item(); kept constants, as without dynamic, they compile and never change.
-        floats = (
-            torch._dynamo.config.patch(specialize_float=True)
-            if self.dynamic and hasattr(torch._dynamo.config, "specialize_float")  # (not at import: dynamo takes ~1 s to load)
-            else nullcontext()
-        )
+        # inputs read back with .item(); kept constants, as without dynamic, they compile and never change. And its
+        # duck sizing would give a batch dimension equal to a parameter's (a batch of 8 into nn.Linear(8, 16)) that
+        # dimension's symbol, guarded equal: the next batch size would compile again. Each dimension its own symbol.
+        floats = _dynamic_config() if self.dynamic else nullcontext()
         try:
             self._calls.key = (state.rng, state.device)  # for the graphs that draw random numbers (see _backend)
             # torch.compile(fullgraph=True) checks after each call that a compiled frame ran, by a count that is one for
@@ -863,7 +874,10 @@ def compile(
             ``"reduce-overhead"`` (CUDA graphs; needs ``donate=True``), ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``, or ``"eager"`` (capture and check only, no inductor:
             quick to find what breaks capture).
-        dynamic: let shapes vary without recompiling (off: a new batch shape compiles a new graph).
+        dynamic: let shapes vary without recompiling (off: a new batch shape compiles a new graph). Each
+            dimension varies on its own, a batch size equal to a parameter's dimension included (torch's duck
+            sizing, off here, would tie them and compile again at the next batch size); torch still compiles a
+            graph of its own for a dimension of size 0 or 1.
 
     Returns:
         A :class:`CompiledStep`; ``.compiles`` counts the graphs compiled so far.
