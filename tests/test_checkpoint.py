@@ -1240,23 +1240,32 @@ def test_a_last_ckpt_fnlit_did_not_write_is_never_replaced_and_other_ckpt_files_
     assert torch.load(tmp_path / "other" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
+def _scripted_validation_run(tmp_path):
+    """``run(values, epochs, **fit_kw)``: a fit of 4-step epochs into tmp_path's Checkpointer(monitor="val/loss",
+    keep_best=2, keep_last=1), its validation after each epoch giving the next of ``values``; returns the
+    Checkpointer."""
+    model = nn.Linear(4, 1)
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    data = fnlit.data.ArrayLoader(torch.randn(16, 4), torch.randn(16, 1), batch_size=4)
+
+    def run(values, epochs, **kw):
+        it = iter(values)
+        ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=2, keep_last=1)
+        fnlit.fit(step, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0), data,
+                  val_data=[(torch.randn(2, 4), torch.randn(2, 1))], num_sanity_val_steps=0,
+                  eval_step=lambda s, b: {"loss": torch.tensor(float(next(it)))}, max_epochs=epochs, checkpoint=ck,
+                  progress=False, **kw)  # fmt: skip
+        return ck
+
+    return run
+
+
 def test_a_resume_from_an_earlier_file_does_not_rank_the_abandoned_later_checkpoints_as_its_best(tmp_path):
     # After fit(ckpt_path=<step 4's file>) in a folder where the run went on to step 16, step 16 (from the history the
     # resume abandoned) stayed this run's best_path and held a keep_best slot forever. Lightning restores best_k_models
     # from the file it resumes. Validation values after epochs 1-4 (4 steps each): 1, 5, 5, 0.5; then, branched
     # from step 4: 3 (step 8), 3 (step 12). By hand: the branch's bests are step 4 (1) and step 8 (3).
-    model = nn.Linear(4, 1)
-    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
-    data = fnlit.data.ArrayLoader(torch.randn(16, 4), torch.randn(16, 1), batch_size=4)
-    fresh = lambda: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
-
-    def run(values, epochs, **kw):
-        it = iter(values)
-        ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=2, keep_last=1)
-        fnlit.fit(step, fresh(), data, val_data=[(torch.randn(2, 4), torch.randn(2, 1))], num_sanity_val_steps=0,
-                  eval_step=lambda s, b: {"loss": torch.tensor(float(next(it)))}, max_epochs=epochs, checkpoint=ck,
-                  progress=False, **kw)  # fmt: skip
-        return ck
+    run = _scripted_validation_run(tmp_path)
 
     assert run([1, 5, 5, 0.5], 4).best_path.name == "step=00000016.ckpt"
     branch = run([3, 3], 3, ckpt_path=tmp_path / "step=00000004.ckpt")
@@ -1307,18 +1316,7 @@ def test_a_branch_resumed_again_from_last_still_does_not_rank_the_abandoned_hist
     # By hand (keep_best=2, keep_last=1, validation after each 4-step epoch): run A, steps 4/8/12/16 at 1, 5, 5, 0.5
     # keeps 4 and 16. Branch from step 4: step 8 at 3 -> bests 4, 8. Resumed from 'last' (its step 8): step 12 at 3
     # (a tie with step 8 is no improvement) -> bests 4 and 8, last 12; step 16 kept but not this run's.
-    model = nn.Linear(4, 1)
-    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
-    data = fnlit.data.ArrayLoader(torch.randn(16, 4), torch.randn(16, 1), batch_size=4)
-    fresh = lambda: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)  # noqa: E731
-
-    def run(values, epochs, **kw):
-        it = iter(values)
-        ck = ckpt.Checkpointer(tmp_path, monitor="val/loss", keep_best=2, keep_last=1)
-        fnlit.fit(step, fresh(), data, val_data=[(torch.randn(2, 4), torch.randn(2, 1))], num_sanity_val_steps=0,
-                  eval_step=lambda s, b: {"loss": torch.tensor(float(next(it)))}, max_epochs=epochs, checkpoint=ck,
-                  progress=False, **kw)  # fmt: skip
-        return ck
+    run = _scripted_validation_run(tmp_path)
 
     def files():
         return {p.name: (ckpt.read_info(p).step, ckpt.read_info(p).metrics["val/loss"]) for p in tmp_path.glob("step=*.ckpt")}

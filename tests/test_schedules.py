@@ -20,6 +20,17 @@ def _check(schedule, expected_fn, steps) -> None:
             assert math.isclose(float(got), expected_fn(t), rel_tol=1e-6, abs_tol=1e-7), (t, float(got), expected_fn(t))
 
 
+def _torch_lrs(lr, make_scheduler, n) -> list[float]:
+    """The learning rate torch.optim uses at each of its first ``n`` steps under ``make_scheduler(opt)``."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler, lrs = make_scheduler(opt), []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return lrs
+
+
 def test_constant():
     _check(fo.constant(0.3), lambda t: 0.3, [0, 1, 1000])
 
@@ -64,14 +75,7 @@ def test_warmup_cosine_matches_optax_formula():
 
 
 def test_step_decay_matches_torch_steplr():
-    p = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.SGD([p], lr=0.5)
-    lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.3)
-    expected = []
-    for _ in range(30):
-        expected.append(opt.param_groups[0]["lr"])
-        opt.step()
-        lr_sched.step()
+    expected = _torch_lrs(0.5, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.3), 30)
     _check(fo.step_decay(0.5, step_size=7, gamma=0.3), lambda t: expected[t], range(30))
 
 
@@ -164,14 +168,7 @@ def test_step_lengths_below_one_step_stay_finite(length):
 
 def test_cosine_decay_matches_torch_cosine_annealing():
     # CosineAnnealingLR up to T_max (after it torch's rises again); a float decay_steps is the int one.
-    p = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.SGD([p], lr=0.5)
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30, eta_min=0.05)
-    expected = []
-    for _ in range(31):
-        expected.append(opt.param_groups[0]["lr"])
-        opt.step()
-        lr_sched.step()
+    expected = _torch_lrs(0.5, lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30, eta_min=0.05), 31)
     for decay_steps in (30, 30.0):
         _check(fo.cosine_decay(0.5, decay_steps, alpha=0.1), lambda t: expected[t], range(31))
 
@@ -261,14 +258,7 @@ def _linear_step():
 def test_a_narrow_integer_tensor_step_count_is_taken_as_its_number(dtype):
     # Compared as a tensor with 2**63 - 1, an int32 count wrapped: cosine_decay(0.1, tensor(5, int32)) was refused
     # as "not > 0". Reference: torch's CosineAnnealingLR with T_max=5 (and StepLR for step_size).
-    model = torch.nn.Linear(1, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
-    want = []
-    for _ in range(6):
-        want.append(opt.param_groups[0]["lr"])
-        opt.step()
-        cosine.step()
+    want = _torch_lrs(0.1, lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5), 6)
     got = fnlit.optim.cosine_decay(0.1, torch.tensor(5, dtype=dtype))
     assert [float(got(i)) for i in range(6)] == pytest.approx(want, rel=1e-6, abs=1e-9)
     steps = fnlit.optim.step_decay(1.0, torch.tensor(2, dtype=dtype), 0.5)
