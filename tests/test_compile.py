@@ -1059,6 +1059,17 @@ def test_activation_checkpointing_under_compile_is_a_capture_error(mode):
     torch.testing.assert_close(metrics["loss"], ref.detach())
     ref.backward()
     torch.testing.assert_close(new.params["head.bias"], state.params["head.bias"] - 0.1 * model.head.bias.grad)
+    # inside the caller's own switch-off the failed call leaves it as it was (the first version switched hooks back
+    # on there); reference: torch.func.grad failing the same way inside such a block
+    autograd = torch._C._autograd
+    with torch.autograd.graph.disable_saved_tensors_hooks("the caller's"):
+        with pytest.raises(RuntimeError, match="saved tensor hooks"):
+            torch.func.grad(lambda x: model(x).sum())(b[0])
+        want = (autograd._saved_tensors_hooks_is_enabled(), autograd._saved_tensors_hooks_get_disabled_error_message())
+        with pytest.raises(CaptureError):
+            fnlit_compile(step, mode="eager")(state, b)
+        got = (autograd._saved_tensors_hooks_is_enabled(), autograd._saved_tensors_hooks_get_disabled_error_message())
+    assert got == want == (False, "the caller's")
 
 
 def test_dynamic_batch_size_equal_to_a_parameter_dimension_compiles_once():

@@ -131,16 +131,24 @@ def _dynamic_config() -> Any:
     return stack
 
 
-def _reenable_saved_tensor_hooks() -> None:
-    """Saved tensor hooks back on where the failed call left them off: the captured torch.func.grad turns them
-    off while it runs and, raised through (the checkpoint's own refusal among others), does not turn them on
-    again, so every later backward with activation checkpointing, eager ones too, would fail. Only torch.func's
-    own switch-off (its message) is undone; one the caller made stays."""
+def _saved_tensor_hooks() -> tuple[bool, str | None]:
+    """Whether saved tensor hooks are on, and the message they were switched off with (see _restore_saved_tensor_hooks)."""
     autograd = torch._C._autograd
-    if not autograd._saved_tensors_hooks_is_enabled():
-        message = autograd._saved_tensors_hooks_get_disabled_error_message() or ""
-        if _SAVED_TENSOR_HOOKS in message:
-            autograd._saved_tensors_hooks_enable()
+    return autograd._saved_tensors_hooks_is_enabled(), autograd._saved_tensors_hooks_get_disabled_error_message()
+
+
+def _restore_saved_tensor_hooks(before: tuple[bool, str | None]) -> None:
+    """Saved tensor hooks as they were before a failed call: the captured torch.func.grad turns them off while it
+    runs and, raised through (the checkpoint's own refusal among others), neither turns them on again nor puts back a
+    caller's own switch-off message, so every later backward with activation checkpointing, eager ones too, would
+    fail (and a caller's `disable_saved_tensors_hooks` block would find them on)."""
+    autograd = torch._C._autograd
+    if _saved_tensor_hooks() == before:
+        return
+    if before[0]:
+        autograd._saved_tensors_hooks_enable()
+    else:
+        autograd._saved_tensors_hooks_disable(before[1] or "")
 
 
 def _checkpoint_frames(err: BaseException) -> list[tuple[str, int]]:
@@ -673,10 +681,11 @@ class CompiledStep:
             # around the call would be taken in the other order there (two threads waited on each other for good).
             # Re-entrant, as a seeded block is.
             with floats, _random._LOCK:
+                hooks = _saved_tensor_hooks()
                 try:
                     new_leaves, metrics = compiled(*leaves)
                 except BaseException:
-                    _reenable_saved_tensor_hooks()
+                    _restore_saved_tensor_hooks(hooks)
                     raise
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
