@@ -42,7 +42,7 @@ from . import tree as _tree
 from .tree import is_real
 from ._types import Batch, Metrics, Params, StepFn
 from .data import batch_size_of
-from .functional import value_and_grad
+from .functional import _NumbersAside, value_and_grad
 from .optim import GradientTransformation
 from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE, collective_of
 from .transforms._frame import current as _current_frame
@@ -97,28 +97,6 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         if where is not None:
             raise ValueError(f"stack_states: states[{i}] differs from states[0] {where}. Members must be the same model.")
     return _tree.tree_map(lambda *xs: torch.stack(xs), *states)
-
-
-_AT_TENSOR = object()  # marks, among the leaves kept around vmap, where a tensor crossed it
-
-
-class _NumbersAside:
-    """``fn`` for ``torch.func.vmap``, which returns tensors only: its output's tensor leaves cross vmap, the other
-    leaves (a Python number among the metrics or the aux, as a loss function may return) and the structure go around
-    it, unbatched, as the step alone returns them. ``rebuild`` puts vmap's output back in that structure."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn, self.kept = fn, None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        leaves, spec = torch_pytree.tree_flatten(self.fn(*args, **kwargs))
-        self.kept = (spec, [_AT_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves])
-        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
-
-    def rebuild(self, out: tuple[torch.Tensor, ...]) -> Any:
-        spec, others = self.kept
-        tensors = iter(out)
-        return torch_pytree.tree_unflatten([next(tensors) if x is _AT_TENSOR else x for x in others], spec)
 
 
 def _numbers_as_tensors(state: TrainState, n: int | None = None) -> TrainState:
@@ -711,12 +689,7 @@ def per_example_grads(
     frame = _current_frame()  # (value_and_grad refuses these too, eagerly; this check also runs while compiling)
     if frame is not None and (frame.shard_group is not None or frame.scaler is not None):
         raise ValueError(_PER_EXAMPLE_SHARD if frame.shard_group is not None else _PER_EXAMPLE_FP16)
-    if not any(leaf is None for leaf in torch_pytree.tree_leaves(params)):
-        fn = _NumbersAside(value_and_grad(loss_fn, has_aux=has_aux))  # (a number in aux stays that number)
-        return fn.rebuild(torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch))
-    # A None among the params: vmap returns tensors only, where value_and_grad keeps it, None in the gradients too
-    # (an empty subtree of fnlit's trees). The params cross vmap as the list of their tensors, rebuilt around it.
-    leaves, treedef = _tree.tree_flatten(params)
-    fn = _NumbersAside(value_and_grad(lambda ps, ex: loss_fn(_tree.tree_unflatten(treedef, ps), ex), has_aux=has_aux))
-    out, grads = fn.rebuild(torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(leaves, batch))
-    return out, _tree.tree_unflatten(treedef, grads)
+    # vmap returns tensors only: a number in aux, or a None among the params (None in the gradients too, as
+    # value_and_grad keeps it), goes around it
+    fn = _NumbersAside(value_and_grad(loss_fn, has_aux=has_aux))
+    return fn.rebuild(torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch))

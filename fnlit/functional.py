@@ -1277,7 +1277,30 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     return ((loss, aux) if has_aux else loss), _as_argnums(argnums, _regroup(flat, grads))
 
 
-_AT_TENSOR = object()  # marks, among aux's leaves kept around the transform, where a tensor crossed it
+_AT_TENSOR = object()  # marks, among the leaves kept around a transform, where a tensor crossed it
+
+
+class _NumbersAside:
+    """``fn`` for a torch.func transform (vmap, grad's aux), which carries tensors only: its output's tensor leaves
+    cross the transform, the other leaves (a Python number among the metrics or the aux, as a loss function may
+    return; None) and the structure go around it, as ``fn`` alone returns them. ``rebuild`` puts the transform's
+    output back in that structure."""
+
+    def __init__(self, fn: Callable[..., Any] | None = None) -> None:
+        self.fn, self.kept = fn, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return self.split(self.fn(*args, **kwargs))
+
+    def split(self, tree: Any) -> tuple[torch.Tensor, ...]:
+        leaves, spec = torch_pytree.tree_flatten(tree)
+        self.kept = (spec, [_AT_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves])
+        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+    def rebuild(self, out: tuple[torch.Tensor, ...]) -> Any:
+        spec, others = self.kept
+        tensors = iter(out)
+        return torch_pytree.tree_unflatten([next(tensors) if x is _AT_TENSOR else x for x in others], spec)
 
 
 def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # type: ignore[no-untyped-def]
@@ -1289,7 +1312,7 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
         # tensors, rebuilt around it.
         flat = {i % len(args): _tree.tree_flatten(args[i]) for i in nums}  # (wrapped() checked the argnums)
         args = tuple(flat[i][0] if i in flat else a for i, a in enumerate(args))
-    specs: list[Any] = []
+    aside = _NumbersAside()
 
     def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
         if flat:
@@ -1303,9 +1326,7 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
         # functorch's aux must hold tensors only; and under torch.compile an empty dict in it comes back
         # as an empty tuple. So only the tensor leaves of aux cross the transform; the structure and the
         # other leaves (a Python number among the metrics, a string) go around it, as the eager path keeps them.
-        leaves, spec = torch_pytree.tree_flatten((loss, aux) if has_aux else (loss,))
-        specs.append((spec, [_AT_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]))
-        return target, tuple(x for x in leaves if isinstance(x, torch.Tensor))
+        return target, aside.split((loss, aux) if has_aux else (loss,))
 
     # argnums as the caller gave it: an int gives one tree of gradients, a tuple (even of one) a tuple of them.
     if torch.compiler.is_compiling():  # (a sparse gradient fails the capture: fnlit.compile names it, running eagerly)
@@ -1332,9 +1353,7 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
         each = (grads,) if isinstance(argnums, int) else grads
         trees = [_tree.tree_unflatten(flat[i % len(args)][1], g) for i, g in zip(nums, each)]
         grads = trees[0] if isinstance(argnums, int) else tuple(trees)
-    spec, others = specs[-1]  # out is (scaled loss, aux's tensor leaves); others holds the rest around them
-    tensors = iter(out[1])
-    out = torch_pytree.tree_unflatten([next(tensors) if x is _AT_TENSOR else x for x in others], spec)
+    out = aside.rebuild(out[1])  # out is (scaled loss, the tensor leaves of (loss, aux))
     if frame is not None and frame.scaler is not None:
         leaves, treedef = _tree.tree_flatten(grads)
         frame.unscale_(leaves)
