@@ -65,6 +65,12 @@ T = TypeVar("T")
 M = TypeVar("M", bound=nn.Module)
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """A file's inode, size and modification time: whether it is still the one that was written."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def save(path: str | os.PathLike[str], state: Any, *, position: Position | None = None,
          metrics: dict[str, float] | None = None, **meta: Any) -> Path:
     """Writes ``state`` (every tensor, by tree path), the driver ``position`` and ``meta`` to one file.
@@ -439,6 +445,7 @@ class Checkpointer:
         self._branch_at: int | None = None
         self._abandoned: list[tuple[int, int]] = []
         self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
+        self._last_written: tuple[int, int, int] | None = None  # last.ckpt as this object's last save left it
         self.before_save: Callable[[], None] | None = None  # see the class docstring; fit sets it while it runs
         # The step of the state this object's last fit ended with (on_exit), and that fit's run: a fit from that
         # state continues the run, whatever restore() read in between (a best checkpoint, to evaluate it).
@@ -676,6 +683,7 @@ class Checkpointer:
         records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
         if self.save_last:
             link_or_copy(path, self.directory / LAST)
+            self._last_written = _identity(self.directory / LAST)
         ours = self._ours(records)
         keep = {r.path for r in records} - {r.path for r in ours}  # another run's files are not this run's to remove
         keep |= {r.path for r in (ours if self.keep_last is None else ours[-self.keep_last :])}
@@ -709,6 +717,8 @@ class Checkpointer:
         """Whether the folder's ``last.ckpt`` is a checkpoint fnlit did not write (Lightning's, another tool's)."""
         last = self.directory / LAST
         try:
+            if self._last_written is not None and _identity(last) == self._last_written:
+                return False  # the file this object's last save left (no listing, no file read on every save)
             if last.stat().st_nlink > 1 and not last.is_symlink() and any(
                 STEP_FILE.match(p.name) and os.path.samefile(p, last) for p in self.directory.iterdir()
             ):
