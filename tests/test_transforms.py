@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 
@@ -451,6 +452,34 @@ def test_an_amp_eval_step_called_inside_a_training_step_leaves_its_precision_alo
     want, _ = fnlit.accumulate(lambda s, b: train(s, b, with_eval=False), 2)(state, batch())
     assert dtypes == [torch.float32] * 4
     assert_trees_equal(got.params, want.params)
+
+
+def test_an_amp_eval_step_that_raises_inside_a_training_step_leaves_its_precision_alone():
+    # The eval step's settings were put back only when it returned: one that raised (and was caught by the training
+    # step) left bfloat16 on for the training forward under accumulate. Reference: the same step without it.
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def failing(state, b):
+        fnlit.apply(model, state.params, state.buffers, b[0])
+        raise LookupError("no such metric")
+
+    ev, dtypes = fnlit.amp(failing, torch.bfloat16), []
+
+    def train(state, b):
+        with contextlib.suppress(LookupError):
+            ev(state, b)
+
+        def loss_fn(p):
+            out, _ = fnlit.apply(model, p, state.buffers, b[0])
+            dtypes.append(out.dtype)
+            return F.cross_entropy(out, b[1])
+
+        loss, g = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(g), {"loss": loss}
+
+    fnlit.accumulate(train, 2)(state, batch())
+    assert dtypes == [torch.float32] * 2
 
 
 @pytest.mark.parametrize("result", [lambda s: (s,), lambda s: (s, {}, {}), lambda s: torch.tensor(0.0), lambda s: ({}, s)])

@@ -201,7 +201,11 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
                         break
         with frame() as (f, outermost):
             before = f.set_amp(dtype, state.scaler if dtype == torch.float16 else None, state.device, refusal)
-            result = step(state, batch)
+            try:
+                result = step(state, batch)
+            except BaseException:  # (an outer frame goes on, as it was: the training step may catch this)
+                f.reset_amp(before)
+                raise
             if isinstance(result, Mapping):  # an evaluation step's metrics (fnlit.eval_step), as they are
                 f.reset_amp(before)  # (called inside a training step's frame: the training goes on as it was)
                 return result
