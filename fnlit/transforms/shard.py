@@ -223,7 +223,7 @@ class _Layout:
     all-gather / copy-out, for all parameters in one collective.
     """
 
-    def __init__(self, tensors: Sequence[DTensor], names: Sequence[str] = ()) -> None:
+    def __init__(self, tensors: Sequence[DTensor], names: Sequence[str]) -> None:
         self.names = list(names)  # (for the error refusing a sparse gradient)
         self.world = tensors[0].device_mesh.size()
         self.dims = [t.placements[0].dim for t in tensors]  # type: ignore[attr-defined]
@@ -265,13 +265,10 @@ class _GatherAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         layout: _Layout = ctx.layout
-        for i, g in enumerate(grads):  # nn.Embedding(sparse=True)'s: refused, as fnlit.data_parallel refuses it
-            if g.layout is not torch.strided:
-                from ..optim._base import sparse_message
+        from ..optim._base import refuse_sparse  # nn.Embedding(sparse=True)'s: refused, as data_parallel refuses it
 
-                path = layout.names[i] if i < len(layout.names) else f"sharded parameter {i}"
-                raise ValueError(sparse_message("fnlit.shard", " (it reduce-scatters them as dense shards)", path,
-                                                ": the reduce-scatter sends the same values", g.layout))
+        refuse_sparse("fnlit.shard", list(grads), dict(zip(layout.names, grads)),
+                      " (it reduce-scatters them as dense shards)", ": the reduce-scatter sends the same values")
         send = grads[0].new_empty(layout.world, layout.total)
         for i, (g, d) in enumerate(zip(grads, layout.dims)):
             shape, c = layout.padded[i], layout.padded[i][d]
