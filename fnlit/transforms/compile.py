@@ -36,7 +36,7 @@ import threading
 import types
 import weakref
 from contextlib import nullcontext
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -98,25 +98,17 @@ _FIXES = {
         "Return the value in the metrics and print, log or save it outside the step.",
     ),
     "other": ("torch.compile could not trace it", "Move this line out of the step, or run the step uncompiled."),
+    "checkpoint": (
+        "activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) inside "
+        "fnlit.value_and_grad cannot be captured by fnlit.compile: compiled, the gradient is taken by torch.func, "
+        "which has no support for the saved tensor hooks the checkpoint installs",
+        "Run the step uncompiled (activation checkpointing works there), or compile it without the checkpoint.",
+    ),
 }
 
 
 # torch.func's refusal of saved tensor hooks, which non-reentrant activation checkpointing installs
 _SAVED_TENSOR_HOOKS = "don't yet support saved tensor hooks"
-
-
-def _checkpoint_error(frames: list[tuple[str, int]]) -> CaptureError:
-    """The CaptureError for activation checkpointing inside value_and_grad, at the checkpoint's line if known."""
-    filename, lineno = _user_frame(frames)
-    code = linecache.getline(filename, lineno).strip() if lineno else ""
-    where = f" at\n  {filename}:{lineno}: {code}" if lineno else ""
-    return CaptureError(
-        f"fnlit.compile could not capture the step{where}\nbecause activation checkpointing "
-        "(torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) inside fnlit.value_and_grad cannot be "
-        "captured by fnlit.compile: compiled, the gradient is taken by torch.func, which has no support for the "
-        "saved tensor hooks the checkpoint installs.\nFix: run the step uncompiled (activation checkpointing works "
-        "there), or compile it without the checkpoint."
-    )
 
 
 def _dynamic_config() -> Any:
@@ -131,24 +123,22 @@ def _dynamic_config() -> Any:
     return stack
 
 
-def _saved_tensor_hooks() -> tuple[bool, str | None]:
-    """Whether saved tensor hooks are on, and the message they were switched off with (see _restore_saved_tensor_hooks)."""
-    autograd = torch._C._autograd
-    return autograd._saved_tensors_hooks_is_enabled(), autograd._saved_tensors_hooks_get_disabled_error_message()
-
-
-def _restore_saved_tensor_hooks(before: tuple[bool, str | None]) -> None:
-    """Saved tensor hooks as they were before a failed call: the captured torch.func.grad turns them off while it
+@contextlib.contextmanager
+def _saved_tensor_hooks_kept() -> Iterator[None]:
+    """Saved tensor hooks as they were before a call that fails: the captured torch.func.grad turns them off while it
     runs and, raised through (the checkpoint's own refusal among others), neither turns them on again nor puts back a
     caller's own switch-off message, so every later backward with activation checkpointing, eager ones too, would
     fail (and a caller's `disable_saved_tensors_hooks` block would find them on)."""
     autograd = torch._C._autograd
-    if _saved_tensor_hooks() == before:
-        return
-    if before[0]:
-        autograd._saved_tensors_hooks_enable()
-    else:
-        autograd._saved_tensors_hooks_disable(before[1] or "")
+    before = autograd._saved_tensors_hooks_is_enabled(), autograd._saved_tensors_hooks_get_disabled_error_message()
+    try:
+        yield
+    except BaseException:
+        if before[0]:
+            autograd._saved_tensors_hooks_enable()
+        else:
+            autograd._saved_tensors_hooks_disable(before[1] or "")
+        raise
 
 
 def _checkpoint_frames(err: BaseException) -> list[tuple[str, int]]:
@@ -680,17 +670,12 @@ class CompiledStep:
             # (seeded), and a call inside `with fnlit.random.seeded(k):` holds it already, so a lock of our own taken
             # around the call would be taken in the other order there (two threads waited on each other for good).
             # Re-entrant, as a seeded block is.
-            with floats, _random._LOCK:
-                hooks = _saved_tensor_hooks()
-                try:
-                    new_leaves, metrics = compiled(*leaves)
-                except BaseException:
-                    _restore_saved_tensor_hooks(hooks)
-                    raise
+            with floats, _random._LOCK, _saved_tensor_hooks_kept():
+                new_leaves, metrics = compiled(*leaves)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if _SAVED_TENSOR_HOOKS in str(e):  # inductor traces the forward and meets the checkpoint then
-                raise _checkpoint_error(_frames_of(str(e))) from None
+                raise _capture_error("checkpoint", _frames_of(str(e))) from None
             raise (inner if isinstance(inner, CaptureError) else e) from None
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise self._explain(e, state, batch) from None
@@ -699,7 +684,7 @@ class CompiledStep:
         except RuntimeError as e:
             if _SAVED_TENSOR_HOOKS not in str(e):
                 raise
-            raise _checkpoint_error(_checkpoint_frames(e)) from None  # mode="eager": raised as the graph runs
+            raise _capture_error("checkpoint", _checkpoint_frames(e)) from None  # mode="eager": raised as the graph runs
         finally:
             self._calls.key = None
         if self.donate:
