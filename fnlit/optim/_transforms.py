@@ -337,10 +337,12 @@ def _rate(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return h.float() if h.dtype is torch.float64 and not wide else h
 
 
-def _scaled(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``u * h`` for a 0-d ``u`` and a 0-d tensor ``h``, in ``u``'s dtype, as a ``u`` of more dims gets it (see
-    :func:`_rate`); callers test ``u.ndim`` first, so other leaves pay no call."""
-    return (u * _rate(h, u)).to(u.dtype)
+def _scale_tree(updates: PyTree, h: float | torch.Tensor) -> PyTree:
+    """Each update times ``h`` (a number or a 0-d tensor), in the update's dtype: a 0-d update times a 0-d tensor
+    would take the wider dtype, so it gets ``h`` rounded as an update of more dims sees it (see :func:`_rate`)."""
+    if not isinstance(h, torch.Tensor):
+        return tree_map(lambda u: u * h, updates)
+    return tree_map(lambda u: u * h if u.ndim else (u * _rate(h, u)).to(u.dtype), updates)
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -364,9 +366,7 @@ def scale(step_size: float) -> GradientTransformation:
     check_type("scale", "step_size", step_size, ok, "a number or a 0-d tensor", "E.g. scale(-1e-3).")
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
-        if isinstance(step_size, torch.Tensor):  # each update keeps its dtype (a 0-d one too: see _rate)
-            return tree_map(lambda u: u * step_size if u.ndim else _scaled(u, step_size), updates), state
-        return tree_map(lambda u: u * step_size, updates), state
+        return _scale_tree(updates, step_size), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
@@ -423,8 +423,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
                              updates, learning_rate)
             hyper["learning_rate"] = lr
         factor = sign * hyper["learning_rate"]
-        scaled = tree_map(lambda u: u * factor if u.ndim else _scaled(u, factor), updates)  # each in its dtype (_rate)
-        return scaled, ScaleByLearningRateState(state.count + 1, hyper)
+        return _scale_tree(updates, factor), ScaleByLearningRateState(state.count + 1, hyper)
 
     return GradientTransformation(init, update)
 
@@ -455,12 +454,7 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], torch.Tensor]) -> G
     def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree = None) -> tuple[PyTree, Any]:
         if not isinstance(state, ScaleByScheduleState):
             raise_wrong_state("scale_by_schedule", ScaleByScheduleState, state)
-        factor = step_size_fn(state.count)
-        if isinstance(factor, torch.Tensor):  # each update keeps its dtype (a 0-d one too: see _rate)
-            scaled = tree_map(lambda u: u * factor if u.ndim else _scaled(u, factor), updates)
-        else:
-            scaled = tree_map(lambda u: u * factor, updates)
-        return scaled, ScaleByScheduleState(state.count + 1)
+        return _scale_tree(updates, step_size_fn(state.count)), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -655,7 +649,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         # A 0-d gradient times the 0-d coef takes the wider dtype (float64 where another gradient is): each keeps its
         # own, as clip_grad_norm_'s in-place multiply keeps it (the same bits: computed in the wider dtype, rounded)
         scaled = torch._foreach_mul(leaves, coef)
-        return tree_unflatten(treedef, [u if u.dtype is g.dtype else u.to(g.dtype) for u, g in zip(scaled, leaves)]), state
+        return tree_unflatten(treedef, [u.to(g.dtype) for u, g in zip(scaled, leaves)]), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
