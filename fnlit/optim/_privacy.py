@@ -8,13 +8,13 @@ autograd. Semantics follow optax's ``differentially_private_aggregate``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .. import random as _random
-from ..tree import is_real, tree_flatten, tree_paths, tree_structure, tree_unflatten
+from ..tree import is_real, tree_flatten, tree_paths, tree_unflatten
 from ._base import GradientTransformation, PyTree, raise_wrong_state, refuse_sparse
 from ._transforms import check_arg, check_type
 
@@ -130,7 +130,7 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
         refuse_sparse("dp_sgd_aggregate", leaves, updates, " (they are a whole batch's gradient, not per example)",
                       " and compute per-example ones with fnlit.per_example_grads(loss_fn, state.params, batch)")
         if params is not None:
-            _check_per_example(updates, leaves, params)
+            _check_per_example(updates, leaves, treedef, params)
         sizes = {g.shape[0] if g.dim() else None for g in leaves}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(
@@ -158,12 +158,12 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
     return GradientTransformation(init, update)
 
 
-def _check_per_example(updates: PyTree, leaves: list[torch.Tensor], params: PyTree) -> None:
+def _check_per_example(updates: PyTree, leaves: list[torch.Tensor], treedef: Any, params: PyTree) -> None:
     """Refuses gradients whose leaves are not ``(B, *param.shape)``: a batch's gradient (the params' shapes) whose
     leaves happen to share a leading size (``nn.Linear``'s weight and bias: its output rows) would pass the
     batch-size check, its rows taken for examples."""
     param_leaves, structure = tree_flatten(params)
-    if structure != tree_structure(updates):  # another structure: the optimizer after this one names it
+    if structure != treedef:  # another structure: the optimizer after this one names it
         return
     for i, (g, p) in enumerate(zip(leaves, param_leaves)):
         if not isinstance(p, torch.Tensor) or g.shape[1:] == p.shape:
