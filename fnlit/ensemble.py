@@ -376,7 +376,9 @@ def ensemble_states(
 
     Member ``i`` equals ``TrainState.create(model_i, tx_i, seed=seeds[i])`` where ``model_i`` is initialised
     after ``torch.manual_seed(seeds[i])`` and ``tx_i`` is ``tx`` with ``learning_rate[i]`` and
-    ``weight_decay[i]``: so it trains exactly like that model alone. For that, pass a function that builds
+    ``weight_decay[i]``: so, if its step draws no random numbers, it trains exactly like that model alone
+    (dropout masks come from all members' keys folded together: they differ from the solo run's and depend on
+    the other members; see the module's "Randomness"). For that, pass a function that builds
     the model: a module instance is re-initialised by its layers' ``reset_parameters()``, which replays
     PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
     constructor whose draws differ from one reset of each layer gives other initial weights). The seed is set on
@@ -588,8 +590,9 @@ def ensemble(
     """Turns a step for one model into a step for ``n`` independent models, vectorized with ``torch.func.vmap``.
 
     The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)``: each tensor metric
-    has shape ``(n,)`` (a Python number among the metrics stays that number, the same for every member). Member ``i`` follows exactly the updates it would follow alone (to float rounding),
-    with its own params, optimizer state, hyperparameters and key; under :func:`fnlit.amp` only to the amp
+    has shape ``(n,)`` (a Python number among the metrics stays that number, the same for every member). Member ``i`` follows exactly the updates it would follow alone (to float rounding)
+    if the step draws no random numbers (dropout masks come from all members' keys folded together, so they
+    differ from the solo run's and depend on the other members), with its own params, optimizer state, hyperparameters and key; under :func:`fnlit.amp` only to the amp
     dtype's precision, since vmap changes which ops autocast lowers (``F.linear`` with a bias comes out in
     float32 under vmap, in the amp dtype alone): measured, float16 SGD with momentum drifts ~1e-4 from the solo
     run in 6 steps, bfloat16 AdamW ~1e-2. Optimizers run their per-leaf
