@@ -13,7 +13,11 @@ optional too). None of them gets a reference to the loop; to stop training, rais
 * ``on_validation_start(state)``, then ``on_validation(state, metrics)`` after each validation run
   (``metrics``: host floats, named ``"val/<name>"``).
 * ``on_epoch_end(state, metrics)`` and ``on_fit_end(state, metrics)``: ``metrics`` are the latest host
-  values (last logged training metrics, last validation, ``"epoch"``).
+  values (last logged training metrics, last validation, ``"epoch"``; a fit that stops before its first step
+  has none). ``on_epoch_end`` runs for each epoch that reaches its end (its last batch, or
+  ``limit_train_batches``); an epoch cut short by ``max_steps``, :class:`StopTraining` or an interruption gets
+  none (Lightning calls ``on_train_epoch_end`` for it too): a resumed run goes on inside that epoch and calls it
+  at its end.
 
 Writing one's own takes a few lines:
 

@@ -553,3 +553,30 @@ def test_early_stopping_on_one_members_metric_stops_an_ensemble():
     end = fit(fnlit.ensemble(step, 2), states, data, val_data=data, eval_step=fnlit.ensemble(ev, 2), max_epochs=5,
               callbacks=[stop], progress=False)  # fmt: skip
     assert stop.stopped_step == 4 and end.step.tolist() == [4, 4]  # one epoch of 4 batches, then stopped
+
+
+@pytest.mark.parametrize(
+    "limits, stop_at, ends",
+    [
+        (dict(max_steps=6), None, [(4, 0)]),  # epoch 1 cut by max_steps: no end
+        (dict(max_epochs=3), 6, [(4, 0)]),  # epoch 1 cut by StopTraining: no end
+        (dict(max_epochs=2, limit_train_batches=2), None, [(2, 0), (4, 1)]),  # limited epochs do end
+    ],
+)
+def test_on_epoch_end_runs_only_for_epochs_that_reach_their_end(limits, stop_at, ends):
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    data = ArrayLoader(torch.randn(8, 2), torch.randn(8, 1), batch_size=2)  # 4 batches an epoch
+    seen = []
+
+    class Watch(fnlit.callbacks.Callback):
+        def on_step(self, s, m):
+            if stop_at is not None and int(s.step) == stop_at:
+                raise StopTraining("enough")
+
+        def on_epoch_end(self, s, m):
+            seen.append((int(s.step), m["epoch"]))
+
+    fit(step, state, data, progress=False, callbacks=[Watch()], **limits)
+    assert seen == ends
