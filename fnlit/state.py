@@ -280,6 +280,8 @@ class TrainState:
             return grads
         if _tree.tree_structure(grads) != _tree.tree_structure(params):
             where = _tree.first_mismatch(self.params, grads)
+            if where and where.endswith(", got None"):
+                where += " (torch leaves a parameter's .grad None when the loss does not use it: pass zeros for it)"
             raise ValueError(
                 f"apply_gradients expected grads in the structure of state.params, but they differ: {where}. "
                 "Differentiate with respect to state.params (fnlit.value_and_grad(loss_fn)(state.params))."

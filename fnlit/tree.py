@@ -207,6 +207,10 @@ def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True) 
         missing = [p for p in e_paths if p not in set(g_paths)]
         extra = [p for p in g_paths if p not in set(e_paths)]
         if missing:
+            paths, leaves, _ = optree.tree_flatten_with_path(got, none_is_leaf=True)
+            if any(leaf is None and keystr(path) == missing[0] for path, leaf in zip(paths, leaves)):
+                # (optree takes a None for an empty subtree: the key is there, its value is not)
+                return f"at {missing[0]!s}: expected {_describe(e_leaves[e_paths.index(missing[0])])}, got None"
             return f"missing {missing[0]!s} (expected keys {e_paths[:6]}{'...' if len(e_paths) > 6 else ''})"
         if extra:
             return f"unexpected {extra[0]!s} (expected keys {e_paths[:6]}{'...' if len(e_paths) > 6 else ''})"

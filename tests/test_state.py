@@ -144,6 +144,20 @@ def test_grads_with_other_structure_name_the_key():
         state.apply_gradients(grads)
 
 
+@pytest.mark.parametrize("kind", [dict, __import__("collections").OrderedDict])
+def test_a_none_gradient_is_named_as_none_not_missing(kind):
+    # {n: p.grad for n, p in ...} holds None for a parameter the loss did not use (torch's autograd leaves it so):
+    # the key is there, so "missing 0.bias" sent users looking for a typo.
+    model = torch.nn.Linear(2, 1)
+    model.zero_grad(set_to_none=True)
+    model(torch.ones(1, 2)).sum().backward(inputs=[model.weight])
+    assert model.bias.grad is None  # the reference: what torch gives for an unused parameter
+    state = fnlit.TrainState.create(model, fnlit.optim.adamw(0.1), seed=0)
+    grads = kind((n, p.grad) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match=r"at bias: expected tensor of shape \(1,\).*got None \(torch leaves .*pass zeros"):
+        state.apply_gradients(grads)
+
+
 def test_create_refuses_a_torch_optim_optimizer():
     model = torch.nn.Linear(2, 1)
     expected = r"TrainState.create expected tx to be an fnlit.optim GradientTransformation \(e.g. fnlit.optim.adamw\(1e-3\)\)"
