@@ -86,11 +86,26 @@ def encode(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
     return ids
 
 
-def dataset(n: int, seed: int, vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` reviews from ``seed``: token ids, labels and the texts."""
+def dataset(
+    n: int, seed: int, vocab: dict[str, int], exclude: frozenset[str] | set[str] = frozenset()
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``n`` reviews from ``seed``, none of whose texts is in ``exclude``: token ids, labels and the texts."""
     rng = random.Random(seed)
-    texts = [review(rng) for _ in range(n)]
+    texts: list[str] = []
+    while len(texts) < n:  # (the grammar has few enough reviews that independent draws repeat some)
+        text = review(rng)
+        if text not in exclude:
+            texts.append(text)
     return encode(texts, vocab), torch.tensor([sentiment(t) for t in texts]), texts
+
+
+def splits(train_size: int, seed: int, vocab: dict[str, int]) -> tuple[tuple, tuple, tuple]:
+    """Training, validation (500) and test (1000) reviews, from three streams of the generator: a text drawn for
+    training is left out of validation and test, one drawn for validation out of test (the grammar has few
+    enough reviews that about a fifth of them would repeat a training text word for word)."""
+    train = dataset(train_size, seed, vocab)
+    val = dataset(500, seed + 1, vocab, exclude=set(train[2]))
+    return train, val, dataset(1000, seed + 2, vocab, exclude=set(train[2]) | set(val[2]))
 
 
 class TransformerClassifier(nn.Module):
@@ -170,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             p.error("--model hf needs the transformers package: pip install transformers (nothing is downloaded)")
 
     vocab = vocabulary()
-    # Three disjoint streams of the same generator: the test reviews are never seen in training.
-    train = dataset(args.train_size, args.seed, vocab)
-    val = dataset(500, args.seed + 1, vocab)
-    test = dataset(1000, args.seed + 2, vocab)
+    train, val, test = splits(args.train_size, args.seed, vocab)
     torch.manual_seed(args.seed)
     model = (HFClassifier if args.model == "hf" else TransformerClassifier)(len(vocab) + 1, args.dim, layers=args.layers)
 
