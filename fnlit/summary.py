@@ -200,7 +200,12 @@ class TensorBoardWriter:
             self.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Sequence[str] = ()) -> None:
-        """Writes the hyperparameters (and the names of the metrics to show next to them) into this run."""
+        """Writes the hyperparameters into this run.
+
+        Without ``metrics``, TensorBoard's HPARAMS shows a column for each scalar the runs log (``val/acc``,
+        ``train/loss``, ...). ``metrics`` names the only scalars to show there instead: they are written as the
+        experiment's metric list, which TensorBoard then takes as it is (an empty list would show none).
+        """
         if self._file is None:
             return
         from tensorboardX.summary import hparams as _hparams
@@ -208,7 +213,10 @@ class TensorBoardWriter:
         # Written into this run's own event file (not a sub-run, as SummaryWriter.add_hparams does),
         # so TensorBoard shows the hyperparameters next to the run's scalars.
         self.flush()
-        for summary in _hparams(flat_hparams(hparams), {m: 0.0 for m in metrics}):
+        experiment, start, end = _hparams(flat_hparams(hparams), {m: 0.0 for m in metrics})
+        # An experiment summary is used as it is: one without metrics would hide every metric column, whereas
+        # without one TensorBoard derives the columns from the runs' scalar tags.
+        for summary in ([experiment] if metrics else []) + [start, end]:
             self._write(time.time(), summary)
         self._file.flush()
 

@@ -77,6 +77,30 @@ def test_tensorboard_event_files_hold_the_logged_scalars_and_hparams(tmp_path):
     assert start.hparams["lr"].number_value == pytest.approx(0.1) and start.hparams["model"].string_value == "linear"
 
 
+def hparams_infos(log_dir):
+    """{tag: HParamsPluginData} of the hparams plugin's summaries in ``log_dir``."""
+    values = [v for ev in read_events(log_dir) for v in ev.summary.value if v.metadata.plugin_data.plugin_name == "hparams"]
+    return {v.tag: plugin_hparams_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content) for v in values}
+
+
+def test_hparams_without_metrics_leave_tensorboard_its_metric_columns(tmp_path):
+    # TensorBoard's hparams plugin takes a run's `_hparams_/experiment` summary as it is, and derives the metric
+    # columns from the runs' scalar tags only when no run has one: an experiment with no metric_infos (what fit
+    # wrote) showed no metric column at all, so runs could not be compared on val/acc.
+    counting_fit(tmp_path / "fit", hparams={"lr": 0.1, "model": "linear"})
+    infos = hparams_infos(tmp_path / "fit")
+    assert set(infos) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
+    start = infos["_hparams_/session_start_info"].session_start_info
+    assert start.hparams["lr"].number_value == pytest.approx(0.1) and start.hparams["model"].string_value == "linear"
+    # Metrics named: the experiment lists them (TensorBoard shows those columns).
+    w = TensorBoardWriter(tmp_path / "named")
+    w.log_hparams({"lr": 0.1}, metrics=["val/acc"])
+    w.close()
+    infos = hparams_infos(tmp_path / "named")
+    assert [m.name.tag for m in infos["_hparams_/experiment"].experiment.metric_infos] == ["val/acc"]
+    assert infos["_hparams_/session_start_info"].session_start_info.hparams["lr"].number_value == pytest.approx(0.1)
+
+
 def test_csv_holds_the_same_values(tmp_path):
     counting_fit(tmp_path)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
