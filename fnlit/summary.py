@@ -3,6 +3,7 @@
 A writer is any object with ``log_metrics(metrics, step)``, ``log_hparams(hparams)``, ``flush()`` and
 ``close()``; :class:`Logger` fans out to several. fnlit's writers write on rank 0 only: on other ranks they never
 create a file (a writer of your own is called on every rank, and checks ``fnlit.distributed.is_main()`` itself). :func:`fnlit.fit` calls the writers once per ``log_every_n_steps`` with host floats.
+fnlit's writers take as ``step`` an int, a numpy integer or an integer 0-d tensor, and refuse a float step.
 
 Named ``summary`` (as in ``tf.summary``) rather than ``logging``, which would shadow the standard library.
 
@@ -26,6 +27,7 @@ import csv
 import itertools
 import json
 import math
+import operator
 import os
 import socket
 import struct
@@ -76,6 +78,18 @@ def _hparam_value(v: Any) -> bool | int | float | str:
     if isinstance(v, (np.number, np.bool_)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
         return v.item()  # a numpy scalar or a 0-d tensor stays a number (filterable in TensorBoard's HPARAMS)
     return str(v)
+
+
+def _step(step: Any, writer: object) -> int:
+    """``step`` as a Python int: an int, a numpy integer or an integer 0-d tensor (``operator.index``); a float
+    step (``5.0``, ``torch.tensor(5.0)``) is refused rather than written as ``5.0`` by one writer and ``5`` by another."""
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise TypeError(
+            f"{type(writer).__name__}.log_metrics: step must be an integer (an int, a numpy integer or an integer "
+            f"0-d tensor), got {step!r}."
+        ) from None
 
 
 def flat_hparams(hparams: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
@@ -193,9 +207,10 @@ class TensorBoardWriter:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self._closed:
             raise ValueError(f"TensorBoardWriter({self.log_dir!r}) is closed: make a new writer to log more.")
+        step = _step(step, self)
         if self._file is None or not metrics:
             return
-        self._pending.append((time.time(), int(step), dict(metrics)))
+        self._pending.append((time.time(), step, dict(metrics)))
         if time.monotonic() - self._flushed >= self.flush_secs:
             self.flush()
 
@@ -384,6 +399,7 @@ class CSVWriter:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self._closed:
             raise ValueError(f"CSVWriter({self.path!r}) is closed: make a new writer to log more.")
+        step = _step(step, self)
         if not self.enabled:
             return
         self.rows.append({"step": step, **_numbers(metrics)})
@@ -508,7 +524,7 @@ class JSONLWriter:
             self._file.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._write({"step": step, **_numbers(metrics)})
+        self._write({"step": _step(step, self), **_numbers(metrics)})
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._write({"hparams": flat_hparams(hparams)})

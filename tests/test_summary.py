@@ -795,3 +795,26 @@ def test_fit_keeps_a_before_save_of_the_users_own_and_runs_it_after_the_flush(tm
     assert len(calls) == 7 and all(calls)  # steps 3, 6, ..., 18 and the exit save; the rows were on disk first
     assert ckpts.before_save is hook
 
+
+
+@pytest.mark.parametrize("step", [torch.tensor(5), __import__("numpy").int64(5)], ids=["tensor", "np.int64"])
+def test_every_writer_takes_an_integer_tensor_or_numpy_step_and_writes_the_number(tmp_path, step):
+    # CSVWriter wrote "tensor(5)" in the step column (and the next CSVWriter refused the file); JSONLWriter raised
+    # "Object of type int64 is not JSON serializable". Reference: the plain int 5, as TensorBoardWriter wrote it.
+    csv_w, jsonl_w, tb = CSVWriter(tmp_path), JSONLWriter(tmp_path), TensorBoardWriter(tmp_path)
+    for w in (csv_w, jsonl_w, tb):
+        w.log_metrics({"loss": 0.5}, step=step)
+        w.close()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,loss", "5,0.5"]
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [{"step": 5, "loss": 0.5}]
+    assert scalars(tmp_path) == {"loss": [(5, 0.5)]}
+    CSVWriter(tmp_path).close()  # the file is continued, not refused
+
+
+@pytest.mark.parametrize("step", [5.0, 5.5, torch.tensor(5.0)], ids=["5.0", "5.5", "float tensor"])
+@pytest.mark.parametrize("writer", [CSVWriter, JSONLWriter, TensorBoardWriter])
+def test_every_writer_refuses_a_float_step(tmp_path, writer, step):
+    w = writer(tmp_path)
+    with pytest.raises(TypeError, match=f"{writer.__name__}.log_metrics: step must be an integer"):
+        w.log_metrics({"loss": 0.5}, step=step)
+    w.close()
