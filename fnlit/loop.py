@@ -9,6 +9,7 @@ detached), and the callbacks that ask to run every step; metrics stay on the dev
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -31,7 +32,7 @@ from .callbacks import Callback, EarlyStopping, StopTraining, Timer
 from .ensemble import EnsembleStep
 from .state import TrainState
 from .summary import (
-    Logger, MetricBuffer, ProgressBar, Writer, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
+    Logger, MetricBuffer, ProgressBar, Writer, _hparams_mapping, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
     scalar_metric, unique_names,
 )
 from .transforms._frame import collective_of, wrapped_steps
@@ -821,7 +822,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     log_dir: str | None = None,
     loggers: Sequence[Writer] | None = None,
-    hparams: Mapping[str, Any] | None = None,
+    hparams: Mapping[str, Any] | argparse.Namespace | None = None,
     progress: bool | None = None,
     checkpoint: Any | None = None,
     ckpt_path: str | None = None,
@@ -899,7 +900,8 @@ def fit(
             the steps after it once. Such a file is that job's own (as ``log_dir``'s are); fresh runs may
             append to one file (a job killed before its first checkpoint leaves its lines there, and its
             relaunch logs those steps again).
-        hparams: hyperparameters to record with the loggers.
+        hparams: hyperparameters to record with the loggers: a mapping (nested ones flattened to ``outer/inner``
+            names) or an ``argparse.Namespace`` (its ``vars``, as Lightning takes it).
         progress: the tqdm bar: None (on where stdout is a terminal, on rank 0), True or False.
         checkpoint: an object with ``restore/on_step/on_validation/on_epoch_end/on_exit`` (fnlit.checkpoint),
             and optionally ``start``, called instead of ``restore`` when there is no ``ckpt_path``, and
@@ -938,6 +940,8 @@ def fit(
         train_data = _data.unshuffled(train_data, "train_data")
         if val_data is not None:  # validation too (Lightning swaps in a SequentialSampler for both)
             val_data = _data.unshuffled(val_data, "val_data")
+    if hparams is not None:  # an argparse.Namespace as its vars; anything else not a mapping refused before any file
+        hparams = _hparams_mapping(hparams)
     if ckpt_path is not None and checkpoint is None:
         raise ValueError(f"fit got ckpt_path={ckpt_path!r} but no checkpoint object to restore it with. Pass checkpoint=...")
     position = None

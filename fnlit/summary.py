@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -73,11 +75,24 @@ class Writer(Protocol):
 
 
 def _hparam_value(v: Any) -> bool | int | float | str:
+    if isinstance(v, (np.number, np.bool_)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
+        v = v.item()  # a numpy scalar or a 0-d tensor stays a number (filterable in TensorBoard's HPARAMS)
+    if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+        return str(v)  # (a 128-bit seed): TensorBoard's number is a float64, and tensorboardX refuses such an int
     if isinstance(v, (bool, int, float, str)):
         return v
-    if isinstance(v, (np.number, np.bool_)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
-        return v.item()  # a numpy scalar or a 0-d tensor stays a number (filterable in TensorBoard's HPARAMS)
     return str(v)
+
+
+def _hparams_mapping(hparams: Any) -> Mapping[Any, Any]:
+    """``hparams`` as a mapping: a mapping as it is, an ``argparse.Namespace`` as its ``vars`` (as Lightning's
+    loggers take it); anything else is refused with a TypeError."""
+    if isinstance(hparams, argparse.Namespace):
+        return vars(hparams)
+    if not isinstance(hparams, Mapping):
+        hint = ": pass dataclasses.asdict(...)" if dataclasses.is_dataclass(hparams) else ""
+        raise TypeError(f"hparams must be a mapping (a dict) or an argparse.Namespace, got {type(hparams).__name__}{hint}.")
+    return hparams
 
 
 def _step(step: Any, writer: object) -> int:
@@ -92,16 +107,25 @@ def _step(step: Any, writer: object) -> int:
         ) from None
 
 
-def flat_hparams(hparams: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """``hparams`` as loggers take them: nested mappings flattened to ``outer/inner`` keys (as fit names nested
-    metrics, and Lightning's loggers hyperparameters), numpy scalars and 0-d tensors as numbers, anything else as
-    its ``str``.
+def flat_hparams(hparams: Mapping[Any, Any] | argparse.Namespace) -> dict[str, bool | int | float | str]:
+    """``hparams`` as loggers take them: an ``argparse.Namespace`` as its ``vars``, nested mappings flattened to
+    ``outer/inner`` keys (as fit names nested metrics, and Lightning's loggers hyperparameters), keys as their
+    ``str``, numpy scalars and 0-d tensors as numbers, anything else (and an int beyond 64 bits) as its ``str``.
+
+    Raises:
+        TypeError: if ``hparams`` is neither a mapping nor an ``argparse.Namespace``.
+        ValueError: if two hyperparameters get one name.
 
     Example:
         >>> flat_hparams({"lr": np.float32(0.5), "optim": {"name": "adam", "b1": 0.9}})
         {'lr': 0.5, 'optim/name': 'adam', 'optim/b1': 0.9}
     """
-    return {k: _hparam_value(v) for k, v in flat_metrics(hparams, "hyperparameters").items()}
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in flat_metrics(_hparams_mapping(hparams), "hyperparameters").items():
+        if str(k) in out:  # ({1: 2, "1": 3})
+            raise ValueError(f"Two hyperparameters are both named {str(k)!r} once their keys are strings: rename one of them.")
+        out[str(k)] = _hparam_value(v)
+    return out
 
 
 def _event_file_stamps(log_dir: str) -> list[int]:
@@ -600,7 +624,9 @@ class Logger:
         for w in self.writers:
             w.log_metrics(metrics, step)
 
-    def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+    def log_hparams(self, hparams: Mapping[str, Any] | argparse.Namespace) -> None:
+        """Sends ``hparams`` to every writer (an ``argparse.Namespace`` as its ``vars``: a writer takes a mapping)."""
+        hparams = _hparams_mapping(hparams)
         for w in self.writers:
             w.log_hparams(hparams)
 

@@ -818,3 +818,45 @@ def test_every_writer_refuses_a_float_step(tmp_path, writer, step):
     with pytest.raises(TypeError, match=f"{writer.__name__}.log_metrics: step must be an integer"):
         w.log_metrics({"loss": 0.5}, step=step)
     w.close()
+
+
+def test_hparams_with_a_big_int_and_non_string_keys_are_written_by_every_writer(tmp_path):
+    # tensorboardX raised "ufunc 'isnan' not supported" on 2**70 (a 128-bit SeedSequence entropy) and "bad argument
+    # type" on the key 1. Reference: Lightning's loggers take keys as str(k); TensorBoard's number is a float64, so
+    # an int past 64 bits is written as its decimal string, as any other value it cannot hold.
+    import numpy as np
+
+    hp = {"seed": 2**70, 1: 2, "a": {2: 3}, "u": np.uint64(2**64 - 1), "small": -(2**63)}
+    tb, jsonl = TensorBoardWriter(tmp_path), JSONLWriter(tmp_path)
+    for w in (tb, jsonl, CSVWriter(tmp_path)):
+        w.log_hparams(hp)
+        w.close()
+    expected = {"seed": "1180591620717411303424", "1": 2, "a/2": 3, "u": "18446744073709551615", "small": -(2**63)}
+    assert json.loads((tmp_path / "hparams.json").read_text()) == expected
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"hparams": expected}
+    start = hparams_infos(tmp_path)["_hparams_/session_start_info"].session_start_info.hparams
+    assert {k: v.WhichOneof("kind") for k, v in start.items()} == {
+        "seed": "string_value", "1": "number_value", "a/2": "number_value", "u": "string_value", "small": "number_value",
+    }  # fmt: skip
+    assert start["seed"].string_value == str(2**70) and start["1"].number_value == 2 and start["small"].number_value == -(2.0**63)
+    with pytest.raises(ValueError, match="Two hyperparameters are both named '1' once their keys are strings"):
+        fnlit.summary.flat_hparams({1: 2, "1": 3})
+
+
+def test_fit_takes_an_argparse_namespace_as_hparams_and_refuses_other_non_mappings(tmp_path):
+    # It raised "'Namespace' object has no attribute 'items'" after opening the log files. Reference: Lightning's
+    # loggers take a Namespace as vars(namespace).
+    import argparse
+    import dataclasses
+
+    counting_fit(tmp_path / "ns", hparams=argparse.Namespace(lr=0.1, opt={"name": "sgd"}))
+    assert json.loads((tmp_path / "ns" / "hparams.json").read_text()) == {"lr": 0.1, "opt/name": "sgd"}
+
+    @dataclasses.dataclass
+    class Cfg:
+        lr: float = 0.1
+
+    for bad in (Cfg(), [("lr", 0.1)]):
+        with pytest.raises(TypeError, match=f"hparams must be a mapping .* or an argparse.Namespace, got {type(bad).__name__}"):
+            counting_fit(tmp_path / "bad", hparams=bad)
+        assert not (tmp_path / "bad").exists()  # refused before any file was made
