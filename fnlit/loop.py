@@ -735,11 +735,13 @@ class _Remembering:
 
 @contextlib.contextmanager
 def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None) -> Iterator[ProgressBar]:
-    bar = ProgressBar(progress)
+    bar = None
     try:
+        bar = ProgressBar(progress)
         yield bar
     finally:  # also on errors: no half-drawn bar, every file written and closed (even if one writer fails)
-        bar.close()
+        if bar is not None:
+            bar.close()
         try:
             if logger is not None:
                 logger.flush()
@@ -1053,17 +1055,8 @@ def fit(
     # again, and the interval's mean whole at its end, as one run to the larger limits did.
     tail = position.get("log_tail") if pending else None
     purge_from = _first(state.step) + (0 if log_cut or tail is not None else 1)
-    owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
-    logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
-    if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
-        Logger(loggers).purge(purge_from)
     # the validation rows logged at the last step so far: (step, rows); kept in a finished run's exit position
     logged_at: tuple[int, list[dict[str, float]]] = (_first(state.step), [{k: float(v) for k, v in row.items()} for row in tail or ()])
-    if logger is not None:
-        for row in logged_at[1]:
-            logger.log_metrics(row, logged_at[0])
-    if logger is not None and hparams:
-        logger.log_hparams(hparams)
     log = MetricBuffer(prefixes, hooks.on_log())
     log.pending = pending
     move = _data.device_mover(state.device)
@@ -1170,7 +1163,18 @@ def fit(
         else:
             halt = halting()
 
+    # The writers are made right before the with that closes them: an error anywhere after (a writer refusing the
+    # hparams, a row replayed) leaves no file open.
+    owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
+    logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
     with _Signals() as signals, _outputs(progress, logger, owned) as bar, _rows_first(checkpoint, logger):
+        if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
+            Logger(loggers).purge(purge_from)
+        if logger is not None:
+            for row in logged_at[1]:
+                logger.log_metrics(row, logged_at[0])
+        if logger is not None and hparams:
+            logger.log_hparams(hparams)
         try:
             info = {"max_epochs": plan.max_epochs, "max_steps": max_steps, "batches_per_epoch": n_batches, "log_every_n_steps": log_every,
                     "fast_dev_run": plan.quiet}  # (max_epochs is then 1, whatever fit was given)

@@ -618,7 +618,12 @@ class Logger:
         self.writers: list[Writer] = list(writers)
         if log_dir is not None:  # the files fit writes, in batches (see TensorBoardWriter)
             tb = TensorBoardWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)
-            self.writers += [tb, CSVWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)]
+            try:
+                csv_writer = CSVWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)
+            except BaseException:  # (a metrics.csv it cannot continue): the event file is not left open
+                tb.close()
+                raise
+            self.writers += [tb, csv_writer]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for w in self.writers:

@@ -860,3 +860,29 @@ def test_fit_takes_an_argparse_namespace_as_hparams_and_refuses_other_non_mappin
         with pytest.raises(TypeError, match=f"hparams must be a mapping .* or an argparse.Namespace, got {type(bad).__name__}"):
             counting_fit(tmp_path / "bad", hparams=bad)
         assert not (tmp_path / "bad").exists()  # refused before any file was made
+
+
+def open_files_under(folder):
+    """The files this process holds open under ``folder`` (from /proc/self/fd, not from the writers)."""
+    folder, found = os.path.realpath(folder), []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the listing's own fd is gone by now)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(folder + os.sep):
+                found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd")
+def test_fit_closes_its_log_files_when_it_fails_before_training(tmp_path):
+    # fit made its writers before the with that closes them: an error in between (here the writers refusing the
+    # hparams; a CSV it cannot continue) left the event file open for as long as the traceback lived, although
+    # fit's docstring says the log_dir files are closed when fit ends, also on an error.
+    with pytest.raises(ValueError, match="Two hyperparameters are both named 'a/b'") as caught:
+        counting_fit(tmp_path / "hp", hparams={"a/b": 1, "a": {"b": 2}})
+    assert caught.traceback and open_files_under(tmp_path / "hp") == []  # (the traceback, frames and all, still alive)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("epoch,loss\n0,1.0\n")  # not a CSVWriter's: refused
+    with pytest.raises(ValueError, match="has no 'step' column") as caught:
+        counting_fit(tmp_path / "csv")
+    assert caught.traceback and open_files_under(tmp_path / "csv") == []
