@@ -135,30 +135,35 @@ class ArrayLoader:
         """This rank's batches for evaluation, each with whether it counts: every example once across ranks.
 
         Training shards drop the remainder (``n % world_size`` examples) so that every rank runs as many
-        steps; here rank ``r`` takes examples ``r, r + W, r + 2W, ...`` (the first ``n % W`` ranks one
-        more), unshuffled. Every rank still runs :meth:`eval_len` batches, as a sharded model's forward is
-        a collective: a rank with fewer repeats a batch that does not count. Batches are built one at a time.
+        steps; evaluation instead splits the batches one process would run (unshuffled: batch ``j`` holds
+        examples ``j * batch_size`` up to ``(j + 1) * batch_size``; with ``drop_last`` the last, smaller one is
+        left out) by whole batches: rank ``r`` takes batches ``r, r + W, r + 2W, ...``. So ``W`` ranks evaluate
+        the examples one process does, whatever ``drop_last``. Every rank still runs :meth:`eval_len` batches,
+        as a sharded model's forward is a collective: a rank with fewer repeats the first batch, not counted.
+        Batches are built one at a time.
 
         Example:
             >>> [(b.tolist(), counts) for b, counts in ArrayLoader(torch.arange(5), batch_size=2).eval_batches()]
             [([0, 1], True), ([2, 3], True), ([4], True)]
         """
-        n, b = self.tensors[0].shape[0], self.batch_size
-        # (a rank past the last example has none: arange(rank, n) would raise for rank > n)
-        idx = torch.arange(min(_dist.rank(), n), n, _dist.world_size(), device=self.tensors[0].device)
-        own = len(idx) // b if self.drop_last else -(-len(idx) // b)
+        n, b, w = self.tensors[0].shape[0], self.batch_size, _dist.world_size()
+        mine = range(_dist.rank(), self._eval_total(), w)  # the one-process batches this rank evaluates
         single = len(self.tensors) == 1
+        device = self.tensors[0].device
         for i in range(self.eval_len()):
-            # A filler: this rank's first batch (or the dataset's, if it has no example), not counted.
-            sel = idx[i * b : (i + 1) * b] if i < own else (idx[:b] if len(idx) else torch.arange(min(b, n), device=idx.device))
+            j = mine[i] if i < len(mine) else 0  # a filler: the first batch, not counted
+            sel = torch.arange(j * b, min((j + 1) * b, n), device=device)
             batch = tuple(t.index_select(0, sel) for t in self.tensors)
-            yield (batch[0] if single else batch), i < own
+            yield (batch[0] if single else batch), i < len(mine)
+
+    def _eval_total(self) -> int:
+        """Batches one process evaluates: the whole dataset, unsharded."""
+        n, b = self.tensors[0].shape[0], self.batch_size
+        return n // b if self.drop_last else -(-n // b)
 
     def eval_len(self) -> int:
-        """Batches every rank runs in :meth:`eval_batches` (those of the ranks with the most examples)."""
-        n, b, w = self.tensors[0].shape[0], self.batch_size, _dist.world_size()
-        most = -(-n // w)
-        return most // b if self.drop_last else -(-most // b)
+        """Batches every rank runs in :meth:`eval_batches`: one process's batches split across the ranks, rounded up."""
+        return -(-self._eval_total() // _dist.world_size())
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Sets the epoch (and seed) that plain iteration (``for batch in loader``) uses."""

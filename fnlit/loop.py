@@ -319,8 +319,9 @@ def _per_rank() -> str:
     if w == 1:
         return ""
     return (
-        f" Under torch.distributed each rank counts the batches of its own shard, about 1/{w} of the examples (an "
-        "ArrayLoader's, a DistributedSampler's): drop_last=True can leave a rank none where one process has some."
+        f" Under torch.distributed each rank counts the batches of its own shard, about 1/{w} of the examples (a "
+        "DistributedSampler's): drop_last=True can leave a rank none where one process has some (an ArrayLoader's "
+        "evaluation splits one process's batches instead)."
     )
 
 
@@ -381,9 +382,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         {'x': 0.25}
     """
     if _data.direct_array_loader(data):
-        # Unshuffled, every example once across ranks (training shards drop the remainder); a rank with fewer
-        # examples runs filler batches that do not count, so every rank runs as many forwards (a sharded one is
-        # a collective). One process reads the same order, so limit_batches picks the same examples either way.
+        # Unshuffled, every example once across ranks (training shards drop the remainder): the batches one process
+        # runs, rank r taking batches r, r + W, ...; a rank with fewer runs a filler batch that does not count, so
+        # every rank runs as many forwards (a sharded one is a collective). limit_batches=k counts per rank (as
+        # Lightning's): the first k batches of that order in one process, the first k * W across W ranks.
         n = _limit(limit_batches, data.eval_len(), "limit_batches", "evaluate")
         batches: Iterable[tuple[Any, bool]] = data.eval_batches()
     elif _dist.world_size() > 1:  # (limit_batches too: a rank it fails on raises with the others, not alone)

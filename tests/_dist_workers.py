@@ -203,6 +203,27 @@ def evaluate_every_example():
     return fnlit.evaluate(ev, state, loader), loader.eval_len(), counted, fnlit.evaluate(mse, sharded, loader)["mse"]
 
 
+def evaluate_by_batches(cases):
+    """evaluate (and fit's validation) of the mean of ArrayLoader(arange(n), batch_size=b, drop_last=...) per case."""
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    ev = lambda s, b: {"x": b.mean()}  # noqa: E731
+    out = []
+    for n, b, drop_last in cases:
+        loader = fnlit.ArrayLoader(torch.arange(float(n), dtype=torch.float64), batch_size=b, drop_last=drop_last)
+        out.append(fnlit.evaluate(ev, state, loader))
+    seen = {}
+
+    class Keep:
+        def on_validation(self, state, metrics):
+            seen.update(metrics)
+
+    train = fnlit.ArrayLoader(torch.zeros(4, 1), batch_size=2)
+    val = fnlit.ArrayLoader(torch.arange(12.0, dtype=torch.float64), batch_size=4, drop_last=True)
+    fnlit.fit(lambda s, b: (s.replace(step=s.step + 1), {}), state, train, max_epochs=1, val_data=val, eval_step=ev,
+              num_sanity_val_steps=0, callbacks=[Keep()], progress=False)  # fmt: skip
+    return out, seen
+
+
 def uneven_batches():
     """fit where rank 0 has 5 batches an epoch and rank 1 has 4 (plain lists: nothing shards them)."""
     model = torch.nn.Linear(4, 1)

@@ -12,6 +12,7 @@ from _dist_workers import (
     dies_early,
     early_stopping_fit,
     ensemble_with_collectives,
+    evaluate_by_batches,
     evaluate_every_example,
     evaluate_rank_dependent_metric_dtypes,
     evaluate_wide_metrics,
@@ -207,13 +208,30 @@ def test_evaluate_over_two_ranks_sees_every_example_once():
     # Training shards drop the remainder (33 -> 16 + 16); evaluation must not: the single process is the reference.
     x = torch.arange(33, dtype=torch.float64)
     (m0, n0, c0, s0), (m1, n1, c1, s1) = fnlit.distributed.launch(evaluate_every_example, 2, timeout=120)
-    assert m0 == m1 and (n0, n1) == (5, 5) and (c0, c1) == (5, 4)  # 17 and 16 examples in batches of 4: one filler
+    assert m0 == m1 and (n0, n1) == (5, 5) and (c0, c1) == (5, 4)  # 9 batches (the last of 1): 5 and 4, one filler
     assert m0["x"] == pytest.approx(float(x.mean()), rel=1e-6) and m0["sq"] == pytest.approx(float((x**2).mean()), rel=1e-6)
     torch.manual_seed(0)  # the same init as the workers' model
     model = torch.nn.Linear(1, 1)
     with torch.no_grad():
         reference = float((model(x.float().unsqueeze(1)) ** 2).mean())
     assert s0 == s1 == pytest.approx(reference, rel=1e-5)
+
+
+def test_evaluate_over_two_ranks_splits_the_batches_one_process_runs():
+    # Each rank took every second example and dropped its own partial batch: 12 examples in batches of 4 with
+    # drop_last gave 3.5 on two ranks (examples 8..11 never seen), 5.5 in one process. Reference: one process's
+    # evaluate, and the mean of the examples its batches hold, by hand.
+    cases = [(12, 4, True), (13, 4, True), (33, 4, False), (1, 4, False)]
+    hand = [sum(range(n - n % b if drop_last else n)) / (n - n % b if drop_last else n) for n, b, drop_last in cases]
+    ev = lambda s, b: {"x": b.mean()}  # noqa: E731
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    loaders = [fnlit.ArrayLoader(torch.arange(float(n), dtype=torch.float64), batch_size=b, drop_last=drop_last)
+               for n, b, drop_last in cases]  # fmt: skip
+    one = [fnlit.evaluate(ev, state, loader)["x"] for loader in loaders]
+    assert one == pytest.approx(hand)
+    for out, val in fnlit.distributed.launch(evaluate_by_batches, 2, cases, timeout=120):
+        assert [m["x"] for m in out] == pytest.approx(hand)
+        assert val["val/x"] == pytest.approx(5.5)  # fit's validation: the same 12 examples, in batches of 4
 
 
 def test_evaluate_over_two_ranks_sums_float64_and_integer_metrics_in_float64():
