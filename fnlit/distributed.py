@@ -206,7 +206,14 @@ _FORKSERVER_PRELOAD = ["__main__", "torch", "fnlit"]
 """What the forkserver imports once, so that a rank forked from it starts without importing torch again."""
 
 
-def _worker(fn: Callable[..., Any], args: tuple, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any,
+_NOT_IMPORTABLE = (
+    "\nfnlit.distributed.launch: this rank could not unpickle fn or its arguments. fn must be importable by the "
+    "child processes: a module-level function in a .py file, not one defined in a notebook cell, in `python -c`, "
+    "or under `if __name__ == '__main__':` (the ranks import the module fn is in, and see none of these)."
+)
+
+
+def _worker(payload: bytes, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any,
             env: dict[str, str] | None = None, cwd: str | None = None) -> None:
     if env is not None:  # forkserver: the parent's environment now, not the server's from when it started
         os.environ.clear()
@@ -217,6 +224,11 @@ def _worker(fn: Callable[..., Any], args: tuple, r: int, n: int, port: int, back
         RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     try:
+        try:  # here, not in multiprocessing's start-up: there a failure only reaches this rank's stderr
+            fn, args = pickle.loads(payload)
+        except Exception:
+            q.put((r, False, traceback.format_exc() + _NOT_IMPORTABLE))
+            return
         torch.set_num_threads(1)
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=n,
@@ -245,10 +257,11 @@ def launch(
     """Runs ``fn(*args)`` in ``nprocs`` local processes joined in a process group; returns each rank's result.
 
     For tests and examples on one machine (use torchrun for real jobs). ``fn`` and its arguments must be
-    picklable (a module-level function). Every wait is bounded: a rank that raises or dies makes
-    ``launch`` stop the others and raise, and the whole run is cut off after ``timeout`` seconds. Ranks
-    still running then are stopped as torchrun stops them: SIGTERM, and SIGKILL 5 s later (so ``launch``
-    returns at most ~10 s after the timeout, with no process of its own left).
+    picklable, and ``fn`` importable by the ranks: a module-level function in a .py file (not one defined in a
+    notebook cell, in ``python -c``, or under ``if __name__ == "__main__":``). Every wait is bounded: a rank
+    that raises or dies makes ``launch`` stop the others and raise, and the whole run is cut off after
+    ``timeout`` seconds. Ranks still running then are stopped as torchrun stops them: SIGTERM, and SIGKILL 5 s
+    later (so ``launch`` returns at most ~10 s after the timeout, with no process of its own left).
 
     ``start_method="spawn"`` (the default) starts every rank as a fresh Python process, which imports torch
     again: seconds per launch. ``"forkserver"`` (POSIX only) pays that once: the first forkserver launch of the
@@ -274,7 +287,10 @@ def launch(
 
     Raises:
         ValueError: for ``nprocs < 1`` or a ``start_method`` other than "spawn" or "forkserver".
-        RuntimeError: naming the failing rank and its traceback, or the timeout.
+        RuntimeError: naming the failing rank and its traceback (a rank that cannot import ``fn`` says so), or
+            the timeout.
+        pickle.PicklingError: (or AttributeError, as pickle raises them) for an ``fn`` or argument that cannot
+            be pickled (a lambda, a local function), before any rank starts.
 
     Example:
         >>> # workers.py (a module-level function, so the spawned processes can import it):
@@ -297,11 +313,14 @@ def launch(
     if start_method == "forkserver":
         ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)  # (read when the server starts: once per process)
         env, cwd = dict(os.environ), os.getcwd()
+    # Pickled here, so that fn or an argument that cannot be pickled (a lambda) raises before any rank starts; each
+    # rank unpickles it where a failure (fn not importable there) is reported with its traceback.
+    payload = pickle.dumps((fn, args))
     q = ctx.Queue()
     port = _free_port()
     procs = [
         # not daemonic: a rank may start processes of its own (DataLoader workers); the finally below ends them
-        ctx.Process(target=_worker, args=(fn, args, r, nprocs, port, backend, collective_timeout, q, env, cwd),
+        ctx.Process(target=_worker, args=(payload, r, nprocs, port, backend, collective_timeout, q, env, cwd),
                     daemon=False)
         for r in range(nprocs)
     ]

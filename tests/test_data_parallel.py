@@ -1,5 +1,8 @@
 import functools
 import os
+import pickle
+import subprocess
+import sys
 import time
 
 import pytest
@@ -169,6 +172,35 @@ def test_forkserver_ranks_see_the_callers_environment_and_directory_now_as_spawn
 def test_launch_refuses_other_start_methods(method, match):
     with pytest.raises(ValueError, match=match):
         fnlit.distributed.launch(environment_and_cwd, 2, (), start_method=method)
+
+
+def test_launch_of_a_function_the_ranks_cannot_import_says_why():
+    # fn defined in `python -c` (as in a notebook cell): the ranks cannot unpickle it. The caller was told only that
+    # rank 0 "died with exit code 1, without returning a result or raising"; the AttributeError reached the rank's
+    # stderr alone. Reference: pickle's own error for that lookup, and the hint, in the caller's exception.
+    script = (
+        "import fnlit\n"
+        "def double_rank():\n"
+        "    return 2 * fnlit.distributed.rank()\n"
+        "try:\n"
+        "    fnlit.distributed.launch(double_rank, 2, timeout=60)\n"
+        "except RuntimeError as e:\n"
+        "    print('CAUGHT', e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(fnlit.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    caught = out.stdout[out.stdout.index("CAUGHT") :]
+    assert "AttributeError: Can't get attribute 'double_rank' on <module '__main__'" in caught, caught
+    assert "fn must be importable by the child processes: a module-level function in a .py file" in caught, caught
+    assert "died with exit code" not in caught, caught
+
+
+def test_launch_of_a_lambda_raises_before_any_rank_starts():
+    # (pickle's own error: a local function is an AttributeError, a module-level lambda a PicklingError)
+    with pytest.raises((pickle.PicklingError, AttributeError), match="Can't pickle"):
+        fnlit.distributed.launch(lambda: 1, 2, timeout=30)
 
 
 def test_wrap_builds_the_requested_nesting():
