@@ -204,7 +204,9 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         limit_train = limit_val = overfit
     n = _num_batches(train_data)
     train_name, train_error, train_failed = "overfit_batches" if overfit else "limit_train_batches", None, 0
-    empty = ValueError("fit got empty training data (len(train_data) == 0). Check the dataset and batch_size.")
+    empty = ValueError(
+        "fit got empty training data (len(train_data) == 0). Check the dataset and batch_size." + _train_per_rank()
+    )
     if _dist.world_size() > 1:  # raised on every rank at the ranks' first exchange, as the validation limit
         if n == 0:
             batches, train_error, train_failed = 0, empty, _fail_code(3)
@@ -322,6 +324,18 @@ def _per_rank() -> str:
         f" Under torch.distributed each rank counts the batches of its own shard, about 1/{w} of the examples (a "
         "DistributedSampler's): drop_last=True can leave a rank none where one process has some (an ArrayLoader's "
         "evaluation splits one process's batches instead)."
+    )
+
+
+def _train_per_rank() -> str:
+    """Under torch.distributed, what the error of empty training data adds: each rank trains on its own shard."""
+    w = _dist.world_size()
+    if w == 1:
+        return ""
+    return (
+        f" Under torch.distributed each rank trains on its own shard, about 1/{w} of the examples (an ArrayLoader's, "
+        f"a DistributedSampler's), in batches of batch_size (a global batch of {w} * batch_size): a rank can have no "
+        "batch where one process has some."
     )
 
 

@@ -224,6 +224,17 @@ def evaluate_by_batches(cases):
     return out, seen
 
 
+def fit_on_too_few_examples(n: int, drop_last: bool):
+    """fit over an ArrayLoader of n examples in batches of 4: its error, if it raises."""
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    data = fnlit.ArrayLoader(torch.zeros(n, 1), batch_size=4, drop_last=drop_last)
+    try:
+        fnlit.fit(lambda s, b: (s.replace(step=s.step + 1), {}), state, data, max_epochs=1, progress=False)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def uneven_batches():
     """fit where rank 0 has 5 batches an epoch and rank 1 has 4 (plain lists: nothing shards them)."""
     model = torch.nn.Linear(4, 1)

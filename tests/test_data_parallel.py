@@ -27,6 +27,7 @@ from _dist_workers import (
     sparse_embedding,
     unchecked_warns,
     fit_one_rank_warns_nothing,
+    fit_on_too_few_examples,
     fit_validation_every_example,
     equivalence,
     make_state,
@@ -264,6 +265,17 @@ def test_evaluate_over_two_ranks_splits_the_batches_one_process_runs():
     for out, val in fnlit.distributed.launch(evaluate_by_batches, 2, cases, timeout=120):
         assert [m["x"] for m in out] == pytest.approx(hand)
         assert val["val/x"] == pytest.approx(5.5)  # fit's validation: the same 12 examples, in batches of 4
+
+
+@pytest.mark.parametrize("n, drop_last", [(1, False), (5, True)])
+def test_fit_on_too_few_examples_for_every_rank_says_each_rank_gets_a_shard(n, drop_last):
+    # One process trains on this data (a torch DataLoader has a batch); each of two ranks gets n // 2 examples and no
+    # batch, and was told only to check the dataset and batch_size.
+    assert len(torch.utils.data.DataLoader(torch.zeros(n), batch_size=4, drop_last=drop_last)) == 1
+    for error in fnlit.distributed.launch(fit_on_too_few_examples, 2, n, drop_last, timeout=120):
+        assert error.startswith("fit got empty training data (len(train_data) == 0)"), error
+        assert "each rank trains on its own shard, about 1/2 of the examples" in error, error
+        assert "a global batch of 2 * batch_size" in error, error
 
 
 def test_evaluate_over_two_ranks_sums_float64_and_integer_metrics_in_float64():
