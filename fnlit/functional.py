@@ -342,16 +342,21 @@ def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor],
     """:func:`_call_swapped`, seeded from ``rng`` (eager mode; None: unseeded)."""
     if rng is None:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
-    # What `with fnlit.random.seeded(rng, device):` does, without the object. Only a CUDA device matters (the
-    # first tensor's is_cuda is the cheap test: the params come first in `tensors`).
-    first = next(iter(tensors.values()), None)
-    if first is None:  # a module without params or buffers (a Dropout, an augmentation): its inputs' device
-        first = next((a for a in _tree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)), None)
-    saved = _random._seed_eager(rng, first.device if first is not None and first.is_cuda else None)
+    # What `with fnlit.random.seeded(rng, device):` does, without the object.
+    saved = _random._seed_eager(rng, _seed_device(tensors, args, kwargs))
     try:
         return _call_swapped(module, slots, tensors, reassignable, args, kwargs)
     finally:
         _random._restore(saved)
+
+
+def _seed_device(tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.device | None:
+    """The CUDA device whose generator a seeded forward seeds besides the CPU's (None: the CPU's only). The first
+    tensor's is_cuda is the cheap test: the params come first in ``tensors``."""
+    first = next(iter(tensors.values()), None)
+    if first is None:  # a module without params or buffers (a Dropout, an augmentation): its inputs' device
+        first = next((a for a in _tree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)), None)
+    return first.device if first is not None and first.is_cuda else None
 
 
 def _has_dtensor(params: Params) -> bool:
@@ -514,9 +519,19 @@ def apply(
         record = (module, slots, params, tensors, train if modes is not None else None)
         swaps.append(record)  # recorded as the call begins (see _SWAPS)
     try:
-        # Under torch.compile or torch.func the caller seeds, once, outside (see fnlit.random).
+        # Under torch.compile, and under fnlit's own vmaps (ensemble: the key is batched), the caller seeds, once,
+        # outside (see fnlit.random). A plain key under a torch.func transform nobody seeded for (the user's
+        # torch.func.grad of a loss, jacrev, vmap) seeds the forward here, as eager: the same key, the same masks.
         if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
-            out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+            key = None if rng is None or compiling else _random._unbatched(rng)
+            if key is None:
+                out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+            else:
+                saved = _random._seed_eager(key, _seed_device(tensors, args, kwargs))
+                try:
+                    out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+                finally:
+                    _random._restore(saved)
         else:
             if probes:  # the first forward: which copies do ops write (by their schemas, not by comparing values)
                 with _WriteRecorder({_storage.address(c) for _, c in probes} - {0}) as recorder:

@@ -230,6 +230,17 @@ def _is_traced(t: torch.Tensor) -> bool:
     )
 
 
+def _unbatched(k: object) -> object:
+    """``k`` under torch.func: its value inside the transforms' wrappers (torch.func.grad wraps every tensor it
+    sees), or None where a vmap batches it (fnlit.ensemble's keys: seeded once outside the vmap)."""
+    functorch = torch._C._functorch
+    while isinstance(k, torch.Tensor) and functorch.is_functorch_wrapped_tensor(k):
+        if functorch.is_batchedtensor(k):
+            return None
+        k = functorch.get_unwrapped(k)
+    return k
+
+
 class seeded:
     """Seeds PyTorch's generators (CPU, and ``device``'s if it is CUDA) from ``k`` inside the block.
 
@@ -276,7 +287,8 @@ def _seed(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Gene
 
 
 def _seed_eager(k: torch.Tensor, device: torch.device | None) -> list[tuple[torch.Generator, torch.Tensor]]:
-    """:func:`_seed` for a caller that has checked it runs outside torch.compile and torch.func (fnlit.apply)."""
+    """:func:`_seed` for a caller that has checked it runs outside torch.compile, with a key no vmap batches
+    (fnlit.apply: eagerly, or under a torch.func transform of the user's, on the key :func:`_unbatched` gives)."""
     if getattr(k, "dtype", None) is not _INT64:  # also refuses non-tensors
         raise TypeError(_not_a_key("seeded", k))
     if k.dim() != 0:

@@ -122,6 +122,34 @@ def test_dropout_is_a_pure_function_of_the_key():
     assert torch.equal(torch.get_rng_state(), outside)  # the global generator is left as it was
 
 
+
+def test_a_key_seeds_dropout_under_the_users_own_torch_func_transform():
+    # torch.func.grad / vjp of a loss that calls apply: nobody seeds outside, so apply seeds from the key, as it does
+    # eagerly. The reference: autograd on a forward inside `with fnlit.random.seeded(key):`.
+    model = mlp(dropout=0.5)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, _ = batch()
+
+    def loss(params, k):
+        return fnlit.apply(model, params, state.buffers, x, rng=k)[0].pow(2).mean()
+
+    k, other = state.rng, fnlit.random.next_key(state.rng)
+    params = {n: p.detach().requires_grad_() for n, p in state.params.items()}
+    with fnlit.random.seeded(k):
+        ref = torch.autograd.grad(torch.func.functional_call(model, params, (x,)).pow(2).mean(), list(params.values()))
+    outside = torch.get_rng_state()
+    first = torch.func.grad(loss)(state.params, k)
+    second = torch.func.grad(loss)(state.params, k)
+    (pulled,) = torch.func.vjp(lambda p: loss(p, k), state.params)[1](torch.tensor(1.0))
+    eager = fnlit.value_and_grad(loss)(state.params, k)[1]
+    assert torch.equal(torch.get_rng_state(), outside)  # the global generator is left as it was
+    for n, want in zip(params, ref):
+        for got in (first, second, pulled, eager):
+            torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-7)
+        assert torch.equal(first[n], second[n]), n  # the same key: bitwise the same gradients
+    different = torch.func.grad(loss)(state.params, other)
+    assert not torch.equal(different["0.weight"], first["0.weight"])  # another key, another mask
+
 class _NoisyMode(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
