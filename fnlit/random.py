@@ -253,6 +253,7 @@ class seeded:
     Raises:
         TypeError: on entering, if ``k`` is not a key (an int64 tensor).
         ValueError: on entering, if ``k`` is a batch of keys rather than one (outside torch.func).
+        RuntimeError: on entering the same object again inside its own block (``with s: with s:``).
 
     Example:
         >>> with seeded(key(0)):
@@ -269,6 +270,11 @@ class seeded:
         self.key, self.device, self.saved = k, device, None
 
     def __enter__(self) -> None:
+        if self.saved is not None:  # its one slot holds the outer entry's states (and the lock that entry took)
+            raise RuntimeError(
+                "fnlit.random.seeded: this seeded block is already entered; make a new seeded(k) for the inner "
+                "block (one object holds the generator states of one entry)."
+            )
         self.saved = None if self.key is None else _seed(self.key, self.device)
 
     def __exit__(self, *exc: object) -> None:

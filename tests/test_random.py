@@ -43,6 +43,31 @@ def test_seeded_restores_the_global_generator():
         assert torch.equal(torch.rand(3), a)
 
 
+def test_entering_one_seeded_object_again_is_refused_and_the_outer_block_still_restores():
+    import threading
+
+    before = torch.get_rng_state()
+    block = R.seeded(R.key(3))
+    with block:
+        a = torch.rand(3)
+        with pytest.raises(RuntimeError, match=r"already entered; make a new seeded\(k\)"):
+            with block:
+                pass
+        b = torch.rand(3)  # the outer block's stream goes on, unseeded by the refused entry
+    assert torch.equal(torch.get_rng_state(), before)  # restored on the outer exit
+    with R.seeded(R.key(3)):
+        assert torch.equal(torch.rand(6), torch.cat([a, b]))
+    drawn = []  # the lock is free: another thread's seeded block runs (it would wait forever on a held lock)
+
+    def draw():
+        with R.seeded(R.key(3)):
+            drawn.append(torch.rand(3))
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and len(drawn) == 1
+
 def test_bad_seed_and_batched_key_errors():
     with pytest.raises(TypeError, match="expected an int seed, got float"):
         R.key(1.5)
