@@ -154,13 +154,15 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
     """Splits a key into ``num`` new, independent keys (a tensor of shape ``(num, *k.shape)``).
 
     Raises:
-        TypeError: if ``k`` is not a key (an int64 tensor).
+        TypeError: if ``k`` is not a key (an int64 tensor), or ``num`` is not an integer (a bool is not).
         ValueError: if ``num < 1``.
 
     Example:
         >>> split(key(0), 4).shape
         torch.Size([4])
     """
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
+        num = _count(num)
     if num < 1:
         raise ValueError(f"fnlit.random.split expected num >= 1, got {num!r} instead.")
     if _eager(k, "split"):
@@ -168,6 +170,17 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
         return torch.tensor([_to_signed(_combine_int(base, i)) for i in range(num)], dtype=torch.int64, device="cpu")
     counters = torch.arange(num, dtype=torch.int64, device=k.device).reshape((num,) + (1,) * k.dim())
     return _combine(k.unsqueeze(0), counters)
+
+
+def _count(num: object) -> int:
+    """split's ``num`` that is not an int: what range() takes (an integer tensor, a SymInt); a bool or float refused."""
+    if not isinstance(num, bool) and not (isinstance(num, torch.Tensor) and num.dtype == torch.bool):
+        try:
+            return operator.index(num)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    got = f"a tensor of dtype {num.dtype}" if isinstance(num, torch.Tensor) else f"{type(num).__name__} {num!r}"
+    raise TypeError(f"fnlit.random.split expected an int as num (how many keys), got {got} instead.")
 
 
 def fold_in(k: torch.Tensor, data: SupportsIndex | torch.Tensor) -> torch.Tensor:

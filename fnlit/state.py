@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -127,7 +128,7 @@ class TrainState:
             module: the model; its parameters and buffers are copied.
             tx: a :class:`fnlit.optim.GradientTransformation`.
             seed: seed of the state's random key (dropout masks, data order).
-            loss_scale: ``"dynamic"`` (or an initial scale, a float) creates the loss-scale state that
+            loss_scale: ``"dynamic"`` (or an initial scale, a real number) creates the loss-scale state that
                 ``fnlit.amp(step, dtype=torch.float16)`` needs, with torch.amp.GradScaler's defaults.
 
         Raises:
@@ -176,13 +177,13 @@ class TrainState:
         if loss_scale is not None:
             from .transforms.amp import init_loss_scale
 
-            if loss_scale == "dynamic":
+            if isinstance(loss_scale, str) and loss_scale == "dynamic":
                 scaler = init_loss_scale(device=device)
-            elif isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+            elif isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool):  # a numpy float too
                 scaler = init_loss_scale(float(loss_scale), device=device)
             else:
                 raise ValueError(
-                    f"TrainState.create expected loss_scale='dynamic', a float initial scale or None, "
+                    f"TrainState.create expected loss_scale='dynamic', a number (the initial scale) or None, "
                     f"got {loss_scale!r} instead."
                 )
         return cls(

@@ -68,6 +68,21 @@ def test_entering_one_seeded_object_again_is_refused_and_the_outer_block_still_r
     thread.join(timeout=30)
     assert not thread.is_alive() and len(drawn) == 1
 
+def test_split_refuses_a_num_that_is_not_an_integer_and_takes_integer_ones():
+    import numpy as np
+
+    k = R.key(0)
+    with pytest.raises(TypeError, match=r"fnlit.random.split expected an int as num .*got bool True"):
+        R.split(k, True)
+    with pytest.raises(TypeError, match=r"fnlit.random.split expected an int as num .*got float 2.0"):
+        R.split(k, 2.0)
+    with pytest.raises(TypeError, match=r"split expected an int as num .*got a tensor of dtype torch.float32"):
+        R.split(k, torch.tensor(2.0))
+    three = [R.fold_in(k, i) for i in range(3)]  # split(k, n)[i] is fold_in(k, i) (the module's contract)
+    for num in (3, np.int64(3), torch.tensor(3)):
+        got = R.split(k, num)
+        assert got.shape == (3,) and all(torch.equal(got[i], three[i]) for i in range(3)), num
+
 def test_bad_seed_and_batched_key_errors():
     with pytest.raises(TypeError, match="expected an int seed, got float"):
         R.key(1.5)

@@ -130,6 +130,17 @@ def test_thousands_of_disjoint_views_of_one_buffer_are_accepted_and_an_overlap_a
         fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
 
 
+def test_loss_scale_takes_any_real_number_and_refuses_the_rest():
+    import numpy as np
+
+    model = torch.nn.Linear(2, 2)
+    for scale in (np.float32(2.0), np.int64(2), 2, 2.0):
+        state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale=scale)
+        assert state.scaler.scale.dtype == torch.float32 and state.scaler.scale.tolist() == 2.0, scale
+    for bad in (True, "static", [2.0]):
+        with pytest.raises(ValueError, match=r"expected loss_scale='dynamic', a number \(the initial scale\) or None"):
+            fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale=bad)
+
 def test_replace_rejects_unknown_fields():
     _, state = make()
     with pytest.raises(TypeError, match="unknown field.*'parms'"):
