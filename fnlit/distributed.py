@@ -256,12 +256,14 @@ def launch(
 ) -> list[Any]:
     """Runs ``fn(*args)`` in ``nprocs`` local processes joined in a process group; returns each rank's result.
 
-    For tests and examples on one machine (use torchrun for real jobs). ``fn`` and its arguments must be
-    picklable, and ``fn`` importable by the ranks: a module-level function in a .py file (not one defined in a
-    notebook cell, in ``python -c``, or under ``if __name__ == "__main__":``). Every wait is bounded: a rank
-    that raises or dies makes ``launch`` stop the others and raise, and the whole run is cut off after
-    ``timeout`` seconds. Ranks still running then are stopped as torchrun stops them: SIGTERM, and SIGKILL 5 s
-    later (so ``launch`` returns at most ~10 s after the timeout, with no process of its own left).
+    For tests and examples on one machine (use torchrun for real jobs). ``fn``, its arguments and its result
+    must be picklable, and ``fn`` importable by the ranks: a module-level function in a .py file (not one defined
+    in a notebook cell, in ``python -c``, or under ``if __name__ == "__main__":``). A :class:`fnlit.TrainState` is
+    not picklable (its ``tx`` is made of closures): return ``state.params`` or ``state.replace(tx=None)``, or save
+    it with :func:`fnlit.checkpoint.save`. Every wait is bounded: a rank that raises or dies makes ``launch`` stop
+    the others and raise, and the whole run is cut off after ``timeout`` seconds. Ranks still running then are
+    stopped as torchrun stops them: SIGTERM, and SIGKILL 5 s later (so ``launch`` returns at most ~10 s after the
+    timeout, with no process of its own left).
 
     ``start_method="spawn"`` (the default) starts every rank as a fresh Python process, which imports torch
     again: seconds per launch. ``"forkserver"`` (POSIX only) pays that once: the first forkserver launch of the

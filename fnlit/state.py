@@ -84,6 +84,12 @@ class TrainState:
     (for optree and ``torch.utils._pytree``), so ``torch.func.vmap``, ``torch.compile`` and
     :mod:`fnlit.tree` traverse it; the optimizer ``tx`` is static data, not a leaf.
 
+    A state cannot be pickled (``pickle.dumps(state)``, or returning it from a
+    :func:`fnlit.distributed.launch` function, fails with "Can't pickle local object"): ``tx`` is made of
+    closures. Save it with :func:`fnlit.checkpoint.save` and :func:`fnlit.checkpoint.restore`, or pickle
+    ``state.params`` or ``state.replace(tx=None)`` (everything but the optimizer) and put the optimizer
+    back with ``.replace(tx=tx)``.
+
     Attributes:
         step: 0-d int64 CPU tensor, the number of steps taken (float16 steps skipped for overflow included).
         params: name -> tensor, the trainable parameters in module order.

@@ -501,3 +501,34 @@ def test_step_and_rng_stay_on_the_cpu_under_another_default_device(request):
     for k, p in model.named_parameters():  # by hand: two SGD steps of gradient 1
         assert new.params[k].device.type == "cpu"
         torch.testing.assert_close(new.params[k], p.detach() - 0.2)
+
+
+def _momentum_state_without_tx():
+    """A launched rank's result: one SGD-with-momentum step, as TrainState's docstring says to return a state."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1, momentum=0.9), seed=0)
+    state = state.apply_gradients({k: torch.full_like(v, 0.5) for k, v in state.params.items()})
+    return state.replace(tx=None)
+
+
+@pytest.mark.distributed
+def test_a_state_without_its_tx_pickles_and_trains_on_with_the_tx_put_back():
+    # The documented workaround for a state that cannot be pickled (tx is closures): state.replace(tx=None) crosses
+    # pickle and launch, the optimizer's momentum with it. The reference: torch.optim.SGD taking the same two steps.
+    import pickle
+
+    (sent,) = fnlit.distributed.launch(_momentum_state_without_tx, 1, timeout=120)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    tx = fnlit.optim.sgd(0.1, momentum=0.9)
+    back = pickle.loads(pickle.dumps(sent)).replace(tx=tx)
+    assert int(back.step) == 1 and back.tx is tx
+    state = back.apply_gradients({k: torch.full_like(v, 0.25) for k, v in back.params.items()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for g in (0.5, 0.25):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, g)
+        opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=0, atol=1e-7)
