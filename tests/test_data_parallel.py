@@ -1,4 +1,5 @@
 import functools
+import importlib
 import os
 import pickle
 import subprocess
@@ -487,3 +488,19 @@ def test_validation_with_different_numbers_of_batches_per_rank_on_a_plain_state(
         assert len(torch.utils.data.DataLoader(torch.zeros(4), batch_size=3, drop_last=True)) == 1
         shards = r["fit, a DistributedSampler's shards without batches"]
         assert shards.startswith("fit got val_data with no batches") and "about 1/2 of the examples" in shards, shards
+
+
+def test_metrics_kept_on_the_cpu_join_the_collective_on_the_state_device(monkeypatch):
+    # Under NCCL the metrics' collective runs on the params' device; a metric the step keeps on the CPU
+    # ({"step": state.step}: fnlit keeps the step there) beside device ones failed torch.stack ("expected all
+    # tensors to be on the same device"). The meta device stands in for CUDA: it refuses the same mix.
+    dp = importlib.import_module("fnlit.transforms.data_parallel")  # (the package exports the function by that name)
+
+    with pytest.raises(RuntimeError, match="device"):
+        torch.stack([torch.zeros((), device="meta"), torch.zeros(())])  # the reference: torch refuses the mix
+    monkeypatch.setattr(dp, "all_reduce_mean_", lambda tensors, group=None: list(tensors))  # one rank's view
+    metrics = {"loss": torch.zeros((), device="meta"), "step": torch.tensor(3), "acc": 0.5}
+    out = dp.all_reduce_metrics(metrics, device=torch.device("meta"))
+    assert {k: v.device.type for k, v in out.items()} == {"loss": "meta", "step": "meta", "acc": "meta"}
+    cpu = dp.all_reduce_metrics({"loss": torch.tensor(2.0), "step": torch.tensor(3)}, device=torch.device("cpu"))
+    assert cpu["loss"].item() == 2.0 and cpu["step"].item() == 3.0 and cpu["step"].dtype == torch.float32
