@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_trees_close, batch, mlp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fnlit
 from fnlit.ensemble import per_example_grads
@@ -220,6 +222,85 @@ def test_dp_noise_of_a_complex_leaf_is_complex_with_the_calibrated_std():
     # The clipping norm counts the real and imaginary parts as coordinates: each gets the full std (sigma * C).
     for part in (noise.real, noise.imag):
         assert abs(part.std().item() - 2.0) < 0.05
+
+
+
+def _old_noise(key, shapes):
+    """The reference: the noise of one key as documented, numpy's PCG64 seeded with the key's 64 bits, one
+    standard_normal call per leaf in leaf order (a complex leaf: a trailing pair of real and imaginary parts)."""
+    rng = np.random.default_rng(int(key) & ((1 << 64) - 1))
+    out = []
+    for shape, dtype in shapes:
+        real = dtype.to_real() if dtype.is_complex else dtype
+        z = torch.from_numpy(rng.standard_normal(shape + ((2,) if dtype.is_complex else ()),
+                                                 dtype=np.float64 if real == torch.float64 else np.float32))
+        out.append(torch.view_as_complex(z) if dtype.is_complex else z)
+    return out
+
+
+# leaves of every kind of noise: float32 (bfloat16's too: its work dtype), float64, complex64, 0-d, empty
+_DP_LEAVES = [((3, 5), torch.float32), ((7,), torch.float64), ((), torch.float32), ((2, 3), torch.complex64),
+              ((0, 4), torch.float32), ((4,), torch.bfloat16), ((3,), torch.complex128)]
+
+
+def _dp_noise_steps(device, steps=2):
+    """The noise of ``steps`` updates (a batch of one zero gradient, clip 1, noise 1: the output is the noise)."""
+    tx = dp_sgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, seed=3)
+    grads = [torch.zeros((1, *shape), dtype=dtype, device=device) for shape, dtype in _DP_LEAVES]
+    state, outs = tx.init(grads), []
+    for _ in range(steps):
+        out, state = tx.update(grads, state)
+        outs.append(out)
+    return outs
+
+
+def test_dp_noise_is_one_draw_per_leaf_of_the_documented_generator():
+    # The noise is drawn into one buffer now (one copy to a GPU): still the numbers one draw per leaf gave.
+    key = fnlit.random.key(3)
+    for out in _dp_noise_steps("cpu"):
+        expected = _old_noise(key, _DP_LEAVES)
+        assert [z.shape for z in out] == [e.shape for e in expected]
+        for (_, dtype), z, e in zip(_DP_LEAVES, out, expected):
+            assert z.dtype == dtype and torch.equal(z, e.to(dtype)), dtype
+        key = fnlit.random.next_key(key)
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Counts the copies from a CPU tensor to another device, the blocking ones (the host waits) apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.blocking = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func is torch.ops.aten._to_copy.default and args[0].is_cpu and device is not None \
+                and torch.device(device).type != "cpu":
+            self.copies += 1
+            self.blocking += not kwargs.get("non_blocking", False)
+        return func(*args, **kwargs)
+
+
+def test_dp_noise_reaches_the_device_in_one_copy_per_step_without_blocking():
+    # 'meta' stands in for 'cuda'. The noise was copied over leaf by leaf, each copy blocking (a pageable copy to a
+    # GPU waits for it): 7 host syncs a step here.
+    watch = _HostToDevice()
+    with watch:
+        outs = _dp_noise_steps("meta", steps=3)
+    assert all(z.is_meta and z.dtype == dtype for out in outs for z, (_, dtype) in zip(out, _DP_LEAVES))
+    assert watch.blocking == 0 and watch.copies <= 3, (watch.blocking, watch.copies)
+
+
+@pytest.mark.cuda
+def test_dp_noise_on_a_gpu_is_the_cpu_noise_without_blocking_copies():
+    watch = _HostToDevice()
+    with watch:
+        outs = _dp_noise_steps("cuda")
+    assert watch.blocking == 0 and watch.copies <= 2, (watch.blocking, watch.copies)
+    for out, on_cpu in zip(outs, _dp_noise_steps("cpu")):
+        for z, c in zip(out, on_cpu):
+            assert z.is_cuda and torch.equal(z.cpu(), c)
 
 
 def _forgot_apply_step(model, per_example):

@@ -40,16 +40,44 @@ def _noise(k: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     numpy's PCG64, seeded through a SeedSequence with the whole key (a read of host memory: keys live on
     the CPU). torch's CPU generator keeps 32 bits of a seed, so two steps of one run would draw the same
     noise about once per 2**32 pairs of keys: likely over 100k steps, and noise that repeats cancels.
+
+    Every leaf's noise is drawn, leaf after leaf (the numbers one ``standard_normal`` call per leaf gives), into
+    one host buffer, the leaves of one device side by side: one copy per device and step, not one per leaf. For a
+    CUDA device the buffer is pinned and the copy asynchronous (the pinned allocator keeps the buffer until the
+    copy has run), so the host does not wait for the GPU; CPU leaves are views of the buffer, with no copy.
     """
     rng = np.random.default_rng(int(k) & ((1 << 64) - 1))
+    # complex: real and imaginary parts of variance 1 each, as the clipping's norm counts both parts (the
+    # Gaussian mechanism needs the full std on every real coordinate; torch.randn's complex draws 1/2 each)
+    shapes = [tuple(s.shape) + ((2,) if s.is_complex() else ()) for s in like]
+    dtypes = [torch.float64 if (s.dtype.to_real() if s.is_complex() else s.dtype) == torch.float64 else torch.float32
+              for s in like]
+    devices = list(dict.fromkeys(s.device for s in like))  # in order of first leaf
+    offsets, spans, end = [0] * len(like), {}, 0
+    for device in devices:  # each device's leaves side by side, each at a multiple of 16 bytes (for .view(dtype))
+        start = end
+        for i, s in enumerate(like):
+            if s.device == device:
+                offsets[i] = end
+                end += -(-math.prod(shapes[i]) * dtypes[i].itemsize // 16) * 16
+        spans[device] = (start, end)
+    pinned = any(d.type == "cuda" for d in devices)
+    buf = torch.empty(end, dtype=torch.uint8, pin_memory=pinned)
+    host = buf.numpy()
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):  # in leaf order: the stream of one call per leaf
+        npdtype = np.float64 if dtype == torch.float64 else np.float32
+        nbytes = math.prod(shape) * dtype.itemsize
+        rng.standard_normal(dtype=npdtype, out=host[offsets[i]:offsets[i] + nbytes].view(npdtype))
+    on = {}
+    for device, (start, stop) in spans.items():
+        # pinned to CUDA: asynchronous, no host wait; meta: no data moves; another device: one blocking copy
+        on[device] = buf[start:stop] if device.type == "cpu" else buf[start:stop].to(
+            device, non_blocking=(pinned and device.type == "cuda") or device.type == "meta")
     out = []
-    for s in like:
-        real = s.dtype.to_real() if s.is_complex() else s.dtype
-        z = torch.from_numpy(rng.standard_normal(tuple(s.shape) + ((2,) if s.is_complex() else ()),
-                                                 dtype=np.float64 if real == torch.float64 else np.float32))
-        # complex: real and imaginary parts of variance 1 each, as the clipping's norm counts both parts (the
-        # Gaussian mechanism needs the full std on every real coordinate; torch.randn's complex draws 1/2 each)
-        out.append((torch.view_as_complex(z) if s.is_complex() else z).to(s.device))
+    for i, s in enumerate(like):
+        start = offsets[i] - spans[s.device][0]
+        z = on[s.device][start:start + math.prod(shapes[i]) * dtypes[i].itemsize].view(dtypes[i]).view(shapes[i])
+        out.append(torch.view_as_complex(z) if s.is_complex() else z)
     return out
 
 
@@ -62,8 +90,9 @@ def dp_sgd_aggregate(l2_norm_clip: float, noise_multiplier: float, *, seed: int 
     batch size. Chain it before an optimizer: ``chain(dp_sgd_aggregate(1.0, 1.1, seed=seed), sgd(0.1))``.
 
     The noise is drawn on the CPU (numpy's PCG64 seeded with all 64 bits of a key in the state, advanced
-    every update; on a GPU it is copied over): deterministic given ``seed``, no device sync (the key lives
-    on the CPU), no repeat within a run in practice (torch's CPU generator would keep 32 bits of the key).
+    every update): deterministic given ``seed``, the same numbers on every device, no repeat within a run in
+    practice (torch's CPU generator would keep 32 bits of the key). On a CUDA GPU all leaves' noise goes over in
+    one asynchronous copy per step from pinned memory: no device sync (the key lives on the CPU too).
     It is not a cryptographically secure generator: for formal guarantees against an adversary who can
     search seeds, draw the noise from a secure source. It runs eagerly only: not under vmap or torch.compile.
 
