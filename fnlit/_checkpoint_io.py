@@ -298,9 +298,15 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def _reason(e: BaseException) -> str:
+    """What went wrong, in a few words: ``No space left on device (ENOSPC)``, else ``Type: message``."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({errno.errorcode.get(e.errno or 0, e.errno)})"
+    return f"{type(e).__name__}: {e}"
+
+
 def _failed(path: Path, e: BaseException) -> CheckpointError:
-    reason = f"{e.strerror} ({errno.errorcode.get(e.errno or 0, e.errno)})" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-    return CheckpointError(f"could not write checkpoint {path}: {reason}. Any previous file at that path is unchanged.")
+    return CheckpointError(f"could not write checkpoint {path}: {_reason(e)}. Any previous file at that path is unchanged.")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:

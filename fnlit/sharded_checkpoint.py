@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
 from ._checkpoint_io import json_checked
-from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like
+from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason
 from .transforms.donate import check_not_donated
 from .tree import is_real
 
@@ -147,6 +147,8 @@ def _failure(e: CheckpointException) -> str:
     for rank, (exc, _) in sorted(e.failures.items()):
         text = str(exc).strip().splitlines()
         parts.append(f"rank {rank}: {type(exc).__name__}: {text[0] if text else ''}")
+        if "unexpected pos" in str(exc):  # torch's zip writer, when a write stopped short
+            parts[-1] += " (a shard file was cut short: is the disk full, or a file-size limit, ulimit -f, reached?)"
     return "; ".join(parts) or "no detail"
 
 
@@ -212,8 +214,9 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             hyperparameter assigned as one, are written to ``fnlit.json`` exactly), or metadata that is not
             JSON-serialisable (a dict key that is not a string included).
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
-        CheckpointError: naming the directory, if DCP could not write the shards (full disk, no permission);
-            any previous checkpoint of that name is unchanged.
+        CheckpointError: naming the directory, on every rank, if the checkpoint could not be written (full
+            disk, no permission, a file-size limit): any previous checkpoint of that name is unchanged, and
+            the partial one is removed.
         RuntimeError: if ``state`` was donated to a step (:func:`fnlit.donating`): save the state it returned.
 
     Example:
@@ -244,36 +247,59 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         raise TypeError(f"save_sharded expected JSON-serialisable metadata, got {sorted(meta)}: {e}.") from None
     json_checked("the metadata", meta, "save_sharded")  # (string keys only: JSON would turn {0: "cat"} into {"0": ...})
     rank0 = not _distributed() or dist.get_rank() == 0
+    unchanged = "Any previous checkpoint there is unchanged."
+    failure = None  # rank 0's, sent to every rank at the next exchange: all raise it, none waits for rank 0
     if rank0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _put_back(target)
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed earlier
-        tmp.mkdir()
-    _barrier()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _put_back(target)
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed earlier
+            tmp.mkdir()
+        except Exception as e:
+            failure = f"could not write the sharded checkpoint {target}: {_reason(e)}. {unchanged}"
+    _raise_if_failed(failure)
     with _quiet_single_process():
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         try:
             dcp.save(tensors, storage_writer=writer, no_dist=not _distributed())
         except CheckpointException as e:  # a BaseException: `except Exception` would not see it
-            raise CheckpointError(
-                f"could not write the sharded checkpoint {target}: {_failure(e)}. Any previous checkpoint there "
-                "is unchanged."
-            ) from None
+            # (DCP raises it on every rank, once all have stopped writing)
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the shards written before the failure
+            raise CheckpointError(f"could not write the sharded checkpoint {target}: {_failure(e)}. {unchanged}") from None
     files = _checksums(tmp)
     if rank0:
-        with open(tmp / META_FILE, "w") as f:
-            f.write(json.dumps({**info, "files": files}, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            with open(tmp / META_FILE, "w") as f:
+                f.write(json.dumps({**info, "files": files}, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+            os.replace(tmp, target)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _put_back(target)  # (when it failed between the two renames: the previous one back in place)
+            failure = f"could not write the sharded checkpoint {target}: {_reason(e)}. {unchanged}"
+        else:
+            try:
+                _fsync_dir(target.parent)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError as e:
+                failure = (f"wrote the sharded checkpoint {target}, but could not fsync its folder ({_reason(e)}): a "
+                           "power loss may lose it.")
+    _raise_if_failed(failure)
     return target
+
+
+def _raise_if_failed(failure: str | None) -> None:
+    """Raises rank 0's ``failure`` on every rank (an exchange: also the barrier), or returns if it had none."""
+    failure = _all_gather(failure)[0]
+    if failure is not None:
+        raise CheckpointError(failure)
 
 
 def read_sharded_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -462,3 +462,30 @@ def frozen_per_rank_seed(steps: int = 3):
         state, _ = step(state, local(global_batch(i), rank, world))
     plain = unshard_state(state)
     return {"params": plain.params, "buffers": plain.buffers}
+
+
+def rank0_cannot_write_its_json(directory: str):
+    """save_sharded over a checkpoint where rank 0 cannot write fnlit.json (fsync fails: a full disk): what
+    each rank raised, the checkpoint it then restores (by path, full tensors) and the folder's files."""
+    import errno
+    import os
+
+    _, state = make_state()
+    state = shard_state(state)
+    path = save_sharded(f"{directory}/ckpt", state)
+    real = os.fsync
+
+    def fsync(fd):
+        if dist.get_rank() == 0 and os.readlink(f"/proc/self/fd/{fd}").endswith("fnlit.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    os.fsync = fsync
+    try:
+        save_sharded(path, state.replace(step=state.step + 1))
+        raised = None
+    except fnlit.CheckpointError as e:
+        raised = str(e)
+    finally:
+        os.fsync = real
+    return raised, by_path(restore_sharded(path, like=state)), by_path(state), sorted(os.listdir(directory))

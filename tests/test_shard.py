@@ -1,9 +1,12 @@
 """fnlit.shard: sharded training on 4 and 2 gloo processes against a single process on the global batch."""
 
+import errno
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import zlib
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from _shard_workers import (
     l2_step,
     local,
     make_state,
+    rank0_cannot_write_its_json,
     scalar_param,
     sharded_checkpoints,
     two_ranks,
@@ -293,6 +297,77 @@ def test_a_crafted_metadata_pickle_is_refused_and_does_not_run(tmp_path):
     assert_trees_equal(restore_sharded(good, like=state).params, state.params)
 
 
+def test_a_failed_sharded_save_raises_a_checkpoint_error_and_leaves_only_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, state = make_state()
+    state = state.replace(buffers={**state.buffers, "pad": torch.arange(100_000.0)})  # big enough to be cut short
+    path = save_sharded(tmp_path / "ckpt", state)
+    newer = state.replace(step=state.step + 1)
+    # the shards cut short (a file-size limit: torch's zip writer sees a short write, "unexpected pos")
+    handler, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        with pytest.raises(fnlit.CheckpointError, match=r"could not write the sharded checkpoint .*ckpt: rank 0: .*"
+                           r"a shard file was cut short: is the disk full.*Any previous checkpoint there is unchanged"):
+            save_sharded(path, newer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial .ckpt.tmp left
+    assert_trees_equal(restore_sharded(path, like=state), state)
+    # rank 0 cannot write fnlit.json (its fsync fails: a full disk)
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("fnlit.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(fnlit.CheckpointError, match=r"could not write the sharded checkpoint .*ckpt: No space left on "
+                       r"device \(ENOSPC\)\. Any previous checkpoint there is unchanged"):
+        save_sharded(path, newer)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert_trees_equal(restore_sharded(path, like=state), state)
+    # no permission to make the folder: a CheckpointError too, before anything is written
+    monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied")))
+    with pytest.raises(fnlit.CheckpointError, match=r"could not write the sharded checkpoint .*new/ckpt: Permission denied \(EACCES\)"):
+        save_sharded(tmp_path / "new" / "ckpt", state)
+
+
+def test_a_sharded_save_failing_between_its_two_renames_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    import fnlit.sharded_checkpoint as sc
+
+    _, state = make_state()
+    path = save_sharded(tmp_path / "ckpt", state, v=1)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # the old checkpoint moved aside, the new one refused
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(sc.os, "replace", replace)
+    with pytest.raises(fnlit.CheckpointError, match=r"ckpt: Input/output error \(EIO\)\. Any previous checkpoint there is unchanged"):
+        save_sharded(path, state.replace(step=state.step + 1), v=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert read_sharded_meta(path)["meta"] == {"v": 1}
+    assert_trees_equal(restore_sharded(path, like=state), state)
+
+
+def test_every_rank_raises_when_rank_0_cannot_write_fnlit_json(tmp_path):
+    # without the exchange of rank 0's failure, rank 1 would wait at the barrier until the collective timeout
+    for raised, restored, saved, files in fnlit.distributed.launch(
+        rank0_cannot_write_its_json, 2, str(tmp_path), timeout=120, collective_timeout=30
+    ):
+        assert re.fullmatch(r"could not write the sharded checkpoint .*ckpt: No space left on device \(ENOSPC\)\. "
+                            r"Any previous checkpoint there is unchanged\.", raised)
+        assert_trees_equal(restored, saved)  # the previous checkpoint, bitwise
+        assert files == ["ckpt"]
+
+
 @pytest.mark.parametrize(("damage", "match"), [
     (lambda d: (d / "__0_0.distcp").unlink(), r"ckpt-missing: .*__0_0\.distcp is missing"),
     (lambda d: os.truncate(d / "__0_0.distcp", 100), r"__0_0\.distcp has 100 bytes, but \d+ were written \(truncated"),
@@ -345,14 +420,17 @@ def test_a_save_cut_off_between_its_two_renames_leaves_a_checkpoint_that_restore
     save_sharded(tmp_path / "ckpt", state, v=1)
     real, calls = os.replace, []
 
+    class Crash(BaseException):  # the process dies there (an OSError is an error save_sharded cleans up after)
+        pass
+
     def replace(src, dst):
         calls.append(Path(dst).name)
         if len(calls) == 2:  # the old checkpoint moved aside, the new one not yet in place
-            raise OSError("simulated crash")
+            raise Crash("simulated crash")
         real(src, dst)
 
     monkeypatch.setattr(sc.os, "replace", replace)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(Crash, match="simulated crash"):
         save_sharded(tmp_path / "ckpt", state.replace(step=state.step + 1), v=2)
     monkeypatch.setattr(sc.os, "replace", real)
     assert not (tmp_path / "ckpt").exists()
