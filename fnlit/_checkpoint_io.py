@@ -25,6 +25,7 @@ import secrets
 import shutil
 import time
 import warnings
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +170,9 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
 
 
 def _load(path: Path, mmap: bool) -> Any:
+    # torch maps only zip files: another file (torch's legacy format, a plain pickle, an empty or text file) is
+    # read as restore reads it, so that it is told apart (a foreign checkpoint, a corrupt file) the same way
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files; we raise instead
             warnings.simplefilter("ignore")

@@ -1278,6 +1278,38 @@ def test_a_resume_from_an_earlier_file_does_not_rank_the_abandoned_later_checkpo
     }
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy format"])
+def test_a_foreign_last_ckpt_in_torch_legacy_format_is_not_replaced_either(tmp_path, zip_format):
+    # torch.load(mmap=True) refuses a file that is not a zip, and the legacy-format file was judged unreadable
+    # (not foreign): the Checkpointer replaced it. torch.load without mmap reads it as a plain dict.
+    lightning = {"epoch": 0, "global_step": 4, "state_dict": {"w": torch.ones(2)}}
+    torch.save(lightning, tmp_path / "last.ckpt", _use_new_zipfile_serialization=zip_format)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4  # the reference: torch reads it
+    data = (tmp_path / "last.ckpt").read_bytes()
+    state = fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(ckpt.CheckpointError, match=r"will not replace .*last\.ckpt: it is not an fnlit checkpoint"):
+        ckpt.Checkpointer(tmp_path).save(state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt").read_bytes() == data
+    with pytest.raises(ckpt.CheckpointError, match=r"last\.ckpt is not an fnlit checkpoint \(no fnlit header\)"):
+        ckpt.read_info(tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"", r"empty\.ckpt: the file is truncated or corrupt \(EOFError\)"),
+    (b"hello\n", r"empty\.ckpt: the file is truncated or corrupt"),
+    (pickle.dumps({"a": 1}), r"empty\.ckpt: it is not a checkpoint file or it is corrupt"),
+], ids=["empty", "text", "plain pickle"])
+def test_read_info_of_a_file_that_is_not_a_zip_says_what_restore_says(tmp_path, content, match):
+    path = tmp_path / "empty.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match=match) as info:
+        ckpt.read_info(path)
+    assert "mmap" not in str(info.value)  # (torch's advice to save with _use_new_zipfile_serialization=True)
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.restore(path, fnlit.TrainState.create(nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0))
+
+
 def test_a_resume_into_a_folder_with_a_foreign_last_ckpt_raises_before_any_training(tmp_path):
     # start() refused another tool's last.ckpt before training, but a resume (restore, not start) ran until its first
     # save, then raised: the whole stretch trained before it was lost. Both resumes now raise before any step.
