@@ -23,6 +23,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import time
 import warnings
 import zipfile
@@ -313,11 +314,23 @@ def _failed(path: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(f"could not write checkpoint {path}: {_reason(e)}. Any previous file at that path is unchanged.")
 
 
+def _keep_mode(fd: int, path: Path) -> None:
+    """Gives the new file ``fd`` the permission bits of the file it replaces at ``path``, if there is one (as
+    torch.save, which writes into the existing file, keeps them: a 0o600 checkpoint stays private)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
     """Writes a file so that a crash at any moment leaves either the old file or the complete new one.
 
-    ``write(f)`` writes the content into ``f`` (a temporary file in the same folder); the file is then
-    fsynced, renamed over ``path``, and the folder fsynced. On any error the temporary file is removed.
+    ``write(f)`` writes the content into ``f`` (a temporary file in the same folder); the file is then given the
+    permission bits of the file it replaces (if any), fsynced, renamed over ``path``, and the folder fsynced. On
+    any error the temporary file is removed.
 
     Raises:
         CheckpointError: naming ``path``, if the folder cannot be written, the disk is full, ...
@@ -334,6 +347,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
             writer = _FdWriter(fd)
             write(writer)
             writer.flush()
+            _keep_mode(fd, path)
             os.fsync(fd)
             if fcntl is not None:  # (where there is no flock, Windows, an open file cannot be renamed: closed first)
                 os.replace(tmp, path)

@@ -187,6 +187,23 @@ def test_full_disk_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]  # no temporary file left
 
 
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permission bits")
+def test_saving_over_a_file_keeps_its_permission_bits_as_torch_save_does(tmp_path):
+    _, state = trained()
+    reference = tmp_path / "torch.ckpt"
+    torch.save({"a": torch.ones(1)}, reference)
+    os.chmod(reference, 0o600)
+    torch.save({"a": torch.zeros(1)}, reference)
+    assert oct(reference.stat().st_mode & 0o777) == oct(0o600)  # torch.save writes into the file: its mode stays
+    path = ckpt.save(tmp_path / "a.ckpt", state)
+    for mode in (0o600, 0o640):
+        os.chmod(path, mode)
+        ckpt.save(path, state)
+        assert oct(path.stat().st_mode & 0o777) == oct(mode)
+    assert_trees_equal(ckpt.restore(path, state), state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "torch.ckpt"]
+
+
 def test_unwritable_folder_raises_naming_the_path(tmp_path, monkeypatch):
     _, state = trained()
     (tmp_path / "file").write_text("not a folder")
