@@ -314,6 +314,12 @@ def _failed(path: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(f"could not write checkpoint {path}: {_reason(e)}. Any previous file at that path is unchanged.")
 
 
+def _through_link(path: Path) -> Path:
+    """Where a save to ``path`` writes: the file a symbolic link points to (as torch.save and Lightning write
+    through the link), so the link stays and its target gets the new content; else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def _keep_mode(fd: int, path: Path) -> None:
     """Gives the new file ``fd`` the permission bits of the file it replaces at ``path``, if there is one (as
     torch.save, which writes into the existing file, keeps them: a 0o600 checkpoint stays private)."""
@@ -328,19 +334,21 @@ def _keep_mode(fd: int, path: Path) -> None:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
     """Writes a file so that a crash at any moment leaves either the old file or the complete new one.
 
-    ``write(f)`` writes the content into ``f`` (a temporary file in the same folder); the file is then given the
+    ``write(f)`` writes the content into ``f`` (a temporary file in the same folder; for a symbolic link, in its
+    target's folder: the target is replaced, the link stays); the file is then given the
     permission bits of the file it replaces (if any), fsynced, renamed over ``path``, and the folder fsynced. On
     any error the temporary file is removed.
 
     Raises:
         CheckpointError: naming ``path``, if the folder cannot be written, the disk is full, ...
     """
-    path = Path(path)
+    given = Path(path)
+    path = _through_link(given)
     tmp = _temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as e:
-        raise _failed(path, e) from e
+        raise _failed(given, e) from e
     try:
         try:
             _hold(fd)  # held until the rename: another process's cleanup sees a live write (remove_stale_temps)
@@ -358,17 +366,24 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception):
-            raise _failed(path, e) from e
+            raise _failed(given, e) from e
         raise
     try:
         fsync_dir(path.parent)
     except OSError as e:
-        raise CheckpointError(f"wrote checkpoint {path}, but could not fsync its folder ({e}): a power loss may lose it.") from e
-    return path
+        raise CheckpointError(f"wrote checkpoint {given}, but could not fsync its folder ({e}): a power loss may lose it.") from e
+    return given
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Atomically makes ``dst`` a hard link to ``src`` (a copy where links are not supported)."""
+    """Atomically makes ``dst`` a hard link to ``src`` (a copy where links are not supported).
+
+    A symbolic link at ``dst`` to a file in another folder stays, and that file is replaced (as a save writes
+    through the link); one to a file of ``dst``'s own folder (maybe one of a Checkpointer's checkpoints, which
+    must keep its content) is itself replaced, as Lightning replaces its ``last.ckpt`` link."""
+    real = _through_link(dst)
+    if real.parent != Path(os.path.realpath(dst.parent)):
+        dst = real
     tmp = _temp_name(dst)
     try:
         try:

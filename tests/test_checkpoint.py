@@ -204,6 +204,38 @@ def test_saving_over_a_file_keeps_its_permission_bits_as_torch_save_does(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "torch.ckpt"]
 
 
+def test_saving_to_a_symbolic_link_writes_through_it_as_torch_save_does(tmp_path):
+    _, old = trained(steps=1)
+    _, new = trained(steps=3)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "store").mkdir()
+    for name, save in (("torch", lambda p, s: torch.save({"w": s.params["0.weight"]}, p)), ("fnlit", ckpt.save)):
+        target, link = tmp_path / "store" / f"{name}.ckpt", tmp_path / "runs" / f"{name}.ckpt"
+        save(target, old)
+        link.symlink_to(target)
+        save(link, new)
+        assert link.is_symlink() and link.resolve() == target  # the link stays, and its target has the new content
+    assert torch.equal(torch.load(tmp_path / "store" / "torch.ckpt", weights_only=True)["w"], new.params["0.weight"])
+    assert_trees_equal(ckpt.restore(tmp_path / "store" / "fnlit.ckpt", new), new)
+    assert_trees_equal(ckpt.restore(tmp_path / "runs" / "fnlit.ckpt", new), new)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["fnlit.ckpt", "torch.ckpt"]  # no temporary file
+    # a Checkpointer's last.ckpt linked elsewhere: that file gets the newest checkpoint
+    (tmp_path / "latest.ckpt").write_bytes(b"")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "last.ckpt").symlink_to(tmp_path / "latest.ckpt")
+    ckpt.Checkpointer(tmp_path / "ck").save(new)
+    assert (tmp_path / "ck" / "last.ckpt").is_symlink()
+    assert_trees_equal(ckpt.restore(tmp_path / "latest.ckpt", new).params, new.params)
+    # but a last.ckpt linked to one of the folder's own checkpoints is replaced, not written through: that
+    # checkpoint keeps its content (as Lightning replaces its last.ckpt link)
+    (tmp_path / "own").mkdir()
+    first = ckpt.Checkpointer(tmp_path / "own", save_last=False).save(old)
+    (tmp_path / "own" / "last.ckpt").symlink_to(first.name)
+    ckpt.Checkpointer(tmp_path / "own", keep_last=None).save(new)
+    assert_trees_equal(ckpt.restore(first, old).params, old.params)
+    assert_trees_equal(ckpt.restore(tmp_path / "own" / "last.ckpt", new).params, new.params)
+
+
 def test_unwritable_folder_raises_naming_the_path(tmp_path, monkeypatch):
     _, state = trained()
     (tmp_path / "file").write_text("not a folder")
