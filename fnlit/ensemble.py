@@ -46,6 +46,7 @@ from .functional import _NumbersAside, value_and_grad
 from .optim import GradientTransformation
 from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE, collective_of
 from .transforms._frame import current as _current_frame
+from .transforms._frame import require_state
 from .optim import step as _opt_step
 from .optim._transforms import hyper_value
 from .state import TrainState
@@ -496,6 +497,7 @@ class EnsembleStep:
             self.vmapped = torch.compile(self.vmapped)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        require_state(state, "fnlit.ensemble")
         if state.step.shape != (self.n,):
             raise ValueError(
                 f"fnlit.ensemble(step, n={self.n}) expected a state stacked over {self.n} members (state.step of "

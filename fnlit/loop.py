@@ -35,7 +35,7 @@ from .summary import (
     Logger, MetricBuffer, ProgressBar, Writer, _hparams_mapping, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
     scalar_metric, unique_names,
 )
-from .transforms._frame import collective_of, wrapped_steps
+from .transforms._frame import collective_of, require_state, wrapped_steps
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -938,7 +938,8 @@ def fit(
     Raises:
         ValueError: empty or endless data without a limit, val_data without batches, inconsistent options,
             non-scalar metrics, colliding metric names (each message names the option and the fix).
-        TypeError: a ``seed`` that is not an int, ``prefixes`` that are not two strings.
+        TypeError: a ``seed`` that is not an int, ``prefixes`` that are not two strings, a state that is not one
+            :class:`fnlit.TrainState` (a tuple of a GAN's two: train them as one state, see the README).
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -952,6 +953,7 @@ def fit(
         >>> int(state.step)
         8
     """
+    require_state(state, "fnlit.fit")
     plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
     _data.check_sharding(train_data, "train_data")
     if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch

@@ -1302,3 +1302,72 @@ def test_a_loss_scale_no_float32_step_can_use_is_refused(scale):
     assert scale != scale or not 0 < scale <= torch.finfo(torch.float32).max
     with pytest.raises(ValueError, match="expected a finite float32 init_scale > 0"):
         fnlit.TrainState.create(nn.Linear(3, 1), fnlit.optim.sgd(0.1), seed=0, loss_scale=scale)
+
+
+def _gan_step():
+    """A GAN written over two states, ``step((g_state, d_state), batch)``: it runs unwrapped."""
+    g, d = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def step(states, batch):
+        gs, ds = states
+
+        def d_loss(dp):
+            fake, _ = fnlit.apply(g, gs.params, gs.buffers, batch)
+            out, _ = fnlit.apply(d, dp, ds.buffers, fake.detach())
+            return out.mean()
+
+        def g_loss(gp):
+            fake, _ = fnlit.apply(g, gp, gs.buffers, batch)
+            out, _ = fnlit.apply(d, ds.params, ds.buffers, fake)
+            return -out.mean()
+
+        ld, gd = fnlit.value_and_grad(d_loss)(ds.params)
+        lg, gg = fnlit.value_and_grad(g_loss)(gs.params)
+        return (gs.apply_gradients(gg), ds.apply_gradients(gd)), {"d": ld, "g": lg}
+
+    states = tuple(fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0) for m in (g, d))
+    return step, states
+
+
+_NOT_ONE_STATE = r"takes a single fnlit\.TrainState as the step's state, got a tuple of TrainState, TrainState.*nn\.ModuleDict"
+
+
+@pytest.mark.parametrize(
+    "who, wrap",
+    [
+        ("fnlit.accumulate", lambda s: fnlit.accumulate(s, 2)),
+        ("fnlit.amp", lambda s: fnlit.amp(s)),
+        ("fnlit.compile", lambda s: fnlit.compile(s)),
+        ("fnlit.data_parallel", lambda s: fnlit.data_parallel(s)),  # refused before it looks for a process group
+        ("fnlit.shard", lambda s: fnlit.shard(s)),
+        ("fnlit.donating", lambda s: fnlit.donating(s)),
+        ("fnlit.ensemble", lambda s: fnlit.ensemble(s, 2)),
+    ],
+)
+def test_a_step_over_two_states_is_refused_naming_the_one_state_recipe(who, wrap):
+    step, states = _gan_step()
+    x = torch.randn(4, 4)
+    step(states, x)  # unwrapped it runs
+    with pytest.raises(TypeError, match=rf"^{who} {_NOT_ONE_STATE}"):
+        wrap(step)(states, x)
+
+
+def test_fit_refuses_a_step_over_two_states():
+    step, states = _gan_step()
+    with pytest.raises(TypeError, match=rf"^fnlit\.fit {_NOT_ONE_STATE}"):
+        fnlit.fit(step, states, [torch.randn(4, 4)] * 2, max_epochs=1, progress=False)
+
+
+def test_the_one_state_check_takes_a_subclass_and_a_donated_state():
+    class MyState(fnlit.TrainState):
+        pass
+
+    from fnlit.transforms._frame import require_state
+
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    require_state(MyState(**{f: getattr(state, f) for f in ("step", "params", "buffers", "opt_state", "scaler", "rng", "tx")}), "x")
+    step = fnlit.donating(hand_step(model))
+    step(state, batch())
+    with pytest.raises(RuntimeError, match="donated"):  # the donation error still wins
+        fnlit.accumulate(step, 2)(state, batch())

@@ -507,6 +507,29 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
     raise ValueError(_PER_EXAMPLE.format(who=who, what=what, got=tuple(grad.shape), want=tuple(first.shape), advice=advice))
 
 
+_NOT_A_STATE = (
+    "{who} takes a single fnlit.TrainState as the step's state, got {got} instead. Several models (a GAN's "
+    "generator and discriminator) train as one state: TrainState.create(nn.ModuleDict({{\"g\": generator, "
+    "\"d\": discriminator}}), fnlit.optim.chain(fnlit.optim.masked(adam(2e-4), is_g), fnlit.optim.masked(adam(2e-4), "
+    "is_d)), ...), masks over the param names, and one apply_gradients with both parts' gradients (see \"Two models "
+    "(a GAN)\" in the README)."
+)
+
+
+def require_state(state: Any, who: str) -> None:
+    """Raises a TypeError unless ``state`` is a :class:`fnlit.TrainState` (a subclass, a stacked, donated, sharded or
+    traced one included): a step over a tuple of states (a GAN's two) runs unwrapped, but no transform can take it."""
+    from ..state import TrainState
+
+    if not isinstance(state, TrainState):
+        got = type(state).__name__
+        if isinstance(state, (tuple, list)):
+            got = f"a {got} of {', '.join(type(s).__name__ for s in state[:4])}{', ...' if len(state) > 4 else ''}"
+        else:
+            got = f"a {got}"
+        raise TypeError(_NOT_A_STATE.format(who=who, got=got))
+
+
 def is_step_result(result: Any, state: Any) -> bool:
     """Whether ``result`` has the form of a training step's: a pair whose first item is a state of ``state``'s type
     (an evaluation step, as :func:`fnlit.eval_step` builds, returns a dict of metrics)."""

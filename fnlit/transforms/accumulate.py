@@ -14,7 +14,7 @@ from .. import tree as _tree
 from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
 from ..data import _with_data
-from ._frame import Mispredicted, frame
+from ._frame import Mispredicted, frame, require_state
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -219,6 +219,7 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     guess = {"hint": 0, "misses": 0}
 
     def accumulate_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        require_state(state, "fnlit.accumulate")
         micro_batches = split_batch(batch, k)
         with frame() as (f, outermost):
             if f.accum_k != 1:

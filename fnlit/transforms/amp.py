@@ -9,7 +9,7 @@ import torch
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
-from ._frame import describe_result, frame, is_step_result
+from ._frame import describe_result, frame, is_step_result, require_state
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -190,6 +190,7 @@ def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
         raise ValueError(f"fnlit.amp expected dtype torch.bfloat16 or torch.float16, got {dtype} instead.")
 
     def amp_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics] | Metrics:
+        require_state(state, "fnlit.amp")
         refusal = None
         if dtype == torch.float16:  # raised when the step takes gradients: an evaluation step needs no scaler
             if state.scaler is None:

@@ -49,6 +49,7 @@ from .._types import Batch, Metrics, StepFn
 from ._frame import current as _current_frame
 from ._frame import describe_result as _describe
 from ._frame import is_step_result as _is_step_result
+from ._frame import require_state
 from ._frame import wrapped_steps
 from ..optim._base import _DONATED
 from .donate import RAISED, check_not_donated, poison
@@ -624,6 +625,7 @@ class CompiledStep:
 
     # -- call --------------------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        require_state(state, "fnlit.compile")
         if _current_frame() is not None:
             raise ValueError(_OUTSIDE)
         if torch._C._functorch.maybe_current_level() is not None:  # fnlit.ensemble's (or another) vmap around it

@@ -15,7 +15,7 @@ from .. import tree as _tree
 from .._checkpoint_io import _dtensor_class
 from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
-from ._frame import WITH_ENSEMBLE, _level, frame, run_on_rank
+from ._frame import WITH_ENSEMBLE, _level, frame, require_state, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -296,6 +296,7 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     first_call = [True]
 
     def data_parallel_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        require_state(state, "fnlit.data_parallel")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(_NOT_INITIALISED)
         if _level() is not None:  # under vmap: fnlit.ensemble(data_parallel(step))

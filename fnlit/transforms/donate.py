@@ -261,10 +261,11 @@ def donating(step: StepFn) -> StepFn:
         RuntimeError: This TrainState was donated to a step (fnlit.donating), ...
     """
     from ..optim._base import donated_update
-    from ._frame import current
+    from ._frame import current, require_state
 
     def donating_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         check_not_donated(state)
+        require_state(state, "fnlit.donating")
         if current() is not None:
             raise ValueError(_INSIDE)
         with donated_update() as record:

@@ -37,7 +37,7 @@ from torch.distributed.tensor import (
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, Params, StepFn
-from ._frame import WITH_ENSEMBLE, _level, frame, run_on_rank
+from ._frame import WITH_ENSEMBLE, _level, frame, require_state, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -378,6 +378,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
     meshes: list[DeviceMesh] = [] if mesh is None else [mesh]
 
     def shard_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        require_state(state, "fnlit.shard")
         if torch.compiler.is_compiling():
             raise NotImplementedError(
                 "fnlit.shard does not run under fnlit.compile / torch.compile yet (its collectives and DTensors "
