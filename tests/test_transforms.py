@@ -1371,3 +1371,45 @@ def test_the_one_state_check_takes_a_subclass_and_a_donated_state():
     step(state, batch())
     with pytest.raises(RuntimeError, match="donated"):  # the donation error still wins
         fnlit.accumulate(step, 2)(state, batch())
+
+
+def _nt_xent(z1, z2, t=0.5):
+    """A contrastive loss with in-batch negatives: it couples every example of the batch with every other."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    return F.cross_entropy(z1 @ z2.T / t, torch.arange(z1.shape[0]))
+
+
+def test_accumulate_computes_a_batch_coupled_loss_per_micro_batch_as_a_torch_loop_does():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 8, generator=g)
+    views = (x, x + 0.3 * torch.randn(8, 8, generator=g))
+
+    def step(state, batch):
+        def loss_fn(params):
+            z1, _ = fnlit.apply(model, params, state.buffers, batch[0])
+            z2, _ = fnlit.apply(model, params, state.buffers, batch[1])
+            return _nt_xent(z1, z2)
+
+        loss, grads = fnlit.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.5), seed=0)
+    acc, _ = fnlit.accumulate(step, 2)(state, views)
+
+    def torch_update(chunks):  # torch's gradient accumulation: (loss / k).backward() per micro-batch, one SGD step
+        ref = copy.deepcopy(model)
+        for a, b in chunks:
+            (_nt_xent(ref(a), ref(b)) / len(chunks)).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.5 * p.grad
+        return dict(ref.named_parameters())
+
+    micro = torch_update([(views[0][:4], views[1][:4]), (views[0][4:], views[1][4:])])
+    full = torch_update([views])
+    for name in acc.params:
+        torch.testing.assert_close(acc.params[name], micro[name].detach())
+        assert (acc.params[name] - full[name]).abs().max() > 1e-3  # not the full-batch step: 4 negatives, not 8
+    assert "couples the examples of a batch" in fnlit.accumulate.__doc__  # and its docstring says so

@@ -195,6 +195,11 @@ def accumulate(step: StepFn, k: int) -> StepFn:
     buffers) runs k times per update, on unchanged params in micro-batches 0..k-2. Guard it with the step
     counter, which only the update moves: ``torch.where(new.step != state.step, updated, old)``.
 
+    A loss that couples the examples of a batch (a contrastive loss with in-batch negatives such as NT-Xent, a
+    batch-level statistic) sees only its micro-batch's B/k examples, as in a plain loop that accumulates
+    micro-batches (``(loss / k).backward()`` on each): ``accumulate(step, k)`` equals that loop, not the full-batch
+    step. BatchNorm's batch statistics likewise come from each micro-batch.
+
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
         k: number of micro-batches; every batch's leading dimension must be divisible by it.
