@@ -209,6 +209,43 @@ def test_donated_compile_keeps_values_that_alias_the_donated_state(mode):
     assert not torch.allclose(want.buffers["prev"], want.params["0.weight"], rtol=1e-4, atol=1e-5)
 
 
+def _keeping_views(model):
+    """A step whose metrics and kept buffers are views of its input params and batch, taken before the update."""
+
+    def step(state, x):
+        loss, grads = fnlit.value_and_grad(lambda p: fnlit.apply(model, p, state.buffers, x)[0].pow(2).mean())(state.params)
+        w, b = state.params["0.weight"], state.params["0.bias"]
+        views = {"row": w[1], "t": w.t(), "scalar": b[:1].view(()), "detached": w[0].detach(), "x": x}
+        kept = {"row": w[1], "t": w.t(), "scalar": b[:1].view(()), "x": x}
+        return state.apply_gradients(grads, buffers={**state.buffers, **kept}), {"loss": loss.detach(), **views}
+
+    return step
+
+
+@pytest.mark.slow
+def test_donated_compile_keeps_views_of_the_donated_state_as_the_step_saw_them():
+    # Inductor folded the copy of a slice, .t() or .view(()) of a donated leaf (and a batch viewing a donated buffer)
+    # and read it after writing the update: the metrics and kept buffers came back holding the new weights.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    for name, shape in {"row": (4,), "t": (4, 3), "scalar": (), "x": (4,)}.items():
+        model.register_buffer(name, torch.zeros(shape))
+    model.register_buffer("data", torch.randn(2, 4))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.5), seed=0)
+    step = _keeping_views(model)
+    want_state, want = step(clone_tree(state), state.buffers["data"][1])  # the reference: eager, undonated
+    donated = clone_tree(state)
+    got_state, got = fnlit_compile(step, donate=True, mode="default")(donated, donated.buffers["data"][1])
+    w, b = state.params["0.weight"], state.params["0.bias"]
+    seen = {"row": w[1], "t": w.t(), "scalar": b[0], "detached": w[0], "x": state.buffers["data"][1]}
+    for name, value in seen.items():  # what the step saw, bitwise; not the updated weights
+        assert torch.equal(got[name], value) and torch.equal(want[name], value), name
+        if name != "detached":
+            assert torch.equal(got_state.buffers[name], value), name
+    assert not torch.equal(got_state.params["0.weight"], w)  # (the update did happen)
+    assert_trees_close(got_state, want_state, rtol=1e-5, atol=1e-6)
+
+
 def _reordered(state):
     """The same state with its params and moments in reversed dict order (optree sorts keys, torch does not)."""
     rev = lambda d: dict(reversed(list(d.items())))  # noqa: E731

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import linecache
+import operator
 import os
 import re
 import sysconfig
@@ -447,15 +448,51 @@ def _keep_input_guards(entries: Any) -> list[bool]:
     ]
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` for the captured graph: ``t * 1`` (bitwise ``t``), not ``t.clone()``.
+@torch.library.custom_op("fnlit::snapshot", mutates_args=())
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that inductor cannot see through (an op of its own, run as a kernel of its own)."""
+    return t.clone()
 
-    Inductor (torch 2.14) lowers a clone of a graph input that the graph also writes as a read of the
-    input *after* the write: ``state.params['w'].clone()`` copied into another donated leaf came out
-    as the updated weights. A multiply is realized before the write (checked against eager and
-    aot_eager for kept, swapped, detached and viewed leaves).
+
+@_snapshot.register_fake
+def _(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` for the captured graph, taken before any donated leaf is written (see :func:`_snapshots`)."""
+    return _snapshot(t)
+
+
+def _snapshots(gm: torch.fx.GraphModule) -> None:
+    """Keeps a real copy in ``gm`` only for the :func:`_fresh` values that share memory with a donated leaf.
+
+    Inductor (torch 2.14) folds an identity copy -- ``t * 1``, ``t + 0``, ``t.clone()`` -- of a graph input
+    that the graph also writes, and then reads the input *after* the write: a metric or kept state that is a
+    donated leaf or a view of one (``state.params['w'][0]``, ``.t()``, ``.view(())``, a batch viewing a donated
+    buffer) came out as the updated values. Such a value keeps :func:`_snapshot`, an op inductor runs as it is,
+    ordered before the writes; every other value (computed ones: most of them) becomes ``t * 1``, which inductor
+    fuses away. Memory is told by the fake tensors' storages, which views and detached tensors share.
     """
-    return t & True if t.dtype == torch.bool else t * 1
+    from torch._inductor.fx_utils import get_storage
+
+    def storage(node: Any) -> int | None:
+        value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+        return get_storage(value) if isinstance(value, torch.Tensor) and torch._C._has_storage(value) else None
+
+    nodes = list(gm.graph.nodes)
+    writes = [n.args[0] for n in nodes if n.op == "call_method" and n.target == "copy_"]  # captured's, into donated leaves
+    donated = {storage(n) for n in writes if isinstance(n, torch.fx.Node) and n.op == "placeholder"} - {None}
+    changed = False
+    for node in nodes:
+        if node.op == "call_function" and node.target in (_snapshot, torch.ops.fnlit.snapshot.default):
+            (value,) = node.args
+            if storage(value) not in donated:
+                node.target = operator.and_ if node.meta["example_value"].dtype == torch.bool else operator.mul
+                node.args = (value, True if node.target is operator.and_ else 1)
+                changed = True
+    if changed:
+        gm.recompile()
 
 
 class _Entry:
@@ -535,6 +572,8 @@ class CompiledStep:
 
         def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
             uses_rng = _check_graph(gm)
+            if donate:
+                _snapshots(gm)
             changed = _replayed_side_effects()
             if changed:
                 raise CaptureError(_SIDE_EFFECTS.format(sources=", ".join(changed[:4])))
@@ -594,9 +633,9 @@ class CompiledStep:
                     if _reshaped(old, value):
                         raise ValueError("fnlit.compile: a donated state tensor changed shape or dtype")
                 # Each value is copied before any is written: a value that is (or views) a donated leaf -- a
-                # state keeping last step's params, a metric that is an input tensor (amp's loss scale) --
-                # must keep what the step saw, not what is written over it. Inductor fuses the copy of a
-                # computed value away (the same kernels as without it).
+                # state keeping last step's params or a row of them, a metric that is an input tensor (amp's
+                # loss scale) -- must keep what the step saw, not what is written over it. The backend keeps
+                # a real copy only for those (_snapshots); inductor fuses the copy of a computed value away.
                 donated = leaves[:n_state]
                 new_leaves = [v if v is old else _fresh(v) for old, v in zip(donated, new_leaves)]
                 metrics = torch_pytree.tree_map(lambda m: _fresh(m) if isinstance(m, torch.Tensor) else m, metrics)
