@@ -275,6 +275,9 @@ class _Record:
 
 def _step(state: Any) -> int:
     """The step a checkpoint is named by; an ensemble's members (stacked steps) must share it."""
+    from .transforms.donate import check_not_donated
+
+    check_not_donated(state)  # the donation error, not "this TrainState has step=<donated>"
     step = common_step(state)
     if step is None:
         if not isinstance(getattr(state, "step", None), Tensor):
@@ -656,6 +659,7 @@ class Checkpointer:
                 ``save_last``, also if the folder's ``last.ckpt`` is not an fnlit checkpoint (another tool's): it
                 is not replaced, and nothing is written.
             ValueError: for an ensemble whose members' steps differ (the file is named by the step).
+            RuntimeError: for a state donated to a step (the donation error :func:`save` gives); nothing is written.
         """
         path = self.directory / f"step={_step(state):08d}.ckpt"
         given = state

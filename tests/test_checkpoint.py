@@ -1190,6 +1190,19 @@ def test_a_best_saved_at_an_epochs_end_is_saved_again_after_it_for_every_n_epoch
     assert seen == [0, 1, 2]
 
 
+def test_checkpointer_save_of_a_donated_state_gives_the_donation_error_as_save_does(tmp_path):
+    # It said "this TrainState has step=<donated>: ... or use fnlit.save(path, state)", which raises the real cause.
+    model = nn.Linear(3, 2)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.donating(fnlit.train_step(model, lambda m, b: m(b).sum()))(state, torch.randn(4, 3))
+    donated = r"This TrainState was donated to a step \(fnlit.donating\)"
+    with pytest.raises(RuntimeError, match=donated):
+        ckpt.save(tmp_path / "a.ckpt", state)
+    with pytest.raises(RuntimeError, match=donated):
+        ckpt.Checkpointer(tmp_path / "ckpts").save(state)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_save_and_restore_sharded_of_a_donated_state_give_the_donation_error(tmp_path):
     # Both said "save_sharded expected a state whose leaves are tensors (or numbers), got Donated at step".
     model = nn.Linear(3, 2)
