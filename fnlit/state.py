@@ -18,6 +18,7 @@ from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
 from .transforms._frame import current as _current_frame
 from .transforms.donate import consume as _consume
+from .transforms.donate import is_donated as _is_donated
 
 if TYPE_CHECKING:
     from .transforms.amp import LossScaleState
@@ -319,6 +320,8 @@ class TrainState:
         return next(iter(self.params.values())).device
 
     def __repr__(self) -> str:
+        if _is_donated(self):  # its fields raise when read; a debugger, a log or pytest's locals still show it
+            return f"TrainState(<donated to a step ({object.__getattribute__(self.params, '_how')})>)"
         params, buffers = _tree.tree_leaves(self.params), _tree.tree_leaves(self.buffers)  # (nested trees too)
         n = sum(p.numel() for p in params if isinstance(p, torch.Tensor))
         step = self.step  # a 0-d tensor; (members,) under fnlit.ensemble; whatever replace(step=...) was given

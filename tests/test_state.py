@@ -474,6 +474,17 @@ def test_repr_never_raises_and_counts_nested_trees():
     assert "params=2 tensors / 3 values, buffers=1 tensors" in repr(nested)
 
 
+def test_repr_of_a_donated_state_says_so_instead_of_raising():
+    # It read int(step) and numel() of the donation sentinels: a debugger, a log line or pytest's locals raised.
+    model = nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    new, _ = fnlit.donating(fnlit.train_step(model, lambda m, b: m(b).sum()))(state, torch.ones(3, 2))
+    assert repr(state) == str(state) == "TrainState(<donated to a step (fnlit.donating)>)"
+    assert repr(new).startswith("TrainState(step=1, params=2 tensors / 3 values")
+    with pytest.raises(RuntimeError, match=r"This TrainState was donated to a step \(fnlit.donating\)"):
+        _ = state.params["weight"]  # still unusable
+
+
 @pytest.mark.parametrize("field", ["rng", "step", "params", "opt_state"])
 def test_apply_gradients_refuses_changes_to_the_fields_the_update_sets(field):
     # A Python TypeError ("got multiple values for keyword argument"), and under accumulate only at the last
