@@ -207,13 +207,13 @@ _FORKSERVER_PRELOAD = ["__main__", "torch", "fnlit"]
 
 
 _NOT_IMPORTABLE = (
-    "\nfnlit.distributed.launch: this rank could not unpickle fn or its arguments. fn must be importable by the "
+    "\nfnlit.distributed.launch: this rank could not unpickle fn. fn must be importable by the "
     "child processes: a module-level function in a .py file, not one defined in a notebook cell, in `python -c`, "
     "or under `if __name__ == '__main__':` (the ranks import the module fn is in, and see none of these)."
 )
 
 
-def _worker(payload: bytes, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any,
+def _worker(payload: bytes, args: tuple, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any,
             env: dict[str, str] | None = None, cwd: str | None = None) -> None:
     if env is not None:  # forkserver: the parent's environment now, not the server's from when it started
         os.environ.clear()
@@ -225,7 +225,7 @@ def _worker(payload: bytes, r: int, n: int, port: int, backend: str, pg_timeout:
     )
     try:
         try:  # here, not in multiprocessing's start-up: there a failure only reaches this rank's stderr
-            fn, args = pickle.loads(payload)
+            fn = pickle.loads(payload)
         except Exception:
             q.put((r, False, traceback.format_exc() + _NOT_IMPORTABLE))
             return
@@ -315,14 +315,15 @@ def launch(
     if start_method == "forkserver":
         ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)  # (read when the server starts: once per process)
         env, cwd = dict(os.environ), os.getcwd()
-    # Pickled here, so that fn or an argument that cannot be pickled (a lambda) raises before any rank starts; each
-    # rank unpickles it where a failure (fn not importable there) is reported with its traceback.
-    payload = pickle.dumps((fn, args))
+    # fn pickled here, so that one that cannot be pickled (a lambda) raises before any rank starts; each rank
+    # unpickles it where a failure (fn not importable there) is reported with its traceback. The arguments travel
+    # as multiprocessing passes them (tensors in shared memory, mp.Value/Lock/Queue by inheritance).
+    payload = pickle.dumps(fn)
     q = ctx.Queue()
     port = _free_port()
     procs = [
         # not daemonic: a rank may start processes of its own (DataLoader workers); the finally below ends them
-        ctx.Process(target=_worker, args=(payload, r, nprocs, port, backend, collective_timeout, q, env, cwd),
+        ctx.Process(target=_worker, args=(payload, args, r, nprocs, port, backend, collective_timeout, q, env, cwd),
                     daemon=False)
         for r in range(nprocs)
     ]

@@ -11,6 +11,8 @@ all members' keys into one seed *outside* vmap and runs the members with ``rando
 each member gets its own dropout mask and the step stays a pure function of the stacked state. The
 masks are not the ones the member would draw when trained alone, so only models without randomness
 equal their solo runs to rounding (tests compare those); under amp, to the amp dtype's precision (see :func:`ensemble`).
+(That is for the members' keys: ``state.rng`` and keys made from it. A constant key the step passes to
+:func:`fnlit.apply`, which the vmap does not batch, seeds that forward itself, as it would eagerly.)
 
 Example:
     >>> import torch, torch.nn.functional as F, fnlit

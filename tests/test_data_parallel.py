@@ -205,6 +205,23 @@ def test_launch_of_a_lambda_raises_before_any_rank_starts():
         fnlit.distributed.launch(lambda: 1, 2, timeout=30)
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_launch_passes_arguments_as_multiprocessing_does(start_method):
+    # launch pickled its arguments itself for a while: a multiprocessing Queue or Value (which pickle only while a
+    # process starts) was refused, and a tensor argument became a private copy in each rank. The reference is
+    # multiprocessing's (and torch.multiprocessing's) own Process(args=...).
+    import multiprocessing
+
+    from _dist_workers import report_through
+
+    ctx = multiprocessing.get_context(start_method)
+    queue, value, tensor = ctx.Queue(), ctx.Value("i", 0), torch.zeros(2)
+    launch = fnlit.distributed.launch
+    assert launch(report_through, 2, queue, value, tensor, timeout=120, start_method=start_method) == [True, True]
+    assert sorted(queue.get(timeout=30) for _ in range(2)) == [0, 1] and value.value == 2
+    assert tensor.tolist() == [100.0, 101.0]  # shared memory, as torch.multiprocessing passes a tensor
+
+
 def test_wrap_builds_the_requested_nesting():
     model, state = make_state()
     step = wrap(hand_step(model), ("amp", "accumulate", "data_parallel"))

@@ -138,11 +138,13 @@ def all_reduce_metrics(
         # float64 on every rank, whatever each rank's metrics are (one rank's float64 tensor beside another's number
         # made float64 and float32 collectives of different sizes); a float64 loss keeps its digits
         # on the collective's device: a metric kept on the CPU (state.step, beside CUDA ones) would fail the stack
+        # (to a GPU without waiting for it; to the CPU waiting, as gloo then reads the values)
         dev = device if device is not None else leaves[rest[0]].device
+        wait = dev.type != "cuda"
         if all(leaves[i].dim() == 0 for i in rest):
-            values = torch.stack([leaves[i].detach().to(dev, torch.float64, non_blocking=True) for i in rest])
+            values = torch.stack([leaves[i].detach().to(dev, torch.float64, non_blocking=not wait) for i in rest])
         else:
-            values = torch.cat([leaves[i].detach().reshape(-1).to(dev, torch.float64, non_blocking=True) for i in rest])
+            values = torch.cat([leaves[i].detach().reshape(-1).to(dev, torch.float64, non_blocking=not wait) for i in rest])
         (values,) = all_reduce_mean_([values], group)
         offset = 0
         for i in rest:
