@@ -562,10 +562,15 @@ class Checkpointer:
 
     def on_step(self, state: Any, position: Position) -> None:
         """Saves if ``state.step`` is a multiple of ``every_n_steps``."""
-        if self.every_n_steps is not None:
-            step = _step(state)
-            if step % self.every_n_steps == 0 and not self._is_saved(state):
-                self._save_and_wait(state, position)
+        if self._due(state):
+            self._save_and_wait(state, position)
+
+    def _due(self, state: Any) -> bool:
+        """Whether :meth:`on_step` saves ``state``: fit builds the position (the callbacks' states, the log interval's
+        metrics so far) only then, not at every step."""
+        return (
+            self.every_n_steps is not None and _step(state) % self.every_n_steps == 0 and not self._is_saved(state)
+        )
 
     def on_validation(self, state: Any, position: Position, val_metrics: dict[str, float]) -> None:
         """Saves if ``val_metrics[monitor]`` is among the ``keep_best`` best so far (strictly better than

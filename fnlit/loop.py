@@ -1263,7 +1263,9 @@ def fit(
                         raise
                     if validated_here:
                         validate()
-                    if checkpoint is not None:  # after the batch's validation: a resume from here does not skip it
+                    # after the batch's validation: a resume from here does not skip it (the position, which copies
+                    # the log interval's metrics so far, built only for a save)
+                    if checkpoint is not None and checkpoint._due(state):
                         checkpoint.on_step(state, where(epoch, b))
                     if not distributed:
                         halt = halting()

@@ -1429,3 +1429,32 @@ def test_a_branch_resumed_again_from_last_still_does_not_rank_the_abandoned_hist
         "step=00000016.ckpt": (16, 0.5),  # the abandoned history's: kept, not ranked
     }
     assert (tmp_path / "last.ckpt").samefile(tmp_path / "step=00000012.ckpt")
+
+
+def test_fit_builds_a_checkpoint_position_only_when_the_checkpointer_saves(tmp_path):
+    # fit built the position for Checkpointer.on_step at every step -- every stateful callback's state_dict, and a
+    # fresh copy of the log interval's metrics so far (a step's cost grew with the steps since the last log row) --
+    # though on_step saves only every `every_n_steps`. Lightning's ModelCheckpoint asks callbacks for their state
+    # only when it saves: so the count must not grow with the steps between saves.
+    def state_dict_calls(n_steps, every, folder):
+        calls = []
+
+        class Counting(fnlit.callbacks.Callback):
+            def state_dict(self):
+                calls.append(None)
+                return {"n": len(calls)}
+
+            def load_state_dict(self, state):
+                pass
+
+        model = torch.nn.Linear(2, 1)
+        state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+        step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        data = fnlit.ArrayLoader(torch.randn(2 * n_steps, 2), torch.randn(2 * n_steps, 1), batch_size=2)
+        saver = ckpt.Checkpointer(folder, every_n_steps=every, keep_last=None)
+        fnlit.fit(step, state, data, max_epochs=1, progress=False, callbacks=[Counting()], checkpoint=saver,
+                  log_every_n_steps=1000)
+        assert len([p for p in folder.glob("step=*.ckpt")]) == 4
+        return len(calls)
+
+    assert state_dict_calls(20, 5, tmp_path / "a") == state_dict_calls(80, 20, tmp_path / "b")  # 4 saves each
