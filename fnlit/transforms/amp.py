@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import torch
 
@@ -128,7 +128,13 @@ _NOT_A_STEP = (
 )
 
 
-def amp(step: StepFn, dtype: torch.dtype = torch.bfloat16) -> StepFn:
+@overload
+def amp(step: StepFn, dtype: torch.dtype = ...) -> StepFn: ...
+@overload
+def amp(
+    step: Callable[[TrainState, Batch], Metrics], dtype: torch.dtype = ...
+) -> Callable[[TrainState, Batch], Metrics]: ...
+def amp(step: Any, dtype: torch.dtype = torch.bfloat16) -> Any:
     """Runs ``step``'s forward passes in autocast with ``dtype``; params and optimizer state stay float32.
 
     The step's forwards run under ``torch.autocast(device, dtype)``: the function :func:`fnlit.value_and_grad`
