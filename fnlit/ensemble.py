@@ -33,7 +33,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.utils._pytree as torch_pytree
@@ -42,7 +42,7 @@ from torch import nn
 from . import random as _random
 from . import tree as _tree
 from .tree import is_real
-from ._types import Batch, Metrics, Params, StepFn
+from ._types import Batch, Metrics, Params
 from .data import batch_size_of
 from .functional import _NumbersAside, value_and_grad
 from .optim import GradientTransformation
@@ -52,6 +52,10 @@ from .transforms._frame import require_state
 from .optim import step as _opt_step
 from .optim._transforms import hyper_value
 from .state import TrainState
+
+_Out = TypeVar("_Out", bound="tuple[TrainState, Metrics] | Metrics")
+# What the wrapped step returns, and so the ensemble step: (state, metrics) for a training step, metrics for an
+# evaluation step (fnlit.evaluate's and fit's eval_step take an ensemble of one).
 
 __all__ = ["EnsembleStep", "ensemble", "ensemble_states", "per_example_grads", "stack_states", "unstack_state"]
 
@@ -474,8 +478,11 @@ def _cumulative_batchnorm(e: RuntimeError) -> nn.Module | None:
     return found if found is not None and found.momentum is None else None
 
 
-class EnsembleStep:
+class EnsembleStep(Generic[_Out]):
     """``step`` vectorized over the members of a stacked state; made by :func:`ensemble`.
+
+    It returns what ``step`` returns, stacked over the members: ``(state, metrics)`` for a training step, the
+    metrics for an evaluation step.
 
     Example:
         >>> import torch, fnlit
@@ -487,7 +494,7 @@ class EnsembleStep:
         (ensemble(step, n=4, in_dims=None), torch.Size([4]))
     """
 
-    def __init__(self, step: StepFn, n: int, in_dims: Any, randomness: str, compile: bool) -> None:
+    def __init__(self, step: Callable[[TrainState, Batch], _Out], n: int, in_dims: Any, randomness: str, compile: bool) -> None:
         inner = collective_of(step)  # fnlit.ensemble(fnlit.data_parallel(...)): refused here, before any vmap or compile
         if inner is not None:
             raise ValueError(WITH_ENSEMBLE.format(who=inner.collective))
@@ -498,7 +505,7 @@ class EnsembleStep:
         if compile:
             self.vmapped = torch.compile(self.vmapped)
 
-    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def __call__(self, state: TrainState, batch: Batch) -> _Out:
         require_state(state, "fnlit.ensemble")
         if state.step.shape != (self.n,):
             raise ValueError(
@@ -589,8 +596,9 @@ class EnsembleStep:
 
 
 def ensemble(
-    step: StepFn, n: int, *, in_dims: Any = None, randomness: str = "different", compile: bool = False
-) -> EnsembleStep:
+    step: Callable[[TrainState, Batch], _Out], n: int, *, in_dims: Any = None, randomness: str = "different",
+    compile: bool = False
+) -> EnsembleStep[_Out]:
     """Turns a step for one model into a step for ``n`` independent models, vectorized with ``torch.func.vmap``.
 
     The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)``: each tensor metric
@@ -609,7 +617,8 @@ def ensemble(
     ``float(num_batches_tracked)``, which vmap cannot batch; a ValueError says so (give it a numeric momentum).
 
     Args:
-        step: ``(state, batch) -> (state, metrics)`` for one model; pure, as every fnlit step.
+        step: ``(state, batch) -> (state, metrics)`` for one model; pure, as every fnlit step. Or an evaluation
+            step ``(state, batch) -> metrics``, for :func:`fnlit.evaluate` and :func:`fnlit.fit`'s ``eval_step``.
         n: the number of members (checked against the state).
         in_dims: how the batch maps to members: None (default) gives every member the same batch;
             0 gives member ``i`` the slice ``batch[i]`` of a batch stacked along dimension 0 (any
@@ -620,7 +629,8 @@ def ensemble(
             so it stays deterministic). On the CPU this removes most of vmap's per-op overhead.
 
     Returns:
-        An :class:`EnsembleStep`, a callable ``(stacked_state, batch) -> (stacked_state, metrics)``.
+        An :class:`EnsembleStep`, a callable ``(stacked_state, batch) -> (stacked_state, metrics)`` (for an
+        evaluation step, ``(stacked_state, batch) -> metrics``).
 
     Raises:
         ValueError: if ``n < 1`` or ``randomness`` is unknown, or with :func:`fnlit.data_parallel` or
