@@ -41,6 +41,16 @@ from .transforms.donate import donating as donating
 from .transforms import amp as amp
 from .transforms import data_parallel as data_parallel
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the lazily loaded names of _LAZY below, for type checkers and IDEs (never run)
+    from .sharded_checkpoint import read_sharded_meta as read_sharded_meta
+    from .sharded_checkpoint import restore_sharded as restore_sharded
+    from .sharded_checkpoint import save_sharded as save_sharded
+    from .transforms.shard import shard as shard
+    from .transforms.shard import shard_state as shard_state
+    from .transforms.shard import unshard_state as unshard_state
+
 __version__ = "0.1.0"
 
 # Sharded training pulls in DTensor and torch.distributed.checkpoint (about 1.5 s of imports), so its

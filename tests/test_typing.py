@@ -47,3 +47,24 @@ def test_ensemble_of_an_eval_step_returns_metrics():
         bound = eval(bound.__forward_arg__, vars(sys.modules[fnlit.ensemble.__module__]))
     assert set(typing.get_args(bound)) == {tuple[TrainState, Metrics], Metrics}
 
+
+def test_lazy_names_are_typed_and_stay_lazy():
+    # `import fnlit` leaves the sharding modules unloaded (module __getattr__), which typed the names as `object`
+    # for type checkers; each needs an import under `if TYPE_CHECKING:`, the same name from the same module.
+    import ast
+    import inspect
+    import subprocess
+
+    tree = ast.parse(inspect.getsource(fnlit))
+    typed = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for imp in node.body:
+                if isinstance(imp, ast.ImportFrom):
+                    for alias in imp.names:
+                        typed[alias.asname or alias.name] = ("fnlit." + imp.module if imp.level else imp.module, alias.name)
+    assert fnlit._LAZY and {name: (mod, name) for name, mod in fnlit._LAZY.items()}.items() <= typed.items()
+    code = "import sys, fnlit; print(sorted(set(fnlit._LAZY.values()) & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+    assert fnlit.shard_state is sys.modules["fnlit.transforms.shard"].shard_state  # and still loads on first use

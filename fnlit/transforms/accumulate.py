@@ -260,5 +260,5 @@ def accumulate(step: StepFn, k: int) -> StepFn:
         return new, metrics
 
     accumulate_step.__wrapped__ = step  # type: ignore[attr-defined]
-    accumulate_step.accumulate_k = k  # type: ignore[attr-defined]  (fit checks the data's last batch splits)
+    accumulate_step.accumulate_k = k  # type: ignore[attr-defined]  # (fit checks the data's last batch splits)
     return accumulate_step

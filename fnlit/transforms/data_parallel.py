@@ -313,6 +313,6 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
             return run_on_rank(step, state, batch, dist.get_rank(group), f, outermost)
 
     data_parallel_step.__wrapped__ = step  # type: ignore[attr-defined]
-    data_parallel_step.collective = "fnlit.data_parallel"  # type: ignore[attr-defined]  (fnlit.ensemble refuses it)
-    data_parallel_step.group = group  # type: ignore[attr-defined]  (fit checks the ranks' states in it)
+    data_parallel_step.collective = "fnlit.data_parallel"  # type: ignore[attr-defined]  # (fnlit.ensemble refuses it)
+    data_parallel_step.group = group  # type: ignore[attr-defined]  # (fit checks the ranks' states in it)
     return data_parallel_step

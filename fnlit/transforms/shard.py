@@ -404,7 +404,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
             return run_on_rank(step, state, batch, m.get_local_rank(), f, outermost)
 
     shard_step.__wrapped__ = step  # type: ignore[attr-defined]
-    shard_step.collective = "fnlit.shard"  # type: ignore[attr-defined]  (fnlit.ensemble refuses it)
+    shard_step.collective = "fnlit.shard"  # type: ignore[attr-defined]  # (fnlit.ensemble refuses it)
     return shard_step
 
 
