@@ -68,3 +68,9 @@ def test_lazy_names_are_typed_and_stay_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
     assert fnlit.shard_state is sys.modules["fnlit.transforms.shard"].shard_state  # and still loads on first use
+
+
+def test_weight_decay_takes_a_tensor():
+    # The docstrings: "pass torch.tensor(0.0) to keep it adjustable" (a 0.0 float decay is dropped at build time).
+    for fn in (fnlit.optim.sgd, fnlit.optim.adam, fnlit.optim.adamw, fnlit.optim.add_decayed_weights):
+        assert set(typing.get_args(_hints(fn)["weight_decay"])) == {float, torch.Tensor}, fn.__name__

@@ -278,7 +278,7 @@ def sgd(
     learning_rate: LearningRate,
     momentum: float = 0.0,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
     dampening: float = 0.0,
 ) -> GradientTransformation:
     """Stochastic gradient descent with ``torch.optim.SGD`` semantics.
@@ -454,7 +454,11 @@ def _adam(name: str, learning_rate: LearningRate, b1: float, b2: float, eps: flo
 
 
 def adam(
-    learning_rate: LearningRate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+    learning_rate: LearningRate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float | torch.Tensor = 0.0,
 ) -> GradientTransformation:
     """Adam with ``torch.optim.Adam`` semantics (``weight_decay`` is L2: added to the gradient).
 
@@ -495,7 +499,7 @@ def adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: float | torch.Tensor = 1e-2,
     mask: Mask | None = None,
 ) -> GradientTransformation:
     """AdamW with ``torch.optim.AdamW`` semantics: decoupled decay ``p *= 1 - lr * wd``, then Adam.

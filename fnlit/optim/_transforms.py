@@ -554,7 +554,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Mask | None = None) -> GradientTransformation:
     """Adds ``weight_decay * params`` to the updates (L2 regularization as a gradient term).
 
     A sparse gradient (``nn.Embedding(..., sparse=True)``) is summed into the dense one first.
