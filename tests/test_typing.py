@@ -74,3 +74,21 @@ def test_weight_decay_takes_a_tensor():
     # The docstrings: "pass torch.tensor(0.0) to keep it adjustable" (a 0.0 float decay is dropped at build time).
     for fn in (fnlit.optim.sgd, fnlit.optim.adam, fnlit.optim.adamw, fnlit.optim.add_decayed_weights):
         assert set(typing.get_args(_hints(fn)["weight_decay"])) == {float, torch.Tensor}, fn.__name__
+
+
+def test_schedules_typed_as_learning_rate_describes():
+    # LearningRate (adamw's) describes a schedule as Callable[[Tensor], Tensor]; join must take one.
+    tensor_schedule = collections.abc.Callable[[torch.Tensor], torch.Tensor]
+    assert _hints(fnlit.optim.join)["schedules"] == collections.abc.Sequence[tensor_schedule]
+    seen = []
+
+    def record(count):
+        seen.append(type(count))
+        return torch.tensor(0.1)
+
+    s = fnlit.optim.join([record, record], [5])
+    for count in (3, 7, torch.tensor(7)):
+        s(count)
+    assert seen and set(seen) == {torch.Tensor}  # join calls its schedules with tensors only, even for an int count
+    # scale_by_learning_rate's docstring takes "a float, a 0-d tensor or a schedule"
+    assert torch.Tensor in typing.get_args(_hints(fnlit.optim.scale_by_learning_rate)["learning_rate"])

@@ -235,7 +235,7 @@ def step_decay(init_value: float, step_size: int, gamma: float) -> Schedule:
     return schedule
 
 
-def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+def join(schedules: Sequence[Callable[[torch.Tensor], torch.Tensor]], boundaries: Sequence[int]) -> Schedule:
     """Runs ``schedules[i]`` from ``boundaries[i - 1]`` on; each later schedule sees ``t - boundary``.
 
     As optax's ``join_schedules``.

@@ -40,7 +40,7 @@ __all__ = [
     "set_to_zero",
 ]
 
-ScalarOrSchedule = float | Callable[[torch.Tensor], torch.Tensor]
+ScalarOrSchedule = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 _LEARNING_RATE, _WEIGHT_DECAY = frozenset({"learning_rate"}), frozenset({"weight_decay"})  # each state's hyperparams keys
 
 
