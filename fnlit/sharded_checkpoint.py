@@ -126,19 +126,22 @@ def _all_gather(value: Any) -> list[Any]:
 
 
 def _checksums(tmp: Path) -> dict[str, dict[str, int]]:
-    """The sizes and CRCs of every file of the checkpoint, each rank reading only the files it wrote
-    (DCP names them ``__<rank>_<n>.distcp``); on rank 0, those of the others, ``.metadata``, and any file
-    that naming missed."""
+    """The sizes and CRCs of every rank's shards, each rank reading only the files it wrote (DCP names
+    them ``__<rank>_<n>.distcp``); rank 0 adds the other files with :func:`_unnamed_checksums`."""
     rank = dist.get_rank() if _distributed() else 0
     mine = {p.name: _file_crc(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
     files: dict[str, dict[str, int]] = {}
     for part in _all_gather(mine):  # also the barrier: every rank's shards are on disk (DCP fsyncs each file)
         files.update(part)
-    if rank == 0:
-        for p in sorted(tmp.iterdir()):
-            if p.name not in files and p.name != META_FILE and p.is_file():
-                files[p.name] = _file_crc(p)
     return files
+
+
+def _unnamed_checksums(tmp: Path, files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """``files`` and the sizes and CRCs of the checkpoint's other files: ``.metadata`` and any file that
+    DCP's naming missed (on rank 0, inside the step whose failure every rank raises)."""
+    others = {p.name: _file_crc(p) for p in sorted(tmp.iterdir())
+              if p.name not in files and p.name != META_FILE and p.is_file()}
+    return {**files, **others}
 
 
 def _failure(e: CheckpointException) -> str:
@@ -269,7 +272,8 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             raise CheckpointError(f"could not write the sharded checkpoint {target}: {_failure(e)}. {unchanged}") from None
     files = _checksums(tmp)
     if rank0:
-        try:
+        try:  # (reading .metadata back may fail too: every rank raises it, and the copy is removed)
+            files = _unnamed_checksums(tmp, files)
             with open(tmp / META_FILE, "w") as f:
                 f.write(json.dumps({**info, "files": files}, indent=1))
                 f.flush()

@@ -489,3 +489,32 @@ def rank0_cannot_write_its_json(directory: str):
     finally:
         os.fsync = real
     return raised, by_path(restore_sharded(path, like=state)), by_path(state), sorted(os.listdir(directory))
+
+
+def rank0_cannot_read_its_metadata(directory: str):
+    """save_sharded over a checkpoint where rank 0 cannot read back the ``.metadata`` DCP wrote (EIO while
+    checksumming it): what each rank raised, the checkpoint it then restores (by path) and the folder's files."""
+    import errno
+    import os
+
+    import fnlit.sharded_checkpoint as sc
+
+    _, state = make_state()
+    state = shard_state(state)
+    path = save_sharded(f"{directory}/ckpt", state)
+    real = sc._file_crc
+
+    def file_crc(p):
+        if dist.get_rank() == 0 and p.name == ".metadata":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(p)
+
+    sc._file_crc = file_crc
+    try:
+        save_sharded(path, state.replace(step=state.step + 1))
+        raised = None
+    except fnlit.CheckpointError as e:
+        raised = str(e)
+    finally:
+        sc._file_crc = real
+    return raised, by_path(restore_sharded(path, like=state)), by_path(state), sorted(os.listdir(directory))

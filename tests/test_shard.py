@@ -22,6 +22,7 @@ from _shard_workers import (
     l2_step,
     local,
     make_state,
+    rank0_cannot_read_its_metadata,
     rank0_cannot_write_its_json,
     scalar_param,
     sharded_checkpoints,
@@ -363,6 +364,18 @@ def test_every_rank_raises_when_rank_0_cannot_write_fnlit_json(tmp_path):
         rank0_cannot_write_its_json, 2, str(tmp_path), timeout=120, collective_timeout=30
     ):
         assert re.fullmatch(r"could not write the sharded checkpoint .*ckpt: No space left on device \(ENOSPC\)\. "
+                            r"Any previous checkpoint there is unchanged\.", raised)
+        assert_trees_equal(restored, saved)  # the previous checkpoint, bitwise
+        assert files == ["ckpt"]
+
+
+def test_every_rank_raises_when_rank_0_cannot_read_back_the_metadata(tmp_path):
+    # rank 0 checksums .metadata after the ranks' exchange: an EIO there was a bare OSError on rank 0 and a closed
+    # connection on rank 1 (under torchrun, a wait until the collective timeout), and the temporary copy stayed
+    for raised, restored, saved, files in fnlit.distributed.launch(
+        rank0_cannot_read_its_metadata, 2, str(tmp_path), timeout=120, collective_timeout=30
+    ):
+        assert re.fullmatch(r"could not write the sharded checkpoint .*ckpt: Input/output error \(EIO\)\. "
                             r"Any previous checkpoint there is unchanged\.", raised)
         assert_trees_equal(restored, saved)  # the previous checkpoint, bitwise
         assert files == ["ckpt"]
