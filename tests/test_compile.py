@@ -209,6 +209,16 @@ def test_donated_compile_keeps_values_that_alias_the_donated_state(mode):
     assert not torch.allclose(want.buffers["prev"], want.params["0.weight"], rtol=1e-4, atol=1e-5)
 
 
+_COPIES = {  # identity copies of views of a donated leaf, as a step may write them
+    "row_clone": lambda w: w[1].clone(),
+    "flat_clone": lambda w: w.view(-1).clone(),
+    "t_clone": lambda w: w.t().clone(),
+    "row_detach_clone": lambda w: w[1].detach().clone(),
+    "row_times_1": lambda w: w[1] * 1,
+    "row_plus_0": lambda w: w[1] + 0,
+}
+
+
 def _keeping_views(model):
     """A step whose metrics and kept buffers are views of its input params and batch, taken before the update."""
 
@@ -217,7 +227,9 @@ def _keeping_views(model):
         w, b = state.params["0.weight"], state.params["0.bias"]
         views = {"row": w[1], "t": w.t(), "scalar": b[:1].view(()), "detached": w[0].detach(), "x": x}
         kept = {"row": w[1], "t": w.t(), "scalar": b[:1].view(()), "x": x}
-        return state.apply_gradients(grads, buffers={**state.buffers, **kept}), {"loss": loss.detach(), **views}
+        copies = {name: copy(w) for name, copy in _COPIES.items()}  # copies of views: new memory, the same values
+        kept.update({f"kept_{name}": value for name, value in copies.items()})
+        return state.apply_gradients(grads, buffers={**state.buffers, **kept}), {"loss": loss.detach(), **views, **copies}
 
     return step
 
@@ -225,11 +237,14 @@ def _keeping_views(model):
 @pytest.mark.slow
 def test_donated_compile_keeps_views_of_the_donated_state_as_the_step_saw_them():
     # Inductor folded the copy of a slice, .t() or .view(()) of a donated leaf (and a batch viewing a donated buffer)
-    # and read it after writing the update: the metrics and kept buffers came back holding the new weights.
+    # and read it after writing the update: the metrics and kept buffers came back holding the new weights. So it
+    # did with a copy of such a view (w[1].clone(), w.t().clone(), w[1] * 1), which has memory of its own.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     for name, shape in {"row": (4,), "t": (4, 3), "scalar": (), "x": (4,)}.items():
         model.register_buffer(name, torch.zeros(shape))
+    for name, copy in _COPIES.items():
+        model.register_buffer(f"kept_{name}", torch.zeros(copy(torch.zeros(3, 4)).shape))
     model.register_buffer("data", torch.randn(2, 4))
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.5), seed=0)
     step = _keeping_views(model)
@@ -242,6 +257,11 @@ def test_donated_compile_keeps_views_of_the_donated_state_as_the_step_saw_them()
         assert torch.equal(got[name], value) and torch.equal(want[name], value), name
         if name != "detached":
             assert torch.equal(got_state.buffers[name], value), name
+    for name, value in {"row_clone": w[1], "flat_clone": w.reshape(-1), "t_clone": w.t(), "row_detach_clone": w[1],
+                        "row_times_1": w[1], "row_plus_0": w[1]}.items():  # (copies: the same, in fresh memory)
+        assert torch.equal(want[name], value) and torch.equal(want_state.buffers[f"kept_{name}"], value), name
+        assert torch.equal(got[name], value), name
+        assert torch.equal(got_state.buffers[f"kept_{name}"], value), name
     assert not torch.equal(got_state.params["0.weight"], w)  # (the update did happen)
     assert_trees_close(got_state, want_state, rtol=1e-5, atol=1e-6)
 

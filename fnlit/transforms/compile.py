@@ -464,15 +464,80 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return _snapshot(t)
 
 
+# Ops whose result holds its (single) tensor input's values unchanged -- views, copies, ``x * 1``: inductor may fold a
+# chain of them into a read of the input. Dynamo records them as methods or as torch / operator functions.
+_IDENTITY_OPS = frozenset({
+    "clone", "contiguous", "detach", "alias", "view", "view_as", "reshape", "reshape_as", "flatten", "t", "transpose",
+    "swapaxes", "swapdims", "permute", "expand", "expand_as", "squeeze", "unsqueeze", "select", "narrow", "as_strided",
+    "movedim", "moveaxis", "unflatten", "ravel",
+})
+# (identities when they keep the dtype and device; a conversion is a computation)
+_CASTS = frozenset({"to", "to_copy", "type_as", "float", "double", "half", "bfloat16", "type"})
+_BY_ONE = frozenset({"mul", "rmul", "multiply", "div", "truediv", "divide", "true_divide"})  # x * 1, x / 1
+_BY_ZERO = frozenset({"add", "radd", "sub", "subtract"})  # x + 0, x - 0
+_OPERATORS: dict[Any, str] = {
+    operator.getitem: "getitem", operator.mul: "mul", operator.truediv: "div", operator.add: "add",
+    operator.sub: "sub", operator.pos: "pos",
+}
+
+
+def _op_name(node: torch.fx.Node) -> str | None:
+    """The name of ``node``'s op as a tensor method (``torch.clone`` and ``x.clone()`` are both "clone")."""
+    if node.op == "call_method":
+        return str(node.target).strip("_")
+    if node.op != "call_function":
+        return None
+    if node.target in _OPERATORS:
+        return _OPERATORS[node.target]
+    name = getattr(node.target, "__name__", None)
+    if name is None or node.target not in (getattr(torch, name, None), getattr(torch.Tensor, name, None)):
+        return None
+    return name.strip("_")
+
+
+def _identity_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor ``node``'s value is an unchanged view or copy of (``x[1]``, ``x.t().clone()``, ``x * 1``), if any.
+
+    Only identities are followed: a computed value (``step + 1``, ``p - lr * g``, ``x.exp()``) is no copy of its
+    input, and inductor writes it out before the update.
+    """
+    name = _op_name(node)
+    tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("example_value"), torch.Tensor)]
+    if name is None or (len(tensors) != 1 and name not in ("expand_as", "view_as", "reshape_as", "type_as")):
+        return None
+    source, value = tensors[0], node.meta.get("example_value")
+    if name in ("expand_as", "view_as", "reshape_as", "type_as"):  # (the other tensor gives a shape or dtype only)
+        source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    before = source.meta.get("example_value") if source is not None else None
+    if not isinstance(value, torch.Tensor) or not isinstance(before, torch.Tensor):
+        return None
+    if (value.dtype, value.device) != (before.dtype, before.device):  # a cast: no copy of the values
+        return None
+    if name in _IDENTITY_OPS or name in _CASTS or name in ("getitem", "pos", "positive"):
+        return source if node.args and node.args[0] is source else None
+    constants = [a for a in node.args if a is not source]
+    if len(constants) != 1 or type(constants[0]) not in (int, float, bool) or any(k != "alpha" for k in node.kwargs):
+        return None  # (div's rounding_mode is no identity)
+    (constant,) = constants
+    commutes = name in ("mul", "multiply", "add", "rmul", "radd")  # (1 * x, 0 + x)
+    if not commutes and node.args[0] is not source:
+        return None
+    if (name in _BY_ONE and constant == 1) or (name in _BY_ZERO and constant == 0):
+        return source
+    return None
+
+
 def _snapshots(gm: torch.fx.GraphModule) -> None:
-    """Keeps a real copy in ``gm`` only for the :func:`_fresh` values that share memory with a donated leaf.
+    """Keeps a real copy in ``gm`` only for the :func:`_fresh` values that are, or copy, a view of a donated leaf.
 
     Inductor (torch 2.14) folds an identity copy -- ``t * 1``, ``t + 0``, ``t.clone()`` -- of a graph input
     that the graph also writes, and then reads the input *after* the write: a metric or kept state that is a
     donated leaf or a view of one (``state.params['w'][0]``, ``.t()``, ``.view(())``, a batch viewing a donated
-    buffer) came out as the updated values. Such a value keeps :func:`_snapshot`, an op inductor runs as it is,
-    ordered before the writes; every other value (computed ones: most of them) becomes ``t * 1``, which inductor
-    fuses away. Memory is told by the fake tensors' storages, which views and detached tensors share.
+    buffer), or an identity copy of one (``w[1].clone()``, ``w.t().clone()``, ``w[1] * 1``), came out as the updated
+    values. Such a value keeps :func:`_snapshot`, an op inductor runs as it is, ordered before the writes; every
+    other value (computed ones: most of them) becomes ``t * 1``, which inductor fuses away. Memory is told by the
+    fake tensors' storages, which views and detached tensors share; copies are followed back to their source
+    through the chain of identity ops (:func:`_identity_source`) that made them.
     """
     from torch._inductor.fx_utils import get_storage
 
@@ -483,11 +548,19 @@ def _snapshots(gm: torch.fx.GraphModule) -> None:
     nodes = list(gm.graph.nodes)
     writes = [n.args[0] for n in nodes if n.op == "call_method" and n.target == "copy_"]  # captured's, into donated leaves
     donated = {storage(n) for n in writes if isinstance(n, torch.fx.Node) and n.op == "placeholder"} - {None}
+
+    def reaches_donated(node: Any) -> bool:
+        while isinstance(node, torch.fx.Node):
+            if storage(node) in donated:
+                return True
+            node = _identity_source(node)
+        return False
+
     changed = False
     for node in nodes:
         if node.op == "call_function" and node.target in (_snapshot, torch.ops.fnlit.snapshot.default):
             (value,) = node.args
-            if storage(value) not in donated:
+            if not reaches_donated(value):
                 node.target = operator.and_ if node.meta["example_value"].dtype == torch.bool else operator.mul
                 node.args = (value, True if node.target is operator.and_ else 1)
                 changed = True
@@ -632,10 +705,10 @@ class CompiledStep:
                 for old, value in zip(leaves[:n_state], new_leaves):  # (the message is _explain's, eager)
                     if _reshaped(old, value):
                         raise ValueError("fnlit.compile: a donated state tensor changed shape or dtype")
-                # Each value is copied before any is written: a value that is (or views) a donated leaf -- a
-                # state keeping last step's params or a row of them, a metric that is an input tensor (amp's
-                # loss scale) -- must keep what the step saw, not what is written over it. The backend keeps
-                # a real copy only for those (_snapshots); inductor fuses the copy of a computed value away.
+                # Each value is copied before any is written: a value that is (or views, or copies a view of) a
+                # donated leaf -- a state keeping last step's params or a row of them, a metric that is an input
+                # tensor (amp's loss scale) -- must keep what the step saw, not what is written over it. The backend
+                # keeps a real copy only for those (_snapshots); inductor fuses the copy of a computed value away.
                 donated = leaves[:n_state]
                 new_leaves = [v if v is old else _fresh(v) for old, v in zip(donated, new_leaves)]
                 metrics = torch_pytree.tree_map(lambda m: _fresh(m) if isinstance(m, torch.Tensor) else m, metrics)
