@@ -1049,6 +1049,7 @@ def fit(
         return pos
 
     cache: list[Any] = [None, []]  # the pending list last stored, and its entries as stored so far
+    due = getattr(checkpoint, "_due", None)  # a Checkpointer says which steps it saves
 
     def _stored(pending: list[Metrics]) -> list[Metrics]:
         """``pending``'s entries as a position holds them (:func:`_storable`): each step's once, not every step's at
@@ -1264,8 +1265,9 @@ def fit(
                     if validated_here:
                         validate()
                     # after the batch's validation: a resume from here does not skip it (the position, which copies
-                    # the log interval's metrics so far, built only for a save)
-                    if checkpoint is not None and checkpoint._due(state):
+                    # the log interval's metrics so far, built only for a save; another checkpoint object with the
+                    # same hooks is given one every step)
+                    if checkpoint is not None and (due is None or due(state)):
                         checkpoint.on_step(state, where(epoch, b))
                     if not distributed:
                         halt = halting()
