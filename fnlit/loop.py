@@ -554,12 +554,20 @@ _EVEN_SHARDS = (
 class _Signals:
     """SIGINT/SIGTERM set ``reason`` (the current step finishes); a second Ctrl-C interrupts at once -- except while
     ``hold`` is set (the per-step hooks run: a callback cut off there, the ones after it would miss that step for
-    good, an EMA one update), where it is ``held`` until they return; a third interrupts at once even there."""
+    good, an EMA one update), where it is ``held`` until they return; a third interrupts at once even there.
+
+    SIGTERM then calls the handler that was there before, when it is a Python callable (a preemption hook: a
+    requeue, a tracker's cleanup, a flag the script reads after fit), as Lightning's signal connector composes its
+    handler with the previous one; an outer fit's handler too, so that fit stops as well (and calls what it
+    replaced). What that handler raises (``sys.exit``, an exception) is ``raised`` later: a raise here, anywhere in
+    a step, a callback or a write, would end fit without its exit save; fit raises it once that save is done.
+    SIGINT keeps fit's Ctrl-C semantics (Python's own handler raises KeyboardInterrupt at once)."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.previous: dict[int, Any] = {}
         self.hold = self.held = False
+        self.raised: BaseException | None = None
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
@@ -574,6 +582,12 @@ class _Signals:
                 return
             raise KeyboardInterrupt
         self.reason = "sigint" if signum == signal.SIGINT else "sigterm"
+        chained = self.previous.get(signal.SIGTERM)
+        if signum == signal.SIGTERM and callable(chained):  # (not SIG_DFL, SIG_IGN, nor None: set outside Python)
+            try:
+                chained(signum, frame)
+            except BaseException as e:  # noqa: BLE001 (fit raises it after its exit save)
+                self.raised = self.raised or e
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self.previous.items():
@@ -857,7 +871,11 @@ def fit(
     validates runs a validation first (unless that step just had one), as Lightning's ``should_stop`` does.
     Ctrl-C or SIGTERM finish the current step and
     return the state (``checkpoint.on_exit`` can save it); a second Ctrl-C interrupts at once (one during the
-    callbacks' ``on_step`` once they have all seen that step; a third even there). Under several processes the ranks decide together,
+    callbacks' ``on_step`` once they have all seen that step; a third even there). A SIGTERM handler installed
+    before fit (a Python function: a requeue, a tracker's cleanup, a flag the script reads after fit to tell a
+    preempted run from a finished one) is still called, at once, as Lightning chains it (each rank its own); what
+    it raises (``sys.exit``) fit raises once the step is done and ``checkpoint.on_exit`` has saved. It is back in
+    place when fit returns. Under several processes the ranks decide together,
     without a collective every step: a stop requested during a step (``on_step``, a signal, ``max_time``)
     takes effect at the next log interval, validation or epoch end; one from a validation
     (``EarlyStopping``) at once.
@@ -1355,6 +1373,8 @@ def fit(
             if checkpoint is not None:
                 exit_position = {**where(epoch, b, exit_pending), **({"log_cut": True} if cut else ended), **epoch_cut}
                 _exit_save(checkpoint, state, exit_position, validating, stateful, distributed, signals)
+    if signals.raised is not None:  # the previous SIGTERM handler's sys.exit or error, now that the state is saved
+        raise signals.raised
     return state
 
 

@@ -922,6 +922,106 @@ def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
     assert signal.getsignal(sig) is before
 
 
+class _KillAt:
+    """Sends this process a real SIGTERM in on_step after step ``at``."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step(self, state, metrics):
+        if int(state.step) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_handler(handler):
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_still_calls_the_handler_installed_before_fit():
+    # fit replaced the SIGTERM handler while it ran: a preemption hook (a requeue, a flag the script checks after fit
+    # to tell a preempted run from a finished one) was never called. Reference: Lightning chains the previous handler.
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+
+    with _sigterm_handler(signal.SIG_DFL):  # no handler of the user's: fit stops after the step
+        want = fit(Counter().step, make_state(), list(range(10)), max_epochs=1, callbacks=[_KillAt(3)], progress=False)
+    assert int(want.step) == 3
+    with _sigterm_handler(handler):
+        for n in (1, 2):  # consecutive fits: each calls it once
+            state = fit(Counter().step, make_state(), list(range(10)), max_epochs=1, callbacks=[_KillAt(3)],
+                        progress=False)  # fmt: skip
+            assert calls == [signal.SIGTERM] * n and int(state.step) == int(want.step)
+            assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_sigterm_in_a_nested_fit_calls_the_handler_once_and_stops_both():
+    # The inner fit's previous handler is the outer fit's: chained, the outer fit stops after its step too (the
+    # process is being preempted), and calls the user's handler, once.
+    calls = []
+
+    class Inner:
+        def on_step(self, state, metrics):
+            if int(state.step) == 2:
+                inner = fit(Counter().step, make_state(), list(range(10)), max_epochs=1, callbacks=[_KillAt(1)],
+                            progress=False)  # fmt: skip
+                assert int(inner.step) == 1
+
+    with _sigterm_handler(lambda signum, frame: calls.append(signum)):
+        state = fit(Counter().step, make_state(), list(range(10)), max_epochs=1, callbacks=[Inner()], progress=False)
+    assert calls == [signal.SIGTERM] and int(state.step) == 2
+
+
+def _torch_sgd(model, batches, steps):
+    """Plain PyTorch: ``steps`` SGD steps (lr 0.1) of the MSE loss over ``batches``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches[:steps]:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("where", ["on_step", "in_step"])
+@pytest.mark.parametrize("error", [SystemExit(3), RuntimeError("requeue failed")], ids=["sys.exit", "error"])
+def test_a_sigterm_handler_that_raises_is_raised_after_fits_exit_save(tmp_path, where, error):
+    # Raised in the signal's context, anywhere in a step or a callback, it would end fit without its exit save: fit
+    # raises it after the step is done and saved. Reference: plain PyTorch SGD over the same batches.
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(8)]
+    want = _torch_sgd(copy.deepcopy(model), batches, 3)
+    train = fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+
+    def step(state, batch):
+        if where == "in_step" and int(state.step) == 2:  # arrives during step 3: the step still finishes
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train(state, batch)
+
+    def handler(signum, frame):
+        raise error
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with _sigterm_handler(handler):
+        with pytest.raises(type(error)) as raised:
+            fit(step, state, batches, max_epochs=1, callbacks=[_KillAt(3)] if where == "on_step" else [],
+                checkpoint=fnlit.Checkpointer(tmp_path), progress=False)  # fmt: skip
+        assert raised.value is error and signal.getsignal(signal.SIGTERM) is handler
+    saved = fnlit.restore(tmp_path / "last.ckpt", like=state)
+    assert int(saved.step) == 3
+    for k, v in want.items():
+        torch.testing.assert_close(saved.params[k], v)
+
+
 @pytest.mark.parametrize("stop_at, every_n, vci, expected", [
     (7, 1, 3, [3, 7]),  # mid-epoch: the steps since the last validation are validated before stopping, as Lightning does
     (10, 1, 3, [3, 8, 10]),  # at an epoch's last batch too, when its end does not validate (every 3 batches of 5)
