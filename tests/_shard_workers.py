@@ -464,36 +464,10 @@ def frozen_per_rank_seed(steps: int = 3):
     return {"params": plain.params, "buffers": plain.buffers}
 
 
-def rank0_cannot_write_its_json(directory: str):
-    """save_sharded over a checkpoint where rank 0 cannot write fnlit.json (fsync fails: a full disk): what
-    each rank raised, the checkpoint it then restores (by path, full tensors) and the folder's files."""
-    import errno
-    import os
-
-    _, state = make_state()
-    state = shard_state(state)
-    path = save_sharded(f"{directory}/ckpt", state)
-    real = os.fsync
-
-    def fsync(fd):
-        if dist.get_rank() == 0 and os.readlink(f"/proc/self/fd/{fd}").endswith("fnlit.json"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
-
-    os.fsync = fsync
-    try:
-        save_sharded(path, state.replace(step=state.step + 1))
-        raised = None
-    except fnlit.CheckpointError as e:
-        raised = str(e)
-    finally:
-        os.fsync = real
-    return raised, by_path(restore_sharded(path, like=state)), by_path(state), sorted(os.listdir(directory))
-
-
-def rank0_cannot_read_its_metadata(directory: str):
-    """save_sharded over a checkpoint where rank 0 cannot read back the ``.metadata`` DCP wrote (EIO while
-    checksumming it): what each rank raised, the checkpoint it then restores (by path) and the folder's files."""
+def rank0_fails_in_save_sharded(directory: str, where: str):
+    """save_sharded over a checkpoint where rank 0 fails: writing fnlit.json (``where="json"``: fsync fails, a full
+    disk) or reading back the ``.metadata`` DCP wrote (``"metadata"``: EIO while checksumming it). What each rank
+    raised, the checkpoint it then restores (by path, full tensors) and the folder's files."""
     import errno
     import os
 
@@ -502,19 +476,27 @@ def rank0_cannot_read_its_metadata(directory: str):
     _, state = make_state()
     state = shard_state(state)
     path = save_sharded(f"{directory}/ckpt", state)
-    real = sc._file_crc
+    if where == "json":
+        owner, name, real = os, "fsync", os.fsync
 
-    def file_crc(p):
-        if dist.get_rank() == 0 and p.name == ".metadata":
-            raise OSError(errno.EIO, "Input/output error")
-        return real(p)
+        def failing(fd):
+            if dist.get_rank() == 0 and os.readlink(f"/proc/self/fd/{fd}").endswith("fnlit.json"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd)
+    else:
+        owner, name, real = sc, "_file_crc", sc._file_crc
 
-    sc._file_crc = file_crc
+        def failing(p):
+            if dist.get_rank() == 0 and p.name == ".metadata":
+                raise OSError(errno.EIO, "Input/output error")
+            return real(p)
+
+    setattr(owner, name, failing)
     try:
         save_sharded(path, state.replace(step=state.step + 1))
         raised = None
     except fnlit.CheckpointError as e:
         raised = str(e)
     finally:
-        sc._file_crc = real
+        setattr(owner, name, real)
     return raised, by_path(restore_sharded(path, like=state)), by_path(state), sorted(os.listdir(directory))

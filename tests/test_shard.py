@@ -22,8 +22,7 @@ from _shard_workers import (
     l2_step,
     local,
     make_state,
-    rank0_cannot_read_its_metadata,
-    rank0_cannot_write_its_json,
+    rank0_fails_in_save_sharded,
     scalar_param,
     sharded_checkpoints,
     two_ranks,
@@ -358,24 +357,16 @@ def test_a_sharded_save_failing_between_its_two_renames_puts_the_previous_checkp
     assert_trees_equal(restore_sharded(path, like=state), state)
 
 
-def test_every_rank_raises_when_rank_0_cannot_write_fnlit_json(tmp_path):
-    # without the exchange of rank 0's failure, rank 1 would wait at the barrier until the collective timeout
+@pytest.mark.parametrize(("where", "cause"), [("json", r"No space left on device \(ENOSPC\)"),
+                                             ("metadata", r"Input/output error \(EIO\)")])
+def test_every_rank_raises_when_rank_0_fails_in_save_sharded(tmp_path, where, cause):
+    # Rank 0 writes fnlit.json, and checksums .metadata after the ranks' exchange. Without sending its failure to
+    # every rank, rank 1 waited at the barrier until the collective timeout (json), or got a closed connection while
+    # rank 0 raised a bare OSError (metadata); the temporary copy stayed.
     for raised, restored, saved, files in fnlit.distributed.launch(
-        rank0_cannot_write_its_json, 2, str(tmp_path), timeout=120, collective_timeout=30
+        rank0_fails_in_save_sharded, 2, str(tmp_path), where, timeout=120, collective_timeout=30
     ):
-        assert re.fullmatch(r"could not write the sharded checkpoint .*ckpt: No space left on device \(ENOSPC\)\. "
-                            r"Any previous checkpoint there is unchanged\.", raised)
-        assert_trees_equal(restored, saved)  # the previous checkpoint, bitwise
-        assert files == ["ckpt"]
-
-
-def test_every_rank_raises_when_rank_0_cannot_read_back_the_metadata(tmp_path):
-    # rank 0 checksums .metadata after the ranks' exchange: an EIO there was a bare OSError on rank 0 and a closed
-    # connection on rank 1 (under torchrun, a wait until the collective timeout), and the temporary copy stayed
-    for raised, restored, saved, files in fnlit.distributed.launch(
-        rank0_cannot_read_its_metadata, 2, str(tmp_path), timeout=120, collective_timeout=30
-    ):
-        assert re.fullmatch(r"could not write the sharded checkpoint .*ckpt: Input/output error \(EIO\)\. "
+        assert re.fullmatch(rf"could not write the sharded checkpoint .*ckpt: {cause}\. "
                             r"Any previous checkpoint there is unchanged\.", raised)
         assert_trees_equal(restored, saved)  # the previous checkpoint, bitwise
         assert files == ["ckpt"]
