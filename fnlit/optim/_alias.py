@@ -41,13 +41,13 @@ from ._base import (
     keys_in_order, own, own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
 )
 from ._transforms import (
-    _rate, check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate,
+    ScalarOrSchedule, _rate, check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate,
     check_schedule_value, device_of, held_dtype, hyper_dtype, hyper_value, scalar, zero_count,
 )
 
 __all__ = ["SGDState", "AdamState", "sgd", "adam", "adamw", "learning_rate"]
 
-LearningRate = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+LearningRate = ScalarOrSchedule  # a number, a 0-d tensor, or a schedule of the step count
 Leaves = list[torch.Tensor]
 _HYPER_KEYS = frozenset({"learning_rate", "weight_decay"})  # the keys of every state's hyperparams, the only ones read
 

@@ -42,41 +42,31 @@ def _noise(k: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     noise about once per 2**32 pairs of keys: likely over 100k steps, and noise that repeats cancels.
 
     Every leaf's noise is drawn, leaf after leaf (the numbers one ``standard_normal`` call per leaf gives), into
-    one host buffer, the leaves of one device side by side: one copy per device and step, not one per leaf. For a
-    CUDA device the buffer is pinned and the copy asynchronous (the pinned allocator keeps the buffer until the
-    copy has run), so the host does not wait for the GPU; CPU leaves are views of the buffer, with no copy.
+    one host buffer per device: one copy per device and step, not one per leaf. For a CUDA device that buffer is
+    pinned and the copy asynchronous (the pinned allocator keeps the buffer until the copy has run), so the host
+    does not wait for the GPU; CPU leaves are views of theirs, with no copy. (The host holds the whole model's
+    noise at once: PyTorch's pinned-memory cache keeps such a block, rounded up to a power of two, for reuse.)
     """
     rng = np.random.default_rng(int(k) & ((1 << 64) - 1))
     # complex: real and imaginary parts of variance 1 each, as the clipping's norm counts both parts (the
     # Gaussian mechanism needs the full std on every real coordinate; torch.randn's complex draws 1/2 each)
     shapes = [tuple(s.shape) + ((2,) if s.is_complex() else ()) for s in like]
-    dtypes = [torch.float64 if (s.dtype.to_real() if s.is_complex() else s.dtype) == torch.float64 else torch.float32
-              for s in like]
-    devices = list(dict.fromkeys(s.device for s in like))  # in order of first leaf
-    offsets, spans, end = [0] * len(like), {}, 0
-    for device in devices:  # each device's leaves side by side, each at a multiple of 16 bytes (for .view(dtype))
-        start = end
-        for i, s in enumerate(like):
-            if s.device == device:
-                offsets[i] = end
-                end += -(-math.prod(shapes[i]) * dtypes[i].itemsize // 16) * 16
-        spans[device] = (start, end)
-    pinned = any(d.type == "cuda" for d in devices)
-    buf = torch.empty(end, dtype=torch.uint8, pin_memory=pinned)
-    host = buf.numpy()
-    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):  # in leaf order: the stream of one call per leaf
+    dtypes = [torch.float64 if s.dtype.to_real() == torch.float64 else torch.float32 for s in like]
+    nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)]
+    size: dict[torch.device, int] = {}
+    offsets = []
+    for s, n in zip(like, nbytes):  # each leaf at a multiple of 16 bytes of its device's buffer (for .view(dtype))
+        offsets.append(size.get(s.device, 0))
+        size[s.device] = offsets[-1] + -(-n // 16) * 16
+    bufs = {d: torch.empty(n, dtype=torch.uint8, pin_memory=d.type == "cuda") for d, n in size.items()}
+    for s, at, n, dtype in zip(like, offsets, nbytes, dtypes):  # in leaf order: the stream of one call per leaf
         npdtype = np.float64 if dtype == torch.float64 else np.float32
-        nbytes = math.prod(shape) * dtype.itemsize
-        rng.standard_normal(dtype=npdtype, out=host[offsets[i]:offsets[i] + nbytes].view(npdtype))
-    on = {}
-    for device, (start, stop) in spans.items():
-        # pinned to CUDA: asynchronous, no host wait; meta: no data moves; another device: one blocking copy
-        on[device] = buf[start:stop] if device.type == "cpu" else buf[start:stop].to(
-            device, non_blocking=(pinned and device.type == "cuda") or device.type == "meta")
+        rng.standard_normal(dtype=npdtype, out=bufs[s.device].numpy()[at:at + n].view(npdtype))
+    # pinned to CUDA: asynchronous, no host wait; meta: no data moves; another device: one blocking copy
+    on = {d: b if d.type == "cpu" else b.to(d, non_blocking=d.type in ("cuda", "meta")) for d, b in bufs.items()}
     out = []
-    for i, s in enumerate(like):
-        start = offsets[i] - spans[s.device][0]
-        z = on[s.device][start:start + math.prod(shapes[i]) * dtypes[i].itemsize].view(dtypes[i]).view(shapes[i])
+    for s, at, n, shape, dtype in zip(like, offsets, nbytes, shapes, dtypes):
+        z = on[s.device][at:at + n].view(dtype).view(shape)
         out.append(torch.view_as_complex(z) if s.is_complex() else z)
     return out
 
