@@ -335,8 +335,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
     """Writes a file so that a crash at any moment leaves either the old file or the complete new one.
 
     ``write(f)`` writes the content into ``f`` (a temporary file in the same folder; for a symbolic link, in its
-    target's folder: the target is replaced, the link stays); the file is then given the
-    permission bits of the file it replaces (if any), fsynced, renamed over ``path``, and the folder fsynced. On
+    target's folder: the target is replaced, the link stays), which has the permission bits of the file it
+    replaces (if any) from the start; the file is then fsynced, renamed over ``path``, and the folder fsynced. On
     any error the temporary file is removed.
 
     Raises:
@@ -352,10 +352,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
     try:
         try:
             _hold(fd)  # held until the rename: another process's cleanup sees a live write (remove_stale_temps)
+            _keep_mode(fd, path)  # before the content: a private checkpoint is never readable by others, even mid-write
             writer = _FdWriter(fd)
             write(writer)
             writer.flush()
-            _keep_mode(fd, path)
             os.fsync(fd)
             if fcntl is not None:  # (where there is no flock, Windows, an open file cannot be renamed: closed first)
                 os.replace(tmp, path)

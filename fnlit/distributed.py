@@ -15,6 +15,7 @@ import queue as _queue
 import socket
 import time
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -213,7 +214,7 @@ _NOT_IMPORTABLE = (
 )
 
 
-def _worker(payload: bytes, args: tuple, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any,
+def _worker(payload: Any, args: tuple, r: int, n: int, port: int, backend: str, pg_timeout: float, q: Any,
             env: dict[str, str] | None = None, cwd: str | None = None) -> None:
     if env is not None:  # forkserver: the parent's environment now, not the server's from when it started
         os.environ.clear()
@@ -225,7 +226,7 @@ def _worker(payload: bytes, args: tuple, r: int, n: int, port: int, backend: str
     )
     try:
         try:  # here, not in multiprocessing's start-up: there a failure only reaches this rank's stderr
-            fn = pickle.loads(payload)
+            fn = pickle.loads(payload) if isinstance(payload, bytes) else payload
         except Exception:
             q.put((r, False, traceback.format_exc() + _NOT_IMPORTABLE))
             return
@@ -318,7 +319,7 @@ def launch(
     # fn pickled here, so that one that cannot be pickled (a lambda) raises before any rank starts; each rank
     # unpickles it where a failure (fn not importable there) is reported with its traceback. The arguments travel
     # as multiprocessing passes them (tensors in shared memory, mp.Value/Lock/Queue by inheritance).
-    payload = pickle.dumps(fn)
+    payload = pickle.dumps(fn) if isinstance(fn, types.FunctionType) else fn  # (a partial may hold a Queue)
     q = ctx.Queue()
     port = _free_port()
     procs = [
