@@ -102,7 +102,9 @@ def dataset(
 def splits(train_size: int, seed: int, vocab: dict[str, int]) -> tuple[tuple, tuple, tuple]:
     """Training, validation (500) and test (1000) reviews, from three streams of the generator: a text drawn for
     training is left out of validation and test, one drawn for validation out of test (the grammar has few
-    enough reviews that about a fifth of them would repeat a training text word for word)."""
+    enough reviews that about a fifth of them would repeat a training text word for word). So the test measures
+    reviews never seen, and leans to the longer, rarer ones: two-clause reviews are ~52 % of it against ~40 % of an
+    independent draw (the short ones repeat most)."""
     train = dataset(train_size, seed, vocab)
     val = dataset(500, seed + 1, vocab, exclude=set(train[2]))
     return train, val, dataset(1000, seed + 2, vocab, exclude=set(train[2]) | set(val[2]))

@@ -601,11 +601,12 @@ def ensemble(
 ) -> EnsembleStep[_Out]:
     """Turns a step for one model into a step for ``n`` independent models, vectorized with ``torch.func.vmap``.
 
-    The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)``: each tensor metric
-    has shape ``(n,)`` (a Python number among the metrics stays that number, the same for every member). Member ``i`` follows exactly the updates it would follow alone (to float rounding)
-    if the step draws no random numbers (dropout masks come from all members' keys folded together, so they
-    differ from the solo run's and depend on the other members), with its own params, optimizer state, hyperparameters and key; under :func:`fnlit.amp` only to the amp
-    dtype's precision, since vmap changes which ops autocast lowers (``F.linear`` with a bias comes out in
+    The returned step maps ``(stacked_state, batch) -> (stacked_state, stacked_metrics)`` (an evaluation step's:
+    ``(stacked_state, batch) -> stacked_metrics``): each tensor metric has shape ``(n,)`` (a Python number among
+    the metrics stays that number, the same for every member). Member ``i``, with its own params, optimizer state,
+    hyperparameters and key, follows exactly the updates it would follow alone (to float rounding) if the step
+    draws no random numbers (dropout masks come from all members' keys folded together, so they differ from the
+    solo run's and depend on the other members); under :func:`fnlit.amp` only to the amp dtype's precision, since vmap changes which ops autocast lowers (``F.linear`` with a bias comes out in
     float32 under vmap, in the amp dtype alone): measured, float16 SGD with momentum drifts ~1e-4 from the solo
     run in 6 steps, bfloat16 AdamW ~1e-2. Optimizers run their per-leaf
     functional implementation under vmap (sgd, adam, adamw, clip_by_global_norm, schedules all do).

@@ -29,6 +29,7 @@ from . import tree as _tree
 from ._checkpoint_io import is_sharded  # (without importing DTensor: ~0.7 s)
 from ._types import Batch, Metrics, StepFn
 from .callbacks import Callback, EarlyStopping, StopTraining, Timer
+from .checkpoint import Checkpointer
 from .ensemble import EnsembleStep
 from .state import TrainState
 from .summary import (
@@ -589,9 +590,12 @@ class _Signals:
             except BaseException as e:  # noqa: BLE001 (fit raises it after its exit save)
                 self.raised = self.raised or e
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         for sig, old in self.previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        if error is not None and self.raised is not None and error is not self.raised:  # fit failed on the way out
+            _add_note(error, f"(The SIGTERM handler fit called had raised {self.raised!r}, held until fit's exit save; "
+                             "fit raises this error instead.)")
 
 
 _REASONS = (None, "stopped", "sigint", "sigterm")
@@ -1067,7 +1071,9 @@ def fit(
         return pos
 
     cache: list[Any] = [None, []]  # the pending list last stored, and its entries as stored so far
-    due = getattr(checkpoint, "_due", None)  # a Checkpointer says which steps it saves
+    # A Checkpointer says which steps its on_step saves (a subclass that overrides on_step, or another object with
+    # the hooks, is called every step)
+    due = checkpoint._due if isinstance(checkpoint, Checkpointer) and type(checkpoint).on_step is Checkpointer.on_step else None
 
     def _stored(pending: list[Metrics]) -> list[Metrics]:
         """``pending``'s entries as a position holds them (:func:`_storable`): each step's once, not every step's at

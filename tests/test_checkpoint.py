@@ -1458,3 +1458,24 @@ def test_fit_builds_a_checkpoint_position_only_when_the_checkpointer_saves(tmp_p
         return len(calls)
 
     assert state_dict_calls(20, 5, tmp_path / "a") == state_dict_calls(80, 20, tmp_path / "b")  # 4 saves each
+
+
+def test_a_checkpointer_subclass_with_its_own_on_step_is_called_every_step(tmp_path):
+    # fit asks a Checkpointer which steps its on_step saves (every_n_steps) to build positions only for those; a
+    # subclass with a schedule of its own (here every 3rd step, with every_n_steps=None) was then never called.
+    seen = []
+
+    class Every3(ckpt.Checkpointer):
+        def on_step(self, state, position):
+            seen.append(int(state.step))
+            if int(state.step) % 3 == 0:
+                self.save(state, position)
+
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    step = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    data = fnlit.ArrayLoader(torch.randn(16, 2), torch.randn(16, 1), batch_size=2)
+    fnlit.fit(step, state, data, max_epochs=1, progress=False,
+              checkpoint=Every3(tmp_path, every_n_steps=None, keep_last=None))
+    assert seen == list(range(1, 9))
+    assert {"step=00000003.ckpt", "step=00000006.ckpt"} <= {p.name for p in tmp_path.glob("*.ckpt")}

@@ -1022,6 +1022,29 @@ def test_a_sigterm_handler_that_raises_is_raised_after_fits_exit_save(tmp_path, 
         torch.testing.assert_close(saved.params[k], v)
 
 
+def test_a_held_sigterm_handler_error_is_named_when_fit_fails_on_its_way_out(tmp_path):
+    # The handler's SystemExit is held until the exit save; when on_fit_end then fails, that error is raised and
+    # the held one was dropped without a trace (a requeue script's exit code lost): it is named in a note.
+    model = torch.nn.Linear(4, 1)
+    train = fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(8)]
+
+    class FailAtEnd:
+        def on_fit_end(self, state, metrics):
+            raise ValueError("on_fit_end failed")
+
+    def handler(signum, frame):
+        raise SystemExit(3)
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with _sigterm_handler(handler):
+        with pytest.raises(ValueError, match="on_fit_end failed") as raised:
+            fit(train, state, batches, max_epochs=1, callbacks=[_KillAt(3), FailAtEnd()],
+                checkpoint=fnlit.Checkpointer(tmp_path), progress=False)  # fmt: skip
+    assert any("SystemExit(3)" in note and "held until fit's exit save" in note for note in raised.value.__notes__)
+    assert int(fnlit.restore(tmp_path / "last.ckpt", like=state).step) == 3  # saved all the same
+
+
 @pytest.mark.parametrize("stop_at, every_n, vci, expected", [
     (7, 1, 3, [3, 7]),  # mid-epoch: the steps since the last validation are validated before stopping, as Lightning does
     (10, 1, 3, [3, 8, 10]),  # at an epoch's last batch too, when its end does not validate (every 3 batches of 5)

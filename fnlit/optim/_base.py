@@ -401,7 +401,7 @@ def check_same_structure(name: str, expected: PyTree, got: PyTree, what: str = "
 
 def _raise_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "grads") -> None:
     where = first_mismatch(expected, got, check_shapes=False) or "structure differs"
-    if what == "grads" and where.endswith(", got None"):
+    if what == "grads" and where.endswith(", got None"):  # (fnlit.tree.first_mismatch's words for a None leaf)
         where += " (torch leaves a parameter's .grad None when the loss does not use it: pass zeros for it)"
     raise ValueError(
         f"{name}.update expected {what} with the structure of the optimizer state (the params given to "
