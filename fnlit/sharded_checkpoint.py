@@ -66,11 +66,6 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 _FIX_LEAF = {
     "save_sharded": "Keep other values out of the state (pass them as metadata: save_sharded(dir, state, epoch=3)).",
     "restore_sharded": "Pass like= a state made as the saved one was: a checkpoint holds only tensors and numbers.",
@@ -125,15 +120,23 @@ def _all_gather(value: Any) -> list[Any]:
     return out
 
 
-def _checksums(tmp: Path) -> dict[str, dict[str, int]]:
+def _checksums(tmp: Path) -> tuple[dict[str, dict[str, int]], str | None]:
     """The sizes and CRCs of every rank's shards, each rank reading only the files it wrote (DCP names
-    them ``__<rank>_<n>.distcp``); rank 0 adds the other files with :func:`_unnamed_checksums`."""
+    them ``__<rank>_<n>.distcp``), and the ranks that could not read theirs (``rank 1: Input/output error
+    (EIO)``; ``None`` if none), the same on every rank; rank 0 adds the other files with
+    :func:`_unnamed_checksums`."""
     rank = dist.get_rank() if _distributed() else 0
-    mine = {p.name: _file_crc(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+    try:
+        mine, failure = {p.name: _file_crc(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}, None
+    except Exception as e:  # sent through the same exchange: a rank raising here would leave the others in it
+        mine, failure = {}, f"rank {rank}: {_reason(e)}"
     files: dict[str, dict[str, int]] = {}
-    for part in _all_gather(mine):  # also the barrier: every rank's shards are on disk (DCP fsyncs each file)
-        files.update(part)
-    return files
+    failures = []
+    for part, failed in _all_gather((mine, failure)):  # also the barrier: every rank's shards are on disk
+        files.update(part)  # (DCP fsyncs each file)
+        if failed is not None:
+            failures.append(failed)
+    return files, "; ".join(failures) or None
 
 
 def _unnamed_checksums(tmp: Path, files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -218,8 +221,8 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             JSON-serialisable (a dict key that is not a string included).
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, on every rank, if the checkpoint could not be written (full
-            disk, no permission, a file-size limit): any previous checkpoint of that name is unchanged, and
-            the partial one is removed.
+            disk, no permission, a file-size limit, an I/O error reading a file back to checksum it): any
+            previous checkpoint of that name is unchanged, and the partial one is removed.
         RuntimeError: if ``state`` was donated to a step (:func:`fnlit.donating`): save the state it returned.
 
     Example:
@@ -270,8 +273,12 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             if rank0:
                 shutil.rmtree(tmp, ignore_errors=True)  # the shards written before the failure
             raise CheckpointError(f"could not write the sharded checkpoint {target}: {_failure(e)}. {unchanged}") from None
-    files = _checksums(tmp)
-    if rank0:
+    files, failed = _checksums(tmp)
+    if failed is not None:  # (every rank knows it: rank 0 removes the copy, then all raise it at the exchange)
+        failure = f"could not write the sharded checkpoint {target}: {failed}. {unchanged}"
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif rank0:
         try:  # (reading .metadata back may fail too: every rank raises it, and the copy is removed)
             files = _unnamed_checksums(tmp, files)
             with open(tmp / META_FILE, "w") as f:

@@ -464,10 +464,11 @@ def frozen_per_rank_seed(steps: int = 3):
     return {"params": plain.params, "buffers": plain.buffers}
 
 
-def rank0_fails_in_save_sharded(directory: str, where: str):
-    """save_sharded over a checkpoint where rank 0 fails: writing fnlit.json (``where="json"``: fsync fails, a full
-    disk) or reading back the ``.metadata`` DCP wrote (``"metadata"``: EIO while checksumming it). What each rank
-    raised, the checkpoint it then restores (by path, full tensors) and the folder's files."""
+def a_rank_fails_in_save_sharded(directory: str, where: str):
+    """save_sharded over a checkpoint where one rank fails: rank 0 writing fnlit.json (``where="json"``: fsync
+    fails, a full disk) or reading back the ``.metadata`` DCP wrote (``"metadata"``: EIO while checksumming it), or
+    rank 1 reading back its own shard file (``"shard"``: EIO while checksumming it). What each rank raised, the
+    checkpoint it then restores (by path, full tensors) and the folder's files."""
     import errno
     import os
 
@@ -485,9 +486,10 @@ def rank0_fails_in_save_sharded(directory: str, where: str):
             return real(fd)
     else:
         owner, name, real = sc, "_file_crc", sc._file_crc
+        rank, prefix = (0, ".metadata") if where == "metadata" else (1, "__1_")
 
         def failing(p):
-            if dist.get_rank() == 0 and p.name == ".metadata":
+            if dist.get_rank() == rank and p.name.startswith(prefix):
                 raise OSError(errno.EIO, "Input/output error")
             return real(p)
 

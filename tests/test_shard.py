@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from _shard_workers import (
     STEPS,
+    a_rank_fails_in_save_sharded,
     compose,
     export_sharded,
     four_ranks,
@@ -22,7 +23,6 @@ from _shard_workers import (
     l2_step,
     local,
     make_state,
-    rank0_fails_in_save_sharded,
     scalar_param,
     sharded_checkpoints,
     two_ranks,
@@ -358,13 +358,15 @@ def test_a_sharded_save_failing_between_its_two_renames_puts_the_previous_checkp
 
 
 @pytest.mark.parametrize(("where", "cause"), [("json", r"No space left on device \(ENOSPC\)"),
-                                             ("metadata", r"Input/output error \(EIO\)")])
-def test_every_rank_raises_when_rank_0_fails_in_save_sharded(tmp_path, where, cause):
+                                             ("metadata", r"Input/output error \(EIO\)"),
+                                             ("shard", r"rank 1: Input/output error \(EIO\)")])
+def test_every_rank_raises_when_a_rank_fails_in_save_sharded(tmp_path, where, cause):
     # Rank 0 writes fnlit.json, and checksums .metadata after the ranks' exchange. Without sending its failure to
     # every rank, rank 1 waited at the barrier until the collective timeout (json), or got a closed connection while
-    # rank 0 raised a bare OSError (metadata); the temporary copy stayed.
+    # rank 0 raised a bare OSError (metadata); the temporary copy stayed. Each rank checksums its own shards before
+    # that exchange: rank 1 failing there raised a bare OSError and left rank 0 waiting in it (shard).
     for raised, restored, saved, files in fnlit.distributed.launch(
-        rank0_fails_in_save_sharded, 2, str(tmp_path), where, timeout=120, collective_timeout=30
+        a_rank_fails_in_save_sharded, 2, str(tmp_path), where, timeout=120, collective_timeout=30
     ):
         assert re.fullmatch(rf"could not write the sharded checkpoint .*ckpt: {cause}\. "
                             r"Any previous checkpoint there is unchanged\.", raised)
