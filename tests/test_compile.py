@@ -216,6 +216,16 @@ _COPIES = {  # identity copies of views of a donated leaf, as a step may write t
     "row_detach_clone": lambda w: w[1].detach().clone(),
     "row_times_1": lambda w: w[1] * 1,
     "row_plus_0": lambda w: w[1] + 0,
+    "clone_T": lambda w: w.clone().T,  # (views and no-ops inductor removes, on a copy)
+    "cat_row": lambda w: torch.cat([w[1]]),
+    "split_row": lambda w: torch.split(w.clone(), 1)[1],
+}
+_FORMS = {  # more of them, as metrics
+    "times_1_mT": lambda w: (w * 1).mT, "clone_H": lambda w: w.clone().H, "clone_data": lambda w: w.clone().data,
+    "clone_real": lambda w: w.clone().real, "clone_diagonal": lambda w: w.clone().diagonal(),
+    "row_pow_1": lambda w: w[1] ** 1, "row_repeat_1": lambda w: w[1].repeat(1), "stack_row": lambda w: torch.stack([w[1]]),
+    "clone_unfold": lambda w: w.clone().unfold(0, 2, 1), "unbind_clone": lambda w: w.clone().unbind(0)[2],
+    "pad_0": lambda w: torch.nn.functional.pad(w[1], (0, 0)), "row_tile_1": lambda w: torch.tile(w[1], (1,)),
 }
 
 
@@ -229,16 +239,21 @@ def _keeping_views(model):
         kept = {"row": w[1], "t": w.t(), "scalar": b[:1].view(()), "x": x}
         copies = {name: copy(w) for name, copy in _COPIES.items()}  # copies of views: new memory, the same values
         kept.update({f"kept_{name}": value for name, value in copies.items()})
-        return state.apply_gradients(grads, buffers={**state.buffers, **kept}), {"loss": loss.detach(), **views, **copies}
+        forms = {name: form(w) for name, form in _FORMS.items()}
+        metrics = {"loss": loss.detach(), **views, **copies, **forms}
+        return state.apply_gradients(grads, buffers={**state.buffers, **kept}), metrics
 
     return step
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch._prims_common.check` is deprecated:FutureWarning")  # (inductor's diagonal)
 def test_donated_compile_keeps_views_of_the_donated_state_as_the_step_saw_them():
     # Inductor folded the copy of a slice, .t() or .view(()) of a donated leaf (and a batch viewing a donated buffer)
     # and read it after writing the update: the metrics and kept buffers came back holding the new weights. So it
-    # did with a copy of such a view (w[1].clone(), w.t().clone(), w[1] * 1), which has memory of its own.
+    # did with a copy of such a view (w[1].clone(), w.t().clone(), w[1] * 1), which has memory of its own, with
+    # a view of a copy (w.clone().T, .H, .data, .diagonal(), an item of a split) and with the no-ops inductor removes
+    # (w[1] ** 1, torch.cat([w[1]]), torch.stack([w[1]]), w[1].repeat(1), padding by zeros).
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     for name, shape in {"row": (4,), "t": (4, 3), "scalar": (), "x": (4,)}.items():
@@ -258,10 +273,14 @@ def test_donated_compile_keeps_views_of_the_donated_state_as_the_step_saw_them()
         if name != "detached":
             assert torch.equal(got_state.buffers[name], value), name
     for name, value in {"row_clone": w[1], "flat_clone": w.reshape(-1), "t_clone": w.t(), "row_detach_clone": w[1],
-                        "row_times_1": w[1], "row_plus_0": w[1]}.items():  # (copies: the same, in fresh memory)
+                        "row_times_1": w[1], "row_plus_0": w[1], "clone_T": w.T, "cat_row": w[1],
+                        "split_row": w[1:2]}.items():  # (copies: the same, in fresh memory)
         assert torch.equal(want[name], value) and torch.equal(want_state.buffers[f"kept_{name}"], value), name
         assert torch.equal(got[name], value), name
         assert torch.equal(got_state.buffers[f"kept_{name}"], value), name
+    w0 = w.clone()  # (each form of the weights the step saw, made here by torch)
+    for name, form in _FORMS.items():
+        assert torch.equal(want[name], form(w0)) and torch.equal(got[name], form(w0)), name
     assert not torch.equal(got_state.params["0.weight"], w)  # (the update did happen)
     assert_trees_close(got_state, want_state, rtol=1e-5, atol=1e-6)
 

@@ -464,64 +464,112 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return _snapshot(t)
 
 
-# Ops whose result holds its (single) tensor input's values unchanged -- views, copies, ``x * 1``: inductor may fold a
-# chain of them into a read of the input. Dynamo records them as methods or as torch / operator functions.
-_IDENTITY_OPS = frozenset({
-    "clone", "contiguous", "detach", "alias", "view", "view_as", "reshape", "reshape_as", "flatten", "t", "transpose",
-    "swapaxes", "swapdims", "permute", "expand", "expand_as", "squeeze", "unsqueeze", "select", "narrow", "as_strided",
-    "movedim", "moveaxis", "unflatten", "ravel",
-})
-# (identities when they keep the dtype and device; a conversion is a computation)
-_CASTS = frozenset({"to", "to_copy", "type_as", "float", "double", "half", "bfloat16", "type"})
-_BY_ONE = frozenset({"mul", "rmul", "multiply", "div", "truediv", "divide", "true_divide"})  # x * 1, x / 1
+# Ops whose result holds its tensor input's values unchanged in memory of its own -- copies, ``x * 1`` and the
+# no-ops inductor removes (``remove_noop_ops``): inductor may fold a chain of them into a read of the input. (A view
+# shares its input's storage, which is how :func:`_identity_source` follows it, whatever the op.) Dynamo records
+# them as methods or as torch / operator functions.
+_COPY_OPS = frozenset({"clone", "contiguous", "detach", "alias", "reshape", "flatten", "ravel", "unflatten"})
+_CASTS = frozenset({"to", "to_copy", "float", "double", "half", "bfloat16", "type"})  # (if they keep dtype and device)
+_LIKE = frozenset({"reshape_as", "type_as"})  # (a copy of the first tensor; the other gives a shape or dtype only)
+_BY_ONE = frozenset({"mul", "rmul", "multiply", "div", "truediv", "divide", "true_divide", "pow"})  # x * 1, x ** 1
 _BY_ZERO = frozenset({"add", "radd", "sub", "subtract"})  # x + 0, x - 0
+_ROUNDING = frozenset({"floor", "ceil", "round", "trunc", "fix"})  # (no-ops on integer tensors)
 _OPERATORS: dict[Any, str] = {
     operator.getitem: "getitem", operator.mul: "mul", operator.truediv: "div", operator.add: "add",
-    operator.sub: "sub", operator.pos: "pos",
+    operator.sub: "sub", operator.pos: "pos", operator.pow: "pow", torch.nn.functional.pad: "pad",
+    torch._C._nn.pad: "pad",
 }
 
 
 def _op_name(node: torch.fx.Node) -> str | None:
-    """The name of ``node``'s op as a tensor method (``torch.clone`` and ``x.clone()`` are both "clone")."""
+    """The name of ``node``'s op as a tensor method (``torch.clone`` and ``x.clone()`` are both "clone").
+
+    Dunder names lose their underscores (``__mul__`` is "mul"); an in-place op keeps its own (``mul_``).
+    """
     if node.op == "call_method":
-        return str(node.target).strip("_")
-    if node.op != "call_function":
+        name: str | None = str(node.target)
+    elif node.op != "call_function":
         return None
-    if node.target in _OPERATORS:
+    elif node.target in _OPERATORS:
         return _OPERATORS[node.target]
-    name = getattr(node.target, "__name__", None)
-    if name is None or node.target not in (getattr(torch, name, None), getattr(torch.Tensor, name, None)):
-        return None
-    return name.strip("_")
+    else:
+        name = getattr(node.target, "__name__", None)
+        if name is None or node.target not in (getattr(torch, name, None), getattr(torch.Tensor, name, None)):
+            return None
+    assert name is not None
+    return name[2:-2] if len(name) > 4 and name.startswith("__") and name.endswith("__") else name
+
+
+def _node_storage(node: Any) -> int | None:
+    """The storage of ``node``'s (fake) tensor value, if it has one."""
+    from torch._inductor.fx_utils import get_storage
+
+    value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return get_storage(value) if isinstance(value, torch.Tensor) and torch._C._has_storage(value) else None
+
+
+def _flat_ints(args: Any) -> list[Any]:
+    """``repeat(1, 1)`` and ``repeat((1, 1))`` alike: the sizes given, flat."""
+    return [x for a in args for x in (a if isinstance(a, (list, tuple, torch.Size)) else (a,))]
 
 
 def _identity_source(node: torch.fx.Node) -> torch.fx.Node | None:
     """The tensor ``node``'s value is an unchanged view or copy of (``x[1]``, ``x.t().clone()``, ``x * 1``), if any.
 
-    Only identities are followed: a computed value (``step + 1``, ``p - lr * g``, ``x.exp()``) is no copy of its
-    input, and inductor writes it out before the update.
+    A view (or an in-place op's result) shares its input's storage, whatever the op; an item of a split, unbind or
+    chunk shares the split tensor's. Copies are followed by name: clones, same-dtype casts, ``x * 1``, ``x + 0``,
+    and the no-ops inductor removes (``x ** 1``, ``cat`` or ``stack`` of one tensor, ``repeat`` by ones, padding by
+    zeros, rounding an integer tensor). A computed value (``step + 1``, ``p - lr * g``, ``x.exp()``) is no copy of
+    its input, and inductor writes it out before the update.
     """
+    inputs = node.all_input_nodes
+    if node.op == "call_function" and node.target is operator.getitem and inputs:
+        if isinstance(inputs[0].meta.get("example_value"), (tuple, list)):  # an item of a split: its input's storage
+            inputs = inputs[0].all_input_nodes
+    mine = _node_storage(node)
+    if mine is not None:
+        for source in inputs:
+            if _node_storage(source) == mine:
+                return source
     name = _op_name(node)
     tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("example_value"), torch.Tensor)]
-    if name is None or (len(tensors) != 1 and name not in ("expand_as", "view_as", "reshape_as", "type_as")):
+    if name is None or (len(tensors) != 1 and name not in _LIKE) or not node.args:
         return None
+    first = node.args[0]
+    if name in ("cat", "concat", "concatenate", "stack") and isinstance(first, (list, tuple)) and len(first) == 1:
+        first = first[0]
     source, value = tensors[0], node.meta.get("example_value")
-    if name in ("expand_as", "view_as", "reshape_as", "type_as"):  # (the other tensor gives a shape or dtype only)
-        source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if name in _LIKE:
+        source = first if isinstance(first, torch.fx.Node) else None
     before = source.meta.get("example_value") if source is not None else None
     if not isinstance(value, torch.Tensor) or not isinstance(before, torch.Tensor):
         return None
     if (value.dtype, value.device) != (before.dtype, before.device):  # a cast: no copy of the values
         return None
-    if name in _IDENTITY_OPS or name in _CASTS or name in ("getitem", "pos", "positive"):
-        return source if node.args and node.args[0] is source else None
+    if first is not source:
+        return None if name not in ("mul", "rmul", "multiply", "add", "radd") else _by_constant(node, name, source)
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if name in _COPY_OPS or name in _CASTS or name in _LIKE or name in ("getitem", "pos", "positive"):
+        return source
+    if name in ("cat", "concat", "concatenate", "stack"):
+        return source  # (of one tensor: a copy, whatever the dim)
+    if name in ("repeat", "tile"):
+        sizes = _flat_ints(rest) + _flat_ints(kwargs.values())
+        return source if sizes and all(type(s) is int and s == 1 for s in sizes) else None
+    if name in ("pad", "constant_pad_nd"):
+        pads = _flat_ints(rest[:1]) + _flat_ints([kwargs.get("pad", ())])
+        return source if pads and all(type(p) is int and p == 0 for p in pads) else None
+    if name in _ROUNDING:
+        return source if not rest and not kwargs and not before.is_floating_point() and not before.is_complex() else None
+    return _by_constant(node, name, source)
+
+
+def _by_constant(node: torch.fx.Node, name: str, source: torch.fx.Node) -> torch.fx.Node | None:
+    """``source`` if ``node`` is ``source * 1``, ``1 * source``, ``source / 1``, ``source ** 1``, ``source + 0``..."""
     constants = [a for a in node.args if a is not source]
     if len(constants) != 1 or type(constants[0]) not in (int, float, bool) or any(k != "alpha" for k in node.kwargs):
         return None  # (div's rounding_mode is no identity)
     (constant,) = constants
-    commutes = name in ("mul", "multiply", "add", "rmul", "radd")  # (1 * x, 0 + x)
-    if not commutes and node.args[0] is not source:
-        return None
     if (name in _BY_ONE and constant == 1) or (name in _BY_ZERO and constant == 0):
         return source
     return None
@@ -533,32 +581,26 @@ def _snapshots(gm: torch.fx.GraphModule) -> None:
     Inductor (torch 2.14) folds an identity copy -- ``t * 1``, ``t + 0``, ``t.clone()`` -- of a graph input
     that the graph also writes, and then reads the input *after* the write: a metric or kept state that is a
     donated leaf or a view of one (``state.params['w'][0]``, ``.t()``, ``.view(())``, a batch viewing a donated
-    buffer), or an identity copy of one (``w[1].clone()``, ``w.t().clone()``, ``w[1] * 1``), came out as the updated
-    values. Such a value keeps :func:`_snapshot`, an op inductor runs as it is, ordered before the writes; every
+    buffer), or an identity copy of one (``w[1].clone()``, ``w.clone().T``, ``w[1] * 1``, ``torch.cat([w[1]])``),
+    came out as the updated values. Such a value keeps :func:`_snapshot`, an op inductor runs as it is, ordered before the writes; every
     other value (computed ones: most of them) becomes ``t * 1``, which inductor fuses away. Memory is told by the
     fake tensors' storages, which views and detached tensors share; copies are followed back to their source
-    through the chain of identity ops (:func:`_identity_source`) that made them.
+    through the chain of views and identity ops (:func:`_identity_source`) that made them.
     """
-    from torch._inductor.fx_utils import get_storage
-
-    def storage(node: Any) -> int | None:
-        value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-        return get_storage(value) if isinstance(value, torch.Tensor) and torch._C._has_storage(value) else None
-
     nodes = list(gm.graph.nodes)
     writes = [n.args[0] for n in nodes if n.op == "call_method" and n.target == "copy_"]  # captured's, into donated leaves
-    donated = {storage(n) for n in writes if isinstance(n, torch.fx.Node) and n.op == "placeholder"} - {None}
+    donated = {_node_storage(n) for n in writes if isinstance(n, torch.fx.Node) and n.op == "placeholder"} - {None}
 
     def reaches_donated(node: Any) -> bool:
         while isinstance(node, torch.fx.Node):
-            if storage(node) in donated:
+            if _node_storage(node) in donated:
                 return True
             node = _identity_source(node)
         return False
 
     changed = False
     for node in nodes:
-        if node.op == "call_function" and node.target in (_snapshot, torch.ops.fnlit.snapshot.default):
+        if node.op == "call_function" and node.target is torch.ops.fnlit.snapshot.default:
             (value,) = node.args
             if not reaches_donated(value):
                 node.target = operator.and_ if node.meta["example_value"].dtype == torch.bool else operator.mul

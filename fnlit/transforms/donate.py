@@ -264,8 +264,8 @@ def donating(step: StepFn) -> StepFn:
     from ._frame import current, require_state
 
     def donating_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        check_not_donated(state)
         require_state(state, "fnlit.donating")
+        check_not_donated(state)
         if current() is not None:
             raise ValueError(_INSIDE)
         with donated_update() as record:
