@@ -99,12 +99,25 @@ class Callback:
     # A callback whose decisions depend on what it has seen (EarlyStopping's best and patience count, EMA's
     # average) defines both: fit saves ``state_dict()`` (JSON values and tensors, in dicts and lists) in every
     # checkpoint and hands it to ``load_state_dict`` when it resumes, so a resumed run goes on as the
-    # uninterrupted one. The tensors come back on the CPU. Callbacks are matched by class and by their order
-    # among callbacks of that class.
+    # uninterrupted one. The tensors come back on the CPU. Callbacks are matched by ``state_key`` and by their
+    # order among callbacks of the same ``state_key``; fit warns, naming the keys, about saved states that no
+    # callback of the resumed run takes (a callback left out, or given other settings).
     def state_dict(self) -> dict[str, Any] | None:
         return None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    @property
+    def state_key(self) -> str:
+        """The name of this callback's state in a checkpoint (Lightning's ``Callback.state_key``): the class name;
+        override it to add the settings that tell two callbacks of one class apart, as EarlyStopping's monitor and
+        mode (``EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}``), so that removing or reordering one on a
+        resume does not hand another its state. Callbacks with equal keys are matched by their order."""
+        return type(self).__qualname__
+
+    def _generate_state_key(self, **settings: Any) -> str:
+        """A ``state_key`` of the class name and ``settings``, in Lightning's form."""
+        return f"{type(self).__qualname__}{settings!r}"
 
 
 class EarlyStopping(Callback):
@@ -156,6 +169,10 @@ class EarlyStopping(Callback):
         self._stopped_value: float | None = None  # the value that crossed a threshold; for patience, the count
         self._resumed: str | None = None
         self._off = False  # in a fast_dev_run fit (read at each fit start: the callback may serve several fits)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)  # Lightning's
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait, "stopped_step": self.stopped_step, "stopped_by": self._stopped_by,
@@ -341,6 +358,10 @@ class EMA(Callback):
         self.params = _float_params(state.params) if self.params is None else _placed(self.params, state, "EMA")
         self._fresh = True  # placed again at the first step: fnlit.shard(step) shards a plain state there
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(decay=self.decay)
+
     def state_dict(self) -> dict[str, Any]:
         # The average itself, not a copy (as nn.Module.state_dict): fit asks at every step, a save reads it at once.
         return {"params": self.params}
@@ -433,6 +454,10 @@ class SWA(Callback):
         if self.params is not None:
             self.params = _placed(self.params, state, "SWA")
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(swa_epoch_start=self.swa_epoch_start)
+
     def state_dict(self) -> dict[str, Any]:
         return {"n_averaged": self.n_averaged, "params": self.params}  # the average itself, as EMA's
 
@@ -514,6 +539,12 @@ class Timer(Callback):
         """Seconds spent in ``stage`` so far (validation time included in ``"train"``)."""
         running = time.monotonic() - self._start[stage] if stage in self._start else 0.0
         return self._elapsed.get(stage, 0.0) + running
+
+    _max_time = False  # fit's own, made for its max_time: its state is kept apart from a Timer passed as a callback
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(max_time=self._max_time)
 
     def state_dict(self) -> dict[str, Any]:
         return {stage: self.time_elapsed(stage) for stage in self._elapsed}

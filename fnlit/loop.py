@@ -699,17 +699,43 @@ def _defines(cb: Any, name: str) -> bool:
     return callable(method) and getattr(method, "__func__", None) is not getattr(Callback, name)
 
 
-def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
+def _stateful(callbacks: Sequence[Any], by_class: bool = False) -> list[tuple[str, Any]]:
     """The callbacks that may have a state to checkpoint (``state_dict`` and ``load_state_dict``, other than
-    :class:`~fnlit.callbacks.Callback`'s no-ops), keyed by class name and their order among that class's.
-    Whether one has a state is asked at each save (:func:`_states`): a state made during training is kept too."""
+    :class:`~fnlit.callbacks.Callback`'s no-ops), keyed by their ``state_key`` (default: the class name) and their
+    order among those of that key (``by_class``: by class name and order among that class's, the keys of
+    checkpoints saved before ``state_key``). Whether one has a state is asked at each save (:func:`_states`): a
+    state made during training is kept too."""
     out, seen = [], {}
     for cb in callbacks:
-        name = type(cb).__qualname__
+        name = type(cb).__qualname__ if by_class else getattr(cb, "state_key", type(cb).__qualname__)
         n = seen[name] = seen.get(name, -1) + 1
         if _defines(cb, "state_dict") and callable(getattr(cb, "load_state_dict", None)):
             out.append((name if n == 0 else f"{name}#{n}", cb))
     return out
+
+
+def _load_states(callbacks: Sequence[Any], stateful: list[tuple[str, Any]], saved: dict[str, Any]) -> None:
+    """Hands each callback its state saved in the checkpoint (``saved``, by key); a checkpoint saved before
+    ``state_key`` keyed them by class and order, read for the callbacks its keys are not of. Warns, naming them,
+    about saved states no callback takes (their callbacks left out, or given other settings), as Lightning."""
+    todo = {}
+    for key, cb in stateful:
+        if key in saved:
+            todo[key] = cb
+    taken = set(todo)
+    for (key, cb), (old, _) in zip(stateful, _stateful(callbacks, by_class=True)):
+        if key not in taken and old in saved and old not in todo:
+            todo[old] = cb
+    for key, cb in todo.items():  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
+        cb.load_state_dict(saved[key])
+    left = [key for key in saved if key not in todo]
+    if left:
+        warnings.warn(
+            f"fit resumes from a checkpoint that holds the states of callbacks this run does not have: {left} (the "
+            "keys are their state_key, and their order among those of that key). They are left unused. Pass the "
+            "callbacks the checkpoint was saved with, with the same settings, to go on with their states.",
+            stacklevel=3,
+        )
 
 
 def _states(stateful: list[tuple[str, Any]], copied: bool = False) -> dict[str, Any]:
@@ -1041,16 +1067,18 @@ def fit(
     validated = bool(position.get("validated"))  # saved by an epoch-end validation: that one is done
     # saved by a Ctrl-C during a validation after a batch: the resumed run does that validation first
     unfinished = bool(position.get("validation_unfinished"))
-    all_callbacks = list(callbacks) + ([Timer(max_time)] if max_time is not None else [])
+    all_callbacks = list(callbacks)
+    if max_time is not None:
+        all_callbacks.append(Timer(max_time))
+        all_callbacks[-1]._max_time = True  # its state is not a Timer callback's (state_key)
     if not plan.validate:
         _warn_unwatched(all_callbacks, checkpoint)
     hooks = _Hooks(all_callbacks)
     # a stop that min_epochs deferred, before the checkpoint (or requested before an epoch end a Ctrl-C cut off)
     hooks.stop = bool(position.get("stop_requested"))
     stateful = _stateful(all_callbacks)
-    for key, cb in stateful:  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
-        if key in position.get("callbacks", {}):
-            cb.load_state_dict(position["callbacks"][key])
+    if position.get("callbacks"):
+        _load_states(all_callbacks, stateful, position["callbacks"])
 
     def where(epoch: int, batch: int, pending: list[Metrics] | None = None) -> Position:
         """The position saved with a checkpoint: where the data stands, the callbacks' states, and the training

@@ -340,6 +340,18 @@ def test_a_resumed_run_whose_time_is_spent_takes_no_step(tmp_path, monkeypatch):
         assert int(state.step) == 5
 
 
+def test_fits_max_time_timer_and_a_timer_callback_added_on_resume_keep_their_own_times(tmp_path, monkeypatch):
+    # Keyed by class and order, the Timer callback took the max_time Timer's 5 s and fit's own started afresh:
+    # 5 more steps. As the uninterrupted run, the resumed one has spent its time; the new Timer starts from 0.
+    clock = FakeClock(monkeypatch)
+    ckpt = fnlit.checkpoint.Checkpointer(tmp_path)
+    fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, checkpoint=ckpt, progress=False)
+    timer = Timer()
+    state = fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, callbacks=[timer], checkpoint=ckpt,
+                ckpt_path="last", progress=False)  # fmt: skip
+    assert int(state.step) == 5 and timer.time_elapsed() == 0
+
+
 def test_a_reused_timer_times_each_fit_from_zero(monkeypatch):
     clock, timer = FakeClock(monkeypatch), Timer(3)
     steps = [int(fit(clock.step, counting_state(), [0] * 10, max_epochs=1, callbacks=[timer], progress=False).step) for _ in range(2)]

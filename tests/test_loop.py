@@ -808,6 +808,59 @@ def test_early_stopping_resumes_its_patience_from_the_checkpoint(tmp_path):
     assert resumed_timer.time_elapsed() >= elapsed  # the time counts across the resume, as Lightning's Timer
 
 
+def _two_monitors_run(tmp_path, callbacks, **kw):
+    """8 steps validated after each: val/a = 10 - step improves at every one, val/b = step at none after the first
+    (mode min), so EarlyStopping("val/b", patience=5) alone stops at step 6 (5 validations without beating 1) and
+    EarlyStopping("val/a", ...) alone trains all 8."""
+    from fnlit.checkpoint import Checkpointer
+
+    def eval_step(state, batch):
+        return {"a": torch.tensor(10.0 - int(state.step)), "b": torch.tensor(float(int(state.step)))}
+
+    return fit(Counter().step, make_state(), ArrayLoader(torch.arange(8), batch_size=1), max_epochs=1, val_data=[0],
+               eval_step=eval_step, val_check_interval=1, num_sanity_val_steps=0, callbacks=callbacks,
+               checkpoint=Checkpointer(tmp_path / "ck", every_n_steps=1), progress=False, **kw)  # fmt: skip
+
+
+def test_early_stoppings_of_one_class_resume_their_own_states_when_one_is_removed_or_they_are_reordered(tmp_path):
+    # States were keyed by class and order: the one left (or the first after a swap) got another's best and
+    # patience count. Lightning keys them by state_key (monitor, mode) and warns about the states left over.
+    from fnlit.callbacks import EarlyStopping
+
+    _two_monitors_run(tmp_path, [EarlyStopping("val/b", patience=5), EarlyStopping("val/a", patience=5)], max_steps=4)
+    ea = EarlyStopping("val/a", patience=5)
+    with pytest.warns(UserWarning, match=r"callbacks this run does not have: \[\"EarlyStopping\{'monitor': 'val/b', "
+                                         r"'mode': 'min'\}\"\]"):  # fmt: skip
+        state = _two_monitors_run(tmp_path, [ea], ckpt_path="last")
+    assert int(state.step) == 8 and (ea.best, ea.wait) == (2.0, 0)  # as EarlyStopping("val/a") alone: it never stops
+
+    for f in (tmp_path / "ck").iterdir():
+        f.unlink()
+    _two_monitors_run(tmp_path, [EarlyStopping("val/a", patience=5), EarlyStopping("val/b", patience=5)], max_steps=4)
+    ea, eb = EarlyStopping("val/a", patience=5), EarlyStopping("val/b", patience=5)
+    state = _two_monitors_run(tmp_path, [eb, ea], ckpt_path="last")  # swapped
+    assert int(state.step) == 6  # val/b's patience, as uninterrupted
+    assert (ea.best, ea.wait) == (4.0, 0) and (eb.best, eb.wait, eb.stopped_step) == (1.0, 5, 6)
+
+
+def test_a_checkpoint_keyed_by_class_and_order_still_restores_each_callback(tmp_path):
+    # Checkpoints saved before state_key keyed the states "EarlyStopping", "EarlyStopping#1": still read.
+    from fnlit.callbacks import EarlyStopping
+
+    _two_monitors_run(tmp_path, [EarlyStopping("val/b", patience=5), EarlyStopping("val/a", patience=5)], max_steps=4)
+    last = max((tmp_path / "ck").glob("*.ckpt"), key=lambda f: fnlit.checkpoint.read_info(f).step)
+    position = fnlit.checkpoint.read_info(last).position
+    b, a = (position["callbacks"][f"EarlyStopping{{'monitor': 'val/{m}', 'mode': 'min'}}"] for m in "ba")
+    assert (b["best"], b["wait"], a["best"]) == (1.0, 3, 6.0)
+    position["callbacks"] = {"EarlyStopping": b, "EarlyStopping#1": a}
+    old = fnlit.checkpoint.save(tmp_path / "old.ckpt", fnlit.checkpoint.restore(last, like=make_state()), position=position)
+    eb, ea = EarlyStopping("val/b", patience=5), EarlyStopping("val/a", patience=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every saved state is taken
+        state = _two_monitors_run(tmp_path, [eb, ea], ckpt_path=old)
+    assert int(state.step) == 6 and (eb.best, eb.wait) == (1.0, 5) and (ea.best, ea.wait) == (4.0, 0)
+
+
 class _LazyCount(fnlit.callbacks.Callback):
     """Counts steps; its state is made at the first step (state_dict() is None before, as at fit's start)."""
 
