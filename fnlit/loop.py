@@ -975,7 +975,8 @@ def fit(
             ``before_save`` if one was set (restored when it returns).
         ckpt_path: resume from this checkpoint (``"last"`` allowed, and with a :class:`fnlit.Checkpointer` that has a
             ``monitor``, ``"best"``: its ``best_path``): ``checkpoint.restore(ckpt_path, like=state)``.
-        seed: the data-order seed; default ``int(state.rng)`` at the start (the checkpoint's when resuming).
+        seed: the data-order seed; default ``int(state.rng)`` at the start. A resume uses the checkpoint's (the
+            order it replays its epoch in: another would skip or repeat examples), and warns when ``seed`` differs.
             Under torch.distributed every rank takes rank 0's (one order, cut into the ranks' shards), also
             when the ranks' rngs differ.
         prefixes: the prefixes of training and validation metric names.
@@ -1030,6 +1031,13 @@ def fit(
         checkpoint, position = None, None
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
+    elif seed is not None and seed != position["seed"]:
+        warnings.warn(
+            f"fit resumes with the checkpoint's data-order seed {position['seed']}, not seed={seed}: the resumed "
+            "epoch must be replayed in the order it began in (another would skip or repeat examples). Start a "
+            "new run (no ckpt_path) for another order.",
+            stacklevel=2,
+        )
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
     _check_last_batch(step, train_data, plan.batches, plan.max_steps - (0 if plan.quiet else _first(state.step)), b)
     saved_world = position.get("world_size", 1)

@@ -340,6 +340,25 @@ def test_data_order_is_reshuffled_per_epoch_from_the_state_seed():
     assert c.train == [x.tolist() for x in loader.batches(0, 123)]
 
 
+def test_a_resume_keeps_the_checkpoints_seed_and_warns_about_another_one_passed(tmp_path):
+    # seed= on resume was ignored silently; the docstring read as if only the default came from the checkpoint.
+    from fnlit.checkpoint import Checkpointer
+
+    loader = ArrayLoader(torch.arange(8), batch_size=2)  # shuffled per epoch from the seed
+    c = Counter()
+    fit(c.step, make_state(), loader, max_steps=2, seed=1, checkpoint=Checkpointer(tmp_path), progress=False)
+    with pytest.warns(UserWarning, match=r"fit resumes with the checkpoint's data-order seed 1, not seed=2: the resumed "
+                                         r"epoch must be replayed in the order it began in"):  # fmt: skip
+        fit(c.step, make_state(), loader, max_steps=8, seed=2, checkpoint=Checkpointer(tmp_path), ckpt_path="last",
+            progress=False)  # fmt: skip
+    assert c.train == [x.tolist() for e in range(2) for x in loader.batches(e, 1)]  # the seed-1 run's, uncut
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same seed again, or none: untold
+        for seed in (1, None):
+            fit(c.step, make_state(), loader, max_steps=9, seed=seed, checkpoint=Checkpointer(tmp_path),
+                ckpt_path="last", progress=False)  # fmt: skip
+
+
 def test_dataloader_random_sampler_is_seeded_per_epoch():
     dl = DataLoader(TensorDataset(torch.arange(12)), batch_size=3, shuffle=True)
     a, b = Counter(), Counter()
