@@ -409,7 +409,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         n = _limit(limit_batches, _num_batches(data), "limit_batches", "evaluate")
         batches = ((b, True) for b in data)
     move = _data.device_mover(state.device)
-    names: list[str] = []
+    names: list[str] | None = None  # (None until the first batch: a first batch's {} sets no metrics, not "unset")
+    names_set: set[str] = set()
     sums: list[torch.Tensor] = []
     count = 0
     members = ensemble_members(state)
@@ -438,7 +439,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                 metrics = flat_metrics(metrics)
             # an empty batch (size 0) holds no examples: it does not count (its means are NaN, and NaN * 0 is NaN)
             size = examples(batch) if counts else 0
-            if not names:
+            if names is None:
                 names, names_set = list(metrics), set(metrics)
                 for k in names:
                     check_metric_name(k, "the eval step")

@@ -1341,6 +1341,20 @@ def test_evaluate_names_a_metric_missing_from_some_batches():
         evaluate(ev, make_state(), [torch.tensor([0]), torch.tensor([1])])
 
 
+def test_evaluate_raises_when_the_first_batch_returns_no_metrics_and_a_later_one_some():
+    # A first batch's {} read as "no batch yet": its 4 examples were counted without metrics and the next batch set
+    # the names, so the mean came out diluted ((4*0 + 6*6.5) / 10 = 3.9) instead of the KeyError the reverse order raises.
+    x = torch.arange(10.0)
+    ev = lambda state, b: {} if b[0] < 3 else {"m": b.mean()}  # noqa: E731
+    with pytest.raises(KeyError, match="metric 'm' for some batches but not others"):
+        evaluate(ev, make_state(), [x[:4], x[4:]])
+    reverse = lambda state, b: {"m": b.mean()} if b[0] < 3 else {}  # noqa: E731
+    with pytest.raises(KeyError, match="metric 'm' for some batches but not others"):
+        evaluate(reverse, make_state(), [x[:4], x[4:]])
+    with pytest.raises(ValueError, match=r"evaluate got no batches \(or no metrics\)"):  # {} throughout: no metrics
+        evaluate(lambda state, b: {}, make_state(), [x[:4], x[4:]])
+
+
 def test_evaluate_names_itself_for_a_bad_limit_batches():
     ev = lambda state, b: {"loss": b.float().mean()}  # noqa: E731
     with pytest.raises(ValueError, match=r"^evaluate expected limit_batches to be an int >= 0 .*got limit_batches=1.5"):
