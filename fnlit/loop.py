@@ -10,6 +10,7 @@ detached), and the callbacks that ask to run every step; metrics stay on the dev
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -17,6 +18,7 @@ import math
 import signal
 import threading
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -359,7 +361,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     ensemble's per-member batches, the examples each member gets, :meth:`fnlit.ensemble.EnsembleStep.examples`, also
     through a wrapper such as ``torch.compile``), so a smaller last batch counts for what it holds, and an empty one
     (size 0) not at all. Sums stay on the device; there is one host sync, at the end
-    (under torch.distributed, sums are added across ranks first). The state is never changed.
+    (under torch.distributed, sums are added across ranks first, by metric name; the ranks check before, in one
+    more small all-reduce and host sync, that their eval steps returned the same names). The state is never changed.
 
     Under torch.distributed the ranks may hold different numbers of batches; the result is the mean over all
     of them. Unless the data is an ArrayLoader (its shards are even), the ranks exchange their counts first (one
@@ -454,6 +457,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                 if size:
                     sums = [s + value(k, metrics[k]) * size for s, k in zip(sums, names)]
             count += size
+    # each metric's entries: its name, or "<name>/<member>" for an ensemble's
+    flat = [k if s.dim() == 0 else f"{k}/{j}" for k, s in zip(names or [], sums) for j in range(s.numel())]
+    if _dist.world_size() > 1:  # (before the no-metrics error: a rank alone without metrics raises with the others)
+        _same_names_on_every_rank(flat, state.device)
     if not names:
         raise ValueError(
             "evaluate got no batches (or no metrics); check the data (a loader with drop_last=True yields no batch "
@@ -468,15 +475,40 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         dtype = torch.float32 if device.type == "mps" else torch.float64
     else:
         dtype = reduction_dtype(*sums, device=device)
-    totals = torch.cat([s.reshape(-1).to(device, dtype) for s in sums] + [torch.tensor([float(count)], dtype=dtype, device=device)])
+    # in sorted name order: each rank built its dict in its own order (a dict merge), and the all-reduce adds by position
+    order = sorted(range(len(names)), key=names.__getitem__)
+    totals = torch.cat([sums[i].reshape(-1).to(device, dtype) for i in order] + [torch.tensor([float(count)], dtype=dtype, device=device)])
     if _dist.world_size() > 1:
         torch_dist.all_reduce(totals)
     values = totals.tolist()  # the one host sync
     if values[-1] == 0:
         raise ValueError("evaluate got no examples (batches of size 0); check the data and limit_batches.")
-    flat = [k if s.dim() == 0 else f"{k}/{i}" for k, s in zip(names, sums) for i in range(s.numel())]
     unique_names(flat, "the eval step")
-    return {k: v / values[-1] for k, v in zip(flat, values)}
+    starts = dict(zip(order, itertools.accumulate([0] + [sums[i].numel() for i in order])))  # each metric's place
+    place = [starts[i] + j for i, s in enumerate(sums) for j in range(s.numel())]
+    return {k: values[j] / values[-1] for k, j in zip(flat, place)}  # (in the eval step's own order)
+
+
+def _same_names_on_every_rank(names: list[str], device: torch.device) -> None:
+    """Under torch.distributed: raises evaluate's KeyError on every rank unless every rank's eval step returned
+    the same metric names (one all-reduce of a CRC-32 of the sorted names and one host sync; on a mismatch, the
+    ranks gather their names to say which differs)."""
+    crc = zlib.crc32("\0".join(sorted(names)).encode())  # (not hash(): salted per process)
+    flags = torch.tensor([crc, -crc], dtype=torch.int64, device=device)
+    torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+    most, least = flags.tolist()  # (once per evaluate)
+    if most == -least:
+        return
+    gathered: list[Any] = [None] * _dist.world_size()
+    torch_dist.all_gather_object(gathered, sorted(names))
+    counts = [collections.Counter(g) for g in gathered]  # (a Counter: a name given twice differs too)
+    k = min(n for n in set().union(*gathered) if len({c[n] for c in counts}) > 1)
+    ranks = [r for r, c in enumerate(counts) if c[k]]
+    raise KeyError(
+        f"the eval step returned metric {k!r} for some batches but not others (under torch.distributed: on rank(s) "
+        f"{ranks} of {len(gathered)}): return the same metric names for every batch on every rank (evaluate "
+        "averages each over all of them)."
+    )
 
 
 _NOT_ENSEMBLED = (

@@ -519,6 +519,30 @@ def evaluate_rank_dependent_metric_dtypes():
     return fnlit.evaluate(ev, state, [(torch.tensor([1.0, -1.0]), y)])
 
 
+def evaluate_metrics_in_rank_order():
+    """evaluate where rank 1's eval step builds its metrics in the other order (a dict merge): rank 0 runs
+    arange(10)[:4] as one batch, rank 1 [4:7] and [7:]."""
+    rank, x = dist.get_rank(), torch.arange(10.0)
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    if rank == 0:
+        return fnlit.evaluate(lambda s, b: {"mean": b.mean(), "max": b.max()}, state, [x[:4]])
+    return fnlit.evaluate(lambda s, b: {"max": b.max(), "mean": b.mean()}, state, [x[4:7], x[7:]])
+
+
+def evaluate_metric_names_that_differ(case):
+    """evaluate where rank 1's eval step returns other metric names than rank 0's {"acc": ...}: the error's type
+    and message, on every rank."""
+    rank, x = dist.get_rank(), torch.arange(10.0)
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    other = {"renamed": lambda b: {"loss": b.max()}, "extra": lambda b: {"acc": b.mean(), "loss": b.max()}, "none": lambda b: {}}
+    step = (lambda s, b: {"acc": b.mean()}) if rank == 0 else (lambda s, b: other[case](b))
+    try:
+        fnlit.evaluate(step, state, [x[:4]] if rank == 0 else [x[4:]])
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
 def evaluate_with_empty_batches():
     """evaluate where rank 0 has an empty batch among its examples and rank 1 has only empty batches."""
     data = [torch.zeros(0), torch.ones(3), torch.zeros(0), torch.full((1,), 5.0)] if dist.get_rank() == 0 else [torch.zeros(0)] * 2

@@ -18,6 +18,8 @@ from _dist_workers import (
     ensemble_with_collectives,
     evaluate_by_batches,
     evaluate_every_example,
+    evaluate_metric_names_that_differ,
+    evaluate_metrics_in_rank_order,
     evaluate_rank_dependent_metric_dtypes,
     evaluate_wide_metrics,
     exits_quietly,
@@ -309,6 +311,28 @@ def test_evaluate_over_two_ranks_with_metric_dtypes_that_differ_between_ranks():
     # Each rank picked the exchange's dtype from its own metrics: float32 on rank 0, float64 (the number 0.0) on
     # rank 1, so the all-reduce's sizes differed and gloo aborted rank 0. By hand: recall 1 x 2 + 0 x 2 over 4.
     assert fnlit.distributed.launch(evaluate_rank_dependent_metric_dtypes, 2, timeout=120) == [{"recall": 0.5}] * 2
+
+
+def test_evaluate_over_two_ranks_adds_each_metric_by_its_name_not_its_place():
+    # The all-reduce added the ranks' sums by position: rank 1's {"max", "mean"} against rank 0's {"mean", "max"}
+    # mixed the two (both came back 5.1). By hand, over arange(10): mean 4.5; max weighted by batch size
+    # (3 x 4 + 6 x 3 + 9 x 3) / 10 = 5.7. Each rank keeps its own order.
+    x = torch.arange(10.0)
+    mean, most = x.mean().item(), (3 * 4 + 6 * 3 + 9 * 3) / 10
+    out0, out1 = fnlit.distributed.launch(evaluate_metrics_in_rank_order, 2, timeout=120, collective_timeout=30)
+    assert list(out0) == ["mean", "max"] and list(out1) == ["max", "mean"]
+    for out in (out0, out1):
+        assert out["mean"] == pytest.approx(mean) and out["max"] == pytest.approx(most)
+
+
+@pytest.mark.parametrize(("case", "name"), [("renamed", "acc"), ("extra", "loss"), ("none", "acc")])
+def test_evaluate_over_two_ranks_raises_on_every_rank_when_their_metric_names_differ(case, name):
+    # Other names of the same count were added under each rank's own names ({"acc"} on one rank, {"loss"} on the
+    # other: both means of the two); another count failed in gloo; a rank without metrics raised alone.
+    errors = fnlit.distributed.launch(evaluate_metric_names_that_differ, 2, case, timeout=120, collective_timeout=30)
+    for kind, message in errors:
+        assert kind == "KeyError", message
+        assert f"the eval step returned metric {name!r} for some batches but not others" in message, message
 
 
 def test_evaluate_over_two_ranks_skips_empty_batches():
