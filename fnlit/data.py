@@ -467,7 +467,8 @@ def _takes_non_blocking(to: Callable[..., Any]) -> bool:
 
 
 def batch_size_of(batch: Batch) -> int:
-    """The leading dimension of the batch's first tensor that has one (1 if none has), as Lightning infers it.
+    """The leading dimension of the batch's first tensor (or NumPy array) that has one (1 if none has), as Lightning
+    infers it.
 
     Dicts (any Mapping) are read in their own key order (Lightning's order; ``{"x": x, "y": y, "class_weight": w}``
     counts ``x``'s examples, not the weights'), dataclasses field by field, and 0-d tensors are skipped: a scalar beside the examples does not make the batch
@@ -494,9 +495,13 @@ def batch_size_of(batch: Batch) -> int:
 
 
 def _leading_sizes(tree: Any) -> Iterator[int]:
-    """The leading dimensions of the tensors in ``tree`` (not 0-d ones), dicts in their own key order."""
+    """The leading dimensions of the tensors and NumPy arrays in ``tree`` (not 0-d ones), dicts in their own key
+    order."""
     if isinstance(tree, torch.Tensor):
         if tree.dim() > 0:
+            yield int(tree.shape[0])
+    elif isinstance(tree, np.ndarray):  # (a DataLoader's collate makes tensors of them; a list of batches may hold them as they are)
+        if tree.ndim > 0:
             yield int(tree.shape[0])
     elif isinstance(tree, Mapping):  # any: a dict subclass, a UserDict (Hugging Face's BatchEncoding is one)
         for v in tree.values():
@@ -512,6 +517,19 @@ def _leading_sizes(tree: Any) -> Iterator[int]:
         if not (len(leaves) == 1 and leaves[0] is tree):
             for v in leaves:
                 yield from _leading_sizes(v)
+
+
+def _holds_list(tree: Any) -> bool:
+    """Whether ``tree`` (dicts, tuples, dataclasses) holds a Python list: a batch's examples as a list (texts)."""
+    if isinstance(tree, list):
+        return True
+    if isinstance(tree, Mapping):
+        return any(_holds_list(v) for v in tree.values())
+    if isinstance(tree, tuple):
+        return any(_holds_list(v) for v in tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return any(_holds_list(getattr(tree, f.name, None)) for f in dataclasses.fields(tree))
+    return False
 
 
 def _with_items(mapping: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:

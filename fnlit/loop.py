@@ -357,7 +357,8 @@ _ONE_SHOT_VAL = (
 def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], limit_batches: int | float | None = None) -> dict[str, float]:
     """Runs ``eval_step(state, batch) -> metrics`` over ``data``; returns each metric's mean over examples.
 
-    Each batch's metrics are weighted by its size (the leading dimension of its first tensor that has one; for an
+    Each batch's metrics are weighted by its size (the leading dimension of its first tensor or NumPy array that has
+    one, else 1, with a warning where it holds Python lists; for an
     ensemble's per-member batches, the examples each member gets, :meth:`fnlit.ensemble.EnsembleStep.examples`, also
     through a wrapper such as ``torch.compile``), so a smaller last batch counts for what it holds, and an empty one
     (size 0) not at all. Sums stay on the device; there is one host sync, at the end
@@ -421,6 +422,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     # wrapper around the ensemble (torch.compile(fnlit.ensemble(...)), a functools.wraps function: its __wrapped__)
     ensembled = next((s for s in wrapped_steps(eval_step) if isinstance(s, EnsembleStep)), None)
     examples = ensembled.examples if ensembled is not None else _data.batch_size_of
+    unsized = False  # (warned once: a batch without a tensor or array counts as one example)
 
     def value(k: str, v: Any) -> torch.Tensor:  # an ensemble's metric has one value per member: "<name>/<member>"
         if members and isinstance(v, torch.Tensor) and v.shape == (members,):
@@ -442,6 +444,10 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                 metrics = flat_metrics(metrics)
             # an empty batch (size 0) holds no examples: it does not count (its means are NaN, and NaN * 0 is NaN)
             size = examples(batch) if counts else 0
+            listed = size == 1 and not unsized and _data._holds_list(batch)
+            if listed and next(_data._leading_sizes(batch), None) is None:
+                unsized = True  # (examples in Python lists: Lightning cannot infer a size there either)
+                warnings.warn(_UNSIZED_BATCH.format(kind=type(batch).__name__), stacklevel=2)
             if names is None:
                 names, names_set = list(metrics), set(metrics)
                 for k in names:
@@ -509,6 +515,14 @@ def _same_names_on_every_rank(names: list[str], device: torch.device) -> None:
         f"{ranks} of {len(gathered)}): return the same metric names for every batch on every rank (evaluate "
         "averages each over all of them)."
     )
+
+
+_UNSIZED_BATCH = (
+    "evaluate weights each batch's metrics by its size, the leading dimension of its first tensor or NumPy array, "
+    "but a batch ({kind}) holds none, its examples in Python lists: each such batch counts as one example, so a smaller "
+    "last batch weighs as much as a full one. Make the batch's examples a tensor or array (a DataLoader's collate "
+    "does), or pass batches of equal size."
+)
 
 
 _NOT_ENSEMBLED = (

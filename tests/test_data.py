@@ -156,6 +156,24 @@ def test_evaluate_weights_a_batch_by_its_examples_not_by_a_scalar_beside_them():
     assert batch_size_of({"a": torch.tensor(3), "b": (torch.zeros(()), torch.zeros(7, 2))}) == 7
 
 
+def test_evaluate_weights_numpy_batches_by_their_examples_and_warns_for_batches_without_any():
+    """Only torch tensors were counted: NumPy batches of 8 and 2 examples counted 1 each, so the smaller last batch
+    weighed as a full one (6.0 instead of 4.5); batches of Python lists counted 1 each without a word."""
+    import numpy as np
+
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    mean = sum(range(10)) / 10  # by hand, over the 10 examples
+    step = lambda s, b: {"m": torch.as_tensor(b["x"]).mean()}  # noqa: E731
+    got = fnlit.evaluate(step, state, [{"x": np.arange(8.0)}, {"x": np.arange(8.0, 10.0)}])
+    assert got["m"] == pytest.approx(mean)
+    assert batch_size_of((np.float64(2.0), np.zeros((7, 3)))) == 7  # (a 0-d array is skipped, as a 0-d tensor)
+    lists = [{"x": list(range(8))}, {"x": [8, 9]}]
+    with pytest.warns(UserWarning, match=r"a batch \(dict\) holds none, its examples in Python lists: each such batch counts as one") as w:
+        got = fnlit.evaluate(lambda s, b: {"m": torch.tensor(b["x"], dtype=torch.float64).mean()}, state, lists)
+    assert len(w) == 1  # once per evaluate
+    assert got["m"] == pytest.approx((3.5 + 8.5) / 2)  # each batch one example: as it says
+
+
 def test_evaluate_counts_a_dict_batch_by_its_first_tensor_in_key_order_as_lightning():
     """A per-class weight vector whose key sorts first ("class_weight" < "x") weighted every batch by the
     number of classes: batches of 5, 5 and 3 examples counted 4 each. Lightning reads a dict in its own order."""
