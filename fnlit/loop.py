@@ -371,7 +371,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     limit_batches that fails on one rank, or a rank without a batch while others have some, is a clear error on
     every rank. As a sharded model's forward is a collective, every rank of a sharded state runs as many: a rank
     with fewer repeats its first batch, not counted (where some rank's data has no len(), they agree before each
-    batch whether one still has one). An unsharded state's ranks run their own batches only.
+    batch whether one still has one). An unsharded state's ranks run their own batches only, but an ArrayLoader's
+    ranks each run :meth:`~fnlit.data.ArrayLoader.eval_len` batches, a filler (not counted) included.
     Every example a rank's data holds counts: a DistributedSampler (drop_last=False, its default) pads the
     shards by repeating examples, and those repeats are counted (5 examples on 2 ranks: 6 counted, as with
     Lightning's validation); use an :class:`fnlit.data.ArrayLoader` for exact metrics.
@@ -390,6 +391,9 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
             limit_batches fails on some rank (every rank raises). What eval_step raises passes through; where the
             state is an ensemble's stacked state and eval_step no ensemble step, with a note to wrap it in
             :func:`fnlit.ensemble`.
+        KeyError: if eval_step returns other metric names for some batches than for the first (``{}``
+            included), or under torch.distributed other names on some ranks (every rank raises).
+        TypeError: if eval_step returns something other than a dict, or a metric that is not a number or tensor.
 
     Example:
         >>> import torch, fnlit

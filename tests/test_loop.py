@@ -1355,6 +1355,14 @@ def test_evaluate_raises_when_the_first_batch_returns_no_metrics_and_a_later_one
         evaluate(lambda state, b: {}, make_state(), [x[:4], x[4:]])
 
 
+def test_evaluate_raises_the_type_errors_its_docstring_lists():
+    x = torch.arange(4.0)
+    with pytest.raises(TypeError, match="evaluate expected eval_step to return a dict of metrics, got tuple"):
+        evaluate(lambda state, b: (b.mean(),), make_state(), [x])
+    with pytest.raises(TypeError, match=r"returned metric 'note' as str 'val'; metrics must be numbers or scalar"):
+        evaluate(lambda state, b: {"m": b.mean(), "note": "val"}, make_state(), [x])
+
+
 def test_evaluate_names_itself_for_a_bad_limit_batches():
     ev = lambda state, b: {"loss": b.float().mean()}  # noqa: E731
     with pytest.raises(ValueError, match=r"^evaluate expected limit_batches to be an int >= 0 .*got limit_batches=1.5"):
