@@ -686,3 +686,18 @@ def report_through(queue, value, tensor):
     with value.get_lock():
         value.value += 1
     return True
+
+
+def data_parallel_metrics_in_rank_order():
+    """A data_parallel step whose metrics dict is built in another order on rank 1 (as iterating a set of names
+    does under torchrun, where each process has its own string hash seed): each rank's metrics after one step."""
+    rank = dist.get_rank()
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.0), seed=0)
+
+    def step(state, batch):
+        loss, grads = fnlit.value_and_grad(lambda p: (p["weight"] * batch).sum())(state.params)
+        metrics = {"a": batch.sum(), "b": batch.max()}
+        return state.apply_gradients(grads), dict(reversed(metrics.items())) if rank == 1 else metrics
+
+    _, metrics = fnlit.data_parallel(step)(state, torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([10.0, 30.0]))
+    return {k: float(v) for k, v in metrics.items()}

@@ -325,6 +325,15 @@ def test_evaluate_over_two_ranks_adds_each_metric_by_its_name_not_its_place():
         assert out["mean"] == pytest.approx(mean) and out["max"] == pytest.approx(most)
 
 
+def test_data_parallel_averages_each_metric_by_its_name_not_its_place():
+    # The metrics' all-reduce paired the ranks' values by position: rank 1's {"b", "a"} against rank 0's {"a", "b"}
+    # averaged a with b. By hand: a = (3 + 40) / 2, b = (2 + 30) / 2 on both ranks.
+    from _dist_workers import data_parallel_metrics_in_rank_order
+
+    out = fnlit.distributed.launch(data_parallel_metrics_in_rank_order, 2, timeout=120, collective_timeout=30)
+    assert out == [{"a": 21.5, "b": 16.0}, {"b": 16.0, "a": 21.5}]
+
+
 @pytest.mark.parametrize(("case", "name"), [("renamed", "acc"), ("extra", "loss"), ("none", "acc")])
 def test_evaluate_over_two_ranks_raises_on_every_rank_when_their_metric_names_differ(case, name):
     # Other names of the same count were added under each rank's own names ({"acc"} on one rank, {"loss"} on the

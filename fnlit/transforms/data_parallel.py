@@ -134,6 +134,8 @@ def all_reduce_metrics(
                 if dtensor is not None and isinstance(v, dtensor):  # (fnlit.shard: a value of the sharded grads or
                     leaves[i] = v.full_tensor()  # params, global or not) averaged as a plain one: a global one stays
                 rest.append(i)
+    if flat:  # by name, not by the dict's order: ranks may build it in another (a set's order differs per process)
+        rest.sort(key=names.__getitem__)
     if rest:
         # float64 on every rank, whatever each rank's metrics are (one rank's float64 tensor beside another's number
         # made float64 and float32 collectives of different sizes); a float64 loss keeps its digits
