@@ -319,7 +319,12 @@ def launch(
     # fn pickled here, so that one that cannot be pickled (a lambda) raises before any rank starts; each rank
     # unpickles it where a failure (fn not importable there) is reported with its traceback. The arguments travel
     # as multiprocessing passes them (tensors in shared memory, mp.Value/Lock/Queue by inheritance).
-    payload = pickle.dumps(fn) if isinstance(fn, types.FunctionType) else fn  # (a partial may hold a Queue)
+    try:
+        payload: Any = pickle.dumps(fn)
+    except Exception:  # (pickle's errors; RuntimeError for a Queue outside a process start)
+        if isinstance(fn, types.FunctionType):  # a lambda, a local function: refused before any rank starts
+            raise
+        payload = fn  # a partial holding a Queue: pickled as the rank starts, as multiprocessing passes it
     q = ctx.Queue()
     port = _free_port()
     procs = [

@@ -222,6 +222,10 @@ def test_launch_passes_arguments_as_multiprocessing_does(start_method):
     assert launch(report_through, 2, queue, value, tensor, timeout=120, start_method=start_method) == [True, True]
     assert sorted(queue.get(timeout=30) for _ in range(2)) == [0, 1] and value.value == 2
     assert tensor.tolist() == [100.0, 101.0]  # shared memory, as torch.multiprocessing passes a tensor
+    # fn itself may hold one too (a partial): pickled as the ranks start, as multiprocessing passes a target
+    fn = functools.partial(report_through, queue)
+    assert launch(fn, 2, value, tensor, timeout=120, start_method=start_method) == [True, True]
+    assert sorted(queue.get(timeout=30) for _ in range(2)) == [0, 1] and value.value == 4
 
 
 def test_wrap_builds_the_requested_nesting():
