@@ -112,12 +112,23 @@ class Callback:
         """The name of this callback's state in a checkpoint (Lightning's ``Callback.state_key``): the class name;
         override it to add the settings that tell two callbacks of one class apart, as EarlyStopping's monitor and
         mode (``EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}``), so that removing or reordering one on a
-        resume does not hand another its state. Callbacks with equal keys are matched by their order."""
-        return type(self).__qualname__
+        resume does not hand another its state. Callbacks with equal keys are matched by their order. (It can be
+        assigned too: ``self.state_key = "..."``.)"""
+        return self.__dict__.get("_state_key") or type(self).__qualname__
+
+    @state_key.setter
+    def state_key(self, key: str) -> None:
+        self.__dict__["_state_key"] = key
 
     def _generate_state_key(self, **settings: Any) -> str:
-        """A ``state_key`` of the class name and ``settings``, in Lightning's form."""
-        return f"{type(self).__qualname__}{settings!r}"
+        """A ``state_key`` of the class name and ``settings``, in Lightning's form (numbers as Python's, whatever their
+        type: a NumPy float's repr depends on NumPy's version)."""
+        plain = {
+            k: v if isinstance(v, bool) or not isinstance(v, numbers.Real)
+            else int(v) if isinstance(v, numbers.Integral) else float(v)
+            for k, v in settings.items()
+        }
+        return f"{type(self).__qualname__}{plain!r}"
 
 
 class EarlyStopping(Callback):

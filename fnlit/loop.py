@@ -452,6 +452,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
             if listed and next(_data._leading_sizes(batch), None) is None:
                 unsized = True  # (examples in Python lists: Lightning cannot infer a size there either)
                 warnings.warn(_UNSIZED_BATCH.format(kind=type(batch).__name__), stacklevel=2)
+            if not size and not metrics:  # an empty batch's {} (a guard for no examples): nothing to count or check
+                continue
             if names is None:
                 names, names_set = list(metrics), set(metrics)
                 for k in names:
@@ -759,6 +761,8 @@ def _stateful(callbacks: Sequence[Any], by_class: bool = False) -> list[tuple[st
     out, seen = [], {}
     for cb in callbacks:
         name = type(cb).__qualname__ if by_class else getattr(cb, "state_key", type(cb).__qualname__)
+        if not isinstance(name, str):  # (a method named state_key: a bound method's repr differs in every process)
+            raise TypeError(f"fit expected the state_key of callback {type(cb).__name__} to be a str, got {name!r}.")
         n = seen[name] = seen.get(name, -1) + 1
         if _defines(cb, "state_dict") and callable(getattr(cb, "load_state_dict", None)):
             out.append((name if n == 0 else f"{name}#{n}", cb))
@@ -774,8 +778,13 @@ def _load_states(callbacks: Sequence[Any], stateful: list[tuple[str, Any]], save
         if key in saved:
             todo[key] = cb
     taken = set(todo)
+    # An old key names a class and an order among that class's callbacks: read only where this run has as many
+    # callbacks of that class as the checkpoint has states (a callback added or removed would shift the order).
+    classes = [type(cb).__qualname__ for _, cb in stateful]
     for (key, cb), (old, _) in zip(stateful, _stateful(callbacks, by_class=True)):
-        if key not in taken and old in saved and old not in todo:
+        name = type(cb).__qualname__
+        olds = sum(k == name or (k.startswith(name + "#") and k[len(name) + 1:].isdigit()) for k in saved)
+        if key not in taken and old in saved and old not in todo and olds == classes.count(name):
             todo[old] = cb
     for key, cb in todo.items():  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
         cb.load_state_dict(saved[key])
@@ -1082,7 +1091,7 @@ def fit(
         checkpoint, position = None, None
     if position is None:
         position = {"epoch": 0, "batch": 0, "seed": _first(state.rng) if seed is None else seed}
-    elif seed is not None and seed != position["seed"]:
+    elif seed is not None and seed != position["seed"] and _dist.rank() == 0:  # (every rank takes rank 0's)
         warnings.warn(
             f"fit resumes with the checkpoint's data-order seed {position['seed']}, not seed={seed}: the resumed "
             "epoch must be replayed in the order it began in (another would skip or repeat examples). Start a "

@@ -701,3 +701,23 @@ def data_parallel_metrics_in_rank_order():
 
     _, metrics = fnlit.data_parallel(step)(state, torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([10.0, 30.0]))
     return {k: float(v) for k, v in metrics.items()}
+
+
+def resume_with_a_seed_per_rank(folder: str):
+    """fit with seed=1 + rank (every rank takes rank 0's), then its resume with the same arguments: the warnings
+    about seeds each rank saw in the two runs."""
+    import warnings
+
+    rank = dist.get_rank()
+    seen = []
+    for steps, path in ((2, None), (4, "last")):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1, 1)
+        state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)
+        step = fnlit.data_parallel(fnlit.train_step(model, lambda m, b: m(b[:, None]).pow(2).mean()))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fnlit.fit(step, state, fnlit.ArrayLoader(torch.arange(16.0), batch_size=2), max_steps=steps, seed=1 + rank,
+                      checkpoint=fnlit.checkpoint.Checkpointer(folder), ckpt_path=path, progress=False)
+        seen.append([str(w.message) for w in caught if "seed" in str(w.message)])
+    return seen

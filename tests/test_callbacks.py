@@ -4,6 +4,7 @@ import copy
 import datetime
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from helpers import batch, hand_step, mlp
 import fnlit
 from fnlit.callbacks import (
     EMA,
+    Callback,
     SWA,
     EarlyStopping,
     LearningRateMonitor,
@@ -350,6 +352,51 @@ def test_fits_max_time_timer_and_a_timer_callback_added_on_resume_keep_their_own
     state = fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, callbacks=[timer], checkpoint=ckpt,
                 ckpt_path="last", progress=False)  # fmt: skip
     assert int(state.step) == 5 and timer.time_elapsed() == 0
+
+
+def test_an_old_checkpoints_class_keyed_state_is_not_guessed_onto_a_changed_set_of_callbacks(tmp_path, monkeypatch):
+    # A checkpoint from before state_key keyed fit's max_time Timer as "Timer". Resumed with a Timer callback added,
+    # the order-based fallback handed the user's Timer those 5 s (and fit's own Timer started afresh): with more
+    # callbacks of a class than the checkpoint has states, the old keys cannot say whose is whose -- so no state is
+    # guessed, and the warning names it.
+    clock = FakeClock(monkeypatch)
+    ckpt = fnlit.checkpoint.Checkpointer(tmp_path / "run")
+    fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, checkpoint=ckpt, progress=False)
+    last = tmp_path / "run" / "last.ckpt"
+    position = fnlit.checkpoint.read_info(last).position
+    (old_state,) = position["callbacks"].values()
+    position["callbacks"] = {"Timer": old_state}  # the key the code before state_key wrote
+    old = fnlit.checkpoint.save(tmp_path / "old.ckpt", fnlit.checkpoint.restore(last, like=counting_state()),
+                                position=position)
+    timer = Timer()
+    with pytest.warns(UserWarning, match=r"does not have: \['Timer'\]"):
+        fit(clock.step, counting_state(), [0] * 10, max_epochs=100, max_time=5, callbacks=[timer],
+            checkpoint=fnlit.checkpoint.Checkpointer(tmp_path / "resumed"), ckpt_path=old, progress=False)
+    assert timer.time_elapsed() == 5  # this run's 5 s only, not the old run's too
+
+
+def test_callback_state_keys_are_strings_settled_by_value(tmp_path):
+    class Watch(Callback):  # a state_key of one's own, assigned
+        def __init__(self, key):
+            self.state_key = key
+
+    assert Watch("loss").state_key == "loss" and Watch("").state_key == Watch.__qualname__
+    # a NumPy float's repr changed between NumPy versions (np.float64(0.9) vs 0.9): the key must not
+    assert EMA(np.float64(0.9)).state_key == EMA(0.9).state_key == "EMA{'decay': 0.9}"
+
+    class Method(Callback):
+        def state_key(self):  # not a property: a bound method's repr holds an address, new in every process
+            return "x"
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(TypeError, match="state_key of callback Method to be a str"):
+        fit(count_step, counting_state(), [0] * 2, max_epochs=1, callbacks=[Method()], progress=False,
+            checkpoint=fnlit.checkpoint.Checkpointer(tmp_path))
 
 
 def test_a_reused_timer_times_each_fit_from_zero(monkeypatch):
