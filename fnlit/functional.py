@@ -449,6 +449,12 @@ def apply(
     # While compiling, build the slots afresh: filling the cache during a trace would make the next
     # call fail dynamo's guard on the cache and recompile.
     compiling = torch.compiler.is_compiling()
+    if type(buffers) is not dict and not isinstance(buffers, Mapping):
+        raise TypeError(
+            f"fnlit.apply(module, params, buffers, *inputs) expected buffers to be a dict (state.buffers), got "
+            f"{type(buffers).__name__}. Pass the state's buffers before the inputs: "
+            "fnlit.apply(model, state.params, state.buffers, x)."
+        )
     slots = _Slots(module) if compiling else _slots(module)
     try:
         params, buffers = _check_names(module, slots, params, buffers)
@@ -652,7 +658,11 @@ _NOT_SCALAR = (
 
 def _check_loss(value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"fnlit.value_and_grad expected the function to return a tensor, got {type(value).__name__}.")
+        hint = ""
+        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+            hint = (f" (a tuple of {len(value)}): a function returning (loss, aux) needs has_aux=True, as in "
+                    "fnlit.value_and_grad(loss_fn, has_aux=True)")
+        raise TypeError(f"fnlit.value_and_grad expected the function to return a tensor, got {type(value).__name__}{hint}.")
     if value.dim() != 0:
         raise ValueError(_NOT_SCALAR.format(shape=tuple(value.shape)))
     if not value.is_floating_point():

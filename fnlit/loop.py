@@ -38,7 +38,7 @@ from .summary import (
     Logger, MetricBuffer, ProgressBar, Writer, _hparams_mapping, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
     scalar_metric, unique_names,
 )
-from .transforms._frame import collective_of, require_state, wrapped_steps
+from .transforms._frame import collective_of, describe_result, require_state, wrapped_steps
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -1063,6 +1063,18 @@ def fit(
         8
     """
     require_state(state, "fnlit.fit")
+    if isinstance(step, torch.nn.Module):
+        raise TypeError(
+            f"fnlit.fit expected step to be a step function, (state, batch) -> (state, metrics), got the module "
+            f"{type(step).__name__}. Build one: fnlit.train_step(model, loss_fn), or write your own with "
+            "fnlit.value_and_grad and state.apply_gradients."
+        )
+    if type(train_data) is tuple and train_data and all(isinstance(t, torch.Tensor) for t in train_data):
+        warnings.warn(
+            f"fit got train_data as a tuple of {len(train_data)} tensors: it iterates it, so each tensor is one batch. "
+            "For a dataset (x, y), pass batches: fnlit.data.ArrayLoader(x, y, batch_size=...).",
+            stacklevel=2,
+        )
     plan = _plan(dict(locals()), train_data, val_data)  # every option, resolved by Lightning's rules
     _data.check_sharding(train_data, "train_data")
     if plan.sequential:  # overfit_batches: the first batches of the unshuffled order, every epoch
@@ -1352,7 +1364,14 @@ def fit(
                 broke, epoch_start = True, steps
                 batch_iter = iter(_data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential))
                 for batch in batch_iter:
-                    state, metrics = step(state, move(batch) if move else batch)
+                    out = step(state, move(batch) if move else batch)
+                    try:
+                        state, metrics = out
+                    except (TypeError, ValueError):
+                        raise TypeError(
+                            f"fit expected the step to return (state, metrics), got {describe_result(out, state)}. "
+                            "Return e.g. (new_state, {'loss': loss})."
+                        ) from None
                     steps, b = steps + 1, b + 1  # (no call in between: a Ctrl-C from here on finds this batch done)
                     log.pending.append(_kept(metrics))  # stays on the device until the next log_now()
                     validated_here = val_every > 0 and (steps if count_across else b) % val_every == 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import countOf
 from typing import Any, TypeVar
@@ -204,6 +204,11 @@ def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True) 
     e_paths, e_leaves, e_def = tree_flatten_with_path(expected)
     g_paths, g_leaves, g_def = tree_flatten_with_path(got)
     if e_def != g_def:
+        if isinstance(expected, Mapping) and isinstance(got, (list, tuple)):  # the container, not a key, is off
+            return (
+                f"expected a dict keyed like it ({len(e_paths)} leaves), got a {type(got).__name__} of {len(got)} items "
+                "(match them up by name: dict(zip(names, values)))"
+            )
         missing = [p for p in e_paths if p not in set(g_paths)]
         extra = [p for p in g_paths if p not in set(e_paths)]
         if missing:

@@ -1491,3 +1491,20 @@ def test_python_numbers_in_aux_cross_the_torch_func_transforms():
     assert aux["t"] == 0.25 and type(aux["t"]) is float
     torch.testing.assert_close(losses, each)
     torch.testing.assert_close(aux["l"], each)
+
+
+def test_the_commonest_slips_with_apply_and_value_and_grad_name_the_fix():
+    # A newcomer's (loss, aux) without has_aux=True, and apply without state.buffers, failed with "got tuple" and a
+    # bare AttributeError deep inside apply ('Tensor' object has no attribute 'keys').
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+
+    def loss_fn(params):
+        logits, buffers = fnlit.apply(model, params, state.buffers, x)
+        return torch.nn.functional.cross_entropy(logits, y), buffers
+
+    with pytest.raises(TypeError, match=r"got tuple \(a tuple of 2\): a function returning \(loss, aux\) needs has_aux=True"):
+        fnlit.value_and_grad(loss_fn)(state.params)
+    with pytest.raises(TypeError, match=r"expected buffers to be a dict \(state.buffers\), got Tensor"):
+        fnlit.apply(model, state.params, x)

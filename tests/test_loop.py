@@ -2135,3 +2135,20 @@ def test_an_array_loader_subclass_keeping_iter_keeps_the_direct_path_and_one_ove
     fit(rest.step, make_state(), _Augmented(torch.arange(10), batch_size=3), max_epochs=2,
         checkpoint=Checkpointer(tmp_path, every_n_steps=1), ckpt_path="last", progress=False)  # fmt: skip
     assert part.train + rest.train == straight.train and len(straight.train) == 8
+
+
+def test_the_commonest_slips_with_fit_name_the_fix():
+    # A module passed as the step, a step returning the state alone, and the dataset's (x, y) tensors passed as
+    # train_data failed inside torch ("forward() takes 2 positional arguments"), at an unpack ("cannot unpack
+    # non-iterable TrainState"), and in the user's own `x, y = batch` (fit iterated the tuple: x was a batch).
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with pytest.raises(TypeError, match="expected step to be a step function.*got the module Sequential"):
+        fit(model, state, [(x, y)], max_epochs=1, progress=False)
+    with pytest.raises(TypeError, match=r"expected the step to return \(state, metrics\), got a TrainState"):
+        fit(lambda s, b: s, state, [(x, y)], max_epochs=1, progress=False)
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+    with pytest.warns(UserWarning, match="train_data as a tuple of 2 tensors: it iterates it"):
+        with pytest.raises(RuntimeError):  # what the user's step then does with a batch that is x (b[1] a row of x)
+            fit(step, state, (x, y), max_epochs=1, progress=False)

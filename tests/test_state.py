@@ -169,6 +169,13 @@ def test_a_none_gradient_is_named_as_none_not_missing(kind):
         state.apply_gradients(grads)
 
 
+def test_grads_as_a_list_are_named_as_a_list_not_a_missing_key():
+    # A list of gradients (one per parameter, in order) said "missing 1.bias", as if one key were left out.
+    _, state = make()
+    with pytest.raises(ValueError, match=r"expected a dict keyed like it \(\d+ leaves\), got a list of \d+ items"):
+        state.apply_gradients([torch.zeros_like(p) for p in state.params.values()])
+
+
 def test_create_refuses_a_torch_optim_optimizer():
     model = torch.nn.Linear(2, 1)
     expected = r"TrainState.create expected tx to be an fnlit.optim GradientTransformation \(e.g. fnlit.optim.adamw\(1e-3\)\)"
