@@ -470,139 +470,149 @@ def apply(
         from .transforms.shard import gather_params
 
         params = gather_params(params)  # fnlit.shard: all-gather the shards (the backward reduce-scatters)
-    if not buffers and not traced and module.training == train:
-        # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
-        if (swaps := _SWAPS.get()) is None or not torch.is_grad_enabled():
-            return _forward(module, slots, params, (), args, kwargs, rng), {}
-        record = (module, slots, params, params, None)
-        swaps.append(record)  # recorded as the call begins (see _SWAPS)
-        try:
-            return _forward(module, slots, params, (), args, kwargs, rng), {}
-        except BaseException:
-            _drop(swaps, record)
-            raise
-    # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
-    # which may be most of a fine-tuned model): the ones it updates in place are learned without the
-    # caller's changing (later forwards copy those only: the slots' `copied`).
-    # An eval-mode forward is probed the same way, once, for buffers it updates in place (quantization
-    # observers do in every mode; BatchNorm does not): those are copied before later eval forwards. Under
-    # inference_mode its copies are made outside it, so they keep version counters (see below).
-    inference = not traced and torch.is_inference_mode_enabled()  # (not traceable)
-    probing = bool(buffers) and not traced and not mutable
-    probe = probing and train and not slots.probed and not inference
-    eval_probe = probing and not train and not slots.eval_probed
-    # mutable=False: the updates are made on copies, which are dropped. Traced (compile, vmap), what eager
-    # calls learned is out of reach (compiling builds fresh slots): every registered buffer is copied (a boolean
-    # one too: `self.seen |= ...` reached the caller's), so an in-place update never reaches the caller's.
-    if traced and not mutable:
-        copy = [n for n in slots.buffers if n in buffers]
-    elif mutable:
-        copy = buffers.keys()
-    elif train:
-        copy = slots.buffers if probe else slots.copied
-    else:
-        copy = slots.buffers if eval_probe else slots.eval_copied
-    new_buffers = dict(buffers)
-    if inference and not traced and copy:  # normal tensors: a version counter, and usable outside inference mode
-        with torch.inference_mode(False):
-            new_buffers.update({name: new_buffers[name].clone() for name in copy if name in new_buffers})
-    else:
-        for name in copy:
-            if name in new_buffers:
-                new_buffers[name] = new_buffers[name].clone()
-    tensors = {**params, **new_buffers} if new_buffers else params  # type: ignore[assignment]
-    # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
-    watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if buffers and not traced else ()
-    probes = [(n, new_buffers[n]) for n in slots.buffers if n in new_buffers] if probe or eval_probe else ()
-    # Registered buffers the forward could reassign (self.mean = ...; frozen params cannot be: nn.Module
-    # refuses a plain tensor for a parameter), looked for after the call.
-    reassignable = slots.buffers & new_buffers.keys() if new_buffers else frozenset()
-    modes = [(m, m.training) for m in module.modules()] if module.training != train else None
-    if modes is not None:
-        module.train(train)
-    record = None
-    if not traced and (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
-        record = (module, slots, params, tensors, train if modes is not None else None)
-        swaps.append(record)  # recorded as the call begins (see _SWAPS)
+    # Eager: the mode check, the mode switch, the forward and the switch back are one turn of the module (the lock
+    # _call_swapped takes for the forward, reentrant): another thread's apply of the same module with the other
+    # mode must not switch it under this forward, nor record the switched mode as the one to restore.
+    lock = None if traced else _random._LOCK
+    if lock is not None:
+        lock.acquire()
     try:
-        # Under torch.compile, and under fnlit's own vmaps (ensemble: the key is batched), the caller seeds, once,
-        # outside (see fnlit.random). A plain key under a torch.func transform nobody seeded for (the user's
-        # torch.func.grad of a loss, jacrev, vmap) seeds the forward here, as eager: the same key, the same masks.
-        if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
-            key = None if rng is None or compiling else _random._unbatched(rng)
-            if key is None:
-                out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
-            else:
-                saved = _random._seed_eager(key, _seed_device(tensors, args, kwargs))
-                try:
-                    out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
-                finally:
-                    _random._restore(saved)
+        if not buffers and not traced and module.training == train:
+            # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
+            if (swaps := _SWAPS.get()) is None or not torch.is_grad_enabled():
+                return _forward(module, slots, params, (), args, kwargs, rng), {}
+            record = (module, slots, params, params, None)
+            swaps.append(record)  # recorded as the call begins (see _SWAPS)
+            try:
+                return _forward(module, slots, params, (), args, kwargs, rng), {}
+            except BaseException:
+                _drop(swaps, record)
+                raise
+        # A module's first training forward runs on copies of its registered buffers (not of frozen parameters,
+        # which may be most of a fine-tuned model): the ones it updates in place are learned without the
+        # caller's changing (later forwards copy those only: the slots' `copied`).
+        # An eval-mode forward is probed the same way, once, for buffers it updates in place (quantization
+        # observers do in every mode; BatchNorm does not): those are copied before later eval forwards. Under
+        # inference_mode its copies are made outside it, so they keep version counters (see below).
+        inference = not traced and torch.is_inference_mode_enabled()  # (not traceable)
+        probing = bool(buffers) and not traced and not mutable
+        probe = probing and train and not slots.probed and not inference
+        eval_probe = probing and not train and not slots.eval_probed
+        # mutable=False: the updates are made on copies, which are dropped. Traced (compile, vmap), what eager
+        # calls learned is out of reach (compiling builds fresh slots): every registered buffer is copied (a boolean
+        # one too: `self.seen |= ...` reached the caller's), so an in-place update never reaches the caller's.
+        if traced and not mutable:
+            copy = [n for n in slots.buffers if n in buffers]
+        elif mutable:
+            copy = buffers.keys()
+        elif train:
+            copy = slots.buffers if probe else slots.copied
         else:
-            if probes:  # the first forward: which copies do ops write (by their schemas, not by comparing values)
-                with _WriteRecorder({_storage.address(c) for _, c in probes} - {0}) as recorder:
-                    out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
-                written = recorder.written
+            copy = slots.buffers if eval_probe else slots.eval_copied
+        new_buffers = dict(buffers)
+        if inference and not traced and copy:  # normal tensors: a version counter, and usable outside inference mode
+            with torch.inference_mode(False):
+                new_buffers.update({name: new_buffers[name].clone() for name in copy if name in new_buffers})
+        else:
+            for name in copy:
+                if name in new_buffers:
+                    new_buffers[name] = new_buffers[name].clone()
+        tensors = {**params, **new_buffers} if new_buffers else params  # type: ignore[assignment]
+        # Buffers of the caller's that the forward could write in place: seen afterwards by their versions.
+        watched = [(n, t, t._version) for n, t in buffers.items() if new_buffers[n] is t] if buffers and not traced else ()
+        probes = [(n, new_buffers[n]) for n in slots.buffers if n in new_buffers] if probe or eval_probe else ()
+        # Registered buffers the forward could reassign (self.mean = ...; frozen params cannot be: nn.Module
+        # refuses a plain tensor for a parameter), looked for after the call.
+        reassignable = slots.buffers & new_buffers.keys() if new_buffers else frozenset()
+        modes = [(m, m.training) for m in module.modules()] if module.training != train else None
+        if modes is not None:
+            module.train(train)
+        record = None
+        if not traced and (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
+            record = (module, slots, params, tensors, train if modes is not None else None)
+            swaps.append(record)  # recorded as the call begins (see _SWAPS)
+        try:
+            # Under torch.compile, and under fnlit's own vmaps (ensemble: the key is batched), the caller seeds, once,
+            # outside (see fnlit.random). A plain key under a torch.func transform nobody seeded for (the user's
+            # torch.func.grad of a loss, jacrev, vmap) seeds the forward here, as eager: the same key, the same masks.
+            if traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
+                key = None if rng is None or compiling else _random._unbatched(rng)
+                if key is None:
+                    out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+                else:
+                    saved = _random._seed_eager(key, _seed_device(tensors, args, kwargs))
+                    try:
+                        out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+                    finally:
+                        _random._restore(saved)
             else:
-                out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
-    except BaseException:
-        if record is not None:
-            _drop(swaps, record)
-        raise
+                if probes:  # the first forward: which copies do ops write (by their schemas, not by comparing values)
+                    with _WriteRecorder({_storage.address(c) for _, c in probes} - {0}) as recorder:
+                        out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
+                    written = recorder.written
+                else:
+                    out = _forward(module, slots, tensors, reassignable, args, kwargs, rng)
+        except BaseException:
+            if record is not None:
+                _drop(swaps, record)
+            raise
+        finally:
+            if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
+                for m, was in modes:
+                    m.training = was
+        reassigned = []
+        for name in reassignable:  # reassigned by the forward: the update
+            if tensors[name] is not new_buffers[name]:
+                new_buffers[name] = tensors[name].detach()
+                reassigned.append(name)
+        if probe or eval_probe:  # the copies come back, changed or not: a write through .data moves no version counter
+            # (fresh copies are at version 0). F.batch_norm writes its running statistics moving no version: an op
+            # whose schema writes a copy (Tensor(a!)) counts too. Read from the ops, never from the values: the same
+            # on every rank whatever its data, and NaN-safe.
+            silent = frozenset(
+                n for n, copied in probes
+                if not copied._version and _storage.address(copied) in written and new_buffers[n] is copied and n not in slots.copied
+            )
+            slots.silent = slots.silent | silent
+            if probe:
+                slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version) | silent
+                slots.probed, learned = True, slots.copied
+            else:  # what an eval forward updates comes back in new_buffers, as a training forward's
+                slots.eval_copied = frozenset(n for n, copied in probes if copied._version) | silent
+                slots.eval_probed, learned = True, slots.eval_copied
+            for n, copied in probes:  # no version moved: data_parallel need not average them (see _PROBE_COPIES)
+                if not copied._version and new_buffers[n] is copied and n not in learned:  # (BN's kernel moves none)
+                    _PROBE_COPIES.add(copied)
+        changed = [n for n, t, version in watched if t._version != version]
+        if changed:
+            _learn_updated(module, slots, changed, train)
+        if mutable is False:
+            return out, dict(buffers)
+        if copy and not traced and not inference and (train or torch.is_grad_enabled()):  # (inference tensors: no versions)
+            # statistics the forward updated: apply_gradients must get them (an eval-mode forward's too, inside a
+            # training step: where gradients are on, not in a validation).
+            # Written in place (a fresh copy's version moved) or reassigned; not a frozen (eval-mode) BatchNorm's,
+            # whose copies nothing wrote. BatchNorm's kernel moves no version for its running statistics, only
+            # num_batches_tracked's (bumped by the same update): that one stands for all three.
+            learned = slots.copied if train else slots.eval_copied
+            updated = [n for n in copy if n in learned and (new_buffers[n]._version or n in reassigned or n in slots.silent)]
+            if updated:
+                names = set(updated)
+                for n in updated:
+                    if n.endswith("num_batches_tracked"):
+                        stem = n[: -len("num_batches_tracked")]
+                        names.update(k for k in (stem + "running_mean", stem + "running_var") if k in new_buffers)
+                _UPDATED_FROM.set((buffers, sorted(names)))
+            elif train and (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:
+                # An earlier forward's note on these buffers: what belongs to modules frozen since (eval mode) is void;
+                # a module that merely did not run in this forward still had its update dropped.
+                # (train=True on a module in eval mode ran every submodule in training mode: none was frozen)
+                still = list(seen[1]) if modes is not None else [n for n in seen[1] if _owner(module, n).training]
+                _UPDATED_FROM.set((buffers, still) if still else None)
+        return out, new_buffers
     finally:
-        if modes is not None:  # each submodule as it was (a BatchNorm frozen with .eval() stays frozen)
-            for m, was in modes:
-                m.training = was
-    reassigned = []
-    for name in reassignable:  # reassigned by the forward: the update
-        if tensors[name] is not new_buffers[name]:
-            new_buffers[name] = tensors[name].detach()
-            reassigned.append(name)
-    if probe or eval_probe:  # the copies come back, changed or not: a write through .data moves no version counter
-        # (fresh copies are at version 0). F.batch_norm writes its running statistics moving no version: an op
-        # whose schema writes a copy (Tensor(a!)) counts too. Read from the ops, never from the values: the same
-        # on every rank whatever its data, and NaN-safe.
-        silent = frozenset(
-            n for n, copied in probes
-            if not copied._version and _storage.address(copied) in written and new_buffers[n] is copied and n not in slots.copied
-        )
-        slots.silent = slots.silent | silent
-        if probe:
-            slots.copied = slots.copied | frozenset(n for n, copied in probes if copied._version) | silent
-            slots.probed, learned = True, slots.copied
-        else:  # what an eval forward updates comes back in new_buffers, as a training forward's
-            slots.eval_copied = frozenset(n for n, copied in probes if copied._version) | silent
-            slots.eval_probed, learned = True, slots.eval_copied
-        for n, copied in probes:  # no version moved: data_parallel need not average them (see _PROBE_COPIES)
-            if not copied._version and new_buffers[n] is copied and n not in learned:  # (BN's kernel moves none)
-                _PROBE_COPIES.add(copied)
-    changed = [n for n, t, version in watched if t._version != version]
-    if changed:
-        _learn_updated(module, slots, changed, train)
-    if mutable is False:
-        return out, dict(buffers)
-    if copy and not traced and not inference and (train or torch.is_grad_enabled()):  # (inference tensors: no versions)
-        # statistics the forward updated: apply_gradients must get them (an eval-mode forward's too, inside a
-        # training step: where gradients are on, not in a validation).
-        # Written in place (a fresh copy's version moved) or reassigned; not a frozen (eval-mode) BatchNorm's,
-        # whose copies nothing wrote. BatchNorm's kernel moves no version for its running statistics, only
-        # num_batches_tracked's (bumped by the same update): that one stands for all three.
-        learned = slots.copied if train else slots.eval_copied
-        updated = [n for n in copy if n in learned and (new_buffers[n]._version or n in reassigned or n in slots.silent)]
-        if updated:
-            names = set(updated)
-            for n in updated:
-                if n.endswith("num_batches_tracked"):
-                    stem = n[: -len("num_batches_tracked")]
-                    names.update(k for k in (stem + "running_mean", stem + "running_var") if k in new_buffers)
-            _UPDATED_FROM.set((buffers, sorted(names)))
-        elif train and (seen := _UPDATED_FROM.get()) is not None and seen[0] is buffers:
-            # An earlier forward's note on these buffers: what belongs to modules frozen since (eval mode) is void;
-            # a module that merely did not run in this forward still had its update dropped.
-            # (train=True on a module in eval mode ran every submodule in training mode: none was frozen)
-            still = list(seen[1]) if modes is not None else [n for n in seen[1] if _owner(module, n).training]
-            _UPDATED_FROM.set((buffers, still) if still else None)
-    return out, new_buffers
+        if lock is not None:
+            lock.release()
 
 
 def _owner(module: nn.Module, name: str) -> nn.Module:

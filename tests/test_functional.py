@@ -1508,3 +1508,38 @@ def test_the_commonest_slips_with_apply_and_value_and_grad_name_the_fix():
         fnlit.value_and_grad(loss_fn)(state.params)
     with pytest.raises(TypeError, match=r"expected buffers to be a dict \(state.buffers\), got Tensor"):
         fnlit.apply(model, state.params, x)
+
+
+def test_apply_in_two_threads_with_other_modes_keeps_each_forwards_mode():
+    # apply switched the module's training mode outside the lock its forward takes: a thread's eval-mode apply
+    # switched a training forward running in another thread (and the reverse), and a thread could restore the
+    # other's temporary mode, leaving the module in eval mode for good. Reference: each call alone sees its mode.
+    import threading
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen = self.training
+            for _ in range(20):  # a forward long enough for the other thread to run meanwhile
+                x = self.lin(x)
+            return x, (seen, self.training)
+
+    model = Probe()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    x, wrong = torch.randn(2, 4), {True: 0, False: 0}
+
+    def run(train):
+        for _ in range(500):
+            (_, seen), _ = fnlit.apply(model, state.params, state.buffers, x, train=train)
+            wrong[train] += seen != (train, train)
+
+    threads = [threading.Thread(target=run, args=(train,)) for train in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert wrong == {True: 0, False: 0} and model.training and model.lin.training
