@@ -450,6 +450,7 @@ def apply(
     # call fail dynamo's guard on the cache and recompile.
     compiling = torch.compiler.is_compiling()
     if type(buffers) is not dict and not isinstance(buffers, Mapping):
+        getattr(buffers, "keys", None)  # (a donated state's buffers raise the donation error here)
         raise TypeError(
             f"fnlit.apply(module, params, buffers, *inputs) expected buffers to be a dict (state.buffers), got "
             f"{type(buffers).__name__}. Pass the state's buffers before the inputs: "
