@@ -9,7 +9,7 @@ import operator
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -157,6 +157,38 @@ def _warn_renormed(renormed: list[str]) -> None:
 # fnlit.compile's eager run after torch.compile refused a sparse tensor): the names of the sparse embeddings'
 # weights differentiated, for an error that names them.
 _SPARSE_SEEN: ContextVar[list[str] | None] = ContextVar("fnlit_sparse_seen", default=None)
+
+# Set by fnlit.evaluate while its eval step runs: an apply there that leaves ``train`` at its default (training
+# mode: dropout on, BatchNorm normalizing with the batch's statistics) on a module with such layers is told, once per
+# evaluate (Lightning evaluates in eval mode). The modules already looked at, by id, and whether it was told.
+_EVALUATING: ContextVar[dict[str, Any] | None] = ContextVar("fnlit_evaluating", default=None)
+_MODE_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+@contextlib.contextmanager
+def evaluating() -> Iterator[None]:
+    """Inside: an :func:`apply` that leaves ``train`` at its default on a module with dropout or BatchNorm is told
+    (once), as :func:`fnlit.evaluate` runs its eval step."""
+    token = _EVALUATING.set({"told": False, "seen": set()})
+    try:
+        yield
+    finally:
+        _EVALUATING.reset(token)
+
+
+def _tell_training_in_evaluate(module: nn.Module, told: dict[str, Any]) -> None:
+    if told["told"] or id(module) in told["seen"]:
+        return
+    told["seen"].add(id(module))
+    kinds = sorted({type(m).__name__ for m in module.modules() if isinstance(m, _MODE_SENSITIVE)})
+    if kinds:
+        told["told"] = True
+        warnings.warn(
+            f"fnlit.apply ran {type(module).__name__} in training mode inside evaluate ({', '.join(kinds)}: dropout "
+            "on, batch statistics), as train defaults to True. Pass train=False in the eval step (fnlit.eval_step "
+            "does), or train=True to mean it (Monte Carlo dropout).",
+            stacklevel=3,
+        )
 
 
 def _note_sparse(names: list[str], params: Mapping[str, Any]) -> None:
@@ -376,7 +408,7 @@ def apply(
     buffers: Buffers,
     *args: Any,
     rng: torch.Tensor | None = None,
-    train: bool = True,
+    train: bool | None = None,
     mutable: bool | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Buffers]:
@@ -409,7 +441,9 @@ def apply(
         buffers: name -> tensor, e.g. ``state.buffers``.
         *args: positional inputs of the module.
         rng: a key from :mod:`fnlit.random` (``state.rng``); None leaves PyTorch's generators as they are.
-        train: training mode (dropout on, BatchNorm uses and updates batch statistics) or eval mode.
+        train: training mode (dropout on, BatchNorm uses and updates batch statistics) or eval mode. Left out:
+            training mode; inside :func:`fnlit.evaluate` (fit's validation) that is told once, with a warning, on a
+            module with dropout or BatchNorm: pass ``train=False`` there (or ``train=True`` to mean it).
         mutable: which buffers the forward may update, on copies that come back in ``new_buffers``:
             None (default) means, in training mode, normalisation statistics, spectral norm's vectors and
             any buffer a training forward of this module was seen updating before (fnlit warns the first
@@ -439,6 +473,10 @@ def apply(
         >>> out.shape, int(buffers["1.num_batches_tracked"]), int(state.buffers["1.num_batches_tracked"])
         (torch.Size([8, 4]), 1, 0)
     """
+    if train is None:  # training mode, the default; told inside evaluate, on a module whose modes differ
+        train = True
+        if (told := _EVALUATING.get()) is not None and not torch.compiler.is_compiling():
+            _tell_training_in_evaluate(module, told)
     frame = _current_frame()
     if frame is not None and frame.amp_dtype is not None and not frame.forwarding:
         # fnlit.amp: a forward outside value_and_grad's (a teacher's). Inside it, autocast is as that forward sets

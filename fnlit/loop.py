@@ -33,6 +33,7 @@ from ._types import Batch, Metrics, StepFn
 from .callbacks import Callback, EarlyStopping, StopTraining, Timer
 from .checkpoint import Checkpointer
 from .ensemble import EnsembleStep
+from .functional import evaluating
 from .state import TrainState
 from .summary import (
     Logger, MetricBuffer, ProgressBar, Writer, _hparams_mapping, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
@@ -433,7 +434,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
             return metric_float(v)
         return scalar_metric(k, v, "the eval step")
 
-    with torch.no_grad():
+    with torch.no_grad(), evaluating():  # (an apply left in training mode is told, once)
         for batch, counts in itertools.islice(iter(batches), n):
             batch = move(batch) if move else batch
             try:

@@ -2152,3 +2152,34 @@ def test_the_commonest_slips_with_fit_name_the_fix():
     with pytest.warns(UserWarning, match="train_data as a tuple of 2 tensors: it iterates it"):
         with pytest.raises(RuntimeError):  # what the user's step then does with a batch that is x (b[1] a row of x)
             fit(step, state, (x, y), max_epochs=1, progress=False)
+
+
+def test_evaluate_tells_an_apply_left_in_training_mode_once():
+    # apply's train defaults to True: an eval step that forgot train=False validated with dropout on (a noisy,
+    # biased loss drawing from the global generator) and BatchNorm on batch statistics, silently. Lightning
+    # evaluates in eval mode; the reference value is torch's eval-mode model.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
+
+    def eval_step(**mode):
+        def run(state, batch):
+            out, _ = fnlit.apply(model, state.params, state.buffers, batch[0], **mode)
+            return {"loss": torch.nn.functional.mse_loss(out, batch[1])}
+        return run
+
+    with pytest.warns(UserWarning, match=r"ran Sequential in training mode inside evaluate \(Dropout") as told:
+        evaluate(eval_step(), state, data)
+    assert len(told) == 1  # once, not once a batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = evaluate(eval_step(train=False), state, data)
+        evaluate(eval_step(train=True), state, data)  # meant (Monte Carlo dropout): untold
+        plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+        plain_state = fnlit.TrainState.create(plain, fnlit.optim.sgd(0.1), seed=0)
+        evaluate(lambda s, b: {"y": fnlit.apply(plain, s.params, s.buffers, b[0])[0].mean()}, plain_state, data)
+    model.eval()
+    with torch.no_grad():
+        want = sum(torch.nn.functional.mse_loss(model(x), y) for x, y in data) / 3
+    assert out["loss"] == pytest.approx(want.item(), rel=1e-6)
