@@ -209,7 +209,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     n = _num_batches(train_data)
     train_name, train_error, train_failed = "overfit_batches" if overfit else "limit_train_batches", None, 0
     empty = ValueError(
-        "fit got empty training data (len(train_data) == 0). Check the dataset and batch_size." + _train_per_rank()
+        "fit got empty training data (len(train_data) == 0). Check the dataset and batch_size." + _per_rank("train")
     )
     if _dist.world_size() > 1:  # raised on every rank at the ranks' first exchange, as the validation limit
         if n == 0:
@@ -254,7 +254,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
     if not validate:
         n_val = 0
     elif n_val_data == 0 and not off:  # (Lightning warns and skips validation; limit_val_batches=0 says so)
-        n_val, val_error, val_failed = 0, ValueError(_NO_VAL_BATCHES + _per_rank()), _fail_code(3)
+        n_val, val_error, val_failed = 0, ValueError(_NO_VAL_BATCHES + _per_rank("val")), _fail_code(3)
         if _dist.world_size() == 1:
             raise val_error
     elif _dist.world_size() > 1:  # a limit that fails on one rank fails on all, at the ranks' first exchange
@@ -319,28 +319,21 @@ _NO_VAL_BATCHES = (
 )
 
 
-def _per_rank() -> str:
-    """Under torch.distributed, what the error of val_data without batches adds: each rank counts its own shard."""
-    w = _dist.world_size()
-    if w == 1:
-        return ""
-    return (
-        f" Under torch.distributed each rank counts the batches of its own shard, about 1/{w} of the examples (a "
-        "DistributedSampler's): drop_last=True can leave a rank none where one process has some (an ArrayLoader's "
-        "evaluation splits one process's batches instead)."
-    )
+# What the errors of data without batches add under torch.distributed: each rank has its own shard ({w}: ranks).
+_PER_RANK = {
+    "train": "trains on its own shard, about 1/{w} of the examples (an ArrayLoader's, a DistributedSampler's), in "
+             "batches of batch_size (a global batch of {w} * batch_size): a rank can have no batch where one process "
+             "has some.",
+    "val": "counts the batches of its own shard, about 1/{w} of the examples (a DistributedSampler's): drop_last=True "
+           "can leave a rank none where one process has some (an ArrayLoader's evaluation splits one process's "
+           "batches instead).",
+}
 
 
-def _train_per_rank() -> str:
-    """Under torch.distributed, what the error of empty training data adds: each rank trains on its own shard."""
+def _per_rank(kind: str) -> str:
+    """Under torch.distributed, what the error of ``kind`` ("train" or "val") data without batches adds."""
     w = _dist.world_size()
-    if w == 1:
-        return ""
-    return (
-        f" Under torch.distributed each rank trains on its own shard, about 1/{w} of the examples (an ArrayLoader's, "
-        f"a DistributedSampler's), in batches of batch_size (a global batch of {w} * batch_size): a rank can have no "
-        "batch where one process has some."
-    )
+    return "" if w == 1 else f" Under torch.distributed each rank {_PER_RANK[kind].format(w=w)}"
 
 
 _ONE_SHOT_TRAIN = (
