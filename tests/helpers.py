@@ -110,3 +110,4 @@ def run_threads(target, args_list, timeout: float = 120) -> None:
             t.join(timeout)
     finally:
         sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), f"a thread still runs after {timeout} s (a deadlock?)"

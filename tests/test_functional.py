@@ -1514,8 +1514,6 @@ def test_apply_in_two_threads_with_other_modes_keeps_each_forwards_mode():
     # apply switched the module's training mode outside the lock its forward takes: a thread's eval-mode apply
     # switched a training forward running in another thread (and the reverse), and a thread could restore the
     # other's temporary mode, leaving the module in eval mode for good. Reference: each call alone sees its mode.
-    import threading
-
     class Probe(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1536,10 +1534,5 @@ def test_apply_in_two_threads_with_other_modes_keeps_each_forwards_mode():
             (_, seen), _ = fnlit.apply(model, state.params, state.buffers, x, train=train)
             wrong[train] += seen != (train, train)
 
-    threads = [threading.Thread(target=run, args=(train,)) for train in (True, False)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads)
+    run_threads(run, [(True,), (False,)])
     assert wrong == {True: 0, False: 0} and model.training and model.lin.training
