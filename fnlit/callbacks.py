@@ -114,11 +114,15 @@ class Callback:
         mode (``EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}``), so that removing or reordering one on a
         resume does not hand another its state. Callbacks with equal keys are matched by their order. (It can be
         assigned too: ``self.state_key = "..."``.)"""
-        return self.__dict__.get("_state_key") or type(self).__qualname__
+        return self.__dict__.get("_state_key") or self._default_state_key()
 
     @state_key.setter
     def state_key(self, key: str) -> None:
         self.__dict__["_state_key"] = key
+
+    def _default_state_key(self) -> str:
+        """The key when none is assigned: the class name (fnlit's callbacks add the settings that identify them)."""
+        return type(self).__qualname__
 
     def _generate_state_key(self, **settings: Any) -> str:
         """A ``state_key`` of the class name and ``settings``, in Lightning's form (numbers as Python's, whatever their
@@ -181,8 +185,7 @@ class EarlyStopping(Callback):
         self._resumed: str | None = None
         self._off = False  # in a fast_dev_run fit (read at each fit start: the callback may serve several fits)
 
-    @property
-    def state_key(self) -> str:
+    def _default_state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)  # Lightning's
 
     def state_dict(self) -> dict[str, Any]:
@@ -369,12 +372,11 @@ class EMA(Callback):
         self.params = _float_params(state.params) if self.params is None else _placed(self.params, state, "EMA")
         self._fresh = True  # placed again at the first step: fnlit.shard(step) shards a plain state there
 
-    @property
-    def state_key(self) -> str:
+    def _default_state_key(self) -> str:
         return self._generate_state_key(decay=self.decay)
 
     def state_dict(self) -> dict[str, Any]:
-        # The average itself, not a copy (as nn.Module.state_dict): fit asks at every step, a save reads it at once.
+        # The average itself, not a copy (as nn.Module.state_dict): fit asks at each save, which reads it at once.
         return {"params": self.params}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -465,8 +467,7 @@ class SWA(Callback):
         if self.params is not None:
             self.params = _placed(self.params, state, "SWA")
 
-    @property
-    def state_key(self) -> str:
+    def _default_state_key(self) -> str:
         return self._generate_state_key(swa_epoch_start=self.swa_epoch_start)
 
     def state_dict(self) -> dict[str, Any]:
@@ -551,11 +552,9 @@ class Timer(Callback):
         running = time.monotonic() - self._start[stage] if stage in self._start else 0.0
         return self._elapsed.get(stage, 0.0) + running
 
-    _max_time = False  # fit's own, made for its max_time: its state is kept apart from a Timer passed as a callback
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(max_time=self._max_time)
+    def _default_state_key(self) -> str:
+        return self._generate_state_key(max_time=False)  # (fit's own for max_time: max_time=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {stage: self.time_elapsed(stage) for stage in self._elapsed}

@@ -640,7 +640,7 @@ class _Signals:
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         for sig, old in self.previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        if error is not None and self.raised is not None and error is not self.raised:  # fit failed on the way out
+        if error is not None and self.raised is not None:  # fit failed on the way out (the held one is raised after)
             _add_note(error, f"(The SIGTERM handler fit called had raised {self.raised!r}, held until fit's exit save; "
                              "fit raises this error instead.)")
 
@@ -767,18 +767,14 @@ def _load_states(callbacks: Sequence[Any], stateful: list[tuple[str, Any]], save
     """Hands each callback its state saved in the checkpoint (``saved``, by key); a checkpoint saved before
     ``state_key`` keyed them by class and order, read for the callbacks its keys are not of. Warns, naming them,
     about saved states no callback takes (their callbacks left out, or given other settings), as Lightning."""
-    todo = {}
-    for key, cb in stateful:
-        if key in saved:
-            todo[key] = cb
-    taken = set(todo)
+    todo = {key: cb for key, cb in stateful if key in saved}
     # An old key names a class and an order among that class's callbacks: read only where this run has as many
     # callbacks of that class as the checkpoint has states (a callback added or removed would shift the order).
     classes = [type(cb).__qualname__ for _, cb in stateful]
     for (key, cb), (old, _) in zip(stateful, _stateful(callbacks, by_class=True)):
         name = type(cb).__qualname__
         olds = sum(k == name or (k.startswith(name + "#") and k[len(name) + 1:].isdigit()) for k in saved)
-        if key not in taken and old in saved and old not in todo and olds == classes.count(name):
+        if key not in saved and old in saved and old not in todo and olds == classes.count(name):
             todo[old] = cb
     for key, cb in todo.items():  # what they had seen when the checkpoint was saved (EarlyStopping's patience)
         cb.load_state_dict(saved[key])
@@ -1144,7 +1140,7 @@ def fit(
     all_callbacks = list(callbacks)
     if max_time is not None:
         all_callbacks.append(Timer(max_time))
-        all_callbacks[-1]._max_time = True  # its state is not a Timer callback's (state_key)
+        all_callbacks[-1].state_key = all_callbacks[-1]._generate_state_key(max_time=True)  # not a Timer callback's
     if not plan.validate:
         _warn_unwatched(all_callbacks, checkpoint)
     hooks = _Hooks(all_callbacks)
@@ -1367,14 +1363,14 @@ def fit(
                             "Return e.g. (new_state, {'loss': loss})."
                         ) from None
                     steps, b = steps + 1, b + 1  # (no call in between: a Ctrl-C from here on finds this batch done)
+                    if type(metrics) is not dict and not isinstance(metrics, Mapping):  # at once, not at the first log
+                        raise TypeError(
+                            "fit expected the step to return (state, metrics) with metrics a dict of scalar tensors, "
+                            f"got {type(metrics).__name__} as metrics. Return e.g. (new_state, {{'loss': loss}})."
+                        )
                     log.pending.append(_kept(metrics))  # stays on the device until the next log_now()
                     validated_here = val_every > 0 and (steps if count_across else b) % val_every == 0
                     try:
-                        if type(metrics) is not dict and not isinstance(metrics, Mapping):  # at once, not at the first log
-                            raise TypeError(
-                                "fit expected the step to return (state, metrics) with metrics a dict of scalar tensors, "
-                                f"got {type(metrics).__name__} as metrics. Return e.g. (new_state, {{'loss': loss}})."
-                            )
                         if per_step_hooks:
                             signals.hold = True
                             try:
@@ -1506,8 +1502,6 @@ def _kept(metrics: Metrics) -> Metrics:
     the usual step's metrics -- detached tensors of their own -- are kept as they are, at the cost of a few
     attribute reads each (~0.3 us a step for ``{"loss": loss}``). The values are bitwise the same.
     """
-    if type(metrics) is not dict and not isinstance(metrics, Mapping):  # (refused right after, by fit)
-        return metrics
     try:
         for v in metrics.values():
             if type(v) is not torch.Tensor or v.requires_grad or v.untyped_storage().nbytes() > max(v.nbytes, _SMALL):

@@ -381,6 +381,9 @@ def test_callback_state_keys_are_strings_settled_by_value(tmp_path):
             self.state_key = key
 
     assert Watch("loss").state_key == "loss" and Watch("").state_key == Watch.__qualname__
+    stopper = EarlyStopping("val/loss")  # fnlit's own callbacks take an assigned key too
+    stopper.state_key = "mine"
+    assert stopper.state_key == "mine"
     # a NumPy float's repr changed between NumPy versions (np.float64(0.9) vs 0.9): the key must not
     assert EMA(np.float64(0.9)).state_key == EMA(0.9).state_key == "EMA{'decay': 0.9}"
 
