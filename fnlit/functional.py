@@ -473,9 +473,12 @@ def apply(
         >>> out.shape, int(buffers["1.num_batches_tracked"]), int(state.buffers["1.num_batches_tracked"])
         (torch.Size([8, 4]), 1, 0)
     """
+    # While compiling, build the slots afresh: filling the cache during a trace would make the next
+    # call fail dynamo's guard on the cache and recompile.
+    compiling = torch.compiler.is_compiling()
     if train is None:  # training mode, the default; told inside evaluate, on a module whose modes differ
         train = True
-        if (told := _EVALUATING.get()) is not None and not torch.compiler.is_compiling():
+        if (told := _EVALUATING.get()) is not None and not compiling:
             _tell_training_in_evaluate(module, told)
     frame = _current_frame()
     if frame is not None and frame.amp_dtype is not None and not frame.forwarding:
@@ -484,19 +487,20 @@ def apply(
         if not torch.is_autocast_enabled(frame.amp_device):
             with torch.autocast(frame.amp_device, dtype=frame.amp_dtype):
                 return apply(module, params, buffers, *args, rng=rng, train=train, mutable=mutable, **kwargs)
-    # While compiling, build the slots afresh: filling the cache during a trace would make the next
-    # call fail dynamo's guard on the cache and recompile.
-    compiling = torch.compiler.is_compiling()
-    if type(buffers) is not dict and not isinstance(buffers, Mapping):
-        getattr(buffers, "keys", None)  # (a donated state's buffers raise the donation error here)
-        raise TypeError(
-            f"fnlit.apply(module, params, buffers, *inputs) expected buffers to be a dict (state.buffers), got "
-            f"{type(buffers).__name__}. Pass the state's buffers before the inputs: "
-            "fnlit.apply(model, state.params, state.buffers, x)."
-        )
     slots = _Slots(module) if compiling else _slots(module)
     try:
         params, buffers = _check_names(module, slots, params, buffers)
+    except (AttributeError, TypeError, RuntimeError):
+        from .transforms.donate import Donated  # (a donated state's fields raised their own error: kept)
+
+        for what, given in (("params", params), ("buffers", buffers)):
+            if not isinstance(given, (Mapping, Donated)):
+                raise TypeError(
+                    f"fnlit.apply(module, params, buffers, *inputs) expected {what} to be a dict (state.{what}), got "
+                    f"{type(given).__name__}. Pass the state's params and buffers before the inputs: "
+                    "fnlit.apply(model, state.params, state.buffers, x)."
+                ) from None
+        raise
     except (KeyError, ValueError):
         if compiling:
             raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +17,7 @@ from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
 from .transforms._frame import current as _current_frame
 from .transforms.donate import consume as _consume
+from .transforms.donate import donated_by as _donated_by
 from .transforms.donate import is_donated as _is_donated
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class TrainState:
 
             if isinstance(loss_scale, str) and loss_scale == "dynamic":
                 scaler = init_loss_scale(device=device)
-            elif isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool):  # a numpy float too
+            elif _tree.is_real(loss_scale):  # a numpy float too
                 scaler = init_loss_scale(float(loss_scale), device=device)
             else:
                 raise ValueError(
@@ -287,9 +287,7 @@ class TrainState:
             # path does, naming the path): dp_sgd_aggregate takes per-example gradients, with a batch dimension.
             return grads
         if _tree.tree_structure(grads) != _tree.tree_structure(params):
-            where = _tree.first_mismatch(self.params, grads)
-            if where and where.endswith(", got None"):
-                where += " (torch leaves a parameter's .grad None when the loss does not use it: pass zeros for it)"
+            where = _tree.first_mismatch(self.params, grads, none_hint=_tree.NONE_GRAD_HINT)
             raise ValueError(
                 f"apply_gradients expected grads in the structure of state.params, but they differ: {where}. "
                 "Differentiate with respect to state.params (fnlit.value_and_grad(loss_fn)(state.params))."
@@ -321,7 +319,7 @@ class TrainState:
 
     def __repr__(self) -> str:
         if _is_donated(self):  # its fields raise when read; a debugger, a log or pytest's locals still show it
-            return f"TrainState(<donated to a step ({object.__getattribute__(self.params, '_how')})>)"
+            return f"TrainState(<donated to a step ({_donated_by(self)})>)"
         params, buffers = _tree.tree_leaves(self.params), _tree.tree_leaves(self.buffers)  # (nested trees too)
         n = sum(p.numel() for p in params if isinstance(p, torch.Tensor))
         step = self.step  # a 0-d tensor; (members,) under fnlit.ensemble; whatever replace(step=...) was given

@@ -190,7 +190,11 @@ def _describe(leaf: Any) -> str:
     return f"{type(leaf).__name__} {leaf!r}"
 
 
-def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True) -> str | None:
+# What a comparison of gradients against params adds for a None leaf (first_mismatch's ``none_hint``).
+NONE_GRAD_HINT = " (torch leaves a parameter's .grad None when the loss does not use it: pass zeros for it)"
+
+
+def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True, none_hint: str = "") -> str | None:
     """Describes the first place where two trees differ in structure or leaf shape, or None.
 
     Used by every error that compares trees (gradients against params, a checkpoint against the state
@@ -215,7 +219,7 @@ def first_mismatch(expected: PyTree, got: PyTree, *, check_shapes: bool = True) 
             paths, leaves, _ = optree.tree_flatten_with_path(got, none_is_leaf=True)
             if any(leaf is None and keystr(path) == missing[0] for path, leaf in zip(paths, leaves)):
                 # (optree takes a None for an empty subtree: the key is there, its value is not)
-                return f"at {missing[0]!s}: expected {_describe(e_leaves[e_paths.index(missing[0])])}, got None"
+                return f"at {missing[0]!s}: expected {_describe(e_leaves[e_paths.index(missing[0])])}, got None{none_hint}"
             return f"missing {missing[0]!s} (expected keys {e_paths[:6]}{'...' if len(e_paths) > 6 else ''})"
         if extra:
             return f"unexpected {extra[0]!s} (expected keys {e_paths[:6]}{'...' if len(e_paths) > 6 else ''})"

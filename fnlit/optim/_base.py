@@ -20,7 +20,7 @@ import optree
 import torch
 
 from .. import _storage
-from ..tree import first_mismatch, tree_flatten, tree_leaves, tree_map, tree_paths, tree_structure, tree_unflatten
+from ..tree import NONE_GRAD_HINT, first_mismatch, tree_flatten, tree_leaves, tree_map, tree_paths, tree_structure, tree_unflatten
 
 PyTree = Any
 Mask = PyTree | Callable[[PyTree], PyTree] | Callable[[str], bool]
@@ -400,9 +400,8 @@ def check_same_structure(name: str, expected: PyTree, got: PyTree, what: str = "
 
 
 def _raise_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "grads") -> None:
-    where = first_mismatch(expected, got, check_shapes=False) or "structure differs"
-    if what == "grads" and where.endswith(", got None"):  # (fnlit.tree.first_mismatch's words for a None leaf)
-        where += " (torch leaves a parameter's .grad None when the loss does not use it: pass zeros for it)"
+    hint = NONE_GRAD_HINT if what == "grads" else ""
+    where = first_mismatch(expected, got, check_shapes=False, none_hint=hint) or "structure differs"
     raise ValueError(
         f"{name}.update expected {what} with the structure of the optimizer state (the params given to "
         f"init), got a different structure instead: {where}. Pass {what} for exactly the parameters "

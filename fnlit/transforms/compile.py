@@ -459,11 +459,6 @@ def _(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` for the captured graph, taken before any donated leaf is written (see :func:`_snapshots`)."""
-    return _snapshot(t)
-
-
 # Ops whose result holds its tensor input's values unchanged in memory of its own -- copies, ``x * 1`` and the
 # no-ops inductor removes (``remove_noop_ops``): inductor may fold a chain of them into a read of the input. (A view
 # shares its input's storage, which is how :func:`_identity_source` follows it, whatever the op.) Dynamo records
@@ -576,7 +571,7 @@ def _by_constant(node: torch.fx.Node, name: str, source: torch.fx.Node) -> torch
 
 
 def _snapshots(gm: torch.fx.GraphModule) -> None:
-    """Keeps a real copy in ``gm`` only for the :func:`_fresh` values that are, or copy, a view of a donated leaf.
+    """Keeps a real copy in ``gm`` only for the :func:`_snapshot` values that are, or copy, a view of a donated leaf.
 
     Inductor (torch 2.14) folds an identity copy -- ``t * 1``, ``t + 0``, ``t.clone()`` -- of a graph input
     that the graph also writes, and then reads the input *after* the write: a metric or kept state that is a
@@ -752,8 +747,8 @@ class CompiledStep:
                 # tensor (amp's loss scale) -- must keep what the step saw, not what is written over it. The backend
                 # keeps a real copy only for those (_snapshots); inductor fuses the copy of a computed value away.
                 donated = leaves[:n_state]
-                new_leaves = [v if v is old else _fresh(v) for old, v in zip(donated, new_leaves)]
-                metrics = torch_pytree.tree_map(lambda m: _fresh(m) if isinstance(m, torch.Tensor) else m, metrics)
+                new_leaves = [v if v is old else _snapshot(v) for old, v in zip(donated, new_leaves)]
+                metrics = torch_pytree.tree_map(lambda m: _snapshot(m) if isinstance(m, torch.Tensor) else m, metrics)
                 for old, value in zip(donated, new_leaves):
                     if old is not value:
                         old.copy_(value)

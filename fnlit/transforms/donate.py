@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..optim._base import Donation
     from ..state import TrainState
 
-__all__ = ["donating", "poison", "consume", "check_not_donated", "is_donated", "Donated", "USED", "RAISED", "READ_AFTER"]
+__all__ = ["donating", "poison", "consume", "check_not_donated", "is_donated", "donated_by", "Donated", "USED", "RAISED", "READ_AFTER"]
 
 USED = (
     "This TrainState was donated to a step ({how}), which reused its storage for the state it returned: "
@@ -111,6 +111,11 @@ def consume(state: TrainState, new_params: Any) -> None:
 def is_donated(state: Any) -> bool:
     """Whether ``state`` (a TrainState) was poisoned by donation: using it would raise."""
     return isinstance(getattr(state, "__dict__", {}).get("params"), Donated)
+
+
+def donated_by(state: Any) -> str:
+    """The step a donated ``state`` was donated to (``fnlit.donating``, ``fnlit.compile(step, donate=True)``)."""
+    return object.__getattribute__(state.__dict__["params"], "_how")
 
 
 def check_not_donated(state: Any) -> None:
