@@ -390,6 +390,18 @@ def test_a_numpy_bool_nesterov_runs_the_eager_kernel_and_other_flags_are_refused
             fo.trace(0.9, nesterov=bad)
 
 
+def test_scale_by_learning_rate_flip_sign_must_be_a_bool():
+    # flip_sign=None or 0 turned descent into ascent silently (and "no" was taken as True): a bool only, as
+    # nesterov. The reference: a step of lr 0.1 on gradient 1 moves w from 1 down to 0.9, or up to 1.1 when flipped.
+    p, g = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    for flip, want in ((True, 0.9), (False, 1.1), (pytest.importorskip("numpy").bool_(False), 1.1)):
+        tx = fo.scale_by_learning_rate(0.1, flip_sign=flip)
+        assert torch.allclose(p["w"] + tx.update(g, tx.init(p), p)[0]["w"], torch.full((2,), want))
+    for bad in (None, 0, 1, "no", torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"scale_by_learning_rate expected flip_sign to be a bool, got .* instead"):
+            fo.scale_by_learning_rate(0.1, flip_sign=bad)
+
+
 @pytest.mark.parametrize("make, key", [
     (lambda: fo.sgd(0.1, momentum=0.9, weight_decay=0.1), "learning_rate"),
     (lambda: fo.adamw(0.1), "learning_rate"),

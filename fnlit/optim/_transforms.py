@@ -382,8 +382,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     it, or :func:`join` schedules).
 
     Raises:
-        TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule; at ``init`` if the
-            schedule does not return a 0-d tensor.
+        TypeError: if ``learning_rate`` is not a float, a 0-d tensor or a schedule, or ``flip_sign`` not a bool; at
+            ``init`` if the schedule does not return a 0-d tensor.
         ValueError: if ``learning_rate`` is negative or infinite; at ``init`` if it is beyond float32's range
             (float64's for float64 params), which it is held in; at update time for a ``state.hyperparams`` key other
             than ``"learning_rate"``.
@@ -396,7 +396,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         {'w': tensor([-0.1000, -0.1000])}
     """
     check_rate("scale_by_learning_rate", learning_rate)
-    sign = -1.0 if flip_sign else 1.0
+    sign = -1.0 if check_flag("scale_by_learning_rate", "flip_sign", flip_sign) else 1.0
 
     def init(params: PyTree) -> ScaleByLearningRateState:
         count = zero_count(device_of(params))
