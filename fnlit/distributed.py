@@ -16,7 +16,8 @@ import socket
 import time
 import traceback
 import types
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -105,6 +106,37 @@ def check_same_state(state: Any, group: Any = None) -> None:
     from .transforms.data_parallel import check_same_state as check
 
     check(state, group)
+
+
+def _extremes(
+    values: Sequence[int], device: torch.device | str, group: Any = None
+) -> tuple[list[int], list[int]]:
+    """Under torch.distributed: the largest and the smallest of each of ``values`` (int64s) over the ranks of ``group``
+    (default: all), the same on every rank, so a check on them raises on every rank or on none.
+
+    Sends one collective: an all-reduce MAX of 2 x len(values) int64s on ``device`` (the state's: a NCCL group
+    reduces CUDA tensors only), the values and their bitwise complements (the complement of the MAX of the
+    complements is the MIN, exact for every int64, which negation is not for -2**63); then one host read.
+    """
+    sent = torch.tensor([*values, *(~v for v in values)], dtype=torch.int64, device=device)
+    dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=group)
+    both = sent.tolist()
+    return both[: len(values)], [~v for v in both[len(values) :]]
+
+
+def _all_equal(value: bytes | str | int, device: torch.device | str, group: Any = None) -> bool:
+    """Under torch.distributed: whether ``value`` is the same on every rank of ``group`` (default: all); every rank
+    gets the same answer. An int (an int64) is compared as it is, bytes or a str (UTF-8) by its CRC-32 (not hash():
+    salted per process).
+
+    Sends one collective of two int64s on ``device`` (:func:`_extremes`), then one host read: not inside a step.
+    """
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, bytes):
+        value = zlib.crc32(value)
+    most, least = _extremes([value], device, group)
+    return most == least
 
 
 def barrier() -> None:

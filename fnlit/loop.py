@@ -18,7 +18,6 @@ import math
 import signal
 import threading
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -499,11 +498,7 @@ def _same_names_on_every_rank(names: list[str], device: torch.device) -> None:
     """Under torch.distributed: raises evaluate's KeyError on every rank unless every rank's eval step returned
     the same metric names (one all-reduce of a CRC-32 of the sorted names and one host sync; on a mismatch, the
     ranks gather their names to say which differs)."""
-    crc = zlib.crc32("\0".join(sorted(names)).encode())  # (not hash(): salted per process)
-    flags = torch.tensor([crc, -crc], dtype=torch.int64, device=device)
-    torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-    most, least = flags.tolist()  # (once per evaluate)
-    if most == -least:
+    if _dist._all_equal("\0".join(sorted(names)), device):  # (once per evaluate)
         return
     gathered: list[Any] = [None] * _dist.world_size()
     torch_dist.all_gather_object(gathered, sorted(names))
@@ -553,13 +548,11 @@ def _even_batches(
         first = next(it, _END)  # (data without a len() tells whether it holds a batch only when read)
     has = first is not _END
     own: Iterator[Any] = itertools.chain([first], it) if has else iter(())
-    sent = [failed, int(known is None), int(not has), int(has), n or 0, -(n or 0)]
-    flags = torch.tensor(sent, dtype=torch.int64, device=state.device)
-    torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-    code, unsized, some_none, some_have, most, least = flags.tolist()  # (once per evaluate)
+    high, low = _dist._extremes([failed, int(known is None), int(has), n or 0], state.device)  # (once per evaluate)
+    (code, unsized, some_have, most), (all_have, least) = high, low[2:]
     _limit_failed(code, error, limit, "limit_batches", "evaluate")
-    if some_none and some_have:
-        counts = "some without a len(), and one rank with none" if unsized else f"from {-least} to {most} batches"
+    if some_have and not all_have:
+        counts = "some without a len(), and one rank with none" if unsized else f"from {least} to {most} batches"
         this = n if known is not None else "some" if has else "none"
         raise ValueError(_NO_EVAL_BATCH.format(counts=f"{counts}, this rank {this}", even=_EVEN_SHARDS))
     if not is_sharded(state.params):  # each rank runs its own batches: the forwards are not collectives
@@ -708,11 +701,9 @@ def _same_batches(
     # only depends on it modulo 2**63: epoch_seed's mask).
     sent = ((seed + 2**63) % 2**64) - 2**63 if _dist.rank() == 0 else -(2**63)
     failed, error, limit, name = val_limit
-    counts = torch.tensor([none, -none, sent, int(validates), -int(validates), failed, train_limit[0]], dtype=torch.int64,
-                          device=device)
-    torch_dist.all_reduce(counts, op=torch_dist.ReduceOp.MAX)
-    most, least, first, any_validate, not_all, code, train_code = counts.tolist()  # (once, at the start of fit)
-    least = -least
+    # (once, at the start of fit)
+    high, low = _dist._extremes([none, sent, int(validates), failed, train_limit[0]], device)
+    (most, first, any_validate, code, train_code), (least, all_validate) = high, low[:3:2]
     _limit_failed(train_code, *train_limit[1:], "fit")
     _limit_failed(code, error, limit, name, "fit", val=True)
     if most != least:
@@ -721,7 +712,7 @@ def _same_batches(
             f"no len()), this rank {n}. Each step's gradient all-reduce pairs the ranks' steps, so they must run as "
             "many: fnlit.data.ArrayLoader shards evenly, as does DistributedSampler(drop_last=True)."
         )
-    if any_validate and not_all == 0:  # (not_all: 0 where some rank does not validate, else -1)
+    if any_validate and not all_validate:
         raise ValueError(
             f"fit: some ranks have validation batches and others none (this rank {'some' if validates else 'none'}), "
             f"so only some would validate. Give every rank at least one: {_EVEN_SHARDS}"

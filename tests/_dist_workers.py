@@ -430,6 +430,34 @@ def starts_permuted():
     return out
 
 
+def all_equal_votes():
+    """fnlit.distributed._all_equal and _extremes on values the same on both ranks and values that differ (rank 1's
+    otherwise), int64's ends included; each rank's answers."""
+    from fnlit.distributed import _all_equal, _extremes
+
+    rank, lo, hi = dist.get_rank(), -(2**63), 2**63 - 1
+    cases = {"int": (7, 7), "str": ("acc\0loss", "acc\0loss"), "bytes": (b"\x00\xff", b"\x00\xff"), "ends": (lo, lo)}
+    others = {"int": (7, 8), "str": ("acc\0loss", "acc"), "bytes": (b"\x00\xff", b"\xff\x00"), "ends": (lo, hi)}
+    out = {("same", k): _all_equal(v[rank], "cpu") for k, v in cases.items()}
+    out.update({("differ", k): _all_equal(v[rank], "cpu") for k, v in others.items()})
+    out["extremes"] = _extremes([rank, lo if rank == 0 else 5, hi], "cpu")
+    return out
+
+
+def negative_zero_state(differ: bool):
+    """check_same_state on a float64 weight holding -0.0 (its bits -2**63 as an int64: its checksum), on both ranks
+    or (``differ``) on rank 0 only."""
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.0 if differ and dist.get_rank() == 1 else -0.0)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    try:
+        fnlit.distributed.check_same_state(state)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def float64_metric():
     """Float64 metrics averaged across ranks: 0.1 on rank 0, 1.1 on rank 1; and a float64 model's loss (which
     rides with the gradients' all-reduce)."""

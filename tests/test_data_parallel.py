@@ -11,6 +11,8 @@ import torch
 from _dist_workers import (
     GLOBAL_BATCH,
     ORDERS,
+    all_equal_votes,
+    negative_zero_state,
     all_orders,
     batchnorm_statistics_and_metrics,
     dies_early,
@@ -454,6 +456,23 @@ def test_ranks_holding_the_same_values_in_another_order_are_refused_on_every_ran
             for message in result[kind]:
                 assert "the ranks start from different states: their values differ at " + path in message
         assert result["same"] == ["no error", "no error"]
+
+
+def test_all_equal_answers_alike_on_every_rank():
+    # The one exchange behind evaluate's metric-names check, the batch counts' and check_same_state: every rank gets
+    # the same answer, the hand-known one (ints as they are, str and bytes by content; int64's ends too).
+    kinds = ("int", "str", "bytes", "ends")
+    expected = {**{("same", k): True for k in kinds}, **{("differ", k): False for k in kinds},
+                "extremes": ([1, 5, 2**63 - 1], [0, -(2**63), 2**63 - 1])}  # (the max and min of rank, 5 or -2**63, 2**63-1)
+    assert fnlit.distributed.launch(all_equal_votes, 2, timeout=120, collective_timeout=30) == [expected] * 2
+
+
+def test_check_same_state_takes_a_float64_negative_zero():
+    # A float64 tensor holding -0.0 (bits 0x8000000000000000) has the checksum -2**63, whose negation the exchange
+    # sent overflowed int64: check_same_state (and fit) failed with "Overflow when unpacking long long".
+    assert fnlit.distributed.launch(negative_zero_state, 2, False, timeout=120, collective_timeout=30) == ["no error"] * 2
+    for message in fnlit.distributed.launch(negative_zero_state, 2, True, timeout=120, collective_timeout=30):
+        assert "the ranks start from different states: their values differ at params['weight']" in message
 
 
 def test_float64_metrics_and_a_float64_loss_are_averaged_in_float64():

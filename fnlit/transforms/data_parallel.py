@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .. import _storage
 from .. import tree as _tree
+from ..distributed import _all_equal, _extremes
 from .._checkpoint_io import _dtensor_class
 from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
@@ -234,16 +235,10 @@ def check_same_state(state: TrainState, group: Any = None) -> None:
     """
     paths, values = _fingerprints(state)
     first = next(iter(_tree.tree_leaves(state.params)), None)
-    count = torch.tensor([len(values), -len(values)], dtype=torch.int64, device=state.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    count = count.tolist()
-    if count[0] != -count[1]:
+    if not _all_equal(len(values), state.device, group):
         raise ValueError(_DIFFERENT_STATES.format(what="their structures (numbers of tensors)", path="the state"))
-    both = torch.tensor(values + [-v for v in values], dtype=torch.int64, device=state.device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    both = both.tolist()
-    n = len(values)
-    differ = [i for i in range(n) if both[i] != -both[n + i]]
+    most, least = _extremes(values, state.device, group)
+    differ = [i for i in range(len(values)) if most[i] != least[i]]
     if differ:  # sizes, dtypes and shapes first: they explain differing values
         i = min(differ, key=lambda j: (j % 5 >= 3, j))
         what = ("their sizes", "their dtypes", "their shapes", "their values", "their values")[i % 5]
