@@ -703,7 +703,7 @@ def _same_batches(
     failed, error, limit, name = val_limit
     # (once, at the start of fit)
     high, low = _dist._extremes([none, sent, int(validates), failed, train_limit[0]], device)
-    (most, first, any_validate, code, train_code), (least, all_validate) = high, low[:3:2]
+    (most, first, any_validate, code, train_code), (least, all_validate) = high, (low[0], low[2])
     _limit_failed(train_code, *train_limit[1:], "fit")
     _limit_failed(code, error, limit, name, "fit", val=True)
     if most != least:
