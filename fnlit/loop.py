@@ -668,8 +668,11 @@ def _check_last_batch(step: StepFn, data: Any, batches: int | None, steps_left: 
         return
     if _data.direct_array_loader(data):
         n, size, drop = data.num_examples, data.batch_size, data.drop_last
-    elif isinstance(data, torch.utils.data.DataLoader) and data.batch_size is not None and hasattr(data.sampler, "__len__"):
-        n, size, drop = len(data.sampler), data.batch_size, data.drop_last  # (a DistributedSampler's: this rank's)
+    elif isinstance(data, torch.utils.data.DataLoader) and type(data.batch_sampler) is torch.utils.data.BatchSampler and (
+        hasattr(data.batch_sampler.sampler, "__len__")
+    ):  # batch_size=, or torch's own BatchSampler as batch_sampler= (one of the user's class may batch otherwise)
+        bs = data.batch_sampler
+        n, size, drop = len(bs.sampler), bs.batch_size, bs.drop_last  # (a DistributedSampler's: this rank's)
     else:
         return
     last, count = n % size, -(-n // size)

@@ -2018,23 +2018,30 @@ def test_a_text_metric_is_refused_naming_it():
         fit(step, make_state(), [torch.zeros(1)] * 2, max_epochs=1, progress=False)
 
 
-@pytest.mark.parametrize("loader", ["array", "torch"])
+@pytest.mark.parametrize("loader", ["array", "torch", "batch_sampler"])
 def test_fit_refuses_before_training_a_last_batch_that_accumulate_cannot_split(loader):
     # 10 examples in batches of 4: the last holds 2, which accumulate(step, 4) cannot split. The run trained a whole
-    # epoch, then failed there, saving nothing. (The reference for "cannot split": accumulate's own refusal.)
+    # epoch, then failed there, saving nothing. (The reference for "cannot split": accumulate's own refusal.) A
+    # DataLoader given torch's BatchSampler as batch_sampler= (no batch_size) was not checked.
     model = torch.nn.Linear(1, 1)
     step = fnlit.accumulate(fnlit.train_step(model, lambda m, b: m(b[0]).pow(2).mean()), 4)
     x = torch.arange(10.0).reshape(10, 1)
     with pytest.raises(ValueError, match="cannot split batch leaf"):
         step(make_state(), (x[:2],))
-    data = (fnlit.data.ArrayLoader(x, x, batch_size=4, shuffle=False) if loader == "array"
-            else torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4))
+    def torch_loader(drop_last):
+        ds = torch.utils.data.TensorDataset(x)
+        if loader == "torch":
+            return torch.utils.data.DataLoader(ds, batch_size=4, drop_last=drop_last)
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 4, drop_last)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+
+    data = fnlit.data.ArrayLoader(x, x, batch_size=4, shuffle=False) if loader == "array" else torch_loader(False)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     with pytest.raises(ValueError, match=r"last batch of each epoch holds 2 examples \(10 in batches of 4\).*k=4.*drop_last=True"):
         fit(step, state, data, max_epochs=1, progress=False)
     # fine: the short batch dropped, never reached (limit_train_batches), or split evenly (k=2)
     dropped = (fnlit.data.ArrayLoader(x, x, batch_size=4, shuffle=False, drop_last=True) if loader == "array"
-               else torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4, drop_last=True))
+               else torch_loader(True))
     assert int(fit(step, state, dropped, max_epochs=1, progress=False).step) == 2
     assert int(fit(step, state, data, max_epochs=1, limit_train_batches=2, progress=False).step) == 2
     two = fnlit.accumulate(fnlit.train_step(model, lambda m, b: m(b[0]).pow(2).mean()), 2)
