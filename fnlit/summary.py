@@ -712,7 +712,8 @@ class ProgressBar:
         if self.enabled:  # (reset draws at once: the new epoch's name first, its batch drawn right after)
             self.bar.set_description(f"epoch {epoch}", refresh=False)
             self.bar.reset(total=total)
-            self.bar.n = self.bar.last_print_n = initial
+            # (initial too: tqdm's rate is (n - initial) / elapsed, so the skipped batches do not count as run)
+            self.bar.n = self.bar.last_print_n = self.bar.initial = initial
             if initial:
                 self.bar.refresh()
 

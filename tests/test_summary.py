@@ -698,6 +698,27 @@ def test_the_progress_bar_never_draws_a_new_epoch_under_the_old_ones_name():
     assert [f for f in frames if f.startswith("epoch 2")][-1].split("|")[-1].lstrip().startswith("3/4")
 
 
+def test_a_resumed_epochs_bar_rates_only_the_steps_run():
+    # A resume at batch 500 of 1000 showed ~7,600,000 steps/s at its first draw and ~1,200 at its close for two steps
+    # taking 0.1 s each: tqdm's rate counted the 500 skipped batches as run. Reference: 2 steps in >= 0.2 s, <= 10/s.
+    import io
+    import re
+    import time
+
+    from fnlit.summary import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(enabled=True, file=out, mininterval=0)
+    bar.start_epoch(0, 1000, initial=500)
+    for _ in range(2):
+        time.sleep(0.1)
+        bar.update()
+    bar.close()
+    frames = [f for f in re.split(r"[\r\n]", out.getvalue()) if "502/1000" in f]
+    rates = [float(r) for f in frames for r in re.findall(r"([0-9.]+)steps/s", f)]
+    assert rates and max(rates) <= 10.0, frames
+
+
 def test_the_progress_bar_labels_an_ensemble_members_loss_as_such():
     # "train/loss/0" was shown as "0=2.017": no name ended in /loss, so the first metric's last part was used.
     import io
