@@ -593,8 +593,22 @@ def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, tor
               noun: str = "the checkpoint") -> M:
     """Copies ``params`` and ``buffers`` into ``module``'s own tensors; ``source`` names where they come from in an
     error ("the checkpoint PATH"), ``noun`` in short ("the checkpoint", "the state")."""
+    from . import random as _random
+
+    # Under fnlit.random's lock, as apply's swaps: another thread's eager backward holds its step's tensors in the
+    # module until it ends; the module's own, which it saved, are the ones read and written, its step's left alone.
+    with _random._LOCK:
+        return _load_into(module, params, buffers, source, noun)
+
+
+def _load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], source: str,
+               noun: str) -> M:
+    """:func:`load_into`, under the lock."""
+    from .functional import own_tensors, set_own_mode
+
     given = {**params, **buffers}
-    own = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}  # tied weights: once, first name
+    named_params, named_buffers = own_tensors(module)
+    own = {n: t for n, t in [*named_params, *named_buffers]}  # tied weights: once, first name
     missing = [n for n in own if n not in given]
     extra = [n for n in given if n not in own]
     if missing or extra:
@@ -619,7 +633,8 @@ def load_into(module: M, params: dict[str, torch.Tensor], buffers: dict[str, tor
     with torch.no_grad():
         for n, t in own.items():
             t.copy_(given[n])
-    return module.eval()
+    set_own_mode(module, False)  # module.eval(); a flag a backward in flight set: at its end
+    return module
 
 
 def json_checked(what: str, value: Any, who: str = "fnlit.save") -> Any:

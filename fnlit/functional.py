@@ -422,12 +422,13 @@ def apply(
     gradients with respect to the params, and value_and_grad refuses it) works under
     :func:`value_and_grad`: its backward, which runs ``block`` again, sees these params and buffers too
     (a BatchNorm in ``block`` updates the copies in ``new_buffers`` a second time then, as PyTorch updates
-    the module's own). The module holds them for the whole backward (another thread reading the module
-    object meanwhile, ``state_dict()`` or ``TrainState.create``, reads them), so a block reading a parameter itself
-    (``F.linear(x, self.w)``, ``x + self.pos_emb``) reads them too; only when another thread's backward
-    through the same module object is running at the same time does the module get them later, at the first
-    module forward the recompute runs (a block reading a parameter before calling any submodule then reads
-    the module's own), and two threads' recomputes through one module at once raise an error. A forward
+    the module's own). The module holds them for the whole backward, so a block reading a parameter itself
+    (``F.linear(x, self.w)``, ``x + self.pos_emb``) reads them too (every eager backward through apply does this,
+    checkpointing or not: another thread's ``state_dict()`` of the module meanwhile reads them, while
+    ``TrainState.create`` and ``fnlit.export`` read and write the module's own tensors); only when another
+    thread's backward through the same module object is running at the same time does the module get them later,
+    at the first module forward the recompute runs (a block reading a parameter before calling any submodule then
+    reads the module's own), and two threads' recomputes through one module at once raise an error. A forward
     of the module (an ``apply`` of it) in another thread while a backward runs its block again changes what
     that recompute reads: threads sharing a module and checkpointing must not do that (give each its own
     module, ``copy.deepcopy(model)``). Eagerly only: under :func:`fnlit.compile` the gradient is taken by
@@ -786,7 +787,8 @@ class _Backward:
     module's attributes: by then apply had put the module's own tensors back (wrong gradients), and a BatchNorm
     there would update the module's own statistics. When no other backward in flight reaches the modules, the
     backward's start puts its tensors and training modes into them (a block reading a parameter directly reads
-    them too) and its end puts the module's own back. When another one (another thread's) does, a process-wide
+    them too) and its end puts the module's own back (fnlit's readers and writers of those, ``TrainState.create``
+    and ``fnlit.export``, reach them meanwhile through :func:`own_tensors`). When another one (another thread's) does, a process-wide
     forward pre-hook watches for a forward of a module they applied that runs inside a backward (autograd's
     graph task) and not inside an apply: the first one puts that backward's tensors in, so a backward that
     recomputes nothing never touches the module the other holds. A module applied to different params in one
@@ -874,6 +876,53 @@ class _Backward:
             if train is not None and root.training != train:
                 self.modes += [(m, m.training) for m in root.modules()]
                 root.train(train)
+
+
+def own_tensors(module: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """``list(module.named_parameters())`` and ``list(module.named_buffers())``, with the module's own tensors.
+
+    While an eager value_and_grad backward runs (any thread) its step's tensors sit in the module's attributes
+    (:class:`_Backward`), and the module's own are the ones it saved: read from there. (Putting them back for the
+    read is no option: that backward's recompute reads the attributes without the lock.) The caller holds
+    fnlit.random's lock, under which backwards start and end and apply swaps; one writing into the tensors
+    (``fnlit.export``) keeps it until done.
+    """
+    held: dict[tuple[int, str], Any] = {}  # (id of the owning dict, attribute) -> the module's own tensor
+    for b in _ACTIVE:
+        for slots, old in b.saved or ():  # (old: one per slot, then the derived attributes' tuple, left out by zip)
+            for key, t in zip(zip(map(id, slots.dicts), slots.attrs), old):
+                held.setdefault(key, t)  # the first record's: a later one's saved the earlier's step tensors
+    if not held:
+        return list(module.named_parameters()), list(module.named_buffers())
+    # What named_parameters/named_buffers do (every module once, every tensor under its first name), on own tensors.
+    out: tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]] = ([], [])
+    for kind, found in zip(("_parameters", "_buffers"), out):
+        seen: set[int] = set()
+        for prefix, m in module.named_modules():
+            d = getattr(m, kind)
+            for attr, t in d.items():
+                t = held.get((id(d), attr), t)
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    found.append((f"{prefix}.{attr}" if prefix else attr, t))
+    return out
+
+
+def set_own_mode(module: nn.Module, train: bool) -> None:
+    """``module.train(train)``; a submodule whose training flag a backward in flight set (:class:`_Backward`) gets
+    it at that backward's end, not under its recompute. The caller holds fnlit.random's lock."""
+    held: dict[int, list[tuple[list[tuple[nn.Module, bool]], int]]] = {}  # id -> where backwards noted its flag
+    for b in _ACTIVE:
+        for i, (m, _) in enumerate(b.modes):
+            held.setdefault(id(m), []).append((b.modes, i))
+    if not held:
+        module.train(train)
+        return
+    for m in module.modules():
+        if id(m) not in held:
+            m.training = train
+        for modes, i in held.get(id(m), ()):
+            modes[i] = (m, train)
 
 
 _NO_RECORDS = contextlib.nullcontext()  # (reusable: it holds nothing)

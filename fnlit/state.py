@@ -12,6 +12,7 @@ from . import random as _random
 from . import tree as _tree
 from .functional import _UPDATED_FROM, _byte_range
 from .functional import check_buffers_kept as _check_buffers_kept
+from .functional import own_tensors as _own_tensors
 from ._types import Buffers, Grads, OptState, Params
 from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
@@ -158,13 +159,16 @@ class TrainState:
             raise TypeError(f"TrainState.create expected an nn.Module, got {type(module).__name__} instead.")
         if not (isinstance(tx, GradientTransformation) or (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)))):
             raise TypeError(_NOT_A_TX.format(got=_describe_tx(tx)))
-        with _random._LOCK:  # not while another thread's fnlit.apply has its tensors swapped into the module
-            shared = _overlapping(list(module.named_parameters()))
+        # Under the lock: not while another thread's fnlit.apply has its tensors swapped into the module; and an
+        # eager backward in flight, which holds its step's tensors there throughout, has the module's own saved.
+        with _random._LOCK:
+            named_params, named_buffers = _own_tensors(module)
+            shared = _overlapping(named_params)
             if shared is not None:
                 raise ValueError(_SHARED_MEMORY.format(a=shared[0], b=shared[1], module=type(module).__name__))
-            params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-            buffers = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-            buffers.update((n, b.detach().clone()) for n, b in module.named_buffers())
+            params = {n: p.detach().clone() for n, p in named_params if p.requires_grad}
+            buffers = {n: p.detach().clone() for n, p in named_params if not p.requires_grad}
+            buffers.update((n, b.detach().clone()) for n, b in named_buffers)
         meta = next((n for n, t in {**params, **buffers}.items() if t.is_meta), None)
         if meta is not None:
             raise ValueError(

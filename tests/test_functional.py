@@ -1177,6 +1177,82 @@ def test_two_threads_recomputing_one_modules_blocks_at_once_are_refused():
     assert all(now[k] is v for k, v in own.items())
 
 
+def _paused_in_backward(model, params, buffers, x, y, during, **apply_kwargs):
+    """Runs value_and_grad of the model's loss, calling ``during()`` in another thread while the backward is held at
+    its start (the step's tensors in the module); returns the gradients and what ``during`` returned."""
+    import threading
+
+    in_backward, done, got = threading.Event(), threading.Event(), {}
+
+    def other():
+        try:
+            assert in_backward.wait(10)
+            got["other"] = during()
+        except Exception as e:  # pragma: no cover - raised below
+            got["other"] = e
+        finally:
+            done.set()
+
+    def loss_fn(p):
+        out = fnlit.apply(model, p, buffers, x, **apply_kwargs)[0]
+        out.register_hook(lambda g: (in_backward.set(), done.wait(10), g)[-1])
+        return F.cross_entropy(out, y)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        grads = fnlit.value_and_grad(loss_fn)(params)[1]
+    finally:
+        in_backward.set()
+        thread.join(10)
+    assert not thread.is_alive() and in_backward.is_set()
+    if isinstance(got["other"], Exception):  # pragma: no cover - the failure itself
+        raise got["other"]
+    return grads, got["other"]
+
+
+def test_trainstate_create_during_another_threads_backward_copies_the_modules_own_tensors():
+    # The backward holds its step's tensors in the module until it ends: create copied those (a second thread's
+    # fit on the same module started from the first's weights). Reference: clones of the module's tensors taken before.
+    model = mlp(bn=True)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = {k: v * 2 + 1 for k, v in state.params.items()}
+    buffers = {k: v + 3 if v.is_floating_point() else v + 5 for k, v in state.buffers.items()}
+    x, y = batch()
+    _, created = _paused_in_backward(model, params, buffers, x, y,
+                                     lambda: fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=1))
+    got = {**created.params, **created.buffers}
+    assert set(got) == set(init)
+    assert [k for k, v in init.items() if not torch.equal(got[k], v)] == []
+    assert all(not v.requires_grad for v in got.values())
+
+
+def test_export_during_another_threads_backward_writes_the_modules_own_tensors_and_leaves_the_backward_alone():
+    # export copied into the step's tensors the backward held in the module (its backward then raised "modified by an
+    # inplace operation", or the module did not hold the exported weights once it ended), and its eval() was undone
+    # by the backward's end putting back the training flags it had set (apply's train=False on a training module).
+    model = _Checkpointed(bn=True).train()
+    own = dict(model.state_dict(keep_vars=True))
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    params = {k: v * 2 for k, v in state.params.items()}
+    exported = state.replace(params={k: v - 1 for k, v in state.params.items()},
+                             buffers={k: v + 1 for k, v in state.buffers.items()})
+    x, y = batch()
+    ref = copy.deepcopy(model).eval()
+    ref.load_state_dict({**params, **state.buffers})
+    F.cross_entropy(ref(x), y).backward()
+    grads, _ = _paused_in_backward(model, params, state.buffers, x, y, lambda: fnlit.export(exported, model),
+                                   train=False)
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
+    now = dict(model.state_dict(keep_vars=True))
+    assert all(now[k] is v for k, v in own.items())
+    want = {**exported.params, **exported.buffers}
+    assert [k for k in want if not torch.equal(now[k].detach(), want[k])] == []
+    assert not any(m.training for m in model.modules())
+
+
 def test_a_gradient_penalty_on_the_params_with_the_model_applied_outside_it_too_and_a_checkpointed_block():
     # The inner value_and_grad differentiates views of the outer call's params: taken for another param set, the
     # recompute was refused ("applied _Checkpointed to two different sets of params"). Reference: plain autograd.
