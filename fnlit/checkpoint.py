@@ -660,7 +660,9 @@ class Checkpointer:
             The checkpoint's path (also on the other ranks, where nothing is written).
 
         Raises:
-            CheckpointError: if the file cannot be written; the older checkpoints are then all kept. With
+            CheckpointError: if the file cannot be written; the older checkpoints are then all kept. (A file written
+                but not made durable, its folder's fsync failed, or written while ``last.ckpt`` could not be updated,
+                stays: later saves rank and remove it as any other.) With
                 ``save_last``, also if the folder's ``last.ckpt`` is not an fnlit checkpoint (another tool's): it
                 is not replaced, and nothing is written.
             ValueError: for an ensemble whose members' steps differ (the file is named by the step).
@@ -688,11 +690,17 @@ class Checkpointer:
                 metrics = self._validated_of[1]
         else:
             self._validated_of = (_ref(given), metrics)
-        saved_at = write_state(path, state, position, metrics, self.meta, self._run, self._abandoned)
-        records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
-        if self.save_last:
-            link_or_copy(path, self.directory / LAST)
-            self._last_written = _identity(self.directory / LAST)
+        try:
+            saved_at = write_state(path, state, position, metrics, self.meta, self._run, self._abandoned)
+            records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
+            if self.save_last:
+                link_or_copy(path, self.directory / LAST)
+                self._last_written = _identity(self.directory / LAST)
+        except BaseException:
+            # The file may be in the folder even so (its folder's fsync failed after the rename, or last.ckpt's update
+            # did): the next save reads the folder again, so that file is ranked and removed as any other.
+            self._records = None
+            raise
         ours = self._ours(records)
         keep = {r.path for r in records} - {r.path for r in ours}  # another run's files are not this run's to remove
         keep |= {r.path for r in (ours if self.keep_last is None else ours[-self.keep_last :])}

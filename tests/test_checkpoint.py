@@ -1479,3 +1479,38 @@ def test_a_checkpointer_subclass_with_its_own_on_step_is_called_every_step(tmp_p
               checkpoint=Every3(tmp_path, every_n_steps=None, keep_last=None))
     assert seen == list(range(1, 9))
     assert {"step=00000003.ckpt", "step=00000006.ckpt"} <= {p.name for p in tmp_path.glob("*.ckpt")}
+
+
+@pytest.mark.parametrize("failing", ["last.ckpt", "fsync of the folder"])
+def test_a_file_written_by_a_save_that_raised_is_ranked_and_removed_by_later_saves(tmp_path, monkeypatch, failing):
+    # The step file is in the folder although save raised (last.ckpt's copy hit EIO, or the folder's fsync failed
+    # after the rename): as Lightning's top-k counts every saved file, it is the best, and keep_last removes it.
+    _, state = trained()
+    ck = ckpt.Checkpointer(tmp_path, every_n_steps=4, keep_last=1, monitor="val", keep_best=1)
+    ck.start(state)
+
+    def validate(state, value):
+        state = state.replace(step=state.step + 1)
+        ck.on_validation(state, {"epoch": 0, "batch": int(state.step), "seed": 0}, {"val": value})
+        ck.on_step(state, {"epoch": 0, "batch": int(state.step), "seed": 0})
+        return state
+
+    state = validate(state, 5.0)  # step 3: the best so far
+    if failing == "last.ckpt":
+        monkeypatch.setattr(ckpt, "link_or_copy", lambda src, dst: (_ for _ in ()).throw(
+            ckpt.CheckpointError(f"could not write checkpoint {dst}: Input/output error (EIO)")))
+        match = r"last\.ckpt: Input/output error"
+    else:
+        monkeypatch.setattr(fnlit._checkpoint_io, "fsync_dir", lambda d: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+        match = r"wrote checkpoint .*step=00000004\.ckpt, but could not fsync"
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        validate(state, 1.0)  # step 4: the best; its file is written, then save raises
+    monkeypatch.undo()
+    state = state.replace(step=torch.tensor(4))  # the caller goes on
+    state = validate(state, 3.0)  # step 5: worse than step 4's 1.0, not saved
+    assert names(tmp_path) == ["last.ckpt", "step=00000003.ckpt", "step=00000004.ckpt"]
+    assert ck.best_path == tmp_path / "step=00000004.ckpt"
+    state = validate(validate(validate(state, 6.0), 7.0), 8.0)  # step 8: the periodic save; keep_last=1 drops step 3
+    assert names(tmp_path) == ["last.ckpt", "step=00000004.ckpt", "step=00000008.ckpt"]
+    assert ck.best_path == tmp_path / "step=00000004.ckpt"
+    assert os.path.samefile(tmp_path / "last.ckpt", tmp_path / "step=00000008.ckpt")
