@@ -345,7 +345,9 @@ class Checkpointer:
     ranks (``best_path``) and removes (``keep_last``/``keep_best``) only its own, with a warning; a resumed
     run goes on with the files of the run it restored, except those that run saved after the restored file
     (resumed from an earlier file: the history it abandons), which are kept but neither ranked nor removed, on
-    every later resume of that branch too (its files record the histories it abandoned).
+    every later resume of that branch too (its files record the histories it abandoned). One driven by hand,
+    never started nor restored (as in the example below), ranks and removes every file of its folder; its
+    files record a run of their own, so a resume from one of them goes on with them, as after ``start``.
 
     fit calls ``restore`` once (with its ``ckpt_path``; ``start`` instead for a run that restores
     nothing), then ``on_step`` after every step,
@@ -441,6 +443,9 @@ class Checkpointer:
         # in its file, so the file is ranked by them (another attempt at the step validates its own state).
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
+        # The id a Checkpointer driven by hand (never started nor restored) writes into its files, made at its first
+        # save: it still ranks and removes every file of the folder, and a resume from its files goes on with them.
+        self._unstarted_run: str | None = None
         # After a restore: the saved_at_ns of the restored file, until the next scan finds the files of its run saved
         # after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this run's. The
         # windows (after, until] of saved_at_ns that hold such files, inherited from the restored file's header plus
@@ -690,9 +695,12 @@ class Checkpointer:
                 metrics = self._validated_of[1]
         else:
             self._validated_of = (_ref(given), metrics)
+        run = self._run
+        if run is None:  # (driven by hand: see __init__)
+            self._unstarted_run = run = self._unstarted_run or secrets.token_hex(8)
         try:
-            saved_at = write_state(path, state, position, metrics, self.meta, self._run, self._abandoned)
-            records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, self._run)]
+            saved_at = write_state(path, state, position, metrics, self.meta, run, self._abandoned)
+            records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, run)]
             if self.save_last:
                 link_or_copy(path, self.directory / LAST)
                 self._last_written = _identity(self.directory / LAST)

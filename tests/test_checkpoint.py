@@ -1514,3 +1514,33 @@ def test_a_file_written_by_a_save_that_raised_is_ranked_and_removed_by_later_sav
     assert names(tmp_path) == ["last.ckpt", "step=00000004.ckpt", "step=00000008.ckpt"]
     assert ck.best_path == tmp_path / "step=00000004.ckpt"
     assert os.path.samefile(tmp_path / "last.ckpt", tmp_path / "step=00000008.ckpt")
+
+
+def test_a_resume_from_the_files_of_a_checkpointer_driven_by_hand_ranks_and_removes_them(tmp_path):
+    # As the class docstring's example: on_validation / on_step without start(). A resume goes on with that run's
+    # files (Lightning restores best_k_models): step 2's 1.0 stays the best, keep_last=1 removes step 4.
+    _, state = trained()
+    state = state.replace(step=torch.tensor(0))
+
+    def run(ck, state, values):
+        for v in values:
+            state = state.replace(step=state.step + 1)
+            position = {"epoch": 0, "batch": int(state.step), "seed": 0}
+            ck.on_validation(state, position, {"val": v})
+            ck.on_step(state, position)
+        return state
+
+    def make():
+        return ckpt.Checkpointer(tmp_path, every_n_steps=1, keep_last=1, monitor="val", keep_best=1)
+
+    ck = make()
+    state = run(ck, state, [5.0, 1.0, 4.0, 6.0])
+    assert names(tmp_path) == ["last.ckpt", "step=00000002.ckpt", "step=00000004.ckpt"]
+    ck = make()
+    state, position = ck.restore("last", like=state)
+    assert int(state.step) == 4 and position["batch"] == 4
+    state = run(ck, state, [3.0, 7.0, 8.0])  # steps 5-7: none better than step 2's 1.0
+    assert names(tmp_path) == ["last.ckpt", "step=00000002.ckpt", "step=00000007.ckpt"]
+    assert ck.best_path == tmp_path / "step=00000002.ckpt"
+    best, _ = ck.restore("best", like=state)  # (ckpt_path="best")
+    assert int(best.step) == 2
