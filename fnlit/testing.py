@@ -264,6 +264,15 @@ def _drawn_from(before: tuple[torch.Tensor, Any, Any]) -> list[str]:
     return drawn
 
 
+def _copied(tree: Any) -> Any:
+    """``tree`` with its tensors (and numpy arrays) copied, so that what later writes into them leaves it alone."""
+    leaves, treedef = _tree.tree_flatten(tree)
+    return _tree.tree_unflatten(treedef, [
+        t.detach().clone() if isinstance(t, torch.Tensor) else t.copy() if isinstance(t, np.ndarray) else t
+        for t in leaves
+    ])
+
+
 def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """Asserts ``step`` is a pure function: no input mutated, no global RNG used, bitwise deterministic.
 
@@ -272,10 +281,11 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
     ``np.random`` -- must be untouched (random numbers come from ``state.rng`` through :func:`fnlit.apply`);
     and the two calls must return bitwise equal states and metrics (dropout included), the second one run
     with the global generators in another state (so a step that reads them, even without advancing them,
-    is caught).
+    is caught). The first call's outputs are copied before the second call, so a step returning a tensor it
+    keeps and updates in place (a running average or a counter held in a closure) is caught too.
 
     Returns:
-        The outputs of the first call.
+        The outputs of the first call (its tensors copied right after it, detached).
 
     Raises:
         AssertionError: naming the mutated input, the global generator drawn from, or the first output that
@@ -296,6 +306,9 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
             "assert_pure got a donating step (fnlit.donating): it updates its input state in place by design, "
             "so it cannot be pure. Check the step without donating (assert_pure(step, ...) on the inner step)."
         )
+    # The first call's outputs as they are now: a step may return a tensor it owns and updates in place (hidden
+    # state in a closure, an EMA or a counter), which the second call would overwrite, so the two compare equal.
+    first = _copied(first)
     _check_unchanged(paths, before, state, batch, "first")
     drawn = _drawn_from(rng_before)
     if drawn:
@@ -322,7 +335,8 @@ def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainSta
             f"the step is not deterministic: {where} differs between two calls on the same state and batch (the "
             "second ran with the global generators -- PyTorch's, Python's random, NumPy's -- in another state). "
             "Draw random numbers from state.rng (fnlit.apply(..., rng=state.rng)), not from a global generator "
-            "(even under torch.random.fork_rng), and avoid nondeterministic kernels "
+            "(even under torch.random.fork_rng), keep no state between calls outside the TrainState (a tensor the "
+            "step keeps in a closure and updates in place), and avoid nondeterministic kernels "
             "(torch.use_deterministic_algorithms(True) finds them)."
         )
     return first

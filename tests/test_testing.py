@@ -195,6 +195,41 @@ def test_assert_pure_catches_hidden_state():
         assert_pure(bad, state, batch())
 
 
+def test_assert_pure_catches_a_returned_tensor_the_step_updates_in_place_and_returns_the_first_call():
+    # A tensor the step keeps and updates in place, returned as a metric: the second call overwrites the object
+    # the first returned, so comparing the two objects found them equal.
+    model, state = make()
+    inner = hand_step(model)
+    x, y = batch()
+    loss0 = F.cross_entropy(model(x), y).detach()  # the first call's loss, by plain torch
+    ema, calls = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+
+    def averaged(state, batch):
+        new, metrics = inner(state, batch)
+        ema.mul_(0.9).add_(0.1 * metrics["loss"].detach())  # planted bug: 0.1 * loss, then 0.19 * loss
+        return new, {**metrics, "loss_ema": ema}
+
+    def counted(state, batch):
+        new, metrics = inner(state, batch)
+        return new, {**metrics, "calls": calls.add_(1)}  # planted bug: 1, then 2
+
+    with pytest.raises(AssertionError, match=r"not deterministic: output\[1\]\['loss_ema'\] differs"):
+        assert_pure(averaged, state, (x, y))
+    with pytest.raises(AssertionError, match=r"not deterministic: output\[1\]\['calls'\] differs"):
+        assert_pure(counted, state, (x, y))
+
+    out = torch.zeros(())
+
+    def into_buffer(state, batch):  # deterministic, but returns a tensor it writes into on every call
+        new, metrics = inner(state, batch)
+        return new, {"loss": out.copy_(metrics["loss"])}
+
+    new, metrics = assert_pure(into_buffer, state, (x, y))
+    out.fill_(float("nan"))  # the step's next call, or the user, writes into its buffer
+    torch.testing.assert_close(metrics["loss"], loss0)
+    assert int(new.step) == 1
+
+
 # ---------------------------------------------------------------- assert_overfits
 def test_assert_overfits_passes_a_correct_step():
     model, state = make()
