@@ -453,6 +453,16 @@ _VALUE_OPS = {
     _aten._linalg_check_errors.default: (
         "torch.linalg's error check (inv, solve, cholesky, ...: the *_ex variants return the error code as a tensor)"
     ),
+    # Composite ops that read a 0-d tensor endpoint with .item() in C++ (ATen's linspace/logspace with a Tensor start
+    # or end): the mode sees only the op itself, not the read. The Scalar-only overloads (.default) read nothing.
+    **{
+        getattr(getattr(_aten, op), overload): (
+            f"torch.{op} with a tensor endpoint (ATen reads it with .item()); pass Python numbers, or build it from "
+            f"torch.arange(steps) scaled by the tensor"
+        )
+        for op in ("linspace", "logspace")
+        for overload in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")
+    },
 }
 # Decompositions torch documents as "When inputs are on a CUDA device, this function synchronizes that device with
 # the CPU" that do not reach _linalg_check_errors on the CPU, by the aten op every route reaches (torch.svd,
@@ -482,6 +492,9 @@ _MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.
 # when the value is on the device (a CPU value for a CUDA self is a host read: no sync; PyTorch PR #190512, open,
 # would remove it).
 _MASKED_FILL_TENSOR = (_aten.masked_fill.Tensor, _aten.masked_fill_.Tensor)
+# index_fill with a 0-d tensor value: ATen's index_fill_(self, dim, index, source) runs index_fill_(..., source.item())
+# on every device, a sync when the value is on the device (not for a CPU value and an accelerator's self, as above).
+_INDEX_FILL_TENSOR = (_aten.index_fill.int_Tensor, _aten.index_fill_.int_Tensor)
 
 
 def _is_mask(i: Any) -> bool:
@@ -642,6 +655,10 @@ class _DispatchMode(TorchDispatchMode):
             _flag("masked_fill with a tensor value (x.masked_fill(mask, x.max())): masked_fill_ reads it with "
                   ".item(), a sync unless it is a CPU value for an accelerator's tensor; use "
                   "torch.where(mask, value, x), or masked_fill with a Python number", None)
+        elif func in _INDEX_FILL_TENSOR and (args[3].device == args[0].device or args[3].device.type != "cpu"):
+            _flag("index_fill with a tensor value (x.index_fill(0, idx, x.max())): ATen reads it with .item(), a sync "
+                  "unless it is a CPU value for an accelerator's tensor; use index_fill with a Python number, or "
+                  "x.index_copy(dim, index, value expanded to the indexed slices' shape)", None)
         elif func in _COPIES:
             src, dst = (args[0], kwargs.get("device")) if func is _COPIES[0] else (args[1], args[0].device)
             if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
@@ -664,10 +681,11 @@ class no_host_sync:
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
     ``output_size``), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
     Python number and the mask the only tensor index is a ``masked_fill`` and passes; so would a one-element
-    CPU ``t`` for a CUDA ``x``, which a test on the CPU cannot tell apart, and flags), and ``masked_fill``
-    with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: CUDA reads the value
-    with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), on any device -- so a test on
-    the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
+    CPU ``t`` for a CUDA ``x``, which a test on the CPU cannot tell apart, and flags), ``masked_fill`` and
+    ``index_fill`` with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: ATen reads
+    the value with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), and
+    ``torch.linspace``/``torch.logspace`` with a tensor endpoint (also read with ``.item()``), on any device --
+    so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
     of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``,
     a view of one, or a tensor computed from them inside the block (``batch["i"][0].long()``, ``batch["i"].sum()``,

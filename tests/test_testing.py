@@ -636,3 +636,26 @@ def test_no_host_sync_flags_masked_fill_with_a_tensor_value_and_passes_a_number(
         out = torch.where(x > 0, x.max(), x)
         x.masked_fill(x > 0, -1.5)
     assert torch.equal(out, torch.tensor([x.max().item() if v > 0 else v for v in x.tolist()]))
+
+
+def test_no_host_sync_flags_linspace_logspace_and_index_fill_with_a_tensor_value():
+    # Composite ATen ops that read a 0-d tensor with .item() in C++ (linspace_out(start: Tensor, end: Tensor),
+    # index_fill_(..., source: Tensor)): the dispatch mode sees only the op, not the read inside it.
+    t, x, idx = torch.tensor(2.0), torch.zeros(5), torch.tensor([0, 2])
+    cases = [
+        ("linspace", lambda: torch.linspace(0, t, 4)),
+        ("linspace", lambda: torch.linspace(t, 5.0, 4)),
+        ("linspace", lambda: torch.linspace(t, t + 1, 4)),
+        ("logspace", lambda: torch.logspace(0, t, 4)),
+        ("logspace", lambda: torch.logspace(t, t + 1, 4, base=2)),
+        ("index_fill", lambda: x.index_fill(0, idx, t)),
+        ("index_fill", lambda: x.clone().index_fill_(0, idx, t)),
+    ]
+    for name, read in cases:
+        with pytest.raises(HostSyncError, match=rf"{name} with a tensor"), no_host_sync():
+            read()
+    with no_host_sync():  # Python numbers: nothing is read
+        ramp, powers, filled = torch.linspace(0, 2.0, 4), torch.logspace(0, 2.0, 3), x.index_fill(0, idx, 2.0)
+    torch.testing.assert_close(ramp, torch.tensor([0.0, 2 / 3, 4 / 3, 2.0]))
+    torch.testing.assert_close(powers, torch.tensor([1.0, 10.0, 100.0]))
+    assert filled.tolist() == [2.0, 0.0, 2.0, 0.0, 0.0]
