@@ -355,9 +355,11 @@ def _fmt(values: list[float]) -> str:
 def assert_overfits(
     step: StepFn, state: TrainState, batch: Batch, *, steps: int = 100, below: float, metric: str = "loss"
 ) -> TrainState:
-    """Asserts that ``steps`` steps on one batch bring ``metrics[metric]`` below ``below``.
+    """Asserts that ``steps`` steps on one batch bring ``metrics[metric]`` below ``below``, and down.
 
-    A model that cannot fit a single batch has a bug (gradients not applied, a detached loss, a zero
+    The metric must end below ``below`` and below its first value (each member's, for an ensemble): a step
+    that learns nothing fails even where ``below`` is met from the start (a 3-class cross-entropy starts near
+    1.1). A model that cannot fit a single batch has a bug (gradients not applied, a detached loss, a zero
     learning rate, labels misaligned with inputs); this is the cheapest test that catches them.
 
     Returns:
@@ -366,6 +368,7 @@ def assert_overfits(
     Raises:
         AssertionError: with the first and last value of the metric.
         KeyError: if the step returns no metric called ``metric``.
+        ValueError: if ``steps`` is below 2.
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit
@@ -376,8 +379,11 @@ def assert_overfits(
         >>> x = torch.randn(4, 4)
         >>> state = assert_overfits(step, state, (x, x.sum(1, keepdim=True)), steps=100, below=1e-2)
     """
-    if steps < 1:
-        raise ValueError(f"assert_overfits expected steps >= 1, got {steps} instead.")
+    if steps < 2:
+        raise ValueError(
+            f"assert_overfits expected steps >= 2 (the metric must come down from the first step's value), got {steps} "
+            "instead."
+        )
     first = last = None
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -391,6 +397,12 @@ def assert_overfits(
             f"the step did not fit a single batch: {metric} went from {_fmt(start)} to {_fmt(end)} in {steps} steps, "
             f"expected below {below:g}. Check that the step applies its gradients (state.apply_gradients(grads)), "
             "that the loss depends on the params, and the learning rate; or allow more steps."
+        )
+    if not all(e < s for s, e in zip(start, end)):
+        raise AssertionError(
+            f"the step did not fit a single batch: {metric} did not decrease ({_fmt(start)} -> {_fmt(end)}) in {steps} "
+            f"steps; it was below {below:g} from the start. Check that the step applies its gradients "
+            "(state.apply_gradients(grads)), that the loss depends on the params, and the learning rate."
         )
     return state
 

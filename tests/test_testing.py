@@ -253,7 +253,33 @@ def test_assert_overfits_catches_a_step_that_cannot_learn():
     with pytest.raises(AssertionError, match=r"did not fit a single batch: loss went from [\d.]+ to [\d.]+ in 20 steps, expected below 0\.05"):
         assert_overfits(bad, state, batch(), steps=20, below=0.05)
     with pytest.raises(KeyError, match=r"no metric 'acc'.*\['loss'\]"):
-        assert_overfits(bad, state, batch(), steps=1, below=0.05, metric="acc")
+        assert_overfits(bad, state, batch(), steps=2, below=0.05, metric="acc")
+
+
+def test_assert_overfits_catches_a_step_that_does_not_learn_under_a_threshold_met_from_the_start():
+    # A 3-class cross-entropy starts near ln 3 = 1.1, under below=2.0: a step that does not learn met it.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    model = mlp(d_out=3)
+    start = F.cross_entropy(model(x), y).item()  # plain torch: the loss before any step
+    assert start < 2.0
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    frozen = fnlit.TrainState.create(model, fnlit.optim.sgd(0.0), seed=0)  # a zero learning rate
+    msg = rf"loss did not decrease \({start:.4g} -> {start:.4g}\) in 30 steps; it was below 2 from the start"
+    with pytest.raises(AssertionError, match=msg):
+        assert_overfits(fnlit.train_step(model, loss_fn), frozen, (x, y), steps=30, below=2.0)
+
+    def never_updates(state, batch):
+        _, metrics = fnlit.train_step(model, loss_fn)(state, batch)
+        return state, metrics  # planted bug: the new state is dropped
+
+    learning = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(AssertionError, match=r"loss did not decrease"):
+        assert_overfits(never_updates, learning, (x, y), steps=30, below=2.0)
+    state = assert_overfits(fnlit.train_step(model, loss_fn), learning, (x, y), steps=30, below=2.0)
+    assert int(state.step) == 30
+    with pytest.raises(ValueError, match=r"expected steps >= 2.*got 1"):
+        assert_overfits(fnlit.train_step(model, loss_fn), learning, (x, y), steps=1, below=2.0)
 
 
 # ---------------------------------------------------------------- host syncs
