@@ -614,6 +614,10 @@ class _FunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if name in _READS and args and isinstance(args[0], torch.Tensor):
             _flag(f"Tensor.{name}()" if not name.startswith("__") else f"{name.strip('_')}(tensor)", args[0])
+        if name == "cpu" and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu" and _of_batch(args[0]):
+            # (returns the tensor itself on the CPU, so no copy op to see; in training the batch is on the device)
+            _flag("Tensor.cpu() of a tensor of the batch or computed from one (on the device in training: a copy to "
+                  "the host every step)", None)
         if func is torch.linalg.cond:  # documented as syncing for every p; with 'fro' its ops reach no op above
             _flag("torch.linalg.cond (torch documents that it synchronizes a CUDA device with the CPU)", None)
         if name in _CONSTRUCTORS:
@@ -689,7 +693,8 @@ class no_host_sync:
 
     Catches ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` (``if loss > 0:``), ``.tolist()``,
     ``.numpy()``, ``torch.equal``/``torch.allclose``, printing or formatting a tensor, copies from an
-    accelerator to the host (``.cpu()``), ops whose output shape depends on tensor values (boolean-mask
+    accelerator to the host (``.cpu()``; with ``batch`` given, ``.cpu()`` of a tensor of the batch or computed from one
+    even on the CPU), ops whose output shape depends on tensor values (boolean-mask
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
     ``output_size``), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
     Python number and the mask the only tensor index is a ``masked_fill`` and passes; so would a one-element

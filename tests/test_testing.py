@@ -685,3 +685,26 @@ def test_no_host_sync_flags_linspace_logspace_and_index_fill_with_a_tensor_value
     torch.testing.assert_close(ramp, torch.tensor([0.0, 2 / 3, 4 / 3, 2.0]))
     torch.testing.assert_close(powers, torch.tensor([1.0, 10.0, 100.0]))
     assert filled.tolist() == [2.0, 0.0, 2.0, 0.0, 0.0]
+
+
+def test_assert_no_host_sync_flags_cpu_of_a_batch_tensor_even_on_the_cpu():
+    # On the CPU, batch["y"].cpu() returns the tensor itself (no copy op to see); in training the batch is on the
+    # device, and this is a device-to-host copy every step (torch documents .cpu() as a copy to CPU memory).
+    model, state = make()
+    inner = hand_step(model)
+    x, y = batch()
+    for read in (lambda b: b["y"].cpu(), lambda b: (b["y"] * 2).cpu()):
+        def step(state, b, read=read):
+            read(b)
+            return inner(state, (b["x"], b["y"]))
+
+        with pytest.raises(HostSyncError, match=r"Tensor.cpu\(\) of a tensor of the batch"):
+            assert_no_host_sync(step, state, {"x": x, "y": y})
+
+    def stays(state, b):  # .cpu() of the state's CPU tensors (state.step), and moves that stay on the batch's device
+        moved = [state.step.cpu(), b["y"].to(b["x"].device), b["y"].to(torch.float64)]
+        new, metrics = inner(state, (b["x"], b["y"]))
+        return new, {**metrics, "n": moved[0]}
+
+    _, metrics = assert_no_host_sync(stays, state, {"x": x, "y": y})
+    assert int(metrics["n"]) == 0
