@@ -216,7 +216,10 @@ class Frame:
             from .shard import local_views
 
             torch._amp_foreach_non_finite_check_and_unscale_(local_views(grads), self.found_inf, inv_scale)  # each rank its shard
-        elif torch._C._functorch.maybe_current_level() is not None or any(g.requires_grad for g in grads):
+        elif (
+            torch.compiler.is_compiling()  # (dynamo cannot trace the functorch query; traced, out of place serves alike)
+            or torch._C._functorch.maybe_current_level() is not None or any(g.requires_grad for g in grads)
+        ):
             # Gradients that are differentiated further (a gradient penalty) or batched (fnlit.ensemble's vmap):
             # the in-place kernel is invisible to autograd (the penalty's gradient came out `scale` times too
             # large) and has no batching rule. The same arithmetic out of place; under vmap each member gets
