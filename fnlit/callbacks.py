@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import numbers
 import time
@@ -46,10 +47,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from .optim._alias import _learning_rate_holder
 from . import data as _data
+from . import distributed as _dist
+from ._checkpoint_io import is_sharded  # (without importing DTensor: ~0.7 s)
 from ._types import Batch, Metrics, Params
 from .functional import apply as _apply
 from .state import TrainState
@@ -405,7 +409,8 @@ class SWA(Callback):
     params are handed out (:attr:`params`, :meth:`state`) rather than copied into the model. Lightning
     also switches the learning rate to ``swa_lrs``; in fnlit the rate is part of the optimizer: build it
     with a schedule that changes at the SWA start (``fnlit.optim.join``). With BatchNorm, recompute the
-    statistics for the averaged params with :func:`update_bn`. The average and its count are in fit's
+    statistics for the averaged params with :func:`update_bn` (under torch.distributed, on every rank with its own
+    shard of the data: every rank gets the statistics of all of it). The average and its count are in fit's
     checkpoints (the callback's ``state_dict``), so a resumed run continues the same average.
 
     Args:
@@ -594,7 +599,7 @@ class Timer(Callback):
         self._stop("train")
 
 
-def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> TrainState:
+def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch], *, all_ranks: bool = True) -> TrainState:
     """Recomputes BatchNorm statistics for ``state.params`` (after :class:`SWA` or :class:`EMA`).
 
     Like ``torch.optim.swa_utils.update_bn``: resets the running statistics, runs every batch forward with
@@ -603,9 +608,30 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
     every module's training flag (torch's sets each flag to the root's).
     A batch is the input itself, or a tuple/list whose first element is the input.
 
+    Under torch.distributed (initialised, world size > 1), as :func:`fnlit.evaluate`, it is a collective: every
+    rank calls it, each with its own shard of the data, and every rank gets the same statistics, those of all the
+    ranks' batches -- what one process gets running every rank's batches in turn: each BatchNorm's running mean
+    and variance are the means of its per-batch statistics over all of them (each rank's weighted by its number
+    of batches, so ranks may hold different numbers, none included) and ``num_batches_tracked`` is their total.
+    That keeps the buffers the same on every rank, as :func:`fnlit.data_parallel` and :func:`fnlit.shard` keep
+    them (save and export write rank 0's; evaluate uses each rank's own). It costs one all-reduce of the
+    statistics after the forwards. A sharded state's forward is itself a collective, so there every rank runs as
+    many forwards: the ranks agree before each batch whether one still has one (a small all-reduce and a host
+    read), and a rank that has run out repeats its first batch, not counted. ``all_ranks=False`` keeps this
+    rank's own statistics, with no collective of its own: for a state that is this rank's alone (a sharded
+    state's forwards still pair up across ranks).
+
+    Args:
+        module: the model.
+        state: the state whose params the statistics are computed for.
+        data: an iterable of batches (under torch.distributed, this rank's shard).
+        all_ranks: under torch.distributed, average the statistics over every rank (default); False: this rank's
+            batches only.
+
     Raises:
         ValueError: for an ensemble's stacked state (run each member: ``fnlit.unstack_state(state, i)``, then
-            ``fnlit.stack_states`` of the results).
+            ``fnlit.stack_states`` of the results); for a sharded state under torch.distributed where some rank has
+            no batch while others have some (every rank raises: it has no batch for the filler forwards).
 
     Example:
         >>> import torch, fnlit
@@ -625,29 +651,87 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch]) -> Tr
             f"range({state.step.shape[0]})])."
         )
     buffers = dict(state.buffers)
-    for n, m in norms.items():
-        p = f"{n}." if n else ""
-        if m.running_mean is not None:
-            buffers[p + "running_mean"] = torch.zeros_like(buffers[p + "running_mean"])
-            buffers[p + "running_var"] = torch.ones_like(buffers[p + "running_var"])
-            buffers[p + "num_batches_tracked"] = torch.zeros_like(buffers[p + "num_batches_tracked"])
+    tracked = [f"{n}." if n else "" for n, m in norms.items() if m.running_mean is not None]
+    for p in tracked:
+        buffers[p + "running_mean"] = torch.zeros_like(buffers[p + "running_mean"])
+        buffers[p + "running_var"] = torch.ones_like(buffers[p + "running_var"])
+        buffers[p + "num_batches_tracked"] = torch.zeros_like(buffers[p + "num_batches_tracked"])
     momenta = {n: m.momentum for n, m in norms.items()}
     # Every module in training mode, as torch's model.train(): apply leaves submodules' flags alone when the root
     # already trains, and a BatchNorm frozen with .eval() would keep its reset statistics.
     modes = [(m, m.training) for m in module.modules()]
     move = _data.device_mover(state.device)
+    distributed = _dist.world_size() > 1
+    batches = _even_bn_batches(data, state) if distributed and is_sharded(state.params) else ((b, True) for b in data)
     try:
         module.train(True)
         for m in norms.values():
             m.momentum = None
         with torch.no_grad():
-            for batch in data:
+            for batch, counts in batches:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 x = move(x) if move is not None else x  # as fit moves batches: other leaves left alone
-                _, buffers = _apply(module, state.params, buffers, x, train=True)
+                _, new = _apply(module, state.params, buffers, x, train=True)
+                if counts:  # (a filler forward, run only to pair a sharded forward's collectives: dropped)
+                    buffers = new
     finally:
         for n, m in norms.items():
             m.momentum = momenta[n]
         for m, was in modes:  # each module's flag as it was (torch's sets every one to the root's)
             m.training = was
+    if distributed and all_ranks and tracked:
+        buffers.update(_bn_statistics_of_all_ranks(buffers, tracked))
     return state.replace(buffers=buffers)
+
+
+def _even_bn_batches(data: Iterable[Batch], state: TrainState) -> Iterable[tuple[Batch, bool]]:
+    """A sharded state's batches for :func:`update_bn` under torch.distributed (each with whether it counts): every
+    rank runs as many forwards (each all-gathers the params). Before each batch the ranks agree whether one still
+    has one (data without a len() tells only when read); a rank that has run out repeats its first batch."""
+    it, first, mine = iter(data), _END, True
+    for i in itertools.count():
+        batch = next(it, _END) if mine else _END
+        mine = batch is not _END
+        if i == 0:
+            first = batch
+        # (one all-reduce per batch, beside the forward's own all-gathers: some rank still has one; some has none)
+        most, _ = _dist._extremes([int(mine), int(first is _END)], state.device)
+        if not most[0]:
+            return
+        if most[1]:
+            raise ValueError(_NO_BN_BATCH.format(this="some" if mine else "none"))
+        yield (batch, True) if mine else (first, False)
+
+
+_END = object()
+_NO_BN_BATCH = (
+    "update_bn: the state is sharded, so each forward is a collective and every rank runs as many (a rank with fewer "
+    "batches repeats its first one, not counted), but some rank has no batch at all while others have some (this "
+    "rank has {this}): it has no batch to repeat. Give every rank at least one batch of the data."
+)
+
+
+def _bn_statistics_of_all_ranks(buffers: dict[str, torch.Tensor], tracked: list[str]) -> dict[str, torch.Tensor]:
+    """The BatchNorm statistics of every rank's batches, the same on every rank: each rank's cumulative means
+    weighted by its ``num_batches_tracked``, added over the ranks in one all-reduce (float64), and the counts' total."""
+    like = buffers[tracked[0] + "running_mean"]
+    dtype = torch.float32 if like.device.type == "mps" else torch.float64  # (MPS has no float64)
+    parts = []
+    for p in tracked:
+        n = buffers[p + "num_batches_tracked"].to(like.device, dtype).reshape(1)
+        parts += [buffers[p + "running_mean"].to(like.device, dtype).reshape(-1) * n,
+                  buffers[p + "running_var"].to(like.device, dtype).reshape(-1) * n, n]  # fmt: skip
+    flat = torch.cat(parts)
+    torch_dist.all_reduce(flat)
+    out, offset = {}, 0
+    for p in tracked:
+        mean, var, count = (buffers[p + k] for k in ("running_mean", "running_var", "num_batches_tracked"))
+        sum_mean, sum_var = (flat[offset + j * mean.numel() : offset + (j + 1) * mean.numel()] for j in (0, 1))
+        total = flat[offset + 2 * mean.numel()]
+        offset += 2 * mean.numel() + 1
+        # (no batch on any rank: the reset values, mean 0 and variance 1, as one process given no batch)
+        sum_var = torch.where(total > 0, sum_var, 1.0)
+        out[p + "running_mean"] = (sum_mean / total.clamp_min(1)).view_as(mean).to(mean.device, mean.dtype)
+        out[p + "running_var"] = (sum_var / total.clamp_min(1)).view_as(var).to(var.device, var.dtype)
+        out[p + "num_batches_tracked"] = total.round().to(count.device, count.dtype).reshape(count.shape)
+    return out

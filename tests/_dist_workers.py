@@ -749,3 +749,42 @@ def resume_with_a_seed_per_rank(folder: str):
                       checkpoint=fnlit.checkpoint.Checkpointer(folder), ckpt_path=path, progress=False)
         seen.append([str(w.message) for w in caught if "seed" in str(w.message)])
     return seen
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2)
+    )
+
+
+def bn_batches(rank: int, n: int):
+    """Rank ``rank``'s n batches of 4 examples (with labels), shifted and scaled by rank: its statistics differ."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(4, 3, generator=g) * (1 + rank) + 2 * rank, torch.zeros(4)) for _ in range(n)]
+
+
+def update_bn_on_ranks(counts):
+    """update_bn on each rank's own batches (``counts[rank]`` of them), on a plain and on a sharded state; returns
+    the buffers (or the error) of each case."""
+    rank = dist.get_rank()
+    model = bn_model()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    sharded = fnlit.shard_state(state)
+    mine = bn_batches(rank, counts[rank])
+    none = mine if rank == 0 else []
+    out = {}
+    for name, run in [
+        ("plain", lambda: fnlit.callbacks.update_bn(model, state, mine)),
+        ("plain, no len()", lambda: fnlit.callbacks.update_bn(model, state, iter(mine))),
+        ("own", lambda: fnlit.callbacks.update_bn(model, state, mine, all_ranks=False)),
+        ("plain, rank 1 none", lambda: fnlit.callbacks.update_bn(model, state, none)),
+        ("sharded", lambda: fnlit.callbacks.update_bn(model, sharded, mine)),
+        ("sharded, no len()", lambda: fnlit.callbacks.update_bn(model, sharded, iter(mine))),
+        ("sharded, rank 1 none", lambda: fnlit.callbacks.update_bn(model, sharded, none)),
+    ]:
+        try:
+            out[name] = {k: v.clone() for k, v in run().buffers.items()}
+        except ValueError as e:
+            out[name] = str(e)
+    return out

@@ -2,6 +2,7 @@ import functools
 import importlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -577,3 +578,31 @@ def test_metrics_kept_on_the_cpu_join_the_collective_on_the_state_device(monkeyp
     assert {k: v.device.type for k, v in out.items()} == {"loss": "meta", "step": "meta", "acc": "meta"}
     cpu = dp.all_reduce_metrics({"loss": torch.tensor(2.0), "step": torch.tensor(3)}, device=torch.device("cpu"))
     assert cpu["loss"].item() == 2.0 and cpu["step"].item() == 3.0 and cpu["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("counts", [(3, 3), (3, 1)])
+def test_update_bn_gives_every_rank_the_statistics_of_all_ranks_batches(counts):
+    # update_bn kept each rank's own statistics (the ranks' buffers apart), and on a sharded state a rank with an
+    # extra batch all-gathered the params alone (a mismatched collective). Reference: torch's update_bn in one
+    # process over every rank's batches in turn (per-batch statistics of 4 examples, cumulative mean over all).
+    from _dist_workers import bn_batches, bn_model, update_bn_on_ranks
+
+    def reference(*ranks):
+        model = bn_model()
+        torch.optim.swa_utils.update_bn([b for r in ranks for b in bn_batches(r, counts[r])], model)
+        return {k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+    every, first, second = reference(0, 1), reference(0), reference(1)
+    results = fnlit.distributed.launch(update_bn_on_ranks, 2, counts, timeout=180, collective_timeout=30)
+    for name, expected in [("plain", every), ("plain, no len()", every), ("sharded", every),
+                           ("sharded, no len()", every), ("plain, rank 1 none", first)]:  # fmt: skip
+        for k, v in expected.items():
+            assert torch.equal(results[0][name][k], results[1][name][k]), (name, k)  # bitwise the same on both
+            torch.testing.assert_close(results[0][name][k], v, rtol=0, atol=1e-6, msg=f"{name} {k}")
+    for rank, own in enumerate((first, second)):  # all_ranks=False: each rank's own, no collective
+        for k, v in own.items():
+            torch.testing.assert_close(results[rank]["own"][k], v, rtol=0, atol=1e-6)
+    for rank, r in enumerate(results):
+        error = r["sharded, rank 1 none"]
+        pattern = r"update_bn: the state is sharded.*some rank has no batch at all.*\(this rank has " + ("some", "none")[rank]
+        assert isinstance(error, str) and re.search(pattern, error), error
