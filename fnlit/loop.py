@@ -1019,7 +1019,9 @@ def fit(
             ``before_save`` if one was set (restored when it returns).
         ckpt_path: resume from this checkpoint (``"last"`` allowed, and with a :class:`fnlit.Checkpointer` that has a
             ``monitor``, ``"best"``: its ``best_path``): ``checkpoint.restore(ckpt_path, like=state)``.
-        seed: the data-order seed; default ``int(state.rng)`` at the start. A resume uses the checkpoint's (the
+        seed: the data-order seed; default ``int(state.rng)`` at the start (an ensemble's stacked state: member 0's key,
+            so its members share member 0's data order: to compare a member with its solo run, pass ``seed`` to
+            both). A resume uses the checkpoint's (the
             order it replays its epoch in: another would skip or repeat examples), and warns when ``seed`` differs.
             Under torch.distributed every rank takes rank 0's (one order, cut into the ranks' shards), also
             when the ranks' rngs differ.
