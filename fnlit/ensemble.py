@@ -48,7 +48,7 @@ from .functional import _NumbersAside, value_and_grad
 from .optim import GradientTransformation
 from .transforms._frame import _PER_EXAMPLE_FP16, _PER_EXAMPLE_SHARD, WITH_ENSEMBLE, collective_of
 from .transforms._frame import current as _current_frame
-from .transforms._frame import require_state
+from .transforms._frame import require_state, require_step
 from .optim import step as _opt_step
 from .optim._transforms import hyper_value
 from .state import TrainState
@@ -383,9 +383,10 @@ def ensemble_states(
 
     Member ``i`` equals ``TrainState.create(model_i, tx_i, seed=seeds[i])`` where ``model_i`` is initialised
     after ``torch.manual_seed(seeds[i])`` and ``tx_i`` is ``tx`` with ``learning_rate[i]`` and
-    ``weight_decay[i]``: so, if its step draws no random numbers, it trains exactly like that model alone
-    (dropout masks come from all members' keys folded together: they differ from the solo run's and depend on
-    the other members; see the module's "Randomness"). For that, pass a function that builds
+    ``weight_decay[i]``: so, if its step draws no random numbers, it trains exactly like that model alone on the same
+    batches (dropout masks come from all members' keys folded together: they differ from the solo run's and depend
+    on the other members; see the module's "Randomness"; under :func:`fnlit.fit` the members share one data order,
+    member 0's key's unless ``seed=`` is given: pass the same ``seed`` to the solo runs). For that, pass a function that builds
     the model: a module instance is re-initialised by its layers' ``reset_parameters()``, which replays
     PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
     constructor whose draws differ from one reset of each layer gives other initial weights). The seed is set on
@@ -652,6 +653,7 @@ def ensemble(
         >>> states.step
         tensor([1, 1, 1, 1])
     """
+    require_step(step, "fnlit.ensemble")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"fnlit.ensemble expected n, the number of members, as an int >= 1, got {n!r} instead.")
     if randomness not in ("different", "same", "error"):

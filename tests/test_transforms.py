@@ -1413,3 +1413,20 @@ def test_accumulate_computes_a_batch_coupled_loss_per_micro_batch_as_a_torch_loo
         torch.testing.assert_close(acc.params[name], micro[name].detach())
         assert (acc.params[name] - full[name]).abs().max() > 1e-3  # not the full-batch step: 4 negatives, not 8
     assert "couples the examples of a batch" in fnlit.accumulate.__doc__  # and its docstring says so
+
+
+@pytest.mark.parametrize("wrap, who", [
+    (lambda s: fnlit.accumulate(s, 2), "fnlit.accumulate"),
+    (lambda s: fnlit.amp(s), "fnlit.amp"),
+    (lambda s: fnlit.data_parallel(s), "fnlit.data_parallel"),
+    (lambda s: fnlit.donating(s), "fnlit.donating"),
+    (lambda s: fnlit.shard(s), "fnlit.shard"),
+    (lambda s: fnlit.ensemble(s, 2), "fnlit.ensemble"),
+])
+def test_a_transform_given_something_other_than_a_step_function_says_so_at_once(wrap, who):
+    # accumulate(4, step), amp(step(state, batch)) or a None were taken, and failed only at the first call, inside the
+    # transform ("'int' object is not callable").
+    for bad in (None, 4, (torch.zeros(()), {})):
+        with pytest.raises(TypeError, match=rf"{who} expected a step function \(state, batch\) -> \(state, metrics\) "
+                                            rf"as its first argument, got {type(bad).__name__} .*pass the function itself"):
+            wrap(bad)

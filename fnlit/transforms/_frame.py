@@ -519,6 +519,16 @@ _NOT_A_STATE = (
 )
 
 
+def require_step(step: Any, who: str) -> None:
+    """Raises a TypeError unless ``step`` is callable: a transform takes the step function itself (a slip such as
+    ``accumulate(4, step)`` or ``amp(step(state, batch))`` otherwise failed only at the first call, far from it)."""
+    if not callable(step):
+        raise TypeError(
+            f"{who} expected a step function (state, batch) -> (state, metrics) as its first argument, got "
+            f"{type(step).__name__} {step!r:.60} instead: pass the function itself, not its result."
+        )
+
+
 def require_state(state: Any, who: str) -> None:
     """Raises a TypeError unless ``state`` is a :class:`fnlit.TrainState` (a subclass, a stacked, donated, sharded or
     traced one included): a step over a tuple of states (a GAN's two) runs unwrapped, but no transform can take it."""

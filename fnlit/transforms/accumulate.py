@@ -14,7 +14,7 @@ from .. import tree as _tree
 from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
 from ..data import _with_data
-from ._frame import Mispredicted, frame, require_state
+from ._frame import Mispredicted, frame, require_state, require_step
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -216,6 +216,7 @@ def accumulate(step: StepFn, k: int) -> StepFn:
         >>> int(state.step)
         1
     """
+    require_step(step, "fnlit.accumulate")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"fnlit.accumulate expected a positive int k, got {k!r} instead.")
 

@@ -9,7 +9,7 @@ import torch
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, StepFn
-from ._frame import describe_result, frame, is_step_result, require_state
+from ._frame import describe_result, frame, is_step_result, require_state, require_step
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -192,6 +192,7 @@ def amp(step: Any, dtype: torch.dtype = torch.bfloat16) -> Any:
         >>> ev(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))["loss"].dtype
         torch.float32
     """
+    require_step(step, "fnlit.amp")
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fnlit.amp expected dtype torch.bfloat16 or torch.float16, got {dtype} instead.")
 

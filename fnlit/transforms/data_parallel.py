@@ -16,7 +16,7 @@ from ..distributed import _all_equal, _extremes
 from .._checkpoint_io import _dtensor_class
 from ..tree import is_real
 from .._types import Batch, Metrics, StepFn
-from ._frame import WITH_ENSEMBLE, _level, frame, require_state, run_on_rank
+from ._frame import WITH_ENSEMBLE, _level, frame, require_state, require_step, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -291,6 +291,7 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
         >>> # in a script started by `torchrun --nproc-per-node 2 train.py`:
         >>> # fnlit.distributed.init(); step = fnlit.data_parallel(fnlit.train_step(model, loss_fn))
     """
+    require_step(step, "fnlit.data_parallel")
     bucket_bytes = int(bucket_mb * 2**20)
     first_call = [True]
 

@@ -266,7 +266,9 @@ def donating(step: StepFn) -> StepFn:
         RuntimeError: This TrainState was donated to a step (fnlit.donating), ...
     """
     from ..optim._base import donated_update
-    from ._frame import current, require_state
+    from ._frame import current, require_state, require_step
+
+    require_step(step, "fnlit.donating")
 
     def donating_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         require_state(state, "fnlit.donating")

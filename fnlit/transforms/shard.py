@@ -37,7 +37,7 @@ from torch.distributed.tensor import (
 
 from .. import tree as _tree
 from .._types import Batch, Metrics, Params, StepFn
-from ._frame import WITH_ENSEMBLE, _level, frame, require_state, run_on_rank
+from ._frame import WITH_ENSEMBLE, _level, frame, require_state, require_step, run_on_rank
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -375,6 +375,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
         >>> step = fnlit.shard(fnlit.amp(fnlit.train_step(model, loss_fn)))  # doctest: +SKIP
         >>> state, metrics = step(state, local_batch)  # doctest: +SKIP
     """
+    require_step(step, "fnlit.shard")
     meshes: list[DeviceMesh] = [] if mesh is None else [mesh]
 
     def shard_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
