@@ -45,6 +45,14 @@ def _derived(m: nn.Module) -> tuple[str, ...]:
     return names
 
 
+_LAZY_TENSOR = torch.nn.parameter.UninitializedTensorMixin  # (what torch.nn.parameter.is_lazy tests)
+LAZY = (
+    "{who} got a module with an uninitialised lazy tensor, {name!r} of a {kind} (nn.LazyLinear and friends, before their "
+    "first forward): it has no shape or values yet, and its first forward would turn the module into a plain one "
+    "holding it uninitialised. Materialise it first: run one forward of the module on an example batch (model(x))."
+)
+
+
 class _Slots:
     """Where each named tensor of a module lives: (owning dict, attribute) for every alias.
 
@@ -65,6 +73,8 @@ class _Slots:
                     if t is None:
                         continue
                     name = f"{owner_name}.{attr}" if owner_name else attr
+                    if isinstance(t, _LAZY_TENSOR):
+                        raise ValueError(LAZY.format(who="fnlit.apply", name=name, kind=type(owner).__name__))
                     canonical = seen.setdefault(id(t), name)  # tied weights: aliases share one name
                     self.where.setdefault(canonical, []).append((getattr(owner, kind), attr))
                     if canonical != name:

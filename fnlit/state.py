@@ -13,6 +13,7 @@ from . import tree as _tree
 from .functional import _UPDATED_FROM, _byte_range
 from .functional import check_buffers_kept as _check_buffers_kept
 from .functional import own_tensors as _own_tensors
+from .functional import LAZY as _LAZY, _LAZY_TENSOR
 from ._types import Buffers, Grads, OptState, Params
 from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
@@ -163,6 +164,10 @@ class TrainState:
         # eager backward in flight, which holds its step's tensors there throughout, has the module's own saved.
         with _random._LOCK:
             named_params, named_buffers = _own_tensors(module)
+            lazy = next((n for n, t in [*named_params, *named_buffers] if isinstance(t, _LAZY_TENSOR)), None)
+            if lazy is not None:
+                owner = module.get_submodule(lazy.rpartition(".")[0])
+                raise ValueError(_LAZY.format(who="TrainState.create", name=lazy, kind=type(owner).__name__))
             shared = _overlapping(named_params)
             if shared is not None:
                 raise ValueError(_SHARED_MEMORY.format(a=shared[0], b=shared[1], module=type(module).__name__))

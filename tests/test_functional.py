@@ -1612,3 +1612,22 @@ def test_apply_in_two_threads_with_other_modes_keeps_each_forwards_mode():
 
     run_threads(run, [(True,), (False,)])
     assert wrong == {True: 0, False: 0} and model.training and model.lin.training
+
+
+def test_a_lazy_module_not_yet_materialised_is_refused_and_left_lazy():
+    # apply on a fresh nn.LazyLinear (its twin materialised, the state built from that) swapped the state's tensors in:
+    # the lazy forward pre-hook then saw nothing to materialise, removed itself and made the module a plain Linear
+    # holding an UninitializedParameter -- broken for good. TrainState.create failed inside torch ("Can't access the
+    # shape of an uninitialized parameter"). Reference: plain PyTorch leaves a lazy module lazy until its own forward.
+    net = lambda: nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))  # noqa: E731
+    twin = net()
+    twin(torch.randn(1, 4))
+    state = fnlit.TrainState.create(twin, fnlit.optim.sgd(0.1), seed=0)
+    lazy = net()
+    with pytest.raises(ValueError, match=r"fnlit.apply got a module with an uninitialised lazy tensor, '0.weight' of a "
+                                         r"LazyLinear.*run one forward of the module on an example batch"):
+        fnlit.apply(lazy, state.params, state.buffers, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"TrainState.create got a module with an uninitialised lazy tensor, '0.weight'"):
+        fnlit.TrainState.create(net(), fnlit.optim.sgd(0.1), seed=0)
+    assert type(lazy[0]) is nn.LazyLinear and lazy(torch.randn(2, 4)).shape == (2, 2)  # still lazy, and materialises
+
