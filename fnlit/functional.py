@@ -416,6 +416,7 @@ def apply(
     module: nn.Module,
     params: Params,
     buffers: Buffers,
+    /,
     *args: Any,
     rng: torch.Tensor | None = None,
     train: bool | None = None,
@@ -1498,6 +1499,15 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
     return (out if has_aux else out[0]), grads
 
 
+_RESERVED = frozenset({"rng", "train", "mutable"})
+_BOUND_RESERVED = (
+    "model(..., {name}=...): the model a train_step/eval_step loss gets runs the {module} through fnlit.apply, which "
+    "takes {name} as its own keyword (rng, train and mutable are fnlit.apply's), so it would not reach the forward. "
+    "Pass the forward's {name} positionally (model(x, value)); fnlit.apply's own {name} is the step's to set "
+    "(train_step/eval_step set train, and rng from state.rng)."
+)
+
+
 class _BoundModel:
     """``module`` bound to a state's params, buffers and key; threads buffers through repeated calls."""
 
@@ -1506,6 +1516,9 @@ class _BoundModel:
         self.calls = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs and not _RESERVED.isdisjoint(kwargs):
+            name = next(k for k in ("rng", "train", "mutable") if k in kwargs)
+            raise TypeError(_BOUND_RESERVED.format(name=name, module=type(self.module).__name__))
         rng = self.rng if self.calls == 0 or self.rng is None else _random.fold_in(self.rng, self.calls)
         self.calls += 1
         out, self.buffers = apply(self.module, self.params, self.buffers, *args, rng=rng, train=self.train, **kwargs)

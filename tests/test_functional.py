@@ -1631,3 +1631,25 @@ def test_a_lazy_module_not_yet_materialised_is_refused_and_left_lazy():
         fnlit.TrainState.create(net(), fnlit.optim.sgd(0.1), seed=0)
     assert type(lazy[0]) is nn.LazyLinear and lazy(torch.randn(2, 4)).shape == (2, 2)  # still lazy, and materialises
 
+
+def test_the_bound_model_passes_forward_keywords_named_like_applys_arguments_or_names_the_clash():
+    # A loss calling model(x, params=p) got "apply() got multiple values for argument 'params'" (module, params and
+    # buffers were apply's keywords too), and model(x, train=False) "got multiple values for keyword argument 'train'":
+    # neither from a call the user wrote. Reference: the plain module takes them as the forward's own keywords.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x, module=1.0, params=1.0, buffers=1.0, train=1.0):
+            return self.lin(x) * module * params * buffers * train
+
+    model = Net()
+    x = torch.randn(4, 2)
+    want = model(x, module=2.0, params=3.0, buffers=5.0)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    got = fnlit.eval_step(model, lambda m, b: {"out": m(b, module=2.0, params=3.0, buffers=5.0).sum()})(state, x)["out"]
+    torch.testing.assert_close(got, want.sum())
+    with pytest.raises(TypeError, match=r"model\(\.\.\., train=\.\.\.\): .* runs the Net through fnlit.apply, which "
+                                        r"takes train as its own keyword.*Pass the forward's train positionally"):
+        fnlit.eval_step(model, lambda m, b: {"out": m(b, train=0.5).sum()})(state, x)
