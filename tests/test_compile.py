@@ -169,6 +169,37 @@ def test_compiled_donated_state_is_poisoned_when_interrupted_after_its_graph_ran
         state.params["0.weight"]
 
 
+def _torch_adamw_with_rates(params, grad_seq, rates):
+    """torch.optim.AdamW over ``grad_seq``, its learning rate set to ``rates[i]`` before step ``i``."""
+    ps = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    opt = torch.optim.AdamW(ps.values(), lr=rates[0], weight_decay=0.01)
+    for g, lr in zip(grad_seq, rates):
+        opt.param_groups[0]["lr"] = lr
+        for k, p in ps.items():
+            p.grad = g[k].clone()
+        opt.step()
+    return {k: p.detach() for k, p in ps.items()}
+
+
+def test_donated_step_takes_a_learning_rate_assigned_as_a_number():
+    # optim/_alias.py: a number assigned to hyperparams works, and under compile costs one recompile. Donated, the next
+    # call ran the step eagerly and raised a CaptureError blaming compile.py, which read the number's shape to write
+    # the new rate into it.
+    torch.manual_seed(0)
+    state = fnlit.TrainState.create(torch.nn.Linear(3, 2), fnlit.optim.adamw(1e-2, weight_decay=0.01), seed=0)
+    grad_seq = [{k: torch.randn_like(v) for k, v in state.params.items()} for _ in range(4)]
+    compiled = fnlit_compile(_apply, donate=True, mode="eager")
+    got = clone_tree(state)
+    for i, g in enumerate(grad_seq):
+        if i == 2:
+            got.opt_state.hyperparams["learning_rate"] = 5e-3
+        got, _ = compiled(got, g)
+    want = _torch_adamw_with_rates(state.params, grad_seq, [1e-2, 1e-2, 5e-3, 5e-3])
+    assert_trees_close(got.params, want, rtol=1e-5, atol=1e-6)
+    assert compiled.compiles == 2  # the number is a constant of its graph; the next state holds it as a tensor
+    torch.testing.assert_close(got.opt_state.hyperparams["learning_rate"], torch.tensor(5e-3))
+
+
 def test_capture_error_leaves_a_donated_state_intact(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     before = clone_tree(state)

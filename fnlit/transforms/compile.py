@@ -383,9 +383,9 @@ def _one_key(rng: torch.Tensor) -> torch.Tensor:
     return _fold_keys(rng)
 
 
-def _reshaped(old: torch.Tensor, value: Any) -> bool:
+def _reshaped(old: Any, value: Any) -> bool:
     """Whether a donated tensor would be overwritten by a tensor of another shape or dtype."""
-    return isinstance(value, torch.Tensor) and (value.shape != old.shape or value.dtype != old.dtype)
+    return isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and (value.shape != old.shape or value.dtype != old.dtype)
 
 
 def _check_donatable(state: Any, new: Any) -> None:
@@ -739,20 +739,24 @@ class CompiledStep:
             if new_spec != state_spec:  # traced, this reaches the user through _explain, which checks it eagerly
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
             if donate:  # write the new state into the donated one: inductor does it in its kernels
-                for old, value in zip(leaves[:n_state], new_leaves):  # (the message is _explain's, eager)
-                    if _reshaped(old, value):
+                donated = leaves[:n_state]
+                # Tensors only: a Python number (a learning rate assigned as one) has no storage to write; the new
+                # state takes the step's value for it (the optimizer's tensor) as an undonated step would.
+                kept = [isinstance(old, torch.Tensor) for old in donated]
+                for old, value, k in zip(donated, new_leaves, kept):  # (the message is _explain's, eager)
+                    if k and _reshaped(old, value):
                         raise ValueError("fnlit.compile: a donated state tensor changed shape or dtype")
                 # Each value is copied before any is written: a value that is (or views, or copies a view of) a
                 # donated leaf -- a state keeping last step's params or a row of them, a metric that is an input
                 # tensor (amp's loss scale) -- must keep what the step saw, not what is written over it. The backend
                 # keeps a real copy only for those (_snapshots); inductor fuses the copy of a computed value away.
-                donated = leaves[:n_state]
-                new_leaves = [v if v is old else _snapshot(v) for old, v in zip(donated, new_leaves)]
+                new_leaves = [_snapshot(v) if isinstance(v, torch.Tensor) and v is not old else v
+                              for old, v in zip(donated, new_leaves)]
                 metrics = torch_pytree.tree_map(lambda m: _snapshot(m) if isinstance(m, torch.Tensor) else m, metrics)
-                for old, value in zip(donated, new_leaves):
-                    if old is not value:
+                for old, value, k in zip(donated, new_leaves, kept):
+                    if k and old is not value:
                         old.copy_(value)
-                new_leaves = list(donated)
+                new_leaves = [old if k else v for old, v, k in zip(donated, new_leaves, kept)]
             return tuple(new_leaves), metrics
 
         # A fresh code object per compiled step: dynamo caches (and counts recompiles) per code object.
@@ -1021,7 +1025,8 @@ def compile(
         donate: let the step write the new state into the input state's storage (as ``jax.jit``'s
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
             poisoned afterwards (any use raises). Its tensors must not share storage (an EMA buffer started
-            from the params without ``.clone()``): that is refused. On CUDA it enables CUDA-graph replay.
+            from the params without ``.clone()``): that is refused. A Python number in it (a learning rate assigned
+            as one) is not donated: the new state holds the step's value for it. On CUDA it enables CUDA-graph replay.
             If a call fails (or is interrupted) once its graph has started running, the input state may be
             partly written: it is poisoned too, and the exception propagates; an error while capturing
             leaves it intact.
