@@ -200,6 +200,28 @@ def test_donated_step_takes_a_learning_rate_assigned_as_a_number():
     torch.testing.assert_close(got.opt_state.hyperparams["learning_rate"], torch.tensor(5e-3))
 
 
+def test_donated_ensemble_takes_one_learning_rate_tensor_for_every_member():
+    # ensemble documents a 0-d tensor assigned to a stacked state's hyperparams as one value for every member; the
+    # step returns it as (n,). Donated, that was refused as a step changing a state tensor's shape ("keep them in the
+    # step, e.g. new.to(old.dtype)"): the user's assignment, not the step, changed it. Such a rate is not donated now.
+    torch.manual_seed(0)
+    tx = fnlit.optim.adamw(1e-2, weight_decay=0.01)
+    members = [fnlit.TrainState.create(torch.nn.Linear(3, 2), tx, seed=i) for i in range(2)]
+    state = fnlit.stack_states(members)
+    grad_seq = [{k: torch.randn_like(v) for k, v in members[0].params.items()} for _ in range(4)]
+    compiled = fnlit_compile(fnlit.ensemble(_apply, 2), donate=True, mode="eager")
+    got = clone_tree(state)
+    for i, g in enumerate(grad_seq):
+        if i == 2:
+            got.opt_state.hyperparams["learning_rate"] = torch.tensor(5e-3)
+        got, _ = compiled(got, g)  # every member takes the same grads
+    for i, member in enumerate(members):
+        want = _torch_adamw_with_rates(member.params, grad_seq, [1e-2, 1e-2, 5e-3, 5e-3])
+        assert_trees_close({k: v[i] for k, v in got.params.items()}, want, rtol=1e-5, atol=1e-6)
+    assert compiled.compiles == 2  # the 0-d rate's graph; then the (n,) one it returns is the first graph's again
+    torch.testing.assert_close(got.opt_state.hyperparams["learning_rate"], torch.full((2,), 5e-3))
+
+
 def test_capture_error_leaves_a_donated_state_intact(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     before = clone_tree(state)

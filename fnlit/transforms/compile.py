@@ -388,12 +388,24 @@ def _reshaped(old: Any, value: Any) -> bool:
     return isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and (value.shape != old.shape or value.dtype != old.dtype)
 
 
+def _hyperparameters(state: Any) -> list[bool]:
+    """For each leaf of ``state`` (torch's pytree order), whether it is an optimizer's hyperparameter (in a
+    ``hyperparams`` of its opt_state): assigned by the user, it may come back from the step in another shape (a 0-d
+    rate in an ensemble's state is one for every member: ``(n,)``), and is then not donated."""
+    return [
+        bool(path) and getattr(path[0], "name", None) == "opt_state"
+        and any(getattr(k, "name", None) == "hyperparams" for k in path)
+        for path, _ in torch_pytree.tree_flatten_with_path(state)[0]
+    ]
+
+
 def _check_donatable(state: Any, new: Any) -> None:
     """Raises when a donated state's tensor would be overwritten by one of another shape or dtype (copy_ would
-    broadcast or cast it silently)."""
+    broadcast or cast it silently). A hyperparameter is not donated then (see _hyperparameters)."""
+    hyper = {id(t) for t, h in zip(torch_pytree.tree_leaves(state), _hyperparameters(state)) if h}
     paths, olds, _ = _tree.tree_flatten_with_path(state)
     for path, old, value in zip(paths, olds, _tree.tree_leaves(new)):
-        if isinstance(old, torch.Tensor) and _reshaped(old, value):
+        if isinstance(old, torch.Tensor) and id(old) not in hyper and _reshaped(old, value):
             raise ValueError(
                 f"fnlit.compile(step, donate=True): the step returned state {path} as a {value.dtype} tensor of shape "
                 f"{tuple(value.shape)}, but the donated one is {old.dtype} of shape {tuple(old.shape)}. A donated state "
@@ -728,6 +740,7 @@ class CompiledStep:
             )
         state_spec = spec.child(0)
         n_state, step, donate = state_spec.num_leaves, self.step, self.donate
+        hyper = _hyperparameters(state)
 
         def captured(*leaves: Any) -> tuple[tuple[Any, ...], Any]:
             state, batch = torch_pytree.tree_unflatten(leaves, spec)
@@ -740,9 +753,12 @@ class CompiledStep:
                 raise ValueError("fnlit.compile: the step returned a state of another structure than it was given.")
             if donate:  # write the new state into the donated one: inductor does it in its kernels
                 donated = leaves[:n_state]
-                # Tensors only: a Python number (a learning rate assigned as one) has no storage to write; the new
-                # state takes the step's value for it (the optimizer's tensor) as an undonated step would.
-                kept = [isinstance(old, torch.Tensor) for old in donated]
+                # Tensors only: a Python number (a learning rate assigned as one) has no storage to write, and a
+                # hyperparameter the step returns in another shape or dtype (a 0-d rate assigned to an ensemble's
+                # state, returned as one per member) does not fit its own; the new state takes the step's value for
+                # them (a fresh tensor) as an undonated step would.
+                kept = [isinstance(old, torch.Tensor) and not (h and _reshaped(old, v))
+                        for old, v, h in zip(donated, new_leaves, hyper)]
                 for old, value, k in zip(donated, new_leaves, kept):  # (the message is _explain's, eager)
                     if k and _reshaped(old, value):
                         raise ValueError("fnlit.compile: a donated state tensor changed shape or dtype")
@@ -1026,7 +1042,8 @@ def compile(
             ``donate_argnums``): no second copy of params and optimizer state. The input state is
             poisoned afterwards (any use raises). Its tensors must not share storage (an EMA buffer started
             from the params without ``.clone()``): that is refused. A Python number in it (a learning rate assigned
-            as one) is not donated: the new state holds the step's value for it. On CUDA it enables CUDA-graph replay.
+            as one), or a hyperparameter the step returns in another shape (a 0-d rate assigned to an ensemble's
+            state), is not donated: the new state holds the step's value for it. On CUDA it enables CUDA-graph replay.
             If a call fails (or is interrupted) once its graph has started running, the input state may be
             partly written: it is poisoned too, and the exception propagates; an error while capturing
             leaves it intact.
