@@ -504,6 +504,9 @@ def test_a_transform_around_a_compiled_step_is_refused(model):
     for outer in (lambda s: fnlit.accumulate(s, 2), lambda s: fnlit.amp(s, torch.bfloat16)):
         with pytest.raises(ValueError, match=r"compile must be the outermost transform.*fnlit.compile\(fnlit.accumulate"):
             outer(fnlit_compile(hand_step(model), mode="eager"))(state, batch())
+    # (it listed fnlit.data_parallel among the transforms to put inside, where compile refuses it too)
+    with pytest.raises(ValueError, match=r"data_parallel and fnlit.shard do not compile.*run the step uncompiled under"):
+        fnlit.accumulate(fnlit_compile(hand_step(model), mode="eager"), 2)(state, batch())
     # fnlit.ensemble's vmap: it failed with "torch.compile could not trace it (no source line recorded)"
     from fnlit.ensemble import ensemble, ensemble_states
 
@@ -769,6 +772,15 @@ def test_an_eager_training_forward_before_compiling_does_not_break_the_capture()
     want, _ = step(state, batch())
     assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
     assert_trees_close(got.buffers, want.buffers, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_refuses_shard_before_running_it(model):
+    # compile(shard(step)) ran one step eagerly, then raised a CaptureError quoting shard's own check, whose advice
+    # ("or fnlit.data_parallel with compile") compile refuses too. Refused up front now, as data_parallel is.
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.raises(NotImplementedError, match=r"contains fnlit.shard.*Run shard\(step\) uncompiled"):
+        fnlit_compile(fnlit.shard(hand_step(model)), mode="eager")(state, batch())
+    assert_trees_equal(state.params, fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0).params)  # intact
 
 
 def test_compile_rejects_data_parallel_and_bad_modes(model):

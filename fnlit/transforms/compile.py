@@ -20,7 +20,7 @@ and accumulation -- every transform inside the step -- trace into one graph. How
 
 What cannot be captured raises :class:`CaptureError` naming the cause, the user's line and the fix:
 host syncs (``.item()``, ``float(t)``, ``if t > 0:``), data-dependent shapes (``x[mask]``), Python side
-effects (``print``). Collectives (:func:`fnlit.data_parallel`) are not captured: that combination raises
+effects (``print``). Collectives (:func:`fnlit.data_parallel`, :func:`fnlit.shard`) are not captured: that combination raises
 NotImplementedError (see :func:`compile`).
 """
 
@@ -961,10 +961,16 @@ _DATA_PARALLEL = (
     "groups. Run data_parallel(step) uncompiled (it already does one bucketed all-reduce per update)."
 )
 
+_SHARD = (
+    "fnlit.compile cannot capture a step that contains fnlit.shard: torch.compile does not trace its collectives "
+    "and DTensors. Run shard(step) uncompiled."
+)
+
 _OUTSIDE = (
     "fnlit.compile must be the outermost transform: a transform around a compiled step (fnlit.accumulate, "
-    "fnlit.amp, fnlit.data_parallel, ...) cannot reach inside its graph, which would apply every micro-batch's "
-    "update or run in float32. Put the transforms inside: fnlit.compile(fnlit.accumulate(fnlit.amp(step), k))."
+    "fnlit.amp, ...) cannot reach inside its graph, which would apply every micro-batch's update or run in float32. "
+    "Put the transforms inside: fnlit.compile(fnlit.accumulate(fnlit.amp(step), k)). fnlit.data_parallel and "
+    "fnlit.shard do not compile, around the compiled step or inside it: run the step uncompiled under them."
 )
 
 
@@ -1004,6 +1010,8 @@ def _check_supported(step: Any) -> None:
         name = getattr(inner, "__name__", "")
         if name == "data_parallel_step":
             raise NotImplementedError(_DATA_PARALLEL)
+        if name == "shard_step":  # refused before it runs (traced, it ran one sharded step eagerly first)
+            raise NotImplementedError(_SHARD)
         if name == "donating_step":
             raise ValueError(_DONATING)
 
@@ -1072,7 +1080,7 @@ def compile(
             :func:`fnlit.value_and_grad`: compiled, torch.func takes the gradient, and it has no support for the
             checkpoint's saved tensor hooks (run such a step uncompiled). Also when new batch shapes or Python numbers would compile more graphs than
             ``torch._dynamo.config.recompile_limit`` (8) allows.
-        NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel`.
+        NotImplementedError: (when called) for a step containing :func:`fnlit.data_parallel` or :func:`fnlit.shard`.
         TypeError: (when called) for a step that does not return ``(state, metrics)``: an evaluation step
             (:func:`fnlit.eval_step`) is compiled with ``torch.compile(eval_step)`` instead.
 

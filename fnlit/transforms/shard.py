@@ -383,7 +383,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
         if torch.compiler.is_compiling():
             raise NotImplementedError(
                 "fnlit.shard does not run under fnlit.compile / torch.compile yet (its collectives and DTensors "
-                "are not traced). Use fnlit.shard(step) in eager mode, or fnlit.data_parallel with compile."
+                "are not traced). Run fnlit.shard(step) uncompiled."
             )
         _require_group("shard")
         if _level() is not None:  # under vmap: fnlit.ensemble(shard(step))
