@@ -732,7 +732,12 @@ class Checkpointer:
 
     @property
     def best_path(self) -> Path | None:
-        """The best checkpoint by ``monitor`` (None without monitor or before the first validation)."""
+        """The best checkpoint by ``monitor`` (None without monitor or before the first validation).
+
+        Under torch.distributed it is rank 0's (the one that writes): the other ranks read the folder again at
+        every call, so they name the best file rank 0 has saved so far."""
+        if not _dist.is_main():  # (rank 0 keeps its listing up to date as it saves; these ranks save nothing)
+            self._records = None
         if self._records is None and not self.directory.is_dir():
             return None  # nothing saved yet (and no folder made just to look: fast_dev_run writes nothing)
         best = self._best(self._scan())
@@ -821,7 +826,8 @@ class Checkpointer:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise CheckpointError(f"Checkpointer cannot create its folder {self.directory}: {e}") from e
-            remove_stale_temps(self.directory)
+            if _dist.is_main():  # (another rank's scan must not take rank 0's write for a dead writer's: another host's pid)
+                remove_stale_temps(self.directory)
             headers = [(p, read_header(p)) for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
             self._records = sorted(
                 (_Record(p, h["saved_at_ns"], h.get("metrics"), h.get("run")) for p, h in headers if h is not None),

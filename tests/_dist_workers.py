@@ -188,6 +188,38 @@ def early_stopping_fit(distributed: bool = True, directory: str | None = None):
     return {"step": int(out.step), "validated_at": seen, "best": best}
 
 
+def best_path_read_during_fit(directory: str):
+    """fit under data_parallel with a Checkpointer on a scripted validation loss, and a callback that reads its
+    best_path at the start and at every validation (before that validation's save): (step, best file's name) at
+    each validation, the (step, loss) validations and the best file's name after the run, on this rank."""
+    from fnlit.data import ArrayLoader
+
+    model, state = make_state()
+    data = batch(64, seed=0)
+    ck = fnlit.checkpoint.Checkpointer(directory, monitor="val/loss")
+    name = lambda p: None if p is None else os.path.basename(p)  # noqa: E731
+
+    class ReadsBest:
+        def __init__(self):
+            self.seen, self.validations = [], []
+
+        def on_fit_start(self, state, plan):
+            self.seen.append((int(state.step), name(ck.best_path)))
+
+        def on_validation(self, state, metrics):
+            self.seen.append((int(state.step), name(ck.best_path)))
+            self.validations.append((int(state.step), float(metrics["val/loss"])))
+
+    def eval_step(state, b):  # best at the second validation, worse after it
+        return {"loss": (state.step.to(torch.float32) - 4).abs() + 0.5}
+
+    reader = ReadsBest()
+    fnlit.fit(fnlit.data_parallel(hand_step(model)), state, ArrayLoader(*data, batch_size=GLOBAL_BATCH), val_data=[data],
+              eval_step=eval_step, max_epochs=5, num_sanity_val_steps=0, callbacks=[reader], checkpoint=ck, progress=False)  # fmt: skip
+    dist.barrier()
+    return {"seen": reader.seen, "validations": reader.validations, "best": name(ck.best_path)}
+
+
 def evaluate_every_example():
     """evaluate over an ArrayLoader of 33 examples (one more than the ranks share evenly)."""
     x = torch.arange(33, dtype=torch.float32)

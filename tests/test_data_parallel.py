@@ -16,6 +16,7 @@ from _dist_workers import (
     negative_zero_state,
     all_orders,
     batchnorm_statistics_and_metrics,
+    best_path_read_during_fit,
     dies_early,
     early_stopping_fit,
     ensemble_with_collectives,
@@ -262,6 +263,25 @@ def test_early_stopping_stops_both_ranks_where_one_process_stops(tmp_path):
     assert ranks[0] == ranks[1]
     assert len(ranks[0]["validated_at"]) == 2 and ranks[0]["step"] == ranks[0]["validated_at"][-1]
     assert ref["best"] == ref["validated_at"][0] and ranks[0]["best"] == ranks[0]["validated_at"][0]  # the first of equals
+
+
+def test_best_path_agrees_across_ranks_when_read_during_fit(tmp_path):
+    # Rank 1 (which writes nothing) kept the folder's listing from its first read (at fit's start: no file) for the
+    # whole run, so its best_path stayed None. Expected, by hand from the validations' losses: the file of the
+    # lowest loss so far on every rank (a callback's on_validation runs before that validation's save).
+    ranks = fnlit.distributed.launch(best_path_read_during_fit, 2, str(tmp_path), timeout=120, collective_timeout=30)
+    validations = ranks[0]["validations"]
+    assert len(validations) == 5 and ranks[1]["validations"] == validations
+    file = lambda step: f"step={step:08d}.ckpt"  # noqa: E731
+    expected, best = [(0, None)], None
+    for step, loss in validations:
+        expected.append((step, best and file(best[0])))
+        best = (step, loss) if best is None or loss < best[1] else best
+    assert best[0] == validations[1][0]  # (the scripted loss is lowest at the second validation)
+    for r in ranks:
+        assert r["seen"] == expected
+        assert r["best"] == file(best[0])
+    assert (tmp_path / file(best[0])).is_file()
 
 
 def test_evaluate_over_two_ranks_sees_every_example_once():
