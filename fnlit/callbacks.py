@@ -65,7 +65,7 @@ class StopTraining(Exception):
     """Raised by a callback to end :func:`fnlit.fit` after the current step (once ``min_epochs`` are done).
 
     Under several processes, raised in ``on_step`` it takes effect at the next log interval, validation or
-    epoch end, where the ranks decide together (see :func:`fnlit.fit`).
+    epoch end, where the ranks decide together (see :func:`fnlit.fit`); raised in ``on_log``, at that log interval.
 
     Example:
         >>> import types

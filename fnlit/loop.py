@@ -952,7 +952,7 @@ def fit(
     place when fit returns. Under several processes the ranks decide together,
     without a collective every step: a stop requested during a step (``on_step``, a signal, ``max_time``)
     takes effect at the next log interval, validation or epoch end; one from a validation
-    (``EarlyStopping``) at once.
+    (``EarlyStopping``) or from a log row's ``on_log`` at once, as in one process.
 
     Args:
         step: ``(state, batch) -> (state, metrics)``; metrics are scalar tensors, logged as ``"train/<name>"``
@@ -1224,8 +1224,6 @@ def fit(
 
     def log_now(label: int | None = None) -> None:
         nonlocal cut
-        if distributed:
-            agree()
         taken = log.pending
         try:
             metrics = log.flush(state, epoch if label is None else label)
@@ -1236,6 +1234,9 @@ def fit(
                 log.pending = taken + log.pending  # and the last row would go again to the writers that had it)
             cut = bool(log.pending)
             raise
+        finally:  # after the flush: a StopTraining from an on_log hook counts at this interval, as in one process
+            if distributed:  # (one vote an interval on every path out, an exception's too: the ranks stay in step)
+                agree()
         bar.set_metrics(steps, metrics)
 
     # A validation a second Ctrl-C can cut off: whether it is an epoch end's, and the callbacks' states from

@@ -220,6 +220,35 @@ def best_path_read_during_fit(directory: str):
     return {"seen": reader.seen, "validations": reader.validations, "best": name(ck.best_path)}
 
 
+def stop_from_on_log(distributed: bool = True):
+    """fit (4 steps an epoch, a log row every 5 steps) whose callback raises StopTraining from on_log, on the last
+    rank only: the step the run stops at and the steps it validated at. With ``distributed=False``, one process on
+    the global batch (the reference)."""
+    from fnlit.callbacks import StopTraining
+    from fnlit.data import ArrayLoader
+
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    model, state = make_state()
+    data = batch(64, seed=0)
+    validated = []
+
+    class StopAtLog:
+        def on_log(self, state):
+            if rank == world - 1:
+                raise StopTraining("stop at this log interval")
+            return {}
+
+        def on_validation(self, state, metrics):
+            validated.append(int(state.step))
+
+    step = fnlit.data_parallel(hand_step(model)) if distributed else hand_step(model)
+    out = fnlit.fit(step, state, ArrayLoader(*data, batch_size=GLOBAL_BATCH // world), val_data=[data],
+                    eval_step=lambda s, b: {"loss": torch.tensor(1.0)}, max_epochs=3, log_every_n_steps=5,
+                    num_sanity_val_steps=0, callbacks=[StopAtLog()], progress=False)  # fmt: skip
+    return {"step": int(out.step), "validated_at": validated}
+
+
 def evaluate_every_example():
     """evaluate over an ArrayLoader of 33 examples (one more than the ranks share evenly)."""
     x = torch.arange(33, dtype=torch.float32)

@@ -30,6 +30,7 @@ from _dist_workers import (
     hangs_ignoring_sigterm,
     starts_apart,
     starts_permuted,
+    stop_from_on_log,
     float64_metric,
     sparse_embedding,
     unchecked_warns,
@@ -282,6 +283,15 @@ def test_best_path_agrees_across_ranks_when_read_during_fit(tmp_path):
         assert r["seen"] == expected
         assert r["best"] == file(best[0])
     assert (tmp_path / file(best[0])).is_file()
+
+
+def test_a_stop_from_on_log_takes_effect_at_that_log_interval_on_every_rank():
+    # The ranks voted before the log row's on_log hooks ran, so a StopTraining from one counted only at the next
+    # vote (step 8, not 5). By hand: 4 steps an epoch, the first log row at step 5, where one process stops; the
+    # stop validates the step since the epoch end's validation (Lightning's should_stop mid-epoch).
+    ref = stop_from_on_log(False)
+    assert ref == {"step": 5, "validated_at": [4, 5]}
+    assert fnlit.distributed.launch(stop_from_on_log, 2, timeout=120, collective_timeout=30) == [ref, ref]
 
 
 def test_evaluate_over_two_ranks_sees_every_example_once():
