@@ -446,10 +446,11 @@ class Checkpointer:
         # The id a Checkpointer driven by hand (never started nor restored) writes into its files, made at its first
         # save: it still ranks and removes every file of the folder, and a resume from its files goes on with them.
         self._unstarted_run: str | None = None
-        # After a restore: the saved_at_ns of the restored file, until the next scan finds the files of its run saved
-        # after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this run's. The
-        # windows (after, until] of saved_at_ns that hold such files, inherited from the restored file's header plus
-        # this restore's; written into every file the run saves, so a later resume of the branch excludes them too.
+        # After a restore: the saved_at_ns of the restored file, until rank 0's scan (still in restore) finds the files
+        # of its run saved after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this
+        # run's. The windows (after, until] of saved_at_ns that hold such files, inherited from the restored file's
+        # header plus this restore's, the same on every rank (rank 0's); written into every file the run saves, so a
+        # later resume of the branch excludes them too.
         self._branch_at: int | None = None
         self._abandoned: list[tuple[int, int]] = []
         self.restored_from: Path | None = None  # the file the last restore read (None: it found none)
@@ -759,9 +760,18 @@ class Checkpointer:
 
     def _refuse_foreign_last(self, restored: T) -> T:
         """``restored``, unless the folder's ``last.ckpt`` is another tool's (rank 0 decides; a collective): a resume
-        raises as a fresh run (``start``) does, before any training, not at its first save."""
-        if _from_rank_0(_dist.is_main() and self.save_last and self._foreign_last()):
+        raises as a fresh run (``start``) does, before any training, not at its first save.
+
+        Rank 0 also reads the folder now, before it can save anything, to find the history the restore abandons,
+        and every rank takes its finding: a rank that writes nothing, reading the folder later (``best_path``),
+        would take the files rank 0 saved in between for that history."""
+        main = _dist.is_main()
+        if main and self.directory.is_dir():  # (no folder: nothing abandoned, and none made just to look)
+            self._scan()
+        foreign_last, abandoned = _from_rank_0((main and self.save_last and self._foreign_last(), self._abandoned))
+        if foreign_last:
             raise self._foreign_last_error()
+        self._branch_at, self._abandoned = None, list(abandoned)
         return restored
 
     def _foreign_last_error(self) -> CheckpointError:
@@ -800,8 +810,9 @@ class Checkpointer:
         # named after the file alike on every rank: the folder's other files are not its to rank or remove.
         self._run = header.get("run") or f"from-{header.get('saved_at_ns')}"
         # Its run's files saved after it (it went on to later steps) are another history: not this one's best
-        # (Lightning restores best_k_models from the file). The next scan finds them; the histories abandoned before
-        # the file was written are in its header (none in a file of an fnlit before this was recorded).
+        # (Lightning restores best_k_models from the file). Rank 0 finds them now, before it saves (restore, on every
+        # rank alike); the histories abandoned before the file was written are in its header (none in a file of an
+        # fnlit before this was recorded).
         windows = header.get("abandoned") or []
         self._records, self._branch_at = None, header.get("saved_at_ns")
         self._abandoned = [(int(a), int(b)) for a, b in windows]

@@ -220,6 +220,38 @@ def best_path_read_during_fit(directory: str):
     return {"seen": reader.seen, "validations": reader.validations, "best": name(ck.best_path)}
 
 
+def best_path_after_resuming_a_branch(directory: str):
+    """fit under data_parallel for 10 epochs (2 steps each) keeping every validation's checkpoint, then a fit resumed
+    from the step-8 file to 8 epochs, with a scripted validation loss per fit and a callback that reads best_path
+    during the resumed fit only at its second validation (after rank 0's first save of it): (step, best file's name)
+    at that read, and the best file's name after the resumed fit, on this rank."""
+    from fnlit.data import ArrayLoader
+
+    data = batch(64, seed=0)
+    name = lambda p: None if p is None else os.path.basename(p)  # noqa: E731
+    seen = []
+    resumed = False
+
+    class ReadsBest:
+        def on_validation(self, state, metrics):
+            if resumed and int(state.step) == 16:
+                seen.append((int(state.step), name(ck.best_path)))
+
+    def eval_step(state, b):  # first fit: lower at every step (step 20 best); resumed fit: lowest at step 12
+        step = state.step.to(torch.float32)
+        return {"loss": 50 + (step - 12).abs() if resumed else 100 - step}
+
+    for epochs, ckpt_path in ((10, None), (8, os.path.join(directory, "step=00000008.ckpt"))):
+        model, state = make_state()
+        ck = fnlit.checkpoint.Checkpointer(directory, monitor="val/loss", keep_best=None)
+        fnlit.fit(fnlit.data_parallel(hand_step(model)), state, ArrayLoader(*data, batch_size=GLOBAL_BATCH),
+                  val_data=[data], eval_step=eval_step, max_epochs=epochs, num_sanity_val_steps=0, callbacks=[ReadsBest()],
+                  checkpoint=ck, ckpt_path=ckpt_path, progress=False)  # fmt: skip
+        dist.barrier()
+        resumed = True
+    return {"seen": seen, "best": name(ck.best_path)}
+
+
 def stop_from_on_log(distributed: bool = True):
     """fit (4 steps an epoch, a log row every 5 steps) whose callback raises StopTraining from on_log, on the last
     rank only: the step the run stops at and the steps it validated at. With ``distributed=False``, one process on

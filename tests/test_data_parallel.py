@@ -16,6 +16,7 @@ from _dist_workers import (
     negative_zero_state,
     all_orders,
     batchnorm_statistics_and_metrics,
+    best_path_after_resuming_a_branch,
     best_path_read_during_fit,
     dies_early,
     early_stopping_fit,
@@ -283,6 +284,19 @@ def test_best_path_agrees_across_ranks_when_read_during_fit(tmp_path):
         assert r["seen"] == expected
         assert r["best"] == file(best[0])
     assert (tmp_path / file(best[0])).is_file()
+
+
+def test_best_path_agrees_across_ranks_after_a_resume_that_abandons_a_branch(tmp_path):
+    # Rank 1 (which writes nothing) found the restored run's later files at its first read of the folder, after rank 0
+    # had saved files of the resumed fit, and took those for the abandoned history too: its best_path named step 8,
+    # then step 16, where rank 0's named step 12. By hand (2 steps an epoch, one validation each): the first fit keeps
+    # steps 2..20 (losses 100 - step); the resume from step 8 saves steps 10..16 again (losses 52, 50, 52, 54) and
+    # abandons the first fit's 18 and 20 (and its 16, until replaced); the best of the resumed run is step 12, read
+    # before step 16's save and after the fit.
+    ranks = fnlit.distributed.launch(best_path_after_resuming_a_branch, 2, str(tmp_path), timeout=120, collective_timeout=30)
+    for r in ranks:
+        assert r == {"seen": [(16, "step=00000012.ckpt")], "best": "step=00000012.ckpt"}
+    assert (tmp_path / "step=00000020.ckpt").is_file()  # the abandoned branch's file is kept
 
 
 def test_a_stop_from_on_log_takes_effect_at_that_log_interval_on_every_rank():
