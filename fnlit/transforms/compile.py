@@ -16,7 +16,8 @@ and accumulation -- every transform inside the step -- trace into one graph. How
   elementwise kernels, splits the CPU-side ops (the step counter and RNG key, which live on the host)
   out of the graph, re-records when shapes change, and checks aliasing for us.
 * The RNG is seeded from ``state.rng`` outside the compiled region. Inductor draws its own random
-  numbers: dropout masks under compile are deterministic given ``state.rng`` but not equal to eager's.
+  numbers: dropout masks under compile are deterministic given ``state.rng`` but need not equal eager's (on
+  the CPU a single forward's were measured equal; inductor's own generator on CUDA draws others).
 
 What cannot be captured raises :class:`CaptureError` naming the cause, the user's line and the fix:
 host syncs (``.item()``, ``float(t)``, ``if t > 0:``), data-dependent shapes (``x[mask]``), Python side
@@ -1026,7 +1027,8 @@ def compile(
     rounding of fused kernels (within 1e-5 in float32; under ``amp`` with bfloat16, inductor rounds
     its fused bf16 kernels its own way: ~1e-4 after a few steps), except random draws (dropout's masks, RReLU's
     slopes), which come from inductor's own generator (seeded from ``state.rng`` on every call of a graph with an op
-    aten tags ``nondeterministic_seeded``, so still deterministic). The step's random draws are one stream per
+    aten tags ``nondeterministic_seeded``, so still deterministic) and need not equal eager's (on the CPU, one
+    forward's masks were measured equal to eager's; not a promise, and not on CUDA). The step's random draws are one stream per
     call: the keys it passes to :func:`fnlit.apply` are not read, so two forwards given the same key draw
     different masks (eager, the same: a consistency loss or a recomputed forward must run uncompiled). Changing hyperparameters in
     ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
