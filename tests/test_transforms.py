@@ -570,6 +570,28 @@ def test_accumulate_refuses_a_step_that_applies_two_updates():
         fnlit.accumulate(gan_step, 2)(state, torch.ones(4, 2))
 
 
+@pytest.mark.parametrize("bad", ["shape", "none"])
+@pytest.mark.parametrize("where", [0, 1])
+def test_accumulate_refuses_gradients_not_of_the_params_shapes(bad, where):
+    # Summed into the accumulator, a (1,) gradient for a (2,) bias broadcast (the bias moved by 3.0 with sgd(1.0))
+    # and the optimizer, seeing only the sum, never knew; a None in some micro-batches failed inside torch.
+    model = nn.Linear(3, 2)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(1.0), seed=0)
+
+    def step(state, batch):
+        g = {k: torch.ones_like(v) for k, v in state.params.items()}
+        if int(batch[0, 0]) == 2 * where or len(batch) == 4:  # micro-batch `where` of 2 (rows 0-1, then 2-3)
+            g["bias"] = torch.full((1,), 5.0) if bad == "shape" else None
+        return state.apply_gradients(g), {}
+
+    data = torch.arange(4.0).reshape(4, 1)
+    with pytest.raises(ValueError, match=r"sgd.update expected grad.*at bias"):  # as without accumulate
+        step(state, data)
+    got = r"tensor of shape \(1,\)" if bad == "shape" else r"None \(torch leaves a parameter's .grad None"
+    with pytest.raises(ValueError, match=rf"micro-batch {where}'s differ at bias: expected tensor of shape \(2,\).*got {got}"):
+        fnlit.accumulate(step, 2)(state, data)
+
+
 def test_accumulate_refuses_per_example_gradients():
     # DP-SGD's per-example gradients must be clipped one by one before any sum: averaging them example by
     # example across micro-batches (what accumulate does with what apply_gradients gets) is wrong.
