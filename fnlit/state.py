@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,12 +18,10 @@ from ._types import Buffers, Grads, OptState, Params
 from .optim._base import GradientTransformation
 from .optim._base import step as _opt_step
 from .transforms._frame import current as _current_frame
+from .transforms.amp import LossScaleState
 from .transforms.donate import consume as _consume
 from .transforms.donate import donated_by as _donated_by
 from .transforms.donate import is_donated as _is_donated
-
-if TYPE_CHECKING:
-    from .transforms.amp import LossScaleState
 
 __all__ = ["TrainState"]
 
@@ -158,8 +156,8 @@ class TrainState:
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"TrainState.create expected an nn.Module, got {type(module).__name__} instead.")
-        if not (isinstance(tx, GradientTransformation) or (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)))):
-            raise TypeError(_NOT_A_TX.format(got=_describe_tx(tx)))
+        if not _is_tx(tx):
+            raise TypeError(_NOT_A_TX.format(who="TrainState.create", got=_describe_tx(tx)))
         # Under the lock: not while another thread's fnlit.apply has its tensors swapped into the module; and an
         # eager backward in flight, which holds its step's tensors there throughout, has the module's own saved.
         with _random._LOCK:
@@ -223,7 +221,9 @@ class TrainState:
         ``opt_state`` is a tuple holding one state per transformation).
 
         Raises:
-            TypeError: on a name that is not a field.
+            TypeError: on a name that is not a field, a ``tx`` that is not an fnlit.optim GradientTransformation
+                (a torch.optim optimizer, or the factory uncalled) or None, or a ``scaler`` that is not a
+                :class:`fnlit.transforms.LossScaleState` or None.
 
         Example:
             >>> import torch, fnlit
@@ -243,6 +243,8 @@ class TrainState:
             raise TypeError(
                 f"TrainState.replace got unknown field(s) {sorted(unknown)}; the fields are {list(_DATA_FIELDS) + ['tx']}."
             )
+        if "tx" in changes or "scaler" in changes:  # (two lookups: the update replaces neither, amp only the scaler)
+            _check_tx_and_scaler(changes)
         new = object.__new__(TrainState)
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
@@ -342,11 +344,32 @@ class TrainState:
 _FIELD_SET = frozenset(_DATA_FIELDS + ("tx",))
 
 _NOT_A_TX = (
-    "TrainState.create expected tx to be an fnlit.optim GradientTransformation (e.g. fnlit.optim.adamw(1e-3)), "
+    "{who} expected tx to be an fnlit.optim GradientTransformation (e.g. fnlit.optim.adamw(1e-3)), "
     "got {got} instead. fnlit's optimizers are pure functions of the state, not torch.optim optimizers: "
     "torch.optim.AdamW(model.parameters(), lr=1e-3) becomes fnlit.optim.adamw(1e-3), and "
     "torch.optim.SGD(..., lr=0.1, momentum=0.9) becomes fnlit.optim.sgd(0.1, momentum=0.9)."
 )
+
+
+def _is_tx(tx: Any) -> bool:
+    return isinstance(tx, GradientTransformation) or (
+        callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
+    )
+
+
+def _check_tx_and_scaler(changes: dict[str, Any]) -> None:
+    """replace's check of a new ``tx`` (None allowed: a picklable state) and ``scaler``: a torch.optim optimizer, or a
+    string for a scaler, would otherwise fail only in apply_gradients, in words that do not say why."""
+    tx = changes.get("tx")
+    if tx is not None and not _is_tx(tx):
+        raise TypeError(_NOT_A_TX.format(who="TrainState.replace", got=_describe_tx(tx)))
+    scaler = changes.get("scaler")
+    if scaler is not None and not isinstance(scaler, LossScaleState):
+        raise TypeError(
+            f"TrainState.replace expected scaler to be a fnlit.transforms.LossScaleState or None, got {scaler!r} "
+            f"({type(scaler).__name__}) instead. Make one with fnlit.transforms.init_loss_scale() (the dynamic loss "
+            "scaling of TrainState.create(..., loss_scale=\"dynamic\"), torch.amp.GradScaler's defaults)."
+        )
 
 
 def _describe_tx(tx: Any) -> str:

@@ -187,6 +187,28 @@ def test_create_refuses_a_torch_optim_optimizer():
         fnlit.TrainState.create(model, fnlit.optim.adamw, seed=0)
 
 
+def test_replace_refuses_a_tx_or_scaler_apply_gradients_cannot_use():
+    # replace took anything: the mistake showed only in apply_gradients, as "SGD.step() takes from 1 to 2 positional
+    # arguments", "'function' object has no attribute 'update'" or "'str' object has no attribute 'scale'".
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0, loss_scale="dynamic")
+    expected = r"TrainState.replace expected tx to be an fnlit.optim GradientTransformation"
+    with pytest.raises(TypeError, match=expected + r".*got a torch.optim.sgd.SGD optimizer instead.*fnlit.optim.sgd\(0.1"):
+        state.replace(tx=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=expected + r".*got the function sgd \(a factory\? call it"):
+        state.replace(tx=fnlit.optim.sgd)
+    with pytest.raises(TypeError, match=r"expected scaler to be a fnlit.transforms.LossScaleState or None, got 'dynamic'"):
+        state.replace(scaler="dynamic")
+    with pytest.raises(TypeError, match=r"expected scaler .* \(GradScaler\) instead"):
+        state.replace(tx=fnlit.optim.sgd(0.1), scaler=torch.amp.GradScaler("cpu"))
+    # What stays allowed: tx=None (a picklable state, as the docs show), scaler=None, and the real things.
+    assert state.replace(tx=None).tx is None and state.replace(scaler=None).scaler is None
+    scaler = fnlit.transforms.init_loss_scale(2.0**10)
+    tx = fnlit.optim.sgd(0.5)
+    new = state.replace(tx=tx, scaler=scaler)
+    assert new.tx is tx and new.scaler is scaler
+
+
 def test_an_optax_style_pair_of_init_and_update_trains():
     # create accepted any object with init and update; the first apply_gradients then failed reading its `step`.
     import collections
