@@ -38,7 +38,8 @@ import torch
 from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
     _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, grad_in_dtype,
-    keys_in_order, own, own_scaled, raise_shape_mismatch, raise_wrong_state, resolve_mask, use_functional,
+    keys_in_order, own, own_scaled, raise_device_mismatch, raise_shape_mismatch, raise_wrong_state, resolve_mask,
+    use_functional,
 )
 from ._transforms import (
     ScalarOrSchedule, _rate, check_arg, check_beta, check_flag, check_hyper_keys, check_mask, check_number, check_rate,
@@ -205,7 +206,7 @@ def _optimizer(
             if b_def != ref_def:
                 _raise_mismatch(name, params, getattr(state, f), what=f"state.{f}")
         # The fused kernels do not check: a smaller gradient (or moment: params replaced since init) would be read
-        # past its end. One pass over the leaves, the moments beside their param.
+        # past its end, one on another device skipped. One pass over the leaves, the moments beside their param.
         for i, (x, q, *moments) in enumerate(zip(g, p, *[b[0] for b in bufs])):
             if getattr(x, "layout", None) is not torch.strided:  # nn.Embedding(sparse=True)'s, or not a tensor
                 if not isinstance(x, torch.Tensor):  # (a float where a gradient should be)
@@ -214,6 +215,8 @@ def _optimizer(
             shape, dtype = q.shape, q.dtype
             if x.shape != shape:
                 raise_shape_mismatch(f"{name}.update", params, grads)
+            if x.device != q.device:  # (the fused kernels would skip the update without a word: a meta gradient)
+                raise_device_mismatch(name, params, i, x, q)
             if x.dtype != dtype:  # (the fused kernels take one dtype)
                 g[i] = grad_in_dtype(name, x, dtype, params, i)
             for f, b in zip(buffers, moments):

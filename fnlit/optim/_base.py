@@ -434,6 +434,16 @@ def raise_shape_mismatch(name: str, expected: PyTree, got: PyTree, what: str = "
     )
 
 
+def raise_device_mismatch(name: str, tree: PyTree, i: int, grad: torch.Tensor, param: torch.Tensor) -> None:
+    """Raises the ValueError for gradient ``grad`` (leaf ``i`` of ``tree``) on another device than its ``param``
+    (torch refuses such a ``.grad`` too)."""
+    raise ValueError(
+        f"{name}.update expected gradients on the params' devices, but {tree_paths(tree)[i]} has a gradient on "
+        f"{grad.device} for a parameter on {param.device}. Differentiate state.params themselves, or move it: "
+        "g.to(p.device)."
+    )
+
+
 def grad_in_dtype(name: str, x: torch.Tensor, dtype: torch.dtype, tree: PyTree, i: int) -> torch.Tensor:
     """Gradient ``x`` (leaf ``i`` of ``tree``) in its parameter's ``dtype``: a narrower one (bfloat16 for float32
     params) is cast up; a wider one (the per-leaf math would promote the params), or a real one for a complex
