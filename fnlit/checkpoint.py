@@ -435,6 +435,9 @@ class Checkpointer:
         self.keep_last, self.keep_best = keep_last, keep_best
         self.monitor, self.mode, self.save_last, self.meta = monitor, mode, save_last, meta
         self._records: list[_Record] | None = None  # oldest first; read from the folder on the first save
+        # Each step file's header by name, with the (inode, mtime, size) it was read at: a scan reads only new or
+        # rewritten files (the ranks that write nothing scan at every best_path read).
+        self._headers: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
         # The state object last saved (or restored): not saved again. By identity, not by step: another attempt
         # at the same step (a retry after a crash) is another state, and is saved.
         self._saved: Callable[[], Any] | None = None
@@ -735,8 +738,8 @@ class Checkpointer:
     def best_path(self) -> Path | None:
         """The best checkpoint by ``monitor`` (None without monitor or before the first validation).
 
-        Under torch.distributed it is rank 0's (the one that writes): the other ranks read the folder again at
-        every call, so they name the best file rank 0 has saved so far."""
+        Under torch.distributed it is rank 0's (the one that writes): the other ranks list the folder again at
+        every call (reading only the headers of files new since), so they name the best file rank 0 has saved so far."""
         if not _dist.is_main():  # (rank 0 keeps its listing up to date as it saves; these ranks save nothing)
             self._records = None
         if self._records is None and not self.directory.is_dir():
@@ -839,7 +842,7 @@ class Checkpointer:
                 raise CheckpointError(f"Checkpointer cannot create its folder {self.directory}: {e}") from e
             if _dist.is_main():  # (another rank's scan must not take rank 0's write for a dead writer's: another host's pid)
                 remove_stale_temps(self.directory)
-            headers = [(p, read_header(p)) for p in self.directory.iterdir() if STEP_FILE.match(p.name)]
+            headers = self._read_headers()
             self._records = sorted(
                 (_Record(p, h["saved_at_ns"], h.get("metrics"), h.get("run")) for p, h in headers if h is not None),
                 key=lambda r: r.saved_at_ns,
@@ -850,6 +853,22 @@ class Checkpointer:
                     self._abandoned.append((self._branch_at, max(later)))
                 self._branch_at = None
         return self._records
+
+    def _read_headers(self) -> list[tuple[Path, dict[str, Any] | None]]:
+        """The folder's step files and their headers, read again only where a file's identity or mtime changed."""
+        seen: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
+        for p in self.directory.iterdir():
+            if not STEP_FILE.match(p.name):
+                continue
+            try:
+                st = p.stat()
+            except OSError:  # (removed since the listing)
+                continue
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._headers.get(p.name)
+            seen[p.name] = cached if cached is not None and cached[0] == key else (key, read_header(p))
+        self._headers = seen
+        return [(self.directory / name, header) for name, (_, header) in seen.items()]
 
     def _value(self, r: _Record) -> float:
         return float(r.metrics[self.monitor]) if r.metrics and self.monitor in r.metrics else math.nan

@@ -1544,3 +1544,36 @@ def test_a_resume_from_the_files_of_a_checkpointer_driven_by_hand_ranks_and_remo
     assert ck.best_path == tmp_path / "step=00000002.ckpt"
     best, _ = ck.restore("best", like=state)  # (ckpt_path="best")
     assert int(best.step) == 2
+
+
+def test_a_rank_that_writes_nothing_reads_only_new_headers_for_best_path(tmp_path):
+    # The ranks that write nothing list the folder at every best_path read (rank 0 keeps its listing as it saves):
+    # they read every file's header each time (~2 ms a file: 225 ms a call with 100 files). Only new or rewritten
+    # files are read now. Reference for the answer: the writer's own best_path; for the reads, a hand count.
+    import fnlit.checkpoint as C
+
+    _, state = trained(steps=0)
+    writer = ckpt.Checkpointer(tmp_path, monitor="val", keep_best=None, save_last=False)
+    reader = ckpt.Checkpointer(tmp_path, monitor="val", keep_best=None, save_last=False)
+    reads = []
+    real = C.read_header
+
+    def counted(p):
+        reads.append(p.name)
+        return real(p)
+
+    def best_on_rank_1():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fnlit.distributed, "is_main", lambda: False)
+            mp.setattr(C, "read_header", counted)
+            return reader.best_path
+
+    for i, val in enumerate([3.0, 1.0, 2.0]):
+        writer.on_validation(state.replace(step=torch.tensor(i + 1)), {"epoch": 0, "batch": i, "seed": 0}, {"val": val})
+    assert best_on_rank_1() == writer.best_path == tmp_path / "step=00000002.ckpt"
+    assert sorted(reads) == [f"step={i:08d}.ckpt" for i in (1, 2, 3)]
+    reads.clear()
+    assert best_on_rank_1() == writer.best_path and reads == []  # nothing new: no header read
+    writer.on_validation(state.replace(step=torch.tensor(4)), {"epoch": 0, "batch": 3, "seed": 0}, {"val": 0.5})
+    assert best_on_rank_1() == writer.best_path == tmp_path / "step=00000004.ckpt"
+    assert reads == ["step=00000004.ckpt"]
