@@ -465,16 +465,17 @@ _VALUE_OPS = {
     _aten._linalg_check_errors.default: (
         "torch.linalg's error check (inv, solve, cholesky, ...: the *_ex variants return the error code as a tensor)"
     ),
-    # Composite ops that read a 0-d tensor endpoint with .item() in C++ (ATen's linspace/logspace with a Tensor start
-    # or end): the mode sees only the op itself, not the read. The Scalar-only overloads (.default) read nothing.
-    **{
-        getattr(getattr(_aten, op), overload): (
-            f"torch.{op} with a tensor endpoint (ATen reads it with .item()); pass Python numbers, or build it from "
-            f"torch.arange(steps) scaled by the tensor"
-        )
-        for op in ("linspace", "logspace")
-        for overload in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")
-    },
+}
+# Composite ops that read a 0-d tensor endpoint with .item() in C++ (ATen's linspace/logspace with a Tensor start or
+# end): the mode sees only the op itself, not the read. The Scalar-only overloads (.default) read nothing. As for
+# masked_fill's value, a CPU endpoint for an accelerator's output is a read of host memory, no sync.
+_RANGE_TENSOR = {
+    getattr(getattr(_aten, op), overload): (
+        f"torch.{op} with a tensor endpoint (ATen reads it with .item(), a sync unless it is a CPU value for an "
+        "accelerator's output); pass Python numbers, or build it from torch.arange(steps) scaled by the tensor"
+    )
+    for op in ("linspace", "logspace")
+    for overload in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")
 }
 # Decompositions torch documents as "When inputs are on a CUDA device, this function synchronizes that device with
 # the CPU" that do not reach _linalg_check_errors on the CPU, by the aten op every route reaches (torch.svd,
@@ -653,6 +654,11 @@ class _DispatchMode(TorchDispatchMode):
                 _flag("a scalar read (aten._local_scalar_dense)", args[0])
         elif func in _VALUE_OPS:
             _flag(_VALUE_OPS[func], None)
+        elif func in _RANGE_TENSOR:
+            ends = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+            out = torch.device(kwargs.get("device") or "cpu")
+            if out.type == "cpu" or any(t.device.type != "cpu" for t in ends):
+                _flag(_RANGE_TENSOR[func], None)
         elif func.__name__.split(".")[0] in _LINALG_SYNCS:
             _flag(_LINALG_SYNCS[func.__name__.split(".")[0]], None)
         elif func in _SHAPE_OPS:
@@ -701,8 +707,8 @@ class no_host_sync:
     CPU ``t`` for a CUDA ``x``, which a test on the CPU cannot tell apart, and flags), ``masked_fill`` and
     ``index_fill`` with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: ATen reads
     the value with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), and
-    ``torch.linspace``/``torch.logspace`` with a tensor endpoint (also read with ``.item()``), on any device --
-    so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
+    ``torch.linspace``/``torch.logspace`` with a tensor endpoint (also read with ``.item()``; passes for CPU endpoints
+    of an accelerator's output, as ``masked_fill``'s CPU value) -- so a test on the CPU catches what would stall a GPU. fnlit's own reads of CPU keys
     and CPU hyperparameters are allowed (see the module docstring), and :func:`fnlit.random.fold_in`'s read
     of a CPU counter (``state.step``, a CPU tensor by design, and what is computed from it); a tensor of ``batch``,
     a view of one, or a tensor computed from them inside the block (``batch["i"][0].long()``, ``batch["i"].sum()``,

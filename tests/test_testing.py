@@ -685,6 +685,12 @@ def test_no_host_sync_flags_linspace_logspace_and_index_fill_with_a_tensor_value
     torch.testing.assert_close(ramp, torch.tensor([0.0, 2 / 3, 4 / 3, 2.0]))
     torch.testing.assert_close(powers, torch.tensor([1.0, 10.0, 100.0]))
     assert filled.tolist() == [2.0, 0.0, 2.0, 0.0, 0.0]
+    # A CPU endpoint for an accelerator's output (the meta device stands in) is a read of host memory, no sync, as
+    # masked_fill's CPU value: not flagged; a meta endpoint (the accelerator's own value) is.
+    with no_host_sync():
+        assert torch.linspace(torch.tensor(0.0), t, 5, device="meta").shape == (5,)
+    with pytest.raises(HostSyncError, match=r"linspace with a tensor"), no_host_sync():
+        torch.linspace(torch.tensor(0.0, device="meta"), 1.0, 5, device="meta")
 
 
 def test_assert_no_host_sync_flags_cpu_of_a_batch_tensor_even_on_the_cpu():
