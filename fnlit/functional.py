@@ -1499,12 +1499,11 @@ def _functorch_path(fn, argnums, has_aux, frame, autocast, args, kwargs):  # typ
     return (out if has_aux else out[0]), grads
 
 
-_RESERVED = frozenset({"rng", "train", "mutable"})
+_RESERVED = frozenset({"rng", "train"})
 _BOUND_RESERVED = (
     "model(..., {name}=...): the model a train_step/eval_step loss gets runs the {module} through fnlit.apply, which "
-    "takes {name} as its own keyword (rng, train and mutable are fnlit.apply's), so it would not reach the forward. "
-    "Pass the forward's {name} positionally (model(x, value)); fnlit.apply's own {name} is the step's to set "
-    "(train_step/eval_step set train, and rng from state.rng)."
+    "takes {name} as its own keyword (rng and train are set by the step: train_step/eval_step choose train, and rng "
+    "comes from state.rng), so it would not reach the forward. Pass the forward's {name} positionally (model(x, value))."
 )
 
 
@@ -1516,8 +1515,8 @@ class _BoundModel:
         self.calls = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs and not _RESERVED.isdisjoint(kwargs):
-            name = next(k for k in ("rng", "train", "mutable") if k in kwargs)
+        if kwargs and not _RESERVED.isdisjoint(kwargs):  # (mutable= goes to apply: a forward whose statistics are not kept)
+            name = "rng" if "rng" in kwargs else "train"
             raise TypeError(_BOUND_RESERVED.format(name=name, module=type(self.module).__name__))
         rng = self.rng if self.calls == 0 or self.rng is None else _random.fold_in(self.rng, self.calls)
         self.calls += 1

@@ -1653,3 +1653,14 @@ def test_the_bound_model_passes_forward_keywords_named_like_applys_arguments_or_
     with pytest.raises(TypeError, match=r"model\(\.\.\., train=\.\.\.\): .* runs the Net through fnlit.apply, which "
                                         r"takes train as its own keyword.*Pass the forward's train positionally"):
         fnlit.eval_step(model, lambda m, b: {"out": m(b, train=0.5).sum()})(state, x)
+
+    # mutable= still reaches apply (a forward whose BatchNorm statistics are not kept: a consistency term on unlabelled
+    # data). Reference: plain torch in train mode on the labelled batch alone gives the same running mean.
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    bn_state = fnlit.TrainState.create(bn, fnlit.optim.sgd(0.1), seed=0)
+    xs, us = torch.randn(8, 4), 10 * torch.randn(8, 4)
+    step = fnlit.train_step(bn, lambda m, b: m(b[0]).pow(2).mean() + m(b[1], mutable=False).pow(2).mean())
+    new, _ = step(bn_state, (xs, us))
+    ref = copy.deepcopy(bn).train()
+    ref(xs)
+    torch.testing.assert_close(new.buffers["1.running_mean"], ref[1].running_mean)
