@@ -1300,3 +1300,22 @@ def test_a_module_assigning_an_attribute_in_forward_applied_twice_names_that_cau
     with torch.no_grad():
         expected = 0.1 * model[0](x).mean(0)
     torch.testing.assert_close(new.buffers["1.mean"], expected)
+
+
+def test_donation_tells_a_hyperparameter_in_a_dict_opt_state_as_in_fnlits_own():
+    # compile(donate=True) passes an assigned hyperparameter through when the step returns it in another shape; it knew
+    # fnlit's optimizers' `.hyperparams` attribute but not a custom optimizer's {"hyperparams": ...} dict key.
+    from fnlit.transforms.compile import _hyperparameters
+
+    tx = fnlit.optim.GradientTransformation(
+        lambda params: {"hyperparams": {"learning_rate": torch.tensor(0.1)}, "count": torch.zeros((), dtype=torch.int64)},
+        lambda updates, state, params=None: (updates, state),
+    )
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), tx, seed=0)
+    leaves = torch.utils._pytree.tree_flatten_with_path(state)[0]
+    marked = {torch.utils._pytree.keystr(p) for (p, _), hyper in zip(leaves, _hyperparameters(state)) if hyper}
+    assert marked == {".opt_state['hyperparams']['learning_rate']"}
+    ours = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.adamw(0.1), seed=0)
+    leaves = torch.utils._pytree.tree_flatten_with_path(ours)[0]
+    assert {torch.utils._pytree.keystr(p) for (p, _), h in zip(leaves, _hyperparameters(ours)) if h} == {
+        ".opt_state.hyperparams['learning_rate']", ".opt_state.hyperparams['weight_decay']"}

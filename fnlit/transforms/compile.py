@@ -395,7 +395,7 @@ def _hyperparameters(state: Any) -> list[bool]:
     rate in an ensemble's state is one for every member: ``(n,)``), and is then not donated."""
     return [
         bool(path) and getattr(path[0], "name", None) == "opt_state"
-        and any(getattr(k, "name", None) == "hyperparams" for k in path)
+        and any(getattr(k, "name", getattr(k, "key", None)) == "hyperparams" for k in path)  # (an attribute or a key)
         for path, _ in torch_pytree.tree_flatten_with_path(state)[0]
     ]
 
