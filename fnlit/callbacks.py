@@ -619,7 +619,9 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch], *, al
     many forwards: the ranks agree before each batch whether one still has one (a small all-reduce and a host
     read), and a rank that has run out repeats its first batch, not counted. ``all_ranks=False`` keeps this
     rank's own statistics, with no collective of its own: for a state that is this rank's alone (a sharded
-    state's forwards still pair up across ranks).
+    state's forwards still pair up across ranks). Called on one rank only (``if is_main(): update_bn(...)``, torch's
+    habit for rank-0 work) without it, that rank waits for the others in the all-reduce until the collective
+    timeout: call it on every rank, or pass ``all_ranks=False`` there.
 
     Args:
         module: the model.
