@@ -39,6 +39,7 @@ from .summary import (
     scalar_metric, unique_names,
 )
 from .transforms._frame import collective_of, describe_result, require_state, wrapped_steps
+from .transforms.data_parallel import first_difference
 from .transforms.donate import is_donated
 
 __all__ = ["fit", "evaluate"]
@@ -380,8 +381,9 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
 
     Raises:
         ValueError: if a metric is not a scalar (naming it and its shape), there are no batches (or only
-            empty ones), or under torch.distributed a rank has no batch while others have some, or
-            limit_batches fails on some rank (every rank raises). What eval_step raises passes through; where the
+            empty ones), or under torch.distributed a rank has no batch while others have some,
+            limit_batches fails on some rank, or the eval step is an ensemble's and the ranks' states differ
+            (every rank raises; checked before any batch, in two more small collectives). What eval_step raises passes through; where the
             state is an ensemble's stacked state and eval_step no ensemble step, with a note to wrap it in
             :func:`fnlit.ensemble`.
         KeyError: if eval_step returns other metric names for some batches than for the first (``{}``
@@ -397,6 +399,13 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
         {'x': 0.25}
     """
+    # per-member batches (fnlit.ensemble(..., in_dims=0)) count examples past their member dimension, also through a
+    # wrapper around the ensemble (torch.compile(fnlit.ensemble(...)), a functools.wraps function: its __wrapped__)
+    ensembled = next((s for s in wrapped_steps(eval_step) if isinstance(s, EnsembleStep)), None)
+    if ensembled is not None and _dist.world_size() > 1:  # the ranks add "<name>/<member>" sums: the same members
+        found = first_difference(state)
+        if found is not None:
+            raise ValueError(_ENSEMBLE_APART.format(what=found[0], path=found[1]))
     if _data.direct_array_loader(data):
         # Unshuffled, every example once across ranks (training shards drop the remainder): the batches one process
         # runs, rank r taking batches r, r + W, ...; a rank with fewer runs a filler batch that does not count, so
@@ -415,9 +424,6 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     sums: list[torch.Tensor] = []
     count = 0
     members = ensemble_members(state)
-    # per-member batches (fnlit.ensemble(..., in_dims=0)) count examples past their member dimension, also through a
-    # wrapper around the ensemble (torch.compile(fnlit.ensemble(...)), a functools.wraps function: its __wrapped__)
-    ensembled = next((s for s in wrapped_steps(eval_step) if isinstance(s, EnsembleStep)), None)
     examples = ensembled.examples if ensembled is not None else _data.batch_size_of
     unsized = False  # (warned once: a batch without a tensor or array counts as one example)
 
@@ -517,6 +523,23 @@ _UNSIZED_BATCH = (
     "but a batch ({kind}) holds none, its examples in Python lists: each such batch counts as one example, so a smaller "
     "last batch weighs as much as a full one. Make the batch's examples a tensor or array (a DataLoader's collate "
     "does), or pass batches of equal size."
+)
+
+
+_ENSEMBLE_DISTRIBUTED = (
+    "fnlit.fit got an ensemble step (fnlit.ensemble) under torch.distributed ({w} processes), but an ensemble cannot "
+    "be data-parallel, and fit under torch.distributed trains data-parallel: each rank would train its members on "
+    "its own shard of the data, and a checkpoint would hold rank 0's members only. Train the ensemble in one "
+    "process, or split its members across separate processes without a process group (each with its own seeds, "
+    "fit, checkpoint folder and logs)."
+)
+
+
+_ENSEMBLE_APART = (
+    "fnlit.evaluate got an ensemble step under torch.distributed, but the ranks hold different ensemble states "
+    "({what} differ at {path}): it adds the ranks' metrics by name, member by member, so the members of one rank "
+    "would be mixed with another's. Evaluate each rank's own members in a process without a process group (or in "
+    "a loop of one's own), or give every rank the same ensemble state."
 )
 
 
@@ -1032,7 +1055,9 @@ def fit(
 
     Raises:
         ValueError: empty or endless data without a limit, val_data without batches, inconsistent options,
-            non-scalar metrics, colliding metric names (each message names the option and the fix).
+            non-scalar metrics, colliding metric names (each message names the option and the fix); an ensemble
+            step (:func:`fnlit.ensemble`) under torch.distributed with several processes (every rank raises, before
+            training: fit trains data-parallel there, which an ensemble cannot be).
         TypeError: a ``seed`` that is not an int, ``prefixes`` that are not two strings, a state that is not one
             :class:`fnlit.TrainState` (a tuple of a GAN's two: train them as one state, see the README).
 
@@ -1049,6 +1074,8 @@ def fit(
         8
     """
     require_state(state, "fnlit.fit")
+    if _dist.world_size() > 1 and any(isinstance(s, EnsembleStep) for s in wrapped_steps(step)):  # (every rank, at once)
+        raise ValueError(_ENSEMBLE_DISTRIBUTED.format(w=_dist.world_size()))
     if isinstance(step, torch.nn.Module):
         raise TypeError(
             f"fnlit.fit expected step to be a step function, (state, batch) -> (state, metrics), got the module "

@@ -464,6 +464,39 @@ def ensemble_with_collectives():
     return out
 
 
+def ensemble_members_per_rank():
+    """The split recipe under torch.distributed: each rank its own members (fit refuses, evaluate raises), and
+    evaluate of one ensemble state that every rank holds alike."""
+    rank = dist.get_rank()
+    loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    tx, out = fnlit.optim.sgd(0.1), {}
+
+    def states(seeds):
+        models = []
+        for s in seeds:
+            torch.manual_seed(s)
+            models.append(mlp(4, 8, 1))
+        return models[0], fnlit.stack_states([fnlit.TrainState.create(m, tx, seed=s) for m, s in zip(models, seeds)])
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(13, 4, generator=g), torch.randn(13, 1, generator=g)
+    data = fnlit.ArrayLoader(x, y, batch_size=4, shuffle=False)
+    model, own = states([0, 1, 2, 3][rank::2])  # rank 0: seeds 0 and 2, rank 1: seeds 1 and 3
+    step, ev = fnlit.train_step(model, loss), fnlit.eval_step(model, loss)
+    for name, run in {
+        "fit": lambda: fnlit.fit(fnlit.ensemble(step, 2), own, data, max_epochs=1, progress=False),
+        "fit same": lambda: fnlit.fit(fnlit.ensemble(step, 2), states([0, 1])[1], data, max_epochs=1, progress=False),
+        "evaluate": lambda: fnlit.evaluate(fnlit.ensemble(ev, 2), own, data),
+    }.items():
+        try:
+            result = run()
+            out[name] = result if isinstance(result, dict) else "ran"  # (a TrainState does not pickle back)
+        except ValueError as e:
+            out[name] = str(e)
+    out["evaluate same"] = fnlit.evaluate(fnlit.ensemble(ev, 2), states([0, 1])[1], data)
+    return out
+
+
 def hangs_ignoring_sigterm():
     """Rank 1 hangs and ignores SIGTERM (as fit's handler does: it only asks the loop to stop); rank 0 waits on it."""
     import signal

@@ -20,6 +20,7 @@ from _dist_workers import (
     best_path_read_during_fit,
     dies_early,
     early_stopping_fit,
+    ensemble_members_per_rank,
     ensemble_with_collectives,
     evaluate_by_batches,
     evaluate_every_example,
@@ -464,6 +465,33 @@ def test_ensemble_with_data_parallel_or_shard_around_it_is_refused_clearly():
     for out in fnlit.distributed.launch(ensemble_with_collectives, 2, timeout=120):
         for name, who in (("dp(ens)", "data_parallel"), ("shard(ens)", "shard"), ("vmap(dp)", "data_parallel"), ("vmap(shard)", "shard")):
             assert out[name].startswith(f"fnlit.ensemble cannot be combined with fnlit.{who}, in either nesting"), (name, out[name])
+
+
+@pytest.mark.distributed
+def test_ensemble_members_split_across_ranks_are_refused_by_fit_and_evaluate():
+    # The refusal above recommended each rank training its own members; under fit and evaluate that went wrong
+    # silently: evaluate added rank 0's member 0 to rank 1's member 0 as "loss/0", fit trained each rank on half
+    # the data and checkpointed rank 0's members only. Now fit refuses an ensemble on every rank, and evaluate
+    # raises where the ranks' members differ; one state held alike on every rank evaluates as one process does.
+    import torch.nn.functional as F
+
+    outs = fnlit.distributed.launch(ensemble_members_per_rank, 2, timeout=120)
+    for out in outs:
+        for name in ("fit", "fit same"):
+            assert re.search(r"fnlit.fit got an ensemble step .* under torch.distributed \(2 processes\), but an "
+                             r"ensemble cannot be data-parallel", out[name]), out[name]
+        assert isinstance(out["evaluate"], str), out["evaluate"]  # (not the mixed metrics)
+        assert re.search(r"fnlit.evaluate got an ensemble step under torch.distributed, but the ranks hold different "
+                         r"ensemble states \(their values differ at params\['0.bias'\]\)", out["evaluate"]), out["evaluate"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(13, 4, generator=g), torch.randn(13, 1, generator=g)
+    for i in range(2):  # each member by hand: its init, the mean squared error over all 13 examples
+        torch.manual_seed(i)
+        model = mlp(4, 8, 1)
+        with torch.no_grad():
+            reference = float(F.mse_loss(model(x), y))
+        for out in outs:
+            assert out["evaluate same"][f"loss/{i}"] == pytest.approx(reference, rel=1e-5)
 
 
 def test_launch_stops_a_hung_rank_that_ignores_sigterm_soon_after_its_timeout():

@@ -90,9 +90,10 @@ _PER_EXAMPLE_SHARD = (
 
 WITH_ENSEMBLE = (
     "fnlit.ensemble cannot be combined with {who}, in either nesting: its collectives (the gradient "
-    "all-reduce, the parameter all-gather) have no torch.func.vmap rule. Split the members across the ranks "
-    "instead -- each rank trains its own members with fnlit.ensemble alone, e.g. "
-    "seeds[fnlit.distributed.rank()::fnlit.distributed.world_size()] -- or train each member with {who} on its own."
+    "all-reduce, the parameter all-gather) have no torch.func.vmap rule. Split the members across separate "
+    "processes instead, without a process group (each with its own seeds, fnlit.fit, checkpoint folder and "
+    "logs), or across ranks in a loop of one's own -- not fnlit.fit or fnlit.evaluate under torch.distributed, "
+    "which train data-parallel and add the ranks' metrics -- or train each member with {who} on its own."
 )
 
 

@@ -224,6 +224,21 @@ def _fingerprints(state: TrainState) -> tuple[list[str], list[int]]:
     return paths, values
 
 
+def first_difference(state: TrainState, group: Any = None) -> tuple[str, str] | None:
+    """Under torch.distributed: what differs first between the ranks' states and where (``("their values",
+    "params['bias']")``), the same answer on every rank, or None where they agree (:func:`check_same_state`'s
+    two small collectives and one read; not inside a step)."""
+    paths, values = _fingerprints(state)
+    if not _all_equal(len(values), state.device, group):
+        return "their structures (numbers of tensors)", "the state"
+    most, least = _extremes(values, state.device, group)
+    differ = [i for i in range(len(values)) if most[i] != least[i]]
+    if not differ:
+        return None
+    i = min(differ, key=lambda j: (j % 5 >= 3, j))  # sizes, dtypes and shapes first: they explain differing values
+    return ("their sizes", "their dtypes", "their shapes", "their values", "their values")[i % 5], paths[i // 5]
+
+
 def check_same_state(state: TrainState, group: Any = None) -> None:
     """Raises on every rank when the ranks' states differ: sizes, dtypes, shapes, or values (two integer checksums
     of each tensor's bits, exact, one weighted by position: the same values in another order differ too). Two
@@ -233,16 +248,10 @@ def check_same_state(state: TrainState, group: Any = None) -> None:
     Raises:
         ValueError: naming the first tensor that differs, and how to start every rank alike.
     """
-    paths, values = _fingerprints(state)
+    found = first_difference(state, group)
+    if found is not None:
+        raise ValueError(_DIFFERENT_STATES.format(what=found[0], path=found[1]))
     first = next(iter(_tree.tree_leaves(state.params)), None)
-    if not _all_equal(len(values), state.device, group):
-        raise ValueError(_DIFFERENT_STATES.format(what="their structures (numbers of tensors)", path="the state"))
-    most, least = _extremes(values, state.device, group)
-    differ = [i for i in range(len(values)) if most[i] != least[i]]
-    if differ:  # sizes, dtypes and shapes first: they explain differing values
-        i = min(differ, key=lambda j: (j % 5 >= 3, j))
-        what = ("their sizes", "their dtypes", "their shapes", "their values", "their values")[i % 5]
-        raise ValueError(_DIFFERENT_STATES.format(what=what, path=paths[i // 5]))
     if isinstance(first, torch.Tensor):  # a data-parallel step's first call finds it checked (see data_parallel)
         _CHECKED.add(first)
 
