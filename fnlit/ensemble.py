@@ -41,6 +41,7 @@ from torch import nn
 
 from . import random as _random
 from . import tree as _tree
+from ._checkpoint_io import _dtensor_class, is_sharded
 from .tree import is_real
 from ._types import Batch, Metrics, Params
 from .data import batch_size_of
@@ -73,7 +74,9 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         A TrainState whose every tensor has a leading dimension ``len(states)``.
 
     Raises:
-        ValueError: on an empty list, different optimizers, or the first path where two states differ.
+        ValueError: on an empty list, different optimizers, the first path where two states differ (a sharded
+            tensor where another state holds a plain one included), or sharded states (:func:`fnlit.shard_state`:
+            an ensemble cannot be sharded; stack the full states, ``fnlit.unshard_state(s)`` of each).
 
     Example:
         >>> import torch, fnlit
@@ -101,8 +104,16 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         where = _tree.first_mismatch(first, s)
         if where is None:
             where = next((f"at {p}: dtype {a.dtype} vs {b.dtype}" for p, a, b in _pairs(first, s) if a.dtype != b.dtype), None)
+        if where is None and (dtensor := _dtensor_class()) is not None:  # (the same shape: a DTensor's is the global one)
+            kind = lambda t: "a sharded tensor (DTensor)" if isinstance(t, dtensor) else "a plain tensor"  # noqa: E731
+            where = next((f"at {p}: {kind(a)} vs {kind(b)}" for p, a, b in _pairs(first, s) if kind(a) != kind(b)), None)
         if where is not None:
             raise ValueError(f"stack_states: states[{i}] differs from states[0] {where}. Members must be the same model.")
+    if is_sharded(first):
+        raise ValueError(
+            "stack_states got sharded states (fnlit.shard_state): " + WITH_ENSEMBLE.format(who="fnlit.shard")
+            + " Stack the full states: fnlit.unshard_state(s) of each."
+        )
     return _tree.tree_map(lambda *xs: torch.stack(xs), *states)
 
 
@@ -508,6 +519,8 @@ class EnsembleStep(Generic[_Out]):
 
     def __call__(self, state: TrainState, batch: Batch) -> _Out:
         require_state(state, "fnlit.ensemble")
+        if not torch.compiler.is_compiling() and is_sharded(state):  # (before any collective: vmap has no rule for them)
+            raise ValueError(WITH_ENSEMBLE.format(who="fnlit.shard"))
         if state.step.shape != (self.n,):
             raise ValueError(
                 f"fnlit.ensemble(step, n={self.n}) expected a state stacked over {self.n} members (state.step of "

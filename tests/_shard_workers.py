@@ -180,6 +180,27 @@ def errors():
     return out
 
 
+def ensemble_of_sharded_states():
+    """fnlit.ensemble and stack_states given sharded states: each case's error message (or "no error")."""
+    model, state = make_state()
+    torch.manual_seed(1)
+    other = fnlit.TrainState.create(mlp(D_IN, HIDDEN, D_OUT), state.tx, seed=1)
+    step, out = hand_step(model), {}
+    cases = {
+        "stack sharded": lambda: fnlit.stack_states([shard_state(state), shard_state(other)]),
+        "stack sharded, plain": lambda: fnlit.stack_states([shard_state(state), other]),
+        "stack plain, sharded": lambda: fnlit.stack_states([state, shard_state(other)]),
+        "ensemble of sharded": lambda: fnlit.ensemble(step, 2)(shard_state(fnlit.stack_states([state, other])), global_batch(0)),
+    }
+    for name, run in cases.items():
+        try:
+            run()
+            out[name] = "no error"
+        except Exception as e:  # (torch's own errors too: a test names them)
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def l2_step(model, full: bool):
     """A step whose loss reads the params directly (an L2 penalty), through p.full_tensor() or not."""
 

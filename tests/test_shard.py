@@ -17,6 +17,7 @@ from _shard_workers import (
     STEPS,
     a_rank_fails_in_save_sharded,
     compose,
+    ensemble_of_sharded_states,
     export_sharded,
     four_ranks,
     global_batch,
@@ -180,6 +181,20 @@ def test_unsupported_combinations_raise(runs):
         for name, message in r["errors"].items():
             assert "cannot be combined" in message, name
         assert "fnlit.data_parallel" in r["errors"]["shard(gradient penalty)"]  # (was DTensor's internal error)
+
+
+def test_ensemble_and_stack_states_refuse_sharded_states_clearly():
+    # stack_states accepted sharded states, and fnlit.ensemble then failed inside torch ("aten.bmm.default got mixed
+    # torch.Tensor and DTensor"); a sharded state beside a plain one failed inside torch too, where the docstring
+    # promised a ValueError naming the first path where two states differ.
+    for out in fnlit.distributed.launch(ensemble_of_sharded_states, 2, timeout=120):
+        refusal = r"fnlit.ensemble cannot be combined with fnlit.shard, in either nesting"
+        assert re.search(r"stack_states got sharded states \(fnlit.shard_state\): " + refusal, out["stack sharded"])
+        assert re.search(refusal, out["ensemble of sharded"]), out["ensemble of sharded"]
+        for name, kinds in (("stack sharded, plain", "a sharded tensor \\(DTensor\\) vs a plain tensor"),
+                            ("stack plain, sharded", "a plain tensor vs a sharded tensor \\(DTensor\\)")):
+            assert re.search(r"stack_states: states\[1\] differs from states\[0\] at params\['0.bias'\]: " + kinds,
+                             out[name]), out[name]
 
 
 def test_shard_without_a_process_group_says_how_to_launch():
