@@ -229,8 +229,10 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
 
     Other data is told the epoch first where it can be: a DataLoader's samplers (``set_epoch`` or, for the
     random ones, a generator seeded from ``(seed, epoch)``) and, with workers, its ``generator`` (which seeds
-    the workers: a dataset's random transforms), or the data's own ``set_epoch(epoch)`` (a wrapper around an
-    ArrayLoader that forwards it reshuffles each epoch, as the loader itself does).
+    the workers: a dataset's random transforms; without workers one's own is replaced too, so iterating does not
+    draw from it; :func:`fnlit.fit` puts back what :func:`generators` lists when it ends), or the data's own
+    ``set_epoch(epoch)`` (a wrapper around an ArrayLoader that forwards it reshuffles each epoch, as the loader
+    itself does).
 
     Example:
         >>> loader = ArrayLoader(torch.arange(6), batch_size=2, shuffle=False)
@@ -251,17 +253,63 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
         for sampler in _samplers(data):
             if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler, or one's own (as Lightning does)
                 sampler.set_epoch(order_epoch)
-            elif isinstance(getattr(sampler, "generator", 0), (torch.Generator, type(None))):
+            elif _seeded_sampler(sampler):
                 # RandomSampler, SubsetRandomSampler, WeightedRandomSampler: drawn from this epoch's seed, not the
                 # global generator, so a run resumed mid-epoch skips the batches of the same order
                 sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
-        if data.num_workers > 0:
+        if data.num_workers > 0 or data.generator is not None:
             # The workers' seeds (a dataset's random transforms) come from this epoch's seed and the rank, not the
             # global generator: a run resumed mid-epoch replays the same transforms while skipping, and each rank
-            # transforms its examples with its own stream (as Lightning's worker seeds mix in the rank)
+            # transforms its examples with its own stream (as Lightning's worker seeds mix in the rank). Without
+            # workers that seed goes unused, but every iter() draws it: one's own generator is not drawn from.
             worker_seed = (epoch_seed(seed, epoch) ^ _WORKER_SEED_MIX) + _WORKER_RANK_STRIDE * _dist.rank()
             data.generator = torch.Generator().manual_seed(worker_seed & 0x7FFF_FFFF_FFFF_FFFF)
     return itertools.islice(iter(data), start, stop)
+
+
+def _seeded_sampler(sampler: Any) -> bool:
+    """Whether :func:`epoch_batches` sets ``sampler``'s ``generator``: one without ``set_epoch`` whose generator is a
+    ``torch.Generator`` or None (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)."""
+    return not callable(getattr(sampler, "set_epoch", None)) and isinstance(
+        getattr(sampler, "generator", 0), (torch.Generator, type(None))
+    )
+
+
+def generators(data: Any) -> list[tuple[Any, torch.Generator | None]]:
+    """The objects whose ``generator`` :func:`epoch_batches` sets in a DataLoader (its samplers seeded per epoch, and
+    the DataLoader itself), each with the generator it holds now: :func:`fnlit.fit` puts them back when it ends.
+    Other data: none.
+
+    Example:
+        >>> g = torch.Generator()
+        >>> loader = DataLoader(torch.arange(4), shuffle=True, generator=g)
+        >>> [(type(o).__name__, held is g) for o, held in generators(loader)]
+        [('RandomSampler', True), ('DataLoader', True)]
+    """
+    if not isinstance(data, DataLoader):
+        return []
+    return [(s, s.generator) for s in _samplers(data) if _seeded_sampler(s)] + [(data, data.generator)]
+
+
+def own_generators(data: Any) -> list[str]:
+    """What of ``data``'s draws its order or its workers' seeds from a generator one set (not None) that
+    :func:`epoch_batches` replaces with fit's seed: ``"its RandomSampler's generator"``, ``"its generator (the
+    workers' seeds)"``. The DataLoader's own counts with workers only (without them, its seed is unused).
+
+    Example:
+        >>> loader = DataLoader(torch.arange(4), shuffle=True, generator=torch.Generator())
+        >>> own_generators(loader), own_generators(DataLoader(torch.arange(4), shuffle=True))
+        (["its RandomSampler's generator"], [])
+    """
+    named = []
+    for obj, gen in generators(data):
+        if gen is None:
+            continue
+        if obj is not data:
+            named.append(f"its {type(obj).__name__}'s generator")
+        elif data.num_workers > 0:
+            named.append("its generator (the workers' seeds)")
+    return named
 
 
 _WORKER_SEED_MIX = 0x2545_F491_4F6C_DD1D  # apart from the samplers' seeds of the same (seed, epoch)

@@ -878,6 +878,19 @@ def _outputs(progress: bool | None, logger: Logger | None, owned: Logger | None)
 
 
 @contextlib.contextmanager
+def _generators_back(data: Iterable[Any]) -> Iterator[None]:
+    """While fit runs, a DataLoader's samplers and its own ``generator`` hold fit's per-epoch ones
+    (:func:`fnlit.data.epoch_batches`); the ones they held are put back when fit ends, an error's end too: a loop
+    over the same loader after fit draws its order as before, from one's own generator, not left in fit's state."""
+    held = _data.generators(data)
+    try:
+        yield
+    finally:
+        for obj, gen in held:
+            obj.generator = gen
+
+
+@contextlib.contextmanager
 def _rows_first(checkpoint: Any, logger: Logger | None) -> Iterator[None]:
     """While fit runs, a Checkpointer flushes fit's writers right before it writes a file (``before_save``): the
     rows logged up to the saved step are on disk before the checkpoint is. A resumed run logs from the step after
@@ -986,10 +999,11 @@ def fit(
             ``__iter__``, an augmentation, is iterated as it is after ``set_epoch(epoch, seed)``), a DataLoader
             (its sampler, or its batch sampler's: one with ``set_epoch``, as DistributedSampler, gets
             ``set_epoch(epoch)``; one with a ``generator`` (RandomSampler, SubsetRandomSampler, WeightedRandomSampler) is reseeded per
-            epoch from ``seed``), or anything else (iterated as is, after ``set_epoch(epoch)`` where it has one:
-            a wrapper around an ArrayLoader that forwards it reshuffles per epoch, from the loader's own seed;
-            give validation a loader of its own then). A sampler drawing from the global
-            generator otherwise does not repeat its order on a resume mid-epoch. Batches are moved to
+            epoch from ``seed``, and so are its workers; a generator of one's own there is not used, with a warning
+            unless ``seed`` is given, and is put back when fit returns), or anything else (iterated as is, after
+            ``set_epoch(epoch)`` where it has one: a wrapper around an ArrayLoader that forwards it reshuffles per
+            epoch, from the loader's own seed; give validation a loader of its own then). A sampler drawing from the
+            global generator otherwise does not repeat its order on a resume mid-epoch. Batches are moved to
             ``state.device`` (pinned, non-blocking).
         val_data, eval_step: validation data and ``(state, batch) -> metrics``, logged as ``"val/<name>"``.
             val_data with no batches (``len() == 0``: ``[]``, or a loader with ``drop_last=True`` and fewer examples
@@ -1121,6 +1135,15 @@ def fit(
             f"fit resumes with the checkpoint's data-order seed {position['seed']}, not seed={seed}: the resumed "
             "epoch must be replayed in the order it began in (another would skip or repeat examples). Start a "
             "new run (no ckpt_path) for another order.",
+            stacklevel=2,
+        )
+    own = _data.own_generators(train_data)
+    if own and seed is None and _dist.rank() == 0:
+        warnings.warn(
+            "fit draws train_data's order from its data-order seed (fit's seed=, by default the state's key; on a "
+            "resume, the checkpoint's) so that a resume replays the order exactly: the generator set on it "
+            f"({', '.join(own)}) is not used, and is put back when fit returns. Pass fit(seed=...) to vary the order "
+            "in a new run.",
             stacklevel=2,
         )
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
@@ -1332,7 +1355,12 @@ def fit(
     # hparams, a row replayed) leaves no file open.
     owned = Logger(log_dir=log_dir, purge_step=purge_from) if log_dir is not None and not plan.quiet else None
     logger = None if plan.quiet else Logger([*(loggers or ()), *(owned.writers if owned else ())])
-    with _Signals() as signals, _outputs(progress, logger, owned) as bar, _rows_first(checkpoint, logger):
+    with (
+        _Signals() as signals,
+        _outputs(progress, logger, owned) as bar,
+        _rows_first(checkpoint, logger),
+        _generators_back(train_data),
+    ):
         if logger is not None and loggers and resumed:  # the steps after the checkpoint are logged again
             Logger(loggers).purge(purge_from)
         if logger is not None:

@@ -765,3 +765,71 @@ def test_shard_indices_are_drawn_on_the_cpu_under_another_default_device(shuffle
     request.getfixturevalue("meta_default_device")  # (after the reference, drawn on the CPU)
     got = fnlit.distributed.shard_indices(10, rank=1, world_size=2, shuffle=shuffle, seed=seed, epoch=epoch)
     assert got == order[1::2]
+
+
+def _own(seed, workers=0):
+    """A shuffling DataLoader with a generator of its own, seeded with ``seed``."""
+    ds = TensorDataset(torch.arange(12))
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=3, shuffle=True, num_workers=workers, generator=g)
+
+
+_OWN = r"order from its data-order seed .*set on it \(its RandomSampler's generator\) is not used.*fit\(seed=\.\.\.\)"
+_OWN_WORKERS = r"\(its RandomSampler's generator, its generator \(the workers' seeds\)\) is not used"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fit_puts_a_dataloaders_own_generator_back_undrawn(workers):
+    # fit left its per-epoch generators in the user's DataLoader (its sampler's, and the loader's with workers), and
+    # without workers drew each epoch's base seed from the user's: a loop over the loader after fit drew another
+    # order than before. Reference: a plain loop over a fresh loader with a generator of the same seed.
+    loader, want = _own(7, workers), [b[0].tolist() for b in _own(7)]
+    g = loader.generator
+    with pytest.warns(UserWarning, match=_OWN_WORKERS if workers else _OWN):
+        _fit_batches(loader)
+    assert loader.sampler.generator is g and loader.generator is g
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(7).get_state())
+    assert [b[0].tolist() for b in loader] == want
+
+
+def test_fit_puts_a_dataloaders_own_generator_back_when_the_step_fails():
+    loader = _own(7)
+    g = loader.generator
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    def step(state, batch):
+        raise RuntimeError("a failing step")
+
+    with pytest.raises(RuntimeError, match="a failing step"), pytest.warns(UserWarning, match=_OWN):
+        fnlit.fit(step, state, loader, max_epochs=1, progress=False)
+    assert loader.sampler.generator is g and torch.equal(g.get_state(), torch.Generator().manual_seed(7).get_state())
+
+
+def test_fit_given_a_seed_does_not_warn_about_a_dataloaders_own_generator():
+    loader = _own(7)
+    assert _fit_batches(loader, seed=3) == _fit_batches(_own(8), seed=3)  # (warnings are errors) seed decides the order
+    assert loader.sampler.generator is loader.generator
+
+
+def test_a_resume_warns_about_a_dataloaders_own_generator_too(tmp_path):
+    from fnlit.checkpoint import Checkpointer
+
+    with pytest.warns(UserWarning, match=_OWN):
+        _fit_batches(_own(7), checkpoint=Checkpointer(tmp_path), callbacks=[_Stop(4)])
+    with pytest.warns(UserWarning, match=_OWN):  # the checkpoint's seed decides: the generator is still not used
+        _fit_batches(_own(7), checkpoint=Checkpointer(tmp_path), ckpt_path="last")
+
+
+def test_fit_puts_back_the_generator_of_a_sampler_inside_a_batch_sampler():
+    from torch.utils.data import WeightedRandomSampler
+
+    ds = TensorDataset(torch.arange(12))
+    def make():
+        g = torch.Generator().manual_seed(5)
+        return BatchSampler(WeightedRandomSampler(torch.ones(12), 12, generator=g), 3, False)
+
+    bs = make()
+    g, loader = bs.sampler.generator, DataLoader(ds, batch_sampler=bs)
+    with pytest.warns(UserWarning, match=r"set on it \(its WeightedRandomSampler's generator\) is not used"):
+        _fit_batches(loader, overfit_batches=2)  # (overfit_batches keeps this sampler: drawn with replacement)
+    assert bs.sampler.generator is g
+    assert [b[0].tolist() for b in loader] == [b[0].tolist() for b in DataLoader(ds, batch_sampler=make())]
