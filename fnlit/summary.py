@@ -35,7 +35,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
 
 import numpy as np
@@ -310,7 +310,8 @@ class CSVWriter:
     those after its checkpoint. To keep an earlier run, log to another folder. A file that has no ``step`` column, or a row without a numeric
     step, is not continued: the writer raises a ValueError rather than overwrite it. Rewrites go to a
     temporary file renamed over this one, so a process killed while rewriting never loses the earlier
-    rows.
+    rows. Only the rows not yet written are held in memory: a rewrite reads the others back from the file,
+    one at a time.
 
     Args:
         path: a ``.csv`` file, or a directory (the file is then ``<dir>/metrics.csv``).
@@ -349,14 +350,20 @@ class CSVWriter:
         self.flush_secs = flush_secs
         self.enabled = _dist.is_main()
         self.columns: list[str] = ["step"]
-        self.rows: list[dict[str, Any]] = []
-        self._written = 0  # rows already in the file
+        # Only the rows not yet in the file are held: a rewrite reads the written ones back from the file,
+        # so a long run's memory stays flat (as Lightning's CSVLogger).
+        self._pending: list[dict[str, Any]] = []
+        self._own: dict[str, None] = {}  # the names in this writer's rows in the file, in the order they first came
+        self._own_rows = 0  # this writer's rows in the file (after the earlier run's)
+        self._own_last = -math.inf  # the last step among them
         self._file: TextIO | None = None  # kept open for appending between rewrites
         self._flushed = -math.inf  # the first row is written at once
         self._closed = False
         self._header: list[str] = []  # the earlier file's columns, in its order
-        self._earlier: list[tuple[float, dict[str, str]]] = []  # its rows still kept: (step, non-blank cells)
+        self._earlier_rows = 0  # its rows still kept: the file's first rows
+        self._earlier_cols: list[str] = []  # the columns holding values in them, in the header's order
         self._earlier_last = -math.inf  # the last step among them: a row after it replaces none
+        self._at_last: list[frozenset[str]] = []  # the names in those at that step
         if self.enabled:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._read_earlier()
@@ -368,16 +375,27 @@ class CSVWriter:
         log nothing). :func:`fnlit.fit` calls it when it resumes, with the checkpoint's step plus one."""
         if not self.enabled or self._closed:
             return
-        kept = [(s, cells) for s, cells in self._earlier if s < step]
-        rows = [r for r in self.rows if float(r["step"]) < step]
-        if len(kept) < len(self._earlier) or len(rows) < len(self.rows):
-            self._earlier, self.rows = kept, rows
-            self._earlier_last = max((s for s, _ in kept), default=-math.inf)
-            self._rewrite()  # this writer's rows too, pending ones included
-            self._written = len(self.rows)
+        pending = [r for r in self._pending if float(r["step"]) < step]
+        earlier = self._earlier_rows and self._earlier_last >= step
+        if earlier or self._own_last >= step or len(pending) < len(self._pending):
+            self._pending = pending
+            self._rewrite(lambda s, cells: s < step, lambda s: s < step)  # this writer's pending rows too
+
+    def _read(self) -> Iterator[tuple[int, float, dict[str, str]]]:
+        """The file's rows as (index, step, non-blank cells), read one at a time."""
+        if self._file is not None:
+            self._file.flush()
+        try:
+            f = open(self.path, newline="", encoding="utf-8")
+        except FileNotFoundError:  # no file yet (or it was deleted: its rows are gone)
+            return
+        with f:
+            for i, row in enumerate(csv.DictReader(f)):
+                cells = {k: v for k, v in row.items() if v}  # blank cells: not logged
+                yield i, float(cells["step"]), cells
 
     def _read_earlier(self) -> None:
-        """Reads the rows an earlier run left in the file (see the class docstring)."""
+        """Checks the rows an earlier run left in the file (see the class docstring), and notes where they are."""
         try:
             f = open(self.path, newline="", encoding="utf-8")
         except FileNotFoundError:
@@ -391,34 +409,41 @@ class CSVWriter:
                     f"CSVWriter: {self.path} exists and has no 'step' column, so it was not written by a CSVWriter "
                     f"and cannot be continued. Move it away, or log to another path."
                 )
+            self._header = list(reader.fieldnames)
+            used: set[str] = set()
             for row in reader:
                 cells = {k: v for k, v in row.items() if v}  # blank cells: not logged
                 try:
                     if None in cells:  # more values than columns
                         raise ValueError
-                    self._earlier.append((float(cells["step"]), cells))
+                    self._note_earlier(float(cells["step"]), cells, used)
                 except (KeyError, ValueError):
                     raise ValueError(
                         f"CSVWriter: line {reader.line_num} of {self.path} is not a row a CSVWriter writes (a numeric "
                         f"step and at most one value per column): {row}. Fix or delete that line, or log to another "
                         f"path."
                     ) from None
-            self._header = list(reader.fieldnames)
-        self._earlier_last = max((step for step, _ in self._earlier), default=-math.inf)
+        self._earlier_cols = [k for k in self._header if k in used]
 
-    def _replace_earlier(self, rows: Sequence[Mapping[str, Any]]) -> bool:
-        """Drops the earlier rows that ``rows`` replace; True if any were dropped."""
-        kept = self._earlier
-        for row in rows:
-            step = float(row["step"])
-            if step <= self._earlier_last:  # else it replaces none: the cheap path once past the earlier run
-                names = row.keys() - {"step"}
-                kept = [(s, cells) for s, cells in kept if s < step or (s == step and names.isdisjoint(cells))]
-        if len(kept) == len(self._earlier):
-            return False
-        self._earlier = kept
-        self._earlier_last = max((step for step, _ in kept), default=-math.inf)
-        return True
+    def _note_earlier(self, step: float, cells: Mapping[str, str], used: set[str]) -> None:
+        """Counts one kept earlier row."""
+        self._earlier_rows += 1
+        used.update(cells)
+        if step > self._earlier_last:
+            self._earlier_last, self._at_last = step, []
+        if step == self._earlier_last:
+            self._at_last.append(frozenset(cells.keys() - {"step"}))
+
+    def _replaced(self, rows: Sequence[Mapping[str, Any]]) -> Callable[[float, Mapping[str, str]], bool] | None:
+        """Which earlier rows ``rows`` keep (those before all of them, or at the first step without one of its
+        names), or None if they replace none."""
+        first = min(float(row["step"]) for row in rows)
+        if not self._earlier_rows or first > self._earlier_last:  # the cheap path once past the earlier run
+            return None
+        names = {k for row in rows if float(row["step"]) == first for k in row if k != "step"}
+        if first == self._earlier_last and all(names.isdisjoint(at) for at in self._at_last):
+            return None
+        return lambda s, cells: s < first or (s == first and names.isdisjoint(cells))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self._closed:
@@ -426,7 +451,7 @@ class CSVWriter:
         step = _step(step, self)
         if not self.enabled:
             return
-        self.rows.append({"step": step, **_numbers(metrics)})
+        self._pending.append({"step": step, **_numbers(metrics)})
         if time.monotonic() - self._flushed >= self.flush_secs:
             self.flush()
 
@@ -437,34 +462,70 @@ class CSVWriter:
 
     def flush(self) -> None:
         """Writes the pending rows (the whole file again if they bring new columns or replace earlier rows)."""
-        if not self.enabled or self._closed or not self.rows:  # no rows yet: no file yet
+        if not self.enabled or self._closed or not (self._pending or self._own_rows):  # no rows yet: no file yet
             return
-        pending = self.rows[self._written :]
-        replaced = self._replace_earlier(pending) if self._earlier else False
-        new = [k for row in pending for k in row if k not in self.columns]
-        if new or replaced or self._file is None:
-            self._rewrite()
-        elif pending:
-            csv.DictWriter(self._file, self.columns).writerows(pending)
-        self._written = len(self.rows)
+        if self._pending:
+            keep = self._replaced(self._pending)
+            new = [k for row in self._pending for k in row if k not in self.columns]
+            if new or keep is not None or self._file is None:
+                self._rewrite(keep)
+            else:
+                csv.DictWriter(self._file, self.columns).writerows(self._pending)
+                self._wrote()
+        assert self._file is not None
         self._file.flush()
         self._flushed = time.monotonic()
 
-    def _rewrite(self) -> None:
-        """Writes the whole file again: the earlier rows kept, then this writer's (columns as they need)."""
-        used = {k for _, cells in self._earlier for k in cells}  # the earlier columns still holding values
-        earlier = [k for k in self._header if k in used]
-        self.columns = list(dict.fromkeys(["step", *earlier, *(k for row in self.rows for k in row)]))
+    def _wrote(self) -> None:
+        """Notes the pending rows as written, and drops them."""
+        for row in self._pending:
+            self._own.update(dict.fromkeys(k for k in row if k != "step"))
+            self._own_last = max(self._own_last, float(row["step"]))
+        self._own_rows += len(self._pending)
+        self._pending = []
+
+    def _rewrite(
+        self,
+        keep_earlier: Callable[[float, Mapping[str, str]], bool] | None = None,
+        keep_own: Callable[[float], bool] | None = None,
+    ) -> None:
+        """Writes the whole file again: the earlier rows kept, then this writer's, then the pending ones
+        (columns as they need). The rows already written are read back from the file, one at a time."""
+        dropping = keep_earlier is not None or keep_own is not None
+        keep_earlier = keep_earlier or (lambda s, cells: True)
+        keep_own = keep_own or (lambda s: True)
+        n_earlier = self._earlier_rows
+        kept = lambda i, s, cells: keep_earlier(s, cells) if i < n_earlier else keep_own(s)  # noqa: E731
+        if dropping:  # count again what is kept
+            order = {k: i for i, k in enumerate(self._own)}
+            used: set[str] = set()
+            self._earlier_rows, self._earlier_last, self._at_last = 0, -math.inf, []
+            self._own, self._own_rows, self._own_last = {}, 0, -math.inf
+            for i, s, cells in self._read():
+                if not kept(i, s, cells):
+                    continue
+                if i < n_earlier:
+                    self._note_earlier(s, cells, used)
+                else:
+                    # A row's own key order is not in the file: its new names go in the order they first came.
+                    new = sorted((k for k in cells if k != "step" and k not in self._own), key=lambda k: order.get(k, -1))
+                    self._own.update(dict.fromkeys(new))
+                    self._own_rows += 1
+                    self._own_last = max(self._own_last, s)
+            self._earlier_cols = [k for k in self._header if k in used]
+        pending_keys = (k for row in self._pending for k in row)
+        self.columns = list(dict.fromkeys(["step", *self._earlier_cols, *self._own, *pending_keys]))
+        tmp = self.path + ".tmp"  # written aside, then renamed over the file: never half a file
+        with open(tmp, "w", newline="", encoding="utf-8") as out:
+            w = csv.DictWriter(out, self.columns)
+            w.writeheader()
+            w.writerows(cells for i, s, cells in self._read() if kept(i, s, cells))
+            w.writerows(self._pending)
         if self._file is not None:
             self._file.close()
-        tmp = self.path + ".tmp"  # written aside, then renamed over the file: never half a file
-        self._file = open(tmp, "w", newline="", encoding="utf-8")
-        w = csv.DictWriter(self._file, self.columns)
-        w.writeheader()
-        w.writerows(cells for _, cells in self._earlier)
-        w.writerows(self.rows)
-        self._file.flush()
-        os.replace(tmp, self.path)  # the open file is the renamed one: appends go on into it
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")  # appends go on into it
+        self._wrote()
 
     def close(self) -> None:
         if self._closed:  # a second close (or __del__ after close) must not rewrite the file

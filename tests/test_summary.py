@@ -12,6 +12,7 @@ import struct
 import termios
 import threading
 import time
+import tracemalloc
 import warnings
 
 import pytest
@@ -907,3 +908,42 @@ def test_fit_closes_its_log_files_when_it_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="has no 'step' column") as caught:
         counting_fit(tmp_path / "csv")
     assert caught.traceback and open_files_under(tmp_path / "csv") == []
+
+
+def test_a_csv_writer_holds_only_its_pending_rows_and_rewrites_from_the_file(tmp_path):
+    # It kept every row it logged (and the earlier run's) in memory, ~300 bytes a row for the whole run.
+    def held(make, log, n):  # bytes the writer holds after logging n rows (its open file's buffers included)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            w = make()
+            log(w, 1, n)
+            w.flush()
+            return w, tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+
+    def log(w, start, stop):  # loss at every step; lr too from step 1500 on: a new column late in the run
+        for s in range(start, stop):
+            w.log_metrics({"loss": float(s), **({"lr": 0.5} if s >= 1500 else {})}, s)
+
+    w, grown = held(lambda: CSVWriter(tmp_path), log, 3000)
+    assert grown < 64_000  # 3,000 rows: ~740 kB held before
+    w.purge(1800)  # this writer's rows from step 1800 on go (read back from the file, not from memory)
+    w.log_metrics({"loss": -1.0}, 1800)
+    w.close()
+    row = lambda s: f"{s},{float(s)}," + ("0.5" if s >= 1500 else "")  # noqa: E731
+    expected = ["step,loss,lr", *map(row, range(1, 1800)), "1800,-1.0,"]
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == expected
+
+    def resume(w, start, stop):  # steps 1700 on; its first row replaces the earlier step 1700 (both hold loss)
+        for s in range(1699 + start, 1699 + stop):
+            w.log_metrics({"loss": 0.25, "acc": 1.0} if s == 1700 else {"loss": float(s)}, s)
+
+    w, grown = held(lambda: CSVWriter(tmp_path, purge_step=1701), resume, 1000)  # the earlier 1701-1800 go at once
+    assert grown < 64_000  # nor the earlier run's 1,700 rows (~1 MB before)
+    w.close()
+    expected = ["step,loss,lr,acc", *(row(s) + "," for s in range(1, 1700)), "1700,0.25,,1.0"]
+    expected += [f"{s},{float(s)},," for s in range(1701, 2699)]
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == expected
+    assert os.listdir(tmp_path) == ["metrics.csv"]
