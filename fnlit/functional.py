@@ -926,7 +926,7 @@ def set_own_mode(module: nn.Module, train: bool) -> None:
     for b in _ACTIVE:
         for i, (m, _) in enumerate(b.modes):
             held.setdefault(id(m), []).append((b.modes, i))
-    if not held:
+    if not any(id(m) in held for m in module.modules()):  # (a module's own train() override runs, as torch's)
         module.train(train)
         return
     for m in module.modules():

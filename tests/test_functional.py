@@ -1664,3 +1664,30 @@ def test_the_bound_model_passes_forward_keywords_named_like_applys_arguments_or_
     ref = copy.deepcopy(bn).train()
     ref(xs)
     torch.testing.assert_close(new.buffers["1.running_mean"], ref[1].running_mean)
+
+
+def test_export_during_a_backward_of_another_module_calls_the_modules_own_train():
+    # export's eval mode went around a module's train() override (a detection model keeping its BatchNorms frozen)
+    # whenever any backward in flight had set training flags, even one of an unrelated module. Reference: the export
+    # of the same module with no backward in flight, which calls it (torch's module.eval()).
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn, self.calls = nn.Linear(2, 2), nn.BatchNorm1d(2), 0
+
+        def train(self, mode=True):
+            self.calls += 1
+            return super().train(mode)
+
+        def forward(self, x):
+            return self.bn(self.lin(x))
+
+    other, frozen = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), Frozen()
+    s_other = fnlit.TrainState.create(other, fnlit.optim.sgd(0.1), seed=0)
+    s_frozen = fnlit.TrainState.create(frozen, fnlit.optim.sgd(0.1), seed=0)
+    fnlit.export(s_frozen, frozen)
+    alone = frozen.calls
+    x, y = torch.randn(3, 2), torch.tensor([0, 1, 0])
+    _, during = _paused_in_backward(other, s_other.params, s_other.buffers, x, y,
+                                    lambda: (fnlit.export(s_frozen, frozen), frozen.calls)[1], train=False)
+    assert alone == 1 and during == 2 and not frozen.training
