@@ -200,9 +200,12 @@ def _snapshot(state: Any, batch: Any) -> tuple[list[str], list[Any]]:
     paths, leaves, _ = _labelled(state, "state")
     b_paths, b_leaves, _ = _labelled(batch, "batch")
     # numpy arrays too (a batch straight from a numpy pipeline): `batch -= batch.mean()` writes into them
-    copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t.copy() if isinstance(t, np.ndarray) else t
-              for t in leaves + b_leaves]
-    return paths + b_paths, copies
+    return paths + b_paths, [_copy_leaf(t) for t in leaves + b_leaves]
+
+
+def _copy_leaf(t: Any) -> Any:
+    """A tensor or numpy array copied (what later writes into it leaves the copy alone); any other leaf as it is."""
+    return t.detach().clone() if isinstance(t, torch.Tensor) else t.copy() if isinstance(t, np.ndarray) else t
 
 
 def _check_unchanged(paths: list[str], before: list[Any], state: Any, batch: Any, run: str) -> None:
@@ -267,10 +270,7 @@ def _drawn_from(before: tuple[torch.Tensor, Any, Any]) -> list[str]:
 def _copied(tree: Any) -> Any:
     """``tree`` with its tensors (and numpy arrays) copied, so that what later writes into them leaves it alone."""
     leaves, treedef = _tree.tree_flatten(tree)
-    return _tree.tree_unflatten(treedef, [
-        t.detach().clone() if isinstance(t, torch.Tensor) else t.copy() if isinstance(t, np.ndarray) else t
-        for t in leaves
-    ])
+    return _tree.tree_unflatten(treedef, [_copy_leaf(t) for t in leaves])
 
 
 def assert_pure(step: StepFn, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -384,14 +384,14 @@ def assert_overfits(
             f"assert_overfits expected steps >= 2 (the metric must come down from the first step's value), got {steps} "
             "instead."
         )
-    first = last = None
+    start = None
     for _ in range(steps):
         state, metrics = step(state, batch)
         if metric not in metrics:
             raise KeyError(f"assert_overfits: the step returned no metric {metric!r}; it returned {sorted(metrics)}. Pass metric=...")
-        last = metrics[metric]
-        first = last if first is None else first
-    start, end = _values(first), _values(last)  # an ensemble's metric has one value per member: all must fit
+        if start is None:  # read now: a step may write every step's metric into one buffer it keeps
+            start = _values(metrics[metric])
+    end = _values(metrics[metric])  # an ensemble's metric has one value per member: all must fit
     if not all(e < below for e in end):
         raise AssertionError(
             f"the step did not fit a single batch: {metric} went from {_fmt(start)} to {_fmt(end)} in {steps} steps, "

@@ -281,6 +281,18 @@ def test_assert_overfits_catches_a_step_that_does_not_learn_under_a_threshold_me
     with pytest.raises(ValueError, match=r"expected steps >= 2.*got 1"):
         assert_overfits(fnlit.train_step(model, loss_fn), learning, (x, y), steps=1, below=2.0)
 
+    # A step writing its metric into one buffer it keeps: the first step's value must be read then, not at the end
+    # (it failed such a learning step, saying it "was below 2 from the start"). Reference: the losses recorded by hand.
+    out, seen = torch.zeros(()), []
+
+    def into_buffer(state, batch):
+        new, metrics = fnlit.train_step(model, loss_fn)(state, batch)
+        seen.append(metrics["loss"].item())
+        return new, {"loss": out.copy_(metrics["loss"])}
+
+    assert_overfits(into_buffer, learning, (x, y), steps=30, below=2.0)
+    assert seen[-1] < seen[0]
+
 
 # ---------------------------------------------------------------- host syncs
 def test_no_host_sync_passes_a_correct_step_with_dropout_and_adamw():
