@@ -38,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import datetime
-import itertools
 import math
 import numbers
 import time
@@ -664,7 +663,12 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch], *, al
     modes = [(m, m.training) for m in module.modules()]
     move = _data.device_mover(state.device)
     distributed = _dist.world_size() > 1
-    batches = _even_bn_batches(data, state) if distributed and is_sharded(state.params) else ((b, True) for b in data)
+    if distributed and is_sharded(state.params):  # (each forward all-gathers the params: as many on every rank)
+        from .loop import _even_batches  # (evaluate's; fnlit.loop imports this module)
+
+        batches: Iterable[tuple[Batch, bool]] = _even_batches(data, None, state, _NO_BN_BATCH)[0]
+    else:
+        batches = ((b, True) for b in data)
     try:
         module.train(True)
         for m in norms.values():
@@ -686,30 +690,10 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch], *, al
     return state.replace(buffers=buffers)
 
 
-def _even_bn_batches(data: Iterable[Batch], state: TrainState) -> Iterable[tuple[Batch, bool]]:
-    """A sharded state's batches for :func:`update_bn` under torch.distributed (each with whether it counts): every
-    rank runs as many forwards (each all-gathers the params). Before each batch the ranks agree whether one still
-    has one (data without a len() tells only when read); a rank that has run out repeats its first batch."""
-    it, first, mine = iter(data), _END, True
-    for i in itertools.count():
-        batch = next(it, _END) if mine else _END
-        mine = batch is not _END
-        if i == 0:
-            first = batch
-        # (one all-reduce per batch, beside the forward's own all-gathers: some rank still has one; some has none)
-        most, _ = _dist._extremes([int(mine), int(first is _END)], state.device)
-        if not most[0]:
-            return
-        if most[1]:
-            raise ValueError(_NO_BN_BATCH.format(this="some" if mine else "none"))
-        yield (batch, True) if mine else (first, False)
-
-
-_END = object()
 _NO_BN_BATCH = (
     "update_bn: the state is sharded, so each forward is a collective and every rank runs as many (a rank with fewer "
-    "batches repeats its first one, not counted), but some rank has no batch at all while others have some (this "
-    "rank has {this}): it has no batch to repeat. Give every rank at least one batch of the data."
+    "batches repeats its first one, not counted), but some rank has no batch at all while others have some "
+    "({counts}): it has no batch to repeat. Give every rank at least one batch of the data."
 )
 
 

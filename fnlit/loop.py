@@ -383,7 +383,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
         ValueError: if a metric is not a scalar (naming it and its shape), there are no batches (or only
             empty ones), or under torch.distributed a rank has no batch while others have some,
             limit_batches fails on some rank, or the eval step is an ensemble's and the ranks' states differ
-            (every rank raises; checked before any batch, in two more small collectives). What eval_step raises passes through; where the
+            (every rank raises; checked before any batch: a checksum of the state's tensors on the host, as
+            :func:`fnlit.distributed.check_same_state`, and two more small collectives). What eval_step raises passes through; where the
             state is an ensemble's stacked state and eval_step no ensemble step, with a note to wrap it in
             :func:`fnlit.ensemble`.
         KeyError: if eval_step returns other metric names for some batches than for the first (``{}``
@@ -551,7 +552,7 @@ _NOT_ENSEMBLED = (
 
 
 def _even_batches(
-    data: Iterable[Batch], limit: int | float | None, state: TrainState
+    data: Iterable[Batch], limit: int | float | None, state: TrainState, no_batch: str | None = None
 ) -> tuple[Iterable[tuple[Any, bool]], int | None]:
     """Under torch.distributed: this rank's batches (each with whether it counts) and how many to run of them.
 
@@ -563,6 +564,8 @@ def _even_batches(
     :meth:`fnlit.data.ArrayLoader.eval_batches`, a rank with fewer batches repeats its first one, not counted;
     where some rank's data has no len(), they agree before each batch whether any rank still has one (a host
     sync per batch). An unsharded state's forwards are not collectives: each rank runs its own batches only.
+    ``no_batch``: the message (with ``{counts}`` and ``{even}``) for a rank with none while others have some
+    (default evaluate's; update_bn passes its own).
     """
     known = _num_batches(data)
     n, error, failed = _deferred_limit(limit, known, "limit_batches", "evaluate")
@@ -577,7 +580,7 @@ def _even_batches(
     if some_have and not all_have:
         counts = "some without a len(), and one rank with none" if unsized else f"from {least} to {most} batches"
         this = n if known is not None else "some" if has else "none"
-        raise ValueError(_NO_EVAL_BATCH.format(counts=f"{counts}, this rank {this}", even=_EVEN_SHARDS))
+        raise ValueError((no_batch or _NO_EVAL_BATCH).format(counts=f"{counts}, this rank {this}", even=_EVEN_SHARDS))
     if not is_sharded(state.params):  # each rank runs its own batches: the forwards are not collectives
         return ((b, True) for b in own), n
     if not unsized:
