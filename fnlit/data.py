@@ -251,12 +251,12 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
         data.set_epoch(order_epoch)  # a wrapper that forwards it (around an ArrayLoader), or a dataset's own
     elif isinstance(data, DataLoader):
         for sampler in _samplers(data):
-            if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler, or one's own (as Lightning does)
-                sampler.set_epoch(order_epoch)
-            elif _seeded_sampler(sampler):
+            if _seeded_sampler(sampler):
                 # RandomSampler, SubsetRandomSampler, WeightedRandomSampler: drawn from this epoch's seed, not the
                 # global generator, so a run resumed mid-epoch skips the batches of the same order
                 sampler.generator = torch.Generator().manual_seed(epoch_seed(seed, order_epoch))
+            elif callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler, or one's own (as Lightning does)
+                sampler.set_epoch(order_epoch)
         if data.num_workers > 0 or data.generator is not None:
             # The workers' seeds (a dataset's random transforms) come from this epoch's seed and the rank, not the
             # global generator: a run resumed mid-epoch replays the same transforms while skipping, and each rank

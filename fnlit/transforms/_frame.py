@@ -513,21 +513,20 @@ def _refuse_per_example(f: Frame, state: TrainState, grads: Any, leaves: list[An
 
 
 def _refuse_misshapen(f: Frame, state: TrainState, grads: Any, leaves: list[Any]) -> None:
-    """Under accumulate, raises the optimizer's ValueError for gradients not of the params' shapes, or with some
-    missing (None): summed into the accumulator, a (1,) gradient would broadcast into a (2,) one, and a missing one
+    """Under accumulate, raises a ValueError naming the path and the micro-batch for gradients not of the params'
+    shapes, or with some missing (None): summed into the accumulator, a (1,) gradient would broadcast into a (2,) one, and a missing one
     misalign the lists, while the optimizer sees only the accumulated sum. Micro-batch 0's are compared with the
     params, later ones with the accumulator (micro-batch 0's, checked)."""
     ref = f.acc if f.acc is not None else _tree.tree_leaves(state.params)
     if len(leaves) == len(ref) and all(getattr(g, "shape", None) == r.shape for g, r in zip(leaves, ref)):
         return
     where = _tree.first_mismatch(state.params, grads, none_hint=_tree.NONE_GRAD_HINT)
-    raise ValueError(_MISSHAPEN.format(where=where or f"({len(leaves)} gradients for {len(ref)} params)", micro=f.micro))
+    raise ValueError(_MISSHAPEN.format(where=where, micro=f.micro))
 
 
 _MISSHAPEN = (
     "Under fnlit.accumulate, apply_gradients expected gradients of the params' shapes, but micro-batch {micro}'s "
-    "differ {where}. Pass the gradients of state.params (an aggregating transform such as "
-    "dp_sgd_aggregate goes before the optimizer in a chain)."
+    "differ {where}. Pass the gradients of state.params."
 )
 
 

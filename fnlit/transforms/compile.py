@@ -51,7 +51,7 @@ from .._types import Batch, Metrics, StepFn
 from ._frame import current as _current_frame
 from ._frame import describe_result as _describe
 from ._frame import is_step_result as _is_step_result
-from ._frame import require_state
+from ._frame import require_state, require_step
 from ._frame import wrapped_steps
 from ..optim._base import _DONATED
 from .donate import RAISED, check_not_donated, poison
@@ -406,7 +406,7 @@ def _check_donatable(state: Any, new: Any) -> None:
     hyper = {id(t) for t, h in zip(torch_pytree.tree_leaves(state), _hyperparameters(state)) if h}
     paths, olds, _ = _tree.tree_flatten_with_path(state)
     for path, old, value in zip(paths, olds, _tree.tree_leaves(new)):
-        if isinstance(old, torch.Tensor) and id(old) not in hyper and _reshaped(old, value):
+        if id(old) not in hyper and _reshaped(old, value):
             raise ValueError(
                 f"fnlit.compile(step, donate=True): the step returned state {path} as a {value.dtype} tensor of shape "
                 f"{tuple(value.shape)}, but the donated one is {old.dtype} of shape {tuple(old.shape)}. A donated state "
@@ -1008,12 +1008,12 @@ def _check_supported(step: Any) -> None:
     for inner in wrapped_steps(step):
         if isinstance(inner, CompiledStep):
             raise ValueError(_TWICE)
-        name = getattr(inner, "__name__", "")
-        if name == "data_parallel_step":
+        collective = getattr(inner, "collective", None)  # (refused before it runs: traced, it ran one step eagerly)
+        if collective == "fnlit.data_parallel":
             raise NotImplementedError(_DATA_PARALLEL)
-        if name == "shard_step":  # refused before it runs (traced, it ran one sharded step eagerly first)
+        if collective == "fnlit.shard":
             raise NotImplementedError(_SHARD)
-        if name == "donating_step":
+        if getattr(inner, "__name__", "") == "donating_step":
             raise ValueError(_DONATING)
 
 
@@ -1096,6 +1096,5 @@ def compile(
     """
     if mode not in _MODES:
         raise ValueError(f"fnlit.compile expected mode in {_MODES}, got {mode!r} instead.")
-    if not callable(step):
-        raise TypeError(f"fnlit.compile expected a step function, got {type(step).__name__} instead.")
+    require_step(step, "fnlit.compile")
     return CompiledStep(step, donate=donate, mode=mode, dynamic=dynamic)

@@ -227,7 +227,7 @@ def _fingerprints(state: TrainState) -> tuple[list[str], list[int]]:
 def first_difference(state: TrainState, group: Any = None) -> tuple[str, str] | None:
     """Under torch.distributed: what differs first between the ranks' states and where (``("their values",
     "params['bias']")``), the same answer on every rank, or None where they agree (:func:`check_same_state`'s
-    two small collectives and one read; not inside a step)."""
+    two small collectives, each with a host read; not inside a step)."""
     paths, values = _fingerprints(state)
     if not _all_equal(len(values), state.device, group):
         return "their structures (numbers of tensors)", "the state"
