@@ -615,8 +615,9 @@ def update_bn(module: nn.Module, state: TrainState, data: Iterable[Batch], *, al
     That keeps the buffers the same on every rank, as :func:`fnlit.data_parallel` and :func:`fnlit.shard` keep
     them (save and export write rank 0's; evaluate uses each rank's own). It costs one all-reduce of the
     statistics after the forwards. A sharded state's forward is itself a collective, so there every rank runs as
-    many forwards: the ranks agree before each batch whether one still has one (a small all-reduce and a host
-    read), and a rank that has run out repeats its first batch, not counted. ``all_ranks=False`` keeps this
+    many forwards, as :func:`fnlit.evaluate` runs them: the ranks exchange their numbers of batches once (data without
+    a len(): they agree before each batch whether one still has one), and a rank that has run out repeats its first
+    batch, not counted. ``all_ranks=False`` keeps this
     rank's own statistics, with no collective of its own: for a state that is this rank's alone (a sharded
     state's forwards still pair up across ranks). Called on one rank only (``if is_main(): update_bn(...)``, torch's
     habit for rank-0 work) without it, that rank waits for the others in the all-reduce until the collective
