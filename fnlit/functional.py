@@ -1138,7 +1138,11 @@ def value_and_grad(
     reach gets a zero gradient (as in JAX), not None: an optimizer's momentum and weight decay still move
     it (``torch.optim`` skips a parameter without ``.grad``); freeze it, or zero its updates with
     ``fnlit.optim.masked(fnlit.optim.set_to_zero(), ...)``. A loss that reaches none of the differentiated
-    tensors is an error (see Raises), not all-zero gradients. Activation checkpointing inside ``fn``
+    tensors is an error (see Raises), not all-zero gradients. Where another argument of ``fn`` requires grad (a
+    learnable loss weight that an outer ``torch.autograd.grad`` differentiates), or a differentiated one does, the
+    value, gradients and aux stay connected to it (``create_graph``), as ``torch.func``'s do; a tensor ``fn``
+    only captures (a closure) is a constant there, unless an outer :func:`value_and_grad` differentiates the
+    call. Activation checkpointing inside ``fn``
     (``torch.utils.checkpoint``) needs ``use_reentrant=False``: the reentrant kind cannot give gradients with
     respect to chosen tensors; and runs uncompiled only (:func:`fnlit.compile` refuses it: ``torch.func``, which
     takes the gradient there, has no support for its saved tensor hooks).
@@ -1203,6 +1207,10 @@ def value_and_grad(
         except AttributeError:
             _refuse_non_tensors(nums, args)
             raise
+        if not again and (kwargs or len(args) > len(nums)) and torch.is_grad_enabled():
+            # another argument requires grad (a learnable loss weight, a hyperparameter differentiated by an outer
+            # torch.autograd.grad): value, gradients and aux stay connected to it, as torch.func's do
+            again = _others_require_grad(args, nums, kwargs)
         if again:
             # Differentiated again from outside (a gradient penalty: value_and_grad inside value_and_grad, with
             # respect to the params or to an input): a backward with create_graph keeps this gradient a function
@@ -1355,6 +1363,13 @@ def _as_argnums(argnums: int | tuple[int, ...], grads: list[Any]) -> Any:
     return grads[0] if isinstance(argnums, int) else tuple(grads)
 
 
+def _others_require_grad(args: tuple[Any, ...], nums: Sequence[int], kwargs: dict[str, Any]) -> bool:
+    """Whether a tensor among the arguments value_and_grad does not differentiate requires grad."""
+    skip = {i % len(args) for i in nums}
+    others = [a for i, a in enumerate(args) if i not in skip] + list(kwargs.values())
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in _tree.tree_leaves(others))
+
+
 def _any_requires_grad(tensors: list[Any]) -> bool:
     for t in tensors:  # a loop: a third of any() over a generator, on every value_and_grad call
         if t.requires_grad:
@@ -1409,7 +1424,10 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
     if not target.requires_grad:
         raise _no_grad_fn()
     with _Backward(swaps) if swaps else _NO_RECORDS:
-        grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
+        grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True))
+    if all(g is None for g in grads):  # (as the first-order paths: a captured tensor read instead of the argument)
+        raise RuntimeError(_UNREACHED.format(how="its graph reaches none of them"))
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
     if frame is not None:
         frame.unscale_(grads)  # out of place: they require grad
     return ((loss, aux) if has_aux else loss), _as_argnums(argnums, _regroup(flat, grads))

@@ -1691,3 +1691,42 @@ def test_export_during_a_backward_of_another_module_calls_the_modules_own_train(
     _, during = _paused_in_backward(other, s_other.params, s_other.buffers, x, y,
                                     lambda: (fnlit.export(s_frozen, frozen), frozen.calls)[1], train=False)
     assert alone == 1 and during == 2 and not frozen.training
+
+
+def test_value_and_grad_stays_connected_to_another_argument_that_requires_grad_as_torch_func():
+    # A learnable loss weight passed as a non-differentiated argument (or keyword): the value, gradients and aux came
+    # back detached from it, so an outer torch.autograd.grad got 1.0 for 72.6 (hypergradients, meta-learning).
+    # Reference: torch.func.grad_and_value, which keeps them connected.
+    p = torch.tensor([1.0, 2.0, 3.0])
+
+    def want_and_got(call):
+        lam = torch.tensor(0.3, requires_grad=True)
+        (loss, aux), g = call(lam)
+        return torch.autograd.grad(loss + (g**2).sum() + aux + lam, lam)[0]
+
+    def f(p, lam):
+        return lam * (p**2).sum() + p.sum(), lam * 2
+
+    ref = want_and_got(lambda lam: tuple(reversed(torch.func.grad_and_value(f, has_aux=True)(p, lam))))
+    torch.testing.assert_close(ref, torch.tensor(74.6))  # by hand: 14 + 57.6 + 2 + 1
+    torch.testing.assert_close(want_and_got(lambda lam: fnlit.value_and_grad(f, has_aux=True)(p, lam)), ref)
+    by_keyword = lambda lam: fnlit.value_and_grad(lambda p, lam: f(p, lam), has_aux=True)(p, lam=lam)  # noqa: E731
+    torch.testing.assert_close(want_and_got(by_keyword), ref)
+
+
+def test_a_nested_value_and_grad_whose_loss_reads_none_of_its_arguments_raises_as_at_top_level():
+    # In a gradient penalty whose inner loss read a captured tensor instead of its argument, the inner call returned
+    # zero gradients silently (the documented error holds at top level and under torch.func transforms).
+    w, x_hat = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 0.5])
+
+    def critic(w, x):
+        return torch.tanh(w * x).sum()
+
+    def loss(w):
+        _, gx = fnlit.value_and_grad(lambda x: critic(w, x_hat))(x_hat.clone())  # planted bug: reads x_hat
+        return critic(w, x_hat) + (gx.norm() - 1) ** 2
+
+    with pytest.raises(RuntimeError, match=r"the loss does not depend on the arguments it differentiates"):
+        fnlit.value_and_grad(loss)(w)
+    with pytest.raises(RuntimeError, match=r"the loss does not depend on the arguments it differentiates"):
+        fnlit.value_and_grad(lambda x: critic(w, x_hat))(x_hat.clone())  # the same call at top level
