@@ -1364,10 +1364,30 @@ def _as_argnums(argnums: int | tuple[int, ...], grads: list[Any]) -> Any:
 
 
 def _others_require_grad(args: tuple[Any, ...], nums: Sequence[int], kwargs: dict[str, Any]) -> bool:
-    """Whether a tensor among the arguments value_and_grad does not differentiate requires grad."""
-    skip = {i % len(args) for i in nums}
-    others = [a for i, a in enumerate(args) if i not in skip] + list(kwargs.values())
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in _tree.tree_leaves(others))
+    """Whether a tensor among the arguments value_and_grad does not differentiate requires grad. A TrainState is
+    skipped (its tensors are the step's constants: train_step passes the state and the batch on every call), a
+    tuple or list of tensors (the usual batch) read without a tree flatten."""
+    state_type = _STATE_TYPE[0] if _STATE_TYPE else _state_type()
+    skip = nums if len(nums) == 1 and nums[0] >= 0 else {i % len(args) for i in nums}
+    for i, a in enumerate(args):
+        if i in skip or type(a) is state_type:
+            continue
+        if type(a) in (tuple, list) and all(type(t) is torch.Tensor for t in a):
+            if _any_requires_grad(list(a)):
+                return True
+        elif any(isinstance(t, torch.Tensor) and t.requires_grad for t in _tree.tree_leaves(a)):
+            return True
+    return bool(kwargs) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in _tree.tree_leaves(kwargs))
+
+
+_STATE_TYPE: list[type] = []  # fnlit.TrainState, looked up once (fnlit.state imports this module)
+
+
+def _state_type() -> type:
+    from .state import TrainState
+
+    _STATE_TYPE.append(TrainState)
+    return TrainState
 
 
 def _any_requires_grad(tensors: list[Any]) -> bool:
