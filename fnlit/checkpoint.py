@@ -855,19 +855,31 @@ class Checkpointer:
         return self._records
 
     def _read_headers(self) -> list[tuple[Path, dict[str, Any] | None]]:
-        """The folder's step files and their headers, read again only where a file's identity or mtime changed."""
-        seen: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
-        for p in self.directory.iterdir():
-            if not STEP_FILE.match(p.name):
-                continue
-            try:
-                st = p.stat()
-            except OSError:  # (removed since the listing)
-                continue
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            cached = self._headers.get(p.name)
-            seen[p.name] = cached if cached is not None and cached[0] == key else (key, read_header(p))
-        self._headers = seen
+        """The folder's step files and their headers, read again only where a file's identity or mtime changed.
+
+        A file removed while it is read (rank 0 replacing its best while another rank lists the folder) makes the
+        listing stale: it is taken again (a few times), so the ranks that write nothing see the folder before or
+        after rank 0's save, not half-way (no best at all)."""
+        for _ in range(3):
+            seen: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
+            vanished = False
+            for p in self.directory.iterdir():
+                if not STEP_FILE.match(p.name):
+                    continue
+                try:
+                    st = p.stat()
+                except OSError:  # (removed since the listing)
+                    vanished = True
+                    continue
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                cached = self._headers.get(p.name)  # (a header that could not be read is read again next time)
+                if cached is None or cached[0] != key or cached[1] is None:
+                    cached = (key, read_header(p))
+                    vanished = vanished or (cached[1] is None and not p.exists())
+                seen[p.name] = cached
+            self._headers = seen
+            if not vanished:
+                break
         return [(self.directory / name, header) for name, (_, header) in seen.items()]
 
     def _value(self, r: _Record) -> float:

@@ -1577,3 +1577,30 @@ def test_a_rank_that_writes_nothing_reads_only_new_headers_for_best_path(tmp_pat
     writer.on_validation(state.replace(step=torch.tensor(4)), {"epoch": 0, "batch": 3, "seed": 0}, {"val": 0.5})
     assert best_on_rank_1() == writer.best_path == tmp_path / "step=00000004.ckpt"
     assert reads == ["step=00000004.ckpt"]
+
+
+def test_a_listing_taken_while_rank_0_replaces_its_best_is_taken_again(tmp_path):
+    # A rank that writes nothing listed the folder while rank 0 saved a better file and removed the old best: the old
+    # one vanished before its header was read, the new one was not listed yet, and best_path said None. Reference: the
+    # folder after rank 0's save (its writer's best_path), as a fresh listing gives it.
+    import fnlit.checkpoint as C
+
+    _, state = trained(steps=0)
+    writer = ckpt.Checkpointer(tmp_path, monitor="val", save_last=False)
+    reader = ckpt.Checkpointer(tmp_path, monitor="val", save_last=False)
+    writer.on_validation(state.replace(step=torch.tensor(1)), {"epoch": 0, "batch": 0, "seed": 0}, {"val": 2.0})
+    real, main = C.read_header, [False]
+
+    def replaced_meanwhile(p):  # rank 0's next save lands between this rank's listing and its read of the header
+        if not main[0] and p.name == "step=00000001.ckpt" and (tmp_path / p.name).exists():
+            main[0] = True  # (the writer is rank 0)
+            writer.on_validation(state.replace(step=torch.tensor(2)), {"epoch": 0, "batch": 1, "seed": 0}, {"val": 1.0})
+            main[0] = False
+        return real(p)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fnlit.distributed, "is_main", lambda: main[0])
+        mp.setattr(C, "read_header", replaced_meanwhile)
+        got = reader.best_path
+    assert sorted(p.name for p in tmp_path.glob("step=*.ckpt")) == ["step=00000002.ckpt"]
+    assert got == writer.best_path == tmp_path / "step=00000002.ckpt"

@@ -270,19 +270,25 @@ def test_early_stopping_stops_both_ranks_where_one_process_stops(tmp_path):
 
 def test_best_path_agrees_across_ranks_when_read_during_fit(tmp_path):
     # Rank 1 (which writes nothing) kept the folder's listing from its first read (at fit's start: no file) for the
-    # whole run, so its best_path stayed None. Expected, by hand from the validations' losses: the file of the
-    # lowest loss so far on every rank (a callback's on_validation runs before that validation's save).
+    # whole run, so its best_path stayed None. Expected, by hand from the validations' losses: on rank 0, the file of
+    # the lowest loss so far (a callback's on_validation runs before that validation's save); on rank 1, which reads
+    # while rank 0 may be saving that validation's file, that one or the best after the save -- never none once a
+    # file exists (a listing taken while rank 0 replaced its best found none: taken again now).
     ranks = fnlit.distributed.launch(best_path_read_during_fit, 2, str(tmp_path), timeout=120, collective_timeout=30)
     validations = ranks[0]["validations"]
     assert len(validations) == 5 and ranks[1]["validations"] == validations
     file = lambda step: f"step={step:08d}.ckpt"  # noqa: E731
-    expected, best = [(0, None)], None
+    before, after, best = [None], [None], None
     for step, loss in validations:
-        expected.append((step, best and file(best[0])))
+        before.append(best and file(best[0]))
         best = (step, loss) if best is None or loss < best[1] else best
+        after.append(file(best[0]))
     assert best[0] == validations[1][0]  # (the scripted loss is lowest at the second validation)
+    steps = [0] + [step for step, _ in validations]
+    assert ranks[0]["seen"] == list(zip(steps, before))
+    assert [s for s, _ in ranks[1]["seen"]] == steps
+    assert all(name in (b, a) for (_, name), b, a in zip(ranks[1]["seen"], before, after)), ranks[1]["seen"]
     for r in ranks:
-        assert r["seen"] == expected
         assert r["best"] == file(best[0])
     assert (tmp_path / file(best[0])).is_file()
 
