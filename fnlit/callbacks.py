@@ -56,6 +56,7 @@ from ._checkpoint_io import is_sharded  # (without importing DTensor: ~0.7 s)
 from ._types import Batch, Metrics, Params
 from .functional import apply as _apply
 from .state import TrainState
+from .summary import wide_dtype
 
 __all__ = ["StopTraining", "Callback", "EarlyStopping", "LearningRateMonitor", "EMA", "SWA", "Timer", "update_bn"]
 
@@ -702,7 +703,7 @@ def _bn_statistics_of_all_ranks(buffers: dict[str, torch.Tensor], tracked: list[
     """The BatchNorm statistics of every rank's batches, the same on every rank: each rank's cumulative means
     weighted by its ``num_batches_tracked``, added over the ranks in one all-reduce (float64), and the counts' total."""
     like = buffers[tracked[0] + "running_mean"]
-    dtype = torch.float32 if like.device.type == "mps" else torch.float64  # (MPS has no float64)
+    dtype = wide_dtype(like.device)
     parts = []
     for p in tracked:
         n = buffers[p + "num_batches_tracked"].to(like.device, dtype).reshape(1)

@@ -446,9 +446,9 @@ class Checkpointer:
         # in its file, so the file is ranked by them (another attempt at the step validates its own state).
         self._validated_of: tuple[Callable[[], Any], dict[str, float]] | None = None
         self._run: str | None = None  # this run's id (start, or the restored file's); None: every file is ours
-        # The id a Checkpointer driven by hand (never started nor restored) writes into its files, made at its first
-        # save: it still ranks and removes every file of the folder, and a resume from its files goes on with them.
-        self._unstarted_run: str | None = None
+        # The id a Checkpointer driven by hand (never started nor restored) writes into its files: it still ranks and
+        # removes every file of the folder, and a resume from its files goes on with them.
+        self._unstarted_run = secrets.token_hex(8)
         # After a restore: the saved_at_ns of the restored file, until rank 0's scan (still in restore) finds the files
         # of its run saved after it (a history the resumed run abandoned): kept, but neither ranked nor removed as this
         # run's. The windows (after, until] of saved_at_ns that hold such files, inherited from the restored file's
@@ -699,9 +699,7 @@ class Checkpointer:
                 metrics = self._validated_of[1]
         else:
             self._validated_of = (_ref(given), metrics)
-        run = self._run
-        if run is None:  # (driven by hand: see __init__)
-            self._unstarted_run = run = self._unstarted_run or secrets.token_hex(8)
+        run = self._run if self._run is not None else self._unstarted_run  # (driven by hand: see __init__)
         try:
             saved_at = write_state(path, state, position, metrics, self.meta, run, self._abandoned)
             records = [r for r in records if r.path != path] + [_Record(path, saved_at, metrics, run)]

@@ -519,7 +519,7 @@ class EnsembleStep(Generic[_Out]):
 
     def __call__(self, state: TrainState, batch: Batch) -> _Out:
         require_state(state, "fnlit.ensemble")
-        if not torch.compiler.is_compiling() and is_sharded(state):  # (before any collective: vmap has no rule for them)
+        if not torch.compiler.is_compiling() and is_sharded(state.params):  # (before any collective: vmap has no rule)
             raise ValueError(WITH_ENSEMBLE.format(who="fnlit.shard"))
         if state.step.shape != (self.n,):
             raise ValueError(

@@ -35,7 +35,7 @@ from .ensemble import EnsembleStep
 from .functional import evaluating
 from .state import TrainState
 from .summary import (
-    Logger, MetricBuffer, ProgressBar, Writer, _hparams_mapping, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype,
+    Logger, MetricBuffer, ProgressBar, Writer, _hparams_mapping, check_metric_name, ensemble_members, flat_metrics, metric_float, reduction_dtype, wide_dtype,
     scalar_metric, unique_names,
 )
 from .transforms._frame import collective_of, describe_result, require_state, wrapped_steps
@@ -484,7 +484,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     # made collectives of different sizes), as all_reduce_metrics does for the step's metrics.
     device = sums[0].device
     if _dist.world_size() > 1:
-        dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = wide_dtype(device)
     else:
         dtype = reduction_dtype(*sums, device=device)
     # in sorted name order: each rank built its dict in its own order (a dict merge), and the all-reduce adds by position

@@ -846,6 +846,11 @@ def _per_member(name: str, values: torch.Tensor) -> list[tuple[str, torch.Tensor
     return [(f"{name}/{i}", t) for i, t in enumerate(values.detach().unbind(0))]
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, where ``device`` has it (MPS has not: float32 there): the dtype of sums that must not lose digits."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def reduction_dtype(*tensors: torch.Tensor, device: torch.device | None = None) -> torch.dtype:
     """The dtype metrics are averaged (and summed across ranks) in: float64 where one of them is float64 or an integer
     (exact to 2**53; a Python float is a float64, see :func:`scalar_metric`), float32 for float32, float16 and bfloat16
