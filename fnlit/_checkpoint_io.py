@@ -50,8 +50,9 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "encode", "decode", "atom
 
 S = TypeVar("S")
 M = TypeVar("M", bound=nn.Module)
-Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
-"""The driver's place in the data: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` done."""
+Position = dict[str, Any]  # epoch, batch, seed, steps (ints); callbacks (their states)
+"""The driver's place in the data: ``{"epoch": e, "batch": b, "seed": s, "steps": n}``: ``b`` batches of epoch ``e``
+done, ``n`` calls of the step in all (a checkpoint saved before fit counted them has no ``"steps"``)."""
 FORMAT = "fnlit.checkpoint"
 LAST = "last.ckpt"
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")

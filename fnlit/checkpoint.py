@@ -87,7 +87,7 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
     Args:
         path: the file to write (its folder must exist).
         state: a :class:`fnlit.TrainState` (or any pytree of tensors).
-        position: the driver's place in the data, ``{"epoch", "batch", "seed"}``, and the callbacks'
+        position: the driver's place in the data, ``{"epoch", "batch", "seed", "steps"}``, and the callbacks'
             states (``"callbacks"``): JSON values and tensors (stored with the state's, read back on the CPU).
         metrics: metric values to record with the checkpoint (the Checkpointer's best-k uses them).
         **meta: JSON-able metadata, e.g. hyperparameters; :func:`read_info` returns it.
@@ -166,7 +166,7 @@ class CheckpointInfo:
     Attributes:
         path: the file.
         step: ``state.step`` when saved.
-        position: the driver's position ``{"epoch", "batch", "seed"}``, or None.
+        position: the driver's position ``{"epoch", "batch", "seed", "steps"}``, or None.
         metrics: metrics recorded with it (validation metrics for best-k checkpoints), or None.
         meta: the user metadata passed to :func:`save` / :class:`Checkpointer`.
         saved_at_ns: wall-clock time of the save (``time.time_ns()``).
@@ -521,7 +521,7 @@ class Checkpointer:
         the file :attr:`best_path` names: the run goes on from it, with that run's files.
 
         Returns:
-            ``(state, position)``; ``position`` is the driver's ``{"epoch", "batch", "seed"}`` saved with
+            ``(state, position)``; ``position`` is the driver's ``{"epoch", "batch", "seed", "steps"}`` saved with
             the state, or None if the file has none.
 
         Raises:

@@ -45,7 +45,7 @@ from .transforms.donate import is_donated
 __all__ = ["fit", "evaluate"]
 
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
-Position = dict[str, Any]  # epoch, batch, seed (ints); callbacks (their states)
+Position = dict[str, Any]  # epoch, batch, seed, steps (ints); callbacks (their states)
 _END = object()  # what next() gives for data that has run out
 """Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done;
 ``"batches_per_epoch"``: ``len(train_data)``, where it has one (the size of those batches); ``"world_size"``
@@ -978,8 +978,13 @@ def fit(
 
     Counting follows Lightning: ``max_epochs`` defaults to 1000 when neither it nor ``max_steps`` is given
     (-1, no limit, when ``max_steps`` or a time limit is: ``max_time`` or a :class:`~fnlit.callbacks.Timer`
-    with a duration); ``max_steps`` counts steps in ``state.step`` terms (each call of
-    ``step`` is one; resuming continues the count). Stop requests (:class:`~fnlit.callbacks.StopTraining`,
+    with a duration). fit counts steps as calls of ``step`` (batches stepped): ``max_steps``, ``val_check_interval``
+    across epochs (``check_val_every_n_epoch=None``), ``log_every_n_steps`` and the step of each log row. The count
+    starts from ``state.step`` -- the same count for the usual step, one update a call -- and a resume
+    (``ckpt_path``) continues the checkpoint's own count, so a step that applies two updates a call (alternating
+    GAN updates) or one every other call resumes as one uninterrupted run; a fit given such a state without a
+    checkpoint position starts from its ``state.step``. (A :class:`~fnlit.Checkpointer`'s ``every_n_steps`` and
+    file names count ``state.step``.) Stop requests (:class:`~fnlit.callbacks.StopTraining`,
     ``max_time``) wait until ``min_epochs`` epochs are done; one that takes effect after a step of an epoch that
     validates runs a validation first (unless that step just had one), as Lightning's ``should_stop`` does.
     Ctrl-C or SIGTERM finish the current step and
@@ -1150,7 +1155,10 @@ def fit(
             stacklevel=2,
         )
     epoch, b, seed = position["epoch"], position["batch"], position["seed"]
-    _check_last_batch(step, train_data, plan.batches, plan.max_steps - (0 if plan.quiet else _first(state.step)), b)
+    # the driver's count: calls of step, saved with each checkpoint (one from before this was saved has none; nor has
+    # a state without a checkpoint: its state.step, the same count for a step of one update)
+    steps = position["steps"] if "steps" in position else _first(state.step)
+    _check_last_batch(step, train_data, plan.batches, plan.max_steps - (0 if plan.quiet else steps), b)
     saved_world = position.get("world_size", 1)
     # batch counts batches of the saved run's size: another batch size (or dataset) starts elsewhere in the epoch
     # (a checkpoint from before this was saved has no count: not told)
@@ -1200,9 +1208,10 @@ def fit(
         _load_states(all_callbacks, stateful, position["callbacks"])
 
     def where(epoch: int, batch: int, pending: list[Metrics] | None = None) -> Position:
-        """The position saved with a checkpoint: where the data stands, the callbacks' states, and the training
-        metrics of the log interval so far (``pending``, default the buffer's): a resume logs the same means."""
-        pos: Position = {"epoch": epoch, "batch": batch, "seed": seed}
+        """The position saved with a checkpoint: where the data stands, the driver's step count, the callbacks' states,
+        and the training metrics of the log interval so far (``pending``, default the buffer's): a resume logs the same
+        means."""
+        pos: Position = {"epoch": epoch, "batch": batch, "seed": seed, "steps": steps}
         stored = _stored(log.pending if pending is None else pending)
         if stored and stored[0]:  # (a step returning no metrics leaves nothing to log: no step does then)
             pos["log_pending"] = stored
@@ -1244,13 +1253,13 @@ def fit(
     # rows it had logged at that step before it (a validation's): a continuation drops that step's rows, logs those
     # again, and the interval's mean whole at its end, as one run to the larger limits did.
     tail = position.get("log_tail") if pending else None
-    purge_from = _first(state.step) + (0 if log_cut or tail is not None else 1)
+    purge_from = steps + (0 if log_cut or tail is not None else 1)
     # the validation rows logged at the last step so far: (step, rows); kept in a finished run's exit position
-    logged_at: tuple[int, list[dict[str, float]]] = (_first(state.step), [{k: float(v) for k, v in row.items()} for row in tail or ()])
+    logged_at: tuple[int, list[dict[str, float]]] = (steps, [{k: float(v) for k, v in row.items()} for row in tail or ()])
     log = MetricBuffer(prefixes, hooks.on_log())
     log.pending = pending
     move = _data.device_mover(state.device)
-    steps, n_batches = _first(state.step), plan.batches
+    n_batches = plan.batches
     first_step = steps
     max_steps, min_epochs, log_every = plan.max_steps, plan.min_epochs, plan.log_every
     if plan.quiet:  # fast_dev_run=N: N steps from wherever the state is (max_steps is otherwise a global step)

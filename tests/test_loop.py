@@ -94,6 +94,44 @@ def test_max_steps_counts_from_the_state_step():
     assert int(out.step) == 12 and len(c.train) == 5
 
 
+@pytest.mark.parametrize("updates", [(2, 2), (0, 1)], ids=["two updates a call", "an update every other call"])
+def test_a_resume_counts_calls_of_step_as_the_uninterrupted_run_when_a_call_is_not_one_update(tmp_path, updates):
+    # The resumed run took its count of calls from state.step (two per call for alternating GAN updates, one per two
+    # calls for an update every other call): max_steps=8 gave 5 or 9 calls in all, validations and log rows shifted.
+    # Reference: the uninterrupted run's params, calls, validations and metrics.csv.
+    from fnlit.checkpoint import Checkpointer
+
+    def run(folder, interrupt=False, resume=False):
+        calls, validated = [], []
+
+        def step(state, batch):  # sgd on the gradient x: the params say which batches were applied, and how often
+            calls.append(int(batch))
+            for _ in range(updates[int(batch) % 2]):
+                state = state.apply_gradients({k: torch.full_like(v, float(batch)) for k, v in state.params.items()})
+            return state, {"loss": batch.float().mean()}
+
+        class Interrupt(fnlit.callbacks.Callback):
+            def on_step(self, state, metrics):
+                if interrupt and len(calls) == 3:
+                    raise KeyboardInterrupt
+
+        torch.manual_seed(0)  # (the same initial params in every run)
+        state = fit(step, make_state(), ArrayLoader(torch.arange(5), batch_size=1, shuffle=False), max_steps=8,
+                    val_data=[torch.tensor(0.0)], eval_step=lambda s, b: validated.append(len(calls)) or {"m": b},
+                    val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=2,
+                    log_dir=str(folder), callbacks=[Interrupt()], checkpoint=Checkpointer(folder / "ck"),
+                    ckpt_path="last" if resume else None, progress=False)  # fmt: skip
+        return state, calls, validated
+
+    ref, ref_calls, ref_validated = run(tmp_path / "ref")
+    assert ref_calls == [0, 1, 2, 3, 4, 0, 1, 2] and ref_validated == [4, 8]  # max_steps=8: 8 calls
+    _, first_calls, _ = run(tmp_path / "logs", interrupt=True)
+    state, calls, validated = run(tmp_path / "logs", resume=True)
+    assert first_calls + calls == ref_calls and [3 + v for v in validated] == ref_validated
+    assert_trees_equal((state.params, state.opt_state, state.step), (ref.params, ref.opt_state, ref.step))
+    assert (tmp_path / "logs" / "metrics.csv").read_text() == (tmp_path / "ref" / "metrics.csv").read_text()
+
+
 def test_default_max_epochs_is_1000_like_lightning():
     c, state = run(n=1, val=0)
     assert int(state.step) == 1000 and len(c.epoch_ends) == 1000
@@ -517,7 +555,7 @@ def test_checkpoint_hook_calls_and_positions():
     seed = int(make_state().rng)
     fit(c.step, make_state(), ArrayLoader(torch.arange(3), batch_size=1), max_epochs=2, checkpoint=ck,
         val_data=[torch.tensor([1.0]), torch.tensor([3.0])], eval_step=c.eval_step, progress=False)  # fmt: skip
-    pos = lambda e, b: {"epoch": e, "batch": b, "seed": seed, "batches_per_epoch": 3}  # noqa: E731
+    pos = lambda e, b: {"epoch": e, "batch": b, "seed": seed, "steps": 3 * e + b, "batches_per_epoch": 3}  # noqa: E731
     # A batch's validation comes before its step's checkpoint: a run killed while validating resumes
     # from the checkpoint before, and validates again.
     assert ck.calls == [
@@ -998,7 +1036,7 @@ def test_signal_ends_fit_cleanly_after_the_current_step(sig, reason):
     ck = FakeCheckpoint()
     state = fit(step, make_state(), list(range(10)), max_epochs=3, checkpoint=ck, progress=False)
     assert int(state.step) == 5
-    position = {"epoch": 0, "batch": 5, "seed": int(make_state().rng), "batches_per_epoch": 10}
+    position = {"epoch": 0, "batch": 5, "seed": int(make_state().rng), "steps": 5, "batches_per_epoch": 10}
     assert ck.calls[-1] == ("exit", 5, position, reason)
     assert signal.getsignal(sig) is before
 
