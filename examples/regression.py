@@ -8,7 +8,11 @@ Data: a synthetic linear problem with known coefficients and Gaussian noise (std
 possible MSE, the noise floor, is 0.01), or `--data diabetes`, scikit-learn's diabetes data set (442
 patients, 10 features; shipped with the package, no download; features and target standardised). Either
 way the result is compared with the closed-form least-squares fit (`torch.linalg.lstsq`) on the same
-training split: gradient descent should land on the same answer.
+training split. On the synthetic data gradient descent lands on the same answer: the same test MSE and the
+same coefficients. On diabetes it reaches least squares' test MSE, but not its coefficients at the default 30
+epochs: the features are correlated (the blood serum measurements), so the loss is nearly flat along some
+combinations of coefficients and gradient descent moves along them slowly (the largest coefficient difference is
+~0.5 after 30 epochs, ~0.04 after `--epochs 300`), while the predictions they make barely differ.
 
     python examples/regression.py                    # a few seconds; prints test MSE vs noise floor and lstsq
     python examples/regression.py --data diabetes
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         p.error(f"no training step to take: {len(train)} batches an epoch, --epochs {args.epochs}. Use a smaller "
                 "--batch-size or more --epochs.")
     # Adam with a cosine decay to 0: the last steps are small, so SGD noise averages out and the fit
-    # lands on the least-squares solution instead of jittering around it.
+    # settles near the least-squares solution instead of jittering around it.
     tx = fnlit.optim.adam(fnlit.optim.warmup_cosine(args.lr, warmup_steps=min(len(train), total - 1), decay_steps=total))
     state = fnlit.TrainState.create(model, tx, seed=args.seed)
     train_step, eval_step = make_steps(model)
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result["coef_error"] = (fitted - truth).abs().max().item()
         line += f", noise floor: {args.noise**2:.4f}); largest coefficient error {result['coef_error']:.4f}"
     else:
-        line += ")"
+        line += f"); largest coefficient difference from least squares {result['coef_vs_lstsq']:.4f}"
     print(f"{line}  ({int(state.step)} steps, {time.perf_counter() - start:.1f} s)")
     return result
 
