@@ -348,7 +348,8 @@ class EMA(Callback):
     a second ``fit`` call), so give a new run (another model, a sweep's next trial) a new EMA.
     The average is not part of the TrainState: evaluate or export it with :meth:`state`. It is in fit's
     checkpoints (the callback's ``state_dict``), so a resumed run continues the same average. Buffers
-    (BatchNorm statistics) are the trained state's; see :func:`update_bn`.
+    (BatchNorm statistics) are the trained state's; see :func:`update_bn`. A ``fit(fast_dev_run=...)`` smoke run
+    averages on a copy, dropped at its end: the EMA is left as it was for the real run (as EarlyStopping).
 
     Args:
         decay: the weight of the past, in [0, 1).
@@ -371,10 +372,22 @@ class EMA(Callback):
         self.decay = decay
         self.params: dict[str, torch.Tensor] | None = None
         self._fresh = False
+        self._kept: tuple[Any, ...] | None = None  # in a fast_dev_run fit: the average from before it, put back at its end
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
+        self._put_back()  # (a smoke run that failed before its end)
+        if plan.get("fast_dev_run"):  # a smoke run averages as a real one, on a copy (on_step lerps in place)
+            self._kept, self.params = (self.params,), _copies(self.params)
         self.params = _float_params(state.params) if self.params is None else _placed(self.params, state, "EMA")
         self._fresh = True  # placed again at the first step: fnlit.shard(step) shards a plain state there
+
+    def on_fit_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self._put_back()
+
+    def _put_back(self) -> None:
+        """After a ``fast_dev_run`` fit: the average as it was before it (a smoke run leaves nothing a later fit sees)."""
+        if self._kept is not None:
+            (self.params,), self._kept = self._kept, None
 
     def _default_state_key(self) -> str:
         return self._generate_state_key(decay=self.decay)
@@ -418,8 +431,11 @@ class SWA(Callback):
             (``1`` averages from the first epoch, 0-based 0; ``2`` from the second, 0-based 1), a float a fraction of
             ``max_epochs`` whose ``int(fraction * max_epochs)`` is that 1-based epoch, so the first averaged one is
             0-based epoch ``max(int(fraction * max_epochs) - 1, 0)`` (0.8 of 4 epochs averages 0-based epochs 2 and 3,
-            as ``3`` does; 1.0 the last). :attr:`start` is the 0-based first averaged epoch (set at fit start for a
-            fraction).
+            as ``3`` does; 1.0 the last). :attr:`start` is the 0-based first averaged epoch (for a fraction, set at
+            each fit's start from that fit's ``max_epochs``).
+
+    A ``fit(fast_dev_run=...)`` smoke run (one epoch) averages as a real run does, and its end puts back the
+    average, its count and :attr:`start` as they were: the same callback then serves the real run (as EarlyStopping).
 
     Raises:
         ValueError: for an int below 1 (it is 1-based) or a float outside [0, 1]; at fit start, if the first
@@ -451,9 +467,13 @@ class SWA(Callback):
         self.start: int | None = int(swa_epoch_start) - 1 if is_int else None  # 0-based (Lightning: swa_epoch_start - 1)
         self.params: dict[str, torch.Tensor] | None = None
         self.n_averaged = 0
+        self._kept: tuple[Any, ...] | None = None  # in a fast_dev_run fit: start, average and count from before it
 
     def on_fit_start(self, state: TrainState, plan: Mapping[str, Any]) -> None:
-        if self.start is None:
+        self._put_back()  # (a smoke run that failed before its end)
+        if plan.get("fast_dev_run"):  # (on_epoch_end makes a new average: the kept one is not written into)
+            self._kept = (self.start, self.params, self.n_averaged)
+        if isinstance(self.swa_epoch_start, float):  # each fit's own max_epochs (a resume's is the run's)
             max_epochs = plan.get("max_epochs")
             if max_epochs is None or max_epochs < 0:
                 raise ValueError(
@@ -471,6 +491,14 @@ class SWA(Callback):
             )
         if self.params is not None:
             self.params = _placed(self.params, state, "SWA")
+
+    def on_fit_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self._put_back()
+
+    def _put_back(self) -> None:
+        """After a ``fast_dev_run`` fit: start, average and count as they were before it."""
+        if self._kept is not None:
+            (self.start, self.params, self.n_averaged), self._kept = self._kept, None
 
     def _default_state_key(self) -> str:
         return self._generate_state_key(swa_epoch_start=self.swa_epoch_start)

@@ -263,13 +263,28 @@ def test_fast_dev_run_smoke_tests_an_swa_that_starts_after_its_one_epoch():
     swa = SWA(swa_epoch_start=75)
     _, start, end, rec = train([swa], epochs=100, fast_dev_run=True)
     assert int(end.step) == 1 and len(rec.epochs) == 1 and swa.n_averaged == 0 and swa.params is None
-    # A fraction counts fast_dev_run's one epoch, as Lightning's (max_epochs is 1 there): int(0.5 * 1) = 0, so
-    # max(0 - 1, 0) = epoch 0 is averaged: its end params.
-    swa = SWA(swa_epoch_start=0.5)
-    _, _, end, rec = train([swa], epochs=100, fast_dev_run=True)
-    assert int(end.step) == 1 and swa.n_averaged == 1
-    for k, v in swa.params.items():
-        torch.testing.assert_close(v, rec.epochs[0][k], rtol=0, atol=0)
+
+
+def test_a_fast_dev_run_smoke_run_leaves_ema_and_swa_as_they_were():
+    # A smoke run of the config, then the real run with the same callbacks (as EarlyStopping allows): the smoke run's
+    # one epoch (max_epochs is 1 there) fixed a fractional SWA start at 0-based 0 for good, and its snapshot stayed in
+    # both averages.
+    ema, swa = EMA(decay=0.9), SWA(swa_epoch_start=0.75)
+    train([ema, swa], epochs=4, fast_dev_run=True)
+    assert ema.params is None and (swa.start, swa.params, swa.n_averaged) == (None, None, 0)
+    _, start, _, rec = train([ema, swa], epochs=4)
+    assert swa.start == 2 and swa.n_averaged == 2  # Lightning's int(0.75 * 4) = 3 (1-based): 0-based epochs 2 and 3
+    expected = {k: v.clone() for k, v in start.params.items()}
+    for params in rec.steps:
+        expected = {k: 0.9 * expected[k] + 0.1 * params[k] for k in expected}
+    for k in expected:
+        torch.testing.assert_close(ema.params[k], expected[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(swa.params[k], torch.stack([p[k] for p in rec.epochs[2:]]).mean(0), rtol=1e-5, atol=1e-6)
+    # A smoke run after it (its start 0: it averages its one epoch) leaves the averages, count and start as they were.
+    before = copy.deepcopy((ema.params, swa.params, swa.n_averaged, swa.start))
+    train([ema, swa], epochs=4, fast_dev_run=True)
+    after = (ema.params, swa.params, swa.n_averaged, swa.start)
+    assert after[2:] == before[2:] and all(torch.equal(a[k], b[k]) for a, b in zip(after[:2], before[:2]) for k in a)
 
 
 def test_early_stopping_does_nothing_under_fast_dev_run_as_lightning():
