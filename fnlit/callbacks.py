@@ -142,8 +142,9 @@ class Callback:
 class EarlyStopping(Callback):
     """Stops training when a validation metric has stopped improving (Lightning's ``EarlyStopping``).
 
-    After each validation run: an improvement is ``current < best - min_delta`` (mode ``"min"``) or
-    ``current > best + min_delta`` (``"max"``); otherwise a counter grows, and training stops when it
+    After each validation run: an improvement is ``current + min_delta < best`` (mode ``"min"``) or
+    ``current - min_delta > best`` (``"max"``), Lightning's rule, sign included (a negative ``min_delta`` counts a
+    worsening of less than ``-min_delta`` as an improvement); otherwise a counter grows, and training stops when it
     reaches ``patience``. A non-finite value stops at once (``check_finite``), as does one better than
     ``stopping_threshold`` or worse than ``divergence_threshold`` (Lightning's checks, in its order). Its
     state (best, counter, and a decision to stop) is in fit's checkpoints: a run resumed after it decided to
@@ -155,7 +156,8 @@ class EarlyStopping(Callback):
         monitor: the metric, as logged (``"val/loss"``).
         mode: ``"min"`` or ``"max"``.
         patience: validation runs without improvement before stopping (0 stops at the first, as 1 does).
-        min_delta: the smallest change that counts as an improvement.
+        min_delta: the smallest change that counts as an improvement (a change of exactly ``min_delta`` does not);
+            negative, the largest worsening that still counts as one, as in Lightning.
         check_finite: stop when the metric becomes NaN or infinite.
         stopping_threshold: stop once the metric is better than this (good enough).
         divergence_threshold: stop once the metric is worse than this (no hope left).
@@ -179,7 +181,7 @@ class EarlyStopping(Callback):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"EarlyStopping expected an int patience >= 0, got patience={patience!r} instead.")
         self.monitor, self.mode, self.patience = monitor, mode, patience
-        self.min_delta, self.check_finite = abs(min_delta), check_finite
+        self.min_delta, self.check_finite = min_delta, check_finite
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
@@ -245,7 +247,8 @@ class EarlyStopping(Callback):
         if self._diverged(current):
             self._stop(state, "divergence", current)
             raise StopTraining(f"EarlyStopping: {self.monitor} = {current:.4g} passed divergence_threshold={self.divergence_threshold}.")
-        better = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
+        # Lightning's: monitor_op(current - min_delta, best), its min_delta negated in mode "min" (the sign kept)
+        better = current + self.min_delta < self.best if self.mode == "min" else current - self.min_delta > self.best
         if better:
             self.best, self.wait = current, 0
             return

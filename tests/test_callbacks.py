@@ -2,6 +2,7 @@
 
 import copy
 import datetime
+import math
 import types
 
 import numpy as np
@@ -52,6 +53,43 @@ def test_early_stopping_counts_validation_runs(mode, values, min_delta, epochs):
     state = fit(count_step, counting_state(), list(range(3)), max_epochs=20, val_data=[0], eval_step=scripted_eval(values),
                 num_sanity_val_steps=0, callbacks=[es], progress=False)  # fmt: skip
     assert int(state.step) == 3 * epochs and es.stopped_step == 3 * epochs
+
+
+def lightning_early_stopping(values, mode, patience, min_delta):
+    """Lightning's EarlyStopping rule, transcribed: its (best, wait) after each value, and where it stops."""
+    monitor_op = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+    min_delta *= 1 if mode == "max" else -1
+    best, wait, seen = math.inf if mode == "min" else -math.inf, 0, []
+    for i, current in enumerate(values):
+        if monitor_op(current - min_delta, best):
+            best, wait = current, 0
+        else:
+            wait += 1
+        seen.append((best, wait))
+        if wait >= patience:
+            return seen, i
+    return seen, None
+
+
+@pytest.mark.parametrize("min_delta", [0.05, -0.05, 0.0])
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_early_stopping_min_delta_keeps_its_sign_as_lightning(mode, min_delta):
+    # A negative min_delta tolerates a small worsening in Lightning (min_delta *= -1 in mode "min", then
+    # monitor_op(current - min_delta, best)); fnlit took abs(min_delta) and stopped at the 4th run of the first one.
+    values = [1.0, 0.9, 0.91, 0.92, 0.905, 0.93, 0.94, 0.99, 1.2]
+    values = values if mode == "min" else [-v for v in values]
+    seen, stop = lightning_early_stopping(values, mode, 2, min_delta)
+    es = EarlyStopping("val/loss", mode=mode, patience=2, min_delta=min_delta)
+    for i, current in enumerate(values):
+        if i == stop:
+            with pytest.raises(StopTraining, match="did not improve in 2"):
+                es.on_validation(None, {"val/loss": current})
+        else:
+            es.on_validation(None, {"val/loss": current})
+        assert (es.best, es.wait) == seen[i]
+        if i == stop:
+            break
+    assert stop == (8 if min_delta < 0 else 3)  # (the values tell the signs apart: the worsenings by < 0.05 count)
 
 
 def test_stop_training_in_on_fit_start_runs_no_step_and_patience_zero_stops_at_the_first_miss():
