@@ -162,6 +162,10 @@ class EarlyStopping(Callback):
         stopping_threshold: stop once the metric is better than this (good enough).
         divergence_threshold: stop once the metric is worse than this (no hope left).
 
+    Raises:
+        ValueError: for a mode other than ``"min"`` or ``"max"``, a patience that is not an int >= 0, a monitor that
+            is not a str, or a min_delta or threshold that is not a number (NaN included).
+
     Example:
         >>> es = EarlyStopping("val/loss", patience=1)
         >>> es.on_validation(None, {"val/loss": 1.0})
@@ -180,6 +184,20 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping expected mode='min' or 'max', got mode={mode!r} instead.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"EarlyStopping expected an int patience >= 0, got patience={patience!r} instead.")
+        if not isinstance(monitor, str):
+            raise ValueError(
+                f"EarlyStopping expected monitor to be a metric's name (a str, e.g. 'val/loss'), got monitor={monitor!r} "
+                "instead."
+            )
+        for name, value, can_be_none in [("min_delta", min_delta, False), ("stopping_threshold", stopping_threshold, True),
+                                         ("divergence_threshold", divergence_threshold, True)]:  # fmt: skip
+            if value is None and can_be_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+                raise ValueError(
+                    f"EarlyStopping expected {name} to be a number{' or None' if can_be_none else ''}, got "
+                    f"{name}={value!r} instead."
+                )
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.check_finite = min_delta, check_finite
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
@@ -357,6 +375,9 @@ class EMA(Callback):
     Args:
         decay: the weight of the past, in [0, 1).
 
+    Raises:
+        ValueError: for a decay that is not a number in [0, 1).
+
     Example:
         >>> import torch, fnlit
         >>> state = fnlit.TrainState.create(torch.nn.Linear(1, 1, bias=False), fnlit.optim.sgd(1.0), seed=0)
@@ -370,8 +391,8 @@ class EMA(Callback):
     """
 
     def __init__(self, decay: float = 0.999) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA expected 0 <= decay < 1, got decay={decay} instead.")
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA expected a float decay with 0 <= decay < 1, got decay={decay!r} instead.")
         self.decay = decay
         self.params: dict[str, torch.Tensor] | None = None
         self._fresh = False
@@ -544,17 +565,40 @@ class SWA(Callback):
 
 
 def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | None) -> float | None:
-    if duration is None or isinstance(duration, (int, float)):
-        return duration
-    if isinstance(duration, datetime.timedelta):
-        return duration.total_seconds()
-    if isinstance(duration, Mapping):
-        return datetime.timedelta(**duration).total_seconds()
-    parts = str(duration).split(":")
-    if len(parts) != 4:
-        raise ValueError(f"expected a duration 'DD:HH:MM:SS', got {duration!r} instead (e.g. '00:12:00:00').")
-    d, h, m, s = (int(p) for p in parts)
-    return datetime.timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
+    """``duration`` (a Timer's, or fit's ``max_time``) in seconds; None stays None.
+
+    Raises:
+        ValueError: for a duration that is not one of the accepted kinds, or not a finite number of seconds >= 0.
+    """
+    what = "Timer expected duration (fit's max_time) to be"
+    if duration is None:
+        return None
+    if isinstance(duration, numbers.Real) and not isinstance(duration, bool):
+        seconds = duration
+    elif isinstance(duration, datetime.timedelta):
+        seconds = duration.total_seconds()
+    elif isinstance(duration, Mapping):
+        try:
+            seconds = datetime.timedelta(**duration).total_seconds()
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(
+                f"{what} a dict of datetime.timedelta's arguments (e.g. {{'hours': 2}}: days, hours, minutes, seconds, "
+                f"...), got {dict(duration)!r} instead ({e})."
+            ) from None
+    elif isinstance(duration, str):
+        parts = duration.split(":")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"{what} a duration 'DD:HH:MM:SS' (e.g. '00:12:00:00'), got {duration!r} instead.")
+        d, h, m, s = (int(p) for p in parts)
+        seconds = datetime.timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
+    else:
+        raise ValueError(
+            f"{what} seconds, a datetime.timedelta, a dict ({{'hours': 2}}) or 'DD:HH:MM:SS', got {duration!r} instead."
+        )
+    if not (math.isfinite(seconds) and seconds >= 0):  # NaN never stopped; a negative one ran no step, silently
+        got = repr(duration) if seconds is duration else f"{duration!r} ({seconds} s)"
+        raise ValueError(f"{what} a finite time >= 0, got {got} instead.")
+    return seconds
 
 
 class Timer(Callback):
@@ -568,8 +612,12 @@ class Timer(Callback):
     stage.
 
     Args:
-        duration: seconds, a ``timedelta``, a dict (``{"hours": 2}``) or Lightning's ``"DD:HH:MM:SS"``;
-            None only measures.
+        duration: seconds, a ``timedelta``, a dict (``{"hours": 2}``) or Lightning's ``"DD:HH:MM:SS"``, finite and
+            >= 0 (0 stops before the first step); None only measures.
+
+    Raises:
+        ValueError: for a ``duration`` of another kind, a string not of that form, a dict that is not
+            ``timedelta``'s arguments, or a time that is negative or not finite (NaN would never stop).
 
     Example:
         >>> t = Timer("00:00:00:01")

@@ -349,6 +349,45 @@ def test_early_stopping_does_nothing_under_fast_dev_run_as_lightning():
     assert {k: v for k, v in vars(es).items() if k != "_off"} == {k: v for k, v in before.items() if k != "_off"}
 
 
+@pytest.mark.parametrize(
+    "duration, match",
+    [
+        (float("nan"), r"a finite time >= 0, got nan instead"),  # (with max_time the only limit, it never stopped)
+        (-5.0, r"a finite time >= 0, got -5.0 instead"),  # (it trained no step, silently)
+        ({"hours": -1}, r"a finite time >= 0, got \{'hours': -1\} \(-3600.0 s\) instead"),
+        ("00:00:00:-3", r"a duration 'DD:HH:MM:SS' \(e.g. '00:12:00:00'\), got '00:00:00:-3' instead"),
+        ("xx:00:00:01", r"a duration 'DD:HH:MM:SS' \(e.g. '00:12:00:00'\), got 'xx:00:00:01' instead"),
+        ({"hour": 1}, r"a dict of datetime.timedelta's arguments \(e.g. \{'hours': 2\}.*got \{'hour': 1\} instead"),
+        (True, r"seconds, a datetime.timedelta, a dict .* got True instead"),
+    ],
+)
+def test_timer_and_max_time_refuse_a_bad_duration(duration, match):
+    with pytest.raises(ValueError, match=r"Timer expected duration \(fit's max_time\) to be " + match):
+        Timer(duration)
+    with pytest.raises(ValueError, match=r"Timer expected duration \(fit's max_time\) to be " + match):
+        fit(count_step, counting_state(), [0], max_time=duration, progress=False)
+    assert Timer(0).duration == 0 and Timer("0:0:0:0").duration == 0  # 0 is allowed: it stops before the first step
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: EMA("0.9"), r"EMA expected a float decay with 0 <= decay < 1, got decay='0.9' instead"),
+        (lambda: EarlyStopping(monitor=None), r"EarlyStopping expected monitor to be a metric's name \(a str, e.g. "
+                                              r"'val/loss'\), got monitor=None instead"),  # fmt: skip
+        (lambda: EarlyStopping(stopping_threshold="1"),
+         r"EarlyStopping expected stopping_threshold to be a number or None, got stopping_threshold='1' instead"),
+        (lambda: EarlyStopping(divergence_threshold=float("nan")),
+         r"EarlyStopping expected divergence_threshold to be a number or None, got divergence_threshold=nan instead"),
+        (lambda: EarlyStopping(min_delta=None), r"EarlyStopping expected min_delta to be a number, got min_delta=None"),
+    ],
+)
+def test_callbacks_refuse_bad_arguments_when_made(make, match):
+    # (they failed at the first validation or step, or with Python's own message: "'<=' not supported ...")
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 def test_timer_and_max_time_stop_training():
     import time
 
