@@ -655,7 +655,7 @@ def _finite_json(obj: Any) -> Any:
 
 
 class Logger:
-    """Sends each call to every writer.
+    """Sends each call to every writer, also when one of them raises (the first error is raised after the others ran).
 
     Args:
         writers: objects with the :class:`Writer` methods.
@@ -678,23 +678,27 @@ class Logger:
     ) -> None:
         self.writers: list[Writer] = list(writers)
         if log_dir is not None:  # the files fit writes, in batches (see TensorBoardWriter)
+            # The CSVWriter first: one that refuses the folder (a metrics.csv it cannot continue) leaves it as it
+            # was, where a TensorBoardWriter made before it would have written its purge marker (hiding the earlier
+            # run's scalars). Both purge only once both are made.
+            csv_writer = CSVWriter(log_dir, flush_secs=flush_secs)
             tb = TensorBoardWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)
-            try:
-                csv_writer = CSVWriter(log_dir, flush_secs=flush_secs, purge_step=purge_step)
-            except BaseException:  # (a metrics.csv it cannot continue): the event file is not left open
-                tb.close()
-                raise
+            if purge_step is not None:
+                try:
+                    csv_writer.purge(purge_step)
+                except BaseException:  # (its rewrite failed): the event file is not left open
+                    tb.close()
+                    raise
             self.writers += [tb, csv_writer]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        for w in self.writers:
-            w.log_metrics(metrics, step)
+        """Sends the row to every writer, also when one raises (the first error is raised after the others ran)."""
+        _each(self.writers, "log_metrics", metrics, step)
 
     def log_hparams(self, hparams: Mapping[str, Any] | argparse.Namespace) -> None:
-        """Sends ``hparams`` to every writer (an ``argparse.Namespace`` as its ``vars``: a writer takes a mapping)."""
-        hparams = _hparams_mapping(hparams)
-        for w in self.writers:
-            w.log_hparams(hparams)
+        """Sends ``hparams`` to every writer (an ``argparse.Namespace`` as its ``vars``: a writer takes a mapping),
+        also when one raises (the first error is raised after the others ran)."""
+        _each(self.writers, "log_hparams", _hparams_mapping(hparams))
 
     def purge(self, step: int) -> None:
         """Calls ``purge(step)`` on every writer that has one (see :meth:`TensorBoardWriter.purge`)."""
@@ -712,11 +716,12 @@ class Logger:
         _each(self.writers, "close")
 
 
-def _each(writers: Sequence[Writer], method: str) -> None:
+def _each(writers: Sequence[Writer], method: str, *args: Any) -> None:
+    """Calls ``method(*args)`` on every writer, then raises the first error one of them raised."""
     error: BaseException | None = None
     for w in writers:
         try:
-            getattr(w, method)()
+            getattr(w, method)(*args)
         except Exception as e:  # one full disk must not cost the other writers their data
             error = error or e
     if error is not None:

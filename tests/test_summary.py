@@ -397,6 +397,36 @@ def test_a_failing_writer_does_not_cost_the_log_dir_its_rows(tmp_path):
     del info
 
 
+def test_a_writer_refusing_a_row_or_hparams_does_not_cost_the_writers_after_it_theirs(tmp_path):
+    # Logger.log_metrics/log_hparams stopped at the first writer that raised (fit puts the caller's loggers first):
+    # the log_dir's CSV lost the row. Reference: what the other writers write when the failing one is left out.
+    class Refusing(Full):
+        def log_metrics(self, *args):
+            raise OSError(28, "No space left on device")
+
+        log_hparams = log_metrics
+
+    log = Logger([Refusing(), JSONLWriter(tmp_path)])
+    with pytest.raises(OSError, match="No space left"):
+        log.log_hparams({"lr": 0.5})
+    with pytest.raises(OSError, match="No space left"):
+        log.log_metrics({"loss": 0.25}, step=3)
+    log.writers[1].close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"hparams": {"lr": 0.5}}', '{"step": 3, "loss": 0.25}']
+
+
+def test_a_log_dir_whose_csv_is_refused_keeps_its_tensorboard_files_as_they_were(tmp_path):
+    # The TensorBoardWriter was made first: its purge marker hid the earlier run's scalars though the Logger refused.
+    tb = TensorBoardWriter(tmp_path)
+    tb.log_metrics({"loss": 0.5}, step=1)
+    tb.close()
+    (tmp_path / "metrics.csv").write_text("epoch,score\n1,0.5\n")  # no CSVWriter's file
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="has no 'step' column"):
+        Logger(log_dir=tmp_path, purge_step=1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_csv_writer_keeps_the_earlier_rows_a_later_writer_does_not_log_again(tmp_path):
     earlier = "step,loss,epoch,val/acc,gone\n1,0.5,0,,\n2,0.25,0,,\n2,,,0.75,\n3,0.125,0,,\n3,,,0.5,1.0\n4,1.0,1,,\n"
     (tmp_path / "metrics.csv").write_text(earlier)
