@@ -3,7 +3,8 @@
 A writer is any object with ``log_metrics(metrics, step)``, ``log_hparams(hparams)``, ``flush()`` and
 ``close()``; :class:`Logger` fans out to several. fnlit's writers write on rank 0 only: on other ranks they never
 create a file (a writer of your own is called on every rank, and checks ``fnlit.distributed.is_main()`` itself). :func:`fnlit.fit` calls the writers once per ``log_every_n_steps`` with host floats.
-fnlit's writers take as ``step`` an int, a numpy integer or an integer 0-d tensor, and refuse a float step.
+fnlit's writers take as ``step`` an int, a numpy integer or an integer 0-d tensor, and refuse a float step (and a
+metric named ``step``, the name of a CSV or JSONL row's step column).
 
 Named ``summary`` (as in ``tf.summary``) rather than ``logging``, which would shadow the standard library.
 
@@ -95,9 +96,15 @@ def _hparams_mapping(hparams: Any) -> Mapping[Any, Any]:
     return hparams
 
 
-def _step(step: Any, writer: object) -> int:
+def _step(step: Any, writer: object, metrics: Mapping[str, Any]) -> int:
     """``step`` as a Python int: an int, a numpy integer or an integer 0-d tensor (``operator.index``); a float
-    step (``5.0``, ``torch.tensor(5.0)``) is refused rather than written as ``5.0`` by one writer and ``5`` by another."""
+    step (``5.0``, ``torch.tensor(5.0)``) is refused rather than written as ``5.0`` by one writer and ``5`` by another.
+    A metric named ``step`` is refused too: it would replace the step of a CSV or JSONL row."""
+    if "step" in metrics:
+        raise ValueError(
+            f"{type(writer).__name__}.log_metrics: got a metric named 'step' (value {metrics['step']!r}), the name of "
+            f"the row's step, which it would replace in CSV and JSONL rows: rename the metric."
+        )
     try:
         return operator.index(step)
     except TypeError:
@@ -231,7 +238,7 @@ class TensorBoardWriter:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self._closed:
             raise ValueError(f"TensorBoardWriter({self.log_dir!r}) is closed: make a new writer to log more.")
-        step = _step(step, self)
+        step = _step(step, self, metrics)
         if self._file is None or not metrics:
             return
         self._pending.append((time.time(), step, dict(metrics)))
@@ -448,7 +455,7 @@ class CSVWriter:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self._closed:
             raise ValueError(f"CSVWriter({self.path!r}) is closed: make a new writer to log more.")
-        step = _step(step, self)
+        step = _step(step, self, metrics)
         if not self.enabled:
             return
         self._pending.append({"step": step, **_numbers(metrics)})
@@ -609,7 +616,7 @@ class JSONLWriter:
             self._file.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._write({"step": _step(step, self), **_numbers(metrics)})
+        self._write({"step": _step(step, self, metrics), **_numbers(metrics)})
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._write({"hparams": flat_hparams(hparams)})

@@ -427,6 +427,16 @@ def test_a_log_dir_whose_csv_is_refused_keeps_its_tensorboard_files_as_they_were
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_every_writer_refuses_a_metric_named_step(tmp_path):
+    # CSV and JSONL wrote it as the row's step ({"step": step, **metrics}: 0.5 for step 100), TensorBoard at step 100.
+    for w in (TensorBoardWriter(tmp_path), CSVWriter(tmp_path), JSONLWriter(tmp_path)):
+        with pytest.raises(ValueError, match=f"{type(w).__name__}.log_metrics: got a metric named 'step' .*rename"):
+            w.log_metrics({"step": 0.5, "loss": 2.0}, step=100)
+        w.close()
+    assert scalars(tmp_path) == {} and (tmp_path / "metrics.jsonl").read_text() == ""
+    assert not (tmp_path / "metrics.csv").exists()
+
+
 def test_csv_writer_keeps_the_earlier_rows_a_later_writer_does_not_log_again(tmp_path):
     earlier = "step,loss,epoch,val/acc,gone\n1,0.5,0,,\n2,0.25,0,,\n2,,,0.75,\n3,0.125,0,,\n3,,,0.5,1.0\n4,1.0,1,,\n"
     (tmp_path / "metrics.csv").write_text(earlier)
