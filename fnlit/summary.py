@@ -155,7 +155,8 @@ class TensorBoardWriter:
     (:func:`fnlit.fit` flushes after each validation, right before each checkpoint its Checkpointer writes,
     and when it ends, also on an error). Values logged since the last write live only in memory: a killed
     process loses them (under fit with a Checkpointer, only values logged after its last checkpoint, which a
-    run resumed from it logs again). ``close`` also fsyncs; a closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
+    run resumed from it logs again). A value that is no number is refused by the ``log_metrics`` call that logs it,
+    also when it is batched. ``close`` also fsyncs; a closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
     training steps costs ~10x what it costs in a tight loop (cold caches), and a batch pays that once.
     It writes in the calling thread: tensorboardX's ``SummaryWriter``
     sends every scalar through a multiprocessing queue to a writer thread (~60 us of this process's CPU
@@ -184,7 +185,7 @@ class TensorBoardWriter:
         self.log_dir = os.fspath(log_dir)
         self.flush_secs = flush_secs
         self._file: BinaryIO | None = None
-        self._pending: list[tuple[float, int, dict[str, float]]] = []  # (wall time, step, metrics)
+        self._pending: list[tuple[float, int, Any]] = []  # (wall time, step, Summary)
         self._flushed = -math.inf  # the first values logged are written at once
         self._closed = False
         self.path: str | None = None
@@ -241,7 +242,7 @@ class TensorBoardWriter:
         step = _step(step, self, metrics)
         if self._file is None or not metrics:
             return
-        self._pending.append((time.time(), step, dict(metrics)))
+        self._pending.append((time.time(), step, _scalars_summary(metrics, step)))
         if time.monotonic() - self._flushed >= self.flush_secs:
             self.flush()
 
@@ -270,11 +271,9 @@ class TensorBoardWriter:
         """Writes the pending events and hands the file's buffer to the operating system."""
         if self._file is None:
             return
-        from tensorboardX.proto.summary_pb2 import Summary
-
         pending, self._pending = self._pending, []
-        for wall_time, step, metrics in pending:
-            self._write(wall_time, Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]), step)
+        for wall_time, step, summary in pending:
+            self._write(wall_time, summary, step)
         self._file.flush()
         self._flushed = time.monotonic()
 
@@ -292,6 +291,24 @@ class TensorBoardWriter:
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):  # at interpreter exit, or with its folder gone
                 self.close()
+
+
+def _scalars_summary(metrics: Mapping[str, Any], step: int) -> Any:
+    """``metrics`` as a TensorBoard Summary, made when they are logged: a value that is no number is refused at that
+    call (naming it), not at a later flush, where it would cost the valid values batched after it."""
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    values = []
+    for k, v in metrics.items():
+        try:
+            x = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"TensorBoardWriter.log_metrics: metric {k!r} at step {step} is {type(v).__name__} {v!r}, not a number: "
+                f"log numbers (or one-element tensors)."
+            ) from None
+        values.append(Summary.Value(tag=k, simple_value=x))
+    return Summary(value=values)
 
 
 class CSVWriter:

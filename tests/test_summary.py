@@ -437,6 +437,18 @@ def test_every_writer_refuses_a_metric_named_step(tmp_path):
     assert not (tmp_path / "metrics.csv").exists()
 
 
+def test_a_batching_tensorboard_writer_refuses_a_value_that_is_no_number_when_it_is_logged(tmp_path):
+    # It was converted at the flush: close raised, and the valid events batched after it (steps 3, 4) were lost.
+    w = TensorBoardWriter(tmp_path, flush_secs=3600)
+    w.log_metrics({"loss": 1.0}, step=1)
+    with pytest.raises(TypeError, match="metric 'loss' at step 2 is NoneType None, not a number"):
+        w.log_metrics({"loss": None}, step=2)
+    w.log_metrics({"loss": 3.0}, step=3)
+    w.log_metrics({"loss": torch.tensor(4.0)}, step=4)
+    w.close()
+    assert scalars(tmp_path) == {"loss": [(1, 1.0), (3, 3.0), (4, 4.0)]}
+
+
 def test_csv_writer_keeps_the_earlier_rows_a_later_writer_does_not_log_again(tmp_path):
     earlier = "step,loss,epoch,val/acc,gone\n1,0.5,0,,\n2,0.25,0,,\n2,,,0.75,\n3,0.125,0,,\n3,,,0.5,1.0\n4,1.0,1,,\n"
     (tmp_path / "metrics.csv").write_text(earlier)
