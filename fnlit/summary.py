@@ -319,7 +319,10 @@ class CSVWriter:
     :class:`TensorBoardWriter` writes events (the first at once, then when ``flush_secs`` have passed,
     and at ``flush``/``close``, which fit calls right before each checkpoint its Checkpointer writes); the file appears
     with the first row. A closed writer refuses more rows.
-    ``log_hparams`` writes ``hparams.json`` beside it.
+    ``log_hparams`` writes the hyperparameters as JSON beside it (non-finite floats as the strings ``"NaN"``,
+    ``"Infinity"``, ``"-Infinity"``, as :class:`JSONLWriter` writes them, so strict JSON readers read the file):
+    ``hparams.json`` beside ``metrics.csv``, ``<name>.hparams.json`` beside another ``<name>.csv`` (runs logging
+    to several CSV files in one folder keep their own); ``hparams_path`` names it.
 
     An existing file is continued, not replaced, as :class:`TensorBoardWriter` leaves the event files
     already in its folder: a run resumed from a checkpoint (``fit(..., ckpt_path=...)`` with the same
@@ -371,6 +374,8 @@ class CSVWriter:
     def __init__(self, path: str | os.PathLike[str], *, flush_secs: float = 0.0, purge_step: int | None = None) -> None:
         path = os.fspath(path)
         self.path = path if path.endswith(".csv") else os.path.join(path, "metrics.csv")
+        folder, name = os.path.split(self.path)
+        self.hparams_path = os.path.join(folder, "hparams.json" if name == "metrics.csv" else name[:-4] + ".hparams.json")
         self.flush_secs = flush_secs
         self.enabled = _dist.is_main()
         self.columns: list[str] = ["step"]
@@ -481,8 +486,8 @@ class CSVWriter:
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         if self.enabled:
-            with open(os.path.join(os.path.dirname(self.path) or ".", "hparams.json"), "w") as f:
-                json.dump(flat_hparams(hparams), f, indent=1)
+            with open(self.hparams_path, "w") as f:
+                json.dump(_finite_json(flat_hparams(hparams)), f, indent=1, allow_nan=False)
 
     def flush(self) -> None:
         """Writes the pending rows (the whole file again if they bring new columns or replace earlier rows)."""

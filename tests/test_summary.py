@@ -726,8 +726,28 @@ def test_hparams_keep_numpy_and_tensor_numbers_and_flatten_nested_dicts_as_light
     w = CSVWriter(tmp_path / "m.csv")
     w.log_hparams({"bs": np.int64(32), "lr": torch.tensor(0.5), "optim": {"name": "adam", "b1": 0.9}, "tags": [1, 2]})
     w.close()
-    written = json.loads((tmp_path / "hparams.json").read_text())
+    written = json.loads((tmp_path / "m.hparams.json").read_text())
     assert written == {"bs": 32, "lr": 0.5, "optim/name": "adam", "optim/b1": 0.9, "tags": "[1, 2]"}
+
+
+def test_csv_hparams_are_strict_json_and_each_csv_file_in_a_folder_keeps_its_own(tmp_path):
+    # NaN/inf were written as bare NaN/Infinity tokens (no JSON), and results/a.csv and results/b.csv shared one
+    # hparams.json (the last run's). Reference: JSONLWriter's strings for non-finite floats.
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    for name, lr in [("a", 0.5), ("b", float("inf"))]:
+        w = CSVWriter(tmp_path / f"{name}.csv")
+        w.log_hparams({"lr": lr, "dropout": float("nan")})
+        w.close()
+    d = CSVWriter(tmp_path / "run")  # a directory's metrics.csv: hparams.json, as before
+    d.log_hparams({"lr": -float("inf")})
+    d.close()
+    read = lambda p: json.loads(p.read_text(), parse_constant=refuse)  # noqa: E731 (a strict reader)
+    assert read(tmp_path / "a.hparams.json") == {"lr": 0.5, "dropout": "NaN"}
+    assert read(tmp_path / "b.hparams.json") == {"lr": "Infinity", "dropout": "NaN"}
+    assert read(tmp_path / "run" / "hparams.json") == {"lr": "-Infinity"}
+    assert d.hparams_path == str(tmp_path / "run" / "hparams.json") and not (tmp_path / "hparams.json").exists()
 
 
 def test_the_progress_bar_never_draws_a_new_epoch_under_the_old_ones_name():
