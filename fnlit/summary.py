@@ -253,6 +253,8 @@ class TensorBoardWriter:
         ``train/loss``, ...). ``metrics`` names the only scalars to show there instead: they are written as the
         experiment's metric list, which TensorBoard then takes as it is (an empty list would show none).
         """
+        if self._closed:
+            raise ValueError(f"TensorBoardWriter({self.log_dir!r}) is closed: make a new writer to log more.")
         if self._file is None:
             return
         from tensorboardX.summary import hparams as _hparams
@@ -318,7 +320,7 @@ class CSVWriter:
     CSVLogger does); otherwise rows are appended. Rows are written in batches as
     :class:`TensorBoardWriter` writes events (the first at once, then when ``flush_secs`` have passed,
     and at ``flush``/``close``, which fit calls right before each checkpoint its Checkpointer writes); the file appears
-    with the first row. A closed writer refuses more rows.
+    with the first row. A closed writer refuses more rows and hyperparameters.
     ``log_hparams`` writes the hyperparameters as JSON beside it (non-finite floats as the strings ``"NaN"``,
     ``"Infinity"``, ``"-Infinity"``, as :class:`JSONLWriter` writes them, so strict JSON readers read the file):
     ``hparams.json`` beside ``metrics.csv``, ``<name>.hparams.json`` beside another ``<name>.csv`` (runs logging
@@ -485,6 +487,8 @@ class CSVWriter:
             self.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise ValueError(f"CSVWriter({self.path!r}) is closed: make a new writer to log more.")
         if self.enabled:
             with open(self.hparams_path, "w") as f:
                 json.dump(_finite_json(flat_hparams(hparams)), f, indent=1, allow_nan=False)

@@ -215,7 +215,10 @@ def test_closed_writers_refuse_values_and_never_rewrite_their_file(tmp_path):
         w.close()  # a second close is a no-op
         with pytest.raises(ValueError, match="is closed: make a new writer"):
             w.log_metrics({"a": 2.0}, 2)
+        with pytest.raises(ValueError, match="is closed: make a new writer"):  # TB dropped them, CSV wrote them
+            w.log_hparams({"lr": 0.1})
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1, "a": 1.0}']
+    assert not (tmp_path / "hparams.json").exists() and hparams_infos(tmp_path) == {}
     newer = tmp_path / "metrics.csv"
     newer.write_text("step,b\n7,1.0\n")  # a later run's file in the same folder
     log.flush()
