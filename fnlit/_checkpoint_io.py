@@ -105,6 +105,11 @@ def crc32(t: torch.Tensor) -> int:
     return zlib.crc32(_bytes(t)) if t.numel() else 0
 
 
+def text_crc32(text: str) -> int:
+    """CRC-32 of a JSON text's UTF-8 bytes: the checksum of fnlit.save's header and of save_sharded's fnlit.json."""
+    return zlib.crc32(text.encode())
+
+
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """A CPU tensor whose storage holds only its own bytes: torch.save writes whole storages, so a
     slice of a large buffer would otherwise save the whole buffer."""
@@ -168,7 +173,7 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
                 "Keep the state's leaves tensors (hold hyperparameters as 0-d tensors)."
             )
     head = json.dumps({"format": FORMAT, "version": VERSION, "torch": torch.__version__, **header, "leaves": entries})
-    return {"format": FORMAT, "header": head, "header_crc32": zlib.crc32(head.encode()), "tensors": tensors}
+    return {"format": FORMAT, "header": head, "header_crc32": text_crc32(head), "tensors": tensors}
 
 
 def _load(path: Path, mmap: bool) -> Any:
@@ -233,7 +238,7 @@ def decode(path: str | os.PathLike[str], *, verify: bool = True, mmap: bool = Fa
         )
     try:
         head = payload["header"]
-        if zlib.crc32(head.encode()) != payload["header_crc32"]:
+        if text_crc32(head) != payload["header_crc32"]:
             raise ValueError("the header's checksum does not match")
         header = json.loads(head)
         if header.get("version", 0) > VERSION:

@@ -9,7 +9,7 @@
 
 The state dict is keyed by tree paths (``params['0.weight']``, ``opt_state[1].mu['0.weight']``...), and
 a small ``fnlit.json`` beside the shards records every path's shape and dtype, the world size, your
-metadata, and the size and CRC-32 of every file; restoring checks them (a flipped bit is an error, not
+metadata, and the size and CRC-32 of every file, and a CRC-32 of itself; restoring checks them (a flipped bit is an error, not
 a silently different model) and names the first path that differs from the state you restore into.
 
 DCP reads its ``.metadata`` with ``pickle.load``, which runs any code a crafted file asks for; fnlit
@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
 from ._checkpoint_io import json_checked
-from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason
+from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason, text_crc32
 from .transforms.donate import check_not_donated
 from .tree import is_real
 
@@ -50,6 +50,9 @@ S = TypeVar("S")
 META_FILE = "fnlit.json"
 DCP_META_FILE = ".metadata"
 FORMAT = "fnlit-sharded-1"
+# The keys of an fnlit.json written before it carried its own CRC-32 (one without "crc32" may hold no others: a
+# flipped bit in that key's name is corruption, not an earlier checkpoint).
+_UNCHECKED_KEYS = {"format", "world_size", "tensors", "numbers", "meta", "files"}
 _CHUNK = 1 << 24
 
 
@@ -281,8 +284,9 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
     elif rank0:
         try:  # (reading .metadata back may fail too: every rank raises it, and the copy is removed)
             files = _unnamed_checksums(tmp, files)
+            body = {**info, "files": files}  # its CRC-32: of the body as json.dumps writes it (_read_meta checks it)
             with open(tmp / META_FILE, "w") as f:
-                f.write(json.dumps({**info, "files": files}, indent=1))
+                f.write(json.dumps({**body, "crc32": text_crc32(json.dumps(body))}, indent=1))
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
@@ -342,6 +346,11 @@ def _read_meta(directory: Path, given: str | os.PathLike[str]) -> dict[str, Any]
         )
     try:
         info = json.loads(path.read_bytes())
+        crc = info.pop("crc32", None) if isinstance(info, dict) else None
+        if crc is not None and text_crc32(json.dumps(info)) != crc:  # (json.dumps gives back the text it read)
+            raise ValueError("its checksum does not match")
+        if crc is None and isinstance(info, dict) and not info.keys() <= _UNCHECKED_KEYS:  # (earlier versions': none)
+            raise ValueError(f"it has no checksum, and keys {sorted(info.keys() - _UNCHECKED_KEYS)} no version wrote")
         if not (isinstance(info, dict) and info.get("format") == FORMAT and isinstance(info.get("tensors"), dict)):
             raise ValueError(f"it is not an fnlit sharded checkpoint's {META_FILE} (format {FORMAT!r})")
         if not isinstance(info.setdefault("files", {}), dict):  # checkpoints of earlier versions have none
@@ -494,7 +503,7 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
     modified.
 
     Every file is checked against the size and CRC-32 recorded when it was written (the ranks share the
-    reading) before anything is loaded.
+    reading), and ``fnlit.json`` against its own CRC-32, before anything is loaded.
 
     Raises:
         FileNotFoundError: if ``directory`` is not a sharded checkpoint.

@@ -434,6 +434,30 @@ def test_a_flipped_bit_in_a_sharded_checkpoint_is_an_error(tmp_path):
         restore_sharded(path, like=state)
 
 
+def test_a_flipped_bit_in_fnlit_json_is_an_error_and_one_without_a_checksum_still_restores(tmp_path):
+    # fnlit.json had no checksum: a flipped bit changed a saved number (a rate assigned as one) or the metadata
+    # silently, or, in a dtype, was blamed on `like`.
+    state = fnlit.TrainState.create(torch.nn.Linear(4, 2), fnlit.optim.adam(1e-3), seed=0)
+    state.opt_state.hyperparams["learning_rate"] = 0.001
+    path = save_sharded(tmp_path / "ckpt", state, epoch=1)
+    text = (path / "fnlit.json").read_bytes()
+    assert text.rstrip().endswith(b"}") and text.count(b'\n "crc32": ') == 1  # its own checksum, at the top level
+    for old, new in [(b"0.001", b"0.003"), (b'"epoch": 1', b'"epoch": 3'), (b'"float32"', b'"bloat32"'),
+                     (b'\n "crc32": ', b'\n "crc33": ')]:  # one bit each: 0x31/0x33, 0x66/0x62, 0x32/0x33
+        assert sum(bin(a ^ b).count("1") for a, b in zip(old, new)) == 1
+        (path / "fnlit.json").write_bytes(text.replace(old, new, 1))
+        with pytest.raises(fnlit.CheckpointError, match=r"ckpt/fnlit\.json is truncated or corrupt \(its checksum "
+                           r"does not match|ckpt/fnlit\.json is truncated or corrupt \(it has no checksum"):
+            restore_sharded(path, like=state)
+        with pytest.raises(fnlit.CheckpointError, match=r"fnlit\.json is truncated or corrupt"):
+            read_sharded_meta(path)
+    info = json.loads(text)  # as earlier versions wrote it, without its checksum: read as before
+    del info["crc32"]
+    (path / "fnlit.json").write_text(json.dumps(info))
+    assert read_sharded_meta(path)["meta"] == {"epoch": 1}
+    assert restore_sharded(path, like=state).opt_state.hyperparams["learning_rate"] == 0.001
+
+
 def test_a_save_cut_off_between_its_two_renames_leaves_a_checkpoint_that_restores(tmp_path, monkeypatch):
     import fnlit.sharded_checkpoint as sc
 
