@@ -466,7 +466,7 @@ def _check_like(
     saved_numbers: dict[str, Any],
 ) -> None:
     """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's other leaves, each to take
-    the number saved at its path (as a number, or a 0-d float tensor)."""
+    the number saved at its path (as a number, or a 0-d float tensor; a bool where both are bools)."""
     missing = [p for p in shapes if p not in saved] + [p for p in numbers if p not in saved_numbers]
     extra = [p for p in saved if p not in shapes and p not in numbers]
     extra += [p for p in saved_numbers if p not in numbers]
@@ -478,7 +478,7 @@ def _check_like(
             + "restore into a state built the same way (same module, optimizer and loss_scale)."
         )
     for p, leaf in numbers.items():
-        number = is_real(leaf)
+        number = is_real(leaf) or (isinstance(leaf, bool) and isinstance(saved_numbers[p], bool))  # (a flag)
         if not (number or (isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point())):
             got = f"a {leaf.dtype} tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
             raise ValueError(

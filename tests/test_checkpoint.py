@@ -987,6 +987,17 @@ def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_
         restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": 0, "lr": 0.5, "x": 1.0})
 
 
+def test_a_sharded_checkpoint_restores_a_bool_leaf_as_fnlit_restore_does(tmp_path):
+    # save_sharded wrote a bool leaf (a flag in the state), restore_sharded refused the same structure.
+    tree, like = {"w": torch.ones(2), "flag": True}, {"w": torch.zeros(2), "flag": False}
+    want = ckpt.restore(ckpt.save(tmp_path / "a.ckpt", tree), like=like)  # the reference
+    restored = restore_sharded(save_sharded(tmp_path / "s", tree), like=like)
+    assert restored["flag"] is True and want["flag"] is True and torch.equal(restored["w"], want["w"])
+    save_sharded(tmp_path / "n", {"w": torch.ones(2), "flag": 1})
+    with pytest.raises(ValueError, match=r"at flag the checkpoint .* holds the number 1, but `like` has False"):
+        restore_sharded(tmp_path / "n", like=like)  # a number where `like` has a bool: still another state
+
+
 def test_a_sharded_checkpoint_of_a_float64_model_with_float32_rates_restores_into_float64_rates(tmp_path):
     # Before float64 models held float64 rates, their checkpoints held float32 ones; restore_sharded refused them
     # ("holds ... dtype float32, but `like` has ... float64"), where fnlit.restore casts.
