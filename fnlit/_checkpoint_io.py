@@ -533,14 +533,20 @@ def _distribute(v: torch.Tensor, like: Any) -> torch.Tensor:
     return distribute_tensor(v.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements, **local)
 
 
+def holds_number(t: Any) -> bool:
+    """Whether the tensor ``t`` and a number saved in its place (or the other way round) stand for each other
+    (:func:`_as_like`): a 0-d float tensor, or an ensemble's stacked ``(n,)`` one."""
+    return isinstance(t, torch.Tensor) and t.dim() <= 1 and t.is_floating_point()
+
+
 def _as_like(leaf: Any, v: Any) -> Any:
     """A hyperparameter saved as a number where ``leaf`` is a 0-d float tensor, or the other way round, in
     ``leaf``'s form: a number assigned to ``hyperparams`` (optax's idiom) is a tensor after the next update, so a
     checkpoint written in between holds the number. In an ensemble's stacked state the tensor is ``(n,)``: the number
     is every member's value (a tensor whose members differ stays a tensor, and the mismatch is reported)."""
-    if is_real(v) and isinstance(leaf, torch.Tensor) and leaf.dim() <= 1 and leaf.is_floating_point():
+    if is_real(v) and holds_number(leaf):
         return torch.full_like(leaf, v)
-    if is_real(leaf) and isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() and v.is_floating_point():
+    if is_real(leaf) and holds_number(v) and v.numel():
         values = v.reshape(-1).tolist()
         if all(x == values[0] or (math.isnan(x) and math.isnan(values[0])) for x in values):
             try:  # the number like's type holds: 0.5 (or inf, NaN) saved where like has an int stays as saved

@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
 from ._checkpoint_io import json_checked
-from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason, text_crc32
+from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason, holds_number, text_crc32
 from .transforms.donate import check_not_donated
 from .tree import is_real
 
@@ -466,7 +466,8 @@ def _check_like(
     saved_numbers: dict[str, Any],
 ) -> None:
     """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's other leaves, each to take
-    the number saved at its path (as a number, or a 0-d float tensor; a bool where both are bools)."""
+    the number saved at its path (as a number, or a 0-d or an ensemble's (n,) float tensor, as fnlit.restore
+    takes it; a bool where both are bools)."""
     missing = [p for p in shapes if p not in saved] + [p for p in numbers if p not in saved_numbers]
     extra = [p for p in saved if p not in shapes and p not in numbers]
     extra += [p for p in saved_numbers if p not in numbers]
@@ -479,7 +480,7 @@ def _check_like(
         )
     for p, leaf in numbers.items():
         number = is_real(leaf) or (isinstance(leaf, bool) and isinstance(saved_numbers[p], bool))  # (a flag)
-        if not (number or (isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point())):
+        if not (number or holds_number(leaf)):
             got = f"a {leaf.dtype} tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
             raise ValueError(
                 f"restore_sharded: at {p} the checkpoint {directory} holds the number {saved_numbers[p]!r}, but `like` "
@@ -523,11 +524,13 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
     paths, tensors, numbers, _ = _describe(like, "restore_sharded")
     saved_numbers = info.get("numbers", {})
     # What DCP loads: like's tensors (copies: DCP loads in place, never into `like`), and for a number in `like`
-    # saved as a 0-d tensor, a tensor of the saved dtype; a number saved where `like` has a tensor is not loaded.
+    # saved as a 0-d or (n,) tensor (an ensemble's), a tensor of the saved shape and dtype; a number saved where
+    # `like` has a tensor is not loaded.
     load: dict[str, Any] = {p: t.detach().clone() for p, t in tensors.items() if p not in saved_numbers}
     for p in numbers:
-        if p not in saved_numbers and info["tensors"].get(p, [None])[0] == []:
-            load[p] = torch.empty((), dtype=getattr(torch, info["tensors"][p][1]))
+        kept = info["tensors"].get(p)
+        if p not in saved_numbers and kept is not None and len(kept[0]) <= 1:
+            load[p] = torch.empty(kept[0], dtype=getattr(torch, kept[1]))
     # A 0-d float (a rate) saved in another float dtype: a float64 model's rates were float32 before they were held
     # in float64. Loaded as saved, cast to like's below (as fnlit.restore does).
     recast = {}
@@ -554,5 +557,12 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
             raise CheckpointError(f"cannot restore the sharded checkpoint {directory}: {_failure(e)}.") from None
     like_leaves = {**tensors, **numbers}
     values = [_as_like(like_leaves[p], saved_numbers[p] if p in saved_numbers else load[p]) for p in paths]
+    for p, v in zip(paths, values):
+        if p in numbers and isinstance(v, torch.Tensor):  # (an ensemble's members differ, or not a float tensor)
+            raise ValueError(
+                f"restore_sharded: at {p} the checkpoint {directory} holds a {v.dtype} tensor of shape {tuple(v.shape)}"
+                f"{' whose values differ' if holds_number(v) and v.numel() else ''}, but `like` has the number "
+                f"{numbers[p]!r}. Restore into a state built the same way (same module, optimizer and loss_scale)."
+            )
     values = [v.to(recast[p]) if p in recast else v for p, v in zip(paths, values)]
     return _tree.tree_unflatten(_tree.tree_structure(like), values)

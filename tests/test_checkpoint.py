@@ -977,8 +977,8 @@ def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_
     like = fnlit.TrainState.create(nn.Linear(2, 1), fnlit.optim.adamw(1e-3, weight_decay=0.1), seed=0)
     restored = restore_sharded(save_sharded(tmp_path / "b", state), like=like)
     assert torch.equal(restored.opt_state.hyperparams["weight_decay"], torch.tensor(0.0))  # like's form
-    with pytest.raises(ValueError, match=r"at count the checkpoint .* holds the number 16777217, but `like` has a torch.float32 tensor of shape \(3,\)"):
-        restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.zeros(3), "lr": 0.5})
+    with pytest.raises(ValueError, match=r"at count the checkpoint .* holds the number 16777217, but `like` has a torch.float32 tensor of shape \(3, 2\)"):
+        restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.zeros(3, 2), "lr": 0.5})
     with pytest.raises(ValueError, match=r"holds the number 16777217, but `like` has a torch.int64 tensor of shape \(\)"):
         restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": torch.tensor(0), "lr": 0.5})
     with pytest.raises(ValueError, match=r"it has \['count'\], which `like` lacks"):  # (was dropped silently)
@@ -996,6 +996,27 @@ def test_a_sharded_checkpoint_restores_a_bool_leaf_as_fnlit_restore_does(tmp_pat
     save_sharded(tmp_path / "n", {"w": torch.ones(2), "flag": 1})
     with pytest.raises(ValueError, match=r"at flag the checkpoint .* holds the number 1, but `like` has False"):
         restore_sharded(tmp_path / "n", like=like)  # a number where `like` has a bool: still another state
+
+
+def test_a_sharded_ensemble_checkpoint_restores_a_rate_saved_as_a_number_or_as_its_stacked_tensor(tmp_path):
+    # An ensemble's rate is an (n,) tensor; assigned as a number (optax's idiom) it was refused by restore_sharded,
+    # and a saved (n,) rate where `like` held the number was reported missing. fnlit.restore takes both.
+    def fresh(lr=None):
+        ens = fnlit.ensemble_states(lambda: nn.Linear(3, 2), fnlit.optim.adam(1e-3), seeds=[0, 1, 2])
+        if lr is not None:
+            ens.opt_state.hyperparams["learning_rate"] = lr
+        return ens
+
+    for i, (saved, like) in enumerate([(fresh(0.01), fresh()), (fresh(), fresh(0.5))]):
+        want = ckpt.restore(ckpt.save(tmp_path / f"{i}.ckpt", saved), like=like)  # the reference
+        got = restore_sharded(save_sharded(tmp_path / f"s{i}", saved), like=like)
+        lr, want_lr = got.opt_state.hyperparams["learning_rate"], want.opt_state.hyperparams["learning_rate"]
+        assert type(lr) is type(want_lr) and (torch.equal(lr, want_lr) if i == 0 else lr == want_lr)
+        assert_trees_equal(got.params, want.params)
+    saved = fresh(torch.tensor([1e-3, 1e-2, 1e-1]))  # members with their own rates: no one number holds them
+    with pytest.raises(ValueError, match=r"at opt_state\[3\]\['learning_rate'\] the checkpoint .* holds a "
+                       r"torch.float32 tensor of shape \(3,\) whose values differ, but `like` has the number 0.5"):
+        restore_sharded(save_sharded(tmp_path / "s2", saved), like=fresh(0.5))
 
 
 def test_a_sharded_checkpoint_of_a_float64_model_with_float32_rates_restores_into_float64_rates(tmp_path):
