@@ -140,6 +140,20 @@ def _stored(path: str, leaf: torch.Tensor) -> torch.Tensor:
     )
 
 
+def check_unique_paths(paths: list[str], who: str = "fnlit.save") -> None:
+    """Raises a ValueError if two leaves share a path text: a checkpoint keys its tensors by it, and a dict key
+    that reads as a path (``"a['b']"`` beside ``{"a": {"b": ...}}``) gives another leaf's, so one would be lost."""
+    if len(set(paths)) == len(paths):
+        return
+    seen: set[str] = set()
+    twice = next(p for p in paths if p in seen or seen.add(p))  # type: ignore[func-returns-value]
+    raise ValueError(
+        f"{who} keys each leaf by its path, and two leaves of the state have the path {twice}: a dict key that "
+        "reads as a path (\"a['b']\" beside {'a': {'b': ...}}) gives another leaf's. The checkpoint could hold only "
+        "one of them, so nothing was written: rename the key."
+    )
+
+
 def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[str, Any]:
     """The object ``torch.save`` writes: tensors by path plus the JSON header describing every leaf.
 
@@ -150,7 +164,9 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
     Raises:
         TypeError: if a leaf is neither a tensor nor a JSON value (int, float, bool, str), or is a sparse,
             meta or nested tensor, or of a tensor subclass with its own ``__torch_dispatch__`` (naming the path).
+        ValueError: if two leaves have the same path text (:func:`check_unique_paths`).
     """
+    check_unique_paths(paths)
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
     for path, leaf in zip(paths, leaves):

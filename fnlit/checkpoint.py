@@ -102,6 +102,8 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
             a tensor nor a JSON value (int, float, bool, str), or is a sparse, meta or nested tensor or of a tensor
             subclass with its own ``__torch_dispatch__``; before anything is written. (A subclass without one,
             ``x.as_subclass(Tagged)``, is stored as its plain data; :func:`restore` gives ``like``'s subclass back.)
+        ValueError: if two leaves of the state have the same path text (a dict key ``"a['b']"`` beside
+            ``{"a": {"b": ...}}``), naming it; before anything is written.
 
     Example:
         >>> import tempfile, os, torch, fnlit

@@ -40,7 +40,8 @@ from torch.distributed.tensor import DTensor
 
 from . import tree as _tree
 from ._checkpoint_io import json_checked
-from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason, holds_number, text_crc32
+from ._checkpoint_io import CheckpointError, UnsafeCheckpointError, _as_like, _reason, check_unique_paths
+from ._checkpoint_io import holds_number, text_crc32
 from .transforms.donate import check_not_donated
 from .tree import is_real
 
@@ -222,6 +223,8 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
         TypeError: for a leaf in the state that is neither a tensor nor a number (numbers, such as a
             hyperparameter assigned as one, are written to ``fnlit.json`` exactly), or metadata that is not
             JSON-serialisable (a dict key that is not a string included).
+        ValueError: if two leaves of the state have the same path text (a dict key ``"a['b']"`` beside
+            ``{"a": {"b": ...}}``), naming it.
         FileExistsError: if ``directory`` is a file, or a non-empty folder that is not a sharded checkpoint.
         CheckpointError: naming the directory, on every rank, if the checkpoint could not be written (full
             disk, no permission, a file-size limit, an I/O error reading a file back to checksum it): any
@@ -246,7 +249,8 @@ def save_sharded(directory: str | os.PathLike[str], state: Any, **meta: Any) -> 
             "written. Save to a new path, or move that one away", str(target),
         )
     tmp, old = _stashes(target)
-    _, tensors, numbers, shapes = _describe(state, "save_sharded")
+    paths, tensors, numbers, shapes = _describe(state, "save_sharded")
+    check_unique_paths(paths, "save_sharded")  # (on every rank alike, before anything is written)
     world = dist.get_world_size() if _distributed() else 1
     # numbers (a hyperparameter assigned as one) go in fnlit.json as they are: exactly, in their own type
     info = {"format": FORMAT, "world_size": world, "tensors": shapes, "numbers": numbers, "meta": meta}

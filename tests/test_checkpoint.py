@@ -987,6 +987,18 @@ def test_a_sharded_checkpoint_keeps_number_leaves_exactly_in_their_own_type(tmp_
         restore_sharded(tmp_path / "a", like={"w": torch.zeros(2), "count": 0, "lr": 0.5, "x": 1.0})
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_two_leaves_with_the_same_path_text_are_refused_before_anything_is_written(tmp_path, sharded):
+    # {"a": {"b": x}, "a['b']": y}: both leaves read a['b']; fnlit.save kept one tensor, and restore then called
+    # the file corrupt.
+    state = {"a": {"b": torch.ones(2)}, "a['b']": torch.full((2,), 5.0)}
+    who = "save_sharded" if sharded else "fnlit.save"
+    with pytest.raises(ValueError, match=rf"{who} keys each leaf by its path, and two leaves of the state have the "
+                       r"path a\['b'\]: .* nothing was written: rename the key"):
+        save_sharded(tmp_path / "s", state) if sharded else ckpt.save(tmp_path / "a.ckpt", state)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_sharded_checkpoint_restores_a_bool_leaf_as_fnlit_restore_does(tmp_path):
     # save_sharded wrote a bool leaf (a flag in the state), restore_sharded refused the same structure.
     tree, like = {"w": torch.ones(2), "flag": True}, {"w": torch.zeros(2), "flag": False}
