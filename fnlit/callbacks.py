@@ -421,6 +421,7 @@ class EMA(Callback):
         return {"params": self.params}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._kept = None  # the loaded average replaces what a smoke run that failed before its end held back
         self.params = _copies(state.get("params"))  # placed on the state's devices by on_fit_start
 
     def on_step(self, state: TrainState, metrics: Metrics) -> None:
@@ -531,6 +532,8 @@ class SWA(Callback):
         return {"n_averaged": self.n_averaged, "params": self.params}  # the average itself, as EMA's
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._kept is not None:  # a smoke run that failed before its end: its start back, the loaded average kept
+            self.start, self._kept = self._kept[0], None
         self.n_averaged = int(state.get("n_averaged", 0))
         self.params = _copies(state.get("params"))  # placed on the state's devices by on_fit_start
         if self.n_averaged and self.params is None:  # a checkpoint of fnlit 0.1.0 kept the count only

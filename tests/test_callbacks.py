@@ -308,7 +308,20 @@ def test_a_fast_dev_run_smoke_run_leaves_ema_and_swa_as_they_were():
     # one epoch (max_epochs is 1 there) fixed a fractional SWA start at 0-based 0 for good, and its snapshot stayed in
     # both averages.
     ema, swa = EMA(decay=0.9), SWA(swa_epoch_start=0.75)
-    train([ema, swa], epochs=4, fast_dev_run=True)
+
+    class Probe:  # first in the list: its on_fit_end sees the averages before EMA's and SWA's put them back
+        def on_fit_end(self, state, metrics):
+            seen.append((copy.deepcopy(ema.params), copy.deepcopy(swa.params), swa.n_averaged, swa.start))
+
+    seen = []
+    _, start, _, rec = train([Probe(), ema, swa], epochs=4, fast_dev_run=True)
+    # the smoke run averages as a real run (its one step for the EMA; its one epoch, 0-based 0, for the SWA)...
+    smoke_ema, smoke_swa, smoke_n, smoke_start = seen[0]
+    assert (smoke_n, smoke_start) == (1, 0) and len(rec.steps) == len(rec.epochs) == 1
+    for k in start.params:
+        torch.testing.assert_close(smoke_ema[k], 0.9 * start.params[k] + 0.1 * rec.steps[0][k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(smoke_swa[k], rec.epochs[0][k])
+    # ...and leaves nothing behind
     assert ema.params is None and (swa.start, swa.params, swa.n_averaged) == (None, None, 0)
     _, start, _, rec = train([ema, swa], epochs=4)
     assert swa.start == 2 and swa.n_averaged == 2  # Lightning's int(0.75 * 4) = 3 (1-based): 0-based epochs 2 and 3
@@ -323,6 +336,36 @@ def test_a_fast_dev_run_smoke_run_leaves_ema_and_swa_as_they_were():
     train([ema, swa], epochs=4, fast_dev_run=True)
     after = (ema.params, swa.params, swa.n_averaged, swa.start)
     assert after[2:] == before[2:] and all(torch.equal(a[k], b[k]) for a, b in zip(after[:2], before[:2]) for k in a)
+
+
+def test_a_smoke_run_that_fails_leaves_a_resume_the_checkpoints_averages(tmp_path):
+    # A fast_dev_run that raised midway never reached on_fit_end: the resume's next on_fit_start put the averages from
+    # before the smoke run back over the ones just loaded from the checkpoint (the EMA's initial copy, no SWA at all).
+    def run(callbacks, **kw):
+        torch.manual_seed(0)
+        state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        fit(ones_step, state, ArrayLoader(torch.arange(4.0), batch_size=1, shuffle=False),
+            callbacks=callbacks, progress=False, **kw)  # fmt: skip
+
+    class Fails:
+        def on_step(self, state, metrics):
+            raise RuntimeError("the smoke run found a bug")
+
+    ckpt = fnlit.checkpoint.Checkpointer(tmp_path)
+    run([EMA(decay=0.5), SWA(swa_epoch_start=1)], max_epochs=3, checkpoint=ckpt)
+    reference = [EMA(decay=0.5), SWA(swa_epoch_start=1)]  # resumed without a smoke run before
+    run(reference, max_epochs=3, checkpoint=ckpt, ckpt_path="last")
+    ema, swa = EMA(decay=0.5), SWA(swa_epoch_start=1)
+    with pytest.raises(RuntimeError, match="the smoke run found a bug"):
+        run([ema, swa, Fails()], fast_dev_run=2)
+    run([ema, swa], max_epochs=3, checkpoint=ckpt, ckpt_path="last")
+    assert swa.n_averaged == reference[1].n_averaged == 3 and swa.start == 0
+    for a, b in [(ema.params, reference[0].params), (swa.params, reference[1].params)]:
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def ones_step(state, batch):  # a gradient of ones: the params move by -lr every step
+    return state.apply_gradients({k: torch.ones_like(v) for k, v in state.params.items()}), {"loss": batch.float().mean()}
 
 
 def test_early_stopping_does_nothing_under_fast_dev_run_as_lightning():
