@@ -457,7 +457,8 @@ class SWA(Callback):
             ``max_epochs`` whose ``int(fraction * max_epochs)`` is that 1-based epoch, so the first averaged one is
             0-based epoch ``max(int(fraction * max_epochs) - 1, 0)`` (0.8 of 4 epochs averages 0-based epochs 2 and 3,
             as ``3`` does; 1.0 the last). :attr:`start` is the 0-based first averaged epoch (for a fraction, set at
-            each fit's start from that fit's ``max_epochs``).
+            the first fit's start from its ``max_epochs``, as Lightning: a later fit, such as a resume with a larger
+            ``max_epochs``, keeps it).
 
     A ``fit(fast_dev_run=...)`` smoke run (one epoch) averages as a real run does, and its end puts back the
     average, its count and :attr:`start` as they were: the same callback then serves the real run (as EarlyStopping).
@@ -498,7 +499,7 @@ class SWA(Callback):
         self._put_back()  # (a smoke run that failed before its end)
         if plan.get("fast_dev_run"):  # (on_epoch_end makes a new average: the kept one is not written into)
             self._kept = (self.start, self.params, self.n_averaged)
-        if isinstance(self.swa_epoch_start, float):  # each fit's own max_epochs (a resume's is the run's)
+        if self.start is None:  # a fraction, of the first fit's max_epochs, once (Lightning's); a smoke run's is put back
             max_epochs = plan.get("max_epochs")
             if max_epochs is None or max_epochs < 0:
                 raise ValueError(

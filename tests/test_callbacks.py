@@ -331,7 +331,8 @@ def test_a_fast_dev_run_smoke_run_leaves_ema_and_swa_as_they_were():
     for k in expected:
         torch.testing.assert_close(ema.params[k], expected[k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(swa.params[k], torch.stack([p[k] for p in rec.epochs[2:]]).mean(0), rtol=1e-5, atol=1e-6)
-    # A smoke run after it (its start 0: it averages its one epoch) leaves the averages, count and start as they were.
+    # A smoke run after it (whose one epoch is before the start: the SWA averages nothing) leaves the averages, count
+    # and start as they were.
     before = copy.deepcopy((ema.params, swa.params, swa.n_averaged, swa.start))
     train([ema, swa], epochs=4, fast_dev_run=True)
     after = (ema.params, swa.params, swa.n_averaged, swa.start)
@@ -362,6 +363,25 @@ def test_a_smoke_run_that_fails_leaves_a_resume_the_checkpoints_averages(tmp_pat
     assert swa.n_averaged == reference[1].n_averaged == 3 and swa.start == 0
     for a, b in [(ema.params, reference[0].params), (swa.params, reference[1].params)]:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fractional_swa_start_is_fixed_by_the_first_fit_as_lightning(tmp_path):
+    # Lightning converts the fraction once, at the first fit: continued (ckpt_path) with a larger max_epochs, the same
+    # callback averages on from where it started, as an int start there does. The start was taken again from each
+    # fit's max_epochs (0.75 of 8: 0-based 5), skipping epochs 3 and 4.
+    def run(swa, epochs, **kw):
+        torch.manual_seed(0)
+        state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+        fit(ones_step, state, ArrayLoader(torch.arange(2.0), batch_size=1, shuffle=False), max_epochs=epochs,
+            callbacks=[swa], checkpoint=fnlit.checkpoint.Checkpointer(tmp_path / str(swa.swa_epoch_start)),
+            progress=False, **kw)  # fmt: skip
+
+    swa, reference = SWA(swa_epoch_start=0.75), SWA(swa_epoch_start=3)  # int(0.75 * 4) = 3, 1-based
+    for s in (swa, reference):
+        run(s, 4)
+        run(s, 8, ckpt_path="last")
+    assert swa.start == reference.start == 2 and swa.n_averaged == reference.n_averaged == 6
+    assert all(torch.equal(swa.params[k], reference.params[k]) for k in reference.params)
 
 
 def ones_step(state, batch):  # a gradient of ones: the params move by -lr every step
