@@ -139,6 +139,17 @@ class Callback:
         return f"{type(self).__qualname__}{plain!r}"
 
 
+def _number(value: Any) -> Any:
+    """``value`` as a Python float where it is a real number in a 0-d tensor or NumPy array, or a NumPy scalar
+    (``torch.tensor(0.1)``, ``np.float32(0.1)``); anything else as it is, for the caller to check. For a callback's
+    settings, when it is made (a tensor's value is read once there, not in a step)."""
+    if isinstance(value, torch.Tensor):
+        real = value.ndim == 0 and value.dtype != torch.bool and not value.is_complex()
+    else:  # NumPy's, without importing it
+        real = getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("f", "i", "u")
+    return float(value) if real else value
+
+
 class EarlyStopping(Callback):
     """Stops training when a validation metric has stopped improving (Lightning's ``EarlyStopping``).
 
@@ -164,7 +175,8 @@ class EarlyStopping(Callback):
 
     Raises:
         ValueError: for a mode other than ``"min"`` or ``"max"``, a patience that is not an int >= 0, a monitor that
-            is not a str, or a min_delta or threshold that is not a number (NaN included).
+            is not a str, or a min_delta or threshold that is not a number (NaN included; a 0-d tensor or NumPy number
+            is read as its float).
 
     Example:
         >>> es = EarlyStopping("val/loss", patience=1)
@@ -189,6 +201,7 @@ class EarlyStopping(Callback):
                 f"EarlyStopping expected monitor to be a metric's name (a str, e.g. 'val/loss'), got monitor={monitor!r} "
                 "instead."
             )
+        min_delta, stopping_threshold, divergence_threshold = map(_number, (min_delta, stopping_threshold, divergence_threshold))
         for name, value, can_be_none in [("min_delta", min_delta, False), ("stopping_threshold", stopping_threshold, True),
                                          ("divergence_threshold", divergence_threshold, True)]:  # fmt: skip
             if value is None and can_be_none:
@@ -373,7 +386,7 @@ class EMA(Callback):
     averages on a copy, dropped at its end: the EMA is left as it was for the real run (as EarlyStopping).
 
     Args:
-        decay: the weight of the past, in [0, 1).
+        decay: the weight of the past, in [0, 1) (a 0-d tensor or NumPy number is read as its float when made).
 
     Raises:
         ValueError: for a decay that is not a number in [0, 1).
@@ -391,6 +404,7 @@ class EMA(Callback):
     """
 
     def __init__(self, decay: float = 0.999) -> None:
+        decay = _number(decay)
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA expected a float decay with 0 <= decay < 1, got decay={decay!r} instead.")
         self.decay = decay
@@ -577,6 +591,7 @@ def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | No
     what = "Timer expected duration (fit's max_time) to be"
     if duration is None:
         return None
+    duration = _number(duration)
     if isinstance(duration, numbers.Real) and not isinstance(duration, bool):
         seconds = duration
     elif isinstance(duration, datetime.timedelta):

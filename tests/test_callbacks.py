@@ -443,12 +443,42 @@ def test_timer_and_max_time_refuse_a_bad_duration(duration, match):
         (lambda: EarlyStopping(divergence_threshold=float("nan")),
          r"EarlyStopping expected divergence_threshold to be a number or None, got divergence_threshold=nan instead"),
         (lambda: EarlyStopping(min_delta=None), r"EarlyStopping expected min_delta to be a number, got min_delta=None"),
+        (lambda: EMA(torch.tensor([0.9])), r"EMA expected a float decay .* got decay=tensor\(\[0.9000\]\) instead"),
+        (lambda: EarlyStopping(min_delta=torch.tensor(True)),
+         r"EarlyStopping expected min_delta to be a number, got min_delta=tensor\(True\)"),
     ],
 )
 def test_callbacks_refuse_bad_arguments_when_made(make, match):
     # (they failed at the first validation or step, or with Python's own message: "'<=' not supported ...")
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("number", [torch.tensor, np.array, np.float32], ids=["tensor", "np.array", "np.float32"])
+def test_callbacks_take_a_0d_tensor_or_numpy_number_as_the_number(number):
+    # A real 0-d tensor or array is the number it holds, as before the checks above refused it (it is not a
+    # numbers.Real): the callback behaves as one made with the Python float.
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(1.0), seed=0)
+    later = state.apply_gradients({k: torch.ones_like(v) for k, v in state.params.items()})
+    averages = []
+    for ema in (EMA(decay=number(0.25)), EMA(decay=0.25)):
+        ema.on_fit_start(state, {})
+        ema.on_step(later, {})
+        averages.append(ema.params)
+    assert all(torch.equal(averages[0][k], averages[1][k]) for k in averages[1])
+
+    def outcome(values, **kw):
+        es = EarlyStopping(patience=1, **kw)
+        try:
+            for v in values:
+                es.on_validation(None, {"val/loss": v})
+        except StopTraining as e:
+            return str(e)
+
+    for values in ([2.0, 1.875], [2.0, 1.5, 0.25], [2.0, 16.0]):  # within min_delta; better than, worse than a threshold
+        got = outcome(values, min_delta=number(0.25), stopping_threshold=number(0.5), divergence_threshold=number(8.0))
+        assert got == outcome(values, min_delta=0.25, stopping_threshold=0.5, divergence_threshold=8.0) is not None
+    assert Timer(number(2.0)).duration == 2.0
 
 
 def test_timer_and_max_time_stop_training():
