@@ -606,10 +606,13 @@ def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | No
             ) from None
     elif isinstance(duration, str):
         parts = duration.split(":")
-        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        if len(parts) != 4 or not all(p.strip().isdecimal() for p in parts):  # (isdigit() passes '²', which int() refuses)
             raise ValueError(f"{what} a duration 'DD:HH:MM:SS' (e.g. '00:12:00:00'), got {duration!r} instead.")
         d, h, m, s = (int(p) for p in parts)
-        seconds = datetime.timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
+        try:
+            seconds = datetime.timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
+        except OverflowError as e:  # more days than a timedelta holds
+            raise ValueError(f"{what} a duration 'DD:HH:MM:SS' that a datetime.timedelta holds, got {duration!r} ({e}).") from None
     else:
         raise ValueError(
             f"{what} seconds, a datetime.timedelta, a dict ({{'hours': 2}}) or 'DD:HH:MM:SS', got {duration!r} instead."

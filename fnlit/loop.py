@@ -29,7 +29,7 @@ from . import distributed as _dist
 from . import tree as _tree
 from ._checkpoint_io import is_sharded  # (without importing DTensor: ~0.7 s)
 from ._types import Batch, Metrics, StepFn
-from .callbacks import Callback, EarlyStopping, StopTraining, Timer
+from .callbacks import Callback, EarlyStopping, StopTraining, Timer, _seconds
 from .checkpoint import Checkpointer
 from .ensemble import EnsembleStep
 from .functional import evaluating
@@ -177,6 +177,7 @@ def _plan(o: dict[str, Any], train_data: Iterable[Any], val_data: Iterable[Any] 
         fdr = int(bool(fdr))
     if not isinstance(fdr, int) or fdr < 0:
         raise ValueError(f"fit expected fast_dev_run to be a bool or an int >= 0, got fast_dev_run={fdr!r} instead.")
+    _seconds(o["max_time"])  # refused here, before any work (a checkpoint's load, a collective), as Timer refuses it
     limit_train, limit_val, vci = o["limit_train_batches"], o["limit_val_batches"], o["val_check_interval"]
     max_epochs, max_steps, every_n, sanity = o["max_epochs"], o["max_steps"], o["check_val_every_n_epoch"], o["num_sanity_val_steps"]
     # Lightning's checks: -1 is "no limit" (all, for the sanity check); anything below it is refused

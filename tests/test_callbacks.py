@@ -422,13 +422,19 @@ def test_early_stopping_does_nothing_under_fast_dev_run_as_lightning():
         ("xx:00:00:01", r"a duration 'DD:HH:MM:SS' \(e.g. '00:12:00:00'\), got 'xx:00:00:01' instead"),
         ({"hour": 1}, r"a dict of datetime.timedelta's arguments \(e.g. \{'hours': 2\}.*got \{'hour': 1\} instead"),
         (True, r"seconds, a datetime.timedelta, a dict .* got True instead"),
+        ("00:00:00:\u00b2", r"a duration 'DD:HH:MM:SS' \(e.g. '00:12:00:00'\), got '00:00:00:\u00b2' instead"),  # (a digit)
+        ("9999999999:00:00:00", r"a duration 'DD:HH:MM:SS' that a datetime.timedelta holds, got '9999999999:00:00:00'"),
     ],
 )
 def test_timer_and_max_time_refuse_a_bad_duration(duration, match):
+    class Restores:  # fit checks max_time with its other arguments, before any work: no checkpoint is read
+        def restore(self, path, like):
+            raise AssertionError("fit restored a checkpoint before it checked max_time")
+
     with pytest.raises(ValueError, match=r"Timer expected duration \(fit's max_time\) to be " + match):
         Timer(duration)
     with pytest.raises(ValueError, match=r"Timer expected duration \(fit's max_time\) to be " + match):
-        fit(count_step, counting_state(), [0], max_time=duration, progress=False)
+        fit(count_step, counting_state(), [0], max_time=duration, checkpoint=Restores(), ckpt_path="last", progress=False)
     assert Timer(0).duration == 0 and Timer("0:0:0:0").duration == 0  # 0 is allowed: it stops before the first step
 
 
