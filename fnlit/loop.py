@@ -47,7 +47,8 @@ __all__ = ["fit", "evaluate"]
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
 Position = dict[str, Any]  # epoch, batch, seed, steps (ints); callbacks (their states)
 _END = object()  # what next() gives for data that has run out
-"""Where the driver is: ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` are done;
+"""Where the driver is: ``{"epoch": e, "batch": b, "seed": s, "steps": n}``: ``b`` batches of epoch ``e`` are done,
+``n`` calls of step in all (a position saved before it was kept has none);
 ``"batches_per_epoch"``: ``len(train_data)``, where it has one (the size of those batches); ``"world_size"``
 under torch.distributed; and ``"callbacks"``: the states of the callbacks that have one (``state_dict()``), by class
 and order."""
