@@ -601,6 +601,27 @@ def float64_metric():
     return metrics["x"].dtype, metrics["x"].item(), metrics["loss"].dtype, metrics["loss"].item(), own_loss.item()
 
 
+def float64_aux_in_a_float32_model():
+    """A float32 model whose loss function computes its loss in float64 and returns a float64 aux (0.1 on rank 0,
+    1.1 on rank 1): the averaged aux and loss, and this rank's own loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def loss_fn(p, x):
+        loss = fnlit.apply(model, p, {}, x)[0].double().pow(2).mean()
+        return loss, torch.tensor(0.1 + dist.get_rank(), dtype=torch.float64)
+
+    def step(state, batch):
+        (loss, aux), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        return state.apply_gradients(grads), {"loss": loss, "aux": aux}
+
+    x = torch.full((2, 4), 0.1 + dist.get_rank())
+    _, metrics = fnlit.data_parallel(step)(state, x)
+    own_loss = loss_fn(state.params, x)[0]
+    return metrics["aux"].dtype, metrics["aux"].item(), metrics["loss"].dtype, metrics["loss"].item(), own_loss.item()
+
+
 def unchecked_warns():
     """A loop of one's own: the data-parallel step warns at its first call unless check_same_state ran."""
     import warnings
@@ -704,9 +725,10 @@ def evaluate_with_empty_batches():
     return fnlit.evaluate(lambda s, b: {"x": b.mean()}, state, data)
 
 
-def number_or_tensor_metric(steps: int = 4, dtype: torch.dtype = torch.float32):
+def number_or_tensor_metric(steps: int = 4, dtype: torch.dtype = torch.float32, aux: bool = False):
     """A metric that is a number on one rank and a tensor (of ``dtype``) on the other (sum([]) over an empty
-    selection), for ``steps`` steps; the weights and the metric's values."""
+    selection), for ``steps`` steps, made in the step or (``aux``) returned by the loss function as has_aux; the
+    weights and the metric's values."""
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1, bias=False).to(dtype)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
@@ -714,13 +736,20 @@ def number_or_tensor_metric(steps: int = 4, dtype: torch.dtype = torch.float32):
     rank = dist.get_rank()
 
     def loss_fn(p, x, y):
-        return torch.nn.functional.mse_loss(fnlit.apply(model, p, {}, x)[0], y)
+        loss = torch.nn.functional.mse_loss(fnlit.apply(model, p, {}, x)[0], y)
+        return (loss, outlier(y)) if aux else loss
+
+    def outlier(y):
+        big = [v for v in y.reshape(-1) if v.abs() > 1.0]  # (a Python list of tensors, only to build the metric)
+        return sum(big)
 
     def step(state, batch):
         x, y = batch
-        loss, grads = fnlit.value_and_grad(loss_fn)(state.params, x, y)
-        big = [v for v in y.reshape(-1) if v.abs() > 1.0]  # (a Python list of tensors, only to build the metric)
-        return state.apply_gradients(grads), {"loss": loss, "outlier": sum(big)}
+        if aux:
+            (loss, big), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params, x, y)
+        else:
+            (loss, grads), big = fnlit.value_and_grad(loss_fn)(state.params, x, y), outlier(y)
+        return state.apply_gradients(grads), {"loss": loss, "outlier": big}
 
     dp = fnlit.data_parallel(step)
     x, y = torch.ones(1, 1, dtype=dtype), torch.full((1, 1), 0.5 if rank == 0 else 100.0, dtype=dtype)

@@ -34,6 +34,7 @@ from _dist_workers import (
     starts_permuted,
     stop_from_on_log,
     float64_metric,
+    float64_aux_in_a_float32_model,
     sparse_embedding,
     unchecked_warns,
     fit_one_rank_warns_nothing,
@@ -562,6 +563,15 @@ def test_float64_metrics_and_a_float64_loss_are_averaged_in_float64():
         assert loss_dtype == torch.float64 and loss == pytest.approx(mean_loss, rel=1e-15, abs=0)
 
 
+def test_a_float64_aux_and_loss_of_a_float32_model_are_averaged_in_float64():
+    # They rode the float32 gradients' all-reduce: (0.1 + 1.1) / 2 came back as 0.6000000238418579.
+    results = fnlit.distributed.launch(float64_aux_in_a_float32_model, 2, timeout=120, collective_timeout=30)
+    mean_loss = (results[0][4] + results[1][4]) / 2  # the reference: each rank's own loss, averaged by hand
+    for dtype, value, loss_dtype, loss, _ in results:
+        assert dtype == torch.float64 and value == (0.1 + 1.1) / 2
+        assert loss_dtype == torch.float64 and loss == pytest.approx(mean_loss, rel=1e-15, abs=0)
+
+
 def test_a_data_parallel_step_whose_first_state_was_not_checked_warns_once():
     # fit checks a step built with fnlit's transforms; behind a function of one's own (fit(lambda s, b: dp(s, b)))
     # or in one's own loop nothing did, and ranks seeded apart trained apart silently.
@@ -576,13 +586,15 @@ def test_fit_of_a_data_parallel_step_on_one_rank_warns_nothing():
     assert fnlit.distributed.launch(fit_one_rank_warns_nothing, 1, timeout=120) == [[]]
 
 
+@pytest.mark.parametrize("aux", [False, True], ids=["metric", "aux"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_metric_that_is_a_number_on_one_rank_and_a_tensor_on_another_is_averaged(dtype):
+def test_a_metric_that_is_a_number_on_one_rank_and_a_tensor_on_another_is_averaged(dtype, aux):
     # sum([]) is the int 0 on a rank whose selection is empty: numbers were left out of the metrics' all-reduce, so
     # the ranks ran different numbers of collectives and one rank's metrics were averaged into the other's gradients
-    # at the next step (params apart, then a crash). Reference: one weight, SGD on the mean of the ranks' gradients,
-    # by hand: d/dw (w - y)^2 = 2 (w - y), with y = 0.5 on rank 0 and 100 on rank 1.
-    results = fnlit.distributed.launch(number_or_tensor_metric, 2, 4, dtype, timeout=120)
+    # at the next step (params apart, then a crash). Returned as has_aux, the tensor rode the gradients' all-reduce on
+    # one rank only: buffers of different sizes, a hang. Reference: one weight, SGD on the mean of the ranks'
+    # gradients, by hand: d/dw (w - y)^2 = 2 (w - y), with y = 0.5 on rank 0 and 100 on rank 1.
+    results = fnlit.distributed.launch(number_or_tensor_metric, 2, 4, dtype, aux, timeout=120, collective_timeout=15)
     assert results[0] == results[1]
     torch.manual_seed(0)
     w = torch.nn.Linear(1, 1, bias=False).to(dtype).weight.item()

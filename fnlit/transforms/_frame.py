@@ -155,7 +155,7 @@ class Frame:
         self.dp_bucket_bytes = 0
         self.device: torch.device | None = None  # a data-parallel or sharded step's state's (its metrics' collective)
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
-        self.known: list[torch.Tensor] = []  # scalars value_and_grad returned: reduced with the gradients
+        self.known: list[torch.Tensor] = []  # losses value_and_grad returned: reduced with the gradients
         # The torch.func level float16 amp or shard joined the frame at (fnlit.ensemble vmaps whole steps): gradients
         # batched deeper than this come from a vmap of the step's own (per-example gradients).
         self.level: int | None = None
@@ -239,17 +239,17 @@ class Frame:
                 [g if g.layout is torch.strided else g._values() for g in grads], self.found_inf, inv_scale
             )
 
-    def note_scalars(self, tree: Any) -> None:
-        """Remembers the 0-d float tensors value_and_grad returns (loss, scalar aux) under data_parallel.
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Remembers the loss value_and_grad returns (a 0-d float tensor) under data_parallel.
 
-        They travel in the gradient all-reduce, so metrics made of them need no collective of their own.
-        Not under accumulate: there the metrics are micro-batch averages, reduced once at the end.
+        It travels in the gradient all-reduce, so a step whose only metric is its loss needs no collective for
+        its metrics. The loss alone: the aux leaves go to all_reduce_metrics, as every rank must send as many
+        riders -- an aux leaf that is a number on one rank and a tensor on another (``sum([])``) made buffers of
+        different sizes, and the all-reduce hung. Not under accumulate: there the metrics are micro-batch
+        averages, reduced once at the end.
         """
-        if self.dp_group is None or self.accum_k > 1:
-            return
-        for t in _tree.tree_leaves(tree):
-            if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
-                self.known.append(t)
+        if self.dp_group is not None and self.accum_k == 1:
+            self.known.append(loss)
 
     # -- accumulate: read by value_and_grad ----------------------------------------------------
     def start_micro(self, i: int) -> None:
@@ -452,10 +452,13 @@ class Frame:
             refuse_sparse("fnlit.data_parallel", leaves, grads, " (it all-reduces them flattened into dense buffers)",
                           ": the all-reduce sends the same values")
             n, m = len(leaves), len(stats)
+            # A float64 loss rides only where float64 gradients make a bucket it shares: all_reduce_metrics averages it
+            # in float64 otherwise (in float32 it lost its digits).
+            wide = any(t.dtype is torch.float64 for t in leaves)
+            self.known = [t for t in self.known if wide or t.dtype is not torch.float64]
             riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
-            wide = any(t.dtype is torch.float64 for t in leaves)  # a float64 bucket the float64 riders can share
             reduced = all_reduce_mean_(
-                list(leaves) + [t for _, t in stats] + [_rider(t, wide) for t in riders],
+                list(leaves) + [t for _, t in stats] + [_rider(t) for t in riders],
                 self.dp_group,
                 self.dp_bucket_bytes,
                 reuse=True,
@@ -596,11 +599,10 @@ def collective_of(step: Any) -> Any:
     return next((s for s in wrapped_steps(step) if getattr(s, "collective", None)), None)
 
 
-def _rider(t: torch.Tensor, wide: bool) -> torch.Tensor:
-    """A scalar riding with the gradients' all-reduce: float32; float64 as it is where float64 gradients make a
-    bucket it shares (a float64 model's loss keeps its digits; a float32 model's float64 metric rides in float32
-    rather than costing a collective of its own)."""
-    return t.reshape(1) if wide and t.dtype is torch.float64 else t.reshape(1).float()
+def _rider(t: torch.Tensor) -> torch.Tensor:
+    """A scalar riding with the gradients' all-reduce: float32, a float64 one as it is (it rides only where float64
+    gradients make a bucket it shares: a float64 model's loss keeps its digits)."""
+    return t.reshape(1) if t.dtype is torch.float64 else t.reshape(1).float()
 
 
 def _updated_float_buffers(state: TrainState, changes: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
