@@ -943,3 +943,24 @@ def update_bn_on_ranks(counts):
         except ValueError as e:
             out[name] = str(e)
     return out
+
+
+def a_rank_outside_the_group():
+    """Three ranks, data_parallel over a group of ranks 0 and 1: the members' weights after one step (SGD, lr 1, on
+    w * x with x = 1 on rank 0 and 3 on rank 1), and the error the step raises on rank 2 (it did gradient ascent)."""
+    group = dist.new_group([0, 1])  # (every rank creates it)
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1, bias=False), fnlit.optim.sgd(1.0), seed=0)
+    w0 = state.params["weight"].item()
+
+    def step(state, batch):
+        loss, grads = fnlit.value_and_grad(lambda p: (p["weight"] * batch).sum())(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    try:
+        state, _ = fnlit.data_parallel(step, group)(state, torch.tensor([1.0 + 2 * rank]))
+    except ValueError as e:
+        return str(e)
+    return state.params["weight"].item() - w0
+

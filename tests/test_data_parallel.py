@@ -35,6 +35,7 @@ from _dist_workers import (
     stop_from_on_log,
     float64_metric,
     float64_aux_in_a_float32_model,
+    a_rank_outside_the_group,
     sparse_embedding,
     unchecked_warns,
     fit_one_rank_warns_nothing,
@@ -696,3 +697,11 @@ def test_update_bn_gives_every_rank_the_statistics_of_all_ranks_batches(counts):
         pattern = r"update_bn: the state is sharded.*some rank has no batch at all while others have some \(.*this rank " + (
             "3", "0")[rank]
         assert isinstance(error, str) and re.search(pattern, error), error
+
+
+def test_a_rank_outside_the_group_is_refused_and_the_members_average():
+    # torch gives a non-member -1 for the group's size and rank: the gradients were divided by -1 and not reduced,
+    # so rank 2 silently did gradient ascent. Reference: the members' mean gradient of w * x, (1 + 3) / 2, by hand.
+    moved0, moved1, error = fnlit.distributed.launch(a_rank_outside_the_group, 3, timeout=120, collective_timeout=30)
+    assert moved0 == moved1 == pytest.approx(-2.0, rel=1e-6)
+    assert isinstance(error, str) and re.match(r"fnlit\.data_parallel: this rank \(global rank 2\) is not in the process group", error)

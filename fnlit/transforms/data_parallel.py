@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 __all__ = ["data_parallel", "all_reduce_mean_"]
 
+_NOT_A_MEMBER = (
+    "{who}: this rank (global rank {rank}) is not in the process group it was given, so it would average its "
+    "gradients with no one (torch's world size of such a group is -1). Call the step only on the group's ranks "
+    "(`if dist.get_rank(group) >= 0: ...`), or pass a group that holds every rank that runs it."
+)
+
 _NOT_INITIALISED = (
     "fnlit.data_parallel needs an initialised torch.distributed process group, and there is none. Launch "
     "the script with `torchrun --nproc-per-node N script.py` and call fnlit.distributed.init() first, or "
@@ -85,6 +91,8 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Any = None, bucket_byte
     same layout when no view of them is alive any more (never while a result is still referenced).
     """
     world = dist.get_world_size(group)
+    if world < 1:  # (-1: this rank is not in the group; dividing by it turned descent into ascent)
+        raise ValueError(_NOT_A_MEMBER.format(who="fnlit's all-reduce", rank=dist.get_rank()))
     out: list[torch.Tensor] = list(tensors)
     for slot, bucket in enumerate(_buckets(tensors, bucket_bytes)):
         parts = [tensors[i].reshape(-1) for i in bucket]
@@ -295,6 +303,7 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
 
     Raises:
         RuntimeError: when called without an initialised process group (it says how to launch).
+        ValueError: when called on a rank that is not in ``group``.
 
     Example:
         >>> # in a script started by `torchrun --nproc-per-node 2 train.py`:
@@ -310,6 +319,9 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
             raise RuntimeError(_NOT_INITIALISED)
         if _level() is not None:  # under vmap: fnlit.ensemble(data_parallel(step))
             raise ValueError(WITH_ENSEMBLE.format(who="fnlit.data_parallel"))
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(_NOT_A_MEMBER.format(who="fnlit.data_parallel", rank=dist.get_rank()))
         if first_call[0]:  # (every rank alike: no collective, no read; one rank cannot differ from itself)
             first_call[0] = False
             if dist.get_world_size(group) > 1 and not _was_checked(state):
@@ -317,7 +329,7 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
         with frame() as (f, outermost):
             f.dp_group = group if group is not None else dist.group.WORLD
             f.dp_bucket_bytes = bucket_bytes
-            return run_on_rank(step, state, batch, dist.get_rank(group), f, outermost)
+            return run_on_rank(step, state, batch, rank, f, outermost)
 
     data_parallel_step.__wrapped__ = step  # type: ignore[attr-defined]
     data_parallel_step.collective = "fnlit.data_parallel"  # type: ignore[attr-defined]  # (fnlit.ensemble refuses it)
