@@ -964,3 +964,23 @@ def a_rank_outside_the_group():
         return str(e)
     return state.params["weight"].item() - w0
 
+
+def metric_names_that_differ(nested: bool):
+    """A data_parallel step whose metrics are per-class accuracies of the classes in each rank's shard: "cat" on
+    rank 0, "dog" on rank 1 (as many names, different ones), flat or ``nested`` in a dict; the error each raises."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, x):
+        loss, grads = fnlit.value_and_grad(lambda p: fnlit.apply(model, p, {}, x)[0].pow(2).mean())(state.params)
+        acc = {("cat", "dog")[rank]: torch.tensor(1.0 - rank)}
+        return state.apply_gradients(grads), {"loss": loss, "acc": acc} if nested else {"loss": loss, **acc}
+
+    try:
+        _, metrics = fnlit.data_parallel(step)(state, torch.ones(2, 2))
+    except ValueError as e:
+        return str(e)
+    return repr(metrics)
+

@@ -36,6 +36,7 @@ from _dist_workers import (
     float64_metric,
     float64_aux_in_a_float32_model,
     a_rank_outside_the_group,
+    metric_names_that_differ,
     sparse_embedding,
     unchecked_warns,
     fit_one_rank_warns_nothing,
@@ -100,9 +101,10 @@ def test_two_ranks_match_one_process_and_each_other(two_rank_runs, k):
     assert r0["losses"] == r1["losses"]  # metrics averaged across ranks
     torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     # One gradient all-reduce per applied update (all params flattened), none per micro-batch. Without
-    # accumulation the loss rides along in it; with it, the micro-batch average takes one small collective.
+    # accumulation the loss rides along in it; with it, the micro-batch average takes one small collective (with
+    # a checksum of the metrics' names).
     n_params = sum(p.numel() for p in ref_history[0].values())
-    expected = [n_params + 1] * steps if k == 1 else [n_params, 1] * steps
+    expected = [n_params + 1] * steps if k == 1 else [n_params, 2] * steps
     assert r0["sizes"] == expected and r0["step"] == steps
     assert r0["integer"] == []  # nothing else inside the steps (fit checks the ranks' states before the first)
 
@@ -663,6 +665,7 @@ def test_metrics_kept_on_the_cpu_join_the_collective_on_the_state_device(monkeyp
     with pytest.raises(RuntimeError, match="device"):
         torch.stack([torch.zeros((), device="meta"), torch.zeros(())])  # the reference: torch refuses the mix
     monkeypatch.setattr(dp, "all_reduce_mean_", lambda tensors, group=None: list(tensors))  # one rank's view
+    monkeypatch.setattr(dp.dist, "get_world_size", lambda group=None: 1)  # (of a world of one)
     metrics = {"loss": torch.zeros((), device="meta"), "step": torch.tensor(3), "acc": 0.5}
     out = dp.all_reduce_metrics(metrics, device=torch.device("meta"))
     assert {k: v.device.type for k, v in out.items()} == {"loss": "meta", "step": "meta", "acc": "meta"}
@@ -705,3 +708,14 @@ def test_a_rank_outside_the_group_is_refused_and_the_members_average():
     moved0, moved1, error = fnlit.distributed.launch(a_rank_outside_the_group, 3, timeout=120, collective_timeout=30)
     assert moved0 == moved1 == pytest.approx(-2.0, rel=1e-6)
     assert isinstance(error, str) and re.match(r"fnlit\.data_parallel: this rank \(global rank 2\) is not in the process group", error)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_data_parallel_raises_on_every_rank_when_their_metric_names_differ(nested):
+    # Sorted by name and averaged with no check: rank 0's "cat" and rank 1's "dog" were averaged together, and each
+    # rank returned its own name with the other's value mixed in. (evaluate raises a KeyError in this case.)
+    errors = fnlit.distributed.launch(metric_names_that_differ, 2, nested, timeout=120, collective_timeout=30)
+    for rank, error in enumerate(errors):
+        assert re.match(rf"fnlit\.data_parallel: the ranks' steps returned different metric names \(this rank, {rank} ",
+                        error), error
+        assert "Return the same names on every rank" in error

@@ -122,6 +122,14 @@ def all_reduce_metrics(
     many values, or of what dtype, a rank sends (the collectives would pair with the next step's). Other values
     (strings, bools) are left as each rank has them. Scalars found in ``reduced`` (scalars that already travelled
     with the gradients, by identity) are taken from there; the rest share a single collective.
+
+    The collective carries a checksum of the metrics' names (their structure, when nested) too: where the ranks'
+    names differ (as many of them: otherwise the collectives mismatch before anything can tell), the values of
+    different names would be averaged together. On the CPU every rank whose names differ from the others' raises;
+    on an accelerator, which this would make wait, the averaged metrics come back NaN instead.
+
+    Raises:
+        ValueError: on the CPU, when the ranks' metric names differ.
     """
     reduced = reduced or {}
     flat = type(metrics) is dict and all(not isinstance(v, (Mapping, list, tuple)) for v in metrics.values())
@@ -152,11 +160,22 @@ def all_reduce_metrics(
         # (to a GPU without waiting for it; to the CPU waiting, as gloo then reads the values)
         dev = device if device is not None else leaves[rest[0]].device
         wait = dev.type != "cuda"
+        # The names' CRC-32 times the world size, averaged: the sum of the ranks' CRCs, exact in float64 (integers
+        # below 2**53), which equals this rank's sent value only where every rank's names are this rank's.
+        world = dist.get_world_size(group)
+        names_key = "\0".join(sorted(map(str, names))) if flat else str(treedef)
+        check = float(zlib.crc32(names_key.encode()) * world)
+        parts = [leaves[i].detach().to(dev, torch.float64, non_blocking=not wait) for i in rest]
         if all(leaves[i].dim() == 0 for i in rest):
-            values = torch.stack([leaves[i].detach().to(dev, torch.float64, non_blocking=not wait) for i in rest])
+            values = torch.stack([*parts, torch.full((), check, dtype=torch.float64, device=dev)])
         else:
-            values = torch.cat([leaves[i].detach().reshape(-1).to(dev, torch.float64, non_blocking=not wait) for i in rest])
+            values = torch.cat([*(p.reshape(-1) for p in parts), torch.full((1,), check, dtype=torch.float64, device=dev)])
         (values,) = all_reduce_mean_([values], group)
+        if dev.type == "cpu":  # (a read of the CPU result: no device to wait for)
+            if values[-1].item() != check:
+                raise ValueError(_NAMES_DIFFER.format(rank=dist.get_rank(group), names=sorted(map(str, names)) if flat else treedef))
+        else:  # no wait for the device: the metrics say it
+            values = values.masked_fill(values[-1] != check, float("nan"))
         offset = 0
         for i in rest:
             t = leaves[i]
@@ -164,6 +183,14 @@ def all_reduce_metrics(
             out[i] = values[offset : offset + n].view(t.shape).to(t.dtype if t.is_floating_point() else torch.float32)
             offset += n
     return dict(zip(names, out)) if flat else _tree.tree_unflatten(treedef, out)
+
+
+_NAMES_DIFFER = (
+    "fnlit.data_parallel: the ranks' steps returned different metric names (this rank, {rank} in the group: {names}), "
+    "so values of different names would be averaged together. Return the same names on every rank: per-class "
+    "metrics for every class on every rank (a count of 0, not a missing name), and average them yourself where "
+    "they need weights."
+)
 
 
 _DIFFERENT_STATES = (
@@ -282,7 +309,11 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     Gradients are averaged across the ranks of ``group`` once per applied update, flattened into one
     buffer per dtype (or per ``bucket_mb`` bucket) so there is one collective, not one per tensor; under
     :func:`fnlit.accumulate` the intermediate micro-batches do not communicate at all. Metrics are
-    averaged across ranks (tensors anywhere in them, elementwise). The ranks must start from the same state:
+    averaged across ranks (tensors anywhere in them, elementwise), so every rank must return the same metric
+    names: per-class metrics for every class, not only those in its shard. Where the names differ but not their
+    number, a CPU step raises and an accelerator's returns its averaged metrics as NaN; a different number of
+    them makes the ranks' collectives mismatch (an error, or a hang until the collective timeout). The ranks must
+    start from the same state:
     :func:`fnlit.fit` checks it when it starts (as DDP checks at construction); a loop of one's own calls
     :func:`fnlit.distributed.check_same_state` once before its first step (the step warns at its first call
     when its state was not checked). Every rank then ends each step with
@@ -303,7 +334,7 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
 
     Raises:
         RuntimeError: when called without an initialised process group (it says how to launch).
-        ValueError: when called on a rank that is not in ``group``.
+        ValueError: when called on a rank that is not in ``group``; on the CPU, when the ranks' metric names differ.
 
     Example:
         >>> # in a script started by `torchrun --nproc-per-node 2 train.py`:
