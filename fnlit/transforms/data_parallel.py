@@ -327,6 +327,11 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     draws its own dropout masks (its key is folded with its rank, before the micro-batch index under
     :func:`fnlit.accumulate` in either nesting), and all ranks keep the same ``state.rng``.
 
+    The gradients are averaged inside ``state.apply_gradients``: what the step computes from them before it (a
+    gradient norm, clipping by hand) sees this rank's gradients only, unlike DDP's ``clip_grad_norm_`` after
+    ``backward()``. Clip in the optimizer, ``fnlit.optim.chain(fnlit.optim.clip_by_global_norm(c), ...)``, which
+    sees the averaged gradients.
+
     Args:
         step: a step function using :func:`fnlit.value_and_grad` and ``state.apply_gradients``.
         group: the process group (default: the whole world).
