@@ -164,14 +164,26 @@ def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> boo
     Returns:
         Whether training is distributed.
 
+    Raises:
+        ValueError: when ``WORLD_SIZE`` is set but not an integer.
+
     Example:
         >>> init()  # outside torchrun: one process, nothing to set up
         False
     """
     if is_initialized():
         return True
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 1:
+    size = os.environ.get("WORLD_SIZE")
+    if size is None:
         return False
+    try:
+        if int(size) < 1:
+            return False
+    except ValueError:
+        raise ValueError(
+            f"fnlit.distributed.init expected the environment variable WORLD_SIZE to be a number of processes "
+            f"(torchrun sets it), got {size!r} instead: unset it to run one process, or start the script with torchrun."
+        ) from None
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -321,7 +333,8 @@ def launch(
             running, and forking a process with threads can deadlock the child.
 
     Raises:
-        ValueError: for ``nprocs < 1`` or a ``start_method`` other than "spawn" or "forkserver".
+        ValueError: for ``nprocs < 1``, a ``timeout`` or ``collective_timeout`` not above 0, or a ``start_method``
+            other than "spawn" or "forkserver".
         RuntimeError: naming the failing rank and its traceback (a rank that cannot import ``fn`` says so), or
             the timeout.
         pickle.PicklingError: (or AttributeError, as pickle raises them) for an ``fn`` or argument that cannot
@@ -337,6 +350,9 @@ def launch(
     """
     if nprocs < 1:
         raise ValueError(f"launch expected nprocs >= 1, got {nprocs} instead.")
+    for name, seconds in (("timeout", timeout), ("collective_timeout", collective_timeout)):
+        if not seconds > 0:  # (NaN too)
+            raise ValueError(f"launch expected {name} > 0 (seconds), got {seconds!r} instead.")
     if start_method not in _START_METHODS:
         hint = (" ('fork' is unsafe once torch is imported: its threads can leave a forked child deadlocked)"
                 if start_method == "fork" else "")

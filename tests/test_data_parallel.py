@@ -189,6 +189,21 @@ def test_launch_refuses_other_start_methods(method, match):
         fnlit.distributed.launch(environment_and_cwd, 2, (), start_method=method)
 
 
+@pytest.mark.parametrize("name, seconds", [("timeout", -1.0), ("collective_timeout", 0), ("timeout", float("nan"))])
+def test_launch_refuses_a_timeout_not_above_zero(name, seconds):
+    # A negative timeout was taken: the run was cut off at once with a timeout message.
+    with pytest.raises(ValueError, match=rf"launch expected {name} > 0 \(seconds\), got {seconds!r} instead"):
+        fnlit.distributed.launch(environment_and_cwd, 2, (), **{name: seconds})
+
+
+@pytest.mark.parametrize("size", ["", "abc"])
+def test_init_with_a_world_size_that_is_not_a_number_says_so(monkeypatch, size):
+    # int("abc") raised a bare "invalid literal for int() with base 10".
+    monkeypatch.setenv("WORLD_SIZE", size)
+    with pytest.raises(ValueError, match=rf"WORLD_SIZE to be a number of processes \(torchrun sets it\), got {size!r}"):
+        fnlit.distributed.init()
+
+
 def test_launch_of_a_function_the_ranks_cannot_import_says_why():
     # fn defined in `python -c` (as in a notebook cell): the ranks cannot unpickle it. The caller was told only that
     # rank 0 "died with exit code 1, without returning a result or raising"; the AttributeError reached the rank's
