@@ -471,7 +471,7 @@ def _check_like(
 ) -> None:
     """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's other leaves, each to take
     the number saved at its path (as a number, or a 0-d or an ensemble's (n,) float tensor, as fnlit.restore
-    takes it; a bool where both are bools)."""
+    takes it; a bool where both are bools, never in a tensor's place)."""
     missing = [p for p in shapes if p not in saved] + [p for p in numbers if p not in saved_numbers]
     extra = [p for p in saved if p not in shapes and p not in numbers]
     extra += [p for p in saved_numbers if p not in numbers]
@@ -484,7 +484,7 @@ def _check_like(
         )
     for p, leaf in numbers.items():
         number = is_real(leaf) or (isinstance(leaf, bool) and isinstance(saved_numbers[p], bool))  # (a flag)
-        if not (number or holds_number(leaf)):
+        if not (number or (holds_number(leaf) and not isinstance(saved_numbers[p], bool))):  # (a flag is no rate)
             got = f"a {leaf.dtype} tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
             raise ValueError(
                 f"restore_sharded: at {p} the checkpoint {directory} holds the number {saved_numbers[p]!r}, but `like` "

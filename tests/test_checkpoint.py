@@ -2,6 +2,7 @@ import errno
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -1008,6 +1009,17 @@ def test_a_sharded_checkpoint_restores_a_bool_leaf_as_fnlit_restore_does(tmp_pat
     save_sharded(tmp_path / "n", {"w": torch.ones(2), "flag": 1})
     with pytest.raises(ValueError, match=r"at flag the checkpoint .* holds the number 1, but `like` has False"):
         restore_sharded(tmp_path / "n", like=like)  # a number where `like` has a bool: still another state
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (0,)])
+def test_a_sharded_checkpoint_refuses_a_bool_where_like_has_a_float_tensor_as_fnlit_restore_does(tmp_path, shape):
+    # A saved flag took the place of a rate (a 0-d or an ensemble's (n,) float tensor): restore_sharded returned True.
+    tree, like = {"w": torch.ones(2), "x": True}, {"w": torch.zeros(2), "x": torch.zeros(shape)}
+    with pytest.raises(ValueError, match=r"at x: expected tensor .* got bool True"):  # the reference
+        ckpt.restore(ckpt.save(tmp_path / "a.ckpt", tree), like=like)
+    with pytest.raises(ValueError, match=rf"at x the checkpoint .* holds the number True, but `like` has a "
+                       rf"torch.float32 tensor of shape {re.escape(str(shape))}"):
+        restore_sharded(save_sharded(tmp_path / "s", tree), like=like)
 
 
 def test_a_sharded_ensemble_checkpoint_restores_a_rate_saved_as_a_number_or_as_its_stacked_tensor(tmp_path):
