@@ -164,9 +164,7 @@ def encode(paths: list[str], leaves: list[Any], header: dict[str, Any]) -> dict[
     Raises:
         TypeError: if a leaf is neither a tensor nor a JSON value (int, float, bool, str), or is a sparse,
             meta or nested tensor, or of a tensor subclass with its own ``__torch_dispatch__`` (naming the path).
-        ValueError: if two leaves have the same path text (:func:`check_unique_paths`).
     """
-    check_unique_paths(paths)
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
     for path, leaf in zip(paths, leaves):
@@ -771,6 +769,15 @@ def common_step(state: Any) -> int | None:
         return int(step)  # a CPU tensor: no device sync
     flat = step.detach().reshape(-1)
     return int(flat[0]) if bool((flat == flat[0]).all()) else None
+
+
+def check_paths(state: Any, position: Position | None) -> None:
+    """:func:`check_unique_paths` of the paths :func:`write_state` keys a file's tensors by (the state's leaves', the
+    position's tensors' references). Its callers run it on every rank before rank 0 alone writes: a ValueError on
+    rank 0 alone would leave the others waiting in their next collective."""
+    extra: dict[str, torch.Tensor] = {}
+    _pull_tensors(position, extra)
+    check_unique_paths(_tree.tree_flatten_with_path(state)[0] + list(extra))
 
 
 def write_state(path: Path, state: Any, position: Position | None, metrics: dict[str, float] | None, meta: dict[str, Any],

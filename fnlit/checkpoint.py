@@ -42,6 +42,7 @@ from ._checkpoint_io import (
     CheckpointError,
     Position,
     UnsafeCheckpointError,
+    check_paths,
     common_step,
     decode,
     fill_like,
@@ -103,7 +104,7 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
             subclass with its own ``__torch_dispatch__``; before anything is written. (A subclass without one,
             ``x.as_subclass(Tagged)``, is stored as its plain data; :func:`restore` gives ``like``'s subclass back.)
         ValueError: if two leaves of the state have the same path text (a dict key ``"a['b']"`` beside
-            ``{"a": {"b": ...}}``), naming it; before anything is written.
+            ``{"a": {"b": ...}}``), naming it; on every rank, before anything is written.
 
     Example:
         >>> import tempfile, os, torch, fnlit
@@ -114,6 +115,7 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
         >>> torch.equal(restored.params["weight"], state.params["weight"]), read_info(path).meta
         (True, {'lr': 0.001})
     """
+    check_paths(state, position)  # on every rank: rank 0 alone writes
     write_state(Path(path), state, position, metrics, meta)
     return Path(path)
 
@@ -676,13 +678,15 @@ class Checkpointer:
                 stays: later saves rank and remove it as any other.) With
                 ``save_last``, also if the folder's ``last.ckpt`` is not an fnlit checkpoint (another tool's): it
                 is not replaced, and nothing is written.
-            ValueError: for an ensemble whose members' steps differ (the file is named by the step).
+            ValueError: for an ensemble whose members' steps differ (the file is named by the step), or for two
+                leaves with the same path text (as :func:`save`: on every rank, before anything is written).
             RuntimeError: for a state donated to a step (the donation error :func:`save` gives); nothing is written.
         """
         path = self.directory / f"step={_step(state):08d}.ckpt"
         given = state
         # A sharded state is gathered on every rank (a collective) before rank 0 does anything that could fail.
         state, position = full_tensors(state), full_tensors(position)
+        check_paths(state, position)  # on every rank: rank 0 alone raising would leave the others in a collective
         if not _dist.is_main():
             return path
         if self.save_last and self._foreign_last():  # (before anything is written)

@@ -2,6 +2,8 @@
 
 import itertools
 import os
+from decimal import Decimal
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -984,3 +986,27 @@ def metric_names_that_differ(nested: bool):
         return str(e)
     return repr(metrics)
 
+
+class Stepped(NamedTuple):
+    step: torch.Tensor
+    params: dict
+
+
+def repeated_path_state():
+    """A state with a step (as Checkpointer needs) whose two leaves both read [1].1.5 (keys that are no str)."""
+    return Stepped(torch.tensor(1), {Decimal("1.5"): torch.ones(2), Decimal("1"): {Decimal("5"): torch.ones(2)}})
+
+
+def save_with_a_repeated_path(directory: str):
+    """What each rank's fnlit.save and Checkpointer.save raise for :func:`repeated_path_state`."""
+    state = repeated_path_state()
+    raised = []
+    for save in (lambda: fnlit.save(os.path.join(directory, "a.ckpt"), state),
+                 lambda: fnlit.Checkpointer(os.path.join(directory, "ckpts")).save(state)):
+        try:
+            save()
+            raised.append(None)
+        except ValueError as e:
+            raised.append(str(e))
+        dist.barrier()  # (the next collective: a rank that went on would be waiting here)
+    return raised

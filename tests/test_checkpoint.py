@@ -1000,6 +1000,18 @@ def test_two_leaves_with_the_same_path_text_are_refused_before_anything_is_writt
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_rank_refuses_a_state_with_a_repeated_path_in_save_and_checkpointer_save(tmp_path):
+    # Only rank 0 checked the paths (as it encoded the file): the other ranks went on into their next collective
+    # and waited there. The reference: the error fnlit.save gives in one process.
+    from _dist_workers import repeated_path_state, save_with_a_repeated_path
+
+    with pytest.raises(ValueError, match=r"two leaves of the state have the path \[1\]\.1\.5") as want:
+        ckpt.save(tmp_path / "one.ckpt", repeated_path_state())
+    ranks = fnlit.distributed.launch(save_with_a_repeated_path, 2, str(tmp_path), timeout=120, collective_timeout=20)
+    assert ranks == [[str(want.value)] * 2] * 2
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_a_sharded_checkpoint_restores_a_bool_leaf_as_fnlit_restore_does(tmp_path):
     # save_sharded wrote a bool leaf (a flag in the state), restore_sharded refused the same structure.
     tree, like = {"w": torch.ones(2), "flag": True}, {"w": torch.zeros(2), "flag": False}
