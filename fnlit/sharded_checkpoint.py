@@ -472,7 +472,7 @@ def _check_like(
     """``shapes``: what is loaded from the tensors ``saved``; ``numbers``: like's other leaves, each to take
     the number saved at its path (as a number, or a 0-d or an ensemble's (n,) float tensor, as fnlit.restore
     takes it; a bool where both are bools, never in a tensor's place)."""
-    missing = [p for p in shapes if p not in saved] + [p for p in numbers if p not in saved_numbers]
+    missing = [p for p in shapes if p not in saved] + [p for p in numbers if p not in saved_numbers and p not in saved]
     extra = [p for p in saved if p not in shapes and p not in numbers]
     extra += [p for p in saved_numbers if p not in numbers]
     if missing or extra:
@@ -483,6 +483,12 @@ def _check_like(
             + "restore into a state built the same way (same module, optimizer and loss_scale)."
         )
     for p, leaf in numbers.items():
+        if p not in saved_numbers:  # a tensor that no number stands for (not a 0-d or (n,) float one)
+            raise ValueError(
+                f"restore_sharded: at {p} the checkpoint {directory} holds a torch.{saved[p][1]} tensor of shape "
+                f"{tuple(saved[p][0])}, but `like` has the number {leaf!r}. Restore into a state built the same way "
+                "(same module, optimizer and loss_scale)."
+            )
         number = is_real(leaf) or (isinstance(leaf, bool) and isinstance(saved_numbers[p], bool))  # (a flag)
         if not (number or (holds_number(leaf) and not isinstance(saved_numbers[p], bool))):  # (a flag is no rate)
             got = f"a {leaf.dtype} tensor of shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
@@ -528,13 +534,14 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
     paths, tensors, numbers, _ = _describe(like, "restore_sharded")
     saved_numbers = info.get("numbers", {})
     # What DCP loads: like's tensors (copies: DCP loads in place, never into `like`), and for a number in `like`
-    # saved as a 0-d or (n,) tensor (an ensemble's), a tensor of the saved shape and dtype; a number saved where
-    # `like` has a tensor is not loaded.
+    # saved as a 0-d or (n,) float tensor (an ensemble's), a tensor of the saved shape and dtype; a number saved
+    # where `like` has a tensor is not loaded (nor another tensor where `like` has a number: _check_like refuses it).
     load: dict[str, Any] = {p: t.detach().clone() for p, t in tensors.items() if p not in saved_numbers}
     for p in numbers:
         kept = info["tensors"].get(p)
-        if p not in saved_numbers and kept is not None and len(kept[0]) <= 1:
-            load[p] = torch.empty(kept[0], dtype=getattr(torch, kept[1]))
+        dtype = getattr(torch, kept[1], None) if kept is not None else None
+        if p not in saved_numbers and isinstance(dtype, torch.dtype) and dtype.is_floating_point and len(kept[0]) <= 1:
+            load[p] = torch.empty(kept[0], dtype=dtype)
     # A 0-d float (a rate) saved in another float dtype: a float64 model's rates were float32 before they were held
     # in float64. Loaded as saved, cast to like's below (as fnlit.restore does).
     recast = {}

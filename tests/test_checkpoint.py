@@ -1056,6 +1056,21 @@ def test_a_sharded_ensemble_checkpoint_restores_a_rate_saved_as_a_number_or_as_i
         restore_sharded(save_sharded(tmp_path / "s2", saved), like=fresh(0.5))
 
 
+@pytest.mark.parametrize("x", [torch.ones(3, dtype=torch.long), torch.tensor(True), torch.ones(3, 2)],
+                         ids=["int (3,)", "bool ()", "float (3, 2)"])
+def test_a_sharded_checkpoint_refuses_a_tensor_no_number_stands_for_before_reading_it(tmp_path, x):
+    # Where `like` has a number, an int or bool 0-d/(n,) tensor was refused only after every file was read, and a
+    # float (3, 2) one was reported missing from the checkpoint.
+    tree, like = {"w": torch.ones(2), "x": x}, {"w": torch.zeros(2), "x": 1.0}
+    with pytest.raises(ValueError, match=r"at x: "):  # the reference
+        ckpt.restore(ckpt.save(tmp_path / "a.ckpt", tree), like=like)
+    path = save_sharded(tmp_path / "s", tree)
+    (path / "__0_0.distcp").unlink()  # (read first, it would be a CheckpointError naming the missing file)
+    with pytest.raises(ValueError, match=rf"at x the checkpoint .* holds a {re.escape(str(x.dtype))} tensor of shape "
+                       rf"{re.escape(str(tuple(x.shape)))}, but `like` has the number 1.0"):
+        restore_sharded(path, like=like)
+
+
 def test_a_sharded_checkpoint_of_a_float64_model_with_float32_rates_restores_into_float64_rates(tmp_path):
     # Before float64 models held float64 rates, their checkpoints held float32 ones; restore_sharded refused them
     # ("holds ... dtype float32, but `like` has ... float64"), where fnlit.restore casts.

@@ -453,7 +453,7 @@ def test_a_flipped_bit_in_fnlit_json_is_an_error_and_one_without_a_checksum_stil
             read_sharded_meta(path)
     info = json.loads(text)  # as earlier versions wrote it, without its checksum: read as before
     del info["crc32"]
-    (path / "fnlit.json").write_text(json.dumps(info))
+    (path / "fnlit.json").write_text(json.dumps(info, indent=1))
     assert read_sharded_meta(path)["meta"] == {"epoch": 1}
     assert restore_sharded(path, like=state).opt_state.hyperparams["learning_rate"] == 0.001
 
