@@ -1268,7 +1268,7 @@ def value_and_grad(
         g = _as_argnums(argnums, _regroup(flat, grads))
         value = (loss.detach(), _detach(aux)) if has_aux else loss.detach()
         if frame is not None:
-            frame.note_loss(value[0] if has_aux else value)
+            value = frame.note_scalars(value, has_aux)
         return value, g
 
     return wrapped

@@ -1010,3 +1010,40 @@ def save_with_a_repeated_path(directory: str):
             raised.append(str(e))
         dist.barrier()  # (the next collective: a rank that went on would be waiting here)
     return raised
+
+
+def aux_metrics_ride_the_gradients(steps: int = 3):
+    """A data-parallel step whose loss function returns an accuracy (float), a count of correct examples (int
+    tensor) and a count of large targets that is a number on one rank (sum([])) as aux, all returned as metrics:
+    the floating all-reduces' sizes, the averaged metrics and this rank's own values of each step."""
+    import torch.nn.functional as F
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, state = make_state()
+    fnlit.distributed.check_same_state(state)
+
+    def loss_fn(params, x, y):
+        logits, _ = fnlit.apply(model, params, state.buffers, x)
+        big = [v for v in y.reshape(-1) if v > 2 + rank]  # none on rank 1 (targets are 0..3)
+        correct = (logits.argmax(-1) == y).sum()
+        return F.cross_entropy(logits, y), {"acc": correct.float() / len(y), "correct": correct, "big": sum(big)}
+
+    def step(state, batch):
+        (loss, aux), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params, *batch)
+        return state.apply_gradients(grads), {"loss": loss, **aux}
+
+    counter = CountingAllReduce()
+    dist.all_reduce = counter
+    own, averaged = [], []
+    try:
+        dp = fnlit.data_parallel(step)
+        for i in range(steps):
+            b = local(batch(GLOBAL_BATCH, seed=i), rank, world)
+            loss, aux = loss_fn(state.params, *b)
+            own.append({"loss": float(loss), **{k: float(v) for k, v in aux.items()}})
+            state, metrics = dp(state, b)
+            averaged.append({k: (float(v), v.dtype) for k, v in metrics.items()})
+    finally:
+        dist.all_reduce = fnlit.distributed.dist.all_reduce = counter._orig
+    n_params = sum(p.numel() for p in state.params.values())
+    return {"sizes": counter.sizes, "n_params": n_params, "own": own, "averaged": averaged}

@@ -35,6 +35,7 @@ from _dist_workers import (
     stop_from_on_log,
     float64_metric,
     float64_aux_in_a_float32_model,
+    aux_metrics_ride_the_gradients,
     a_rank_outside_the_group,
     metric_names_that_differ,
     sparse_embedding,
@@ -581,13 +582,31 @@ def test_float64_metrics_and_a_float64_loss_are_averaged_in_float64():
         assert loss_dtype == torch.float64 and loss == pytest.approx(mean_loss, rel=1e-15, abs=0)
 
 
-def test_a_float64_aux_and_loss_of_a_float32_model_are_averaged_in_float64():
-    # They rode the float32 gradients' all-reduce: (0.1 + 1.1) / 2 came back as 0.6000000238418579.
+def test_a_float64_loss_of_a_float32_model_is_averaged_in_float64_and_its_aux_rides_in_float32():
+    # The loss rode the float32 gradients' all-reduce and lost its digits; the aux's scalars ride there by design (as
+    # many riders on every rank whatever their dtypes, no collective of their own): float32's precision, as documented.
     results = fnlit.distributed.launch(float64_aux_in_a_float32_model, 2, timeout=120, collective_timeout=30)
     mean_loss = (results[0][4] + results[1][4]) / 2  # the reference: each rank's own loss, averaged by hand
     for dtype, value, loss_dtype, loss, _ in results:
-        assert dtype == torch.float64 and value == (0.1 + 1.1) / 2
+        assert dtype == torch.float64 and value == pytest.approx((0.1 + 1.1) / 2, rel=1e-7)
+        assert value == float(torch.tensor([0.1, 1.1]).mean())  # (the float32 average, by hand)
         assert loss_dtype == torch.float64 and loss == pytest.approx(mean_loss, rel=1e-15, abs=0)
+
+
+def test_aux_scalars_ride_the_gradient_all_reduce_and_are_averaged():
+    # An accuracy, an integer count and a number-or-tensor count (sum([]) is the int 0 on rank 1) returned as
+    # value_and_grad's aux: each step one all-reduce, the gradients with the loss and the three riders, and no
+    # collective for the metrics (one cost ~25 % of a small model's step on gloo). Reference: each rank's own values,
+    # averaged by hand (float32 riders).
+    r0, r1 = fnlit.distributed.launch(aux_metrics_ride_the_gradients, 2, 3, timeout=120, collective_timeout=30)
+    assert r0["sizes"] == [r0["n_params"] + 4] * 3 == r1["sizes"]
+    for i, (own0, own1) in enumerate(zip(r0["own"], r1["own"])):
+        assert r0["averaged"][i] == r1["averaged"][i]
+        for name, (value, dtype) in r0["averaged"][i].items():
+            expected = float(torch.tensor([own0[name], own1[name]], dtype=torch.float32).mean())
+            assert value == pytest.approx(expected, rel=1e-6), name
+            assert dtype == torch.float32, name
+    assert any(own["big"] == 0 for own in r1["own"]) and any(own["big"] != 0 for own in r0["own"])  # (the mix happened)
 
 
 def test_a_data_parallel_step_whose_first_state_was_not_checked_warns_once():

@@ -156,6 +156,7 @@ class Frame:
         self.device: torch.device | None = None  # a data-parallel or sharded step's state's (its metrics' collective)
         self.shard_group: Any = None  # fnlit.shard: gradients arrive reduce-scattered, as DTensors
         self.known: list[torch.Tensor] = []  # losses value_and_grad returned: reduced with the gradients
+        self.known_aux: list[torch.Tensor] = []  # and its aux's scalars (note_scalars)
         # The torch.func level float16 amp or shard joined the frame at (fnlit.ensemble vmaps whole steps): gradients
         # batched deeper than this come from a vmap of the step's own (per-example gradients).
         self.level: int | None = None
@@ -239,17 +240,37 @@ class Frame:
                 [g if g.layout is torch.strided else g._values() for g in grads], self.found_inf, inv_scale
             )
 
-    def note_loss(self, loss: torch.Tensor) -> None:
-        """Remembers the loss value_and_grad returns (a 0-d float tensor) under data_parallel.
+    def note_scalars(self, value: Any, has_aux: bool) -> Any:
+        """Under data_parallel, remembers the loss value_and_grad returns and the scalars of its aux; returns
+        ``value``, with the aux's numbers as 0-d tensors.
 
-        It travels in the gradient all-reduce, so a step whose only metric is its loss needs no collective for
-        its metrics. The loss alone: the aux leaves go to all_reduce_metrics, as every rank must send as many
-        riders -- an aux leaf that is a number on one rank and a tensor on another (``sum([])``) made buffers of
-        different sizes, and the all-reduce hung. Not under accumulate: there the metrics are micro-batch
-        averages, reduced once at the end.
+        They travel in the gradient all-reduce, so metrics made of them need no collective of their own (one would
+        cost ~25 % of a small model's step on gloo). Every rank must send as many riders, in the same dtypes, so
+        which aux leaves ride depends on the aux's structure and the gradients' dtypes, never on a rank's values:
+        every 0-d tensor of a real dtype and every Python number rides, the number as a 0-d float32 tensor that
+        replaces it in the aux (``sum([])`` over an empty selection is the int 0 on one rank and a tensor on
+        another: as a number it stayed home and the buffers differed in size, a hang), all of them in the
+        gradients' float32 bucket (float64 beside float64 gradients): a float64 aux of a float32 model is
+        averaged to float32's precision, an integer or bool one comes back as a float mean. The loss rides in its
+        own dtype; a float64 one only beside float64 gradients (all_reduce_metrics averages it in float64
+        otherwise). Not under accumulate: there the metrics are micro-batch averages, reduced once at the end.
         """
-        if self.dp_group is not None and self.accum_k == 1:
-            self.known.append(loss)
+        if self.dp_group is None or self.accum_k != 1:
+            return value
+        if not has_aux:
+            self.known.append(value)
+            return value
+        loss, aux = value
+        self.known.append(loss)
+        leaves, treedef = _tree.tree_flatten(aux)
+        numbers = False
+        for i, t in enumerate(leaves):
+            if _tree.is_real(t):
+                leaves[i] = t = torch.full((), float(t), dtype=torch.float32, device=loss.device)  # (a fill: no sync)
+                numbers = True
+            if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_complex():
+                self.known_aux.append(t)
+        return (loss, _tree.tree_unflatten(treedef, leaves)) if numbers else value
 
     # -- accumulate: read by value_and_grad ----------------------------------------------------
     def start_micro(self, i: int) -> None:
@@ -453,12 +474,15 @@ class Frame:
                           ": the all-reduce sends the same values")
             n, m = len(leaves), len(stats)
             # A float64 loss rides only where float64 gradients make a bucket it shares: all_reduce_metrics averages it
-            # in float64 otherwise (in float32 it lost its digits).
+            # in float64 otherwise (in float32 it lost its digits). The aux's scalars ride in the gradients' dtype
+            # whatever their own (note_scalars: the same riders on every rank).
             wide = any(t.dtype is torch.float64 for t in leaves)
-            self.known = [t for t in self.known if wide or t.dtype is not torch.float64]
-            riders = ([self.found_inf] if self.found_inf is not None else []) + self.known
+            losses = [t for t in self.known if wide or t.dtype is not torch.float64]
+            aux_dtype = torch.float64 if wide else torch.float32
             reduced = all_reduce_mean_(
-                list(leaves) + [t for _, t in stats] + [_rider(t) for t in riders],
+                list(leaves) + [t for _, t in stats]
+                + [_rider(t) for t in ([self.found_inf] if self.found_inf is not None else []) + losses]
+                + [t.reshape(1).to(self.device or t.device, aux_dtype) for t in self.known_aux],  # (a CPU int beside CUDA)
                 self.dp_group,
                 self.dp_bucket_bytes,
                 reuse=True,
@@ -469,7 +493,9 @@ class Frame:
             leaves, riders_out = reduced[:n], [t.reshape(()).clone() for t in reduced[n + m :]]
             if self.found_inf is not None:
                 self.found_inf = riders_out.pop(0)  # divided by the world size: still > 0 iff any rank overflowed
-            self.reduced = {id(t): r.to(t.dtype) for t, r in zip(self.known, riders_out)}
+            self.reduced = {
+                id(t): r.to(t.dtype) if t.is_floating_point() else r for t, r in zip(losses + self.known_aux, riders_out)
+            }
         if self.scaler is not None:
             from ..optim._base import donated_update
             from .amp import finish_scaled_update
