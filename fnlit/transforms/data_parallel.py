@@ -312,7 +312,11 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     averaged across ranks (tensors anywhere in them, elementwise), so every rank must return the same metric
     names: per-class metrics for every class, not only those in its shard. Where the names differ but not their
     number, a CPU step raises and an accelerator's returns its averaged metrics as NaN; a different number of
-    them makes the ranks' collectives mismatch (an error, or a hang until the collective timeout). The ranks must
+    them makes the ranks' collectives mismatch (an error, or a hang until the collective timeout). The loss and the
+    scalars of :func:`fnlit.value_and_grad`'s aux travel in the gradients' all-reduce (no collective of their own):
+    in the gradients' dtype, float32 for a float32 model (a float64 aux is averaged to float32's precision; return
+    it computed outside the aux to have it averaged in float64), and a number in the aux comes back from
+    ``value_and_grad`` as a 0-d float32 tensor, so that every rank sends as many. The ranks must
     start from the same state:
     :func:`fnlit.fit` checks it when it starts (as DDP checks at construction); a loop of one's own calls
     :func:`fnlit.distributed.check_same_state` once before its first step (the step warns at its first call
