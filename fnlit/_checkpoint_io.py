@@ -147,6 +147,11 @@ def check_unique_paths(paths: list[str], who: str = "fnlit.save") -> None:
         return
     seen: set[str] = set()
     twice = next(p for p in paths if p in seen or seen.add(p))  # type: ignore[func-returns-value]
+    if twice.startswith(_POSITION):
+        raise ValueError(
+            f"{who} keys the position's tensors as {_POSITION}/N, and the state has a leaf with the path {twice}: the "
+            "checkpoint could hold only one of them, so nothing was written: rename the state's key."
+        )
     raise ValueError(
         f"{who} keys each leaf by its path, and two leaves of the state have the path {twice}: a dict key that "
         "reads as a path (\"a['b']\" beside {'a': {'b': ...}}) gives another leaf's. The checkpoint could hold only "

@@ -540,7 +540,8 @@ def restore_sharded(directory: str | os.PathLike[str], like: S) -> S:
     for p in numbers:
         kept = info["tensors"].get(p)
         dtype = getattr(torch, kept[1], None) if kept is not None else None
-        if p not in saved_numbers and isinstance(dtype, torch.dtype) and dtype.is_floating_point and len(kept[0]) <= 1:
+        if (p not in saved_numbers and not isinstance(numbers[p], bool) and isinstance(dtype, torch.dtype)
+                and dtype.is_floating_point and len(kept[0]) <= 1):  # (no float tensor stands for a bool: refused unread)
             load[p] = torch.empty(kept[0], dtype=dtype)
     # A 0-d float (a rate) saved in another float dtype: a float64 model's rates were float32 before they were held
     # in float64. Loaded as saved, cast to like's below (as fnlit.restore does).

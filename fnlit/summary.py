@@ -156,7 +156,7 @@ class TensorBoardWriter:
     and when it ends, also on an error). Values logged since the last write live only in memory: a killed
     process loses them (under fit with a Checkpointer, only values logged after its last checkpoint, which a
     run resumed from it logs again). A value that is no number is refused by the ``log_metrics`` call that logs it,
-    also when it is batched. ``close`` also fsyncs; a closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
+    also when it is batched (on rank 0, which writes: other ranks ignore the values). ``close`` also fsyncs; a closed writer refuses more values. ``fit``'s ``log_dir`` writers use 2 s: one event written between
     training steps costs ~10x what it costs in a tight loop (cold caches), and a batch pays that once.
     It writes in the calling thread: tensorboardX's ``SummaryWriter``
     sends every scalar through a multiprocessing queue to a writer thread (~60 us of this process's CPU

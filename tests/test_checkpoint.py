@@ -1688,3 +1688,25 @@ def test_a_listing_taken_while_rank_0_replaces_its_best_is_taken_again(tmp_path)
         got = reader.best_path
     assert sorted(p.name for p in tmp_path.glob("step=*.ckpt")) == ["step=00000002.ckpt"]
     assert got == writer.best_path == tmp_path / "step=00000002.ckpt"
+
+
+def test_a_sharded_checkpoint_refuses_a_float_tensor_where_like_has_a_bool_before_reading_it(tmp_path):
+    # like's bool took the saved float tensor's load (any 0-d or (n,) float tensor could stand for a number), so
+    # the refusal came after every file was read: with a shard file gone, a CheckpointError instead of the ValueError.
+    # Reference: fnlit.restore refuses the same input.
+    for i, saved in enumerate([torch.tensor(1.0), torch.ones(3)]):
+        fnlit.save_sharded(tmp_path / f"s{i}", {"x": saved})
+        with pytest.raises(ValueError):
+            fnlit.save(tmp_path / f"f{i}.ckpt", {"x": saved})
+            fnlit.restore(tmp_path / f"f{i}.ckpt", {"x": False})
+        for shard in (tmp_path / f"s{i}").glob("*.distcp"):
+            shard.unlink()
+        with pytest.raises(ValueError, match=r"at x the checkpoint .* holds a torch.float32 tensor of shape .*, but `like` has the number False"):
+            fnlit.restore_sharded(tmp_path / f"s{i}", {"x": False})
+
+
+def test_a_state_key_that_reads_as_a_position_reference_is_refused_naming_the_position(tmp_path):
+    from fnlit._checkpoint_io import check_paths
+
+    with pytest.raises(ValueError, match=r"keys the position's tensors as @position/N, and the state has a leaf"):
+        check_paths({"@position/0": torch.ones(1)}, {"t": torch.zeros(1)})
