@@ -617,7 +617,11 @@ def _seconds(duration: str | float | datetime.timedelta | Mapping[str, int] | No
         raise ValueError(
             f"{what} seconds, a datetime.timedelta, a dict ({{'hours': 2}}) or 'DD:HH:MM:SS', got {duration!r} instead."
         )
-    if not (math.isfinite(seconds) and seconds >= 0):  # NaN never stopped; a negative one ran no step, silently
+    try:
+        finite = math.isfinite(seconds)
+    except OverflowError:  # an int beyond a float (Timer(10**400))
+        finite = False
+    if not (finite and seconds >= 0):  # NaN or inf never stopped; a negative one ran no step, silently
         got = repr(duration) if seconds is duration else f"{duration!r} ({seconds} s)"
         raise ValueError(f"{what} a finite time >= 0, got {got} instead.")
     return seconds

@@ -367,8 +367,8 @@ def test_a_smoke_run_that_fails_leaves_a_resume_the_checkpoints_averages(tmp_pat
 
 def test_a_fractional_swa_start_is_fixed_by_the_first_fit_as_lightning(tmp_path):
     # Lightning converts the fraction once, at the first fit: continued (ckpt_path) with a larger max_epochs, the same
-    # callback averages on from where it started, as an int start there does. The start was taken again from each
-    # fit's max_epochs (0.75 of 8: 0-based 5), skipping epochs 3 and 4.
+    # callback averages on from where it started, as an int start there does. Guards the smoke-run put-back against
+    # taking the start again from each fit's max_epochs (0.75 of 8: 0-based 5, skipping epochs 3 and 4).
     def run(swa, epochs, **kw):
         torch.manual_seed(0)
         state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
@@ -417,6 +417,8 @@ def test_early_stopping_does_nothing_under_fast_dev_run_as_lightning():
     [
         (float("nan"), r"a finite time >= 0, got nan instead"),  # (with max_time the only limit, it never stopped)
         (-5.0, r"a finite time >= 0, got -5.0 instead"),  # (it trained no step, silently)
+        (float("inf"), r"a finite time >= 0, got inf instead"),
+        (10**400, r"a finite time >= 0, got 1000"),  # (math.isfinite's OverflowError)
         ({"hours": -1}, r"a finite time >= 0, got \{'hours': -1\} \(-3600.0 s\) instead"),
         ("00:00:00:-3", r"a duration 'DD:HH:MM:SS' \(e.g. '00:12:00:00'\), got '00:00:00:-3' instead"),
         ("xx:00:00:01", r"a duration 'DD:HH:MM:SS' \(e.g. '00:12:00:00'\), got 'xx:00:00:01' instead"),

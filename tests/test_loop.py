@@ -97,7 +97,7 @@ def test_max_steps_counts_from_the_state_step():
 @pytest.mark.parametrize("updates", [(2, 2), (0, 1)], ids=["two updates a call", "an update every other call"])
 def test_a_resume_counts_calls_of_step_as_the_uninterrupted_run_when_a_call_is_not_one_update(tmp_path, updates):
     # The resumed run took its count of calls from state.step (two per call for alternating GAN updates, one per two
-    # calls for an update every other call): max_steps=8 gave 5 or 9 calls in all, validations and log rows shifted.
+    # calls for an update every other call): max_steps=8 gave 5 or 10 calls in all (cut after 3), validations and log rows shifted.
     # Reference: the uninterrupted run's params, calls, validations and metrics.csv.
     from fnlit.checkpoint import Checkpointer
 
