@@ -1133,7 +1133,9 @@ def value_and_grad(
     structure of ``params``; with ``has_aux=True``, ``fn`` returns ``(loss, aux)`` and the result is
     ``((loss, aux), grads)``. ``.grad`` attributes are never used. In eager mode it runs one
     ``torch.autograd.grad`` (no functorch overhead); inside torch.compile or torch.func transforms it
-    uses ``torch.func.grad_and_value``. Under :func:`fnlit.amp` the forward runs in autocast and the loss
+    uses ``torch.func.grad_and_value``. Under :func:`fnlit.data_parallel` (not under :func:`fnlit.accumulate`) a
+    number in the aux comes back as a 0-d float64 tensor (float32 on MPS): it travels with the gradients'
+    all-reduce. Under :func:`fnlit.amp` the forward runs in autocast and the loss
     is scaled before backward; the returned gradients are already unscaled. A tensor the loss does not
     reach gets a zero gradient (as in JAX), not None: an optimizer's momentum and weight decay still move
     it (``torch.optim`` skips a parameter without ``.grad``); freeze it, or zero its updates with

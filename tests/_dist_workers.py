@@ -1047,3 +1047,23 @@ def aux_metrics_ride_the_gradients(steps: int = 3):
         dist.all_reduce = fnlit.distributed.dist.all_reduce = counter._orig
     n_params = sum(p.numel() for p in state.params.values())
     return {"sizes": counter.sizes, "n_params": n_params, "own": own, "averaged": averaged}
+
+
+def aux_number_beside_a_one_element_tensor(dtype: torch.dtype):
+    """A model of ``dtype`` whose loss function returns as aux the number 0.1 on rank 0 and a tensor of shape (1,)
+    holding 0.3 on rank 1 (a slice where the other rank's selection was empty): the averaged metric and its dtype."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1).to(dtype)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def loss_fn(p, x):
+        loss = fnlit.apply(model, p, {}, x)[0].pow(2).mean()
+        return loss, 0.1 if rank == 0 else torch.full((1,), 0.3, dtype=dtype)
+
+    def step(state, x):
+        (loss, aux), grads = fnlit.value_and_grad(loss_fn, has_aux=True)(state.params, x)
+        return state.apply_gradients(grads), {"loss": loss, "x": aux}
+
+    _, metrics = fnlit.data_parallel(step)(state, torch.ones(2, 2, dtype=dtype))
+    return metrics["x"].reshape(()).item(), metrics["x"].dtype

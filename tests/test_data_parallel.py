@@ -36,6 +36,7 @@ from _dist_workers import (
     float64_metric,
     float64_aux_in_a_float32_model,
     aux_metrics_ride_the_gradients,
+    aux_number_beside_a_one_element_tensor,
     a_rank_outside_the_group,
     metric_names_that_differ,
     sparse_embedding,
@@ -588,8 +589,7 @@ def test_a_float64_loss_of_a_float32_model_is_averaged_in_float64_and_its_aux_ri
     results = fnlit.distributed.launch(float64_aux_in_a_float32_model, 2, timeout=120, collective_timeout=30)
     mean_loss = (results[0][4] + results[1][4]) / 2  # the reference: each rank's own loss, averaged by hand
     for dtype, value, loss_dtype, loss, _ in results:
-        assert dtype == torch.float64 and value == pytest.approx((0.1 + 1.1) / 2, rel=1e-7)
-        assert value == float(torch.tensor([0.1, 1.1]).mean())  # (the float32 average, by hand)
+        assert dtype == torch.float32 and value == float(torch.tensor([0.1, 1.1]).mean())  # (the float32 average)
         assert loss_dtype == torch.float64 and loss == pytest.approx(mean_loss, rel=1e-15, abs=0)
 
 
@@ -607,6 +607,15 @@ def test_aux_scalars_ride_the_gradient_all_reduce_and_are_averaged():
             assert value == pytest.approx(expected, rel=1e-6), name
             assert dtype == torch.float32, name
     assert any(own["big"] == 0 for own in r1["own"]) and any(own["big"] != 0 for own in r0["own"])  # (the mix happened)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_aux_number_beside_a_one_element_tensor_is_averaged_alike_on_every_rank(dtype):
+    # A number on one rank, a (1,) tensor on the other: both ride (a 0-d-only rule left the (1,) tensor home: a hang),
+    # and come back in the gradients' dtype on both ranks (a number became a float32 tensor: float32 on one rank,
+    # float64 on the other, in a float64 model). Reference: the mean by hand in that dtype.
+    r0, r1 = fnlit.distributed.launch(aux_number_beside_a_one_element_tensor, 2, dtype, timeout=120, collective_timeout=30)
+    assert r0 == r1 == (float(torch.tensor([0.1, 0.3], dtype=dtype).mean()), dtype)
 
 
 def test_a_data_parallel_step_whose_first_state_was_not_checked_warns_once():

@@ -241,19 +241,21 @@ class Frame:
             )
 
     def note_scalars(self, value: Any, has_aux: bool) -> Any:
-        """Under data_parallel, remembers the loss value_and_grad returns and the scalars of its aux; returns
-        ``value``, with the aux's numbers as 0-d tensors.
+        """Under data_parallel, remembers the loss value_and_grad returns and the one-element leaves of its aux;
+        returns ``value``, with the aux's numbers as 0-d tensors.
 
         They travel in the gradient all-reduce, so metrics made of them need no collective of their own (one would
-        cost ~25 % of a small model's step on gloo). Every rank must send as many riders, in the same dtypes, so
-        which aux leaves ride depends on the aux's structure and the gradients' dtypes, never on a rank's values:
-        every 0-d tensor of a real dtype and every Python number rides, the number as a 0-d float32 tensor that
+        cost ~25 % of a small model's step on gloo). Every rank must send as many riders, so which aux leaves ride
+        depends on each leaf's kind, which must agree across ranks: a tensor of one element and a real dtype (not
+        complex) rides, and so does a Python or NumPy number, as a 0-d float64 tensor (float32 on MPS) that
         replaces it in the aux (``sum([])`` over an empty selection is the int 0 on one rank and a tensor on
-        another: as a number it stayed home and the buffers differed in size, a hang), all of them in the
-        gradients' float32 bucket (float64 beside float64 gradients): a float64 aux of a float32 model is
-        averaged to float32's precision, an integer or bool one comes back as a float mean. The loss rides in its
-        own dtype; a float64 one only beside float64 gradients (all_reduce_metrics averages it in float64
-        otherwise). Not under accumulate: there the metrics are micro-batch averages, reduced once at the end.
+        another: as a number it stayed home and the buffers differed in size, a hang). A None on one rank and a
+        tensor on another, or a number beside a tensor of several elements, still mismatch. The aux's riders are
+        averaged in float32 (float64 beside float64 gradients: the same collective as float32 or float64 gradients)
+        and come back in that dtype on every rank: a float64 aux of a float32 model, or an integer count beyond
+        2**24, is averaged to float32's precision. The loss rides in its own dtype; a float64 one only beside
+        float64 gradients (all_reduce_metrics averages it in float64 otherwise). Not under accumulate: there the
+        metrics are micro-batch averages, reduced once at the end.
         """
         if self.dp_group is None or self.accum_k != 1:
             return value
@@ -266,9 +268,10 @@ class Frame:
         numbers = False
         for i, t in enumerate(leaves):
             if _tree.is_real(t):
-                leaves[i] = t = torch.full((), float(t), dtype=torch.float32, device=loss.device)  # (a fill: no sync)
+                wide = torch.float32 if loss.device.type == "mps" else torch.float64
+                leaves[i] = t = torch.full((), float(t), dtype=wide, device=loss.device)  # (a fill: no sync)
                 numbers = True
-            if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_complex():
+            if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_complex():
                 self.known_aux.append(t)
         return (loss, _tree.tree_unflatten(treedef, leaves)) if numbers else value
 
@@ -493,9 +496,8 @@ class Frame:
             leaves, riders_out = reduced[:n], [t.reshape(()).clone() for t in reduced[n + m :]]
             if self.found_inf is not None:
                 self.found_inf = riders_out.pop(0)  # divided by the world size: still > 0 iff any rank overflowed
-            self.reduced = {
-                id(t): r.to(t.dtype) if t.is_floating_point() else r for t, r in zip(losses + self.known_aux, riders_out)
-            }
+            self.reduced = {id(t): r.to(t.dtype) for t, r in zip(losses, riders_out)}
+            self.reduced.update((id(t), r.reshape(t.shape)) for t, r in zip(self.known_aux, riders_out[len(losses) :]))
         if self.scaler is not None:
             from ..optim._base import donated_update
             from .amp import finish_scaled_update

@@ -313,10 +313,13 @@ def data_parallel(step: StepFn, group: Any = None, *, bucket_mb: float = 0.0) ->
     names: per-class metrics for every class, not only those in its shard. Where the names differ but not their
     number, a CPU step raises and an accelerator's returns its averaged metrics as NaN; a different number of
     them makes the ranks' collectives mismatch (an error, or a hang until the collective timeout). The loss and the
-    scalars of :func:`fnlit.value_and_grad`'s aux travel in the gradients' all-reduce (no collective of their own):
-    in the gradients' dtype, float32 for a float32 model (a float64 aux is averaged to float32's precision; return
-    it computed outside the aux to have it averaged in float64), and a number in the aux comes back from
-    ``value_and_grad`` as a 0-d float32 tensor, so that every rank sends as many. The ranks must
+    one-element leaves of :func:`fnlit.value_and_grad`'s aux travel in the gradients' all-reduce (no collective of
+    their own), averaged in float32 (float64 beside float64 gradients) and returned as metrics in that dtype: a
+    float64 aux of a float32 model, or an integer count beyond 2**24, is averaged to float32's precision (compute it
+    outside the aux to have it averaged in float64). Each aux leaf must be of one kind on every rank (a number, a
+    one-element tensor, anything else), and a number in the aux comes back from ``value_and_grad`` as a 0-d float64
+    tensor (not under :func:`fnlit.accumulate`), so that a number on one rank beside a tensor on another
+    (``sum([])``) still sends as many values. The ranks must
     start from the same state:
     :func:`fnlit.fit` checks it when it starts (as DDP checks at construction); a loop of one's own calls
     :func:`fnlit.distributed.check_same_state` once before its first step (the step warns at its first call
