@@ -51,6 +51,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _storage
 from .ensemble import EnsembleStep, _fold_keys  # (not `from . import ensemble`: fnlit.ensemble is also the function)
+from .transforms.data_parallel import _names_agree
 from . import functional as _functional
 from . import random as _random
 from . import tree as _tree
@@ -437,6 +438,7 @@ _ALLOWED = frozenset(
         _alias._kernel_lr,
         _privacy._noise,
         _fold_keys,
+        _names_agree,  # data_parallel's metric-names check: a CPU collective's result
     )
 )
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)

@@ -1067,3 +1067,22 @@ def aux_number_beside_a_one_element_tensor(dtype: torch.dtype):
 
     _, metrics = fnlit.data_parallel(step)(state, torch.ones(2, 2, dtype=dtype))
     return metrics["x"].reshape(()).item(), metrics["x"].dtype
+
+
+def no_host_sync_of_a_data_parallel_step():
+    """fnlit.testing.assert_no_host_sync over a data-parallel step with a metric that is no rider (the batch's mean,
+    averaged by the metrics' all-reduce, which also checks the ranks' names): what it raises, or None."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+
+    def step(state, b):
+        loss, grads = fnlit.value_and_grad(lambda p: fnlit.apply(model, p, {}, b)[0].pow(2).mean())(state.params)
+        return state.apply_gradients(grads), {"loss": loss, "x_mean": b.mean()}
+
+    fnlit.distributed.check_same_state(state)
+    try:
+        fnlit.testing.assert_no_host_sync(fnlit.data_parallel(step), state, torch.ones(4, 2))
+    except Exception as e:  # noqa: BLE001 (returned to the test)
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -36,6 +36,7 @@ from _dist_workers import (
     float64_metric,
     float64_aux_in_a_float32_model,
     aux_metrics_ride_the_gradients,
+    no_host_sync_of_a_data_parallel_step,
     aux_number_beside_a_one_element_tensor,
     a_rank_outside_the_group,
     metric_names_that_differ,
@@ -616,6 +617,12 @@ def test_an_aux_number_beside_a_one_element_tensor_is_averaged_alike_on_every_ra
     # float64 on the other, in a float64 model). Reference: the mean by hand in that dtype.
     r0, r1 = fnlit.distributed.launch(aux_number_beside_a_one_element_tensor, 2, dtype, timeout=120, collective_timeout=30)
     assert r0 == r1 == (float(torch.tensor([0.1, 0.3], dtype=dtype).mean()), dtype)
+
+
+def test_a_data_parallel_step_with_a_metric_of_its_own_passes_assert_no_host_sync():
+    # The metric names' check read its CPU result with .item() in the step: assert_no_host_sync flagged every CPU
+    # data_parallel step with a metric besides the loss (the read is fnlit's, of a gloo result: allowed on the CPU).
+    assert fnlit.distributed.launch(no_host_sync_of_a_data_parallel_step, 2, timeout=120, collective_timeout=30) == [None, None]
 
 
 def test_a_data_parallel_step_whose_first_state_was_not_checked_warns_once():
