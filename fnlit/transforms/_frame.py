@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import tree as _tree
+from ..summary import wide_dtype
 
 if TYPE_CHECKING:
     from ..state import TrainState
@@ -268,8 +269,7 @@ class Frame:
         numbers = False
         for i, t in enumerate(leaves):
             if _tree.is_real(t):
-                wide = torch.float32 if loss.device.type == "mps" else torch.float64
-                leaves[i] = t = torch.full((), float(t), dtype=wide, device=loss.device)  # (a fill: no sync)
+                leaves[i] = t = torch.full((), float(t), dtype=wide_dtype(loss.device), device=loss.device)  # (a fill)
                 numbers = True
             if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_complex():
                 self.known_aux.append(t)
