@@ -260,6 +260,7 @@ class TrainState:
         Raises:
             ValueError: if ``grads`` does not have the structure and shapes of ``params``, or ``changes``
                 names a field the update itself sets (``step``, ``params``, ``opt_state``, ``rng``).
+            TypeError: if the state has no optimizer (``tx=None``, as ``state.replace(tx=None)`` makes for pickling).
 
         Example:
             >>> import torch, fnlit
@@ -274,6 +275,8 @@ class TrainState:
                 "in its changes too. Pass buffers= (or scaler=) here, and replace the others on the state it returns: "
                 "state.apply_gradients(grads).replace(rng=...)."
             )
+        if self.tx is None:  # (it failed in the optimizer step, as "'NoneType' object has no attribute 'update'")
+            raise TypeError(_NO_TX)
         # (compiling first: torch < 2.14 cannot trace a ContextVar's get)
         if not torch.compiler.is_compiling() and _UPDATED_FROM.get() is not None:  # a forward updated buffers: kept?
             _check_buffers_kept(self.buffers, changes)
@@ -348,6 +351,12 @@ _NOT_A_TX = (
     "got {got} instead. fnlit's optimizers are pure functions of the state, not torch.optim optimizers: "
     "torch.optim.AdamW(model.parameters(), lr=1e-3) becomes fnlit.optim.adamw(1e-3), and "
     "torch.optim.SGD(..., lr=0.1, momentum=0.9) becomes fnlit.optim.sgd(0.1, momentum=0.9)."
+)
+
+_NO_TX = (
+    "apply_gradients got a state without an optimizer (tx=None, as state.replace(tx=None) makes for pickling): "
+    "put one back first, state.replace(tx=tx), built as the state's was (e.g. fnlit.optim.adamw(1e-3)): its "
+    "opt_state is that optimizer's."
 )
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import pickle
 
 import optree
 import pytest
@@ -207,6 +208,20 @@ def test_replace_refuses_a_tx_or_scaler_apply_gradients_cannot_use():
     tx = fnlit.optim.sgd(0.5)
     new = state.replace(tx=tx, scaler=scaler)
     assert new.tx is tx and new.scaler is scaler
+
+
+def test_apply_gradients_on_a_state_without_its_optimizer_says_to_put_it_back():
+    # A state pickled as the docs show (replace(tx=None)) and stepped before .replace(tx=tx) failed inside the
+    # optimizer step with "'NoneType' object has no attribute 'update'".
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+    state = pickle.loads(pickle.dumps(state.replace(tx=None)))
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+    with pytest.raises(TypeError, match=r"got a state without an optimizer \(tx=None.*state.replace\(tx=tx\)"):
+        state.apply_gradients(grads)
+    with pytest.raises(TypeError, match=r"without an optimizer"):
+        fnlit.accumulate(lambda s, b: (s.apply_gradients(grads), {}), 2)(state, torch.zeros(2, 1))
+    new = state.replace(tx=fnlit.optim.sgd(0.1)).apply_gradients(grads)
+    assert torch.equal(new.params["bias"], state.params["bias"] - 0.1)
 
 
 def test_an_optax_style_pair_of_init_and_update_trains():
