@@ -152,6 +152,14 @@ def test_a_boundary_of_the_wrong_type_raises_a_type_error_naming_it():
         fo.join([fo.constant(1.0)] * 3, [2, "5"])  # (was Python's "'<' not supported between 'str' and 'int'")
 
 
+def test_a_schedule_that_is_not_callable_raises_a_type_error_naming_it():
+    # A number among the schedules (a constant phase) failed only at the optimizer's init, with Python's
+    # "'float' object is not callable", naming neither join nor which one.
+    with pytest.raises(TypeError, match=r"join expected schedules\[1\] to be a schedule .* got float 0.1 instead.*"
+                                        r"fnlit.optim.constant\(0.1\)"):
+        fo.join([fo.linear_warmup(0.1, 5), 0.1], [5])
+
+
 @pytest.mark.parametrize("length", [1e-40, 1e-46, 0.5])
 def test_step_lengths_below_one_step_stay_finite(length):
     # pi / (2 * 1e-40) is inf in float32 and 1e-46 is 0 there: the cosine was nan at every step, the warmup and the

@@ -243,7 +243,8 @@ def join(schedules: Sequence[Callable[[torch.Tensor], torch.Tensor]], boundaries
     Raises:
         ValueError: unless ``len(boundaries) == len(schedules) - 1`` and boundaries are
             finite, non-decreasing and >= 0.
-        TypeError: for a boundary that is not a number (or a 0-d tensor).
+        TypeError: for a boundary that is not a number (or a 0-d tensor), or a schedule that is not callable (a
+            number: :func:`constant` makes it one).
 
     Example:
         >>> s = join([constant(1.0), constant(0.1)], [5])
@@ -256,6 +257,12 @@ def join(schedules: Sequence[Callable[[torch.Tensor], torch.Tensor]], boundaries
             f"join expected len(boundaries) == len(schedules) - 1, got {len(boundaries)} boundaries for "
             f"{len(schedules)} schedules instead. Give one boundary between each pair of schedules."
         )
+    for i, fn in enumerate(schedules):  # (a number failed at the optimizer's init: "'float' object is not callable")
+        if not callable(fn):
+            raise TypeError(
+                f"join expected schedules[{i}] to be a schedule (a function of the step count), got "
+                f"{type(fn).__name__} {fn!r} instead. For a constant rate use fnlit.optim.constant({fn!r})."
+            )
     # ("3" < 0 was Python's TypeError; nan ran schedules[1] from step 0)
     boundaries = [_check_steps("join", f"boundaries[{i}]", boundary) for i, boundary in enumerate(boundaries)]
     if boundaries != sorted(boundaries):
