@@ -216,7 +216,8 @@ class TrainState:
         A new ``tx`` with the old ``opt_state`` (a second training phase) keeps the learning rate and weight decay
         the old optimizer put in ``opt_state.hyperparams``: they are read from there, not from the new optimizer's
         arguments (as ``torch.optim``'s ``load_state_dict`` brings back each group's ``lr``), except a learning
-        rate schedule's, written in at every update. Its betas, momentum and eps are the new optimizer's. To use
+        rate schedule's, written in at every update, and the decay of an optimizer built with the Python number
+        ``weight_decay=0``, which reads none (the saved value stays in ``opt_state`` unused). Its betas, momentum and eps are the new optimizer's. To use
         the new numbers, replace them in ``opt_state`` too (shown below; under :func:`fnlit.optim.chain`,
         ``opt_state`` is a tuple holding one state per transformation).
 
