@@ -224,7 +224,7 @@ class TrainState:
         Raises:
             TypeError: on a name that is not a field, a ``tx`` that is not an fnlit.optim GradientTransformation
                 (a torch.optim optimizer, or the factory uncalled) or None, or a ``scaler`` that is not a
-                :class:`fnlit.transforms.LossScaleState` or None.
+                :class:`fnlit.transforms.LossScaleState` (of tensors) or None.
 
         Example:
             >>> import torch, fnlit
@@ -380,6 +380,20 @@ def _check_tx_and_scaler(changes: dict[str, Any]) -> None:
             f"({type(scaler).__name__}) instead. Make one with fnlit.transforms.init_loss_scale() (the dynamic loss "
             "scaling of TrainState.create(..., loss_scale=\"dynamic\"), torch.amp.GradScaler's defaults)."
         )
+    if scaler is not None:
+        bad = next((name for name, v in zip(scaler._fields, scaler) if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:  # (a float scale failed in the next step, an int field in fnlit.restore, as a missing scaler)
+            value = getattr(scaler, bad)
+            dtype = "int32" if bad in ("growth_tracker", "growth_interval") else "float32"
+            raise TypeError(_SCALER_FIELD.format(name=bad, value=value, kind=type(value).__name__, dtype=dtype))
+
+
+_SCALER_FIELD = (
+    "TrainState.replace expected the scaler's fields to be tensors, got {name}={value!r} ({kind}) instead "
+    "(a number fails in the next float16 step, or in fnlit.restore). Give a tensor, "
+    "state.scaler._replace({name}=torch.tensor({value!r}, dtype=torch.{dtype})), or make the scaler with "
+    "fnlit.transforms.init_loss_scale(...)."
+)
 
 
 def _describe_tx(tx: Any) -> str:

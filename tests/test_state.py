@@ -222,6 +222,17 @@ def test_apply_gradients_on_a_state_without_its_optimizer_says_to_put_it_back():
         fnlit.accumulate(lambda s, b: (s.apply_gradients(grads), {}), 2)(state, torch.zeros(2, 1))
     new = state.replace(tx=fnlit.optim.sgd(0.1)).apply_gradients(grads)
     assert torch.equal(new.params["bias"], state.params["bias"] - 0.1)
+def test_replace_refuses_a_scaler_holding_a_number_where_a_tensor_goes():
+    # state.scaler._replace(scale=1024.0) was taken: the next float16 step failed with "'float' object has no attribute
+    # 'double'", and growth_interval=100 trained but its checkpoint was refused as if it had no loss scaler.
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0, loss_scale="dynamic")
+    with pytest.raises(TypeError, match=r"scaler's fields to be tensors, got scale=1024.0 \(float\).*"
+                                        r"_replace\(scale=torch.tensor\(1024.0, dtype=torch.float32\)\)"):
+        state.replace(scaler=state.scaler._replace(scale=1024.0))
+    with pytest.raises(TypeError, match=r"got growth_interval=100 \(int\).*dtype=torch.int32"):
+        state.replace(scaler=state.scaler._replace(growth_interval=100))
+    interval = torch.tensor(100, dtype=torch.int32)  # the message's fix is taken
+    assert state.replace(scaler=state.scaler._replace(growth_interval=interval)).scaler.growth_interval is interval
 
 
 def test_an_optax_style_pair_of_init_and_update_trains():
