@@ -1326,6 +1326,26 @@ def test_a_loss_scale_no_float32_step_can_use_is_refused(scale):
         fnlit.TrainState.create(nn.Linear(3, 1), fnlit.optim.sgd(0.1), seed=0, loss_scale=scale)
 
 
+def test_a_growth_interval_past_int32_is_refused_and_the_largest_keeps_the_scale_as_grad_scaler():
+    # growth_interval=2**31 (GradScaler takes it: its scale never grows) failed in torch.tensor with "value cannot be
+    # converted to type int32 without overflow", naming no argument. Reference: GradScaler's scale over the same steps.
+    with pytest.raises(ValueError, match=r"expected growth_interval <= 2\*\*31 - 1 .*got 2147483648.*pass 2\*\*31 - 1"):
+        fnlit.transforms.init_loss_scale(2.0**10, growth_interval=2**31)
+    model = nn.Linear(3, 1)
+    step = fnlit.amp(fnlit.train_step(model, lambda m, b: m(b).float().mean()), dtype=torch.float16)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    state = state.replace(scaler=fnlit.transforms.init_loss_scale(2.0**10, growth_interval=2**31 - 1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2**31)
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    for _ in range(3):
+        state, _ = step(state, torch.randn(4, 3))
+        scaler.scale(p.sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert float(state.scaler.scale) == scaler.get_scale() == 2.0**10
+
+
 def _gan_step():
     """A GAN written over two states, ``step((g_state, d_state), batch)``: it runs unwrapped."""
     g, d = nn.Linear(4, 8), nn.Linear(8, 1)

@@ -41,6 +41,9 @@ class LossScaleState(NamedTuple):
     growth_interval: torch.Tensor
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def init_loss_scale(
     init_scale: float = 2.0**16,
     growth_factor: float = 2.0,
@@ -52,8 +55,8 @@ def init_loss_scale(
     """Initial loss-scale state; the defaults are torch.amp.GradScaler's.
 
     Raises:
-        ValueError: on a non-positive or infinite scale (or one past float32's range), a non-positive interval,
-            growth_factor <= 1 or backoff_factor outside (0, 1).
+        ValueError: on a non-positive or infinite scale (or one past float32's range), a non-positive interval or
+            one past int32's range, growth_factor <= 1 or backoff_factor outside (0, 1).
 
     Example:
         >>> float(init_loss_scale().scale)
@@ -67,6 +70,11 @@ def init_loss_scale(
         raise ValueError(f"init_loss_scale expected backoff_factor in (0, 1), got {backoff_factor} instead.")
     if not (isinstance(growth_interval, int) and growth_interval > 0):
         raise ValueError(f"init_loss_scale expected a positive int growth_interval, got {growth_interval!r} instead.")
+    if growth_interval > _INT32_MAX:  # (torch.tensor's own error, "cannot be converted to type int32", said neither)
+        raise ValueError(
+            f"init_loss_scale expected growth_interval <= 2**31 - 1 (it is held as an int32 tensor, as GradScaler's "
+            f"growth tracker is), got {growth_interval} instead. For a scale that (in practice) never grows, pass 2**31 - 1."
+        )
 
     def f(v: float) -> torch.Tensor:
         return torch.tensor(v, dtype=torch.float32, device=device)
