@@ -222,6 +222,8 @@ def test_apply_gradients_on_a_state_without_its_optimizer_says_to_put_it_back():
         fnlit.accumulate(lambda s, b: (s.apply_gradients(grads), {}), 2)(state, torch.zeros(2, 1))
     new = state.replace(tx=fnlit.optim.sgd(0.1)).apply_gradients(grads)
     assert torch.equal(new.params["bias"], state.params["bias"] - 0.1)
+
+
 def test_replace_refuses_a_scaler_holding_a_number_where_a_tensor_goes():
     # state.scaler._replace(scale=1024.0) was taken: the next float16 step failed with "'float' object has no attribute
     # 'double'", and growth_interval=100 trained but its checkpoint was refused as if it had no loss scaler.
