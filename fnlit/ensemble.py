@@ -230,6 +230,9 @@ def _seeded_build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.M
     A submodule is skipped when an earlier reset (a parent's ``reset_parameters()`` that resets its
     children) already re-initialised every parameter it owns (or, owning none, every parameter below
     it): resetting it again would draw its parameters twice, unlike building the model after the seed.
+    A tied parameter (one object in two layers: an embedding and its output layer) is refused unless a reset of
+    a module holding all its layers re-initialises it: resetting each layer cannot tell which layer's init the
+    constructor kept, nor where the draws of the discarded one fall.
     """
     devices = _cuda_devices(model)
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
@@ -239,13 +242,20 @@ def _seeded_build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.M
         if not isinstance(model, nn.Module):
             return model()
         module = copy.deepcopy(model)
+        tied = _tied(module)
         covered: dict[int, nn.Parameter] = {}  # id -> parameter (held, so that no id is reused)
         for sub in module.modules():
             if not hasattr(sub, "reset_parameters"):
                 continue
             own = list(sub.parameters(recurse=False)) or list(sub.parameters())
             if not (own and all(id(p) in covered for p in own)):
-                covered.update((id(p), p) for p in _reset(sub))
+                reset = _reset(sub)
+                inside = set(sub.modules()) if tied else set()
+                for p in reset:
+                    names, owners = tied.get(id(p), ((), ()))
+                    if not all(m in inside for m in owners):
+                        raise ValueError(_TIED.format(a=names[0], b=names[1]))
+                covered.update((id(p), p) for p in reset)
             covered.update((id(p), p) for p in sub.parameters(recurse=False))
         missed = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
         if missed:
@@ -255,6 +265,26 @@ def _seeded_build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.M
                 "ensemble_states(lambda: Net(), tx, seeds=[...])."
             )
         return module
+
+
+def _tied(module: nn.Module) -> dict[int, tuple[list[str], list[nn.Module]]]:
+    """The parameters that two or more modules hold as their own (tied weights), by id: their names and modules.
+    (A module used twice is one module: its parameters are not tied.)"""
+    found: dict[int, tuple[list[str], list[nn.Module]]] = {}
+    for prefix, sub in module.named_modules():
+        for name, p in sub.named_parameters(prefix=prefix, recurse=False):
+            names, owners = found.setdefault(id(p), ([], []))
+            names.append(name)
+            owners.append(sub)
+    return {k: v for k, v in found.items() if len(v[1]) > 1}
+
+
+_TIED = (
+    "ensemble_states cannot re-initialise the tied parameter {a!r} (also {b!r}) from a seed: resetting each layer "
+    "cannot tell which layer's init the constructor kept, nor replay the draws of the one it discarded (the members "
+    "would start from other weights than the model built after the seed). Pass a function that builds the model "
+    "instead, e.g. ensemble_states(lambda: Net(), tx, seeds=[...])."
+)
 
 
 def _map_hyper(opt_state: Any, fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[Any, int]:
@@ -400,7 +430,9 @@ def ensemble_states(
     member 0's key's unless ``seed=`` is given: pass the same ``seed`` to the solo runs). For that, pass a function that builds
     the model: a module instance is re-initialised by its layers' ``reset_parameters()``, which replays
     PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
-    constructor whose draws differ from one reset of each layer gives other initial weights). The seed is set on
+    constructor whose draws differ from one reset of each layer gives other initial weights; a module with tied
+    weights, an embedding shared with the output layer, is refused: its layers' resets cannot replay the tie,
+    unless a ``reset_parameters()`` of a module holding both layers re-initialises it). The seed is set on
     the CPU generator and on the CUDA generators the build may draw from (a module's devices; every device for a
     function, once CUDA is initialised: a function that initialises CUDA itself is called twice), and all of them
     are left as they were; other accelerators' generators (MPS, XPU) are not seeded.
@@ -428,7 +460,8 @@ def ensemble_states(
     Raises:
         ValueError: if a hyperparameter list has the wrong length, the optimizer has no such
             hyperparameter, ignores it (a schedule, weight decay off) or holds several different values of
-            it (per-group rates, or a schedule beside a rate), or a parameter cannot be re-initialised from a seed.
+            it (per-group rates, or a schedule beside a rate), or a parameter cannot be re-initialised from a seed
+            (no ``reset_parameters()``, or tied between layers of a module instance: pass a function instead).
 
     Example:
         >>> import torch, fnlit

@@ -160,6 +160,40 @@ def test_a_parent_reset_writing_through_data_counts_for_its_children():
     assert not state.params["b.bias"].any()
 
 
+class _TiedLM(nn.Module):
+    """An embedding tied to its output layer (the layer's own weight, drawn by its constructor, is discarded)."""
+
+    def __init__(self, bias=True, after=False):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 4), nn.Linear(4, 20, bias=bias)
+        self.head.weight = self.emb.weight
+        self.after = nn.Linear(20, 2) if after else None
+
+
+@pytest.mark.parametrize("bias, after", [(True, False), (False, True)])
+def test_a_module_instance_with_tied_weights_is_refused_and_a_factory_inits_like_the_built_model(bias, after):
+    tx = fnlit.optim.sgd(0.1)
+    # resetting the layers one by one gave the embedding the head's init (or, without a bias, skipped the head's
+    # draws and moved every later layer's): not the model built after the seed
+    with pytest.raises(ValueError, match=r"tied parameter 'emb.weight' \(also 'head.weight'\).*lambda: Net\(\)"):
+        ensemble_states(_TiedLM(bias, after), tx, seeds=[3])
+    member = unstack_state(ensemble_states(lambda: _TiedLM(bias, after), tx, seeds=[3]), 0)
+    assert_trees_close(member, solo(3, tx, lambda: _TiedLM(bias, after)), rtol=0, atol=0)
+
+
+def test_a_tie_that_the_models_own_reset_re_initialises_is_accepted():
+    class Reset(_TiedLM):
+        def reset_parameters(self):  # holds both layers: replays the tie as its constructor does
+            self.emb.reset_parameters()
+            nn.init.zeros_(self.head.bias)
+
+    model = Reset()
+    state = unstack_state(ensemble_states(model, fnlit.optim.sgd(0.1), seeds=[3]), 0)
+    torch.manual_seed(3)
+    model.reset_parameters()  # the reference: the module's own reset, once, after the seed
+    assert_trees_close(state.params, {k: v.detach() for k, v in model.named_parameters()}, rtol=0, atol=0)
+
+
 def test_stack_unstack_round_trip():
     tx = fnlit.optim.adam(1e-3)
     states = [solo(i, tx) for i in range(3)]
