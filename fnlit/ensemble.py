@@ -523,6 +523,11 @@ def _cumulative_batchnorm(e: RuntimeError) -> nn.Module | None:
     return found if found is not None and found.momentum is None else None
 
 
+def _leaf_path(batch: Batch, i: int) -> str:
+    """The path of the ``i``-th leaf of ``batch`` (torch's pytree order), as ``['x']``, for an error message."""
+    return torch_pytree.keystr(torch_pytree.tree_flatten_with_path(batch)[0][i][0])
+
+
 class EnsembleStep(Generic[_Out]):
     """``step`` vectorized over the members of a stacked state; made by :func:`ensemble`.
 
@@ -599,19 +604,34 @@ class EnsembleStep(Generic[_Out]):
     def _member_dims(self, batch: Batch) -> list[int | None]:
         """For each tensor leaf of ``batch`` (torch's pytree order), the dimension holding the members (None: shared)."""
         leaves, spec = torch_pytree.tree_flatten(batch)
-        dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec) or [None] * len(leaves)
+        dims = torch_pytree._broadcast_to_and_flatten(self.in_dims, spec)
+        if dims is None:  # (vmap's own error names its wrapper and dumps the whole state's structure)
+            shown = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
+            layout = torch_pytree.tree_map(shown, batch)
+            raise ValueError(
+                f"fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) expected in_dims with the batch's "
+                f"structure (or a prefix of it, as torch.func.vmap's in_dims), got a batch of structure {layout} "
+                "(tensors by shape) instead. Give one entry per leaf or subtree, e.g. {'x': 0, 'y': 0} for a dict, "
+                "or a single 0 or None for the whole batch."
+            )
         found: list[int | None] = []
         for i, (t, d) in enumerate(zip(leaves, dims)):
             if not isinstance(t, torch.Tensor):
+                if d is not None:  # (vmap refuses it, naming its wrapper)
+                    raise ValueError(
+                        f"fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) maps the members along dimension "
+                        f"{d} of batch{_leaf_path(batch, i)}, a {type(t).__name__} (not a tensor): torch.func.vmap "
+                        "maps tensors only. Give that leaf None in in_dims (every member shares it), e.g. "
+                        "{'x': 0, 'w': None}, or make it a tensor stacked over the members."
+                    )
                 continue
             if d is not None and t.dim():
                 if not -t.dim() <= d < t.dim():  # (d % t.dim() would take another dimension for the members)
-                    where = torch_pytree.keystr(torch_pytree.tree_flatten_with_path(batch)[0][i][0])
                     raise ValueError(
                         f"fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) maps the members along dimension "
-                        f"{d} of batch{where}, a tensor of shape {tuple(t.shape)}, which has no dimension {d}. Give "
-                        "that leaf its own member dimension (in_dims as the batch's structure, e.g. (1, 0) for a pair), "
-                        "or None where every member shares it."
+                        f"{d} of batch{_leaf_path(batch, i)}, a tensor of shape {tuple(t.shape)}, which has no "
+                        f"dimension {d}. Give that leaf its own member dimension (in_dims as the batch's structure, "
+                        "e.g. (1, 0) for a pair), or None where every member shares it."
                     )
                 d %= t.dim()
             found.append(d)
@@ -685,7 +705,8 @@ def ensemble(
             :func:`fnlit.shard` in either nesting (their collectives have no vmap rule); at call time if the
             state is not stacked over ``n`` members, or for a sparse gradient (``nn.Embedding(sparse=True)``:
             vmap has no batching rule for it), naming the parameter, or for a training BatchNorm with
-            ``momentum=None``, or where ``in_dims`` names a dimension a batch tensor does not have (naming it).
+            ``momentum=None``, or where ``in_dims`` names a dimension a batch tensor does not have or maps a leaf
+            that is not a tensor (naming it), or does not match the batch's structure (showing it).
 
     Example:
         >>> import torch, torch.nn.functional as F, fnlit

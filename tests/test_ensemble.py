@@ -425,6 +425,27 @@ def test_an_in_dims_beyond_a_batch_tensors_dimensions_is_refused_naming_the_leaf
         ensemble(step, 2, in_dims=(0, -2)).examples((torch.zeros(2, 16, 8), torch.zeros(2)))
 
 
+def test_an_in_dims_off_the_batchs_structure_or_on_a_number_is_refused_by_fnlit_not_by_vmaps_wrapper():
+    # vmap's own errors named fnlit's internal wrapper and in_dims=(0, ...) the user never wrote (the first one
+    # dumping the whole TrainState's structure)
+    inner = hand_step(mlp())
+
+    def step(state, batch):
+        new, metrics = inner(state, (batch["x"], batch["y"]))
+        return new, {**metrics, "w": batch.get("w", 1.0)}
+
+    states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1])
+    x, y = batch()
+    data = {"x": torch.stack([x, x]), "y": torch.stack([y, y])}
+    off = r"in_dims=\(0, 0\)\) expected in_dims with the batch's structure .*'x': \(2, 16, 8\)"
+    with pytest.raises(ValueError, match=off):
+        ensemble(step, 2, in_dims=(0, 0))(states, data)
+    with pytest.raises(ValueError, match=r"in_dims=0\) maps the members along dimension 0 of batch\['w'\], a float"):
+        ensemble(step, 2, in_dims=0)(states, {**data, "w": 0.5})
+    _, metrics = ensemble(step, 2, in_dims={"x": 0, "y": 0, "w": None})(states, {**data, "w": 0.5})  # as the fix says
+    assert metrics["w"] == 0.5 and metrics["loss"].shape == (2,)
+
+
 def test_accumulate_around_an_ensemble_of_per_member_batches_says_to_put_it_inside():
     # accumulate split dimension 0, the members: the error blamed the user's (4, 16, 8) batch as (2, 16, 8).
     states = ensemble_states(mlp, fnlit.optim.sgd(0.1), seeds=[0, 1, 2, 3])
