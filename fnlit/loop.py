@@ -442,7 +442,8 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
                 metrics = eval_step(state, batch)
             except Exception as e:  # (a plain eval step given stacked params fails deep inside: say why)
                 if members and ensembled is None:
-                    _add_note(e, _NOT_ENSEMBLED.format(n=members))
+                    _add_note(e, _NOT_ENSEMBLED.format(who="fnlit.evaluate", what="eval step", name="eval_step",
+                                                       n=members))
                 raise
             if not isinstance(metrics, Mapping):
                 raise TypeError(f"evaluate expected eval_step to return a dict of metrics, got {type(metrics).__name__}.")
@@ -547,8 +548,8 @@ _ENSEMBLE_APART = (
 
 
 _NOT_ENSEMBLED = (
-    "fnlit.evaluate: the state is an ensemble's stacked state ({n} members: its tensors have a leading dimension {n}), "
-    "but the eval step is not an ensemble step. Wrap it: fnlit.ensemble(eval_step, {n}) (with in_dims=0 for batches "
+    "{who}: the state is an ensemble's stacked state ({n} members: its tensors have a leading dimension {n}), "
+    "but the {what} is not an ensemble step. Wrap it: fnlit.ensemble({name}, {n}) (with in_dims=0 for batches "
     "stacked over the members)."
 )
 
@@ -1413,6 +1414,9 @@ def fit(
             # (ranks could see different answers, and an epoch end is a collective), and not for a one-shot
             # iterator (the batch looked at would be lost to a later fit of it).
             look_ahead = n_batches is None and not distributed and not isinstance(train_data, Iterator)
+            # a stacked state given to a step that is not an ensemble's: its error gets a note saying to wrap it
+            ensembled = any(isinstance(s, EnsembleStep) for s in wrapped_steps(step))
+            unensembled = None if ensembled else ensemble_members(state)
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
                 val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
                 count_across = plan.val_every_n_epoch is None
@@ -1420,7 +1424,13 @@ def fit(
                 broke, epoch_start = True, steps
                 batch_iter = iter(_data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential))
                 for batch in batch_iter:
-                    out = step(state, move(batch) if move else batch)
+                    try:
+                        out = step(state, move(batch) if move else batch)
+                    except Exception as e:  # (a plain step given stacked params fails deep inside: say why)
+                        if unensembled:
+                            _add_note(e, _NOT_ENSEMBLED.format(who="fnlit.fit", what="step", name="step",
+                                                               n=unensembled))
+                        raise
                     try:
                         state, metrics = out
                     except (TypeError, ValueError):

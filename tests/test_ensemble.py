@@ -399,6 +399,20 @@ def test_a_plain_eval_step_given_a_stacked_state_fails_with_a_note_to_wrap_it_in
         assert got[f"loss/{i}"] == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_a_plain_training_step_given_a_stacked_state_fails_in_fit_with_a_note_to_wrap_it_in_an_ensemble():
+    # fit(step, stacked, data) failed with fnlit.random.seeded's "expected a single key ...; index or split it
+    # first", nothing about the ensemble (evaluate already added this note for its eval step)
+    model = nn.Linear(4, 2)
+    train = fnlit.train_step(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    states = ensemble_states(lambda: nn.Linear(4, 2), fnlit.optim.sgd(0.1), seeds=[0, 1])
+    data = [batch(8, 4, 2)]
+    with pytest.raises(ValueError, match=r"expected a single key") as info:
+        fnlit.fit(train, states, data, max_epochs=1, progress=False)
+    note = r"fnlit\.fit: the state is an ensemble's stacked state \(2 members.*fnlit\.ensemble\(step, 2\)"
+    assert any(re.search(note, n) for n in getattr(info.value, "__notes__", []))
+    fnlit.fit(ensemble(train, 2), states, data, max_epochs=1, progress=False)  # as the note says
+
+
 def test_ensemble_counts_the_examples_of_a_batch_past_its_member_dimension():
     from fnlit.data import batch_size_of
 
