@@ -12,7 +12,9 @@ each member gets its own dropout mask and the step stays a pure function of the 
 masks are not the ones the member would draw when trained alone, so only models without randomness
 equal their solo runs to rounding (tests compare those); under amp, to the amp dtype's precision (see :func:`ensemble`).
 (That is for the members' keys: ``state.rng`` and keys made from it. A constant key the step passes to
-:func:`fnlit.apply`, which the vmap does not batch, seeds that forward itself, as it would eagerly.)
+:func:`fnlit.apply`, which the vmap does not batch, seeds that forward from the same seed it would eagerly;
+with the default ``randomness="different"`` member 0 draws the eager masks and the others their own, with
+``randomness="same"`` every member draws the eager masks.)
 
 Example:
     >>> import torch, torch.nn.functional as F, fnlit
