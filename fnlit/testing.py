@@ -8,8 +8,9 @@
   (``.item()``, ``float(t)``, ``if loss > 0:``, ``.tolist()``, ``print(t)``, a device-to-host copy).
 
 Which host reads are flagged: every read of a tensor's value, with one exception -- fnlit's own reads
-of host memory that it does by design: random keys (0-d int64 CPU tensors turned into seeds) and, in
-the eager CPU fast path, learning rate and weight decay held on the CPU. Those happen in a few fnlit
+of host memory that it does by design: random keys (0-d int64 CPU tensors turned into seeds), in
+the eager CPU fast path, learning rate and weight decay held on the CPU, and the device mesh's CPU tensor
+that :func:`fnlit.shard`'s first call builds. Those happen in a few fnlit
 functions listed in ``_ALLOWED`` and are allowed only for CPU tensors; a read from anywhere else --
 the user's step included -- fails, even on the CPU where it costs nothing, because on an accelerator
 the same line would stall every step and break graph capture. The integer that
@@ -59,6 +60,7 @@ from ._types import Batch, Metrics, StepFn
 from .optim import _alias, _privacy
 from .state import TrainState
 from .transforms.donate import check_not_donated, is_donated
+from .transforms.shard import default_mesh
 
 __all__ = ["HostSyncError", "assert_no_host_sync", "assert_overfits", "assert_pure", "assert_trees_close", "no_host_sync"]
 
@@ -439,6 +441,7 @@ _ALLOWED = frozenset(
         _privacy._noise,
         _fold_keys,
         _names_agree,  # data_parallel's metric-names check: a CPU collective's result
+        default_mesh,  # fnlit.shard's first call builds the mesh: torch's DeviceMesh reads its CPU mesh tensor
     )
 )
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
@@ -663,8 +666,8 @@ class _DispatchMode(TorchDispatchMode):
                 _flag(_RANGE_TENSOR[func], None)
         elif func.__name__.split(".")[0] in _LINALG_SYNCS:
             _flag(_LINALG_SYNCS[func.__name__.split(".")[0]], None)
-        elif func in _SHAPE_OPS:
-            _flag(f"{_SHAPE_OPS[func]}, whose output shape depends on the values", None)
+        elif func in _SHAPE_OPS:  # (the input: fnlit's own of a CPU tensor is allowed, as fnlit.shard's mesh's nonzero)
+            _flag(f"{_SHAPE_OPS[func]}, whose output shape depends on the values", args[0])
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             _flag("repeat_interleave with tensor repeats and no output_size", None)
         elif func in _MASK_INDEXING and any(_is_mask(i) for i in args[1]):

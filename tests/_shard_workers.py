@@ -523,3 +523,25 @@ def a_rank_fails_in_save_sharded(directory: str, where: str):
     finally:
         setattr(owner, name, real)
     return raised, by_path(restore_sharded(path, like=state)), by_path(state), sorted(os.listdir(directory))
+
+
+def no_host_sync_of_a_first_shard_step():
+    """fnlit.testing.assert_no_host_sync over fnlit.shard's first call on a state not sharded yet (which builds the
+    default mesh and shards the state), and over a step reading its loss: what each raises, or None."""
+    model, state = make_state()
+    data = local(global_batch(0), dist.get_rank(), dist.get_world_size())
+    inner = hand_step(model)
+
+    def reads(state, batch):
+        new, metrics = inner(state, batch)
+        metrics["loss"].item()
+        return new, metrics
+
+    out = {}
+    for name, step in [("first call", shard(inner)), ("a read of the loss", shard(reads))]:
+        try:
+            fnlit.testing.assert_no_host_sync(step, state, data)
+            out[name] = None
+        except AssertionError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out

@@ -24,6 +24,7 @@ from _shard_workers import (
     l2_step,
     local,
     make_state,
+    no_host_sync_of_a_first_shard_step,
     scalar_param,
     sharded_checkpoints,
     two_ranks,
@@ -535,6 +536,15 @@ def test_validation_with_different_numbers_of_batches_per_rank_averages_them_all
         # rank 1's val_data has no batches: it says so, rank 0 names it (the mixed case: no rank validates alone)
         assert r["fit, rank 1 none"].startswith(("fit: rank 1", "fit")[rank] + " got val_data with no batches")
         assert_limit_errors(r, rank)
+
+
+def test_the_first_call_of_a_shard_step_passes_assert_no_host_sync_and_a_read_in_the_step_is_still_flagged():
+    # The first call builds the default mesh, whose CPU mesh tensor torch reads (.tolist(), nonzero): the check
+    # flagged fnlit.shard's own set-up as the step's host sync, at default_mesh. The step's own reads stay flagged.
+    for r in fnlit.distributed.launch(no_host_sync_of_a_first_shard_step, 2, timeout=120, collective_timeout=30):
+        assert r["first call"] is None
+        assert r["a read of the loss"].startswith("HostSyncError: host sync inside the step: Tensor.item() at ")
+        assert "_shard_workers.py" in r["a read of the loss"]
 
 
 def test_export_of_a_sharded_state_gathers_it_on_every_rank():
