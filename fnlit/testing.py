@@ -505,6 +505,9 @@ _SHAPE_OPS = {
     _aten.unique_consecutive.default: "torch.unique_consecutive",
     _aten.bincount.default: "torch.bincount (its length is the largest value + 1)",
 }
+# torch.histc with min == max (its default: the data's range) reads the data's min and max back to the host on CUDA
+# (SummaryOps.cu, _histc_cuda_template: self.min().cpu()); with a range given there is no read.
+_HISTC = (_aten.histc.default, _aten.histc.out)
 _MASK_INDEXING = (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default)
 # masked_fill with a 0-d tensor value: CUDA's masked_fill_ runs masked_fill__cuda(self, mask, value.item()), a sync
 # when the value is on the device (a CPU value for a CUDA self is a host read: no sync; PyTorch PR #190512, open,
@@ -513,6 +516,11 @@ _MASKED_FILL_TENSOR = (_aten.masked_fill.Tensor, _aten.masked_fill_.Tensor)
 # index_fill with a 0-d tensor value: ATen's index_fill_(self, dim, index, source) runs index_fill_(..., source.item())
 # on every device, a sync when the value is on the device (not for a CPU value and an accelerator's self, as above).
 _INDEX_FILL_TENSOR = (_aten.index_fill.int_Tensor, _aten.index_fill_.int_Tensor)
+
+
+def _number_arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
+    """An op's ``i``-th argument, called ``name``, defaulting to 0: the dispatcher leaves out defaulted ones."""
+    return args[i] if len(args) > i else kwargs.get(name, 0)
 
 
 def _is_mask(i: Any) -> bool:
@@ -668,6 +676,11 @@ class _DispatchMode(TorchDispatchMode):
             _flag(_LINALG_SYNCS[func.__name__.split(".")[0]], None)
         elif func in _SHAPE_OPS:  # (the input: fnlit's own of a CPU tensor is allowed, as fnlit.shard's mesh's nonzero)
             _flag(f"{_SHAPE_OPS[func]}, whose output shape depends on the values", args[0])
+        elif func in _HISTC and args[0].numel() and (
+            _number_arg(args, kwargs, 2, "min") == _number_arg(args, kwargs, 3, "max")
+        ):
+            _flag("torch.histc without a range (min == max: the data's minimum and maximum are read on the host to "
+                  "find it); pass min= and max=", None)
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             _flag("repeat_interleave with tensor repeats and no output_size", None)
         elif func in _MASK_INDEXING and any(_is_mask(i) for i in args[1]):
@@ -707,7 +720,7 @@ class no_host_sync:
     accelerator to the host (``.cpu()``; with ``batch`` given, ``.cpu()`` of a tensor of the batch or computed from one
     even on the CPU), ops whose output shape depends on tensor values (boolean-mask
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
-    ``output_size``), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
+    ``output_size``), ``torch.histc`` without a range (``min == max``: CUDA reads the data's extremes), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
     Python number and the mask the only tensor index is a ``masked_fill`` and passes; so would a one-element
     CPU ``t`` for a CUDA ``x``, which a test on the CPU cannot tell apart, and flags), ``masked_fill`` and
     ``index_fill`` with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: ATen reads

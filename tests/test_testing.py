@@ -567,6 +567,18 @@ def test_no_host_sync_flags_bincount():
             torch.bincount(torch.tensor([0, 2, 2]))
 
 
+def test_no_host_sync_flags_histc_without_a_range_and_passes_it_with_one():
+    # CUDA's histc finds a missing range (min == max, the default) from the data: self.min().cpu() and
+    # self.max().cpu() in ATen's _histc_cuda_template, a sync every step. With min < max nothing is read.
+    x = torch.randn(20)
+    for histc in (lambda: torch.histc(x, bins=4), lambda: x.histc(4, min=1.0, max=1.0)):
+        with pytest.raises(HostSyncError, match=r"torch.histc without a range"), no_host_sync():
+            histc()
+    with no_host_sync():
+        counts = torch.histc(x, bins=4, min=-10.0, max=10.0)
+    assert counts.sum() == 20  # every value in the range
+
+
 def test_assert_overfits_checks_every_member_of_an_ensemble():
     from fnlit.ensemble import ensemble, ensemble_states
 
