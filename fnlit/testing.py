@@ -176,7 +176,9 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
 
 
 def _bitwise_equal(a: Any, b: Any) -> bool:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):  # a tensor replaced by a number (batch["w"] = 1.0)
+        return False
+    if not isinstance(a, torch.Tensor):
         if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):  # numpy: as tensors
             try:
                 return _bitwise_equal(torch.as_tensor(np.ascontiguousarray(a)), torch.as_tensor(np.ascontiguousarray(b)))

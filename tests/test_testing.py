@@ -111,6 +111,22 @@ def test_assert_pure_catches_a_step_that_mutates_its_batch():
         assert_pure(bad, state, batch())
 
 
+def test_assert_pure_catches_a_step_that_replaces_a_batch_tensor_by_a_number():
+    # b["w"] = 1.0 writes into the caller's dict: a tensor of several elements compared with the number raised
+    # torch's "Boolean value of Tensor ... is ambiguous", and a one-element tensor equal to it passed. Reference:
+    # the replacement by another tensor, reported as a mutation.
+    model, state = make()
+    inner = hand_step(model)
+    for w, value in [(torch.ones(2), lambda t: t * 2), (torch.ones(2), lambda t: 1.0), (torch.ones(1), lambda t: 1.0)]:
+        def replaces(state, b, value=value):
+            b["w"] = value(b["w"])
+            return inner(state, (b["x"], b["y"]))
+
+        x, y = batch()
+        with pytest.raises(AssertionError, match=r"mutated its input batch\['w'\] \(first call\)"):
+            assert_pure(replaces, state, {"x": x, "y": y, "w": w})
+
+
 def test_assert_pure_catches_a_step_that_mutates_a_numpy_batch():
     # `batch -= batch.mean()` on a numpy batch passed unnoticed (it is idempotent after the first call), and
     # `batch *= 2` was blamed on randomness; a tensor batch was caught. Reference: the batch by hand, after.
