@@ -51,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _storage
+from ._checkpoint_io import _dtensor_class
 from .ensemble import EnsembleStep, _fold_keys  # (not `from . import ensemble`: fnlit.ensemble is also the function)
 from .transforms.data_parallel import _names_agree
 from . import functional as _functional
@@ -88,7 +89,8 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: 
     Tensor leaves must also agree in shape and dtype; integer and bool tensors (steps, keys, counters)
     must be equal exactly, complex ones are compared as complex numbers. Python and numpy floats (such as
     :func:`fnlit.evaluate`'s metrics) are compared within the same tolerances, NaN equal to NaN; other leaves
-    (ints, strings) must be ``==``.
+    (ints, strings) must be ``==``. A sharded state's tensors (:func:`fnlit.shard_state`) are compared whole, with
+    each other or with a plain state's: each is gathered (a collective), so call it on every rank.
 
     Args:
         actual: the tree under test.
@@ -157,7 +159,8 @@ def _leaf_difference(a: Any, e: Any, rtol: float, atol: float) -> str | None:
         return f"dtype {a.dtype}, expected {e.dtype}"
     if a.numel() == 0:
         return None
-    a, e = a.detach().cpu(), e.detach().cpu()
+    dtensor = _dtensor_class()  # a sharded state's (fnlit.shard): compared whole, gathered on every rank
+    a, e = ((x.full_tensor() if dtensor is not None and isinstance(x, dtensor) else x).detach().cpu() for x in (a, e))
     if not (e.is_floating_point() or e.is_complex()):  # steps, keys, counters, masks: exactly
         if torch.equal(a, e):
             return None

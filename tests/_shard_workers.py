@@ -545,3 +545,24 @@ def no_host_sync_of_a_first_shard_step():
         except AssertionError as e:
             out[name] = f"{type(e).__name__}: {e}"
     return out
+
+
+def trees_close_of_sharded_states():
+    """fnlit.testing.assert_trees_close on every rank: a sharded state after 2 steps against a plain one stepped alike
+    on the global batch (the reference, given), and against itself with one parameter changed: what each raises, or
+    None."""
+    model, state = make_state()
+    sharded, plain, step = shard_state(state), state, hand_step(model)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for i in range(2):
+        sharded, _ = shard(step)(sharded, local(global_batch(i), rank, world))
+        plain, _ = step(plain, global_batch(i))
+    changed = sharded.replace(params={**sharded.params, "3.bias": sharded.params["3.bias"] + 1})
+    out = {}
+    for name, (a, e) in {"vs one process": (sharded, plain), "a changed bias": (changed, sharded)}.items():
+        try:
+            fnlit.testing.assert_trees_close(a, e, rtol=0, atol=1e-5, name="state")
+            out[name] = None
+        except Exception as e:  # noqa: BLE001 (returned to the test: torch's own errors too)
+            out[name] = f"{type(e).__name__}: {e}"
+    return out

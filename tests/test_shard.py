@@ -27,6 +27,7 @@ from _shard_workers import (
     no_host_sync_of_a_first_shard_step,
     scalar_param,
     sharded_checkpoints,
+    trees_close_of_sharded_states,
     two_ranks,
     uneven_validation,
     val_batches,
@@ -545,6 +546,14 @@ def test_the_first_call_of_a_shard_step_passes_assert_no_host_sync_and_a_read_in
         assert r["first call"] is None
         assert r["a read of the loss"].startswith("HostSyncError: host sync inside the step: Tensor.item() at ")
         assert "_shard_workers.py" in r["a read of the loss"]
+
+
+def test_assert_trees_close_compares_sharded_states_whole():
+    # It crashed inside torch on a sharded state ("Sharding propagation failed for aten.allclose.default", or "got
+    # mixed torch.Tensor and DTensor" against a plain state). Reference: one process stepping on the global batch.
+    for r in fnlit.distributed.launch(trees_close_of_sharded_states, 2, timeout=120, collective_timeout=30):
+        assert r["vs one process"] is None
+        assert r["a changed bias"].startswith("AssertionError: state.params['3.bias'] differs: max abs difference 1 ")
 
 
 def test_export_of_a_sharded_state_gathers_it_on_every_rank():
