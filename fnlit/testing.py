@@ -686,6 +686,9 @@ class _DispatchMode(TorchDispatchMode):
         ):
             _flag("torch.histc without a range (min == max: the data's minimum and maximum are read on the host to "
                   "find it); pass min= and max=", None)
+        elif func is _aten._ctc_loss.Tensor and any(_of_batch(t) for t in args[2:4]):
+            _flag("ctc_loss with lengths of the batch or computed from it (ATen copies the lengths to the host: on the "
+                  "device in training, a sync every step); pass them as Python lists or CPU tensors", None)
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             _flag("repeat_interleave with tensor repeats and no output_size", None)
         elif func in _MASK_INDEXING and any(_is_mask(i) for i in args[1]):
@@ -725,9 +728,11 @@ class no_host_sync:
     accelerator to the host (``.cpu()``; with ``batch`` given, ``.cpu()`` of a tensor of the batch or computed from one
     even on the CPU), ops whose output shape depends on tensor values (boolean-mask
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
-    ``output_size``), ``torch.histc`` without a range (``min == max``: CUDA reads the data's extremes), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a
-    Python number and the mask the only tensor index is a ``masked_fill`` and passes; so would a one-element
-    CPU ``t`` for a CUDA ``x``, which a test on the CPU cannot tell apart, and flags), ``masked_fill`` and
+    ``output_size``), ``torch.histc`` without a range (``min == max``: CUDA reads the data's extremes),
+    ``F.ctc_loss`` with lengths of ``batch`` (or computed from it: ATen copies them to the host), assigning a
+    tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a Python number and the mask the only
+    tensor index is a ``masked_fill`` and passes; so would a one-element CPU ``t`` for a CUDA ``x``, which a test
+    on the CPU cannot tell apart, and flags), ``masked_fill`` and
     ``index_fill`` with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: ATen reads
     the value with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), and
     ``torch.linspace``/``torch.logspace`` with a tensor endpoint (also read with ``.item()``; passes for CPU endpoints

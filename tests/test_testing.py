@@ -595,6 +595,21 @@ def test_no_host_sync_flags_histc_without_a_range_and_passes_it_with_one():
     assert counts.sum() == 20  # every value in the range
 
 
+def test_assert_no_host_sync_flags_ctc_loss_with_the_batchs_lengths_as_their_cpu_copy():
+    # ATen's _ctc_loss.Tensor copies both length tensors to the host (input_lengths.to(kCPU)): with the batch's
+    # lengths, on the device in training, a sync every step. Reference: the same copy written as .cpu(), flagged.
+    # Lengths made on the CPU in the step, or Python lists, are host memory and pass.
+    lp = torch.randn(6, 2, 4).log_softmax(2)
+    b = {"targets": torch.randint(1, 4, (2, 3)), "il": torch.full((2,), 6), "tl": torch.full((2,), 3)}
+    for lengths, read in [(lambda b: (b["il"], b["tl"]), "ctc_loss with lengths"),
+                          (lambda b: (torch.full((2,), 6), b["tl"] + 0), "ctc_loss with lengths"),
+                          (lambda b: (b["il"].cpu(), b["tl"].cpu()), r"Tensor.cpu\(\) of a tensor")]:
+        with pytest.raises(HostSyncError, match=read + " of the batch"):
+            assert_no_host_sync(lambda _, b: F.ctc_loss(lp, b["targets"], *lengths(b)), None, b)
+    for lengths in (lambda b: (torch.full((2,), 6), torch.full((2,), 3)), lambda b: ([6, 6], [3, 3])):
+        assert_no_host_sync(lambda _, b: F.ctc_loss(lp, b["targets"], *lengths(b)), None, b)
+
+
 def test_assert_overfits_checks_every_member_of_an_ensemble():
     from fnlit.ensemble import ensemble, ensemble_states
 
