@@ -743,6 +743,10 @@ class no_host_sync:
     ``batch["i"][0] + 1``) folded in is flagged. Ops run a little slower inside (a little more with a ``batch``:
     each op's outputs computed from it are recorded).
 
+    Not caught on the CPU: ``.to("cpu")`` (or ``torch.as_tensor(t, device="cpu")``, ``pack_padded_sequence`` with
+    the batch's lengths): there, moving to ``"cpu"`` cannot be told apart from the common ``x.to(device)`` to the
+    training device, so write a copy to the host as ``.cpu()``, which is.
+
     Args:
         batch: the batch the block's step is given (optional): its tensors, and what is computed from them,
             folded in are flagged, as on the device in training (:func:`assert_no_host_sync` passes it).
