@@ -252,10 +252,8 @@ def _seeded_build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.M
             own = list(sub.parameters(recurse=False)) or list(sub.parameters())
             if not (own and all(id(p) in covered for p in own)):
                 reset = _reset(sub)
-                inside = set(sub.modules()) if tied else set()
-                for p in reset:
-                    names, owners = tied.get(id(p), ((), ()))
-                    if not all(m in inside for m in owners):
+                for names, owners in (tied[id(p)] for p in reset if id(p) in tied):
+                    if not set(owners) <= set(sub.modules()):
                         raise ValueError(_TIED.format(a=names[0], b=names[1]))
                 covered.update((id(p), p) for p in reset)
             covered.update((id(p), p) for p in sub.parameters(recurse=False))
@@ -270,10 +268,13 @@ def _seeded_build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.M
 
 
 def _tied(module: nn.Module) -> dict[int, tuple[list[str], list[nn.Module]]]:
-    """The parameters that two or more modules hold as their own (tied weights), by id: their names and modules.
-    (A module used twice is one module: its parameters are not tied.)"""
+    """The parameters that two or more modules with a ``reset_parameters()`` hold as their own (tied weights), by id:
+    their names and modules. (A module used twice is one module: its parameters are not tied; a tie with a module
+    that has no reset, ``self.out_w = self.emb.weight``, is re-initialised by the one that has.)"""
     found: dict[int, tuple[list[str], list[nn.Module]]] = {}
     for prefix, sub in module.named_modules():
+        if not hasattr(sub, "reset_parameters"):
+            continue
         for name, p in sub.named_parameters(prefix=prefix, recurse=False):
             names, owners = found.setdefault(id(p), ([], []))
             names.append(name)

@@ -170,11 +170,12 @@ class _TiedLM(nn.Module):
         self.after = nn.Linear(20, 2) if after else None
 
 
-@pytest.mark.parametrize("bias, after", [(True, False), (False, True)])
+@pytest.mark.parametrize("bias, after", [(True, False), (False, True), (False, False)])
 def test_a_module_instance_with_tied_weights_is_refused_and_a_factory_inits_like_the_built_model(bias, after):
     tx = fnlit.optim.sgd(0.1)
     # resetting the layers one by one gave the embedding the head's init (or, without a bias, skipped the head's
-    # draws and moved every later layer's): not the model built after the seed
+    # draws and moved every later layer's): not the model built after the seed. (False, False), the head last and
+    # without a bias, happened to match; its layout cannot be told apart from the others', so it is refused too.
     with pytest.raises(ValueError, match=r"tied parameter 'emb.weight' \(also 'head.weight'\).*lambda: Net\(\)"):
         ensemble_states(_TiedLM(bias, after), tx, seeds=[3])
     member = unstack_state(ensemble_states(lambda: _TiedLM(bias, after), tx, seeds=[3]), 0)
@@ -192,6 +193,18 @@ def test_a_tie_that_the_models_own_reset_re_initialises_is_accepted():
     torch.manual_seed(3)
     model.reset_parameters()  # the reference: the module's own reset, once, after the seed
     assert_trees_close(state.params, {k: v.detach() for k, v in model.named_parameters()}, rtol=0, atol=0)
+
+
+def test_a_tie_with_a_module_without_reset_is_re_initialised_by_the_layer_that_has_one():
+    class OutW(nn.Module):  # the output projection is the parent's own parameter, used through F.linear
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(20, 4), nn.Linear(4, 4)
+            self.out_w = self.emb.weight
+
+    tx = fnlit.optim.sgd(0.1)
+    member = unstack_state(ensemble_states(OutW(), tx, seeds=[3]), 0)
+    assert_trees_close(member, solo(3, tx, OutW), rtol=0, atol=0)  # the reference: the model built after the seed
 
 
 def test_stack_unstack_round_trip():
