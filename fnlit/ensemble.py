@@ -435,7 +435,8 @@ def ensemble_states(
     PyTorch's default init but not the constructor (a custom init in ``__init__``, ``self.apply(init_fn)``, or a
     constructor whose draws differ from one reset of each layer gives other initial weights; a module with tied
     weights, an embedding shared with the output layer, is refused: its layers' resets cannot replay the tie,
-    unless a ``reset_parameters()`` of a module holding both layers re-initialises it). The seed is set on
+    unless a ``reset_parameters()`` of a module holding both layers re-initialises it, or only one of the modules
+    holding the parameter has a reset). The seed is set on
     the CPU generator and on the CUDA generators the build may draw from (a module's devices; every device for a
     function, once CUDA is initialised: a function that initialises CUDA itself is called twice), and all of them
     are left as they were; other accelerators' generators (MPS, XPU) are not seeded.
