@@ -549,8 +549,8 @@ _ENSEMBLE_APART = (
 
 _NOT_ENSEMBLED = (
     "{who}: the state is an ensemble's stacked state ({n} members: its tensors have a leading dimension {n}), "
-    "but the {what} is not an ensemble step. Wrap it: fnlit.ensemble({name}, {n}) (with in_dims=0 for batches "
-    "stacked over the members)."
+    "and the {what} is not an ensemble step, as far as its wrappers show. If it is not one, wrap it: "
+    "fnlit.ensemble({name}, {n}) (with in_dims=0 for batches stacked over the members)."
 )
 
 
@@ -1424,8 +1424,9 @@ def fit(
                 broke, epoch_start = True, steps
                 batch_iter = iter(_data.epoch_batches(train_data, epoch, seed, b, n_batches, plan.sequential))
                 for batch in batch_iter:
+                    batch = move(batch) if move else batch
                     try:
-                        out = step(state, move(batch) if move else batch)
+                        out = step(state, batch)
                     except Exception as e:  # (a plain step given stacked params fails deep inside: say why)
                         if unensembled:
                             _add_note(e, _NOT_ENSEMBLED.format(who="fnlit.fit", what="step", name="step",

@@ -61,7 +61,6 @@ from ._types import Batch, Metrics, StepFn
 from .optim import _alias, _privacy
 from .state import TrainState
 from .transforms.donate import check_not_donated, is_donated
-from .transforms.shard import default_mesh
 
 __all__ = ["HostSyncError", "assert_no_host_sync", "assert_overfits", "assert_pure", "assert_trees_close", "no_host_sync"]
 
@@ -446,9 +445,11 @@ _ALLOWED = frozenset(
         _privacy._noise,
         _fold_keys,
         _names_agree,  # data_parallel's metric-names check: a CPU collective's result
-        default_mesh,  # fnlit.shard's first call builds the mesh: torch's DeviceMesh reads its CPU mesh tensor
     )
 )
+# fnlit.shard's first call builds the mesh (default_mesh): torch's DeviceMesh reads its CPU mesh tensor. By file and
+# name, as importing fnlit.transforms.shard here would load the sharding modules that `import fnlit` leaves unloaded.
+_ALLOWED_BY_NAME = frozenset({(os.path.join(os.path.dirname(__file__), "transforms", "shard.py"), "default_mesh")})
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
 # fold_in's read of its data (_random._index) is the user's tensor: flagged when it is (a view of) a tensor of the
 # batch given to assert_no_host_sync / no_host_sync(batch=...), by storage address, or a tensor an op in the block
@@ -587,7 +588,9 @@ def _mark(out: Any, derived: WeakTensorKeyDictionary) -> None:
 
 def _flag(what: str, t: torch.Tensor | None) -> None:
     f = _caller()
-    if t is not None and t.device.type == "cpu" and f is not None and f.f_code in _ALLOWED:
+    if t is not None and t.device.type == "cpu" and f is not None and (
+        f.f_code in _ALLOWED or (f.f_code.co_filename, f.f_code.co_name) in _ALLOWED_BY_NAME
+    ):
         if f.f_code is not _INDEX or not _integer(t) or not _of_batch(t):
             return  # (fold_in refuses a float or bool tensor, with its TypeError: no value is read)
         while f.f_back is not None and f.f_code.co_filename == _random.__file__:  # the line calling fold_in
