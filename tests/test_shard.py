@@ -207,6 +207,21 @@ def test_shard_without_a_process_group_says_how_to_launch():
         shard_state(state)
 
 
+def test_shard_state_and_shard_refuse_a_state_or_mesh_of_the_wrong_type():
+    # shard_state(state.params), a tuple of states or mesh="cpu" failed with AttributeErrors from inside ("'dict'
+    # object has no attribute 'params'", "'str' object has no attribute 'ndim'"); fnlit.shard took mesh="cpu" and
+    # failed the same way at its first call. Checked before the process group, so no launch is needed.
+    model, state = make_state()
+    with pytest.raises(TypeError, match="fnlit.shard_state takes a single fnlit.TrainState .* got a dict instead"):
+        shard_state(state.params)
+    with pytest.raises(TypeError, match="got a tuple of TrainState, TrainState instead"):
+        shard_state((state, state))
+    with pytest.raises(TypeError, match="fnlit.shard_state expected mesh to be a 1-d .*DeviceMesh or None, got str 'cpu'"):
+        shard_state(state, mesh="cpu")
+    with pytest.raises(TypeError, match="fnlit.shard expected mesh to be a 1-d .*DeviceMesh or None, got str 'cpu'"):
+        shard(hand_step(model), mesh="cpu")
+
+
 def test_restore_sharded_names_the_mismatching_path(tmp_path):
     _, state = make_state()
     path = save_sharded(tmp_path / "ckpt", state)

@@ -57,6 +57,22 @@ def _require_group(fn: str) -> None:
         raise RuntimeError(_NOT_INITIALISED.format(fn=fn))
 
 
+def _check_mesh(mesh: Any, who: str) -> None:
+    """Raises unless ``mesh`` is None or a 1-d ``DeviceMesh`` (a string or a 2-d mesh failed deep inside)."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(
+            f"{who} expected mesh to be a 1-d torch.distributed.device_mesh.DeviceMesh or None, got "
+            f"{type(mesh).__name__} {mesh!r} instead. Pass init_device_mesh(device, (world_size,)) or leave mesh=None."
+        )
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"{who} expected a 1-d DeviceMesh, got one of shape {tuple(mesh.shape)} instead. "
+            "Pass init_device_mesh(device, (world_size,)) or leave mesh=None."
+        )
+
+
 _DEFAULT_MESH: dict[Any, DeviceMesh] = {}
 
 
@@ -121,6 +137,8 @@ def shard_state(state: TrainState, mesh: DeviceMesh | None = None) -> TrainState
         mesh: a 1-d ``DeviceMesh`` (default: all ranks of the default process group).
 
     Raises:
+        TypeError: for a ``state`` that is not a :class:`fnlit.TrainState` (its params, a tuple of states) or a
+            ``mesh`` that is not a ``DeviceMesh``.
         RuntimeError: without an initialised process group (the message says how to launch).
         ValueError: for a mesh that is not 1-d.
 
@@ -129,15 +147,12 @@ def shard_state(state: TrainState, mesh: DeviceMesh | None = None) -> TrainState
         >>> state = fnlit.shard_state(fnlit.TrainState.create(model, tx, seed=0))  # doctest: +SKIP
         >>> state.params["0.weight"].to_local().shape  # a quarter of the rows  # doctest: +SKIP
     """
+    require_state(state, "fnlit.shard_state")  # (its params or a tuple of states failed with an AttributeError)
+    _check_mesh(mesh, "fnlit.shard_state")
     _require_group("shard_state")
     if is_sharded(state):
         return state
     mesh = default_mesh() if mesh is None else mesh
-    if mesh.ndim != 1:
-        raise ValueError(
-            f"fnlit.shard_state expected a 1-d DeviceMesh, got one of shape {tuple(mesh.shape)} instead. "
-            "Pass init_device_mesh(device, (world_size,)) or leave mesh=None."
-        )
     params = _tree.tree_map(lambda t: _distribute(t, mesh), state.params)
     template = state.tx.init(params)  # which opt-state leaves the optimizer makes in the params' shape
     t_leaves, t_def = _tree.tree_flatten(template)
@@ -363,10 +378,12 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
         mesh: a 1-d ``DeviceMesh`` (default: every rank of the default process group).
 
     Raises:
+        TypeError: for a ``mesh`` that is not a ``DeviceMesh`` (at once), or a state that is not a
+            :class:`fnlit.TrainState`.
         RuntimeError: when called without an initialised process group (it says how to launch).
-        ValueError: when the state is sharded on another mesh, inside fnlit.data_parallel or fnlit.ensemble, or
-            when the loss reads the sharded params directly (it says how to read them whole), or for a sparse
-            gradient (naming its parameter).
+        ValueError: for a mesh that is not 1-d (at once), when the state is sharded on another mesh, inside
+            fnlit.data_parallel or fnlit.ensemble, or when the loss reads the sharded params directly (it says how
+            to read them whole), or for a sparse gradient (naming its parameter).
 
     Example:
         >>> # in a script started by `torchrun --nproc-per-node 4 train.py`:
@@ -376,6 +393,7 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
         >>> state, metrics = step(state, local_batch)  # doctest: +SKIP
     """
     require_step(step, "fnlit.shard")
+    _check_mesh(mesh, "fnlit.shard")
     meshes: list[DeviceMesh] = [] if mesh is None else [mesh]
 
     def shard_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
