@@ -358,7 +358,9 @@ def shard(step: StepFn, mesh: DeviceMesh | None = None) -> StepFn:
     :func:`shard_state`; a state that is not sharded yet is sharded on the first call, so
     ``fnlit.fit(fnlit.shard(step), state, ...)`` works); :func:`fnlit.apply` gathers the parameters for
     the forward, the backward reduce-scatters the gradients (their mean over ranks), and the optimizer
-    updates each rank's shard. The result equals a single process stepping on the global batch.
+    updates each rank's shard. The result equals a single process stepping on the global batch when the ranks'
+    batches are of one size; otherwise each rank's mean loss counts alike (the mean of the ranks' gradients, as
+    with DDP and :func:`fnlit.data_parallel`): an example weighs more on a rank that holds fewer.
     Metrics are averaged across ranks (one small all-reduce), and so are the buffers a step updates
     (BatchNorm's running statistics, which each rank computes on its own part of the batch), so every
     rank keeps the same buffers. Each rank draws its own dropout masks (its key is folded with its
