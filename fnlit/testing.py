@@ -524,6 +524,15 @@ _MASKED_FILL_TENSOR = (_aten.masked_fill.Tensor, _aten.masked_fill_.Tensor)
 _INDEX_FILL_TENSOR = (_aten.index_fill.int_Tensor, _aten.index_fill_.int_Tensor)
 
 
+# ctc_loss with tensor lengths (and CUDA's cuDNN check and kernel): ATen copies the lengths to the host
+_CTC_TENSOR = (_aten._ctc_loss.Tensor, _aten._use_cudnn_ctc_loss.Tensor, _aten._cudnn_ctc_loss.Tensor)
+
+
+def _device_lengths(t: Any, log_probs: torch.Tensor) -> bool:
+    """ctc_loss's lengths ``t`` are on an accelerator, or (a test on the CPU) are the batch's or computed from it."""
+    return isinstance(t, torch.Tensor) and (t.device.type != "cpu" or (log_probs.device.type == "cpu" and _of_batch(t)))
+
+
 def _number_arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
     """An op's ``i``-th argument, called ``name``, defaulting to 0: the dispatcher leaves out defaulted ones."""
     return args[i] if len(args) > i else kwargs.get(name, 0)
@@ -689,9 +698,10 @@ class _DispatchMode(TorchDispatchMode):
         ):
             _flag("torch.histc without a range (min == max: the data's minimum and maximum are read on the host to "
                   "find it); pass min= and max=", None)
-        elif func is _aten._ctc_loss.Tensor and any(_of_batch(t) for t in args[2:4]):
-            _flag("ctc_loss with lengths of the batch or computed from it (ATen copies the lengths to the host: on the "
-                  "device in training, a sync every step); pass them as Python lists or CPU tensors", None)
+        elif func in _CTC_TENSOR and any(_device_lengths(t, args[0]) for t in args[2:4]):
+            _flag("ctc_loss with lengths of the batch or computed from it, or on the device (ATen copies the lengths "
+                  "to the host: on the device in training, a sync every step); pass them as Python lists or CPU "
+                  "tensors", None)
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             _flag("repeat_interleave with tensor repeats and no output_size", None)
         elif func in _MASK_INDEXING and any(_is_mask(i) for i in args[1]):
@@ -732,8 +742,8 @@ class no_host_sync:
     even on the CPU), ops whose output shape depends on tensor values (boolean-mask
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
     ``output_size``), ``torch.histc`` without a range (``min == max``: CUDA reads the data's extremes),
-    ``F.ctc_loss`` with lengths of ``batch`` (or computed from it: ATen copies them to the host), assigning a
-    tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a Python number and the mask the only
+    ``F.ctc_loss`` with lengths of ``batch`` (or computed from it) or on an accelerator (ATen copies them to the
+    host), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a Python number and the mask the only
     tensor index is a ``masked_fill`` and passes; so would a one-element CPU ``t`` for a CUDA ``x``, which a test
     on the CPU cannot tell apart, and flags), ``masked_fill`` and
     ``index_fill`` with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: ATen reads
