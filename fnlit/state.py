@@ -244,8 +244,13 @@ class TrainState:
             raise TypeError(
                 f"TrainState.replace got unknown field(s) {sorted(unknown)}; the fields are {list(_DATA_FIELDS) + ['tx']}."
             )
-        if "tx" in changes or "scaler" in changes:  # (two lookups: the update replaces neither, amp only the scaler)
+        if "tx" in changes or "scaler" in changes:  # (two lookups: the update replaces neither)
             _check_tx_and_scaler(changes)
+        return self._replace_built(changes)
+
+    def _replace_built(self, changes: dict[str, Any]) -> TrainState:
+        """:meth:`replace` without its checks, for fnlit's own update of fields it built (amp's next loss scale, of
+        tensors: checking it cost each float16 step a few microseconds)."""
         new = object.__new__(TrainState)
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)

@@ -106,11 +106,11 @@ def finish_scaled_update(
     def select(n: Any, o: Any) -> Any:
         return torch.where(finite, n, o) if isinstance(n, torch.Tensor) else n
 
-    state = new.replace(
-        params=_tree.tree_map(select, new.params, old.params),
-        opt_state=_tree.tree_map(select, new.opt_state, old.opt_state),
-        scaler=_next_scale(scaler, step_found),
-    )
+    state = new._replace_built({  # (the fields are fnlit's own: no replace checks on the step path)
+        "params": _tree.tree_map(select, new.params, old.params),
+        "opt_state": _tree.tree_map(select, new.opt_state, old.opt_state),
+        "scaler": _next_scale(scaler, step_found),
+    })
     return state, {"grads_finite": (step_found == 0).float(), "loss_scale": scaler.scale}
 
 
