@@ -1334,16 +1334,22 @@ def test_a_growth_interval_past_int32_is_refused_and_the_largest_keeps_the_scale
     model = nn.Linear(3, 1)
     step = fnlit.amp(fnlit.train_step(model, lambda m, b: m(b).float().mean()), dtype=torch.float16)
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-    state = state.replace(scaler=fnlit.transforms.init_loss_scale(2.0**10, growth_interval=2**31 - 1))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2**31)
+    largest = fnlit.transforms.init_loss_scale(2.0**10, growth_interval=2**31 - 1)
+    # two finite steps short of the interval: the scale grows once, at the largest tracker int32 holds, no overflow
+    state = state.replace(scaler=largest._replace(growth_tracker=torch.tensor(2**31 - 3, dtype=torch.int32)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2**31 - 1)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 2**31 - 3})
     p = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.1)
+    scales = []
     for _ in range(3):
         state, _ = step(state, torch.randn(4, 3))
         scaler.scale(p.sum()).backward()
         scaler.step(opt)
         scaler.update()
-    assert float(state.scaler.scale) == scaler.get_scale() == 2.0**10
+        scales.append((float(state.scaler.scale), int(state.scaler.growth_tracker)))
+        assert scales[-1] == (scaler.get_scale(), scaler._get_growth_tracker())
+    assert scales == [(2.0**10, 2**31 - 2), (2.0**11, 0), (2.0**11, 1)]
 
 
 def _gan_step():
