@@ -467,7 +467,7 @@ def test_an_in_dims_off_the_batchs_structure_or_on_a_number_is_refused_by_fnlit_
     off = r"in_dims=\(0, 0\)\) expected in_dims with the batch's structure .*'x': \(2, 16, 8\)"
     with pytest.raises(ValueError, match=off):
         ensemble(step, 2, in_dims=(0, 0))(states, data)
-    with pytest.raises(ValueError, match=r"in_dims=0\) maps the members along dimension 0 of batch\['w'\], a float"):
+    with pytest.raises(ValueError, match=r"in_dims=0\) maps the members along dimension 0 of batch\['w'\], of type float"):
         ensemble(step, 2, in_dims=0)(states, {**data, "w": 0.5})
     _, metrics = ensemble(step, 2, in_dims={"x": 0, "y": 0, "w": None})(states, {**data, "w": 0.5})  # as the fix says
     assert metrics["w"] == 0.5 and metrics["loss"].shape == (2,)
