@@ -392,6 +392,26 @@ def test_compiled_python_number_in_the_batch_is_not_stale(model):
     assert compiled.compiles == 4, "1.0, 3.0, 0.5 and the int 2: one graph each; 3.0 again reuses its graph"
 
 
+def test_dynamic_python_int_in_the_batch_shares_one_graph(model):
+    # dynamic=True: a Python int is a symbol of the graph (one graph for its values, each with eager's result);
+    # a Python `if` on it compiles one graph per side, and a float stays a constant (one graph per value)
+    inner = hand_step(model)
+
+    def step(state, b):
+        x, y, k, scale = b
+        return inner(state, (x * k * (2 if k > 4 else 1) * scale, y))
+
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(step, mode="eager", dynamic=True)
+    x, y = batch(seed=0)
+    for i, (k, scale) in enumerate([(2, 1.0), (3, 1.0), (5, 1.0), (6, 1.0), (3, 1.0), (3, 0.5)]):
+        got, m_got = compiled(state, (x, y, k, scale))
+        want, m_want = step(state, (x, y, k, scale))
+        torch.testing.assert_close(m_got["loss"], m_want["loss"], rtol=1e-5, atol=1e-6)
+        assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+        assert compiled.compiles == [1, 1, 2, 2, 2, 3][i], (k, scale)
+
+
 def test_recompile_limit_raises_a_capture_error_naming_the_fixes(model):
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
     compiled = fnlit_compile(hand_step(model), mode="eager")

@@ -1033,7 +1033,9 @@ def compile(
     different masks (eager, the same: a consistency loss or a recomputed forward must run uncompiled). Changing hyperparameters in
     ``state.opt_state`` or stepping through a learning-rate schedule never recompiles: they are tensors.
     A Python number in the batch is a constant of the graph: each new value compiles a graph (pass a
-    0-d tensor for a value that changes). A batch dict in another key order is another structure.
+    0-d tensor for a value that changes); with ``dynamic=True`` a Python int is a symbol of the graph instead, and
+    its values share one graph (a Python ``if`` on it compiles one per side; a float stays a constant). A batch
+    dict in another key order is another structure.
     As with ``jax.jit``, the Python the step reads is fixed at the first call: the module's structure
     and its submodules' training flags (``model[2] = new_head`` or ``model[1].eval()`` afterwards is not
     seen by the compiled step; compile the changed step anew), closures and globals. A step that changes a
