@@ -131,8 +131,8 @@ def restore(path: str | os.PathLike[str], like: S) -> S:
     The optimizer state's tensors are replaced too, its ``hyperparams`` among them: the learning rate and weight
     decay are the saved ones, not those ``like``'s optimizer was built with (as ``torch.optim``'s
     ``load_state_dict`` brings back each group's ``lr``), except a learning rate schedule's, written in at every
-    update, and the decay of an optimizer built with the Python number ``weight_decay=0``, which reads none. To go on with other values, replace them in the restored ``opt_state``: see
-    :meth:`fnlit.TrainState.replace`.
+    update, and the decay of an optimizer built with the Python number ``weight_decay=0``, which reads none. To go
+    on with other values, replace them in the restored ``opt_state``: see :meth:`fnlit.TrainState.replace`.
 
     Args:
         path: a file written by :func:`save` (or a :class:`Checkpointer`).

@@ -624,8 +624,8 @@ class EnsembleStep(Generic[_Out]):
                 if d is not None:  # (vmap refuses it, naming its wrapper)
                     raise ValueError(
                         f"fnlit.ensemble(step, n={self.n}, in_dims={self.in_dims!r}) maps the members along dimension "
-                        f"{d} of batch{_leaf_path(batch, i)}, of type {type(t).__name__} (not a tensor): torch.func.vmap "
-                        "maps tensors only. Give that leaf None in in_dims (every member shares it), e.g. "
+                        f"{d} of batch{_leaf_path(batch, i)}, of type {type(t).__name__} (not a tensor): "
+                        "torch.func.vmap maps tensors only. Give that leaf None in in_dims (every member shares it), e.g. "
                         "{'x': 0, 'w': None}, or make it a tensor stacked over the members."
                     )
                 continue

@@ -217,9 +217,9 @@ class TrainState:
         the old optimizer put in ``opt_state.hyperparams``: they are read from there, not from the new optimizer's
         arguments (as ``torch.optim``'s ``load_state_dict`` brings back each group's ``lr``), except a learning
         rate schedule's, written in at every update, and the decay of an optimizer built with the Python number
-        ``weight_decay=0``, which reads none (the saved value stays in ``opt_state`` unused). Its betas, momentum and eps are the new optimizer's. To use
-        the new numbers, replace them in ``opt_state`` too (shown below; under :func:`fnlit.optim.chain`,
-        ``opt_state`` is a tuple holding one state per transformation).
+        ``weight_decay=0``, which reads none (the saved value stays in ``opt_state`` unused). Its betas, momentum
+        and eps are the new optimizer's. To use the new numbers, replace them in ``opt_state`` too (shown below;
+        under :func:`fnlit.optim.chain`, ``opt_state`` is a tuple holding one state per transformation).
 
         Raises:
             TypeError: on a name that is not a field, a ``tx`` that is not an fnlit.optim GradientTransformation
@@ -387,7 +387,7 @@ def _check_tx_and_scaler(changes: dict[str, Any]) -> None:
         )
     if scaler is not None:
         bad = next((name for name, v in zip(scaler._fields, scaler) if not isinstance(v, torch.Tensor)), None)
-        if bad is not None:  # (a float scale failed in the next step, an int field in fnlit.restore, as a missing scaler)
+        if bad is not None:  # (a float scale failed in the next step, an int one in fnlit.restore, as a missing scaler)
             value = getattr(scaler, bad)
             dtype = "int32" if bad in ("growth_tracker", "growth_interval") else "float32"
             raise TypeError(_SCALER_FIELD.format(name=bad, value=value, kind=type(value).__name__, dtype=dtype))

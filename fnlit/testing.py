@@ -743,9 +743,9 @@ class no_host_sync:
     indexing ``x[mask]``, ``nonzero``, ``masked_select``, ``unique``, ``repeat_interleave`` without
     ``output_size``), ``torch.histc`` without a range (``min == max``: CUDA reads the data's extremes),
     ``F.ctc_loss`` with lengths of ``batch`` (or computed from it) or on an accelerator (ATen copies them to the
-    host), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a Python number and the mask the only
-    tensor index is a ``masked_fill`` and passes; so would a one-element CPU ``t`` for a CUDA ``x``, which a test
-    on the CPU cannot tell apart, and flags), ``masked_fill`` and
+    host), assigning a tensor through a boolean mask (``x[mask] = t``; ``x[mask] = 0.0`` with a Python number and
+    the mask the only tensor index is a ``masked_fill`` and passes; so would a one-element CPU ``t`` for a CUDA
+    ``x``, which a test on the CPU cannot tell apart, and flags), ``masked_fill`` and
     ``index_fill`` with a tensor value on the tensor's own device (``x.masked_fill(mask, x.max())``: ATen reads
     the value with ``.item()``; in a test on the CPU, ``torch.tensor(-inf)`` is on it too), and
     ``torch.linspace``/``torch.logspace`` with a tensor endpoint (also read with ``.item()``; passes for CPU endpoints

@@ -73,7 +73,8 @@ def init_loss_scale(
     if growth_interval > _INT32_MAX:  # (torch.tensor's own error, "cannot be converted to type int32", said neither)
         raise ValueError(
             f"init_loss_scale expected growth_interval <= 2**31 - 1 (it is held as an int32 tensor, as GradScaler's "
-            f"growth tracker is), got {growth_interval} instead. For a scale that (in practice) never grows, pass 2**31 - 1."
+            f"growth tracker is), got {growth_interval} instead. For a scale that (in practice) never grows, pass "
+            "2**31 - 1."
         )
 
     def f(v: float) -> torch.Tensor:
