@@ -429,9 +429,11 @@ class HostSyncError(AssertionError):
     """
 
 
-# fnlit's own reads of host memory, by design (see the module docstring): allowed on CPU tensors only.
+# fnlit's own reads of host memory, by design (see the module docstring): allowed on CPU tensors only. By file and
+# function name, so that a module `import fnlit` leaves unloaded is not loaded to name its function: fnlit.shard's
+# first call builds the mesh (default_mesh), and torch's DeviceMesh reads its CPU mesh tensor.
 _ALLOWED = frozenset(
-    f.__code__
+    (f.__code__.co_filename, f.__code__.co_name)
     for f in (
         _random._seed_eager,
         _random.split,
@@ -446,10 +448,7 @@ _ALLOWED = frozenset(
         _fold_keys,
         _names_agree,  # data_parallel's metric-names check: a CPU collective's result
     )
-)
-# fnlit.shard's first call builds the mesh (default_mesh): torch's DeviceMesh reads its CPU mesh tensor. By file and
-# name, as importing fnlit.transforms.shard here would load the sharding modules that `import fnlit` leaves unloaded.
-_ALLOWED_BY_NAME = frozenset({(os.path.join(os.path.dirname(__file__), "transforms", "shard.py"), "default_mesh")})
+) | {(os.path.join(os.path.dirname(__file__), "transforms", "shard.py"), "default_mesh")}
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, __file__)
 # fold_in's read of its data (_random._index) is the user's tensor: flagged when it is (a view of) a tensor of the
 # batch given to assert_no_host_sync / no_host_sync(batch=...), by storage address, or a tensor an op in the block
@@ -598,7 +597,7 @@ def _mark(out: Any, derived: WeakTensorKeyDictionary) -> None:
 def _flag(what: str, t: torch.Tensor | None) -> None:
     f = _caller()
     if t is not None and t.device.type == "cpu" and f is not None and (
-        f.f_code in _ALLOWED or (f.f_code.co_filename, f.f_code.co_name) in _ALLOWED_BY_NAME
+        (f.f_code.co_filename, f.f_code.co_name) in _ALLOWED
     ):
         if f.f_code is not _INDEX or not _integer(t) or not _of_batch(t):
             return  # (fold_in refuses a float or bool tensor, with its TypeError: no value is read)
