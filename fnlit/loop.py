@@ -404,7 +404,7 @@ def evaluate(eval_step: EvalStepFn, state: TrainState, data: Iterable[Batch], li
     """
     # per-member batches (fnlit.ensemble(..., in_dims=0)) count examples past their member dimension, also through a
     # wrapper around the ensemble (torch.compile(fnlit.ensemble(...)), a functools.wraps function: its __wrapped__)
-    ensembled = next((s for s in wrapped_steps(eval_step) if isinstance(s, EnsembleStep)), None)
+    ensembled = _ensemble_step(eval_step)
     if ensembled is not None and _dist.world_size() > 1:  # the ranks add "<name>/<member>" sums: the same members
         found = first_difference(state)
         if found is not None:
@@ -545,6 +545,11 @@ _ENSEMBLE_APART = (
     "would be mixed with another's. Evaluate each rank's own members in a process without a process group (or in "
     "a loop of one's own), or give every rank the same ensemble state."
 )
+
+
+def _ensemble_step(step: Any) -> EnsembleStep | None:
+    """The :class:`EnsembleStep` among ``step``'s wrappers (``torch.compile(fnlit.ensemble(...))`` too), or None."""
+    return next((s for s in wrapped_steps(step) if isinstance(s, EnsembleStep)), None)
 
 
 _NOT_ENSEMBLED = (
@@ -1099,7 +1104,7 @@ def fit(
         8
     """
     require_state(state, "fnlit.fit")
-    if _dist.world_size() > 1 and any(isinstance(s, EnsembleStep) for s in wrapped_steps(step)):  # (every rank, at once)
+    if _dist.world_size() > 1 and _ensemble_step(step) is not None:  # (every rank, at once)
         raise ValueError(_ENSEMBLE_DISTRIBUTED.format(w=_dist.world_size()))
     if isinstance(step, torch.nn.Module):
         raise TypeError(
@@ -1415,8 +1420,7 @@ def fit(
             # iterator (the batch looked at would be lost to a later fit of it).
             look_ahead = n_batches is None and not distributed and not isinstance(train_data, Iterator)
             # a stacked state given to a step that is not an ensemble's: its error gets a note saying to wrap it
-            ensembled = any(isinstance(s, EnsembleStep) for s in wrapped_steps(step))
-            unensembled = None if ensembled else ensemble_members(state)
+            unensembled = ensemble_members(state) if _ensemble_step(step) is None else None
             while (plan.max_epochs < 0 or epoch < plan.max_epochs) and steps < max_steps and not halt:
                 val_every = (plan.val_check_batch or -1) if plan.validates_in(epoch) else 0  # -1: at the epoch's end
                 count_across = plan.val_every_n_epoch is None
