@@ -53,6 +53,20 @@ LAZY = (
 )
 
 
+def _walk(
+    m: nn.Module, prefix: str, every: list[tuple[str, nn.Module]], firsts: list[tuple[str, nn.Module]], memo: set[int]
+) -> None:
+    """Appends ``m``'s submodules (``m`` first, depth first) to ``every`` as ``m.named_modules(remove_duplicate=False)``
+    yields them, and to ``firsts`` as ``m.named_modules()`` does (each module once, under its first name)."""
+    every.append((prefix, m))
+    if id(m) not in memo:  # (a module met again has its submodules met again too: none is new)
+        memo.add(id(m))
+        firsts.append((prefix, m))
+    for name, child in m._modules.items():
+        if child is not None:
+            _walk(child, f"{prefix}.{name}" if prefix else name, every, firsts, memo)
+
+
 class _Slots:
     """Where each named tensor of a module lives: (owning dict, attribute) for every alias.
 
@@ -60,7 +74,14 @@ class _Slots:
     its per-call bookkeeping (~50 us on a small MLP; this costs ~1 us). Built once per module.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, traced: bool = False) -> None:
+        # Every (name, submodule) as named_modules(remove_duplicate=False) yields them (a shared submodule under
+        # each name), and the first occurrences only, as named_modules() does: one walk, not one per field (a
+        # traced step builds its slots in the trace, where dynamo inlines each walk's generators: ~0.8 s of a
+        # small MLP's ~2.7 s capture went to seven walks).
+        every: list[tuple[str, nn.Module]] = []
+        firsts: list[tuple[str, nn.Module]] = []
+        _walk(module, "", every, firsts, set())
         self.where: dict[str, list[tuple[dict[str, Any], str]]] = {}
         buffers: set[str] = set()
         seen: dict[int, str] = {}
@@ -68,7 +89,7 @@ class _Slots:
         # them all; named_parameters, and so TrainState, the first).
         self.aliases: dict[str, str] = {}
         for kind in ("_parameters", "_buffers"):
-            for owner_name, owner in module.named_modules(remove_duplicate=False):
+            for owner_name, owner in every:
                 for attr, t in getattr(owner, kind).items():
                     if t is None:
                         continue
@@ -82,8 +103,6 @@ class _Slots:
                     if kind == "_buffers" and canonical == name:
                         buffers.add(name)
         self.names = frozenset(self.where)
-        # every slot, as (id of the owning dict, attribute): what a backward holding the module holds (_Backward)
-        self.keys = frozenset((id(d), attr) for slots in self.where.values() for d, attr in slots)
         # Every slot in one order, as three parallel tuples: a swap is then a C-level map over them (see _swap_in),
         # not a Python loop (0.10 us a tensor in and out instead of 0.15).
         flat = [(d, attr, name) for name, slots in self.where.items() for d, attr in slots]
@@ -91,23 +110,12 @@ class _Slots:
         self.buffers = frozenset(buffers)  # registered buffers (state.buffers also holds frozen parameters)
         # Attributes a forward sets from the tensors swapped in (see _derived): put back as they were after it,
         # so the module holds none of the given tensors (nor their graph) afterwards.
-        self.derived = tuple((m.__dict__, a) for m in module.modules() for a in _derived(m))
-        # Every parent -> child link of the module tree: a submodule replaced since (a new head for
-        # fine-tuning) means the dicts above are not the module's any more (see current()).
-        self.links = [(m._modules, k, c) for m in module.modules() for k, c in m._modules.items()]
-        # How many tensors (and submodules) each module holds, and its None slots (register_buffer("ema", None),
-        # filled by a forward): a tensor or a submodule added since means these slots miss it (see current()).
-        self.owned = [d for m in module.modules() for d in (m._parameters, m._buffers, m._modules)]
-        self.counts = list(map(len, self.owned))
-        self.nones = [(d, k) for d in self.owned for k, v in d.items() if v is None]
+        self.derived = tuple((m.__dict__, a) for _, m in firsts for a in _derived(m))
         # Buffers a training forward updates in place: copied first, so the caller's never change.
         # Normalisation statistics and spectral norm's power-iteration vectors; any other buffer a forward
         # is seen updating is added on the way (apply's version check).
         self.copied = frozenset(
-            f"{n}.{a}" if n else a
-            for n, m in module.named_modules()
-            for a in _updated_in_place(m)
-            if getattr(m, a, None) is not None
+            f"{n}.{a}" if n else a for n, m in firsts for a in _updated_in_place(m) if getattr(m, a, None) is not None
         )
         self.probed = False  # whether a training forward has run on copies of the buffers (see apply)
         self.eval_copied: frozenset[str] = frozenset()  # the same for eval-mode forwards (a quantization observer)
@@ -115,13 +123,26 @@ class _Slots:
         # norm layer of one's own); updated at every such forward.
         self.silent: frozenset[str] = frozenset()
         self.eval_probed = False
+        if traced:  # built afresh in each trace (see apply): what follows serves eager calls only
+            return
+        # every slot, as (id of the owning dict, attribute): what a backward holding the module holds (_Backward)
+        self.keys = frozenset((id(d), attr) for slots in self.where.values() for d, attr in slots)
+        modules = [m for _, m in firsts]
+        # Every parent -> child link of the module tree: a submodule replaced since (a new head for
+        # fine-tuning) means the dicts above are not the module's any more (see current()).
+        self.links = [(m._modules, k, c) for m in modules for k, c in m._modules.items()]
+        # How many tensors (and submodules) each module holds, and its None slots (register_buffer("ema", None),
+        # filled by a forward): a tensor or a submodule added since means these slots miss it (see current()).
+        self.owned = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]
+        self.counts = list(map(len, self.owned))
+        self.nones = [(d, k) for d in self.owned for k, v in d.items() if v is None]
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
-        self.renormed = [n for n, m in module.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        self.renormed = [n for n, m in firsts if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
         # Embeddings whose weight gets a sparse gradient, which torch.compile and torch.func.vmap cannot take (see
         # _note_sparse): their names, for the error
         self.sparse = [
             self.aliases.get(f"{n}.weight" if n else "weight", f"{n}.weight" if n else "weight")
-            for n, m in module.named_modules()
+            for n, m in firsts
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
         ]
 
@@ -403,8 +424,13 @@ def _seed_device(tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict) ->
 
 def _has_dtensor(params: Params) -> bool:
     """Whether any parameter is a DTensor (fnlit.shard), without importing DTensor when nothing uses it."""
+    if torch.compiler.is_compiling() and all(type(p) in _PLAIN_TENSORS for p in params.values()):
+        return False  # (sys.modules, which _dtensor_class reads, is a dict of every module: dynamo takes ~0.2-0.6 s over it)
     dtensor = _dtensor_class()
     return dtensor is not None and any(isinstance(p, dtensor) for p in params.values())
+
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def _traced() -> bool:
@@ -499,7 +525,7 @@ def apply(
         if not torch.is_autocast_enabled(frame.amp_device):
             with torch.autocast(frame.amp_device, dtype=frame.amp_dtype):
                 return apply(module, params, buffers, *args, rng=rng, train=train, mutable=mutable, **kwargs)
-    slots = _Slots(module) if compiling else _slots(module)
+    slots = _Slots(module, traced=True) if compiling else _slots(module)
     try:
         params, buffers = _check_names(module, slots, params, buffers)
     except (AttributeError, TypeError, RuntimeError):
@@ -519,7 +545,7 @@ def apply(
         slots = _slots(module, rebuild=True)  # tensors tied, untied or registered since the slots were built
         params, buffers = _check_names(module, slots, params, buffers)
     traced = compiling or torch._C._functorch.maybe_current_level() is not None
-    if slots.sparse and not compiling:
+    if not compiling and slots.sparse:
         _note_sparse(slots.sparse, params)
     if _has_dtensor(params):
         from .transforms.shard import gather_params

@@ -253,6 +253,21 @@ def test_tied_weights_share_one_parameter():
     torch.testing.assert_close(out, w[idx] @ w.T)
 
 
+def test_slots_walk_the_module_tree_as_named_modules_does():
+    # apply finds every tensor's slots in one walk (a traced step builds them in the trace, where each
+    # named_modules walk cost dynamo ~0.1 s): the walk must give named_modules' names, order and duplicates
+    from fnlit.functional import _walk
+
+    shared = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    inner = nn.ModuleDict({"a": shared, "b": nn.Linear(2, 2), "none": None})
+    root = nn.Sequential(shared, inner, nn.ModuleList([shared, nn.Sequential(inner)]), nn.Identity())
+    every, firsts = [], []
+    _walk(root, "", every, firsts, set())
+    assert [(n, id(m)) for n, m in every] == [(n, id(m)) for n, m in root.named_modules(remove_duplicate=False)]
+    assert [(n, id(m)) for n, m in firsts] == [(n, id(m)) for n, m in root.named_modules()]
+    assert len(every) > len(firsts)  # (the tree does share modules)
+
+
 def test_apply_follows_a_module_changed_after_a_call():
     # fnlit.apply caches where each tensor lives; a new head (fine-tuning), a new tie or a new buffer
     # after a first call must not leave it swapping tensors into dicts the module no longer uses.
