@@ -121,6 +121,46 @@ def test_compiled_step_takes_gradients_keyed_in_another_order_as_eager_does():
     assert_trees_close(got.params, want, rtol=1e-6, atol=1e-7)
 
 
+class _Pair:
+    """A node registered with torch's pytree only (a user's class): rebuilt by its own unflatten function."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+torch.utils._pytree.register_pytree_node(_Pair, lambda p: ([p.a, p.b], "ctx"), lambda kids, ctx: _Pair(*kids))
+
+
+def test_the_traced_unflatten_rebuilds_every_tree_as_torchs_pytree_does():
+    # fnlit.compile rebuilds (state, batch) in the trace by straight-line code made from the structure (dynamo
+    # walked torch's generic unflatten node by node): it must give torch's own tree_unflatten's result
+    from fnlit.transforms.compile import _unflattener
+
+    torch_pytree = torch.utils._pytree
+    point = collections.namedtuple("point", "x y")
+    state = fnlit.TrainState.create(torch.nn.Linear(2, 2), fnlit.optim.adamw(0.1), seed=0)
+    batches = [
+        (torch.ones(2), torch.zeros(2)),
+        {"b": [1, None, (2.0,)], 3: point(torch.ones(1), "s"), (1, 2): {}},
+        collections.OrderedDict(y=torch.ones(1), x=2),
+        collections.defaultdict(list, {"q": [torch.ones(1)]}),
+        _Pair(torch.ones(1), [2, 3]),
+        None,
+        [],
+    ]
+    for b in batches:
+        leaves, spec = torch_pytree.tree_flatten((state, b))
+        got = _unflattener(spec)(tuple(leaves))
+        want = torch_pytree.tree_unflatten(leaves, spec)
+        assert torch_pytree.tree_structure(got) == spec
+        assert all(x is y for x, y in zip(torch_pytree.tree_leaves(got), leaves))
+        assert type(got[1]) is type(want[1]) and type(got[0].opt_state) is type(want[0].opt_state)
+        if isinstance(b, dict):
+            assert list(got[1]) == list(b)  # (torch's pytree keeps a dict's order)
+        if isinstance(b, collections.defaultdict):
+            assert got[1].default_factory is list
+
+
 def test_compiled_adamw_with_a_mask_its_init_never_resolved():
     # state.replace(tx=adamw(..., mask=decay_mask)) keeping the old opt_state: the mask was first resolved in the
     # traced step, where decay_mask failed with dynamo's "length mismatch" (flattening its dict of bools). It is
