@@ -66,10 +66,13 @@ def tree_leaves(tree: PyTree) -> list[Any]:
         >>> tree_leaves({"b": 2, "a": (1, None)})  # None is an empty subtree, not a leaf
         [1, 2]
     """
-    if type(tree) is dict and not torch.compiler.is_compiling():  # dynamo traces optree, not the cache
-        fast = _flat_dict(tree)
-        if fast is not None:
-            return fast[0]
+    if type(tree) is dict:
+        if not torch.compiler.is_compiling():  # dynamo traces optree, not the cache
+            fast = _flat_dict(tree)
+            if fast is not None:
+                return fast[0]
+        elif (keys := _same_flat_dicts(tree)) is not None:  # (dynamo runs optree's flatten node by node)
+            return [tree[k] for k in keys]
     return optree.tree_leaves(tree)
 
 
@@ -115,6 +118,27 @@ def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
         if fast is not None:
             return fast
     return optree.tree_flatten(tree)
+
+
+def _same_flat_dicts(*trees: PyTree) -> list[str] | None:
+    """The keys in the leaf order of :func:`tree_flatten` (sorted) when every tree is a dict of tensors under the
+    same string keys (params, gradients and moments, as TrainState holds them); else None.
+
+    For traced code (torch.compile): dynamo runs optree's flatten as Python, node by node, and compares
+    structures the same way (~0.1-0.2 s of a small MLP's ~2 s capture for each flatten). On these trees the
+    structures agree by construction, and ``[tree[k] for k in keys]`` are the leaves :func:`tree_flatten` gives.
+
+    Example:
+        >>> _same_flat_dicts({"w": torch.ones(1), "b": torch.ones(1)}, {"b": torch.ones(1), "w": torch.ones(1)})
+        ['b', 'w']
+    """
+    first = trees[0]
+    if type(first) is not dict or not all(type(k) is str for k in first):
+        return None
+    for tree in trees:
+        if type(tree) is not dict or tree.keys() != first.keys() or not all(isinstance(v, torch.Tensor) for v in tree.values()):
+            return None
+    return sorted(first)
 
 
 def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
+from ..tree import _same_flat_dicts, is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
     _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, grad_in_dtype,
     keys_in_order, own, own_scaled, raise_device_mismatch, raise_shape_mismatch, raise_wrong_state, resolve_mask,
@@ -190,21 +190,35 @@ def _optimizer(
         if not isinstance(state, state_cls):  # (another optimizer's: sgd read an AdamState's learning rate)
             raise_wrong_state(name, state_cls, state)
         ref = getattr(state, buffers[0]) if buffers else params
-        if torch.compiler.is_compiling():  # gradients keyed in another order than the state, taken as eagerly
-            grads = keys_in_order(grads, ref)
-        p, treedef = tree_flatten(params)
-        g, g_def = tree_flatten(grads)
-        bufs = [tree_flatten(getattr(state, f)) for f in buffers]
-        ref_def = bufs[0][1] if bufs else treedef
-        if g_def != ref_def:
-            if type(ref) is tuple and not ref and g:  # () where the buffers were: made without them (sgd, momentum 0)
-                raise_wrong_state(name, state_cls, state, f"one without state.{buffers[0]} (made by {name} without momentum)")
-            _raise_mismatch(name, ref, grads)
-        if treedef != ref_def:
-            _raise_mismatch(name, ref, params, what="params")
-        for f, (_, b_def) in zip(buffers[1:], bufs[1:]):  # (one loop below walks them all beside the params)
-            if b_def != ref_def:
-                _raise_mismatch(name, params, getattr(state, f), what=f"state.{f}")
+        keys = _same_flat_dicts(params, grads, *[getattr(state, f) for f in buffers]) if torch.compiler.is_compiling() else None
+        if keys is not None:  # traced, the usual trees (see _same_flat_dicts): their leaves by key, no treedefs
+            p, g = [params[k] for k in keys], [grads[k] for k in keys]
+            bufs = [([b[k] for k in keys], None) for b in (getattr(state, f) for f in buffers)]
+
+            def rebuild(leaves: list[Any]) -> dict[str, Any]:
+                by_key = dict(zip(keys, leaves))
+                return {k: by_key[k] for k in params}  # in the params' order, as tree_unflatten gives them
+
+        else:
+            if torch.compiler.is_compiling():  # gradients keyed in another order than the state, taken as eagerly
+                grads = keys_in_order(grads, ref)
+            p, treedef = tree_flatten(params)
+            g, g_def = tree_flatten(grads)
+            bufs = [tree_flatten(getattr(state, f)) for f in buffers]
+            ref_def = bufs[0][1] if bufs else treedef
+            if g_def != ref_def:
+                if type(ref) is tuple and not ref and g:  # () where the buffers were: made without them (sgd, momentum 0)
+                    raise_wrong_state(name, state_cls, state, f"one without state.{buffers[0]} (made by {name} without momentum)")
+                _raise_mismatch(name, ref, grads)
+            if treedef != ref_def:
+                _raise_mismatch(name, ref, params, what="params")
+            for f, (_, b_def) in zip(buffers[1:], bufs[1:]):  # (one loop below walks them all beside the params)
+                if b_def != ref_def:
+                    _raise_mismatch(name, params, getattr(state, f), what=f"state.{f}")
+
+            def rebuild(leaves: list[Any]) -> PyTree:
+                return tree_unflatten(treedef, leaves)
+
         # The fused kernels do not check: a smaller gradient (or moment: params replaced since init) would be read
         # past its end, one on another device skipped. One pass over the leaves, the moments beside their param.
         for i, (x, q, *moments) in enumerate(zip(g, p, *[b[0] for b in bufs])):
@@ -251,8 +265,8 @@ def _optimizer(
             ))
         else:
             new_p, new_bufs = impl(g, p, [b[0] for b in bufs], count, lr, wd, params) if p else ([], [[] for _ in bufs])
-        fields = {f: tree_unflatten(treedef, b) for f, b in zip(buffers, new_bufs)}
-        return tree_unflatten(treedef, new_p), state._replace(count=count, hyperparams=hyper, **fields)
+        fields = {f: rebuild(b) for f, b in zip(buffers, new_bufs)}
+        return rebuild(new_p), state._replace(count=count, hyperparams=hyper, **fields)
 
     def update(grads: PyTree, state: Any, params: PyTree = None) -> tuple[PyTree, Any]:
         if params is None:

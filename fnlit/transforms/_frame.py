@@ -11,6 +11,7 @@ loss-scale update -- so the nesting order of the transforms cannot change the re
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -414,7 +415,18 @@ class Frame:
     def apply_gradients(self, state: TrainState, grads: Any, changes: dict[str, Any]) -> TrainState:
         if self.amp_refusal is not None:
             raise ValueError(self.amp_refusal)
-        leaves, treedef = _tree.tree_flatten(state.check_grads(grads))
+        grads = state.check_grads(grads)
+        keys = _tree._same_flat_dicts(grads) if torch.compiler.is_compiling() else None
+        if keys is not None:  # (dynamo runs optree's flatten and unflatten node by node)
+            leaves = [grads[k] for k in keys]
+
+            def unflatten(leaves: list[torch.Tensor], order: Any = grads) -> Any:
+                by_key = dict(zip(keys, leaves))
+                return {k: by_key[k] for k in order}  # in the gradients' order, as tree_unflatten gives them
+
+        else:
+            leaves, treedef = _tree.tree_flatten(grads)
+            unflatten = functools.partial(_tree.tree_unflatten, treedef)
         if self.accum_k == 1 and self.dp_group is not None and leaves:
             _refuse_per_example(self, state, grads, leaves)
         if self.accum_k > 1:
@@ -503,7 +515,7 @@ class Frame:
             from .amp import finish_scaled_update
 
             with donated_update(False):  # overflowed steps keep the old params: they must stay intact
-                new = state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
+                new = state.apply_update(unflatten(leaves), **changes)
             # Each update is kept or skipped on its own gradients (a GAN's two updates: GradScaler's scaler.step per
             # optimizer); the scale moves once, on an overflow in any of them, from the step's incoming scale.
             found = self.found_inf
@@ -511,7 +523,7 @@ class Frame:
             new, self.extra = finish_scaled_update(state, new, self.scaler, found, step_found)
             self.step_found, self.found_inf = step_found, torch.zeros_like(found)
             return new
-        return state.apply_update(_tree.tree_unflatten(treedef, leaves), **changes)
+        return state.apply_update(unflatten(leaves), **changes)
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Called once by the outermost transform: average metrics across ranks, add the frame's own."""
