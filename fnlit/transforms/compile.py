@@ -27,6 +27,7 @@ NotImplementedError (see :func:`compile`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import linecache
@@ -645,7 +646,7 @@ def _unflattener(spec: Any) -> Callable[[tuple[Any, ...]], Any]:
         if kind is dict:
             keys = const(list(node.context))
             return "{" + ", ".join(f"{keys}[{i}]: {k}" for i, k in enumerate(kids)) + "}"
-        if kind is torch_pytree.namedtuple:  # torch's pytree marks every named tuple so; the class is the context
+        if kind is collections.namedtuple:  # torch's pytree marks every named tuple so; the class is the context
             return f"{const(node.context)}(" + ", ".join(kids) + ")"
         unflatten = const(torch_pytree.SUPPORTED_NODES[kind].unflatten_fn)
         return f"{unflatten}([" + ", ".join(kids) + f"], {const(node.context)})"
