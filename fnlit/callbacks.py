@@ -462,8 +462,8 @@ class SWA(Callback):
     also switches the learning rate to ``swa_lrs``; in fnlit the rate is part of the optimizer: build it
     with a schedule that changes at the SWA start (``fnlit.optim.join``). With BatchNorm, recompute the
     statistics for the averaged params with :func:`update_bn` (under torch.distributed, on every rank with its own
-    shard of the data: every rank gets the statistics of all of it). The average and its count are in fit's
-    checkpoints (the callback's ``state_dict``), so a resumed run continues the same average.
+    shard of the data: every rank gets the statistics of all of it). The average, its count and :attr:`start` are in
+    fit's checkpoints (the callback's ``state_dict``), so a resumed run continues the same average.
 
     Args:
         swa_epoch_start: the first averaged epoch, counted as Lightning counts it: an int >= 1 is a 1-based epoch
@@ -472,7 +472,8 @@ class SWA(Callback):
             0-based epoch ``max(int(fraction * max_epochs) - 1, 0)`` (0.8 of 4 epochs averages 0-based epochs 2 and 3,
             as ``3`` does; 1.0 the last). :attr:`start` is the 0-based first averaged epoch (for a fraction, set at
             the first fit's start from its ``max_epochs``, as Lightning: a later fit, such as a resume with a larger
-            ``max_epochs``, keeps it).
+            ``max_epochs``, keeps it; it is in fit's checkpoints, so a resume in a new process with new callbacks
+            keeps it too).
 
     A ``fit(fast_dev_run=...)`` smoke run (one epoch) averages as a real run does, and its end puts back the
     average, its count and :attr:`start` as they were: the same callback then serves the real run (as EarlyStopping).
@@ -544,11 +545,14 @@ class SWA(Callback):
         return self._generate_state_key(swa_epoch_start=self.swa_epoch_start)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_averaged": self.n_averaged, "params": self.params}  # the average itself, as EMA's
+        # the average itself, as EMA's; and the start, which a fraction took from the first fit's max_epochs
+        return {"n_averaged": self.n_averaged, "params": self.params, "start": self.start}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self._kept is not None:  # a smoke run that failed before its end: its start back, the loaded average kept
             self.start, self._kept = self._kept[0], None
+        if state.get("start") is not None:  # a fraction's, fixed by the saved run's first fit: not this fit's max_epochs
+            self.start = int(state["start"])
         self.n_averaged = int(state.get("n_averaged", 0))
         self.params = _copies(state.get("params"))  # placed on the state's devices by on_fit_start
         if self.n_averaged and self.params is None:  # a checkpoint of fnlit 0.1.0 kept the count only

@@ -384,6 +384,28 @@ def test_a_fractional_swa_start_is_fixed_by_the_first_fit_as_lightning(tmp_path)
     assert all(torch.equal(swa.params[k], reference.params[k]) for k in reference.params)
 
 
+def test_a_fractional_swa_start_is_kept_by_a_resume_with_new_callbacks(tmp_path):
+    # A resume in a new process makes a new SWA: the checkpoint holds the start the first fit took from its max_epochs,
+    # so a resume with a larger max_epochs averages on from it, as the same callback does. It took the start again from
+    # the resumed fit's max_epochs (0.75 of 8: 0-based 5), so the average held epochs 2, 3, then 5 to 7: 4 was skipped.
+    def first_state():
+        torch.manual_seed(0)
+        return fnlit.TrainState.create(torch.nn.Linear(2, 1), fnlit.optim.sgd(0.1), seed=0)
+
+    def run(swa, epochs, **kw):
+        fit(ones_step, first_state(), ArrayLoader(torch.arange(2.0), batch_size=1, shuffle=False), max_epochs=epochs,
+            callbacks=[swa], checkpoint=fnlit.checkpoint.Checkpointer(tmp_path), progress=False, **kw)  # fmt: skip
+
+    run(SWA(swa_epoch_start=0.75), 4)  # int(0.75 * 4) = 3, 1-based: 0-based epochs 2 and 3
+    swa = SWA(swa_epoch_start=0.75)
+    run(swa, 8, ckpt_path="last")
+    # ones_step moves each param by -0.1 a step, two steps an epoch: 0-based epoch e ends at init - 0.2 * (e + 1)
+    init = first_state().params
+    assert swa.start == 2 and swa.n_averaged == 6
+    for k, v in init.items():  # the mean of epochs 2 to 7's ends
+        torch.testing.assert_close(swa.params[k], v - 0.2 * torch.tensor([3.0, 4, 5, 6, 7, 8]).mean())
+
+
 def ones_step(state, batch):  # a gradient of ones: the params move by -lr every step
     return state.apply_gradients({k: torch.ones_like(v) for k, v in state.params.items()}), {"loss": batch.float().mean()}
 
