@@ -28,7 +28,7 @@ import time
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -776,10 +776,30 @@ def common_step(state: Any) -> int | None:
     return int(flat[0]) if bool((flat == flat[0]).all()) else None
 
 
+def check_fields(state: Any, who: str = "fnlit.save") -> None:
+    """Raises a TypeError naming the field if ``state`` is a TrainState whose ``params`` or ``buffers`` is not a dict
+    (a list of tensors, None): a checkpoint records their names, which :func:`fnlit.load_module` loads by."""
+    from .state import TrainState
+    from .transforms.donate import check_not_donated
+
+    if not isinstance(state, TrainState):
+        return
+    check_not_donated(state)  # the donation error, not "got Donated" (a donated state's fields are markers)
+    for name in ("params", "buffers"):
+        value = getattr(state, name)
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"{who} expected state.{name} to be a dict name -> tensor (as TrainState.create makes it), got "
+                f"{type(value).__name__} instead. Keep the module's names as its keys "
+                f"(state.replace({name}=dict(zip(names, values))); {{}} for none)."
+            )
+
+
 def check_paths(state: Any, position: Position | None) -> None:
-    """:func:`check_unique_paths` of the paths :func:`write_state` keys a file's tensors by (the state's leaves', the
-    position's tensors' references). Its callers run it on every rank before rank 0 alone writes: a ValueError on
-    rank 0 alone would leave the others waiting in their next collective."""
+    """:func:`check_fields` of ``state``, and :func:`check_unique_paths` of the paths :func:`write_state` keys a file's
+    tensors by (the state's leaves', the position's tensors' references). Its callers run it on every rank before rank
+    0 alone writes: an error on rank 0 alone would leave the others waiting in their next collective."""
+    check_fields(state)
     extra: dict[str, torch.Tensor] = {}
     _pull_tensors(position, extra)
     check_unique_paths(_tree.tree_flatten_with_path(state)[0] + list(extra))
@@ -796,14 +816,16 @@ def write_state(path: Path, state: Any, position: Position | None, metrics: dict
     state, position = full_tensors(state), full_tensors(position)
     extra: dict[str, torch.Tensor] = {}
     position = _pull_tensors(position, extra)
+    # (another pytree with such fields, a NamedTuple's list of params, is stored as any pytree: no names to load by)
+    named = isinstance(getattr(state, "params", None), Mapping) and isinstance(getattr(state, "buffers", None), Mapping)
     header = {
         "saved_at_ns": time.time_ns(),
         "step": common_step(state),
         "position": json_checked("position", position),
         "metrics": json_checked("metrics", metrics),
         "meta": meta,
-        "params": list(state.params) if hasattr(state, "params") else None,  # None: not a TrainState (load_module)
-        "buffers": list(state.buffers) if hasattr(state, "buffers") else None,
+        "params": list(state.params) if named else None,  # None: not a TrainState's (load_module)
+        "buffers": list(state.buffers) if named else None,
         "opt_state": opt_state_kind(state.opt_state) if hasattr(state, "opt_state") else None,  # (named in a mismatch)
     }
     if run is not None:

@@ -42,6 +42,7 @@ from ._checkpoint_io import (
     CheckpointError,
     Position,
     UnsafeCheckpointError,
+    check_fields,
     check_paths,
     common_step,
     decode,
@@ -103,6 +104,7 @@ def save(path: str | os.PathLike[str], state: Any, *, position: Position | None 
             a tensor nor a JSON value (int, float, bool, str), or is a sparse, meta or nested tensor or of a tensor
             subclass with its own ``__torch_dispatch__``; before anything is written. (A subclass without one,
             ``x.as_subclass(Tagged)``, is stored as its plain data; :func:`restore` gives ``like``'s subclass back.)
+            Also, naming the field, if a TrainState's ``params`` or ``buffers`` is not a dict (a list, None).
         ValueError: if two leaves of the state have the same path text (a dict key ``"a['b']"`` beside
             ``{"a": {"b": ...}}``), naming it; on every rank, before anything is written.
 
@@ -223,6 +225,7 @@ def export(state: Any, module: M) -> M:
     Raises:
         ValueError: if the module's parameter/buffer names or shapes differ from the state's, or it has a tensor
             on the meta device (it could not hold the values: ``module.to_empty(device=...)`` it first).
+        TypeError: naming the field, if the state's ``params`` or ``buffers`` is not a dict (a list, None).
 
     Example:
         >>> import torch, fnlit
@@ -232,6 +235,7 @@ def export(state: Any, module: M) -> M:
         >>> torch.equal(model.weight, state.params["weight"]), model.training
         (True, False)
     """
+    check_fields(state, "fnlit.export")  # (the same on every rank: before the gathers)
     # (a sharded state: the gathers are collectives every rank takes part in, before any check that could raise)
     return load_into(module, full_tensors(state.params), full_tensors(state.buffers), "the state", "the state")
 
@@ -680,6 +684,7 @@ class Checkpointer:
                 is not replaced, and nothing is written.
             ValueError: for an ensemble whose members' steps differ (the file is named by the step), or for two
                 leaves with the same path text (as :func:`save`: on every rank, before anything is written).
+            TypeError: as :func:`save`, for a TrainState whose ``params`` or ``buffers`` is not a dict.
             RuntimeError: for a state donated to a step (the donation error :func:`save` gives); nothing is written.
         """
         path = self.directory / f"step={_step(state):08d}.ckpt"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -254,6 +255,33 @@ def test_metadata_must_be_json():
     _, state = trained()
     with pytest.raises(TypeError, match=r"the metadata model= .*not JSON-serialisable"):
         ckpt.save("unused.ckpt", state, model=nn.Linear(1, 1))
+
+
+def test_a_train_state_whose_params_or_buffers_is_not_a_dict_is_refused_naming_the_field(tmp_path):
+    # they failed inside the header's JSON ("Object of type Tensor is not JSON serializable", "'NoneType' object is
+    # not iterable"); another pytree with such fields is any pytree, stored without names
+    _, state = trained(mlp())
+    for field, bad in [("params", list(state.params.values())), ("buffers", None)]:
+        wrong = state.replace(**{field: bad})
+        with pytest.raises(TypeError, match=rf"fnlit.save expected state\.{field} to be a dict name -> tensor .* got "
+                                            rf"{type(bad).__name__} instead"):
+            ckpt.save(tmp_path / "a.ckpt", wrong)
+        with pytest.raises(TypeError, match=rf"state\.{field} to be a dict"):
+            ckpt.Checkpointer(tmp_path / "run").save(wrong)
+        with pytest.raises(TypeError, match=rf"fnlit.export expected state\.{field} to be a dict"):
+            ckpt.export(wrong, mlp())
+    assert not any(tmp_path.iterdir())  # nothing written
+
+    class Pair(NamedTuple):
+        params: list
+        buffers: Any
+
+    pair = Pair([torch.ones(2), torch.zeros(3)], None)
+    path = ckpt.save(tmp_path / "pair.ckpt", pair)
+    back = ckpt.restore(path, like=Pair([torch.empty(2), torch.empty(3)], None))
+    assert back.buffers is None and [t.tolist() for t in back.params] == [[1.0, 1.0], [0.0, 0.0, 0.0]]
+    with pytest.raises(ckpt.CheckpointError, match="holds no TrainState params/buffers"):
+        ckpt.load_module(path, nn.Linear(2, 1))
 
 
 def test_a_dict_key_that_is_not_a_string_is_refused_in_metadata_and_position(tmp_path):
