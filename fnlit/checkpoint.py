@@ -487,7 +487,8 @@ class Checkpointer:
 
         Raises:
             CheckpointError: with ``save_last``, if the folder's ``last.ckpt`` is not an fnlit checkpoint (another
-                tool's, such as Lightning's): fnlit does not replace it. Move it away or use another folder.
+                tool's, such as Lightning's): fnlit does not replace it. Move it away or use another folder. Also if
+                ``directory``, or a folder above it, is a file: no checkpoint could be saved there.
         """
         self.restored_from = None
         if state is not None and self._ended_run is not None and _step(state) == self._ended_at:
@@ -497,10 +498,14 @@ class Checkpointer:
             return
         self._saved, self._validated_of, self._ended_at, self._ended_run = None, None, None, None
         self._records, self._branch_at, self._abandoned = None, None, []  # read from the folder on the first save
-        # One id on every rank (each ranks the files alike), and rank 0's finding of a last.ckpt fnlit did not write:
-        # every rank raises, before any training, rather than rank 0 at the first save.
+        # One id on every rank (each ranks the files alike), and rank 0's finding of a file where the folder goes or
+        # of a last.ckpt fnlit did not write: every rank raises, before any training, rather than rank 0 at the first save.
         main = _dist.is_main()
-        self._run, foreign_last = _from_rank_0((secrets.token_hex(8), main and self.save_last and self._foreign_last()))
+        self._run, blocked, foreign_last = _from_rank_0(
+            (secrets.token_hex(8), main and self._file_in_the_way(), main and self.save_last and self._foreign_last())
+        )
+        if blocked:
+            raise self._file_in_the_way_error(blocked)
         if foreign_last:
             raise self._foreign_last_error()
         if main and self.directory.is_dir():
@@ -538,7 +543,8 @@ class Checkpointer:
                 a :func:`fnlit.save_sharded` checkpoint (read with :func:`fnlit.restore_sharded`);
                 CheckpointError for ``"best"`` without ``monitor`` (or with ``keep_best=0``), or before any
                 best checkpoint was saved; CheckpointError with ``save_last``, as :meth:`start`, if the folder's
-                ``last.ckpt`` is not an fnlit checkpoint (another tool's): before any training, not at the first save.
+                ``last.ckpt`` is not an fnlit checkpoint (another tool's), and if ``directory`` (or a folder above
+                it) is a file: before any training, not at the first save.
         """
         self.restored_from = None
         if str(ckpt_path) == "best":
@@ -771,8 +777,9 @@ class Checkpointer:
         return is_foreign(last)
 
     def _refuse_foreign_last(self, restored: T) -> T:
-        """``restored``, unless the folder's ``last.ckpt`` is another tool's (rank 0 decides; a collective): a resume
-        raises as a fresh run (``start``) does, before any training, not at its first save.
+        """``restored``, unless the folder's ``last.ckpt`` is another tool's or the folder cannot be made (a file is in
+        its place; rank 0 decides, a collective): a resume raises as a fresh run (``start``) does, before any
+        training, not at its first save.
 
         Rank 0 also reads the folder now, before it can save anything, to find the history the restore abandons,
         and every rank takes its finding: a rank that writes nothing, reading the folder later (``best_path``),
@@ -780,11 +787,30 @@ class Checkpointer:
         main = _dist.is_main()
         if main and self.directory.is_dir():  # (no folder: nothing abandoned, and none made just to look)
             self._scan()
-        foreign_last, abandoned = _from_rank_0((main and self.save_last and self._foreign_last(), self._abandoned))
+        blocked, foreign_last, abandoned = _from_rank_0(
+            (main and self._file_in_the_way(), main and self.save_last and self._foreign_last(), self._abandoned)
+        )
+        if blocked:
+            raise self._file_in_the_way_error(blocked)
         if foreign_last:
             raise self._foreign_last_error()
         self._branch_at, self._abandoned = None, list(abandoned)
         return restored
+
+    def _file_in_the_way(self) -> str | None:
+        """The file that stands where the folder, or a folder above it, would be (None if there is none): the first
+        save could not create the folder (a checkpoint file's path given as the directory)."""
+        p = self.directory
+        while not os.path.lexists(p) and p != p.parent:
+            p = p.parent
+        return None if p.is_dir() else str(p)
+
+    def _file_in_the_way_error(self, blocked: str) -> CheckpointError:
+        return CheckpointError(
+            f"Checkpointer cannot save into {self.directory}: {blocked} is a file, not a folder. Give the "
+            "Checkpointer a folder as its directory (to resume from a checkpoint file, pass that file's path as "
+            "ckpt_path)."
+        )
 
     def _foreign_last_error(self) -> CheckpointError:
         return CheckpointError(

@@ -721,6 +721,28 @@ def test_one_checkpointer_reused_for_a_second_run_saves_that_run(tmp_path):
         assert_trees_equal(ckpt.restore(ck.last_path, like=state).params, out.params)
 
 
+def test_a_checkpointer_whose_folder_is_a_file_raises_before_any_training(tmp_path):
+    # A checkpoint file's path given as the directory: fit trained every_n_steps steps, then failed at the first save
+    # ("cannot create its folder ...: File exists"), and a resume from "last" found nothing and trained from scratch.
+    model = mlp()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    file = ckpt.save(tmp_path / "model.ckpt", state)
+    steps = []
+
+    class Count:
+        def on_step(self, state, metrics):
+            steps.append(int(state.step))
+
+    for directory, ckpt_path in [(file, None), (file, "last"), (file, file), (file / "run", None)]:
+        with pytest.raises(ckpt.CheckpointError, match=rf"Checkpointer cannot save into .*model\.ckpt.*: .*model\.ckpt "
+                                                       "is a file, not a folder"):
+            fnlit.fit(hand_step(model), state, fnlit.data.ArrayLoader(*batch(32), batch_size=8), max_epochs=2,
+                      checkpoint=ckpt.Checkpointer(directory, every_n_steps=2), ckpt_path=ckpt_path, progress=False,
+                      callbacks=[Count()])
+        assert steps == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
 def test_a_fresh_run_into_a_used_folder_ranks_only_its_own_checkpoints(tmp_path):
     # Lightning's best_model_path is the current run's; an earlier run's better checkpoint is kept, not taken.
     def run(lr, steps, **kw):
