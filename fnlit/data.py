@@ -43,8 +43,9 @@ class ArrayLoader:
 
     Args:
         *tensors: tensors with the same first dimension (the examples); a batch is the tuple of their
-            slices (a single tensor gives a single tensor, not a 1-tuple). Numpy arrays are taken as
-            tensors (``torch.as_tensor``, without a copy).
+            slices (a single tensor gives a single tensor, not a 1-tuple), each on its tensor's device (they
+            may differ, as a TensorDataset's may). Numpy arrays are taken as tensors (``torch.as_tensor``,
+            without a copy).
         batch_size: examples per batch.
         shuffle: draw a new order every epoch (a pure function of ``(seed, epoch)``; plain iteration uses the
             epoch given to :meth:`set_epoch`, so a hand-written loop calls it each epoch).
@@ -94,7 +95,11 @@ class ArrayLoader:
 
     def indices(self, epoch: int, seed: int, shuffle: bool | None = None) -> torch.Tensor:
         """The example indices this rank visits in ``epoch``, in order (an int64 tensor)."""
-        order = _dist._shard_order(
+        return self._order(epoch, seed, shuffle).to(self.tensors[0].device)
+
+    def _order(self, epoch: int, seed: int, shuffle: bool | None) -> torch.Tensor:
+        """:meth:`indices` on the CPU, where they are drawn."""
+        return _dist._shard_order(
             self.tensors[0].shape[0],
             rank=_dist.rank(),
             world_size=_dist.world_size(),
@@ -102,7 +107,6 @@ class ArrayLoader:
             seed=seed,
             epoch=epoch,
         )  # a tensor throughout: a list of Python ints would take ~45 bytes an example
-        return order.to(self.tensors[0].device)
 
     def batches(
         self, epoch: int, seed: int, start: int = 0, *, shuffle: bool | None = None
@@ -123,12 +127,15 @@ class ArrayLoader:
         return self._batches(epoch, seed, start, shuffle)
 
     def _batches(self, epoch: int, seed: int, start: int, shuffle: bool | None) -> Iterator[Any]:
-        idx = self.indices(epoch, seed, shuffle)
+        idx = self._order(epoch, seed, shuffle)
+        # the order on each tensor's device, moved once an epoch (index_select does not check that an index is on
+        # its tensor's device: a CPU tensor indexed by another device's order read rows at addresses there)
+        on = {t.device: idx.to(t.device) for t in self.tensors}
         b, n = self.batch_size, len(self)
         single = len(self.tensors) == 1
         for i in range(start, n):
-            sel = idx[i * b : (i + 1) * b]
-            out = tuple(t.index_select(0, sel) for t in self.tensors)
+            sel = {d: order[i * b : (i + 1) * b] for d, order in on.items()}
+            out = tuple(t.index_select(0, sel[t.device]) for t in self.tensors)
             yield out[0] if single else out
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], bool]]:
@@ -149,11 +156,11 @@ class ArrayLoader:
         n, b, w = self.tensors[0].shape[0], self.batch_size, _dist.world_size()
         mine = range(_dist.rank(), self._eval_total(), w)  # the one-process batches this rank evaluates
         single = len(self.tensors) == 1
-        device = self.tensors[0].device
+        devices = {t.device for t in self.tensors}  # (each tensor is indexed on its own device)
         for i in range(self.eval_len()):
             j = mine[i] if i < len(mine) else 0  # a filler: the first batch, not counted
-            sel = torch.arange(j * b, min((j + 1) * b, n), device=device)
-            batch = tuple(t.index_select(0, sel) for t in self.tensors)
+            sel = {d: torch.arange(j * b, min((j + 1) * b, n), device=d) for d in devices}
+            batch = tuple(t.index_select(0, sel[t.device]) for t in self.tensors)
             yield (batch[0] if single else batch), i < len(mine)
 
     def _eval_total(self) -> int:

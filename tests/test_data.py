@@ -680,6 +680,24 @@ def test_eval_batches_on_more_ranks_than_examples_count_each_example_once(monkey
     assert sorted(counted) == expected
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensors_on_different_devices_are_each_indexed_on_their_own(shuffle):
+    # ArrayLoader(x_on_gpu, y_on_cpu): the order lived on x's device and indexed y there too; index_select does not
+    # check that, and y's batches held values read at other addresses ("meta" stands in for the accelerator, which
+    # can be first or not). Reference: DataLoader(TensorDataset(x, y)), which takes each tensor's rows on its device.
+    x, y = torch.zeros(7, 2, device="meta"), torch.arange(7) * 10
+    for tensors in ((x, y), (y, x)):
+        loader = ArrayLoader(*tensors, batch_size=3, shuffle=shuffle)
+        cpu = 0 if tensors[0] is y else 1
+        order = fnlit.distributed.shard_indices(7, rank=0, world_size=1, shuffle=shuffle, seed=5, epoch=1)
+        expected = [[i * 10 for i in order[k : k + 3]] for k in range(0, 7, 3)]
+        got = list(loader.batches(1, seed=5))
+        assert [b[cpu].tolist() for b in got] == expected
+        assert all(b[1 - cpu].device.type == "meta" and b[1 - cpu].shape[0] == b[cpu].shape[0] for b in got)
+        reference = [b[cpu].tolist() for b in DataLoader(TensorDataset(*tensors), batch_size=3)]
+        assert [b[cpu].tolist() for b, counts in loader.eval_batches()] == reference
+
+
 class _BucketSampler(DistributedSampler):
     """A DistributedSampler subclass used as ``batch_sampler=`` (as bucketing samplers are): yields index lists."""
 
