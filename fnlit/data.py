@@ -236,8 +236,10 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
 
     Other data is told the epoch first where it can be: a DataLoader's samplers (``set_epoch`` or, for the
     random ones, a generator seeded from ``(seed, epoch)``) and, with workers, its ``generator`` (which seeds
-    the workers: a dataset's random transforms; without workers one's own is replaced too, so iterating does not
-    draw from it; :func:`fnlit.fit` puts back what :func:`generators` lists when it ends), or the data's own
+    the workers: a dataset's random transforms, replayed by a resumed run except in ``persistent_workers``, seeded
+    once when they start; without workers one's own is replaced too, so iterating does not draw from it, and
+    transforms draw from the global generator; :func:`fnlit.fit` puts back what :func:`generators` lists when it
+    ends), or the data's own
     ``set_epoch(epoch)`` (a wrapper around an ArrayLoader that forwards it reshuffles each epoch, as the loader
     itself does).
 
@@ -269,6 +271,8 @@ def epoch_batches(data: Iterable[Batch], epoch: int, seed: int, start: int, stop
             # global generator: a run resumed mid-epoch replays the same transforms while skipping, and each rank
             # transforms its examples with its own stream (as Lightning's worker seeds mix in the rank). Without
             # workers that seed goes unused, but every iter() draws it: one's own generator is not drawn from.
+            # persistent_workers are seeded once, when they start (torch cannot reseed them): their transforms are
+            # not replayed by a resume (the README says so).
             worker_seed = (epoch_seed(seed, epoch) ^ _WORKER_SEED_MIX) + _WORKER_RANK_STRIDE * _dist.rank()
             data.generator = torch.Generator().manual_seed(worker_seed & 0x7FFF_FFFF_FFFF_FFFF)
     return itertools.islice(iter(data), start, stop)
