@@ -753,8 +753,9 @@ def per_example_grads(
 
     Each example is forwarded alone, so a module that needs a batch cannot run in training mode here:
     BatchNorm (use ``train=False`` in the loss's :func:`fnlit.apply`, or GroupNorm/LayerNorm, as DP-SGD
-    models do) and dropout (vmap refuses random ops per example; apply with ``train=False``). Under
-    ``accumulate`` or ``data_parallel`` the gradients must be aggregated first (see their errors).
+    models do) and dropout (vmap refuses random ops per example, a RuntimeError says so; apply with
+    ``train=False``). Under ``accumulate`` or ``data_parallel`` the gradients must be aggregated first (see
+    their errors).
 
     Args:
         loss_fn: ``(params, example) -> loss`` (or ``(loss, aux)`` with ``has_aux``), a scalar loss.
@@ -783,4 +784,18 @@ def per_example_grads(
     # vmap returns tensors only: a number in aux, or a None among the params (None in the gradients too, as
     # value_and_grad keeps it), goes around it
     fn = _NumbersAside(value_and_grad(loss_fn, has_aux=has_aux))
-    return fn.rebuild(torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch))
+    try:
+        out = torch.func.vmap(fn, in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)
+    except RuntimeError as e:  # vmap's own advice (its randomness flags) is out of reach here
+        if "randomness error mode" in str(e):
+            raise RuntimeError(_PER_EXAMPLE_RANDOM) from None
+        raise
+    return fn.rebuild(out)
+
+
+_PER_EXAMPLE_RANDOM = (
+    "fnlit.per_example_grads runs loss_fn on each example under torch.func.vmap, which refuses random operations "
+    "(dropout in training mode, torch.rand/randn in the forward), with or without an rng key. Apply the model with "
+    "train=False in loss_fn (fnlit.apply(model, params, buffers, x, train=False)), as DP-SGD models usually run "
+    "without dropout, or draw the random values outside per_example_grads and pass them in with the batch."
+)

@@ -413,3 +413,20 @@ def test_a_none_among_the_differentiated_params_stays_none_under_vmap_as_eagerly
         gw, gb = torch.autograd.grad(F.mse_loss(F.linear(x, w, b), y), (w, b))
         torch.testing.assert_close(new.params["weight"][i], w.detach() - 0.1 * gw)
         torch.testing.assert_close(new.params["bias"][i], b.detach() - 0.1 * gb)
+
+
+def test_per_example_grads_of_a_loss_with_dropout_says_what_to_do():
+    # vmap's own error advised its randomness flags, which per_example_grads does not take; the docstring's
+    # contract is that dropout cannot run per example and that the model is applied with train=False instead
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def loss_fn(params, example, train):
+        x, y = example
+        logits, _ = fnlit.apply(model, params, {}, x.unsqueeze(0), rng=fnlit.random.key(0), train=train)
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    with pytest.raises(RuntimeError, match=r"per_example_grads .* refuses random operations .* train=False"):
+        per_example_grads(lambda p, ex: loss_fn(p, ex, True), params, batch(n=4))
+    _, grads = per_example_grads(lambda p, ex: loss_fn(p, ex, False), params, batch(n=4))  # the advice works
+    assert grads["0.weight"].shape == (4, 16, 8)
