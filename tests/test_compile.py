@@ -6,6 +6,7 @@ and shared; capture-error tests use mode="eager" (dynamo's capture and our check
 
 import collections
 import contextlib
+import functools
 import inspect
 
 import pytest
@@ -147,6 +148,7 @@ def test_the_traced_unflatten_rebuilds_every_tree_as_torchs_pytree_does():
         _Pair(torch.ones(1), [2, 3]),
         None,
         [],
+        functools.reduce(lambda inner, _: [inner], range(300), torch.ones(1)),  # too deep for one expression
     ]
     for b in batches:
         leaves, spec = torch_pytree.tree_flatten((state, b))

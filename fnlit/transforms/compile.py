@@ -651,9 +651,11 @@ def _unflattener(spec: Any) -> Callable[[tuple[Any, ...]], Any]:
         unflatten = const(torch_pytree.SUPPORTED_NODES[kind].unflatten_fn)
         return f"{unflatten}([" + ", ".join(kids) + f"], {const(node.context)})"
 
-    body = build(spec)
     namespace: dict[str, Any] = {"C": consts}
-    exec(f"def unflatten(L):\n    return {body}\n", namespace)  # noqa: S102 (code made of the spec above only)
+    try:
+        exec(f"def unflatten(L):\n    return {build(spec)}\n", namespace)  # noqa: S102 (code made of the spec above only)
+    except (SyntaxError, RecursionError, MemoryError):  # a tree nested too deep for one expression (~200 levels)
+        return lambda leaves: torch_pytree.tree_unflatten(leaves, spec)
     return namespace["unflatten"]
 
 
