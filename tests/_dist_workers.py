@@ -873,6 +873,13 @@ def report_through(queue, value, tensor):
     return True
 
 
+def report_through_both(fn_queue, queue, value, tensor):
+    """:func:`report_through`, and the rank handed through a second queue too: the one bound into the launched
+    function (a ``functools.partial``), where the other comes as an argument."""
+    fn_queue.put(dist.get_rank())
+    return report_through(queue, value, tensor)
+
+
 def data_parallel_metrics_in_rank_order():
     """A data_parallel step whose metrics dict is built in another order on rank 1 (as iterating a set of names
     does under torchrun, where each process has its own string hash seed): each rank's metrics after one step."""

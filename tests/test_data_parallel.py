@@ -243,18 +243,18 @@ def test_launch_passes_arguments_as_multiprocessing_does(start_method):
     # multiprocessing's (and torch.multiprocessing's) own Process(args=...).
     import multiprocessing
 
-    from _dist_workers import report_through
+    from _dist_workers import report_through_both
 
     ctx = multiprocessing.get_context(start_method)
-    queue, value, tensor = ctx.Queue(), ctx.Value("i", 0), torch.zeros(2)
+    fn_queue, queue, value, tensor = ctx.Queue(), ctx.Queue(), ctx.Value("i", 0), torch.zeros(2)
+    # fn itself may hold one too (a partial): pickled as the ranks start, as multiprocessing passes a target. (One
+    # launch for both: a spawn launch starts two fresh interpreters, ~7 s here.)
+    fn = functools.partial(report_through_both, fn_queue)
     launch = fnlit.distributed.launch
-    assert launch(report_through, 2, queue, value, tensor, timeout=120, start_method=start_method) == [True, True]
+    assert launch(fn, 2, queue, value, tensor, timeout=120, start_method=start_method) == [True, True]
     assert sorted(queue.get(timeout=30) for _ in range(2)) == [0, 1] and value.value == 2
+    assert sorted(fn_queue.get(timeout=30) for _ in range(2)) == [0, 1]
     assert tensor.tolist() == [100.0, 101.0]  # shared memory, as torch.multiprocessing passes a tensor
-    # fn itself may hold one too (a partial): pickled as the ranks start, as multiprocessing passes a target
-    fn = functools.partial(report_through, queue)
-    assert launch(fn, 2, value, tensor, timeout=120, start_method=start_method) == [True, True]
-    assert sorted(queue.get(timeout=30) for _ in range(2)) == [0, 1] and value.value == 4
 
 
 def test_wrap_builds_the_requested_nesting():
