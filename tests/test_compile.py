@@ -1220,11 +1220,17 @@ def _fnlit_compile(mode, donate):
     return compile_one
 
 
+@pytest.fixture(scope="module")
+def torch_compile_frees_models():
+    """The reference, once for both parametrizations below: whether plain torch.compile frees its models."""
+    return _models_left_after_compiling(_plain_torch_compile("eager")) == 0
+
+
 @pytest.mark.parametrize("donate", [False, True])
-def test_a_compiled_step_keeps_no_model_alive_once_dropped(donate):
+def test_a_compiled_step_keeps_no_model_alive_once_dropped(donate, torch_compile_frees_models):
     # dynamo keeps every backend it was given for the whole process; fnlit's held the compiled step, so each
     # compiled step's model stayed in memory until exit (a sweep grew by one model per run). torch.compile's frees them.
-    assert _models_left_after_compiling(_plain_torch_compile("eager")) == 0
+    assert torch_compile_frees_models
     assert _models_left_after_compiling(_fnlit_compile("eager", donate)) == 0
 
 
