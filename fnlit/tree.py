@@ -87,7 +87,7 @@ def _flat_dict(tree: dict[Any, Any]) -> tuple[list[Any], optree.PyTreeSpec] | No
     keys = tuple(tree)
     hit = _FLAT_DICTS.get(keys)
     if hit is None:
-        if not (all(type(k) is str for k in keys) and all(isinstance(v, torch.Tensor) for v in tree.values())):
+        if _same_flat_dicts(tree) is None:  # (keys not all plain strings, or a value that is not a tensor)
             return None
         leaves, treedef = optree.tree_flatten(tree)
         if len(_FLAT_DICTS) >= 1024:
@@ -139,6 +139,13 @@ def _same_flat_dicts(*trees: PyTree) -> list[str] | None:
         if type(tree) is not dict or tree.keys() != first.keys() or not all(isinstance(v, torch.Tensor) for v in tree.values()):
             return None
     return sorted(first)
+
+
+def _flat_dict_of(keys: list[str], leaves: list[Any], like: dict[str, Any]) -> dict[str, Any]:
+    """The dict of ``leaves`` (in the order of ``keys``, as :func:`_same_flat_dicts` gives them) with ``like``'s keys in
+    ``like``'s order: what ``tree_unflatten(tree_flatten(like)[1], leaves)`` gives, without optree (traced code)."""
+    by_key = dict(zip(keys, leaves))
+    return {k: by_key[k] for k in like}
 
 
 def tree_unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import _same_flat_dicts, is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
+from ..tree import _flat_dict_of, _same_flat_dicts, is_real, tree_flatten, tree_map, tree_paths, tree_unflatten
 from ._base import (
     _DONATED, GradientTransformation, Mask, MaskCache, PyTree, Recycler, _raise_mismatch, dense_grad, donated_update, grad_in_dtype,
     keys_in_order, own, own_scaled, raise_device_mismatch, raise_shape_mismatch, raise_wrong_state, resolve_mask,
@@ -195,9 +195,8 @@ def _optimizer(
             p, g = [params[k] for k in keys], [grads[k] for k in keys]
             bufs = [([b[k] for k in keys], None) for b in (getattr(state, f) for f in buffers)]
 
-            def rebuild(leaves: list[Any]) -> dict[str, Any]:
-                by_key = dict(zip(keys, leaves))
-                return {k: by_key[k] for k in params}  # in the params' order, as tree_unflatten gives them
+            def rebuild(leaves: list[Any]) -> PyTree:
+                return _flat_dict_of(keys, leaves, params)
 
         else:
             if torch.compiler.is_compiling():  # gradients keyed in another order than the state, taken as eagerly

@@ -419,11 +419,7 @@ class Frame:
         keys = _tree._same_flat_dicts(grads) if torch.compiler.is_compiling() else None
         if keys is not None:  # (dynamo runs optree's flatten and unflatten node by node)
             leaves = [grads[k] for k in keys]
-
-            def unflatten(leaves: list[torch.Tensor], order: Any = grads) -> Any:
-                by_key = dict(zip(keys, leaves))
-                return {k: by_key[k] for k in order}  # in the gradients' order, as tree_unflatten gives them
-
+            unflatten = functools.partial(_tree._flat_dict_of, keys, like=grads)
         else:
             leaves, treedef = _tree.tree_flatten(grads)
             unflatten = functools.partial(_tree.tree_unflatten, treedef)
