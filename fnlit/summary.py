@@ -1023,7 +1023,9 @@ class MetricBuffer:
             tensors += [scalar_metric(k, v, who) for k, v in extra.items()]
         if not names:
             return {}
-        device = tensors[0].device
+        # Gathered on the accelerator where a value is there (a host number first, e.g. {"tokens": n, "loss": loss},
+        # beside GPU means): a non_blocking copy from a GPU to the CPU lands after the CPU's stack reads it.
+        device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
         dtype = reduction_dtype(*tensors, device=device)  # (float64 if one is: one stack, one dtype)
         values = torch.stack([t.to(device, dtype, non_blocking=True) for t in tensors]).tolist()  # the interval's host sync
         out = dict(zip(names, values), epoch=epoch)

@@ -382,6 +382,37 @@ def test_a_metric_given_as_tensor_and_number_at_different_steps_is_averaged(valu
     assert buf.flush(state, epoch=0)["train/m"] == 1.5
 
 
+def test_metrics_on_an_accelerator_beside_a_host_number_are_gathered_there(monkeypatch):
+    # A host number first ({"tokens": n, "loss": loss}) made the CPU the gather device: the GPU means were copied to
+    # it with non_blocking=True, which the CPU's stack reads before the copies land. The meta device stands in for
+    # the GPU (its values cannot be read: where they are gathered is what is checked).
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1), fnlit.optim.sgd(0.1), seed=0)
+    buf = MetricBuffer(("train/", "val/"), on_log=[])
+    buf.pending += [{"tokens": 128, "loss": torch.tensor(2.0, device="meta")}] * 2
+    tolist, read = torch.Tensor.tolist, []
+
+    def recording_tolist(t):  # the interval's host read
+        read.append(t.device)
+        return [0.0] * t.numel() if t.is_meta else tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", recording_tolist)
+    assert list(buf.flush(state, epoch=0)) == ["train/tokens", "train/loss", "epoch"]
+    assert [d.type for d in read] == ["meta"]  # gathered on the accelerator, read back once
+
+
+@pytest.mark.cuda
+def test_metrics_on_a_gpu_beside_a_host_number_log_their_values():
+    state = fnlit.TrainState.create(torch.nn.Linear(1, 1).cuda(), fnlit.optim.sgd(0.1), seed=0)
+    for _ in range(20):
+        big = torch.randn(4096, 4096, device="cuda")
+        losses = [(big @ big).mean() + i for i in range(4)]  # queued work: a copy not waited for lands late
+        buf = MetricBuffer(("train/", "val/"), on_log=[])
+        buf.pending += [{"tokens": 128, "loss": loss} for loss in losses]
+        logged = buf.flush(state, epoch=0)
+        assert logged["train/loss"] == pytest.approx(sum(loss.item() for loss in losses) / 4, rel=1e-5)
+        assert logged["train/tokens"] == 128
+
+
 class Full:
     """A writer whose disk is full: every flush fails."""
 
