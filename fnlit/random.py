@@ -321,6 +321,8 @@ def _seed_eager(k: torch.Tensor, device: torch.device | None) -> list[tuple[torc
         cpu = torch.default_generator
         saved = [(cpu, cpu.get_state())]
         if device is not None and device.type == "cuda":
+            if not torch.cuda.is_initialized():  # default_generators is () until CUDA's lazy init (torch's own
+                torch.cuda.init()  # get_rng_state inits first); without CUDA this says so, not "index out of range"
             index = device.index if device.index is not None else torch.cuda.current_device()
             gen = torch.cuda.default_generators[index]
             saved.append((gen, gen.get_state()))

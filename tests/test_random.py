@@ -189,6 +189,26 @@ def test_keys_are_cpu_tensors_under_another_default_device(meta_default_device):
         assert torch.equal(R.split(R.key(3), 3), keys[1]) and torch.equal(R.fold_in(R.key(3), 2), keys[2])
 
 
+def test_seeded_on_a_cuda_device_before_cuda_is_initialised():
+    # torch.cuda.default_generators is () until CUDA's lazy init: seeded(k, cuda:0) raised "tuple index out of
+    # range" where torch.cuda.get_rng_state(0) (which inits first) works, or says that there is no CUDA.
+    if torch.cuda.is_initialized():
+        pytest.skip("needs a process in which CUDA is not initialised yet")
+    cpu = torch.get_rng_state()
+    if torch.cuda.is_available():
+        with R.seeded(R.key(0), torch.device("cuda", 0)):
+            a = torch.rand(3, device="cuda")
+        with R.seeded(R.key(0), torch.device("cuda", 0)):
+            assert torch.equal(torch.rand(3, device="cuda"), a)
+    else:
+        with pytest.raises((RuntimeError, AssertionError), match="CUDA|NVIDIA"):
+            with R.seeded(R.key(0), torch.device("cuda", 0)):
+                pass
+    assert torch.equal(torch.get_rng_state(), cpu)
+    with R.seeded(R.key(1)):  # the lock was released
+        pass
+
+
 # splitmix64 by hand (Steele, Lea & Flood's finaliser; fnlit's golden and salt constants), the reference for keys
 # made where fnlit's Python-int path cannot run (under torch.compile).
 _M64, _GOLDEN, _SALT = (1 << 64) - 1, 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019
