@@ -163,6 +163,46 @@ def test_the_traced_unflatten_rebuilds_every_tree_as_torchs_pytree_does():
             assert got[1].default_factory is list
 
 
+def test_the_traced_flatten_gives_torchs_leaves_and_refuses_every_other_structure():
+    # The step's new state is flattened in the trace by straight-line code made from the given state's structure:
+    # for a tree of that structure it must give torch's tree_flatten's leaves; for any tree whose torch structure
+    # differs (torch's spec comparison is the reference) it must raise, and for none other.
+    from fnlit.transforms.compile import _flattener
+
+    torch_pytree = torch.utils._pytree
+    point, other_point = collections.namedtuple("point", "x y"), collections.namedtuple("point", "x y")
+    state = fnlit.TrainState.create(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)),
+                                    fnlit.optim.adamw(0.1), seed=0)
+    t = torch.ones(1)
+    trees = [
+        state,
+        state.replace(buffers={}),
+        state.replace(tx=fnlit.optim.sgd(0.1)),  # (the optimizer is the node's context)
+        (t, t), [t, t], (t,), (t, t, t), (t, {"a": t}),
+        {"b": [1, None, (2.0,)], 3: point(t, "s"), (1, 2): {}},
+        {3: point(t, "s"), "b": [1, None, (2.0,)], (1, 2): {}},  # the same keys in another order
+        {"b": [1, None, (2.0,)], 3: other_point(t, "s"), (1, 2): {}},
+        {"b": [1, None, [2.0]], 3: point(t, "s"), (1, 2): {}},
+        collections.OrderedDict(y=t, x=2), collections.OrderedDict(x=2, y=t), {"y": t, "x": 2}, {"x": 2, "y": t},
+        collections.defaultdict(list, {"q": [t]}), collections.defaultdict(dict, {"q": [t]}),
+        _Pair(t, [2, 3]), _Pair(t, [2]), _Pair([t], [2, 3]),
+        collections.deque([t, 2]), collections.deque([t]),  # (one context, another number of children)
+        None, [], (), {}, t, 2.0, "s",
+        functools.reduce(lambda inner, _: [inner], range(300), t),  # too deep for straight-line code
+        functools.reduce(lambda inner, _: [inner], range(299), t),
+    ]
+    for tree in trees:
+        spec = torch_pytree.tree_structure(tree)
+        flatten = _flattener(spec)
+        assert all(x is y for x, y in zip(flatten(tree), torch_pytree.tree_leaves(tree), strict=True))
+        for other in trees:
+            if torch_pytree.tree_structure(other) != spec:
+                with pytest.raises(ValueError, match="another structure"):
+                    flatten(other)
+            else:
+                assert all(x is y for x, y in zip(flatten(other), torch_pytree.tree_leaves(other), strict=True))
+
+
 def test_compiled_adamw_with_a_mask_its_init_never_resolved():
     # state.replace(tx=adamw(..., mask=decay_mask)) keeping the old opt_state: the mask was first resolved in the
     # traced step, where decay_mask failed with dynamo's "length mismatch" (flattening its dict of bools). It is
