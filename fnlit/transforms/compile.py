@@ -101,14 +101,6 @@ _FIXES = {
         "time, not on every step",
         "Return the value in the metrics and print, log or save it outside the step.",
     ),
-    "module mutation": (
-        "a module's forward assigns one of its attributes (`self.mean = 0.9 * self.mean + ...`) and the same module "
-        "is applied again in the step: torch.compile cannot read a module whose attribute assignment it has not "
-        "written back yet",
-        "Keep the value a registered buffer and update it in place (`self.mean.mul_(0.9).add_(0.1 * m)` or "
-        "`self.mean.copy_(...)`: fnlit.apply returns the new buffers as before), use a separate module object for "
-        "the second pass, or run this step uncompiled.",
-    ),
     "other": ("torch.compile could not trace it", "Move this line out of the step, or run the step uncompiled."),
     "checkpoint": (
         "activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) inside "
@@ -346,8 +338,6 @@ def _torch_words(err: Exception) -> str:
 
 def _classify(err: Exception, code: str, frames: list[tuple[str, int]]) -> str:
     text = _torch_words(err)
-    if re.search(r"nn\.Module with a pending mutation", text):  # an attribute assigned in forward, read again
-        return "module mutation"
     # side effects first, whatever the line reads besides (print("shape", out.float().shape))
     if _SIDE_EFFECT_TEXT.search(text) or any(
         _in_stdlib(f) and (f"{os.sep}logging{os.sep}" in f or f.endswith(f"{os.sep}warnings.py")) for f, _ in frames
