@@ -582,10 +582,11 @@ def apply(
         # caller's changing (later forwards copy those only: the slots' `copied`).
         # An eval-mode forward is probed the same way, once, for buffers it updates in place (quantization
         # observers do in every mode; BatchNorm does not): those are copied before later eval forwards. Under
-        # inference_mode its copies are made outside it, so they keep version counters (see below).
+        # inference_mode (a statistics calibration pass) either probe's copies are made outside it, so they keep
+        # version counters (see below).
         inference = not traced and torch.is_inference_mode_enabled()  # (not traceable)
         probing = bool(buffers) and not traced and not mutable
-        probe = probing and train and not slots.probed and not inference
+        probe = probing and train and not slots.probed
         eval_probe = probing and not train and not slots.eval_probed
         # mutable=False: the updates are made on copies, which are dropped. Traced (compile, vmap), what eager
         # calls learned is out of reach (compiling builds fresh slots): every registered buffer is copied (a boolean

@@ -828,6 +828,26 @@ def test_statistics_a_kernel_updates_without_a_version_are_copied_and_returned_a
         state = state.replace(buffers=buffers)
 
 
+def test_a_first_training_forward_under_inference_mode_leaves_the_callers_buffers_as_they_were():
+    # A statistics calibration pass run under inference_mode skipped the first forward's probe: buffers that a norm
+    # layer of one's own (F.batch_norm) or a .data write updates, moving no version, were written into the caller's
+    # state.buffers. Reference: the caller's buffers before the call, and the module called as it is.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), _FunctionalBatchNorm(3))
+    reference = copy.deepcopy(model)
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    before = {k: v.clone() for k, v in state.buffers.items()}
+    x = torch.randn(8, 3)
+    with torch.inference_mode():
+        _, buffers = fnlit.apply(model, state.params, state.buffers, x)
+        reference(x)
+    for k in before:
+        assert torch.equal(state.buffers[k], before[k]), k
+    for k, v in reference.named_buffers():
+        assert torch.equal(buffers[k], v), k
+    assert not buffers["1.running_mean"].is_inference()  # usable in a training step afterwards
+
+
 def test_value_and_grad_under_inference_mode_says_so_instead_of_blaming_the_loss():
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"ran under torch.inference_mode\(\), where autograd records nothing"):
         fnlit.value_and_grad(lambda a: (a**2).sum())(torch.ones(2))
