@@ -570,7 +570,7 @@ def apply(
             # No buffers (an MLP, most transformers) and the modes as asked: nothing to copy, probe, watch or hand back.
             if (swaps := _SWAPS.get()) is None or not torch.is_grad_enabled():
                 return _forward(module, slots, params, (), args, kwargs, rng), {}
-            record = (module, slots, params, params, None)
+            record = (module, slots, params, params, None, _IN_APPLY.depth)
             swaps.append(record)  # recorded as the call begins (see _SWAPS)
             try:
                 return _forward(module, slots, params, (), args, kwargs, rng), {}
@@ -619,7 +619,7 @@ def apply(
             module.train(train)
         record = None
         if not traced and (swaps := _SWAPS.get()) is not None and torch.is_grad_enabled():
-            record = (module, slots, params, tensors, train if modes is not None else None)
+            record = (module, slots, params, tensors, train if modes is not None else None, _IN_APPLY.depth)
             swaps.append(record)  # recorded as the call begins (see _SWAPS)
         try:
             # Under torch.compile, and under fnlit's own vmaps (ensemble: the key is batched), the caller seeds, once,
@@ -784,9 +784,10 @@ def _split_out(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
 
 
 # While an eager value_and_grad runs its loss: the swaps fnlit.apply makes there, as (module, slots, params,
-# tensors, the training mode apply set or None), redone if the backward runs a forward again (see _Backward). In
-# the order the calls begin: an apply inside another's forward (a hypernetwork's, on a submodule) comes after it
-# and is redone after it, so the submodule gets the inner call's tensors, as it had in the forward.
+# tensors, the training mode apply set or None, how many apply forwards were running as it began), redone if the
+# backward runs a forward again (see _Backward). In the order the calls begin: an apply inside another's forward (a
+# hypernetwork's, on a submodule) comes after it and is redone after it, so the submodule gets the inner call's
+# tensors, as it had in the forward.
 _SWAPS: ContextVar[list[tuple[Any, ...]] | None] = ContextVar("fnlit_apply_swaps", default=None)
 
 
@@ -840,8 +841,9 @@ class _Backward:
     forward pre-hook watches for a forward of a module they applied that runs inside a backward (autograd's
     graph task) and not inside an apply: the first one puts that backward's tensors in, so a backward that
     recomputes nothing never touches the module the other holds. A module applied to different params in one
-    loss (two calls that differ in more than their registered buffers, which calls thread through) is left as
-    it is, and its forward during the backward raises (:data:`_TANGLED`, through the hook); so does a
+    loss (two calls that differ in more than their registered buffers, which calls thread through; or a model and,
+    in a call of its own, not inside the model's forward, one of its blocks) is left as it is, and its forward
+    during the backward raises (:data:`_TANGLED`, through the hook); so does a
     recompute while another thread's backward holds the module (:data:`_OVERLAP`). Either way this costs
     ~3 us a backward on a CPU.
     """
@@ -894,7 +896,27 @@ class _Backward:
             if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
                 self.tangled.update(id(m) for m in rec[0].modules())
             latest[id(rec[0])] = rec
+        if len(latest) > 1:
+            self._overlaps(records, list(latest.values()))
         self.records = [rec for rec in records if latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
+
+    def _overlaps(self, records: list[tuple[Any, ...]], last: list[tuple[Any, ...]]) -> None:
+        """Notes the modules that two calls of one loss on different modules sharing some (a model, and one of its
+        blocks on its own) gave different tensors: one call after the other, not one inside the other's forward (a
+        hypernetwork applying a submodule to generated weights: the inner call's tensors are the ones to redo)."""
+        shared = [(a[0], b[0]) for n, a in enumerate(last) for b in last[n + 1 :] if not a[1].keys.isdisjoint(b[1].keys)]
+        for first, second in shared:
+            for j, later in enumerate(records):
+                if later[0] is not first and later[0] is not second:
+                    continue
+                for i in range(j):
+                    earlier = records[i]
+                    if earlier[0] is later[0] or (earlier[0] is not first and earlier[0] is not second):
+                        continue
+                    if all(r[5] > earlier[5] for r in records[i + 1 : j + 1]):
+                        continue  # every call since began deeper: later ran inside earlier's forward
+                    if not _same_slots(earlier, later):
+                        self.tangled.update({id(m) for m in first.modules()} & {id(m) for m in second.modules()})
 
     def _meets(self, other: _Backward) -> bool:
         """Whether the two backwards' losses applied a module in common."""
@@ -918,9 +940,9 @@ class _Backward:
         held = records[0][1].keys if len(records) == 1 else frozenset().union(*(rec[1].keys for rec in records))
         if any(not held.isdisjoint(b.held) for b in _ACTIVE if b is not self):  # (held: set with saved)
             raise RuntimeError(_OVERLAP.format(name=type(module).__name__, how="recomputing a block of it"))
-        self.saved = [(slots, _swap_in(slots, tensors)) for _, slots, _, tensors, _ in records]
+        self.saved = [(slots, _swap_in(slots, tensors)) for _, slots, _, tensors, _, _ in records]
         self.held = held
-        for root, _, _, _, train in self.records:
+        for root, _, _, _, train, _ in self.records:
             if train is not None and root.training != train:
                 self.modes += [(m, m.training) for m in root.modules()]
                 root.train(train)
@@ -997,6 +1019,14 @@ def _same_params(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     views of one (a gradient penalty's inner value_and_grad differentiates views of the outer one's params)."""
     buffers, ta = a[1].buffers, a[3]
     return all(_same_source(ta.get(k), t) for k, t in b[3].items() if k not in buffers)
+
+
+def _same_slots(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two applies of modules sharing some gave the shared slots the same tensors, registered buffers aside
+    (as :func:`_same_params`)."""
+    given = [{(id(d), attr): t[name] for name, places in r[1].where.items() if name not in r[1].buffers for d, attr in places}
+             for r in (a, b) for t in (r[3],)]
+    return all(_same_source(t, given[1][k]) for k, t in given[0].items() if k in given[1])
 
 
 def _same_source(a: Any, b: Any) -> bool:

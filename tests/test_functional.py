@@ -1046,6 +1046,44 @@ def test_one_module_applied_to_two_param_sets_refuses_a_checkpointed_backward():
         torch.testing.assert_close(grads[k], v.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_and_one_of_its_blocks_applied_to_other_params_refuse_a_checkpointed_backward():
+    # The block applied on its own (other params, gradients on) after the whole model: its tensors were the ones the
+    # backward put in, so the model's recomputed block read them: silently wrong gradients for the model's block.
+    # Now refused as one module applied to two param sets is (in either order); the block's params taken from the
+    # model's (an auxiliary loss on its features) or its other params without gradient stay fine. Reference:
+    # torch.func.functional_call and plain autograd.
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    other = {k: torch.randn_like(v) for k, v in model.block.named_parameters()}
+    x, _ = batch()
+
+    def block_params(p):
+        return {k.removeprefix("block."): v for k, v in p.items() if k.startswith("block.")}
+
+    def loss(p, q, under=contextlib.nullcontext, block_first=False):
+        outs = []
+        for call in (1, 0) if block_first else (0, 1):
+            if call == 0:
+                outs.append(fnlit.apply(model, p, {}, x)[0].pow(2).mean())
+            else:
+                with under():
+                    outs.append(fnlit.apply(model.block, q if q is not None else block_params(p), {}, x)[0].pow(2).mean())
+        return sum(outs)
+
+    for block_first in (False, True):
+        with pytest.raises(RuntimeError, match="two different sets of params"):
+            fnlit.value_and_grad(loss)(state.params, other, block_first=block_first)
+    for q, under in ((other, torch.no_grad), (None, contextlib.nullcontext)):
+        _, grads = fnlit.value_and_grad(loss)(state.params, q, under)
+        p = {k: v.clone().requires_grad_() for k, v in state.params.items()}
+        with under():
+            extra = torch.func.functional_call(model.block, q if q is not None else block_params(p), (x,)).pow(2).mean()
+        ref = torch.autograd.grad(torch.func.functional_call(model, p, (x,)).pow(2).mean() + extra, list(p.values()))
+        for k, g in zip(p, ref):
+            torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
+
+
 class _Tied(nn.Module):
     def __init__(self):
         super().__init__()
