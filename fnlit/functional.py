@@ -33,13 +33,20 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 _SPECTRAL_PARAMETRIZATION = torch.nn.utils.parametrizations._SpectralNorm
 _SPECTRAL_HOOK = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # the package attribute is the function
 _WEIGHT_NORM_HOOK = importlib.import_module("torch.nn.utils.weight_norm").WeightNorm
+# torch.nn.utils.prune's forward pre-hook sets `weight = weight_orig * weight_mask`, as the older weight_norm's does.
+_PRUNING_HOOK = importlib.import_module("torch.nn.utils.prune").BasePruningMethod
 _MISSING = object()
 
 
 def _derived(m: nn.Module) -> tuple[str, ...]:
     """The plain attributes of ``m`` (its own) that a forward sets from the tensors swapped in: the weight that
-    the older weight_norm / spectral_norm forward pre-hooks compute, and an RNN's list of its weights."""
-    names = tuple(h.name for h in m._forward_pre_hooks.values() if isinstance(h, (_WEIGHT_NORM_HOOK, _SPECTRAL_HOOK)))
+    the older weight_norm / spectral_norm forward pre-hooks and torch.nn.utils.prune's compute, and an RNN's list of
+    its weights."""
+    names = tuple(
+        h._tensor_name if isinstance(h, _PRUNING_HOOK) else h.name
+        for h in m._forward_pre_hooks.values()
+        if isinstance(h, (_WEIGHT_NORM_HOOK, _SPECTRAL_HOOK, _PRUNING_HOOK))
+    )
     if isinstance(m, nn.RNNBase):
         names += ("_flat_weights", "_flat_weight_refs")
     return names

@@ -1520,13 +1520,17 @@ def test_a_compiled_step_leaves_a_boolean_buffer_updated_in_place_as_the_eager_o
         assert s1.buffers["seen"].tolist() == [True, False, False]
 
 
-@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm", "prune"])
 def test_apply_leaves_the_weight_an_older_norm_hook_computes_as_the_module_had_it(norm):
     # Their forward pre-hook sets module.weight (a plain attribute) from the params swapped in: it stayed after the
-    # call, holding the state's tensors and graph (copy.deepcopy(model) then failed).
+    # call, holding the state's tensors and graph (copy.deepcopy(model) then failed). torch.nn.utils.prune's hook
+    # sets weight = weight_orig * weight_mask the same way.
     def build():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+        if norm == "prune":
+            torch.nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5)
+            return m
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated for the parametrization
             getattr(torch.nn.utils, norm)(m[0])
@@ -1542,7 +1546,7 @@ def test_apply_leaves_the_weight_an_older_norm_hook_computes_as_the_module_had_i
         torch.testing.assert_close(grads[name], p.grad)
     state, _ = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))(state, (x, y))
     assert model[0].weight is own
-    if norm == "spectral_norm":  # (weight_norm's own weight carries a graph from the start: PyTorch's deepcopy refuses it)
+    if norm == "spectral_norm":  # (weight_norm's and prune's own weight carries a graph from the start: deepcopy refuses it)
         copy.deepcopy(model)
 
 
