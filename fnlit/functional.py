@@ -144,7 +144,9 @@ class _Slots:
         self.counts = list(map(len, self.owned))
         self.nones = [(d, k) for d in self.owned for k, v in d.items() if v is None]
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
-        self.renormed = [n for n, m in firsts if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        self.renormed = [
+            (n, m) for n, m in firsts if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+        ]
         # Embeddings whose weight gets a sparse gradient, which torch.compile and torch.func.vmap cannot take (see
         # _note_sparse): their names, for the error
         self.sparse = [
@@ -263,9 +265,12 @@ def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
     if not rebuild and entry is not None and entry[0]() is module and entry[1].current():
         return entry[1]
     s = _Slots(module)
-    if s.renormed and (entry is None or entry[0]() is not module):  # once per module
-        _warn_renormed(s.renormed)
-    if entry is not None and entry[0]() is module:  # rebuilt: keep what the forward was seen updating in place
+    rebuilt = entry is not None and entry[0]() is module
+    if s.renormed:  # once per embedding: one attached since the slots were last built is told of too
+        told = {id(m) for _, m in entry[1].renormed} if rebuilt else set()  # type: ignore[union-attr]
+        if new := [n for n, m in s.renormed if id(m) not in told]:
+            _warn_renormed(new)
+    if rebuilt:  # rebuilt: keep what the forward was seen updating in place
         # (a new submodule's buffers are probed again: `probed` starts False)
         s.copied = s.copied | (entry[1].copied & s.names)
     key = id(module)

@@ -661,6 +661,16 @@ def test_an_embedding_with_max_norm_warns_that_it_renorms_the_params_in_place():
     with pytest.warns(UserWarning, match=r"\['0'\] is an Embedding with max_norm: PyTorch renorms"):
         fnlit.apply(m, state.params, state.buffers, torch.tensor([1, 2]))
     assert not torch.equal(state.params["0.weight"], before)  # what the warning says: the input moved
+    # One attached after the module's first call (a new input layer for fine-tuning) is told of too (it was not: the
+    # slots rebuilt for the module were not new to the cache); one told of once is not told of again.
+    m[0] = nn.Embedding(5, 3, max_norm=1.0)
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    with pytest.warns(UserWarning, match=r"\['0'\] is an Embedding with max_norm"):
+        fnlit.apply(m, state.params, state.buffers, torch.tensor([1, 2]))
+    m.append(nn.Identity())  # (the slots are rebuilt again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fnlit.apply(m, state.params, state.buffers, torch.tensor([1, 2]))
 
 
 def test_data_parallel_does_not_average_a_buffer_the_first_forward_left_alone():
@@ -1068,7 +1078,8 @@ def test_a_model_and_one_of_its_blocks_applied_to_other_params_refuse_a_checkpoi
                 outs.append(fnlit.apply(model, p, {}, x)[0].pow(2).mean())
             else:
                 with under():
-                    outs.append(fnlit.apply(model.block, q if q is not None else block_params(p), {}, x)[0].pow(2).mean())
+                    block = q if q is not None else block_params(p)
+                    outs.append(fnlit.apply(model.block, block, {}, x)[0].pow(2).mean())
         return sum(outs)
 
     for block_first in (False, True):
@@ -1546,7 +1557,7 @@ def test_apply_leaves_the_weight_an_older_norm_hook_computes_as_the_module_had_i
         torch.testing.assert_close(grads[name], p.grad)
     state, _ = fnlit.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))(state, (x, y))
     assert model[0].weight is own
-    if norm == "spectral_norm":  # (weight_norm's and prune's own weight carries a graph from the start: deepcopy refuses it)
+    if norm == "spectral_norm":  # (weight_norm's and prune's weight carries a graph from the start: deepcopy refuses it)
         copy.deepcopy(model)
 
 
