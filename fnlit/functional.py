@@ -1071,6 +1071,8 @@ def _backward(
     """
     if not target.requires_grad:
         raise _no_grad_fn()
+    if not inputs:  # (autograd's engine asserts, or accumulates into every leaf's .grad, given none)
+        raise RuntimeError(_UNREACHED.format(how=_NO_INPUTS))
     if (
         _engine_run_backward is None
         or type(target) is not torch.Tensor
@@ -1180,6 +1182,7 @@ def _no_grad_fn() -> RuntimeError:
     return RuntimeError(_UNREACHED.format(how="it has no grad_fn"))
 
 
+_NO_INPUTS = "the differentiated arguments hold no tensor"
 _UNREACHED = (
     "fnlit.value_and_grad: the loss does not depend on the arguments it differentiates ({how}). Compute it "
     "from those arguments (e.g. the params passed to the loss function through fnlit.apply, not state.params "
@@ -1524,6 +1527,8 @@ def _nested_path(fn, nums, argnums, has_aux, frame, autocast, args, kwargs, flat
             outer += swaps
     if not target.requires_grad:
         raise _no_grad_fn()
+    if not inputs:
+        raise RuntimeError(_UNREACHED.format(how=_NO_INPUTS))
     with _Backward(swaps) if swaps else _NO_RECORDS:
         grads = list(torch.autograd.grad(target, inputs, create_graph=True, allow_unused=True))
     if all(g is None for g in grads):  # (as the first-order paths: a captured tensor read instead of the argument)

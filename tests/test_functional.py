@@ -558,6 +558,15 @@ def test_value_and_grad_of_a_loss_that_ignores_its_arguments_says_so():
     for wrapped in (step, fnlit.accumulate(step, 2)):
         with pytest.raises(RuntimeError, match=r"does not depend on the arguments .*graph reaches none of them"):
             wrapped(state, torch.ones(4, 2))
+    # No tensor to differentiate at all (an empty dict), the loss reading the module's own parameters: autograd's
+    # engine failed an internal assert ("please report a bug to PyTorch"). As under torch.func (vmap), an error that
+    # says so; the module's own parameters get no .grad (autograd.backward without inputs would fill them).
+    with pytest.raises(RuntimeError, match=r"does not depend on the arguments it differentiates"):
+        torch.func.vmap(lambda x: fnlit.value_and_grad(lambda p: model(x).sum())({}))(torch.ones(3, 4, 2))
+    for wrapped in (step, fnlit.accumulate(step, 2)):
+        with pytest.raises(RuntimeError, match=r"does not depend on the arguments .*hold no tensor"):
+            wrapped(state.replace(params={}), torch.ones(4, 2))
+    assert model.weight.grad is None
 
 
 def test_value_and_grad_seeds_and_accumulates_as_autograd_does():
