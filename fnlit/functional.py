@@ -667,6 +667,8 @@ def apply(
         reassigned = []
         for name in reassignable:  # reassigned by the forward: the update
             if tensors[name] is not new_buffers[name]:
+                if tensors[name] is None:
+                    raise TypeError(_BUFFER_NONE.format(module=type(module).__name__, name=name, attr=name.rpartition('.')[2]))
                 new_buffers[name] = tensors[name].detach()
                 reassigned.append(name)
         if probe or eval_probe:  # the copies come back, changed or not: a write through .data moves no version counter
@@ -717,6 +719,13 @@ def apply(
     finally:
         if lock is not None:
             lock.release()
+
+
+_BUFFER_NONE = (
+    "fnlit.apply: {module}'s forward set its buffer {name!r} to None (self.{attr} = None). The buffers are part of the "
+    "state (state.buffers), which holds tensors: keep a tensor there (an empty one, or zeros beside a flag buffer "
+    "saying whether it is set), or keep the value outside the module."
+)
 
 
 def _owner(module: nn.Module, name: str) -> nn.Module:

@@ -378,6 +378,32 @@ def test_a_buffer_the_forward_reassigns_comes_back_updated_as_in_plain_pytorch()
     torch.testing.assert_close(new["mean"], 0.1 * x.mean(0), rtol=0, atol=0)
 
 
+def test_a_forward_setting_a_buffer_to_none_is_told_the_state_holds_tensors():
+    # A stream's cache reset with `self.cache = None` (plain PyTorch runs it) failed with "'NoneType' object has no
+    # attribute 'detach'"; now an error naming the buffer, eagerly and through torch.func, the module left as it was.
+    class Stream(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(2, 2)
+            self.register_buffer("cache", torch.zeros(2))
+
+        def forward(self, x):
+            out = self.l(x) + self.cache
+            self.cache = None
+            return out
+
+    m = Stream()
+    own = m.cache
+    state = fnlit.TrainState.create(m, fnlit.optim.sgd(0.1), seed=0)
+    m(torch.ones(3, 2))  # the reference: plain PyTorch runs it
+    m.cache = own
+    for run in (lambda p: fnlit.apply(m, p, state.buffers, torch.ones(3, 2)),
+                lambda p: torch.func.grad(lambda q: fnlit.apply(m, q, state.buffers, torch.ones(3, 2))[0].sum())(p)):
+        with pytest.raises(TypeError, match=r"Stream's forward set its buffer 'cache' to None \(self.cache = None\)"):
+            run(state.params)
+        assert m.cache is own
+
+
 def test_apply_leaves_each_submodule_in_its_own_mode():
     m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
     m.train()
