@@ -32,6 +32,13 @@ def _launch_with_forkserver():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fnlit.distributed, "launch", launch)
+        # The ranks' functions live in these modules, which import DTensor and FSDP (1-4 s a rank, each launch): the
+        # server imports them once. It runs `python -c`, whose sys.path has this folder only through PYTHONPATH (Python
+        # 3.11's forkserver ignores the sys.path multiprocessing hands it; a failed preload import is skipped silently).
+        here = os.path.dirname(os.path.abspath(__file__))
+        patch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+        patch.setattr(fnlit.distributed, "_FORKSERVER_PRELOAD",
+                      [*fnlit.distributed._FORKSERVER_PRELOAD, "_dist_workers", "_shard_workers", "_resume_worker"])
         yield
 
 
