@@ -144,8 +144,8 @@ class _Slots:
         self.counts = list(map(len, self.owned))
         self.nones = [(d, k) for d in self.owned for k, v in d.items() if v is None]
         # Embeddings with max_norm renorm their weight in place (warned about by _slots, outside any trace)
-        self.renormed = [
-            (n, m) for n, m in firsts if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+        self.renormed = [  # (name, weak reference): the slots must not hold a module (the root would never be freed)
+            (n, weakref.ref(m)) for n, m in firsts if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
         ]
         # Embeddings whose weight gets a sparse gradient, which torch.compile and torch.func.vmap cannot take (see
         # _note_sparse): their names, for the error
@@ -267,14 +267,14 @@ def _slots(module: nn.Module, rebuild: bool = False) -> _Slots:
     s = _Slots(module)
     rebuilt = entry is not None and entry[0]() is module
     if s.renormed:  # once per embedding: one attached since the slots were last built is told of too
-        told = {id(m) for _, m in entry[1].renormed} if rebuilt else set()  # type: ignore[union-attr]
-        if new := [n for n, m in s.renormed if id(m) not in told]:
+        told = {id(r()) for _, r in entry[1].renormed if r() is not None} if rebuilt else set()  # type: ignore[union-attr]
+        if new := [n for n, r in s.renormed if id(r()) not in told]:
             _warn_renormed(new)
     if rebuilt:  # rebuilt: keep what the forward was seen updating in place
         # (a new submodule's buffers are probed again: `probed` starts False)
         s.copied = s.copied | (entry[1].copied & s.names)
     key = id(module)
-    _SLOTS[key] = (weakref.ref(module, lambda _, key=key: _SLOTS.pop(key, None)), s)
+    _SLOTS[key] = (weakref.ref(module, lambda _, key=key, slots=_SLOTS: slots.pop(key, None)), s)  # (bound: at exit _SLOTS is None)
     return s
 
 

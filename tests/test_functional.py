@@ -199,14 +199,20 @@ def test_randomness_entering_a_plain_model_any_way_is_a_function_of_the_key(how)
     assert not torch.equal(a, c)  # (it does draw: another key, another output)
 
 
-@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), lambda: mlp(dropout=0.5)])
+@pytest.mark.parametrize("make", [
+    lambda: (nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(3, 4)),
+    lambda: (mlp(dropout=0.5), torch.randn(3, 8)),
+    lambda: (nn.Embedding(5, 3, max_norm=1.0), torch.tensor([1, 2])),  # (the slots note max_norm embeddings)
+])
 def test_apply_keeps_no_module_alive(make):
     import gc
     import weakref
 
-    model = make()
+    model, x = make()
     state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
-    fnlit.apply(model, state.params, state.buffers, torch.randn(3, model[0].in_features), rng=state.rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (max_norm's warning)
+        fnlit.apply(model, state.params, state.buffers, x, rng=state.rng)
     ref = weakref.ref(model)
     del model
     gc.collect()
