@@ -131,6 +131,11 @@ class _Slots:
         self.silent: frozenset[str] = frozenset()
         self.eval_probed = False
         if traced:  # built afresh in each trace (see apply): what follows serves eager calls only
+            # What a traced forward registers (a buffer or parameter) or fills (a register_buffer("ema", None) set in
+            # forward) is taken out again after it (_run_swapped), as functional_call did: the module never holds a
+            # tensor of the trace.
+            self.held = [(m._buffers, len(m._buffers)) for _, m in firsts] + [(m._parameters, len(m._parameters)) for _, m in firsts]
+            self.nones = [(m._buffers, k) for _, m in firsts for k, v in m._buffers.items() if v is None]
             return
         # every slot, as (id of the owning dict, attribute): what a backward holding the module holds (_Backward)
         self.keys = frozenset((id(d), attr) for slots in self.where.values() for d, attr in slots)
@@ -395,7 +400,7 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
     capture, where dynamo traces this instead of functional_call's own walks of the module (~14 % of a small
     step's capture) and the graph, not the module, holds the tensors: no lock."""
     if traced:
-        return _run_swapped(module, slots, tensors, buffers, args, kwargs)
+        return _run_swapped(module, slots, tensors, buffers, args, kwargs, traced=True)
     # The module holds the given tensors only for the call; threads sharing it take turns (the lock is
     # fnlit.random's, reentrant: a seeded call already holds it, and a forward may call apply again).
     with _random._LOCK:
@@ -407,7 +412,7 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
 
 
 def _run_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], buffers: Iterable[str],
-                 args: tuple, kwargs: dict) -> Any:
+                 args: tuple, kwargs: dict, traced: bool = False) -> Any:
     saved = _swap_in(slots, tensors)
     try:
         out = module(*args, **kwargs)
@@ -418,6 +423,14 @@ def _run_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tens
         return out
     finally:
         _swap_back(slots, saved)
+        if traced:
+            for d, n in slots.held:
+                if len(d) > n:  # registered in the forward (a dict keeps the order keys came in)
+                    for k in list(d)[n:]:
+                        del d[k]
+            for d, k in slots.nones:
+                if d.get(k) is not None:
+                    d[k] = None
 
 
 def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],

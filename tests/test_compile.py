@@ -1410,3 +1410,37 @@ def test_donation_tells_a_hyperparameter_in_a_dict_opt_state_as_in_fnlits_own():
     leaves = torch.utils._pytree.tree_flatten_with_path(ours)[0]
     assert {torch.utils._pytree.keystr(p) for (p, _), h in zip(leaves, _hyperparameters(ours)) if h} == {
         ".opt_state.hyperparams['learning_rate']", ".opt_state.hyperparams['weight_decay']"}
+
+
+class _LazyStatistic(torch.nn.Module):
+    """A buffer registered as None and filled by the forward, and one the forward registers itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+        self.register_buffer("ema", None)
+
+    def forward(self, x):
+        out = self.lin(x)
+        self.ema = out.detach().mean(0) if self.ema is None else 0.9 * self.ema + 0.1 * out.detach().mean(0)
+        if not hasattr(self, "count"):
+            self.register_buffer("count", torch.ones(()))
+        return out * self.ema.sum() * self.count
+
+
+def test_a_compiled_forward_filling_or_registering_a_buffer_leaves_the_module_as_it_was():
+    # The state holds neither buffer (made before any forward), so each compiled call starts from the module's None
+    # as the first eager call does (reference: that call, on a module of its own); the module must not keep the
+    # trace's tensors (it kept a dead functorch wrapper).
+    x, y = batch(seed=0)
+    model, twin = _LazyStatistic(), _LazyStatistic()
+    twin.load_state_dict(model.state_dict())
+    state = fnlit.TrainState.create(model, fnlit.optim.sgd(0.1), seed=0)
+    compiled = fnlit_compile(hand_step(model), mode="eager")
+    got, m_got = compiled(state, (x, y))
+    want, m_want = hand_step(twin)(state, (x, y))
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m_got["loss"], m_want["loss"])
+    compiled(got, (x, y))
+    assert model.ema is None and dict(model.named_buffers()) == {} and not hasattr(model, "count")
+    assert compiled.compiles == 1
