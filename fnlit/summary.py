@@ -794,14 +794,15 @@ class ProgressBar:
             isatty = getattr(self.file, "isatty", None)
             enabled = bool(isatty and isatty())
         self.enabled = bool(enabled) and _dist.is_main()
-        try:  # a terminal that reports 0 columns (some pseudo-terminals) would get an empty bar
-            sized = os.get_terminal_size(self.file.fileno()).columns > 0
+        try:  # a terminal that reports a size of 0 (some pseudo-terminals) would get an empty bar, or none at all:
+            size = os.get_terminal_size(self.file.fileno())  # (tqdm hides a bar at a row past the screen's height)
+            sized = size.columns > 0 and size.lines > 0
         except (OSError, AttributeError, ValueError):
             sized = False
         # A disabled bar is no tqdm at all: even disabled, tqdm starts its monitor thread, which outlives fit.
         self.bar = tqdm(
             total=None, file=self.file, unit="steps", mininterval=mininterval,
-            dynamic_ncols=sized, ncols=None if sized else 100, leave=True,
+            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20, leave=True,
         ) if self.enabled else None  # fmt: skip
         self.update = self.bar.update if self.bar is not None else _nothing
         """``update(n=1)``: bound to tqdm's own method (the loop calls it every step)."""

@@ -269,6 +269,22 @@ def test_progress_bar_in_a_terminal():
     assert "epoch 0" in out and "150/150" in out and "steps/s" in out and "loss=0.125" in out and "step=150" in out
 
 
+@pytest.mark.parametrize("rows, columns", [(0, 0), (0, 120)])
+def test_progress_bar_in_a_terminal_that_reports_no_size(rows, columns):
+    # Some pseudo-terminals report 0 rows (and columns); tqdm reading that height hid the bar entirely.
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    chunks = []
+    reader = threading.Thread(target=lambda: _drain(master, chunks), daemon=True)
+    reader.start()
+    with open(slave, "w", closefd=True) as terminal, contextlib.redirect_stdout(terminal):
+        slow_fit()
+    reader.join(timeout=10)
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert "epoch 0" in out and "150/150" in out and "loss=0.125" in out
+
+
 def _drain(fd, chunks):
     while True:
         try:
