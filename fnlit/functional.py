@@ -397,8 +397,10 @@ def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Ten
                   args: tuple, kwargs: dict, traced: bool = False) -> Any:
     """Runs the module on ``tensors``; a buffer the forward reassigned (``self.mean = ...``) comes back in
     ``tensors`` in its place, as ``torch.func.functional_call`` does it. ``traced``: inside torch.compile's
-    capture, where dynamo traces this instead of functional_call's own walks of the module (~14 % of a small
-    step's capture) and the graph, not the module, holds the tensors: no lock."""
+    capture, where dynamo traces this instead of functional_call's own walks of the module (~18 % of a small
+    step's capture). No lock there (dynamo cannot trace one): a fullgraph capture (fnlit.compile) holds the swaps in
+    its graph; a graph break inside the forward under a torch.compile of one's own runs the rest eagerly, unlocked,
+    as functional_call did."""
     if traced:
         return _run_swapped(module, slots, tensors, buffers, args, kwargs, traced=True)
     # The module holds the given tensors only for the call; threads sharing it take turns (the lock is
@@ -650,7 +652,7 @@ def apply(
             # Under torch.compile, and under fnlit's own vmaps (ensemble: the key is batched), the caller seeds, once,
             # outside (see fnlit.random). A plain key under a torch.func transform nobody seeded for (the user's
             # torch.func.grad of a loss, jacrev, vmap) seeds the forward here, as eager: the same key, the same masks.
-            if compiling:  # (no lock: dynamo's graph holds the swaps, and the module never holds our tensors)
+            if compiling:  # (no lock: see _call_swapped)
                 out = _call_swapped(module, slots, tensors, reassignable, args, kwargs, traced=True)
             elif traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
                 key = None if rng is None else _random._unbatched(rng)

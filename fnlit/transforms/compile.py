@@ -660,7 +660,7 @@ _RESTRUCTURED = "fnlit.compile: the step returned a state of another structure t
 def _flattener(spec: Any) -> Callable[[Any], list[Any]]:
     """``torch_pytree.tree_flatten(tree)[0]`` for a tree of structure ``spec``, raising ValueError for a tree of
     another structure (``tree_flatten(tree)[1] != spec``), as straight-line code made once per compiled structure:
-    dynamo traced the generic flatten and the specs' comparison node by node (~15 % of a small step's capture).
+    dynamo traced the generic flatten and the specs' comparison node by node (~13 % of a small step's capture).
     Each node's type is checked as torch's pytree tells it (exactly; a named tuple by its class), a dict's keys in
     order, another registered node's context by its flatten function, and a leaf is a tensor or what
     ``tree_is_leaf`` calls one."""
