@@ -889,6 +889,7 @@ class _Backward:
         self.thread = threading.get_ident()
         self.owners: dict[int, nn.Module] | None = None  # id of every module the records reach -> its root
         self.tangled: set[int] = set()
+        self.pending = False  # modules sharing some, not told apart yet (see _dedup)
         self.saved: list[tuple[_Slots, list[Any]]] | None = None  # swapped in: the module's own, in order
         self.held: frozenset[tuple[int, str]] = frozenset()  # swapped in: the slots (see _Slots.keys)
         self.modes: list[tuple[nn.Module, bool]] = []
@@ -901,7 +902,7 @@ class _Backward:
             # holds this lock throughout): the tensors go in now, so a block reading a parameter before any
             # submodule call (F.linear(x, self.w)) reads them too, and no hook is needed unless a module is tangled.
             self._dedup()
-            self.lazy = bool(self.tangled) or bool(_ACTIVE) and any(self._meets(b) for b in _ACTIVE)
+            self.lazy = bool(self.tangled) or self.pending or bool(_ACTIVE) and any(self._meets(b) for b in _ACTIVE)
             _ACTIVE.append(self)
             if not self.lazy:
                 self.swap_in(None)
@@ -932,14 +933,20 @@ class _Backward:
             if prev is not None and prev[2] is not rec[2] and not _same_params(prev, rec):
                 self.tangled.update(id(m) for m in rec[0].modules())
             latest[id(rec[0])] = rec
-        if len(latest) > 1:
-            self._overlaps(records, list(latest.values()))
-        self.records = [rec for rec in records if latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
+        self.latest = latest
+        if len(latest) > 1:  # modules sharing some (a model and one of its blocks): told apart at the first recompute
+            last = list(latest.values())  # (swap_in), so a backward that recomputes nothing never pays for it
+            self.pending = any(not a[1].keys.isdisjoint(b[1].keys) for n, a in enumerate(last) for b in last[n + 1 :])
+        self._keep_latest()
 
-    def _overlaps(self, records: list[tuple[Any, ...]], last: list[tuple[Any, ...]]) -> None:
+    def _keep_latest(self) -> None:
+        self.records = [rec for rec in self.applied if self.latest[id(rec[0])] is rec and id(rec[0]) not in self.tangled]
+
+    def _overlaps(self) -> None:
         """Notes the modules that two calls of one loss on different modules sharing some (a model, and one of its
         blocks on its own) gave different tensors: one call after the other, not one inside the other's forward (a
         hypernetwork applying a submodule to generated weights: the inner call's tensors are the ones to redo)."""
+        records, last = self.applied, list(self.latest.values())
         shared = [(a[0], b[0]) for n, a in enumerate(last) for b in last[n + 1 :] if not a[1].keys.isdisjoint(b[1].keys)]
         for first, second in shared:
             for j, later in enumerate(records):
@@ -968,6 +975,10 @@ class _Backward:
 
     def swap_in(self, module: nn.Module | None) -> None:
         """Gives the modules this backward's tensors and training modes (once); raises for a tangled module."""
+        if self.pending:
+            self.pending = False
+            self._overlaps()
+            self._keep_latest()
         if module is not None and id(module) in self.tangled:
             raise RuntimeError(_TANGLED.format(name=type(self.owners[id(module)]).__name__))  # type: ignore[index]
         if self.saved is not None:
