@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -192,18 +195,21 @@ def test_keys_are_cpu_tensors_under_another_default_device(meta_default_device):
 def test_seeded_on_a_cuda_device_before_cuda_is_initialised():
     # torch.cuda.default_generators is () until CUDA's lazy init: seeded(k, cuda:0) raised "tuple index out of
     # range" where torch.cuda.get_rng_state(0) (which inits first) works, or says that there is no CUDA.
-    if torch.cuda.is_initialized():
-        pytest.skip("needs a process in which CUDA is not initialised yet")
+    if torch.cuda.is_available():  # in a fresh process: the suite's other CUDA tests have initialised CUDA in this one
+        code = (
+            "import torch, fnlit.random as R\n"
+            "assert not torch.cuda.is_initialized()\n"
+            "cpu = torch.get_rng_state()\n"
+            "with R.seeded(R.key(0), torch.device('cuda', 0)):\n    a = torch.rand(3, device='cuda')\n"
+            "with R.seeded(R.key(0), torch.device('cuda', 0)):\n    assert torch.equal(torch.rand(3, device='cuda'), a)\n"
+            "assert torch.equal(torch.get_rng_state(), cpu)\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+        return
     cpu = torch.get_rng_state()
-    if torch.cuda.is_available():
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA|NVIDIA"):
         with R.seeded(R.key(0), torch.device("cuda", 0)):
-            a = torch.rand(3, device="cuda")
-        with R.seeded(R.key(0), torch.device("cuda", 0)):
-            assert torch.equal(torch.rand(3, device="cuda"), a)
-    else:
-        with pytest.raises((RuntimeError, AssertionError), match="CUDA|NVIDIA"):
-            with R.seeded(R.key(0), torch.device("cuda", 0)):
-                pass
+            pass
     assert torch.equal(torch.get_rng_state(), cpu)
     with R.seeded(R.key(1)):  # the lock was released
         pass
