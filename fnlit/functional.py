@@ -294,7 +294,8 @@ def _check_names(
         not buffers or (buffers.keys() <= names and not any(k in params for k in buffers))
     ):
         return params, buffers
-    if slots.aliases and not slots.aliases.keys().isdisjoint(params.keys() | buffers.keys()):
+    aliases = slots.aliases  # (membership tests, which dynamo traces: not dict_keys.isdisjoint)
+    if aliases and (any(k in aliases for k in params) or any(k in aliases for k in buffers)):
         params, buffers = _untie(module, slots, params, buffers)
         return _check_names(module, slots, params, buffers)
     given = params.keys() | buffers.keys()
@@ -314,6 +315,14 @@ def _check_names(
 _TIED = (
     "fnlit.apply: {names} name one tensor of {module} (tied weights, or a submodule used twice), but were given "
     "different tensors. Pass it once, under {first} (as state.params has it), or give all its names the same tensor."
+)
+
+
+_TIED_TRACED = (
+    "fnlit.apply: {names} name one tensor of {module} (tied weights, or a submodule used twice), given as separate "
+    "tensor objects. Under torch.compile or a torch.func transform (vmap, grad) fnlit cannot tell whether they view one "
+    "memory (two detach() of one parameter, as in state_dict()) or hold different values. Pass it once, under {first} "
+    "(as state.params has it), or give all its names the same tensor object."
 )
 
 
@@ -347,6 +356,8 @@ def _untie(
             (params if given[0][0] in original_params else buffers)[first] = t
         if not all(_same_tensor(other, t) for _, other in given):
             names = sorted([first, *(k for k, _ in given)])
+            if _traced():  # two tensors that may be views of one: no storage to compare there
+                raise ValueError(_TIED_TRACED.format(names=names, module=type(module).__name__, first=first))
             raise ValueError(_TIED.format(names=names, module=type(module).__name__, first=first))
         if torch.is_grad_enabled() and any(o is not t and (o.requires_grad or t.requires_grad) for _, o in given):
             names = sorted([first, *(k for k, _ in given)])
@@ -509,8 +520,10 @@ def apply(
     Args:
         module: the model (its own tensors are not used, and are left unchanged).
         params: name -> tensor, e.g. ``state.params``. A tied tensor (weights tied, or a submodule used twice)
-            may come under any of its names, or several (as in ``state_dict()``) if they hold the same tensor;
-            to differentiate it, pass it under one name (``state.params`` does): its gradient sums every use.
+            may come under any of its names, or several (as in ``state_dict()``) if they hold the same tensor
+            (under torch.compile or a torch.func transform: the same tensor object, as views of one memory cannot be
+            told apart there); to differentiate it, pass it under one name (``state.params`` does): its gradient sums
+            every use.
         buffers: name -> tensor, e.g. ``state.buffers``.
         *args: positional inputs of the module.
         rng: a key from :mod:`fnlit.random` (``state.rng``); None leaves PyTorch's generators as they are.

@@ -1393,6 +1393,43 @@ def test_a_module_updating_a_buffer_in_forward_applied_twice_compiles_and_matche
     assert compiled.compiles == 1 and model[1].mean is own and not own.any()
 
 
+def _distill_from_tied_teacher(student, teacher, teacher_params):
+    def step(state, batch):
+        x, y = batch
+        with torch.no_grad():
+            target, _ = fnlit.apply(teacher, teacher_params, {}, x)
+
+        def loss(p):
+            out, _ = fnlit.apply(student, p, state.buffers, x)
+            return F.mse_loss(out, target) + F.mse_loss(out, y)
+
+        value, grads = fnlit.value_and_grad(loss)(state.params)
+        return state.apply_gradients(grads), {"loss": value}
+
+    return step
+
+
+def test_a_tied_weight_given_under_both_its_names_is_captured_and_views_of_it_are_told_plainly():
+    # apply takes a tied weight under several names if they hold the same tensor (a teacher's parameters as
+    # state_dict lists them); compiled, that failed to capture (dynamo cannot trace dict_keys.isdisjoint). Reference:
+    # the same step run eagerly. Two views of the tensor (state_dict's detach()es) cannot be told from two tensors
+    # in a trace: refused, saying so, not as "different tensors".
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    teacher[2].weight = teacher[0].weight
+    student = torch.nn.Linear(4, 4)
+    state = fnlit.TrainState.create(student, fnlit.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    same = {**dict(teacher.named_parameters()), "2.weight": teacher[0].weight}  # both names, one tensor object
+    compiled = fnlit_compile(_distill_from_tied_teacher(student, teacher, same), mode="eager")
+    (got, m_got), (want, m_want) = compiled(state, (x, y)), _distill_from_tied_teacher(student, teacher, same)(state, (x, y))
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m_got["loss"], m_want["loss"])
+    views = dict(teacher.state_dict())
+    with pytest.raises(ValueError, match=r"\['0.weight', '2.weight'\] name one tensor .* separate tensor objects. Under "
+                       r"torch.compile .* cannot tell whether they view one memory"):
+        torch.compile(_distill_from_tied_teacher(student, teacher, views), backend="eager")(state, (x, y))
+
+
 def test_donation_tells_a_hyperparameter_in_a_dict_opt_state_as_in_fnlits_own():
     # compile(donate=True) passes an assigned hyperparameter through when the step returns it in another shape; it knew
     # fnlit's optimizers' `.hyperparams` attribute but not a custom optimizer's {"hyperparams": ...} dict key.
