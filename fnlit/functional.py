@@ -446,6 +446,21 @@ def _run_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tens
                     d[k] = None
 
 
+def _functional_call(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """``torch.func.functional_call`` (apply's path under torch.func's transforms), with the attributes a forward sets
+    from the tensors (``slots.derived``: the older norm hooks' and prune's weight, an RNN's weight list) put back after
+    it, as :func:`_swap_back` does: functional_call left the module holding the transform's tensor and its graph."""
+    derived = [d.get(a, _MISSING) for d, a in slots.derived]
+    try:
+        return torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+    finally:
+        for (d, a), v in zip(slots.derived, derived):
+            if v is _MISSING:
+                d.pop(a, None)
+            else:
+                d[a] = v
+
+
 def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],
              args: tuple, kwargs: dict, rng: torch.Tensor | None) -> Any:
     """:func:`_call_swapped`, seeded from ``rng`` (eager mode; None: unseeded)."""
@@ -670,11 +685,11 @@ def apply(
             elif traced:  # functional_call also puts a buffer the forward reassigned in its place in `tensors`
                 key = None if rng is None else _random._unbatched(rng)
                 if key is None:
-                    out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+                    out = _functional_call(module, slots, tensors, args, kwargs)
                 else:
                     saved = _random._seed_eager(key, _seed_device(tensors, args, kwargs))
                     try:
-                        out = torch.func.functional_call(module, tensors, args, kwargs, strict=False)
+                        out = _functional_call(module, slots, tensors, args, kwargs)
                     finally:
                         _random._restore(saved)
             else:

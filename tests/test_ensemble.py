@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -75,6 +76,34 @@ def test_optimizers_under_vmap_match_eager(make_tx):
     states, _ = run(ensemble(step, 2), stack_states([solo(s, tx) for s in (0, 1)]), data, 5)
     for i, seed in enumerate((0, 1)):
         assert_trees_close(unstack_state(states, i), run(step, solo(seed, tx), data, 5)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # (vmap's fallback for weight_norm)
+@pytest.mark.parametrize("norm", ["weight_norm", "prune"])
+def test_an_ensemble_step_leaves_the_weight_an_older_norm_hook_computes_as_the_module_had_it(norm):
+    # Their forward pre-hook sets module.weight (a plain attribute) from the params swapped in. Under vmap apply runs
+    # torch.func.functional_call, which left it holding the vmapped step's tensor and graph; a plain apply puts the
+    # module's own back. Reference: the module's attribute before the step, and each member's solo step.
+    def build(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+        if norm == "prune":
+            torch.nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated for the parametrization
+                torch.nn.utils.weight_norm(m[0])
+        return m
+
+    model, tx = build(0), fnlit.optim.sgd(0.1)
+    own = model[0].weight
+    step = fnlit.train_step(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    solo = [fnlit.TrainState.create(build(i), tx, seed=i) for i in range(2)]
+    b = (torch.randn(8, 4), torch.randn(8, 2))
+    states, _ = ensemble(step, 2)(stack_states(solo), b)
+    assert model[0].weight is own
+    for i, member in enumerate(solo):
+        assert_trees_close(unstack_state(states, i).params, step(member, b)[0].params, rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_statistics_are_per_member():
