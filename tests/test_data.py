@@ -429,8 +429,8 @@ def _shards():
     check_sharding(DataLoader(_RankShards(), batch_size=2), "train_data")  # an IterableDataset shards itself: passes
     # a launched rank may start processes of its own (it is not daemonic): DataLoader workers. (Forked: a rank's own
     # default start method is its launch's, and a forkserver or spawn worker imports torch afresh, ~10 s here.)
-    loader = DataLoader(TensorDataset(torch.arange(4)), batch_size=2, num_workers=1, multiprocessing_context="fork")
-    workers = [b[0].tolist() for b in loader]
+    forked = DataLoader(TensorDataset(torch.arange(4)), batch_size=2, num_workers=1, multiprocessing_context="fork")
+    workers = [b[0].tolist() for b in forked]
     return len(loader), seen, error, _stop_on_one_rank(), workers
 
 
