@@ -383,7 +383,7 @@ def _swap_in(slots: _Slots, tensors: Mapping[str, torch.Tensor]) -> list[Any]:
     slots; returns what they held, for :func:`_swap_back`."""
     saved = list(map(operator.getitem, slots.dicts, slots.attrs))
     if slots.derived:  # last, after one value per slot (_swap_back's map stops at the slots)
-        saved.append(tuple(d.get(a, _MISSING) for d, a in slots.derived))
+        saved.append(_derived_values(slots))
     try:  # (any() drives the map in C: setitem returns None, so it runs to the end)
         any(map(operator.setitem, slots.dicts, slots.attrs, map(tensors.__getitem__, slots.order)))
     except BaseException:
@@ -397,11 +397,21 @@ def _swap_back(slots: _Slots, saved: list[Any]) -> None:
     the module's own tensor both times: _swap_in reads every slot before writing any.)"""
     any(map(operator.setitem, slots.dicts, slots.attrs, saved))
     if slots.derived:
-        for (d, a), v in zip(slots.derived, saved[-1]):
-            if v is _MISSING:
-                d.pop(a, None)
-            else:
-                d[a] = v
+        _put_derived(slots, saved[-1])
+
+
+def _derived_values(slots: _Slots) -> tuple[Any, ...]:
+    """The module's attributes that a forward derives from the swapped-in tensors (``slots.derived``), as they are."""
+    return tuple(d.get(a, _MISSING) for d, a in slots.derived)
+
+
+def _put_derived(slots: _Slots, values: tuple[Any, ...]) -> None:
+    """Puts back what :func:`_derived_values` read (an attribute that was absent is removed again)."""
+    for (d, a), v in zip(slots.derived, values):
+        if v is _MISSING:
+            d.pop(a, None)
+        else:
+            d[a] = v
 
 
 def _call_swapped(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], buffers: Iterable[str],
@@ -450,15 +460,11 @@ def _functional_call(module: nn.Module, slots: _Slots, tensors: dict[str, torch.
     """``torch.func.functional_call`` (apply's path under torch.func's transforms), with the attributes a forward sets
     from the tensors (``slots.derived``: the older norm hooks' and prune's weight, an RNN's weight list) put back after
     it, as :func:`_swap_back` does: functional_call left the module holding the transform's tensor and its graph."""
-    derived = [d.get(a, _MISSING) for d, a in slots.derived]
+    derived = _derived_values(slots)
     try:
         return torch.func.functional_call(module, tensors, args, kwargs, strict=False)
     finally:
-        for (d, a), v in zip(slots.derived, derived):
-            if v is _MISSING:
-                d.pop(a, None)
-            else:
-                d[a] = v
+        _put_derived(slots, derived)
 
 
 def _forward(module: nn.Module, slots: _Slots, tensors: dict[str, torch.Tensor], reassignable: Iterable[str],

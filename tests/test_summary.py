@@ -255,23 +255,8 @@ def slow_fit():
     fit(step, state, list(range(150)), max_epochs=1, log_every_n_steps=10)  # progress=None: decided by stdout
 
 
-def test_progress_bar_in_a_terminal():
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
-    chunks = []
-    reader = threading.Thread(target=lambda: _drain(master, chunks), daemon=True)
-    reader.start()
-    with open(slave, "w", closefd=True) as terminal, contextlib.redirect_stdout(terminal):
-        slow_fit()
-    reader.join(timeout=10)
-    os.close(master)
-    out = b"".join(chunks).decode(errors="replace")
-    assert "epoch 0" in out and "150/150" in out and "steps/s" in out and "loss=0.125" in out and "step=150" in out
-
-
-@pytest.mark.parametrize("rows, columns", [(0, 0), (0, 120)])
-def test_progress_bar_in_a_terminal_that_reports_no_size(rows, columns):
-    # Some pseudo-terminals report 0 rows (and columns); tqdm reading that height hid the bar entirely.
+def _fit_in_terminal(rows, columns):
+    """What slow_fit writes to a pseudo-terminal of that size."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     chunks = []
@@ -281,7 +266,18 @@ def test_progress_bar_in_a_terminal_that_reports_no_size(rows, columns):
         slow_fit()
     reader.join(timeout=10)
     os.close(master)
-    out = b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_in_a_terminal():
+    out = _fit_in_terminal(24, 120)  # a 120-column terminal
+    assert "epoch 0" in out and "150/150" in out and "steps/s" in out and "loss=0.125" in out and "step=150" in out
+
+
+@pytest.mark.parametrize("rows, columns", [(0, 0), (0, 120)])
+def test_progress_bar_in_a_terminal_that_reports_no_size(rows, columns):
+    # Some pseudo-terminals report 0 rows (and columns); tqdm reading that height hid the bar entirely.
+    out = _fit_in_terminal(rows, columns)
     assert "epoch 0" in out and "150/150" in out and "loss=0.125" in out
 
 
